@@ -203,15 +203,19 @@ def _render(
         acc = np.zeros((int(pn.sum()), *img.shape[1:]), dtype=np.float32)
         for j in range(2):
             on = 1.0 if j == 0 else p["pn_on2"][pn]
-            acc += on * p["pn_amp"][j][pn] * _blob(
-                u,
-                v,
-                lcx + p["pn_ox"][j][pn] * lax,
-                lung_cy[pn] + p["pn_oy"][j][pn] * lung_ay[pn],
-                p["pn_sx"][j][pn] * s[pn],
-                p["pn_sy"][j][pn] * s[pn],
-                p["pn_wob"][j][pn],
-                p["pn_ph"][j][pn],
+            acc += (
+                on
+                * p["pn_amp"][j][pn]
+                * _blob(
+                    u,
+                    v,
+                    lcx + p["pn_ox"][j][pn] * lax,
+                    lung_cy[pn] + p["pn_oy"][j][pn] * lung_ay[pn],
+                    p["pn_sx"][j][pn] * s[pn],
+                    p["pn_sy"][j][pn] * s[pn],
+                    p["pn_wob"][j][pn],
+                    p["pn_ph"][j][pn],
+                )
             )
         lesion[pn] = np.minimum(acc, 0.8) * own_lung
     cv = labels == 2
@@ -220,15 +224,19 @@ def _render(
         for j in range(6):
             side = j // 3  # 0: image-left lung, 1: image-right lung; lateral = away from spine
             sign = -1.0 if side == 0 else 1.0
-            acc += p["cv_on"][j][cv] * p["cv_amp"][j][cv] * _blob(
-                u,
-                v,
-                lung_cx[side][cv] + sign * p["cv_lat"][j][cv] * lung_ax[side][cv],
-                lung_cy[cv] + p["cv_oy"][j][cv] * lung_ay[cv],
-                p["cv_s"][j][cv] * s[cv],
-                p["cv_s"][j][cv] * s[cv] * 1.3,
-                p["cv_wob"][j][cv],
-                p["cv_ph"][j][cv],
+            acc += (
+                p["cv_on"][j][cv]
+                * p["cv_amp"][j][cv]
+                * _blob(
+                    u,
+                    v,
+                    lung_cx[side][cv] + sign * p["cv_lat"][j][cv] * lung_ax[side][cv],
+                    lung_cy[cv] + p["cv_oy"][j][cv] * lung_ay[cv],
+                    p["cv_s"][j][cv] * s[cv],
+                    p["cv_s"][j][cv] * s[cv] * 1.3,
+                    p["cv_wob"][j][cv],
+                    p["cv_ph"][j][cv],
+                )
             )
         lesion[cv] = acc * lung[cv]
     img = img + lesion

@@ -120,8 +120,8 @@ def load_dataset(
       features); targets float32, unscaled; ``num_classes`` 1.
 
     Guarantees: deterministic given the arguments; the split is stratified by
-    class for classification; ``ceil(test_fraction * n)`` samples (at least one
-    per split) go to the test split; tabular features are standardised with
+    class when possible for classification; ``ceil(test_fraction * n)``
+    samples go to the test split; tabular features are standardised with
     the mean and std of the training split only and cast to float32;
     classification labels are int64. For the tabular sets ``n_samples`` (if
     given) draws a (stratified) subset first; ``image_size`` is ignored.
