@@ -13,6 +13,9 @@ from torch import nn
 from bract.data import CLASS_NAMES, synthetic_chest_xray
 from bract.models import ChestCNN
 
+# few lbfgs iterations are enough to show the signal; convergence is not the point
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
 
 @pytest.fixture(scope="module")
 def xray28() -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +80,7 @@ def test_classes_differ_structurally(xray28: tuple[np.ndarray, np.ndarray]) -> N
         for b in range(a + 1, 3):
             assert np.abs(class_means[a] - class_means[b]).max() > 0.1
     # a linear model on pixels beats chance (1/3) clearly
-    clf = LogisticRegression(max_iter=100, C=0.05).fit(flat[:1000], y[:1000])
+    clf = LogisticRegression(max_iter=30, C=0.05).fit(flat[:1000], y[:1000])
     assert clf.score(flat[1000:], y[1000:]) > 0.6
 
 

@@ -10,6 +10,9 @@ from torch import nn
 
 from bract.models import ChestCNN, count_parameters
 
+# Opacus hooks warn when inputs do not require grad; harmless for these checks
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+
 
 @pytest.mark.parametrize("image_size", [28, 128])
 def test_opacus_validator_accepts_chest_cnn(image_size: int) -> None:

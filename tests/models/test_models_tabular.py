@@ -10,6 +10,9 @@ from torch import nn
 
 from bract.models import TabularMLP, count_parameters
 
+# Opacus hooks warn when inputs do not require grad; harmless for these checks
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+
 
 def test_logistic_regression_is_a_single_linear_layer() -> None:
     model = TabularMLP(30, 2)
