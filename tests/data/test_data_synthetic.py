@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -99,15 +97,6 @@ def test_tiny_cnn_learns_the_classes(xray28: tuple[np.ndarray, np.ndarray]) -> N
     with torch.no_grad():
         acc = (model(x[1000:]).argmax(1) == y[1000:]).float().mean().item()
     assert acc > 0.7
-
-
-def test_generation_is_fast() -> None:
-    t0 = time.perf_counter()
-    synthetic_chest_xray(3000, image_size=28, seed=0)
-    assert time.perf_counter() - t0 < 3.0
-    t0 = time.perf_counter()
-    synthetic_chest_xray(200, image_size=128, seed=0)
-    assert time.perf_counter() - t0 < 4.0
 
 
 @pytest.mark.parametrize(
