@@ -1,0 +1,535 @@
+"""Privacy ledger, epsilon from recorded mechanism events, calibration, budgets.
+
+The ledger records *what was run* (noise multiplier, sampling rate, steps, ...),
+never just the resulting epsilon, so that any accountant — this module's or an
+auditor's own — can re-derive every reported figure.
+
+Accountants:
+
+* ``"prv"`` (default, the reported figure): Opacus's PRV accountant, run with an
+  epsilon error of 0.2% of epsilon so the returned *upper bound* stays within
+  about 0.3% of the exact value.
+* ``"pld"``: dp_accounting's privacy-loss-distribution accountant
+  (value discretization 1e-4), the independent cross-check.
+* ``"rdp"``: Opacus's Rényi accountant; a valid but looser upper bound.
+
+GDP (the central-limit approximation) is deliberately not offered: it is not an
+upper bound and so must never be a reported figure.
+
+All three use add-or-remove-one neighbouring datasets and Poisson subsampling,
+which is what Opacus's DP-SGD with ``poisson_sampling=True`` implements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACCOUNTANTS = ("prv", "pld", "rdp")
+DEFAULT_ACCOUNTANT = "prv"
+SAMPLING_KINDS = ("poisson",)
+PLD_DISCRETIZATION = 1e-4
+#: Relative epsilon error the PRV accountant is run with (its result is an upper bound).
+PRV_RELATIVE_ERROR = 0.002
+
+
+class PrivacyError(ValueError):
+    """A privacy parameter, plan or event is invalid; the message names the fix."""
+
+
+def _check_delta(delta: float) -> None:
+    if not isinstance(delta, (int, float)) or not (0.0 < float(delta) < 1.0):
+        raise PrivacyError(
+            f"delta must be a number strictly between 0 and 1 (got {delta!r}); "
+            "a common choice is 1e-5 or less than 1/(number of patients)."
+        )
+
+
+def _check_epsilon(epsilon: float) -> None:
+    if (
+        not isinstance(epsilon, (int, float))
+        or not math.isfinite(float(epsilon))
+        or float(epsilon) <= 0.0
+    ):
+        raise PrivacyError(f"epsilon must be a finite number > 0 (got {epsilon!r}).")
+
+
+@dataclass(frozen=True)
+class DpSgdEvent:
+    """One call of local DP-SGD: what an accountant needs, and nothing private.
+
+    ``steps`` counts every optimizer step taken under Poisson sampling with rate
+    ``sample_rate``, including steps whose sampled batch was empty. Each step adds
+    Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` to
+    the sum of per-example gradients clipped to ``max_grad_norm``.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    sampling: str = "poisson"
+    round: int = 0
+    client_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not (
+            isinstance(self.noise_multiplier, (int, float))
+            and math.isfinite(self.noise_multiplier)
+            and self.noise_multiplier >= 0
+        ):
+            raise PrivacyError(
+                f"noise_multiplier must be a finite number >= 0 (got {self.noise_multiplier!r})."
+            )
+        if not (isinstance(self.sample_rate, (int, float)) and 0.0 < self.sample_rate <= 1.0):
+            raise PrivacyError(f"sample_rate must lie in (0, 1] (got {self.sample_rate!r}).")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise PrivacyError(f"steps must be an integer >= 0 (got {self.steps!r}).")
+        if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
+            raise PrivacyError(f"max_grad_norm must be > 0 (got {self.max_grad_norm!r}).")
+        _check_delta(self.delta)
+        if self.sampling not in SAMPLING_KINDS:
+            raise PrivacyError(
+                f"sampling {self.sampling!r} is not supported by the accountants; "
+                f"use one of {SAMPLING_KINDS} (Opacus poisson_sampling=True)."
+            )
+
+    @property
+    def is_private(self) -> bool:
+        """False when the event added no noise (its epsilon is infinite)."""
+        return self.noise_multiplier > 0
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain JSON-able dict (for Flower records, JSONL files, auditors)."""
+        return asdict(self)
+
+    @classmethod
+    def from_plain(cls, data: dict[str, Any]) -> DpSgdEvent:
+        """Inverse of :meth:`to_plain`; rejects unknown or missing fields by name."""
+        if not isinstance(data, dict):
+            raise PrivacyError(f"a ledger event must be a mapping, got {type(data).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise PrivacyError(f"unknown ledger event field(s): {sorted(unknown)}")
+        required = {"noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta"}
+        missing = required - set(data)
+        if missing:
+            raise PrivacyError(f"ledger event is missing field(s): {sorted(missing)}")
+        values = dict(data)
+        values["steps"] = int(values["steps"])
+        for key in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta"):
+            values[key] = float(values[key])
+        if "round" in values:
+            values["round"] = int(values["round"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    """The append-only list of DP events one hospital has run, in order.
+
+    Immutable: :meth:`append` returns a new ledger. The epsilon it reports covers
+    every event recorded, so the epsilon after round r covers rounds 1..r.
+    """
+
+    client_id: str = ""
+    events: tuple[DpSgdEvent, ...] = field(default_factory=tuple)
+
+    def append(self, event: DpSgdEvent) -> PrivacyLedger:
+        """A new ledger with ``event`` appended."""
+        return PrivacyLedger(self.client_id, (*self.events, event))
+
+    @property
+    def total_steps(self) -> int:
+        """Cumulative DP-SGD steps across all recorded events."""
+        return sum(e.steps for e in self.events)
+
+    def epsilon(self, delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
+        """Epsilon at ``delta`` of all recorded events composed (an upper bound)."""
+        return epsilon_of(self.events, delta, accountant)
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain data: ``{"client_id": ..., "events": [event dicts]}``."""
+        return {"client_id": self.client_id, "events": [e.to_plain() for e in self.events]}
+
+    @classmethod
+    def from_plain(cls, data: dict[str, Any]) -> PrivacyLedger:
+        """Inverse of :meth:`to_plain`."""
+        if not isinstance(data, dict) or "events" not in data:
+            raise PrivacyError("a ledger must be a mapping with an 'events' list")
+        return cls(
+            str(data.get("client_id", "")),
+            tuple(DpSgdEvent.from_plain(e) for e in data["events"]),
+        )
+
+    def to_json(self) -> str:
+        """Compact JSON text of :meth:`to_plain` (fits a Flower ConfigRecord string)."""
+        return json.dumps(self.to_plain(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> PrivacyLedger:
+        """Inverse of :meth:`to_json`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PrivacyError(f"ledger JSON is malformed: {exc}") from None
+        return cls.from_plain(data)
+
+
+def write_jsonl(events: Iterable[DpSgdEvent], path: str | Path) -> None:
+    """Write one JSON object per event (append-friendly format for auditors)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for e in events:
+            fh.write(json.dumps(e.to_plain(), sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[DpSgdEvent]:
+    """Read events written by :func:`write_jsonl`; names the bad line on error."""
+    out: list[DpSgdEvent] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(DpSgdEvent.from_plain(json.loads(line)))
+            except (json.JSONDecodeError, PrivacyError, TypeError) as exc:
+                raise PrivacyError(f"{path}:{lineno}: bad ledger line: {exc}") from None
+    return out
+
+
+def compress(events: Iterable[DpSgdEvent]) -> list[tuple[float, float, int]]:
+    """Merge events into ``(noise_multiplier, sample_rate, steps)`` runs.
+
+    Composition is commutative, so events with equal (sigma, q) are merged
+    wherever they occur; the result is Opacus's accountant-history format.
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for e in events:
+        if e.steps:
+            key = (float(e.noise_multiplier), float(e.sample_rate))
+            merged[key] = merged.get(key, 0) + e.steps
+    return [(s, q, n) for (s, q), n in merged.items()]
+
+
+def _prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        coarse = acc.get_epsilon(delta=delta, eps_error=0.01)
+        eps_error = max(1e-4, PRV_RELATIVE_ERROR * coarse)
+        if eps_error >= 0.01:
+            return float(coarse)
+        return float(acc.get_epsilon(delta=delta, eps_error=eps_error))
+
+
+def _pld_epsilon(
+    history: list[tuple[float, float, int]], delta: float, discretization: float
+) -> float:
+    import dp_accounting as dpa
+
+    acc = dpa.pld.PLDAccountant(value_discretization_interval=discretization)
+    for sigma, q, steps in history:
+        acc.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
+    return float(acc.get_epsilon(delta))
+
+
+def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def epsilon_of(
+    events: Sequence[DpSgdEvent] | Iterable[DpSgdEvent],
+    delta: float,
+    accountant: str = DEFAULT_ACCOUNTANT,
+    *,
+    pld_discretization: float = PLD_DISCRETIZATION,
+) -> float:
+    """Epsilon at ``delta`` of the composition of ``events``.
+
+    Guarantee: an upper bound on the (epsilon, delta)-DP of releasing every
+    model trained by those events (add/remove-one neighbours, Poisson sampling),
+    under the assumption that the noise was Gaussian as recorded. Returns
+    ``math.inf`` if any event with steps added no noise, ``0.0`` for no steps.
+    """
+    if accountant not in ACCOUNTANTS:
+        raise PrivacyError(
+            f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS} "
+            "(GDP is an approximation and never a reported figure)."
+        )
+    _check_delta(delta)
+    events = list(events)
+    if any(e.steps > 0 and not e.is_private for e in events):
+        return math.inf
+    history = compress(events)
+    if not history:
+        return 0.0
+    if accountant == "prv":
+        return _prv_epsilon(history, delta)
+    if accountant == "pld":
+        return _pld_epsilon(history, delta, pld_discretization)
+    return _rdp_epsilon(history, delta)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What one hospital will run over a whole federation.
+
+    ``rounds`` x ``local_epochs`` passes over ``dataset_size`` examples with
+    expected batch size ``batch_size`` under Poisson sampling. Mirrors Opacus:
+    a DataLoader of ``ceil(n / B)`` batches gives sample rate ``1 / ceil(n / B)``
+    and ``ceil(n / B)`` steps per epoch.
+    """
+
+    rounds: int
+    local_epochs: int
+    dataset_size: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "local_epochs", "dataset_size", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                hint = (
+                    " (an empty partition cannot be trained on: give this hospital data "
+                    "or use fewer hospitals)"
+                    if name == "dataset_size"
+                    else ""
+                )
+                raise PrivacyError(f"{name} must be an integer >= 1 (got {value!r}){hint}.")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Number of (Poisson) batches per local epoch, as Opacus counts them."""
+        return math.ceil(self.dataset_size / self.batch_size)
+
+    @property
+    def sample_rate(self) -> float:
+        """Poisson sampling probability of each example per step."""
+        return 1.0 / self.batches_per_epoch
+
+    @property
+    def steps_per_round(self) -> int:
+        """DP-SGD steps one round takes (empty batches included)."""
+        return self.local_epochs * self.batches_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        """DP-SGD steps over the whole plan."""
+        return self.rounds * self.steps_per_round
+
+    def round_event(
+        self,
+        noise_multiplier: float,
+        *,
+        max_grad_norm: float,
+        delta: float,
+        round: int = 0,
+        client_id: str = "",
+    ) -> DpSgdEvent:
+        """The ledger event that one round of this plan records."""
+        return DpSgdEvent(
+            noise_multiplier=float(noise_multiplier),
+            sample_rate=self.sample_rate,
+            steps=self.steps_per_round,
+            max_grad_norm=float(max_grad_norm),
+            delta=float(delta),
+            round=round,
+            client_id=client_id,
+        )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Result of :func:`calibrate`: one noise multiplier for the whole plan."""
+
+    noise_multiplier: float
+    target_epsilon: float
+    delta: float
+    epsilon: float  # reported accountant's epsilon of the whole plan
+    epsilon_pld: float  # dp_accounting PLD's epsilon of the whole plan
+    accountant: str
+    plan: TrainingPlan
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        d = asdict(self)
+        d["plan"] = asdict(self.plan)
+        return d
+
+
+_SIGMA_MAX = 1e4
+
+
+def calibrate(
+    target_epsilon: float,
+    delta: float,
+    plan: TrainingPlan,
+    *,
+    accountant: str = DEFAULT_ACCOUNTANT,
+    tolerance: float = 0.01,
+) -> Calibration:
+    """One noise multiplier for the whole plan that lands on the target.
+
+    Guarantee: the plan's final epsilon is at most ``target_epsilon`` according
+    to both the reported ``accountant`` and dp_accounting's PLD accountant
+    (discretization 1e-4), and the PLD epsilon is within ``tolerance`` (relative)
+    of the target, i.e. the noise is not needlessly large.
+
+    The search runs on PLD with a coarse discretization (fast, and itself an upper
+    bound), then checks the result with the reported accountant and fine PLD.
+    """
+    _check_epsilon(target_epsilon)
+    _check_delta(delta)
+    if accountant not in ACCOUNTANTS:
+        raise PrivacyError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}.")
+    if not (0.0 < tolerance < 0.5):
+        raise PrivacyError(f"tolerance must lie in (0, 0.5) (got {tolerance!r}).")
+    q, steps = plan.sample_rate, plan.total_steps
+
+    def coarse(sigma: float) -> float:
+        return _pld_epsilon([(sigma, q, steps)], delta, 1e-3)
+
+    # Aim inside the allowed band, leaving room for the accountants' differences.
+    aim_lo = target_epsilon * (1.0 - 0.6 * tolerance)
+    aim_hi = target_epsilon * (1.0 - 0.25 * tolerance)
+    for _attempt in range(4):
+        sigma = _solve_decreasing(coarse, aim_lo, aim_hi, target_epsilon, delta, plan)
+        eps_pld = _pld_epsilon([(sigma, q, steps)], delta, PLD_DISCRETIZATION)
+        eps_rep = eps_pld
+        if accountant != "pld":
+            eps_rep = epsilon_of([DpSgdEvent(sigma, q, steps, 1.0, delta)], delta, accountant)
+        worst = max(eps_rep, eps_pld)
+        if worst <= target_epsilon and eps_pld >= target_epsilon * (1.0 - tolerance):
+            return Calibration(
+                float(sigma), float(target_epsilon), float(delta), eps_rep, eps_pld,
+                accountant, plan,
+            )
+        # Shift the aim by how far the check landed from where the search aimed.
+        shift = (aim_lo + aim_hi) / 2.0 / worst if worst > target_epsilon else 1.0 + tolerance / 4
+        aim_lo, aim_hi = aim_lo * shift, min(aim_hi * shift, target_epsilon)
+    raise PrivacyError(
+        f"could not calibrate to epsilon {target_epsilon} within {tolerance:.0%} for this plan "
+        f"with the {accountant!r} accountant; try accountant='pld' or a larger tolerance."
+    )
+
+
+def _solve_decreasing(
+    eps_fn: Any, lo_target: float, hi_target: float, target: float, delta: float,
+    plan: TrainingPlan,
+) -> float:
+    """A sigma with ``lo_target <= eps_fn(sigma) <= hi_target`` (eps_fn decreasing)."""
+    hi = 1.0
+    while eps_fn(hi) > hi_target:
+        hi *= 2.0
+        if hi > _SIGMA_MAX:
+            raise PrivacyError(
+                f"target epsilon {target} at delta {delta} is unreachable for this plan "
+                f"({plan.total_steps} steps at sample rate {plan.sample_rate:.4g}): raise "
+                "epsilon, train fewer rounds or epochs, or use more data per hospital."
+            )
+    lo = hi / 2.0
+    while eps_fn(lo) <= hi_target:
+        if lo < 1e-2:
+            return lo
+        hi, lo = lo, lo / 2.0
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        eps = eps_fn(mid)
+        if eps > hi_target:
+            lo = mid
+        elif eps < lo_target:
+            hi = mid
+        else:
+            return mid
+    return hi
+
+
+# -------------------------------------------------------------------------- budgets
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    """Whether a hospital may train this round, and why; plain data for the server."""
+
+    allowed: bool
+    epsilon_spent: float
+    epsilon_after: float
+    budget_epsilon: float
+    delta: float
+    accountant: str
+    reason: str
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain JSON-able dict (inf is written as the string 'inf')."""
+        d = asdict(self)
+        for k in ("epsilon_spent", "epsilon_after", "budget_epsilon"):
+            if math.isinf(d[k]):
+                d[k] = "inf"
+        return d
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """A hospital's (epsilon, delta) budget over the whole federation.
+
+    Guarantee: :meth:`check` refuses any round after which the ledger's epsilon
+    (reported accountant) would exceed the budget, *before* the round trains.
+    A non-private configuration (noise multiplier 0) is refused unless
+    ``allow_non_private`` is set explicitly.
+    """
+
+    epsilon: float
+    delta: float
+    accountant: str = DEFAULT_ACCOUNTANT
+    allow_non_private: bool = False
+
+    def __post_init__(self) -> None:
+        _check_epsilon(self.epsilon)
+        _check_delta(self.delta)
+        if self.accountant not in ACCOUNTANTS:
+            raise PrivacyError(
+                f"unknown accountant {self.accountant!r}; choose one of {ACCOUNTANTS}."
+            )
+
+    def check(self, ledger: PrivacyLedger, planned: DpSgdEvent) -> BudgetDecision:
+        """Decide whether ``planned`` may run given what ``ledger`` already spent."""
+        spent = ledger.epsilon(self.delta, self.accountant)
+        after = ledger.append(planned).epsilon(self.delta, self.accountant)
+        if not planned.is_private:
+            if self.allow_non_private:
+                return BudgetDecision(
+                    True, spent, after, self.epsilon, self.delta, self.accountant,
+                    "NON-PRIVATE: noise multiplier 0 was requested explicitly; no DP guarantee.",
+                )
+            return BudgetDecision(
+                False, spent, after, self.epsilon, self.delta, self.accountant,
+                "refused: noise multiplier is 0 (no differential privacy); "
+                "set a noise multiplier > 0 or allow non-private training explicitly.",
+            )
+        if after > self.epsilon:
+            return BudgetDecision(
+                False, spent, after, self.epsilon, self.delta, self.accountant,
+                f"refused: this round would raise epsilon from {spent:.4g} to {after:.4g}, "
+                f"past the budget of {self.epsilon:.4g} at delta {self.delta:.3g}.",
+            )
+        return BudgetDecision(
+            True, spent, after, self.epsilon, self.delta, self.accountant,
+            f"ok: epsilon {spent:.4g} -> {after:.4g} of budget {self.epsilon:.4g}.",
+        )

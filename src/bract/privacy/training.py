@@ -1,0 +1,350 @@
+"""DP-SGD for one hospital with Opacus, round after round.
+
+:class:`PrivateTrainer` wraps what the hospital already has — a torch model, an
+optimizer and a DataLoader — the way ``PrivacyEngine.make_private`` does, and
+adds what a federation needs:
+
+* every round starts from the global weights, loaded into the *plain* module
+  before Opacus attaches its hooks, and the hooks are removed after the round
+  (no double hooks, no ``_module.`` key prefix);
+* the privacy ledger survives rounds: Opacus's accountant is rebuilt from the
+  ledger each round, so epsilon after round r covers rounds 1..r;
+* the budget is checked before training, and a refusal is returned as data;
+* DP noise comes from :class:`~bract.privacy.noise.SecureGaussian`.
+
+Guarantee (under the assumptions of DP-SGD: per-example clipping at
+``max_grad_norm``, Poisson sampling, Gaussian noise of std
+``noise_multiplier * max_grad_norm`` per step, add/remove-one neighbours): the
+sequence of weights released after each round is (epsilon, delta)-DP with
+respect to each patient record of this hospital, with epsilon as reported by
+:meth:`PrivateTrainer.epsilon`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bract.privacy.accounting import (
+    DEFAULT_ACCOUNTANT,
+    BudgetDecision,
+    DpSgdEvent,
+    PrivacyBudget,
+    PrivacyError,
+    PrivacyLedger,
+    TrainingPlan,
+    compress,
+)
+from bract.privacy.noise import SecureGaussian, use_secure_noise
+
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost")
+DEFAULT_GRAD_SAMPLE_MODE = "auto"
+#: "auto" picks ghost clipping when a Linear layer has more weights than this.
+GHOST_LINEAR_THRESHOLD = 1_000_000
+
+Weights = dict[str, np.ndarray]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to train on: ``device`` if given, else CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PrivacyError(f"device {device!r} was requested but CUDA is not available here.")
+    return dev
+
+
+def choose_grad_sample_mode(model: nn.Module, mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> str:
+    """Resolve ``"auto"``: ghost clipping for models with a large Linear layer, else hooks.
+
+    Hooks mode materialises one gradient per example (memory batch x params);
+    ghost clipping never does for Linear layers, which pays off once a Linear
+    layer is large (the 128x128 ChestCNN's dense layer holds ~7M weights). On
+    small models hooks mode is faster. Both give the same DP guarantee.
+    """
+    if mode not in GRAD_SAMPLE_MODES:
+        raise PrivacyError(
+            f"grad_sample_mode {mode!r} is not supported; use one of {GRAD_SAMPLE_MODES}."
+        )
+    if mode != "auto":
+        return mode
+    largest = max(
+        (m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)), default=0
+    )
+    return "ghost" if largest > GHOST_LINEAR_THRESHOLD else "hooks"
+
+
+def check_privatisable(model: nn.Module) -> None:
+    """Raise :class:`PrivacyError` naming the fix if Opacus cannot privatise ``model``.
+
+    DP-SGD needs per-example gradients; layers that mix examples in a batch
+    (BatchNorm) break that, and Opacus refuses them.
+    """
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        details = "; ".join(str(e) for e in errors[:5])
+        raise PrivacyError(
+            f"this model cannot be trained with DP-SGD: {details}. Fix: replace BatchNorm "
+            "with GroupNorm (or call opacus.validators.ModuleValidator.fix(model)) before "
+            "handing it to bract."
+        )
+
+
+def weights_of(model: nn.Module) -> Weights:
+    """The model's state as named numpy arrays (CPU copies), in state_dict order."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
+    """Load named arrays into ``model``; names and shapes must match exactly."""
+    state = model.state_dict()
+    missing = set(state) - set(weights)
+    unexpected = set(weights) - set(state)
+    if missing or unexpected:
+        raise PrivacyError(
+            f"weights do not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    new_state = {}
+    for k, v in state.items():
+        arr = np.asarray(weights[k])
+        if tuple(arr.shape) != tuple(v.shape):
+            raise PrivacyError(
+                f"weight {k!r} has shape {arr.shape}, the model expects {tuple(v.shape)}"
+            )
+        new_state[k] = torch.as_tensor(arr, dtype=v.dtype)
+    model.load_state_dict(new_state, strict=True)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What one round of local DP training produced (or why it did not train)."""
+
+    trained: bool
+    decision: BudgetDecision
+    weights: Weights | None
+    num_examples: int
+    event: DpSgdEvent | None
+    epsilon: float  # ledger epsilon after this round (covers all rounds so far)
+    train_loss: float  # mean loss over non-empty batches; stays on the hospital
+    seconds: float
+
+
+class PrivateTrainer:
+    """Opacus DP-SGD on one hospital's data, with a ledger that spans rounds.
+
+    Parameters mirror ``PrivacyEngine.make_private``: pass the model, optimizer
+    and DataLoader you already have (the DataLoader's ``batch_size`` is the
+    expected batch size of Poisson sampling). ``budget`` is checked before
+    every round; ``ledger`` carries the history of earlier rounds (e.g. restored
+    from Flower's ``ctx.state``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        delta: float,
+        criterion: nn.Module | None = None,
+        local_epochs: int = 1,
+        budget: PrivacyBudget | None = None,
+        ledger: PrivacyLedger | None = None,
+        client_id: str = "",
+        accountant: str = DEFAULT_ACCOUNTANT,
+        grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+        device: str | torch.device | None = None,
+        secure_noise: bool = True,
+    ) -> None:
+        grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode)
+        if not isinstance(data_loader, DataLoader):
+            raise PrivacyError(
+                f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}"
+            )
+        n = len(data_loader.dataset)  # type: ignore[arg-type]
+        if n == 0:
+            raise PrivacyError(
+                f"hospital {client_id or '?'} has an empty partition: it has no data to train "
+                "on. Give it data, or run the federation with fewer hospitals."
+            )
+        batch_size = data_loader.batch_size
+        if batch_size is None or batch_size < 1:
+            raise PrivacyError(
+                "the DataLoader needs a fixed batch_size >= 1 (the expected batch size "
+                f"of Poisson sampling); got {batch_size!r}."
+            )
+        if data_loader.drop_last:
+            raise PrivacyError("use drop_last=False: Poisson sampling decides batch sizes.")
+        self.plan_per_round = TrainingPlan(1, local_epochs, n, batch_size)
+        if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise PrivacyError(f"max_grad_norm must be > 0 (got {max_grad_norm!r}).")
+        # Validates noise multiplier and delta with clear messages.
+        self.plan_per_round.round_event(noise_multiplier, max_grad_norm=max_grad_norm, delta=delta)
+        check_privatisable(model)
+
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        self.data_loader = data_loader
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.delta = float(delta)
+        self.local_epochs = int(local_epochs)
+        self.budget = budget
+        self.accountant = accountant
+        self.grad_sample_mode = grad_sample_mode
+        self.secure_noise = secure_noise
+        self.client_id = client_id
+        self.ledger = ledger if ledger is not None else PrivacyLedger(client_id)
+        self._noise_source = SecureGaussian() if secure_noise else None
+
+    # ------------------------------------------------------------------ accounting
+    def planned_event(self, round: int) -> DpSgdEvent:
+        """The ledger event the next round will record if it trains."""
+        return self.plan_per_round.round_event(
+            self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            delta=self.delta,
+            round=round,
+            client_id=self.client_id,
+        )
+
+    def check_budget(self, round: int) -> BudgetDecision:
+        """Would the next round stay within budget? Never trains, never raises for a refusal."""
+        planned = self.planned_event(round)
+        if self.budget is not None:
+            return self.budget.check(self.ledger, planned)
+        spent = self.ledger.epsilon(self.delta, self.accountant)
+        after = self.ledger.append(planned).epsilon(self.delta, self.accountant)
+        reason = (
+            "NON-PRIVATE: noise multiplier 0; no differential privacy."
+            if not planned.is_private
+            else f"ok: no budget set; epsilon {spent:.4g} -> {after:.4g}."
+        )
+        return BudgetDecision(True, spent, after, math.inf, self.delta, self.accountant, reason)
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """Epsilon of everything this hospital has trained so far (all rounds)."""
+        return self.ledger.epsilon(self.delta if delta is None else delta, self.accountant)
+
+    # -------------------------------------------------------------------- training
+    def weights(self) -> Weights:
+        """Current model weights as named numpy arrays."""
+        return weights_of(self.model)
+
+    def train_round(
+        self,
+        round: int,
+        global_weights: Mapping[str, np.ndarray] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> RoundOutcome:
+        """Load the global weights, check the budget, run DP-SGD, record the event.
+
+        A refusal returns ``trained=False`` with the reason in ``decision`` and
+        leaves the ledger and weights untouched. On any error during training
+        the ledger is not advanced past what was actually run: the event is
+        recorded only after the round's steps completed.
+        """
+        start = time.perf_counter()
+        if global_weights is not None:
+            load_weights(self.model, global_weights)
+        decision = self.check_budget(round)
+        if not decision.allowed:
+            return RoundOutcome(
+                False, decision, None, 0, None, decision.epsilon_spent, math.nan,
+                time.perf_counter() - start,
+            )
+        steps, loss = self._run_dp_sgd(on_step)
+        planned = self.planned_event(round)
+        event = DpSgdEvent(
+            noise_multiplier=planned.noise_multiplier,
+            sample_rate=planned.sample_rate,
+            steps=steps,
+            max_grad_norm=planned.max_grad_norm,
+            delta=planned.delta,
+            round=round,
+            client_id=self.client_id,
+        )
+        self.ledger = self.ledger.append(event)
+        eps = decision.epsilon_after if steps == planned.steps else self.epsilon()
+        return RoundOutcome(
+            True, decision, self.weights(), self.plan_per_round.dataset_size, event, eps, loss,
+            time.perf_counter() - start,
+        )
+
+    def _run_dp_sgd(self, on_step: Callable[[int, int], None] | None) -> tuple[int, float]:
+        from opacus import PrivacyEngine
+
+        self.model.train()
+        self.optimizer.state.clear()  # local optimizer state starts fresh each round (FedAvg)
+        engine = PrivacyEngine(accountant="prv")
+        engine.accountant.history = compress(self.ledger.events)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            made = engine.make_private(
+                module=self.model,
+                optimizer=self.optimizer,
+                data_loader=self.data_loader,
+                criterion=self.criterion,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=self.grad_sample_mode,
+                wrap_model=False,
+            )
+        if self.grad_sample_mode == "ghost":
+            hooks, dp_optimizer, criterion, dp_loader = made
+        else:
+            hooks, dp_optimizer, dp_loader = made
+            criterion = self.criterion
+        if self._noise_source is not None:
+            use_secure_noise(dp_optimizer, self._noise_source)
+        total = self.local_epochs * len(dp_loader)
+        steps, loss_sum, loss_batches = 0, 0.0, 0
+        try:
+            for _epoch in range(self.local_epochs):
+                for x, y in dp_loader:
+                    x, y = x.to(self.device), y.to(self.device)
+                    dp_optimizer.zero_grad()
+                    out = self.model(x)
+                    loss = criterion(out, y)
+                    loss.backward()
+                    dp_optimizer.step()
+                    steps += 1
+                    if len(y) > 0:
+                        loss_sum += float(loss.detach())
+                        loss_batches += 1
+                    if on_step is not None:
+                        on_step(steps, total)
+        finally:
+            dp_optimizer.zero_grad(set_to_none=True)
+            hooks.cleanup()
+        return steps, (loss_sum / loss_batches if loss_batches else math.nan)
+
+
+def state_for_ctx(ledger: PrivacyLedger) -> dict[str, Any]:
+    """Plain data to keep a ledger in Flower's ``ctx.state`` (one JSON string)."""
+    return {"ledger": ledger.to_json()}
+
+
+def ledger_from_ctx(data: Mapping[str, Any] | None, client_id: str) -> PrivacyLedger:
+    """Inverse of :func:`state_for_ctx`; an empty ledger when nothing was stored."""
+    if not data or "ledger" not in data:
+        return PrivacyLedger(client_id)
+    return PrivacyLedger.from_json(str(data["ledger"]))
