@@ -1,0 +1,106 @@
+"""In-memory driver: runs whole rounds between sessions, for tests and benchmarks.
+
+It plays the network and an honest server loop. Every message crosses the
+"wire" as canonical bytes by default (``to_bytes`` / ``message_from_bytes``),
+so the serialisation is exercised on each run. ``dropouts`` models clients that
+stop answering from a given stage on; ``tamper`` lets a test act as a malicious
+server or network on server -> client messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import ConfigurationError
+from .messages import Message, message_from_bytes
+from .protocol import AggregateResult, ClientSession, ServerSession
+
+__all__ = ["STAGES", "Tamper", "run_round"]
+
+#: Stages a client can drop out at (it answers none of this stage's or later messages).
+STAGES = ("config", "mask", "consistency", "unmask")
+
+#: ``tamper(stage, receiver, message) -> message``: rewrite a server -> client message.
+Tamper = Callable[[str, int, Message], Message]
+
+
+def _wire(msg: Message, enabled: bool) -> Message:
+    return message_from_bytes(msg.to_bytes()) if enabled else msg
+
+
+def run_round(
+    server: ServerSession,
+    clients: Mapping[int, ClientSession],
+    inputs: Mapping[int, tuple[np.ndarray, int]],
+    round_number: int,
+    *,
+    participants: Sequence[int] | None = None,
+    dropouts: Mapping[int, str] | None = None,
+    tamper: Tamper | None = None,
+    wire: bool = True,
+) -> AggregateResult:
+    """Run one round (plus the key-advertisement setup stage where needed).
+
+    Args:
+        server: the server session.
+        clients: node id -> client session.
+        inputs: node id -> (float vector of length d, integer weight).
+        round_number: strictly increasing per federation.
+        participants: the round's clients (default: all of ``clients``).
+        dropouts: node id -> stage name in :data:`STAGES` from which it is silent.
+        tamper: hook to rewrite server -> client messages (attack simulations).
+        wire: pass every message through its canonical byte form.
+
+    Returns the :class:`AggregateResult`; raises :class:`RoundAborted` if too few
+    clients remain, or whatever error a client or the server raised on a bad message.
+    """
+    parts = sorted(clients if participants is None else participants)
+    drops = dict(dropouts or {})
+    for node, stage in drops.items():
+        if stage not in STAGES:
+            raise ConfigurationError(f"unknown dropout stage {stage!r} for node {node}")
+    missing = [v for v in parts if v not in clients or v not in inputs]
+    if missing:
+        raise ConfigurationError(f"no client session or input for nodes {missing}")
+    dims = {np.shape(inputs[v][0])[0] if np.ndim(inputs[v][0]) else 0 for v in parts}
+    dim = max(dims) if dims else 0
+
+    def alive_at(node: int, stage: str) -> bool:
+        return node not in drops or STAGES.index(stage) < STAGES.index(drops[node])
+
+    def send(stage: str, node: int, msg: Message) -> Message:
+        msg = _wire(msg, wire)
+        if tamper is not None:
+            msg = tamper(stage, node, msg)
+        return msg
+
+    # setup (only for clients without current keys): advertise
+    for v in server.needs_advertisement(parts):
+        server.receive_advertisement(_wire(clients[v].advertise_keys(), wire))
+
+    cfg = server.start_round(round_number, parts, dim)
+    for v in parts:
+        if alive_at(v, "config"):
+            reply = clients[v].handle_round_config(send("config", v, cfg))
+            server.receive_shares(_wire(reply, wire))
+
+    for v, req in server.mask_requests().items():
+        if alive_at(v, "mask"):
+            vec, w = inputs[v]
+            reply = clients[v].handle_mask_request(send("mask", v, req), vec, w)
+            server.receive_masked_input(_wire(reply, wire))
+
+    creq = server.consistency_request()
+    for v in creq.alive:
+        if alive_at(v, "consistency"):
+            reply = clients[v].handle_consistency_request(send("consistency", v, creq))
+            server.receive_consistency_signature(_wire(reply, wire))
+
+    ureq = server.unmask_request()
+    for v in ureq.signers:
+        if alive_at(v, "unmask"):
+            reply = clients[v].handle_unmask_request(send("unmask", v, ureq))
+            server.receive_unmask_reply(_wire(reply, wire))
+    return server.finish()

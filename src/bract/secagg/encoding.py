@@ -1,0 +1,183 @@
+"""Fixed-point encoding of weighted updates into the ring Z_(2^k), k in {32, 64}.
+
+A client's vector ``x`` (length ``d``) and integer weight ``w`` (its example
+count) become ``d + 1`` ring elements::
+
+    [w * q_1, ..., w * q_d, w]      q_i = SR(clip(x_i) * 2^f)
+
+where SR is unbiased stochastic rounding (``E[SR(z)] = z``, ``|SR(z) - z| < 1``)
+driven by an AES-CTR keystream under a fresh ``os.urandom`` key. The sum of all
+clients' encodings decodes to ``(sum_u w_u * x_u, sum_u w_u)``, so the server
+learns only these totals.
+
+Headroom: with ``n`` clients, ``|q| <= Q = ceil(clip * 2^f)`` and ``w <= W``, every
+partial sum lies in ``[-n W Q, n W Q]``. The ring is chosen so that
+``n W Q < 2^(k-1)``: the signed sum never wraps and decoding is exact.
+:meth:`EncodingConfig.ring_bits_for` raises :class:`EncodingError` otherwise.
+
+Error bound (per coordinate): ``|decoded_sum_i - sum_u w_u clip(x_u,i)|
+< sum_u w_u * 2^-f`` exactly in integers, plus the float64 rounding of the final
+conversion (relative 2^-53); see :meth:`EncodingConfig.sum_error_bound`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .crypto import KeystreamAccumulator, random_bytes
+from .errors import EncodingError
+
+__all__ = ["RING_DTYPES", "EncodingConfig", "decode_sum", "encode"]
+
+RING_DTYPES = {32: np.uint32, 64: np.uint64}
+_SIGNED = {32: np.int32, 64: np.int64}
+
+
+@dataclass(frozen=True)
+class EncodingConfig:
+    """Fixed-point parameters shared by the whole round.
+
+    clip: values must lie in ``[-clip, clip]`` (a client may opt to clip instead).
+    frac_bits: ``f``, the scale is ``2^f``.
+    max_weight: the largest integer weight (example count) a client may carry.
+    ring_bits: 32 or 64, or ``None`` to take the smallest that has headroom.
+    """
+
+    clip: float = 1.0
+    frac_bits: int = 16
+    max_weight: int = 2**16
+    ring_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0):
+            raise EncodingError(f"clip must be a finite positive number, got {self.clip!r}")
+        if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= 40:
+            raise EncodingError(f"frac_bits must be an int in [0, 40], got {self.frac_bits!r}")
+        if self.clip * 2.0**self.frac_bits >= 2.0**52:
+            raise EncodingError("clip * 2^frac_bits must stay below 2^52 (float64 exactness)")
+        if not isinstance(self.max_weight, int) or self.max_weight < 1:
+            raise EncodingError(f"max_weight must be an int >= 1, got {self.max_weight!r}")
+        if self.ring_bits not in (None, 32, 64):
+            raise EncodingError(f"ring_bits must be 32, 64 or None, got {self.ring_bits!r}")
+
+    @property
+    def max_level(self) -> int:
+        """``Q = ceil(clip * 2^f)``: the largest ``|q|`` stochastic rounding can produce."""
+        return math.ceil(self.clip * 2**self.frac_bits)
+
+    def required_bits(self, n_clients: int) -> int:
+        """Smallest ``k`` with ``n * W * Q < 2^(k-1)`` (the signed sum cannot wrap)."""
+        bound = max(1, n_clients) * self.max_weight * max(1, self.max_level)
+        return bound.bit_length() + 1
+
+    def ring_bits_for(self, n_clients: int) -> int:
+        """Ring size for ``n_clients``; raises :class:`EncodingError` if the sum could wrap."""
+        need = self.required_bits(n_clients)
+        if self.ring_bits is not None:
+            if need > self.ring_bits:
+                raise EncodingError(
+                    f"ring Z_(2^{self.ring_bits}) too small: {n_clients} clients x max_weight "
+                    f"{self.max_weight} x clip*2^f {self.max_level} needs {need} bits; the sum "
+                    "would wrap (lower frac_bits, clip or max_weight, or use ring_bits=64)"
+                )
+            return self.ring_bits
+        if need <= 32:
+            return 32
+        if need <= 64:
+            return 64
+        raise EncodingError(
+            f"no ring has headroom: {n_clients} clients x max_weight {self.max_weight} x "
+            f"clip*2^f {self.max_level} needs {need} bits > 64; lower frac_bits, clip or max_weight"
+        )
+
+    def sum_error_bound(self, total_weight: int) -> float:
+        """Bound on ``|decoded weighted sum - sum_u w_u clip(x_u)|`` per coordinate.
+
+        ``W_total * 2^-f`` from stochastic rounding (each client errs by < 1 level,
+        times its weight), plus float64 conversion (relative 2^-52 of the largest
+        possible magnitude).
+        """
+        rounding = total_weight * 2.0**-self.frac_bits
+        conversion = 2.0**-52 * total_weight * (self.clip + 2.0**-self.frac_bits)
+        return rounding + conversion
+
+
+def _check_vector(vector: object, dim: int) -> np.ndarray:
+    if not isinstance(vector, np.ndarray):
+        raise EncodingError(f"input must be a numpy array, got {type(vector).__name__}")
+    if vector.dtype.kind != "f":
+        raise EncodingError(f"input dtype must be floating point, got {vector.dtype}")
+    if vector.ndim != 1:
+        raise EncodingError(f"input must be 1-D, got shape {vector.shape}")
+    if vector.shape[0] != dim:
+        raise EncodingError(f"input length {vector.shape[0]} != round dimension {dim}")
+    if not np.isfinite(vector).all():
+        bad = int(np.count_nonzero(~np.isfinite(vector)))
+        raise EncodingError(f"input has {bad} NaN/Inf value(s)")
+    return vector
+
+
+def encode(
+    vector: np.ndarray,
+    weight: int,
+    config: EncodingConfig,
+    ring_bits: int,
+    *,
+    dim: int | None = None,
+    clip_out_of_range: bool = False,
+) -> np.ndarray:
+    """Encode ``vector`` with integer ``weight`` into ``d + 1`` elements of Z_(2^ring_bits).
+
+    Values outside ``[-clip, clip]`` raise :class:`EncodingError` unless
+    ``clip_out_of_range`` is set; ``dim``, when given, is the required length.
+    The rounding randomness is an AES-CTR keystream under a fresh CSPRNG key, so
+    rounding decisions are unpredictable.
+    """
+    if ring_bits not in RING_DTYPES:
+        raise EncodingError(f"ring_bits must be 32 or 64, got {ring_bits}")
+    if dim is None:
+        dim = vector.shape[0] if isinstance(vector, np.ndarray) and vector.ndim == 1 else -1
+    x = _check_vector(vector, dim)
+    if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)):
+        raise EncodingError(f"weight must be an int, got {type(weight).__name__}")
+    weight = int(weight)
+    if not 0 <= weight <= config.max_weight:
+        raise EncodingError(f"weight {weight} outside [0, max_weight={config.max_weight}]")
+    x = x.astype(np.float64)
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak > config.clip:
+        if not clip_out_of_range:
+            n_out = int(np.count_nonzero(np.abs(x) > config.clip))
+            raise EncodingError(
+                f"{n_out} value(s) beyond the clipping range [-{config.clip}, {config.clip}] "
+                f"(max |x| = {peak:.6g}); clip the update first or enable clipping"
+            )
+        x = np.clip(x, -config.clip, config.clip)
+    scaled = x * float(2**config.frac_bits)  # exact: power-of-two scaling
+    low = np.floor(scaled)
+    frac = scaled - low  # exact, in [0, 1)
+    acc = KeystreamAccumulator(np.zeros(x.size, dtype=np.uint64))
+    u = (acc.stream(random_bytes(32)) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    q = low.astype(np.int64) + (u < frac)
+    q *= np.int64(weight)  # |q * w| <= Q * W < 2^63 by the headroom check
+    out = np.empty(x.size + 1, dtype=RING_DTYPES[ring_bits])
+    out[:-1] = q.astype(np.uint64).astype(RING_DTYPES[ring_bits])  # two's complement mod 2^k
+    out[-1] = weight
+    return out
+
+
+def decode_sum(total: np.ndarray, ring_bits: int, frac_bits: int) -> tuple[np.ndarray, int]:
+    """Decode the ring sum of all encodings into ``(weighted_sum float64[d], total_weight)``.
+
+    Exact as long as the headroom condition held for the clients that were summed.
+    """
+    if ring_bits not in RING_DTYPES or total.dtype != RING_DTYPES[ring_bits]:
+        raise EncodingError(f"sum must be a uint{ring_bits} vector")
+    signed = total.view(_SIGNED[ring_bits])
+    weight = int(signed[-1])
+    if weight < 0:
+        raise EncodingError("total weight decoded negative: the sum wrapped")
+    return signed[:-1].astype(np.float64) * 2.0**-frac_bits, weight

@@ -1,0 +1,444 @@
+"""Typed protocol messages and their canonical wire form.
+
+Every message is a frozen dataclass whose fields are plain types only: ``int``,
+``str``, ``bytes``, ``float`` or a homogeneous list of one of them. So
+``to_dict()`` maps one-to-one onto a Flower ``ConfigRecord`` (bulk vectors are a
+single ``bytes`` field), and ``to_bytes()`` is a canonical, length-prefixed
+encoding of that dict: one message has exactly one byte string, which is what
+makes signatures and digests over it unambiguous. Decoding is strict (unknown
+or missing fields, wrong types, trailing or truncated data, non-canonical
+forms raise :class:`MalformedMessage`).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from .errors import MalformedMessage
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "ConsistencyRequest",
+    "ConsistencySignature",
+    "KeyAdvertisement",
+    "MaskRequest",
+    "MaskedInput",
+    "Message",
+    "RoundConfig",
+    "ShareKeys",
+    "UnmaskReply",
+    "UnmaskRequest",
+    "canonical_decode",
+    "canonical_encode",
+    "message_from_bytes",
+    "message_from_dict",
+]
+
+_MAX_DEPTH = 4
+_MAX_LEN = 1 << 31
+
+
+def canonical_encode(obj: Any) -> bytes:
+    """Canonical bytes of ``int | str | bytes | float | list | dict[str, ...]`` (no bools)."""
+    out = bytearray()
+    _enc(obj, out, 0)
+    return bytes(out)
+
+
+def _enc(obj: Any, out: bytearray, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        raise MalformedMessage("nesting too deep")
+    if isinstance(obj, bool):
+        raise MalformedMessage("booleans are not part of the wire format")
+    if isinstance(obj, int):
+        raw = obj.to_bytes((obj.bit_length() + 8) // 8, "big", signed=True)
+        out += b"I" + struct.pack(">I", len(raw)) + raw
+    elif isinstance(obj, str):
+        raw = obj.encode("utf-8")
+        out += b"S" + struct.pack(">I", len(raw)) + raw
+    elif isinstance(obj, (bytes, bytearray, memoryview)):
+        raw = bytes(obj)
+        out += b"B" + struct.pack(">I", len(raw)) + raw
+    elif isinstance(obj, float):
+        out += b"F" + struct.pack(">d", obj)
+    elif isinstance(obj, (list, tuple)):
+        out += b"L" + struct.pack(">I", len(obj))
+        for item in obj:
+            _enc(item, out, depth + 1)
+    elif isinstance(obj, dict):
+        keys = list(obj)
+        if not all(isinstance(k, str) for k in keys):
+            raise MalformedMessage("dict keys must be str")
+        out += b"D" + struct.pack(">I", len(keys))
+        for k in sorted(keys):
+            _enc(k, out, depth + 1)
+            _enc(obj[k], out, depth + 1)
+    else:
+        raise MalformedMessage(f"type {type(obj).__name__} is not part of the wire format")
+
+
+def canonical_decode(data: bytes) -> Any:
+    """Strict inverse of :func:`canonical_encode`; rejects anything not canonical."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedMessage("message must be bytes")
+    mv = memoryview(data)
+    obj, pos = _dec(mv, 0, 0)
+    if pos != len(mv):
+        raise MalformedMessage(f"{len(mv) - pos} trailing byte(s) after the message")
+    return obj
+
+
+def _take(mv: memoryview, pos: int, n: int) -> tuple[memoryview, int]:
+    if n < 0 or pos + n > len(mv):
+        raise MalformedMessage("message truncated")
+    return mv[pos : pos + n], pos + n
+
+
+def _dec(mv: memoryview, pos: int, depth: int) -> tuple[Any, int]:
+    if depth > _MAX_DEPTH:
+        raise MalformedMessage("nesting too deep")
+    tag, pos = _take(mv, pos, 1)
+    t = bytes(tag)
+    if t == b"F":
+        raw, pos = _take(mv, pos, 8)
+        return struct.unpack(">d", raw)[0], pos
+    head, pos = _take(mv, pos, 4)
+    (n,) = struct.unpack(">I", head)
+    if t == b"I":
+        raw, pos = _take(mv, pos, n)
+        if n == 0:
+            raise MalformedMessage("empty integer")
+        value = int.from_bytes(raw, "big", signed=True)
+        if (value.bit_length() + 8) // 8 != n:
+            raise MalformedMessage("non-canonical integer")
+        return value, pos
+    if t == b"S":
+        raw, pos = _take(mv, pos, n)
+        try:
+            return bytes(raw).decode("utf-8"), pos
+        except UnicodeDecodeError as exc:
+            raise MalformedMessage("invalid UTF-8 string") from exc
+    if t == b"B":
+        raw, pos = _take(mv, pos, n)
+        return bytes(raw), pos
+    if t == b"L":
+        if n > len(mv) - pos:
+            raise MalformedMessage("message truncated")
+        items = []
+        for _ in range(n):
+            item, pos = _dec(mv, pos, depth + 1)
+            items.append(item)
+        return items, pos
+    if t == b"D":
+        if n > len(mv) - pos:
+            raise MalformedMessage("message truncated")
+        out: dict[str, Any] = {}
+        prev: str | None = None
+        for _ in range(n):
+            key, pos = _dec(mv, pos, depth + 1)
+            if not isinstance(key, str):
+                raise MalformedMessage("dict key must be a string")
+            if prev is not None and key <= prev:
+                raise MalformedMessage("dict keys not sorted/unique (non-canonical)")
+            prev = key
+            out[key], pos = _dec(mv, pos, depth + 1)
+        return out, pos
+    raise MalformedMessage(f"unknown type tag {t!r}")
+
+
+_SCALARS = {"int": int, "str": str, "bytes": bytes, "float": float}
+
+
+def _check_value(cls_name: str, name: str, spec: str, value: Any) -> Any:
+    if spec.startswith("list[") and spec.endswith("]"):
+        inner = _SCALARS[spec[5:-1]]
+        if not isinstance(value, (list, tuple)):
+            raise MalformedMessage(f"{cls_name}.{name} must be a list")
+        if not all(isinstance(v, inner) and not isinstance(v, bool) for v in value):
+            raise MalformedMessage(f"{cls_name}.{name} must be a list of {inner.__name__}")
+        if inner is int and any(v < 0 for v in value):
+            raise MalformedMessage(f"{cls_name}.{name} must hold non-negative ints")
+        return list(value)
+    typ = _SCALARS[spec]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or isinstance(value, bool):
+        raise MalformedMessage(f"{cls_name}.{name} must be {typ.__name__}")
+    if typ is int and value < 0:
+        raise MalformedMessage(f"{cls_name}.{name} must be >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base class: plain-typed fields, ``kind`` tag, canonical bytes."""
+
+    KIND: ClassVar[str] = ""
+    SPEC: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(
+                self, f.name, _check_value(type(self).__name__, f.name, self.SPEC[f.name],
+                                           getattr(self, f.name))
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (str -> int/str/bytes/float/list of one of them) plus ``kind``."""
+        d: dict[str, Any] = {"kind": self.KIND}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, list) else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Message:
+        """Strictly validated inverse of :meth:`to_dict`."""
+        if not isinstance(d, dict):
+            raise MalformedMessage("message must be a dict")
+        if d.get("kind") != cls.KIND:
+            raise MalformedMessage(f"expected a {cls.KIND!r} message, got {d.get('kind')!r}")
+        names = {f.name for f in fields(cls)}
+        extra = set(d) - names - {"kind"}
+        missing = names - set(d)
+        if missing:
+            raise MalformedMessage(f"{cls.__name__}: missing field(s) {sorted(missing)}")
+        if extra:
+            raise MalformedMessage(f"{cls.__name__}: unknown field(s) {sorted(extra)}")
+        return cls(**{n: d[n] for n in names})
+
+    def to_bytes(self) -> bytes:
+        """Canonical bytes of :meth:`to_dict`."""
+        return canonical_encode(self.to_dict())
+
+    def digest_input(self) -> bytes:
+        """What gets hashed when this message is bound into a signature."""
+        return self.to_bytes()
+
+
+def _list_lengths(msg: Message, *names: str) -> None:
+    lengths = {len(getattr(msg, n)) for n in names}
+    if len(lengths) > 1:
+        raise MalformedMessage(f"{type(msg).__name__}: lists {names} differ in length")
+
+
+@dataclass(frozen=True)
+class KeyAdvertisement(Message):
+    """Setup (once per federation epoch), client -> server: signed X25519 public keys.
+
+    ``signature`` is Ed25519 by the node's roster key over
+    (federation id, node id, epoch, cipher_public, mask_public).
+    """
+
+    KIND: ClassVar[str] = "secagg.advertise"
+    SPEC: ClassVar[dict[str, str]] = {
+        "federation_id": "str", "node_id": "int", "epoch": "int",
+        "cipher_public": "bytes", "mask_public": "bytes", "signature": "bytes",
+    }
+    federation_id: str
+    node_id: int
+    epoch: int
+    cipher_public: bytes
+    mask_public: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class RoundConfig(Message):
+    """Stage 1, server -> every participant (identical for all): the round's parameters.
+
+    Carries the participants, the graph (kind, degree, seed), the per-neighbourhood
+    threshold, the encoding parameters and every participant's signed key
+    advertisement as parallel lists.
+    """
+
+    KIND: ClassVar[str] = "secagg.round_config"
+    SPEC: ClassVar[dict[str, str]] = {
+        "federation_id": "str", "round": "int", "participants": "list[int]",
+        "threshold": "int", "graph_kind": "str", "degree": "int", "graph_seed": "bytes",
+        "dim": "int", "clip": "float", "frac_bits": "int", "max_weight": "int",
+        "ring_bits": "int", "key_epochs": "list[int]", "cipher_publics": "list[bytes]",
+        "mask_publics": "list[bytes]", "key_signatures": "list[bytes]",
+    }
+    federation_id: str
+    round: int
+    participants: list[int]
+    threshold: int
+    graph_kind: str
+    degree: int
+    graph_seed: bytes
+    dim: int
+    clip: float
+    frac_bits: int
+    max_weight: int
+    ring_bits: int
+    key_epochs: list[int]
+    cipher_publics: list[bytes]
+    mask_publics: list[bytes]
+    key_signatures: list[bytes]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _list_lengths(self, "participants", "key_epochs", "cipher_publics", "mask_publics",
+                      "key_signatures")
+
+    def advertisement(self, i: int) -> KeyAdvertisement:
+        """The key advertisement of ``participants[i]``."""
+        return KeyAdvertisement(self.federation_id, self.participants[i], self.key_epochs[i],
+                                self.cipher_publics[i], self.mask_publics[i],
+                                self.key_signatures[i])
+
+
+@dataclass(frozen=True)
+class ShareKeys(Message):
+    """Stage 1, client -> server: AES-GCM-encrypted Shamir shares, one per neighbour.
+
+    Each ciphertext holds the receiver's shares of the sender's fresh self-mask
+    seed ``b`` and of its mask key; only the receiver can open it.
+    """
+
+    KIND: ClassVar[str] = "secagg.share_keys"
+    SPEC: ClassVar[dict[str, str]] = {
+        "federation_id": "str", "round": "int", "node_id": "int",
+        "receivers": "list[int]", "ciphertexts": "list[bytes]",
+    }
+    federation_id: str
+    round: int
+    node_id: int
+    receivers: list[int]
+    ciphertexts: list[bytes]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _list_lengths(self, "receivers", "ciphertexts")
+
+
+@dataclass(frozen=True)
+class MaskRequest(Message):
+    """Stage 2, server -> one client: who shared (U1) and the ciphertexts addressed to it."""
+
+    KIND: ClassVar[str] = "secagg.mask_request"
+    SPEC: ClassVar[dict[str, str]] = {
+        "federation_id": "str", "round": "int", "node_id": "int", "sharers": "list[int]",
+        "senders": "list[int]", "ciphertexts": "list[bytes]",
+    }
+    federation_id: str
+    round: int
+    node_id: int
+    sharers: list[int]
+    senders: list[int]
+    ciphertexts: list[bytes]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _list_lengths(self, "senders", "ciphertexts")
+
+
+@dataclass(frozen=True)
+class MaskedInput(Message):
+    """Stage 2, client -> server: ``y = enc(x, w) + PRG(b) + sum(+-PRG(s_uv))``, raw ring bytes."""
+
+    KIND: ClassVar[str] = "secagg.masked_input"
+    SPEC: ClassVar[dict[str, str]] = {
+        "federation_id": "str", "round": "int", "node_id": "int", "ring_bits": "int",
+        "data": "bytes",
+    }
+    federation_id: str
+    round: int
+    node_id: int
+    ring_bits: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest(Message):
+    """Stage 3, server -> alive clients: the alive set U2 (masked inputs received)."""
+
+    KIND: ClassVar[str] = "secagg.consistency_request"
+    SPEC: ClassVar[dict[str, str]] = {"federation_id": "str", "round": "int", "alive": "list[int]"}
+    federation_id: str
+    round: int
+    alive: list[int]
+
+
+@dataclass(frozen=True)
+class ConsistencySignature(Message):
+    """Stage 3, client -> server: Ed25519 signature over (federation, round, config digest, U2)."""
+
+    KIND: ClassVar[str] = "secagg.consistency_signature"
+    SPEC: ClassVar[dict[str, str]] = {
+        "federation_id": "str", "round": "int", "node_id": "int", "signature": "bytes",
+    }
+    federation_id: str
+    round: int
+    node_id: int
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class UnmaskRequest(Message):
+    """Stage 4, server -> signers: alive and dropped sets plus the collected signatures."""
+
+    KIND: ClassVar[str] = "secagg.unmask_request"
+    SPEC: ClassVar[dict[str, str]] = {
+        "federation_id": "str", "round": "int", "alive": "list[int]", "dropped": "list[int]",
+        "signers": "list[int]", "signatures": "list[bytes]",
+    }
+    federation_id: str
+    round: int
+    alive: list[int]
+    dropped: list[int]
+    signers: list[int]
+    signatures: list[bytes]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _list_lengths(self, "signers", "signatures")
+
+
+@dataclass(frozen=True)
+class UnmaskReply(Message):
+    """Stage 4, client -> server: shares of ``b`` for alive peers, of mask keys for dropped ones."""
+
+    KIND: ClassVar[str] = "secagg.unmask_reply"
+    SPEC: ClassVar[dict[str, str]] = {
+        "federation_id": "str", "round": "int", "node_id": "int",
+        "seed_owners": "list[int]", "seed_shares": "list[bytes]",
+        "key_owners": "list[int]", "key_shares": "list[bytes]",
+    }
+    federation_id: str
+    round: int
+    node_id: int
+    seed_owners: list[int]
+    seed_shares: list[bytes]
+    key_owners: list[int]
+    key_shares: list[bytes]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _list_lengths(self, "seed_owners", "seed_shares")
+        _list_lengths(self, "key_owners", "key_shares")
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.KIND: cls
+    for cls in (KeyAdvertisement, RoundConfig, ShareKeys, MaskRequest, MaskedInput,
+                ConsistencyRequest, ConsistencySignature, UnmaskRequest, UnmaskReply)
+}
+
+
+def message_from_dict(d: dict[str, Any]) -> Message:
+    """Rebuild any message from its plain dict (dispatch on ``kind``)."""
+    if not isinstance(d, dict) or not isinstance(d.get("kind"), str):
+        raise MalformedMessage("message dict lacks a 'kind' string")
+    cls = MESSAGE_TYPES.get(d["kind"])
+    if cls is None:
+        raise MalformedMessage(f"unknown message kind {d['kind']!r}")
+    return cls.from_dict(d)
+
+
+def message_from_bytes(data: bytes) -> Message:
+    """Rebuild any message from :meth:`Message.to_bytes` output."""
+    return message_from_dict(canonical_decode(data))

@@ -1,0 +1,117 @@
+"""Fixed-point encoding: exact ring sums within the stated bound, headroom, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from bract.secagg.encoding import RING_DTYPES, EncodingConfig, decode_sum, encode
+from bract.secagg.errors import EncodingError
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 30),
+    d=st.integers(1, 16),
+    frac_bits=st.integers(0, 30),
+    clip=st.sampled_from([0.5, 1.0, 3.0, 100.0]),
+    data=st.data(),
+)
+def test_sum_decodes_within_bound(n: int, d: int, frac_bits: int, clip: float, data) -> None:
+    cfg = EncodingConfig(clip=clip, frac_bits=frac_bits, max_weight=1000)
+    ring = cfg.ring_bits_for(n)
+    total = np.zeros(d + 1, dtype=RING_DTYPES[ring])
+    ref = np.zeros(d)
+    weights = 0
+    for _ in range(n):
+        x = data.draw(hnp.arrays(np.float64, d, elements=st.floats(-clip, clip)))
+        w = data.draw(st.integers(0, 1000))
+        total += encode(x, w, cfg, ring)
+        ref += w * x
+        weights += w
+    s, wt = decode_sum(total, ring, frac_bits)
+    assert wt == weights
+    assert np.all(np.abs(s - ref) <= cfg.sum_error_bound(weights) + 1e-9 * clip * weights)
+
+
+def test_extreme_values_do_not_wrap() -> None:
+    """All clients at +clip / -clip with the maximum weight: the worst case of the headroom."""
+    cfg = EncodingConfig(clip=1.0, frac_bits=12, max_weight=2**10)
+    n = 7
+    ring = cfg.ring_bits_for(n)
+    assert ring == 32
+    for sign in (1.0, -1.0):
+        total = np.zeros(3, dtype=RING_DTYPES[ring])
+        for _ in range(n):
+            total += encode(np.full(2, sign), cfg.max_weight, cfg, ring)
+        s, w = decode_sum(total, ring, cfg.frac_bits)
+        assert w == n * cfg.max_weight
+        assert np.allclose(s, sign * n * cfg.max_weight)
+
+
+def test_headroom_checked_with_clear_error() -> None:
+    cfg = EncodingConfig(clip=1.0, frac_bits=16, max_weight=2**16, ring_bits=32)
+    with pytest.raises(EncodingError, match="would wrap"):
+        cfg.ring_bits_for(10)
+    big = EncodingConfig(clip=2.0**10, frac_bits=40, max_weight=2**20)
+    with pytest.raises(EncodingError, match="needs .* bits > 64"):
+        big.ring_bits_for(100)
+    # the chosen ring is the smallest with room, and its bound is exact
+    cfg = EncodingConfig(clip=1.0, frac_bits=8, max_weight=255)
+    n = (2**31 - 1) // (255 * 256)
+    assert cfg.ring_bits_for(n) == 32
+    assert cfg.ring_bits_for(n + 1) == 64
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    cfg = EncodingConfig(clip=1.0, frac_bits=0, max_weight=1, ring_bits=32)
+    x = np.full(200_000, 0.3)
+    q = encode(x, 1, cfg, 32)[:-1].view(np.int32)
+    assert set(np.unique(q)) == {0, 1}
+    # mean 0.3, std of the mean sqrt(0.21 / 2e5) ~ 1e-3: allow 6 sigma
+    assert abs(q.mean() - 0.3) < 6e-3
+    neg = encode(-x, 1, cfg, 32)[:-1].view(np.int32)
+    assert abs(neg.mean() + 0.3) < 6e-3
+
+
+@pytest.mark.parametrize(
+    "vector,match",
+    [
+        (np.zeros(3, dtype=np.float32), "length 3"),
+        (np.zeros(4, dtype=np.int64), "dtype"),
+        (np.zeros((2, 2)), "1-D"),
+        (np.array([0.0, np.nan, 0.0, 0.0]), "NaN/Inf"),
+        (np.array([0.0, np.inf, 0.0, 0.0]), "NaN/Inf"),
+        (np.array([0.0, 1.5, 0.0, 0.0]), "beyond the clipping range"),
+        ([0.0, 0.0, 0.0, 0.0], "numpy array"),
+    ],
+)
+def test_bad_vectors_refused(vector, match: str) -> None:
+    cfg = EncodingConfig()
+    with pytest.raises(EncodingError, match=match):
+        encode(vector, 1, cfg, 64, dim=4)
+
+
+@pytest.mark.parametrize("weight", [-1, 2**16 + 1, 1.5, True])
+def test_bad_weights_refused(weight) -> None:
+    with pytest.raises(EncodingError, match="weight"):
+        encode(np.zeros(4), weight, EncodingConfig(), 64)
+
+
+def test_opt_in_clipping() -> None:
+    cfg = EncodingConfig(clip=1.0, frac_bits=20)
+    y = encode(np.array([5.0, -5.0]), 1, cfg, 64, clip_out_of_range=True)
+    s, _ = decode_sum(y, 64, 20)
+    assert np.allclose(s, [1.0, -1.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"clip": 0.0}, {"clip": float("nan")}, {"frac_bits": -1}, {"frac_bits": 41},
+               {"max_weight": 0}, {"ring_bits": 48}, {"clip": 2.0**20, "frac_bits": 40}]
+)
+def test_bad_config(kwargs) -> None:
+    with pytest.raises(EncodingError):
+        EncodingConfig(**kwargs)
