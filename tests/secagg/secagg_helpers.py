@@ -78,7 +78,7 @@ def run_to_masked(f: Federation, rnd: int, inputs, dim: int, drop_mask=()) -> St
     advertise_all(f)
     st = Staged()
     st.cfg = f.server.start_round(rnd, sorted(f.clients), dim)
-    for v, c in f.clients.items():
+    for c in f.clients.values():
         f.server.receive_shares(c.handle_round_config(st.cfg))
     st.mask_requests = f.server.mask_requests()
     for v, req in st.mask_requests.items():

@@ -47,6 +47,7 @@ __all__ = [
     "sha256",
     "verify_signature",
     "x25519_generate",
+    "x25519_private",
     "x25519_public",
     "x25519_shared",
 ]
@@ -153,13 +154,22 @@ def x25519_public(private: bytes) -> bytes:
     return sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def x25519_shared(private: bytes, peer_public: bytes) -> bytes:
+def x25519_private(private: bytes) -> X25519PrivateKey:
+    """Load a raw X25519 private key once, to reuse it for many exchanges."""
+    try:
+        return X25519PrivateKey.from_private_bytes(private)
+    except ValueError as exc:
+        raise AuthenticationError("invalid X25519 private key") from exc
+
+
+def x25519_shared(private: bytes | X25519PrivateKey, peer_public: bytes) -> bytes:
     """Raw X25519 shared secret; never use it as a key directly, pass it through :func:`hkdf`.
 
     Raises :class:`AuthenticationError` for an invalid or low-order peer key.
     """
     try:
-        sk = X25519PrivateKey.from_private_bytes(private)
+        sk = private if isinstance(private, X25519PrivateKey) else (
+            X25519PrivateKey.from_private_bytes(private))
         pk = X25519PublicKey.from_public_bytes(peer_public)
         return sk.exchange(pk)
     except ValueError as exc:

@@ -26,8 +26,10 @@ STAGES = ("config", "mask", "consistency", "unmask")
 Tamper = Callable[[str, int, Message], Message]
 
 
-def _wire(msg: Message, enabled: bool) -> Message:
-    return message_from_bytes(msg.to_bytes()) if enabled else msg
+def _wire(msg: Message, enabled: bool, raw: bytes | None = None) -> Message:
+    if not enabled:
+        return msg
+    return message_from_bytes(msg.to_bytes() if raw is None else raw)
 
 
 def run_round(
@@ -70,8 +72,8 @@ def run_round(
     def alive_at(node: int, stage: str) -> bool:
         return node not in drops or STAGES.index(stage) < STAGES.index(drops[node])
 
-    def send(stage: str, node: int, msg: Message) -> Message:
-        msg = _wire(msg, wire)
+    def send(stage: str, node: int, msg: Message, raw: bytes | None = None) -> Message:
+        msg = _wire(msg, wire, raw)
         if tamper is not None:
             msg = tamper(stage, node, msg)
         return msg
@@ -81,9 +83,10 @@ def run_round(
         server.receive_advertisement(_wire(clients[v].advertise_keys(), wire))
 
     cfg = server.start_round(round_number, parts, dim)
+    raw = cfg.to_bytes()  # one broadcast: encoded once, parsed by each client
     for v in parts:
         if alive_at(v, "config"):
-            reply = clients[v].handle_round_config(send("config", v, cfg))
+            reply = clients[v].handle_round_config(send("config", v, cfg, raw))
             server.receive_shares(_wire(reply, wire))
 
     for v, req in server.mask_requests().items():
@@ -93,14 +96,16 @@ def run_round(
             server.receive_masked_input(_wire(reply, wire))
 
     creq = server.consistency_request()
+    raw = creq.to_bytes()
     for v in creq.alive:
         if alive_at(v, "consistency"):
-            reply = clients[v].handle_consistency_request(send("consistency", v, creq))
+            reply = clients[v].handle_consistency_request(send("consistency", v, creq, raw))
             server.receive_consistency_signature(_wire(reply, wire))
 
     ureq = server.unmask_request()
+    raw = ureq.to_bytes()
     for v in ureq.signers:
         if alive_at(v, "unmask"):
-            reply = clients[v].handle_unmask_request(send("unmask", v, ureq))
+            reply = clients[v].handle_unmask_request(send("unmask", v, ureq, raw))
             server.receive_unmask_reply(_wire(reply, wire))
     return server.finish()

@@ -48,6 +48,24 @@ def canonical_encode(obj: Any) -> bytes:
 
 
 def _enc(obj: Any, out: bytearray, depth: int) -> None:
+    t = type(obj)
+    if t is bytes:  # fast paths for the common exact types
+        out += b"B"
+        out += len(obj).to_bytes(4, "big")
+        out += obj
+        return
+    if t is int:
+        raw = obj.to_bytes((obj.bit_length() + 8) // 8, "big", signed=True)
+        out += b"I"
+        out += len(raw).to_bytes(4, "big")
+        out += raw
+        return
+    if t is str:
+        raw = obj.encode("utf-8")
+        out += b"S"
+        out += len(raw).to_bytes(4, "big")
+        out += raw
+        return
     if depth > _MAX_DEPTH:
         raise MalformedMessage("nesting too deep")
     if isinstance(obj, bool):

@@ -71,6 +71,7 @@ from .crypto import (
     sha256,
     verify_signature,
     x25519_generate,
+    x25519_private,
     x25519_public,
     x25519_shared,
 )
@@ -304,6 +305,8 @@ class ClientSession:
         self._burned: dict[int, int] = {}  # node -> last epoch whose mask key we helped reveal
         self._round: _ClientRound | None = None
         self._pair_cache: dict[tuple[str, int, int, int], bytes] = {}
+        self._key_objs: tuple[int, Any, Any] | None = None
+        self._verified: set[bytes] = set()  # advertisements already verified (by signature)
 
     # ---- setup
 
@@ -340,10 +343,13 @@ class ClientSession:
         key = (kind, adv.node_id, adv.epoch, self._keys.epoch)
         got = self._pair_cache.get(key)
         if got is None:
+            if self._key_objs is None or self._key_objs[0] != self._keys.epoch:
+                self._key_objs = (self._keys.epoch, x25519_private(self._keys.cipher_private),
+                                  x25519_private(self._keys.mask_private))
             if kind == "c":
-                got = x25519_shared(self._keys.cipher_private, adv.cipher_public)
+                got = x25519_shared(self._key_objs[1], adv.cipher_public)
             else:
-                got = x25519_shared(self._keys.mask_private, adv.mask_public)
+                got = x25519_shared(self._key_objs[2], adv.mask_public)
             self._pair_cache[key] = got
         return got
 
@@ -434,11 +440,14 @@ class ClientSession:
                 f"round config lists keys for node {self.node_id} that are not its current keys"
             )
         adverts: dict[int, KeyAdvertisement] = {}
+        verified_now: set[bytes] = set()
         for v in mine:
             if v == self.node_id:
                 continue
             adv = cfg.advertisement(index[v])
-            _verify_advertisement(adv, self.roster)
+            if adv.signature not in self._verified:
+                _verify_advertisement(adv, self.roster)
+                verified_now.add(adv.signature)
             if adv.epoch < self._known_epoch.get(v, -1):
                 raise ReplayError(f"node {v}'s keys of epoch {adv.epoch} are older than known ones")
             if adv.epoch <= self._burned.get(v, -1):
@@ -467,6 +476,9 @@ class ClientSession:
         self._round = _ClientRound(cfg, _config_digest(cfg), nbhd, adverts, seed, own_seed,
                                    own_key)
         self._last_round = cfg.round
+        if len(self._verified) > 100_000:
+            self._verified.clear()
+        self._verified |= verified_now
         for v, adv in adverts.items():
             self._known_epoch[v] = adv.epoch
         self._exposed = True
@@ -588,12 +600,16 @@ class ClientSession:
         relevant = set().union(*(rnd.nbhd[v] for v in peers))
         stmt = consistency_statement(self.federation_id, cfg.round, rnd.digest, alive)
         valid: set[int] = set()
+        short = {v: cfg.threshold for v in peers}  # signatures still needed per peer
         for s, sig in zip(req.signers, req.signatures, strict=True):
             if s not in alive:
                 raise ConsistencyError(f"signature from node {s}, which is not in the alive set")
-            if s in relevant:
+            if s in relevant and any(short[v] > 0 and s in rnd.nbhd[v] for v in peers):
                 verify_signature(self.roster[s], sig, stmt, f"consistency signature of node {s}")
                 valid.add(s)
+                for v in peers:
+                    if s in rnd.nbhd[v]:
+                        short[v] -= 1
         for v in peers:
             q = len(valid & set(rnd.nbhd[v]))
             if q < cfg.threshold:
@@ -731,6 +747,7 @@ class AggregateResult:
 class _ServerRound:
     config: RoundConfig
     nbhd: dict[int, tuple[int, ...]]
+    digest: bytes = b""
     stage: str = "config"
     shares: dict[int, ShareKeys] = field(default_factory=dict)
     sharers: tuple[int, ...] = ()
@@ -844,7 +861,7 @@ class ServerSession:
             [a.mask_public for a in ads], [a.signature for a in ads],
         )
         self._last_round = round_number
-        self._round = _ServerRound(cfg, nbhd)
+        self._round = _ServerRound(cfg, nbhd, _config_digest(cfg))
         return cfg
 
     def _current(self, msg: Message, stage: str) -> _ServerRound:
@@ -965,8 +982,7 @@ class ServerSession:
             raise ProtocolViolation(f"signature from node {u}, which is not alive")
         if u in rnd.signatures:
             raise ProtocolViolation(f"node {u} already signed")
-        stmt = consistency_statement(self.federation_id, rnd.config.round,
-                                     _config_digest(rnd.config), rnd.alive)
+        stmt = consistency_statement(self.federation_id, rnd.config.round, rnd.digest, rnd.alive)
         verify_signature(self.roster[u], msg.signature, stmt, f"consistency signature of node {u}")
         rnd.signatures[u] = msg.signature
 
