@@ -1,0 +1,129 @@
+"""Wire format: plain-typed dicts, canonical bytes, strict decoding of bad input."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from secagg_helpers import make_federation, random_inputs, run_to_unmask_request
+
+from bract.secagg.errors import MalformedMessage
+from bract.secagg.messages import (
+    KeyAdvertisement,
+    MaskedInput,
+    canonical_decode,
+    canonical_encode,
+    message_from_bytes,
+    message_from_dict,
+)
+
+PLAIN = (int, str, bytes, float)
+
+
+def _all_messages():
+    f = make_federation(4)
+    inputs = random_inputs(4, 3)
+    st_ = run_to_unmask_request(f, 1, inputs, 3)
+    reply = f.clients[0].handle_unmask_request(st_.ureq)
+    adv = f.clients[0].advertise_keys()
+    return [adv, st_.cfg, st_.mask_requests[0], st_.masked[0], st_.creq, st_.sigs[0], st_.ureq,
+            reply]
+
+
+MESSAGES = _all_messages()
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_roundtrip_and_plain_types(msg) -> None:
+    d = msg.to_dict()
+    for k, v in d.items():
+        assert isinstance(k, str)
+        if isinstance(v, list):
+            assert all(isinstance(x, PLAIN) for x in v)
+            assert len({type(x) for x in v}) <= 1
+        else:
+            assert isinstance(v, PLAIN)
+    assert message_from_dict(d) == msg
+    raw = msg.to_bytes()
+    assert message_from_bytes(raw) == msg
+    assert message_from_bytes(raw).to_bytes() == raw  # canonical
+
+
+@pytest.mark.parametrize("msg", MESSAGES[:6], ids=lambda m: type(m).__name__)
+def test_every_truncation_is_refused(msg) -> None:
+    raw = msg.to_bytes()
+    step = max(1, len(raw) // 300)
+    for cut in range(0, len(raw), step):
+        with pytest.raises(MalformedMessage):
+            message_from_bytes(raw[:cut])
+    with pytest.raises(MalformedMessage, match="trailing"):
+        message_from_bytes(raw + b"\x00")
+
+
+def test_malformed_dicts_are_refused() -> None:
+    adv = MESSAGES[0]
+    d = adv.to_dict()
+    with pytest.raises(MalformedMessage, match="missing"):
+        message_from_dict({k: v for k, v in d.items() if k != "epoch"})
+    with pytest.raises(MalformedMessage, match="unknown field"):
+        message_from_dict({**d, "extra": 1})
+    with pytest.raises(MalformedMessage, match="unknown message kind"):
+        message_from_dict({**d, "kind": "secagg.nope"})
+    with pytest.raises(MalformedMessage, match="must be int"):
+        message_from_dict({**d, "epoch": "1"})
+    with pytest.raises(MalformedMessage, match=">= 0"):
+        message_from_dict({**d, "node_id": -1})
+    with pytest.raises(MalformedMessage, match="must be int"):
+        message_from_dict({**d, "epoch": True})
+    with pytest.raises(MalformedMessage, match="differ in length"):
+        replace(MESSAGES[1], key_epochs=[0])
+    with pytest.raises(MalformedMessage, match="list of bytes"):
+        replace(MESSAGES[2], ciphertexts=["x"] * len(MESSAGES[2].ciphertexts))
+    with pytest.raises(MalformedMessage, match="expected"):
+        MaskedInput.from_dict(d)
+
+
+def test_non_canonical_bytes_are_refused() -> None:
+    with pytest.raises(MalformedMessage, match="non-canonical integer"):
+        canonical_decode(b"I\x00\x00\x00\x02\x00\x01")
+    unsorted = b"D\x00\x00\x00\x02" + canonical_encode("b") + canonical_encode(1) + \
+        canonical_encode("a") + canonical_encode(2)
+    with pytest.raises(MalformedMessage, match="not sorted"):
+        canonical_decode(unsorted)
+    with pytest.raises(MalformedMessage, match="unknown type tag"):
+        canonical_decode(b"Z\x00\x00\x00\x00")
+    with pytest.raises(MalformedMessage, match="UTF-8"):
+        canonical_decode(b"S\x00\x00\x00\x01\xff")
+    with pytest.raises(MalformedMessage, match="truncated"):
+        canonical_decode(b"L\xff\xff\xff\xff")
+    with pytest.raises(MalformedMessage):
+        canonical_encode({"a": np.float32(1)})
+    with pytest.raises(MalformedMessage):
+        canonical_encode([True])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(
+    st.one_of(st.integers(), st.text(), st.binary(), st.floats(allow_nan=False)),
+    lambda kids: st.one_of(st.lists(kids, max_size=4),
+                           st.dictionaries(st.text(max_size=5), kids, max_size=4)),
+    max_leaves=12))
+def test_canonical_roundtrip(obj) -> None:
+    assert canonical_decode(canonical_encode(obj)) == obj
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_crash_the_decoder(raw: bytes) -> None:
+    try:
+        message_from_bytes(raw)
+    except MalformedMessage:
+        pass
+
+
+def test_key_advertisement_fields() -> None:
+    adv = KeyAdvertisement("f", 1, 0, b"a" * 32, b"b" * 32, b"s" * 64)
+    assert adv.to_dict()["kind"] == "secagg.advertise"
