@@ -27,7 +27,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -293,10 +292,11 @@ class PrivateTrainer:
 
         self.model.train()
         self.optimizer.state.clear()  # local optimizer state starts fresh each round (FedAvg)
-        engine = PrivacyEngine(accountant="prv")
-        engine.accountant.history = compress(self.ledger.events)
         with warnings.catch_warnings():
+            # Opacus warns that its secure_mode is off: bract's own CSPRNG noise replaces it.
             warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant="prv")
+            engine.accountant.history = compress(self.ledger.events)
             made = engine.make_private(
                 module=self.model,
                 optimizer=self.optimizer,
@@ -317,34 +317,26 @@ class PrivateTrainer:
             use_secure_noise(dp_optimizer, self._noise_source)
         total = self.local_epochs * len(dp_loader)
         steps, loss_sum, loss_batches = 0, 0.0, 0
-        try:
-            for _epoch in range(self.local_epochs):
-                for x, y in dp_loader:
-                    x, y = x.to(self.device), y.to(self.device)
-                    dp_optimizer.zero_grad()
-                    out = self.model(x)
-                    loss = criterion(out, y)
-                    loss.backward()
-                    dp_optimizer.step()
-                    steps += 1
-                    if len(y) > 0:
-                        loss_sum += float(loss.detach())
-                        loss_batches += 1
-                    if on_step is not None:
-                        on_step(steps, total)
-        finally:
-            dp_optimizer.zero_grad(set_to_none=True)
-            hooks.cleanup()
+        with warnings.catch_warnings():
+            # torch notes that the input needs no gradient; expected for DP-SGD hooks.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            try:
+                for _epoch in range(self.local_epochs):
+                    for x, y in dp_loader:
+                        x, y = x.to(self.device), y.to(self.device)
+                        dp_optimizer.zero_grad()
+                        out = self.model(x)
+                        loss = criterion(out, y)
+                        loss.backward()
+                        dp_optimizer.step()
+                        steps += 1
+                        if len(y) > 0:
+                            loss_sum += float(loss.detach())
+                            loss_batches += 1
+                        if on_step is not None:
+                            on_step(steps, total)
+            finally:
+                dp_optimizer.zero_grad(set_to_none=True)
+                hooks.cleanup()
         return steps, (loss_sum / loss_batches if loss_batches else math.nan)
 
-
-def state_for_ctx(ledger: PrivacyLedger) -> dict[str, Any]:
-    """Plain data to keep a ledger in Flower's ``ctx.state`` (one JSON string)."""
-    return {"ledger": ledger.to_json()}
-
-
-def ledger_from_ctx(data: Mapping[str, Any] | None, client_id: str) -> PrivacyLedger:
-    """Inverse of :func:`state_for_ctx`; an empty ledger when nothing was stored."""
-    if not data or "ledger" not in data:
-        return PrivacyLedger(client_id)
-    return PrivacyLedger.from_json(str(data["ledger"]))

@@ -1,0 +1,172 @@
+"""Hospital side: a Flower ``ClientApp`` that trains with DP-SGD and keeps its ledger.
+
+A hospital developer supplies what they already have — a function that builds
+their model, optimizer and DataLoader — and a :class:`PrivacyPolicy`; bract
+does the rest: loads the global model, checks the budget before training,
+trains with Opacus DP-SGD, records the mechanism events in a ledger that lives
+in ``ctx.state`` across rounds, and replies with the update and its privacy
+report. A refusal (budget spent) is a normal reply, not an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bract.flower.records import (
+    GLOBAL_WEIGHTS,
+    LOCAL_WEIGHTS,
+    PRIVACY_REPORT,
+    ROUND_CONFIG,
+    STATE_PRIVACY,
+    TRAIN_INFO,
+    privacy_report_record,
+    record_to_weights,
+    weights_to_record,
+)
+from bract.privacy import (
+    DEFAULT_ACCOUNTANT,
+    PrivacyBudget,
+    PrivacyLedger,
+    PrivateTrainer,
+    TrainingPlan,
+    calibrate,
+)
+
+
+@dataclass
+class HospitalSetup:
+    """What a hospital brings: its model, optimizer, training data and loss."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    client_id: str
+    criterion: nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """A hospital's privacy rules for the whole federation.
+
+    ``noise_multiplier=None`` calibrates one noise multiplier for the whole plan
+    (``rounds`` x ``local_epochs``) so the final epsilon lands on
+    ``target_epsilon``; the budget is ``(target_epsilon, delta)`` and a round that
+    would pass it is refused. ``noise_multiplier=0`` trains without DP and is
+    only accepted with ``allow_non_private=True``; every report flags it.
+    """
+
+    target_epsilon: float
+    delta: float
+    rounds: int
+    local_epochs: int = 1
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    accountant: str = DEFAULT_ACCOUNTANT
+    grad_sample_mode: str = "auto"
+    allow_non_private: bool = False
+    device: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def budget(self) -> PrivacyBudget:
+        """The (epsilon, delta) budget this policy enforces."""
+        return PrivacyBudget(
+            self.target_epsilon, self.delta, self.accountant, self.allow_non_private
+        )
+
+
+def _noise_multiplier(policy: PrivacyPolicy, setup: HospitalSetup, state: ConfigRecord) -> float:
+    """The policy's noise multiplier, calibrated once and kept in ctx.state."""
+    if policy.noise_multiplier is not None:
+        return float(policy.noise_multiplier)
+    if "noise-multiplier" in state:
+        return float(state["noise-multiplier"])
+    loader = setup.train_loader
+    plan = TrainingPlan(
+        policy.rounds, policy.local_epochs, len(loader.dataset), int(loader.batch_size or 0)
+    )
+    cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant)
+    state["noise-multiplier"] = cal.noise_multiplier
+    return cal.noise_multiplier
+
+
+def dp_train_handler(
+    setup_fn: Callable[[Context], HospitalSetup],
+    policy: PrivacyPolicy,
+) -> Callable[[Message, Context], Message]:
+    """A ``train`` handler: DP-SGD on the hospital's data, ledger kept in ``ctx.state``.
+
+    Guarantee: the ledger in ``ctx.state`` advances only after a round's DP-SGD
+    steps completed, and a round that would exceed the policy's budget is refused
+    before any training (the reply says why). The reply carries the updated
+    weights, the number of examples, and accounting data only.
+    """
+
+    def handle(msg: Message, ctx: Context) -> Message:
+        setup = setup_fn(ctx)
+        state = ctx.state.config_records.get(STATE_PRIVACY, ConfigRecord())
+        ledger = (
+            PrivacyLedger.from_json(str(state["ledger"]))
+            if "ledger" in state
+            else PrivacyLedger(setup.client_id)
+        )
+        round_cfg = msg.content.config_records.get(ROUND_CONFIG, ConfigRecord())
+        server_round = int(round_cfg.get("round", len(ledger.events) + 1))
+        sigma = _noise_multiplier(policy, setup, state)
+        trainer = PrivateTrainer(
+            setup.model,
+            setup.optimizer,
+            setup.train_loader,
+            noise_multiplier=sigma,
+            max_grad_norm=policy.max_grad_norm,
+            delta=policy.delta,
+            criterion=setup.criterion,
+            local_epochs=policy.local_epochs,
+            budget=policy.budget(),
+            ledger=ledger,
+            client_id=setup.client_id,
+            accountant=policy.accountant,
+            grad_sample_mode=policy.grad_sample_mode,
+            device=policy.device,
+        )
+        global_weights = None
+        if GLOBAL_WEIGHTS in msg.content.array_records:
+            global_weights = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
+        outcome = trainer.train_round(server_round, global_weights)
+        # Persist only after the round finished (or was refused without change).
+        state["ledger"] = trainer.ledger.to_json()
+        ctx.state.config_records[STATE_PRIVACY] = state
+
+        content = RecordDict()
+        content.config_records[PRIVACY_REPORT] = privacy_report_record(
+            trainer.ledger,
+            outcome.decision,
+            trained=outcome.trained,
+            epsilon=outcome.epsilon,
+            noise_multiplier=sigma,
+            sample_rate=trainer.plan_per_round.sample_rate,
+        )
+        if outcome.trained and outcome.weights is not None:
+            content.array_records[LOCAL_WEIGHTS] = weights_to_record(outcome.weights)
+            content.metric_records[TRAIN_INFO] = MetricRecord(
+                {"num-examples": int(outcome.num_examples)}
+            )
+        return Message(content, reply_to=msg)
+
+    return handle
+
+
+def make_client_app(
+    setup_fn: Callable[[Context], HospitalSetup], policy: PrivacyPolicy
+) -> ClientApp:
+    """A Flower ``ClientApp`` whose ``train`` handler is :func:`dp_train_handler`."""
+    app = ClientApp()
+    app.train()(dp_train_handler(setup_fn, policy))
+    return app
+

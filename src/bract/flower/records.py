@@ -1,0 +1,103 @@
+"""bract data <-> Flower records (``ArrayRecord``, ``ConfigRecord``, ``RecordDict``).
+
+Every record key bract uses is named here, so a reviewer can see in one place
+exactly what crosses the wire between a hospital and the server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from bract.privacy import BudgetDecision, PrivacyLedger
+
+#: server -> hospital: the global model.
+GLOBAL_WEIGHTS = "bract.global"
+#: server -> hospital: round number and plan (round, num-rounds).
+ROUND_CONFIG = "bract.round"
+#: hospital -> server: the locally trained model (only when it trained).
+LOCAL_WEIGHTS = "bract.local"
+#: hospital -> server: privacy status (ledger events, epsilon, budget decision).
+PRIVACY_REPORT = "bract.privacy"
+#: hospital -> server: how much the update weighs in FedAvg.
+TRAIN_INFO = "bract.train"
+
+#: kept in ctx.state on the hospital: ledger and calibration, across rounds.
+STATE_PRIVACY = "bract.privacy.state"
+
+
+def weights_to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Named numpy arrays -> ArrayRecord (names kept, order kept)."""
+    record = ArrayRecord()
+    for name, arr in weights.items():
+        record[name] = Array.from_numpy_ndarray(np.ascontiguousarray(arr))
+    return record
+
+
+def record_to_weights(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> named numpy arrays."""
+    return {name: arr.numpy() for name, arr in record.items()}
+
+
+def _finite_or_str(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+def parse_float(value: Any) -> float:
+    """Inverse of the encoding used for non-finite floats in records ('inf')."""
+    return float(value)
+
+
+def privacy_report_record(
+    ledger: PrivacyLedger,
+    decision: BudgetDecision,
+    *,
+    trained: bool,
+    epsilon: float,
+    noise_multiplier: float,
+    sample_rate: float,
+) -> ConfigRecord:
+    """What a hospital tells the server about its privacy after a round.
+
+    Only accounting data: the ledger of mechanism events, the epsilon it
+    computed, and its budget decision. Nothing derived from patient data.
+    """
+    return ConfigRecord(
+        {
+            "client-id": ledger.client_id,
+            "trained": trained,
+            "ledger": ledger.to_json(),
+            "epsilon": _finite_or_str(epsilon),
+            "noise-multiplier": noise_multiplier,
+            "sample-rate": sample_rate,
+            "steps": ledger.total_steps,
+            "decision": json.dumps(decision.to_plain(), sort_keys=True),
+            "reason": decision.reason,
+        }
+    )
+
+
+def read_privacy_report(content: RecordDict) -> dict[str, Any]:
+    """Parse a hospital's privacy report; raises ValueError naming what is missing."""
+    if PRIVACY_REPORT not in content.config_records:
+        raise ValueError(f"reply carries no {PRIVACY_REPORT!r} record")
+    rec = content.config_records[PRIVACY_REPORT]
+    for key in ("client-id", "trained", "ledger", "epsilon", "reason"):
+        if key not in rec:
+            raise ValueError(f"privacy report lacks {key!r}")
+    return {
+        "client_id": str(rec["client-id"]),
+        "trained": bool(rec["trained"]),
+        "ledger": PrivacyLedger.from_json(str(rec["ledger"])),
+        "epsilon": parse_float(rec["epsilon"]),
+        "noise_multiplier": float(rec.get("noise-multiplier", math.nan)),
+        "sample_rate": float(rec.get("sample-rate", math.nan)),
+        "steps": int(rec.get("steps", 0)),
+        "decision": json.loads(str(rec.get("decision", "{}"))),
+        "reason": str(rec["reason"]),
+    }

@@ -1,0 +1,131 @@
+"""In-process Flower simulation (Ray backend) of a federation of hospitals.
+
+Builds the hospitals' ``ClientApp`` and the ``ServerApp`` from a
+:class:`~bract.tasks.TaskConfig` and a :class:`~bract.flower.client.PrivacyPolicy`
+and runs them with ``flwr.simulation.run_simulation``: no servers to start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context
+
+from bract import tasks
+from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.server import ServerConfig, make_server_app
+from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Everything ``bract simulate`` runs: task, privacy policy, rounds, output."""
+
+    task: tasks.TaskConfig
+    policy: PrivacyPolicy
+    out_dir: Path = Path("runs/latest")
+    save_model: Path | None = None
+    show_progress: bool = True
+    client_threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain dict for report.json's ``config``."""
+        policy = asdict(self.policy)
+        return {
+            **self.task.to_plain(),
+            **{k: v for k, v in policy.items() if k != "extra"},
+            "non_private": self.policy.noise_multiplier == 0,
+            "out": str(self.out_dir),
+            "save_model": str(self.save_model) if self.save_model else None,
+            **self.extra,
+        }
+
+
+def _setup_fn(cfg: SimulationConfig):
+    def setup(ctx: Context) -> HospitalSetup:
+        torch.set_num_threads(cfg.client_threads)
+        pid = int(ctx.node_config["partition-id"])
+        model = tasks.build_model(cfg.task)
+        return HospitalSetup(
+            model=model,
+            optimizer=tasks.make_optimizer(cfg.task, model),
+            train_loader=tasks.hospital_loader(cfg.task, pid),
+            client_id=f"hospital-{pid}",
+        )
+
+    return setup
+
+
+def validate(cfg: SimulationConfig) -> None:
+    """Fail fast, before Ray starts, on a configuration no hospital could run."""
+    ds = tasks.dataset_for(cfg.task)
+    if cfg.task.clients > ds.n_train:
+        raise PrivacyError(
+            f"{cfg.task.clients} hospitals but only {ds.n_train} training examples: some "
+            "hospital would get an empty partition; use fewer hospitals or more samples."
+        )
+    smallest = ds.n_train // cfg.task.clients
+    TrainingPlan(cfg.policy.rounds, cfg.policy.local_epochs, smallest, cfg.task.batch_size)
+    cfg.policy.budget()
+    if cfg.policy.noise_multiplier == 0 and not cfg.policy.allow_non_private:
+        raise PrivacyError("noise multiplier 0 is non-private; allow it explicitly.")
+
+
+def run(cfg: SimulationConfig) -> dict[str, Any]:
+    """Run the simulated federation; returns the report (also written to ``out_dir``)."""
+    validate(cfg)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    ds = tasks.dataset_for(cfg.task)
+
+    def initial_weights() -> dict:
+        return weights_of(tasks.build_model(cfg.task))
+
+    eval_model = tasks.build_model(cfg.task)
+
+    def evaluate(weights: dict) -> dict[str, float]:
+        load_weights(eval_model, weights)
+        return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
+
+    server_cfg = ServerConfig(
+        rounds=cfg.policy.rounds,
+        num_clients=cfg.task.clients,
+        delta=cfg.policy.delta,
+        out_dir=cfg.out_dir,
+        save_model=cfg.save_model,
+        run_config=cfg.to_plain(),
+        show_progress=cfg.show_progress,
+    )
+    result: dict[str, Any] = {}
+    server_app = make_server_app(initial_weights, evaluate, server_cfg, on_done=result.update)
+    client_app = make_client_app(_setup_fn(cfg), cfg.policy)
+    from flwr.simulation import run_simulation
+
+    use_gpu = torch.cuda.is_available() and cfg.policy.device in (None, "auto", "cuda")
+    backend_config = {
+        # On a GPU machine the hospitals share the GPU; Ray hides it when num_gpus is 0.
+        "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / cfg.task.clients if use_gpu else 0.0},
+        "init_args": {"log_to_driver": False, "include_dashboard": False},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.task.clients,
+            backend_config=backend_config,
+        )
+    if not result:
+        raise RuntimeError(
+            "the federation did not finish; see the messages above (report.json holds the "
+            f"rounds that completed, in {cfg.out_dir})"
+        )
+    return result

@@ -1,0 +1,72 @@
+"""An in-process stand-in for Flower's Grid, to test the server loop and the
+client handlers without Ray: messages go straight to a ClientApp per node, each
+with its own persistent Context (as Flower keeps ``ctx.state`` per node)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _task_identity() -> None:
+    """Building a Message outside Flower's runtime needs a task identity."""
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 1
+
+
+class FakeGrid:
+    """Delivers each message to ``apps[node]`` and returns its reply.
+
+    ``fail`` maps a node id to a predicate on the round: when true, the node
+    answers with an error (as Flower does when a ClientApp raises); ``silent``
+    nodes never answer in the rounds their predicate selects.
+    """
+
+    def __init__(
+        self,
+        apps: dict[int, ClientApp],
+        fail: dict[int, Callable[[int], bool]] | None = None,
+        silent: dict[int, Callable[[int], bool]] | None = None,
+    ) -> None:
+        self.apps = apps
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": i, "num-partitions": len(apps)},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i, node in enumerate(apps)
+        }
+        self.fail = fail or {}
+        self.silent = silent or {}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.apps)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            rnd = int(msg.metadata.group_id or 0)
+            if self.silent.get(node, lambda r: False)(rnd):
+                continue
+            if self.fail.get(node, lambda r: False)(rnd):
+                replies.append(Message(Error(code=1, reason="injected failure"), reply_to=msg))
+                continue
+            try:
+                replies.append(self.apps[node](msg, self.contexts[node]))
+            except Exception as exc:  # mirror Flower: an error becomes an error reply
+                replies.append(Message(Error(code=2, reason=repr(exc)), reply_to=msg))
+        return replies

@@ -1,0 +1,216 @@
+"""Server loop + DP client handler, driven through an in-process Grid."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from bract import tasks
+from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.records import STATE_PRIVACY
+from bract.flower.server import ServerConfig, fedavg, run_federation
+from bract.privacy import (
+    DpSgdEvent,
+    PrivacyLedger,
+    TrainingPlan,
+    epsilon_of,
+    load_weights,
+    weights_of,
+)
+
+from .conftest import FakeGrid
+
+TASK = tasks.TaskConfig(dataset="breast-cancer", clients=3, batch_size=32, lr=0.2)
+NODES = [101, 202, 303]
+
+
+def _setup(ctx):
+    pid = int(ctx.node_config["partition-id"])
+    model = tasks.build_model(TASK)
+    return HospitalSetup(
+        model=model,
+        optimizer=tasks.make_optimizer(TASK, model),
+        train_loader=tasks.hospital_loader(TASK, pid),
+        client_id=f"hospital-{pid}",
+    )
+
+
+def _federation(policy: PrivacyPolicy, tmp_path, rounds: int, **grid_kwargs):
+    apps = {node: make_client_app(_setup, policy) for node in NODES}
+    grid = FakeGrid(apps, **grid_kwargs)
+    ds = tasks.dataset_for(TASK)
+    eval_model = tasks.build_model(TASK)
+
+    def evaluate(w):
+        load_weights(eval_model, w)
+        return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
+
+    init = weights_of(tasks.build_model(TASK))
+    cfg = ServerConfig(
+        rounds=rounds, num_clients=len(NODES), delta=policy.delta, out_dir=tmp_path,
+        node_wait_seconds=1, show_progress=False, run_config={"test": True},
+        save_model=tmp_path / "model.npz",
+    )
+    report = run_federation(grid, init, evaluate, cfg)
+    return report, grid, init
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=3)
+    report, grid, init = _federation(policy, tmp, rounds=3)
+    return report, grid, init, tmp, policy
+
+
+def test_report_schema_and_files(calibrated_run) -> None:
+    report, _, _, tmp, _ = calibrated_run
+    on_disk = json.loads((tmp / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    for row in report["rounds"]:
+        assert set(row) >= {
+            "round", "epsilon", "delta", "per_client", "accuracy", "loss", "seconds"
+        }
+        assert set(row["per_client"]) == {"hospital-0", "hospital-1", "hospital-2"}
+        for v in row["per_client"].values():
+            assert set(v) >= {"epsilon", "noise_multiplier", "sample_rate", "steps"}
+        assert row["epsilon"] == max(v["epsilon"] for v in row["per_client"].values())
+    lines = (tmp / "ledger.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 3  # one event per hospital per round
+    assert report["final"]["rounds_completed"] == 3
+    assert report["final"]["non_private"] is False
+
+
+def test_epsilon_covers_all_rounds_and_meets_target(calibrated_run) -> None:
+    report, _, _, tmp, policy = calibrated_run
+    events = [DpSgdEvent.from_plain(json.loads(line)) for line in
+              (tmp / "ledger.jsonl").read_text().splitlines()]
+    for cid in ("hospital-0", "hospital-1", "hospital-2"):
+        mine = [e for e in events if e.client_id == cid]
+        eps_by_round = [row["per_client"][cid]["epsilon"] for row in report["rounds"]]
+        assert eps_by_round == sorted(eps_by_round) and eps_by_round[0] < eps_by_round[-1]
+        for r, eps in enumerate(eps_by_round, 1):
+            # The epsilon reported after round r is that of rounds 1..r together.
+            assert eps == pytest.approx(epsilon_of(mine[:r], policy.delta), rel=1e-6)
+        steps = [row["per_client"][cid]["steps"] for row in report["rounds"]]
+        assert steps == list(np.cumsum([e.steps for e in mine]))
+        assert eps_by_round[-1] <= policy.target_epsilon
+        assert eps_by_round[-1] >= 0.98 * policy.target_epsilon
+
+
+def test_ledger_lives_in_ctx_state(calibrated_run) -> None:
+    _, grid, _, _, _ = calibrated_run
+    for node in NODES:
+        state = grid.contexts[node].state.config_records[STATE_PRIVACY]
+        ledger = PrivacyLedger.from_json(str(state["ledger"]))
+        assert [e.round for e in ledger.events] == [1, 2, 3]
+        assert float(state["noise-multiplier"]) == ledger.events[0].noise_multiplier
+
+
+def test_global_model_learns_and_is_saved(calibrated_run) -> None:
+    report, _, init, tmp, _ = calibrated_run
+    assert report["final"]["accuracy"] > report["initial"]["accuracy"]
+    saved = np.load(tmp / "model.npz")
+    assert set(saved.files) == set(init)
+
+
+def test_budget_stop_is_reported_and_ends_federation(tmp_path) -> None:
+    # A fixed noise multiplier whose budget allows exactly one round.
+    sigma = 1.0
+    sizes = {len(tasks.hospital_loader(TASK, pid).dataset) for pid in range(3)}
+    one_round = max(
+        epsilon_of([TrainingPlan(1, 1, n, TASK.batch_size).round_event(
+            sigma, max_grad_norm=1.0, delta=1e-5)], 1e-5)
+        for n in sizes
+    )
+    policy = PrivacyPolicy(
+        target_epsilon=one_round * 1.2, delta=1e-5, rounds=3, noise_multiplier=sigma
+    )
+    report, grid, _ = _federation(policy, tmp_path, rounds=3)
+    assert len(report["rounds"]) == 2  # round 2: everybody refuses; federation ends
+    second = report["rounds"][1]
+    assert all(not v["trained"] for v in second["per_client"].values())
+    assert set(report["final"]["stopped"]) == {"hospital-0", "hospital-1", "hospital-2"}
+    assert all("budget" in r for r in report["final"]["stopped"].values())
+    # The refusal advanced nothing: epsilon stays at the one trained round.
+    first = report["rounds"][0]["per_client"]
+    for cid, v in second["per_client"].items():
+        assert v["epsilon"] == pytest.approx(first[cid]["epsilon"])
+        assert v["epsilon"] <= policy.target_epsilon
+    # No train message went out in a third round.
+    assert {m.metadata.group_id for m in grid.sent} == {"1", "2"}
+
+
+def test_failing_and_silent_hospitals_do_not_stop_the_federation(tmp_path) -> None:
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=2)
+    report, _, _ = _federation(
+        policy, tmp_path, rounds=2,
+        fail={NODES[0]: lambda r: r == 1}, silent={NODES[1]: lambda r: r == 2},
+    )
+    assert len(report["rounds"]) == 2
+    assert report["rounds"][0]["trained"] == ["hospital-1", "hospital-2"]
+    assert report["rounds"][1]["trained"] == ["hospital-0", "hospital-2"]
+    assert math.isfinite(report["final"]["loss"])
+
+
+def test_no_update_leaves_global_model_unchanged(tmp_path) -> None:
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=1)
+    always = {n: (lambda r: True) for n in NODES}
+    report, _, init = _federation(policy, tmp_path, rounds=1, fail=always)
+    saved = np.load(tmp_path / "model.npz")
+    for k, v in init.items():
+        np.testing.assert_array_equal(saved[k], v)
+    assert report["rounds"][0]["trained"] == []
+    assert report["final"]["loss"] == pytest.approx(report["initial"]["loss"])
+
+
+def test_non_private_run_is_flagged(tmp_path) -> None:
+    policy = PrivacyPolicy(
+        target_epsilon=3.0, delta=1e-5, rounds=1, noise_multiplier=0.0, allow_non_private=True
+    )
+    report, _, _ = _federation(policy, tmp_path, rounds=1)
+    assert report["final"]["non_private"] is True
+    assert report["rounds"][0]["epsilon"] == "inf"
+    assert all("NON-PRIVATE" in v["reason"] for v in report["rounds"][0]["per_client"].values())
+
+
+def test_non_private_refused_unless_allowed(tmp_path) -> None:
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=1, noise_multiplier=0.0)
+    report, _, _ = _federation(policy, tmp_path, rounds=1)
+    assert report["rounds"][0]["trained"] == []
+    assert all("no differential privacy" in r for r in report["final"]["stopped"].values())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            arrays(np.float32, (3, 2), elements=st.floats(-10, 10, width=32)),
+            st.integers(1, 1000),
+        ),
+        min_size=1, max_size=6,
+    )
+)
+def test_fedavg_is_the_example_weighted_mean(updates) -> None:
+    ups = [({"w": w}, n) for w, n in updates]
+    avg = fedavg(ups)["w"]
+    total = sum(n for _, n in updates)
+    expected = sum(w.astype(np.float64) * n for w, n in updates) / total
+    np.testing.assert_allclose(avg, expected, rtol=1e-5, atol=1e-5)
+    # The average lies within the range of the updates, coordinate-wise.
+    stack = np.stack([w for w, _ in updates])
+    assert np.all(avg >= stack.min(0) - 1e-5) and np.all(avg <= stack.max(0) + 1e-5)
+
+
+def test_fedavg_rejects_empty_and_mismatched() -> None:
+    with pytest.raises(ValueError):
+        fedavg([])
+    with pytest.raises(ValueError):
+        fedavg([({"a": np.zeros(2)}, 1), ({"b": np.zeros(2)}, 1)])
