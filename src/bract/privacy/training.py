@@ -23,6 +23,7 @@ respect to each patient record of this hospital, with epsilon as reported by
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -315,6 +316,12 @@ class PrivateTrainer:
             criterion = self.criterion
         if self._noise_source is not None:
             use_secure_noise(dp_optimizer, self._noise_source)
+        # Which records a step samples must stay secret (amplification by sampling).
+        # Opacus would use torch's default generator, whose seed is public (fixed, or
+        # set by the application); seed a private one from the OS instead.
+        sampler_rng = torch.Generator()
+        sampler_rng.manual_seed(int.from_bytes(os.urandom(8), "little"))
+        dp_loader.batch_sampler.generator = sampler_rng
         total = self.local_epochs * len(dp_loader)
         steps, loss_sum, loss_batches = 0, 0.0, 0
         with warnings.catch_warnings():
