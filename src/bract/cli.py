@@ -67,15 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--save-model", type=Path, default=None,
                      help="write the final global weights to this .npz file")
     sim.add_argument("--local-epochs", type=_positive_int, default=1)
-    sim.add_argument("--batch-size", type=_positive_int, default=32,
-                     help="expected batch size of Poisson sampling")
+    sim.add_argument("--batch-size", type=_positive_int, default=None,
+                     help="expected batch size of Poisson sampling (default 64 images, 32 tabular)")
     sim.add_argument("--lr", type=_float, default=None,
-                     help="local SGD learning rate (default 0.5 images, 0.2 tabular)")
+                     help="local SGD learning rate (default 0.3 images, 0.2 tabular)")
+    sim.add_argument("--momentum", type=_float, default=None,
+                     help="local SGD momentum (default 0.5 images, 0 tabular)")
     sim.add_argument("--max-grad-norm", type=_float, default=1.0, help="per-example clip norm")
     sim.add_argument("--image-size", type=_positive_int, default=28,
                      help="synthetic image side in pixels (multiple of 4; default 28)")
     sim.add_argument("--samples", type=_positive_int, default=None,
-                     help="total examples to generate/use (default: dataset's own)")
+                     help="total examples to generate/use (default 4800 images; all tabular)")
     sim.add_argument("--accountant", choices=("prv", "pld", "rdp"), default="prv")
     sim.add_argument("--grad-sample-mode", choices=("auto", "hooks", "ghost"), default="auto")
     sim.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -96,12 +98,11 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     if args.noise_multiplier is not None and args.noise_multiplier < 0:
         console.print("[red]error:[/red] --noise-multiplier must be >= 0")
         return 2
-    lr = args.lr if args.lr is not None else (0.5 if args.dataset == "synthetic" else 0.2)
     try:
-        task = tasks.TaskConfig(
-            dataset=args.dataset, clients=args.clients, seed=args.seed,
+        task = tasks.TaskConfig.for_dataset(
+            args.dataset, clients=args.clients, seed=args.seed,
             image_size=args.image_size, n_samples=args.samples,
-            batch_size=args.batch_size, lr=lr,
+            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         )
         non_private = args.noise_multiplier == 0
         policy = PrivacyPolicy(

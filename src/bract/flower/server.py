@@ -137,9 +137,10 @@ class _Display:
     def __init__(self, rounds: int, enabled: bool) -> None:
         self.enabled = enabled
         self.console = Console()
-        self.table = Table(title="bract federation", show_lines=False)
-        for col in ("round", "loss", "accuracy", "max ε", "per-hospital ε", "trained", "s"):
-            self.table.add_column(col, justify="right" if col != "per-hospital ε" else "left")
+        self.table = Table(title="bract federation: global model on the central test set")
+        for col in ("round", "loss", "acc", "max ε", "trained", "s"):
+            self.table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+        self.hospital_columns: list[str] = []
         self.progress = Progress(
             TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         )
@@ -155,26 +156,39 @@ class _Display:
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
             self.live.__exit__(*exc)
+            self.console.print()
 
     def row(self, row: dict[str, Any]) -> None:
-        per = "  ".join(f"{cid}:{_eps_text(v['epsilon'])}" for cid, v in row["per_client"].items())
-        trained = sum(1 for v in row["per_client"].values() if v["trained"])
+        per_client = row["per_client"]
+        if not self.hospital_columns and len(per_client) <= 6:
+            # One ε column per hospital when they fit; otherwise the max says it all.
+            self.hospital_columns = list(per_client)
+            for cid in self.hospital_columns:
+                self.table.add_column(f"ε {cid.replace('hospital-', 'h')}", justify="right")
+        trained = sum(1 for v in per_client.values() if v["trained"])
         metric = row.get("accuracy")
-        self.table.add_row(
+        cells = [
             str(row["round"]),
-            f"{row['loss']:.4f}" if row.get("loss") is not None else "-",
+            f"{row['loss']:.3f}" if row.get("loss") is not None else "-",
             f"{metric:.3f}" if metric is not None else "-",
             _eps_text(row["epsilon_value"]),
-            per,
-            f"{trained}/{len(row['per_client'])}",
+            f"{trained}/{len(per_client)}",
             f"{row['seconds']:.1f}",
-        )
+        ]
+        for cid in self.hospital_columns:
+            v = per_client.get(cid)
+            text = "-" if v is None else _eps_text(v["epsilon"])
+            if v is not None and not v["trained"]:
+                text += " stop"
+            cells.append(text)
+        self.table.add_row(*cells)
         self.progress.advance(self.task)
 
     def note(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text)
-        log.warning(text)
+            self.console.print(f"[yellow]{text}[/yellow]")
+        else:
+            log.warning(text)
 
 
 def _wait_for_nodes(grid: Grid, n: int, seconds: float) -> list[int]:
@@ -343,6 +357,7 @@ def summarize(report: Mapping[str, Any]) -> str:
     """One-line human summary of a finished report."""
     final = report.get("final", {})
     eps = final.get("epsilon")
+    eps = f"{eps:.4f}" if isinstance(eps, float) else eps
     acc = final.get("accuracy")
     acc_text = f"{acc:.3f}" if isinstance(acc, (int, float)) else "-"
     return (
