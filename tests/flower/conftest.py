@@ -33,6 +33,7 @@ class FakeGrid:
         apps: dict[int, ClientApp],
         fail: dict[int, Callable[[int], bool]] | None = None,
         silent: dict[int, Callable[[int], bool]] | None = None,
+        run_config: dict | None = None,
     ) -> None:
         self.apps = apps
         self.contexts = {
@@ -41,7 +42,7 @@ class FakeGrid:
                 node_id=node,
                 node_config={"partition-id": i, "num-partitions": len(apps)},
                 state=RecordDict(),
-                run_config={},
+                run_config=dict(run_config or {}),
             )
             for i, node in enumerate(apps)
         }

@@ -96,11 +96,17 @@ def _noise_multiplier(policy: PrivacyPolicy, setup: HospitalSetup, state: Config
     return cal.noise_multiplier
 
 
+PolicyLike = PrivacyPolicy | Callable[[Context], PrivacyPolicy]
+
+
 def dp_train_handler(
     setup_fn: Callable[[Context], HospitalSetup],
-    policy: PrivacyPolicy,
+    policy: PolicyLike,
 ) -> Callable[[Message, Context], Message]:
     """A ``train`` handler: DP-SGD on the hospital's data, ledger kept in ``ctx.state``.
+
+    ``policy`` may be a function of the Context (e.g. reading ``ctx.run_config``
+    in a deployed Flower app).
 
     Guarantee: the ledger in ``ctx.state`` advances only after a round's DP-SGD
     steps completed, and a round that would exceed the policy's budget is refused
@@ -109,6 +115,7 @@ def dp_train_handler(
     """
 
     def handle(msg: Message, ctx: Context) -> Message:
+        policy_now = policy(ctx) if callable(policy) else policy
         setup = setup_fn(ctx)
         state = ctx.state.config_records.get(STATE_PRIVACY, ConfigRecord())
         ledger = (
@@ -118,22 +125,22 @@ def dp_train_handler(
         )
         round_cfg = msg.content.config_records.get(ROUND_CONFIG, ConfigRecord())
         server_round = int(round_cfg.get("round", len(ledger.events) + 1))
-        sigma = _noise_multiplier(policy, setup, state)
+        sigma = _noise_multiplier(policy_now, setup, state)
         trainer = PrivateTrainer(
             setup.model,
             setup.optimizer,
             setup.train_loader,
             noise_multiplier=sigma,
-            max_grad_norm=policy.max_grad_norm,
-            delta=policy.delta,
+            max_grad_norm=policy_now.max_grad_norm,
+            delta=policy_now.delta,
             criterion=setup.criterion,
-            local_epochs=policy.local_epochs,
-            budget=policy.budget(),
+            local_epochs=policy_now.local_epochs,
+            budget=policy_now.budget(),
             ledger=ledger,
             client_id=setup.client_id,
-            accountant=policy.accountant,
-            grad_sample_mode=policy.grad_sample_mode,
-            device=policy.device,
+            accountant=policy_now.accountant,
+            grad_sample_mode=policy_now.grad_sample_mode,
+            device=policy_now.device,
         )
         global_weights = None
         if GLOBAL_WEIGHTS in msg.content.array_records:
@@ -163,7 +170,7 @@ def dp_train_handler(
 
 
 def make_client_app(
-    setup_fn: Callable[[Context], HospitalSetup], policy: PrivacyPolicy
+    setup_fn: Callable[[Context], HospitalSetup], policy: PolicyLike
 ) -> ClientApp:
     """A Flower ``ClientApp`` whose ``train`` handler is :func:`dp_train_handler`."""
     app = ClientApp()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from flwr.app import Context
 
 from bract import tasks
+from bract.flower.app import hospital_setup
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.server import ServerConfig, make_server_app
 from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
@@ -48,17 +50,10 @@ class SimulationConfig:
         }
 
 
-def _setup_fn(cfg: SimulationConfig):
+def _setup_fn(cfg: SimulationConfig) -> Callable[[Context], HospitalSetup]:
     def setup(ctx: Context) -> HospitalSetup:
         torch.set_num_threads(cfg.client_threads)
-        pid = int(ctx.node_config["partition-id"])
-        model = tasks.build_model(cfg.task)
-        return HospitalSetup(
-            model=model,
-            optimizer=tasks.make_optimizer(cfg.task, model),
-            train_loader=tasks.hospital_loader(cfg.task, pid),
-            client_id=f"hospital-{pid}",
-        )
+        return hospital_setup(cfg.task, ctx)
 
     return setup
 

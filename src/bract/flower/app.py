@@ -1,0 +1,125 @@
+"""bract as a Flower app: module-level ``client_app`` and ``server_app``.
+
+These are what ``[tool.flwr.app.components]`` in ``pyproject.toml`` names, so
+``flwr run`` (simulation or a SuperLink) runs the same federation as
+``bract simulate``. Settings come from the run config (``[tool.flwr.app.config]``,
+overridable with ``flwr run --run-config``); each hospital's partition comes from
+its node config (``partition-id``, ``num-partitions``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from bract import tasks
+from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.server import ServerConfig, run_federation
+from bract.privacy import load_weights, weights_of
+
+#: Run-config keys and their defaults (the same names as ``bract simulate``'s flags).
+RUN_CONFIG_DEFAULTS: dict[str, Any] = {
+    "clients": 3,
+    "rounds": 3,
+    "dataset": "synthetic",
+    "target-epsilon": 8.0,
+    "delta": 1e-5,
+    "noise-multiplier": -1.0,  # < 0: calibrate to target-epsilon
+    "seed": 0,
+    "out": "runs/flwr",
+    "local-epochs": 1,
+    "batch-size": 0,  # 0: the dataset's default
+    "lr": 0.0,  # 0: the dataset's default
+    "momentum": -1.0,  # < 0: the dataset's default
+    "max-grad-norm": 1.0,
+    "image-size": 28,
+    "samples": 0,  # 0: the dataset's default
+    "accountant": "prv",
+    "grad-sample-mode": "auto",
+}
+
+
+def _get(rc: Mapping[str, Any], key: str) -> Any:
+    return rc.get(key, RUN_CONFIG_DEFAULTS[key])
+
+
+def task_from_run_config(rc: Mapping[str, Any]) -> tasks.TaskConfig:
+    """The task a run config describes (unset values take the dataset's defaults)."""
+    return tasks.TaskConfig.for_dataset(
+        str(_get(rc, "dataset")),
+        clients=int(_get(rc, "clients")),
+        seed=int(_get(rc, "seed")),
+        image_size=int(_get(rc, "image-size")),
+        n_samples=int(_get(rc, "samples")) or None,
+        batch_size=int(_get(rc, "batch-size")) or None,
+        lr=float(_get(rc, "lr")) or None,
+        momentum=float(_get(rc, "momentum")) if float(_get(rc, "momentum")) >= 0 else None,
+    )
+
+
+def policy_from_run_config(rc: Mapping[str, Any]) -> PrivacyPolicy:
+    """The hospitals' privacy policy a run config describes."""
+    sigma = float(_get(rc, "noise-multiplier"))
+    return PrivacyPolicy(
+        target_epsilon=float(_get(rc, "target-epsilon")),
+        delta=float(_get(rc, "delta")),
+        rounds=int(_get(rc, "rounds")),
+        local_epochs=int(_get(rc, "local-epochs")),
+        max_grad_norm=float(_get(rc, "max-grad-norm")),
+        noise_multiplier=None if sigma < 0 else sigma,
+        accountant=str(_get(rc, "accountant")),
+        grad_sample_mode=str(_get(rc, "grad-sample-mode")),
+        allow_non_private=sigma == 0,
+    )
+
+
+def hospital_setup(task: tasks.TaskConfig, ctx: Context) -> HospitalSetup:
+    """Hospital ``partition-id``'s model, optimizer and data for a built-in task."""
+    pid = int(ctx.node_config["partition-id"])
+    model = tasks.build_model(task)
+    return HospitalSetup(
+        model=model,
+        optimizer=tasks.make_optimizer(task, model),
+        train_loader=tasks.hospital_loader(task, pid),
+        client_id=f"hospital-{pid}",
+    )
+
+
+def _setup_from_context(ctx: Context) -> HospitalSetup:
+    torch.set_num_threads(1)
+    return hospital_setup(task_from_run_config(ctx.run_config), ctx)
+
+
+def _policy_from_context(ctx: Context) -> PrivacyPolicy:
+    return policy_from_run_config(ctx.run_config)
+
+
+client_app = make_client_app(_setup_from_context, _policy_from_context)
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    rc = dict(context.run_config)
+    task = task_from_run_config(rc)
+    policy = policy_from_run_config(rc)
+    ds = tasks.dataset_for(task)
+    eval_model = tasks.build_model(task)
+
+    def evaluate(weights: dict) -> dict[str, float]:
+        load_weights(eval_model, weights)
+        return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
+
+    cfg = ServerConfig(
+        rounds=policy.rounds,
+        num_clients=task.clients,
+        delta=policy.delta,
+        out_dir=Path(str(_get(rc, "out"))),
+        run_config={**task.to_plain(), **rc},
+    )
+    run_federation(grid, weights_of(tasks.build_model(task)), evaluate, cfg)
