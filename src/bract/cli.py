@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--accountant", choices=("prv", "pld", "rdp"), default="prv")
     sim.add_argument("--grad-sample-mode", choices=("auto", "hooks", "ghost"), default="auto")
     sim.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    sim.add_argument("--resume", action="store_true",
+                     help="continue the interrupted run in --out from its last completed round")
     sim.add_argument("--no-progress", action="store_true", help="plain output, no live table")
     return parser
 
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _simulate(args: argparse.Namespace, console: Console) -> int:
     from bract import tasks
     from bract.flower.client import PrivacyPolicy
-    from bract.flower.server import summarize
+    from bract.flower.server import CheckpointError, summarize
     from bract.flower.simulation import SimulationConfig, run
     from bract.privacy import PrivacyError
 
@@ -114,7 +116,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         )
         cfg = SimulationConfig(
             task=task, policy=policy, out_dir=args.out, save_model=args.save_model,
-            show_progress=not args.no_progress,
+            show_progress=not args.no_progress, resume=args.resume,
         )
         if non_private:
             console.print(
@@ -126,7 +128,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             f"target ε={args.target_epsilon} at δ={args.delta}, output in {args.out}"
         )
         report = run(cfg)
-    except (PrivacyError, ValueError) as exc:
+    except (PrivacyError, ValueError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     console.print(summarize(report))

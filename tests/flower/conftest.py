@@ -34,6 +34,7 @@ class FakeGrid:
         fail: dict[int, Callable[[int], bool]] | None = None,
         silent: dict[int, Callable[[int], bool]] | None = None,
         run_config: dict | None = None,
+        crash_at_round: int | None = None,
     ) -> None:
         self.apps = apps
         self.contexts = {
@@ -49,6 +50,7 @@ class FakeGrid:
         self.fail = fail or {}
         self.silent = silent or {}
         self.sent: list[Message] = []
+        self.crash_at_round = crash_at_round
 
     def get_node_ids(self) -> list[int]:
         return list(self.apps)
@@ -57,6 +59,9 @@ class FakeGrid:
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
         replies = []
+        messages = list(messages)
+        if messages and self.crash_at_round == int(messages[0].metadata.group_id or 0):
+            raise RuntimeError("injected server crash")
         for msg in messages:
             self.sent.append(msg)
             node = msg.metadata.dst_node_id

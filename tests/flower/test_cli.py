@@ -36,6 +36,7 @@ def test_argument_errors_name_the_problem(argv, needle, capsys) -> None:
         (["simulate", "--save-model", "model.pt"], "must end in .npz"),
         (["simulate", "--dataset", "breast-cancer", "--clients", "1000"], "empty partition"),
         (["simulate", "--image-size", "30"], "multiple of 4"),
+        (["simulate", "--dataset", "breast-cancer", "--resume"], "no checkpoint to resume"),
     ],
 )
 def test_bad_values_fail_fast_with_a_clear_message(argv, needle, capsys, tmp_path) -> None:

@@ -22,6 +22,9 @@ from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import load_weights, weights_of
 
+#: Sub-directory of the run's output where simulated hospitals keep their own state.
+HOSPITALS_DIR = "hospitals"
+
 #: Run-config keys and their defaults (the same names as ``bract simulate``'s flags).
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "clients": 3,
@@ -78,21 +81,33 @@ def policy_from_run_config(rc: Mapping[str, Any]) -> PrivacyPolicy:
     )
 
 
-def hospital_setup(task: tasks.TaskConfig, ctx: Context) -> HospitalSetup:
-    """Hospital ``partition-id``'s model, optimizer and data for a built-in task."""
+def hospital_setup(
+    task: tasks.TaskConfig, ctx: Context, state_root: Path | None = None
+) -> HospitalSetup:
+    """Hospital ``partition-id``'s model, optimizer and data for a built-in task.
+
+    The hospital keeps its privacy state in the node config's ``state-dir`` when
+    given, else in ``state_root/<client id>``.
+    """
     pid = int(ctx.node_config["partition-id"])
+    client_id = f"hospital-{pid}"
     model = tasks.build_model(task)
+    state_dir = ctx.node_config.get("state-dir")
     return HospitalSetup(
         model=model,
         optimizer=tasks.make_optimizer(task, model),
         train_loader=tasks.hospital_loader(task, pid),
-        client_id=f"hospital-{pid}",
+        client_id=client_id,
+        state_dir=Path(str(state_dir)) if state_dir else (
+            state_root / client_id if state_root is not None else None
+        ),
     )
 
 
 def _setup_from_context(ctx: Context) -> HospitalSetup:
     torch.set_num_threads(1)
-    return hospital_setup(task_from_run_config(ctx.run_config), ctx)
+    out = Path(str(_get(ctx.run_config, "out")))
+    return hospital_setup(task_from_run_config(ctx.run_config), ctx, out / HOSPITALS_DIR)
 
 
 def _policy_from_context(ctx: Context) -> PrivacyPolicy:

@@ -10,8 +10,12 @@ report. A refusal (budget spent) is a normal reply, not an error.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -49,6 +53,9 @@ class HospitalSetup:
     train_loader: DataLoader
     client_id: str
     criterion: nn.Module | None = None
+    #: Where the hospital keeps its own copy of its privacy state (ledger and noise
+    #: multiplier), so a restarted process or a resumed run never forgets spent budget.
+    state_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,34 @@ def _noise_multiplier(policy: PrivacyPolicy, setup: HospitalSetup, state: Config
 
 
 PolicyLike = PrivacyPolicy | Callable[[Context], PrivacyPolicy]
+STATE_FILE = "privacy-state.json"
+
+
+def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
+    """The hospital's privacy state: ``ctx.state``, or its own file when that knows more."""
+    state = ctx.state.config_records.get(STATE_PRIVACY, ConfigRecord())
+    if setup.state_dir is None:
+        return state
+    path = Path(setup.state_dir) / STATE_FILE
+    if not path.exists():
+        return state
+    on_disk = json.loads(path.read_text(encoding="utf-8"))
+    in_ctx = len(PrivacyLedger.from_json(str(state["ledger"])).events) if "ledger" in state else -1
+    if len(PrivacyLedger.from_json(on_disk["ledger"]).events) > in_ctx:
+        return ConfigRecord(on_disk)
+    return state
+
+
+def _save_state(ctx: Context, setup: HospitalSetup, state: ConfigRecord) -> None:
+    ctx.state.config_records[STATE_PRIVACY] = state
+    if setup.state_dir is None:
+        return
+    directory = Path(setup.state_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{STATE_FILE}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(dict(state), fh)
+    os.replace(tmp, directory / STATE_FILE)
 
 
 def dp_train_handler(
@@ -117,7 +152,7 @@ def dp_train_handler(
     def handle(msg: Message, ctx: Context) -> Message:
         policy_now = policy(ctx) if callable(policy) else policy
         setup = setup_fn(ctx)
-        state = ctx.state.config_records.get(STATE_PRIVACY, ConfigRecord())
+        state = _load_state(ctx, setup)
         ledger = (
             PrivacyLedger.from_json(str(state["ledger"]))
             if "ledger" in state
@@ -148,7 +183,7 @@ def dp_train_handler(
         outcome = trainer.train_round(server_round, global_weights)
         # Persist only after the round finished (or was refused without change).
         state["ledger"] = trainer.ledger.to_json()
-        ctx.state.config_records[STATE_PRIVACY] = state
+        _save_state(ctx, setup, state)
 
         content = RecordDict()
         content.config_records[PRIVACY_REPORT] = privacy_report_record(

@@ -41,6 +41,7 @@ from bract.flower.records import (
     ROUND_CONFIG,
     TRAIN_INFO,
     read_privacy_report,
+    record_to_weights,
     weights_to_record,
 )
 from bract.privacy import PrivacyLedger
@@ -65,6 +66,8 @@ class ServerConfig:
     save_model: Path | None = None
     run_config: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
+    #: Continue from the checkpoint in ``out_dir`` instead of starting afresh.
+    resume: bool = False
 
 
 def fedavg(updates: list[tuple[Weights, int]]) -> Weights:
@@ -200,139 +203,281 @@ def _wait_for_nodes(grid: Grid, n: int, seconds: float) -> list[int]:
         time.sleep(0.1)
 
 
+CHECKPOINT_DIR = "checkpoint"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or belongs to a different run configuration."""
+
+
+_RESUME_IGNORES = frozenset({"out", "resume", "save_model", "show_progress"})
+
+
+def load_checkpoint_state(out_dir: Path, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint state in ``out_dir``, if it was made with the same configuration.
+
+    Raises :class:`CheckpointError` naming the problem: no checkpoint, an unreadable
+    one, or settings that differ (only the output options may change on resume).
+    """
+    path = Path(out_dir) / CHECKPOINT_DIR / "state.json"
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint to resume from in {path.parent}")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        old = {k: v for k, v in state["config"].items() if k not in _RESUME_IGNORES}
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
+    new = {k: v for k, v in run_config.items() if k not in _RESUME_IGNORES}
+    if old != new:
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise CheckpointError(
+            f"the checkpoint in {path.parent} was made with a different configuration "
+            f"(differs in {diff}); resume with the same settings or use another --out"
+        )
+    return state
+
+
+@dataclass
+class _RoundReplies:
+    """What one round's replies amount to, before aggregation."""
+
+    updates: list[tuple[Weights, int]] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
+
+
+class Federation:
+    """The server's state across rounds: global model, hospitals, report, checkpoint.
+
+    Guarantee: the global model only ever changes by averaging updates of
+    hospitals that trained within their budget this round; errors, timeouts
+    and refusals never corrupt it or the recorded ledgers. After every round
+    the global model and the server's record are checkpointed atomically, so a
+    resumed run continues after the last completed round, neither losing nor
+    repeating one.
+    """
+
+    def __init__(self, grid: Grid, evaluate: EvaluateFn, cfg: ServerConfig) -> None:
+        self.grid = grid
+        self.evaluate = evaluate
+        self.cfg = cfg
+        self.record = FederationRecord(cfg.out_dir, cfg.run_config)
+        self.names: dict[int, str] = {}
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.stopped: dict[str, str] = {}
+        self.active: list[int] = []
+        self.global_weights: Weights = {}
+        self.metrics: dict[str, float] = {}
+        self.completed = 0
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.cfg.out_dir / CHECKPOINT_DIR
+
+    def checkpoint(self) -> None:
+        """Write the global model, then the state that names it (the commit point)."""
+        ckpt = self.checkpoint_dir
+        ckpt.mkdir(parents=True, exist_ok=True)
+        model_name = f"global-round-{self.completed}.npz"
+        fd, tmp = tempfile.mkstemp(dir=ckpt, prefix=".model.", suffix=".npz")
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **self.global_weights)
+        os.replace(tmp, ckpt / model_name)
+        state = {
+            "completed_rounds": self.completed,
+            "model": model_name,
+            "config": self.cfg.run_config,
+            "report": self.record.report,
+            "ledgers": {cid: led.to_plain() for cid, led in self.record.ledgers.items()},
+            "latest": {cid: {**v, "epsilon": _json_float(v["epsilon"])}
+                       for cid, v in self.latest.items()},
+            "stopped": self.stopped,
+            "metrics": self.metrics,
+        }
+        _atomic_write(ckpt / "state.json", json.dumps(state) + "\n")
+        for old in ckpt.glob("global-round-*.npz"):
+            if old.name != model_name:
+                old.unlink()
+
+    def restore(self) -> None:
+        """Continue from the checkpoint in ``out_dir``; refuses a different configuration."""
+        state = load_checkpoint_state(self.cfg.out_dir, self.cfg.run_config)
+        try:
+            with np.load(self.checkpoint_dir / state["model"]) as data:
+                weights = {k: data[k] for k in data.files}
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"checkpointed model in {self.checkpoint_dir} is unreadable: {exc}"
+            ) from None
+        if weights.keys() != self.global_weights.keys():
+            raise CheckpointError("the checkpointed model does not match this run's model")
+        self.global_weights = weights
+        self.completed = int(state["completed_rounds"])
+        self.record.report = state["report"]
+        self.record.report["config"] = self.cfg.run_config
+        self.record.ledgers = {
+            cid: PrivacyLedger.from_plain(led) for cid, led in state["ledgers"].items()
+        }
+        self.latest = {cid: {**v, "epsilon": float(v["epsilon"])}
+                       for cid, v in state["latest"].items()}
+        self.stopped = dict(state["stopped"])
+        self.metrics = dict(state["metrics"])
+
+    # ---------------------------------------------------------------------- rounds
+    def _train_messages(self, rnd: int) -> list[Message]:
+        arrays = weights_to_record(self.global_weights)
+        messages = []
+        for node in self.active:
+            content = RecordDict()
+            content.array_records[GLOBAL_WEIGHTS] = arrays
+            content.config_records[ROUND_CONFIG] = ConfigRecord(
+                {"round": rnd, "num-rounds": self.cfg.rounds}
+            )
+            messages.append(
+                Message(content, dst_node_id=node, message_type="train", group_id=str(rnd))
+            )
+        return messages
+
+    def _collect(self, rnd: int, replies: list[Message], display: _Display) -> _RoundReplies:
+        out = _RoundReplies()
+        answered: set[int] = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            label = self.names.get(node, f"node-{node}")
+            if reply.has_error():
+                display.note(f"round {rnd}: {label} failed: {reply.error.reason}")
+                continue
+            try:
+                rep = read_privacy_report(reply.content)
+            except ValueError as exc:
+                display.note(f"round {rnd}: {label} sent a malformed reply: {exc}")
+                continue
+            cid = rep["client_id"] or label
+            self.names[node] = cid
+            self.record.ledgers[cid] = rep["ledger"]
+            self.latest[cid] = {
+                "epsilon": rep["epsilon"],
+                "noise_multiplier": rep["noise_multiplier"],
+                "sample_rate": rep["sample_rate"],
+                "steps": rep["steps"],
+                "trained": rep["trained"],
+                "reason": rep["reason"],
+            }
+            if not rep["trained"]:
+                self.stopped[cid] = rep["reason"]
+                self.active.remove(node)
+                display.note(f"round {rnd}: {cid} stopped — {rep['reason']}")
+                continue
+            if LOCAL_WEIGHTS not in reply.content.array_records:
+                display.note(f"round {rnd}: {cid} trained but sent no weights; ignored")
+                continue
+            local = record_to_weights(reply.content.array_records[LOCAL_WEIGHTS])
+            if local.keys() != self.global_weights.keys() or any(
+                local[k].shape != self.global_weights[k].shape for k in local
+            ):
+                display.note(f"round {rnd}: {cid} sent weights of the wrong shape; ignored")
+                continue
+            n_ex = int(reply.content.metric_records[TRAIN_INFO]["num-examples"])
+            out.updates.append((local, n_ex))
+            out.trained.append(cid)
+        for node in self.active:
+            if node not in answered:
+                display.note(f"round {rnd}: {self.names.get(node, f'node-{node}')} did not answer")
+        return out
+
+    def run_round(self, rnd: int, display: _Display) -> dict[str, Any]:
+        """One round of private FedAvg; returns the report row."""
+        t0 = time.perf_counter()
+        replies = list(
+            self.grid.send_and_receive(self._train_messages(rnd), timeout=self.cfg.round_timeout)
+        )
+        result = self._collect(rnd, replies, display)
+        if result.updates:
+            self.global_weights = fedavg(result.updates)
+            self.metrics = self.evaluate(self.global_weights)
+        else:
+            display.note(f"round {rnd}: no hospital trained; the global model is unchanged")
+        per_client = {cid: dict(v) for cid, v in sorted(self.latest.items())}
+        eps_max = max((v["epsilon"] for v in per_client.values()), default=0.0)
+        return {
+            "round": rnd,
+            "epsilon": _json_float(eps_max),
+            "delta": self.cfg.delta,
+            "per_client": {
+                cid: {**v, "epsilon": _json_float(v["epsilon"])} for cid, v in per_client.items()
+            },
+            "trained": sorted(result.trained),
+            **self.metrics,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def run(self, initial_weights: Weights) -> dict[str, Any]:
+        """Run (or, with ``cfg.resume``, resume) the federation; returns the report."""
+        resume = self.cfg.resume
+        self.global_weights = {k: np.array(v, copy=True) for k, v in initial_weights.items()}
+        if resume:
+            self.restore()
+        else:
+            self.metrics = self.evaluate(self.global_weights)
+            self.record.report["initial"] = dict(self.metrics)
+        nodes = _wait_for_nodes(self.grid, self.cfg.num_clients, self.cfg.node_wait_seconds)
+        if len(nodes) < self.cfg.min_clients:
+            raise RuntimeError(
+                f"only {len(nodes)} hospitals connected, fewer than the minimum "
+                f"{self.cfg.min_clients}"
+            )
+        # On resume every node is asked again: a hospital whose budget is spent keeps
+        # its own ledger and refuses again, so nobody is trusted to have stopped.
+        self.active = list(nodes)
+        todo = self.cfg.rounds - self.completed
+        with _Display(todo, self.cfg.show_progress) as display:
+            if resume:
+                display.note(f"resuming after round {self.completed} from {self.checkpoint_dir}")
+            for rnd in range(self.completed + 1, self.cfg.rounds + 1):
+                if len(self.active) < self.cfg.min_clients:
+                    display.note(
+                        f"stopping before round {rnd}: {len(self.active)} hospitals remain, "
+                        f"fewer than the minimum {self.cfg.min_clients}"
+                    )
+                    break
+                row = self.run_round(rnd, display)
+                self.completed = rnd
+                self.record.add_round(row)
+                self.checkpoint()
+                eps_value = max((v["epsilon"] for v in self.latest.values()), default=0.0)
+                display.row({**row, "per_client": self.latest, "epsilon_value": eps_value})
+                if not self.active:
+                    display.note(f"every hospital has stopped after round {rnd}; federation ends")
+                    break
+        return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
+        final_eps = max((float(v["epsilon"]) for v in self.latest.values()), default=0.0)
+        final = {
+            "rounds_completed": len(self.record.report["rounds"]),
+            "epsilon": _json_float(final_eps),
+            "delta": self.cfg.delta,
+            "non_private": not math.isfinite(final_eps),
+            "stopped": self.stopped,
+            **self.metrics,
+        }
+        if self.cfg.save_model is not None:
+            self.cfg.save_model.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(self.cfg.save_model, **self.global_weights)
+            final["model"] = str(self.cfg.save_model)
+        self.record.finish(final)
+        return self.record.report
+
+
 def run_federation(
     grid: Grid,
     initial_weights: Weights,
     evaluate: EvaluateFn,
     cfg: ServerConfig,
 ) -> dict[str, Any]:
-    """Run ``cfg.rounds`` rounds of private FedAvg; returns the report dict.
-
-    Guarantee: the global model only ever changes by averaging updates of
-    hospitals that trained within their budget this round; errors, timeouts
-    and refusals never corrupt it or the recorded ledgers.
-    """
-    record = FederationRecord(cfg.out_dir, cfg.run_config)
-    nodes = _wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_seconds)
-    if len(nodes) < cfg.min_clients:
-        raise RuntimeError(
-            f"only {len(nodes)} hospitals connected, fewer than the minimum {cfg.min_clients}"
-        )
-    active = list(nodes)
-    names: dict[int, str] = {}
-    latest: dict[str, dict[str, Any]] = {}
-    stopped: dict[str, str] = {}
-    global_weights = {k: np.array(v, copy=True) for k, v in initial_weights.items()}
-    metrics = evaluate(global_weights)
-    record.report["initial"] = metrics
-    with _Display(cfg.rounds, cfg.show_progress) as display:
-        for rnd in range(1, cfg.rounds + 1):
-            if len(active) < cfg.min_clients:
-                display.note(
-                    f"stopping before round {rnd}: {len(active)} hospitals remain, "
-                    f"fewer than the minimum {cfg.min_clients}"
-                )
-                break
-            t0 = time.perf_counter()
-            arrays = weights_to_record(global_weights)
-            messages = []
-            for node in active:
-                content = RecordDict()
-                content.array_records[GLOBAL_WEIGHTS] = arrays
-                content.config_records[ROUND_CONFIG] = ConfigRecord(
-                    {"round": rnd, "num-rounds": cfg.rounds}
-                )
-                messages.append(
-                    Message(content, dst_node_id=node, message_type="train", group_id=str(rnd))
-                )
-            replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-            updates: list[tuple[Weights, int]] = []
-            answered: set[int] = set()
-            for reply in replies:
-                node = reply.metadata.src_node_id
-                answered.add(node)
-                label = names.get(node, f"node-{node}")
-                if reply.has_error():
-                    display.note(f"round {rnd}: {label} failed: {reply.error.reason}")
-                    continue
-                try:
-                    rep = read_privacy_report(reply.content)
-                except ValueError as exc:
-                    display.note(f"round {rnd}: {label} sent a malformed reply: {exc}")
-                    continue
-                cid = rep["client_id"] or label
-                names[node] = cid
-                record.ledgers[cid] = rep["ledger"]
-                latest[cid] = {
-                    "epsilon": rep["epsilon"],
-                    "noise_multiplier": rep["noise_multiplier"],
-                    "sample_rate": rep["sample_rate"],
-                    "steps": rep["steps"],
-                    "trained": rep["trained"],
-                    "reason": rep["reason"],
-                }
-                if not rep["trained"]:
-                    stopped[cid] = rep["reason"]
-                    active.remove(node)
-                    display.note(f"round {rnd}: {cid} stopped — {rep['reason']}")
-                    continue
-                if LOCAL_WEIGHTS not in reply.content.array_records:
-                    display.note(f"round {rnd}: {cid} trained but sent no weights; ignored")
-                    continue
-                local = {
-                    k: v.numpy() for k, v in reply.content.array_records[LOCAL_WEIGHTS].items()
-                }
-                if local.keys() != global_weights.keys() or any(
-                    local[k].shape != global_weights[k].shape for k in local
-                ):
-                    display.note(f"round {rnd}: {cid} sent weights of the wrong shape; ignored")
-                    continue
-                n_ex = int(reply.content.metric_records[TRAIN_INFO]["num-examples"])
-                updates.append((local, n_ex))
-            for node in active:
-                if node not in answered:
-                    display.note(f"round {rnd}: {names.get(node, f'node-{node}')} did not answer")
-            if updates:
-                global_weights = fedavg(updates)
-                metrics = evaluate(global_weights)
-            else:
-                display.note(f"round {rnd}: no hospital trained; the global model is unchanged")
-            per_client = {cid: dict(v) for cid, v in sorted(latest.items())}
-            eps_max = max((v["epsilon"] for v in per_client.values()), default=0.0)
-            row = {
-                "round": rnd,
-                "epsilon": _json_float(eps_max),
-                "delta": cfg.delta,
-                "per_client": {
-                    cid: {**v, "epsilon": _json_float(v["epsilon"])}
-                    for cid, v in per_client.items()
-                },
-                "trained": sorted(names[n] for n in answered if n in names
-                                  and latest.get(names[n], {}).get("trained")),
-                **metrics,
-                "seconds": time.perf_counter() - t0,
-            }
-            record.add_round(row)
-            display.row({**row, "per_client": per_client, "epsilon_value": eps_max})
-            if not active:
-                display.note(f"every hospital has stopped after round {rnd}; federation ends")
-                break
-    rounds = record.report["rounds"]
-    final_eps = max((float(v["epsilon"]) for v in latest.values()), default=0.0)
-    final = {
-        "rounds_completed": len(rounds),
-        "epsilon": _json_float(final_eps),
-        "delta": cfg.delta,
-        "non_private": not math.isfinite(final_eps),
-        "stopped": stopped,
-        **metrics,
-    }
-    if cfg.save_model is not None:
-        cfg.save_model.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cfg.save_model, **global_weights)
-        final["model"] = str(cfg.save_model)
-    record.finish(final)
-    return record.report
+    """Run ``cfg.rounds`` rounds of private FedAvg (see :class:`Federation`)."""
+    return Federation(grid, evaluate, cfg).run(initial_weights)
 
 
 def make_server_app(

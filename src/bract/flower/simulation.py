@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,9 +20,14 @@ import torch
 from flwr.app import Context
 
 from bract import tasks
-from bract.flower.app import hospital_setup
+from bract.flower.app import HOSPITALS_DIR, hospital_setup
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
-from bract.flower.server import ServerConfig, make_server_app
+from bract.flower.server import (
+    CHECKPOINT_DIR,
+    ServerConfig,
+    load_checkpoint_state,
+    make_server_app,
+)
 from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
 
 
@@ -34,6 +40,7 @@ class SimulationConfig:
     out_dir: Path = Path("runs/latest")
     save_model: Path | None = None
     show_progress: bool = True
+    resume: bool = False
     client_threads: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -53,7 +60,7 @@ class SimulationConfig:
 def _setup_fn(cfg: SimulationConfig) -> Callable[[Context], HospitalSetup]:
     def setup(ctx: Context) -> HospitalSetup:
         torch.set_num_threads(cfg.client_threads)
-        return hospital_setup(cfg.task, ctx)
+        return hospital_setup(cfg.task, ctx, cfg.out_dir / HOSPITALS_DIR)
 
     return setup
 
@@ -71,11 +78,20 @@ def validate(cfg: SimulationConfig) -> None:
     cfg.policy.budget()
     if cfg.policy.noise_multiplier == 0 and not cfg.policy.allow_non_private:
         raise PrivacyError("noise multiplier 0 is non-private; allow it explicitly.")
+    if cfg.resume:
+        load_checkpoint_state(cfg.out_dir, cfg.to_plain())
 
 
 def run(cfg: SimulationConfig) -> dict[str, Any]:
-    """Run the simulated federation; returns the report (also written to ``out_dir``)."""
+    """Run the simulated federation; returns the report (also written to ``out_dir``).
+
+    A new run replaces a previous run's checkpoint and simulated hospitals' state in
+    ``out_dir``; ``resume=True`` continues from them instead.
+    """
     validate(cfg)
+    if not cfg.resume:
+        for sub in (CHECKPOINT_DIR, HOSPITALS_DIR):
+            shutil.rmtree(cfg.out_dir / sub, ignore_errors=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -98,6 +114,7 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
         save_model=cfg.save_model,
         run_config=cfg.to_plain(),
         show_progress=cfg.show_progress,
+        resume=cfg.resume,
     )
     result: dict[str, Any] = {}
     server_app = make_server_app(initial_weights, evaluate, server_cfg, on_done=result.update)

@@ -1,0 +1,115 @@
+"""Checkpoint and resume: an interrupted federation continues without losing or
+repeating a round, and no hospital forgets the privacy budget it spent."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bract import tasks
+from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.server import CheckpointError, ServerConfig, run_federation
+from bract.privacy import PrivacyLedger, epsilon_of, load_weights, weights_of
+
+from .conftest import FakeGrid
+
+TASK = tasks.TaskConfig(dataset="breast-cancer", clients=2, batch_size=32, lr=0.2)
+POLICY = PrivacyPolicy(target_epsilon=4.0, delta=1e-5, rounds=4)
+
+
+def _apps(state_root):
+    def setup(ctx):
+        pid = int(ctx.node_config["partition-id"])
+        model = tasks.build_model(TASK)
+        return HospitalSetup(
+            model=model, optimizer=tasks.make_optimizer(TASK, model),
+            train_loader=tasks.hospital_loader(TASK, pid), client_id=f"hospital-{pid}",
+            state_dir=state_root / f"hospital-{pid}",
+        )
+
+    return {7: make_client_app(setup, POLICY), 8: make_client_app(setup, POLICY)}
+
+
+def _run(tmp_path, grid, resume=False, run_config=None, crash_evaluating_round=None):
+    ds = tasks.dataset_for(TASK)
+    model = tasks.build_model(TASK)
+    calls = []
+
+    def evaluate(w):
+        calls.append(1)
+        if len(calls) - 1 == crash_evaluating_round:  # call 0 is the initial model
+            raise RuntimeError("injected crash while evaluating")
+        load_weights(model, w)
+        return tasks.evaluate(model, ds.x_test, ds.y_test)
+
+    cfg = ServerConfig(
+        rounds=POLICY.rounds, num_clients=2, delta=POLICY.delta, out_dir=tmp_path / "out",
+        node_wait_seconds=1, show_progress=False, resume=resume,
+        run_config=run_config or {"task": "breast-cancer", "eps": 4.0},
+    )
+    return run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
+
+
+def _ledger(tmp_path, cid):
+    state = json.loads((tmp_path / "hosp" / cid / "privacy-state.json").read_text())
+    return PrivacyLedger.from_json(state["ledger"])
+
+
+def test_interrupted_run_resumes_without_losing_or_repeating_a_round(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="injected server crash"):
+        _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp"), crash_at_round=3))
+    partial = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["round"] for r in partial["rounds"]] == [1, 2]
+    ckpt_model = np.load(next((tmp_path / "out" / "checkpoint").glob("global-round-2.npz")))
+
+    # Fresh processes: new contexts (empty ctx.state), same hospital state directories.
+    grid = FakeGrid(_apps(tmp_path / "hosp"))
+    report = _run(tmp_path, grid, resume=True)
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]
+    assert report["rounds"][:2] == partial["rounds"]
+    # Round 3 started from the checkpointed global model.
+    first = next(m for m in grid.sent if m.metadata.group_id == "3")
+    sent = {k: v.numpy() for k, v in first.content.array_records["bract.global"].items()}
+    for k in ckpt_model.files:
+        np.testing.assert_array_equal(sent[k], ckpt_model[k])
+    for cid in ("hospital-0", "hospital-1"):
+        ledger = _ledger(tmp_path, cid)
+        assert [e.round for e in ledger.events] == [1, 2, 3, 4]
+        eps = report["rounds"][-1]["per_client"][cid]["epsilon"]
+        assert eps == pytest.approx(epsilon_of(ledger.events, POLICY.delta), rel=1e-6)
+        assert eps <= POLICY.target_epsilon
+    lines = (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()
+    assert len(lines) == 8
+
+
+def test_updates_released_before_a_crash_stay_on_the_ledger(tmp_path) -> None:
+    """The server dies after the hospitals released their round-3 updates but before
+    it checkpointed round 3. On resume round 3 runs again: each hospital's ledger
+    (reloaded by fresh processes from its own state directory) keeps both round-3
+    events, so its epsilon counts every update it ever released, and the budget
+    then refuses round 4."""
+    with pytest.raises(RuntimeError, match="injected crash while evaluating"):
+        _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp")), crash_evaluating_round=3)
+    assert [e.round for e in _ledger(tmp_path, "hospital-0").events] == [1, 2, 3]
+    report = _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp")), resume=True)
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]
+    for cid in ("hospital-0", "hospital-1"):
+        ledger = _ledger(tmp_path, cid)
+        assert [e.round for e in ledger.events] == [1, 2, 3, 3]
+        last = report["rounds"][-1]["per_client"][cid]
+        assert not last["trained"] and "budget" in last["reason"]
+        assert last["epsilon"] == pytest.approx(epsilon_of(ledger.events, POLICY.delta), rel=1e-6)
+        assert last["epsilon"] <= POLICY.target_epsilon
+        assert last["steps"] == ledger.total_steps
+
+
+def test_resume_refuses_other_settings_or_missing_checkpoint(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp")), resume=True)
+    with pytest.raises(RuntimeError):
+        _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp"), crash_at_round=2))
+    with pytest.raises(CheckpointError, match=r"differs in \['eps'\]"):
+        _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp")), resume=True,
+             run_config={"task": "breast-cancer", "eps": 5.0})
