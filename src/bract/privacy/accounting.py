@@ -7,8 +7,10 @@ auditor's own — can re-derive every reported figure.
 Accountants:
 
 * ``"prv"`` (default, the reported figure): Opacus's PRV accountant, run with an
-  epsilon error of 0.2% of epsilon so the returned *upper bound* stays within
-  about 0.3% of the exact value.
+  epsilon error of 0.2% of epsilon (but at least 1e-4 absolute) so the returned
+  *upper bound* stays within about 0.3% of the exact value (for epsilon below
+  ~0.05 the 1e-4 floor dominates). Where Opacus's PRV cannot represent the loss
+  (epsilon in the hundreds: it returns inf), the PLD upper bound is reported.
 * ``"pld"``: dp_accounting's privacy-loss-distribution accountant
   (value discretization 1e-4), the independent cross-check.
 * ``"rdp"``: Opacus's Rényi accountant; a valid but looser upper bound.
@@ -123,12 +125,33 @@ class DpSgdEvent:
         if missing:
             raise PrivacyError(f"ledger event is missing field(s): {sorted(missing)}")
         values = dict(data)
-        values["steps"] = int(values["steps"])
+        for key in ("steps", "round"):
+            if key in values:
+                values[key] = _as_int(key, values[key])
         for key in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta"):
-            values[key] = float(values[key])
-        if "round" in values:
-            values["round"] = int(values["round"])
+            values[key] = _as_float(key, values[key])
+        for key in ("sampling", "client_id"):
+            if key in values and not isinstance(values[key], str):
+                raise PrivacyError(
+                    f"ledger event field {key!r} must be a string (got {values[key]!r})"
+                )
         return cls(**values)
+
+
+def _as_int(key: str, value: Any) -> int:
+    """An integral JSON value as int; a PrivacyError naming ``key`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PrivacyError(f"ledger event field {key!r} must be an integer (got {value!r})")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise PrivacyError(f"ledger event field {key!r} must be an integer (got {value!r})")
+    return int(value)
+
+
+def _as_float(key: str, value: Any) -> float:
+    """A JSON number as float; a PrivacyError naming ``key`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PrivacyError(f"ledger event field {key!r} must be a number (got {value!r})")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -162,8 +185,11 @@ class PrivacyLedger:
     @classmethod
     def from_plain(cls, data: dict[str, Any]) -> PrivacyLedger:
         """Inverse of :meth:`to_plain`."""
-        if not isinstance(data, dict) or "events" not in data:
+        if not isinstance(data, dict) or not isinstance(data.get("events"), list):
             raise PrivacyError("a ledger must be a mapping with an 'events' list")
+        unknown = set(data) - {"client_id", "events"}
+        if unknown:
+            raise PrivacyError(f"unknown ledger field(s): {sorted(unknown)}")
         return cls(
             str(data.get("client_id", "")),
             tuple(DpSgdEvent.from_plain(e) for e in data["events"]),
@@ -199,7 +225,7 @@ def read_jsonl(path: str | Path) -> list[DpSgdEvent]:
                 continue
             try:
                 out.append(DpSgdEvent.from_plain(json.loads(line)))
-            except (json.JSONDecodeError, PrivacyError, TypeError) as exc:
+            except (ValueError, TypeError) as exc:  # JSONDecodeError, PrivacyError
                 raise PrivacyError(f"{path}:{lineno}: bad ledger line: {exc}") from None
     return out
 
@@ -225,9 +251,16 @@ def _prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float
     acc.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        coarse = acc.get_epsilon(delta=delta, eps_error=0.01)
+        # A coarse error that scales with epsilon: at an absolute 0.01 Opacus's PRV
+        # grid grows with epsilon and takes minutes once epsilon is in the hundreds.
+        coarse_error = max(0.01, PRV_RELATIVE_ERROR * _rdp_epsilon(history, delta))
+        coarse = acc.get_epsilon(delta=delta, eps_error=coarse_error)
+        if not math.isfinite(coarse):
+            # Opacus's PRV domain overflows for huge epsilons and returns inf; PLD
+            # (pessimistic discretization) is still a valid, tight upper bound.
+            return _pld_epsilon(history, delta, PLD_DISCRETIZATION)
         eps_error = max(1e-4, PRV_RELATIVE_ERROR * coarse)
-        if eps_error >= 0.01:
+        if eps_error >= coarse_error:
             return float(coarse)
         return float(acc.get_epsilon(delta=delta, eps_error=eps_error))
 

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bract.privacy.accounting import (
+    ACCOUNTANTS,
     DEFAULT_ACCOUNTANT,
     BudgetDecision,
     DpSgdEvent,
@@ -172,6 +173,10 @@ class PrivateTrainer:
         secure_noise: bool = True,
     ) -> None:
         grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode)
+        if accountant not in ACCOUNTANTS:
+            raise PrivacyError(
+                f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}."
+            )
         if not isinstance(data_loader, DataLoader):
             raise PrivacyError(
                 f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}"
@@ -265,9 +270,12 @@ class PrivateTrainer:
         if global_weights is not None:
             load_weights(self.model, global_weights)
         decision = self.check_budget(round)
+        # The budget may use another accountant or delta than this trainer reports.
+        same_measure = (decision.accountant, decision.delta) == (self.accountant, self.delta)
         if not decision.allowed:
+            spent = decision.epsilon_spent if same_measure else self.epsilon()
             return RoundOutcome(
-                False, decision, None, 0, None, decision.epsilon_spent, math.nan,
+                False, decision, None, 0, None, spent, math.nan,
                 time.perf_counter() - start,
             )
         steps, loss = self._run_dp_sgd(on_step)
@@ -282,7 +290,11 @@ class PrivateTrainer:
             client_id=self.client_id,
         )
         self.ledger = self.ledger.append(event)
-        eps = decision.epsilon_after if steps == planned.steps else self.epsilon()
+        eps = (
+            decision.epsilon_after
+            if steps == planned.steps and same_measure
+            else self.epsilon()
+        )
         return RoundOutcome(
             True, decision, self.weights(), self.plan_per_round.dataset_size, event, eps, loss,
             time.perf_counter() - start,
