@@ -44,6 +44,7 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "samples": 0,  # 0: the dataset's default
     "accountant": "prv",
     "grad-sample-mode": "auto",
+    "round-timeout": 0.0,  # seconds the server waits for a round's replies; 0: no limit
 }
 
 
@@ -135,6 +136,7 @@ def _main(grid: Grid, context: Context) -> None:
         num_clients=task.clients,
         delta=policy.delta,
         out_dir=Path(str(_get(rc, "out"))),
+        round_timeout=float(_get(rc, "round-timeout")) or None,
         run_config={**task.to_plain(), **rc},
     )
     run_federation(grid, weights_of(tasks.build_model(task)), evaluate, cfg)
