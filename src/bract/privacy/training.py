@@ -93,7 +93,14 @@ def check_privatisable(model: nn.Module) -> None:
     """
     from opacus.validators import ModuleValidator
 
-    errors = ModuleValidator.validate(model, strict=False)
+    # Validate the layers, not the mode: a model left in eval mode (e.g. after the
+    # global model was evaluated) is fine, training switches it to train mode.
+    was_training = model.training
+    model.train()
+    try:
+        errors = ModuleValidator.validate(model, strict=False)
+    finally:
+        model.train(was_training)
     if errors:
         details = "; ".join(str(e) for e in errors[:5])
         raise PrivacyError(
