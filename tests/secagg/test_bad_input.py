@@ -155,3 +155,13 @@ def test_state_survives_export_between_every_stage() -> None:
     assert np.all(np.abs(res.weighted_sum - ref) <= res.error_bound)
     with pytest.raises(MalformedMessage, match="client state"):
         ClientSession.from_state(b"D\x00\x00\x00\x00", f.keys[0], f.roster)
+
+
+def test_library_imports_neither_flwr_nor_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, bract.secagg, bract.secagg.driver; "
+            "print(any(m.split('.')[0] in ('flwr', 'torch') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
