@@ -42,6 +42,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -329,6 +330,8 @@ class RunResult:
     seconds: float
     out_dir: Path
     log: str
+    #: Partition id of the SuperNode killed during the run, if one was.
+    killed: int | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -562,6 +565,11 @@ class LocalFederation:
                 "--isolation", self.isolation,
                 "--host", LOOPBACK,
                 "--port", str(node.port),
+                # The SuperNode's own Runtime API (its SuperExec and ClientApps talk to
+                # it) is TLS too, with the same loopback certificate.
+                "--ssl-certfile", str(self.tls.server_cert),
+                "--ssl-keyfile", str(self.tls.server_key),
+                "--ssl-ca-certfile", str(self.tls.ca_cert),
                 "--max-wait-time", str(max(self.startup_timeout, 60.0)),
             ],
         )
@@ -664,11 +672,9 @@ class LocalFederation:
         res = self.flwr("log", str(run_id), CONNECTION_NAME, "--show", timeout=60)
         return res.stdout + res.stderr
 
-    def wait(self, run_id: int, timeout: float, poll: float = 2.0,
-             on_poll: Any = None) -> str:
+    def wait(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
         """Wait until run ``run_id`` is finished; returns its final status.
 
-        ``on_poll`` (optional) is called between polls, e.g. to inject a fault.
         Raises :class:`DeploymentError` when the run is not finished in ``timeout`` s
         or the SuperLink process died.
         """
@@ -686,8 +692,6 @@ class LocalFederation:
                     f"run {run_id} not finished after {timeout}s (status {status}); "
                     f"stopped it. Logs in {self.log_dir}"
                 )
-            if on_poll is not None:
-                on_poll()
             time.sleep(poll)
 
     def run(
@@ -702,55 +706,60 @@ class LocalFederation:
         ``run_config`` must contain an absolute ``out`` directory (the ServerApp
         and ClientApps run in other working directories). With
         ``kill_node_at_round=K`` the SuperNode of ``kill_partition`` (default: the
-        last hospital) is killed during round K: once the server has written the
-        report for round K-1 (or, for K=1, once the run is running) and the
-        SuperNode has fetched a message since.
+        last hospital) is killed (SIGKILL, with its ClientApp) as soon as it has
+        received its round-K message, i.e. in the middle of round K;
+        :attr:`RunResult.killed` names it when that happened.
         """
         out = Path(str(run_config.get("out", "")))
         if not out.is_absolute():
             raise ValueError("run_config['out'] must be an absolute path")
         t0 = time.perf_counter()
         run_id = self.submit(run_config)
-        on_poll = None
+        killer = None
         if kill_node_at_round is not None:
             victim = self.num_nodes - 1 if kill_partition is None else kill_partition
-            on_poll = _RoundKiller(self, out, kill_node_at_round, victim)
-        status = self.wait(run_id, timeout, poll=0.5 if on_poll else 2.0, on_poll=on_poll)
-        seconds = time.perf_counter() - t0
-        return RunResult(run_id, status, seconds, out, self.run_log(run_id))
-
-
-class _RoundKiller:
-    """Kills one SuperNode once round K is under way and it has received that round's work."""
-
-    def __init__(self, fed: LocalFederation, out: Path, round_k: int, partition: int) -> None:
-        self.fed, self.out, self.round_k, self.partition = fed, out, round_k, partition
-        self.done = False
-        self.log_mark: int | None = None
-
-    def _rounds_done(self) -> int:
+            killer = _RoundKiller(self, run_id, kill_node_at_round, victim)
+            killer.start()
         try:
-            return len(json.loads((self.out / "report.json").read_text())["rounds"])
-        except (OSError, ValueError, KeyError):
-            return 0
+            status = self.wait(run_id, timeout)
+        finally:
+            if killer is not None:
+                killer.halt.set()
+                killer.join(timeout=30)
+        seconds = time.perf_counter() - t0
+        killed = killer.partition if killer is not None and killer.killed.is_set() else None
+        return RunResult(run_id, status, seconds, out, self.run_log(run_id), killed)
 
-    def __call__(self) -> None:
-        if self.done:
-            return
+
+class _RoundKiller(threading.Thread):
+    """Kills one SuperNode as soon as it has received its work for round K of a run.
+
+    The SuperNode logs ``[RUN <id>, ROUND <k>]`` followed by ``Receiving: ...``
+    when it pulls a message; its reply takes a ClientApp process start and the
+    training, seconds later, so a kill right then is a crash in mid-round.
+    """
+
+    def __init__(self, fed: LocalFederation, run_id: int, round_k: int, partition: int,
+                 poll: float = 0.1) -> None:
+        super().__init__(name="bract-round-killer", daemon=True)
+        self.fed, self.round_k, self.partition, self.poll = fed, round_k, partition, poll
+        self.pattern = re.compile(
+            rf"\[RUN {run_id}, ROUND {round_k}\][^\n]*\n[^\n]*Receiving", re.MULTILINE
+        )
+        self.halt = threading.Event()
+        self.killed = threading.Event()
+
+    def run(self) -> None:
         proc = self.fed.nodes[self.partition].process
         if proc is None:
             return
-        if self._rounds_done() < self.round_k - 1:
-            return
-        log_size = proc.log_path.stat().st_size
-        if self.log_mark is None:
-            # Round K is under way from the server's side; wait for the node to pull it.
-            self.log_mark = log_size
-            return
-        text = proc.log_path.read_bytes()[self.log_mark:].decode("utf-8", "replace")
-        if "Received" in text or "received" in text or self._rounds_done() >= self.round_k:
-            self.fed.kill_node(self.partition)
-            self.done = True
+        while not self.halt.is_set():
+            text = proc.log_path.read_bytes().decode("utf-8", "replace")
+            if self.pattern.search(text):
+                self.fed.kill_node(self.partition)
+                self.killed.set()
+                return
+            self.halt.wait(self.poll)
 
 
 def _toml_value(value: Any) -> str:

@@ -1,0 +1,198 @@
+"""bract on Flower's deployment engine: real SuperLink and SuperNode processes on 127.0.0.1.
+
+One federation (a SuperLink and two hospitals' SuperNodes, TLS, SuperNode
+authentication) is started once for the module and runs two federations of the
+bract app with DP on the breast-cancer data: a clean one, and one in which a
+hospital's SuperNode is killed during round 2. Every process is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
+
+from bract.flower.deploy import (
+    LOOPBACK,
+    LocalFederation,
+    RunResult,
+    generate_dev_certificates,
+    generate_supernode_key,
+    marked_pids,
+)
+
+HOSPITALS = 2
+ROUNDS = 2
+TARGET_EPSILON = 4.0
+
+
+def _run_config(out: Path, **extra: object) -> dict[str, object]:
+    return {"clients": HOSPITALS, "rounds": ROUNDS, "dataset": "breast-cancer",
+            "target-epsilon": TARGET_EPSILON, "out": str(out), **extra}
+
+
+# --------------------------------------------------------------------------- fast unit checks
+def test_dev_certificates_verify_for_loopback(tmp_path: Path) -> None:
+    tls = generate_dev_certificates(tmp_path)
+    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == [LOOPBACK]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert tls.server_key.stat().st_mode & 0o077 == 0
+    key = load_pem_private_key(tls.server_key.read_bytes(), None)
+    assert key.public_key() == server.public_key()
+    # A TLS client trusting only the dev CA completes a handshake with the server cert
+    # and accepts it for 127.0.0.1 (hostname checking on).
+    client_ctx = ssl.create_default_context(cafile=str(tls.ca_cert))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tls.server_cert, tls.server_key)
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            with server_ctx.wrap_socket(a, server_side=True) as s:
+                s.sendall(b"ok")
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with client_ctx.wrap_socket(b, server_hostname=LOOPBACK) as c:
+        assert c.recv(2) == b"ok"
+    thread.join(timeout=10)
+    assert not errors
+
+
+def test_supernode_keys_are_openssh_nist_ec(tmp_path: Path) -> None:
+    files = generate_supernode_key(tmp_path, "hospital-0")
+    private = load_ssh_private_key(files.private_key.read_bytes(), None)
+    public = load_ssh_public_key(files.public_key.read_bytes())
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert isinstance(private.curve, ec.SECP384R1)
+    assert private.public_key() == public
+    assert files.private_key.stat().st_mode & 0o077 == 0
+    with pytest.raises(ValueError):
+        generate_supernode_key(tmp_path, "../escape")
+
+
+# --------------------------------------------------------------------------- real processes
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    workdir = tmp_path_factory.mktemp("deploy")
+    fed = LocalFederation(workdir, HOSPITALS, startup_timeout=180.0)
+    with fed:
+        yield fed
+    assert marked_pids(fed.marker) == [], "processes of the federation were left behind"
+    assert all(not p.alive() for p in fed._processes)
+
+
+@pytest.fixture(scope="module")
+def clean_run(federation: LocalFederation, tmp_path_factory: pytest.TempPathFactory
+              ) -> RunResult:
+    out = tmp_path_factory.mktemp("clean-out")
+    return federation.run(_run_config(out), timeout=480)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_federation_uses_tls_auth_and_loopback(federation: LocalFederation) -> None:
+    nodes = federation.nodes_status()
+    assert len(nodes) == HOSPITALS
+    assert all(n["status"] == "online" for n in nodes)
+    link_log = federation.superlink.log_tail(100_000) if federation.superlink else ""
+    assert "SuperNode authentication is disabled" not in link_log
+    assert "insecure" not in link_log.lower()
+    # The SuperLink speaks TLS only, with the dev CA's certificate for 127.0.0.1.
+    assert federation.tls is not None
+    ctx = ssl.create_default_context(cafile=str(federation.tls.ca_cert))
+    with socket.create_connection((LOOPBACK, federation.superlink_port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=LOOPBACK) as tls_sock:
+            assert tls_sock.version() in ("TLSv1.2", "TLSv1.3")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_deployed_run_reports_epsilon_every_round(clean_run: RunResult) -> None:
+    assert clean_run.succeeded, clean_run.log[-4000:]
+    report = clean_run.report()
+    assert report["final"]["rounds_completed"] == ROUNDS
+    assert [r["round"] for r in report["rounds"]] == list(range(1, ROUNDS + 1))
+    hospitals = {f"hospital-{i}" for i in range(HOSPITALS)}
+    previous = dict.fromkeys(hospitals, 0.0)
+    for row in report["rounds"]:
+        assert set(row["per_client"]) == hospitals
+        assert set(row["trained"]) == hospitals
+        for cid, info in row["per_client"].items():
+            assert info["trained"]
+            assert previous[cid] < info["epsilon"] <= TARGET_EPSILON
+            previous[cid] = info["epsilon"]
+        assert row["epsilon"] == max(v["epsilon"] for v in row["per_client"].values())
+    # Calibrated for the whole plan: the last round lands just under the target.
+    assert all(0.98 * TARGET_EPSILON <= e <= TARGET_EPSILON for e in previous.values())
+    assert not report["final"]["non_private"]
+    assert report["final"]["accuracy"] > 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_deployed_run_writes_the_ledger(clean_run: RunResult) -> None:
+    lines = (clean_run.out_dir / "ledger.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    by_client: dict[str, list[dict]] = {}
+    for e in events:
+        by_client.setdefault(e["client_id"], []).append(e)
+    assert set(by_client) == {f"hospital-{i}" for i in range(HOSPITALS)}
+    report = clean_run.report()
+    for cid, evs in by_client.items():
+        assert len(evs) == ROUNDS  # one DP-SGD event per round
+        last = report["rounds"][-1]["per_client"][cid]
+        assert sum(int(e["steps"]) for e in evs) == last["steps"]
+        assert all(float(e["noise_multiplier"]) == last["noise_multiplier"] for e in evs)
+        assert all(float(e["delta"]) == report["rounds"][-1]["delta"] for e in evs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_federation_survives_a_hospital_killed_mid_round(
+    federation: LocalFederation, clean_run: RunResult,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Runs after the clean run (it needs every node alive), and leaves one node dead.
+    assert clean_run.succeeded
+    out = tmp_path_factory.mktemp("kill-out")
+    victim = HOSPITALS - 1
+    result = federation.run(_run_config(out, **{"round-timeout": 150.0}), timeout=480,
+                            kill_node_at_round=2, kill_partition=victim)
+    assert result.killed == victim  # killed after it received its round-2 work
+    node = federation.nodes[victim]
+    assert node.process is not None and not node.process.alive()
+    assert result.succeeded, result.log[-4000:]
+    report = result.report()
+    assert report["final"]["rounds_completed"] == ROUNDS
+    first, second = report["rounds"]
+    everyone = {f"hospital-{i}" for i in range(HOSPITALS)}
+    assert set(first["trained"]) == everyone
+    assert set(second["trained"]) == everyone - {f"hospital-{victim}"}
+    for cid in second["trained"]:
+        assert second["per_client"][cid]["epsilon"] <= TARGET_EPSILON
+    # The server said why the hospital is missing.
+    assert f"hospital-{victim}" in result.log
+    assert "did not answer" in result.log or "failed" in result.log
