@@ -81,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--accountant", choices=("prv", "pld", "rdp"), default="prv")
     sim.add_argument("--grad-sample-mode", choices=("auto", "hooks", "ghost"), default="auto")
     sim.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    sim.add_argument("--secagg", dest="secagg", action=argparse.BooleanOptionalAction,
+                     default=True,
+                     help="secure aggregation (default on); --no-secagg is plain FedAvg")
+    sim.add_argument("--secagg-clip", type=_float, default=8.0,
+                     help="bound on each update coordinate for the fixed-point encoding")
+    sim.add_argument("--secagg-graph", choices=("complete", "harary"), default="complete",
+                     help="who shares with whom: complete graph or SecAgg+ sparse graph")
+    sim.add_argument("--drop-rate", type=_float, default=0.0,
+                     help="share of hospitals that drop out each round (simulated faults)")
+    sim.add_argument("--drop-stage", choices=("config", "mask", "consistency", "unmask"),
+                     default="mask", help="secure-aggregation stage at which they drop")
+    sim.add_argument("--release-metrics", choices=("none", "aggregate", "clear"), default="none",
+                     help="hospitals' training loss: stays home (default), leaves only inside "
+                          "the masked sum (aggregate), or in clear (--no-secagg only)")
     sim.add_argument("--resume", action="store_true",
                      help="continue the interrupted run in --out from its last completed round")
     sim.add_argument("--no-progress", action="store_true", help="plain output, no live table")
@@ -112,11 +126,14 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             local_epochs=args.local_epochs, max_grad_norm=args.max_grad_norm,
             noise_multiplier=args.noise_multiplier, accountant=args.accountant,
             grad_sample_mode=args.grad_sample_mode, allow_non_private=non_private,
-            device=args.device,
+            device=args.device, sampling_seed=args.seed if non_private else None,
         )
         cfg = SimulationConfig(
             task=task, policy=policy, out_dir=args.out, save_model=args.save_model,
             show_progress=not args.no_progress, resume=args.resume,
+            secagg=args.secagg, secagg_clip=args.secagg_clip, secagg_graph=args.secagg_graph,
+            drop_rate=args.drop_rate, drop_stage=args.drop_stage,
+            release_metrics=args.release_metrics,
         )
         if non_private:
             console.print(

@@ -50,6 +50,7 @@ class FakeGrid:
         self.fail = fail or {}
         self.silent = silent or {}
         self.sent: list[Message] = []
+        self.replies: list[Message] = []
         self.crash_at_round = crash_at_round
 
     def get_node_ids(self) -> list[int]:
@@ -75,4 +76,5 @@ class FakeGrid:
                 replies.append(self.apps[node](msg, self.contexts[node]))
             except Exception as exc:  # mirror Flower: an error becomes an error reply
                 replies.append(Message(Error(code=2, reason=repr(exc)), reply_to=msg))
+        self.replies.extend(replies)
         return replies

@@ -79,6 +79,7 @@ def policy_from_run_config(rc: Mapping[str, Any]) -> PrivacyPolicy:
         accountant=str(_get(rc, "accountant")),
         grad_sample_mode=str(_get(rc, "grad-sample-mode")),
         allow_non_private=sigma == 0,
+        sampling_seed=int(_get(rc, "seed")) if sigma == 0 else None,
     )
 
 

@@ -11,9 +11,10 @@ report. A refusal (budget spent) is a normal reply, not an error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bract.flower.records import (
+    AGGREGATED_METRICS,
     GLOBAL_WEIGHTS,
+    LOCAL_METRICS,
     LOCAL_WEIGHTS,
     PRIVACY_REPORT,
     ROUND_CONFIG,
@@ -34,6 +37,7 @@ from bract.flower.records import (
     record_to_weights,
     weights_to_record,
 )
+from bract.flower.secagg_client import IdentityLike, register_secagg, secagg_mod
 from bract.privacy import (
     DEFAULT_ACCOUNTANT,
     PrivacyBudget,
@@ -79,6 +83,9 @@ class PrivacyPolicy:
     grad_sample_mode: str = "auto"
     allow_non_private: bool = False
     device: str | None = None
+    #: Fixed Poisson-sampling seed; accepted only with noise multiplier 0 (non-private
+    #: runs made reproducible, e.g. to compare secure and plain aggregation exactly).
+    sampling_seed: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def budget(self) -> PrivacyBudget:
@@ -176,6 +183,7 @@ def dp_train_handler(
             accountant=policy_now.accountant,
             grad_sample_mode=policy_now.grad_sample_mode,
             device=policy_now.device,
+            sampling_seed=policy_now.sampling_seed,
         )
         global_weights = None
         if GLOBAL_WEIGHTS in msg.content.array_records:
@@ -199,16 +207,59 @@ def dp_train_handler(
             content.metric_records[TRAIN_INFO] = MetricRecord(
                 {"num-examples": int(outcome.num_examples)}
             )
+            if math.isfinite(outcome.train_loss):
+                # Stays on the hospital unless its policy releases it (metrics_guard_mod).
+                content.metric_records[LOCAL_METRICS] = MetricRecord(
+                    {AGGREGATED_METRICS[0]: float(outcome.train_loss)}
+                )
         return Message(content, reply_to=msg)
 
     return handle
 
 
-def make_client_app(
-    setup_fn: Callable[[Context], HospitalSetup], policy: PolicyLike
-) -> ClientApp:
-    """A Flower ``ClientApp`` whose ``train`` handler is :func:`dp_train_handler`."""
-    app = ClientApp()
-    app.train()(dp_train_handler(setup_fn, policy))
-    return app
+METRICS_RELEASE = ("none", "aggregate", "clear")
 
+
+def metrics_guard_mod(release: str = "none") -> Callable:
+    """A mod that lets metrics on the hospital's private data leave only by policy.
+
+    ``"none"`` (default): training metrics never leave; ``"clear"``: they leave
+    as a metric record; ``"aggregate"``: they leave only inside the masked vector
+    of secure aggregation (the secagg mod, inside this one, puts them there), so
+    the server learns only their example-weighted average. The privacy report
+    (epsilon and accounting events) always leaves: the server needs it.
+    """
+    if release not in METRICS_RELEASE:
+        raise ValueError(f"metrics release {release!r} must be one of {METRICS_RELEASE}")
+
+    def mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]):
+        reply = call_next(msg, ctx)
+        if not reply.has_error() and release != "clear":
+            reply.content.metric_records.pop(LOCAL_METRICS, None)
+        return reply
+
+    return mod
+
+
+def make_client_app(
+    setup_fn: Callable[[Context], HospitalSetup],
+    policy: PolicyLike,
+    *,
+    secagg: IdentityLike | None = None,
+    release_metrics: str = "none",
+    mods: Sequence[Callable] = (),
+) -> ClientApp:
+    """A Flower ``ClientApp`` for a hospital: DP-SGD, and secure aggregation if given.
+
+    ``secagg`` is the hospital's identity for secure aggregation (or a function of
+    the Context returning it); with it, the update and example count leave the
+    hospital only inside masked vectors. ``mods`` wrap every handler, inside the
+    metrics guard (e.g. fault injection in simulations).
+    """
+    app = ClientApp()
+    train_mods = [metrics_guard_mod(release_metrics), *mods]
+    if secagg is not None:
+        train_mods.append(secagg_mod(secagg, release_metrics=release_metrics == "aggregate"))
+        register_secagg(app, secagg, mods=list(mods))
+    app.train(mods=train_mods)(dp_train_handler(setup_fn, policy))
+    return app

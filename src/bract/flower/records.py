@@ -15,6 +15,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from bract.privacy import BudgetDecision, PrivacyLedger
+from bract.secagg import Message as SecAggMessage
+from bract.secagg import message_from_dict
 
 #: server -> hospital: the global model.
 GLOBAL_WEIGHTS = "bract.global"
@@ -26,6 +28,14 @@ LOCAL_WEIGHTS = "bract.local"
 PRIVACY_REPORT = "bract.privacy"
 #: hospital -> server: how much the update weighs in FedAvg.
 TRAIN_INFO = "bract.train"
+#: produced by the hospital's training: metrics on its private data. The metrics
+#: guard removes them before a reply leaves unless the hospital's policy releases
+#: them (in clear, or only inside the masked vector under secure aggregation).
+LOCAL_METRICS = "bract.local-metrics"
+#: The training metrics a hospital can release, in their order inside a masked vector.
+AGGREGATED_METRICS = ("train-loss",)
+#: both ways: one secure-aggregation protocol message (see bract.secagg.messages).
+SECAGG = "bract.secagg"
 
 #: kept in ctx.state on the hospital: ledger and calibration, across rounds.
 STATE_PRIVACY = "bract.privacy.state"
@@ -101,3 +111,13 @@ def read_privacy_report(content: RecordDict) -> dict[str, Any]:
         "decision": json.loads(str(rec.get("decision", "{}"))),
         "reason": str(rec["reason"]),
     }
+
+
+def secagg_to_record(msg: SecAggMessage) -> ConfigRecord:
+    """A secure-aggregation message as a ConfigRecord (its plain-data form)."""
+    return ConfigRecord(msg.to_dict())
+
+
+def secagg_from_record(record: ConfigRecord) -> SecAggMessage:
+    """Inverse of :func:`secagg_to_record`; the protocol validates every field."""
+    return message_from_dict(dict(record))

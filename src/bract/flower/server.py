@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console, Group
 from rich.live import Live
@@ -36,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bract.flower.records import (
+    AGGREGATED_METRICS,
     GLOBAL_WEIGHTS,
     LOCAL_WEIGHTS,
     ROUND_CONFIG,
@@ -44,6 +45,7 @@ from bract.flower.records import (
     record_to_weights,
     weights_to_record,
 )
+from bract.flower.secagg_server import SecAggSettings, SecureAggregator
 from bract.privacy import PrivacyLedger
 
 Weights = dict[str, np.ndarray]
@@ -68,6 +70,8 @@ class ServerConfig:
     show_progress: bool = True
     #: Continue from the checkpoint in ``out_dir`` instead of starting afresh.
     resume: bool = False
+    #: Secure aggregation settings; ``None`` runs plain FedAvg (updates in clear).
+    secagg: SecAggSettings | None = None
 
 
 def fedavg(updates: list[tuple[Weights, int]]) -> Weights:
@@ -237,14 +241,6 @@ def load_checkpoint_state(out_dir: Path, run_config: Mapping[str, Any]) -> dict[
     return state
 
 
-@dataclass
-class _RoundReplies:
-    """What one round's replies amount to, before aggregation."""
-
-    updates: list[tuple[Weights, int]] = field(default_factory=list)
-    trained: list[str] = field(default_factory=list)
-
-
 class Federation:
     """The server's state across rounds: global model, hospitals, report, checkpoint.
 
@@ -268,6 +264,8 @@ class Federation:
         self.global_weights: Weights = {}
         self.metrics: dict[str, float] = {}
         self.completed = 0
+        self.resumes = 0
+        self.secure: SecureAggregator | None = None
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -293,6 +291,7 @@ class Federation:
                        for cid, v in self.latest.items()},
             "stopped": self.stopped,
             "metrics": self.metrics,
+            "resumes": self.resumes,
         }
         _atomic_write(ckpt / "state.json", json.dumps(state) + "\n")
         for old in ckpt.glob("global-round-*.npz"):
@@ -322,52 +321,65 @@ class Federation:
                        for cid, v in state["latest"].items()}
         self.stopped = dict(state["stopped"])
         self.metrics = dict(state["metrics"])
+        self.resumes = int(state.get("resumes", 0)) + 1
 
     # ---------------------------------------------------------------------- rounds
-    def _train_messages(self, rnd: int) -> list[Message]:
+    def _round_content(self, rnd: int, arrays: ArrayRecord, content: RecordDict) -> None:
+        content.array_records[GLOBAL_WEIGHTS] = arrays
+        content.config_records[ROUND_CONFIG] = ConfigRecord(
+            {"round": rnd, "num-rounds": self.cfg.rounds}
+        )
+
+    def _label(self, node: int) -> str:
+        return self.names.get(node, f"node-{node}")
+
+    def _read_train_reply(self, rnd: int, reply: Message, display: _Display) -> str | None:
+        """Record a training reply's privacy report; the hospital's id if it trained."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            display.note(f"round {rnd}: {self._label(node)} failed: {reply.error.reason}")
+            return None
+        try:
+            rep = read_privacy_report(reply.content)
+        except ValueError as exc:
+            display.note(f"round {rnd}: {self._label(node)} sent a malformed reply: {exc}")
+            return None
+        cid = rep["client_id"] or self._label(node)
+        self.names[node] = cid
+        self.record.ledgers[cid] = rep["ledger"]
+        self.latest[cid] = {
+            "epsilon": rep["epsilon"],
+            "noise_multiplier": rep["noise_multiplier"],
+            "sample_rate": rep["sample_rate"],
+            "steps": rep["steps"],
+            "trained": rep["trained"],
+            "reason": rep["reason"],
+        }
+        if not rep["trained"]:
+            self.stopped[cid] = rep["reason"]
+            if node in self.active:
+                self.active.remove(node)
+            display.note(f"round {rnd}: {cid} stopped — {rep['reason']}")
+            return None
+        return cid
+
+    def _plain_round(self, rnd: int, display: _Display) -> tuple[list[str], dict[str, Any]]:
+        """Plain FedAvg: updates and example counts travel in clear (--no-secagg)."""
         arrays = weights_to_record(self.global_weights)
         messages = []
         for node in self.active:
             content = RecordDict()
-            content.array_records[GLOBAL_WEIGHTS] = arrays
-            content.config_records[ROUND_CONFIG] = ConfigRecord(
-                {"round": rnd, "num-rounds": self.cfg.rounds}
-            )
+            self._round_content(rnd, arrays, content)
             messages.append(
                 Message(content, dst_node_id=node, message_type="train", group_id=str(rnd))
             )
-        return messages
-
-    def _collect(self, rnd: int, replies: list[Message], display: _Display) -> _RoundReplies:
-        out = _RoundReplies()
-        answered: set[int] = set()
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        updates: list[tuple[Weights, int]] = []
+        trained: list[str] = []
+        answered = {r.metadata.src_node_id for r in replies}
         for reply in replies:
-            node = reply.metadata.src_node_id
-            answered.add(node)
-            label = self.names.get(node, f"node-{node}")
-            if reply.has_error():
-                display.note(f"round {rnd}: {label} failed: {reply.error.reason}")
-                continue
-            try:
-                rep = read_privacy_report(reply.content)
-            except ValueError as exc:
-                display.note(f"round {rnd}: {label} sent a malformed reply: {exc}")
-                continue
-            cid = rep["client_id"] or label
-            self.names[node] = cid
-            self.record.ledgers[cid] = rep["ledger"]
-            self.latest[cid] = {
-                "epsilon": rep["epsilon"],
-                "noise_multiplier": rep["noise_multiplier"],
-                "sample_rate": rep["sample_rate"],
-                "steps": rep["steps"],
-                "trained": rep["trained"],
-                "reason": rep["reason"],
-            }
-            if not rep["trained"]:
-                self.stopped[cid] = rep["reason"]
-                self.active.remove(node)
-                display.note(f"round {rnd}: {cid} stopped — {rep['reason']}")
+            cid = self._read_train_reply(rnd, reply, display)
+            if cid is None:
                 continue
             if LOCAL_WEIGHTS not in reply.content.array_records:
                 display.note(f"round {rnd}: {cid} trained but sent no weights; ignored")
@@ -378,26 +390,67 @@ class Federation:
             ):
                 display.note(f"round {rnd}: {cid} sent weights of the wrong shape; ignored")
                 continue
-            n_ex = int(reply.content.metric_records[TRAIN_INFO]["num-examples"])
-            out.updates.append((local, n_ex))
-            out.trained.append(cid)
+            updates.append((local, int(reply.content.metric_records[TRAIN_INFO]["num-examples"])))
+            trained.append(cid)
         for node in self.active:
             if node not in answered:
-                display.note(f"round {rnd}: {self.names.get(node, f'node-{node}')} did not answer")
-        return out
+                display.note(f"round {rnd}: {self._label(node)} did not answer")
+        if updates:
+            self.global_weights = fedavg(updates)
+        return trained, {}
+
+    def _secure_round(self, rnd: int, display: _Display) -> tuple[list[str], dict[str, Any]]:
+        """Secure FedAvg: the server learns only the example-weighted mean update."""
+        assert self.secure is not None
+        arrays = weights_to_record(self.global_weights)
+        trained: list[str] = []
+
+        def on_train_reply(reply: Message) -> bool:
+            cid = self._read_train_reply(rnd, reply, display)
+            if cid is not None:
+                trained.append(cid)
+            return cid is not None
+
+        result, info = self.secure.run_round(
+            rnd, list(self.active), self._secure_dim(),
+            lambda node, content: self._round_content(rnd, arrays, content),
+            on_train_reply, self._label, display.note,
+        )
+        if result is None:
+            display.note(f"round {rnd}: secure aggregation aborted ({info.aborted}); "
+                         "nothing was revealed and the global model is unchanged")
+            return [], {"secagg": info.to_plain()}
+        mean = result.mean()
+        offset = 0
+        updated: Weights = {}
+        for name, value in self.global_weights.items():
+            size = value.size
+            delta = mean[offset : offset + size].reshape(value.shape)
+            updated[name] = (value.astype(np.float64) + delta).astype(value.dtype)
+            offset += size
+        self.global_weights = updated
+        extra: dict[str, Any] = {"secagg": info.to_plain()}
+        for name, value in zip(AGGREGATED_METRICS, mean[offset:], strict=False):
+            # Metrics the hospitals released in aggregate: their example-weighted mean.
+            extra[name.replace("-", "_")] = float(value)
+        return sorted(set(trained) & set(info.alive)), extra
+
+    def _secure_dim(self) -> int:
+        assert self.cfg.secagg is not None
+        params = sum(v.size for v in self.global_weights.values())
+        return int(params + self.cfg.secagg.aggregate_metrics)
 
     def run_round(self, rnd: int, display: _Display) -> dict[str, Any]:
-        """One round of private FedAvg; returns the report row."""
+        """One round of private FedAvg (secure or plain); returns the report row."""
         t0 = time.perf_counter()
-        replies = list(
-            self.grid.send_and_receive(self._train_messages(rnd), timeout=self.cfg.round_timeout)
-        )
-        result = self._collect(rnd, replies, display)
-        if result.updates:
-            self.global_weights = fedavg(result.updates)
+        if self.secure is not None:
+            trained, extra = self._secure_round(rnd, display)
+        else:
+            trained, extra = self._plain_round(rnd, display)
+        if trained:
             self.metrics = self.evaluate(self.global_weights)
         else:
-            display.note(f"round {rnd}: no hospital trained; the global model is unchanged")
+            display.note(f"round {rnd}: no update was aggregated; the global model is unchanged")
         per_client = {cid: dict(v) for cid, v in sorted(self.latest.items())}
         eps_max = max((v["epsilon"] for v in per_client.values()), default=0.0)
         return {
@@ -407,8 +460,9 @@ class Federation:
             "per_client": {
                 cid: {**v, "epsilon": _json_float(v["epsilon"])} for cid, v in per_client.items()
             },
-            "trained": sorted(result.trained),
+            "trained": sorted(trained),
             **self.metrics,
+            **extra,
             "seconds": time.perf_counter() - t0,
         }
 
@@ -430,6 +484,11 @@ class Federation:
         # On resume every node is asked again: a hospital whose budget is spent keeps
         # its own ledger and refuses again, so nobody is trusted to have stopped.
         self.active = list(nodes)
+        if self.cfg.secagg is not None:
+            self.secure = SecureAggregator(
+                self.grid, self.cfg.secagg, timeout=self.cfg.round_timeout,
+                round_offset=self.resumes,
+            )
         todo = self.cfg.rounds - self.completed
         with _Display(todo, self.cfg.show_progress) as display:
             if resume:

@@ -22,6 +22,10 @@ from flwr.app import Context
 from bract import tasks
 from bract.flower.app import HOSPITALS_DIR, hospital_setup
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.faults import DROP_STAGES, dropout_mod
+from bract.flower.records import AGGREGATED_METRICS
+from bract.flower.secagg_client import SecAggIdentity
+from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import (
     CHECKPOINT_DIR,
     ServerConfig,
@@ -29,6 +33,7 @@ from bract.flower.server import (
     make_server_app,
 )
 from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
+from bract.secagg import SigningKey
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,15 @@ class SimulationConfig:
     show_progress: bool = True
     resume: bool = False
     client_threads: int = 1
+    #: Secure aggregation (default on); ``False`` is plain FedAvg, for comparison.
+    secagg: bool = True
+    secagg_clip: float = 8.0
+    secagg_graph: str = "complete"
+    drop_rate: float = 0.0
+    drop_stage: str = "mask"
+    #: Hospitals' training metrics: "none" stay home, "aggregate" leave only inside the
+    #: masked vector (secure aggregation), "clear" leave in clear (plain FedAvg only).
+    release_metrics: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_plain(self) -> dict[str, Any]:
@@ -53,8 +67,28 @@ class SimulationConfig:
             "non_private": self.policy.noise_multiplier == 0,
             "out": str(self.out_dir),
             "save_model": str(self.save_model) if self.save_model else None,
+            "secagg": self.secagg,
+            "secagg_clip": self.secagg_clip,
+            "secagg_graph": self.secagg_graph,
+            "drop_rate": self.drop_rate,
+            "drop_stage": self.drop_stage,
+            "release_metrics": self.release_metrics,
             **self.extra,
         }
+
+
+def make_identities(n: int, federation_id: str) -> tuple[dict[int, bytes], list[SecAggIdentity]]:
+    """Fresh Ed25519 identities for ``n`` simulated hospitals and the roster of them.
+
+    In a simulation the operator of every hospital is this process; in a real
+    deployment each hospital makes its own key and the roster is exchanged out of
+    band (docs/deployment.md).
+    """
+    keys = [SigningKey.generate() for _ in range(n)]
+    roster = {i + 1: k.public_bytes() for i, k in enumerate(keys)}
+    return roster, [
+        SecAggIdentity(i + 1, k.to_bytes(), roster, federation_id) for i, k in enumerate(keys)
+    ]
 
 
 def _setup_fn(cfg: SimulationConfig) -> Callable[[Context], HospitalSetup]:
@@ -80,6 +114,18 @@ def validate(cfg: SimulationConfig) -> None:
         raise PrivacyError("noise multiplier 0 is non-private; allow it explicitly.")
     if cfg.resume:
         load_checkpoint_state(cfg.out_dir, cfg.to_plain())
+    if cfg.drop_stage not in DROP_STAGES:
+        raise ValueError(f"--drop-stage must be one of {sorted(DROP_STAGES)}")
+    if not 0.0 <= cfg.drop_rate <= 1.0:
+        raise ValueError(f"--drop-rate must lie in [0, 1] (got {cfg.drop_rate})")
+    if not cfg.secagg and cfg.drop_rate and cfg.drop_stage != "config":
+        raise ValueError("without secure aggregation the only drop stage is 'config'")
+    if cfg.release_metrics == "aggregate" and not cfg.secagg:
+        raise ValueError("metrics can be released in aggregate only with secure aggregation")
+    if cfg.release_metrics == "clear" and cfg.secagg:
+        raise ValueError("with secure aggregation metrics leave only in aggregate, never clear")
+    if cfg.secagg and cfg.task.clients < 2:
+        raise ValueError("secure aggregation needs at least 2 hospitals (or use --no-secagg)")
 
 
 def run(cfg: SimulationConfig) -> dict[str, Any]:
@@ -118,7 +164,23 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
     )
     result: dict[str, Any] = {}
     server_app = make_server_app(initial_weights, evaluate, server_cfg, on_done=result.update)
-    client_app = make_client_app(_setup_fn(cfg), cfg.policy)
+    mods = [dropout_mod(cfg.drop_rate, cfg.drop_stage, cfg.task.seed)] if cfg.drop_rate else []
+    identities: list[SecAggIdentity] = []
+    if cfg.secagg:
+        federation_id = f"bract-sim-{os.urandom(8).hex()}"
+        roster, identities = make_identities(cfg.task.clients, federation_id)
+        server_cfg.secagg = SecAggSettings(
+            federation_id, roster, clip=cfg.secagg_clip, graph=cfg.secagg_graph,
+            aggregate_metrics=len(AGGREGATED_METRICS) if cfg.release_metrics == "aggregate" else 0,
+        )
+
+    def identity(ctx: Context) -> SecAggIdentity:
+        return identities[int(ctx.node_config["partition-id"])]
+
+    client_app = make_client_app(
+        _setup_fn(cfg), cfg.policy, secagg=identity if cfg.secagg else None, mods=mods,
+        release_metrics=cfg.release_metrics,
+    )
     from flwr.simulation import run_simulation
 
     use_gpu = torch.cuda.is_available() and cfg.policy.device in (None, "auto", "cuda")

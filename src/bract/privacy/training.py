@@ -22,6 +22,7 @@ respect to each patient record of this hospital, with epsilon as reported by
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -178,6 +179,7 @@ class PrivateTrainer:
         grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
         device: str | torch.device | None = None,
         secure_noise: bool = True,
+        sampling_seed: int | None = None,
     ) -> None:
         grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode)
         if accountant not in ACCOUNTANTS:
@@ -222,6 +224,13 @@ class PrivateTrainer:
         self.accountant = accountant
         self.grad_sample_mode = grad_sample_mode
         self.secure_noise = secure_noise
+        if sampling_seed is not None and self.noise_multiplier != 0:
+            raise PrivacyError(
+                "a fixed sampling seed makes every batch predictable, which voids the privacy "
+                "amplification of Poisson sampling; it is only accepted for non-private runs "
+                "(noise multiplier 0), e.g. to compare aggregation methods exactly."
+            )
+        self.sampling_seed = sampling_seed
         self.client_id = client_id
         self.ledger = ledger if ledger is not None else PrivacyLedger(client_id)
         self._noise_source = SecureGaussian() if secure_noise else None
@@ -339,7 +348,14 @@ class PrivateTrainer:
         # Opacus would use torch's default generator, whose seed is public (fixed, or
         # set by the application); seed a private one from the OS instead.
         sampler_rng = torch.Generator()
-        sampler_rng.manual_seed(int.from_bytes(os.urandom(8), "little"))
+        seed_bytes = (
+            os.urandom(8)
+            if self.sampling_seed is None
+            else hashlib.sha256(
+                f"{self.sampling_seed}:{self.client_id}:{len(self.ledger.events)}".encode()
+            ).digest()[:8]
+        )
+        sampler_rng.manual_seed(int.from_bytes(seed_bytes, "little"))
         dp_loader.batch_sampler.generator = sampler_rng
         total = self.local_epochs * len(dp_loader)
         steps, loss_sum, loss_batches = 0, 0.0, 0

@@ -1,0 +1,214 @@
+"""Hospital side of secure aggregation in Flower: a mod and three stage handlers.
+
+Message stages of one secure round (server -> hospital message type):
+
+1. ``train`` (carries the secagg round config): the DP training handler runs as
+   usual; :func:`secagg_mod` then takes the update *out* of the reply (weights,
+   example count, any metrics the policy lets out in aggregate), keeps it in
+   ``ctx.state`` and answers with encrypted Shamir shares instead.
+2. ``train.secagg_mask``: the masked update ``y = enc(w * delta) + masks``.
+3. ``train.secagg_check``: a signature over the alive set (consistency check).
+4. ``train.secagg_unmask``: the shares the server may have, never both for a peer.
+
+Plus, once per key epoch, ``query.secagg_advertise``: the hospital's signed keys.
+
+Guarantee (under the protocol's threat model, see docs/secagg.md): no update,
+example count or aggregated metric of a hospital leaves it except inside a
+masked vector, and the session's secrets never leave ``ctx.state``. A
+protocol error (a forged key, a replay, a lowered threshold, ...) raises, so
+Flower answers the server with an error naming it, and the round goes on
+without this hospital.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from bract.flower.records import (
+    AGGREGATED_METRICS,
+    GLOBAL_WEIGHTS,
+    LOCAL_METRICS,
+    LOCAL_WEIGHTS,
+    SECAGG,
+    TRAIN_INFO,
+    record_to_weights,
+    secagg_from_record,
+    secagg_to_record,
+)
+from bract.secagg import (
+    ClientPolicy,
+    ClientSession,
+    ConsistencyRequest,
+    MaskRequest,
+    RoundConfig,
+    SigningKey,
+    UnmaskRequest,
+)
+
+#: ``ctx.state`` keys: the protocol session (holds secrets) and the pending update.
+STATE_SESSION = "bract.secagg.session"
+STATE_PENDING = "bract.secagg.pending"
+
+ADVERTISE = "query.secagg_advertise"
+MASK = "train.secagg_mask"
+CHECK = "train.secagg_check"
+UNMASK = "train.secagg_unmask"
+
+
+@dataclass(frozen=True)
+class SecAggIdentity:
+    """A hospital's long-term secure-aggregation identity, from its operator.
+
+    ``roster`` maps every hospital's secagg id to its Ed25519 public key; it
+    reaches the hospital out of band (never from the server), so the server
+    cannot substitute keys.
+    """
+
+    node: int
+    signing_key: bytes
+    roster: dict[int, bytes]
+    federation_id: str
+    policy: ClientPolicy = field(default_factory=lambda: ClientPolicy(clip_out_of_range=True))
+
+
+IdentityLike = SecAggIdentity | Callable[[Context], SecAggIdentity]
+
+
+def flatten_delta(local: dict[str, np.ndarray], global_: dict[str, np.ndarray]) -> np.ndarray:
+    """``local - global`` as one float64 vector, in the global model's key order."""
+    if local.keys() != global_.keys():
+        raise ValueError("local and global weights have different names")
+    return np.concatenate(
+        [(np.asarray(local[k], np.float64) - np.asarray(global_[k], np.float64)).ravel()
+         for k in global_]
+    )
+
+
+def _identity(identity: IdentityLike, ctx: Context) -> SecAggIdentity:
+    return identity(ctx) if callable(identity) else identity
+
+
+def _session(identity: SecAggIdentity, ctx: Context) -> ClientSession:
+    key = SigningKey.from_bytes(identity.signing_key)
+    rec = ctx.state.config_records.get(STATE_SESSION)
+    if rec is not None and "state" in rec:
+        return ClientSession.from_state(
+            bytes(rec["state"]), key, identity.roster, identity.policy
+        )
+    return ClientSession(
+        identity.node, identity.federation_id, key, identity.roster, identity.policy
+    )
+
+
+def _save(ctx: Context, session: ClientSession) -> None:
+    ctx.state.config_records[STATE_SESSION] = ConfigRecord({"state": session.export_state()})
+
+
+def _reply(msg: Message, payload: RecordDict | None = None) -> Message:
+    return Message(payload or RecordDict(), reply_to=msg)
+
+
+def secagg_mod(identity: IdentityLike, release_metrics: bool = False) -> Callable:
+    """A Flower mod for the ``train`` stage: update out of the reply, shares in.
+
+    Only acts on messages that carry a secagg round config; plain ``train``
+    messages pass through unchanged. ``release_metrics`` lets the hospital's
+    training metrics travel *inside* the masked vector (the server learns only
+    their example-weighted average); otherwise they are dropped here.
+    """
+
+    def mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]):
+        if SECAGG not in msg.content.config_records:
+            return call_next(msg, ctx)
+        cfg = secagg_from_record(msg.content.config_records[SECAGG])
+        if not isinstance(cfg, RoundConfig):
+            raise ValueError(f"train stage expects a secagg round config, got {cfg.KIND}")
+        reply = call_next(msg, ctx)
+        if reply.has_error():
+            return reply
+        content = reply.content
+        local_rec = content.array_records.get(LOCAL_WEIGHTS)
+        info = content.metric_records.get(TRAIN_INFO)
+        metrics = content.metric_records.get(LOCAL_METRICS)
+        # Whatever happens next, nothing of the update leaves in clear.
+        for name in (LOCAL_WEIGHTS,):
+            content.array_records.pop(name, None)
+        for name in (TRAIN_INFO, LOCAL_METRICS):
+            content.metric_records.pop(name, None)
+        if local_rec is None or info is None:
+            return reply  # refused (budget) or nothing to send: no shares, a clean dropout
+        ident = _identity(identity, ctx)
+        session = _session(ident, ctx)
+        global_ = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
+        vector = flatten_delta(record_to_weights(local_rec), global_)
+        if release_metrics:
+            missing = [k for k in AGGREGATED_METRICS if metrics is None or k not in metrics]
+            if missing:
+                raise ValueError(f"metrics {missing} to release in aggregate were not produced")
+            extra = [float(metrics[k]) for k in AGGREGATED_METRICS]
+            vector = np.concatenate([vector, np.asarray(extra, np.float64)])
+        shares = session.handle_round_config(cfg)
+        ctx.state.config_records[STATE_PENDING] = ConfigRecord(
+            {"round": cfg.round, "vector": vector.tobytes(), "weight": int(info["num-examples"])}
+        )
+        _save(ctx, session)
+        content.config_records[SECAGG] = secagg_to_record(shares)
+        return reply
+
+    return mod
+
+
+def _stage_handler(identity: IdentityLike, expected: type) -> Callable[[Message, Context], Message]:
+    def handle(msg: Message, ctx: Context) -> Message:
+        ident = _identity(identity, ctx)
+        req = secagg_from_record(msg.content.config_records[SECAGG])
+        if not isinstance(req, expected):
+            raise ValueError(f"expected a {expected.KIND} message, got {req.KIND}")
+        session = _session(ident, ctx)
+        if isinstance(req, MaskRequest):
+            pending = ctx.state.config_records.get(STATE_PENDING)
+            if pending is None:
+                raise ValueError("mask request without a pending update for this round")
+            vector = np.frombuffer(bytes(pending["vector"]), dtype=np.float64)
+            out = session.handle_mask_request(req, vector, int(pending["weight"]))
+            # The update is now inside the masked vector; do not keep it around.
+            del ctx.state.config_records[STATE_PENDING]
+        elif isinstance(req, ConsistencyRequest):
+            out = session.handle_consistency_request(req)
+        else:
+            out = session.handle_unmask_request(req)
+        _save(ctx, session)
+        return _reply(msg, RecordDict({SECAGG: secagg_to_record(out)}))
+
+    return handle
+
+
+def advertise_handler(identity: IdentityLike) -> Callable[[Message, Context], Message]:
+    """``query.secagg_advertise``: the hospital's signed key advertisement."""
+
+    def handle(msg: Message, ctx: Context) -> Message:
+        ident = _identity(identity, ctx)
+        session = _session(ident, ctx)
+        adv = session.advertise_keys()
+        _save(ctx, session)
+        return _reply(msg, RecordDict({SECAGG: secagg_to_record(adv)}))
+
+    return handle
+
+
+def register_secagg(
+    app: ClientApp, identity: IdentityLike, mods: list[Callable] | None = None
+) -> None:
+    """Register the advertise, mask, check and unmask handlers on ``app``.
+
+    Flower routes by message type before mods run, so each stage needs a handler.
+    """
+    app.query("secagg_advertise", mods=mods)(advertise_handler(identity))
+    app.train("secagg_mask", mods=mods)(_stage_handler(identity, MaskRequest))
+    app.train("secagg_check", mods=mods)(_stage_handler(identity, ConsistencyRequest))
+    app.train("secagg_unmask", mods=mods)(_stage_handler(identity, UnmaskRequest))

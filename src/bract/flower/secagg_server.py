@@ -1,0 +1,282 @@
+"""Server side of secure aggregation over Flower's Grid.
+
+Drives one :class:`bract.secagg.ServerSession` through the protocol's stages with
+``grid.send_and_receive``; every message and check is the protocol's own (see
+:mod:`bract.secagg.protocol`). Per round, in order:
+
+0. ``query.secagg_advertise`` — only to hospitals whose keys the server lacks
+   (first round) or that must rotate them (their mask key was reconstructed).
+1. ``train`` with the round config: hospitals train, answer with shares.
+2. ``train.secagg_mask``: masked updates, summed as they arrive.
+3. ``train.secagg_check``: signatures over the alive set.
+4. ``train.secagg_unmask``: shares to remove the masks.
+
+A hospital that errors or does not answer at any stage is a dropout; the round
+completes while at least the threshold remains, else it aborts and reveals
+nothing more (the global model is left unchanged).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from bract.flower.records import SECAGG, secagg_from_record, secagg_to_record
+from bract.secagg import (
+    AggregateResult,
+    EncodingConfig,
+    KeyAdvertisement,
+    RoundAborted,
+    SecAggError,
+    ServerSession,
+)
+from bract.secagg import Message as SecAggMessage
+
+STAGE_TYPES = {
+    "mask": "train.secagg_mask",
+    "check": "train.secagg_check",
+    "unmask": "train.secagg_unmask",
+}
+
+
+@dataclass
+class SecureRoundInfo:
+    """What report.json records about one secure round."""
+
+    clients: int = 0
+    advertised: list[str] = field(default_factory=list)
+    alive: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    stages: int = 0
+    seconds: float = 0.0
+    aborted: str | None = None
+    error_bound: float = 0.0
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        return {
+            "clients": self.clients, "advertised": self.advertised,
+            "alive": self.alive, "dropped": self.dropped,
+            "stages": self.stages, "seconds": self.seconds, "aborted": self.aborted,
+            "error_bound": self.error_bound,
+        }
+
+
+Notify = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """How the server runs secure aggregation (hospitals enforce their own minimums).
+
+    ``clip`` bounds each coordinate of a hospital's update (local minus global
+    weights) for the fixed-point encoding; ``frac_bits`` sets its resolution
+    (2^-frac_bits). ``aggregate_metrics`` is the number of metric coordinates the
+    hospitals append to the vector (0 unless their policy releases metrics in
+    aggregate).
+    """
+
+    federation_id: str
+    roster: dict[int, bytes]
+    clip: float = 8.0
+    frac_bits: int = 16
+    max_weight: int = 2**20
+    graph: str = "complete"
+    threshold_fraction: float = 0.5
+    aggregate_metrics: int = 0
+
+    def encoding(self) -> EncodingConfig:
+        """The protocol's fixed-point encoding for these settings."""
+        return EncodingConfig(
+            clip=self.clip, frac_bits=self.frac_bits, max_weight=self.max_weight
+        )
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain dict for report.json (public keys as hex)."""
+        return {
+            "federation_id": self.federation_id,
+            "roster": {str(k): v.hex() for k, v in sorted(self.roster.items())},
+            "clip": self.clip, "frac_bits": self.frac_bits, "max_weight": self.max_weight,
+            "graph": self.graph, "threshold_fraction": self.threshold_fraction,
+            "aggregate_metrics": self.aggregate_metrics,
+        }
+
+
+class SecureAggregator:
+    """Runs bract's secure aggregation for the server over a Flower Grid.
+
+    ``roster`` maps each hospital's secagg id to its Ed25519 public key. The
+    mapping from Flower node ids to secagg ids is learnt from the hospitals'
+    signed advertisements.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        settings: SecAggSettings,
+        *,
+        timeout: float | None = None,
+        round_offset: int = 0,
+    ) -> None:
+        self.grid = grid
+        self.session = ServerSession(
+            settings.federation_id, dict(settings.roster), encoding=settings.encoding(),
+            graph=settings.graph, threshold_fraction=settings.threshold_fraction,
+        )
+        self.timeout = timeout
+        self.node_of: dict[int, int] = {}  # secagg id -> Flower node id
+        self.sid_of: dict[int, int] = {}  # Flower node id -> secagg id
+        #: Added to the FL round to form the protocol's round number, so that a
+        #: resumed run never reuses a protocol round a hospital has already seen.
+        self.round_offset = round_offset
+
+    def protocol_round(self, fl_round: int) -> int:
+        """The protocol's (strictly increasing) round number for an FL round."""
+        return (fl_round << 20) + self.round_offset
+
+    # ------------------------------------------------------------------ helpers
+    def _exchange(
+        self, rnd: int, message_type: str, payloads: Mapping[int, SecAggMessage],
+        extra: Callable[[int, RecordDict], None] | None = None,
+    ) -> dict[int, Message]:
+        """Send one stage to the given Flower nodes; returns the replies by node."""
+        messages = []
+        for node, payload in payloads.items():
+            content = RecordDict({SECAGG: secagg_to_record(payload)})
+            if extra is not None:
+                extra(node, content)
+            messages.append(
+                Message(content, dst_node_id=node, message_type=message_type, group_id=str(rnd))
+            )
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        return {r.metadata.src_node_id: r for r in replies}
+
+    @staticmethod
+    def _payload(reply: Message) -> SecAggMessage:
+        if reply.has_error():
+            raise SecAggError(reply.error.reason)
+        if SECAGG not in reply.content.config_records:
+            raise SecAggError("reply carries no secure-aggregation record")
+        return secagg_from_record(reply.content.config_records[SECAGG])
+
+    def ensure_keys(self, rnd: int, nodes: Sequence[int], note: Notify) -> list[int] | None:
+        """Stage 0: collect advertisements from nodes the server cannot use yet.
+
+        Returns the nodes whose keys were accepted, or ``None`` when the stage was
+        skipped (every key current).
+        """
+        unknown = [n for n in nodes if n not in self.sid_of]
+        known_stale = set(self.session.needs_advertisement(
+            [self.sid_of[n] for n in nodes if n in self.sid_of]
+        ))
+        ask = unknown + [n for n in nodes if self.sid_of.get(n) in known_stale]
+        if not ask:
+            return None
+        accepted: list[int] = []
+        messages = [
+            Message(RecordDict(), dst_node_id=n, message_type="query.secagg_advertise",
+                    group_id=str(rnd))
+            for n in ask
+        ]
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            try:
+                adv = self._payload(reply)
+                if not isinstance(adv, KeyAdvertisement):
+                    raise SecAggError(f"expected an advertisement, got {adv.KIND}")
+                claimed = self.node_of.get(adv.node_id)
+                if claimed is not None and claimed != node:
+                    raise SecAggError(f"secagg id {adv.node_id} is already node {claimed}")
+                self.session.receive_advertisement(adv)
+            except SecAggError as exc:
+                note(f"round {rnd}: node {node} key advertisement refused: {exc}")
+                continue
+            self.node_of[adv.node_id] = node
+            self.sid_of[node] = adv.node_id
+            accepted.append(node)
+        return accepted
+
+    # -------------------------------------------------------------------- round
+    def run_round(
+        self,
+        rnd: int,
+        nodes: Sequence[int],
+        dim: int,
+        train_content: Callable[[int, RecordDict], None],
+        on_train_reply: Callable[[Message], bool],
+        label: Callable[[int], str],
+        note: Notify,
+    ) -> tuple[AggregateResult | None, SecureRoundInfo]:
+        """One secure round over ``nodes``; ``None`` if it aborted (nothing revealed).
+
+        ``train_content`` adds the training instruction (global model, round
+        config) to each stage-1 message; ``on_train_reply`` reads a stage-1 reply's
+        privacy report and says whether the hospital trained.
+        """
+        t0 = time.perf_counter()
+        info = SecureRoundInfo()
+        advertised = self.ensure_keys(rnd, nodes, note)
+        if advertised is not None:
+            info.stages += 1
+            info.advertised = sorted(label(n) for n in advertised)
+        ready = [n for n in nodes if n in self.sid_of
+                 and self.sid_of[n] not in self.session.needs_advertisement([self.sid_of[n]])]
+        info.clients = len(ready)
+        if len(ready) < 2:
+            info.aborted = f"only {len(ready)} hospitals with valid keys; need at least 2"
+            info.seconds = time.perf_counter() - t0
+            return None, info
+        try:
+            cfg = self.session.start_round(
+                self.protocol_round(rnd), [self.sid_of[n] for n in ready], dim
+            )
+            info.stages += 1
+            replies = self._exchange(rnd, "train", dict.fromkeys(ready, cfg), train_content)
+            for node, reply in replies.items():
+                if not on_train_reply(reply):
+                    continue
+                self._receive(rnd, node, reply, self.session.receive_shares, note, label)
+            for stage, request_fn, receive in (
+                ("mask", self.session.mask_requests, self.session.receive_masked_input),
+                ("check", self._check_requests, self.session.receive_consistency_signature),
+                ("unmask", self._unmask_requests, self.session.receive_unmask_reply),
+            ):
+                requests = {self.node_of[sid]: req for sid, req in request_fn().items()}
+                info.stages += 1
+                for node, reply in self._exchange(rnd, STAGE_TYPES[stage], requests).items():
+                    self._receive(rnd, node, reply, receive, note, label)
+            result = self.session.finish()
+        except RoundAborted as exc:
+            self.session.abort_round(str(exc))
+            info.aborted = str(exc)
+            info.seconds = time.perf_counter() - t0
+            return None, info
+        info.alive = sorted(label(self.node_of[s]) for s in result.alive)
+        info.dropped = sorted(label(self.node_of[s]) for s in result.dropped)
+        info.error_bound = float(result.error_bound)
+        info.seconds = time.perf_counter() - t0
+        return result, info
+
+    def _check_requests(self) -> dict[int, Any]:
+        req = self.session.consistency_request()
+        return dict.fromkeys(req.alive, req)
+
+    def _unmask_requests(self) -> dict[int, Any]:
+        req = self.session.unmask_request()
+        return dict.fromkeys(req.signers, req)
+
+    def _receive(
+        self, rnd: int, node: int, reply: Message, receive: Callable[[Any], None],
+        note: Notify, label: Callable[[int], str],
+    ) -> None:
+        try:
+            receive(self._payload(reply))
+        except RoundAborted:
+            raise
+        except SecAggError as exc:
+            note(f"round {rnd}: {label(node)} dropped from secure aggregation: {exc}")

@@ -1,0 +1,151 @@
+"""Secure FedAvg over the Grid: same model as plain FedAvg, dropouts at every stage,
+and nothing of a hospital's update in clear on the wire."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from bract import tasks
+from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.faults import DROP_STAGES, InjectedDropoutError
+from bract.flower.records import LOCAL_METRICS, LOCAL_WEIGHTS, TRAIN_INFO
+from bract.flower.secagg_server import SecAggSettings
+from bract.flower.server import ServerConfig, run_federation
+from bract.flower.simulation import make_identities
+from bract.privacy import load_weights, weights_of
+
+from .conftest import FakeGrid
+
+TASK = tasks.TaskConfig(dataset="breast-cancer", clients=5, batch_size=32, lr=0.2, seed=3)
+NODES = [1001, 1002, 1003, 1004, 1005]
+NON_PRIVATE = PrivacyPolicy(
+    target_epsilon=1.0, delta=1e-5, rounds=2, noise_multiplier=0.0, allow_non_private=True,
+    sampling_seed=7,
+)
+
+
+def _setup(ctx):
+    pid = int(ctx.node_config["partition-id"])
+    model = tasks.build_model(TASK)
+    return HospitalSetup(
+        model=model, optimizer=tasks.make_optimizer(TASK, model),
+        train_loader=tasks.hospital_loader(TASK, pid), client_id=f"hospital-{pid}",
+    )
+
+
+def _drop_mod(plan: dict[tuple[int, str], set[int]]):
+    """Fail the hospitals ``plan[(round, stage)]`` at that stage."""
+
+    def mod(msg, ctx, call_next):
+        rnd = int(msg.metadata.group_id)
+        for stage, mtype in DROP_STAGES.items():
+            if msg.metadata.message_type == mtype and int(
+                ctx.node_config["partition-id"]
+            ) in plan.get((rnd, stage), set()):
+                raise InjectedDropoutError(f"injected dropout at {stage}")
+        return call_next(msg, ctx)
+
+    return mod
+
+
+def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="none"):
+    settings = None
+    identities = []
+    if secure:
+        roster, identities = make_identities(len(NODES), "test-federation")
+        settings = SecAggSettings(
+            "test-federation", roster, clip=8.0,
+            aggregate_metrics=1 if release == "aggregate" else 0,  # train-loss
+        )
+    mods = [_drop_mod(drop_plan)] if drop_plan else []
+    apps = {
+        node: make_client_app(
+            _setup, policy,
+            secagg=(lambda ctx: identities[int(ctx.node_config["partition-id"])])
+            if secure else None,
+            release_metrics=release, mods=mods,
+        )
+        for node in NODES
+    }
+    grid = FakeGrid(apps)
+    ds = tasks.dataset_for(TASK)
+    model = tasks.build_model(TASK)
+
+    def evaluate(w):
+        load_weights(model, w)
+        return tasks.evaluate(model, ds.x_test, ds.y_test)
+
+    cfg = ServerConfig(
+        rounds=rounds, num_clients=len(NODES), delta=policy.delta, out_dir=tmp_path,
+        node_wait_seconds=1, show_progress=False, save_model=tmp_path / "m.npz",
+        secagg=settings,
+    )
+    report = run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
+    final = dict(np.load(tmp_path / "m.npz"))
+    return report, grid, final
+
+
+def test_secure_fedavg_equals_plain_fedavg_within_the_encoding_error(tmp_path) -> None:
+    plain, _, plain_w = _run(tmp_path / "plain", NON_PRIVATE, secure=False)
+    secure, _, secure_w = _run(tmp_path / "secure", NON_PRIVATE, secure=True)
+    assert plain["final"]["non_private"] and secure["final"]["non_private"]
+    # Per round the mean update is off by at most error_bound / total weight; two rounds.
+    bound = sum(r["secagg"]["error_bound"] for r in secure["rounds"]) / 455 + 1e-6
+    for k in plain_w:
+        assert np.max(np.abs(plain_w[k] - secure_w[k])) <= bound
+    assert any(np.any(plain_w[k] != secure_w[k]) for k in plain_w)  # genuinely masked path
+    assert [r["secagg"]["stages"] for r in secure["rounds"]] == [5, 4]  # keys once, then 4
+
+
+@pytest.mark.parametrize("stage", sorted(DROP_STAGES))
+def test_rounds_survive_dropouts_at_every_stage_and_abort_cleanly_below_threshold(
+    tmp_path, stage
+) -> None:
+    # Round 1: 2 of 5 drop (3 >= t = 3 remain): completes. Round 2: 3 of 5 drop: aborts.
+    # Round 3: nobody drops: the federation goes on.
+    plan = {(1, stage): {0, 1}, (2, stage): {0, 1, 2}}
+    policy = dataclasses.replace(NON_PRIVATE, rounds=3)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3, drop_plan=plan)
+    r1, r2, r3 = report["rounds"]
+    assert r1["secagg"]["aborted"] is None
+    everyone = {f"hospital-{i}" for i in range(5)}
+    if stage in ("config", "mask"):
+        # Dropped before their masked input arrived: not in the sum.
+        assert set(r1["secagg"]["alive"]) == everyone - {"hospital-0", "hospital-1"}
+    else:
+        # Their masked inputs arrived before they dropped: in the sum, masks removed
+        # with the survivors' shares.
+        assert set(r1["secagg"]["alive"]) == everyone
+    assert r1["trained"] == sorted(r1["secagg"]["alive"])
+    assert r2["secagg"]["aborted"]
+    assert r2["trained"] == []
+    assert r2["loss"] == pytest.approx(r1["loss"])  # global model unchanged by the abort
+    assert r3["secagg"]["aborted"] is None and set(r3["secagg"]["alive"]) == everyone
+    if stage == "mask":
+        # Their mask keys were reconstructed in round 1: fresh keys before round 2.
+        assert set(r2["secagg"]["advertised"]) == {"hospital-0", "hospital-1"}
+
+
+def test_nothing_of_an_update_leaves_in_clear(tmp_path) -> None:
+    policy = PrivacyPolicy(target_epsilon=4.0, delta=1e-5, rounds=1)
+    report, grid, _ = _run(tmp_path, policy, secure=True, rounds=1, release="aggregate")
+    assert report["rounds"][0]["secagg"]["aborted"] is None
+    for reply in grid.replies:
+        if reply.has_error():
+            continue
+        assert LOCAL_WEIGHTS not in reply.content.array_records
+        assert TRAIN_INFO not in reply.content.metric_records
+        assert LOCAL_METRICS not in reply.content.metric_records
+    # Training loss left only in aggregate, inside the masked vector.
+    assert np.isfinite(report["rounds"][0]["train_loss"])
+
+
+def test_plain_mode_keeps_training_metrics_home_unless_released(tmp_path) -> None:
+    policy = PrivacyPolicy(target_epsilon=4.0, delta=1e-5, rounds=1)
+    _, grid, _ = _run(tmp_path / "a", policy, secure=False, rounds=1)
+    assert all(LOCAL_METRICS not in r.content.metric_records for r in grid.replies)
+    _, grid, _ = _run(tmp_path / "b", policy, secure=False, rounds=1, release="clear")
+    assert all(LOCAL_METRICS in r.content.metric_records for r in grid.replies)
