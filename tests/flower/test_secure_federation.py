@@ -12,9 +12,9 @@ from bract import tasks
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.faults import DROP_STAGES, InjectedDropoutError
 from bract.flower.records import LOCAL_METRICS, LOCAL_WEIGHTS, TRAIN_INFO
+from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
-from bract.flower.simulation import make_identities
 from bract.privacy import load_weights, weights_of
 
 from .conftest import FakeGrid

@@ -79,6 +79,20 @@ class SecAggIdentity:
 IdentityLike = SecAggIdentity | Callable[[Context], SecAggIdentity]
 
 
+def make_identities(n: int, federation_id: str) -> tuple[dict[int, bytes], list[SecAggIdentity]]:
+    """Fresh Ed25519 identities for ``n`` simulated hospitals and the roster of them.
+
+    In a simulation the operator of every hospital is this process; in a real
+    deployment each hospital makes its own key and the roster is exchanged out of
+    band (docs/deployment.md).
+    """
+    keys = [SigningKey.generate() for _ in range(n)]
+    roster = {i + 1: k.public_bytes() for i, k in enumerate(keys)}
+    return roster, [
+        SecAggIdentity(i + 1, k.to_bytes(), roster, federation_id) for i, k in enumerate(keys)
+    ]
+
+
 def flatten_delta(local: dict[str, np.ndarray], global_: dict[str, np.ndarray]) -> np.ndarray:
     """``local - global`` as one float64 vector, in the global model's key order."""
     if local.keys() != global_.keys():

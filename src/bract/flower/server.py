@@ -169,7 +169,7 @@ class _Display:
         per_client = row["per_client"]
         if not self.hospital_columns and len(per_client) <= 6:
             # One ε column per hospital when they fit; otherwise the max says it all.
-            self.hospital_columns = list(per_client)
+            self.hospital_columns = sorted(per_client)
             for cid in self.hospital_columns:
                 self.table.add_column(f"ε {cid.replace('hospital-', 'h')}", justify="right")
         trained = sum(1 for v in per_client.values() if v["trained"])

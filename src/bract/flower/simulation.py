@@ -24,7 +24,7 @@ from bract.flower.app import HOSPITALS_DIR, hospital_setup
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.faults import DROP_STAGES, dropout_mod
 from bract.flower.records import AGGREGATED_METRICS
-from bract.flower.secagg_client import SecAggIdentity
+from bract.flower.secagg_client import SecAggIdentity, make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import (
     CHECKPOINT_DIR,
@@ -33,7 +33,6 @@ from bract.flower.server import (
     make_server_app,
 )
 from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
-from bract.secagg import SigningKey
 
 
 @dataclass(frozen=True)
@@ -75,20 +74,6 @@ class SimulationConfig:
             "release_metrics": self.release_metrics,
             **self.extra,
         }
-
-
-def make_identities(n: int, federation_id: str) -> tuple[dict[int, bytes], list[SecAggIdentity]]:
-    """Fresh Ed25519 identities for ``n`` simulated hospitals and the roster of them.
-
-    In a simulation the operator of every hospital is this process; in a real
-    deployment each hospital makes its own key and the roster is exchanged out of
-    band (docs/deployment.md).
-    """
-    keys = [SigningKey.generate() for _ in range(n)]
-    roster = {i + 1: k.public_bytes() for i, k in enumerate(keys)}
-    return roster, [
-        SecAggIdentity(i + 1, k.to_bytes(), roster, federation_id) for i, k in enumerate(keys)
-    ]
 
 
 def _setup_fn(cfg: SimulationConfig) -> Callable[[Context], HospitalSetup]:
