@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", action="store_true",
                      help="continue the interrupted run in --out from its last completed round")
     sim.add_argument("--no-progress", action="store_true", help="plain output, no live table")
+    from bract.flower.deploy import add_deploy_parser
+
+    add_deploy_parser(sub)
     return parser
 
 
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if args.command == "simulate":
         return _simulate(args, console)
-    return 2  # pragma: no cover - argparse enforces the sub-command
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from bract.flower.deploy import (
     marked_pids,
 )
 
-HOSPITALS = 2
+HOSPITALS = 3  # a killed hospital leaves 2 >= t = 2: secure rounds go on
 ROUNDS = 2
 TARGET_EPSILON = 4.0
 
@@ -145,6 +145,10 @@ def test_deployed_run_reports_epsilon_every_round(clean_run: RunResult) -> None:
             assert previous[cid] < info["epsilon"] <= TARGET_EPSILON
             previous[cid] = info["epsilon"]
         assert row["epsilon"] == max(v["epsilon"] for v in row["per_client"].values())
+        # Secure aggregation (on by default): every hospital in the masked sum.
+        assert row["secagg"]["aborted"] is None
+        assert set(row["secagg"]["alive"]) == hospitals
+        assert row["secagg"]["stages"] == (5 if row["round"] == 1 else 4)
     # Calibrated for the whole plan: the last round lands just under the target.
     assert all(0.98 * TARGET_EPSILON <= e <= TARGET_EPSILON for e in previous.values())
     assert not report["final"]["non_private"]
@@ -191,8 +195,10 @@ def test_federation_survives_a_hospital_killed_mid_round(
     everyone = {f"hospital-{i}" for i in range(HOSPITALS)}
     assert set(first["trained"]) == everyone
     assert set(second["trained"]) == everyone - {f"hospital-{victim}"}
+    assert second["secagg"]["aborted"] is None
+    assert set(second["secagg"]["alive"]) == everyone - {f"hospital-{victim}"}
     for cid in second["trained"]:
         assert second["per_client"][cid]["epsilon"] <= TARGET_EPSILON
-    # The server said why the hospital is missing.
-    assert f"hospital-{victim}" in result.log
-    assert "did not answer" in result.log or "failed" in result.log
+    # The report says which hospital is missing from round 2, and why.
+    assert set(second["failed"]) == {f"hospital-{victim}"}
+    assert first["failed"] == {}

@@ -157,6 +157,9 @@ def test_failing_and_silent_hospitals_do_not_stop_the_federation(tmp_path) -> No
     assert len(report["rounds"]) == 2
     assert report["rounds"][0]["trained"] == ["hospital-1", "hospital-2"]
     assert report["rounds"][1]["trained"] == ["hospital-0", "hospital-2"]
+    # Before its first reply the server knows a hospital only by its node id.
+    assert report["rounds"][0]["failed"] == {f"node-{NODES[0]}": "failed: injected failure"}
+    assert report["rounds"][1]["failed"] == {"hospital-1": "did not answer"}
     assert math.isfinite(report["final"]["loss"])
 
 

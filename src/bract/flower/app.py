@@ -19,6 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from bract import tasks
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.records import AGGREGATED_METRICS
+from bract.flower.secagg_client import SecAggIdentity, read_identity_key, read_roster
+from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import load_weights, weights_of
 
@@ -45,6 +48,11 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "accountant": "prv",
     "grad-sample-mode": "auto",
     "round-timeout": 0.0,  # seconds the server waits for a round's replies; 0: no limit
+    "secagg": True,  # secure aggregation; needs "roster" here and each hospital's node config
+    "roster": "",  # the server's copy of the roster file (bract.flower.secagg_client.Roster)
+    "secagg-clip": 8.0,
+    "secagg-graph": "complete",
+    "release-metrics": "none",
 }
 
 
@@ -116,7 +124,43 @@ def _policy_from_context(ctx: Context) -> PrivacyPolicy:
     return policy_from_run_config(ctx.run_config)
 
 
-client_app = make_client_app(_setup_from_context, _policy_from_context)
+#: Node-config keys a hospital's operator sets for secure aggregation.
+NODE_SECAGG_KEYS = ("secagg-id", "identity-key", "roster")
+
+
+def identity_from_node_config(node_config: Mapping[str, Any]) -> SecAggIdentity:
+    """A hospital's secagg identity from files its operator named in its node config.
+
+    ``secagg-id``: its id in the roster; ``identity-key``: its Ed25519 private key
+    file; ``roster``: its own copy of the roster (never taken from the server).
+    """
+    missing = [k for k in NODE_SECAGG_KEYS if k not in node_config]
+    if missing:
+        raise ValueError(
+            f"secure aggregation needs node config {missing} on this SuperNode "
+            "(see docs/deployment.md), or run with secagg=false"
+        )
+    roster = read_roster(Path(str(node_config["roster"])))
+    return SecAggIdentity(
+        int(node_config["secagg-id"]),
+        read_identity_key(Path(str(node_config["identity-key"]))),
+        roster.keys,
+        roster.federation_id,
+    )
+
+
+def _identity_from_context(ctx: Context) -> SecAggIdentity:
+    return identity_from_node_config(ctx.node_config)
+
+
+def _release_from_context(ctx: Context) -> str:
+    return str(_get(ctx.run_config, "release-metrics"))
+
+
+client_app = make_client_app(
+    _setup_from_context, _policy_from_context, secagg=_identity_from_context,
+    release_metrics=_release_from_context,
+)
 server_app = ServerApp()
 
 
@@ -132,6 +176,21 @@ def _main(grid: Grid, context: Context) -> None:
         load_weights(eval_model, weights)
         return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
 
+    secagg = None
+    if bool(_get(rc, "secagg")):
+        roster_path = str(_get(rc, "roster"))
+        if not roster_path:
+            raise ValueError(
+                "secure aggregation needs the roster file: set run config 'roster' "
+                "(docs/deployment.md), or secagg=false for plain FedAvg"
+            )
+        roster = read_roster(Path(roster_path))
+        release = str(_get(rc, "release-metrics"))
+        secagg = SecAggSettings(
+            roster.federation_id, roster.keys, clip=float(_get(rc, "secagg-clip")),
+            graph=str(_get(rc, "secagg-graph")),
+            aggregate_metrics=len(AGGREGATED_METRICS) if release == "aggregate" else 0,
+        )
     cfg = ServerConfig(
         rounds=policy.rounds,
         num_clients=task.clients,
@@ -139,5 +198,6 @@ def _main(grid: Grid, context: Context) -> None:
         out_dir=Path(str(_get(rc, "out"))),
         round_timeout=float(_get(rc, "round-timeout")) or None,
         run_config={**task.to_plain(), **rc},
+        secagg=secagg,
     )
     run_federation(grid, weights_of(tasks.build_model(task)), evaluate, cfg)

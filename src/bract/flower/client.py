@@ -220,7 +220,7 @@ def dp_train_handler(
 METRICS_RELEASE = ("none", "aggregate", "clear")
 
 
-def metrics_guard_mod(release: str = "none") -> Callable:
+def metrics_guard_mod(release: str | Callable[[Context], str] = "none") -> Callable:
     """A mod that lets metrics on the hospital's private data leave only by policy.
 
     ``"none"`` (default): training metrics never leave; ``"clear"``: they leave
@@ -229,12 +229,19 @@ def metrics_guard_mod(release: str = "none") -> Callable:
     the server learns only their example-weighted average. The privacy report
     (epsilon and accounting events) always leaves: the server needs it.
     """
-    if release not in METRICS_RELEASE:
-        raise ValueError(f"metrics release {release!r} must be one of {METRICS_RELEASE}")
+    def resolve(ctx: Context) -> str:
+        value = release(ctx) if callable(release) else release
+        if value not in METRICS_RELEASE:
+            raise ValueError(f"metrics release {value!r} must be one of {METRICS_RELEASE}")
+        return value
+
+    if not callable(release):
+        resolve(None)  # type: ignore[arg-type]  # validate a fixed policy up front
 
     def mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]):
+        policy = resolve(ctx)
         reply = call_next(msg, ctx)
-        if not reply.has_error() and release != "clear":
+        if not reply.has_error() and policy != "clear":
             reply.content.metric_records.pop(LOCAL_METRICS, None)
         return reply
 
@@ -246,7 +253,7 @@ def make_client_app(
     policy: PolicyLike,
     *,
     secagg: IdentityLike | None = None,
-    release_metrics: str = "none",
+    release_metrics: str | Callable[[Context], str] = "none",
     mods: Sequence[Callable] = (),
 ) -> ClientApp:
     """A Flower ``ClientApp`` for a hospital: DP-SGD, and secure aggregation if given.
@@ -259,7 +266,7 @@ def make_client_app(
     app = ClientApp()
     train_mods = [metrics_guard_mod(release_metrics), *mods]
     if secagg is not None:
-        train_mods.append(secagg_mod(secagg, release_metrics=release_metrics == "aggregate"))
+        train_mods.append(secagg_mod(secagg, release_metrics=release_metrics))
         register_secagg(app, secagg, mods=list(mods))
     app.train(mods=train_mods)(dp_train_handler(setup_fn, policy))
     return app

@@ -55,6 +55,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from bract.flower.secagg_client import (
+    Roster,
+    make_identities,
+    write_identity_key,
+    write_roster,
+)
+
 #: Repository root: the Flower app directory (its pyproject.toml has ``[tool.flwr.app]``).
 APP_DIR = Path(__file__).resolve().parents[3]
 
@@ -385,6 +392,8 @@ class LocalFederation:
     isolation: str = "subprocess"
     startup_timeout: float = 90.0
     task_poll_interval: float = 0.2
+    #: Give every hospital a secure-aggregation identity and roster (node config).
+    secagg: bool = True
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
     marker: str = field(init=False, default_factory=lambda: uuid.uuid4().hex)
@@ -493,6 +502,8 @@ class LocalFederation:
             for i in range(self.num_nodes)
         ]
         self.superlink_port = free_port()
+        if self.secagg:
+            self._write_secagg_identities()
         write_flower_config(self.flwr_home, self.address, self.tls.ca_cert)
         self.superlink = self._spawn(
             "superlink",
@@ -516,6 +527,45 @@ class LocalFederation:
             self.start_node(node.partition_id)
         self._wait(lambda: self.online_nodes() >= self.num_nodes, deadline,
                    f"{self.num_nodes} SuperNodes to come online", None, poll=1.0)
+
+    @property
+    def roster_path(self) -> Path:
+        """The server's copy of the roster (pass it as the run config's ``roster``)."""
+        return self.workdir / "secagg" / "roster.json"
+
+    def _secagg_dir(self, partition_id: int) -> Path:
+        return self.workdir / "secagg" / f"hospital-{partition_id}"
+
+    def _write_secagg_identities(self) -> None:
+        """Play each hospital's operator: an Ed25519 identity per hospital, one roster.
+
+        Each hospital gets its own key file and its own copy of the roster (in a
+        real deployment the operators exchange public keys out of band); the
+        server gets a copy for early checks but no hospital ever reads it.
+        """
+        federation_id = f"bract-local-{uuid.uuid4().hex[:12]}"
+        roster, identities = make_identities(self.num_nodes, federation_id)
+        names = {i + 1: f"hospital-{i}" for i in range(self.num_nodes)}
+        doc = Roster(federation_id, roster, names)
+        self.roster_path.parent.mkdir(parents=True, exist_ok=True)
+        write_roster(self.roster_path, doc)
+        for i, ident in enumerate(identities):
+            d = self._secagg_dir(i)
+            d.mkdir(parents=True, exist_ok=True)
+            write_identity_key(d / "identity.key", ident.signing_key)
+            write_roster(d / "roster.json", doc)
+
+    def node_config(self, partition_id: int) -> str:
+        """The ``--node-config`` string of hospital ``partition_id``'s SuperNode."""
+        parts = [f"partition-id={partition_id}", f"num-partitions={self.num_nodes}"]
+        if self.secagg:
+            d = self._secagg_dir(partition_id)
+            parts += [
+                f"secagg-id={partition_id + 1}",
+                f'identity-key="{d / "identity.key"}"',
+                f'roster="{d / "roster.json"}"',
+            ]
+        return " ".join(parts)
 
     def _wait(self, ok: Any, deadline: float, what: str, proc: ManagedProcess | None,
               poll: float = 0.2) -> None:
@@ -561,7 +611,7 @@ class LocalFederation:
                 "--root-certificates", str(self.tls.ca_cert),
                 "--auth-supernode-private-key", str(node.key.private_key),
                 "--node-config",
-                f"partition-id={partition_id} num-partitions={self.num_nodes}",
+                self.node_config(partition_id),
                 "--isolation", self.isolation,
                 "--host", LOOPBACK,
                 "--port", str(node.port),
@@ -645,7 +695,14 @@ class LocalFederation:
 
     # ------------------------------------------------------------------ runs
     def submit(self, run_config: Mapping[str, Any]) -> int:
-        """Submit the bract app with ``run_config`` overrides; returns the run id."""
+        """Submit the bract app with ``run_config`` overrides; returns the run id.
+
+        With ``secagg`` on, the run config gets the roster path (unless given).
+        """
+        run_config = dict(run_config)
+        run_config.setdefault("secagg", self.secagg)
+        if self.secagg:
+            run_config.setdefault("roster", str(self.roster_path))
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         args = ["run", str(self.app_dir), CONNECTION_NAME, "--format", "json"]
         if overrides:
@@ -796,6 +853,8 @@ def add_deploy_parser(subparsers: Any) -> None:
                    help="seconds the server waits for a round's replies (0: no limit)")
     p.add_argument("--kill-node-at-round", type=int, default=None, metavar="K",
                    help="demonstration: kill the last hospital's SuperNode during round K")
+    p.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
+                   help="secure aggregation (default on): identities and roster per hospital")
     p.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds the whole run may take before it is stopped")
@@ -822,7 +881,9 @@ def run_deploy(args: argparse.Namespace) -> int:
     print(f"bract deploy: {args.clients} SuperNodes + 1 SuperLink on {LOOPBACK} "
           f"(TLS, SuperNode auth); work dir {workdir}", flush=True)
     try:
-        with LocalFederation(workdir, args.clients, isolation=args.isolation) as fed:
+        with LocalFederation(
+            workdir, args.clients, isolation=args.isolation, secagg=args.secagg
+        ) as fed:
             print(f"SuperLink at {fed.address}; {args.clients} SuperNodes online; "
                   f"logs in {fed.log_dir}", flush=True)
             result = fed.run(run_config, timeout=args.timeout,

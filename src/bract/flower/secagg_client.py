@@ -22,8 +22,11 @@ without this hospital.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -93,6 +96,67 @@ def make_identities(n: int, federation_id: str) -> tuple[dict[int, bytes], list[
     ]
 
 
+@dataclass(frozen=True)
+class Roster:
+    """The federation's members: secagg id -> (name, Ed25519 public key).
+
+    Each hospital's operator gives it this file out of band; the server holds a
+    copy too, but no hospital ever takes keys from the server.
+    """
+
+    federation_id: str
+    keys: dict[int, bytes]
+    names: dict[int, str]
+
+    def to_json(self) -> str:
+        """Stable JSON text: ``{"federation_id", "members": [{id, name, public_key}]}``."""
+        members = [
+            {"id": i, "name": self.names.get(i, f"member-{i}"), "public_key": k.hex()}
+            for i, k in sorted(self.keys.items())
+        ]
+        return json.dumps({"federation_id": self.federation_id, "members": members}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Roster:
+        """Parse a roster file; names what is wrong with a malformed one."""
+        try:
+            data = json.loads(text)
+            members = data["members"]
+            keys = {int(m["id"]): bytes.fromhex(m["public_key"]) for m in members}
+            names = {int(m["id"]): str(m.get("name", "")) for m in members}
+            federation_id = str(data["federation_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"malformed roster: {exc!r}") from None
+        if len(keys) != len(members):
+            raise ValueError("malformed roster: duplicate member ids")
+        return cls(federation_id, keys, names)
+
+
+def write_roster(path: Path, roster: Roster) -> None:
+    """Write a roster file (public data)."""
+    Path(path).write_text(roster.to_json() + "\n", encoding="utf-8")
+
+
+def read_roster(path: Path) -> Roster:
+    """Read a roster file written by :func:`write_roster`."""
+    return Roster.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+def write_identity_key(path: Path, signing_key: bytes) -> None:
+    """Write a hospital's Ed25519 private key (hex), readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(signing_key.hex() + "\n")
+
+
+def read_identity_key(path: Path) -> bytes:
+    """Read a key written by :func:`write_identity_key`."""
+    try:
+        return bytes.fromhex(Path(path).read_text(encoding="ascii").strip())
+    except ValueError:
+        raise ValueError(f"identity key file {path} is not hex") from None
+
+
 def flatten_delta(local: dict[str, np.ndarray], global_: dict[str, np.ndarray]) -> np.ndarray:
     """``local - global`` as one float64 vector, in the global model's key order."""
     if local.keys() != global_.keys():
@@ -127,13 +191,16 @@ def _reply(msg: Message, payload: RecordDict | None = None) -> Message:
     return Message(payload or RecordDict(), reply_to=msg)
 
 
-def secagg_mod(identity: IdentityLike, release_metrics: bool = False) -> Callable:
+def secagg_mod(
+    identity: IdentityLike, release_metrics: str | Callable[[Context], str] = "none"
+) -> Callable:
     """A Flower mod for the ``train`` stage: update out of the reply, shares in.
 
     Only acts on messages that carry a secagg round config; plain ``train``
-    messages pass through unchanged. ``release_metrics`` lets the hospital's
-    training metrics travel *inside* the masked vector (the server learns only
-    their example-weighted average); otherwise they are dropped here.
+    messages pass through unchanged. ``release_metrics="aggregate"`` (or a function
+    of the Context returning it) lets the hospital's training metrics travel
+    *inside* the masked vector (the server learns only their example-weighted
+    average); otherwise they are dropped here.
     """
 
     def mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]):
@@ -160,7 +227,8 @@ def secagg_mod(identity: IdentityLike, release_metrics: bool = False) -> Callabl
         session = _session(ident, ctx)
         global_ = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
         vector = flatten_delta(record_to_weights(local_rec), global_)
-        if release_metrics:
+        release = release_metrics(ctx) if callable(release_metrics) else release_metrics
+        if release == "aggregate":
             missing = [k for k in AGGREGATED_METRICS if metrics is None or k not in metrics]
             if missing:
                 raise ValueError(f"metrics {missing} to release in aggregate were not produced")

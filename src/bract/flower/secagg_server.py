@@ -211,12 +211,14 @@ class SecureAggregator:
         on_train_reply: Callable[[Message], bool],
         label: Callable[[int], str],
         note: Notify,
+        on_missing: Callable[[int], None] = lambda node: None,
     ) -> tuple[AggregateResult | None, SecureRoundInfo]:
         """One secure round over ``nodes``; ``None`` if it aborted (nothing revealed).
 
         ``train_content`` adds the training instruction (global model, round
         config) to each stage-1 message; ``on_train_reply`` reads a stage-1 reply's
-        privacy report and says whether the hospital trained.
+        privacy report and says whether the hospital trained; ``on_missing`` is
+        told of each hospital that did not answer it.
         """
         t0 = time.perf_counter()
         info = SecureRoundInfo()
@@ -237,6 +239,9 @@ class SecureAggregator:
             )
             info.stages += 1
             replies = self._exchange(rnd, "train", dict.fromkeys(ready, cfg), train_content)
+            for node in ready:
+                if node not in replies:
+                    on_missing(node)
             for node, reply in replies.items():
                 if not on_train_reply(reply):
                     continue

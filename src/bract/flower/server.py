@@ -266,6 +266,8 @@ class Federation:
         self.completed = 0
         self.resumes = 0
         self.secure: SecureAggregator | None = None
+        #: This round's hospitals that failed or did not answer, with the reason.
+        self.failed: dict[str, str] = {}
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -337,11 +339,13 @@ class Federation:
         """Record a training reply's privacy report; the hospital's id if it trained."""
         node = reply.metadata.src_node_id
         if reply.has_error():
+            self.failed[self._label(node)] = f"failed: {reply.error.reason}"
             display.note(f"round {rnd}: {self._label(node)} failed: {reply.error.reason}")
             return None
         try:
             rep = read_privacy_report(reply.content)
         except ValueError as exc:
+            self.failed[self._label(node)] = f"malformed reply: {exc}"
             display.note(f"round {rnd}: {self._label(node)} sent a malformed reply: {exc}")
             return None
         cid = rep["client_id"] or self._label(node)
@@ -394,6 +398,7 @@ class Federation:
             trained.append(cid)
         for node in self.active:
             if node not in answered:
+                self.failed[self._label(node)] = "did not answer"
                 display.note(f"round {rnd}: {self._label(node)} did not answer")
         if updates:
             self.global_weights = fedavg(updates)
@@ -411,10 +416,14 @@ class Federation:
                 trained.append(cid)
             return cid is not None
 
+        def on_missing(node: int) -> None:
+            self.failed[self._label(node)] = "did not answer"
+            display.note(f"round {rnd}: {self._label(node)} did not answer")
+
         result, info = self.secure.run_round(
             rnd, list(self.active), self._secure_dim(),
             lambda node, content: self._round_content(rnd, arrays, content),
-            on_train_reply, self._label, display.note,
+            on_train_reply, self._label, display.note, on_missing,
         )
         if result is None:
             display.note(f"round {rnd}: secure aggregation aborted ({info.aborted}); "
@@ -443,6 +452,7 @@ class Federation:
     def run_round(self, rnd: int, display: _Display) -> dict[str, Any]:
         """One round of private FedAvg (secure or plain); returns the report row."""
         t0 = time.perf_counter()
+        self.failed = {}
         if self.secure is not None:
             trained, extra = self._secure_round(rnd, display)
         else:
@@ -461,6 +471,7 @@ class Federation:
                 cid: {**v, "epsilon": _json_float(v["epsilon"])} for cid, v in per_client.items()
             },
             "trained": sorted(trained),
+            "failed": dict(sorted(self.failed.items())),
             **self.metrics,
             **extra,
             "seconds": time.perf_counter() - t0,
