@@ -1,0 +1,508 @@
+"""DP-SGD cost benchmark: bract's private training path vs non-private training.
+
+What it measures (everything side by side in ONE run, reported as ratios,
+because the machine is shared and noisy):
+
+1. **Throughput** (samples/s) of ChestCNN at 28x28 (demo size) and 128x128,
+   batch 64, same synthetic data and same initial weights:
+
+   * ``nonprivate``: a plain ``SGD`` step loop over a shuffled DataLoader;
+   * ``hooks`` / ``ghost``: what users get from :class:`bract.privacy.PrivateTrainer`
+     (Opacus ``make_private`` with Poisson sampling, bract's SecureGaussian noise),
+     one per grad-sample mode bract supports; ``auto`` resolves to one of them.
+
+   Each measurement is one "round" (``train_round``) of a few steps; the
+   ``on_step`` callback timestamps every step and throughput is taken from the
+   first step's end to the last step's end, so Opacus wrapping, the budget check
+   and the first (warm-up) step are excluded. DP rounds use the *expected* batch
+   size of Poisson sampling (64). Variants are interleaved and repeated; the
+   table shows medians, and ratios are median(DP) / median(non-private).
+
+2. **Noise**: SecureGaussian (AES-256-CTR + float64 Box-Muller in numpy) vs
+   ``torch.normal`` for the parameter count of each model, plus a prototype
+   (not in ``src/``) float32 Box-Muller evaluated by torch on the same AES
+   keystream, to size the gain of a faster secure sampler.
+
+3. **Peak memory of one step** of the 128x128 ChestCNN at batch 64, each variant
+   in a fresh subprocess: the peak RSS after model, data and optimizer exist is
+   the baseline, then one step runs (for DP: ``train_round`` on exactly 64
+   examples, so Poisson sampling with rate 1 takes all 64), and the figure is
+   the growth of the peak resident set (``VmHWM`` in ``/proc/self/status``;
+   ``ru_maxrss`` would inherit the parent's peak over fork/exec) over the
+   baseline. The DP figure includes Opacus wrapping and bract's noise buffers. The ratio
+   is DP growth / non-private growth.
+
+4. **Accountant time**: epsilon of a ledger of r rounds (r = 1, 10, 50) of a
+   typical hospital plan (2000 examples, batch 64, 1 epoch per round,
+   sigma 1.0, delta 1e-5) with PRV (default), PLD and RDP.
+
+5. **Calibration time**: ``calibrate()`` for epsilon 1, 3, 8 at delta 1e-5,
+   plan 20 rounds x 1 epoch, n = 2000, B = 64.
+
+The last line of stdout is one JSON object with the headline figures.
+
+Usage::
+
+    python benchmarks/dp_bench.py            # full run (~6 min on 2 cores)
+    python benchmarks/dp_bench.py --quick    # shorter, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bract.data.synthetic import synthetic_chest_xray
+from bract.models.cnn import ChestCNN
+from bract.privacy.accounting import (
+    ACCOUNTANTS,
+    DpSgdEvent,
+    PrivacyLedger,
+    TrainingPlan,
+    calibrate,
+    epsilon_of,
+)
+from bract.privacy.noise import SecureGaussian
+from bract.privacy.training import PrivateTrainer, choose_grad_sample_mode
+
+BATCH = 64
+DP_MODES = ("hooks", "ghost")
+SIGMA = 1.0
+MAX_GRAD_NORM = 1.0
+DELTA = 1e-5
+LR = 0.05
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_data(image_size: int, n: int, seed: int = 0) -> TensorDataset:
+    """``n`` synthetic chest X-rays at ``image_size`` as a TensorDataset."""
+    x, y = synthetic_chest_xray(n, image_size=image_size, seed=seed)
+    return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+
+
+def make_model(image_size: int, init: dict[str, torch.Tensor] | None = None) -> ChestCNN:
+    """A ChestCNN; with ``init``, a copy of those exact weights (same init everywhere)."""
+    torch.manual_seed(0)
+    model = ChestCNN(image_size=image_size)
+    if init is not None:
+        model.load_state_dict(init)
+    return model
+
+
+def _rate(step_times: list[float], batch: int) -> float:
+    """Samples/s from end-of-step timestamps, excluding the first (warm-up) step."""
+    if len(step_times) < 2:
+        return math.nan
+    return (len(step_times) - 1) * batch / (step_times[-1] - step_times[0])
+
+
+def nonprivate_round(model: nn.Module, data: TensorDataset, steps: int) -> float:
+    """Samples/s of ``steps`` plain SGD steps (first step is warm-up)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    crit = nn.CrossEntropyLoss()
+    loader = DataLoader(data, batch_size=BATCH, shuffle=True)
+    stamps: list[float] = []
+    while len(stamps) < steps:
+        for x, y in loader:
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            opt.step()
+            stamps.append(time.perf_counter())
+            if len(stamps) >= steps:
+                break
+    return _rate(stamps, BATCH)
+
+
+def dp_trainer(
+    model: nn.Module, data: TensorDataset, mode: str, secure_noise: bool = True
+) -> PrivateTrainer:
+    """bract's PrivateTrainer as a user would build it (no budget, default accountant)."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    loader = DataLoader(data, batch_size=BATCH)
+    return PrivateTrainer(
+        model, opt, loader, noise_multiplier=SIGMA, max_grad_norm=MAX_GRAD_NORM, delta=DELTA,
+        grad_sample_mode=mode, device="cpu", secure_noise=secure_noise,
+    )
+
+
+def dp_round(trainer: PrivateTrainer, rnd: int) -> float:
+    """Samples/s (expected batch size) of one ``train_round``, first step excluded."""
+    stamps: list[float] = []
+    trainer.train_round(rnd, on_step=lambda _s, _t: stamps.append(time.perf_counter()))
+    return _rate(stamps, BATCH)
+
+
+def median(xs: list[float]) -> float:
+    """Median ignoring NaNs (NaN if nothing is left)."""
+    xs = [x for x in xs if not math.isnan(x)]
+    return statistics.median(xs) if xs else math.nan
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> float:
+    """Median wall seconds of ``repeat`` calls of ``fn``."""
+    fn()  # warm-up (first-call overheads, allocator)
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ThroughputResult:
+    """Median samples/s per variant at one image size."""
+
+    image_size: int
+    params: int
+    largest_linear: int
+    auto_mode: str
+    rates: dict[str, list[float]]
+
+    def med(self, variant: str) -> float:
+        return median(self.rates[variant])
+
+    def ratio(self, variant: str) -> float:
+        return self.med(variant) / self.med("nonprivate")
+
+
+def bench_throughput(
+    image_size: int, steps: int, repeats: int, variants: list[str], log: Callable[[str], None]
+) -> ThroughputResult:
+    """Interleave non-private and DP rounds ``repeats`` times; keep every sample/s figure."""
+    data = make_data(image_size, steps * BATCH, seed=1)
+    base = make_model(image_size)
+    init = {k: v.clone() for k, v in base.state_dict().items()}
+    largest = max(m.weight.numel() for m in base.modules() if isinstance(m, nn.Linear))
+    auto = choose_grad_sample_mode(base, "auto")
+    # One model per variant, from the same init; DP trainers are built once and reused
+    # across repeats (one train_round per repeat, as a hospital does round after round).
+    models = {v: make_model(image_size, init) for v in variants}
+    trainers: dict[str, PrivateTrainer] = {}
+    for v in variants:
+        if v != "nonprivate":
+            mode, _, noise = v.partition("+")
+            trainers[v] = dp_trainer(models[v], data, mode, secure_noise=noise != "torchnoise")
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    for rep in range(repeats):
+        for v in variants:
+            if v == "nonprivate":
+                r = nonprivate_round(models[v], data, steps)
+            else:
+                r = dp_round(trainers[v], rep + 1)
+            rates[v].append(r)
+        log(
+            f"  {image_size}px rep {rep + 1}/{repeats}: "
+            + ", ".join(f"{v}={rates[v][-1]:.1f}" for v in variants)
+        )
+    return ThroughputResult(image_size, sum(p.numel() for p in base.parameters()), largest,
+                            auto, rates)
+
+
+def proto_float32_noise(source: SecureGaussian, count: int) -> torch.Tensor:
+    """PROTOTYPE (not in src/): float32 Box-Muller in torch on the same AES keystream.
+
+    One 64-bit keystream word gives two 24-bit uniforms (bits 0-23 and 40-63), so
+    half the keystream of the current sampler; torch evaluates log/sqrt/cos/sin in
+    float32 with vectorised kernels. Tail is truncated at sqrt(2 ln 2^24) = 5.8 sigma.
+    """
+    pairs = (count + 1) // 2
+    bits = torch.from_numpy(source._uint64(pairs).view(np.int64).copy())
+    u1 = ((bits & 0xFFFFFF).to(torch.float32) + 1.0) * (1.0 / (1 << 24))
+    u2 = ((bits >> 40) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = (2.0 * math.pi) * u2
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+
+
+def bench_noise(param_counts: dict[int, int], repeat: int) -> dict[int, dict[str, float]]:
+    """Seconds per step of noise for ``params`` values: secure, prototype, torch.normal."""
+    source = SecureGaussian()
+    out: dict[int, dict[str, float]] = {}
+    for size, count in param_counts.items():
+        ref = torch.zeros(count)
+        out[size] = {
+            "secure": timed(lambda ref=ref: source.normal_like(ref, 1.0), repeat),
+            "proto_f32": timed(lambda count=count: proto_float32_noise(source, count), repeat),
+            "torch_normal": timed(
+                lambda count=count: torch.normal(0.0, 1.0, size=(count,)), repeat
+            ),
+            "aes_keystream": timed(lambda count=count: source._uint64(count), repeat),
+        }
+    return out
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident set in KiB.
+
+    ``VmHWM`` from ``/proc/self/status`` (the high-water mark of this address
+    space) where available: ``ru_maxrss`` is unusable in a child process because
+    Linux carries the parent's peak RSS over fork/exec. Falls back to ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def mem_child(variant: str, image_size: int) -> None:
+    """Subprocess body: print ``baseline_kb peak_kb`` of ONE step of ``variant``."""
+    warnings.simplefilter("ignore")
+    data = make_data(image_size, BATCH, seed=2)
+    model = make_model(image_size)
+    crit = nn.CrossEntropyLoss()
+    if variant == "nonprivate":
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        x, y = data.tensors
+        base = peak_rss_kb()
+        opt.zero_grad()
+        crit(model(x), y).backward()
+        opt.step()
+    else:
+        mode, _, noise = variant.partition("+")
+        # 64 examples, batch 64: Poisson rate q = 1, exactly one step of 64 examples.
+        trainer = dp_trainer(model, data, mode, secure_noise=noise != "torchnoise")
+        trainer.check_budget(1)  # warm the accountant so its imports are in the baseline
+        base = peak_rss_kb()
+        out = trainer.train_round(1)
+        assert out.trained and out.event is not None and out.event.steps == 1
+    peak = peak_rss_kb()
+    print(f"{base} {peak}")
+
+
+def bench_memory(image_size: int, variants: list[str]) -> dict[str, tuple[float, float]]:
+    """(baseline MB, growth MB) of one step per variant, each in a fresh process."""
+    out: dict[str, tuple[float, float]] = {}
+    env = dict(os.environ)
+    for v in variants:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--_mem-child", v, "--mem-size", str(image_size)],
+            capture_output=True, text=True, check=True, env=env,
+        )
+        base_kb, peak_kb = (int(t) for t in proc.stdout.strip().splitlines()[-1].split())
+        out[v] = (base_kb / 1024, (peak_kb - base_kb) / 1024)  # KiB -> MiB
+    return out
+
+
+def bench_accountants(rounds: list[int], repeat: int) -> dict[str, dict[int, float]]:
+    """Seconds to compute epsilon of a ledger of r rounds, per accountant."""
+    plan = TrainingPlan(1, 1, 2000, BATCH)
+    out: dict[str, dict[int, float]] = {a: {} for a in ACCOUNTANTS}
+    for r in rounds:
+        ledger = PrivacyLedger("hospital-a")
+        for i in range(r):
+            ev = plan.round_event(SIGMA, max_grad_norm=MAX_GRAD_NORM, delta=DELTA, round=i + 1)
+            ledger = ledger.append(ev)
+        events: list[DpSgdEvent] = list(ledger.events)
+        for acc in ACCOUNTANTS:
+            out[acc][r] = timed(lambda acc=acc, events=events: epsilon_of(events, DELTA, acc),
+                                repeat)
+    return out
+
+
+def bench_calibration(targets: list[float]) -> dict[float, tuple[float, float]]:
+    """(seconds, sigma) of ``calibrate()`` per target epsilon."""
+    plan = TrainingPlan(20, 1, 2000, BATCH)
+    out: dict[float, tuple[float, float]] = {}
+    for eps in targets:
+        t0 = time.perf_counter()
+        cal = calibrate(eps, DELTA, plan)
+        out[eps] = (time.perf_counter() - t0, cal.noise_multiplier)
+    return out
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def _fmt(x: float, nd: int = 1) -> str:
+    return "nan" if math.isnan(x) else f"{x:.{nd}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps/repeats (~2 min)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads (0: leave torch's default)")
+    parser.add_argument("--no-torchnoise-variant", action="store_true",
+                        help="skip the ghost+torchnoise diagnostic variant at 128px")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the memory section")
+    parser.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mem-size", type=int, default=128, help="image size for memory")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.mem_child:
+        mem_child(args.mem_child, args.mem_size)
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False, highlight=False)
+
+    def log(msg: str) -> None:
+        console.print(f"[dim]{msg}[/dim]")
+
+    t_start = time.perf_counter()
+    quick = args.quick
+    # (steps per round, repeats): 28px steps are ~30 ms; 128px hooks steps take seconds.
+    cfg = {28: (6, 3) if quick else (10, 5), 128: (3, 2) if quick else (4, 3)}
+    log(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+        f"load avg {os.getloadavg()[0]:.1f}")
+
+    results: dict[int, ThroughputResult] = {}
+    for size in (28, 128):
+        variants = ["nonprivate", *DP_MODES]
+        if size == 128 and not args.no_torchnoise_variant:
+            variants.append("ghost+torchnoise")
+        steps, reps = cfg[size]
+        results[size] = bench_throughput(size, steps, reps, variants, log)
+
+    noise = bench_noise({s: r.params for s, r in results.items()}, 3 if quick else 5)
+
+    mem: dict[str, tuple[float, float]] = {}
+    if not args.skip_memory:
+        log("memory: one step per fresh subprocess at 128px ...")
+        mem_variants = ["nonprivate", *DP_MODES]
+        if not args.no_torchnoise_variant:
+            mem_variants.append("ghost+torchnoise")
+        mem = bench_memory(args.mem_size, mem_variants)
+
+    acc_rounds = [1, 10, 50]
+    acc = bench_accountants(acc_rounds, 1 if quick else 3)
+    cal = bench_calibration([3.0] if quick else [1.0, 3.0, 8.0])
+
+    # ------------------------------------------------------------------ tables
+    tp = Table(title="Throughput, samples/s (median over interleaved repeats), batch 64, CPU")
+    for col in ("image", "params", "variant", "samples/s", "all runs", "x non-private",
+                "step ms", "noise ms/step", "noise share"):
+        tp.add_column(col, justify="right")
+    for size, res in results.items():
+        for v in res.rates:
+            rate = res.med(v)
+            step_ms = 1e3 * BATCH / rate if rate > 0 else math.nan
+            noise_ms = 1e3 * noise[size]["secure"] if v in DP_MODES else math.nan
+            label = v + (" (auto)" if v == res.auto_mode else "")
+            tp.add_row(
+                f"{size}px", f"{res.params / 1e6:.2f}M", label, _fmt(rate),
+                " ".join(_fmt(x, 0) for x in res.rates[v]),
+                "1.00" if v == "nonprivate" else _fmt(res.ratio(v), 2), _fmt(step_ms, 0),
+                _fmt(noise_ms, 0),
+                "" if math.isnan(noise_ms) else f"{noise_ms / step_ms:.0%}",
+            )
+    console.print(tp)
+
+    tn = Table(title="Noise per step for all parameters, ms (median)")
+    for col in ("image", "params", "SecureGaussian", "proto f32 (torch)", "torch.normal",
+                "AES keystream", "secure / torch.normal"):
+        tn.add_column(col, justify="right")
+    for size, d in noise.items():
+        tn.add_row(f"{size}px", f"{results[size].params / 1e6:.2f}M",
+                   _fmt(1e3 * d["secure"]), _fmt(1e3 * d["proto_f32"]),
+                   _fmt(1e3 * d["torch_normal"]), _fmt(1e3 * d["aes_keystream"]),
+                   _fmt(d["secure"] / d["torch_normal"], 1))
+    console.print(tn)
+
+    if mem:
+        tm = Table(title=f"Peak memory of ONE step, {args.mem_size}px, batch 64 "
+                   "(peak-RSS growth over baseline, fresh process each)")
+        for col in ("variant", "baseline RSS MB", "step peak growth MB", "x non-private"):
+            tm.add_column(col, justify="right")
+        for v, (b, g) in mem.items():
+            tm.add_row(v, _fmt(b, 0), _fmt(g, 0), _fmt(g / mem["nonprivate"][1], 2))
+        console.print(tm)
+
+    ta = Table(title="Accountant: seconds to compute epsilon of a ledger of r rounds "
+               "(n=2000, B=64, 32 steps/round, sigma 1.0, delta 1e-5)")
+    ta.add_column("accountant")
+    for r in acc_rounds:
+        ta.add_column(f"r={r}", justify="right")
+    for a, d in acc.items():
+        ta.add_row(a + (" (default)" if a == "prv" else ""), *(f"{d[r]:.3f}" for r in acc_rounds))
+    console.print(ta)
+
+    tc = Table(title="calibrate(): 20 rounds x 1 epoch, n=2000, B=64, delta 1e-5")
+    for col in ("target eps", "seconds", "sigma"):
+        tc.add_column(col, justify="right")
+    for eps, (sec, sigma) in cal.items():
+        tc.add_row(f"{eps:g}", f"{sec:.2f}", f"{sigma:.4f}")
+    console.print(tc)
+
+    # ----------------------------------------------------------- recommendation
+    picked: dict[str, str] = {}
+    for size, res in results.items():
+        fastest = max(DP_MODES, key=res.med)
+        picked[f"{size}"] = fastest
+        if size == args.mem_size and mem and fastest == "hooks":
+            ghost_ok = mem["ghost"][1] < mem["hooks"][1]
+            if ghost_ok and res.ratio("ghost") >= 0.9 * res.ratio("hooks"):
+                picked[f"{size}"] = "ghost"
+    mode_picked = ", ".join(f"{s}px: {m}" for s, m in picked.items())
+    console.print(f"mode picked (fastest DP mode per size; memory-aware at "
+                  f"{args.mem_size}px): {mode_picked}")
+    console.print(f"total benchmark time {time.perf_counter() - t_start:.0f} s")
+
+    summary: dict[str, Any] = {"mode_picked": mode_picked, "quick": quick,
+                               "threads": torch.get_num_threads()}
+    for size, res in results.items():
+        default = res.auto_mode
+        summary[f"default_mode_{size}"] = default
+        summary[f"dp_samples_per_s_{size}"] = round(res.med(default), 2)
+        summary[f"nonprivate_samples_per_s_{size}"] = round(res.med("nonprivate"), 2)
+        summary[f"throughput_ratio_{size}"] = round(res.ratio(default), 3)
+        for v in res.rates:
+            if v != "nonprivate":
+                summary[f"throughput_ratio_{size}_{v.replace('+', '_')}"] = round(res.ratio(v), 3)
+        summary[f"noise_secure_ms_{size}"] = round(1e3 * noise[size]["secure"], 1)
+        summary[f"noise_torch_ms_{size}"] = round(1e3 * noise[size]["torch_normal"], 1)
+        summary[f"noise_proto_f32_ms_{size}"] = round(1e3 * noise[size]["proto_f32"], 1)
+    if mem:
+        dmode = results[args.mem_size].auto_mode if args.mem_size in results else "ghost"
+        np_g = mem["nonprivate"][1]
+        summary["peak_mem_dp_mb"] = round(mem[dmode][1], 1)
+        summary["peak_mem_nonprivate_mb"] = round(np_g, 1)
+        summary["peak_mem_ratio"] = round(mem[dmode][1] / np_g, 3)
+        for v in mem:
+            if v == "nonprivate":
+                continue
+            summary[f"peak_mem_{v.replace('+', '_')}_mb"] = round(mem[v][1], 1)
+            summary[f"peak_mem_ratio_{v.replace('+', '_')}"] = round(mem[v][1] / np_g, 3)
+    summary["accountant_seconds_per_round"] = round(max(acc["prv"].values()), 4)
+    summary["accountant_seconds"] = {a: {str(r): round(s, 4) for r, s in d.items()}
+                                     for a, d in acc.items()}
+    summary["calibration_seconds"] = round(max(s for s, _ in cal.values()), 3)
+    summary["calibration_seconds_by_eps"] = {f"{e:g}": round(s, 3) for e, (s, _) in cal.items()}
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
