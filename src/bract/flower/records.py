@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from bract.privacy import BudgetDecision, PrivacyLedger
 from bract.secagg import Message as SecAggMessage
@@ -111,6 +111,19 @@ def read_privacy_report(content: RecordDict) -> dict[str, Any]:
         "decision": json.loads(str(rec.get("decision", "{}"))),
         "reason": str(rec["reason"]),
     }
+
+
+def reply_sources(sent: list[Message], replies: list[Message]) -> list[tuple[int, Message]]:
+    """Pair each reply with the node the request went to.
+
+    An error reply made by the SuperLink on a node's behalf (e.g. "Node
+    Unavailable") does not come from that node; it is matched through the id of
+    the message it answers. Replies that match no sent message keep their source.
+    """
+    to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    return [
+        (to_node.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies
+    ]
 
 
 def secagg_to_record(msg: SecAggMessage) -> ConfigRecord:

@@ -26,7 +26,7 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from bract.flower.records import SECAGG, secagg_from_record, secagg_to_record
+from bract.flower.records import SECAGG, reply_sources, secagg_from_record, secagg_to_record
 from bract.secagg import (
     AggregateResult,
     EncodingConfig,
@@ -153,8 +153,8 @@ class SecureAggregator:
             messages.append(
                 Message(content, dst_node_id=node, message_type=message_type, group_id=str(rnd))
             )
-        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
-        return {r.metadata.src_node_id: r for r in replies}
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        return dict(reply_sources(messages, replies))
 
     @staticmethod
     def _payload(reply: Message) -> SecAggMessage:
@@ -183,8 +183,8 @@ class SecureAggregator:
                     group_id=str(rnd))
             for n in ask
         ]
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            node = reply.metadata.src_node_id
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        for node, reply in reply_sources(messages, replies):
             try:
                 adv = self._payload(reply)
                 if not isinstance(adv, KeyAdvertisement):
@@ -208,7 +208,7 @@ class SecureAggregator:
         nodes: Sequence[int],
         dim: int,
         train_content: Callable[[int, RecordDict], None],
-        on_train_reply: Callable[[Message], bool],
+        on_train_reply: Callable[[int, Message], bool],
         label: Callable[[int], str],
         note: Notify,
         on_missing: Callable[[int], None] = lambda node: None,
@@ -225,7 +225,6 @@ class SecureAggregator:
         advertised = self.ensure_keys(rnd, nodes, note)
         if advertised is not None:
             info.stages += 1
-            info.advertised = sorted(label(n) for n in advertised)
         ready = [n for n in nodes if n in self.sid_of
                  and self.sid_of[n] not in self.session.needs_advertisement([self.sid_of[n]])]
         info.clients = len(ready)
@@ -243,7 +242,7 @@ class SecureAggregator:
                 if node not in replies:
                     on_missing(node)
             for node, reply in replies.items():
-                if not on_train_reply(reply):
+                if not on_train_reply(node, reply):
                     continue
                 self._receive(rnd, node, reply, self.session.receive_shares, note, label)
             for stage, request_fn, receive in (
@@ -258,9 +257,12 @@ class SecureAggregator:
             result = self.session.finish()
         except RoundAborted as exc:
             self.session.abort_round(str(exc))
+            info.advertised = sorted(label(n) for n in advertised or [])
             info.aborted = str(exc)
             info.seconds = time.perf_counter() - t0
             return None, info
+        # Labels after stage 1: the hospitals' names are known from their reports.
+        info.advertised = sorted(label(n) for n in advertised or [])
         info.alive = sorted(label(self.node_of[s]) for s in result.alive)
         info.dropped = sorted(label(self.node_of[s]) for s in result.dropped)
         info.error_bound = float(result.error_bound)

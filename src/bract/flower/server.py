@@ -43,6 +43,7 @@ from bract.flower.records import (
     TRAIN_INFO,
     read_privacy_report,
     record_to_weights,
+    reply_sources,
     weights_to_record,
 )
 from bract.flower.secagg_server import SecAggSettings, SecureAggregator
@@ -335,9 +336,10 @@ class Federation:
     def _label(self, node: int) -> str:
         return self.names.get(node, f"node-{node}")
 
-    def _read_train_reply(self, rnd: int, reply: Message, display: _Display) -> str | None:
+    def _read_train_reply(
+        self, rnd: int, node: int, reply: Message, display: _Display
+    ) -> str | None:
         """Record a training reply's privacy report; the hospital's id if it trained."""
-        node = reply.metadata.src_node_id
         if reply.has_error():
             self.failed[self._label(node)] = f"failed: {reply.error.reason}"
             display.note(f"round {rnd}: {self._label(node)} failed: {reply.error.reason}")
@@ -377,12 +379,14 @@ class Federation:
             messages.append(
                 Message(content, dst_node_id=node, message_type="train", group_id=str(rnd))
             )
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        replies = reply_sources(
+            messages, list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        )
         updates: list[tuple[Weights, int]] = []
         trained: list[str] = []
-        answered = {r.metadata.src_node_id for r in replies}
-        for reply in replies:
-            cid = self._read_train_reply(rnd, reply, display)
+        answered = {node for node, _ in replies}
+        for node, reply in replies:
+            cid = self._read_train_reply(rnd, node, reply, display)
             if cid is None:
                 continue
             if LOCAL_WEIGHTS not in reply.content.array_records:
@@ -410,8 +414,8 @@ class Federation:
         arrays = weights_to_record(self.global_weights)
         trained: list[str] = []
 
-        def on_train_reply(reply: Message) -> bool:
-            cid = self._read_train_reply(rnd, reply, display)
+        def on_train_reply(node: int, reply: Message) -> bool:
+            cid = self._read_train_reply(rnd, node, reply, display)
             if cid is not None:
                 trained.append(cid)
             return cid is not None

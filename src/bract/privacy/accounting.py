@@ -24,6 +24,7 @@ which is what Opacus's DP-SGD with ``poisson_sampling=True`` implements.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -310,11 +311,24 @@ def epsilon_of(
     history = compress(events)
     if not history:
         return 0.0
+    return _composed_epsilon(tuple(history), float(delta), accountant, pld_discretization)
+
+
+@functools.lru_cache(maxsize=256)
+def _composed_epsilon(
+    history: tuple[tuple[float, float, int], ...], delta: float, accountant: str,
+    pld_discretization: float,
+) -> float:
+    """Epsilon of a compressed history; a pure function, so results are memoised.
+
+    A hospital checks its budget before every round: the epsilon it has spent is
+    the previous round's "after", which this cache returns without recomputing.
+    """
     if accountant == "prv":
-        return _prv_epsilon(history, delta)
+        return _prv_epsilon(list(history), delta)
     if accountant == "pld":
-        return _pld_epsilon(history, delta, pld_discretization)
-    return _rdp_epsilon(history, delta)
+        return _pld_epsilon(list(history), delta, pld_discretization)
+    return _rdp_epsilon(list(history), delta)
 
 
 # --------------------------------------------------------------------------- plans
