@@ -149,3 +149,39 @@ def test_plain_mode_keeps_training_metrics_home_unless_released(tmp_path) -> Non
     assert all(LOCAL_METRICS not in r.content.metric_records for r in grid.replies)
     _, grid, _ = _run(tmp_path / "b", policy, secure=False, rounds=1, release="clear")
     assert all(LOCAL_METRICS in r.content.metric_records for r in grid.replies)
+
+
+def test_secure_federation_stops_cleanly_when_too_few_hospitals_remain(tmp_path) -> None:
+    """Two hospitals; one's budget allows a single round. After it stops, a secure
+    sum of one hospital would reveal its update: the federation ends instead."""
+    tight = PrivacyPolicy(target_epsilon=1.0, delta=1e-5, rounds=1)  # calibrated for 1 round
+    loose = PrivacyPolicy(target_epsilon=1.0, delta=1e-5, rounds=3)
+    nodes = NODES[:2]
+    roster, identities = make_identities(2, "two")
+    apps = {
+        node: make_client_app(
+            _setup, (lambda ctx: tight if ctx.node_config["partition-id"] == 0 else loose),
+            secagg=lambda ctx: identities[int(ctx.node_config["partition-id"])],
+        )
+        for node in nodes
+    }
+    ds = tasks.dataset_for(TASK)
+    model = tasks.build_model(TASK)
+
+    def evaluate(w):
+        load_weights(model, w)
+        return tasks.evaluate(model, ds.x_test, ds.y_test)
+
+    cfg = ServerConfig(
+        rounds=3, num_clients=2, delta=1e-5, out_dir=tmp_path, node_wait_seconds=1,
+        show_progress=False, secagg=SecAggSettings("two", roster),
+    )
+    grid = FakeGrid(apps)
+    report = run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
+    r1, r2 = report["rounds"]
+    assert r1["secagg"]["aborted"] is None and len(r1["secagg"]["alive"]) == 2
+    # Round 2: hospital-0 refuses (budget); one hospital left cannot be summed securely.
+    assert "budget" in r2["per_client"]["hospital-0"]["reason"]
+    assert r2["trained"] == [] and r2["secagg"]["aborted"]
+    assert "2 hospitals needed" in report["stopped_early"]
+    assert {m.metadata.group_id for m in grid.sent} == {"1", "2"}  # no round 3

@@ -236,7 +236,9 @@ def secagg_mod(
             vector = np.concatenate([vector, np.asarray(extra, np.float64)])
         shares = session.handle_round_config(cfg)
         ctx.state.config_records[STATE_PENDING] = ConfigRecord(
-            {"round": cfg.round, "vector": vector.tobytes(), "weight": int(info["num-examples"])}
+            # float32, like the weights it came from: half the bytes that travel with ctx.state.
+            {"round": cfg.round, "vector": vector.astype(np.float32).tobytes(),
+             "weight": int(info["num-examples"])}
         )
         _save(ctx, session)
         content.config_records[SECAGG] = secagg_to_record(shares)
@@ -256,7 +258,7 @@ def _stage_handler(identity: IdentityLike, expected: type) -> Callable[[Message,
             pending = ctx.state.config_records.get(STATE_PENDING)
             if pending is None:
                 raise ValueError("mask request without a pending update for this round")
-            vector = np.frombuffer(bytes(pending["vector"]), dtype=np.float64)
+            vector = np.frombuffer(bytes(pending["vector"]), dtype=np.float32).astype(np.float64)
             out = session.handle_mask_request(req, vector, int(pending["weight"]))
             # The update is now inside the masked vector; do not keep it around.
             del ctx.state.config_records[STATE_PENDING]

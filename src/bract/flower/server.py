@@ -508,11 +508,16 @@ class Federation:
         with _Display(todo, self.cfg.show_progress) as display:
             if resume:
                 display.note(f"resuming after round {self.completed} from {self.checkpoint_dir}")
+            # Secure aggregation needs at least two hospitals (a sum of one is its input).
+            needed = max(self.cfg.min_clients, 2 if self.secure is not None else 1)
             for rnd in range(self.completed + 1, self.cfg.rounds + 1):
-                if len(self.active) < self.cfg.min_clients:
+                if len(self.active) < needed:
                     display.note(
                         f"stopping before round {rnd}: {len(self.active)} hospitals remain, "
-                        f"fewer than the minimum {self.cfg.min_clients}"
+                        f"fewer than the {needed} this federation needs"
+                    )
+                    self.record.report["stopped_early"] = (
+                        f"before round {rnd}: {len(self.active)} of {needed} hospitals needed"
                     )
                     break
                 row = self.run_round(rnd, display)
