@@ -5,14 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from flwr.app import Context, RecordDict
 
 from bract.flower.app import (
     RUN_CONFIG_DEFAULTS,
     client_app,
+    identity_from_node_config,
     policy_from_run_config,
     server_app,
     task_from_run_config,
+)
+from bract.flower.secagg_client import (
+    Roster,
+    make_identities,
+    write_identity_key,
+    write_roster,
 )
 from bract.tasks import TaskConfig
 
@@ -45,14 +53,51 @@ def test_defaults_are_the_cli_defaults() -> None:
     assert policy_from_run_config({"noise-multiplier": 0.0}).allow_non_private
 
 
-def test_module_level_apps_run_a_round(tmp_path) -> None:
-    rc = {"dataset": "breast-cancer", "clients": 2, "rounds": 1, "target-epsilon": 2.0,
-          "out": str(tmp_path)}
+def _run_app(rc: dict, node_configs: list[dict] | None = None) -> dict:
     grid = FakeGrid({11: client_app, 22: client_app}, run_config=rc)
+    for ctx, extra in zip(grid.contexts.values(), node_configs or [{}, {}], strict=True):
+        ctx.node_config.update(extra)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                              run_config=rc))
-    report = json.loads((tmp_path / "report.json").read_text())
+    return json.loads((Path(rc["out"]) / "report.json").read_text())
+
+
+def test_module_level_apps_run_a_plain_round(tmp_path) -> None:
+    rc = {"dataset": "breast-cancer", "clients": 2, "rounds": 1, "target-epsilon": 2.0,
+          "out": str(tmp_path), "secagg": False}
+    report = _run_app(rc)
     assert report["final"]["rounds_completed"] == 1
     per = report["rounds"][0]["per_client"]
     assert set(per) == {"hospital-0", "hospital-1"}
     assert all(0.98 * 2.0 <= v["epsilon"] <= 2.0 for v in per.values())
+    assert "secagg" not in report["rounds"][0]
+
+
+def test_module_level_apps_run_a_secure_round_from_operator_files(tmp_path) -> None:
+    """Identities and rosters come from files named in each hospital's node config."""
+    roster, identities = make_identities(2, "files-federation")
+    doc = Roster("files-federation", roster, {1: "hospital-0", 2: "hospital-1"})
+    write_roster(tmp_path / "server-roster.json", doc)
+    node_configs = []
+    for i, ident in enumerate(identities):
+        d = tmp_path / f"op-{i}"
+        d.mkdir()
+        write_identity_key(d / "identity.key", ident.signing_key)
+        write_roster(d / "roster.json", doc)
+        node_configs.append({"secagg-id": i + 1, "identity-key": str(d / "identity.key"),
+                             "roster": str(d / "roster.json")})
+    rc = {"dataset": "breast-cancer", "clients": 2, "rounds": 1, "target-epsilon": 2.0,
+          "out": str(tmp_path / "out"), "roster": str(tmp_path / "server-roster.json")}
+    report = _run_app(rc, node_configs)
+    row = report["rounds"][0]
+    assert row["secagg"]["aborted"] is None
+    assert set(row["secagg"]["alive"]) == {"hospital-0", "hospital-1"}
+    assert (tmp_path / "op-0" / "identity.key").stat().st_mode & 0o077 == 0
+
+
+def test_secure_app_without_operator_files_fails_clearly(tmp_path) -> None:
+    rc = {"dataset": "breast-cancer", "clients": 2, "rounds": 1, "out": str(tmp_path)}
+    with pytest.raises(ValueError, match="needs the roster file"):
+        _run_app(rc)
+    with pytest.raises(ValueError, match="needs node config"):
+        identity_from_node_config({"partition-id": 0})

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bract import tasks
-from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.app import hospital_setup
+from bract.flower.client import PrivacyPolicy, make_client_app
 from bract.flower.records import STATE_PRIVACY
 from bract.flower.server import ServerConfig, fedavg, run_federation
 from bract.privacy import (
@@ -31,14 +32,7 @@ NODES = [101, 202, 303]
 
 
 def _setup(ctx):
-    pid = int(ctx.node_config["partition-id"])
-    model = tasks.build_model(TASK)
-    return HospitalSetup(
-        model=model,
-        optimizer=tasks.make_optimizer(TASK, model),
-        train_loader=tasks.hospital_loader(TASK, pid),
-        client_id=f"hospital-{pid}",
-    )
+    return hospital_setup(TASK, ctx)
 
 
 def _federation(policy: PrivacyPolicy, tmp_path, rounds: int, **grid_kwargs):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from bract import tasks
-from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.app import hospital_setup
+from bract.flower.client import PrivacyPolicy, make_client_app
 from bract.flower.server import CheckpointError, ServerConfig, run_federation
 from bract.privacy import PrivacyLedger, epsilon_of, load_weights, weights_of
 
@@ -21,13 +22,7 @@ POLICY = PrivacyPolicy(target_epsilon=4.0, delta=1e-5, rounds=4)
 
 def _apps(state_root):
     def setup(ctx):
-        pid = int(ctx.node_config["partition-id"])
-        model = tasks.build_model(TASK)
-        return HospitalSetup(
-            model=model, optimizer=tasks.make_optimizer(TASK, model),
-            train_loader=tasks.hospital_loader(TASK, pid), client_id=f"hospital-{pid}",
-            state_dir=state_root / f"hospital-{pid}",
-        )
+        return hospital_setup(TASK, ctx, state_root)
 
     return {7: make_client_app(setup, POLICY), 8: make_client_app(setup, POLICY)}
 

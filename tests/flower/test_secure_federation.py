@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from bract import tasks
-from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.app import hospital_setup
+from bract.flower.client import PrivacyPolicy, make_client_app
 from bract.flower.faults import DROP_STAGES, InjectedDropoutError
 from bract.flower.records import LOCAL_METRICS, LOCAL_WEIGHTS, TRAIN_INFO
 from bract.flower.secagg_client import make_identities
@@ -28,12 +29,7 @@ NON_PRIVATE = PrivacyPolicy(
 
 
 def _setup(ctx):
-    pid = int(ctx.node_config["partition-id"])
-    model = tasks.build_model(TASK)
-    return HospitalSetup(
-        model=model, optimizer=tasks.make_optimizer(TASK, model),
-        train_loader=tasks.hospital_loader(TASK, pid), client_id=f"hospital-{pid}",
-    )
+    return hospital_setup(TASK, ctx)
 
 
 def _drop_mod(plan: dict[tuple[int, str], set[int]]):
