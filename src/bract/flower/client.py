@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bract.flower.files import atomic_write_text
 from bract.flower.records import (
     AGGREGATED_METRICS,
     GLOBAL_WEIGHTS,
@@ -133,12 +132,7 @@ def _save_state(ctx: Context, setup: HospitalSetup, state: ConfigRecord) -> None
     ctx.state.config_records[STATE_PRIVACY] = state
     if setup.state_dir is None:
         return
-    directory = Path(setup.state_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{STATE_FILE}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(dict(state), fh)
-    os.replace(tmp, directory / STATE_FILE)
+    atomic_write_text(Path(setup.state_dir) / STATE_FILE, json.dumps(dict(state)))
 
 
 def dp_train_handler(

@@ -35,6 +35,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bract.flower.files import atomic_write_text
 from bract.flower.records import (
     AGGREGATED_METRICS,
     GLOBAL_WEIGHTS,
@@ -94,14 +95,6 @@ def fedavg(updates: list[tuple[Weights, int]]) -> Weights:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _json_float(x: float) -> float | str:
     return x if math.isfinite(x) else ("inf" if x > 0 else str(x))
 
@@ -126,13 +119,13 @@ class FederationRecord:
 
     def write(self) -> None:
         """Write report.json and ledger.jsonl (one event per line, every hospital)."""
-        _atomic_write(self.out_dir / "report.json", json.dumps(self.report, indent=2) + "\n")
+        atomic_write_text(self.out_dir / "report.json", json.dumps(self.report, indent=2) + "\n")
         lines = [
             json.dumps({**e.to_plain(), "client_id": cid}, sort_keys=True)
             for cid, ledger in sorted(self.ledgers.items())
             for e in ledger.events
         ]
-        _atomic_write(self.out_dir / "ledger.jsonl", "".join(line + "\n" for line in lines))
+        atomic_write_text(self.out_dir / "ledger.jsonl", "".join(line + "\n" for line in lines))
 
 
 def _eps_text(x: float) -> str:
@@ -296,7 +289,7 @@ class Federation:
             "metrics": self.metrics,
             "resumes": self.resumes,
         }
-        _atomic_write(ckpt / "state.json", json.dumps(state) + "\n")
+        atomic_write_text(ckpt / "state.json", json.dumps(state) + "\n")
         for old in ckpt.glob("global-round-*.npz"):
             if old.name != model_name:
                 old.unlink()
