@@ -55,6 +55,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from bract.flower.files import write_private_bytes
 from bract.flower.secagg_client import (
     Roster,
     make_identities,
@@ -87,16 +88,6 @@ class TlsFiles:
     ca_cert: Path
     server_cert: Path
     server_key: Path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by the owner only (mode 0600 from creation)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 def generate_dev_certificates(
@@ -179,7 +170,7 @@ def generate_dev_certificates(
     files = TlsFiles(directory / "ca.crt", directory / "server.pem", directory / "server.key")
     files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(
+    write_private_bytes(
         files.server_key,
         server_key.private_bytes(
             serialization.Encoding.PEM,
@@ -214,7 +205,7 @@ def generate_supernode_key(directory: Path, name: str) -> NodeKeyFiles:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     files = NodeKeyFiles(name, directory / name, directory / f"{name}.pub")
-    _write_private(
+    write_private_bytes(
         files.private_key,
         key.private_bytes(
             serialization.Encoding.PEM,

@@ -23,7 +23,6 @@ without this hospital.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from bract.flower.files import write_private_bytes
 from bract.flower.records import (
     AGGREGATED_METRICS,
     GLOBAL_WEIGHTS,
@@ -144,9 +144,7 @@ def read_roster(path: Path) -> Roster:
 
 def write_identity_key(path: Path, signing_key: bytes) -> None:
     """Write a hospital's Ed25519 private key (hex), readable by its owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(signing_key.hex() + "\n")
+    write_private_bytes(Path(path), (signing_key.hex() + "\n").encode("ascii"))
 
 
 def read_identity_key(path: Path) -> bytes:
