@@ -287,3 +287,43 @@ def test_model_left_in_eval_mode_is_accepted_and_trained() -> None:
     trainer = _trainer(model, chest_loader(40, 20))
     assert not model.training  # the check does not change the caller's mode
     assert trainer.train_round(1).trained
+
+
+# ------------------------------------------- which records a step samples stays secret
+
+
+def _sampled_ids(torch_seed: int, **kwargs) -> list[list[int]]:
+    """Ids of the records each Poisson batch of one round held, after ``torch.manual_seed``."""
+    seen: list[list[int]] = []
+
+    class Recording(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append([int(v) for v in x[:, 0].tolist()])
+            return self.lin(x)
+
+    ids = torch.arange(64, dtype=torch.float32)
+    x = torch.stack([ids, torch.zeros(64)], dim=1)
+    y = (ids.long() % 2)
+    torch.manual_seed(0)
+    model = Recording()
+    trainer = _trainer(model, DataLoader(TensorDataset(x, y), batch_size=8), lr=0.01,
+                       grad_sample_mode="hooks", **kwargs)
+    torch.manual_seed(torch_seed)  # an application's (public) seed must not fix the batches
+    trainer.train_round(1)
+    return seen
+
+
+def test_poisson_batches_do_not_follow_the_public_torch_seed() -> None:
+    """Amplification by subsampling assumes the adversary cannot predict the batches:
+    with the same public torch seed, two private rounds sample different records
+    (P(equal) over 8 steps of 64 Bernoulli(1/8) draws is below 2^-100); only an
+    explicit sampling seed, allowed without noise alone, makes them reproducible."""
+    first, second = _sampled_ids(0), _sampled_ids(0)
+    assert len(first) == len(second) == 8
+    assert first != second
+    seeded = {"noise_multiplier": 0.0, "sampling_seed": 7}
+    assert _sampled_ids(0, **seeded) == _sampled_ids(1, **seeded)
