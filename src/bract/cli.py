@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bract.flower.deploy import add_deploy_parser
 
     add_deploy_parser(sub)
+    from bract.audit.cli import add_audit_parser
+
+    add_audit_parser(sub)
     return parser
 
 
