@@ -1,0 +1,397 @@
+"""Signed, hash-chained privacy ledgers: one chain of entries per hospital.
+
+Each entry records one DP-SGD event a hospital ran, the epsilon it reported after
+it, and two bindings:
+
+* ``prev_hash``: SHA-256 over the previous entry's canonical bytes (signature
+  included). The first entry links to a genesis value that binds the federation
+  id and the hospital's id, so a chain cannot be moved to another federation or
+  hospital, and no line can be removed, duplicated, reordered or inserted without
+  breaking a link.
+* ``signature``: Ed25519, by the hospital's identity key (the same key as for
+  secure aggregation), over the canonical bytes of every other field. Without
+  the key nobody (the server included) can edit an entry or forge one.
+
+What a verifier must know from elsewhere: the hospital's public key (from a
+roster it trusts) and, to detect a truncated tail, how many entries to expect
+(a valid prefix of a chain is itself a valid chain).
+
+Canonical bytes are compact JSON with sorted keys (floats in Python's shortest
+round-trip form, ``inf`` as the string ``"inf"``), prefixed by a domain tag.
+SHA-256 and Ed25519 come from ``cryptography`` via :mod:`bract.secagg.crypto`.
+Pure: imports neither flwr nor torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bract.privacy.accounting import DpSgdEvent, PrivacyError
+from bract.secagg.crypto import SigningKey, sha256, verify_signature
+from bract.secagg.errors import SecAggError
+
+LEDGER_FORMAT = "bract.ledger.v1"
+_TAG_GENESIS = b"bract.ledger.v1/genesis\x00"
+_TAG_SIGN = b"bract.ledger.v1/entry\x00"
+_TAG_HASH = b"bract.ledger.v1/hash\x00"
+_FIELDS = (
+    "format", "federation_id", "client_id", "seq", "round", "event", "epsilon", "delta",
+    "accountant", "prev_hash", "signature",
+)
+
+
+class LedgerError(ValueError):
+    """A ledger is malformed or its chain does not verify; the message says where."""
+
+
+def _canonical(data: Any) -> bytes:
+    return json.dumps(
+        data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def _eps_plain(x: float) -> float | str:
+    return x if math.isfinite(x) else "inf"
+
+
+def genesis_hash(federation_id: str, client_id: str) -> str:
+    """The ``prev_hash`` of a hospital's first entry: binds federation and hospital."""
+    body = _canonical({"federation_id": federation_id, "client_id": client_id})
+    return sha256(_TAG_GENESIS + body).hex()
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One signed link of a hospital's privacy ledger (immutable).
+
+    ``seq`` is the entry's 1-based position in the hospital's chain; ``epsilon``
+    is what the hospital reported after this entry (covering entries 1..seq) at
+    ``delta`` with ``accountant``; ``signature`` is hex, or ``""`` when the
+    hospital had no identity key (such an entry is hash-chained but unsigned, and
+    a verifier with a public key rejects it).
+    """
+
+    federation_id: str
+    client_id: str
+    seq: int
+    round: int
+    event: DpSgdEvent
+    epsilon: float
+    delta: float
+    accountant: str
+    prev_hash: str
+    signature: str = field(default="")
+
+    def signed_plain(self) -> dict[str, Any]:
+        """Every field except the signature, as plain data (what is signed)."""
+        return {
+            "format": LEDGER_FORMAT,
+            "federation_id": self.federation_id,
+            "client_id": self.client_id,
+            "seq": self.seq,
+            "round": self.round,
+            "event": self.event.to_plain(),
+            "epsilon": _eps_plain(self.epsilon),
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "prev_hash": self.prev_hash,
+        }
+
+    def signing_bytes(self) -> bytes:
+        """The bytes the hospital's Ed25519 key signs (domain-tagged canonical JSON)."""
+        return _TAG_SIGN + _canonical(self.signed_plain())
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain JSON-able dict: :meth:`signed_plain` plus ``signature``."""
+        return {**self.signed_plain(), "signature": self.signature}
+
+    def to_line(self) -> str:
+        """One canonical JSONL line (no newline)."""
+        return _canonical(self.to_plain()).decode("ascii")
+
+    def hash(self) -> str:
+        """SHA-256 (hex) over the entry's canonical bytes, signature included."""
+        return sha256(_TAG_HASH + _canonical(self.to_plain())).hex()
+
+    @classmethod
+    def from_plain(cls, data: Any) -> LedgerEntry:
+        """Parse one entry; raises :class:`LedgerError` naming the bad or missing field."""
+        if not isinstance(data, dict):
+            raise LedgerError(f"a ledger entry must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_FIELDS))
+        missing = sorted(set(_FIELDS) - set(data))
+        if unknown:
+            raise LedgerError(f"unknown ledger entry field(s) {unknown}")
+        if missing:
+            raise LedgerError(f"ledger entry lacks field(s) {missing}")
+        if data["format"] != LEDGER_FORMAT:
+            raise LedgerError(
+                f"ledger entry format {data['format']!r} is not {LEDGER_FORMAT!r}"
+            )
+        for key in ("federation_id", "client_id", "accountant", "prev_hash", "signature"):
+            if not isinstance(data[key], str):
+                raise LedgerError(f"ledger entry field {key!r} must be a string")
+        for key in ("seq", "round"):
+            if isinstance(data[key], bool) or not isinstance(data[key], int):
+                raise LedgerError(f"ledger entry field {key!r} must be an integer")
+        if not _is_hex(data["prev_hash"], 64):
+            raise LedgerError("ledger entry field 'prev_hash' must be 64 hex digits")
+        if data["signature"] and not _is_hex(data["signature"], 128):
+            raise LedgerError("ledger entry field 'signature' must be 128 hex digits or empty")
+        eps = data["epsilon"]
+        if eps == "inf":
+            eps = math.inf
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps):
+            raise LedgerError("ledger entry field 'epsilon' must be a number or 'inf'")
+        delta = data["delta"]
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)):
+            raise LedgerError("ledger entry field 'delta' must be a number")
+        try:
+            event = DpSgdEvent.from_plain(data["event"])
+        except PrivacyError as exc:
+            raise LedgerError(f"ledger entry event: {exc}") from None
+        return cls(
+            data["federation_id"], data["client_id"], data["seq"], data["round"], event,
+            float(eps), float(delta), data["accountant"], data["prev_hash"], data["signature"],
+        )
+
+
+def _is_hex(text: str, length: int) -> bool:
+    return len(text) == length and all(c in "0123456789abcdef" for c in text)
+
+
+def _signing_key(key: SigningKey | bytes) -> SigningKey:
+    return key if isinstance(key, SigningKey) else SigningKey.from_bytes(key)
+
+
+def append_entry(
+    chain: Sequence[LedgerEntry],
+    event: DpSgdEvent,
+    *,
+    epsilon: float,
+    delta: float,
+    accountant: str,
+    federation_id: str,
+    client_id: str,
+    signing_key: SigningKey | bytes | None,
+) -> tuple[LedgerEntry, ...]:
+    """``chain`` with a new entry for ``event`` appended, linked and signed.
+
+    Guarantee: the new entry links to the chain's last entry (or to the genesis
+    value of ``(federation_id, client_id)``) and carries an Ed25519 signature by
+    ``signing_key`` over all its fields; with ``signing_key=None`` it is linked
+    but unsigned. Refuses an event of another hospital or an earlier round.
+    """
+    if event.client_id != client_id:
+        raise LedgerError(
+            f"event of {event.client_id!r} cannot go on the ledger of {client_id!r}"
+        )
+    if chain:
+        last = chain[-1]
+        if (last.federation_id, last.client_id) != (federation_id, client_id):
+            raise LedgerError(
+                f"the chain belongs to {last.client_id!r} of federation {last.federation_id!r},"
+                f" not {client_id!r} of {federation_id!r}"
+            )
+        if event.round < last.round:
+            raise LedgerError(f"round {event.round} comes after round {last.round} on the ledger")
+        prev = last.hash()
+    else:
+        prev = genesis_hash(federation_id, client_id)
+    entry = LedgerEntry(
+        federation_id, client_id, len(chain) + 1, event.round, event, float(epsilon),
+        float(delta), accountant, prev,
+    )
+    if signing_key is not None:
+        signature = _signing_key(signing_key).sign(entry.signing_bytes()).hex()
+        entry = dataclasses.replace(entry, signature=signature)
+    return (*chain, entry)
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """Outcome of :func:`check_chain`: how many entries verified, and the first problem."""
+
+    verified: int
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when every entry verified and the length was as expected."""
+        return self.problem is None
+
+
+def check_chain(
+    entries: Sequence[LedgerEntry],
+    public_key: bytes | None,
+    *,
+    federation_id: str,
+    client_id: str,
+    expected_length: int | None = None,
+) -> ChainCheck:
+    """Check one hospital's chain; reports the first entry that fails and why.
+
+    Guarantee (with ``public_key`` from a trusted roster, Ed25519 unforgeable,
+    SHA-256 collision resistant): a chain that passes is exactly a prefix of the
+    sequence of entries that key's holder signed for this federation and
+    hospital, unedited, in order, none missing, duplicated or inserted; with
+    ``expected_length`` it is the whole of it. ``public_key=None`` checks links
+    only (anyone can build a linked chain: it proves nothing about authorship).
+    """
+    prev = genesis_hash(federation_id, client_id)
+    last_round = -math.inf
+    for i, e in enumerate(entries):
+        where = f"entry {i + 1} (seq {e.seq}, round {e.round})"
+        if e.federation_id != federation_id:
+            return ChainCheck(i, f"{where} belongs to federation {e.federation_id!r}, not "
+                                 f"{federation_id!r}: spliced in from another federation")
+        if e.client_id != client_id:
+            return ChainCheck(i, f"{where} belongs to {e.client_id!r}, not {client_id!r}: "
+                                 "spliced in from another hospital's ledger")
+        if e.seq != i + 1:
+            kind = (
+                "duplicated or out of order" if e.seq <= i
+                else f"entries {i + 1}..{e.seq - 1} missing"
+            )
+            return ChainCheck(i, f"{where} has seq {e.seq} where {i + 1} was due: {kind}")
+        if (e.event.client_id, e.event.round) != (e.client_id, e.round):
+            return ChainCheck(i, f"{where} records an event of {e.event.client_id!r} round "
+                                 f"{e.event.round}: the entry is inconsistent")
+        if e.prev_hash != prev:
+            return ChainCheck(i, f"{where} does not link to the entry before it: an entry was "
+                                 "edited, removed, inserted or reordered before this point")
+        if public_key is not None:
+            if not e.signature:
+                return ChainCheck(i, f"{where} is unsigned")
+            try:
+                verify_signature(public_key, bytes.fromhex(e.signature), e.signing_bytes(), where)
+            except SecAggError:
+                return ChainCheck(i, f"{where}: signature does not verify with {client_id}'s "
+                                     "roster key (the entry was edited, or signed by another key)")
+        if e.round < last_round:
+            return ChainCheck(i, f"{where} goes back to round {e.round} after round {last_round}")
+        last_round = e.round
+        prev = e.hash()
+    n = len(entries)
+    if expected_length is not None and n != expected_length:
+        what = "truncated" if n < expected_length else "longer than recorded"
+        return ChainCheck(n, f"{client_id}'s ledger has {n} entries where {expected_length} "
+                             f"were recorded: {what}")
+    return ChainCheck(n)
+
+
+def verify_chain(
+    entries: Sequence[LedgerEntry],
+    public_key: bytes | None,
+    *,
+    federation_id: str,
+    client_id: str,
+    expected_length: int | None = None,
+) -> None:
+    """:func:`check_chain`, raising :class:`LedgerError` with its problem on failure."""
+    result = check_chain(
+        entries, public_key, federation_id=federation_id, client_id=client_id,
+        expected_length=expected_length,
+    )
+    if result.problem is not None:
+        raise LedgerError(result.problem)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def dumps_jsonl(entries: Iterable[LedgerEntry]) -> str:
+    """Entries as JSONL text, one canonical line each."""
+    return "".join(e.to_line() + "\n" for e in entries)
+
+
+def loads_jsonl(text: str, source: str = "ledger") -> list[LedgerEntry]:
+    """Parse JSONL text; a malformed line raises :class:`LedgerError` naming it."""
+    out: list[LedgerEntry] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(LedgerEntry.from_plain(json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise LedgerError(f"{source}:{lineno}: not JSON ({exc.msg})") from None
+        except LedgerError as exc:
+            raise LedgerError(f"{source}:{lineno}: {exc}") from None
+    return out
+
+
+def write_ledger(path: str | Path, entries: Iterable[LedgerEntry]) -> None:
+    """Write entries to a JSONL file (not atomic; the Flower side writes atomically)."""
+    Path(path).write_text(dumps_jsonl(entries), encoding="utf-8")
+
+
+def read_ledger(path: str | Path) -> list[LedgerEntry]:
+    """Read a JSONL ledger file; names the file and line of any malformed entry."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LedgerError(f"ledger file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"ledger file {path} is unreadable: {exc}") from None
+    return loads_jsonl(text, str(path))
+
+
+def by_client(entries: Iterable[LedgerEntry]) -> dict[str, list[LedgerEntry]]:
+    """Entries of a merged ledger grouped per hospital, each in file order."""
+    out: dict[str, list[LedgerEntry]] = {}
+    for e in entries:
+        out.setdefault(e.client_id, []).append(e)
+    return out
+
+
+# -------------------------------------------------------------------------- roster
+
+
+@dataclass(frozen=True)
+class SignerRoster:
+    """Who may sign ledgers: hospital name -> Ed25519 public key, for one federation.
+
+    Read from the federation's roster file (``{"federation_id", "members": [{id,
+    name, public_key}]}``, written by ``bract simulate`` / ``bract deploy``); a
+    hospital's ledger ``client_id`` is its member ``name``. A verifier must take
+    this file from the hospitals' operators, not from the party it audits.
+    """
+
+    federation_id: str
+    keys: dict[str, bytes]
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "roster") -> SignerRoster:
+        """Parse a roster file's text; names what is wrong with a malformed one."""
+        try:
+            data = json.loads(text)
+            federation_id = data["federation_id"]
+            members = data["members"]
+            keys = {str(m["name"]): bytes.fromhex(m["public_key"]) for m in members}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LedgerError(f"{source} is not a roster file: {exc!r}") from None
+        if not isinstance(federation_id, str):
+            raise LedgerError(f"{source}: 'federation_id' must be a string")
+        if len(keys) != len(members):
+            raise LedgerError(f"{source}: two members share a name; names must be unique")
+        bad = sorted(name for name, key in keys.items() if len(key) != 32)
+        if bad:
+            raise LedgerError(f"{source}: public key of {bad} is not 32 bytes (Ed25519)")
+        return cls(federation_id, keys)
+
+    @classmethod
+    def read(cls, path: str | Path) -> SignerRoster:
+        """Read a roster file."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise LedgerError(f"roster file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LedgerError(f"roster file {path} is unreadable: {exc}") from None
+        return cls.from_json(text, str(path))
