@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from bract.audit.ledger import read_ledger
 from bract.cli import main
-from bract.privacy import DpSgdEvent, epsilon_of
+from bract.privacy import epsilon_of
 
 
 @pytest.mark.parametrize(
@@ -59,8 +60,7 @@ def test_simulate_end_to_end_on_flower(tmp_path, capsys) -> None:
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2]
-    events = [DpSgdEvent.from_plain(json.loads(x)) for x in
-              (out / "ledger.jsonl").read_text().splitlines()]
+    events = [e.event for e in read_ledger(out / "ledger.jsonl")]
     assert len(events) == 4
     for cid, v in report["rounds"][-1]["per_client"].items():
         mine = [e for e in events if e.client_id == cid]

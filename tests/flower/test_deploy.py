@@ -8,7 +8,6 @@ hospital's SuperNode is killed during round 2. Every process is gone afterwards.
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import threading
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 
+from bract.audit.ledger import read_ledger
 from bract.flower.deploy import (
     LOOPBACK,
     LocalFederation,
@@ -158,8 +158,7 @@ def test_deployed_run_reports_epsilon_every_round(clean_run: RunResult) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_deployed_run_writes_the_ledger(clean_run: RunResult) -> None:
-    lines = (clean_run.out_dir / "ledger.jsonl").read_text().splitlines()
-    events = [json.loads(line) for line in lines]
+    events = [e.event.to_plain() for e in read_ledger(clean_run.out_dir / "ledger.jsonl")]
     by_client: dict[str, list[dict]] = {}
     for e in events:
         by_client.setdefault(e["client_id"], []).append(e)

@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bract import tasks
+from bract.audit.ledger import read_ledger
 from bract.flower.app import hospital_setup
 from bract.flower.client import PrivacyPolicy, make_client_app
 from bract.flower.records import STATE_PRIVACY
 from bract.flower.server import ServerConfig, fedavg, run_federation
 from bract.privacy import (
-    DpSgdEvent,
     PrivacyLedger,
     TrainingPlan,
     epsilon_of,
@@ -76,16 +76,15 @@ def test_report_schema_and_files(calibrated_run) -> None:
         for v in row["per_client"].values():
             assert set(v) >= {"epsilon", "noise_multiplier", "sample_rate", "steps"}
         assert row["epsilon"] == max(v["epsilon"] for v in row["per_client"].values())
-    lines = (tmp / "ledger.jsonl").read_text().splitlines()
-    assert len(lines) == 3 * 3  # one event per hospital per round
+    entries = read_ledger(tmp / "ledger.jsonl")
+    assert len(entries) == 3 * 3  # one signed entry per hospital per round
     assert report["final"]["rounds_completed"] == 3
     assert report["final"]["non_private"] is False
 
 
 def test_epsilon_covers_all_rounds_and_meets_target(calibrated_run) -> None:
     report, _, _, tmp, policy = calibrated_run
-    events = [DpSgdEvent.from_plain(json.loads(line)) for line in
-              (tmp / "ledger.jsonl").read_text().splitlines()]
+    events = [e.event for e in read_ledger(tmp / "ledger.jsonl")]
     for cid in ("hospital-0", "hospital-1", "hospital-2"):
         mine = [e for e in events if e.client_id == cid]
         eps_by_round = [row["per_client"][cid]["epsilon"] for row in report["rounds"]]

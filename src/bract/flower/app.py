@@ -18,6 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from bract import tasks
+from bract.audit.ledger import SignerRoster
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.records import AGGREGATED_METRICS
 from bract.flower.secagg_client import SecAggIdentity, read_identity_key, read_roster
@@ -153,13 +154,20 @@ def _identity_from_context(ctx: Context) -> SecAggIdentity:
     return identity_from_node_config(ctx.node_config)
 
 
+def _signer_from_context(ctx: Context) -> SecAggIdentity | None:
+    """The identity that signs this hospital's ledger: its node config's, when it has one."""
+    if "identity-key" not in ctx.node_config:
+        return None
+    return identity_from_node_config(ctx.node_config)
+
+
 def _release_from_context(ctx: Context) -> str:
     return str(_get(ctx.run_config, "release-metrics"))
 
 
 client_app = make_client_app(
     _setup_from_context, _policy_from_context, secagg=_identity_from_context,
-    release_metrics=_release_from_context,
+    release_metrics=_release_from_context, identity=_signer_from_context,
 )
 server_app = ServerApp()
 
@@ -177,8 +185,8 @@ def _main(grid: Grid, context: Context) -> None:
         return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
 
     secagg = None
+    roster_path = str(_get(rc, "roster"))
     if bool(_get(rc, "secagg")):
-        roster_path = str(_get(rc, "roster"))
         if not roster_path:
             raise ValueError(
                 "secure aggregation needs the roster file: set run config 'roster' "
@@ -199,5 +207,7 @@ def _main(grid: Grid, context: Context) -> None:
         round_timeout=float(_get(rc, "round-timeout")) or None,
         run_config={**task.to_plain(), **rc},
         secagg=secagg,
+        # With a roster the server checks every hospital's signed ledger on receipt.
+        roster=SignerRoster.read(roster_path) if roster_path else None,
     )
     run_federation(grid, weights_of(tasks.build_model(task)), evaluate, cfg)

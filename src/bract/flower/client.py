@@ -4,8 +4,9 @@ A hospital developer supplies what they already have — a function that builds
 their model, optimizer and DataLoader — and a :class:`PrivacyPolicy`; bract
 does the rest: loads the global model, checks the budget before training,
 trains with Opacus DP-SGD, records the mechanism events in a ledger that lives
-in ``ctx.state`` across rounds, and replies with the update and its privacy
-report. A refusal (budget spent) is a normal reply, not an error.
+in ``ctx.state`` across rounds, signs each event into its hash-chained ledger
+(:mod:`bract.audit.ledger`) with its identity key, and replies with the update
+and its privacy report. A refusal (budget spent) is a normal reply, not an error.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bract.audit.ledger import (
+    LedgerEntry,
+    LedgerError,
+    append_entry,
+    check_chain,
+    dumps_jsonl,
+    loads_jsonl,
+    read_ledger,
+)
 from bract.flower.files import atomic_write_text
 from bract.flower.records import (
     AGGREGATED_METRICS,
@@ -36,7 +46,12 @@ from bract.flower.records import (
     record_to_weights,
     weights_to_record,
 )
-from bract.flower.secagg_client import IdentityLike, register_secagg, secagg_mod
+from bract.flower.secagg_client import (
+    IdentityLike,
+    SecAggIdentity,
+    register_secagg,
+    secagg_mod,
+)
 from bract.privacy import (
     DEFAULT_ACCOUNTANT,
     PrivacyBudget,
@@ -110,7 +125,11 @@ def _noise_multiplier(policy: PrivacyPolicy, setup: HospitalSetup, state: Config
 
 
 PolicyLike = PrivacyPolicy | Callable[[Context], PrivacyPolicy]
+#: The identity that signs a hospital's ledger entries (``None``: entries are unsigned).
+SignerLike = SecAggIdentity | Callable[[Context], SecAggIdentity | None]
 STATE_FILE = "privacy-state.json"
+#: The hospital's own copy of its signed ledger, next to STATE_FILE (which holds its head).
+LEDGER_FILE = "ledger.jsonl"
 
 
 def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
@@ -124,30 +143,71 @@ def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
     on_disk = json.loads(path.read_text(encoding="utf-8"))
     in_ctx = len(PrivacyLedger.from_json(str(state["ledger"])).events) if "ledger" in state else -1
     if len(PrivacyLedger.from_json(on_disk["ledger"]).events) > in_ctx:
-        return ConfigRecord(on_disk)
+        chain = _read_own_chain(path.parent, on_disk)
+        return ConfigRecord({**on_disk, "chain": dumps_jsonl(chain)})
     return state
+
+
+def _read_own_chain(state_dir: Path, on_disk: dict) -> tuple[LedgerEntry, ...]:
+    """The hospital's own signed ledger file, checked against the head its state names."""
+    n = int(on_disk.get("chain-length", 0))
+    if n == 0:
+        return ()
+    path = state_dir / LEDGER_FILE
+    # Entries past the head were signed for a round whose state was never committed.
+    entries = read_ledger(path)[:n]
+    links = check_chain(
+        entries, None, federation_id=entries[0].federation_id, client_id=entries[0].client_id,
+        expected_length=n,
+    ) if entries else None
+    if links is None or not links.ok or entries[-1].hash() != on_disk.get("chain-head"):
+        raise LedgerError(
+            f"{path} does not match the chain head in {STATE_FILE}: this hospital's own "
+            "ledger was truncated or edited; restore both files from a backup"
+        )
+    return tuple(entries)
 
 
 def _save_state(ctx: Context, setup: HospitalSetup, state: ConfigRecord) -> None:
     ctx.state.config_records[STATE_PRIVACY] = state
     if setup.state_dir is None:
         return
-    atomic_write_text(Path(setup.state_dir) / STATE_FILE, json.dumps(dict(state)))
+    # The entries first, then the state naming their head (the commit point).
+    atomic_write_text(Path(setup.state_dir) / LEDGER_FILE, str(state.get("chain", "")))
+    atomic_write_text(
+        Path(setup.state_dir) / STATE_FILE,
+        json.dumps({k: v for k, v in state.items() if k != "chain"}),
+    )
+
+
+def _load_chain(state: ConfigRecord, ledger: PrivacyLedger) -> tuple[LedgerEntry, ...]:
+    """The signed ledger in ``state``; it must record exactly the events of ``ledger``."""
+    chain = tuple(loads_jsonl(str(state.get("chain", "")), "this hospital's signed ledger"))
+    if [e.event for e in chain] != list(ledger.events):
+        raise LedgerError(
+            f"this hospital's signed ledger ({len(chain)} entries) does not record the "
+            f"{len(ledger.events)} events of its privacy state; restore both from a backup"
+        )
+    return chain
 
 
 def dp_train_handler(
     setup_fn: Callable[[Context], HospitalSetup],
     policy: PolicyLike,
+    identity: SignerLike | None = None,
 ) -> Callable[[Message, Context], Message]:
     """A ``train`` handler: DP-SGD on the hospital's data, ledger kept in ``ctx.state``.
 
     ``policy`` may be a function of the Context (e.g. reading ``ctx.run_config``
-    in a deployed Flower app).
+    in a deployed Flower app); so may ``identity``, whose Ed25519 key signs each
+    new ledger entry (``None``: entries are hash-chained but unsigned).
 
     Guarantee: the ledger in ``ctx.state`` advances only after a round's DP-SGD
     steps completed, and a round that would exceed the policy's budget is refused
-    before any training (the reply says why). The reply carries the updated
-    weights, the number of examples, and accounting data only.
+    before any training (the reply says why). Each trained round appends one
+    signed entry to the hospital's chain, kept in ``ctx.state`` and in
+    ``state_dir/ledger.jsonl`` (its head in ``privacy-state.json``). The reply
+    carries the updated weights, the number of examples, and accounting data only.
     """
 
     def handle(msg: Message, ctx: Context) -> Message:
@@ -159,6 +219,14 @@ def dp_train_handler(
             if "ledger" in state
             else PrivacyLedger(setup.client_id)
         )
+        chain = _load_chain(state, ledger)
+        signer = identity(ctx) if callable(identity) else identity
+        federation_id = signer.federation_id if signer is not None else ""
+        if chain and chain[-1].federation_id != federation_id:
+            raise LedgerError(
+                f"this hospital's ledger belongs to federation {chain[-1].federation_id!r} "
+                f"but its identity to {federation_id!r}: keep the identity the ledger began with"
+            )
         round_cfg = msg.content.config_records.get(ROUND_CONFIG, ConfigRecord())
         server_round = int(round_cfg.get("round", len(ledger.events) + 1))
         sigma = _noise_multiplier(policy_now, setup, state)
@@ -183,8 +251,18 @@ def dp_train_handler(
         if GLOBAL_WEIGHTS in msg.content.array_records:
             global_weights = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
         outcome = trainer.train_round(server_round, global_weights)
+        if outcome.trained and outcome.event is not None:
+            chain = append_entry(
+                chain, outcome.event, epsilon=outcome.epsilon, delta=policy_now.delta,
+                accountant=policy_now.accountant, federation_id=federation_id,
+                client_id=setup.client_id,
+                signing_key=signer.signing_key if signer is not None else None,
+            )
         # Persist only after the round finished (or was refused without change).
         state["ledger"] = trainer.ledger.to_json()
+        state["chain"] = dumps_jsonl(chain)
+        state["chain-length"] = len(chain)
+        state["chain-head"] = chain[-1].hash() if chain else ""
         _save_state(ctx, setup, state)
 
         content = RecordDict()
@@ -195,6 +273,7 @@ def dp_train_handler(
             epsilon=outcome.epsilon,
             noise_multiplier=sigma,
             sample_rate=trainer.plan_per_round.sample_rate,
+            chain=chain,
         )
         if outcome.trained and outcome.weights is not None:
             content.array_records[LOCAL_WEIGHTS] = weights_to_record(outcome.weights)
@@ -249,18 +328,21 @@ def make_client_app(
     secagg: IdentityLike | None = None,
     release_metrics: str | Callable[[Context], str] = "none",
     mods: Sequence[Callable] = (),
+    identity: SignerLike | None = None,
 ) -> ClientApp:
     """A Flower ``ClientApp`` for a hospital: DP-SGD, and secure aggregation if given.
 
     ``secagg`` is the hospital's identity for secure aggregation (or a function of
     the Context returning it); with it, the update and example count leave the
-    hospital only inside masked vectors. ``mods`` wrap every handler, inside the
-    metrics guard (e.g. fault injection in simulations).
+    hospital only inside masked vectors. ``identity`` signs the hospital's ledger
+    entries (default: the ``secagg`` identity; give it to sign plain runs too).
+    ``mods`` wrap every handler, inside the metrics guard (e.g. fault injection).
     """
     app = ClientApp()
     train_mods = [metrics_guard_mod(release_metrics), *mods]
     if secagg is not None:
         train_mods.append(secagg_mod(secagg, release_metrics=release_metrics))
         register_secagg(app, secagg, mods=list(mods))
-    app.train(mods=train_mods)(dp_train_handler(setup_fn, policy))
+    signer = identity if identity is not None else secagg
+    app.train(mods=train_mods)(dp_train_handler(setup_fn, policy, signer))
     return app

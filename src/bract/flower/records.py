@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from bract.audit.ledger import LedgerEntry, dumps_jsonl, loads_jsonl
 from bract.privacy import BudgetDecision, PrivacyLedger
 from bract.secagg import Message as SecAggMessage
 from bract.secagg import message_from_dict
@@ -24,7 +25,8 @@ GLOBAL_WEIGHTS = "bract.global"
 ROUND_CONFIG = "bract.round"
 #: hospital -> server: the locally trained model (only when it trained).
 LOCAL_WEIGHTS = "bract.local"
-#: hospital -> server: privacy status (ledger events, epsilon, budget decision).
+#: hospital -> server: privacy status (ledger events, epsilon, budget decision, and the
+#: hospital's signed, hash-chained ledger: bract.audit.ledger).
 PRIVACY_REPORT = "bract.privacy"
 #: hospital -> server: how much the update weighs in FedAvg.
 TRAIN_INFO = "bract.train"
@@ -71,11 +73,14 @@ def privacy_report_record(
     epsilon: float,
     noise_multiplier: float,
     sample_rate: float,
+    chain: Sequence[LedgerEntry] = (),
 ) -> ConfigRecord:
     """What a hospital tells the server about its privacy after a round.
 
     Only accounting data: the ledger of mechanism events, the epsilon it
-    computed, and its budget decision. Nothing derived from patient data.
+    computed, its budget decision, and its whole signed ledger ``chain`` (so a
+    server that missed a reply still gets every entry). Nothing derived from
+    patient data.
     """
     return ConfigRecord(
         {
@@ -88,6 +93,7 @@ def privacy_report_record(
             "steps": ledger.total_steps,
             "decision": json.dumps(decision.to_plain(), sort_keys=True),
             "reason": decision.reason,
+            "signed-ledger": dumps_jsonl(chain),
         }
     )
 
@@ -110,6 +116,7 @@ def read_privacy_report(content: RecordDict) -> dict[str, Any]:
         "steps": int(rec.get("steps", 0)),
         "decision": json.loads(str(rec.get("decision", "{}"))),
         "reason": str(rec["reason"]),
+        "chain": loads_jsonl(str(rec.get("signed-ledger", "")), "signed ledger"),
     }
 
 

@@ -12,6 +12,11 @@ budget is spent is stopped, with its reason logged; a round in which nobody
 trained leaves the global model unchanged. The report and ledger files are
 rewritten atomically after every round, so an interrupted run leaves a
 consistent record of the rounds it completed.
+
+Ledger integrity: every reply carries the hospital's signed, hash-chained ledger
+(:mod:`bract.audit.ledger`). The server checks it against its roster on receipt
+(signatures, links, and that it extends what the server already holds); a reply
+whose ledger does not verify counts as failed and changes nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bract.audit.ledger import (
+    LedgerEntry,
+    LedgerError,
+    SignerRoster,
+    dumps_jsonl,
+    loads_jsonl,
+    verify_chain,
+)
 from bract.flower.files import atomic_write_text
 from bract.flower.records import (
     AGGREGATED_METRICS,
@@ -48,7 +61,6 @@ from bract.flower.records import (
     weights_to_record,
 )
 from bract.flower.secagg_server import SecAggSettings, SecureAggregator
-from bract.privacy import PrivacyLedger
 
 Weights = dict[str, np.ndarray]
 EvaluateFn = Callable[[Weights], dict[str, float]]
@@ -74,6 +86,8 @@ class ServerConfig:
     resume: bool = False
     #: Secure aggregation settings; ``None`` runs plain FedAvg (updates in clear).
     secagg: SecAggSettings | None = None
+    #: Who signs ledgers (hospital name -> Ed25519 key); ``None`` checks only the links.
+    roster: SignerRoster | None = None
 
 
 def fedavg(updates: list[tuple[Weights, int]]) -> Weights:
@@ -105,7 +119,8 @@ class FederationRecord:
     def __init__(self, out_dir: Path, config: dict[str, Any]) -> None:
         self.out_dir = Path(out_dir)
         self.report: dict[str, Any] = {"config": config, "rounds": [], "final": {}}
-        self.ledgers: dict[str, PrivacyLedger] = {}
+        #: Each hospital's signed ledger entries, as verified on receipt.
+        self.chains: dict[str, tuple[LedgerEntry, ...]] = {}
 
     def add_round(self, row: dict[str, Any]) -> None:
         """Append one round's row and rewrite both files atomically."""
@@ -118,14 +133,12 @@ class FederationRecord:
         self.write()
 
     def write(self) -> None:
-        """Write report.json and ledger.jsonl (one event per line, every hospital)."""
+        """Write report.json and ledger.jsonl (every hospital's signed entries, in order)."""
         atomic_write_text(self.out_dir / "report.json", json.dumps(self.report, indent=2) + "\n")
-        lines = [
-            json.dumps({**e.to_plain(), "client_id": cid}, sort_keys=True)
-            for cid, ledger in sorted(self.ledgers.items())
-            for e in ledger.events
-        ]
-        atomic_write_text(self.out_dir / "ledger.jsonl", "".join(line + "\n" for line in lines))
+        atomic_write_text(
+            self.out_dir / "ledger.jsonl",
+            "".join(dumps_jsonl(chain) for _, chain in sorted(self.chains.items())),
+        )
 
 
 def _eps_text(x: float) -> str:
@@ -282,7 +295,7 @@ class Federation:
             "model": model_name,
             "config": self.cfg.run_config,
             "report": self.record.report,
-            "ledgers": {cid: led.to_plain() for cid, led in self.record.ledgers.items()},
+            "chains": {cid: dumps_jsonl(chain) for cid, chain in self.record.chains.items()},
             "latest": {cid: {**v, "epsilon": _json_float(v["epsilon"])}
                        for cid, v in self.latest.items()},
             "stopped": self.stopped,
@@ -310,8 +323,9 @@ class Federation:
         self.completed = int(state["completed_rounds"])
         self.record.report = state["report"]
         self.record.report["config"] = self.cfg.run_config
-        self.record.ledgers = {
-            cid: PrivacyLedger.from_plain(led) for cid, led in state["ledgers"].items()
+        self.record.chains = {
+            cid: tuple(loads_jsonl(text, f"checkpointed ledger of {cid}"))
+            for cid, text in state["chains"].items()
         }
         self.latest = {cid: {**v, "epsilon": float(v["epsilon"])}
                        for cid, v in state["latest"].items()}
@@ -345,7 +359,13 @@ class Federation:
             return None
         cid = rep["client_id"] or self._label(node)
         self.names[node] = cid
-        self.record.ledgers[cid] = rep["ledger"]
+        try:
+            chain = self._accept_chain(cid, rep)
+        except LedgerError as exc:
+            self.failed[self._label(node)] = f"invalid ledger: {exc}"
+            display.note(f"round {rnd}: {cid}'s ledger does not verify, reply ignored: {exc}")
+            return None
+        self.record.chains[cid] = chain
         self.latest[cid] = {
             "epsilon": rep["epsilon"],
             "noise_multiplier": rep["noise_multiplier"],
@@ -353,6 +373,8 @@ class Federation:
             "steps": rep["steps"],
             "trained": rep["trained"],
             "reason": rep["reason"],
+            "ledger_entries": len(chain),
+            "ledger_head": chain[-1].hash() if chain else "",
         }
         if not rep["trained"]:
             self.stopped[cid] = rep["reason"]
@@ -361,6 +383,24 @@ class Federation:
             display.note(f"round {rnd}: {cid} stopped — {rep['reason']}")
             return None
         return cid
+
+    def _accept_chain(self, cid: str, rep: dict[str, Any]) -> tuple[LedgerEntry, ...]:
+        """The hospital's signed ledger from its report, if it verifies and extends ours."""
+        chain = tuple(rep["chain"])
+        roster = self.cfg.roster
+        if roster is not None:
+            if cid not in roster.keys:
+                raise LedgerError(f"{cid} is not a member of the federation's roster")
+            verify_chain(chain, roster.keys[cid], federation_id=roster.federation_id,
+                         client_id=cid)
+        elif chain:
+            verify_chain(chain, None, federation_id=chain[0].federation_id, client_id=cid)
+        held = self.record.chains.get(cid, ())
+        if chain[: len(held)] != held:
+            raise LedgerError(f"it rewrites entries of {cid} the server already holds")
+        if [e.event for e in chain] != list(rep["ledger"].events):
+            raise LedgerError("its signed entries and its reported events differ")
+        return chain
 
     def _plain_round(self, rnd: int, display: _Display) -> tuple[list[str], dict[str, Any]]:
         """Plain FedAvg: updates and example counts travel in clear (--no-secagg)."""

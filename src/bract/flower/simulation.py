@@ -3,6 +3,11 @@
 Builds the hospitals' ``ClientApp`` and the ``ServerApp`` from a
 :class:`~bract.tasks.TaskConfig` and a :class:`~bract.flower.client.PrivacyPolicy`
 and runs them with ``flwr.simulation.run_simulation``: no servers to start.
+
+Every simulated hospital gets an Ed25519 identity (written, owner-only, to
+``OUT/hospitals/<id>/identity.key``) that signs its ledger entries, plain runs
+included, and the roster of them goes to ``OUT/roster.json`` for
+``bract audit verify``; a resumed run reuses both.
 """
 
 from __future__ import annotations
@@ -20,14 +25,24 @@ import torch
 from flwr.app import Context
 
 from bract import tasks
+from bract.audit.ledger import SignerRoster
 from bract.flower.app import HOSPITALS_DIR, hospital_setup
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.faults import DROP_STAGES, dropout_mod
 from bract.flower.records import AGGREGATED_METRICS
-from bract.flower.secagg_client import SecAggIdentity, make_identities
+from bract.flower.secagg_client import (
+    Roster,
+    SecAggIdentity,
+    make_identities,
+    read_identity_key,
+    read_roster,
+    write_identity_key,
+    write_roster,
+)
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import (
     CHECKPOINT_DIR,
+    CheckpointError,
     ServerConfig,
     load_checkpoint_state,
     make_server_app,
@@ -84,6 +99,41 @@ def _setup_fn(cfg: SimulationConfig) -> Callable[[Context], HospitalSetup]:
     return setup
 
 
+#: The federation's roster (hospital names and Ed25519 public keys), in ``out_dir``.
+ROSTER_FILE = "roster.json"
+IDENTITY_FILE = "identity.key"
+
+
+def _identities(cfg: SimulationConfig) -> tuple[Roster, list[SecAggIdentity]]:
+    """The hospitals' identities and roster: fresh ones, or on resume those of the run.
+
+    The simulation plays every hospital's operator: each key goes to that
+    hospital's own directory, the public roster to ``out_dir/roster.json``.
+    """
+    n = cfg.task.clients
+    key_path = [cfg.out_dir / HOSPITALS_DIR / f"hospital-{i}" / IDENTITY_FILE for i in range(n)]
+    if cfg.resume:
+        try:
+            roster = read_roster(cfg.out_dir / ROSTER_FILE)
+            keys = [read_identity_key(p) for p in key_path]
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"cannot resume: the hospitals' identities in {cfg.out_dir} are unreadable "
+                f"({exc}); their ledgers were signed with them"
+            ) from None
+        return roster, [
+            SecAggIdentity(i + 1, k, roster.keys, roster.federation_id) for i, k in enumerate(keys)
+        ]
+    federation_id = f"bract-sim-{os.urandom(8).hex()}"
+    keys, identities = make_identities(n, federation_id)
+    roster = Roster(federation_id, keys, {i + 1: f"hospital-{i}" for i in range(n)})
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    write_roster(cfg.out_dir / ROSTER_FILE, roster)
+    for path, ident in zip(key_path, identities, strict=True):
+        write_identity_key(path, ident.signing_key)
+    return roster, identities
+
+
 def validate(cfg: SimulationConfig) -> None:
     """Fail fast, before Ray starts, on a configuration no hospital could run."""
     ds = tasks.dataset_for(cfg.task)
@@ -137,6 +187,7 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
         load_weights(eval_model, weights)
         return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
 
+    roster, identities = _identities(cfg)
     server_cfg = ServerConfig(
         rounds=cfg.policy.rounds,
         num_clients=cfg.task.clients,
@@ -146,16 +197,14 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
         run_config=cfg.to_plain(),
         show_progress=cfg.show_progress,
         resume=cfg.resume,
+        roster=SignerRoster.from_json(roster.to_json(), ROSTER_FILE),
     )
     result: dict[str, Any] = {}
     server_app = make_server_app(initial_weights, evaluate, server_cfg, on_done=result.update)
     mods = [dropout_mod(cfg.drop_rate, cfg.drop_stage, cfg.task.seed)] if cfg.drop_rate else []
-    identities: list[SecAggIdentity] = []
     if cfg.secagg:
-        federation_id = f"bract-sim-{os.urandom(8).hex()}"
-        roster, identities = make_identities(cfg.task.clients, federation_id)
         server_cfg.secagg = SecAggSettings(
-            federation_id, roster, clip=cfg.secagg_clip, graph=cfg.secagg_graph,
+            roster.federation_id, roster.keys, clip=cfg.secagg_clip, graph=cfg.secagg_graph,
             aggregate_metrics=len(AGGREGATED_METRICS) if cfg.release_metrics == "aggregate" else 0,
         )
 
@@ -164,7 +213,7 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
 
     client_app = make_client_app(
         _setup_fn(cfg), cfg.policy, secagg=identity if cfg.secagg else None, mods=mods,
-        release_metrics=cfg.release_metrics,
+        release_metrics=cfg.release_metrics, identity=identity,
     )
     from flwr.simulation import run_simulation
 

@@ -1,0 +1,145 @@
+"""Hospitals sign their ledger entries; the server verifies them on receipt.
+
+A federation driven through the in-process Grid: each hospital signs with its
+Ed25519 identity, keeps its own copy next to its privacy state, and the server's
+merged ledger.jsonl equals the hospitals' copies line by line. A reply whose
+ledger does not verify (wrong key, rewritten history) is treated as failed and
+changes nothing; a hospital whose own ledger file was edited refuses to go on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bract import tasks
+from bract.audit.ledger import SignerRoster, by_client, check_chain, read_ledger
+from bract.flower.app import hospital_setup
+from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app
+from bract.flower.secagg_client import Roster, SecAggIdentity, make_identities
+from bract.flower.server import ServerConfig, run_federation
+from bract.privacy import load_weights, weights_of
+from bract.secagg.crypto import SigningKey
+
+from .conftest import FakeGrid
+
+TASK = tasks.TaskConfig(dataset="breast-cancer", clients=2, batch_size=32, lr=0.2)
+POLICY = PrivacyPolicy(target_epsilon=4.0, delta=1e-5, rounds=3)
+NODES = (7, 8)
+FED = "fed-test"
+
+
+def _identities(forge: int | None = None):
+    keys, idents = make_identities(len(NODES), FED)
+    roster = Roster(FED, keys, {i + 1: f"hospital-{i}" for i in range(len(NODES))})
+    if forge is not None:  # this hospital signs with a key the roster does not list
+        idents[forge] = SecAggIdentity(forge + 1, SigningKey.generate().to_bytes(), keys, FED)
+    return SignerRoster.from_json(roster.to_json()), idents
+
+
+def _apps(state_root, idents):
+    def setup(ctx):
+        return hospital_setup(TASK, ctx, state_root)
+
+    def identity(ctx):
+        return idents[int(ctx.node_config["partition-id"])]
+
+    return {node: make_client_app(setup, POLICY, identity=identity) for node in NODES}
+
+
+def _run(tmp_path, grid, roster, resume=False):
+    ds = tasks.dataset_for(TASK)
+    model = tasks.build_model(TASK)
+
+    def evaluate(w):
+        load_weights(model, w)
+        return tasks.evaluate(model, ds.x_test, ds.y_test)
+
+    cfg = ServerConfig(
+        rounds=POLICY.rounds, num_clients=len(NODES), delta=POLICY.delta,
+        out_dir=tmp_path / "out", node_wait_seconds=1, show_progress=False, resume=resume,
+        run_config={"test": "signing"}, roster=roster,
+    )
+    return run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
+
+
+def test_signed_ledgers_verify_and_match_the_hospitals_copies(tmp_path) -> None:
+    roster, idents = _identities()
+    hosp = tmp_path / "hosp"
+    with pytest.raises(RuntimeError, match="injected server crash"):
+        _run(tmp_path, FakeGrid(_apps(hosp, idents), crash_at_round=2), roster)
+    # Resumed by fresh processes: each hospital continues its chain from its own files.
+    report = _run(tmp_path, FakeGrid(_apps(hosp, idents)), roster, resume=True)
+    server_lines = (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()
+    chains = by_client(read_ledger(tmp_path / "out" / "ledger.jsonl"))
+    assert sorted(chains) == ["hospital-0", "hospital-1"]
+    for cid, chain in chains.items():
+        result = check_chain(chain, roster.keys[cid], federation_id=FED, client_id=cid,
+                             expected_length=POLICY.rounds)
+        assert result.ok, result.problem
+        assert [e.round for e in chain] == [1, 2, 3]
+        assert chain[-1].epsilon == report["rounds"][-1]["per_client"][cid]["epsilon"]
+        own = (hosp / cid / LEDGER_FILE).read_text().splitlines()
+        assert own == [line for line in server_lines if f'"client_id":"{cid}"' in line]
+        last = report["rounds"][-1]["per_client"][cid]
+        assert last["ledger_entries"] == 3 and last["ledger_head"] == chain[-1].hash()
+        state = json.loads((hosp / cid / "privacy-state.json").read_text())
+        assert state["chain-head"] == chain[-1].hash() and state["chain-length"] == 3
+
+
+def test_a_reply_whose_ledger_does_not_verify_is_treated_as_failed(tmp_path) -> None:
+    roster, idents = _identities(forge=0)
+    report = _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp", idents)), roster)
+    for row in report["rounds"]:
+        assert row["trained"] == ["hospital-1"]
+        assert "invalid ledger" in row["failed"]["hospital-0"]
+        assert "signature does not verify" in row["failed"]["hospital-0"]
+        assert "hospital-0" not in row["per_client"]
+    chains = by_client(read_ledger(tmp_path / "out" / "ledger.jsonl"))
+    assert list(chains) == ["hospital-1"] and len(chains["hospital-1"]) == 3
+
+
+def test_a_hospital_that_rewrites_its_history_is_refused(tmp_path) -> None:
+    """A hospital whose state was wiped after round 1 starts a new chain: the server
+    holds its round-1 entry, so the new chain does not extend it and is refused."""
+    roster, idents = _identities()
+    grid = FakeGrid(_apps(None, idents))
+    wiped = {"done": False}
+    original = grid.send_and_receive
+
+    def send_and_receive(messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.group_id == "2" and not wiped["done"]:
+            wiped["done"] = True
+            grid.contexts[NODES[0]].state.config_records.clear()
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = send_and_receive
+    report = _run(tmp_path, grid, roster)
+    assert report["rounds"][0]["trained"] == ["hospital-0", "hospital-1"]
+    for row in report["rounds"][1:]:
+        assert "rewrites entries" in row["failed"]["hospital-0"]
+    chains = by_client(read_ledger(tmp_path / "out" / "ledger.jsonl"))
+    assert [e.round for e in chains["hospital-0"]] == [1]  # the server's copy is intact
+    assert [e.round for e in chains["hospital-1"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("tamper", ["truncate", "edit"])
+def test_a_hospital_whose_own_ledger_file_was_tampered_with_refuses(tmp_path, tamper) -> None:
+    roster, idents = _identities()
+    hosp = tmp_path / "hosp"
+    with pytest.raises(RuntimeError, match="injected server crash"):
+        _run(tmp_path, FakeGrid(_apps(hosp, idents), crash_at_round=3), roster)
+    path = hosp / "hospital-0" / LEDGER_FILE
+    lines = path.read_text().splitlines()
+    if tamper == "truncate":
+        lines = lines[:1]
+    else:
+        lines[0] = lines[0].replace('"steps":', '"steps":1')
+    path.write_text("".join(line + "\n" for line in lines))
+    grid = FakeGrid(_apps(hosp, idents))
+    report = _run(tmp_path, grid, roster, resume=True)
+    row = report["rounds"][2]
+    assert row["trained"] == ["hospital-1"]
+    # (a resumed server knows the hospital by its node id until it answers well)
+    assert "does not match the chain head" in row["failed"][f"node-{NODES[0]}"]
