@@ -1,0 +1,242 @@
+"""The audit report a privacy officer reads: Markdown, HTML and the epsilon plot.
+
+Order: the verdict first, then one row per hospital, then the findings in plain
+language, then epsilon per round, then how it was checked and what was trusted.
+Every figure comes from :class:`bract.audit.verify.AuditResult`; nothing here
+decides a verdict.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+from bract.audit.verify import FAIL, AuditResult, HospitalAudit
+
+MARKDOWN = "audit.md"
+HTML = "audit.html"
+PLOT = "epsilon_per_round.png"
+
+
+def _eps(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return "∞ (no noise)" if math.isinf(x) else f"{x:.4f}"
+
+
+def verdict_line(result: AuditResult) -> str:
+    """One sentence: PASS or FAIL and why."""
+    n = len(result.hospitals)
+    if result.passed:
+        return (
+            f"PASS — the ledgers of all {n} hospitals are authentic, complete and in order, "
+            f"and every reported epsilon agrees with an independent recomputation within "
+            f"{result.tolerance:.0%}."
+        )
+    k = len(result.failures)
+    who = sorted({f.hospital for f in result.failures if f.hospital})
+    return (
+        f"FAIL — {k} problem{'s' if k != 1 else ''} found"
+        + (f" (hospitals: {', '.join(who)})" if who else "")
+        + "; see Findings. Do not rely on this federation's privacy claims until resolved."
+    )
+
+
+def _hospital_rows(result: AuditResult) -> list[list[str]]:
+    rows = []
+    for cid, h in sorted(result.hospitals.items()):
+        failed = any(f.hospital == cid and f.severity == FAIL for f in result.findings)
+        rows.append([
+            cid,
+            str(len(h.entries)),
+            _chain_text(h),
+            _eps(h.final_reported),
+            _eps(h.final_recomputed),
+            f"{100 * h.largest_difference:.2f}%",
+            h.copy_status,
+            "FAIL" if failed else "pass",
+        ])
+    return rows
+
+
+def _chain_text(h: HospitalAudit) -> str:
+    if not h.in_roster:
+        return "not in roster"
+    if h.chain_problem is None:
+        return "verified"
+    return f"broken after entry {h.verified}"
+
+
+HEADERS = [
+    "Hospital", "Entries", "Chain & signatures", "Final ε reported", "Final ε recomputed",
+    "Largest difference", "Own copy", "Verdict",
+]
+
+
+def _round_table(result: AuditResult) -> tuple[list[str], list[list[str]]]:
+    names = sorted(result.hospitals)
+    head = ["Round"] + [f"{c} reported / recomputed" for c in names]
+    rows = []
+    for r in result.rounds:
+        cells = [str(r)]
+        for c in names:
+            h = result.hospitals[c]
+            rep = h.reported_by_round.get(r)
+            rec = h.recomputed_by_round.get(r)
+            cells.append(f"{_eps(rep)} / {_eps(rec)}" if rec is not None else "–")
+        rows.append(cells)
+    return head, rows
+
+
+def _method_lines(result: AuditResult) -> list[str]:
+    budget = f"{result.budget:g}" if result.budget is not None else "not given"
+    return [
+        f"Server's ledger: `{result.ledger_path}`; roster: `{result.roster_path}` "
+        f"(federation `{result.federation_id}`); report: "
+        + (f"`{result.report_path}`" if result.report_path else "not given") + ".",
+        "Integrity: each entry's Ed25519 signature is checked against the hospital's key "
+        "in the roster, and each entry's SHA-256 link to the one before it (the first to a "
+        "value binding the federation and the hospital); sequence numbers must run 1, 2, 3, …",
+        f"Epsilon: recomputed after every entry from the recorded events by {result.accountant}"
+        " — called directly by the audit, independently of the code that reported the figures.",
+        f"Tolerance: a reported epsilon may differ from the recomputation by at most "
+        f"{result.tolerance:.1%} (plus 0.001 absolute). bract reports Opacus's PRV upper "
+        "bound, which lies within 0.5% below to 1% above the PLD value by design.",
+        f"Budget: {budget}.",
+        "Trusted: the roster's public keys (obtain the roster from the hospitals, not from the "
+        "server audited), the dp_accounting library and the cryptography library. report.json "
+        "is compared, never trusted.",
+    ]
+
+
+def render_markdown(result: AuditResult) -> str:
+    """The report as Markdown."""
+    out = ["# Privacy audit of a bract federation", "", f"**{verdict_line(result)}**", ""]
+    out += ["## Hospitals", "", _md_table(HEADERS, _hospital_rows(result)), ""]
+    out += ["## Findings", ""]
+    if result.findings:
+        for i, f in enumerate(result.findings, 1):
+            tag = "FAIL" if f.severity == FAIL else "note"
+            who = f"{f.hospital}: " if f.hospital else ""
+            out.append(f"{i}. **{tag}** ({f.topic}) {who}{f.message}")
+    else:
+        out.append("No problems found.")
+    out += ["", "## Epsilon per round", "", f"![epsilon per round]({PLOT})", ""]
+    head, rows = _round_table(result)
+    out += [_md_table(head, rows), "", "## How this was checked", ""]
+    out += [f"- {line}" for line in _method_lines(result)]
+    return "\n".join(out) + "\n"
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(head), line(["---"] * len(head)), *(line(r) for r in rows)])
+
+
+def render_html(result: AuditResult) -> str:
+    """The report as a standalone HTML page (the plot beside it as a PNG)."""
+    e = html.escape
+    colour = "#1b7f3b" if result.passed else "#b3261e"
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>bract privacy audit</title><style>",
+        "body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;color:#222}",
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+        "padding:.3em .6em;text-align:left}th{background:#f3f3f3}",
+        f".verdict{{padding:1em;border-radius:.4em;color:#fff;background:{colour};"
+        "font-weight:bold}.fail{color:#b3261e;font-weight:bold}.note{color:#555}",
+        "</style></head><body>",
+        "<h1>Privacy audit of a bract federation</h1>",
+        f"<p class='verdict'>{e(verdict_line(result))}</p>",
+        "<h2>Hospitals</h2>", _html_table(HEADERS, _hospital_rows(result)),
+        "<h2>Findings</h2>",
+    ]
+    if result.findings:
+        parts.append("<ol>")
+        for f in result.findings:
+            cls = "fail" if f.severity == FAIL else "note"
+            who = f"{f.hospital}: " if f.hospital else ""
+            parts.append(
+                f"<li><span class='{cls}'>{'FAIL' if cls == 'fail' else 'note'}</span> "
+                f"({e(f.topic)}) {e(who + f.message)}</li>"
+            )
+        parts.append("</ol>")
+    else:
+        parts.append("<p>No problems found.</p>")
+    head, rows = _round_table(result)
+    parts += [
+        "<h2>Epsilon per round</h2>",
+        f"<img src='{PLOT}' alt='epsilon per round for each hospital, with the budget' "
+        "style='max-width:100%'>",
+        _html_table(head, rows),
+        "<h2>How this was checked</h2><ul>",
+        *(f"<li>{e(line).replace('`', '')}</li>" for line in _method_lines(result)),
+        "</ul></body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    cells = "".join(f"<th>{e(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def plot_epsilon(result: AuditResult, path: Path) -> None:
+    """Recomputed epsilon after each round, one line per hospital, and the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    finite_max = 0.0
+    for cid, h in sorted(result.hospitals.items()):
+        rounds = sorted(h.recomputed_by_round) or [e.round for e in h.entries]
+        values = (
+            [h.recomputed_by_round[r] for r in rounds]
+            if h.recomputed_by_round
+            else [e.recomputed for e in h.entries]
+        )
+        shown = [(r, v) for r, v in zip(rounds, values, strict=True) if math.isfinite(v)]
+        label = cid + ("" if len(shown) == len(values) else " (∞ rounds not drawn)")
+        if shown:
+            (line,) = ax.plot(*zip(*shown, strict=True), marker="o", label=label)
+            finite_max = max(finite_max, max(v for _, v in shown))
+            reported = [(r, v) for r, v in sorted(h.reported_by_round.items())
+                        if math.isfinite(v)]
+            if reported:
+                ax.plot(*zip(*reported, strict=True), linestyle="none", marker="x",
+                        color=line.get_color(), alpha=0.8)
+        else:
+            ax.plot([], [], label=label)
+    if result.budget is not None and math.isfinite(result.budget):
+        ax.axhline(result.budget, color="#b3261e", linestyle="--",
+                   label=f"budget ε={result.budget:g}")
+        finite_max = max(finite_max, result.budget)
+    ax.set_ylim(0, finite_max * 1.1 if finite_max > 0 else 1.0)
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε after the round (recomputed, PLD)")
+    ax.set_title("Epsilon per round per hospital (× = reported in report.json)")
+    if result.rounds:
+        ax.set_xticks(result.rounds)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_reports(result: AuditResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write audit.md, audit.html and epsilon_per_round.png into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out / MARKDOWN, "html": out / HTML, "plot": out / PLOT}
+    plot_epsilon(result, paths["plot"])
+    paths["markdown"].write_text(render_markdown(result), encoding="utf-8")
+    paths["html"].write_text(render_html(result), encoding="utf-8")
+    return paths

@@ -1,0 +1,469 @@
+"""``bract audit verify``: check a federation's privacy record without trusting its code.
+
+What is checked, per hospital:
+
+1. **Integrity** — the hospital's chain in the server's ``ledger.jsonl`` verifies
+   against the roster's Ed25519 key: every entry signed, linked to the one
+   before, in order, none missing, duplicated, inserted or from another
+   federation or hospital (:func:`bract.audit.ledger.check_chain`); with
+   ``report.json``, also as long as the server last recorded (a truncated tail).
+2. **Epsilon** — after every entry, epsilon is recomputed from the recorded
+   mechanism events with dp_accounting's PLD accountant, called directly here
+   (not through bract's own accounting code), and compared with the epsilon the
+   entry reports and with ``report.json``'s per-round figure, within
+   :data:`DEFAULT_TOLERANCE`.
+3. **Completeness** — every round in which ``report.json`` says a hospital
+   trained has an entry for that round; the steps it reports match the ledger.
+4. **Copies** — a hospital's own copy of its ledger equals the server's line by
+   line.
+5. **Budget** — no epsilon passes the budget (``--budget`` or the run's
+   ``target_epsilon``).
+
+Trusted: the roster's public keys (they must come from the hospitals' operators,
+not from the server being audited), dp_accounting, and the ``cryptography``
+library. ``report.json`` is *not* trusted: it is compared, never believed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from bract.audit.ledger import (
+    LedgerEntry,
+    LedgerError,
+    SignerRoster,
+    by_client,
+    check_chain,
+    read_ledger,
+)
+
+#: Relative tolerance between a reported epsilon and the PLD recomputation. bract
+#: reports Opacus's PRV upper bound, within [0.995, 1.01] x PLD(1e-4) by design
+#: (measured: 1.002); 2% leaves room for that and flags any real misreport.
+DEFAULT_TOLERANCE = 0.02
+#: Absolute slack for tiny epsilons, where discretization errors dominate.
+ABSOLUTE_TOLERANCE = 1e-3
+#: dp_accounting's PLD value discretization: its tight reference setting.
+PLD_DISCRETIZATION = 1e-4
+#: At most this many line differences are listed per hospital copy.
+MAX_COPY_DIFFERENCES = 5
+
+FAIL = "fail"
+NOTE = "note"
+
+
+class AuditInputError(ValueError):
+    """An input file is missing or unusable; the audit cannot run (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing the audit found, in plain language; ``fail`` findings fail the audit."""
+
+    severity: str
+    hospital: str
+    topic: str
+    message: str
+
+
+@dataclass
+class EntryAudit:
+    """One ledger entry: what it reported and what the independent accountant says."""
+
+    seq: int
+    round: int
+    reported: float
+    recomputed: float
+    agrees: bool
+
+
+@dataclass
+class HospitalAudit:
+    """Everything the audit established about one hospital's ledger."""
+
+    client_id: str
+    entries: list[EntryAudit] = field(default_factory=list)
+    chain_problem: str | None = None
+    verified: int = 0
+    in_roster: bool = True
+    copy_status: str = "not given"
+    #: report.json's per-round epsilon for this hospital (rounds it answered).
+    reported_by_round: dict[int, float] = field(default_factory=dict)
+    #: recomputed epsilon after the entries up to each round.
+    recomputed_by_round: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def chain_ok(self) -> bool:
+        """Links and signatures of every entry verified (and the length, when known)."""
+        return self.in_roster and self.chain_problem is None
+
+    @property
+    def final_reported(self) -> float | None:
+        return self.entries[-1].reported if self.entries else None
+
+    @property
+    def final_recomputed(self) -> float | None:
+        return self.entries[-1].recomputed if self.entries else None
+
+    @property
+    def largest_difference(self) -> float:
+        """Largest relative difference between a reported and a recomputed epsilon."""
+        diffs = [
+            abs(e.reported - e.recomputed) / e.recomputed
+            for e in self.entries
+            if math.isfinite(e.reported) and math.isfinite(e.recomputed) and e.recomputed > 0
+        ]
+        return max(diffs, default=0.0)
+
+
+@dataclass
+class AuditResult:
+    """The audit's outcome: per-hospital results and findings; ``passed`` is the verdict."""
+
+    ledger_path: str
+    roster_path: str
+    report_path: str | None
+    federation_id: str
+    tolerance: float
+    budget: float | None
+    accountant: str
+    hospitals: dict[str, HospitalAudit]
+    findings: list[Finding]
+    rounds: list[int]
+
+    @property
+    def failures(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == FAIL]
+
+    @property
+    def passed(self) -> bool:
+        """True only when no check failed."""
+        return not self.failures
+
+
+# ---------------------------------------------------------------------- accountant
+
+
+def accountant_description(discretization: float = PLD_DISCRETIZATION) -> str:
+    """Which library computed the audit's epsilons, with its version and settings."""
+    try:
+        ver = version("dp-accounting")
+    except PackageNotFoundError:  # pragma: no cover - dp_accounting is a dependency
+        ver = "unknown version"
+    return (
+        f"dp_accounting {ver} PLDAccountant (value_discretization_interval={discretization:g}), "
+        "composing PoissonSampledDpEvent(q, GaussianDpEvent(σ)) steps times per event; "
+        "add-or-remove-one neighbours"
+    )
+
+
+def recompute_epsilons(
+    entries: list[LedgerEntry],
+    discretization: float = PLD_DISCRETIZATION,
+    on_entry: Callable[[], None] | None = None,
+) -> list[float]:
+    """Epsilon after each entry (covering it and all before), from the events alone.
+
+    Guarantee: each value is dp_accounting's PLD upper bound on the (epsilon,
+    entry.delta)-DP of Poisson-subsampled Gaussian steps as recorded (infinite
+    once an event with steps added no noise). Calls dp_accounting directly.
+    """
+    import dp_accounting as dpa
+
+    acc = dpa.pld.PLDAccountant(value_discretization_interval=discretization)
+    composed = False
+    non_private = False
+    out: list[float] = []
+    for entry in entries:
+        e = entry.event
+        if e.steps > 0 and e.noise_multiplier == 0:
+            non_private = True
+        elif e.steps > 0 and not non_private:
+            acc.compose(
+                dpa.PoissonSampledDpEvent(e.sample_rate, dpa.GaussianDpEvent(e.noise_multiplier)),
+                e.steps,
+            )
+            composed = True
+        if non_private:
+            out.append(math.inf)
+        elif not composed:
+            out.append(0.0)
+        else:
+            out.append(float(acc.get_epsilon(entry.delta)))
+        if on_entry is not None:
+            on_entry()
+    return out
+
+
+def disagreement(reported: float, recomputed: float, tolerance: float) -> str | None:
+    """How ``reported`` disagrees with ``recomputed`` beyond the tolerance, or None."""
+    if math.isinf(reported) or math.isinf(recomputed):
+        if reported == recomputed:
+            return None
+        return "reports ∞" if math.isinf(reported) else "reports a finite epsilon for no noise"
+    if reported < recomputed * (1 - tolerance) - ABSOLUTE_TOLERANCE:
+        return f"under-reported by {100 * (1 - reported / recomputed):.2f}%"
+    if reported > recomputed * (1 + tolerance) + ABSOLUTE_TOLERANCE:
+        return f"over-reported by {100 * (reported / max(recomputed, 1e-12) - 1):.2f}%"
+    return None
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AuditInputError(f"report file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AuditInputError(f"report file {path} is not readable JSON: {exc}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("rounds"), list):
+        raise AuditInputError(f"{path} is not a bract report.json (no 'rounds' list)")
+    for row in report["rounds"]:
+        if not isinstance(row, dict) or not isinstance(row.get("per_client"), dict) \
+                or not isinstance(row.get("round"), int):
+            raise AuditInputError(f"{path}: a round lacks 'round' or 'per_client'")
+    return report
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _ledger(path: Path, what: str) -> list[LedgerEntry]:
+    try:
+        return read_ledger(path)
+    except LedgerError as exc:
+        raise AuditInputError(f"{what}: {exc}") from None
+
+
+def _fmt(x: float) -> str:
+    return "∞" if math.isinf(x) else f"{x:.4f}"
+
+
+# ---------------------------------------------------------------------------- audit
+
+
+def verify_federation(
+    ledger_path: str | Path,
+    roster_path: str | Path,
+    *,
+    report_path: str | Path | None = None,
+    hospital_copies: Mapping[str, str | Path] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    budget: float | None = None,
+    pld_discretization: float = PLD_DISCRETIZATION,
+    progress: Callable[[int, int], None] | None = None,
+) -> AuditResult:
+    """Audit a federation's ledger (and optionally its report and hospitals' copies).
+
+    Guarantee: the result passes only if every hospital's chain verifies against
+    the roster, every reported epsilon (ledger and report.json) is within
+    ``tolerance`` of dp_accounting's PLD recomputation from the recorded events,
+    no round a hospital trained in lacks its entry, every given hospital copy
+    equals the server's, and no epsilon passes the budget. Raises
+    :class:`AuditInputError` when an input is missing or unreadable.
+    """
+    if not (0.0 < tolerance < 0.5):
+        raise AuditInputError(f"tolerance must lie in (0, 0.5) (got {tolerance})")
+    try:
+        roster = SignerRoster.read(roster_path)
+    except LedgerError as exc:
+        raise AuditInputError(str(exc)) from None
+    chains = by_client(_ledger(Path(ledger_path), "server's ledger"))
+    report = _read_report(Path(report_path)) if report_path is not None else None
+    copies = {
+        cid: _ledger(Path(p), f"{cid}'s own copy") for cid, p in (hospital_copies or {}).items()
+    }
+    config = (report or {}).get("config", {}) if isinstance(report, dict) else {}
+    if budget is None:
+        raw = config.get("target_epsilon", config.get("target-epsilon"))
+        budget = _number(raw) if raw is not None else None
+    findings: list[Finding] = []
+    hospitals: dict[str, HospitalAudit] = {}
+
+    def fail(cid: str, topic: str, message: str) -> None:
+        findings.append(Finding(FAIL, cid, topic, message))
+
+    last_seen = _last_per_client(report) if report else {}
+    names = sorted(set(chains) | set(copies) | set(last_seen))
+    total = sum(len(c) for c in chains.values())
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    for cid in names:
+        chain = chains.get(cid, [])
+        h = HospitalAudit(cid)
+        hospitals[cid] = h
+        # 1. integrity
+        key = roster.keys.get(cid)
+        if key is None:
+            h.in_roster = False
+            fail(cid, "roster", f"{cid} is not in the roster, so its entries cannot be "
+                                "authenticated")
+        expected = last_seen.get(cid, {}).get("ledger_entries")
+        check = check_chain(
+            chain, key, federation_id=roster.federation_id, client_id=cid,
+            expected_length=int(expected) if isinstance(expected, int) else None,
+        ) if key is not None else None
+        if check is not None:
+            h.verified = check.verified
+            h.chain_problem = check.problem
+            if check.problem:
+                fail(cid, "integrity", f"{cid}'s ledger fails verification: {check.problem}")
+            head = last_seen.get(cid, {}).get("ledger_head")
+            if check.ok and head and chain and chain[-1].hash() != head:
+                h.chain_problem = "last entry differs from the one report.json recorded"
+                fail(cid, "integrity", f"{cid}'s last entry is not the one report.json "
+                                       "recorded (its hash differs)")
+        # 2. epsilon after every entry
+        recomputed = recompute_epsilons(chain, pld_discretization, tick)
+        for entry, eps in zip(chain, recomputed, strict=True):
+            h.recomputed_by_round[entry.round] = eps  # report.json's rounds refine this
+        for entry, eps in zip(chain, recomputed, strict=True):
+            why = disagreement(entry.epsilon, eps, tolerance)
+            lenient = why is not None and why.startswith("over") and entry.accountant == "rdp"
+            h.entries.append(EntryAudit(entry.seq, entry.round, entry.epsilon, eps,
+                                        why is None or lenient))
+            if config.get("delta") is not None and entry.delta != _number(config["delta"]):
+                fail(cid, "delta", f"entry {entry.seq} uses δ={entry.delta:g}, the run "
+                                   f"declared δ={_number(config['delta']):g}")
+            if why is None:
+                continue
+            message = (f"entry {entry.seq} (round {entry.round}) reports ε={_fmt(entry.epsilon)}"
+                       f" ({entry.accountant}) but the recorded events give ε={_fmt(eps)}: {why}")
+            if lenient:
+                findings.append(Finding(NOTE, cid, "epsilon", message + " (RDP is a looser "
+                                        "upper bound: conservative, not a misreport)"))
+            else:
+                fail(cid, "epsilon", message)
+        # 5. budget
+        if budget is not None and math.isfinite(budget) and recomputed:
+            top = max(recomputed)
+            if top > budget * (1 + tolerance) or max(e.epsilon for e in chain) > budget:
+                fail(cid, "budget", f"{cid} reached ε={_fmt(top)}, past the budget of "
+                                    f"{budget:g}" + (" (no DP noise: NON-PRIVATE)"
+                                                     if math.isinf(top) else ""))
+        # 4. the hospital's own copy
+        if cid in copies:
+            _compare_copy(h, chain, copies[cid], roster, fail)
+        if report is not None:
+            _check_report_rows(h, chain, recomputed, report, tolerance, fail)
+    if report is not None:
+        _check_final(report, hospitals, tolerance, fail)
+    rounds = sorted({r["round"] for r in report["rounds"]}) if report else sorted(
+        {e.round for c in chains.values() for e in c}
+    )
+    if not chains:
+        fail("", "integrity", "the ledger holds no entries at all")
+    return AuditResult(
+        str(ledger_path), str(roster_path), str(report_path) if report_path else None,
+        roster.federation_id, tolerance, budget, accountant_description(pld_discretization),
+        hospitals, findings, rounds,
+    )
+
+
+def _last_per_client(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each hospital's last per-client record in report.json (the server's latest)."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in report["rounds"]:
+        for cid, v in row["per_client"].items():
+            if isinstance(v, dict):
+                out[cid] = v
+    return out
+
+
+def _check_report_rows(
+    h: HospitalAudit, chain: list[LedgerEntry], recomputed: list[float],
+    report: dict[str, Any], tolerance: float, fail: Callable[[str, str, str], None],
+) -> None:
+    """report.json's per-round epsilon and steps against the ledger; missing entries."""
+    cid = h.client_id
+    for row in report["rounds"]:
+        r = row["round"]
+        upto = [i for i, e in enumerate(chain) if e.round <= r]
+        eps = recomputed[upto[-1]] if upto else 0.0
+        h.recomputed_by_round[r] = eps
+        v = row["per_client"].get(cid)
+        if not isinstance(v, dict) or cid in row.get("failed", {}):
+            continue  # the hospital did not answer this round: nothing was reported
+        reported = _number(v.get("epsilon"))
+        h.reported_by_round[r] = reported
+        why = disagreement(reported, eps, tolerance) if not math.isnan(reported) else "unreadable"
+        if why is not None:
+            fail(cid, "report", f"report.json round {r} gives {cid} ε={_fmt(reported)} but its "
+                                f"ledger up to round {r} gives ε={_fmt(eps)}: {why}")
+        steps = v.get("steps")
+        ledger_steps = sum(chain[i].event.steps for i in upto)
+        if isinstance(steps, int) and steps != ledger_steps:
+            fail(cid, "report", f"report.json round {r} says {cid} ran {steps} DP-SGD steps in "
+                                f"all, its ledger records {ledger_steps}")
+        trained = cid in row.get("trained", []) or v.get("trained") is True
+        if trained and not any(e.round == r for e in chain):
+            fail(cid, "missing", f"missing event: report.json says {cid} trained in round {r}, "
+                                 f"but its ledger has no entry for round {r}")
+
+
+def _check_final(
+    report: dict[str, Any], hospitals: dict[str, HospitalAudit], tolerance: float,
+    fail: Callable[[str, str, str], None],
+) -> None:
+    final = report.get("final") or {}
+    if "epsilon" not in final:
+        return
+    finals = [h.final_recomputed for h in hospitals.values() if h.final_recomputed is not None]
+    if not finals:
+        return
+    claimed = _number(final["epsilon"])
+    why = disagreement(claimed, max(finals), tolerance) if not math.isnan(claimed) else "unreadable"
+    if why is not None:
+        fail("", "report", f"report.json's final ε={_fmt(claimed)} disagrees with the largest "
+                           f"recomputed final ε={_fmt(max(finals))}: {why}")
+
+
+def _compare_copy(
+    h: HospitalAudit, server: list[LedgerEntry], own: list[LedgerEntry],
+    roster: SignerRoster, fail: Callable[[str, str, str], None],
+) -> None:
+    """The hospital's own copy against the server's, line by line."""
+    cid = h.client_id
+    key = roster.keys.get(cid)
+    if key is not None:
+        own_check = check_chain(own, key, federation_id=roster.federation_id, client_id=cid)
+        if not own_check.ok:
+            fail(cid, "copy", f"{cid}'s own copy fails verification: {own_check.problem}")
+    differences: list[str] = []
+    for i in range(max(len(server), len(own))):
+        if i >= len(server):
+            differences.append(f"line {i + 1} (round {own[i].round}) is in {cid}'s copy but "
+                               "missing from the server's: a missing event")
+        elif i >= len(own):
+            differences.append(f"line {i + 1} (round {server[i].round}) is in the server's "
+                               f"copy but not in {cid}'s")
+        elif server[i].to_line() != own[i].to_line():
+            a, b = server[i].to_plain(), own[i].to_plain()
+            fields = sorted(k for k in a if a[k] != b[k])
+            differences.append(f"line {i + 1} differs in {fields}")
+    if differences:
+        h.copy_status = f"differs ({len(differences)} lines)"
+        for d in differences[:MAX_COPY_DIFFERENCES]:
+            fail(cid, "copy", f"{cid}'s own copy and the server's differ: {d}")
+        if len(differences) > MAX_COPY_DIFFERENCES:
+            fail(cid, "copy", f"... and {len(differences) - MAX_COPY_DIFFERENCES} more lines")
+    else:
+        h.copy_status = f"identical ({len(own)} lines)"

@@ -1,0 +1,307 @@
+"""``bract audit verify``: passes on a real federation's record, and fails — exit 1,
+the problem named — for a tampered epsilon, an edited event, a deleted line, a wrong
+roster key, a missing event, an under-reported epsilon signed by the hospital
+itself, a diverging hospital copy, or a passed budget; exit 2 for unusable input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+from bract import tasks
+from bract.audit.ledger import (
+    LedgerEntry,
+    append_entry,
+    dumps_jsonl,
+    read_ledger,
+    write_ledger,
+)
+from bract.audit.report import HTML, MARKDOWN, PLOT
+from bract.audit.verify import (
+    FAIL,
+    NOTE,
+    disagreement,
+    recompute_epsilons,
+    verify_federation,
+)
+from bract.cli import main
+from bract.flower.app import hospital_setup
+from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app
+from bract.flower.secagg_client import Roster, SecAggIdentity, make_identities, write_roster
+from bract.flower.server import ServerConfig, run_federation
+from bract.privacy import DpSgdEvent, epsilon_of, load_weights, weights_of
+from bract.secagg.crypto import SigningKey
+
+from ..flower.conftest import FakeGrid
+
+TASK = tasks.TaskConfig(dataset="breast-cancer", clients=2, batch_size=32, lr=0.2)
+POLICY = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=3)
+FED = "fed-audit"
+FAST = ["--pld-discretization", "1e-3"]  # 50 ms per epsilon instead of 0.5 s
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> Path:
+    """A real 2-hospital, 3-round DP federation with signed ledgers, on disk."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    root = tmp_path_factory.mktemp("fed")
+    keys, idents = make_identities(2, FED)
+    write_roster(root / "roster.json", Roster(FED, keys, {1: "hospital-0", 2: "hospital-1"}))
+
+    def setup(ctx):
+        return hospital_setup(TASK, ctx, root / "hospitals")
+
+    def identity(ctx) -> SecAggIdentity:
+        return idents[int(ctx.node_config["partition-id"])]
+
+    grid = FakeGrid({n: make_client_app(setup, POLICY, identity=identity) for n in (7, 8)})
+    ds = tasks.dataset_for(TASK)
+    model = tasks.build_model(TASK)
+
+    def evaluate(w):
+        load_weights(model, w)
+        return tasks.evaluate(model, ds.x_test, ds.y_test)
+
+    from bract.audit.ledger import SignerRoster
+
+    cfg = ServerConfig(
+        rounds=3, num_clients=2, delta=POLICY.delta, out_dir=root / "out", node_wait_seconds=1,
+        show_progress=False, run_config={"target_epsilon": 3.0, "delta": POLICY.delta},
+        roster=SignerRoster.read(root / "roster.json"),
+    )
+    run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
+    return root
+
+
+@pytest.fixture()
+def run(federation, tmp_path) -> Path:
+    """A private copy of the federation's files, free to tamper with."""
+    shutil.copytree(federation, tmp_path / "fed")
+    return tmp_path / "fed"
+
+
+def _verify(run: Path, *extra: str, copies: bool = True, report: bool = True) -> int:
+    argv = ["audit", "verify", str(run / "out" / "ledger.jsonl"),
+            "--roster", str(run / "roster.json"), "--out", str(run / "audit"), *FAST, *extra]
+    if report:
+        argv += ["--report", str(run / "out" / "report.json")]
+    if copies:
+        for cid in ("hospital-0", "hospital-1"):
+            argv += ["--hospital-copy", f"{cid}={run / 'hospitals' / cid / LEDGER_FILE}"]
+    return main(argv)
+
+
+def _md(run: Path) -> str:
+    return (run / "audit" / MARKDOWN).read_text()
+
+
+def _rewrite(path: Path, edit) -> None:
+    lines = path.read_text().splitlines()
+    lines = edit(lines)
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def test_verify_passes_on_a_real_federation_and_writes_the_report(run, capsys) -> None:
+    assert _verify(run) == 0
+    assert "PASS" in capsys.readouterr().out
+    md = _md(run)
+    assert md.splitlines()[2].startswith("**PASS")  # verdict first
+    assert md.index("## Hospitals") < md.index("## Findings") < md.index("## Epsilon per round")
+    assert "dp_accounting" in md and "PLDAccountant" in md and "2.0%" in md
+    assert "| hospital-0 | 3 | verified |" in md and "identical (3 lines)" in md
+    html = (run / "audit" / HTML).read_text()
+    assert "<p class='verdict'>PASS" in html and f"src='{PLOT}'" in html
+    png = (run / "audit" / PLOT).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_recomputed_epsilon_agrees_with_reported_and_with_bracts_pld(run) -> None:
+    result = verify_federation(run / "out" / "ledger.jsonl", run / "roster.json",
+                               report_path=run / "out" / "report.json")
+    assert result.passed, result.failures
+    for cid, h in result.hospitals.items():
+        chain = [e for e in read_ledger(run / "out" / "ledger.jsonl") if e.client_id == cid]
+        for k, entry in enumerate(h.entries, 1):
+            events = [e.event for e in chain[:k]]
+            assert entry.recomputed == pytest.approx(epsilon_of(events, 1e-5, "pld"), rel=1e-9)
+            # bract reports PRV: within its designed band around PLD.
+            assert 0.995 <= entry.reported / entry.recomputed <= 1.01
+        assert h.final_recomputed <= 3.0 * 1.01
+
+
+def test_a_tampered_epsilon_in_report_json_fails(run, capsys) -> None:
+    path = run / "out" / "report.json"
+    report = json.loads(path.read_text())
+    report["rounds"][2]["per_client"]["hospital-1"]["epsilon"] *= 0.8
+    path.write_text(json.dumps(report))
+    assert _verify(run) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "report.json round 3 gives hospital-1" in out and "under-reported" in out
+    assert "**FAIL" in _md(run)
+
+
+def test_an_edited_event_fails(run, capsys) -> None:
+    def edit(lines):
+        plain = json.loads(lines[1])
+        plain["event"]["noise_multiplier"] *= 1.5  # claims more noise than was added
+        lines[1] = json.dumps(plain)
+        return lines
+
+    _rewrite(run / "out" / "ledger.jsonl", edit)
+    assert _verify(run, copies=False) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "entry 2 (seq 2, round 2): signature does not verify" in out
+    # The edited event also no longer gives the epsilon the hospital signed.
+    assert "entry 2 (round 2) reports" in out and "over-reported" in out
+
+
+@pytest.mark.parametrize(("line", "needle"), [(1, "entries 2..2 missing"), (2, "truncated")])
+def test_a_deleted_line_fails(run, capsys, line, needle) -> None:
+    _rewrite(run / "out" / "ledger.jsonl", lambda lines: lines[:line] + lines[line + 1:])
+    assert _verify(run) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert needle in out
+    assert "missing from the server's" in out  # the hospital's own copy still has it
+    if needle == "truncated":
+        assert "missing event: report.json says hospital-0 trained in round 3" in out
+
+
+def test_a_wrong_roster_key_fails(run, capsys) -> None:
+    doc = json.loads((run / "roster.json").read_text())
+    doc["members"][1]["public_key"] = SigningKey.generate().public_bytes().hex()
+    (run / "roster.json").write_text(json.dumps(doc))
+    assert _verify(run) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "hospital-1's ledger fails verification: entry 1" in out
+    assert "signature does not verify" in out and "hospital-0:" not in out
+
+
+def test_an_under_reported_epsilon_signed_by_the_hospital_itself_fails(tmp_path) -> None:
+    """Signatures prove who wrote an entry, not that it is true: the recomputation
+    catches a hospital (or its compromised software) signing a low epsilon."""
+    key = SigningKey.generate()
+    chain: tuple[LedgerEntry, ...] = ()
+    events = []
+    for r in (1, 2):
+        events.append(DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=r, client_id="hospital-0"))
+        eps = epsilon_of(events, 1e-5, "pld", pld_discretization=1e-3)
+        chain = append_entry(chain, events[-1], epsilon=eps * (0.7 if r == 2 else 1.0),
+                             delta=1e-5, accountant="pld", federation_id=FED,
+                             client_id="hospital-0", signing_key=key)
+    write_ledger(tmp_path / "ledger.jsonl", chain)
+    write_roster(tmp_path / "roster.json", Roster(FED, {1: key.public_bytes()}, {1: "hospital-0"}))
+    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
+                               pld_discretization=1e-3)
+    assert not result.passed and result.hospitals["hospital-0"].chain_ok
+    (finding,) = result.failures
+    assert finding.topic == "epsilon" and "entry 2 (round 2)" in finding.message
+    assert "under-reported by 30.00%" in finding.message
+
+
+def _hand_built(tmp_path, accountant: str, factor: float, sigma: float = 1.0):
+    key = SigningKey.generate()
+    event = DpSgdEvent(sigma, 0.05, 40, 1.0, 1e-5, round=1, client_id="hospital-0")
+    eps = epsilon_of([event], 1e-5, "pld", pld_discretization=1e-3)
+    chain = append_entry((), event, epsilon=eps * factor, delta=1e-5, accountant=accountant,
+                         federation_id=FED, client_id="hospital-0", signing_key=key)
+    write_ledger(tmp_path / "ledger.jsonl", chain)
+    write_roster(tmp_path / "roster.json", Roster(FED, {1: key.public_bytes()}, {1: "hospital-0"}))
+    return eps
+
+
+def test_an_rdp_over_report_is_a_note_but_a_prv_one_fails(tmp_path) -> None:
+    _hand_built(tmp_path, "rdp", 1.2)
+    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
+                               pld_discretization=1e-3)
+    assert result.passed and [f.severity for f in result.findings] == [NOTE]
+    _hand_built(tmp_path, "prv", 1.2)
+    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
+                               pld_discretization=1e-3)
+    assert [f.severity for f in result.findings] == [FAIL] and "over-reported" in \
+        result.findings[0].message
+
+
+def test_a_passed_budget_fails(tmp_path) -> None:
+    eps = _hand_built(tmp_path, "pld", 1.0)
+    ok = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
+                           budget=eps * 1.05, pld_discretization=1e-3)
+    assert ok.passed
+    over = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
+                             budget=eps * 0.9, pld_discretization=1e-3)
+    assert [f.topic for f in over.failures] == ["budget"]
+
+
+def test_a_non_private_ledger_fails_its_budget_and_reports_infinity(tmp_path) -> None:
+    _hand_built(tmp_path, "prv", math.inf, sigma=0.0)
+    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json", budget=8.0,
+                               pld_discretization=1e-3)
+    (h,) = result.hospitals.values()
+    assert h.final_recomputed == math.inf and h.final_reported == math.inf
+    assert [f.topic for f in result.failures] == ["budget"]
+    assert "NON-PRIVATE" in result.failures[0].message
+
+
+def test_a_hospital_copy_that_differs_is_named_line_by_line(run, capsys) -> None:
+    own = run / "hospitals" / "hospital-1" / LEDGER_FILE
+    chain = read_ledger(own)
+    key_file = SigningKey.generate()  # a copy re-signed by someone else
+    forged = ()
+    for e in chain:
+        forged = append_entry(forged, e.event, epsilon=e.epsilon, delta=e.delta,
+                              accountant=e.accountant, federation_id=FED, client_id=e.client_id,
+                              signing_key=key_file)
+    own.write_text(dumps_jsonl(forged))
+    assert _verify(run) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "hospital-1's own copy fails verification" in out
+    assert "hospital-1's own copy and the server's differ: line 1 differs in ['signature']" in out
+
+
+def test_recompute_handles_no_steps_and_no_noise() -> None:
+    def entry(sigma, steps, r):
+        ev = DpSgdEvent(sigma, 0.1, steps, 1.0, 1e-5, round=r, client_id="h")
+        return LedgerEntry(FED, "h", r, r, ev, 0.0, 1e-5, "prv", "0" * 64)
+
+    eps = recompute_epsilons([entry(1.0, 0, 1), entry(1.0, 10, 2), entry(0.0, 5, 3),
+                              entry(1.0, 10, 4)], 1e-3)
+    assert eps[0] == 0.0 and 0 < eps[1] < math.inf and eps[2] == eps[3] == math.inf
+
+
+@pytest.mark.parametrize(
+    ("reported", "recomputed", "expected"),
+    [
+        (1.0, 1.0, None), (1.015, 1.0, None), (0.985, 1.0, None),
+        (0.97, 1.0, "under-reported"), (1.03, 1.0, "over-reported"),
+        (0.0005, 0.0, None),  # tiny values: the absolute slack
+        (math.inf, math.inf, None), (5.0, math.inf, "finite"), (math.inf, 5.0, "∞"),
+    ],
+)
+def test_disagreement_within_the_stated_tolerance(reported, recomputed, expected) -> None:
+    why = disagreement(reported, recomputed, 0.02)
+    assert (why is None) if expected is None else (expected in why)
+
+
+def test_unusable_input_exits_2_with_a_clear_error(run, tmp_path, capsys) -> None:
+    roster = str(run / "roster.json")
+    ledger = str(run / "out" / "ledger.jsonl")
+    cases = [
+        ([str(tmp_path / "nope.jsonl"), "--roster", roster], "does not exist"),
+        ([ledger, "--roster", str(tmp_path / "nope.json")], "roster file"),
+        ([ledger, "--roster", roster, "--report", str(tmp_path / "r.json")], "report file"),
+    ]
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    cases.append(([str(tmp_path / "bad.jsonl"), "--roster", roster], "bad.jsonl:1: not JSON"))
+    for argv, needle in cases:
+        assert main(["audit", "verify", *argv, "--out", str(tmp_path / "a")]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert "error:" in out and needle in out and "Traceback" not in out
+    for bad in (["--hospital-copy", "hospital-0"], ["--tolerance", "0.9"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["audit", "verify", ledger, "--roster", roster, *bad])
+        assert exc.value.code == 2
+    assert "CLIENT=PATH" in capsys.readouterr().err
