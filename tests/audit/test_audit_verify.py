@@ -166,7 +166,9 @@ def test_a_deleted_line_fails(run, capsys, line, needle) -> None:
     assert _verify(run) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert needle in out
-    assert "missing from the server's" in out  # the hospital's own copy still has it
+    # The hospital's own copy still has it.
+    assert (f"entry seq {line + 1} (round {line + 1}) is in hospital-0's copy but missing "
+            "from the server's: a missing event") in out
     if needle == "truncated":
         assert "missing event: report.json says hospital-0 trained in round 3" in out
 
@@ -259,7 +261,8 @@ def test_a_hospital_copy_that_differs_is_named_line_by_line(run, capsys) -> None
     assert _verify(run) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "hospital-1's own copy fails verification" in out
-    assert "hospital-1's own copy and the server's differ: line 1 differs in ['signature']" in out
+    assert "hospital-1's own copy and the server's differ: entry seq 1 differs in ['signature']" \
+        in out
 
 
 def test_recompute_handles_no_steps_and_no_noise() -> None:

@@ -448,19 +448,27 @@ def _compare_copy(
         if not own_check.ok:
             fail(cid, "copy", f"{cid}'s own copy fails verification: {own_check.problem}")
     differences: list[str] = []
-    for i in range(max(len(server), len(own))):
-        if i >= len(server):
-            differences.append(f"line {i + 1} (round {own[i].round}) is in {cid}'s copy but "
-                               "missing from the server's: a missing event")
-        elif i >= len(own):
-            differences.append(f"line {i + 1} (round {server[i].round}) is in the server's "
-                               f"copy but not in {cid}'s")
-        elif server[i].to_line() != own[i].to_line():
-            a, b = server[i].to_plain(), own[i].to_plain()
-            fields = sorted(k for k in a if a[k] != b[k])
-            differences.append(f"line {i + 1} differs in {fields}")
+    # Aligned by sequence number, so one missing line is reported once, not as a shift.
+    for name, entries in (("the server's copy", server), (f"{cid}'s copy", own)):
+        seqs = [e.seq for e in entries]
+        differences += [f"entry seq {q} appears {seqs.count(q)} times in {name}"
+                        for q in sorted(set(seqs)) if seqs.count(q) > 1]
+    on_server = {e.seq: e for e in reversed(server)}
+    at_home = {e.seq: e for e in reversed(own)}
+    for q in sorted(on_server.keys() | at_home.keys()):
+        a, b = on_server.get(q), at_home.get(q)
+        if a is None:
+            differences.append(f"entry seq {q} (round {b.round}) is in {cid}'s copy but missing "
+                               "from the server's: a missing event")
+        elif b is None:
+            differences.append(f"entry seq {q} (round {a.round}) is in the server's copy but "
+                               f"not in {cid}'s")
+        elif a.to_line() != b.to_line():
+            pa, pb = a.to_plain(), b.to_plain()
+            fields = sorted(k for k in pa if pa[k] != pb[k])
+            differences.append(f"entry seq {q} differs in {fields}")
     if differences:
-        h.copy_status = f"differs ({len(differences)} lines)"
+        h.copy_status = f"differs ({len(differences)} entries)"
         for d in differences[:MAX_COPY_DIFFERENCES]:
             fail(cid, "copy", f"{cid}'s own copy and the server's differ: {d}")
         if len(differences) > MAX_COPY_DIFFERENCES:
