@@ -468,7 +468,8 @@ def _compare_copy(
             fields = sorted(k for k in pa if pa[k] != pb[k])
             differences.append(f"entry seq {q} differs in {fields}")
     if differences:
-        h.copy_status = f"differs ({len(differences)} entries)"
+        n = len(differences)
+        h.copy_status = f"differs ({n} entr{'y' if n == 1 else 'ies'})"
         for d in differences[:MAX_COPY_DIFFERENCES]:
             fail(cid, "copy", f"{cid}'s own copy and the server's differ: {d}")
         if len(differences) > MAX_COPY_DIFFERENCES:
