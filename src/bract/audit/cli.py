@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bract.audit.run_cli import add_run_audit_parsers
+
 
 def add_audit_parser(sub: Any) -> argparse._SubParsersAction:
     """Add ``bract audit`` to the ``bract`` subparsers ``sub``; returns its subparsers.
@@ -30,6 +32,7 @@ def add_audit_parser(sub: Any) -> argparse._SubParsersAction:
     )
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     add_verify_parser(audit_sub)
+    add_run_audit_parsers(audit_sub)  # empirical, secagg
     return audit_sub
 
 

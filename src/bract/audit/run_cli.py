@@ -1,0 +1,220 @@
+"""``bract audit empirical`` and ``bract audit secagg``: audits that run what they check.
+
+``empirical`` trains once with canaries and bounds epsilon from below
+(:mod:`bract.audit.empirical`); ``secagg`` runs (or reads a recording of) secure
+aggregation rounds and checks that the server's view hides every update
+(:mod:`bract.audit.secagg_audit`). Both exit 0 when every check passes, 1 when
+one fails, 2 on unusable input. Heavy imports (torch, scipy) happen only when a
+command runs, so ``bract --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_EMPIRICAL_OUT = Path("runs/audit-empirical")
+DEFAULT_SECAGG_OUT = Path("runs/audit-secagg")
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_run_audit_parsers(audit_sub: Any) -> None:
+    """Add ``empirical`` and ``secagg`` to the ``bract audit`` subparsers ``audit_sub``."""
+    emp = audit_sub.add_parser(
+        "empirical",
+        help="empirical lower bound on epsilon from one training run with canaries",
+        description=(
+            "Train once with the DP-SGD configuration under audit and m canaries, each put "
+            "in the training set by a secret coin; guess which were trained on and turn the "
+            "correct guesses into a lower bound on epsilon (Steinke, Nasr, Jagielski 2023). "
+            "A lower bound above the claimed epsilon proves the claim wrong (exit 1); a bound "
+            "below it is consistent with the claim, not a proof of it."
+        ),
+    )
+    claim = emp.add_mutually_exclusive_group()
+    claim.add_argument("--target-epsilon", type=_number, default=None,
+                       help="calibrate the noise for this epsilon, as bract simulate does "
+                            "(default 8)")
+    claim.add_argument("--noise-multiplier", type=_number, default=None,
+                       help="use this noise multiplier instead (0 = no noise: non-private)")
+    emp.add_argument("--dataset", default="breast-cancer",
+                     help="tabular classification dataset (breast-cancer)")
+    emp.add_argument("--canaries", type=_count, default=1000, help="canaries m (default 1000)")
+    emp.add_argument("--confidence", type=_number, default=0.95,
+                     help="confidence of the lower bound (default 0.95)")
+    emp.add_argument("--delta", type=_number, default=1e-5, help="delta (default 1e-5)")
+    emp.add_argument("--epochs", type=_count, default=10, help="training epochs (default 10)")
+    emp.add_argument("--batch-size", type=_count, default=32,
+                     help="expected batch size of Poisson sampling (default 32)")
+    emp.add_argument("--lr", type=_number, default=0.2, help="SGD learning rate (default 0.2)")
+    emp.add_argument("--max-grad-norm", type=_number, default=1.0,
+                     help="per-example clip norm (default 1)")
+    emp.add_argument("--seed", type=int, default=0,
+                     help="train/test split seed (coins and noise never use it)")
+    emp.add_argument("--out", type=Path, default=DEFAULT_EMPIRICAL_OUT,
+                     help=f"output directory (default {DEFAULT_EMPIRICAL_OUT})")
+    emp.set_defaults(func=run_empirical_command)
+
+    sec = audit_sub.add_parser(
+        "secagg",
+        help="check that the server's view of secure-aggregation rounds hides every update",
+        description=(
+            "Run secure-aggregation rounds with dropouts (or read a recorded server view with "
+            "--view), record every message the server received, and check: each masked "
+            "input is uniform over the ring; after the server removes every mask it can "
+            "(the survivors' self masks and the dropped clients' pair masks), each survivor's "
+            "vector is still uniform and uncorrelated with its input; and the aggregate "
+            "equals the sum of the survivors' inputs."
+        ),
+    )
+    sec.add_argument("--clients", type=_count, default=8, help="clients per round (default 8)")
+    sec.add_argument("--dim", type=_count, default=20_000, help="vector length (default 20000)")
+    sec.add_argument("--dropouts", type=_count, default=2,
+                     help="clients that drop out after sharing keys, before sending their "
+                          "masked input: the server reconstructs their mask keys (default 2)")
+    sec.add_argument("--graph", choices=("complete", "harary"), default="complete",
+                     help="who shares masks with whom (default complete)")
+    sec.add_argument("--rounds", type=_count, default=1, help="rounds (default 1)")
+    sec.add_argument("--view", type=Path, default=None,
+                     help="check a recorded server view instead of running rounds (a "
+                          "directory written by this command: OUT/secagg_view)")
+    sec.add_argument("--out", type=Path, default=DEFAULT_SECAGG_OUT,
+                     help=f"output directory (default {DEFAULT_SECAGG_OUT})")
+    sec.set_defaults(func=run_secagg_command)
+
+
+def _fmt(value: float) -> str:
+    return "∞" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def run_empirical_command(args: argparse.Namespace) -> int:
+    """``bract audit empirical``: run the audit, print a table, write OUT/empirical.*."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bract.audit.empirical import (
+        EmpiricalAuditConfig,
+        run_empirical_audit,
+        write_empirical_report,
+    )
+    from bract.privacy import PrivacyError
+
+    console = Console()
+    target = args.target_epsilon
+    if target is None and args.noise_multiplier is None:
+        target = 8.0
+    try:
+        config = EmpiricalAuditConfig(
+            dataset=args.dataset, canaries=args.canaries, target_epsilon=target,
+            noise_multiplier=args.noise_multiplier, delta=args.delta,
+            max_grad_norm=args.max_grad_norm, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, confidence=args.confidence, seed=args.seed,
+        )
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    if config.noise_multiplier == 0:
+        console.print("[bold red]NON-PRIVATE RUN:[/bold red] noise multiplier 0 adds no noise; "
+                      "the audit measures how much a run without DP leaks.")
+    try:
+        with Progress(TextColumn("[bold]training with canaries"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total} steps"), TimeRemainingColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("train", total=None)
+
+            def on_step(step: int, total: int) -> None:
+                progress.update(task, completed=step, total=total)
+
+            report = run_empirical_audit(config, on_step=on_step)
+    except (PrivacyError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    paths = write_empirical_report(report, args.out)
+    table = Table(title="bract audit empirical")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    b = report.best
+    for name, value in (
+        (f"claimed ε (δ={report.delta:g}, {report.accountant})",
+         _fmt(report.claimed_epsilon)),
+        (f"empirical lower bound ({report.confidence:.0%} confidence)",
+         f"{report.epsilon_lower:.3f}"),
+        ("noise multiplier σ", f"{report.noise_multiplier:.4g}"),
+        ("sampling rate q / steps", f"{report.sample_rate:.4g} / {report.steps}"),
+        ("canaries m (included)", f"{report.canaries} ({report.included})"),
+        ("guesses (k+ / k-)", f"{b.guesses} ({b.k_plus} / {b.k_minus})"),
+        ("correct guesses", f"{b.correct} ({b.correct / max(1, b.guesses):.1%})"),
+        ("test accuracy", f"{report.test_accuracy:.3f}"),
+    ):
+        table.add_row(name, value)
+    console.print(table)
+    style = "green" if report.verdict == "consistent" else "bold red"
+    console.print(f"verdict: [{style}]{report.verdict}[/{style}] "
+                  f"(lower bound {report.epsilon_lower:.3f} vs claimed "
+                  f"{_fmt(report.claimed_epsilon)})")
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if report.verdict == "consistent" else 1
+
+
+def run_secagg_command(args: argparse.Namespace) -> int:
+    """``bract audit secagg``: record (or read) the server's view, check it, write OUT."""
+    from bract.audit.secagg_audit import (
+        SecAggAuditConfig,
+        audit_views,
+        read_view,
+        record_rounds,
+        write_secagg_report,
+    )
+    from bract.secagg import SecAggError
+
+    console = Console()
+    try:
+        if args.view is not None:
+            views = read_view(args.view)
+        else:
+            config = SecAggAuditConfig(clients=args.clients, dim=args.dim,
+                                       dropouts=args.dropouts, graph=args.graph,
+                                       rounds=args.rounds)
+            with console.status("running secure-aggregation rounds and recording the "
+                                "server's view"):
+                views = record_rounds(config)
+        report = audit_views(views)
+    except (ValueError, SecAggError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    paths = write_secagg_report(report, args.out, views if args.view is None else ())
+    table = Table(title="bract audit secagg")
+    for col in ("round", "check", "result"):
+        table.add_column(col)
+    table.add_column("detail", overflow="fold")
+    for check in report.checks:
+        mark = "[green]pass[/green]" if check.passed else "[bold red]FAIL[/bold red]"
+        table.add_row(str(check.round), check.name, mark, check.detail)
+    console.print(table)
+    style = "green" if report.passed else "bold red"
+    console.print(f"verdict: [{style}]{'pass' if report.passed else 'FAIL'}[/{style}]")
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if report.passed else 1

@@ -1,0 +1,294 @@
+"""Secure-aggregation audit: real rounds pass; broken masking and tampered views fail."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bract.audit import secagg_audit as sa
+from bract.audit.secagg_audit import (
+    CHECKS,
+    SecAggAuditConfig,
+    ServerView,
+    audit_view,
+    audit_views,
+    read_view,
+    record_rounds,
+    write_secagg_report,
+    write_view,
+)
+from bract.audit.uniformity import independence_test, uniformity_test
+from bract.cli import main
+from bract.secagg.crypto import KeystreamAccumulator, keystream
+from bract.secagg.encoding import EncodingConfig, encode
+from bract.secagg.messages import MaskedInput
+
+SMALL = SecAggAuditConfig(clients=6, dim=4000, dropouts=2)
+
+
+def _by_name(checks):
+    return {c.name: c for c in checks}
+
+
+@pytest.fixture(scope="module")
+def view() -> ServerView:
+    (v,) = record_rounds(SMALL)
+    return v
+
+
+def _replace_masked(view: ServerView, node: int, data: np.ndarray, direction: str = "in"):
+    """A copy of ``view`` whose masked input of ``node`` carries ``data`` instead."""
+    messages = []
+    for d, m in view.messages:
+        if d == direction and isinstance(m, MaskedInput) and m.node_id == node:
+            m = dataclasses.replace(m, data=data.tobytes())
+        messages.append((d, m))
+    return dataclasses.replace(view, messages=messages)
+
+
+def _encoding(view: ServerView, node: int) -> np.ndarray:
+    cfg = view.config
+    x, w = view.inputs[node]
+    enc = EncodingConfig(cfg.clip, cfg.frac_bits, cfg.max_weight, cfg.ring_bits)
+    return encode(x, w, enc, cfg.ring_bits)
+
+
+# ------------------------------------------------------------------- real rounds
+
+
+def test_real_round_with_dropouts_passes_every_check(view) -> None:
+    checks = _by_name(audit_view(view))
+    assert set(checks) == set(CHECKS)
+    assert all(c.passed for c in checks.values()), [c.detail for c in checks.values()]
+    ureq = view.unmask_request
+    assert len(ureq.dropped) == 2 and len(ureq.alive) == 4
+    # every survivor, every received masked input and both late inputs were tested
+    assert len(checks["masked-inputs-uniform"].statistics) == 4
+    assert len(checks["survivors-hidden"].statistics) == 4
+    assert len(checks["dropped-late-hidden"].statistics) == 2
+    assert checks["aggregate-exact"].statistics[0]["remainders_sum_to_aggregate"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SecAggAuditConfig(clients=10, dim=3000, dropouts=2, graph="harary"),
+        SecAggAuditConfig(clients=5, dim=3000, dropouts=1, rounds=2),
+        SecAggAuditConfig(clients=4, dim=3000, dropouts=1, frac_bits=30, max_weight=2**20),
+        SecAggAuditConfig(clients=5, dim=3000, dropouts=2, drop_stage="unmask"),
+    ],
+    ids=["harary", "two-rounds-rekeyed", "ring-64", "drop-at-unmask"],
+)
+def test_other_settings_pass(config) -> None:
+    views = record_rounds(config)
+    report = audit_views(views, config.alpha)
+    assert report.passed, [c.detail for c in report.checks if not c.passed]
+    assert report.rounds == config.rounds
+    if config.frac_bits == 30:
+        assert views[0].config.ring_bits == 64
+
+
+def test_view_round_trips_through_files(view, tmp_path) -> None:
+    write_view(view, tmp_path / "round-1")
+    (back,) = read_view(tmp_path)
+    assert [(d, m.to_bytes()) for d, m in back.messages] == [
+        (d, m.to_bytes()) for d, m in view.messages]
+    assert np.array_equal(back.weighted_sum, view.weighted_sum)
+    assert sorted(back.inputs) == sorted(view.inputs)
+    assert all(c.passed for c in audit_view(back))
+
+
+def test_report_files(view, tmp_path) -> None:
+    report = audit_views([view])
+    paths = write_secagg_report(report, tmp_path, [view])
+    assert (tmp_path / "secagg_view" / "round-1" / "messages.bin") in [
+        p / "messages.bin" for p in paths]
+    data = json.loads((tmp_path / "secagg_audit.json").read_text())
+    assert data["passed"] is True and len(data["checks"]) == 4
+    md = (tmp_path / "secagg_audit.md").read_text()
+    assert md.splitlines()[2].startswith("**Verdict: pass**") and "cannot show" in md
+
+
+# ------------------------------------------------------------- negative controls
+
+
+def test_input_sent_in_clear_fails_uniformity(view) -> None:
+    u = view.unmask_request.alive[0]
+    checks = _by_name(audit_view(_replace_masked(view, u, _encoding(view, u))))
+    assert not checks["masked-inputs-uniform"].passed
+    assert f"nodes [{u}]" in checks["masked-inputs-uniform"].detail
+    # (removing masks that were never applied leaves noise, but then the remainders
+    # no longer add up to what the server aggregated)
+    assert not checks["aggregate-exact"].passed
+
+
+def test_missing_pair_masks_expose_the_survivor(view) -> None:
+    # The survivor applied its self mask and its pair masks with the clients that later
+    # dropped, but none with the other survivors: the masked input still looks uniform,
+    # but the server strips the self mask (it learns the seed) and the dropped clients'
+    # pair masks (it learns their keys) and sees enc(x).
+    u = view.unmask_request.alive[1]
+    secrets = sa._reconstruct(view)
+    y = _encoding(view, u)
+    KeystreamAccumulator(y).add(secrets.self_keys[u])
+    for v in view.unmask_request.dropped:
+        y = y + sa._pair_mask(view.config, secrets.mask_private[v], v, u, applier=u)
+    checks = _by_name(audit_view(_replace_masked(view, u, y)))
+    assert checks["masked-inputs-uniform"].passed  # the first check alone would miss it
+    assert not checks["survivors-hidden"].passed
+    assert f"EXPOSED: nodes [{u}]" in checks["survivors-hidden"].detail
+    bad = next(s for s in checks["survivors-hidden"].statistics if s["node"] == u)
+    assert not bad["uniformity"]["passed"] and not bad["independence"]["passed"]
+
+
+def test_late_input_without_self_mask_is_exposed(view) -> None:
+    # A dropped client that (wrongly) applied only pair masks: once the server holds
+    # its mask key, a late copy of its masked input reveals its update.
+    cfg = view.config
+    v = view.unmask_request.dropped[0]
+    secrets = sa._reconstruct(view)
+    y = _encoding(view, v)
+    for u in view.sharers:
+        if u != v:
+            y = y + sa._pair_mask(cfg, secrets.mask_private[v], v, u, applier=v)
+    checks = _by_name(audit_view(_replace_masked(view, v, y, direction="late")))
+    assert not checks["dropped-late-hidden"].passed
+    assert f"EXPOSED: nodes [{v}]" in checks["dropped-late-hidden"].detail
+
+
+def test_tampered_aggregate_is_caught(view) -> None:
+    bad = dataclasses.replace(view, weighted_sum=view.weighted_sum + 1e-3)
+    checks = _by_name(audit_view(bad))
+    assert not checks["aggregate-exact"].passed
+    assert "do NOT sum" in checks["aggregate-exact"].detail
+
+
+class _WeakMasks(KeystreamAccumulator):
+    """A masking bug: only the low 16 bits of each mask element are random."""
+
+    def stream(self, key: bytes) -> np.ndarray:
+        s = super().stream(key)
+        s &= s.dtype.type(0xFFFF)
+        return s
+
+
+def test_weak_masking_in_the_protocol_fails(monkeypatch) -> None:
+    # The protocol still works (the server strips the same weak masks), which is why
+    # only an audit of the view catches it.
+    monkeypatch.setattr("bract.secagg.protocol.KeystreamAccumulator", _WeakMasks)
+    (v,) = record_rounds(SMALL)
+    checks = _by_name(audit_view(v))
+    assert not checks["masked-inputs-uniform"].passed
+    assert not checks["survivors-hidden"].passed
+
+
+def test_malformed_view_files(view, tmp_path) -> None:
+    write_view(view, tmp_path)
+    raw = (tmp_path / "messages.bin").read_bytes()
+    (tmp_path / "messages.bin").write_bytes(raw[:-7])
+    with pytest.raises(ValueError, match=r"malformed|truncated"):
+        read_view(tmp_path)
+    with pytest.raises(ValueError, match="no recorded view"):
+        read_view(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no messages\.bin"):
+        read_view(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"clients": 2}, "clients"),
+        ({"clients": 6, "dropouts": 3}, "between 0 and 2"),
+        ({"dim": 10}, "dim"),
+        ({"graph": "star"}, "graph"),
+        ({"drop_stage": "never"}, "drop_stage"),
+    ],
+)
+def test_bad_config_is_named(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        SecAggAuditConfig(**kwargs)
+
+
+# ------------------------------------------------------------------ uniformity
+
+
+@settings(max_examples=25, deadline=None)
+@given(key=st.binary(min_size=32, max_size=32), bits=st.sampled_from([32, 64]),
+       n=st.integers(200, 5000))
+def test_keystreams_pass_and_are_independent_of_any_input(key, bits, n) -> None:
+    dtype = np.uint32 if bits == 32 else np.uint64
+    v = np.frombuffer(keystream(key, n * bits // 8), dtype=dtype)
+    assert uniformity_test(v, bits).passed
+    ref = np.sin(np.arange(n) / 7.0)
+    assert independence_test(v, bits, ref).passed
+
+
+@settings(max_examples=25, deadline=None)
+@given(key=st.binary(min_size=32, max_size=32), unmasked=st.integers(2, 16))
+def test_masks_missing_some_top_bits_fail(key, unmasked) -> None:
+    # A mask that leaves the top `unmasked` bits of a small input untouched.
+    n = 4000
+    ks = np.frombuffer(keystream(key, 4 * n), dtype=np.uint32)
+    x = np.full(n, 7, dtype=np.uint32)
+    assert not uniformity_test(x + (ks >> np.uint32(unmasked)), 32).passed
+
+
+def test_correlation_with_the_input_is_detected() -> None:
+    n = 20_000
+    ks = np.frombuffer(keystream(b"k" * 32, 4 * n), dtype=np.uint32)
+    x = np.linspace(-1, 1, n)
+    leaky = (x * 2**30).astype(np.int64).astype(np.uint32) + (ks >> np.uint32(3))
+    assert not independence_test(leaky, 32, x).passed
+    assert independence_test(ks, 32, x).passed
+    assert independence_test(ks, 32, np.zeros(n)).note  # nothing to correlate with
+
+
+def test_uniformity_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="32 or 64"):
+        uniformity_test(np.zeros(100, np.uint32), 16)
+    with pytest.raises(ValueError, match="at least"):
+        uniformity_test(np.zeros(10, np.uint32), 32)
+    with pytest.raises(ValueError, match="1-D integer"):
+        uniformity_test(np.zeros(100), 32)
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def test_cli_records_checks_and_rechecks_the_view(tmp_path, capsys) -> None:
+    out = tmp_path / "a"
+    assert main(["audit", "secagg", "--clients", "5", "--dim", "2000", "--dropouts", "1",
+                 "--rounds", "2", "--out", str(out)]) == 0
+    assert "verdict: pass" in capsys.readouterr().out
+    assert (out / "secagg_view" / "round-2" / "messages.bin").exists()
+    assert main(["audit", "secagg", "--view", str(out / "secagg_view"),
+                 "--out", str(tmp_path / "b")]) == 0
+    data = json.loads((tmp_path / "b" / "secagg_audit.json").read_text())
+    assert data["rounds"] == 2 and data["passed"]
+
+
+def test_cli_exits_1_on_a_tampered_view(view, tmp_path, capsys) -> None:
+    u = view.unmask_request.alive[0]
+    write_view(_replace_masked(view, u, _encoding(view, u)), tmp_path / "v")
+    assert main(["audit", "secagg", "--view", str(tmp_path / "v"),
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--clients", "4", "--dropouts", "2"], "dropouts"),
+        (["--view", "/nonexistent/view"], "no recorded view"),
+    ],
+)
+def test_cli_bad_input_exits_2(argv, match, tmp_path, capsys) -> None:
+    assert main(["audit", "secagg", *argv, "--dim", "1000", "--out", str(tmp_path)]) == 2
+    text = capsys.readouterr().out
+    assert "error:" in text and match in text
