@@ -280,3 +280,15 @@ def test_roster_parsing(tmp_path) -> None:
         SignerRoster.from_json(json.dumps(short))
     with pytest.raises(LedgerError, match="does not exist"):
         SignerRoster.read(tmp_path / "roster.json")
+
+
+def test_the_ledger_and_verifier_import_neither_flwr_nor_torch() -> None:
+    """An auditor's tools read files: they must not depend on the federation's runtime."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bract.audit.ledger, bract.audit.verify, bract.audit.report; "
+            "print(sorted(m for m in ('flwr', 'torch', 'opacus') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

@@ -18,17 +18,32 @@ from bract.privacy.accounting import (
     read_jsonl,
     write_jsonl,
 )
-from bract.privacy.noise import SecureGaussian, use_secure_noise
-from bract.privacy.training import (
-    GRAD_SAMPLE_MODES,
-    PrivateTrainer,
-    RoundOutcome,
-    check_privatisable,
-    choose_grad_sample_mode,
-    load_weights,
-    resolve_device,
-    weights_of,
-)
+
+# DP-SGD and the secure noise need torch: they load on first use, so the ledger and
+# its accountants (and the auditors that read them) import without torch.
+_LAZY = {
+    "SecureGaussian": "noise",
+    "use_secure_noise": "noise",
+    "GRAD_SAMPLE_MODES": "training",
+    "PrivateTrainer": "training",
+    "RoundOutcome": "training",
+    "check_privatisable": "training",
+    "choose_grad_sample_mode": "training",
+    "load_weights": "training",
+    "resolve_device": "training",
+    "weights_of": "training",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f"bract.privacy.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bract.privacy' has no attribute {name!r}")
+
 
 __all__ = [
     "ACCOUNTANTS",
