@@ -17,6 +17,7 @@ from bract.audit.ledger import SignerRoster, by_client, check_chain, read_ledger
 from bract.flower.app import hospital_setup
 from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app
 from bract.flower.secagg_client import Roster, SecAggIdentity, make_identities
+from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import load_weights, weights_of
 from bract.secagg.crypto import SigningKey
@@ -143,3 +144,41 @@ def test_a_hospital_whose_own_ledger_file_was_tampered_with_refuses(tmp_path, ta
     assert row["trained"] == ["hospital-1"]
     # (a resumed server knows the hospital by its node id until it answers well)
     assert "does not match the chain head" in row["failed"][f"node-{NODES[0]}"]
+
+
+
+def test_secure_rounds_leave_out_a_hospital_whose_ledger_does_not_verify(tmp_path) -> None:
+    """Under secure aggregation too: the reply is refused before any masking stage,
+    and the other hospitals' round completes without it."""
+    task = tasks.TaskConfig(dataset="breast-cancer", clients=3, batch_size=32, lr=0.2)
+    keys, secagg_ids = make_identities(3, FED)
+    roster = Roster(FED, keys, {i + 1: f"hospital-{i}" for i in range(3)})
+    # Hospital 0 takes part in secure aggregation with its genuine identity but signs
+    # its ledger with a key the roster does not list.
+    signers = [SecAggIdentity(1, SigningKey.generate().to_bytes(), keys, FED), *secagg_ids[1:]]
+
+    def setup(ctx):
+        return hospital_setup(task, ctx)
+
+    def pick(ids):
+        return lambda ctx: ids[int(ctx.node_config["partition-id"])]
+
+    apps = {node: make_client_app(setup, POLICY, secagg=pick(secagg_ids), identity=pick(signers))
+            for node in (11, 12, 13)}
+    ds = tasks.dataset_for(task)
+    model = tasks.build_model(task)
+
+    def evaluate(w):
+        load_weights(model, w)
+        return tasks.evaluate(model, ds.x_test, ds.y_test)
+
+    cfg = ServerConfig(
+        rounds=1, num_clients=3, delta=POLICY.delta, out_dir=tmp_path, node_wait_seconds=1,
+        show_progress=False, secagg=SecAggSettings(FED, keys, clip=8.0),
+        roster=SignerRoster.from_json(roster.to_json()),
+    )
+    report = run_federation(FakeGrid(apps), weights_of(tasks.build_model(task)), evaluate, cfg)
+    (row,) = report["rounds"]
+    assert row["trained"] == ["hospital-1", "hospital-2"]
+    assert "invalid ledger" in row["failed"]["hospital-0"]
+    assert sorted(by_client(read_ledger(tmp_path / "ledger.jsonl"))) == ["hospital-1", "hospital-2"]
