@@ -113,3 +113,34 @@ def test_dataset_is_frozen_and_validated() -> None:
         FederatedDataset("x", ds.x_train, ds.y_train, ds.x_test, ds.y_test, 2, (30,), "ranking")
     with pytest.raises(ValueError, match="input_shape"):
         FederatedDataset("x", ds.x_train, ds.y_train, ds.x_test, ds.y_test, 2, (31,))
+
+
+def test_tabular_feature_names_and_raw_training_columns() -> None:
+    from sklearn.datasets import load_diabetes
+
+    ds = load_dataset("diabetes", seed=2)
+    assert ds.feature_names == ("age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6")
+    raw = load_diabetes(scaled=False)
+    # the columns are in original units (sex 1/2, ages in years) and follow x_train row by row
+    assert set(np.unique(ds.train_columns["sex"]).tolist()) == {1.0, 2.0}
+    assert 18 <= ds.train_columns["age"].min() and ds.train_columns["age"].max() <= 80
+    age = ds.train_columns["age"]
+    np.testing.assert_allclose((age - age.mean()) / age.std(), ds.x_train[:, 0], atol=1e-4)
+    assert len(ds.train_columns) == 10
+    assert all(len(v) == ds.n_train for v in ds.train_columns.values())
+    assert raw.data.shape[1] == len(ds.feature_names)
+    bc = load_dataset("breast-cancer")
+    assert bc.class_names == ("malignant", "benign")
+    assert load_dataset("synthetic", image_size=16, n_samples=30).class_names == (
+        "normal", "pneumonia", "covid19",
+    )
+
+
+def test_dataset_checks_class_names_and_columns() -> None:
+    ds = load_dataset("breast-cancer")
+    with pytest.raises(ValueError, match="class names"):
+        FederatedDataset("x", ds.x_train, ds.y_train, ds.x_test, ds.y_test, 2, (30,),
+                         class_names=("a",))
+    with pytest.raises(ValueError, match="train column 'site'"):
+        FederatedDataset("x", ds.x_train, ds.y_train, ds.x_test, ds.y_test, 2, (30,),
+                         train_columns={"site": np.zeros(3)})

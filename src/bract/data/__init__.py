@@ -1,15 +1,43 @@
-"""Data for bract federations: bundled datasets, synthetic X-rays, partitions."""
+"""Data for bract federations: bundled datasets, MedMNIST files, image folders,
+synthetic X-rays, and IID / non-IID partitions between hospitals."""
 
-from bract.data.partition import iid_partition, partition_dataset
+from bract.data.errors import DataError
+from bract.data.imagefolder import find_images, load_image_folder, read_image
+from bract.data.medmnist import MEDMNIST_KEYS, load_medmnist, medmnist_labels
+from bract.data.partition import (
+    PARTITION_SCHEMES,
+    column_partition,
+    dataset_partitions,
+    dirichlet_partition,
+    iid_partition,
+    partition_dataset,
+    partition_indices,
+    quantity_skew_partition,
+    resolve_column,
+)
 from bract.data.synthetic import CLASS_NAMES, synthetic_chest_xray
 from bract.data.tabular import DATASET_NAMES, FederatedDataset, load_dataset
 
 __all__ = [
     "CLASS_NAMES",
     "DATASET_NAMES",
+    "MEDMNIST_KEYS",
+    "PARTITION_SCHEMES",
+    "DataError",
     "FederatedDataset",
+    "column_partition",
+    "dataset_partitions",
+    "dirichlet_partition",
+    "find_images",
     "iid_partition",
     "load_dataset",
+    "load_image_folder",
+    "load_medmnist",
+    "medmnist_labels",
     "partition_dataset",
+    "partition_indices",
+    "quantity_skew_partition",
+    "read_image",
+    "resolve_column",
     "synthetic_chest_xray",
 ]

@@ -6,14 +6,15 @@ sets ship with scikit-learn.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from sklearn.datasets import load_breast_cancer, load_diabetes
 from sklearn.model_selection import train_test_split
 
-from bract.data.synthetic import synthetic_chest_xray
+from bract.data.synthetic import CLASS_NAMES, synthetic_chest_xray
 
 __all__ = ["DATASET_NAMES", "FederatedDataset", "load_dataset"]
 
@@ -42,6 +43,13 @@ class FederatedDataset:
     num_classes: int
     input_shape: tuple[int, ...]
     task: str = "classification"
+    #: Names of the features (tabular data) in column order; empty for images.
+    feature_names: tuple[str, ...] = ()
+    #: Names of the classes, indexed by label (classification); may be empty.
+    class_names: tuple[str, ...] = ()
+    #: Per-sample metadata of the *training* split in original units (e.g. a
+    #: hospital id or age before standardisation), for partitioning by a column.
+    train_columns: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in _TASKS:
@@ -61,6 +69,16 @@ class FederatedDataset:
                 )
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"{len(self.class_names)} class names for {self.num_classes} classes"
+            )
+        for col, values in self.train_columns.items():
+            if len(values) != len(self.y_train):
+                raise ValueError(
+                    f"train column {col!r} has {len(values)} values but the training split "
+                    f"has {len(self.y_train)} samples"
+                )
 
     @property
     def n_train(self) -> int:
@@ -123,8 +141,11 @@ def load_dataset(
     class when possible for classification; ``ceil(test_fraction * n)``
     samples go to the test split; tabular features are standardised with
     the mean and std of the training split only and cast to float32;
-    classification labels are int64. For the tabular sets ``n_samples`` (if
-    given) draws a (stratified) subset first; ``image_size`` is ignored.
+    classification labels are int64. The tabular sets carry their scikit-learn
+    feature names and, in ``train_columns``, the training split's features in
+    original units (for :func:`~bract.data.partition.column_partition`). For the
+    tabular sets ``n_samples`` (if given) draws a (stratified) subset first;
+    ``image_size`` is ignored.
 
     Raises ValueError for an unknown name or invalid sizes.
     """
@@ -137,15 +158,20 @@ def load_dataset(
         n = 2400 if n_samples is None else n_samples
         x, y = synthetic_chest_xray(n, image_size=image_size, seed=seed, num_classes=3)
         num_classes, task = 3, "classification"
+        feature_names: tuple[str, ...] = ()
+        class_names: tuple[str, ...] = CLASS_NAMES
     elif name in ("breast-cancer", "diabetes"):
         if name == "breast-cancer":
             bunch = load_breast_cancer()
             x, y = bunch.data.astype(np.float64), bunch.target.astype(np.int64)
             num_classes, task = 2, "classification"
+            class_names = tuple(str(c) for c in bunch.target_names)
         else:
             bunch = load_diabetes(scaled=False)
             x, y = bunch.data.astype(np.float64), bunch.target.astype(np.float32)
             num_classes, task = 1, "regression"
+            class_names = ()
+        feature_names = tuple(str(f) for f in bunch.feature_names)
         if n_samples is not None:
             if n_samples > len(y):
                 raise ValueError(f"{name} has {len(y)} samples; n_samples={n_samples} is too many")
@@ -158,6 +184,8 @@ def load_dataset(
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=stratify
     )
+    # Raw (unstandardised) training features, for partitioning by a column.
+    train_columns = {f: np.ascontiguousarray(x_tr[:, j]) for j, f in enumerate(feature_names)}
     if name != "synthetic":
         x_tr, x_te = _standardize(x_tr, x_te)
     return FederatedDataset(
@@ -169,6 +197,9 @@ def load_dataset(
         num_classes=num_classes,
         input_shape=tuple(int(d) for d in x_tr.shape[1:]),
         task=task,
+        feature_names=feature_names,
+        class_names=class_names,
+        train_columns=train_columns,
     )
 
 

@@ -1,0 +1,250 @@
+"""An image folder (one sub-folder per class) as a
+:class:`~bract.data.tabular.FederatedDataset`.
+
+Layout: ``root/<class name>/<any sub-folders>/<image>``. Class names are the
+sorted names of ``root``'s sub-folders (hidden ones, starting with ``.``, are
+skipped); label ``i`` is the ``i``-th name. Images are PNG or JPEG (read with
+Pillow) or DICOM ``.dcm`` (read with pydicom, the optional extra
+``pip install 'bract[dicom]'``). Other files (``Thumbs.db``, ``.DS_Store``,
+notes) are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bract.data.errors import DataError
+from bract.data.image_arrays import (
+    check_image_size,
+    resize_images,
+    stratified_split,
+    subset_indices,
+    to_channels,
+    to_unit_float,
+)
+from bract.data.tabular import FederatedDataset
+
+__all__ = [
+    "DICOM_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "find_images",
+    "load_image_folder",
+    "read_dicom",
+    "read_image",
+]
+
+#: File name endings read with Pillow (case-insensitive).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+#: File name endings read with pydicom (case-insensitive).
+DICOM_EXTENSIONS: tuple[str, ...] = (".dcm", ".dicom")
+
+_DICOM_HINT = "pip install 'bract[dicom]'"
+
+
+def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    """The image files under ``root``, their int64 labels and the class names.
+
+    Files are listed in a fixed order (by class, then by path), so the result
+    depends only on the folder's contents. Raises :class:`DataError` when
+    ``root`` does not exist or is not a folder, has fewer than 2 class
+    sub-folders, or a class folder holds no image.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(
+            f"image folder not found: {root}. Give a folder with one sub-folder per class "
+            "(e.g. root/normal/*.png, root/pneumonia/*.png); bract never downloads data."
+        )
+    if not root.is_dir():
+        raise DataError(f"{root} is a file; give a folder with one sub-folder per class")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(
+            f"{root} has {len(classes)} class sub-folder(s) ({classes}); an image folder needs "
+            "one sub-folder per class and at least 2 classes"
+        )
+    suffixes = IMAGE_EXTENSIONS + DICOM_EXTENSIONS
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = sorted(
+            p
+            for p in (root / name).rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in suffixes
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        if not found:
+            raise DataError(
+                f"class folder {root / name} holds no image ({', '.join(suffixes)}); put its "
+                "images there or remove the folder"
+            )
+        files.extend(found)
+        labels.extend([label] * len(found))
+    return files, np.asarray(labels, dtype=np.int64), tuple(classes)
+
+
+def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
+    """One PNG/JPEG (Pillow) or DICOM (pydicom) image as ``float32`` ``[channels, H, W]``
+    in ``[0, 1]``.
+
+    8-bit images are divided by 255, 16-bit ones by 65535; 32-bit integer and
+    float images are min-max scaled. Colour becomes grey with the BT.601 luma
+    weights when ``channels=1``. Raises :class:`DataError` naming the file when
+    it cannot be read as an image.
+    """
+    path = Path(path)
+    if path.suffix.lower() in DICOM_EXTENSIONS:
+        return read_dicom(path, channels)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+                pixels = np.asarray(img)
+                if img.mode.startswith("I;16"):
+                    pixels = pixels.astype(np.uint16)
+            else:
+                pixels = np.asarray(img.convert("RGB" if channels == 3 else "L"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(
+            f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or remove the file"
+        ) from None
+    unit = to_unit_float(pixels, where=str(path))
+    return to_channels(unit[None], channels, where=str(path))[0]
+
+
+def read_dicom(path: str | Path, channels: int = 1) -> np.ndarray:
+    """One single-frame DICOM image as ``float32`` ``[channels, H, W]`` in ``[0, 1]``.
+
+    The modality LUT (rescale slope and intercept) is applied, then the image is
+    min-max scaled to ``[0, 1]`` (DICOM bit depths and windows vary between
+    devices, so only the image's own range is meaningful); ``MONOCHROME1``
+    (where bright means low values) is inverted so that bright is always high.
+    Needs pydicom: without it the :class:`DataError` says ``pip install
+    'bract[dicom]'``. Multi-frame files and files without pixel data are errors.
+    """
+    path = Path(path)
+    try:
+        import pydicom
+    except ImportError:
+        raise DataError(
+            f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}"
+        ) from None
+    try:
+        from pydicom.pixels import apply_modality_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut  # type: ignore[no-redef]
+    try:
+        ds = pydicom.dcmread(path)
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            raise DataError(
+                f"{path} holds {ds.NumberOfFrames} frames; bract reads single-frame DICOM "
+                "images only (export one frame per file)"
+            )
+        pixels = ds.pixel_array
+        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        if samples == 1:
+            pixels = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+        photometric = str(getattr(ds, "PhotometricInterpretation", "")).upper()
+    except DataError:
+        raise
+    except Exception as exc:  # pydicom raises many types for bad or unsupported files
+        raise DataError(
+            f"cannot read DICOM image {path} ({type(exc).__name__}: {exc}); it may lack pixel "
+            "data or use a compression pydicom cannot decode here; replace or remove the file"
+        ) from None
+    pixels = np.asarray(pixels)
+    if pixels.ndim != (2 if samples == 1 else 3):
+        raise DataError(f"{path}: expected a 2-D image, got pixel data of shape {pixels.shape}")
+    if samples == 1:
+        if not np.isfinite(pixels).all():
+            raise DataError(f"{path}: pixels contain NaN or infinity")
+        lo, hi = float(pixels.min()), float(pixels.max())
+        span = hi - lo if hi > lo else 1.0
+        unit = ((pixels - lo) / span).astype(np.float32)
+    else:
+        unit = to_unit_float(pixels, where=str(path))
+    if photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    return to_channels(unit[None], channels, where=str(path))[0]
+
+
+def load_image_folder(
+    root: str | Path,
+    image_size: int = 28,
+    *,
+    channels: int = 1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    n_samples: int | None = None,
+    progress: bool = False,
+    name: str | None = None,
+) -> FederatedDataset:
+    """Load an image folder (one sub-folder per class) and split it into training
+    and central test sets.
+
+    Every image is read with :func:`read_image` (grey by default, ``channels=3``
+    for RGB), resized to ``image_size`` x ``image_size`` (bilinear, antialiased;
+    the aspect ratio is not kept) and returned as ``float32`` ``[C, H, W]`` in
+    ``[0, 1]``. ``image_size`` must be a multiple of 4 (bract's CNN pools twice
+    by 2). The train/test split is stratified by class when possible and
+    deterministic given ``seed`` (``ceil(test_fraction * n)`` test images);
+    ``n_samples`` first draws that many files (stratified, seeded). ``progress``
+    shows a rich progress bar while reading.
+
+    Guarantees: nothing is downloaded; the result depends only on the folder's
+    contents and the arguments. Raises :class:`DataError` (a ``ValueError``)
+    naming the problem and the file for a missing folder, missing classes, an
+    empty class folder, an unreadable image or DICOM without pydicom.
+    """
+    check_image_size(image_size)
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    files, labels, classes = find_images(root)
+    if n_samples is not None:
+        if n_samples < 2:
+            raise DataError(f"n_samples must be >= 2 (one train, one test), got {n_samples}")
+        if n_samples > len(files):
+            raise DataError(
+                f"{root} holds {len(files)} images; n_samples={n_samples} is too many"
+            )
+        keep = subset_indices(labels, n_samples, seed)
+        files, labels = [files[i] for i in keep], labels[keep]
+    train_idx, test_idx = stratified_split(len(files), labels, test_fraction, seed)
+    images = _read_all(files, channels, image_size, progress)
+    return FederatedDataset(
+        name=name or Path(root).expanduser().name or "imagefolder",
+        x_train=np.ascontiguousarray(images[train_idx]),
+        y_train=np.ascontiguousarray(labels[train_idx]),
+        x_test=np.ascontiguousarray(images[test_idx]),
+        y_test=np.ascontiguousarray(labels[test_idx]),
+        num_classes=len(classes),
+        input_shape=(channels, image_size, image_size),
+        task="classification",
+        class_names=classes,
+    )
+
+
+def _read_all(files: Sequence[Path], channels: int, image_size: int, progress: bool) -> np.ndarray:
+    out = np.empty((len(files), channels, image_size, image_size), dtype=np.float32)
+
+    def read(i: int) -> None:
+        out[i] = resize_images(read_image(files[i], channels)[None], image_size)[0]
+
+    if not progress:
+        for i in range(len(files)):
+            read(i)
+        return out
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("reading images", total=len(files))
+        for i in range(len(files)):
+            read(i)
+            bar.advance(task)
+    return out

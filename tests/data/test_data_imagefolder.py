@@ -1,0 +1,220 @@
+"""load_image_folder on tiny PNG / JPEG / DICOM folders written here."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bract.data import DataError, find_images, load_image_folder, read_image
+from bract.data.image_arrays import LUMA_WEIGHTS
+
+HAS_PYDICOM = importlib.util.find_spec("pydicom") is not None
+needs_pydicom = pytest.mark.skipif(
+    not HAS_PYDICOM, reason="pydicom is not installed (pip install 'bract[dicom]')"
+)
+
+
+def _png(path: Path, value: int, size: tuple[int, int] = (20, 12)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size[::-1], value, dtype=np.uint8), mode="L").save(path)
+    return path
+
+
+def _folder(root: Path, per_class: dict[str, int]) -> Path:
+    """One PNG per image, each class a distinct grey level (class i: 40 + 60 i)."""
+    for i, (name, count) in enumerate(sorted(per_class.items())):
+        for k in range(count):
+            _png(root / name / f"img{k:03d}.png", 40 + 60 * i)
+    return root
+
+
+def test_classes_from_sorted_folders_and_images_as_unit_floats(tmp_path) -> None:
+    root = _folder(tmp_path / "xrays", {"pneumonia": 10, "normal": 10, "covid": 10})
+    ds = load_image_folder(root, image_size=8, seed=1)
+    assert ds.class_names == ("covid", "normal", "pneumonia")
+    assert ds.num_classes == 3 and ds.name == "xrays"
+    assert ds.input_shape == (1, 8, 8)
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int64
+    assert ds.n_test == 6 and ds.n_train == 24  # ceil(0.2 * 30) test images
+    assert np.bincount(ds.y_test).tolist() == [2, 2, 2]  # stratified
+    # every image carries its class's grey level: labels follow the folders
+    for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test)):
+        np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), (40 + 60 * y) / 255.0, atol=1e-5)
+
+
+def test_split_is_deterministic_by_seed(tmp_path) -> None:
+    root = _folder(tmp_path / "r", {"a": 12, "b": 12})
+    files, labels, _ = find_images(root)
+    for k, f in enumerate(files):  # make every image distinct
+        _png(f, k)
+    a = load_image_folder(root, 4, seed=5)
+    b = load_image_folder(root, 4, seed=5)
+    c = load_image_folder(root, 4, seed=6)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert not np.array_equal(a.x_train, c.x_train)
+    assert len(labels) == 24
+
+
+def test_jpeg_rgb_grey_by_default_and_rgb_on_request(tmp_path) -> None:
+    root = tmp_path / "r"
+    colour = np.zeros((8, 8, 3), dtype=np.uint8)
+    colour[..., 0], colour[..., 1], colour[..., 2] = 200, 100, 50
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(colour).save(root / cls / f"{k}.jpg", quality=100)
+    grey = read_image(root / "a" / "0.jpg")
+    assert grey.shape == (1, 8, 8)
+    expected = float(np.array([200, 100, 50]) @ LUMA_WEIGHTS) / 255.0
+    np.testing.assert_allclose(grey, expected, atol=3 / 255)  # JPEG rounding
+    rgb = load_image_folder(root, 4, channels=3)
+    assert rgb.input_shape == (3, 4, 4)
+    np.testing.assert_allclose(
+        rgb.x_train[:, :, 1, 1].mean(axis=0), [200 / 255, 100 / 255, 50 / 255], atol=3 / 255
+    )
+
+
+def test_sixteen_bit_png_uses_the_full_range(tmp_path) -> None:
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((6, 6), 32768, dtype=np.uint16)).save(path)
+    np.testing.assert_allclose(read_image(path), 32768 / 65535, atol=1e-6)
+
+
+def test_nested_folders_counted_and_other_files_ignored(tmp_path) -> None:
+    root = _folder(tmp_path / "r", {"a": 2, "b": 2})
+    _png(root / "a" / "patient7" / "study1" / "x.PNG", 10)
+    (root / "a" / "Thumbs.db").write_bytes(b"\x00")
+    (root / "a" / "notes.txt").write_text("ignored")
+    _png(root / "a" / ".hidden" / "y.png", 10)
+    (root / ".git").mkdir()
+    files, labels, classes = find_images(root)
+    assert classes == ("a", "b")
+    assert len(files) == 5 and labels.tolist() == [0, 0, 0, 1, 1]
+    assert any(f.name == "x.PNG" for f in files)
+
+
+def test_n_samples_draws_a_stratified_subset(tmp_path) -> None:
+    root = _folder(tmp_path / "r", {"a": 20, "b": 20})
+    ds = load_image_folder(root, 4, n_samples=10)
+    assert ds.n_train + ds.n_test == 10
+    assert np.bincount(np.concatenate([ds.y_train, ds.y_test])).tolist() == [5, 5]
+    with pytest.raises(DataError, match=r"too many"):
+        load_image_folder(root, 4, n_samples=41)
+
+
+def test_missing_folder_or_a_file_instead(tmp_path) -> None:
+    with pytest.raises(DataError, match=r"image folder not found.*never downloads"):
+        load_image_folder(tmp_path / "nope", 8)
+    f = _png(tmp_path / "one.png", 3)
+    with pytest.raises(DataError, match=r"is a file"):
+        load_image_folder(f, 8)
+
+
+def test_fewer_than_two_classes(tmp_path) -> None:
+    root = _folder(tmp_path / "r", {"only": 3})
+    with pytest.raises(DataError, match=r"1 class sub-folder.*at least 2 classes"):
+        load_image_folder(root, 8)
+
+
+def test_empty_class_folder_is_named(tmp_path) -> None:
+    root = _folder(tmp_path / "r", {"a": 3, "b": 3})
+    (root / "c").mkdir()
+    (root / "c" / "readme.txt").write_text("no images")
+    with pytest.raises(DataError, match=r"holds no image") as err:
+        load_image_folder(root, 8)
+    assert str(root / "c") in str(err.value)
+
+
+def test_unreadable_image_is_named(tmp_path) -> None:
+    root = _folder(tmp_path / "r", {"a": 3, "b": 3})
+    bad = root / "b" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match=r"cannot read image") as err:
+        load_image_folder(root, 8)
+    assert str(bad) in str(err.value)
+
+
+def test_bad_size_or_channels(tmp_path) -> None:
+    root = _folder(tmp_path / "r", {"a": 3, "b": 3})
+    with pytest.raises(DataError, match=r"multiple of 4"):
+        load_image_folder(root, 10)
+    with pytest.raises(DataError, match=r"channels"):
+        load_image_folder(root, 8, channels=2)
+
+
+def _dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
+           slope: float = 1.0, intercept: float = 0.0, frames: int = 1) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@needs_pydicom
+def test_dicom_min_max_scaled_and_monochrome1_inverted(tmp_path) -> None:
+    ramp = np.arange(16, dtype=np.uint16).reshape(4, 4) * 100 + 1000
+    img = read_image(_dicom(tmp_path / "m2.dcm", ramp, slope=2.0, intercept=-1024))
+    assert img.shape == (1, 4, 4) and img.dtype == np.float32
+    np.testing.assert_allclose(img[0], (ramp - ramp.min()) / (ramp.max() - ramp.min()), atol=1e-6)
+    inverted = read_image(_dicom(tmp_path / "m1.dcm", ramp, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(inverted, 1.0 - img, atol=1e-6)
+
+
+@needs_pydicom
+def test_dicom_folder_loads(tmp_path) -> None:
+    root = tmp_path / "ct"
+    for cls, level in (("lesion", 3000), ("normal", 500)):
+        for k in range(3):
+            px = np.full((8, 8), level, dtype=np.uint16)
+            px[:4] += 100 * (k + 1)
+            _dicom(root / cls / f"{k}.dcm", px)
+    ds = load_image_folder(root, 4)
+    assert ds.class_names == ("lesion", "normal")
+    assert ds.input_shape == (1, 4, 4) and ds.n_train + ds.n_test == 6
+    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+
+
+@needs_pydicom
+def test_multiframe_and_corrupt_dicom_are_errors(tmp_path) -> None:
+    frames = _dicom(tmp_path / "mf.dcm", np.zeros((2, 4, 4)), frames=2)
+    with pytest.raises(DataError, match=r"2 frames"):
+        read_image(frames)
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"DICM? no")
+    with pytest.raises(DataError, match=r"cannot read DICOM image") as err:
+        read_image(bad)
+    assert "bad.dcm" in str(err.value)
+
+
+def test_dicom_without_pydicom_names_the_extra(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "scan.dcm"
+    path.write_bytes(b"\x00" * 200)
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
+    with pytest.raises(DataError, match=r"pip install 'bract\[dicom\]'"):
+        read_image(path)
