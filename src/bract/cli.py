@@ -54,7 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--clients", type=_positive_int, default=3, help="hospitals (default 3)")
     sim.add_argument("--rounds", type=_positive_int, default=3, help="rounds (default 3)")
-    sim.add_argument("--dataset", choices=("synthetic", "breast-cancer"), default="synthetic")
+    sim.add_argument(
+        "--dataset", choices=("synthetic", "breast-cancer", "diabetes", "medmnist", "imagefolder"),
+        default="synthetic",
+        help="diabetes is regression (MSE, R²); medmnist and imagefolder read --data-path",
+    )
+    sim.add_argument("--data-path", type=Path, default=None,
+                     help="MedMNIST .npz file (medmnist) or folder of class sub-folders "
+                          "(imagefolder); nothing is downloaded")
+    sim.add_argument("--partition", choices=("iid", "dirichlet", "quantity", "column"),
+                     default="iid", help="how the training set is split between hospitals")
+    sim.add_argument("--alpha", type=_float, default=0.5,
+                     help="Dirichlet concentration for dirichlet/quantity (small: more skew)")
+    sim.add_argument("--partition-column", default=None, metavar="NAME_OR_INDEX",
+                     help="column for --partition column: 'label', a feature name or index")
     sim.add_argument("--target-epsilon", type=_float, default=8.0,
                      help="each hospital's epsilon budget for the whole run (default 8)")
     sim.add_argument("--delta", type=_float, default=1e-5, help="delta (default 1e-5)")
@@ -70,12 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--batch-size", type=_positive_int, default=None,
                      help="expected batch size of Poisson sampling (default 64 images, 32 tabular)")
     sim.add_argument("--lr", type=_float, default=None,
-                     help="local SGD learning rate (default 0.3 images, 0.2 tabular)")
+                     help="local SGD learning rate (default 0.3 images, 0.2 breast-cancer, "
+                          "0.5 diabetes)")
     sim.add_argument("--momentum", type=_float, default=None,
                      help="local SGD momentum (default 0.5 images, 0 tabular)")
     sim.add_argument("--max-grad-norm", type=_float, default=1.0, help="per-example clip norm")
     sim.add_argument("--image-size", type=_positive_int, default=28,
-                     help="synthetic image side in pixels (multiple of 4; default 28)")
+                     help="image side in pixels, images are resized to it (multiple of 4; "
+                          "default 28)")
     sim.add_argument("--samples", type=_positive_int, default=None,
                      help="total examples to generate/use (default 4800 images; all tabular)")
     sim.add_argument("--accountant", choices=("prv", "pld", "rdp"), default="prv")
@@ -125,6 +140,8 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             args.dataset, clients=args.clients, seed=args.seed,
             image_size=args.image_size, n_samples=args.samples,
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+            data_path=str(args.data_path) if args.data_path is not None else None,
+            partition=args.partition, alpha=args.alpha, partition_column=args.partition_column,
         )
         non_private = args.noise_multiplier == 0
         policy = PrivacyPolicy(

@@ -54,6 +54,10 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "secagg-clip": 8.0,
     "secagg-graph": "complete",
     "release-metrics": "none",
+    "data-path": "",  # the MedMNIST .npz file or image folder (medmnist, imagefolder)
+    "partition": "iid",  # iid, dirichlet, quantity or column (docs/data.md)
+    "alpha": 0.5,  # Dirichlet concentration of the dirichlet and quantity partitions
+    "partition-column": "",  # column of the column partition: label, a feature name or index
 }
 
 
@@ -72,6 +76,10 @@ def task_from_run_config(rc: Mapping[str, Any]) -> tasks.TaskConfig:
         batch_size=int(_get(rc, "batch-size")) or None,
         lr=float(_get(rc, "lr")) or None,
         momentum=float(_get(rc, "momentum")) if float(_get(rc, "momentum")) >= 0 else None,
+        data_path=str(_get(rc, "data-path")),
+        partition=str(_get(rc, "partition")),
+        alpha=float(_get(rc, "alpha")),
+        partition_column=str(_get(rc, "partition-column")),
     )
 
 
@@ -108,6 +116,7 @@ def hospital_setup(
         model=model,
         optimizer=tasks.make_optimizer(task, model),
         train_loader=tasks.hospital_loader(task, pid),
+        criterion=tasks.make_criterion(task),
         client_id=client_id,
         state_dir=Path(str(state_dir)) if state_dir else (
             state_root / client_id if state_root is not None else None

@@ -180,10 +180,15 @@ class _Display:
             for cid in self.hospital_columns:
                 self.table.add_column(f"ε {cid.replace('hospital-', 'h')}", justify="right")
         trained = sum(1 for v in per_client.values() if v["trained"])
-        metric = row.get("accuracy")
+        regression = "r2" in row
+        if regression and self.table.columns[2].header == "acc":
+            # Regression: MSE (target units) in the loss column, R² in the accuracy column.
+            self.table.columns[1].header, self.table.columns[2].header = "MSE", "R²"
+        metric = row.get("r2") if regression else row.get("accuracy")
+        loss = row.get("mse") if regression else row.get("loss")
         cells = [
             str(row["round"]),
-            f"{row['loss']:.3f}" if row.get("loss") is not None else "-",
+            (f"{loss:.1f}" if regression else f"{loss:.3f}") if loss is not None else "-",
             f"{metric:.3f}" if metric is not None else "-",
             _eps_text(row["epsilon_value"]),
             f"{trained}/{len(per_client)}",
@@ -617,8 +622,13 @@ def summarize(report: Mapping[str, Any]) -> str:
     eps = f"{eps:.4f}" if isinstance(eps, float) else eps
     acc = final.get("accuracy")
     acc_text = f"{acc:.3f}" if isinstance(acc, (int, float)) else "-"
+    quality = f"final accuracy {acc_text}"
+    if isinstance(final.get("r2"), (int, float)):  # regression
+        mse = final.get("mse")
+        mse_text = f"{mse:.4g}" if isinstance(mse, (int, float)) else "-"
+        quality = f"final R² {final['r2']:.3f}, MSE {mse_text}"
     return (
-        f"{final.get('rounds_completed', 0)} rounds, final accuracy {acc_text}, "
+        f"{final.get('rounds_completed', 0)} rounds, {quality}, "
         f"epsilon {eps} at delta {final.get('delta')}"
         + ("  [NON-PRIVATE: no DP noise]" if final.get("non_private") else "")
     )

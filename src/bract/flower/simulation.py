@@ -142,7 +142,8 @@ def validate(cfg: SimulationConfig) -> None:
             f"{cfg.task.clients} hospitals but only {ds.n_train} training examples: some "
             "hospital would get an empty partition; use fewer hospitals or more samples."
         )
-    smallest = ds.n_train // cfg.task.clients
+    # The task's partition scheme must give every hospital data (a clear error otherwise).
+    smallest = min(len(part) for part in tasks.partitions(cfg.task))
     TrainingPlan(cfg.policy.rounds, cfg.policy.local_epochs, smallest, cfg.task.batch_size)
     cfg.policy.budget()
     if cfg.policy.noise_multiplier == 0 and not cfg.policy.allow_non_private:
