@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from bract.audit.ledger import read_ledger
+from bract.audit.verify import verify_federation
 from bract.flower.deploy import (
     LOOPBACK,
     LocalFederation,
@@ -170,6 +171,26 @@ def test_deployed_run_writes_the_ledger(clean_run: RunResult) -> None:
         assert sum(int(e["steps"]) for e in evs) == last["steps"]
         assert all(float(e["noise_multiplier"]) == last["noise_multiplier"] for e in evs)
         assert all(float(e["delta"]) == report["rounds"][-1]["delta"] for e in evs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_deployed_ledgers_are_signed_and_pass_the_audit(
+    federation: LocalFederation, clean_run: RunResult
+) -> None:
+    """Every hospital signed its entries with the identity key its operator installed;
+    the server's ledger and each hospital's own copy pass `bract audit verify`."""
+    copies = {
+        f"hospital-{i}": clean_run.out_dir / "hospitals" / f"hospital-{i}" / "ledger.jsonl"
+        for i in range(HOSPITALS)
+    }
+    result = verify_federation(
+        clean_run.out_dir / "ledger.jsonl", federation.roster_path,
+        report_path=clean_run.out_dir / "report.json", hospital_copies=copies,
+        pld_discretization=1e-3,
+    )
+    assert result.passed, [f.message for f in result.failures]
+    assert set(result.hospitals) == set(copies)
 
 
 @pytest.mark.slow

@@ -383,7 +383,8 @@ class LocalFederation:
     isolation: str = "subprocess"
     startup_timeout: float = 90.0
     task_poll_interval: float = 0.2
-    #: Give every hospital a secure-aggregation identity and roster (node config).
+    #: Secure aggregation (run config). Every hospital gets an Ed25519 identity and a
+    #: roster either way: the identity also signs its privacy ledger.
     secagg: bool = True
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
@@ -493,8 +494,7 @@ class LocalFederation:
             for i in range(self.num_nodes)
         ]
         self.superlink_port = free_port()
-        if self.secagg:
-            self._write_secagg_identities()
+        self._write_secagg_identities()
         write_flower_config(self.flwr_home, self.address, self.tls.ca_cert)
         self.superlink = self._spawn(
             "superlink",
@@ -548,14 +548,14 @@ class LocalFederation:
 
     def node_config(self, partition_id: int) -> str:
         """The ``--node-config`` string of hospital ``partition_id``'s SuperNode."""
-        parts = [f"partition-id={partition_id}", f"num-partitions={self.num_nodes}"]
-        if self.secagg:
-            d = self._secagg_dir(partition_id)
-            parts += [
-                f"secagg-id={partition_id + 1}",
-                f'identity-key="{d / "identity.key"}"',
-                f'roster="{d / "roster.json"}"',
-            ]
+        d = self._secagg_dir(partition_id)
+        parts = [
+            f"partition-id={partition_id}",
+            f"num-partitions={self.num_nodes}",
+            f"secagg-id={partition_id + 1}",
+            f'identity-key="{d / "identity.key"}"',
+            f'roster="{d / "roster.json"}"',
+        ]
         return " ".join(parts)
 
     def _wait(self, ok: Any, deadline: float, what: str, proc: ManagedProcess | None,
@@ -688,12 +688,12 @@ class LocalFederation:
     def submit(self, run_config: Mapping[str, Any]) -> int:
         """Submit the bract app with ``run_config`` overrides; returns the run id.
 
-        With ``secagg`` on, the run config gets the roster path (unless given).
+        The run config gets the roster path (unless given): the server checks every
+        hospital's signed ledger against it, and secure aggregation needs it.
         """
         run_config = dict(run_config)
         run_config.setdefault("secagg", self.secagg)
-        if self.secagg:
-            run_config.setdefault("roster", str(self.roster_path))
+        run_config.setdefault("roster", str(self.roster_path))
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         args = ["run", str(self.app_dir), CONNECTION_NAME, "--format", "json"]
         if overrides:
@@ -845,7 +845,7 @@ def add_deploy_parser(subparsers: Any) -> None:
     p.add_argument("--kill-node-at-round", type=int, default=None, metavar="K",
                    help="demonstration: kill the last hospital's SuperNode during round K")
     p.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
-                   help="secure aggregation (default on): identities and roster per hospital")
+                   help="secure aggregation (default on); hospitals sign their ledgers either way")
     p.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds the whole run may take before it is stopped")
