@@ -47,7 +47,8 @@ def _drop_mod(plan: dict[tuple[int, str], set[int]]):
     return mod
 
 
-def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="none"):
+def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="none",
+         record_dir=None):
     settings = None
     identities = []
     if secure:
@@ -55,6 +56,7 @@ def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="n
         settings = SecAggSettings(
             "test-federation", roster, clip=8.0,
             aggregate_metrics=1 if release == "aggregate" else 0,  # train-loss
+            record_dir=str(record_dir) if record_dir else None,
         )
     mods = [_drop_mod(drop_plan)] if drop_plan else []
     apps = {
@@ -181,3 +183,27 @@ def test_secure_federation_stops_cleanly_when_too_few_hospitals_remain(tmp_path)
     assert r2["trained"] == [] and r2["secagg"]["aborted"]
     assert "2 hospitals needed" in report["stopped_early"]
     assert {m.metadata.group_id for m in grid.sent} == {"1", "2"}  # no round 3
+
+
+def test_the_servers_recorded_view_of_real_rounds_passes_the_secagg_audit(tmp_path) -> None:
+    """What the server of a real (Flower, DP-SGD) federation received, recorded round by
+    round, hides every hospital's update: each masked input is uniform on the ring, each
+    survivor stays masked after the server strips every mask it can (round 1 has two
+    dropouts), and the survivors' remainders add up to exactly the server's aggregate
+    (so the audit removed the masks the server removed)."""
+    from bract.audit.secagg_audit import audit_views, read_view
+    from bract.cli import main
+
+    policy = PrivacyPolicy(target_epsilon=8.0, delta=1e-5, rounds=2)
+    views_dir = tmp_path / "view"
+    report, _, _ = _run(tmp_path / "run", policy, secure=True, rounds=2,
+                        drop_plan={(1, "mask"): {0, 1}}, record_dir=views_dir)
+    assert [r["secagg"]["aborted"] for r in report["rounds"]] == [None, None]
+    views = read_view(views_dir)
+    assert [v.round for v in views] == [1, 2]
+    assert len(views[0].masked) == 3 and sorted(views[0].unmask_request.dropped) != []
+    audit = audit_views(views)
+    failed = [c for c in audit.checks if not c.passed]
+    assert not failed, failed
+    assert main(["audit", "secagg", "--view", str(views_dir), "--out",
+                 str(tmp_path / "audit")]) == 0

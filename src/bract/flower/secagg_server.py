@@ -21,11 +21,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from bract.audit.secagg_audit import RecordingServerSession, ServerView, write_view
 from bract.flower.records import SECAGG, reply_sources, secagg_from_record, secagg_to_record
 from bract.secagg import (
     AggregateResult,
@@ -89,6 +92,10 @@ class SecAggSettings:
     graph: str = "complete"
     threshold_fraction: float = 0.5
     aggregate_metrics: int = 0
+    #: When set, the server's view of every completed round (each message it received
+    #: and sent, and the aggregate) is written to ``record_dir/round-N`` for
+    #: ``bract audit secagg --view`` to check that no single update can be recovered.
+    record_dir: str | None = None
 
     def encoding(self) -> EncodingConfig:
         """The protocol's fixed-point encoding for these settings."""
@@ -104,6 +111,7 @@ class SecAggSettings:
             "clip": self.clip, "frac_bits": self.frac_bits, "max_weight": self.max_weight,
             "graph": self.graph, "threshold_fraction": self.threshold_fraction,
             "aggregate_metrics": self.aggregate_metrics,
+            "record_dir": self.record_dir,
         }
 
 
@@ -124,7 +132,9 @@ class SecureAggregator:
         round_offset: int = 0,
     ) -> None:
         self.grid = grid
-        self.session = ServerSession(
+        self.record_dir = Path(settings.record_dir) if settings.record_dir else None
+        session_type = RecordingServerSession if self.record_dir is not None else ServerSession
+        self.session = session_type(
             settings.federation_id, dict(settings.roster), encoding=settings.encoding(),
             graph=settings.graph, threshold_fraction=settings.threshold_fraction,
         )
@@ -232,6 +242,7 @@ class SecureAggregator:
             info.aborted = f"only {len(ready)} hospitals with valid keys; need at least 2"
             info.seconds = time.perf_counter() - t0
             return None, info
+        log_start = len(getattr(self.session, "log", ()))
         try:
             cfg = self.session.start_round(
                 self.protocol_round(rnd), [self.sid_of[n] for n in ready], dim
@@ -266,8 +277,22 @@ class SecureAggregator:
         info.alive = sorted(label(self.node_of[s]) for s in result.alive)
         info.dropped = sorted(label(self.node_of[s]) for s in result.dropped)
         info.error_bound = float(result.error_bound)
+        if self.record_dir is not None:
+            self._record(rnd, log_start, result, note)
         info.seconds = time.perf_counter() - t0
         return result, info
+
+    def _record(self, rnd: int, log_start: int, result: Any, note: Notify) -> None:
+        """Write what the server saw in this round (``record_dir/round-N``) and forget it."""
+        assert isinstance(self.session, RecordingServerSession) and self.record_dir is not None
+        view = ServerView(rnd, list(self.session.log[log_start:]),
+                          np.asarray(result.weighted_sum, dtype=np.float64),
+                          int(result.total_weight))
+        try:
+            write_view(view, self.record_dir / f"round-{rnd}")
+        except OSError as exc:  # the round itself succeeded; only the recording is lost
+            note(f"round {rnd}: could not record the server's view: {exc}")
+        del self.session.log[:]
 
     def _check_requests(self) -> dict[int, Any]:
         req = self.session.consistency_request()

@@ -49,6 +49,9 @@ from bract.flower.server import (
 )
 from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
 
+#: Sub-directory of the run's output holding the server's recorded secure-round views.
+SECAGG_VIEW_DIR = "secagg_view"
+
 
 @dataclass(frozen=True)
 class SimulationConfig:
@@ -70,6 +73,9 @@ class SimulationConfig:
     #: Hospitals' training metrics: "none" stay home, "aggregate" leave only inside the
     #: masked vector (secure aggregation), "clear" leave in clear (plain FedAvg only).
     release_metrics: str = "none"
+    #: Record the server's view of every secure round in ``out_dir/secagg_view`` (for
+    #: ``bract audit secagg --view``).
+    record_secagg: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_plain(self) -> dict[str, Any]:
@@ -87,6 +93,7 @@ class SimulationConfig:
             "drop_rate": self.drop_rate,
             "drop_stage": self.drop_stage,
             "release_metrics": self.release_metrics,
+            "record_secagg": self.record_secagg,
             **self.extra,
         }
 
@@ -162,6 +169,8 @@ def validate(cfg: SimulationConfig) -> None:
         raise ValueError("with secure aggregation metrics leave only in aggregate, never clear")
     if cfg.secagg and cfg.task.clients < 2:
         raise ValueError("secure aggregation needs at least 2 hospitals (or use --no-secagg)")
+    if cfg.record_secagg and not cfg.secagg:
+        raise ValueError("--record-secagg records secure rounds: it needs --secagg")
 
 
 def run(cfg: SimulationConfig) -> dict[str, Any]:
@@ -172,7 +181,7 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
     """
     validate(cfg)
     if not cfg.resume:
-        for sub in (CHECKPOINT_DIR, HOSPITALS_DIR):
+        for sub in (CHECKPOINT_DIR, HOSPITALS_DIR, SECAGG_VIEW_DIR):
             shutil.rmtree(cfg.out_dir / sub, ignore_errors=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     for name in ("flwr", "ray"):
@@ -207,6 +216,7 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
         server_cfg.secagg = SecAggSettings(
             roster.federation_id, roster.keys, clip=cfg.secagg_clip, graph=cfg.secagg_graph,
             aggregate_metrics=len(AGGREGATED_METRICS) if cfg.release_metrics == "aggregate" else 0,
+            record_dir=str(cfg.out_dir / SECAGG_VIEW_DIR) if cfg.record_secagg else None,
         )
 
     def identity(ctx: Context) -> SecAggIdentity:
