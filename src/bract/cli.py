@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     from bract.audit.cli import add_audit_parser
 
     add_audit_parser(sub)
+    from bract.explain import add_explain_parser
+    from bract.plots import add_plot_parser
+
+    add_plot_parser(sub)
+    add_explain_parser(sub)
     return parser
 
 
@@ -173,7 +178,18 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         return 2
     console.print(summarize(report))
     console.print(f"wrote {args.out / 'report.json'} and {args.out / 'ledger.jsonl'}")
+    _print_plots(report, console)
     return 0
+
+
+def _print_plots(report: dict, console: Console) -> None:
+    """The plot paths the federation wrote (bract.plots), or how to draw them."""
+    plots = report.get("final", {}).get("plots")
+    if plots:
+        console.print("plots: " + ", ".join(str(p) for p in plots))
+    else:
+        console.print("[yellow]no plots were drawn (see the warning above); redraw them with "
+                      "bract plot REPORT.json[/yellow]")
 
 
 def main(argv: list[str] | None = None) -> int:

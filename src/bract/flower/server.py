@@ -584,7 +584,22 @@ class Federation:
             np.savez(self.cfg.save_model, **self.global_weights)
             final["model"] = str(self.cfg.save_model)
         self.record.finish(final)
+        self._draw_plots()
         return self.record.report
+
+    def _draw_plots(self) -> None:
+        """epsilon.png and metric.png next to report.json (:mod:`bract.plots`), listed
+        in the report's ``final["plots"]``. The report is already on disk: a plotting
+        failure only warns and never loses it."""
+        try:
+            from bract.plots import plot_run
+
+            paths = plot_run(self.record.report, self.cfg.out_dir)
+        except Exception as exc:  # plots are a convenience; the report is the record
+            logging.getLogger(__name__).warning("could not draw the run's plots: %s", exc)
+            return
+        self.record.report["final"]["plots"] = [str(p) for p in paths]
+        self.record.write()
 
 
 def run_federation(
