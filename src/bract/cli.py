@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--release-metrics", choices=("none", "aggregate", "clear"), default="none",
                      help="hospitals' training loss: stays home (default), leaves only inside "
                           "the masked sum (aggregate), or in clear (--no-secagg only)")
+    sim.add_argument("--record-secagg", action="store_true",
+                     help="record the server's view of every secure round in OUT/secagg_view "
+                          "(check it with: bract audit secagg --view OUT/secagg_view)")
     sim.add_argument("--resume", action="store_true",
                      help="continue the interrupted run in --out from its last completed round")
     sim.add_argument("--no-progress", action="store_true", help="plain output, no live table")
@@ -161,7 +164,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             show_progress=not args.no_progress, resume=args.resume,
             secagg=args.secagg, secagg_clip=args.secagg_clip, secagg_graph=args.secagg_graph,
             drop_rate=args.drop_rate, drop_stage=args.drop_stage,
-            release_metrics=args.release_metrics,
+            release_metrics=args.release_metrics, record_secagg=args.record_secagg,
         )
         if non_private:
             console.print(

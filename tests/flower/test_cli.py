@@ -55,7 +55,7 @@ def test_simulate_end_to_end_on_flower(tmp_path, capsys) -> None:
     code = main([
         "simulate", "--dataset", "breast-cancer", "--clients", "2", "--rounds", "2",
         "--target-epsilon", "2", "--out", str(out), "--save-model", str(out / "m.npz"),
-        "--no-progress",
+        "--no-progress", "--record-secagg",
     ])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -69,3 +69,11 @@ def test_simulate_end_to_end_on_flower(tmp_path, capsys) -> None:
     assert report["final"]["accuracy"] > 0.8
     assert set(np.load(out / "m.npz").files)
     assert "NON-PRIVATE" not in capsys.readouterr().out
+    # What a privacy officer runs afterwards: the signed ledger and every epsilon check
+    # out, and the server's recorded view of both secure rounds hides every update.
+    assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
+                 str(out / "roster.json"), "--report", str(out / "report.json"),
+                 "--pld-discretization", "1e-3", "--out", str(tmp_path / "verify")]) == 0
+    assert sorted(p.name for p in (out / "secagg_view").iterdir()) == ["round-1", "round-2"]
+    assert main(["audit", "secagg", "--view", str(out / "secagg_view"),
+                 "--out", str(tmp_path / "secagg")]) == 0
