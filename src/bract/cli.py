@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plot_parser(sub)
     add_explain_parser(sub)
+    from bract.compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 

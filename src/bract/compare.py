@@ -1,0 +1,747 @@
+"""The comparative study: centralized vs federated vs private vs private and secure.
+
+:func:`run_comparison` trains, on one dataset and one train/test split:
+
+* **centralized**: a non-private scikit-learn model on the pooled training split
+  (logistic regression for classification, on flattened pixels for images;
+  linear regression for regression), the reference a hospital would get by
+  pooling every patient's record in one place;
+* **FedAvg**: the same federation of hospitals without noise (noise multiplier 0,
+  plain aggregation), flagged NON-PRIVATE (epsilon infinite);
+* **FedAvg+DP** at every epsilon of ``epsilons`` (DP-SGD on every hospital,
+  noise calibrated to the budget, plain aggregation);
+* **FedAvg+DP+SecAgg** at the main epsilon (DP-SGD and bract's secure
+  aggregation).
+
+Every federated variant is one ``bract simulate`` run (its ``report.json``,
+signed ledger and plots in ``OUT/<variant>/``); the study writes
+``OUT/compare.json``, ``OUT/compare.md`` and three PNGs (metric per round,
+epsilon per round, utility against epsilon). The table reports the global
+model's metric on the central test set, the final epsilon the hospitals'
+accountants reported (the maximum over hospitals) and the time per round.
+
+The study adds no privacy claim of its own: each federated run's epsilon comes
+from its report and can be re-checked with ``bract audit verify`` on its ledger.
+Times are wall-clock on whatever machine ran it (the first round holds Ray's
+start, so the per-round figure averages rounds 2..R). Drawing uses the Agg canvas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "COMPARE_JSON",
+    "COMPARE_MD",
+    "EPSILON_VS_ROUND_PNG",
+    "METRIC_VS_ROUND_PNG",
+    "UTILITY_VS_EPSILON_PNG",
+    "VARIANT_KINDS",
+    "Variant",
+    "add_compare_parser",
+    "centralized_baseline",
+    "comparison_markdown",
+    "comparison_table",
+    "plan_variants",
+    "plot_comparison",
+    "run_comparison",
+    "summarize_run",
+]
+
+COMPARE_JSON = "compare.json"
+COMPARE_MD = "compare.md"
+METRIC_VS_ROUND_PNG = "metric_vs_round.png"
+EPSILON_VS_ROUND_PNG = "epsilon_vs_round.png"
+UTILITY_VS_EPSILON_PNG = "utility_vs_epsilon.png"
+
+#: The kinds of variant a study can hold, in the order they run.
+VARIANT_KINDS = ("centralized", "fedavg", "dp", "dp-secagg")
+#: Datasets the study accepts (those of :mod:`bract.tasks`; a test keeps them in step).
+DATASETS = ("synthetic", "breast-cancer", "diabetes", "medmnist", "imagefolder")
+
+_INF_COLOR = "#c62828"
+_CENTRAL_COLOR = "#424242"
+_FEDAVG_COLOR = "#1565c0"
+_SECAGG_COLOR = "#2e7d32"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of the study: its name (also its sub-folder), label and settings.
+
+    ``target_epsilon`` is ``None`` for the non-private arms (centralized, FedAvg).
+    """
+
+    name: str
+    label: str
+    kind: str
+    target_epsilon: float | None = None
+    secagg: bool = False
+
+
+def _eps_text(eps: float) -> str:
+    return f"{eps:g}"
+
+
+def plan_variants(
+    epsilons: Sequence[float],
+    secure_epsilon: float | None = None,
+    include: Iterable[str] = VARIANT_KINDS,
+) -> list[Variant]:
+    """The study's variants, in the order they run.
+
+    ``epsilons`` are the FedAvg+DP budgets (each a finite number > 0, no repeats);
+    ``secure_epsilon`` (default: the first of ``epsilons``) is the budget of the
+    FedAvg+DP+SecAgg arm; ``include`` picks which kinds of :data:`VARIANT_KINDS`
+    run. Raises ValueError naming the problem for an empty or invalid budget list
+    or an unknown kind.
+    """
+    include = tuple(include)
+    unknown = [k for k in include if k not in VARIANT_KINDS]
+    if unknown:
+        raise ValueError(f"unknown variant kind(s) {unknown}; choose from {list(VARIANT_KINDS)}")
+    if not include:
+        raise ValueError(f"choose at least one variant kind from {list(VARIANT_KINDS)}")
+    eps = [_check_epsilon(e, "epsilon") for e in epsilons]
+    needs_eps = "dp" in include or ("dp-secagg" in include and secure_epsilon is None)
+    if needs_eps and not eps:
+        raise ValueError(
+            "the epsilon list is empty: give at least one budget, e.g. --epsilons 1 3 8"
+        )
+    repeated = sorted({e for e in eps if eps.count(e) > 1})
+    if repeated:
+        raise ValueError(f"epsilon(s) {[_eps_text(e) for e in repeated]} are listed twice")
+    secure = _check_epsilon(secure_epsilon, "secure epsilon") if secure_epsilon is not None else (
+        eps[0] if eps else None
+    )
+    variants: list[Variant] = []
+    if "centralized" in include:
+        variants.append(Variant("centralized", "centralized (scikit-learn)", "centralized"))
+    if "fedavg" in include:
+        variants.append(Variant("fedavg", "FedAvg (non-private)", "fedavg"))
+    if "dp" in include:
+        variants += [
+            Variant(f"dp-eps{_eps_text(e)}", f"FedAvg+DP ε={_eps_text(e)}", "dp", e) for e in eps
+        ]
+    if "dp-secagg" in include and secure is not None:
+        variants.append(Variant(f"dp-secagg-eps{_eps_text(secure)}",
+                                f"FedAvg+DP+SecAgg ε={_eps_text(secure)}", "dp-secagg",
+                                secure, secagg=True))
+    return variants
+
+
+def _check_epsilon(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number > 0, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"{what} must be a finite number > 0, got {value!r} (the non-private baseline "
+            "is the FedAvg variant; do not list it as a budget)"
+        )
+    return float(value)
+
+
+# ------------------------------------------------------------------ centralized baseline
+def centralized_baseline(ds: Any) -> dict[str, Any]:
+    """A centralized, non-private scikit-learn model on ``ds``'s pooled training split,
+    scored on its central test set with the federated runs' metric names.
+
+    Tabular data: :func:`bract.tasks.centralized_baseline` (LogisticRegression /
+    LinearRegression). Images: LogisticRegression(max_iter=1000) on the flattened
+    pixels. Returns the metrics plus ``"model"`` (the estimator's name) and
+    ``"seconds"`` (fit and scoring time). No privacy: every record is pooled.
+    """
+    from bract import tasks
+
+    t0 = time.perf_counter()
+    if len(ds.input_shape) == 1:
+        metrics: dict[str, Any] = dict(tasks.centralized_baseline(ds))
+        model = "LinearRegression" if ds.task == "regression" else "LogisticRegression"
+    else:
+        import numpy as np
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import log_loss
+
+        x_train = ds.x_train.reshape(len(ds.x_train), -1)
+        x_test = ds.x_test.reshape(len(ds.x_test), -1)
+        clf = LogisticRegression(max_iter=1000).fit(x_train, ds.y_train)
+        proba = clf.predict_proba(x_test)
+        # predict_proba's columns are clf.classes_; spread them over every class index.
+        full = np.zeros((len(x_test), ds.num_classes), dtype=proba.dtype)
+        full[:, clf.classes_] = proba
+        metrics = {
+            "loss": float(log_loss(ds.y_test, full, labels=list(range(ds.num_classes)))),
+            "accuracy": float(np.mean(clf.predict(x_test) == ds.y_test)),
+        }
+        model = "LogisticRegression (flattened pixels)"
+    return {**metrics, "model": model, "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------- run summaries
+def _number(value: Any) -> float:
+    """A report value as a float (``"inf"`` -> inf; missing -> nan)."""
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _json_number(value: float) -> float | str | None:
+    """inf as ``"inf"`` (as in report.json), nan as null, else the float."""
+    if math.isnan(value):
+        return None
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def summarize_run(report: Mapping[str, Any], variant: Variant) -> dict[str, Any]:
+    """One federated variant's row of the study, read from its ``report.json``.
+
+    Holds the final metrics (accuracy and cross-entropy, or R² and MSE), the final
+    epsilon (``"inf"`` when non-private), ``seconds_per_round`` (mean of rounds
+    2..R, or round 1 when it is the only one: round 1 also holds Ray's start),
+    ``first_round_seconds``, and per-round series (round 0 = initial model).
+    """
+    rows = report.get("rounds") or []
+    final = report.get("final") or {}
+    seconds = [_number(r.get("seconds")) for r in rows]
+    later = seconds[1:] if len(seconds) > 1 else seconds
+    finite = [s for s in later if math.isfinite(s)]
+    initial = report.get("initial") or {}
+    points = [initial, *rows]
+    keys = ("accuracy", "loss", "r2", "mse")
+    series = {k: [_json_number(_number(p.get(k))) for p in points] for k in keys
+              if any(k in p for p in points)}
+    out: dict[str, Any] = {
+        "name": variant.name,
+        "label": variant.label,
+        "kind": variant.kind,
+        "target_epsilon": variant.target_epsilon,
+        "secagg": variant.secagg,
+        "rounds_completed": int(final.get("rounds_completed", len(rows))),
+        "epsilon": _json_number(_number(final.get("epsilon"))),
+        "non_private": bool(final.get("non_private", False)),
+        "seconds_per_round": sum(finite) / len(finite) if finite else None,
+        "first_round_seconds": _json_number(seconds[0]) if seconds else None,
+        "series": {
+            "round": [0, *[int(r.get("round", i + 1)) for i, r in enumerate(rows)]],
+            "epsilon": [0.0, *[_json_number(_number(r.get("epsilon"))) for r in rows]],
+            **series,
+        },
+        "stopped": final.get("stopped") or {},
+    }
+    for key in keys:
+        if key in final:
+            out[key] = _json_number(_number(final[key]))
+    return out
+
+
+# ------------------------------------------------------------------------ the study
+def run_comparison(
+    dataset: str = "breast-cancer",
+    clients: int = 5,
+    rounds: int = 10,
+    epsilons: Sequence[float] = (1.0, 3.0, 8.0),
+    partition: str = "dirichlet",
+    alpha: float = 0.5,
+    seed: int = 0,
+    out_dir: Path | str = Path("runs/compare"),
+    *,
+    secure_epsilon: float | None = None,
+    include: Iterable[str] = VARIANT_KINDS,
+    delta: float = 1e-5,
+    data_path: str | Path | None = None,
+    image_size: int = 28,
+    samples: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    momentum: float | None = None,
+    local_epochs: int = 1,
+    max_grad_norm: float = 1.0,
+    accountant: str = "prv",
+    device: str | None = None,
+    show_progress: bool = True,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Run the study (see the module docstring) and write its results to ``out_dir``.
+
+    Every variant uses the same data, split, partition between hospitals, seed
+    and model initialisation; only noise and aggregation differ. Returns the
+    study as a dict (also ``out_dir/compare.json``) with ``config``, ``task``
+    (classification or regression), ``metric``, ``centralized`` and ``variants``
+    (one :func:`summarize_run` row per federated run) and ``plots``.
+
+    Raises ValueError naming the problem (and the fix) for bad settings before
+    any training starts; a federated run that fails raises its own error.
+    """
+    from rich.console import Console
+
+    from bract import tasks
+    from bract.flower.client import PrivacyPolicy
+    from bract.flower.simulation import SimulationConfig, run, validate
+
+    console = console or Console()
+    variants = plan_variants(epsilons, secure_epsilon, include)
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if not (isinstance(delta, float) and 0 < delta < 1):
+        raise ValueError(f"delta must be a number in (0, 1), e.g. 1e-5; got {delta!r}")
+    out_dir = Path(out_dir)
+    task = tasks.TaskConfig.for_dataset(
+        dataset, clients=clients, seed=seed, image_size=image_size, n_samples=samples,
+        batch_size=batch_size, lr=lr, momentum=momentum,
+        data_path=str(data_path) if data_path is not None else None,
+        partition=partition, alpha=alpha,
+    )
+    ds = tasks.dataset_for(task)
+    regression = ds.task == "regression"
+    metric = "r2" if regression else "accuracy"
+
+    def simulation(variant: Variant) -> SimulationConfig:
+        non_private = variant.target_epsilon is None
+        policy = PrivacyPolicy(
+            target_epsilon=variant.target_epsilon or max([*epsilons, 1.0]), delta=delta,
+            rounds=rounds, local_epochs=local_epochs, max_grad_norm=max_grad_norm,
+            noise_multiplier=0.0 if non_private else None, accountant=accountant,
+            allow_non_private=non_private, device=device,
+            sampling_seed=seed if non_private else None,
+        )
+        return SimulationConfig(
+            task=task, policy=policy, out_dir=out_dir / variant.name,
+            show_progress=show_progress, secagg=variant.secagg,
+            extra={"compare_variant": variant.name},
+        )
+
+    federated = [v for v in variants if v.kind != "centralized"]
+    configs = {v.name: simulation(v) for v in federated}
+    for cfg in configs.values():  # every variant's settings, checked before any run
+        validate(cfg)  # PrivacyError / DataError are ValueErrors naming the problem
+
+    config = {
+        "dataset": dataset, "clients": clients, "rounds": rounds,
+        "epsilons": [float(e) for e in epsilons],
+        "secure_epsilon": next((v.target_epsilon for v in variants if v.secagg), None),
+        "partition": partition, "alpha": alpha, "seed": seed, "delta": delta,
+        "data_path": task.data_path or None, "image_size": image_size,
+        "samples": samples, "batch_size": task.batch_size, "lr": task.lr,
+        "momentum": task.momentum, "local_epochs": local_epochs,
+        "max_grad_norm": max_grad_norm, "accountant": accountant,
+        "n_train": int(ds.n_train), "n_test": len(ds.y_test),
+        "variants": [v.name for v in variants],
+    }
+    result: dict[str, Any] = {
+        "config": config, "task": ds.task, "metric": metric, "centralized": None,
+        "variants": [],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = len(variants)
+    for i, variant in enumerate(variants, start=1):
+        heading = f"[{i}/{total}] {variant.label}"
+        if show_progress:
+            console.rule(f"[bold]{heading}")
+        else:
+            console.print(heading)
+        t0 = time.perf_counter()
+        if variant.kind == "centralized":
+            result["centralized"] = {"name": variant.name, "label": variant.label,
+                                     **centralized_baseline(ds)}
+            row = result["centralized"]
+        else:
+            report = run(configs[variant.name])
+            row = summarize_run(report, variant)
+            row["wall_seconds"] = time.perf_counter() - t0
+            row["out"] = str(out_dir / variant.name)
+            result["variants"].append(row)
+        console.print(f"{heading}: {_metric_text(row, metric)}"
+                      f" ({time.perf_counter() - t0:.1f} s)")
+        _write_json(result, out_dir)  # partial results survive an interrupted study
+    result["plots"] = [str(p) for p in plot_comparison(result, out_dir)]
+    _write_json(result, out_dir)
+    (out_dir / COMPARE_MD).write_text(comparison_markdown(result), encoding="utf-8")
+    console.print(comparison_table(result))
+    console.print(f"wrote {out_dir / COMPARE_JSON}, {out_dir / COMPARE_MD} and "
+                  + ", ".join(Path(p).name for p in result["plots"]))
+    return result
+
+
+def _write_json(result: Mapping[str, Any], out_dir: Path) -> None:
+    (out_dir / COMPARE_JSON).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def _metric_text(row: Mapping[str, Any], metric: str) -> str:
+    value = _number(row.get(metric))
+    name = "R²" if metric == "r2" else metric
+    return f"{name} {value:.3f}" if math.isfinite(value) else f"{name} -"
+
+
+# ------------------------------------------------------------------------- the table
+def _rows(result: Mapping[str, Any]) -> list[list[str]]:
+    """The table's cells: variant, metric, secondary metric, final ε, s/round, total s."""
+    metric = result["metric"]
+    secondary = "mse" if metric == "r2" else "loss"
+    rows = []
+    central = result.get("centralized")
+    if central:
+        rows.append([central["label"], _fmt(central.get(metric)), _fmt(central.get(secondary)),
+                     "n/a (not federated)", "n/a", f"{_number(central.get('seconds')):.2f}"])
+    for v in result.get("variants", []):
+        eps = _number(v.get("epsilon"))
+        eps_text = "∞ (NON-PRIVATE)" if math.isinf(eps) else _fmt(eps, 3)
+        if v.get("stopped"):
+            eps_text += f" (stopped: {', '.join(sorted(v['stopped']))})"
+        rows.append([v["label"], _fmt(v.get(metric)), _fmt(v.get(secondary)), eps_text,
+                     _fmt(v.get("seconds_per_round"), 2), _fmt(v.get("wall_seconds"), 1)])
+    return rows
+
+
+def _headers(result: Mapping[str, Any]) -> list[str]:
+    regression = result["metric"] == "r2"
+    return ["variant", "R²" if regression else "accuracy", "MSE" if regression else "cross-entropy",
+            "final ε", "s/round", "total s"]
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    """``digits`` decimals (one for values >= 1000, e.g. an MSE); ``-`` when missing."""
+    x = _number(value)
+    if math.isnan(x):
+        return "-"
+    if math.isinf(x):
+        return "∞"
+    return f"{x:.1f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
+
+
+def comparison_table(result: Mapping[str, Any]) -> Any:
+    """The study as a rich Table (utility, secondary metric, final ε, time per round)."""
+    from rich.table import Table
+
+    cfg = result["config"]
+    table = Table(title=(
+        f"{cfg['dataset']}: {cfg['clients']} hospitals, {cfg['rounds']} rounds, "
+        f"{cfg['partition']} partition, δ={cfg['delta']:g}, seed {cfg['seed']}"
+    ))
+    for i, header in enumerate(_headers(result)):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in _rows(result):
+        style = "red" if "NON-PRIVATE" in row[3] else None
+        table.add_row(*row, style=style)
+    return table
+
+
+def comparison_markdown(result: Mapping[str, Any]) -> str:
+    """The study as Markdown: settings, the table and the plots' file names."""
+    cfg = result["config"]
+    lines = [
+        f"# Comparison on {cfg['dataset']}",
+        "",
+        f"{cfg['clients']} hospitals, {cfg['rounds']} rounds, partition {cfg['partition']}"
+        + (f" (alpha {cfg['alpha']:g})" if cfg["partition"] in ("dirichlet", "quantity") else "")
+        + f", delta {cfg['delta']:g}, seed {cfg['seed']}, accountant {cfg['accountant']}; "
+        f"{cfg['n_train']} training and {cfg['n_test']} central test examples.",
+        "",
+        "| " + " | ".join(_headers(result)) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(_headers(result)) - 1)) + " |",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
+    lines += [
+        "",
+        "Final ε: the largest epsilon any hospital's accountant reported after the last round "
+        f"(at δ = {cfg['delta']:g}); ∞: no noise. s/round: mean wall time of rounds 2..R "
+        "(round 1 also starts Ray); total s: the whole run (calibration and start included; "
+        "for the centralized model, fit and scoring).",
+        "",
+    ]
+    lines += [f"![{Path(p).stem}]({Path(p).name})" for p in result.get("plots", [])]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------- the plots
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _colors(n: int) -> list[Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["plasma"]
+    return [cmap(0.15 + 0.6 * i / max(n - 1, 1)) for i in range(n)]
+
+
+def _variant_styles(variants: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    dp = [v for v in variants if v["kind"] == "dp"]
+    styles = {v["name"]: {"color": c, "marker": "o"} for v, c in zip(dp, _colors(len(dp)),
+                                                                      strict=True)}
+    for v in variants:
+        if v["kind"] == "fedavg":
+            styles[v["name"]] = {"color": _FEDAVG_COLOR, "marker": "s"}
+        elif v["kind"] == "dp-secagg":
+            styles[v["name"]] = {"color": _SECAGG_COLOR, "marker": "D", "linestyle": "--"}
+    return styles
+
+
+def _subtitle(result: Mapping[str, Any]) -> str:
+    cfg = result["config"]
+    return f"{cfg['dataset']}, {cfg['clients']} hospitals, {cfg['partition']} partition"
+
+
+def plot_comparison(result: Mapping[str, Any], out_dir: Path | str) -> list[Path]:
+    """Write metric_vs_round.png, epsilon_vs_round.png and utility_vs_epsilon.png.
+
+    Reads the study only. An infinite epsilon (FedAvg) is never drawn as a
+    number: it is a red marker on the top edge labelled ε = ∞.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        _plot_metric_vs_round(result, out_dir / METRIC_VS_ROUND_PNG),
+        _plot_epsilon_vs_round(result, out_dir / EPSILON_VS_ROUND_PNG),
+        _plot_utility_vs_epsilon(result, out_dir / UTILITY_VS_EPSILON_PNG),
+    ]
+
+
+def _names(result: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    if result["metric"] == "r2":
+        return "r2", "R²", "mse", "MSE"
+    return "accuracy", "accuracy", "loss", "cross-entropy"
+
+
+def _values(values: Sequence[Any]) -> list[float]:
+    return [_number(v) for v in values]
+
+
+def _plot_metric_vs_round(result: Mapping[str, Any], path: Path) -> Path:
+    key, label, key2, label2 = _names(result)
+    variants = result.get("variants", [])
+    styles = _variant_styles(variants)
+    fig = _figure(11, 4.3)
+    axes = fig.subplots(1, 2)
+    central = result.get("centralized")
+    for ax, k, name in ((axes[0], key, label), (axes[1], key2, label2)):
+        for v in variants:
+            series = v["series"]
+            if k in series:
+                ax.plot(series["round"], _values(series[k]), label=v["label"], linewidth=1.6,
+                        markersize=4, **styles[v["name"]])
+        if central and math.isfinite(_number(central.get(k))):
+            ax.axhline(_number(central[k]), color=_CENTRAL_COLOR, linestyle=":", linewidth=1.8,
+                       label=central["label"])
+        ax.set_xlabel("round (0 = initial global model)")
+        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+    if key == "accuracy":
+        axes[0].set_ylim(0, 1.02)
+    elif key == "r2":
+        lows = [x for v in variants for x in _values(v["series"].get("r2", []))[1:]
+                if math.isfinite(x)]
+        axes[0].set_ylim(max(min([*lows, 0.0]) - 0.05, -1.0), 1.0)
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].set_title(f"{label} on the central test set")
+    axes[1].set_title(f"{label2} on the central test set")
+    fig.suptitle(_subtitle(result), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _plot_epsilon_vs_round(result: Mapping[str, Any], path: Path) -> Path:
+    variants = result.get("variants", [])
+    styles = _variant_styles(variants)
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    top = 0.0
+    any_inf = False
+    for v in variants:
+        series = v["series"]
+        eps = _values(series["epsilon"])
+        finite = [e if math.isfinite(e) else math.nan for e in eps]
+        if any(math.isfinite(e) and e > 0 for e in finite):
+            ax.plot(series["round"], finite, label=v["label"], linewidth=1.6, **styles[v["name"]])
+            top = max([top, *[e for e in finite if math.isfinite(e)]])
+        if v.get("target_epsilon"):
+            ax.axhline(v["target_epsilon"], color=styles[v["name"]]["color"], linestyle=":",
+                       linewidth=1)
+            top = max(top, v["target_epsilon"])
+        inf_rounds = [r for r, e in zip(series["round"], eps, strict=True) if math.isinf(e)]
+        if inf_rounds:
+            any_inf = True
+            ax.plot(inf_rounds, [0.97] * len(inf_rounds), linestyle="none", marker="^",
+                    markersize=9, color=_INF_COLOR, transform=ax.get_xaxis_transform(),
+                    clip_on=False, label=f"{v['label']}: ε = ∞ (no noise)")
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(_integer_ticks())
+    ax.set_ylabel(f"cumulative ε (max over hospitals, δ = {result['config']['delta']:g})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="center right")
+    title = "Privacy spent per round (dotted: budgets)"
+    if any_inf:
+        title += "; FedAvg is NON-PRIVATE"
+    ax.set_title(f"{title}\n{_subtitle(result)}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _plot_utility_vs_epsilon(result: Mapping[str, Any], path: Path) -> Path:
+    key, label, _, _ = _names(result)
+    variants = result.get("variants", [])
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    dp = sorted((v for v in variants if v["kind"] == "dp"), key=lambda v: _number(v["epsilon"]))
+    if dp:
+        ax.plot([_number(v["epsilon"]) for v in dp], [_number(v.get(key)) for v in dp],
+                marker="o", color="#6a1b9a", linewidth=1.8, label="FedAvg+DP")
+        for v in dp:
+            ax.annotate(f"target {v['target_epsilon']:g}", (_number(v["epsilon"]),
+                        _number(v.get(key))), textcoords="offset points", xytext=(4, -12),
+                        fontsize=7)
+    for v in variants:
+        if v["kind"] == "dp-secagg":
+            ax.plot([_number(v["epsilon"])], [_number(v.get(key))], marker="D", markersize=9,
+                    linestyle="none", color=_SECAGG_COLOR, label=v["label"])
+        elif v["kind"] == "fedavg" and math.isfinite(_number(v.get(key))):
+            ax.axhline(_number(v[key]), color=_FEDAVG_COLOR, linestyle="--", linewidth=1.5,
+                       label=f"{v['label']}: ε = ∞")
+    central = result.get("centralized")
+    if central and math.isfinite(_number(central.get(key))):
+        ax.axhline(_number(central[key]), color=_CENTRAL_COLOR, linestyle=":", linewidth=1.8,
+                   label=central["label"])
+    finite_eps = [_number(v["epsilon"]) for v in variants
+                  if math.isfinite(_number(v["epsilon"])) and _number(v["epsilon"]) > 0]
+    if finite_eps and max(finite_eps) / min(finite_eps) > 4:
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(set(finite_eps)))
+        ax.set_xticklabels([f"{e:.3g}" for e in sorted(set(finite_eps))])
+    ax.set_xlabel(f"final ε (δ = {result['config']['delta']:g})")
+    ax.set_ylabel(f"{label} on the central test set")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"Utility against privacy\n{_subtitle(result)}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, format="png")
+    return path
+
+
+# ---------------------------------------------------------------------- bract compare
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _epsilon(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"epsilon must be a finite number > 0, got {text}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``bract compare`` to the ``bract`` subparsers ``sub``."""
+    p = sub.add_parser(
+        "compare",
+        help="centralized vs FedAvg vs FedAvg+DP vs FedAvg+DP+SecAgg on one dataset",
+        description=(
+            "The comparative study: a centralized scikit-learn model, non-private FedAvg, "
+            "FedAvg with DP-SGD at each --epsilons budget, and FedAvg with DP-SGD and secure "
+            "aggregation at --secure-epsilon (default: the first budget), all on the same "
+            "data and split. Writes OUT/compare.json, OUT/compare.md, metric_vs_round.png, "
+            "epsilon_vs_round.png, utility_vs_epsilon.png, and each run in OUT/<variant>/."
+        ),
+    )
+    p.add_argument("--dataset", choices=DATASETS, default="breast-cancer")
+    p.add_argument("--data-path", type=Path, default=None,
+                   help="MedMNIST .npz file or image folder (medmnist / imagefolder)")
+    p.add_argument("--clients", type=_positive_int, default=5, help="hospitals (default 5)")
+    p.add_argument("--rounds", type=_positive_int, default=10, help="rounds (default 10)")
+    p.add_argument("--epsilons", type=_epsilon, nargs="+", default=[1.0, 3.0, 8.0],
+                   metavar="EPS", help="FedAvg+DP budgets (default 1 3 8)")
+    p.add_argument("--secure-epsilon", type=_epsilon, default=None,
+                   help="budget of the DP + secure-aggregation run (default: first of --epsilons)")
+    p.add_argument("--no-secagg-run", action="store_true",
+                   help="skip the DP + secure-aggregation run")
+    p.add_argument("--partition", choices=("iid", "dirichlet", "quantity"), default="dirichlet")
+    p.add_argument("--alpha", type=_finite, default=0.5,
+                   help="Dirichlet concentration (small: more skew; default 0.5)")
+    p.add_argument("--delta", type=_finite, default=1e-5, help="delta (default 1e-5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=_positive_int, default=28,
+                   help="image side in pixels (multiple of 4; default 28)")
+    p.add_argument("--samples", type=_positive_int, default=None,
+                   help="total examples to generate/use (default: the dataset's)")
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--lr", type=_finite, default=None)
+    p.add_argument("--local-epochs", type=_positive_int, default=1)
+    p.add_argument("--max-grad-norm", type=_finite, default=1.0)
+    p.add_argument("--accountant", choices=("prv", "pld", "rdp"), default="prv")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
+    p.add_argument("--no-progress", action="store_true", help="plain output, no live tables")
+    p.set_defaults(func=_compare_command)
+    return p
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from bract.flower.server import CheckpointError
+    from bract.privacy import PrivacyError
+
+    console = Console()
+    include = [k for k in VARIANT_KINDS if not (k == "dp-secagg" and args.no_secagg_run)]
+    try:
+        run_comparison(
+            args.dataset, args.clients, args.rounds, args.epsilons, args.partition,
+            args.alpha, args.seed, args.out, secure_epsilon=args.secure_epsilon,
+            include=include, delta=args.delta, data_path=args.data_path,
+            image_size=args.image_size, samples=args.samples, batch_size=args.batch_size,
+            lr=args.lr, local_epochs=args.local_epochs, max_grad_norm=args.max_grad_norm,
+            accountant=args.accountant, device=args.device,
+            show_progress=not args.no_progress, console=console,
+        )
+    except (PrivacyError, ValueError, CheckpointError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    return 0

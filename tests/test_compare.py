@@ -1,0 +1,225 @@
+"""The comparative study: its plan, its summaries, its plots, and a real (small) study."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bract import compare, tasks
+from bract.compare import Variant
+
+budgets = st.lists(
+    st.floats(min_value=0.01, max_value=100, allow_nan=False, allow_infinity=False),
+    min_size=1, max_size=5, unique=True,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(eps=budgets, include=st.sets(st.sampled_from(compare.VARIANT_KINDS), min_size=1))
+def test_plan_has_one_arm_per_kind_and_budget_in_run_order(eps, include) -> None:
+    variants = compare.plan_variants(eps, include=include)
+    kinds = [v.kind for v in variants]
+    # Arms run in VARIANT_KINDS order and only the kinds asked for are there.
+    assert kinds == sorted(kinds, key=compare.VARIANT_KINDS.index)
+    assert set(kinds) == set(include)
+    # Every DP budget has exactly one arm, the secure arm takes the first budget.
+    assert [v.target_epsilon for v in variants if v.kind == "dp"] == (
+        [float(e) for e in eps] if "dp" in include else []
+    )
+    secure = [v for v in variants if v.kind == "dp-secagg"]
+    assert [v.target_epsilon for v in secure] == ([float(eps[0])] if secure else [])
+    assert all(v.secagg == (v.kind == "dp-secagg") for v in variants)
+    # Non-private arms carry no budget; names (sub-folders) never collide.
+    assert all((v.target_epsilon is None) == (v.kind in ("centralized", "fedavg"))
+               for v in variants)
+    assert len({v.name for v in variants}) == len(variants)
+
+
+@pytest.mark.parametrize(
+    ("epsilons", "kwargs", "message"),
+    [
+        ([], {}, "epsilon list is empty"),
+        ([1.0, 1.0], {}, "listed twice"),
+        ([0.0], {}, "finite number > 0"),
+        ([math.inf], {}, "non-private baseline is the FedAvg variant"),
+        ([-1.0], {}, "finite number > 0"),
+        (["3"], {}, "must be a number"),
+        ([1.0], {"include": ["dp", "local"]}, "unknown variant kind"),
+        ([1.0], {"include": []}, "at least one variant kind"),
+        ([1.0], {"secure_epsilon": math.nan}, "secure epsilon"),
+    ],
+)
+def test_plan_rejects_bad_budgets_naming_the_problem(epsilons, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        compare.plan_variants(epsilons, **kwargs)
+
+
+def test_plan_with_only_a_secure_budget_needs_no_dp_list() -> None:
+    variants = compare.plan_variants([], secure_epsilon=2.0, include=["dp-secagg"])
+    assert [(v.kind, v.target_epsilon) for v in variants] == [("dp-secagg", 2.0)]
+
+
+def _report(epsilons, seconds, accuracy, non_private=False) -> dict:
+    rows = [
+        {"round": i + 1, "epsilon": e, "accuracy": a, "loss": 1 - a, "seconds": s}
+        for i, (e, s, a) in enumerate(zip(epsilons, seconds, accuracy, strict=True))
+    ]
+    return {
+        "initial": {"accuracy": 0.5, "loss": 0.7},
+        "rounds": rows,
+        "final": {"rounds_completed": len(rows), "epsilon": epsilons[-1],
+                  "non_private": non_private, "accuracy": accuracy[-1],
+                  "loss": 1 - accuracy[-1]},
+    }
+
+
+def test_summary_reads_the_report_and_skips_rays_start_in_the_round_time() -> None:
+    variant = Variant("dp-eps3", "FedAvg+DP ε=3", "dp", 3.0)
+    row = compare.summarize_run(_report([1.0, 2.0, 2.9], [9.0, 2.0, 4.0], [0.6, 0.7, 0.8]),
+                                variant)
+    assert row["seconds_per_round"] == pytest.approx(3.0)  # rounds 2..R, not round 1
+    assert row["first_round_seconds"] == 9.0
+    assert row["epsilon"] == 2.9 and row["accuracy"] == 0.8
+    assert row["series"]["round"] == [0, 1, 2, 3]
+    assert row["series"]["epsilon"] == [0.0, 1.0, 2.0, 2.9]
+    assert row["series"]["accuracy"] == [0.5, 0.6, 0.7, 0.8]  # from the initial model on
+    json.dumps(row, allow_nan=False)  # the row is strict JSON
+
+
+def test_summary_of_a_non_private_run_says_so_in_strict_json() -> None:
+    variant = Variant("fedavg", "FedAvg (non-private)", "fedavg")
+    row = compare.summarize_run(_report(["inf", "inf"], [5.0, 1.0], [0.6, 0.9], True), variant)
+    assert row["epsilon"] == "inf" and row["non_private"] is True
+    assert row["series"]["epsilon"] == [0.0, "inf", "inf"]
+    assert row["seconds_per_round"] == 1.0
+    json.dumps(row, allow_nan=False)
+
+
+def _study(task: str = "classification") -> dict:
+    metric = "r2" if task == "regression" else "accuracy"
+    second = "mse" if task == "regression" else "loss"
+
+    def row(name, label, kind, target, eps, values, secagg=False):
+        return {
+            "name": name, "label": label, "kind": kind, "target_epsilon": target,
+            "secagg": secagg, "epsilon": eps, metric: values[-1], second: 1 - values[-1],
+            "non_private": eps == "inf", "seconds_per_round": 1.5, "wall_seconds": 20.0,
+            "stopped": {},
+            "series": {"round": [0, 1, 2], "epsilon": [0.0, eps if eps == "inf" else eps / 2, eps],
+                       metric: values, second: [1 - v for v in values]},
+        }
+
+    return {
+        "config": {"dataset": "breast-cancer", "clients": 5, "rounds": 2, "partition": "dirichlet",
+                   "alpha": 0.5, "delta": 1e-5, "seed": 0, "accountant": "prv",
+                   "n_train": 455, "n_test": 114},
+        "task": task, "metric": metric,
+        "centralized": {"name": "centralized", "label": "centralized (scikit-learn)",
+                        metric: 0.97, second: 0.08, "seconds": 0.1},
+        "variants": [
+            row("fedavg", "FedAvg (non-private)", "fedavg", None, "inf", [0.5, 0.9, 0.95]),
+            row("dp-eps1", "FedAvg+DP ε=1", "dp", 1.0, 0.99, [0.5, 0.7, 0.8]),
+            row("dp-eps3", "FedAvg+DP ε=3", "dp", 3.0, 2.98, [0.5, 0.8, 0.9]),
+            row("dp-secagg-eps3", "FedAvg+DP+SecAgg ε=3", "dp-secagg", 3.0, 2.98,
+                [0.5, 0.8, 0.9], secagg=True),
+        ],
+    }
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_plots_are_pngs_and_the_table_flags_the_non_private_run(tmp_path, task) -> None:
+    study = _study(task)
+    paths = compare.plot_comparison(study, tmp_path)
+    assert [p.name for p in paths] == [compare.METRIC_VS_ROUND_PNG, compare.EPSILON_VS_ROUND_PNG,
+                                       compare.UTILITY_VS_EPSILON_PNG]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    study["plots"] = [str(p) for p in paths]
+    md = compare.comparison_markdown(study)
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(lines) == 2 + 1 + 4  # header, rule, centralized, four federated arms
+    fedavg = next(line for line in lines if "FedAvg (non-private)" in line)
+    assert "∞ (NON-PRIVATE)" in fedavg
+    dp1 = next(line for line in lines if "FedAvg+DP ε=1 " in line)
+    assert "| 0.990 |" in dp1
+    assert ("R²" if task == "regression" else "accuracy") in lines[0]
+    assert f"![utility_vs_epsilon]({compare.UTILITY_VS_EPSILON_PNG})" in md
+
+
+def test_centralized_baseline_is_the_tasks_baseline_for_tabular_data() -> None:
+    ds = tasks.dataset_for(tasks.TaskConfig.for_dataset("diabetes", clients=3))
+    row = compare.centralized_baseline(ds)
+    expected = tasks.centralized_baseline(ds)
+    assert row["model"] == "LinearRegression"
+    assert {k: row[k] for k in expected} == pytest.approx(expected)
+
+
+def test_centralized_baseline_on_images_learns_the_synthetic_xrays() -> None:
+    ds = tasks.dataset_for(tasks.TaskConfig.for_dataset("synthetic", clients=3, n_samples=600,
+                                                        image_size=16))
+    row = compare.centralized_baseline(ds)
+    assert row["model"].startswith("LogisticRegression")
+    assert row["accuracy"] > 1 / 3 + 0.15  # well above chance on 3 classes
+    assert math.isfinite(row["loss"]) and row["loss"] > 0
+
+
+def test_bad_study_settings_fail_before_any_training(tmp_path) -> None:
+    with pytest.raises(ValueError, match="rounds must be an integer"):
+        compare.run_comparison("breast-cancer", rounds=0, out_dir=tmp_path, show_progress=False)
+    with pytest.raises(ValueError, match="delta"):
+        compare.run_comparison("breast-cancer", delta=2.0, out_dir=tmp_path, show_progress=False)
+    with pytest.raises(ValueError, match=r"empty partition|fewer hospitals"):
+        compare.run_comparison("breast-cancer", clients=1000, out_dir=tmp_path,
+                               show_progress=False)
+    assert not (tmp_path / compare.COMPARE_JSON).exists()
+
+
+def test_cli_rejects_a_non_positive_budget_with_a_clear_message() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bract.cli", "compare", "--epsilons", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "epsilon must be a finite number > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_small_study_runs_every_arm_and_its_ledgers_verify(tmp_path) -> None:
+    out = tmp_path / "study"
+    result = compare.run_comparison(
+        "breast-cancer", clients=3, rounds=2, epsilons=[3.0], partition="dirichlet",
+        alpha=1.0, out_dir=out, include=("centralized", "fedavg", "dp-secagg"),
+        show_progress=False,
+    )
+    saved = json.loads((out / compare.COMPARE_JSON).read_text())
+    assert saved["variants"] == result["variants"]
+    kinds = {v["kind"]: v for v in saved["variants"]}
+    assert set(kinds) == {"fedavg", "dp-secagg"}
+    assert saved["centralized"]["accuracy"] > 0.9
+    assert kinds["fedavg"]["epsilon"] == "inf" and kinds["fedavg"]["non_private"]
+    secure = kinds["dp-secagg"]
+    assert 0.98 * 3.0 <= secure["epsilon"] <= 3.0 and not secure["non_private"]
+    assert secure["rounds_completed"] == 2 and secure["accuracy"] > 0.6
+    # Each arm is a full bract run: its report says secure aggregation ran, and its
+    # signed ledger passes the independent audit.
+    report = json.loads((out / secure["name"] / "report.json").read_text())
+    assert all(r["secagg"]["aborted"] is None for r in report["rounds"])
+    audit = subprocess.run(
+        [sys.executable, "-m", "bract.cli", "audit", "verify",
+         str(out / secure["name"] / "ledger.jsonl"),
+         "--roster", str(out / secure["name"] / "roster.json"),
+         "--report", str(out / secure["name"] / "report.json"), "--out", str(tmp_path / "audit")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
+    for name in saved["plots"]:
+        assert Path(name).is_file()
+    assert "∞ (NON-PRIVATE)" in (out / compare.COMPARE_MD).read_text()
