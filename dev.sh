@@ -57,7 +57,7 @@ case "$cmd" in
   test)
     ensure_env
     export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-    "$VENV/bin/ruff" check src tests benchmarks
+    "$VENV/bin/ruff" check src tests benchmarks examples
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   bract)

@@ -27,3 +27,71 @@ def test_custom_hospital_app_runs_private_and_secure(tmp_path) -> None:
     assert last["secagg"]["aborted"] is None and len(last["secagg"]["alive"]) == 3
     assert all(0.98 * 3.0 <= v["epsilon"] <= 3.0 for v in last["per_client"].values())
     assert report["final"]["accuracy"] > 0.8
+
+
+#: Wide enough that rich never wraps a line the tests look for.
+WIDE = {"COLUMNS": "400"}
+
+
+def _run_example(name: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **WIDE}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_chest_xray_example_trains_the_cnn_non_iid_and_explains_it(tmp_path) -> None:
+    # The example's own defaults (128 px, 3 rounds) are for people; this is its smallest run.
+    proc = _run_example("chest_xray_cnn.py", tmp_path, "--image-size", "32", "--samples", "600",
+                        "--rounds", "1", "--out", "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"]["partition"] == "dirichlet" and report["config"]["image_size"] == 32
+    assert report["rounds"][0]["secagg"]["aborted"] is None
+    assert all(0 < v["epsilon"] <= 8.0 for v in report["rounds"][0]["per_client"].values())
+    assert (tmp_path / "out" / "global_model.npz").is_file()
+    overlays = sorted((tmp_path / "out" / "gradcam").glob("*.png"))
+    assert len(overlays) == 8 + 1, overlays  # eight overlays and the contact sheet
+    assert "wrote 8 overlays and the contact sheet" in proc.stdout
+
+
+def test_chest_xray_example_names_a_missing_medmnist_file(tmp_path) -> None:
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **WIDE}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "chest_xray_cnn.py"),
+         "--data-path", str(tmp_path / "missing.npz")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "missing.npz" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_breast_cancer_example_passes_its_own_audit(tmp_path) -> None:
+    proc = _run_example("breast_cancer_hospitals.py", tmp_path, "--rounds", "2", "--out", "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"]["clients"] == 5 and report["config"]["partition"] == "dirichlet"
+    last = report["rounds"][-1]
+    assert last["secagg"]["aborted"] is None and len(last["secagg"]["alive"]) == 5
+    assert all(0.98 * 3.0 <= v["epsilon"] <= 3.0 for v in last["per_client"].values())
+    assert "PASS" in proc.stdout
+    assert (tmp_path / "out" / "audit" / "audit.md").is_file()
+    assert "centralized non-private logistic regression" in proc.stdout
+
+
+@pytest.mark.slow
+def test_diabetes_example_compares_federated_and_centralized_r2(tmp_path) -> None:
+    proc = _run_example("diabetes_vs_centralized.py", tmp_path, "--rounds", "2",
+                        "--epsilons", "8", "--out", "out", "--no-progress")
+    study = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert study["task"] == "regression" and study["metric"] == "r2"
+    assert study["centralized"]["model"] == "LinearRegression"
+    kinds = [v["kind"] for v in study["variants"]]
+    assert kinds == ["fedavg", "dp", "dp-secagg"]
+    secure = study["variants"][-1]
+    assert 0.98 * 8.0 <= secure["epsilon"] <= 8.0
+    assert secure["r2"] > 0.0  # better than predicting the mean, after two private rounds
+    assert "gap" in proc.stdout

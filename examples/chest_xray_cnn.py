@@ -1,0 +1,86 @@
+"""Chest X-ray CNN across hospitals with non-IID data, DP-SGD and secure aggregation.
+
+Run:  python examples/chest_xray_cnn.py                      (synthetic X-rays, 128x128)
+      python examples/chest_xray_cnn.py --data-path pneumoniamnist.npz   (a real MedMNIST file)
+
+The model is the mission's CNN (conv-pool-conv-pool-dense, GroupNorm; 128x128x1
+input; normal / pneumonia / COVID-19 on the synthetic set, the file's classes on
+MedMNIST). Hospitals get a Dirichlet label-skewed share of the training split; each
+trains with DP-SGD calibrated to its own (epsilon, delta) budget, updates are
+combined with bract's secure aggregation, and the global model is evaluated on the
+central test split every round. It trains on the GPU when there is one. Last, the
+global model's predictions on eight test images are explained with Grad-CAM.
+
+Outputs in --out: report.json, ledger.jsonl (signed), roster.json, epsilon.png,
+metric.png, global_model.npz and gradcam/ (one overlay per image and a contact sheet).
+Nothing is downloaded: a MedMNIST file is read from the path you give.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from bract import tasks
+from bract.cli import main as bract_command
+from bract.flower import PrivacyPolicy
+from bract.flower.server import summarize
+from bract.flower.simulation import SimulationConfig, run
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-path", type=Path, default=None,
+                   help="a MedMNIST .npz file (e.g. pneumoniamnist.npz); default: synthetic")
+    p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--samples", type=int, default=2400,
+                   help="images to generate (synthetic) or to use from the file")
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="Dirichlet label skew between hospitals (small: more skew)")
+    p.add_argument("--epsilon", type=float, default=8.0, help="each hospital's budget")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", type=Path, default=Path("runs/chest_xray"))
+    p.add_argument("--no-progress", action="store_true", help="plain output, no live table")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    console = Console()
+    try:
+        report = train(args)
+    except ValueError as exc:  # bad settings or data: bract's errors name the fix
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    console.print(summarize(report))
+    # Grad-CAM of the final global model on the first eight central test images.
+    status = bract_command(["explain", "--report", str(args.out / "report.json"),
+                            "--count", "8", "--out", str(args.out / "gradcam")])
+    console.print(f"outputs in {args.out}: report.json, ledger.jsonl, epsilon.png, "
+                  "metric.png, global_model.npz, gradcam/")
+    return status
+
+
+def train(args: argparse.Namespace) -> dict:
+    """The federation: returns its report (also written to --out)."""
+    task = tasks.TaskConfig.for_dataset(
+        "medmnist" if args.data_path else "synthetic",
+        data_path=str(args.data_path) if args.data_path else None,
+        clients=args.hospitals, image_size=args.image_size, n_samples=args.samples,
+        partition="dirichlet", alpha=args.alpha,
+    )
+    policy = PrivacyPolicy(target_epsilon=args.epsilon, delta=args.delta, rounds=args.rounds,
+                           device=args.device)
+    cfg = SimulationConfig(task=task, policy=policy, out_dir=args.out,
+                           save_model=args.out / "global_model.npz",
+                           show_progress=not args.no_progress)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
