@@ -24,6 +24,7 @@ from a released update and undo the privacy guarantee.
 
 from __future__ import annotations
 
+import math
 import os
 from types import MethodType
 from typing import Any
@@ -32,8 +33,12 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-_TWO_PI = 2.0 * np.pi
+_TWO_PI = 2.0 * math.pi
 _INV_2_53 = 1.0 / float(1 << 53)
+_MASK_53 = (1 << 53) - 1
+#: Keystream is made by encrypting this many zero bytes at a time.
+_CHUNK = 1 << 20
+_ZEROS = bytes(_CHUNK)
 
 
 class SecureGaussian:
@@ -47,33 +52,49 @@ class SecureGaussian:
         cipher = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(b"\x00" * 16))
         self._encryptor = cipher.encryptor()
 
-    def _uint64(self, count: int) -> np.ndarray:
-        raw = self._encryptor.update(bytes(8 * count))
-        return np.frombuffer(raw, dtype=np.uint64)
+    def _keystream_int64(self, count: int) -> torch.Tensor:
+        """``count`` fresh 64-bit words of keystream (as int64: the same bits), in a
+        new writable buffer; zeros are encrypted a chunk at a time."""
+        nbytes = 8 * count
+        buf = bytearray(nbytes + 16)  # update_into needs block_size - 1 spare bytes
+        view = memoryview(buf)
+        for i in range(0, nbytes, _CHUNK):
+            k = min(_CHUNK, nbytes - i)
+            self._encryptor.update_into(_ZEROS[:k], view[i:i + k + 15])
+        return torch.frombuffer(buf, dtype=torch.int64, count=count) if count else torch.empty(
+            0, dtype=torch.int64)
 
-    def standard_normal(self, count: int) -> np.ndarray:
-        """``count`` independent N(0, 1) samples as float64 (Box-Muller, 53-bit uniforms)."""
+    def standard_normal_tensor(self, count: int) -> torch.Tensor:
+        """``count`` independent N(0, 1) samples as a float64 CPU tensor (Box-Muller on
+        53-bit uniforms; torch's vectorised float64 log/sqrt/cos/sin, in place)."""
         if count < 0:
             raise ValueError(f"count must be >= 0 (got {count})")
         pairs = (count + 1) // 2
-        bits = self._uint64(2 * pairs)
-        # u1 in (0, 1] (never 0, so log is finite), u2 in [0, 1).
-        u1 = ((bits[:pairs] >> np.uint64(11)).astype(np.float64) + 1.0) * _INV_2_53
-        u2 = (bits[pairs:] >> np.uint64(11)).astype(np.float64) * _INV_2_53
-        radius = np.sqrt(-2.0 * np.log(u1))
-        angle = _TWO_PI * u2
-        out = np.empty(2 * pairs, dtype=np.float64)
-        out[:pairs] = radius * np.cos(angle)
-        out[pairs:] = radius * np.sin(angle)
+        words = self._keystream_int64(2 * pairs)
+        # The top 53 bits of each unsigned word: an arithmetic shift, then a mask.
+        uniform = words.bitwise_right_shift_(11).bitwise_and_(_MASK_53).to(torch.float64)
+        radius, angle = uniform[:pairs], uniform[pairs:]
+        # u1 = (m + 1) / 2^53 in (0, 1]: never 0, so the log is finite; u2 = m / 2^53 in [0, 1).
+        radius.add_(1.0).mul_(_INV_2_53).log_().mul_(-2.0).sqrt_()
+        angle.mul_(_INV_2_53).mul_(_TWO_PI)
+        out = torch.empty(2 * pairs, dtype=torch.float64)
+        torch.cos(angle, out=out[:pairs])
+        torch.sin(angle, out=out[pairs:])
+        out[:pairs].mul_(radius)
+        out[pairs:].mul_(radius)
         return out[:count]
+
+    def standard_normal(self, count: int) -> np.ndarray:
+        """``count`` independent N(0, 1) samples as float64 (Box-Muller, 53-bit uniforms)."""
+        return self.standard_normal_tensor(count).numpy()
 
     def normal_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         """N(0, std^2) noise with ``reference``'s shape, dtype and device."""
         if std == 0:
             return torch.zeros_like(reference)
-        samples = self.standard_normal(reference.numel()) * float(std)
-        noise = torch.from_numpy(samples.astype(np.float32 if reference.dtype != torch.float64
-                                                else np.float64))
+        samples = self.standard_normal_tensor(reference.numel()).mul_(float(std))
+        dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
+        noise = samples.to(dtype)
         return noise.view(reference.shape).to(device=reference.device, dtype=reference.dtype)
 
 
