@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--samples", type=_positive_int, default=None,
                      help="total examples to generate/use (default 4800 images; all tabular)")
     sim.add_argument("--accountant", choices=("prv", "pld", "rdp"), default="prv")
-    sim.add_argument("--grad-sample-mode", choices=("auto", "hooks", "ghost"), default="auto")
+    sim.add_argument("--grad-sample-mode", choices=("auto", "hooks", "ghost", "bk"),
+                     default="auto",
+                     help="per-example clipping: bk (book-keeping, one backward pass; what "
+                          "auto picks when the model allows), ghost or hooks (Opacus)")
     sim.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     sim.add_argument("--secagg", dest="secagg", action=argparse.BooleanOptionalAction,
                      default=True,

@@ -30,7 +30,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning"),
 ]
 
-MODES = ["hooks", "ghost"]
+MODES = ["hooks", "ghost", "bk"]
 
 
 def _trainer(model: nn.Module, loader: DataLoader, lr: float = 0.1, **kwargs) -> PrivateTrainer:

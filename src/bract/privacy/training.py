@@ -10,7 +10,9 @@ adds what a federation needs:
 * the privacy ledger survives rounds: Opacus's accountant is rebuilt from the
   ledger each round, so epsilon after round r covers rounds 1..r;
 * the budget is checked before training, and a refusal is returned as data;
-* DP noise comes from :class:`~bract.privacy.noise.SecureGaussian`.
+* DP noise comes from :class:`~bract.privacy.noise.SecureGaussian`;
+* Conv2d per-sample gradients come from one grouped convolution instead of
+  Opacus's im2col (:mod:`bract.privacy.grad_samplers`: same gradients, less memory).
 
 Guarantee (under the assumptions of DP-SGD: per-example clipping at
 ``max_grad_norm``, Poisson sampling, Gaussian noise of std
@@ -48,10 +50,13 @@ from bract.privacy.accounting import (
 )
 from bract.privacy.noise import SecureGaussian, use_secure_noise
 
-GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "bk")
 DEFAULT_GRAD_SAMPLE_MODE = "auto"
 #: "auto" picks ghost clipping when a Linear layer has more weights than this.
 GHOST_LINEAR_THRESHOLD = 1_000_000
+#: Per-sample gradients of Conv2d layers: bract's grouped-convolution sampler (same
+#: gradients, no im2col buffer; :mod:`bract.privacy.grad_samplers`) or Opacus's own.
+CONV_GRAD_SAMPLERS = ("bract", "opacus")
 
 Weights = dict[str, np.ndarray]
 
@@ -66,13 +71,21 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-def choose_grad_sample_mode(model: nn.Module, mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> str:
-    """Resolve ``"auto"``: ghost clipping for models with a large Linear layer, else hooks.
+def choose_grad_sample_mode(
+    model: nn.Module, mode: str = DEFAULT_GRAD_SAMPLE_MODE, criterion: nn.Module | None = None
+) -> str:
+    """Resolve ``"auto"``: book-keeping clipping where every trainable layer supports
+    it, else ghost clipping for models with a large Linear layer, else hooks. A
+    ``criterion`` without a ``reduction`` attribute (so without a known way to give
+    one loss per example, which book-keeping and ghost clipping need) gets hooks.
 
-    Hooks mode materialises one gradient per example (memory batch x params);
-    ghost clipping never does for Linear layers, which pays off once a Linear
-    layer is large (the 128x128 ChestCNN's dense layer holds ~7M weights). On
-    small models hooks mode is faster. Both give the same DP guarantee.
+    All modes clip every example's gradient to the same norm and add the same noise,
+    so they give the same DP guarantee; they differ in time and memory. Book-keeping
+    (:mod:`bract.privacy.bookkeeping`) needs one backward pass and never forms a
+    Linear layer's per-example gradients: measured fastest and leanest here (see
+    docs/benchmarks.md). Hooks mode materialises one gradient per example (memory
+    batch x params); ghost clipping avoids that for Linear layers at the price of a
+    second backward pass over a retained graph.
     """
     if mode not in GRAD_SAMPLE_MODES:
         raise PrivacyError(
@@ -80,10 +93,28 @@ def choose_grad_sample_mode(model: nn.Module, mode: str = DEFAULT_GRAD_SAMPLE_MO
         )
     if mode != "auto":
         return mode
+    if criterion is not None and not hasattr(criterion, "reduction"):
+        return "hooks"
+    from bract.privacy.bookkeeping import supports_bookkeeping
+
+    if supports_bookkeeping(model):
+        return "bk"
     largest = max(
         (m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)), default=0
     )
     return "ghost" if largest > GHOST_LINEAR_THRESHOLD else "hooks"
+
+
+def _check_per_example_loss(loss_per_example: torch.Tensor, batch: int) -> None:
+    """Ghost and book-keeping clipping need one loss per example; a criterion that
+    ignores ``reduction="none"`` would make them clip the batch, not each example."""
+    if tuple(loss_per_example.shape) != (batch,):
+        raise PrivacyError(
+            f"the criterion returned a loss of shape {tuple(loss_per_example.shape)} with "
+            f"reduction='none' for a batch of {batch}: per-example clipping needs one loss "
+            "per example. Make the criterion honour its `reduction` attribute (as torch's "
+            "losses do), or use grad_sample_mode='hooks'."
+        )
 
 
 def check_privatisable(model: nn.Module) -> None:
@@ -158,7 +189,10 @@ class PrivateTrainer:
     and DataLoader you already have (the DataLoader's ``batch_size`` is the
     expected batch size of Poisson sampling). ``budget`` is checked before
     every round; ``ledger`` carries the history of earlier rounds (e.g. restored
-    from Flower's ``ctx.state``).
+    from Flower's ``ctx.state``). ``conv_grad_sampler`` picks how Conv2d per-sample
+    gradients are computed (``"bract"``: grouped convolution, less memory and time;
+    ``"opacus"``: Opacus's im2col); both give the same gradients, so the same
+    clipping, noise and guarantee.
     """
 
     def __init__(
@@ -180,8 +214,14 @@ class PrivateTrainer:
         device: str | torch.device | None = None,
         secure_noise: bool = True,
         sampling_seed: int | None = None,
+        conv_grad_sampler: str = "bract",
     ) -> None:
-        grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode)
+        grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode, criterion)
+        if conv_grad_sampler not in CONV_GRAD_SAMPLERS:
+            raise PrivacyError(
+                f"conv_grad_sampler {conv_grad_sampler!r} is not supported; use one of "
+                f"{CONV_GRAD_SAMPLERS}."
+            )
         if accountant not in ACCOUNTANTS:
             raise PrivacyError(
                 f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}."
@@ -223,6 +263,7 @@ class PrivateTrainer:
         self.budget = budget
         self.accountant = accountant
         self.grad_sample_mode = grad_sample_mode
+        self.conv_grad_sampler = conv_grad_sampler
         self.secure_noise = secure_noise
         if sampling_seed is not None and self.noise_multiplier != 0:
             raise PrivacyError(
@@ -319,8 +360,15 @@ class PrivateTrainer:
     def _run_dp_sgd(self, on_step: Callable[[int, int], None] | None) -> tuple[int, float]:
         from opacus import PrivacyEngine
 
+        from bract.privacy import grad_samplers
+
+        if self.conv_grad_sampler == "bract":
+            grad_samplers.install()
+        else:
+            grad_samplers.restore_opacus()
         self.model.train()
         self.optimizer.state.clear()  # local optimizer state starts fresh each round (FedAvg)
+        opacus_mode = "ghost" if self.grad_sample_mode == "bk" else self.grad_sample_mode
         with warnings.catch_warnings():
             # Opacus warns that its secure_mode is off: bract's own CSPRNG noise replaces it.
             warnings.simplefilter("ignore")
@@ -334,14 +382,22 @@ class PrivateTrainer:
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
                 poisson_sampling=True,
-                grad_sample_mode=self.grad_sample_mode,
+                # Book-keeping reuses ghost clipping's optimizer, loss and loader: only
+                # how the clipped gradient sum reaches .grad differs (one backward pass).
+                grad_sample_mode=opacus_mode,
                 wrap_model=False,
             )
-        if self.grad_sample_mode == "ghost":
+        clipper = None
+        if self.grad_sample_mode in ("ghost", "bk"):
             hooks, dp_optimizer, criterion, dp_loader = made
         else:
             hooks, dp_optimizer, dp_loader = made
             criterion = self.criterion
+        if self.grad_sample_mode == "bk":
+            from bract.privacy.bookkeeping import BookKeepingClipper
+
+            hooks.disable_hooks()  # Opacus's two-pass hooks stay idle; bract's clip instead
+            clipper = BookKeepingClipper(self.model, self.max_grad_norm)
         if self._noise_source is not None:
             use_secure_noise(dp_optimizer, self._noise_source)
         # Which records a step samples must stay secret (amplification by sampling).
@@ -369,7 +425,12 @@ class PrivateTrainer:
                         dp_optimizer.zero_grad()
                         out = self.model(x)
                         loss = criterion(out, y)
-                        loss.backward()
+                        if self.grad_sample_mode in ("ghost", "bk"):
+                            _check_per_example_loss(loss.loss_per_sample, len(y))
+                        if clipper is not None:
+                            clipper.backward(loss.loss_per_sample, len(y))
+                        else:
+                            loss.backward()
                         dp_optimizer.step()
                         steps += 1
                         if len(y) > 0:
@@ -379,6 +440,8 @@ class PrivateTrainer:
                             on_step(steps, total)
             finally:
                 dp_optimizer.zero_grad(set_to_none=True)
+                if clipper is not None:
+                    clipper.remove()
                 hooks.cleanup()
         return steps, (loss_sum / loss_batches if loss_batches else math.nan)
 

@@ -1,0 +1,106 @@
+"""Per-sample gradients of ``nn.Conv2d`` without im2col, for Opacus.
+
+DP-SGD clips every example's gradient, so Opacus needs each example's gradient
+(hooks mode) or its norm (ghost clipping, which gets a convolution's norm from
+its per-sample gradient, layer by layer). Opacus 1.6 computes a convolution's
+per-sample gradient by unfolding the layer's input (im2col): for the second
+convolution of the 128x128 ChestCNN at batch 64 that is a 151 MB buffer, the
+largest single allocation of a DP-SGD step, and 2-4x slower on the CPU than
+needed.
+
+:func:`conv2d_grad_sample` computes the same per-sample gradients as one grouped
+convolution backward (``torch.nn.grad.conv2d_weight`` with the batch folded into
+the groups): example ``b``'s weight gradient is the correlation of its input with
+its output gradient, and nothing larger than the layer's input and output
+gradient is allocated. The result equals Opacus's to float rounding (tests
+compare both, and autograd per example); clipping, noise and accounting are
+unchanged, so the privacy guarantee is the one Opacus gives.
+
+:func:`install` registers it with Opacus for every ``nn.Conv2d`` in this
+process (hooks and ghost modes). Where it does not apply (tensors on a GPU,
+where it has not been measured; a string padding such as ``"same"``; a padding
+mode other than zeros) it hands the layer to Opacus's own sampler unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.utils import register_grad_sampler
+from torch import nn
+
+__all__ = ["conv2d_grad_sample", "install", "installed", "restore_opacus"]
+
+_INSTALLED = False
+
+
+def _applies(layer: nn.Conv2d, activations: torch.Tensor) -> bool:
+    return (
+        type(layer) is nn.Conv2d
+        and activations.device.type == "cpu"
+        and not isinstance(layer.padding, str)
+        and layer.padding_mode == "zeros"
+    )
+
+
+def conv2d_grad_sample(
+    layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients ``{weight: [B, *weight.shape], bias: [B, out]}`` of a
+    ``Conv2d`` from its input ``activations[0]`` ``[B, C, H, W]`` and output gradient
+    ``backprops`` ``[B, O, H', W']`` (Opacus's grad-sampler signature; Opacus has
+    already scaled ``backprops`` for the loss reduction).
+
+    Exactly the per-example gradients autograd would give for each example alone
+    (to float rounding); only the parameters that require gradients are returned.
+    """
+    x = activations[0]
+    if not _applies(layer, x):
+        return compute_conv_grad_sample(layer, activations, backprops)
+    x = x.to(backprops.dtype)
+    n = x.shape[0]
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if n == 0:  # an empty Poisson batch: zero gradients, as Opacus returns
+        if layer.weight.requires_grad:
+            out[layer.weight] = torch.zeros_like(layer.weight).unsqueeze(0)
+        if layer.bias is not None and layer.bias.requires_grad:
+            out[layer.bias] = torch.zeros_like(layer.bias).unsqueeze(0)
+        return out
+    if layer.weight.requires_grad:
+        c_in, c_out = x.shape[1], backprops.shape[1]
+        # Fold the batch into the channels: group (b, g) correlates example b's input
+        # channels of layer group g with its output gradient channels of that group.
+        weight = torch.nn.grad.conv2d_weight(
+            x.reshape(1, n * c_in, *x.shape[2:]),
+            (n * c_out, c_in // layer.groups, *layer.kernel_size),
+            backprops.reshape(1, n * c_out, *backprops.shape[2:]),
+            stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+            groups=n * layer.groups,
+        )
+        out[layer.weight] = weight.reshape(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.sum(dim=(2, 3))
+    return out
+
+
+def install() -> None:
+    """Register :func:`conv2d_grad_sample` with Opacus for ``nn.Conv2d`` (idempotent).
+
+    Affects every Opacus ``GradSampleModule`` made afterwards in this process, in
+    hooks and ghost modes; the gradients are the same, only time and memory change.
+    """
+    global _INSTALLED
+    register_grad_sampler(nn.Conv2d)(conv2d_grad_sample)
+    _INSTALLED = True
+
+
+def restore_opacus() -> None:
+    """Put Opacus's own (im2col) ``Conv2d`` sampler back, e.g. to measure against it."""
+    global _INSTALLED
+    register_grad_sampler(nn.Conv2d)(compute_conv_grad_sample)
+    _INSTALLED = False
+
+
+def installed() -> bool:
+    """Whether :func:`install` has run in this process."""
+    return _INSTALLED

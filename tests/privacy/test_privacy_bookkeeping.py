@@ -1,0 +1,204 @@
+"""Book-keeping clipping leaves exactly Opacus's clipped gradient sum, in one backward pass."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bract.models import ChestCNN, TabularMLP
+from bract.privacy import PrivacyError, PrivateTrainer, choose_grad_sample_mode
+from bract.privacy.bookkeeping import BookKeepingClipper, supports_bookkeeping
+from tests.privacy.helpers import chest_loader, small_cnn
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning"),
+]
+
+
+def _reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float) -> dict:
+    """sum_i min(1, C / (||g_i|| + 1e-6)) g_i with every g_i from autograd on example i alone."""
+    m = copy.deepcopy(model)
+    total: dict[str, torch.Tensor] = {}
+    for i in range(len(x)):
+        m.zero_grad()
+        nn.functional.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        c = min(1.0, clip / (float(norm) + 1e-6))
+        for n, g in grads.items():
+            total[n] = total.get(n, 0) + c * g
+    return total
+
+
+def _opacus_ghost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float) -> dict:
+    """Opacus's two-pass ghost clipping: the .grad its optimizer then adds noise to."""
+    m = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hooks, opt, crit, _ = PrivacyEngine().make_private(
+            module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=len(x)),
+            criterion=nn.CrossEntropyLoss(), noise_multiplier=0.0, max_grad_norm=clip,
+            grad_sample_mode="ghost", poisson_sampling=False, wrap_model=False,
+        )
+        opt.zero_grad()
+        crit(m(x), y).backward()
+    out = {n: p.grad.clone() for n, p in m.named_parameters()}
+    hooks.cleanup()
+    return out
+
+
+def _bookkeeping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float):
+    m = copy.deepcopy(model)
+    clipper = BookKeepingClipper(m, clip)
+    factors = clipper.backward(nn.CrossEntropyLoss(reduction="none")(m(x), y), len(x))
+    clipper.remove()
+    return {n: p.grad.clone() for n, p in m.named_parameters()}, factors, m
+
+
+def _model(kind: str, seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    if kind == "cnn":
+        model = ChestCNN(image_size=12, channels=(4, 6), hidden=8)
+        x = torch.randn(7, 1, 12, 12)
+        return model, x, torch.randint(0, 3, (7,))
+    model = TabularMLP(10, 3, hidden=12) if kind == "mlp" else nn.Linear(10, 3)
+    return model, torch.randn(7, 10), torch.randint(0, 3, (7,))
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(["cnn", "mlp", "linear"]), seed=st.integers(0, 2**16),
+       clip=st.sampled_from([1e-3, 0.1, 1.0, 1e4]))
+def test_clipped_sum_equals_per_example_reference_and_opacus_ghost(kind, seed, clip) -> None:
+    model, x, y = _model(kind, seed)
+    ours, factors, _ = _bookkeeping(model, x, y, clip)
+    reference = _reference(model, x, y, clip)
+    ghost = _opacus_ghost(model, x, y, clip)
+    assert factors.shape == (len(x),) and bool(((factors > 0) & (factors <= 1)).all())
+    for name, expected in reference.items():
+        torch.testing.assert_close(ours[name], expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours[name], ghost[name], rtol=1e-4, atol=1e-6)
+
+
+def test_every_example_is_clipped_to_the_norm() -> None:
+    """One example per batch: the clipped sum IS its clipped gradient, norm <= C."""
+    model, x, y = _model("cnn", 3)
+    for i in range(len(x)):
+        grads, factors, _ = _bookkeeping(model, x[i:i + 1], y[i:i + 1], 0.05)
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        assert float(norm) <= 0.05 * (1 + 1e-5) and float(factors[0]) < 1
+
+
+def test_an_empty_batch_leaves_zero_gradients() -> None:
+    model, x, y = _model("cnn", 0)
+    clipper = BookKeepingClipper(model, 1.0)
+    out = model(x[:0])
+    clipper.backward(nn.CrossEntropyLoss(reduction="none")(out, y[:0]), 0)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    clipper.remove()
+
+
+def test_hooks_come_off_and_nothing_is_kept_between_steps() -> None:
+    model, x, y = _model("mlp", 0)
+    clipper = BookKeepingClipper(model, 1.0)
+    for _ in range(2):
+        clipper.backward(nn.CrossEntropyLoss(reduction="none")(model(x), y), len(x))
+        assert not clipper._inputs and not clipper._kept and not clipper._norms
+    clipper.remove()
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.relu(self.layer(x)))
+
+
+class _Scale(nn.Module):  # a trainable layer Opacus has no per-sample rule for
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def test_weight_tying_and_unknown_layers_are_refused_by_name() -> None:
+    tied = _Tied()
+    clipper = BookKeepingClipper(tied, 1.0)
+    with pytest.raises(ValueError, match="layer layer ran twice"):
+        tied(torch.randn(3, 4))
+    clipper.remove()
+    odd = nn.Sequential(nn.Linear(4, 4), _Scale())
+    assert not supports_bookkeeping(odd)
+    with pytest.raises(ValueError, match=r"no per-example rule for: 1 \(_Scale\)"):
+        BookKeepingClipper(odd, 1.0)
+    assert choose_grad_sample_mode(odd) == "hooks"
+
+
+def test_a_loss_that_is_not_per_example_is_refused() -> None:
+    model, x, y = _model("mlp", 0)
+    clipper = BookKeepingClipper(model, 1.0)
+    with pytest.raises(ValueError, match="one loss per example"):
+        clipper.backward(nn.CrossEntropyLoss()(model(x), y), len(x))
+    clipper.remove()
+
+
+def test_auto_picks_bookkeeping_for_bracts_models_and_hooks_for_a_criterion_without_reduction(
+) -> None:
+    assert choose_grad_sample_mode(ChestCNN(image_size=128)) == "bk"
+    assert choose_grad_sample_mode(TabularMLP(30, 2)) == "bk"
+
+    class NoReduction(nn.Module):
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(logits, target)
+
+    assert choose_grad_sample_mode(small_cnn(), "auto", NoReduction()) == "hooks"
+    assert choose_grad_sample_mode(small_cnn(), "auto", nn.CrossEntropyLoss()) == "bk"
+
+
+def test_a_criterion_that_ignores_reduction_none_is_refused_not_mis_clipped() -> None:
+    class BatchMean(nn.Module):  # has `reduction` but always averages the batch
+        reduction = "mean"
+
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(logits, target)
+
+    model = small_cnn()
+    for mode in ("bk", "ghost"):
+        trainer = PrivateTrainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), chest_loader(40, 20),
+            noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
+            criterion=BatchMean(), grad_sample_mode=mode,
+        )
+        with pytest.raises(PrivacyError, match="one loss per example"):
+            trainer.train_round(1)
+        assert trainer.ledger.events == ()  # nothing was recorded as spent
+
+
+def test_a_bookkeeping_round_records_the_same_event_as_a_ghost_round() -> None:
+    events = {}
+    for mode in ("bk", "ghost"):
+        model = small_cnn(seed=1)
+        trainer = PrivateTrainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), chest_loader(90, 30),
+            noise_multiplier=1.1, max_grad_norm=0.5, delta=1e-5, accountant="rdp",
+            grad_sample_mode=mode,
+        )
+        out = trainer.train_round(1)
+        assert out.trained and trainer.grad_sample_mode == mode
+        events[mode] = out.event
+    assert events["bk"] == events["ghost"]

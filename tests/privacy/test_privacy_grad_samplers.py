@@ -1,0 +1,99 @@
+"""bract's Conv2d per-sample gradients equal Opacus's and per-example autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.grad_sample_module import GradSampleHooks
+from torch import nn
+
+from bract.privacy import grad_samplers
+from bract.privacy.grad_samplers import conv2d_grad_sample
+
+
+def _per_example_autograd(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
+    """Example b's gradient alone: d/dtheta <layer(x_b), g_b>."""
+    out = {p: [] for p in layer.parameters() if p.requires_grad}
+    for b in range(len(x)):
+        layer.zero_grad()
+        (layer(x[b:b + 1]) * g[b:b + 1]).sum().backward()
+        for p in out:
+            out[p].append(p.grad.clone())
+    return {p: torch.stack(v) for p, v in out.items()}
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2]))
+    c_in = groups * draw(st.integers(1, 3))
+    c_out = groups * draw(st.integers(1, 3))
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 2))
+    dilation = draw(st.integers(1, 2))
+    side = draw(st.integers(max(kernel) * dilation, 9))
+    batch = draw(st.integers(1, 5))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    return groups, c_in, c_out, kernel, stride, padding, dilation, side, batch, bias, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=conv_cases())
+def test_per_example_gradients_equal_autograd_and_opacus(case) -> None:
+    groups, c_in, c_out, kernel, stride, padding, dilation, side, batch, bias, seed = case
+    torch.manual_seed(seed)
+    layer = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation,
+                      groups=groups, bias=bias)
+    x = torch.randn(batch, c_in, side, side + 1)
+    g = torch.randn(batch, *layer(x).shape[1:])
+    ours = conv2d_grad_sample(layer, [x], g)
+    theirs = compute_conv_grad_sample(layer, [x], g)
+    reference = _per_example_autograd(layer, x, g)
+    assert set(ours) == set(reference) == set(theirs)
+    for p, expected in reference.items():
+        assert ours[p].shape == (batch, *p.shape)
+        torch.testing.assert_close(ours[p], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours[p], theirs[p], rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_parameters_get_no_gradient_and_empty_batches_get_zeros() -> None:
+    layer = nn.Conv2d(2, 3, 3, padding=1)
+    layer.bias.requires_grad_(False)
+    x, g = torch.randn(4, 2, 5, 5), torch.randn(4, 3, 5, 5)
+    assert list(conv2d_grad_sample(layer, [x], g)) == [layer.weight]
+    empty = conv2d_grad_sample(nn.Conv2d(2, 3, 3), [x[:0]], torch.randn(0, 3, 3, 3))
+    assert all(v.shape[0] == 1 and not v.any() for v in empty.values())
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(2, 3, 3, padding="same"),
+    nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+])
+def test_layers_it_does_not_cover_go_to_opacus(layer, monkeypatch) -> None:
+    calls = []
+
+    def opacus(*args):
+        calls.append(args[0])
+        return compute_conv_grad_sample(*args)
+
+    monkeypatch.setattr(grad_samplers, "compute_conv_grad_sample", opacus)
+    x, g = torch.randn(2, 2, 6, 6), torch.randn(2, 3, 6, 6)
+    conv2d_grad_sample(layer, [x], g)
+    assert calls == [layer]
+
+
+def test_install_and_restore_switch_what_opacus_calls() -> None:
+    was = grad_samplers.installed()
+    try:
+        grad_samplers.install()
+        assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is conv2d_grad_sample
+        assert grad_samplers.installed()
+        grad_samplers.restore_opacus()
+        assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is compute_conv_grad_sample
+        assert not grad_samplers.installed()
+    finally:
+        (grad_samplers.install if was else grad_samplers.restore_opacus)()
