@@ -101,3 +101,17 @@ def test_secure_app_without_operator_files_fails_clearly(tmp_path) -> None:
         _run_app(rc)
     with pytest.raises(ValueError, match="needs node config"):
         identity_from_node_config({"partition-id": 0})
+
+
+def test_loading_the_client_app_imports_neither_torch_nor_opacus() -> None:
+    """A SuperNode starts a ClientApp process per message: the secure-aggregation stages
+    (mask, check, unmask) must not pay for torch's import; only training loads it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bract.flower.app; "
+            "assert bract.flower.app.client_app is not None; "
+            "print(sorted(m for m in ('torch', 'opacus', 'bract.tasks') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

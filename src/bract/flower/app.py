@@ -11,20 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from bract import tasks
 from bract.audit.ledger import SignerRoster
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.records import AGGREGATED_METRICS
 from bract.flower.secagg_client import SecAggIdentity, read_identity_key, read_roster
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
-from bract.privacy import load_weights, weights_of
+
+if TYPE_CHECKING:
+    from bract import tasks
+
+# torch and the built-in tasks load on first use: a SuperNode starts a ClientApp process
+# per message, and the secure-aggregation stages (mask, check, unmask) need neither.
 
 #: Sub-directory of the run's output where simulated hospitals keep their own state.
 HOSPITALS_DIR = "hospitals"
@@ -67,6 +70,8 @@ def _get(rc: Mapping[str, Any], key: str) -> Any:
 
 def task_from_run_config(rc: Mapping[str, Any]) -> tasks.TaskConfig:
     """The task a run config describes (unset values take the dataset's defaults)."""
+    from bract import tasks
+
     return tasks.TaskConfig.for_dataset(
         str(_get(rc, "dataset")),
         clients=int(_get(rc, "clients")),
@@ -108,6 +113,8 @@ def hospital_setup(
     The hospital keeps its privacy state in the node config's ``state-dir`` when
     given, else in ``state_root/<client id>``.
     """
+    from bract import tasks
+
     pid = int(ctx.node_config["partition-id"])
     client_id = f"hospital-{pid}"
     model = tasks.build_model(task)
@@ -125,6 +132,8 @@ def hospital_setup(
 
 
 def _setup_from_context(ctx: Context) -> HospitalSetup:
+    import torch
+
     torch.set_num_threads(1)
     out = Path(str(_get(ctx.run_config, "out")))
     return hospital_setup(task_from_run_config(ctx.run_config), ctx, out / HOSPITALS_DIR)
@@ -183,6 +192,9 @@ server_app = ServerApp()
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
+    from bract import tasks
+    from bract.privacy import load_weights, weights_of
+
     rc = dict(context.run_config)
     task = task_from_run_config(rc)
     policy = policy_from_run_config(rc)

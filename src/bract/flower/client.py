@@ -16,12 +16,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from torch import nn
-from torch.utils.data import DataLoader
 
 from bract.audit.ledger import (
     LedgerEntry,
@@ -56,10 +54,14 @@ from bract.privacy import (
     DEFAULT_ACCOUNTANT,
     PrivacyBudget,
     PrivacyLedger,
-    PrivateTrainer,
     TrainingPlan,
     calibrate,
 )
+
+if TYPE_CHECKING:  # torch loads only where a hospital trains, not for secure-aggregation stages
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
 
 
 @dataclass
@@ -230,6 +232,8 @@ def dp_train_handler(
         round_cfg = msg.content.config_records.get(ROUND_CONFIG, ConfigRecord())
         server_round = int(round_cfg.get("round", len(ledger.events) + 1))
         sigma = _noise_multiplier(policy_now, setup, state)
+        from bract.privacy.training import PrivateTrainer  # torch, only where training runs
+
         trainer = PrivateTrainer(
             setup.model,
             setup.optimizer,
