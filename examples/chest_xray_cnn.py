@@ -37,8 +37,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hospitals", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--image-size", type=int, default=128, help="image side in pixels")
-    p.add_argument("--samples", type=int, default=2400,
-                   help="images to generate (synthetic) or to use from the file")
+    p.add_argument("--samples", type=int, default=None,
+                   help="images to generate (synthetic, default 2400) or to use from the file "
+                        "(default: all of them)")
     p.add_argument("--alpha", type=float, default=1.0,
                    help="Dirichlet label skew between hospitals (small: more skew)")
     p.add_argument("--epsilon", type=float, default=8.0, help="each hospital's budget")
@@ -68,10 +69,13 @@ def main() -> int:
 
 def train(args: argparse.Namespace) -> dict:
     """The federation: returns its report (also written to --out)."""
+    samples = args.samples
+    if samples is None and args.data_path is None:
+        samples = 2400  # synthetic images to generate; a file's images are all used
     task = tasks.TaskConfig.for_dataset(
         "medmnist" if args.data_path else "synthetic",
         data_path=str(args.data_path) if args.data_path else None,
-        clients=args.hospitals, image_size=args.image_size, n_samples=args.samples,
+        clients=args.hospitals, image_size=args.image_size, n_samples=samples,
         partition="dirichlet", alpha=args.alpha,
     )
     policy = PrivacyPolicy(target_epsilon=args.epsilon, delta=args.delta, rounds=args.rounds,
