@@ -8,33 +8,14 @@ rounds, and writes ``OUT/report.json`` and ``OUT/ledger.jsonl``.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
+from bract.argtypes import finite_float, positive_int
+
 DEFAULT_OUT = "runs/latest"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
             "and refuses any round that would pass that budget."
         ),
     )
-    sim.add_argument("--clients", type=_positive_int, default=3, help="hospitals (default 3)")
-    sim.add_argument("--rounds", type=_positive_int, default=3, help="rounds (default 3)")
+    sim.add_argument("--clients", type=positive_int, default=3, help="hospitals (default 3)")
+    sim.add_argument("--rounds", type=positive_int, default=3, help="rounds (default 3)")
     sim.add_argument(
         "--dataset", choices=("synthetic", "breast-cancer", "diabetes", "medmnist", "imagefolder"),
         default="synthetic",
@@ -64,34 +45,35 @@ def build_parser() -> argparse.ArgumentParser:
                           "(imagefolder); nothing is downloaded")
     sim.add_argument("--partition", choices=("iid", "dirichlet", "quantity", "column"),
                      default="iid", help="how the training set is split between hospitals")
-    sim.add_argument("--alpha", type=_float, default=0.5,
+    sim.add_argument("--alpha", type=finite_float, default=0.5,
                      help="Dirichlet concentration for dirichlet/quantity (small: more skew)")
     sim.add_argument("--partition-column", default=None, metavar="NAME_OR_INDEX",
                      help="column for --partition column: 'label', a feature name or index")
-    sim.add_argument("--target-epsilon", type=_float, default=8.0,
+    sim.add_argument("--target-epsilon", type=finite_float, default=8.0,
                      help="each hospital's epsilon budget for the whole run (default 8)")
-    sim.add_argument("--delta", type=_float, default=1e-5, help="delta (default 1e-5)")
+    sim.add_argument("--delta", type=finite_float, default=1e-5, help="delta (default 1e-5)")
     sim.add_argument(
-        "--noise-multiplier", type=_float, default=None,
+        "--noise-multiplier", type=finite_float, default=None,
         help="override calibration; 0 means no noise and is flagged NON-PRIVATE everywhere",
     )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output directory")
     sim.add_argument("--save-model", type=Path, default=None,
                      help="write the final global weights to this .npz file")
-    sim.add_argument("--local-epochs", type=_positive_int, default=1)
-    sim.add_argument("--batch-size", type=_positive_int, default=None,
+    sim.add_argument("--local-epochs", type=positive_int, default=1)
+    sim.add_argument("--batch-size", type=positive_int, default=None,
                      help="expected batch size of Poisson sampling (default 64 images, 32 tabular)")
-    sim.add_argument("--lr", type=_float, default=None,
+    sim.add_argument("--lr", type=finite_float, default=None,
                      help="local SGD learning rate (default 0.3 images, 0.2 breast-cancer, "
                           "0.5 diabetes)")
-    sim.add_argument("--momentum", type=_float, default=None,
+    sim.add_argument("--momentum", type=finite_float, default=None,
                      help="local SGD momentum (default 0.5 images, 0 tabular)")
-    sim.add_argument("--max-grad-norm", type=_float, default=1.0, help="per-example clip norm")
-    sim.add_argument("--image-size", type=_positive_int, default=28,
+    sim.add_argument("--max-grad-norm", type=finite_float, default=1.0,
+                     help="per-example clip norm")
+    sim.add_argument("--image-size", type=positive_int, default=28,
                      help="image side in pixels, images are resized to it (multiple of 4; "
                           "default 28)")
-    sim.add_argument("--samples", type=_positive_int, default=None,
+    sim.add_argument("--samples", type=positive_int, default=None,
                      help="total examples to generate/use (default 4800 images; all tabular)")
     sim.add_argument("--accountant", choices=("prv", "pld", "rdp"), default="prv")
     sim.add_argument("--grad-sample-mode", choices=("auto", "hooks", "ghost", "bk"),
@@ -102,11 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--secagg", dest="secagg", action=argparse.BooleanOptionalAction,
                      default=True,
                      help="secure aggregation (default on); --no-secagg is plain FedAvg")
-    sim.add_argument("--secagg-clip", type=_float, default=8.0,
+    sim.add_argument("--secagg-clip", type=finite_float, default=8.0,
                      help="bound on each update coordinate for the fixed-point encoding")
     sim.add_argument("--secagg-graph", choices=("complete", "harary"), default="complete",
                      help="who shares with whom: complete graph or SecAgg+ sparse graph")
-    sim.add_argument("--drop-rate", type=_float, default=0.0,
+    sim.add_argument("--drop-rate", type=finite_float, default=0.0,
                      help="share of hospitals that drop out each round (simulated faults)")
     sim.add_argument("--drop-stage", choices=("config", "mask", "consistency", "unmask"),
                      default="mask", help="secure-aggregation stage at which they drop")

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bract.argtypes import finite_float, positive_int
+
 __all__ = [
     "COMPARE_JSON",
     "COMPARE_MD",
@@ -648,16 +650,6 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------- bract compare
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _epsilon(text: str) -> float:
     try:
         value = float(text)
@@ -665,16 +657,6 @@ def _epsilon(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"epsilon must be a finite number > 0, got {text}")
-    return value
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
     return value
 
 
@@ -694,8 +676,8 @@ def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, default="breast-cancer")
     p.add_argument("--data-path", type=Path, default=None,
                    help="MedMNIST .npz file or image folder (medmnist / imagefolder)")
-    p.add_argument("--clients", type=_positive_int, default=5, help="hospitals (default 5)")
-    p.add_argument("--rounds", type=_positive_int, default=10, help="rounds (default 10)")
+    p.add_argument("--clients", type=positive_int, default=5, help="hospitals (default 5)")
+    p.add_argument("--rounds", type=positive_int, default=10, help="rounds (default 10)")
     p.add_argument("--epsilons", type=_epsilon, nargs="+", default=[1.0, 3.0, 8.0],
                    metavar="EPS", help="FedAvg+DP budgets (default 1 3 8)")
     p.add_argument("--secure-epsilon", type=_epsilon, default=None,
@@ -703,18 +685,18 @@ def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-secagg-run", action="store_true",
                    help="skip the DP + secure-aggregation run")
     p.add_argument("--partition", choices=("iid", "dirichlet", "quantity"), default="dirichlet")
-    p.add_argument("--alpha", type=_finite, default=0.5,
+    p.add_argument("--alpha", type=finite_float, default=0.5,
                    help="Dirichlet concentration (small: more skew; default 0.5)")
-    p.add_argument("--delta", type=_finite, default=1e-5, help="delta (default 1e-5)")
+    p.add_argument("--delta", type=finite_float, default=1e-5, help="delta (default 1e-5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=_positive_int, default=28,
+    p.add_argument("--image-size", type=positive_int, default=28,
                    help="image side in pixels (multiple of 4; default 28)")
-    p.add_argument("--samples", type=_positive_int, default=None,
+    p.add_argument("--samples", type=positive_int, default=None,
                    help="total examples to generate/use (default: the dataset's)")
-    p.add_argument("--batch-size", type=_positive_int, default=None)
-    p.add_argument("--lr", type=_finite, default=None)
-    p.add_argument("--local-epochs", type=_positive_int, default=1)
-    p.add_argument("--max-grad-norm", type=_finite, default=1.0)
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lr", type=finite_float, default=None)
+    p.add_argument("--local-epochs", type=positive_int, default=1)
+    p.add_argument("--max-grad-norm", type=finite_float, default=1.0)
     p.add_argument("--accountant", choices=("prv", "pld", "rdp"), default="prv")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 from torch import nn
 
+from bract.argtypes import positive_int
+
 __all__ = [
     "GradCAM",
     "add_explain_parser",
@@ -374,16 +376,6 @@ def _class_choice(text: str) -> str | int:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_explain_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``bract explain`` to the ``bract`` subparsers ``sub``."""
     p = sub.add_parser(
@@ -401,7 +393,7 @@ def add_explain_parser(sub: Any) -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--indices", type=int, nargs="+", default=None, metavar="I",
                        help="central-test-set indices to explain")
-    which.add_argument("--count", type=_count, default=8,
+    which.add_argument("--count", type=positive_int, default=8,
                        help="explain the first N test images (default 8)")
     p.add_argument("--class", dest="target", type=_class_choice, default="predicted",
                    help="class to explain: predicted (default), true, or a class number")

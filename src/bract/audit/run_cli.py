@@ -18,18 +18,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bract.argtypes import finite_float
+
 DEFAULT_EMPIRICAL_OUT = Path("runs/audit-empirical")
 DEFAULT_SECAGG_OUT = Path("runs/audit-secagg")
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return value
 
 
 def _count(text: str) -> int:
@@ -56,22 +48,22 @@ def add_run_audit_parsers(audit_sub: Any) -> None:
         ),
     )
     claim = emp.add_mutually_exclusive_group()
-    claim.add_argument("--target-epsilon", type=_number, default=None,
+    claim.add_argument("--target-epsilon", type=finite_float, default=None,
                        help="calibrate the noise for this epsilon, as bract simulate does "
                             "(default 8)")
-    claim.add_argument("--noise-multiplier", type=_number, default=None,
+    claim.add_argument("--noise-multiplier", type=finite_float, default=None,
                        help="use this noise multiplier instead (0 = no noise: non-private)")
     emp.add_argument("--dataset", default="breast-cancer",
                      help="tabular classification dataset (breast-cancer)")
     emp.add_argument("--canaries", type=_count, default=1000, help="canaries m (default 1000)")
-    emp.add_argument("--confidence", type=_number, default=0.95,
+    emp.add_argument("--confidence", type=finite_float, default=0.95,
                      help="confidence of the lower bound (default 0.95)")
-    emp.add_argument("--delta", type=_number, default=1e-5, help="delta (default 1e-5)")
+    emp.add_argument("--delta", type=finite_float, default=1e-5, help="delta (default 1e-5)")
     emp.add_argument("--epochs", type=_count, default=10, help="training epochs (default 10)")
     emp.add_argument("--batch-size", type=_count, default=32,
                      help="expected batch size of Poisson sampling (default 32)")
-    emp.add_argument("--lr", type=_number, default=0.2, help="SGD learning rate (default 0.2)")
-    emp.add_argument("--max-grad-norm", type=_number, default=1.0,
+    emp.add_argument("--lr", type=finite_float, default=0.2, help="SGD learning rate (default 0.2)")
+    emp.add_argument("--max-grad-norm", type=finite_float, default=1.0,
                      help="per-example clip norm (default 1)")
     emp.add_argument("--seed", type=int, default=0,
                      help="train/test split seed (coins and noise never use it)")
