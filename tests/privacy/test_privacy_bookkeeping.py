@@ -142,6 +142,11 @@ def test_weight_tying_and_unknown_layers_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match="layer layer ran twice"):
         tied(torch.randn(3, 4))
     clipper.remove()
+    shared = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    shared[2].weight = shared[0].weight  # one Parameter in two layers
+    with pytest.raises(ValueError, match="layers 0 and 2 share a parameter"):
+        BookKeepingClipper(shared, 1.0)
+    assert not supports_bookkeeping(shared) and choose_grad_sample_mode(shared) == "hooks"
     odd = nn.Sequential(nn.Linear(4, 4), _Scale())
     assert not supports_bookkeeping(odd)
     with pytest.raises(ValueError, match=r"no per-example rule for: 1 \(_Scale\)"):

@@ -74,19 +74,32 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     ]
 
 
+def _shared_parameter(model: nn.Module) -> tuple[str, str] | None:
+    """The names of two trainable layers that hold the same parameter, if any."""
+    owner: dict[int, str] = {}
+    for name, m in _trainable_layers(model):
+        for p in m.parameters(recurse=False):
+            if id(p) in owner:
+                return owner[id(p)] or "<model>", name or "<model>"
+            owner[id(p)] = name
+    return None
+
+
 def supports_bookkeeping(model: nn.Module) -> bool:
-    """Whether every trainable layer of ``model`` is one book-keeping can clip."""
-    return not unsupported_layers(model)
+    """Whether every trainable layer of ``model`` is one book-keeping can clip and no
+    parameter is shared between layers."""
+    return not unsupported_layers(model) and _shared_parameter(model) is None
 
 
 class BookKeepingClipper:
     """Hooks on ``model`` that turn one backward pass of the per-example losses
     into the clipped gradient sum ``sum_i c_i grad_i`` in every parameter's ``.grad``.
 
-    Use per step: ``clipper.backward(loss_per_example)`` in place of
+    Use per step: ``clipper.backward(loss_per_example, batch_size)`` in place of
     ``loss.backward()``, then the DP optimizer's ``step()`` (which adds the noise).
     ``remove()`` takes the hooks off. Raises ValueError naming the layer for a
-    model it cannot clip (see :func:`unsupported_layers`).
+    model it cannot clip (see :func:`unsupported_layers`) or a parameter that two
+    layers share (its per-example norm is not the sum of two layers' norms).
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
@@ -98,9 +111,17 @@ class BookKeepingClipper:
             )
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
+        shared = _shared_parameter(model)
+        if shared:
+            raise ValueError(
+                f"layers {shared[0]} and {shared[1]} share a parameter (weight tying): "
+                "book-keeping clipping cannot attribute its gradient; use "
+                "grad_sample_mode='hooks'"
+            )
+        layers = _trainable_layers(model)
         self.max_grad_norm = float(max_grad_norm)
-        self._layers = [m for _, m in _trainable_layers(model)]
-        self._names = {m: name for name, m in _trainable_layers(model)}
+        self._layers = [m for _, m in layers]
+        self._names = {m: name for name, m in layers}
         self._inputs: dict[nn.Module, torch.Tensor] = {}
         #: per layer: ("linear", A, G) or ("per-example", {param: grads [B, ...]})
         self._kept: dict[nn.Module, tuple] = {}
