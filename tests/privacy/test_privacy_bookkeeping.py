@@ -207,3 +207,17 @@ def test_a_bookkeeping_round_records_the_same_event_as_a_ghost_round() -> None:
         assert out.trained and trainer.grad_sample_mode == mode
         events[mode] = out.event
     assert events["bk"] == events["ghost"]
+
+
+def test_forcing_bookkeeping_on_a_tied_model_is_refused_before_any_training() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 30), nn.Linear(30, 2))
+    model[2].weight = model[0].weight
+    x, y = torch.randn(40, 30), torch.randint(0, 2, (40,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=20)
+    with pytest.raises(PrivacyError, match="layers 0 and 2 share a parameter"):
+        PrivateTrainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), loader, noise_multiplier=1.0,
+            max_grad_norm=1.0, delta=1e-5, accountant="rdp", grad_sample_mode="bk",
+        )
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())

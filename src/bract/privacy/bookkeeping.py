@@ -42,7 +42,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["BookKeepingClipper", "supports_bookkeeping", "unsupported_layers"]
+__all__ = [
+    "BookKeepingClipper",
+    "bookkeeping_obstacle",
+    "supports_bookkeeping",
+    "unsupported_layers",
+]
 
 #: Opacus's ``1e-6`` in its clipping factor ``C / (norm + 1e-6)``.
 _EPS = 1e-6
@@ -85,10 +90,24 @@ def _shared_parameter(model: nn.Module) -> tuple[str, str] | None:
     return None
 
 
+def bookkeeping_obstacle(model: nn.Module) -> str | None:
+    """Why book-keeping cannot clip ``model`` (naming the layers and the fix), or None."""
+    bad = unsupported_layers(model)
+    if bad:
+        return ("book-keeping clipping has no per-example rule for: " + ", ".join(bad)
+                + "; use grad_sample_mode='hooks' or 'ghost'")
+    shared = _shared_parameter(model)
+    if shared:
+        return (f"layers {shared[0]} and {shared[1]} share a parameter (weight tying): "
+                "book-keeping clipping cannot attribute its gradient; use "
+                "grad_sample_mode='hooks'")
+    return None
+
+
 def supports_bookkeeping(model: nn.Module) -> bool:
     """Whether every trainable layer of ``model`` is one book-keeping can clip and no
     parameter is shared between layers."""
-    return not unsupported_layers(model) and _shared_parameter(model) is None
+    return bookkeeping_obstacle(model) is None
 
 
 class BookKeepingClipper:
@@ -103,21 +122,11 @@ class BookKeepingClipper:
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
-        bad = unsupported_layers(model)
-        if bad:
-            raise ValueError(
-                "book-keeping clipping has no per-example rule for: " + ", ".join(bad)
-                + "; use grad_sample_mode='hooks' or 'ghost'"
-            )
+        obstacle = bookkeeping_obstacle(model)
+        if obstacle:
+            raise ValueError(obstacle)
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
-        shared = _shared_parameter(model)
-        if shared:
-            raise ValueError(
-                f"layers {shared[0]} and {shared[1]} share a parameter (weight tying): "
-                "book-keeping clipping cannot attribute its gradient; use "
-                "grad_sample_mode='hooks'"
-            )
         layers = _trainable_layers(model)
         self.max_grad_norm = float(max_grad_norm)
         self._layers = [m for _, m in layers]

@@ -217,6 +217,12 @@ class PrivateTrainer:
         conv_grad_sampler: str = "bract",
     ) -> None:
         grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode, criterion)
+        if grad_sample_mode == "bk":
+            from bract.privacy.bookkeeping import bookkeeping_obstacle
+
+            obstacle = bookkeeping_obstacle(model)
+            if obstacle:
+                raise PrivacyError(obstacle)
         if conv_grad_sampler not in CONV_GRAD_SAMPLERS:
             raise PrivacyError(
                 f"conv_grad_sampler {conv_grad_sampler!r} is not supported; use one of "
@@ -393,11 +399,6 @@ class PrivateTrainer:
         else:
             hooks, dp_optimizer, dp_loader = made
             criterion = self.criterion
-        if self.grad_sample_mode == "bk":
-            from bract.privacy.bookkeeping import BookKeepingClipper
-
-            hooks.disable_hooks()  # Opacus's two-pass hooks stay idle; bract's clip instead
-            clipper = BookKeepingClipper(self.model, self.max_grad_norm)
         if self._noise_source is not None:
             use_secure_noise(dp_optimizer, self._noise_source)
         # Which records a step samples must stay secret (amplification by sampling).
@@ -419,6 +420,11 @@ class PrivateTrainer:
             # torch notes that the input needs no gradient; expected for DP-SGD hooks.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             try:
+                if self.grad_sample_mode == "bk":
+                    from bract.privacy.bookkeeping import BookKeepingClipper
+
+                    hooks.disable_hooks()  # Opacus's two-pass hooks stay idle; bract clips
+                    clipper = BookKeepingClipper(self.model, self.max_grad_norm)
                 for _epoch in range(self.local_epochs):
                     for x, y in dp_loader:
                         x, y = x.to(self.device), y.to(self.device)
