@@ -6,26 +6,48 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["finite_float", "positive_int"]
+__all__ = ["finite_float", "nonnegative_int", "positive_float", "positive_int"]
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
+def _integer(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _integer(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _integer(text, 0)
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def finite_float(text: str) -> float:
     """A finite number (no inf, no nan)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def positive_float(text: str, what: str = "") -> float:
+    """A finite number > 0; ``what`` (e.g. ``"epsilon"``) starts the error message."""
+    value = _number(text)
+    if not (math.isfinite(value) and value > 0):
+        prefix = f"{what} " if what else ""
+        raise argparse.ArgumentTypeError(f"{prefix}must be a finite number > 0, got {text}")
     return value

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bract.argtypes import finite_float, positive_int
+from bract.argtypes import finite_float, positive_float, positive_int
 
 __all__ = [
     "COMPARE_JSON",
@@ -651,13 +651,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 # ---------------------------------------------------------------------- bract compare
 def _epsilon(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"epsilon must be a finite number > 0, got {text}")
-    return value
+    return positive_float(text, "epsilon")
 
 
 def add_compare_parser(sub: Any) -> argparse.ArgumentParser:

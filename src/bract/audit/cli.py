@@ -9,10 +9,10 @@ that sets ``func`` on its parser, so ``bract.cli.main`` only calls
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
+from bract.argtypes import positive_float
 from bract.audit.run_cli import add_run_audit_parsers
 
 
@@ -43,16 +43,6 @@ def _tolerance(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0.0 < value < 0.5:
         raise argparse.ArgumentTypeError(f"must lie in (0, 0.5), got {text}")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -94,9 +84,9 @@ def add_verify_parser(audit_sub: Any) -> argparse.ArgumentParser:
                    help="a hospital's own ledger copy to compare line by line (repeatable)")
     p.add_argument("--tolerance", type=_tolerance, default=DEFAULT_TOLERANCE,
                    help=f"relative tolerance on epsilon (default {DEFAULT_TOLERANCE})")
-    p.add_argument("--budget", type=_positive, default=None,
+    p.add_argument("--budget", type=positive_float, default=None,
                    help="epsilon budget (default: the report's target_epsilon)")
-    p.add_argument("--pld-discretization", type=_positive, default=PLD_DISCRETIZATION,
+    p.add_argument("--pld-discretization", type=positive_float, default=PLD_DISCRETIZATION,
                    help=f"PLD value discretization (default {PLD_DISCRETIZATION:g}; larger is "
                         "faster and more pessimistic)")
     p.add_argument("--out", type=Path, default=None,

@@ -18,20 +18,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bract.argtypes import finite_float
+from bract.argtypes import finite_float, nonnegative_int
 
 DEFAULT_EMPIRICAL_OUT = Path("runs/audit-empirical")
 DEFAULT_SECAGG_OUT = Path("runs/audit-secagg")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_run_audit_parsers(audit_sub: Any) -> None:
@@ -55,12 +45,14 @@ def add_run_audit_parsers(audit_sub: Any) -> None:
                        help="use this noise multiplier instead (0 = no noise: non-private)")
     emp.add_argument("--dataset", default="breast-cancer",
                      help="tabular classification dataset (breast-cancer)")
-    emp.add_argument("--canaries", type=_count, default=1000, help="canaries m (default 1000)")
+    emp.add_argument("--canaries", type=nonnegative_int, default=1000,
+                     help="canaries m (default 1000)")
     emp.add_argument("--confidence", type=finite_float, default=0.95,
                      help="confidence of the lower bound (default 0.95)")
     emp.add_argument("--delta", type=finite_float, default=1e-5, help="delta (default 1e-5)")
-    emp.add_argument("--epochs", type=_count, default=10, help="training epochs (default 10)")
-    emp.add_argument("--batch-size", type=_count, default=32,
+    emp.add_argument("--epochs", type=nonnegative_int, default=10,
+                     help="training epochs (default 10)")
+    emp.add_argument("--batch-size", type=nonnegative_int, default=32,
                      help="expected batch size of Poisson sampling (default 32)")
     emp.add_argument("--lr", type=finite_float, default=0.2, help="SGD learning rate (default 0.2)")
     emp.add_argument("--max-grad-norm", type=finite_float, default=1.0,
@@ -83,14 +75,16 @@ def add_run_audit_parsers(audit_sub: Any) -> None:
             "equals the sum of the survivors' inputs."
         ),
     )
-    sec.add_argument("--clients", type=_count, default=8, help="clients per round (default 8)")
-    sec.add_argument("--dim", type=_count, default=20_000, help="vector length (default 20000)")
-    sec.add_argument("--dropouts", type=_count, default=2,
+    sec.add_argument("--clients", type=nonnegative_int, default=8,
+                     help="clients per round (default 8)")
+    sec.add_argument("--dim", type=nonnegative_int, default=20_000,
+                     help="vector length (default 20000)")
+    sec.add_argument("--dropouts", type=nonnegative_int, default=2,
                      help="clients that drop out after sharing keys, before sending their "
                           "masked input: the server reconstructs their mask keys (default 2)")
     sec.add_argument("--graph", choices=("complete", "harary"), default="complete",
                      help="who shares masks with whom (default complete)")
-    sec.add_argument("--rounds", type=_count, default=1, help="rounds (default 1)")
+    sec.add_argument("--rounds", type=nonnegative_int, default=1, help="rounds (default 1)")
     sec.add_argument("--view", type=Path, default=None,
                      help="check a recorded server view instead of running rounds (a "
                           "directory written by this command: OUT/secagg_view)")
