@@ -144,7 +144,7 @@ def nonprivate_round(model: nn.Module, data: TensorDataset, steps: int) -> float
 
 def dp_trainer(
     model: nn.Module, data: TensorDataset, mode: str, secure_noise: bool = True,
-    conv_grad_sampler: str = "bract",
+    grad_samplers: str = "bract",
 ) -> PrivateTrainer:
     """bract's PrivateTrainer as a user would build it (no budget, default accountant)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -152,7 +152,7 @@ def dp_trainer(
     return PrivateTrainer(
         model, opt, loader, noise_multiplier=SIGMA, max_grad_norm=MAX_GRAD_NORM, delta=DELTA,
         grad_sample_mode=mode, device="cpu", secure_noise=secure_noise,
-        conv_grad_sampler=conv_grad_sampler,
+        grad_samplers=grad_samplers,
     )
 
 
@@ -163,7 +163,7 @@ def dp_variant(model: nn.Module, data: TensorDataset, variant: str) -> PrivateTr
     if mode not in DP_MODES or unknown:
         raise ValueError(f"unknown DP variant {variant!r}")
     return dp_trainer(model, data, mode, secure_noise="torchnoise" not in flags,
-                      conv_grad_sampler="opacus" if "opacusconv" in flags else "bract")
+                      grad_samplers="opacus" if "opacusconv" in flags else "bract")
 
 
 def dp_round(trainer: PrivateTrainer, rnd: int) -> float:

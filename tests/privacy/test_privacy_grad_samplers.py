@@ -1,4 +1,4 @@
-"""bract's Conv2d per-sample gradients equal Opacus's and per-example autograd."""
+"""bract's Conv2d and GroupNorm per-sample gradients equal Opacus's and per-example autograd."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from torch import nn
 
 from bract.privacy import grad_samplers
-from bract.privacy.grad_samplers import conv2d_grad_sample
+from bract.privacy.grad_samplers import conv2d_grad_sample, group_norm_grad_sample
 
 
-def _per_example_autograd(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
+def _per_example_autograd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict:
     """Example b's gradient alone: d/dtheta <layer(x_b), g_b>."""
     out = {p: [] for p in layer.parameters() if p.requires_grad}
     for b in range(len(x)):
@@ -60,6 +61,39 @@ def test_per_example_gradients_equal_autograd_and_opacus(case) -> None:
         torch.testing.assert_close(ours[p], theirs[p], rtol=1e-4, atol=1e-5)
 
 
+@settings(max_examples=60, deadline=None)
+@given(groups=st.integers(1, 3), per_group=st.integers(1, 3), batch=st.integers(1, 5),
+       spatial=st.lists(st.integers(2, 6), min_size=1, max_size=2),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16))
+def test_group_norm_per_example_gradients_equal_autograd_and_opacus(
+    groups, per_group, batch, spatial, scale, seed
+) -> None:
+    torch.manual_seed(seed)
+    channels = groups * per_group
+    layer = nn.GroupNorm(groups, channels)
+    nn.init.normal_(layer.weight)  # away from the initial (1, 0), so the weight matters
+    nn.init.normal_(layer.bias)
+    x = scale * torch.randn(batch, channels, *spatial) + torch.randn(1, channels, *spatial)
+    g = torch.randn(batch, channels, *spatial)
+    ours = group_norm_grad_sample(layer, [x], g)
+    reference = _per_example_autograd(layer, x, g)
+    assert set(ours) == set(reference)
+    theirs = compute_group_norm_grad_sample(layer, [x], g)
+    for p, expected in reference.items():
+        assert ours[p].shape == (batch, *p.shape)
+        torch.testing.assert_close(ours[p], expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours[p], theirs[p], rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_frozen_weight_and_empty_batch() -> None:
+    layer = nn.GroupNorm(2, 4)
+    layer.weight.requires_grad_(False)
+    x, g = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    assert list(group_norm_grad_sample(layer, [x], g)) == [layer.bias]
+    empty = group_norm_grad_sample(nn.GroupNorm(2, 4), [x[:0]], g[:0])
+    assert [v.shape for v in empty.values()] == [(0, 4), (0, 4)]
+
+
 def test_frozen_parameters_get_no_gradient_and_empty_batches_get_zeros() -> None:
     layer = nn.Conv2d(2, 3, 3, padding=1)
     layer.bias.requires_grad_(False)
@@ -91,9 +125,11 @@ def test_install_and_restore_switch_what_opacus_calls() -> None:
     try:
         grad_samplers.install()
         assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is conv2d_grad_sample
+        assert GradSampleHooks.GRAD_SAMPLERS[nn.GroupNorm] is group_norm_grad_sample
         assert grad_samplers.installed()
         grad_samplers.restore_opacus()
         assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is compute_conv_grad_sample
+        assert GradSampleHooks.GRAD_SAMPLERS[nn.GroupNorm] is compute_group_norm_grad_sample
         assert not grad_samplers.installed()
     finally:
         (grad_samplers.install if was else grad_samplers.restore_opacus)()

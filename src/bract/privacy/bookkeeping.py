@@ -135,14 +135,29 @@ class BookKeepingClipper:
         #: per layer: ("linear", A, G) or ("per-example", {param: grads [B, ...]})
         self._kept: dict[nn.Module, tuple] = {}
         self._norms: list[torch.Tensor] = []
-        self._handles = []
+        #: outputs of the layers fed by no gradient-carrying tensor, with their version
+        #: counters: the backward pass stops there (see :meth:`backward`).
+        self._entries: list[tuple[torch.Tensor, int]] = []
+        self._full_backward = False
+        self._handles = [model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)]
         for m in self._layers:
             self._handles.append(m.register_forward_hook(self._forward_hook))
-            self._handles.append(m.register_full_backward_hook(self._backward_hook))
 
     # ----------------------------------------------------------------------- hooks
-    def _forward_hook(self, module: nn.Module, inputs: tuple, _output: object) -> None:
-        if not (module.training and torch.is_grad_enabled()):
+    def _recording(self, module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled()
+
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # An input that already requires a gradient (e.g. adversarial training) leads
+        # the backward pass past every layer: run the ordinary full pass.
+        if self._recording(module) and any(
+            isinstance(a, torch.Tensor) and a.requires_grad
+            for a in (*args, *kwargs.values())
+        ):
+            self._full_backward = True
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        if not self._recording(module):
             return
         if module in self._inputs:
             raise ValueError(
@@ -150,14 +165,24 @@ class BookKeepingClipper:
                 "(weight tying): book-keeping clipping cannot attribute its gradient; use "
                 "grad_sample_mode='hooks'"
             )
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            raise ValueError(
+                f"layer {self._names[module] or '<model>'} returned no tensor that carries "
+                "a gradient: book-keeping clipping cannot clip it; use grad_sample_mode='hooks'"
+            )
         self._inputs[module] = inputs[0].detach()
+        if not (isinstance(inputs[0], torch.Tensor) and inputs[0].requires_grad):
+            self._entries.append((output, output._version))
+        # A hook on this very output (registered before any in-place change to it)
+        # receives d(loss)/d(output): the layer's output gradient, summed over all uses.
+        output.register_hook(lambda grad, module=module: self._output_grad(module, grad))
 
-    def _backward_hook(self, module: nn.Module, _grad_in: tuple, grad_out: tuple) -> None:
+    def _output_grad(self, module: nn.Module, grad: torch.Tensor) -> None:
         if module not in self._inputs:
             return
         grad_samplers, norm_samplers = _samplers()
         x = self._inputs.pop(module)
-        g = grad_out[0].detach()
+        g = grad.detach()
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if type(module) is nn.Linear:
             norms = norm_samplers[nn.Linear](module, [x], g)
@@ -190,7 +215,17 @@ class BookKeepingClipper:
                 for p in params:
                     p.grad = torch.zeros_like(p)
                 return loss_per_example.detach()
-            loss_per_example.sum().backward()
+            total = loss_per_example.sum()
+            entries = [out for out, version in self._entries]
+            changed = any(out._version != version for out, version in self._entries)
+            if self._full_backward or changed or not entries:
+                # An entry output changed in place after the layer (e.g. ReLU(inplace))
+                # is no longer the layer's output: run the ordinary pass to the leaves.
+                total.backward()
+            else:
+                # Only the layers' output gradients are needed: a pass that stops at
+                # the first layers' outputs computes no parameter's own gradient.
+                torch.autograd.grad(total, entries, allow_unused=True)
             if self._inputs:
                 missing = ", ".join(self._names[m] or "<model>" for m in self._inputs)
                 raise ValueError(f"no gradient reached layer(s) {missing}")
@@ -203,6 +238,8 @@ class BookKeepingClipper:
             self._inputs.clear()
             self._kept.clear()
             self._norms = []
+            self._entries = []
+            self._full_backward = False
 
     @staticmethod
     def _set_clipped_sum(module: nn.Module, kept: tuple, c: torch.Tensor) -> None:

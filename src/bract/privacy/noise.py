@@ -36,66 +36,105 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 _TWO_PI = 2.0 * math.pi
 _INV_2_53 = 1.0 / float(1 << 53)
 _MASK_53 = (1 << 53) - 1
-#: Keystream is made by encrypting this many zero bytes at a time.
-_CHUNK = 1 << 20
-_ZEROS = bytes(_CHUNK)
+#: Samples made per block: keystream, uniforms and normals of one block live in three
+#: buffers of 1 MiB each that every call reuses (no fresh allocation, no page faults,
+#: cache-resident), whatever the parameter count.
+BLOCK = 1 << 17
+_ZEROS = bytes(8 * BLOCK)
 
 
 class SecureGaussian:
     """A stream of standard-normal samples from an AES-256-CTR keystream.
 
     Each instance keys itself from ``os.urandom(32)`` and never repeats keystream
-    bytes. Not thread-safe: use one instance per training loop.
+    bytes (the CTR counter only moves forward). Samples are made in blocks of
+    :data:`BLOCK`: within a block, output ``j`` and ``j + BLOCK/2`` are the cosine and
+    sine halves of one Box-Muller pair. Not thread-safe: use one instance per
+    training loop.
     """
 
     def __init__(self) -> None:
         cipher = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(b"\x00" * 16))
         self._encryptor = cipher.encryptor()
+        # update_into needs block_size - 1 spare bytes after the output.
+        self._keystream = bytearray(8 * BLOCK + 16)
+        self._words = torch.frombuffer(self._keystream, dtype=torch.int64, count=BLOCK)
+        self._uniform = torch.empty(BLOCK, dtype=torch.float64)
+        self._normal = torch.empty(BLOCK, dtype=torch.float64)
 
     def _keystream_int64(self, count: int) -> torch.Tensor:
         """``count`` fresh 64-bit words of keystream (as int64: the same bits), in a
-        new writable buffer; zeros are encrypted a chunk at a time."""
-        nbytes = 8 * count
-        buf = bytearray(nbytes + 16)  # update_into needs block_size - 1 spare bytes
-        view = memoryview(buf)
-        for i in range(0, nbytes, _CHUNK):
-            k = min(_CHUNK, nbytes - i)
-            self._encryptor.update_into(_ZEROS[:k], view[i:i + k + 15])
-        return torch.frombuffer(buf, dtype=torch.int64, count=count) if count else torch.empty(
-            0, dtype=torch.int64)
+        new tensor (for tests and benchmarks; sampling uses :meth:`_block`)."""
+        out = torch.empty(count, dtype=torch.int64)
+        for i in range(0, count, BLOCK):
+            k = min(BLOCK, count - i)
+            self._encryptor.update_into(_ZEROS[:8 * k], memoryview(self._keystream)[:8 * k + 15])
+            out[i:i + k] = self._words[:k]
+        return out
 
-    def standard_normal_tensor(self, count: int) -> torch.Tensor:
-        """``count`` independent N(0, 1) samples as a float64 CPU tensor (Box-Muller on
-        53-bit uniforms; torch's vectorised float64 log/sqrt/cos/sin, in place)."""
-        if count < 0:
-            raise ValueError(f"count must be >= 0 (got {count})")
-        pairs = (count + 1) // 2
-        words = self._keystream_int64(2 * pairs)
+    def _block(self, count: int) -> torch.Tensor:
+        """``count`` (even, <= BLOCK) fresh N(0, 1) samples, float64, in the reused
+        output buffer (valid until the next call): Box-Muller on 53-bit uniforms."""
+        pairs = count // 2
+        self._encryptor.update_into(_ZEROS[:8 * count],
+                                    memoryview(self._keystream)[:8 * count + 15])
         # The top 53 bits of each unsigned word: an arithmetic shift, then a mask.
-        uniform = words.bitwise_right_shift_(11).bitwise_and_(_MASK_53).to(torch.float64)
+        words = self._words[:count].bitwise_right_shift_(11).bitwise_and_(_MASK_53)
+        uniform = self._uniform[:count]
+        uniform.copy_(words)
         radius, angle = uniform[:pairs], uniform[pairs:]
-        # u1 = (m + 1) / 2^53 in (0, 1]: never 0, so the log is finite; u2 = m / 2^53 in [0, 1).
+        # u1 = (m + 1) / 2^53 in (0, 1]: never 0, so the log is finite; u2 = m / 2^53 in
+        # [0, 1); 2*pi*u2 is m * (2*pi / 2^53), rounded once (scaling by 2^-53 is exact).
         radius.add_(1.0).mul_(_INV_2_53).log_().mul_(-2.0).sqrt_()
-        angle.mul_(_INV_2_53).mul_(_TWO_PI)
-        out = torch.empty(2 * pairs, dtype=torch.float64)
+        angle.mul_(_TWO_PI * _INV_2_53)
+        out = self._normal[:count]
         torch.cos(angle, out=out[:pairs])
         torch.sin(angle, out=out[pairs:])
         out[:pairs].mul_(radius)
         out[pairs:].mul_(radius)
-        return out[:count]
+        return out
+
+    def _blocks(self, count: int):
+        """Yield ``(offset, samples)`` covering ``count`` fresh N(0, 1) samples."""
+        for i in range(0, count, BLOCK):
+            k = min(BLOCK, count - i)
+            yield i, self._block(k + (k & 1))[:k]
+
+    def standard_normal_tensor(self, count: int) -> torch.Tensor:
+        """``count`` independent N(0, 1) samples as a float64 CPU tensor (Box-Muller on
+        53-bit uniforms)."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0 (got {count})")
+        out = torch.empty(count, dtype=torch.float64)
+        for i, samples in self._blocks(count):
+            out[i:i + len(samples)] = samples
+        return out
 
     def standard_normal(self, count: int) -> np.ndarray:
         """``count`` independent N(0, 1) samples as float64 (Box-Muller, 53-bit uniforms)."""
         return self.standard_normal_tensor(count).numpy()
 
+    def add_noise_(self, target: torch.Tensor, std: float) -> torch.Tensor:
+        """Add independent N(0, std^2) noise to every entry of ``target``, in place, and
+        return it. Each entry becomes ``target + std * z`` evaluated in float64 and
+        rounded once to ``target``'s dtype; CPU tensors are updated a block at a time
+        without any full-size temporary."""
+        if std == 0 or target.numel() == 0:
+            return target
+        fast = (target.device.type == "cpu" and target.is_contiguous()
+                and target.dtype in (torch.float32, torch.float64))
+        if not fast:
+            return target.add_(self.normal_like(target, std))
+        flat = target.view(-1)
+        for i, samples in self._blocks(flat.numel()):
+            flat[i:i + len(samples)].add_(samples, alpha=float(std))
+        return target
+
     def normal_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         """N(0, std^2) noise with ``reference``'s shape, dtype and device."""
-        if std == 0:
-            return torch.zeros_like(reference)
-        samples = self.standard_normal_tensor(reference.numel()).mul_(float(std))
         dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
-        noise = samples.to(dtype)
-        return noise.view(reference.shape).to(device=reference.device, dtype=reference.dtype)
+        noise = self.add_noise_(torch.zeros(reference.shape, dtype=dtype), std)
+        return noise.to(device=reference.device, dtype=reference.dtype)
 
 
 def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None) -> SecureGaussian:
@@ -120,8 +159,9 @@ def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None) -> Se
         std = multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = noise_source.normal_like(p.summed_grad, std)
-            p.grad = (p.summed_grad + noise).view_as(p)
+            # Opacus: p.grad = summed_grad + noise. Here the noise is added to the
+            # summed gradient in place (it is dropped at zero_grad, never read again).
+            p.grad = noise_source.add_noise_(p.summed_grad, std).view_as(p)
             _mark_as_processed(p.summed_grad)
 
     optimizer.add_noise = MethodType(add_noise, optimizer)

@@ -56,7 +56,7 @@ DEFAULT_GRAD_SAMPLE_MODE = "auto"
 GHOST_LINEAR_THRESHOLD = 1_000_000
 #: Per-sample gradients of Conv2d layers: bract's grouped-convolution sampler (same
 #: gradients, no im2col buffer; :mod:`bract.privacy.grad_samplers`) or Opacus's own.
-CONV_GRAD_SAMPLERS = ("bract", "opacus")
+GRAD_SAMPLER_SOURCES = ("bract", "opacus")
 
 Weights = dict[str, np.ndarray]
 
@@ -189,10 +189,11 @@ class PrivateTrainer:
     and DataLoader you already have (the DataLoader's ``batch_size`` is the
     expected batch size of Poisson sampling). ``budget`` is checked before
     every round; ``ledger`` carries the history of earlier rounds (e.g. restored
-    from Flower's ``ctx.state``). ``conv_grad_sampler`` picks how Conv2d per-sample
-    gradients are computed (``"bract"``: grouped convolution, less memory and time;
-    ``"opacus"``: Opacus's im2col); both give the same gradients, so the same
-    clipping, noise and guarantee.
+    from Flower's ``ctx.state``). ``grad_samplers`` picks whose rules give the
+    per-sample gradients of Conv2d and GroupNorm layers (``"bract"``: a grouped
+    convolution and a GroupNorm rule without the product tensor, less memory and
+    time; ``"opacus"``: Opacus's im2col and GroupNorm rules); both give the same
+    gradients, so the same clipping, noise and guarantee.
     """
 
     def __init__(
@@ -214,7 +215,7 @@ class PrivateTrainer:
         device: str | torch.device | None = None,
         secure_noise: bool = True,
         sampling_seed: int | None = None,
-        conv_grad_sampler: str = "bract",
+        grad_samplers: str = "bract",
     ) -> None:
         grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode, criterion)
         if grad_sample_mode == "bk":
@@ -223,10 +224,10 @@ class PrivateTrainer:
             obstacle = bookkeeping_obstacle(model)
             if obstacle:
                 raise PrivacyError(obstacle)
-        if conv_grad_sampler not in CONV_GRAD_SAMPLERS:
+        if grad_samplers not in GRAD_SAMPLER_SOURCES:
             raise PrivacyError(
-                f"conv_grad_sampler {conv_grad_sampler!r} is not supported; use one of "
-                f"{CONV_GRAD_SAMPLERS}."
+                f"grad_samplers {grad_samplers!r} is not supported; use one of "
+                f"{GRAD_SAMPLER_SOURCES}."
             )
         if accountant not in ACCOUNTANTS:
             raise PrivacyError(
@@ -269,7 +270,7 @@ class PrivateTrainer:
         self.budget = budget
         self.accountant = accountant
         self.grad_sample_mode = grad_sample_mode
-        self.conv_grad_sampler = conv_grad_sampler
+        self.grad_samplers = grad_samplers
         self.secure_noise = secure_noise
         if sampling_seed is not None and self.noise_multiplier != 0:
             raise PrivacyError(
@@ -368,7 +369,7 @@ class PrivateTrainer:
 
         from bract.privacy import grad_samplers
 
-        if self.conv_grad_sampler == "bract":
+        if self.grad_samplers == "bract":
             grad_samplers.install()
         else:
             grad_samplers.restore_opacus()
@@ -423,12 +424,16 @@ class PrivateTrainer:
                 if self.grad_sample_mode == "bk":
                     from bract.privacy.bookkeeping import BookKeepingClipper
 
-                    hooks.disable_hooks()  # Opacus's two-pass hooks stay idle; bract clips
+                    # Opacus's two-pass hooks come off (they would wrap every layer's
+                    # output for nothing); bract's clipper takes their place.
+                    hooks.remove_hooks()
                     clipper = BookKeepingClipper(self.model, self.max_grad_norm)
                 for _epoch in range(self.local_epochs):
                     for x, y in dp_loader:
                         x, y = x.to(self.device), y.to(self.device)
-                        dp_optimizer.zero_grad()
+                        # set_to_none: no mode reads the previous .grad (book-keeping
+                        # writes it whole), so zero-filling it would be wasted work.
+                        dp_optimizer.zero_grad(set_to_none=True)
                         out = self.model(x)
                         loss = criterion(out, y)
                         if self.grad_sample_mode in ("ghost", "bk"):
