@@ -13,8 +13,8 @@ because the machine is shared and noisy):
      supports (``bk``: bract's one-pass book-keeping clipping); ``auto`` resolves
      to one of them (``bk`` for ChestCNN);
    * ``ghost+opacusconv`` (and ``hooks+opacusconv`` at 28px): the same with
-     Opacus's own im2col Conv2d per-sample sampler instead of bract's grouped
-     convolution, i.e. the previous default, the baseline of this issue's work;
+     Opacus's own im2col Conv2d and GroupNorm per-sample samplers instead of
+     bract's, i.e. the previous default, the baseline of this issue's work;
    * ``bk+torchnoise`` (128px): book-keeping with ``torch.normal`` noise, to size
      the secure sampler's share of a step.
 
@@ -25,9 +25,11 @@ because the machine is shared and noisy):
    size of Poisson sampling (64). Variants are interleaved and repeated; the
    table shows medians, and ratios are median(DP) / median(non-private).
 
-2. **Noise**: SecureGaussian (AES-256-CTR + float64 Box-Muller in torch) vs
-   ``torch.normal`` for the parameter count of each model, and the previous
-   SecureGaussian (the same float64 Box-Muller evaluated in numpy) as its baseline.
+2. **Noise** added to a gradient of each model's parameter count: SecureGaussian
+   (AES-256-CTR + float64 Box-Muller in torch, block-wise, in place, as the DP
+   optimizer uses it) vs ``torch.normal`` plus the add, and its previous versions as
+   baselines: the same float64 Box-Muller over whole-size fresh buffers in torch, and
+   in numpy.
 
 3. **Peak memory of one step** of the 128x128 ChestCNN at batch 64, each variant
    in a fresh subprocess: the peak RSS after model, data and optimizer exist is
@@ -91,7 +93,8 @@ from bract.privacy.training import PrivateTrainer, choose_grad_sample_mode
 BATCH = 64
 DP_MODES = ("hooks", "ghost", "bk")
 #: Suffixes of a DP variant: "+torchnoise" uses torch.normal instead of SecureGaussian,
-#: "+opacusconv" Opacus's own (im2col) Conv2d per-sample gradients instead of bract's.
+#: "+opacusconv" Opacus's own Conv2d (im2col) and GroupNorm per-sample rules instead of
+#: bract's.
 VARIANT_FLAGS = ("torchnoise", "opacusconv")
 SIGMA = 1.0
 MAX_GRAD_NORM = 1.0
@@ -258,18 +261,39 @@ def numpy_float64_noise(source: SecureGaussian, count: int) -> torch.Tensor:
     return torch.from_numpy(out[:count].astype(np.float32))
 
 
+def previous_torch_noise(source: SecureGaussian, grad: torch.Tensor) -> torch.Tensor:
+    """BASELINE (bract's SecureGaussian before block-wise generation): the same float64
+    Box-Muller on the same 53-bit uniforms, over whole-size fresh buffers (keystream,
+    uniforms, normals, float32 copy), then Opacus's ``summed_grad + noise``."""
+    count = grad.numel()
+    pairs = (count + 1) // 2
+    words = source._keystream_int64(2 * pairs)
+    uniform = words.bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1).to(torch.float64)
+    radius, angle = uniform[:pairs], uniform[pairs:]
+    radius.add_(1.0).mul_(1.0 / float(1 << 53)).log_().mul_(-2.0).sqrt_()
+    angle.mul_(1.0 / float(1 << 53)).mul_(2.0 * math.pi)
+    out = torch.empty(2 * pairs, dtype=torch.float64)
+    torch.cos(angle, out=out[:pairs])
+    torch.sin(angle, out=out[pairs:])
+    out[:pairs].mul_(radius)
+    out[pairs:].mul_(radius)
+    return grad + out[:count].to(torch.float32).view(grad.shape)
+
+
 def bench_noise(param_counts: dict[int, int], repeat: int) -> dict[int, dict[str, float]]:
-    """Seconds per step of noise for ``params`` values: secure, previous, torch.normal."""
+    """Seconds per step to add noise to a gradient of ``params`` values: secure (in place,
+    what the DP optimizer does), its previous versions, torch.normal (+ the add)."""
     source = SecureGaussian()
     out: dict[int, dict[str, float]] = {}
     for size, count in param_counts.items():
         ref = torch.zeros(count)
         out[size] = {
-            "secure": timed(lambda ref=ref: source.normal_like(ref, 1.0), repeat),
+            "secure": timed(lambda ref=ref: source.add_noise_(ref, 1.0), repeat),
+            "previous_torch": timed(lambda ref=ref: previous_torch_noise(source, ref), repeat),
             "previous_numpy": timed(lambda count=count: numpy_float64_noise(source, count),
                                     repeat),
             "torch_normal": timed(
-                lambda count=count: torch.normal(0.0, 1.0, size=(count,)), repeat
+                lambda ref=ref: ref + torch.normal(0.0, 1.0, size=ref.shape), repeat
             ),
             "aes_keystream": timed(lambda count=count: source._keystream_int64(count), repeat),
         }
@@ -453,12 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     console.print(tp)
 
     tn = Table(title="Noise per step for all parameters, ms (median)")
-    for col in ("image", "params", "SecureGaussian", "previous (numpy f64)", "torch.normal",
-                "AES keystream", "secure / torch.normal"):
+    for col in ("image", "params", "SecureGaussian", "previous (torch, whole buffers)",
+                "previous (numpy f64)", "torch.normal", "AES keystream", "secure / torch.normal"):
         tn.add_column(col, justify="right")
     for size, d in noise.items():
         tn.add_row(f"{size}px", f"{results[size].params / 1e6:.2f}M",
-                   _fmt(1e3 * d["secure"]), _fmt(1e3 * d["previous_numpy"]),
+                   _fmt(1e3 * d["secure"]), _fmt(1e3 * d["previous_torch"]),
+                   _fmt(1e3 * d["previous_numpy"]),
                    _fmt(1e3 * d["torch_normal"]), _fmt(1e3 * d["aes_keystream"]),
                    _fmt(d["secure"] / d["torch_normal"], 1))
     console.print(tn)
@@ -516,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"noise_secure_ms_{size}"] = round(1e3 * noise[size]["secure"], 1)
         summary[f"noise_torch_ms_{size}"] = round(1e3 * noise[size]["torch_normal"], 1)
         summary[f"noise_previous_numpy_ms_{size}"] = round(1e3 * noise[size]["previous_numpy"], 1)
+        summary[f"noise_previous_torch_ms_{size}"] = round(1e3 * noise[size]["previous_torch"], 1)
     if mem:
         dmode = results[args.mem_size].auto_mode if args.mem_size in results else "ghost"
         np_g = mem["nonprivate"][1]
