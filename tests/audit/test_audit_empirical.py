@@ -254,6 +254,9 @@ def test_noise_off_yields_a_high_lower_bound(noise_off_run, dp_run) -> None:
 class _ZeroNoise:
     """A broken noise source: the ledger still records sigma, but nothing is added."""
 
+    def add_noise_(self, target: torch.Tensor, std: float) -> torch.Tensor:
+        return target
+
     def normal_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         return torch.zeros_like(reference)
 
