@@ -62,24 +62,28 @@ class SecureGaussian:
         self._uniform = torch.empty(BLOCK, dtype=torch.float64)
         self._normal = torch.empty(BLOCK, dtype=torch.float64)
 
+    def _fresh_words(self, count: int) -> torch.Tensor:
+        """``count`` (<= BLOCK) fresh 64-bit keystream words as int64 (the same bits),
+        in the reused keystream buffer (valid until the next call)."""
+        self._encryptor.update_into(_ZEROS[:8 * count],
+                                    memoryview(self._keystream)[:8 * count + 15])
+        return self._words[:count]
+
     def _keystream_int64(self, count: int) -> torch.Tensor:
         """``count`` fresh 64-bit words of keystream (as int64: the same bits), in a
         new tensor (for tests and benchmarks; sampling uses :meth:`_block`)."""
         out = torch.empty(count, dtype=torch.int64)
         for i in range(0, count, BLOCK):
             k = min(BLOCK, count - i)
-            self._encryptor.update_into(_ZEROS[:8 * k], memoryview(self._keystream)[:8 * k + 15])
-            out[i:i + k] = self._words[:k]
+            out[i:i + k] = self._fresh_words(k)
         return out
 
     def _block(self, count: int) -> torch.Tensor:
         """``count`` (even, <= BLOCK) fresh N(0, 1) samples, float64, in the reused
         output buffer (valid until the next call): Box-Muller on 53-bit uniforms."""
         pairs = count // 2
-        self._encryptor.update_into(_ZEROS[:8 * count],
-                                    memoryview(self._keystream)[:8 * count + 15])
         # The top 53 bits of each unsigned word: an arithmetic shift, then a mask.
-        words = self._words[:count].bitwise_right_shift_(11).bitwise_and_(_MASK_53)
+        words = self._fresh_words(count).bitwise_right_shift_(11).bitwise_and_(_MASK_53)
         uniform = self._uniform[:count]
         uniform.copy_(words)
         radius, angle = uniform[:pairs], uniform[pairs:]

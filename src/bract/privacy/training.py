@@ -54,8 +54,8 @@ GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "bk")
 DEFAULT_GRAD_SAMPLE_MODE = "auto"
 #: "auto" picks ghost clipping when a Linear layer has more weights than this.
 GHOST_LINEAR_THRESHOLD = 1_000_000
-#: Per-sample gradients of Conv2d layers: bract's grouped-convolution sampler (same
-#: gradients, no im2col buffer; :mod:`bract.privacy.grad_samplers`) or Opacus's own.
+#: Per-sample gradients of Conv2d and GroupNorm layers: bract's rules (same gradients,
+#: less memory and time; :mod:`bract.privacy.grad_samplers`) or Opacus's own.
 GRAD_SAMPLER_SOURCES = ("bract", "opacus")
 
 Weights = dict[str, np.ndarray]
