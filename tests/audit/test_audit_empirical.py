@@ -257,6 +257,9 @@ class _ZeroNoise:
     def add_noise_(self, target: torch.Tensor, std: float) -> torch.Tensor:
         return target
 
+    def add_noise_each_(self, targets: list[torch.Tensor], std: float) -> None:
+        return None
+
     def normal_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         return torch.zeros_like(reference)
 

@@ -83,11 +83,14 @@ def _model(kind: str, seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]
     if kind == "embedding":  # integer input: no leaf to stop the backward pass at
         model = nn.Sequential(nn.Embedding(20, 5), nn.Flatten(), nn.Linear(4 * 5, 3))
         return model, torch.randint(0, 20, (7, 4)), torch.randint(0, 3, (7,))
+    if kind == "sequence":  # a Linear over [B, T, d]: per-position rows of one example
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5, 3))
+        return model, torch.randn(7, 4, 6), torch.randint(0, 3, (7,))
     model = TabularMLP(10, 3, hidden=12) if kind == "mlp" else nn.Linear(10, 3)
     return model, torch.randn(7, 10), torch.randint(0, 3, (7,))
 
 
-KINDS = ["cnn", "mlp", "linear", "inplace", "inplace-first", "embedding"]
+KINDS = ["cnn", "mlp", "linear", "inplace", "inplace-first", "embedding", "sequence"]
 
 
 @settings(max_examples=40, deadline=None)

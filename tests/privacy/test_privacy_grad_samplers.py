@@ -12,7 +12,11 @@ from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from torch import nn
 
 from bract.privacy import grad_samplers
-from bract.privacy.grad_samplers import conv2d_grad_sample, group_norm_grad_sample
+from bract.privacy.grad_samplers import (
+    conv2d_grad_sample,
+    folded_conv2d_grad_sample,
+    group_norm_grad_sample,
+)
 
 
 def _per_example_autograd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict:
@@ -51,14 +55,16 @@ def test_per_example_gradients_equal_autograd_and_opacus(case) -> None:
                       groups=groups, bias=bias)
     x = torch.randn(batch, c_in, side, side + 1)
     g = torch.randn(batch, *layer(x).shape[1:])
-    ours = conv2d_grad_sample(layer, [x], g)
+    dispatched = conv2d_grad_sample(layer, [x], g)
+    folded = folded_conv2d_grad_sample(layer, [x], g)
     theirs = compute_conv_grad_sample(layer, [x], g)
     reference = _per_example_autograd(layer, x, g)
-    assert set(ours) == set(reference) == set(theirs)
+    assert set(dispatched) == set(folded) == set(reference) == set(theirs)
     for p, expected in reference.items():
-        assert ours[p].shape == (batch, *p.shape)
-        torch.testing.assert_close(ours[p], expected, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(ours[p], theirs[p], rtol=1e-4, atol=1e-5)
+        for ours in (dispatched, folded):
+            assert ours[p].shape == (batch, *p.shape)
+            torch.testing.assert_close(ours[p], expected, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours[p], theirs[p], rtol=1e-4, atol=1e-5)
 
 
 @settings(max_examples=60, deadline=None)
@@ -98,9 +104,39 @@ def test_frozen_parameters_get_no_gradient_and_empty_batches_get_zeros() -> None
     layer = nn.Conv2d(2, 3, 3, padding=1)
     layer.bias.requires_grad_(False)
     x, g = torch.randn(4, 2, 5, 5), torch.randn(4, 3, 5, 5)
-    assert list(conv2d_grad_sample(layer, [x], g)) == [layer.weight]
-    empty = conv2d_grad_sample(nn.Conv2d(2, 3, 3), [x[:0]], torch.randn(0, 3, 3, 3))
-    assert all(v.shape[0] == 1 and not v.any() for v in empty.values())
+    for sampler in (conv2d_grad_sample, folded_conv2d_grad_sample):
+        assert list(sampler(layer, [x], g)) == [layer.weight]
+        for empty_layer in (nn.Conv2d(2, 3, 3), nn.Conv2d(1, 3, 3)):  # folded, im2col
+            empty = sampler(empty_layer, [x[:0, :empty_layer.in_channels]],
+                            torch.randn(0, 3, 3, 3))
+            assert set(empty) == set(empty_layer.parameters())
+            assert all(v.shape[0] <= 1 and not v.any() for v in empty.values())
+
+
+@pytest.mark.parametrize(("layer", "shape", "im2col"), [
+    # 9-value window, 1.8 MB unfolded: the first conv of the 28x28 ChestCNN
+    (nn.Conv2d(1, 16, 3, padding=1), (64, 1, 28, 28), True),
+    # 144-value window: the second conv of the ChestCNN
+    (nn.Conv2d(16, 32, 3, padding=1), (64, 16, 14, 14), False),
+    # 9-value window but 38 MB unfolded: the first conv of the 128x128 ChestCNN
+    (nn.Conv2d(1, 16, 3, padding=1), (64, 1, 128, 128), False),
+    # grouped: 2 channels per group x 4 = 8 values
+    (nn.Conv2d(4, 4, 2, groups=2), (8, 4, 6, 6), True),
+])
+def test_small_window_convolutions_use_im2col_and_others_the_folded_rule(
+    layer, shape, im2col, monkeypatch
+) -> None:
+    calls = []
+
+    def opacus(*args):
+        calls.append("im2col")
+        return compute_conv_grad_sample(*args)
+
+    monkeypatch.setattr(grad_samplers, "compute_conv_grad_sample", opacus)
+    x = torch.randn(shape)
+    g = torch.randn(layer(x[:1]).shape[1:]).expand(shape[0], -1, -1, -1).contiguous()
+    conv2d_grad_sample(layer, [x], g)
+    assert calls == (["im2col"] if im2col else [])
 
 
 @pytest.mark.parametrize("layer", [

@@ -12,12 +12,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from scipy import stats
 from torch import nn
 
 from bract.privacy import SecureGaussian, use_secure_noise
+from bract.privacy.noise import BLOCK
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
@@ -90,6 +93,47 @@ def test_normal_like_matches_reference_and_scales() -> None:
     assert abs(float(noise.std()) / 3.0 - 1.0) < SIX * math.sqrt(1.0 / (2 * n))
     assert gen.normal_like(torch.empty(3, dtype=torch.float64), 1.0).dtype == torch.float64
     assert torch.equal(gen.normal_like(ref, 0.0), torch.zeros_like(ref))
+
+
+def _twin_generators(monkeypatch) -> tuple[SecureGaussian, SecureGaussian]:
+    """Two generators keyed alike (a test-only fixed key), so their streams coincide."""
+    monkeypatch.setattr("bract.privacy.noise.os.urandom", lambda n: bytes(range(n)))
+    return SecureGaussian(), SecureGaussian()
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 2, 3, 16, 4608, BLOCK - 1, BLOCK, BLOCK + 3]),
+                      min_size=1, max_size=5),
+       std=st.sampled_from([0.5, 1.0, 3.0]))
+def test_noise_for_several_tensors_is_the_stream_split_in_order(sizes, std) -> None:
+    # Property: add_noise_each_ gives every entry of every tensor its own sample, and
+    # the samples are exactly the generator's next ones in order (no entry skipped,
+    # none shared, nothing reused across tensor or block boundaries).
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        joint, reference = _twin_generators(monkeypatch)
+    targets = [torch.zeros(n, dtype=torch.float64) for n in sizes]
+    joint.add_noise_each_(targets, std)
+    expected = std * reference.standard_normal_tensor(sum(sizes))
+    torch.testing.assert_close(torch.cat(targets), expected, rtol=1e-15, atol=0)
+    # ...and both streams continue in step: no sample was drawn beyond the total.
+    torch.testing.assert_close(joint.standard_normal_tensor(5),
+                               reference.standard_normal_tensor(5), rtol=0, atol=0)
+
+
+def test_noise_for_several_tensors_covers_other_layouts_and_keeps_the_values() -> None:
+    gen = SecureGaussian()
+    base = torch.arange(12.0).reshape(3, 4)
+    strided = base.clone().t()  # not contiguous: noise added through a fresh tensor
+    half = torch.zeros(1000, dtype=torch.float16)  # not float32/64: the same way
+    flat32 = torch.full((5000,), 7.0)
+    gen.add_noise_each_([strided, half, flat32, torch.empty(0)], 2.0)
+    for noisy, clean in ((strided, base.t()), (flat32, torch.full((5000,), 7.0))):
+        assert noisy.shape == clean.shape and not torch.any(noisy == clean)
+    assert abs(float((flat32 - 7.0).std()) / 2.0 - 1.0) < SIX * math.sqrt(1.0 / (2 * 5000))
+    assert half.dtype == torch.float16 and bool(torch.all(half != 0))
+    before = flat32.clone()
+    gen.add_noise_each_([flat32], 0.0)
+    assert torch.equal(flat32, before)
 
 
 # ------------------------------------------------------- the noise inside Opacus's DPOptimizer

@@ -38,6 +38,8 @@ twice in one forward pass (weight tying is refused here with a clear error).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import MethodType
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +47,7 @@ from torch import nn
 __all__ = [
     "BookKeepingClipper",
     "bookkeeping_obstacle",
+    "hand_over_clipped_sums",
     "supports_bookkeeping",
     "unsupported_layers",
 ]
@@ -185,9 +188,17 @@ class BookKeepingClipper:
         g = grad.detach()
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if type(module) is nn.Linear:
-            norms = norm_samplers[nn.Linear](module, [x], g)
+            x = x.to(g.dtype)
+            if g.dim() == 2:
+                # One example's weight gradient is the outer product g_i a_i^T: its norm
+                # is ||g_i|| * ||a_i||, its bias gradient's ||g_i|| (Opacus's rule).
+                g_norm = torch.linalg.vector_norm(g, dim=1)
+                norms = {module.weight: g_norm * torch.linalg.vector_norm(x, dim=1),
+                         module.bias: g_norm}
+            else:
+                norms = norm_samplers[nn.Linear](module, [x], g)
             self._norms += [norms[p] for p in params]
-            self._kept[module] = ("linear", x.to(g.dtype), g)
+            self._kept[module] = ("linear", x, g)
         else:
             per_example = grad_samplers[type(module)](module, [x], g)
             per_example = {p: per_example[p] for p in params}
@@ -245,15 +256,17 @@ class BookKeepingClipper:
     def _set_clipped_sum(module: nn.Module, kept: tuple, c: torch.Tensor) -> None:
         if kept[0] == "linear":
             _, a, g = kept
-            cg = g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+            # Rows of every example (all its positions, for a sequence input) at once.
+            cg = (g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)).reshape(-1, g.shape[-1])
             if module.weight.requires_grad:
-                module.weight.grad = torch.einsum(
-                    "n...o,n...i->oi", cg, a).to(module.weight.dtype)
+                module.weight.grad = torch.mm(
+                    cg.t(), a.reshape(-1, a.shape[-1])).to(module.weight.dtype)
             if module.bias is not None and module.bias.requires_grad:
-                module.bias.grad = cg.reshape(-1, cg.shape[-1]).sum(0).to(module.bias.dtype)
+                module.bias.grad = cg.sum(0).to(module.bias.dtype)
             return
         for p, gs in kept[1].items():
-            p.grad = torch.einsum("n,n...->...", c.to(gs.dtype), gs).to(p.dtype)
+            # sum_i c_i grad_i as one vector-matrix product over the flattened gradients.
+            p.grad = torch.mv(gs.reshape(len(gs), -1).t(), c.to(gs.dtype)).view_as(p).to(p.dtype)
 
     def remove(self) -> None:
         """Take the hooks off the model."""
@@ -265,3 +278,24 @@ class BookKeepingClipper:
     def layers(self) -> Iterable[nn.Module]:
         """The layers whose gradients are clipped."""
         return tuple(self._layers)
+
+
+def hand_over_clipped_sums(optimizer: Any) -> None:
+    """Let Opacus's fast-gradient-clipping ``optimizer`` take each parameter's ``.grad``
+    as its summed gradient without copying it.
+
+    Opacus copies ``.grad`` into ``summed_grad`` at every step (a deep copy of every
+    gradient). After :meth:`BookKeepingClipper.backward` the ``.grad`` is a fresh
+    tensor that holds exactly the clipped sum and nothing else reads it before the
+    step, so the optimizer may own it: the values it noises, scales and applies are
+    the same. A second backward before a step (gradient accumulation) still adds
+    into the summed gradient, as Opacus does.
+    """
+    def accumulate(self: Any) -> None:
+        for p in self.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad)
+            else:
+                p.summed_grad = p.grad
+
+    optimizer.accumulate = MethodType(accumulate, optimizer)

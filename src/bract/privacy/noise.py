@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from types import MethodType
 from typing import Any
 
@@ -123,21 +124,41 @@ class SecureGaussian:
         return it. Each entry becomes ``target + std * z`` evaluated in float64 and
         rounded once to ``target``'s dtype; CPU tensors are updated a block at a time
         without any full-size temporary."""
-        if std == 0 or target.numel() == 0:
-            return target
-        fast = (target.device.type == "cpu" and target.is_contiguous()
-                and target.dtype in (torch.float32, torch.float64))
-        if not fast:
-            return target.add_(self.normal_like(target, std))
-        flat = target.view(-1)
-        for i, samples in self._blocks(flat.numel()):
-            flat[i:i + len(samples)].add_(samples, alpha=float(std))
+        self.add_noise_each_([target], std)
         return target
+
+    def add_noise_each_(self, targets: Sequence[torch.Tensor], std: float) -> None:
+        """:meth:`add_noise_` for several tensors at once (e.g. all of a model's
+        gradients): every entry of every tensor gets its own fresh N(0, std^2) sample,
+        and the samples are drawn in shared blocks that run across tensor boundaries,
+        so many small tensors cost about as much as one of their total size."""
+        if std == 0:
+            return
+        flats = []
+        for target in targets:
+            if target.numel() == 0:
+                continue
+            if (target.device.type == "cpu" and target.is_contiguous()
+                    and target.dtype in (torch.float32, torch.float64)):
+                flats.append(target.view(-1))
+            else:
+                target.add_(self.normal_like(target, std))
+        pending = iter(flats)
+        current, filled = None, 0
+        for _, samples in self._blocks(sum(f.numel() for f in flats)):
+            used = 0
+            while used < len(samples):
+                if current is None or filled == current.numel():
+                    current, filled = next(pending), 0
+                take = min(len(samples) - used, current.numel() - filled)
+                current[filled:filled + take].add_(samples[used:used + take], alpha=float(std))
+                filled, used = filled + take, used + take
 
     def normal_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         """N(0, std^2) noise with ``reference``'s shape, dtype and device."""
         dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
-        noise = self.add_noise_(torch.zeros(reference.shape, dtype=dtype), std)
+        noise = torch.zeros(reference.shape, dtype=dtype)
+        self.add_noise_each_([noise], std)
         return noise.to(device=reference.device, dtype=reference.dtype)
 
 
@@ -163,9 +184,12 @@ def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None) -> Se
         std = multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            # Opacus: p.grad = summed_grad + noise. Here the noise is added to the
-            # summed gradient in place (it is dropped at zero_grad, never read again).
-            p.grad = noise_source.add_noise_(p.summed_grad, std).view_as(p)
+        # Opacus: p.grad = summed_grad + noise. Here the noise is added to the summed
+        # gradients in place (they are dropped at zero_grad, never read again), all
+        # parameters in one pass over shared noise blocks.
+        noise_source.add_noise_each_([p.summed_grad for p in self.params], std)
+        for p in self.params:
+            p.grad = p.summed_grad.view_as(p)
             _mark_as_processed(p.summed_grad)
 
     optimizer.add_noise = MethodType(add_noise, optimizer)

@@ -422,12 +422,16 @@ class PrivateTrainer:
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             try:
                 if self.grad_sample_mode == "bk":
-                    from bract.privacy.bookkeeping import BookKeepingClipper
+                    from bract.privacy.bookkeeping import (
+                        BookKeepingClipper,
+                        hand_over_clipped_sums,
+                    )
 
                     # Opacus's two-pass hooks come off (they would wrap every layer's
                     # output for nothing); bract's clipper takes their place.
                     hooks.remove_hooks()
                     clipper = BookKeepingClipper(self.model, self.max_grad_norm)
+                    hand_over_clipped_sums(dp_optimizer)
                 for _epoch in range(self.local_epochs):
                     for x, y in dp_loader:
                         x, y = x.to(self.device), y.to(self.device)
