@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from bract.secagg.crypto import STREAM_BLOCK, keystream
 from bract.secagg.encoding import RING_DTYPES, EncodingConfig, decode_sum, encode
 from bract.secagg.errors import EncodingError
 
@@ -115,3 +116,34 @@ def test_opt_in_clipping() -> None:
 def test_bad_config(kwargs) -> None:
     with pytest.raises(EncodingError):
         EncodingConfig(**kwargs)
+
+
+def _whole_vector_reference(x: np.ndarray, weight: int, cfg: EncodingConfig, bits: int,
+                            key: bytes) -> np.ndarray:
+    """The encoding formula on the whole vector at once, with the rounding uniforms
+    from ``keystream(key)``: w * (floor(clip(x) 2^f) + [u < frac]), then the weight."""
+    xs = np.clip(x.astype(np.float64), -cfg.clip, cfg.clip) * 2.0**cfg.frac_bits
+    low = np.floor(xs)
+    words = np.frombuffer(keystream(key, 8 * x.size), dtype=np.uint64)
+    u = (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    q = (low.astype(np.int64) + (u < xs - low)) * np.int64(weight)
+    return np.append(q.astype(np.uint64).astype(RING_DTYPES[bits]), RING_DTYPES[bits](weight))
+
+
+@settings(max_examples=30, deadline=None)
+@given(d=st.sampled_from([0, 1, 7, STREAM_BLOCK - 1, STREAM_BLOCK, STREAM_BLOCK + 5]),
+       bits=st.sampled_from([32, 64]), dtype=st.sampled_from([np.float32, np.float64]),
+       weight=st.integers(0, 200), seed=st.integers(0, 2**16))
+def test_block_wise_encoding_is_the_formula_on_the_whole_vector(d, bits, dtype, weight,
+                                                                 seed) -> None:
+    # Property: for the same rounding key, encode() (block by block) gives exactly
+    # the whole-vector formula, element for element, including past block borders
+    # and for values that had to be clipped.
+    cfg = EncodingConfig(clip=2.0, frac_bits=12, max_weight=256)
+    x = np.random.default_rng(seed).uniform(-3, 3, d).astype(dtype)
+    key = bytes([seed % 256]) * 32
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr("bract.secagg.encoding.random_bytes", lambda n: key[:n])
+        ours = encode(x, weight, cfg, bits, clip_out_of_range=True)
+    expected = _whole_vector_reference(x, weight, cfg, bits, key)
+    assert ours.dtype == expected.dtype and np.array_equal(ours, expected)

@@ -256,7 +256,8 @@ def _stage_handler(identity: IdentityLike, expected: type) -> Callable[[Message,
             pending = ctx.state.config_records.get(STATE_PENDING)
             if pending is None:
                 raise ValueError("mask request without a pending update for this round")
-            vector = np.frombuffer(bytes(pending["vector"]), dtype=np.float32).astype(np.float64)
+            # float32 as stored: encode() widens it block by block, exactly.
+            vector = np.frombuffer(bytes(pending["vector"]), dtype=np.float32)
             out = session.handle_mask_request(req, vector, int(pending["weight"]))
             # The update is now inside the masked vector; do not keep it around.
             del ctx.state.config_records[STATE_PENDING]

@@ -10,6 +10,7 @@ Nothing here implements a primitive; every function delegates to
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -37,7 +38,9 @@ _ZERO_IV = bytes(16)
 __all__ = [
     "KEY_BYTES",
     "SIGNATURE_BYTES",
+    "STREAM_BLOCK",
     "KeystreamAccumulator",
+    "KeystreamBlocks",
     "SigningKey",
     "aead_decrypt",
     "aead_encrypt",
@@ -213,33 +216,65 @@ def keystream(key: bytes, nbytes: int) -> bytes:
     return enc.update(bytes(nbytes)) + enc.finalize()
 
 
+#: Ring elements per keystream block: 1 MiB of uint64 (cache-resident), whatever ``d``.
+STREAM_BLOCK = 1 << 17
+
+
+class KeystreamBlocks:
+    """AES-256-CTR keystreams (zero IV) of ``size`` ring elements of ``dtype``, made a
+    block of :data:`STREAM_BLOCK` elements at a time into one reused buffer.
+
+    Each key gives one CTR stream continued across its blocks, so the elements are
+    those of :func:`keystream` for the same key; pseudorandom as long as AES is a PRP
+    and each key serves one stream.
+    """
+
+    def __init__(self, size: int, dtype: type) -> None:
+        self.size = size
+        self._item = np.dtype(dtype).itemsize
+        block = max(1, min(STREAM_BLOCK, size))
+        self._zeros = bytes(block * self._item)
+        # update_into needs block_size - 1 spare bytes after the output.
+        self._buf = bytearray(block * self._item + 16)
+        self._view = np.frombuffer(self._buf, dtype=dtype, count=block)
+
+    def under(self, key: bytes) -> Iterator[tuple[slice, np.ndarray]]:
+        """``(where, values)`` pairs covering elements ``0..size-1`` in order: the
+        keystream under ``key`` (``values`` is a view valid until the next block)."""
+        enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
+        for start in range(0, self.size, len(self._view)):
+            count = min(len(self._view), self.size - start)
+            enc.update_into(memoryview(self._zeros)[:count * self._item],
+                            memoryview(self._buf)[:count * self._item + 15])
+            yield slice(start, start + count), self._view[:count]
+
+
 class KeystreamAccumulator:
     """Adds or subtracts AES-CTR keystreams into a ring vector, in place.
 
     The vector is a ``uint32`` or ``uint64`` numpy array; numpy's wrap-around
-    arithmetic is arithmetic modulo 2^32 / 2^64. One scratch buffer is reused, so
-    the memory held is O(d) whatever the number of streams.
+    arithmetic is arithmetic modulo 2^32 / 2^64. Keystreams come block by block
+    (:class:`KeystreamBlocks`), so the memory held beyond the vector is one 1 MiB
+    block whatever its length or the number of streams.
     """
 
     def __init__(self, acc: np.ndarray) -> None:
         if acc.dtype not in (np.uint32, np.uint64) or acc.ndim != 1:
             raise ConfigurationError("accumulator must be a 1-D uint32 or uint64 array")
         self.acc = acc
-        self._nbytes = acc.nbytes
-        self._zeros = bytes(self._nbytes)
-        self._buf = bytearray(self._nbytes + 16)
-        self._view = np.frombuffer(self._buf, dtype=acc.dtype, count=acc.size)
+        self._stream = KeystreamBlocks(acc.size, acc.dtype)
 
-    def stream(self, key: bytes) -> np.ndarray:
-        """The keystream under ``key`` as a ring vector (a view valid until the next call)."""
-        enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
-        enc.update_into(self._zeros, self._buf)
-        return self._view
+    def blocks(self, key: bytes) -> Iterator[tuple[slice, np.ndarray]]:
+        """The keystream under ``key`` as ring elements: ``(where, values)`` blocks
+        covering the vector in order."""
+        return self._stream.under(key)
 
     def add(self, key: bytes) -> None:
         """``acc += keystream(key)`` modulo 2^bits."""
-        np.add(self.acc, self.stream(key), out=self.acc)
+        for where, values in self.blocks(key):
+            np.add(self.acc[where], values, out=self.acc[where])
 
     def subtract(self, key: bytes) -> None:
         """``acc -= keystream(key)`` modulo 2^bits."""
-        np.subtract(self.acc, self.stream(key), out=self.acc)
+        for where, values in self.blocks(key):
+            np.subtract(self.acc[where], values, out=self.acc[where])

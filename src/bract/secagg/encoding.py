@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .crypto import KeystreamAccumulator, random_bytes
+from .crypto import STREAM_BLOCK, KeystreamBlocks, random_bytes
 from .errors import EncodingError
 
 __all__ = ["RING_DTYPES", "EncodingConfig", "decode_sum", "encode"]
@@ -146,7 +146,6 @@ def encode(
     weight = int(weight)
     if not 0 <= weight <= config.max_weight:
         raise EncodingError(f"weight {weight} outside [0, max_weight={config.max_weight}]")
-    x = x.astype(np.float64)
     peak = float(np.max(np.abs(x))) if x.size else 0.0
     if peak > config.clip:
         if not clip_out_of_range:
@@ -155,18 +154,43 @@ def encode(
                 f"{n_out} value(s) beyond the clipping range [-{config.clip}, {config.clip}] "
                 f"(max |x| = {peak:.6g}); clip the update first or enable clipping"
             )
-        x = np.clip(x, -config.clip, config.clip)
-    scaled = x * float(2**config.frac_bits)  # exact: power-of-two scaling
-    low = np.floor(scaled)
-    frac = scaled - low  # exact, in [0, 1)
-    acc = KeystreamAccumulator(np.zeros(x.size, dtype=np.uint64))
-    u = (acc.stream(random_bytes(32)) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    q = low.astype(np.int64) + (u < frac)
-    q *= np.int64(weight)  # |q * w| <= Q * W < 2^63 by the headroom check
     out = np.empty(x.size + 1, dtype=RING_DTYPES[ring_bits])
-    out[:-1] = q.astype(np.uint64).astype(RING_DTYPES[ring_bits])  # two's complement mod 2^k
     out[-1] = weight
+    _round_into(out[:-1], x, weight, config, clip=peak > config.clip)
     return out
+
+
+def _round_into(out: np.ndarray, x: np.ndarray, weight: int, config: EncodingConfig,
+                clip: bool) -> None:
+    """``out = w * SR(clip(x) * 2^f)`` as ring elements, a block at a time (the float64
+    work stays cache-sized; no full-length temporary beyond ``out``). The uniforms of
+    the rounding are the top 53 bits of consecutive 64-bit words of one AES-CTR
+    keystream under a fresh key."""
+    stream = KeystreamBlocks(x.size, np.uint64)
+    block = min(x.size, STREAM_BLOCK)
+    scaled = np.empty(block, dtype=np.float64)
+    low = np.empty_like(scaled)
+    uniform = np.empty_like(scaled)
+    up = np.empty(block, dtype=bool)
+    level = np.empty(block, dtype=np.int64)
+    scale = float(2**config.frac_bits)
+    for where, bits in stream.under(random_bytes(32)):
+        k = where.stop - where.start
+        s, lo, u, r, q = scaled[:k], low[:k], uniform[:k], up[:k], level[:k]
+        s[:] = x[where]  # exact widening to float64
+        if clip:
+            np.clip(s, -config.clip, config.clip, out=s)
+        s *= scale  # exact: power-of-two scaling
+        np.floor(s, out=lo)
+        s -= lo  # the fraction, exact, in [0, 1)
+        np.right_shift(bits, np.uint64(11), out=bits)
+        u[:] = bits
+        u *= 2.0**-53
+        np.less(u, s, out=r)
+        lo += r  # exact: |lo| < 2^52
+        q[:] = lo
+        q *= np.int64(weight)  # |q * w| <= Q * W < 2^63 by the headroom check
+        out[where] = q.view(np.uint64)  # two's complement, reduced mod 2^k on assignment
 
 
 def decode_sum(total: np.ndarray, ring_bits: int, frac_bits: int) -> tuple[np.ndarray, int]:
