@@ -15,7 +15,7 @@ because the machine is shared and noisy):
    * ``ghost+opacusconv`` (and ``hooks+opacusconv`` at 28px): the same with
      Opacus's own im2col Conv2d and GroupNorm per-sample samplers instead of
      bract's, i.e. the previous default, the baseline of this issue's work;
-   * ``bk+torchnoise`` (128px): book-keeping with ``torch.normal`` noise, to size
+   * ``bk+torchnoise``: book-keeping with ``torch.normal`` noise, to size
      the secure sampler's share of a step.
 
    Each measurement is one "round" (``train_round``) of a few steps; the
@@ -25,11 +25,11 @@ because the machine is shared and noisy):
    size of Poisson sampling (64). Variants are interleaved and repeated; the
    table shows medians, and ratios are median(DP) / median(non-private).
 
-2. **Noise** added to a gradient of each model's parameter count: SecureGaussian
-   (AES-256-CTR + float64 Box-Muller in torch, block-wise, in place, as the DP
-   optimizer uses it) vs ``torch.normal`` plus the add, and its previous versions as
-   baselines: the same float64 Box-Muller over whole-size fresh buffers in torch, and
-   in numpy.
+2. **Noise** added to the gradients of the CNN at each size, per step:
+   SecureGaussian over all parameter tensors in one pass (``add_noise_each_``, as
+   the DP optimizer uses it) vs ``torch.normal`` per tensor plus the add (Opacus),
+   and its previous versions as baselines: one tensor at a time (``add_noise_``),
+   the same float64 Box-Muller over whole-size fresh buffers in torch, and in numpy.
 
 3. **Peak memory of one step** of the 128x128 ChestCNN at batch 64, each variant
    in a fresh subprocess: the peak RSS after model, data and optimizer exist is
@@ -280,20 +280,27 @@ def previous_torch_noise(source: SecureGaussian, grad: torch.Tensor) -> torch.Te
     return grad + out[:count].to(torch.float32).view(grad.shape)
 
 
-def bench_noise(param_counts: dict[int, int], repeat: int) -> dict[int, dict[str, float]]:
-    """Seconds per step to add noise to a gradient of ``params`` values: secure (in place,
-    what the DP optimizer does), its previous versions, torch.normal (+ the add)."""
+def bench_noise(sizes: list[int], repeat: int) -> dict[int, dict[str, float]]:
+    """Seconds per step to add noise to the gradients of the CNN at each image size:
+    secure over all parameter tensors in one pass (``add_noise_each_``, what the DP
+    optimizer does), its previous versions (one tensor at a time; whole buffers in
+    torch; numpy), torch.normal per tensor plus the add (Opacus's own path)."""
     source = SecureGaussian()
     out: dict[int, dict[str, float]] = {}
-    for size, count in param_counts.items():
-        ref = torch.zeros(count)
+    for size in sizes:
+        grads = [torch.zeros_like(p) for p in make_model(size).parameters()]
+        count = sum(g.numel() for g in grads)
+        flat = torch.zeros(count)
         out[size] = {
-            "secure": timed(lambda ref=ref: source.add_noise_(ref, 1.0), repeat),
-            "previous_torch": timed(lambda ref=ref: previous_torch_noise(source, ref), repeat),
+            "secure": timed(lambda grads=grads: source.add_noise_each_(grads, 1.0), repeat),
+            "per_tensor": timed(lambda grads=grads: [source.add_noise_(g, 1.0) for g in grads],
+                                repeat),
+            "previous_torch": timed(lambda flat=flat: previous_torch_noise(source, flat), repeat),
             "previous_numpy": timed(lambda count=count: numpy_float64_noise(source, count),
                                     repeat),
             "torch_normal": timed(
-                lambda ref=ref: ref + torch.normal(0.0, 1.0, size=ref.shape), repeat
+                lambda grads=grads: [g + torch.normal(0.0, 1.0, size=g.shape) for g in grads],
+                repeat,
             ),
             "aes_keystream": timed(lambda count=count: source._keystream_int64(count), repeat),
         }
@@ -402,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (0: leave torch's default)")
     parser.add_argument("--no-torchnoise-variant", action="store_true",
-                        help="skip the bk+torchnoise diagnostic variant at 128px")
+                        help="skip the bk+torchnoise diagnostic variant")
     parser.add_argument("--skip-memory", action="store_true", help="skip the memory section")
     parser.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mem-size", type=int, default=128, help="image size for memory")
@@ -436,12 +443,12 @@ def main(argv: list[str] | None = None) -> int:
         variants = ["nonprivate", *DP_MODES, "ghost+opacusconv"]
         if size == 28:
             variants.append("hooks+opacusconv")
-        if size == 128 and not args.no_torchnoise_variant:
+        if not args.no_torchnoise_variant:
             variants.append("bk+torchnoise")
         steps, reps = cfg[size]
         results[size] = bench_throughput(size, steps, reps, variants, log)
 
-    noise = bench_noise({s: r.params for s, r in results.items()}, 3 if quick else 5)
+    noise = bench_noise(list(results), 3 if quick else 5)
 
     mem: dict[str, tuple[float, float]] = {}
     if not args.skip_memory:
@@ -477,12 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     console.print(tp)
 
     tn = Table(title="Noise per step for all parameters, ms (median)")
-    for col in ("image", "params", "SecureGaussian", "previous (torch, whole buffers)",
+    for col in ("image", "params", "SecureGaussian (all tensors, one pass)",
+                "previous (one tensor at a time)", "previous (torch, whole buffers)",
                 "previous (numpy f64)", "torch.normal", "AES keystream", "secure / torch.normal"):
         tn.add_column(col, justify="right")
     for size, d in noise.items():
         tn.add_row(f"{size}px", f"{results[size].params / 1e6:.2f}M",
-                   _fmt(1e3 * d["secure"]), _fmt(1e3 * d["previous_torch"]),
+                   _fmt(1e3 * d["secure"]), _fmt(1e3 * d["per_tensor"]),
+                   _fmt(1e3 * d["previous_torch"]),
                    _fmt(1e3 * d["previous_numpy"]),
                    _fmt(1e3 * d["torch_normal"]), _fmt(1e3 * d["aes_keystream"]),
                    _fmt(d["secure"] / d["torch_normal"], 1))
@@ -539,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             if v != "nonprivate":
                 summary[f"throughput_ratio_{size}_{v.replace('+', '_')}"] = round(res.ratio(v), 3)
         summary[f"noise_secure_ms_{size}"] = round(1e3 * noise[size]["secure"], 1)
+        summary[f"noise_per_tensor_ms_{size}"] = round(1e3 * noise[size]["per_tensor"], 1)
         summary[f"noise_torch_ms_{size}"] = round(1e3 * noise[size]["torch_normal"], 1)
         summary[f"noise_previous_numpy_ms_{size}"] = round(1e3 * noise[size]["previous_numpy"], 1)
         summary[f"noise_previous_torch_ms_{size}"] = round(1e3 * noise[size]["previous_torch"], 1)
