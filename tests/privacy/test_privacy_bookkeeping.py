@@ -262,3 +262,34 @@ def test_forcing_bookkeeping_on_a_tied_model_is_refused_before_any_training() ->
             max_grad_norm=1.0, delta=1e-5, accountant="rdp", grad_sample_mode="bk",
         )
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+
+
+def _one_full_batch_step(mode: str, sigma: float) -> dict[str, torch.Tensor]:
+    """One DP-SGD step through PrivateTrainer on 64 examples at batch 64 (Poisson rate
+    1: every example, exactly one step), lr 1: the update is -(clipped sum + noise)/64."""
+    model = small_cnn(seed=3)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = PrivateTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), chest_loader(64, 64),
+        noise_multiplier=sigma, max_grad_norm=0.5, delta=1e-5, accountant="rdp",
+        grad_sample_mode=mode,
+    )
+    assert trainer.train_round(1).event.steps == 1
+    return {n: start[n] - p.detach() for n, p in model.named_parameters()}
+
+
+def test_a_bookkeeping_step_through_the_optimizer_equals_ghost_and_adds_the_noise_once() -> None:
+    # Without noise the optimizer's update is exactly Opacus's ghost-clipping update
+    # (the clipped sum handed over without a copy is neither scaled twice nor lost).
+    clean = _one_full_batch_step("bk", 0.0)
+    ghost = _one_full_batch_step("ghost", 0.0)
+    for name, delta in clean.items():
+        torch.testing.assert_close(delta, ghost[name], rtol=1e-4, atol=1e-7)
+    # With noise, update - clean update = noise / 64 with std sigma * C / 64: added
+    # once (std would be sqrt(2) times larger if added twice, 64 times if not scaled).
+    sigma, clip = 2.0, 0.5
+    noisy = _one_full_batch_step("bk", sigma)
+    noise = torch.cat([(noisy[n] - clean[n]).flatten() for n in clean])
+    expected = sigma * clip / 64
+    n = noise.numel()
+    assert abs(float(noise.std()) / expected - 1.0) < 6.0 * (1.0 / (2 * n)) ** 0.5
