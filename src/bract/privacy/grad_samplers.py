@@ -30,7 +30,7 @@ the layer to Opacus's own sampler unchanged. It does the same, for speed only, w
 the grouped convolution is slow and im2col is cheap: a layer whose kernel window
 (input channels per group x kernel area) is at most :data:`IM2COL_MAX_WINDOW` values
 and whose unfolded input fits in :data:`IM2COL_MAX_BYTES` (the first convolution of
-the 28x28 ChestCNN: a 1.8 MB buffer, 2.2x faster on this CPU). Both give the same
+the 28x28 ChestCNN: a 1.8 MB buffer, about 2.4x faster on this CPU). Both give the same
 gradients, so the choice changes time and memory only.
 """
 
