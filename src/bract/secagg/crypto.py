@@ -231,19 +231,20 @@ class KeystreamBlocks:
 
     def __init__(self, size: int, dtype: type) -> None:
         self.size = size
+        #: Elements per block: the largest ``values`` that :meth:`under` yields.
+        self.block = max(1, min(STREAM_BLOCK, size))
         self._item = np.dtype(dtype).itemsize
-        block = max(1, min(STREAM_BLOCK, size))
-        self._zeros = bytes(block * self._item)
+        self._zeros = bytes(self.block * self._item)
         # update_into needs block_size - 1 spare bytes after the output.
-        self._buf = bytearray(block * self._item + 16)
-        self._view = np.frombuffer(self._buf, dtype=dtype, count=block)
+        self._buf = bytearray(self.block * self._item + 16)
+        self._view = np.frombuffer(self._buf, dtype=dtype, count=self.block)
 
     def under(self, key: bytes) -> Iterator[tuple[slice, np.ndarray]]:
         """``(where, values)`` pairs covering elements ``0..size-1`` in order: the
         keystream under ``key`` (``values`` is a view valid until the next block)."""
         enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
-        for start in range(0, self.size, len(self._view)):
-            count = min(len(self._view), self.size - start)
+        for start in range(0, self.size, self.block):
+            count = min(self.block, self.size - start)
             enc.update_into(memoryview(self._zeros)[:count * self._item],
                             memoryview(self._buf)[:count * self._item + 15])
             yield slice(start, start + count), self._view[:count]

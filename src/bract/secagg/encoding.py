@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .crypto import STREAM_BLOCK, KeystreamBlocks, random_bytes
+from .crypto import KeystreamBlocks, random_bytes
 from .errors import EncodingError
 
 __all__ = ["RING_DTYPES", "EncodingConfig", "decode_sum", "encode"]
@@ -167,12 +167,11 @@ def _round_into(out: np.ndarray, x: np.ndarray, weight: int, config: EncodingCon
     the rounding are the top 53 bits of consecutive 64-bit words of one AES-CTR
     keystream under a fresh key."""
     stream = KeystreamBlocks(x.size, np.uint64)
-    block = min(x.size, STREAM_BLOCK)
-    scaled = np.empty(block, dtype=np.float64)
+    scaled = np.empty(stream.block, dtype=np.float64)
     low = np.empty_like(scaled)
     uniform = np.empty_like(scaled)
-    up = np.empty(block, dtype=bool)
-    level = np.empty(block, dtype=np.int64)
+    up = np.empty(stream.block, dtype=bool)
+    level = np.empty(stream.block, dtype=np.int64)
     scale = float(2**config.frac_bits)
     for where, bits in stream.under(random_bytes(32)):
         k = where.stop - where.start
