@@ -11,7 +11,7 @@ import pytest
 from bract import tasks
 from bract.flower.app import hospital_setup
 from bract.flower.client import PrivacyPolicy, make_client_app
-from bract.flower.faults import DROP_STAGES, InjectedDropoutError
+from bract.flower.faults import DROP_STAGES, inject_dropout
 from bract.flower.records import LOCAL_METRICS, LOCAL_WEIGHTS, TRAIN_INFO
 from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
@@ -37,11 +37,9 @@ def _drop_mod(plan: dict[tuple[int, str], set[int]]):
 
     def mod(msg, ctx, call_next):
         rnd = int(msg.metadata.group_id)
-        for stage, mtype in DROP_STAGES.items():
-            if msg.metadata.message_type == mtype and int(
-                ctx.node_config["partition-id"]
-            ) in plan.get((rnd, stage), set()):
-                raise InjectedDropoutError(f"injected dropout at {stage}")
+        hospital = int(ctx.node_config["partition-id"])
+        for stage in DROP_STAGES:
+            inject_dropout(msg, stage, rnd, lambda r, s=stage: hospital in plan.get((r, s), ()))
         return call_next(msg, ctx)
 
     return mod
@@ -95,7 +93,9 @@ def test_secure_fedavg_equals_plain_fedavg_within_the_encoding_error(tmp_path) -
     for k in plain_w:
         assert np.max(np.abs(plain_w[k] - secure_w[k])) <= bound
     assert any(np.any(plain_w[k] != secure_w[k]) for k in plain_w)  # genuinely masked path
-    assert [r["secagg"]["stages"] for r in secure["rounds"]] == [5, 4]  # keys once, then 4
+    # Round 1: keys, config+train, mask, check, unmask (+ round 2's config and shares);
+    # round 2 is pipelined: train+mask, check, unmask.
+    assert [r["secagg"]["stages"] for r in secure["rounds"]] == [5, 3]
 
 
 @pytest.mark.parametrize("stage", sorted(DROP_STAGES))
@@ -125,6 +125,43 @@ def test_rounds_survive_dropouts_at_every_stage_and_abort_cleanly_below_threshol
     if stage == "mask":
         # Their mask keys were reconstructed in round 1: fresh keys before round 2.
         assert set(r2["secagg"]["advertised"]) == {"hospital-0", "hospital-1"}
+
+
+@pytest.mark.parametrize("stage", sorted(DROP_STAGES))
+def test_a_pipelined_round_survives_dropouts_at_every_stage(tmp_path, stage) -> None:
+    # Round 1 is clean, so round 2's config and shares travel with round 1's unmask
+    # messages and round 2 takes three stages; 2 of 5 drop in round 2 at ``stage``
+    # ("config": they answer round 1's unmask but not round 2's config). Round 2 still
+    # completes, and everybody is back by round 4.
+    plan = {(2, stage): {0, 1}}
+    policy = dataclasses.replace(NON_PRIVATE, rounds=4)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=4, drop_plan=plan)
+    r1, r2, r3, r4 = report["rounds"]
+    everyone = {f"hospital-{i}" for i in range(5)}
+    assert r1["secagg"]["stages"] == 5 and set(r1["secagg"]["alive"]) == everyone
+    assert r2["secagg"]["stages"] == 3 and r2["secagg"]["aborted"] is None
+    if stage in ("config", "mask"):
+        assert set(r2["secagg"]["alive"]) == everyone - {"hospital-0", "hospital-1"}
+    else:
+        assert set(r2["secagg"]["alive"]) == everyone
+    assert r2["trained"] == sorted(r2["secagg"]["alive"])
+    assert r2["loss"] != pytest.approx(r1["loss"])  # round 2's update was applied
+    # A dropout after sharing ("mask": shared with round 1's unmask, then failed) has its
+    # mask key reconstructed, so it re-keys before round 3.
+    dropped_after_sharing = {"hospital-0", "hospital-1"} if stage == "mask" else set()
+    assert set(r2["secagg"]["dropped"]) == dropped_after_sharing
+    assert dropped_after_sharing <= set(r3["secagg"]["advertised"])
+    assert r3["secagg"]["aborted"] is None
+    if stage == "unmask":
+        # They signed round 2, so round 3 was opened with round 2's unmask messages,
+        # which they failed: they sit round 3 out (pipelined, three stages) ...
+        assert r3["secagg"]["stages"] == 3
+        assert set(r3["secagg"]["alive"]) == everyone - {"hospital-0", "hospital-1"}
+        assert {"hospital-0", "hospital-1"} <= set(r3["failed"])
+    else:
+        # ... otherwise not everybody signed round 2: round 3 takes the four-stage path.
+        assert r3["secagg"]["stages"] >= 4 and set(r3["secagg"]["alive"]) == everyone
+    assert r4["secagg"]["aborted"] is None and set(r4["secagg"]["alive"]) == everyone
 
 
 def test_nothing_of_an_update_leaves_in_clear(tmp_path) -> None:

@@ -166,6 +166,12 @@ class RecordingServerSession(ServerSession):
         self.log.append(("out", cfg))
         return cfg
 
+    def start_next_round(self, round_number: int, participants: Sequence[int],
+                         dim: int) -> RoundConfig:
+        cfg = super().start_next_round(round_number, participants, dim)
+        self.log.append(("out", cfg))
+        return cfg
+
     def receive_shares(self, msg: Any) -> None:
         self.log.append(("in", msg))
         super().receive_shares(msg)

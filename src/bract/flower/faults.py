@@ -13,12 +13,16 @@ from collections.abc import Callable
 
 from flwr.app import Context, Message
 
-#: Dropout stage -> the Flower message type a hospital fails to answer.
+from bract.flower.records import SECAGG, SECAGG_NEXT
+
+#: Dropout stage -> the secure-aggregation message (its ``kind``) a hospital fails to
+#: answer, whichever Flower message carries it: in a pipelined round the mask
+#: request comes with ``train`` and the config with the previous round's unmask.
 DROP_STAGES = {
-    "config": "train",
-    "mask": "train.secagg_mask",
-    "consistency": "train.secagg_check",
-    "unmask": "train.secagg_unmask",
+    "config": "secagg.round_config",
+    "mask": "secagg.mask_request",
+    "consistency": "secagg.consistency_request",
+    "unmask": "secagg.unmask_request",
 }
 
 
@@ -32,6 +36,32 @@ def drops(seed: int, fl_round: int, hospital: int, rate: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < rate
 
 
+def message_stage(msg: Message) -> str | None:
+    """The protocol stage (a :data:`DROP_STAGES` key) of the secure-aggregation
+    request a Flower message carries, or ``None`` (no such request)."""
+    record = msg.content.config_records.get(SECAGG)
+    kind = None if record is None else record.get("kind")
+    return next((stage for stage, k in DROP_STAGES.items() if k == kind), None)
+
+
+def inject_dropout(
+    msg: Message, stage: str, fl_round: int, should_drop: Callable[[int], bool]
+) -> None:
+    """Make the hospital fail ``stage`` of the secure round it is asked for.
+
+    ``should_drop(r)`` says whether it drops at ``stage`` in FL round ``r``. Raises
+    :class:`InjectedDropoutError` when ``msg`` carries that stage's request; a
+    next round's config carried by an unmask message (round ``fl_round + 1``) is
+    removed instead, so the hospital finishes this round and does not answer the
+    next round's config.
+    """
+    if message_stage(msg) == stage and should_drop(fl_round):
+        raise InjectedDropoutError(f"injected dropout at stage {stage!r}")
+    if (stage == "config" and SECAGG_NEXT in msg.content.config_records
+            and should_drop(fl_round + 1)):
+        del msg.content.config_records[SECAGG_NEXT]
+
+
 def dropout_mod(rate: float, stage: str, seed: int) -> Callable:
     """A mod that makes a ``rate`` share of hospitals fail at ``stage`` each round."""
     if stage not in DROP_STAGES:
@@ -40,11 +70,9 @@ def dropout_mod(rate: float, stage: str, seed: int) -> Callable:
         raise ValueError(f"drop rate must lie in [0, 1] (got {rate})")
 
     def mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]):
-        if msg.metadata.message_type == DROP_STAGES[stage]:
-            fl_round = int(msg.metadata.group_id or 0)
-            hospital = int(ctx.node_config.get("partition-id", ctx.node_id))
-            if drops(seed, fl_round, hospital, rate):
-                raise InjectedDropoutError(f"injected dropout at stage {stage!r}")
+        hospital = int(ctx.node_config.get("partition-id", ctx.node_id))
+        inject_dropout(msg, stage, int(msg.metadata.group_id or 0),
+                       lambda r: drops(seed, r, hospital, rate))
         return call_next(msg, ctx)
 
     return mod

@@ -38,6 +38,11 @@ LOCAL_METRICS = "bract.local-metrics"
 AGGREGATED_METRICS = ("train-loss",)
 #: both ways: one secure-aggregation protocol message (see bract.secagg.messages).
 SECAGG = "bract.secagg"
+#: both ways, only with the unmask stage when share-stage pipelining applies: the
+#: next round's config (server -> hospital) and the hospital's shares for it (back).
+SECAGG_NEXT = "bract.secagg.next"
+#: hospital -> server, instead of SECAGG_NEXT: why it will not share for the next round.
+SECAGG_NEXT_REFUSED = "bract.secagg.next-refused"
 
 #: kept in ctx.state on the hospital: ledger and calibration, across rounds.
 STATE_PRIVACY = "bract.privacy.state"

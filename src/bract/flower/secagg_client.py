@@ -10,6 +10,13 @@ Message stages of one secure round (server -> hospital message type):
 3. ``train.secagg_check``: a signature over the alive set (consistency check).
 4. ``train.secagg_unmask``: the shares the server may have, never both for a peer.
 
+Pipelined rounds (see :mod:`bract.flower.secagg_server`): the ``unmask`` message
+may also carry the next round's config; the hospital answers it after the unmask
+request, with its shares for the next round in the same reply. The next round's
+``train`` message then carries the hospital's mask request instead of a config,
+and :func:`secagg_mod` answers it with the masked update straight away (stages
+1 and 2 of that round happened in the previous round's unmask message).
+
 Plus, once per key epoch, ``query.secagg_advertise``: the hospital's signed keys.
 
 Guarantee (under the protocol's threat model, see docs/secagg.md): no update,
@@ -38,6 +45,8 @@ from bract.flower.records import (
     LOCAL_METRICS,
     LOCAL_WEIGHTS,
     SECAGG,
+    SECAGG_NEXT,
+    SECAGG_NEXT_REFUSED,
     TRAIN_INFO,
     record_to_weights,
     secagg_from_record,
@@ -49,6 +58,7 @@ from bract.secagg import (
     ConsistencyRequest,
     MaskRequest,
     RoundConfig,
+    SecAggError,
     SigningKey,
     UnmaskRequest,
 )
@@ -192,10 +202,11 @@ def _reply(msg: Message, payload: RecordDict | None = None) -> Message:
 def secagg_mod(
     identity: IdentityLike, release_metrics: str | Callable[[Context], str] = "none"
 ) -> Callable:
-    """A Flower mod for the ``train`` stage: update out of the reply, shares in.
+    """A Flower mod for the ``train`` stage: update out of the reply, shares (or, in a
+    pipelined round, the masked update) in.
 
-    Only acts on messages that carry a secagg round config; plain ``train``
-    messages pass through unchanged. ``release_metrics="aggregate"`` (or a function
+    Only acts on messages that carry a secagg round config or mask request; plain
+    ``train`` messages pass through unchanged. ``release_metrics="aggregate"`` (or a function
     of the Context returning it) lets the hospital's training metrics travel
     *inside* the masked vector (the server learns only their example-weighted
     average); otherwise they are dropped here.
@@ -205,8 +216,10 @@ def secagg_mod(
         if SECAGG not in msg.content.config_records:
             return call_next(msg, ctx)
         cfg = secagg_from_record(msg.content.config_records[SECAGG])
-        if not isinstance(cfg, RoundConfig):
-            raise ValueError(f"train stage expects a secagg round config, got {cfg.KIND}")
+        if not isinstance(cfg, RoundConfig | MaskRequest):
+            raise ValueError(
+                f"train stage expects a secagg round config or mask request, got {cfg.KIND}"
+            )
         reply = call_next(msg, ctx)
         if reply.has_error():
             return reply
@@ -232,14 +245,18 @@ def secagg_mod(
                 raise ValueError(f"metrics {missing} to release in aggregate were not produced")
             extra = [float(metrics[k]) for k in AGGREGATED_METRICS]
             vector = np.concatenate([vector, np.asarray(extra, np.float64)])
-        shares = session.handle_round_config(cfg)
-        ctx.state.config_records[STATE_PENDING] = ConfigRecord(
-            # float32, like the weights it came from: half the bytes that travel with ctx.state.
-            {"round": cfg.round, "vector": vector.astype(np.float32).tobytes(),
-             "weight": int(info["num-examples"])}
-        )
+        weight = int(info["num-examples"])
+        if isinstance(cfg, MaskRequest):  # pipelined: this round's shares are all in
+            out = session.handle_mask_request(cfg, vector, weight)
+        else:
+            out = session.handle_round_config(cfg)
+            ctx.state.config_records[STATE_PENDING] = ConfigRecord(
+                # float32, like the weights it came from: half the bytes in ctx.state.
+                {"round": cfg.round, "vector": vector.astype(np.float32).tobytes(),
+                 "weight": weight}
+            )
         _save(ctx, session)
-        content.config_records[SECAGG] = secagg_to_record(shares)
+        content.config_records[SECAGG] = secagg_to_record(out)
         return reply
 
     return mod
@@ -265,10 +282,28 @@ def _stage_handler(identity: IdentityLike, expected: type) -> Callable[[Message,
             out = session.handle_consistency_request(req)
         else:
             out = session.handle_unmask_request(req)
+        content = RecordDict({SECAGG: secagg_to_record(out)})
+        if isinstance(req, UnmaskRequest) and SECAGG_NEXT in msg.content.config_records:
+            _share_for_next_round(session, msg.content.config_records[SECAGG_NEXT], content)
         _save(ctx, session)
-        return _reply(msg, RecordDict({SECAGG: secagg_to_record(out)}))
+        return _reply(msg, content)
 
     return handle
+
+
+def _share_for_next_round(session: ClientSession, record: ConfigRecord,
+                          content: RecordDict) -> None:
+    """Answer the next round's config (sent with this round's unmask request) with
+    shares in ``content``. This round's unmask reply goes out whatever happens: a
+    config the hospital refuses only keeps it out of the next round, and the reason
+    travels back instead of shares."""
+    try:
+        cfg = secagg_from_record(record)
+        if not isinstance(cfg, RoundConfig):
+            raise ValueError(f"expected the next round's config, got {cfg.KIND}")
+        content.config_records[SECAGG_NEXT] = secagg_to_record(session.handle_round_config(cfg))
+    except (SecAggError, ValueError) as exc:
+        content.config_records[SECAGG_NEXT_REFUSED] = ConfigRecord({"reason": str(exc)})
 
 
 def advertise_handler(identity: IdentityLike) -> Callable[[Message, Context], Message]:

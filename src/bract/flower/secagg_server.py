@@ -11,6 +11,14 @@ Drives one :class:`bract.secagg.ServerSession` through the protocol's stages wit
 3. ``train.secagg_check``: signatures over the alive set.
 4. ``train.secagg_unmask``: shares to remove the masks.
 
+Share-stage pipelining (:mod:`bract.secagg.protocol`): when every hospital the
+next round will ask is in this round's signed alive set, the ``unmask`` message
+also carries the next round's config (record ``bract.secagg.next``) and the
+replies bring the next round's shares. The next round then needs only three
+stages: ``train`` carrying each hospital's mask request (it trains and masks in
+one message), ``check`` and ``unmask``. After a failure, a re-keying or a
+resume, a round takes the four-stage path above.
+
 A hospital that errors or does not answer at any stage is a dropout; the round
 completes while at least the threshold remains, else it aborts and reveals
 nothing more (the global model is left unchanged).
@@ -29,12 +37,20 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from bract.audit.secagg_audit import RecordingServerSession, ServerView, write_view
-from bract.flower.records import SECAGG, reply_sources, secagg_from_record, secagg_to_record
+from bract.flower.records import (
+    SECAGG,
+    SECAGG_NEXT,
+    SECAGG_NEXT_REFUSED,
+    reply_sources,
+    secagg_from_record,
+    secagg_to_record,
+)
 from bract.secagg import (
     AggregateResult,
     EncodingConfig,
     KeyAdvertisement,
     RoundAborted,
+    RoundConfig,
     SecAggError,
     ServerSession,
 )
@@ -141,13 +157,20 @@ class SecureAggregator:
         self.timeout = timeout
         self.node_of: dict[int, int] = {}  # secagg id -> Flower node id
         self.sid_of: dict[int, int] = {}  # Flower node id -> secagg id
-        #: Added to the FL round to form the protocol's round number, so that a
-        #: resumed run never reuses a protocol round a hospital has already seen.
+        #: The run's number among resumed runs (0 for a fresh run): the high part of
+        #: every protocol round number, so that a resumed run never reuses a
+        #: protocol round a hospital has already seen, including a next round that
+        #: was opened (pipelined) just before an interruption.
+        if not 0 <= round_offset < 2**22:
+            raise ValueError(f"round_offset must lie in [0, 2^22), got {round_offset}")
         self.round_offset = round_offset
 
-    def protocol_round(self, fl_round: int) -> int:
-        """The protocol's (strictly increasing) round number for an FL round."""
-        return (fl_round << 20) + self.round_offset
+    def protocol_round(self, fl_round: int, attempt: int = 0) -> int:
+        """The protocol's (strictly increasing) round number for an FL round;
+        ``attempt`` 1 is a round restarted after a pipelined one was abandoned."""
+        if not 0 <= fl_round < 2**20 or attempt not in (0, 1):
+            raise ValueError(f"FL round {fl_round} / attempt {attempt} out of range")
+        return (self.round_offset << 40) | (fl_round << 20) | attempt
 
     # ------------------------------------------------------------------ helpers
     def _exchange(
@@ -222,21 +245,30 @@ class SecureAggregator:
         label: Callable[[int], str],
         note: Notify,
         on_missing: Callable[[int], None] = lambda node: None,
+        next_nodes: Callable[[], Sequence[int] | None] = lambda: None,
     ) -> tuple[AggregateResult | None, SecureRoundInfo]:
         """One secure round over ``nodes``; ``None`` if it aborted (nothing revealed).
 
         ``train_content`` adds the training instruction (global model, round
-        config) to each stage-1 message; ``on_train_reply`` reads a stage-1 reply's
-        privacy report and says whether the hospital trained; ``on_missing`` is
-        told of each hospital that did not answer it.
+        config) to each ``train`` message; ``on_train_reply`` reads a ``train``
+        reply's privacy report and says whether the hospital trained; ``on_missing``
+        is told of each hospital that did not answer it. ``next_nodes`` is asked,
+        at the unmask stage, which hospitals the next round will ask (``None``: no
+        next round); when all of them are in this round's signed alive set, the
+        next round is opened with this one's unmask messages (pipelining).
         """
         t0 = time.perf_counter()
         info = SecureRoundInfo()
-        advertised = self.ensure_keys(rnd, nodes, note)
-        if advertised is not None:
-            info.stages += 1
-        ready = [n for n in nodes if n in self.sid_of
-                 and self.sid_of[n] not in self.session.needs_advertisement([self.sid_of[n]])]
+        advertised: list[int] | None = None
+        prepared = self._prepared(rnd, nodes)
+        if prepared is None:
+            advertised = self.ensure_keys(rnd, nodes, note)
+            if advertised is not None:
+                info.stages += 1
+            ready = [n for n in nodes if n in self.sid_of and self.sid_of[n]
+                     not in self.session.needs_advertisement([self.sid_of[n]])]
+        else:
+            ready = prepared
         info.clients = len(ready)
         if len(ready) < 2:
             info.aborted = f"only {len(ready)} hospitals with valid keys; need at least 2"
@@ -244,25 +276,25 @@ class SecureAggregator:
             return None, info
         log_start = len(getattr(self.session, "log", ()))
         try:
-            cfg = self.session.start_round(
-                self.protocol_round(rnd), [self.sid_of[n] for n in ready], dim
-            )
+            if prepared is None:
+                self._config_and_train(rnd, ready, dim, train_content, on_train_reply, note,
+                                       label, on_missing)
+                stages = ("mask", "check", "unmask")
+            else:
+                self._mask_and_train(rnd, ready, train_content, on_train_reply, note, label,
+                                     on_missing)
+                stages = ("check", "unmask")
             info.stages += 1
-            replies = self._exchange(rnd, "train", dict.fromkeys(ready, cfg), train_content)
-            for node in ready:
-                if node not in replies:
-                    on_missing(node)
-            for node, reply in replies.items():
-                if not on_train_reply(node, reply):
-                    continue
-                self._receive(rnd, node, reply, self.session.receive_shares, note, label)
-            for stage, request_fn, receive in (
-                ("mask", self.session.mask_requests, self.session.receive_masked_input),
-                ("check", self._check_requests, self.session.receive_consistency_signature),
-                ("unmask", self._unmask_requests, self.session.receive_unmask_reply),
-            ):
-                requests = {self.node_of[sid]: req for sid, req in request_fn().items()}
+            for stage in stages:
                 info.stages += 1
+                if stage == "unmask":
+                    self._unmask_stage(rnd, dim, next_nodes, note, label)
+                    continue
+                request_fn, receive = {
+                    "mask": (self.session.mask_requests, self.session.receive_masked_input),
+                    "check": (self._check_requests, self.session.receive_consistency_signature),
+                }[stage]
+                requests = {self.node_of[sid]: req for sid, req in request_fn().items()}
                 for node, reply in self._exchange(rnd, STAGE_TYPES[stage], requests).items():
                     self._receive(rnd, node, reply, receive, note, label)
             result = self.session.finish()
@@ -272,7 +304,7 @@ class SecureAggregator:
             info.aborted = str(exc)
             info.seconds = time.perf_counter() - t0
             return None, info
-        # Labels after stage 1: the hospitals' names are known from their reports.
+        # Labels after the train stage: the hospitals' names are known from their reports.
         info.advertised = sorted(label(n) for n in advertised or [])
         info.alive = sorted(label(self.node_of[s]) for s in result.alive)
         info.dropped = sorted(label(self.node_of[s]) for s in result.dropped)
@@ -282,25 +314,125 @@ class SecureAggregator:
         info.seconds = time.perf_counter() - t0
         return result, info
 
+    def _prepared(self, rnd: int, nodes: Sequence[int]) -> list[int] | None:
+        """The hospitals of FL round ``rnd`` if it was opened with the previous round's
+        unmask stage for exactly ``nodes``; otherwise abandon any open round (its
+        sharers re-key at the advertise stage) and return ``None``."""
+        open_config = self.session.open_config()
+        if open_config is None:
+            return None
+        wanted = sorted(self.sid_of.get(n, -1) for n in nodes)
+        if (self.session.stage == "config" and open_config.round == self.protocol_round(rnd)
+                and list(open_config.participants) == wanted):
+            return [self.node_of[sid] for sid in open_config.participants]
+        self.session.abort_round("the pipelined round's hospitals are not this round's")
+        return None
+
+    def _config_and_train(
+        self, rnd: int, ready: list[int], dim: int,
+        train_content: Callable[[int, RecordDict], None],
+        on_train_reply: Callable[[int, Message], bool], note: Notify,
+        label: Callable[[int], str], on_missing: Callable[[int], None],
+    ) -> None:
+        """Four-stage path, stage 1: the round config travels with the training
+        instruction; hospitals train and answer with their shares."""
+        # attempt 1 if a pipelined round with this FL round's number was abandoned
+        number = self.protocol_round(rnd)
+        if number <= self.session.last_round:
+            number = self.protocol_round(rnd, attempt=1)
+        cfg = self.session.start_round(number, [self.sid_of[n] for n in ready], dim)
+        replies = self._exchange(rnd, "train", dict.fromkeys(ready, cfg), train_content)
+        for node in ready:
+            if node not in replies:
+                on_missing(node)
+        for node, reply in replies.items():
+            if on_train_reply(node, reply):
+                self._receive(rnd, node, reply, self.session.receive_shares, note, label)
+
+    def _mask_and_train(
+        self, rnd: int, ready: list[int],
+        train_content: Callable[[int, RecordDict], None],
+        on_train_reply: Callable[[int, Message], bool], note: Notify,
+        label: Callable[[int], str], on_missing: Callable[[int], None],
+    ) -> None:
+        """Pipelined path: every share of the round is in, so each sharer's mask
+        request travels with its training instruction; hospitals train and answer
+        with their masked update."""
+        requests = {self.node_of[sid]: req for sid, req in self.session.mask_requests().items()}
+        for node in ready:
+            if node not in requests:  # did not answer the config with last round's unmask
+                on_missing(node)
+        replies = self._exchange(rnd, "train", requests, train_content)
+        for node in requests:
+            if node not in replies:
+                on_missing(node)
+        for node, reply in replies.items():
+            if on_train_reply(node, reply):
+                self._receive(rnd, node, reply, self.session.receive_masked_input, note, label)
+
+    def _unmask_stage(
+        self, rnd: int, dim: int, next_nodes: Callable[[], Sequence[int] | None],
+        note: Notify, label: Callable[[int], str],
+    ) -> None:
+        """Stage 4, plus the next round's config and shares when pipelining applies."""
+        req = self.session.unmask_request()
+        signers = {self.node_of[s] for s in req.signers}
+        upcoming = next_nodes()
+        next_cfg: RoundConfig | None = None
+        if upcoming is not None and len(upcoming) >= 2 and set(upcoming) <= signers:
+            try:
+                next_cfg = self.session.start_next_round(
+                    self.protocol_round(rnd + 1), [self.sid_of[n] for n in upcoming], dim
+                )
+            except (SecAggError, ValueError) as exc:
+                note(f"round {rnd}: next round not opened early: {exc}")
+
+        def with_next(node: int, content: RecordDict) -> None:
+            if next_cfg is not None and node in upcoming:
+                content.config_records[SECAGG_NEXT] = secagg_to_record(next_cfg)
+
+        requests = {self.node_of[s]: req for s in req.signers}
+        for node, reply in self._exchange(rnd, STAGE_TYPES["unmask"], requests,
+                                          with_next).items():
+            self._receive(rnd, node, reply, self.session.receive_unmask_reply, note, label)
+            if next_cfg is None or reply.has_error():
+                continue
+            shares = reply.content.config_records.get(SECAGG_NEXT)
+            if shares is None:
+                refused = reply.content.config_records.get(SECAGG_NEXT_REFUSED, {})
+                why = f": {refused['reason']}" if "reason" in refused else ""
+                note(f"round {rnd}: {label(node)} did not share keys for round {rnd + 1}{why}")
+                continue
+            try:
+                self.session.receive_shares(secagg_from_record(shares))
+            except SecAggError as exc:
+                note(f"round {rnd}: {label(node)}'s shares for round {rnd + 1} refused: {exc}")
+
     def _record(self, rnd: int, log_start: int, result: Any, note: Notify) -> None:
-        """Write what the server saw in this round (``record_dir/round-N``) and forget it."""
+        """Write what the server saw in this round (``record_dir/round-N``) and forget it.
+
+        The view holds every message of this protocol round (its config and shares
+        may have come with the previous round's unmask stage) and the key
+        advertisements received since the round began; messages of a next round
+        already opened stay in the log for that round's view.
+        """
         assert isinstance(self.session, RecordingServerSession) and self.record_dir is not None
-        view = ServerView(rnd, list(self.session.log[log_start:]),
-                          np.asarray(result.weighted_sum, dtype=np.float64),
+        log = self.session.log
+        number = result.round
+        mine = [e for i, e in enumerate(log)
+                if getattr(e[1], "round", None) == number
+                or (i >= log_start and not hasattr(e[1], "round"))]
+        view = ServerView(rnd, mine, np.asarray(result.weighted_sum, dtype=np.float64),
                           int(result.total_weight))
         try:
             write_view(view, self.record_dir / f"round-{rnd}")
         except OSError as exc:  # the round itself succeeded; only the recording is lost
             note(f"round {rnd}: could not record the server's view: {exc}")
-        del self.session.log[:]
+        log[:] = [e for e in log if getattr(e[1], "round", -1) > number]
 
     def _check_requests(self) -> dict[int, Any]:
         req = self.session.consistency_request()
         return dict.fromkeys(req.alive, req)
-
-    def _unmask_requests(self) -> dict[int, Any]:
-        req = self.session.unmask_request()
-        return dict.fromkeys(req.signers, req)
 
     def _receive(
         self, rnd: int, node: int, reply: Message, receive: Callable[[Any], None],

@@ -466,6 +466,9 @@ class Federation:
             rnd, list(self.active), self._secure_dim(),
             lambda node, content: self._round_content(rnd, arrays, content),
             on_train_reply, self._label, display.note, on_missing,
+            # Asked at the unmask stage: the hospitals of the next round, if any, so
+            # that its config and shares can travel with this round's unmask messages.
+            lambda: list(self.active) if rnd < self.cfg.rounds else None,
         )
         if result is None:
             display.note(f"round {rnd}: secure aggregation aborted ({info.aborted}); "

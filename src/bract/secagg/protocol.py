@@ -49,6 +49,21 @@ that set (stage 3). Stage 1 carries no model data, so a deployment can send it
 together with the training instruction. Per-round key exchange (Bonawitz's
 round 0) is not needed: s_uv comes from the epoch keys through HKDF with the
 round and the pair in ``info``.
+
+Share-stage pipelining (three message stages per round in steady state): while
+round r waits for its unmask replies, the server may open round r + 1
+(:meth:`ServerSession.start_next_round`) and send its ``RoundConfig`` with round
+r's ``UnmaskRequest``; each client answers round r's request first (which wipes
+round r's secrets) and then round r + 1's config, in the same reply. When round r
+finishes, round r + 1 becomes the current round with its shares already in, so
+its ``MaskRequest`` can travel with the training instruction. Nothing about a
+round's checks changes: every share of round r + 1 is in before anybody masks,
+each round has its own fresh seeds and polynomials and round-bound keys, and a
+client holds one round at a time. What moves is *when* a client shares: before
+it knows whether it will take part in round r + 1, so a client that then does not
+mask (it fails, or refuses to train) is a dropout after sharing, and its mask key
+is reconstructed (it re-keys before it rejoins). If round r aborts, round r + 1
+is abandoned with it.
 """
 
 from __future__ import annotations
@@ -801,6 +816,7 @@ class ServerSession:
         self._stale: set[int] = set()  # keys possibly exposed: ask for a new advertisement
         self._last_round = -1
         self._round: _ServerRound | None = None
+        self._next: _ServerRound | None = None  # opened by start_next_round
 
     # ---- setup
 
@@ -829,7 +845,38 @@ class ServerSession:
     # ---- stage 1
 
     def start_round(self, round_number: int, participants: Sequence[int], dim: int) -> RoundConfig:
-        """Open a round; returns the one :class:`RoundConfig` every participant gets."""
+        """Open a round; returns the one :class:`RoundConfig` every participant gets.
+
+        A round still open (e.g. one opened by :meth:`start_next_round` and not
+        wanted any more) is abandoned first: its sharers must re-key, so a new round
+        that lists them is refused until they have advertised fresh keys.
+        """
+        self.abort_round("superseded by a new round")
+        self._check_new_round(round_number, participants, dim)
+        cfg, self._round = self._new_round(round_number, participants, dim)
+        return cfg
+
+    def start_next_round(
+        self, round_number: int, participants: Sequence[int], dim: int
+    ) -> RoundConfig:
+        """Open the round after the current one while it waits for unmask replies.
+
+        Share-stage pipelining (module docstring): the returned config travels
+        with the current round's :class:`UnmaskRequest`; shares for it may arrive
+        with the unmask replies (:meth:`receive_shares` sorts them by round). When
+        the current round finishes it becomes the current round, still at stage
+        ``config``; if the current round aborts, it is abandoned too.
+        """
+        rnd = self._round
+        if rnd is None or rnd.stage != "unmask":
+            raise ProtocolViolation("a next round opens only while the current one unmasks")
+        if self._next is not None:
+            raise ProtocolViolation("the next round is already open")
+        self._check_new_round(round_number, participants, dim)
+        cfg, self._next = self._new_round(round_number, participants, dim)
+        return cfg
+
+    def _check_new_round(self, round_number: int, participants: Sequence[int], dim: int) -> None:
         if round_number <= self._last_round:
             raise ProtocolViolation(f"round {round_number} is not newer than {self._last_round}")
         parts = sorted(participants)
@@ -845,6 +892,11 @@ class ServerSession:
             raise KeyRotationRequired(f"nodes {stale} must advertise (fresh) keys first")
         if not isinstance(dim, int) or dim < 1:
             raise EncodingError(f"dim must be a positive int, got {dim!r}")
+
+    def _new_round(
+        self, round_number: int, participants: Sequence[int], dim: int
+    ) -> tuple[RoundConfig, _ServerRound]:
+        parts = sorted(participants)
         n = len(parts)
         ring_bits = self.encoding.ring_bits_for(n)
         degree = self.degree if self.degree is not None else default_degree(n)
@@ -861,8 +913,7 @@ class ServerSession:
             [a.mask_public for a in ads], [a.signature for a in ads],
         )
         self._last_round = round_number
-        self._round = _ServerRound(cfg, nbhd, _config_digest(cfg))
-        return cfg
+        return cfg, _ServerRound(cfg, nbhd, _config_digest(cfg))
 
     def _current(self, msg: Message, stage: str) -> _ServerRound:
         rnd = self._round
@@ -875,16 +926,25 @@ class ServerSession:
         return rnd
 
     def _abort(self, why: str) -> RoundAborted:
-        rnd = self._round
-        if rnd is not None:
-            self._stale.update(rnd.sent_shares | set(rnd.shares))
-        self._round = None
+        # The next round (if open) goes too: its shares were made for a federation
+        # state that no longer holds, and its sharers count as exposed.
+        for rnd in (self._round, self._next):
+            if rnd is not None:
+                self._stale.update(rnd.sent_shares | set(rnd.shares))
+        self._round = self._next = None
         return RoundAborted(why)
 
     def receive_shares(self, msg: ShareKeys) -> None:
-        """Stage 1 reply: one ciphertext per neighbour, stored for forwarding."""
+        """Stage 1 reply: one ciphertext per neighbour, stored for forwarding (for the
+        current round, or for the next one opened by :meth:`start_next_round`)."""
         _expect(msg, ShareKeys)
-        rnd = self._current(msg, "config")
+        nxt = self._next
+        if nxt is not None and getattr(msg, "round", None) == nxt.config.round:
+            if getattr(msg, "federation_id", None) != self.federation_id:
+                raise ReplayError("message from another federation")
+            rnd = nxt
+        else:
+            rnd = self._current(msg, "config")
         u = msg.node_id
         if u not in rnd.nbhd:
             raise ProtocolViolation(f"node {u} is not a participant")
@@ -1082,16 +1142,30 @@ class ServerSession:
         weighted_sum, total_weight = decode_sum(acc, cfg.ring_bits, cfg.frac_bits)
         enc = EncodingConfig(cfg.clip, cfg.frac_bits, cfg.max_weight, cfg.ring_bits)
         self._stale.update(set(rnd.sharers) - rnd.responders)
-        self._round = None
+        self._round, self._next = self._next, None
+        if self._round is not None and self.needs_advertisement(self._round.shares):
+            self.abort_round("a sharer of the next round must re-key")
         return AggregateResult(cfg.round, weighted_sum, total_weight, tuple(sorted(rnd.alive)),
                                tuple(dropped), enc.sum_error_bound(total_weight))
 
     def abort_round(self, reason: str = "aborted by the operator") -> None:
-        """Abandon the current round (nothing more is revealed; sharers must re-key)."""
-        if self._round is not None:
+        """Abandon the current round and any next round opened with it (nothing more
+        is revealed; their sharers must re-key)."""
+        if self._round is not None or self._next is not None:
             self._abort(reason)
 
     @property
     def stage(self) -> str | None:
         """Current stage name, or ``None`` between rounds."""
         return None if self._round is None else self._round.stage
+
+    @property
+    def last_round(self) -> int:
+        """The newest round number opened so far (-1 before the first); a new round
+        must use a larger one."""
+        return self._last_round
+
+    def open_config(self) -> RoundConfig | None:
+        """The config of the round in progress (e.g. one opened early by
+        :meth:`start_next_round` and now current), or ``None`` between rounds."""
+        return None if self._round is None else self._round.config
