@@ -120,6 +120,11 @@ def test_rounds_survive_dropouts_at_every_stage_and_abort_cleanly_below_threshol
     assert r1["trained"] == sorted(r1["secagg"]["alive"])
     assert r2["secagg"]["aborted"]
     assert r2["trained"] == []
+    # Stages counted are those whose messages went out before the abort: [advertise]
+    # (re-keying after round 1's dropouts), train, mask, check, unmask; after round 1's
+    # unmask dropouts, which had signed, round 2 is pipelined (train+mask, check, unmask).
+    assert r2["secagg"]["stages"] == {"config": 1, "mask": 3, "consistency": 4,
+                                      "unmask": 3}[stage]
     assert r2["loss"] == pytest.approx(r1["loss"])  # global model unchanged by the abort
     assert r3["secagg"]["aborted"] is None and set(r3["secagg"]["alive"]) == everyone
     if stage == "mask":

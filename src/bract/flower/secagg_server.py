@@ -276,25 +276,25 @@ class SecureAggregator:
             return None, info
         log_start = len(getattr(self.session, "log", ()))
         try:
+            # A stage counts once its messages go out (not when it aborts before).
             if prepared is None:
                 self._config_and_train(rnd, ready, dim, train_content, on_train_reply, note,
-                                       label, on_missing)
+                                       label, on_missing, info)
                 stages = ("mask", "check", "unmask")
             else:
                 self._mask_and_train(rnd, ready, train_content, on_train_reply, note, label,
-                                     on_missing)
+                                     on_missing, info)
                 stages = ("check", "unmask")
-            info.stages += 1
             for stage in stages:
-                info.stages += 1
                 if stage == "unmask":
-                    self._unmask_stage(rnd, dim, next_nodes, note, label)
+                    self._unmask_stage(rnd, dim, next_nodes, note, label, info)
                     continue
                 request_fn, receive = {
                     "mask": (self.session.mask_requests, self.session.receive_masked_input),
                     "check": (self._check_requests, self.session.receive_consistency_signature),
                 }[stage]
                 requests = {self.node_of[sid]: req for sid, req in request_fn().items()}
+                info.stages += 1
                 for node, reply in self._exchange(rnd, STAGE_TYPES[stage], requests).items():
                     self._receive(rnd, node, reply, receive, note, label)
             result = self.session.finish()
@@ -333,6 +333,7 @@ class SecureAggregator:
         train_content: Callable[[int, RecordDict], None],
         on_train_reply: Callable[[int, Message], bool], note: Notify,
         label: Callable[[int], str], on_missing: Callable[[int], None],
+        info: SecureRoundInfo,
     ) -> None:
         """Four-stage path, stage 1: the round config travels with the training
         instruction; hospitals train and answer with their shares."""
@@ -341,6 +342,7 @@ class SecureAggregator:
         if number <= self.session.last_round:
             number = self.protocol_round(rnd, attempt=1)
         cfg = self.session.start_round(number, [self.sid_of[n] for n in ready], dim)
+        info.stages += 1
         replies = self._exchange(rnd, "train", dict.fromkeys(ready, cfg), train_content)
         for node in ready:
             if node not in replies:
@@ -354,11 +356,13 @@ class SecureAggregator:
         train_content: Callable[[int, RecordDict], None],
         on_train_reply: Callable[[int, Message], bool], note: Notify,
         label: Callable[[int], str], on_missing: Callable[[int], None],
+        info: SecureRoundInfo,
     ) -> None:
         """Pipelined path: every share of the round is in, so each sharer's mask
         request travels with its training instruction; hospitals train and answer
         with their masked update."""
         requests = {self.node_of[sid]: req for sid, req in self.session.mask_requests().items()}
+        info.stages += 1
         for node in ready:
             if node not in requests:  # did not answer the config with last round's unmask
                 on_missing(node)
@@ -372,10 +376,11 @@ class SecureAggregator:
 
     def _unmask_stage(
         self, rnd: int, dim: int, next_nodes: Callable[[], Sequence[int] | None],
-        note: Notify, label: Callable[[int], str],
+        note: Notify, label: Callable[[int], str], info: SecureRoundInfo,
     ) -> None:
         """Stage 4, plus the next round's config and shares when pipelining applies."""
         req = self.session.unmask_request()
+        info.stages += 1
         signers = {self.node_of[s] for s in req.signers}
         upcoming = next_nodes()
         next_cfg: RoundConfig | None = None
