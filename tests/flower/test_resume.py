@@ -11,6 +11,8 @@ import pytest
 from bract import tasks
 from bract.flower.app import hospital_setup
 from bract.flower.client import PrivacyPolicy, make_client_app
+from bract.flower.secagg_client import make_identities
+from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import CheckpointError, ServerConfig, run_federation
 from bract.privacy import PrivacyLedger, epsilon_of, load_weights, weights_of
 
@@ -27,7 +29,8 @@ def _apps(state_root):
     return {7: make_client_app(setup, POLICY), 8: make_client_app(setup, POLICY)}
 
 
-def _run(tmp_path, grid, resume=False, run_config=None, crash_evaluating_round=None):
+def _run(tmp_path, grid, resume=False, run_config=None, crash_evaluating_round=None,
+         secagg=None):
     ds = tasks.dataset_for(TASK)
     model = tasks.build_model(TASK)
     calls = []
@@ -42,7 +45,7 @@ def _run(tmp_path, grid, resume=False, run_config=None, crash_evaluating_round=N
     cfg = ServerConfig(
         rounds=POLICY.rounds, num_clients=2, delta=POLICY.delta, out_dir=tmp_path / "out",
         node_wait_seconds=1, show_progress=False, resume=resume,
-        run_config=run_config or {"task": "breast-cancer", "eps": 4.0},
+        run_config=run_config or {"task": "breast-cancer", "eps": 4.0}, secagg=secagg,
     )
     return run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
 
@@ -108,3 +111,43 @@ def test_resume_refuses_other_settings_or_missing_checkpoint(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"differs in \['eps'\]"):
         _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp")), resume=True,
              run_config={"task": "breast-cancer", "eps": 5.0})
+
+
+def test_a_secure_run_resumes_after_a_crash_with_the_next_round_already_opened(
+    tmp_path,
+) -> None:
+    """With secure aggregation, round 3's config and shares travel with round 2's
+    unmask messages (pipelining), so a crash while evaluating round 2 leaves round 3
+    opened. The resumed run (a new run: fresh contexts, same hospital identities and
+    state directories) repeats round 2 on the four-stage path with fresh keys, then
+    pipelines again; the repeated round is on every ledger, and the budget, spent by
+    then, refuses round 4 inside a pipelined round (a dropout after sharing), which
+    aborts cleanly."""
+    roster, identities = make_identities(2, "resume-federation")
+    settings = SecAggSettings("resume-federation", roster, clip=8.0)
+
+    def apps(state_root):
+        def setup(ctx):
+            return hospital_setup(TASK, ctx, state_root)
+
+        def identity(ctx):
+            return identities[int(ctx.node_config["partition-id"])]
+
+        return {7: make_client_app(setup, POLICY, secagg=identity),
+                8: make_client_app(setup, POLICY, secagg=identity)}
+
+    with pytest.raises(RuntimeError, match="injected crash while evaluating"):
+        _run(tmp_path, FakeGrid(apps(tmp_path / "hosp")), crash_evaluating_round=2,
+             secagg=settings)
+    report = _run(tmp_path, FakeGrid(apps(tmp_path / "hosp")), resume=True, secagg=settings)
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert [r["secagg"]["stages"] for r in rounds[:3]] == [5, 5, 3]
+    assert [r["secagg"]["aborted"] is None for r in rounds] == [True, True, True, False]
+    for cid in ("hospital-0", "hospital-1"):
+        ledger = _ledger(tmp_path, cid)
+        assert [e.round for e in ledger.events] == [1, 2, 2, 3]
+        last = rounds[-1]["per_client"][cid]
+        assert not last["trained"] and "budget" in last["reason"]
+        assert last["epsilon"] == pytest.approx(epsilon_of(ledger.events, POLICY.delta), rel=1e-6)
+        assert last["epsilon"] <= POLICY.target_epsilon
