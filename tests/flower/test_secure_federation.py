@@ -11,8 +11,8 @@ import pytest
 from bract import tasks
 from bract.flower.app import hospital_setup
 from bract.flower.client import PrivacyPolicy, make_client_app
-from bract.flower.faults import DROP_STAGES, inject_dropout
-from bract.flower.records import LOCAL_METRICS, LOCAL_WEIGHTS, TRAIN_INFO
+from bract.flower.faults import DROP_STAGES, inject_dropout, message_stage
+from bract.flower.records import LOCAL_METRICS, LOCAL_WEIGHTS, SECAGG, TRAIN_INFO
 from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
@@ -46,7 +46,7 @@ def _drop_mod(plan: dict[tuple[int, str], set[int]]):
 
 
 def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="none",
-         record_dir=None):
+         record_dir=None, extra_mods=()):
     settings = None
     identities = []
     if secure:
@@ -56,7 +56,7 @@ def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="n
             aggregate_metrics=1 if release == "aggregate" else 0,  # train-loss
             record_dir=str(record_dir) if record_dir else None,
         )
-    mods = [_drop_mod(drop_plan)] if drop_plan else []
+    mods = ([_drop_mod(drop_plan)] if drop_plan else []) + list(extra_mods)
     apps = {
         node: make_client_app(
             _setup, policy,
@@ -167,6 +167,41 @@ def test_a_pipelined_round_survives_dropouts_at_every_stage(tmp_path, stage) -> 
         # ... otherwise not everybody signed round 2: round 3 takes the four-stage path.
         assert r3["secagg"]["stages"] >= 4 and set(r3["secagg"]["alive"]) == everyone
     assert r4["secagg"]["aborted"] is None and set(r4["secagg"]["alive"]) == everyone
+
+
+def _corrupt_unmask_reply(hospital: int, fl_round: int):
+    """Make ``hospital``'s unmask reply of ``fl_round`` name one share twice (refused)."""
+
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if (int(ctx.node_config["partition-id"]) == hospital
+                and int(msg.metadata.group_id) == fl_round
+                and message_stage(msg) == "unmask"):
+            rec = reply.content.config_records[SECAGG]
+            rec["seed_owners"] = list(rec["seed_owners"]) + list(rec["seed_owners"])[:1]
+            rec["seed_shares"] = list(rec["seed_shares"]) + list(rec["seed_shares"])[:1]
+        return reply
+
+    return mod
+
+
+def test_a_refused_unmask_reply_keeps_its_sender_out_of_the_pipelined_round(
+    tmp_path,
+) -> None:
+    # hospital-0's round-1 unmask reply is refused, so it must re-key; its shares for
+    # round 2 (in the same reply) are not taken, and round 2 runs pipelined without it
+    # instead of being abandoned (which would make everybody re-key).
+    policy = dataclasses.replace(NON_PRIVATE, rounds=3)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3,
+                        extra_mods=[_corrupt_unmask_reply(0, 1)])
+    r1, r2, r3 = report["rounds"]
+    everyone = {f"hospital-{i}" for i in range(5)}
+    assert r1["secagg"]["aborted"] is None and set(r1["secagg"]["alive"]) == everyone
+    assert r2["secagg"]["stages"] == 3
+    assert set(r2["secagg"]["alive"]) == everyone - {"hospital-0"}
+    assert "hospital-0" in r2["failed"]
+    assert r3["secagg"]["advertised"] == ["hospital-0"]
+    assert set(r3["secagg"]["alive"]) == everyone
 
 
 def test_nothing_of_an_update_leaves_in_clear(tmp_path) -> None:

@@ -399,8 +399,11 @@ class SecureAggregator:
         requests = {self.node_of[s]: req for s in req.signers}
         for node, reply in self._exchange(rnd, STAGE_TYPES["unmask"], requests,
                                           with_next).items():
-            self._receive(rnd, node, reply, self.session.receive_unmask_reply, note, label)
-            if next_cfg is None or reply.has_error():
+            unmasked = self._receive(rnd, node, reply, self.session.receive_unmask_reply,
+                                     note, label)
+            # A hospital whose unmask reply was refused must re-key: it sits the next
+            # round out rather than have its shares abandon that round for everyone.
+            if next_cfg is None or not unmasked:
                 continue
             shares = reply.content.config_records.get(SECAGG_NEXT)
             if shares is None:
@@ -442,10 +445,13 @@ class SecureAggregator:
     def _receive(
         self, rnd: int, node: int, reply: Message, receive: Callable[[Any], None],
         note: Notify, label: Callable[[int], str],
-    ) -> None:
+    ) -> bool:
+        """Hand a reply's protocol message to the session; False if it was refused."""
         try:
             receive(self._payload(reply))
         except RoundAborted:
             raise
         except SecAggError as exc:
             note(f"round {rnd}: {label(node)} dropped from secure aggregation: {exc}")
+            return False
+        return True
