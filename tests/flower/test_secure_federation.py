@@ -264,20 +264,25 @@ def test_secure_federation_stops_cleanly_when_too_few_hospitals_remain(tmp_path)
 
 def test_the_servers_recorded_view_of_real_rounds_passes_the_secagg_audit(tmp_path) -> None:
     """What the server of a real (Flower, DP-SGD) federation received, recorded round by
-    round, hides every hospital's update: each masked input is uniform on the ring, each
-    survivor stays masked after the server strips every mask it can (round 1 has two
-    dropouts), and the survivors' remainders add up to exactly the server's aggregate
-    (so the audit removed the masks the server removed)."""
+    round (a pipelined round included), hides every hospital's update: each masked
+    input is uniform on the ring, each survivor stays masked after the server strips
+    every mask it can (round 1 has two dropouts), and the survivors' remainders add up
+    to exactly the server's aggregate (so the audit removed the masks the server
+    removed)."""
     from bract.audit.secagg_audit import audit_views, read_view
     from bract.cli import main
 
-    policy = PrivacyPolicy(target_epsilon=8.0, delta=1e-5, rounds=2)
+    policy = PrivacyPolicy(target_epsilon=8.0, delta=1e-5, rounds=3)
     views_dir = tmp_path / "view"
-    report, _, _ = _run(tmp_path / "run", policy, secure=True, rounds=2,
+    report, _, _ = _run(tmp_path / "run", policy, secure=True, rounds=3,
                         drop_plan={(1, "mask"): {0, 1}}, record_dir=views_dir)
-    assert [r["secagg"]["aborted"] for r in report["rounds"]] == [None, None]
+    assert [r["secagg"]["aborted"] for r in report["rounds"]] == [None, None, None]
+    # Round 3 is pipelined: its config and shares were recorded during round 2's unmask
+    # stage and belong to round 3's view, not round 2's.
+    assert [r["secagg"]["stages"] for r in report["rounds"]] == [5, 5, 3]
     views = read_view(views_dir)
-    assert [v.round for v in views] == [1, 2]
+    assert [v.round for v in views] == [1, 2, 3]
+    assert all(v.config.round == v.unmask_request.round for v in views)
     assert len(views[0].masked) == 3 and sorted(views[0].unmask_request.dropped) != []
     audit = audit_views(views)
     failed = [c for c in audit.checks if not c.passed]
