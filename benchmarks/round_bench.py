@@ -40,8 +40,11 @@ only with ``--variants``),
 reconstruction_threshold=6))``, ``ClientApp(client_fn, mods=[secaggplus_mod])``: same
 graph and threshold as ``bract-secure``; Flower's 32-bit modulus, 2^22 quantization),
 ``flower-legacy-fedavg`` (the same legacy app without SecAgg+), ``flower-fedavg``
-(message-API ``flwr.serverapp.strategy.FedAvg``), and ``bract-plain-dp`` /
-``bract-secure-dp``.
+(message-API ``flwr.serverapp.strategy.FedAvg``), ``bract-plain-dp`` /
+``bract-secure-dp``, and the engine's floor: ``floor-1-stage`` (a bare message-API
+loop: one ``train`` stage, the same stub clients and 4 MB updates, mean on the server)
+and ``floor-3-stages`` (the same plus two message stages that carry and do nothing),
+i.e. the least any protocol with three message stages per round can cost here.
 
 Breakdown of bract's secure rounds (measured in the same runs, cheap instrumentation):
 time inside ``grid.send_and_receive`` per message stage (includes the clients' work and
@@ -133,7 +136,7 @@ LAYERS = (784, 1024, 192, 10)
 ALL_VARIANTS = (
     "bract-plain", "bract-secure", "bract-secure-harary", "bract-secure-ring32",
     "flower-secaggplus", "flower-legacy-fedavg", "flower-fedavg",
-    "bract-plain-dp", "bract-secure-dp",
+    "bract-plain-dp", "bract-secure-dp", "floor-1-stage", "floor-3-stages",
 )
 #: The default run (bract-secure-harary is on request: at n = 10 its graph has degree 8,
 #: hardly sparser than the complete graph's 9, and it costs a Ray start-up).
@@ -474,6 +477,55 @@ def flower_message_api(rounds: int, sink: dict[str, Any], tmod: Callable
     return server, client
 
 
+def stage_floor(rounds: int, stages: int, sink: dict[str, Any], tmod: Callable
+                ) -> tuple[ServerApp, ClientApp]:
+    """The engine's floor: plain FedAvg (the same stub clients and 4 MB updates) followed
+    by ``stages - 1`` message stages that carry nothing and do nothing. What any
+    protocol with that many message stages per round costs at least, crypto aside."""
+    init = model_weights()
+    names = list(init)
+    client = ClientApp()
+
+    @client.train(mods=[tmod])
+    def train(msg: Message, ctx: Context) -> Message:
+        pid = int(ctx.node_config["partition-id"])
+        glob = msg.content.array_records["arrays"].to_numpy_ndarrays()
+        delta = client_delta(pid, dict(zip(names, glob, strict=True)))
+        local = [g + delta[k] for k, g in zip(names, glob, strict=True)]
+        return Message(RecordDict({"arrays": ArrayRecord(local)}), reply_to=msg)
+
+    @client.query("empty", mods=[tmod])
+    def empty(msg: Message, ctx: Context) -> Message:
+        return Message(RecordDict(), reply_to=msg)
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        tg = TimingGrid(grid)
+        deadline = time.monotonic() + 60
+        while len(list(grid.get_node_ids())) < N_CLIENTS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        nodes = sorted(grid.get_node_ids())
+        weights = [np.array(v, copy=True) for v in init.values()]
+        evals = [time.perf_counter()]
+        for rnd in range(1, rounds + 1):
+            msgs = [Message(RecordDict({"arrays": ArrayRecord(weights)}), dst_node_id=n,
+                            message_type="train", group_id=str(rnd)) for n in nodes]
+            locals_ = [r.content.array_records["arrays"].to_numpy_ndarrays()
+                       for r in tg.send_and_receive(msgs)]
+            weights = [np.mean([w[i] for w in locals_], axis=0).astype(np.float32)
+                       for i in range(len(weights))]
+            for _ in range(stages - 1):
+                msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.empty",
+                                group_id=str(rnd)) for n in nodes]
+                list(tg.send_and_receive(msgs))
+            evals.append(time.perf_counter())
+        sink.update(evals=evals, calls=tg.calls)
+
+    return server, client
+
+
 def build_variant(name: str, rounds: int, work: Path, log_path: str, sink: dict[str, Any]
                   ) -> tuple[ServerApp, ClientApp]:
     tmod = timing_mod(log_path, name)
@@ -500,6 +552,8 @@ def build_variant(name: str, rounds: int, work: Path, log_path: str, sink: dict[
         return flower_legacy(rounds, None, sink, tmod)
     if name == "flower-fedavg":
         return flower_message_api(rounds, sink, tmod)
+    if name.startswith("floor-"):
+        return stage_floor(rounds, int(name.split("-")[1]), sink, tmod)
     raise ValueError(f"unknown variant {name!r}")
 
 
@@ -790,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
         "flower_secaggplus_over_plain": ratio("flower-secaggplus", "bract-plain"),
         "flower_secaggplus_over_flower_legacy_plain": ratio("flower-secaggplus",
                                                             "flower-legacy-fedavg"),
+        # The engine's floor for a three-stage protocol (no crypto, empty stages).
+        "floor_3_stages_over_1": ratio("floor-3-stages", "floor-1-stage"),
         "variants": {k: {"round_s": v["round_s"], "rounds_s": v["rounds"],
                          "first_round_s": v["first_round_s"], "wall_s": v["wall_s"],
                          **({"bract_report_seconds": v["bract_seconds"]}
