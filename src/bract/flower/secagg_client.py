@@ -248,6 +248,8 @@ def secagg_mod(
         weight = int(info["num-examples"])
         if isinstance(cfg, MaskRequest):  # pipelined: this round's shares are all in
             out = session.handle_mask_request(cfg, vector, weight)
+            if STATE_PENDING in ctx.state.config_records:  # left by an aborted round
+                del ctx.state.config_records[STATE_PENDING]
         else:
             out = session.handle_round_config(cfg)
             ctx.state.config_records[STATE_PENDING] = ConfigRecord(
