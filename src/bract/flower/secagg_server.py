@@ -343,13 +343,8 @@ class SecureAggregator:
             number = self.protocol_round(rnd, attempt=1)
         cfg = self.session.start_round(number, [self.sid_of[n] for n in ready], dim)
         info.stages += 1
-        replies = self._exchange(rnd, "train", dict.fromkeys(ready, cfg), train_content)
-        for node in ready:
-            if node not in replies:
-                on_missing(node)
-        for node, reply in replies.items():
-            if on_train_reply(node, reply):
-                self._receive(rnd, node, reply, self.session.receive_shares, note, label)
+        self._train_exchange(rnd, dict.fromkeys(ready, cfg), self.session.receive_shares,
+                             train_content, on_train_reply, note, label, on_missing)
 
     def _mask_and_train(
         self, rnd: int, ready: list[int],
@@ -366,13 +361,24 @@ class SecureAggregator:
         for node in ready:
             if node not in requests:  # did not answer the config with last round's unmask
                 on_missing(node)
+        self._train_exchange(rnd, requests, self.session.receive_masked_input,
+                             train_content, on_train_reply, note, label, on_missing)
+
+    def _train_exchange(
+        self, rnd: int, requests: Mapping[int, SecAggMessage], receive: Callable[[Any], None],
+        train_content: Callable[[int, RecordDict], None],
+        on_train_reply: Callable[[int, Message], bool], note: Notify,
+        label: Callable[[int], str], on_missing: Callable[[int], None],
+    ) -> None:
+        """The ``train`` stage: each request with the training instruction; the protocol
+        reply of every hospital that trained goes to ``receive``."""
         replies = self._exchange(rnd, "train", requests, train_content)
         for node in requests:
             if node not in replies:
                 on_missing(node)
         for node, reply in replies.items():
             if on_train_reply(node, reply):
-                self._receive(rnd, node, reply, self.session.receive_masked_input, note, label)
+                self._receive(rnd, node, reply, receive, note, label)
 
     def _unmask_stage(
         self, rnd: int, dim: int, next_nodes: Callable[[], Sequence[int] | None],
