@@ -915,8 +915,10 @@ class ServerSession:
         self._last_round = round_number
         return cfg, _ServerRound(cfg, nbhd, _config_digest(cfg))
 
-    def _current(self, msg: Message, stage: str) -> _ServerRound:
-        rnd = self._round
+    def _current(self, msg: Message, stage: str,
+                 rnd: _ServerRound | None = None) -> _ServerRound:
+        """The round ``msg`` is for (``rnd``, by default the current one), checked."""
+        rnd = self._round if rnd is None else rnd
         if getattr(msg, "federation_id") != self.federation_id:  # noqa: B009
             raise ReplayError("message from another federation")
         if rnd is None or getattr(msg, "round") != rnd.config.round:  # noqa: B009
@@ -940,9 +942,7 @@ class ServerSession:
         _expect(msg, ShareKeys)
         nxt = self._next
         if nxt is not None and getattr(msg, "round", None) == nxt.config.round:
-            if getattr(msg, "federation_id", None) != self.federation_id:
-                raise ReplayError("message from another federation")
-            rnd = nxt
+            rnd = self._current(msg, "config", nxt)
         else:
             rnd = self._current(msg, "config")
         u = msg.node_id
