@@ -440,6 +440,14 @@ def flower_legacy(rounds: int, secaggplus: tuple[int, int] | None, sink: dict[st
     return server, client
 
 
+def _local_arrays(msg: Message, ctx: Context, names: list[str]) -> list[np.ndarray]:
+    """A message-API client's stub work: the global arrays plus its fixed delta."""
+    pid = int(ctx.node_config["partition-id"])
+    glob = msg.content.array_records["arrays"].to_numpy_ndarrays()
+    delta = client_delta(pid, dict(zip(names, glob, strict=True)))
+    return [g + delta[k] for k, g in zip(names, glob, strict=True)]
+
+
 def flower_message_api(rounds: int, sink: dict[str, Any], tmod: Callable
                        ) -> tuple[ServerApp, ClientApp]:
     from flwr.serverapp.strategy import FedAvg
@@ -450,11 +458,7 @@ def flower_message_api(rounds: int, sink: dict[str, Any], tmod: Callable
 
     @client.train(mods=[tmod])
     def train(msg: Message, ctx: Context) -> Message:
-        pid = int(ctx.node_config["partition-id"])
-        glob = msg.content.array_records["arrays"].to_numpy_ndarrays()
-        names = list(init)
-        delta = client_delta(pid, dict(zip(names, glob, strict=True)))
-        local = [g + delta[k] for k, g in zip(names, glob, strict=True)]
+        local = _local_arrays(msg, ctx, list(init))
         content = RecordDict({"arrays": ArrayRecord(local),
                               "metrics": MetricRecord({"num-examples": EXAMPLES})})
         return Message(content, reply_to=msg)
@@ -488,10 +492,7 @@ def stage_floor(rounds: int, stages: int, sink: dict[str, Any], tmod: Callable
 
     @client.train(mods=[tmod])
     def train(msg: Message, ctx: Context) -> Message:
-        pid = int(ctx.node_config["partition-id"])
-        glob = msg.content.array_records["arrays"].to_numpy_ndarrays()
-        delta = client_delta(pid, dict(zip(names, glob, strict=True)))
-        local = [g + delta[k] for k, g in zip(names, glob, strict=True)]
+        local = _local_arrays(msg, ctx, names)
         return Message(RecordDict({"arrays": ArrayRecord(local)}), reply_to=msg)
 
     @client.query("empty", mods=[tmod])
