@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bract.argtypes import finite_float, positive_int
+from bract.argtypes import finite_float, nonnegative_int, positive_int
 
 DEFAULT_OUT = "runs/latest"
 
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bound on each update coordinate for the fixed-point encoding")
     sim.add_argument("--secagg-graph", choices=("complete", "harary"), default="complete",
                      help="who shares with whom: complete graph or SecAgg+ sparse graph")
+    sim.add_argument("--secagg-colluders", type=nonnegative_int, default=None,
+                     help="colluding hospitals (with the server) that secure aggregation must "
+                          "withstand; every hospital enforces it (default floor((n-1)/3); a "
+                          "sparse --secagg-graph harary needs a small value)")
     sim.add_argument("--drop-rate", type=finite_float, default=0.0,
                      help="share of hospitals that drop out each round (simulated faults)")
     sim.add_argument("--drop-stage", choices=("config", "mask", "consistency", "unmask"),
@@ -151,6 +155,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             task=task, policy=policy, out_dir=args.out, save_model=args.save_model,
             show_progress=not args.no_progress, resume=args.resume,
             secagg=args.secagg, secagg_clip=args.secagg_clip, secagg_graph=args.secagg_graph,
+            secagg_colluders=args.secagg_colluders,
             drop_rate=args.drop_rate, drop_stage=args.drop_stage,
             release_metrics=args.release_metrics, record_secagg=args.record_secagg,
         )

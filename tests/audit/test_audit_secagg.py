@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from bract.audit import secagg_audit as sa
 from bract.audit.secagg_audit import (
     CHECKS,
+    ROUND_CHECKS,
     SecAggAuditConfig,
     ServerView,
     audit_view,
@@ -24,7 +26,7 @@ from bract.audit.secagg_audit import (
 )
 from bract.audit.uniformity import independence_test, uniformity_test
 from bract.cli import main
-from bract.secagg.crypto import KeystreamAccumulator, keystream
+from bract.secagg.crypto import KeystreamAccumulator, keystream, x25519_shared
 from bract.secagg.encoding import EncodingConfig, encode
 from bract.secagg.messages import MaskedInput
 
@@ -58,12 +60,17 @@ def _encoding(view: ServerView, node: int) -> np.ndarray:
     return encode(x, w, enc, cfg.ring_bits)
 
 
+def _publics(view: ServerView) -> dict[int, bytes]:
+    return {u: m.mask_public for u, m in view.shares.items()}
+
+
 # ------------------------------------------------------------------- real rounds
 
 
 def test_real_round_with_dropouts_passes_every_check(view) -> None:
-    checks = _by_name(audit_view(view))
+    checks = _by_name(audit_views([view]).checks)
     assert set(checks) == set(CHECKS)
+    assert set(_by_name(audit_view(view))) == set(ROUND_CHECKS)
     assert all(c.passed for c in checks.values()), [c.detail for c in checks.values()]
     ureq = view.unmask_request
     assert len(ureq.dropped) == 2 and len(ureq.alive) == 4
@@ -80,9 +87,10 @@ def test_real_round_with_dropouts_passes_every_check(view) -> None:
         SecAggAuditConfig(clients=10, dim=3000, dropouts=2, graph="harary"),
         SecAggAuditConfig(clients=5, dim=3000, dropouts=1, rounds=2),
         SecAggAuditConfig(clients=4, dim=3000, dropouts=1, frac_bits=30, max_weight=2**20),
-        SecAggAuditConfig(clients=5, dim=3000, dropouts=2, drop_stage="unmask"),
+        SecAggAuditConfig(clients=7, dim=3000, dropouts=2, drop_stage="unmask"),
+        SecAggAuditConfig(clients=5, dim=500, dropouts=1, rounds=4),
     ],
-    ids=["harary", "two-rounds-rekeyed", "ring-64", "drop-at-unmask"],
+    ids=["harary", "two-rounds", "ring-64", "drop-at-unmask", "four-rounds-dropout-each"],
 )
 def test_other_settings_pass(config) -> None:
     views = record_rounds(config)
@@ -109,7 +117,7 @@ def test_report_files(view, tmp_path) -> None:
     assert (tmp_path / "secagg_view" / "round-1" / "messages.bin") in [
         p / "messages.bin" for p in paths]
     data = json.loads((tmp_path / "secagg_audit.json").read_text())
-    assert data["passed"] is True and len(data["checks"]) == 4
+    assert data["passed"] is True and len(data["checks"]) == 5
     md = (tmp_path / "secagg_audit.md").read_text()
     assert md.splitlines()[2].startswith("**Verdict: pass**") and "cannot show" in md
 
@@ -137,7 +145,7 @@ def test_missing_pair_masks_expose_the_survivor(view) -> None:
     y = _encoding(view, u)
     KeystreamAccumulator(y).add(secrets.self_keys[u])
     for v in view.unmask_request.dropped:
-        y = y + sa._pair_mask(view.config, secrets.mask_private[v], v, u, applier=u)
+        y = y + sa._pair_mask(view.config, _publics(view), secrets.mask_private[v], v, u, applier=u)
     checks = _by_name(audit_view(_replace_masked(view, u, y)))
     assert checks["masked-inputs-uniform"].passed  # the first check alone would miss it
     assert not checks["survivors-hidden"].passed
@@ -155,7 +163,7 @@ def test_late_input_without_self_mask_is_exposed(view) -> None:
     y = _encoding(view, v)
     for u in view.sharers:
         if u != v:
-            y = y + sa._pair_mask(cfg, secrets.mask_private[v], v, u, applier=v)
+            y = y + sa._pair_mask(cfg, _publics(view), secrets.mask_private[v], v, u, applier=v)
     checks = _by_name(audit_view(_replace_masked(view, v, y, direction="late")))
     assert not checks["dropped-late-hidden"].passed
     assert f"EXPOSED: nodes [{v}]" in checks["dropped-late-hidden"].detail
@@ -292,3 +300,83 @@ def test_cli_bad_input_exits_2(argv, match, tmp_path, capsys) -> None:
     assert main(["audit", "secagg", *argv, "--dim", "1000", "--out", str(tmp_path)]) == 2
     text = capsys.readouterr().out
     assert "error:" in text and match in text
+
+
+# ------------------------------------------------- knowledge across rounds (v1 fixture)
+
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "secagg_v1_dropout_after_sharing"
+
+
+def _v1_recover_round1_update_of_node_2(views) -> tuple[np.ndarray, int]:
+    """What an honest-but-curious server could do with protocol v1 (72e210b): the
+    round-1 self-mask seed of node 2 and its epoch mask key, reconstructed in round 2,
+    remove every mask from its round-1 input. Key derivations as v1 wrote them."""
+    from bract.secagg import shamir
+    from bract.secagg.crypto import hkdf
+    from bract.secagg.encoding import decode_sum
+    from bract.secagg.messages import canonical_encode
+
+    def info(*parts):
+        return canonical_encode(["bract/secagg/v1", *parts])
+
+    r1, r2 = views
+    cfg1 = next(m.fields for d, m in r1.messages if m.kind == "secagg.round_config")
+    fed, t = cfg1["federation_id"], cfg1["threshold"]
+    seeds, _ = sa._points([m for d, m in r1.messages if m.kind == "secagg.unmask_reply"])
+    _, keys = sa._points([m for d, m in r2.messages if m.kind == "secagg.unmask_reply"])
+    seed = shamir.reconstruct(seeds[2], t).to_bytes(32, "big")
+    s_sk = shamir.reconstruct(keys[2], t).to_bytes(32, "big")
+    dtype = np.uint32 if cfg1["ring_bits"] == 32 else np.uint64
+    y = np.frombuffer(next(m.fields["data"] for d, m in r1.messages
+                           if m.kind == "secagg.masked_input" and m.fields["node_id"] == 2),
+                      dtype=dtype).copy()
+    n = y.nbytes
+    y -= np.frombuffer(keystream(hkdf(seed, info("self-mask", fed, 1, 2)), n), dtype=dtype)
+    epochs = dict(zip(cfg1["participants"], cfg1["key_epochs"], strict=True))
+    pks = dict(zip(cfg1["participants"], cfg1["mask_publics"], strict=True))
+    for u in (0, 1, 3):
+        shared = x25519_shared(s_sk, pks[u])
+        lo, hi = sorted([(2, epochs[2]), (u, epochs[u])])
+        key = hkdf(shared, info("pair-mask", fed, lo[0], lo[1], hi[0], hi[1], 1))
+        stream = np.frombuffer(keystream(key, n), dtype=dtype)
+        y = y - stream if u > 2 else y + stream  # 2 added PRG for larger peers
+    total, weight = decode_sum(y, cfg1["ring_bits"], cfg1["frac_bits"])
+    return total / weight, weight
+
+
+def test_v1_fixture_really_exposes_node_2_in_round_1() -> None:
+    """The fixture is what the issue reported: a curious server recovers node 2's
+    round-1 update, weight included, from two rounds it ran by the book."""
+    views = read_view(FIXTURE_V1)
+    assert all(v.legacy for v in views)
+    x, w = _v1_recover_round1_update_of_node_2(views)
+    truth, truth_w = views[0].inputs[2]
+    assert w == truth_w
+    assert np.max(np.abs(x - truth)) < 1e-4
+
+
+def test_knowledge_audit_fails_on_the_v1_fixture_naming_the_exposed_update(capsys,
+                                                                           tmp_path) -> None:
+    views = read_view(FIXTURE_V1)
+    report = audit_views(views)
+    assert not report.passed
+    knowledge = {c.round: c for c in report.checks if c.name == "knowledge-across-rounds"}
+    assert not knowledge[1].passed and "node 2" in knowledge[1].detail
+    assert [2] in knowledge[1].statistics[0]["isolable_sums"]
+    assert knowledge[2].passed  # round 2 alone exposes nobody
+    # each round alone looks fine: only the accumulated knowledge exposes round 1
+    assert all(c.passed for v in views for c in sa.knowledge_across_rounds([v]))
+    assert main(["audit", "secagg", "--view", str(FIXTURE_V1), "--out", str(tmp_path)]) == 1
+    assert "EXPOSED" in capsys.readouterr().out
+
+
+def test_protocol_v2_runs_with_a_dropout_after_sharing_every_round_expose_nobody() -> None:
+    """The same schedule as the fixture, and harsher, on today's protocol: a different
+    client drops after sharing in each of four rounds; every isolable sum holds all the
+    alive clients."""
+    views = record_rounds(SecAggAuditConfig(clients=5, dim=200, dropouts=1, rounds=4,
+                                            seed=3))
+    checks = sa.knowledge_across_rounds(views)
+    assert all(c.passed for c in checks), [c.detail for c in checks]
+    for v, c in zip(views, checks, strict=True):
+        assert c.statistics[0]["isolable_sums"] == [sorted(v.unmask_request.alive)]

@@ -54,7 +54,8 @@ def test_defaults_are_the_cli_defaults() -> None:
 
 
 def _run_app(rc: dict, node_configs: list[dict] | None = None) -> dict:
-    grid = FakeGrid({11: client_app, 22: client_app}, run_config=rc)
+    nodes = (11, 22, 33)[:len(node_configs or [{}, {}])]
+    grid = FakeGrid(dict.fromkeys(nodes, client_app), run_config=rc)
     for ctx, extra in zip(grid.contexts.values(), node_configs or [{}, {}], strict=True):
         ctx.node_config.update(extra)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
@@ -75,8 +76,9 @@ def test_module_level_apps_run_a_plain_round(tmp_path) -> None:
 
 def test_module_level_apps_run_a_secure_round_from_operator_files(tmp_path) -> None:
     """Identities and rosters come from files named in each hospital's node config."""
-    roster, identities = make_identities(2, "files-federation")
-    doc = Roster("files-federation", roster, {1: "hospital-0", 2: "hospital-1"})
+    roster, identities = make_identities(3, "files-federation")
+    doc = Roster("files-federation", roster, {1: "hospital-0", 2: "hospital-1",
+                                              3: "hospital-2"})
     write_roster(tmp_path / "server-roster.json", doc)
     node_configs = []
     for i, ident in enumerate(identities):
@@ -86,12 +88,13 @@ def test_module_level_apps_run_a_secure_round_from_operator_files(tmp_path) -> N
         write_roster(d / "roster.json", doc)
         node_configs.append({"secagg-id": i + 1, "identity-key": str(d / "identity.key"),
                              "roster": str(d / "roster.json")})
-    rc = {"dataset": "breast-cancer", "clients": 2, "rounds": 1, "target-epsilon": 2.0,
+    rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 2.0,
           "out": str(tmp_path / "out"), "roster": str(tmp_path / "server-roster.json")}
     report = _run_app(rc, node_configs)
     row = report["rounds"][0]
     assert row["secagg"]["aborted"] is None
-    assert set(row["secagg"]["alive"]) == {"hospital-0", "hospital-1"}
+    assert set(row["secagg"]["alive"]) == {"hospital-0", "hospital-1", "hospital-2"}
+    assert (row["secagg"]["threshold"], row["secagg"]["colluders"]) == (2, 0)
     assert (tmp_path / "op-0" / "identity.key").stat().st_mode & 0o077 == 0
 
 

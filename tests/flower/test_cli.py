@@ -53,7 +53,7 @@ def test_simulate_end_to_end_on_flower(tmp_path, capsys) -> None:
     """A real Flower simulation (Ray backend): report, ledger and model on disk."""
     out = tmp_path / "run"
     code = main([
-        "simulate", "--dataset", "breast-cancer", "--clients", "2", "--rounds", "2",
+        "simulate", "--dataset", "breast-cancer", "--clients", "3", "--rounds", "2",
         "--target-epsilon", "2", "--out", str(out), "--save-model", str(out / "m.npz"),
         "--no-progress", "--record-secagg",
     ])
@@ -61,7 +61,7 @@ def test_simulate_end_to_end_on_flower(tmp_path, capsys) -> None:
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     events = [e.event for e in read_ledger(out / "ledger.jsonl")]
-    assert len(events) == 4
+    assert len(events) == 6
     for cid, v in report["rounds"][-1]["per_client"].items():
         mine = [e for e in events if e.client_id == cid]
         assert v["epsilon"] == pytest.approx(epsilon_of(mine, 1e-5), rel=1e-6)

@@ -3,6 +3,7 @@ repeating a round, and no hospital forgets the privacy budget it spent."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -43,7 +44,8 @@ def _run(tmp_path, grid, resume=False, run_config=None, crash_evaluating_round=N
         return tasks.evaluate(model, ds.x_test, ds.y_test)
 
     cfg = ServerConfig(
-        rounds=POLICY.rounds, num_clients=2, delta=POLICY.delta, out_dir=tmp_path / "out",
+        rounds=POLICY.rounds, num_clients=len(grid.apps), delta=POLICY.delta,
+        out_dir=tmp_path / "out",
         node_wait_seconds=1, show_progress=False, resume=resume,
         run_config=run_config or {"task": "breast-cancer", "eps": 4.0}, secagg=secagg,
     )
@@ -123,18 +125,19 @@ def test_a_secure_run_resumes_after_a_crash_with_the_next_round_already_opened(
     pipelines again; the repeated round is on every ledger, and the budget, spent by
     then, refuses round 4 inside a pipelined round (a dropout after sharing), which
     aborts cleanly."""
-    roster, identities = make_identities(2, "resume-federation")
+    roster, identities = make_identities(3, "resume-federation")
     settings = SecAggSettings("resume-federation", roster, clip=8.0)
+
+    task3 = dataclasses.replace(TASK, clients=3)  # secure aggregation needs 3 hospitals
 
     def apps(state_root):
         def setup(ctx):
-            return hospital_setup(TASK, ctx, state_root)
+            return hospital_setup(task3, ctx, state_root)
 
         def identity(ctx):
             return identities[int(ctx.node_config["partition-id"])]
 
-        return {7: make_client_app(setup, POLICY, secagg=identity),
-                8: make_client_app(setup, POLICY, secagg=identity)}
+        return {node: make_client_app(setup, POLICY, secagg=identity) for node in (7, 8, 9)}
 
     with pytest.raises(RuntimeError, match="injected crash while evaluating"):
         _run(tmp_path, FakeGrid(apps(tmp_path / "hosp")), crash_evaluating_round=2,
@@ -144,7 +147,7 @@ def test_a_secure_run_resumes_after_a_crash_with_the_next_round_already_opened(
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert [r["secagg"]["stages"] for r in rounds[:3]] == [5, 5, 3]
     assert [r["secagg"]["aborted"] is None for r in rounds] == [True, True, True, False]
-    for cid in ("hospital-0", "hospital-1"):
+    for cid in ("hospital-0", "hospital-1", "hospital-2"):
         ledger = _ledger(tmp_path, cid)
         assert [e.round for e in ledger.events] == [1, 2, 2, 3]
         last = rounds[-1]["per_client"][cid]

@@ -17,6 +17,7 @@ from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import load_weights, weights_of
+from bract.secagg import ClientPolicy
 
 from .conftest import FakeGrid
 
@@ -46,13 +47,18 @@ def _drop_mod(plan: dict[tuple[int, str], set[int]]):
 
 
 def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="none",
-         record_dir=None, extra_mods=()):
+         record_dir=None, extra_mods=(), colluders: int | None = 0):
+    """A federation of the five NODES. Secure runs declare ``colluders`` (0 by default:
+    t = 3 of 5, so these tests can drop two hospitals; the collusion bound itself is
+    exercised in tests/secagg) on the server and in every hospital's policy."""
     settings = None
     identities = []
     if secure:
         roster, identities = make_identities(len(NODES), "test-federation")
+        hospital_policy = ClientPolicy(colluders=colluders, clip_out_of_range=True)
+        identities = [dataclasses.replace(i, policy=hospital_policy) for i in identities]
         settings = SecAggSettings(
-            "test-federation", roster, clip=8.0,
+            "test-federation", roster, clip=8.0, colluders=colluders,
             aggregate_metrics=1 if release == "aggregate" else 0,  # train-loss
             record_dir=str(record_dir) if record_dir else None,
         )
@@ -86,7 +92,10 @@ def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="n
 
 def test_secure_fedavg_equals_plain_fedavg_within_the_encoding_error(tmp_path) -> None:
     plain, _, plain_w = _run(tmp_path / "plain", NON_PRIVATE, secure=False)
-    secure, _, secure_w = _run(tmp_path / "secure", NON_PRIVATE, secure=True)
+    secure, _, secure_w = _run(tmp_path / "secure", NON_PRIVATE, secure=True, colluders=None)
+    # the default collusion bound: floor((5 - 1) / 3) = 1 colluder, t = 4 of 5
+    assert [(r["secagg"]["colluders"], r["secagg"]["threshold"]) for r in secure["rounds"]] \
+        == [(1, 4), (1, 4)]
     assert plain["final"]["non_private"] and secure["final"]["non_private"]
     # Per round the mean update is off by at most error_bound / total weight; two rounds.
     bound = sum(r["secagg"]["error_bound"] for r in secure["rounds"]) / 455 + 1e-6
@@ -120,16 +129,15 @@ def test_rounds_survive_dropouts_at_every_stage_and_abort_cleanly_below_threshol
     assert r1["trained"] == sorted(r1["secagg"]["alive"])
     assert r2["secagg"]["aborted"]
     assert r2["trained"] == []
-    # Stages counted are those whose messages went out before the abort: [advertise]
-    # (re-keying after round 1's dropouts), train, mask, check, unmask; after round 1's
-    # unmask dropouts, which had signed, round 2 is pipelined (train+mask, check, unmask).
-    assert r2["secagg"]["stages"] == {"config": 1, "mask": 3, "consistency": 4,
+    # Stages counted are those whose messages went out before the abort: train, mask,
+    # check, unmask; after round 1's unmask dropouts, which had signed, round 2 is
+    # pipelined (train+mask, check, unmask).
+    assert r2["secagg"]["stages"] == {"config": 1, "mask": 2, "consistency": 3,
                                       "unmask": 3}[stage]
     assert r2["loss"] == pytest.approx(r1["loss"])  # global model unchanged by the abort
     assert r3["secagg"]["aborted"] is None and set(r3["secagg"]["alive"]) == everyone
-    if stage == "mask":
-        # Their mask keys were reconstructed in round 1: fresh keys before round 2.
-        assert set(r2["secagg"]["advertised"]) == {"hospital-0", "hospital-1"}
+    # Round mask keys serve one round: nobody re-keys after a dropout, whatever its stage.
+    assert r2["secagg"]["advertised"] == [] and r3["secagg"]["advertised"] == []
 
 
 @pytest.mark.parametrize("stage", sorted(DROP_STAGES))
@@ -152,10 +160,10 @@ def test_a_pipelined_round_survives_dropouts_at_every_stage(tmp_path, stage) -> 
     assert r2["trained"] == sorted(r2["secagg"]["alive"])
     assert r2["loss"] != pytest.approx(r1["loss"])  # round 2's update was applied
     # A dropout after sharing ("mask": shared with round 1's unmask, then failed) has its
-    # mask key reconstructed, so it re-keys before round 3.
+    # round-2 mask key reconstructed, which unmasks nothing else: no re-keying after it.
     dropped_after_sharing = {"hospital-0", "hospital-1"} if stage == "mask" else set()
     assert set(r2["secagg"]["dropped"]) == dropped_after_sharing
-    assert dropped_after_sharing <= set(r3["secagg"]["advertised"])
+    assert r3["secagg"]["advertised"] == []
     assert r3["secagg"]["aborted"] is None
     if stage == "unmask":
         # They signed round 2, so round 3 was opened with round 2's unmask messages,
@@ -165,7 +173,7 @@ def test_a_pipelined_round_survives_dropouts_at_every_stage(tmp_path, stage) -> 
         assert {"hospital-0", "hospital-1"} <= set(r3["failed"])
     else:
         # ... otherwise not everybody signed round 2: round 3 takes the four-stage path.
-        assert r3["secagg"]["stages"] >= 4 and set(r3["secagg"]["alive"]) == everyone
+        assert r3["secagg"]["stages"] == 4 and set(r3["secagg"]["alive"]) == everyone
     assert r4["secagg"]["aborted"] is None and set(r4["secagg"]["alive"]) == everyone
 
 
@@ -188,9 +196,9 @@ def _corrupt_unmask_reply(hospital: int, fl_round: int):
 def test_a_refused_unmask_reply_keeps_its_sender_out_of_the_pipelined_round(
     tmp_path,
 ) -> None:
-    # hospital-0's round-1 unmask reply is refused, so it must re-key; its shares for
-    # round 2 (in the same reply) are not taken, and round 2 runs pipelined without it
-    # instead of being abandoned (which would make everybody re-key).
+    # hospital-0's round-1 unmask reply is refused; its shares for round 2 (in the same
+    # reply) are not taken, and round 2 runs pipelined without it instead of being
+    # abandoned. It is back in round 3, with the key it has.
     policy = dataclasses.replace(NON_PRIVATE, rounds=3)
     report, _, _ = _run(tmp_path, policy, secure=True, rounds=3,
                         extra_mods=[_corrupt_unmask_reply(0, 1)])
@@ -200,7 +208,7 @@ def test_a_refused_unmask_reply_keeps_its_sender_out_of_the_pipelined_round(
     assert r2["secagg"]["stages"] == 3
     assert set(r2["secagg"]["alive"]) == everyone - {"hospital-0"}
     assert "hospital-0" in r2["failed"]
-    assert r3["secagg"]["advertised"] == ["hospital-0"]
+    assert r3["secagg"]["advertised"] == []
     assert set(r3["secagg"]["alive"]) == everyone
 
 
@@ -227,12 +235,15 @@ def test_plain_mode_keeps_training_metrics_home_unless_released(tmp_path) -> Non
 
 
 def test_secure_federation_stops_cleanly_when_too_few_hospitals_remain(tmp_path) -> None:
-    """Two hospitals; one's budget allows a single round. After it stops, a secure
-    sum of one hospital would reveal its update: the federation ends instead."""
+    """Three hospitals; one's budget allows a single round. In round 2 (pipelined) it
+    shares, then refuses to train: a dropout after sharing, whose round-2 mask key alone
+    is reconstructed; the other two are summed (c = 0, h = 2 for three hospitals). Then
+    two hospitals remain: a sum of two would show each the other's update through the
+    global model, so the federation ends instead of starting round 3."""
     tight = PrivacyPolicy(target_epsilon=1.0, delta=1e-5, rounds=1)  # calibrated for 1 round
     loose = PrivacyPolicy(target_epsilon=1.0, delta=1e-5, rounds=3)
-    nodes = NODES[:2]
-    roster, identities = make_identities(2, "two")
+    nodes = NODES[:3]
+    roster, identities = make_identities(3, "two")
     apps = {
         node: make_client_app(
             _setup, (lambda ctx: tight if ctx.node_config["partition-id"] == 0 else loose),
@@ -248,17 +259,17 @@ def test_secure_federation_stops_cleanly_when_too_few_hospitals_remain(tmp_path)
         return tasks.evaluate(model, ds.x_test, ds.y_test)
 
     cfg = ServerConfig(
-        rounds=3, num_clients=2, delta=1e-5, out_dir=tmp_path, node_wait_seconds=1,
+        rounds=3, num_clients=3, delta=1e-5, out_dir=tmp_path, node_wait_seconds=1,
         show_progress=False, secagg=SecAggSettings("two", roster),
     )
     grid = FakeGrid(apps)
     report = run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
     r1, r2 = report["rounds"]
-    assert r1["secagg"]["aborted"] is None and len(r1["secagg"]["alive"]) == 2
-    # Round 2: hospital-0 refuses (budget); one hospital left cannot be summed securely.
+    assert r1["secagg"]["aborted"] is None and len(r1["secagg"]["alive"]) == 3
     assert "budget" in r2["per_client"]["hospital-0"]["reason"]
-    assert r2["trained"] == [] and r2["secagg"]["aborted"]
-    assert "2 hospitals needed" in report["stopped_early"]
+    assert r2["secagg"]["aborted"] is None and r2["secagg"]["dropped"] == ["hospital-0"]
+    assert r2["trained"] == ["hospital-1", "hospital-2"]
+    assert "3 hospitals needed" in report["stopped_early"]
     assert {m.metadata.group_id for m in grid.sent} == {"1", "2"}  # no round 3
 
 
@@ -279,7 +290,7 @@ def test_the_servers_recorded_view_of_real_rounds_passes_the_secagg_audit(tmp_pa
     assert [r["secagg"]["aborted"] for r in report["rounds"]] == [None, None, None]
     # Round 3 is pipelined: its config and shares were recorded during round 2's unmask
     # stage and belong to round 3's view, not round 2's.
-    assert [r["secagg"]["stages"] for r in report["rounds"]] == [5, 5, 3]
+    assert [r["secagg"]["stages"] for r in report["rounds"]] == [5, 4, 3]
     views = read_view(views_dir)
     assert [v.round for v in views] == [1, 2, 3]
     assert all(v.config.round == v.unmask_request.round for v in views)
@@ -287,5 +298,40 @@ def test_the_servers_recorded_view_of_real_rounds_passes_the_secagg_audit(tmp_pa
     audit = audit_views(views)
     failed = [c for c in audit.checks if not c.passed]
     assert not failed, failed
+    # across the three rounds, the only sum the server can isolate is each round's total
+    knowledge = [c for c in audit.checks if c.name == "knowledge-across-rounds"]
+    assert [c.statistics[0]["isolable_sums"] for c in knowledge] == [
+        [sorted(v.unmask_request.alive)] for v in views]
     assert main(["audit", "secagg", "--view", str(views_dir), "--out",
                  str(tmp_path / "audit")]) == 0
+
+
+def _forget_keys(hospital: int, fl_round: int):
+    """``hospital`` loses its ctx.state (its secure-aggregation keys) at ``fl_round``."""
+    from bract.flower.secagg_client import STATE_SESSION
+
+    def mod(msg, ctx, call_next):
+        if (int(ctx.node_config["partition-id"]) == hospital
+                and int(msg.metadata.group_id) == fl_round
+                and STATE_SESSION in ctx.state.config_records):
+            del ctx.state.config_records[STATE_SESSION]
+        return call_next(msg, ctx)
+
+    return mod
+
+
+def test_a_hospital_that_lost_its_keys_is_asked_to_advertise_and_rejoins(tmp_path) -> None:
+    # hospital-0 loses its state in round 2 (it cannot answer round 2's mask request),
+    # answers round 3's config with "must advertise its keys first", is asked for a new
+    # advertisement before round 4, and is back in the sum.
+    policy = dataclasses.replace(NON_PRIVATE, rounds=4)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=4,
+                        extra_mods=[_forget_keys(0, 2)])
+    r1, r2, r3, r4 = report["rounds"]
+    everyone = {f"hospital-{i}" for i in range(5)}
+    assert all(r["secagg"]["aborted"] is None for r in (r1, r2, r3, r4))
+    assert "hospital-0" not in r2["secagg"]["alive"]
+    assert "hospital-0" not in r3["secagg"]["alive"]
+    assert "KeyRotationRequired" in r3["failed"]["hospital-0"]
+    assert r4["secagg"]["advertised"] == ["hospital-0"]
+    assert set(r4["secagg"]["alive"]) == everyone

@@ -36,14 +36,15 @@ def make_federation(
     *,
     graph: str = "complete",
     degree: int | None = None,
-    threshold_fraction: float = 0.5,
+    colluders: int | None = None,
+    min_honest: int = 2,
     encoding: EncodingConfig | None = None,
     policy: ClientPolicy | None = None,
 ) -> Federation:
     keys = {i: signing_key(i) for i in range(n)}
     roster = {i: k.public_bytes() for i, k in keys.items()}
     server = ServerSession(fed, roster, encoding=encoding, graph=graph, degree=degree,
-                           threshold_fraction=threshold_fraction)
+                           colluders=colluders, min_honest=min_honest)
     clients = {i: ClientSession(i, fed, keys[i], roster, policy) for i in range(n)}
     return Federation(server, clients, roster, fed, keys)
 
@@ -58,7 +59,7 @@ def random_inputs(n: int, d: int, seed: int = 0, clip: float = 1.0,
 
 def advertise_all(f: Federation) -> None:
     for v in f.server.needs_advertisement(f.clients):
-        f.server.receive_advertisement(f.clients[v].advertise_keys())
+        f.server.receive_advertisement(f.clients[v].advertise_keys(), origin=v)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Staged:
     """Messages of a round run stage by stage (for attack tests)."""
 
     cfg: Message | None = None
+    shares: dict[int, Message] = field(default_factory=dict)
     mask_requests: dict[int, Message] = field(default_factory=dict)
     masked: dict[int, Message] = field(default_factory=dict)
     creq: Message | None = None
@@ -78,8 +80,9 @@ def run_to_masked(f: Federation, rnd: int, inputs, dim: int, drop_mask=()) -> St
     advertise_all(f)
     st = Staged()
     st.cfg = f.server.start_round(rnd, sorted(f.clients), dim)
-    for c in f.clients.values():
-        f.server.receive_shares(c.handle_round_config(st.cfg))
+    for v, c in f.clients.items():
+        st.shares[v] = c.handle_round_config(st.cfg)
+        f.server.receive_shares(st.shares[v])
     st.mask_requests = f.server.mask_requests()
     for v, req in st.mask_requests.items():
         if v in drop_mask:

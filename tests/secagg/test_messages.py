@@ -30,7 +30,7 @@ def _all_messages():
     reply = f.clients[0].handle_unmask_request(st_.ureq)
     adv = f.clients[0].advertise_keys()
     return [adv, st_.cfg, st_.mask_requests[0], st_.masked[0], st_.creq, st_.sigs[0], st_.ureq,
-            reply]
+            reply, st_.shares[1]]
 
 
 MESSAGES = _all_messages()
@@ -125,5 +125,19 @@ def test_random_bytes_never_crash_the_decoder(raw: bytes) -> None:
 
 
 def test_key_advertisement_fields() -> None:
-    adv = KeyAdvertisement("f", 1, 0, b"a" * 32, b"b" * 32, b"s" * 64)
-    assert adv.to_dict()["kind"] == "secagg.advertise"
+    adv = KeyAdvertisement("f", 1, 7, 0, b"a" * 32, b"s" * 64)
+    assert adv.to_dict()["kind"] == "secagg.v2.advertise"
+    assert adv.origin == 7
+
+
+def test_share_header_round_trips_and_refuses_bad_shapes() -> None:
+    from bract.secagg.messages import ShareHeader
+
+    shares = MESSAGES[-1]
+    h = ShareHeader.from_bytes(shares.header())
+    assert (h.mask_public, h.holders, h.signature) == (shares.mask_public, shares.holders,
+                                                      shares.signature)
+    for bad in (canonical_encode([b"x"] * 5), canonical_encode([b"", b"", [1], [b""], [], b""]),
+                canonical_encode([b"", b"", ["1"], [b""], [b""], b""]), b"junk"):
+        with pytest.raises(MalformedMessage):
+            ShareHeader.from_bytes(bad)

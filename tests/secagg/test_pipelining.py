@@ -11,7 +11,8 @@ from hypothesis.extra import numpy as hnp
 from secagg_helpers import advertise_all, make_federation, random_inputs
 
 from bract.secagg.encoding import EncodingConfig
-from bract.secagg.errors import KeyRotationRequired, ProtocolViolation, RoundAborted
+from bract.secagg.errors import ProtocolViolation, RoundAborted
+from bract.secagg.protocol import default_colluders, required_threshold
 
 ENC = EncodingConfig(clip=1.0, frac_bits=16, max_weight=1000)
 LATER = ("mask", "consistency", "unmask")  # stages after sharing a client can drop at
@@ -51,7 +52,7 @@ def _pipelined(f, inputs, dim, rounds, drops):
                         f.clients[v].handle_consistency_request(creq))
             ureq = f.server.unmask_request()
             nxt = None
-            if r < rounds and len(ureq.signers) >= 2:
+            if r < rounds and len(ureq.signers) >= 3:
                 nxt = f.server.start_next_round(r + 1, sorted(ureq.signers), dim)
             next_sharers = []
             for v in ureq.signers:
@@ -100,12 +101,14 @@ def test_pipelined_rounds_are_each_exact_or_abort_cleanly_with_the_next(schedule
     f = make_federation(n, encoding=ENC)
     history = _pipelined(f, inputs, d, rounds, drops)
     for r, (parts, sharers, res) in enumerate(history, start=1):
-        t = len(parts) // 2 + 1
+        m = len(parts)
+        c = default_colluders(m)
+        t = required_threshold(m, c)
         here = drops.get(r, {})
         arrived = [v for v in sharers if here.get(v) != "mask"]
         unmaskers = [v for v in arrived if here.get(v) not in ("consistency", "unmask")]
         if res is None:
-            assert len(sharers) < t or len(arrived) < t or len(unmaskers) < t
+            assert len(sharers) < t or len(arrived) < max(t, c + 2) or len(unmaskers) < t
             assert f.server.stage is None  # neither this round nor the next is open
             assert r == len(history)
             continue
@@ -141,10 +144,11 @@ def test_the_next_round_opens_only_during_unmasking() -> None:
         f.server.start_next_round(3, range(4), 3)
 
 
-def test_an_abandoned_next_round_makes_its_sharers_rekey() -> None:
-    """Shares of an opened round left the clients: if the round is abandoned (the
-    current round aborts, or the operator starts another round), its sharers count as
-    exposed and must advertise fresh keys before any new round lists them."""
+def test_an_abandoned_next_round_leaves_nothing_to_rekey() -> None:
+    """Shares of an opened round left the clients, but they are shares of that round's
+    own seed and mask key: if the round is abandoned (the current round aborts, or the
+    operator starts another round), its sharers take part in the next round with the
+    keys they have, and every secret of the new round is fresh."""
     inputs = random_inputs(4, 3)
     # Round 2 aborts at unmasking (only client 0 answers; t = 3). Round 3 was opened
     # with round 2's unmask request and client 0 shared for it: abandoned with round 2.
@@ -153,17 +157,32 @@ def test_an_abandoned_next_round_makes_its_sharers_rekey() -> None:
     assert [res is not None for _, _, res in history] == [True, False]
     assert history[1][1] == [0, 1, 2, 3]
     assert f.server.stage is None
-    assert 0 in f.server.needs_advertisement(range(4))
-    assert f.clients[0].rotation_required  # the client agrees: its shares left it
+    assert f.server.needs_advertisement(range(4)) == []
+    assert not f.clients[0].rotation_required
     # A round is open with everybody's shares in when the operator starts another
-    # round instead: the open round's sharers must re-key first.
+    # round instead: the new round goes ahead with fresh round keys.
     f = make_federation(4, encoding=ENC)
     advertise_all(f)
     f.server.start_round(3, range(4), 3)
-    for v in range(4):
-        f.server.receive_shares(f.clients[v].handle_round_config(f.server.open_config()))
+    first = {v: f.clients[v].handle_round_config(f.server.open_config()) for v in range(4)}
+    for msg in first.values():
+        f.server.receive_shares(msg)
     assert f.server.stage == "config"
-    with pytest.raises(KeyRotationRequired):
-        f.server.start_round(4, range(4), 3)
-    assert f.server.stage is None
-    assert f.server.needs_advertisement(range(4)) == [0, 1, 2, 3]
+    cfg = f.server.start_round(4, range(4), 3)
+    assert f.server.stage == "config"
+    for v in range(4):
+        f.clients[v].abort_round()
+        again = f.clients[v].handle_round_config(cfg)
+        assert again.mask_public != first[v].mask_public
+        assert again.seed_commitment != first[v].seed_commitment
+        f.server.receive_shares(again)
+    for v, req in f.server.mask_requests().items():
+        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v]))
+    creq = f.server.consistency_request()
+    for v in range(4):
+        f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))
+    ureq = f.server.unmask_request()
+    for v in range(4):
+        f.server.receive_unmask_reply(f.clients[v].handle_unmask_request(ureq))
+    res = f.server.finish()
+    assert res.total_weight == sum(inputs[v][1] for v in range(4))

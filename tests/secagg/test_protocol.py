@@ -27,9 +27,13 @@ def _check(res, inputs, enc=ENC) -> None:
 
 @st.composite
 def scenarios(draw, graph: str):
-    n = draw(st.integers(2, 60) if graph == "complete" else st.integers(5, 60))
+    n = draw(st.integers(3, 60) if graph == "complete" else st.integers(5, 60))
     d = draw(st.integers(1, 4))
-    frac = draw(st.sampled_from([0.5, 0.6, 0.75, 0.9]))
+    if graph == "complete":
+        h = draw(st.integers(2, 3))
+        c = draw(st.integers(0, max(0, n - h)))
+    else:
+        h, c = 2, draw(st.integers(0, 2))
     vectors = [draw(hnp.arrays(np.float32, d, elements=st.floats(-1, 1, width=32)))
                for _ in range(n)]
     weights = draw(st.lists(st.integers(0, 1000), min_size=n, max_size=n))
@@ -37,26 +41,30 @@ def scenarios(draw, graph: str):
     dropped = draw(st.lists(st.integers(0, n - 1), min_size=n_drop, max_size=n_drop,
                             unique=True))
     stages = draw(st.lists(st.sampled_from(STAGES), min_size=n_drop, max_size=n_drop))
-    return n, frac, dict(enumerate(zip(vectors, weights, strict=True))), \
+    return n, c, h, dict(enumerate(zip(vectors, weights, strict=True))), \
         dict(zip(dropped, stages, strict=True))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios("complete"))
 def test_complete_graph_sum_or_clean_abort(scenario) -> None:
-    """Complete graph: the round completes iff at least t clients answer every stage, and
-    then the result is the weighted sum of exactly the clients whose input arrived."""
-    n, frac, inputs, drops = scenario
-    f = make_federation(n, threshold_fraction=frac, encoding=ENC)
-    t = int(frac * n) + 1
+    """Complete graph, any collusion bound c and h: the round completes iff at least
+    t = floor((n + c) / 2) + 1 clients answer every stage and at least c + h masked
+    inputs arrive, and then the result is the weighted sum of exactly the clients whose
+    input arrived."""
+    n, c, h, inputs, drops = scenario
+    f = make_federation(n, colluders=c, min_honest=h, encoding=ENC,
+                        policy=ClientPolicy(colluders=c, min_honest=h))
+    t = max(2, (n + c) // 2 + 1)
     survivors = n - len(drops)
+    alive = {u for u in range(n) if drops.get(u) not in ("config", "mask")}
     try:
         res = run_round(f.server, f.clients, inputs, 1, dropouts=drops)
     except RoundAborted:
-        assert survivors < t
+        assert survivors < t or len(alive) < c + h
         return
-    assert survivors >= t
-    assert set(res.alive) == {u for u in range(n) if drops.get(u) not in ("config", "mask")}
+    assert survivors >= t and len(alive) >= c + h
+    assert set(res.alive) == alive
     assert set(res.dropped) == {u for u, s in drops.items() if s == "mask"}
     _check(res, inputs)
 
@@ -65,8 +73,9 @@ def test_complete_graph_sum_or_clean_abort(scenario) -> None:
 @given(scenarios("harary"))
 def test_sparse_graph_sum_or_clean_abort(scenario) -> None:
     """SecAgg+ graph: every completed round is exact; with no dropouts it always completes."""
-    n, frac, inputs, drops = scenario
-    f = make_federation(n, graph="harary", threshold_fraction=frac, encoding=ENC)
+    n, c, _, inputs, drops = scenario
+    f = make_federation(n, graph="harary", colluders=c, encoding=ENC,
+                        policy=ClientPolicy(colluders=c))
     try:
         res = run_round(f.server, f.clients, inputs, 1, dropouts=drops)
     except RoundAborted:
@@ -76,8 +85,9 @@ def test_sparse_graph_sum_or_clean_abort(scenario) -> None:
     _check(res, inputs)
 
 
-def test_several_rounds_with_dropouts_and_rotation() -> None:
-    """Keys of a client whose mask key was reconstructed are rotated before it rejoins."""
+def test_several_rounds_with_dropouts_need_no_rekeying() -> None:
+    """A dropout after sharing exposes that round's mask key only: the client rejoins the
+    next round with the same share-channel key, and every round is exact."""
     n, d = 12, 5
     f = make_federation(n, encoding=ENC)
     inputs = random_inputs(n, d, max_weight=1000)
@@ -88,17 +98,28 @@ def test_several_rounds_with_dropouts_and_rotation() -> None:
                                                                5: "config"})
     _check(res, inputs)
     assert res.dropped == (3,)
-    assert f.server.needs_advertisement(range(n)) == [3, 4]
+    f.clients[3].abort_round()
+    assert f.server.needs_advertisement(range(n)) == []
     res = run_round(f.server, f.clients, inputs, 3)
     _check(res, inputs)
-    after = {u: f.clients[u].advertise_keys().epoch for u in range(n)}
-    assert after[3] == epochs[3] + 1 and after[4] == epochs[4] + 1
-    assert all(after[u] == epochs[u] for u in range(n) if u not in (3, 4))
+    assert {u: f.clients[u].advertise_keys().epoch for u in range(n)} == epochs
+
+
+def test_an_operator_rotation_of_the_share_channel_key_is_taken_up() -> None:
+    n, d = 5, 3
+    f = make_federation(n, encoding=ENC)
+    inputs = random_inputs(n, d, max_weight=1000)
+    _check(run_round(f.server, f.clients, inputs, 1), inputs)
+    adv = f.clients[2].advertise_keys(rotate=True)
+    assert adv.epoch == 1
+    f.server.receive_advertisement(adv, origin=2)
+    _check(run_round(f.server, f.clients, inputs, 2), inputs)
 
 
 def test_sparse_graph_large_n_with_dropouts() -> None:
     n, d = 80, 3
-    f = make_federation(n, graph="harary", encoding=ENC)
+    f = make_federation(n, graph="harary", colluders=2, encoding=ENC,
+                        policy=ClientPolicy(colluders=2))
     inputs = random_inputs(n, d, max_weight=1000)
     drops = {u: STAGES[u % 4] for u in range(0, n, 9)}
     res = run_round(f.server, f.clients, inputs, 1, dropouts=drops)
@@ -127,9 +148,44 @@ def test_weights_stay_inside_the_mask() -> None:
     assert inputs[0][0].astype(np.float64).tobytes() not in raw
 
 
-def test_policy_min_threshold_is_enforced_even_when_higher_than_half() -> None:
+def test_policy_collusion_bound_is_enforced_whatever_the_server_declares() -> None:
+    """A client tolerating 2 colluders refuses a 6-client round set up for 1 (t = 4; it
+    needs t >= 5), however the server states its parameters."""
+    from dataclasses import replace
+
     from bract.secagg.errors import ThresholdPolicyError
 
-    f = make_federation(6, encoding=ENC, policy=ClientPolicy(min_threshold_fraction=0.7))
-    with pytest.raises(ThresholdPolicyError, match="threshold 4 refused"):
+    f = make_federation(6, colluders=1, encoding=ENC, policy=ClientPolicy(colluders=2))
+    with pytest.raises(ThresholdPolicyError, match="c = 1 colluders"):
         run_round(f.server, f.clients, random_inputs(6, 2), 1)
+    cfg = f.server.start_round(2, range(6), 2)
+    assert cfg.threshold == 4
+    with pytest.raises(ThresholdPolicyError, match="threshold 4 refused"):
+        f.clients[0].handle_round_config(replace(cfg, colluders=2))
+
+
+@pytest.mark.parametrize(("n", "c", "t"), [(3, 0, 2), (4, 1, 3), (5, 1, 4), (7, 2, 5),
+                                           (10, 3, 7), (100, 33, 67)])
+def test_default_threshold_meets_bonawitz_active_bound(n: int, c: int, t: int) -> None:
+    from bract.secagg.protocol import default_colluders, required_threshold
+
+    assert default_colluders(n) == c
+    assert required_threshold(n, c) == t
+    assert 2 * t > n + c and 2 * (t - 1) <= n + c
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 500), st.integers(0, 600))
+def test_required_threshold_is_the_smallest_that_splits_no_view(size: int, c: int) -> None:
+    """t > (size + c') / 2 with c' = min(c, size - 1): two honest groups that each reach t
+    with the c' colluders must overlap; t - 1 would allow two disjoint ones (when t > 2)."""
+    from bract.secagg.protocol import required_threshold
+
+    t = required_threshold(size, c)
+    cc = min(c, size - 1)
+    honest = size - cc
+    # two disjoint honest groups H1, H2 with |Hi| + cc >= t need |H1| + |H2| <= honest
+    assert t > cc  # the colluders alone never reach t
+    assert 2 * (t - cc) > honest
+    if t > 2:
+        assert 2 * (t - 1 - cc) <= honest

@@ -68,8 +68,10 @@ def add_run_audit_parsers(audit_sub: Any) -> None:
         help="check that the server's view of secure-aggregation rounds hides every update",
         description=(
             "Run secure-aggregation rounds with dropouts (or read a recorded server view with "
-            "--view), record every message the server received, and check: each masked "
-            "input is uniform over the ring; after the server removes every mask it can "
+            "--view), record every message the server received, and check: with every "
+            "secret the shares of any round reveal applied to every round, no sum of fewer "
+            "than h clients can be isolated (an update recoverable across rounds fails); each "
+            "masked input is uniform over the ring; after the server removes every mask it can "
             "(the survivors' self masks and the dropped clients' pair masks), each survivor's "
             "vector is still uniform and uncorrelated with its input; and the aggregate "
             "equals the sum of the survivors' inputs."

@@ -1,25 +1,37 @@
 """Audit of secure aggregation: does the server's view hide every client's update?
 
-The audit records everything the server of :mod:`bract.secagg` receives in a
-round (and the requests it sends), in order, and then plays the *curious
-server*: it removes every mask the protocol lets it remove and tests what is
-left. Per round:
+The audit records everything the server of :mod:`bract.secagg` receives (and
+the requests it sends), in order, round by round, and then plays the *curious
+server* that keeps everything: it accumulates every share it received in every
+round, reconstructs every secret those shares allow, removes every mask the
+secrets let it remove, and checks what is left.
 
+``knowledge-across-rounds`` (the decisive check, algebraic, over all recorded rounds)
+    From every round's unmask replies the server reconstructs each secret with
+    at least ``t`` shares: self-mask seeds and X25519 mask private keys. A mask
+    key reconstructed in any round removes, in *every* round, each pair mask made
+    with it. Then, per round, a masked input helps the server only if its self
+    mask is removable; pair masks that no known key removes cancel only between
+    two such inputs. The sums the server can isolate are therefore the sums over
+    the connected components (by unremovable pair masks) of the inputs with a
+    known seed that have no unremovable mask to an input outside. The check fails
+    if any such component holds fewer than ``h`` clients (``min_honest`` of the
+    round's config; 2 for views of protocol v1, which had no such field): that
+    client's (or those few clients') update, weight included, is recoverable.
 ``masked-inputs-uniform``
     Each masked input ``y_u`` (all ``d + 1`` ring elements) passes
     :func:`~bract.audit.uniformity.uniformity_test`.
 ``survivors-hidden``
-    For each survivor ``u`` the server reconstructs ``u``'s self-mask seed (it
-    receives its shares in the unmask stage) and every dropped neighbour's mask
-    key, and subtracts the self mask and the pair masks with dropped clients.
-    The remainder ``enc(x_u) + sum of pair masks with other survivors`` must
-    still be uniform and (when the true inputs are known) independent of ``x_u``
-    (:func:`~bract.audit.uniformity.independence_test`).
+    For each survivor ``u`` the server reconstructs ``u``'s self-mask seed and
+    every dropped neighbour's round mask key, and subtracts the self mask and the
+    pair masks with dropped clients. The remainder ``enc(x_u) + sum of pair masks
+    with other survivors`` must still be uniform and (when the true inputs are
+    known) independent of ``x_u`` (:func:`~bract.audit.uniformity.independence_test`).
 ``dropped-late-hidden``
     A dropped client's masked input may still reach the server late. The server
-    then knows *all* of that client's pair masks (it reconstructed its mask key),
-    so only the self mask protects it; the audit asks the dropped client for the
-    masked input it would have sent, removes all its pair masks, and tests the
+    then knows *all* of that client's pair masks (it reconstructed its round mask
+    key), so only the self mask protects it; the audit asks the dropped client for
+    the masked input it would have sent, removes all its pair masks, and tests the
     remainder as above (Bonawitz et al.'s reason for double masking).
 ``aggregate-exact``
     The non-vacuity check: the survivors' remainders sum (in the ring) to exactly
@@ -27,17 +39,22 @@ left. Per round:
     removes and tested the real remainders -- and the aggregate equals the
     weighted sum of the survivors' true inputs within the encoding's error bound.
 
-Significance: each vector's test has family-wise false-alarm probability
-``alpha`` (default 1e-6), so a correct protocol fails an audit of a few hundred
-vectors with probability below 1e-3.
+Significance of the statistical checks: each vector's test has family-wise
+false-alarm probability ``alpha`` (default 1e-6), so a correct protocol fails an
+audit of a few hundred vectors with probability below 1e-3.
+
+Views recorded with protocol v1 (one mask key per key epoch; commit 72e210b and
+before) are read too: for them only ``knowledge-across-rounds`` runs, which is
+the check that fails on them when a client dropped after sharing in a later
+round of the same key epoch.
 
 What the audit cannot show: that masks are *unpredictable* (an AES keystream
 under a key the server knows passes every statistical test; that rests on the
 key agreement and secret sharing, covered by the protocol's own tests), nor
-anything about a malicious server that deviates from the protocol (the attack
-tests in ``tests/secagg/test_attacks.py`` cover that). It also leaves aside
-what the sum itself reveals: with two survivors, each learns the other's input
-from the sum and its own; DP noise, not secure aggregation, protects against that.
+anything about a malicious server that deviates from the protocol or colludes
+with clients (``tests/secagg/test_malicious_server.py`` covers that). It also
+leaves aside what a sum itself reveals: DP noise, not secure aggregation,
+protects against that.
 
 Pure: imports neither flwr nor torch.
 """
@@ -55,10 +72,20 @@ import numpy as np
 
 from bract.audit.uniformity import DEFAULT_ALPHA, independence_test, uniformity_test
 from bract.secagg import shamir
-from bract.secagg.crypto import SigningKey, keystream, x25519_public, x25519_shared
+from bract.secagg.crypto import (
+    SigningKey,
+    keystream,
+    x25519_public,
+    x25519_shared,
+)
 from bract.secagg.driver import STAGES, run_round
 from bract.secagg.encoding import RING_DTYPES, EncodingConfig, decode_sum
-from bract.secagg.errors import EncodingError, RoundAborted
+from bract.secagg.errors import (
+    AuthenticationError,
+    EncodingError,
+    ProtocolViolation,
+    RoundAborted,
+)
 from bract.secagg.graph import GRAPH_KINDS, closed_neighbourhoods
 from bract.secagg.messages import (
     KeyAdvertisement,
@@ -66,24 +93,54 @@ from bract.secagg.messages import (
     MaskRequest,
     Message,
     RoundConfig,
+    ShareKeys,
     UnmaskReply,
     UnmaskRequest,
-    message_from_bytes,
+    canonical_decode,
+    canonical_encode,
+    message_from_dict,
 )
 from bract.secagg.protocol import (
     AggregateResult,
+    ClientPolicy,
     ClientSession,
     ServerSession,
-    _pair_mask_key,
     _self_mask_key,
+    pair_mask_key,
 )
 
-CHECKS = ("masked-inputs-uniform", "survivors-hidden", "dropped-late-hidden", "aggregate-exact")
+CHECKS = ("knowledge-across-rounds", "masked-inputs-uniform", "survivors-hidden",
+          "dropped-late-hidden", "aggregate-exact")
+ROUND_CHECKS = CHECKS[1:]
 _DIRECTIONS = {"in": b"I", "out": b"O", "late": b"L"}
 _DIRECTION_OF = {v: k for k, v in _DIRECTIONS.items()}
 
 
 # ------------------------------------------------------------------------ recording
+
+
+@dataclass(frozen=True)
+class LegacyMessage:
+    """A message of protocol v1 read from an old recording, kept as its plain fields."""
+
+    kind: str
+    fields: dict[str, Any]
+
+    def to_bytes(self) -> bytes:
+        """The canonical bytes it was read from."""
+        return canonical_encode({"kind": self.kind, **self.fields})
+
+
+_V1_KINDS = ("secagg.advertise", "secagg.round_config", "secagg.share_keys",
+             "secagg.mask_request", "secagg.masked_input", "secagg.consistency_request",
+             "secagg.consistency_signature", "secagg.unmask_request", "secagg.unmask_reply")
+
+
+def _message_from_raw(raw: bytes) -> Message | LegacyMessage:
+    d = canonical_decode(raw)
+    if isinstance(d, dict) and d.get("kind") in _V1_KINDS:
+        return LegacyMessage(d["kind"], {k: v for k, v in d.items() if k != "kind"})
+    return message_from_dict(d)
 
 
 @dataclass
@@ -98,13 +155,20 @@ class ServerView:
     """
 
     round: int
-    messages: list[tuple[str, Message]]
+    messages: list[tuple[str, Any]]
     weighted_sum: np.ndarray
     total_weight: int
     inputs: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
+    #: The round aborted: no aggregate, but what the server received still counts.
+    aborted: bool = False
 
     def _of(self, direction: str, cls: type[Message]) -> list[Any]:
         return [m for d, m in self.messages if d == direction and isinstance(m, cls)]
+
+    @property
+    def legacy(self) -> bool:
+        """True for a view recorded with protocol v1."""
+        return any(isinstance(m, LegacyMessage) for _, m in self.messages)
 
     @property
     def config(self) -> RoundConfig:
@@ -113,6 +177,12 @@ class ServerView:
         if len(cfgs) != 1:
             raise ValueError(f"a round's view needs exactly one RoundConfig (found {len(cfgs)}).")
         return cfgs[0]
+
+    @property
+    def shares(self) -> dict[int, ShareKeys]:
+        """The round's share messages the server received (round mask keys), by node."""
+        rnd = self.config.round
+        return {m.node_id: m for m in self._of("in", ShareKeys) if m.round == rnd}
 
     @property
     def masked(self) -> dict[int, MaskedInput]:
@@ -156,9 +226,9 @@ class RecordingServerSession(ServerSession):
         super().__init__(*args, **kwargs)
         self.log: list[tuple[str, Message]] = []
 
-    def receive_advertisement(self, adv: KeyAdvertisement) -> None:
+    def receive_advertisement(self, adv: KeyAdvertisement, origin: int | None = None) -> None:
         self.log.append(("in", adv))
-        super().receive_advertisement(adv)
+        super().receive_advertisement(adv, origin)
 
     def start_round(self, round_number: int, participants: Sequence[int],
                     dim: int) -> RoundConfig:
@@ -236,11 +306,15 @@ class SecAggAuditConfig:
             raise ValueError(f"graph must be one of {GRAPH_KINDS} (got {self.graph!r}).")
         if self.drop_stage not in STAGES:
             raise ValueError(f"drop_stage must be one of {STAGES} (got {self.drop_stage!r}).")
-        most = self.clients - (self.clients // 2 + 1)
+        from bract.secagg.protocol import default_colluders, required_threshold
+
+        t = required_threshold(self.clients, default_colluders(self.clients))
+        most = self.clients - t
         if not isinstance(self.dropouts, int) or not 0 <= self.dropouts <= most:
             raise ValueError(
                 f"dropouts must be between 0 and {most} for {self.clients} clients (got "
-                f"{self.dropouts!r}): a round needs more than half of the clients to survive."
+                f"{self.dropouts!r}): a round needs t = {t} of them to survive (t > (n + c)/2 "
+                f"with c = {default_colluders(self.clients)} tolerated colluders)."
             )
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must lie in (0, 1) (got {self.alpha!r}).")
@@ -263,8 +337,11 @@ def record_rounds(config: SecAggAuditConfig) -> list[ServerView]:
     fed = "bract-audit-secagg"
     keys = {i: SigningKey.generate() for i in range(config.clients)}
     roster = {i: k.public_bytes() for i, k in keys.items()}
-    server = RecordingServerSession(fed, roster, encoding=config.encoding(), graph=config.graph)
-    clients = {i: ClientSession(i, fed, keys[i], roster) for i in range(config.clients)}
+    colluders = 1 if config.graph == "harary" else None  # a sparse graph needs a small c
+    server = RecordingServerSession(fed, roster, encoding=config.encoding(), graph=config.graph,
+                                    colluders=colluders)
+    policy = ClientPolicy(colluders=colluders)
+    clients = {i: ClientSession(i, fed, keys[i], roster, policy) for i in range(config.clients)}
     views = []
     for rnd in range(1, config.rounds + 1):
         inputs = {
@@ -336,23 +413,16 @@ def _stream(key: bytes, cfg: RoundConfig) -> np.ndarray:
 
 @dataclass
 class _ServerSecrets:
-    """What the server can reconstruct from the unmask replies."""
+    """What the server can reconstruct from one round's unmask replies."""
 
     self_keys: dict[int, bytes]  # survivor -> self-mask key
-    mask_private: dict[int, bytes]  # dropped client -> X25519 mask private key
+    mask_private: dict[int, bytes]  # dropped client -> its round's X25519 mask private key
 
 
 def _reconstruct(view: ServerView) -> _ServerSecrets:
     cfg = view.config
-    seed_pts: dict[int, list[tuple[int, int]]] = {}
-    key_pts: dict[int, list[tuple[int, int]]] = {}
-    for reply in view.unmask_replies:
-        x = shamir.x_coordinate(reply.node_id)
-        for v, b in zip(reply.seed_owners, reply.seed_shares, strict=True):
-            seed_pts.setdefault(v, []).append((x, shamir.bytes_to_share(b)))
-        for v, b in zip(reply.key_owners, reply.key_shares, strict=True):
-            key_pts.setdefault(v, []).append((x, shamir.bytes_to_share(b)))
-    index = {v: i for i, v in enumerate(cfg.participants)}
+    publics = {u: m.mask_public for u, m in view.shares.items()}
+    seed_pts, key_pts = _points(view.unmask_replies)
     self_keys = {}
     for u, pts in seed_pts.items():
         seed = shamir.reconstruct(pts, cfg.threshold).to_bytes(32, "big")
@@ -360,28 +430,183 @@ def _reconstruct(view: ServerView) -> _ServerSecrets:
     mask_private = {}
     for v, pts in key_pts.items():
         secret = shamir.reconstruct(pts, cfg.threshold).to_bytes(32, "big")
-        if x25519_public(secret) != cfg.mask_publics[index[v]]:
+        if x25519_public(secret) != publics.get(v):
             raise ValueError(f"the reconstructed mask key of node {v} does not match its "
-                             "advertised key: the recorded view is inconsistent.")
+                             "round mask key: the recorded view is inconsistent.")
         mask_private[v] = secret
     return _ServerSecrets(self_keys, mask_private)
 
 
-def _pair_mask(cfg: RoundConfig, private: bytes, owner: int, peer: int,
-               applier: int) -> np.ndarray:
+def _points(replies: Sequence[Any]) -> tuple[dict[int, list[tuple[int, int]]],
+                                             dict[int, list[tuple[int, int]]]]:
+    """Shamir points per owner, of seeds and of mask keys, from unmask replies (v1 or v2)."""
+    seed_pts: dict[int, list[tuple[int, int]]] = {}
+    key_pts: dict[int, list[tuple[int, int]]] = {}
+    for reply in replies:
+        get = reply.fields.get if isinstance(reply, LegacyMessage) else reply.__dict__.get
+        x = shamir.x_coordinate(get("node_id"))
+        for v, b in zip(get("seed_owners"), get("seed_shares"), strict=True):
+            seed_pts.setdefault(v, []).append((x, shamir.bytes_to_share(b)))
+        for v, b in zip(get("key_owners"), get("key_shares"), strict=True):
+            key_pts.setdefault(v, []).append((x, shamir.bytes_to_share(b)))
+    return seed_pts, key_pts
+
+
+def _pair_mask(cfg: RoundConfig, publics: Mapping[int, bytes], private: bytes, owner: int,
+               peer: int, applier: int) -> np.ndarray:
     """The pair mask of ``{owner, peer}`` as ``applier`` (one of the two) applied it.
 
-    ``private`` is ``owner``'s X25519 mask key (the server reconstructs it for a
+    ``private`` is ``owner``'s round mask key (the server reconstructs it for a
     dropped client); the applier with the smaller id adds the keystream, the
     other subtracts it, so the pair's masks cancel in the sum.
     """
-    index = {w: i for i, w in enumerate(cfg.participants)}
-    shared = x25519_shared(private, cfg.mask_publics[index[peer]])
-    key = _pair_mask_key(shared, cfg.federation_id, cfg.round,
-                         (owner, cfg.key_epochs[index[owner]]), (peer, cfg.key_epochs[index[peer]]))
+    shared = x25519_shared(private, publics[peer])
+    key = pair_mask_key(shared, cfg.federation_id, cfg.round, (owner, publics[owner]),
+                        (peer, publics[peer]))
     s = _stream(key, cfg)
     partner = peer if applier == owner else owner
     return s if applier < partner else (np.zeros_like(s) - s)
+
+
+# ------------------------------------------------------- knowledge across rounds
+
+
+@dataclass
+class _RoundFacts:
+    """What one recorded round tells the server, in protocol-neutral terms."""
+
+    label: int
+    threshold: int
+    min_honest: int
+    nbhd: dict[int, tuple[int, ...]]
+    sharers: set[int]
+    mask_public: dict[int, bytes]  # node -> the X25519 mask public key it masked with
+    held: set[int]  # nodes whose masked input the server holds (on time or late)
+    seed_points: dict[int, list[tuple[int, int]]]
+    key_points: dict[int, list[tuple[int, int]]]
+
+
+def _facts(view: ServerView) -> _RoundFacts | None:
+    """The round's facts, or ``None`` for a view without a round config."""
+    if view.legacy:  # protocol v1: epoch mask keys listed in the config
+        msgs = [(d, m) for d, m in view.messages if isinstance(m, LegacyMessage)]
+        cfgs = [m.fields for d, m in msgs if d == "out" and m.kind == "secagg.round_config"]
+        if len(cfgs) != 1:
+            return None
+        cfg = cfgs[0]
+        parts = cfg["participants"]
+        nbhd = closed_neighbourhoods(parts, cfg["graph_kind"], cfg["degree"], cfg["graph_seed"])
+        sharers: set[int] = set()
+        for d, m in msgs:
+            if d == "out" and m.kind == "secagg.mask_request":
+                sharers |= set(m.fields["sharers"])
+        held = {m.fields["node_id"] for d, m in msgs if m.kind == "secagg.masked_input"
+                and d in ("in", "late")}
+        replies = [m for d, m in msgs if d == "in" and m.kind == "secagg.unmask_reply"]
+        seed_pts, key_pts = _points(replies)
+        return _RoundFacts(view.round, cfg["threshold"], 2, nbhd, sharers,
+                           dict(zip(parts, cfg["mask_publics"], strict=True)), held, seed_pts,
+                           key_pts)
+    try:
+        cfg = view.config
+    except ValueError:
+        return None
+    nbhd = closed_neighbourhoods(cfg.participants, cfg.graph_kind, cfg.degree, cfg.graph_seed)
+    sharers = set()
+    for m in view._of("out", MaskRequest):
+        sharers |= set(m.sharers)
+    held = set(view.masked) | set(view.late)
+    seed_pts, key_pts = _points(view.unmask_replies)
+    return _RoundFacts(view.round, cfg.threshold, cfg.min_honest, nbhd, sharers,
+                       {u: m.mask_public for u, m in view.shares.items()}, held, seed_pts,
+                       key_pts)
+
+
+def _reconstructed(points: Mapping[int, list[tuple[int, int]]], t: int) -> dict[int, int]:
+    out = {}
+    for v, pts in points.items():
+        if len(pts) >= t:
+            try:
+                out[v] = shamir.reconstruct(pts, t)
+            except (ProtocolViolation, ValueError):
+                continue
+    return out
+
+
+def _isolable_sums(f: _RoundFacts, usable: set[int], known_keys: set[bytes]) -> list[set[int]]:
+    """The groups of clients whose summed update the server can compute in round ``f``.
+
+    ``usable``: inputs the server holds with a removable self mask. Two of them are
+    joined by a pair mask no known key removes (it cancels only in their sum); a
+    group with such a mask to any input outside ``usable`` stays masked.
+    """
+    def hidden(u: int, v: int) -> bool:
+        return (f.mask_public.get(u) not in known_keys
+                and f.mask_public.get(v) not in known_keys)
+
+    parent = {u: u for u in usable}
+
+    def root(u: int) -> int:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    leaky: set[int] = set()
+    for u in usable:
+        for v in f.nbhd.get(u, ()):
+            if v == u or v not in f.sharers or not hidden(u, v):
+                continue
+            if v in usable:
+                parent[root(u)] = root(v)
+            else:
+                leaky.add(u)
+    groups: dict[int, set[int]] = {}
+    for u in usable:
+        groups.setdefault(root(u), set()).add(u)
+    return [g for g in groups.values() if not g & leaky]
+
+
+def knowledge_across_rounds(views: Sequence[ServerView]) -> list[CheckResult]:
+    """The ``knowledge-across-rounds`` check, one result per round (module docstring).
+
+    Secrets reconstructed in any round are applied to every round: a mask private
+    key is known from the first reconstruction on, whichever round it came from.
+    """
+    facts = [f for f in (_facts(v) for v in views) if f is not None]
+    known_keys: set[bytes] = set()  # mask public keys whose private key the server has
+    seeds: dict[int, set[int]] = {}
+    for f in facts:
+        seeds[f.label] = set(_reconstructed(f.seed_points, f.threshold))
+        for secret in _reconstructed(f.key_points, f.threshold).values():
+            if secret < 2**256:
+                try:
+                    known_keys.add(x25519_public(secret.to_bytes(32, "big")))
+                except AuthenticationError:
+                    continue
+    results = []
+    for f in facts:
+        usable = {u for u in f.held if u in seeds[f.label]}
+        closed = _isolable_sums(f, usable, known_keys)
+        small = sorted((sorted(g) for g in closed if len(g) < f.min_honest), key=len)
+        smallest = min((len(g) for g in closed), default=0)
+        detail = (f"{len(usable)} masked input(s) with a known self-mask seed, "
+                  f"{len(known_keys)} mask key(s) reconstructed over all recorded rounds; ")
+        if small:
+            detail += ("EXPOSED: the server can isolate the update(s) of "
+                       + ", ".join(f"node {g[0]}" if len(g) == 1 else f"nodes {g}"
+                                   for g in small)
+                       + f" (fewer than h = {f.min_honest} clients per sum)")
+        elif closed:
+            detail += (f"the smallest sum the server can isolate holds {smallest} client(s) "
+                       f"(h = {f.min_honest})")
+        else:
+            detail += "the server can isolate no sum of this round"
+        results.append(CheckResult(
+            f.label, CHECKS[0], not small, detail,
+            [{"isolable_sums": [sorted(g) for g in closed], "min_honest": f.min_honest,
+              "keys_reconstructed": len(known_keys)}]))
+    return results
 
 
 def _test_vector(vec: np.ndarray, cfg: RoundConfig, alpha: float,
@@ -399,8 +624,10 @@ def _test_vector(vec: np.ndarray, cfg: RoundConfig, alpha: float,
 
 
 def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResult]:
-    """Run the four checks (module docstring) on one round's view."""
+    """Run the four per-round statistical checks (module docstring) on one round's view
+    of protocol v2 (the cross-round check is :func:`knowledge_across_rounds`)."""
     cfg = view.config
+    publics = {u: m.mask_public for u, m in view.shares.items()}
     ureq = view.unmask_request
     alive, dropped = sorted(ureq.alive), sorted(ureq.dropped)
     masked = view.masked
@@ -421,7 +648,7 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
         if not ok:
             bad.append(u)
     results.append(CheckResult(
-        rnd, CHECKS[0], not bad,
+        rnd, ROUND_CHECKS[0], not bad,
         f"{len(masked)} masked inputs; " + (f"NOT uniform: nodes {bad}" if bad
                                             else f"all uniform over Z_2^{cfg.ring_bits}"),
         stats))
@@ -435,7 +662,7 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
         r = _ring(masked[u], cfg) - _stream(secrets_.self_keys[u], cfg)
         for v in dropped:
             if v in nbhd[u] and v in secrets_.mask_private:
-                r = r - _pair_mask(cfg, secrets_.mask_private[v], v, u, applier=u)
+                r = r - _pair_mask(cfg, publics, secrets_.mask_private[v], v, u, applier=u)
         residuals[u] = r
         ok, s = _test_vector(r, cfg, alpha, truth.get(u))
         stats.append({"node": u, **s})
@@ -458,7 +685,7 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
         verdict += ("; NOT ASSESSED: the masks the audit removed are not those the server "
                     "removed (see aggregate-exact)")
     results.append(CheckResult(
-        rnd, CHECKS[1], not bad and same,
+        rnd, ROUND_CHECKS[1], not bad and same,
         f"{len(alive)} survivors, {len(dropped)} dropped; after removing every self mask and "
         f"the dropped clients' pair masks each survivor is still masked by pair masks with "
         f"at least {others} other survivor(s); {verdict}",
@@ -474,7 +701,7 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
         r = _ring(msg, cfg)
         for u in nbhd[v]:
             if u != v and u in sharers:
-                r = r - _pair_mask(cfg, secrets_.mask_private[v], v, u, applier=v)
+                r = r - _pair_mask(cfg, publics, secrets_.mask_private[v], v, u, applier=v)
         ok, s = _test_vector(r, cfg, alpha, truth.get(v))
         stats.append({"node": v, **s})
         if not ok:
@@ -485,7 +712,7 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
                                  else "still hidden by their self masks"))
     else:
         detail = "no late masked input of a dropped client in this view (nothing to check)"
-    results.append(CheckResult(rnd, CHECKS[2], not bad, detail, stats))
+    results.append(CheckResult(rnd, ROUND_CHECKS[2], not bad, detail, stats))
 
     # 4. non-vacuity: the remainders sum to the server's aggregate, which is the true sum
     detail = ("survivors' remainders sum exactly to the server's aggregate" if same else
@@ -508,7 +735,7 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
                    f"{err:.3g} <= bound {bound:.3g})" if true_ok else
                    f"; the aggregate is NOT the survivors' weighted sum (error {err:.3g}, "
                    f"bound {bound:.3g}, weights {view.total_weight} vs {expect_w})")
-    results.append(CheckResult(rnd, CHECKS[3], ok, detail, [stat]))
+    results.append(CheckResult(rnd, ROUND_CHECKS[3], ok, detail, [stat]))
     return results
 
 
@@ -535,8 +762,22 @@ def audit_views(views: Sequence[ServerView], alpha: float = DEFAULT_ALPHA) -> Se
     """Audit every round's view; see the module docstring for what passing means."""
     if not views:
         raise ValueError("no recorded rounds to audit.")
-    checks = [c for v in views for c in audit_view(v, alpha)]
+    knowledge = {c.round: c for c in knowledge_across_rounds(views)}
+    checks = []
+    for v in views:
+        if v.round in knowledge:
+            checks.append(knowledge[v.round])
+        if not v.legacy and not v.aborted and _reached_unmasking(v):
+            checks += audit_view(v, alpha)
     return SecAggAuditReport(checks, alpha, len(views))
+
+
+def _reached_unmasking(view: ServerView) -> bool:
+    try:
+        view.unmask_request  # noqa: B018
+    except ValueError:
+        return False
+    return bool(view.unmask_replies)
 
 
 def run_secagg_audit(config: SecAggAuditConfig) -> SecAggAuditReport:
@@ -561,7 +802,8 @@ def write_view(view: ServerView, directory: Path) -> Path:
             raw = msg.to_bytes()
             f.write(_DIRECTIONS[d] + struct.pack(">I", len(raw)) + raw)
     np.savez(directory / "aggregate.npz", round=np.int64(view.round),
-             weighted_sum=view.weighted_sum, total_weight=np.int64(view.total_weight))
+             weighted_sum=view.weighted_sum, total_weight=np.int64(view.total_weight),
+             aborted=np.bool_(view.aborted))
     if view.inputs:
         nodes = sorted(view.inputs)
         np.savez(directory / "inputs.npz", nodes=np.array(nodes, dtype=np.int64),
@@ -580,11 +822,12 @@ def _read_one(directory: Path) -> ServerView:
         tag, (length,) = raw[pos:pos + 1], struct.unpack(">I", raw[pos + 1:pos + 5])
         if tag not in _DIRECTION_OF or pos + 5 + length > len(raw):
             raise ValueError(f"{directory / 'messages.bin'} is malformed at byte {pos}.")
-        messages.append((_DIRECTION_OF[tag], message_from_bytes(raw[pos + 5:pos + 5 + length])))
+        messages.append((_DIRECTION_OF[tag], _message_from_raw(raw[pos + 5:pos + 5 + length])))
         pos += 5 + length
     with np.load(directory / "aggregate.npz", allow_pickle=False) as agg:
         view = ServerView(int(agg["round"]), messages, np.asarray(agg["weighted_sum"]),
-                          int(agg["total_weight"]))
+                          int(agg["total_weight"]),
+                          aborted=bool(agg["aborted"]) if "aborted" in agg else False)
     truth = directory / "inputs.npz"
     if truth.exists():
         with np.load(truth, allow_pickle=False) as t:
@@ -623,11 +866,13 @@ def report_markdown(report: SecAggAuditReport) -> str:
               for c in report.checks]
     lines += [
         "",
-        "What passing shows: in the recorded view, no masked vector — nor what remains after "
-        "the server removes every mask it can — is distinguishable from uniform or related to "
-        "the client's input by these tests, and the aggregate is the survivors' true sum. What "
-        "it cannot show: that masks are unpredictable (that rests on the protocol's keys), "
-        "anything about a server that deviates from the protocol, or what the sum itself "
+        "What passing shows: with every secret the recorded shares reveal, from any round, "
+        "applied to every round, the server can isolate no sum of fewer than h clients; in "
+        "the recorded view no masked vector — nor what remains after the server removes every "
+        "mask it can — is distinguishable from uniform or related to the client's input by "
+        "these tests, and the aggregate is the survivors' true sum. What it cannot show: that "
+        "masks are unpredictable (that rests on the protocol's keys), anything about a server "
+        "that deviates from the protocol or colludes with hospitals, or what a sum itself "
         "reveals.",
     ]
     return "\n".join(lines) + "\n"

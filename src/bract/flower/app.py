@@ -22,6 +22,7 @@ from bract.flower.records import AGGREGATED_METRICS
 from bract.flower.secagg_client import SecAggIdentity, read_identity_key, read_roster
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
+from bract.secagg import ClientPolicy
 
 if TYPE_CHECKING:
     from bract import tasks
@@ -151,7 +152,9 @@ def identity_from_node_config(node_config: Mapping[str, Any]) -> SecAggIdentity:
     """A hospital's secagg identity from files its operator named in its node config.
 
     ``secagg-id``: its id in the roster; ``identity-key``: its Ed25519 private key
-    file; ``roster``: its own copy of the roster (never taken from the server).
+    file; ``roster``: its own copy of the roster (never taken from the server);
+    optional ``secagg-colluders``: the colluding hospitals it tolerates (default
+    ``floor((n - 1) / 3)`` of a round's n); it refuses any round weaker than that.
     """
     missing = [k for k in NODE_SECAGG_KEYS if k not in node_config]
     if missing:
@@ -160,11 +163,14 @@ def identity_from_node_config(node_config: Mapping[str, Any]) -> SecAggIdentity:
             "(see docs/deployment.md), or run with secagg=false"
         )
     roster = read_roster(Path(str(node_config["roster"])))
+    colluders = node_config.get("secagg-colluders")
     return SecAggIdentity(
         int(node_config["secagg-id"]),
         read_identity_key(Path(str(node_config["identity-key"]))),
         roster.keys,
         roster.federation_id,
+        ClientPolicy(colluders=None if colluders is None else int(colluders),
+                     clip_out_of_range=True),
     )
 
 
@@ -218,6 +224,7 @@ def _main(grid: Grid, context: Context) -> None:
         secagg = SecAggSettings(
             roster.federation_id, roster.keys, clip=float(_get(rc, "secagg-clip")),
             graph=str(_get(rc, "secagg-graph")),
+            colluders=int(rc["secagg-colluders"]) if "secagg-colluders" in rc else None,
             aggregate_metrics=len(AGGREGATED_METRICS) if release == "aggregate" else 0,
         )
     cfg = ServerConfig(

@@ -14,15 +14,16 @@ from collections.abc import Callable
 from flwr.app import Context, Message
 
 from bract.flower.records import SECAGG, SECAGG_NEXT
+from bract.secagg import ConsistencyRequest, MaskRequest, RoundConfig, UnmaskRequest
 
 #: Dropout stage -> the secure-aggregation message (its ``kind``) a hospital fails to
 #: answer, whichever Flower message carries it: in a pipelined round the mask
 #: request comes with ``train`` and the config with the previous round's unmask.
 DROP_STAGES = {
-    "config": "secagg.round_config",
-    "mask": "secagg.mask_request",
-    "consistency": "secagg.consistency_request",
-    "unmask": "secagg.unmask_request",
+    "config": RoundConfig.KIND,
+    "mask": MaskRequest.KIND,
+    "consistency": ConsistencyRequest.KIND,
+    "unmask": UnmaskRequest.KIND,
 }
 
 

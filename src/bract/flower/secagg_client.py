@@ -17,7 +17,8 @@ request, with its shares for the next round in the same reply. The next round's
 and :func:`secagg_mod` answers it with the masked update straight away (stages
 1 and 2 of that round happened in the previous round's unmask message).
 
-Plus, once per key epoch, ``query.secagg_advertise``: the hospital's signed keys.
+Plus, once, ``query.secagg_advertise``: the hospital's signed share-channel key,
+bound to its Flower node id (each round's mask key is made fresh with its shares).
 
 Guarantee (under the protocol's threat model, see docs/secagg.md): no update,
 example count or aggregated metric of a hospital leaves it except inside a
@@ -309,12 +310,13 @@ def _share_for_next_round(session: ClientSession, record: ConfigRecord,
 
 
 def advertise_handler(identity: IdentityLike) -> Callable[[Message, Context], Message]:
-    """``query.secagg_advertise``: the hospital's signed key advertisement."""
+    """``query.secagg_advertise``: the hospital's signed key advertisement, naming this
+    Flower node as its origin (the server refuses it from any other node)."""
 
     def handle(msg: Message, ctx: Context) -> Message:
         ident = _identity(identity, ctx)
         session = _session(ident, ctx)
-        adv = session.advertise_keys()
+        adv = session.advertise_keys(origin=int(ctx.node_id))
         _save(ctx, session)
         return _reply(msg, RecordDict({SECAGG: secagg_to_record(adv)}))
 

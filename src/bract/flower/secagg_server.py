@@ -4,8 +4,8 @@ Drives one :class:`bract.secagg.ServerSession` through the protocol's stages wit
 ``grid.send_and_receive``; every message and check is the protocol's own (see
 :mod:`bract.secagg.protocol`). Per round, in order:
 
-0. ``query.secagg_advertise`` — only to hospitals whose keys the server lacks
-   (first round) or that must rotate them (their mask key was reconstructed).
+0. ``query.secagg_advertise`` — only to hospitals whose share-channel key the
+   server lacks (first round, or a hospital that joins later).
 1. ``train`` with the round config: hospitals train, answer with shares.
 2. ``train.secagg_mask``: masked updates, summed as they arrive.
 3. ``train.secagg_check``: signatures over the alive set.
@@ -16,16 +16,20 @@ next round will ask is in this round's signed alive set, the ``unmask`` message
 also carries the next round's config (record ``bract.secagg.next``) and the
 replies bring the next round's shares. The next round then needs only three
 stages: ``train`` carrying each hospital's mask request (it trains and masks in
-one message), ``check`` and ``unmask``. After a failure, a re-keying or a
-resume, a round takes the four-stage path above.
+one message), ``check`` and ``unmask``. After a failure or a resume, a round
+takes the four-stage path above.
 
 A hospital that errors or does not answer at any stage is a dropout; the round
 completes while at least the threshold remains, else it aborts and reveals
-nothing more (the global model is left unchanged).
+nothing more (the global model is left unchanged). A hospital whose unmask reply
+holds a share that does not open its dealer's commitment is excluded from the
+round and named in its record; the round completes from the valid shares, or
+aborts. No protocol error leaves this module: an aborted round is a value.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +53,7 @@ from bract.secagg import (
     AggregateResult,
     EncodingConfig,
     KeyAdvertisement,
+    KeyRotationRequired,
     RoundAborted,
     RoundConfig,
     SecAggError,
@@ -75,6 +80,12 @@ class SecureRoundInfo:
     seconds: float = 0.0
     aborted: str | None = None
     error_bound: float = 0.0
+    #: Hospitals caught cheating in the unmask stage (a share that does not open its
+    #: dealer's commitment, or shares that do not open their own), excluded this round.
+    excluded: list[str] = field(default_factory=list)
+    threshold: int = 0
+    colluders: int = 0
+    min_honest: int = 0
 
     def to_plain(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -82,7 +93,9 @@ class SecureRoundInfo:
             "clients": self.clients, "advertised": self.advertised,
             "alive": self.alive, "dropped": self.dropped,
             "stages": self.stages, "seconds": self.seconds, "aborted": self.aborted,
-            "error_bound": self.error_bound,
+            "error_bound": self.error_bound, "excluded": self.excluded,
+            "threshold": self.threshold, "colluders": self.colluders,
+            "min_honest": self.min_honest,
         }
 
 
@@ -97,7 +110,9 @@ class SecAggSettings:
     weights) for the fixed-point encoding; ``frac_bits`` sets its resolution
     (2^-frac_bits). ``aggregate_metrics`` is the number of metric coordinates the
     hospitals append to the vector (0 unless their policy releases metrics in
-    aggregate).
+    aggregate). ``colluders`` (``None``: ``floor((n - 1) / 3)`` of a round's n
+    hospitals) and ``min_honest`` are the collusion bound rounds are set up for;
+    each hospital refuses a round weaker than its own policy.
     """
 
     federation_id: str
@@ -106,7 +121,8 @@ class SecAggSettings:
     frac_bits: int = 16
     max_weight: int = 2**20
     graph: str = "complete"
-    threshold_fraction: float = 0.5
+    colluders: int | None = None
+    min_honest: int = 2
     aggregate_metrics: int = 0
     #: When set, the server's view of every completed round (each message it received
     #: and sent, and the aggregate) is written to ``record_dir/round-N`` for
@@ -125,7 +141,7 @@ class SecAggSettings:
             "federation_id": self.federation_id,
             "roster": {str(k): v.hex() for k, v in sorted(self.roster.items())},
             "clip": self.clip, "frac_bits": self.frac_bits, "max_weight": self.max_weight,
-            "graph": self.graph, "threshold_fraction": self.threshold_fraction,
+            "graph": self.graph, "colluders": self.colluders, "min_honest": self.min_honest,
             "aggregate_metrics": self.aggregate_metrics,
             "record_dir": self.record_dir,
         }
@@ -152,7 +168,7 @@ class SecureAggregator:
         session_type = RecordingServerSession if self.record_dir is not None else ServerSession
         self.session = session_type(
             settings.federation_id, dict(settings.roster), encoding=settings.encoding(),
-            graph=settings.graph, threshold_fraction=settings.threshold_fraction,
+            graph=settings.graph, colluders=settings.colluders, min_honest=settings.min_honest,
         )
         self.timeout = timeout
         self.node_of: dict[int, int] = {}  # secagg id -> Flower node id
@@ -164,6 +180,10 @@ class SecureAggregator:
         if not 0 <= round_offset < 2**22:
             raise ValueError(f"round_offset must lie in [0, 2^22), got {round_offset}")
         self.round_offset = round_offset
+        self._last_config: RoundConfig | None = None  # of the round in progress
+        #: Hospitals that answered a round config with "no key to use" (e.g. a hospital
+        #: whose ctx.state was lost): asked for an advertisement before the next round.
+        self._readvertise: set[int] = set()
 
     def protocol_round(self, fl_round: int, attempt: int = 0) -> int:
         """The protocol's (strictly increasing) round number for an FL round;
@@ -200,14 +220,12 @@ class SecureAggregator:
     def ensure_keys(self, rnd: int, nodes: Sequence[int], note: Notify) -> list[int] | None:
         """Stage 0: collect advertisements from nodes the server cannot use yet.
 
+        Each advertisement must name the Flower node it comes from (its signed
+        origin), so a hospital cannot answer with another's and take its identity.
         Returns the nodes whose keys were accepted, or ``None`` when the stage was
-        skipped (every key current).
+        skipped (every key known).
         """
-        unknown = [n for n in nodes if n not in self.sid_of]
-        known_stale = set(self.session.needs_advertisement(
-            [self.sid_of[n] for n in nodes if n in self.sid_of]
-        ))
-        ask = unknown + [n for n in nodes if self.sid_of.get(n) in known_stale]
+        ask = [n for n in nodes if n not in self.sid_of or n in self._readvertise]
         if not ask:
             return None
         accepted: list[int] = []
@@ -222,15 +240,13 @@ class SecureAggregator:
                 adv = self._payload(reply)
                 if not isinstance(adv, KeyAdvertisement):
                     raise SecAggError(f"expected an advertisement, got {adv.KIND}")
-                claimed = self.node_of.get(adv.node_id)
-                if claimed is not None and claimed != node:
-                    raise SecAggError(f"secagg id {adv.node_id} is already node {claimed}")
-                self.session.receive_advertisement(adv)
+                self.session.receive_advertisement(adv, origin=node)
             except SecAggError as exc:
                 note(f"round {rnd}: node {node} key advertisement refused: {exc}")
                 continue
             self.node_of[adv.node_id] = node
             self.sid_of[node] = adv.node_id
+            self._readvertise.discard(node)
             accepted.append(node)
         return accepted
 
@@ -265,16 +281,16 @@ class SecureAggregator:
             advertised = self.ensure_keys(rnd, nodes, note)
             if advertised is not None:
                 info.stages += 1
-            ready = [n for n in nodes if n in self.sid_of and self.sid_of[n]
-                     not in self.session.needs_advertisement([self.sid_of[n]])]
+            ready = [n for n in nodes if n in self.sid_of]
         else:
             ready = prepared
         info.clients = len(ready)
-        if len(ready) < 2:
-            info.aborted = f"only {len(ready)} hospitals with valid keys; need at least 2"
+        if len(ready) < 3:
+            info.aborted = f"only {len(ready)} hospitals with valid keys; need at least 3"
             info.seconds = time.perf_counter() - t0
             return None, info
         log_start = len(getattr(self.session, "log", ()))
+        self._last_config: RoundConfig | None = None
         try:
             # A stage counts once its messages go out (not when it aborts before).
             if prepared is None:
@@ -282,6 +298,7 @@ class SecureAggregator:
                                        label, on_missing, info)
                 stages = ("mask", "check", "unmask")
             else:
+                self._last_config = self.session.open_config()
                 self._mask_and_train(rnd, ready, train_content, on_train_reply, note, label,
                                      on_missing, info)
                 stages = ("check", "unmask")
@@ -298,10 +315,17 @@ class SecureAggregator:
                 for node, reply in self._exchange(rnd, STAGE_TYPES[stage], requests).items():
                     self._receive(rnd, node, reply, receive, note, label)
             result = self.session.finish()
-        except RoundAborted as exc:
+        except SecAggError as exc:
+            # RoundAborted, or a round the server itself cannot set up (e.g. a graph
+            # that cannot honour the collusion bound): the round ends, the run goes on.
             self.session.abort_round(str(exc))
             info.advertised = sorted(label(n) for n in advertised or [])
-            info.aborted = str(exc)
+            info.excluded = sorted(label(self.node_of[s])
+                                   for s in getattr(exc, "cheaters", ()) if s in self.node_of)
+            info.aborted = self._public_reason(str(exc))
+            self._describe(info)
+            if self.record_dir is not None:
+                self._record_aborted(rnd, log_start, note)
             info.seconds = time.perf_counter() - t0
             return None, info
         # Labels after the train stage: the hospitals' names are known from their reports.
@@ -309,6 +333,8 @@ class SecureAggregator:
         info.alive = sorted(label(self.node_of[s]) for s in result.alive)
         info.dropped = sorted(label(self.node_of[s]) for s in result.dropped)
         info.error_bound = float(result.error_bound)
+        info.excluded = sorted(label(self.node_of[s]) for s in result.excluded)
+        self._describe(info)
         if self.record_dir is not None:
             self._record(rnd, log_start, result, note)
         info.seconds = time.perf_counter() - t0
@@ -342,6 +368,7 @@ class SecureAggregator:
         if number <= self.session.last_round:
             number = self.protocol_round(rnd, attempt=1)
         cfg = self.session.start_round(number, [self.sid_of[n] for n in ready], dim)
+        self._last_config = cfg
         info.stages += 1
         self._train_exchange(rnd, dict.fromkeys(ready, cfg), self.session.receive_shares,
                              train_content, on_train_reply, note, label, on_missing)
@@ -377,6 +404,8 @@ class SecureAggregator:
             if node not in replies:
                 on_missing(node)
         for node, reply in replies.items():
+            if reply.has_error() and KeyRotationRequired.__name__ in reply.error.reason:
+                self._readvertise.add(node)
             if on_train_reply(node, reply):
                 self._receive(rnd, node, reply, receive, note, label)
 
@@ -443,6 +472,41 @@ class SecureAggregator:
         except OSError as exc:  # the round itself succeeded; only the recording is lost
             note(f"round {rnd}: could not record the server's view: {exc}")
         log[:] = [e for e in log if getattr(e[1], "round", -1) > number]
+
+    def _record_aborted(self, rnd: int, log_start: int, note: Notify) -> None:
+        """Write what the server saw of an aborted round: shares it received before the
+        abort count towards what it knows (``bract audit secagg`` accumulates them)."""
+        assert isinstance(self.session, RecordingServerSession) and self.record_dir is not None
+        if self._last_config is None:
+            return
+        number = self._last_config.round
+        log = self.session.log
+        mine = [e for i, e in enumerate(log)
+                if getattr(e[1], "round", None) == number
+                or (i >= log_start and not hasattr(e[1], "round"))]
+        view = ServerView(rnd, mine, np.zeros(0), 0, aborted=True)
+        try:
+            write_view(view, self.record_dir / f"round-{rnd}")
+        except OSError as exc:
+            note(f"round {rnd}: could not record the server's view: {exc}")
+        log[:] = [e for e in log if getattr(e[1], "round", -1) > number]
+
+    def _describe(self, info: SecureRoundInfo) -> None:
+        """The threshold and collusion bound the round was set up with."""
+        cfg = self._last_config
+        if cfg is not None:
+            info.threshold, info.colluders, info.min_honest = (
+                cfg.threshold, cfg.colluders, cfg.min_honest)
+
+    def _public_reason(self, why: str) -> str:
+        """A protocol error as an operator reads it: protocol round numbers (which
+        encode the run and the attempt) are shown as the federation's round."""
+
+        def fl(match: re.Match[str]) -> str:
+            number = int(match.group(1))
+            return f"round {(number >> 20) & (2**20 - 1)}" if number >= 2**20 else match[0]
+
+        return re.sub(r"round (\d+)", fl, why)
 
     def _check_requests(self) -> dict[int, Any]:
         req = self.session.consistency_request()

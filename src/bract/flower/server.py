@@ -549,8 +549,9 @@ class Federation:
         with _Display(todo, self.cfg.show_progress) as display:
             if resume:
                 display.note(f"resuming after round {self.completed} from {self.checkpoint_dir}")
-            # Secure aggregation needs at least two hospitals (a sum of one is its input).
-            needed = max(self.cfg.min_clients, 2 if self.secure is not None else 1)
+            # Secure aggregation needs at least three hospitals: a sum of one is its
+            # input, and each of two learns the other's update from the sum.
+            needed = max(self.cfg.min_clients, 3 if self.secure is not None else 1)
             for rnd in range(self.completed + 1, self.cfg.rounds + 1):
                 if len(self.active) < needed:
                     display.note(

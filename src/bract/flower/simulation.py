@@ -17,7 +17,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from bract.flower.server import (
     make_server_app,
 )
 from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
+from bract.secagg import ClientPolicy
 
 #: Sub-directory of the run's output holding the server's recorded secure-round views.
 SECAGG_VIEW_DIR = "secagg_view"
@@ -68,6 +69,9 @@ class SimulationConfig:
     secagg: bool = True
     secagg_clip: float = 8.0
     secagg_graph: str = "complete"
+    #: Colluding hospitals secure aggregation must withstand (None: floor((n - 1) / 3));
+    #: the simulated hospitals' policies and the server's rounds both use it.
+    secagg_colluders: int | None = None
     drop_rate: float = 0.0
     drop_stage: str = "mask"
     #: Hospitals' training metrics: "none" stay home, "aggregate" leave only inside the
@@ -90,6 +94,7 @@ class SimulationConfig:
             "secagg": self.secagg,
             "secagg_clip": self.secagg_clip,
             "secagg_graph": self.secagg_graph,
+            "secagg_colluders": self.secagg_colluders,
             "drop_rate": self.drop_rate,
             "drop_stage": self.drop_stage,
             "release_metrics": self.release_metrics,
@@ -167,8 +172,9 @@ def validate(cfg: SimulationConfig) -> None:
         raise ValueError("metrics can be released in aggregate only with secure aggregation")
     if cfg.release_metrics == "clear" and cfg.secagg:
         raise ValueError("with secure aggregation metrics leave only in aggregate, never clear")
-    if cfg.secagg and cfg.task.clients < 2:
-        raise ValueError("secure aggregation needs at least 2 hospitals (or use --no-secagg)")
+    if cfg.secagg and cfg.task.clients < 3:
+        raise ValueError("secure aggregation needs at least 3 hospitals: with 2, each would "
+                         "learn the other's update from the sum (or use --no-secagg)")
     if cfg.record_secagg and not cfg.secagg:
         raise ValueError("--record-secagg records secure rounds: it needs --secagg")
 
@@ -215,12 +221,15 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
     if cfg.secagg:
         server_cfg.secagg = SecAggSettings(
             roster.federation_id, roster.keys, clip=cfg.secagg_clip, graph=cfg.secagg_graph,
+            colluders=cfg.secagg_colluders,
             aggregate_metrics=len(AGGREGATED_METRICS) if cfg.release_metrics == "aggregate" else 0,
             record_dir=str(cfg.out_dir / SECAGG_VIEW_DIR) if cfg.record_secagg else None,
         )
 
+    policy = ClientPolicy(colluders=cfg.secagg_colluders, clip_out_of_range=True)
+
     def identity(ctx: Context) -> SecAggIdentity:
-        return identities[int(ctx.node_config["partition-id"])]
+        return replace(identities[int(ctx.node_config["partition-id"])], policy=policy)
 
     client_app = make_client_app(
         _setup_fn(cfg), cfg.policy, secagg=identity if cfg.secagg else None, mods=mods,

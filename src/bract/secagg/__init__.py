@@ -2,7 +2,9 @@
 
 Bonawitz et al. 2017 double masking with Shamir-shared secrets, dropout recovery
 and the consistency check, on a complete graph or the SecAgg+ sparse graph
-(Bell et al. 2020). See ``docs/secagg.md`` and :mod:`bract.secagg.protocol`.
+(Bell et al. 2020); every maskable secret serves one round, each client enforces
+a declared collusion bound, and every revealed share is checked against its
+dealer's commitment. See ``docs/secagg.md`` and :mod:`bract.secagg.protocol`.
 """
 
 from .crypto import SigningKey
@@ -35,7 +37,15 @@ from .messages import (
     message_from_bytes,
     message_from_dict,
 )
-from .protocol import AggregateResult, ClientPolicy, ClientSession, ServerSession
+from .protocol import (
+    AggregateResult,
+    ClientPolicy,
+    ClientSession,
+    ServerSession,
+    alive_shortfall,
+    default_colluders,
+    required_threshold,
+)
 
 __all__ = [
     "STAGES",
@@ -66,7 +76,10 @@ __all__ = [
     "ThresholdPolicyError",
     "UnmaskReply",
     "UnmaskRequest",
+    "alive_shortfall",
+    "default_colluders",
     "message_from_bytes",
     "message_from_dict",
+    "required_threshold",
     "run_round",
 ]

@@ -44,6 +44,7 @@ __all__ = [
     "SigningKey",
     "aead_decrypt",
     "aead_encrypt",
+    "check_x25519_public",
     "hkdf",
     "keystream",
     "random_bytes",
@@ -177,6 +178,27 @@ def x25519_shared(private: bytes | X25519PrivateKey, peer_public: bytes) -> byte
         return sk.exchange(pk)
     except ValueError as exc:
         raise AuthenticationError("X25519 exchange failed (invalid or low-order key)") from exc
+
+
+_PROBE: X25519PrivateKey | None = None
+
+
+def check_x25519_public(public: bytes, what: str) -> None:
+    """Refuse an X25519 public key that is not 32 bytes or is of low order.
+
+    A low-order point forces every exchange with it to the all-zero secret; the
+    check is one exchange with a throwaway key, which ``cryptography`` refuses for
+    exactly those points.
+    """
+    global _PROBE
+    if not isinstance(public, bytes) or len(public) != KEY_BYTES:
+        raise AuthenticationError(f"{what}: an X25519 public key is 32 bytes")
+    if _PROBE is None:
+        _PROBE = X25519PrivateKey.generate()
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError as exc:
+        raise AuthenticationError(f"{what}: invalid or low-order X25519 public key") from exc
 
 
 def hkdf(ikm: bytes, info: bytes, length: int = KEY_BYTES, salt: bytes | None = None) -> bytes:

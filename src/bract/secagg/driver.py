@@ -80,7 +80,7 @@ def run_round(
 
     # setup (only for clients without current keys): advertise
     for v in server.needs_advertisement(parts):
-        server.receive_advertisement(_wire(clients[v].advertise_keys(), wire))
+        server.receive_advertisement(_wire(clients[v].advertise_keys(), wire), origin=v)
 
     cfg = server.start_round(round_number, parts, dim)
     raw = cfg.to_bytes()  # one broadcast: encoded once, parsed by each client

@@ -60,8 +60,16 @@ class ConsistencyError(ProtocolViolation):
 
 
 class KeyRotationRequired(ProtocolViolation):
-    """A key that may have been reconstructed by the server is offered for another round."""
+    """A client has no (current) share-channel key: it must advertise one first."""
 
 
 class RoundAborted(SecAggError):  # noqa: N818 (names fixed by the issue)
-    """Too few clients remain to finish the round; nothing more is revealed."""
+    """The round cannot finish; nothing more is revealed.
+
+    ``cheaters`` names the clients caught sending a share that does not open its
+    dealer's commitment, or dealing shares that do not open their own.
+    """
+
+    def __init__(self, why: str, cheaters: tuple[int, ...] = ()) -> None:
+        super().__init__(why)
+        self.cheaters = tuple(cheaters)

@@ -27,6 +27,7 @@ __all__ = [
     "MaskedInput",
     "Message",
     "RoundConfig",
+    "ShareHeader",
     "ShareKeys",
     "UnmaskReply",
     "UnmaskRequest",
@@ -244,22 +245,27 @@ def _list_lengths(msg: Message, *names: str) -> None:
 
 @dataclass(frozen=True)
 class KeyAdvertisement(Message):
-    """Setup (once per federation epoch), client -> server: signed X25519 public keys.
+    """Setup (once per key epoch), client -> server: the signed X25519 key of the
+    encrypted share channel.
 
-    ``signature`` is Ed25519 by the node's roster key over
-    (federation id, node id, epoch, cipher_public, mask_public).
+    ``signature`` is Ed25519 by the node's roster key over (federation id, node id,
+    origin, epoch, cipher_public). ``origin`` is the transport identity the
+    advertisement must arrive from (the Flower node id in a federation), so one
+    hospital cannot answer with another's advertisement and take its identity.
+    This key only encrypts shares; no secret of it is ever shared, and mask keys
+    are fresh every round (:class:`ShareKeys`).
     """
 
-    KIND: ClassVar[str] = "secagg.advertise"
+    KIND: ClassVar[str] = "secagg.v2.advertise"
     SPEC: ClassVar[dict[str, str]] = {
-        "federation_id": "str", "node_id": "int", "epoch": "int",
-        "cipher_public": "bytes", "mask_public": "bytes", "signature": "bytes",
+        "federation_id": "str", "node_id": "int", "origin": "int", "epoch": "int",
+        "cipher_public": "bytes", "signature": "bytes",
     }
     federation_id: str
     node_id: int
+    origin: int
     epoch: int
     cipher_public: bytes
-    mask_public: bytes
     signature: bytes
 
 
@@ -268,22 +274,26 @@ class RoundConfig(Message):
     """Stage 1, server -> every participant (identical for all): the round's parameters.
 
     Carries the participants, the graph (kind, degree, seed), the per-neighbourhood
-    threshold, the encoding parameters and every participant's signed key
-    advertisement as parallel lists.
+    threshold, the collusion bound the round is set up for (``colluders`` c and
+    ``min_honest`` h), the encoding parameters and every participant's signed
+    share-channel advertisement as parallel lists.
     """
 
-    KIND: ClassVar[str] = "secagg.round_config"
+    KIND: ClassVar[str] = "secagg.v2.round_config"
     SPEC: ClassVar[dict[str, str]] = {
         "federation_id": "str", "round": "int", "participants": "list[int]",
-        "threshold": "int", "graph_kind": "str", "degree": "int", "graph_seed": "bytes",
-        "dim": "int", "clip": "float", "frac_bits": "int", "max_weight": "int",
-        "ring_bits": "int", "key_epochs": "list[int]", "cipher_publics": "list[bytes]",
-        "mask_publics": "list[bytes]", "key_signatures": "list[bytes]",
+        "threshold": "int", "colluders": "int", "min_honest": "int", "graph_kind": "str",
+        "degree": "int", "graph_seed": "bytes", "dim": "int", "clip": "float",
+        "frac_bits": "int", "max_weight": "int", "ring_bits": "int",
+        "key_epochs": "list[int]", "key_origins": "list[int]",
+        "cipher_publics": "list[bytes]", "key_signatures": "list[bytes]",
     }
     federation_id: str
     round: int
     participants: list[int]
     threshold: int
+    colluders: int
+    min_honest: int
     graph_kind: str
     degree: int
     graph_seed: bytes
@@ -293,72 +303,123 @@ class RoundConfig(Message):
     max_weight: int
     ring_bits: int
     key_epochs: list[int]
+    key_origins: list[int]
     cipher_publics: list[bytes]
-    mask_publics: list[bytes]
     key_signatures: list[bytes]
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _list_lengths(self, "participants", "key_epochs", "cipher_publics", "mask_publics",
+        _list_lengths(self, "participants", "key_epochs", "key_origins", "cipher_publics",
                       "key_signatures")
 
     def advertisement(self, i: int) -> KeyAdvertisement:
         """The key advertisement of ``participants[i]``."""
-        return KeyAdvertisement(self.federation_id, self.participants[i], self.key_epochs[i],
-                                self.cipher_publics[i], self.mask_publics[i],
+        return KeyAdvertisement(self.federation_id, self.participants[i], self.key_origins[i],
+                                self.key_epochs[i], self.cipher_publics[i],
                                 self.key_signatures[i])
 
 
 @dataclass(frozen=True)
 class ShareKeys(Message):
-    """Stage 1, client -> server: AES-GCM-encrypted Shamir shares, one per neighbour.
+    """Stage 1, client -> server: this round's mask key and Shamir shares, signed.
 
-    Each ciphertext holds the receiver's shares of the sender's fresh self-mask
-    seed ``b`` and of its mask key; only the receiver can open it.
+    ``mask_public`` is a fresh X25519 key for this round only. ``holders`` is the
+    sender's closed neighbourhood (sorted); for each holder the sender commits to
+    that holder's share of its self-mask seed and of its round mask key
+    (``seed_share_commitments``, ``key_share_commitments``: salted SHA-256) and,
+    for every holder but itself, ``ciphertexts`` carries the AES-GCM-encrypted
+    shares and salts (the sender's own entry is empty). ``seed_commitment`` binds
+    the seed itself. ``signature`` is Ed25519 by the sender's roster key over all
+    of it but the ciphertexts, bound to the round's config digest.
     """
 
-    KIND: ClassVar[str] = "secagg.share_keys"
+    KIND: ClassVar[str] = "secagg.v2.share_keys"
     SPEC: ClassVar[dict[str, str]] = {
-        "federation_id": "str", "round": "int", "node_id": "int",
-        "receivers": "list[int]", "ciphertexts": "list[bytes]",
+        "federation_id": "str", "round": "int", "node_id": "int", "mask_public": "bytes",
+        "seed_commitment": "bytes", "holders": "list[int]",
+        "seed_share_commitments": "list[bytes]", "key_share_commitments": "list[bytes]",
+        "ciphertexts": "list[bytes]", "signature": "bytes",
     }
     federation_id: str
     round: int
     node_id: int
-    receivers: list[int]
+    mask_public: bytes
+    seed_commitment: bytes
+    holders: list[int]
+    seed_share_commitments: list[bytes]
+    key_share_commitments: list[bytes]
     ciphertexts: list[bytes]
+    signature: bytes
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _list_lengths(self, "receivers", "ciphertexts")
+        _list_lengths(self, "holders", "seed_share_commitments", "key_share_commitments",
+                      "ciphertexts")
+
+    def header(self) -> bytes:
+        """The signed public part (everything but the ciphertexts), as forwarded to
+        each holder in its :class:`MaskRequest`."""
+        return canonical_encode([self.mask_public, self.seed_commitment, list(self.holders),
+                                 list(self.seed_share_commitments),
+                                 list(self.key_share_commitments), self.signature])
+
+
+@dataclass(frozen=True)
+class ShareHeader:
+    """A sender's signed share header, as a holder receives it (see :meth:`ShareKeys.header`)."""
+
+    mask_public: bytes
+    seed_commitment: bytes
+    holders: list[int]
+    seed_share_commitments: list[bytes]
+    key_share_commitments: list[bytes]
+    signature: bytes
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ShareHeader:
+        """Strict parse; :class:`MalformedMessage` names what is wrong."""
+        obj = canonical_decode(raw)
+        if not isinstance(obj, list) or len(obj) != 6:
+            raise MalformedMessage("share header must be a list of 6 fields")
+        mp, sc, holders, ssc, ksc, sig = obj
+        ok = (isinstance(mp, bytes) and isinstance(sc, bytes) and isinstance(sig, bytes)
+              and isinstance(holders, list) and isinstance(ssc, list) and isinstance(ksc, list)
+              and all(isinstance(h, int) and h >= 0 for h in holders)
+              and all(isinstance(c, bytes) for c in ssc + ksc)
+              and len(holders) == len(ssc) == len(ksc))
+        if not ok:
+            raise MalformedMessage("share header has a field of the wrong type or length")
+        return cls(mp, sc, holders, ssc, ksc, sig)
 
 
 @dataclass(frozen=True)
 class MaskRequest(Message):
-    """Stage 2, server -> one client: who shared (U1) and the ciphertexts addressed to it."""
+    """Stage 2, server -> one client: who shared (U1) and, for each sharing
+    neighbour, its signed share header and the ciphertext addressed to this client."""
 
-    KIND: ClassVar[str] = "secagg.mask_request"
+    KIND: ClassVar[str] = "secagg.v2.mask_request"
     SPEC: ClassVar[dict[str, str]] = {
         "federation_id": "str", "round": "int", "node_id": "int", "sharers": "list[int]",
-        "senders": "list[int]", "ciphertexts": "list[bytes]",
+        "senders": "list[int]", "headers": "list[bytes]", "ciphertexts": "list[bytes]",
     }
     federation_id: str
     round: int
     node_id: int
     sharers: list[int]
     senders: list[int]
+    headers: list[bytes]
     ciphertexts: list[bytes]
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _list_lengths(self, "senders", "ciphertexts")
+        _list_lengths(self, "senders", "headers", "ciphertexts")
 
 
 @dataclass(frozen=True)
 class MaskedInput(Message):
     """Stage 2, client -> server: ``y = enc(x, w) + PRG(b) + sum(+-PRG(s_uv))``, raw ring bytes."""
 
-    KIND: ClassVar[str] = "secagg.masked_input"
+    KIND: ClassVar[str] = "secagg.v2.masked_input"
     SPEC: ClassVar[dict[str, str]] = {
         "federation_id": "str", "round": "int", "node_id": "int", "ring_bits": "int",
         "data": "bytes",
@@ -372,20 +433,23 @@ class MaskedInput(Message):
 
 @dataclass(frozen=True)
 class ConsistencyRequest(Message):
-    """Stage 3, server -> alive clients: the alive set U2 (masked inputs received)."""
+    """Stage 3, server -> alive clients: the sharers U1 and the alive set U2."""
 
-    KIND: ClassVar[str] = "secagg.consistency_request"
-    SPEC: ClassVar[dict[str, str]] = {"federation_id": "str", "round": "int", "alive": "list[int]"}
+    KIND: ClassVar[str] = "secagg.v2.consistency_request"
+    SPEC: ClassVar[dict[str, str]] = {"federation_id": "str", "round": "int",
+                                      "sharers": "list[int]", "alive": "list[int]"}
     federation_id: str
     round: int
+    sharers: list[int]
     alive: list[int]
 
 
 @dataclass(frozen=True)
 class ConsistencySignature(Message):
-    """Stage 3, client -> server: Ed25519 signature over (federation, round, config digest, U2)."""
+    """Stage 3, client -> server: Ed25519 signature over (federation, round, config
+    digest, U1, U2)."""
 
-    KIND: ClassVar[str] = "secagg.consistency_signature"
+    KIND: ClassVar[str] = "secagg.v2.consistency_signature"
     SPEC: ClassVar[dict[str, str]] = {
         "federation_id": "str", "round": "int", "node_id": "int", "signature": "bytes",
     }
@@ -399,7 +463,7 @@ class ConsistencySignature(Message):
 class UnmaskRequest(Message):
     """Stage 4, server -> signers: alive and dropped sets plus the collected signatures."""
 
-    KIND: ClassVar[str] = "secagg.unmask_request"
+    KIND: ClassVar[str] = "secagg.v2.unmask_request"
     SPEC: ClassVar[dict[str, str]] = {
         "federation_id": "str", "round": "int", "alive": "list[int]", "dropped": "list[int]",
         "signers": "list[int]", "signatures": "list[bytes]",
@@ -418,26 +482,30 @@ class UnmaskRequest(Message):
 
 @dataclass(frozen=True)
 class UnmaskReply(Message):
-    """Stage 4, client -> server: shares of ``b`` for alive peers, of mask keys for dropped ones."""
+    """Stage 4, client -> server: shares of the seed for alive peers, of the round mask
+    key for dropped ones (never both for one peer), each with the salt that opens
+    its dealer's commitment."""
 
-    KIND: ClassVar[str] = "secagg.unmask_reply"
+    KIND: ClassVar[str] = "secagg.v2.unmask_reply"
     SPEC: ClassVar[dict[str, str]] = {
         "federation_id": "str", "round": "int", "node_id": "int",
-        "seed_owners": "list[int]", "seed_shares": "list[bytes]",
-        "key_owners": "list[int]", "key_shares": "list[bytes]",
+        "seed_owners": "list[int]", "seed_shares": "list[bytes]", "seed_salts": "list[bytes]",
+        "key_owners": "list[int]", "key_shares": "list[bytes]", "key_salts": "list[bytes]",
     }
     federation_id: str
     round: int
     node_id: int
     seed_owners: list[int]
     seed_shares: list[bytes]
+    seed_salts: list[bytes]
     key_owners: list[int]
     key_shares: list[bytes]
+    key_salts: list[bytes]
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _list_lengths(self, "seed_owners", "seed_shares")
-        _list_lengths(self, "key_owners", "key_shares")
+        _list_lengths(self, "seed_owners", "seed_shares", "seed_salts")
+        _list_lengths(self, "key_owners", "key_shares", "key_salts")
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

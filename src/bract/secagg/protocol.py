@@ -1,69 +1,87 @@
-"""Client and server state machines of bract's hardened secure aggregation.
+"""Client and server state machines of bract's hardened secure aggregation (protocol v2).
 
 Protocol: Bonawitz et al. 2017 double masking (active-security variant, with the
 consistency check), on a complete graph or the SecAgg+ sparse graph of Bell et
-al. 2020. Threat model: an actively malicious server (it may reorder, drop,
-forge, replay and tamper with any message it relays) colluding with fewer than
-``t`` clients of any neighbourhood; clients' roster keys reach them from their
-operator. Guarantee: the server learns only the sum of the encoded inputs of a
-set of at least ``t`` clients (the alive set every honest client signed), and
-the sum of their weights.
+al. 2020, with every maskable secret fresh for each round. docs/secagg.md argues
+each property; this docstring lists every message and check, in order.
 
-Setup, once per federation epoch (and again only after a client's mask key may
-have been reconstructed)::
+Threat model: an actively malicious server (it may reorder, drop, forge, replay
+and tamper with any message it relays, and choose who is "alive") colluding with
+at most ``c`` clients, where ``c`` is the collusion bound each client declares
+in its :class:`ClientPolicy`. Clients' roster keys reach them from their operator.
 
-    advertise   client -> server  KeyAdvertisement: X25519 keys (c: share
-                                  encryption, s: masks), Ed25519-signed over
-                                  (federation, node, epoch, c_pk, s_pk)
+Guarantee, over everything the server and the colluders accumulate across all
+rounds: for each round, the server learns sums of the honest clients' encoded
+inputs (and weights) over groups of at least ``h`` honest clients (``h`` =
+``min_honest``), and nothing about any smaller group; it learns nothing of a round
+it aborts beyond what the masked vectors and encrypted shares hide. Each honest
+client enforces this itself: ``t > (|N[v]| + c) / 2`` for every neighbourhood it
+shares with (so two disjoint quorums of signers cannot both exist, Bonawitz 2017
+for an active server), and, before it signs or reveals anything, every alive
+client has at least ``c + h - 1`` alive neighbours (on the complete graph:
+``|alive| >= c + h``), so that removing any ``c`` colluders leaves every honest
+alive client masked together with at least ``h - 1`` honest others.
 
-Per round, four message stages::
+Setup, once per share-channel key epoch (first round, or when an operator rotates)::
+
+    advertise   client -> server  KeyAdvertisement: X25519 key c_pk (share
+                                  encryption only), Ed25519-signed over
+                                  (federation, node, origin, epoch, c_pk)
+
+Per round, four message stages (three with share-stage pipelining)::
 
     1 config    server -> all     RoundConfig (participants U0, graph, threshold t,
-                                  encoding, everyone's signed advertisements)
+                                  c, h, encoding, everyone's signed advertisement)
                 client checks     federation, fresh round, roster membership, no
-                                  duplicates, graph degree and t >= its own policy,
-                                  ring headroom, every neighbour's key signature
-                client -> server  ShareKeys: for each neighbour v, AES-GCM(
-                                  Shamir shares of a fresh seed b_u and of s_u)
-    2 mask      server -> each    MaskRequest (sharers U1 + ciphertexts for it)
+                                  duplicates, n >= its minimum, graph degree, t and
+                                  the collusion bound against its own policy, ring
+                                  headroom, every neighbour's advertisement against
+                                  the roster (never cached by signature bytes alone)
+                client -> server  ShareKeys: a fresh X25519 round mask key s_pk,
+                                  a commitment to a fresh seed b, salted commitments
+                                  to every holder's Shamir shares of b and s_sk, the
+                                  shares AES-GCM-encrypted to each neighbour; signed
+                                  over (config digest, s_pk, all commitments)
+                server checks     signature, a valid (not low-order) s_pk, exact sizes
+    2 mask      server -> each    MaskRequest (sharers U1; each sharing neighbour's
+                                  signed header and ciphertext)
                 client checks     U1 consistent with the graph, |U1 & N[u]| >= t,
-                                  every ciphertext authenticates (AD binds
-                                  federation, round, sender, receiver, stage)
+                                  each header's signature and key, each ciphertext
+                                  (AD binds federation, round, config, sender,
+                                  receiver), each share against its commitment
                 client -> server  MaskedInput y_u = enc(x_u, w_u) + PRG(b_u)
-                                  + sum_{v in U1&N(u)} +-PRG(s_uv)
-    3 check     server -> U2      ConsistencyRequest (alive set U2)
-                client -> server  Ed25519 signature over (federation, round,
-                                  config digest, U2); a client signs one set per round
+                                  + sum_{v in U1&N(u)} +-PRG(KDF(X25519(s_u, s_v)))
+    3 check     server -> U2      ConsistencyRequest (U1, alive set U2)
+                client checks     U1 is its own, U2 within U1, |U2| >= t, every alive
+                                  client keeps c + h - 1 alive neighbours
+                client -> server  Ed25519 signature over (federation, round, config
+                                  digest, U1, U2); a client signs one view per round
     4 unmask    server -> U3      UnmaskRequest (alive U2, dropped U1 - U2, signatures)
-                client checks     U2 is the set it signed, alive & dropped disjoint,
-                                  their union is U1, for every peer v it answers
-                                  for: >= t valid signatures from N[v]
-                client -> server  shares of b_v for alive v, of s_v for dropped v,
-                                  never both for one peer
+                client checks     U2 is the set it signed, dropped is exactly U1 - U2,
+                                  for every peer v it answers for: >= t valid
+                                  signatures from N[v] over the same (U1, U2)
+                client -> server  shares (with salts) of b_v for alive v, of s_v for
+                                  dropped v, never both for one peer
+                server checks     every share against its dealer's signed commitment:
+                                  a wrong one excludes and names its sender; b_v
+                                  against v's seed commitment, s_v against its s_pk
 
-Why four and not fewer: stage 1 must finish before masking (a client may only
-mask with peers whose secrets are already shared, otherwise a peer dropping
-between the two would leave an unremovable mask), the alive set exists only
-after stage 2, and nobody may reveal a share before a quorum has committed to
-that set (stage 3). Stage 1 carries no model data, so a deployment can send it
-together with the training instruction. Per-round key exchange (Bonawitz's
-round 0) is not needed: s_uv comes from the epoch keys through HKDF with the
-round and the pair in ``info``.
+Why the secrets are per round: the server may reconstruct a dropped client's
+mask key s_v. With a mask key that outlived the round, that key together with
+the client's self-mask seed from an earlier round (when it was alive) unmasked
+the earlier round exactly. Here s_v serves one round: its reconstruction unmasks
+nothing else, in the past or the future. The long-lived keys (Ed25519 identity,
+X25519 share channel) only sign and encrypt; no share of them ever exists.
 
-Share-stage pipelining (three message stages per round in steady state): while
-round r waits for its unmask replies, the server may open round r + 1
-(:meth:`ServerSession.start_next_round`) and send its ``RoundConfig`` with round
-r's ``UnmaskRequest``; each client answers round r's request first (which wipes
-round r's secrets) and then round r + 1's config, in the same reply. When round r
-finishes, round r + 1 becomes the current round with its shares already in, so
-its ``MaskRequest`` can travel with the training instruction. Nothing about a
-round's checks changes: every share of round r + 1 is in before anybody masks,
-each round has its own fresh seeds and polynomials and round-bound keys, and a
-client holds one round at a time. What moves is *when* a client shares: before
-it knows whether it will take part in round r + 1, so a client that then does not
-mask (it fails, or refuses to train) is a dropout after sharing, and its mask key
-is reconstructed (it re-keys before it rejoins). If round r aborts, round r + 1
-is abandoned with it.
+Why four stages and not fewer: stage 1 must finish before masking (a client may
+only mask with peers whose secrets are already shared), the alive set exists only
+after stage 2, and nobody may reveal a share before a quorum has committed to it
+(stage 3). Stage 1 carries no model data, so a deployment sends it with the
+training instruction; with share-stage pipelining (:meth:`ServerSession.
+start_next_round`) round r + 1's config travels with round r's unmask request,
+each client answers round r's request first (wiping round r's secrets) and then
+round r + 1's config in the same reply, and round r + 1's mask request travels
+with the training instruction: three message stages per round.
 """
 
 from __future__ import annotations
@@ -76,11 +94,15 @@ import numpy as np
 
 from . import shamir
 from .crypto import (
+    GCM_TAG_BYTES,
     KEY_BYTES,
+    NONCE_BYTES,
+    SIGNATURE_BYTES,
     KeystreamAccumulator,
     SigningKey,
     aead_decrypt,
     aead_encrypt,
+    check_x25519_public,
     hkdf,
     random_bytes,
     sha256,
@@ -112,6 +134,7 @@ from .messages import (
     MaskRequest,
     Message,
     RoundConfig,
+    ShareHeader,
     ShareKeys,
     UnmaskReply,
     UnmaskRequest,
@@ -125,11 +148,58 @@ __all__ = [
     "ClientPolicy",
     "ClientSession",
     "ServerSession",
+    "alive_shortfall",
+    "default_colluders",
+    "required_threshold",
     "validate_roster",
 ]
 
-PROTOCOL = "bract/secagg/v1"
+PROTOCOL = "bract/secagg/v2"
 _MAX_NODE_ID = 2**64 - 1
+SALT_BYTES = 32
+COMMITMENT_BYTES = 32
+
+
+# --------------------------------------------------------------------------- policy math
+
+
+def default_colluders(n: int) -> int:
+    """The default collusion bound for a round of ``n`` clients: ``floor((n - 1) / 3)``."""
+    return max(0, (n - 1) // 3)
+
+
+def required_threshold(size: int, colluders: int) -> int:
+    """Smallest Shamir threshold a client accepts for a closed neighbourhood of ``size``
+    when it tolerates ``colluders`` colluding clients: ``t > (size + c') / 2`` with
+    ``c' = min(c, size - 1)``, and ``t >= 2``.
+
+    Guarantee: with at most ``c`` colluders, two groups of honest signers that
+    each reach ``t`` together with the colluders cannot be disjoint, so a server
+    cannot collect a seed share quorum and a key share quorum of one client.
+    """
+    c = min(max(0, colluders), max(0, size - 1))
+    return max(2, (size + c) // 2 + 1)
+
+
+def alive_shortfall(
+    nbhd: Mapping[int, Sequence[int]], alive: Iterable[int], colluders: int, min_honest: int
+) -> str | None:
+    """Why ``alive`` cannot be unmasked under the collusion bound, or ``None`` if it can.
+
+    Every alive client must have at least ``colluders + min_honest - 1`` alive
+    neighbours (on the complete graph: ``|alive| >= c + h``). Then, after removing
+    any ``c`` colluders, every honest alive client is joined by pair masks that
+    nobody but honest clients can remove to at least ``h - 1`` honest alive
+    clients, so the smallest sum the server can isolate holds ``h`` honest updates.
+    """
+    alive_set = set(alive)
+    need = colluders + min_honest - 1
+    for u in sorted(alive_set):
+        have = len(alive_set.intersection(nbhd[u])) - 1
+        if have < need:
+            return (f"alive client {u} has {have} alive neighbour(s); the collusion bound "
+                    f"(c = {colluders} colluders, h = {min_honest} honest per sum) needs {need}")
+    return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -159,33 +229,67 @@ def _info(*parts: Any) -> bytes:
     return canonical_encode([PROTOCOL, *parts])
 
 
-def advertisement_statement(fed: str, node: int, epoch: int, c_pk: bytes, s_pk: bytes) -> bytes:
+def advertisement_statement(fed: str, node: int, origin: int, epoch: int,
+                            c_pk: bytes) -> bytes:
     """Bytes signed by a key advertisement."""
-    return _info("advertise", fed, node, epoch, c_pk, s_pk)
+    return _info("advertise", fed, node, origin, epoch, c_pk)
 
 
-def consistency_statement(fed: str, rnd: int, digest: bytes, alive: Sequence[int]) -> bytes:
-    """Bytes signed in the consistency check: the round's config digest and alive set."""
-    return _info("consistency", fed, rnd, digest, sorted(alive))
+def share_statement(fed: str, rnd: int, digest: bytes, node: int, header: ShareHeader) -> bytes:
+    """Bytes signed by a client's shares of a round (everything public about them)."""
+    return _info("shares", fed, rnd, digest, node, header.mask_public, header.seed_commitment,
+                 list(header.holders), list(header.seed_share_commitments),
+                 list(header.key_share_commitments))
 
 
-def _pair_info(purpose: str, fed: str, a: tuple[int, int], b: tuple[int, int], *rest: Any) -> bytes:
-    lo, hi = sorted([a, b])
-    return _info(purpose, fed, lo[0], lo[1], hi[0], hi[1], *rest)
+def consistency_statement(fed: str, rnd: int, digest: bytes, sharers: Iterable[int],
+                          alive: Iterable[int]) -> bytes:
+    """Bytes signed in the consistency check: the config digest, the sharers and the alive set."""
+    return _info("consistency", fed, rnd, digest, sorted(sharers), sorted(alive))
 
 
-def _share_ad(fed: str, rnd: int, sender: int, receiver: int) -> bytes:
-    return _info("share-ciphertext", fed, rnd, sender, receiver, "config")
+def share_commitment(fed: str, rnd: int, dealer: int, holder: int, kind: str, share: bytes,
+                     salt: bytes) -> bytes:
+    """Salted SHA-256 commitment to one Shamir share (``kind`` is ``"seed"`` or ``"key"``)."""
+    return sha256(_info("share-commitment", fed, rnd, dealer, holder, kind, share, salt))
+
+
+def seed_commitment(fed: str, rnd: int, node: int, seed: bytes) -> bytes:
+    """SHA-256 commitment to a 256-bit self-mask seed."""
+    return sha256(_info("seed-commitment", fed, rnd, node, seed))
+
+
+def _share_ad(fed: str, rnd: int, digest: bytes, sender: int, receiver: int) -> bytes:
+    return _info("share-ciphertext", fed, rnd, digest, sender, receiver)
+
+
+def _share_plaintext(fed: str, rnd: int, sender: int, receiver: int, seed_share: bytes,
+                     seed_salt: bytes, key_share: bytes, key_salt: bytes) -> bytes:
+    return canonical_encode([fed, rnd, sender, receiver, seed_share, seed_salt, key_share,
+                             key_salt])
+
+
+def share_ciphertext_bytes(fed: str, rnd: int, sender: int, receiver: int) -> int:
+    """The exact length of a share ciphertext from ``sender`` to ``receiver``."""
+    pt = _share_plaintext(fed, rnd, sender, receiver, bytes(shamir.SHARE_BYTES),
+                          bytes(SALT_BYTES), bytes(shamir.SHARE_BYTES), bytes(SALT_BYTES))
+    return NONCE_BYTES + len(pt) + GCM_TAG_BYTES
 
 
 def _self_mask_key(seed: bytes, fed: str, rnd: int, node: int) -> bytes:
     return hkdf(seed, _info("self-mask", fed, rnd, node))
 
 
-def _pair_mask_key(
-    shared: bytes, fed: str, rnd: int, a: tuple[int, int], b: tuple[int, int]
-) -> bytes:
-    return hkdf(shared, _pair_info("pair-mask", fed, a, b, rnd))
+def pair_mask_key(shared: bytes, fed: str, rnd: int, a: tuple[int, bytes],
+                  b: tuple[int, bytes]) -> bytes:
+    """Key of the pair mask of ``a = (node, round mask public key)`` and ``b`` in round ``rnd``."""
+    lo, hi = sorted([a, b])
+    return hkdf(shared, _info("pair-mask", fed, rnd, lo[0], lo[1], hi[0], hi[1]))
+
+
+def _share_key(shared: bytes, fed: str, a: tuple[int, int], b: tuple[int, int]) -> bytes:
+    lo, hi = sorted([a, b])
+    return hkdf(shared, _info("share-key", fed, lo[0], lo[1], hi[0], hi[1]))
 
 
 def _distinct(nodes: Sequence[int], what: str) -> set[int]:
@@ -195,18 +299,44 @@ def _distinct(nodes: Sequence[int], what: str) -> set[int]:
     return s
 
 
+def _advert_key(adv: KeyAdvertisement) -> tuple[Any, ...]:
+    """Everything an advertisement's signature covers, plus the signature itself."""
+    return (adv.federation_id, adv.node_id, adv.origin, adv.epoch, adv.cipher_public,
+            adv.signature)
+
+
 def _verify_advertisement(adv: KeyAdvertisement, roster: Mapping[int, bytes]) -> None:
     if adv.node_id not in roster:
         raise ProtocolViolation(f"node {adv.node_id} is not in the roster")
-    if len(adv.cipher_public) != KEY_BYTES or len(adv.mask_public) != KEY_BYTES:
-        raise AuthenticationError(f"key advertisement of node {adv.node_id}: keys must be 32 bytes")
+    what = f"key advertisement of node {adv.node_id} (epoch {adv.epoch})"
+    check_x25519_public(adv.cipher_public, what)
     verify_signature(
-        roster[adv.node_id],
-        adv.signature,
-        advertisement_statement(adv.federation_id, adv.node_id, adv.epoch, adv.cipher_public,
-                                adv.mask_public),
-        f"key advertisement of node {adv.node_id} (epoch {adv.epoch})",
+        roster[adv.node_id], adv.signature,
+        advertisement_statement(adv.federation_id, adv.node_id, adv.origin, adv.epoch,
+                                adv.cipher_public),
+        what,
     )
+
+
+def _header_of(msg: ShareKeys) -> ShareHeader:
+    return ShareHeader(msg.mask_public, msg.seed_commitment, list(msg.holders),
+                       list(msg.seed_share_commitments), list(msg.key_share_commitments),
+                       msg.signature)
+
+
+def _verify_header(header: ShareHeader, fed: str, rnd: int, digest: bytes, node: int,
+                   holders: Sequence[int], roster: Mapping[int, bytes]) -> None:
+    """Check a sender's share header: shape, round mask key and signature."""
+    what = f"shares of node {node} in round {rnd}"
+    if list(header.holders) != list(holders):
+        raise ProtocolViolation(f"{what}: holders are not the sender's neighbourhood")
+    sizes = {len(header.seed_commitment), *map(len, header.seed_share_commitments),
+             *map(len, header.key_share_commitments)}
+    if sizes != {COMMITMENT_BYTES} or len(header.signature) != SIGNATURE_BYTES:
+        raise MalformedMessage(f"{what}: commitments must be 32 bytes, the signature 64")
+    check_x25519_public(header.mask_public, f"{what}: round mask key")
+    verify_signature(roster[node], header.signature,
+                     share_statement(fed, rnd, digest, node, header), what)
 
 
 def _expect(msg: object, cls: type[Message]) -> None:
@@ -214,50 +344,70 @@ def _expect(msg: object, cls: type[Message]) -> None:
         raise MalformedMessage(f"expected {cls.__name__}, got {type(msg).__name__}")
 
 
-def _min_threshold(size: int, fraction: float) -> int:
-    """Smallest integer t with t > fraction * size."""
-    t = int(fraction * size) + 1
-    while t - 1 > fraction * size:
-        t -= 1
-    return t
-
-
 def _config_digest(cfg: RoundConfig) -> bytes:
     return sha256(cfg.to_bytes())
+
+
+def _check_collusion_bound(nbhd: Mapping[int, Sequence[int]], among: Iterable[int],
+                           threshold: int, colluders: int, min_honest: int) -> None:
+    """Refuse a round whose threshold or graph cannot honour (c, h) for ``among``."""
+    for v in among:
+        size = len(nbhd[v])
+        need = required_threshold(size, colluders)
+        if not need <= threshold <= size:
+            raise ThresholdPolicyError(
+                f"threshold {threshold} refused: with up to {colluders} colluders a "
+                f"neighbourhood of {size} needs {need} <= t <= {size}"
+            )
+        if size - 1 < colluders + min_honest - 1:
+            raise ThresholdPolicyError(
+                f"node {v} has {size - 1} neighbours; keeping {min_honest} honest updates in "
+                f"every sum with {colluders} colluders needs {colluders + min_honest - 1}"
+            )
 
 
 @dataclass(frozen=True)
 class ClientPolicy:
     """What a client insists on, whatever the server says.
 
-    min_threshold_fraction: the threshold must exceed this fraction of the
-        client's closed neighbourhood (default 0.5: an honest majority is needed
-        to reconstruct anything).
+    colluders: the number of colluding clients ``c`` (together with the server) the
+        client tolerates; ``None`` means ``floor((n - 1) / 3)`` of the round's ``n``.
+    min_honest: ``h``, the fewest honest updates in any sum the client helps to
+        unmask (>= 2: no single update).
+    min_participants: smallest round the client takes part in (>= 3).
     min_degree: minimum neighbours on a sparse graph (``None``: the SecAgg+
         default ``2 ceil(log2 n)``, capped at ``n - 1``).
-    min_participants: smallest round the client takes part in.
     clip_out_of_range: clip values beyond ``[-clip, clip]`` instead of refusing.
     """
 
-    min_threshold_fraction: float = 0.5
+    colluders: int | None = None
+    min_honest: int = 2
+    min_participants: int = 3
     min_degree: int | None = None
-    min_participants: int = 2
     clip_out_of_range: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.min_threshold_fraction < 1.0:
-            raise ConfigurationError("min_threshold_fraction must be in [0, 1)")
-        if self.min_participants < 2:
-            raise ConfigurationError("min_participants must be >= 2")
+        if self.colluders is not None and (isinstance(self.colluders, bool)
+                                           or not isinstance(self.colluders, int)
+                                           or self.colluders < 0):
+            raise ConfigurationError("colluders must be None or an int >= 0")
+        if isinstance(self.min_honest, bool) or not isinstance(self.min_honest, int) \
+                or self.min_honest < 2:
+            raise ConfigurationError("min_honest must be an int >= 2 (no single update)")
+        if self.min_participants < 3:
+            raise ConfigurationError("min_participants must be >= 3")
+
+    def colluders_for(self, n: int) -> int:
+        """The collusion bound ``c`` this policy applies to a round of ``n`` clients."""
+        return default_colluders(n) if self.colluders is None else self.colluders
 
 
 @dataclass
-class _EpochKeys:
+class _ChannelKeys:
     epoch: int
+    origin: int
     cipher_private: bytes
     cipher_public: bytes
-    mask_private: bytes
-    mask_public: bytes
     signature: bytes
 
 
@@ -268,11 +418,15 @@ class _ClientRound:
     nbhd: dict[int, tuple[int, ...]]
     adverts: dict[int, KeyAdvertisement]
     seed: bytes
-    own_seed_share: int
-    own_key_share: int
+    mask_private: bytes
+    mask_public: bytes
+    own_shares: tuple[bytes, bytes, bytes, bytes]  # seed share, salt, key share, salt
+    colluders: int
+    min_honest: int
     stage: str = "shared"
     sharers: tuple[int, ...] = ()
-    received: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # peer -> (seed share, seed salt, key share, key salt), all raw bytes
+    received: dict[int, tuple[bytes, bytes, bytes, bytes]] = field(default_factory=dict)
     signed_alive: tuple[int, ...] = ()
 
 
@@ -282,8 +436,9 @@ class _ClientRound:
 class ClientSession:
     """One client's side of the protocol for a whole federation (all rounds).
 
-    Holds the long-term Ed25519 identity, the epoch X25519 keys and at most one
-    round in progress. Every ``handle_*`` method validates the whole message
+    Holds the long-term Ed25519 identity, the share-channel X25519 key and at most
+    one round in progress; each round's mask key and seed are made for that round
+    and wiped when it ends. Every ``handle_*`` method validates the whole message
     before changing any state, so a refused message leaves the session as it was.
 
     Args:
@@ -291,7 +446,7 @@ class ClientSession:
         federation_id: the federation this session belongs to.
         signing_key: the client's long-term Ed25519 key.
         roster: node id -> Ed25519 public key, from the operator (never the server).
-        policy: the client's own minimums.
+        policy: the client's own minimums (collusion bound, honest updates per sum).
     """
 
     def __init__(
@@ -313,66 +468,49 @@ class ClientSession:
         self.federation_id = federation_id
         self.policy = policy or ClientPolicy()
         self._signing_key = signing_key
-        self._keys: _EpochKeys | None = None
-        self._exposed = False  # mask-key shares left us and no unmask confirmed us alive
+        self._keys: _ChannelKeys | None = None
         self._last_round = -1
         self._known_epoch: dict[int, int] = {}
-        self._burned: dict[int, int] = {}  # node -> last epoch whose mask key we helped reveal
         self._round: _ClientRound | None = None
-        self._pair_cache: dict[tuple[str, int, int, int], bytes] = {}
-        self._key_objs: tuple[int, Any, Any] | None = None
-        self._verified: set[bytes] = set()  # advertisements already verified (by signature)
+        self._verified: set[tuple[Any, ...]] = set()  # full advertisement contents verified
 
     # ---- setup
 
     @property
     def rotation_required(self) -> bool:
-        """True if the current mask key may have been reconstructed (or none exists yet)."""
-        return self._keys is None or self._exposed
+        """True until the client has a share-channel key to advertise."""
+        return self._keys is None
 
-    def advertise_keys(self) -> KeyAdvertisement:
-        """Setup stage: return the signed advertisement of this epoch's keys.
+    def advertise_keys(self, origin: int | None = None, *,
+                       rotate: bool = False) -> KeyAdvertisement:
+        """Setup stage: the signed advertisement of this client's share-channel key.
 
-        Rotates to fresh keys (next epoch) first if :attr:`rotation_required`;
-        rotating abandons any round in progress.
+        ``origin`` is the transport identity the advertisement travels from (a
+        Flower node id; default: this client's node id). A new key epoch starts on
+        the first call, when ``rotate`` is set, or when ``origin`` changes;
+        starting one abandons any round in progress.
         """
-        if self.rotation_required:
-            epoch = 0 if self._keys is None else self._keys.epoch + 1
-            c_sk, c_pk = x25519_generate()
-            s_sk, s_pk = x25519_generate()
-            sig = self._signing_key.sign(
-                advertisement_statement(self.federation_id, self.node_id, epoch, c_pk, s_pk)
-            )
-            self._keys = _EpochKeys(epoch, c_sk, c_pk, s_sk, s_pk, sig)
-            self._exposed = False
-            self._round = None
-            self._pair_cache.clear()
+        origin = self.node_id if origin is None else origin
+        if isinstance(origin, bool) or not isinstance(origin, int) or origin < 0:
+            raise ConfigurationError(f"origin must be an int >= 0, got {origin!r}")
         k = self._keys
-        assert k is not None
-        return KeyAdvertisement(self.federation_id, self.node_id, k.epoch, k.cipher_public,
-                                k.mask_public, k.signature)
+        if k is None or rotate or k.origin != origin:
+            epoch = 0 if k is None else k.epoch + 1
+            c_sk, c_pk = x25519_generate()
+            sig = self._signing_key.sign(
+                advertisement_statement(self.federation_id, self.node_id, origin, epoch, c_pk)
+            )
+            self._keys = k = _ChannelKeys(epoch, origin, c_sk, c_pk, sig)
+            self._round = None
+        return KeyAdvertisement(self.federation_id, self.node_id, k.origin, k.epoch,
+                                k.cipher_public, k.signature)
 
-    def _shared(self, kind: str, adv: KeyAdvertisement) -> bytes:
-        """Per-epoch-pair X25519 secret (cached), ``kind`` is 'c' or 's'."""
+    def _channel_key(self, adv: KeyAdvertisement) -> bytes:
+        """AES-GCM key of the share channel with ``adv``'s sender (epoch pair bound)."""
         assert self._keys is not None
-        key = (kind, adv.node_id, adv.epoch, self._keys.epoch)
-        got = self._pair_cache.get(key)
-        if got is None:
-            if self._key_objs is None or self._key_objs[0] != self._keys.epoch:
-                self._key_objs = (self._keys.epoch, x25519_private(self._keys.cipher_private),
-                                  x25519_private(self._keys.mask_private))
-            if kind == "c":
-                got = x25519_shared(self._key_objs[1], adv.cipher_public)
-            else:
-                got = x25519_shared(self._key_objs[2], adv.mask_public)
-            self._pair_cache[key] = got
-        return got
-
-    def _share_key(self, adv: KeyAdvertisement) -> bytes:
-        assert self._keys is not None
-        return hkdf(self._shared("c", adv), _pair_info(
-            "share-key", self.federation_id, (self.node_id, self._keys.epoch),
-            (adv.node_id, adv.epoch)))
+        shared = x25519_shared(self._keys.cipher_private, adv.cipher_public)
+        return _share_key(shared, self.federation_id, (self.node_id, self._keys.epoch),
+                          (adv.node_id, adv.epoch))
 
     def _check_fed(self, msg: Message) -> None:
         fed = getattr(msg, "federation_id")  # noqa: B009
@@ -397,7 +535,8 @@ class ClientSession:
     # ---- stage 1
 
     def handle_round_config(self, cfg: RoundConfig) -> ShareKeys:
-        """Stage 1: check the round's parameters and return encrypted shares for neighbours."""
+        """Stage 1: check the round against this client's policy; return this round's
+        mask key, commitments and encrypted shares for the neighbours."""
         _expect(cfg, RoundConfig)
         self._check_fed(cfg)
         if cfg.round <= self._last_round:
@@ -427,82 +566,86 @@ class ClientSession:
             nbhd = closed_neighbourhoods(parts, cfg.graph_kind, cfg.degree, cfg.graph_seed)
         except ConfigurationError as exc:
             raise ProtocolViolation(f"invalid graph: {exc}") from exc
+        c, h = self.policy.colluders_for(n), self.policy.min_honest
+        if cfg.colluders < c or cfg.min_honest < h:
+            raise ThresholdPolicyError(
+                f"round set up for c = {cfg.colluders} colluders and h = {cfg.min_honest}; "
+                f"this client's policy is c = {c}, h = {h}"
+            )
         mine = nbhd[self.node_id]
-        for v in mine:
-            size = len(nbhd[v])
-            floor = _min_threshold(size, self.policy.min_threshold_fraction)
-            if not floor <= cfg.threshold <= size:
-                raise ThresholdPolicyError(
-                    f"threshold {cfg.threshold} refused: this client requires "
-                    f"{floor} <= t <= {size} for a neighbourhood of {size}"
-                )
+        _check_collusion_bound(nbhd, mine, cfg.threshold, c, h)
         enc = EncodingConfig(cfg.clip, cfg.frac_bits, cfg.max_weight, cfg.ring_bits)
         enc.ring_bits_for(n)  # raises EncodingError if the sum could wrap
         if cfg.dim < 1:
             raise EncodingError(f"round dimension must be >= 1, got {cfg.dim}")
-        # keys: ours must be current and unexposed; neighbours' must verify and be fresh
+        # the share channel: ours must be the current key; neighbours' must verify
         index = {v: i for i, v in enumerate(parts)}
-        own = cfg.advertisement(index[self.node_id])
-        if self.rotation_required:
+        if self._keys is None:
             raise KeyRotationRequired(
-                f"node {self.node_id} must advertise fresh keys before round {cfg.round}"
+                f"node {self.node_id} must advertise its keys before round {cfg.round}"
             )
-        assert self._keys is not None
-        if (own.epoch, own.cipher_public, own.mask_public) != (
-            self._keys.epoch, self._keys.cipher_public, self._keys.mask_public
-        ):
+        own = cfg.advertisement(index[self.node_id])
+        k = self._keys
+        if (own.epoch, own.origin, own.cipher_public) != (k.epoch, k.origin, k.cipher_public):
             raise AuthenticationError(
                 f"round config lists keys for node {self.node_id} that are not its current keys"
             )
         adverts: dict[int, KeyAdvertisement] = {}
-        verified_now: set[bytes] = set()
+        verified_now: set[tuple[Any, ...]] = set()
         for v in mine:
             if v == self.node_id:
                 continue
             adv = cfg.advertisement(index[v])
-            if adv.signature not in self._verified:
+            key = _advert_key(adv)
+            if key not in self._verified:
                 _verify_advertisement(adv, self.roster)
-                verified_now.add(adv.signature)
+                verified_now.add(key)
             if adv.epoch < self._known_epoch.get(v, -1):
                 raise ReplayError(f"node {v}'s keys of epoch {adv.epoch} are older than known ones")
-            if adv.epoch <= self._burned.get(v, -1):
-                raise KeyRotationRequired(
-                    f"node {v}'s mask key of epoch {adv.epoch} was reconstructed; it must rotate"
-                )
             adverts[v] = adv
-        # compute everything, then commit
-        t = cfg.threshold
+        # this round's secrets: a seed and a mask key that serve this round only
+        digest = _config_digest(cfg)
+        fed, rnd, me = self.federation_id, cfg.round, self.node_id
         seed = random_bytes(32)
+        s_sk, s_pk = x25519_generate()
         xs = [shamir.x_coordinate(v) for v in mine]
-        seed_shares = shamir.split(int.from_bytes(seed, "big"), t, xs)
-        key_shares = shamir.split(int.from_bytes(self._keys.mask_private, "big"), t, xs)
-        receivers: list[int] = []
+        seed_shares = shamir.split(int.from_bytes(seed, "big"), cfg.threshold, xs)
+        key_shares = shamir.split(int.from_bytes(s_sk, "big"), cfg.threshold, xs)
+        seed_commits: list[bytes] = []
+        key_commits: list[bytes] = []
         cts: list[bytes] = []
-        own_seed = own_key = 0
+        own_shares = (b"", b"", b"", b"")
         for v, ys, yk in zip(mine, seed_shares, key_shares, strict=True):
-            if v == self.node_id:
-                own_seed, own_key = ys, yk
+            sb, kb = shamir.share_to_bytes(ys), shamir.share_to_bytes(yk)
+            s_salt, k_salt = random_bytes(SALT_BYTES), random_bytes(SALT_BYTES)
+            seed_commits.append(share_commitment(fed, rnd, me, v, "seed", sb, s_salt))
+            key_commits.append(share_commitment(fed, rnd, me, v, "key", kb, k_salt))
+            if v == me:
+                own_shares = (sb, s_salt, kb, k_salt)
+                cts.append(b"")
                 continue
-            pt = canonical_encode([self.federation_id, cfg.round, self.node_id, v,
-                                   shamir.share_to_bytes(ys), shamir.share_to_bytes(yk)])
-            ad = _share_ad(self.federation_id, cfg.round, self.node_id, v)
-            receivers.append(v)
-            cts.append(aead_encrypt(self._share_key(adverts[v]), pt, ad))
-        self._round = _ClientRound(cfg, _config_digest(cfg), nbhd, adverts, seed, own_seed,
-                                   own_key)
+            pt = _share_plaintext(fed, rnd, me, v, sb, s_salt, kb, k_salt)
+            cts.append(aead_encrypt(self._channel_key(adverts[v]), pt,
+                                    _share_ad(fed, rnd, digest, me, v)))
+        header = ShareHeader(s_pk, seed_commitment(fed, rnd, me, seed), list(mine),
+                             seed_commits, key_commits, b"")
+        sig = self._signing_key.sign(share_statement(fed, rnd, digest, me, header))
+        self._round = _ClientRound(cfg, digest, nbhd, adverts, seed, s_sk, s_pk, own_shares,
+                                   c, h)
         self._last_round = cfg.round
         if len(self._verified) > 100_000:
             self._verified.clear()
         self._verified |= verified_now
         for v, adv in adverts.items():
             self._known_epoch[v] = adv.epoch
-        self._exposed = True
-        return ShareKeys(self.federation_id, cfg.round, self.node_id, receivers, cts)
+        return ShareKeys(fed, rnd, me, s_pk, header.seed_commitment, list(mine), seed_commits,
+                         key_commits, cts, sig)
 
     # ---- stage 2
 
     def handle_mask_request(self, req: MaskRequest, vector: np.ndarray, weight: int) -> MaskedInput:
-        """Stage 2: decrypt the shares addressed to us, then return the masked input.
+        """Stage 2: check every sharing neighbour's signed header and decrypt the shares
+        addressed to us (each against its commitment), then return the masked input.
 
         ``vector`` (float, length ``dim``) and ``weight`` (example count) never
         leave the client except inside the masked vector.
@@ -510,64 +653,100 @@ class ClientSession:
         _expect(req, MaskRequest)
         rnd = self._current(req, "shared")
         cfg = rnd.config
-        if req.node_id != self.node_id:
+        fed, r, me = self.federation_id, cfg.round, self.node_id
+        if req.node_id != me:
             raise ProtocolViolation(f"mask request addressed to node {req.node_id}")
         sharers = _distinct(req.sharers, "sharer list")
         if not sharers <= set(cfg.participants):
             raise ProtocolViolation("sharer list names non-participants")
-        if self.node_id not in sharers:
+        if me not in sharers:
             raise ProtocolViolation("sharer list omits this client, which did share")
-        mine = rnd.nbhd[self.node_id]
+        mine = rnd.nbhd[me]
         live = [v for v in mine if v in sharers]
         if len(live) < cfg.threshold or len(sharers) < cfg.threshold:
             raise ProtocolViolation(
                 f"only {len(live)} of this client's neighbourhood shared; threshold {cfg.threshold}"
             )
-        expected = {v for v in live if v != self.node_id}
+        expected = {v for v in live if v != me}
         senders = _distinct(req.senders, "sender list")
         if senders != expected:
             missing, extra = sorted(expected - senders), sorted(senders - expected)
             raise ProtocolViolation(f"share ciphertexts missing from {missing}, unexpected {extra}")
-        received: dict[int, tuple[int, int]] = {}
-        for v, ct in zip(req.senders, req.ciphertexts, strict=True):
-            ad = _share_ad(self.federation_id, cfg.round, v, self.node_id)
-            pt = aead_decrypt(self._share_key(rnd.adverts[v]), ct, ad,
-                              f"shares from node {v} in round {cfg.round}")
+        received: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}
+        publics: dict[int, bytes] = {}
+        for v, raw, ct in zip(req.senders, req.headers, req.ciphertexts, strict=True):
+            try:
+                header = ShareHeader.from_bytes(raw)
+            except MalformedMessage as exc:
+                raise AuthenticationError(f"share header of node {v}: {exc}") from exc
+            _verify_header(header, fed, r, rnd.digest, v, rnd.nbhd[v], self.roster)
+            if len(ct) != share_ciphertext_bytes(fed, r, v, me):
+                raise MalformedMessage(f"share ciphertext from node {v} has the wrong length")
+            pt = aead_decrypt(self._channel_key(rnd.adverts[v]), ct,
+                              _share_ad(fed, r, rnd.digest, v, me),
+                              f"shares from node {v} in round {r}")
             try:
                 fields = canonical_decode(pt)
-                ok = (isinstance(fields, list) and len(fields) == 6
-                      and fields[:4] == [self.federation_id, cfg.round, v, self.node_id])
-                ys, yk = shamir.bytes_to_share(fields[4]), shamir.bytes_to_share(fields[5])
-            except (MalformedMessage, ProtocolViolation, IndexError, TypeError) as exc:
+                ok = (isinstance(fields, list) and len(fields) == 8
+                      and fields[:4] == [fed, r, v, me])
+                sb, s_salt, kb, k_salt = fields[4:8]
+                shamir.bytes_to_share(sb)
+                shamir.bytes_to_share(kb)
+                ok = ok and len(s_salt) == SALT_BYTES and len(k_salt) == SALT_BYTES
+            except (MalformedMessage, ProtocolViolation, IndexError, TypeError,
+                    ValueError) as exc:
                 raise AuthenticationError(f"shares from node {v}: malformed plaintext") from exc
             if not ok:
                 raise AuthenticationError(f"shares from node {v}: header does not match")
-            received[v] = (ys, yk)
+            i = list(header.holders).index(me)
+            if (share_commitment(fed, r, v, me, "seed", sb, s_salt)
+                    != header.seed_share_commitments[i]
+                    or share_commitment(fed, r, v, me, "key", kb, k_salt)
+                    != header.key_share_commitments[i]):
+                raise AuthenticationError(
+                    f"shares from node {v} do not match its signed commitments"
+                )
+            received[v] = (sb, s_salt, kb, k_salt)
+            publics[v] = header.mask_public
         enc = EncodingConfig(cfg.clip, cfg.frac_bits, cfg.max_weight, cfg.ring_bits)
         y = encode(vector, weight, enc, cfg.ring_bits, dim=cfg.dim,
                    clip_out_of_range=self.policy.clip_out_of_range)
         acc = KeystreamAccumulator(y)
-        acc.add(_self_mask_key(rnd.seed, self.federation_id, cfg.round, self.node_id))
-        assert self._keys is not None
-        me = (self.node_id, self._keys.epoch)
+        acc.add(_self_mask_key(rnd.seed, fed, r, me))
+        sk = x25519_private(rnd.mask_private)
         for v in sorted(expected):
-            adv = rnd.adverts[v]
-            key = _pair_mask_key(self._shared("s", adv), self.federation_id, cfg.round, me,
-                                 (v, adv.epoch))
-            if self.node_id < v:
+            key = pair_mask_key(x25519_shared(sk, publics[v]), fed, r, (me, rnd.mask_public),
+                                (v, publics[v]))
+            if me < v:
                 acc.add(key)
             else:
                 acc.subtract(key)
         rnd.received = received
         rnd.sharers = tuple(sorted(sharers))
         rnd.stage = "masked"
-        return MaskedInput(self.federation_id, cfg.round, self.node_id, cfg.ring_bits,
-                           y.tobytes())
+        return MaskedInput(fed, r, me, cfg.ring_bits, y.tobytes())
 
     # ---- stage 3
 
+    def _check_view(self, rnd: _ClientRound, sharers: Sequence[int], alive: Sequence[int]) -> None:
+        if tuple(sorted(_distinct(sharers, "sharer list"))) != rnd.sharers:
+            raise ConsistencyError("sharer list differs from the one in this client's mask request")
+        alive_set = _distinct(alive, "alive set")
+        if not alive_set <= set(rnd.sharers):
+            raise ProtocolViolation("alive set names clients that never shared")
+        if self.node_id not in alive_set:
+            raise ProtocolViolation("alive set omits this client, which sent its masked input")
+        if len(alive_set) < rnd.config.threshold:
+            raise ProtocolViolation(
+                f"alive set of {len(alive_set)} is below the threshold {rnd.config.threshold}"
+            )
+        why = alive_shortfall(rnd.nbhd, alive_set, rnd.colluders, rnd.min_honest)
+        if why:
+            raise ThresholdPolicyError(f"alive set refused: {why}")
+
     def handle_consistency_request(self, req: ConsistencyRequest) -> ConsistencySignature:
-        """Stage 3: sign the alive set; a client signs at most one alive set per round."""
+        """Stage 3: sign (sharers, alive set); a client signs at most one view per round,
+        and only one under which no sum of fewer than ``h`` honest updates can be unmasked."""
         _expect(req, ConsistencyRequest)
         self._check_fed(req)
         rnd = self._round
@@ -578,25 +757,19 @@ class ClientSession:
                 )
         else:
             rnd = self._current(req, "masked")
-        alive = _distinct(req.alive, "alive set")
-        if not alive <= set(rnd.sharers):
-            raise ProtocolViolation("alive set names clients that never shared")
-        if self.node_id not in alive:
-            raise ProtocolViolation("alive set omits this client, which sent its masked input")
-        if len(alive) < rnd.config.threshold:
-            raise ProtocolViolation(
-                f"alive set of {len(alive)} is below the threshold {rnd.config.threshold}"
-            )
-        stmt = consistency_statement(self.federation_id, rnd.config.round, rnd.digest, alive)
+        self._check_view(rnd, req.sharers, req.alive)
+        stmt = consistency_statement(self.federation_id, rnd.config.round, rnd.digest,
+                                     rnd.sharers, req.alive)
         sig = self._signing_key.sign(stmt)
-        rnd.signed_alive = tuple(sorted(alive))
+        rnd.signed_alive = tuple(sorted(req.alive))
         rnd.stage = "signed"
         return ConsistencySignature(self.federation_id, rnd.config.round, self.node_id, sig)
 
     # ---- stage 4
 
     def handle_unmask_request(self, req: UnmaskRequest) -> UnmaskReply:
-        """Stage 4: after checking the signed alive set, reveal one share per peer."""
+        """Stage 4: after checking that a quorum signed the same view, reveal one share
+        per peer (with the salt that opens its commitment), never both of one peer."""
         _expect(req, UnmaskRequest)
         rnd = self._current(req, "signed")
         cfg = rnd.config
@@ -607,13 +780,14 @@ class ClientSession:
             raise ProtocolViolation(f"node(s) {sorted(both)} listed as both alive and dropped")
         if tuple(sorted(alive)) != rnd.signed_alive:
             raise ConsistencyError("alive set differs from the one this client signed")
-        if alive | dropped != set(rnd.sharers):
-            raise ProtocolViolation("alive and dropped sets do not partition the sharers")
+        if dropped != set(rnd.sharers) - alive:
+            raise ProtocolViolation("dropped set is not exactly the sharers outside the alive set")
         _distinct(req.signers, "signer list")
         mine = rnd.nbhd[self.node_id]
         peers = [v for v in mine if v == self.node_id or v in rnd.received]
         relevant = set().union(*(rnd.nbhd[v] for v in peers))
-        stmt = consistency_statement(self.federation_id, cfg.round, rnd.digest, alive)
+        stmt = consistency_statement(self.federation_id, cfg.round, rnd.digest, rnd.sharers,
+                                     alive)
         valid: set[int] = set()
         short = {v: cfg.threshold for v in peers}  # signatures still needed per peer
         for s, sig in zip(req.signers, req.signatures, strict=True):
@@ -629,33 +803,31 @@ class ClientSession:
             q = len(valid & set(rnd.nbhd[v]))
             if q < cfg.threshold:
                 raise ConsistencyError(
-                    f"only {q} of node {v}'s neighbourhood signed this alive set; "
-                    f"need {cfg.threshold}"
+                    f"only {q} of node {v}'s neighbourhood signed this view; need {cfg.threshold}"
                 )
         seed_owners: list[int] = []
         seed_shares: list[bytes] = []
+        seed_salts: list[bytes] = []
         key_owners: list[int] = []
         key_shares: list[bytes] = []
-        burned: dict[int, int] = {}
+        key_salts: list[bytes] = []
         for v in peers:
-            ys, yk = ((rnd.own_seed_share, rnd.own_key_share) if v == self.node_id
-                      else rnd.received[v])
+            sb, s_salt, kb, k_salt = (rnd.own_shares if v == self.node_id else rnd.received[v])
             if v in alive:
                 seed_owners.append(v)
-                seed_shares.append(shamir.share_to_bytes(ys))
-            else:  # v in dropped (the partition was checked); never both
+                seed_shares.append(sb)
+                seed_salts.append(s_salt)
+            else:  # v in dropped (checked above); never both
                 key_owners.append(v)
-                key_shares.append(shamir.share_to_bytes(yk))
-                burned[v] = rnd.adverts[v].epoch
+                key_shares.append(kb)
+                key_salts.append(k_salt)
         assert not set(seed_owners) & set(key_owners)
-        self._burned.update(burned)
-        self._exposed = False  # we are in the signed alive set: honest peers reveal only b_u
         self._round = None  # wipe the round's secrets
         return UnmaskReply(self.federation_id, cfg.round, self.node_id, seed_owners, seed_shares,
-                           key_owners, key_shares)
+                           seed_salts, key_owners, key_shares, key_salts)
 
     def abort_round(self) -> None:
-        """Forget the round in progress (its secrets are wiped; keys rotate if exposed)."""
+        """Forget the round in progress (its secrets are wiped; they served it alone)."""
         self._round = None
 
     def handle(self, msg: Message, vector: np.ndarray | None = None, weight: int = 0) -> Message:
@@ -677,22 +849,19 @@ class ClientSession:
     def export_state(self) -> bytes:
         """Serialise everything but the signing key and roster. Contains secrets: store as such."""
         k = self._keys
-        keys = [] if k is None else [k.epoch, k.cipher_private, k.cipher_public, k.mask_private,
-                                     k.mask_public, k.signature]
+        keys = [] if k is None else [k.epoch, k.origin, k.cipher_private, k.cipher_public,
+                                     k.signature]
         rnd: list[Any] = []
         if self._round is not None:
             r = self._round
-            rnd = [r.config.to_bytes(), r.seed, shamir.share_to_bytes(r.own_seed_share),
-                   shamir.share_to_bytes(r.own_key_share), r.stage, list(r.sharers),
-                   sorted(r.received), [shamir.share_to_bytes(r.received[v][0])
-                                        for v in sorted(r.received)],
-                   [shamir.share_to_bytes(r.received[v][1]) for v in sorted(r.received)],
-                   list(r.signed_alive)]
+            got = sorted(r.received)
+            rnd = [r.config.to_bytes(), r.seed, r.mask_private, list(r.own_shares), r.colluders,
+                   r.min_honest, r.stage, list(r.sharers), got,
+                   [list(r.received[v]) for v in got], list(r.signed_alive)]
         return canonical_encode({
-            "v": 1, "node": self.node_id, "fed": self.federation_id, "keys": keys,
-            "exposed": int(self._exposed), "last_round": self._last_round + 1,
-            "known": [[v, e] for v, e in sorted(self._known_epoch.items())],
-            "burned": [[v, e] for v, e in sorted(self._burned.items())], "round": rnd,
+            "v": 2, "node": self.node_id, "fed": self.federation_id, "keys": keys,
+            "last_round": self._last_round + 1,
+            "known": [[v, e] for v, e in sorted(self._known_epoch.items())], "round": rnd,
         })
 
     @classmethod
@@ -708,15 +877,16 @@ class ClientSession:
 
         try:
             d = canonical_decode(state)
+            if d["v"] != 2:
+                raise ValueError(f"state of protocol version {d['v']}, expected 2")
             self = cls(d["node"], d["fed"], signing_key, roster, policy)
             if d["keys"]:
-                self._keys = _EpochKeys(*d["keys"])
-            self._exposed = bool(d["exposed"])
+                self._keys = _ChannelKeys(*d["keys"])
             self._last_round = d["last_round"] - 1
             self._known_epoch = {v: e for v, e in d["known"]}
-            self._burned = {v: e for v, e in d["burned"]}
             if d["round"]:
-                cfg_b, seed, os_, ok_, stage, sharers, rv, rs, rk, signed = d["round"]
+                (cfg_b, seed, s_sk, own, c, h, stage, sharers, got, shares,
+                 signed) = d["round"]
                 cfg = message_from_bytes(cfg_b)
                 assert isinstance(cfg, RoundConfig)
                 nbhd = closed_neighbourhoods(cfg.participants, cfg.graph_kind, cfg.degree,
@@ -724,14 +894,12 @@ class ClientSession:
                 index = {v: i for i, v in enumerate(cfg.participants)}
                 adverts = {v: cfg.advertisement(index[v]) for v in nbhd[self.node_id]
                            if v != self.node_id}
-                r = _ClientRound(cfg, _config_digest(cfg), nbhd, adverts, seed,
-                                 shamir.bytes_to_share(os_), shamir.bytes_to_share(ok_), stage,
-                                 tuple(sharers))
-                r.received = {v: (shamir.bytes_to_share(a), shamir.bytes_to_share(b))
-                              for v, a, b in zip(rv, rs, rk, strict=True)}
+                r = _ClientRound(cfg, _config_digest(cfg), nbhd, adverts, seed, s_sk,
+                                 x25519_public(s_sk), tuple(own), c, h, stage, tuple(sharers))
+                r.received = {v: tuple(s) for v, s in zip(got, shares, strict=True)}
                 r.signed_alive = tuple(signed)
                 self._round = r
-        except (KeyError, TypeError, ValueError, AssertionError) as exc:
+        except (KeyError, TypeError, ValueError, AssertionError, AuthenticationError) as exc:
             raise MalformedMessage(f"client state is malformed: {exc}") from exc
         return self
 
@@ -742,7 +910,9 @@ class ClientSession:
 @dataclass(frozen=True)
 class AggregateResult:
     """What the server learns: the weighted sum of the alive clients' clipped inputs and
-    the total weight. ``error_bound`` bounds every coordinate of ``weighted_sum``."""
+    the total weight. ``error_bound`` bounds every coordinate of ``weighted_sum``;
+    ``excluded`` names clients whose unmask reply held a share that did not open its
+    dealer's commitment (their replies were discarded)."""
 
     round: int
     weighted_sum: np.ndarray
@@ -750,6 +920,7 @@ class AggregateResult:
     alive: tuple[int, ...]
     dropped: tuple[int, ...]
     error_bound: float
+    excluded: tuple[int, ...] = ()
 
     def mean(self) -> np.ndarray:
         """The weighted average ``sum_u w_u x_u / sum_u w_u``."""
@@ -770,7 +941,7 @@ class _ServerRound:
     alive: set[int] = field(default_factory=set)
     signatures: dict[int, bytes] = field(default_factory=dict)
     responders: set[int] = field(default_factory=set)
-    sent_shares: set[int] = field(default_factory=set)
+    excluded: set[int] = field(default_factory=set)
     seed_points: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     key_points: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
@@ -787,8 +958,10 @@ class ServerSession:
         encoding: fixed-point parameters for every round.
         graph: ``"complete"`` or ``"harary"`` (SecAgg+ sparse graph).
         degree: Harary degree (default :func:`default_degree` of the round size).
-        threshold_fraction: t is the smallest integer above this fraction of a
-            closed neighbourhood (clients refuse anything below their own policy).
+        colluders: the collusion bound ``c`` every round is set up for (``None``:
+            ``floor((n - 1) / 3)`` of the round's ``n``); the threshold is the
+            smallest ``t > (|N| + c) / 2``. Clients refuse a round below their own.
+        min_honest: ``h``, the fewest honest updates in any sum that is unmasked.
     """
 
     def __init__(
@@ -799,48 +972,57 @@ class ServerSession:
         encoding: EncodingConfig | None = None,
         graph: str = "complete",
         degree: int | None = None,
-        threshold_fraction: float = 0.5,
+        colluders: int | None = None,
+        min_honest: int = 2,
     ) -> None:
         if graph not in GRAPH_KINDS:
             raise ConfigurationError(f"graph must be one of {GRAPH_KINDS}, got {graph!r}")
-        if not 0.0 <= threshold_fraction < 1.0:
-            raise ConfigurationError("threshold_fraction must be in [0, 1)")
+        ClientPolicy(colluders=colluders, min_honest=min_honest)  # same validation
         self.federation_id = federation_id
         self.roster = validate_roster(roster)
         self.encoding = encoding or EncodingConfig()
         self.graph = graph
         self.degree = degree
-        self.threshold_fraction = threshold_fraction
+        self.colluders = colluders
+        self.min_honest = min_honest
         self._adverts: dict[int, KeyAdvertisement] = {}
-        self._burned: dict[int, int] = {}
-        self._stale: set[int] = set()  # keys possibly exposed: ask for a new advertisement
         self._last_round = -1
         self._round: _ServerRound | None = None
         self._next: _ServerRound | None = None  # opened by start_next_round
 
     # ---- setup
 
-    def receive_advertisement(self, adv: KeyAdvertisement) -> None:
-        """Store a client's signed keys (verified against the roster)."""
+    def receive_advertisement(self, adv: KeyAdvertisement, origin: int | None = None) -> None:
+        """Store a client's signed share-channel key (verified against the roster).
+
+        ``origin`` is the transport identity the advertisement came from (the Flower
+        node id); it must be the one the client signed. One transport identity holds
+        one roster identity, so no client can take over another's by replaying its
+        advertisement.
+        """
         _expect(adv, KeyAdvertisement)
         if adv.federation_id != self.federation_id:
             raise ReplayError(f"advertisement for federation {adv.federation_id!r}")
         _verify_advertisement(adv, self.roster)
-        if adv.epoch <= self._burned.get(adv.node_id, -1):
-            raise KeyRotationRequired(
-                f"node {adv.node_id} re-advertised epoch {adv.epoch}, whose mask key was "
-                "reconstructed; it must rotate to a newer epoch"
+        if origin is not None and adv.origin != origin:
+            raise AuthenticationError(
+                f"advertisement of node {adv.node_id} names origin {adv.origin} but came "
+                f"from {origin}"
             )
         old = self._adverts.get(adv.node_id)
         if old is not None and adv.epoch < old.epoch:
             raise ReplayError(f"node {adv.node_id}: epoch {adv.epoch} older than {old.epoch}")
+        for v, other in self._adverts.items():
+            if v != adv.node_id and other.origin == adv.origin:
+                raise AuthenticationError(
+                    f"origin {adv.origin} already holds node {v}'s keys; node {adv.node_id} "
+                    "cannot advertise from it"
+                )
         self._adverts[adv.node_id] = adv
-        self._stale.discard(adv.node_id)
 
     def needs_advertisement(self, participants: Iterable[int]) -> list[int]:
-        """Participants that must (re-)advertise keys before the next round."""
-        return sorted(v for v in participants if v not in self._adverts or v in self._stale
-                      or self._adverts[v].epoch <= self._burned.get(v, -1))
+        """Participants that must advertise a share-channel key before the next round."""
+        return sorted(v for v in participants if v not in self._adverts)
 
     # ---- stage 1
 
@@ -848,8 +1030,7 @@ class ServerSession:
         """Open a round; returns the one :class:`RoundConfig` every participant gets.
 
         A round still open (e.g. one opened by :meth:`start_next_round` and not
-        wanted any more) is abandoned first: its sharers must re-key, so a new round
-        that lists them is refused until they have advertised fresh keys.
+        wanted any more) is abandoned first; its secrets served it alone.
         """
         self.abort_round("superseded by a new round")
         self._check_new_round(round_number, participants, dim)
@@ -885,13 +1066,17 @@ class ServerSession:
         missing = [v for v in parts if v not in self.roster]
         if missing:
             raise ConfigurationError(f"participants {missing} are not in the roster")
-        if len(parts) < 2:
-            raise ConfigurationError("a round needs at least 2 participants")
+        if len(parts) < 3:
+            raise ConfigurationError("a secure round needs at least 3 participants")
         stale = self.needs_advertisement(parts)
         if stale:
-            raise KeyRotationRequired(f"nodes {stale} must advertise (fresh) keys first")
+            raise KeyRotationRequired(f"nodes {stale} must advertise their keys first")
         if not isinstance(dim, int) or dim < 1:
             raise EncodingError(f"dim must be a positive int, got {dim!r}")
+
+    def colluders_for(self, n: int) -> int:
+        """The collusion bound ``c`` rounds of ``n`` clients are set up for."""
+        return default_colluders(n) if self.colluders is None else self.colluders
 
     def _new_round(
         self, round_number: int, participants: Sequence[int], dim: int
@@ -902,15 +1087,22 @@ class ServerSession:
         degree = self.degree if self.degree is not None else default_degree(n)
         seed = random_bytes(16)
         nbhd = closed_neighbourhoods(parts, self.graph, degree, seed)
-        size = len(nbhd[parts[0]])
-        t = _min_threshold(size, self.threshold_fraction)
+        c = self.colluders_for(n)
+        t = required_threshold(len(nbhd[parts[0]]), c)
+        try:
+            _check_collusion_bound(nbhd, parts, t, c, self.min_honest)
+        except ThresholdPolicyError as exc:
+            raise ConfigurationError(
+                f"a {self.graph} graph over {n} participants cannot honour the collusion "
+                f"bound: {exc}"
+            ) from None
         ads = [self._adverts[v] for v in parts]
         cfg = RoundConfig(
-            self.federation_id, round_number, parts, t, self.graph,
+            self.federation_id, round_number, parts, t, c, self.min_honest, self.graph,
             degree if self.graph == "harary" else n - 1, seed, dim,
             float(self.encoding.clip), self.encoding.frac_bits, self.encoding.max_weight,
-            ring_bits, [a.epoch for a in ads], [a.cipher_public for a in ads],
-            [a.mask_public for a in ads], [a.signature for a in ads],
+            ring_bits, [a.epoch for a in ads], [a.origin for a in ads],
+            [a.cipher_public for a in ads], [a.signature for a in ads],
         )
         self._last_round = round_number
         return cfg, _ServerRound(cfg, nbhd, _config_digest(cfg))
@@ -927,17 +1119,14 @@ class ServerSession:
             raise ProtocolViolation(f"{type(msg).__name__} arrived at stage {rnd.stage!r}")
         return rnd
 
-    def _abort(self, why: str) -> RoundAborted:
-        # The next round (if open) goes too: its shares were made for a federation
-        # state that no longer holds, and its sharers count as exposed.
-        for rnd in (self._round, self._next):
-            if rnd is not None:
-                self._stale.update(rnd.sent_shares | set(rnd.shares))
+    def _abort(self, why: str, cheaters: Iterable[int] = ()) -> RoundAborted:
+        # The next round (if open) goes too; every secret of both served them alone.
         self._round = self._next = None
-        return RoundAborted(why)
+        return RoundAborted(why, cheaters=tuple(sorted(cheaters)))
 
     def receive_shares(self, msg: ShareKeys) -> None:
-        """Stage 1 reply: one ciphertext per neighbour, stored for forwarding (for the
+        """Stage 1 reply: a client's signed round mask key, commitments and one
+        ciphertext per neighbour, each of the exact size the round fixes (for the
         current round, or for the next one opened by :meth:`start_next_round`)."""
         _expect(msg, ShareKeys)
         nxt = self._next
@@ -950,15 +1139,24 @@ class ServerSession:
             raise ProtocolViolation(f"node {u} is not a participant")
         if u in rnd.shares:
             raise ProtocolViolation(f"node {u} already sent its shares")
-        expected = set(rnd.nbhd[u]) - {u}
-        if len(set(msg.receivers)) != len(msg.receivers) or set(msg.receivers) != expected:
-            raise ProtocolViolation(f"node {u}'s shares are not addressed to its neighbours")
+        holders = list(rnd.nbhd[u])
+        _verify_header(_header_of(msg), self.federation_id, rnd.config.round, rnd.digest, u,
+                       holders, self.roster)
+        for v, ct in zip(holders, msg.ciphertexts, strict=True):
+            want = 0 if v == u else share_ciphertext_bytes(self.federation_id,
+                                                           rnd.config.round, u, v)
+            if len(ct) != want:
+                raise MalformedMessage(f"node {u}'s share ciphertext for node {v} has "
+                                       f"{len(ct)} bytes, expected {want}")
         rnd.shares[u] = msg
 
     def _feasible(self, rnd: _ServerRound, alive: set[int], holders: set[int]) -> str | None:
         t = rnd.config.threshold
         if len(alive) < t:
             return f"{len(alive)} alive clients < threshold {t}"
+        why = alive_shortfall(rnd.nbhd, alive, rnd.config.colluders, rnd.config.min_honest)
+        if why:
+            return why
         for u in sorted(alive):
             if len(holders & set(rnd.nbhd[u])) < t:
                 return f"fewer than {t} holders of node {u}'s self-mask shares remain"
@@ -974,32 +1172,37 @@ class ServerSession:
         rnd = self._round
         if rnd is None or rnd.stage != "config":
             raise ProtocolViolation("no round waiting for shares")
-        t = rnd.config.threshold
+        cfg = rnd.config
+        t = cfg.threshold
+        need = cfg.colluders + cfg.min_honest - 1
         u1 = set(rnd.shares)
         changed = True
-        while changed:  # drop sharers whose neighbourhood cannot reach t
+        while changed:  # drop sharers whose neighbourhood cannot reach t or the bound
             changed = False
             for u in sorted(u1):
-                if len(u1 & set(rnd.nbhd[u])) < t:
+                near = len(u1 & set(rnd.nbhd[u]))
+                if near < t or near - 1 < need:
                     u1.discard(u)
                     changed = True
-        if len(u1) < t:
-            raise self._abort(f"round {rnd.config.round}: {len(u1)} clients shared keys, "
+        if len(u1) < max(t, cfg.colluders + cfg.min_honest):
+            raise self._abort(f"round {cfg.round}: {len(u1)} clients shared keys, "
                               f"threshold {t}")
         rnd.sharers = tuple(sorted(u1))
-        rnd.sent_shares = set(rnd.shares)
-        inbox: dict[int, tuple[list[int], list[bytes]]] = {u: ([], []) for u in u1}
+        headers = {v: rnd.shares[v].header() for v in rnd.sharers}
+        inbox: dict[int, tuple[list[int], list[bytes], list[bytes]]] = {
+            u: ([], [], []) for u in u1}
         for v in rnd.sharers:
-            for r, ct in zip(rnd.shares[v].receivers, rnd.shares[v].ciphertexts, strict=True):
-                if r in u1:
+            for r, ct in zip(rnd.shares[v].holders, rnd.shares[v].ciphertexts, strict=True):
+                if r in u1 and r != v:
                     inbox[r][0].append(v)
-                    inbox[r][1].append(ct)
-        rnd.shares = {}
+                    inbox[r][1].append(headers[v])
+                    inbox[r][2].append(ct)
         rnd.stage = "mask"
-        dtype = RING_DTYPES[rnd.config.ring_bits]
-        rnd.acc = np.zeros(rnd.config.dim + 1, dtype=dtype)
-        f, r = self.federation_id, rnd.config.round
-        return {u: MaskRequest(f, r, u, list(rnd.sharers), s, c) for u, (s, c) in inbox.items()}
+        dtype = RING_DTYPES[cfg.ring_bits]
+        rnd.acc = np.zeros(cfg.dim + 1, dtype=dtype)
+        f, r = self.federation_id, cfg.round
+        return {u: MaskRequest(f, r, u, list(rnd.sharers), s, h, c)
+                for u, (s, h, c) in inbox.items()}
 
     def receive_masked_input(self, msg: MaskedInput) -> None:
         """Stage 2 reply: add ``y_u`` to the running sum at once (nothing per client is kept)."""
@@ -1031,10 +1234,11 @@ class ServerSession:
         if why:
             raise self._abort(f"round {rnd.config.round} aborted before unmasking: {why}")
         rnd.stage = "consistency"
-        return ConsistencyRequest(self.federation_id, rnd.config.round, sorted(rnd.alive))
+        return ConsistencyRequest(self.federation_id, rnd.config.round, list(rnd.sharers),
+                                  sorted(rnd.alive))
 
     def receive_consistency_signature(self, msg: ConsistencySignature) -> None:
-        """Stage 3 reply: verify and keep an alive client's signature over U2."""
+        """Stage 3 reply: verify and keep an alive client's signature over (U1, U2)."""
         _expect(msg, ConsistencySignature)
         rnd = self._current(msg, "consistency")
         u = msg.node_id
@@ -1042,7 +1246,8 @@ class ServerSession:
             raise ProtocolViolation(f"signature from node {u}, which is not alive")
         if u in rnd.signatures:
             raise ProtocolViolation(f"node {u} already signed")
-        stmt = consistency_statement(self.federation_id, rnd.config.round, rnd.digest, rnd.alive)
+        stmt = consistency_statement(self.federation_id, rnd.config.round, rnd.digest,
+                                     rnd.sharers, rnd.alive)
         verify_signature(self.roster[u], msg.signature, stmt, f"consistency signature of node {u}")
         rnd.signatures[u] = msg.signature
 
@@ -1063,13 +1268,20 @@ class ServerSession:
                              [rnd.signatures[s] for s in signers])
 
     def receive_unmask_reply(self, msg: UnmaskReply) -> None:
-        """Stage 4 reply: collect shares (seed shares for alive owners, key shares for dropped)."""
+        """Stage 4 reply: check every share against its dealer's signed commitment and
+        collect it (seed shares of alive owners, key shares of dropped ones).
+
+        A reply holding a share that does not open its commitment is discarded whole
+        and its sender is excluded from the round and named in the result
+        (:class:`AuthenticationError` is raised and the exclusion is kept: the one
+        state change a refused message makes).
+        """
         _expect(msg, UnmaskReply)
         rnd = self._current(msg, "unmask")
         u = msg.node_id
         if u not in rnd.signatures:
             raise ProtocolViolation(f"unmask reply from node {u}, which did not sign")
-        if u in rnd.responders:
+        if u in rnd.responders or u in rnd.excluded:
             raise ProtocolViolation(f"node {u} already answered")
         nb = set(rnd.nbhd[u])
         dropped = set(rnd.sharers) - rnd.alive
@@ -1078,79 +1290,110 @@ class ServerSession:
             raise ProtocolViolation(f"node {u}: duplicate owners in unmask reply")
         if not so <= rnd.alive & nb or not ko <= dropped & nb or so & ko:
             raise ProtocolViolation(f"node {u}: unmask reply reveals shares it must not")
+        fed, r = self.federation_id, rnd.config.round
         x = shamir.x_coordinate(u)
-        seeds = [(v, shamir.bytes_to_share(b)) for v, b in zip(msg.seed_owners, msg.seed_shares,
-                                                              strict=True)]
-        keys = [(v, shamir.bytes_to_share(b)) for v, b in zip(msg.key_owners, msg.key_shares,
-                                                             strict=True)]
-        for v, y in seeds:
-            rnd.seed_points.setdefault(v, []).append((x, y))
-        for v, y in keys:
-            rnd.key_points.setdefault(v, []).append((x, y))
+        points: list[tuple[str, int, int]] = []
+        for kind, owners, shares, salts in (("seed", msg.seed_owners, msg.seed_shares,
+                                             msg.seed_salts),
+                                            ("key", msg.key_owners, msg.key_shares,
+                                             msg.key_salts)):
+            for v, share, salt in zip(owners, shares, salts, strict=True):
+                if len(share) != shamir.SHARE_BYTES or len(salt) != SALT_BYTES:
+                    raise MalformedMessage(f"node {u}: a share is {shamir.SHARE_BYTES} bytes "
+                                           f"and a salt {SALT_BYTES}")
+                dealt = rnd.shares[v]
+                i = list(dealt.holders).index(u)
+                commits = (dealt.seed_share_commitments if kind == "seed"
+                           else dealt.key_share_commitments)
+                if share_commitment(fed, r, v, u, kind, share, salt) != commits[i]:
+                    rnd.excluded.add(u)
+                    raise AuthenticationError(
+                        f"node {u} returned a {kind} share of node {v} that does not match "
+                        f"node {v}'s signed commitment; node {u} is excluded from round {r}"
+                    )
+                try:
+                    points.append((kind, v, shamir.bytes_to_share(share)))
+                except ProtocolViolation as exc:
+                    raise MalformedMessage(f"node {u}: {exc}") from exc
+        for kind, v, y in points:
+            (rnd.seed_points if kind == "seed" else rnd.key_points).setdefault(v, []).append(
+                (x, y))
         rnd.responders.add(u)
 
     def finish(self) -> AggregateResult:
-        """Close stage 4: reconstruct seeds and dropped keys, strip masks, decode the sum."""
+        """Close stage 4: reconstruct seeds and dropped clients' round keys (each checked
+        against its dealer's commitment), strip the masks, decode the sum.
+
+        Raises only :class:`RoundAborted` (naming any client caught cheating) when the
+        remaining valid shares cannot remove every mask; never returns a wrong sum.
+        """
         rnd = self._round
         if rnd is None or rnd.stage != "unmask":
             raise ProtocolViolation("no round waiting for unmask replies")
         cfg = rnd.config
         t = cfg.threshold
+        fed = self.federation_id
         why = self._feasible(rnd, rnd.alive, rnd.responders)
         dropped = sorted(set(rnd.sharers) - rnd.alive)
         for u in sorted(rnd.alive):
             if why is None and len(rnd.seed_points.get(u, ())) < t:
-                why = f"only {len(rnd.seed_points.get(u, ()))} shares of node {u}'s seed arrived"
+                why = f"only {len(rnd.seed_points.get(u, ()))} valid shares of node {u}'s seed"
         for v in dropped:
             if (why is None and rnd.alive & set(rnd.nbhd[v])
                     and len(rnd.key_points.get(v, ())) < t):
-                why = f"only {len(rnd.key_points.get(v, ()))} shares of node {v}'s key arrived"
+                why = f"only {len(rnd.key_points.get(v, ()))} valid shares of node {v}'s key"
         if why:
-            raise self._abort(f"round {cfg.round} aborted at unmasking: {why}")
+            raise self._abort(f"round {cfg.round} aborted at unmasking: {why}", rnd.excluded)
+        seeds: dict[int, bytes] = {}
+        for u in sorted(rnd.alive):
+            value = shamir.reconstruct(rnd.seed_points[u], t)
+            seed = value.to_bytes(32, "big") if value < 2**256 else b""
+            if seed_commitment(fed, cfg.round, u, seed) != rnd.shares[u].seed_commitment:
+                raise self._abort(
+                    f"round {cfg.round} aborted at unmasking: node {u} dealt seed shares that "
+                    "do not open its seed commitment", rnd.excluded | {u})
+            seeds[u] = seed
+        keys: dict[int, bytes] = {}
+        for v in dropped:
+            if not rnd.alive & set(rnd.nbhd[v]):
+                continue
+            secret = shamir.reconstruct(rnd.key_points[v], t)
+            s_sk = secret.to_bytes(32, "big") if secret < 2**256 else bytes(32)
+            try:
+                ok = x25519_public(s_sk) == rnd.shares[v].mask_public
+            except AuthenticationError:
+                ok = False
+            if not ok:
+                raise self._abort(
+                    f"round {cfg.round} aborted at unmasking: node {v} dealt key shares that "
+                    "do not open its round mask key", rnd.excluded | {v})
+            keys[v] = s_sk
         acc = rnd.acc
         assert acc is not None
         ks = KeystreamAccumulator(acc)
-        for u in sorted(rnd.alive):
-            value = shamir.reconstruct(rnd.seed_points[u], t)
-            if value >= 2**256:
-                raise AuthenticationError(f"reconstructed seed of node {u} is not 32 bytes")
-            seed = value.to_bytes(32, "big")
-            ks.subtract(_self_mask_key(seed, self.federation_id, cfg.round, u))
-        for v in dropped:
-            partners = sorted(rnd.alive & set(rnd.nbhd[v]))
-            if not partners:
-                continue
-            secret = shamir.reconstruct(rnd.key_points[v], t)
-            if secret >= 2**256:
-                raise AuthenticationError(f"reconstructed mask key of node {v} is not 32 bytes")
-            s_sk = secret.to_bytes(32, "big")
-            adv_v = self._adverts[v]
-            if x25519_public(s_sk) != adv_v.mask_public:
-                raise AuthenticationError(
-                    f"reconstructed mask key of node {v} does not match its advertised key"
-                )
-            self._burned[v] = adv_v.epoch
-            for u in partners:
-                adv_u = self._adverts[u]
-                shared = x25519_shared(s_sk, adv_u.mask_public)
-                key = _pair_mask_key(shared, self.federation_id, cfg.round, (v, adv_v.epoch),
-                                     (u, adv_u.epoch))
+        for u, seed in seeds.items():
+            ks.subtract(_self_mask_key(seed, fed, cfg.round, u))
+        for v, s_sk in keys.items():
+            sk = x25519_private(s_sk)
+            pk_v = rnd.shares[v].mask_public
+            for u in sorted(rnd.alive & set(rnd.nbhd[v])):
+                pk_u = rnd.shares[u].mask_public
+                key = pair_mask_key(x25519_shared(sk, pk_u), fed, cfg.round, (v, pk_v),
+                                    (u, pk_u))
                 if u < v:
                     ks.subtract(key)  # u added +PRG(s_uv)
                 else:
                     ks.add(key)  # u subtracted it
         weighted_sum, total_weight = decode_sum(acc, cfg.ring_bits, cfg.frac_bits)
         enc = EncodingConfig(cfg.clip, cfg.frac_bits, cfg.max_weight, cfg.ring_bits)
-        self._stale.update(set(rnd.sharers) - rnd.responders)
         self._round, self._next = self._next, None
-        if self._round is not None and self.needs_advertisement(self._round.shares):
-            self.abort_round("a sharer of the next round must re-key")
         return AggregateResult(cfg.round, weighted_sum, total_weight, tuple(sorted(rnd.alive)),
-                               tuple(dropped), enc.sum_error_bound(total_weight))
+                               tuple(dropped), enc.sum_error_bound(total_weight),
+                               tuple(sorted(rnd.excluded)))
 
     def abort_round(self, reason: str = "aborted by the operator") -> None:
         """Abandon the current round and any next round opened with it (nothing more
-        is revealed; their sharers must re-key)."""
+        is revealed)."""
         if self._round is not None or self._next is not None:
             self._abort(reason)
 

@@ -1,0 +1,593 @@
+"""A malicious server with up to c colluding hospitals, against the declared bound.
+
+The harness drives the protocol stage by stage as a dishonest server would: it
+shows different clients different views, shrinks the alive set, edits the sharer
+list, replays keys and signatures, and lets a colluding hospital send a wrong
+share. Colluders hand the server everything they hold (their own secrets and
+every share they received). After each attack :func:`isolable_honest_sums`
+computes, from everything the adversary then holds, which sums of honest updates
+it can isolate; the property is that each holds at least ``h`` honest clients
+(or the attack was refused outright).
+
+The oracle is independent of the protocol's own checks: it only needs the
+masked inputs, the shares and which keys they reconstruct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from secagg_helpers import advertise_all, make_federation, random_inputs
+
+from bract.secagg import shamir
+from bract.secagg.crypto import SigningKey, x25519_public
+from bract.secagg.errors import (
+    AuthenticationError,
+    ConsistencyError,
+    MalformedMessage,
+    ProtocolViolation,
+    RoundAborted,
+    SecAggError,
+    ThresholdPolicyError,
+)
+from bract.secagg.messages import ConsistencyRequest, UnmaskReply, UnmaskRequest
+from bract.secagg.protocol import (
+    ClientPolicy,
+    ClientSession,
+    ServerSession,
+    advertisement_statement,
+)
+
+D = 3
+
+
+# ------------------------------------------------------------------------- the oracle
+
+
+class Adversary:
+    """Everything the server and its colluders hold in one round."""
+
+    def __init__(self, f, cfg, colluders) -> None:
+        self.cfg = cfg
+        self.colluders = set(colluders)
+        self.nbhd = f.server._round.nbhd
+        self.publics: dict[int, bytes] = {}
+        self.seed_points: dict[int, dict[int, int]] = {}
+        self.key_points: dict[int, dict[int, int]] = {}
+        self.masked: set[int] = set()
+        self.sharers: set[int] = set()
+        self.secrets_of: dict[int, tuple[bytes, bytes]] = {}
+
+    def add_shares(self, shares) -> None:
+        for v, msg in shares.items():
+            self.publics[v] = msg.mask_public
+            self.sharers.add(v)
+
+    def add_colluder_state(self, clients) -> None:
+        """Colluders give away their round secrets and every share they decrypted."""
+        for c in self.colluders:
+            rnd = clients[c]._round
+            if rnd is None:
+                continue
+            self.secrets_of[c] = (rnd.seed, rnd.mask_private)
+            x = shamir.x_coordinate(c)
+            for v, (sb, _, kb, _) in [*rnd.received.items(), (c, rnd.own_shares)]:
+                self.seed_points.setdefault(v, {})[x] = shamir.bytes_to_share(sb)
+                self.key_points.setdefault(v, {})[x] = shamir.bytes_to_share(kb)
+
+    def add_reply(self, reply: UnmaskReply) -> None:
+        x = shamir.x_coordinate(reply.node_id)
+        for v, b in zip(reply.seed_owners, reply.seed_shares, strict=True):
+            self.seed_points.setdefault(v, {})[x] = shamir.bytes_to_share(b)
+        for v, b in zip(reply.key_owners, reply.key_shares, strict=True):
+            self.key_points.setdefault(v, {})[x] = shamir.bytes_to_share(b)
+
+    def _known(self, points, check) -> set[int]:
+        t = self.cfg.threshold
+        out = set()
+        for v, pts in points.items():
+            if len(pts) >= t:
+                secret = shamir.reconstruct(sorted(pts.items()), t)
+                if check(v, secret):
+                    out.add(v)
+        return out | self.colluders
+
+    def isolable_honest_sums(self) -> list[set[int]]:
+        """Sums of honest updates the adversary can compute: connected groups of held
+        inputs with a known seed, joined by pair masks whose keys it does not know,
+        with no such mask to anything outside."""
+        def key_ok(v, secret):
+            return secret < 2**256 and x25519_public(secret.to_bytes(32, "big")) == \
+                self.publics.get(v)
+
+        seeds = self._known(self.seed_points, lambda v, s: True)
+        keys = self._known(self.key_points, key_ok)
+        usable = {u for u in self.masked if u in seeds and u not in self.colluders}
+        groups = {u: {u} for u in usable}
+        leaky = set()
+        for u in usable:
+            for v in self.nbhd[u]:
+                if v == u or v not in self.sharers or u in keys or v in keys:
+                    continue
+                if v in usable:
+                    merged = groups[u] | groups[v]
+                    for w in merged:
+                        groups[w] = merged
+                else:
+                    leaky.add(u)
+        closed = {frozenset(g) for g in groups.values() if not g & leaky}
+        return [set(g) for g in closed]
+
+
+def assert_no_small_sum(adv: Adversary, h: int) -> None:
+    for g in adv.isolable_honest_sums():
+        assert len(g) >= h, f"the adversary isolates the sum of {sorted(g)} (< h = {h})"
+
+
+# ------------------------------------------------------------------------- staging
+
+
+def _to_masked(n, colluders, *, policy=None, graph="complete", colluders_bound=None,
+               drop_mask=()):
+    f = make_federation(n, graph=graph, colluders=colluders_bound,
+                        policy=policy or ClientPolicy(colluders=colluders_bound))
+    advertise_all(f)
+    inputs = random_inputs(n, D)
+    cfg = f.server.start_round(1, range(n), D)
+    shares = {v: f.clients[v].handle_round_config(cfg) for v in range(n)}
+    for msg in shares.values():
+        f.server.receive_shares(msg)
+    reqs = f.server.mask_requests()
+    masked = {}
+    for v, req in reqs.items():
+        if v in drop_mask:
+            continue
+        masked[v] = f.clients[v].handle_mask_request(req, *inputs[v])
+        f.server.receive_masked_input(masked[v])
+    adv = Adversary(f, cfg, colluders)
+    adv.add_shares(shares)
+    adv.add_colluder_state(f.clients)
+    adv.masked |= set(masked)
+    return f, cfg, inputs, reqs, masked, adv
+
+
+def _sign(f, clients, creq):
+    sigs = {}
+    for v in clients:
+        try:
+            sigs[v] = f.clients[v].handle_consistency_request(creq).signature
+        except SecAggError:
+            continue
+    return sigs
+
+
+def _unmask(f, cfg, clients, alive, sharers, sigs, adv):
+    """Send each client an unmask request for (alive, sharers) with signatures ``sigs``;
+    collect the replies of those that accept."""
+    signers = sorted(sigs)
+    req = UnmaskRequest(f.fed, cfg.round, sorted(alive), sorted(set(sharers) - set(alive)),
+                        signers, [sigs[s] for s in signers])
+    got = 0
+    for v in clients:
+        try:
+            adv.add_reply(f.clients[v].handle_unmask_request(req))
+            got += 1
+        except SecAggError:
+            continue
+    return got
+
+
+def _colluder_sig(f, c, cfg, sharers, alive):
+    from bract.secagg.protocol import _config_digest, consistency_statement
+
+    return f.keys[c].sign(consistency_statement(f.fed, cfg.round, _config_digest(cfg),
+                                                sharers, alive))
+
+
+# ------------------------------------------------------------------------- attacks
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(4, 9), st.data())
+def test_split_views_yield_no_sum_smaller_than_h(n, data) -> None:
+    """The server shows the victim alive to one group and dropped to another, hoping for
+    its seed from the first and its round mask key from the second; up to c colluders
+    sign and reveal for both. Whatever the split, the adversary's knowledge isolates no
+    sum of fewer than h honest updates."""
+    c = (n - 1) // 3
+    colluders = set(data.draw(st.lists(st.integers(0, n - 1), min_size=c, max_size=c,
+                                       unique=True)))
+    honest = [v for v in range(n) if v not in colluders]
+    victim = data.draw(st.sampled_from(honest))
+    group_a = set(data.draw(st.lists(st.sampled_from(honest), unique=True))) | {victim}
+    f, cfg, _, _, _, adv = _to_masked(n, colluders)
+    everyone = list(range(n))
+    without = [v for v in everyone if v != victim]
+    sigs_a = _sign(f, group_a, ConsistencyRequest(f.fed, 1, everyone, everyone))
+    sigs_b = _sign(f, set(honest) - group_a, ConsistencyRequest(f.fed, 1, everyone, without))
+    for col in colluders:
+        sigs_a[col] = _colluder_sig(f, col, cfg, everyone, everyone)
+        sigs_b[col] = _colluder_sig(f, col, cfg, everyone, without)
+    _unmask(f, cfg, group_a, everyone, everyone, sigs_a, adv)
+    _unmask(f, cfg, set(honest) - group_a, without, everyone, sigs_b, adv)
+    assert_no_small_sum(adv, 2)
+    # and the victim's own update in particular stays inside a sum with others
+    assert all(g != {victim} for g in adv.isolable_honest_sums())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(4, 10), st.data())
+def test_shrinking_the_alive_set_yields_no_sum_smaller_than_h(n, data) -> None:
+    """The server 'loses' honest masked inputs so that the alive set is the victim plus
+    colluders plus a few honest clients. Honest clients sign and reveal only for alive
+    sets that keep h honest updates in every sum, whatever the server drops."""
+    c = (n - 1) // 3
+    colluders = set(data.draw(st.lists(st.integers(0, n - 1), min_size=c, max_size=c,
+                                       unique=True)))
+    honest = [v for v in range(n) if v not in colluders]
+    victim = data.draw(st.sampled_from(honest))
+    keep = set(data.draw(st.lists(st.sampled_from(honest), unique=True))) | {victim}
+    alive = sorted(keep | colluders)
+    f, cfg, _, _, _, adv = _to_masked(n, colluders)
+    adv.masked = set(alive) | adv.masked  # the server keeps every input it received
+    everyone = list(range(n))
+    sigs = _sign(f, keep, ConsistencyRequest(f.fed, 1, everyone, alive))
+    for col in colluders:
+        sigs[col] = _colluder_sig(f, col, cfg, everyone, alive)
+    _unmask(f, cfg, keep, alive, everyone, sigs, adv)
+    assert_no_small_sum(adv, 2)
+    if len(keep) < 2:
+        assert not sigs.keys() - colluders  # the lone honest client refused to sign
+
+
+def test_alive_set_of_the_victim_and_colluders_is_refused() -> None:
+    n, colluders = 7, {5, 6}
+    f, *_ = _to_masked(n, colluders)
+    for v in (0, 1):
+        with pytest.raises(ProtocolViolation):
+            f.clients[v].handle_consistency_request(
+                ConsistencyRequest(f.fed, 1, list(range(n)), [0, 5, 6]))
+
+
+def test_an_alive_set_that_reaches_t_but_not_c_plus_h_is_refused() -> None:
+    """With h = 4 honest per sum and c = 2, an alive set of t = 5 is not enough."""
+    n = 7
+    f = make_federation(n, colluders=2, min_honest=4,
+                        policy=ClientPolicy(colluders=2, min_honest=4))
+    advertise_all(f)
+    inputs = random_inputs(n, D)
+    cfg = f.server.start_round(1, range(n), D)
+    assert cfg.threshold == 5
+    for v in range(n):
+        f.server.receive_shares(f.clients[v].handle_round_config(cfg))
+    for v, req in f.server.mask_requests().items():
+        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v]))
+    with pytest.raises(ThresholdPolicyError, match="alive set refused"):
+        f.clients[0].handle_consistency_request(
+            ConsistencyRequest(f.fed, 1, list(range(n)), [0, 1, 2, 3, 4]))
+
+
+def test_sharer_list_manipulation_breaks_the_quorum() -> None:
+    """The server shows clients different sharer lists: the signed views differ, so the
+    sets it could unmask with never gather a quorum; a mask request that hides a sharing
+    neighbour is refused before masking."""
+    n = 7
+    f, *_ = _to_masked(n, set())
+    everyone = list(range(n))
+    without4 = [v for v in everyone if v != 4]
+    with pytest.raises(ConsistencyError, match="sharer list differs"):
+        f.clients[0].handle_consistency_request(ConsistencyRequest(f.fed, 1, without4,
+                                                                   without4))
+    # signatures over (everyone, alive) do not verify as signatures over another list
+    sigs = _sign(f, everyone, ConsistencyRequest(f.fed, 1, everyone, everyone))
+    assert len(sigs) == n
+    req = UnmaskRequest(f.fed, 1, without4, [], sorted(sigs), [sigs[s] for s in sorted(sigs)])
+    for v in everyone:
+        with pytest.raises(SecAggError):
+            f.clients[v].handle_unmask_request(req)
+    g, _, inputs, reqs, _, _ = _to_masked(n, set(), drop_mask=set(range(n)))
+    bad = reqs[0]
+    with pytest.raises(ProtocolViolation, match="missing"):
+        g.clients[0].handle_mask_request(
+            replace(bad, senders=bad.senders[1:], headers=bad.headers[1:],
+                    ciphertexts=bad.ciphertexts[1:]), *inputs[0])
+    g.clients[0].handle_mask_request(bad, *inputs[0])  # state untouched by the refusal
+
+
+# ---------------------------------------------------------------- replays of keys
+
+
+def test_a_signature_seen_before_is_no_pass_for_new_keys() -> None:
+    """Finding 3: a client that verified an advertisement once skipped the roster check
+    of any later advertisement with the same signature bytes. A server replaying the old
+    signature over its own key is refused."""
+    from bract.secagg.crypto import x25519_generate
+
+    f = make_federation(4)
+    advertise_all(f)
+    cfg1 = f.server.start_round(1, range(4), D)
+    f.clients[0].handle_round_config(cfg1)  # verifies (and remembers) node 1's advert
+    f.clients[0].abort_round()
+    cfg2 = f.server.start_round(2, range(4), D)
+    _, evil = x25519_generate()
+    ciphers = list(cfg2.cipher_publics)
+    ciphers[1] = evil  # same signature bytes, the server's own key
+    with pytest.raises(AuthenticationError, match="key advertisement of node 1"):
+        f.clients[0].handle_round_config(replace(cfg2, cipher_publics=ciphers))
+    epochs = list(cfg2.key_epochs)
+    epochs[1] = 7
+    with pytest.raises(AuthenticationError, match="key advertisement of node 1"):
+        f.clients[0].handle_round_config(replace(cfg2, key_epochs=epochs))
+    # after a state round trip (the Flower path) too
+    c0 = ClientSession.from_state(f.clients[0].export_state(), f.keys[0], f.roster)
+    with pytest.raises(AuthenticationError, match="key advertisement of node 1"):
+        c0.handle_round_config(replace(cfg2, cipher_publics=ciphers))
+    f.clients[0].handle_round_config(cfg2)
+
+
+def test_a_share_header_of_another_round_or_sender_is_refused() -> None:
+    """Round mask keys travel signed over (round, config digest, sender): a header of
+    round 1 replayed in round 2, or one sender's header presented as another's, fails."""
+    n = 5
+    f, _, inputs, reqs1, _, _ = _to_masked(n, set(), drop_mask=set(range(n)))
+    for v in range(n):
+        f.clients[v].abort_round()
+    f.server.abort_round()
+    cfg2 = f.server.start_round(2, range(n), D)
+    for v in range(n):
+        f.server.receive_shares(f.clients[v].handle_round_config(cfg2))
+    new, old = f.server.mask_requests()[0], reqs1[0]
+    with pytest.raises(AuthenticationError, match="shares of node"):
+        f.clients[0].handle_mask_request(replace(new, headers=old.headers), *inputs[0])
+    swapped = [new.headers[1], new.headers[0], *new.headers[2:]]
+    with pytest.raises(SecAggError):
+        f.clients[0].handle_mask_request(replace(new, headers=swapped), *inputs[0])
+    f.clients[0].handle_mask_request(new, *inputs[0])
+
+
+def test_the_server_refuses_forged_oversized_or_replayed_share_messages() -> None:
+    from bract.secagg.crypto import x25519_generate
+
+    n = 5
+    f = make_federation(n)
+    advertise_all(f)
+    cfg = f.server.start_round(1, range(n), D)
+    msg = f.clients[0].handle_round_config(cfg)
+    _, other = x25519_generate()
+    with pytest.raises(AuthenticationError, match="does not verify"):
+        f.server.receive_shares(replace(msg, mask_public=other))
+    with pytest.raises(AuthenticationError, match="low-order"):
+        f.server.receive_shares(replace(msg, mask_public=bytes(32)))
+    big = [*msg.ciphertexts]
+    big[1] = big[1] + bytes(32 << 20)  # 32 MiB more
+    with pytest.raises(MalformedMessage, match="expected"):
+        f.server.receive_shares(replace(msg, ciphertexts=big))
+    f.server.receive_shares(msg)
+    with pytest.raises(ProtocolViolation, match="already sent"):
+        f.server.receive_shares(msg)
+
+
+# ------------------------------------------------------------ identities and points
+
+
+def test_one_advertisement_per_identity_bound_to_its_origin() -> None:
+    """Finding 6: a hospital answering the key query with another hospital's
+    advertisement took that hospital's id. Advertisements name their transport origin
+    and one origin holds one identity."""
+    f = make_federation(4)
+    adv1 = f.clients[1].advertise_keys(origin=101)
+    adv2 = f.clients[2].advertise_keys(origin=102)
+    f.server.receive_advertisement(adv1, origin=101)
+    with pytest.raises(AuthenticationError, match="came from 102"):
+        f.server.receive_advertisement(adv1, origin=102)  # node 102 replays node 1's
+    with pytest.raises(AuthenticationError, match="does not verify"):
+        f.server.receive_advertisement(replace(adv2, origin=101), origin=101)
+    adv3 = f.clients[3].advertise_keys(origin=101)  # signs an origin another id holds
+    with pytest.raises(AuthenticationError, match="already holds node 1"):
+        f.server.receive_advertisement(adv3, origin=101)
+    f.server.receive_advertisement(adv2, origin=102)
+    assert f.server.needs_advertisement(range(4)) == [0, 3]
+
+
+@pytest.mark.parametrize("point", [bytes(32), (1).to_bytes(32, "little"),
+                                   bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46a"
+                                                 "da098deb9c32b1fd866205165f49b800")])
+def test_low_order_points_are_refused_at_the_server(point: bytes) -> None:
+    f = make_federation(3)
+    sig = f.keys[1].sign(advertisement_statement(f.fed, 1, 1, 0, point))
+    adv = replace(f.clients[1].advertise_keys(), cipher_public=point, signature=sig)
+    with pytest.raises(AuthenticationError, match="low-order"):
+        f.server.receive_advertisement(adv, origin=1)
+
+
+def test_signing_keys_outside_the_roster_change_nothing() -> None:
+    f = make_federation(4)
+    adv = f.clients[1].advertise_keys()
+    sig = SigningKey.generate().sign(advertisement_statement(f.fed, 1, adv.origin, adv.epoch,
+                                                             adv.cipher_public))
+    with pytest.raises(AuthenticationError, match="does not verify"):
+        f.server.receive_advertisement(replace(adv, signature=sig), origin=1)
+
+
+# ---------------------------------------------------------------- wrong shares
+
+
+def _run_until_unmask(n):
+    f, *_rest = _to_masked(n, set())
+    inputs = _rest[1]
+    creq = f.server.consistency_request()
+    for v in creq.alive:
+        f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))
+    return f, f.server.unmask_request(), inputs
+
+
+def _tamper_share(reply: UnmaskReply, owner: int) -> UnmaskReply:
+    i = reply.seed_owners.index(owner)
+    shares = list(reply.seed_shares)
+    shares[i] = shamir.share_to_bytes((shamir.bytes_to_share(shares[i]) + 1) % shamir.PRIME)
+    return replace(reply, seed_shares=shares)
+
+
+def _exact(res, inputs) -> None:
+    ref = sum(inputs[u][1] * inputs[u][0].astype(np.float64) for u in res.alive)
+    assert np.all(np.abs(res.weighted_sum - ref) <= res.error_bound)
+    assert res.total_weight == sum(inputs[u][1] for u in res.alive)
+
+
+def test_a_wrong_share_is_caught_attributed_and_the_round_completes() -> None:
+    """Finding 4: a colluding hospital returns a crafted share. The server checks it
+    against the dealer's signed commitment, excludes and names the sender, and the round
+    completes exactly from the remaining valid shares."""
+    n = 7  # c = 2, t = 5: two replies may be lost
+    f, ureq, inputs = _run_until_unmask(n)
+    cheat = 3
+    for v in ureq.signers:
+        reply = f.clients[v].handle_unmask_request(ureq)
+        if v == cheat:
+            with pytest.raises(AuthenticationError, match="node 3 returned a seed share"):
+                f.server.receive_unmask_reply(_tamper_share(reply, owner=0))
+            with pytest.raises(ProtocolViolation, match="already answered"):
+                f.server.receive_unmask_reply(reply)  # no second chance in this round
+            continue
+        f.server.receive_unmask_reply(reply)
+    res = f.server.finish()
+    assert res.excluded == (cheat,)
+    _exact(res, inputs)
+
+
+def test_too_many_wrong_shares_abort_cleanly_naming_the_cheaters() -> None:
+    n = 4  # c = 1, t = 3: two cheaters leave two valid replies
+    f, ureq, _ = _run_until_unmask(n)
+    for v in ureq.signers:
+        reply = f.clients[v].handle_unmask_request(ureq)
+        if v in (1, 2):
+            with pytest.raises(AuthenticationError):
+                f.server.receive_unmask_reply(_tamper_share(reply, owner=0))
+        else:
+            f.server.receive_unmask_reply(reply)
+    with pytest.raises(RoundAborted, match="aborted at unmasking") as err:
+        f.server.finish()
+    assert err.value.cheaters == (1, 2)
+    assert f.server.stage is None
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_corrupted_share_or_salt_is_caught(data) -> None:
+    """Property: flipping any bit of any returned share or salt gets the reply refused
+    and its sender excluded; the sum that comes out is exact or the round aborts."""
+    f, ureq, inputs = _run_until_unmask(5)
+    cheat = data.draw(st.sampled_from(ureq.signers))
+    for v in ureq.signers:
+        reply = f.clients[v].handle_unmask_request(ureq)
+        if v == cheat:
+            name = data.draw(st.sampled_from(["seed_shares", "seed_salts"]))
+            values = list(getattr(reply, name))
+            i = data.draw(st.integers(0, len(values) - 1))
+            bit = data.draw(st.integers(0, 8 * len(values[i]) - 1))
+            raw = bytearray(values[i])
+            raw[bit // 8] ^= 1 << (bit % 8)
+            values[i] = bytes(raw)
+            with pytest.raises(SecAggError):
+                f.server.receive_unmask_reply(replace(reply, **{name: values}))
+            continue
+        f.server.receive_unmask_reply(reply)
+    try:
+        res = f.server.finish()
+    except RoundAborted as exc:
+        assert cheat in exc.cheaters
+        return
+    assert cheat in res.excluded
+    _exact(res, inputs)
+
+
+def test_a_dealer_whose_shares_do_not_open_its_commitments_is_named() -> None:
+    """A malicious hospital deals a share that does not match its own signed commitment:
+    the holder refuses it, naming the dealer, rather than be blamed for it later."""
+    from bract.secagg.crypto import aead_encrypt
+    from bract.secagg.protocol import _config_digest, _share_ad, _share_plaintext
+
+    n = 5
+    f = make_federation(n)
+    advertise_all(f)
+    cfg = f.server.start_round(1, range(n), D)
+    shares = {v: f.clients[v].handle_round_config(cfg) for v in range(n)}
+    bad = shares[2]
+    key = f.clients[2]._channel_key(cfg.advertisement(0))
+    pt = _share_plaintext(f.fed, 1, 2, 0, shamir.share_to_bytes(5), bytes(32),
+                          shamir.share_to_bytes(6), bytes(32))
+    cts = list(bad.ciphertexts)
+    cts[bad.holders.index(0)] = aead_encrypt(key, pt, _share_ad(f.fed, 1, _config_digest(cfg),
+                                                                2, 0))
+    for v, msg in shares.items():
+        f.server.receive_shares(replace(msg, ciphertexts=cts) if v == 2 else msg)
+    with pytest.raises(AuthenticationError, match="from node 2 do not match its signed"):
+        f.clients[0].handle_mask_request(f.server.mask_requests()[0], *random_inputs(n, D)[0])
+
+
+def test_keys_and_seeds_never_repeat_across_rounds() -> None:
+    """Per-round secrets: every round's mask key and seed commitment are new."""
+    n = 4
+    f = make_federation(n)
+    advertise_all(f)
+    seen_pk, seen_commit = set(), set()
+    for r in range(1, 6):
+        cfg = f.server.start_round(r, range(n), D)
+        for v in range(n):
+            msg = f.clients[v].handle_round_config(cfg)
+            assert msg.mask_public not in seen_pk and msg.seed_commitment not in seen_commit
+            seen_pk.add(msg.mask_public)
+            seen_commit.add(msg.seed_commitment)
+            f.clients[v].abort_round()
+        f.server.abort_round()
+
+
+def test_policy_needs_three_hospitals_and_two_honest_updates_per_sum() -> None:
+    from bract.secagg.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="min_honest"):
+        ClientPolicy(min_honest=1)
+    with pytest.raises(ConfigurationError, match="min_participants"):
+        ClientPolicy(min_participants=2)
+    f = make_federation(3)
+    advertise_all(f)
+    with pytest.raises(SecAggError, match="at least 3"):
+        f.server.start_round(1, [0, 1], D)
+    server = ServerSession(f.fed, f.roster, colluders=0, min_honest=2)
+    for v, c in f.clients.items():
+        server.receive_advertisement(c.advertise_keys(), origin=v)
+    cfg = server.start_round(1, range(3), D)
+    assert (cfg.threshold, cfg.colluders, cfg.min_honest) == (2, 0, 2)
+    two = replace(cfg, participants=[0, 1], key_epochs=cfg.key_epochs[:2],
+                  key_origins=cfg.key_origins[:2], cipher_publics=cfg.cipher_publics[:2],
+                  key_signatures=cfg.key_signatures[:2])
+    with pytest.raises(ThresholdPolicyError, match="participants < policy minimum 3"):
+        f.clients[0].handle_round_config(two)
+
+
+def test_harary_split_views_with_one_declared_colluder() -> None:
+    """Finding 2 on the sparse graph: with c = 1 declared, a colluder in the victim's
+    neighbourhood plus any split of the honest clients never isolates the victim."""
+    n, victim = 12, 0
+    for k in range(0, 8, 2):
+        g, cfg, _, _, _, adv = _to_masked(n, set(), graph="harary", colluders_bound=1)
+        nb = g.server._round.nbhd
+        col = next(v for v in nb[victim] if v != victim)
+        adv.colluders = {col}
+        adv.add_colluder_state(g.clients)
+        honest_nb = [v for v in nb[victim] if v not in (victim, col)]
+        everyone = list(range(n))
+        without = [v for v in everyone if v != victim]
+        a = {victim, *honest_nb[:k]}
+        b = set(everyone) - a - {col}
+        sigs_a = _sign(g, a, ConsistencyRequest(g.fed, 1, everyone, everyone))
+        sigs_b = _sign(g, b, ConsistencyRequest(g.fed, 1, everyone, without))
+        sigs_a[col] = _colluder_sig(g, col, cfg, everyone, everyone)
+        sigs_b[col] = _colluder_sig(g, col, cfg, everyone, without)
+        _unmask(g, cfg, a, everyone, everyone, sigs_a, adv)
+        _unmask(g, cfg, b, without, everyone, sigs_b, adv)
+        assert_no_small_sum(adv, 2)
