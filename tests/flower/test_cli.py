@@ -38,6 +38,9 @@ def test_argument_errors_name_the_problem(argv, needle, capsys) -> None:
         (["simulate", "--dataset", "breast-cancer", "--clients", "1000"], "empty partition"),
         (["simulate", "--image-size", "30"], "multiple of 4"),
         (["simulate", "--dataset", "breast-cancer", "--resume"], "no checkpoint to resume"),
+        (["simulate", "--clients", "2"], "needs at least 3 hospitals"),
+        (["simulate", "--clients", "40", "--secagg-graph", "harary"],
+         "cannot honour the collusion bound"),
     ],
 )
 def test_bad_values_fail_fast_with_a_clear_message(argv, needle, capsys, tmp_path) -> None:

@@ -48,7 +48,8 @@ from bract.flower.server import (
     make_server_app,
 )
 from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
-from bract.secagg import ClientPolicy
+from bract.secagg import ClientPolicy, SecAggError
+from bract.secagg.protocol import round_parameters
 
 #: Sub-directory of the run's output holding the server's recorded secure-round views.
 SECAGG_VIEW_DIR = "secagg_view"
@@ -175,6 +176,11 @@ def validate(cfg: SimulationConfig) -> None:
     if cfg.secagg and cfg.task.clients < 3:
         raise ValueError("secure aggregation needs at least 3 hospitals: with 2, each would "
                          "learn the other's update from the sum (or use --no-secagg)")
+    if cfg.secagg:
+        try:
+            round_parameters(cfg.task.clients, cfg.secagg_graph, None, cfg.secagg_colluders, 2)
+        except SecAggError as exc:
+            raise ValueError(f"{exc} (--secagg-colluders)") from None
     if cfg.record_secagg and not cfg.secagg:
         raise ValueError("--record-secagg records secure rounds: it needs --secagg")
 

@@ -151,6 +151,7 @@ __all__ = [
     "alive_shortfall",
     "default_colluders",
     "required_threshold",
+    "round_parameters",
     "validate_roster",
 ]
 
@@ -364,6 +365,27 @@ def _check_collusion_bound(nbhd: Mapping[int, Sequence[int]], among: Iterable[in
                 f"node {v} has {size - 1} neighbours; keeping {min_honest} honest updates in "
                 f"every sum with {colluders} colluders needs {colluders + min_honest - 1}"
             )
+
+
+def round_parameters(n: int, graph: str, degree: int | None, colluders: int | None,
+                     min_honest: int) -> tuple[int, int]:
+    """The graph degree and threshold of a round of ``n`` clients under the collusion
+    bound (``colluders`` None: :func:`default_colluders`); :class:`ConfigurationError`
+    names why no such round can honour it (e.g. a Harary graph too thin for ``c``)."""
+    if graph not in GRAPH_KINDS:
+        raise ConfigurationError(f"graph must be one of {GRAPH_KINDS}, got {graph!r}")
+    c = default_colluders(n) if colluders is None else colluders
+    k = default_degree(n) if degree is None else degree
+    size = n if graph == "complete" or k >= n - 1 else k + 1
+    t = required_threshold(size, c)
+    if size - 1 < c + min_honest - 1:
+        raise ConfigurationError(
+            f"a {graph} graph over {n} participants cannot honour the collusion bound: each "
+            f"client has {size - 1} neighbours, and keeping {min_honest} honest updates in "
+            f"every sum with {c} colluders needs {c + min_honest - 1}; declare fewer "
+            "colluders or use a denser graph"
+        )
+    return k, t
 
 
 @dataclass(frozen=True)
@@ -1084,18 +1106,11 @@ class ServerSession:
         parts = sorted(participants)
         n = len(parts)
         ring_bits = self.encoding.ring_bits_for(n)
-        degree = self.degree if self.degree is not None else default_degree(n)
+        degree, t = round_parameters(n, self.graph, self.degree, self.colluders,
+                                     self.min_honest)
         seed = random_bytes(16)
         nbhd = closed_neighbourhoods(parts, self.graph, degree, seed)
         c = self.colluders_for(n)
-        t = required_threshold(len(nbhd[parts[0]]), c)
-        try:
-            _check_collusion_bound(nbhd, parts, t, c, self.min_honest)
-        except ThresholdPolicyError as exc:
-            raise ConfigurationError(
-                f"a {self.graph} graph over {n} participants cannot honour the collusion "
-                f"bound: {exc}"
-            ) from None
         ads = [self._adverts[v] for v in parts]
         cfg = RoundConfig(
             self.federation_id, round_number, parts, t, c, self.min_honest, self.graph,
