@@ -31,14 +31,16 @@ process; each restarts Ray, and start-up is excluded:
   budget (and add the same amount to plain and secure rounds).
 
 Variants: ``bract-plain`` (bract's server loop, ``secagg=None``), ``bract-secure``
-(``SecAggSettings`` defaults: complete graph, t = 6 of 10, clip 8, 16 fractional bits,
+(``SecAggSettings`` defaults: complete graph, the default collusion bound c = 3 of 10
+hospitals, so t = 7, clip 8, 16 fractional bits,
 max weight 2^20, hence a 64-bit ring), ``bract-secure-harary`` (SecAgg+ graph, degree 8;
 only with ``--variants``),
 ``bract-secure-ring32`` (complete graph; clip 1, max weight 128: a 32-bit ring),
 ``flower-secaggplus`` (legacy ``ServerApp`` + ``LegacyContext`` + ``FedAvg`` strategy +
 ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=10,
 reconstruction_threshold=6))``, ``ClientApp(client_fn, mods=[secaggplus_mod])``: same
-graph and threshold as ``bract-secure``; Flower's 32-bit modulus, 2^22 quantization),
+graph as ``bract-secure``, Flower's default threshold (6 of 10); Flower's 32-bit
+modulus, 2^22 quantization),
 ``flower-legacy-fedavg`` (the same legacy app without SecAgg+), ``flower-fedavg``
 (message-API ``flwr.serverapp.strategy.FedAvg``), ``bract-plain-dp`` /
 ``bract-secure-dp``, and the engine's floor: ``floor-1-stage`` (a bare message-API
@@ -862,8 +864,8 @@ def main(argv: list[str] | None = None) -> int:
             "statistic": "median of rounds 2..R of end-of-round to end-of-round wall time",
             "client_work": "global + fixed U(-0.01,0.01) delta, weight 100 (no training); "
                            "*-dp: Opacus DP-SGD, sigma 1.0, 64 examples, batch 32",
-            "bract_secure": "complete graph, t=6, clip 8, frac_bits 16, max_weight 2^20 "
-                            "(64-bit ring)",
+            "bract_secure": "complete graph, default collusion bound c=3 (t=7 of 10), "
+                            "clip 8, frac_bits 16, max_weight 2^20 (64-bit ring)",
             "flower_secaggplus": f"num_shares {N_CLIENTS}, reconstruction_threshold "
                                  f"{N_CLIENTS // 2 + 1}, clipping 8, quantization 2^22, "
                                  "modulus 2^32",
