@@ -191,6 +191,18 @@ def _colluder_sig(f, c, cfg, sharers, alive):
 # ------------------------------------------------------------------------- attacks
 
 
+def _draw_roles(n, data) -> tuple[set[int], list[int], int, set[int]]:
+    """c = floor((n - 1) / 3) colluders, the honest rest, a victim among them, and a
+    group of honest clients that includes the victim."""
+    c = (n - 1) // 3
+    colluders = set(data.draw(st.lists(st.integers(0, n - 1), min_size=c, max_size=c,
+                                       unique=True)))
+    honest = [v for v in range(n) if v not in colluders]
+    victim = data.draw(st.sampled_from(honest))
+    group = set(data.draw(st.lists(st.sampled_from(honest), unique=True))) | {victim}
+    return colluders, honest, victim, group
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(4, 9), st.data())
 def test_split_views_yield_no_sum_smaller_than_h(n, data) -> None:
@@ -198,12 +210,7 @@ def test_split_views_yield_no_sum_smaller_than_h(n, data) -> None:
     its seed from the first and its round mask key from the second; up to c colluders
     sign and reveal for both. Whatever the split, the adversary's knowledge isolates no
     sum of fewer than h honest updates."""
-    c = (n - 1) // 3
-    colluders = set(data.draw(st.lists(st.integers(0, n - 1), min_size=c, max_size=c,
-                                       unique=True)))
-    honest = [v for v in range(n) if v not in colluders]
-    victim = data.draw(st.sampled_from(honest))
-    group_a = set(data.draw(st.lists(st.sampled_from(honest), unique=True))) | {victim}
+    colluders, honest, victim, group_a = _draw_roles(n, data)
     f, cfg, _, _, _, adv = _to_masked(n, colluders)
     everyone = list(range(n))
     without = [v for v in everyone if v != victim]
@@ -225,12 +232,7 @@ def test_shrinking_the_alive_set_yields_no_sum_smaller_than_h(n, data) -> None:
     """The server 'loses' honest masked inputs so that the alive set is the victim plus
     colluders plus a few honest clients. Honest clients sign and reveal only for alive
     sets that keep h honest updates in every sum, whatever the server drops."""
-    c = (n - 1) // 3
-    colluders = set(data.draw(st.lists(st.integers(0, n - 1), min_size=c, max_size=c,
-                                       unique=True)))
-    honest = [v for v in range(n) if v not in colluders]
-    victim = data.draw(st.sampled_from(honest))
-    keep = set(data.draw(st.lists(st.sampled_from(honest), unique=True))) | {victim}
+    colluders, _, _, keep = _draw_roles(n, data)  # keep holds the victim
     alive = sorted(keep | colluders)
     f, cfg, _, _, _, adv = _to_masked(n, colluders)
     adv.masked = set(alive) | adv.masked  # the server keeps every input it received
