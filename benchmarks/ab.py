@@ -5,7 +5,8 @@ Run:  .venv/bin/python benchmarks/ab.py --before REV -- benchmarks/secagg_bench.
           --rounds 8 --variants bract-plain bract-secure
 
 ``REV`` (a commit) is checked out read-only in a temporary ``git worktree``; each run
-executes that revision's own copy of the script with ``PYTHONPATH`` pointing at that
+executes that revision's own copy of the script (or, with ``--same-script``, this
+checkout's copy on both) with ``PYTHONPATH`` pointing at that
 revision's ``src`` (ahead of the editable install), in this same virtual environment,
 so both revisions share the interpreter, the libraries and the machine's load. Runs
 alternate before, after, before, after, ... (``--repeat`` pairs) so a slow spell of the
@@ -40,9 +41,9 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def run(tree: Path, script: str, args: list[str]) -> dict[str, float]:
+def run(tree: Path, script: Path, args: list[str]) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tree / "src"))
-    proc = subprocess.run([sys.executable, str(tree / script), *args], env=env, cwd=tree,
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, cwd=tree,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -55,6 +56,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", required=True, help="the baseline commit")
     ap.add_argument("--repeat", type=int, default=1, help="before/after pairs (default 1)")
+    ap.add_argument("--same-script", action="store_true",
+                    help="run this checkout's copy of the script on both revisions (it must "
+                         "use only API both have); default: each revision's own copy")
     ap.add_argument("script", help="benchmark script, relative to the repository root")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     a = ap.parse_args()
@@ -69,7 +73,8 @@ def main() -> None:
                 for label, tree in (("before", old), ("after", ROOT)):
                     print(f"[{i + 1}/{a.repeat}] {label}: {a.script} {' '.join(args)}",
                           flush=True)
-                    runs[label].append(run(tree, a.script, args))
+                    script = (ROOT if a.same_script else tree) / a.script
+                    runs[label].append(run(tree, script, args))
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(old)], check=False, capture_output=True)
@@ -82,9 +87,10 @@ def main() -> None:
         ratio = f / b if b else float("nan")
         table[k] = {"before": b, "after": f, "ratio": ratio}
         print(f"{k:60s} {b:12.6g} {f:12.6g} {ratio:13.3f}")
-    only = sorted(set().union(*runs["after"]) - set(keys))
-    if only:
-        print("measured after only: " + ", ".join(only))
+    for k in sorted(set().union(*runs["after"]) - set(keys)):
+        f = statistics.median(r[k] for r in runs["after"] if k in r)
+        table[k] = {"after": f}
+        print(f"{k:60s} {'-':>12s} {f:12.6g} {'(after only)':>13s}")
     print(json.dumps({"before": a.before, "repeat": a.repeat, "script": a.script,
                       "args": args, "figures": table}))
 

@@ -135,9 +135,29 @@ def test_share_header_round_trips_and_refuses_bad_shapes() -> None:
 
     shares = MESSAGES[-1]
     h = ShareHeader.from_bytes(shares.header())
-    assert (h.mask_public, h.holders, h.signature) == (shares.mask_public, shares.holders,
-                                                      shares.signature)
-    for bad in (canonical_encode([b"x"] * 5), canonical_encode([b"", b"", [1], [b""], [], b""]),
-                canonical_encode([b"", b"", ["1"], [b""], [b""], b""]), b"junk"):
+    assert (h.mask_public, h.signature) == (shares.mask_public, shares.signature)
+    assert h.commitments(1) == (shares.seed_share_commitments[32:64],
+                                shares.key_share_commitments[32:64])
+    for bad in (canonical_encode([b"x"] * 4), canonical_encode([b"", b"", [1], b"", b""]),
+                canonical_encode([b"", b"", b"", b"", "s"]), b"junk"):
         with pytest.raises(MalformedMessage):
             ShareHeader.from_bytes(bad)
+    with pytest.raises(MalformedMessage, match="32 bytes per holder"):
+        replace(shares, seed_share_commitments=shares.seed_share_commitments[:-1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=40), st.integers(0, 2**62), st.integers(0, 2**64 - 1),
+       st.integers(0, 2**64 - 1))
+def test_share_ciphertext_size_is_the_encrypted_plaintext_size(fed, rnd, sender, receiver) -> None:
+    """The server's exact-size check of share ciphertexts computes the size the client's
+    encryption of the canonical plaintext really has."""
+    import os
+
+    from bract.secagg.crypto import aead_encrypt
+    from bract.secagg.protocol import _share_plaintext, share_ciphertext_bytes
+
+    pt = _share_plaintext(fed, rnd, sender, receiver, os.urandom(66), os.urandom(32),
+                          os.urandom(66), os.urandom(32))
+    assert len(aead_encrypt(os.urandom(32), pt, b"ad")) == share_ciphertext_bytes(
+        fed, rnd, sender, receiver)

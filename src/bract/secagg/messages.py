@@ -39,6 +39,8 @@ __all__ = [
 
 _MAX_DEPTH = 4
 _MAX_LEN = 1 << 31
+#: Size of a share commitment (SHA-256).
+COMMITMENT_BYTES = 32
 
 
 def canonical_encode(obj: Any) -> bytes:
@@ -326,18 +328,19 @@ class ShareKeys(Message):
     ``mask_public`` is a fresh X25519 key for this round only. ``holders`` is the
     sender's closed neighbourhood (sorted); for each holder the sender commits to
     that holder's share of its self-mask seed and of its round mask key
-    (``seed_share_commitments``, ``key_share_commitments``: salted SHA-256) and,
-    for every holder but itself, ``ciphertexts`` carries the AES-GCM-encrypted
-    shares and salts (the sender's own entry is empty). ``seed_commitment`` binds
-    the seed itself. ``signature`` is Ed25519 by the sender's roster key over all
-    of it but the ciphertexts, bound to the round's config digest.
+    (``seed_share_commitments``, ``key_share_commitments``: salted SHA-256, 32 bytes
+    each, concatenated in holder order) and, for every holder but itself,
+    ``ciphertexts`` carries the AES-GCM-encrypted shares and salts (the sender's own
+    entry is empty). ``seed_commitment`` binds the seed itself. ``signature`` is
+    Ed25519 by the sender's roster key over all of it but the ciphertexts, bound to
+    the round's config digest.
     """
 
     KIND: ClassVar[str] = "secagg.v2.share_keys"
     SPEC: ClassVar[dict[str, str]] = {
         "federation_id": "str", "round": "int", "node_id": "int", "mask_public": "bytes",
         "seed_commitment": "bytes", "holders": "list[int]",
-        "seed_share_commitments": "list[bytes]", "key_share_commitments": "list[bytes]",
+        "seed_share_commitments": "bytes", "key_share_commitments": "bytes",
         "ciphertexts": "list[bytes]", "signature": "bytes",
     }
     federation_id: str
@@ -346,22 +349,25 @@ class ShareKeys(Message):
     mask_public: bytes
     seed_commitment: bytes
     holders: list[int]
-    seed_share_commitments: list[bytes]
-    key_share_commitments: list[bytes]
+    seed_share_commitments: bytes
+    key_share_commitments: bytes
     ciphertexts: list[bytes]
     signature: bytes
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _list_lengths(self, "holders", "seed_share_commitments", "key_share_commitments",
-                      "ciphertexts")
+        _list_lengths(self, "holders", "ciphertexts")
+        want = COMMITMENT_BYTES * len(self.holders)
+        if {len(self.seed_share_commitments), len(self.key_share_commitments)} != {want}:
+            raise MalformedMessage(f"ShareKeys: commitments must be {COMMITMENT_BYTES} bytes "
+                                   "per holder")
 
     def header(self) -> bytes:
-        """The signed public part (everything but the ciphertexts), as forwarded to
-        each holder in its :class:`MaskRequest`."""
-        return canonical_encode([self.mask_public, self.seed_commitment, list(self.holders),
-                                 list(self.seed_share_commitments),
-                                 list(self.key_share_commitments), self.signature])
+        """The signed public part (everything but the holders, derivable from the graph,
+        and the ciphertexts), as forwarded to each holder in its :class:`MaskRequest`."""
+        return canonical_encode([self.mask_public, self.seed_commitment,
+                                 self.seed_share_commitments, self.key_share_commitments,
+                                 self.signature])
 
 
 @dataclass(frozen=True)
@@ -370,26 +376,23 @@ class ShareHeader:
 
     mask_public: bytes
     seed_commitment: bytes
-    holders: list[int]
-    seed_share_commitments: list[bytes]
-    key_share_commitments: list[bytes]
+    seed_share_commitments: bytes
+    key_share_commitments: bytes
     signature: bytes
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ShareHeader:
         """Strict parse; :class:`MalformedMessage` names what is wrong."""
         obj = canonical_decode(raw)
-        if not isinstance(obj, list) or len(obj) != 6:
-            raise MalformedMessage("share header must be a list of 6 fields")
-        mp, sc, holders, ssc, ksc, sig = obj
-        ok = (isinstance(mp, bytes) and isinstance(sc, bytes) and isinstance(sig, bytes)
-              and isinstance(holders, list) and isinstance(ssc, list) and isinstance(ksc, list)
-              and all(isinstance(h, int) and h >= 0 for h in holders)
-              and all(isinstance(c, bytes) for c in ssc + ksc)
-              and len(holders) == len(ssc) == len(ksc))
-        if not ok:
-            raise MalformedMessage("share header has a field of the wrong type or length")
-        return cls(mp, sc, holders, ssc, ksc, sig)
+        if not isinstance(obj, list) or len(obj) != 5 or not all(
+                isinstance(x, bytes) for x in obj):
+            raise MalformedMessage("share header must be a list of 5 byte strings")
+        return cls(*obj)
+
+    def commitments(self, i: int) -> tuple[bytes, bytes]:
+        """The commitments to holder ``i``'s (in holder order) seed and key shares."""
+        lo, hi = COMMITMENT_BYTES * i, COMMITMENT_BYTES * (i + 1)
+        return self.seed_share_commitments[lo:hi], self.key_share_commitments[lo:hi]
 
 
 @dataclass(frozen=True)

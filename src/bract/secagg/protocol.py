@@ -127,6 +127,7 @@ from .errors import (
 )
 from .graph import GRAPH_KINDS, closed_neighbourhoods, default_degree
 from .messages import (
+    COMMITMENT_BYTES,
     ConsistencyRequest,
     ConsistencySignature,
     KeyAdvertisement,
@@ -158,7 +159,6 @@ __all__ = [
 PROTOCOL = "bract/secagg/v2"
 _MAX_NODE_ID = 2**64 - 1
 SALT_BYTES = 32
-COMMITMENT_BYTES = 32
 
 
 # --------------------------------------------------------------------------- policy math
@@ -236,11 +236,11 @@ def advertisement_statement(fed: str, node: int, origin: int, epoch: int,
     return _info("advertise", fed, node, origin, epoch, c_pk)
 
 
-def share_statement(fed: str, rnd: int, digest: bytes, node: int, header: ShareHeader) -> bytes:
+def share_statement(fed: str, rnd: int, digest: bytes, node: int, holders: Sequence[int],
+                    header: ShareHeader) -> bytes:
     """Bytes signed by a client's shares of a round (everything public about them)."""
     return _info("shares", fed, rnd, digest, node, header.mask_public, header.seed_commitment,
-                 list(header.holders), list(header.seed_share_commitments),
-                 list(header.key_share_commitments))
+                 list(holders), header.seed_share_commitments, header.key_share_commitments)
 
 
 def consistency_statement(fed: str, rnd: int, digest: bytes, sharers: Iterable[int],
@@ -271,10 +271,19 @@ def _share_plaintext(fed: str, rnd: int, sender: int, receiver: int, seed_share:
 
 
 def share_ciphertext_bytes(fed: str, rnd: int, sender: int, receiver: int) -> int:
-    """The exact length of a share ciphertext from ``sender`` to ``receiver``."""
-    pt = _share_plaintext(fed, rnd, sender, receiver, bytes(shamir.SHARE_BYTES),
-                          bytes(SALT_BYTES), bytes(shamir.SHARE_BYTES), bytes(SALT_BYTES))
-    return NONCE_BYTES + len(pt) + GCM_TAG_BYTES
+    """The exact length of a share ciphertext from ``sender`` to ``receiver``: the
+    canonical encoding of :func:`_share_plaintext` (list header; the federation string;
+    three ints; two 66-byte shares and two 32-byte salts) plus the GCM nonce and tag."""
+
+    def field(n: int) -> int:  # one canonical element: tag, 4-byte length, payload
+        return 5 + n
+
+    def integer(v: int) -> int:
+        return field((v.bit_length() + 8) // 8)
+
+    pt = (5 + field(len(fed.encode("utf-8"))) + integer(rnd) + integer(sender)
+          + integer(receiver) + 2 * field(shamir.SHARE_BYTES) + 2 * field(SALT_BYTES))
+    return NONCE_BYTES + pt + GCM_TAG_BYTES
 
 
 def _self_mask_key(seed: bytes, fed: str, rnd: int, node: int) -> bytes:
@@ -320,24 +329,29 @@ def _verify_advertisement(adv: KeyAdvertisement, roster: Mapping[int, bytes]) ->
 
 
 def _header_of(msg: ShareKeys) -> ShareHeader:
-    return ShareHeader(msg.mask_public, msg.seed_commitment, list(msg.holders),
-                       list(msg.seed_share_commitments), list(msg.key_share_commitments),
-                       msg.signature)
+    return ShareHeader(msg.mask_public, msg.seed_commitment, msg.seed_share_commitments,
+                       msg.key_share_commitments, msg.signature)
 
 
 def _verify_header(header: ShareHeader, fed: str, rnd: int, digest: bytes, node: int,
-                   holders: Sequence[int], roster: Mapping[int, bytes]) -> None:
-    """Check a sender's share header: shape, round mask key and signature."""
+                   holders: Sequence[int], roster: Mapping[int, bytes],
+                   check_point: bool = True) -> None:
+    """Check a sender's share header: shape, round mask key and signature.
+
+    ``check_point=False`` leaves the low-order check of the round mask key to the
+    caller's own X25519 exchange with it (which refuses such points)."""
     what = f"shares of node {node} in round {rnd}"
-    if list(header.holders) != list(holders):
-        raise ProtocolViolation(f"{what}: holders are not the sender's neighbourhood")
-    sizes = {len(header.seed_commitment), *map(len, header.seed_share_commitments),
-             *map(len, header.key_share_commitments)}
-    if sizes != {COMMITMENT_BYTES} or len(header.signature) != SIGNATURE_BYTES:
-        raise MalformedMessage(f"{what}: commitments must be 32 bytes, the signature 64")
-    check_x25519_public(header.mask_public, f"{what}: round mask key")
+    want = COMMITMENT_BYTES * len(holders)
+    if (len(header.seed_commitment) != COMMITMENT_BYTES
+            or len(header.seed_share_commitments) != want
+            or len(header.key_share_commitments) != want
+            or len(header.signature) != SIGNATURE_BYTES):
+        raise MalformedMessage(f"{what}: commitments must be 32 bytes per holder of "
+                               f"{len(holders)}, the signature 64")
+    if check_point:
+        check_x25519_public(header.mask_public, f"{what}: round mask key")
     verify_signature(roster[node], header.signature,
-                     share_statement(fed, rnd, digest, node, header), what)
+                     share_statement(fed, rnd, digest, node, holders, header), what)
 
 
 def _expect(msg: object, cls: type[Message]) -> None:
@@ -495,6 +509,7 @@ class ClientSession:
         self._known_epoch: dict[int, int] = {}
         self._round: _ClientRound | None = None
         self._verified: set[tuple[Any, ...]] = set()  # full advertisement contents verified
+        self._channel: dict[tuple[int, int, bytes, int], bytes] = {}  # share-channel keys
 
     # ---- setup
 
@@ -530,9 +545,16 @@ class ClientSession:
     def _channel_key(self, adv: KeyAdvertisement) -> bytes:
         """AES-GCM key of the share channel with ``adv``'s sender (epoch pair bound)."""
         assert self._keys is not None
-        shared = x25519_shared(self._keys.cipher_private, adv.cipher_public)
-        return _share_key(shared, self.federation_id, (self.node_id, self._keys.epoch),
-                          (adv.node_id, adv.epoch))
+        slot = (adv.node_id, adv.epoch, adv.cipher_public, self._keys.epoch)
+        key = self._channel.get(slot)
+        if key is None:
+            shared = x25519_shared(self._keys.cipher_private, adv.cipher_public)
+            key = _share_key(shared, self.federation_id, (self.node_id, self._keys.epoch),
+                             (adv.node_id, adv.epoch))
+            if len(self._channel) > 100_000:
+                self._channel.clear()
+            self._channel[slot] = key
+        return key
 
     def _check_fed(self, msg: Message) -> None:
         fed = getattr(msg, "federation_id")  # noqa: B009
@@ -649,9 +671,9 @@ class ClientSession:
             pt = _share_plaintext(fed, rnd, me, v, sb, s_salt, kb, k_salt)
             cts.append(aead_encrypt(self._channel_key(adverts[v]), pt,
                                     _share_ad(fed, rnd, digest, me, v)))
-        header = ShareHeader(s_pk, seed_commitment(fed, rnd, me, seed), list(mine),
-                             seed_commits, key_commits, b"")
-        sig = self._signing_key.sign(share_statement(fed, rnd, digest, me, header))
+        header = ShareHeader(s_pk, seed_commitment(fed, rnd, me, seed), b"".join(seed_commits),
+                             b"".join(key_commits), b"")
+        sig = self._signing_key.sign(share_statement(fed, rnd, digest, me, mine, header))
         self._round = _ClientRound(cfg, digest, nbhd, adverts, seed, s_sk, s_pk, own_shares,
                                    c, h)
         self._last_round = cfg.round
@@ -660,8 +682,8 @@ class ClientSession:
         self._verified |= verified_now
         for v, adv in adverts.items():
             self._known_epoch[v] = adv.epoch
-        return ShareKeys(fed, rnd, me, s_pk, header.seed_commitment, list(mine), seed_commits,
-                         key_commits, cts, sig)
+        return ShareKeys(fed, rnd, me, s_pk, header.seed_commitment, list(mine),
+                         header.seed_share_commitments, header.key_share_commitments, cts, sig)
 
     # ---- stage 2
 
@@ -701,7 +723,8 @@ class ClientSession:
                 header = ShareHeader.from_bytes(raw)
             except MalformedMessage as exc:
                 raise AuthenticationError(f"share header of node {v}: {exc}") from exc
-            _verify_header(header, fed, r, rnd.digest, v, rnd.nbhd[v], self.roster)
+            _verify_header(header, fed, r, rnd.digest, v, rnd.nbhd[v], self.roster,
+                           check_point=False)  # the pair-mask exchange below refuses it
             if len(ct) != share_ciphertext_bytes(fed, r, v, me):
                 raise MalformedMessage(f"share ciphertext from node {v} has the wrong length")
             pt = aead_decrypt(self._channel_key(rnd.adverts[v]), ct,
@@ -720,11 +743,9 @@ class ClientSession:
                 raise AuthenticationError(f"shares from node {v}: malformed plaintext") from exc
             if not ok:
                 raise AuthenticationError(f"shares from node {v}: header does not match")
-            i = list(header.holders).index(me)
-            if (share_commitment(fed, r, v, me, "seed", sb, s_salt)
-                    != header.seed_share_commitments[i]
-                    or share_commitment(fed, r, v, me, "key", kb, k_salt)
-                    != header.key_share_commitments[i]):
+            seed_c, key_c = header.commitments(rnd.nbhd[v].index(me))
+            if (share_commitment(fed, r, v, me, "seed", sb, s_salt) != seed_c
+                    or share_commitment(fed, r, v, me, "key", kb, k_salt) != key_c):
                 raise AuthenticationError(
                     f"shares from node {v} do not match its signed commitments"
                 )
@@ -1155,6 +1176,8 @@ class ServerSession:
         if u in rnd.shares:
             raise ProtocolViolation(f"node {u} already sent its shares")
         holders = list(rnd.nbhd[u])
+        if list(msg.holders) != holders:
+            raise ProtocolViolation(f"node {u}'s shares are not addressed to its neighbourhood")
         _verify_header(_header_of(msg), self.federation_id, rnd.config.round, rnd.digest, u,
                        holders, self.roster)
         for v, ct in zip(holders, msg.ciphertexts, strict=True):
@@ -1316,11 +1339,9 @@ class ServerSession:
                 if len(share) != shamir.SHARE_BYTES or len(salt) != SALT_BYTES:
                     raise MalformedMessage(f"node {u}: a share is {shamir.SHARE_BYTES} bytes "
                                            f"and a salt {SALT_BYTES}")
-                dealt = rnd.shares[v]
-                i = list(dealt.holders).index(u)
-                commits = (dealt.seed_share_commitments if kind == "seed"
-                           else dealt.key_share_commitments)
-                if share_commitment(fed, r, v, u, kind, share, salt) != commits[i]:
+                seed_c, key_c = _header_of(rnd.shares[v]).commitments(rnd.nbhd[v].index(u))
+                if share_commitment(fed, r, v, u, kind, share, salt) != (
+                        seed_c if kind == "seed" else key_c):
                     rnd.excluded.add(u)
                     raise AuthenticationError(
                         f"node {u} returned a {kind} share of node {v} that does not match "
