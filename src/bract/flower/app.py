@@ -5,6 +5,11 @@ These are what ``[tool.flwr.app.components]`` in ``pyproject.toml`` names, so
 ``bract simulate``. Settings come from the run config (``[tool.flwr.app.config]``,
 overridable with ``flwr run --run-config``); each hospital's partition comes from
 its node config (``partition-id``, ``num-partitions``).
+
+The run config only *asks* for a privacy budget, noise and metric release: each
+hospital holds its own limits in the policy file its node config names (``policy``,
+see :class:`bract.flower.hospital_policy.HospitalPolicy`; the defaults apply without
+one) and refuses any request looser than them, before it trains.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from bract.audit.ledger import SignerRoster
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.records import AGGREGATED_METRICS
 from bract.flower.secagg_client import SecAggIdentity, read_identity_key, read_roster
 from bract.flower.secagg_server import SecAggSettings
@@ -140,8 +146,18 @@ def _setup_from_context(ctx: Context) -> HospitalSetup:
     return hospital_setup(task_from_run_config(ctx.run_config), ctx, out / HOSPITALS_DIR)
 
 
+def hospital_policy_of(node_config: Mapping[str, Any]) -> HospitalPolicy:
+    """The hospital's own limits: the policy file its node config names (``policy``),
+    or :class:`HospitalPolicy`'s defaults (epsilon <= 8 at delta <= 1e-5, never
+    non-private, training metrics stay home)."""
+    path = node_config.get("policy")
+    return HospitalPolicy.read(Path(str(path))) if path else HospitalPolicy()
+
+
 def _policy_from_context(ctx: Context) -> PrivacyPolicy:
-    return policy_from_run_config(ctx.run_config)
+    """What the coordinator asks, admitted by the hospital's own policy (or refused:
+    :class:`PolicyRefusal` becomes the reply's error, with its reason)."""
+    return hospital_policy_of(ctx.node_config).admit(policy_from_run_config(ctx.run_config))
 
 
 #: Node-config keys a hospital's operator sets for secure aggregation.
@@ -153,8 +169,10 @@ def identity_from_node_config(node_config: Mapping[str, Any]) -> SecAggIdentity:
 
     ``secagg-id``: its id in the roster; ``identity-key``: its Ed25519 private key
     file; ``roster``: its own copy of the roster (never taken from the server);
-    optional ``secagg-colluders``: the colluding hospitals it tolerates (default
-    ``floor((n - 1) / 3)`` of a round's n); it refuses any round weaker than that.
+    its policy file (node config ``policy``) sets the colluding hospitals it
+    tolerates (``secagg_colluders``, default ``floor((n - 1) / 3)`` of a round's n)
+    and the honest updates per sum (``secagg_min_honest``); it refuses any round
+    weaker than that.
     """
     missing = [k for k in NODE_SECAGG_KEYS if k not in node_config]
     if missing:
@@ -163,13 +181,13 @@ def identity_from_node_config(node_config: Mapping[str, Any]) -> SecAggIdentity:
             "(see docs/deployment.md), or run with secagg=false"
         )
     roster = read_roster(Path(str(node_config["roster"])))
-    colluders = node_config.get("secagg-colluders")
+    own = hospital_policy_of(node_config)
     return SecAggIdentity(
         int(node_config["secagg-id"]),
         read_identity_key(Path(str(node_config["identity-key"]))),
         roster.keys,
         roster.federation_id,
-        ClientPolicy(colluders=None if colluders is None else int(colluders),
+        ClientPolicy(colluders=own.secagg_colluders, min_honest=own.secagg_min_honest,
                      clip_out_of_range=True),
     )
 
@@ -186,7 +204,8 @@ def _signer_from_context(ctx: Context) -> SecAggIdentity | None:
 
 
 def _release_from_context(ctx: Context) -> str:
-    return str(_get(ctx.run_config, "release-metrics"))
+    requested = str(_get(ctx.run_config, "release-metrics"))
+    return hospital_policy_of(ctx.node_config).admit_release(requested)
 
 
 client_app = make_client_app(

@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bract.flower.files import write_private_bytes
+from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.secagg_client import (
     Roster,
     make_identities,
@@ -386,6 +387,9 @@ class LocalFederation:
     #: Secure aggregation (run config). Every hospital gets an Ed25519 identity and a
     #: roster either way: the identity also signs its privacy ledger.
     secagg: bool = True
+    #: Each hospital's own limits, written to its policy file (node config ``policy``):
+    #: here the one operator plays every hospital's. ``None``: the policy defaults.
+    hospital_policy: HospitalPolicy | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
     marker: str = field(init=False, default_factory=lambda: uuid.uuid4().hex)
@@ -545,6 +549,7 @@ class LocalFederation:
             d.mkdir(parents=True, exist_ok=True)
             write_identity_key(d / "identity.key", ident.signing_key)
             write_roster(d / "roster.json", doc)
+            (self.hospital_policy or HospitalPolicy()).write(d / "policy.json")
 
     def node_config(self, partition_id: int) -> str:
         """The ``--node-config`` string of hospital ``partition_id``'s SuperNode."""
@@ -555,6 +560,7 @@ class LocalFederation:
             f"secagg-id={partition_id + 1}",
             f'identity-key="{d / "identity.key"}"',
             f'roster="{d / "roster.json"}"',
+            f'policy="{d / "policy.json"}"',
         ]
         return " ".join(parts)
 
@@ -872,8 +878,12 @@ def run_deploy(args: argparse.Namespace) -> int:
     print(f"bract deploy: {args.clients} SuperNodes + 1 SuperLink on {LOOPBACK} "
           f"(TLS, SuperNode auth); work dir {workdir}", flush=True)
     try:
+        # This command plays every hospital's operator: their policies allow the budget
+        # asked for here (a real hospital's operator writes its own).
+        own = HospitalPolicy(target_epsilon=args.target_epsilon, delta=args.delta)
         with LocalFederation(
-            workdir, args.clients, isolation=args.isolation, secagg=args.secagg
+            workdir, args.clients, isolation=args.isolation, secagg=args.secagg,
+            hospital_policy=own,
         ) as fed:
             print(f"SuperLink at {fed.address}; {args.clients} SuperNodes online; "
                   f"logs in {fed.log_dir}", flush=True)

@@ -1,0 +1,147 @@
+"""A hospital's own privacy policy: the limits it keeps whatever the coordinator asks.
+
+In a real federation the hospital and the coordinator are different organisations.
+The coordinator's run config *asks* for a budget, a noise level and a metric
+release; the hospital's operator writes the limits in a policy file the hospital
+reads from its own disk (node config ``policy``). Every request is checked against
+those limits before any training: a request looser than the hospital's policy is
+refused, with a reason that reaches the coordinator's table and report, and
+nothing of the hospital's data leaves.
+
+File format (JSON, every field optional)::
+
+    {"target_epsilon": 8.0, "delta": 1e-5, "accountant": "prv",
+     "min_noise_multiplier": 0.0, "allow_non_private": false,
+     "release_metrics": "none", "secagg_colluders": null, "secagg_min_honest": 2}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from bract.flower.client import METRICS_RELEASE, PrivacyPolicy
+from bract.privacy.accounting import ACCOUNTANTS
+
+__all__ = ["HospitalPolicy", "PolicyRefusal"]
+
+#: How much each metric release lets out (a request above the hospital's is refused).
+_RELEASE_ORDER = {"none": 0, "aggregate": 1, "clear": 2}
+
+
+class PolicyRefusal(RuntimeError):  # noqa: N818 (a refusal, reported as the reply's error)
+    """The coordinator asked for more than the hospital's policy allows; says what."""
+
+
+@dataclass(frozen=True)
+class HospitalPolicy:
+    """The limits a hospital's operator sets; the coordinator can only ask within them.
+
+    Guarantee: :meth:`admit` returns a training policy no looser than these limits
+    (epsilon at most ``target_epsilon``, delta at most ``delta``, the hospital's own
+    accountant, noise at least ``min_noise_multiplier``, never non-private unless
+    ``allow_non_private``) or raises :class:`PolicyRefusal` naming the first request
+    that exceeds them.
+    """
+
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    accountant: str = "prv"
+    min_noise_multiplier: float = 0.0
+    allow_non_private: bool = False
+    release_metrics: str = "none"
+    secagg_colluders: int | None = None
+    secagg_min_honest: int = 2
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
+            raise ValueError(f"hospital policy: target_epsilon must be > 0, got "
+                             f"{self.target_epsilon!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"hospital policy: delta must lie in (0, 1), got {self.delta!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"hospital policy: accountant must be one of {ACCOUNTANTS}, got "
+                             f"{self.accountant!r}")
+        if not (math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0):
+            raise ValueError("hospital policy: min_noise_multiplier must be >= 0")
+        if self.release_metrics not in METRICS_RELEASE:
+            raise ValueError(f"hospital policy: release_metrics must be one of "
+                             f"{METRICS_RELEASE}, got {self.release_metrics!r}")
+
+    @classmethod
+    def read(cls, path: Path) -> HospitalPolicy:
+        """Read a policy file; a malformed one raises ``ValueError`` naming the problem."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"hospital policy {path} is unreadable: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"hospital policy {path} must hold a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"hospital policy {path}: unknown field(s) {unknown}; "
+                             f"known: {sorted(known)}")
+        return cls(**data)
+
+    def write(self, path: Path) -> None:
+        """Write the policy as JSON (the operator's file; not secret)."""
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    def admit(self, requested: PrivacyPolicy) -> PrivacyPolicy:
+        """The training policy for a coordinator's request, or :class:`PolicyRefusal`."""
+        if requested.noise_multiplier == 0 or requested.allow_non_private:
+            if not self.allow_non_private:
+                raise PolicyRefusal(
+                    "refused: the coordinator asks for training without noise (non-private); "
+                    "this hospital's policy never allows it"
+                )
+        elif (requested.noise_multiplier is not None
+              and requested.noise_multiplier < self.min_noise_multiplier):
+            raise PolicyRefusal(
+                f"refused: the coordinator asks for noise multiplier "
+                f"{requested.noise_multiplier:g}; this hospital's policy requires at least "
+                f"{self.min_noise_multiplier:g}"
+            )
+        if requested.target_epsilon > self.target_epsilon:
+            raise PolicyRefusal(
+                f"refused: the coordinator asks for epsilon {requested.target_epsilon:g}; "
+                f"this hospital's policy allows at most {self.target_epsilon:g}"
+            )
+        if requested.delta > self.delta:
+            raise PolicyRefusal(
+                f"refused: the coordinator asks for delta {requested.delta:g}; this "
+                f"hospital's policy allows at most {self.delta:g}"
+            )
+        return PrivacyPolicy(
+            target_epsilon=requested.target_epsilon,
+            delta=requested.delta,
+            rounds=requested.rounds,
+            local_epochs=requested.local_epochs,
+            max_grad_norm=requested.max_grad_norm,
+            noise_multiplier=requested.noise_multiplier,
+            accountant=self.accountant,
+            grad_sample_mode=requested.grad_sample_mode,
+            allow_non_private=requested.allow_non_private and self.allow_non_private,
+            device=requested.device,
+            sampling_seed=requested.sampling_seed,
+            extra=dict(requested.extra),
+        )
+
+    def admit_release(self, requested: str) -> str:
+        """The metric release for a coordinator's request, or :class:`PolicyRefusal`."""
+        if requested not in METRICS_RELEASE:
+            raise PolicyRefusal(f"refused: unknown metric release {requested!r}")
+        if _RELEASE_ORDER[requested] > _RELEASE_ORDER[self.release_metrics]:
+            raise PolicyRefusal(
+                f"refused: the coordinator asks to release training metrics "
+                f"{requested!r}; this hospital's policy allows {self.release_metrics!r}"
+            )
+        return requested
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain dict (the file's content)."""
+        return asdict(self)

@@ -1,0 +1,144 @@
+"""The hospital owns its privacy policy: the coordinator's run config can only ask.
+
+The module-level apps of ``bract.flower.app`` (what ``flwr run`` and ``bract deploy``
+run) read each hospital's limits from the policy file its node config names; any
+request looser than them is refused before training, the reason reaches the
+coordinator's report, and nothing of the hospital's update or metrics leaves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from bract.flower.app import client_app, hospital_policy_of, server_app
+from bract.flower.client import PrivacyPolicy
+from bract.flower.hospital_policy import HospitalPolicy, PolicyRefusal
+from bract.flower.records import LOCAL_METRICS, LOCAL_WEIGHTS, SECAGG, TRAIN_INFO
+from bract.flower.secagg_client import Roster, make_identities, write_identity_key, write_roster
+
+from .conftest import FakeGrid
+
+NODES = (11, 22, 33)
+
+
+def _operators(tmp_path: Path, policy: HospitalPolicy | None) -> tuple[list[dict], Path]:
+    """Each hospital's operator: identity key, roster copy and (optionally) policy file."""
+    roster, identities = make_identities(len(NODES), "policy-federation")
+    doc = Roster("policy-federation", roster, {i + 1: f"hospital-{i}" for i in range(3)})
+    write_roster(tmp_path / "server-roster.json", doc)
+    configs = []
+    for i, ident in enumerate(identities):
+        d = tmp_path / f"op-{i}"
+        d.mkdir()
+        write_identity_key(d / "identity.key", ident.signing_key)
+        write_roster(d / "roster.json", doc)
+        cfg = {"secagg-id": i + 1, "identity-key": str(d / "identity.key"),
+               "roster": str(d / "roster.json")}
+        if policy is not None:
+            policy.write(d / "policy.json")
+            cfg["policy"] = str(d / "policy.json")
+        configs.append(cfg)
+    return configs, tmp_path / "server-roster.json"
+
+
+def _run(tmp_path: Path, rc: dict, policy: HospitalPolicy | None) -> tuple[dict, FakeGrid]:
+    node_configs, roster = _operators(tmp_path, policy)
+    rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "out": str(tmp_path / "out"),
+          "roster": str(roster), **rc}
+    grid = FakeGrid(dict.fromkeys(NODES, client_app), run_config=rc)
+    for ctx, extra in zip(grid.contexts.values(), node_configs, strict=True):
+        ctx.node_config.update(extra)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=rc))
+    return json.loads((Path(rc["out"]) / "report.json").read_text()), grid
+
+
+def _nothing_private_left(grid: FakeGrid) -> None:
+    for reply in grid.replies:
+        if reply.has_error():
+            continue
+        assert LOCAL_WEIGHTS not in reply.content.array_records
+        assert TRAIN_INFO not in reply.content.metric_records
+        assert LOCAL_METRICS not in reply.content.metric_records
+        assert SECAGG not in reply.content.config_records or reply.content.config_records[
+            SECAGG]["kind"] != "secagg.v2.share_keys"
+
+
+@pytest.mark.parametrize(
+    ("ask", "why"),
+    [
+        ({"noise-multiplier": 0.0}, "training without noise (non-private)"),
+        ({"target-epsilon": 20.0}, "asks for epsilon 20; this hospital's policy allows at most 8"),
+        ({"target-epsilon": 4.0, "delta": 1e-3}, "asks for delta 0.001"),
+        ({"secagg": False, "release-metrics": "clear"}, "release training metrics 'clear'"),
+    ],
+    ids=["non-private", "looser-epsilon", "looser-delta", "metrics-in-clear"],
+)
+def test_every_hospital_refuses_a_looser_request_with_its_reason(tmp_path, ask, why) -> None:
+    """The coordinator asks for more than the hospitals allow (their policy files say
+    epsilon <= 8 at delta <= 1e-5, noise always, metrics stay home): each refuses before
+    training, the report names the reason, and nothing of an update leaves."""
+    report, grid = _run(tmp_path, ask, HospitalPolicy(target_epsilon=8.0, delta=1e-5))
+    (row,) = report["rounds"]
+    assert row["trained"] == []
+    assert len(row["failed"]) == len(NODES)
+    for reason in row["failed"].values():
+        assert "PolicyRefusal" in reason and why in reason
+    _nothing_private_left(grid)
+    assert report["final"]["rounds_completed"] == 1 and report["final"]["epsilon"] == 0.0
+
+
+def test_without_a_policy_file_the_defaults_refuse_non_private_training(tmp_path) -> None:
+    report, grid = _run(tmp_path, {"noise-multiplier": 0.0}, None)
+    assert report["rounds"][0]["trained"] == []
+    _nothing_private_left(grid)
+
+
+def test_a_request_within_the_policy_trains_with_the_hospitals_accountant(tmp_path) -> None:
+    own = HospitalPolicy(target_epsilon=3.0, delta=1e-5, accountant="pld")
+    report, _ = _run(tmp_path, {"target-epsilon": 2.0, "accountant": "prv"}, own)
+    (row,) = report["rounds"]
+    assert sorted(row["trained"]) == ["hospital-0", "hospital-1", "hospital-2"]
+    assert 0 < row["epsilon"] <= 2.0
+    ledger = [json.loads(line) for line in
+              (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
+    assert {e["accountant"] for e in ledger} == {"pld"}  # the hospital's, not the ask
+
+
+def test_policy_admission_rules() -> None:
+    own = HospitalPolicy(target_epsilon=4.0, delta=1e-5, min_noise_multiplier=0.8,
+                         release_metrics="aggregate")
+    ask = PrivacyPolicy(target_epsilon=4.0, delta=1e-5, rounds=3, noise_multiplier=1.0)
+    assert own.admit(ask).noise_multiplier == 1.0
+    with pytest.raises(PolicyRefusal, match=r"requires at least 0\.8"):
+        own.admit(PrivacyPolicy(target_epsilon=4.0, delta=1e-5, rounds=3, noise_multiplier=0.5))
+    with pytest.raises(PolicyRefusal, match="non-private"):
+        own.admit(PrivacyPolicy(target_epsilon=4.0, delta=1e-5, rounds=3, noise_multiplier=0.0,
+                                allow_non_private=True))
+    assert own.admit_release("aggregate") == "aggregate" and own.admit_release("none") == "none"
+    with pytest.raises(PolicyRefusal, match="'clear'"):
+        own.admit_release("clear")
+    lax = HospitalPolicy(allow_non_private=True)
+    assert lax.admit(PrivacyPolicy(target_epsilon=1.0, delta=1e-5, rounds=1,
+                                   noise_multiplier=0.0, allow_non_private=True)
+                     ).allow_non_private
+
+
+def test_policy_files_round_trip_and_bad_ones_are_named(tmp_path) -> None:
+    own = HospitalPolicy(target_epsilon=2.5, secagg_colluders=1)
+    own.write(tmp_path / "p.json")
+    assert HospitalPolicy.read(tmp_path / "p.json") == own
+    assert hospital_policy_of({"policy": str(tmp_path / "p.json")}) == own
+    assert hospital_policy_of({}) == HospitalPolicy()
+    (tmp_path / "bad.json").write_text('{"target_epsilon": 2, "epsilon_max": 3}')
+    with pytest.raises(ValueError, match="unknown field"):
+        HospitalPolicy.read(tmp_path / "bad.json")
+    (tmp_path / "neg.json").write_text('{"target_epsilon": -1}')
+    with pytest.raises(ValueError, match="target_epsilon must be > 0"):
+        HospitalPolicy.read(tmp_path / "neg.json")
+    with pytest.raises(ValueError, match="unreadable"):
+        HospitalPolicy.read(tmp_path / "missing.json")
