@@ -54,8 +54,10 @@ def main() -> int:
         )
         policy = PrivacyPolicy(target_epsilon=args.epsilon, delta=args.delta,
                                rounds=args.rounds)
+        # a re-run moves the earlier run in --out aside (OUT-<time>); nothing is deleted
         report = run(SimulationConfig(task=task, policy=policy, out_dir=args.out,
-                                      show_progress=not args.no_progress))
+                                      show_progress=not args.no_progress,
+                                      previous_run="archive"))
     except ValueError as exc:  # bad settings: bract's errors name the fix
         console.print(f"[red]error:[/red] {exc}")
         return 2

@@ -80,9 +80,10 @@ def train(args: argparse.Namespace) -> dict:
     )
     policy = PrivacyPolicy(target_epsilon=args.epsilon, delta=args.delta, rounds=args.rounds,
                            device=args.device)
+    # a re-run moves the earlier run in --out aside (OUT-<time>); nothing is deleted
     cfg = SimulationConfig(task=task, policy=policy, out_dir=args.out,
                            save_model=args.out / "global_model.npz",
-                           show_progress=not args.no_progress)
+                           show_progress=not args.no_progress, previous_run="archive")
     return run(cfg)
 
 

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override calibration; 0 means no noise and is flagged NON-PRIVATE everywhere",
     )
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output directory")
+    sim.add_argument("--out", type=Path, default=None,
+                     help=f"output directory (default {DEFAULT_OUT}; an earlier run there is "
+                          "moved aside to runs/latest-<time>, never deleted)")
     sim.add_argument("--save-model", type=Path, default=None,
                      help="write the final global weights to this .npz file")
     sim.add_argument("--local-epochs", type=positive_int, default=1)
@@ -104,10 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "(check it with: bract audit secagg --view OUT/secagg_view)")
     sim.add_argument("--resume", action="store_true",
                      help="continue the interrupted run in --out from its last completed round")
+    sim.add_argument("--new-run", action="store_true",
+                     help="--out holds a run: move it aside to OUT-<time> (nothing is deleted) "
+                          "and start a new one; without this (or --resume) such an --out is "
+                          "refused")
     sim.add_argument("--no-progress", action="store_true", help="plain output, no live table")
     from bract.flower.deploy import add_deploy_parser
+    from bract.flower.operator import add_operator_parsers
 
     add_deploy_parser(sub)
+    add_operator_parsers(sub)
     from bract.audit.cli import add_audit_parser
 
     add_audit_parser(sub)
@@ -135,6 +143,12 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     if args.noise_multiplier is not None and args.noise_multiplier < 0:
         console.print("[red]error:[/red] --noise-multiplier must be >= 0")
         return 2
+    if args.resume and args.new_run:
+        console.print("[red]error:[/red] --resume continues a run, --new-run starts another: "
+                      "choose one")
+        return 2
+    default_out = args.out is None
+    args.out = Path(DEFAULT_OUT) if default_out else args.out
     try:
         task = tasks.TaskConfig.for_dataset(
             args.dataset, clients=args.clients, seed=args.seed,
@@ -158,6 +172,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             secagg_colluders=args.secagg_colluders,
             drop_rate=args.drop_rate, drop_stage=args.drop_stage,
             release_metrics=args.release_metrics, record_secagg=args.record_secagg,
+            previous_run="archive" if default_out or args.new_run else "refuse",
         )
         if non_private:
             console.print(

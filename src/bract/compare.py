@@ -292,7 +292,13 @@ def run_comparison(
 
     from bract import tasks
     from bract.flower.client import PrivacyPolicy
-    from bract.flower.simulation import SimulationConfig, run, validate
+    from bract.flower.simulation import (
+        SimulationConfig,
+        holds_run,
+        run,
+        set_aside_previous_run,
+        validate,
+    )
 
     console = console or Console()
     variants = plan_variants(epsilons, secure_epsilon, include)
@@ -330,6 +336,9 @@ def run_comparison(
     configs = {v.name: simulation(v) for v in federated}
     for cfg in configs.values():  # every variant's settings, checked before any run
         validate(cfg)  # PrivacyError / DataError are ValueErrors naming the problem
+    # An earlier study here is moved aside whole (its runs' ledgers are never deleted).
+    set_aside_previous_run(out_dir, "archive", holds=(out_dir / COMPARE_JSON).exists() or any(
+        holds_run(c.out_dir) for c in configs.values()))
 
     config = {
         "dataset": dataset, "clients": clients, "rounds": rounds,

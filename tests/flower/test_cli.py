@@ -80,3 +80,36 @@ def test_simulate_end_to_end_on_flower(tmp_path, capsys) -> None:
     assert sorted(p.name for p in (out / "secagg_view").iterdir()) == ["round-1", "round-2"]
     assert main(["audit", "secagg", "--view", str(out / "secagg_view"),
                  "--out", str(tmp_path / "secagg")]) == 0
+
+
+def test_simulate_into_a_run_without_resume_is_refused_and_deletes_nothing(tmp_path,
+                                                                          capsys) -> None:
+    """A careless re-run must not forget spent budget: an --out that holds a run is
+    refused (exit 2, before any hospital starts), and every file of it is left as it was."""
+    out = tmp_path / "run"
+    (out / "hospitals" / "hospital-0").mkdir(parents=True)
+    (out / "hospitals" / "hospital-0" / "privacy-state.json").write_text("{}")
+    (out / "ledger.jsonl").write_text("{}\n")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code = main(["simulate", "--dataset", "breast-cancer", "--out", str(out), "--no-progress"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert code == 2
+    assert "already holds a run" in text and "--resume" in text and "--new-run" in text
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert main(["simulate", "--out", str(out), "--resume", "--new-run"]) == 2
+
+
+def test_a_new_run_moves_the_earlier_one_aside_whole(tmp_path) -> None:
+    from bract.flower.simulation import holds_run, set_aside_previous_run
+
+    out = tmp_path / "latest"
+    assert set_aside_previous_run(out, "refuse") is None  # nothing there: nothing to do
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "ledger.jsonl").write_text("entries\n")
+    assert holds_run(out)
+    moved = set_aside_previous_run(out, "archive")
+    assert moved is not None and moved.name.startswith("latest-") and not out.exists()
+    assert (moved / "ledger.jsonl").read_text() == "entries\n"
+    (out / "checkpoint").mkdir(parents=True)  # a second earlier run in the same second
+    again = set_aside_previous_run(out, "archive")
+    assert again is not None and again != moved and again.exists() and moved.exists()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -65,6 +65,11 @@ class SimulationConfig:
     save_model: Path | None = None
     show_progress: bool = True
     resume: bool = False
+    #: What to do when ``out_dir`` already holds a run and ``resume`` is off:
+    #: ``"refuse"`` (the default: say so and stop) or ``"archive"`` (move it aside to
+    #: ``<out_dir>-<time>`` and start afresh). A previous run's ledger, checkpoint and
+    #: hospitals' privacy state are never deleted.
+    previous_run: str = "refuse"
     client_threads: int = 1
     #: Secure aggregation (default on); ``False`` is plain FedAvg, for comparison.
     secagg: bool = True
@@ -176,6 +181,8 @@ def validate(cfg: SimulationConfig) -> None:
     if cfg.secagg and cfg.task.clients < 3:
         raise ValueError("secure aggregation needs at least 3 hospitals: with 2, each would "
                          "learn the other's update from the sum (or use --no-secagg)")
+    if cfg.previous_run not in PREVIOUS_RUN:
+        raise ValueError(f"previous_run must be one of {PREVIOUS_RUN}, got {cfg.previous_run!r}")
     if cfg.secagg:
         try:
             round_parameters(cfg.task.clients, cfg.secagg_graph, None, cfg.secagg_colluders, 2)
@@ -185,16 +192,53 @@ def validate(cfg: SimulationConfig) -> None:
         raise ValueError("--record-secagg records secure rounds: it needs --secagg")
 
 
+PREVIOUS_RUN = ("refuse", "archive")
+#: What marks an output directory as holding a run (its record or its hospitals' state).
+RUN_MARKERS = ("report.json", "ledger.jsonl", ROSTER_FILE, CHECKPOINT_DIR, HOSPITALS_DIR,
+               SECAGG_VIEW_DIR)
+
+
+def holds_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds (part of) a run: a record, a checkpoint or hospital state."""
+    return any((Path(out_dir) / m).exists() for m in RUN_MARKERS)
+
+
+def set_aside_previous_run(out: Path, previous_run: str, holds: bool | None = None
+                           ) -> Path | None:
+    """Guarantee: a new run never overwrites or deletes an earlier run's ledger,
+    checkpoint or hospitals' privacy state in ``out``: when ``out`` holds a run (or
+    ``holds`` says so) it refuses with ``ValueError`` (``previous_run="refuse"``) or
+    moves ``out`` aside whole to ``<out>-<time>`` and returns where (``"archive"``)."""
+    out = Path(out)
+    if not (holds_run(out) if holds is None else holds):
+        return None
+    if previous_run == "refuse":
+        raise ValueError(
+            f"{out} already holds a run (its signed ledger and the hospitals' spent "
+            "privacy budgets): --resume continues it; for a new run choose another --out "
+            "or pass --new-run to move the earlier run aside first (nothing is deleted)"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(out.stat().st_mtime))
+    target = out.with_name(f"{out.name}-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = out.with_name(f"{out.name}-{stamp}-{n}")
+    out.rename(target)
+    logging.getLogger("bract").warning("the earlier run in %s was moved to %s", out, target)
+    return target
+
+
 def run(cfg: SimulationConfig) -> dict[str, Any]:
     """Run the simulated federation; returns the report (also written to ``out_dir``).
 
-    A new run replaces a previous run's checkpoint and simulated hospitals' state in
-    ``out_dir``; ``resume=True`` continues from them instead.
+    A run never deletes an earlier one: ``resume=True`` continues the run in
+    ``out_dir``; otherwise an ``out_dir`` that holds a run is refused, or moved aside
+    whole with ``previous_run="archive"``.
     """
     validate(cfg)
     if not cfg.resume:
-        for sub in (CHECKPOINT_DIR, HOSPITALS_DIR, SECAGG_VIEW_DIR):
-            shutil.rmtree(cfg.out_dir / sub, ignore_errors=True)
+        set_aside_previous_run(cfg.out_dir, cfg.previous_run)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
