@@ -1,0 +1,209 @@
+"""Operator tooling: a hospital's identity, policy and state, and the federation's roster.
+
+``bract hospital init DIR --id N --name NAME --federation FED`` makes, at the hospital:
+
+* ``DIR/identity.key``: its Ed25519 private key (hex, mode 0600; never leaves);
+* ``DIR/public.json``: ``{"federation_id", "id", "name", "public_key"}`` (to hand to the
+  coordinator for the roster);
+* ``DIR/policy.json``: its privacy policy (:class:`~bract.flower.hospital_policy.
+  HospitalPolicy`), from the flags given;
+* ``DIR/state/``: its privacy state directory (mode 0700), where its signed ledger
+  and budget live across runs;
+
+and prints the ``--node-config`` its SuperNode needs. It refuses to overwrite an
+existing identity (a new key would orphan the hospital's signed ledger).
+
+``bract roster add ROSTER PUBLIC.json...`` builds the roster from hospitals' public
+files (creating it if missing); ``bract roster verify ROSTER [--public FILE...]``
+checks a roster file: its format, distinct ids, names and keys, one federation id,
+and that each given hospital's public file is listed unchanged. Every hospital gets
+the same roster file out of band.
+
+Roster format (JSON): ``{"federation_id": str, "members": [{"id": int, "name": str,
+"public_key": hex of the raw 32-byte Ed25519 key}, ...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bract.argtypes import nonnegative_int, positive_float
+from bract.flower.hospital_policy import HospitalPolicy
+from bract.flower.secagg_client import Roster, read_roster, write_identity_key, write_roster
+from bract.secagg.crypto import SigningKey
+
+__all__ = ["add_operator_parsers", "hospital_init", "roster_add", "roster_verify"]
+
+PUBLIC_FILE = "public.json"
+
+
+def hospital_init(directory: Path, node: int, name: str, federation_id: str,
+                  policy: HospitalPolicy) -> dict[str, Any]:
+    """Create a hospital's identity, public file, policy and state directory.
+
+    Guarantee: the private key is written owner-only and never printed; an existing
+    identity is never replaced (``FileExistsError``).
+    """
+    directory = Path(directory)
+    key_path = directory / "identity.key"
+    if key_path.exists():
+        raise FileExistsError(f"{key_path} exists: a hospital keeps its identity (its signed "
+                              "ledger depends on it); use another directory to start anew")
+    if not federation_id:
+        raise ValueError("the federation id must not be empty")
+    directory.mkdir(parents=True, exist_ok=True)
+    key = SigningKey.generate()
+    write_identity_key(key_path, key.to_bytes())
+    public = {"federation_id": federation_id, "id": int(node), "name": name,
+              "public_key": key.public_bytes().hex()}
+    (directory / PUBLIC_FILE).write_text(json.dumps(public, indent=2) + "\n", encoding="utf-8")
+    policy.write(directory / "policy.json")
+    state = directory / "state"
+    state.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(state, 0o700)
+    return public
+
+
+def _read_public(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        entry = {"federation_id": str(data["federation_id"]), "id": int(data["id"]),
+                 "name": str(data["name"]), "public_key": bytes.fromhex(data["public_key"])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a hospital's public file: {exc!r}") from None
+    if len(entry["public_key"]) != 32:
+        raise ValueError(f"{path}: the public key must be 32 bytes")
+    return entry
+
+
+def roster_verify(roster: Roster, publics: list[dict[str, Any]] = ()) -> list[str]:
+    """Problems with a roster (empty when it is sound), in plain words."""
+    problems = []
+    if not roster.federation_id:
+        problems.append("the federation id is empty")
+    keys = list(roster.keys.values())
+    if len(set(keys)) != len(keys):
+        problems.append("two members share one public key")
+    if any(len(k) != 32 for k in keys):
+        problems.append("a public key is not 32 bytes")
+    names = [roster.names.get(i, "") for i in roster.keys]
+    if len(set(names)) != len(names) or "" in names:
+        problems.append("member names must be present and distinct")
+    if len(roster.keys) < 3:
+        problems.append(f"{len(roster.keys)} member(s): secure aggregation needs at least 3")
+    for p in publics:
+        if p["federation_id"] != roster.federation_id:
+            problems.append(f"{p['name']} belongs to federation {p['federation_id']!r}, the "
+                            f"roster to {roster.federation_id!r}")
+        elif roster.keys.get(p["id"]) != p["public_key"]:
+            problems.append(f"{p['name']} (id {p['id']}) is not listed with its public key")
+        elif roster.names.get(p["id"]) != p["name"]:
+            problems.append(f"id {p['id']} is listed as {roster.names.get(p['id'])!r}, not "
+                            f"{p['name']!r}")
+    return problems
+
+
+def roster_add(path: Path, publics: list[dict[str, Any]]) -> Roster:
+    """Add hospitals' public entries to the roster at ``path`` (created if missing);
+    refuses a second federation id, a taken id or name, or a key listed twice."""
+    path = Path(path)
+    if path.exists():
+        roster = read_roster(path)
+    else:
+        if not publics:
+            raise ValueError("nothing to add")
+        roster = Roster(publics[0]["federation_id"], {}, {})
+    keys, names = dict(roster.keys), dict(roster.names)
+    for p in publics:
+        if p["federation_id"] != roster.federation_id:
+            raise ValueError(f"{p['name']} belongs to federation {p['federation_id']!r}; the "
+                             f"roster is {roster.federation_id!r}")
+        if p["id"] in keys:
+            raise ValueError(f"id {p['id']} is already {names.get(p['id'])!r}")
+        if p["public_key"] in keys.values() or p["name"] in names.values():
+            raise ValueError(f"{p['name']}: its name or key is already in the roster")
+        keys[p["id"]] = p["public_key"]
+        names[p["id"]] = p["name"]
+    out = Roster(roster.federation_id, keys, names)
+    write_roster(path, out)
+    return out
+
+
+def _hospital_init_cmd(args: argparse.Namespace) -> int:
+    policy = HospitalPolicy(target_epsilon=args.target_epsilon, delta=args.delta,
+                            allow_non_private=False, release_metrics=args.release_metrics,
+                            secagg_colluders=args.colluders)
+    try:
+        hospital_init(args.dir, args.id, args.name, args.federation, policy)
+    except (FileExistsError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    d = Path(args.dir).resolve()
+    print(f"hospital {args.name}: identity {d / 'identity.key'} (mode 0600, keep it here), "
+          f"public file {d / PUBLIC_FILE} (send it to the coordinator), policy "
+          f"{d / 'policy.json'}, state {d / 'state'}")
+    print("SuperNode node config (add your data's keys):")
+    print(f"  secagg-id={args.id} identity-key=\"{d / 'identity.key'}\" "
+          f"roster=\"{d / 'roster.json'}\" policy=\"{d / 'policy.json'}\" "
+          f"state-dir=\"{d / 'state'}\"")
+    return 0
+
+
+def _roster_add_cmd(args: argparse.Namespace) -> int:
+    try:
+        roster = roster_add(args.roster, [_read_public(p) for p in args.public])
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"{args.roster}: {len(roster.keys)} member(s) of {roster.federation_id}")
+    return 0
+
+
+def _roster_verify_cmd(args: argparse.Namespace) -> int:
+    try:
+        roster = read_roster(args.roster)
+        publics = [_read_public(p) for p in args.public]
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    problems = roster_verify(roster, publics)
+    for p in problems:
+        print(f"problem: {p}")
+    print(f"{args.roster}: {len(roster.keys)} member(s) of {roster.federation_id}: "
+          + ("NOT sound" if problems else "sound"))
+    return 1 if problems else 0
+
+
+def add_operator_parsers(sub: Any) -> None:
+    """``bract hospital init`` and ``bract roster add|verify``."""
+    hosp = sub.add_parser("hospital", help="a hospital operator's set-up")
+    hsub = hosp.add_subparsers(dest="hospital_command", required=True)
+    init = hsub.add_parser("init", help="create a hospital's identity key, public file, "
+                                        "privacy policy and state directory")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--id", type=nonnegative_int, required=True, help="its id in the roster")
+    init.add_argument("--name", required=True)
+    init.add_argument("--federation", required=True, help="the federation id")
+    init.add_argument("--target-epsilon", type=lambda t: positive_float(t, "epsilon"),
+                      default=8.0, help="the most epsilon this hospital will spend (default 8)")
+    init.add_argument("--delta", type=lambda t: positive_float(t, "delta"), default=1e-5)
+    init.add_argument("--release-metrics", choices=("none", "aggregate", "clear"),
+                      default="none")
+    init.add_argument("--colluders", type=nonnegative_int, default=None,
+                      help="colluding hospitals secure aggregation must withstand "
+                           "(default floor((n-1)/3))")
+    init.set_defaults(func=_hospital_init_cmd)
+    ros = sub.add_parser("roster", help="build and check the federation's roster")
+    rsub = ros.add_subparsers(dest="roster_command", required=True)
+    add = rsub.add_parser("add", help="add hospitals' public files to a roster")
+    add.add_argument("roster", type=Path)
+    add.add_argument("public", type=Path, nargs="+")
+    add.set_defaults(func=_roster_add_cmd)
+    ver = rsub.add_parser("verify", help="check a roster (and that hospitals are listed)")
+    ver.add_argument("roster", type=Path)
+    ver.add_argument("--public", type=Path, nargs="*", default=[])
+    ver.set_defaults(func=_roster_verify_cmd)

@@ -1,0 +1,109 @@
+"""Operator tooling: ``bract hospital init`` and ``bract roster add|verify``, and that
+the files they make are exactly what a hospital's SuperNode and the coordinator use."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from bract.cli import main
+from bract.flower.app import client_app, identity_from_node_config, server_app
+from bract.flower.hospital_policy import HospitalPolicy
+from bract.flower.operator import hospital_init, roster_add, roster_verify
+from bract.flower.secagg_client import read_identity_key, read_roster
+from bract.secagg.crypto import SigningKey
+
+from .conftest import FakeGrid
+
+FED = "operator-federation"
+
+
+def _init_three(tmp_path, **policy):
+    for i in range(3):
+        assert main(["hospital", "init", str(tmp_path / f"h{i}"), "--id", str(i + 1),
+                     "--name", f"hospital-{i}", "--federation", FED, *policy.get("argv", [])]) \
+            == 0
+    return [tmp_path / f"h{i}" for i in range(3)]
+
+
+def test_hospital_init_makes_an_owner_only_identity_and_refuses_to_replace_it(tmp_path,
+                                                                             capsys) -> None:
+    (d,) = _init_three(tmp_path)[:1]
+    out = capsys.readouterr().out
+    assert "policy=" in out and "state-dir=" in out and "identity.key" in out
+    assert stat.S_IMODE((d / "identity.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "state").stat().st_mode) == 0o700
+    public = json.loads((d / "public.json").read_text())
+    key = SigningKey.from_bytes(read_identity_key(d / "identity.key"))
+    assert bytes.fromhex(public["public_key"]) == key.public_bytes()
+    assert key.to_bytes().hex() not in out  # the private key is never printed
+    assert HospitalPolicy.read(d / "policy.json") == HospitalPolicy()
+    assert main(["hospital", "init", str(d), "--id", "1", "--name", "x", "--federation",
+                 FED]) == 2
+    assert "keeps its identity" in capsys.readouterr().out
+    assert SigningKey.from_bytes(read_identity_key(d / "identity.key")).public_bytes() == \
+        key.public_bytes()
+
+
+def test_roster_built_from_public_files_verifies_and_refuses_conflicts(tmp_path,
+                                                                      capsys) -> None:
+    dirs = _init_three(tmp_path)
+    roster = tmp_path / "roster.json"
+    assert main(["roster", "add", str(roster), *(str(d / "public.json") for d in dirs)]) == 0
+    doc = read_roster(roster)
+    assert doc.federation_id == FED and sorted(doc.keys) == [1, 2, 3]
+    assert main(["roster", "verify", str(roster), "--public",
+                 *(str(d / "public.json") for d in dirs)]) == 0
+    assert "sound" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="already"):
+        roster_add(roster, [_public(dirs[0])])
+    other = tmp_path / "other"
+    hospital_init(other, 9, "hospital-9", "another-federation", HospitalPolicy())
+    assert main(["roster", "add", str(roster), str(other / "public.json")]) == 2
+    assert "another-federation" in capsys.readouterr().out
+    # a hospital whose key in the roster was swapped is reported
+    data = json.loads(roster.read_text())
+    data["members"][0]["public_key"] = SigningKey.generate().public_bytes().hex()
+    roster.write_text(json.dumps(data))
+    assert main(["roster", "verify", str(roster), "--public", str(dirs[0] / "public.json")]) == 1
+    assert "not listed with its public key" in capsys.readouterr().out
+    assert roster_verify(read_roster(roster)) == []
+    small = tmp_path / "small.json"
+    roster_add(small, [_public(dirs[0])])
+    assert any("at least 3" in p for p in roster_verify(read_roster(small)))
+
+
+def _public(d):
+    p = json.loads((d / "public.json").read_text())
+    return {**p, "public_key": bytes.fromhex(p["public_key"])}
+
+
+def test_the_files_run_a_secure_round_of_the_deployed_app(tmp_path) -> None:
+    """Each hospital's node config names only files `hospital init` made; the roster
+    comes from `roster add`; the module-level apps run a secure DP round with them."""
+    dirs = _init_three(tmp_path, argv=["--target-epsilon", "3"])
+    roster = tmp_path / "roster.json"
+    roster_add(roster, [_public(d) for d in dirs])
+    node_configs = []
+    for i, d in enumerate(dirs):
+        (d / "roster.json").write_text(roster.read_text())  # each keeps its own copy
+        node_configs.append({"partition-id": i, "num-partitions": 3, "secagg-id": i + 1,
+                             "identity-key": str(d / "identity.key"),
+                             "roster": str(d / "roster.json"),
+                             "policy": str(d / "policy.json"), "state-dir": str(d / "state")})
+    assert identity_from_node_config(node_configs[0]).node == 1
+    rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 2.0,
+          "out": str(tmp_path / "out"), "roster": str(roster)}
+    grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
+    for ctx, extra in zip(grid.contexts.values(), node_configs, strict=True):
+        ctx.node_config.update(extra)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=rc))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    (row,) = report["rounds"]
+    assert row["secagg"]["aborted"] is None and len(row["trained"]) == 3
+    for d in dirs:  # each hospital's ledger lives in its own state directory
+        assert (d / "state" / "ledger.jsonl").read_text().strip()
