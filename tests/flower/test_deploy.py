@@ -195,6 +195,30 @@ def test_deployed_ledgers_are_signed_and_pass_the_audit(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_deployed_hospitals_refuse_a_coordinator_that_loosens_their_policy(
+    federation: LocalFederation, clean_run: RunResult,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """On real SuperNodes: the coordinator's run config asks for training without
+    noise, a larger epsilon and metrics in clear; every hospital's own policy file (the
+    defaults `LocalFederation` writes: epsilon <= 8, never non-private, metrics stay
+    home) refuses before training, the reasons reach the report, and nothing trains."""
+    assert clean_run.succeeded  # runs after the clean run, before the kill test
+    out = tmp_path_factory.mktemp("loosen-out")
+    ask = {"noise-multiplier": 0.0, "target-epsilon": 20.0, "release-metrics": "clear",
+           "secagg": False, "rounds": 1}
+    result = federation.run(_run_config(out, **ask), timeout=480)
+    assert result.succeeded, result.log[-4000:]
+    (row,) = result.report()["rounds"]
+    assert row["trained"] == []
+    assert len(row["failed"]) == HOSPITALS
+    for reason in row["failed"].values():
+        assert "PolicyRefusal" in reason and "this hospital's policy" in reason
+    assert not (out / "ledger.jsonl").exists() or not (out / "ledger.jsonl").read_text().strip()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_federation_survives_a_hospital_killed_mid_round(
     federation: LocalFederation, clean_run: RunResult,
     tmp_path_factory: pytest.TempPathFactory,
