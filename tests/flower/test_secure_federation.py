@@ -335,3 +335,34 @@ def test_a_hospital_that_lost_its_keys_is_asked_to_advertise_and_rejoins(tmp_pat
     assert "KeyRotationRequired" in r3["failed"]["hospital-0"]
     assert r4["secagg"]["advertised"] == ["hospital-0"]
     assert set(r4["secagg"]["alive"]) == everyone
+
+
+def _wrong_share(hospital: int, fl_round: int):
+    """``hospital`` returns a share it did not receive (one bit flipped) in ``fl_round``."""
+
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if (int(ctx.node_config["partition-id"]) == hospital
+                and int(msg.metadata.group_id) == fl_round
+                and message_stage(msg) == "unmask"):
+            rec = reply.content.config_records[SECAGG]
+            shares = list(rec["seed_shares"])
+            shares[0] = bytes([shares[0][0] ^ 1]) + shares[0][1:]
+            rec["seed_shares"] = shares
+        return reply
+
+    return mod
+
+
+def test_a_hospital_that_returns_a_wrong_share_is_excluded_and_named(tmp_path) -> None:
+    # hospital-2 corrupts a share in round 1's unmask reply: the server checks it against
+    # its dealer's commitment, excludes hospital-2 from the unmasking, names it in the
+    # round's record, and completes the round exactly from the other hospitals' shares.
+    policy = dataclasses.replace(NON_PRIVATE, rounds=2)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=2,
+                        extra_mods=[_wrong_share(2, 1)])
+    r1, r2 = report["rounds"]
+    everyone = {f"hospital-{i}" for i in range(5)}
+    assert r1["secagg"]["aborted"] is None and r1["secagg"]["excluded"] == ["hospital-2"]
+    assert set(r1["secagg"]["alive"]) == everyone  # its update is in the sum; its shares not
+    assert r2["secagg"]["aborted"] is None and r2["secagg"]["excluded"] == []

@@ -593,3 +593,32 @@ def test_harary_split_views_with_one_declared_colluder() -> None:
         _unmask(g, cfg, a, everyone, everyone, sigs_a, adv)
         _unmask(g, cfg, b, without, everyone, sigs_b, adv)
         assert_no_small_sum(adv, 2)
+
+
+def test_a_client_whose_input_breaks_the_encoding_makes_the_round_abort_cleanly() -> None:
+    """A malicious client masks a vector whose weight field is 'negative' in the ring:
+    the unmasked sum does not decode, and finish() aborts the round (RoundAborted),
+    never an exception of another kind, never a wrong sum."""
+    n = 4
+    f = make_federation(n)
+    advertise_all(f)
+    inputs = random_inputs(n, D)
+    cfg = f.server.start_round(1, range(n), D)
+    for v in range(n):
+        f.server.receive_shares(f.clients[v].handle_round_config(cfg))
+    for v, req in f.server.mask_requests().items():
+        msg = f.clients[v].handle_mask_request(req, *inputs[v])
+        if v == 0:  # add 2^63 to its weight coordinate (the last ring element)
+            y = np.frombuffer(msg.data, dtype=np.uint64).copy()
+            y[-1:] += np.uint64(1 << 63)  # array arithmetic wraps silently
+            msg = replace(msg, data=y.tobytes())
+        f.server.receive_masked_input(msg)
+    creq = f.server.consistency_request()
+    for v in range(n):
+        f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))
+    ureq = f.server.unmask_request()
+    for v in range(n):
+        f.server.receive_unmask_reply(f.clients[v].handle_unmask_request(ureq))
+    with pytest.raises(RoundAborted, match="does not decode"):
+        f.server.finish()
+    assert f.server.stage is None

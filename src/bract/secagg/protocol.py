@@ -1420,7 +1420,12 @@ class ServerSession:
                     ks.subtract(key)  # u added +PRG(s_uv)
                 else:
                     ks.add(key)  # u subtracted it
-        weighted_sum, total_weight = decode_sum(acc, cfg.ring_bits, cfg.frac_bits)
+        try:
+            weighted_sum, total_weight = decode_sum(acc, cfg.ring_bits, cfg.frac_bits)
+        except EncodingError as exc:  # only a client that broke its encoding gets here
+            raise self._abort(f"round {cfg.round} aborted: the unmasked sum does not decode "
+                              f"({exc}); a client sent a vector outside its encoding",
+                              rnd.excluded) from None
         enc = EncodingConfig(cfg.clip, cfg.frac_bits, cfg.max_weight, cfg.ring_bits)
         self._round, self._next = self._next, None
         return AggregateResult(cfg.round, weighted_sum, total_weight, tuple(sorted(rnd.alive)),
