@@ -115,7 +115,9 @@ def test_rounds_survive_dropouts_at_every_stage_and_abort_cleanly_below_threshol
     # Round 3: nobody drops: the federation goes on.
     plan = {(1, stage): {0, 1}, (2, stage): {0, 1, 2}}
     policy = dataclasses.replace(NON_PRIVATE, rounds=3)
-    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3, drop_plan=plan)
+    views = tmp_path / "views"
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3, drop_plan=plan,
+                        record_dir=views)
     r1, r2, r3 = report["rounds"]
     assert r1["secagg"]["aborted"] is None
     everyone = {f"hospital-{i}" for i in range(5)}
@@ -138,6 +140,13 @@ def test_rounds_survive_dropouts_at_every_stage_and_abort_cleanly_below_threshol
     assert r3["secagg"]["aborted"] is None and set(r3["secagg"]["alive"]) == everyone
     # Round mask keys serve one round: nobody re-keys after a dropout, whatever its stage.
     assert r2["secagg"]["advertised"] == [] and r3["secagg"]["advertised"] == []
+    # The aborted round is recorded too (what the server received before the abort
+    # counts towards its knowledge), and the audit across all three rounds passes.
+    from bract.audit.secagg_audit import audit_views, read_view
+
+    recorded = read_view(views)
+    assert [(v.round, v.aborted) for v in recorded] == [(1, False), (2, True), (3, False)]
+    assert audit_views(recorded).passed
 
 
 @pytest.mark.parametrize("stage", sorted(DROP_STAGES))
