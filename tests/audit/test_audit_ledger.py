@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bract.audit.ledger import (
+from bract.privacy import DpSgdEvent
+from bract.records.ledger import (
     LedgerEntry,
     LedgerError,
     SignerRoster,
@@ -27,7 +28,6 @@ from bract.audit.ledger import (
     verify_chain,
     write_ledger,
 )
-from bract.privacy import DpSgdEvent
 from bract.secagg.crypto import SigningKey
 
 KEY = SigningKey.generate()
@@ -287,7 +287,7 @@ def test_the_ledger_and_verifier_import_neither_flwr_nor_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, bract.audit.ledger, bract.audit.verify, bract.audit.report; "
+    code = ("import sys, bract.records.ledger, bract.audit.verify, bract.audit.report; "
             "print(sorted(m for m in ('flwr', 'torch', 'opacus') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -16,19 +16,17 @@ from bract.audit.secagg_audit import (
     CHECKS,
     ROUND_CHECKS,
     SecAggAuditConfig,
-    ServerView,
     audit_view,
     audit_views,
-    read_view,
     record_rounds,
     write_secagg_report,
-    write_view,
 )
 from bract.audit.uniformity import independence_test, uniformity_test
 from bract.cli import main
 from bract.secagg.crypto import KeystreamAccumulator, keystream, x25519_shared
 from bract.secagg.encoding import EncodingConfig, encode
 from bract.secagg.messages import MaskedInput
+from bract.secagg.recording import ServerView, read_view, write_view
 
 SMALL = SecAggAuditConfig(clients=6, dim=4000, dropouts=2)
 

@@ -14,13 +14,6 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from bract import tasks
-from bract.audit.ledger import (
-    LedgerEntry,
-    append_entry,
-    dumps_jsonl,
-    read_ledger,
-    write_ledger,
-)
 from bract.audit.report import HTML, MARKDOWN, PLOT
 from bract.audit.verify import (
     FAIL,
@@ -35,6 +28,13 @@ from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app
 from bract.flower.secagg_client import Roster, SecAggIdentity, make_identities, write_roster
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import DpSgdEvent, epsilon_of, load_weights, weights_of
+from bract.records.ledger import (
+    LedgerEntry,
+    append_entry,
+    dumps_jsonl,
+    read_ledger,
+    write_ledger,
+)
 from bract.secagg.crypto import SigningKey
 
 from ..flower.conftest import FakeGrid
@@ -67,7 +67,7 @@ def federation(tmp_path_factory) -> Path:
         load_weights(model, w)
         return tasks.evaluate(model, ds.x_test, ds.y_test)
 
-    from bract.audit.ledger import SignerRoster
+    from bract.records.ledger import SignerRoster
 
     cfg = ServerConfig(
         rounds=3, num_clients=2, delta=POLICY.delta, out_dir=root / "out", node_wait_seconds=1,

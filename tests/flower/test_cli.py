@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from bract.audit.ledger import read_ledger
 from bract.cli import main
 from bract.privacy import epsilon_of
+from bract.records.ledger import read_ledger
 
 
 @pytest.mark.parametrize(

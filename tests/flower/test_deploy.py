@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 
-from bract.audit.ledger import read_ledger
 from bract.audit.verify import verify_federation
 from bract.flower.deploy import (
     LOOPBACK,
@@ -33,6 +32,7 @@ from bract.flower.deploy import (
     generate_supernode_key,
     marked_pids,
 )
+from bract.records.ledger import read_ledger
 
 HOSPITALS = 3  # a killed hospital leaves 2 >= t = 2: secure rounds go on
 ROUNDS = 2

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bract import tasks
-from bract.audit.ledger import read_ledger
 from bract.flower.app import hospital_setup
 from bract.flower.client import PrivacyPolicy, make_client_app
 from bract.flower.records import STATE_PRIVACY
@@ -24,6 +23,7 @@ from bract.privacy import (
     load_weights,
     weights_of,
 )
+from bract.records.ledger import read_ledger
 
 from .conftest import FakeGrid
 

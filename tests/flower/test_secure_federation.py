@@ -142,7 +142,8 @@ def test_rounds_survive_dropouts_at_every_stage_and_abort_cleanly_below_threshol
     assert r2["secagg"]["advertised"] == [] and r3["secagg"]["advertised"] == []
     # The aborted round is recorded too (what the server received before the abort
     # counts towards its knowledge), and the audit across all three rounds passes.
-    from bract.audit.secagg_audit import audit_views, read_view
+    from bract.audit.secagg_audit import audit_views
+    from bract.secagg.recording import read_view
 
     recorded = read_view(views)
     assert [(v.round, v.aborted) for v in recorded] == [(1, False), (2, True), (3, False)]
@@ -289,8 +290,9 @@ def test_the_servers_recorded_view_of_real_rounds_passes_the_secagg_audit(tmp_pa
     every mask it can (round 1 has two dropouts), and the survivors' remainders add up
     to exactly the server's aggregate (so the audit removed the masks the server
     removed)."""
-    from bract.audit.secagg_audit import audit_views, read_view
+    from bract.audit.secagg_audit import audit_views
     from bract.cli import main
+    from bract.secagg.recording import read_view
 
     policy = PrivacyPolicy(target_epsilon=8.0, delta=1e-5, rounds=3)
     views_dir = tmp_path / "view"

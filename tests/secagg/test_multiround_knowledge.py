@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from secagg_helpers import signing_key
 
-from bract.audit.secagg_audit import RecordingServerSession, ServerView, knowledge_across_rounds
+from bract.audit.secagg_audit import knowledge_across_rounds
 from bract.secagg.encoding import EncodingConfig
 from bract.secagg.errors import RoundAborted, SecAggError
 from bract.secagg.graph import default_degree
@@ -30,6 +30,7 @@ from bract.secagg.protocol import (
     default_colluders,
     required_threshold,
 )
+from bract.secagg.recording import RecordingServerSession, ServerView
 
 ENC = EncodingConfig(clip=1.0, frac_bits=16, max_weight=1000)
 STAGES = ("config", "mask", "consistency", "unmask")

@@ -172,11 +172,11 @@ def run_secagg_command(args: argparse.Namespace) -> int:
     from bract.audit.secagg_audit import (
         SecAggAuditConfig,
         audit_views,
-        read_view,
         record_rounds,
         write_secagg_report,
     )
     from bract.secagg import SecAggError
+    from bract.secagg.recording import read_view
 
     console = Console()
     try:

@@ -62,7 +62,6 @@ Pure: imports neither flwr nor torch.
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,190 +87,28 @@ from bract.secagg.errors import (
 )
 from bract.secagg.graph import GRAPH_KINDS, closed_neighbourhoods
 from bract.secagg.messages import (
-    KeyAdvertisement,
     MaskedInput,
     MaskRequest,
     Message,
     RoundConfig,
-    ShareKeys,
-    UnmaskReply,
-    UnmaskRequest,
-    canonical_decode,
-    canonical_encode,
-    message_from_dict,
 )
 from bract.secagg.protocol import (
     AggregateResult,
     ClientPolicy,
     ClientSession,
-    ServerSession,
     _self_mask_key,
     pair_mask_key,
+)
+from bract.secagg.recording import (
+    LegacyMessage,
+    RecordingServerSession,
+    ServerView,
+    write_view,
 )
 
 CHECKS = ("knowledge-across-rounds", "masked-inputs-uniform", "survivors-hidden",
           "dropped-late-hidden", "aggregate-exact")
 ROUND_CHECKS = CHECKS[1:]
-_DIRECTIONS = {"in": b"I", "out": b"O", "late": b"L"}
-_DIRECTION_OF = {v: k for k, v in _DIRECTIONS.items()}
-
-
-# ------------------------------------------------------------------------ recording
-
-
-@dataclass(frozen=True)
-class LegacyMessage:
-    """A message of protocol v1 read from an old recording, kept as its plain fields."""
-
-    kind: str
-    fields: dict[str, Any]
-
-    def to_bytes(self) -> bytes:
-        """The canonical bytes it was read from."""
-        return canonical_encode({"kind": self.kind, **self.fields})
-
-
-_V1_KINDS = ("secagg.advertise", "secagg.round_config", "secagg.share_keys",
-             "secagg.mask_request", "secagg.masked_input", "secagg.consistency_request",
-             "secagg.consistency_signature", "secagg.unmask_request", "secagg.unmask_reply")
-
-
-def _message_from_raw(raw: bytes) -> Message | LegacyMessage:
-    d = canonical_decode(raw)
-    if isinstance(d, dict) and d.get("kind") in _V1_KINDS:
-        return LegacyMessage(d["kind"], {k: v for k, v in d.items() if k != "kind"})
-    return message_from_dict(d)
-
-
-@dataclass
-class ServerView:
-    """What the server saw in one round, and (separately) the truth an auditor knows.
-
-    ``messages`` are ``(direction, message)`` in order: ``"in"`` received by the
-    server, ``"out"`` sent by it, ``"late"`` a dropped client's masked input that
-    the audit obtained after the round (what a late arrival would have shown).
-    ``inputs`` (node -> (vector, weight)) is not part of the server's view: it
-    is the ground truth the independence and aggregate checks compare with.
-    """
-
-    round: int
-    messages: list[tuple[str, Any]]
-    weighted_sum: np.ndarray
-    total_weight: int
-    inputs: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
-    #: The round aborted: no aggregate, but what the server received still counts.
-    aborted: bool = False
-
-    def _of(self, direction: str, cls: type[Message]) -> list[Any]:
-        return [m for d, m in self.messages if d == direction and isinstance(m, cls)]
-
-    @property
-    def legacy(self) -> bool:
-        """True for a view recorded with protocol v1."""
-        return any(isinstance(m, LegacyMessage) for _, m in self.messages)
-
-    @property
-    def config(self) -> RoundConfig:
-        """The round's config (sent by the server)."""
-        cfgs = self._of("out", RoundConfig)
-        if len(cfgs) != 1:
-            raise ValueError(f"a round's view needs exactly one RoundConfig (found {len(cfgs)}).")
-        return cfgs[0]
-
-    @property
-    def shares(self) -> dict[int, ShareKeys]:
-        """The round's share messages the server received (round mask keys), by node."""
-        rnd = self.config.round
-        return {m.node_id: m for m in self._of("in", ShareKeys) if m.round == rnd}
-
-    @property
-    def masked(self) -> dict[int, MaskedInput]:
-        """Masked inputs the server received, by node."""
-        return {m.node_id: m for m in self._of("in", MaskedInput)}
-
-    @property
-    def late(self) -> dict[int, MaskedInput]:
-        """Masked inputs of dropped clients obtained after the round, by node."""
-        return {m.node_id: m for m in self._of("late", MaskedInput)}
-
-    @property
-    def unmask_request(self) -> UnmaskRequest:
-        """The server's unmask request (alive and dropped sets)."""
-        reqs = self._of("out", UnmaskRequest)
-        if len(reqs) != 1:
-            raise ValueError("the view holds no unmask request: the round did not reach "
-                             "unmasking, so there is nothing to audit.")
-        return reqs[0]
-
-    @property
-    def unmask_replies(self) -> list[UnmaskReply]:
-        """Unmask replies the server received."""
-        return self._of("in", UnmaskReply)
-
-    @property
-    def sharers(self) -> tuple[int, ...]:
-        """Clients that shared keys in stage 1 (from the server's mask requests)."""
-        reqs = self._of("out", MaskRequest)
-        return tuple(reqs[0].sharers) if reqs else ()
-
-
-class RecordingServerSession(ServerSession):
-    """A :class:`ServerSession` that logs every message it receives and sends, in order.
-
-    Behaviour is exactly the parent's; the log is the server's view of the
-    protocol (:attr:`log`), one ``(direction, message)`` per message.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.log: list[tuple[str, Message]] = []
-
-    def receive_advertisement(self, adv: KeyAdvertisement, origin: int | None = None) -> None:
-        self.log.append(("in", adv))
-        super().receive_advertisement(adv, origin)
-
-    def start_round(self, round_number: int, participants: Sequence[int],
-                    dim: int) -> RoundConfig:
-        cfg = super().start_round(round_number, participants, dim)
-        self.log.append(("out", cfg))
-        return cfg
-
-    def start_next_round(self, round_number: int, participants: Sequence[int],
-                         dim: int) -> RoundConfig:
-        cfg = super().start_next_round(round_number, participants, dim)
-        self.log.append(("out", cfg))
-        return cfg
-
-    def receive_shares(self, msg: Any) -> None:
-        self.log.append(("in", msg))
-        super().receive_shares(msg)
-
-    def mask_requests(self) -> dict[int, MaskRequest]:
-        reqs = super().mask_requests()
-        self.log.extend(("out", r) for _, r in sorted(reqs.items()))
-        return reqs
-
-    def receive_masked_input(self, msg: MaskedInput) -> None:
-        self.log.append(("in", msg))
-        super().receive_masked_input(msg)
-
-    def consistency_request(self) -> Any:
-        req = super().consistency_request()
-        self.log.append(("out", req))
-        return req
-
-    def receive_consistency_signature(self, msg: Any) -> None:
-        self.log.append(("in", msg))
-        super().receive_consistency_signature(msg)
-
-    def unmask_request(self) -> UnmaskRequest:
-        req = super().unmask_request()
-        self.log.append(("out", req))
-        return req
-
-    def receive_unmask_reply(self, msg: UnmaskReply) -> None:
-        self.log.append(("in", msg))
-        super().receive_unmask_reply(msg)
 
 
 @dataclass(frozen=True)
@@ -783,72 +620,6 @@ def _reached_unmasking(view: ServerView) -> bool:
 def run_secagg_audit(config: SecAggAuditConfig) -> SecAggAuditReport:
     """Record ``config.rounds`` rounds and audit them."""
     return audit_views(record_rounds(config), config.alpha)
-
-
-# --------------------------------------------------------------------------- files
-
-
-def write_view(view: ServerView, directory: Path) -> Path:
-    """Write one round's view: ``messages.bin``, ``aggregate.npz`` and, if known, ``inputs.npz``.
-
-    ``messages.bin`` is a sequence of records: one direction byte (``I`` in,
-    ``O`` out, ``L`` late), a 4-byte big-endian length, and the message's
-    canonical bytes (:meth:`bract.secagg.messages.Message.to_bytes`).
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "messages.bin", "wb") as f:
-        for d, msg in view.messages:
-            raw = msg.to_bytes()
-            f.write(_DIRECTIONS[d] + struct.pack(">I", len(raw)) + raw)
-    np.savez(directory / "aggregate.npz", round=np.int64(view.round),
-             weighted_sum=view.weighted_sum, total_weight=np.int64(view.total_weight),
-             aborted=np.bool_(view.aborted))
-    if view.inputs:
-        nodes = sorted(view.inputs)
-        np.savez(directory / "inputs.npz", nodes=np.array(nodes, dtype=np.int64),
-                 vectors=np.stack([np.asarray(view.inputs[u][0]) for u in nodes]),
-                 weights=np.array([view.inputs[u][1] for u in nodes], dtype=np.int64))
-    return directory
-
-
-def _read_one(directory: Path) -> ServerView:
-    raw = (directory / "messages.bin").read_bytes()
-    messages: list[tuple[str, Message]] = []
-    pos = 0
-    while pos < len(raw):
-        if pos + 5 > len(raw):
-            raise ValueError(f"{directory / 'messages.bin'} is truncated at byte {pos}.")
-        tag, (length,) = raw[pos:pos + 1], struct.unpack(">I", raw[pos + 1:pos + 5])
-        if tag not in _DIRECTION_OF or pos + 5 + length > len(raw):
-            raise ValueError(f"{directory / 'messages.bin'} is malformed at byte {pos}.")
-        messages.append((_DIRECTION_OF[tag], _message_from_raw(raw[pos + 5:pos + 5 + length])))
-        pos += 5 + length
-    with np.load(directory / "aggregate.npz", allow_pickle=False) as agg:
-        view = ServerView(int(agg["round"]), messages, np.asarray(agg["weighted_sum"]),
-                          int(agg["total_weight"]),
-                          aborted=bool(agg["aborted"]) if "aborted" in agg else False)
-    truth = directory / "inputs.npz"
-    if truth.exists():
-        with np.load(truth, allow_pickle=False) as t:
-            view.inputs = {int(u): (np.asarray(x), int(w))
-                           for u, x, w in zip(t["nodes"], t["vectors"], t["weights"],
-                                              strict=True)}
-    return view
-
-
-def read_view(directory: Path) -> list[ServerView]:
-    """Read the view(s) in ``directory``: one round, or ``round-*`` subdirectories."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"no recorded view at {directory} (expected a directory written by "
-                         "write_view or bract audit secagg --out).")
-    if (directory / "messages.bin").exists():
-        return [_read_one(directory)]
-    rounds = sorted(p for p in directory.glob("round-*") if (p / "messages.bin").exists())
-    if not rounds:
-        raise ValueError(f"{directory} holds no messages.bin and no round-*/messages.bin.")
-    return [_read_one(p) for p in rounds]
 
 
 def report_markdown(report: SecAggAuditReport) -> str:

@@ -5,7 +5,7 @@ What is checked, per hospital:
 1. **Integrity** — the hospital's chain in the server's ``ledger.jsonl`` verifies
    against the roster's Ed25519 key: every entry signed, linked to the one
    before, in order, none missing, duplicated, inserted or from another
-   federation or hospital (:func:`bract.audit.ledger.check_chain`); with
+   federation or hospital (:func:`bract.records.ledger.check_chain`); with
    ``report.json``, also as long as the server last recorded (a truncated tail).
 2. **Epsilon** — after every entry, epsilon is recomputed from the recorded
    mechanism events with dp_accounting's PLD accountant, called directly here
@@ -34,7 +34,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from bract.audit.ledger import (
+from bract.records.ledger import (
     LedgerEntry,
     LedgerError,
     SignerRoster,

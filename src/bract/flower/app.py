@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from bract.audit.ledger import SignerRoster
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.records import AGGREGATED_METRICS
 from bract.flower.secagg_client import SecAggIdentity, read_identity_key, read_roster
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
+from bract.records.ledger import SignerRoster
 from bract.secagg import ClientPolicy
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ their model, optimizer and DataLoader — and a :class:`PrivacyPolicy`; bract
 does the rest: loads the global model, checks the budget before training,
 trains with Opacus DP-SGD, records the mechanism events in a ledger that lives
 in ``ctx.state`` across rounds, signs each event into its hash-chained ledger
-(:mod:`bract.audit.ledger`) with its identity key, and replies with the update
+(:mod:`bract.records.ledger`) with its identity key, and replies with the update
 and its privacy report. A refusal (budget spent) is a normal reply, not an error.
 """
 
@@ -21,15 +21,6 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from bract.audit.ledger import (
-    LedgerEntry,
-    LedgerError,
-    append_entry,
-    check_chain,
-    dumps_jsonl,
-    loads_jsonl,
-    read_ledger,
-)
 from bract.flower.files import atomic_write_text
 from bract.flower.records import (
     AGGREGATED_METRICS,
@@ -56,6 +47,15 @@ from bract.privacy import (
     PrivacyLedger,
     TrainingPlan,
     calibrate,
+)
+from bract.records.ledger import (
+    LedgerEntry,
+    LedgerError,
+    append_entry,
+    check_chain,
+    dumps_jsonl,
+    loads_jsonl,
+    read_ledger,
 )
 
 if TYPE_CHECKING:  # torch loads only where a hospital trains, not for secure-aggregation stages

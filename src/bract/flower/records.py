@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from bract.audit.ledger import LedgerEntry, dumps_jsonl, loads_jsonl
 from bract.privacy import BudgetDecision, PrivacyLedger
+from bract.records.ledger import LedgerEntry, dumps_jsonl, loads_jsonl
 from bract.secagg import Message as SecAggMessage
 from bract.secagg import message_from_dict
 
@@ -26,7 +26,7 @@ ROUND_CONFIG = "bract.round"
 #: hospital -> server: the locally trained model (only when it trained).
 LOCAL_WEIGHTS = "bract.local"
 #: hospital -> server: privacy status (ledger events, epsilon, budget decision, and the
-#: hospital's signed, hash-chained ledger: bract.audit.ledger).
+#: hospital's signed, hash-chained ledger: bract.records.ledger).
 PRIVACY_REPORT = "bract.privacy"
 #: hospital -> server: how much the update weighs in FedAvg.
 TRAIN_INFO = "bract.train"

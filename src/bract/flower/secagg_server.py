@@ -40,7 +40,6 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from bract.audit.secagg_audit import RecordingServerSession, ServerView, write_view
 from bract.flower.records import (
     SECAGG,
     SECAGG_NEXT,
@@ -60,6 +59,7 @@ from bract.secagg import (
     ServerSession,
 )
 from bract.secagg import Message as SecAggMessage
+from bract.secagg.recording import RecordingServerSession, ServerView, write_view
 
 STAGE_TYPES = {
     "mask": "train.secagg_mask",

@@ -14,7 +14,7 @@ rewritten atomically after every round, so an interrupted run leaves a
 consistent record of the rounds it completed.
 
 Ledger integrity: every reply carries the hospital's signed, hash-chained ledger
-(:mod:`bract.audit.ledger`). The server checks it against its roster on receipt
+(:mod:`bract.records.ledger`). The server checks it against its roster on receipt
 (signatures, links, and that it extends what the server already holds); a reply
 whose ledger does not verify counts as failed and changes nothing.
 """
@@ -40,14 +40,6 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bract.audit.ledger import (
-    LedgerEntry,
-    LedgerError,
-    SignerRoster,
-    dumps_jsonl,
-    loads_jsonl,
-    verify_chain,
-)
 from bract.flower.files import atomic_write_text
 from bract.flower.records import (
     AGGREGATED_METRICS,
@@ -61,6 +53,14 @@ from bract.flower.records import (
     weights_to_record,
 )
 from bract.flower.secagg_server import SecAggSettings, SecureAggregator
+from bract.records.ledger import (
+    LedgerEntry,
+    LedgerError,
+    SignerRoster,
+    dumps_jsonl,
+    loads_jsonl,
+    verify_chain,
+)
 
 Weights = dict[str, np.ndarray]
 EvaluateFn = Callable[[Weights], dict[str, float]]

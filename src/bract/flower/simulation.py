@@ -25,7 +25,6 @@ import torch
 from flwr.app import Context
 
 from bract import tasks
-from bract.audit.ledger import SignerRoster
 from bract.flower.app import HOSPITALS_DIR, hospital_setup
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.faults import DROP_STAGES, dropout_mod
@@ -48,6 +47,7 @@ from bract.flower.server import (
     make_server_app,
 )
 from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
+from bract.records.ledger import SignerRoster
 from bract.secagg import ClientPolicy, SecAggError
 from bract.secagg.protocol import round_parameters
 
