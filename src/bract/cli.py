@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "and start a new one; without this (or --resume) such an --out is "
                           "refused")
     sim.add_argument("--no-progress", action="store_true", help="plain output, no live table")
-    from bract.flower.deploy import add_deploy_parser
+    from bract.flower.deploy_cli import add_deploy_parser
     from bract.flower.operator import add_operator_parsers
 
     add_deploy_parser(sub)

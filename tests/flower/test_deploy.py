@@ -24,14 +24,9 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from bract.audit.verify import verify_federation
-from bract.flower.deploy import (
-    LOOPBACK,
-    LocalFederation,
-    RunResult,
-    generate_dev_certificates,
-    generate_supernode_key,
-    marked_pids,
-)
+from bract.flower.certificates import LOOPBACK, generate_dev_certificates, generate_supernode_key
+from bract.flower.deploy import LocalFederation, RunResult
+from bract.flower.processes import marked_pids
 from bract.records.ledger import read_ledger
 
 HOSPITALS = 3  # a killed hospital leaves 2 >= t = 2: secure rounds go on

@@ -22,8 +22,11 @@ What it guarantees:
   sessions of their own), carries a per-federation marker in its environment;
   :meth:`LocalFederation.stop` — run on every exit from the ``with`` block,
   errors included — terminates them, waits, then kills what is left.
-* Certificates and keys are generated with pyca ``cryptography``; the dev CA is
-  for local runs only (see ``docs/deployment.md`` for a real deployment).
+* Certificates and keys are generated with pyca ``cryptography``
+  (:mod:`bract.flower.certificates`); the dev CA is for local runs only (see
+  ``docs/deployment.md`` for a real deployment). Process bookkeeping is in
+  :mod:`bract.flower.processes`, the ``bract deploy`` command in
+  :mod:`bract.flower.deploy_cli`.
 
 ``flwr`` executables are taken from the running interpreter's environment
 (``sys.executable``'s directory), so the venv's Flower is always the one used.
@@ -31,32 +34,39 @@ What it guarantees:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime as dt
-import ipaddress
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from bract.flower.files import write_private_bytes
+from bract.flower.certificates import (
+    LOOPBACK,
+    NodeKeyFiles,
+    TlsFiles,
+    generate_dev_certificates,
+    generate_supernode_key,
+)
 from bract.flower.hospital_policy import HospitalPolicy
+from bract.flower.processes import (
+    MARKER_ENV,
+    DeploymentError,
+    ManagedProcess,
+    _port_open,
+    _signal,
+    executable,
+    free_port,
+    marked_pids,
+)
 from bract.flower.secagg_client import (
     Roster,
     make_identities,
@@ -67,158 +77,9 @@ from bract.flower.secagg_client import (
 #: Repository root: the Flower app directory (its pyproject.toml has ``[tool.flwr.app]``).
 APP_DIR = Path(__file__).resolve().parents[3]
 
-#: Environment variable whose value marks every process of one local federation.
-MARKER_ENV = "BRACT_LOCAL_FEDERATION"
-
 #: Name of the SuperLink connection written into the private Flower configuration.
 CONNECTION_NAME = "bract-local"
 
-#: Loopback only: the one address local federations bind to and connect to.
-LOOPBACK = "127.0.0.1"
-
-
-class DeploymentError(RuntimeError):
-    """A deployment step failed or did not finish in time; the message says which."""
-
-
-# --------------------------------------------------------------------------- certificates
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files of a development CA and the server certificate it signed."""
-
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-
-
-def generate_dev_certificates(
-    directory: Path,
-    hosts: Sequence[str] = (LOOPBACK, "localhost"),
-    days: int = 7,
-) -> TlsFiles:
-    """Create a throw-away CA and a server certificate for ``hosts``, as PEM files.
-
-    Writes ``ca.crt`` (self-signed CA, path length 0), ``server.pem`` (signed by
-    the CA, valid for TLS server authentication, with every entry of ``hosts`` in
-    its subject alternative names — IP addresses as IP SANs, names as DNS SANs)
-    and ``server.key`` (mode 0600) into ``directory``. Keys are EC P-256. The CA
-    key is never written to disk, so no further certificate can be signed with it.
-
-    These are development certificates: valid for ``days`` days, for one machine.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bract dev CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    sans: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    files = TlsFiles(directory / "ca.crt", directory / "server.pem", directory / "server.key")
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    write_private_bytes(
-        files.server_key,
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-    return files
-
-
-@dataclass(frozen=True)
-class NodeKeyFiles:
-    """A SuperNode's authentication key pair, in the OpenSSH formats Flower reads."""
-
-    name: str
-    private_key: Path
-    public_key: Path
-
-
-def generate_supernode_key(directory: Path, name: str) -> NodeKeyFiles:
-    """Create SuperNode ``name``'s authentication key pair (EC P-384, OpenSSH format).
-
-    Flower 1.41 authenticates SuperNodes with EC keys on a NIST curve:
-    ``flower-supernode --auth-supernode-private-key`` reads an OpenSSH private
-    key (written here as ``<name>`` with mode 0600, unencrypted), and ``flwr
-    supernode register`` reads the OpenSSH public key (``<name>.pub``). Only
-    the public key ever leaves the hospital.
-    """
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"key name {name!r} must be a plain file name")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    files = NodeKeyFiles(name, directory / name, directory / f"{name}.pub")
-    write_private_bytes(
-        files.private_key,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        ),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    files.public_key.write_bytes(public + f" {name}\n".encode())
-    return files
 
 
 def write_flower_config(flwr_home: Path, address: str, root_certificates: Path) -> Path:
@@ -242,82 +103,6 @@ def write_flower_config(flwr_home: Path, address: str, root_certificates: Path) 
     path = flwr_home / "config.toml"
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((LOOPBACK, port)) == 0
-
-
-# --------------------------------------------------------------------------- processes
-def executable(name: str) -> str:
-    """Path of Flower executable ``name`` in the running interpreter's environment."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    raise DeploymentError(f"{name} not found next to {sys.executable}; is flwr installed?")
-
-
-def marked_pids(marker: str) -> list[int]:
-    """Ids of live processes whose environment carries ``MARKER_ENV=marker`` (Linux /proc).
-
-    Only processes of the current user are readable, which are the only ones a
-    federation started here can have spawned.
-    """
-    needle = f"{MARKER_ENV}={marker}".encode()
-    pids = []
-    own = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == own:
-            continue
-        try:
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in env.split(b"\0"):
-            pids.append(int(entry.name))
-    return sorted(pids)
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-@dataclass
-class ManagedProcess:
-    """A process started by a :class:`LocalFederation`, in a session of its own."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes]
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill_group(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the process's whole process group (its session leader's)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, sig)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
-        except OSError:
-            return ""
 
 
 @dataclass
@@ -822,84 +607,3 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))
-
-
-# --------------------------------------------------------------------------- CLI
-def add_deploy_parser(subparsers: Any) -> None:
-    """Add the ``deploy`` sub-command to ``bract``'s argparse sub-parsers."""
-    p = subparsers.add_parser(
-        "deploy",
-        help="run a real multi-process federation (Flower SuperLink + SuperNodes) on "
-             "127.0.0.1 with TLS and SuperNode authentication",
-        description=(
-            "Start a SuperLink and one SuperNode per hospital on 127.0.0.1 (dev TLS "
-            "certificates, SuperNode authentication), run the bract app with `flwr run`, "
-            "write report.json and ledger.jsonl to --out, and stop every process."
-        ),
-    )
-    p.add_argument("--clients", type=int, default=3, help="hospitals (SuperNodes)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--dataset", default="breast-cancer")
-    p.add_argument("--target-epsilon", type=float, default=8.0)
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/deploy"))
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="certificates, keys, Flower home and logs (default: OUT/deployment)")
-    p.add_argument("--round-timeout", type=float, default=120.0,
-                   help="seconds the server waits for a round's replies (0: no limit)")
-    p.add_argument("--kill-node-at-round", type=int, default=None, metavar="K",
-                   help="demonstration: kill the last hospital's SuperNode during round K")
-    p.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
-                   help="secure aggregation (default on); hospitals sign their ledgers either way")
-    p.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess")
-    p.add_argument("--timeout", type=float, default=1800.0,
-                   help="seconds the whole run may take before it is stopped")
-    p.set_defaults(func=run_deploy)
-
-
-def run_deploy(args: argparse.Namespace) -> int:
-    """``bract deploy``: run the federation and print where its record is; 0 on success."""
-    out = Path(args.out).resolve()
-    workdir = Path(args.workdir).resolve() if args.workdir else out / "deployment"
-    if args.kill_node_at_round is not None and not 1 <= args.kill_node_at_round <= args.rounds:
-        print("--kill-node-at-round must be between 1 and --rounds", file=sys.stderr)
-        return 2
-    run_config = {
-        "clients": args.clients,
-        "rounds": args.rounds,
-        "dataset": args.dataset,
-        "target-epsilon": args.target_epsilon,
-        "delta": args.delta,
-        "seed": args.seed,
-        "out": str(out),
-        "round-timeout": float(args.round_timeout),
-    }
-    print(f"bract deploy: {args.clients} SuperNodes + 1 SuperLink on {LOOPBACK} "
-          f"(TLS, SuperNode auth); work dir {workdir}", flush=True)
-    try:
-        # This command plays every hospital's operator: their policies allow the budget
-        # asked for here (a real hospital's operator writes its own).
-        own = HospitalPolicy(target_epsilon=args.target_epsilon, delta=args.delta)
-        with LocalFederation(
-            workdir, args.clients, isolation=args.isolation, secagg=args.secagg,
-            hospital_policy=own,
-        ) as fed:
-            print(f"SuperLink at {fed.address}; {args.clients} SuperNodes online; "
-                  f"logs in {fed.log_dir}", flush=True)
-            result = fed.run(run_config, timeout=args.timeout,
-                             kill_node_at_round=args.kill_node_at_round)
-    except DeploymentError as exc:
-        print(f"bract deploy failed: {exc}", file=sys.stderr)
-        return 1
-    print(result.log[-6000:])
-    print(f"run {result.run_id}: {result.status} in {result.seconds:.1f}s; "
-          f"record in {out / 'report.json'} and {out / 'ledger.jsonl'}")
-    return 0 if result.succeeded else 1
-
-
-@contextlib.contextmanager
-def local_federation(workdir: Path, num_nodes: int, **kwargs: Any) -> Iterator[LocalFederation]:
-    """``with local_federation(dir, n) as fed:`` — same as ``with LocalFederation(...)``."""
-    with LocalFederation(workdir, num_nodes, **kwargs) as fed:
-        yield fed
