@@ -78,3 +78,15 @@ class FakeGrid:
                 replies.append(Message(Error(code=2, reason=repr(exc)), reply_to=msg))
         self.replies.extend(replies)
         return replies
+
+
+def assert_no_update_in_clear(replies) -> None:
+    """No reply carries a hospital's weights, example count or training metrics in clear."""
+    from bract.flower.records import LOCAL_METRICS, LOCAL_WEIGHTS, TRAIN_INFO
+
+    for reply in replies:
+        if reply.has_error():
+            continue
+        assert LOCAL_WEIGHTS not in reply.content.array_records
+        assert TRAIN_INFO not in reply.content.metric_records
+        assert LOCAL_METRICS not in reply.content.metric_records

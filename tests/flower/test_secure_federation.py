@@ -12,14 +12,14 @@ from bract import tasks
 from bract.flower.app import hospital_setup
 from bract.flower.client import PrivacyPolicy, make_client_app
 from bract.flower.faults import DROP_STAGES, inject_dropout, message_stage
-from bract.flower.records import LOCAL_METRICS, LOCAL_WEIGHTS, SECAGG, TRAIN_INFO
+from bract.flower.records import LOCAL_METRICS, SECAGG
 from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import load_weights, weights_of
 from bract.secagg import ClientPolicy
 
-from .conftest import FakeGrid
+from .conftest import FakeGrid, assert_no_update_in_clear
 
 TASK = tasks.TaskConfig(dataset="breast-cancer", clients=5, batch_size=32, lr=0.2, seed=3)
 NODES = [1001, 1002, 1003, 1004, 1005]
@@ -187,20 +187,28 @@ def test_a_pipelined_round_survives_dropouts_at_every_stage(tmp_path, stage) -> 
     assert r4["secagg"]["aborted"] is None and set(r4["secagg"]["alive"]) == everyone
 
 
-def _corrupt_unmask_reply(hospital: int, fl_round: int):
-    """Make ``hospital``'s unmask reply of ``fl_round`` name one share twice (refused)."""
+def _edit_unmask_reply(hospital: int, fl_round: int, edit):
+    """A mod: ``edit(record)`` rewrites ``hospital``'s unmask reply of ``fl_round``."""
 
     def mod(msg, ctx, call_next):
         reply = call_next(msg, ctx)
         if (int(ctx.node_config["partition-id"]) == hospital
                 and int(msg.metadata.group_id) == fl_round
                 and message_stage(msg) == "unmask"):
-            rec = reply.content.config_records[SECAGG]
-            rec["seed_owners"] = list(rec["seed_owners"]) + list(rec["seed_owners"])[:1]
-            rec["seed_shares"] = list(rec["seed_shares"]) + list(rec["seed_shares"])[:1]
+            edit(reply.content.config_records[SECAGG])
         return reply
 
     return mod
+
+
+def _corrupt_unmask_reply(hospital: int, fl_round: int):
+    """Make ``hospital``'s unmask reply of ``fl_round`` name one share twice (refused)."""
+
+    def edit(rec):
+        rec["seed_owners"] = list(rec["seed_owners"]) + list(rec["seed_owners"])[:1]
+        rec["seed_shares"] = list(rec["seed_shares"]) + list(rec["seed_shares"])[:1]
+
+    return _edit_unmask_reply(hospital, fl_round, edit)
 
 
 def test_a_refused_unmask_reply_keeps_its_sender_out_of_the_pipelined_round(
@@ -226,12 +234,7 @@ def test_nothing_of_an_update_leaves_in_clear(tmp_path) -> None:
     policy = PrivacyPolicy(target_epsilon=4.0, delta=1e-5, rounds=1)
     report, grid, _ = _run(tmp_path, policy, secure=True, rounds=1, release="aggregate")
     assert report["rounds"][0]["secagg"]["aborted"] is None
-    for reply in grid.replies:
-        if reply.has_error():
-            continue
-        assert LOCAL_WEIGHTS not in reply.content.array_records
-        assert TRAIN_INFO not in reply.content.metric_records
-        assert LOCAL_METRICS not in reply.content.metric_records
+    assert_no_update_in_clear(grid.replies)
     # Training loss left only in aggregate, inside the masked vector.
     assert np.isfinite(report["rounds"][0]["train_loss"])
 
@@ -351,18 +354,12 @@ def test_a_hospital_that_lost_its_keys_is_asked_to_advertise_and_rejoins(tmp_pat
 def _wrong_share(hospital: int, fl_round: int):
     """``hospital`` returns a share it did not receive (one bit flipped) in ``fl_round``."""
 
-    def mod(msg, ctx, call_next):
-        reply = call_next(msg, ctx)
-        if (int(ctx.node_config["partition-id"]) == hospital
-                and int(msg.metadata.group_id) == fl_round
-                and message_stage(msg) == "unmask"):
-            rec = reply.content.config_records[SECAGG]
-            shares = list(rec["seed_shares"])
-            shares[0] = bytes([shares[0][0] ^ 1]) + shares[0][1:]
-            rec["seed_shares"] = shares
-        return reply
+    def edit(rec):
+        shares = list(rec["seed_shares"])
+        shares[0] = bytes([shares[0][0] ^ 1]) + shares[0][1:]
+        rec["seed_shares"] = shares
 
-    return mod
+    return _edit_unmask_reply(hospital, fl_round, edit)
 
 
 def test_a_hospital_that_returns_a_wrong_share_is_excluded_and_named(tmp_path) -> None:
