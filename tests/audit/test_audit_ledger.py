@@ -273,8 +273,13 @@ def test_roster_parsing(tmp_path) -> None:
     with pytest.raises(LedgerError, match="not a roster file"):
         SignerRoster.from_json("{}")
     twice = {**doc, "members": doc["members"] * 2}
-    with pytest.raises(LedgerError, match="share a name"):
+    with pytest.raises(LedgerError, match="duplicate member ids"):
         SignerRoster.from_json(json.dumps(twice))
+    other = SigningKey.generate().public_bytes().hex()
+    same_name = {**doc, "members": [*doc["members"],
+                                    {"id": 2, "name": CID, "public_key": other}]}
+    with pytest.raises(LedgerError, match="share a name"):
+        SignerRoster.from_json(json.dumps(same_name))
     short = {**doc, "members": [{"id": 1, "name": CID, "public_key": "ab"}]}
     with pytest.raises(LedgerError, match="not 32 bytes"):
         SignerRoster.from_json(json.dumps(short))

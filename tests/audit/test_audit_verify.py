@@ -25,7 +25,7 @@ from bract.audit.verify import (
 from bract.cli import main
 from bract.flower.app import hospital_setup
 from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app
-from bract.flower.secagg_client import Roster, SecAggIdentity, make_identities, write_roster
+from bract.flower.secagg_client import SecAggIdentity, make_identities
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import DpSgdEvent, epsilon_of, load_weights, weights_of
 from bract.records.ledger import (
@@ -35,6 +35,7 @@ from bract.records.ledger import (
     read_ledger,
     write_ledger,
 )
+from bract.records.roster import Roster, write_roster
 from bract.secagg.crypto import SigningKey
 
 from ..flower.conftest import FakeGrid

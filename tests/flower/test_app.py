@@ -16,12 +16,8 @@ from bract.flower.app import (
     server_app,
     task_from_run_config,
 )
-from bract.flower.secagg_client import (
-    Roster,
-    make_identities,
-    write_identity_key,
-    write_roster,
-)
+from bract.flower.secagg_client import make_identities, write_identity_key
+from bract.records.roster import Roster, write_roster
 from bract.tasks import TaskConfig
 
 from .conftest import FakeGrid

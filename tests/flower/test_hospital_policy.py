@@ -18,7 +18,8 @@ from bract.flower.app import client_app, hospital_policy_of, server_app
 from bract.flower.client import PrivacyPolicy
 from bract.flower.hospital_policy import HospitalPolicy, PolicyRefusal
 from bract.flower.records import SECAGG
-from bract.flower.secagg_client import Roster, make_identities, write_identity_key, write_roster
+from bract.flower.secagg_client import make_identities, write_identity_key
+from bract.records.roster import Roster, write_roster
 
 from .conftest import FakeGrid, assert_no_update_in_clear
 

@@ -15,11 +15,12 @@ import pytest
 from bract import tasks
 from bract.flower.app import hospital_setup
 from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app
-from bract.flower.secagg_client import Roster, SecAggIdentity, make_identities
+from bract.flower.secagg_client import SecAggIdentity, make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import load_weights, weights_of
 from bract.records.ledger import SignerRoster, by_client, check_chain, read_ledger
+from bract.records.roster import Roster
 from bract.secagg.crypto import SigningKey
 
 from .conftest import FakeGrid

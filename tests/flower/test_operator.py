@@ -13,7 +13,8 @@ from bract.cli import main
 from bract.flower.app import client_app, identity_from_node_config, server_app
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.operator import hospital_init, roster_add, roster_verify
-from bract.flower.secagg_client import read_identity_key, read_roster
+from bract.flower.secagg_client import read_identity_key
+from bract.records.roster import read_roster
 from bract.secagg.crypto import SigningKey
 
 from .conftest import FakeGrid

@@ -24,10 +24,11 @@ from flwr.serverapp import Grid, ServerApp
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.records import AGGREGATED_METRICS
-from bract.flower.secagg_client import SecAggIdentity, read_identity_key, read_roster
+from bract.flower.secagg_client import SecAggIdentity, read_identity_key
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
 from bract.records.ledger import SignerRoster
+from bract.records.roster import read_roster
 from bract.secagg import ClientPolicy
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "grad-sample-mode": "auto",
     "round-timeout": 0.0,  # seconds the server waits for a round's replies; 0: no limit
     "secagg": True,  # secure aggregation; needs "roster" here and each hospital's node config
-    "roster": "",  # the server's copy of the roster file (bract.flower.secagg_client.Roster)
+    "roster": "",  # the server's copy of the roster file (bract.records.roster.Roster)
     "secagg-clip": 8.0,
     "secagg-graph": "complete",
     "release-metrics": "none",

@@ -67,12 +67,8 @@ from bract.flower.processes import (
     free_port,
     marked_pids,
 )
-from bract.flower.secagg_client import (
-    Roster,
-    make_identities,
-    write_identity_key,
-    write_roster,
-)
+from bract.flower.secagg_client import make_identities, write_identity_key
+from bract.records.roster import Roster, write_roster
 
 #: Repository root: the Flower app directory (its pyproject.toml has ``[tool.flwr.app]``).
 APP_DIR = Path(__file__).resolve().parents[3]

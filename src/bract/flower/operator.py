@@ -33,7 +33,8 @@ from typing import Any
 
 from bract.argtypes import nonnegative_int, positive_float
 from bract.flower.hospital_policy import HospitalPolicy
-from bract.flower.secagg_client import Roster, read_roster, write_identity_key, write_roster
+from bract.flower.secagg_client import write_identity_key
+from bract.records.roster import Roster, read_roster, write_roster
 from bract.secagg.crypto import SigningKey
 
 __all__ = ["add_operator_parsers", "hospital_init", "roster_add", "roster_verify"]

@@ -30,7 +30,6 @@ without this hospital.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,52 +104,6 @@ def make_identities(n: int, federation_id: str) -> tuple[dict[int, bytes], list[
     return roster, [
         SecAggIdentity(i + 1, k.to_bytes(), roster, federation_id) for i, k in enumerate(keys)
     ]
-
-
-@dataclass(frozen=True)
-class Roster:
-    """The federation's members: secagg id -> (name, Ed25519 public key).
-
-    Each hospital's operator gives it this file out of band; the server holds a
-    copy too, but no hospital ever takes keys from the server.
-    """
-
-    federation_id: str
-    keys: dict[int, bytes]
-    names: dict[int, str]
-
-    def to_json(self) -> str:
-        """Stable JSON text: ``{"federation_id", "members": [{id, name, public_key}]}``."""
-        members = [
-            {"id": i, "name": self.names.get(i, f"member-{i}"), "public_key": k.hex()}
-            for i, k in sorted(self.keys.items())
-        ]
-        return json.dumps({"federation_id": self.federation_id, "members": members}, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> Roster:
-        """Parse a roster file; names what is wrong with a malformed one."""
-        try:
-            data = json.loads(text)
-            members = data["members"]
-            keys = {int(m["id"]): bytes.fromhex(m["public_key"]) for m in members}
-            names = {int(m["id"]): str(m.get("name", "")) for m in members}
-            federation_id = str(data["federation_id"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"malformed roster: {exc!r}") from None
-        if len(keys) != len(members):
-            raise ValueError("malformed roster: duplicate member ids")
-        return cls(federation_id, keys, names)
-
-
-def write_roster(path: Path, roster: Roster) -> None:
-    """Write a roster file (public data)."""
-    Path(path).write_text(roster.to_json() + "\n", encoding="utf-8")
-
-
-def read_roster(path: Path) -> Roster:
-    """Read a roster file written by :func:`write_roster`."""
-    return Roster.from_json(Path(path).read_text(encoding="utf-8"))
 
 
 def write_identity_key(path: Path, signing_key: bytes) -> None:

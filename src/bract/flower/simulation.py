@@ -30,13 +30,10 @@ from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.faults import DROP_STAGES, dropout_mod
 from bract.flower.records import AGGREGATED_METRICS
 from bract.flower.secagg_client import (
-    Roster,
     SecAggIdentity,
     make_identities,
     read_identity_key,
-    read_roster,
     write_identity_key,
-    write_roster,
 )
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import (
@@ -48,6 +45,7 @@ from bract.flower.server import (
 )
 from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
 from bract.records.ledger import SignerRoster
+from bract.records.roster import Roster, read_roster, write_roster
 from bract.secagg import ClientPolicy, SecAggError
 from bract.secagg.protocol import round_parameters
 
@@ -263,7 +261,7 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
         run_config=cfg.to_plain(),
         show_progress=cfg.show_progress,
         resume=cfg.resume,
-        roster=SignerRoster.from_json(roster.to_json(), ROSTER_FILE),
+        roster=SignerRoster.of(roster),
     )
     result: dict[str, Any] = {}
     server_app = make_server_app(initial_weights, evaluate, server_cfg, on_done=result.update)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bract.privacy.accounting import DpSgdEvent, PrivacyError
+from bract.records.roster import Roster
 from bract.secagg.crypto import SigningKey, sha256, verify_signature
 from bract.secagg.errors import SecAggError
 
@@ -367,23 +368,25 @@ class SignerRoster:
     keys: dict[str, bytes]
 
     @classmethod
+    def of(cls, roster: Roster) -> SignerRoster:
+        """The signers of a parsed roster (one name per member, names distinct)."""
+        keys = roster.signers()
+        if len(keys) != len(roster.keys):
+            raise LedgerError("roster: two members share a name; names must be unique")
+        return cls(roster.federation_id, keys)
+
+    @classmethod
     def from_json(cls, text: str, source: str = "roster") -> SignerRoster:
-        """Parse a roster file's text; names what is wrong with a malformed one."""
+        """Parse a roster file's text (:class:`bract.records.roster.Roster`); names what
+        is wrong with a malformed one."""
         try:
-            data = json.loads(text)
-            federation_id = data["federation_id"]
-            members = data["members"]
-            keys = {str(m["name"]): bytes.fromhex(m["public_key"]) for m in members}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise LedgerError(f"{source} is not a roster file: {exc!r}") from None
-        if not isinstance(federation_id, str):
-            raise LedgerError(f"{source}: 'federation_id' must be a string")
-        if len(keys) != len(members):
-            raise LedgerError(f"{source}: two members share a name; names must be unique")
-        bad = sorted(name for name, key in keys.items() if len(key) != 32)
-        if bad:
-            raise LedgerError(f"{source}: public key of {bad} is not 32 bytes (Ed25519)")
-        return cls(federation_id, keys)
+            roster = Roster.from_json(text)
+        except ValueError as exc:
+            raise LedgerError(f"{source} is not a roster file: {exc}") from None
+        try:
+            return cls.of(roster)
+        except LedgerError as exc:
+            raise LedgerError(f"{source}: {str(exc).removeprefix('roster: ')}") from None
 
     @classmethod
     def read(cls, path: str | Path) -> SignerRoster:
