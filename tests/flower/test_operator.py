@@ -108,3 +108,35 @@ def test_the_files_run_a_secure_round_of_the_deployed_app(tmp_path) -> None:
     assert row["secagg"]["aborted"] is None and len(row["trained"]) == 3
     for d in dirs:  # each hospital's ledger lives in its own state directory
         assert (d / "state" / "ledger.jsonl").read_text().strip()
+
+
+def test_hospital_start_serves_exactly_what_init_made(tmp_path, capsys) -> None:
+    import shlex
+
+    dirs = _init_three(tmp_path)
+    roster = tmp_path / "roster.json"
+    argv = ["hospital", "start", str(dirs[0]), "--superlink", "link.example:9092",
+            "--root-certificates", str(tmp_path / "ca.crt"), "--auth-key",
+            str(tmp_path / "hospital-0"), "--node-config", 'data-path="/data/a"', "--dry-run"]
+    assert main(argv) == 2  # no roster copy yet
+    assert "roster.json is missing" in " ".join(capsys.readouterr().out.split())
+    roster_add(roster, [_public(d) for d in dirs[1:]])
+    (dirs[0] / "roster.json").write_text(roster.read_text())
+    assert main(argv) == 2  # a roster that does not list this hospital is refused
+    assert "not listed with its public key" in capsys.readouterr().out
+    roster.unlink()
+    roster_add(roster, [_public(d) for d in dirs])
+    (dirs[0] / "roster.json").write_text(roster.read_text())
+    capsys.readouterr()
+    assert main(argv) == 0
+    cmd = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cmd[0] == "flower-supernode" and cmd[cmd.index("--superlink") + 1] == \
+        "link.example:9092"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    node_config = dict(kv.split("=", 1) for kv in shlex.split(cmd[cmd.index("--node-config")
+                                                                   + 1]))
+    d = dirs[0].resolve()
+    assert node_config == {"secagg-id": "1", "identity-key": str(d / "identity.key"),
+                           "roster": str(d / "roster.json"), "policy": str(d / "policy.json"),
+                           "state-dir": str(d / "state"), "data-path": "/data/a"}
+    assert identity_from_node_config(node_config).node == 1

@@ -13,6 +13,11 @@
 and prints the ``--node-config`` its SuperNode needs. It refuses to overwrite an
 existing identity (a new key would orphan the hospital's signed ledger).
 
+``bract hospital start DIR --superlink HOST:PORT --root-certificates CA
+--auth-key KEY [--node-config EXTRA]`` starts the hospital's ``flower-supernode``
+with everything ``DIR`` holds (identity, roster copy ``DIR/roster.json``, policy,
+state) in its node config; ``--dry-run`` prints the command instead.
+
 ``bract roster add ROSTER PUBLIC.json...`` builds the roster from hospitals' public
 files (creating it if missing); ``bract roster verify ROSTER [--public FILE...]``
 checks a roster file: its format, distinct ids, names and keys, one federation id,
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +43,8 @@ from bract.flower.secagg_client import write_identity_key
 from bract.records.roster import Roster, read_roster, write_roster
 from bract.secagg.crypto import SigningKey
 
-__all__ = ["add_operator_parsers", "hospital_init", "roster_add", "roster_verify"]
+__all__ = ["add_operator_parsers", "hospital_init", "roster_add", "roster_verify",
+           "supernode_command"]
 
 PUBLIC_FILE = "public.json"
 
@@ -67,6 +74,37 @@ def hospital_init(directory: Path, node: int, name: str, federation_id: str,
     state.mkdir(mode=0o700, exist_ok=True)
     os.chmod(state, 0o700)
     return public
+
+
+def supernode_command(directory: Path, superlink: str, root_certificates: Path,
+                      auth_key: Path, extra_node_config: str = "",
+                      port: int = 9094) -> list[str]:
+    """The ``flower-supernode`` command that serves the hospital set up in ``directory``.
+
+    Its node config names the hospital's identity, roster copy, policy and state
+    directory (checked to exist, with the roster listing this hospital's key), then
+    ``extra_node_config`` (e.g. its data's keys); the Runtime API stays on loopback.
+    """
+    d = Path(directory).resolve()
+    public = _read_public(d / PUBLIC_FILE)
+    for need in ("identity.key", "roster.json", "policy.json", "state"):
+        if not (d / need).exists():
+            raise ValueError(f"{d / need} is missing (bract hospital init makes it; the "
+                             "roster comes from the coordinator)")
+    problems = roster_verify(read_roster(d / "roster.json"), [public])
+    if problems:
+        raise ValueError(f"{d / 'roster.json'}: " + "; ".join(problems))
+    HospitalPolicy.read(d / "policy.json")  # a malformed policy stops here, not mid-run
+    node_config = (f"secagg-id={public['id']} identity-key=\"{d / 'identity.key'}\" "
+                   f"roster=\"{d / 'roster.json'}\" policy=\"{d / 'policy.json'}\" "
+                   f"state-dir=\"{d / 'state'}\"")
+    if extra_node_config:
+        node_config += " " + extra_node_config
+    return ["flower-supernode", "--superlink", superlink,
+            "--root-certificates", str(Path(root_certificates).resolve()),
+            "--auth-supernode-private-key", str(Path(auth_key).resolve()),
+            "--node-config", node_config, "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(port)]
 
 
 def _read_public(path: Path) -> dict[str, Any]:
@@ -154,6 +192,27 @@ def _hospital_init_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hospital_start_cmd(args: argparse.Namespace) -> int:
+    try:
+        argv = supernode_command(args.dir, args.superlink, args.root_certificates,
+                                 args.auth_key, args.node_config, args.port)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    if args.dry_run:
+        print(shlex.join(argv))
+        return 0
+    from bract.flower.processes import DeploymentError, executable
+
+    try:
+        argv[0] = executable("flower-supernode")  # this venv's Flower
+    except DeploymentError as exc:
+        print(f"error: {exc}")
+        return 2
+    os.execv(argv[0], argv)  # the SuperNode replaces this process (Ctrl-C stops it)
+    return 1  # not reached
+
+
 def _roster_add_cmd(args: argparse.Namespace) -> int:
     try:
         roster = roster_add(args.roster, [_read_public(p) for p in args.public])
@@ -198,6 +257,21 @@ def add_operator_parsers(sub: Any) -> None:
                       help="colluding hospitals secure aggregation must withstand "
                            "(default floor((n-1)/3))")
     init.set_defaults(func=_hospital_init_cmd)
+    start = hsub.add_parser("start", help="start the hospital's SuperNode with its identity, "
+                                          "roster, policy and state")
+    start.add_argument("dir", type=Path)
+    start.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink's Fleet API")
+    start.add_argument("--root-certificates", type=Path, required=True,
+                       help="the CA certificate that signed the SuperLink's TLS certificate")
+    start.add_argument("--auth-key", type=Path, required=True,
+                       help="the hospital's SuperNode authentication key (registered by the "
+                            "coordinator)")
+    start.add_argument("--node-config", default="",
+                       help="more node config, e.g. the data's keys")
+    start.add_argument("--port", type=nonnegative_int, default=9094,
+                       help="the SuperNode's local Runtime API port on 127.0.0.1")
+    start.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
+    start.set_defaults(func=_hospital_start_cmd)
     ros = sub.add_parser("roster", help="build and check the federation's roster")
     rsub = ros.add_subparsers(dest="roster_command", required=True)
     add = rsub.add_parser("add", help="add hospitals' public files to a roster")
