@@ -90,3 +90,28 @@ def assert_no_update_in_clear(replies) -> None:
         assert LOCAL_WEIGHTS not in reply.content.array_records
         assert TRAIN_INFO not in reply.content.metric_records
         assert LOCAL_METRICS not in reply.content.metric_records
+
+
+def write_operator_files(tmp_path, federation_id: str, n: int, policy=None):
+    """Play ``n`` hospitals' operators: each gets an identity key, its own roster copy
+    and (optionally) ``policy`` as its policy file; returns their node configs and the
+    coordinator's roster copy."""
+    from bract.flower.secagg_client import make_identities, write_identity_key
+    from bract.records.roster import Roster, write_roster
+
+    roster, identities = make_identities(n, federation_id)
+    doc = Roster(federation_id, roster, {i + 1: f"hospital-{i}" for i in range(n)})
+    write_roster(tmp_path / "server-roster.json", doc)
+    configs = []
+    for i, ident in enumerate(identities):
+        d = tmp_path / f"op-{i}"
+        d.mkdir()
+        write_identity_key(d / "identity.key", ident.signing_key)
+        write_roster(d / "roster.json", doc)
+        cfg = {"secagg-id": i + 1, "identity-key": str(d / "identity.key"),
+               "roster": str(d / "roster.json")}
+        if policy is not None:
+            policy.write(d / "policy.json")
+            cfg["policy"] = str(d / "policy.json")
+        configs.append(cfg)
+    return configs, tmp_path / "server-roster.json"

@@ -16,11 +16,9 @@ from bract.flower.app import (
     server_app,
     task_from_run_config,
 )
-from bract.flower.secagg_client import make_identities, write_identity_key
-from bract.records.roster import Roster, write_roster
 from bract.tasks import TaskConfig
 
-from .conftest import FakeGrid
+from .conftest import FakeGrid, write_operator_files
 
 try:
     import tomllib
@@ -72,18 +70,7 @@ def test_module_level_apps_run_a_plain_round(tmp_path) -> None:
 
 def test_module_level_apps_run_a_secure_round_from_operator_files(tmp_path) -> None:
     """Identities and rosters come from files named in each hospital's node config."""
-    roster, identities = make_identities(3, "files-federation")
-    doc = Roster("files-federation", roster, {1: "hospital-0", 2: "hospital-1",
-                                              3: "hospital-2"})
-    write_roster(tmp_path / "server-roster.json", doc)
-    node_configs = []
-    for i, ident in enumerate(identities):
-        d = tmp_path / f"op-{i}"
-        d.mkdir()
-        write_identity_key(d / "identity.key", ident.signing_key)
-        write_roster(d / "roster.json", doc)
-        node_configs.append({"secagg-id": i + 1, "identity-key": str(d / "identity.key"),
-                             "roster": str(d / "roster.json")})
+    node_configs, _ = write_operator_files(tmp_path, "files-federation", 3)
     rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 2.0,
           "out": str(tmp_path / "out"), "roster": str(tmp_path / "server-roster.json")}
     report = _run_app(rc, node_configs)

@@ -18,36 +18,15 @@ from bract.flower.app import client_app, hospital_policy_of, server_app
 from bract.flower.client import PrivacyPolicy
 from bract.flower.hospital_policy import HospitalPolicy, PolicyRefusal
 from bract.flower.records import SECAGG
-from bract.flower.secagg_client import make_identities, write_identity_key
-from bract.records.roster import Roster, write_roster
 
-from .conftest import FakeGrid, assert_no_update_in_clear
+from .conftest import FakeGrid, assert_no_update_in_clear, write_operator_files
 
 NODES = (11, 22, 33)
 
 
-def _operators(tmp_path: Path, policy: HospitalPolicy | None) -> tuple[list[dict], Path]:
-    """Each hospital's operator: identity key, roster copy and (optionally) policy file."""
-    roster, identities = make_identities(len(NODES), "policy-federation")
-    doc = Roster("policy-federation", roster, {i + 1: f"hospital-{i}" for i in range(3)})
-    write_roster(tmp_path / "server-roster.json", doc)
-    configs = []
-    for i, ident in enumerate(identities):
-        d = tmp_path / f"op-{i}"
-        d.mkdir()
-        write_identity_key(d / "identity.key", ident.signing_key)
-        write_roster(d / "roster.json", doc)
-        cfg = {"secagg-id": i + 1, "identity-key": str(d / "identity.key"),
-               "roster": str(d / "roster.json")}
-        if policy is not None:
-            policy.write(d / "policy.json")
-            cfg["policy"] = str(d / "policy.json")
-        configs.append(cfg)
-    return configs, tmp_path / "server-roster.json"
-
-
 def _run(tmp_path: Path, rc: dict, policy: HospitalPolicy | None) -> tuple[dict, FakeGrid]:
-    node_configs, roster = _operators(tmp_path, policy)
+    node_configs, roster = write_operator_files(tmp_path, "policy-federation", len(NODES),
+                                                policy)
     rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "out": str(tmp_path / "out"),
           "roster": str(roster), **rc}
     grid = FakeGrid(dict.fromkeys(NODES, client_app), run_config=rc)

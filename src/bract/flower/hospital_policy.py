@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,20 +116,8 @@ class HospitalPolicy:
                 f"refused: the coordinator asks for delta {requested.delta:g}; this "
                 f"hospital's policy allows at most {self.delta:g}"
             )
-        return PrivacyPolicy(
-            target_epsilon=requested.target_epsilon,
-            delta=requested.delta,
-            rounds=requested.rounds,
-            local_epochs=requested.local_epochs,
-            max_grad_norm=requested.max_grad_norm,
-            noise_multiplier=requested.noise_multiplier,
-            accountant=self.accountant,
-            grad_sample_mode=requested.grad_sample_mode,
-            allow_non_private=requested.allow_non_private and self.allow_non_private,
-            device=requested.device,
-            sampling_seed=requested.sampling_seed,
-            extra=dict(requested.extra),
-        )
+        return replace(requested, accountant=self.accountant,
+                       allow_non_private=requested.allow_non_private and self.allow_non_private)
 
     def admit_release(self, requested: str) -> str:
         """The metric release for a coordinator's request, or :class:`PolicyRefusal`."""
