@@ -374,3 +374,39 @@ def test_a_hospital_that_returns_a_wrong_share_is_excluded_and_named(tmp_path) -
     assert r1["secagg"]["aborted"] is None and r1["secagg"]["excluded"] == ["hospital-2"]
     assert set(r1["secagg"]["alive"]) == everyone  # its update is in the sum; its shares not
     assert r2["secagg"]["aborted"] is None and r2["secagg"]["excluded"] == []
+
+
+def _replay_advertisement(thief: int, victim: int):
+    """Hospital ``thief`` answers the key query with hospital ``victim``'s signed
+    advertisement (seen on the way), hoping to take the victim's secagg id."""
+    seen: dict[str, object] = {}
+
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if msg.metadata.message_type != "query.secagg_advertise" or reply.has_error():
+            return reply
+        hospital = int(ctx.node_config["partition-id"])
+        if hospital == victim:
+            seen["adv"] = dict(reply.content.config_records[SECAGG])
+        elif hospital == thief and "adv" in seen:
+            rec = reply.content.config_records[SECAGG]
+            for k, v in seen["adv"].items():
+                rec[k] = v
+        return reply
+
+    return mod
+
+
+def test_a_hospital_cannot_answer_with_another_hospitals_advertisement(tmp_path) -> None:
+    # NODES are asked in order, so hospital-0's advertisement is seen before hospital-3
+    # answers. Its signed origin is hospital-0's Flower node: the server refuses the
+    # replay from hospital-3's node (in round 2 too, where it tries again), hospital-0
+    # keeps its identity, and the rounds go on with the four honest hospitals.
+    policy = dataclasses.replace(NON_PRIVATE, rounds=2)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=2,
+                        extra_mods=[_replay_advertisement(thief=3, victim=0)])
+    r1, r2 = report["rounds"]
+    honest = [f"hospital-{i}" for i in (0, 1, 2, 4)]
+    assert r1["secagg"]["advertised"] == honest and r1["secagg"]["clients"] == 4
+    assert r1["secagg"]["aborted"] is None and r1["secagg"]["alive"] == honest
+    assert r2["secagg"]["advertised"] == [] and r2["secagg"]["alive"] == honest
