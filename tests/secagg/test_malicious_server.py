@@ -622,3 +622,19 @@ def test_a_client_whose_input_breaks_the_encoding_makes_the_round_abort_cleanly(
     with pytest.raises(RoundAborted, match="does not decode"):
         f.server.finish()
     assert f.server.stage is None
+
+
+def test_commitments_of_another_holder_are_not_under_this_holders_path() -> None:
+    """The server forwards holder 0 the signed header (commitments and Merkle path) a
+    sender made for holder 1: the signature is genuine, but the commitments are not at
+    holder 0's place under the signed root, so holder 0 refuses before masking."""
+    n = 5
+    f, _, inputs, reqs, _, _ = _to_masked(n, set(), drop_mask=set(range(n)))
+    req = reqs[0]
+    sender = req.senders[0]
+    other_holder = next(h for h in f.server._round.shares[sender].holders if h not in (0,))
+    foreign = f.server._round.shares[sender].holder_headers()[other_holder]
+    headers = [foreign, *req.headers[1:]]
+    with pytest.raises(AuthenticationError, match="not under the signed root"):
+        f.clients[0].handle_mask_request(replace(req, headers=headers), *inputs[0])
+    f.clients[0].handle_mask_request(req, *inputs[0])

@@ -131,15 +131,20 @@ def test_key_advertisement_fields() -> None:
 
 
 def test_share_header_round_trips_and_refuses_bad_shapes() -> None:
+    from bract.secagg.merkle import merkle_verify
     from bract.secagg.messages import ShareHeader
 
     shares = MESSAGES[-1]
-    h = ShareHeader.from_bytes(shares.header())
+    headers = shares.holder_headers()
+    assert sorted(headers) == list(shares.holders)
+    h = ShareHeader.from_bytes(headers[shares.holders[1]])
     assert (h.mask_public, h.signature) == (shares.mask_public, shares.signature)
-    assert h.commitments(1) == (shares.seed_share_commitments[32:64],
-                                shares.key_share_commitments[32:64])
-    for bad in (canonical_encode([b"x"] * 4), canonical_encode([b"", b"", [1], b"", b""]),
-                canonical_encode([b"", b"", b"", b"", "s"]), b"junk"):
+    assert (h.seed_share_commitment, h.key_share_commitment) == shares.commitments(1)
+    assert h.commitment_root == shares.commitment_root()
+    assert merkle_verify(h.leaf(), 1, len(shares.holders), h.path, h.commitment_root)
+    for bad in (canonical_encode([b"x"] * 7), canonical_encode([b"", b"", b"", b"", b"", b"",
+                                                                [b"short"]]),
+                canonical_encode([b"", b"", b"", b"", b"", "s", []]), b"junk"):
         with pytest.raises(MalformedMessage):
             ShareHeader.from_bytes(bad)
     with pytest.raises(MalformedMessage, match="32 bytes per holder"):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from .errors import MalformedMessage
+from .merkle import merkle_paths, merkle_root
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -362,37 +363,57 @@ class ShareKeys(Message):
             raise MalformedMessage(f"ShareKeys: commitments must be {COMMITMENT_BYTES} bytes "
                                    "per holder")
 
-    def header(self) -> bytes:
-        """The signed public part (everything but the holders, derivable from the graph,
-        and the ciphertexts), as forwarded to each holder in its :class:`MaskRequest`."""
-        return canonical_encode([self.mask_public, self.seed_commitment,
-                                 self.seed_share_commitments, self.key_share_commitments,
-                                 self.signature])
+    def commitments(self, i: int) -> tuple[bytes, bytes]:
+        """The commitments to ``holders[i]``'s seed share and key share."""
+        lo, hi = COMMITMENT_BYTES * i, COMMITMENT_BYTES * (i + 1)
+        return self.seed_share_commitments[lo:hi], self.key_share_commitments[lo:hi]
+
+    def commitment_leaves(self) -> list[bytes]:
+        """One Merkle leaf per holder: its two commitments."""
+        return [b"".join(self.commitments(i)) for i in range(len(self.holders))]
+
+    def commitment_root(self) -> bytes:
+        """The Merkle root over every holder's commitments (what the signature covers)."""
+        return merkle_root(self.commitment_leaves())
+
+    def holder_headers(self) -> dict[int, bytes]:
+        """For each holder, the signed public part it needs (:class:`ShareHeader`): the
+        round key, the seed commitment, the root and signature, its own commitments and
+        their Merkle path (``O(log n)`` hashes, not every holder's commitments)."""
+        root, paths = merkle_paths(self.commitment_leaves())
+        return {h: canonical_encode([self.mask_public, self.seed_commitment, root,
+                                     self.signature, *self.commitments(i), paths[i]])
+                for i, h in enumerate(self.holders)}
 
 
 @dataclass(frozen=True)
 class ShareHeader:
-    """A sender's signed share header, as a holder receives it (see :meth:`ShareKeys.header`)."""
+    """A sender's signed share header, as one holder receives it
+    (:meth:`ShareKeys.holder_headers`)."""
 
     mask_public: bytes
     seed_commitment: bytes
-    seed_share_commitments: bytes
-    key_share_commitments: bytes
+    commitment_root: bytes
     signature: bytes
+    seed_share_commitment: bytes
+    key_share_commitment: bytes
+    path: list[bytes]
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ShareHeader:
         """Strict parse; :class:`MalformedMessage` names what is wrong."""
         obj = canonical_decode(raw)
-        if not isinstance(obj, list) or len(obj) != 5 or not all(
-                isinstance(x, bytes) for x in obj):
-            raise MalformedMessage("share header must be a list of 5 byte strings")
+        ok = (isinstance(obj, list) and len(obj) == 7
+              and all(isinstance(x, bytes) for x in obj[:6]) and isinstance(obj[6], list)
+              and all(isinstance(x, bytes) and len(x) == COMMITMENT_BYTES for x in obj[6]))
+        if not ok:
+            raise MalformedMessage("share header must be 6 byte strings and a list of "
+                                   "32-byte path hashes")
         return cls(*obj)
 
-    def commitments(self, i: int) -> tuple[bytes, bytes]:
-        """The commitments to holder ``i``'s (in holder order) seed and key shares."""
-        lo, hi = COMMITMENT_BYTES * i, COMMITMENT_BYTES * (i + 1)
-        return self.seed_share_commitments[lo:hi], self.key_share_commitments[lo:hi]
+    def leaf(self) -> bytes:
+        """This holder's Merkle leaf (its two commitments)."""
+        return self.seed_share_commitment + self.key_share_commitment
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,7 @@ from .errors import (
     ThresholdPolicyError,
 )
 from .graph import GRAPH_KINDS, closed_neighbourhoods, default_degree
+from .merkle import merkle_root, merkle_verify
 from .messages import (
     COMMITMENT_BYTES,
     ConsistencyRequest,
@@ -237,10 +238,11 @@ def advertisement_statement(fed: str, node: int, origin: int, epoch: int,
 
 
 def share_statement(fed: str, rnd: int, digest: bytes, node: int, holders: Sequence[int],
-                    header: ShareHeader) -> bytes:
-    """Bytes signed by a client's shares of a round (everything public about them)."""
-    return _info("shares", fed, rnd, digest, node, header.mask_public, header.seed_commitment,
-                 list(holders), header.seed_share_commitments, header.key_share_commitments)
+                    mask_public: bytes, seed_commit: bytes, commitment_root: bytes) -> bytes:
+    """Bytes signed by a client's shares of a round: its round mask key, its seed
+    commitment and the Merkle root over every holder's share commitments."""
+    return _info("shares", fed, rnd, digest, node, mask_public, seed_commit, list(holders),
+                 commitment_root)
 
 
 def consistency_statement(fed: str, rnd: int, digest: bytes, sharers: Iterable[int],
@@ -328,30 +330,24 @@ def _verify_advertisement(adv: KeyAdvertisement, roster: Mapping[int, bytes]) ->
     )
 
 
-def _header_of(msg: ShareKeys) -> ShareHeader:
-    return ShareHeader(msg.mask_public, msg.seed_commitment, msg.seed_share_commitments,
-                       msg.key_share_commitments, msg.signature)
-
-
-def _verify_header(header: ShareHeader, fed: str, rnd: int, digest: bytes, node: int,
-                   holders: Sequence[int], roster: Mapping[int, bytes],
-                   check_point: bool = True) -> None:
-    """Check a sender's share header: shape, round mask key and signature.
+def _verify_shares_signature(fed: str, rnd: int, digest: bytes, node: int,
+                             holders: Sequence[int], mask_public: bytes, seed_commit: bytes,
+                             root: bytes, signature: bytes, roster: Mapping[int, bytes],
+                             check_point: bool = True) -> None:
+    """Check a sender's signed share statement: sizes, round mask key and signature.
 
     ``check_point=False`` leaves the low-order check of the round mask key to the
     caller's own X25519 exchange with it (which refuses such points)."""
     what = f"shares of node {node} in round {rnd}"
-    want = COMMITMENT_BYTES * len(holders)
-    if (len(header.seed_commitment) != COMMITMENT_BYTES
-            or len(header.seed_share_commitments) != want
-            or len(header.key_share_commitments) != want
-            or len(header.signature) != SIGNATURE_BYTES):
-        raise MalformedMessage(f"{what}: commitments must be 32 bytes per holder of "
-                               f"{len(holders)}, the signature 64")
+    if (len(seed_commit) != COMMITMENT_BYTES or len(root) != COMMITMENT_BYTES
+            or len(signature) != SIGNATURE_BYTES):
+        raise MalformedMessage(f"{what}: commitments and root must be 32 bytes, the "
+                               "signature 64")
     if check_point:
-        check_x25519_public(header.mask_public, f"{what}: round mask key")
-    verify_signature(roster[node], header.signature,
-                     share_statement(fed, rnd, digest, node, holders, header), what)
+        check_x25519_public(mask_public, f"{what}: round mask key")
+    verify_signature(roster[node], signature,
+                     share_statement(fed, rnd, digest, node, holders, mask_public, seed_commit,
+                                     root), what)
 
 
 def _expect(msg: object, cls: type[Message]) -> None:
@@ -671,9 +667,10 @@ class ClientSession:
             pt = _share_plaintext(fed, rnd, me, v, sb, s_salt, kb, k_salt)
             cts.append(aead_encrypt(self._channel_key(adverts[v]), pt,
                                     _share_ad(fed, rnd, digest, me, v)))
-        header = ShareHeader(s_pk, seed_commitment(fed, rnd, me, seed), b"".join(seed_commits),
-                             b"".join(key_commits), b"")
-        sig = self._signing_key.sign(share_statement(fed, rnd, digest, me, mine, header))
+        seed_commit = seed_commitment(fed, rnd, me, seed)
+        root = merkle_root([sc + kc for sc, kc in zip(seed_commits, key_commits, strict=True)])
+        sig = self._signing_key.sign(share_statement(fed, rnd, digest, me, mine, s_pk,
+                                                     seed_commit, root))
         self._round = _ClientRound(cfg, digest, nbhd, adverts, seed, s_sk, s_pk, own_shares,
                                    c, h)
         self._last_round = cfg.round
@@ -682,8 +679,8 @@ class ClientSession:
         self._verified |= verified_now
         for v, adv in adverts.items():
             self._known_epoch[v] = adv.epoch
-        return ShareKeys(fed, rnd, me, s_pk, header.seed_commitment, list(mine),
-                         header.seed_share_commitments, header.key_share_commitments, cts, sig)
+        return ShareKeys(fed, rnd, me, s_pk, seed_commit, list(mine), b"".join(seed_commits),
+                         b"".join(key_commits), cts, sig)
 
     # ---- stage 2
 
@@ -723,8 +720,17 @@ class ClientSession:
                 header = ShareHeader.from_bytes(raw)
             except MalformedMessage as exc:
                 raise AuthenticationError(f"share header of node {v}: {exc}") from exc
-            _verify_header(header, fed, r, rnd.digest, v, rnd.nbhd[v], self.roster,
-                           check_point=False)  # the pair-mask exchange below refuses it
+            _verify_shares_signature(fed, r, rnd.digest, v, rnd.nbhd[v], header.mask_public,
+                                     header.seed_commitment, header.commitment_root,
+                                     header.signature, self.roster,
+                                     check_point=False)  # the pair-mask exchange refuses it
+            i = rnd.nbhd[v].index(me)
+            if not merkle_verify(header.leaf(), i, len(rnd.nbhd[v]), header.path,
+                                 header.commitment_root):
+                raise AuthenticationError(
+                    f"shares of node {v}: this client's commitments are not under the "
+                    "signed root"
+                )
             if len(ct) != share_ciphertext_bytes(fed, r, v, me):
                 raise MalformedMessage(f"share ciphertext from node {v} has the wrong length")
             pt = aead_decrypt(self._channel_key(rnd.adverts[v]), ct,
@@ -743,9 +749,10 @@ class ClientSession:
                 raise AuthenticationError(f"shares from node {v}: malformed plaintext") from exc
             if not ok:
                 raise AuthenticationError(f"shares from node {v}: header does not match")
-            seed_c, key_c = header.commitments(rnd.nbhd[v].index(me))
-            if (share_commitment(fed, r, v, me, "seed", sb, s_salt) != seed_c
-                    or share_commitment(fed, r, v, me, "key", kb, k_salt) != key_c):
+            if (share_commitment(fed, r, v, me, "seed", sb, s_salt)
+                    != header.seed_share_commitment
+                    or share_commitment(fed, r, v, me, "key", kb, k_salt)
+                    != header.key_share_commitment):
                 raise AuthenticationError(
                     f"shares from node {v} do not match its signed commitments"
                 )
@@ -1178,8 +1185,9 @@ class ServerSession:
         holders = list(rnd.nbhd[u])
         if list(msg.holders) != holders:
             raise ProtocolViolation(f"node {u}'s shares are not addressed to its neighbourhood")
-        _verify_header(_header_of(msg), self.federation_id, rnd.config.round, rnd.digest, u,
-                       holders, self.roster)
+        _verify_shares_signature(self.federation_id, rnd.config.round, rnd.digest, u, holders,
+                                 msg.mask_public, msg.seed_commitment, msg.commitment_root(),
+                                 msg.signature, self.roster)
         for v, ct in zip(holders, msg.ciphertexts, strict=True):
             want = 0 if v == u else share_ciphertext_bytes(self.federation_id,
                                                            rnd.config.round, u, v)
@@ -1226,14 +1234,14 @@ class ServerSession:
             raise self._abort(f"round {cfg.round}: {len(u1)} clients shared keys, "
                               f"threshold {t}")
         rnd.sharers = tuple(sorted(u1))
-        headers = {v: rnd.shares[v].header() for v in rnd.sharers}
+        headers = {v: rnd.shares[v].holder_headers() for v in rnd.sharers}
         inbox: dict[int, tuple[list[int], list[bytes], list[bytes]]] = {
             u: ([], [], []) for u in u1}
         for v in rnd.sharers:
             for r, ct in zip(rnd.shares[v].holders, rnd.shares[v].ciphertexts, strict=True):
                 if r in u1 and r != v:
                     inbox[r][0].append(v)
-                    inbox[r][1].append(headers[v])
+                    inbox[r][1].append(headers[v][r])
                     inbox[r][2].append(ct)
         rnd.stage = "mask"
         dtype = RING_DTYPES[cfg.ring_bits]
@@ -1339,7 +1347,7 @@ class ServerSession:
                 if len(share) != shamir.SHARE_BYTES or len(salt) != SALT_BYTES:
                     raise MalformedMessage(f"node {u}: a share is {shamir.SHARE_BYTES} bytes "
                                            f"and a salt {SALT_BYTES}")
-                seed_c, key_c = _header_of(rnd.shares[v]).commitments(rnd.nbhd[v].index(u))
+                seed_c, key_c = rnd.shares[v].commitments(rnd.nbhd[v].index(u))
                 if share_commitment(fed, r, v, u, kind, share, salt) != (
                         seed_c if kind == "seed" else key_c):
                     rnd.excluded.add(u)
