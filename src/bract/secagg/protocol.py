@@ -41,12 +41,14 @@ Per round, four message stages (three with share-stage pipelining)::
                                   a commitment to a fresh seed b, salted commitments
                                   to every holder's Shamir shares of b and s_sk, the
                                   shares AES-GCM-encrypted to each neighbour; signed
-                                  over (config digest, s_pk, all commitments)
+                                  over (config digest, s_pk, seed commitment, Merkle
+                                  root of the share commitments)
                 server checks     signature, a valid (not low-order) s_pk, exact sizes
     2 mask      server -> each    MaskRequest (sharers U1; each sharing neighbour's
-                                  signed header and ciphertext)
+                                  signed header with this client's commitments and
+                                  their Merkle path, and its ciphertext)
                 client checks     U1 consistent with the graph, |U1 & N[u]| >= t,
-                                  each header's signature and key, each ciphertext
+                                  each header's signature, key and path, each ciphertext
                                   (AD binds federation, round, config, sender,
                                   receiver), each share against its commitment
                 client -> server  MaskedInput y_u = enc(x_u, w_u) + PRG(b_u)
