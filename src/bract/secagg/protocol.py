@@ -380,10 +380,10 @@ def _check_collusion_bound(nbhd: Mapping[int, Sequence[int]], among: Iterable[in
 
 
 def round_parameters(n: int, graph: str, degree: int | None, colluders: int | None,
-                     min_honest: int) -> tuple[int, int]:
-    """The graph degree and threshold of a round of ``n`` clients under the collusion
-    bound (``colluders`` None: :func:`default_colluders`); :class:`ConfigurationError`
-    names why no such round can honour it (e.g. a Harary graph too thin for ``c``)."""
+                     min_honest: int) -> tuple[int, int, int]:
+    """The graph degree, threshold and collusion bound ``c`` of a round of ``n`` clients
+    (``colluders`` None: :func:`default_colluders`); :class:`ConfigurationError` names
+    why no such round can honour the bound (e.g. a Harary graph too thin for ``c``)."""
     if graph not in GRAPH_KINDS:
         raise ConfigurationError(f"graph must be one of {GRAPH_KINDS}, got {graph!r}")
     c = default_colluders(n) if colluders is None else colluders
@@ -397,7 +397,7 @@ def round_parameters(n: int, graph: str, degree: int | None, colluders: int | No
             f"every sum with {c} colluders needs {c + min_honest - 1}; declare fewer "
             "colluders or use a denser graph"
         )
-    return k, t
+    return k, t, c
 
 
 @dataclass(frozen=True)
@@ -1126,21 +1126,16 @@ class ServerSession:
         if not isinstance(dim, int) or dim < 1:
             raise EncodingError(f"dim must be a positive int, got {dim!r}")
 
-    def colluders_for(self, n: int) -> int:
-        """The collusion bound ``c`` rounds of ``n`` clients are set up for."""
-        return default_colluders(n) if self.colluders is None else self.colluders
-
     def _new_round(
         self, round_number: int, participants: Sequence[int], dim: int
     ) -> tuple[RoundConfig, _ServerRound]:
         parts = sorted(participants)
         n = len(parts)
         ring_bits = self.encoding.ring_bits_for(n)
-        degree, t = round_parameters(n, self.graph, self.degree, self.colluders,
-                                     self.min_honest)
+        degree, t, c = round_parameters(n, self.graph, self.degree, self.colluders,
+                                        self.min_honest)
         seed = random_bytes(16)
         nbhd = closed_neighbourhoods(parts, self.graph, degree, seed)
-        c = self.colluders_for(n)
         ads = [self._adverts[v] for v in parts]
         cfg = RoundConfig(
             self.federation_id, round_number, parts, t, c, self.min_honest, self.graph,
