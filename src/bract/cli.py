@@ -107,9 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", action="store_true",
                      help="continue the interrupted run in --out from its last completed round")
     sim.add_argument("--new-run", action="store_true",
-                     help="--out holds a run: move it aside to OUT-<time> (nothing is deleted) "
-                          "and start a new one; without this (or --resume) such an --out is "
-                          "refused")
+                     help="--out holds a run: move its records aside to OUT-<time> and start a "
+                          "new run of the same hospitals, whose spent budgets carry on (their "
+                          "keys and privacy state stay in OUT/hospitals); without this, "
+                          "--new-federation or --resume such an --out is refused")
+    sim.add_argument("--new-federation", action="store_true",
+                     help="--out holds a run: move all of it aside to OUT-<time> (nothing is "
+                          "deleted) and start a new simulated federation of new hospitals "
+                          "(what a run without --out does)")
     sim.add_argument("--no-progress", action="store_true", help="plain output, no live table")
     from bract.flower.deploy_cli import add_deploy_parser
     from bract.flower.operator import add_operator_parsers
@@ -143,9 +148,9 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     if args.noise_multiplier is not None and args.noise_multiplier < 0:
         console.print("[red]error:[/red] --noise-multiplier must be >= 0")
         return 2
-    if args.resume and args.new_run:
-        console.print("[red]error:[/red] --resume continues a run, --new-run starts another: "
-                      "choose one")
+    if args.resume + args.new_run + args.new_federation > 1:
+        console.print("[red]error:[/red] --resume continues a run, --new-run starts another "
+                      "of the same hospitals, --new-federation one of new hospitals: choose one")
         return 2
     default_out = args.out is None
     args.out = Path(DEFAULT_OUT) if default_out else args.out
@@ -172,7 +177,10 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             secagg_colluders=args.secagg_colluders,
             drop_rate=args.drop_rate, drop_stage=args.drop_stage,
             release_metrics=args.release_metrics, record_secagg=args.record_secagg,
-            previous_run="archive" if default_out or args.new_run else "refuse",
+            previous_run=(
+                "new-run" if args.new_run
+                else "archive" if default_out or args.new_federation else "refuse"
+            ),
         )
         if non_private:
             console.print(

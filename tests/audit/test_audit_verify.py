@@ -23,8 +23,8 @@ from bract.audit.verify import (
     verify_federation,
 )
 from bract.cli import main
-from bract.flower.app import hospital_setup
-from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app
+from bract.flower.app import dataset_source, hospital_setup
+from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app, privacy_dir
 from bract.flower.secagg_client import SecAggIdentity, make_identities
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import DpSgdEvent, epsilon_of, load_weights, weights_of
@@ -93,7 +93,8 @@ def _verify(run: Path, *extra: str, copies: bool = True, report: bool = True) ->
         argv += ["--report", str(run / "out" / "report.json")]
     if copies:
         for cid in ("hospital-0", "hospital-1"):
-            argv += ["--hospital-copy", f"{cid}={run / 'hospitals' / cid / LEDGER_FILE}"]
+            own = privacy_dir(run / "hospitals" / cid, dataset_source(TASK)) / LEDGER_FILE
+            argv += ["--hospital-copy", f"{cid}={own}"]
     return main(argv)
 
 
@@ -250,7 +251,7 @@ def test_a_non_private_ledger_fails_its_budget_and_reports_infinity(tmp_path) ->
 
 
 def test_a_hospital_copy_that_differs_is_named_line_by_line(run, capsys) -> None:
-    own = run / "hospitals" / "hospital-1" / LEDGER_FILE
+    own = privacy_dir(run / "hospitals" / "hospital-1", dataset_source(TASK)) / LEDGER_FILE
     chain = read_ledger(own)
     key_file = SigningKey.generate()  # a copy re-signed by someone else
     forged = ()

@@ -95,8 +95,61 @@ def test_simulate_into_a_run_without_resume_is_refused_and_deletes_nothing(tmp_p
     text = " ".join(capsys.readouterr().out.split())
     assert code == 2
     assert "already holds a run" in text and "--resume" in text and "--new-run" in text
+    assert "--new-federation" in text
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert main(["simulate", "--out", str(out), "--resume", "--new-run"]) == 2
+    assert main(["simulate", "--out", str(out), "--new-run", "--new-federation"]) == 2
+
+
+def test_a_new_run_of_the_same_hospitals_keeps_their_state_in_place(tmp_path) -> None:
+    """--new-run moves the run's records aside and leaves the hospitals' own directory
+    (keys and lifetime budgets) where it is, untouched."""
+    from bract.flower.simulation import holds_run, set_aside_previous_run
+
+    out = tmp_path / "run"
+    (out / "hospitals" / "hospital-0").mkdir(parents=True)
+    (out / "hospitals" / "hospital-0" / "identity.key").write_text("key\n")
+    (out / "checkpoint").mkdir()
+    (out / "ledger.jsonl").write_text("entries\n")
+    (out / "roster.json").write_text("{}\n")
+    moved = set_aside_previous_run(out, "new-run")
+    assert moved is not None and moved.name.startswith("run-")
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoint", "ledger.jsonl", "roster.json"]
+    assert [p.name for p in out.iterdir()] == ["hospitals"]
+    assert (out / "hospitals" / "hospital-0" / "identity.key").read_text() == "key\n"
+    assert holds_run(out)  # the hospitals' state alone still marks it: no silent reuse
+
+
+@pytest.mark.slow
+def test_a_new_run_into_the_same_output_continues_the_hospitals_budgets(tmp_path) -> None:
+    """Two runs into one --out (the second with --new-run): both runs' entries are kept,
+    the same hospitals (same keys) join a new federation, and their epsilon continues
+    from what the first run spent up to the second run's lifetime target; the second
+    run's record passes the audit, and the first run's records lie intact beside it."""
+    out = tmp_path / "run"
+    common = ["simulate", "--dataset", "breast-cancer", "--clients", "3", "--rounds", "2",
+              "--out", str(out), "--no-progress"]
+    assert main([*common, "--target-epsilon", "2"]) == 0
+    first = json.loads((out / "report.json").read_text())
+    first_roster = json.loads((out / "roster.json").read_text())
+    assert main([*common, "--target-epsilon", "4"]) == 2  # refused: no silent reset
+    assert main([*common, "--target-epsilon", "4", "--new-run"]) == 0
+    (archived,) = [p for p in tmp_path.iterdir() if p.name.startswith("run-")]
+    assert json.loads((archived / "report.json").read_text()) == first
+    second = json.loads((out / "report.json").read_text())
+    roster = json.loads((out / "roster.json").read_text())
+    assert roster["federation_id"] != first_roster["federation_id"]
+    assert roster["members"] == first_roster["members"]  # the same hospitals, same keys
+    entries = read_ledger(out / "ledger.jsonl")
+    assert len(entries) == 12  # 3 hospitals x 2 rounds, twice
+    for cid, v in first["rounds"][-1]["per_client"].items():
+        start = second["rounds"][0]["per_client"][cid]
+        assert start["ledger_carried"] == 2 and start["epsilon"] > v["epsilon"]
+        assert 0.97 * 4 <= second["rounds"][-1]["per_client"][cid]["epsilon"] <= 4
+        assert [e.round for e in entries if e.client_id == cid] == [1, 2, 1, 2]
+    assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
+                 str(out / "roster.json"), "--report", str(out / "report.json"),
+                 "--pld-discretization", "1e-3", "--out", str(tmp_path / "verify")]) == 0
 
 
 def test_a_new_run_moves_the_earlier_one_aside_whole(tmp_path) -> None:

@@ -8,13 +8,14 @@ changes nothing; a hospital whose own ledger file was edited refuses to go on.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from bract import tasks
-from bract.flower.app import hospital_setup
-from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app
+from bract.flower.app import dataset_source, hospital_setup
+from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app, privacy_dir
 from bract.flower.secagg_client import SecAggIdentity, make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
@@ -39,17 +40,17 @@ def _identities(forge: int | None = None):
     return SignerRoster.from_json(roster.to_json()), idents
 
 
-def _apps(state_root, idents):
+def _apps(state_root, idents, policy=POLICY):
     def setup(ctx):
         return hospital_setup(TASK, ctx, state_root)
 
     def identity(ctx):
         return idents[int(ctx.node_config["partition-id"])]
 
-    return {node: make_client_app(setup, POLICY, identity=identity) for node in NODES}
+    return {node: make_client_app(setup, policy, identity=identity) for node in NODES}
 
 
-def _run(tmp_path, grid, roster, resume=False):
+def _run(tmp_path, grid, roster, resume=False, policy=POLICY):
     ds = tasks.dataset_for(TASK)
     model = tasks.build_model(TASK)
 
@@ -58,7 +59,7 @@ def _run(tmp_path, grid, roster, resume=False):
         return tasks.evaluate(model, ds.x_test, ds.y_test)
 
     cfg = ServerConfig(
-        rounds=POLICY.rounds, num_clients=len(NODES), delta=POLICY.delta,
+        rounds=policy.rounds, num_clients=len(NODES), delta=policy.delta,
         out_dir=tmp_path / "out", node_wait_seconds=1, show_progress=False, resume=resume,
         run_config={"test": "signing"}, roster=roster,
     )
@@ -76,17 +77,62 @@ def test_signed_ledgers_verify_and_match_the_hospitals_copies(tmp_path) -> None:
     chains = by_client(read_ledger(tmp_path / "out" / "ledger.jsonl"))
     assert sorted(chains) == ["hospital-0", "hospital-1"]
     for cid, chain in chains.items():
-        result = check_chain(chain, roster.keys[cid], federation_id=FED, client_id=cid,
+        result = check_chain(chain, roster.keys[cid], client_id=cid,
                              expected_length=POLICY.rounds)
         assert result.ok, result.problem
         assert [e.round for e in chain] == [1, 2, 3]
         assert chain[-1].epsilon == report["rounds"][-1]["per_client"][cid]["epsilon"]
-        own = (hosp / cid / LEDGER_FILE).read_text().splitlines()
+        own = (privacy_dir(hosp / cid, dataset_source(TASK)) / LEDGER_FILE).read_text().splitlines()
         assert own == [line for line in server_lines if f'"client_id":"{cid}"' in line]
         last = report["rounds"][-1]["per_client"][cid]
         assert last["ledger_entries"] == 3 and last["ledger_head"] == chain[-1].hash()
-        state = json.loads((hosp / cid / "privacy-state.json").read_text())
+        home = privacy_dir(hosp / cid, dataset_source(TASK))
+        state = json.loads((home / "privacy-state.json").read_text())
         assert state["chain-head"] == chain[-1].hash() and state["chain-length"] == 3
+
+
+def test_a_hospital_that_joins_a_second_federation_starts_from_its_spent_budget(
+        tmp_path) -> None:
+    """Federation A, then federation B (another coordinator: its own federation id and
+    roster, the same hospitals' keys) on the same data: each hospital's chain in B
+    continues its lifetime chain from A, its epsilon starts from what A spent, its
+    noise is calibrated so the lifetime epsilon lands on B's target, and B's record
+    (the carried entries included) passes the privacy officer's audit."""
+    from bract.audit.verify import verify_federation
+
+    keys, idents = make_identities(len(NODES), "fed-A")
+    names = {i + 1: f"hospital-{i}" for i in range(len(NODES))}
+    hosp = tmp_path / "hosp"
+    report_a = _run(tmp_path / "a", FakeGrid(_apps(hosp, idents)),
+                    SignerRoster.from_json(Roster("fed-A", keys, names).to_json()))
+    policy_b = dataclasses.replace(POLICY, target_epsilon=8.0)
+    roster_b = Roster("fed-B", keys, names)
+    idents_b = [dataclasses.replace(i, federation_id="fed-B") for i in idents]
+    report_b = _run(tmp_path / "b", FakeGrid(_apps(hosp, idents_b, policy_b)),
+                    SignerRoster.from_json(roster_b.to_json()), policy=policy_b)
+    chains = by_client(read_ledger(tmp_path / "b" / "out" / "ledger.jsonl"))
+    for cid in ("hospital-0", "hospital-1"):
+        spent_in_a = report_a["rounds"][-1]["per_client"][cid]["epsilon"]
+        assert 0.97 * 4.0 <= spent_in_a <= 4.0
+        first_b = report_b["rounds"][0]["per_client"][cid]
+        assert (first_b["ledger_carried"], first_b["ledger_entries"]) == (3, 4)
+        assert first_b["epsilon"] > spent_in_a
+        lifetime = report_b["rounds"][-1]["per_client"][cid]["epsilon"]
+        assert 0.97 * 8.0 <= lifetime <= 8.0
+        chain = chains[cid]
+        assert [e.federation_id for e in chain] == ["fed-A"] * 3 + ["fed-B"] * 3
+        assert [e.round for e in chain] == [1, 2, 3, 1, 2, 3]
+        assert check_chain(chain, keys[names_to_id(names, cid)], client_id=cid,
+                           expected_length=6).ok
+    (tmp_path / "roster-b.json").write_text(roster_b.to_json())
+    audit = verify_federation(tmp_path / "b" / "out" / "ledger.jsonl", tmp_path / "roster-b.json",
+                              report_path=tmp_path / "b" / "out" / "report.json", budget=8.0,
+                              pld_discretization=1e-3)
+    assert audit.failures == [], audit.failures
+
+
+def names_to_id(names: dict[int, str], cid: str) -> int:
+    return next(i for i, n in names.items() if n == cid)
 
 
 def test_a_reply_whose_ledger_does_not_verify_is_treated_as_failed(tmp_path) -> None:
@@ -132,7 +178,7 @@ def test_a_hospital_whose_own_ledger_file_was_tampered_with_refuses(tmp_path, ta
     hosp = tmp_path / "hosp"
     with pytest.raises(RuntimeError, match="injected server crash"):
         _run(tmp_path, FakeGrid(_apps(hosp, idents), crash_at_round=3), roster)
-    path = hosp / "hospital-0" / LEDGER_FILE
+    path = privacy_dir(hosp / "hospital-0", dataset_source(TASK)) / LEDGER_FILE
     lines = path.read_text().splitlines()
     if tamper == "truncate":
         lines = lines[:1]

@@ -11,6 +11,7 @@ from flwr.app import Context, RecordDict
 
 from bract.cli import main
 from bract.flower.app import client_app, identity_from_node_config, server_app
+from bract.flower.client import privacy_dir
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.operator import hospital_init, roster_add, roster_verify
 from bract.flower.secagg_client import read_identity_key
@@ -95,6 +96,7 @@ def test_the_files_run_a_secure_round_of_the_deployed_app(tmp_path) -> None:
                              "identity-key": str(d / "identity.key"),
                              "roster": str(d / "roster.json"),
                              "policy": str(d / "policy.json"), "state-dir": str(d / "state")})
+    node_configs[0]["dataset-id"] = "wisconsin-breast-2026"  # its operator names its data
     assert identity_from_node_config(node_configs[0]).node == 1
     rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 2.0,
           "out": str(tmp_path / "out"), "roster": str(roster)}
@@ -106,8 +108,13 @@ def test_the_files_run_a_secure_round_of_the_deployed_app(tmp_path) -> None:
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     (row,) = report["rounds"]
     assert row["secagg"]["aborted"] is None and len(row["trained"]) == 3
-    for d in dirs:  # each hospital's ledger lives in its own state directory
-        assert (d / "state" / "ledger.jsonl").read_text().strip()
+    # Each hospital's ledger lives in its own state directory, under the dataset it
+    # protects: the name its operator gave, else the data's source.
+    for d, dataset in zip(dirs, ["wisconsin-breast-2026", "breast-cancer", "breast-cancer"],
+                          strict=True):
+        assert (privacy_dir(d / "state", dataset) / "ledger.jsonl").read_text().strip()
+        assert [p.name for p in (d / "state" / "datasets").iterdir()] == [
+            privacy_dir(d / "state", dataset).name]
 
 
 def test_hospital_start_serves_exactly_what_init_made(tmp_path, capsys) -> None:

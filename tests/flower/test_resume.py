@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bract import tasks
-from bract.flower.app import hospital_setup
-from bract.flower.client import PrivacyPolicy, make_client_app
+from bract.flower.app import dataset_source, hospital_setup
+from bract.flower.client import PrivacyPolicy, make_client_app, privacy_dir
 from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import CheckpointError, ServerConfig, run_federation
@@ -53,7 +53,8 @@ def _run(tmp_path, grid, resume=False, run_config=None, crash_evaluating_round=N
 
 
 def _ledger(tmp_path, cid):
-    state = json.loads((tmp_path / "hosp" / cid / "privacy-state.json").read_text())
+    home = privacy_dir(tmp_path / "hosp" / cid, dataset_source(TASK))
+    state = json.loads((home / "privacy-state.json").read_text())
     return PrivacyLedger.from_json(state["ledger"])
 
 

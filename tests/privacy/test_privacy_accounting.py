@@ -376,3 +376,40 @@ def test_training_plan_mirrors_opacus_batch_count() -> None:
     assert plan.batches_per_epoch == 11  # ceil(601 / 60), len() of a drop_last=False loader
     assert plan.sample_rate == 1 / 11
     assert plan.steps_per_round == 22 and plan.total_steps == 66
+
+
+@ACCOUNTANT_SETTINGS
+@given(
+    prior_sigma=st.floats(0.8, 3.0),
+    prior_steps=st.integers(1, 60),
+    room=st.floats(0.5, 4.0),
+    rounds=st.integers(1, 4),
+    # RDP is looser than PLD by more than the 1% band at some plans, prior or not.
+    accountant=st.sampled_from(("prv", "pld")),
+)
+def test_calibration_after_earlier_spending_lands_the_lifetime_epsilon_on_the_target(
+    prior_sigma, prior_steps, room, rounds, accountant
+) -> None:
+    """Budget the same data spent before (an earlier run or federation) counts: the
+    calibrated plan, composed after it, ends at most at the target by the reported
+    accountant and by an independent PLD, and within 1% of it (PLD)."""
+    delta = 1e-5
+    prior = [DpSgdEvent(prior_sigma, 0.1, prior_steps, 1.0, delta)]
+    target = pld_reference([(prior_sigma, 0.1, prior_steps)], delta) + room
+    plan = TrainingPlan(rounds, 1, 500, 50)
+    cal = calibrate(target, delta, plan, accountant=accountant, prior=prior)
+    after = [*prior, DpSgdEvent(cal.noise_multiplier, plan.sample_rate, plan.total_steps, 1.0,
+                                delta)]
+    assert epsilon_of(after, delta, accountant) <= target
+    lifetime = pld_reference([(e.noise_multiplier, e.sample_rate, e.steps) for e in after], delta)
+    assert 0.99 * target <= lifetime <= target * (1 + 1e-9)
+
+
+def test_calibration_refuses_when_earlier_spending_leaves_no_room() -> None:
+    plan = TrainingPlan(3, 1, 500, 50)
+    spent = [DpSgdEvent(0.8, 0.1, 200, 1.0, 1e-5)]
+    eps = pld_reference([(0.8, 0.1, 200)], 1e-5)
+    with pytest.raises(PrivacyError, match="already spent epsilon"):
+        calibrate(eps, 1e-5, plan, prior=spent)
+    with pytest.raises(PrivacyError, match="without noise"):
+        calibrate(8.0, 1e-5, plan, prior=[DpSgdEvent(0.0, 0.1, 5, 1.0, 1e-5)])

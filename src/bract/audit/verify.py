@@ -5,8 +5,10 @@ What is checked, per hospital:
 1. **Integrity** — the hospital's chain in the server's ``ledger.jsonl`` verifies
    against the roster's Ed25519 key: every entry signed, linked to the one
    before, in order, none missing, duplicated, inserted or from another
-   federation or hospital (:func:`bract.records.ledger.check_chain`); with
-   ``report.json``, also as long as the server last recorded (a truncated tail).
+   hospital (:func:`bract.records.ledger.check_chain`); with ``report.json``,
+   also as long as the server last recorded (a truncated tail). A chain is the
+   hospital's lifetime record on its data: entries spent in earlier runs or
+   federations (``ledger_carried`` in ``report.json``) count toward its epsilon.
 2. **Epsilon** — after every entry, epsilon is recomputed from the recorded
    mechanism events with dp_accounting's PLD accountant, called directly here
    (not through bract's own accounting code), and compared with the epsilon the
@@ -318,7 +320,7 @@ def verify_federation(
                                 "authenticated")
         expected = last_seen.get(cid, {}).get("ledger_entries")
         check = check_chain(
-            chain, key, federation_id=roster.federation_id, client_id=cid,
+            chain, key, client_id=cid,
             expected_length=int(expected) if isinstance(expected, int) else None,
         ) if key is not None else None
         if check is not None:
@@ -333,7 +335,8 @@ def verify_federation(
                                        "recorded (its hash differs)")
         # 2. epsilon after every entry
         recomputed = recompute_epsilons(chain, pld_discretization, tick)
-        for entry, eps in zip(chain, recomputed, strict=True):
+        carried = _carried(last_seen.get(cid, {}), len(chain))
+        for entry, eps in zip(chain[carried:], recomputed[carried:], strict=True):
             h.recomputed_by_round[entry.round] = eps  # report.json's rounds refine this
         for entry, eps in zip(chain, recomputed, strict=True):
             why = disagreement(entry.epsilon, eps, tolerance)
@@ -378,6 +381,13 @@ def verify_federation(
     )
 
 
+def _carried(last: dict[str, Any], n: int) -> int:
+    """How many of a hospital's ``n`` entries its data spent before this run, as the
+    server recorded (``ledger_carried``; 0 in reports that predate lifetime ledgers)."""
+    value = last.get("ledger_carried", 0)
+    return min(max(value, 0), n) if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def _last_per_client(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each hospital's last per-client record in report.json (the server's latest)."""
     out: dict[str, dict[str, Any]] = {}
@@ -394,9 +404,11 @@ def _check_report_rows(
 ) -> None:
     """report.json's per-round epsilon and steps against the ledger; missing entries."""
     cid = h.client_id
+    carried = _carried(_last_per_client(report).get(cid, {}), len(chain))
     for row in report["rounds"]:
         r = row["round"]
-        upto = [i for i, e in enumerate(chain) if e.round <= r]
+        # Entries spent before this run (earlier runs or federations) count from round 1.
+        upto = [i for i, e in enumerate(chain) if i < carried or e.round <= r]
         eps = recomputed[upto[-1]] if upto else 0.0
         h.recomputed_by_round[r] = eps
         v = row["per_client"].get(cid)
@@ -414,7 +426,7 @@ def _check_report_rows(
             fail(cid, "report", f"report.json round {r} says {cid} ran {steps} DP-SGD steps in "
                                 f"all, its ledger records {ledger_steps}")
         trained = cid in row.get("trained", []) or v.get("trained") is True
-        if trained and not any(e.round == r for e in chain):
+        if trained and not any(e.round == r for e in chain[carried:]):
             fail(cid, "missing", f"missing event: report.json says {cid} trained in round {r}, "
                                  f"but its ledger has no entry for round {r}")
 
@@ -444,7 +456,7 @@ def _compare_copy(
     cid = h.client_id
     key = roster.keys.get(cid)
     if key is not None:
-        own_check = check_chain(own, key, federation_id=roster.federation_id, client_id=cid)
+        own_check = check_chain(own, key, client_id=cid)
         if not own_check.ok:
             fail(cid, "copy", f"{cid}'s own copy fails verification: {own_check.problem}")
     differences: list[str] = []

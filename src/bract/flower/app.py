@@ -118,8 +118,10 @@ def hospital_setup(
 ) -> HospitalSetup:
     """Hospital ``partition-id``'s model, optimizer and data for a built-in task.
 
-    The hospital keeps its privacy state in the node config's ``state-dir`` when
-    given, else in ``state_root/<client id>``.
+    The hospital keeps its state in the node config's ``state-dir`` when given,
+    else in ``state_root/<client id>``; its privacy budget is keyed by the data it
+    protects: the node config's ``dataset-id`` when its operator names one, else
+    the task's data source (:func:`dataset_source`).
     """
     from bract import tasks
 
@@ -128,6 +130,7 @@ def hospital_setup(
     model = tasks.build_model(task)
     state_dir = ctx.node_config.get("state-dir")
     return HospitalSetup(
+        dataset_id=str(ctx.node_config.get("dataset-id", "")) or dataset_source(task),
         model=model,
         optimizer=tasks.make_optimizer(task, model),
         train_loader=tasks.hospital_loader(task, pid),
@@ -137,6 +140,16 @@ def hospital_setup(
             state_root / client_id if state_root is not None else None
         ),
     )
+
+
+def dataset_source(task: tasks.TaskConfig) -> str:
+    """The data a built-in task's hospital trains on, as a budget key: the dataset and
+    its file. Neither the seed nor the partition scheme enters it, so a new split of
+    the same source spends from the same lifetime budget (the conservative choice:
+    its patients overlap)."""
+    if not task.data_path:
+        return task.dataset
+    return f"{task.dataset}:{Path(task.data_path).expanduser().resolve()}"
 
 
 def _setup_from_context(ctx: Context) -> HospitalSetup:

@@ -44,6 +44,7 @@ from bract.flower.secagg_client import (
 from bract.privacy import (
     DEFAULT_ACCOUNTANT,
     PrivacyBudget,
+    PrivacyError,
     PrivacyLedger,
     TrainingPlan,
     calibrate,
@@ -73,9 +74,39 @@ class HospitalSetup:
     train_loader: DataLoader
     client_id: str
     criterion: nn.Module | None = None
-    #: Where the hospital keeps its own copy of its privacy state (ledger and noise
-    #: multiplier), so a restarted process or a resumed run never forgets spent budget.
+    #: The hospital's own state directory: its privacy state (signed ledger and head)
+    #: lives in ``state_dir/datasets/<dataset_id>``, so a restarted process, a resumed
+    #: run, a new run or another federation on the same data never forgets spent budget.
     state_dir: Path | None = None
+    #: The dataset whose patients this budget protects (its operator's name for it, or
+    #: the data's source). Every run and federation that trains on it spends from one
+    #: lifetime budget; ``""`` keeps the state directly in ``state_dir``.
+    dataset_id: str = ""
+
+    def privacy_dir(self) -> Path | None:
+        """Where this dataset's lifetime privacy state lives (``None``: in memory only)."""
+        return None if self.state_dir is None else privacy_dir(self.state_dir, self.dataset_id)
+
+
+#: Sub-directory of a hospital's state directory holding one privacy state per dataset.
+DATASETS_DIR = "datasets"
+
+
+def privacy_dir(state_dir: Path, dataset_id: str) -> Path:
+    """The directory under a hospital's ``state_dir`` that holds the lifetime privacy
+    state (``ledger.jsonl``, ``privacy-state.json``) of the dataset ``dataset_id``."""
+    if not dataset_id:
+        return Path(state_dir)
+    return Path(state_dir) / DATASETS_DIR / dataset_dir_name(dataset_id)
+
+
+def dataset_dir_name(dataset_id: str) -> str:
+    """A file-system-safe, collision-resistant directory name for ``dataset_id``."""
+    import hashlib
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset_id).strip("._")[:40] or "dataset"
+    return f"{slug}-{hashlib.sha256(dataset_id.encode('utf-8')).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -111,18 +142,35 @@ class PrivacyPolicy:
         )
 
 
-def _noise_multiplier(policy: PrivacyPolicy, setup: HospitalSetup, state: ConfigRecord) -> float:
-    """The policy's noise multiplier, calibrated once and kept in ctx.state."""
+def _noise_multiplier(
+    policy: PrivacyPolicy, setup: HospitalSetup, state: ConfigRecord, ledger: PrivacyLedger,
+    run_id: str, server_round: int,
+) -> float:
+    """The policy's noise multiplier, calibrated once per run and kept in the state.
+
+    The calibration covers what this dataset already spent (earlier runs and
+    federations) plus this run's remaining rounds, so the run lands on the
+    lifetime target; when too little budget is left for that, it calibrates as
+    for a fresh plan and the budget check refuses the round that would pass it.
+    """
     if policy.noise_multiplier is not None:
         return float(policy.noise_multiplier)
-    if "noise-multiplier" in state:
+    if "noise-multiplier" in state and state.get("calibrated-run", "") == run_id:
         return float(state["noise-multiplier"])
     loader = setup.train_loader
     plan = TrainingPlan(
-        policy.rounds, policy.local_epochs, len(loader.dataset), int(loader.batch_size or 0)
+        max(1, policy.rounds - server_round + 1), policy.local_epochs, len(loader.dataset),
+        int(loader.batch_size or 0),
     )
-    cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant)
+    try:
+        cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant,
+                        prior=ledger.events)
+    except PrivacyError:
+        if not ledger.events:
+            raise
+        cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant)
     state["noise-multiplier"] = cal.noise_multiplier
+    state["calibrated-run"] = run_id
     return cal.noise_multiplier
 
 
@@ -137,9 +185,10 @@ LEDGER_FILE = "ledger.jsonl"
 def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
     """The hospital's privacy state: ``ctx.state``, or its own file when that knows more."""
     state = ctx.state.config_records.get(STATE_PRIVACY, ConfigRecord())
-    if setup.state_dir is None:
+    home = setup.privacy_dir()
+    if home is None:
         return state
-    path = Path(setup.state_dir) / STATE_FILE
+    path = home / STATE_FILE
     if not path.exists():
         return state
     on_disk = json.loads(path.read_text(encoding="utf-8"))
@@ -159,8 +208,7 @@ def _read_own_chain(state_dir: Path, on_disk: dict) -> tuple[LedgerEntry, ...]:
     # Entries past the head were signed for a round whose state was never committed.
     entries = read_ledger(path)[:n]
     links = check_chain(
-        entries, None, federation_id=entries[0].federation_id, client_id=entries[0].client_id,
-        expected_length=n,
+        entries, None, client_id=entries[0].client_id, expected_length=n,
     ) if entries else None
     if links is None or not links.ok or entries[-1].hash() != on_disk.get("chain-head"):
         raise LedgerError(
@@ -172,12 +220,13 @@ def _read_own_chain(state_dir: Path, on_disk: dict) -> tuple[LedgerEntry, ...]:
 
 def _save_state(ctx: Context, setup: HospitalSetup, state: ConfigRecord) -> None:
     ctx.state.config_records[STATE_PRIVACY] = state
-    if setup.state_dir is None:
+    home = setup.privacy_dir()
+    if home is None:
         return
     # The entries first, then the state naming their head (the commit point).
-    atomic_write_text(Path(setup.state_dir) / LEDGER_FILE, str(state.get("chain", "")))
+    atomic_write_text(home / LEDGER_FILE, str(state.get("chain", "")))
     atomic_write_text(
-        Path(setup.state_dir) / STATE_FILE,
+        home / STATE_FILE,
         json.dumps({k: v for k, v in state.items() if k != "chain"}),
     )
 
@@ -207,8 +256,10 @@ def dp_train_handler(
     Guarantee: the ledger in ``ctx.state`` advances only after a round's DP-SGD
     steps completed, and a round that would exceed the policy's budget is refused
     before any training (the reply says why). Each trained round appends one
-    signed entry to the hospital's chain, kept in ``ctx.state`` and in
-    ``state_dir/ledger.jsonl`` (its head in ``privacy-state.json``). The reply
+    signed entry to the hospital's chain, kept in ``ctx.state`` and in the
+    dataset's privacy directory (:meth:`HospitalSetup.privacy_dir`:
+    ``ledger.jsonl``, its head in ``privacy-state.json``), which every later run
+    and federation on the same dataset continues. The reply
     carries the updated weights, the number of examples, and accounting data only.
     """
 
@@ -224,14 +275,10 @@ def dp_train_handler(
         chain = _load_chain(state, ledger)
         signer = identity(ctx) if callable(identity) else identity
         federation_id = signer.federation_id if signer is not None else ""
-        if chain and chain[-1].federation_id != federation_id:
-            raise LedgerError(
-                f"this hospital's ledger belongs to federation {chain[-1].federation_id!r} "
-                f"but its identity to {federation_id!r}: keep the identity the ledger began with"
-            )
         round_cfg = msg.content.config_records.get(ROUND_CONFIG, ConfigRecord())
-        server_round = int(round_cfg.get("round", len(ledger.events) + 1))
-        sigma = _noise_multiplier(policy_now, setup, state)
+        server_round = int(round_cfg.get("round", 1))
+        sigma = _noise_multiplier(policy_now, setup, state, ledger,
+                                  str(round_cfg.get("run-id", "")), server_round)
         from bract.privacy.training import PrivateTrainer  # torch, only where training runs
 
         trainer = PrivateTrainer(

@@ -277,6 +277,9 @@ class Federation:
         self.metrics: dict[str, float] = {}
         self.completed = 0
         self.resumes = 0
+        #: Names this run to the hospitals (kept across resumes): each calibrates its
+        #: noise once per run, after the budget its data spent in earlier runs.
+        self.run_id = os.urandom(8).hex()
         self.secure: SecureAggregator | None = None
         #: This round's hospitals that failed or did not answer, with the reason.
         self.failed: dict[str, str] = {}
@@ -306,6 +309,7 @@ class Federation:
             "stopped": self.stopped,
             "metrics": self.metrics,
             "resumes": self.resumes,
+            "run_id": self.run_id,
         }
         atomic_write_text(ckpt / "state.json", json.dumps(state) + "\n")
         for old in ckpt.glob("global-round-*.npz"):
@@ -337,12 +341,13 @@ class Federation:
         self.stopped = dict(state["stopped"])
         self.metrics = dict(state["metrics"])
         self.resumes = int(state.get("resumes", 0)) + 1
+        self.run_id = str(state.get("run_id", self.run_id))
 
     # ---------------------------------------------------------------------- rounds
     def _round_content(self, rnd: int, arrays: ArrayRecord, content: RecordDict) -> None:
         content.array_records[GLOBAL_WEIGHTS] = arrays
         content.config_records[ROUND_CONFIG] = ConfigRecord(
-            {"round": rnd, "num-rounds": self.cfg.rounds}
+            {"round": rnd, "num-rounds": self.cfg.rounds, "run-id": self.run_id}
         )
 
     def _label(self, node: int) -> str:
@@ -371,6 +376,10 @@ class Federation:
             display.note(f"round {rnd}: {cid}'s ledger does not verify, reply ignored: {exc}")
             return None
         self.record.chains[cid] = chain
+        # Entries the hospital's data spent before this run (earlier runs, federations).
+        carried = self.latest.get(cid, {}).get("ledger_carried")
+        if carried is None:
+            carried = len(chain) - (1 if rep["trained"] else 0)
         self.latest[cid] = {
             "epsilon": rep["epsilon"],
             "noise_multiplier": rep["noise_multiplier"],
@@ -380,6 +389,7 @@ class Federation:
             "reason": rep["reason"],
             "ledger_entries": len(chain),
             "ledger_head": chain[-1].hash() if chain else "",
+            "ledger_carried": int(carried),
         }
         if not rep["trained"]:
             self.stopped[cid] = rep["reason"]
@@ -396,10 +406,9 @@ class Federation:
         if roster is not None:
             if cid not in roster.keys:
                 raise LedgerError(f"{cid} is not a member of the federation's roster")
-            verify_chain(chain, roster.keys[cid], federation_id=roster.federation_id,
-                         client_id=cid)
+            verify_chain(chain, roster.keys[cid], client_id=cid)
         elif chain:
-            verify_chain(chain, None, federation_id=chain[0].federation_id, client_id=cid)
+            verify_chain(chain, None, client_id=cid)
         held = self.record.chains.get(cid, ())
         if chain[: len(held)] != held:
             raise LedgerError(f"it rewrites entries of {cid} the server already holds")

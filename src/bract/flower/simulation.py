@@ -8,6 +8,12 @@ Every simulated hospital gets an Ed25519 identity (written, owner-only, to
 ``OUT/hospitals/<id>/identity.key``) that signs its ledger entries, plain runs
 included, and the roster of them goes to ``OUT/roster.json`` for
 ``bract audit verify``; a resumed run reuses both.
+
+The simulated hospitals own ``OUT/hospitals``: their keys and their lifetime
+privacy state per dataset. A new run of the same hospitals (``previous_run=
+"new-run"``) is a new federation (new federation id and roster) whose
+hospitals keep their keys and continue spending their budgets; only a new
+simulated federation (``"archive"``) starts hospitals afresh.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
 from bract.records.ledger import SignerRoster
 from bract.records.roster import Roster, read_roster, write_roster
 from bract.secagg import ClientPolicy, SecAggError
+from bract.secagg.crypto import SigningKey
 from bract.secagg.protocol import round_parameters
 
 #: Sub-directory of the run's output holding the server's recorded secure-round views.
@@ -64,8 +71,10 @@ class SimulationConfig:
     show_progress: bool = True
     resume: bool = False
     #: What to do when ``out_dir`` already holds a run and ``resume`` is off:
-    #: ``"refuse"`` (the default: say so and stop) or ``"archive"`` (move it aside to
-    #: ``<out_dir>-<time>`` and start afresh). A previous run's ledger, checkpoint and
+    #: ``"refuse"`` (the default: say so and stop), ``"new-run"`` (move the run's
+    #: records aside to ``<out_dir>-<time>``; the same hospitals join a new federation
+    #: and continue their budgets) or ``"archive"`` (move everything aside: a new
+    #: simulated federation of new hospitals). A previous run's ledger, checkpoint and
     #: hospitals' privacy state are never deleted.
     previous_run: str = "refuse"
     client_threads: int = 1
@@ -121,13 +130,16 @@ IDENTITY_FILE = "identity.key"
 
 
 def _identities(cfg: SimulationConfig) -> tuple[Roster, list[SecAggIdentity]]:
-    """The hospitals' identities and roster: fresh ones, or on resume those of the run.
+    """The hospitals' identities and roster: on resume those of the run; otherwise a
+    new federation of the hospitals, each keeping the key it already has.
 
     The simulation plays every hospital's operator: each key goes to that
     hospital's own directory, the public roster to ``out_dir/roster.json``.
     """
     n = cfg.task.clients
     key_path = [cfg.out_dir / HOSPITALS_DIR / f"hospital-{i}" / IDENTITY_FILE for i in range(n)]
+    if not cfg.resume and any(p.exists() for p in key_path):
+        return _new_federation_of(cfg, key_path)
     if cfg.resume:
         try:
             roster = read_roster(cfg.out_dir / ROSTER_FILE)
@@ -148,6 +160,25 @@ def _identities(cfg: SimulationConfig) -> tuple[Roster, list[SecAggIdentity]]:
     for path, ident in zip(key_path, identities, strict=True):
         write_identity_key(path, ident.signing_key)
     return roster, identities
+
+
+def _new_federation_of(cfg: SimulationConfig, key_path: list[Path]) -> tuple[
+        Roster, list[SecAggIdentity]]:
+    """A new federation (id and roster) of hospitals that keep their keys; a hospital
+    without one gets a fresh key."""
+    federation_id = f"bract-sim-{os.urandom(8).hex()}"
+    signing: list[bytes] = []
+    for path in key_path:
+        if path.exists():
+            signing.append(read_identity_key(path))
+        else:
+            key = SigningKey.generate().to_bytes()
+            write_identity_key(path, key)
+            signing.append(key)
+    keys = {i + 1: SigningKey.from_bytes(k).public_bytes() for i, k in enumerate(signing)}
+    roster = Roster(federation_id, keys, {i + 1: f"hospital-{i}" for i in range(len(signing))})
+    write_roster(cfg.out_dir / ROSTER_FILE, roster)
+    return roster, [SecAggIdentity(i + 1, k, keys, federation_id) for i, k in enumerate(signing)]
 
 
 def validate(cfg: SimulationConfig) -> None:
@@ -190,7 +221,7 @@ def validate(cfg: SimulationConfig) -> None:
         raise ValueError("--record-secagg records secure rounds: it needs --secagg")
 
 
-PREVIOUS_RUN = ("refuse", "archive")
+PREVIOUS_RUN = ("refuse", "new-run", "archive")
 #: What marks an output directory as holding a run (its record or its hospitals' state).
 RUN_MARKERS = ("report.json", "ledger.jsonl", ROSTER_FILE, CHECKPOINT_DIR, HOSPITALS_DIR,
                SECAGG_VIEW_DIR)
@@ -204,17 +235,20 @@ def holds_run(out_dir: Path) -> bool:
 def set_aside_previous_run(out: Path, previous_run: str, holds: bool | None = None
                            ) -> Path | None:
     """Guarantee: a new run never overwrites or deletes an earlier run's ledger,
-    checkpoint or hospitals' privacy state in ``out``: when ``out`` holds a run (or
-    ``holds`` says so) it refuses with ``ValueError`` (``previous_run="refuse"``) or
-    moves ``out`` aside whole to ``<out>-<time>`` and returns where (``"archive"``)."""
+    checkpoint or hospitals' privacy state in ``out``. When ``out`` holds a run (or
+    ``holds`` says so) it refuses with ``ValueError`` (``previous_run="refuse"``),
+    moves the run's records aside to ``<out>-<time>`` leaving the hospitals' own
+    directory (keys and lifetime budgets) in place (``"new-run"``), or moves ``out``
+    aside whole (``"archive"``); it returns where the records went."""
     out = Path(out)
     if not (holds_run(out) if holds is None else holds):
         return None
     if previous_run == "refuse":
         raise ValueError(
             f"{out} already holds a run (its signed ledger and the hospitals' spent "
-            "privacy budgets): --resume continues it; for a new run choose another --out "
-            "or pass --new-run to move the earlier run aside first (nothing is deleted)"
+            "privacy budgets): --resume continues it; --new-run starts a new run of the "
+            "same hospitals (their spent budgets carry on), --new-federation one of new "
+            "hospitals (the earlier run is moved aside; nothing is deleted)"
         )
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(out.stat().st_mtime))
     target = out.with_name(f"{out.name}-{stamp}")
@@ -222,8 +256,17 @@ def set_aside_previous_run(out: Path, previous_run: str, holds: bool | None = No
     while target.exists():
         n += 1
         target = out.with_name(f"{out.name}-{stamp}-{n}")
+    log = logging.getLogger("bract")
+    if previous_run == "new-run":
+        target.mkdir()
+        for entry in sorted(out.iterdir()):
+            if entry.name != HOSPITALS_DIR:
+                entry.rename(target / entry.name)
+        log.warning("the earlier run's records in %s were moved to %s; its hospitals keep "
+                    "their keys and spent budgets in %s", out, target, out / HOSPITALS_DIR)
+        return target
     out.rename(target)
-    logging.getLogger("bract").warning("the earlier run in %s was moved to %s", out, target)
+    log.warning("the earlier run in %s was moved to %s", out, target)
     return target
 
 

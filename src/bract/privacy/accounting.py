@@ -431,13 +431,17 @@ def calibrate(
     *,
     accountant: str = DEFAULT_ACCOUNTANT,
     tolerance: float = 0.01,
+    prior: Sequence[DpSgdEvent] = (),
 ) -> Calibration:
     """One noise multiplier for the whole plan that lands on the target.
 
-    Guarantee: the plan's final epsilon is at most ``target_epsilon`` according
-    to both the reported ``accountant`` and dp_accounting's PLD accountant
-    (discretization 1e-4), and the PLD epsilon is within ``tolerance`` (relative)
-    of the target, i.e. the noise is not needlessly large.
+    Guarantee: the plan's final epsilon, composed after the ``prior`` events
+    (budget the same data spent before: earlier runs or federations), is at most
+    ``target_epsilon`` according to both the reported ``accountant`` and
+    dp_accounting's PLD accountant (discretization 1e-4), and the PLD epsilon is
+    within ``tolerance`` (relative) of the target, i.e. the noise is not
+    needlessly large. When the prior events leave no room for the plan it raises
+    :class:`PrivacyError` saying how much they spent.
 
     The search runs on PLD with a coarse discretization (fast, and itself an upper
     bound), then checks the result with the reported accountant and fine PLD.
@@ -449,19 +453,31 @@ def calibrate(
     if not (0.0 < tolerance < 0.5):
         raise PrivacyError(f"tolerance must lie in (0, 0.5) (got {tolerance!r}).")
     q, steps = plan.sample_rate, plan.total_steps
+    before = [(e.noise_multiplier, e.sample_rate, e.steps) for e in prior]
+    if any(not e.is_private for e in prior):
+        raise PrivacyError("this data was trained on without noise in an earlier run "
+                           "(non-private): no differential-privacy budget is left")
+    if before:
+        spent = _pld_epsilon(before, delta, PLD_DISCRETIZATION)
+        if not spent < target_epsilon * (1.0 - tolerance):
+            raise PrivacyError(
+                f"this data already spent epsilon {spent:.4g} of {target_epsilon:g} at delta "
+                f"{delta:g} in earlier runs: no budget is left for {plan.rounds} more rounds"
+            )
 
     def coarse(sigma: float) -> float:
-        return _pld_epsilon([(sigma, q, steps)], delta, 1e-3)
+        return _pld_epsilon([*before, (sigma, q, steps)], delta, 1e-3)
 
     # Aim inside the allowed band, leaving room for the accountants' differences.
     aim_lo = target_epsilon * (1.0 - 0.6 * tolerance)
     aim_hi = target_epsilon * (1.0 - 0.25 * tolerance)
     for _attempt in range(4):
         sigma = _solve_decreasing(coarse, aim_lo, aim_hi, target_epsilon, delta, plan)
-        eps_pld = _pld_epsilon([(sigma, q, steps)], delta, PLD_DISCRETIZATION)
+        eps_pld = _pld_epsilon([*before, (sigma, q, steps)], delta, PLD_DISCRETIZATION)
         eps_rep = eps_pld
         if accountant != "pld":
-            eps_rep = epsilon_of([DpSgdEvent(sigma, q, steps, 1.0, delta)], delta, accountant)
+            eps_rep = epsilon_of([*prior, DpSgdEvent(sigma, q, steps, 1.0, delta)], delta,
+                                 accountant)
         worst = max(eps_rep, eps_pld)
         if worst <= target_epsilon and eps_pld >= target_epsilon * (1.0 - tolerance):
             return Calibration(

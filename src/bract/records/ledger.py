@@ -4,10 +4,15 @@ Each entry records one DP-SGD event a hospital ran, the epsilon it reported afte
 it, and two bindings:
 
 * ``prev_hash``: SHA-256 over the previous entry's canonical bytes (signature
-  included). The first entry links to a genesis value that binds the federation
-  id and the hospital's id, so a chain cannot be moved to another federation or
+  included). The first entry links to a genesis value that binds the hospital's
+  id and the federation its chain began in, so a chain cannot be moved to another
   hospital, and no line can be removed, duplicated, reordered or inserted without
   breaking a link.
+
+A chain is the hospital's *lifetime* record for one dataset: it spans runs and
+federations (each entry names, signed, the federation that spent it), so a
+hospital that joins a second federation on the same data carries its spent
+budget along and every verifier sees it.
 * ``signature``: Ed25519, by the hospital's identity key (the same key as for
   secure aggregation), over the canonical bytes of every other field. Without
   the key nobody (the server included) can edit an entry or forge one.
@@ -62,7 +67,8 @@ def _eps_plain(x: float) -> float | str:
 
 
 def genesis_hash(federation_id: str, client_id: str) -> str:
-    """The ``prev_hash`` of a hospital's first entry: binds federation and hospital."""
+    """The ``prev_hash`` of a hospital's first entry: binds the hospital and the
+    federation its chain began in."""
     body = _canonical({"federation_id": federation_id, "client_id": client_id})
     return sha256(_TAG_GENESIS + body).hex()
 
@@ -186,8 +192,10 @@ def append_entry(
 
     Guarantee: the new entry links to the chain's last entry (or to the genesis
     value of ``(federation_id, client_id)``) and carries an Ed25519 signature by
-    ``signing_key`` over all its fields; with ``signing_key=None`` it is linked
-    but unsigned. Refuses an event of another hospital or an earlier round.
+    ``signing_key`` over all its fields, ``federation_id`` (the federation that
+    spends it) included; with ``signing_key=None`` it is linked but unsigned. The
+    chain may continue in another federation, and rounds restart with each run;
+    an event of another hospital is refused.
     """
     if event.client_id != client_id:
         raise LedgerError(
@@ -195,13 +203,8 @@ def append_entry(
         )
     if chain:
         last = chain[-1]
-        if (last.federation_id, last.client_id) != (federation_id, client_id):
-            raise LedgerError(
-                f"the chain belongs to {last.client_id!r} of federation {last.federation_id!r},"
-                f" not {client_id!r} of {federation_id!r}"
-            )
-        if event.round < last.round:
-            raise LedgerError(f"round {event.round} comes after round {last.round} on the ledger")
+        if last.client_id != client_id:
+            raise LedgerError(f"the chain belongs to {last.client_id!r}, not {client_id!r}")
         prev = last.hash()
     else:
         prev = genesis_hash(federation_id, client_id)
@@ -232,7 +235,6 @@ def check_chain(
     entries: Sequence[LedgerEntry],
     public_key: bytes | None,
     *,
-    federation_id: str,
     client_id: str,
     expected_length: int | None = None,
 ) -> ChainCheck:
@@ -240,18 +242,16 @@ def check_chain(
 
     Guarantee (with ``public_key`` from a trusted roster, Ed25519 unforgeable,
     SHA-256 collision resistant): a chain that passes is exactly a prefix of the
-    sequence of entries that key's holder signed for this federation and
-    hospital, unedited, in order, none missing, duplicated or inserted; with
-    ``expected_length`` it is the whole of it. ``public_key=None`` checks links
-    only (anyone can build a linked chain: it proves nothing about authorship).
+    sequence of entries that key's holder signed for this hospital's chain,
+    unedited, in order, none missing, duplicated or inserted, each naming the
+    federation that spent it; with ``expected_length`` it is the whole of it. The
+    chain may span federations and runs (its entries in earlier ones are budget
+    this hospital spent before). ``public_key=None`` checks links only (anyone can
+    build a linked chain: it proves nothing about authorship).
     """
-    prev = genesis_hash(federation_id, client_id)
-    last_round = -math.inf
+    prev = genesis_hash(entries[0].federation_id, client_id) if entries else ""
     for i, e in enumerate(entries):
         where = f"entry {i + 1} (seq {e.seq}, round {e.round})"
-        if e.federation_id != federation_id:
-            return ChainCheck(i, f"{where} belongs to federation {e.federation_id!r}, not "
-                                 f"{federation_id!r}: spliced in from another federation")
         if e.client_id != client_id:
             return ChainCheck(i, f"{where} belongs to {e.client_id!r}, not {client_id!r}: "
                                  "spliced in from another hospital's ledger")
@@ -275,9 +275,6 @@ def check_chain(
             except SecAggError:
                 return ChainCheck(i, f"{where}: signature does not verify with {client_id}'s "
                                      "roster key (the entry was edited, or signed by another key)")
-        if e.round < last_round:
-            return ChainCheck(i, f"{where} goes back to round {e.round} after round {last_round}")
-        last_round = e.round
         prev = e.hash()
     n = len(entries)
     if expected_length is not None and n != expected_length:
@@ -291,14 +288,12 @@ def verify_chain(
     entries: Sequence[LedgerEntry],
     public_key: bytes | None,
     *,
-    federation_id: str,
     client_id: str,
     expected_length: int | None = None,
 ) -> None:
     """:func:`check_chain`, raising :class:`LedgerError` with its problem on failure."""
     result = check_chain(
-        entries, public_key, federation_id=federation_id, client_id=client_id,
-        expected_length=expected_length,
+        entries, public_key, client_id=client_id, expected_length=expected_length,
     )
     if result.problem is not None:
         raise LedgerError(result.problem)
