@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +74,38 @@ class TaskConfig:
     alpha: float = 0.5
     #: Column of the ``column`` scheme: ``"label"``, a feature name, or a feature index.
     partition_column: str = ""
+    #: The image model's classes and input channels, declared when the coordinator holds
+    #: no data (each hospital brings its own file): both set, or both ``None`` (read
+    #: from the data).
+    num_classes: int | None = None
+    in_channels: int | None = None
+
+    @property
+    def declares_model(self) -> bool:
+        """Whether the model's shape is declared (a coordinator without data)."""
+        return self.num_classes is not None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {DATASETS}")
-        if self.dataset in FILE_DATASETS and not self.data_path:
+        if (self.num_classes is None) != (self.in_channels is None):
+            raise ValueError("declare the model with both num-classes and in-channels, or "
+                             "neither (then the data's own shape is used)")
+        if self.declares_model:
+            if self.dataset not in FILE_DATASETS:
+                raise ValueError(f"dataset {self.dataset} is bundled: its model is not declared")
+            for name, value in (("num-classes", self.num_classes),
+                                ("in-channels", self.in_channels)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+            if self.num_classes < 2:  # type: ignore[operator]
+                raise ValueError("num-classes must be at least 2")
+        if self.dataset in FILE_DATASETS and not self.data_path and not self.declares_model:
             what = "MedMNIST .npz file" if self.dataset == "medmnist" else "image folder"
             raise ValueError(
                 f"dataset {self.dataset} needs --data-path: the {what} to read "
-                "(bract never downloads data)"
+                "(bract never downloads data), or, for a coordinator that holds no data, "
+                "the model's num-classes and in-channels"
             )
         if self.data_path and self.dataset not in FILE_DATASETS:
             raise ValueError(
@@ -214,29 +237,66 @@ def target_stats(cfg: TaskConfig) -> tuple[float, float]:
     return float(y.mean()), std if std > 0 else 1.0
 
 
+def model_spec(cfg: TaskConfig) -> tuple[tuple[int, ...], int, str]:
+    """The model's input shape, number of outputs and task kind: as declared (a
+    coordinator without data), else read from the task's data."""
+    if cfg.declares_model:
+        assert cfg.in_channels is not None and cfg.num_classes is not None
+        return (cfg.in_channels, cfg.image_size, cfg.image_size), cfg.num_classes, "classification"
+    ds = dataset_for(cfg)
+    return ds.input_shape, ds.num_classes, ds.task
+
+
 def build_model(cfg: TaskConfig) -> nn.Module:
     """The task's model, initialised deterministically from the seed: ChestCNN for
     images, TabularMLP for tabular classification, :class:`TargetScaled` TabularMLP
     (one output) for regression."""
-    ds = dataset_for(cfg)
+    input_shape, num_classes, kind = model_spec(cfg)
     torch.manual_seed(cfg.seed)
-    if len(ds.input_shape) == 3:
+    if len(input_shape) == 3:
         return ChestCNN(
-            image_size=ds.input_shape[-1], in_channels=ds.input_shape[0],
-            num_classes=ds.num_classes,
+            image_size=input_shape[-1], in_channels=input_shape[0], num_classes=num_classes,
         )
-    if ds.task == "regression":
+    if kind == "regression":
         mean, std = target_stats(cfg)
-        return TargetScaled(TabularMLP(n_features=ds.input_shape[0], n_classes=1), mean, std)
-    return TabularMLP(n_features=ds.input_shape[0], n_classes=ds.num_classes)
+        return TargetScaled(TabularMLP(n_features=input_shape[0], n_classes=1), mean, std)
+    return TabularMLP(n_features=input_shape[0], n_classes=num_classes)
 
 
 def make_criterion(cfg: TaskConfig) -> nn.Module:
     """The training loss: cross-entropy for classification, :class:`StandardizedMSELoss`
     (with the target's standard deviation) for regression."""
-    if dataset_for(cfg).task == "regression":
+    if model_spec(cfg)[2] == "regression":
         return StandardizedMSELoss(target_stats(cfg)[1])
     return nn.CrossEntropyLoss()
+
+
+def own_data(cfg: TaskConfig, data_path: str) -> FederatedDataset:
+    """A hospital's own file of the task's dataset kind (its training split and its
+    held-out split), checked against the federation's model.
+
+    Raises ``ValueError`` naming the mismatch when the file's examples do not fit the
+    model (input shape, or a label beyond its classes)."""
+    if cfg.dataset not in FILE_DATASETS:
+        raise ValueError(f"a hospital's own data-path is read for {' and '.join(FILE_DATASETS)}"
+                         f"; dataset {cfg.dataset} is bundled")
+    ds = dataset_for(replace(cfg, data_path=data_path, num_classes=None, in_channels=None))
+    input_shape, num_classes, _ = model_spec(cfg)
+    if ds.input_shape != tuple(input_shape):
+        raise ValueError(f"{data_path}: its examples have shape {ds.input_shape}, the "
+                         f"federation's model takes {tuple(input_shape)}")
+    top = max(int(ds.y_train.max(initial=0)), int(ds.y_test.max(initial=0)))
+    if top >= num_classes:
+        raise ValueError(f"{data_path}: label {top} is beyond the federation's model's "
+                         f"{num_classes} classes")
+    return ds
+
+
+def loader_of(cfg: TaskConfig, x: np.ndarray, y: np.ndarray) -> DataLoader:
+    """A DataLoader over (x, y) with the task's (expected) batch size."""
+    return DataLoader(
+        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=cfg.batch_size
+    )
 
 
 def partitions(cfg: TaskConfig) -> list[np.ndarray]:
@@ -258,10 +318,7 @@ def hospital_data(cfg: TaskConfig, partition_id: int) -> tuple[np.ndarray, np.nd
 
 def hospital_loader(cfg: TaskConfig, partition_id: int) -> DataLoader:
     """A DataLoader over the hospital's data with the task's (expected) batch size."""
-    x, y = hospital_data(cfg, partition_id)
-    return DataLoader(
-        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=cfg.batch_size
-    )
+    return loader_of(cfg, *hospital_data(cfg, partition_id))
 
 
 def make_optimizer(cfg: TaskConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -8,6 +8,7 @@ hospital's SuperNode is killed during round 2. Every process is gone afterwards.
 
 from __future__ import annotations
 
+import math
 import socket
 import ssl
 import threading
@@ -24,8 +25,11 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from bract.audit.verify import verify_federation
+from bract.flower.app import dataset_source, task_from_run_config
 from bract.flower.certificates import LOOPBACK, generate_dev_certificates, generate_supernode_key
+from bract.flower.client import privacy_dir
 from bract.flower.deploy import LocalFederation, RunResult
+from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.processes import marked_pids
 from bract.records.ledger import read_ledger
 
@@ -175,8 +179,10 @@ def test_deployed_ledgers_are_signed_and_pass_the_audit(
 ) -> None:
     """Every hospital signed its entries with the identity key its operator installed;
     the server's ledger and each hospital's own copy pass `bract audit verify`."""
-    copies = {
-        f"hospital-{i}": clean_run.out_dir / "hospitals" / f"hospital-{i}" / "ledger.jsonl"
+    task = task_from_run_config(_run_config(clean_run.out_dir))
+    copies = {  # each hospital's own copy, in its privacy directory for its data
+        f"hospital-{i}": privacy_dir(clean_run.out_dir / "hospitals" / f"hospital-{i}",
+                                     dataset_source(task)) / "ledger.jsonl"
         for i in range(HOSPITALS)
     }
     result = verify_federation(
@@ -241,3 +247,58 @@ def test_federation_survives_a_hospital_killed_mid_round(
     # The report says which hospital is missing from round 2, and why.
     assert set(second["failed"]) == {f"hospital-{victim}"}
     assert first["failed"] == {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_deployed_hospitals_each_serve_their_own_data_and_the_coordinator_holds_none(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Real SuperNodes, each reading a different data directory named in its own node
+    config; the coordinator's run config names no data (only the model), so the
+    central test set does not exist: the report carries the hospitals' pooled
+    held-out evaluation, released inside the secure sum by their policies."""
+    workdir = tmp_path_factory.mktemp("own-data")
+    files = []
+    for i in range(HOSPITALS):
+        data_dir = workdir / f"hospital-{i}-data"
+        data_dir.mkdir()
+        files.append(_medmnist_file(data_dir / "pneumoniamnist.npz", 48 + 16 * i, 8 + 2 * i, i))
+    fed = LocalFederation(workdir / "fed", HOSPITALS, startup_timeout=180.0,
+                          hospital_policy=HospitalPolicy(release_metrics="aggregate"),
+                          hospital_data=files)
+    out = workdir / "out"
+    with fed:
+        result = fed.run({"clients": HOSPITALS, "rounds": ROUNDS, "dataset": "medmnist",
+                          "num-classes": 2, "in-channels": 1, "batch-size": 16,
+                          "target-epsilon": TARGET_EPSILON, "release-metrics": "aggregate",
+                          "out": str(out)}, timeout=480)
+    assert marked_pids(fed.marker) == []
+    assert result.succeeded, result.log[-4000:]
+    report = result.report()
+    assert report["config"]["data-path"] == ""  # the coordinator names no data
+    for row in report["rounds"]:
+        assert sorted(row["trained"]) == [f"hospital-{i}" for i in range(HOSPITALS)]
+        assert "accuracy" not in row
+        assert row["federated_eval"]["examples"] == sum(8 + 2 * i for i in range(HOSPITALS))
+    # Each hospital trained on its own file: the sample rate follows its own size
+    # (Opacus samples at 1 / batches per epoch).
+    chains = {e.client_id: e for e in read_ledger(out / "ledger.jsonl")}
+    for i in range(HOSPITALS):
+        n_train = (48 + 16 * i) + 4
+        assert chains[f"hospital-{i}"].event.sample_rate == pytest.approx(
+            1 / math.ceil(n_train / 16))
+    # No data sits with the coordinator: its only arrays are the global model's.
+    assert [p.name for p in out.rglob("*.npz")] == [f"global-round-{ROUNDS}.npz"]
+
+
+def _medmnist_file(path: Path, n_train: int, n_test: int, seed: int) -> str:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in (("train", n_train), ("val", 4), ("test", n_test)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(count) % 2).reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return str(path)

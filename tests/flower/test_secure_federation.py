@@ -12,7 +12,7 @@ from bract import tasks
 from bract.flower.app import hospital_setup
 from bract.flower.client import PrivacyPolicy, make_client_app
 from bract.flower.faults import DROP_STAGES, inject_dropout, message_stage
-from bract.flower.records import LOCAL_METRICS, SECAGG
+from bract.flower.records import AGGREGATED_METRICS, LOCAL_METRICS, SECAGG
 from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
@@ -59,7 +59,7 @@ def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="n
         identities = [dataclasses.replace(i, policy=hospital_policy) for i in identities]
         settings = SecAggSettings(
             "test-federation", roster, clip=8.0, colluders=colluders,
-            aggregate_metrics=1 if release == "aggregate" else 0,  # train-loss
+            aggregate_metrics=len(AGGREGATED_METRICS) if release == "aggregate" else 0,
             record_dir=str(record_dir) if record_dir else None,
         )
     mods = ([_drop_mod(drop_plan)] if drop_plan else []) + list(extra_mods)

@@ -14,7 +14,8 @@ one) and refuses any request looser than them, before it trains.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,10 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "partition": "iid",  # iid, dirichlet, quantity or column (docs/data.md)
     "alpha": 0.5,  # Dirichlet concentration of the dirichlet and quantity partitions
     "partition-column": "",  # column of the column partition: label, a feature name or index
+    # The image model, declared by a coordinator that holds no data (hospitals bring
+    # their own files, node config data-path); 0: read from the data.
+    "num-classes": 0,
+    "in-channels": 0,
 }
 
 
@@ -93,6 +98,9 @@ def task_from_run_config(rc: Mapping[str, Any]) -> tasks.TaskConfig:
         partition=str(_get(rc, "partition")),
         alpha=float(_get(rc, "alpha")),
         partition_column=str(_get(rc, "partition-column")),
+        # Declared by a coordinator that holds no data (each hospital brings its file).
+        num_classes=int(_get(rc, "num-classes")) or None,
+        in_channels=int(_get(rc, "in-channels")) or None,
     )
 
 
@@ -116,30 +124,69 @@ def policy_from_run_config(rc: Mapping[str, Any]) -> PrivacyPolicy:
 def hospital_setup(
     task: tasks.TaskConfig, ctx: Context, state_root: Path | None = None
 ) -> HospitalSetup:
-    """Hospital ``partition-id``'s model, optimizer and data for a built-in task.
+    """A hospital's model, optimizer and data for a built-in task.
 
-    The hospital keeps its state in the node config's ``state-dir`` when given,
-    else in ``state_root/<client id>``; its privacy budget is keyed by the data it
-    protects: the node config's ``dataset-id`` when its operator names one, else
-    the task's data source (:func:`dataset_source`).
+    With a ``data-path`` in its node config the hospital serves its own file (of the
+    run's dataset kind): it trains on that file's training split and evaluates the
+    global model it receives on that file's held-out split; nothing else is read.
+    Without one it trains on partition ``partition-id`` of the task's shared data
+    (simulation). Its client id is the node config's ``name``, else
+    ``hospital-<partition-id>``. It keeps its state in the node config's
+    ``state-dir`` when given, else in ``state_root/<client id>``; its privacy budget
+    is keyed by the data it protects: the node config's ``dataset-id`` when its
+    operator names one, else the data's source (:func:`dataset_source`).
     """
     from bract import tasks
 
-    pid = int(ctx.node_config["partition-id"])
-    client_id = f"hospital-{pid}"
+    nc = ctx.node_config
+    own_path = str(nc.get("data-path", ""))
+    if "name" in nc:
+        client_id = str(nc["name"])
+    elif "partition-id" in nc:
+        client_id = f"hospital-{int(nc['partition-id'])}"
+    else:
+        raise ValueError("this SuperNode's node config names neither the hospital "
+                         "('name') nor its partition ('partition-id')")
     model = tasks.build_model(task)
-    state_dir = ctx.node_config.get("state-dir")
+    evaluate = None
+    if own_path:
+        own = tasks.own_data(task, own_path)
+        data_task = replace(task, data_path=own_path, num_classes=None,
+                            in_channels=None)
+        train_loader = tasks.loader_of(task, own.x_train, own.y_train)
+        evaluate = held_out_evaluation(own.x_test, own.y_test)
+    else:
+        data_task = task
+        train_loader = tasks.hospital_loader(task, int(nc["partition-id"]))
+    state_dir = nc.get("state-dir")
     return HospitalSetup(
-        dataset_id=str(ctx.node_config.get("dataset-id", "")) or dataset_source(task),
+        dataset_id=str(nc.get("dataset-id", "")) or dataset_source(data_task),
         model=model,
         optimizer=tasks.make_optimizer(task, model),
-        train_loader=tasks.hospital_loader(task, pid),
+        train_loader=train_loader,
         criterion=tasks.make_criterion(task),
         client_id=client_id,
+        evaluate=evaluate,
         state_dir=Path(str(state_dir)) if state_dir else (
             state_root / client_id if state_root is not None else None
         ),
     )
+
+
+def held_out_evaluation(x: Any, y: Any) -> Callable[[Any], dict[str, float]]:
+    """The hospital's evaluation of a model on its own held-out split, as sums
+    (:data:`bract.flower.records.EVAL_METRICS`: summed loss, correct predictions,
+    examples), so that a secure sum of them gives the pooled metrics exactly."""
+    def evaluate(model: Any) -> dict[str, float]:
+        from bract import tasks
+
+        n = len(y)
+        metrics = tasks.evaluate(model, x, y) if n else {"loss": 0.0, "accuracy": 0.0}
+        return {"eval-loss-sum": float(metrics["loss"]) * n,
+                "eval-correct": float(metrics.get("accuracy", 0.0)) * n,
+                "eval-examples": float(n)}
+
+    return evaluate
 
 
 def dataset_source(task: tasks.TaskConfig) -> str:
@@ -237,10 +284,13 @@ def _main(grid: Grid, context: Context) -> None:
     rc = dict(context.run_config)
     task = task_from_run_config(rc)
     policy = policy_from_run_config(rc)
-    ds = tasks.dataset_for(task)
     eval_model = tasks.build_model(task)
+    central = not (task.declares_model and not task.data_path)
 
     def evaluate(weights: dict) -> dict[str, float]:
+        if not central:  # the coordinator holds no data: the hospitals evaluate
+            return {}
+        ds = tasks.dataset_for(task)
         load_weights(eval_model, weights)
         return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
 

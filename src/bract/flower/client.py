@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 from bract.flower.files import atomic_write_text
 from bract.flower.records import (
     AGGREGATED_METRICS,
+    EVAL_METRICS,
     GLOBAL_WEIGHTS,
     LOCAL_METRICS,
     LOCAL_WEIGHTS,
@@ -82,6 +83,10 @@ class HospitalSetup:
     #: the data's source). Every run and federation that trains on it spends from one
     #: lifetime budget; ``""`` keeps the state directly in ``state_dir``.
     dataset_id: str = ""
+    #: The hospital's evaluation of a model on its own held-out data, as sums
+    #: (``EVAL_METRICS``: summed loss, correct predictions, examples). They are metrics
+    #: on private data: they leave only as the hospital's metric release allows.
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
 
     def privacy_dir(self) -> Path | None:
         """Where this dataset's lifetime privacy state lives (``None``: in memory only)."""
@@ -301,6 +306,14 @@ def dp_train_handler(
         global_weights = None
         if GLOBAL_WEIGHTS in msg.content.array_records:
             global_weights = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
+        held_out = dict.fromkeys(EVAL_METRICS, 0.0)
+        if setup.evaluate is not None and global_weights is not None:
+            # The global model as received, on the hospital's own held-out split.
+            from bract.privacy import load_weights
+
+            load_weights(setup.model, global_weights)
+            held_out.update({k: float(v) for k, v in setup.evaluate(setup.model).items()
+                             if k in held_out})
         outcome = trainer.train_round(server_round, global_weights)
         if outcome.trained and outcome.event is not None:
             chain = append_entry(
@@ -334,7 +347,7 @@ def dp_train_handler(
             if math.isfinite(outcome.train_loss):
                 # Stays on the hospital unless its policy releases it (metrics_guard_mod).
                 content.metric_records[LOCAL_METRICS] = MetricRecord(
-                    {AGGREGATED_METRICS[0]: float(outcome.train_loss)}
+                    {AGGREGATED_METRICS[0]: float(outcome.train_loss), **held_out}
                 )
         return Message(content, reply_to=msg)
 

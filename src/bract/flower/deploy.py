@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,10 @@ class LocalFederation:
     #: Each hospital's own limits, written to its policy file (node config ``policy``):
     #: here the one operator plays every hospital's. ``None``: the policy defaults.
     hospital_policy: HospitalPolicy | None = None
+    #: Each hospital's own data file (node config ``data-path``), by partition id; the
+    #: coordinator then holds none (the run config declares the model). Empty: the
+    #: hospitals train on partitions of the run's dataset.
+    hospital_data: Sequence[str] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
     marker: str = field(init=False, default_factory=lambda: uuid.uuid4().hex)
@@ -185,6 +189,9 @@ class LocalFederation:
             raise ValueError("a federation needs at least one SuperNode")
         if self.isolation not in ("subprocess", "process"):
             raise ValueError("isolation must be 'subprocess' or 'process'")
+        if self.hospital_data and len(self.hospital_data) != self.num_nodes:
+            raise ValueError(f"hospital_data names {len(self.hospital_data)} files for "
+                             f"{self.num_nodes} hospitals: one each")
         self.workdir = Path(self.workdir).resolve()
         self.app_dir = Path(self.app_dir).resolve()
 
@@ -343,6 +350,8 @@ class LocalFederation:
             f'roster="{d / "roster.json"}"',
             f'policy="{d / "policy.json"}"',
         ]
+        if self.hospital_data:
+            parts.append(f'data-path="{Path(self.hospital_data[partition_id]).resolve()}"')
         return " ".join(parts)
 
     def _wait(self, ok: Any, deadline: float, what: str, proc: ManagedProcess | None,

@@ -34,8 +34,13 @@ TRAIN_INFO = "bract.train"
 #: guard removes them before a reply leaves unless the hospital's policy releases
 #: them (in clear, or only inside the masked vector under secure aggregation).
 LOCAL_METRICS = "bract.local-metrics"
-#: The training metrics a hospital can release, in their order inside a masked vector.
-AGGREGATED_METRICS = ("train-loss",)
+#: The hospital's held-out evaluation of the global model it received, as sums over its
+#: held-out examples (0 for a hospital without a held-out split).
+EVAL_METRICS = ("eval-loss-sum", "eval-correct", "eval-examples")
+#: The metrics a hospital can release, in their order inside a masked vector: the
+#: training loss (the server learns its example-weighted mean), then the evaluation
+#: sums, each divided by the hospital's weight so that the masked sum gives their totals.
+AGGREGATED_METRICS = ("train-loss", *EVAL_METRICS)
 #: both ways: one secure-aggregation protocol message (see bract.secagg.messages).
 SECAGG = "bract.secagg"
 #: both ways, only with the unmask stage when share-stage pipelining applies: the

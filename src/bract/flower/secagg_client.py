@@ -194,10 +194,16 @@ def secagg_mod(
         vector = flatten_delta(record_to_weights(local_rec), global_)
         release = release_metrics(ctx) if callable(release_metrics) else release_metrics
         if release == "aggregate":
-            missing = [k for k in AGGREGATED_METRICS if metrics is None or k not in metrics]
-            if missing:
-                raise ValueError(f"metrics {missing} to release in aggregate were not produced")
-            extra = [float(metrics[k]) for k in AGGREGATED_METRICS]
+            if metrics is None or AGGREGATED_METRICS[0] not in metrics:
+                raise ValueError(f"metric {AGGREGATED_METRICS[0]!r} to release in aggregate "
+                                 "was not produced")
+            weight = int(info["num-examples"])
+            # The loss as is (its weighted mean is released); the evaluation sums (0 for a
+            # hospital without a held-out split) over the weight, so the weighted sum the
+            # server learns is their exact total.
+            extra = [float(metrics[AGGREGATED_METRICS[0]]),
+                     *(float(metrics.get(k, 0.0)) / max(weight, 1)
+                       for k in AGGREGATED_METRICS[1:])]
             vector = np.concatenate([vector, np.asarray(extra, np.float64)])
         weight = int(info["num-examples"])
         if isinstance(cfg, MaskRequest):  # pipelined: this round's shares are all in

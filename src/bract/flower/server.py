@@ -42,8 +42,9 @@ from rich.table import Table
 
 from bract.flower.files import atomic_write_text
 from bract.flower.records import (
-    AGGREGATED_METRICS,
+    EVAL_METRICS,
     GLOBAL_WEIGHTS,
+    LOCAL_METRICS,
     LOCAL_WEIGHTS,
     ROUND_CONFIG,
     TRAIN_INFO,
@@ -186,10 +187,23 @@ class _Display:
             self.table.columns[1].header, self.table.columns[2].header = "MSE", "R²"
         metric = row.get("r2") if regression else row.get("accuracy")
         loss = row.get("mse") if regression else row.get("loss")
+        held_out = row.get("federated_eval")
+        if loss is None and metric is None and held_out is not None:
+            # No central test set: the hospitals' pooled held-out evaluation of the model
+            # they received this round, marked with a dagger.
+            if self.table.title and "held-out" not in str(self.table.title):
+                self.table.title = ("bract federation: global model on the central test set "
+                                    "(† hospitals' pooled held-out splits, model of the "
+                                    "round before)")
+            loss, metric = held_out["loss"], held_out["accuracy"]
+            cells_suffix = "†"
+        else:
+            cells_suffix = ""
         cells = [
             str(row["round"]),
-            (f"{loss:.1f}" if regression else f"{loss:.3f}") if loss is not None else "-",
-            f"{metric:.3f}" if metric is not None else "-",
+            ((f"{loss:.1f}" if regression else f"{loss:.3f}") + cells_suffix
+             if loss is not None else "-"),
+            f"{metric:.3f}{cells_suffix}" if metric is not None else "-",
             _eps_text(row["epsilon_value"]),
             f"{trained}/{len(per_client)}",
             f"{row['seconds']:.1f}",
@@ -251,6 +265,21 @@ def load_checkpoint_state(out_dir: Path, run_config: Mapping[str, Any]) -> dict[
             f"(differs in {diff}); resume with the same settings or use another --out"
         )
     return state
+
+
+def federated_evaluation(rnd: int, totals: Mapping[str, float]) -> dict[str, Any]:
+    """The report row's ``federated_eval``: the global model the hospitals received in
+    round ``rnd`` (the result of round ``rnd - 1``) on their pooled held-out splits,
+    from the totals of their evaluation sums; empty when no held-out example counted."""
+    n = float(totals.get("eval-examples", 0.0))
+    if n < 0.5:
+        return {}
+    return {"federated_eval": {
+        "model_of_round": rnd - 1,
+        "examples": round(n),
+        "loss": float(totals.get("eval-loss-sum", 0.0)) / n,
+        "accuracy": min(max(float(totals.get("eval-correct", 0.0)) / n, 0.0), 1.0),
+    }}
 
 
 class Federation:
@@ -431,6 +460,7 @@ class Federation:
         )
         updates: list[tuple[Weights, int]] = []
         trained: list[str] = []
+        clear_eval: dict[str, float] = {}
         answered = {node for node, _ in replies}
         for node, reply in replies:
             cid = self._read_train_reply(rnd, node, reply, display)
@@ -447,13 +477,17 @@ class Federation:
                 continue
             updates.append((local, int(reply.content.metric_records[TRAIN_INFO]["num-examples"])))
             trained.append(cid)
+            released = reply.content.metric_records.get(LOCAL_METRICS)
+            if released is not None:  # the hospital's policy releases its metrics in clear
+                for k in EVAL_METRICS:
+                    clear_eval[k] = clear_eval.get(k, 0.0) + float(released.get(k, 0.0))
         for node in self.active:
             if node not in answered:
                 self.failed[self._label(node)] = "did not answer"
                 display.note(f"round {rnd}: {self._label(node)} did not answer")
         if updates:
             self.global_weights = fedavg(updates)
-        return trained, {}
+        return trained, federated_evaluation(rnd, clear_eval)
 
     def _secure_round(self, rnd: int, display: _Display) -> tuple[list[str], dict[str, Any]]:
         """Secure FedAvg: the server learns only the example-weighted mean update."""
@@ -493,9 +527,12 @@ class Federation:
             offset += size
         self.global_weights = updated
         extra: dict[str, Any] = {"secagg": info.to_plain()}
-        for name, value in zip(AGGREGATED_METRICS, mean[offset:], strict=False):
-            # Metrics the hospitals released in aggregate: their example-weighted mean.
-            extra[name.replace("-", "_")] = float(value)
+        if len(mean) > offset:
+            # Metrics the hospitals released in aggregate: the training loss's
+            # example-weighted mean, and the totals of their held-out evaluation sums.
+            extra["train_loss"] = float(mean[offset])
+            totals = dict(zip(EVAL_METRICS, result.weighted_sum[offset + 1:], strict=False))
+            extra.update(federated_evaluation(rnd, totals))
         return sorted(set(trained) & set(info.alive)), extra
 
     def _secure_dim(self) -> int:
@@ -592,6 +629,10 @@ class Federation:
             "stopped": self.stopped,
             **self.metrics,
         }
+        held_out = [r["federated_eval"] for r in self.record.report["rounds"]
+                    if "federated_eval" in r]
+        if held_out:  # the latest pooled held-out evaluation the hospitals released
+            final["federated_eval"] = held_out[-1]
         if self.cfg.save_model is not None:
             self.cfg.save_model.parent.mkdir(parents=True, exist_ok=True)
             np.savez(self.cfg.save_model, **self.global_weights)
@@ -655,6 +696,10 @@ def summarize(report: Mapping[str, Any]) -> str:
         mse = final.get("mse")
         mse_text = f"{mse:.4g}" if isinstance(mse, (int, float)) else "-"
         quality = f"final R² {final['r2']:.3f}, MSE {mse_text}"
+    held_out = final.get("federated_eval")
+    if acc is None and isinstance(held_out, Mapping):  # no central test set
+        quality = (f"accuracy {held_out['accuracy']:.3f} on the hospitals' pooled held-out "
+                   f"splits (model of round {held_out['model_of_round']})")
     return (
         f"{final.get('rounds_completed', 0)} rounds, {quality}, "
         f"epsilon {eps} at delta {final.get('delta')}"

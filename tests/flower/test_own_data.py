@@ -1,0 +1,119 @@
+"""Each hospital serves its own data; the coordinator holds none.
+
+The deployed app's hospitals each read a different file named in their own node
+config (no partition of a shared file, no ``partition-id``); the coordinator's run
+config declares only the model (dataset kind, classes, channels, image size). The
+hospitals evaluate the global model they receive on their own held-out splits, and
+the coordinator learns only the pooled totals, inside secure aggregation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from bract import tasks
+from bract.cli import main
+from bract.flower.app import client_app, dataset_source, server_app
+from bract.flower.client import privacy_dir
+from bract.flower.operator import roster_add
+from bract.records.ledger import by_client, read_ledger
+
+from .conftest import FakeGrid
+
+FED = "own-data-federation"
+#: Training (train + val) and held-out (test) images per hospital: all different.
+SIZES = ((40, 8, 10), (50, 8, 14), (75, 8, 6))
+
+
+def _npz(path, n_train, n_val, n_test, seed):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(count) % 2).reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+def _hospitals(tmp_path):
+    dirs, files = [], []
+    for i, sizes in enumerate(SIZES):
+        d = tmp_path / f"site-{i}"
+        assert main(["hospital", "init", str(d), "--id", str(i + 1), "--name", f"site-{i}",
+                     "--federation", FED, "--release-metrics", "aggregate"]) == 0
+        data_dir = d / "data"
+        data_dir.mkdir()
+        files.append(_npz(data_dir / "pneumoniamnist.npz", *sizes, seed=i))
+        dirs.append(d)
+    roster = tmp_path / "coordinator" / "roster.json"
+    roster.parent.mkdir()
+    roster_add(roster, [{**(p := json.loads((d / "public.json").read_text())),
+                         "public_key": bytes.fromhex(p["public_key"])} for d in dirs])
+    return dirs, files, roster
+
+
+def test_each_hospital_trains_and_evaluates_on_its_own_file_and_the_coordinator_holds_none(
+        tmp_path, monkeypatch) -> None:
+    dirs, files, roster = _hospitals(tmp_path)
+    read: list[str] = []
+    real = tasks.dataset_for
+    monkeypatch.setattr(tasks, "dataset_for", lambda cfg: read.append(cfg.data_path) or real(cfg))
+    rc = {"dataset": "medmnist", "num-classes": 2, "in-channels": 1, "image-size": 28,
+          "clients": 3, "rounds": 2, "target-epsilon": 4.0, "batch-size": 16,
+          "out": str(tmp_path / "coordinator" / "out"), "roster": str(roster),
+          "release-metrics": "aggregate"}
+    grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
+    for ctx, d, f in zip(grid.contexts.values(), dirs, files, strict=True):
+        (d / "roster.json").write_text(roster.read_text())  # each keeps its own copy
+        ctx.node_config.clear()  # no partition: each node config names only its own files
+        ctx.node_config.update({
+            "name": d.name, "secagg-id": int(d.name[-1]) + 1, "data-path": str(f),
+            "identity-key": str(d / "identity.key"), "roster": str(d / "roster.json"),
+            "policy": str(d / "policy.json"), "state-dir": str(d / "state"),
+        })
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=rc))
+    # Only the hospitals' own files were ever read; the coordinator read no data.
+    assert read and set(read) <= {str(f) for f in files}
+    report = json.loads((tmp_path / "coordinator" / "out" / "report.json").read_text())
+    rows = report["rounds"]
+    assert [sorted(r["trained"]) for r in rows] == [["site-0", "site-1", "site-2"]] * 2
+    assert all("accuracy" not in r and "loss" not in r for r in rows)  # no central test set
+    # Each hospital's ledger lives in its own state directory, keyed by its own file.
+    chains = by_client(read_ledger(tmp_path / "coordinator" / "out" / "ledger.jsonl"))
+    for d, f in zip(dirs, files, strict=True):
+        own = privacy_dir(d / "state", dataset_source(tasks.TaskConfig(
+            dataset="medmnist", data_path=str(f))))
+        assert len(read_ledger(own / "ledger.jsonl")) == 2 == len(chains[d.name])
+        # The noise was calibrated for the hospital's own data size.
+        (event,) = {e.event.sample_rate for e in chains[d.name]}
+        n_train = SIZES[int(d.name[-1])][0] + SIZES[int(d.name[-1])][1]
+        assert event == pytest.approx(1 / math.ceil(n_train / 16))  # Opacus: 1 / batches
+    # The pooled held-out evaluation of the initial model (what round 1's hospitals
+    # received) equals the one computed directly on the three held-out splits.
+    first = rows[0]["federated_eval"]
+    assert first["model_of_round"] == 0 and first["examples"] == sum(s[2] for s in SIZES)
+    task = tasks.TaskConfig(dataset="medmnist", num_classes=2, in_channels=1)
+    model = tasks.build_model(task)  # the initial model: deterministic from the seed
+    x = np.concatenate([tasks.own_data(task, str(f)).x_test for f in files])
+    y = np.concatenate([tasks.own_data(task, str(f)).y_test for f in files])
+    direct = tasks.evaluate(model, x, y)
+    assert first["loss"] == pytest.approx(direct["loss"], abs=1e-3)
+    assert first["accuracy"] == pytest.approx(direct["accuracy"], abs=1e-3)
+    assert rows[1]["federated_eval"]["model_of_round"] == 1
+
+
+def test_a_hospital_file_that_does_not_fit_the_declared_model_is_refused_with_the_reason(
+        tmp_path) -> None:
+    path = _npz(tmp_path / "bloodmnist.npz", 10, 2, 4, seed=0)
+    task = tasks.TaskConfig(dataset="medmnist", num_classes=2, in_channels=3)
+    with pytest.raises(ValueError, match=r"shape \(1, 28, 28\).*takes \(3, 28, 28\)"):
+        tasks.own_data(task, str(path))
+    with pytest.raises(ValueError, match="bundled"):
+        tasks.TaskConfig(dataset="breast-cancer", num_classes=2, in_channels=1)
+    with pytest.raises(ValueError, match="both num-classes and in-channels"):
+        tasks.TaskConfig(dataset="medmnist", num_classes=2)
