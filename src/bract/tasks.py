@@ -281,14 +281,23 @@ def own_data(cfg: TaskConfig, data_path: str) -> FederatedDataset:
         raise ValueError(f"a hospital's own data-path is read for {' and '.join(FILE_DATASETS)}"
                          f"; dataset {cfg.dataset} is bundled")
     ds = dataset_for(replace(cfg, data_path=data_path, num_classes=None, in_channels=None))
-    input_shape, num_classes, _ = model_spec(cfg)
+    return check_fits_model(cfg, ds, data_path)
+
+
+def check_fits_model(cfg: TaskConfig, ds: FederatedDataset, source: str) -> FederatedDataset:
+    """``ds`` if its examples fit the federation's model; ``ValueError`` naming the
+    mismatch (input shape, task kind, or a label beyond the model's classes)."""
+    input_shape, num_classes, kind = model_spec(cfg)
     if ds.input_shape != tuple(input_shape):
-        raise ValueError(f"{data_path}: its examples have shape {ds.input_shape}, the "
+        raise ValueError(f"{source}: its examples have shape {ds.input_shape}, the "
                          f"federation's model takes {tuple(input_shape)}")
-    top = max(int(ds.y_train.max(initial=0)), int(ds.y_test.max(initial=0)))
-    if top >= num_classes:
-        raise ValueError(f"{data_path}: label {top} is beyond the federation's model's "
-                         f"{num_classes} classes")
+    if ds.task != kind:
+        raise ValueError(f"{source}: a {ds.task} dataset, the federation trains {kind}")
+    if kind == "classification":
+        top = max(int(ds.y_train.max(initial=0)), int(ds.y_test.max(initial=0)))
+        if top >= num_classes:
+            raise ValueError(f"{source}: label {top} is beyond the federation's model's "
+                             f"{num_classes} classes")
     return ds
 
 

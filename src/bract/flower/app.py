@@ -140,6 +140,10 @@ def hospital_setup(
 
     nc = ctx.node_config
     own_path = str(nc.get("data-path", ""))
+    loader = str(nc.get("loader", ""))
+    if own_path and loader:
+        raise ValueError("this SuperNode's node config names both a data-path and a loader: "
+                         "one source of data, please")
     if "name" in nc:
         client_id = str(nc["name"])
     elif "partition-id" in nc:
@@ -149,18 +153,23 @@ def hospital_setup(
                          "('name') nor its partition ('partition-id')")
     model = tasks.build_model(task)
     evaluate = None
-    if own_path:
-        own = tasks.own_data(task, own_path)
-        data_task = replace(task, data_path=own_path, num_classes=None,
-                            in_channels=None)
+    source = ""
+    if own_path or loader:
+        if own_path:
+            own = tasks.own_data(task, own_path)
+            source = dataset_source(replace(task, data_path=own_path, num_classes=None,
+                                            in_channels=None))
+        else:
+            own = tasks.check_fits_model(task, load_with(loader, nc), f"loader {loader}")
+            source = f"loader:{loader}"
         train_loader = tasks.loader_of(task, own.x_train, own.y_train)
         evaluate = held_out_evaluation(own.x_test, own.y_test)
     else:
-        data_task = task
+        source = dataset_source(task)
         train_loader = tasks.hospital_loader(task, int(nc["partition-id"]))
     state_dir = nc.get("state-dir")
     return HospitalSetup(
-        dataset_id=str(nc.get("dataset-id", "")) or dataset_source(data_task),
+        dataset_id=str(nc.get("dataset-id", "")) or source,
         model=model,
         optimizer=tasks.make_optimizer(task, model),
         train_loader=train_loader,
@@ -171,6 +180,28 @@ def hospital_setup(
             state_root / client_id if state_root is not None else None
         ),
     )
+
+
+def load_with(loader: str, node_config: Mapping[str, Any]) -> Any:
+    """Call the hospital's own Python loader ``"package.module:function"`` (node config
+    ``loader``) with its node config; it returns a :class:`bract.data.FederatedDataset`
+    (its training split, and its held-out split for evaluation, possibly empty)."""
+    import importlib
+
+    from bract.data import FederatedDataset
+
+    module_name, _, function = loader.partition(":")
+    if not module_name or not function:
+        raise ValueError(f"node config loader {loader!r} must read 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"node config loader {loader!r} cannot be imported: {exc}") from None
+    data = fn(dict(node_config))
+    if not isinstance(data, FederatedDataset):
+        raise ValueError(f"loader {loader!r} returned {type(data).__name__}, not a "
+                         "bract.data.FederatedDataset")
+    return data
 
 
 def held_out_evaluation(x: Any, y: Any) -> Callable[[Any], dict[str, float]]:
