@@ -43,6 +43,12 @@ def test_hospital_init_makes_an_owner_only_identity_and_refuses_to_replace_it(tm
     assert bytes.fromhex(public["public_key"]) == key.public_bytes()
     assert key.to_bytes().hex() not in out  # the private key is never printed
     assert HospitalPolicy.read(d / "policy.json") == HospitalPolicy()
+    # One step makes both keys: the SuperNode's Flower authentication key pair too,
+    # owner-only, its public half in the public file the coordinator receives.
+    assert stat.S_IMODE((d / "supernode-auth").stat().st_mode) == 0o600
+    assert public["supernode_auth_public_key"] == (d / "supernode-auth.pub").read_text().strip()
+    assert public["supernode_auth_public_key"].startswith("ecdsa-sha2-nistp384 ")
+    assert (d / "supernode-auth").read_text() not in out
     assert main(["hospital", "init", str(d), "--id", "1", "--name", "x", "--federation",
                  FED]) == 2
     assert "keeps its identity" in capsys.readouterr().out
@@ -55,6 +61,12 @@ def test_roster_built_from_public_files_verifies_and_refuses_conflicts(tmp_path,
     dirs = _init_three(tmp_path)
     roster = tmp_path / "roster.json"
     assert main(["roster", "add", str(roster), *(str(d / "public.json") for d in dirs)]) == 0
+    out = capsys.readouterr().out
+    for d in dirs:  # the coordinator gets each SuperNode key ready to register
+        name = json.loads((d / "public.json").read_text())["name"]
+        pub = tmp_path / "supernode-auth" / f"{name}.pub"
+        assert pub.read_text() == (d / "supernode-auth.pub").read_text().strip() + "\n"
+        assert f"flwr supernode register {pub}" in out
     doc = read_roster(roster)
     assert doc.federation_id == FED and sorted(doc.keys) == [1, 2, 3]
     assert main(["roster", "verify", str(roster), "--public",
@@ -123,8 +135,8 @@ def test_hospital_start_serves_exactly_what_init_made(tmp_path, capsys) -> None:
     dirs = _init_three(tmp_path)
     roster = tmp_path / "roster.json"
     argv = ["hospital", "start", str(dirs[0]), "--superlink", "link.example:9092",
-            "--root-certificates", str(tmp_path / "ca.crt"), "--auth-key",
-            str(tmp_path / "hospital-0"), "--node-config", 'data-path="/data/a"', "--dry-run"]
+            "--root-certificates", str(tmp_path / "ca.crt"),
+            "--node-config", 'data-path="/data/a"', "--dry-run"]
     assert main(argv) == 2  # no roster copy yet
     assert "roster.json is missing" in " ".join(capsys.readouterr().out.split())
     roster_add(roster, [_public(d) for d in dirs[1:]])
@@ -140,6 +152,9 @@ def test_hospital_start_serves_exactly_what_init_made(tmp_path, capsys) -> None:
     assert cmd[0] == "flower-supernode" and cmd[cmd.index("--superlink") + 1] == \
         "link.example:9092"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    # The SuperNode key `hospital init` made in the same step, unless told otherwise.
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(
+        dirs[0].resolve() / "supernode-auth")
     node_config = dict(kv.split("=", 1) for kv in shlex.split(cmd[cmd.index("--node-config")
                                                                    + 1]))
     d = dirs[0].resolve()

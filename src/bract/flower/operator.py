@@ -3,8 +3,11 @@
 ``bract hospital init DIR --id N --name NAME --federation FED`` makes, at the hospital:
 
 * ``DIR/identity.key``: its Ed25519 private key (hex, mode 0600; never leaves);
-* ``DIR/public.json``: ``{"federation_id", "id", "name", "public_key"}`` (to hand to the
-  coordinator for the roster);
+* ``DIR/supernode-auth`` (mode 0600) and ``supernode-auth.pub``: its SuperNode's
+  Flower authentication key pair (EC P-384, OpenSSH), made in the same step;
+* ``DIR/public.json``: ``{"federation_id", "id", "name", "public_key",
+  "supernode_auth_public_key"}`` (the one file to hand to the coordinator: the roster
+  entry and the SuperNode key to register);
 * ``DIR/policy.json``: its privacy policy (:class:`~bract.flower.hospital_policy.
   HospitalPolicy`), from the flags given;
 * ``DIR/state/``: its privacy state directory (mode 0700), where its signed ledger
@@ -14,12 +17,15 @@ and prints the ``--node-config`` its SuperNode needs. It refuses to overwrite an
 existing identity (a new key would orphan the hospital's signed ledger).
 
 ``bract hospital start DIR --superlink HOST:PORT --root-certificates CA
---auth-key KEY [--node-config EXTRA]`` starts the hospital's ``flower-supernode``
-with everything ``DIR`` holds (identity, roster copy ``DIR/roster.json``, policy,
-state) in its node config; ``--dry-run`` prints the command instead.
+[--auth-key KEY] [--node-config EXTRA]`` starts the hospital's ``flower-supernode``
+with everything ``DIR`` holds (identity, SuperNode key ``DIR/supernode-auth`` unless
+``--auth-key`` names another, roster copy ``DIR/roster.json``, policy, state) in its
+node config; ``--dry-run`` prints the command instead.
 
 ``bract roster add ROSTER PUBLIC.json...`` builds the roster from hospitals' public
-files (creating it if missing); ``bract roster verify ROSTER [--public FILE...]``
+files (creating it if missing), writes each SuperNode key they carry to
+``ROSTER_DIR/supernode-auth/<name>.pub`` and prints the ``flwr supernode register``
+command for it; ``bract roster verify ROSTER [--public FILE...]``
 checks a roster file: its format, distinct ids, names and keys, one federation id,
 and that each given hospital's public file is listed unchanged. Every hospital gets
 the same roster file out of band.
@@ -33,11 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import Any
 
 from bract.argtypes import nonnegative_int, positive_float
+from bract.flower.certificates import generate_supernode_key
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.secagg_client import write_identity_key
 from bract.records.roster import Roster, read_roster, write_roster
@@ -47,13 +55,16 @@ __all__ = ["add_operator_parsers", "hospital_init", "roster_add", "roster_verify
            "supernode_command"]
 
 PUBLIC_FILE = "public.json"
+#: The SuperNode's Flower authentication key pair in a hospital's directory.
+AUTH_KEY = "supernode-auth"
 
 
 def hospital_init(directory: Path, node: int, name: str, federation_id: str,
                   policy: HospitalPolicy) -> dict[str, Any]:
-    """Create a hospital's identity, public file, policy and state directory.
+    """Create a hospital's identity, SuperNode authentication key, public file, policy
+    and state directory, in one step.
 
-    Guarantee: the private key is written owner-only and never printed; an existing
+    Guarantee: both private keys are written owner-only and never printed; an existing
     identity is never replaced (``FileExistsError``).
     """
     directory = Path(directory)
@@ -66,8 +77,10 @@ def hospital_init(directory: Path, node: int, name: str, federation_id: str,
     directory.mkdir(parents=True, exist_ok=True)
     key = SigningKey.generate()
     write_identity_key(key_path, key.to_bytes())
+    auth = generate_supernode_key(directory, AUTH_KEY)
     public = {"federation_id": federation_id, "id": int(node), "name": name,
-              "public_key": key.public_bytes().hex()}
+              "public_key": key.public_bytes().hex(),
+              "supernode_auth_public_key": auth.public_key.read_text(encoding="ascii").strip()}
     (directory / PUBLIC_FILE).write_text(json.dumps(public, indent=2) + "\n", encoding="utf-8")
     policy.write(directory / "policy.json")
     state = directory / "state"
@@ -77,7 +90,7 @@ def hospital_init(directory: Path, node: int, name: str, federation_id: str,
 
 
 def supernode_command(directory: Path, superlink: str, root_certificates: Path,
-                      auth_key: Path, extra_node_config: str = "",
+                      auth_key: Path | None = None, extra_node_config: str = "",
                       port: int = 9094) -> list[str]:
     """The ``flower-supernode`` command that serves the hospital set up in ``directory``.
 
@@ -87,6 +100,10 @@ def supernode_command(directory: Path, superlink: str, root_certificates: Path,
     """
     d = Path(directory).resolve()
     public = _read_public(d / PUBLIC_FILE)
+    auth_key = Path(auth_key) if auth_key is not None else d / AUTH_KEY
+    if not auth_key.exists():
+        raise ValueError(f"{auth_key} is missing: the SuperNode's authentication key "
+                         "(bract hospital init makes DIR/supernode-auth)")
     for need in ("identity.key", "roster.json", "policy.json", "state"):
         if not (d / need).exists():
             raise ValueError(f"{d / need} is missing (bract hospital init makes it; the "
@@ -111,7 +128,8 @@ def _read_public(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         entry = {"federation_id": str(data["federation_id"]), "id": int(data["id"]),
-                 "name": str(data["name"]), "public_key": bytes.fromhex(data["public_key"])}
+                 "name": str(data["name"]), "public_key": bytes.fromhex(data["public_key"]),
+                 "supernode_auth_public_key": str(data.get("supernode_auth_public_key", ""))}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a hospital's public file: {exc!r}") from None
     if len(entry["public_key"]) != 32:
@@ -182,8 +200,9 @@ def _hospital_init_cmd(args: argparse.Namespace) -> int:
         print(f"error: {exc}")
         return 2
     d = Path(args.dir).resolve()
-    print(f"hospital {args.name}: identity {d / 'identity.key'} (mode 0600, keep it here), "
-          f"public file {d / PUBLIC_FILE} (send it to the coordinator), policy "
+    print(f"hospital {args.name}: identity {d / 'identity.key'} and SuperNode key "
+          f"{d / AUTH_KEY} (mode 0600, keep them here), public file {d / PUBLIC_FILE} (send "
+          f"it to the coordinator: roster entry and SuperNode key), policy "
           f"{d / 'policy.json'}, state {d / 'state'}")
     print("SuperNode node config (add your data's keys):")
     print(f"  secagg-id={args.id} identity-key=\"{d / 'identity.key'}\" "
@@ -215,12 +234,35 @@ def _hospital_start_cmd(args: argparse.Namespace) -> int:
 
 def _roster_add_cmd(args: argparse.Namespace) -> int:
     try:
-        roster = roster_add(args.roster, [_read_public(p) for p in args.public])
+        publics = [_read_public(p) for p in args.public]
+        roster = roster_add(args.roster, publics)
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
     print(f"{args.roster}: {len(roster.keys)} member(s) of {roster.federation_id}")
+    for path in write_supernode_keys(args.roster, publics):
+        print(f"register its SuperNode: flwr supernode register {shlex.quote(str(path))} "
+              "<federation>")
     return 0
+
+
+def write_supernode_keys(roster_path: Path, publics: list[dict[str, Any]]) -> list[Path]:
+    """Each hospital's SuperNode public key (from its public file) as
+    ``ROSTER_DIR/supernode-auth/<name>.pub``, for ``flwr supernode register``."""
+    out = []
+    for p in publics:
+        text = p.get("supernode_auth_public_key", "")
+        if not text:
+            continue
+        if not text.startswith("ecdsa-sha2-nistp") or "\n" in text:
+            raise ValueError(f"{p['name']}: its SuperNode key is not an OpenSSH EC public key")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", p["name"]):
+            raise ValueError(f"{p['name']!r} is not a plain file name")
+        path = Path(roster_path).resolve().parent / AUTH_KEY / f"{p['name']}.pub"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="ascii")
+        out.append(path)
+    return out
 
 
 def _roster_verify_cmd(args: argparse.Namespace) -> int:
@@ -263,9 +305,9 @@ def add_operator_parsers(sub: Any) -> None:
     start.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink's Fleet API")
     start.add_argument("--root-certificates", type=Path, required=True,
                        help="the CA certificate that signed the SuperLink's TLS certificate")
-    start.add_argument("--auth-key", type=Path, required=True,
+    start.add_argument("--auth-key", type=Path, default=None,
                        help="the hospital's SuperNode authentication key (registered by the "
-                            "coordinator)")
+                            "coordinator; default DIR/supernode-auth, made by hospital init)")
     start.add_argument("--node-config", default="",
                        help="more node config, e.g. the data's keys")
     start.add_argument("--port", type=nonnegative_int, default=9094,
