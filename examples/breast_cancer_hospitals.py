@@ -27,7 +27,7 @@ from bract import tasks
 from bract.audit.report import verdict_line, write_reports
 from bract.audit.verify import verify_federation
 from bract.flower import PrivacyPolicy
-from bract.flower.server import summarize
+from bract.flower.observer import summarize
 from bract.flower.simulation import SimulationConfig, run
 
 

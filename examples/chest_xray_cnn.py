@@ -26,7 +26,7 @@ from rich.console import Console
 from bract import tasks
 from bract.cli import main as bract_command
 from bract.flower import PrivacyPolicy
-from bract.flower.server import summarize
+from bract.flower.observer import summarize
 from bract.flower.simulation import SimulationConfig, run
 
 

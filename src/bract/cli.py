@@ -137,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _simulate(args: argparse.Namespace, console: Console) -> int:
     from bract import tasks
+    from bract.flower.checkpoint import CheckpointError
     from bract.flower.client import PrivacyPolicy
-    from bract.flower.server import CheckpointError, summarize
+    from bract.flower.observer import summarize
     from bract.flower.simulation import SimulationConfig, run
     from bract.privacy import PrivacyError
 

@@ -711,7 +711,7 @@ def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
 def _compare_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from bract.flower.server import CheckpointError
+    from bract.flower.checkpoint import CheckpointError
     from bract.privacy import PrivacyError
 
     console = Console()

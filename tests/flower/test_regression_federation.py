@@ -9,9 +9,10 @@ import pytest
 from bract import tasks
 from bract.flower.app import hospital_setup
 from bract.flower.client import PrivacyPolicy, make_client_app
+from bract.flower.observer import LiveTable, summarize
 from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
-from bract.flower.server import ServerConfig, _Display, run_federation, summarize
+from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import load_weights, weights_of
 
 from .conftest import FakeGrid
@@ -85,7 +86,7 @@ def test_secure_federation_on_diabetes_reports_mse_and_r2_every_round(tmp_path) 
 def test_summary_and_live_table_show_r2_and_mse(plain_report) -> None:
     text = summarize(plain_report)
     assert "R²" in text and "MSE" in text and "accuracy" not in text
-    display = _Display(rounds=1, enabled=False)
+    display = LiveTable(rounds=1, enabled=False)
     row = plain_report["rounds"][0]
     display.row({**row, "epsilon_value": row["epsilon"]})
     headers = [str(c.header) for c in display.table.columns]
@@ -93,7 +94,7 @@ def test_summary_and_live_table_show_r2_and_mse(plain_report) -> None:
     cells = [next(iter(c.cells)) for c in display.table.columns[:3]]
     assert cells[1] == f"{row['mse']:.1f}" and cells[2] == f"{row['r2']:.3f}"
     # classification rows keep loss and accuracy
-    cls = _Display(rounds=1, enabled=False)
+    cls = LiveTable(rounds=1, enabled=False)
     classification = {k: v for k, v in row.items() if k not in ("r2", "mse")}
     cls.row({**classification, "accuracy": 0.5, "epsilon_value": 1.0})
     assert [str(c.header) for c in cls.table.columns][:3] == ["round", "loss", "acc"]

@@ -11,10 +11,11 @@ import pytest
 
 from bract import tasks
 from bract.flower.app import dataset_source, hospital_setup
+from bract.flower.checkpoint import CheckpointError
 from bract.flower.client import PrivacyPolicy, make_client_app, privacy_dir
 from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
-from bract.flower.server import CheckpointError, ServerConfig, run_federation
+from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import PrivacyLedger, epsilon_of, load_weights, weights_of
 
 from .conftest import FakeGrid

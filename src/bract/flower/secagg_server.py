@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import Message, RecordDict
@@ -147,6 +147,28 @@ class SecAggSettings:
         }
 
 
+class RoundHooks(Protocol):
+    """How the round loop takes part in a secure round (:meth:`SecureAggregator.run_round`)."""
+
+    def train_content(self, node: int, content: RecordDict) -> None:
+        """Add the training instruction (global model, round config) to a ``train`` message."""
+
+    def on_train_reply(self, node: int, reply: Message) -> bool:
+        """Read a ``train`` reply's privacy report; whether the hospital trained."""
+
+    def on_missing(self, node: int) -> None:
+        """A hospital that did not answer its ``train`` message."""
+
+    def label(self, node: int) -> str:
+        """The hospital's name for the report."""
+
+    def note(self, text: str) -> None:
+        """Tell the operator (live table or log)."""
+
+    def next_nodes(self) -> Sequence[int] | None:
+        """The hospitals the next round will ask (``None``: no next round)."""
+
+
 class SecureAggregator:
     """Runs bract's secure aggregation for the server over a Flower Grid.
 
@@ -252,27 +274,18 @@ class SecureAggregator:
 
     # -------------------------------------------------------------------- round
     def run_round(
-        self,
-        rnd: int,
-        nodes: Sequence[int],
-        dim: int,
-        train_content: Callable[[int, RecordDict], None],
-        on_train_reply: Callable[[int, Message], bool],
-        label: Callable[[int], str],
-        note: Notify,
-        on_missing: Callable[[int], None] = lambda node: None,
-        next_nodes: Callable[[], Sequence[int] | None] = lambda: None,
+        self, rnd: int, nodes: Sequence[int], dim: int, hooks: RoundHooks,
     ) -> tuple[AggregateResult | None, SecureRoundInfo]:
         """One secure round over ``nodes``; ``None`` if it aborted (nothing revealed).
 
-        ``train_content`` adds the training instruction (global model, round
-        config) to each ``train`` message; ``on_train_reply`` reads a ``train``
-        reply's privacy report and says whether the hospital trained; ``on_missing``
-        is told of each hospital that did not answer it. ``next_nodes`` is asked,
-        at the unmask stage, which hospitals the next round will ask (``None``: no
-        next round); when all of them are in this round's signed alive set, the
-        next round is opened with this one's unmask messages (pipelining).
+        The round loop takes part through ``hooks`` (:class:`RoundHooks`): it adds the
+        training instruction to each ``train`` message, reads each ``train`` reply's
+        privacy report, hears of hospitals that did not answer, names them, and says
+        at the unmask stage which hospitals the next round will ask; when all of them
+        are in this round's signed alive set, the next round is opened with this
+        one's unmask messages (pipelining).
         """
+        note, label = hooks.note, hooks.label
         t0 = time.perf_counter()
         info = SecureRoundInfo()
         advertised: list[int] | None = None
@@ -294,17 +307,15 @@ class SecureAggregator:
         try:
             # A stage counts once its messages go out (not when it aborts before).
             if prepared is None:
-                self._config_and_train(rnd, ready, dim, train_content, on_train_reply, note,
-                                       label, on_missing, info)
+                self._config_and_train(rnd, ready, dim, hooks, info)
                 stages = ("mask", "check", "unmask")
             else:
                 self._last_config = self.session.open_config()
-                self._mask_and_train(rnd, ready, train_content, on_train_reply, note, label,
-                                     on_missing, info)
+                self._mask_and_train(rnd, ready, hooks, info)
                 stages = ("check", "unmask")
             for stage in stages:
                 if stage == "unmask":
-                    self._unmask_stage(rnd, dim, next_nodes, note, label, info)
+                    self._unmask_stage(rnd, dim, hooks, info)
                     continue
                 request_fn, receive = {
                     "mask": (self.session.mask_requests, self.session.receive_masked_input),
@@ -355,11 +366,7 @@ class SecureAggregator:
         return None
 
     def _config_and_train(
-        self, rnd: int, ready: list[int], dim: int,
-        train_content: Callable[[int, RecordDict], None],
-        on_train_reply: Callable[[int, Message], bool], note: Notify,
-        label: Callable[[int], str], on_missing: Callable[[int], None],
-        info: SecureRoundInfo,
+        self, rnd: int, ready: list[int], dim: int, hooks: RoundHooks, info: SecureRoundInfo,
     ) -> None:
         """Four-stage path, stage 1: the round config travels with the training
         instruction; hospitals train and answer with their shares."""
@@ -371,14 +378,10 @@ class SecureAggregator:
         self._last_config = cfg
         info.stages += 1
         self._train_exchange(rnd, dict.fromkeys(ready, cfg), self.session.receive_shares,
-                             train_content, on_train_reply, note, label, on_missing)
+                             hooks)
 
     def _mask_and_train(
-        self, rnd: int, ready: list[int],
-        train_content: Callable[[int, RecordDict], None],
-        on_train_reply: Callable[[int, Message], bool], note: Notify,
-        label: Callable[[int], str], on_missing: Callable[[int], None],
-        info: SecureRoundInfo,
+        self, rnd: int, ready: list[int], hooks: RoundHooks, info: SecureRoundInfo,
     ) -> None:
         """Pipelined path: every share of the round is in, so each sharer's mask
         request travels with its training instruction; hospitals train and answer
@@ -387,37 +390,34 @@ class SecureAggregator:
         info.stages += 1
         for node in ready:
             if node not in requests:  # did not answer the config with last round's unmask
-                on_missing(node)
-        self._train_exchange(rnd, requests, self.session.receive_masked_input,
-                             train_content, on_train_reply, note, label, on_missing)
+                hooks.on_missing(node)
+        self._train_exchange(rnd, requests, self.session.receive_masked_input, hooks)
 
     def _train_exchange(
         self, rnd: int, requests: Mapping[int, SecAggMessage], receive: Callable[[Any], None],
-        train_content: Callable[[int, RecordDict], None],
-        on_train_reply: Callable[[int, Message], bool], note: Notify,
-        label: Callable[[int], str], on_missing: Callable[[int], None],
+        hooks: RoundHooks,
     ) -> None:
         """The ``train`` stage: each request with the training instruction; the protocol
         reply of every hospital that trained goes to ``receive``."""
-        replies = self._exchange(rnd, "train", requests, train_content)
+        replies = self._exchange(rnd, "train", requests, hooks.train_content)
         for node in requests:
             if node not in replies:
-                on_missing(node)
+                hooks.on_missing(node)
         for node, reply in replies.items():
             if reply.has_error() and KeyRotationRequired.__name__ in reply.error.reason:
                 self._readvertise.add(node)
-            if on_train_reply(node, reply):
-                self._receive(rnd, node, reply, receive, note, label)
+            if hooks.on_train_reply(node, reply):
+                self._receive(rnd, node, reply, receive, hooks.note, hooks.label)
 
     def _unmask_stage(
-        self, rnd: int, dim: int, next_nodes: Callable[[], Sequence[int] | None],
-        note: Notify, label: Callable[[int], str], info: SecureRoundInfo,
+        self, rnd: int, dim: int, hooks: RoundHooks, info: SecureRoundInfo,
     ) -> None:
         """Stage 4, plus the next round's config and shares when pipelining applies."""
+        note, label = hooks.note, hooks.label
         req = self.session.unmask_request()
         info.stages += 1
         signers = {self.node_of[s] for s in req.signers}
-        upcoming = next_nodes()
+        upcoming = hooks.next_nodes()
         next_cfg: RoundConfig | None = None
         if upcoming is not None and len(upcoming) >= 2 and set(upcoming) <= signers:
             try:

@@ -13,6 +13,11 @@ trained leaves the global model unchanged. The report and ledger files are
 rewritten atomically after every round, so an interrupted run leaves a
 consistent record of the rounds it completed.
 
+One job per part: this module is the round loop; the checkpoint after every round
+is :mod:`bract.flower.checkpoint`'s, and what the operator sees (live table, plots,
+summary) is :mod:`bract.flower.observer`'s. A secure round takes part in the loop
+through one :class:`~bract.flower.secagg_server.RoundHooks` object.
+
 Ledger integrity: every reply carries the hospital's signed, hash-chained ledger
 (:mod:`bract.records.ledger`). The server checks it against its roster on receipt
 (signatures, links, and that it extends what the server already holds); a reply
@@ -25,7 +30,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,12 +39,12 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from bract.flower.checkpoint import (
+    Checkpointer,
+)
 from bract.flower.files import atomic_write_text
+from bract.flower.observer import RunObserver
 from bract.flower.records import (
     EVAL_METRICS,
     GLOBAL_WEIGHTS,
@@ -142,88 +146,6 @@ class FederationRecord:
         )
 
 
-def _eps_text(x: float) -> str:
-    return f"{x:.3f}" if math.isfinite(x) else "∞ NON-PRIVATE"
-
-
-class _Display:
-    """Live per-round table with a progress bar (rich), or nothing when disabled."""
-
-    def __init__(self, rounds: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.console = Console()
-        self.table = Table(title="bract federation: global model on the central test set")
-        for col in ("round", "loss", "acc", "max ε", "trained", "s"):
-            self.table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
-        self.hospital_columns: list[str] = []
-        self.progress = Progress(
-            TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        )
-        self.task = self.progress.add_task("rounds", total=rounds)
-        self.live = Live(Group(self.table, self.progress), console=self.console,
-                         refresh_per_second=4, transient=False)
-
-    def __enter__(self) -> _Display:
-        if self.enabled:
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.live.__exit__(*exc)
-            self.console.print()
-
-    def row(self, row: dict[str, Any]) -> None:
-        per_client = row["per_client"]
-        if not self.hospital_columns and len(per_client) <= 6:
-            # One ε column per hospital when they fit; otherwise the max says it all.
-            self.hospital_columns = sorted(per_client)
-            for cid in self.hospital_columns:
-                self.table.add_column(f"ε {cid.replace('hospital-', 'h')}", justify="right")
-        trained = sum(1 for v in per_client.values() if v["trained"])
-        regression = "r2" in row
-        if regression and self.table.columns[2].header == "acc":
-            # Regression: MSE (target units) in the loss column, R² in the accuracy column.
-            self.table.columns[1].header, self.table.columns[2].header = "MSE", "R²"
-        metric = row.get("r2") if regression else row.get("accuracy")
-        loss = row.get("mse") if regression else row.get("loss")
-        held_out = row.get("federated_eval")
-        if loss is None and metric is None and held_out is not None:
-            # No central test set: the hospitals' pooled held-out evaluation of the model
-            # they received this round, marked with a dagger.
-            if self.table.title and "held-out" not in str(self.table.title):
-                self.table.title = ("bract federation: global model on the central test set "
-                                    "(† hospitals' pooled held-out splits, model of the "
-                                    "round before)")
-            loss, metric = held_out["loss"], held_out["accuracy"]
-            cells_suffix = "†"
-        else:
-            cells_suffix = ""
-        cells = [
-            str(row["round"]),
-            ((f"{loss:.1f}" if regression else f"{loss:.3f}") + cells_suffix
-             if loss is not None else "-"),
-            f"{metric:.3f}{cells_suffix}" if metric is not None else "-",
-            _eps_text(row["epsilon_value"]),
-            f"{trained}/{len(per_client)}",
-            f"{row['seconds']:.1f}",
-        ]
-        for cid in self.hospital_columns:
-            v = per_client.get(cid)
-            text = "-" if v is None else _eps_text(v["epsilon"])
-            if v is not None and not v["trained"]:
-                text += " stop"
-            cells.append(text)
-        self.table.add_row(*cells)
-        self.progress.advance(self.task)
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(f"[yellow]{text}[/yellow]")
-        else:
-            log.warning(text)
-
-
 def _wait_for_nodes(grid: Grid, n: int, seconds: float) -> list[int]:
     deadline = time.monotonic() + seconds
     while True:
@@ -231,40 +153,6 @@ def _wait_for_nodes(grid: Grid, n: int, seconds: float) -> list[int]:
         if len(nodes) >= n or time.monotonic() > deadline:
             return nodes
         time.sleep(0.1)
-
-
-CHECKPOINT_DIR = "checkpoint"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or belongs to a different run configuration."""
-
-
-_RESUME_IGNORES = frozenset({"out", "resume", "save_model", "show_progress"})
-
-
-def load_checkpoint_state(out_dir: Path, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The checkpoint state in ``out_dir``, if it was made with the same configuration.
-
-    Raises :class:`CheckpointError` naming the problem: no checkpoint, an unreadable
-    one, or settings that differ (only the output options may change on resume).
-    """
-    path = Path(out_dir) / CHECKPOINT_DIR / "state.json"
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint to resume from in {path.parent}")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        old = {k: v for k, v in state["config"].items() if k not in _RESUME_IGNORES}
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
-    new = {k: v for k, v in run_config.items() if k not in _RESUME_IGNORES}
-    if old != new:
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        raise CheckpointError(
-            f"the checkpoint in {path.parent} was made with a different configuration "
-            f"(differs in {diff}); resume with the same settings or use another --out"
-        )
-    return state
 
 
 def federated_evaluation(rnd: int, totals: Mapping[str, float]) -> dict[str, Any]:
@@ -298,6 +186,7 @@ class Federation:
         self.evaluate = evaluate
         self.cfg = cfg
         self.record = FederationRecord(cfg.out_dir, cfg.run_config)
+        self.checkpointer = Checkpointer(cfg.out_dir, cfg.run_config)
         self.names: dict[int, str] = {}
         self.latest: dict[str, dict[str, Any]] = {}
         self.stopped: dict[str, str] = {}
@@ -316,21 +205,11 @@ class Federation:
     # ---------------------------------------------------------------- checkpoints
     @property
     def checkpoint_dir(self) -> Path:
-        return self.cfg.out_dir / CHECKPOINT_DIR
+        return self.checkpointer.dir
 
     def checkpoint(self) -> None:
-        """Write the global model, then the state that names it (the commit point)."""
-        ckpt = self.checkpoint_dir
-        ckpt.mkdir(parents=True, exist_ok=True)
-        model_name = f"global-round-{self.completed}.npz"
-        fd, tmp = tempfile.mkstemp(dir=ckpt, prefix=".model.", suffix=".npz")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **self.global_weights)
-        os.replace(tmp, ckpt / model_name)
+        """Save the global model and the loop's state after the completed round."""
         state = {
-            "completed_rounds": self.completed,
-            "model": model_name,
-            "config": self.cfg.run_config,
             "report": self.record.report,
             "chains": {cid: dumps_jsonl(chain) for cid, chain in self.record.chains.items()},
             "latest": {cid: {**v, "epsilon": _json_float(v["epsilon"])}
@@ -340,23 +219,11 @@ class Federation:
             "resumes": self.resumes,
             "run_id": self.run_id,
         }
-        atomic_write_text(ckpt / "state.json", json.dumps(state) + "\n")
-        for old in ckpt.glob("global-round-*.npz"):
-            if old.name != model_name:
-                old.unlink()
+        self.checkpointer.save(self.completed, self.global_weights, state)
 
     def restore(self) -> None:
         """Continue from the checkpoint in ``out_dir``; refuses a different configuration."""
-        state = load_checkpoint_state(self.cfg.out_dir, self.cfg.run_config)
-        try:
-            with np.load(self.checkpoint_dir / state["model"]) as data:
-                weights = {k: data[k] for k in data.files}
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(
-                f"checkpointed model in {self.checkpoint_dir} is unreadable: {exc}"
-            ) from None
-        if weights.keys() != self.global_weights.keys():
-            raise CheckpointError("the checkpointed model does not match this run's model")
+        state, weights = self.checkpointer.restore(self.global_weights.keys())
         self.global_weights = weights
         self.completed = int(state["completed_rounds"])
         self.record.report = state["report"]
@@ -383,7 +250,7 @@ class Federation:
         return self.names.get(node, f"node-{node}")
 
     def _read_train_reply(
-        self, rnd: int, node: int, reply: Message, display: _Display
+        self, rnd: int, node: int, reply: Message, display: RunObserver
     ) -> str | None:
         """Record a training reply's privacy report; the hospital's id if it trained."""
         if reply.has_error():
@@ -445,7 +312,7 @@ class Federation:
             raise LedgerError("its signed entries and its reported events differ")
         return chain
 
-    def _plain_round(self, rnd: int, display: _Display) -> tuple[list[str], dict[str, Any]]:
+    def _plain_round(self, rnd: int, display: RunObserver) -> tuple[list[str], dict[str, Any]]:
         """Plain FedAvg: updates and example counts travel in clear (--no-secagg)."""
         arrays = weights_to_record(self.global_weights)
         messages = []
@@ -489,30 +356,14 @@ class Federation:
             self.global_weights = fedavg(updates)
         return trained, federated_evaluation(rnd, clear_eval)
 
-    def _secure_round(self, rnd: int, display: _Display) -> tuple[list[str], dict[str, Any]]:
+    def _secure_round(self, rnd: int, display: RunObserver) -> tuple[list[str], dict[str, Any]]:
         """Secure FedAvg: the server learns only the example-weighted mean update."""
         assert self.secure is not None
         arrays = weights_to_record(self.global_weights)
         trained: list[str] = []
 
-        def on_train_reply(node: int, reply: Message) -> bool:
-            cid = self._read_train_reply(rnd, node, reply, display)
-            if cid is not None:
-                trained.append(cid)
-            return cid is not None
-
-        def on_missing(node: int) -> None:
-            self.failed[self._label(node)] = "did not answer"
-            display.note(f"round {rnd}: {self._label(node)} did not answer")
-
-        result, info = self.secure.run_round(
-            rnd, list(self.active), self._secure_dim(),
-            lambda node, content: self._round_content(rnd, arrays, content),
-            on_train_reply, self._label, display.note, on_missing,
-            # Asked at the unmask stage: the hospitals of the next round, if any, so
-            # that its config and shares can travel with this round's unmask messages.
-            lambda: list(self.active) if rnd < self.cfg.rounds else None,
-        )
+        hooks = _SecureRoundHooks(self, rnd, arrays, trained, display)
+        result, info = self.secure.run_round(rnd, list(self.active), self._secure_dim(), hooks)
         if result is None:
             display.note(f"round {rnd}: secure aggregation aborted ({info.aborted}); "
                          "nothing was revealed and the global model is unchanged")
@@ -540,7 +391,7 @@ class Federation:
         params = sum(v.size for v in self.global_weights.values())
         return int(params + self.cfg.secagg.aggregate_metrics)
 
-    def run_round(self, rnd: int, display: _Display) -> dict[str, Any]:
+    def run_round(self, rnd: int, display: RunObserver) -> dict[str, Any]:
         """One round of private FedAvg (secure or plain); returns the report row."""
         t0 = time.perf_counter()
         self.failed = {}
@@ -592,7 +443,7 @@ class Federation:
                 round_offset=self.resumes,
             )
         todo = self.cfg.rounds - self.completed
-        with _Display(todo, self.cfg.show_progress) as display:
+        with RunObserver(todo, self.cfg.show_progress) as display:
             if resume:
                 display.note(f"resuming after round {self.completed} from {self.checkpoint_dir}")
             # Secure aggregation needs at least three hospitals: a sum of one is its
@@ -642,18 +493,43 @@ class Federation:
         return self.record.report
 
     def _draw_plots(self) -> None:
-        """epsilon.png and metric.png next to report.json (:mod:`bract.plots`), listed
-        in the report's ``final["plots"]``. The report is already on disk: a plotting
-        failure only warns and never loses it."""
-        try:
-            from bract.plots import plot_run
+        """The observer's plots, listed in the report's ``final["plots"]`` (the report
+        is already on disk: a plotting failure only warns and never loses it)."""
+        paths = RunObserver.draw_plots(self.record.report, self.cfg.out_dir)
+        if paths is not None:
+            self.record.report["final"]["plots"] = paths
+            self.record.write()
 
-            paths = plot_run(self.record.report, self.cfg.out_dir)
-        except Exception as exc:  # plots are a convenience; the report is the record
-            logging.getLogger(__name__).warning("could not draw the run's plots: %s", exc)
-            return
-        self.record.report["final"]["plots"] = [str(p) for p in paths]
-        self.record.write()
+
+class _SecureRoundHooks:
+    """The round loop's side of one secure round (:class:`RoundHooks`)."""
+
+    def __init__(self, fed: Federation, rnd: int, arrays: ArrayRecord, trained: list[str],
+                 display: RunObserver) -> None:
+        self.fed, self.rnd, self.arrays, self.trained = fed, rnd, arrays, trained
+        self.note = display.note
+        self.display = display
+
+    def train_content(self, node: int, content: RecordDict) -> None:
+        self.fed._round_content(self.rnd, self.arrays, content)
+
+    def on_train_reply(self, node: int, reply: Message) -> bool:
+        cid = self.fed._read_train_reply(self.rnd, node, reply, self.display)
+        if cid is not None:
+            self.trained.append(cid)
+        return cid is not None
+
+    def on_missing(self, node: int) -> None:
+        self.fed.failed[self.fed._label(node)] = "did not answer"
+        self.note(f"round {self.rnd}: {self.fed._label(node)} did not answer")
+
+    def label(self, node: int) -> str:
+        return self.fed._label(node)
+
+    def next_nodes(self) -> list[int] | None:
+        # Asked at the unmask stage: the hospitals of the next round, if any, so that
+        # its config and shares can travel with this round's unmask messages.
+        return list(self.fed.active) if self.rnd < self.fed.cfg.rounds else None
 
 
 def run_federation(
@@ -682,26 +558,3 @@ def make_server_app(
             on_done(report)
 
     return app
-
-
-def summarize(report: Mapping[str, Any]) -> str:
-    """One-line human summary of a finished report."""
-    final = report.get("final", {})
-    eps = final.get("epsilon")
-    eps = f"{eps:.4f}" if isinstance(eps, float) else eps
-    acc = final.get("accuracy")
-    acc_text = f"{acc:.3f}" if isinstance(acc, (int, float)) else "-"
-    quality = f"final accuracy {acc_text}"
-    if isinstance(final.get("r2"), (int, float)):  # regression
-        mse = final.get("mse")
-        mse_text = f"{mse:.4g}" if isinstance(mse, (int, float)) else "-"
-        quality = f"final R² {final['r2']:.3f}, MSE {mse_text}"
-    held_out = final.get("federated_eval")
-    if acc is None and isinstance(held_out, Mapping):  # no central test set
-        quality = (f"accuracy {held_out['accuracy']:.3f} on the hospitals' pooled held-out "
-                   f"splits (model of round {held_out['model_of_round']})")
-    return (
-        f"{final.get('rounds_completed', 0)} rounds, {quality}, "
-        f"epsilon {eps} at delta {final.get('delta')}"
-        + ("  [NON-PRIVATE: no DP noise]" if final.get("non_private") else "")
-    )

@@ -32,6 +32,7 @@ from flwr.app import Context
 
 from bract import tasks
 from bract.flower.app import HOSPITALS_DIR, hospital_setup
+from bract.flower.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint_state
 from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
 from bract.flower.faults import DROP_STAGES, dropout_mod
 from bract.flower.records import AGGREGATED_METRICS
@@ -42,13 +43,7 @@ from bract.flower.secagg_client import (
     write_identity_key,
 )
 from bract.flower.secagg_server import SecAggSettings
-from bract.flower.server import (
-    CHECKPOINT_DIR,
-    CheckpointError,
-    ServerConfig,
-    load_checkpoint_state,
-    make_server_app,
-)
+from bract.flower.server import ServerConfig, make_server_app
 from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
 from bract.records.ledger import SignerRoster
 from bract.records.roster import Roster, read_roster, write_roster
