@@ -28,13 +28,11 @@ library. ``report.json`` is *not* trusted: it is compared, never believed.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 from bract.records.ledger import (
     LedgerEntry,
@@ -44,6 +42,7 @@ from bract.records.ledger import (
     check_chain,
     read_ledger,
 )
+from bract.records.report import ReportError, RunReport, number, read_report
 
 #: Relative tolerance between a reported epsilon and the PLD recomputation. bract
 #: reports Opacus's PRV upper bound, within [0.995, 1.01] x PLD(1e-4) by design
@@ -219,27 +218,14 @@ def disagreement(reported: float, recomputed: float, tolerance: float) -> str | 
 # --------------------------------------------------------------------------- inputs
 
 
-def _read_report(path: Path) -> dict[str, Any]:
+def _read_report(path: Path) -> RunReport:
     try:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AuditInputError(f"report file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AuditInputError(f"report file {path} is not readable JSON: {exc}") from None
-    if not isinstance(report, dict) or not isinstance(report.get("rounds"), list):
-        raise AuditInputError(f"{path} is not a bract report.json (no 'rounds' list)")
-    for row in report["rounds"]:
-        if not isinstance(row, dict) or not isinstance(row.get("per_client"), dict) \
-                or not isinstance(row.get("round"), int):
-            raise AuditInputError(f"{path}: a round lacks 'round' or 'per_client'")
-    return report
+        return read_report(path)
+    except ReportError as exc:
+        raise AuditInputError(str(exc)) from None
 
 
-def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+_number = number
 
 
 def _ledger(path: Path, what: str) -> list[LedgerEntry]:
@@ -287,9 +273,9 @@ def verify_federation(
     copies = {
         cid: _ledger(Path(p), f"{cid}'s own copy") for cid, p in (hospital_copies or {}).items()
     }
-    config = (report or {}).get("config", {}) if isinstance(report, dict) else {}
-    if budget is None:
-        raw = config.get("target_epsilon", config.get("target-epsilon"))
+    config = report.config if report is not None else {}
+    if budget is None and report is not None:
+        raw = report.config_value("target_epsilon")
         budget = _number(raw) if raw is not None else None
     findings: list[Finding] = []
     hospitals: dict[str, HospitalAudit] = {}
@@ -297,7 +283,7 @@ def verify_federation(
     def fail(cid: str, topic: str, message: str) -> None:
         findings.append(Finding(FAIL, cid, topic, message))
 
-    last_seen = _last_per_client(report) if report else {}
+    last_seen = report.last_per_client() if report is not None else {}
     names = sorted(set(chains) | set(copies) | set(last_seen))
     total = sum(len(c) for c in chains.values())
     done = 0
@@ -318,24 +304,24 @@ def verify_federation(
             h.in_roster = False
             fail(cid, "roster", f"{cid} is not in the roster, so its entries cannot be "
                                 "authenticated")
-        expected = last_seen.get(cid, {}).get("ledger_entries")
+        seen = last_seen.get(cid)
         check = check_chain(
             chain, key, client_id=cid,
-            expected_length=int(expected) if isinstance(expected, int) else None,
+            expected_length=seen.ledger_entries if seen is not None else None,
         ) if key is not None else None
         if check is not None:
             h.verified = check.verified
             h.chain_problem = check.problem
             if check.problem:
                 fail(cid, "integrity", f"{cid}'s ledger fails verification: {check.problem}")
-            head = last_seen.get(cid, {}).get("ledger_head")
+            head = seen.ledger_head if seen is not None else ""
             if check.ok and head and chain and chain[-1].hash() != head:
                 h.chain_problem = "last entry differs from the one report.json recorded"
                 fail(cid, "integrity", f"{cid}'s last entry is not the one report.json "
                                        "recorded (its hash differs)")
         # 2. epsilon after every entry
         recomputed = recompute_epsilons(chain, pld_discretization, tick)
-        carried = _carried(last_seen.get(cid, {}), len(chain))
+        carried = min(seen.ledger_carried, len(chain)) if seen is not None else 0
         for entry, eps in zip(chain[carried:], recomputed[carried:], strict=True):
             h.recomputed_by_round[entry.round] = eps  # report.json's rounds refine this
         for entry, eps in zip(chain, recomputed, strict=True):
@@ -369,7 +355,7 @@ def verify_federation(
             _check_report_rows(h, chain, recomputed, report, tolerance, fail)
     if report is not None:
         _check_final(report, hospitals, tolerance, fail)
-    rounds = sorted({r["round"] for r in report["rounds"]}) if report else sorted(
+    rounds = sorted({r.round for r in report.rounds}) if report is not None else sorted(
         {e.round for c in chains.values() for e in c}
     )
     if not chains:
@@ -381,67 +367,51 @@ def verify_federation(
     )
 
 
-def _carried(last: dict[str, Any], n: int) -> int:
-    """How many of a hospital's ``n`` entries its data spent before this run, as the
-    server recorded (``ledger_carried``; 0 in reports that predate lifetime ledgers)."""
-    value = last.get("ledger_carried", 0)
-    return min(max(value, 0), n) if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _last_per_client(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each hospital's last per-client record in report.json (the server's latest)."""
-    out: dict[str, dict[str, Any]] = {}
-    for row in report["rounds"]:
-        for cid, v in row["per_client"].items():
-            if isinstance(v, dict):
-                out[cid] = v
-    return out
-
-
 def _check_report_rows(
     h: HospitalAudit, chain: list[LedgerEntry], recomputed: list[float],
-    report: dict[str, Any], tolerance: float, fail: Callable[[str, str, str], None],
+    report: RunReport, tolerance: float, fail: Callable[[str, str, str], None],
 ) -> None:
     """report.json's per-round epsilon and steps against the ledger; missing entries."""
     cid = h.client_id
-    carried = _carried(_last_per_client(report).get(cid, {}), len(chain))
-    for row in report["rounds"]:
-        r = row["round"]
+    seen = report.last_per_client().get(cid)
+    # Entries spent before this run (earlier runs or federations) count from round 1.
+    carried = min(seen.ledger_carried, len(chain)) if seen is not None else 0
+    for row in report.rounds:
+        r = row.round
         # Entries spent before this run (earlier runs or federations) count from round 1.
         upto = [i for i, e in enumerate(chain) if i < carried or e.round <= r]
         eps = recomputed[upto[-1]] if upto else 0.0
         h.recomputed_by_round[r] = eps
-        v = row["per_client"].get(cid)
-        if not isinstance(v, dict) or cid in row.get("failed", {}):
+        v = row.per_client.get(cid)
+        if v is None or cid in row.failed:
             continue  # the hospital did not answer this round: nothing was reported
-        reported = _number(v.get("epsilon"))
+        reported = v.epsilon
         h.reported_by_round[r] = reported
         why = disagreement(reported, eps, tolerance) if not math.isnan(reported) else "unreadable"
         if why is not None:
             fail(cid, "report", f"report.json round {r} gives {cid} ε={_fmt(reported)} but its "
                                 f"ledger up to round {r} gives ε={_fmt(eps)}: {why}")
-        steps = v.get("steps")
+        steps = v.steps
         ledger_steps = sum(chain[i].event.steps for i in upto)
-        if isinstance(steps, int) and steps != ledger_steps:
+        if steps is not None and steps != ledger_steps:
             fail(cid, "report", f"report.json round {r} says {cid} ran {steps} DP-SGD steps in "
                                 f"all, its ledger records {ledger_steps}")
-        trained = cid in row.get("trained", []) or v.get("trained") is True
+        trained = cid in row.trained or v.trained
         if trained and not any(e.round == r for e in chain[carried:]):
             fail(cid, "missing", f"missing event: report.json says {cid} trained in round {r}, "
                                  f"but its ledger has no entry for round {r}")
 
 
 def _check_final(
-    report: dict[str, Any], hospitals: dict[str, HospitalAudit], tolerance: float,
+    report: RunReport, hospitals: dict[str, HospitalAudit], tolerance: float,
     fail: Callable[[str, str, str], None],
 ) -> None:
-    final = report.get("final") or {}
-    if "epsilon" not in final:
+    if "epsilon" not in report.final:
         return
     finals = [h.final_recomputed for h in hospitals.values() if h.final_recomputed is not None]
     if not finals:
         return
-    claimed = _number(final["epsilon"])
+    claimed = report.final_epsilon
     why = disagreement(claimed, max(finals), tolerance) if not math.isnan(claimed) else "unreadable"
     if why is not None:
         fail("", "report", f"report.json's final ε={_fmt(claimed)} disagrees with the largest "

@@ -1,0 +1,217 @@
+"""The run report (``report.json``), read once into typed records.
+
+The server writes ``report.json`` after every round (:mod:`bract.flower.server`);
+everything that reads it back — the privacy officer's audit, the summary line,
+the plots — reads it through :func:`read_report` / :meth:`RunReport.from_plain`,
+so each field is named and converted in one place.
+
+Structure is checked strictly (a report without a ``rounds`` list, a round without
+its number or per-hospital table, a per-hospital entry that is not an object:
+:class:`ReportError` naming it); *values* are read leniently: a number that is
+missing or unreadable becomes ``nan`` (``"inf"`` becomes ``inf``), so a reader that
+checks values (the audit) can say which one is wrong instead of failing to read.
+Pure: imports neither flwr nor torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FederatedEval", "HospitalRound", "ReportError", "RoundRow", "RunReport",
+           "number", "read_report"]
+
+#: The global model's metrics a round row may carry (central test set).
+METRIC_KEYS = ("loss", "accuracy", "mse", "r2")
+
+
+class ReportError(ValueError):
+    """A file is not a bract report, or its structure is broken; the message says where."""
+
+
+def number(value: Any) -> float:
+    """A report value as a float: ``"inf"`` is ``inf``; missing or unreadable is ``nan``."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class HospitalRound:
+    """One hospital's line in a round row: what it reported after that round."""
+
+    epsilon: float
+    trained: bool
+    reason: str = ""
+    steps: int | None = None
+    noise_multiplier: float = math.nan
+    sample_rate: float = math.nan
+    #: The length of its signed chain the server held, and the hash of its last entry.
+    ledger_entries: int | None = None
+    ledger_head: str = ""
+    #: Entries its data spent before this run (earlier runs or federations).
+    ledger_carried: int = 0
+
+    @classmethod
+    def from_plain(cls, data: Any, where: str) -> HospitalRound:
+        """Parse one per-hospital entry; :class:`ReportError` if it is not an object."""
+        if not isinstance(data, Mapping):
+            raise ReportError(f"{where} is not an object")
+        carried = _count(data.get("ledger_carried"))
+        return cls(
+            epsilon=number(data.get("epsilon")),
+            trained=data.get("trained") is True,
+            reason=str(data.get("reason", "")),
+            steps=_count(data.get("steps")),
+            noise_multiplier=number(data.get("noise_multiplier")),
+            sample_rate=number(data.get("sample_rate")),
+            ledger_entries=_count(data.get("ledger_entries")),
+            ledger_head=str(data.get("ledger_head", "")),
+            ledger_carried=max(carried, 0) if carried is not None else 0,
+        )
+
+
+@dataclass(frozen=True)
+class FederatedEval:
+    """The hospitals' pooled held-out evaluation of the global model of ``model_of_round``."""
+
+    model_of_round: int
+    examples: int
+    loss: float
+    accuracy: float
+
+    @classmethod
+    def from_plain(cls, data: Any) -> FederatedEval | None:
+        """Parse it, or ``None`` when absent or not an object."""
+        if not isinstance(data, Mapping):
+            return None
+        return cls(_count(data.get("model_of_round")) or 0, _count(data.get("examples")) or 0,
+                   number(data.get("loss")), number(data.get("accuracy")))
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One round as the server recorded it."""
+
+    round: int
+    epsilon: float
+    per_client: dict[str, HospitalRound]
+    trained: tuple[str, ...] = ()
+    failed: dict[str, str] = field(default_factory=dict)
+    #: The global model on the central test set (absent without one).
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_loss: float | None = None
+    federated_eval: FederatedEval | None = None
+    delta: float = math.nan
+    seconds: float = math.nan
+
+    @classmethod
+    def from_plain(cls, data: Any, where: str) -> RoundRow:
+        """Parse a round row; :class:`ReportError` naming a broken structure."""
+        if not isinstance(data, Mapping):
+            raise ReportError(f"{where} is not an object")
+        rnd = _count(data.get("round"))
+        if rnd is None:
+            raise ReportError(f"{where} lacks its round number")
+        per_client = data.get("per_client")
+        if not isinstance(per_client, Mapping):
+            raise ReportError(f"round {rnd} lacks its per-hospital table ('per_client')")
+        trained = data.get("trained", [])
+        failed = data.get("failed", {})
+        return cls(
+            round=rnd,
+            epsilon=number(data.get("epsilon")),
+            per_client={str(cid): HospitalRound.from_plain(v, f"round {rnd}'s entry of {cid}")
+                        for cid, v in per_client.items()},
+            trained=tuple(str(c) for c in trained) if isinstance(trained, list) else (),
+            failed={str(k): str(v) for k, v in failed.items()}
+            if isinstance(failed, Mapping) else {},
+            metrics={k: number(data[k]) for k in METRIC_KEYS if k in data},
+            train_loss=number(data["train_loss"]) if "train_loss" in data else None,
+            federated_eval=FederatedEval.from_plain(data.get("federated_eval")),
+            delta=number(data.get("delta")),
+            seconds=number(data.get("seconds")),
+        )
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """A whole ``report.json``: the run's configuration, its rounds, its final summary."""
+
+    config: dict[str, Any]
+    rounds: tuple[RoundRow, ...]
+    final: dict[str, Any] = field(default_factory=dict)
+    #: The initial global model on the central test set (absent without one).
+    initial: dict[str, float] = field(default_factory=dict)
+    stopped_early: str | None = None
+
+    @classmethod
+    def from_plain(cls, data: Any, source: str = "report") -> RunReport:
+        """Parse a report; :class:`ReportError` when it is not one or its structure is
+        broken (the message names ``source`` and the place)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("rounds"), list):
+            raise ReportError(f"{source} is not a bract report.json (no 'rounds' list)")
+        try:
+            rounds = tuple(RoundRow.from_plain(r, f"round row {i + 1}")
+                           for i, r in enumerate(data["rounds"]))
+        except ReportError as exc:
+            raise ReportError(f"{source}: {exc}") from None
+        config = data.get("config")
+        final = data.get("final")
+        initial = data.get("initial")
+        stopped = data.get("stopped_early")
+        return cls(
+            config=dict(config) if isinstance(config, Mapping) else {},
+            rounds=rounds,
+            final=dict(final) if isinstance(final, Mapping) else {},
+            initial={k: number(v) for k, v in initial.items()}
+            if isinstance(initial, Mapping) else {},
+            stopped_early=str(stopped) if stopped is not None else None,
+        )
+
+    def config_value(self, name: str) -> Any:
+        """A config value under its Python name or its run-config (hyphenated) name."""
+        if name in self.config:
+            return self.config[name]
+        return self.config.get(name.replace("_", "-"))
+
+    def last_per_client(self) -> dict[str, HospitalRound]:
+        """Each hospital's latest line (the server's last word on it)."""
+        out: dict[str, HospitalRound] = {}
+        for row in self.rounds:
+            out.update(row.per_client)
+        return out
+
+    @property
+    def final_epsilon(self) -> float:
+        """The final epsilon the report claims (``nan`` if absent or unreadable)."""
+        return number(self.final.get("epsilon"))
+
+    @property
+    def final_federated_eval(self) -> FederatedEval | None:
+        """The latest pooled held-out evaluation, if the hospitals released one."""
+        return FederatedEval.from_plain(self.final.get("federated_eval"))
+
+
+def read_report(path: str | Path) -> RunReport:
+    """Read ``report.json``; :class:`ReportError` naming a missing, unreadable or
+    broken file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"report file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"report file {path} is not readable JSON: {exc}") from None
+    return RunReport.from_plain(data, str(path))
