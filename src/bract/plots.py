@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bract.records.report import ReportError, RunReport
+
 __all__ = [
     "EPSILON_PNG",
     "METRIC_PNG",
@@ -61,34 +63,15 @@ def _number(value: Any) -> float:
     return math.nan
 
 
-def _rows(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    if not isinstance(report, Mapping):
-        raise ValueError(
-            f"expected a report (a JSON object), got {type(report).__name__}; pass the "
-            "report.json that bract simulate or the ServerApp wrote"
-        )
-    rows = report.get("rounds")
-    if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
-        raise ValueError(
-            "this is not a bract report: it has no 'rounds' list of round rows; pass the "
-            "report.json that bract simulate or the ServerApp wrote"
-        )
-    return rows
-
-
-def _round_numbers(rows: Sequence[Mapping[str, Any]]) -> list[int]:
-    numbers = []
-    for i, row in enumerate(rows):
-        r = row.get("round", i + 1)
-        numbers.append(int(r) if isinstance(r, (int, float)) and not isinstance(r, bool) else i + 1)
-    return numbers
-
-
-def _config_value(config: Mapping[str, Any], name: str) -> Any:
-    """A config value under its Python name or its run-config (hyphenated) name."""
-    if name in config:
-        return config[name]
-    return config.get(name.replace("_", "-"))
+def _typed(report: Mapping[str, Any] | RunReport) -> RunReport:
+    """The report, read through :class:`bract.records.report.RunReport`."""
+    if isinstance(report, RunReport):
+        return report
+    try:
+        return RunReport.from_plain(report, "this")
+    except ReportError as exc:
+        raise ValueError(f"{exc}; pass the report.json that bract simulate or the ServerApp "
+                         "wrote") from None
 
 
 def epsilon_series(report: Mapping[str, Any]) -> tuple[list[int], dict[str, list[float]]]:
@@ -99,21 +82,16 @@ def epsilon_series(report: Mapping[str, Any]) -> tuple[list[int], dict[str, list
     report becomes ``math.inf``. Round 0 is 0 for every series (no mechanism ran).
     Raises ValueError for something that is not a bract report.
     """
-    rows = _rows(report)
-    rounds = [0, *_round_numbers(rows)]
-    hospitals = sorted(
-        {cid for row in rows if isinstance(row.get("per_client"), Mapping)
-         for cid in row["per_client"]}
-    )
+    rows = _typed(report).rounds
+    rounds = [0, *(row.round for row in rows)]
+    hospitals = sorted({cid for row in rows for cid in row.per_client})
     series: dict[str, list[float]] = {cid: [0.0] for cid in hospitals}
     series["max"] = [0.0]
     for row in rows:
-        per_client = row.get("per_client") if isinstance(row.get("per_client"), Mapping) else {}
         for cid in hospitals:
-            entry = per_client.get(cid)
-            series[cid].append(_number(entry.get("epsilon")) if isinstance(entry, Mapping)
-                               else math.nan)
-        series["max"].append(_number(row.get("epsilon")))
+            entry = row.per_client.get(cid)
+            series[cid].append(entry.epsilon if entry is not None else math.nan)
+        series["max"].append(row.epsilon)
     return rounds, series
 
 
@@ -152,10 +130,16 @@ def metric_series(report: Mapping[str, Any]) -> MetricSeries:
     ``"r2"`` anywhere means regression (R², with MSE as the secondary metric);
     otherwise classification (accuracy, with cross-entropy ``loss``). Round 0 is
     the report's ``"initial"`` evaluation when present (``nan`` otherwise).
+    Without a central test set (no row carries a metric), the series is the
+    hospitals' pooled held-out evaluation (``federated_eval``), placed at the round
+    of the model it describes (``kind`` ``"held-out"``).
     """
-    rows = _rows(report)
-    initial = report.get("initial") if isinstance(report.get("initial"), Mapping) else {}
-    points: list[Mapping[str, Any]] = [initial, *rows]
+    typed = _typed(report)
+    rows = typed.rounds
+    if not typed.initial and not any(r.metrics for r in rows) and any(
+            r.federated_eval is not None for r in rows):
+        return _held_out_series(typed)
+    points: list[Mapping[str, float]] = [typed.initial, *(r.metrics for r in rows)]
     regression = any("r2" in p for p in points)
     if regression:
         primary_name, primary_key, secondary_name, secondary_key = "R²", "r2", "MSE", "mse"
@@ -172,9 +156,20 @@ def metric_series(report: Mapping[str, Any]) -> MetricSeries:
 
     return MetricSeries(
         "regression" if regression else "classification",
-        [0, *_round_numbers(rows)],
+        [0, *(r.round for r in rows)],
         primary_name, values(primary_key), secondary_name, values(secondary_key),
     )
+
+
+def _held_out_series(report: RunReport) -> MetricSeries:
+    """Accuracy and cross-entropy on the hospitals' pooled held-out splits, at the round
+    of the model each evaluation describes (the last round's model is not evaluated)."""
+    by_model = {r.federated_eval.model_of_round: r.federated_eval
+                for r in report.rounds if r.federated_eval is not None}
+    rounds = sorted(by_model)
+    return MetricSeries("held-out", rounds,
+                        "accuracy (hospitals' held-out)", [by_model[r].accuracy for r in rounds],
+                        "cross-entropy (hospitals' held-out)", [by_model[r].loss for r in rounds])
 
 
 def _new_figure(width: float = 7.5, height: float = 4.5) -> Any:
@@ -187,7 +182,7 @@ def _new_figure(width: float = 7.5, height: float = 4.5) -> Any:
 
 
 def _subtitle(report: Mapping[str, Any]) -> str:
-    config = report.get("config") if isinstance(report.get("config"), Mapping) else {}
+    config = _typed(report).config
     parts = []
     if config.get("dataset"):
         parts.append(str(config["dataset"]))
@@ -199,8 +194,8 @@ def _subtitle(report: Mapping[str, Any]) -> str:
 
 
 def _non_private(report: Mapping[str, Any], series: Mapping[str, list[float]] | None) -> bool:
-    final = report.get("final") if isinstance(report.get("final"), Mapping) else {}
-    config = report.get("config") if isinstance(report.get("config"), Mapping) else {}
+    typed = _typed(report)
+    final, config = typed.final, typed.config
     if final.get("non_private") or config.get("non_private"):
         return True
     return bool(series) and any(math.isinf(v) for s in series.values() for v in s)
@@ -214,9 +209,9 @@ def plot_epsilon(report: Mapping[str, Any], path: Path) -> Path:
     non-private run is labelled NON-PRIVATE in large red text.
     """
     rounds, series = epsilon_series(report)
-    config = report.get("config") if isinstance(report.get("config"), Mapping) else {}
-    budget = _number(_config_value(config, "target_epsilon"))
-    delta = _number(_config_value(config, "delta"))
+    typed = _typed(report)
+    budget = _number(typed.config_value("target_epsilon"))
+    delta = _number(typed.config_value("delta"))
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
     cmap = _colormap("tab10")
@@ -278,7 +273,7 @@ def plot_metric(report: Mapping[str, Any], path: Path) -> Path:
     if m.has_primary():
         handles += ax.plot(m.rounds, m.primary, color="#1565c0", marker="o", linewidth=2,
                            label=m.primary_name)
-        if m.kind == "classification":
+        if m.kind in ("classification", "held-out"):
             ax.set_ylim(0, 1.02)
     ax.set_ylabel(m.primary_name, color="#1565c0")
     if m.has_secondary():
@@ -299,7 +294,9 @@ def plot_metric(report: Mapping[str, Any], path: Path) -> Path:
         ax.legend(handles=handles, labels=[h.get_label() for h in handles], loc="center right",
                   fontsize=8)
     sub = _subtitle(report)
-    ax.set_title("Global model on the central test set" + (f" — {sub}" if sub else ""))
+    where = ("the hospitals' pooled held-out splits" if m.kind == "held-out"
+             else "the central test set")
+    ax.set_title(f"Global model on {where}" + (f" — {sub}" if sub else ""))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -310,7 +307,7 @@ def plot_run(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     Returns the two paths. Raises ValueError (naming the problem) when ``report``
     is not a bract report. Reads the report only; never changes it.
     """
-    _rows(report)
+    _typed(report)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return [plot_epsilon(report, out_dir / EPSILON_PNG), plot_metric(report, out_dir / METRIC_PNG)]
@@ -354,7 +351,7 @@ def load_report(path: Path) -> dict[str, Any]:
         report = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); is it a bract report.json?") from None
-    _rows(report)
+    _typed(report)
     return report
 
 

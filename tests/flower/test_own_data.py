@@ -105,6 +105,13 @@ def test_each_hospital_trains_and_evaluates_on_its_own_file_and_the_coordinator_
     assert first["loss"] == pytest.approx(direct["loss"], abs=1e-3)
     assert first["accuracy"] == pytest.approx(direct["accuracy"], abs=1e-3)
     assert rows[1]["federated_eval"]["model_of_round"] == 1
+    # The metric plot shows the pooled held-out evaluation, at the rounds of its models.
+    from bract.plots import metric_series
+
+    series = metric_series(report)
+    assert series.kind == "held-out" and series.rounds == [0, 1]
+    assert series.primary[0] == pytest.approx(first["accuracy"])
+    assert len(report["final"]["plots"]) == 2
 
 
 def test_a_hospital_file_that_does_not_fit_the_declared_model_is_refused_with_the_reason(
