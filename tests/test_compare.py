@@ -67,7 +67,8 @@ def test_plan_with_only_a_secure_budget_needs_no_dp_list() -> None:
 
 def _report(epsilons, seconds, accuracy, non_private=False) -> dict:
     rows = [
-        {"round": i + 1, "epsilon": e, "accuracy": a, "loss": 1 - a, "seconds": s}
+        {"round": i + 1, "epsilon": e, "accuracy": a, "loss": 1 - a, "seconds": s,
+         "per_client": {}}
         for i, (e, s, a) in enumerate(zip(epsilons, seconds, accuracy, strict=True))
     ]
     return {

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bract.argtypes import finite_float, positive_float, positive_int
+from bract.records.report import RunReport
 
 __all__ = [
     "COMPARE_JSON",
@@ -216,13 +217,13 @@ def summarize_run(report: Mapping[str, Any], variant: Variant) -> dict[str, Any]
     2..R, or round 1 when it is the only one: round 1 also holds Ray's start),
     ``first_round_seconds``, and per-round series (round 0 = initial model).
     """
-    rows = report.get("rounds") or []
-    final = report.get("final") or {}
-    seconds = [_number(r.get("seconds")) for r in rows]
+    typed = RunReport.from_plain(report, f"{variant.name}'s report")
+    rows = typed.rounds
+    final = typed.final
+    seconds = [r.seconds for r in rows]
     later = seconds[1:] if len(seconds) > 1 else seconds
     finite = [s for s in later if math.isfinite(s)]
-    initial = report.get("initial") or {}
-    points = [initial, *rows]
+    points = [typed.initial, *(r.metrics for r in rows)]
     keys = ("accuracy", "loss", "r2", "mse")
     series = {k: [_json_number(_number(p.get(k))) for p in points] for k in keys
               if any(k in p for p in points)}
@@ -233,13 +234,13 @@ def summarize_run(report: Mapping[str, Any], variant: Variant) -> dict[str, Any]
         "target_epsilon": variant.target_epsilon,
         "secagg": variant.secagg,
         "rounds_completed": int(final.get("rounds_completed", len(rows))),
-        "epsilon": _json_number(_number(final.get("epsilon"))),
+        "epsilon": _json_number(typed.final_epsilon),
         "non_private": bool(final.get("non_private", False)),
         "seconds_per_round": sum(finite) / len(finite) if finite else None,
         "first_round_seconds": _json_number(seconds[0]) if seconds else None,
         "series": {
-            "round": [0, *[int(r.get("round", i + 1)) for i, r in enumerate(rows)]],
-            "epsilon": [0.0, *[_json_number(_number(r.get("epsilon"))) for r in rows]],
+            "round": [0, *[r.round for r in rows]],
+            "epsilon": [0.0, *[_json_number(r.epsilon) for r in rows]],
             **series,
         },
         "stopped": final.get("stopped") or {},
