@@ -111,7 +111,8 @@ def test_the_files_run_a_secure_round_of_the_deployed_app(tmp_path) -> None:
     node_configs[0]["dataset-id"] = "wisconsin-breast-2026"  # its operator names its data
     assert identity_from_node_config(node_configs[0]).node == 1
     rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 2.0,
-          "out": str(tmp_path / "out"), "roster": str(roster)}
+          "out": str(tmp_path / "out"), "roster": str(roster),
+          "secagg-colluders": 1}  # a run-config key, so `flwr run --run-config` can set it
     grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
     for ctx, extra in zip(grid.contexts.values(), node_configs, strict=True):
         ctx.node_config.update(extra)
@@ -120,6 +121,7 @@ def test_the_files_run_a_secure_round_of_the_deployed_app(tmp_path) -> None:
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     (row,) = report["rounds"]
     assert row["secagg"]["aborted"] is None and len(row["trained"]) == 3
+    assert row["secagg"]["colluders"] == 1  # the run config's bound, not the default 0
     # Each hospital's ledger lives in its own state directory, under the dataset it
     # protects: the name its operator gave, else the data's source.
     for d, dataset in zip(dirs, ["wisconsin-breast-2026", "breast-cancer", "breast-cancer"],

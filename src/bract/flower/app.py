@@ -65,6 +65,8 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "roster": "",  # the server's copy of the roster file (bract.records.roster.Roster)
     "secagg-clip": 8.0,
     "secagg-graph": "complete",
+    # colluding hospitals the server's rounds must withstand; < 0: floor((n - 1) / 3)
+    "secagg-colluders": -1,
     "release-metrics": "none",
     "data-path": "",  # the MedMNIST .npz file or image folder (medmnist, imagefolder)
     "partition": "iid",  # iid, dirichlet, quantity or column (docs/data.md)
@@ -338,7 +340,8 @@ def _main(grid: Grid, context: Context) -> None:
         secagg = SecAggSettings(
             roster.federation_id, roster.keys, clip=float(_get(rc, "secagg-clip")),
             graph=str(_get(rc, "secagg-graph")),
-            colluders=int(rc["secagg-colluders"]) if "secagg-colluders" in rc else None,
+            colluders=(int(_get(rc, "secagg-colluders"))
+                       if int(_get(rc, "secagg-colluders")) >= 0 else None),
             aggregate_metrics=len(AGGREGATED_METRICS) if release == "aggregate" else 0,
         )
     cfg = ServerConfig(
