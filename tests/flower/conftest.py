@@ -109,7 +109,7 @@ def write_operator_files(tmp_path, federation_id: str, n: int, policy=None):
         write_identity_key(d / "identity.key", ident.signing_key)
         write_roster(d / "roster.json", doc)
         cfg = {"secagg-id": i + 1, "identity-key": str(d / "identity.key"),
-               "roster": str(d / "roster.json")}
+               "roster": str(d / "roster.json"), "state-dir": str(d / "state")}
         if policy is not None:
             policy.write(d / "policy.json")
             cfg["policy"] = str(d / "policy.json")

@@ -180,8 +180,8 @@ def test_deployed_ledgers_are_signed_and_pass_the_audit(
     """Every hospital signed its entries with the identity key its operator installed;
     the server's ledger and each hospital's own copy pass `bract audit verify`."""
     task = task_from_run_config(_run_config(clean_run.out_dir))
-    copies = {  # each hospital's own copy, in its privacy directory for its data
-        f"hospital-{i}": privacy_dir(clean_run.out_dir / "hospitals" / f"hospital-{i}",
+    copies = {  # each hospital's own copy: in its own state directory, under its data
+        f"hospital-{i}": privacy_dir(federation.workdir / "secagg" / f"hospital-{i}" / "state",
                                      dataset_source(task)) / "ledger.jsonl"
         for i in range(HOSPITALS)
     }
@@ -228,7 +228,11 @@ def test_federation_survives_a_hospital_killed_mid_round(
     assert clean_run.succeeded
     out = tmp_path_factory.mktemp("kill-out")
     victim = HOSPITALS - 1
-    result = federation.run(_run_config(out, **{"round-timeout": 150.0}), timeout=480,
+    # The hospitals keep their lifetime budgets on their own disks: the clean run spent
+    # about TARGET_EPSILON of this data, so this run asks for a lifetime of twice that.
+    lifetime = 2 * TARGET_EPSILON
+    result = federation.run(_run_config(out, **{"round-timeout": 150.0,
+                                                 "target-epsilon": lifetime}), timeout=480,
                             kill_node_at_round=2, kill_partition=victim)
     assert result.killed == victim  # killed after it received its round-2 work
     node = federation.nodes[victim]
@@ -243,7 +247,9 @@ def test_federation_survives_a_hospital_killed_mid_round(
     assert second["secagg"]["aborted"] is None
     assert set(second["secagg"]["alive"]) == everyone - {f"hospital-{victim}"}
     for cid in second["trained"]:
-        assert second["per_client"][cid]["epsilon"] <= TARGET_EPSILON
+        assert TARGET_EPSILON < second["per_client"][cid]["epsilon"] <= lifetime
+    for cid in everyone:  # every hospital carried the clean run's entries into this run
+        assert first["per_client"][cid]["ledger_carried"] == ROUNDS
     # The report says which hospital is missing from round 2, and why.
     assert set(second["failed"]) == {f"hospital-{victim}"}
     assert first["failed"] == {}

@@ -164,3 +164,17 @@ def test_hospital_start_serves_exactly_what_init_made(tmp_path, capsys) -> None:
                            "roster": str(d / "roster.json"), "policy": str(d / "policy.json"),
                            "state-dir": str(d / "state"), "data-path": "/data/a"}
     assert identity_from_node_config(node_config).node == 1
+
+
+def test_a_configured_hospital_without_its_own_state_dir_refuses_to_train(tmp_path) -> None:
+    """A hospital with an identity (its operator configured it) keeps its budget on its
+    own disk: without state-dir its ledger would live under the coordinator's output and
+    a new run would start it empty, so it refuses, saying why."""
+    from bract import tasks
+    from bract.flower.app import hospital_setup
+
+    (d,) = _init_three(tmp_path)[:1]
+    ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={}, node_config={
+        "partition-id": 0, "num-partitions": 3, "identity-key": str(d / "identity.key")})
+    with pytest.raises(ValueError, match="no state-dir"):
+        hospital_setup(tasks.TaskConfig(dataset="breast-cancer"), ctx, tmp_path / "coordinator")

@@ -134,7 +134,8 @@ def hospital_setup(
     Without one it trains on partition ``partition-id`` of the task's shared data
     (simulation). Its client id is the node config's ``name``, else
     ``hospital-<partition-id>``. It keeps its state in the node config's
-    ``state-dir`` when given, else in ``state_root/<client id>``; its privacy budget
+    ``state-dir`` (required of a hospital its operator configured, i.e. one with an
+    ``identity-key``), else (a simulated hospital) in ``state_root/<client id>``; its privacy budget
     is keyed by the data it protects: the node config's ``dataset-id`` when its
     operator names one, else the data's source (:func:`dataset_source`).
     """
@@ -170,6 +171,12 @@ def hospital_setup(
         source = dataset_source(task)
         train_loader = tasks.hospital_loader(task, int(nc["partition-id"]))
     state_dir = nc.get("state-dir")
+    if not state_dir and "identity-key" in nc:
+        # A hospital its operator configured keeps its budget on its own disk: under the
+        # coordinator's output it would start from an empty ledger with every new run.
+        raise ValueError("this hospital's node config names its identity-key but no "
+                         "state-dir: its spent privacy budget must live in a directory its "
+                         "operator owns (bract hospital init makes DIR/state)")
     return HospitalSetup(
         dataset_id=str(nc.get("dataset-id", "")) or source,
         model=model,

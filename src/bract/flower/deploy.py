@@ -67,8 +67,9 @@ from bract.flower.processes import (
     free_port,
     marked_pids,
 )
-from bract.flower.secagg_client import make_identities, write_identity_key
+from bract.flower.secagg_client import read_identity_key, write_identity_key
 from bract.records.roster import Roster, write_roster
+from bract.secagg.crypto import SigningKey
 
 #: Repository root: the Flower app directory (its pyproject.toml has ``[tool.flwr.app]``).
 APP_DIR = Path(__file__).resolve().parents[3]
@@ -327,16 +328,23 @@ class LocalFederation:
         server gets a copy for early checks but no hospital ever reads it.
         """
         federation_id = f"bract-local-{uuid.uuid4().hex[:12]}"
-        roster, identities = make_identities(self.num_nodes, federation_id)
-        names = {i + 1: f"hospital-{i}" for i in range(self.num_nodes)}
-        doc = Roster(federation_id, roster, names)
-        self.roster_path.parent.mkdir(parents=True, exist_ok=True)
-        write_roster(self.roster_path, doc)
-        for i, ident in enumerate(identities):
+        keys: dict[int, bytes] = {}
+        for i in range(self.num_nodes):
             d = self._secagg_dir(i)
             d.mkdir(parents=True, exist_ok=True)
-            write_identity_key(d / "identity.key", ident.signing_key)
+            path = d / "identity.key"
+            # A hospital keeps its key (its lifetime ledger in d/state is signed with it).
+            if not path.exists():
+                write_identity_key(path, SigningKey.generate().to_bytes())
+            keys[i + 1] = SigningKey.from_bytes(read_identity_key(path)).public_bytes()
+        names = {i + 1: f"hospital-{i}" for i in range(self.num_nodes)}
+        doc = Roster(federation_id, keys, names)
+        self.roster_path.parent.mkdir(parents=True, exist_ok=True)
+        write_roster(self.roster_path, doc)
+        for i in range(self.num_nodes):
+            d = self._secagg_dir(i)
             write_roster(d / "roster.json", doc)
+            (d / "state").mkdir(mode=0o700, exist_ok=True)
             (self.hospital_policy or HospitalPolicy()).write(d / "policy.json")
 
     def node_config(self, partition_id: int) -> str:
@@ -349,6 +357,7 @@ class LocalFederation:
             f'identity-key="{d / "identity.key"}"',
             f'roster="{d / "roster.json"}"',
             f'policy="{d / "policy.json"}"',
+            f'state-dir="{d / "state"}"',
         ]
         if self.hospital_data:
             parts.append(f'data-path="{Path(self.hospital_data[partition_id]).resolve()}"')
