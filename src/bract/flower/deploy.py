@@ -446,13 +446,15 @@ class LocalFederation:
         if node.process is None:
             return
         node.process.kill_group(signal.SIGKILL)
-        port_flag = f"{LOOPBACK}:{node.port}".encode()
+        # The port exactly (not a prefix of another node's port), as a whole argument
+        # or the end of one.
+        port_flag = re.compile(re.escape(f"{LOOPBACK}:{node.port}".encode()) + rb"(?![0-9])")
         for pid in marked_pids(self.marker):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if port_flag in cmdline:
+            if port_flag.search(cmdline):
                 _signal(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             node.process.popen.wait(timeout=10)
