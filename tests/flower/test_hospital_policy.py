@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Context, RecordDict
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from bract.flower.app import client_app, hospital_policy_of, server_app
 from bract.flower.client import PrivacyPolicy
@@ -118,3 +120,64 @@ def test_policy_files_round_trip_and_bad_ones_are_named(tmp_path) -> None:
         HospitalPolicy.read(tmp_path / "neg.json")
     with pytest.raises(ValueError, match="unreadable"):
         HospitalPolicy.read(tmp_path / "missing.json")
+
+
+asks = st.fixed_dictionaries({
+    "target-epsilon": st.sampled_from([1.0, 2.5, 4.0, 9.0]),
+    "rounds": st.integers(1, 2),
+    "seed": st.integers(0, 3),
+    "partition": st.sampled_from(["iid", "dirichlet"]),
+    "noise-multiplier": st.sampled_from([-1.0, 0.0, 0.6, 3.0]),
+    "secagg": st.just(False),
+})
+
+
+@settings(max_examples=5, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(asks, min_size=2, max_size=3))
+@example(requests=[  # spend 2.5, try to reset without noise, then ask for the whole 4 again
+    {"target-epsilon": 2.5, "rounds": 2, "seed": 0, "partition": "iid",
+     "noise-multiplier": -1.0, "secagg": False},
+    {"target-epsilon": 9.0, "rounds": 1, "seed": 1, "partition": "iid",
+     "noise-multiplier": 0.0, "secagg": False},
+    {"target-epsilon": 4.0, "rounds": 2, "seed": 2, "partition": "dirichlet",
+     "noise-multiplier": -1.0, "secagg": False}])
+def test_no_sequence_of_coordinator_requests_takes_a_hospital_past_its_lifetime_policy(
+        tmp_path_factory, requests) -> None:
+    """Whatever a coordinator asks, run after run (a larger epsilon, no noise, little
+    noise, another seed or split, new run ids), each hospital's lifetime ledger on its
+    data stays within its own policy: epsilon <= 4 at delta 1e-5, never non-private,
+    and its chain verifies whole with its key."""
+    from bract.flower.app import dataset_source, task_from_run_config
+    from bract.flower.client import LEDGER_FILE, privacy_dir
+    from bract.privacy import epsilon_of
+    from bract.records.ledger import check_chain, read_ledger
+    from bract.records.roster import read_roster
+
+    tmp_path = tmp_path_factory.mktemp("lifetime")
+    node_configs, roster_path = write_operator_files(
+        tmp_path, "policy-federation", len(NODES), HospitalPolicy(target_epsilon=4.0))
+    roster = read_roster(roster_path)
+    for k, ask in enumerate(requests):
+        rc = {"dataset": "breast-cancer", "clients": 3, "out": str(tmp_path / f"out-{k}"),
+              "roster": str(roster_path), **ask}
+        grid = FakeGrid(dict.fromkeys(NODES, client_app), run_config=rc)
+        for ctx, extra in zip(grid.contexts.values(), node_configs, strict=True):
+            ctx.node_config.update(extra)
+        server_app(grid, Context(run_id=k, node_id=0, node_config={}, state=RecordDict(),
+                                 run_config=rc))
+    source = dataset_source(task_from_run_config({"dataset": "breast-cancer"}))
+    # A first request for calibrated noise within the policy always trains.
+    must_spend = requests[0]["target-epsilon"] <= 4.0 and requests[0]["noise-multiplier"] < 0
+    spent = 0
+    for i, cfg in enumerate(node_configs):
+        own = privacy_dir(Path(cfg["state-dir"]), source) / LEDGER_FILE
+        chain = read_ledger(own) if own.exists() else []
+        cid = f"hospital-{i}"
+        assert check_chain(chain, roster.keys[i + 1], client_id=cid).ok
+        events = [e.event for e in chain]
+        assert all(e.is_private for e in events)
+        assert epsilon_of(events, 1e-5, "prv") <= 4.0 * (1 + 1e-9)
+        spent += len(chain)
+    if must_spend:
+        assert spent > 0

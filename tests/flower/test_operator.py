@@ -178,3 +178,21 @@ def test_a_configured_hospital_without_its_own_state_dir_refuses_to_train(tmp_pa
         "partition-id": 0, "num-partitions": 3, "identity-key": str(d / "identity.key")})
     with pytest.raises(ValueError, match="no state-dir"):
         hospital_setup(tasks.TaskConfig(dataset="breast-cancer"), ctx, tmp_path / "coordinator")
+
+
+def test_a_configured_hospital_reads_no_data_file_the_coordinator_names(tmp_path) -> None:
+    """The coordinator cannot point a hospital at a file of its choosing (a copy of the
+    same patients under another path would spend from a fresh budget): a configured
+    hospital reads only what its own node config names."""
+    from bract import tasks
+    from bract.flower.app import hospital_setup
+
+    (d,) = _init_three(tmp_path)[:1]
+    path = tmp_path / "copy-of-pneumoniamnist.npz"
+    path.write_bytes(b"")
+    ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={}, node_config={
+        "partition-id": 0, "num-partitions": 3, "identity-key": str(d / "identity.key"),
+        "state-dir": str(d / "state")})
+    task = tasks.TaskConfig(dataset="medmnist", data_path=str(path))
+    with pytest.raises(ValueError, match="reads only data its operator names"):
+        hospital_setup(task, ctx)

@@ -154,6 +154,12 @@ def hospital_setup(
     else:
         raise ValueError("this SuperNode's node config names neither the hospital "
                          "('name') nor its partition ('partition-id')")
+    if task.data_path and "identity-key" in nc and not (own_path or loader):
+        # The file would be the coordinator's choice, and so would the budget's key: a
+        # copy of the same patients under another name would spend from a fresh one.
+        raise ValueError("the coordinator's run config names the data file "
+                         f"({task.data_path}); this hospital reads only data its operator "
+                         "names (node config data-path or loader)")
     model = tasks.build_model(task)
     evaluate = None
     source = ""
