@@ -453,8 +453,9 @@ def calibrate(
     if not (0.0 < tolerance < 0.5):
         raise PrivacyError(f"tolerance must lie in (0, 0.5) (got {tolerance!r}).")
     q, steps = plan.sample_rate, plan.total_steps
-    before = [(e.noise_multiplier, e.sample_rate, e.steps) for e in prior]
-    if any(not e.is_private for e in prior):
+    # Merged by (noise, rate): a lifetime of runs composes as one group per run.
+    before = list(compress(prior))
+    if any(e.steps > 0 and not e.is_private for e in prior):
         raise PrivacyError("this data was trained on without noise in an earlier run "
                            "(non-private): no differential-privacy budget is left")
     if before:
