@@ -410,3 +410,12 @@ def test_a_hospital_cannot_answer_with_another_hospitals_advertisement(tmp_path)
     assert r1["secagg"]["advertised"] == honest and r1["secagg"]["clients"] == 4
     assert r1["secagg"]["aborted"] is None and r1["secagg"]["alive"] == honest
     assert r2["secagg"]["advertised"] == [] and r2["secagg"]["alive"] == honest
+
+
+def test_a_metric_count_the_hospitals_do_not_send_is_refused_up_front() -> None:
+    """The server's masked vector must be exactly as long as each hospital's: a metric
+    count other than 0 or the hospitals' is refused, naming what it must be, before any
+    round (rather than every hospital dropping with an encoding error)."""
+    with pytest.raises(ValueError, match=r"aggregate_metrics must be 0 .* or 4"):
+        SecAggSettings("fed", {}, aggregate_metrics=1)
+    assert SecAggSettings("fed", {}, aggregate_metrics=len(AGGREGATED_METRICS))

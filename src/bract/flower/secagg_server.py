@@ -41,6 +41,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from bract.flower.records import (
+    AGGREGATED_METRICS,
     SECAGG,
     SECAGG_NEXT,
     SECAGG_NEXT_REFUSED,
@@ -128,6 +129,15 @@ class SecAggSettings:
     #: and sent, and the aggregate) is written to ``record_dir/round-N`` for
     #: ``bract audit secagg --view`` to check that no single update can be recovered.
     record_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.aggregate_metrics not in (0, len(AGGREGATED_METRICS)):
+            raise ValueError(
+                f"aggregate_metrics must be 0 (no metric leaves) or "
+                f"{len(AGGREGATED_METRICS)} (the hospitals' {list(AGGREGATED_METRICS)}), "
+                f"got {self.aggregate_metrics}: any other count makes every hospital's "
+                "masked vector the wrong length"
+            )
 
     def encoding(self) -> EncodingConfig:
         """The protocol's fixed-point encoding for these settings."""
