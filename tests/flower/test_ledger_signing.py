@@ -19,7 +19,7 @@ from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app, pri
 from bract.flower.secagg_client import SecAggIdentity, make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
-from bract.privacy import load_weights, weights_of
+from bract.privacy import epsilon_of, load_weights, weights_of
 from bract.records.ledger import SignerRoster, by_client, check_chain, read_ledger
 from bract.records.roster import Roster
 from bract.secagg.crypto import SigningKey
@@ -229,3 +229,54 @@ def test_secure_rounds_leave_out_a_hospital_whose_ledger_does_not_verify(tmp_pat
     assert row["trained"] == ["hospital-1", "hospital-2"]
     assert "invalid ledger" in row["failed"]["hospital-0"]
     assert sorted(by_client(read_ledger(tmp_path / "ledger.jsonl"))) == ["hospital-1", "hospital-2"]
+
+
+def test_two_federations_training_the_same_data_at_once_lose_no_spent_round(
+        tmp_path, monkeypatch) -> None:
+    """Two federations (two servers, one hospital's two ClientApps) train the same data
+    at the same time: each round reads and commits the dataset's state under its lock,
+    so the lifetime chain holds every round of both, in one verified order."""
+    import threading
+    import time
+
+    from bract.privacy.training import PrivateTrainer
+
+    slow = PrivateTrainer.train_round
+
+    def train_round(self, *args, **kwargs):  # widen the window two writers could race in
+        out = slow(self, *args, **kwargs)
+        time.sleep(0.3)
+        return out
+
+    monkeypatch.setattr(PrivateTrainer, "train_round", train_round)
+    keys, idents = make_identities(len(NODES), "fed-A")
+    names = {i + 1: f"hospital-{i}" for i in range(len(NODES))}
+    hosp = tmp_path / "hosp"
+    reports: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def federation(fed: str) -> None:
+        try:
+            ids = [dataclasses.replace(i, federation_id=fed) for i in idents]
+            roster = SignerRoster.from_json(Roster(fed, keys, names).to_json())
+            reports[fed] = _run(tmp_path / fed, FakeGrid(_apps(hosp, ids)), roster)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=federation, args=(f,)) for f in ("fed-A", "fed-B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, cid in enumerate(("hospital-0", "hospital-1")):
+        own = read_ledger(privacy_dir(hosp / cid, dataset_source(TASK)) / LEDGER_FILE)
+        # Every round either server saw this hospital train is on its one chain (the
+        # shared budget of 4 runs out before all six rounds: refusals, not losses).
+        trained = {fed: sum(cid in r["trained"] for r in reports[fed]["rounds"])
+                   for fed in ("fed-A", "fed-B")}
+        assert trained["fed-A"] >= 1 and trained["fed-B"] >= 1
+        assert check_chain(own, keys[i + 1], client_id=cid,
+                           expected_length=sum(trained.values())).ok
+        assert [e.federation_id for e in own].count("fed-A") == trained["fed-A"]
+        assert epsilon_of([e.event for e in own], POLICY.delta) <= POLICY.target_epsilon

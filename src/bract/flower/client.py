@@ -11,9 +11,10 @@ and its privacy report. A refusal (budget spent) is a normal reply, not an error
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -236,6 +237,25 @@ def _save_state(ctx: Context, setup: HospitalSetup, state: ConfigRecord) -> None
     )
 
 
+@contextlib.contextmanager
+def exclusive(home: Path | None) -> Iterator[None]:
+    """Hold the dataset's privacy directory alone (an advisory lock, ``fcntl.flock`` on
+    ``home/.lock``) from reading its state to committing the round; nothing when the
+    state lives only in memory."""
+    if home is None:
+        yield
+        return
+    import fcntl
+
+    Path(home).mkdir(parents=True, exist_ok=True)
+    with open(Path(home) / ".lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def _load_chain(state: ConfigRecord, ledger: PrivacyLedger) -> tuple[LedgerEntry, ...]:
     """The signed ledger in ``state``; it must record exactly the events of ``ledger``."""
     chain = tuple(loads_jsonl(str(state.get("chain", "")), "this hospital's signed ledger"))
@@ -271,63 +291,66 @@ def dp_train_handler(
     def handle(msg: Message, ctx: Context) -> Message:
         policy_now = policy(ctx) if callable(policy) else policy
         setup = setup_fn(ctx)
-        state = _load_state(ctx, setup)
-        ledger = (
-            PrivacyLedger.from_json(str(state["ledger"]))
-            if "ledger" in state
-            else PrivacyLedger(setup.client_id)
-        )
-        chain = _load_chain(state, ledger)
-        signer = identity(ctx) if callable(identity) else identity
-        federation_id = signer.federation_id if signer is not None else ""
-        round_cfg = msg.content.config_records.get(ROUND_CONFIG, ConfigRecord())
-        server_round = int(round_cfg.get("round", 1))
-        sigma = _noise_multiplier(policy_now, setup, state, ledger,
-                                  str(round_cfg.get("run-id", "")), server_round)
-        from bract.privacy.training import PrivateTrainer  # torch, only where training runs
-
-        trainer = PrivateTrainer(
-            setup.model,
-            setup.optimizer,
-            setup.train_loader,
-            noise_multiplier=sigma,
-            max_grad_norm=policy_now.max_grad_norm,
-            delta=policy_now.delta,
-            criterion=setup.criterion,
-            local_epochs=policy_now.local_epochs,
-            budget=policy_now.budget(),
-            ledger=ledger,
-            client_id=setup.client_id,
-            accountant=policy_now.accountant,
-            grad_sample_mode=policy_now.grad_sample_mode,
-            device=policy_now.device,
-            sampling_seed=policy_now.sampling_seed,
-        )
-        global_weights = None
-        if GLOBAL_WEIGHTS in msg.content.array_records:
-            global_weights = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
-        held_out = dict.fromkeys(EVAL_METRICS, 0.0)
-        if setup.evaluate is not None and global_weights is not None:
-            # The global model as received, on the hospital's own held-out split.
-            from bract.privacy import load_weights
-
-            load_weights(setup.model, global_weights)
-            held_out.update({k: float(v) for k, v in setup.evaluate(setup.model).items()
-                             if k in held_out})
-        outcome = trainer.train_round(server_round, global_weights)
-        if outcome.trained and outcome.event is not None:
-            chain = append_entry(
-                chain, outcome.event, epsilon=outcome.epsilon, delta=policy_now.delta,
-                accountant=policy_now.accountant, federation_id=federation_id,
-                client_id=setup.client_id,
-                signing_key=signer.signing_key if signer is not None else None,
+        # One writer at a time on this dataset's state: a second run (or federation)
+        # training the same data concurrently waits, so no spent round is lost.
+        with exclusive(setup.privacy_dir()):
+            state = _load_state(ctx, setup)
+            ledger = (
+                PrivacyLedger.from_json(str(state["ledger"]))
+                if "ledger" in state
+                else PrivacyLedger(setup.client_id)
             )
-        # Persist only after the round finished (or was refused without change).
-        state["ledger"] = trainer.ledger.to_json()
-        state["chain"] = dumps_jsonl(chain)
-        state["chain-length"] = len(chain)
-        state["chain-head"] = chain[-1].hash() if chain else ""
-        _save_state(ctx, setup, state)
+            chain = _load_chain(state, ledger)
+            signer = identity(ctx) if callable(identity) else identity
+            federation_id = signer.federation_id if signer is not None else ""
+            round_cfg = msg.content.config_records.get(ROUND_CONFIG, ConfigRecord())
+            server_round = int(round_cfg.get("round", 1))
+            sigma = _noise_multiplier(policy_now, setup, state, ledger,
+                                      str(round_cfg.get("run-id", "")), server_round)
+            from bract.privacy.training import PrivateTrainer  # torch, only where training runs
+
+            trainer = PrivateTrainer(
+                setup.model,
+                setup.optimizer,
+                setup.train_loader,
+                noise_multiplier=sigma,
+                max_grad_norm=policy_now.max_grad_norm,
+                delta=policy_now.delta,
+                criterion=setup.criterion,
+                local_epochs=policy_now.local_epochs,
+                budget=policy_now.budget(),
+                ledger=ledger,
+                client_id=setup.client_id,
+                accountant=policy_now.accountant,
+                grad_sample_mode=policy_now.grad_sample_mode,
+                device=policy_now.device,
+                sampling_seed=policy_now.sampling_seed,
+            )
+            global_weights = None
+            if GLOBAL_WEIGHTS in msg.content.array_records:
+                global_weights = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
+            held_out = dict.fromkeys(EVAL_METRICS, 0.0)
+            if setup.evaluate is not None and global_weights is not None:
+                # The global model as received, on the hospital's own held-out split.
+                from bract.privacy import load_weights
+
+                load_weights(setup.model, global_weights)
+                held_out.update({k: float(v) for k, v in setup.evaluate(setup.model).items()
+                                 if k in held_out})
+            outcome = trainer.train_round(server_round, global_weights)
+            if outcome.trained and outcome.event is not None:
+                chain = append_entry(
+                    chain, outcome.event, epsilon=outcome.epsilon, delta=policy_now.delta,
+                    accountant=policy_now.accountant, federation_id=federation_id,
+                    client_id=setup.client_id,
+                    signing_key=signer.signing_key if signer is not None else None,
+                )
+            # Persist only after the round finished (or was refused without change).
+            state["ledger"] = trainer.ledger.to_json()
+            state["chain"] = dumps_jsonl(chain)
+            state["chain-length"] = len(chain)
+            state["chain-head"] = chain[-1].hash() if chain else ""
+            _save_state(ctx, setup, state)
 
         content = RecordDict()
         content.config_records[PRIVACY_REPORT] = privacy_report_record(
