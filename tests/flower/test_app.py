@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from bract.flower.app import (
     RUN_CONFIG_DEFAULTS,
     client_app,
     identity_from_node_config,
+    optional,
     policy_from_run_config,
     server_app,
     task_from_run_config,
@@ -45,6 +47,36 @@ def test_defaults_are_the_cli_defaults() -> None:
     assert (policy.target_epsilon, policy.delta, policy.rounds) == (8.0, 1e-5, 3)
     assert not policy.allow_non_private
     assert policy_from_run_config({"noise-multiplier": 0.0}).allow_non_private
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("noise-multiplier", -1.0, "a number >= 0 (0: no noise, non-private) or 'calibrate'"),
+    ("noise-multiplier", "auto", "give a number or 'calibrate'"),
+    ("batch-size", 0.5, "give an integer or 'dataset-default'"),
+    ("secagg-colluders", "lots", "give an integer or 'one-third'"),
+    ("num-classes", True, "give an integer or 'from-data'"),
+])
+def test_the_run_config_has_no_sentinels_and_refuses_a_bad_value_by_name(key, value,
+                                                                          needle) -> None:
+    """Each optional key is its default word or a number; a number never means "not set"
+    (the old -1 / 0 sentinels are refused, naming the key and what it takes)."""
+    assert {k for k, v in RUN_CONFIG_DEFAULTS.items() if v in (-1, -1.0)} == set()
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        if key == "noise-multiplier":
+            policy_from_run_config({key: value})
+        elif key == "secagg-colluders":  # read where the server sets up secure rounds
+            optional({key: value}, key)
+        else:
+            task_from_run_config({key: value})
+    assert optional({key: RUN_CONFIG_DEFAULTS[key]}, key) is None
+
+
+def test_optional_run_config_values_read_back_as_numbers() -> None:
+    rc = {"batch-size": 16, "lr": 0.05, "momentum": 0.0, "samples": 200, "seed": 1}
+    task = task_from_run_config({**rc, "dataset": "breast-cancer"})
+    assert (task.batch_size, task.lr, task.momentum, task.n_samples) == (16, 0.05, 0.0, 200)
+    assert optional({"round-timeout": 30}, "round-timeout") == 30.0
+    assert optional({"secagg-colluders": 0}, "secagg-colluders") == 0  # 0 is a bound, not "unset"
 
 
 def _run_app(rc: dict, node_configs: list[dict] | None = None) -> dict:

@@ -127,7 +127,7 @@ asks = st.fixed_dictionaries({
     "rounds": st.integers(1, 2),
     "seed": st.integers(0, 3),
     "partition": st.sampled_from(["iid", "dirichlet"]),
-    "noise-multiplier": st.sampled_from([-1.0, 0.0, 0.6, 3.0]),
+    "noise-multiplier": st.sampled_from(["calibrate", 0.0, 0.6, 3.0]),
     "secagg": st.just(False),
 })
 
@@ -137,11 +137,11 @@ asks = st.fixed_dictionaries({
 @given(requests=st.lists(asks, min_size=2, max_size=3))
 @example(requests=[  # spend 2.5, try to reset without noise, then ask for the whole 4 again
     {"target-epsilon": 2.5, "rounds": 2, "seed": 0, "partition": "iid",
-     "noise-multiplier": -1.0, "secagg": False},
+     "noise-multiplier": "calibrate", "secagg": False},
     {"target-epsilon": 9.0, "rounds": 1, "seed": 1, "partition": "iid",
      "noise-multiplier": 0.0, "secagg": False},
     {"target-epsilon": 4.0, "rounds": 2, "seed": 2, "partition": "dirichlet",
-     "noise-multiplier": -1.0, "secagg": False}])
+     "noise-multiplier": "calibrate", "secagg": False}])
 def test_no_sequence_of_coordinator_requests_takes_a_hospital_past_its_lifetime_policy(
         tmp_path_factory, requests) -> None:
     """Whatever a coordinator asks, run after run (a larger epsilon, no noise, little
@@ -168,7 +168,8 @@ def test_no_sequence_of_coordinator_requests_takes_a_hospital_past_its_lifetime_
                                  run_config=rc))
     source = dataset_source(task_from_run_config({"dataset": "breast-cancer"}))
     # A first request for calibrated noise within the policy always trains.
-    must_spend = requests[0]["target-epsilon"] <= 4.0 and requests[0]["noise-multiplier"] < 0
+    first = requests[0]
+    must_spend = first["target-epsilon"] <= 4.0 and first["noise-multiplier"] == "calibrate"
     spent = 0
     for i, cfg in enumerate(node_configs):
         own = privacy_dir(Path(cfg["state-dir"]), source) / LEDGER_FILE

@@ -48,35 +48,65 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "dataset": "synthetic",
     "target-epsilon": 8.0,
     "delta": 1e-5,
-    "noise-multiplier": -1.0,  # < 0: calibrate to target-epsilon
+    "noise-multiplier": "calibrate",  # or a number: fixed noise (0: non-private)
     "seed": 0,
     "out": "runs/flwr",
     "local-epochs": 1,
-    "batch-size": 0,  # 0: the dataset's default
-    "lr": 0.0,  # 0: the dataset's default
-    "momentum": -1.0,  # < 0: the dataset's default
+    "batch-size": "dataset-default",
+    "lr": "dataset-default",
+    "momentum": "dataset-default",
     "max-grad-norm": 1.0,
     "image-size": 28,
-    "samples": 0,  # 0: the dataset's default
+    "samples": "dataset-default",
     "accountant": "prv",
     "grad-sample-mode": "auto",
-    "round-timeout": 0.0,  # seconds the server waits for a round's replies; 0: no limit
+    "round-timeout": "none",  # or seconds the server waits for a round's replies
     "secagg": True,  # secure aggregation; needs "roster" here and each hospital's node config
     "roster": "",  # the server's copy of the roster file (bract.records.roster.Roster)
     "secagg-clip": 8.0,
     "secagg-graph": "complete",
-    # colluding hospitals the server's rounds must withstand; < 0: floor((n - 1) / 3)
-    "secagg-colluders": -1,
+    # colluding hospitals the server's rounds must withstand; "one-third": floor((n - 1) / 3)
+    "secagg-colluders": "one-third",
     "release-metrics": "none",
     "data-path": "",  # the MedMNIST .npz file or image folder (medmnist, imagefolder)
     "partition": "iid",  # iid, dirichlet, quantity or column (docs/data.md)
     "alpha": 0.5,  # Dirichlet concentration of the dirichlet and quantity partitions
     "partition-column": "",  # column of the column partition: label, a feature name or index
     # The image model, declared by a coordinator that holds no data (hospitals bring
-    # their own files, node config data-path); 0: read from the data.
-    "num-classes": 0,
-    "in-channels": 0,
+    # their own files, node config data-path); "from-data": read from the data.
+    "num-classes": "from-data",
+    "in-channels": "from-data",
 }
+
+#: The keys above whose default is a word meaning "not set" (Flower's run config has no
+#: null): each takes that word or a number, never a number that means "not set".
+OPTIONAL_KEYS: dict[str, type] = {
+    "noise-multiplier": float, "batch-size": int, "lr": float, "momentum": float,
+    "samples": int, "round-timeout": float, "secagg-colluders": int, "num-classes": int,
+    "in-channels": int,
+}
+
+
+def _positive_or_none(value: float | None, key: str) -> float | None:
+    if value is not None and not value > 0:
+        raise ValueError(f"run config {key}={value!r}: give seconds > 0 or "
+                         f"{RUN_CONFIG_DEFAULTS[key]!r}")
+    return value
+
+
+def optional(rc: Mapping[str, Any], key: str) -> Any:
+    """An optional run-config value: ``None`` for its default word, else the number
+    (``ValueError`` naming the key for any other text, or a number of the wrong kind)."""
+    value = _get(rc, key)
+    word = RUN_CONFIG_DEFAULTS[key]
+    if value == word:
+        return None
+    kind = OPTIONAL_KEYS[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and float(value) != int(value)):
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"run config {key}={value!r}: give {what} or {word!r}")
+    return kind(value)
 
 
 def _get(rc: Mapping[str, Any], key: str) -> Any:
@@ -92,30 +122,33 @@ def task_from_run_config(rc: Mapping[str, Any]) -> tasks.TaskConfig:
         clients=int(_get(rc, "clients")),
         seed=int(_get(rc, "seed")),
         image_size=int(_get(rc, "image-size")),
-        n_samples=int(_get(rc, "samples")) or None,
-        batch_size=int(_get(rc, "batch-size")) or None,
-        lr=float(_get(rc, "lr")) or None,
-        momentum=float(_get(rc, "momentum")) if float(_get(rc, "momentum")) >= 0 else None,
+        n_samples=optional(rc, "samples"),
+        batch_size=optional(rc, "batch-size"),
+        lr=optional(rc, "lr"),
+        momentum=optional(rc, "momentum"),
         data_path=str(_get(rc, "data-path")),
         partition=str(_get(rc, "partition")),
         alpha=float(_get(rc, "alpha")),
         partition_column=str(_get(rc, "partition-column")),
         # Declared by a coordinator that holds no data (each hospital brings its file).
-        num_classes=int(_get(rc, "num-classes")) or None,
-        in_channels=int(_get(rc, "in-channels")) or None,
+        num_classes=optional(rc, "num-classes"),
+        in_channels=optional(rc, "in-channels"),
     )
 
 
 def policy_from_run_config(rc: Mapping[str, Any]) -> PrivacyPolicy:
     """The hospitals' privacy policy a run config describes."""
-    sigma = float(_get(rc, "noise-multiplier"))
+    sigma = optional(rc, "noise-multiplier")
+    if sigma is not None and not sigma >= 0:
+        raise ValueError(f"run config noise-multiplier={sigma!r}: give a number >= 0 "
+                         "(0: no noise, non-private) or 'calibrate'")
     return PrivacyPolicy(
         target_epsilon=float(_get(rc, "target-epsilon")),
         delta=float(_get(rc, "delta")),
         rounds=int(_get(rc, "rounds")),
         local_epochs=int(_get(rc, "local-epochs")),
         max_grad_norm=float(_get(rc, "max-grad-norm")),
-        noise_multiplier=None if sigma < 0 else sigma,
+        noise_multiplier=sigma,
         accountant=str(_get(rc, "accountant")),
         grad_sample_mode=str(_get(rc, "grad-sample-mode")),
         allow_non_private=sigma == 0,
@@ -353,8 +386,7 @@ def _main(grid: Grid, context: Context) -> None:
         secagg = SecAggSettings(
             roster.federation_id, roster.keys, clip=float(_get(rc, "secagg-clip")),
             graph=str(_get(rc, "secagg-graph")),
-            colluders=(int(_get(rc, "secagg-colluders"))
-                       if int(_get(rc, "secagg-colluders")) >= 0 else None),
+            colluders=optional(rc, "secagg-colluders"),
             aggregate_metrics=len(AGGREGATED_METRICS) if release == "aggregate" else 0,
         )
     cfg = ServerConfig(
@@ -362,7 +394,7 @@ def _main(grid: Grid, context: Context) -> None:
         num_clients=task.clients,
         delta=policy.delta,
         out_dir=Path(str(_get(rc, "out"))),
-        round_timeout=float(_get(rc, "round-timeout")) or None,
+        round_timeout=_positive_or_none(optional(rc, "round-timeout"), "round-timeout"),
         run_config={**task.to_plain(), **rc},
         secagg=secagg,
         # With a roster the server checks every hospital's signed ledger on receipt.

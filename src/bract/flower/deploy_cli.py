@@ -65,7 +65,7 @@ def run_deploy(args: argparse.Namespace) -> int:
         "delta": args.delta,
         "seed": args.seed,
         "out": str(out),
-        "round-timeout": float(args.round_timeout),
+        "round-timeout": float(args.round_timeout) if args.round_timeout > 0 else "none",
     }
     print(f"bract deploy: {args.clients} SuperNodes + 1 SuperLink on {LOOPBACK} "
           f"(TLS, SuperNode auth); work dir {workdir}", flush=True)
