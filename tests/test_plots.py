@@ -217,9 +217,11 @@ def test_simulate_prints_the_plot_paths(tmp_path, monkeypatch, capsys) -> None:
     import bract.flower.simulation as simulation
 
     def fake_run(cfg):
-        return {"rounds": [], "final": {"rounds_completed": 0, "epsilon": 0.0, "delta": 1e-5,
-                                        "plots": [str(cfg.out_dir / "epsilon.png"),
-                                                  str(cfg.out_dir / "metric.png")]}}
+        return {"rounds": [{**_row(1, {"hospital-0": 1.0}, loss=0.5, accuracy=0.8),
+                            "trained": ["hospital-0"]}],
+                "final": {"rounds_completed": 1, "epsilon": 1.0, "delta": 1e-5,
+                          "plots": [str(cfg.out_dir / "epsilon.png"),
+                                    str(cfg.out_dir / "metric.png")]}}
 
     monkeypatch.setattr(simulation, "run", fake_run)
     code = main(["simulate", "--dataset", "breast-cancer", "--out", str(tmp_path),

@@ -196,6 +196,13 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     except (PrivacyError, ValueError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    if not any(row.get("trained") for row in report.get("rounds", [])):
+        # Nothing was aggregated: the model is the initial one; report no figure for it.
+        why = "; ".join(f"{cid}: {reason}" for cid, reason in
+                        sorted(report.get("final", {}).get("stopped", {}).items()))
+        console.print(f"[red]error:[/red] no hospital trained in any round, so the model was "
+                      f"not trained ({why or 'see report.json'}); the record is in {args.out}")
+        return 1
     console.print(summarize(report))
     console.print(f"wrote {args.out / 'report.json'} and {args.out / 'ledger.jsonl'}")
     _print_plots(report, console)

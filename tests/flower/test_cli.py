@@ -121,7 +121,8 @@ def test_a_new_run_of_the_same_hospitals_keeps_their_state_in_place(tmp_path) ->
 
 
 @pytest.mark.slow
-def test_a_new_run_into_the_same_output_continues_the_hospitals_budgets(tmp_path) -> None:
+def test_a_new_run_into_the_same_output_continues_the_hospitals_budgets(tmp_path,
+                                                                      capsys) -> None:
     """Two runs into one --out (the second with --new-run): both runs' entries are kept,
     the same hospitals (same keys) join a new federation, and their epsilon continues
     from what the first run spent up to the second run's lifetime target; the second
@@ -150,6 +151,13 @@ def test_a_new_run_into_the_same_output_continues_the_hospitals_budgets(tmp_path
     assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
                  str(out / "roster.json"), "--report", str(out / "report.json"),
                  "--pld-discretization", "1e-3", "--out", str(tmp_path / "verify")]) == 0
+    # A third run asking for the same lifetime 4: nothing is left, every hospital
+    # refuses, and the run fails saying so (no accuracy for a model nobody trained).
+    capsys.readouterr()
+    assert main([*common, "--target-epsilon", "4", "--new-run"]) == 1
+    said = " ".join(capsys.readouterr().out.split())
+    assert "no hospital trained in any round" in said and "refused" in said
+    assert "final accuracy" not in said
 
 
 def test_a_new_run_moves_the_earlier_one_aside_whole(tmp_path) -> None:
