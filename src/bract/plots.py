@@ -63,7 +63,11 @@ def _number(value: Any) -> float:
     return math.nan
 
 
-def _typed(report: Mapping[str, Any] | RunReport) -> RunReport:
+#: A report as written to report.json (a mapping) or already read (RunReport).
+ReportLike = Mapping[str, Any] | RunReport
+
+
+def _typed(report: ReportLike) -> RunReport:
     """The report, read through :class:`bract.records.report.RunReport`."""
     if isinstance(report, RunReport):
         return report
@@ -74,7 +78,7 @@ def _typed(report: Mapping[str, Any] | RunReport) -> RunReport:
                          "wrote") from None
 
 
-def epsilon_series(report: Mapping[str, Any]) -> tuple[list[int], dict[str, list[float]]]:
+def epsilon_series(report: ReportLike) -> tuple[list[int], dict[str, list[float]]]:
     """Round numbers (with 0, before training) and cumulative epsilon per series.
 
     Series: one per hospital seen in any row's ``per_client`` (``nan`` where a row
@@ -124,7 +128,7 @@ class MetricSeries:
         return any(math.isfinite(v) for v in self.secondary)
 
 
-def metric_series(report: Mapping[str, Any]) -> MetricSeries:
+def metric_series(report: ReportLike) -> MetricSeries:
     """The global model's metric per round, detected from the rows' keys.
 
     ``"r2"`` anywhere means regression (R², with MSE as the secondary metric);
@@ -181,7 +185,7 @@ def _new_figure(width: float = 7.5, height: float = 4.5) -> Any:
     return fig
 
 
-def _subtitle(report: Mapping[str, Any]) -> str:
+def _subtitle(report: ReportLike) -> str:
     config = _typed(report).config
     parts = []
     if config.get("dataset"):
@@ -193,7 +197,7 @@ def _subtitle(report: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _non_private(report: Mapping[str, Any], series: Mapping[str, list[float]] | None) -> bool:
+def _non_private(report: ReportLike, series: Mapping[str, list[float]] | None) -> bool:
     typed = _typed(report)
     final, config = typed.final, typed.config
     if final.get("non_private") or config.get("non_private"):
@@ -201,7 +205,7 @@ def _non_private(report: Mapping[str, Any], series: Mapping[str, list[float]] | 
     return bool(series) and any(math.isinf(v) for s in series.values() for v in s)
 
 
-def plot_epsilon(report: Mapping[str, Any], path: Path) -> Path:
+def plot_epsilon(report: ReportLike, path: Path) -> Path:
     """Write the cumulative-epsilon plot to ``path`` (PNG); returns ``path``.
 
     Finite epsilons are lines (thin per hospital, thick for the maximum); an
@@ -260,7 +264,7 @@ def plot_epsilon(report: Mapping[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_metric(report: Mapping[str, Any], path: Path) -> Path:
+def plot_metric(report: ReportLike, path: Path) -> Path:
     """Write the global-metric plot to ``path`` (PNG); returns ``path``.
 
     Left axis: accuracy (classification) or R² (regression); right axis:
@@ -307,10 +311,10 @@ def plot_run(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     Returns the two paths. Raises ValueError (naming the problem) when ``report``
     is not a bract report. Reads the report only; never changes it.
     """
-    _typed(report)
+    typed = _typed(report)  # read once; both plots take the typed report as it is
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [plot_epsilon(report, out_dir / EPSILON_PNG), plot_metric(report, out_dir / METRIC_PNG)]
+    return [plot_epsilon(typed, out_dir / EPSILON_PNG), plot_metric(typed, out_dir / METRIC_PNG)]
 
 
 def _ticks(rounds: Sequence[int]) -> list[int]:

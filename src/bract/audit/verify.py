@@ -352,7 +352,7 @@ def verify_federation(
         if cid in copies:
             _compare_copy(h, chain, copies[cid], roster, fail)
         if report is not None:
-            _check_report_rows(h, chain, recomputed, report, tolerance, fail)
+            _check_report_rows(h, chain, recomputed, report, carried, tolerance, fail)
     if report is not None:
         _check_final(report, hospitals, tolerance, fail)
     rounds = sorted({r.round for r in report.rounds}) if report is not None else sorted(
@@ -369,13 +369,11 @@ def verify_federation(
 
 def _check_report_rows(
     h: HospitalAudit, chain: list[LedgerEntry], recomputed: list[float],
-    report: RunReport, tolerance: float, fail: Callable[[str, str, str], None],
+    report: RunReport, carried: int, tolerance: float, fail: Callable[[str, str, str], None],
 ) -> None:
-    """report.json's per-round epsilon and steps against the ledger; missing entries."""
+    """report.json's per-round epsilon and steps against the ledger; missing entries.
+    The first ``carried`` entries were spent before this run and count from round 1."""
     cid = h.client_id
-    seen = report.last_per_client().get(cid)
-    # Entries spent before this run (earlier runs or federations) count from round 1.
-    carried = min(seen.ledger_carried, len(chain)) if seen is not None else 0
     for row in report.rounds:
         r = row.round
         # Entries spent before this run (earlier runs or federations) count from round 1.
