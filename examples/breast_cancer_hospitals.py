@@ -26,7 +26,7 @@ from rich.console import Console
 from bract import tasks
 from bract.audit.report import verdict_line, write_reports
 from bract.audit.verify import verify_federation
-from bract.flower import PrivacyPolicy
+from bract.flower.config import FederationConfig
 from bract.flower.observer import summarize
 from bract.flower.simulation import SimulationConfig, run
 
@@ -48,15 +48,13 @@ def main() -> int:
     args = parse_args()
     console = Console()
     try:
-        task = tasks.TaskConfig.for_dataset(
-            "breast-cancer", clients=args.hospitals, seed=args.seed,
-            partition="dirichlet", alpha=args.alpha,
+        federation = FederationConfig(
+            dataset="breast-cancer", clients=args.hospitals, rounds=args.rounds,
+            target_epsilon=args.epsilon, delta=args.delta, seed=args.seed,
+            partition="dirichlet", alpha=args.alpha, out=args.out,
         )
-        policy = PrivacyPolicy(target_epsilon=args.epsilon, delta=args.delta,
-                               rounds=args.rounds)
         # a re-run moves the earlier run in --out aside (OUT-<time>); nothing is deleted
-        report = run(SimulationConfig(task=task, policy=policy, out_dir=args.out,
-                                      show_progress=not args.no_progress,
+        report = run(SimulationConfig(federation, show_progress=not args.no_progress,
                                       previous_run="archive"))
     except ValueError as exc:  # bad settings: bract's errors name the fix
         console.print(f"[red]error:[/red] {exc}")
@@ -69,7 +67,7 @@ def main() -> int:
     write_reports(audit, args.out / "audit")
     console.print(verdict_line(audit))
 
-    central = tasks.centralized_baseline(tasks.dataset_for(task))
+    central = tasks.centralized_baseline(tasks.dataset_for(federation.task()))
     console.print(
         f"global model accuracy {report['final']['accuracy']:.3f} at ε ≤ {args.epsilon:g} "
         f"(δ = {args.delta:g}) vs centralized non-private logistic regression "

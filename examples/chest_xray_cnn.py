@@ -23,9 +23,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bract import tasks
 from bract.cli import main as bract_command
-from bract.flower import PrivacyPolicy
+from bract.flower.config import FederationConfig
 from bract.flower.observer import summarize
 from bract.flower.simulation import SimulationConfig, run
 
@@ -72,17 +71,15 @@ def train(args: argparse.Namespace) -> dict:
     samples = args.samples
     if samples is None and args.data_path is None:
         samples = 2400  # synthetic images to generate; a file's images are all used
-    task = tasks.TaskConfig.for_dataset(
-        "medmnist" if args.data_path else "synthetic",
-        data_path=str(args.data_path) if args.data_path else None,
-        clients=args.hospitals, image_size=args.image_size, n_samples=samples,
-        partition="dirichlet", alpha=args.alpha,
+    federation = FederationConfig(
+        dataset="medmnist" if args.data_path else "synthetic",
+        data_path=str(args.data_path) if args.data_path else "",
+        clients=args.hospitals, rounds=args.rounds, image_size=args.image_size,
+        samples=samples, partition="dirichlet", alpha=args.alpha,
+        target_epsilon=args.epsilon, delta=args.delta, device=args.device, out=args.out,
     )
-    policy = PrivacyPolicy(target_epsilon=args.epsilon, delta=args.delta, rounds=args.rounds,
-                           device=args.device)
     # a re-run moves the earlier run in --out aside (OUT-<time>); nothing is deleted
-    cfg = SimulationConfig(task=task, policy=policy, out_dir=args.out,
-                           save_model=args.out / "global_model.npz",
+    cfg = SimulationConfig(federation, save_model=args.out / "global_model.npz",
                            show_progress=not args.no_progress, previous_run="archive")
     return run(cfg)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bract.compare import run_comparison
+from bract.flower.config import FederationConfig
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,11 +51,13 @@ def main() -> int:
     args = parse_args()
     console = Console()
     try:
-        study = run_comparison(
-            "diabetes", clients=args.hospitals, rounds=args.rounds, epsilons=args.epsilons,
-            partition=args.partition, seed=args.seed, out_dir=args.out, delta=args.delta,
-            show_progress=not args.no_progress, console=console,
+        federation = FederationConfig(
+            dataset="diabetes", clients=args.hospitals, rounds=args.rounds,
+            partition=args.partition, seed=args.seed, delta=args.delta, out=args.out,
+            secagg=False,  # each variant sets its own; the DP + SecAgg one turns it on
         )
+        study = run_comparison(federation, args.epsilons, show_progress=not args.no_progress,
+                               console=console)
     except ValueError as exc:  # bad settings: bract's errors name the fix
         console.print(f"[red]error:[/red] {exc}")
         return 2

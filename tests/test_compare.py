@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from bract import compare, tasks
 from bract.compare import Variant
+from bract.flower.config import FederationConfig
 
 budgets = st.lists(
     st.floats(min_value=0.01, max_value=100, allow_nan=False, allow_infinity=False),
@@ -171,12 +172,15 @@ def test_centralized_baseline_on_images_learns_the_synthetic_xrays() -> None:
 
 
 def test_bad_study_settings_fail_before_any_training(tmp_path) -> None:
-    with pytest.raises(ValueError, match="rounds must be an integer"):
-        compare.run_comparison("breast-cancer", rounds=0, out_dir=tmp_path, show_progress=False)
-    with pytest.raises(ValueError, match="delta"):
-        compare.run_comparison("breast-cancer", delta=2.0, out_dir=tmp_path, show_progress=False)
+    with pytest.raises(ValueError, match=r"rounds=0: must be an integer >= 1"):
+        compare.run_comparison(FederationConfig(dataset="breast-cancer", rounds=0,
+                                                out=tmp_path), show_progress=False)
+    with pytest.raises(ValueError, match=r"delta=2.0: must be a finite number > 0 and < 1"):
+        compare.run_comparison(FederationConfig(dataset="breast-cancer", delta=2.0,
+                                                out=tmp_path), show_progress=False)
     with pytest.raises(ValueError, match=r"empty partition|fewer hospitals"):
-        compare.run_comparison("breast-cancer", clients=1000, out_dir=tmp_path,
+        compare.run_comparison(FederationConfig(dataset="breast-cancer", clients=1000,
+                                                out=tmp_path, secagg=False),
                                show_progress=False)
     assert not (tmp_path / compare.COMPARE_JSON).exists()
 

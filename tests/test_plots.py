@@ -13,6 +13,7 @@ import pytest
 from bract import plots
 from bract.cli import main
 from bract.plots import epsilon_series, metric_series, plot_run
+from bract.records.report import HospitalRound, RoundRow
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -183,9 +184,10 @@ def _finished_federation(tmp_path: Path):
     fed = Federation(None, lambda w: {}, cfg)  # type: ignore[arg-type]
     fed.record.report["initial"] = {"loss": 1.0, "accuracy": 0.4}
     for rnd, eps in ((1, 1.5), (2, 2.5)):
-        fed.record.add_round(_row(rnd, {"hospital-0": eps, "hospital-1": eps - 0.1},
-                                  loss=1.0 / rnd, accuracy=0.4 + 0.2 * rnd))
-    fed.latest = {"hospital-0": {"epsilon": 2.5}, "hospital-1": {"epsilon": 2.4}}
+        fed.record.add_round(RoundRow.from_plain(
+            _row(rnd, {"hospital-0": eps, "hospital-1": eps - 0.1}, loss=1.0 / rnd,
+                 accuracy=0.4 + 0.2 * rnd), f"round {rnd}"))
+    fed.latest = {"hospital-0": HospitalRound(2.5, True), "hospital-1": HospitalRound(2.4, True)}
     fed.metrics = {"loss": 0.5, "accuracy": 0.8}
     return fed
 

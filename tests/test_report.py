@@ -11,7 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bract.records.report import HospitalRound, ReportError, RunReport, read_report
+from bract.records.report import (
+    FederatedEval,
+    HospitalRound,
+    ReportError,
+    RoundRow,
+    RunReport,
+    RunSummary,
+    read_report,
+)
 
 names = st.sampled_from(["hospital-0", "hospital-1", "site-a", "site-b"])
 eps = st.one_of(st.floats(0, 50, allow_nan=False), st.just("inf"))
@@ -92,3 +100,51 @@ def test_a_broken_value_reads_as_nan_and_files_are_checked(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ReportError, match="not readable JSON"):
         read_report(tmp_path / "bad.json")
+
+
+# ------------------------------------------------------------ the writer side
+finite = st.floats(0, 1e6, allow_nan=False, allow_infinity=False)
+epsilons = st.one_of(finite, st.just(math.inf))
+texts = st.text(max_size=20)
+evals = st.builds(FederatedEval, st.integers(0, 50), st.integers(0, 10_000), finite,
+                  st.floats(0, 1))
+hospital_rounds = st.builds(
+    HospitalRound, epsilon=epsilons, trained=st.booleans(), reason=texts,
+    steps=st.one_of(st.none(), st.integers(0, 10_000)), noise_multiplier=finite,
+    sample_rate=st.floats(0, 1), ledger_entries=st.one_of(st.none(), st.integers(0, 99)),
+    ledger_head=texts, ledger_carried=st.integers(0, 99),
+)
+metrics = st.dictionaries(st.sampled_from(["loss", "accuracy", "mse", "r2"]), finite)
+round_rows = st.builds(
+    RoundRow, round=st.integers(1, 1000), epsilon=epsilons,
+    per_client=st.dictionaries(names, hospital_rounds, max_size=4),
+    trained=st.lists(names, unique=True).map(lambda xs: tuple(sorted(xs))),
+    failed=st.dictionaries(names, texts, max_size=3), metrics=metrics,
+    train_loss=st.one_of(st.none(), finite), federated_eval=st.one_of(st.none(), evals),
+    secagg=st.one_of(st.none(), st.fixed_dictionaries({"aborted": st.one_of(st.none(), texts),
+                                                       "dropped": st.lists(names)})),
+    delta=st.floats(1e-12, 0.5), seconds=finite,
+)
+summaries = st.builds(
+    RunSummary, rounds_completed=st.integers(0, 1000), epsilon=epsilons,
+    delta=st.floats(1e-12, 0.5), non_private=st.booleans(),
+    stopped=st.dictionaries(names, texts, max_size=3), metrics=metrics,
+    federated_eval=st.one_of(st.none(), evals), model=st.one_of(st.none(), texts.filter(bool)),
+    plots=st.lists(texts, max_size=3).map(tuple),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(round_rows, max_size=4), final=st.one_of(st.none(), summaries),
+       initial=metrics)
+def test_what_the_server_writes_reads_back_equal(rows, final, initial) -> None:
+    """The server writes report.json from these records; through JSON, every record
+    reads back equal (inf as "inf"; optional parts absent when unset)."""
+    report = RunReport(config={"dataset": "synthetic"}, rounds=tuple(rows), final=final,
+                       initial=initial)
+    text = json.dumps(report.to_plain(), allow_nan=False)  # valid JSON: no NaN/Infinity
+    assert RunReport.from_plain(json.loads(text)) == report
+    for row in rows:
+        plain = row.to_plain()
+        assert ("train_loss" in plain) == (row.train_loss is not None)
+        assert ("secagg" in plain) == (row.secagg is not None)

@@ -33,11 +33,12 @@ import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bract.argtypes import finite_float, positive_float, positive_int
+from bract.argtypes import positive_float
+from bract.flower.config import FederationConfig
 from bract.records.report import RunReport
 
 __all__ = [
@@ -67,7 +68,6 @@ UTILITY_VS_EPSILON_PNG = "utility_vs_epsilon.png"
 #: The kinds of variant a study can hold, in the order they run.
 VARIANT_KINDS = ("centralized", "fedavg", "dp", "dp-secagg")
 #: Datasets the study accepts (those of :mod:`bract.tasks`; a test keeps them in step).
-DATASETS = ("synthetic", "breast-cancer", "diabetes", "medmnist", "imagefolder")
 
 _INF_COLOR = "#c62828"
 _CENTRAL_COLOR = "#424242"
@@ -220,6 +220,8 @@ def summarize_run(report: Mapping[str, Any], variant: Variant) -> dict[str, Any]
     typed = RunReport.from_plain(report, f"{variant.name}'s report")
     rows = typed.rounds
     final = typed.final
+    if final is None:
+        raise ValueError(f"{variant.name}'s report has no final summary: the run did not finish")
     seconds = [r.seconds for r in rows]
     later = seconds[1:] if len(seconds) > 1 else seconds
     finite = [s for s in later if math.isfinite(s)]
@@ -233,9 +235,9 @@ def summarize_run(report: Mapping[str, Any], variant: Variant) -> dict[str, Any]
         "kind": variant.kind,
         "target_epsilon": variant.target_epsilon,
         "secagg": variant.secagg,
-        "rounds_completed": int(final.get("rounds_completed", len(rows))),
+        "rounds_completed": final.rounds_completed,
         "epsilon": _json_number(typed.final_epsilon),
-        "non_private": bool(final.get("non_private", False)),
+        "non_private": final.non_private,
         "seconds_per_round": sum(finite) / len(finite) if finite else None,
         "first_round_seconds": _json_number(seconds[0]) if seconds else None,
         "series": {
@@ -243,46 +245,31 @@ def summarize_run(report: Mapping[str, Any], variant: Variant) -> dict[str, Any]
             "epsilon": [0.0, *[_json_number(r.epsilon) for r in rows]],
             **series,
         },
-        "stopped": final.get("stopped") or {},
+        "stopped": dict(final.stopped),
     }
     for key in keys:
-        if key in final:
-            out[key] = _json_number(_number(final[key]))
+        if key in final.metrics:
+            out[key] = _json_number(final.metrics[key])
     return out
 
 
 # ------------------------------------------------------------------------ the study
 def run_comparison(
-    dataset: str = "breast-cancer",
-    clients: int = 5,
-    rounds: int = 10,
+    federation: FederationConfig,
     epsilons: Sequence[float] = (1.0, 3.0, 8.0),
-    partition: str = "dirichlet",
-    alpha: float = 0.5,
-    seed: int = 0,
-    out_dir: Path | str = Path("runs/compare"),
     *,
     secure_epsilon: float | None = None,
     include: Iterable[str] = VARIANT_KINDS,
-    delta: float = 1e-5,
-    data_path: str | Path | None = None,
-    image_size: int = 28,
-    samples: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    momentum: float | None = None,
-    local_epochs: int = 1,
-    max_grad_norm: float = 1.0,
-    accountant: str = "prv",
-    device: str | None = None,
     show_progress: bool = True,
     console: Any = None,
 ) -> dict[str, Any]:
-    """Run the study (see the module docstring) and write its results to ``out_dir``.
+    """Run the study (see the module docstring) and write its results to ``federation.out``.
 
+    ``federation`` holds the data, split, model and training every variant shares
+    (its budget, noise and secure-aggregation settings are each variant's own).
     Every variant uses the same data, split, partition between hospitals, seed
     and model initialisation; only noise and aggregation differ. Returns the
-    study as a dict (also ``out_dir/compare.json``) with ``config``, ``task``
+    study as a dict (also ``out/compare.json``) with ``config``, ``task``
     (classification or regression), ``metric``, ``centralized`` and ``variants``
     (one :func:`summarize_run` row per federated run) and ``plots``.
 
@@ -292,7 +279,6 @@ def run_comparison(
     from rich.console import Console
 
     from bract import tasks
-    from bract.flower.client import PrivacyPolicy
     from bract.flower.simulation import (
         SimulationConfig,
         holds_run,
@@ -303,35 +289,21 @@ def run_comparison(
 
     console = console or Console()
     variants = plan_variants(epsilons, secure_epsilon, include)
-    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
-    if not (isinstance(delta, float) and 0 < delta < 1):
-        raise ValueError(f"delta must be a number in (0, 1), e.g. 1e-5; got {delta!r}")
-    out_dir = Path(out_dir)
-    task = tasks.TaskConfig.for_dataset(
-        dataset, clients=clients, seed=seed, image_size=image_size, n_samples=samples,
-        batch_size=batch_size, lr=lr, momentum=momentum,
-        data_path=str(data_path) if data_path is not None else None,
-        partition=partition, alpha=alpha,
-    )
+    out_dir = Path(federation.out)
+    task = federation.task()
     ds = tasks.dataset_for(task)
     regression = ds.task == "regression"
     metric = "r2" if regression else "accuracy"
 
     def simulation(variant: Variant) -> SimulationConfig:
         non_private = variant.target_epsilon is None
-        policy = PrivacyPolicy(
-            target_epsilon=variant.target_epsilon or max([*epsilons, 1.0]), delta=delta,
-            rounds=rounds, local_epochs=local_epochs, max_grad_norm=max_grad_norm,
-            noise_multiplier=0.0 if non_private else None, accountant=accountant,
-            allow_non_private=non_private, device=device,
-            sampling_seed=seed if non_private else None,
+        fed = replace(
+            federation, target_epsilon=variant.target_epsilon or max([*epsilons, 1.0]),
+            noise_multiplier=0.0 if non_private else None, secagg=variant.secagg,
+            release_metrics="none", out=out_dir / variant.name,
         )
-        return SimulationConfig(
-            task=task, policy=policy, out_dir=out_dir / variant.name,
-            show_progress=show_progress, secagg=variant.secagg,
-            extra={"compare_variant": variant.name},
-        )
+        return SimulationConfig(federation=fed, show_progress=show_progress,
+                                extra={"compare_variant": variant.name})
 
     federated = [v for v in variants if v.kind != "centralized"]
     configs = {v.name: simulation(v) for v in federated}
@@ -341,15 +313,16 @@ def run_comparison(
     set_aside_previous_run(out_dir, "archive", holds=(out_dir / COMPARE_JSON).exists() or any(
         holds_run(c.out_dir) for c in configs.values()))
 
+    f = federation
     config = {
-        "dataset": dataset, "clients": clients, "rounds": rounds,
+        "dataset": f.dataset, "clients": f.clients, "rounds": f.rounds,
         "epsilons": [float(e) for e in epsilons],
         "secure_epsilon": next((v.target_epsilon for v in variants if v.secagg), None),
-        "partition": partition, "alpha": alpha, "seed": seed, "delta": delta,
-        "data_path": task.data_path or None, "image_size": image_size,
-        "samples": samples, "batch_size": task.batch_size, "lr": task.lr,
-        "momentum": task.momentum, "local_epochs": local_epochs,
-        "max_grad_norm": max_grad_norm, "accountant": accountant,
+        "partition": f.partition, "alpha": f.alpha, "seed": f.seed, "delta": f.delta,
+        "data_path": task.data_path or None, "image_size": f.image_size,
+        "samples": f.samples, "batch_size": task.batch_size, "lr": task.lr,
+        "momentum": task.momentum, "local_epochs": f.local_epochs,
+        "max_grad_norm": f.max_grad_norm, "accountant": f.accountant,
         "n_train": int(ds.n_train), "n_test": len(ds.y_test),
         "variants": [v.name for v in variants],
     }
@@ -677,33 +650,22 @@ def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
             "epsilon_vs_round.png, utility_vs_epsilon.png, and each run in OUT/<variant>/."
         ),
     )
-    p.add_argument("--dataset", choices=DATASETS, default="breast-cancer")
-    p.add_argument("--data-path", type=Path, default=None,
-                   help="MedMNIST .npz file or image folder (medmnist / imagefolder)")
-    p.add_argument("--clients", type=positive_int, default=5, help="hospitals (default 5)")
-    p.add_argument("--rounds", type=positive_int, default=10, help="rounds (default 10)")
+    FederationConfig.add_arguments(
+        p, ("dataset", "data_path", "clients", "rounds", "partition", "alpha", "delta", "seed",
+            "image_size", "samples", "batch_size", "lr", "momentum", "local_epochs",
+            "max_grad_norm", "accountant", "grad_sample_mode", "device"),
+        defaults={"dataset": "breast-cancer", "clients": 5, "rounds": 10,
+                  "partition": "dirichlet"},
+        choices={"partition": ("iid", "dirichlet", "quantity")},
+    )
     p.add_argument("--epsilons", type=_epsilon, nargs="+", default=[1.0, 3.0, 8.0],
                    metavar="EPS", help="FedAvg+DP budgets (default 1 3 8)")
     p.add_argument("--secure-epsilon", type=_epsilon, default=None,
                    help="budget of the DP + secure-aggregation run (default: first of --epsilons)")
     p.add_argument("--no-secagg-run", action="store_true",
                    help="skip the DP + secure-aggregation run")
-    p.add_argument("--partition", choices=("iid", "dirichlet", "quantity"), default="dirichlet")
-    p.add_argument("--alpha", type=finite_float, default=0.5,
-                   help="Dirichlet concentration (small: more skew; default 0.5)")
-    p.add_argument("--delta", type=finite_float, default=1e-5, help="delta (default 1e-5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=positive_int, default=28,
-                   help="image side in pixels (multiple of 4; default 28)")
-    p.add_argument("--samples", type=positive_int, default=None,
-                   help="total examples to generate/use (default: the dataset's)")
-    p.add_argument("--batch-size", type=positive_int, default=None)
-    p.add_argument("--lr", type=finite_float, default=None)
-    p.add_argument("--local-epochs", type=positive_int, default=1)
-    p.add_argument("--max-grad-norm", type=finite_float, default=1.0)
-    p.add_argument("--accountant", choices=("prv", "pld", "rdp"), default="prv")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"),
+                   help="output directory (default: runs/compare)")
     p.add_argument("--no-progress", action="store_true", help="plain output, no live tables")
     p.set_defaults(func=_compare_command)
     return p
@@ -719,12 +681,8 @@ def _compare_command(args: argparse.Namespace) -> int:
     include = [k for k in VARIANT_KINDS if not (k == "dp-secagg" and args.no_secagg_run)]
     try:
         run_comparison(
-            args.dataset, args.clients, args.rounds, args.epsilons, args.partition,
-            args.alpha, args.seed, args.out, secure_epsilon=args.secure_epsilon,
-            include=include, delta=args.delta, data_path=args.data_path,
-            image_size=args.image_size, samples=args.samples, batch_size=args.batch_size,
-            lr=args.lr, local_epochs=args.local_epochs, max_grad_norm=args.max_grad_norm,
-            accountant=args.accountant, device=args.device,
+            FederationConfig.from_args(args, out=args.out, secagg=False), args.epsilons,
+            secure_epsilon=args.secure_epsilon, include=include,
             show_progress=not args.no_progress, console=console,
         )
     except (PrivacyError, ValueError, CheckpointError) as exc:

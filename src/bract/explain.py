@@ -441,7 +441,10 @@ def explain_run(args: argparse.Namespace, console: Any) -> list[Path]:
         )
     model_path = args.model
     if model_path is None:
-        saved = report.get("final", {}).get("model")
+        from bract.records.report import RunReport
+
+        final = RunReport.from_plain(report, str(args.report)).final
+        saved = final.model if final is not None else None
         if not saved:
             raise ValueError("the report names no saved model; pass --model PATH.npz "
                              "(written by bract simulate --save-model)")

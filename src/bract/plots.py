@@ -200,7 +200,7 @@ def _subtitle(report: ReportLike) -> str:
 def _non_private(report: ReportLike, series: Mapping[str, list[float]] | None) -> bool:
     typed = _typed(report)
     final, config = typed.final, typed.config
-    if final.get("non_private") or config.get("non_private"):
+    if (final is not None and final.non_private) or config.get("non_private"):
         return True
     return bool(series) and any(math.isinf(v) for s in series.values() for v in s)
 

@@ -10,14 +10,13 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from bract.flower.app import (
-    RUN_CONFIG_DEFAULTS,
     client_app,
     identity_from_node_config,
-    optional,
     policy_from_run_config,
     server_app,
     task_from_run_config,
 )
+from bract.flower.config import RUN_CONFIG_DEFAULTS, FederationConfig
 from bract.tasks import TaskConfig
 
 from .conftest import FakeGrid, write_operator_files
@@ -50,33 +49,40 @@ def test_defaults_are_the_cli_defaults() -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "needle"), [
-    ("noise-multiplier", -1.0, "a number >= 0 (0: no noise, non-private) or 'calibrate'"),
-    ("noise-multiplier", "auto", "give a number or 'calibrate'"),
-    ("batch-size", 0.5, "give an integer or 'dataset-default'"),
-    ("secagg-colluders", "lots", "give an integer or 'one-third'"),
-    ("num-classes", True, "give an integer or 'from-data'"),
+    ("noise-multiplier", -1.0, "a finite number >= 0, or 'calibrate'"),
+    ("noise-multiplier", "auto", "a finite number >= 0, or 'calibrate'"),
+    ("batch-size", 0.5, "an integer >= 1, or 'dataset-default'"),
+    ("batch-size", -1, "an integer >= 1, or 'dataset-default'"),
+    ("secagg-colluders", "lots", "an integer >= 0, or 'one-third'"),
+    ("num-classes", True, "an integer >= 2, or 'from-data'"),
+    ("round-timeout", 0, "a finite number > 0, or 'none'"),
+    ("max-grad-norm", 0.0, "a finite number > 0"),
+    ("secagg", "yes", "true or false"),
+    ("dataset", "mnist", "one of synthetic, breast-cancer"),
 ])
 def test_the_run_config_has_no_sentinels_and_refuses_a_bad_value_by_name(key, value,
                                                                           needle) -> None:
     """Each optional key is its default word or a number; a number never means "not set"
     (the old -1 / 0 sentinels are refused, naming the key and what it takes)."""
     assert {k for k, v in RUN_CONFIG_DEFAULTS.items() if v in (-1, -1.0)} == set()
-    with pytest.raises(ValueError, match=re.escape(needle)):
-        if key == "noise-multiplier":
-            policy_from_run_config({key: value})
-        elif key == "secagg-colluders":  # read where the server sets up secure rounds
-            optional({key: value}, key)
-        else:
-            task_from_run_config({key: value})
-    assert optional({key: RUN_CONFIG_DEFAULTS[key]}, key) is None
+    with pytest.raises(ValueError, match=re.escape(f"run config {key}={value!r}: must be ")
+                       + ".*" + re.escape(needle)):
+        FederationConfig.from_run_config({key: value})
+
+
+def test_the_run_config_refuses_a_key_bract_does_not_know() -> None:
+    with pytest.raises(ValueError, match=r"keys bract does not know: \['target_epsilon'\]"):
+        FederationConfig.from_run_config({"target_epsilon": 1.0})
 
 
 def test_optional_run_config_values_read_back_as_numbers() -> None:
     rc = {"batch-size": 16, "lr": 0.05, "momentum": 0.0, "samples": 200, "seed": 1}
     task = task_from_run_config({**rc, "dataset": "breast-cancer"})
     assert (task.batch_size, task.lr, task.momentum, task.n_samples) == (16, 0.05, 0.0, 200)
-    assert optional({"round-timeout": 30}, "round-timeout") == 30.0
-    assert optional({"secagg-colluders": 0}, "secagg-colluders") == 0  # 0 is a bound, not "unset"
+    fed = FederationConfig.from_run_config({"round-timeout": 30, "secagg-colluders": 0})
+    assert fed.round_timeout == 30.0
+    assert fed.secagg_colluders == 0  # 0 is a bound, not "unset"
+    assert FederationConfig.from_run_config(RUN_CONFIG_DEFAULTS) == FederationConfig()
 
 
 def _run_app(rc: dict, node_configs: list[dict] | None = None) -> dict:
@@ -114,9 +120,11 @@ def test_module_level_apps_run_a_secure_round_from_operator_files(tmp_path) -> N
 
 
 def test_secure_app_without_operator_files_fails_clearly(tmp_path) -> None:
-    rc = {"dataset": "breast-cancer", "clients": 2, "rounds": 1, "out": str(tmp_path)}
+    rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "out": str(tmp_path)}
     with pytest.raises(ValueError, match="needs the roster file"):
-        _run_app(rc)
+        _run_app(rc, [{}, {}, {}])
+    with pytest.raises(ValueError, match="needs at least 3 hospitals"):
+        _run_app({**rc, "clients": 2})
     with pytest.raises(ValueError, match="needs node config"):
         identity_from_node_config({"partition-id": 0})
 

@@ -15,10 +15,15 @@ from bract.records.ledger import read_ledger
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["simulate", "--clients", "0"], "must be >= 1"),
-        (["simulate", "--rounds", "two"], "expected an integer"),
-        (["simulate", "--dataset", "mnist"], "invalid choice"),
-        (["simulate", "--delta", "nan"], "must be finite"),
+        (["simulate", "--clients", "0"], "argument --clients: must be an integer >= 1"),
+        (["simulate", "--rounds", "two"], "argument --rounds: must be an integer >= 1"),
+        (["simulate", "--dataset", "mnist"], "argument --dataset: must be one of synthetic"),
+        (["simulate", "--delta", "nan"], "argument --delta: must be a finite number"),
+        (["simulate", "--target-epsilon", "-1"],
+         "argument --target-epsilon: must be a finite number > 0"),
+        (["simulate", "--delta", "1.5"], "argument --delta: must be a finite number > 0 and < 1"),
+        (["simulate", "--noise-multiplier", "-0.5"],
+         "argument --noise-multiplier: must be a finite number >= 0"),
     ],
 )
 def test_argument_errors_name_the_problem(argv, needle, capsys) -> None:
@@ -31,9 +36,6 @@ def test_argument_errors_name_the_problem(argv, needle, capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["simulate", "--target-epsilon", "-1"], "epsilon must be a finite number > 0"),
-        (["simulate", "--delta", "1.5"], "delta must be a number strictly between 0 and 1"),
-        (["simulate", "--noise-multiplier", "-0.5"], "--noise-multiplier must be >= 0"),
         (["simulate", "--save-model", "model.pt"], "must end in .npz"),
         (["simulate", "--dataset", "breast-cancer", "--clients", "1000"], "empty partition"),
         (["simulate", "--image-size", "30"], "multiple of 4"),

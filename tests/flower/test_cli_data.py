@@ -9,6 +9,7 @@ import pytest
 
 from bract.cli import build_parser, main
 from bract.flower.app import task_from_run_config
+from bract.flower.config import FederationConfig
 
 
 @pytest.mark.parametrize(
@@ -24,8 +25,6 @@ from bract.flower.app import task_from_run_config
          "has no column 'height'"),
         (["--dataset", "diabetes", "--partition", "column", "--partition-column", "sex"],
          "2 distinct value(s)"),
-        (["--dataset", "diabetes", "--partition", "dirichlet", "--alpha", "0"],
-         "alpha must be a finite number > 0"),
         (["--dataset", "breast-cancer", "--partition", "quantity", "--clients", "500"],
          "empty partition"),
     ],
@@ -39,11 +38,37 @@ def test_bad_data_flags_fail_fast_with_a_clear_message(argv, needle, capsys, tmp
     assert "Traceback" not in out
 
 
+@pytest.mark.parametrize(("flag", "value", "needle"), [
+    ("--alpha", "0", "must be a finite number > 0"),
+    ("--max-grad-norm", "0", "must be a finite number > 0"),
+    ("--max-grad-norm", "-1", "must be a finite number > 0"),
+    ("--secagg-clip", "0", "must be a finite number > 0"),
+    ("--target-epsilon", "0", "must be a finite number > 0"),
+    ("--target-epsilon", "nan", "must be a finite number > 0"),
+    ("--delta", "1", "must be a finite number > 0 and < 1"),
+    ("--noise-multiplier", "-1", "must be a finite number >= 0, or 'calibrate'"),
+    ("--batch-size", "0", "must be an integer >= 1, or 'dataset-default'"),
+    ("--lr", "0", "must be a finite number > 0, or 'dataset-default'"),
+    ("--momentum", "1", "must be a finite number >= 0 and < 1, or 'dataset-default'"),
+    ("--clients", "2.5", "must be an integer >= 1"),
+])
+def test_the_parser_refuses_a_value_out_of_range_naming_the_flag(flag, value, needle,
+                                                                 capsys) -> None:
+    """Every federation flag is checked where it is parsed (bract.flower.config): a clip
+    norm of 0 or a delta of 1 never reaches a hospital."""
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {needle}, got {value!r}" in err
+    assert "Traceback" not in err
+
+
 def test_partition_choice_is_checked_by_the_parser(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["simulate", "--partition", "pathological"])
     assert exc.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert "argument --partition: must be one of iid, dirichlet" in capsys.readouterr().err
 
 
 def test_flags_reach_the_task_as_the_run_config_does(tmp_path) -> None:
@@ -53,8 +78,9 @@ def test_flags_reach_the_task_as_the_run_config_does(tmp_path) -> None:
         "simulate", "--dataset", "medmnist", "--data-path", str(path), "--partition",
         "dirichlet", "--alpha", "0.3",
     ])
-    assert (args.dataset, args.data_path, args.partition, args.alpha) == (
-        "medmnist", path, "dirichlet", 0.3,
+    fed = FederationConfig.from_args(args)
+    assert (fed.dataset, fed.data_path, fed.partition, fed.alpha) == (
+        "medmnist", str(path), "dirichlet", 0.3,
     )
     task = task_from_run_config({
         "dataset": "medmnist", "data-path": str(path), "partition": "dirichlet", "alpha": 0.3,
@@ -62,5 +88,6 @@ def test_flags_reach_the_task_as_the_run_config_does(tmp_path) -> None:
     assert (task.dataset, task.data_path, task.partition, task.alpha) == (
         "medmnist", str(path.resolve()), "dirichlet", 0.3,
     )
+    assert task == fed.task()
     assert task_from_run_config({"partition": "column", "partition-column": "label"}) \
         .partition_column == "label"

@@ -3,6 +3,8 @@ secure FedAvg, MSE and R² on the central test set every round."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import load_weights, weights_of
+from bract.records.report import RunReport
 
 from .conftest import FakeGrid
 
@@ -87,14 +90,14 @@ def test_summary_and_live_table_show_r2_and_mse(plain_report) -> None:
     text = summarize(plain_report)
     assert "R²" in text and "MSE" in text and "accuracy" not in text
     display = LiveTable(rounds=1, enabled=False)
-    row = plain_report["rounds"][0]
-    display.row({**row, "epsilon_value": row["epsilon"]})
+    row = RunReport.from_plain(plain_report).rounds[0]
+    display.row(row)
     headers = [str(c.header) for c in display.table.columns]
     assert headers[:3] == ["round", "MSE", "R²"]
     cells = [next(iter(c.cells)) for c in display.table.columns[:3]]
-    assert cells[1] == f"{row['mse']:.1f}" and cells[2] == f"{row['r2']:.3f}"
+    assert cells[1] == f"{row.metrics['mse']:.1f}" and cells[2] == f"{row.metrics['r2']:.3f}"
     # classification rows keep loss and accuracy
     cls = LiveTable(rounds=1, enabled=False)
-    classification = {k: v for k, v in row.items() if k not in ("r2", "mse")}
-    cls.row({**classification, "accuracy": 0.5, "epsilon_value": 1.0})
+    classification = {k: v for k, v in row.metrics.items() if k not in ("r2", "mse")}
+    cls.row(replace(row, metrics={**classification, "accuracy": 0.5}))
     assert [str(c.header) for c in cls.table.columns][:3] == ["round", "loss", "acc"]

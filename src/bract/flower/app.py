@@ -2,9 +2,10 @@
 
 These are what ``[tool.flwr.app.components]`` in ``pyproject.toml`` names, so
 ``flwr run`` (simulation or a SuperLink) runs the same federation as
-``bract simulate``. Settings come from the run config (``[tool.flwr.app.config]``,
-overridable with ``flwr run --run-config``); each hospital's partition comes from
-its node config (``partition-id``, ``num-partitions``).
+``bract simulate`` (both are built by :mod:`bract.flower.apps`). Settings come from
+the run config (``[tool.flwr.app.config]``, overridable with ``flwr run
+--run-config``), read as a :class:`~bract.flower.config.FederationConfig`; each
+hospital's data, keys, policy and state come from its node config.
 
 The run config only *asks* for a privacy budget, noise and metric release: each
 hospital holds its own limits in the policy file its node config names (``policy``,
@@ -22,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower import apps
+from bract.flower.apps import Hospitals
+from bract.flower.client import HospitalSetup, PrivacyPolicy
+from bract.flower.config import FederationConfig
 from bract.flower.hospital_policy import HospitalPolicy
-from bract.flower.records import AGGREGATED_METRICS
 from bract.flower.secagg_client import SecAggIdentity, read_identity_key
-from bract.flower.secagg_server import SecAggSettings
-from bract.flower.server import ServerConfig, run_federation
-from bract.records.ledger import SignerRoster
+from bract.flower.server import run_federation
 from bract.records.roster import read_roster
 from bract.secagg import ClientPolicy
 
@@ -41,119 +42,14 @@ if TYPE_CHECKING:
 #: Sub-directory of the run's output where simulated hospitals keep their own state.
 HOSPITALS_DIR = "hospitals"
 
-#: Run-config keys and their defaults (the same names as ``bract simulate``'s flags).
-RUN_CONFIG_DEFAULTS: dict[str, Any] = {
-    "clients": 3,
-    "rounds": 3,
-    "dataset": "synthetic",
-    "target-epsilon": 8.0,
-    "delta": 1e-5,
-    "noise-multiplier": "calibrate",  # or a number: fixed noise (0: non-private)
-    "seed": 0,
-    "out": "runs/flwr",
-    "local-epochs": 1,
-    "batch-size": "dataset-default",
-    "lr": "dataset-default",
-    "momentum": "dataset-default",
-    "max-grad-norm": 1.0,
-    "image-size": 28,
-    "samples": "dataset-default",
-    "accountant": "prv",
-    "grad-sample-mode": "auto",
-    "round-timeout": "none",  # or seconds the server waits for a round's replies
-    "secagg": True,  # secure aggregation; needs "roster" here and each hospital's node config
-    "roster": "",  # the server's copy of the roster file (bract.records.roster.Roster)
-    "secagg-clip": 8.0,
-    "secagg-graph": "complete",
-    # colluding hospitals the server's rounds must withstand; "one-third": floor((n - 1) / 3)
-    "secagg-colluders": "one-third",
-    "release-metrics": "none",
-    "data-path": "",  # the MedMNIST .npz file or image folder (medmnist, imagefolder)
-    "partition": "iid",  # iid, dirichlet, quantity or column (docs/data.md)
-    "alpha": 0.5,  # Dirichlet concentration of the dirichlet and quantity partitions
-    "partition-column": "",  # column of the column partition: label, a feature name or index
-    # The image model, declared by a coordinator that holds no data (hospitals bring
-    # their own files, node config data-path); "from-data": read from the data.
-    "num-classes": "from-data",
-    "in-channels": "from-data",
-}
-
-#: The keys above whose default is a word meaning "not set" (Flower's run config has no
-#: null): each takes that word or a number, never a number that means "not set".
-OPTIONAL_KEYS: dict[str, type] = {
-    "noise-multiplier": float, "batch-size": int, "lr": float, "momentum": float,
-    "samples": int, "round-timeout": float, "secagg-colluders": int, "num-classes": int,
-    "in-channels": int,
-}
-
-
-def _positive_or_none(value: float | None, key: str) -> float | None:
-    if value is not None and not value > 0:
-        raise ValueError(f"run config {key}={value!r}: give seconds > 0 or "
-                         f"{RUN_CONFIG_DEFAULTS[key]!r}")
-    return value
-
-
-def optional(rc: Mapping[str, Any], key: str) -> Any:
-    """An optional run-config value: ``None`` for its default word, else the number
-    (``ValueError`` naming the key for any other text, or a number of the wrong kind)."""
-    value = _get(rc, key)
-    word = RUN_CONFIG_DEFAULTS[key]
-    if value == word:
-        return None
-    kind = OPTIONAL_KEYS[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            kind is int and float(value) != int(value)):
-        what = "an integer" if kind is int else "a number"
-        raise ValueError(f"run config {key}={value!r}: give {what} or {word!r}")
-    return kind(value)
-
-
-def _get(rc: Mapping[str, Any], key: str) -> Any:
-    return rc.get(key, RUN_CONFIG_DEFAULTS[key])
-
-
 def task_from_run_config(rc: Mapping[str, Any]) -> tasks.TaskConfig:
     """The task a run config describes (unset values take the dataset's defaults)."""
-    from bract import tasks
-
-    return tasks.TaskConfig.for_dataset(
-        str(_get(rc, "dataset")),
-        clients=int(_get(rc, "clients")),
-        seed=int(_get(rc, "seed")),
-        image_size=int(_get(rc, "image-size")),
-        n_samples=optional(rc, "samples"),
-        batch_size=optional(rc, "batch-size"),
-        lr=optional(rc, "lr"),
-        momentum=optional(rc, "momentum"),
-        data_path=str(_get(rc, "data-path")),
-        partition=str(_get(rc, "partition")),
-        alpha=float(_get(rc, "alpha")),
-        partition_column=str(_get(rc, "partition-column")),
-        # Declared by a coordinator that holds no data (each hospital brings its file).
-        num_classes=optional(rc, "num-classes"),
-        in_channels=optional(rc, "in-channels"),
-    )
+    return FederationConfig.from_run_config(rc).task()
 
 
 def policy_from_run_config(rc: Mapping[str, Any]) -> PrivacyPolicy:
-    """The hospitals' privacy policy a run config describes."""
-    sigma = optional(rc, "noise-multiplier")
-    if sigma is not None and not sigma >= 0:
-        raise ValueError(f"run config noise-multiplier={sigma!r}: give a number >= 0 "
-                         "(0: no noise, non-private) or 'calibrate'")
-    return PrivacyPolicy(
-        target_epsilon=float(_get(rc, "target-epsilon")),
-        delta=float(_get(rc, "delta")),
-        rounds=int(_get(rc, "rounds")),
-        local_epochs=int(_get(rc, "local-epochs")),
-        max_grad_norm=float(_get(rc, "max-grad-norm")),
-        noise_multiplier=sigma,
-        accountant=str(_get(rc, "accountant")),
-        grad_sample_mode=str(_get(rc, "grad-sample-mode")),
-        allow_non_private=sigma == 0,
-        sampling_seed=int(_get(rc, "seed")) if sigma == 0 else None,
-    )
+    """The privacy policy a run config asks every hospital to train under."""
+    return FederationConfig.from_run_config(rc).policy()
 
 
 def hospital_setup(
@@ -282,8 +178,8 @@ def _setup_from_context(ctx: Context) -> HospitalSetup:
     import torch
 
     torch.set_num_threads(1)
-    out = Path(str(_get(ctx.run_config, "out")))
-    return hospital_setup(task_from_run_config(ctx.run_config), ctx, out / HOSPITALS_DIR)
+    fed = FederationConfig.from_run_config(ctx.run_config)
+    return hospital_setup(fed.task(), ctx, fed.out / HOSPITALS_DIR)
 
 
 def hospital_policy_of(node_config: Mapping[str, Any]) -> HospitalPolicy:
@@ -344,60 +240,26 @@ def _signer_from_context(ctx: Context) -> SecAggIdentity | None:
 
 
 def _release_from_context(ctx: Context) -> str:
-    requested = str(_get(ctx.run_config, "release-metrics"))
+    requested = FederationConfig.from_run_config(ctx.run_config).release_metrics
     return hospital_policy_of(ctx.node_config).admit_release(requested)
 
 
-client_app = make_client_app(
-    _setup_from_context, _policy_from_context, secagg=_identity_from_context,
-    release_metrics=_release_from_context, identity=_signer_from_context,
+#: The hospitals of ``flwr run`` and ``bract deploy``: each reads what its operator
+#: configured in its node config, and admits only what its own policy allows.
+CONFIGURED_HOSPITALS = Hospitals(
+    setup=_setup_from_context, policy=_policy_from_context,
+    release_metrics=_release_from_context, secagg=_identity_from_context,
+    identity=_signer_from_context,
 )
+client_app = apps.client_app(CONFIGURED_HOSPITALS)
 server_app = ServerApp()
 
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
-    from bract import tasks
-    from bract.privacy import load_weights, weights_of
-
     rc = dict(context.run_config)
-    task = task_from_run_config(rc)
-    policy = policy_from_run_config(rc)
-    eval_model = tasks.build_model(task)
-    central = not (task.declares_model and not task.data_path)
-
-    def evaluate(weights: dict) -> dict[str, float]:
-        if not central:  # the coordinator holds no data: the hospitals evaluate
-            return {}
-        ds = tasks.dataset_for(task)
-        load_weights(eval_model, weights)
-        return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
-
-    secagg = None
-    roster_path = str(_get(rc, "roster"))
-    if bool(_get(rc, "secagg")):
-        if not roster_path:
-            raise ValueError(
-                "secure aggregation needs the roster file: set run config 'roster' "
-                "(docs/deployment.md), or secagg=false for plain FedAvg"
-            )
-        roster = read_roster(Path(roster_path))
-        release = str(_get(rc, "release-metrics"))
-        secagg = SecAggSettings(
-            roster.federation_id, roster.keys, clip=float(_get(rc, "secagg-clip")),
-            graph=str(_get(rc, "secagg-graph")),
-            colluders=optional(rc, "secagg-colluders"),
-            aggregate_metrics=len(AGGREGATED_METRICS) if release == "aggregate" else 0,
-        )
-    cfg = ServerConfig(
-        rounds=policy.rounds,
-        num_clients=task.clients,
-        delta=policy.delta,
-        out_dir=Path(str(_get(rc, "out"))),
-        round_timeout=_positive_or_none(optional(rc, "round-timeout"), "round-timeout"),
-        run_config={**task.to_plain(), **rc},
-        secagg=secagg,
-        # With a roster the server checks every hospital's signed ledger on receipt.
-        roster=SignerRoster.read(roster_path) if roster_path else None,
-    )
-    run_federation(grid, weights_of(tasks.build_model(task)), evaluate, cfg)
+    fed = FederationConfig.from_run_config(rc)
+    task = fed.task()
+    roster = read_roster(Path(fed.roster)) if fed.roster else None
+    cfg = apps.server_config(fed, roster, run_config={**task.to_plain(), **rc})
+    run_federation(grid, apps.initial_weights(task), apps.central_evaluation(task), cfg)

@@ -10,11 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bract.argtypes import positive_float
 from bract.flower.certificates import LOOPBACK
+from bract.flower.config import FederationConfig
 from bract.flower.deploy import DeploymentError, LocalFederation
 from bract.flower.hospital_policy import HospitalPolicy
 
 __all__ = ["add_deploy_parser", "local_federation", "run_deploy"]
+
+#: The datasets bract ships: what `bract deploy`'s hospitals split between them.
+BUNDLED_DATASETS = ("synthetic", "breast-cancer", "diabetes")
 
 
 def add_deploy_parser(subparsers: Any) -> None:
@@ -29,24 +34,25 @@ def add_deploy_parser(subparsers: Any) -> None:
             "write report.json and ledger.jsonl to --out, and stop every process."
         ),
     )
-    p.add_argument("--clients", type=int, default=3, help="hospitals (SuperNodes)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--dataset", default="breast-cancer")
-    p.add_argument("--target-epsilon", type=float, default=8.0)
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/deploy"))
+    # The federation's settings (bract.flower.config). Each hospital here is configured
+    # by its (simulated) operator and reads only data its operator names: the bundled
+    # datasets, split by partition; a hospital's own file is `bract hospital start`'s.
+    FederationConfig.add_arguments(
+        p, skip=("data_path", "device"),
+        defaults={"dataset": "breast-cancer", "round_timeout": 120.0},
+        choices={"dataset": BUNDLED_DATASETS},
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/deploy"),
+                   help="the coordinator's output: report.json, ledger.jsonl, checkpoints "
+                        "(default: runs/deploy)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="certificates, keys, Flower home and logs (default: OUT/deployment)")
-    p.add_argument("--round-timeout", type=float, default=120.0,
-                   help="seconds the server waits for a round's replies (0: no limit)")
     p.add_argument("--kill-node-at-round", type=int, default=None, metavar="K",
                    help="demonstration: kill the last hospital's SuperNode during round K")
-    p.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
-                   help="secure aggregation (default on); hospitals sign their ledgers either way")
-    p.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess")
-    p.add_argument("--timeout", type=float, default=1800.0,
-                   help="seconds the whole run may take before it is stopped")
+    p.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
+                   help="how each SuperNode runs the ClientApp (default: subprocess)")
+    p.add_argument("--timeout", type=positive_float, default=1800.0,
+                   help="seconds the whole run may take before it is stopped (default: 1800)")
     p.set_defaults(func=run_deploy)
 
 
@@ -57,29 +63,35 @@ def run_deploy(args: argparse.Namespace) -> int:
     if args.kill_node_at_round is not None and not 1 <= args.kill_node_at_round <= args.rounds:
         print("--kill-node-at-round must be between 1 and --rounds", file=sys.stderr)
         return 2
-    run_config = {
-        "clients": args.clients,
-        "rounds": args.rounds,
-        "dataset": args.dataset,
-        "target-epsilon": args.target_epsilon,
-        "delta": args.delta,
-        "seed": args.seed,
-        "out": str(out),
-        "round-timeout": float(args.round_timeout) if args.round_timeout > 0 else "none",
-    }
+    try:
+        fed = FederationConfig.from_args(args, out=out)
+        fed.task()  # a task no hospital could train is refused before any process starts
+    except ValueError as exc:
+        print(f"bract deploy: {exc}", file=sys.stderr)
+        return 2
+    if fed.non_private:
+        print("bract deploy: its hospitals' policies never allow a non-private run "
+              "(--noise-multiplier 0); bract simulate can run one, flagged NON-PRIVATE",
+              file=sys.stderr)
+        return 2
+    # The roster is the federation's own (LocalFederation writes it).
+    run_config = {k: v for k, v in fed.to_run_config().items() if k != "roster"}
     print(f"bract deploy: {args.clients} SuperNodes + 1 SuperLink on {LOOPBACK} "
           f"(TLS, SuperNode auth); work dir {workdir}", flush=True)
     try:
         # This command plays every hospital's operator: their policies allow the budget
         # asked for here (a real hospital's operator writes its own).
-        own = HospitalPolicy(target_epsilon=args.target_epsilon, delta=args.delta)
+        own = HospitalPolicy(
+            target_epsilon=fed.target_epsilon, delta=fed.delta, accountant=fed.accountant,
+            release_metrics=fed.release_metrics, secagg_colluders=fed.secagg_colluders,
+        )
         with LocalFederation(
-            workdir, args.clients, isolation=args.isolation, secagg=args.secagg,
+            workdir, fed.clients, isolation=args.isolation, secagg=fed.secagg,
             hospital_policy=own,
-        ) as fed:
-            print(f"SuperLink at {fed.address}; {args.clients} SuperNodes online; "
-                  f"logs in {fed.log_dir}", flush=True)
-            result = fed.run(run_config, timeout=args.timeout,
+        ) as local:
+            print(f"SuperLink at {local.address}; {fed.clients} SuperNodes online; "
+                  f"logs in {local.log_dir}", flush=True)
+            result = local.run(run_config, timeout=args.timeout,
                              kill_node_at_round=args.kill_node_at_round)
     except DeploymentError as exc:
         print(f"bract deploy failed: {exc}", file=sys.stderr)

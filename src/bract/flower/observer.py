@@ -20,6 +20,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bract.records.report import RoundRow, RunReport
+
 log = logging.getLogger("bract.server")
 
 
@@ -54,21 +56,23 @@ class LiveTable:
             self.live.__exit__(*exc)
             self.console.print()
 
-    def row(self, row: dict[str, Any]) -> None:
-        per_client = row["per_client"]
+    def row(self, row: RoundRow) -> None:
+        """Show one round: a table row, or (table disabled) one plain line."""
+        per_client = row.per_client
         if not self.hospital_columns and len(per_client) <= 6:
             # One ε column per hospital when they fit; otherwise the max says it all.
             self.hospital_columns = sorted(per_client)
             for cid in self.hospital_columns:
                 self.table.add_column(f"ε {cid.replace('hospital-', 'h')}", justify="right")
-        trained = sum(1 for v in per_client.values() if v["trained"])
-        regression = "r2" in row
+        trained = sum(1 for v in per_client.values() if v.trained)
+        regression = "r2" in row.metrics
         if regression and self.table.columns[2].header == "acc":
             # Regression: MSE (target units) in the loss column, R² in the accuracy column.
             self.table.columns[1].header, self.table.columns[2].header = "MSE", "R²"
-        metric = row.get("r2") if regression else row.get("accuracy")
-        loss = row.get("mse") if regression else row.get("loss")
-        held_out = row.get("federated_eval")
+        metric = row.metrics.get("r2" if regression else "accuracy")
+        loss = row.metrics.get("mse" if regression else "loss")
+        held_out = row.federated_eval
+        suffix = ""
         if loss is None and metric is None and held_out is not None:
             # No central test set: the hospitals' pooled held-out evaluation of the model
             # they received this round, marked with a dagger.
@@ -76,27 +80,26 @@ class LiveTable:
                 self.table.title = ("bract federation: global model on the central test set "
                                     "(† hospitals' pooled held-out splits, model of the "
                                     "round before)")
-            loss, metric = held_out["loss"], held_out["accuracy"]
-            cells_suffix = "†"
-        else:
-            cells_suffix = ""
-        cells = [
-            str(row["round"]),
-            ((f"{loss:.1f}" if regression else f"{loss:.3f}") + cells_suffix
-             if loss is not None else "-"),
-            f"{metric:.3f}{cells_suffix}" if metric is not None else "-",
-            _eps_text(row["epsilon_value"]),
-            f"{trained}/{len(per_client)}",
-            f"{row['seconds']:.1f}",
-        ]
+            loss, metric, suffix = held_out.loss, held_out.accuracy, "†"
+        loss_text = ((f"{loss:.1f}" if regression else f"{loss:.3f}") + suffix
+                     if loss is not None else "-")
+        metric_text = f"{metric:.3f}{suffix}" if metric is not None else "-"
+        cells = [str(row.round), loss_text, metric_text, _eps_text(row.epsilon),
+                 f"{trained}/{len(per_client)}", f"{row.seconds:.1f}"]
         for cid in self.hospital_columns:
             v = per_client.get(cid)
-            text = "-" if v is None else _eps_text(v["epsilon"])
-            if v is not None and not v["trained"]:
+            text = "-" if v is None else _eps_text(v.epsilon)
+            if v is not None and not v.trained:
                 text += " stop"
             cells.append(text)
         self.table.add_row(*cells)
         self.progress.advance(self.task)
+        if not self.enabled:
+            names = ("MSE", "R²") if regression else ("loss", "accuracy")
+            self.console.print(
+                f"round {row.round}: {names[0]} {loss_text}, {names[1]} {metric_text}, "
+                f"max ε {_eps_text(row.epsilon)}, trained {trained}/{len(per_client)}, "
+                f"{row.seconds:.1f} s", highlight=False)
 
     def note(self, text: str) -> None:
         if self.enabled:
@@ -123,24 +126,24 @@ class RunObserver(LiveTable):
         return [str(p) for p in paths]
 
 
-def summarize(report: Mapping[str, Any]) -> str:
+def summarize(report: RunReport | Mapping[str, Any]) -> str:
     """One-line human summary of a finished report."""
-    final = report.get("final", {})
-    eps = final.get("epsilon")
-    eps = f"{eps:.4f}" if isinstance(eps, float) else eps
-    acc = final.get("accuracy")
-    acc_text = f"{acc:.3f}" if isinstance(acc, (int, float)) else "-"
-    quality = f"final accuracy {acc_text}"
-    if isinstance(final.get("r2"), (int, float)):  # regression
-        mse = final.get("mse")
-        mse_text = f"{mse:.4g}" if isinstance(mse, (int, float)) else "-"
-        quality = f"final R² {final['r2']:.3f}, MSE {mse_text}"
-    held_out = final.get("federated_eval")
-    if acc is None and isinstance(held_out, Mapping):  # no central test set
-        quality = (f"accuracy {held_out['accuracy']:.3f} on the hospitals' pooled held-out "
-                   f"splits (model of round {held_out['model_of_round']})")
+    typed = report if isinstance(report, RunReport) else RunReport.from_plain(report)
+    final = typed.final
+    if final is None:
+        return f"{len(typed.rounds)} rounds recorded; the run did not finish"
+    acc = final.metrics.get("accuracy")
+    quality = f"final accuracy {acc:.3f}" if acc is not None else "final accuracy -"
+    if "r2" in final.metrics:  # regression
+        mse = final.metrics.get("mse")
+        mse_text = f"{mse:.4g}" if mse is not None else "-"
+        quality = f"final R² {final.metrics['r2']:.3f}, MSE {mse_text}"
+    held_out = final.federated_eval
+    if acc is None and held_out is not None:  # no central test set
+        quality = (f"accuracy {held_out.accuracy:.3f} on the hospitals' pooled held-out "
+                   f"splits (model of round {held_out.model_of_round})")
+    eps = f"{final.epsilon:.4f}" if math.isfinite(final.epsilon) else "inf"
     return (
-        f"{final.get('rounds_completed', 0)} rounds, {quality}, "
-        f"epsilon {eps} at delta {final.get('delta')}"
-        + ("  [NON-PRIVATE: no DP noise]" if final.get("non_private") else "")
+        f"{final.rounds_completed} rounds, {quality}, epsilon {eps} at delta {final.delta:g}"
+        + ("  [NON-PRIVATE: no DP noise]" if final.non_private else "")
     )

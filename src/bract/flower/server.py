@@ -66,6 +66,7 @@ from bract.records.ledger import (
     loads_jsonl,
     verify_chain,
 )
+from bract.records.report import FederatedEval, HospitalRound, RoundRow, RunReport, RunSummary
 
 Weights = dict[str, np.ndarray]
 EvaluateFn = Callable[[Weights], dict[str, float]]
@@ -114,10 +115,6 @@ def fedavg(updates: list[tuple[Weights, int]]) -> Weights:
     return out
 
 
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else ("inf" if x > 0 else str(x))
-
-
 class FederationRecord:
     """The run's report (``report.json``) and merged ledger (``ledger.jsonl``)."""
 
@@ -127,14 +124,14 @@ class FederationRecord:
         #: Each hospital's signed ledger entries, as verified on receipt.
         self.chains: dict[str, tuple[LedgerEntry, ...]] = {}
 
-    def add_round(self, row: dict[str, Any]) -> None:
+    def add_round(self, row: RoundRow) -> None:
         """Append one round's row and rewrite both files atomically."""
-        self.report["rounds"].append(row)
+        self.report["rounds"].append(row.to_plain())
         self.write()
 
-    def finish(self, final: dict[str, Any]) -> None:
+    def finish(self, final: RunSummary) -> None:
         """Record the final summary and rewrite both files."""
-        self.report["final"] = final
+        self.report["final"] = final.to_plain()
         self.write()
 
     def write(self) -> None:
@@ -155,19 +152,29 @@ def _wait_for_nodes(grid: Grid, n: int, seconds: float) -> list[int]:
         time.sleep(0.1)
 
 
-def federated_evaluation(rnd: int, totals: Mapping[str, float]) -> dict[str, Any]:
+def federated_evaluation(rnd: int, totals: Mapping[str, float]) -> FederatedEval | None:
     """The report row's ``federated_eval``: the global model the hospitals received in
     round ``rnd`` (the result of round ``rnd - 1``) on their pooled held-out splits,
-    from the totals of their evaluation sums; empty when no held-out example counted."""
+    from the totals of their evaluation sums; ``None`` when no held-out example counted."""
     n = float(totals.get("eval-examples", 0.0))
     if n < 0.5:
-        return {}
-    return {"federated_eval": {
-        "model_of_round": rnd - 1,
-        "examples": round(n),
-        "loss": float(totals.get("eval-loss-sum", 0.0)) / n,
-        "accuracy": min(max(float(totals.get("eval-correct", 0.0)) / n, 0.0), 1.0),
-    }}
+        return None
+    return FederatedEval(
+        model_of_round=rnd - 1,
+        examples=round(n),
+        loss=float(totals.get("eval-loss-sum", 0.0)) / n,
+        accuracy=min(max(float(totals.get("eval-correct", 0.0)) / n, 0.0), 1.0),
+    )
+
+
+@dataclass(frozen=True)
+class RoundExtras:
+    """What a round adds to its row besides the hospitals' lines: the secure round's
+    record, and the metrics the hospitals released in aggregate."""
+
+    secagg: dict[str, Any] | None = None
+    train_loss: float | None = None
+    federated_eval: FederatedEval | None = None
 
 
 class Federation:
@@ -188,7 +195,7 @@ class Federation:
         self.record = FederationRecord(cfg.out_dir, cfg.run_config)
         self.checkpointer = Checkpointer(cfg.out_dir, cfg.run_config)
         self.names: dict[int, str] = {}
-        self.latest: dict[str, dict[str, Any]] = {}
+        self.latest: dict[str, HospitalRound] = {}
         self.stopped: dict[str, str] = {}
         self.active: list[int] = []
         self.global_weights: Weights = {}
@@ -212,8 +219,7 @@ class Federation:
         state = {
             "report": self.record.report,
             "chains": {cid: dumps_jsonl(chain) for cid, chain in self.record.chains.items()},
-            "latest": {cid: {**v, "epsilon": _json_float(v["epsilon"])}
-                       for cid, v in self.latest.items()},
+            "latest": {cid: v.to_plain() for cid, v in self.latest.items()},
             "stopped": self.stopped,
             "metrics": self.metrics,
             "resumes": self.resumes,
@@ -232,7 +238,7 @@ class Federation:
             cid: tuple(loads_jsonl(text, f"checkpointed ledger of {cid}"))
             for cid, text in state["chains"].items()
         }
-        self.latest = {cid: {**v, "epsilon": float(v["epsilon"])}
+        self.latest = {cid: HospitalRound.from_plain(v, f"checkpointed line of {cid}")
                        for cid, v in state["latest"].items()}
         self.stopped = dict(state["stopped"])
         self.metrics = dict(state["metrics"])
@@ -273,20 +279,20 @@ class Federation:
             return None
         self.record.chains[cid] = chain
         # Entries the hospital's data spent before this run (earlier runs, federations).
-        carried = self.latest.get(cid, {}).get("ledger_carried")
-        if carried is None:
-            carried = len(chain) - (1 if rep["trained"] else 0)
-        self.latest[cid] = {
-            "epsilon": rep["epsilon"],
-            "noise_multiplier": rep["noise_multiplier"],
-            "sample_rate": rep["sample_rate"],
-            "steps": rep["steps"],
-            "trained": rep["trained"],
-            "reason": rep["reason"],
-            "ledger_entries": len(chain),
-            "ledger_head": chain[-1].hash() if chain else "",
-            "ledger_carried": int(carried),
-        }
+        prior = self.latest.get(cid)
+        carried = prior.ledger_carried if prior is not None else (
+            len(chain) - (1 if rep["trained"] else 0))
+        self.latest[cid] = HospitalRound(
+            epsilon=float(rep["epsilon"]),
+            trained=bool(rep["trained"]),
+            reason=str(rep["reason"]),
+            steps=int(rep["steps"]),
+            noise_multiplier=float(rep["noise_multiplier"]),
+            sample_rate=float(rep["sample_rate"]),
+            ledger_entries=len(chain),
+            ledger_head=chain[-1].hash() if chain else "",
+            ledger_carried=int(carried),
+        )
         if not rep["trained"]:
             self.stopped[cid] = rep["reason"]
             if node in self.active:
@@ -312,7 +318,7 @@ class Federation:
             raise LedgerError("its signed entries and its reported events differ")
         return chain
 
-    def _plain_round(self, rnd: int, display: RunObserver) -> tuple[list[str], dict[str, Any]]:
+    def _plain_round(self, rnd: int, display: RunObserver) -> tuple[list[str], RoundExtras]:
         """Plain FedAvg: updates and example counts travel in clear (--no-secagg)."""
         arrays = weights_to_record(self.global_weights)
         messages = []
@@ -354,9 +360,9 @@ class Federation:
                 display.note(f"round {rnd}: {self._label(node)} did not answer")
         if updates:
             self.global_weights = fedavg(updates)
-        return trained, federated_evaluation(rnd, clear_eval)
+        return trained, RoundExtras(federated_eval=federated_evaluation(rnd, clear_eval))
 
-    def _secure_round(self, rnd: int, display: RunObserver) -> tuple[list[str], dict[str, Any]]:
+    def _secure_round(self, rnd: int, display: RunObserver) -> tuple[list[str], RoundExtras]:
         """Secure FedAvg: the server learns only the example-weighted mean update."""
         assert self.secure is not None
         arrays = weights_to_record(self.global_weights)
@@ -367,7 +373,7 @@ class Federation:
         if result is None:
             display.note(f"round {rnd}: secure aggregation aborted ({info.aborted}); "
                          "nothing was revealed and the global model is unchanged")
-            return [], {"secagg": info.to_plain()}
+            return [], RoundExtras(secagg=info.to_plain())
         mean = result.mean()
         offset = 0
         updated: Weights = {}
@@ -377,13 +383,13 @@ class Federation:
             updated[name] = (value.astype(np.float64) + delta).astype(value.dtype)
             offset += size
         self.global_weights = updated
-        extra: dict[str, Any] = {"secagg": info.to_plain()}
+        extra = RoundExtras(secagg=info.to_plain())
         if len(mean) > offset:
             # Metrics the hospitals released in aggregate: the training loss's
             # example-weighted mean, and the totals of their held-out evaluation sums.
-            extra["train_loss"] = float(mean[offset])
             totals = dict(zip(EVAL_METRICS, result.weighted_sum[offset + 1:], strict=False))
-            extra.update(federated_evaluation(rnd, totals))
+            extra = RoundExtras(secagg=extra.secagg, train_loss=float(mean[offset]),
+                                federated_eval=federated_evaluation(rnd, totals))
         return sorted(set(trained) & set(info.alive)), extra
 
     def _secure_dim(self) -> int:
@@ -391,7 +397,7 @@ class Federation:
         params = sum(v.size for v in self.global_weights.values())
         return int(params + self.cfg.secagg.aggregate_metrics)
 
-    def run_round(self, rnd: int, display: RunObserver) -> dict[str, Any]:
+    def run_round(self, rnd: int, display: RunObserver) -> RoundRow:
         """One round of private FedAvg (secure or plain); returns the report row."""
         t0 = time.perf_counter()
         self.failed = {}
@@ -403,21 +409,19 @@ class Federation:
             self.metrics = self.evaluate(self.global_weights)
         else:
             display.note(f"round {rnd}: no update was aggregated; the global model is unchanged")
-        per_client = {cid: dict(v) for cid, v in sorted(self.latest.items())}
-        eps_max = max((v["epsilon"] for v in per_client.values()), default=0.0)
-        return {
-            "round": rnd,
-            "epsilon": _json_float(eps_max),
-            "delta": self.cfg.delta,
-            "per_client": {
-                cid: {**v, "epsilon": _json_float(v["epsilon"])} for cid, v in per_client.items()
-            },
-            "trained": sorted(trained),
-            "failed": dict(sorted(self.failed.items())),
-            **self.metrics,
-            **extra,
-            "seconds": time.perf_counter() - t0,
-        }
+        return RoundRow(
+            round=rnd,
+            epsilon=max((v.epsilon for v in self.latest.values()), default=0.0),
+            per_client=dict(sorted(self.latest.items())),
+            trained=tuple(sorted(trained)),
+            failed=dict(sorted(self.failed.items())),
+            metrics=dict(self.metrics),
+            train_loss=extra.train_loss,
+            federated_eval=extra.federated_eval,
+            secagg=extra.secagg,
+            delta=self.cfg.delta,
+            seconds=time.perf_counter() - t0,
+        )
 
     def run(self, initial_weights: Weights) -> dict[str, Any]:
         """Run (or, with ``cfg.resume``, resume) the federation; returns the report."""
@@ -463,32 +467,30 @@ class Federation:
                 self.completed = rnd
                 self.record.add_round(row)
                 self.checkpoint()
-                eps_value = max((v["epsilon"] for v in self.latest.values()), default=0.0)
-                display.row({**row, "per_client": self.latest, "epsilon_value": eps_value})
+                display.row(row)
                 if not self.active:
                     display.note(f"every hospital has stopped after round {rnd}; federation ends")
                     break
         return self._finish()
 
     def _finish(self) -> dict[str, Any]:
-        final_eps = max((float(v["epsilon"]) for v in self.latest.values()), default=0.0)
-        final = {
-            "rounds_completed": len(self.record.report["rounds"]),
-            "epsilon": _json_float(final_eps),
-            "delta": self.cfg.delta,
-            "non_private": not math.isfinite(final_eps),
-            "stopped": self.stopped,
-            **self.metrics,
-        }
-        held_out = [r["federated_eval"] for r in self.record.report["rounds"]
-                    if "federated_eval" in r]
-        if held_out:  # the latest pooled held-out evaluation the hospitals released
-            final["federated_eval"] = held_out[-1]
+        final_eps = max((v.epsilon for v in self.latest.values()), default=0.0)
+        rows = RunReport.from_plain(self.record.report, "the run's report").rounds
+        held_out = [r.federated_eval for r in rows if r.federated_eval is not None]
         if self.cfg.save_model is not None:
             self.cfg.save_model.parent.mkdir(parents=True, exist_ok=True)
             np.savez(self.cfg.save_model, **self.global_weights)
-            final["model"] = str(self.cfg.save_model)
-        self.record.finish(final)
+        self.record.finish(RunSummary(
+            rounds_completed=len(rows),
+            epsilon=final_eps,
+            delta=self.cfg.delta,
+            non_private=not math.isfinite(final_eps),
+            stopped=dict(self.stopped),
+            metrics=dict(self.metrics),
+            # the latest pooled held-out evaluation the hospitals released
+            federated_eval=held_out[-1] if held_out else None,
+            model=str(self.cfg.save_model) if self.cfg.save_model is not None else None,
+        ))
         self._draw_plots()
         return self.record.report
 

@@ -18,6 +18,7 @@ simulated federation (``"archive"``) starts hospitals afresh.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -31,25 +32,23 @@ import torch
 from flwr.app import Context
 
 from bract import tasks
+from bract.flower import apps
 from bract.flower.app import HOSPITALS_DIR, hospital_setup
 from bract.flower.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint_state
-from bract.flower.client import HospitalSetup, PrivacyPolicy, make_client_app
+from bract.flower.client import HospitalSetup, PrivacyPolicy
+from bract.flower.config import FederationConfig
 from bract.flower.faults import DROP_STAGES, dropout_mod
-from bract.flower.records import AGGREGATED_METRICS
 from bract.flower.secagg_client import (
     SecAggIdentity,
     make_identities,
     read_identity_key,
     write_identity_key,
 )
-from bract.flower.secagg_server import SecAggSettings
-from bract.flower.server import ServerConfig, make_server_app
-from bract.privacy import PrivacyError, TrainingPlan, load_weights, weights_of
-from bract.records.ledger import SignerRoster
+from bract.flower.server import make_server_app
+from bract.privacy import PrivacyError, TrainingPlan
 from bract.records.roster import Roster, read_roster, write_roster
-from bract.secagg import ClientPolicy, SecAggError
+from bract.secagg import ClientPolicy
 from bract.secagg.crypto import SigningKey
-from bract.secagg.protocol import round_parameters
 
 #: Sub-directory of the run's output holding the server's recorded secure-round views.
 SECAGG_VIEW_DIR = "secagg_view"
@@ -57,55 +56,61 @@ SECAGG_VIEW_DIR = "secagg_view"
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """Everything ``bract simulate`` runs: task, privacy policy, rounds, output."""
+    """Everything ``bract simulate`` runs: the federation (task, privacy ask, secure
+    aggregation, output in ``federation.out``) and how the simulation runs it."""
 
-    task: tasks.TaskConfig
-    policy: PrivacyPolicy
-    out_dir: Path = Path("runs/latest")
+    federation: FederationConfig
     save_model: Path | None = None
     show_progress: bool = True
     resume: bool = False
-    #: What to do when ``out_dir`` already holds a run and ``resume`` is off:
+    #: What to do when the output already holds a run and ``resume`` is off:
     #: ``"refuse"`` (the default: say so and stop), ``"new-run"`` (move the run's
-    #: records aside to ``<out_dir>-<time>``; the same hospitals join a new federation
+    #: records aside to ``<out>-<time>``; the same hospitals join a new federation
     #: and continue their budgets) or ``"archive"`` (move everything aside: a new
     #: simulated federation of new hospitals). A previous run's ledger, checkpoint and
     #: hospitals' privacy state are never deleted.
     previous_run: str = "refuse"
     client_threads: int = 1
-    #: Secure aggregation (default on); ``False`` is plain FedAvg, for comparison.
-    secagg: bool = True
-    secagg_clip: float = 8.0
-    secagg_graph: str = "complete"
-    #: Colluding hospitals secure aggregation must withstand (None: floor((n - 1) / 3));
-    #: the simulated hospitals' policies and the server's rounds both use it.
-    secagg_colluders: int | None = None
     drop_rate: float = 0.0
     drop_stage: str = "mask"
-    #: Hospitals' training metrics: "none" stay home, "aggregate" leave only inside the
-    #: masked vector (secure aggregation), "clear" leave in clear (plain FedAvg only).
-    release_metrics: str = "none"
-    #: Record the server's view of every secure round in ``out_dir/secagg_view`` (for
+    #: Record the server's view of every secure round in ``out/secagg_view`` (for
     #: ``bract audit secagg --view``).
     record_secagg: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def out_dir(self) -> Path:
+        """The run's output directory (``federation.out``)."""
+        return Path(self.federation.out)
+
+    @functools.cached_property
+    def task(self) -> tasks.TaskConfig:
+        """The task every simulated hospital trains."""
+        return self.federation.task()
+
+    @functools.cached_property
+    def policy(self) -> PrivacyPolicy:
+        """The privacy policy every simulated hospital trains under (its operator, the
+        simulation, adopts the coordinator's ask)."""
+        return self.federation.policy()
+
     def to_plain(self) -> dict[str, Any]:
         """Plain dict for report.json's ``config``."""
         policy = asdict(self.policy)
+        fed = self.federation
         return {
             **self.task.to_plain(),
             **{k: v for k, v in policy.items() if k != "extra"},
-            "non_private": self.policy.noise_multiplier == 0,
+            "non_private": fed.non_private,
             "out": str(self.out_dir),
             "save_model": str(self.save_model) if self.save_model else None,
-            "secagg": self.secagg,
-            "secagg_clip": self.secagg_clip,
-            "secagg_graph": self.secagg_graph,
-            "secagg_colluders": self.secagg_colluders,
+            "secagg": fed.secagg,
+            "secagg_clip": fed.secagg_clip,
+            "secagg_graph": fed.secagg_graph,
+            "secagg_colluders": fed.secagg_colluders,
             "drop_rate": self.drop_rate,
             "drop_stage": self.drop_stage,
-            "release_metrics": self.release_metrics,
+            "release_metrics": fed.release_metrics,
             "record_secagg": self.record_secagg,
             **self.extra,
         }
@@ -196,23 +201,11 @@ def validate(cfg: SimulationConfig) -> None:
         raise ValueError(f"--drop-stage must be one of {sorted(DROP_STAGES)}")
     if not 0.0 <= cfg.drop_rate <= 1.0:
         raise ValueError(f"--drop-rate must lie in [0, 1] (got {cfg.drop_rate})")
-    if not cfg.secagg and cfg.drop_rate and cfg.drop_stage != "config":
+    if not cfg.federation.secagg and cfg.drop_rate and cfg.drop_stage != "config":
         raise ValueError("without secure aggregation the only drop stage is 'config'")
-    if cfg.release_metrics == "aggregate" and not cfg.secagg:
-        raise ValueError("metrics can be released in aggregate only with secure aggregation")
-    if cfg.release_metrics == "clear" and cfg.secagg:
-        raise ValueError("with secure aggregation metrics leave only in aggregate, never clear")
-    if cfg.secagg and cfg.task.clients < 3:
-        raise ValueError("secure aggregation needs at least 3 hospitals: with 2, each would "
-                         "learn the other's update from the sum (or use --no-secagg)")
     if cfg.previous_run not in PREVIOUS_RUN:
         raise ValueError(f"previous_run must be one of {PREVIOUS_RUN}, got {cfg.previous_run!r}")
-    if cfg.secagg:
-        try:
-            round_parameters(cfg.task.clients, cfg.secagg_graph, None, cfg.secagg_colluders, 2)
-        except SecAggError as exc:
-            raise ValueError(f"{exc} (--secagg-colluders)") from None
-    if cfg.record_secagg and not cfg.secagg:
+    if cfg.record_secagg and not cfg.federation.secagg:
         raise ValueError("--record-secagg records secure rounds: it needs --secagg")
 
 
@@ -278,49 +271,31 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    ds = tasks.dataset_for(cfg.task)
-
-    def initial_weights() -> dict:
-        return weights_of(tasks.build_model(cfg.task))
-
-    eval_model = tasks.build_model(cfg.task)
-
-    def evaluate(weights: dict) -> dict[str, float]:
-        load_weights(eval_model, weights)
-        return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
-
     roster, identities = _identities(cfg)
-    server_cfg = ServerConfig(
-        rounds=cfg.policy.rounds,
-        num_clients=cfg.task.clients,
-        delta=cfg.policy.delta,
-        out_dir=cfg.out_dir,
-        save_model=cfg.save_model,
-        run_config=cfg.to_plain(),
-        show_progress=cfg.show_progress,
-        resume=cfg.resume,
-        roster=SignerRoster.of(roster),
+    fed = cfg.federation
+    server_cfg = apps.server_config(
+        fed, roster, run_config=cfg.to_plain(), show_progress=cfg.show_progress,
+        resume=cfg.resume, save_model=cfg.save_model,
+        record_dir=cfg.out_dir / SECAGG_VIEW_DIR if cfg.record_secagg else None,
     )
     result: dict[str, Any] = {}
-    server_app = make_server_app(initial_weights, evaluate, server_cfg, on_done=result.update)
-    mods = [dropout_mod(cfg.drop_rate, cfg.drop_stage, cfg.task.seed)] if cfg.drop_rate else []
-    if cfg.secagg:
-        server_cfg.secagg = SecAggSettings(
-            roster.federation_id, roster.keys, clip=cfg.secagg_clip, graph=cfg.secagg_graph,
-            colluders=cfg.secagg_colluders,
-            aggregate_metrics=len(AGGREGATED_METRICS) if cfg.release_metrics == "aggregate" else 0,
-            record_dir=str(cfg.out_dir / SECAGG_VIEW_DIR) if cfg.record_secagg else None,
-        )
-
-    policy = ClientPolicy(colluders=cfg.secagg_colluders, clip_out_of_range=True)
+    server_app = make_server_app(lambda: apps.initial_weights(cfg.task),
+                                 apps.central_evaluation(cfg.task), server_cfg,
+                                 on_done=result.update)
+    policy = ClientPolicy(colluders=fed.secagg_colluders, clip_out_of_range=True)
 
     def identity(ctx: Context) -> SecAggIdentity:
         return replace(identities[int(ctx.node_config["partition-id"])], policy=policy)
 
-    client_app = make_client_app(
-        _setup_fn(cfg), cfg.policy, secagg=identity if cfg.secagg else None, mods=mods,
-        release_metrics=cfg.release_metrics, identity=identity,
+    # The simulation plays every hospital's operator: keys it made, the coordinator's
+    # ask as each hospital's policy, each hospital's partition of the shared data.
+    hospitals = apps.Hospitals(
+        setup=_setup_fn(cfg), policy=cfg.policy, release_metrics=fed.release_metrics,
+        secagg=identity if fed.secagg else None, identity=identity,
+        mods=[dropout_mod(cfg.drop_rate, cfg.drop_stage, cfg.task.seed)] if cfg.drop_rate
+        else [],
     )
+    client_app = apps.client_app(hospitals)
     from flwr.simulation import run_simulation
 
     use_gpu = torch.cuda.is_available() and cfg.policy.device in (None, "auto", "cuda")

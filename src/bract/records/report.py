@@ -1,9 +1,10 @@
 """The run report (``report.json``), read once into typed records.
 
-The server writes ``report.json`` after every round (:mod:`bract.flower.server`);
+The server writes ``report.json`` after every round (:mod:`bract.flower.server`)
+from these records (:meth:`RoundRow.to_plain`, :meth:`RunSummary.to_plain`);
 everything that reads it back — the privacy officer's audit, the summary line,
 the plots — reads it through :func:`read_report` / :meth:`RunReport.from_plain`,
-so each field is named and converted in one place.
+so each field is named and converted in one place, both ways.
 
 Structure is checked strictly (a report without a ``rounds`` list, a round without
 its number or per-hospital table, a per-hospital entry that is not an object:
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["FederatedEval", "HospitalRound", "ReportError", "RoundRow", "RunReport",
-           "number", "read_report"]
+           "RunSummary", "number", "plain_number", "read_report"]
 
 #: The global model's metrics a round row may carry (central test set).
 METRIC_KEYS = ("loss", "accuracy", "mse", "r2")
@@ -41,6 +42,13 @@ def number(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def plain_number(x: float) -> float | str:
+    """A float as report.json holds it: finite as is, ``"inf"``/``"-inf"``/``"nan"``
+    as text (JSON has no such numbers)."""
+    x = float(x)
+    return x if math.isfinite(x) else str(x)
 
 
 def _count(value: Any) -> int | None:
@@ -81,6 +89,20 @@ class HospitalRound:
             ledger_carried=max(carried, 0) if carried is not None else 0,
         )
 
+    def to_plain(self) -> dict[str, Any]:
+        """The entry as report.json holds it (:meth:`from_plain` reads it back equal)."""
+        return {
+            "epsilon": plain_number(self.epsilon),
+            "noise_multiplier": plain_number(self.noise_multiplier),
+            "sample_rate": plain_number(self.sample_rate),
+            "steps": self.steps,
+            "trained": self.trained,
+            "reason": self.reason,
+            "ledger_entries": self.ledger_entries,
+            "ledger_head": self.ledger_head,
+            "ledger_carried": self.ledger_carried,
+        }
+
 
 @dataclass(frozen=True)
 class FederatedEval:
@@ -99,6 +121,11 @@ class FederatedEval:
         return cls(_count(data.get("model_of_round")) or 0, _count(data.get("examples")) or 0,
                    number(data.get("loss")), number(data.get("accuracy")))
 
+    def to_plain(self) -> dict[str, Any]:
+        """As report.json holds it."""
+        return {"model_of_round": self.model_of_round, "examples": self.examples,
+                "loss": plain_number(self.loss), "accuracy": plain_number(self.accuracy)}
+
 
 @dataclass(frozen=True)
 class RoundRow:
@@ -113,6 +140,9 @@ class RoundRow:
     metrics: dict[str, float] = field(default_factory=dict)
     train_loss: float | None = None
     federated_eval: FederatedEval | None = None
+    #: The secure round's record (its stages, dropouts, exclusions, abort), as the
+    #: server's secure aggregator wrote it; absent in a plain-FedAvg round.
+    secagg: dict[str, Any] | None = None
     delta: float = math.nan
     seconds: float = math.nan
 
@@ -140,9 +170,89 @@ class RoundRow:
             metrics={k: number(data[k]) for k in METRIC_KEYS if k in data},
             train_loss=number(data["train_loss"]) if "train_loss" in data else None,
             federated_eval=FederatedEval.from_plain(data.get("federated_eval")),
+            secagg=dict(data["secagg"]) if isinstance(data.get("secagg"), Mapping) else None,
             delta=number(data.get("delta")),
             seconds=number(data.get("seconds")),
         )
+
+    def to_plain(self) -> dict[str, Any]:
+        """The row as report.json holds it (:meth:`from_plain` reads it back equal):
+        the global model's metrics at the top level, optional parts only when present."""
+        out: dict[str, Any] = {
+            "round": self.round,
+            "epsilon": plain_number(self.epsilon),
+            "delta": plain_number(self.delta),
+            "per_client": {cid: h.to_plain() for cid, h in sorted(self.per_client.items())},
+            "trained": sorted(self.trained),
+            "failed": dict(sorted(self.failed.items())),
+            **{k: plain_number(v) for k, v in self.metrics.items()},
+        }
+        if self.train_loss is not None:
+            out["train_loss"] = plain_number(self.train_loss)
+        if self.federated_eval is not None:
+            out["federated_eval"] = self.federated_eval.to_plain()
+        if self.secagg is not None:
+            out["secagg"] = self.secagg
+        out["seconds"] = plain_number(self.seconds)
+        return out
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The end of a run (``report.json``'s ``final``): what the federation produced."""
+
+    rounds_completed: int
+    #: The largest epsilon any hospital reached (``inf``: a non-private run).
+    epsilon: float
+    delta: float
+    non_private: bool = False
+    #: Hospitals that stopped, with their reason (a spent budget, a refusal).
+    stopped: dict[str, str] = field(default_factory=dict)
+    #: The final global model on the central test set (absent without one).
+    metrics: dict[str, float] = field(default_factory=dict)
+    #: The latest pooled held-out evaluation the hospitals released.
+    federated_eval: FederatedEval | None = None
+    #: Where the final global weights were saved (``bract simulate --save-model``).
+    model: str | None = None
+    plots: tuple[str, ...] = ()
+
+    @classmethod
+    def from_plain(cls, data: Any) -> RunSummary | None:
+        """Parse ``final``; ``None`` while the run has not finished (none, or empty)."""
+        if not isinstance(data, Mapping) or not data:
+            return None
+        stopped = data.get("stopped", {})
+        plots = data.get("plots", [])
+        return cls(
+            rounds_completed=_count(data.get("rounds_completed")) or 0,
+            epsilon=number(data.get("epsilon")),
+            delta=number(data.get("delta")),
+            non_private=data.get("non_private") is True,
+            stopped={str(k): str(v) for k, v in stopped.items()}
+            if isinstance(stopped, Mapping) else {},
+            metrics={k: number(data[k]) for k in METRIC_KEYS if k in data},
+            federated_eval=FederatedEval.from_plain(data.get("federated_eval")),
+            model=str(data["model"]) if data.get("model") else None,
+            plots=tuple(str(p) for p in plots) if isinstance(plots, list) else (),
+        )
+
+    def to_plain(self) -> dict[str, Any]:
+        """As report.json holds it (:meth:`from_plain` reads it back equal)."""
+        out: dict[str, Any] = {
+            "rounds_completed": self.rounds_completed,
+            "epsilon": plain_number(self.epsilon),
+            "delta": plain_number(self.delta),
+            "non_private": self.non_private,
+            "stopped": dict(sorted(self.stopped.items())),
+            **{k: plain_number(v) for k, v in self.metrics.items()},
+        }
+        if self.federated_eval is not None:
+            out["federated_eval"] = self.federated_eval.to_plain()
+        if self.model is not None:
+            out["model"] = self.model
+        if self.plots:
+            out["plots"] = list(self.plots)
+        return out
 
 
 @dataclass(frozen=True)
@@ -151,7 +261,8 @@ class RunReport:
 
     config: dict[str, Any]
     rounds: tuple[RoundRow, ...]
-    final: dict[str, Any] = field(default_factory=dict)
+    #: ``None`` while the run has not finished.
+    final: RunSummary | None = None
     #: The initial global model on the central test set (absent without one).
     initial: dict[str, float] = field(default_factory=dict)
     stopped_early: str | None = None
@@ -174,7 +285,7 @@ class RunReport:
         return cls(
             config=dict(config) if isinstance(config, Mapping) else {},
             rounds=rounds,
-            final=dict(final) if isinstance(final, Mapping) else {},
+            final=RunSummary.from_plain(final),
             initial={k: number(v) for k, v in initial.items()}
             if isinstance(initial, Mapping) else {},
             stopped_early=str(stopped) if stopped is not None else None,
@@ -196,12 +307,23 @@ class RunReport:
     @property
     def final_epsilon(self) -> float:
         """The final epsilon the report claims (``nan`` if absent or unreadable)."""
-        return number(self.final.get("epsilon"))
+        return self.final.epsilon if self.final is not None else math.nan
 
     @property
     def final_federated_eval(self) -> FederatedEval | None:
         """The latest pooled held-out evaluation, if the hospitals released one."""
-        return FederatedEval.from_plain(self.final.get("federated_eval"))
+        return self.final.federated_eval if self.final is not None else None
+
+    def to_plain(self) -> dict[str, Any]:
+        """The whole report as report.json holds it."""
+        out: dict[str, Any] = {"config": self.config,
+                               "rounds": [r.to_plain() for r in self.rounds]}
+        if self.initial:
+            out["initial"] = {k: plain_number(v) for k, v in self.initial.items()}
+        if self.stopped_early is not None:
+            out["stopped_early"] = self.stopped_early
+        out["final"] = self.final.to_plain() if self.final is not None else {}
+        return out
 
 
 def read_report(path: str | Path) -> RunReport:
