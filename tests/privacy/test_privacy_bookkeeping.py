@@ -225,14 +225,13 @@ def test_a_criterion_that_ignores_reduction_none_is_refused_not_mis_clipped() ->
 
     model = small_cnn()
     for mode in ("bk", "ghost"):
-        trainer = PrivateTrainer(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), chest_loader(40, 20),
-            noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
-            criterion=BatchMean(), grad_sample_mode=mode,
-        )
-        with pytest.raises(PrivacyError, match="one loss per example"):
-            trainer.train_round(1)
-        assert trainer.ledger.events == ()  # nothing was recorded as spent
+        # Refused before any step: the sensitivity probe sees no per-example loss.
+        with pytest.raises(PrivacyError, match="one value per example"):
+            PrivateTrainer(
+                model, torch.optim.SGD(model.parameters(), lr=0.1), chest_loader(40, 20),
+                noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
+                criterion=BatchMean(), grad_sample_mode=mode,
+            )
 
 
 def test_a_bookkeeping_round_records_the_same_event_as_a_ghost_round() -> None:

@@ -312,6 +312,7 @@ def _sampled_ids(torch_seed: int, **kwargs) -> list[list[int]]:
     model = Recording()
     trainer = _trainer(model, DataLoader(TensorDataset(x, y), batch_size=8), lr=0.01,
                        grad_sample_mode="hooks", **kwargs)
+    seen.clear()  # the sensitivity probe's forward passes
     torch.manual_seed(torch_seed)  # an application's (public) seed must not fix the batches
     trainer.train_round(1)
     return seen

@@ -24,12 +24,10 @@ respect to each patient record of this hospital, with epsilon as reported by
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +47,8 @@ from bract.privacy.accounting import (
     compress,
 )
 from bract.privacy.noise import SecureGaussian, use_secure_noise
+from bract.privacy.sampling import key_from_seed, secure_poisson_loader
+from bract.privacy.sensitivity import check_layers, probe, reused_layers
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "bk")
 DEFAULT_GRAD_SAMPLE_MODE = "auto"
@@ -57,6 +57,8 @@ GHOST_LINEAR_THRESHOLD = 1_000_000
 #: Per-sample gradients of Conv2d and GroupNorm layers: bract's rules (same gradients,
 #: less memory and time; :mod:`bract.privacy.grad_samplers`) or Opacus's own.
 GRAD_SAMPLER_SOURCES = ("bract", "opacus")
+#: Examples of the hospital's own data the sensitivity probe runs before training.
+PROBE_EXAMPLES = 4
 
 Weights = dict[str, np.ndarray]
 
@@ -96,6 +98,10 @@ def choose_grad_sample_mode(
     if criterion is not None and not hasattr(criterion, "reduction"):
         return "hooks"
     from bract.privacy.bookkeeping import supports_bookkeeping
+    from bract.privacy.sensitivity import shared_parameters
+
+    if shared_parameters(model) is not None:
+        return "hooks"  # the one mode whose per-example gradient of a shared weight is exact
 
     if supports_bookkeeping(model):
         return "bk"
@@ -115,6 +121,21 @@ def _check_per_example_loss(loss_per_example: torch.Tensor, batch: int) -> None:
             "per example. Make the criterion honour its `reduction` attribute (as torch's "
             "losses do), or use grad_sample_mode='hooks'."
         )
+
+
+def _probe_batch(data_loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first few of the hospital's examples, collated, for the sensitivity probe;
+    :class:`PrivacyError` when a batch is not an (inputs, labels) pair."""
+    dataset = data_loader.dataset
+    count = min(len(dataset), PROBE_EXAMPLES)  # type: ignore[arg-type]
+    collate = data_loader.collate_fn or torch.utils.data.default_collate
+    batch = collate([dataset[i] for i in range(count)])
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise PrivacyError(
+            f"a batch of this DataLoader is a {type(batch).__name__}, not an (inputs, "
+            "labels) pair: wrap the dataset so that each item is (x, y) (e.g. turn a "
+            "Flower Datasets dict into a tuple in its transform)")
+    return batch[0], batch[1]
 
 
 def check_privatisable(model: nn.Module) -> None:
@@ -216,22 +237,14 @@ class PrivateTrainer:
         secure_noise: bool = True,
         sampling_seed: int | None = None,
         grad_samplers: str = "bract",
+        public_buffers: Sequence[str] = (),
     ) -> None:
-        grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode, criterion)
-        if grad_sample_mode == "bk":
-            from bract.privacy.bookkeeping import bookkeeping_obstacle
-
-            obstacle = bookkeeping_obstacle(model)
-            if obstacle:
-                raise PrivacyError(obstacle)
-        if grad_samplers not in GRAD_SAMPLER_SOURCES:
+        reduction = getattr(criterion, "reduction", "mean") if criterion is not None else "mean"
+        if reduction not in ("mean", "sum"):
             raise PrivacyError(
-                f"grad_samplers {grad_samplers!r} is not supported; use one of "
-                f"{GRAD_SAMPLER_SOURCES}."
-            )
-        if accountant not in ACCOUNTANTS:
-            raise PrivacyError(
-                f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}."
+                f"the criterion's reduction={reduction!r}: DP-SGD differentiates one loss "
+                "for the batch; use reduction='mean' (the step applies the noisy clipped sum "
+                "/ the expected batch size) or 'sum' (the noisy clipped sum)"
             )
         if not isinstance(data_loader, DataLoader):
             raise PrivacyError(
@@ -243,6 +256,15 @@ class PrivateTrainer:
                 f"hospital {client_id or '?'} has an empty partition: it has no data to train "
                 "on. Give it data, or run the federation with fewer hospitals."
             )
+        if grad_samplers not in GRAD_SAMPLER_SOURCES:
+            raise PrivacyError(
+                f"grad_samplers {grad_samplers!r} is not supported; use one of "
+                f"{GRAD_SAMPLER_SOURCES}."
+            )
+        if accountant not in ACCOUNTANTS:
+            raise PrivacyError(
+                f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}."
+            )
         batch_size = data_loader.batch_size
         if batch_size is None or batch_size < 1:
             raise PrivacyError(
@@ -251,12 +273,28 @@ class PrivateTrainer:
             )
         if data_loader.drop_last:
             raise PrivacyError("use drop_last=False: Poisson sampling decides batch sizes.")
+        probe_batch = _probe_batch(data_loader)
+        requested_mode = grad_sample_mode
+        grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode, criterion)
+        on = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if requested_mode == "auto" and grad_sample_mode in ("ghost", "bk") and reused_layers(
+                model, probe_batch[0].to(on)):
+            grad_sample_mode = "hooks"  # a layer runs twice: only hooks mode is exact
+        if grad_sample_mode == "bk":
+            from bract.privacy.bookkeeping import bookkeeping_obstacle
+
+            obstacle = bookkeeping_obstacle(model)
+            if obstacle:
+                raise PrivacyError(obstacle)
         self.plan_per_round = TrainingPlan(1, local_epochs, n, batch_size)
         if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise PrivacyError(f"max_grad_norm must be > 0 (got {max_grad_norm!r}).")
         # Validates noise multiplier and delta with clear messages.
         self.plan_per_round.round_event(noise_multiplier, max_grad_norm=max_grad_norm, delta=delta)
         check_privatisable(model)
+        check_layers(model, grad_sample_mode)
+        self.loss_reduction = reduction
+        self.public_buffers = tuple(public_buffers)
 
         self.device = resolve_device(device)
         self.model = model.to(self.device)
@@ -282,6 +320,9 @@ class PrivateTrainer:
         self.client_id = client_id
         self.ledger = ledger if ledger is not None else PrivacyLedger(client_id)
         self._noise_source = SecureGaussian() if secure_noise else None
+        x, y = (t.to(self.device) if isinstance(t, torch.Tensor) else t for t in probe_batch)
+        probe(self.model, x, y, self.criterion, mode=self.grad_sample_mode,
+              public_buffers=self.public_buffers)
 
     # ------------------------------------------------------------------ accounting
     def planned_event(self, round: int) -> DpSgdEvent:
@@ -388,6 +429,7 @@ class PrivateTrainer:
                 criterion=self.criterion,
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
+                loss_reduction=self.loss_reduction,
                 poisson_sampling=True,
                 # Book-keeping reuses ghost clipping's optimizer, loss and loader: only
                 # how the clipped gradient sum reaches .grad differs (one backward pass).
@@ -402,19 +444,13 @@ class PrivateTrainer:
             criterion = self.criterion
         if self._noise_source is not None:
             use_secure_noise(dp_optimizer, self._noise_source)
-        # Which records a step samples must stay secret (amplification by sampling).
-        # Opacus would use torch's default generator, whose seed is public (fixed, or
-        # set by the application); seed a private one from the OS instead.
-        sampler_rng = torch.Generator()
-        seed_bytes = (
-            os.urandom(8)
-            if self.sampling_seed is None
-            else hashlib.sha256(
-                f"{self.sampling_seed}:{self.client_id}:{len(self.ledger.events)}".encode()
-            ).digest()[:8]
-        )
-        sampler_rng.manual_seed(int.from_bytes(seed_bytes, "little"))
-        dp_loader.batch_sampler.generator = sampler_rng
+        # Which records a step samples must stay secret (amplification by sampling):
+        # Opacus's sampler is torch's Mersenne Twister; draw the batches from an
+        # AES-CTR keystream keyed from the OS instead (a fixed key only for a
+        # non-private run's reproducible batches).
+        dp_loader = secure_poisson_loader(dp_loader, None if self.sampling_seed is None else
+                                          key_from_seed(self.sampling_seed, self.client_id,
+                                                        len(self.ledger.events)))
         total = self.local_epochs * len(dp_loader)
         steps, loss_sum, loss_batches = 0, 0.0, 0
         with warnings.catch_warnings():
