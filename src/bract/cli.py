@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from bract.argtypes import finite_float
+from bract.argtypes import finite_float, positive_int
 
 if TYPE_CHECKING:
     from bract.records.report import RunReport
@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of hospitals that drop out each round (simulated faults)")
     sim.add_argument("--drop-stage", choices=("config", "mask", "consistency", "unmask"),
                      default="mask", help="secure-aggregation stage at which they drop")
+    sim.add_argument("--public-size", type=positive_int, default=None, metavar="N",
+                     help="a number of records every hospital declares public (at least "
+                          "its own count): sample rate, steps, noise and FedAvg weight come "
+                          "from it, so nothing released reveals a hospital's exact count")
     sim.add_argument("--record-secagg", action="store_true",
                      help="record the server's view of every secure round in OUT/secagg_view "
                           "(check it with: bract audit secagg --view OUT/secagg_view)")
@@ -106,7 +110,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         cfg = SimulationConfig(
             federation=fed, save_model=args.save_model, show_progress=not args.no_progress,
             resume=args.resume, drop_rate=args.drop_rate, drop_stage=args.drop_stage,
-            record_secagg=args.record_secagg,
+            record_secagg=args.record_secagg, public_size=args.public_size,
             previous_run=(
                 "new-run" if args.new_run
                 else "archive" if default_out or args.new_federation else "refuse"

@@ -9,6 +9,7 @@ coordinator's report, and nothing of the hospital's update or metrics leaves.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,22 @@ def test_no_sequence_of_coordinator_requests_takes_a_hospital_past_its_lifetime_
         spent += len(chain)
     if must_spend:
         assert spent > 0
+
+
+def test_a_public_size_bound_hides_each_hospitals_exact_count(tmp_path) -> None:
+    """Hospitals of different sizes that declare the same public bound release the same
+    sample rate, steps and noise (and weigh the average by the bound): nothing the
+    server sees is a function of their exact counts."""
+    policy = HospitalPolicy(target_epsilon=4.0, public_dataset_size=400)
+    report, _ = _run(tmp_path, {"target-epsilon": 4.0, "partition": "quantity", "alpha": 0.3},
+                     policy)
+    per = report["rounds"][0]["per_client"]
+    assert all(v["trained"] for v in per.values())
+    released = {(v["sample_rate"], v["steps"], v["noise_multiplier"]) for v in per.values()}
+    assert released == {(1 / math.ceil(400 / 32), math.ceil(400 / 32),
+                         per["hospital-0"]["noise_multiplier"])}
+    too_small = HospitalPolicy(target_epsilon=4.0, public_dataset_size=10)
+    (tmp_path / "small").mkdir()
+    report, _ = _run(tmp_path / "small", {"target-epsilon": 4.0}, too_small)
+    assert all("public size bound (10) must be an integer at least" in why
+               for why in report["rounds"][0]["failed"].values())

@@ -15,6 +15,7 @@ one) and refuses any request looser than them, before it trains.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -113,6 +114,7 @@ def hospital_setup(
                          "state-dir: its spent privacy budget must live in a directory its "
                          "operator owns (bract hospital init makes DIR/state)")
     return HospitalSetup(
+        public_size=hospital_policy_of(nc).public_dataset_size,
         dataset_id=str(nc.get("dataset-id", "")) or source,
         model=model,
         optimizer=tasks.make_optimizer(task, model),
@@ -187,7 +189,20 @@ def hospital_policy_of(node_config: Mapping[str, Any]) -> HospitalPolicy:
     or :class:`HospitalPolicy`'s defaults (epsilon <= 8 at delta <= 1e-5, never
     non-private, training metrics stay home)."""
     path = node_config.get("policy")
-    return HospitalPolicy.read(Path(str(path))) if path else HospitalPolicy()
+    if not path:
+        return HospitalPolicy()
+    try:
+        stat = Path(str(path)).stat()
+    except OSError:
+        return HospitalPolicy.read(Path(str(path)))  # names the problem
+    return _read_policy(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_policy(path: str, mtime_ns: int, size: int) -> HospitalPolicy:
+    """The policy file, read once per version of it (a message reads it three times:
+    the budget, the metric release, the secure-aggregation bound)."""
+    return HospitalPolicy.read(Path(path))
 
 
 def _policy_from_context(ctx: Context) -> PrivacyPolicy:

@@ -88,6 +88,10 @@ class HospitalSetup:
     #: (``EVAL_METRICS``: summed loss, correct predictions, examples). They are metrics
     #: on private data: they leave only as the hospital's metric release allows.
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    #: A number of records the hospital declares public, at least its true count
+    #: (e.g. rounded up): sample rate, steps, calibrated noise and FedAvg weight come
+    #: from it, so nothing the hospital releases is a function of its exact count.
+    public_size: int | None = None
 
     def privacy_dir(self) -> Path | None:
         """Where this dataset's lifetime privacy state lives (``None``: in memory only)."""
@@ -165,8 +169,8 @@ def _noise_multiplier(
         return float(state["noise-multiplier"])
     loader = setup.train_loader
     plan = TrainingPlan(
-        max(1, policy.rounds - server_round + 1), policy.local_epochs, len(loader.dataset),
-        int(loader.batch_size or 0),
+        max(1, policy.rounds - server_round + 1), policy.local_epochs,
+        setup.public_size or len(loader.dataset), int(loader.batch_size or 0),
     )
     try:
         cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant,
@@ -321,6 +325,7 @@ def dp_train_handler(
                 budget=policy_now.budget(),
                 ledger=ledger,
                 client_id=setup.client_id,
+                public_size=setup.public_size,
                 accountant=policy_now.accountant,
                 grad_sample_mode=policy_now.grad_sample_mode,
                 device=policy_now.device,

@@ -12,7 +12,13 @@ File format (JSON, every field optional)::
 
     {"target_epsilon": 8.0, "delta": 1e-5, "accountant": "prv",
      "min_noise_multiplier": 0.0, "allow_non_private": false,
-     "release_metrics": "none", "secagg_colluders": null, "secagg_min_honest": 2}
+     "release_metrics": "none", "secagg_colluders": null, "secagg_min_honest": 2,
+     "public_dataset_size": null}
+
+``public_dataset_size``: a number of records the hospital declares public, at least
+its true count (e.g. its count rounded up to a round number). Its sample rate,
+steps, calibrated noise and FedAvg weight are then computed from it, so nothing it
+releases reveals its exact count (see docs/privacy.md, "What leaves a hospital").
 """
 
 from __future__ import annotations
@@ -55,8 +61,14 @@ class HospitalPolicy:
     release_metrics: str = "none"
     secagg_colluders: int | None = None
     secagg_min_honest: int = 2
+    public_dataset_size: int | None = None
 
     def __post_init__(self) -> None:
+        size = self.public_dataset_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int)
+                                 or size < 1):
+            raise ValueError(f"hospital policy: public_dataset_size must be an integer >= 1 "
+                             f"or null, got {size!r}")
         if not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
             raise ValueError(f"hospital policy: target_epsilon must be > 0, got "
                              f"{self.target_epsilon!r}")

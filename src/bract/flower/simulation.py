@@ -76,6 +76,9 @@ class SimulationConfig:
     #: Record the server's view of every secure round in ``out/secagg_view`` (for
     #: ``bract audit secagg --view``).
     record_secagg: bool = False
+    #: A number of records every simulated hospital declares public (at least its
+    #: true count): its sample rate, steps, noise and FedAvg weight come from it.
+    public_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -112,6 +115,7 @@ class SimulationConfig:
             "drop_stage": self.drop_stage,
             "release_metrics": fed.release_metrics,
             "record_secagg": self.record_secagg,
+            "public_size": self.public_size,
             **self.extra,
         }
 
@@ -119,7 +123,8 @@ class SimulationConfig:
 def _setup_fn(cfg: SimulationConfig) -> Callable[[Context], HospitalSetup]:
     def setup(ctx: Context) -> HospitalSetup:
         torch.set_num_threads(cfg.client_threads)
-        return hospital_setup(cfg.task, ctx, cfg.out_dir / HOSPITALS_DIR)
+        setup = hospital_setup(cfg.task, ctx, cfg.out_dir / HOSPITALS_DIR)
+        return replace(setup, public_size=cfg.public_size) if cfg.public_size else setup
 
     return setup
 
@@ -191,6 +196,11 @@ def validate(cfg: SimulationConfig) -> None:
         )
     # The task's partition scheme must give every hospital data (a clear error otherwise).
     smallest = min(len(part) for part in tasks.partitions(cfg.task))
+    largest = max(len(part) for part in tasks.partitions(cfg.task))
+    if cfg.public_size is not None and cfg.public_size < largest:
+        raise PrivacyError(f"--public-size {cfg.public_size} is below a hospital's number of "
+                           f"records ({largest}): the public bound must be at least each "
+                           "hospital's count")
     TrainingPlan(cfg.policy.rounds, cfg.policy.local_epochs, smallest, cfg.task.batch_size)
     cfg.policy.budget()
     if cfg.policy.noise_multiplier == 0 and not cfg.policy.allow_non_private:

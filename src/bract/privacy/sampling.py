@@ -79,17 +79,20 @@ class SecurePoissonSampler(Sampler[list[int]]):
             yield self.draw().tolist()
 
 
-def secure_poisson_loader(loader: DataLoader, key: bytes | None = None) -> DataLoader:
+def secure_poisson_loader(loader: DataLoader, key: bytes | None = None, *,
+                          sample_rate: float | None = None, steps: int | None = None
+                          ) -> DataLoader:
     """``loader`` (Opacus's Poisson ``DPDataLoader``) with its batches drawn by a
-    :class:`SecurePoissonSampler` of the same sample rate and number of steps; its
-    collate function (which turns an empty batch into empty tensors) is kept."""
+    :class:`SecurePoissonSampler`, at ``sample_rate`` for ``steps`` steps (default:
+    the loader's own); its collate function (which turns an empty batch into empty
+    tensors) is kept."""
     old = loader.batch_sampler
     n = len(loader.dataset)  # type: ignore[arg-type]
-    sample_rate = float(getattr(old, "sample_rate", 0.0))
-    steps = len(old)  # type: ignore[arg-type]
+    rate = float(getattr(old, "sample_rate", 0.0)) if sample_rate is None else sample_rate
+    count = len(old) if steps is None else steps  # type: ignore[arg-type]
     return DataLoader(
         loader.dataset,
-        batch_sampler=SecurePoissonSampler(n, sample_rate, steps, key),
+        batch_sampler=SecurePoissonSampler(n, rate, count, key),
         collate_fn=loader.collate_fn,
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,

@@ -24,6 +24,7 @@ respect to each patient record of this hospital, with epsilon as reported by
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -59,6 +60,17 @@ GHOST_LINEAR_THRESHOLD = 1_000_000
 GRAD_SAMPLER_SOURCES = ("bract", "opacus")
 #: Examples of the hospital's own data the sensitivity probe runs before training.
 PROBE_EXAMPLES = 4
+
+
+class _EmptyBatchNotice(logging.Filter):
+    """Opacus logs a warning for every empty Poisson batch; with a small expected batch
+    (or a public size bound) they are a normal part of the sampling, not a problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "batch is empty" not in record.getMessage()
+
+
+logging.getLogger("opacus.data_loader").addFilter(_EmptyBatchNotice())
 
 Weights = dict[str, np.ndarray]
 
@@ -238,6 +250,7 @@ class PrivateTrainer:
         sampling_seed: int | None = None,
         grad_samplers: str = "bract",
         public_buffers: Sequence[str] = (),
+        public_size: int | None = None,
     ) -> None:
         reduction = getattr(criterion, "reduction", "mean") if criterion is not None else "mean"
         if reduction not in ("mean", "sum"):
@@ -286,7 +299,15 @@ class PrivateTrainer:
             obstacle = bookkeeping_obstacle(model)
             if obstacle:
                 raise PrivacyError(obstacle)
-        self.plan_per_round = TrainingPlan(1, local_epochs, n, batch_size)
+        if public_size is not None and (isinstance(public_size, bool) or not isinstance(
+                public_size, int) or public_size < n):
+            raise PrivacyError(
+                f"the public size bound ({public_size!r}) must be an integer at least the "
+                f"hospital's number of records ({n}): it replaces n in everything released")
+        self.public_size = public_size
+        # Sample rate, steps (and so the calibrated noise) come from the public bound
+        # when there is one: then nothing released is a function of the exact n.
+        self.plan_per_round = TrainingPlan(1, local_epochs, public_size or n, batch_size)
         if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise PrivacyError(f"max_grad_norm must be > 0 (got {max_grad_norm!r}).")
         # Validates noise multiplier and delta with clear messages.
@@ -448,9 +469,15 @@ class PrivateTrainer:
         # Opacus's sampler is torch's Mersenne Twister; draw the batches from an
         # AES-CTR keystream keyed from the OS instead (a fixed key only for a
         # non-private run's reproducible batches).
-        dp_loader = secure_poisson_loader(dp_loader, None if self.sampling_seed is None else
-                                          key_from_seed(self.sampling_seed, self.client_id,
-                                                        len(self.ledger.events)))
+        plan = self.plan_per_round
+        dp_loader = secure_poisson_loader(
+            dp_loader, None if self.sampling_seed is None else key_from_seed(
+                self.sampling_seed, self.client_id, len(self.ledger.events)),
+            sample_rate=plan.sample_rate, steps=plan.batches_per_epoch,
+        )
+        # The step divides the noisy clipped sum by the expected batch size; take it
+        # from the plan (the public bound, when there is one), never from the exact n.
+        dp_optimizer.expected_batch_size = int(plan.dataset_size * plan.sample_rate)
         total = self.local_epochs * len(dp_loader)
         steps, loss_sum, loss_batches = 0, 0.0, 0
         with warnings.catch_warnings():
