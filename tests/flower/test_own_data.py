@@ -187,3 +187,60 @@ def test_a_hospitals_own_python_loader_serves_its_data_and_metrics_leave_only_by
     ctx.node_config["loader"] = "no_such_module:load"
     with pytest.raises(ValueError, match="cannot be imported"):
         hospital_setup(tasks.TaskConfig(dataset="breast-cancer"), ctx)
+
+
+PATIENT_LOADER = '''
+import numpy as np
+from bract.data import FederatedDataset
+from bract.data.tabular import load_dataset
+
+
+def load(node_config):
+    """A site's records, three visits per patient (the patient id in train_columns)."""
+    full = load_dataset("breast-cancer", seed=0)
+    site = int(node_config["site"])
+    rows = np.arange(len(full.x_train))[site::3]
+    return FederatedDataset(
+        f"site-{site}", full.x_train[rows], full.y_train[rows], full.x_test[:0],
+        full.y_test[:0], full.num_classes, full.input_shape,
+        train_columns={"patient_id": np.arange(len(rows)) // 3},
+    )
+'''
+
+
+def test_a_hospital_whose_policy_protects_patients_spends_epsilon_per_patient(
+        tmp_path, monkeypatch) -> None:
+    """Policy ``privacy_unit: patient`` and a loader that names each record's patient:
+    the hospital samples patients (q from its number of patients), clips each
+    patient's summed gradient, and its ledger's epsilon is per patient; without patient
+    ids it refuses, naming what is missing."""
+    from bract.flower.hospital_policy import HospitalPolicy
+
+    (tmp_path / "site_patients.py").write_text(PATIENT_LOADER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 4.0,
+          "secagg": False, "batch-size": 8, "out": str(tmp_path / "out")}
+    grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
+    for i, ctx in enumerate(grid.contexts.values()):
+        policy = tmp_path / f"policy-{i}.json"
+        HospitalPolicy(privacy_unit="patient").write(policy)
+        ctx.node_config.clear()
+        ctx.node_config.update({"name": f"hospital-{i}", "site": i, "policy": str(policy),
+                                "loader": "site_patients:load",
+                                "state-dir": str(tmp_path / f"state-{i}")})
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=rc))
+    (row,) = json.loads((tmp_path / "out" / "report.json").read_text())["rounds"]
+    assert sorted(row["trained"]) == ["hospital-0", "hospital-1", "hospital-2"]
+    for cid, line in row["per_client"].items():
+        records = len(range(int(cid[-1]), 455, 3))
+        patients = math.ceil(records / 3)
+        assert line["sample_rate"] == pytest.approx(1 / math.ceil(patients / 8))
+        assert 0.98 * 4.0 <= line["epsilon"] <= 4.0
+    ctx = next(iter(grid.contexts.values()))
+    ctx.node_config["loader"] = "site_records:load"  # no patient ids
+    (tmp_path / "site_records.py").write_text(LOADER_MODULE)
+    from bract.flower.app import hospital_setup
+
+    with pytest.raises(ValueError, match="names no patient per record"):
+        hospital_setup(tasks.TaskConfig(dataset="breast-cancer"), ctx)

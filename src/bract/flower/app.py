@@ -93,6 +93,7 @@ def hospital_setup(
     model = tasks.build_model(task)
     evaluate = None
     source = ""
+    patient_ids = None
     if own_path or loader:
         if own_path:
             own = tasks.own_data(task, own_path)
@@ -102,6 +103,7 @@ def hospital_setup(
             own = tasks.check_fits_model(task, load_with(loader, nc), f"loader {loader}")
             source = f"loader:{loader}"
         train_loader = tasks.loader_of(task, own.x_train, own.y_train)
+        patient_ids = own.train_columns.get("patient_id")
         evaluate = held_out_evaluation(own.x_test, own.y_test)
     else:
         source = dataset_source(task)
@@ -113,8 +115,20 @@ def hospital_setup(
         raise ValueError("this hospital's node config names its identity-key but no "
                          "state-dir: its spent privacy budget must live in a directory its "
                          "operator owns (bract hospital init makes DIR/state)")
+    own_policy = hospital_policy_of(nc)
+    if own_policy.privacy_unit == "patient":
+        if patient_ids is None:
+            raise ValueError(
+                "this hospital's policy protects patients (privacy_unit 'patient') but its "
+                "data names no patient per record: its loader must return "
+                "FederatedDataset(train_columns={'patient_id': ...}), one id per training "
+                "record")
+        patient_ids = [str(p) for p in patient_ids]
+    else:
+        patient_ids = None
     return HospitalSetup(
-        public_size=hospital_policy_of(nc).public_dataset_size,
+        public_size=own_policy.public_dataset_size,
+        patient_ids=patient_ids,
         dataset_id=str(nc.get("dataset-id", "")) or source,
         model=model,
         optimizer=tasks.make_optimizer(task, model),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,6 +92,16 @@ class HospitalSetup:
     #: (e.g. rounded up): sample rate, steps, calibrated noise and FedAvg weight come
     #: from it, so nothing the hospital releases is a function of its exact count.
     public_size: int | None = None
+    #: The patient of each training record (in dataset order): the privacy unit is
+    #: then the patient (Poisson sampling over patients, each patient's summed
+    #: gradient clipped, epsilon per patient). ``None``: each record is the unit.
+    patient_ids: Sequence[Hashable] | None = None
+
+    def privacy_units(self) -> int:
+        """How many privacy units (patients, or records) the hospital's data holds."""
+        if self.patient_ids is not None:
+            return len(set(self.patient_ids))
+        return len(self.train_loader.dataset)  # type: ignore[arg-type]
 
     def privacy_dir(self) -> Path | None:
         """Where this dataset's lifetime privacy state lives (``None``: in memory only)."""
@@ -170,7 +180,7 @@ def _noise_multiplier(
     loader = setup.train_loader
     plan = TrainingPlan(
         max(1, policy.rounds - server_round + 1), policy.local_epochs,
-        setup.public_size or len(loader.dataset), int(loader.batch_size or 0),
+        setup.public_size or setup.privacy_units(), int(loader.batch_size or 0),
     )
     try:
         cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant,
@@ -326,6 +336,7 @@ def dp_train_handler(
                 ledger=ledger,
                 client_id=setup.client_id,
                 public_size=setup.public_size,
+                patient_ids=setup.patient_ids,
                 accountant=policy_now.accountant,
                 grad_sample_mode=policy_now.grad_sample_mode,
                 device=policy_now.device,

@@ -13,12 +13,17 @@ File format (JSON, every field optional)::
     {"target_epsilon": 8.0, "delta": 1e-5, "accountant": "prv",
      "min_noise_multiplier": 0.0, "allow_non_private": false,
      "release_metrics": "none", "secagg_colluders": null, "secagg_min_honest": 2,
-     "public_dataset_size": null}
+     "public_dataset_size": null, "privacy_unit": "record"}
 
 ``public_dataset_size``: a number of records the hospital declares public, at least
 its true count (e.g. its count rounded up to a round number). Its sample rate,
 steps, calibrated noise and FedAvg weight are then computed from it, so nothing it
 releases reveals its exact count (see docs/privacy.md, "What leaves a hospital").
+
+``privacy_unit``: ``"record"`` (each training example) or ``"patient"``: Poisson
+sampling over patients, each patient's summed gradient clipped, epsilon per patient;
+it needs a patient id per training record from the hospital's own loader
+(``FederatedDataset(train_columns={"patient_id": ...})``).
 """
 
 from __future__ import annotations
@@ -62,8 +67,12 @@ class HospitalPolicy:
     secagg_colluders: int | None = None
     secagg_min_honest: int = 2
     public_dataset_size: int | None = None
+    privacy_unit: str = "record"
 
     def __post_init__(self) -> None:
+        if self.privacy_unit not in ("record", "patient"):
+            raise ValueError(f"hospital policy: privacy_unit must be 'record' or 'patient', "
+                             f"got {self.privacy_unit!r}")
         size = self.public_dataset_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int)
                                  or size < 1):

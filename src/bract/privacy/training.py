@@ -18,8 +18,10 @@ Guarantee (under the assumptions of DP-SGD: per-example clipping at
 ``max_grad_norm``, Poisson sampling, Gaussian noise of std
 ``noise_multiplier * max_grad_norm`` per step, add/remove-one neighbours): the
 sequence of weights released after each round is (epsilon, delta)-DP with
-respect to each patient record of this hospital, with epsilon as reported by
-:meth:`PrivateTrainer.epsilon`.
+respect to each record of this hospital (with ``patient_ids``: each patient, all
+its records together), with epsilon as reported by :meth:`PrivateTrainer.epsilon`.
+The sensitivity guard (:mod:`bract.privacy.sensitivity`) refuses, before training,
+the models for which per-example clipping is known not to hold.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +50,13 @@ from bract.privacy.accounting import (
     compress,
 )
 from bract.privacy.noise import SecureGaussian, use_secure_noise
-from bract.privacy.sampling import key_from_seed, secure_poisson_loader
+from bract.privacy.sampling import (
+    PatientPoissonSampler,
+    Patients,
+    group_grad_samples,
+    key_from_seed,
+    secure_poisson_loader,
+)
 from bract.privacy.sensitivity import check_layers, probe, reused_layers
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "bk")
@@ -251,6 +259,7 @@ class PrivateTrainer:
         grad_samplers: str = "bract",
         public_buffers: Sequence[str] = (),
         public_size: int | None = None,
+        patient_ids: Sequence[Hashable] | None = None,
     ) -> None:
         reduction = getattr(criterion, "reduction", "mean") if criterion is not None else "mean"
         if reduction not in ("mean", "sum"):
@@ -288,6 +297,14 @@ class PrivateTrainer:
             raise PrivacyError("use drop_last=False: Poisson sampling decides batch sizes.")
         probe_batch = _probe_batch(data_loader)
         requested_mode = grad_sample_mode
+        self.patients = None if patient_ids is None else Patients.of(patient_ids, n)
+        if self.patients is not None:
+            if grad_sample_mode not in ("auto", "hooks"):
+                raise PrivacyError(
+                    f"patient-level DP clips each patient's summed gradient, which is exact in "
+                    f"grad_sample_mode 'hooks' (every record's gradient, summed per patient); "
+                    f"{grad_sample_mode!r} computes norms per record. Use 'hooks' or 'auto'.")
+            grad_sample_mode = "hooks"
         grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode, criterion)
         on = next((p.device for p in model.parameters()), torch.device("cpu"))
         if requested_mode == "auto" and grad_sample_mode in ("ghost", "bk") and reused_layers(
@@ -299,15 +316,22 @@ class PrivateTrainer:
             obstacle = bookkeeping_obstacle(model)
             if obstacle:
                 raise PrivacyError(obstacle)
+        # The privacy unit: a record, or a patient (then the plan counts patients, the
+        # batch size is the expected number of patients per step, and epsilon is per
+        # patient).
+        units = n if self.patients is None else self.patients.count
+        unit = "record" if self.patients is None else "patient"
         if public_size is not None and (isinstance(public_size, bool) or not isinstance(
-                public_size, int) or public_size < n):
+                public_size, int) or public_size < units):
             raise PrivacyError(
                 f"the public size bound ({public_size!r}) must be an integer at least the "
-                f"hospital's number of records ({n}): it replaces n in everything released")
+                f"hospital's number of {unit}s ({units}): it replaces that count in "
+                "everything released")
         self.public_size = public_size
+        self.privacy_unit = unit
         # Sample rate, steps (and so the calibrated noise) come from the public bound
-        # when there is one: then nothing released is a function of the exact n.
-        self.plan_per_round = TrainingPlan(1, local_epochs, public_size or n, batch_size)
+        # when there is one: then nothing released is a function of the exact count.
+        self.plan_per_round = TrainingPlan(1, local_epochs, public_size or units, batch_size)
         if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise PrivacyError(f"max_grad_norm must be > 0 (got {max_grad_norm!r}).")
         # Validates noise multiplier and delta with clear messages.
@@ -470,11 +494,15 @@ class PrivateTrainer:
         # AES-CTR keystream keyed from the OS instead (a fixed key only for a
         # non-private run's reproducible batches).
         plan = self.plan_per_round
-        dp_loader = secure_poisson_loader(
-            dp_loader, None if self.sampling_seed is None else key_from_seed(
-                self.sampling_seed, self.client_id, len(self.ledger.events)),
-            sample_rate=plan.sample_rate, steps=plan.batches_per_epoch,
-        )
+        key = None if self.sampling_seed is None else key_from_seed(
+            self.sampling_seed, self.client_id, len(self.ledger.events))
+        if self.patients is None:
+            dp_loader = secure_poisson_loader(dp_loader, key, sample_rate=plan.sample_rate,
+                                              steps=plan.batches_per_epoch)
+        else:  # Poisson over patients; each sampled patient brings all its records
+            patient_sampler = PatientPoissonSampler(self.patients, plan.sample_rate,
+                                                    plan.batches_per_epoch, key)
+            dp_loader = secure_poisson_loader(dp_loader, batch_sampler=patient_sampler)
         # The step divides the noisy clipped sum by the expected batch size; take it
         # from the plan (the public bound, when there is one), never from the exact n.
         dp_optimizer.expected_batch_size = int(plan.dataset_size * plan.sample_rate)
@@ -509,6 +537,10 @@ class PrivateTrainer:
                             clipper.backward(loss.loss_per_sample, len(y))
                         else:
                             loss.backward()
+                        if self.patients is not None:
+                            # Each patient's gradient is the sum of its records'; clipping
+                            # then bounds what one patient adds.
+                            group_grad_samples(self.model, patient_sampler.groups.popleft())
                         dp_optimizer.step()
                         steps += 1
                         if len(y) > 0:
