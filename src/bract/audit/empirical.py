@@ -84,6 +84,9 @@ class EmpiricalAuditConfig:
     guess_fractions: tuple[float, ...] = DEFAULT_GUESS_FRACTIONS
     seed: int = 0  # the public train/test split only; coins and noise never use it
     device: str | None = "cpu"
+    #: Train with this multiple of the noise the ledger records (1: correct; 0.5: the
+    #: "noise halved" bug), to show what the audit does and does not catch.
+    noise_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dataset not in AUDIT_DATASETS:
@@ -115,7 +118,7 @@ class EmpiricalAuditConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1 (got {value!r}).")
-        for name in ("lr", "max_grad_norm", "canary_scale"):
+        for name in ("lr", "max_grad_norm", "canary_scale", "noise_scale"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0 (got {value!r}).")
@@ -303,6 +306,9 @@ def run_empirical_audit(
         noise_multiplier=sigma, max_grad_norm=config.max_grad_norm, delta=config.delta,
         local_epochs=config.epochs, client_id="audit", device=device,
     )
+    if config.noise_scale != 1.0:  # the optimizer adds this much; the ledger records sigma
+        trainer._audit_hook = lambda opt: setattr(opt, "noise_multiplier",
+                                                  sigma * config.noise_scale)
     outcome = trainer.train_round(1, on_step=on_step)
     if not outcome.trained or outcome.event is None:
         raise RuntimeError(f"the audited training did not run: {outcome.decision.reason}")

@@ -32,6 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -365,6 +366,9 @@ class PrivateTrainer:
         self.client_id = client_id
         self.ledger = ledger if ledger is not None else PrivacyLedger(client_id)
         self._noise_source = SecureGaussian() if secure_noise else None
+        #: Set only by the white-box audit (:mod:`bract.audit.whitebox`): called with the
+        #: DP optimizer before each round's first step, to insert gradient canaries.
+        self._audit_hook: Callable[[Any], None] | None = None
         x, y = (t.to(self.device) if isinstance(t, torch.Tensor) else t for t in probe_batch)
         probe(self.model, x, y, self.criterion, mode=self.grad_sample_mode,
               public_buffers=self.public_buffers)
@@ -489,6 +493,8 @@ class PrivateTrainer:
             criterion = self.criterion
         if self._noise_source is not None:
             use_secure_noise(dp_optimizer, self._noise_source)
+        if self._audit_hook is not None:  # bract.audit.whitebox only
+            self._audit_hook(dp_optimizer)
         # Which records a step samples must stay secret (amplification by sampling):
         # Opacus's sampler is torch's Mersenne Twister; draw the batches from an
         # AES-CTR keystream keyed from the OS instead (a fixed key only for a
