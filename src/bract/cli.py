@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a number of records every hospital declares public (at least "
                           "its own count): sample rate, steps, noise and FedAvg weight come "
                           "from it, so nothing released reveals a hospital's exact count")
+    sim.add_argument("--privacy-unit", choices=("record", "patient"), default="record",
+                     help="what each hospital protects: each record (default), or each "
+                          "patient with all its records (Poisson sampling over patients, "
+                          "per-patient clipping and epsilon; needs patient ids: an image "
+                          "folder's patient sub-folders or DICOM PatientID); --batch-size "
+                          "is then patients per step")
     sim.add_argument("--record-secagg", action="store_true",
                      help="record the server's view of every secure round in OUT/secagg_view "
                           "(check it with: bract audit secagg --view OUT/secagg_view)")
@@ -111,6 +117,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             federation=fed, save_model=args.save_model, show_progress=not args.no_progress,
             resume=args.resume, drop_rate=args.drop_rate, drop_stage=args.drop_stage,
             record_secagg=args.record_secagg, public_size=args.public_size,
+            privacy_unit=args.privacy_unit,
             previous_run=(
                 "new-run" if args.new_run
                 else "archive" if default_out or args.new_federation else "refuse"

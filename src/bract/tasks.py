@@ -325,6 +325,19 @@ def hospital_data(cfg: TaskConfig, partition_id: int) -> tuple[np.ndarray, np.nd
     return ds.x_train[idx], ds.y_train[idx]
 
 
+def hospital_patients(cfg: TaskConfig, partition_id: int) -> list[str]:
+    """The patient of each of hospital ``partition_id``'s training records, in order
+    (``ValueError`` when the dataset names no patients: only image folders do, by
+    patient sub-folder or DICOM PatientID)."""
+    ds = dataset_for(cfg)
+    if "patient_id" not in ds.train_columns:
+        raise ValueError(f"dataset {cfg.dataset} names no patient per record: the patient "
+                         "privacy unit needs an image folder (patient sub-folders or DICOM "
+                         "PatientID) or a hospital's own loader with a patient_id column")
+    return [str(p) for p in np.asarray(ds.train_columns["patient_id"])[
+        partitions(cfg)[partition_id]]]
+
+
 def hospital_loader(cfg: TaskConfig, partition_id: int) -> DataLoader:
     """A DataLoader over the hospital's data with the task's (expected) batch size."""
     return loader_of(cfg, *hospital_data(cfg, partition_id))

@@ -148,7 +148,8 @@ def test_bad_size_or_channels(tmp_path) -> None:
 
 
 def _dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
-           slope: float = 1.0, intercept: float = 0.0, frames: int = 1) -> Path:
+           slope: float = 1.0, intercept: float = 0.0, frames: int = 1,
+           patient: str = "") -> Path:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -171,6 +172,8 @@ def _dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
     if frames > 1:
         ds.NumberOfFrames = frames
     ds.PixelData = pixels.astype(np.uint16).tobytes()
+    if patient:
+        ds.PatientID = patient
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -218,3 +221,34 @@ def test_dicom_without_pydicom_names_the_extra(tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
     with pytest.raises(DataError, match=r"pip install 'bract\[dicom\]'"):
         read_image(path)
+
+
+def test_each_image_names_its_patient_by_sub_folder_or_as_its_own(tmp_path) -> None:
+    """root/class/patient/study/img: the first folder below the class is the patient
+    (the same name under two classes is one patient); a file directly in its class
+    folder is a patient of its own."""
+    root = tmp_path / "xrays"
+    for cls, level in (("covid", 40), ("normal", 100)):
+        for p in range(3):
+            for study in range(2):
+                _png(root / cls / f"patient{p}" / f"study{study}" / "a.png", level + p)
+        _png(root / cls / "loose.png", level)
+    ds = load_image_folder(root, image_size=8, test_fraction=0.1, seed=0)
+    ids = list(ds.train_columns["patient_id"])
+    assert len(ids) == ds.n_train
+    folders = {i for i in ids if i.startswith("folder:")}
+    assert folders <= {"folder:patient0", "folder:patient1", "folder:patient2"}
+    assert {i for i in ids if i.startswith("file:")} <= {"file:covid/loose.png",
+                                                         "file:normal/loose.png"}
+    assert ids.count("folder:patient0") >= 3  # 4 images, at most one held out
+
+
+@needs_pydicom
+def test_a_dicom_patient_id_names_the_patient_across_folders(tmp_path) -> None:
+    root = tmp_path / "ct"
+    for cls, level in (("lesion", 3000), ("normal", 500)):
+        for k in range(4):
+            _dicom(root / cls / f"export{k}" / "x.dcm", np.full((8, 8), level + k, np.uint16),
+                   patient=f"P{k % 2}")
+    ds = load_image_folder(root, 4, test_fraction=0.1)
+    assert set(ds.train_columns["patient_id"]) <= {"dicom:P0", "dicom:P1"}

@@ -144,3 +144,39 @@ def test_one_id_per_record() -> None:
                        DataLoader(TensorDataset(torch.randn(6, 4), torch.zeros(6).long()),
                                   batch_size=2), noise_multiplier=1.0, max_grad_norm=1.0,
                        delta=1e-5, patient_ids=[0, 1, 2])
+
+
+@pytest.mark.slow
+def test_bract_simulate_protects_patients_of_an_image_folder(tmp_path, capsys) -> None:
+    """--privacy-unit patient on an image folder with patient sub-folders: every
+    hospital samples patients (q from its patient count) and meets the target per
+    patient."""
+    import json
+    import math
+
+    from PIL import Image
+
+    from bract.cli import main
+    from bract.tasks import TaskConfig, hospital_patients
+
+    root = tmp_path / "xrays"
+    for cls in ("normal", "pneumonia"):
+        for p in range(30):
+            for k in range(3):
+                path = root / cls / f"patient{cls[0]}{p}" / f"img{k}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.full((8, 8), 40 + 3 * p + k, np.uint8)).save(path)
+    out = tmp_path / "run"
+    code = main(["simulate", "--dataset", "imagefolder", "--data-path", str(root),
+                 "--image-size", "8", "--clients", "3", "--rounds", "2", "--batch-size", "4",
+                 "--target-epsilon", "4", "--privacy-unit", "patient", "--out", str(out),
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["privacy_unit"] == "patient"
+    task = TaskConfig.for_dataset("imagefolder", data_path=str(root), image_size=8,
+                                  clients=3, batch_size=4)
+    for cid, line in report["rounds"][-1]["per_client"].items():
+        patients = len(set(hospital_patients(task, int(cid.split("-")[1]))))
+        assert line["sample_rate"] == pytest.approx(1 / math.ceil(patients / 4))
+        assert 0.98 * 4 <= line["epsilon"] <= 4.0

@@ -87,6 +87,27 @@ def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ..
     return files, np.asarray(labels, dtype=np.int64), tuple(classes)
 
 
+def patient_of(path: Path, root: Path) -> str:
+    """The patient an image belongs to: the DICOM header's ``PatientID`` when the file
+    is DICOM and has one, else the first folder below the class folder
+    (``root/class/patient7/study1/c.dcm`` -> ``patient7``: the same folder name under
+    two classes is one patient), else the file itself (a patient of its own)."""
+    if path.suffix.lower() in DICOM_EXTENSIONS:
+        try:
+            import pydicom
+
+            header = pydicom.dcmread(str(path), stop_before_pixels=True)
+            pid = str(getattr(header, "PatientID", "") or "").strip()
+            if pid:
+                return f"dicom:{pid}"
+        except Exception:  # no pydicom or no header: the folder names the patient
+            pass
+    parts = path.relative_to(root).parts  # (class, [patient, ...,] file)
+    if len(parts) > 2:
+        return f"folder:{parts[1]}"
+    return f"file:{'/'.join(parts)}"
+
+
 def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
     """One PNG/JPEG (Pillow) or DICOM (pydicom) image as ``float32`` ``[channels, H, W]``
     in ``[0, 1]``.
@@ -197,6 +218,9 @@ def load_image_folder(
     ``n_samples`` first draws that many files (stratified, seeded). ``progress``
     shows a rich progress bar while reading.
 
+    Each training image's patient (:func:`patient_of`) is in ``train_columns
+    ["patient_id"]``, for patient-level DP.
+
     Guarantees: nothing is downloaded; the result depends only on the folder's
     contents and the arguments. Raises :class:`DataError` (a ``ValueError``)
     naming the problem and the file for a missing folder, missing classes, an
@@ -217,6 +241,8 @@ def load_image_folder(
         files, labels = [files[i] for i in keep], labels[keep]
     train_idx, test_idx = stratified_split(len(files), labels, test_fraction, seed)
     images = _read_all(files, channels, image_size, progress)
+    top = Path(root).expanduser()
+    patients = np.asarray([patient_of(f, top) for f in files], dtype=object)
     return FederatedDataset(
         name=name or Path(root).expanduser().name or "imagefolder",
         x_train=np.ascontiguousarray(images[train_idx]),
@@ -227,6 +253,7 @@ def load_image_folder(
         input_shape=(channels, image_size, image_size),
         task="classification",
         class_names=classes,
+        train_columns={"patient_id": patients[train_idx]},
     )
 
 

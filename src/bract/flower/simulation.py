@@ -79,6 +79,10 @@ class SimulationConfig:
     #: A number of records every simulated hospital declares public (at least its
     #: true count): its sample rate, steps, noise and FedAvg weight come from it.
     public_size: int | None = None
+    #: What every simulated hospital protects: each ``"record"``, or each ``"patient"``
+    #: (the dataset's patient ids; an image folder's patient sub-folders or DICOM
+    #: PatientID): Poisson sampling over patients, per-patient clipping and epsilon.
+    privacy_unit: str = "record"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -116,6 +120,7 @@ class SimulationConfig:
             "release_metrics": fed.release_metrics,
             "record_secagg": self.record_secagg,
             "public_size": self.public_size,
+            "privacy_unit": self.privacy_unit,
             **self.extra,
         }
 
@@ -124,7 +129,9 @@ def _setup_fn(cfg: SimulationConfig) -> Callable[[Context], HospitalSetup]:
     def setup(ctx: Context) -> HospitalSetup:
         torch.set_num_threads(cfg.client_threads)
         setup = hospital_setup(cfg.task, ctx, cfg.out_dir / HOSPITALS_DIR)
-        return replace(setup, public_size=cfg.public_size) if cfg.public_size else setup
+        patients = (tasks.hospital_patients(cfg.task, int(ctx.node_config["partition-id"]))
+                    if cfg.privacy_unit == "patient" else None)
+        return replace(setup, public_size=cfg.public_size, patient_ids=patients)
 
     return setup
 
@@ -197,6 +204,15 @@ def validate(cfg: SimulationConfig) -> None:
     # The task's partition scheme must give every hospital data (a clear error otherwise).
     smallest = min(len(part) for part in tasks.partitions(cfg.task))
     largest = max(len(part) for part in tasks.partitions(cfg.task))
+    if cfg.privacy_unit not in ("record", "patient"):
+        raise ValueError(f"privacy unit must be 'record' or 'patient', got {cfg.privacy_unit!r}")
+    if cfg.privacy_unit == "patient":
+        patients = [len(set(tasks.hospital_patients(cfg.task, i)))
+                    for i in range(cfg.task.clients)]
+        smallest, largest = min(patients), max(patients)
+        if cfg.policy.grad_sample_mode not in ("auto", "hooks"):
+            raise ValueError("the patient privacy unit is exact in --grad-sample-mode hooks "
+                             "(auto picks it); bk and ghost compute norms per record")
     if cfg.public_size is not None and cfg.public_size < largest:
         raise PrivacyError(f"--public-size {cfg.public_size} is below a hospital's number of "
                            f"records ({largest}): the public bound must be at least each "
