@@ -15,6 +15,7 @@ from bract.flower.certificates import LOOPBACK
 from bract.flower.config import FederationConfig
 from bract.flower.deploy import DeploymentError, LocalFederation
 from bract.flower.hospital_policy import HospitalPolicy
+from bract.records.report import read_report
 
 __all__ = ["add_deploy_parser", "local_federation", "run_deploy"]
 
@@ -97,9 +98,25 @@ def run_deploy(args: argparse.Namespace) -> int:
         print(f"bract deploy failed: {exc}", file=sys.stderr)
         return 1
     print(result.log[-6000:])
+    report_path = out / "report.json"
+    if not result.succeeded or not report_path.exists():
+        print(f"bract deploy failed: run {result.run_id} ended {result.status} after "
+              f"{result.seconds:.1f}s" + ("" if report_path.exists() else
+                                         f" and wrote no {report_path}")
+              + f"; logs in {workdir / 'logs'}", file=sys.stderr)
+        return 1
+    report = read_report(report_path)
+    if not any(row.trained for row in report.rounds):
+        stopped = report.final.stopped if report.final is not None else {}
+        failed = {cid: why for row in report.rounds for cid, why in row.failed.items()}
+        why = "; ".join(f"{cid}: {reason}" for cid, reason in
+                        sorted({**failed, **stopped}.items())) or "see report.json"
+        print(f"bract deploy failed: no hospital trained in any round, so the model was not "
+              f"trained ({why}); the record is in {report_path}", file=sys.stderr)
+        return 1
     print(f"run {result.run_id}: {result.status} in {result.seconds:.1f}s; "
-          f"record in {out / 'report.json'} and {out / 'ledger.jsonl'}")
-    return 0 if result.succeeded else 1
+          f"record in {report_path} and {out / 'ledger.jsonl'}")
+    return 0
 
 
 @contextlib.contextmanager
