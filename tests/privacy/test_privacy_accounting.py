@@ -413,3 +413,13 @@ def test_calibration_refuses_when_earlier_spending_leaves_no_room() -> None:
         calibrate(eps, 1e-5, plan, prior=spent)
     with pytest.raises(PrivacyError, match="without noise"):
         calibrate(8.0, 1e-5, plan, prior=[DpSgdEvent(0.0, 0.1, 5, 1.0, 1e-5)])
+
+
+def test_a_target_above_the_ceiling_is_refused_before_any_work() -> None:
+    """Calibrating for epsilon 1000 took a minute and 2 GB per hospital; above the
+    documented ceiling the target is refused before any accounting, naming it."""
+    from bract.privacy.accounting import MAX_TARGET_EPSILON
+
+    with pytest.raises(PrivacyError, match=r"above bract's ceiling of 50"):
+        calibrate(1e9, 1e-5, TrainingPlan(3, 1, 455, 32))
+    assert MAX_TARGET_EPSILON == 50.0
