@@ -79,6 +79,8 @@ class TaskConfig:
     #: from the data).
     num_classes: int | None = None
     in_channels: int | None = None
+    #: Image folders: stop at the first unreadable file instead of skipping it.
+    strict_data: bool = False
 
     @property
     def declares_model(self) -> bool:
@@ -154,19 +156,22 @@ class TaskConfig:
 
 @functools.lru_cache(maxsize=4)
 def _load(
-    dataset: str, seed: int, image_size: int, n_samples: int | None, data_path: str
+    dataset: str, seed: int, image_size: int, n_samples: int | None, data_path: str,
+    strict: bool = False,
 ) -> FederatedDataset:
     if dataset == "medmnist":
         return load_medmnist(data_path, image_size=image_size, n_samples=n_samples, seed=seed)
     if dataset == "imagefolder":
-        return load_image_folder(data_path, image_size, seed=seed, n_samples=n_samples)
+        return load_image_folder(data_path, image_size, seed=seed, n_samples=n_samples,
+                                 strict=strict)
     return load_dataset(dataset, seed=seed, image_size=image_size, n_samples=n_samples)
 
 
 def dataset_for(cfg: TaskConfig) -> FederatedDataset:
     """The task's dataset (train split to partition, central test split), cached per
     process (keyed by the settings that shape the data only)."""
-    return _load(cfg.dataset, cfg.seed, cfg.image_size, cfg.n_samples, cfg.data_path)
+    return _load(cfg.dataset, cfg.seed, cfg.image_size, cfg.n_samples, cfg.data_path,
+                 cfg.strict_data)
 
 
 class TargetScaled(nn.Module):

@@ -135,7 +135,7 @@ def test_unreadable_image_is_named(tmp_path) -> None:
     bad = root / "b" / "broken.png"
     bad.write_bytes(b"not a png at all")
     with pytest.raises(DataError, match=r"cannot read image") as err:
-        load_image_folder(root, 8)
+        load_image_folder(root, 8, strict=True)  # by default it is skipped and counted
     assert str(bad) in str(err.value)
 
 
@@ -252,3 +252,45 @@ def test_a_dicom_patient_id_names_the_patient_across_folders(tmp_path) -> None:
                    patient=f"P{k % 2}")
     ds = load_image_folder(root, 4, test_fraction=0.1)
     assert set(ds.train_columns["patient_id"]) <= {"dicom:P0", "dicom:P1"}
+
+
+def test_unreadable_files_are_skipped_and_counted_in_one_line(tmp_path, caplog) -> None:
+    """A real export holds files bract cannot read as one image (a corrupt PNG here;
+    a multi-frame RT dose in a PACS export): they are skipped and counted in one
+    warning line; strict=True stops at the first, naming it."""
+    import logging
+
+    root = _folder(tmp_path / "xrays", {"normal": 5, "pneumonia": 5})
+    (root / "normal" / "broken.png").write_bytes(b"not a png")
+    (root / "pneumonia" / "notes.png").write_bytes(b"\x89PNG truncated")
+    with caplog.at_level(logging.WARNING, logger="bract.data"):
+        ds = load_image_folder(root, image_size=8)
+    assert ds.n_train + ds.n_test == 10
+    lines = [r.getMessage() for r in caplog.records if r.name == "bract.data"]
+    assert len(lines) == 1 and lines[0].startswith("skipped 2 of 12 files")
+    assert "--strict-data" in lines[0]
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.png"):
+        load_image_folder(root, image_size=8, strict=True)
+
+
+def test_a_class_left_without_readable_images_is_an_error(tmp_path) -> None:
+    root = _folder(tmp_path / "xrays", {"normal": 5})
+    (root / "pneumonia").mkdir()
+    (root / "pneumonia" / "bad.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"class folder\(s\) \['pneumonia'\] hold too few"):
+        load_image_folder(root, image_size=8)
+
+
+@needs_pydicom
+def test_a_multi_frame_dicom_is_skipped_not_fatal(tmp_path, caplog) -> None:
+    import logging
+
+    root = tmp_path / "ct"
+    for cls, level in (("lesion", 3000), ("normal", 500)):
+        for k in range(3):
+            _dicom(root / cls / f"{k}.dcm", np.full((8, 8), level + k, np.uint16))
+    _dicom(root / "lesion" / "rtdose.dcm", np.zeros((15, 8, 8), np.uint16), frames=15)
+    with caplog.at_level(logging.WARNING, logger="bract.data"):
+        ds = load_image_folder(root, 4)
+    assert ds.n_train + ds.n_test == 6
+    assert "15 frames" in caplog.text

@@ -11,6 +11,7 @@ notes) are ignored.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -205,6 +206,7 @@ def load_image_folder(
     n_samples: int | None = None,
     progress: bool = False,
     name: str | None = None,
+    strict: bool = False,
 ) -> FederatedDataset:
     """Load an image folder (one sub-folder per class) and split it into training
     and central test sets.
@@ -217,6 +219,12 @@ def load_image_folder(
     deterministic given ``seed`` (``ceil(test_fraction * n)`` test images);
     ``n_samples`` first draws that many files (stratified, seeded). ``progress``
     shows a rich progress bar while reading.
+
+    A file that cannot be read as one image (corrupt, an unsupported DICOM such as a
+    multi-frame RT dose, no pixel data) is skipped, and one warning line counts the
+    skipped files and names the first with its reason; ``strict=True`` raises on the
+    first one instead. DICOM without pydicom is always an error (it would skip them
+    all).
 
     Each training image's patient (:func:`patient_of`) is in ``train_columns
     ["patient_id"]``, for patient-level DP.
@@ -239,8 +247,15 @@ def load_image_folder(
             )
         keep = subset_indices(labels, n_samples, seed)
         files, labels = [files[i] for i in keep], labels[keep]
+    images, ok = _read_all(files, channels, image_size, progress, strict)
+    if not ok.all():
+        files, labels, images = [f for f, k in zip(files, ok, strict=True) if k], \
+            labels[ok], images[ok]
+        missing = [c for i, c in enumerate(classes) if not (labels == i).any()]
+        if missing or len(files) < 2:
+            raise DataError(f"{root}: after skipping the unreadable files, class folder(s) "
+                            f"{missing or list(classes)} hold too few readable images")
     train_idx, test_idx = stratified_split(len(files), labels, test_fraction, seed)
-    images = _read_all(files, channels, image_size, progress)
     top = Path(root).expanduser()
     patients = np.asarray([patient_of(f, top) for f in files], dtype=object)
     return FederatedDataset(
@@ -257,21 +272,36 @@ def load_image_folder(
     )
 
 
-def _read_all(files: Sequence[Path], channels: int, image_size: int, progress: bool) -> np.ndarray:
+def _read_all(files: Sequence[Path], channels: int, image_size: int, progress: bool,
+              strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Every file read and resized, and which ones could be read: an unreadable file
+    is skipped (one warning line counts them) unless ``strict``."""
     out = np.empty((len(files), channels, image_size, image_size), dtype=np.float32)
+    ok = np.ones(len(files), dtype=bool)
+    skipped: list[str] = []
 
     def read(i: int) -> None:
-        out[i] = resize_images(read_image(files[i], channels)[None], image_size)[0]
+        try:
+            out[i] = resize_images(read_image(files[i], channels)[None], image_size)[0]
+        except DataError as exc:
+            if strict or _DICOM_HINT in str(exc):  # no pydicom: every DICOM would fail
+                raise
+            ok[i] = False
+            skipped.append(str(exc))
 
     if not progress:
         for i in range(len(files)):
             read(i)
-        return out
-    from rich.progress import Progress
+    else:
+        from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("reading images", total=len(files))
-        for i in range(len(files)):
-            read(i)
-            bar.advance(task)
-    return out
+        with Progress(transient=True) as bar:
+            task = bar.add_task("reading images", total=len(files))
+            for i in range(len(files)):
+                read(i)
+                bar.advance(task)
+    if skipped:
+        logging.getLogger("bract.data").warning(
+            "skipped %d of %d files that cannot be read as one image (first: %s); pass "
+            "--strict-data to stop at the first instead", len(skipped), len(files), skipped[0])
+    return out, ok

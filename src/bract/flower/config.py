@@ -162,6 +162,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("data_path", str, "",
            "MedMNIST .npz file (medmnist) or folder of class sub-folders (imagefolder); "
            "nothing is downloaded"),
+    Option("strict_data", bool, False, "image folders: stop at the first file that cannot "
+           "be read as one image instead of skipping it (skipped files are counted in one "
+           "warning line)"),
     Option("partition", str, "iid", "how the training set is split between hospitals",
            choices=("iid", "dirichlet", "quantity", "column")),
     Option("alpha", float, 0.5,
@@ -237,6 +240,7 @@ class FederationConfig:
     rounds: int = 3
     dataset: str = "synthetic"
     data_path: str = ""
+    strict_data: bool = False
     partition: str = "iid"
     alpha: float = 0.5
     partition_column: str = ""
@@ -314,6 +318,7 @@ class FederationConfig:
             momentum=self.momentum, data_path=self.data_path, partition=self.partition,
             alpha=self.alpha, partition_column=self.partition_column,
             num_classes=self.num_classes, in_channels=self.in_channels,
+            strict_data=self.strict_data,
         )
 
     def policy(self) -> PrivacyPolicy:

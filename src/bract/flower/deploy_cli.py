@@ -39,7 +39,7 @@ def add_deploy_parser(subparsers: Any) -> None:
     # by its (simulated) operator and reads only data its operator names: the bundled
     # datasets, split by partition; a hospital's own file is `bract hospital start`'s.
     FederationConfig.add_arguments(
-        p, skip=("data_path", "device"),
+        p, skip=("data_path", "device", "strict_data"),
         defaults={"dataset": "breast-cancer", "round_timeout": 120.0},
         choices={"dataset": BUNDLED_DATASETS},
     )
