@@ -251,3 +251,35 @@ def test_reduction_none_is_refused_with_the_fix(mode) -> None:
     with pytest.raises(PrivacyError, match=r"reduction='none'.*'mean'.*'sum'"):
         _trainer(nn.Linear(4, 3), criterion=nn.CrossEntropyLoss(reduction="none"),
                  grad_sample_mode=mode)
+
+
+def test_functional_dropout_is_not_taken_for_mixing() -> None:
+    """F.dropout draws its mask per batch, so a batch without one example gets other
+    masks; the probe tells that randomness from mixing (eval mode) and accepts it."""
+
+    class FunctionalDropout(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = nn.functional.dropout(torch.tanh(self.body(x)), 0.5, self.training)
+            return self.head(h)
+
+    assert _trainer(FunctionalDropout()).grad_sample_mode == "bk"
+    with pytest.raises(PrivacyError, match="influence each other"):
+        _trainer(BatchCentred())  # still refused
+
+
+def test_a_forward_that_depends_on_the_batch_size_is_refused() -> None:
+    class PerBatchScale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(x) / len(x)
+
+    with pytest.raises(PrivacyError, match="removing one example changes the others"):
+        _trainer(PerBatchScale())

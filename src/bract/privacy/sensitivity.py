@@ -256,14 +256,6 @@ def probe(
     if batch < 2:  # one example: nothing to mix
         return
     keep = slice(1, batch)
-    rest_out, rest = _batch_outputs(twin, x[1:], batch - 1, seed)
-    if not _close(out[keep], rest_out):
-        where = _first_mixing_module(full, rest, keep)
-        raise PrivacyError(
-            f"examples influence each other in the forward pass (first seen in the output "
-            f"of {where}): removing one example changes the others' outputs, so DP-SGD's "
-            "per-example clipping does not bound its contribution. Compute every statistic "
-            "per example (no batch means, no BatchNorm)")
     pert_out, pert = _batch_outputs(twin, _perturbed(x), batch, seed)
     if not _close(out[keep], pert_out[keep]):
         where = _first_mixing_module(full, [(n, t[keep]) for n, t in pert], keep)
@@ -272,6 +264,24 @@ def probe(
             f"of {where}): changing one example changes the others' outputs, so DP-SGD's "
             "per-example clipping does not bound its contribution. Compute every statistic "
             "per example (no batch means, no BatchNorm)")
+    rest_out, _ = _batch_outputs(twin, x[1:], batch - 1, seed)
+    if not _close(out[keep], rest_out):
+        # Randomness drawn per batch (functional dropout) differs between batch shapes;
+        # without it (eval mode) the removal must leave the others' outputs unchanged.
+        twin.eval()
+        plain_out, plain = _batch_outputs(twin, x, batch, seed)
+        plain_rest, plain_rest_calls = _batch_outputs(twin, x[1:], batch - 1, seed)
+        twin.train()
+        for m in _dropouts(twin):
+            m.eval()
+        if not _close(plain_out[keep], plain_rest):
+            where = _first_mixing_module(plain, plain_rest_calls, keep)
+            raise PrivacyError(
+                f"examples influence each other in the forward pass (first seen in the "
+                f"output of {where}): removing one example changes the others' outputs, so "
+                "DP-SGD's per-example clipping does not bound its contribution. Compute "
+                "every statistic per example (no batch means, no BatchNorm)")
+        rest_out = out[keep]  # the difference was the per-batch randomness
     if criterion is not None and hasattr(criterion, "reduction"):
         per_example = copy.copy(criterion)
         per_example.reduction = "none"
