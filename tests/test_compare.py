@@ -193,3 +193,13 @@ def test_cli_rejects_a_non_positive_budget_with_a_clear_message() -> None:
     assert proc.returncode == 2
     assert "epsilon must be a finite number > 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_budgets_that_print_alike_still_get_their_own_arm() -> None:
+    """Found by the property above: 100 and 99.99999999999999 both printed as
+    'dp-eps100', so two arms would have shared one output folder."""
+    names = [v.name for v in compare.plan_variants([100.0, 99.99999999999999],
+                                                    include={"dp"})]
+    assert len(set(names)) == 2 and names[0] != names[1]
+    assert [v.name for v in compare.plan_variants([1.0, 3.0], include={"dp"})] == [
+        "dp-eps1", "dp-eps3"]

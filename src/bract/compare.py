@@ -93,6 +93,16 @@ def _eps_text(eps: float) -> str:
     return f"{eps:g}"
 
 
+def _distinct_texts(values: Sequence[float]) -> list[str]:
+    """The budgets as short texts (``%g``), with as many digits as it takes for
+    distinct budgets to get distinct texts (arm names are sub-folders)."""
+    for digits in range(6, 18):
+        texts = [f"{v:.{digits}g}" for v in values]
+        if len(set(texts)) == len(texts):
+            return texts
+    return [repr(float(v)) for v in values]
+
+
 def plan_variants(
     epsilons: Sequence[float],
     secure_epsilon: float | None = None,
@@ -130,9 +140,8 @@ def plan_variants(
     if "fedavg" in include:
         variants.append(Variant("fedavg", "FedAvg (non-private)", "fedavg"))
     if "dp" in include:
-        variants += [
-            Variant(f"dp-eps{_eps_text(e)}", f"FedAvg+DP ε={_eps_text(e)}", "dp", e) for e in eps
-        ]
+        variants += [Variant(f"dp-eps{text}", f"FedAvg+DP ε={text}", "dp", e)
+                     for e, text in zip(eps, _distinct_texts(eps), strict=True)]
     if "dp-secagg" in include and secure is not None:
         variants.append(Variant(f"dp-secagg-eps{_eps_text(secure)}",
                                 f"FedAvg+DP+SecAgg ε={_eps_text(secure)}", "dp-secagg",
