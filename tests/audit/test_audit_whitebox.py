@@ -28,12 +28,13 @@ def test_a_training_with_half_the_recorded_noise_is_a_violation() -> None:
 
 
 def test_a_correct_training_is_consistent_and_the_canary_bound_has_power() -> None:
+    """Validity at a confidence that cannot flake; the canary bound's power is shown
+    without noise below (its size with the correct noise varies run to run:
+    0.32-0.87 at a claim of 2, docs/audit.md)."""
     report = run_gradient_canary_audit(GradientCanaryAuditConfig(confidence=SURE))
     assert not report.violation
     assert 0.95 < report.noise_ratio < 1.05
     assert report.epsilon_lower < report.claimed_epsilon
-    typical = run_gradient_canary_audit(GradientCanaryAuditConfig())  # 95% confidence
-    assert 0.4 < typical.epsilon_lower < typical.claimed_epsilon
 
 
 def test_a_training_without_noise_is_refuted_by_the_canaries_alone() -> None:
