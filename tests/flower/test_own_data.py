@@ -44,7 +44,8 @@ def _hospitals(tmp_path):
     for i, sizes in enumerate(SIZES):
         d = tmp_path / f"site-{i}"
         assert main(["hospital", "init", str(d), "--id", str(i + 1), "--name", f"site-{i}",
-                     "--federation", FED, "--release-metrics", "aggregate"]) == 0
+                     "--federation", FED, "--release-metrics", "aggregate",
+                     "--metrics-noise", "2"]) == 0
         data_dir = d / "data"
         data_dir.mkdir()
         files.append(_npz(data_dir / "pneumoniamnist.npz", *sizes, seed=i))
@@ -56,16 +57,26 @@ def _hospitals(tmp_path):
     return dirs, files, roster
 
 
+def _release_noise_off(monkeypatch) -> None:
+    """The metrics release's noise set to zero (the plumbing test below checks the
+    released totals exactly; the accounting still records the policy's noise, and the
+    noise itself is tested in tests/privacy/test_metrics_release.py)."""
+    from bract.privacy.noise import SecureGaussian
+
+    monkeypatch.setattr(SecureGaussian, "standard_normal", lambda self, count: np.zeros(count))
+
+
 def test_each_hospital_trains_and_evaluates_on_its_own_file_and_the_coordinator_holds_none(
         tmp_path, monkeypatch) -> None:
+    _release_noise_off(monkeypatch)
     dirs, files, roster = _hospitals(tmp_path)
     read: list[str] = []
     real = tasks.dataset_for
     monkeypatch.setattr(tasks, "dataset_for", lambda cfg: read.append(cfg.data_path) or real(cfg))
     rc = {"dataset": "medmnist", "num-classes": 2, "in-channels": 1, "image-size": 28,
-          "clients": 3, "rounds": 2, "target-epsilon": 4.0, "batch-size": 16,
+          "clients": 3, "rounds": 2, "target-epsilon": 8.0, "batch-size": 16,
           "out": str(tmp_path / "coordinator" / "out"), "roster": str(roster),
-          "release-metrics": "aggregate"}
+          "release-metrics": "aggregate", "metrics-noise": 2.0}
     grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
     for ctx, d, f in zip(grid.contexts.values(), dirs, files, strict=True):
         (d / "roster.json").write_text(roster.read_text())  # each keeps its own copy
@@ -88,9 +99,12 @@ def test_each_hospital_trains_and_evaluates_on_its_own_file_and_the_coordinator_
     for d, f in zip(dirs, files, strict=True):
         own = privacy_dir(d / "state", dataset_source(tasks.TaskConfig(
             dataset="medmnist", data_path=str(f))))
-        assert len(read_ledger(own / "ledger.jsonl")) == 2 == len(chains[d.name])
+        # Per round: the metrics release (accounted), then the DP-SGD event.
+        assert len(read_ledger(own / "ledger.jsonl")) == 4 == len(chains[d.name])
+        assert [e.event.mechanism for e in chains[d.name]] == ["metrics", "dp-sgd"] * 2
+        assert all(e.event.noise_multiplier == 2.0 for e in chains[d.name][::2])
         # The noise was calibrated for the hospital's own data size.
-        (event,) = {e.event.sample_rate for e in chains[d.name]}
+        (event,) = {e.event.sample_rate for e in chains[d.name] if e.event.is_training}
         n_train = SIZES[int(d.name[-1])][0] + SIZES[int(d.name[-1])][1]
         assert event == pytest.approx(1 / math.ceil(n_train / 16))  # Opacus: 1 / batches
     # The pooled held-out evaluation of the initial model (what round 1's hospitals
@@ -152,6 +166,8 @@ def test_a_hospitals_own_python_loader_serves_its_data_and_metrics_leave_only_by
     gets the pooled held-out evaluation, exactly the one computed on the three
     held-out slices; the budget is keyed by the loader."""
     from bract.data.tabular import load_dataset
+
+    _release_noise_off(monkeypatch)
     from bract.flower.hospital_policy import HospitalPolicy
 
     (tmp_path / "site_records.py").write_text(LOADER_MODULE)

@@ -416,6 +416,6 @@ def test_a_metric_count_the_hospitals_do_not_send_is_refused_up_front() -> None:
     """The server's masked vector must be exactly as long as each hospital's: a metric
     count other than 0 or the hospitals' is refused, naming what it must be, before any
     round (rather than every hospital dropping with an encoding error)."""
-    with pytest.raises(ValueError, match=r"aggregate_metrics must be 0 .* or 4"):
+    with pytest.raises(ValueError, match=r"aggregate_metrics must be 0 .* or 5"):
         SecAggSettings("fed", {}, aggregate_metrics=1)
     assert SecAggSettings("fed", {}, aggregate_metrics=len(AGGREGATED_METRICS))

@@ -269,6 +269,7 @@ def load_image_folder(
         task="classification",
         class_names=classes,
         train_columns={"patient_id": patients[train_idx]},
+        test_columns={"patient_id": patients[test_idx]},
     )
 
 

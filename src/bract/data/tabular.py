@@ -50,6 +50,9 @@ class FederatedDataset:
     #: Per-sample metadata of the *training* split in original units (e.g. a
     #: hospital id or age before standardisation), for partitioning by a column.
     train_columns: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: The same for the held-out split (e.g. its ``patient_id``s, which a hospital's
+    #: metrics release under patient-level privacy needs).
+    test_columns: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in _TASKS:
@@ -73,6 +76,11 @@ class FederatedDataset:
             raise ValueError(
                 f"{len(self.class_names)} class names for {self.num_classes} classes"
             )
+        for col, values in self.test_columns.items():
+            if len(values) != len(self.y_test):
+                raise ValueError(
+                    f"test column {col!r} has {len(values)} values but the held-out split "
+                    f"has {len(self.y_test)} samples")
         for col, values in self.train_columns.items():
             if len(values) != len(self.y_train):
                 raise ValueError(

@@ -16,7 +16,7 @@ one) and refuses any request looser than them, before it trains.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,9 +91,9 @@ def hospital_setup(
                          f"({task.data_path}); this hospital reads only data its operator "
                          "names (node config data-path or loader)")
     model = tasks.build_model(task)
-    evaluate = None
+    held_out = None
     source = ""
-    patient_ids = None
+    patient_ids = held_out_ids = None
     if own_path or loader:
         if own_path:
             own = tasks.own_data(task, own_path)
@@ -104,7 +104,8 @@ def hospital_setup(
             source = f"loader:{loader}"
         train_loader = tasks.loader_of(task, own.x_train, own.y_train)
         patient_ids = own.train_columns.get("patient_id")
-        evaluate = held_out_evaluation(own.x_test, own.y_test)
+        held_out_ids = own.test_columns.get("patient_id")
+        held_out = tasks.loader_of(task, own.x_test, own.y_test).dataset
     else:
         source = dataset_source(task)
         train_loader = tasks.hospital_loader(task, int(nc["partition-id"]))
@@ -124,8 +125,10 @@ def hospital_setup(
                 "FederatedDataset(train_columns={'patient_id': ...}), one id per training "
                 "record")
         patient_ids = [str(p) for p in patient_ids]
+        if held_out_ids is not None:
+            held_out_ids = [str(p) for p in held_out_ids]
     else:
-        patient_ids = None
+        patient_ids = held_out_ids = None
     return HospitalSetup(
         public_size=own_policy.public_dataset_size,
         patient_ids=patient_ids,
@@ -135,7 +138,8 @@ def hospital_setup(
         train_loader=train_loader,
         criterion=tasks.make_criterion(task),
         client_id=client_id,
-        evaluate=evaluate,
+        held_out=held_out,
+        held_out_patient_ids=held_out_ids,
         state_dir=Path(str(state_dir)) if state_dir else (
             state_root / client_id if state_root is not None else None
         ),
@@ -162,22 +166,6 @@ def load_with(loader: str, node_config: Mapping[str, Any]) -> Any:
         raise ValueError(f"loader {loader!r} returned {type(data).__name__}, not a "
                          "bract.data.FederatedDataset")
     return data
-
-
-def held_out_evaluation(x: Any, y: Any) -> Callable[[Any], dict[str, float]]:
-    """The hospital's evaluation of a model on its own held-out split, as sums
-    (:data:`bract.flower.records.EVAL_METRICS`: summed loss, correct predictions,
-    examples), so that a secure sum of them gives the pooled metrics exactly."""
-    def evaluate(model: Any) -> dict[str, float]:
-        from bract import tasks
-
-        n = len(y)
-        metrics = tasks.evaluate(model, x, y) if n else {"loss": 0.0, "accuracy": 0.0}
-        return {"eval-loss-sum": float(metrics["loss"]) * n,
-                "eval-correct": float(metrics.get("accuracy", 0.0)) * n,
-                "eval-examples": float(n)}
-
-    return evaluate
 
 
 def dataset_source(task: tasks.TaskConfig) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,6 @@ from flwr.clientapp import ClientApp
 
 from bract.flower.files import atomic_write_text
 from bract.flower.records import (
-    AGGREGATED_METRICS,
-    EVAL_METRICS,
     GLOBAL_WEIGHTS,
     LOCAL_METRICS,
     LOCAL_WEIGHTS,
@@ -45,12 +42,16 @@ from bract.flower.secagg_client import (
 )
 from bract.privacy import (
     DEFAULT_ACCOUNTANT,
+    DpSgdEvent,
+    MetricsRelease,
     PrivacyBudget,
     PrivacyError,
     PrivacyLedger,
     TrainingPlan,
     calibrate,
+    epsilon_of,
 )
+from bract.privacy.metrics_release import DEFAULT_LOSS_BOUND, DEFAULT_METRICS_NOISE
 from bract.records.ledger import (
     LedgerEntry,
     LedgerError,
@@ -64,7 +65,7 @@ from bract.records.ledger import (
 if TYPE_CHECKING:  # torch loads only where a hospital trains, not for secure-aggregation stages
     import torch
     from torch import nn
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
 
 @dataclass
@@ -84,10 +85,10 @@ class HospitalSetup:
     #: the data's source). Every run and federation that trains on it spends from one
     #: lifetime budget; ``""`` keeps the state directly in ``state_dir``.
     dataset_id: str = ""
-    #: The hospital's evaluation of a model on its own held-out data, as sums
-    #: (``EVAL_METRICS``: summed loss, correct predictions, examples). They are metrics
-    #: on private data: they leave only as the hospital's metric release allows.
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    #: The hospital's own held-out records (a Dataset of ``(x, y)``), on which it
+    #: evaluates the global model it receives. The figures leave only through the
+    #: hospital's metrics release, noised and accounted (bract.privacy.metrics_release).
+    held_out: Dataset | None = None
     #: A number of records the hospital declares public, at least its true count
     #: (e.g. rounded up): sample rate, steps, calibrated noise and FedAvg weight come
     #: from it, so nothing the hospital releases is a function of its exact count.
@@ -96,6 +97,9 @@ class HospitalSetup:
     #: then the patient (Poisson sampling over patients, each patient's summed
     #: gradient clipped, epsilon per patient). ``None``: each record is the unit.
     patient_ids: Sequence[Hashable] | None = None
+    #: The patient of each held-out record, under patient-level privacy (a patient's
+    #: records in both splits are one unit of the metrics release).
+    held_out_patient_ids: Sequence[Hashable] | None = None
 
     def privacy_units(self) -> int:
         """How many privacy units (patients, or records) the hospital's data holds."""
@@ -154,6 +158,14 @@ class PrivacyPolicy:
     #: runs made reproducible, e.g. to compare secure and plain aggregation exactly).
     sampling_seed: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    #: The hospital's metrics release, when its policy lets metrics leave: the noise
+    #: multiplier of the Gaussian release and the bound each record's loss is clipped to.
+    metrics_noise_multiplier: float = DEFAULT_METRICS_NOISE
+    metrics_loss_bound: float = DEFAULT_LOSS_BOUND
+
+    def metrics_release(self) -> MetricsRelease:
+        """The Gaussian mechanism this policy releases metrics with (when they leave)."""
+        return MetricsRelease(self.metrics_noise_multiplier, self.metrics_loss_bound)
 
     def budget(self) -> PrivacyBudget:
         """The (epsilon, delta) budget this policy enforces."""
@@ -164,14 +176,16 @@ class PrivacyPolicy:
 
 def _noise_multiplier(
     policy: PrivacyPolicy, setup: HospitalSetup, state: ConfigRecord, ledger: PrivacyLedger,
-    run_id: str, server_round: int,
+    run_id: str, server_round: int, per_round: Sequence[DpSgdEvent] = (),
 ) -> float:
     """The policy's noise multiplier, calibrated once per run and kept in the state.
 
     The calibration covers what this dataset already spent (earlier runs and
-    federations) plus this run's remaining rounds, so the run lands on the
-    lifetime target; when too little budget is left for that, it calibrates as
-    for a fresh plan and the budget check refuses the round that would pass it.
+    federations) plus this run's remaining rounds, each with the events
+    ``per_round`` it releases besides its DP-SGD (its metrics release), so the run
+    lands on the lifetime target; when too little budget is left for that, it
+    calibrates as for a fresh plan and the budget check refuses the round that
+    would pass it.
     """
     if policy.noise_multiplier is not None:
         return float(policy.noise_multiplier)
@@ -182,13 +196,15 @@ def _noise_multiplier(
         max(1, policy.rounds - server_round + 1), policy.local_epochs,
         setup.public_size or setup.privacy_units(), int(loader.batch_size or 0),
     )
+    alongside = [e for _ in range(plan.rounds) for e in per_round]
     try:
         cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant,
-                        prior=ledger.events)
+                        prior=ledger.events, alongside=alongside)
     except PrivacyError:
         if not ledger.events:
             raise
-        cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant)
+        cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant,
+                        alongside=alongside)
     state["noise-multiplier"] = cal.noise_multiplier
     state["calibrated-run"] = run_id
     return cal.noise_multiplier
@@ -285,6 +301,7 @@ def dp_train_handler(
     setup_fn: Callable[[Context], HospitalSetup],
     policy: PolicyLike,
     identity: SignerLike | None = None,
+    release_metrics: str | Callable[[Context], str] = "none",
 ) -> Callable[[Message, Context], Message]:
     """A ``train`` handler: DP-SGD on the hospital's data, ledger kept in ``ctx.state``.
 
@@ -299,7 +316,10 @@ def dp_train_handler(
     dataset's privacy directory (:meth:`HospitalSetup.privacy_dir`:
     ``ledger.jsonl``, its head in ``privacy-state.json``), which every later run
     and federation on the same dataset continues. The reply
-    carries the updated weights, the number of examples, and accounting data only.
+    carries the updated weights, the number of examples, and accounting data only;
+    when ``release_metrics`` (or its value for the Context) is not ``"none"``, also
+    the round's metrics release (:class:`bract.privacy.MetricsRelease`), covered by
+    the same budget check and recorded in the ledger before the round's DP-SGD.
     """
 
     def handle(msg: Message, ctx: Context) -> Message:
@@ -319,8 +339,12 @@ def dp_train_handler(
             federation_id = signer.federation_id if signer is not None else ""
             round_cfg = msg.content.config_records.get(ROUND_CONFIG, ConfigRecord())
             server_round = int(round_cfg.get("round", 1))
+            release_now = release_metrics(ctx) if callable(release_metrics) else release_metrics
+            metrics = policy_now.metrics_release() if release_now != "none" else None
+            also = (() if metrics is None
+                    else (metrics.event(server_round, policy_now.delta, setup.client_id),))
             sigma = _noise_multiplier(policy_now, setup, state, ledger,
-                                      str(round_cfg.get("run-id", "")), server_round)
+                                      str(round_cfg.get("run-id", "")), server_round, also)
             from bract.privacy.training import PrivateTrainer  # torch, only where training runs
 
             trainer = PrivateTrainer(
@@ -345,15 +369,31 @@ def dp_train_handler(
             global_weights = None
             if GLOBAL_WEIGHTS in msg.content.array_records:
                 global_weights = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
-            held_out = dict.fromkeys(EVAL_METRICS, 0.0)
-            if setup.evaluate is not None and global_weights is not None:
-                # The global model as received, on the hospital's own held-out split.
+            released: dict[str, float] | None = None
+            if (metrics is not None and global_weights is not None
+                    and trainer.check_budget(server_round, also).allowed):
+                # The global model as received, on the hospital's training records and
+                # its own held-out split; noised, and spent only if the round trains.
                 from bract.privacy import load_weights
 
                 load_weights(setup.model, global_weights)
-                held_out.update({k: float(v) for k, v in setup.evaluate(setup.model).items()
-                                 if k in held_out})
-            outcome = trainer.train_round(server_round, global_weights)
+                released = metrics.release(
+                    setup.model, trainer.criterion, setup.train_loader.dataset,
+                    setup.held_out, train_units=setup.patient_ids,
+                    held_out_units=setup.held_out_patient_ids,
+                    collate=setup.train_loader.collate_fn)
+            outcome = trainer.train_round(server_round, global_weights,
+                                          also=also if released is not None else ())
+            events = trainer.ledger.events
+            for i, extra in enumerate(outcome.also if outcome.trained else ()):
+                upto = len(events) - 1 - len(outcome.also) + i + 1
+                chain = append_entry(
+                    chain, extra, epsilon=epsilon_of(events[:upto], policy_now.delta,
+                                                     policy_now.accountant),
+                    delta=policy_now.delta, accountant=policy_now.accountant,
+                    federation_id=federation_id, client_id=setup.client_id,
+                    signing_key=signer.signing_key if signer is not None else None,
+                )
             if outcome.trained and outcome.event is not None:
                 chain = append_entry(
                     chain, outcome.event, epsilon=outcome.epsilon, delta=policy_now.delta,
@@ -377,17 +417,16 @@ def dp_train_handler(
             noise_multiplier=sigma,
             sample_rate=trainer.plan_per_round.sample_rate,
             chain=chain,
+            appended=(1 + len(outcome.also)) if outcome.trained else 0,
         )
         if outcome.trained and outcome.weights is not None:
             content.array_records[LOCAL_WEIGHTS] = weights_to_record(outcome.weights)
             content.metric_records[TRAIN_INFO] = MetricRecord(
                 {"num-examples": int(outcome.num_examples)}
             )
-            if math.isfinite(outcome.train_loss):
-                # Stays on the hospital unless its policy releases it (metrics_guard_mod).
-                content.metric_records[LOCAL_METRICS] = MetricRecord(
-                    {AGGREGATED_METRICS[0]: float(outcome.train_loss), **held_out}
-                )
+            if released is not None:
+                # Noised and accounted; the guard and secagg mods decide how it leaves.
+                content.metric_records[LOCAL_METRICS] = MetricRecord(released)
         return Message(content, reply_to=msg)
 
     return handle
@@ -447,5 +486,5 @@ def make_client_app(
         train_mods.append(secagg_mod(secagg, release_metrics=release_metrics))
         register_secagg(app, secagg, mods=list(mods))
     signer = identity if identity is not None else secagg
-    app.train(mods=train_mods)(dp_train_handler(setup_fn, policy, signer))
+    app.train(mods=train_mods)(dp_train_handler(setup_fn, policy, signer, release_metrics))
     return app

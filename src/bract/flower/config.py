@@ -213,9 +213,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("secagg_colluders", int, None, "colluding hospitals (with the server) that secure "
            "aggregation must withstand; every hospital enforces it (default: floor((n-1)/3); "
            "a sparse harary graph needs a small value)", unset="one-third", low=0),
-    Option("release_metrics", str, "none", "hospitals' training loss: stays home (none), "
-           "leaves only inside the masked sum (aggregate), or in clear (clear, without "
-           "secure aggregation only)", choices=("none", "aggregate", "clear")),
+    Option("release_metrics", str, "none", "hospitals' metrics (the received model's loss on "
+           "their records, their held-out evaluation), noised and counted in their epsilon: "
+           "stay home (none), leave only inside the masked sum (aggregate), or in clear "
+           "(clear, without secure aggregation only)", choices=("none", "aggregate", "clear")),
+    Option("metrics_noise", float, 10.0, "noise multiplier of each hospital's metrics "
+           "release (a hospital's own policy may require more)", low=0, open_low=True),
     Option("round_timeout", float, None, "seconds the server waits for a round's replies",
            unset="none", low=0, open_low=True),
     Option("out", Path, Path("runs/flwr"), "the coordinator's output directory", flag=False),
@@ -265,6 +268,7 @@ class FederationConfig:
     secagg_graph: str = "complete"
     secagg_colluders: int | None = None
     release_metrics: str = "none"
+    metrics_noise: float = 10.0
     round_timeout: float | None = None
     out: Path = Path("runs/flwr")
     roster: str = ""
@@ -331,6 +335,7 @@ class FederationConfig:
             noise_multiplier=self.noise_multiplier, accountant=self.accountant,
             grad_sample_mode=self.grad_sample_mode, allow_non_private=self.non_private,
             device=self.device, sampling_seed=self.seed if self.non_private else None,
+            metrics_noise_multiplier=self.metrics_noise,
         )
 
     # ------------------------------------------------------------------ Flower's run config

@@ -13,7 +13,8 @@ File format (JSON, every field optional)::
     {"target_epsilon": 8.0, "delta": 1e-5, "accountant": "prv",
      "min_noise_multiplier": 0.0, "allow_non_private": false,
      "release_metrics": "none", "secagg_colluders": null, "secagg_min_honest": 2,
-     "public_dataset_size": null, "privacy_unit": "record"}
+     "public_dataset_size": null, "privacy_unit": "record",
+     "metrics_noise_multiplier": 10.0, "metrics_loss_bound": 4.0}
 
 ``public_dataset_size``: a number of records the hospital declares public, at least
 its true count (e.g. its count rounded up to a round number). Its sample rate,
@@ -24,6 +25,11 @@ releases reveals its exact count (see docs/privacy.md, "What leaves a hospital")
 sampling over patients, each patient's summed gradient clipped, epsilon per patient;
 it needs a patient id per training record from the hospital's own loader
 (``FederatedDataset(train_columns={"patient_id": ...})``).
+
+``metrics_noise_multiplier`` / ``metrics_loss_bound``: when ``release_metrics`` lets
+metrics leave, they leave as a Gaussian release with at least this noise multiplier,
+each record's loss clipped to this bound, and every release is spent from the same
+budget as training (bract.privacy.metrics_release).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 
 from bract.flower.client import METRICS_RELEASE, PrivacyPolicy
 from bract.privacy.accounting import ACCOUNTANTS
+from bract.privacy.metrics_release import DEFAULT_LOSS_BOUND, DEFAULT_METRICS_NOISE
 
 __all__ = ["HospitalPolicy", "PolicyRefusal"]
 
@@ -68,8 +75,15 @@ class HospitalPolicy:
     secagg_min_honest: int = 2
     public_dataset_size: int | None = None
     privacy_unit: str = "record"
+    metrics_noise_multiplier: float = DEFAULT_METRICS_NOISE
+    metrics_loss_bound: float = DEFAULT_LOSS_BOUND
 
     def __post_init__(self) -> None:
+        for name in ("metrics_noise_multiplier", "metrics_loss_bound"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"hospital policy: {name} must be a number > 0, got {value!r}")
         if self.privacy_unit not in ("record", "patient"):
             raise ValueError(f"hospital policy: privacy_unit must be 'record' or 'patient', "
                              f"got {self.privacy_unit!r}")
@@ -138,7 +152,10 @@ class HospitalPolicy:
                 f"hospital's policy allows at most {self.delta:g}"
             )
         return replace(requested, accountant=self.accountant,
-                       allow_non_private=requested.allow_non_private and self.allow_non_private)
+                       allow_non_private=requested.allow_non_private and self.allow_non_private,
+                       metrics_noise_multiplier=max(requested.metrics_noise_multiplier,
+                                                    self.metrics_noise_multiplier),
+                       metrics_loss_bound=self.metrics_loss_bound)
 
     def admit_release(self, requested: str) -> str:
         """The metric release for a coordinator's request, or :class:`PolicyRefusal`."""

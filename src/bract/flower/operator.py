@@ -193,7 +193,8 @@ def roster_add(path: Path, publics: list[dict[str, Any]]) -> Roster:
 def _hospital_init_cmd(args: argparse.Namespace) -> int:
     policy = HospitalPolicy(target_epsilon=args.target_epsilon, delta=args.delta,
                             allow_non_private=False, release_metrics=args.release_metrics,
-                            secagg_colluders=args.colluders)
+                            secagg_colluders=args.colluders,
+                            metrics_noise_multiplier=args.metrics_noise)
     try:
         hospital_init(args.dir, args.id, args.name, args.federation, policy)
     except (FileExistsError, ValueError) as exc:
@@ -294,7 +295,11 @@ def add_operator_parsers(sub: Any) -> None:
                       default=8.0, help="the most epsilon this hospital will spend (default 8)")
     init.add_argument("--delta", type=lambda t: positive_float(t, "delta"), default=1e-5)
     init.add_argument("--release-metrics", choices=("none", "aggregate", "clear"),
-                      default="none")
+                      default="none", help="whether this hospital's metrics (noised, counted "
+                      "in its epsilon) may leave: never, inside the masked sum, or in clear")
+    init.add_argument("--metrics-noise", type=lambda t: positive_float(t, "metrics noise"),
+                      default=10.0, help="the least noise multiplier its metrics release "
+                      "uses (default 10)")
     init.add_argument("--colluders", type=nonnegative_int, default=None,
                       help="colluding hospitals secure aggregation must withstand "
                            "(default floor((n-1)/3))")

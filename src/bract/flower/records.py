@@ -15,6 +15,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from bract.privacy import BudgetDecision, PrivacyLedger
+from bract.privacy.metrics_release import RELEASED_METRICS
 from bract.records.ledger import LedgerEntry, dumps_jsonl, loads_jsonl
 from bract.secagg import Message as SecAggMessage
 from bract.secagg import message_from_dict
@@ -36,11 +37,11 @@ TRAIN_INFO = "bract.train"
 LOCAL_METRICS = "bract.local-metrics"
 #: The hospital's held-out evaluation of the global model it received, as sums over its
 #: held-out examples (0 for a hospital without a held-out split).
-EVAL_METRICS = ("eval-loss-sum", "eval-correct", "eval-examples")
-#: The metrics a hospital can release, in their order inside a masked vector: the
-#: training loss (the server learns its example-weighted mean), then the evaluation
-#: sums, each divided by the hospital's weight so that the masked sum gives their totals.
-AGGREGATED_METRICS = ("train-loss", *EVAL_METRICS)
+EVAL_METRICS = RELEASED_METRICS[2:]
+#: The metrics a hospital can release (noised sums, see bract.privacy.metrics_release),
+#: in their order inside a masked vector, each divided by the hospital's weight so that
+#: the masked weighted sum gives the federation's totals.
+AGGREGATED_METRICS = RELEASED_METRICS
 #: both ways: one secure-aggregation protocol message (see bract.secagg.messages).
 SECAGG = "bract.secagg"
 #: both ways, only with the unmask stage when share-stage pipelining applies: the
@@ -84,13 +85,15 @@ def privacy_report_record(
     noise_multiplier: float,
     sample_rate: float,
     chain: Sequence[LedgerEntry] = (),
+    appended: int | None = None,
 ) -> ConfigRecord:
     """What a hospital tells the server about its privacy after a round.
 
     Only accounting data: the ledger of mechanism events, the epsilon it
     computed, its budget decision, and its whole signed ledger ``chain`` (so a
-    server that missed a reply still gets every entry). Nothing derived from
-    patient data.
+    server that missed a reply still gets every entry), ``appended``: how many
+    entries this round added (its metrics release and its DP-SGD; default: one if
+    it trained). Nothing derived from patient data.
     """
     return ConfigRecord(
         {
@@ -104,6 +107,7 @@ def privacy_report_record(
             "decision": json.dumps(decision.to_plain(), sort_keys=True),
             "reason": decision.reason,
             "signed-ledger": dumps_jsonl(chain),
+            "appended": int(appended if appended is not None else (1 if trained else 0)),
         }
     )
 
@@ -127,6 +131,7 @@ def read_privacy_report(content: RecordDict) -> dict[str, Any]:
         "decision": json.loads(str(rec.get("decision", "{}"))),
         "reason": str(rec["reason"]),
         "chain": loads_jsonl(str(rec.get("signed-ledger", "")), "signed ledger"),
+        "appended": int(rec.get("appended", 1 if bool(rec["trained"]) else 0)),
     }
 
 

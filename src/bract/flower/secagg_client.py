@@ -161,9 +161,9 @@ def secagg_mod(
 
     Only acts on messages that carry a secagg round config or mask request; plain
     ``train`` messages pass through unchanged. ``release_metrics="aggregate"`` (or a function
-    of the Context returning it) lets the hospital's training metrics travel
-    *inside* the masked vector (the server learns only their example-weighted
-    average); otherwise they are dropped here.
+    of the Context returning it) lets the hospital's metrics release (noised sums,
+    already accounted) travel *inside* the masked vector (the server learns only
+    their total over the hospitals); otherwise they are dropped here.
     """
 
     def mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]):
@@ -194,16 +194,13 @@ def secagg_mod(
         vector = flatten_delta(record_to_weights(local_rec), global_)
         release = release_metrics(ctx) if callable(release_metrics) else release_metrics
         if release == "aggregate":
-            if metrics is None or AGGREGATED_METRICS[0] not in metrics:
-                raise ValueError(f"metric {AGGREGATED_METRICS[0]!r} to release in aggregate "
-                                 "was not produced")
+            if metrics is None or any(k not in metrics for k in AGGREGATED_METRICS):
+                raise ValueError(f"the metrics {list(AGGREGATED_METRICS)} to release in "
+                                 "aggregate were not produced")
             weight = int(info["num-examples"])
-            # The loss as is (its weighted mean is released); the evaluation sums (0 for a
-            # hospital without a held-out split) over the weight, so the weighted sum the
-            # server learns is their exact total.
-            extra = [float(metrics[AGGREGATED_METRICS[0]]),
-                     *(float(metrics.get(k, 0.0)) / max(weight, 1)
-                       for k in AGGREGATED_METRICS[1:])]
+            # The noised sums over the weight, so the weighted sum the server learns is
+            # their total over the hospitals.
+            extra = [float(metrics[k]) / max(weight, 1) for k in AGGREGATED_METRICS]
             vector = np.concatenate([vector, np.asarray(extra, np.float64)])
         weight = int(info["num-examples"])
         if isinstance(cfg, MaskRequest):  # pipelined: this round's shares are all in

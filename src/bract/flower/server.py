@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from bract.flower.checkpoint import (
 from bract.flower.files import atomic_write_text
 from bract.flower.observer import RunObserver
 from bract.flower.records import (
-    EVAL_METRICS,
+    AGGREGATED_METRICS,
     GLOBAL_WEIGHTS,
     LOCAL_METRICS,
     LOCAL_WEIGHTS,
@@ -152,19 +152,38 @@ def _wait_for_nodes(grid: Grid, n: int, seconds: float) -> list[int]:
         time.sleep(0.1)
 
 
-def federated_evaluation(rnd: int, totals: Mapping[str, float]) -> FederatedEval | None:
+#: Released figures are shown only when their noised count is this many noise
+#: standard deviations above zero (otherwise they would be mostly noise).
+RELEASE_MIN_SIGMAS = 3.0
+
+
+def federated_evaluation(rnd: int, totals: Mapping[str, float],
+                         count_noise: float = 0.0) -> FederatedEval | None:
     """The report row's ``federated_eval``: the global model the hospitals received in
     round ``rnd`` (the result of round ``rnd - 1``) on their pooled held-out splits,
-    from the totals of their evaluation sums; ``None`` when no held-out example counted."""
+    from the totals of their released (noised) evaluation sums; ``None`` when the
+    noised count of held-out examples is below one, or below
+    :data:`RELEASE_MIN_SIGMAS` times ``count_noise`` (the std of the noise on it)."""
     n = float(totals.get("eval-examples", 0.0))
-    if n < 0.5:
+    if n < max(1.0, RELEASE_MIN_SIGMAS * count_noise):
         return None
     return FederatedEval(
         model_of_round=rnd - 1,
         examples=round(n),
-        loss=float(totals.get("eval-loss-sum", 0.0)) / n,
+        loss=max(float(totals.get("eval-loss-sum", 0.0)) / n, 0.0),
         accuracy=min(max(float(totals.get("eval-correct", 0.0)) / n, 0.0), 1.0),
     )
+
+
+def released_train_loss(totals: Mapping[str, float],
+                        count_noise: float = 0.0) -> float | None:
+    """The hospitals' pooled training loss of the global model they received, from their
+    released (noised) sums; ``None`` when the noised count of records is below one, or
+    below :data:`RELEASE_MIN_SIGMAS` times ``count_noise``."""
+    n = float(totals.get("train-examples", 0.0))
+    if n < max(1.0, RELEASE_MIN_SIGMAS * count_noise):
+        return None
+    return max(float(totals.get("train-loss-sum", 0.0)) / n, 0.0)
 
 
 @dataclass(frozen=True)
@@ -208,6 +227,8 @@ class Federation:
         self.secure: SecureAggregator | None = None
         #: This round's hospitals that failed or did not answer, with the reason.
         self.failed: dict[str, str] = {}
+        #: This round's per-coordinate noise std of each hospital's metrics release.
+        self.release_noise: dict[str, float] = {}
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -280,8 +301,14 @@ class Federation:
         self.record.chains[cid] = chain
         # Entries the hospital's data spent before this run (earlier runs, federations).
         prior = self.latest.get(cid)
-        carried = prior.ledger_carried if prior is not None else (
-            len(chain) - (1 if rep["trained"] else 0))
+        appended = max(0, min(int(rep["appended"]), len(chain)))
+        carried = prior.ledger_carried if prior is not None else len(chain) - appended
+        # The noise on this round's metrics release, if it made one: the server shows
+        # released figures only when they stand out of the noise.
+        for entry in chain[len(chain) - appended:]:
+            if entry.event.mechanism == "metrics" and rep["trained"]:
+                self.release_noise[cid] = (entry.event.noise_multiplier
+                                           * entry.event.max_grad_norm)
         self.latest[cid] = HospitalRound(
             epsilon=float(rep["epsilon"]),
             trained=bool(rep["trained"]),
@@ -333,7 +360,8 @@ class Federation:
         )
         updates: list[tuple[Weights, int]] = []
         trained: list[str] = []
-        clear_eval: dict[str, float] = {}
+        clear_totals: dict[str, float] = {}
+        released_by: list[str] = []
         answered = {node for node, _ in replies}
         for node, reply in replies:
             cid = self._read_train_reply(rnd, node, reply, display)
@@ -352,15 +380,21 @@ class Federation:
             trained.append(cid)
             released = reply.content.metric_records.get(LOCAL_METRICS)
             if released is not None:  # the hospital's policy releases its metrics in clear
-                for k in EVAL_METRICS:
-                    clear_eval[k] = clear_eval.get(k, 0.0) + float(released.get(k, 0.0))
+                released_by.append(cid)
+                for k in AGGREGATED_METRICS:
+                    clear_totals[k] = clear_totals.get(k, 0.0) + float(released.get(k, 0.0))
         for node in self.active:
             if node not in answered:
                 self.failed[self._label(node)] = "did not answer"
                 display.note(f"round {rnd}: {self._label(node)} did not answer")
         if updates:
             self.global_weights = fedavg(updates)
-        return trained, RoundExtras(federated_eval=federated_evaluation(rnd, clear_eval))
+        if not released_by:
+            return trained, RoundExtras()
+        noise = self._count_noise(released_by)
+        return trained, RoundExtras(train_loss=released_train_loss(clear_totals, noise),
+                                    federated_eval=federated_evaluation(rnd, clear_totals,
+                                                                        noise))
 
     def _secure_round(self, rnd: int, display: RunObserver) -> tuple[list[str], RoundExtras]:
         """Secure FedAvg: the server learns only the example-weighted mean update."""
@@ -385,12 +419,17 @@ class Federation:
         self.global_weights = updated
         extra = RoundExtras(secagg=info.to_plain())
         if len(mean) > offset:
-            # Metrics the hospitals released in aggregate: the training loss's
-            # example-weighted mean, and the totals of their held-out evaluation sums.
-            totals = dict(zip(EVAL_METRICS, result.weighted_sum[offset + 1:], strict=False))
-            extra = RoundExtras(secagg=extra.secagg, train_loss=float(mean[offset]),
-                                federated_eval=federated_evaluation(rnd, totals))
+            # Metrics the hospitals released in aggregate: the totals of their noised sums.
+            totals = dict(zip(AGGREGATED_METRICS, (float(v) for v in result.weighted_sum[offset:]),
+                              strict=False))
+            noise = self._count_noise(sorted(set(trained) & set(info.alive)))
+            extra = RoundExtras(secagg=extra.secagg, train_loss=released_train_loss(totals, noise),
+                                federated_eval=federated_evaluation(rnd, totals, noise))
         return sorted(set(trained) & set(info.alive)), extra
+
+    def _count_noise(self, hospitals: Sequence[str]) -> float:
+        """Std of the noise on a released count summed over ``hospitals``."""
+        return math.sqrt(sum(self.release_noise.get(h, 0.0) ** 2 for h in hospitals))
 
     def _secure_dim(self) -> int:
         assert self.cfg.secagg is not None
@@ -401,6 +440,7 @@ class Federation:
         """One round of private FedAvg (secure or plain); returns the report row."""
         t0 = time.perf_counter()
         self.failed = {}
+        self.release_noise = {}
         if self.secure is not None:
             trained, extra = self._secure_round(rnd, display)
         else:

@@ -18,6 +18,7 @@ from bract.privacy.accounting import (
     read_jsonl,
     write_jsonl,
 )
+from bract.privacy.metrics_release import RELEASED_METRICS, MetricsRelease
 
 # DP-SGD and the secure noise need torch: they load on first use, so the ledger and
 # its accountants (and the auditors that read them) import without torch.
@@ -49,9 +50,11 @@ __all__ = [
     "ACCOUNTANTS",
     "DEFAULT_ACCOUNTANT",
     "GRAD_SAMPLE_MODES",
+    "RELEASED_METRICS",
     "BudgetDecision",
     "Calibration",
     "DpSgdEvent",
+    "MetricsRelease",
     "PrivacyBudget",
     "PrivacyError",
     "PrivacyLedger",

@@ -36,6 +36,9 @@ from typing import Any
 ACCOUNTANTS = ("prv", "pld", "rdp")
 DEFAULT_ACCOUNTANT = "prv"
 SAMPLING_KINDS = ("poisson",)
+#: What an event records: a call of local DP-SGD, or one Gaussian release of a
+#: hospital's metrics (each privacy unit's metric vector clipped, noise added once).
+MECHANISMS = ("dp-sgd", "metrics")
 PLD_DISCRETIZATION = 1e-4
 #: Relative epsilon error the PRV accountant is run with (its result is an upper bound).
 PRV_RELATIVE_ERROR = 0.002
@@ -77,6 +80,11 @@ class DpSgdEvent:
     ``sample_rate``, including steps whose sampled batch was empty. Each step adds
     Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` to
     the sum of per-example gradients clipped to ``max_grad_norm``.
+
+    ``mechanism="metrics"`` records a Gaussian release of metric sums instead
+    (``sample_rate`` 1, ``steps`` 1: every privacy unit's metric vector clipped to
+    ``max_grad_norm``, noise of standard deviation ``noise_multiplier *
+    max_grad_norm`` added once). Accountants compose both kinds alike.
     """
 
     noise_multiplier: float
@@ -87,6 +95,7 @@ class DpSgdEvent:
     sampling: str = "poisson"
     round: int = 0
     client_id: str = ""
+    mechanism: str = "dp-sgd"
 
     def __post_init__(self) -> None:
         if not (
@@ -109,15 +118,32 @@ class DpSgdEvent:
                 f"sampling {self.sampling!r} is not supported by the accountants; "
                 f"use one of {SAMPLING_KINDS} (Opacus poisson_sampling=True)."
             )
+        if self.mechanism not in MECHANISMS:
+            raise PrivacyError(f"mechanism {self.mechanism!r} is not one of {MECHANISMS}.")
+        if self.mechanism == "metrics" and (self.sample_rate != 1.0 or self.steps != 1):
+            raise PrivacyError("a metrics release is one Gaussian release of every unit: "
+                               f"sample_rate 1 and steps 1 (got {self.sample_rate!r}, "
+                               f"{self.steps!r}).")
 
     @property
     def is_private(self) -> bool:
         """False when the event added no noise (its epsilon is infinite)."""
         return self.noise_multiplier > 0
 
+    @property
+    def is_training(self) -> bool:
+        """True for DP-SGD steps, False for a metrics release."""
+        return self.mechanism == "dp-sgd"
+
     def to_plain(self) -> dict[str, Any]:
-        """Plain JSON-able dict (for Flower records, JSONL files, auditors)."""
-        return asdict(self)
+        """Plain JSON-able dict (for Flower records, JSONL files, auditors).
+
+        A DP-SGD event leaves ``mechanism`` out, so that ledgers written before
+        metrics releases existed hash and verify exactly as they did."""
+        plain = asdict(self)
+        if self.mechanism == "dp-sgd":
+            del plain["mechanism"]
+        return plain
 
     @classmethod
     def from_plain(cls, data: dict[str, Any]) -> DpSgdEvent:
@@ -138,7 +164,7 @@ class DpSgdEvent:
                 values[key] = _as_int(key, values[key])
         for key in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta"):
             values[key] = _as_float(key, values[key])
-        for key in ("sampling", "client_id"):
+        for key in ("sampling", "client_id", "mechanism"):
             if key in values and not isinstance(values[key], str):
                 raise PrivacyError(
                     f"ledger event field {key!r} must be a string (got {values[key]!r})"
@@ -179,8 +205,9 @@ class PrivacyLedger:
 
     @property
     def total_steps(self) -> int:
-        """Cumulative DP-SGD steps across all recorded events."""
-        return sum(e.steps for e in self.events)
+        """Cumulative DP-SGD steps across all recorded events (metrics releases are
+        not steps)."""
+        return sum(e.steps for e in self.events if e.is_training)
 
     def epsilon(self, delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
         """Epsilon at ``delta`` of all recorded events composed (an upper bound)."""
@@ -439,6 +466,7 @@ def calibrate(
     accountant: str = DEFAULT_ACCOUNTANT,
     tolerance: float = 0.01,
     prior: Sequence[DpSgdEvent] = (),
+    alongside: Sequence[DpSgdEvent] = (),
 ) -> Calibration:
     """One noise multiplier for the whole plan that lands on the target.
 
@@ -447,8 +475,10 @@ def calibrate(
     ``target_epsilon`` according to both the reported ``accountant`` and
     dp_accounting's PLD accountant (discretization 1e-4), and the PLD epsilon is
     within ``tolerance`` (relative) of the target, i.e. the noise is not
-    needlessly large. When the prior events leave no room for the plan it raises
-    :class:`PrivacyError` saying how much they spent.
+    needlessly large. ``alongside`` are events the plan runs besides its DP-SGD
+    steps (its rounds' metrics releases); they are composed in as well. When the
+    prior events, or they and ``alongside``, leave no room for the plan it raises
+    :class:`PrivacyError` saying how much they spend.
 
     The search runs on PLD with a coarse discretization (fast, and itself an upper
     bound), then checks the result with the reported accountant and fine PLD.
@@ -471,12 +501,24 @@ def calibrate(
     if any(e.steps > 0 and not e.is_private for e in prior):
         raise PrivacyError("this data was trained on without noise in an earlier run "
                            "(non-private): no differential-privacy budget is left")
+    if any(e.steps > 0 and not e.is_private for e in alongside):
+        raise PrivacyError("a planned metrics release adds no noise: it has no "
+                           "differential-privacy guarantee")
     if before:
         spent = _pld_epsilon(before, delta, PLD_DISCRETIZATION)
         if not spent < target_epsilon * (1.0 - tolerance):
             raise PrivacyError(
                 f"this data already spent epsilon {spent:.4g} of {target_epsilon:g} at delta "
                 f"{delta:g} in earlier runs: no budget is left for {plan.rounds} more rounds"
+            )
+    if alongside:
+        before = compress([*prior, *alongside])
+        fixed = _pld_epsilon(before, delta, PLD_DISCRETIZATION)
+        if not fixed < target_epsilon * (1.0 - tolerance):
+            raise PrivacyError(
+                f"the plan's metrics releases spend epsilon {fixed:.4g} at delta {delta:g} "
+                f"(with what this data spent before), leaving no room for training within "
+                f"{target_epsilon:g}: release metrics with more noise, or keep them home"
             )
 
     def coarse(sigma: float) -> float:
@@ -490,8 +532,8 @@ def calibrate(
         eps_pld = _pld_epsilon([*before, (sigma, q, steps)], delta, PLD_DISCRETIZATION)
         eps_rep = eps_pld
         if accountant != "pld":
-            eps_rep = epsilon_of([*prior, DpSgdEvent(sigma, q, steps, 1.0, delta)], delta,
-                                 accountant)
+            eps_rep = epsilon_of([*prior, *alongside, DpSgdEvent(sigma, q, steps, 1.0, delta)],
+                                 delta, accountant)
         worst = max(eps_rep, eps_pld)
         if worst <= target_epsilon and eps_pld >= target_epsilon * (1.0 - tolerance):
             return Calibration(
@@ -585,11 +627,18 @@ class PrivacyBudget:
                 f"unknown accountant {self.accountant!r}; choose one of {ACCOUNTANTS}."
             )
 
-    def check(self, ledger: PrivacyLedger, planned: DpSgdEvent) -> BudgetDecision:
-        """Decide whether ``planned`` may run given what ``ledger`` already spent."""
+    def check(
+        self, ledger: PrivacyLedger, planned: DpSgdEvent | Sequence[DpSgdEvent]
+    ) -> BudgetDecision:
+        """Decide whether ``planned`` (one event, or a round's events together) may run
+        given what ``ledger`` already spent."""
+        events = (planned,) if isinstance(planned, DpSgdEvent) else tuple(planned)
         spent = ledger.epsilon(self.delta, self.accountant)
-        after = ledger.append(planned).epsilon(self.delta, self.accountant)
-        if not planned.is_private:
+        after_ledger = ledger
+        for event in events:
+            after_ledger = after_ledger.append(event)
+        after = after_ledger.epsilon(self.delta, self.accountant)
+        if not all(e.is_private for e in events):
             if self.allow_non_private:
                 return BudgetDecision(
                     True, spent, after, self.epsilon, self.delta, self.accountant,

@@ -222,6 +222,8 @@ class RoundOutcome:
     epsilon: float  # ledger epsilon after this round (covers all rounds so far)
     train_loss: float  # mean loss over non-empty batches; stays on the hospital
     seconds: float
+    #: Events the round recorded before its DP-SGD event (e.g. its metrics release).
+    also: tuple[DpSgdEvent, ...] = ()
 
 
 class PrivateTrainer:
@@ -384,16 +386,20 @@ class PrivateTrainer:
             client_id=self.client_id,
         )
 
-    def check_budget(self, round: int) -> BudgetDecision:
-        """Would the next round stay within budget? Never trains, never raises for a refusal."""
+    def check_budget(self, round: int, also: Sequence[DpSgdEvent] = ()) -> BudgetDecision:
+        """Would the next round (its DP-SGD and the events ``also`` released with it, e.g.
+        a metrics release) stay within budget? Never trains, never raises for a refusal."""
         planned = self.planned_event(round)
         if self.budget is not None:
-            return self.budget.check(self.ledger, planned)
+            return self.budget.check(self.ledger, (*also, planned))
         spent = self.ledger.epsilon(self.delta, self.accountant)
-        after = self.ledger.append(planned).epsilon(self.delta, self.accountant)
+        after_ledger = self.ledger
+        for event in (*also, planned):
+            after_ledger = after_ledger.append(event)
+        after = after_ledger.epsilon(self.delta, self.accountant)
         reason = (
             "NON-PRIVATE: noise multiplier 0; no differential privacy."
-            if not planned.is_private
+            if not all(e.is_private for e in (*also, planned))
             else f"ok: no budget set; epsilon {spent:.4g} -> {after:.4g}."
         )
         return BudgetDecision(True, spent, after, math.inf, self.delta, self.accountant, reason)
@@ -412,18 +418,24 @@ class PrivateTrainer:
         round: int,
         global_weights: Mapping[str, np.ndarray] | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        also: Sequence[DpSgdEvent] = (),
     ) -> RoundOutcome:
         """Load the global weights, check the budget, run DP-SGD, record the event.
 
-        A refusal returns ``trained=False`` with the reason in ``decision`` and
-        leaves the ledger and weights untouched. On any error during training
-        the ledger is not advanced past what was actually run: the event is
-        recorded only after the round's steps completed.
+        ``also``: events released with this round's update (its metrics release);
+        the budget check covers them with the DP-SGD event and they are recorded
+        before it. A refusal returns ``trained=False`` with the reason in
+        ``decision`` and leaves the ledger and weights untouched. On any error
+        during training the ledger is not advanced past what was actually run:
+        the events are recorded only after the round's steps completed.
         """
         start = time.perf_counter()
         if global_weights is not None:
             load_weights(self.model, global_weights)
-        decision = self.check_budget(round)
+        also = tuple(also)
+        if any(e.client_id != self.client_id for e in also):
+            raise PrivacyError("an event released with this round belongs to another hospital")
+        decision = self.check_budget(round, also)
         # The budget may use another accountant or delta than this trainer reports.
         same_measure = (decision.accountant, decision.delta) == (self.accountant, self.delta)
         if not decision.allowed:
@@ -443,6 +455,8 @@ class PrivateTrainer:
             round=round,
             client_id=self.client_id,
         )
+        for extra in also:
+            self.ledger = self.ledger.append(extra)
         self.ledger = self.ledger.append(event)
         eps = (
             decision.epsilon_after
@@ -451,7 +465,7 @@ class PrivateTrainer:
         )
         return RoundOutcome(
             True, decision, self.weights(), self.plan_per_round.dataset_size, event, eps, loss,
-            time.perf_counter() - start,
+            time.perf_counter() - start, also,
         )
 
     def _run_dp_sgd(self, on_step: Callable[[int, int], None] | None) -> tuple[int, float]:
