@@ -292,3 +292,57 @@ def test_a_bookkeeping_step_through_the_optimizer_equals_ghost_and_adds_the_nois
     expected = sigma * clip / 64
     n = noise.numel()
     assert abs(float(noise.std()) / expected - 1.0) < 6.0 * (1.0 / (2 * n)) ** 0.5
+
+
+def _patient_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       groups: torch.Tensor, clip: float) -> dict:
+    """sum_p min(1, C / (||G_p|| + 1e-6)) G_p, G_p = the sum of patient p's records'
+    gradients, each from autograd on that record alone."""
+    m = copy.deepcopy(model)
+    per_patient: dict[int, dict[str, torch.Tensor]] = {}
+    for i in range(len(x)):
+        m.zero_grad()
+        nn.functional.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
+        sums = per_patient.setdefault(int(groups[i]), {})
+        for n, p in m.named_parameters():
+            sums[n] = sums.get(n, 0) + p.grad.clone()
+    total: dict[str, torch.Tensor] = {}
+    for grads in per_patient.values():
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        c = min(1.0, clip / (float(norm) + 1e-6))
+        for n, g in grads.items():
+            total[n] = total.get(n, 0) + c * g
+    return total
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16),
+       clip=st.sampled_from([1e-3, 0.1, 1.0, 1e4]),
+       owners=st.lists(st.integers(0, 3), min_size=7, max_size=7),
+       whole_batch_gram=st.booleans())
+def test_patient_groups_clip_each_patients_summed_gradient_in_one_pass(
+        kind, seed, clip, owners, whole_batch_gram) -> None:
+    """Book-keeping with patient groups: the .grad left is sum_p clip(sum_{i in p} g_i)
+    (the autograd reference above), for every layer kind, including a Linear over
+    sequences whose cross-record terms within a patient count; both ways of forming
+    a Linear's Gram sums (one matrix for the batch, or one per patient) are checked."""
+    from bract.privacy import bookkeeping
+
+    model, x, y = _model(kind, seed)
+    _, groups = torch.unique(torch.tensor(owners), return_inverse=True)
+    m = copy.deepcopy(model)
+    clipper = BookKeepingClipper(m, clip)
+    saved = bookkeeping._GRAM_ROWS
+    bookkeeping._GRAM_ROWS = saved if whole_batch_gram else 0
+    try:
+        factors = clipper.backward(nn.CrossEntropyLoss(reduction="none")(m(x), y), len(x),
+                                   groups=groups)
+    finally:
+        bookkeeping._GRAM_ROWS = saved
+        clipper.remove()
+    reference = _patient_reference(model, x, y, groups, clip)
+    assert factors.shape == (len(x),)
+    for i in range(len(x)):  # one factor per patient, shared by its records
+        assert bool((factors[groups == groups[i]] == factors[i]).all())
+    for name, expected in reference.items():
+        torch.testing.assert_close(m.get_parameter(name).grad, expected, rtol=1e-4, atol=1e-6)

@@ -26,6 +26,13 @@ parameter's ``.grad`` is set to its clipped sum. Opacus's fast-gradient-clipping
 optimizer then adds the Gaussian noise and scales by the expected batch size,
 and Opacus's accountant counts the step, exactly as after ghost clipping.
 
+With patient groups (``backward(..., groups=)``, patient-level DP) the unit clipped
+is each patient's summed gradient ``G_p = sum_{i in p} grad_i``: for ``nn.Linear``
+its squared norm is ``sum_{r, s in p} (g_r . g_s)(a_r . a_s)`` over the patient's
+rows (every position of every record), a Gram-matrix sum within the patient; for the
+other layers, the per-example gradients summed per patient. The clipped sum is then
+``(c_{p(i)} * G)^T A`` as before, each record weighted by its patient's factor.
+
 Guarantee: the ``.grad`` this module leaves equals, to float rounding, the one
 Opacus's ghost clipping leaves for the same batch (tests compare both, and a
 per-example autograd reference); so clipping, noise, sampling and the epsilon
@@ -138,6 +145,9 @@ class BookKeepingClipper:
         #: per layer: ("linear", A, G) or ("per-example", {param: grads [B, ...]})
         self._kept: dict[nn.Module, tuple] = {}
         self._norms: list[torch.Tensor] = []
+        #: during a backward pass with patient groups: each record's group, and the count
+        self._groups: torch.Tensor | None = None
+        self._group_count = 0
         #: outputs of the layers fed by no gradient-carrying tensor, with their version
         #: counters: the backward pass stops there (see :meth:`backward`).
         self._entries: list[tuple[torch.Tensor, int]] = []
@@ -187,9 +197,12 @@ class BookKeepingClipper:
         x = self._inputs.pop(module)
         g = grad.detach()
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        groups = self._groups
         if type(module) is nn.Linear:
             x = x.to(g.dtype)
-            if g.dim() == 2:
+            if groups is not None:
+                norms = _grouped_linear_norms(module, x, g, groups, self._group_count)
+            elif g.dim() == 2:
                 # One example's weight gradient is the outer product g_i a_i^T: its norm
                 # is ||g_i|| * ||a_i||, its bias gradient's ||g_i|| (Opacus's rule).
                 g_norm = torch.linalg.vector_norm(g, dim=1)
@@ -202,17 +215,28 @@ class BookKeepingClipper:
         else:
             per_example = grad_samplers[type(module)](module, [x], g)
             per_example = {p: per_example[p] for p in params}
-            self._norms += [gs.reshape(len(gs), -1).norm(2, dim=1) for gs in per_example.values()]
+            if groups is not None:
+                self._norms += [
+                    gs.new_zeros((self._group_count, *gs.shape[1:])).index_add_(0, groups, gs)
+                    .reshape(self._group_count, -1).norm(2, dim=1)
+                    for gs in per_example.values()]
+            else:
+                self._norms += [gs.reshape(len(gs), -1).norm(2, dim=1)
+                                for gs in per_example.values()]
             self._kept[module] = ("per-example", per_example)
 
     # ------------------------------------------------------------------------ step
-    def backward(self, loss_per_example: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def backward(self, loss_per_example: torch.Tensor, batch_size: int,
+                 groups: torch.Tensor | None = None) -> torch.Tensor:
         """Backpropagate ``loss_per_example`` (shape ``[batch_size]``, not reduced) once
         and leave ``sum_i c_i grad_i`` in each trainable parameter's ``.grad``.
 
-        Returns the clipping factors ``c`` (``[B]``). An empty batch (Poisson
-        sampling) leaves zero gradients. Raises ValueError for a loss that is not
-        one value per example (clipping it would clip the batch, not each example).
+        ``groups`` (``[batch_size]`` integers ``0..P-1``, e.g. each record's patient in
+        the batch): clip each group's summed gradient instead of each example's, so
+        ``c_i`` is the factor of example i's group. Returns the clipping factors ``c``
+        (``[B]``). An empty batch (Poisson sampling) leaves zero gradients. Raises
+        ValueError for a loss that is not one value per example (clipping it would clip
+        the batch, not each example) or groups that do not name one group per example.
         """
         try:
             if tuple(loss_per_example.shape) != (batch_size,):
@@ -220,6 +244,13 @@ class BookKeepingClipper:
                     f"expected one loss per example (shape ({batch_size},)), got shape "
                     f"{tuple(loss_per_example.shape)}: the criterion must not reduce"
                 )
+            if groups is not None:
+                if tuple(groups.shape) != (batch_size,) or groups.dtype != torch.long or (
+                        batch_size and int(groups.min()) < 0):
+                    raise ValueError(f"groups must be {batch_size} integers >= 0, one per "
+                                     f"example (got shape {tuple(groups.shape)})")
+                self._groups = groups.to(loss_per_example.device)
+                self._group_count = int(groups.max()) + 1 if batch_size else 0
             params = [p for m in self._layers for p in m.parameters(recurse=False)
                       if p.requires_grad]
             if loss_per_example.numel() == 0:
@@ -242,6 +273,8 @@ class BookKeepingClipper:
                 raise ValueError(f"no gradient reached layer(s) {missing}")
             norms = torch.stack(self._norms, dim=0).norm(2, dim=0)
             factors = (self.max_grad_norm / (norms + _EPS)).clamp(max=1.0)
+            if self._groups is not None:
+                factors = factors[self._groups]  # each record takes its group's factor
             for module, kept in self._kept.items():
                 self._set_clipped_sum(module, kept, factors)
             return factors
@@ -251,6 +284,8 @@ class BookKeepingClipper:
             self._norms = []
             self._entries = []
             self._full_backward = False
+            self._groups = None
+            self._group_count = 0
 
     @staticmethod
     def _set_clipped_sum(module: nn.Module, kept: tuple, c: torch.Tensor) -> None:
@@ -278,6 +313,37 @@ class BookKeepingClipper:
     def layers(self) -> Iterable[nn.Module]:
         """The layers whose gradients are clipped."""
         return tuple(self._layers)
+
+
+#: Rows (records x positions) up to which a Linear's grouped norms use one Gram matrix
+#: of the whole batch (R^2 entries); beyond it, one Gram matrix per group.
+_GRAM_ROWS = 2048
+
+
+def _grouped_linear_norms(module: nn.Linear, a: torch.Tensor, g: torch.Tensor,
+                          groups: torch.Tensor, count: int) -> dict:
+    """Norms of each group's summed weight and bias gradients of ``module``, from its
+    inputs ``a`` and output gradients ``g`` (``[B, ..., d]``), without forming them:
+    ``||sum_{r in p} g_r a_r^T||^2 = sum_{r, s in p} (g_r . g_s)(a_r . a_s)``."""
+    rows = g[0].numel() // g.shape[-1] if len(g) else 1
+    gr = g.reshape(-1, g.shape[-1])
+    ar = a.reshape(-1, a.shape[-1])
+    row_group = groups.repeat_interleave(rows)
+    if len(gr) <= _GRAM_ROWS:
+        same = row_group[:, None] == row_group[None, :]
+        per_row = ((gr @ gr.t()) * (ar @ ar.t()) * same).sum(1)
+        weight_sq = gr.new_zeros(count).index_add_(0, row_group, per_row)
+    else:
+        weight_sq = gr.new_zeros(count)
+        for p in range(count):
+            idx = (row_group == p).nonzero().squeeze(1)
+            gp, ap = gr[idx], ar[idx]
+            weight_sq[p] = ((gp @ gp.t()) * (ap @ ap.t())).sum()
+    norms = {module.weight: weight_sq.clamp(min=0).sqrt()}
+    if module.bias is not None:
+        norms[module.bias] = gr.new_zeros((count, gr.shape[1])).index_add_(
+            0, row_group, gr).norm(2, dim=1)
+    return norms
 
 
 def hand_over_clipped_sums(optimizer: Any) -> None:

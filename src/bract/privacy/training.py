@@ -301,14 +301,15 @@ class PrivateTrainer:
         probe_batch = _probe_batch(data_loader)
         requested_mode = grad_sample_mode
         self.patients = None if patient_ids is None else Patients.of(patient_ids, n)
-        if self.patients is not None:
-            if grad_sample_mode not in ("auto", "hooks"):
-                raise PrivacyError(
-                    f"patient-level DP clips each patient's summed gradient, which is exact in "
-                    f"grad_sample_mode 'hooks' (every record's gradient, summed per patient); "
-                    f"{grad_sample_mode!r} computes norms per record. Use 'hooks' or 'auto'.")
-            grad_sample_mode = "hooks"
+        if self.patients is not None and grad_sample_mode == "ghost":
+            raise PrivacyError(
+                "patient-level DP clips each patient's summed gradient, which is exact in "
+                "grad_sample_mode 'bk' (book-keeping, with per-patient Gram sums) and "
+                "'hooks' (every record's gradient, summed per patient); Opacus's 'ghost' "
+                "computes norms per record. Use 'auto', 'bk' or 'hooks'.")
         grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode, criterion)
+        if self.patients is not None and grad_sample_mode == "ghost":
+            grad_sample_mode = "hooks"  # what auto picks when book-keeping cannot clip
         on = next((p.device for p in model.parameters()), torch.device("cpu"))
         if requested_mode == "auto" and grad_sample_mode in ("ghost", "bk") and reused_layers(
                 model, probe_batch[0].to(on)):
@@ -553,14 +554,16 @@ class PrivateTrainer:
                         loss = criterion(out, y)
                         if self.grad_sample_mode in ("ghost", "bk"):
                             _check_per_example_loss(loss.loss_per_sample, len(y))
+                        # Each patient's gradient is the sum of its records'; clipping it
+                        # then bounds what one patient adds.
+                        groups = (None if self.patients is None
+                                  else patient_sampler.groups.popleft())
                         if clipper is not None:
-                            clipper.backward(loss.loss_per_sample, len(y))
+                            clipper.backward(loss.loss_per_sample, len(y), groups=groups)
                         else:
                             loss.backward()
-                        if self.patients is not None:
-                            # Each patient's gradient is the sum of its records'; clipping
-                            # then bounds what one patient adds.
-                            group_grad_samples(self.model, patient_sampler.groups.popleft())
+                            if groups is not None:
+                                group_grad_samples(self.model, groups)
                         dp_optimizer.step()
                         steps += 1
                         if len(y) > 0:
