@@ -241,6 +241,9 @@ def run_whitebox_command(args: argparse.Namespace) -> int:
          f"{report.epsilon_lower:.3f}"),
         ("noise measured / recorded (upper bound)",
          f"{report.noise_ratio:.3f} ({report.noise_ratio_upper:.3f})"),
+        (f"Gaussian-fit lower bound ({report.confidence:.0%}; assumes Gaussian noise)",
+         "- (needs full-batch steps)" if math.isnan(report.epsilon_gaussian_fit)
+         else f"{report.epsilon_gaussian_fit:.3f}"),
         ("noise multiplier σ (recorded)", f"{report.noise_multiplier:.4g}"),
         ("sampling rate q / steps", f"{report.sample_rate:.4g} / {report.steps}"),
         ("canaries m (members)", f"{report.canaries} ({report.members})"),

@@ -28,6 +28,18 @@ coordinates (pure noise once the known sum is subtracted) and bounds its standar
 deviation from above at the stated confidence (chi-square); a bound below what the
 ledger records refutes the ledger. It assumes the noise is Gaussian with mean 0.
 
+A third figure, the **Gaussian-fit lower bound**, follows Nasr et al. (2023): it
+assumes what the ledger claims about the mechanism's *shape* (each step adds
+Gaussian noise of mean 0 to the clipped sum, and a member canary shifts its
+coordinate by a constant) and measures its two *sizes*: the noise's standard
+deviation from above (the chi-square bound of the noise check) and the members'
+shift from below (a one-sided bound on their mean, from the same noise bound). The
+ratio is an effective noise multiplier at least as large as the truth, and the
+accountant's epsilon for it, at the ledger's sample rate and steps, is a lower
+bound on the mechanism's epsilon at the stated confidence under that assumption.
+It is computed for full-batch training (q = 1), where the auditor knows the
+records' clipped sum; with q < 1 it is not reported.
+
 ``noise_scale`` makes the training add ``noise_scale`` times the noise the ledger
 records (0.5: the "noise halved" bug), to show what the audit catches.
 
@@ -66,7 +78,7 @@ class GradientCanaryAuditConfig:
 
     dataset: str = "synthetic"
     samples: int | None = 2400
-    canaries: int = 1000
+    canaries: int = 5000
     target_epsilon: float | None = 2.0
     noise_multiplier: float | None = None
     noise_scale: float = 1.0
@@ -116,6 +128,12 @@ class GradientCanaryAuditReport:
     noise_ratio: float
     noise_ratio_upper: float
     grid: list[GuessOutcome] = field(default_factory=list)
+    #: The Gaussian-fit lower bound on epsilon at ``confidence`` (NaN when q < 1), the
+    #: members' measured shift over C (estimate), and the effective noise multiplier it
+    #: was computed for (an upper bound on the true one, under the Gaussian assumption).
+    epsilon_gaussian_fit: float = math.nan
+    shift_ratio: float = math.nan
+    noise_multiplier_fit: float = math.nan
 
     @property
     def violation(self) -> bool:
@@ -155,6 +173,9 @@ class _Canaries:
         self.scores = np.zeros(m)
         #: Sum of squares and count of the noisy sum on absent canaries' coordinates.
         self.noise_ss, self.noise_count = 0.0, 0
+        #: Sum and count of the noisy sum on member canaries' coordinates in the steps
+        #: that inserted them (the records' known sum subtracted; q = 1 only).
+        self.shift_sum, self.shift_count = 0.0, 0
 
     def hook(self, optimizer: Any) -> None:
         """Wrap the DP optimizer's noise step: canaries in before it, scores after."""
@@ -194,6 +215,10 @@ class _Canaries:
                 absent = ~self.members[ids]
                 self.noise_ss += float(np.sum(x[absent] ** 2))
                 self.noise_count += int(absent.sum())
+                if self.q >= 1:
+                    inserted = sampled[ids]
+                    self.shift_sum += float(np.sum(x[inserted]))
+                    self.shift_count += int(inserted.sum())
 
         optimizer.add_noise = add_noise_with_canaries
 
@@ -209,7 +234,9 @@ def run_gradient_canary_audit(
     (over the secret coins and the training's randomness); if its noise is Gaussian
     with the standard deviation the ledger records, ``noise_ratio_upper`` falls below 1
     with probability at most ``(1 - confidence) / 2``. So a correct training is
-    reported as a violation with probability at most ``1 - confidence``.
+    reported as a violation with probability at most ``1 - confidence``. If the
+    mechanism is Gaussian in shape (see the module's docstring), its true epsilon is
+    below ``epsilon_gaussian_fit`` with probability at most ``1 - confidence``.
     """
     import torch
 
@@ -252,6 +279,15 @@ def run_gradient_canary_audit(
                               config.guess_fractions)
     ratio, upper = noise_ratio(canaries.noise_ss, canaries.noise_count,
                                sigma * config.max_grad_norm, each)
+    fit = gaussian_fit(canaries.shift_sum, canaries.shift_count, upper * sigma,
+                       config.max_grad_norm, each)
+    eps_fit = math.nan
+    if fit[1] is not None:
+        from bract.privacy.accounting import DpSgdEvent, epsilon_of
+
+        eps_fit = epsilon_of([DpSgdEvent(fit[1], outcome.event.sample_rate,
+                                         outcome.event.steps, 1.0, config.delta)],
+                             config.delta, trainer.accountant) if math.isfinite(fit[1]) else 0.0
     return GradientCanaryAuditReport(
         dataset=config.dataset, setting=SETTING, canaries=config.canaries,
         members=int(canaries.members.sum()), noise_multiplier=sigma,
@@ -260,8 +296,30 @@ def run_gradient_canary_audit(
         delta=config.delta, accountant=trainer.accountant, claimed_epsilon=trainer.epsilon(),
         confidence=config.confidence, epsilon_lower=best.epsilon_lower, best=best,
         seconds=time.perf_counter() - start, noise_ratio=ratio, noise_ratio_upper=upper,
-        grid=grid,
+        grid=grid, epsilon_gaussian_fit=eps_fit, shift_ratio=fit[0],
+        noise_multiplier_fit=fit[1] if fit[1] is not None else math.nan,
     )
+
+
+def gaussian_fit(shift_sum: float, count: int, noise_multiplier_upper: float, clip: float,
+                 confidence: float) -> tuple[float, float | None]:
+    """The members' mean shift over ``clip`` (estimate) and an effective noise
+    multiplier ``s_hi / shift_lo`` (``inf`` when the shift's lower bound is not above
+    0; ``None`` without observations), from ``count`` observations summing to
+    ``shift_sum``, each the shift plus Gaussian noise of standard deviation at most
+    ``noise_multiplier_upper * clip``. Guarantee: if that noise bound holds, the shift's
+    lower bound ``mean - z * s_hi / sqrt(count)`` exceeds the true shift with
+    probability at most ``1 - confidence``."""
+    from scipy import stats
+
+    if count == 0 or not math.isfinite(noise_multiplier_upper):
+        return math.nan, None
+    s_hi = noise_multiplier_upper * clip
+    mean = shift_sum / count
+    low = mean - float(stats.norm.ppf(confidence)) * s_hi / math.sqrt(count)
+    if low <= 0:
+        return mean / clip, math.inf
+    return mean / clip, s_hi / low
 
 
 def noise_ratio(sum_squares: float, count: int, claimed_std: float, confidence: float
