@@ -138,16 +138,19 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     typed = RunReport.from_plain(report, str(args.out / "report.json"))
+    errors = typed.errors()
     if not any(row.trained for row in typed.rounds):
         # Nothing was aggregated: the model is the initial one; report no figure for it.
-        stopped = typed.final.stopped if typed.final is not None else {}
-        why = "; ".join(f"{cid}: {reason}" for cid, reason in sorted(stopped.items()))
-        console.print(f"[red]error:[/red] no hospital trained in any round, so the model was "
-                      f"not trained ({why or 'see report.json'}); the record is in {args.out}")
+        console.print(f"[red]error:[/red] {errors[0]}; the record is in {args.out}")
         return 1
     console.print(summarize(typed))
     console.print(f"wrote {args.out / 'report.json'} and {args.out / 'ledger.jsonl'}")
     _print_plots(typed, console)
+    if errors:
+        # The run finished, but not as asked: say why, once, and exit non-zero.
+        console.print(f"[red]error:[/red] {'; '.join(errors)} (report.json records each "
+                      "round's failures)", highlight=False)
+        return 1
     return 0
 
 

@@ -20,7 +20,7 @@ from bract.records.ledger import read_ledger
         (["simulate", "--dataset", "mnist"], "argument --dataset: must be one of synthetic"),
         (["simulate", "--delta", "nan"], "argument --delta: must be a finite number"),
         (["simulate", "--target-epsilon", "-1"],
-         "argument --target-epsilon: must be a finite number > 0"),
+         "argument --target-epsilon: must be a finite number >= 0.05 and <= 50"),
         (["simulate", "--delta", "1.5"], "argument --delta: must be a finite number > 0 and < 1"),
         (["simulate", "--noise-multiplier", "-0.5"],
          "argument --noise-multiplier: must be a finite number >= 0"),

@@ -210,3 +210,93 @@ def test_fedavg_rejects_empty_and_mismatched() -> None:
         fedavg([])
     with pytest.raises(ValueError):
         fedavg([({"a": np.zeros(2)}, 1), ({"b": np.zeros(2)}, 1)])
+
+
+def test_a_hospital_whose_code_raises_fails_with_one_line_and_the_run_says_so(tmp_path) -> None:
+    """A hospital-side exception (here: a Flower Datasets dict reaching code that
+    expects tensors) becomes that hospital's error reply with a one-line reason: no
+    exception escapes the ClientApp, the round goes on with the others, and the
+    report's errors name the hospital, its rounds and the cause."""
+    from bract.records.report import RunReport
+
+    def broken_setup(ctx):
+        if int(ctx.node_config["partition-id"]) == 0:
+            "img".to("cpu")  # AttributeError, as a dict batch's key would raise
+        return _setup(ctx)
+
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=2)
+    apps = {node: make_client_app(broken_setup, policy) for node in NODES}
+    grid = FakeGrid(apps)
+    ds = tasks.dataset_for(TASK)
+    eval_model = tasks.build_model(TASK)
+
+    def evaluate(w):
+        load_weights(eval_model, w)
+        return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
+
+    cfg = ServerConfig(rounds=2, num_clients=3, delta=1e-5, out_dir=tmp_path,
+                       node_wait_seconds=1, show_progress=False, run_config={})
+    report = RunReport.from_plain(run_federation(grid, weights_of(tasks.build_model(TASK)),
+                                                 evaluate, cfg))
+    reason = "failed: AttributeError: 'str' object has no attribute 'to'"
+    assert [dict(r.failed) for r in report.rounds] == [{f"node-{NODES[0]}": reason}] * 2
+    assert [r.trained for r in report.rounds] == [("hospital-1", "hospital-2")] * 2
+    errors = report.errors()
+    assert errors == [f"node-{NODES[0]} failed in rounds 1, 2: AttributeError: 'str' object "
+                      "has no attribute 'to'"]
+    assert all("\n" not in r.error.reason for r in grid.replies if r.has_error())
+
+
+def test_contain_errors_turns_any_exception_into_a_one_line_error_reply() -> None:
+    from flwr.app import Context, Message, RecordDict
+
+    from bract.flower.client import contain_errors_mod, failure_reason
+    from bract.privacy import PrivacyError
+
+    msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def boom(m, c):
+        raise KeyError("label")
+
+    reply = contain_errors_mod(msg, ctx, boom)
+    assert reply.has_error() and reply.error.reason == "KeyError: 'label'"
+    # bract's own errors are written for the operator: their message is the reason.
+    assert failure_reason(PrivacyError("target epsilon 0.01 is\nbelow the floor")) == (
+        "target epsilon 0.01 is below the floor")
+    assert len(failure_reason(ValueError("x" * 1000))) == 300
+    assert contain_errors_mod(msg, ctx, lambda m, c: m) is msg  # a success passes through
+
+
+def test_report_errors_name_failures_and_empty_rounds_but_not_dropouts_or_budget_stops() -> None:
+    from bract.records.report import HospitalRound, RoundRow, RunReport
+
+    def line(trained=True):
+        return HospitalRound(epsilon=1.0, trained=trained, reason="ok", steps=1,
+                             noise_multiplier=1.0, sample_rate=0.1, ledger_entries=1,
+                             ledger_head="", ledger_carried=0)
+
+    clean = RunReport({}, (
+        RoundRow(round=1, epsilon=1.0, per_client={"a": line(), "b": line()},
+                 trained=("a", "b"), failed={}, metrics={}),
+        RoundRow(round=2, epsilon=1.0, per_client={"a": line(False), "b": line(False)},
+                 trained=(), failed={}, metrics={}),  # both stopped on their budgets
+    ))
+    assert clean.errors() == []
+    dropout = RunReport({}, (RoundRow(round=1, epsilon=1.0, per_client={"a": line()},
+                                      trained=("a",), failed={"b": "did not answer"},
+                                      metrics={}),))
+    assert dropout.errors() == []
+    aborted = RunReport({}, (
+        RoundRow(round=1, epsilon=1.0, per_client={"a": line()}, trained=("a",), failed={},
+                 metrics={}),
+        RoundRow(round=2, epsilon=1.0, per_client={"a": line()}, trained=(),
+                 failed={"b": "failed: boom"}, metrics={}),
+    ))
+    assert aborted.errors() == ["b failed in round 2: boom",
+                                "round 2 trained no hospital; the global model was not "
+                                "updated"]
+    nothing = RunReport({}, (RoundRow(round=1, epsilon=0.0, per_client={}, trained=(),
+                                      failed={"a": "failed: boom"}, metrics={}),))
+    assert nothing.errors() == ["no hospital trained in any round, so the model was not "
+                                "trained (a: failed: boom)"]

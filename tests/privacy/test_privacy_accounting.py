@@ -236,11 +236,28 @@ def test_calibrated_sigma_lands_within_one_percent_below_target(
 
 
 def test_unreachable_target_raises_privacy_error_naming_the_fix() -> None:
-    # q = 1 (the whole data set every step) for 100 steps: epsilon 1e-3 needs sigma > 1e4.
-    plan = TrainingPlan(rounds=100, local_epochs=1, dataset_size=10, batch_size=10)
+    # q = 1 (the whole data set every step) for 10^6 steps: epsilon 0.05 (the floor)
+    # needs sigma near 8e4, beyond the search's 1e4.
+    plan = TrainingPlan(rounds=10**6, local_epochs=1, dataset_size=10, batch_size=10)
     with pytest.raises(PrivacyError, match="unreachable") as info:
-        calibrate(1e-3, 1e-5, plan)
+        calibrate(0.05, 1e-5, plan, accountant="pld")
     assert "raise epsilon" in str(info.value) and "fewer rounds" in str(info.value)
+
+
+@pytest.mark.parametrize("target", [0.049, 1e-3, 1e-9])
+def test_a_target_below_the_floor_is_refused_before_any_work(target: float) -> None:
+    with pytest.raises(PrivacyError, match=r"below bract's floor of 0\.05"):
+        calibrate(target, 1e-5, TrainingPlan(3, 1, 100, 10))
+
+
+@pytest.mark.parametrize(("target", "size", "batch", "rounds"), [
+    (0.05, 150, 32, 10), (0.1, 60000, 256, 20), (0.5, 60000, 256, 20), (50, 10000, 64, 3)])
+def test_calibration_lands_in_its_band_from_the_floor_to_the_ceiling(target, size, batch,
+                                                                    rounds) -> None:
+    """The search's grid follows the target and its aim corrects itself either way, so
+    small targets and long plans (4700 steps) calibrate too (they failed before)."""
+    cal = calibrate(target, 1e-5, TrainingPlan(rounds, 1, size, batch), accountant="pld")
+    assert target * 0.99 <= cal.epsilon_pld <= target
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])

@@ -463,6 +463,44 @@ def metrics_guard_mod(release: str | Callable[[Context], str] = "none") -> Calla
     return mod
 
 
+#: Exceptions whose message is written for the operator (the reason is the message).
+_EXPLAINED = (PrivacyError, LedgerError, ValueError, OSError)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line that says why a hospital's handler failed: the message of an error
+    bract raises for the operator, or the exception's type and message otherwise."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 300:
+        text = text[:297] + "..."
+    if isinstance(exc, _EXPLAINED) and str(exc).strip():
+        return text
+    return f"{type(exc).__name__}: {text}" if str(exc).strip() else text
+
+
+def contain_errors_mod(msg: Message, ctx: Context,
+                       call_next: Callable[[Message, Context], Message]) -> Message:
+    """The outermost mod of every hospital handler: an exception in the hospital's
+    code becomes an error reply with a one-line reason (:func:`failure_reason`), so it
+    reaches the coordinator's table and report as this hospital's failure, and no
+    traceback floods the console; the full traceback stays in the hospital's own log
+    (logger ``bract``, level DEBUG). Nothing else of the failed message leaves."""
+    import logging
+
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    try:
+        return call_next(msg, ctx)
+    except Exception as exc:  # every failure becomes this hospital's reply
+        reason = failure_reason(exc)
+        logger = logging.getLogger("bract")
+        logger.warning("hospital failed: %s", reason)
+        logger.debug("hospital failure", exc_info=True)
+        return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                       reply_to=msg)
+
+
 def make_client_app(
     setup_fn: Callable[[Context], HospitalSetup],
     policy: PolicyLike,
@@ -481,10 +519,10 @@ def make_client_app(
     ``mods`` wrap every handler, inside the metrics guard (e.g. fault injection).
     """
     app = ClientApp()
-    train_mods = [metrics_guard_mod(release_metrics), *mods]
+    train_mods = [contain_errors_mod, metrics_guard_mod(release_metrics), *mods]
     if secagg is not None:
         train_mods.append(secagg_mod(secagg, release_metrics=release_metrics))
-        register_secagg(app, secagg, mods=list(mods))
+        register_secagg(app, secagg, mods=[contain_errors_mod, *mods])
     signer = identity if identity is not None else secagg
     app.train(mods=train_mods)(dp_train_handler(setup_fn, policy, signer, release_metrics))
     return app

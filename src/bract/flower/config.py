@@ -194,7 +194,7 @@ OPTIONS: tuple[Option, ...] = (
            "noise or the sampling)", low=0),
     Option("target_epsilon", float, 8.0, "the epsilon each hospital is asked to meet over "
            "the whole run (a hospital's own policy may allow less; at most 50, bract's "
-           "ceiling)", low=0, open_low=True, high=50),
+           "ceiling; at least 0.05, its floor)", low=0.05, high=50),
     Option("delta", float, 1e-5, "delta of the privacy budget", low=0, open_low=True, high=1,
            open_high=True),
     Option("noise_multiplier", float, None, "fixed noise instead of calibrating it to the "

@@ -106,16 +106,17 @@ def run_deploy(args: argparse.Namespace) -> int:
               + f"; logs in {workdir / 'logs'}", file=sys.stderr)
         return 1
     report = read_report(report_path)
+    errors = report.errors()
     if not any(row.trained for row in report.rounds):
-        stopped = report.final.stopped if report.final is not None else {}
-        failed = {cid: why for row in report.rounds for cid, why in row.failed.items()}
-        why = "; ".join(f"{cid}: {reason}" for cid, reason in
-                        sorted({**failed, **stopped}.items())) or "see report.json"
-        print(f"bract deploy failed: no hospital trained in any round, so the model was not "
-              f"trained ({why}); the record is in {report_path}", file=sys.stderr)
+        print(f"bract deploy failed: {errors[0]}; the record is in {report_path}",
+              file=sys.stderr)
         return 1
     print(f"run {result.run_id}: {result.status} in {result.seconds:.1f}s; "
           f"record in {report_path} and {out / 'ledger.jsonl'}")
+    if errors:
+        print(f"bract deploy failed: {'; '.join(errors)} (report.json records each round's "
+              "failures)", file=sys.stderr)
+        return 1
     return 0
 
 

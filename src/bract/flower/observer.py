@@ -59,12 +59,16 @@ class LiveTable:
     def row(self, row: RoundRow) -> None:
         """Show one round: a table row, or (table disabled) one plain line."""
         per_client = row.per_client
-        if not self.hospital_columns and len(per_client) <= 6:
+        # Every hospital the round heard from, or whose failure it recorded.
+        present = sorted(set(per_client) | set(row.failed))
+        if not self.hospital_columns and len(present) <= 6:
             # One ε column per hospital when they fit; otherwise the max says it all.
-            self.hospital_columns = sorted(per_client)
+            self.hospital_columns = present
             for cid in self.hospital_columns:
                 self.table.add_column(f"ε {cid.replace('hospital-', 'h')}", justify="right")
         trained = sum(1 for v in per_client.values() if v.trained)
+        # No epsilon figure for a round no hospital reported on (never a 0 for a failure).
+        max_eps = _eps_text(row.epsilon) if per_client else "-"
         regression = "r2" in row.metrics
         if regression and self.table.columns[2].header == "acc":
             # Regression: MSE (target units) in the loss column, R² in the accuracy column.
@@ -84,13 +88,16 @@ class LiveTable:
         loss_text = ((f"{loss:.1f}" if regression else f"{loss:.3f}") + suffix
                      if loss is not None else "-")
         metric_text = f"{metric:.3f}{suffix}" if metric is not None else "-"
-        cells = [str(row.round), loss_text, metric_text, _eps_text(row.epsilon),
-                 f"{trained}/{len(per_client)}", f"{row.seconds:.1f}"]
+        cells = [str(row.round), loss_text, metric_text, max_eps,
+                 f"{trained}/{len(present)}", f"{row.seconds:.1f}"]
         for cid in self.hospital_columns:
             v = per_client.get(cid)
-            text = "-" if v is None else _eps_text(v.epsilon)
-            if v is not None and not v.trained:
-                text += " stop"
+            if cid in row.failed and (v is None or not v.trained):
+                text = "no answer" if row.failed[cid] == "did not answer" else "failed"
+            else:
+                text = "-" if v is None else _eps_text(v.epsilon)
+                if v is not None and not v.trained:
+                    text += " stop"
             cells.append(text)
         self.table.add_row(*cells)
         self.progress.advance(self.task)
@@ -98,7 +105,7 @@ class LiveTable:
             names = ("MSE", "R²") if regression else ("loss", "accuracy")
             self.console.print(
                 f"round {row.round}: {names[0]} {loss_text}, {names[1]} {metric_text}, "
-                f"max ε {_eps_text(row.epsilon)}, trained {trained}/{len(per_client)}, "
+                f"max ε {max_eps}, trained {trained}/{len(present)}, "
                 f"{row.seconds:.1f} s", highlight=False)
 
     def note(self, text: str) -> None:

@@ -274,7 +274,16 @@ class Federation:
         )
 
     def _label(self, node: int) -> str:
-        return self.names.get(node, f"node-{node}")
+        """The hospital's name: from its privacy report, else (secure aggregation) the
+        roster member whose key signed the node's advertisement, else the node id."""
+        if node in self.names:
+            return self.names[node]
+        if self.secure is not None and self.cfg.roster is not None and self.cfg.secagg:
+            key = self.cfg.secagg.roster.get(self.secure.sid_of.get(node, -1))
+            for name, known in self.cfg.roster.keys.items():
+                if key is not None and known == key:
+                    return name
+        return f"node-{node}"
 
     def _read_train_reply(
         self, rnd: int, node: int, reply: Message, display: RunObserver

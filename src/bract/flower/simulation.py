@@ -45,7 +45,7 @@ from bract.flower.secagg_client import (
     write_identity_key,
 )
 from bract.flower.server import make_server_app
-from bract.privacy import PrivacyError, TrainingPlan
+from bract.privacy import PrivacyError, TrainingPlan, calibrate
 from bract.records.roster import Roster, read_roster, write_roster
 from bract.secagg import ClientPolicy
 from bract.secagg.crypto import SigningKey
@@ -217,10 +217,20 @@ def validate(cfg: SimulationConfig) -> None:
         raise PrivacyError(f"--public-size {cfg.public_size} is below a hospital's number of "
                            f"records ({largest}): the public bound must be at least each "
                            "hospital's count")
-    TrainingPlan(cfg.policy.rounds, cfg.policy.local_epochs, smallest, cfg.task.batch_size)
+    plan = TrainingPlan(cfg.policy.rounds, cfg.policy.local_epochs,
+                        cfg.public_size or smallest, cfg.task.batch_size)
     cfg.policy.budget()
     if cfg.policy.noise_multiplier == 0 and not cfg.policy.allow_non_private:
         raise PrivacyError("noise multiplier 0 is non-private; allow it explicitly.")
+    if cfg.policy.noise_multiplier is None and not cfg.resume:
+        # What every hospital will calibrate, for the one with the least data (the
+        # hardest plan): an unreachable target is refused here, not in every hospital.
+        release = cfg.policy.metrics_release() if cfg.federation.release_metrics != "none" \
+            else None
+        alongside = [] if release is None else [
+            release.event(r, cfg.policy.delta, "") for r in range(1, plan.rounds + 1)]
+        calibrate(cfg.policy.target_epsilon, cfg.policy.delta, plan,
+                  accountant=cfg.policy.accountant, alongside=alongside)
     if cfg.resume:
         load_checkpoint_state(cfg.out_dir, cfg.to_plain())
     if cfg.drop_stage not in DROP_STAGES:

@@ -61,6 +61,13 @@ def _check_delta(delta: float) -> None:
 #: for 50 takes about 15 s and 0.5 GB on a 2-core machine; for 1000, about a minute
 #: and 2 GB per hospital), so a larger target is refused before any work.
 MAX_TARGET_EPSILON = 50.0
+#: The floor on a target epsilon calibration accepts: below it the search's PLD grid
+#: (a fraction of the target) grows without bound, and at 0.05 the calibrated noise
+#: multiplier is already 8-100 (a model learns little). Smaller targets are refused.
+MIN_TARGET_EPSILON = 0.05
+#: Above this epsilon (by RDP's bound) the reported figure is RDP's: PRV and PLD would
+#: need GBs, and no budget bract accepts comes near it.
+EXACT_EPSILON_CAP = 1000.0
 
 
 def _check_epsilon(epsilon: float) -> None:
@@ -357,12 +364,18 @@ def _composed_epsilon(
 
     A hospital checks its budget before every round: the epsilon it has spent is
     the previous round's "after", which this cache returns without recomputing.
+    Bounded work: PRV's and PLD's grids grow with epsilon (about 1.5 GB at 1500), so
+    above :data:`EXACT_EPSILON_CAP` by RDP's bound (constant memory) that bound is
+    the figure: still an upper bound, far beyond any budget bract accepts.
     """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus: "optimal order is the largest alpha"
+        rough = _rdp_epsilon(list(history), delta)
+    if accountant == "rdp" or rough > EXACT_EPSILON_CAP:
+        return rough
     if accountant == "prv":
         return _prv_epsilon(list(history), delta)
-    if accountant == "pld":
-        return _pld_epsilon(list(history), delta, pld_discretization)
-    return _rdp_epsilon(list(history), delta)
+    return _pld_epsilon(list(history), delta, pld_discretization)
 
 
 # --------------------------------------------------------------------------- plans
@@ -485,6 +498,12 @@ def calibrate(
     """
     _check_epsilon(target_epsilon)
     _check_delta(delta)
+    if target_epsilon < MIN_TARGET_EPSILON:
+        raise PrivacyError(
+            f"target epsilon {target_epsilon:g} is below bract's floor of "
+            f"{MIN_TARGET_EPSILON:g}: calibrating for it costs unbounded time and memory, "
+            "and the noise it needs leaves nothing to learn. Use a larger target (1-10 is "
+            "usual), or a fixed noise multiplier.")
     if target_epsilon > MAX_TARGET_EPSILON:
         raise PrivacyError(
             f"target epsilon {target_epsilon:g} is above bract's ceiling of "
@@ -521,13 +540,30 @@ def calibrate(
                 f"{target_epsilon:g}: release metrics with more noise, or keep them home"
             )
 
+    # The search's PLD grid: 1e-3, or finer for a small target, so that the grid's
+    # pessimism stays a small part of the band the search aims at.
+    coarse_step = min(1e-3, target_epsilon * tolerance / 4)
+
+    # Bounded work: PLD's grid grows with epsilon, so a sigma whose RDP epsilon (an
+    # upper bound, computed in constant memory) is far above the target is answered
+    # with that bound; PLD stays within a factor 3 of RDP there, so the search's
+    # direction is the same and no PLD runs on a plan's astronomically large epsilon.
+    pld_cap = max(3.0 * target_epsilon, 60.0)
+
     def coarse(sigma: float) -> float:
-        return _pld_epsilon([*before, (sigma, q, steps)], delta, 1e-3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus: "optimal order is the largest alpha"
+            rough = _rdp_epsilon([*before, (sigma, q, steps)], delta)
+        if rough > pld_cap:
+            return rough
+        return _pld_epsilon([*before, (sigma, q, steps)], delta, coarse_step)
 
     # Aim inside the allowed band, leaving room for the accountants' differences.
     aim_lo = target_epsilon * (1.0 - 0.6 * tolerance)
     aim_hi = target_epsilon * (1.0 - 0.25 * tolerance)
-    for _attempt in range(4):
+    # Where the checked epsilon should land: the middle of the allowed band.
+    desired = target_epsilon * (1.0 - 0.425 * tolerance)
+    for _attempt in range(8):
         sigma = _solve_decreasing(coarse, aim_lo, aim_hi, target_epsilon, delta, plan)
         eps_pld = _pld_epsilon([*before, (sigma, q, steps)], delta, PLD_DISCRETIZATION)
         eps_rep = eps_pld
@@ -540,12 +576,15 @@ def calibrate(
                 float(sigma), float(target_epsilon), float(delta), eps_rep, eps_pld,
                 accountant, plan,
             )
-        # Shift the aim by how far the check landed from where the search aimed.
-        shift = (aim_lo + aim_hi) / 2.0 / worst if worst > target_epsilon else 1.0 + tolerance / 4
-        aim_lo, aim_hi = aim_lo * shift, min(aim_hi * shift, target_epsilon)
+        # The coarse grid is pessimistic by a factor that grows with the steps: scale
+        # the aim by how far the check landed from the desired point (either way).
+        shift = desired / worst
+        aim_lo, aim_hi = aim_lo * shift, aim_hi * shift
+    hint = "; the 'pld' accountant may calibrate it" if accountant != "pld" else ""
     raise PrivacyError(
         f"could not calibrate to epsilon {target_epsilon} within {tolerance:.0%} for this plan "
-        f"with the {accountant!r} accountant; try accountant='pld' or a larger tolerance."
+        f"({plan.total_steps} steps at sample rate {plan.sample_rate:.4g}) with the "
+        f"{accountant!r} accountant{hint}; or choose another target epsilon."
     )
 
 

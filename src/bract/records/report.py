@@ -314,6 +314,38 @@ class RunReport:
         """The latest pooled held-out evaluation, if the hospitals released one."""
         return self.final.federated_eval if self.final is not None else None
 
+    def errors(self) -> list[str]:
+        """What went wrong in the run, one sentence per cause, in round order: each
+        hospital whose handler failed (its rounds and its reason; a hospital that only
+        did not answer is a dropout, not an error), and each round that trained no
+        hospital although some were still taking part. Empty for a clean run (a
+        hospital stopped by its budget is not an error)."""
+        out: list[str] = []
+        if not any(row.trained for row in self.rounds):
+            stopped = self.final.stopped if self.final is not None else {}
+            failed = {cid: why for row in self.rounds for cid, why in row.failed.items()}
+            why = "; ".join(f"{cid}: {reason}" for cid, reason in
+                            sorted({**failed, **stopped}.items()))
+            return ["no hospital trained in any round, so the model was not trained"
+                    + (f" ({why})" if why else "")]
+        by_cause: dict[tuple[str, str], list[int]] = {}
+        for row in self.rounds:
+            for cid, why in row.failed.items():
+                if why != "did not answer":
+                    by_cause.setdefault((cid, why), []).append(row.round)
+        for (cid, why), rounds in sorted(by_cause.items(), key=lambda kv: (kv[1][0], kv[0])):
+            which = (f"round {rounds[0]}" if len(rounds) == 1
+                     else f"rounds {', '.join(str(r) for r in rounds)}")
+            out.append(f"{cid} failed in {which}: {why.removeprefix('failed: ')}")
+        for row in self.rounds:
+            # Hospitals failed or trained, and still nothing was aggregated (a round in
+            # which every hospital stopped on its budget is the run's normal end).
+            if not row.trained and (row.failed or any(
+                    v.trained for v in row.per_client.values())):
+                out.append(f"round {row.round} trained no hospital; the global model was not "
+                           "updated")
+        return out
+
     def to_plain(self) -> dict[str, Any]:
         """The whole report as report.json holds it."""
         out: dict[str, Any] = {"config": self.config,
