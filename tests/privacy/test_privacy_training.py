@@ -328,3 +328,68 @@ def test_poisson_batches_do_not_follow_the_public_torch_seed() -> None:
     assert first != second
     seeded = {"noise_multiplier": 0.0, "sampling_seed": 7}
     assert _sampled_ids(0, **seeded) == _sampled_ids(1, **seeded)
+
+
+class _DictItems(torch.utils.data.Dataset):
+    """Items as Flower Datasets yields them after a transform: {"img": x, "label": y}."""
+
+    def __init__(self, x, y) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"img": self.x[i], "label": int(self.y[i]), "id": i}
+
+
+def test_dict_items_train_once_their_keys_are_named_and_train_as_the_same_pairs() -> None:
+    """A dict dataset is refused with its keys named; with batch_keys it trains exactly
+    as the same data given as (x, y) pairs (a non-private run with a fixed sampling
+    seed is deterministic)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bract.privacy import PrivacyError, PrivateTrainer, weights_of
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=gen), torch.randint(0, 2, (40,), generator=gen)
+
+    def trained(loader, **kw):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 2)
+        trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                                 noise_multiplier=0.0, max_grad_norm=1.0, delta=1e-5,
+                                 sampling_seed=3, grad_sample_mode="hooks", **kw)
+        trainer.budget = None
+        assert trainer.train_round(1).trained
+        return weights_of(model)
+
+    dicts = DataLoader(_DictItems(x, y), batch_size=8)
+    with pytest.raises(PrivacyError, match=r"a dict with keys \['id', 'img', 'label'\].*"
+                                           r"batch_keys"):
+        trained(dicts)
+    with pytest.raises(PrivacyError, match=r"no key\(s\) \['image'\]; its keys are"):
+        trained(dicts, batch_keys=("image", "label"))
+    got = trained(dicts, batch_keys=("img", "label"))
+    want = trained(DataLoader(TensorDataset(x, y), batch_size=8))
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_a_hospital_setup_reads_dict_items_for_training_and_its_held_out_split() -> None:
+    from torch.utils.data import DataLoader
+
+    from bract.flower.client import HospitalSetup
+    from bract.privacy import MetricsRelease
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 5, generator=gen), torch.randint(0, 2, (30,), generator=gen)
+    model = torch.nn.Linear(5, 2)
+    setup = HospitalSetup(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          DataLoader(_DictItems(x[:20], y[:20]), batch_size=5), "h",
+                          held_out=_DictItems(x[20:], y[20:]), batch_keys=("img", "label"))
+    xb, yb = next(iter(setup.train_loader))
+    assert xb.shape == (5, 5) and yb.shape == (5,)
+    released = MetricsRelease().release(model, None, setup.train_loader.dataset,
+                                         setup.held_out)
+    assert set(released) >= {"train-examples", "eval-examples"}

@@ -100,6 +100,19 @@ class HospitalSetup:
     #: The patient of each held-out record, under patient-level privacy (a patient's
     #: records in both splits are one unit of the metrics release).
     held_out_patient_ids: Sequence[Hashable] | None = None
+    #: For datasets whose items are dicts (Flower Datasets): the keys of the inputs and
+    #: the labels, e.g. ``("img", "label")``; the training and held-out data are then
+    #: read as ``(inputs, labels)`` pairs (bract.privacy.batches).
+    batch_keys: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        from bract.privacy.batches import PairDataset, check_batch_keys, pairs_of
+
+        keys = check_batch_keys(self.batch_keys)
+        if keys is not None:
+            self.train_loader = pairs_of(self.train_loader, *keys)
+            if self.held_out is not None:
+                self.held_out = PairDataset(self.held_out, *keys)
 
     def privacy_units(self) -> int:
         """How many privacy units (patients, or records) the hospital's data holds."""

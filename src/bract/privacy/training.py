@@ -50,6 +50,7 @@ from bract.privacy.accounting import (
     TrainingPlan,
     compress,
 )
+from bract.privacy.batches import check_batch_keys, pairs_of
 from bract.privacy.noise import SecureGaussian, use_secure_noise
 from bract.privacy.sampling import (
     PatientPoissonSampler,
@@ -151,11 +152,17 @@ def _probe_batch(data_loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     count = min(len(dataset), PROBE_EXAMPLES)  # type: ignore[arg-type]
     collate = data_loader.collate_fn or torch.utils.data.default_collate
     batch = collate([dataset[i] for i in range(count)])
+    if isinstance(batch, Mapping):
+        keys = sorted(map(str, batch))
+        raise PrivacyError(
+            f"a batch of this DataLoader is a dict with keys {keys}, not an (inputs, labels) "
+            "pair: name the two keys, inputs first (PrivateTrainer(batch_keys=...), "
+            "HospitalSetup(batch_keys=...), e.g. batch_keys=('img', 'label'))")
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise PrivacyError(
             f"a batch of this DataLoader is a {type(batch).__name__}, not an (inputs, "
-            "labels) pair: wrap the dataset so that each item is (x, y) (e.g. turn a "
-            "Flower Datasets dict into a tuple in its transform)")
+            "labels) pair: wrap the dataset so that each item is (x, y), or name a dict's "
+            "keys with batch_keys=(inputs, labels)")
     return batch[0], batch[1]
 
 
@@ -263,6 +270,7 @@ class PrivateTrainer:
         public_buffers: Sequence[str] = (),
         public_size: int | None = None,
         patient_ids: Sequence[Hashable] | None = None,
+        batch_keys: tuple[str, str] | None = None,
     ) -> None:
         reduction = getattr(criterion, "reduction", "mean") if criterion is not None else "mean"
         if reduction not in ("mean", "sum"):
@@ -275,6 +283,9 @@ class PrivateTrainer:
             raise PrivacyError(
                 f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}"
             )
+        keys = check_batch_keys(batch_keys)
+        if keys is not None:  # dict items (Flower Datasets): read as (inputs, labels)
+            data_loader = pairs_of(data_loader, *keys)
         n = len(data_loader.dataset)  # type: ignore[arg-type]
         if n == 0:
             raise PrivacyError(
