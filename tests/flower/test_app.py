@@ -141,3 +141,56 @@ def test_loading_the_client_app_imports_neither_torch_nor_opacus() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_in_flowers_simulation_the_server_plays_the_operators(tmp_path, monkeypatch) -> None:
+    """In Flower's simulation engine (an in-memory Grid) with no roster, the ServerApp
+    makes the hospitals' identities and roster under the run's output, as bract
+    simulate does, and each simulated hospital (node config: a partition, no
+    identity) finds its own: secure aggregation runs. A SuperNode count other than
+    ``clients`` is refused with the command that fixes it."""
+    import bract.flower.app as app
+
+    monkeypatch.setattr(app, "_in_simulation", lambda grid: True)
+    rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 2.0,
+          "out": str(tmp_path / "out")}
+    report = _run_app(rc, [{}, {}, {}])  # FakeGrid gives each node its partition-id
+    row = report["rounds"][0]
+    assert row["secagg"]["aborted"] is None
+    assert set(row["secagg"]["alive"]) == {"hospital-0", "hospital-1", "hospital-2"}
+    assert (tmp_path / "out" / "roster.json").exists()
+    assert (tmp_path / "out" / "hospitals" / "hospital-2" / "identity.key").stat().st_mode \
+        & 0o077 == 0
+    with pytest.raises(ValueError, match=r"started 2 SuperNodes: run flwr run \. "
+                                         r"--federation-config \"num-supernodes=3\""):
+        _run_app(rc, [{}, {}])
+
+
+@pytest.mark.slow
+def test_flwr_run_runs_the_app_in_flowers_simulation_engine_with_secure_aggregation(
+        tmp_path) -> None:
+    """`flwr run .` as the README says: Flower's own CLI and simulation engine, three
+    simulated hospitals, secure aggregation, a report and a ledger that verifies."""
+    import os
+    import subprocess
+    import sys
+
+    from bract.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_HOME": str(tmp_path / "flwr-home")}
+    proc = subprocess.run(
+        ["flwr", "run", ".", "--federation-config", "num-supernodes=3", "--stream",
+         "--run-config", f'clients=3 rounds=2 dataset="breast-cancer" out="{out}"'],
+        cwd=root, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [sorted(r["trained"]) for r in report["rounds"]] == [
+        ["hospital-0", "hospital-1", "hospital-2"]] * 2
+    assert all(r["secagg"]["aborted"] is None for r in report["rounds"])
+    assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
+                 str(out / "roster.json"), "--report", str(out / "report.json"),
+                 "--out", str(tmp_path / "audit")]) == 0

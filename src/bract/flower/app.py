@@ -42,6 +42,15 @@ if TYPE_CHECKING:
 
 #: Sub-directory of the run's output where simulated hospitals keep their own state.
 HOSPITALS_DIR = "hospitals"
+#: The federation's roster (hospital names and Ed25519 public keys), in a simulation's
+#: output directory.
+ROSTER_FILE = "roster.json"
+
+
+def identity_file(out_dir: Path, partition: int) -> Path:
+    """Where simulated hospital ``partition`` keeps its identity key under ``out_dir``
+    (a simulation plays every operator: bract.flower.simulation.simulated_identities)."""
+    return Path(out_dir) / HOSPITALS_DIR / f"hospital-{partition}" / "identity.key"
 
 def task_from_run_config(rc: Mapping[str, Any]) -> tasks.TaskConfig:
     """The task a run config describes (unset values take the dataset's defaults)."""
@@ -245,14 +254,33 @@ def identity_from_node_config(node_config: Mapping[str, Any]) -> SecAggIdentity:
     )
 
 
+def _simulated_identity(ctx: Context) -> SecAggIdentity | None:
+    """A hospital of Flower's simulation engine (``flwr run`` locally: its node config
+    names a partition and no identity): the identity the ServerApp made for it, as
+    ``bract simulate`` does, under the run's output (the simulation plays every
+    operator). ``None`` when there is none (then the node config must name one)."""
+    nc = ctx.node_config
+    if "identity-key" in nc or "partition-id" not in nc:
+        return None
+    fed = FederationConfig.from_run_config(ctx.run_config)
+    key = identity_file(fed.out, int(nc["partition-id"]))
+    if not key.exists():
+        return None
+    roster = read_roster(fed.out / ROSTER_FILE)
+    return SecAggIdentity(int(nc["partition-id"]) + 1, read_identity_key(key), roster.keys,
+                          roster.federation_id,
+                          ClientPolicy(colluders=fed.secagg_colluders, clip_out_of_range=True))
+
+
 def _identity_from_context(ctx: Context) -> SecAggIdentity:
-    return identity_from_node_config(ctx.node_config)
+    return _simulated_identity(ctx) or identity_from_node_config(ctx.node_config)
 
 
 def _signer_from_context(ctx: Context) -> SecAggIdentity | None:
-    """The identity that signs this hospital's ledger: its node config's, when it has one."""
+    """The identity that signs this hospital's ledger: its node config's, when it has one
+    (or, in Flower's simulation engine, the one its ServerApp made for it)."""
     if "identity-key" not in ctx.node_config:
-        return None
+        return _simulated_identity(ctx)
     return identity_from_node_config(ctx.node_config)
 
 
@@ -272,11 +300,31 @@ client_app = apps.client_app(CONFIGURED_HOSPITALS)
 server_app = ServerApp()
 
 
+def _in_simulation(grid: Grid) -> bool:
+    """Whether the ServerApp runs in Flower's simulation engine (its in-memory Grid)."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
     rc = dict(context.run_config)
     fed = FederationConfig.from_run_config(rc)
     task = fed.task()
     roster = read_roster(Path(fed.roster)) if fed.roster else None
+    if _in_simulation(grid):
+        # Flower's simulation engine (flwr run locally): every hospital runs here, so
+        # this process plays their operators, as bract simulate does.
+        nodes = len(grid.get_node_ids())
+        if nodes != fed.clients:
+            raise ValueError(
+                f"the run config asks for clients={fed.clients} but Flower's simulation "
+                f"started {nodes} SuperNodes: run flwr run . --federation-config "
+                f"\"num-supernodes={fed.clients}\" (or --run-config clients={nodes})")
+        if fed.secagg and roster is None:
+            from bract.flower.simulation import simulated_identities
+
+            roster, _ = simulated_identities(fed.out, fed.clients)
     cfg = apps.server_config(fed, roster, run_config={**task.to_plain(), **rc})
     run_federation(grid, apps.initial_weights(task), apps.central_evaluation(task), cfg)

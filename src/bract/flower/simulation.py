@@ -33,7 +33,7 @@ from flwr.app import Context
 
 from bract import tasks
 from bract.flower import apps
-from bract.flower.app import HOSPITALS_DIR, hospital_setup
+from bract.flower.app import HOSPITALS_DIR, ROSTER_FILE, hospital_setup, identity_file
 from bract.flower.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint_state
 from bract.flower.client import HospitalSetup, PrivacyPolicy
 from bract.flower.config import FederationConfig
@@ -136,29 +136,32 @@ def _setup_fn(cfg: SimulationConfig) -> Callable[[Context], HospitalSetup]:
     return setup
 
 
-#: The federation's roster (hospital names and Ed25519 public keys), in ``out_dir``.
-ROSTER_FILE = "roster.json"
-IDENTITY_FILE = "identity.key"
 
 
 def _identities(cfg: SimulationConfig) -> tuple[Roster, list[SecAggIdentity]]:
-    """The hospitals' identities and roster: on resume those of the run; otherwise a
-    new federation of the hospitals, each keeping the key it already has.
+    return simulated_identities(cfg.out_dir, cfg.task.clients, resume=cfg.resume)
 
-    The simulation plays every hospital's operator: each key goes to that
-    hospital's own directory, the public roster to ``out_dir/roster.json``.
+
+def simulated_identities(out_dir: Path, n: int, *, resume: bool = False) -> tuple[
+        Roster, list[SecAggIdentity]]:
+    """The simulated hospitals' identities and roster: on resume those of the run;
+    otherwise a new federation of the hospitals, each keeping the key it already has.
+
+    A simulation plays every hospital's operator (``bract simulate``, and ``flwr run``
+    in Flower's simulation engine): each key goes to that hospital's own directory
+    (:func:`identity_file`, owner-only), the public roster to ``out_dir/roster.json``.
     """
-    n = cfg.task.clients
-    key_path = [cfg.out_dir / HOSPITALS_DIR / f"hospital-{i}" / IDENTITY_FILE for i in range(n)]
-    if not cfg.resume and any(p.exists() for p in key_path):
-        return _new_federation_of(cfg, key_path)
-    if cfg.resume:
+    out_dir = Path(out_dir)
+    key_path = [identity_file(out_dir, i) for i in range(n)]
+    if not resume and any(p.exists() for p in key_path):
+        return _new_federation_of(out_dir, key_path)
+    if resume:
         try:
-            roster = read_roster(cfg.out_dir / ROSTER_FILE)
+            roster = read_roster(out_dir / ROSTER_FILE)
             keys = [read_identity_key(p) for p in key_path]
         except (OSError, ValueError) as exc:
             raise CheckpointError(
-                f"cannot resume: the hospitals' identities in {cfg.out_dir} are unreadable "
+                f"cannot resume: the hospitals' identities in {out_dir} are unreadable "
                 f"({exc}); their ledgers were signed with them"
             ) from None
         return roster, [
@@ -167,14 +170,14 @@ def _identities(cfg: SimulationConfig) -> tuple[Roster, list[SecAggIdentity]]:
     federation_id = f"bract-sim-{os.urandom(8).hex()}"
     keys, identities = make_identities(n, federation_id)
     roster = Roster(federation_id, keys, {i + 1: f"hospital-{i}" for i in range(n)})
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    write_roster(cfg.out_dir / ROSTER_FILE, roster)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_roster(out_dir / ROSTER_FILE, roster)
     for path, ident in zip(key_path, identities, strict=True):
         write_identity_key(path, ident.signing_key)
     return roster, identities
 
 
-def _new_federation_of(cfg: SimulationConfig, key_path: list[Path]) -> tuple[
+def _new_federation_of(out_dir: Path, key_path: list[Path]) -> tuple[
         Roster, list[SecAggIdentity]]:
     """A new federation (id and roster) of hospitals that keep their keys; a hospital
     without one gets a fresh key."""
@@ -189,7 +192,7 @@ def _new_federation_of(cfg: SimulationConfig, key_path: list[Path]) -> tuple[
             signing.append(key)
     keys = {i + 1: SigningKey.from_bytes(k).public_bytes() for i, k in enumerate(signing)}
     roster = Roster(federation_id, keys, {i + 1: f"hospital-{i}" for i in range(len(signing))})
-    write_roster(cfg.out_dir / ROSTER_FILE, roster)
+    write_roster(out_dir / ROSTER_FILE, roster)
     return roster, [SecAggIdentity(i + 1, k, keys, federation_id) for i, k in enumerate(signing)]
 
 
