@@ -94,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_hint(out: Path) -> str:
+    """What an interrupted ``bract simulate`` says: where the run stopped, and the
+    command that continues it (the same arguments, with --resume)."""
+    import shlex
+
+    from bract.records.report import ReportError, read_report
+
+    try:
+        finished = len(read_report(out / "report.json").rounds)
+    except ReportError:
+        finished = 0
+    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--new-run", "--new-federation")]
+    if finished:
+        command = shlex.join(["bract", *argv, "--resume"])
+        return (f"the run stopped after round {finished} (its record is in {out}); "
+                f"continue it with: {command}")
+    command = shlex.join(["bract", *argv, "--new-run"])
+    return (f"no round finished ({out} keeps the hospitals' spent budgets); start again "
+            f"with: {command}")
+
+
 def _simulate(args: argparse.Namespace, console: Console) -> int:
     from bract.flower.checkpoint import CheckpointError
     from bract.flower.config import FederationConfig
@@ -133,7 +154,10 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             f"bract: {args.clients} hospitals, {args.rounds} rounds, dataset {args.dataset}, "
             f"target ε={args.target_epsilon} at δ={args.delta}, output in {args.out}"
         )
-        report = run(cfg)
+        from bract.flower.interrupt import interruptible
+
+        with interruptible(lambda: _resume_hint(args.out)):
+            report = run(cfg)
     except (PrivacyError, ValueError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +157,63 @@ def test_a_secure_run_resumes_after_a_crash_with_the_next_round_already_opened(
         assert not last["trained"] and "budget" in last["reason"]
         assert last["epsilon"] == pytest.approx(epsilon_of(ledger.events, POLICY.delta), rel=1e-6)
         assert last["epsilon"] <= POLICY.target_epsilon
+
+
+def _group_alive(pgid: int) -> list[str]:
+    import subprocess
+
+    rows = subprocess.run(["ps", "-ww", "-eo", "pgid=,stat=,args="], capture_output=True,
+                          text=True).stdout.splitlines()
+    return [r for r in rows if r.split()[0] == str(pgid) and not r.split()[1].startswith("Z")]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_simulation_in_seconds_and_the_printed_command_resumes_it(
+        tmp_path) -> None:
+    """Ctrl-C during `bract simulate`: exit 130 within a few seconds, no traceback, one
+    `interrupted:` line with the command that resumes, no process of the run left
+    (Ray's raylet, GCS and workers included); that command finishes the run and its
+    ledger verifies."""
+    import json
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    bract = str(Path(sys.executable).parent / "bract")
+    argv = [bract, "simulate", "--dataset", "breast-cancer", "--rounds", "12", "--out",
+            str(out), "--no-progress"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    report = out / "report.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if report.exists() and len(json.loads(report.read_text())["rounds"]) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 10
+    assert proc.returncode == 130
+    assert "Traceback" not in stdout + stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: the run stopped after round ")
+    time.sleep(1)
+    assert _group_alive(proc.pid) == []
+    command = shlex.split(last.split("continue it with: ", 1)[1])
+    assert command[-1] == "--resume"
+    resumed = subprocess.run([bract, *command[1:]], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    final = json.loads(report.read_text())
+    assert [r["round"] for r in final["rounds"]] == list(range(1, 13))
+    from bract.cli import main
+
+    assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
+                 str(out / "roster.json"), "--report", str(report), "--out",
+                 str(tmp_path / "audit")]) == 0

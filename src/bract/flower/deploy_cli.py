@@ -57,6 +57,21 @@ def add_deploy_parser(subparsers: Any) -> None:
     p.set_defaults(func=run_deploy)
 
 
+def _stopped_hint(out: Path) -> str:
+    """What an interrupted ``bract deploy`` says: how far the run got, and that its
+    SuperLink and SuperNodes are stopped."""
+    from bract.records.report import ReportError, read_report
+
+    try:
+        finished = len(read_report(out / "report.json").rounds)
+    except ReportError:
+        finished = 0
+    done = f"after round {finished} (its record is in {out})" if finished else \
+        "before its first round finished"
+    return (f"the deployment stopped {done}; its SuperLink and SuperNodes are stopped. "
+            "bract deploy has no --resume: a new run starts from round 1")
+
+
 def run_deploy(args: argparse.Namespace) -> int:
     """``bract deploy``: run the federation and print where its record is; 0 on success."""
     out = Path(args.out).resolve()
@@ -86,7 +101,9 @@ def run_deploy(args: argparse.Namespace) -> int:
             target_epsilon=fed.target_epsilon, delta=fed.delta, accountant=fed.accountant,
             release_metrics=fed.release_metrics, secagg_colluders=fed.secagg_colluders,
         )
-        with LocalFederation(
+        from bract.flower.interrupt import interruptible
+
+        with interruptible(lambda: _stopped_hint(out)), LocalFederation(
             workdir, fed.clients, isolation=args.isolation, secagg=fed.secagg,
             hospital_policy=own,
         ) as local:

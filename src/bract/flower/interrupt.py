@@ -1,0 +1,121 @@
+"""Ctrl-C for a running federation: stop within seconds, leave every file as the last
+finished round wrote it, say how to resume, exit 130.
+
+Every file a run keeps (report, ledger, checkpoint, each hospital's privacy state) is
+written whole by an atomic rename after the step that produced it, so stopping at
+any instant leaves each either as it was or as it became; a round in progress is
+lost and redone on ``--resume`` (a hospital that had already recorded its training
+for it keeps that spent budget: the conservative side).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+__all__ = ["descendants", "interruptible", "stop_descendants"]
+
+#: Seconds the child processes get to exit on SIGTERM before SIGKILL.
+GRACE_SECONDS = 2.0
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """Every process below ``pid`` (default: this one), children before grandchildren."""
+    root = os.getpid() if pid is None else pid
+    try:
+        table = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True,
+                               text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    children: dict[int, list[int]] = {}
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            children.setdefault(int(parts[1]), []).append(int(parts[0]))
+    out, frontier = [], [root]
+    while frontier:
+        nxt = [c for p in frontier for c in children.get(p, ())]
+        out += nxt
+        frontier = nxt
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child is dead for our purposes (its parent reaps it or exits).
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            if fh.read().split(") ", 1)[-1].startswith("Z"):
+                return False
+    return True
+
+
+def stop_descendants(grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM every process below this one (Ray's workers, raylet, GCS; a deployment's
+    SuperLink and SuperNodes), then SIGKILL whatever is left after ``grace`` seconds."""
+    pids = descendants()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids + descendants():  # and anything started meanwhile
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def interruptible(resume_hint: Callable[[], str]) -> Iterator[None]:
+    """Within the block, Ctrl-C (SIGINT) or SIGTERM stops the run at once: every child
+    process is stopped (:func:`stop_descendants`), the terminal's cursor is restored,
+    one line ``interrupted: <resume_hint()>`` is printed, and the process exits with
+    130 (SIGINT) or 143 (SIGTERM) without a traceback."""
+
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # The run's threads report their children dying: none of that is news. Silence
+        # this process's output while they stop, then say the one thing that matters.
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        saved = []
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                saved.append((fd, os.dup(fd)))
+                os.dup2(devnull, fd)
+        stop_descendants()
+        for fd, copy in saved:
+            with contextlib.suppress(OSError):
+                os.dup2(copy, fd)
+        try:
+            hint = resume_hint()
+        except Exception as exc:  # the hint must never hide the stop
+            hint = f"(the run's state could not be read: {exc})"
+        with contextlib.suppress(Exception):
+            if sys.stdout.isatty():
+                sys.stdout.write("\x1b[?25h\n")  # a live table hides the cursor
+            sys.stdout.flush()
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"interrupted: {hint}\n")
+            sys.stderr.flush()
+        os._exit(130 if signum == signal.SIGINT else 143)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
