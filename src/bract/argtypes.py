@@ -51,3 +51,24 @@ def positive_float(text: str, what: str = "") -> float:
         prefix = f"{what} " if what else ""
         raise argparse.ArgumentTypeError(f"{prefix}must be a finite number > 0, got {text}")
     return value
+
+
+def output_dir_problem(path: object, flag: str = "--out") -> str | None:
+    """Why ``path`` cannot be a run's output directory (an existing file, a place this
+    process cannot create or write), or ``None`` when it can. Creates the directory."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    out = Path(str(path)).expanduser()
+    if out.exists() and not out.is_dir():
+        return f"{flag} {out} is an existing file, not a directory: name a directory"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".bract-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return (f"{flag} {out} cannot be written ({exc.strerror or exc}): name a writable "
+                "directory")
+    return None

@@ -132,6 +132,12 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
         return 2
     default_out = args.out is None
     args.out = Path(DEFAULT_OUT) if default_out else args.out
+    from bract.argtypes import output_dir_problem
+
+    problem = output_dir_problem(args.out)
+    if problem:
+        console.print(f"[red]error:[/red] {problem}", highlight=False)
+        return 2
     try:
         fed = FederationConfig.from_args(args, out=args.out)
         cfg = SimulationConfig(
@@ -154,6 +160,10 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             f"bract: {args.clients} hospitals, {args.rounds} rounds, dataset {args.dataset}, "
             f"target ε={args.target_epsilon} at δ={args.delta}, output in {args.out}"
         )
+        from bract.flower.simulation import warnings_for
+
+        for warning in warnings_for(cfg):
+            console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
         from bract.flower.interrupt import interruptible
 
         with interruptible(lambda: _resume_hint(args.out)):

@@ -683,10 +683,15 @@ def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
 def _compare_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from bract.argtypes import output_dir_problem
     from bract.flower.checkpoint import CheckpointError
     from bract.privacy import PrivacyError
 
     console = Console()
+    problem = output_dir_problem(args.out)
+    if problem:
+        console.print(f"[red]error:[/red] {problem}", highlight=False)
+        return 2
     include = [k for k in VARIANT_KINDS if not (k == "dp-secagg" and args.no_secagg_run)]
     try:
         run_comparison(

@@ -76,6 +76,13 @@ def run_deploy(args: argparse.Namespace) -> int:
     """``bract deploy``: run the federation and print where its record is; 0 on success."""
     out = Path(args.out).resolve()
     workdir = Path(args.workdir).resolve() if args.workdir else out / "deployment"
+    from bract.argtypes import output_dir_problem
+
+    for where, flag in ((out, "--out"), (workdir, "--workdir")):
+        problem = output_dir_problem(where, flag)
+        if problem:
+            print(f"bract deploy: {problem}", file=sys.stderr)
+            return 2
     if args.kill_node_at_round is not None and not 1 <= args.kill_node_at_round <= args.rounds:
         print("--kill-node-at-round must be between 1 and --rounds", file=sys.stderr)
         return 2

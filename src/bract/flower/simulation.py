@@ -248,6 +248,28 @@ def validate(cfg: SimulationConfig) -> None:
         raise ValueError("--record-secagg records secure rounds: it needs --secagg")
 
 
+#: Below this many records (or patients) per hospital a run gets a warning.
+FEW_RECORDS = 20
+
+
+def warnings_for(cfg: SimulationConfig) -> list[str]:
+    """What is allowed but almost certainly not what the user meant, one line each: a
+    hospital with very little data, an expected batch as large as a hospital's data."""
+    sizes = [len(part) for part in tasks.partitions(cfg.task)]
+    smallest = min(sizes)
+    out = []
+    if smallest < FEW_RECORDS:
+        out.append(f"the smallest of the {cfg.task.clients} hospitals holds {smallest} "
+                   "records: DP noise calibrated for so few swamps what they can learn "
+                   "(fewer hospitals, or more samples)")
+    batch = cfg.task.batch_size or 0
+    if batch >= smallest:
+        out.append(f"--batch-size {batch} is at least a hospital's whole data ({smallest} "
+                   "records): every step samples all of it (rate 1), so privacy gains "
+                   "nothing from sampling and each round is one step per epoch")
+    return out
+
+
 PREVIOUS_RUN = ("refuse", "new-run", "archive")
 #: What marks an output directory as holding a run (its record or its hospitals' state).
 RUN_MARKERS = ("report.json", "ledger.jsonl", ROSTER_FILE, CHECKPOINT_DIR, HOSPITALS_DIR,
