@@ -81,19 +81,20 @@ def run_deploy(args: argparse.Namespace) -> int:
     for where, flag in ((out, "--out"), (workdir, "--workdir")):
         problem = output_dir_problem(where, flag)
         if problem:
-            print(f"bract deploy: {problem}", file=sys.stderr)
+            print(f"bract deploy: error: {problem}", file=sys.stderr)
             return 2
     if args.kill_node_at_round is not None and not 1 <= args.kill_node_at_round <= args.rounds:
-        print("--kill-node-at-round must be between 1 and --rounds", file=sys.stderr)
+        print("bract deploy: error: --kill-node-at-round must be between 1 and --rounds",
+              file=sys.stderr)
         return 2
     try:
         fed = FederationConfig.from_args(args, out=out)
         fed.task()  # a task no hospital could train is refused before any process starts
     except ValueError as exc:
-        print(f"bract deploy: {exc}", file=sys.stderr)
+        print(f"bract deploy: error: {exc}", file=sys.stderr)
         return 2
     if fed.non_private:
-        print("bract deploy: its hospitals' policies never allow a non-private run "
+        print("bract deploy: error: its hospitals' policies never allow a non-private run "
               "(--noise-multiplier 0); bract simulate can run one, flagged NON-PRIVATE",
               file=sys.stderr)
         return 2
@@ -119,12 +120,12 @@ def run_deploy(args: argparse.Namespace) -> int:
             result = local.run(run_config, timeout=args.timeout,
                              kill_node_at_round=args.kill_node_at_round)
     except DeploymentError as exc:
-        print(f"bract deploy failed: {exc}", file=sys.stderr)
+        print(f"bract deploy: error: {exc}", file=sys.stderr)
         return 1
     print(result.log[-6000:])
     report_path = out / "report.json"
     if not result.succeeded or not report_path.exists():
-        print(f"bract deploy failed: run {result.run_id} ended {result.status} after "
+        print(f"bract deploy: error: run {result.run_id} ended {result.status} after "
               f"{result.seconds:.1f}s" + ("" if report_path.exists() else
                                          f" and wrote no {report_path}")
               + f"; logs in {workdir / 'logs'}", file=sys.stderr)
@@ -132,13 +133,13 @@ def run_deploy(args: argparse.Namespace) -> int:
     report = read_report(report_path)
     errors = report.errors()
     if not any(row.trained for row in report.rounds):
-        print(f"bract deploy failed: {errors[0]}; the record is in {report_path}",
+        print(f"bract deploy: error: {errors[0]}; the record is in {report_path}",
               file=sys.stderr)
         return 1
     print(f"run {result.run_id}: {result.status} in {result.seconds:.1f}s; "
           f"record in {report_path} and {out / 'ledger.jsonl'}")
     if errors:
-        print(f"bract deploy failed: {'; '.join(errors)} (report.json records each round's "
+        print(f"bract deploy: error: {'; '.join(errors)} (report.json records each round's "
               "failures)", file=sys.stderr)
         return 1
     return 0
