@@ -14,19 +14,51 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_custom_hospital_app_runs_private_and_secure(tmp_path) -> None:
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "custom_hospital_app.py")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((tmp_path / "runs" / "custom" / "report.json").read_text())
+def test_custom_hospital_app_runs_private_and_secure_with_flwr_run(tmp_path) -> None:
+    """examples/custom_app, a hospital's own Flower app with bract, runs with Flower's
+    own CLI (`flwr run`, simulation engine, 3 SuperNodes), trains privately and
+    securely, and writes what the README's audit command reads (the audit passes)."""
+    from bract.cli import main
+
+    out = tmp_path / "custom"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_HOME": str(tmp_path / "flwr-home")}
+    try:
+        proc = subprocess.run(
+            ["flwr", "run", str(ROOT / "examples" / "custom_app"), "--federation-config",
+             "num-supernodes=3", "--stream", "--run-config", f'out="{out}"'],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )
+    finally:
+        _stop_local_superlink(tmp_path / "flwr-home")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
     last = report["rounds"][-1]
     assert last["secagg"]["aborted"] is None and len(last["secagg"]["alive"]) == 3
     assert all(0.98 * 3.0 <= v["epsilon"] <= 3.0 for v in last["per_client"].values())
     assert report["final"]["accuracy"] > 0.8
+    assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
+                 str(out / "roster.json"), "--report", str(out / "report.json"), "--out",
+                 str(tmp_path / "audit")]) == 0
+
+
+def _stop_local_superlink(flwr_home: Path) -> None:
+    """Stop the local SuperLink (and its SuperExec) that `flwr run` started for this
+    FLWR_HOME and leaves running for later runs: no process outlives the test."""
+    import signal
+
+    rows = [line.split(None, 1) for line in subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()]
+    links = {int(pid) for pid, args in rows if "flower-superlink" in args
+             and str(flwr_home) in args}
+    for pid, args in rows:
+        if int(pid) in links or any(f"--parent-pid {link}" in args for link in links):
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
 
 #: Wide enough that rich never wraps a line the tests look for.

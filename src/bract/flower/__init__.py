@@ -6,7 +6,9 @@ A hospital developer needs only this package's top level:
   hospital's ClientApp (DP-SGD, privacy ledger in ``ctx.state``, secure aggregation);
 * :class:`ServerConfig`, :class:`SecAggSettings`, :func:`make_server_app` — the
   ServerApp (secure FedAvg over the Grid, budgets, report and checkpoints);
-* :func:`make_identities` — identities and roster for a simulated federation.
+* :func:`simulated_identities` (ServerApp) and :func:`simulated_identity` (ClientApp) —
+  identities and roster for a federation in Flower's simulation engine (the
+  simulation plays every operator); :func:`make_identities` — the same in memory.
 """
 
 from bract.flower.client import (
@@ -19,6 +21,7 @@ from bract.flower.client import (
 from bract.flower.secagg_client import SecAggIdentity, make_identities, secagg_mod
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, fedavg, make_server_app, run_federation
+from bract.flower.simulated_operators import simulated_identities, simulated_identity
 
 __all__ = [
     "HospitalSetup",
@@ -34,4 +37,6 @@ __all__ = [
     "metrics_guard_mod",
     "run_federation",
     "secagg_mod",
+    "simulated_identities",
+    "simulated_identity",
 ]

@@ -31,6 +31,12 @@ from bract.flower.config import FederationConfig
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.secagg_client import SecAggIdentity, read_identity_key
 from bract.flower.server import run_federation
+from bract.flower.simulated_operators import (
+    HOSPITALS_DIR,
+    identity_file,
+    simulated_identities,
+    simulated_identity,
+)
 from bract.records.roster import read_roster
 from bract.secagg import ClientPolicy
 
@@ -40,17 +46,6 @@ if TYPE_CHECKING:
 # torch and the built-in tasks load on first use: a SuperNode starts a ClientApp process
 # per message, and the secure-aggregation stages (mask, check, unmask) need neither.
 
-#: Sub-directory of the run's output where simulated hospitals keep their own state.
-HOSPITALS_DIR = "hospitals"
-#: The federation's roster (hospital names and Ed25519 public keys), in a simulation's
-#: output directory.
-ROSTER_FILE = "roster.json"
-
-
-def identity_file(out_dir: Path, partition: int) -> Path:
-    """Where simulated hospital ``partition`` keeps its identity key under ``out_dir``
-    (a simulation plays every operator: bract.flower.simulation.simulated_identities)."""
-    return Path(out_dir) / HOSPITALS_DIR / f"hospital-{partition}" / "identity.key"
 
 def task_from_run_config(rc: Mapping[str, Any]) -> tasks.TaskConfig:
     """The task a run config describes (unset values take the dataset's defaults)."""
@@ -263,13 +258,9 @@ def _simulated_identity(ctx: Context) -> SecAggIdentity | None:
     if "identity-key" in nc or "partition-id" not in nc:
         return None
     fed = FederationConfig.from_run_config(ctx.run_config)
-    key = identity_file(fed.out, int(nc["partition-id"]))
-    if not key.exists():
+    if not identity_file(fed.out, int(nc["partition-id"])).exists():
         return None
-    roster = read_roster(fed.out / ROSTER_FILE)
-    return SecAggIdentity(int(nc["partition-id"]) + 1, read_identity_key(key), roster.keys,
-                          roster.federation_id,
-                          ClientPolicy(colluders=fed.secagg_colluders, clip_out_of_range=True))
+    return simulated_identity(ctx, fed.out, fed.secagg_colluders)
 
 
 def _identity_from_context(ctx: Context) -> SecAggIdentity:
@@ -323,8 +314,6 @@ def _main(grid: Grid, context: Context) -> None:
                 f"started {nodes} SuperNodes: run flwr run . --federation-config "
                 f"\"num-supernodes={fed.clients}\" (or --run-config clients={nodes})")
         if fed.secagg and roster is None:
-            from bract.flower.simulation import simulated_identities
-
             roster, _ = simulated_identities(fed.out, fed.clients)
     cfg = apps.server_config(fed, roster, run_config={**task.to_plain(), **rc})
     run_federation(grid, apps.initial_weights(task), apps.central_evaluation(task), cfg)

@@ -33,22 +33,19 @@ from flwr.app import Context
 
 from bract import tasks
 from bract.flower import apps
-from bract.flower.app import HOSPITALS_DIR, ROSTER_FILE, hospital_setup, identity_file
-from bract.flower.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint_state
+from bract.flower.app import HOSPITALS_DIR, hospital_setup
+from bract.flower.checkpoint import CHECKPOINT_DIR, load_checkpoint_state
 from bract.flower.client import HospitalSetup, PrivacyPolicy
 from bract.flower.config import FederationConfig
 from bract.flower.faults import DROP_STAGES, dropout_mod
 from bract.flower.secagg_client import (
     SecAggIdentity,
-    make_identities,
-    read_identity_key,
-    write_identity_key,
 )
 from bract.flower.server import make_server_app
+from bract.flower.simulated_operators import ROSTER_FILE, simulated_identities
 from bract.privacy import PrivacyError, TrainingPlan, calibrate
-from bract.records.roster import Roster, read_roster, write_roster
+from bract.records.roster import Roster
 from bract.secagg import ClientPolicy
-from bract.secagg.crypto import SigningKey
 
 #: Sub-directory of the run's output holding the server's recorded secure-round views.
 SECAGG_VIEW_DIR = "secagg_view"
@@ -140,60 +137,6 @@ def _setup_fn(cfg: SimulationConfig) -> Callable[[Context], HospitalSetup]:
 
 def _identities(cfg: SimulationConfig) -> tuple[Roster, list[SecAggIdentity]]:
     return simulated_identities(cfg.out_dir, cfg.task.clients, resume=cfg.resume)
-
-
-def simulated_identities(out_dir: Path, n: int, *, resume: bool = False) -> tuple[
-        Roster, list[SecAggIdentity]]:
-    """The simulated hospitals' identities and roster: on resume those of the run;
-    otherwise a new federation of the hospitals, each keeping the key it already has.
-
-    A simulation plays every hospital's operator (``bract simulate``, and ``flwr run``
-    in Flower's simulation engine): each key goes to that hospital's own directory
-    (:func:`identity_file`, owner-only), the public roster to ``out_dir/roster.json``.
-    """
-    out_dir = Path(out_dir)
-    key_path = [identity_file(out_dir, i) for i in range(n)]
-    if not resume and any(p.exists() for p in key_path):
-        return _new_federation_of(out_dir, key_path)
-    if resume:
-        try:
-            roster = read_roster(out_dir / ROSTER_FILE)
-            keys = [read_identity_key(p) for p in key_path]
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(
-                f"cannot resume: the hospitals' identities in {out_dir} are unreadable "
-                f"({exc}); their ledgers were signed with them"
-            ) from None
-        return roster, [
-            SecAggIdentity(i + 1, k, roster.keys, roster.federation_id) for i, k in enumerate(keys)
-        ]
-    federation_id = f"bract-sim-{os.urandom(8).hex()}"
-    keys, identities = make_identities(n, federation_id)
-    roster = Roster(federation_id, keys, {i + 1: f"hospital-{i}" for i in range(n)})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_roster(out_dir / ROSTER_FILE, roster)
-    for path, ident in zip(key_path, identities, strict=True):
-        write_identity_key(path, ident.signing_key)
-    return roster, identities
-
-
-def _new_federation_of(out_dir: Path, key_path: list[Path]) -> tuple[
-        Roster, list[SecAggIdentity]]:
-    """A new federation (id and roster) of hospitals that keep their keys; a hospital
-    without one gets a fresh key."""
-    federation_id = f"bract-sim-{os.urandom(8).hex()}"
-    signing: list[bytes] = []
-    for path in key_path:
-        if path.exists():
-            signing.append(read_identity_key(path))
-        else:
-            key = SigningKey.generate().to_bytes()
-            write_identity_key(path, key)
-            signing.append(key)
-    keys = {i + 1: SigningKey.from_bytes(k).public_bytes() for i, k in enumerate(signing)}
-    roster = Roster(federation_id, keys, {i + 1: f"hospital-{i}" for i in range(len(signing))})
-    write_roster(out_dir / ROSTER_FILE, roster)
-    return roster, [SecAggIdentity(i + 1, k, keys, federation_id) for i, k in enumerate(signing)]
 
 
 def validate(cfg: SimulationConfig) -> None:

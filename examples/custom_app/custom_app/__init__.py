@@ -1,0 +1,1 @@
+"""A hospital's own Flower app, made private and secure with bract."""
