@@ -26,6 +26,7 @@ from bract.privacy import (
     calibrate,
     epsilon_of,
 )
+from bract.privacy.accounting import EXACT_EPSILON_CAP
 from tests.privacy.helpers import pld_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
@@ -192,8 +193,13 @@ def test_reported_epsilon_is_tight_and_valid_against_dp_accounting_pld(
     reported = epsilon_of([event], delta)  # the default accountant
     assert DEFAULT_ACCOUNTANT == "prv"
     assert math.isfinite(reported)
+    rdp = epsilon_of([event], delta, "rdp")
+    assert rdp >= 0.995 * reference
+    if rdp > EXACT_EPSILON_CAP:
+        # Bounded work: far beyond any budget, the figure is RDP's bound (still valid).
+        assert reported == rdp >= reference
+        return
     assert 0.995 * reference <= reported <= 1.01 * reference + 1e-4, (reported, reference)
-    assert epsilon_of([event], delta, "rdp") >= 0.995 * reference
 
 
 # --------------------------------------------------------------------- 4. calibration
