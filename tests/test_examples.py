@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.flwr_cli import stop_local_superlink
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +33,7 @@ def test_custom_hospital_app_runs_private_and_secure_with_flwr_run(tmp_path) -> 
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
         )
     finally:
-        _stop_local_superlink(tmp_path / "flwr-home")
+        stop_local_superlink(tmp_path / "flwr-home")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
@@ -42,23 +44,6 @@ def test_custom_hospital_app_runs_private_and_secure_with_flwr_run(tmp_path) -> 
     assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
                  str(out / "roster.json"), "--report", str(out / "report.json"), "--out",
                  str(tmp_path / "audit")]) == 0
-
-
-def _stop_local_superlink(flwr_home: Path) -> None:
-    """Stop the local SuperLink (and its SuperExec) that `flwr run` started for this
-    FLWR_HOME and leaves running for later runs: no process outlives the test."""
-    import signal
-
-    rows = [line.split(None, 1) for line in subprocess.run(
-        ["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()]
-    links = {int(pid) for pid, args in rows if "flower-superlink" in args
-             and str(flwr_home) in args}
-    for pid, args in rows:
-        if int(pid) in links or any(f"--parent-pid {link}" in args for link in links):
-            try:
-                os.kill(int(pid), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
 
 #: Wide enough that rich never wraps a line the tests look for.

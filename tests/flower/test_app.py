@@ -18,6 +18,7 @@ from bract.flower.app import (
 )
 from bract.flower.config import RUN_CONFIG_DEFAULTS, FederationConfig
 from bract.tasks import TaskConfig
+from tests.flwr_cli import stop_local_superlink
 
 from .conftest import FakeGrid, write_operator_files
 
@@ -166,25 +167,6 @@ def test_in_flowers_simulation_the_server_plays_the_operators(tmp_path, monkeypa
         _run_app(rc, [{}, {}])
 
 
-def _stop_local_superlink(flwr_home: Path) -> None:
-    """`flwr run` leaves the local SuperLink it started (and its SuperExec) running for
-    later runs; stop the one this test's FLWR_HOME started, so no process outlives it."""
-    import os
-    import signal
-    import subprocess
-
-    rows = [line.split(None, 1) for line in subprocess.run(
-        ["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()]
-    links = {int(pid) for pid, args in rows if "flower-superlink" in args
-             and str(flwr_home) in args}
-    for pid, args in rows:
-        if int(pid) in links or any(f"--parent-pid {link}" in args for link in links):
-            try:
-                os.kill(int(pid), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.mark.slow
 def test_flwr_run_runs_the_app_in_flowers_simulation_engine_with_secure_aggregation(
         tmp_path) -> None:
@@ -207,7 +189,7 @@ def test_flwr_run_runs_the_app_in_flowers_simulation_engine_with_secure_aggregat
              "--run-config", f'clients=3 rounds=2 dataset="breast-cancer" out="{out}"'],
             cwd=root, env=env, capture_output=True, text=True, timeout=480)
     finally:
-        _stop_local_superlink(tmp_path / "flwr-home")
+        stop_local_superlink(tmp_path / "flwr-home")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert [sorted(r["trained"]) for r in report["rounds"]] == [
