@@ -22,3 +22,21 @@ def stop_local_superlink(flwr_home: Path) -> None:
                 os.kill(int(pid), signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+def flwr_run(app: Path, run_config: str, cwd: Path, flwr_home: Path,
+             timeout: float) -> subprocess.CompletedProcess:
+    """`flwr run APP` in Flower's simulation engine with 3 SuperNodes, this venv's
+    Flower and bract (no runtime dependency installation), a private FLWR_HOME; the
+    local SuperLink it starts is stopped afterwards."""
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_HOME": str(flwr_home)}
+    try:
+        return subprocess.run(
+            ["flwr", "run", str(app), "--federation-config", "num-supernodes=3", "--stream",
+             "--run-config", run_config],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        stop_local_superlink(flwr_home)

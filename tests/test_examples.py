@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flwr_cli import stop_local_superlink
+from tests.flwr_cli import flwr_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,17 +23,8 @@ def test_custom_hospital_app_runs_private_and_secure_with_flwr_run(tmp_path) -> 
     from bract.cli import main
 
     out = tmp_path / "custom"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_HOME": str(tmp_path / "flwr-home")}
-    try:
-        proc = subprocess.run(
-            ["flwr", "run", str(ROOT / "examples" / "custom_app"), "--federation-config",
-             "num-supernodes=3", "--stream", "--run-config", f'out="{out}"'],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-        )
-    finally:
-        stop_local_superlink(tmp_path / "flwr-home")
+    proc = flwr_run(ROOT / "examples" / "custom_app", f'out="{out}"', tmp_path,
+                    tmp_path / "flwr-home", timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]

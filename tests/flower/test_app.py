@@ -18,7 +18,7 @@ from bract.flower.app import (
 )
 from bract.flower.config import RUN_CONFIG_DEFAULTS, FederationConfig
 from bract.tasks import TaskConfig
-from tests.flwr_cli import stop_local_superlink
+from tests.flwr_cli import flwr_run
 
 from .conftest import FakeGrid, write_operator_files
 
@@ -172,24 +172,13 @@ def test_flwr_run_runs_the_app_in_flowers_simulation_engine_with_secure_aggregat
         tmp_path) -> None:
     """`flwr run .` as the README says: Flower's own CLI and simulation engine, three
     simulated hospitals, secure aggregation, a report and a ledger that verifies."""
-    import os
-    import subprocess
-    import sys
 
     from bract.cli import main
 
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_HOME": str(tmp_path / "flwr-home")}
-    try:
-        proc = subprocess.run(
-            ["flwr", "run", ".", "--federation-config", "num-supernodes=3", "--stream",
-             "--run-config", f'clients=3 rounds=2 dataset="breast-cancer" out="{out}"'],
-            cwd=root, env=env, capture_output=True, text=True, timeout=480)
-    finally:
-        stop_local_superlink(tmp_path / "flwr-home")
+    proc = flwr_run(Path("."), f'clients=3 rounds=2 dataset="breast-cancer" out="{out}"',
+                    root, tmp_path / "flwr-home", timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert [sorted(r["trained"]) for r in report["rounds"]] == [
