@@ -94,27 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resume_hint(out: Path) -> str:
-    """What an interrupted ``bract simulate`` says: where the run stopped, and the
-    command that continues it (the same arguments, with --resume)."""
-    import shlex
-
-    from bract.records.report import ReportError, read_report
-
-    try:
-        finished = len(read_report(out / "report.json").rounds)
-    except ReportError:
-        finished = 0
-    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--new-run", "--new-federation")]
-    if finished:
-        command = shlex.join(["bract", *argv, "--resume"])
-        return (f"the run stopped after round {finished} (its record is in {out}); "
-                f"continue it with: {command}")
-    command = shlex.join(["bract", *argv, "--new-run"])
-    return (f"no round finished ({out} keeps the hospitals' spent budgets); start again "
-            f"with: {command}")
-
-
 def _simulate(args: argparse.Namespace, console: Console) -> int:
     from bract.flower.checkpoint import CheckpointError
     from bract.flower.config import FederationConfig
@@ -164,9 +143,9 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
 
         for warning in warnings_for(cfg):
             console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
-        from bract.flower.interrupt import interruptible
+        from bract.flower.interrupt import interruptible, resume_hint
 
-        with interruptible(lambda: _resume_hint(args.out)):
+        with interruptible(lambda: resume_hint(args.out, sys.argv[1:])):
             report = run(cfg)
     except (PrivacyError, ValueError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -288,13 +288,8 @@ def run_comparison(
     from rich.console import Console
 
     from bract import tasks
-    from bract.flower.simulation import (
-        SimulationConfig,
-        holds_run,
-        run,
-        set_aside_previous_run,
-        validate,
-    )
+    from bract.flower.run_dir import holds_run, set_aside_previous_run
+    from bract.flower.simulation import SimulationConfig, run, validate
 
     console = console or Console()
     variants = plan_variants(epsilons, secure_epsilon, include)

@@ -187,3 +187,19 @@ def test_flwr_run_runs_the_app_in_flowers_simulation_engine_with_secure_aggregat
     assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
                  str(out / "roster.json"), "--report", str(out / "report.json"),
                  "--out", str(tmp_path / "audit")]) == 0
+
+
+def test_the_server_app_never_overwrites_an_earlier_run_and_resumes_it_on_request(
+        tmp_path) -> None:
+    """Under `flwr run`, an out that holds a run is refused (its ledger and report stay
+    byte for byte) unless the run config says resume=true, which continues it."""
+    rc = {"dataset": "breast-cancer", "clients": 2, "rounds": 1, "target-epsilon": 2.0,
+          "out": str(tmp_path), "secagg": False}
+    first = _run_app(rc)
+    kept = {name: (tmp_path / name).read_bytes() for name in ("report.json", "ledger.jsonl")}
+    with pytest.raises(ValueError, match=r"already holds a run .*resume=true continues it"):
+        _run_app(rc)
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+    resumed = _run_app({**rc, "resume": True})
+    assert [r["round"] for r in resumed["rounds"]] == [r["round"] for r in first["rounds"]]
+    assert (tmp_path / "ledger.jsonl").read_bytes() == kept["ledger.jsonl"]

@@ -106,7 +106,7 @@ def test_simulate_into_a_run_without_resume_is_refused_and_deletes_nothing(tmp_p
 def test_a_new_run_of_the_same_hospitals_keeps_their_state_in_place(tmp_path) -> None:
     """--new-run moves the run's records aside and leaves the hospitals' own directory
     (keys and lifetime budgets) where it is, untouched."""
-    from bract.flower.simulation import holds_run, set_aside_previous_run
+    from bract.flower.run_dir import holds_run, set_aside_previous_run
 
     out = tmp_path / "run"
     (out / "hospitals" / "hospital-0").mkdir(parents=True)
@@ -163,7 +163,7 @@ def test_a_new_run_into_the_same_output_continues_the_hospitals_budgets(tmp_path
 
 
 def test_a_new_run_moves_the_earlier_one_aside_whole(tmp_path) -> None:
-    from bract.flower.simulation import holds_run, set_aside_previous_run
+    from bract.flower.run_dir import holds_run, set_aside_previous_run
 
     out = tmp_path / "latest"
     assert set_aside_previous_run(out, "refuse") is None  # nothing there: nothing to do

@@ -28,7 +28,7 @@ from bract.audit.verify import verify_federation
 from bract.flower.app import dataset_source, task_from_run_config
 from bract.flower.certificates import LOOPBACK, generate_dev_certificates, generate_supernode_key
 from bract.flower.client import privacy_dir
-from bract.flower.deploy import LocalFederation, RunResult
+from bract.flower.deploy import DeploymentError, LocalFederation, RunResult
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.processes import marked_pids
 from bract.records.ledger import read_ledger
@@ -320,3 +320,28 @@ def _medmnist_file(path: Path, n_train: int, n_test: int, seed: int) -> str:
         arrays[f"{split}_labels"] = (np.arange(count) % 2).reshape(-1, 1).astype(np.uint8)
     np.savez(path, **arrays)
     return str(path)
+
+
+def test_a_resumed_local_federation_keeps_its_hospitals_and_federation_id(tmp_path) -> None:
+    """No process is started: resuming reuses each hospital's key and the roster's
+    federation id (so their signed ledgers continue); a work dir without that federation,
+    or with other hospitals, is refused by name."""
+    from bract.records.roster import read_roster
+
+    first = LocalFederation(tmp_path, 3)
+    first._write_secagg_identities()
+    roster = read_roster(first.roster_path)
+    again = LocalFederation(tmp_path, 3, resume=True)
+    again._write_secagg_identities()
+    assert read_roster(again.roster_path) == roster
+    fresh = LocalFederation(tmp_path, 3)
+    fresh._write_secagg_identities()  # a new run of the same hospitals: new federation id
+    assert read_roster(fresh.roster_path).keys == roster.keys
+    assert read_roster(fresh.roster_path).federation_id != roster.federation_id
+    with pytest.raises(DeploymentError, match="cannot resume: hospital-3 has no identity"):
+        LocalFederation(tmp_path, 4, resume=True)._write_secagg_identities()
+    with pytest.raises(DeploymentError, match="cannot resume: hospital-0 has no identity"):
+        LocalFederation(tmp_path / "elsewhere", 3, resume=True)._write_secagg_identities()
+    first.roster_path.unlink()
+    with pytest.raises(DeploymentError, match="cannot resume: no readable roster"):
+        LocalFederation(tmp_path, 3, resume=True)._write_secagg_identities()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -81,3 +82,126 @@ def test_deploy_refuses_bad_flags_before_starting_anything(argv, needle, tmp_pat
         code = exc.code
     assert code == 2
     assert needle in capsys.readouterr().err
+
+
+class RecordingFederation(FakeFederation):
+    """A FakeFederation that remembers how it was made and what it was asked to run."""
+
+    made: ClassVar[list[dict]] = []
+
+    def __init__(self, workdir: Path, n: int, **kw) -> None:
+        super().__init__(workdir, n, **kw)
+        RecordingFederation.made.append({"workdir": workdir, **kw})
+
+    def run(self, run_config: dict, timeout: float, kill_node_at_round=None) -> RunResult:
+        RecordingFederation.made[-1]["run_config"] = dict(run_config)
+        return super().run(run_config, timeout, kill_node_at_round)
+
+
+def _earlier_run(out: Path) -> dict[str, bytes]:
+    """An --out that holds a finished deployment: its records and the hospitals' state."""
+    files = {"report.json": b"{}", "ledger.jsonl": b"{}\n",
+             "checkpoint/state.json": b"{}", "deployment/secagg/hospital-0/identity.key": b"k"}
+    for name, data in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    return files
+
+
+def test_deploy_refuses_an_out_that_holds_a_run_before_starting_anything(
+        tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "out"
+    files = _earlier_run(out)
+    RecordingFederation.made = []
+    monkeypatch.setattr(deploy_cli, "LocalFederation", RecordingFederation)
+    assert main(["deploy", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0] and "--resume continues" in err[0]
+    assert RecordingFederation.made == []
+    assert {name: (out / name).read_bytes() for name in files} == files
+
+
+def test_deploy_new_run_moves_the_records_aside_and_keeps_the_hospitals(
+        tmp_path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    files = _earlier_run(out)
+    RecordingFederation.made = []
+    FakeFederation.report = {"config": {}, "rounds": [_row(True)], "final": {"epsilon": 1.0}}
+    monkeypatch.setattr(deploy_cli, "LocalFederation", RecordingFederation)
+    assert main(["deploy", "--out", str(out), "--new-run"]) == 0
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("out-")]
+    for name, data in files.items():
+        where = out if name.startswith("deployment/") else aside
+        assert (where / name).read_bytes() == data  # nothing deleted, hospitals in place
+    made = RecordingFederation.made[-1]
+    assert made["resume"] is False and made["run_config"]["resume"] is False
+
+
+def test_deploy_resume_continues_the_run_with_the_same_hospitals(tmp_path, monkeypatch,
+                                                                 capsys) -> None:
+    out = tmp_path / "out"
+    RecordingFederation.made = []
+    monkeypatch.setattr(deploy_cli, "LocalFederation", RecordingFederation)
+    out.mkdir()
+    assert main(["deploy", "--out", str(out), "--resume"]) == 2
+    assert "cannot resume: " in capsys.readouterr().err and RecordingFederation.made == []
+    _earlier_run(out)
+    FakeFederation.report = {"config": {}, "rounds": [_row(True)], "final": {"epsilon": 1.0}}
+    assert main(["deploy", "--out", str(out), "--resume"]) == 0
+    made = RecordingFederation.made[-1]
+    assert made["workdir"] == (out / "deployment").resolve()
+    assert made["resume"] is True and made["run_config"]["resume"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ctrl_c_stops_a_deployment_and_the_printed_command_resumes_it(tmp_path) -> None:
+    """Ctrl-C during `bract deploy` (real SuperLink and SuperNodes): exit 130 within
+    seconds, no traceback, no process of the deployment left, one `interrupted:` line
+    with the command that continues it; that command (--resume) finishes the run with
+    the same hospitals and federation, and the whole ledger verifies."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    bract = str(Path(sys.executable).parent / "bract")
+    argv = [bract, "deploy", "--rounds", "3", "--out", str(out), "--target-epsilon", "4"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    report = out / "report.json"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        if report.exists() and json.loads(report.read_text()).get("rounds"):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 15
+    assert proc.returncode == 130
+    assert "Traceback" not in stdout + stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: the deployment (its SuperLink and SuperNodes are "
+                           "stopped) stopped after round ")
+    time.sleep(1)
+    rows = subprocess.run(["ps", "-ww", "-eo", "pgid=,stat=,args="], capture_output=True,
+                          text=True).stdout.splitlines()
+    assert [r for r in rows if str(out) in r and not r.split()[1].startswith("Z")] == []
+    roster_before = (out / "deployment" / "secagg" / "roster.json").read_text()
+    command = shlex.split(last.split("continue it with: ", 1)[1])
+    assert command[-1] == "--resume"
+    resumed = subprocess.run([bract, *command[1:]], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert (out / "deployment" / "secagg" / "roster.json").read_text() == roster_before
+    final = json.loads(report.read_text())
+    assert [r["round"] for r in final["rounds"]] == [1, 2, 3]
+    assert all(r["trained"] for r in final["rounds"])
+    assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
+                 str(out / "deployment" / "secagg" / "roster.json"), "--report", str(report),
+                 "--out", str(tmp_path / "audit")]) == 0

@@ -29,6 +29,7 @@ from bract.flower.apps import Hospitals
 from bract.flower.client import HospitalSetup, PrivacyPolicy
 from bract.flower.config import FederationConfig
 from bract.flower.hospital_policy import HospitalPolicy
+from bract.flower.run_dir import set_aside_previous_run
 from bract.flower.secagg_client import SecAggIdentity, read_identity_key
 from bract.flower.server import run_federation
 from bract.flower.simulated_operators import (
@@ -304,16 +305,23 @@ def _main(grid: Grid, context: Context) -> None:
     fed = FederationConfig.from_run_config(rc)
     task = fed.task()
     roster = read_roster(Path(fed.roster)) if fed.roster else None
-    if _in_simulation(grid):
-        # Flower's simulation engine (flwr run locally): every hospital runs here, so
-        # this process plays their operators, as bract simulate does.
+    simulated = _in_simulation(grid)
+    if simulated:
         nodes = len(grid.get_node_ids())
         if nodes != fed.clients:
             raise ValueError(
                 f"the run config asks for clients={fed.clients} but Flower's simulation "
                 f"started {nodes} SuperNodes: run flwr run . --federation-config "
                 f"\"num-supernodes={fed.clients}\" (or --run-config clients={nodes})")
-        if fed.secagg and roster is None:
-            roster, _ = simulated_identities(fed.out, fed.clients)
-    cfg = apps.server_config(fed, roster, run_config={**task.to_plain(), **rc})
+    if not fed.resume:
+        # A run never overwrites an earlier one's ledger, checkpoint or hospitals' state.
+        set_aside_previous_run(fed.out, "refuse", choices=(
+            "--run-config resume=true continues it; another out (--run-config "
+            "out=DIR) starts a new run"))
+    if simulated and fed.secagg and roster is None:
+        # Flower's simulation engine (flwr run locally): every hospital runs here, so
+        # this process plays their operators, as bract simulate does.
+        roster, _ = simulated_identities(fed.out, fed.clients, resume=fed.resume)
+    cfg = apps.server_config(fed, roster, run_config={**task.to_plain(), **rc},
+                             resume=fed.resume)
     run_federation(grid, apps.initial_weights(task), apps.central_evaluation(task), cfg)

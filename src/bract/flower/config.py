@@ -224,6 +224,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("out", Path, Path("runs/flwr"), "the coordinator's output directory", flag=False),
     Option("roster", str, "", "the coordinator's copy of the federation's roster file "
            "(secure aggregation and signed ledgers; docs/deployment.md)", flag=False),
+    Option("resume", bool, False, "continue the run in out after its last completed round "
+           "(its checkpoint must have the same settings); off: an out that holds a run is "
+           "refused", flag=False),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -272,6 +275,7 @@ class FederationConfig:
     round_timeout: float | None = None
     out: Path = Path("runs/flwr")
     roster: str = ""
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -68,7 +68,7 @@ from bract.flower.processes import (
     marked_pids,
 )
 from bract.flower.secagg_client import read_identity_key, write_identity_key
-from bract.records.roster import Roster, write_roster
+from bract.records.roster import Roster, read_roster, write_roster
 from bract.secagg.crypto import SigningKey
 
 #: Repository root: the Flower app directory (its pyproject.toml has ``[tool.flwr.app]``).
@@ -177,6 +177,10 @@ class LocalFederation:
     #: hospitals train on partitions of the run's dataset.
     hospital_data: Sequence[str] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    #: Continue the federation already in ``workdir``: the same hospitals' keys, roster
+    #: (so the same federation id: their signed ledgers continue) and lifetime state.
+    #: Refused (``DeploymentError``) when ``workdir`` holds no such federation.
+    resume: bool = False
 
     marker: str = field(init=False, default_factory=lambda: uuid.uuid4().hex)
     superlink_port: int = field(init=False, default=0)
@@ -335,9 +339,14 @@ class LocalFederation:
             path = d / "identity.key"
             # A hospital keeps its key (its lifetime ledger in d/state is signed with it).
             if not path.exists():
+                if self.resume:
+                    raise DeploymentError(f"cannot resume: hospital-{i} has no identity in "
+                                          f"{d} (was the federation run with this --workdir?)")
                 write_identity_key(path, SigningKey.generate().to_bytes())
             keys[i + 1] = SigningKey.from_bytes(read_identity_key(path)).public_bytes()
         names = {i + 1: f"hospital-{i}" for i in range(self.num_nodes)}
+        if self.resume:
+            federation_id = self._resumed_federation_id(keys, names)
         doc = Roster(federation_id, keys, names)
         self.roster_path.parent.mkdir(parents=True, exist_ok=True)
         write_roster(self.roster_path, doc)
@@ -346,6 +355,21 @@ class LocalFederation:
             write_roster(d / "roster.json", doc)
             (d / "state").mkdir(mode=0o700, exist_ok=True)
             (self.hospital_policy or HospitalPolicy()).write(d / "policy.json")
+
+    def _resumed_federation_id(self, keys: Mapping[int, bytes], names: Mapping[int, str]
+                               ) -> str:
+        """The federation id of the roster a resumed federation continues (its members
+        must be exactly these hospitals and keys)."""
+        try:
+            earlier = read_roster(self.roster_path)
+        except (OSError, ValueError) as exc:
+            raise DeploymentError(f"cannot resume: no readable roster in {self.roster_path} "
+                                  f"({exc})") from None
+        if dict(earlier.keys) != dict(keys) or dict(earlier.names) != dict(names):
+            raise DeploymentError(
+                f"cannot resume: the roster in {self.roster_path} lists other hospitals than "
+                f"the {self.num_nodes} in {self.workdir / 'secagg'} (another --clients?)")
+        return earlier.federation_id
 
     def node_config(self, partition_id: int) -> str:
         """The ``--node-config`` string of hospital ``partition_id``'s SuperNode."""

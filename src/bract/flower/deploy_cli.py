@@ -54,22 +54,16 @@ def add_deploy_parser(subparsers: Any) -> None:
                    help="how each SuperNode runs the ClientApp (default: subprocess)")
     p.add_argument("--timeout", type=positive_float, default=1800.0,
                    help="seconds the whole run may take before it is stopped (default: 1800)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out after its last completed round, with "
+                            "the same hospitals (--workdir) and settings")
+    again.add_argument("--new-run", action="store_true",
+                       help="when --out holds a run: move its records aside (nothing is "
+                            "deleted) and start a new run of the same hospitals, whose spent "
+                            "budgets carry on; without --resume or --new-run such an --out is "
+                            "refused")
     p.set_defaults(func=run_deploy)
-
-
-def _stopped_hint(out: Path) -> str:
-    """What an interrupted ``bract deploy`` says: how far the run got, and that its
-    SuperLink and SuperNodes are stopped."""
-    from bract.records.report import ReportError, read_report
-
-    try:
-        finished = len(read_report(out / "report.json").rounds)
-    except ReportError:
-        finished = 0
-    done = f"after round {finished} (its record is in {out})" if finished else \
-        "before its first round finished"
-    return (f"the deployment stopped {done}; its SuperLink and SuperNodes are stopped. "
-            "bract deploy has no --resume: a new run starts from round 1")
 
 
 def run_deploy(args: argparse.Namespace) -> int:
@@ -98,8 +92,13 @@ def run_deploy(args: argparse.Namespace) -> int:
               "(--noise-multiplier 0); bract simulate can run one, flagged NON-PRIVATE",
               file=sys.stderr)
         return 2
+    problem = _previous_run_problem(out, workdir, args)
+    if problem:
+        print(f"bract deploy: error: {problem}", file=sys.stderr)
+        return 2
     # The roster is the federation's own (LocalFederation writes it).
     run_config = {k: v for k, v in fed.to_run_config().items() if k != "roster"}
+    run_config["resume"] = bool(args.resume)
     print(f"bract deploy: {args.clients} SuperNodes + 1 SuperLink on {LOOPBACK} "
           f"(TLS, SuperNode auth); work dir {workdir}", flush=True)
     try:
@@ -109,11 +108,12 @@ def run_deploy(args: argparse.Namespace) -> int:
             target_epsilon=fed.target_epsilon, delta=fed.delta, accountant=fed.accountant,
             release_metrics=fed.release_metrics, secagg_colluders=fed.secagg_colluders,
         )
-        from bract.flower.interrupt import interruptible
+        from bract.flower.interrupt import interruptible, resume_hint
 
-        with interruptible(lambda: _stopped_hint(out)), LocalFederation(
+        stopped = "the deployment (its SuperLink and SuperNodes are stopped) stopped"
+        with interruptible(lambda: resume_hint(out, sys.argv[1:], stopped)), LocalFederation(
             workdir, fed.clients, isolation=args.isolation, secagg=fed.secagg,
-            hospital_policy=own,
+            hospital_policy=own, resume=args.resume,
         ) as local:
             print(f"SuperLink at {local.address}; {fed.clients} SuperNodes online; "
                   f"logs in {local.log_dir}", flush=True)
@@ -143,6 +143,30 @@ def run_deploy(args: argparse.Namespace) -> int:
               "failures)", file=sys.stderr)
         return 1
     return 0
+
+
+def _previous_run_problem(out: Path, workdir: Path, args: argparse.Namespace) -> str:
+    """Why ``--out`` cannot take this run ("" when it can): ``--resume`` needs a
+    checkpoint there; otherwise an ``--out`` holding a run is refused, or with
+    ``--new-run`` its records are moved aside (the hospitals' keys and lifetime
+    budgets under ``--workdir`` stay)."""
+    from bract.flower.checkpoint import CHECKPOINT_DIR
+    from bract.flower.run_dir import set_aside_previous_run
+
+    if args.resume:
+        if not (out / CHECKPOINT_DIR / "state.json").exists():
+            return (f"cannot resume: {out} holds no checkpoint (no round of a run there "
+                    "finished); run without --resume")
+        return ""
+    keep = [workdir.name] if workdir.parent == out else []
+    try:
+        set_aside_previous_run(out, "new-run" if args.new_run else "refuse", keep=keep,
+                               choices="--resume continues it; --new-run starts a new run of "
+                                       "the same hospitals (the earlier records are moved "
+                                       "aside; nothing is deleted)")
+    except (ValueError, OSError) as exc:
+        return str(exc)
+    return ""
 
 
 @contextlib.contextmanager

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-__all__ = ["descendants", "interruptible", "stop_descendants"]
+__all__ = ["descendants", "interruptible", "resume_hint", "stop_descendants"]
 
 #: Seconds the child processes get to exit on SIGTERM before SIGKILL.
 GRACE_SECONDS = 2.0
@@ -119,3 +120,25 @@ def interruptible(resume_hint: Callable[[], str]) -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def resume_hint(out: Path, argv: list[str], stopped: str = "the run stopped") -> str:
+    """What an interrupted ``bract simulate`` or ``bract deploy`` (run as ``argv``)
+    says: where the run stopped, and the exact command that continues it (the same
+    arguments with ``--resume``), or, when no round finished, starts it again."""
+    import shlex
+
+    from bract.records.report import ReportError, read_report
+
+    try:
+        finished = len(read_report(out / "report.json").rounds)
+    except ReportError:
+        finished = 0
+    kept = [a for a in argv if a not in ("--resume", "--new-run", "--new-federation")]
+    if finished:
+        command = shlex.join(["bract", *kept, "--resume"])
+        return (f"{stopped} after round {finished} (its record is in {out}); "
+                f"continue it with: {command}")
+    command = shlex.join(["bract", *kept, "--new-run"])
+    return (f"{stopped} before its first round finished (the hospitals keep their spent "
+            f"budgets); start again with: {command}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -34,21 +33,19 @@ from flwr.app import Context
 from bract import tasks
 from bract.flower import apps
 from bract.flower.app import HOSPITALS_DIR, hospital_setup
-from bract.flower.checkpoint import CHECKPOINT_DIR, load_checkpoint_state
+from bract.flower.checkpoint import load_checkpoint_state
 from bract.flower.client import HospitalSetup, PrivacyPolicy
 from bract.flower.config import FederationConfig
 from bract.flower.faults import DROP_STAGES, dropout_mod
+from bract.flower.run_dir import PREVIOUS_RUN, SECAGG_VIEW_DIR, set_aside_previous_run
 from bract.flower.secagg_client import (
     SecAggIdentity,
 )
 from bract.flower.server import make_server_app
-from bract.flower.simulated_operators import ROSTER_FILE, simulated_identities
+from bract.flower.simulated_operators import simulated_identities
 from bract.privacy import PrivacyError, TrainingPlan, calibrate
 from bract.records.roster import Roster
 from bract.secagg import ClientPolicy
-
-#: Sub-directory of the run's output holding the server's recorded secure-round views.
-SECAGG_VIEW_DIR = "secagg_view"
 
 
 @dataclass(frozen=True)
@@ -211,55 +208,6 @@ def warnings_for(cfg: SimulationConfig) -> list[str]:
                    "records): every step samples all of it (rate 1), so privacy gains "
                    "nothing from sampling and each round is one step per epoch")
     return out
-
-
-PREVIOUS_RUN = ("refuse", "new-run", "archive")
-#: What marks an output directory as holding a run (its record or its hospitals' state).
-RUN_MARKERS = ("report.json", "ledger.jsonl", ROSTER_FILE, CHECKPOINT_DIR, HOSPITALS_DIR,
-               SECAGG_VIEW_DIR)
-
-
-def holds_run(out_dir: Path) -> bool:
-    """Whether ``out_dir`` holds (part of) a run: a record, a checkpoint or hospital state."""
-    return any((Path(out_dir) / m).exists() for m in RUN_MARKERS)
-
-
-def set_aside_previous_run(out: Path, previous_run: str, holds: bool | None = None
-                           ) -> Path | None:
-    """Guarantee: a new run never overwrites or deletes an earlier run's ledger,
-    checkpoint or hospitals' privacy state in ``out``. When ``out`` holds a run (or
-    ``holds`` says so) it refuses with ``ValueError`` (``previous_run="refuse"``),
-    moves the run's records aside to ``<out>-<time>`` leaving the hospitals' own
-    directory (keys and lifetime budgets) in place (``"new-run"``), or moves ``out``
-    aside whole (``"archive"``); it returns where the records went."""
-    out = Path(out)
-    if not (holds_run(out) if holds is None else holds):
-        return None
-    if previous_run == "refuse":
-        raise ValueError(
-            f"{out} already holds a run (its signed ledger and the hospitals' spent "
-            "privacy budgets): --resume continues it; --new-run starts a new run of the "
-            "same hospitals (their spent budgets carry on), --new-federation one of new "
-            "hospitals (the earlier run is moved aside; nothing is deleted)"
-        )
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(out.stat().st_mtime))
-    target = out.with_name(f"{out.name}-{stamp}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = out.with_name(f"{out.name}-{stamp}-{n}")
-    log = logging.getLogger("bract")
-    if previous_run == "new-run":
-        target.mkdir()
-        for entry in sorted(out.iterdir()):
-            if entry.name != HOSPITALS_DIR:
-                entry.rename(target / entry.name)
-        log.warning("the earlier run's records in %s were moved to %s; its hospitals keep "
-                    "their keys and spent budgets in %s", out, target, out / HOSPITALS_DIR)
-        return target
-    out.rename(target)
-    log.warning("the earlier run in %s was moved to %s", out, target)
-    return target
 
 
 def run(cfg: SimulationConfig) -> dict[str, Any]:
