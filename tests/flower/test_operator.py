@@ -151,7 +151,8 @@ def test_hospital_start_serves_exactly_what_init_made(tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(argv) == 0
     cmd = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
-    assert cmd[0] == "flower-supernode" and cmd[cmd.index("--superlink") + 1] == \
+    assert cmd[:5] == ["bract-supernode", "--executor", "warm", "--pull-interval", "0.2"]
+    assert cmd[cmd.index("--superlink") + 1] == \
         "link.example:9092"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     # The SuperNode key `hospital init` made in the same step, unless told otherwise.

@@ -136,12 +136,41 @@ def test_noise_for_several_tensors_covers_other_layouts_and_keeps_the_values() -
     assert torch.equal(flat32, before)
 
 
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.sampled_from([1, 3, 16, 4608, BLOCK + 3]), min_size=1, max_size=4),
+       steps=st.integers(1, 4), std=st.sampled_from([0.5, 2.0]))
+def test_prefetched_noise_is_the_same_stream_each_sample_used_once(sizes, steps, std) -> None:
+    # Property: drawing each step's noise one step ahead (in a background thread)
+    # changes only when samples are drawn: step k gets exactly the generator's
+    # samples [k*total, (k+1)*total), none skipped, none reused.
+    from bract.privacy.noise import NoisePrefetcher
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        joint, reference = _twin_generators(monkeypatch)
+    prefetcher = NoisePrefetcher(joint)
+    total = sum(sizes)
+    for _ in range(steps):
+        targets = [torch.zeros(n, dtype=torch.float32) for n in sizes]
+        prefetcher.add_noise_each_(targets, std)
+        expected = (std * reference.standard_normal_tensor(total)).float()
+        torch.testing.assert_close(torch.cat(targets), expected, rtol=1e-6, atol=1e-6)
+    prefetcher.close()
+    # A change of size discards the draw made ahead (never reused): the next noise is
+    # the stream after it.
+    reference.standard_normal_tensor(total)
+    other = [torch.zeros(5, dtype=torch.float64)]
+    prefetcher.add_noise_each_(other, 1.0)
+    torch.testing.assert_close(other[0], reference.standard_normal_tensor(5), rtol=0, atol=0)
+    prefetcher.close()
+
+
 # ------------------------------------------------------- the noise inside Opacus's DPOptimizer
 
 NOISE_MULTIPLIER, MAX_GRAD_NORM, EXPECTED_BATCH = 1.3, 0.7, 50
 
 
-def _zero_gradient_step(secure: bool, seed: int) -> tuple[torch.Tensor, bool]:
+def _zero_gradient_step(secure: bool, seed: int, prefetch: bool = False
+                        ) -> tuple[torch.Tensor, bool]:
     """One DP-SGD step whose clipped gradient sum is exactly 0: p.grad is pure noise.
 
     Returns the concatenated noisy gradient and whether torch's global RNG state
@@ -157,7 +186,7 @@ def _zero_gradient_step(secure: bool, seed: int) -> tuple[torch.Tensor, bool]:
         loss_reduction="mean",
     )
     if secure:
-        use_secure_noise(optimizer)
+        use_secure_noise(optimizer, prefetch=prefetch)
     x = torch.randn(EXPECTED_BATCH, 400)
     (model(x) * 0.0).sum().backward()  # every per-example gradient is exactly zero
     torch.manual_seed(seed)
@@ -168,9 +197,11 @@ def _zero_gradient_step(secure: bool, seed: int) -> tuple[torch.Tensor, bool]:
     return grad, untouched
 
 
-def test_secure_noise_in_dp_optimizer_has_the_dp_sgd_standard_deviation() -> None:
-    """p.grad = N(0, (sigma*C)^2) / expected_batch_size (Opacus scale_grad, reduction mean)."""
-    grad, _ = _zero_gradient_step(secure=True, seed=0)
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_secure_noise_in_dp_optimizer_has_the_dp_sgd_standard_deviation(prefetch) -> None:
+    """p.grad = N(0, (sigma*C)^2) / expected_batch_size (Opacus scale_grad, reduction mean),
+    with the noise drawn in the step or one step ahead."""
+    grad, _ = _zero_gradient_step(secure=True, seed=0, prefetch=prefetch)
     n = grad.numel()
     std = NOISE_MULTIPLIER * MAX_GRAD_NORM / EXPECTED_BATCH
     assert abs(float(grad.mean())) < SIX * std / math.sqrt(n)

@@ -114,6 +114,7 @@ def server_config(
         resume=resume,
         secagg=secagg_settings(fed, roster, record_dir) if fed.secagg and roster else None,
         roster=SignerRoster.of(roster) if roster is not None else None,
+        reply_poll=fed.reply_poll,
     )
 
 

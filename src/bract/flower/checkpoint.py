@@ -28,7 +28,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or belongs to a different run configuration."""
 
 
-_RESUME_IGNORES = frozenset({"out", "resume", "save_model", "show_progress"})
+_RESUME_IGNORES = frozenset({"out", "resume", "reply-poll", "save_model", "show_progress"})
 
 
 def load_checkpoint_state(out_dir: Path, run_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from bract.flower.records import (
     LOCAL_WEIGHTS,
     PRIVACY_REPORT,
     ROUND_CONFIG,
+    STATE_EPSILONS,
     STATE_PRIVACY,
     TRAIN_INFO,
     privacy_report_record,
@@ -51,6 +52,7 @@ from bract.privacy import (
     calibrate,
     epsilon_of,
 )
+from bract.privacy.accounting import carried_epsilons, carry_epsilons
 from bract.privacy.metrics_release import DEFAULT_LOSS_BOUND, DEFAULT_METRICS_NOISE
 from bract.records.ledger import (
     LedgerEntry,
@@ -338,6 +340,10 @@ def dp_train_handler(
     def handle(msg: Message, ctx: Context) -> Message:
         policy_now = policy(ctx) if callable(policy) else policy
         setup = setup_fn(ctx)
+        # The accountant's recent results travel in the Context: in deployment every
+        # message runs in its own process, which would otherwise recompute them.
+        carried = ctx.state.config_records.get(STATE_EPSILONS, ConfigRecord())
+        carry_epsilons({str(k): float(v) for k, v in carried.items()})
         # One writer at a time on this dataset's state: a second run (or federation)
         # training the same data concurrently waits, so no spent round is lost.
         with exclusive(setup.privacy_dir()):
@@ -420,6 +426,7 @@ def dp_train_handler(
             state["chain-length"] = len(chain)
             state["chain-head"] = chain[-1].hash() if chain else ""
             _save_state(ctx, setup, state)
+        ctx.state.config_records[STATE_EPSILONS] = ConfigRecord(carried_epsilons())
 
         content = RecordDict()
         content.config_records[PRIVACY_REPORT] = privacy_report_record(

@@ -224,6 +224,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("out", Path, Path("runs/flwr"), "the coordinator's output directory", flag=False),
     Option("roster", str, "", "the coordinator's copy of the federation's roster file "
            "(secure aggregation and signed ledgers; docs/deployment.md)", flag=False),
+    Option("reply_poll", float, 0.1, "the longest pause (s) between the server's pulls "
+           "while it waits for a stage's replies (Flower's own: 3 on a SuperLink)", low=0,
+           open_low=True, high=3.0, flag=False),
     Option("resume", bool, False, "continue the run in out after its last completed round "
            "(its checkpoint must have the same settings); off: an out that holds a run is "
            "refused", flag=False),
@@ -275,6 +278,7 @@ class FederationConfig:
     round_timeout: float | None = None
     out: Path = Path("runs/flwr")
     roster: str = ""
+    reply_poll: float = 0.1
     resume: bool = False
 
     def __post_init__(self) -> None:

@@ -68,6 +68,7 @@ from bract.flower.processes import (
     marked_pids,
 )
 from bract.flower.secagg_client import read_identity_key, write_identity_key
+from bract.flower.supernode import DEFAULT_PULL_INTERVAL, FLOWER_IDLE_SLEEP
 from bract.records.roster import Roster, read_roster, write_roster
 from bract.secagg.crypto import SigningKey
 
@@ -154,16 +155,19 @@ class LocalFederation:
     ``--root-certificates`` and ``--node-config 'partition-id=i num-partitions=N'``,
     and a wait until the SuperLink lists every node as online.
 
-    ``isolation`` is the SuperNode's ClientApp isolation mode (``subprocess``:
-    the SuperNode's SuperExec starts a ClientApp process for each message it
-    receives). ``task_poll_interval`` (seconds) is how often each SuperExec asks
-    for new work (Flower's default is 1 s). Logs go to ``workdir/logs``.
+    Each SuperNode is ``bract-supernode`` (:mod:`bract.flower.supernode`): Flower's
+    ``flower-supernode`` with ``--isolation subprocess``, pulling every
+    ``pull_interval`` seconds when idle (Flower: 3 s), its ClientApps run by
+    ``executor`` (``warm``: forked from a warm parent, ``flower``: a fresh
+    ``flwr-clientapp`` per message). ``task_poll_interval`` (seconds) is how often
+    each SuperExec asks for new work (Flower's default is 1 s). Logs go to ``workdir/logs``.
     """
 
     workdir: Path
     num_nodes: int
     app_dir: Path = APP_DIR
-    isolation: str = "subprocess"
+    executor: str = "warm"
+    pull_interval: float = DEFAULT_PULL_INTERVAL
     startup_timeout: float = 90.0
     task_poll_interval: float = 0.2
     #: Secure aggregation (run config). Every hospital gets an Ed25519 identity and a
@@ -192,8 +196,10 @@ class LocalFederation:
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
             raise ValueError("a federation needs at least one SuperNode")
-        if self.isolation not in ("subprocess", "process"):
-            raise ValueError("isolation must be 'subprocess' or 'process'")
+        if self.executor not in ("warm", "flower"):
+            raise ValueError("executor must be 'warm' or 'flower'")
+        if not 0 < self.pull_interval <= FLOWER_IDLE_SLEEP:
+            raise ValueError(f"pull_interval must be > 0 and <= {FLOWER_IDLE_SLEEP} s")
         if self.hospital_data and len(self.hospital_data) != self.num_nodes:
             raise ValueError(f"hospital_data names {len(self.hospital_data)} files for "
                              f"{self.num_nodes} hospitals: one each")
@@ -426,13 +432,15 @@ class LocalFederation:
         node.process = self._spawn(
             f"supernode-{partition_id}",
             [
-                executable("flower-supernode"),
+                executable("bract-supernode"),
+                "--executor", self.executor,
+                "--pull-interval", str(self.pull_interval),
                 "--superlink", self.address,
                 "--root-certificates", str(self.tls.ca_cert),
                 "--auth-supernode-private-key", str(node.key.private_key),
                 "--node-config",
                 self.node_config(partition_id),
-                "--isolation", self.isolation,
+                "--isolation", "subprocess",
                 "--host", LOOPBACK,
                 "--port", str(node.port),
                 # The SuperNode's own Runtime API (its SuperExec and ClientApps talk to

@@ -15,6 +15,7 @@ from bract.flower.certificates import LOOPBACK
 from bract.flower.config import FederationConfig
 from bract.flower.deploy import DeploymentError, LocalFederation
 from bract.flower.hospital_policy import HospitalPolicy
+from bract.flower.supernode import DEFAULT_PULL_INTERVAL
 from bract.records.report import read_report
 
 __all__ = ["add_deploy_parser", "local_federation", "run_deploy"]
@@ -50,8 +51,13 @@ def add_deploy_parser(subparsers: Any) -> None:
                    help="certificates, keys, Flower home and logs (default: OUT/deployment)")
     p.add_argument("--kill-node-at-round", type=int, default=None, metavar="K",
                    help="demonstration: kill the last hospital's SuperNode during round K")
-    p.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
-                   help="how each SuperNode runs the ClientApp (default: subprocess)")
+    p.add_argument("--executor", choices=("warm", "flower"), default="warm",
+                   help="how each SuperNode runs a ClientApp: warm (forked from a parent that "
+                        "imported Flower, bract and torch once) or flower (Flower's own: a "
+                        "fresh process per message) (default: warm)")
+    p.add_argument("--pull-interval", type=positive_float, default=DEFAULT_PULL_INTERVAL,
+                   help="seconds between an idle SuperNode's pulls (Flower's own: 3) "
+                        f"(default: {DEFAULT_PULL_INTERVAL})")
     p.add_argument("--timeout", type=positive_float, default=1800.0,
                    help="seconds the whole run may take before it is stopped (default: 1800)")
     again = p.add_mutually_exclusive_group()
@@ -77,6 +83,12 @@ def run_deploy(args: argparse.Namespace) -> int:
         if problem:
             print(f"bract deploy: error: {problem}", file=sys.stderr)
             return 2
+    from bract.flower.supernode import FLOWER_IDLE_SLEEP
+
+    if args.pull_interval > FLOWER_IDLE_SLEEP:
+        print(f"bract deploy: error: --pull-interval must be at most {FLOWER_IDLE_SLEEP} s "
+              "(Flower's own idle pull)", file=sys.stderr)
+        return 2
     if args.kill_node_at_round is not None and not 1 <= args.kill_node_at_round <= args.rounds:
         print("bract deploy: error: --kill-node-at-round must be between 1 and --rounds",
               file=sys.stderr)
@@ -112,7 +124,8 @@ def run_deploy(args: argparse.Namespace) -> int:
 
         stopped = "the deployment (its SuperLink and SuperNodes are stopped) stopped"
         with interruptible(lambda: resume_hint(out, sys.argv[1:], stopped)), LocalFederation(
-            workdir, fed.clients, isolation=args.isolation, secagg=fed.secagg,
+            workdir, fed.clients, executor=args.executor,
+            pull_interval=args.pull_interval, secagg=fed.secagg,
             hospital_policy=own, resume=args.resume,
         ) as local:
             print(f"SuperLink at {local.address}; {fed.clients} SuperNodes online; "

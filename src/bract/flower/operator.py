@@ -17,7 +17,7 @@ and prints the ``--node-config`` its SuperNode needs. It refuses to overwrite an
 existing identity (a new key would orphan the hospital's signed ledger).
 
 ``bract hospital start DIR --superlink HOST:PORT --root-certificates CA
-[--auth-key KEY] [--node-config EXTRA]`` starts the hospital's ``flower-supernode``
+[--auth-key KEY] [--node-config EXTRA]`` starts the hospital's ``bract-supernode``
 with everything ``DIR`` holds (identity, SuperNode key ``DIR/supernode-auth`` unless
 ``--auth-key`` names another, roster copy ``DIR/roster.json``, policy, state) in its
 node config; ``--dry-run`` prints the command instead.
@@ -48,6 +48,7 @@ from bract.argtypes import nonnegative_int, positive_float
 from bract.flower.certificates import generate_supernode_key
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.secagg_client import write_identity_key
+from bract.flower.supernode import DEFAULT_PULL_INTERVAL
 from bract.records.roster import Roster, read_roster, write_roster
 from bract.secagg.crypto import SigningKey
 
@@ -91,8 +92,11 @@ def hospital_init(directory: Path, node: int, name: str, federation_id: str,
 
 def supernode_command(directory: Path, superlink: str, root_certificates: Path,
                       auth_key: Path | None = None, extra_node_config: str = "",
-                      port: int = 9094) -> list[str]:
-    """The ``flower-supernode`` command that serves the hospital set up in ``directory``.
+                      port: int = 9094, executor: str = "warm",
+                      pull_interval: float = DEFAULT_PULL_INTERVAL) -> list[str]:
+    """The ``bract-supernode`` command (Flower's SuperNode with bract's warm ClientApp
+    ``executor`` and a ``pull_interval`` s idle pull, :mod:`bract.flower.supernode`)
+    that serves the hospital set up in ``directory``.
 
     Its node config names the hospital's identity, roster copy, policy and state
     directory (checked to exist, with the roster listing this hospital's key), then
@@ -117,7 +121,8 @@ def supernode_command(directory: Path, superlink: str, root_certificates: Path,
                    f"state-dir=\"{d / 'state'}\"")
     if extra_node_config:
         node_config += " " + extra_node_config
-    return ["flower-supernode", "--superlink", superlink,
+    return ["bract-supernode", "--executor", executor, "--pull-interval", f"{pull_interval:g}",
+            "--superlink", superlink,
             "--root-certificates", str(Path(root_certificates).resolve()),
             "--auth-supernode-private-key", str(Path(auth_key).resolve()),
             "--node-config", node_config, "--isolation", "subprocess",
@@ -215,7 +220,8 @@ def _hospital_init_cmd(args: argparse.Namespace) -> int:
 def _hospital_start_cmd(args: argparse.Namespace) -> int:
     try:
         argv = supernode_command(args.dir, args.superlink, args.root_certificates,
-                                 args.auth_key, args.node_config, args.port)
+                                 args.auth_key, args.node_config, args.port,
+                                 executor=args.executor, pull_interval=args.pull_interval)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
@@ -225,7 +231,7 @@ def _hospital_start_cmd(args: argparse.Namespace) -> int:
     from bract.flower.processes import DeploymentError, executable
 
     try:
-        argv[0] = executable("flower-supernode")  # this venv's Flower
+        argv[0] = executable("bract-supernode")  # this venv's bract and Flower
     except DeploymentError as exc:
         print(f"error: {exc}")
         return 2
@@ -317,6 +323,14 @@ def add_operator_parsers(sub: Any) -> None:
                        help="more node config, e.g. the data's keys")
     start.add_argument("--port", type=nonnegative_int, default=9094,
                        help="the SuperNode's local Runtime API port on 127.0.0.1")
+    start.add_argument("--executor", choices=("warm", "flower"), default="warm",
+                       help="how the SuperNode runs each message's ClientApp: warm (forked "
+                            "from a parent that imported Flower, bract and torch once) or "
+                            "flower (a fresh flwr-clientapp process) (default: warm)")
+    start.add_argument("--pull-interval", type=lambda t: positive_float(t, "pull interval"),
+                       default=DEFAULT_PULL_INTERVAL,
+                       help="seconds between the idle SuperNode's pulls (Flower's own: 3; "
+                            f"at most 3) (default: {DEFAULT_PULL_INTERVAL})")
     start.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
     start.set_defaults(func=_hospital_start_cmd)
     ros = sub.add_parser("roster", help="build and check the federation's roster")

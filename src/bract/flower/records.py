@@ -52,6 +52,8 @@ SECAGG_NEXT_REFUSED = "bract.secagg.next-refused"
 
 #: kept in ctx.state on the hospital: ledger and calibration, across rounds.
 STATE_PRIVACY = "bract.privacy.state"
+#: kept in ctx.state on the hospital: the accountant's recent results (digest -> epsilon).
+STATE_EPSILONS = "bract.privacy.epsilons"
 
 
 def weights_to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:

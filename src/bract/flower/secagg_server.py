@@ -40,6 +40,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from bract.flower.exchange import REPLY_POLL_MAX, send_and_receive
 from bract.flower.records import (
     AGGREGATED_METRICS,
     SECAGG,
@@ -194,8 +195,11 @@ class SecureAggregator:
         *,
         timeout: float | None = None,
         round_offset: int = 0,
+        poll: float = REPLY_POLL_MAX,
     ) -> None:
         self.grid = grid
+        #: Longest pause between pulls while waiting for a stage's replies.
+        self.poll = poll
         self.record_dir = Path(settings.record_dir) if settings.record_dir else None
         session_type = RecordingServerSession if self.record_dir is not None else ServerSession
         self.session = session_type(
@@ -238,7 +242,7 @@ class SecureAggregator:
             messages.append(
                 Message(content, dst_node_id=node, message_type=message_type, group_id=str(rnd))
             )
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies = send_and_receive(self.grid, messages, self.timeout, max_poll=self.poll)
         return dict(reply_sources(messages, replies))
 
     @staticmethod
@@ -266,7 +270,7 @@ class SecureAggregator:
                     group_id=str(rnd))
             for n in ask
         ]
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies = send_and_receive(self.grid, messages, self.timeout, max_poll=self.poll)
         for node, reply in reply_sources(messages, replies):
             try:
                 adv = self._payload(reply)

@@ -43,6 +43,7 @@ from flwr.serverapp import Grid, ServerApp
 from bract.flower.checkpoint import (
     Checkpointer,
 )
+from bract.flower.exchange import REPLY_POLL_MAX, send_and_receive
 from bract.flower.files import atomic_write_text
 from bract.flower.observer import RunObserver
 from bract.flower.records import (
@@ -94,6 +95,9 @@ class ServerConfig:
     secagg: SecAggSettings | None = None
     #: Who signs ledgers (hospital name -> Ed25519 key); ``None`` checks only the links.
     roster: SignerRoster | None = None
+    #: The longest pause (s) between two pulls while the server waits for replies
+    #: (bract.flower.exchange): short, so a quick stage is not charged a fixed poll.
+    reply_poll: float = REPLY_POLL_MAX
 
 
 def fedavg(updates: list[tuple[Weights, int]]) -> Weights:
@@ -365,7 +369,8 @@ class Federation:
                 Message(content, dst_node_id=node, message_type="train", group_id=str(rnd))
             )
         replies = reply_sources(
-            messages, list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+            messages, send_and_receive(self.grid, messages, self.cfg.round_timeout,
+                                  max_poll=self.cfg.reply_poll)
         )
         updates: list[tuple[Weights, int]] = []
         trained: list[str] = []
@@ -493,7 +498,7 @@ class Federation:
         if self.cfg.secagg is not None:
             self.secure = SecureAggregator(
                 self.grid, self.cfg.secagg, timeout=self.cfg.round_timeout,
-                round_offset=self.resumes,
+                round_offset=self.resumes, poll=self.cfg.reply_poll,
             )
         todo = self.cfg.rounds - self.completed
         with RunObserver(todo, self.cfg.show_progress) as display:

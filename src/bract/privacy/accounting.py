@@ -28,7 +28,7 @@ import functools
 import json
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,7 +364,48 @@ def epsilon_of(
     history = compress(events)
     if not history:
         return 0.0
-    return _composed_epsilon(tuple(history), float(delta), accountant, pld_discretization)
+    key = _memo_key(tuple(history), float(delta), accountant, pld_discretization)
+    if key in _CARRIED:
+        return _CARRIED[key]
+    eps = _composed_epsilon(tuple(history), float(delta), accountant, pld_discretization)
+    _CARRIED[key] = eps
+    while len(_CARRIED) > CARRIED_EPSILONS:
+        del _CARRIED[next(iter(_CARRIED))]
+    return eps
+
+
+#: How many recent epsilons :func:`carried_epsilons` hands on (a hospital needs two
+#: per round: the spent-so-far and the one with the round's event).
+CARRIED_EPSILONS = 16
+_CARRIED: dict[str, float] = {}
+
+
+def _memo_key(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str,
+              pld_discretization: float) -> str:
+    """A digest naming exactly what an epsilon depends on: the compressed history (exact
+    float reprs), delta, accountant and PLD discretisation."""
+    import hashlib
+
+    text = repr((history, delta, accountant, pld_discretization))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def carried_epsilons() -> dict[str, float]:
+    """The most recent epsilons this process computed, by what they depend on (a digest):
+    what a hospital keeps in its Flower Context, so that the next message's process,
+    where each message has its own, need not recompute the same composition."""
+    return dict(_CARRIED)
+
+
+def carry_epsilons(entries: Mapping[str, float]) -> None:
+    """Take on epsilons a previous message's process computed (:func:`carried_epsilons`,
+    from the hospital's own Context). Guarantee: :func:`epsilon_of` returns one of them
+    only for the exact history, delta, accountant and discretisation it was computed
+    for; the Context is the hospital's own state, trusted as its ledger there is."""
+    for key, value in entries.items():
+        if (isinstance(key, str) and len(key) == 64 and isinstance(value, (int, float))
+                and value >= 0):
+            _CARRIED[key] = float(value)
 
 
 @functools.lru_cache(maxsize=256)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 from types import MethodType
 from typing import Any
@@ -115,6 +116,13 @@ class SecureGaussian:
             out[i:i + len(samples)] = samples
         return out
 
+    def fill_standard_normal_(self, out: torch.Tensor) -> torch.Tensor:
+        """Fill the contiguous float64 CPU tensor ``out`` with fresh N(0, 1) samples."""
+        flat = out.view(-1)
+        for i, samples in self._blocks(flat.numel()):
+            flat[i:i + len(samples)] = samples
+        return out
+
     def standard_normal(self, count: int) -> np.ndarray:
         """``count`` independent N(0, 1) samples as float64 (Box-Muller, 53-bit uniforms)."""
         return self.standard_normal_tensor(count).numpy()
@@ -162,13 +170,78 @@ class SecureGaussian:
         return noise.to(device=reference.device, dtype=reference.dtype)
 
 
-def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None) -> SecureGaussian:
+class NoisePrefetcher:
+    """Draws the next step's noise while the current step computes.
+
+    DP-SGD's noise does not depend on the gradients, so the N(0, 1) samples for step
+    t+1 can be drawn (from the same :class:`SecureGaussian`, in a background thread)
+    while step t's forward and backward passes run, and added when its gradients
+    are ready. Guarantee: the same as :class:`SecureGaussian`'s: every sample comes
+    from its keystream, is used once, and never leaves the process; only *when* it is
+    drawn changes. Two float64 buffers of the parameters' size are kept (drawn into
+    alternately). The source is only touched by one thread at a time (the foreground
+    waits for the background draw before it uses the source itself).
+    """
+
+    def __init__(self, source: SecureGaussian) -> None:
+        self.source = source
+        self._thread: threading.Thread | None = None
+        self._buffers: list[torch.Tensor] = []
+        self._ready: torch.Tensor | None = None
+
+    def _draw(self, count: int) -> None:
+        if len(self._buffers) != 2 or self._buffers[0].numel() != count:
+            self._buffers = [torch.empty(count, dtype=torch.float64) for _ in range(2)]
+        spare = self._buffers[1] if self._ready is self._buffers[0] else self._buffers[0]
+        self._ready = self.source.fill_standard_normal_(spare)
+
+    def _take(self, count: int) -> torch.Tensor:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._ready is None or self._ready.numel() != count:
+            self._draw(count)
+        assert self._ready is not None
+        samples = self._ready
+        self._thread = threading.Thread(target=self._draw, args=(count,), daemon=True)
+        self._thread.start()
+        return samples
+
+    def add_noise_each_(self, targets: Sequence[torch.Tensor], std: float) -> None:
+        """:meth:`SecureGaussian.add_noise_each_` with the samples drawn one step ahead
+        (falls back to the source for tensors it cannot add to in place)."""
+        if std == 0:
+            return
+        flats = [t.view(-1) for t in targets if t.numel()]
+        if not all(f.device.type == "cpu" and f.is_contiguous()
+                   and f.dtype in (torch.float32, torch.float64) for f in flats):
+            self.close()
+            self.source.add_noise_each_(targets, std)
+            return
+        samples = self._take(sum(f.numel() for f in flats))
+        # The background draw writes the other buffer, never the one read here.
+        offset = 0
+        for flat in flats:
+            flat.add_(samples[offset:offset + flat.numel()], alpha=float(std))
+            offset += flat.numel()
+
+    def close(self) -> None:
+        """Wait for a draw in flight (the source is free afterwards)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None, *,
+                     prefetch: bool | None = None) -> SecureGaussian:
     """Make an Opacus ``DPOptimizer`` draw its DP noise from ``source``.
 
     Replaces the optimizer instance's ``add_noise`` with one that is identical to
     Opacus's (same standard deviation ``noise_multiplier * max_grad_norm``, same
     bookkeeping flags) except that the noise comes from :class:`SecureGaussian`.
     Works for the hooks, functorch, ew and ghost (fast gradient clipping) modes.
+    ``prefetch`` draws each step's noise during the step before
+    (:class:`NoisePrefetcher`); ``None``: when a core is free of torch's own threads.
     """
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
@@ -178,6 +251,10 @@ def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None) -> Se
             f"got {type(optimizer).__name__}"
         )
     noise_source = source or SecureGaussian()
+    if prefetch is None:
+        prefetch = (os.cpu_count() or 1) > torch.get_num_threads()
+    adder: SecureGaussian | NoisePrefetcher = (
+        NoisePrefetcher(noise_source) if prefetch else noise_source)
 
     def add_noise(self: Any) -> None:
         multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
@@ -187,7 +264,7 @@ def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None) -> Se
         # Opacus: p.grad = summed_grad + noise. Here the noise is added to the summed
         # gradients in place (they are dropped at zero_grad, never read again), all
         # parameters in one pass over shared noise blocks.
-        noise_source.add_noise_each_([p.summed_grad for p in self.params], std)
+        adder.add_noise_each_([p.summed_grad for p in self.params], std)
         for p in self.params:
             p.grad = p.summed_grad.view_as(p)
             _mark_as_processed(p.summed_grad)

@@ -1,0 +1,273 @@
+"""A warm ClientApp executor for a hospital's SuperNode: Flower's SuperExec, with each
+message's ClientApp forked from a parent that imported Flower, bract, torch and
+opacus once, instead of a new ``flwr-clientapp`` interpreter per message.
+
+Flower 1.42's SuperExec starts one TaskExecutor per task through an ``Executor``
+(``flwr.supercore.superexec.executor.types.Executor``: ``launch(spec)`` and a few
+capacity hooks). ``bract-superexec`` is Flower's own ``flower-superexec`` command
+with one difference: its executor is :class:`ForkingExecutor`. Everything else (the
+task loop, authentication to the Runtime API, TLS, the task token, the ClientApp's
+own lifecycle in ``flwr.supernode.runtime.run_clientapp``) is Flower's.
+
+What it keeps of Flower's semantics, by construction:
+
+* **No state between messages except the Context.** Every ClientApp runs in a new
+  process forked from the *zygote*, a single-threaded process that only imported
+  modules and never ran an app; so each message starts from the same state a fresh
+  interpreter would have after those imports (module caches empty), and whatever
+  one message's process does dies with it.
+* **Each message's failure stays contained.** A ClientApp that raises, exits or is
+  killed ends its own process; Flower's Runtime API reports it as it does for
+  ``flwr-clientapp``. If the zygote itself dies, the next message runs as Flower's
+  default (a fresh ``flwr-clientapp``) while a new zygote starts.
+* **The app code is the hospital's installed bract**, as with Flower's default
+  executor for this app (bract is imported from the environment, not from the FAB).
+
+The Flower internals this relies on are pinned: :data:`FLOWER_VERSIONS` (checked at
+start, with a clear refusal otherwise; ``tests/flower/test_warm_executor.py`` checks
+the pin against the installed Flower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["FLOWER_VERSIONS", "PRELOAD", "ForkingExecutor", "check_flower_version",
+           "superexec_main"]
+
+#: Flower releases whose SuperExec executor protocol, ``run_superexec.get_executor``
+#: and ``run_clientapp`` signature this module was written against and tested with.
+FLOWER_VERSIONS = ("1.42.",)
+#: What the zygote imports once: Flower's ClientApp runtime, bract's ClientApp and the
+#: training stack (torch, opacus, the tasks' data loaders).
+PRELOAD = ("flwr.supernode.runtime.run_clientapp", "bract.flower.app", "bract.tasks",
+           "bract.privacy", "bract.flower.client")
+#: The function each forked child runs, as ``module:function`` (Flower's own).
+RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp:run_clientapp"
+
+
+def check_flower_version() -> str:
+    """The installed Flower version, if it is one this executor is pinned to; otherwise
+    ``RuntimeError`` naming the installed version and the fallback."""
+    from flwr.supercore.version import package_version
+
+    if not any(package_version.startswith(v) for v in FLOWER_VERSIONS):
+        raise RuntimeError(
+            f"bract's warm ClientApp executor is written against Flower "
+            f"{', '.join(v + 'x' for v in FLOWER_VERSIONS)}; Flower {package_version} is "
+            "installed: run Flower's own flower-supernode --isolation subprocess "
+            "(a fresh ClientApp process per message, Flower's 3 s idle pull)")
+    return package_version
+
+
+# ---------------------------------------------------------------------- the zygote
+def _resolve(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _child(request: dict[str, Any], target: str) -> int:
+    """Run one ClientApp (in a forked child): Flower's ``run_clientapp`` with the task's
+    token and Runtime API address; the exit status it ends with."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        certificates = None
+        if not request["insecure"] and request.get("root_certificates_path"):
+            from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+            certificates = validate_and_resolve_root_certificates(
+                request["root_certificates_path"], False)
+        _resolve(target)(
+            runtime_api_address=request["runtime_api_address"],
+            token=request["token"],
+            insecure=request["insecure"],
+            certificates=certificates,
+            parent_pid=request.get("parent_pid"),
+            runtime_dependency_install=request.get("runtime_dependency_install", False),
+        )
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def zygote_main(argv: Sequence[str] | None = None) -> int:
+    """The warm parent: import :data:`PRELOAD` (or ``--preload``), then for each JSON
+    request line on stdin fork one child that runs ``--target`` with it. Single-
+    threaded by construction (it starts no thread), so forking it is safe. It exits
+    when stdin closes (its executor is gone)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bract.flower.warm_executor")
+    parser.add_argument("--preload", default=",".join(PRELOAD))
+    parser.add_argument("--target", default=RUN_CLIENTAPP)
+    args = parser.parse_args(argv)
+    for module in filter(None, args.preload.split(",")):
+        importlib.import_module(module)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the executor decides when it stops
+    print("ready", flush=True)
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            continue
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                sys.stdin.close()
+                os.dup2(2, 1)  # the child's output goes to the log, not the protocol pipe
+                os.closerange(3, 256)
+                code = _child(request, args.target)
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        print(f"forked {pid}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- the executor
+class ForkingExecutor:
+    """Flower's ``Executor`` protocol: ClientApp tasks run in a child forked from a warm
+    zygote; any other task type, or a ClientApp task while no zygote is ready, runs
+    as Flower's :class:`SubprocessExecutor` would run it.
+
+    Guarantee: a launch never waits for a zygote; every launched task gets exactly one
+    process; that process shares no state with another task's (see the module text)."""
+
+    def __init__(self, preload: Sequence[str] = PRELOAD, target: str = RUN_CLIENTAPP,
+                 ready_timeout: float = 120.0) -> None:
+        from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+        self._fallback = SubprocessExecutor()
+        self._preload = ",".join(preload)
+        self._target = target
+        self._ready_timeout = ready_timeout
+        self._lock = threading.Lock()
+        self._zygote: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+        self.launched: list[int] = []
+        self._start_zygote()
+
+    def _start_zygote(self) -> None:
+        self._ready.clear()
+        self._zygote = subprocess.Popen(
+            [sys.executable, "-m", "bract.flower.warm_executor", "--preload", self._preload,
+             "--target", self._target],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        )
+        threading.Thread(target=self._read_zygote, args=(self._zygote,), daemon=True).start()
+
+    def _read_zygote(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                self._ready.set()
+            elif line.startswith("forked "):
+                with contextlib.suppress(ValueError):
+                    self.launched.append(int(line.split()[1]))
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Whether the zygote finished its imports within ``timeout`` seconds."""
+        return self._ready.wait(self._ready_timeout if timeout is None else timeout)
+
+    # Flower's Executor protocol ----------------------------------------------------
+    def get_eligible_capacity(self, supported_task_types: set[Any], *, insecure: bool = False,
+                              root_certificates_path: str | None = None
+                              ) -> tuple[set[Any], set[str]]:
+        """Every supported task type can launch at once (as Flower's default)."""
+        del insecure, root_certificates_path
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, task_type: Any = None, *, fab_hash: str | None = None,
+                          insecure: bool = False, root_certificates_path: str | None = None
+                          ) -> None:
+        """No capacity gate (as Flower's default)."""
+        del task_type, fab_hash, insecure, root_certificates_path
+
+    def launch(self, spec: Any) -> Any:
+        """Start the task's process: forked from the zygote for a ClientApp task when the
+        zygote is ready, otherwise as Flower's subprocess executor does."""
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return self._fallback.launch(spec)
+        request = {
+            "runtime_api_address": spec.runtime_api_address, "token": spec.token,
+            "insecure": spec.insecure, "root_certificates_path": spec.root_certificates_path,
+            "parent_pid": spec.parent_pid,
+            "runtime_dependency_install": spec.runtime_dependency_install,
+        }
+        with self._lock:
+            zygote = self._zygote
+            if zygote is None or zygote.poll() is not None or not self._ready.is_set():
+                return self._fallback.launch(spec)
+            try:
+                assert zygote.stdin is not None
+                zygote.stdin.write(json.dumps(request) + "\n")
+                zygote.stdin.flush()
+            except (OSError, ValueError):
+                return self._fallback.launch(spec)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Between task polls: start a new zygote if the last one died."""
+        with self._lock:
+            if self._zygote is not None and self._zygote.poll() is not None:
+                self._start_zygote()
+
+    def close(self) -> None:
+        """Stop the zygote (children already forked finish their own task)."""
+        with self._lock:
+            zygote, self._zygote = self._zygote, None
+        if zygote is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            assert zygote.stdin is not None
+            zygote.stdin.close()
+        try:
+            zygote.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            zygote.kill()
+
+
+def superexec_main() -> None:
+    """``bract-superexec``: Flower's ``flower-superexec`` (same flags) whose executor is
+    :class:`ForkingExecutor`."""
+    try:
+        check_flower_version()
+    except RuntimeError as exc:
+        print(f"bract-superexec: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+    from flwr.supercore.superexec import run_superexec as flower_run_superexec
+
+    def get_executor(executor_type: Any, executor_config: Any = None, **_: Any) -> Any:
+        del executor_type, executor_config
+        return ForkingExecutor()
+
+    flower_run_superexec.get_executor = get_executor
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    raise SystemExit(zygote_main())

@@ -1,0 +1,242 @@
+"""The deployment speed-ups keep Flower's semantics: the warm executor forks a fresh
+child per message (no state between messages, failures contained), the SuperNode's
+idle pull and the server's reply poll are short but not busy, the accountant's recent
+results travel in the Context, and the Flower internals these rely on are pinned."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import math
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import tomllib
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bract.flower import exchange, supernode, warm_executor
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------ the Flower pin
+def test_the_installed_flower_is_the_pinned_one_and_reads_as_expected() -> None:
+    """If a Flower upgrade changes what bract rebinds or calls, this fails first."""
+    version = warm_executor.check_flower_version()
+    requirement = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())
+                   ["project"]["dependencies"] if d.startswith("flwr")]
+    assert requirement == ["flwr[simulation]>=1.42,<1.43"]
+    assert version.startswith(warm_executor.FLOWER_VERSIONS)
+    import flwr.supernode.start_client_internal as internal
+    from flwr.supercore.superexec import run_superexec
+    from flwr.supercore.superexec.executor.types import Executor
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    source = inspect.getsource(internal)
+    assert f"time.sleep({supernode.FLOWER_IDLE_SLEEP})" in source
+    assert f'command = ["{supernode.FLOWER_SUPEREXEC}"]' in source
+    assert "executor = get_executor(" in inspect.getsource(run_superexec.run_superexec)
+    assert callable(run_superexec.get_executor)
+    protocol = {n for n in vars(Executor) if not n.startswith("_")}
+    assert protocol <= {n for n in dir(warm_executor.ForkingExecutor) if not n.startswith("_")}
+    assert set(inspect.signature(run_clientapp).parameters) == {
+        "runtime_api_address", "token", "insecure", "certificates", "parent_pid",
+        "runtime_dependency_install"}
+
+
+def test_an_unpinned_flower_is_refused_with_the_fallback(monkeypatch) -> None:
+    import flwr.supercore.version as flower_version
+
+    monkeypatch.setattr(flower_version, "package_version", "1.43.0")
+    with pytest.raises(RuntimeError, match=r"Flower 1\.43\.0 is installed: run Flower's own "
+                                           r"flower-supernode --isolation subprocess"):
+        warm_executor.check_flower_version()
+
+
+# ------------------------------------------------------------------ the warm executor
+TARGET = '''
+import json, os, sys
+TOUCHED = False
+
+def run(runtime_api_address, token, insecure, certificates, parent_pid,
+        runtime_dependency_install):
+    global TOUCHED
+    out = {"pid": os.getpid(), "ppid": os.getppid(), "touched_before": TOUCHED,
+           "preloaded": "fractions" in sys.modules, "address": runtime_api_address}
+    TOUCHED = True
+    with open(os.path.join(os.environ["WARM_TEST_DIR"], token + ".json"), "w") as f:
+        json.dump(out, f)
+    if token.startswith("crash"):
+        raise RuntimeError("this message's ClientApp failed")
+    if token.startswith("exit"):
+        sys.exit(3)
+'''
+
+
+def _spec(token: str):
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    return ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:1",
+                         token=token, insecure=True, root_certificates_path=None,
+                         runtime_dependency_install=False, parent_pid=None,
+                         suppress_output=True, task_id=1)
+
+
+def _wait_for(path: Path, seconds: float = 60.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size:
+            return json.loads(path.read_text())
+        time.sleep(0.02)
+    raise AssertionError(f"{path} was never written")
+
+
+def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeypatch) -> None:
+    """Every ClientApp task gets its own process forked from the zygote: it sees the
+    zygote's imports, never what an earlier message's process did; a message that
+    raises or exits ends only its own process; a dead zygote is replaced."""
+    (tmp_path / "warm_target.py").write_text(TARGET)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
+    monkeypatch.setenv("WARM_TEST_DIR", str(tmp_path))
+    executor = warm_executor.ForkingExecutor(preload=("fractions", "warm_target"),
+                                             target="warm_target:run")
+    try:
+        assert executor.wait_ready(120)
+        zygote = executor._zygote
+        assert zygote is not None
+        seen = []
+        for token in ("first", "crash-1", "exit-1", "second"):
+            assert executor.launch(_spec(token)).status == "accepted"
+            seen.append(_wait_for(tmp_path / f"{token}.json"))
+        assert len({s["pid"] for s in seen}) == 4
+        assert all(s["ppid"] == zygote.pid for s in seen)
+        assert not any(s["touched_before"] for s in seen)  # no state between messages
+        assert all(s["preloaded"] for s in seen)
+        assert zygote.poll() is None  # failures stayed in their own processes
+        zygote.kill()
+        zygote.wait()
+        executor.reconcile()
+        assert executor._zygote is not zygote and executor.wait_ready(120)
+        assert executor.launch(_spec("after-restart")).status == "accepted"
+        assert _wait_for(tmp_path / "after-restart.json")["ppid"] == executor._zygote.pid
+    finally:
+        executor.close()
+    assert zygote.poll() is not None
+
+
+# ------------------------------------------------------------------ the SuperNode's polls
+def test_the_supernode_patch_shortens_only_the_idle_sleep_and_swaps_the_superexec(
+        monkeypatch) -> None:
+    slept: list[float] = []
+    started: list[list[str]] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "Popen", lambda args, *a, **k: started.append(args))
+    module = types.SimpleNamespace(time=time, subprocess=subprocess)
+    supernode.patch_supernode(module, 0.2, "warm")
+    module.time.sleep(3)
+    module.time.sleep(0.5)
+    assert slept == [0.2, 0.5]
+    assert module.time.monotonic is time.monotonic
+    module.subprocess.Popen(["flower-superexec", "--runtime-api-address", "a:1"])
+    module.subprocess.Popen(["something-else"])
+    assert started[0][-2:] == ["--runtime-api-address", "a:1"]
+    assert started[0][0] == sys.executable and "superexec_main" in started[0][2]
+    assert started[1] == ["something-else"]
+    flower = types.SimpleNamespace(time=time, subprocess=subprocess)
+    supernode.patch_supernode(flower, 1.0, "flower")
+    assert flower.subprocess is subprocess  # Flower's own executor is left alone
+    for bad in (0.0, -1.0, 3.5, math.nan):
+        with pytest.raises(ValueError, match="--pull-interval"):
+            supernode.patch_supernode(types.SimpleNamespace(), bad, "warm")
+
+
+class PushPullGrid:
+    """Replies to message i become pullable after ``ready[i]`` pulls (never if None)."""
+
+    def __init__(self, ready: list[int | None]) -> None:
+        self.ready, self.pulls, self.pushed = ready, 0, []
+
+    def push_messages(self, messages):
+        self.pushed = list(messages)
+        return [f"m{i}" for i in range(len(self.pushed))]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        return [types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id=i))
+                for i in sorted(ids) if (r := self.ready[int(i[1:])]) is not None
+                and self.pulls >= r]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=5))
+def test_the_reply_wait_returns_every_reply_once(ready) -> None:
+    grid = PushPullGrid(list(ready))
+    replies = exchange.send_and_receive(grid, range(len(ready)), None, max_poll=0.001)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == \
+        [f"m{i}" for i in range(len(ready))]
+    assert grid.pulls == max(ready)  # stops at the last reply, no extra pull
+
+
+def test_the_reply_wait_gives_up_at_the_timeout_with_what_arrived() -> None:
+    grid = PushPullGrid([1, None])
+    replies = exchange.send_and_receive(grid, range(2), 0.05, max_poll=0.01)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+
+
+def test_the_reply_wait_polls_soon_then_backs_off_to_the_maximum(monkeypatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(exchange.time, "sleep", slept.append)
+    exchange.send_and_receive(PushPullGrid([12]), range(1), None, max_poll=0.1)
+    assert slept[0] == exchange.FIRST_POLL
+    assert all(b >= a for a, b in itertools.pairwise(slept))
+    assert max(slept) == 0.1 and len(slept) == 11  # no busy loop: never below 10 ms
+
+
+# ------------------------------------------------------------------ epsilon in the Context
+def test_the_accountants_results_travel_in_the_context(tmp_path, monkeypatch) -> None:
+    """After a train message the hospital's Context holds its recent epsilons; a new
+    process (empty caches) given that Context answers the same question without the
+    accountant, and only for exactly the history it was computed for."""
+    from flwr.app import Context, RecordDict
+
+    from bract.flower.app import client_app, server_app
+    from bract.flower.records import STATE_EPSILONS
+    from bract.privacy import accounting
+
+    from .conftest import FakeGrid
+
+    rc = {"dataset": "breast-cancer", "clients": 2, "rounds": 1, "target-epsilon": 2.0,
+          "out": str(tmp_path), "secagg": False}
+    grid = FakeGrid(dict.fromkeys((11, 22), client_app), run_config=rc)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=rc))
+    report = json.loads((tmp_path / "report.json").read_text())
+    eps = report["rounds"][0]["per_client"]["hospital-0"]["epsilon"]
+    ctx = grid.contexts[11]
+    carried = dict(ctx.state.config_records[STATE_EPSILONS])
+    assert any(math.isclose(v, eps, rel_tol=1e-9) for v in carried.values())
+
+    monkeypatch.setattr(accounting, "_CARRIED", {})
+    accounting._composed_epsilon.cache_clear()
+    events = [accounting.DpSgdEvent(1.1, 0.05, 40, 1.0, 1e-5)]
+    fresh = accounting.epsilon_of(events, 1e-5)
+    carried = accounting.carried_epsilons()
+    monkeypatch.setattr(accounting, "_CARRIED", {})
+    accounting._composed_epsilon.cache_clear()
+
+    def no_accountant(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(accounting, "_composed_epsilon", no_accountant)
+    accounting.carry_epsilons(carried)
+    assert accounting.epsilon_of(events, 1e-5) == fresh
+    with pytest.raises(AssertionError, match="recomputed"):
+        accounting.epsilon_of(events, 2e-5)  # another delta is another question
