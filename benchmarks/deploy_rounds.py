@@ -14,7 +14,8 @@ breast-cancer task with DP-SGD calibrated to epsilon 4 at delta 1e-5, PRV accoun
   1 s task poll.
 * ``bract``: bract's defaults: the warm executor (a child forked from a parent that
   imported Flower, bract, torch and opacus once), 0.2 s idle pull, reply polls growing
-  from 10 ms to 0.1 s, 0.2 s task poll.
+  from 10 ms to 0.1 s, 0.05 s task poll, and a FAB that carries only the app's
+  configuration (``fab-include``; each message's ClientApp unpacks and checks it).
 
 In each setup a plain run (``secagg=false``: one message stage per round) and a secure
 run (secure aggregation: 3 stages per round from round 2 on) each get a new federation
@@ -36,12 +37,14 @@ import tempfile
 from pathlib import Path
 
 from bract.flower.deploy import LocalFederation
+from bract.flower.exchange import REPLY_POLL_MAX
+from bract.flower.supernode import DEFAULT_PULL_INTERVAL, TASK_POLL_INTERVAL
 
 SETUPS = {
     "flower": {"executor": "flower", "pull_interval": 3.0, "task_poll_interval": 1.0,
                "reply-poll": 3.0},
-    "bract": {"executor": "warm", "pull_interval": 0.2, "task_poll_interval": 0.2,
-              "reply-poll": 0.1},
+    "bract": {"executor": "warm", "pull_interval": DEFAULT_PULL_INTERVAL,
+              "task_poll_interval": TASK_POLL_INTERVAL, "reply-poll": REPLY_POLL_MAX},
 }
 
 

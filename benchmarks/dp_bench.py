@@ -94,8 +94,8 @@ BATCH = 64
 DP_MODES = ("hooks", "ghost", "bk")
 #: Suffixes of a DP variant: "+torchnoise" uses torch.normal instead of SecureGaussian,
 #: "+opacusconv" Opacus's own Conv2d (im2col) and GroupNorm per-sample rules instead of
-#: bract's.
-VARIANT_FLAGS = ("torchnoise", "opacusconv")
+#: bract's; "+prefetch" draws each step's noise during the step before (NoisePrefetcher).
+VARIANT_FLAGS = ("torchnoise", "opacusconv", "prefetch")
 SIGMA = 1.0
 MAX_GRAD_NORM = 1.0
 DELTA = 1e-5
@@ -147,7 +147,7 @@ def nonprivate_round(model: nn.Module, data: TensorDataset, steps: int) -> float
 
 def dp_trainer(
     model: nn.Module, data: TensorDataset, mode: str, secure_noise: bool = True,
-    grad_samplers: str = "bract",
+    grad_samplers: str = "bract", noise_prefetch: bool | None = False,
 ) -> PrivateTrainer:
     """bract's PrivateTrainer as a user would build it (no budget, default accountant)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -155,7 +155,7 @@ def dp_trainer(
     return PrivateTrainer(
         model, opt, loader, noise_multiplier=SIGMA, max_grad_norm=MAX_GRAD_NORM, delta=DELTA,
         grad_sample_mode=mode, device="cpu", secure_noise=secure_noise,
-        grad_samplers=grad_samplers,
+        grad_samplers=grad_samplers, noise_prefetch=noise_prefetch,
     )
 
 
@@ -166,7 +166,8 @@ def dp_variant(model: nn.Module, data: TensorDataset, variant: str) -> PrivateTr
     if mode not in DP_MODES or unknown:
         raise ValueError(f"unknown DP variant {variant!r}")
     return dp_trainer(model, data, mode, secure_noise="torchnoise" not in flags,
-                      grad_samplers="opacus" if "opacusconv" in flags else "bract")
+                      grad_samplers="opacus" if "opacusconv" in flags else "bract",
+                      noise_prefetch="prefetch" in flags)
 
 
 def dp_round(trainer: PrivateTrainer, rnd: int) -> float:
@@ -410,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.set_num_threads (0: leave torch's default)")
     parser.add_argument("--no-torchnoise-variant", action="store_true",
                         help="skip the bk+torchnoise diagnostic variant")
+    parser.add_argument("--prefetch-variant", action="store_true",
+                        help="add bk+prefetch: the noise drawn one step ahead in a thread")
     parser.add_argument("--skip-memory", action="store_true", help="skip the memory section")
     parser.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mem-size", type=int, default=128, help="image size for memory")
@@ -445,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             variants.append("hooks+opacusconv")
         if not args.no_torchnoise_variant:
             variants.append("bk+torchnoise")
+        if args.prefetch_variant:
+            variants.append("bk+prefetch")
         steps, reps = cfg[size]
         results[size] = bench_throughput(size, steps, reps, variants, log)
 

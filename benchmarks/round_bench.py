@@ -307,20 +307,30 @@ class TimingGrid:
     #: When set, the simulation's InMemoryGrid polls for replies this often (Flower: 0.1 s).
     pull_interval: float | None = None
 
-    def __init__(self, grid: Any) -> None:
+    def __init__(self, grid: Any, exchange: bool = False) -> None:
         self._grid = grid
+        #: bract's server waits with its own reply loop (bract.flower.exchange: polls from
+        #: 10 ms up to 0.1 s); Flower's and the floor variants with the Grid's own.
+        self._exchange = exchange
         self.calls: list[dict[str, Any]] = []
         if TimingGrid.pull_interval is not None and hasattr(grid, "pull_interval"):
             grid.pull_interval = TimingGrid.pull_interval
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("push_messages", "pull_messages"):
+            raise AttributeError(name)  # every wait goes through send_and_receive (timed)
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
         messages = list(messages)
         t = time.perf_counter()
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if self._exchange:
+            from bract.flower.exchange import send_and_receive
+
+            replies = send_and_receive(self._grid, messages, timeout)
+        else:
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self.calls.append({
             "stage": messages[0].metadata.message_type if messages else "",
             "round": messages[0].metadata.group_id if messages else "",
@@ -372,7 +382,7 @@ def bract_server(rounds: int, settings: SecAggSettings | None, out_dir: Path,
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        tg = TimingGrid(grid)
+        tg = TimingGrid(grid, exchange=True)
         cfg = ServerConfig(rounds=rounds, num_clients=N_CLIENTS, delta=1e-5, out_dir=out_dir,
                            min_clients=N_CLIENTS, show_progress=False, secagg=settings)
         report = run_federation(tg, model_weights(), evaluate, cfg)  # type: ignore[arg-type]

@@ -117,6 +117,9 @@ def test_module_level_apps_run_a_secure_round_from_operator_files(tmp_path) -> N
     assert row["secagg"]["aborted"] is None
     assert set(row["secagg"]["alive"]) == {"hospital-0", "hospital-1", "hospital-2"}
     assert (row["secagg"]["threshold"], row["secagg"]["colluders"]) == (2, 0)
+    # The report shows the ring and graph the hospitals masked with: 3 hospitals x
+    # weight 2^20 x clip 8 at 2^-16 resolution need 42 bits, so the 64-bit ring.
+    assert (row["secagg"]["ring_bits"], row["secagg"]["graph"]) == (64, "complete")
     assert (tmp_path / "op-0" / "identity.key").stat().st_mode & 0o077 == 0
 
 

@@ -66,8 +66,12 @@ TOUCHED = False
 def run(runtime_api_address, token, insecure, certificates, parent_pid,
         runtime_dependency_install):
     global TOUCHED
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    key = X25519PrivateKey.generate().public_key().public_bytes_raw().hex()
     out = {"pid": os.getpid(), "ppid": os.getppid(), "touched_before": TOUCHED,
-           "preloaded": "fractions" in sys.modules, "address": runtime_api_address}
+           "preloaded": "fractions" in sys.modules, "address": runtime_api_address,
+           "key": key, "urandom": os.urandom(16).hex()}
     TOUCHED = True
     with open(os.path.join(os.environ["WARM_TEST_DIR"], token + ".json"), "w") as f:
         json.dump(out, f)
@@ -99,12 +103,18 @@ def _wait_for(path: Path, seconds: float = 60.0) -> dict:
 
 def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeypatch) -> None:
     """Every ClientApp task gets its own process forked from the zygote: it sees the
-    zygote's imports, never what an earlier message's process did; a message that
-    raises or exits ends only its own process; a dead zygote is replaced."""
+    zygote's imports, never what an earlier message's process did, and draws its own
+    randomness (keys differ although the zygote's OpenSSL was used before the fork); a
+    message that raises or exits ends only its own process; a dead zygote is replaced."""
     (tmp_path / "warm_target.py").write_text(TARGET)
+    # The zygote's OpenSSL has already drawn randomness before it forks (the worst
+    # case): each child must still get its own keys.
+    (tmp_path / "warm_prelude.py").write_text(
+        "from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey\n"
+        "X25519PrivateKey.generate()\n")
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
     monkeypatch.setenv("WARM_TEST_DIR", str(tmp_path))
-    executor = warm_executor.ForkingExecutor(preload=("fractions", "warm_target"),
+    executor = warm_executor.ForkingExecutor(preload=("fractions", "warm_prelude", "warm_target"),
                                              target="warm_target:run")
     try:
         assert executor.wait_ready(120)
@@ -118,6 +128,11 @@ def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeyp
         assert all(s["ppid"] == zygote.pid for s in seen)
         assert not any(s["touched_before"] for s in seen)  # no state between messages
         assert all(s["preloaded"] for s in seen)
+        assert len({s["key"] for s in seen}) == len({s["urandom"] for s in seen}) == 4
+        deadline = time.monotonic() + 30
+        while executor.forked < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert executor.forked == 4
         assert zygote.poll() is None  # failures stayed in their own processes
         zygote.kill()
         zygote.wait()

@@ -158,9 +158,10 @@ def test_prefetched_noise_is_the_same_stream_each_sample_used_once(sizes, steps,
     # A change of size discards the draw made ahead (never reused): the next noise is
     # the stream after it.
     reference.standard_normal_tensor(total)
-    other = [torch.zeros(5, dtype=torch.float64)]
+    other = [torch.zeros(total + 1, dtype=torch.float64)]
     prefetcher.add_noise_each_(other, 1.0)
-    torch.testing.assert_close(other[0], reference.standard_normal_tensor(5), rtol=0, atol=0)
+    torch.testing.assert_close(other[0], reference.standard_normal_tensor(total + 1), rtol=0,
+                               atol=0)
     prefetcher.close()
 
 

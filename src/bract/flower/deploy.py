@@ -68,7 +68,11 @@ from bract.flower.processes import (
     marked_pids,
 )
 from bract.flower.secagg_client import read_identity_key, write_identity_key
-from bract.flower.supernode import DEFAULT_PULL_INTERVAL, FLOWER_IDLE_SLEEP
+from bract.flower.supernode import (
+    DEFAULT_PULL_INTERVAL,
+    FLOWER_IDLE_SLEEP,
+    TASK_POLL_INTERVAL,
+)
 from bract.records.roster import Roster, read_roster, write_roster
 from bract.secagg.crypto import SigningKey
 
@@ -169,7 +173,7 @@ class LocalFederation:
     executor: str = "warm"
     pull_interval: float = DEFAULT_PULL_INTERVAL
     startup_timeout: float = 90.0
-    task_poll_interval: float = 0.2
+    task_poll_interval: float = TASK_POLL_INTERVAL
     #: Secure aggregation (run config). Every hospital gets an Ed25519 identity and a
     #: roster either way: the identity also signs its privacy ledger.
     secagg: bool = True

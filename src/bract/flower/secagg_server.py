@@ -88,6 +88,11 @@ class SecureRoundInfo:
     threshold: int = 0
     colluders: int = 0
     min_honest: int = 0
+    #: The masking ring Z_(2^ring_bits) (the smallest with headroom for the round's
+    #: hospitals, weights and clip) and the graph each hospital masks with.
+    ring_bits: int = 0
+    graph: str = ""
+    degree: int = 0
 
     def to_plain(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -97,7 +102,8 @@ class SecureRoundInfo:
             "stages": self.stages, "seconds": self.seconds, "aborted": self.aborted,
             "error_bound": self.error_bound, "excluded": self.excluded,
             "threshold": self.threshold, "colluders": self.colluders,
-            "min_honest": self.min_honest,
+            "min_honest": self.min_honest, "ring_bits": self.ring_bits,
+            "graph": self.graph, "degree": self.degree,
         }
 
 
@@ -511,6 +517,7 @@ class SecureAggregator:
         if cfg is not None:
             info.threshold, info.colluders, info.min_honest = (
                 cfg.threshold, cfg.colluders, cfg.min_honest)
+            info.ring_bits, info.graph, info.degree = cfg.ring_bits, cfg.graph_kind, cfg.degree
 
     def _public_reason(self, why: str) -> str:
         """A protocol error as an operator reads it: protocol round numbers (which

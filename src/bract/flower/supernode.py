@@ -9,7 +9,8 @@
 * **which executor runs its ClientApps** (``--executor``): ``warm`` (default) runs
   Flower's SuperExec with bract's :class:`~bract.flower.warm_executor.ForkingExecutor`
   (``bract-superexec``), ``flower`` Flower's own (a fresh ``flwr-clientapp`` per
-  message). Both use ``--isolation subprocess``: the SuperNode starts the SuperExec.
+  message). Both use ``--isolation subprocess``: the SuperNode starts the SuperExec,
+  which asks its SuperNode for work every :data:`TASK_POLL_INTERVAL` s (Flower: 1 s).
 
 Both are set by rebinding two names inside ``flwr.supernode.start_client_internal``
 (its ``time`` and ``subprocess``) before Flower's own ``flower_supernode()`` runs;
@@ -21,6 +22,7 @@ rebind still reads as expected.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -32,6 +34,9 @@ __all__ = ["DEFAULT_PULL_INTERVAL", "FLOWER_IDLE_SLEEP", "main", "patch_supernod
 
 #: Seconds between a SuperNode's pulls while it has nothing to do (bract's default).
 DEFAULT_PULL_INTERVAL = 0.2
+#: Seconds between the SuperExec's asks for a task on its own SuperNode (a loopback
+#: request; Flower's default is 1 s). ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` overrides it.
+TASK_POLL_INTERVAL = 0.05
 #: Flower 1.42's idle sleep in ``start_client_internal`` (the value rebound).
 FLOWER_IDLE_SLEEP = 3
 #: The command Flower 1.42's SuperNode starts its SuperExec with.
@@ -93,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (RuntimeError, ValueError) as exc:
         print(f"bract-supernode: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(TASK_POLL_INTERVAL))
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *rest]

@@ -265,6 +265,7 @@ class PrivateTrainer:
         grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
         device: str | torch.device | None = None,
         secure_noise: bool = True,
+        noise_prefetch: bool | None = None,
         sampling_seed: int | None = None,
         grad_samplers: str = "bract",
         public_buffers: Sequence[str] = (),
@@ -370,6 +371,9 @@ class PrivateTrainer:
         self.grad_sample_mode = grad_sample_mode
         self.grad_samplers = grad_samplers
         self.secure_noise = secure_noise
+        #: Draw each step's noise during the step before (``None``: when a core is free
+        #: of torch's threads; :class:`bract.privacy.noise.NoisePrefetcher`).
+        self.noise_prefetch = noise_prefetch
         if sampling_seed is not None and self.noise_multiplier != 0:
             raise PrivacyError(
                 "a fixed sampling seed makes every batch predictable, which voids the privacy "
@@ -518,7 +522,7 @@ class PrivateTrainer:
             hooks, dp_optimizer, dp_loader = made
             criterion = self.criterion
         if self._noise_source is not None:
-            use_secure_noise(dp_optimizer, self._noise_source)
+            use_secure_noise(dp_optimizer, self._noise_source, prefetch=self.noise_prefetch)
         if self._audit_hook is not None:  # bract.audit.whitebox only
             self._audit_hook(dp_optimizer)
         # Which records a step samples must stay secret (amplification by sampling):
