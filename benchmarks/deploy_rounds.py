@@ -14,7 +14,7 @@ breast-cancer task with DP-SGD calibrated to epsilon 4 at delta 1e-5, PRV accoun
   1 s task poll.
 * ``bract``: bract's defaults: the warm executor (a child forked from a parent that
   imported Flower, bract, torch and opacus once), 0.2 s idle pull, reply polls growing
-  from 10 ms to 0.1 s, 0.05 s task poll, and a FAB that carries only the app's
+  from 10 ms to 0.1 s, 0.2 s task poll, and a FAB that carries only the app's
   configuration (``fab-include``; each message's ClientApp unpacks and checks it).
 
 In each setup a plain run (``secagg=false``: one message stage per round) and a secure
@@ -72,9 +72,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--setups", default="flower,bract")
+    parser.add_argument("--task-poll", type=float, default=None,
+                        help="experiment: the bract setup's SuperExec task poll (s)")
     args = parser.parse_args()
     if args.rounds < 2:
         raise SystemExit("deploy_rounds: --rounds must be at least 2 (round 1 is excluded)")
+    if args.task_poll is not None:
+        SETUPS["bract"]["task_poll_interval"] = args.task_poll
     results: dict[str, dict[str, list[float]]] = {}
     for repeat in range(args.repeats):
         for name in args.setups.split(","):

@@ -39,6 +39,7 @@ def test_the_installed_flower_is_the_pinned_one_and_reads_as_expected() -> None:
 
     source = inspect.getsource(internal)
     assert f"time.sleep({supernode.FLOWER_IDLE_SLEEP})" in source
+    assert source.count(f"time.sleep({supernode.FLOWER_LOCAL_WAIT})") == 2
     assert f'command = ["{supernode.FLOWER_SUPEREXEC}"]' in source
     assert "executor = get_executor(" in inspect.getsource(run_superexec.run_superexec)
     assert callable(run_superexec.get_executor)
@@ -158,7 +159,8 @@ def test_the_supernode_patch_shortens_only_the_idle_sleep_and_swaps_the_superexe
     supernode.patch_supernode(module, 0.2, "warm")
     module.time.sleep(3)
     module.time.sleep(0.5)
-    assert slept == [0.2, 0.5]
+    module.time.sleep(1.25)
+    assert slept == [0.2, supernode.LOCAL_WAIT, 1.25]
     assert module.time.monotonic is time.monotonic
     module.subprocess.Popen(["flower-superexec", "--runtime-api-address", "a:1"])
     module.subprocess.Popen(["something-else"])
@@ -255,3 +257,17 @@ def test_the_accountants_results_travel_in_the_context(tmp_path, monkeypatch) ->
     assert accounting.epsilon_of(events, 1e-5) == fresh
     with pytest.raises(AssertionError, match="recomputed"):
         accounting.epsilon_of(events, 2e-5)  # another delta is another question
+
+
+def test_the_zygote_starts_no_python_thread_before_it_forks() -> None:
+    """Forking copies only the forking thread: a Python thread alive in the zygote could
+    hold a lock (logging, imports) that the child then never sees released. Native
+    thread pools (BLAS, torch) register their own at-fork handlers."""
+    import subprocess
+
+    code = ("import importlib, threading; from bract.flower.warm_executor import PRELOAD; "
+            "[importlib.import_module(m) for m in PRELOAD]; "
+            "print(threading.active_count(), [t.name for t in threading.enumerate()])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.strip()
+    assert out == "1 ['MainThread']"

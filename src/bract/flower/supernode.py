@@ -1,6 +1,8 @@
 """``bract-supernode``: the SuperNode a hospital runs. It is Flower's
-``flower-supernode`` itself (same flags), with two settings Flower 1.42 hard-codes:
+``flower-supernode`` itself (same flags), with settings Flower 1.42 hard-codes:
 
+* **how often it looks for a finished ClientApp's reply** in its own memory (Flower
+  checks every 0.5 s; bract every :data:`LOCAL_WAIT` s: an in-memory lookup);
 * **how often it pulls when idle** (``--pull-interval``, default
   :data:`DEFAULT_PULL_INTERVAL` s; Flower sleeps 3 s after an empty pull). A
   finished ClientApp's reply is pushed on the SuperNode's next pass, so this bounds
@@ -36,9 +38,14 @@ __all__ = ["DEFAULT_PULL_INTERVAL", "FLOWER_IDLE_SLEEP", "main", "patch_supernod
 DEFAULT_PULL_INTERVAL = 0.2
 #: Seconds between the SuperExec's asks for a task on its own SuperNode (a loopback
 #: request; Flower's default is 1 s). ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` overrides it.
-TASK_POLL_INTERVAL = 0.05
+TASK_POLL_INTERVAL = 0.2
 #: Flower 1.42's idle sleep in ``start_client_internal`` (the value rebound).
 FLOWER_IDLE_SLEEP = 3
+#: Flower 1.42's wait in ``start_client_internal`` for a ClientApp's reply (and its
+#: contents) to appear in the SuperNode's own in-memory state (the value rebound).
+FLOWER_LOCAL_WAIT = 0.5
+#: bract's wait for the same: an in-memory check, so a short one costs nothing.
+LOCAL_WAIT = 0.02
 #: The command Flower 1.42's SuperNode starts its SuperExec with.
 FLOWER_SUPEREXEC = "flower-superexec"
 
@@ -50,7 +57,8 @@ def _superexec_command() -> list[str]:
 
 def patch_supernode(module: Any, pull_interval: float, executor: str) -> None:
     """Rebind ``module``'s (``flwr.supernode.start_client_internal``'s) ``time`` so its
-    idle sleep lasts ``pull_interval`` seconds, and with ``executor="warm"`` its
+    idle sleep lasts ``pull_interval`` seconds and its wait for a ClientApp's reply in
+    its own memory :data:`LOCAL_WAIT`, and with ``executor="warm"`` its
     ``subprocess`` so the SuperExec it starts is ``bract-superexec``."""
     if not (0 < pull_interval <= FLOWER_IDLE_SLEEP):
         raise ValueError(f"--pull-interval must be > 0 and <= {FLOWER_IDLE_SLEEP} s")
@@ -58,7 +66,11 @@ def patch_supernode(module: Any, pull_interval: float, executor: str) -> None:
         raise ValueError("--executor must be warm or flower")
 
     def sleep(seconds: float) -> None:
-        time.sleep(pull_interval if seconds == FLOWER_IDLE_SLEEP else seconds)
+        if seconds == FLOWER_IDLE_SLEEP:
+            seconds = pull_interval
+        elif seconds == FLOWER_LOCAL_WAIT:
+            seconds = LOCAL_WAIT
+        time.sleep(seconds)
 
     module.time = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time)
                                             if not n.startswith("__")})

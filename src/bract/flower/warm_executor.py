@@ -47,10 +47,12 @@ __all__ = ["FLOWER_VERSIONS", "PRELOAD", "ForkingExecutor", "check_flower_versio
 #: Flower releases whose SuperExec executor protocol, ``run_superexec.get_executor``
 #: and ``run_clientapp`` signature this module was written against and tested with.
 FLOWER_VERSIONS = ("1.42.",)
-#: What the zygote imports once: Flower's ClientApp runtime, bract's ClientApp and the
-#: training stack (torch, opacus, the tasks' data loaders).
-PRELOAD = ("flwr.supernode.runtime.run_clientapp", "bract.flower.app", "bract.tasks",
-           "bract.privacy", "bract.flower.client")
+#: What the zygote imports once: Flower's ClientApp runtime, bract's ClientApp and what
+#: its train handler loads (torch, Opacus, the accountants, the tasks' data loaders).
+PRELOAD = ("flwr.supernode.runtime.run_clientapp", "bract.flower.app", "bract.flower.client",
+           "bract.tasks", "bract.privacy", "bract.privacy.training",
+           "bract.privacy.bookkeeping", "bract.privacy.grad_samplers", "opacus",
+           "torch._dynamo", "dp_accounting", "scipy.signal", "sklearn.datasets")
 #: The function each forked child runs, as ``module:function`` (Flower's own).
 RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp:run_clientapp"
 
