@@ -805,6 +805,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {r['round_s']:.3f} | {r['first_round_s']:.2f} | "
               f"{fmt(ratio(name, base))} | {fmt(ratio(name, 'flower-fedavg'))} |")
 
+    floor_goal = None
+    if all(v in results for v in ("bract-secure", "bract-plain", "floor-1-stage",
+                                  "floor-3-stages")):
+        # The engine's own floor for a 3-stage round, scaled to bract's plain round.
+        floor_goal = rs("bract-secure") / (rs("bract-plain") * ratio("floor-3-stages",
+                                                                      "floor-1-stage"))
+        print(f"\nbract-secure / (bract-plain x floor-3-stages / floor-1-stage): "
+              f"{floor_goal:.2f} (goal <= 1.2)")
+    if "flower-secaggplus" in results and "bract-secure" in results:
+        print(f"flower-secaggplus / bract-secure: "
+              f"{ratio('flower-secaggplus', 'bract-secure'):.2f} (goal > 1)")
+
     breakdowns = {}
     for name, r in results.items():
         if name.startswith("bract") and "secure" in name:
@@ -859,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             "flower-legacy-fedavg"),
         # The engine's floor for a three-stage protocol (no crypto, empty stages).
         "floor_3_stages_over_1": ratio("floor-3-stages", "floor-1-stage"),
+        "bract_secure_over_engine_floor": floor_goal,
         "variants": {k: {"round_s": v["round_s"], "rounds_s": v["rounds"],
                          "first_round_s": v["first_round_s"], "wall_s": v["wall_s"],
                          **({"bract_report_seconds": v["bract_seconds"]}
