@@ -74,11 +74,15 @@ def main() -> int:
     parser.add_argument("--setups", default="flower,bract")
     parser.add_argument("--task-poll", type=float, default=None,
                         help="experiment: the bract setup's SuperExec task poll (s)")
+    parser.add_argument("--pull", type=float, default=None,
+                        help="experiment: the bract setup's SuperNode idle pull (s)")
     args = parser.parse_args()
     if args.rounds < 2:
         raise SystemExit("deploy_rounds: --rounds must be at least 2 (round 1 is excluded)")
     if args.task_poll is not None:
         SETUPS["bract"]["task_poll_interval"] = args.task_poll
+    if args.pull is not None:
+        SETUPS["bract"]["pull_interval"] = args.pull
     results: dict[str, dict[str, list[float]]] = {}
     for repeat in range(args.repeats):
         for name in args.setups.split(","):
