@@ -13,6 +13,7 @@ import pytest
 from bract.cli import main
 from bract.flower import deploy_cli
 from bract.flower.deploy import RunResult
+from tests.ctrl_c import interrupt_after_rounds
 
 
 class FakeFederation:
@@ -160,9 +161,7 @@ def test_ctrl_c_stops_a_deployment_and_the_printed_command_resumes_it(tmp_path) 
     seconds, no traceback, no process of the deployment left, one `interrupted:` line
     with the command that continues it; that command (--resume) finishes the run with
     the same hospitals and federation, and the whole ledger verifies."""
-    import os
     import shlex
-    import signal
     import subprocess
     import sys
     import time
@@ -170,22 +169,12 @@ def test_ctrl_c_stops_a_deployment_and_the_printed_command_resumes_it(tmp_path) 
     out = tmp_path / "run"
     bract = str(Path(sys.executable).parent / "bract")
     argv = [bract, "deploy", "--rounds", "3", "--out", str(out), "--target-epsilon", "4"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
     report = out / "report.json"
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and proc.poll() is None:
-        if report.exists() and json.loads(report.read_text()).get("rounds"):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    os.kill(proc.pid, signal.SIGINT)
-    t0 = time.monotonic()
-    stdout, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - t0 < 15
-    assert proc.returncode == 130
-    assert "Traceback" not in stdout + stderr
-    last = stderr.strip().splitlines()[-1]
+    ended, seconds, _ = interrupt_after_rounds(argv, report, 1, start_within=400)
+    assert seconds < 15
+    assert ended.returncode == 130
+    assert "Traceback" not in ended.stdout + ended.stderr
+    last = ended.stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted: the deployment (its SuperLink and SuperNodes are "
                            "stopped) stopped after round ")
     time.sleep(1)

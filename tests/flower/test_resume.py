@@ -18,6 +18,7 @@ from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import PrivacyLedger, epsilon_of, load_weights, weights_of
+from tests.ctrl_c import interrupt_after_rounds
 
 from .conftest import FakeGrid
 
@@ -175,9 +176,7 @@ def test_ctrl_c_stops_a_simulation_in_seconds_and_the_printed_command_resumes_it
     (Ray's raylet, GCS and workers included); that command finishes the run and its
     ledger verifies."""
     import json
-    import os
     import shlex
-    import signal
     import subprocess
     import sys
     import time
@@ -186,25 +185,15 @@ def test_ctrl_c_stops_a_simulation_in_seconds_and_the_printed_command_resumes_it
     bract = str(Path(sys.executable).parent / "bract")
     argv = [bract, "simulate", "--dataset", "breast-cancer", "--rounds", "12", "--out",
             str(out), "--no-progress"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
     report = out / "report.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if report.exists() and len(json.loads(report.read_text())["rounds"]) >= 2:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    os.kill(proc.pid, signal.SIGINT)
-    t0 = time.monotonic()
-    stdout, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - t0 < 10
-    assert proc.returncode == 130
-    assert "Traceback" not in stdout + stderr
-    last = stderr.strip().splitlines()[-1]
+    ended, seconds, pid = interrupt_after_rounds(argv, report, 2, start_within=240)
+    assert seconds < 10
+    assert ended.returncode == 130
+    assert "Traceback" not in ended.stdout + ended.stderr
+    last = ended.stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted: the run stopped after round ")
     time.sleep(1)
-    assert _group_alive(proc.pid) == []
+    assert _group_alive(pid) == []
     command = shlex.split(last.split("continue it with: ", 1)[1])
     assert command[-1] == "--resume"
     resumed = subprocess.run([bract, *command[1:]], capture_output=True, text=True,
