@@ -53,6 +53,11 @@ def dp_sgd_clipped_sum(model: nn.Module, x, y, mode: str, clip: float, reduction
 
 
 def agrees(model: nn.Module, x, y, mode: str) -> bool:
+    # In float64: ill-conditioned configurations (e.g. a GroupNorm over one channel of
+    # mostly padding) put every float32 implementation ~1e-4 away from the reference
+    # by rounding alone, although all of them clip the same per-example norms.
+    model = copy.deepcopy(model).double()
+    x = x.double() if x.is_floating_point() else x
     criterion = nn.CrossEntropyLoss()
     _, norms = reference_clipped_sum(model, x, y, criterion, 1e9)
     clip = float(norms.median())  # about half the examples are clipped
