@@ -408,6 +408,10 @@ class FederationConfig:
         defaults, or ``overrides``)."""
         values = {o.name: getattr(args, o.name) for o in OPTIONS
                   if o.flag and hasattr(args, o.name)}
+        for name, value in values.items():
+            if isinstance(value, list):  # argparse drops a bare "--" given as a value
+                raise ValueError(f"--{_BY_NAME[name].key}: no value: '--' marks the end of "
+                                 "the options and cannot be a value")
         return cls(**{**values, **overrides})
 
 
