@@ -461,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         mem_variants = ["nonprivate", *DP_MODES, "ghost+opacusconv"]
         if not args.no_torchnoise_variant:
             mem_variants.append("bk+torchnoise")
+        if args.prefetch_variant:
+            mem_variants.append("bk+prefetch")
         mem = bench_memory(args.mem_size, mem_variants)
 
     acc_rounds = [1, 10, 50]

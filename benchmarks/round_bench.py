@@ -32,10 +32,12 @@ process; each restarts Ray, and start-up is excluded:
 
 Variants: ``bract-plain`` (bract's server loop, ``secagg=None``), ``bract-secure``
 (``SecAggSettings`` defaults: complete graph, the default collusion bound c = 3 of 10
-hospitals, so t = 7, clip 8, 16 fractional bits,
-max weight 2^20, hence a 64-bit ring), ``bract-secure-harary`` (SecAgg+ graph, degree 8;
-only with ``--variants``),
-``bract-secure-ring32`` (complete graph; clip 1, max weight 128: a 32-bit ring),
+hospitals, so t = 7, clip 8, 16 fractional bits, and the ring sized from the weight
+bound each hospital reports (100 here): a 64-bit ring in round 1, before any report,
+then 10 x 100 x 8 x 2^16 < 2^31, a 32-bit ring), ``bract-secure-harary`` (SecAgg+
+graph, degree 8; only with ``--variants``),
+``bract-secure-ring64`` (complete graph; max weight fixed at 2^20: a 64-bit ring every
+round, as before the ring was sized from the reports),
 ``flower-secaggplus`` (legacy ``ServerApp`` + ``LegacyContext`` + ``FedAvg`` strategy +
 ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=10,
 reconstruction_threshold=6))``, ``ClientApp(client_fn, mods=[secaggplus_mod])``: same
@@ -136,7 +138,7 @@ N_CLIENTS = 10
 EXAMPLES = 100
 LAYERS = (784, 1024, 192, 10)
 ALL_VARIANTS = (
-    "bract-plain", "bract-secure", "bract-secure-harary", "bract-secure-ring32",
+    "bract-plain", "bract-secure", "bract-secure-harary", "bract-secure-ring64",
     "flower-secaggplus", "flower-legacy-fedavg", "flower-fedavg",
     "bract-plain-dp", "bract-secure-dp", "floor-1-stage", "floor-3-stages",
 )
@@ -248,7 +250,7 @@ def _stub_train(msg: Message, ctx: Context) -> Message:
     content = RecordDict()
     content.config_records[PRIVACY_REPORT] = privacy_report_record(
         PrivacyLedger(cid), decision, trained=True, epsilon=math.inf,
-        noise_multiplier=0.0, sample_rate=0.0,
+        noise_multiplier=0.0, sample_rate=0.0, weight_bound=EXAMPLES,
     )
     content.array_records[LOCAL_WEIGHTS] = weights_to_record(local)
     content.metric_records[TRAIN_INFO] = MetricRecord({"num-examples": EXAMPLES})
@@ -551,8 +553,8 @@ def build_variant(name: str, rounds: int, work: Path, log_path: str, sink: dict[
         kw: dict[str, Any] = {}
         if name.endswith("harary"):
             kw["graph"] = "harary"
-        if name.endswith("ring32"):
-            kw.update(clip=1.0, max_weight=128)
+        if name.endswith("ring64"):
+            kw.update(max_weight=2**20)
         settings = SecAggSettings(fed, roster, **kw)
     if name.startswith("bract"):
         server = bract_server(rounds, settings, work / name, sink)

@@ -110,16 +110,24 @@ def test_module_level_apps_run_a_plain_round(tmp_path) -> None:
 def test_module_level_apps_run_a_secure_round_from_operator_files(tmp_path) -> None:
     """Identities and rosters come from files named in each hospital's node config."""
     node_configs, _ = write_operator_files(tmp_path, "files-federation", 3)
-    rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 2.0,
+    rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 2, "target-epsilon": 2.0,
           "out": str(tmp_path / "out"), "roster": str(tmp_path / "server-roster.json")}
     report = _run_app(rc, node_configs)
     row = report["rounds"][0]
     assert row["secagg"]["aborted"] is None
     assert set(row["secagg"]["alive"]) == {"hospital-0", "hospital-1", "hospital-2"}
     assert (row["secagg"]["threshold"], row["secagg"]["colluders"]) == (2, 0)
-    # The report shows the ring and graph the hospitals masked with: 3 hospitals x
-    # weight 2^20 x clip 8 at 2^-16 resolution need 42 bits, so the 64-bit ring.
+    # The report shows the ring and graph the hospitals masked with. Round 1: no weight
+    # is known yet, so 3 hospitals x weight 2^20 x clip 8 at 2^-16 resolution need 42
+    # bits: the 64-bit ring.
     assert (row["secagg"]["ring_bits"], row["secagg"]["graph"]) == (64, "complete")
+    assert row["secagg"]["max_weight"] == 2**20
+    # Round 2 is sized from the weight bounds the hospitals reported (batch 32 x their
+    # batches per epoch, a little over their ~150 records): 3 x 160 x 2^19 < 2^31.
+    second = report["rounds"][1]["secagg"]
+    assert second["aborted"] is None and len(second["alive"]) == 3
+    assert second["ring_bits"] == 32
+    assert second["max_weight"] % 32 == 0 and 100 < second["max_weight"] <= 256
     assert (tmp_path / "op-0" / "identity.key").stat().st_mode & 0o077 == 0
 
 

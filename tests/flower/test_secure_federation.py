@@ -47,7 +47,7 @@ def _drop_mod(plan: dict[tuple[int, str], set[int]]):
 
 
 def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="none",
-         record_dir=None, extra_mods=(), colluders: int | None = 0):
+         record_dir=None, extra_mods=(), colluders: int | None = 0, setup=_setup):
     """A federation of the five NODES. Secure runs declare ``colluders`` (0 by default:
     t = 3 of 5, so these tests can drop two hospitals; the collusion bound itself is
     exercised in tests/secagg) on the server and in every hospital's policy."""
@@ -65,7 +65,7 @@ def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="n
     mods = ([_drop_mod(drop_plan)] if drop_plan else []) + list(extra_mods)
     apps = {
         node: make_client_app(
-            _setup, policy,
+            setup, policy,
             secagg=(lambda ctx: identities[int(ctx.node_config["partition-id"])])
             if secure else None,
             release_metrics=release, mods=mods,
@@ -105,6 +105,45 @@ def test_secure_fedavg_equals_plain_fedavg_within_the_encoding_error(tmp_path) -
     # Round 1: keys, config+train, mask, check, unmask (+ round 2's config and shares);
     # round 2 is pipelined: train+mask, check, unmask.
     assert [r["secagg"]["stages"] for r in secure["rounds"]] == [5, 3]
+    # Round 1's ring is sized for the default weight (64 bits); round 2's for the weight
+    # bounds the hospitals reported (5 x 96 x 2^19 < 2^31: 32 bits), and the sums agree.
+    assert [r["secagg"]["ring_bits"] for r in secure["rounds"]] == [64, 32]
+    assert [r["secagg"]["max_weight"] for r in secure["rounds"]] == [2**20, 96]
+
+
+def test_a_hospital_whose_weight_outgrew_the_ring_is_refused_before_training(
+        tmp_path) -> None:
+    """Round 2's ring is sized from round 1's reports; hospital-0 then declares a far
+    larger dataset (a public size of 4096). It refuses round 2 before training, spending
+    nothing; round 3 is sized for the default weight again, and it rejoins."""
+    now = {"round": 0}
+
+    def track(msg, ctx, call_next):
+        now["round"] = int(msg.metadata.group_id)
+        return call_next(msg, ctx)
+
+    def setup(ctx):
+        s = _setup(ctx)
+        if int(ctx.node_config["partition-id"]) == 0 and now["round"] >= 2:
+            s = dataclasses.replace(s, public_size=4096)
+        return s
+
+    policy = dataclasses.replace(NON_PRIVATE, rounds=4)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=4, extra_mods=[track],
+                        setup=setup)
+    r1, r2, r3, r4 = (r["secagg"] for r in report["rounds"])
+    assert all(r["aborted"] is None for r in (r1, r2, r3, r4))
+    assert [r["ring_bits"] for r in (r1, r2, r3, r4)] == [64, 32, 64, 64]
+    assert [r["max_weight"] for r in (r1, r2, r3, r4)] == [2**20, 96, 2**20, 4096]
+    assert "hospital-0" not in r2["alive"]
+    assert "max weight 96: refused before training" in report["rounds"][1]["failed"][
+        "hospital-0"]
+    assert "hospital-0" in r3["alive"] and "hospital-0" in r4["alive"]
+    # Nothing was spent in the refused round: hospital-0's ledger has 3 entries.
+    ledger = report["rounds"][3]["per_client"]["hospital-0"]
+    assert ledger["ledger_entries"] == 3
+    others = report["rounds"][3]["per_client"]["hospital-1"]
+    assert others["ledger_entries"] == 4
 
 
 @pytest.mark.parametrize("stage", sorted(DROP_STAGES))

@@ -28,6 +28,7 @@ from bract.flower.records import (
     LOCAL_WEIGHTS,
     PRIVACY_REPORT,
     ROUND_CONFIG,
+    SECAGG_MAX_WEIGHT,
     STATE_EPSILONS,
     STATE_PRIVACY,
     TRAIN_INFO,
@@ -385,6 +386,15 @@ def dp_train_handler(
                 device=policy_now.device,
                 sampling_seed=policy_now.sampling_seed,
             )
+            limit = round_cfg.get(SECAGG_MAX_WEIGHT)
+            if limit is not None and ring_refuses(trainer.plan_per_round, int(limit)):
+                # Before any training or release: nothing is spent on an update the
+                # round's ring could not carry. The next round is sized from the report.
+                raise ValueError(
+                    f"this hospital's FedAvg weight exceeds the secure round's max weight "
+                    f"{int(limit)}: refused before training, nothing spent; the server sizes "
+                    "a later round for it"
+                )
             global_weights = None
             if GLOBAL_WEIGHTS in msg.content.array_records:
                 global_weights = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
@@ -436,6 +446,7 @@ def dp_train_handler(
             epsilon=outcome.epsilon,
             noise_multiplier=sigma,
             sample_rate=trainer.plan_per_round.sample_rate,
+            weight_bound=trainer.plan_per_round.weight_bound,
             chain=chain,
             appended=(1 + len(outcome.also)) if outcome.trained else 0,
         )
@@ -453,6 +464,18 @@ def dp_train_handler(
 
 
 METRICS_RELEASE = ("none", "aggregate", "clear")
+
+
+def ring_refuses(plan: TrainingPlan, max_weight: int) -> bool:
+    """Whether a hospital with ``plan`` refuses a secure round whose ring is sized for
+    ``max_weight``: when its public weight bound exceeds it.
+
+    Guarantee: the refusal depends only on the weight bound (batch size / sample rate,
+    already public), never on the exact dataset size, so a server that varies the max
+    weight round after round learns nothing more from refusals; and a hospital that
+    does not refuse has a weight (at most its bound) the ring carries.
+    """
+    return plan.weight_bound > max_weight
 
 
 def metrics_guard_mod(release: str | Callable[[Context], str] = "none") -> Callable:

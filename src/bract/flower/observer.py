@@ -66,7 +66,8 @@ class LiveTable:
             self.hospital_columns = present
             for cid in self.hospital_columns:
                 self.table.add_column(f"ε {cid.replace('hospital-', 'h')}", justify="right")
-        trained = sum(1 for v in per_client.values() if v.trained)
+        # Updates in this round's aggregate (per_client keeps each hospital's last report).
+        trained = len(row.trained)
         # No epsilon figure for a round no hospital reported on (never a 0 for a failure).
         max_eps = _eps_text(row.epsilon) if per_client else "-"
         regression = "r2" in row.metrics

@@ -31,6 +31,10 @@ LOCAL_WEIGHTS = "bract.local"
 PRIVACY_REPORT = "bract.privacy"
 #: hospital -> server: how much the update weighs in FedAvg.
 TRAIN_INFO = "bract.train"
+#: Key of ``ROUND_CONFIG`` set on the hospital by its secure-aggregation mod: the largest
+#: FedAvg weight the round's masking ring carries. The train handler refuses a larger
+#: weight before it trains, so nothing is spent on an update that could not be sent.
+SECAGG_MAX_WEIGHT = "secagg-max-weight"
 #: produced by the hospital's training: metrics on its private data. The metrics
 #: guard removes them before a reply leaves unless the hospital's policy releases
 #: them (in clear, or only inside the masked vector under secure aggregation).
@@ -88,6 +92,7 @@ def privacy_report_record(
     sample_rate: float,
     chain: Sequence[LedgerEntry] = (),
     appended: int | None = None,
+    weight_bound: int | None = None,
 ) -> ConfigRecord:
     """What a hospital tells the server about its privacy after a round.
 
@@ -95,10 +100,15 @@ def privacy_report_record(
     computed, its budget decision, and its whole signed ledger ``chain`` (so a
     server that missed a reply still gets every entry), ``appended``: how many
     entries this round added (its metrics release and its DP-SGD; default: one if
-    it trained). Nothing derived from patient data.
+    it trained); ``weight_bound``: the largest FedAvg weight its plan allows
+    (:attr:`bract.privacy.TrainingPlan.weight_bound`, a function of the batch size and
+    the sample rate), from which the server sizes the secure-aggregation ring. Nothing
+    derived from patient data beyond what the sample rate already says.
     """
+    extra: dict[str, int] = {} if weight_bound is None else {"weight-bound": int(weight_bound)}
     return ConfigRecord(
         {
+            **extra,
             "client-id": ledger.client_id,
             "trained": trained,
             "ledger": ledger.to_json(),
@@ -134,6 +144,7 @@ def read_privacy_report(content: RecordDict) -> dict[str, Any]:
         "reason": str(rec["reason"]),
         "chain": loads_jsonl(str(rec.get("signed-ledger", "")), "signed ledger"),
         "appended": int(rec.get("appended", 1 if bool(rec["trained"]) else 0)),
+        "weight_bound": int(rec["weight-bound"]) if "weight-bound" in rec else None,
     }
 
 

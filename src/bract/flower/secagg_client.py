@@ -44,7 +44,9 @@ from bract.flower.records import (
     GLOBAL_WEIGHTS,
     LOCAL_METRICS,
     LOCAL_WEIGHTS,
+    ROUND_CONFIG,
     SECAGG,
+    SECAGG_MAX_WEIGHT,
     SECAGG_NEXT,
     SECAGG_NEXT_REFUSED,
     TRAIN_INFO,
@@ -174,6 +176,10 @@ def secagg_mod(
             raise ValueError(
                 f"train stage expects a secagg round config or mask request, got {cfg.KIND}"
             )
+        limit = _session(_identity(identity, ctx), ctx).max_weight_for(cfg)
+        if limit is not None and ROUND_CONFIG in msg.content.config_records:
+            # The train handler refuses a weight the ring cannot carry before it trains.
+            msg.content.config_records[ROUND_CONFIG][SECAGG_MAX_WEIGHT] = int(limit)
         reply = call_next(msg, ctx)
         if reply.has_error():
             return reply

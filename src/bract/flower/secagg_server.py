@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 from bract.flower.exchange import REPLY_POLL_MAX, send_and_receive
 from bract.flower.records import (
     AGGREGATED_METRICS,
+    PRIVACY_REPORT,
     SECAGG,
     SECAGG_NEXT,
     SECAGG_NEXT_REFUSED,
@@ -89,8 +90,10 @@ class SecureRoundInfo:
     colluders: int = 0
     min_honest: int = 0
     #: The masking ring Z_(2^ring_bits) (the smallest with headroom for the round's
-    #: hospitals, weights and clip) and the graph each hospital masks with.
+    #: hospitals, weights and clip), the largest weight it was sized for, and the graph
+    #: each hospital masks with.
     ring_bits: int = 0
+    max_weight: int = 0
     graph: str = ""
     degree: int = 0
 
@@ -103,11 +106,16 @@ class SecureRoundInfo:
             "error_bound": self.error_bound, "excluded": self.excluded,
             "threshold": self.threshold, "colluders": self.colluders,
             "min_honest": self.min_honest, "ring_bits": self.ring_bits,
-            "graph": self.graph, "degree": self.degree,
+            "max_weight": self.max_weight, "graph": self.graph, "degree": self.degree,
         }
 
 
 Notify = Callable[[str], None]
+
+#: The weight a masking ring is sized for when a hospital has not yet reported its
+#: weight bound in this run (2^20 examples: with the default clip and resolution, a
+#: 64-bit ring for any round of up to 2^23 hospitals).
+DEFAULT_MAX_WEIGHT = 2**20
 
 
 @dataclass(frozen=True)
@@ -121,13 +129,20 @@ class SecAggSettings:
     aggregate). ``colluders`` (``None``: ``floor((n - 1) / 3)`` of a round's n
     hospitals) and ``min_honest`` are the collusion bound rounds are set up for;
     each hospital refuses a round weaker than its own policy.
+
+    ``max_weight`` is the largest FedAvg weight (example count) the masking ring must
+    carry for one hospital; ``None`` (default) sizes it round by round from the
+    hospitals' reported weight bounds (:attr:`bract.privacy.TrainingPlan.weight_bound`,
+    a function of the sample rate and batch size their reports already publish), and
+    takes :data:`DEFAULT_MAX_WEIGHT` for a hospital that has not reported in this run.
+    The ring is then the smallest with headroom (32 bits where it suffices).
     """
 
     federation_id: str
     roster: dict[int, bytes]
     clip: float = 8.0
     frac_bits: int = 16
-    max_weight: int = 2**20
+    max_weight: int | None = None
     graph: str = "complete"
     colluders: int | None = None
     min_honest: int = 2
@@ -146,18 +161,25 @@ class SecAggSettings:
                 "masked vector the wrong length"
             )
 
-    def encoding(self) -> EncodingConfig:
-        """The protocol's fixed-point encoding for these settings."""
-        return EncodingConfig(
-            clip=self.clip, frac_bits=self.frac_bits, max_weight=self.max_weight
-        )
+    def encoding(self, weight_bounds: Sequence[int | None] = ()) -> EncodingConfig:
+        """The fixed-point encoding of a round whose hospitals reported
+        ``weight_bounds`` (``None``: no report yet): ``max_weight`` when set, else the
+        largest bound (:data:`DEFAULT_MAX_WEIGHT` standing in for a missing one, and
+        for a round with no hospital named)."""
+        if self.max_weight is not None:
+            limit = self.max_weight
+        else:
+            known = [DEFAULT_MAX_WEIGHT if b is None else int(b) for b in weight_bounds]
+            limit = max(known, default=DEFAULT_MAX_WEIGHT)
+        return EncodingConfig(clip=self.clip, frac_bits=self.frac_bits, max_weight=limit)
 
     def to_plain(self) -> dict[str, Any]:
         """Plain dict for report.json (public keys as hex)."""
         return {
             "federation_id": self.federation_id,
             "roster": {str(k): v.hex() for k, v in sorted(self.roster.items())},
-            "clip": self.clip, "frac_bits": self.frac_bits, "max_weight": self.max_weight,
+            "clip": self.clip, "frac_bits": self.frac_bits,
+            "max_weight": "auto" if self.max_weight is None else self.max_weight,
             "graph": self.graph, "colluders": self.colluders, "min_honest": self.min_honest,
             "aggregate_metrics": self.aggregate_metrics,
             "record_dir": self.record_dir,
@@ -204,8 +226,13 @@ class SecureAggregator:
         poll: float = REPLY_POLL_MAX,
     ) -> None:
         self.grid = grid
+        self.settings = settings
         #: Longest pause between pulls while waiting for a stage's replies.
         self.poll = poll
+        #: Each hospital's weight bound from its last train reply in this run (Flower
+        #: node id -> bound); a hospital that failed or did not answer is forgotten, so
+        #: its next round is sized for the default until it reports again.
+        self.weight_bounds: dict[int, int] = {}
         self.record_dir = Path(settings.record_dir) if settings.record_dir else None
         session_type = RecordingServerSession if self.record_dir is not None else ServerSession
         self.session = session_type(
@@ -233,6 +260,10 @@ class SecureAggregator:
         if not 0 <= fl_round < 2**20 or attempt not in (0, 1):
             raise ValueError(f"FL round {fl_round} / attempt {attempt} out of range")
         return (self.round_offset << 40) | (fl_round << 20) | attempt
+
+    def round_encoding(self, nodes: Sequence[int]) -> EncodingConfig:
+        """The encoding of a round over ``nodes``: its ring sized for their weight bounds."""
+        return self.settings.encoding([self.weight_bounds.get(n) for n in nodes])
 
     # ------------------------------------------------------------------ helpers
     def _exchange(
@@ -394,7 +425,8 @@ class SecureAggregator:
         number = self.protocol_round(rnd)
         if number <= self.session.last_round:
             number = self.protocol_round(rnd, attempt=1)
-        cfg = self.session.start_round(number, [self.sid_of[n] for n in ready], dim)
+        cfg = self.session.start_round(number, [self.sid_of[n] for n in ready], dim,
+                                       encoding=self.round_encoding(ready))
         self._last_config = cfg
         info.stages += 1
         self._train_exchange(rnd, dict.fromkeys(ready, cfg), self.session.receive_shares,
@@ -422,12 +454,25 @@ class SecureAggregator:
         replies = self._exchange(rnd, "train", requests, hooks.train_content)
         for node in requests:
             if node not in replies:
+                self.weight_bounds.pop(node, None)
                 hooks.on_missing(node)
         for node, reply in replies.items():
+            self._note_weight_bound(node, reply)
             if reply.has_error() and KeyRotationRequired.__name__ in reply.error.reason:
                 self._readvertise.add(node)
             if hooks.on_train_reply(node, reply):
                 self._receive(rnd, node, reply, receive, hooks.note, hooks.label)
+
+    def _note_weight_bound(self, node: int, reply: Message) -> None:
+        """Keep the weight bound a hospital's privacy report states; forget it when
+        the reply has none (an error, or a hospital of an older version)."""
+        bound = None
+        if not reply.has_error():
+            bound = reply.content.config_records.get(PRIVACY_REPORT, {}).get("weight-bound")
+        if isinstance(bound, int) and not isinstance(bound, bool) and bound >= 1:
+            self.weight_bounds[node] = bound
+        else:
+            self.weight_bounds.pop(node, None)
 
     def _unmask_stage(
         self, rnd: int, dim: int, hooks: RoundHooks, info: SecureRoundInfo,
@@ -442,7 +487,8 @@ class SecureAggregator:
         if upcoming is not None and len(upcoming) >= 2 and set(upcoming) <= signers:
             try:
                 next_cfg = self.session.start_next_round(
-                    self.protocol_round(rnd + 1), [self.sid_of[n] for n in upcoming], dim
+                    self.protocol_round(rnd + 1), [self.sid_of[n] for n in upcoming], dim,
+                    encoding=self.round_encoding(upcoming),
                 )
             except (SecAggError, ValueError) as exc:
                 note(f"round {rnd}: next round not opened early: {exc}")
@@ -518,6 +564,7 @@ class SecureAggregator:
             info.threshold, info.colluders, info.min_honest = (
                 cfg.threshold, cfg.colluders, cfg.min_honest)
             info.ring_bits, info.graph, info.degree = cfg.ring_bits, cfg.graph_kind, cfg.degree
+            info.max_weight = cfg.max_weight
 
     def _public_reason(self, why: str) -> str:
         """A protocol error as an operator reads it: protocol round numbers (which

@@ -475,6 +475,18 @@ class TrainingPlan:
         return 1.0 / self.batches_per_epoch
 
     @property
+    def weight_bound(self) -> int:
+        """The largest FedAvg weight (``dataset_size``) this plan's public figures allow:
+        ``batch_size * ceil(dataset_size / batch_size)``, i.e. ``batch_size / sample_rate``.
+
+        Guarantee: at least ``dataset_size``, and a function of the batch size and the
+        sample rate alone, which the hospital's privacy report and ledger already
+        publish: telling it to the server reveals nothing more about the dataset's size
+        (the server sizes the secure-aggregation ring from it).
+        """
+        return self.batch_size * self.batches_per_epoch
+
+    @property
     def steps_per_round(self) -> int:
         """DP-SGD steps one round takes (empty batches included)."""
         return self.local_epochs * self.batches_per_epoch

@@ -516,6 +516,18 @@ class ClientSession:
         """True until the client has a share-channel key to advertise."""
         return self._keys is None
 
+    def max_weight_for(self, msg: RoundConfig | MaskRequest) -> int | None:
+        """The largest weight the round of ``msg`` encodes: the config's own, or for a
+        mask request that of the round this client shared for (``None`` if it holds no
+        such round). A caller checks its weight against it *before* it trains, so that
+        no privacy budget is spent on an update the round could not carry."""
+        if isinstance(msg, RoundConfig):
+            return msg.max_weight
+        rnd = self._round
+        if rnd is None or rnd.config.round != msg.round:
+            return None
+        return rnd.config.max_weight
+
     def advertise_keys(self, origin: int | None = None, *,
                        rotate: bool = False) -> KeyAdvertisement:
         """Setup stage: the signed advertisement of this client's share-channel key.
@@ -1078,19 +1090,24 @@ class ServerSession:
 
     # ---- stage 1
 
-    def start_round(self, round_number: int, participants: Sequence[int], dim: int) -> RoundConfig:
+    def start_round(self, round_number: int, participants: Sequence[int], dim: int, *,
+                    encoding: EncodingConfig | None = None) -> RoundConfig:
         """Open a round; returns the one :class:`RoundConfig` every participant gets.
 
-        A round still open (e.g. one opened by :meth:`start_next_round` and not
-        wanted any more) is abandoned first; its secrets served it alone.
+        ``encoding`` replaces the session's fixed-point encoding for this round (e.g.
+        a ring sized for the weights the participants reported); each participant
+        checks its headroom. A round still open (e.g. one opened by
+        :meth:`start_next_round` and not wanted any more) is abandoned first; its
+        secrets served it alone.
         """
         self.abort_round("superseded by a new round")
         self._check_new_round(round_number, participants, dim)
-        cfg, self._round = self._new_round(round_number, participants, dim)
+        cfg, self._round = self._new_round(round_number, participants, dim, encoding)
         return cfg
 
     def start_next_round(
-        self, round_number: int, participants: Sequence[int], dim: int
+        self, round_number: int, participants: Sequence[int], dim: int, *,
+        encoding: EncodingConfig | None = None,
     ) -> RoundConfig:
         """Open the round after the current one while it waits for unmask replies.
 
@@ -1106,7 +1123,7 @@ class ServerSession:
         if self._next is not None:
             raise ProtocolViolation("the next round is already open")
         self._check_new_round(round_number, participants, dim)
-        cfg, self._next = self._new_round(round_number, participants, dim)
+        cfg, self._next = self._new_round(round_number, participants, dim, encoding)
         return cfg
 
     def _check_new_round(self, round_number: int, participants: Sequence[int], dim: int) -> None:
@@ -1127,11 +1144,13 @@ class ServerSession:
             raise EncodingError(f"dim must be a positive int, got {dim!r}")
 
     def _new_round(
-        self, round_number: int, participants: Sequence[int], dim: int
+        self, round_number: int, participants: Sequence[int], dim: int,
+        encoding: EncodingConfig | None = None,
     ) -> tuple[RoundConfig, _ServerRound]:
         parts = sorted(participants)
         n = len(parts)
-        ring_bits = self.encoding.ring_bits_for(n)
+        enc = self.encoding if encoding is None else encoding
+        ring_bits = enc.ring_bits_for(n)
         degree, t, c = round_parameters(n, self.graph, self.degree, self.colluders,
                                         self.min_honest)
         seed = random_bytes(16)
@@ -1140,9 +1159,9 @@ class ServerSession:
         cfg = RoundConfig(
             self.federation_id, round_number, parts, t, c, self.min_honest, self.graph,
             degree if self.graph == "harary" else n - 1, seed, dim,
-            float(self.encoding.clip), self.encoding.frac_bits, self.encoding.max_weight,
-            ring_bits, [a.epoch for a in ads], [a.origin for a in ads],
-            [a.cipher_public for a in ads], [a.signature for a in ads],
+            float(enc.clip), enc.frac_bits, enc.max_weight, ring_bits,
+            [a.epoch for a in ads], [a.origin for a in ads], [a.cipher_public for a in ads],
+            [a.signature for a in ads],
         )
         self._last_round = round_number
         return cfg, _ServerRound(cfg, nbhd, _config_digest(cfg))

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .encoding import EncodingConfig
 from .messages import (
     KeyAdvertisement,
     MaskedInput,
@@ -160,14 +161,14 @@ class RecordingServerSession(ServerSession):
         super().receive_advertisement(adv, origin)
 
     def start_round(self, round_number: int, participants: Sequence[int],
-                    dim: int) -> RoundConfig:
-        cfg = super().start_round(round_number, participants, dim)
+                    dim: int, *, encoding: EncodingConfig | None = None) -> RoundConfig:
+        cfg = super().start_round(round_number, participants, dim, encoding=encoding)
         self.log.append(("out", cfg))
         return cfg
 
     def start_next_round(self, round_number: int, participants: Sequence[int],
-                         dim: int) -> RoundConfig:
-        cfg = super().start_next_round(round_number, participants, dim)
+                         dim: int, *, encoding: EncodingConfig | None = None) -> RoundConfig:
+        cfg = super().start_next_round(round_number, participants, dim, encoding=encoding)
         self.log.append(("out", cfg))
         return cfg
 
