@@ -446,3 +446,36 @@ def test_a_target_above_the_ceiling_is_refused_before_any_work() -> None:
     with pytest.raises(PrivacyError, match=r"above bract's ceiling of 50"):
         calibrate(1e9, 1e-5, TrainingPlan(3, 1, 455, 32))
     assert MAX_TARGET_EPSILON == 50.0
+
+
+@settings(max_examples=12, deadline=None)
+@given(q=st.floats(0.005, 0.5), sigma=st.floats(0.6, 4.0), steps=st.integers(1, 400),
+       delta=st.sampled_from([1e-5, 1e-6]))
+def test_the_memoised_rdp_gives_opacus_s_exact_epsilons(q: float, sigma: float, steps: int,
+                                                      delta: float) -> None:
+    """The memo around Opacus's per-order RDP (bract.privacy.accounting.memoise_opacus_rdp)
+    changes no figure: PRV and RDP epsilons equal, bit for bit, those computed by the
+    unwrapped Opacus function."""
+    from opacus.accountants.analysis import rdp
+    from opacus.accountants.analysis.prv import prvs
+
+    from bract.privacy import accounting
+    from bract.privacy.accounting import _prv_epsilon, _rdp_epsilon, memoise_opacus_rdp
+
+    memoise_opacus_rdp()
+    memo = rdp._compute_rdp
+    assert getattr(memo, "bract_memoised", False) and prvs._compute_rdp is memo
+    history = [(sigma, q, steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = (_prv_epsilon(history, delta), _rdp_epsilon(history, delta))
+        rdp._compute_rdp = prvs._compute_rdp = memo.__wrapped__
+        accounting.memoise_opacus_rdp = lambda: None
+        try:
+            plain = (_prv_epsilon(history, delta), _rdp_epsilon(history, delta))
+        finally:
+            accounting.memoise_opacus_rdp = memoise_opacus_rdp
+            rdp._compute_rdp = prvs._compute_rdp = memo
+    assert fast == plain
+    memoise_opacus_rdp()  # idempotent
+    assert rdp._compute_rdp is memo

@@ -301,6 +301,9 @@ def _in_simulation(grid: Grid) -> bool:
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
+    from bract.flower.object_pulls import shorten_object_pull_backoff
+
+    shorten_object_pull_backoff()  # replies are pulled as soon as they are all there
     rc = dict(context.run_config)
     fed = FederationConfig.from_run_config(rc)
     task = fed.task()

@@ -3,11 +3,16 @@
 
 * **how often it looks for a finished ClientApp's reply** in its own memory (Flower
   checks every 0.5 s; bract every :data:`LOCAL_WAIT` s: an in-memory lookup);
-* **how often it pulls when idle** (``--pull-interval``, default
-  :data:`DEFAULT_PULL_INTERVAL` s; Flower sleeps 3 s after an empty pull). A
-  finished ClientApp's reply is pushed on the SuperNode's next pass, so this bounds
-  how long a reply waits on the hospital's side. Each idle pull is one small
-  request to the SuperLink: 5 a second at the default, no busy-waiting.
+* **how often it pulls when idle** (Flower sleeps 3 s after an empty pull): right
+  after it received or answered a message, when the protocol's next message is due,
+  it pulls again after :data:`MIN_PULL_PAUSE` s, then pauses half the time since that
+  message, up to ``--pull-interval`` (default :data:`DEFAULT_PULL_INTERVAL` s)
+  (:func:`idle_pause`). Each idle pull is one small request to the SuperLink: about
+  ten in the first second after a message, then 5 a second; never busy-waiting.
+* **how its SuperExec learns of a new message**: with the warm executor the SuperNode
+  writes one byte to a pipe the moment it has stored a message, and
+  ``bract-superexec`` asks for the task at once instead of at its next task poll
+  (:class:`bract.flower.warm_executor.WakeableSleep`); the poll stays as a fallback.
 * **which executor runs its ClientApps** (``--executor``): ``warm`` (default) runs
   Flower's SuperExec with bract's :class:`~bract.flower.warm_executor.ForkingExecutor`
   (``bract-superexec``), ``flower`` Flower's own (a fresh ``flwr-clientapp`` per
@@ -24,6 +29,8 @@ rebind still reads as expected.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -32,10 +39,13 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["DEFAULT_PULL_INTERVAL", "FLOWER_IDLE_SLEEP", "main", "patch_supernode"]
+__all__ = ["DEFAULT_PULL_INTERVAL", "FLOWER_IDLE_SLEEP", "MIN_PULL_PAUSE", "idle_pause", "main",
+           "patch_supernode"]
 
 #: Seconds between a SuperNode's pulls while it has nothing to do (bract's default).
 DEFAULT_PULL_INTERVAL = 0.2
+#: The shortest pause between two pulls (just after the SuperNode handled a message).
+MIN_PULL_PAUSE = 0.02
 #: Seconds between the SuperExec's asks for a task on its own SuperNode (a loopback
 #: request; Flower's default is 1 s). ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` overrides it.
 TASK_POLL_INTERVAL = 0.2
@@ -55,31 +65,78 @@ def _superexec_command() -> list[str]:
             "from bract.flower.warm_executor import superexec_main; superexec_main()"]
 
 
+def idle_pause(since_message: float, pull_interval: float) -> float:
+    """The pause before the next pull, ``since_message`` seconds after the SuperNode last
+    received or answered a message: half that time, at least :data:`MIN_PULL_PAUSE`
+    and at most ``pull_interval`` (so pulls thin out geometrically, and a message due
+    shortly after the last one waits about a third of the time it took to come)."""
+    return min(pull_interval, max(MIN_PULL_PAUSE, 0.5 * since_message))
+
+
 def patch_supernode(module: Any, pull_interval: float, executor: str) -> None:
     """Rebind ``module``'s (``flwr.supernode.start_client_internal``'s) ``time`` so its
-    idle sleep lasts ``pull_interval`` seconds and its wait for a ClientApp's reply in
-    its own memory :data:`LOCAL_WAIT`, and with ``executor="warm"`` its
-    ``subprocess`` so the SuperExec it starts is ``bract-superexec``."""
+    idle sleep lasts :func:`idle_pause` seconds and its wait for a ClientApp's reply in
+    its own memory :data:`LOCAL_WAIT`; wrap its pull and push to note when it last
+    handled a message; and with ``executor="warm"`` rebind its ``subprocess`` so the
+    SuperExec it starts is ``bract-superexec``, woken through a pipe whenever a
+    message has been stored."""
     if not (0 < pull_interval <= FLOWER_IDLE_SLEEP):
         raise ValueError(f"--pull-interval must be > 0 and <= {FLOWER_IDLE_SLEEP} s")
     if executor not in ("warm", "flower"):
         raise ValueError("--executor must be warm or flower")
+    last_message = [-math.inf]
+    wake_fds: list[int] = []
 
     def sleep(seconds: float) -> None:
         if seconds == FLOWER_IDLE_SLEEP:
-            seconds = pull_interval
+            seconds = idle_pause(time.monotonic() - last_message[0], pull_interval)
         elif seconds == FLOWER_LOCAL_WAIT:
             seconds = LOCAL_WAIT
         time.sleep(seconds)
+
+    pull, push = getattr(module, "_pull_and_store_message", None), getattr(
+        module, "_push_messages", None)
+    if pull is not None and push is not None:
+        def pull_and_store(*args: Any, **kwargs: Any) -> Any:
+            run_id = pull(*args, **kwargs)
+            if run_id is not None:
+                last_message[0] = time.monotonic()
+                for fd in wake_fds:  # a byte per message; a full pipe is awake anyway
+                    with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                        os.write(fd, b"\0")
+            return run_id
+
+        def push_messages(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return push(*args, **kwargs)
+            finally:
+                last_message[0] = time.monotonic()
+
+        module._pull_and_store_message = pull_and_store
+        module._push_messages = push_messages
 
     module.time = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time)
                                             if not n.startswith("__")})
     module.time.sleep = sleep
     if executor == "warm":
+        from bract.flower.warm_executor import WAKE_FD_ENV
+
         def popen(args: Any, *a: Any, **k: Any) -> subprocess.Popen[Any]:
-            if isinstance(args, list) and args and args[0] == FLOWER_SUPEREXEC:
-                args = [*_superexec_command(), *args[1:]]
-            return subprocess.Popen(args, *a, **k)
+            if not (isinstance(args, list) and args and args[0] == FLOWER_SUPEREXEC):
+                return subprocess.Popen(args, *a, **k)
+            args = [*_superexec_command(), *args[1:]]
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            env = {**(k.pop("env", None) or os.environ), WAKE_FD_ENV: str(read)}
+            try:
+                proc = subprocess.Popen(args, *a, env=env, pass_fds=(read,), **k)
+            except BaseException:
+                os.close(write)
+                raise
+            finally:
+                os.close(read)
+            wake_fds.append(write)
+            return proc
 
         module.subprocess = types.SimpleNamespace(
             **{n: getattr(subprocess, n) for n in dir(subprocess) if not n.startswith("__")})
@@ -107,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         import flwr.supernode.start_client_internal as internal
 
         patch_supernode(internal, ours.pull_interval, ours.executor)
+        from bract.flower.object_pulls import shorten_object_pull_backoff
+
+        shorten_object_pull_backoff()
     except (RuntimeError, ValueError) as exc:
         print(f"bract-supernode: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

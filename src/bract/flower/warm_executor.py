@@ -34,15 +34,18 @@ import contextlib
 import importlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
+import time
+import types
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["FLOWER_VERSIONS", "PRELOAD", "ForkingExecutor", "check_flower_version",
-           "superexec_main"]
+__all__ = ["FLOWER_VERSIONS", "PRELOAD", "WAKE_FD_ENV", "ForkingExecutor", "WakeableSleep",
+           "check_flower_version", "superexec_main"]
 
 #: Flower releases whose SuperExec executor protocol, ``run_superexec.get_executor``
 #: and ``run_clientapp`` signature this module was written against and tested with.
@@ -55,6 +58,40 @@ PRELOAD = ("flwr.supernode.runtime.run_clientapp", "bract.flower.app", "bract.fl
            "torch._dynamo", "dp_accounting", "scipy.signal", "sklearn.datasets")
 #: The function each forked child runs, as ``module:function`` (Flower's own).
 RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp:run_clientapp"
+#: The environment variable through which ``bract-supernode`` gives its SuperExec the
+#: read end of the pipe it writes a byte to whenever it stored a message.
+WAKE_FD_ENV = "BRACT_SUPEREXEC_WAKE_FD"
+
+
+class WakeableSleep:
+    """The SuperExec's pause between task polls, cut short when its SuperNode writes to
+    the wake pipe ``fd`` (a message has arrived), so the task is asked for at once.
+
+    Guarantee: never returns early without a byte from the SuperNode (no busy loop):
+    once the SuperNode's end is closed (it exited), it sleeps the full pause.
+    """
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        if fd is not None:
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+
+    def __call__(self, seconds: float) -> None:
+        if self.fd is None:
+            time.sleep(seconds)
+            return
+        ready, _, _ = select.select([self.fd], [], [], seconds)
+        if not ready:
+            return
+        try:
+            data = os.read(self.fd, 4096)  # every byte written so far: one wake-up
+        except BlockingIOError:
+            return
+        if not data:  # the SuperNode closed its end
+            os.close(self.fd)
+            self.fd = None
+            time.sleep(seconds)
 
 
 def check_flower_version() -> str:
@@ -121,6 +158,12 @@ def zygote_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for module in filter(None, args.preload.split(",")):
         importlib.import_module(module)
+    if args.target == RUN_CLIENTAPP:
+        # Every child pulls its message from the SuperNode: retry soon if it is not all
+        # there yet (bract.flower.object_pulls).
+        from bract.flower.object_pulls import shorten_object_pull_backoff
+
+        shorten_object_pull_backoff()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the executor decides when it stops
     print("ready", flush=True)
@@ -268,6 +311,13 @@ def superexec_main() -> None:
         return ForkingExecutor()
 
     flower_run_superexec.get_executor = get_executor
+    wake = os.environ.pop(WAKE_FD_ENV, None)
+    if wake is not None and wake.isdigit():
+        # The task poll's only sleep (run_superexec's main loop) wakes on a new message.
+        sleeper = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time)
+                                          if not n.startswith("__")})
+        sleeper.sleep = WakeableSleep(int(wake))
+        flower_run_superexec.time = sleeper
     flower_superexec()
 
 
