@@ -175,6 +175,126 @@ def test_the_supernode_patch_shortens_only_the_idle_sleep_and_swaps_the_superexe
             supernode.patch_supernode(types.SimpleNamespace(), bad, "warm")
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.floats(0, 1e4, allow_nan=False), st.floats(0.001, 3.0))
+def test_an_idle_pull_is_never_busy_and_never_later_than_the_interval(
+        since: float, interval: float) -> None:
+    pause = supernode.idle_pause(since, interval)
+    assert min(supernode.MIN_PULL_PAUSE, interval) <= pause <= interval
+    assert supernode.idle_pause(since + 0.5, interval) >= pause  # thins out, never back
+    if since >= 2 * interval:
+        assert pause == interval
+
+
+def test_a_message_makes_the_next_pulls_fast_and_wakes_the_superexec(monkeypatch) -> None:
+    import os
+    import subprocess
+
+    now = [100.0]
+    slept: list[float] = []
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", slept.append)
+    started: list[dict] = []
+
+    def fake_popen(args, *a, **k):
+        started.append(k)
+        return types.SimpleNamespace(args=args)
+
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
+    real_pipe, kept = os.pipe, []
+
+    def pipe():  # keep a read end of our own: the patch closes the one it passes on
+        read, write = real_pipe()
+        kept.append(read)
+        return os.dup(read), write
+
+    monkeypatch.setattr(os, "pipe", pipe)
+    pulls = iter([None, 7, None, None])
+    module = types.SimpleNamespace(
+        time=time, subprocess=subprocess,
+        _pull_and_store_message=lambda **k: next(pulls),
+        _push_messages=lambda **k: None)
+    supernode.patch_supernode(module, 0.2, "warm")
+    module.subprocess.Popen(["flower-superexec", "--runtime-api-address", "a:1"])
+    fd = int(started[0]["env"][warm_executor.WAKE_FD_ENV])
+    assert started[0]["pass_fds"] == (fd,)
+    os.set_blocking(kept[0], False)
+    assert module._pull_and_store_message() is None
+    with pytest.raises(BlockingIOError):  # no message, no wake-up
+        os.read(kept[0], 16)
+    module.time.sleep(3)  # idle, nothing handled yet: the full interval
+    assert module._pull_and_store_message() == 7  # a message: the SuperExec is woken
+    assert os.read(kept[0], 16) == b"\0"
+    module._push_messages()
+    module.time.sleep(3)  # just after a message: the shortest pause
+    now[0] += 0.1
+    module.time.sleep(3)
+    now[0] += 10.0
+    module.time.sleep(3)
+    assert slept == pytest.approx([0.2, supernode.MIN_PULL_PAUSE, 0.05, 0.2])
+    os.close(kept[0])
+
+
+def test_the_superexec_sleeps_until_woken_and_never_spins_once_its_supernode_is_gone(
+        monkeypatch) -> None:
+    import os
+    import select
+
+    read, write = os.pipe()
+    sleeper = warm_executor.WakeableSleep(read)
+    waits: list[float] = []
+    real_select = select.select
+
+    def recording_select(r, w, x, timeout):
+        waits.append(timeout)
+        return real_select(r, w, x, 0)  # look, do not wait: the test stays instant
+
+    monkeypatch.setattr(select, "select", recording_select)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    sleeper(0.2)  # nothing written: the whole pause is spent waiting on the pipe
+    os.write(write, b"\0\0\0")  # three messages stored: one wake-up drains them all
+    sleeper(0.2)
+    sleeper(0.2)
+    assert waits == [0.2, 0.2, 0.2] and slept == []
+    with pytest.raises(BlockingIOError):
+        os.read(read, 16)  # drained
+    os.close(write)  # the SuperNode exited: end of file, a plain sleep from now on
+    sleeper(0.2)
+    sleeper(0.2)
+    assert sleeper.fd is None and slept == [0.2, 0.2]
+
+
+def test_object_pulls_retry_soon_and_give_up_on_flower_s_time_limit() -> None:
+    from flwr.supercore import constant
+    from flwr.supercore.inflatable import inflatable_utils as utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    from bract.flower import object_pulls
+
+    # Flower's constants (the pinned release) are what bract shortens.
+    assert (constant.PULL_INITIAL_BACKOFF, constant.PULL_BACKOFF_CAP) \
+        == object_pulls.FLOWER_BACKOFF
+    object_pulls.shorten_object_pull_backoff()
+    object_pulls.shorten_object_pull_backoff()  # idempotent
+    for fn in (utils.pull_objects, utils.pull_and_inflate_object_from_tree):
+        params = inspect.signature(fn).parameters
+        assert params["initial_backoff"].default == object_pulls.INITIAL_BACKOFF
+        assert params["backoff_cap"].default == object_pulls.BACKOFF_CAP
+        assert params["max_tries_per_object"].default is None
+        assert params["max_time"].default == constant.PULL_MAX_TIME
+    tries = {"a": 0, "b": 0}
+
+    def pull(object_id: str) -> bytes:
+        tries[object_id] += 1
+        if tries[object_id] < 4:  # not uploaded yet, three times over
+            raise ObjectUnavailableError(object_id)
+        return object_id.encode()
+
+    assert utils.pull_objects(["a", "b"], pull) == {"a": b"a", "b": b"b"}
+    assert tries == {"a": 4, "b": 4}
+
+
 class PushPullGrid:
     """Replies to message i become pullable after ``ready[i]`` pulls (never if None)."""
 
