@@ -42,6 +42,10 @@ def test_the_installed_flower_is_the_pinned_one_and_reads_as_expected() -> None:
     assert source.count(f"time.sleep({supernode.FLOWER_LOCAL_WAIT})") == 2
     assert f'command = ["{supernode.FLOWER_SUPEREXEC}"]' in source
     assert "executor = get_executor(" in inspect.getsource(run_superexec.run_superexec)
+    # The pull and push the SuperNode patch wraps, and the task poll's only sleep.
+    assert "run_id = _pull_and_store_message(" in source and "_push_messages(" in source
+    assert inspect.getsource(run_superexec).count("time.sleep(") == 1
+    assert "time.sleep(task_poll_interval)" in inspect.getsource(run_superexec.run_superexec)
     assert callable(run_superexec.get_executor)
     protocol = {n for n in vars(Executor) if not n.startswith("_")}
     assert protocol <= {n for n in dir(warm_executor.ForkingExecutor) if not n.startswith("_")}
