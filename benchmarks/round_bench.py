@@ -890,7 +890,9 @@ def main(argv: list[str] | None = None) -> int:
             "client_work": "global + fixed U(-0.01,0.01) delta, weight 100 (no training); "
                            "*-dp: Opacus DP-SGD, sigma 1.0, 64 examples, batch 32",
             "bract_secure": "complete graph, default collusion bound c=3 (t=7 of 10), "
-                            "clip 8, frac_bits 16, max_weight 2^20 (64-bit ring)",
+                            "clip 8, frac_bits 16, ring sized from the reported weight "
+                            "bound 100 (64-bit in round 1, 32-bit after); ring64: "
+                            "max_weight 2^20 fixed",
             "flower_secaggplus": f"num_shares {N_CLIENTS}, reconstruction_threshold "
                                  f"{N_CLIENTS // 2 + 1}, clipping 8, quantization 2^22, "
                                  "modulus 2^32",

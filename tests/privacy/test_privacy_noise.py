@@ -165,6 +165,58 @@ def test_prefetched_noise_is_the_same_stream_each_sample_used_once(sizes, steps,
     prefetcher.close()
 
 
+@settings(max_examples=10, deadline=None)
+@given(sizes=st.lists(st.sampled_from([1, 16, 4608]), min_size=1, max_size=3),
+       steps=st.integers(1, 4))
+def test_a_prefetcher_told_the_steps_draws_nothing_beyond_them(sizes, steps) -> None:
+    # Property: with the number of steps known, the stream is the same, no sample is
+    # drawn for a step that does not happen, and no thread is left after the last.
+    from bract.privacy.noise import NoisePrefetcher
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        joint, reference = _twin_generators(monkeypatch)
+    prefetcher = NoisePrefetcher(joint, remaining=steps)
+    total = sum(sizes)
+    for _ in range(steps):
+        targets = [torch.zeros(n, dtype=torch.float64) for n in sizes]
+        prefetcher.add_noise_each_(targets, 1.0)
+        torch.testing.assert_close(torch.cat(targets), reference.standard_normal_tensor(total),
+                                   rtol=0, atol=0)
+    assert prefetcher._thread is None
+    # The source stands exactly after the last step's samples.
+    torch.testing.assert_close(joint.standard_normal_tensor(5),
+                               reference.standard_normal_tensor(5), rtol=0, atol=0)
+
+
+def test_a_script_that_trains_with_prefetched_noise_exits_cleanly(tmp_path) -> None:
+    """A draw left running at interpreter exit aborted the process (SIGABRT,
+    "terminate called without an active exception"); the trainer now stops the
+    prefetcher with the round."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch, warnings\n"
+        "from torch import nn\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "from bract.privacy import PrivateTrainer\n"
+        "warnings.simplefilter('ignore')\n"
+        "torch.manual_seed(0)\n"
+        # 4M parameters: a draw ahead takes long enough to be running at exit.
+        "data = TensorDataset(torch.randn(64, 2000), torch.randint(0, 2, (64,)))\n"
+        "model = nn.Sequential(nn.Linear(2000, 2000), nn.ReLU(), nn.Linear(2000, 2))\n"
+        "trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),\n"
+        "    DataLoader(data, batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0,\n"
+        "    delta=1e-5, accountant='rdp', grad_sample_mode='bk', noise_prefetch=True)\n"
+        "assert trainer.train_round(1).trained\n"
+        "print('trained')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained" in done.stdout and "terminate called" not in done.stderr
+
+
 # ------------------------------------------------------- the noise inside Opacus's DPOptimizer
 
 NOISE_MULTIPLIER, MAX_GRAD_NORM, EXPECTED_BATCH = 1.3, 0.7, 50

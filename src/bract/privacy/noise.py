@@ -180,11 +180,15 @@ class NoisePrefetcher:
     from its keystream, is used once, and never leaves the process; only *when* it is
     drawn changes. Two float64 buffers of the parameters' size are kept (drawn into
     alternately). The source is only touched by one thread at a time (the foreground
-    waits for the background draw before it uses the source itself).
+    waits for the background draw before it uses the source itself). With
+    ``remaining`` set to the number of steps still to come, no draw is made for a step
+    that will not happen, and after the last one no thread is left running.
     """
 
-    def __init__(self, source: SecureGaussian) -> None:
+    def __init__(self, source: SecureGaussian, remaining: int | None = None) -> None:
         self.source = source
+        #: Steps still to come (``None``: unknown, always draw one step ahead).
+        self.remaining = remaining
         self._thread: threading.Thread | None = None
         self._buffers: list[torch.Tensor] = []
         self._ready: torch.Tensor | None = None
@@ -203,8 +207,13 @@ class NoisePrefetcher:
             self._draw(count)
         assert self._ready is not None
         samples = self._ready
-        self._thread = threading.Thread(target=self._draw, args=(count,), daemon=True)
-        self._thread.start()
+        if self.remaining is not None:
+            self.remaining -= 1
+        if self.remaining is None or self.remaining > 0:
+            self._thread = threading.Thread(target=self._draw, args=(count,), daemon=True)
+            self._thread.start()
+        else:
+            self._ready = None  # nothing drawn ahead: the next use draws afresh
         return samples
 
     def add_noise_each_(self, targets: Sequence[torch.Tensor], std: float) -> None:
@@ -270,4 +279,7 @@ def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None, *,
             _mark_as_processed(p.summed_grad)
 
     optimizer.add_noise = MethodType(add_noise, optimizer)
+    #: What draws the noise (the source, or its prefetcher): the trainer tells a
+    #: prefetcher how many steps remain and closes it when the round ends.
+    optimizer.bract_noise = adder
     return noise_source

@@ -51,7 +51,7 @@ from bract.privacy.accounting import (
     compress,
 )
 from bract.privacy.batches import check_batch_keys, pairs_of
-from bract.privacy.noise import SecureGaussian, use_secure_noise
+from bract.privacy.noise import NoisePrefetcher, SecureGaussian, use_secure_noise
 from bract.privacy.sampling import (
     PatientPoissonSampler,
     Patients,
@@ -543,6 +543,9 @@ class PrivateTrainer:
         # from the plan (the public bound, when there is one), never from the exact n.
         dp_optimizer.expected_batch_size = int(plan.dataset_size * plan.sample_rate)
         total = self.local_epochs * len(dp_loader)
+        noise = getattr(dp_optimizer, "bract_noise", None)
+        if isinstance(noise, NoisePrefetcher):
+            noise.remaining = total  # no draw for a step that will not happen
         steps, loss_sum, loss_batches = 0, 0.0, 0
         with warnings.catch_warnings():
             # torch notes that the input needs no gradient; expected for DP-SGD hooks.
@@ -587,6 +590,8 @@ class PrivateTrainer:
                         if on_step is not None:
                             on_step(steps, total)
             finally:
+                if isinstance(noise, NoisePrefetcher):
+                    noise.close()  # no draw left running after the round
                 dp_optimizer.zero_grad(set_to_none=True)
                 if clipper is not None:
                     clipper.remove()
