@@ -382,7 +382,10 @@ def bench_accountants(rounds: list[int], repeat: int) -> dict[str, dict[int, flo
 def _uncached_epsilon(events: list[DpSgdEvent], accountant: str) -> float:
     """A fresh computation: bract memoises composed epsilon per process (a hospital's
     budget check reuses last round's figure), which would time a dictionary look-up."""
+    from bract.privacy import accounting
+
     _composed_epsilon.cache_clear()
+    accounting._CARRIED.clear()  # the results a Context carries between processes
     return epsilon_of(events, DELTA, accountant)
 
 
