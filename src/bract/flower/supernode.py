@@ -35,9 +35,10 @@ import os
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Sequence
 from typing import Any
+
+from bract.flower.warm_executor import WAKE_FD_ENV, rebound
 
 __all__ = ["DEFAULT_PULL_INTERVAL", "FLOWER_IDLE_SLEEP", "MIN_PULL_PAUSE", "idle_pause", "main",
            "patch_supernode"]
@@ -94,8 +95,8 @@ def patch_supernode(module: Any, pull_interval: float, executor: str) -> None:
             seconds = LOCAL_WAIT
         time.sleep(seconds)
 
-    pull, push = getattr(module, "_pull_and_store_message", None), getattr(
-        module, "_push_messages", None)
+    pull = getattr(module, "_pull_and_store_message", None)
+    push = getattr(module, "_push_messages", None)
     if pull is not None and push is not None:
         def pull_and_store(*args: Any, **kwargs: Any) -> Any:
             run_id = pull(*args, **kwargs)
@@ -115,12 +116,8 @@ def patch_supernode(module: Any, pull_interval: float, executor: str) -> None:
         module._pull_and_store_message = pull_and_store
         module._push_messages = push_messages
 
-    module.time = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time)
-                                            if not n.startswith("__")})
-    module.time.sleep = sleep
+    module.time = rebound(time, sleep=sleep)
     if executor == "warm":
-        from bract.flower.warm_executor import WAKE_FD_ENV
-
         def popen(args: Any, *a: Any, **k: Any) -> subprocess.Popen[Any]:
             if not (isinstance(args, list) and args and args[0] == FLOWER_SUPEREXEC):
                 return subprocess.Popen(args, *a, **k)
@@ -138,9 +135,7 @@ def patch_supernode(module: Any, pull_interval: float, executor: str) -> None:
             wake_fds.append(write)
             return proc
 
-        module.subprocess = types.SimpleNamespace(
-            **{n: getattr(subprocess, n) for n in dir(subprocess) if not n.startswith("__")})
-        module.subprocess.Popen = popen
+        module.subprocess = rebound(subprocess, Popen=popen)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

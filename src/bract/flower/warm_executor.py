@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["FLOWER_VERSIONS", "PRELOAD", "WAKE_FD_ENV", "ForkingExecutor", "WakeableSleep",
-           "check_flower_version", "superexec_main"]
+           "check_flower_version", "rebound", "superexec_main"]
 
 #: Flower releases whose SuperExec executor protocol, ``run_superexec.get_executor``
 #: and ``run_clientapp`` signature this module was written against and tested with.
@@ -61,6 +61,14 @@ RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp:run_clientapp"
 #: The environment variable through which ``bract-supernode`` gives its SuperExec the
 #: read end of the pipe it writes a byte to whenever it stored a message.
 WAKE_FD_ENV = "BRACT_SUPEREXEC_WAKE_FD"
+
+
+def rebound(module: types.ModuleType, **replacements: Any) -> types.SimpleNamespace:
+    """A stand-in for ``module`` (e.g. ``time``) with every public name of it and
+    ``replacements`` in place of some: bound as one Flower module's global, it changes
+    only what that module calls, never the real module other code uses."""
+    names = {n: getattr(module, n) for n in dir(module) if not n.startswith("__")}
+    return types.SimpleNamespace(**{**names, **replacements})
 
 
 class WakeableSleep:
@@ -314,10 +322,7 @@ def superexec_main() -> None:
     wake = os.environ.pop(WAKE_FD_ENV, None)
     if wake is not None and wake.isdigit():
         # The task poll's only sleep (run_superexec's main loop) wakes on a new message.
-        sleeper = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time)
-                                          if not n.startswith("__")})
-        sleeper.sleep = WakeableSleep(int(wake))
-        flower_run_superexec.time = sleeper
+        flower_run_superexec.time = rebound(time, sleep=WakeableSleep(int(wake)))
     flower_superexec()
 
 
