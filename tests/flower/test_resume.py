@@ -194,6 +194,11 @@ def test_ctrl_c_stops_a_simulation_in_seconds_and_the_printed_command_resumes_it
     assert last.startswith("interrupted: the run stopped after round ")
     time.sleep(1)
     assert _group_alive(pid) == []
+    # The hospitals the stop killed are not a failed round: the record ends at the last
+    # round that finished, and --resume redoes the one under way.
+    stopped_at = json.loads(report.read_text())["rounds"]
+    assert stopped_at and all(r["trained"] for r in stopped_at)
+    assert f"after round {len(stopped_at)} " in last
     command = shlex.split(last.split("continue it with: ", 1)[1])
     assert command[-1] == "--resume"
     resumed = subprocess.run([bract, *command[1:]], capture_output=True, text=True,
@@ -201,6 +206,7 @@ def test_ctrl_c_stops_a_simulation_in_seconds_and_the_printed_command_resumes_it
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     final = json.loads(report.read_text())
     assert [r["round"] for r in final["rounds"]] == list(range(1, 13))
+    assert all(r["trained"] for r in final["rounds"])
     from bract.cli import main
 
     assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bract.flower.files import atomic_write_text
+from bract.flower.files import atomic_write_text, committing
 
 Weights = dict[str, np.ndarray]
 
@@ -69,18 +69,19 @@ class Checkpointer:
 
     def save(self, completed: int, weights: Weights, state: Mapping[str, Any]) -> None:
         """Write the global model after round ``completed``, then the state naming it."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        model_name = f"global-round-{completed}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".model.", suffix=".npz")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **weights)
-        os.replace(tmp, self.dir / model_name)
-        full = {"completed_rounds": completed, "model": model_name,
-                "config": dict(self.run_config), **state}
-        atomic_write_text(self.dir / "state.json", json.dumps(full) + "\n")
-        for old in self.dir.glob("global-round-*.npz"):
-            if old.name != model_name:
-                old.unlink()
+        with committing():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            model_name = f"global-round-{completed}.npz"
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".model.", suffix=".npz")
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **weights)
+            os.replace(tmp, self.dir / model_name)
+            full = {"completed_rounds": completed, "model": model_name,
+                    "config": dict(self.run_config), **state}
+            atomic_write_text(self.dir / "state.json", json.dumps(full) + "\n")
+            for old in self.dir.glob("global-round-*.npz"):
+                if old.name != model_name:
+                    old.unlink()
 
     def restore(self, model_keys: Any) -> tuple[dict[str, Any], Weights]:
         """The saved state and global model; :class:`CheckpointError` naming the problem

@@ -5,22 +5,61 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+# One step's records (a round's report row and its checkpoint) are written under this
+# lock; once the process is stopping, no thread writes a record again.
+_commit = threading.RLock()
+_frozen = threading.Event()
+
+
+def _park_if_frozen() -> None:
+    # The process is exiting (see freeze_records): wait for it instead of writing.
+    while _frozen.is_set():
+        time.sleep(3600)
+
+
+@contextlib.contextmanager
+def committing() -> Iterator[None]:
+    """Write one step's records as a unit with respect to :func:`freeze_records`: a
+    freeze waits for a commit under way to end, and a commit that starts after a
+    freeze never writes (its thread waits for the process to exit)."""
+    with _commit:
+        _park_if_frozen()
+        yield
+
+
+def freeze_records(wait: float) -> None:
+    """Stop this process from writing records: wait up to ``wait`` seconds for a commit
+    under way (:func:`committing`) to finish, then make every later write wait forever.
+
+    For a process that is about to exit because it was interrupted: whatever its threads
+    observe from here on (a hospital's process killed by the stop itself) is not a
+    result, so none of it may reach the report, ledger or checkpoint."""
+    got = _commit.acquire(timeout=wait)
+    _frozen.set()
+    if got:
+        _commit.release()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never
-    a partial one (write to a temporary file in the same directory, then rename)."""
+    a partial one (write to a temporary file in the same directory, then rename).
+    Nothing is written once :func:`freeze_records` has run in this process."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with committing():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_private_bytes(path: Path, data: bytes) -> None:

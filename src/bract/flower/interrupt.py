@@ -5,7 +5,9 @@ Every file a run keeps (report, ledger, checkpoint, each hospital's privacy stat
 written whole by an atomic rename after the step that produced it, so stopping at
 any instant leaves each either as it was or as it became; a round in progress is
 lost and redone on ``--resume`` (a hospital that had already recorded its training
-for it keeps that spent budget: the conservative side).
+for it keeps that spent budget: the conservative side). The stop freezes the run's
+records before it stops a single child, so the hospitals it kills never appear as a
+failed round.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from bract.flower.files import freeze_records
 
 __all__ = ["descendants", "interruptible", "resume_hint", "stop_descendants"]
 
@@ -86,6 +90,9 @@ def interruptible(resume_hint: Callable[[], str]) -> Iterator[None]:
     def stop(signum: int, _frame: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # First, before any child is stopped: the round loop's threads would otherwise
+        # record the hospitals this stop kills as a failed round, and resume after it.
+        freeze_records(GRACE_SECONDS)
         # The run's threads report their children dying: none of that is news. Silence
         # this process's output while they stop, then say the one thing that matters.
         with contextlib.suppress(Exception):

@@ -44,7 +44,7 @@ from bract.flower.checkpoint import (
     Checkpointer,
 )
 from bract.flower.exchange import REPLY_POLL_MAX, send_and_receive
-from bract.flower.files import atomic_write_text
+from bract.flower.files import atomic_write_text, committing
 from bract.flower.observer import RunObserver
 from bract.flower.records import (
     AGGREGATED_METRICS,
@@ -518,9 +518,10 @@ class Federation:
                     )
                     break
                 row = self.run_round(rnd, display)
-                self.completed = rnd
-                self.record.add_round(row)
-                self.checkpoint()
+                with committing():  # an interrupt stops before this or after both
+                    self.completed = rnd
+                    self.record.add_round(row)
+                    self.checkpoint()
                 display.row(row)
                 if not self.active:
                     display.note(f"every hospital has stopped after round {rnd}; federation ends")
