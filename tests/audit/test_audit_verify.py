@@ -5,6 +5,7 @@ itself, a diverging hospital copy, or a passed budget; exit 2 for unusable input
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bract import tasks
 from bract.audit.report import HTML, MARKDOWN, PLOT
@@ -162,6 +165,36 @@ def test_an_edited_event_fails(run, capsys) -> None:
     assert "entry 2 (round 2) reports" in out and "over-reported" in out
 
 
+def test_an_event_edited_to_almost_no_noise_fails_cleanly_in_bounded_memory(run) -> None:
+    """A ledger line edited to claim a noise multiplier of 0.001 (an exact PLD
+    recomputation of it needs tens of GB) is audited like any edit: exit 1, the broken
+    signature and the passed budget named, no traceback, within 4 GB of address space."""
+    import subprocess
+    import sys
+
+    def edit(lines):
+        plain = json.loads(lines[1])
+        plain["event"]["noise_multiplier"] = 0.001
+        lines[1] = json.dumps(plain)
+        return lines
+
+    _rewrite(run / "out" / "ledger.jsonl", edit)
+    argv = ["audit", "verify", str(run / "out" / "ledger.jsonl"), "--roster",
+            str(run / "roster.json"), "--report", str(run / "out" / "report.json"),
+            "--out", str(run / "audit")]
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+              "from bract.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True,
+                          text=True, timeout=300)
+    out = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "MemoryError" not in out
+    assert "entry 2 (seq 2, round 2): signature does not verify" in out
+    assert "past the budget of 3" in out
+
+
 @pytest.mark.parametrize(("line", "needle"), [(1, "entries 2..2 missing"), (2, "truncated")])
 def test_a_deleted_line_fails(run, capsys, line, needle) -> None:
     _rewrite(run / "out" / "ledger.jsonl", lambda lines: lines[:line] + lines[line + 1:])
@@ -277,10 +310,47 @@ def test_recompute_handles_no_steps_and_no_noise() -> None:
     assert eps[0] == 0.0 and 0 < eps[1] < math.inf and eps[2] == eps[3] == math.inf
 
 
+sigmas = st.one_of(st.floats(0.3, 5.0), st.floats(0.001, 0.3))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(sigmas, st.floats(0.001, 1.0), st.integers(0, 10**6)),
+                min_size=1, max_size=4))
+def test_recomputed_epsilons_are_bounded_monotone_and_capped_by_rdp(history) -> None:
+    """Whatever the entries claim: epsilon never decreases along the chain; past the
+    cap it is dp_accounting's RDP bound of the whole prefix (the exact PLD, which
+    would need gigabytes there, is never attempted); below it, the PLD figure."""
+    import dp_accounting as dpa
+
+    from bract.audit.verify import PLD_EPSILON_CAP, beyond_pld_cap
+
+    entries = [LedgerEntry(FED, "h", r, r, DpSgdEvent(sigma, q, steps, 1.0, 1e-5, round=r,
+                                                      client_id="h"), 0.0, 1e-5, "prv", "0" * 64)
+               for r, (sigma, q, steps) in enumerate(history, start=1)]
+    eps = recompute_epsilons(entries, 1e-3)
+    assert all(0.0 <= a <= b * (1 + 1e-9) + 1e-9 for a, b in itertools.pairwise(eps))
+    rdp, composed = dpa.rdp.RdpAccountant(), False
+    for entry, value in zip(entries, eps, strict=True):
+        e = entry.event
+        if e.steps:
+            rdp.compose(dpa.PoissonSampledDpEvent(e.sample_rate,
+                                                  dpa.GaussianDpEvent(e.noise_multiplier)),
+                        e.steps)
+            composed = True
+        bound = rdp.get_epsilon(1e-5) if composed else 0.0
+        if beyond_pld_cap(value):
+            assert value == pytest.approx(bound, rel=1e-9) and bound > PLD_EPSILON_CAP
+        else:
+            assert value <= bound * (1 + 1e-6) + 1e-3  # PLD is the tighter bound
+
+
 @pytest.mark.parametrize(
     ("reported", "recomputed", "expected"),
     [
         (1.0, 1.0, None), (1.015, 1.0, None), (0.985, 1.0, None),
+        # Past the cap both are RDP bounds (different implementations): a reported figure
+        # past it agrees, one below it does not.
+        (1035.9, 1104.2, None), (400.0, 1104.2, "RDP bound"),
         (0.97, 1.0, "under-reported"), (1.03, 1.0, "over-reported"),
         (0.0005, 0.0, None),  # tiny values: the absolute slack
         (math.inf, math.inf, None), (5.0, math.inf, "finite"), (math.inf, 5.0, "∞"),

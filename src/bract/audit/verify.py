@@ -52,6 +52,12 @@ DEFAULT_TOLERANCE = 0.02
 ABSOLUTE_TOLERANCE = 1e-3
 #: dp_accounting's PLD value discretization: its tight reference setting.
 PLD_DISCRETIZATION = 1e-4
+#: Above this epsilon (dp_accounting's RDP bound) the figure is that RDP bound, not a PLD
+#: recomputation: a PLD grid at such epsilons needs gigabytes (a forged entry with a
+#: noise multiplier of 0.01 would exhaust the machine), and no budget bract accepts
+#: comes near it. The same cap as the hospitals' accountant
+#: (``bract.privacy.accounting.EXACT_EPSILON_CAP``), which reports RDP's figure there.
+PLD_EPSILON_CAP = 1000.0
 #: At most this many line differences are listed per hospital copy.
 MAX_COPY_DIFFERENCES = 5
 
@@ -173,12 +179,17 @@ def recompute_epsilons(
 
     Guarantee: each value is dp_accounting's PLD upper bound on the (epsilon,
     entry.delta)-DP of Poisson-subsampled Gaussian steps as recorded (infinite
-    once an event with steps added no noise). Calls dp_accounting directly.
+    once an event with steps added no noise), except past :data:`PLD_EPSILON_CAP`,
+    where it is dp_accounting's RDP upper bound (see :func:`beyond_pld_cap`). Memory
+    stays bounded whatever the entries claim, forged ones included. Calls
+    dp_accounting directly.
     """
     import dp_accounting as dpa
 
     acc = dpa.pld.PLDAccountant(value_discretization_interval=discretization)
-    composed = False
+    history: list[tuple[float, float, int]] = []
+    rdp = None  # dp_accounting's RDP of the history, once the cheap screen fails
+    capped = False
     non_private = False
     out: list[float] = []
     for entry in entries:
@@ -186,15 +197,23 @@ def recompute_epsilons(
         if e.steps > 0 and e.noise_multiplier == 0:
             non_private = True
         elif e.steps > 0 and not non_private:
-            acc.compose(
-                dpa.PoissonSampledDpEvent(e.sample_rate, dpa.GaussianDpEvent(e.noise_multiplier)),
-                e.steps,
-            )
-            composed = True
+            history.append((e.noise_multiplier, e.sample_rate, e.steps))
+            if rdp is None and not _clearly_moderate(history):
+                rdp = dpa.rdp.RdpAccountant()
+                for sigma, q, steps in history[:-1]:
+                    rdp.compose(_sampled_gaussian(sigma, q), steps)
+            if rdp is not None:
+                rdp.compose(_sampled_gaussian(e.noise_multiplier, e.sample_rate), e.steps)
+                capped = capped or float(rdp.get_epsilon(entry.delta)) > PLD_EPSILON_CAP
+            if not capped:
+                acc.compose(_sampled_gaussian(e.noise_multiplier, e.sample_rate), e.steps)
         if non_private:
             out.append(math.inf)
-        elif not composed:
+        elif not history:
             out.append(0.0)
+        elif capped:
+            assert rdp is not None
+            out.append(float(rdp.get_epsilon(entry.delta)))
         else:
             out.append(float(acc.get_epsilon(entry.delta)))
         if on_entry is not None:
@@ -202,8 +221,41 @@ def recompute_epsilons(
     return out
 
 
+def _sampled_gaussian(sigma: float, q: float) -> object:
+    import dp_accounting as dpa
+
+    return dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma))
+
+
+def _clearly_moderate(history: list[tuple[float, float, int]]) -> bool:
+    # The composition's Gaussian-DP parameter by the central limit theorem (Bu et al.),
+    # mu^2 = sum T q^2 (e^(1/sigma^2) - 1), at most 10: epsilon in the tens at most, so
+    # the PLD grid stays small and no RDP screen is needed.
+    mu2 = 0.0
+    for sigma, q, steps in history:
+        if 1.0 / sigma**2 > 700:
+            return False
+        mu2 += steps * q * q * math.expm1(1.0 / sigma**2)
+    return mu2 <= 100.0
+
+
+def beyond_pld_cap(epsilon: float) -> bool:
+    """Whether ``epsilon`` (as :func:`recompute_epsilons` gives it) is dp_accounting's RDP
+    bound rather than a PLD recomputation: past :data:`PLD_EPSILON_CAP`."""
+    return math.isfinite(epsilon) and epsilon > PLD_EPSILON_CAP
+
+
 def disagreement(reported: float, recomputed: float, tolerance: float) -> str | None:
-    """How ``reported`` disagrees with ``recomputed`` beyond the tolerance, or None."""
+    """How ``reported`` disagrees with ``recomputed`` beyond the tolerance, or None.
+
+    Past :data:`PLD_EPSILON_CAP` both figures are upper bounds by different RDP
+    implementations, not exact ones: a reported figure past the cap agrees, one below
+    it disagrees (bract's accountant reports the RDP bound there too)."""
+    if beyond_pld_cap(recomputed) and not math.isinf(reported):
+        if reported > PLD_EPSILON_CAP:
+            return None
+        return (f"the events give more than {PLD_EPSILON_CAP:g} by dp_accounting's RDP bound, "
+                "where the audit computes no exact figure and bract reports that bound")
     if math.isinf(reported) or math.isinf(recomputed):
         if reported == recomputed:
             return None
