@@ -51,11 +51,17 @@ __all__ = ["FLOWER_VERSIONS", "PRELOAD", "WAKE_FD_ENV", "ForkingExecutor", "Wake
 #: and ``run_clientapp`` signature this module was written against and tested with.
 FLOWER_VERSIONS = ("1.42.",)
 #: What the zygote imports once: Flower's ClientApp runtime, bract's ClientApp and what
-#: its train handler loads (torch, Opacus, the accountants, the tasks' data loaders).
+#: its train handler loads (torch, Opacus, the accountants, the tasks' data loaders),
+#: and what every child would otherwise import on its way to its first request: httpx's
+#: transport (``httpcore``, imported when the first ``httpx.Client`` is built: 15-40 ms
+#: per message), Flower's TLS helpers, the OpenSSL backend, and the code page zipfile
+#: reads the app bundle with.
 PRELOAD = ("flwr.supernode.runtime.run_clientapp", "bract.flower.app", "bract.flower.client",
            "bract.tasks", "bract.privacy", "bract.privacy.training",
            "bract.privacy.bookkeeping", "bract.privacy.grad_samplers", "opacus",
-           "torch._dynamo", "dp_accounting", "scipy.signal", "sklearn.datasets")
+           "torch._dynamo", "dp_accounting", "scipy.signal", "sklearn.datasets",
+           "httpcore", "flwr.supercore.tls", "cryptography.hazmat.backends.openssl",
+           "encodings.cp437")
 #: The function each forked child runs, as ``module:function`` (Flower's own).
 RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp:run_clientapp"
 #: The environment variable through which ``bract-supernode`` gives its SuperExec the
