@@ -400,9 +400,8 @@ def test_the_zygote_starts_no_python_thread_before_it_forks() -> None:
 def test_a_child_imports_nothing_on_its_way_to_its_first_request(tmp_path) -> None:
     """What Flower's ``run_clientapp`` does before its first request (read the root
     certificate, build its HTTP client over TLS, read the app bundle's names) imports no
-    module the zygote has not
-    already imported: a child spends nothing on imports (httpx's transport alone took
-    15-40 ms per message)."""
+    module the zygote has not already imported: a child spends nothing on imports
+    (httpx's transport alone took 15-40 ms per message)."""
     import subprocess
 
     from bract.flower.certificates import generate_dev_certificates
