@@ -458,3 +458,36 @@ def test_a_metric_count_the_hospitals_do_not_send_is_refused_up_front() -> None:
     with pytest.raises(ValueError, match=r"aggregate_metrics must be 0 .* or 5"):
         SecAggSettings("fed", {}, aggregate_metrics=1)
     assert SecAggSettings("fed", {}, aggregate_metrics=len(AGGREGATED_METRICS))
+
+
+def test_the_flattened_update_is_the_exact_float64_difference() -> None:
+    """`flatten_delta` gives local - global for every array, in the global model's key
+    order, computed in float64 from float32 or float64 weights (exactly the
+    difference of the widened values), and refuses mismatched names or shapes."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+
+    from bract.flower.secagg_client import flatten_delta
+
+    finite = st.floats(-1e6, 1e6, width=32)
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.tuples(hnp.array_shapes(min_dims=0, max_dims=3, max_side=5),
+                              st.sampled_from([np.float32, np.float64])),
+                    min_size=1, max_size=4), st.data())
+    def check(specs, data) -> None:
+        g, loc = {}, {}
+        for i, (shape, dtype) in enumerate(specs):
+            g[f"w{i}"] = data.draw(hnp.arrays(dtype, shape, elements=finite))
+            loc[f"w{i}"] = data.draw(hnp.arrays(dtype, shape, elements=finite))
+        want = np.concatenate([(loc[k].astype(np.float64) - g[k].astype(np.float64)).ravel()
+                               for k in g])
+        got = flatten_delta(dict(reversed(list(loc.items()))), g)
+        assert got.dtype == np.float64 and np.array_equal(got, want)
+
+    check()
+    with pytest.raises(ValueError, match="different names"):
+        flatten_delta({"a": np.zeros(2)}, {"b": np.zeros(2)})
+    with pytest.raises(ValueError, match="different shapes"):
+        flatten_delta({"a": np.zeros(2)}, {"a": np.zeros(3)})

@@ -147,3 +147,17 @@ def test_block_wise_encoding_is_the_formula_on_the_whole_vector(d, bits, dtype, 
         ours = encode(x, weight, cfg, bits, clip_out_of_range=True)
     expected = _whole_vector_reference(x, weight, cfg, bits, key)
     assert ours.dtype == expected.dtype and np.array_equal(ours, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 300), at=st.integers(0, 299),
+       bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+       dtype=st.sampled_from([np.float32, np.float64]), clip=st.booleans())
+def test_any_nan_or_inf_anywhere_is_refused(size, at, bad, dtype, clip) -> None:
+    """One NaN or infinity at any position (even with clipping of out-of-range values
+    on, and whatever the other values) is refused by name: it is never clipped or
+    rounded into the sum."""
+    x = np.linspace(-0.5, 0.5, size).astype(dtype)
+    x[at % size] = bad
+    with pytest.raises(EncodingError, match="1 NaN/Inf"):
+        encode(x, 1, EncodingConfig(), 32, clip_out_of_range=clip)

@@ -125,10 +125,18 @@ def flatten_delta(local: dict[str, np.ndarray], global_: dict[str, np.ndarray]) 
     """``local - global`` as one float64 vector, in the global model's key order."""
     if local.keys() != global_.keys():
         raise ValueError("local and global weights have different names")
-    return np.concatenate(
-        [(np.asarray(local[k], np.float64) - np.asarray(global_[k], np.float64)).ravel()
-         for k in global_]
-    )
+    for k in global_:
+        if np.shape(local[k]) != np.shape(global_[k]):
+            raise ValueError(f"local and global weights {k!r} have different shapes")
+    out = np.empty(sum(int(np.size(global_[k])) for k in global_), dtype=np.float64)
+    at = 0
+    for k in global_:
+        n = int(np.size(global_[k]))
+        # Both widened to float64 inside the subtraction (exact), written in place.
+        np.subtract(np.asarray(local[k]).reshape(-1), np.asarray(global_[k]).reshape(-1),
+                    out=out[at:at + n], dtype=np.float64)
+        at += n
+    return out
 
 
 def _identity(identity: IdentityLike, ctx: Context) -> SecAggIdentity:

@@ -114,10 +114,19 @@ def _check_vector(vector: object, dim: int) -> np.ndarray:
         raise EncodingError(f"input must be 1-D, got shape {vector.shape}")
     if vector.shape[0] != dim:
         raise EncodingError(f"input length {vector.shape[0]} != round dimension {dim}")
-    if not np.isfinite(vector).all():
-        bad = int(np.count_nonzero(~np.isfinite(vector)))
-        raise EncodingError(f"input has {bad} NaN/Inf value(s)")
     return vector
+
+
+def _peak(x: np.ndarray) -> float:
+    """``max |x|`` without a full-length temporary; EncodingError for NaN or Inf (either
+    makes the minimum or the maximum non-finite)."""
+    if not x.size:
+        return 0.0
+    hi, lo = float(x.max()), float(x.min())
+    if not (math.isfinite(hi) and math.isfinite(lo)):
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        raise EncodingError(f"input has {bad} NaN/Inf value(s)")
+    return max(hi, -lo)
 
 
 def encode(
@@ -146,7 +155,7 @@ def encode(
     weight = int(weight)
     if not 0 <= weight <= config.max_weight:
         raise EncodingError(f"weight {weight} outside [0, max_weight={config.max_weight}]")
-    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    peak = _peak(x)
     if peak > config.clip:
         if not clip_out_of_range:
             n_out = int(np.count_nonzero(np.abs(x) > config.clip))
