@@ -8,6 +8,8 @@ depends on its public bound only, so varying the max weight teaches the server n
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -74,6 +76,29 @@ def test_a_round_sized_from_the_reports_carries_every_weight_without_wrapping(
     values, weight = decode_sum(np.asarray(total, dtype=total.dtype), ring, frac_bits)
     assert weight == sum(weights)
     assert np.allclose(values, sign * clip * sum(weights))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(1, 2**90)), min_size=1, max_size=40),
+       st.sampled_from([0.5, 1.0, 8.0, 100.0]), st.integers(0, 24))
+def test_no_report_can_leave_a_round_without_a_ring(bounds: list, clip: float,
+                                                     frac_bits: int) -> None:
+    """Whatever the hospitals report (a forged bound of 2^90 included), the round gets a
+    ring: the max weight is the largest report, capped at what the 64-bit ring carries
+    for that many hospitals, so every report under the cap is carried whole and a
+    hospital above it refuses before training instead of aborting the round."""
+    sec = SecAggSettings("f", {}, clip=clip, frac_bits=frac_bits)
+    enc = sec.encoding(bounds)
+    n = len(bounds)
+    assert enc.ring_bits_for(n) in (32, 64)  # never "no ring has headroom"
+    cap = enc.largest_weight(n)
+    wanted = max(DEFAULT_MAX_WEIGHT if b is None else b for b in bounds)
+    assert enc.max_weight == min(wanted, cap)
+    assert enc.required_bits(n) <= 64 < dataclasses.replace(enc, max_weight=cap + 1
+                                                            ).required_bits(n)
+    for b in bounds:
+        if b is not None:
+            assert (b <= enc.max_weight) == (b <= min(wanted, cap))
 
 
 def test_a_fixed_max_weight_is_used_as_given() -> None:

@@ -146,6 +146,30 @@ def test_a_hospital_whose_weight_outgrew_the_ring_is_refused_before_training(
     assert others["ledger_entries"] == 4
 
 
+def test_a_report_no_ring_can_carry_does_not_abort_the_rounds(tmp_path) -> None:
+    """hospital-0 reports a weight bound of 2^60 (a forged report: no ring carries five
+    such weights). The server caps the round's max weight at what the 64-bit ring
+    carries, so every round still completes with every hospital; before the cap, this
+    one report aborted every round after the first."""
+    from bract.flower.records import PRIVACY_REPORT
+
+    def forge(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        report = reply.content.config_records.get(PRIVACY_REPORT)
+        if int(ctx.node_config["partition-id"]) == 0 and report is not None:
+            report["weight-bound"] = 2**60
+        return reply
+
+    policy = dataclasses.replace(NON_PRIVATE, rounds=3)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3, extra_mods=[forge])
+    cap = SecAggSettings("f", {}, clip=8.0).encoding([None] * 5).largest_weight(5)
+    rounds = report["rounds"]
+    assert [r["secagg"]["aborted"] for r in rounds] == [None, None, None]
+    assert [r["secagg"]["max_weight"] for r in rounds] == [2**20, cap, cap]
+    assert [r["secagg"]["ring_bits"] for r in rounds] == [64, 64, 64]
+    assert all(len(r["trained"]) == len(NODES) for r in rounds)
+
+
 @pytest.mark.parametrize("stage", sorted(DROP_STAGES))
 def test_rounds_survive_dropouts_at_every_stage_and_abort_cleanly_below_threshold(
     tmp_path, stage

@@ -165,12 +165,18 @@ class SecAggSettings:
         """The fixed-point encoding of a round whose hospitals reported
         ``weight_bounds`` (``None``: no report yet): ``max_weight`` when set, else the
         largest bound (:data:`DEFAULT_MAX_WEIGHT` standing in for a missing one, and
-        for a round with no hospital named)."""
+        for a round with no hospital named), capped at the largest weight the 64-bit
+        ring carries for that many hospitals. The cap keeps one report no ring can
+        carry (a mistake, or a hospital forging its report) from aborting every round:
+        the round goes ahead, and an honest hospital whose bound exceeds it refuses
+        before training (:func:`bract.flower.client.ring_refuses`)."""
         if self.max_weight is not None:
             limit = self.max_weight
         else:
             known = [DEFAULT_MAX_WEIGHT if b is None else int(b) for b in weight_bounds]
-            limit = max(known, default=DEFAULT_MAX_WEIGHT)
+            carried = EncodingConfig(clip=self.clip, frac_bits=self.frac_bits).largest_weight(
+                len(known))
+            limit = max(1, min(max(known, default=DEFAULT_MAX_WEIGHT), carried))
         return EncodingConfig(clip=self.clip, frac_bits=self.frac_bits, max_weight=limit)
 
     def to_plain(self) -> dict[str, Any]:

@@ -73,6 +73,11 @@ class EncodingConfig:
         bound = max(1, n_clients) * self.max_weight * max(1, self.max_level)
         return bound.bit_length() + 1
 
+    def largest_weight(self, n_clients: int, ring_bits: int = 64) -> int:
+        """The largest ``max_weight`` whose ``n_clients``-client sum cannot wrap in
+        ``Z_(2^ring_bits)`` under this clip and scale (0 when none can)."""
+        return (2 ** (ring_bits - 1) - 1) // (max(1, n_clients) * max(1, self.max_level))
+
     def ring_bits_for(self, n_clients: int) -> int:
         """Ring size for ``n_clients``; raises :class:`EncodingError` if the sum could wrap."""
         need = self.required_bits(n_clients)
