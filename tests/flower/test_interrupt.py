@@ -124,3 +124,29 @@ def test_a_hung_commit_cannot_hold_the_stop(wait: float) -> None:
     done = _python(script, str(wait))
     assert done.returncode == 0, done.stderr
     assert wait <= float(done.stdout) < wait + 5
+
+
+def test_the_hint_names_the_round_resume_continues_after(tmp_path: Path) -> None:
+    """The printed command continues after the checkpoint's round, so the hint names that
+    round, even when report.json is a round ahead (a deployment's ServerApp stopped
+    between writing the two); without a checkpoint it falls back to report.json, and
+    with neither it says no round finished and how to start again."""
+    from bract.flower.interrupt import resume_hint
+
+    argv = ["simulate", "--rounds", "5", "--out", str(tmp_path)]
+    assert "before its first round finished" in resume_hint(tmp_path, argv)
+    assert resume_hint(tmp_path, argv).endswith(
+        f"bract simulate --rounds 5 --out {tmp_path} --new-run")
+    line = {"epsilon": 1.0, "trained": True, "reason": "ok"}
+    rows = [{"round": r, "epsilon": 1.0, "per_client": {"hospital-0": line},
+             "trained": ["hospital-0"], "failed": {}} for r in (1, 2, 3)]
+    (tmp_path / "report.json").write_text(json.dumps({"config": {}, "rounds": rows,
+                                                      "final": {}}))
+    assert "stopped after round 3 " in resume_hint(tmp_path, argv)
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"completed_rounds": 2}))
+    hint = resume_hint(tmp_path, [*argv, "--resume"])
+    assert "stopped after round 2 " in hint
+    assert hint.endswith(f"bract simulate --rounds 5 --out {tmp_path} --resume")
+    (tmp_path / "checkpoint" / "state.json").write_text("{not json")
+    assert "stopped after round 3 " in resume_hint(tmp_path, argv)

@@ -132,15 +132,19 @@ def interruptible(resume_hint: Callable[[], str]) -> Iterator[None]:
 def resume_hint(out: Path, argv: list[str], stopped: str = "the run stopped") -> str:
     """What an interrupted ``bract simulate`` or ``bract deploy`` (run as ``argv``)
     says: where the run stopped, and the exact command that continues it (the same
-    arguments with ``--resume``), or, when no round finished, starts it again."""
+    arguments with ``--resume``), or, when no round finished, starts it again. The
+    round named is the checkpoint's, the one ``--resume`` continues after (the report
+    can be a round ahead when a deployment's ServerApp was stopped between the two)."""
     import shlex
 
-    from bract.records.report import ReportError, read_report
+    finished = _checkpointed_rounds(out)
+    if finished is None:
+        from bract.records.report import ReportError, read_report
 
-    try:
-        finished = len(read_report(out / "report.json").rounds)
-    except ReportError:
-        finished = 0
+        try:
+            finished = len(read_report(out / "report.json").rounds)
+        except ReportError:
+            finished = 0
     kept = [a for a in argv if a not in ("--resume", "--new-run", "--new-federation")]
     if finished:
         command = shlex.join(["bract", *kept, "--resume"])
@@ -149,3 +153,17 @@ def resume_hint(out: Path, argv: list[str], stopped: str = "the run stopped") ->
     command = shlex.join(["bract", *kept, "--new-run"])
     return (f"{stopped} before its first round finished (the hospitals keep their spent "
             f"budgets); start again with: {command}")
+
+
+def _checkpointed_rounds(out: Path) -> int | None:
+    """Rounds the checkpoint in ``out`` holds, or None without a readable one."""
+    import json
+
+    from bract.flower.checkpoint import CHECKPOINT_DIR
+
+    try:
+        state = json.loads((out / CHECKPOINT_DIR / "state.json").read_text(encoding="utf-8"))
+        completed = state["completed_rounds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return completed if isinstance(completed, int) and completed >= 0 else None
