@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -106,6 +107,18 @@ def test_a_fixed_max_weight_is_used_as_given() -> None:
     assert sec.encoding([None, 10**6]).max_weight == 128
     assert sec.to_plain()["max_weight"] == 128
     assert SecAggSettings("f", {}).to_plain()["max_weight"] == "auto"
+
+
+@pytest.mark.parametrize("weight", [0, -5, 1.5, True, "100", 2**62])
+def test_a_fixed_max_weight_no_ring_carries_is_refused_by_name(weight) -> None:
+    """A fixed max weight the 64-bit ring cannot carry for the roster's hospitals (or
+    not a positive int) is refused when the settings are made, naming the limit,
+    instead of aborting every secure round later."""
+    roster = {i: bytes([i]) * 32 for i in range(1, 6)}
+    with pytest.raises(ValueError, match=r"max_weight must be an int in \[1, \d+\]"):
+        SecAggSettings("f", roster, max_weight=weight)
+    cap = SecAggSettings("f", roster).encoding([None] * 5).largest_weight(5)
+    assert SecAggSettings("f", roster, max_weight=cap).encoding([None] * 5).ring_bits_for(5)
 
 
 def test_the_privacy_report_carries_the_weight_bound() -> None:

@@ -153,6 +153,18 @@ class SecAggSettings:
     record_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.max_weight is not None:
+            carried = EncodingConfig(clip=self.clip, frac_bits=self.frac_bits).largest_weight(
+                len(self.roster))
+            if (not isinstance(self.max_weight, int) or isinstance(self.max_weight, bool)
+                    or not 1 <= self.max_weight <= carried):
+                raise ValueError(
+                    f"max_weight must be an int in [1, {carried}] (what the 64-bit ring "
+                    f"carries for {max(1, len(self.roster))} hospitals at clip "
+                    f"{self.clip:g}, 2^{self.frac_bits}), got {self.max_weight!r}; every "
+                    "secure round would abort. Leave it None to size the ring from the "
+                    "hospitals' reports"
+                )
         if self.aggregate_metrics not in (0, len(AGGREGATED_METRICS)):
             raise ValueError(
                 f"aggregate_metrics must be 0 (no metric leaves) or "
