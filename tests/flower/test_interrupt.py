@@ -150,3 +150,36 @@ def test_the_hint_names_the_round_resume_continues_after(tmp_path: Path) -> None
     assert hint.endswith(f"bract simulate --rounds 5 --out {tmp_path} --resume")
     (tmp_path / "checkpoint" / "state.json").write_text("{not json")
     assert "stopped after round 3 " in resume_hint(tmp_path, argv)
+
+
+def test_nothing_a_thread_reports_after_the_stop_reaches_the_terminal(tmp_path: Path) -> None:
+    """A thread that keeps reporting its child's death (as Flower's simulation engine logs
+    a traceback for each lost worker, sometimes late) prints nothing the user sees once
+    Ctrl-C is pressed: the only output is the `interrupted:` line."""
+    script = """
+        import subprocess, sys, threading, time
+        from bract.flower.interrupt import interruptible
+
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+        def report():
+            child.wait()
+            while True:  # late and repeated, as long as the process lives
+                print("Traceback (most recent call last): worker lost", file=sys.stderr,
+                      flush=True)
+                time.sleep(0.001)
+
+        threading.Thread(target=report, daemon=True).start()
+        with interruptible(lambda: (time.sleep(0.3), "stopped after round 1")[1]):
+            print("ready", flush=True)
+            time.sleep(60)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "Traceback" not in stdout + stderr
+    assert stderr == "interrupted: stopped after round 1\n"

@@ -206,7 +206,13 @@ def test_ctrl_c_stops_a_simulation_in_seconds_and_the_printed_command_resumes_it
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     final = json.loads(report.read_text())
     assert [r["round"] for r in final["rounds"]] == list(range(1, 13))
-    assert all(r["trained"] for r in final["rounds"])
+    # No round failed. A hospital that had recorded its training for the interrupted
+    # round keeps that spend (the conservative side), so the last round may find its
+    # budget spent: then it refuses, by its budget.
+    for row in final["rounds"]:
+        assert not row["failed"]
+        assert row["trained"] or all("budget" in v["reason"]
+                                     for v in row["per_client"].values())
     from bract.cli import main
 
     assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",

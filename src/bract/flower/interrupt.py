@@ -94,31 +94,36 @@ def interruptible(resume_hint: Callable[[], str]) -> Iterator[None]:
         # record the hospitals this stop kills as a failed round, and resume after it.
         freeze_records(GRACE_SECONDS)
         # The run's threads report their children dying: none of that is news. Silence
-        # this process's output while they stop, then say the one thing that matters.
+        # this process's output until it exits (a thread may report late, after the
+        # children are gone), and say the one thing that matters on the saved copies.
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
-        saved = []
+        saved: dict[int, int] = {}
         with contextlib.suppress(OSError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             for fd in (1, 2):
-                saved.append((fd, os.dup(fd)))
+                saved[fd] = os.dup(fd)
                 os.dup2(devnull, fd)
         stop_descendants()
-        for fd, copy in saved:
-            with contextlib.suppress(OSError):
-                os.dup2(copy, fd)
         try:
             hint = resume_hint()
         except Exception as exc:  # the hint must never hide the stop
             hint = f"(the run's state could not be read: {exc})"
+
+        def say(fd: int, text: str) -> None:
+            with contextlib.suppress(Exception):
+                if fd in saved:
+                    os.write(saved[fd], text.encode("utf-8"))
+                else:  # silencing failed: the streams are the terminal's still
+                    stream = sys.stdout if fd == 1 else sys.stderr
+                    stream.write(text)
+                    stream.flush()
+
         with contextlib.suppress(Exception):
-            if sys.stdout.isatty():
-                sys.stdout.write("\x1b[?25h\n")  # a live table hides the cursor
-            sys.stdout.flush()
-        with contextlib.suppress(Exception):
-            sys.stderr.write(f"interrupted: {hint}\n")
-            sys.stderr.flush()
+            if os.isatty(saved.get(1, 1)):
+                say(1, "\x1b[?25h\n")  # a live table hides the cursor
+        say(2, f"interrupted: {hint}\n")
         os._exit(130 if signum == signal.SIGINT else 143)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
