@@ -21,6 +21,18 @@ def _python(script: str, *args: str, timeout: float = 60) -> subprocess.Complete
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _ctrl_c_when_ready(script: str) -> tuple[int, str, str]:
+    """Run ``script`` (which prints "ready" inside its interruptible block), press
+    Ctrl-C (SIGINT) once it is ready; its exit status, the rest of its stdout, stderr."""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    return proc.returncode, stdout, stderr
+
+
 def test_a_child_killed_by_the_stop_is_not_recorded_as_a_result(tmp_path: Path) -> None:
     """A thread that records a failure whenever a child process dies (what Flower's
     simulation does when Ray's workers go) writes nothing once Ctrl-C is pressed: the
@@ -46,13 +58,8 @@ def test_a_child_killed_by_the_stop_is_not_recorded_as_a_result(tmp_path: Path) 
             print("ready", flush=True)
             time.sleep(60)
     """
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
-    os.kill(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 130, stderr
+    code, _, stderr = _ctrl_c_when_ready(script)
+    assert code == 130, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted: stopped after round 1"
     assert record.read_text() == "round 1 finished"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary left
@@ -174,12 +181,7 @@ def test_nothing_a_thread_reports_after_the_stop_reaches_the_terminal(tmp_path: 
             print("ready", flush=True)
             time.sleep(60)
     """
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
-    os.kill(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 130
+    code, stdout, stderr = _ctrl_c_when_ready(script)
+    assert code == 130
     assert "Traceback" not in stdout + stderr
     assert stderr == "interrupted: stopped after round 1\n"
