@@ -202,11 +202,12 @@ def recompute_epsilons(
                 rdp = dpa.rdp.RdpAccountant()
                 for sigma, q, steps in history[:-1]:
                     rdp.compose(_sampled_gaussian(sigma, q), steps)
+            event = _sampled_gaussian(e.noise_multiplier, e.sample_rate)
             if rdp is not None:
-                rdp.compose(_sampled_gaussian(e.noise_multiplier, e.sample_rate), e.steps)
+                rdp.compose(event, e.steps)
                 capped = capped or float(rdp.get_epsilon(entry.delta)) > PLD_EPSILON_CAP
             if not capped:
-                acc.compose(_sampled_gaussian(e.noise_multiplier, e.sample_rate), e.steps)
+                acc.compose(event, e.steps)
         if non_private:
             out.append(math.inf)
         elif not history:
