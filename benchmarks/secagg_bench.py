@@ -25,6 +25,10 @@ What is timed (wall clock, ``time.perf_counter``, best of a few repeats where no
    buffers), from the first masked input delivered to the decoded result; the masked
    inputs were produced beforehand by the simulated clients and each is released once
    delivered.
+5. the graph ``auto`` picks (n = 100, d = 1e6): one hospital's stage 1 and stage 2
+   client time, medians of 3 rounds, for three declarations (the default, which keeps
+   the complete graph; 10 dropouts with the default collusion bound; 10 dropouts with
+   c = 5), each as a ratio to the default. ``--only-graph`` runs this section alone.
 
 The last line of output is one JSON object with all figures.
 """
@@ -46,7 +50,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from bract.secagg.crypto import KeystreamAccumulator, SigningKey, hkdf
 from bract.secagg.encoding import EncodingConfig, encode
-from bract.secagg.protocol import ClientPolicy, ClientSession, ServerSession
+from bract.secagg.protocol import ClientPolicy, ClientSession, ServerSession, round_parameters
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
@@ -73,11 +77,14 @@ def log(msg: str) -> None:
 HARARY_COLLUDERS = 2
 
 
-def federation(n: int, fed: str, graph: str, enc: EncodingConfig):
+def federation(n: int, fed: str, graph: str, enc: EncodingConfig,
+               colluders: int | str | None = "default", dropouts: int | None = None):
     keys = {i: SigningKey.generate() for i in range(n)}
     roster = {i: k.public_bytes() for i, k in keys.items()}
-    c = HARARY_COLLUDERS if graph == "harary" else None
-    server = ServerSession(fed, roster, encoding=enc, graph=graph, colluders=c)
+    c = colluders if colluders != "default" else (
+        HARARY_COLLUDERS if graph == "harary" else None)
+    server = ServerSession(fed, roster, encoding=enc, graph=graph, colluders=c,
+                           dropouts=dropouts)
     clients = {i: ClientSession(i, fed, keys[i], roster, ClientPolicy(colluders=c))
                for i in range(n)}
     for v, cl in clients.items():
@@ -308,6 +315,62 @@ def bench_server(n: int, d: int, out: dict[str, Any]) -> None:
         f"{est:.1f}s; bract Shamir reconstruct (t={t_thr}) {t_ours * 1e3:.2f} ms")
 
 
+# ---------------------------------------------------------------- 5. the graph auto picks
+
+
+#: (label, colluders, declared dropouts) of the federations section 5 compares; the
+#: first is the default (no tolerance declared: auto keeps the complete graph).
+GRAPH_DECLARATIONS = (
+    ("default: c = floor((n-1)/3), no dropouts declared", None, None),
+    ("c = floor((n-1)/3), 10 dropouts", None, 10),
+    ("c = 5, 10 dropouts", 5, 10),
+)
+
+
+def bench_graph_choice(n: int, d: int, rounds: int, out: dict[str, Any]) -> None:
+    """One hospital's client work per round on the graph ``auto`` picks for each
+    declaration: stage 1 (share its secrets with its neighbours) and stage 2 (check
+    their shares, encode, mask with one keystream per neighbour), medians of
+    ``rounds`` rounds, and the ratio to the default (complete) graph."""
+    enc = EncodingConfig()
+    x = (np.arange(d, dtype=np.float32) % 1000) / 1000.0 - 0.5
+    base: dict[str, float] = {}
+    for label, c, dropouts in GRAPH_DECLARATIONS:
+        server, clients = federation(n, "bench-graph", "auto", enc, colluders=c,
+                                     dropouts=dropouts)
+        s1, s2 = [], []
+        for r in range(1, rounds + 1):
+            cfg = server.start_round(r, list(range(n)), d)
+            t = time.perf_counter()
+            server.receive_shares(clients[0].handle_round_config(cfg))
+            s1.append(time.perf_counter() - t)
+            for v in range(1, n):
+                server.receive_shares(clients[v].handle_round_config(cfg))
+            req = server.mask_requests()[0]
+            t = time.perf_counter()
+            clients[0].handle_mask_request(req, x, 100)
+            s2.append(time.perf_counter() - t)
+            server.abort_round("benchmark: one client timed")
+            for cl in clients.values():
+                cl.abort_round()
+        stage1, stage2 = float(np.median(s1)), float(np.median(s2))
+        if not base:
+            base = {"stage1": stage1, "stage2": stage2}
+        shape = round_parameters(n, "auto", None, c, 2, dropouts)
+        tol = shape.tolerated
+        key = f"graph_{shape.kind}_{shape.degree}"
+        out[key] = {"label": label, "degree": shape.degree, "threshold": shape.threshold,
+                    "colluders": shape.colluders, "tolerated": tol,
+                    "stage1_seconds": stage1, "stage2_seconds": stage2,
+                    "stage2_over_default": stage2 / base["stage2"],
+                    "stage1_over_default": stage1 / base["stage1"]}
+        log(f"[graph n={n} d={d}] {label}: {shape.kind} degree {shape.degree}, t = "
+            f"{shape.threshold}, survives {tol} dropouts; one hospital's stage 1 "
+            f"{stage1:.3f}s (x{stage1 / base['stage1']:.2f} of the default), stage 2 "
+            f"{stage2:.3f}s (x{stage2 / base['stage2']:.2f})")
+        del server, clients
+
+
 # ---------------------------------------------------------------- 3. n = 1000 sparse
 
 
@@ -331,18 +394,24 @@ def bench_large(n: int, d: int, out: dict[str, Any]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    ap.add_argument("--only-graph", action="store_true",
+                    help="only section 5 (the graph auto picks)")
     args = ap.parse_args()
     out: dict[str, Any] = {"python": sys.version.split()[0], "machine": platform.machine(),
                            "cpus": os.cpu_count(), "numpy": np.__version__}
     t0 = time.perf_counter()
-    if args.quick:
+    if args.only_graph:
+        bench_graph_choice(100, 10_000 if args.quick else 1_000_000, 3, out)
+    elif args.quick:
         bench_client(10_000, 9, out)
         bench_server(20, 10_000, out)
         bench_large(100, 1_000, out)
+        bench_graph_choice(100, 10_000, 2, out)
     else:
         bench_client(1_000_000, 9, out)
         bench_server(100, 1_000_000, out)
         bench_large(1000, 100_000, out)
+        bench_graph_choice(100, 1_000_000, 3, out)
     out["total_seconds"] = time.perf_counter() - t0
     print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}))
 

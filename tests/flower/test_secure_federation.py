@@ -47,18 +47,20 @@ def _drop_mod(plan: dict[tuple[int, str], set[int]]):
 
 
 def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="none",
-         record_dir=None, extra_mods=(), colluders: int | None = 0, setup=_setup):
-    """A federation of the five NODES. Secure runs declare ``colluders`` (0 by default:
-    t = 3 of 5, so these tests can drop two hospitals; the collusion bound itself is
-    exercised in tests/secagg) on the server and in every hospital's policy."""
+         record_dir=None, extra_mods=(), colluders: int | None = 0, setup=_setup,
+         nodes=NODES, dropouts: int | None = None):
+    """A federation of the five NODES (or ``nodes``, with ``setup`` for as many).
+    Secure runs declare ``colluders`` (0 by default: t = 3 of 5, so these tests can
+    drop two hospitals; the collusion bound itself is exercised in tests/secagg) on
+    the server and in every hospital's policy, and ``dropouts`` on the server."""
     settings = None
     identities = []
     if secure:
-        roster, identities = make_identities(len(NODES), "test-federation")
+        roster, identities = make_identities(len(nodes), "test-federation")
         hospital_policy = ClientPolicy(colluders=colluders, clip_out_of_range=True)
         identities = [dataclasses.replace(i, policy=hospital_policy) for i in identities]
         settings = SecAggSettings(
-            "test-federation", roster, clip=8.0, colluders=colluders,
+            "test-federation", roster, clip=8.0, colluders=colluders, dropouts=dropouts,
             aggregate_metrics=len(AGGREGATED_METRICS) if release == "aggregate" else 0,
             record_dir=str(record_dir) if record_dir else None,
         )
@@ -70,7 +72,7 @@ def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="n
             if secure else None,
             release_metrics=release, mods=mods,
         )
-        for node in NODES
+        for node in nodes
     }
     grid = FakeGrid(apps)
     ds = tasks.dataset_for(TASK)
@@ -81,7 +83,7 @@ def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="n
         return tasks.evaluate(model, ds.x_test, ds.y_test)
 
     cfg = ServerConfig(
-        rounds=rounds, num_clients=len(NODES), delta=policy.delta, out_dir=tmp_path,
+        rounds=rounds, num_clients=len(nodes), delta=policy.delta, out_dir=tmp_path,
         node_wait_seconds=1, show_progress=False, save_model=tmp_path / "m.npz",
         secagg=settings,
     )
@@ -109,6 +111,30 @@ def test_secure_fedavg_equals_plain_fedavg_within_the_encoding_error(tmp_path) -
     # bounds the hospitals reported (5 x 96 x 2^19 < 2^31: 32 bits), and the sums agree.
     assert [r["secagg"]["ring_bits"] for r in secure["rounds"]] == [64, 32]
     assert [r["secagg"]["max_weight"] for r in secure["rounds"]] == [2**20, 96]
+    # No dropout tolerance declared: auto keeps the complete graph, which survives
+    # 5 - max(t = 4, c + h = 3) = 1 dropout; the report says so.
+    assert [(r["secagg"]["graph"], r["secagg"]["degree"], r["secagg"]["dropouts_tolerated"])
+            for r in secure["rounds"]] == [("complete", 4, 1)] * 2
+
+
+def test_a_declared_dropout_tolerance_lets_auto_mask_with_fewer_hospitals(tmp_path) -> None:
+    """Ten hospitals, one colluder, one dropout to survive: auto masks over the SecAgg+
+    degree-8 graph (8 neighbours, not 9; each neighbourhood of 9 with t = 6 survives 3
+    dropouts), every hospital accepts it, the report records the graph and its
+    tolerance, and a hospital that drops after sharing in round 2 leaves the round to
+    the other nine."""
+    task = dataclasses.replace(TASK, clients=10)
+    nodes = list(range(2001, 2011))
+    policy = dataclasses.replace(NON_PRIVATE, rounds=2)
+    report, _, _ = _run(
+        tmp_path, policy, secure=True, colluders=1, dropouts=1, nodes=nodes,
+        setup=lambda ctx: hospital_setup(task, ctx), drop_plan={(2, "mask"): {4}})
+    rounds = report["rounds"]
+    assert [(r["secagg"]["graph"], r["secagg"]["degree"], r["secagg"]["dropouts_tolerated"],
+             r["secagg"]["aborted"]) for r in rounds] == [("harary", 8, 3, None)] * 2
+    assert len(rounds[0]["trained"]) == 10
+    assert rounds[1]["secagg"]["dropped"] == ["hospital-4"]
+    assert len(rounds[1]["secagg"]["alive"]) == 9
 
 
 def test_a_hospital_whose_weight_outgrew_the_ring_is_refused_before_training(

@@ -40,11 +40,12 @@ def make_federation(
     min_honest: int = 2,
     encoding: EncodingConfig | None = None,
     policy: ClientPolicy | None = None,
+    dropouts: int | None = None,
 ) -> Federation:
     keys = {i: signing_key(i) for i in range(n)}
     roster = {i: k.public_bytes() for i, k in keys.items()}
     server = ServerSession(fed, roster, encoding=encoding, graph=graph, degree=degree,
-                           colluders=colluders, min_honest=min_honest)
+                           colluders=colluders, min_honest=min_honest, dropouts=dropouts)
     clients = {i: ClientSession(i, fed, keys[i], roster, policy) for i in range(n)}
     return Federation(server, clients, roster, fed, keys)
 

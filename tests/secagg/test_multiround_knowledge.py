@@ -3,7 +3,8 @@ accumulates never isolates an individual update.
 
 Random schedules of 2-4 rounds: dropouts and refusals at every stage (a client
 that shares and then does not mask is what a DP budget refusal looks like), rounds
-pipelined or not, complete and Harary graphs, operators rotating share-channel
+pipelined or not, complete and Harary graphs and the graph ``auto`` picks for a
+declared dropout tolerance, operators rotating share-channel
 keys between rounds. The server keeps everything: every message of every round,
 aborted rounds included, and the masked input of every client that dropped after
 sharing (as if it arrived late). :func:`bract.audit.secagg_audit.knowledge_across_rounds`
@@ -28,7 +29,9 @@ from bract.secagg.protocol import (
     ClientPolicy,
     ClientSession,
     default_colluders,
+    dropout_tolerance,
     required_threshold,
+    round_parameters,
 )
 from bract.secagg.recording import RecordingServerSession, ServerView
 
@@ -39,10 +42,14 @@ D = 4
 
 @st.composite
 def schedules(draw):
-    graph = draw(st.sampled_from(["complete", "harary"]))
+    graph = draw(st.sampled_from(["complete", "harary", "auto"]))
     n = draw(st.integers(3, 9) if graph == "complete" else st.integers(6, 12))
     c = draw(st.integers(0, default_colluders(n))) if graph == "complete" else 1
     size = n if graph == "complete" else min(n, default_degree(n) + 1)
+    dropouts = None
+    if graph == "auto":  # the operator declares what rounds must survive
+        dropouts = draw(st.integers(0, dropout_tolerance(n, c, 2)))
+        size = min(n, round_parameters(n, "auto", None, c, 2, dropouts).degree + 1)
     spare = size - required_threshold(size, c)  # dropouts a neighbourhood survives
     rounds = draw(st.integers(2, 4))
     # mostly survivable dropouts, weighted towards dropping after sharing ("mask")
@@ -52,7 +59,7 @@ def schedules(draw):
              for _ in range(rounds)]
     pipelined = [draw(st.booleans()) for _ in range(rounds)]
     rotate = [draw(st.sets(st.integers(0, n - 1), max_size=2)) for _ in range(rounds)]
-    return graph, n, c, rounds, drops, pipelined, rotate
+    return graph, n, c, dropouts, rounds, drops, pipelined, rotate
 
 
 def _views_by_round(log, labels, results, late):
@@ -71,12 +78,12 @@ def _views_by_round(log, labels, results, late):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schedules(), st.integers(0, 2**32 - 1))
 def test_accumulated_knowledge_never_isolates_an_update(schedule, seed) -> None:
-    graph, n, colluders, rounds, drops, pipelined, rotate = schedule
+    graph, n, colluders, dropouts, rounds, drops, pipelined, rotate = schedule
     rng = np.random.default_rng(seed)  # test inputs only
     fed = "fed-multiround"
     roster = {i: signing_key(i).public_bytes() for i in range(n)}
     server = RecordingServerSession(fed, roster, encoding=ENC, graph=graph,
-                                    colluders=colluders)
+                                    colluders=colluders, dropouts=dropouts)
     policy = ClientPolicy(colluders=colluders)
     clients = {i: ClientSession(i, fed, signing_key(i), roster, policy) for i in range(n)}
     results, labels, late = {}, {}, {}

@@ -79,7 +79,7 @@ def secagg_settings(fed: FederationConfig, roster: Roster,
     (``record_dir``: record the server's view of every round there)."""
     return SecAggSettings(
         roster.federation_id, roster.keys, clip=fed.secagg_clip, graph=fed.secagg_graph,
-        colluders=fed.secagg_colluders,
+        colluders=fed.secagg_colluders, dropouts=fed.secagg_dropouts,
         aggregate_metrics=len(AGGREGATED_METRICS) if fed.release_metrics == "aggregate" else 0,
         record_dir=str(record_dir) if record_dir is not None else None,
     )

@@ -208,11 +208,16 @@ OPTIONS: tuple[Option, ...] = (
            "in clear)"),
     Option("secagg_clip", float, 8.0, "bound on each update coordinate for the fixed-point "
            "encoding", low=0, open_low=True),
-    Option("secagg_graph", str, "complete", "who shares with whom: the complete graph or "
-           "SecAgg+'s sparse graph", choices=("complete", "harary")),
+    Option("secagg_graph", str, "auto", "who shares with whom: auto (each round the "
+           "sparsest graph that keeps the collusion bound and survives secagg-dropouts; the "
+           "complete graph while no dropouts are declared), the complete graph, or "
+           "SecAgg+'s sparse harary graph", choices=("auto", "complete", "harary")),
     Option("secagg_colluders", int, None, "colluding hospitals (with the server) that secure "
            "aggregation must withstand; every hospital enforces it (default: floor((n-1)/3); "
            "a sparse harary graph needs a small value)", unset="one-third", low=0),
+    Option("secagg_dropouts", int, None, "hospitals every secure round must survive dropping "
+           "out, wherever they fall; refused if the graph cannot, and lets auto pick a sparse "
+           "graph (default: not declared)", unset="none", low=0),
     Option("release_metrics", str, "none", "hospitals' metrics (the received model's loss on "
            "their records, their held-out evaluation), noised and counted in their epsilon: "
            "stay home (none), leave only inside the masked sum (aggregate), or in clear "
@@ -271,8 +276,9 @@ class FederationConfig:
     device: str | None = None
     secagg: bool = True
     secagg_clip: float = 8.0
-    secagg_graph: str = "complete"
+    secagg_graph: str = "auto"
     secagg_colluders: int | None = None
+    secagg_dropouts: int | None = None
     release_metrics: str = "none"
     metrics_noise: float = 10.0
     round_timeout: float | None = None
@@ -307,9 +313,10 @@ class FederationConfig:
             from bract.secagg.protocol import round_parameters
 
             try:
-                round_parameters(self.clients, self.secagg_graph, None, self.secagg_colluders, 2)
+                round_parameters(self.clients, self.secagg_graph, None, self.secagg_colluders, 2,
+                                 self.secagg_dropouts)
             except SecAggError as exc:
-                raise ValueError(f"{exc} (secagg-colluders)") from None
+                raise ValueError(f"{exc} (secagg-colluders, secagg-dropouts)") from None
         if (self.num_classes is None) != (self.in_channels is None):
             raise ValueError("declare the model with both num-classes and in-channels, or "
                              "neither (then the data's own shape is used)")

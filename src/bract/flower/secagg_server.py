@@ -62,6 +62,7 @@ from bract.secagg import (
     ServerSession,
 )
 from bract.secagg import Message as SecAggMessage
+from bract.secagg.protocol import dropout_tolerance
 from bract.secagg.recording import RecordingServerSession, ServerView, write_view
 
 STAGE_TYPES = {
@@ -91,11 +92,13 @@ class SecureRoundInfo:
     min_honest: int = 0
     #: The masking ring Z_(2^ring_bits) (the smallest with headroom for the round's
     #: hospitals, weights and clip), the largest weight it was sized for, and the graph
-    #: each hospital masks with.
+    #: each hospital masks with: its kind, each hospital's number of neighbours, and how
+    #: many hospitals the round survives dropping out wherever they fall.
     ring_bits: int = 0
     max_weight: int = 0
     graph: str = ""
     degree: int = 0
+    dropouts_tolerated: int = 0
 
     def to_plain(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -107,6 +110,7 @@ class SecureRoundInfo:
             "threshold": self.threshold, "colluders": self.colluders,
             "min_honest": self.min_honest, "ring_bits": self.ring_bits,
             "max_weight": self.max_weight, "graph": self.graph, "degree": self.degree,
+            "dropouts_tolerated": self.dropouts_tolerated,
         }
 
 
@@ -128,7 +132,10 @@ class SecAggSettings:
     hospitals append to the vector (0 unless their policy releases metrics in
     aggregate). ``colluders`` (``None``: ``floor((n - 1) / 3)`` of a round's n
     hospitals) and ``min_honest`` are the collusion bound rounds are set up for;
-    each hospital refuses a round weaker than its own policy.
+    each hospital refuses a round weaker than its own policy. ``dropouts`` is how many
+    hospitals every round must survive dropping out, wherever they fall (``None``: not
+    declared); ``graph="auto"`` then picks, each round, the sparsest graph that keeps
+    the bound and that tolerance (:func:`bract.secagg.protocol.round_parameters`).
 
     ``max_weight`` is the largest FedAvg weight (example count) the masking ring must
     carry for one hospital; ``None`` (default) sizes it round by round from the
@@ -143,9 +150,10 @@ class SecAggSettings:
     clip: float = 8.0
     frac_bits: int = 16
     max_weight: int | None = None
-    graph: str = "complete"
+    graph: str = "auto"
     colluders: int | None = None
     min_honest: int = 2
+    dropouts: int | None = None
     aggregate_metrics: int = 0
     #: When set, the server's view of every completed round (each message it received
     #: and sent, and the aggregate) is written to ``record_dir/round-N`` for
@@ -199,7 +207,7 @@ class SecAggSettings:
             "clip": self.clip, "frac_bits": self.frac_bits,
             "max_weight": "auto" if self.max_weight is None else self.max_weight,
             "graph": self.graph, "colluders": self.colluders, "min_honest": self.min_honest,
-            "aggregate_metrics": self.aggregate_metrics,
+            "dropouts": self.dropouts, "aggregate_metrics": self.aggregate_metrics,
             "record_dir": self.record_dir,
         }
 
@@ -256,6 +264,7 @@ class SecureAggregator:
         self.session = session_type(
             settings.federation_id, dict(settings.roster), encoding=settings.encoding(),
             graph=settings.graph, colluders=settings.colluders, min_honest=settings.min_honest,
+            dropouts=settings.dropouts,
         )
         self.timeout = timeout
         self.node_of: dict[int, int] = {}  # secagg id -> Flower node id
@@ -583,6 +592,9 @@ class SecureAggregator:
                 cfg.threshold, cfg.colluders, cfg.min_honest)
             info.ring_bits, info.graph, info.degree = cfg.ring_bits, cfg.graph_kind, cfg.degree
             info.max_weight = cfg.max_weight
+            size = min(len(cfg.participants), cfg.degree + 1)
+            info.dropouts_tolerated = max(0, dropout_tolerance(size, cfg.colluders,
+                                                               cfg.min_honest))
 
     def _public_reason(self, why: str) -> str:
         """A protocol error as an operator reads it: protocol round numbers (which

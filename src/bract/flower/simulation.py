@@ -109,6 +109,7 @@ class SimulationConfig:
             "secagg_clip": fed.secagg_clip,
             "secagg_graph": fed.secagg_graph,
             "secagg_colluders": fed.secagg_colluders,
+            "secagg_dropouts": fed.secagg_dropouts,
             "drop_rate": self.drop_rate,
             "drop_stage": self.drop_stage,
             "release_metrics": fed.release_metrics,

@@ -21,9 +21,12 @@ from collections.abc import Sequence
 from .crypto import sha256
 from .errors import ConfigurationError
 
-__all__ = ["GRAPH_KINDS", "closed_neighbourhoods", "default_degree"]
+__all__ = ["GRAPH_CHOICES", "GRAPH_KINDS", "closed_neighbourhoods", "default_degree"]
 
 GRAPH_KINDS = ("complete", "harary")
+#: What a server may be told to use: a graph kind, or ``auto`` (it picks one of them
+#: per round, :func:`bract.secagg.protocol.round_parameters`). Rounds carry a kind.
+GRAPH_CHOICES = ("auto", *GRAPH_KINDS)
 
 
 def default_degree(n: int) -> int:

@@ -127,7 +127,7 @@ from .errors import (
     RoundAborted,
     ThresholdPolicyError,
 )
-from .graph import GRAPH_KINDS, closed_neighbourhoods, default_degree
+from .graph import GRAPH_CHOICES, GRAPH_KINDS, closed_neighbourhoods, default_degree
 from .merkle import merkle_root, merkle_verify
 from .messages import (
     COMMITMENT_BYTES,
@@ -151,9 +151,11 @@ __all__ = [
     "AggregateResult",
     "ClientPolicy",
     "ClientSession",
+    "RoundShape",
     "ServerSession",
     "alive_shortfall",
     "default_colluders",
+    "dropout_tolerance",
     "required_threshold",
     "round_parameters",
     "validate_roster",
@@ -379,25 +381,91 @@ def _check_collusion_bound(nbhd: Mapping[int, Sequence[int]], among: Iterable[in
             )
 
 
+def dropout_tolerance(size: int, colluders: int, min_honest: int) -> int:
+    """How many of a round's participants may drop out, in any stages and wherever an
+    adversary places them, while every closed neighbourhood of ``size`` can still
+    finish under the collusion bound ``(c, h)``: ``size - max(t, c + h)`` with ``t`` the
+    :func:`required_threshold`.
+
+    Guarantee (with a server that follows the protocol): if at most this many drop
+    in all, every alive client keeps ``c + h - 1`` alive neighbours and every
+    neighbourhood keeps ``t`` holders who answer, so the round completes; one more,
+    all inside one alive client's neighbourhood and before they send their masked
+    inputs, aborts it. Negative: no
+    round with neighbourhoods of ``size`` can honour the bound at all.
+    """
+    return size - max(required_threshold(size, colluders), colluders + min_honest)
+
+
+@dataclass(frozen=True)
+class RoundShape:
+    """The graph and thresholds a round is set up with.
+
+    kind: the graph on the wire (``complete`` or ``harary``); degree: each client's
+    number of neighbours; threshold: the Shamir threshold ``t``; colluders: ``c``;
+    tolerated: the dropouts the round survives wherever they fall
+    (:func:`dropout_tolerance` of the smallest neighbourhood).
+    """
+
+    kind: str
+    degree: int
+    threshold: int
+    colluders: int
+    tolerated: int
+
+
 def round_parameters(n: int, graph: str, degree: int | None, colluders: int | None,
-                     min_honest: int) -> tuple[int, int, int]:
-    """The graph degree, threshold and collusion bound ``c`` of a round of ``n`` clients
-    (``colluders`` None: :func:`default_colluders`); :class:`ConfigurationError` names
-    why no such round can honour the bound (e.g. a Harary graph too thin for ``c``)."""
-    if graph not in GRAPH_KINDS:
-        raise ConfigurationError(f"graph must be one of {GRAPH_KINDS}, got {graph!r}")
+                     min_honest: int, dropouts: int | None = None) -> RoundShape:
+    """The graph, threshold and collusion bound ``c`` of a round of ``n`` clients
+    (``colluders`` None: :func:`default_colluders`). :class:`ConfigurationError` names
+    why no such round can honour the bound (e.g. a Harary graph too thin for ``c``),
+    or survive ``dropouts`` dropouts when the operator declares that many.
+
+    ``graph="auto"`` picks the cheapest graph that keeps every declared guarantee:
+    the Harary graph of the smallest even degree ``k`` (at least ``degree``, and at
+    least the SecAgg+ default that clients accept by default) whose neighbourhoods
+    honour ``(c, h)`` and survive ``dropouts`` dropouts, and the complete graph when
+    no ``k < n - 1`` does. With ``dropouts`` None, auto keeps the complete graph's own
+    tolerance, so it is the complete graph: a sparse graph is chosen only when the
+    operator has said how many dropouts a round must survive.
+    """
+    if graph not in GRAPH_CHOICES:
+        raise ConfigurationError(f"graph must be one of {GRAPH_CHOICES}, got {graph!r}")
+    if dropouts is not None and (isinstance(dropouts, bool) or not isinstance(dropouts, int)
+                                 or dropouts < 0):
+        raise ConfigurationError(f"dropouts must be None or an int >= 0, got {dropouts!r}")
     c = default_colluders(n) if colluders is None else colluders
+    kind = graph
     k = default_degree(n) if degree is None else degree
-    size = n if graph == "complete" or k >= n - 1 else k + 1
+    if graph == "auto":
+        kind, k = "complete", n - 1
+        if dropouts is not None:
+            low = max(2, default_degree(n), 0 if degree is None else degree)
+            low += low % 2
+            for cand in range(low, n - 1, 2):
+                if cand >= c + min_honest - 1 and \
+                        dropout_tolerance(cand + 1, c, min_honest) >= dropouts:
+                    kind, k = "harary", cand
+                    break
+    if kind == "complete":
+        k = n - 1
+    size = n if k >= n - 1 else k + 1
     t = required_threshold(size, c)
     if size - 1 < c + min_honest - 1:
         raise ConfigurationError(
-            f"a {graph} graph over {n} participants cannot honour the collusion bound: each "
+            f"a {kind} graph over {n} participants cannot honour the collusion bound: each "
             f"client has {size - 1} neighbours, and keeping {min_honest} honest updates in "
             f"every sum with {c} colluders needs {c + min_honest - 1}; declare fewer "
             "colluders or use a denser graph"
         )
-    return k, t, c
+    tolerated = dropout_tolerance(size, c, min_honest)
+    if dropouts is not None and tolerated < dropouts:
+        raise ConfigurationError(
+            f"a {kind} graph over {n} participants survives at most {tolerated} dropouts "
+            f"with {c} colluders and {min_honest} honest updates per sum, fewer than the "
+            f"{dropouts} declared; declare fewer dropouts or colluders, or a denser graph"
+        )
+    return RoundShape(kind, k, t, c, tolerated)
 
 
 @dataclass(frozen=True)
@@ -1020,12 +1088,18 @@ class ServerSession:
         federation_id: the federation.
         roster: node id -> Ed25519 public key (to check advertisements and signatures).
         encoding: fixed-point parameters for every round.
-        graph: ``"complete"`` or ``"harary"`` (SecAgg+ sparse graph).
-        degree: Harary degree (default :func:`default_degree` of the round size).
+        graph: ``"complete"``, ``"harary"`` (SecAgg+ sparse graph) or ``"auto"``
+            (each round the cheapest graph that honours the collusion bound and
+            survives ``dropouts``: :func:`round_parameters`).
+        degree: Harary degree (default :func:`default_degree` of the round size); for
+            ``auto``, the smallest degree it may pick.
         colluders: the collusion bound ``c`` every round is set up for (``None``:
             ``floor((n - 1) / 3)`` of the round's ``n``); the threshold is the
             smallest ``t > (|N| + c) / 2``. Clients refuse a round below their own.
         min_honest: ``h``, the fewest honest updates in any sum that is unmasked.
+        dropouts: how many hospitals every round must survive dropping out, wherever
+            they fall (``None``: not declared; no check, and ``auto`` keeps the
+            complete graph).
     """
 
     def __init__(
@@ -1038,9 +1112,13 @@ class ServerSession:
         degree: int | None = None,
         colluders: int | None = None,
         min_honest: int = 2,
+        dropouts: int | None = None,
     ) -> None:
-        if graph not in GRAPH_KINDS:
-            raise ConfigurationError(f"graph must be one of {GRAPH_KINDS}, got {graph!r}")
+        if graph not in GRAPH_CHOICES:
+            raise ConfigurationError(f"graph must be one of {GRAPH_CHOICES}, got {graph!r}")
+        if dropouts is not None and (isinstance(dropouts, bool)
+                                     or not isinstance(dropouts, int) or dropouts < 0):
+            raise ConfigurationError(f"dropouts must be None or an int >= 0, got {dropouts!r}")
         ClientPolicy(colluders=colluders, min_honest=min_honest)  # same validation
         self.federation_id = federation_id
         self.roster = validate_roster(roster)
@@ -1049,6 +1127,7 @@ class ServerSession:
         self.degree = degree
         self.colluders = colluders
         self.min_honest = min_honest
+        self.dropouts = dropouts
         self._adverts: dict[int, KeyAdvertisement] = {}
         self._last_round = -1
         self._round: _ServerRound | None = None
@@ -1151,14 +1230,14 @@ class ServerSession:
         n = len(parts)
         enc = self.encoding if encoding is None else encoding
         ring_bits = enc.ring_bits_for(n)
-        degree, t, c = round_parameters(n, self.graph, self.degree, self.colluders,
-                                        self.min_honest)
+        shape = round_parameters(n, self.graph, self.degree, self.colluders,
+                                 self.min_honest, self.dropouts)
         seed = random_bytes(16)
-        nbhd = closed_neighbourhoods(parts, self.graph, degree, seed)
+        nbhd = closed_neighbourhoods(parts, shape.kind, shape.degree, seed)
         ads = [self._adverts[v] for v in parts]
         cfg = RoundConfig(
-            self.federation_id, round_number, parts, t, c, self.min_honest, self.graph,
-            degree if self.graph == "harary" else n - 1, seed, dim,
+            self.federation_id, round_number, parts, shape.threshold, shape.colluders,
+            self.min_honest, shape.kind, shape.degree, seed, dim,
             float(enc.clip), enc.frac_bits, enc.max_weight, ring_bits,
             [a.epoch for a in ads], [a.origin for a in ads], [a.cipher_public for a in ads],
             [a.signature for a in ads],
