@@ -142,18 +142,20 @@ def test_noise_for_several_tensors_covers_other_layouts_and_keeps_the_values() -
 def test_prefetched_noise_is_the_same_stream_each_sample_used_once(sizes, steps, std) -> None:
     # Property: drawing each step's noise one step ahead (in a background thread)
     # changes only when samples are drawn: step k gets exactly the generator's
-    # samples [k*total, (k+1)*total), none skipped, none reused.
+    # samples [k*total, (k+1)*total), none skipped, none reused; and each float32
+    # entry becomes target + std * z evaluated in float64, rounded once.
     from bract.privacy.noise import NoisePrefetcher
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         joint, reference = _twin_generators(monkeypatch)
     prefetcher = NoisePrefetcher(joint)
     total = sum(sizes)
-    for _ in range(steps):
-        targets = [torch.zeros(n, dtype=torch.float32) for n in sizes]
+    for k in range(steps):
+        targets = [torch.linspace(-3.0, 5.0 + k, n, dtype=torch.float32) for n in sizes]
+        before = torch.cat(targets).double()
         prefetcher.add_noise_each_(targets, std)
-        expected = (std * reference.standard_normal_tensor(total)).float()
-        torch.testing.assert_close(torch.cat(targets), expected, rtol=1e-6, atol=1e-6)
+        expected = (before + std * reference.standard_normal_tensor(total)).float()
+        torch.testing.assert_close(torch.cat(targets), expected, rtol=0, atol=0)
     prefetcher.close()
     # A change of size discards the draw made ahead (never reused): the next noise is
     # the stream after it.

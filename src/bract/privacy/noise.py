@@ -200,25 +200,30 @@ class NoisePrefetcher:
         self._ready = self.source.fill_standard_normal_(spare)
 
     def _take(self, count: int) -> torch.Tensor:
+        """This step's ``count`` samples (drawn ahead when they were ready)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._ready is None or self._ready.numel() != count:
             self._draw(count)
         assert self._ready is not None
-        samples = self._ready
         if self.remaining is not None:
             self.remaining -= 1
+        return self._ready
+
+    def _draw_ahead(self, count: int) -> None:
+        """Start drawing the next step's samples, unless no step is left."""
         if self.remaining is None or self.remaining > 0:
             self._thread = threading.Thread(target=self._draw, args=(count,), daemon=True)
             self._thread.start()
         else:
             self._ready = None  # nothing drawn ahead: the next use draws afresh
-        return samples
 
     def add_noise_each_(self, targets: Sequence[torch.Tensor], std: float) -> None:
         """:meth:`SecureGaussian.add_noise_each_` with the samples drawn one step ahead
-        (falls back to the source for tensors it cannot add to in place)."""
+        (falls back to the source for tensors it cannot add to in place). As there,
+        each entry becomes ``target + std * z`` evaluated in float64 and rounded once
+        to the target's dtype."""
         if std == 0:
             return
         flats = [t.view(-1) for t in targets if t.numel()]
@@ -227,12 +232,19 @@ class NoisePrefetcher:
             self.close()
             self.source.add_noise_each_(targets, std)
             return
-        samples = self._take(sum(f.numel() for f in flats))
-        # The background draw writes the other buffer, never the one read here.
+        count = sum(f.numel() for f in flats)
+        samples = self._take(count)
         offset = 0
         for flat in flats:
-            flat.add_(samples[offset:offset + flat.numel()], alpha=float(std))
+            z = samples[offset:offset + flat.numel()]
+            if flat.dtype == torch.float64:
+                flat.add_(z, alpha=float(std))
+            else:  # the same single rounding, through float64 kernels (no mixed dtypes)
+                flat.copy_(flat.double().add_(z, alpha=float(std)))
             offset += flat.numel()
+        # The next draw starts once these samples are used: it never competes with the
+        # additions above, and writes the other buffer.
+        self._draw_ahead(count)
 
     def close(self) -> None:
         """Wait for a draw in flight (the source is free afterwards)."""
