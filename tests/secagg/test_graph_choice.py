@@ -24,6 +24,7 @@ from bract.secagg.errors import ConfigurationError, RoundAborted
 from bract.secagg.graph import closed_neighbourhoods, default_degree
 from bract.secagg.protocol import (
     ClientPolicy,
+    check_dropouts,
     default_colluders,
     dropout_tolerance,
     required_threshold,
@@ -48,17 +49,24 @@ def test_auto_picks_the_sparsest_graph_that_keeps_every_declared_guarantee(n, da
     try:
         shape = round_parameters(n, "auto", None, c, h, dropouts)
     except ConfigurationError as exc:
-        # refused only when not even the complete graph keeps the declaration
-        assert n - 1 < c + h - 1 or (dropouts is not None
-                                     and dropout_tolerance(n, c, h) < dropouts), str(exc)
+        # refused only when not even the complete graph honours the collusion bound
+        assert n - 1 < c + h - 1, str(exc)
         return
+    try:
+        check_dropouts(n, "auto", None, c, h, dropouts)
+        assert dropouts is None or shape.tolerated >= dropouts
+    except ConfigurationError as exc:  # settings refuse what no graph of n survives
+        assert dropouts is not None and dropout_tolerance(n, c, h) < dropouts, str(exc)
+        assert "survives at most" in str(exc)
     floor = max(2, default_degree(n))
     floor += floor % 2
     size = n if shape.kind == "complete" else shape.degree + 1
     assert shape.colluders == c and shape.threshold == required_threshold(size, c)
     assert shape.tolerated == dropout_tolerance(size, c, h)
     assert size - 1 >= c + h - 1
-    if dropouts is None:
+    if dropouts is None or dropout_tolerance(n, c, h) < dropouts:
+        # nothing declared, or a round too small for the declaration: the complete
+        # graph, whose tolerance the round reports (the bound itself never relaxes)
         assert shape.kind == "complete" and shape.degree == n - 1
         return
     assert shape.tolerated >= dropouts
@@ -157,16 +165,47 @@ def test_auto_masks_with_fewer_neighbours_where_the_declaration_allows() -> None
     assert round_parameters(100, "auto", None, None, 2, 10).degree == 54
 
 
-def test_a_tolerance_no_graph_can_give_is_refused_naming_the_limit() -> None:
-    f = make_federation(10, graph="complete", encoding=ENC, dropouts=4)
-    for v in range(10):
-        f.server.receive_advertisement(f.clients[v].advertise_keys(), origin=v)
+def test_a_tolerance_the_roster_cannot_give_is_refused_naming_the_limit() -> None:
+    """Settings are checked against the whole roster: 10 hospitals with the default
+    c = 3 survive at most 3 dropouts on any graph, so 4 is refused where it is
+    declared (session, federation config, Flower settings)."""
     with pytest.raises(ConfigurationError, match="survives at most 3 dropouts"):
-        f.server.start_round(1, range(10), 3)
+        make_federation(10, graph="auto", encoding=ENC, dropouts=4)
     with pytest.raises(ConfigurationError, match="dropouts must be None or an int"):
         make_federation(4, dropouts=-1)
     from bract.flower.config import FederationConfig
+    from bract.flower.secagg_server import SecAggSettings
 
     with pytest.raises(ValueError, match=r"survives at most 3 dropouts.*secagg-dropouts"):
         FederationConfig(clients=10, secagg_dropouts=4)
     assert FederationConfig(clients=10, secagg_dropouts=3).secagg_graph == "auto"
+    roster = make_federation(10, encoding=ENC).roster
+    with pytest.raises(ValueError, match=r"survives at most 3 dropouts.*10 hospitals"):
+        SecAggSettings("f", roster, dropouts=4)
+
+
+def test_a_round_too_small_for_the_declaration_runs_on_the_complete_graph() -> None:
+    """Hospitals leave: 10 in the roster declare 3 dropouts (c = 1), but a round of 6
+    survives at most 6 - max(t = 4, c + h = 3) = 2 on any graph. The round is not
+    refused (the tolerance is availability, not privacy): it runs on the complete
+    graph with c = 1 still enforced, and completes."""
+    f = make_federation(10, graph="auto", colluders=1, encoding=ENC, dropouts=3,
+                        policy=ClientPolicy(colluders=1))
+    inputs = random_inputs(10, 3, max_weight=1000)
+    for v in range(10):
+        f.server.receive_advertisement(f.clients[v].advertise_keys(), origin=v)
+    cfg = f.server.start_round(1, range(6), 3)
+    assert (cfg.graph_kind, cfg.degree, cfg.colluders, cfg.threshold) == ("complete", 5, 1, 4)
+    for v in range(6):
+        f.server.receive_shares(f.clients[v].handle_round_config(cfg))
+    for v, req in f.server.mask_requests().items():
+        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v]))
+    creq = f.server.consistency_request()
+    for v in creq.alive:
+        f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))
+    ureq = f.server.unmask_request()
+    for v in ureq.signers:
+        f.server.receive_unmask_reply(f.clients[v].handle_unmask_request(ureq))
+    res = f.server.finish()
+    assert sorted(res.alive) == list(range(6))
+    assert round_parameters(6, "auto", None, 1, 2, 3).tolerated == 2

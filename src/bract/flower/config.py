@@ -310,11 +310,11 @@ class FederationConfig:
                 raise ValueError("secure aggregation needs at least 3 hospitals: with 2, each "
                                  "would learn the other's update from the sum (or --no-secagg)")
             from bract.secagg import SecAggError
-            from bract.secagg.protocol import round_parameters
+            from bract.secagg.protocol import check_dropouts
 
             try:
-                round_parameters(self.clients, self.secagg_graph, None, self.secagg_colluders, 2,
-                                 self.secagg_dropouts)
+                check_dropouts(self.clients, self.secagg_graph, None, self.secagg_colluders, 2,
+                               self.secagg_dropouts)
             except SecAggError as exc:
                 raise ValueError(f"{exc} (secagg-colluders, secagg-dropouts)") from None
         if (self.num_classes is None) != (self.in_channels is None):

@@ -62,7 +62,7 @@ from bract.secagg import (
     ServerSession,
 )
 from bract.secagg import Message as SecAggMessage
-from bract.secagg.protocol import dropout_tolerance
+from bract.secagg.protocol import check_dropouts, dropout_tolerance
 from bract.secagg.recording import RecordingServerSession, ServerView, write_view
 
 STAGE_TYPES = {
@@ -173,6 +173,13 @@ class SecAggSettings:
                     "secure round would abort. Leave it None to size the ring from the "
                     "hospitals' reports"
                 )
+        if self.roster and self.dropouts is not None:
+            try:
+                check_dropouts(len(self.roster), self.graph, None, self.colluders,
+                               self.min_honest, self.dropouts)
+            except SecAggError as exc:
+                raise ValueError(f"{exc} (for the {len(self.roster)} hospitals of the "
+                                 "roster)") from None
         if self.aggregate_metrics not in (0, len(AGGREGATED_METRICS)):
             raise ValueError(
                 f"aggregate_metrics must be 0 (no metric leaves) or "

@@ -154,6 +154,7 @@ __all__ = [
     "RoundShape",
     "ServerSession",
     "alive_shortfall",
+    "check_dropouts",
     "default_colluders",
     "dropout_tolerance",
     "required_threshold",
@@ -418,8 +419,7 @@ def round_parameters(n: int, graph: str, degree: int | None, colluders: int | No
                      min_honest: int, dropouts: int | None = None) -> RoundShape:
     """The graph, threshold and collusion bound ``c`` of a round of ``n`` clients
     (``colluders`` None: :func:`default_colluders`). :class:`ConfigurationError` names
-    why no such round can honour the bound (e.g. a Harary graph too thin for ``c``),
-    or survive ``dropouts`` dropouts when the operator declares that many.
+    why no such round can honour the bound (e.g. a Harary graph too thin for ``c``).
 
     ``graph="auto"`` picks the cheapest graph that keeps every declared guarantee:
     the Harary graph of the smallest even degree ``k`` (at least ``degree``, and at
@@ -427,7 +427,11 @@ def round_parameters(n: int, graph: str, degree: int | None, colluders: int | No
     honour ``(c, h)`` and survive ``dropouts`` dropouts, and the complete graph when
     no ``k < n - 1`` does. With ``dropouts`` None, auto keeps the complete graph's own
     tolerance, so it is the complete graph: a sparse graph is chosen only when the
-    operator has said how many dropouts a round must survive.
+    operator has said how many dropouts a round must survive. The collusion bound
+    is a promise and is never relaxed; the dropout tolerance is availability: a round
+    too small to survive ``dropouts`` on any graph (hospitals left the federation)
+    runs on the complete graph, and its ``tolerated`` says what it survives.
+    :func:`check_dropouts` refuses a declaration that the full roster cannot meet.
     """
     if graph not in GRAPH_CHOICES:
         raise ConfigurationError(f"graph must be one of {GRAPH_CHOICES}, got {graph!r}")
@@ -458,14 +462,23 @@ def round_parameters(n: int, graph: str, degree: int | None, colluders: int | No
             f"every sum with {c} colluders needs {c + min_honest - 1}; declare fewer "
             "colluders or use a denser graph"
         )
-    tolerated = dropout_tolerance(size, c, min_honest)
-    if dropouts is not None and tolerated < dropouts:
+    return RoundShape(kind, k, t, c, dropout_tolerance(size, c, min_honest))
+
+
+def check_dropouts(n: int, graph: str, degree: int | None, colluders: int | None,
+                   min_honest: int, dropouts: int | None) -> RoundShape:
+    """The shape of a round of all ``n`` hospitals, or :class:`ConfigurationError` when
+    it cannot honour the collusion bound or survive the ``dropouts`` declared (for
+    settings, checked once against the whole roster)."""
+    shape = round_parameters(n, graph, degree, colluders, min_honest, dropouts)
+    if dropouts is not None and shape.tolerated < dropouts:
         raise ConfigurationError(
-            f"a {kind} graph over {n} participants survives at most {tolerated} dropouts "
-            f"with {c} colluders and {min_honest} honest updates per sum, fewer than the "
-            f"{dropouts} declared; declare fewer dropouts or colluders, or a denser graph"
+            f"a {shape.kind} graph over {n} participants survives at most "
+            f"{max(0, shape.tolerated)} dropouts with {shape.colluders} colluders and "
+            f"{min_honest} honest updates per sum, fewer than the {dropouts} declared; "
+            "declare fewer dropouts or colluders, or a denser graph"
         )
-    return RoundShape(kind, k, t, c, tolerated)
+    return shape
 
 
 @dataclass(frozen=True)
@@ -1097,9 +1110,10 @@ class ServerSession:
             ``floor((n - 1) / 3)`` of the round's ``n``); the threshold is the
             smallest ``t > (|N| + c) / 2``. Clients refuse a round below their own.
         min_honest: ``h``, the fewest honest updates in any sum that is unmasked.
-        dropouts: how many hospitals every round must survive dropping out, wherever
-            they fall (``None``: not declared; no check, and ``auto`` keeps the
-            complete graph).
+        dropouts: how many clients every round must survive dropping out, wherever
+            they fall (``None``: not declared, and ``auto`` keeps the complete graph);
+            refused here when a round of the whole roster cannot; a smaller round
+            that cannot runs on the complete graph (:func:`round_parameters`).
     """
 
     def __init__(
@@ -1122,6 +1136,8 @@ class ServerSession:
         ClientPolicy(colluders=colluders, min_honest=min_honest)  # same validation
         self.federation_id = federation_id
         self.roster = validate_roster(roster)
+        if dropouts is not None:  # a declaration the whole roster cannot meet
+            check_dropouts(len(self.roster), graph, degree, colluders, min_honest, dropouts)
         self.encoding = encoding or EncodingConfig()
         self.graph = graph
         self.degree = degree
