@@ -122,19 +122,32 @@ def test_a_declared_dropout_tolerance_lets_auto_mask_with_fewer_hospitals(tmp_pa
     degree-8 graph (8 neighbours, not 9; each neighbourhood of 9 with t = 6 survives 3
     dropouts), every hospital accepts it, the report records the graph and its
     tolerance, and a hospital that drops after sharing in round 2 leaves the round to
-    the other nine."""
+    the other nine. The server's recorded view of both rounds passes the secure
+    aggregation audit: on the sparse graph too, the only sums it can isolate, with
+    every secret it reconstructed (hospital-4's mask key), are the rounds' totals."""
+    from bract.audit.secagg_audit import audit_views
+    from bract.secagg.recording import read_view
+
     task = dataclasses.replace(TASK, clients=10)
     nodes = list(range(2001, 2011))
     policy = dataclasses.replace(NON_PRIVATE, rounds=2)
     report, _, _ = _run(
-        tmp_path, policy, secure=True, colluders=1, dropouts=1, nodes=nodes,
-        setup=lambda ctx: hospital_setup(task, ctx), drop_plan={(2, "mask"): {4}})
+        tmp_path / "run", policy, secure=True, colluders=1, dropouts=1, nodes=nodes,
+        setup=lambda ctx: hospital_setup(task, ctx), drop_plan={(2, "mask"): {4}},
+        record_dir=tmp_path / "view")
     rounds = report["rounds"]
     assert [(r["secagg"]["graph"], r["secagg"]["degree"], r["secagg"]["dropouts_tolerated"],
              r["secagg"]["aborted"]) for r in rounds] == [("harary", 8, 3, None)] * 2
     assert len(rounds[0]["trained"]) == 10
     assert rounds[1]["secagg"]["dropped"] == ["hospital-4"]
     assert len(rounds[1]["secagg"]["alive"]) == 9
+    views = read_view(tmp_path / "view")
+    assert [v.config.graph_kind for v in views] == ["harary", "harary"]
+    audit = audit_views(views)
+    assert not [c for c in audit.checks if not c.passed]
+    knowledge = [c for c in audit.checks if c.name == "knowledge-across-rounds"]
+    assert [c.statistics[0]["isolable_sums"] for c in knowledge] == [
+        [sorted(v.unmask_request.alive)] for v in views]
 
 
 def test_a_hospital_whose_weight_outgrew_the_ring_is_refused_before_training(
