@@ -184,7 +184,10 @@ def secagg_mod(
             raise ValueError(
                 f"train stage expects a secagg round config or mask request, got {cfg.KIND}"
             )
-        limit = _session(_identity(identity, ctx), ctx).max_weight_for(cfg)
+        # One session for the whole message: the train handler in between never
+        # touches the secure-aggregation state.
+        session = _session(_identity(identity, ctx), ctx)
+        limit = session.max_weight_for(cfg)
         if limit is not None and ROUND_CONFIG in msg.content.config_records:
             # The train handler refuses a weight the ring cannot carry before it trains.
             msg.content.config_records[ROUND_CONFIG][SECAGG_MAX_WEIGHT] = int(limit)
@@ -202,8 +205,6 @@ def secagg_mod(
             content.metric_records.pop(name, None)
         if local_rec is None or info is None:
             return reply  # refused (budget) or nothing to send: no shares, a clean dropout
-        ident = _identity(identity, ctx)
-        session = _session(ident, ctx)
         global_ = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
         vector = flatten_delta(record_to_weights(local_rec), global_)
         release = release_metrics(ctx) if callable(release_metrics) else release_metrics
