@@ -104,17 +104,24 @@ def _twin_generators(monkeypatch) -> tuple[SecureGaussian, SecureGaussian]:
 @settings(max_examples=25, deadline=None)
 @given(sizes=st.lists(st.sampled_from([0, 1, 2, 3, 16, 4608, BLOCK - 1, BLOCK, BLOCK + 3]),
                       min_size=1, max_size=5),
-       std=st.sampled_from([0.5, 1.0, 3.0]))
-def test_noise_for_several_tensors_is_the_stream_split_in_order(sizes, std) -> None:
+       std=st.sampled_from([0.5, 1.0, 3.0]), data=st.data())
+def test_noise_for_several_tensors_is_the_stream_split_in_order(sizes, std, data) -> None:
     # Property: add_noise_each_ gives every entry of every tensor its own sample, and
     # the samples are exactly the generator's next ones in order (no entry skipped,
-    # none shared, nothing reused across tensor or block boundaries).
+    # none shared, nothing reused across tensor or block boundaries); each entry
+    # becomes target + std * z evaluated in float64, rounded once to its dtype.
     with pytest.MonkeyPatch.context() as monkeypatch:
         joint, reference = _twin_generators(monkeypatch)
-    targets = [torch.zeros(n, dtype=torch.float64) for n in sizes]
+    dtypes = data.draw(st.lists(st.sampled_from([torch.float32, torch.float64]),
+                                min_size=len(sizes), max_size=len(sizes)))
+    targets = [torch.linspace(-2.0, 7.0, n, dtype=d) for n, d in zip(sizes, dtypes, strict=True)]
+    before = [t.to(torch.float64, copy=True) for t in targets]
     joint.add_noise_each_(targets, std)
-    expected = std * reference.standard_normal_tensor(sum(sizes))
-    torch.testing.assert_close(torch.cat(targets), expected, rtol=1e-15, atol=0)
+    z = reference.standard_normal_tensor(sum(sizes)).split(sizes)
+    for t, b, zi in zip(targets, before, z, strict=True):
+        # t + std * z by torch's float64 kernel, then rounded once to t's dtype
+        expected = b.add_(zi, alpha=std).to(t.dtype)
+        torch.testing.assert_close(t, expected, rtol=0, atol=0)
     # ...and both streams continue in step: no sample was drawn beyond the total.
     torch.testing.assert_close(joint.standard_normal_tensor(5),
                                reference.standard_normal_tensor(5), rtol=0, atol=0)
@@ -154,7 +161,7 @@ def test_prefetched_noise_is_the_same_stream_each_sample_used_once(sizes, steps,
         targets = [torch.linspace(-3.0, 5.0 + k, n, dtype=torch.float32) for n in sizes]
         before = torch.cat(targets).double()
         prefetcher.add_noise_each_(targets, std)
-        expected = (before + std * reference.standard_normal_tensor(total)).float()
+        expected = before.add_(reference.standard_normal_tensor(total), alpha=std).float()
         torch.testing.assert_close(torch.cat(targets), expected, rtol=0, atol=0)
     prefetcher.close()
     # A change of size discards the draw made ahead (never reused): the next noise is
