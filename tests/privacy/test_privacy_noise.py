@@ -287,3 +287,28 @@ def test_secure_noise_does_not_use_torch_generator() -> None:
 def test_use_secure_noise_rejects_a_plain_optimizer() -> None:
     with pytest.raises(TypeError, match="DPOptimizer"):
         use_secure_noise(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+
+
+def test_noise_is_drawn_ahead_by_default_only_with_a_free_core_and_a_small_model(
+        monkeypatch) -> None:
+    """``prefetch=None`` draws ahead when a core is free of torch's threads and the model
+    has at most PREFETCH_MAX_PARAMS parameters (larger ones are faster block by block
+    inside the step); ``True`` / ``False`` force the choice."""
+    import bract.privacy.noise as noise_module
+    from bract.privacy.noise import NoisePrefetcher, SecureGaussian
+
+    def adder(cpus: int, threads: int, params: int, prefetch=None):
+        monkeypatch.setattr(noise_module.os, "cpu_count", lambda: cpus)
+        monkeypatch.setattr(noise_module.torch, "get_num_threads", lambda: threads)
+        optimizer = DPOptimizer(torch.optim.SGD(nn.Linear(params, 1, bias=False).parameters(),
+                                                lr=0.1),
+                                noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)
+        use_secure_noise(optimizer, prefetch=prefetch)
+        return type(optimizer.bract_noise)
+
+    monkeypatch.setattr(noise_module, "PREFETCH_MAX_PARAMS", 1000)
+    assert adder(2, 1, 1000) is NoisePrefetcher
+    assert adder(2, 1, 1001) is SecureGaussian
+    assert adder(2, 2, 10) is SecureGaussian
+    assert adder(2, 2, 10, prefetch=True) is NoisePrefetcher
+    assert adder(2, 1, 10, prefetch=False) is SecureGaussian

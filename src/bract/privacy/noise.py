@@ -43,6 +43,13 @@ _MASK_53 = (1 << 53) - 1
 #: cache-resident), whatever the parameter count.
 BLOCK = 1 << 17
 _ZEROS = bytes(8 * BLOCK)
+#: Largest model whose noise is drawn a step ahead by default. Measured on the 2-core
+#: VM with one torch thread (docs/benchmarks.md): ahead is faster for the 0.34M
+#: parameters of the 28px CNN (its two float64 buffers, 5 MB, stay in cache) and
+#: slower than drawing block by block inside the step for the 7.1M of the 128px CNN
+#: (two 57 MB buffers streamed through memory while the step runs); between the two
+#: the threshold is a choice, not a measurement.
+PREFETCH_MAX_PARAMS = 1 << 20
 
 
 def _add_scaled_(target: torch.Tensor, samples: torch.Tensor, std: float,
@@ -281,7 +288,8 @@ def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None, *,
     bookkeeping flags) except that the noise comes from :class:`SecureGaussian`.
     Works for the hooks, functorch, ew and ghost (fast gradient clipping) modes.
     ``prefetch`` draws each step's noise during the step before
-    (:class:`NoisePrefetcher`); ``None``: when a core is free of torch's own threads.
+    (:class:`NoisePrefetcher`); ``None``: when a core is free of torch's own threads
+    and the model has at most :data:`PREFETCH_MAX_PARAMS` parameters.
     """
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
@@ -292,7 +300,8 @@ def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None, *,
         )
     noise_source = source or SecureGaussian()
     if prefetch is None:
-        prefetch = (os.cpu_count() or 1) > torch.get_num_threads()
+        prefetch = ((os.cpu_count() or 1) > torch.get_num_threads()
+                    and sum(p.numel() for p in optimizer.params) <= PREFETCH_MAX_PARAMS)
     adder: SecureGaussian | NoisePrefetcher = (
         NoisePrefetcher(noise_source) if prefetch else noise_source)
 

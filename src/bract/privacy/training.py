@@ -372,7 +372,9 @@ class PrivateTrainer:
         self.grad_samplers = grad_samplers
         self.secure_noise = secure_noise
         #: Draw each step's noise during the step before (``None``: when a core is free
-        #: of torch's threads; :class:`bract.privacy.noise.NoisePrefetcher`).
+        #: of torch's threads and the model is small enough,
+        #: :data:`bract.privacy.noise.PREFETCH_MAX_PARAMS`;
+        #: :class:`bract.privacy.noise.NoisePrefetcher`).
         self.noise_prefetch = noise_prefetch
         if sampling_seed is not None and self.noise_multiplier != 0:
             raise PrivacyError(
