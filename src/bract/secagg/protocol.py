@@ -1130,13 +1130,10 @@ class ServerSession:
     ) -> None:
         if graph not in GRAPH_CHOICES:
             raise ConfigurationError(f"graph must be one of {GRAPH_CHOICES}, got {graph!r}")
-        if dropouts is not None and (isinstance(dropouts, bool)
-                                     or not isinstance(dropouts, int) or dropouts < 0):
-            raise ConfigurationError(f"dropouts must be None or an int >= 0, got {dropouts!r}")
         ClientPolicy(colluders=colluders, min_honest=min_honest)  # same validation
         self.federation_id = federation_id
         self.roster = validate_roster(roster)
-        if dropouts is not None:  # a declaration the whole roster cannot meet
+        if dropouts is not None:  # a bad value, or one the whole roster cannot meet
             check_dropouts(len(self.roster), graph, degree, colluders, min_honest, dropouts)
         self.encoding = encoding or EncodingConfig()
         self.graph = graph
