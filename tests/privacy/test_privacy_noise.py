@@ -191,10 +191,71 @@ def test_a_prefetcher_told_the_steps_draws_nothing_beyond_them(sizes, steps) -> 
         prefetcher.add_noise_each_(targets, 1.0)
         torch.testing.assert_close(torch.cat(targets), reference.standard_normal_tensor(total),
                                    rtol=0, atol=0)
-    assert prefetcher._thread is None
+    assert prefetcher._worker is None
     # The source stands exactly after the last step's samples.
     torch.testing.assert_close(joint.standard_normal_tensor(5),
                                reference.standard_normal_tensor(5), rtol=0, atol=0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(fail_at=st.integers(1, 3), size=st.sampled_from([3, 4608, BLOCK + 3]))
+def test_a_failed_background_draw_is_reported_and_none_of_its_samples_is_used(
+        fail_at, size) -> None:
+    # Property: when the draw made ahead fails (here: the source raises part-way
+    # through a block), the step that needed it raises an error that says so, adds
+    # nothing, and no sample already handed out is handed out again; close() then
+    # leaves no thread, and the samples that follow come from the stream afresh.
+    from bract.privacy.noise import NoisePrefetcher
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        joint, reference = _twin_generators(monkeypatch)
+    real_block, calls = joint._block, {"n": 0}
+
+    def flaky_block(count):
+        calls["n"] += 1
+        if calls["n"] == fail_at + 1:  # the draw for step fail_at + 1 breaks
+            raise MemoryError("simulated")
+        return real_block(count)
+
+    joint._block = flaky_block
+    prefetcher = NoisePrefetcher(joint)
+    used = []
+    for _ in range(fail_at):
+        target = torch.zeros(min(size, BLOCK), dtype=torch.float64)
+        prefetcher.add_noise_each_([target], 1.0)
+        used.append(target.clone())
+    target = torch.zeros(min(size, BLOCK), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="drawing the next step's DP noise failed"):
+        prefetcher.add_noise_each_([target], 1.0)
+    assert not target.any()  # nothing was added
+    prefetcher.close()
+    assert prefetcher._worker is None and prefetcher._ready is None
+    prefetcher.add_noise_each_([target], 1.0)  # drawn afresh, in the foreground
+    prefetcher.close()
+    for earlier in used:
+        assert not bool((target == earlier).any())
+    for earlier in used:  # the steps before the failure had the stream, in order
+        torch.testing.assert_close(earlier, reference.standard_normal_tensor(len(target)),
+                                   rtol=0, atol=0)
+
+
+def test_the_prefetcher_draws_in_one_thread_for_all_its_steps() -> None:
+    # Drawing ahead starts one background thread for the whole round (not one per
+    # step), and told the number of steps it ends that thread after the last one.
+    import threading
+
+    from bract.privacy.noise import NoisePrefetcher
+
+    prefetcher = NoisePrefetcher(SecureGaussian(), remaining=6)
+    before = threading.active_count()
+    workers = set()
+    for step in range(6):
+        prefetcher.add_noise_each_([torch.zeros(100)], 1.0)
+        if step < 5:
+            workers.add(prefetcher._worker)
+            assert threading.active_count() == before + 1
+    assert len(workers) == 1 and None not in workers
+    assert prefetcher._worker is None and threading.active_count() == before
 
 
 def test_a_script_that_trains_with_prefetched_noise_exits_cleanly(tmp_path) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import threading
 from collections.abc import Sequence
 from types import MethodType
@@ -45,11 +46,16 @@ BLOCK = 1 << 17
 _ZEROS = bytes(8 * BLOCK)
 #: Largest model whose noise is drawn a step ahead by default. Measured on the 2-core
 #: VM with one torch thread (docs/benchmarks.md): ahead is faster for the 0.34M
-#: parameters of the 28px CNN (its two float64 buffers, 5 MB, stay in cache) and
+#: parameters of the 28px CNN (its float64 buffer, 2.8 MB, stays in cache) and
 #: slower than drawing block by block inside the step for the 7.1M of the 128px CNN
-#: (two 57 MB buffers streamed through memory while the step runs); between the two
+#: (a 57 MB buffer streamed through memory while the step runs); between the two
 #: the threshold is a choice, not a measurement.
 PREFETCH_MAX_PARAMS = 1 << 20
+
+
+#: Up to this many entries a float32 target takes torch's mixed-dtype in-place add
+#: directly (one kernel instead of three; above it that kernel is the slow one).
+_DIRECT_ADD_MAX = 1 << 12
 
 
 def _add_scaled_(target: torch.Tensor, samples: torch.Tensor, std: float,
@@ -59,8 +65,8 @@ def _add_scaled_(target: torch.Tensor, samples: torch.Tensor, std: float,
     ``target``'s dtype. A float32 target goes through the float64 ``work`` buffer a
     piece at a time (same-dtype kernels on cache-resident pieces: the mixed-dtype
     in-place add gives the same bits about ten times slower at 7M entries)."""
-    if target.dtype == torch.float64:
-        target.add_(samples, alpha=std)
+    if target.dtype == torch.float64 or target.numel() <= _DIRECT_ADD_MAX:
+        target.add_(samples, alpha=std)  # a float32 target: the same bits, one kernel
         return
     n, size = target.numel(), work.numel()
     for i in range(0, n, size):
@@ -202,12 +208,14 @@ class NoisePrefetcher:
     """Draws the next step's noise while the current step computes.
 
     DP-SGD's noise does not depend on the gradients, so the N(0, 1) samples for step
-    t+1 can be drawn (from the same :class:`SecureGaussian`, in a background thread)
-    while step t's forward and backward passes run, and added when its gradients
-    are ready. Guarantee: the same as :class:`SecureGaussian`'s: every sample comes
-    from its keystream, is used once, and never leaves the process; only *when* it is
-    drawn changes. Two float64 buffers of the parameters' size are kept (drawn into
-    alternately). The source is only touched by one thread at a time (the foreground
+    t+1 can be drawn (from the same :class:`SecureGaussian`, by one background thread
+    that lives while steps remain) while step t's forward and backward passes run,
+    and added when its gradients are ready. Guarantee: the same as
+    :class:`SecureGaussian`'s: every sample comes from its keystream, is used at most
+    once (a draw that fails or is discarded is never handed out, even in part), and
+    never leaves the process; only *when* it is drawn changes. One float64 buffer of
+    the parameters' size is kept: the next draw starts only after this step's samples
+    are added. The source is only touched by one thread at a time (the foreground
     waits for the background draw before it uses the source itself). With
     ``remaining`` set to the number of steps still to come, no draw is made for a step
     that will not happen, and after the last one no thread is left running.
@@ -217,37 +225,71 @@ class NoisePrefetcher:
         self.source = source
         #: Steps still to come (``None``: unknown, always draw one step ahead).
         self.remaining = remaining
-        self._thread: threading.Thread | None = None
-        self._buffers: list[torch.Tensor] = []
+        self._worker: threading.Thread | None = None
+        #: counts to draw (``None`` ends the worker), and each draw's outcome
+        self._requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._outcomes: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._pending = False
+        self._buffer: torch.Tensor | None = None
+        #: fresh samples no step has used yet (``None``: none)
         self._ready: torch.Tensor | None = None
         #: float64 pieces of float32 gradients while the noise is added (1 MiB).
         self._work = torch.empty(BLOCK, dtype=torch.float64)
 
     def _draw(self, count: int) -> None:
-        if len(self._buffers) != 2 or self._buffers[0].numel() != count:
-            self._buffers = [torch.empty(count, dtype=torch.float64) for _ in range(2)]
-        spare = self._buffers[1] if self._ready is self._buffers[0] else self._buffers[0]
-        self._ready = self.source.fill_standard_normal_(spare)
+        self._ready = None  # a draw that stops half-way leaves nothing to hand out
+        if self._buffer is None or self._buffer.numel() != count:
+            self._buffer = torch.empty(count, dtype=torch.float64)
+        self._ready = self.source.fill_standard_normal_(self._buffer)
+
+    def _serve(self) -> None:
+        """The background thread: one draw per request, until ``None``."""
+        while (count := self._requests.get()) is not None:
+            try:
+                self._draw(count)
+            except BaseException as exc:  # reported to the foreground by _settle
+                self._outcomes.put(exc)
+            else:
+                self._outcomes.put(None)
+
+    def _settle(self) -> None:
+        """Wait for the draw in flight, if any; raise what made it fail."""
+        if not self._pending:
+            return
+        self._pending = False
+        failure = self._outcomes.get()
+        if failure is not None:
+            raise RuntimeError(f"drawing the next step's DP noise failed: {failure!r}"
+                               ) from failure
 
     def _take(self, count: int) -> torch.Tensor:
         """This step's ``count`` samples (drawn ahead when they were ready)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._settle()
         if self._ready is None or self._ready.numel() != count:
             self._draw(count)
-        assert self._ready is not None
+        ready, self._ready = self._ready, None  # handed out once
+        assert ready is not None
         if self.remaining is not None:
             self.remaining -= 1
-        return self._ready
+        return ready
 
     def _draw_ahead(self, count: int) -> None:
         """Start drawing the next step's samples, unless no step is left."""
-        if self.remaining is None or self.remaining > 0:
-            self._thread = threading.Thread(target=self._draw, args=(count,), daemon=True)
-            self._thread.start()
-        else:
-            self._ready = None  # nothing drawn ahead: the next use draws afresh
+        if self.remaining is not None and self.remaining <= 0:
+            self._stop_worker()
+            return
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._serve, daemon=True,
+                                            name="bract-noise-prefetch")
+            self._worker.start()
+        self._pending = True
+        self._requests.put(count)
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._requests.put(None)
+            self._worker.join()
+            self._worker = None
 
     def add_noise_each_(self, targets: Sequence[torch.Tensor], std: float) -> None:
         """:meth:`SecureGaussian.add_noise_each_` with the samples drawn one step ahead
@@ -269,14 +311,18 @@ class NoisePrefetcher:
             _add_scaled_(flat, samples[offset:offset + flat.numel()], float(std), self._work)
             offset += flat.numel()
         # The next draw starts once these samples are used: it never competes with the
-        # additions above, and writes the other buffer.
+        # additions above, and refills the same buffer.
         self._draw_ahead(count)
 
     def close(self) -> None:
-        """Wait for a draw in flight (the source is free afterwards)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Wait for a draw in flight and end the background thread (the source is free
+        afterwards). A draw that failed is discarded here, not raised: nothing of it
+        is ever used."""
+        try:
+            self._settle()
+        except RuntimeError:
+            self._ready = None
+        self._stop_worker()
 
 
 def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None, *,
