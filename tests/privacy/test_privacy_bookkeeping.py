@@ -131,6 +131,50 @@ def test_the_pass_never_computes_a_parameters_own_gradient(kind) -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_group_norms_use_the_statistics_of_their_forward_pass(monkeypatch) -> None:
+    """Book-keeping takes each GroupNorm's per-example gradients from the mean and
+    1/std its forward pass saved, never normalising the input a second time (the
+    clipped sum itself is checked against the references above); where those
+    statistics are not there, it falls back to the registered rule."""
+    from bract.privacy import bookkeeping, grad_samplers
+
+    grad_samplers.install()
+    model, x, y = _model("cnn", 3)
+    expected, _, _ = _bookkeeping(model, x, y, 0.5)
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+    normalised: list[torch.Size] = []
+
+    def normalising_rule(layer, activations, backprops):
+        normalised.append(activations[0].shape)
+        return grad_samplers.group_norm_grad_sample(layer, activations, backprops)
+
+    monkeypatch.setitem(GradSampleHooks.GRAD_SAMPLERS, nn.GroupNorm, normalising_rule)
+    ours, _, _ = _bookkeeping(model, x, y, 0.5)
+    assert normalised == []
+    for name, value in expected.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-7)
+    # Without saved statistics (e.g. another autograd node), the input is normalised.
+    monkeypatch.setattr(bookkeeping, "_group_norm_stats", lambda output, groups: None)
+    fallback, _, _ = _bookkeeping(model, x, y, 0.5)
+    assert len(normalised) == 2  # the two GroupNorms of the ChestCNN
+    for name, value in expected.items():
+        torch.testing.assert_close(fallback[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_group_norm_statistics_are_read_only_from_a_group_norm_node() -> None:
+    from bract.privacy.bookkeeping import _group_norm_stats
+
+    layer = nn.GroupNorm(2, 4)
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    mean, rstd = _group_norm_stats(layer(x), 2)
+    xg = x.detach().reshape(3, 2, -1)
+    torch.testing.assert_close(mean, xg.mean(2))
+    torch.testing.assert_close(rstd, (xg.var(2, unbiased=False) + layer.eps).rsqrt())
+    assert _group_norm_stats(torch.relu(layer(x)), 2) is None  # not the layer's node
+    assert _group_norm_stats(layer(x), 4) is None  # shapes that do not fit
+
+
 def test_every_example_is_clipped_to_the_norm() -> None:
     """One example per batch: the clipped sum IS its clipped gradient, norm <= C."""
     model, x, y = _model("cnn", 3)

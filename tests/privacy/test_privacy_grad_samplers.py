@@ -16,6 +16,7 @@ from bract.privacy.grad_samplers import (
     conv2d_grad_sample,
     folded_conv2d_grad_sample,
     group_norm_grad_sample,
+    group_norm_grad_sample_from_stats,
 )
 
 
@@ -82,13 +83,18 @@ def test_group_norm_per_example_gradients_equal_autograd_and_opacus(
     x = scale * torch.randn(batch, channels, *spatial) + torch.randn(1, channels, *spatial)
     g = torch.randn(batch, channels, *spatial)
     ours = group_norm_grad_sample(layer, [x], g)
+    # The rule book-keeping uses: the statistics the forward pass computed and saved.
+    node = layer(x.clone().requires_grad_()).grad_fn
+    from_stats = group_norm_grad_sample_from_stats(
+        layer, x, g, node._saved_result1, node._saved_result2)
     reference = _per_example_autograd(layer, x, g)
-    assert set(ours) == set(reference)
+    assert set(ours) == set(reference) == set(from_stats)
     theirs = compute_group_norm_grad_sample(layer, [x], g)
     for p, expected in reference.items():
-        assert ours[p].shape == (batch, *p.shape)
+        assert ours[p].shape == from_stats[p].shape == (batch, *p.shape)
         torch.testing.assert_close(ours[p], expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ours[p], theirs[p], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(from_stats[p], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_group_norm_frozen_weight_and_empty_batch() -> None:

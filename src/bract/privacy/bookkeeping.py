@@ -19,7 +19,9 @@ sum needs:
 * every other layer Opacus has a per-sample gradient sampler for (``Conv2d``,
   ``GroupNorm``, ``LayerNorm``, ``Embedding``, ...): its per-example gradients,
   small for such layers, from Opacus's registered sampler (for ``Conv2d``, bract's
-  :mod:`~bract.privacy.grad_samplers`); its clipped sum is ``sum_i c_i grad_i``.
+  :mod:`~bract.privacy.grad_samplers`; for ``GroupNorm``, bract's rule fed with the
+  mean and 1/std its forward pass saved, so the input is not normalised twice); its
+  clipped sum is ``sum_i c_i grad_i``.
 
 After the pass, ``c_i`` comes from the per-example norms over all layers, and each
 parameter's ``.grad`` is set to its clipped sum. Opacus's fast-gradient-clipping
@@ -50,6 +52,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from bract.privacy import grad_samplers as bract_samplers
 
 __all__ = [
     "BookKeepingClipper",
@@ -142,6 +146,8 @@ class BookKeepingClipper:
         self._layers = [m for _, m in layers]
         self._names = {m: name for name, m in layers}
         self._inputs: dict[nn.Module, torch.Tensor] = {}
+        #: per GroupNorm: the (mean, rstd) its forward pass computed, when available
+        self._group_norm_stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         #: per layer: ("linear", A, G) or ("per-example", {param: grads [B, ...]})
         self._kept: dict[nn.Module, tuple] = {}
         self._norms: list[torch.Tensor] = []
@@ -184,6 +190,10 @@ class BookKeepingClipper:
                 "a gradient: book-keeping clipping cannot clip it; use grad_sample_mode='hooks'"
             )
         self._inputs[module] = inputs[0].detach()
+        if type(module) is nn.GroupNorm:
+            stats = _group_norm_stats(output, module.num_groups)
+            if stats is not None:
+                self._group_norm_stats[module] = stats
         if not (isinstance(inputs[0], torch.Tensor) and inputs[0].requires_grad):
             self._entries.append((output, output._version))
         # A hook on this very output (registered before any in-place change to it)
@@ -213,7 +223,12 @@ class BookKeepingClipper:
             self._norms += [norms[p] for p in params]
             self._kept[module] = ("linear", x, g)
         else:
-            per_example = grad_samplers[type(module)](module, [x], g)
+            stats = self._group_norm_stats.pop(module, None)
+            if stats is not None and bract_samplers.installed():
+                per_example = bract_samplers.group_norm_grad_sample_from_stats(
+                    module, x, g, *stats)
+            else:
+                per_example = grad_samplers[type(module)](module, [x], g)
             per_example = {p: per_example[p] for p in params}
             if groups is not None:
                 self._norms += [
@@ -280,6 +295,7 @@ class BookKeepingClipper:
             return factors
         finally:
             self._inputs.clear()
+            self._group_norm_stats.clear()
             self._kept.clear()
             self._norms = []
             self._entries = []
@@ -313,6 +329,25 @@ class BookKeepingClipper:
     def layers(self) -> Iterable[nn.Module]:
         """The layers whose gradients are clipped."""
         return tuple(self._layers)
+
+
+def _group_norm_stats(output: torch.Tensor, groups: int
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-example, per-group mean and 1 / std a GroupNorm's forward pass computed,
+    as autograd saved them for its backward (``_saved_result1`` and
+    ``_saved_result2`` of ``native_group_norm``'s node: the saved-tensor attributes
+    PyTorch documents in "Autograd mechanics"), or None where they are not there in
+    that form (the layer's per-example rule then normalises the input again)."""
+    node = output.grad_fn
+    if node is None or type(node).__name__ != "NativeGroupNormBackward0":
+        return None
+    mean = getattr(node, "_saved_result1", None)
+    rstd = getattr(node, "_saved_result2", None)
+    expected = (output.shape[0], groups)
+    if not (isinstance(mean, torch.Tensor) and isinstance(rstd, torch.Tensor)
+            and tuple(mean.shape) == expected and tuple(rstd.shape) == expected):
+        return None
+    return mean.detach(), rstd.detach()
 
 
 #: Rows (records x positions) up to which a Linear's grouped norms use one Gram matrix

@@ -20,7 +20,10 @@ unchanged, so the privacy guarantee is the one Opacus gives.
 one temporary the size of the layer's input (the normalised input, as Opacus
 recomputes it) instead of two: the product with the output gradient overwrites
 it in place before the sum over positions. Faster than Opacus's on the first
-GroupNorm of the ChestCNN; same values to float rounding (tested).
+GroupNorm of the ChestCNN; same values to float rounding (tested). Book-keeping
+clipping, which sees the layer's forward pass, uses
+:func:`group_norm_grad_sample_from_stats` instead: the mean and standard deviation
+the forward pass computed, and no second normalisation of the input.
 
 :func:`install` registers both with Opacus for every ``nn.Conv2d`` and
 ``nn.GroupNorm`` in this process (hooks, ghost and book-keeping modes). Where the
@@ -44,8 +47,8 @@ from torch import nn
 from torch.nn import functional
 
 __all__ = [
-    "conv2d_grad_sample", "folded_conv2d_grad_sample", "group_norm_grad_sample", "install",
-    "installed", "restore_opacus",
+    "conv2d_grad_sample", "folded_conv2d_grad_sample", "group_norm_grad_sample",
+    "group_norm_grad_sample_from_stats", "install", "installed", "restore_opacus",
 ]
 
 _INSTALLED = False
@@ -151,6 +154,36 @@ def group_norm_grad_sample(
         xhat = functional.group_norm(x.to(backprops.dtype), layer.num_groups, eps=layer.eps)
         # The product overwrites xhat (the one temporary), then sums over positions.
         out[layer.weight] = xhat.mul_(backprops).reshape(n, c, -1).sum(dim=2)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = g.sum(dim=2)
+    return out
+
+
+def group_norm_grad_sample_from_stats(
+    layer: nn.GroupNorm, x: torch.Tensor, backprops: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> dict[nn.Parameter, torch.Tensor]:
+    """:func:`group_norm_grad_sample`'s per-sample gradients from the layer's input
+    ``x`` ``[B, C, ...]``, output gradient ``backprops`` and the per-example, per-group
+    ``mean`` and ``rstd`` (1 / standard deviation, both ``[B, num_groups]``) that the
+    forward pass computed (autograd keeps them for the layer's backward): the input
+    is not normalised a second time. Example b's weight gradient per channel is
+    ``rstd * sum over positions of (x_b - mean) * g_b``: the same sum as
+    :func:`group_norm_grad_sample`'s, with the ``rstd`` factor taken out of it (equal
+    to float rounding; tested against it and per-example autograd)."""
+    n, c = backprops.shape[0], backprops.shape[1]
+    groups = layer.num_groups
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if n == 0:
+        return group_norm_grad_sample(layer, [x], backprops)
+    g = backprops.reshape(n, c, -1)
+    if layer.weight is not None and layer.weight.requires_grad:
+        dtype = backprops.dtype
+        centred = x.to(dtype).reshape(n, groups, -1) - mean.to(dtype).reshape(n, groups, 1)
+        # The product overwrites the centred input (the one temporary) before the sum.
+        summed = centred.reshape(n, c, -1).mul_(g).sum(dim=2)
+        out[layer.weight] = summed.mul_(
+            rstd.to(dtype).reshape(n, groups, 1).expand(n, groups, c // groups).reshape(n, c))
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = g.sum(dim=2)
     return out
