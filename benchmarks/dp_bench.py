@@ -210,6 +210,13 @@ class ThroughputResult:
     def med(self, variant: str) -> float:
         return median(self.rates[variant])
 
+    def paired(self, variant: str) -> list[float]:
+        """``variant`` / non-private within each repeat (the two rounds ran within a
+        second or two of each other, so slow drifts of the machine cancel)."""
+        return [d / n for d, n in zip(self.rates[variant], self.rates["nonprivate"],
+                                      strict=True)
+                if not (math.isnan(d) or math.isnan(n))]
+
     def ratio(self, variant: str) -> float:
         return self.med(variant) / self.med("nonprivate")
 
@@ -417,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefetch-variant", action="store_true",
                         help="add bk+prefetch: the noise drawn one step ahead in a thread")
     parser.add_argument("--skip-memory", action="store_true", help="skip the memory section")
+    parser.add_argument("--repeat-factor", type=int, default=1,
+                        help="run each size's interleaved repeats this many times over")
     parser.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mem-size", type=int, default=128, help="image size for memory")
     args = parser.parse_args(argv)
@@ -454,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prefetch_variant:
             variants.append("bk+prefetch")
         steps, reps = cfg[size]
+        reps *= max(1, args.repeat_factor)
         results[size] = bench_throughput(size, steps, reps, variants, log)
 
     noise = bench_noise(list(results), 3 if quick else 5)
@@ -492,6 +502,18 @@ def main(argv: list[str] | None = None) -> int:
                 "" if math.isnan(noise_ms) else f"{noise_ms / step_ms:.0%}",
             )
     console.print(tp)
+
+    tr = Table(title="x non-private within each repeat (DP round / the non-private round "
+               "run just before it): median and range")
+    for col in ("image", "variant", "median", "range", "repeats"):
+        tr.add_column(col, justify="right")
+    for size, res in results.items():
+        for v in res.rates:
+            if v.startswith("bk"):
+                pr = res.paired(v)
+                tr.add_row(f"{size}px", v, _fmt(median(pr), 2),
+                           f"{_fmt(min(pr), 2)}-{_fmt(max(pr), 2)}" if pr else "", str(len(pr)))
+    console.print(tr)
 
     tn = Table(title="Noise per step for all parameters, ms (median)")
     for col in ("image", "params", "SecureGaussian (all tensors, one pass)",
@@ -557,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         for v in res.rates:
             if v != "nonprivate":
                 summary[f"throughput_ratio_{size}_{v.replace('+', '_')}"] = round(res.ratio(v), 3)
+                summary[f"paired_ratio_{size}_{v.replace('+', '_')}"] = round(
+                    median(res.paired(v)), 3)
         summary[f"noise_secure_ms_{size}"] = round(1e3 * noise[size]["secure"], 1)
         summary[f"noise_per_tensor_ms_{size}"] = round(1e3 * noise[size]["per_tensor"], 1)
         summary[f"noise_torch_ms_{size}"] = round(1e3 * noise[size]["torch_normal"], 1)
