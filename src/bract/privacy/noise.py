@@ -45,11 +45,11 @@ _MASK_53 = (1 << 53) - 1
 BLOCK = 1 << 17
 _ZEROS = bytes(8 * BLOCK)
 #: Largest model whose noise is drawn a step ahead by default. Measured on the 2-core
-#: VM with one torch thread (docs/benchmarks.md): ahead is faster for the 0.34M
-#: parameters of the 28px CNN (its float64 buffer, 2.8 MB, stays in cache) and
-#: slower than drawing block by block inside the step for the 7.1M of the 128px CNN
-#: (a 57 MB buffer streamed through memory while the step runs); between the two
-#: the threshold is a choice, not a measurement.
+#: VM with one torch thread (docs/benchmarks.md): ahead is clearly faster for the
+#: 0.34M parameters of the 28px CNN (its float64 buffer, 2.8 MB, stays in cache); for
+#: the 7.1M of the 128px CNN (a 57 MB buffer streamed through memory while the step
+#: runs) ahead and block by block inside the step trade places from run to run by
+#: less than the machine's spread. The threshold is a choice, not a measurement.
 PREFETCH_MAX_PARAMS = 1 << 20
 
 
