@@ -24,6 +24,7 @@ from a released update and undo the privacy guarantee.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -318,10 +319,8 @@ class NoisePrefetcher:
         """Wait for a draw in flight and end the background thread (the source is free
         afterwards). A draw that failed is discarded here, not raised: nothing of it
         is ever used."""
-        try:
+        with contextlib.suppress(RuntimeError):  # a failed draw left nothing ready
             self._settle()
-        except RuntimeError:
-            self._ready = None
         self._stop_worker()
 
 
