@@ -287,6 +287,42 @@ def test_a_script_that_trains_with_prefetched_noise_exits_cleanly(tmp_path) -> N
     assert "trained" in done.stdout and "terminate called" not in done.stderr
 
 
+def test_a_round_whose_noise_draw_fails_says_so_and_records_nothing() -> None:
+    """A background draw that fails mid-round ends the round with an error naming it;
+    the ledger is not advanced (no update left the trainer) and no thread is left."""
+    import threading
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bract.privacy import PrivateTrainer
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 6), torch.randint(0, 2, (64,)))
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = PrivateTrainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=16),
+            noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
+            grad_sample_mode="bk", noise_prefetch=True)
+    source = trainer._noise_source
+    real_block, calls = source._block, {"n": 0}
+
+    def flaky_block(count):
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 1 draws in the foreground; the draw for step 2 breaks
+            raise MemoryError("simulated")
+        return real_block(count)
+
+    source._block = flaky_block
+    threads = threading.active_count()
+    with pytest.raises(RuntimeError, match="drawing the next step's DP noise failed"):
+        trainer.train_round(1)
+    assert len(trainer.ledger.events) == 0
+    assert threading.active_count() == threads
+
+
 # ------------------------------------------------------- the noise inside Opacus's DPOptimizer
 
 NOISE_MULTIPLIER, MAX_GRAD_NORM, EXPECTED_BATCH = 1.3, 0.7, 50
