@@ -197,6 +197,19 @@ def test_a_prefetcher_told_the_steps_draws_nothing_beyond_them(sizes, steps) -> 
                                reference.standard_normal_tensor(5), rtol=0, atol=0)
 
 
+def _break_block(source: SecureGaussian, call: int) -> None:
+    """Make ``source``'s ``call``-th block (1-based) fail part-way through a draw."""
+    real_block, calls = source._block, {"n": 0}
+
+    def flaky_block(count):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise MemoryError("simulated")
+        return real_block(count)
+
+    source._block = flaky_block
+
+
 @settings(max_examples=10, deadline=None)
 @given(fail_at=st.integers(1, 3), size=st.sampled_from([3, 4608, BLOCK + 3]))
 def test_a_failed_background_draw_is_reported_and_none_of_its_samples_is_used(
@@ -209,15 +222,7 @@ def test_a_failed_background_draw_is_reported_and_none_of_its_samples_is_used(
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         joint, reference = _twin_generators(monkeypatch)
-    real_block, calls = joint._block, {"n": 0}
-
-    def flaky_block(count):
-        calls["n"] += 1
-        if calls["n"] == fail_at + 1:  # the draw for step fail_at + 1 breaks
-            raise MemoryError("simulated")
-        return real_block(count)
-
-    joint._block = flaky_block
+    _break_block(joint, fail_at + 1)  # the draw for step fail_at + 1 breaks
     prefetcher = NoisePrefetcher(joint)
     used = []
     for _ in range(fail_at):
@@ -307,15 +312,7 @@ def test_a_round_whose_noise_draw_fails_says_so_and_records_nothing() -> None:
             noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
             grad_sample_mode="bk", noise_prefetch=True)
     source = trainer._noise_source
-    real_block, calls = source._block, {"n": 0}
-
-    def flaky_block(count):
-        calls["n"] += 1
-        if calls["n"] == 2:  # step 1 draws in the foreground; the draw for step 2 breaks
-            raise MemoryError("simulated")
-        return real_block(count)
-
-    source._block = flaky_block
+    _break_block(source, 2)  # step 1 draws in the foreground; the draw for step 2 breaks
     threads = threading.active_count()
     with pytest.raises(RuntimeError, match="drawing the next step's DP noise failed"):
         trainer.train_round(1)
