@@ -30,6 +30,8 @@ because the machine is shared and noisy):
    the DP optimizer uses it) vs ``torch.normal`` per tensor plus the add (Opacus),
    and its previous versions as baselines: one tensor at a time (``add_noise_``),
    the same float64 Box-Muller over whole-size fresh buffers in torch, and in numpy.
+   The variants are timed in turn, one call of each per turn, so a slow stretch of
+   the machine falls on all of them.
 
 3. **Peak memory of one step** of the 128x128 ChestCNN at batch 64, each variant
    in a fresh subprocess: the peak RSS after model, data and optimizer exist is
@@ -51,7 +53,7 @@ The last line of stdout is one JSON object with the headline figures.
 
 Usage::
 
-    python benchmarks/dp_bench.py            # full run (~6 min on 2 cores)
+    python benchmarks/dp_bench.py            # full run (about 2 minutes on 2 cores)
     python benchmarks/dp_bench.py --quick    # shorter, noisier
 """
 
@@ -194,6 +196,20 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
     return statistics.median(out)
 
 
+def timed_interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
+    """Median wall seconds per call of each of ``fns``, the calls interleaved (one of
+    each in turn, ``repeat`` turns after one warm-up turn), so a slow stretch of the
+    machine falls on every variant alike rather than on whichever ran then."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for turn in range(repeat + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if turn:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -299,19 +315,15 @@ def bench_noise(sizes: list[int], repeat: int) -> dict[int, dict[str, float]]:
         grads = [torch.zeros_like(p) for p in make_model(size).parameters()]
         count = sum(g.numel() for g in grads)
         flat = torch.zeros(count)
-        out[size] = {
-            "secure": timed(lambda grads=grads: source.add_noise_each_(grads, 1.0), repeat),
-            "per_tensor": timed(lambda grads=grads: [source.add_noise_(g, 1.0) for g in grads],
-                                repeat),
-            "previous_torch": timed(lambda flat=flat: previous_torch_noise(source, flat), repeat),
-            "previous_numpy": timed(lambda count=count: numpy_float64_noise(source, count),
-                                    repeat),
-            "torch_normal": timed(
-                lambda grads=grads: [g + torch.normal(0.0, 1.0, size=g.shape) for g in grads],
-                repeat,
-            ),
-            "aes_keystream": timed(lambda count=count: source._keystream_int64(count), repeat),
-        }
+        out[size] = timed_interleaved({
+            "secure": lambda grads=grads: source.add_noise_each_(grads, 1.0),
+            "per_tensor": lambda grads=grads: [source.add_noise_(g, 1.0) for g in grads],
+            "previous_torch": lambda flat=flat: previous_torch_noise(source, flat),
+            "previous_numpy": lambda count=count: numpy_float64_noise(source, count),
+            "torch_normal": lambda grads=grads: [g + torch.normal(0.0, 1.0, size=g.shape)
+                                                 for g in grads],
+            "aes_keystream": lambda count=count: source._keystream_int64(count),
+        }, repeat)
     return out
 
 
