@@ -97,6 +97,31 @@ def test_group_norm_per_example_gradients_equal_autograd_and_opacus(
         torch.testing.assert_close(from_stats[p], expected, rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=40, deadline=None)
+@given(groups=st.integers(1, 3), per_group=st.integers(1, 3), batch=st.integers(1, 9),
+       spatial=st.lists(st.integers(2, 7), min_size=1, max_size=2),
+       chunk_entries=st.integers(1, 600), seed=st.integers(0, 2**16))
+def test_group_norm_from_stats_is_the_same_bits_whatever_the_chunk(
+    groups, per_group, batch, spatial, chunk_entries, seed
+) -> None:
+    """Taking the examples a few at a time (a cache-sized temporary) changes nothing:
+    every chunk size, from one example per chunk to the whole batch, gives exactly
+    the same per-example gradients."""
+    torch.manual_seed(seed)
+    channels = groups * per_group
+    layer = nn.GroupNorm(groups, channels)
+    x = torch.randn(batch, channels, *spatial) * 3 + 1
+    g = torch.randn(batch, channels, *spatial)
+    node = layer(x.clone().requires_grad_()).grad_fn
+    whole = group_norm_grad_sample_from_stats(
+        layer, x, g, node._saved_result1, node._saved_result2, chunk_entries=1 << 30)
+    chunked = group_norm_grad_sample_from_stats(
+        layer, x, g, node._saved_result1, node._saved_result2, chunk_entries=chunk_entries)
+    assert set(whole) == set(chunked) == {layer.weight, layer.bias}
+    for p in whole:
+        assert torch.equal(whole[p], chunked[p])
+
+
 def test_group_norm_frozen_weight_and_empty_batch() -> None:
     layer = nn.GroupNorm(2, 4)
     layer.weight.requires_grad_(False)
