@@ -190,15 +190,16 @@ def group_norm_grad_sample_from_stats(
     out: dict[nn.Parameter, torch.Tensor] = {}
     if n == 0:
         return group_norm_grad_sample(layer, [x], backprops)
-    # Plain values (the saved statistics may be autograd outputs): nothing here is
-    # differentiated.
-    g = backprops.detach().reshape(n, c, -1)
+    g = backprops.reshape(n, c, -1)
     if layer.weight is not None and layer.weight.requires_grad:
         dtype = backprops.dtype
         per_example = g.shape[1] * g.shape[2]
         step = n if x.device.type != "cpu" else max(1, min(n, chunk_entries // per_example))
+        # Plain values (the saved statistics may be autograd outputs, and the sums below
+        # write into a reused temporary): nothing here is differentiated.
         inputs = x.detach().reshape(n, groups, -1)
         means = mean.detach().to(dtype).reshape(n, groups, 1)
+        grads = g.detach()
         summed = torch.empty(n, c, dtype=dtype, device=backprops.device)
         work = torch.empty(step * per_example, dtype=dtype, device=backprops.device)
         for i in range(0, n, step):
@@ -206,7 +207,7 @@ def group_norm_grad_sample_from_stats(
             centred = work[:(j - i) * per_example].view(j - i, groups, -1)
             torch.sub(inputs[i:j].to(dtype), means[i:j], out=centred)
             # The product overwrites the centred input before the sum over positions.
-            torch.sum(centred.view(j - i, c, -1).mul_(g[i:j]), dim=2, out=summed[i:j])
+            torch.sum(centred.view(j - i, c, -1).mul_(grads[i:j]), dim=2, out=summed[i:j])
         out[layer.weight] = summed.mul_(
             rstd.detach().to(dtype).reshape(n, groups, 1).expand(n, groups, c // groups)
             .reshape(n, c))
