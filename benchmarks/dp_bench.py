@@ -186,14 +186,9 @@ def median(xs: list[float]) -> float:
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> float:
-    """Median wall seconds of ``repeat`` calls of ``fn``."""
-    fn()  # warm-up (first-call overheads, allocator)
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+    """Median wall seconds of ``repeat`` calls of ``fn``, after one warm-up call
+    (first-call overheads, allocator)."""
+    return timed_interleaved({"fn": fn}, repeat)["fn"]
 
 
 def timed_interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
