@@ -198,9 +198,10 @@ def test_hooks_come_off_and_nothing_is_kept_between_steps() -> None:
     clipper = BookKeepingClipper(model, 1.0)
     for _ in range(2):
         clipper.backward(nn.CrossEntropyLoss(reduction="none")(model(x), y), len(x))
-        assert not clipper._inputs and not clipper._kept and not clipper._norms
+        assert not clipper._inputs and not clipper._rules and not clipper._group_norm_stats
     clipper.remove()
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    assert clipper._worker is None  # no second thread is left behind
 
 
 class _Tied(nn.Module):
@@ -390,3 +391,135 @@ def test_patient_groups_clip_each_patients_summed_gradient_in_one_pass(
         assert bool((factors[groups == groups[i]] == factors[i]).all())
     for name, expected in reference.items():
         torch.testing.assert_close(m.get_parameter(name).grad, expected, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------ per-example rules on a second thread
+
+def _grads_and_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float,
+                       overlap: bool, groups: torch.Tensor | None = None, steps: int = 2):
+    """``steps`` backward passes of one clipper (the worker is reused between them)."""
+    m = copy.deepcopy(model)
+    clipper = BookKeepingClipper(m, clip, overlap=overlap)
+    try:
+        for _ in range(steps):
+            factors = clipper.backward(nn.CrossEntropyLoss(reduction="none")(m(x), y),
+                                       len(x), groups=groups)
+    finally:
+        clipper.remove()
+    return {n: p.grad for n, p in m.named_parameters()}, factors
+
+
+@settings(max_examples=30, deadline=None)
+@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16),
+       clip=st.sampled_from([1e-3, 0.1, 1.0, 1e4]),
+       owners=st.none() | st.lists(st.integers(0, 3), min_size=7, max_size=7))
+def test_rules_on_a_second_thread_give_the_same_bits(kind, seed, clip, owners) -> None:
+    """With ``overlap`` the per-example rules run on a worker thread while the backward
+    pass goes on: every .grad and every clipping factor is bit for bit the one the
+    rules give inside the pass, with or without patient groups."""
+    model, x, y = _model(kind, seed)
+    groups = None if owners is None else torch.unique(torch.tensor(owners),
+                                                      return_inverse=True)[1]
+    serial, serial_factors = _grads_and_factors(model, x, y, clip, False, groups)
+    overlapped, overlapped_factors = _grads_and_factors(model, x, y, clip, True, groups)
+    assert torch.equal(serial_factors, overlapped_factors)
+    for name, grad in serial.items():
+        assert torch.equal(grad, overlapped[name]), name
+
+
+def test_rules_overlap_by_default_only_when_a_core_is_free(monkeypatch) -> None:
+    """``overlap=None`` sends the rules to the worker thread when a core is free of
+    torch's threads, and keeps them in the pass otherwise; True / False force it. The
+    first layer's rule (fed by the input, where the pass ends) always runs in the pass:
+    there is nothing left to overlap it with."""
+    import threading
+
+    from bract.privacy import bookkeeping
+
+    model, x, y = _model("cnn", 3)
+    first = model.features[0]
+    seen: dict[nn.Module, str] = {}
+    rule = BookKeepingClipper._rule
+
+    def recording_rule(module, *args):
+        seen[module] = threading.current_thread().name.split("_")[0]
+        return rule(module, *args)
+
+    monkeypatch.setattr(BookKeepingClipper, "_rule", staticmethod(recording_rule))
+
+    def threads_used(free: bool, overlap: bool | None) -> tuple[str, set[str]]:
+        """The first layer's rule's thread, and the other rules' threads."""
+        monkeypatch.setattr(bookkeeping, "core_is_free", lambda: free)
+        seen.clear()
+        _grads_and_factors(copy.deepcopy(model), x, y, 1.0, overlap, steps=1)
+        assert len(seen) == 6
+        return seen.pop(next(m for m in seen if type(m) is type(first)
+                             and m.in_channels == first.in_channels)), set(seen.values())
+
+    main = threading.current_thread().name
+    assert threads_used(True, None) == (main, {"bract-bookkeeping"})
+    assert threads_used(False, None) == (main, {main})
+    assert threads_used(False, True) == (main, {"bract-bookkeeping"})
+    assert threads_used(True, False) == (main, {main})
+
+
+def test_a_rule_that_fails_on_the_worker_fails_the_step_and_leaves_nothing(
+        monkeypatch) -> None:
+    """An error inside a rule on the worker thread is raised by ``backward`` itself (the
+    same exception), nothing of the failed pass is kept, the next pass gives the
+    result of a fresh clipper, and ``remove`` leaves no thread behind."""
+    import threading
+
+    from bract.privacy import grad_samplers
+
+    grad_samplers.install()
+    model, x, y = _model("cnn", 4)
+    expected, expected_factors = _grads_and_factors(model, x, y, 1.0, False, steps=1)
+    m = copy.deepcopy(model)
+    threads = threading.active_count()
+    clipper = BookKeepingClipper(m, 1.0, overlap=True)
+    rule = grad_samplers.group_norm_grad_sample_from_stats
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a broken per-example rule")
+
+    monkeypatch.setattr(grad_samplers, "group_norm_grad_sample_from_stats", broken)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    with pytest.raises(RuntimeError, match="a broken per-example rule"):
+        clipper.backward(loss(m(x), y), len(x))
+    assert not clipper._rules and not clipper._inputs and not clipper._group_norm_stats
+    monkeypatch.setattr(grad_samplers, "group_norm_grad_sample_from_stats", rule)
+    for p in m.parameters():
+        p.grad = None
+    factors = clipper.backward(loss(m(x), y), len(x))
+    clipper.remove()
+    assert threading.active_count() == threads
+    assert torch.equal(factors, expected_factors)
+    for name, p in m.named_parameters():
+        assert torch.equal(p.grad, expected[name]), name
+
+
+def test_a_training_round_with_rules_on_a_second_thread_trains_the_same_weights() -> None:
+    """PrivateTrainer's ``rule_overlap`` changes when the rules run, not what the round
+    trains: a non-private, fixed-sampling round (deterministic) gives the same weights
+    bit for bit with and without it, and no worker thread outlives the round."""
+    import threading
+
+    def round_weights(overlap: bool) -> tuple[dict, set[str]]:
+        model = small_cnn(seed=2)
+        threads_seen: set[str] = set()
+        trainer = PrivateTrainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), chest_loader(96, 32),
+            noise_multiplier=0.0, max_grad_norm=0.5, delta=1e-5, accountant="rdp",
+            grad_sample_mode="bk", sampling_seed=7, rule_overlap=overlap)
+        out = trainer.train_round(1, on_step=lambda _s, _t: threads_seen.update(
+            t.name.split("_")[0] for t in threading.enumerate()))
+        assert out.trained
+        return {k: v.clone() for k, v in model.state_dict().items()}, threads_seen
+
+    serial, serial_threads = round_weights(False)
+    overlapped, overlapped_threads = round_weights(True)
+    assert "bract-bookkeeping" in overlapped_threads - serial_threads
+    assert not any(t.name.startswith("bract-bookkeeping") for t in threading.enumerate())
+    for name, value in serial.items():
+        assert torch.equal(value, overlapped[name]), name

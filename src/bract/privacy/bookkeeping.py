@@ -47,6 +47,7 @@ twice in one forward pass (weight tying is refused here with a clear error).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import MethodType
 from typing import Any
 
@@ -54,6 +55,7 @@ import torch
 from torch import nn
 
 from bract.privacy import grad_samplers as bract_samplers
+from bract.privacy.threads import core_is_free
 
 __all__ = [
     "BookKeepingClipper",
@@ -133,9 +135,18 @@ class BookKeepingClipper:
     ``remove()`` takes the hooks off. Raises ValueError naming the layer for a
     model it cannot clip (see :func:`unsupported_layers`) or a parameter that two
     layers share (its per-example norm is not the sum of two layers' norms).
+
+    ``overlap``: compute each layer's per-example rule on a second thread while the
+    backward pass goes on to the layers below it (``None``: for CPU tensors when a
+    core is free of torch's own threads, see
+    :func:`~bract.privacy.threads.core_is_free`). The rules run
+    on the same tensors in the same order as without it, so ``.grad`` and the
+    factors are the same bits either way (tested); only when they are computed
+    changes.
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
+    def __init__(self, model: nn.Module, max_grad_norm: float, *,
+                 overlap: bool | None = None) -> None:
         obstacle = bookkeeping_obstacle(model)
         if obstacle:
             raise ValueError(obstacle)
@@ -145,18 +156,24 @@ class BookKeepingClipper:
         self.max_grad_norm = float(max_grad_norm)
         self._layers = [m for _, m in layers]
         self._names = {m: name for name, m in layers}
+        self.overlap = overlap
+        #: the second thread of ``overlap`` (started at its first use)
+        self._worker: ThreadPoolExecutor | None = None
+        #: during a backward pass: whether the rules go to the worker
+        self._overlapping = False
+        #: each layer's rule in the order the backward pass reached it: its
+        #: (module, norms, kept), or the worker's future of them
+        self._rules: list[tuple | Future] = []
         self._inputs: dict[nn.Module, torch.Tensor] = {}
         #: per GroupNorm: the (mean, rstd) its forward pass computed, when available
         self._group_norm_stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-        #: per layer: ("linear", A, G) or ("per-example", {param: grads [B, ...]})
-        self._kept: dict[nn.Module, tuple] = {}
-        self._norms: list[torch.Tensor] = []
         #: during a backward pass with patient groups: each record's group, and the count
         self._groups: torch.Tensor | None = None
         self._group_count = 0
         #: outputs of the layers fed by no gradient-carrying tensor, with their version
         #: counters: the backward pass stops there (see :meth:`backward`).
         self._entries: list[tuple[torch.Tensor, int]] = []
+        self._entry_layers: set[nn.Module] = set()
         self._full_backward = False
         self._handles = [model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)]
         for m in self._layers:
@@ -196,6 +213,7 @@ class BookKeepingClipper:
                 self._group_norm_stats[module] = stats
         if not (isinstance(inputs[0], torch.Tensor) and inputs[0].requires_grad):
             self._entries.append((output, output._version))
+            self._entry_layers.add(module)
         # A hook on this very output (registered before any in-place change to it)
         # receives d(loss)/d(output): the layer's output gradient, summed over all uses.
         output.register_hook(lambda grad, module=module: self._output_grad(module, grad))
@@ -203,27 +221,41 @@ class BookKeepingClipper:
     def _output_grad(self, module: nn.Module, grad: torch.Tensor) -> None:
         if module not in self._inputs:
             return
-        grad_samplers, norm_samplers = _samplers()
         x = self._inputs.pop(module)
-        g = grad.detach()
-        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        groups = self._groups
-        if type(module) is nn.Linear:
-            x = x.to(g.dtype)
-            if groups is not None:
-                norms = _grouped_linear_norms(module, x, g, groups, self._group_count)
-            elif g.dim() == 2:
-                # One example's weight gradient is the outer product g_i a_i^T: its norm
-                # is ||g_i|| * ||a_i||, its bias gradient's ||g_i|| (Opacus's rule).
-                g_norm = torch.linalg.vector_norm(g, dim=1)
-                norms = {module.weight: g_norm * torch.linalg.vector_norm(x, dim=1),
-                         module.bias: g_norm}
-            else:
-                norms = norm_samplers[nn.Linear](module, [x], g)
-            self._norms += [norms[p] for p in params]
-            self._kept[module] = ("linear", x, g)
+        stats = self._group_norm_stats.pop(module, None)
+        args = (module, x, grad.detach(), stats, self._groups, self._group_count)
+        # A layer fed by no gradient-carrying input is where the pass ends: nothing is
+        # left to overlap its rule with, so it runs here, beside the worker's last ones.
+        if self._overlapping and module not in self._entry_layers:
+            assert self._worker is not None
+            self._rules.append(self._worker.submit(self._rule, *args))
         else:
-            stats = self._group_norm_stats.pop(module, None)
+            self._rules.append(self._rule(*args))
+
+    @staticmethod
+    def _rule(module: nn.Module, x: torch.Tensor, g: torch.Tensor,
+              stats: tuple[torch.Tensor, torch.Tensor] | None,
+              groups: torch.Tensor | None, group_count: int,
+              ) -> tuple[nn.Module, list[torch.Tensor], tuple]:
+        """One layer's per-example norms (one ``[B]`` tensor per parameter, or per group
+        with ``groups``) and what its clipped sum needs: ``("linear", A, G)`` or
+        ``("per-example", {param: grads [B, ...]})``."""
+        grad_samplers, norm_samplers = _samplers()
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        with torch.no_grad():  # plain values: nothing here is differentiated
+            if type(module) is nn.Linear:
+                x = x.to(g.dtype)
+                if groups is not None:
+                    norms = _grouped_linear_norms(module, x, g, groups, group_count)
+                elif g.dim() == 2:
+                    # One example's weight gradient is the outer product g_i a_i^T: its
+                    # norm is ||g_i|| * ||a_i||, its bias gradient's ||g_i|| (Opacus's rule).
+                    g_norm = torch.linalg.vector_norm(g, dim=1)
+                    norms = {module.weight: g_norm * torch.linalg.vector_norm(x, dim=1),
+                             module.bias: g_norm}
+                else:
+                    norms = norm_samplers[nn.Linear](module, [x], g)
+                return module, [norms[p] for p in params], ("linear", x, g)
             if stats is not None and bract_samplers.installed():
                 per_example = bract_samplers.group_norm_grad_sample_from_stats(
                     module, x, g, *stats)
@@ -231,14 +263,13 @@ class BookKeepingClipper:
                 per_example = grad_samplers[type(module)](module, [x], g)
             per_example = {p: per_example[p] for p in params}
             if groups is not None:
-                self._norms += [
-                    gs.new_zeros((self._group_count, *gs.shape[1:])).index_add_(0, groups, gs)
-                    .reshape(self._group_count, -1).norm(2, dim=1)
-                    for gs in per_example.values()]
+                norms = [gs.new_zeros((group_count, *gs.shape[1:])).index_add_(0, groups, gs)
+                         .reshape(group_count, -1).norm(2, dim=1)
+                         for gs in per_example.values()]
             else:
-                self._norms += [gs.reshape(len(gs), -1).norm(2, dim=1)
-                                for gs in per_example.values()]
-            self._kept[module] = ("per-example", per_example)
+                norms = [gs.reshape(len(gs), -1).norm(2, dim=1)
+                         for gs in per_example.values()]
+            return module, norms, ("per-example", per_example)
 
     # ------------------------------------------------------------------------ step
     def backward(self, loss_per_example: torch.Tensor, batch_size: int,
@@ -268,6 +299,7 @@ class BookKeepingClipper:
                 self._group_count = int(groups.max()) + 1 if batch_size else 0
             params = [p for m in self._layers for p in m.parameters(recurse=False)
                       if p.requires_grad]
+            self._overlapping = self._overlap_for(loss_per_example)
             if loss_per_example.numel() == 0:
                 for p in params:
                     p.grad = torch.zeros_like(p)
@@ -283,22 +315,32 @@ class BookKeepingClipper:
                 # Only the layers' output gradients are needed: a pass that stops at
                 # the first layers' outputs computes no parameter's own gradient.
                 torch.autograd.grad(total, entries, allow_unused=True)
+            # Every layer's rule, in the order the pass reached the layers (so the norms
+            # are combined in the same order, with or without the worker).
+            rules = [r.result() if isinstance(r, Future) else r for r in self._rules]
             if self._inputs:
                 missing = ", ".join(self._names[m] or "<model>" for m in self._inputs)
                 raise ValueError(f"no gradient reached layer(s) {missing}")
-            norms = torch.stack(self._norms, dim=0).norm(2, dim=0)
+            norms = torch.stack([n for _, layer_norms, _ in rules for n in layer_norms],
+                                dim=0).norm(2, dim=0)
             factors = (self.max_grad_norm / (norms + _EPS)).clamp(max=1.0)
             if self._groups is not None:
                 factors = factors[self._groups]  # each record takes its group's factor
-            for module, kept in self._kept.items():
+            for module, _, kept in rules:
                 self._set_clipped_sum(module, kept, factors)
             return factors
         finally:
+            # A pass that failed part-way may still have rules on the worker: let them
+            # end before their inputs are dropped (what they raise is not the error).
+            for r in self._rules:
+                if isinstance(r, Future):
+                    r.exception()
+            self._rules = []
+            self._overlapping = False
             self._inputs.clear()
             self._group_norm_stats.clear()
-            self._kept.clear()
-            self._norms = []
             self._entries = []
+            self._entry_layers.clear()
             self._full_backward = False
             self._groups = None
             self._group_count = 0
@@ -319,11 +361,23 @@ class BookKeepingClipper:
             # sum_i c_i grad_i as one vector-matrix product over the flattened gradients.
             p.grad = torch.mv(gs.reshape(len(gs), -1).t(), c.to(gs.dtype)).view_as(p).to(p.dtype)
 
+    def _overlap_for(self, loss: torch.Tensor) -> bool:
+        overlap = self.overlap
+        if overlap is None:
+            overlap = loss.device.type == "cpu" and core_is_free()
+        if overlap and self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1,
+                                              thread_name_prefix="bract-bookkeeping")
+        return bool(overlap)
+
     def remove(self) -> None:
-        """Take the hooks off the model."""
+        """Take the hooks off the model and end the second thread, if one was started."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     @property
     def layers(self) -> Iterable[nn.Module]:

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from bract.privacy.threads import core_is_free
+
 _TWO_PI = 2.0 * math.pi
 _INV_2_53 = 1.0 / float(1 << 53)
 _MASK_53 = (1 << 53) - 1
@@ -345,7 +347,7 @@ def use_secure_noise(optimizer: Any, source: SecureGaussian | None = None, *,
         )
     noise_source = source or SecureGaussian()
     if prefetch is None:
-        prefetch = ((os.cpu_count() or 1) > torch.get_num_threads()
+        prefetch = (core_is_free()
                     and sum(p.numel() for p in optimizer.params) <= PREFETCH_MAX_PARAMS)
     adder: SecureGaussian | NoisePrefetcher = (
         NoisePrefetcher(noise_source) if prefetch else noise_source)

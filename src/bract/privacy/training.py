@@ -244,7 +244,12 @@ class PrivateTrainer:
     per-sample gradients of Conv2d and GroupNorm layers (``"bract"``: a grouped
     convolution and a GroupNorm rule without the product tensor, less memory and
     time; ``"opacus"``: Opacus's im2col and GroupNorm rules); both give the same
-    gradients, so the same clipping, noise and guarantee.
+    gradients, so the same clipping, noise and guarantee. ``noise_prefetch`` draws
+    each step's noise during the step before, and ``rule_overlap`` computes
+    book-keeping's per-example rules on a second thread while the backward pass goes
+    on (``None``, the default for both: when a core is free of torch's threads; see
+    :func:`~bract.privacy.noise.use_secure_noise` and
+    :class:`~bract.privacy.bookkeeping.BookKeepingClipper`); neither changes a value.
     """
 
     def __init__(
@@ -266,6 +271,7 @@ class PrivateTrainer:
         device: str | torch.device | None = None,
         secure_noise: bool = True,
         noise_prefetch: bool | None = None,
+        rule_overlap: bool | None = None,
         sampling_seed: int | None = None,
         grad_samplers: str = "bract",
         public_buffers: Sequence[str] = (),
@@ -376,6 +382,7 @@ class PrivateTrainer:
         #: :data:`bract.privacy.noise.PREFETCH_MAX_PARAMS`;
         #: :class:`bract.privacy.noise.NoisePrefetcher`).
         self.noise_prefetch = noise_prefetch
+        self.rule_overlap = rule_overlap
         if sampling_seed is not None and self.noise_multiplier != 0:
             raise PrivacyError(
                 "a fixed sampling seed makes every batch predictable, which voids the privacy "
@@ -562,7 +569,8 @@ class PrivateTrainer:
                     # Opacus's two-pass hooks come off (they would wrap every layer's
                     # output for nothing); bract's clipper takes their place.
                     hooks.remove_hooks()
-                    clipper = BookKeepingClipper(self.model, self.max_grad_norm)
+                    clipper = BookKeepingClipper(self.model, self.max_grad_norm,
+                                                 overlap=self.rule_overlap)
                     hand_over_clipped_sums(dp_optimizer)
                 for _epoch in range(self.local_epochs):
                     for x, y in dp_loader:
