@@ -96,8 +96,10 @@ BATCH = 64
 DP_MODES = ("hooks", "ghost", "bk")
 #: Suffixes of a DP variant: "+torchnoise" uses torch.normal instead of SecureGaussian,
 #: "+opacusconv" Opacus's own Conv2d (im2col) and GroupNorm per-sample rules instead of
-#: bract's; "+prefetch" draws each step's noise during the step before (NoisePrefetcher).
-VARIANT_FLAGS = ("torchnoise", "opacusconv", "prefetch")
+#: bract's; "+prefetch" draws each step's noise during the step before (NoisePrefetcher);
+#: "+serial" computes book-keeping's per-example rules inside the backward pass, never on
+#: a second thread (``rule_overlap=False``; by default they overlap when a core is free).
+VARIANT_FLAGS = ("torchnoise", "opacusconv", "prefetch", "serial")
 SIGMA = 1.0
 MAX_GRAD_NORM = 1.0
 DELTA = 1e-5
@@ -150,6 +152,7 @@ def nonprivate_round(model: nn.Module, data: TensorDataset, steps: int) -> float
 def dp_trainer(
     model: nn.Module, data: TensorDataset, mode: str, secure_noise: bool = True,
     grad_samplers: str = "bract", noise_prefetch: bool | None = False,
+    rule_overlap: bool | None = None,
 ) -> PrivateTrainer:
     """bract's PrivateTrainer as a user would build it (no budget, default accountant)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -158,6 +161,7 @@ def dp_trainer(
         model, opt, loader, noise_multiplier=SIGMA, max_grad_norm=MAX_GRAD_NORM, delta=DELTA,
         grad_sample_mode=mode, device="cpu", secure_noise=secure_noise,
         grad_samplers=grad_samplers, noise_prefetch=noise_prefetch,
+        rule_overlap=rule_overlap,
     )
 
 
@@ -169,7 +173,8 @@ def dp_variant(model: nn.Module, data: TensorDataset, variant: str) -> PrivateTr
         raise ValueError(f"unknown DP variant {variant!r}")
     return dp_trainer(model, data, mode, secure_noise="torchnoise" not in flags,
                       grad_samplers="opacus" if "opacusconv" in flags else "bract",
-                      noise_prefetch="prefetch" in flags)
+                      noise_prefetch="prefetch" in flags,
+                      rule_overlap=False if "serial" in flags else None)
 
 
 def dp_round(trainer: PrivateTrainer, rnd: int) -> float:
@@ -363,13 +368,16 @@ def mem_child(variant: str, image_size: int) -> None:
     print(f"{base} {peak}")
 
 
-def bench_memory(image_size: int, variants: list[str]) -> dict[str, tuple[float, float]]:
-    """(baseline MB, growth MB) of one step per variant, each in a fresh process."""
+def bench_memory(image_size: int, variants: list[str], threads: int = 0
+                 ) -> dict[str, tuple[float, float]]:
+    """(baseline MB, growth MB) of one step per variant, each in a fresh process with
+    ``threads`` torch threads (0: torch's default)."""
     out: dict[str, tuple[float, float]] = {}
     env = dict(os.environ)
     for v in variants:
         proc = subprocess.run(
-            [sys.executable, __file__, "--_mem-child", v, "--mem-size", str(image_size)],
+            [sys.executable, __file__, "--_mem-child", v, "--mem-size", str(image_size),
+             "--threads", str(threads)],
             capture_output=True, text=True, check=True, env=env,
         )
         base_kb, peak_kb = (int(t) for t in proc.stdout.strip().splitlines()[-1].split())
@@ -430,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the bk+torchnoise diagnostic variant")
     parser.add_argument("--prefetch-variant", action="store_true",
                         help="add bk+prefetch: the noise drawn one step ahead in a thread")
+    parser.add_argument("--serial-variant", action="store_true",
+                        help="add bk+serial (and bk+prefetch+serial with --prefetch-variant): "
+                        "book-keeping's per-example rules inside the backward pass, never on "
+                        "a second thread (they overlap it by default when a core is free)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the memory section")
     parser.add_argument("--repeat-factor", type=int, default=1,
                         help="run each size's interleaved repeats this many times over")
@@ -469,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             variants.append("bk+torchnoise")
         if args.prefetch_variant:
             variants.append("bk+prefetch")
+        if args.serial_variant:
+            variants += ["bk+serial", *(["bk+prefetch+serial"] if args.prefetch_variant else [])]
         steps, reps = cfg[size]
         reps *= max(1, args.repeat_factor)
         results[size] = bench_throughput(size, steps, reps, variants, log)
@@ -483,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
             mem_variants.append("bk+torchnoise")
         if args.prefetch_variant:
             mem_variants.append("bk+prefetch")
-        mem = bench_memory(args.mem_size, mem_variants)
+        if args.serial_variant:
+            mem_variants.append("bk+serial")
+        mem = bench_memory(args.mem_size, mem_variants, args.threads)
 
     acc_rounds = [1, 10, 50]
     acc = bench_accountants(acc_rounds, 1 if quick else 3)

@@ -9,8 +9,11 @@ rounds and rounds of one book-keeping variant (``bk``, ``bk+prefetch``, as
 * non-private: loading the batch (a shuffled DataLoader), forward, loss and backward,
   ``SGD.step``;
 * DP: loading the batch (the secure Poisson loader), forward, book-keeping's backward
-  pass, and inside it each layer's per-example rule (its hook) and the clipped sums,
-  then the DP optimizer's step, and inside it adding the noise and ``SGD.step``.
+  pass, and inside it each layer's per-example rule and the clipped sums, then the DP
+  optimizer's step, and inside it adding the noise and ``SGD.step``. Where the rules
+  run on a second thread beside the backward pass (by default when a core is free of
+  torch's threads, e.g. ``--threads 1`` on 2 cores; the ``+serial`` variants keep
+  them inside it), their times overlap the pass's and are not part of its sum.
 
 Figures are milliseconds per step, averaged over the timed rounds (the first round
 of each is a warm-up and is not counted): "step" runs from the end of a round's first
@@ -57,14 +60,15 @@ def _timed(timings: Timings, key: str | Callable[..., str], fn: Callable) -> Cal
     return wrapper
 
 
-def instrument(timings: Timings) -> None:
-    """Wrap the calls whose time is reported (for this process only)."""
+def instrument(timings: Timings, names: dict[nn.Module, str]) -> None:
+    """Wrap the calls whose time is reported (for this process only); ``names``: the
+    DP model's layers and their names."""
     ChestCNN.forward = _timed(timings, "forward", ChestCNN.forward)
     BookKeepingClipper.backward = _timed(timings, "backward (book-keeping)",
                                          BookKeepingClipper.backward)
-    BookKeepingClipper._output_grad = _timed(
-        timings, lambda self, module, _grad: f"  per-example rule {self._names[module]} "
-        f"({type(module).__name__})", BookKeepingClipper._output_grad)
+    BookKeepingClipper._rule = staticmethod(_timed(
+        timings, lambda module, *_: f"  per-example rule {names[module]} "
+        f"({type(module).__name__})", BookKeepingClipper._rule))
     BookKeepingClipper._set_clipped_sum = staticmethod(_timed(
         timings, "  clipped sums", BookKeepingClipper._set_clipped_sum))
     from opacus.optimizers.optimizer import DPOptimizer
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = dp_bench.dp_variant(dp_bench.make_model(args.size, init), data, args.variant)
     timings: dict[str, Timings] = {"non-private": defaultdict(list), "dp": defaultdict(list)}
     live: Timings = defaultdict(list)
-    instrument(live)
+    instrument(live, {m: name for name, m in trainer.model.named_modules()})
     rounds = {"non-private": 0, "dp": 0}
     for rnd in range(args.rounds + 1):
         for kind in ("non-private", "dp"):
