@@ -389,10 +389,11 @@ def test_noise_is_drawn_ahead_by_default_only_with_a_free_core_and_a_small_model
     has at most PREFETCH_MAX_PARAMS parameters (larger ones are faster block by block
     inside the step); ``True`` / ``False`` force the choice."""
     import bract.privacy.noise as noise_module
+    from bract.privacy import threads as cores
     from bract.privacy.noise import NoisePrefetcher, SecureGaussian
 
     def adder(cpus: int, threads: int, params: int, prefetch=None):
-        monkeypatch.setattr(noise_module.os, "cpu_count", lambda: cpus)
+        monkeypatch.setattr(cores, "available_cores", lambda: cpus)
         monkeypatch.setattr(noise_module.torch, "get_num_threads", lambda: threads)
         optimizer = DPOptimizer(torch.optim.SGD(nn.Linear(params, 1, bias=False).parameters(),
                                                 lr=0.1),

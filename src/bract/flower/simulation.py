@@ -43,7 +43,7 @@ from bract.flower.secagg_client import (
 )
 from bract.flower.server import make_server_app
 from bract.flower.simulated_operators import simulated_identities
-from bract.privacy import PrivacyError, TrainingPlan, calibrate
+from bract.privacy import PrivacyError, TrainingPlan, calibrate, threads
 from bract.records.roster import Roster
 from bract.secagg import ClientPolicy
 
@@ -120,9 +120,22 @@ class SimulationConfig:
         }
 
 
+def hospital_cores(hospitals: int, client_threads: int, cores: int) -> int:
+    """The cores one simulated hospital may count on when ``hospitals`` of them share
+    ``cores`` (the engine runs one per core at a time, as ``client_resources`` asks),
+    each training with ``client_threads`` torch threads."""
+    at_once = max(1, min(hospitals, cores))
+    return max(client_threads, cores // at_once)
+
+
 def _setup_fn(cfg: SimulationConfig) -> Callable[[Context], HospitalSetup]:
     def setup(ctx: Context) -> HospitalSetup:
         torch.set_num_threads(cfg.client_threads)
+        # Hospitals train side by side on this machine: a core another one uses is not
+        # free for this one's noise draws or per-example rules (bract.privacy.threads).
+        threads.declare_cores(None)
+        threads.declare_cores(hospital_cores(cfg.task.clients, cfg.client_threads,
+                                             threads.available_cores()))
         setup = hospital_setup(cfg.task, ctx, cfg.out_dir / HOSPITALS_DIR)
         patients = (tasks.hospital_patients(cfg.task, int(ctx.node_config["partition-id"]))
                     if cfg.privacy_unit == "patient" else None)
