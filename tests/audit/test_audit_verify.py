@@ -313,42 +313,75 @@ def test_recompute_handles_no_steps_and_no_noise() -> None:
 sigmas = st.one_of(st.floats(0.3, 5.0), st.floats(0.001, 0.3))
 
 
+def _reference_bounds(entries, discretization: float) -> list[float]:
+    """Per prefix, written independently of bract: dp_accounting's RDP bound past the
+    cap; below it, dp_accounting's PLD (where the PLD's arithmetic gives an infinite
+    epsilon for noised steps, the same at the finer grid of 1e-4, and the chain going
+    on at that grid); then, from the last entry back, the smaller of each bound and the
+    next prefix's (a bound on a longer prefix bounds a shorter one)."""
+    import dp_accounting as dpa
+
+    from bract.audit.verify import PLD_EPSILON_CAP
+
+    def sampled(e):
+        return dpa.PoissonSampledDpEvent(e.sample_rate, dpa.GaussianDpEvent(e.noise_multiplier))
+
+    bounds: list[float] = []
+    rdp, capped, grid = dpa.rdp.RdpAccountant(), False, discretization
+    for k, entry in enumerate(entries):
+        prefix = [x.event for x in entries[:k + 1] if x.event.steps]
+        if not prefix:
+            bounds.append(0.0)
+            continue
+        if entry.event.steps:
+            rdp.compose(sampled(entry.event), entry.event.steps)
+        capped = capped or rdp.get_epsilon(1e-5) > PLD_EPSILON_CAP
+        if capped:
+            bounds.append(rdp.get_epsilon(1e-5))
+            continue
+        for attempt in (grid, min(grid, 1e-4)):
+            pld = dpa.pld.PLDAccountant(value_discretization_interval=attempt)
+            for e in prefix:
+                pld.compose(sampled(e), e.steps)
+            value, grid = pld.get_epsilon(1e-5), attempt
+            if math.isfinite(value):
+                break
+        bounds.append(value)
+    for i in range(len(bounds) - 2, -1, -1):
+        bounds[i] = min(bounds[i], bounds[i + 1])
+    return bounds
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(sigmas, st.floats(0.001, 1.0), st.integers(0, 10**6)),
                 min_size=1, max_size=4))
 def test_recomputed_epsilons_are_bounded_monotone_and_capped_by_rdp(history) -> None:
     """Whatever the entries claim: epsilon never decreases along the chain; past the
     cap it is dp_accounting's RDP bound of the whole prefix (the exact PLD, which
-    would need gigabytes there, is never attempted); below it, exactly dp_accounting's
-    PLD of the prefix."""
-    import dp_accounting as dpa
-
-    from bract.audit.verify import PLD_EPSILON_CAP, beyond_pld_cap
-
+    would need gigabytes there, is never attempted); below it, dp_accounting's PLD of
+    the prefix, or of a longer prefix where that is smaller (it bounds the shorter one
+    too), with the PLD computed again on a finer grid where its arithmetic fails."""
     entries = [LedgerEntry(FED, "h", r, r, DpSgdEvent(sigma, q, steps, 1.0, 1e-5, round=r,
                                                       client_id="h"), 0.0, 1e-5, "prv", "0" * 64)
                for r, (sigma, q, steps) in enumerate(history, start=1)]
     eps = recompute_epsilons(entries, 1e-3)
-    assert all(0.0 <= a <= b * (1 + 1e-9) + 1e-9 for a, b in itertools.pairwise(eps))
-    rdp, composed = dpa.rdp.RdpAccountant(), False
-    for entry, value in zip(entries, eps, strict=True):
-        e = entry.event
-        if e.steps:
-            rdp.compose(dpa.PoissonSampledDpEvent(e.sample_rate,
-                                                  dpa.GaussianDpEvent(e.noise_multiplier)),
-                        e.steps)
-            composed = True
-        bound = rdp.get_epsilon(1e-5) if composed else 0.0
-        if beyond_pld_cap(value):
-            assert value == pytest.approx(bound, rel=1e-9) and bound > PLD_EPSILON_CAP
-        else:  # below the cap: exactly dp_accounting's PLD of the prefix
-            pld = dpa.pld.PLDAccountant(value_discretization_interval=1e-3)
-            for earlier in entries[:entries.index(entry) + 1]:
-                if earlier.event.steps:
-                    pld.compose(dpa.PoissonSampledDpEvent(
-                        earlier.event.sample_rate,
-                        dpa.GaussianDpEvent(earlier.event.noise_multiplier)), earlier.event.steps)
-            assert value == (pld.get_epsilon(1e-5) if composed else 0.0)
+    assert all(0.0 <= a <= b for a, b in itertools.pairwise(eps))
+    assert eps == pytest.approx(_reference_bounds(entries, 1e-3), rel=1e-9)
+
+
+def test_a_pld_that_overflows_is_computed_again_and_the_chain_stays_monotone() -> None:
+    """The history hypothesis found: dp_accounting's PLD at a 1e-3 grid gives ε = ∞ after
+    822125 steps (its arithmetic overflows near ε = 710) and 725.23 after 18694 more.
+    The audit computes that prefix again at 1e-4 and goes on there (709.71, 725.15, as
+    the hospital's own accountant gives them), so an honest hospital is not told it
+    reported a finite epsilon for no noise."""
+    entries = [LedgerEntry(FED, "h", r, r, DpSgdEvent(2.0, 0.0703125, steps, 1.0, 1e-5,
+                                                      round=r, client_id="h"),
+                           0.0, 1e-5, "prv", "0" * 64)
+               for r, steps in ((1, 822125), (2, 18694))]
+    eps = recompute_epsilons(entries, 1e-3)
+    assert eps == pytest.approx([709.7069669, 725.1485000], rel=1e-9)
+    assert disagreement(711.137, eps[0], 0.01) is None  # what bract's PRV reports
 
 
 @pytest.mark.parametrize(

@@ -177,16 +177,24 @@ def recompute_epsilons(
 ) -> list[float]:
     """Epsilon after each entry (covering it and all before), from the events alone.
 
-    Guarantee: each value is dp_accounting's PLD upper bound on the (epsilon,
-    entry.delta)-DP of Poisson-subsampled Gaussian steps as recorded (infinite
-    once an event with steps added no noise), except past :data:`PLD_EPSILON_CAP`,
-    where it is dp_accounting's RDP upper bound (see :func:`beyond_pld_cap`). Memory
-    stays bounded whatever the entries claim, forged ones included. Calls
-    dp_accounting directly.
+    Guarantee: each value is an upper bound on the (epsilon, entry.delta)-DP of the
+    Poisson-subsampled Gaussian steps recorded up to that entry (infinite once an
+    event with steps added no noise): dp_accounting's PLD bound of that prefix, except
+    past :data:`PLD_EPSILON_CAP`, where it is dp_accounting's RDP bound (see
+    :func:`beyond_pld_cap`). Where the PLD's own arithmetic fails at the given
+    ``discretization`` (an infinite epsilon for noised steps: a privacy loss past its
+    float range, near the cap) it is computed again at the finer of the given grid and
+    :data:`PLD_DISCRETIZATION`, and the chain goes on at that grid. The values never
+    decrease along the chain: where a prefix's bound comes out above a longer prefix's
+    at the same delta (numerical error), the longer prefix's bound is given, which
+    bounds the shorter one too (composition never lowers epsilon). Memory stays
+    bounded whatever the entries claim, forged ones included. Calls dp_accounting
+    directly.
     """
     import dp_accounting as dpa
 
     acc = dpa.pld.PLDAccountant(value_discretization_interval=discretization)
+    finest = min(discretization, PLD_DISCRETIZATION)
     history: list[tuple[float, float, int]] = []
     rdp = None  # dp_accounting's RDP of the history, once the cheap screen fails
     capped = False
@@ -216,9 +224,19 @@ def recompute_epsilons(
             assert rdp is not None
             out.append(float(rdp.get_epsilon(entry.delta)))
         else:
-            out.append(float(acc.get_epsilon(entry.delta)))
+            eps = float(acc.get_epsilon(entry.delta))
+            if not math.isfinite(eps) and discretization > finest:
+                discretization = finest
+                acc = dpa.pld.PLDAccountant(value_discretization_interval=discretization)
+                for sigma, q, steps in history:
+                    acc.compose(_sampled_gaussian(sigma, q), steps)
+                eps = float(acc.get_epsilon(entry.delta))
+            out.append(eps)
         if on_entry is not None:
             on_entry()
+    for i in range(len(out) - 2, -1, -1):  # a longer prefix's bound bounds a shorter one
+        if entries[i].delta == entries[i + 1].delta:
+            out[i] = min(out[i], out[i + 1])
     return out
 
 
@@ -260,7 +278,9 @@ def disagreement(reported: float, recomputed: float, tolerance: float) -> str | 
     if math.isinf(reported) or math.isinf(recomputed):
         if reported == recomputed:
             return None
-        return "reports ∞" if math.isinf(reported) else "reports a finite epsilon for no noise"
+        return "reports ∞" if math.isinf(reported) else (
+            "reports a finite epsilon where the events give ∞ (no noise, or a privacy loss "
+            "beyond what the recomputation can represent)")
     if reported < recomputed * (1 - tolerance) - ABSOLUTE_TOLERANCE:
         return f"under-reported by {100 * (1 - reported / recomputed):.2f}%"
     if reported > recomputed * (1 + tolerance) + ABSOLUTE_TOLERANCE:
