@@ -16,7 +16,11 @@ because the machine is shared and noisy):
      Opacus's own im2col Conv2d and GroupNorm per-sample samplers instead of
      bract's, i.e. the previous default, the baseline of this issue's work;
    * ``bk+torchnoise``: book-keeping with ``torch.normal`` noise, to size
-     the secure sampler's share of a step.
+     the secure sampler's share of a step;
+   * ``bk+prefetch`` (``--prefetch-variant``): the noise drawn a step ahead;
+     ``bk+serial`` (``--serial-variant``): book-keeping's per-example rules kept inside
+     the backward pass where, with a free core (e.g. ``--threads 1``), bract's default
+     computes them on a second thread beside it.
 
    Each measurement is one "round" (``train_round``) of a few steps; the
    ``on_step`` callback timestamps every step and throughput is taken from the
@@ -34,9 +38,10 @@ because the machine is shared and noisy):
    the machine falls on all of them.
 
 3. **Peak memory of one step** of the 128x128 ChestCNN at batch 64, each variant
-   in a fresh subprocess: the peak RSS after model, data and optimizer exist is
-   the baseline, then one step runs (for DP: ``train_round`` on exactly 64
-   examples, so Poisson sampling with rate 1 takes all 64), and the figure is
+   in a fresh subprocess (with ``--threads``' torch threads): the peak RSS after
+   model, data and optimizer exist is the baseline, then one step runs (for DP:
+   ``train_round`` on exactly 64 examples, so Poisson sampling with rate 1 takes all
+   64), and the figure is
    the growth of the peak resident set (``VmHWM`` in ``/proc/self/status``;
    ``ru_maxrss`` would inherit the parent's peak over fork/exec) over the
    baseline. The DP figure includes Opacus wrapping and bract's noise buffers. The ratio
