@@ -58,11 +58,20 @@ def _opacus_ghost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: floa
     return out
 
 
-def _bookkeeping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float):
+def _bookkeeping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float, *,
+                 overlap: bool | None = None, groups: torch.Tensor | None = None,
+                 steps: int = 1):
+    """``steps`` backward passes of one clipper on a copy of ``model`` (a worker thread,
+    when ``overlap`` starts one, is reused between them): the last .grad, factors and
+    the copy."""
     m = copy.deepcopy(model)
-    clipper = BookKeepingClipper(m, clip)
-    factors = clipper.backward(nn.CrossEntropyLoss(reduction="none")(m(x), y), len(x))
-    clipper.remove()
+    clipper = BookKeepingClipper(m, clip, overlap=overlap)
+    try:
+        for _ in range(steps):
+            factors = clipper.backward(nn.CrossEntropyLoss(reduction="none")(m(x), y),
+                                       len(x), groups=groups)
+    finally:
+        clipper.remove()
     return {n: p.grad.clone() for n, p in m.named_parameters()}, factors, m
 
 
@@ -395,20 +404,6 @@ def test_patient_groups_clip_each_patients_summed_gradient_in_one_pass(
 
 # ------------------------------------------------ per-example rules on a second thread
 
-def _grads_and_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float,
-                       overlap: bool, groups: torch.Tensor | None = None, steps: int = 2):
-    """``steps`` backward passes of one clipper (the worker is reused between them)."""
-    m = copy.deepcopy(model)
-    clipper = BookKeepingClipper(m, clip, overlap=overlap)
-    try:
-        for _ in range(steps):
-            factors = clipper.backward(nn.CrossEntropyLoss(reduction="none")(m(x), y),
-                                       len(x), groups=groups)
-    finally:
-        clipper.remove()
-    return {n: p.grad for n, p in m.named_parameters()}, factors
-
-
 @settings(max_examples=30, deadline=None)
 @given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16),
        clip=st.sampled_from([1e-3, 0.1, 1.0, 1e4]),
@@ -420,8 +415,10 @@ def test_rules_on_a_second_thread_give_the_same_bits(kind, seed, clip, owners) -
     model, x, y = _model(kind, seed)
     groups = None if owners is None else torch.unique(torch.tensor(owners),
                                                       return_inverse=True)[1]
-    serial, serial_factors = _grads_and_factors(model, x, y, clip, False, groups)
-    overlapped, overlapped_factors = _grads_and_factors(model, x, y, clip, True, groups)
+    serial, serial_factors, _ = _bookkeeping(model, x, y, clip, overlap=False, groups=groups,
+                                             steps=2)
+    overlapped, overlapped_factors, _ = _bookkeeping(model, x, y, clip, overlap=True,
+                                                     groups=groups, steps=2)
     assert torch.equal(serial_factors, overlapped_factors)
     for name, grad in serial.items():
         assert torch.equal(grad, overlapped[name]), name
@@ -451,7 +448,7 @@ def test_rules_overlap_by_default_only_when_a_core_is_free(monkeypatch) -> None:
         """The first layer's rule's thread, and the other rules' threads."""
         monkeypatch.setattr(bookkeeping, "core_is_free", lambda: free)
         seen.clear()
-        _grads_and_factors(copy.deepcopy(model), x, y, 1.0, overlap, steps=1)
+        _bookkeeping(model, x, y, 1.0, overlap=overlap)
         assert len(seen) == 6
         return seen.pop(next(m for m in seen if type(m) is type(first)
                              and m.in_channels == first.in_channels)), set(seen.values())
@@ -474,7 +471,7 @@ def test_a_rule_that_fails_on_the_worker_fails_the_step_and_leaves_nothing(
 
     grad_samplers.install()
     model, x, y = _model("cnn", 4)
-    expected, expected_factors = _grads_and_factors(model, x, y, 1.0, False, steps=1)
+    expected, expected_factors, _ = _bookkeeping(model, x, y, 1.0, overlap=False)
     m = copy.deepcopy(model)
     threads = threading.active_count()
     clipper = BookKeepingClipper(m, 1.0, overlap=True)
