@@ -127,8 +127,8 @@ from bract.flower.records import (
 from bract.flower.secagg_client import SecAggIdentity
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
-from bract.flower.simulation import hospital_cores
-from bract.privacy import PrivacyLedger, threads
+from bract.flower.simulation import train_beside_other_hospitals
+from bract.privacy import PrivacyLedger
 from bract.privacy.accounting import BudgetDecision
 from bract.secagg import SigningKey
 from bract.secagg.protocol import ClientSession, ServerSession
@@ -278,11 +278,7 @@ def bract_stub_client(identities: list[SecAggIdentity] | None, tmod: Callable) -
 
 
 def _dp_setup(ctx: Context) -> HospitalSetup:
-    torch.set_num_threads(1)
-    # As `bract simulate` does: the hospitals share the machine's cores, so none counts
-    # another's core as free for its noise draws or per-example rules.
-    threads.declare_cores(None)
-    threads.declare_cores(hospital_cores(N_CLIENTS, 1, threads.available_cores()))
+    train_beside_other_hospitals(N_CLIENTS, 1)  # one torch thread, as `bract simulate`
     pid = int(ctx.node_config["partition-id"])
     g = torch.Generator().manual_seed(pid)
     x = torch.randn(64, LAYERS[0], generator=g)

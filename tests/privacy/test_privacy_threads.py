@@ -22,10 +22,12 @@ def _undeclared():
 
 def test_a_declared_share_caps_the_cores_and_a_free_core_needs_one_beyond_torchs() -> None:
     machine = threads.available_cores()
+    assert machine == threads.machine_cores()
     if hasattr(os, "sched_getaffinity"):
         assert machine == len(os.sched_getaffinity(0))
     threads.declare_cores(1)
     assert threads.available_cores() == 1
+    assert threads.machine_cores() == machine  # a declared share leaves the machine as is
     assert not threads.core_is_free()  # torch uses at least one thread
     threads.declare_cores(machine + 5)
     assert threads.available_cores() == machine  # a share never adds cores
@@ -48,3 +50,22 @@ def test_simulated_hospitals_never_count_a_core_another_one_is_using(
     assert share * at_once <= cores or share == client_threads
     # A hospital alone on the machine may use all of it.
     assert hospital_cores(1, client_threads, cores) == max(client_threads, cores)
+
+
+def test_a_simulated_hospital_declares_its_share_again_each_setup_without_shrinking_it(
+        ) -> None:
+    """Setting a hospital up twice in one process (the engine reuses its workers) gives
+    the same share both times: it is computed from the machine, not from the share
+    declared before."""
+    from bract.flower.simulation import train_beside_other_hospitals
+
+    threads_before = torch.get_num_threads()
+    try:
+        shares = []
+        for _ in range(2):
+            train_beside_other_hospitals(3, 1)
+            shares.append(threads.available_cores())
+        assert shares[0] == shares[1] == hospital_cores(3, 1, threads.machine_cores())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads_before)

@@ -128,14 +128,18 @@ def hospital_cores(hospitals: int, client_threads: int, cores: int) -> int:
     return max(client_threads, cores // at_once)
 
 
+def train_beside_other_hospitals(hospitals: int, client_threads: int) -> None:
+    """Set this process up as one of ``hospitals`` simulated hospitals training side by
+    side on this machine: ``client_threads`` torch threads, and its share of the cores
+    declared, so a core another hospital uses does not count as free for this one's
+    noise draws or per-example rules (:mod:`bract.privacy.threads`)."""
+    torch.set_num_threads(client_threads)
+    threads.declare_cores(hospital_cores(hospitals, client_threads, threads.machine_cores()))
+
+
 def _setup_fn(cfg: SimulationConfig) -> Callable[[Context], HospitalSetup]:
     def setup(ctx: Context) -> HospitalSetup:
-        torch.set_num_threads(cfg.client_threads)
-        # Hospitals train side by side on this machine: a core another one uses is not
-        # free for this one's noise draws or per-example rules (bract.privacy.threads).
-        threads.declare_cores(None)
-        threads.declare_cores(hospital_cores(cfg.task.clients, cfg.client_threads,
-                                             threads.available_cores()))
+        train_beside_other_hospitals(cfg.task.clients, cfg.client_threads)
         setup = hospital_setup(cfg.task, ctx, cfg.out_dir / HOSPITALS_DIR)
         patients = (tasks.hospital_patients(cfg.task, int(ctx.node_config["partition-id"]))
                     if cfg.privacy_unit == "patient" else None)

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-__all__ = ["available_cores", "core_is_free", "declare_cores"]
+__all__ = ["available_cores", "core_is_free", "declare_cores", "machine_cores"]
 
 #: The cores this process may use, when declared (``None``: every core it may run on).
 _DECLARED: int | None = None
@@ -32,11 +32,17 @@ def declare_cores(count: int | None) -> None:
     _DECLARED = count
 
 
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system reports
+    one), whatever share it declared."""
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1)
+
+
 def available_cores() -> int:
-    """The cores this process may use: those it may run on (its CPU affinity, where
-    the system reports one), at most the count :func:`declare_cores` set."""
-    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else os.cpu_count() or 1)
+    """The cores this process may use: :func:`machine_cores`, at most the count
+    :func:`declare_cores` set."""
+    cores = machine_cores()
     return min(cores, _DECLARED) if _DECLARED is not None else cores
 
 
