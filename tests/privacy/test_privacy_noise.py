@@ -143,6 +143,82 @@ def test_noise_for_several_tensors_covers_other_layouts_and_keeps_the_values() -
     assert torch.equal(flat32, before)
 
 
+@settings(max_examples=20, deadline=None)
+@given(counts=st.lists(st.sampled_from([0, 1, 2, 7, BLOCK - 1, BLOCK, BLOCK + 3, 2 * BLOCK,
+                                        2 * BLOCK + 1, 5 * BLOCK + 4]), min_size=1, max_size=3))
+def test_samples_made_for_another_device_are_the_stream_itself(counts) -> None:
+    # Property: for a tensor on another device (a GPU) the keystream is made here and
+    # Box-Muller runs there on the same words, in the same blocks and pairs, chunk by
+    # chunk. Run on the CPU, that path gives exactly the CPU path's samples, across
+    # block and chunk boundaries (chunks of 2 blocks here), and consumes exactly as
+    # much of the stream: the two generators stay in step.
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        device_made, reference = _twin_generators(monkeypatch)
+        monkeypatch.setattr("bract.privacy.noise.DEVICE_CHUNK_BLOCKS", 2)
+        for n in counts:
+            on_device = device_made.standard_normal_on(n, "cpu")
+            assert on_device.dtype == torch.float64 and on_device.shape == (n,)
+            torch.testing.assert_close(on_device, reference.standard_normal_tensor(n),
+                                       rtol=0, atol=0)
+    torch.testing.assert_close(device_made.standard_normal_tensor(5),
+                               reference.standard_normal_tensor(5), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="count"):
+        device_made.standard_normal_on(-1, "cpu")
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes=st.lists(st.sampled_from([(1,), (3, 4), (16, 9), (200, 30)]), min_size=1,
+                       max_size=4),
+       data=st.data(), std=st.sampled_from([0.5, 3.0]))
+def test_every_layout_and_dtype_gets_the_stream_rounded_once(shapes, data, std) -> None:
+    # Property: whatever a tensor's layout (transposed, so not contiguous) or floating
+    # dtype (float16, bfloat16, float32, float64), each entry becomes target + std * z
+    # evaluated in float64 and rounded once to its dtype, with z the stream's next
+    # samples in the order of the tensors (and, within one, of its entries).
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        joint, reference = _twin_generators(monkeypatch)
+    dtypes = data.draw(st.lists(st.sampled_from([torch.float16, torch.bfloat16, torch.float32,
+                                                 torch.float64]),
+                                min_size=len(shapes), max_size=len(shapes)))
+    transposed = data.draw(st.lists(st.booleans(), min_size=len(shapes), max_size=len(shapes)))
+    targets = []
+    for shape, dtype, t in zip(shapes, dtypes, transposed, strict=True):
+        base = torch.linspace(-2.0, 7.0, math.prod(shape), dtype=dtype).reshape(shape)
+        targets.append(base.t() if t and len(shape) == 2 else base)
+    before = [t.to(torch.float64, copy=True) for t in targets]
+    joint.add_noise_each_(targets, std)
+    samples = reference.standard_normal_tensor(sum(t.numel() for t in targets))
+    for target, b, z in zip(targets, before, samples.split([t.numel() for t in targets]),
+                            strict=True):
+        torch.testing.assert_close(target, b.add_(z.view(target.shape), alpha=std)
+                                   .to(target.dtype), rtol=0, atol=0)
+    torch.testing.assert_close(joint.standard_normal_tensor(5),
+                               reference.standard_normal_tensor(5), rtol=0, atol=0)
+
+
+def test_tensors_on_another_device_take_the_stream_after_the_cpus() -> None:
+    # The CPU's tensors take the next samples (in order), then each other device's;
+    # tensors on a device other than the CPU (``meta`` here: shapes without values, so
+    # only what the device path draws can be checked) consume exactly their entries'
+    # samples. A tensor that is not floating-point is refused, naming its dtype.
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        joint, reference = _twin_generators(monkeypatch)
+    cpu_first = torch.zeros(10, dtype=torch.float64)
+    elsewhere = [torch.zeros(BLOCK + 3, device="meta"), torch.zeros(2, 3, device="meta").t()]
+    cpu_second = torch.zeros(7, dtype=torch.float64)
+    joint.add_noise_each_([elsewhere[0], cpu_first, elsewhere[1], cpu_second], 1.0)
+    cpu_samples = reference.standard_normal_tensor(17)
+    torch.testing.assert_close(torch.cat([cpu_first, cpu_second]), cpu_samples, rtol=0, atol=0)
+    reference.standard_normal_tensor(BLOCK + 3 + 6)  # what the other device took
+    torch.testing.assert_close(joint.standard_normal_tensor(5),
+                               reference.standard_normal_tensor(5), rtol=0, atol=0)
+    assert all(t.device.type == "meta" for t in elsewhere)
+    noise = joint.normal_like(torch.zeros(4, 5, device="meta", dtype=torch.bfloat16), 2.0)
+    assert noise.device.type == "meta" and noise.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"floating-point tensors, got torch\.int64"):
+        joint.add_noise_each_([torch.zeros(3, dtype=torch.int64)], 1.0)
+
+
 @settings(max_examples=15, deadline=None)
 @given(sizes=st.lists(st.sampled_from([1, 3, 16, 4608, BLOCK + 3]), min_size=1, max_size=4),
        steps=st.integers(1, 4), std=st.sampled_from([0.5, 2.0]))

@@ -29,7 +29,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import MethodType
 from typing import Any
 
@@ -47,6 +47,11 @@ _MASK_53 = (1 << 53) - 1
 #: cache-resident), whatever the parameter count.
 BLOCK = 1 << 17
 _ZEROS = bytes(8 * BLOCK)
+#: Blocks whose keystream goes to another device (a GPU) in one copy: its words are
+#: made here, on the CPU (AES-CTR through ``cryptography``), and the Box-Muller
+#: arithmetic runs on that device, a chunk of 32 blocks (4M samples, 32 MiB of
+#: keystream) at a time.
+DEVICE_CHUNK_BLOCKS = 32
 #: Largest model whose noise is drawn a step ahead by default. Measured on the 2-core
 #: VM with one torch thread (docs/benchmarks.md): ahead is clearly faster for the
 #: 0.34M parameters of the 28px CNN (its float64 buffer, 2.8 MB, stays in cache); for
@@ -80,13 +85,43 @@ def _add_scaled_(target: torch.Tensor, samples: torch.Tensor, std: float,
         target[i:i + k].copy_(piece)
 
 
+def _box_muller_(radius: torch.Tensor, angle: torch.Tensor, cos_out: torch.Tensor,
+                 sin_out: torch.Tensor) -> None:
+    """Box-Muller in float64, in place: ``radius`` and ``angle`` hold 53-bit integers
+    m (as float64, exact) and become ``sqrt(-2 log((m + 1) / 2^53))`` and
+    ``2 pi m / 2^53``; ``cos_out`` and ``sin_out`` receive the pair's two normals.
+    The same operations on every device (tensors of one shape, on one device)."""
+    # u1 = (m + 1) / 2^53 in (0, 1]: never 0, so the log is finite; u2 = m / 2^53 in
+    # [0, 1); 2*pi*u2 is m * (2*pi / 2^53), rounded once (scaling by 2^-53 is exact).
+    radius.add_(1.0).mul_(_INV_2_53).log_().mul_(-2.0).sqrt_()
+    angle.mul_(_TWO_PI * _INV_2_53)
+    torch.cos(angle, out=cos_out)
+    torch.sin(angle, out=sin_out)
+    cos_out.mul_(radius)
+    sin_out.mul_(radius)
+
+
+def _add_in_float64_(target: torch.Tensor, samples: torch.Tensor, std: float) -> None:
+    """``target += std * samples`` on ``target``'s device, for a 1-D ``target`` of any
+    floating dtype and float64 ``samples`` of its length on that device: each entry
+    evaluated in float64 and rounded once to ``target``'s dtype."""
+    if target.dtype == torch.float64:
+        target.add_(samples, alpha=std)
+        return
+    work = target.to(torch.float64)
+    work.add_(samples, alpha=std)
+    target.copy_(work)
+
+
 class SecureGaussian:
     """A stream of standard-normal samples from an AES-256-CTR keystream.
 
     Each instance keys itself from ``os.urandom(32)`` and never repeats keystream
     bytes (the CTR counter only moves forward). Samples are made in blocks of
     :data:`BLOCK`: within a block, output ``j`` and ``j + BLOCK/2`` are the cosine and
-    sine halves of one Box-Muller pair. Not thread-safe: use one instance per
+    sine halves of one Box-Muller pair. The keystream is always made on the CPU; for
+    a tensor on another device (a GPU) the Box-Muller arithmetic runs there, on the
+    same keystream words in the same pairing. Not thread-safe: use one instance per
     training loop.
     """
 
@@ -123,16 +158,8 @@ class SecureGaussian:
         words = self._fresh_words(count).bitwise_right_shift_(11).bitwise_and_(_MASK_53)
         uniform = self._uniform[:count]
         uniform.copy_(words)
-        radius, angle = uniform[:pairs], uniform[pairs:]
-        # u1 = (m + 1) / 2^53 in (0, 1]: never 0, so the log is finite; u2 = m / 2^53 in
-        # [0, 1); 2*pi*u2 is m * (2*pi / 2^53), rounded once (scaling by 2^-53 is exact).
-        radius.add_(1.0).mul_(_INV_2_53).log_().mul_(-2.0).sqrt_()
-        angle.mul_(_TWO_PI * _INV_2_53)
         out = self._normal[:count]
-        torch.cos(angle, out=out[:pairs])
-        torch.sin(angle, out=out[pairs:])
-        out[:pairs].mul_(radius)
-        out[pairs:].mul_(radius)
+        _box_muller_(uniform[:pairs], uniform[pairs:], out[:pairs], out[pairs:])
         return out
 
     def _blocks(self, count: int):
@@ -140,6 +167,46 @@ class SecureGaussian:
         for i in range(0, count, BLOCK):
             k = min(BLOCK, count - i)
             yield i, self._block(k + (k & 1))[:k]
+
+    def _device_chunks(self, count: int, device: torch.device):
+        """Yield ``(offset, samples)`` covering ``count`` fresh N(0, 1) samples as float64
+        tensors on ``device``: the keystream words :meth:`_blocks` would use, in the same
+        blocks and pairs, made here and copied to ``device`` a chunk of
+        :data:`DEVICE_CHUNK_BLOCKS` blocks at a time, where Box-Muller runs on them."""
+        chunk = DEVICE_CHUNK_BLOCKS * BLOCK
+        for start in range(0, count, chunk):
+            k = min(chunk, count - start)
+            full, rest = divmod(k, BLOCK)
+            tail = rest + (rest & 1)  # a block of odd length draws one word more
+            words = torch.empty(full * BLOCK + tail, dtype=torch.int64)
+            for i in range(0, words.numel(), BLOCK):
+                n = min(BLOCK, words.numel() - i)
+                words[i:i + n] = self._fresh_words(n)
+            uniform = (words.to(device).bitwise_right_shift_(11).bitwise_and_(_MASK_53)
+                       .to(torch.float64))
+            out = torch.empty_like(uniform)
+            if full:
+                u = uniform[:full * BLOCK].view(full, BLOCK)
+                o = out[:full * BLOCK].view(full, BLOCK)
+                half = BLOCK // 2
+                _box_muller_(u[:, :half], u[:, half:], o[:, :half], o[:, half:])
+            if tail:
+                u, o, half = uniform[full * BLOCK:], out[full * BLOCK:], tail // 2
+                _box_muller_(u[:half], u[half:], o[:half], o[half:])
+            yield start, out[:k]
+
+    def standard_normal_on(self, count: int, device: torch.device | str) -> torch.Tensor:
+        """``count`` independent N(0, 1) samples as a float64 tensor on ``device``: the
+        keystream made on the CPU, Box-Muller on ``device`` (the same samples as
+        :meth:`standard_normal_tensor` would give, up to the device's float64
+        ``log``/``sqrt``/``sin``/``cos``)."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0 (got {count})")
+        device = torch.device(device)
+        out = torch.empty(count, dtype=torch.float64, device=device)
+        for i, samples in self._device_chunks(count, device):
+            out[i:i + len(samples)] = samples
+        return out
 
     def standard_normal_tensor(self, count: int) -> torch.Tensor:
         """``count`` independent N(0, 1) samples as a float64 CPU tensor (Box-Muller on
@@ -165,8 +232,8 @@ class SecureGaussian:
     def add_noise_(self, target: torch.Tensor, std: float) -> torch.Tensor:
         """Add independent N(0, std^2) noise to every entry of ``target``, in place, and
         return it. Each entry becomes ``target + std * z`` evaluated in float64 and
-        rounded once to ``target``'s dtype; CPU tensors are updated a block at a time
-        without any full-size temporary."""
+        rounded once to ``target``'s dtype, on whatever device ``target`` is; CPU
+        tensors are updated a block at a time without any full-size temporary."""
         self.add_noise_each_([target], std)
         return target
 
@@ -174,37 +241,67 @@ class SecureGaussian:
         """:meth:`add_noise_` for several tensors at once (e.g. all of a model's
         gradients): every entry of every tensor gets its own fresh N(0, std^2) sample,
         and the samples are drawn in shared blocks that run across tensor boundaries,
-        so many small tensors cost about as much as one of their total size."""
+        so many small tensors cost about as much as one of their total size. The CPU
+        tensors take the stream's next samples in the order given, then each other
+        device's tensors (in the order its first one appears) theirs, in order. Raises
+        TypeError for a tensor that is not floating-point."""
         if std == 0:
             return
-        flats = []
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
         for target in targets:
-            if target.numel() == 0:
-                continue
-            if (target.device.type == "cpu" and target.is_contiguous()
-                    and target.dtype in (torch.float32, torch.float64)):
-                flats.append(target.view(-1))
+            if not target.is_floating_point():
+                raise TypeError(f"DP noise goes on floating-point tensors, got {target.dtype}")
+            if target.numel():
+                by_device.setdefault(target.device, []).append(target)
+        std = float(std)
+
+        def add_on_cpu(piece: torch.Tensor, samples: torch.Tensor) -> None:
+            if piece.dtype in (torch.float32, torch.float64):
+                # The uniforms' buffer is free once the block's normals are made.
+                _add_scaled_(piece, samples, std, self._uniform)
             else:
-                target.add_(self.normal_like(target, std))
+                _add_in_float64_(piece, samples, std)
+
+        cpu = torch.device("cpu")
+        for device in sorted(by_device, key=lambda d: d != cpu):  # the CPU's first
+            group = by_device[device]
+            # A tensor whose entries are not one contiguous run gets its noise through a
+            # contiguous copy, written back once noised.
+            flats = [t.view(-1) if t.is_contiguous() else t.reshape(-1).clone() for t in group]
+            count = sum(f.numel() for f in flats)
+            if device == cpu:
+                self._add_to_flats_(flats, self._blocks(count), add_on_cpu)
+            else:
+                self._add_to_flats_(flats, self._device_chunks(count, device),
+                                    lambda piece, samples: _add_in_float64_(piece, samples, std))
+            for target, flat in zip(group, flats, strict=True):
+                if not target.is_contiguous():
+                    target.copy_(flat.view(target.shape))
+
+    @staticmethod
+    def _add_to_flats_(flats: list[torch.Tensor],
+                       chunks: Iterable[tuple[int, torch.Tensor]],
+                       add: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Hand ``chunks``' samples out to ``flats`` in order, across their boundaries:
+        ``add(piece, samples)`` for each run of one tensor within one chunk."""
         pending = iter(flats)
         current, filled = None, 0
-        for _, samples in self._blocks(sum(f.numel() for f in flats)):
+        for _, samples in chunks:
             used = 0
             while used < len(samples):
                 if current is None or filled == current.numel():
                     current, filled = next(pending), 0
                 take = min(len(samples) - used, current.numel() - filled)
-                # The uniforms' buffer is free once the block's normals are made.
-                _add_scaled_(current[filled:filled + take], samples[used:used + take],
-                             float(std), self._uniform)
+                add(current[filled:filled + take], samples[used:used + take])
                 filled, used = filled + take, used + take
 
     def normal_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
-        """N(0, std^2) noise with ``reference``'s shape, dtype and device."""
-        dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
-        noise = torch.zeros(reference.shape, dtype=dtype)
+        """N(0, std^2) noise with ``reference``'s shape, dtype (float32 for a tensor that
+        is not floating-point) and device, each entry ``std * z`` rounded once."""
+        dtype = reference.dtype if reference.is_floating_point() else torch.float32
+        noise = torch.zeros(reference.shape, dtype=dtype, device=reference.device)
         self.add_noise_each_([noise], std)
-        return noise.to(device=reference.device, dtype=reference.dtype)
+        return noise
 
 
 class NoisePrefetcher:
