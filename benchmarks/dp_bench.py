@@ -109,6 +109,7 @@ SIGMA = 1.0
 MAX_GRAD_NORM = 1.0
 DELTA = 1e-5
 LR = 0.05
+CPU = torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -136,8 +137,23 @@ def _rate(step_times: list[float], batch: int) -> float:
     return (len(step_times) - 1) * batch / (step_times[-1] - step_times[0])
 
 
-def nonprivate_round(model: nn.Module, data: TensorDataset, steps: int) -> float:
-    """Samples/s of ``steps`` plain SGD steps (first step is warm-up)."""
+def synced_clock(device: torch.device) -> Callable[[], float]:
+    """``time.perf_counter``, after a CUDA ``device`` has finished the work queued so far
+    (kernels run asynchronously: a timestamp without it would not include them)."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return clock
+
+
+def nonprivate_round(model: nn.Module, data: TensorDataset, steps: int,
+                     device: torch.device = CPU) -> float:
+    """Samples/s of ``steps`` plain SGD steps on ``device``, each batch copied there
+    (first step is warm-up)."""
+    clock = synced_clock(device)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     crit = nn.CrossEntropyLoss()
@@ -145,10 +161,11 @@ def nonprivate_round(model: nn.Module, data: TensorDataset, steps: int) -> float
     stamps: list[float] = []
     while len(stamps) < steps:
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             opt.zero_grad()
             crit(model(x), y).backward()
             opt.step()
-            stamps.append(time.perf_counter())
+            stamps.append(clock())
             if len(stamps) >= steps:
                 break
     return _rate(stamps, BATCH)
@@ -157,20 +174,21 @@ def nonprivate_round(model: nn.Module, data: TensorDataset, steps: int) -> float
 def dp_trainer(
     model: nn.Module, data: TensorDataset, mode: str, secure_noise: bool = True,
     grad_samplers: str = "bract", noise_prefetch: bool | None = False,
-    rule_overlap: bool | None = None,
+    rule_overlap: bool | None = None, device: torch.device = CPU,
 ) -> PrivateTrainer:
     """bract's PrivateTrainer as a user would build it (no budget, default accountant)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     loader = DataLoader(data, batch_size=BATCH)
     return PrivateTrainer(
         model, opt, loader, noise_multiplier=SIGMA, max_grad_norm=MAX_GRAD_NORM, delta=DELTA,
-        grad_sample_mode=mode, device="cpu", secure_noise=secure_noise,
+        grad_sample_mode=mode, device=device, secure_noise=secure_noise,
         grad_samplers=grad_samplers, noise_prefetch=noise_prefetch,
         rule_overlap=rule_overlap,
     )
 
 
-def dp_variant(model: nn.Module, data: TensorDataset, variant: str) -> PrivateTrainer:
+def dp_variant(model: nn.Module, data: TensorDataset, variant: str,
+               device: torch.device = CPU) -> PrivateTrainer:
     """The trainer of a variant name ``mode[+flag...]`` (see :data:`VARIANT_FLAGS`)."""
     mode, *flags = variant.split("+")
     unknown = set(flags) - set(VARIANT_FLAGS)
@@ -179,13 +197,15 @@ def dp_variant(model: nn.Module, data: TensorDataset, variant: str) -> PrivateTr
     return dp_trainer(model, data, mode, secure_noise="torchnoise" not in flags,
                       grad_samplers="opacus" if "opacusconv" in flags else "bract",
                       noise_prefetch="prefetch" in flags,
-                      rule_overlap=False if "serial" in flags else None)
+                      rule_overlap=False if "serial" in flags else None, device=device)
 
 
-def dp_round(trainer: PrivateTrainer, rnd: int) -> float:
-    """Samples/s (expected batch size) of one ``train_round``, first step excluded."""
+def dp_round(trainer: PrivateTrainer, rnd: int, device: torch.device = CPU) -> float:
+    """Samples/s (expected batch size) of one ``train_round`` on ``device``, first step
+    excluded."""
+    clock = synced_clock(device)
     stamps: list[float] = []
-    trainer.train_round(rnd, on_step=lambda _s, _t: stamps.append(time.perf_counter()))
+    trainer.train_round(rnd, on_step=lambda _s, _t: stamps.append(clock()))
     return _rate(stamps, BATCH)
 
 

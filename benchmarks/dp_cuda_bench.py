@@ -47,62 +47,11 @@ from typing import Any
 
 import dp_bench
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from bract.privacy.noise import SecureGaussian
-from bract.privacy.training import PrivateTrainer, choose_grad_sample_mode
+from bract.privacy.training import choose_grad_sample_mode
 
 VARIANTS = ("nonprivate", "bk", "bk+torchnoise")
-
-
-def synced_clock(device: torch.device) -> Callable[[], float]:
-    """``time.perf_counter`` after the device has finished the work queued so far."""
-    if device.type == "cuda":
-        def clock() -> float:
-            torch.cuda.synchronize(device)
-            return time.perf_counter()
-        return clock
-    return time.perf_counter
-
-
-def nonprivate_round(model: nn.Module, data: TensorDataset, steps: int,
-                     device: torch.device) -> float:
-    """Samples/s of ``steps`` plain SGD steps on ``device`` (first step is warm-up)."""
-    clock = synced_clock(device)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=dp_bench.LR)
-    crit = nn.CrossEntropyLoss()
-    stamps: list[float] = []
-    while len(stamps) < steps:
-        for x, y in DataLoader(data, batch_size=dp_bench.BATCH, shuffle=True):
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad()
-            crit(model(x), y).backward()
-            opt.step()
-            stamps.append(clock())
-            if len(stamps) >= steps:
-                break
-    return dp_bench._rate(stamps, dp_bench.BATCH)
-
-
-def dp_trainer(model: nn.Module, data: TensorDataset, variant: str,
-               device: torch.device) -> PrivateTrainer:
-    """bract's PrivateTrainer as a hospital would build it, on ``device``."""
-    opt = torch.optim.SGD(model.parameters(), lr=dp_bench.LR)
-    return PrivateTrainer(
-        model, opt, DataLoader(data, batch_size=dp_bench.BATCH),
-        noise_multiplier=dp_bench.SIGMA, max_grad_norm=dp_bench.MAX_GRAD_NORM,
-        delta=dp_bench.DELTA, grad_sample_mode="bk", device=device,
-        secure_noise=variant != "bk+torchnoise")
-
-
-def dp_round(trainer: PrivateTrainer, rnd: int, device: torch.device) -> float:
-    """Samples/s (expected batch) of one ``train_round``, first step excluded."""
-    clock = synced_clock(device)
-    stamps: list[float] = []
-    trainer.train_round(rnd, on_step=lambda _s, _t: stamps.append(clock()))
-    return dp_bench._rate(stamps, dp_bench.BATCH)
 
 
 def bench_size(size: int, steps: int, repeats: int, device: torch.device,
@@ -113,7 +62,7 @@ def bench_size(size: int, steps: int, repeats: int, device: torch.device,
     init = {k: v.clone() for k, v in base.state_dict().items()}
     auto = choose_grad_sample_mode(base, "auto")
     models = {v: dp_bench.make_model(size, init).to(device) for v in VARIANTS}
-    trainers = {v: dp_trainer(models[v], data, v, device) for v in VARIANTS
+    trainers = {v: dp_bench.dp_variant(models[v], data, v, device) for v in VARIANTS
                 if v != "nonprivate"}
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     peak: dict[str, float] = dict.fromkeys(VARIANTS, math.nan)
@@ -124,8 +73,8 @@ def bench_size(size: int, steps: int, repeats: int, device: torch.device,
                 torch.cuda.synchronize(device)
                 before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            rate = (nonprivate_round(models[v], data, steps, device) if v == "nonprivate"
-                    else dp_round(trainers[v], rep + 1, device))
+            rate = (dp_bench.nonprivate_round(models[v], data, steps, device)
+                    if v == "nonprivate" else dp_bench.dp_round(trainers[v], rep + 1, device))
             if cuda:
                 grown = (torch.cuda.max_memory_allocated(device) - before) / 2**20
                 peak[v] = grown if math.isnan(peak[v]) else max(peak[v], grown)
@@ -150,7 +99,7 @@ def bench_noise(size: int, device: torch.device, repeat: int) -> dict[str, float
     """Seconds per step to noise the CNN's gradients on ``device``, three ways."""
     source = SecureGaussian()
     grads = [torch.zeros_like(p, device=device) for p in dp_bench.make_model(size).parameters()]
-    clock = synced_clock(device)
+    clock = dp_bench.synced_clock(device)
 
     def previous() -> None:  # CPU-made float32 noise, copied over, then added
         for g in grads:
