@@ -221,17 +221,19 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
     return timed_interleaved({"fn": fn}, repeat)["fn"]
 
 
-def timed_interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
+def timed_interleaved(fns: dict[str, Callable[[], Any]], repeat: int,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median wall seconds per call of each of ``fns``, the calls interleaved (one of
     each in turn, ``repeat`` turns after one warm-up turn), so a slow stretch of the
-    machine falls on every variant alike rather than on whichever ran then."""
+    machine falls on every variant alike rather than on whichever ran then; ``clock``
+    reads the time (:func:`synced_clock` for work on a GPU)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for turn in range(repeat + 1):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             if turn:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

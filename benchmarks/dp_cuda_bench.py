@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -99,27 +98,17 @@ def bench_noise(size: int, device: torch.device, repeat: int) -> dict[str, float
     """Seconds per step to noise the CNN's gradients on ``device``, three ways."""
     source = SecureGaussian()
     grads = [torch.zeros_like(p, device=device) for p in dp_bench.make_model(size).parameters()]
-    clock = dp_bench.synced_clock(device)
 
     def previous() -> None:  # CPU-made float32 noise, copied over, then added
         for g in grads:
             g.add_(source.normal_like(torch.empty(g.shape), 1.0).to(device))
 
-    fns = {
+    return dp_bench.timed_interleaved({
         "secure": lambda: source.add_noise_each_(grads, 1.0),
         "previous_cpu_noise": previous,
         "torch_normal": lambda: [g.add_(torch.normal(0.0, 1.0, size=g.shape, device=device))
                                  for g in grads],
-    }
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for turn in range(repeat + 1):
-        for name, fn in fns.items():
-            t0 = clock()
-            fn()
-            t1 = clock()
-            if turn:
-                times[name].append(t1 - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    }, repeat, dp_bench.synced_clock(device))
 
 
 def main(argv: list[str] | None = None) -> int:
