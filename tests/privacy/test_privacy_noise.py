@@ -250,6 +250,34 @@ def test_prefetched_noise_is_the_same_stream_each_sample_used_once(sizes, steps,
     prefetcher.close()
 
 
+def test_a_prefetcher_hands_tensors_it_cannot_noise_in_place_to_its_source() -> None:
+    # A transposed (not contiguous) or half-precision gradient is noised by the source
+    # itself, rounded once from float64, with the stream's next samples, and no thread is
+    # left; a draw made ahead before it is still used at most once (by the next step).
+    from bract.privacy.noise import NoisePrefetcher
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        joint, reference = _twin_generators(monkeypatch)
+    prefetcher = NoisePrefetcher(joint)
+    first = torch.zeros(5, dtype=torch.float64)
+    prefetcher.add_noise_each_([first], 1.0)  # and draws the next 5 ahead
+    torch.testing.assert_close(first, reference.standard_normal_tensor(5), rtol=0, atol=0)
+    ahead = reference.standard_normal_tensor(5)
+    strided = torch.arange(12.0, dtype=torch.float64).reshape(3, 4).t()
+    half = torch.linspace(-1.0, 1.0, 7, dtype=torch.float16)
+    before = [strided.clone(), half.to(torch.float64)]
+    prefetcher.add_noise_each_([strided, half], 2.0)
+    z = reference.standard_normal_tensor(12 + 7)
+    torch.testing.assert_close(strided, before[0].add_(z[:12].view(4, 3), alpha=2.0),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(half, before[1].add_(z[12:], alpha=2.0).half(), rtol=0, atol=0)
+    assert prefetcher._worker is None
+    after = torch.zeros(5, dtype=torch.float64)
+    prefetcher.add_noise_each_([after], 1.0)
+    torch.testing.assert_close(after, ahead, rtol=0, atol=0)
+    prefetcher.close()
+
+
 @settings(max_examples=10, deadline=None)
 @given(sizes=st.lists(st.sampled_from([1, 16, 4608]), min_size=1, max_size=3),
        steps=st.integers(1, 4))

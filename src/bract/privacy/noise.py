@@ -398,12 +398,12 @@ class NoisePrefetcher:
         to the target's dtype."""
         if std == 0:
             return
-        flats = [t.view(-1) for t in targets if t.numel()]
-        if not all(f.device.type == "cpu" and f.is_contiguous()
-                   and f.dtype in (torch.float32, torch.float64) for f in flats):
+        if not all(t.device.type == "cpu" and t.is_contiguous()
+                   and t.dtype in (torch.float32, torch.float64) for t in targets):
             self.close()
             self.source.add_noise_each_(targets, std)
             return
+        flats = [t.view(-1) for t in targets if t.numel()]
         count = sum(f.numel() for f in flats)
         samples = self._take(count)
         offset = 0
