@@ -143,7 +143,9 @@ class SecureGaussian:
 
     def _keystream_int64(self, count: int) -> torch.Tensor:
         """``count`` fresh 64-bit words of keystream (as int64: the same bits), in a
-        new tensor (for tests and benchmarks; sampling uses :meth:`_block`)."""
+        new tensor, drawn a block at a time as :meth:`_block` draws them (the words
+        :meth:`_device_chunks` sends to another device; CPU sampling uses
+        :meth:`_block`'s reused buffer)."""
         out = torch.empty(count, dtype=torch.int64)
         for i in range(0, count, BLOCK):
             k = min(BLOCK, count - i)
@@ -178,10 +180,7 @@ class SecureGaussian:
             k = min(chunk, count - start)
             full, rest = divmod(k, BLOCK)
             tail = rest + (rest & 1)  # a block of odd length draws one word more
-            words = torch.empty(full * BLOCK + tail, dtype=torch.int64)
-            for i in range(0, words.numel(), BLOCK):
-                n = min(BLOCK, words.numel() - i)
-                words[i:i + n] = self._fresh_words(n)
+            words = self._keystream_int64(full * BLOCK + tail)
             uniform = (words.to(device).bitwise_right_shift_(11).bitwise_and_(_MASK_53)
                        .to(torch.float64))
             out = torch.empty_like(uniform)
