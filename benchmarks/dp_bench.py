@@ -17,6 +17,13 @@ because the machine is shared and noisy):
      bract's, i.e. the previous default, the baseline of this issue's work;
    * ``bk+torchnoise``: book-keeping with ``torch.normal`` noise, to size
      the secure sampler's share of a step;
+   * ``bk+whole`` / ``bk+parts``: book-keeping with each step's batch in one pass
+     (``batch_parts=1``) / cut into two parts, each part's passes on a thread of its
+     own with half of torch's threads (``batch_parts=2``,
+     :mod:`bract.privacy.batch_parts`); with no free core bract's default cuts the
+     128px batch and keeps the 28px one whole; ``nonprivate+parts`` (diagnostic): the
+     non-private loop with the same cut (each part's gradient by ``autograd.grad`` on
+     its own thread, then summed), to show what the cut alone gives any training loop;
    * ``bk+prefetch`` (``--prefetch-variant``): the noise drawn a step ahead;
      ``bk+serial`` (``--serial-variant``): book-keeping's per-example rules kept inside
      the backward pass where, with a free core (e.g. ``--threads 1``), bract's default
@@ -103,8 +110,13 @@ DP_MODES = ("hooks", "ghost", "bk")
 #: "+opacusconv" Opacus's own Conv2d (im2col) and GroupNorm per-sample rules instead of
 #: bract's; "+prefetch" draws each step's noise during the step before (NoisePrefetcher);
 #: "+serial" computes book-keeping's per-example rules inside the backward pass, never on
-#: a second thread (``rule_overlap=False``; by default they overlap when a core is free).
-VARIANT_FLAGS = ("torchnoise", "opacusconv", "prefetch", "serial")
+#: a second thread (``rule_overlap=False``; by default they overlap when a core is free);
+#: "+whole" runs each step's batch in one pass (``batch_parts=1``), "+parts" in two parts
+#: on two threads (``batch_parts=2``); by default bract cuts large inputs when torch's
+#: threads take every core.
+VARIANT_FLAGS = ("torchnoise", "opacusconv", "prefetch", "serial", "whole", "parts")
+#: Non-private variants: the plain loop, and the same loop with the batch in two parts.
+NONPRIVATE = ("nonprivate", "nonprivate+parts")
 SIGMA = 1.0
 MAX_GRAD_NORM = 1.0
 DELTA = 1e-5
@@ -171,10 +183,51 @@ def nonprivate_round(model: nn.Module, data: TensorDataset, steps: int,
     return _rate(stamps, BATCH)
 
 
+def nonprivate_parts_round(model: nn.Module, data: TensorDataset, steps: int) -> float:
+    """Samples/s of ``steps`` plain SGD steps with each batch cut in two parts, each
+    part's forward and backward pass (``autograd.grad``, no shared ``.grad``) on a thread
+    of its own, torch's threads halved for the round, the gradients summed (first step
+    warm-up).
+    A diagnostic: what the cut bract's DP steps use gives a non-private loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model.train()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=LR)
+    crit = nn.CrossEntropyLoss(reduction="sum")
+    loader = DataLoader(data, batch_size=BATCH, shuffle=True)
+    stamps: list[float] = []
+
+    def part(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(crit(model(x), y), params)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // 2))  # for the round, as bract's parts do
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            while len(stamps) < steps:
+                for x, y in loader:
+                    half = len(y) // 2
+                    other = pool.submit(part, x[half:], y[half:])
+                    grads = part(x[:half], y[:half])
+                    for g, h in zip(grads, other.result(), strict=True):
+                        g += h
+                    for p, g in zip(params, grads, strict=True):
+                        p.grad = g.div_(len(y))  # the mean loss's gradient
+                    opt.step()
+                    stamps.append(time.perf_counter())
+                    if len(stamps) >= steps:
+                        break
+    finally:
+        torch.set_num_threads(threads)
+    return _rate(stamps, BATCH)
+
+
 def dp_trainer(
     model: nn.Module, data: TensorDataset, mode: str, secure_noise: bool = True,
     grad_samplers: str = "bract", noise_prefetch: bool | None = False,
     rule_overlap: bool | None = None, device: torch.device = CPU,
+    batch_parts: int | None = None,
 ) -> PrivateTrainer:
     """bract's PrivateTrainer as a user would build it (no budget, default accountant)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -183,7 +236,7 @@ def dp_trainer(
         model, opt, loader, noise_multiplier=SIGMA, max_grad_norm=MAX_GRAD_NORM, delta=DELTA,
         grad_sample_mode=mode, device=device, secure_noise=secure_noise,
         grad_samplers=grad_samplers, noise_prefetch=noise_prefetch,
-        rule_overlap=rule_overlap,
+        rule_overlap=rule_overlap, batch_parts=batch_parts,
     )
 
 
@@ -197,7 +250,8 @@ def dp_variant(model: nn.Module, data: TensorDataset, variant: str,
     return dp_trainer(model, data, mode, secure_noise="torchnoise" not in flags,
                       grad_samplers="opacus" if "opacusconv" in flags else "bract",
                       noise_prefetch="prefetch" in flags,
-                      rule_overlap=False if "serial" in flags else None, device=device)
+                      rule_overlap=False if "serial" in flags else None, device=device,
+                      batch_parts=1 if "whole" in flags else 2 if "parts" in flags else None)
 
 
 def dp_round(trainer: PrivateTrainer, rnd: int, device: torch.device = CPU) -> float:
@@ -278,13 +332,15 @@ def bench_throughput(
     models = {v: make_model(image_size, init) for v in variants}
     trainers: dict[str, PrivateTrainer] = {}
     for v in variants:
-        if v != "nonprivate":
+        if v not in NONPRIVATE:
             trainers[v] = dp_variant(models[v], data, v)
     rates: dict[str, list[float]] = {v: [] for v in variants}
     for rep in range(repeats):
         for v in variants:
             if v == "nonprivate":
                 r = nonprivate_round(models[v], data, steps)
+            elif v == "nonprivate+parts":
+                r = nonprivate_parts_round(models[v], data, steps)
             else:
                 r = dp_round(trainers[v], rep + 1)
             rates[v].append(r)
@@ -501,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in (28, 128):
         # The previous defaults (Opacus's im2col Conv2d sampler) are the baselines; hooks
         # mode at 128px (seconds per step, 9.8x memory) is measured only with bract's.
-        variants = ["nonprivate", *DP_MODES, "ghost+opacusconv"]
+        variants = ["nonprivate", "nonprivate+parts", *DP_MODES, "bk+whole", "bk+parts",
+                    "ghost+opacusconv"]
         if size == 28:
             variants.append("hooks+opacusconv")
         if not args.no_torchnoise_variant:
@@ -519,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     mem: dict[str, tuple[float, float]] = {}
     if not args.skip_memory:
         log("memory: one step per fresh subprocess at 128px ...")
-        mem_variants = ["nonprivate", *DP_MODES, "ghost+opacusconv"]
+        mem_variants = ["nonprivate", *DP_MODES, "bk+whole", "ghost+opacusconv"]
         if not args.no_torchnoise_variant:
             mem_variants.append("bk+torchnoise")
         if args.prefetch_variant:
@@ -541,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in res.rates:
             rate = res.med(v)
             step_ms = 1e3 * BATCH / rate if rate > 0 else math.nan
-            secure = v != "nonprivate" and "torchnoise" not in v
+            secure = v not in NONPRIVATE and "torchnoise" not in v
             noise_ms = 1e3 * noise[size]["secure"] if secure else math.nan
             label = v + (" (auto)" if v == res.auto_mode else "")
             tp.add_row(
@@ -559,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         tr.add_column(col, justify="right")
     for size, res in results.items():
         for v in res.rates:
-            if v.startswith("bk"):
+            if v.startswith("bk") or v == "nonprivate+parts":
                 pr = res.paired(v)
                 tr.add_row(f"{size}px", v, _fmt(median(pr), 2),
                            f"{_fmt(min(pr), 2)}-{_fmt(max(pr), 2)}" if pr else "", str(len(pr)))

@@ -207,7 +207,8 @@ def test_hooks_come_off_and_nothing_is_kept_between_steps() -> None:
     clipper = BookKeepingClipper(model, 1.0)
     for _ in range(2):
         clipper.backward(nn.CrossEntropyLoss(reduction="none")(model(x), y), len(x))
-        assert not clipper._inputs and not clipper._rules and not clipper._group_norm_stats
+        st = clipper._state()
+        assert not st.inputs and not st.rules and not st.group_norm_stats
     clipper.remove()
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
     assert clipper._worker is None  # no second thread is left behind
@@ -484,7 +485,8 @@ def test_a_rule_that_fails_on_the_worker_fails_the_step_and_leaves_nothing(
     loss = nn.CrossEntropyLoss(reduction="none")
     with pytest.raises(RuntimeError, match="a broken per-example rule"):
         clipper.backward(loss(m(x), y), len(x))
-    assert not clipper._rules and not clipper._inputs and not clipper._group_norm_stats
+    st = clipper._state()
+    assert not st.rules and not st.inputs and not st.group_norm_stats
     monkeypatch.setattr(grad_samplers, "group_norm_grad_sample_from_stats", rule)
     for p in m.parameters():
         p.grad = None
@@ -508,7 +510,8 @@ def test_a_training_round_with_rules_on_a_second_thread_trains_the_same_weights(
         trainer = PrivateTrainer(
             model, torch.optim.SGD(model.parameters(), lr=0.1), chest_loader(96, 32),
             noise_multiplier=0.0, max_grad_norm=0.5, delta=1e-5, accountant="rdp",
-            grad_sample_mode="bk", sampling_seed=7, rule_overlap=overlap)
+            grad_sample_mode="bk", sampling_seed=7, rule_overlap=overlap,
+            batch_parts=1)
         out = trainer.train_round(1, on_step=lambda _s, _t: threads_seen.update(
             t.name.split("_")[0] for t in threading.enumerate()))
         assert out.trained

@@ -46,6 +46,7 @@ twice in one forward pass (weight tying is refused here with a clear error).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import MethodType
@@ -159,27 +160,22 @@ class BookKeepingClipper:
         self.overlap = overlap
         #: the second thread of ``overlap`` (started at its first use)
         self._worker: ThreadPoolExecutor | None = None
-        #: during a backward pass: whether the rules go to the worker
-        self._overlapping = False
-        #: each layer's rule in the order the backward pass reached it: its
-        #: (module, norms, kept), or the worker's future of them
-        self._rules: list[tuple | Future] = []
-        self._inputs: dict[nn.Module, torch.Tensor] = {}
-        #: per GroupNorm: the (mean, rstd) its forward pass computed, when available
-        self._group_norm_stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-        #: during a backward pass with patient groups: each record's group, and the count
-        self._groups: torch.Tensor | None = None
-        self._group_count = 0
-        #: outputs of the layers fed by no gradient-carrying tensor, with their version
-        #: counters: the backward pass stops there (see :meth:`backward`).
-        self._entries: list[tuple[torch.Tensor, int]] = []
-        self._entry_layers: set[nn.Module] = set()
-        self._full_backward = False
+        #: what the forward and backward pass running on each thread collect: the parts
+        #: of one batch can run their passes at once, each on its own thread
+        self._local = threading.local()
         self._handles = [model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)]
         for m in self._layers:
             self._handles.append(m.register_forward_hook(self._forward_hook))
 
     # ----------------------------------------------------------------------- hooks
+    def _state(self) -> _PassState:
+        """The pass state of the calling thread (a forward pass and its backward pass
+        run on the same thread)."""
+        st = getattr(self._local, "state", None)
+        if st is None:
+            st = self._local.state = _PassState()
+        return st
+
     def _recording(self, module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled()
 
@@ -190,12 +186,13 @@ class BookKeepingClipper:
             isinstance(a, torch.Tensor) and a.requires_grad
             for a in (*args, *kwargs.values())
         ):
-            self._full_backward = True
+            self._state().full_backward = True
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if not self._recording(module):
             return
-        if module in self._inputs:
+        st = self._state()
+        if module in st.inputs:
             raise ValueError(
                 f"layer {self._names[module] or '<model>'} ran twice in one forward pass "
                 "(weight tying): book-keeping clipping cannot attribute its gradient; use "
@@ -206,31 +203,32 @@ class BookKeepingClipper:
                 f"layer {self._names[module] or '<model>'} returned no tensor that carries "
                 "a gradient: book-keeping clipping cannot clip it; use grad_sample_mode='hooks'"
             )
-        self._inputs[module] = inputs[0].detach()
+        st.inputs[module] = inputs[0].detach()
         if type(module) is nn.GroupNorm:
             stats = _group_norm_stats(output, module.num_groups)
             if stats is not None:
-                self._group_norm_stats[module] = stats
+                st.group_norm_stats[module] = stats
         if not (isinstance(inputs[0], torch.Tensor) and inputs[0].requires_grad):
-            self._entries.append((output, output._version))
-            self._entry_layers.add(module)
+            st.entries.append((output, output._version))
+            st.entry_layers.add(module)
         # A hook on this very output (registered before any in-place change to it)
         # receives d(loss)/d(output): the layer's output gradient, summed over all uses.
         output.register_hook(lambda grad, module=module: self._output_grad(module, grad))
 
     def _output_grad(self, module: nn.Module, grad: torch.Tensor) -> None:
-        if module not in self._inputs:
+        st = self._state()
+        if module not in st.inputs:
             return
-        x = self._inputs.pop(module)
-        stats = self._group_norm_stats.pop(module, None)
-        args = (module, x, grad.detach(), stats, self._groups, self._group_count)
+        x = st.inputs.pop(module)
+        stats = st.group_norm_stats.pop(module, None)
+        args = (module, x, grad.detach(), stats, st.groups, st.group_count)
         # A layer fed by no gradient-carrying input is where the pass ends: nothing is
         # left to overlap its rule with, so it runs here, beside the worker's last ones.
-        if self._overlapping and module not in self._entry_layers:
+        if st.overlapping and module not in st.entry_layers:
             assert self._worker is not None
-            self._rules.append(self._worker.submit(self._rule, *args))
+            st.rules.append(self._worker.submit(self._rule, *args))
         else:
-            self._rules.append(self._rule(*args))
+            st.rules.append(self._rule(*args))
 
     @staticmethod
     def _rule(module: nn.Module, x: torch.Tensor, g: torch.Tensor,
@@ -284,6 +282,24 @@ class BookKeepingClipper:
         ValueError for a loss that is not one value per example (clipping it would clip
         the batch, not each example) or groups that do not name one group per example.
         """
+        factors, sums = self.clipped_sums(loss_per_example, batch_size, groups)
+        for p, total in sums:
+            p.grad = total
+        return factors
+
+    def clipped_sums(self, loss_per_example: torch.Tensor, batch_size: int,
+                     groups: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, list[tuple[nn.Parameter, torch.Tensor]]]:
+        """What :meth:`backward` leaves, returned instead of written to ``.grad``: the
+        clipping factors and each trainable parameter's ``sum_i c_i grad_i`` over this
+        batch (zeros for an empty one).
+
+        Each example's factor depends on that example (or its group) alone, so the
+        clipped sums of disjoint parts of a batch, each run on its own thread (the
+        forward pass and this call on the same thread), add up to the whole batch's
+        clipped sum (:class:`~bract.privacy.batch_parts.BatchParts`).
+        """
+        st = self._state()
         try:
             if tuple(loss_per_example.shape) != (batch_size,):
                 raise ValueError(
@@ -295,19 +311,17 @@ class BookKeepingClipper:
                         batch_size and int(groups.min()) < 0):
                     raise ValueError(f"groups must be {batch_size} integers >= 0, one per "
                                      f"example (got shape {tuple(groups.shape)})")
-                self._groups = groups.to(loss_per_example.device)
-                self._group_count = int(groups.max()) + 1 if batch_size else 0
+                st.groups = groups.to(loss_per_example.device)
+                st.group_count = int(groups.max()) + 1 if batch_size else 0
             params = [p for m in self._layers for p in m.parameters(recurse=False)
                       if p.requires_grad]
-            self._overlapping = self._overlap_for(loss_per_example)
+            st.overlapping = self._overlap_for(loss_per_example)
             if loss_per_example.numel() == 0:
-                for p in params:
-                    p.grad = torch.zeros_like(p)
-                return loss_per_example.detach()
+                return loss_per_example.detach(), [(p, torch.zeros_like(p)) for p in params]
             total = loss_per_example.sum()
-            entries = [out for out, version in self._entries]
-            changed = any(out._version != version for out, version in self._entries)
-            if self._full_backward or changed or not entries:
+            entries = [out for out, version in st.entries]
+            changed = any(out._version != version for out, version in st.entries)
+            if st.full_backward or changed or not entries:
                 # An entry output changed in place after the layer (e.g. ReLU(inplace))
                 # is no longer the layer's output: run the ordinary pass to the leaves.
                 total.backward()
@@ -317,49 +331,50 @@ class BookKeepingClipper:
                 torch.autograd.grad(total, entries, allow_unused=True)
             # Every layer's rule, in the order the pass reached the layers (so the norms
             # are combined in the same order, with or without the worker).
-            rules = [r.result() if isinstance(r, Future) else r for r in self._rules]
-            if self._inputs:
-                missing = ", ".join(self._names[m] or "<model>" for m in self._inputs)
+            rules = [r.result() if isinstance(r, Future) else r for r in st.rules]
+            if st.inputs:
+                missing = ", ".join(self._names[m] or "<model>" for m in st.inputs)
                 raise ValueError(f"no gradient reached layer(s) {missing}")
             norms = torch.stack([n for _, layer_norms, _ in rules for n in layer_norms],
                                 dim=0).norm(2, dim=0)
             factors = (self.max_grad_norm / (norms + _EPS)).clamp(max=1.0)
-            if self._groups is not None:
-                factors = factors[self._groups]  # each record takes its group's factor
-            for module, _, kept in rules:
-                self._set_clipped_sum(module, kept, factors)
-            return factors
+            if st.groups is not None:
+                factors = factors[st.groups]  # each record takes its group's factor
+            return factors, [pair for module, _, kept in rules
+                             for pair in self._clipped_sum(module, kept, factors)]
         finally:
             # A pass that failed part-way may still have rules on the worker: let them
             # end before their inputs are dropped (what they raise is not the error).
-            for r in self._rules:
+            for r in st.rules:
                 if isinstance(r, Future):
                     r.exception()
-            self._rules = []
-            self._overlapping = False
-            self._inputs.clear()
-            self._group_norm_stats.clear()
-            self._entries = []
-            self._entry_layers.clear()
-            self._full_backward = False
-            self._groups = None
-            self._group_count = 0
+            st.rules = []
+            st.overlapping = False
+            st.inputs.clear()
+            st.group_norm_stats.clear()
+            st.entries = []
+            st.entry_layers.clear()
+            st.full_backward = False
+            st.groups = None
+            st.group_count = 0
 
     @staticmethod
-    def _set_clipped_sum(module: nn.Module, kept: tuple, c: torch.Tensor) -> None:
+    def _clipped_sum(module: nn.Module, kept: tuple, c: torch.Tensor
+                     ) -> list[tuple[nn.Parameter, torch.Tensor]]:
         if kept[0] == "linear":
             _, a, g = kept
             # Rows of every example (all its positions, for a sequence input) at once.
             cg = (g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)).reshape(-1, g.shape[-1])
+            out = []
             if module.weight.requires_grad:
-                module.weight.grad = torch.mm(
-                    cg.t(), a.reshape(-1, a.shape[-1])).to(module.weight.dtype)
+                out.append((module.weight, torch.mm(
+                    cg.t(), a.reshape(-1, a.shape[-1])).to(module.weight.dtype)))
             if module.bias is not None and module.bias.requires_grad:
-                module.bias.grad = cg.sum(0).to(module.bias.dtype)
-            return
-        for p, gs in kept[1].items():
-            # sum_i c_i grad_i as one vector-matrix product over the flattened gradients.
-            p.grad = torch.mv(gs.reshape(len(gs), -1).t(), c.to(gs.dtype)).view_as(p).to(p.dtype)
+                out.append((module.bias, cg.sum(0).to(module.bias.dtype)))
+            return out
+        # sum_i c_i grad_i as one vector-matrix product over the flattened gradients.
+        return [(p, torch.mv(gs.reshape(len(gs), -1).t(), c.to(gs.dtype)).view_as(p).to(p.dtype))
+                for p, gs in kept[1].items()]
 
     def _overlap_for(self, loss: torch.Tensor) -> bool:
         overlap = self.overlap
@@ -383,6 +398,28 @@ class BookKeepingClipper:
     def layers(self) -> Iterable[nn.Module]:
         """The layers whose gradients are clipped."""
         return tuple(self._layers)
+
+
+class _PassState:
+    """What one forward pass and its backward pass collect, on one thread."""
+
+    def __init__(self) -> None:
+        #: whether the rules go to the clipper's worker
+        self.overlapping = False
+        #: each layer's rule in the order the backward pass reached it: its
+        #: (module, norms, kept), or the worker's future of them
+        self.rules: list[tuple | Future] = []
+        self.inputs: dict[nn.Module, torch.Tensor] = {}
+        #: per GroupNorm: the (mean, rstd) its forward pass computed, when available
+        self.group_norm_stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: during a backward pass with patient groups: each record's group, and the count
+        self.groups: torch.Tensor | None = None
+        self.group_count = 0
+        #: outputs of the layers fed by no gradient-carrying tensor, with their version
+        #: counters: the backward pass stops there (see :meth:`BookKeepingClipper.backward`).
+        self.entries: list[tuple[torch.Tensor, int]] = []
+        self.entry_layers: set[nn.Module] = set()
+        self.full_backward = False
 
 
 def _group_norm_stats(output: torch.Tensor, groups: int

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -50,6 +51,7 @@ from bract.privacy.accounting import (
     TrainingPlan,
     compress,
 )
+from bract.privacy.batch_parts import BatchParts, check_batch_parts, default_batch_parts
 from bract.privacy.batches import check_batch_keys, pairs_of
 from bract.privacy.noise import NoisePrefetcher, SecureGaussian, use_secure_noise
 from bract.privacy.sampling import (
@@ -250,6 +252,10 @@ class PrivateTrainer:
     on (``None``, the default for both: when a core is free of torch's threads; see
     :func:`~bract.privacy.noise.use_secure_noise` and
     :class:`~bract.privacy.bookkeeping.BookKeepingClipper`); neither changes a value.
+    ``batch_parts`` cuts each book-keeping step's batch into parts whose passes run on
+    threads of their own (``None``: two parts for large inputs when no core is free;
+    :mod:`bract.privacy.batch_parts`): the same clipped sum to float rounding, so the
+    same sensitivity, noise and epsilon.
     """
 
     def __init__(
@@ -272,6 +278,7 @@ class PrivateTrainer:
         secure_noise: bool = True,
         noise_prefetch: bool | None = None,
         rule_overlap: bool | None = None,
+        batch_parts: int | None = None,
         sampling_seed: int | None = None,
         grad_samplers: str = "bract",
         public_buffers: Sequence[str] = (),
@@ -383,6 +390,21 @@ class PrivateTrainer:
         #: :class:`bract.privacy.noise.NoisePrefetcher`).
         self.noise_prefetch = noise_prefetch
         self.rule_overlap = rule_overlap
+        try:
+            #: Parts each step's batch is cut into, each part's passes on its own thread
+            #: (``None``: :func:`bract.privacy.batch_parts.default_batch_parts`).
+            self.batch_parts = check_batch_parts(batch_parts)
+        except ValueError as exc:
+            raise PrivacyError(str(exc)) from None
+        if self.batch_parts is not None and self.batch_parts > 1:
+            if self.grad_sample_mode != "bk":
+                raise PrivacyError(
+                    f"batch_parts={self.batch_parts} needs book-keeping clipping "
+                    f"(grad_sample_mode='bk'), not {self.grad_sample_mode!r}")
+            if rule_overlap:
+                raise PrivacyError(
+                    "rule_overlap=True and batch_parts > 1 both want the second core: "
+                    "a batch in parts keeps each part's rules in its own pass; choose one")
         if sampling_seed is not None and self.noise_multiplier != 0:
             raise PrivacyError(
                 "a fixed sampling seed makes every batch predictable, which voids the privacy "
@@ -397,6 +419,9 @@ class PrivateTrainer:
         #: DP optimizer before each round's first step, to insert gradient canaries.
         self._audit_hook: Callable[[Any], None] | None = None
         x, y = (t.to(self.device) if isinstance(t, torch.Tensor) else t for t in probe_batch)
+        #: input elements of one example (what ``batch_parts=None`` weighs)
+        self._example_elements = int(x[0].numel()) if isinstance(x, torch.Tensor) and len(
+            x) else 0
         probe(self.model, x, y, self.criterion, mode=self.grad_sample_mode,
               public_buffers=self.public_buffers)
 
@@ -556,6 +581,7 @@ class PrivateTrainer:
         if isinstance(noise, NoisePrefetcher):
             noise.remaining = total  # no draw for a step that will not happen
         steps, loss_sum, loss_batches = 0, 0.0, 0
+        parts: BatchParts | None = None
         with warnings.catch_warnings():
             # torch notes that the input needs no gradient; expected for DP-SGD hooks.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -569,37 +595,67 @@ class PrivateTrainer:
                     # Opacus's two-pass hooks come off (they would wrap every layer's
                     # output for nothing); bract's clipper takes their place.
                     hooks.remove_hooks()
-                    clipper = BookKeepingClipper(self.model, self.max_grad_norm,
-                                                 overlap=self.rule_overlap)
+                    # Decided after the noise's own choice above, with torch's threads
+                    # as the step's other work will find them.
+                    count = (self.batch_parts if self.batch_parts is not None
+                             else default_batch_parts(
+                                 self.device, "bk", self.rule_overlap,
+                                 self._example_elements,
+                                 plan.dataset_size * plan.sample_rate))
+                    clipper = BookKeepingClipper(
+                        self.model, self.max_grad_norm,
+                        overlap=False if count > 1 else self.rule_overlap)
                     hand_over_clipped_sums(dp_optimizer)
+                    if count > 1:
+                        parts = BatchParts(clipper, count)
+
+                        # Opacus's loss wrapper switches the criterion's reduction to
+                        # "none" and back around each call: one part at a time.
+                        criterion_lock = threading.Lock()
+
+                        def per_example_loss(xb: torch.Tensor, yb: torch.Tensor
+                                             ) -> torch.Tensor:
+                            out = self.model(xb)
+                            with criterion_lock:
+                                loss = criterion(out, yb)
+                            _check_per_example_loss(loss.loss_per_sample, len(yb))
+                            return loss.loss_per_sample
                 for _epoch in range(self.local_epochs):
                     for x, y in dp_loader:
                         x, y = x.to(self.device), y.to(self.device)
                         # set_to_none: no mode reads the previous .grad (book-keeping
                         # writes it whole), so zero-filling it would be wasted work.
                         dp_optimizer.zero_grad(set_to_none=True)
-                        out = self.model(x)
-                        loss = criterion(out, y)
-                        if self.grad_sample_mode in ("ghost", "bk"):
-                            _check_per_example_loss(loss.loss_per_sample, len(y))
                         # Each patient's gradient is the sum of its records'; clipping it
                         # then bounds what one patient adds.
                         groups = (None if self.patients is None
                                   else patient_sampler.groups.popleft())
-                        if clipper is not None:
-                            clipper.backward(loss.loss_per_sample, len(y), groups=groups)
+                        if parts is not None:
+                            # The forward and backward passes of the batch's parts at once.
+                            per_example = parts.step(per_example_loss, x, y, groups)
+                            loss_value = (per_example.mean() if self.loss_reduction == "mean"
+                                          else per_example.sum())
                         else:
-                            loss.backward()
-                            if groups is not None:
-                                group_grad_samples(self.model, groups)
+                            loss = criterion(self.model(x), y)
+                            if self.grad_sample_mode in ("ghost", "bk"):
+                                _check_per_example_loss(loss.loss_per_sample, len(y))
+                            if clipper is not None:
+                                clipper.backward(loss.loss_per_sample, len(y), groups=groups)
+                            else:
+                                loss.backward()
+                                if groups is not None:
+                                    group_grad_samples(self.model, groups)
+                            loss_value = loss.detach()
                         dp_optimizer.step()
                         steps += 1
                         if len(y) > 0:
-                            loss_sum += float(loss.detach())
+                            loss_sum += float(loss_value)
                             loss_batches += 1
                         if on_step is not None:
                             on_step(steps, total)
             finally:
+                if parts is not None:
+                    parts.close()  # no part's thread outlives the round
                 if isinstance(noise, NoisePrefetcher):
                     noise.close()  # no draw left running after the round
                 dp_optimizer.zero_grad(set_to_none=True)
