@@ -273,7 +273,8 @@ def test_a_round_in_parts_trains_the_weights_of_a_round_in_one_pass() -> None:
     whole, whole_threads, _ = round_weights(1)
     split, split_threads, criterion = round_weights(2)
     assert "bract-batch-part" in split_threads - whole_threads
-    assert not any(t.name.startswith("bract-batch-part") for t in threading.enumerate())
+    assert not any(t.name.startswith(("bract-batch-part", "bract-noise"))
+                   for t in threading.enumerate())
     assert torch.get_num_threads() == threads
     assert criterion.reduction == "mean"
     for name, value in whole.items():
@@ -283,7 +284,9 @@ def test_a_round_in_parts_trains_the_weights_of_a_round_in_one_pass() -> None:
 def test_a_private_round_in_parts_draws_the_noise_once_per_step() -> None:
     """With noise, a round in parts records the DP-SGD event of a round in one pass
     (steps, sigma, q, epsilon) and draws the secure noise once per step, for every
-    parameter at the plan's std: the parts add clipped sums, never noise."""
+    parameter at the plan's std: the parts add clipped sums, never noise. The draw may
+    use the parts' threads (SecureGaussian.threads, the one-thread stream bit for bit)
+    during the round, and one thread after it."""
     def run(parts: int) -> tuple[object, list[tuple[int, float]]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -292,8 +295,12 @@ def test_a_private_round_in_parts_draws_the_noise_once_per_step() -> None:
             source = trainer._noise_source
             add = source.add_noise_each_
             source.add_noise_each_ = lambda targets, std: (
-                draws.append((sum(t.numel() for t in targets), std)), add(targets, std))[1]
-            return trainer.train_round(1), draws
+                draws.append((sum(t.numel() for t in targets), std)),
+                lanes.add(source.threads), add(targets, std))[2]
+            lanes: set[int] = set()
+            out = trainer.train_round(1)
+            assert lanes == {parts} and source.threads == 1
+            return out, draws
 
     (a, a_draws), (b, b_draws) = run(1), run(2)
     params = sum(p.numel() for p in small_cnn().parameters())
@@ -321,7 +328,9 @@ def test_a_round_in_parts_that_fails_leaves_no_thread_and_torchs_threads_as_they
     with pytest.raises(RuntimeError, match="a forward pass that fails"):
         trainer.train_round(1)
     assert torch.get_num_threads() == threads
-    assert not any(t.name.startswith("bract-batch-part") for t in threading.enumerate())
+    assert not any(t.name.startswith(("bract-batch-part", "bract-noise"))
+                   for t in threading.enumerate())
+    assert trainer._noise_source.threads == 1
     assert not trainer.ledger.events
 
 

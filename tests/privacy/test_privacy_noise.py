@@ -127,6 +127,70 @@ def test_noise_for_several_tensors_is_the_stream_split_in_order(sizes, std, data
                                reference.standard_normal_tensor(5), rtol=0, atol=0)
 
 
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.sampled_from([1, 3, 4608, BLOCK - 1, BLOCK, BLOCK + 3, 2 * BLOCK + 1,
+                                       3 * BLOCK + 6]), min_size=1, max_size=4),
+       threads=st.integers(2, 4), calls=st.integers(1, 3), data=st.data())
+def test_noise_on_several_threads_is_the_one_thread_stream_bit_for_bit(sizes, threads, calls,
+                                                                      data) -> None:
+    # Property: with threads > 1 the blocks of a call are made in runs, each by its own
+    # encryptor started at the counter of its first block; every entry of every tensor
+    # (any floating dtype, across tensor and block boundaries, odd totals) gets exactly
+    # the sample the one-thread stream gives it, rounded once, call after call, and the
+    # stream goes on where one thread's would: no word is skipped or drawn twice.
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        joint, reference = _twin_generators(monkeypatch)
+    joint.threads = threads
+    try:
+        for _ in range(calls):
+            dtypes = data.draw(st.lists(st.sampled_from(
+                [torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+                min_size=len(sizes), max_size=len(sizes)))
+            # (torch's float16 linspace gives NaNs at this length: made in float64.)
+            targets = [torch.linspace(-2.0, 7.0, n, dtype=torch.float64).to(d)
+                       for n, d in zip(sizes, dtypes, strict=True)]
+            before = [t.to(torch.float64, copy=True) for t in targets]
+            joint.add_noise_each_(targets, 1.5)
+            z = reference.standard_normal_tensor(sum(sizes)).split(sizes)
+            for t, b, zi in zip(targets, before, z, strict=True):
+                torch.testing.assert_close(t, b.add_(zi, alpha=1.5).to(t.dtype), rtol=0, atol=0)
+        torch.testing.assert_close(joint.standard_normal_tensor(5),
+                                   reference.standard_normal_tensor(5), rtol=0, atol=0)
+    finally:
+        joint.close()
+
+
+def test_a_run_that_fails_on_another_thread_fails_the_call_and_no_word_is_drawn_twice(
+        monkeypatch) -> None:
+    """A run that fails on a helper thread fails the call with its error, after every
+    run ended; the stream then goes on past every word the call could have drawn (the
+    samples one thread's call would have used are never handed out again), and close()
+    leaves no thread."""
+    import threading
+
+    joint, reference = _twin_generators(monkeypatch)
+    joint.threads = 2
+    blocks = SecureGaussian._blocks
+
+    def failing(self, count):
+        if threading.current_thread().name.startswith("bract-noise"):
+            raise RuntimeError("a run that fails")
+        return blocks(self, count)
+
+    monkeypatch.setattr(SecureGaussian, "_blocks", failing)
+    with pytest.raises(RuntimeError, match="a run that fails"):
+        joint.add_noise_each_([torch.zeros(2 * BLOCK + 1)], 1.0)
+    monkeypatch.setattr(SecureGaussian, "_blocks", blocks)
+    reference.standard_normal_tensor(2 * BLOCK + 1)  # what the failed call was to use
+    torch.testing.assert_close(joint.standard_normal_tensor(9),
+                               reference.standard_normal_tensor(9), rtol=0, atol=0)
+    joint.close()
+    assert not any(t.name.startswith("bract-noise") for t in threading.enumerate())
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            joint.threads = bad
+
+
 def test_noise_for_several_tensors_covers_other_layouts_and_keeps_the_values() -> None:
     gen = SecureGaussian()
     base = torch.arange(12.0).reshape(3, 4)

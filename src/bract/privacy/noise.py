@@ -30,6 +30,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import MethodType
 from typing import Any
 
@@ -85,6 +86,37 @@ def _add_scaled_(target: torch.Tensor, samples: torch.Tensor, std: float,
         target[i:i + k].copy_(piece)
 
 
+def _ctr_encryptor(key: bytes, words: int) -> Any:
+    """An AES-256-CTR encryptor under ``key`` positioned at 64-bit word ``words`` (even)
+    of the keystream that starts from the all-zero counter block: CTR's counter is the
+    whole 16-byte block, incremented as a big-endian integer, so word ``w`` lies in
+    block ``w // 2``."""
+    if words % 2:
+        raise ValueError(f"a keystream position is a whole AES block, got word {words}")
+    return Cipher(algorithms.AES(key), modes.CTR((words // 2).to_bytes(16, "big"))).encryptor()
+
+
+def _pieces(flats: list[torch.Tensor], lo: int, hi: int) -> list[torch.Tensor]:
+    """The entries ``lo..hi-1`` of ``flats`` taken end to end, as views of them."""
+    out, at = [], 0
+    for flat in flats:
+        n = flat.numel()
+        a, b = max(lo, at), min(hi, at + n)
+        if a < b:
+            out.append(flat[a - at:b - at])
+        at += n
+    return out
+
+
+def _add_on_cpu_scaled_(piece: torch.Tensor, samples: torch.Tensor, std: float,
+                        work: torch.Tensor) -> None:
+    """``piece += std * samples`` rounded once, for a CPU tensor of any floating dtype."""
+    if piece.dtype in (torch.float32, torch.float64):
+        _add_scaled_(piece, samples, std, work)
+    else:
+        _add_in_float64_(piece, samples, std)
+
+
 def _box_muller_(radius: torch.Tensor, angle: torch.Tensor, cos_out: torch.Tensor,
                  sin_out: torch.Tensor) -> None:
     """Box-Muller in float64, in place: ``radius`` and ``angle`` hold 53-bit integers
@@ -123,22 +155,55 @@ class SecureGaussian:
     a tensor on another device (a GPU) the Box-Muller arithmetic runs there, on the
     same keystream words in the same pairing. Not thread-safe: use one instance per
     training loop.
+
+    ``threads`` (default 1): how many threads the noise for CPU tensors may use. With
+    more, the blocks of one call are shared out in contiguous runs, each run's keystream
+    made by its own AES-CTR encryptor under the same key started at the counter where
+    that run begins in the stream, so every entry gets the sample the one-thread
+    stream would give it, bit for bit (property-tested), and the stream goes on after
+    the call where it would have. :meth:`close` ends the extra threads.
     """
 
-    def __init__(self) -> None:
-        cipher = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(b"\x00" * 16))
-        self._encryptor = cipher.encryptor()
+    def __init__(self, *, threads: int = 1, _key: bytes | None = None,
+                 _words_used: int = 0) -> None:
+        self._key = os.urandom(32) if _key is None else _key
+        #: 64-bit keystream words drawn so far (always even: whole AES blocks)
+        self._words_used = _words_used
+        self._encryptor = _ctr_encryptor(self._key, _words_used)
         # update_into needs block_size - 1 spare bytes after the output.
         self._keystream = bytearray(8 * BLOCK + 16)
         self._words = torch.frombuffer(self._keystream, dtype=torch.int64, count=BLOCK)
         self._uniform = torch.empty(BLOCK, dtype=torch.float64)
         self._normal = torch.empty(BLOCK, dtype=torch.float64)
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        #: one generator per extra thread: the same key, its own buffers and encryptor
+        self._lanes: list[SecureGaussian] = []
+
+    @property
+    def threads(self) -> int:
+        """Threads the noise for CPU tensors may use (at least 1)."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, count: int) -> None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"threads must be an int >= 1, got {count!r}")
+        self._threads = count
+
+    def close(self) -> None:
+        """End the extra threads, if any were started (idempotent; the stream goes on)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._lanes = []
 
     def _fresh_words(self, count: int) -> torch.Tensor:
         """``count`` (<= BLOCK) fresh 64-bit keystream words as int64 (the same bits),
         in the reused keystream buffer (valid until the next call)."""
         self._encryptor.update_into(_ZEROS[:8 * count],
                                     memoryview(self._keystream)[:8 * count + 15])
+        self._words_used += count
         return self._words[:count]
 
     def _keystream_int64(self, count: int) -> torch.Tensor:
@@ -255,11 +320,8 @@ class SecureGaussian:
         std = float(std)
 
         def add_on_cpu(piece: torch.Tensor, samples: torch.Tensor) -> None:
-            if piece.dtype in (torch.float32, torch.float64):
-                # The uniforms' buffer is free once the block's normals are made.
-                _add_scaled_(piece, samples, std, self._uniform)
-            else:
-                _add_in_float64_(piece, samples, std)
+            # The uniforms' buffer is free once the block's normals are made.
+            _add_on_cpu_scaled_(piece, samples, std, self._uniform)
 
         cpu = torch.device("cpu")
         for device in sorted(by_device, key=lambda d: d != cpu):  # the CPU's first
@@ -268,7 +330,9 @@ class SecureGaussian:
             # contiguous copy, written back once noised.
             flats = [t.view(-1) if t.is_contiguous() else t.reshape(-1).clone() for t in group]
             count = sum(f.numel() for f in flats)
-            if device == cpu:
+            if device == cpu and self._threads > 1 and count > BLOCK:
+                self._add_on_cpu_in_runs_(flats, count, std)
+            elif device == cpu:
                 self._add_to_flats_(flats, self._blocks(count), add_on_cpu)
             else:
                 self._add_to_flats_(flats, self._device_chunks(count, device),
@@ -276,6 +340,50 @@ class SecureGaussian:
             for target, flat in zip(group, flats, strict=True):
                 if not target.is_contiguous():
                     target.copy_(flat.view(target.shape))
+
+    def _add_on_cpu_in_runs_(self, flats: list[torch.Tensor], count: int, std: float) -> None:
+        """The CPU noise of ``count`` samples over ``flats`` on up to ``threads`` threads:
+        run ``r`` takes whole blocks ``[b_r, b_{r+1})`` of the stream, made by a lane
+        whose encryptor starts at the counter of block ``b_r``; this generator makes the
+        first run, then continues from the word where one thread's call would have
+        ended, also after a run failed (so no keystream word is ever drawn twice)."""
+        blocks = -(-count // BLOCK)
+        runs = min(self._threads, blocks)
+        bounds = [min(count, BLOCK * (blocks * r // runs)) for r in range(runs + 1)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self._threads - 1,
+                                            thread_name_prefix="bract-noise")
+        while len(self._lanes) < self._threads - 1:
+            self._lanes.append(SecureGaussian(_key=self._key, _words_used=self._words_used))
+        start = self._words_used
+        # One thread's call draws an even number of words per block: the last block,
+        # of odd length, one more.
+        end = start + count + (count & 1)
+        lanes = [self, *self._lanes[:runs - 1]]
+        for r, lane in enumerate(lanes[1:], start=1):
+            # A whole block is 2^17 words: every run but the last starts at an AES block.
+            lane._reposition(start + bounds[r])
+
+        def run(lane: SecureGaussian, lo: int, hi: int) -> None:
+            lane._add_to_flats_(_pieces(flats, lo, hi), lane._blocks(hi - lo),
+                                lambda piece, samples: _add_on_cpu_scaled_(
+                                    piece, samples, std, lane._uniform))
+
+        futures = [self._pool.submit(run, lane, bounds[r], bounds[r + 1])
+                   for r, lane in enumerate(lanes) if r > 0]
+        try:
+            run(self, bounds[0], bounds[1])
+        finally:
+            for f in futures:  # every run ends before the call returns or fails
+                f.exception()
+            self._reposition(end)
+        for f in futures:
+            f.result()
+
+    def _reposition(self, words: int) -> None:
+        """Continue the stream from word ``words`` (even) of this key's keystream."""
+        self._encryptor = _ctr_encryptor(self._key, words)
+        self._words_used = words
 
     @staticmethod
     def _add_to_flats_(flats: list[torch.Tensor],

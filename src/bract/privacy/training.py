@@ -608,6 +608,10 @@ class PrivateTrainer:
                     hand_over_clipped_sums(dp_optimizer)
                     if count > 1:
                         parts = BatchParts(clipper, count)
+                        if self._noise_source is not None:
+                            # The parts' threads also share out the step's noise (the
+                            # same samples as one thread's; SecureGaussian.threads).
+                            self._noise_source.threads = count
 
                         # Opacus's loss wrapper switches the criterion's reduction to
                         # "none" and back around each call: one part at a time.
@@ -656,6 +660,9 @@ class PrivateTrainer:
             finally:
                 if parts is not None:
                     parts.close()  # no part's thread outlives the round
+                    if self._noise_source is not None:
+                        self._noise_source.threads = 1
+                        self._noise_source.close()
                 if isinstance(noise, NoisePrefetcher):
                     noise.close()  # no draw left running after the round
                 dp_optimizer.zero_grad(set_to_none=True)
