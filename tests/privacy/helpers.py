@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import dp_accounting as dpa
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bract.data import synthetic_chest_xray
 from bract.models import ChestCNN
+
+#: The warnings Opacus and torch give on every DP-SGD step that are expected here
+#: (bract's own CSPRNG noise replaces Opacus's secure_mode; hooks on a model whose input
+#: needs no gradient; RDP's largest order); a test module's ``pytestmark``.
+DP_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning"),
+]
 
 #: The tight reference discretization named in DESIGN.md.
 PLD_REFERENCE_DISCRETIZATION = 1e-4

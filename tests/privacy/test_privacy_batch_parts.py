@@ -15,7 +15,7 @@ from torch import nn
 from bract.privacy import PrivacyError, PrivateTrainer, batch_parts
 from bract.privacy.batch_parts import BatchParts, default_batch_parts
 from bract.privacy.bookkeeping import BookKeepingClipper
-from tests.privacy.helpers import chest_loader, small_cnn
+from tests.privacy.helpers import DP_WARNINGS, chest_loader, small_cnn
 from tests.privacy.test_privacy_bookkeeping import (
     KINDS,
     _model,
@@ -23,11 +23,7 @@ from tests.privacy.test_privacy_bookkeeping import (
     _reference,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
-    pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
-    pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning"),
-]
+pytestmark = DP_WARNINGS
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 

@@ -16,13 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from bract.models import ChestCNN, TabularMLP
 from bract.privacy import PrivacyError, PrivateTrainer, choose_grad_sample_mode
 from bract.privacy.bookkeeping import BookKeepingClipper, supports_bookkeeping
-from tests.privacy.helpers import chest_loader, small_cnn
+from tests.privacy.helpers import DP_WARNINGS, chest_loader, small_cnn
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
-    pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
-    pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning"),
-]
+pytestmark = DP_WARNINGS
 
 
 def _reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float) -> dict:

@@ -22,13 +22,9 @@ from bract.privacy import (
     load_weights,
     weights_of,
 )
-from tests.privacy.helpers import chest_loader, chest_tensors, small_cnn
+from tests.privacy.helpers import DP_WARNINGS, chest_loader, chest_tensors, small_cnn
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
-    pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
-    pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning"),
-]
+pytestmark = DP_WARNINGS
 
 MODES = ["hooks", "ghost", "bk"]
 
