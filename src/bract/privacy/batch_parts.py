@@ -98,10 +98,10 @@ class BatchParts:
     :meth:`close` torch's intra-op threads are divided between the parts (each part's
     operations, and the optimizer's step between the passes, get ``threads // parts``
     of them); :meth:`close` ends the workers and restores torch's thread count. The
-    count is set once for the round, not per step: OpenMP's idle threads spin for a
-    while after each parallel region, and a team that grows back to full size between
-    the passes took the parts' cores (the 28px step was 0.65 instead of 0.83 of
-    non-private on 2 cores; docs/benchmarks.md).
+    count is set once for the round, not per step: restoring it for each optimizer
+    step and dividing it again measured slower (the 128px step at 1.06x non-private
+    against 1.19x on 2 cores; docs/benchmarks.md); OpenMP's idle threads, which spin
+    for a while after a parallel region, are the likely cause (not verified).
     """
 
     def __init__(self, clipper: BookKeepingClipper, parts: int, *,
