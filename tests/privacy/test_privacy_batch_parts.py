@@ -15,7 +15,6 @@ from torch import nn
 from bract.privacy import PrivacyError, PrivateTrainer, batch_parts
 from bract.privacy.batch_parts import BatchParts, default_batch_parts
 from bract.privacy.bookkeeping import BookKeepingClipper
-from bract.privacy.threads import available_cores
 from tests.privacy.helpers import DP_WARNINGS, chest_loader, small_cnn
 from tests.privacy.test_privacy_bookkeeping import (
     KINDS,
@@ -282,8 +281,8 @@ def test_a_private_round_in_parts_draws_the_noise_once_per_step() -> None:
     """With noise, a round in parts records the DP-SGD event of a round in one pass
     (steps, sigma, q, epsilon) and draws the secure noise once per step, for every
     parameter at the plan's std: the parts add clipped sums, never noise. The draw may
-    use the parts' threads in a round in parts, and up to two cores in a whole one
-    (SecureGaussian.threads, the one-thread stream bit for bit), one thread after it."""
+    use the parts' threads (SecureGaussian.threads, the one-thread stream bit for bit)
+    during the round, and one thread after it."""
     def run(parts: int) -> tuple[object, list[tuple[int, float]]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -296,9 +295,7 @@ def test_a_private_round_in_parts_draws_the_noise_once_per_step() -> None:
                 lanes.add(source.threads), add(targets, std))[2]
             lanes: set[int] = set()
             out = trainer.train_round(1)
-            # In parts: the parts' threads; whole: the cores this process may use (<= 2).
-            assert lanes == {parts if parts > 1 else min(2, available_cores())}
-            assert source.threads == 1
+            assert lanes == {parts} and source.threads == 1
             return out, draws
 
     (a, a_draws), (b, b_draws) = run(1), run(2)
@@ -331,30 +328,6 @@ def test_a_round_in_parts_that_fails_leaves_no_thread_and_torchs_threads_as_they
                    for t in threading.enumerate())
     assert trainer._noise_source.threads == 1
     assert not trainer.ledger.events
-
-
-def test_a_whole_round_shares_its_noise_over_two_cores_and_leaves_no_thread(
-        monkeypatch) -> None:
-    """A round with the batch whole, on a process that may use two cores, draws each
-    step's noise (here 0.34M samples, several blocks) on a second thread as well, and
-    no noise thread outlives the round."""
-    from bract.models import ChestCNN
-    from bract.privacy import training
-
-    monkeypatch.setattr(training, "available_cores", lambda: 2)
-    model = ChestCNN(image_size=28)  # 0.34M parameters: three blocks of noise
-    seen: set[str] = set()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = training.PrivateTrainer(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), chest_loader(64, 32),
-            noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
-            grad_sample_mode="bk", batch_parts=1, noise_prefetch=False)
-        out = trainer.train_round(1, on_step=lambda _s, _t: seen.update(
-            t.name.split("_")[0] for t in threading.enumerate()))
-    assert out.trained and "bract-noise" in seen
-    assert not any(t.name.startswith("bract-noise") for t in threading.enumerate())
-    assert trainer._noise_source.threads == 1
 
 
 def test_bad_batch_parts_are_refused_before_training() -> None:

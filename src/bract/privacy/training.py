@@ -62,7 +62,6 @@ from bract.privacy.sampling import (
     secure_poisson_loader,
 )
 from bract.privacy.sensitivity import check_layers, probe, reused_layers
-from bract.privacy.threads import available_cores
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "bk")
 DEFAULT_GRAD_SAMPLE_MODE = "auto"
@@ -71,10 +70,6 @@ GHOST_LINEAR_THRESHOLD = 1_000_000
 #: Per-sample gradients of Conv2d and GroupNorm layers: bract's rules (same gradients,
 #: less memory and time; :mod:`bract.privacy.grad_samplers`) or Opacus's own.
 GRAD_SAMPLER_SOURCES = ("bract", "opacus")
-#: Threads a step's noise drawn in the step may use, at most (SecureGaussian.threads;
-#: only 2 has been measured: the 7.1M samples of the 128px CNN in 47-55 ms against
-#: 68-87 ms on one, 3.2 against 4.0 ms for the 0.34M of the 28px one at two torch threads).
-NOISE_THREADS = 2
 #: Examples of the hospital's own data the sensitivity probe runs before training.
 PROBE_EXAMPLES = 4
 
@@ -562,9 +557,6 @@ class PrivateTrainer:
             criterion = self.criterion
         if self._noise_source is not None:
             use_secure_noise(dp_optimizer, self._noise_source, prefetch=self.noise_prefetch)
-            # A step's noise drawn in the step is shared out over the cores this process
-            # may use (the one-thread stream bit for bit; SecureGaussian.threads).
-            self._noise_source.threads = min(NOISE_THREADS, available_cores())
         if self._audit_hook is not None:  # bract.audit.whitebox only
             self._audit_hook(dp_optimizer)
         # Which records a step samples must stay secret (amplification by sampling):
@@ -617,7 +609,8 @@ class PrivateTrainer:
                     if count > 1:
                         parts = BatchParts(clipper, count)
                         if self._noise_source is not None:
-                            # The parts' threads share out the step's noise.
+                            # The parts' threads also share out the step's noise (the
+                            # same samples as one thread's; SecureGaussian.threads).
                             self._noise_source.threads = count
 
                         # Opacus's loss wrapper switches the criterion's reduction to
@@ -667,11 +660,11 @@ class PrivateTrainer:
             finally:
                 if parts is not None:
                     parts.close()  # no part's thread outlives the round
+                    if self._noise_source is not None:
+                        self._noise_source.threads = 1
+                        self._noise_source.close()
                 if isinstance(noise, NoisePrefetcher):
                     noise.close()  # no draw left running after the round
-                if self._noise_source is not None:
-                    self._noise_source.threads = 1
-                    self._noise_source.close()  # nor a thread of the noise in the step
                 dp_optimizer.zero_grad(set_to_none=True)
                 if clipper is not None:
                     clipper.remove()
