@@ -269,7 +269,7 @@ def test_a_round_in_parts_trains_the_weights_of_a_round_in_one_pass() -> None:
     whole, whole_threads, _ = round_weights(1)
     split, split_threads, criterion = round_weights(2)
     assert "bract-batch-part" in split_threads - whole_threads
-    assert not any(t.name.startswith(("bract-batch-part", "bract-noise"))
+    assert not any(t.name.startswith(("bract-batch-part", "bract-noise-lane"))
                    for t in threading.enumerate())
     assert torch.get_num_threads() == threads
     assert criterion.reduction == "mean"
@@ -324,7 +324,7 @@ def test_a_round_in_parts_that_fails_leaves_no_thread_and_torchs_threads_as_they
     with pytest.raises(RuntimeError, match="a forward pass that fails"):
         trainer.train_round(1)
     assert torch.get_num_threads() == threads
-    assert not any(t.name.startswith(("bract-batch-part", "bract-noise"))
+    assert not any(t.name.startswith(("bract-batch-part", "bract-noise-lane"))
                    for t in threading.enumerate())
     assert trainer._noise_source.threads == 1
     assert not trainer.ledger.events

@@ -173,7 +173,7 @@ def test_a_run_that_fails_on_another_thread_fails_the_call_and_no_word_is_drawn_
     blocks = SecureGaussian._blocks
 
     def failing(self, count):
-        if threading.current_thread().name.startswith("bract-noise"):
+        if threading.current_thread().name.startswith("bract-noise-lane"):
             raise RuntimeError("a run that fails")
         return blocks(self, count)
 
@@ -185,7 +185,7 @@ def test_a_run_that_fails_on_another_thread_fails_the_call_and_no_word_is_drawn_
     torch.testing.assert_close(joint.standard_normal_tensor(9),
                                reference.standard_normal_tensor(9), rtol=0, atol=0)
     joint.close()
-    assert not any(t.name.startswith("bract-noise") for t in threading.enumerate())
+    assert not any(t.name.startswith("bract-noise-lane") for t in threading.enumerate())
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads"):
             joint.threads = bad

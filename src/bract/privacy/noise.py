@@ -164,18 +164,22 @@ class SecureGaussian:
     the call where it would have. :meth:`close` ends the extra threads.
     """
 
-    def __init__(self, *, threads: int = 1, _key: bytes | None = None,
-                 _words_used: int = 0) -> None:
-        self._key = os.urandom(32) if _key is None else _key
+    def __init__(self, *, threads: int = 1) -> None:
+        self._start(os.urandom(32), 0)
+        self.threads = threads
+
+    def _start(self, key: bytes, words: int) -> None:
+        """Key the stream and position it at word ``words``; fresh buffers, one thread."""
+        self._key = key
         #: 64-bit keystream words drawn so far (always even: whole AES blocks)
-        self._words_used = _words_used
-        self._encryptor = _ctr_encryptor(self._key, _words_used)
+        self._words_used = words
+        self._encryptor = _ctr_encryptor(key, words)
         # update_into needs block_size - 1 spare bytes after the output.
         self._keystream = bytearray(8 * BLOCK + 16)
         self._words = torch.frombuffer(self._keystream, dtype=torch.int64, count=BLOCK)
         self._uniform = torch.empty(BLOCK, dtype=torch.float64)
         self._normal = torch.empty(BLOCK, dtype=torch.float64)
-        self.threads = threads
+        self._threads = 1
         self._pool: ThreadPoolExecutor | None = None
         #: one generator per extra thread: the same key, its own buffers and encryptor
         self._lanes: list[SecureGaussian] = []
@@ -352,9 +356,11 @@ class SecureGaussian:
         bounds = [min(count, BLOCK * (blocks * r // runs)) for r in range(runs + 1)]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self._threads - 1,
-                                            thread_name_prefix="bract-noise")
+                                            thread_name_prefix="bract-noise-lane")
         while len(self._lanes) < self._threads - 1:
-            self._lanes.append(SecureGaussian(_key=self._key, _words_used=self._words_used))
+            lane = SecureGaussian.__new__(SecureGaussian)  # this key, its own buffers
+            lane._start(self._key, self._words_used)
+            self._lanes.append(lane)
         start = self._words_used
         # One thread's call draws an even number of words per block: the last block,
         # of odd length, one more.
