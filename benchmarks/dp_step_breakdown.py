@@ -69,8 +69,8 @@ def instrument(timings: Timings, names: dict[nn.Module, str]) -> None:
     BookKeepingClipper._rule = staticmethod(_timed(
         timings, lambda module, *_: f"  per-example rule {names[module]} "
         f"({type(module).__name__})", BookKeepingClipper._rule))
-    BookKeepingClipper._set_clipped_sum = staticmethod(_timed(
-        timings, "  clipped sums", BookKeepingClipper._set_clipped_sum))
+    BookKeepingClipper._clipped_sum = staticmethod(_timed(
+        timings, "  clipped sums", BookKeepingClipper._clipped_sum))
     from opacus.optimizers.optimizer import DPOptimizer
     DPOptimizer.step = _timed(timings, "optimizer step (DP)", DPOptimizer.step)
     for cls in (noise.NoisePrefetcher, noise.SecureGaussian):

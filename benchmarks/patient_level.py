@@ -59,6 +59,9 @@ def main() -> None:
     p.add_argument("--visits", type=int, default=4)
     p.add_argument("--records", type=int, default=640)
     args = p.parse_args()
+    if args.records < 2 * 64:
+        p.error("--records must be at least 128: throughput is timed from the end of a "
+                "round's first step of 64 records, so a round needs two steps")
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.records, 1, args.size, args.size, generator=gen)
