@@ -27,6 +27,7 @@ from bract.secagg import shamir
 from bract.secagg.crypto import SigningKey, x25519_public
 from bract.secagg.errors import (
     AuthenticationError,
+    ConfigurationError,
     ConsistencyError,
     MalformedMessage,
     ProtocolViolation,
@@ -244,6 +245,81 @@ def test_shrinking_the_alive_set_yields_no_sum_smaller_than_h(n, data) -> None:
     assert_no_small_sum(adv, 2)
     if len(keep) < 2:
         assert not sigs.keys() - colluders  # the lone honest client refused to sign
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(4, 12), st.data())
+def test_a_smaller_round_keeps_the_federations_collusion_bound(r, data) -> None:
+    """The server writes the participant list. It sets up a round over any part of
+    a roster of r hospitals that holds the victim, declares the weakest bound that
+    part allows (c = 0), and then keeps any alive set: the default policy holds every
+    round to the roster's c = floor((r - 1) / 3), so with that many colluders no sum
+    of fewer than h = 2 honest updates can be isolated. (A bound taken from the
+    round's size let a round of the victim, one colluder and a third hospital,
+    called dropped, isolate the victim's update.)"""
+    c = (r - 1) // 3
+    colluders = set(data.draw(st.lists(st.integers(0, r - 1), min_size=c, max_size=c,
+                                       unique=True), label="colluders"))
+    honest = [v for v in range(r) if v not in colluders]
+    victim = data.draw(st.sampled_from(honest), label="victim")
+    others = data.draw(st.lists(st.sampled_from([v for v in range(r) if v != victim]),
+                                min_size=2, unique=True), label="others")
+    parts = sorted({victim, *others})
+    keep = {victim} | set(data.draw(st.lists(st.sampled_from(
+        [v for v in parts if v not in colluders]), unique=True), label="kept honest"))
+    f = make_federation(r)  # every honest hospital on the default policy
+    for v in colluders:  # colluders accept whatever the server sets up
+        f.clients[v] = ClientSession(v, f.fed, f.keys[v], f.roster, ClientPolicy(colluders=0))
+    advertise_all(f)
+    rogue = ServerSession(f.fed, f.roster, colluders=0)
+    rogue._adverts = dict(f.server._adverts)
+    cfg = rogue.start_round(1, parts, D)
+    inputs = random_inputs(r, D)
+    shares = {}
+    for v in parts:
+        try:
+            shares[v] = f.clients[v].handle_round_config(cfg)
+        except SecAggError:
+            assert v not in colluders
+            continue
+        rogue.receive_shares(shares[v])
+    adv = Adversary(type("View", (), {"server": rogue})(), cfg, colluders & set(parts))
+    adv.add_shares(shares)
+    try:
+        reqs = rogue.mask_requests()
+    except SecAggError:
+        reqs = {}  # too few shared: the round ends before anyone masks
+    for v, req in reqs.items():
+        try:
+            masked = f.clients[v].handle_mask_request(req, *inputs[v])
+        except SecAggError:
+            continue
+        rogue.receive_masked_input(masked)
+        adv.masked.add(v)
+    adv.add_colluder_state(f.clients)
+    alive = sorted((keep | colluders) & adv.masked)
+    sharers = sorted(shares)
+    sigs = _sign(f, keep & adv.masked, ConsistencyRequest(f.fed, 1, sharers, alive))
+    for col in colluders & adv.masked:
+        sigs[col] = _colluder_sig(f, col, cfg, sharers, alive)
+    _unmask(f, cfg, [v for v in parts if v not in colluders], alive, sharers, sigs, adv)
+    assert_no_small_sum(adv, 2)
+
+
+def test_a_round_too_small_for_the_rosters_bound_is_refused_by_server_and_clients() -> None:
+    """In a federation of 10 (c = 3, h = 2) a round needs c + h = 5 hospitals: the
+    server will not set up a round of 4, and a hospital refuses one set up by a server
+    that declares less."""
+    f = make_federation(10)
+    advertise_all(f)
+    with pytest.raises(ConfigurationError, match="cannot honour the collusion bound"):
+        f.server.start_round(1, [0, 1, 2, 3], D)
+    assert f.server.start_round(1, [0, 1, 2, 3, 4], D).threshold == 5
+    rogue = ServerSession(f.fed, f.roster, colluders=0)
+    rogue._adverts = dict(f.server._adverts)
+    cfg = rogue.start_round(2, [0, 1, 2, 3], D)
+    with pytest.raises(ThresholdPolicyError, match="policy is c = 3"):
+        f.clients[0].handle_round_config(cfg)
 
 
 def test_alive_set_of_the_victim_and_colluders_is_refused() -> None:

@@ -228,7 +228,7 @@ def identity_from_node_config(node_config: Mapping[str, Any]) -> SecAggIdentity:
     ``secagg-id``: its id in the roster; ``identity-key``: its Ed25519 private key
     file; ``roster``: its own copy of the roster (never taken from the server);
     its policy file (node config ``policy``) sets the colluding hospitals it
-    tolerates (``secagg_colluders``, default ``floor((n - 1) / 3)`` of a round's n)
+    tolerates (``secagg_colluders``, default ``floor((R - 1) / 3)`` of the roster's R)
     and the honest updates per sum (``secagg_min_honest``); it refuses any round
     weaker than that.
     """

@@ -213,7 +213,8 @@ OPTIONS: tuple[Option, ...] = (
            "complete graph while no dropouts are declared), the complete graph, or "
            "SecAgg+'s sparse harary graph", choices=("auto", "complete", "harary")),
     Option("secagg_colluders", int, None, "colluding hospitals (with the server) that secure "
-           "aggregation must withstand; every hospital enforces it (default: floor((n-1)/3); "
+           "aggregation must withstand; every hospital enforces it (default: floor((n-1)/3) "
+           "of the federation's n, in every round; "
            "a sparse harary graph needs a small value)", unset="one-third", low=0),
     Option("secagg_dropouts", int, None, "hospitals every secure round must survive dropping "
            "out, wherever they fall; refused if the graph cannot, and lets auto pick a sparse "

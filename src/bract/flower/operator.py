@@ -308,7 +308,7 @@ def add_operator_parsers(sub: Any) -> None:
                       "uses (default 10)")
     init.add_argument("--colluders", type=nonnegative_int, default=None,
                       help="colluding hospitals secure aggregation must withstand "
-                           "(default floor((n-1)/3))")
+                           "(default floor((R-1)/3) of the roster's R hospitals)")
     init.set_defaults(func=_hospital_init_cmd)
     start = hsub.add_parser("start", help="start the hospital's SuperNode with its identity, "
                                           "roster, policy and state")

@@ -130,9 +130,10 @@ class SecAggSettings:
     weights) for the fixed-point encoding; ``frac_bits`` sets its resolution
     (2^-frac_bits). ``aggregate_metrics`` is the number of metric coordinates the
     hospitals append to the vector (0 unless their policy releases metrics in
-    aggregate). ``colluders`` (``None``: ``floor((n - 1) / 3)`` of a round's n
-    hospitals) and ``min_honest`` are the collusion bound rounds are set up for;
-    each hospital refuses a round weaker than its own policy. ``dropouts`` is how many
+    aggregate). ``colluders`` (``None``: ``floor((R - 1) / 3)`` of the roster's R
+    hospitals, in every round whatever its size) and ``min_honest`` are the
+    collusion bound rounds are set up for; each hospital refuses a round weaker than
+    its own policy. ``dropouts`` is how many
     hospitals every round must survive dropping out, wherever they fall (``None``: not
     declared); ``graph="auto"`` then picks, each round, the sparsest graph that keeps
     the bound and that tolerance (:func:`bract.secagg.protocol.round_parameters`).

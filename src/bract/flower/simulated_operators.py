@@ -44,7 +44,8 @@ def simulated_identity(ctx: Any, out_dir: Path, colluders: int | None = None
                        ) -> SecAggIdentity:
     """The identity :func:`simulated_identities` made for the hospital of ``ctx`` (its
     node config's ``partition-id``), with its roster, for secure aggregation and ledger
-    signing. ``colluders``: the collusion bound it enforces (default ``floor((n-1)/3)``).
+    signing. ``colluders``: the collusion bound it enforces (default ``floor((R-1)/3)``
+    of the roster's R).
     Raises ``ValueError`` naming what is missing."""
     if "partition-id" not in ctx.node_config:
         raise ValueError("a simulated hospital's node config names its partition-id")

@@ -8,7 +8,8 @@ each property; this docstring lists every message and check, in order.
 Threat model: an actively malicious server (it may reorder, drop, forge, replay
 and tamper with any message it relays, and choose who is "alive") colluding with
 at most ``c`` clients, where ``c`` is the collusion bound each client declares
-in its :class:`ClientPolicy`. Clients' roster keys reach them from their operator.
+in its :class:`ClientPolicy` (by default a third of its roster, whatever the
+round's size). Clients' roster keys reach them from their operator.
 
 Guarantee, over everything the server and the colluders accumulate across all
 rounds: for each round, the server learns sums of the honest clients' encoded
@@ -171,7 +172,9 @@ SALT_BYTES = 32
 
 
 def default_colluders(n: int) -> int:
-    """The default collusion bound for a round of ``n`` clients: ``floor((n - 1) / 3)``."""
+    """The default collusion bound for a federation of ``n`` clients (its roster):
+    ``floor((n - 1) / 3)``. Every round of the federation is held to it, however few
+    clients the round has."""
     return max(0, (n - 1) // 3)
 
 
@@ -486,7 +489,11 @@ class ClientPolicy:
     """What a client insists on, whatever the server says.
 
     colluders: the number of colluding clients ``c`` (together with the server) the
-        client tolerates; ``None`` means ``floor((n - 1) / 3)`` of the round's ``n``.
+        client tolerates; ``None`` means ``floor((R - 1) / 3)`` of the ``R`` clients
+        in its roster. The bound is the federation's, never a round's: colluding
+        clients stay in the federation whatever participant list the server writes,
+        so a smaller round gets no smaller bound (it is refused when it cannot
+        honour this one).
     min_honest: ``h``, the fewest honest updates in any sum the client helps to
         unmask (>= 2: no single update).
     min_participants: smallest round the client takes part in (>= 3).
@@ -512,9 +519,10 @@ class ClientPolicy:
         if self.min_participants < 3:
             raise ConfigurationError("min_participants must be >= 3")
 
-    def colluders_for(self, n: int) -> int:
-        """The collusion bound ``c`` this policy applies to a round of ``n`` clients."""
-        return default_colluders(n) if self.colluders is None else self.colluders
+    def colluders_for(self, roster_size: int) -> int:
+        """The collusion bound ``c`` this policy applies to every round of a federation
+        whose roster lists ``roster_size`` clients."""
+        return default_colluders(roster_size) if self.colluders is None else self.colluders
 
 
 @dataclass
@@ -701,7 +709,7 @@ class ClientSession:
             nbhd = closed_neighbourhoods(parts, cfg.graph_kind, cfg.degree, cfg.graph_seed)
         except ConfigurationError as exc:
             raise ProtocolViolation(f"invalid graph: {exc}") from exc
-        c, h = self.policy.colluders_for(n), self.policy.min_honest
+        c, h = self.policy.colluders_for(len(self.roster)), self.policy.min_honest
         if cfg.colluders < c or cfg.min_honest < h:
             raise ThresholdPolicyError(
                 f"round set up for c = {cfg.colluders} colluders and h = {cfg.min_honest}; "
@@ -1107,8 +1115,9 @@ class ServerSession:
         degree: Harary degree (default :func:`default_degree` of the round size); for
             ``auto``, the smallest degree it may pick.
         colluders: the collusion bound ``c`` every round is set up for (``None``:
-            ``floor((n - 1) / 3)`` of the round's ``n``); the threshold is the
-            smallest ``t > (|N| + c) / 2``. Clients refuse a round below their own.
+            ``floor((R - 1) / 3)`` of the roster's ``R`` clients, whatever the
+            round's size); the threshold is the smallest ``t > (|N| + c) / 2``.
+            Clients refuse a round below their own bound.
         min_honest: ``h``, the fewest honest updates in any sum that is unmasked.
         dropouts: how many clients every round must survive dropping out, wherever
             they fall (``None``: not declared, and ``auto`` keeps the complete graph);
@@ -1139,6 +1148,9 @@ class ServerSession:
         self.graph = graph
         self.degree = degree
         self.colluders = colluders
+        #: the bound every round is set up for: the declared one, else the roster's
+        self.collusion_bound = (default_colluders(len(self.roster)) if colluders is None
+                                else colluders)
         self.min_honest = min_honest
         self.dropouts = dropouts
         self._adverts: dict[int, KeyAdvertisement] = {}
@@ -1243,7 +1255,7 @@ class ServerSession:
         n = len(parts)
         enc = self.encoding if encoding is None else encoding
         ring_bits = enc.ring_bits_for(n)
-        shape = round_parameters(n, self.graph, self.degree, self.colluders,
+        shape = round_parameters(n, self.graph, self.degree, self.collusion_bound,
                                  self.min_honest, self.dropouts)
         seed = random_bytes(16)
         nbhd = closed_neighbourhoods(parts, shape.kind, shape.degree, seed)
