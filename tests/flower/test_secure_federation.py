@@ -48,17 +48,20 @@ def _drop_mod(plan: dict[tuple[int, str], set[int]]):
 
 def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="none",
          record_dir=None, extra_mods=(), colluders: int | None = 0, setup=_setup,
-         nodes=NODES, dropouts: int | None = None):
+         nodes=NODES, dropouts: int | None = None,
+         hospital_policies: dict[int, ClientPolicy] | None = None):
     """A federation of the five NODES (or ``nodes``, with ``setup`` for as many).
     Secure runs declare ``colluders`` (0 by default: t = 3 of 5, so these tests can
     drop two hospitals; the collusion bound itself is exercised in tests/secagg) on
-    the server and in every hospital's policy, and ``dropouts`` on the server."""
+    the server and in every hospital's policy (``hospital_policies``: partition id ->
+    a hospital's own policy instead), and ``dropouts`` on the server."""
     settings = None
     identities = []
     if secure:
         roster, identities = make_identities(len(nodes), "test-federation")
         hospital_policy = ClientPolicy(colluders=colluders, clip_out_of_range=True)
-        identities = [dataclasses.replace(i, policy=hospital_policy) for i in identities]
+        identities = [dataclasses.replace(i, policy=(hospital_policies or {}).get(
+            k, hospital_policy)) for k, i in enumerate(identities)]
         settings = SecAggSettings(
             "test-federation", roster, clip=8.0, colluders=colluders, dropouts=dropouts,
             aggregate_metrics=len(AGGREGATED_METRICS) if release == "aggregate" else 0,
@@ -183,6 +186,29 @@ def test_a_hospital_whose_weight_outgrew_the_ring_is_refused_before_training(
     assert ledger["ledger_entries"] == 3
     others = report["rounds"][3]["per_client"]["hospital-1"]
     assert others["ledger_entries"] == 4
+
+
+def test_a_round_its_policy_refuses_costs_a_hospital_no_budget(tmp_path) -> None:
+    """hospital-0 tolerates c = 1 colluder; the server sets rounds up for c = 0. The
+    round config comes with the training instruction (non-pipelined rounds: a hospital
+    that refuses never signs, so its rounds are never pipelined), and hospital-0
+    refuses it before it trains: after three rounds its ledger is empty, and the
+    others' rounds go on without it."""
+    set_up: list[int] = []
+
+    def setup(ctx):  # the training handler builds the hospital's setup first
+        set_up.append(int(ctx.node_config["partition-id"]))
+        return _setup(ctx)
+
+    policy = dataclasses.replace(NON_PRIVATE, rounds=3)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3, setup=setup,
+                        hospital_policies={0: ClientPolicy(colluders=1,
+                                                           clip_out_of_range=True)})
+    assert 0 not in set_up and set(set_up) == {1, 2, 3, 4}
+    for r in report["rounds"]:
+        assert r["secagg"]["aborted"] is None
+        assert "hospital-0" not in r["secagg"]["alive"] and len(r["secagg"]["alive"]) == 4
+        assert "policy is c = 1" in r["failed"]["node-1001"]
 
 
 def test_a_report_no_ring_can_carry_does_not_abort_the_rounds(tmp_path) -> None:

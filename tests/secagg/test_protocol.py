@@ -164,6 +164,56 @@ def test_policy_collusion_bound_is_enforced_whatever_the_server_declares() -> No
         f.clients[0].handle_round_config(replace(cfg, colluders=2))
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(3, 8), st.sampled_from(["none", "colluders", "threshold", "federation",
+                                            "participants", "min_honest"]))
+def test_checking_a_round_config_decides_as_handling_it_and_changes_nothing(
+        n: int, edit: str) -> None:
+    """``check_round_config`` (what a hospital runs before it trains) refuses exactly the
+    configs ``handle_round_config`` refuses, with the same error, draws no secret and
+    leaves the session as it was."""
+    from dataclasses import replace
+
+    from secagg_helpers import advertise_all
+
+    from bract.secagg.errors import SecAggError
+
+    f = make_federation(n, encoding=ENC)
+    advertise_all(f)
+    cfg = f.server.start_round(3, range(n), 2)
+    cfg = {"none": cfg, "colluders": replace(cfg, colluders=max(0, cfg.colluders - 1)),
+           "threshold": replace(cfg, threshold=cfg.threshold - 1),
+           "federation": replace(cfg, federation_id="another-federation"),
+           "participants": replace(cfg, participants=[*cfg.participants[:-1], 99]),
+           "min_honest": replace(cfg, min_honest=1)}[edit]
+    client = f.clients[0]
+    before = client.export_state()
+    try:
+        client.check_round_config(cfg)
+        checked: type | None = None
+    except SecAggError as exc:
+        checked = type(exc)
+    assert client.export_state() == before
+    try:
+        client.handle_round_config(cfg)
+        handled: type | None = None
+    except SecAggError as exc:
+        handled = type(exc)
+    assert checked is handled
+    # (with fewer than 4 clients the default bound is already c = 0)
+    refused = edit != "none" and not (edit == "colluders" and (n - 1) // 3 == 0)
+    assert (checked is not None) == refused
+
+
+def test_a_policy_with_a_malformed_minimum_is_refused() -> None:
+    from bract.secagg.errors import ConfigurationError
+
+    for bad in ({"min_participants": 3.5}, {"min_participants": True}, {"min_degree": 0},
+                {"min_degree": "4"}, {"min_degree": False}):
+        with pytest.raises(ConfigurationError):
+            ClientPolicy(**bad)
+
+
 @pytest.mark.parametrize(("n", "c", "t"), [(3, 0, 2), (4, 1, 3), (5, 1, 4), (7, 2, 5),
                                            (10, 3, 7), (100, 33, 67)])
 def test_default_threshold_meets_bonawitz_active_bound(n: int, c: int, t: int) -> None:

@@ -187,6 +187,10 @@ def secagg_mod(
         # One session for the whole message: the train handler in between never
         # touches the secure-aggregation state.
         session = _session(_identity(identity, ctx), ctx)
+        if isinstance(cfg, RoundConfig):
+            # A round this hospital's policy refuses is refused before it trains, so it
+            # spends no privacy budget on an update that could not be sent.
+            session.check_round_config(cfg)
         limit = session.max_weight_for(cfg)
         if limit is not None and ROUND_CONFIG in msg.content.config_records:
             # The train handler refuses a weight the ring cannot carry before it trains.
@@ -245,8 +249,9 @@ def _stage_handler(identity: IdentityLike, expected: type) -> Callable[[Message,
         session = _session(ident, ctx)
         if isinstance(req, MaskRequest):
             pending = ctx.state.config_records.get(STATE_PENDING)
-            if pending is None:
-                raise ValueError("mask request without a pending update for this round")
+            if pending is None or int(pending["round"]) != req.round:
+                raise ValueError(f"mask request for round {req.round} without a pending "
+                                 "update for that round")
             # float32 as stored: encode() widens it block by block, exactly.
             vector = np.frombuffer(bytes(pending["vector"]), dtype=np.float32)
             out = session.handle_mask_request(req, vector, int(pending["weight"]))

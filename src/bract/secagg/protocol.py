@@ -516,8 +516,13 @@ class ClientPolicy:
         if isinstance(self.min_honest, bool) or not isinstance(self.min_honest, int) \
                 or self.min_honest < 2:
             raise ConfigurationError("min_honest must be an int >= 2 (no single update)")
-        if self.min_participants < 3:
-            raise ConfigurationError("min_participants must be >= 3")
+        if isinstance(self.min_participants, bool) or not isinstance(self.min_participants, int) \
+                or self.min_participants < 3:
+            raise ConfigurationError("min_participants must be an int >= 3")
+        if self.min_degree is not None and (isinstance(self.min_degree, bool)
+                                            or not isinstance(self.min_degree, int)
+                                            or self.min_degree < 1):
+            raise ConfigurationError("min_degree must be None or an int >= 1")
 
     def colluders_for(self, roster_size: int) -> int:
         """The collusion bound ``c`` this policy applies to every round of a federation
@@ -677,9 +682,18 @@ class ClientSession:
 
     # ---- stage 1
 
-    def handle_round_config(self, cfg: RoundConfig) -> ShareKeys:
-        """Stage 1: check the round against this client's policy; return this round's
-        mask key, commitments and encrypted shares for the neighbours."""
+    def check_round_config(self, cfg: RoundConfig) -> None:
+        """Every check :meth:`handle_round_config` makes, and nothing else: no secret is
+        drawn and the session is left as it was. A deployment calls it before the
+        hospital trains for the round, so that a round its policy refuses costs no
+        privacy budget. Raises what :meth:`handle_round_config` would."""
+        self._checked_config(cfg)
+
+    def _checked_config(self, cfg: RoundConfig) -> tuple[
+            dict[int, tuple[int, ...]], dict[int, KeyAdvertisement], set[tuple[Any, ...]],
+            int, int]:
+        """The checks of stage 1: ``(neighbourhoods, neighbours' advertisements,
+        advertisements verified now, c, h)``; changes nothing."""
         _expect(cfg, RoundConfig)
         self._check_fed(cfg)
         if cfg.round <= self._last_round:
@@ -746,6 +760,13 @@ class ClientSession:
             if adv.epoch < self._known_epoch.get(v, -1):
                 raise ReplayError(f"node {v}'s keys of epoch {adv.epoch} are older than known ones")
             adverts[v] = adv
+        return nbhd, adverts, verified_now, c, h
+
+    def handle_round_config(self, cfg: RoundConfig) -> ShareKeys:
+        """Stage 1: check the round against this client's policy; return this round's
+        mask key, commitments and encrypted shares for the neighbours."""
+        nbhd, adverts, verified_now, c, h = self._checked_config(cfg)
+        mine = nbhd[self.node_id]
         # this round's secrets: a seed and a mask key that serve this round only
         digest = _config_digest(cfg)
         fed, rnd, me = self.federation_id, cfg.round, self.node_id
