@@ -107,6 +107,25 @@ def test_policy_admission_rules() -> None:
                      ).allow_non_private
 
 
+def test_the_noise_floor_holds_when_the_coordinator_asks_for_calibrated_noise(
+        tmp_path) -> None:
+    """A policy's min_noise_multiplier is a floor on the noise, not only on the noise a
+    coordinator names: asked to calibrate for one round with every record in the batch
+    (sample rate 1, which calibrates to about 0.6 at epsilon 8), the hospital trains
+    with its floor of 2 (a lower epsilon than asked, never a higher one)."""
+    own = HospitalPolicy(target_epsilon=8.0, min_noise_multiplier=2.0)
+    report, _ = _run(tmp_path, {"target-epsilon": 8.0, "batch-size": 100000}, own)
+    (row,) = report["rounds"]
+    assert sorted(row["trained"]) == ["hospital-0", "hospital-1", "hospital-2"]
+    ledger = [json.loads(line) for line in
+              (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
+    dp = [e for e in ledger if e["event"].get("mechanism", "dp-sgd") == "dp-sgd"]
+    assert len(dp) == 3
+    assert all(e["event"]["sample_rate"] == 1.0 for e in dp)
+    assert all(e["event"]["noise_multiplier"] == 2.0 for e in dp)
+    assert 0 < row["epsilon"] < 8.0
+
+
 def test_policy_files_round_trip_and_bad_ones_are_named(tmp_path) -> None:
     own = HospitalPolicy(target_epsilon=2.5, secagg_colluders=1)
     own.write(tmp_path / "p.json")
@@ -129,6 +148,7 @@ asks = st.fixed_dictionaries({
     "seed": st.integers(0, 3),
     "partition": st.sampled_from(["iid", "dirichlet"]),
     "noise-multiplier": st.sampled_from(["calibrate", 0.0, 0.6, 3.0]),
+    "batch-size": st.sampled_from([32, 100000]),
     "secagg": st.just(False),
 })
 
@@ -138,17 +158,18 @@ asks = st.fixed_dictionaries({
 @given(requests=st.lists(asks, min_size=2, max_size=3))
 @example(requests=[  # spend 2.5, try to reset without noise, then ask for the whole 4 again
     {"target-epsilon": 2.5, "rounds": 2, "seed": 0, "partition": "iid",
-     "noise-multiplier": "calibrate", "secagg": False},
+     "noise-multiplier": "calibrate", "batch-size": 32, "secagg": False},
     {"target-epsilon": 9.0, "rounds": 1, "seed": 1, "partition": "iid",
-     "noise-multiplier": 0.0, "secagg": False},
+     "noise-multiplier": 0.0, "batch-size": 32, "secagg": False},
     {"target-epsilon": 4.0, "rounds": 2, "seed": 2, "partition": "dirichlet",
-     "noise-multiplier": "calibrate", "secagg": False}])
+     "noise-multiplier": "calibrate", "batch-size": 32, "secagg": False}])
 def test_no_sequence_of_coordinator_requests_takes_a_hospital_past_its_lifetime_policy(
         tmp_path_factory, requests) -> None:
     """Whatever a coordinator asks, run after run (a larger epsilon, no noise, little
-    noise, another seed or split, new run ids), each hospital's lifetime ledger on its
-    data stays within its own policy: epsilon <= 4 at delta 1e-5, never non-private,
-    and its chain verifies whole with its key."""
+    noise, calibrated noise for a batch of every record, another seed or split, new run
+    ids), each hospital's lifetime ledger on its data stays within its own policy:
+    epsilon <= 4 at delta 1e-5, never non-private, DP-SGD noise never below its floor
+    of 0.5, and its chain verifies whole with its key."""
     from bract.flower.app import dataset_source, task_from_run_config
     from bract.flower.client import LEDGER_FILE, privacy_dir
     from bract.privacy import epsilon_of
@@ -157,7 +178,8 @@ def test_no_sequence_of_coordinator_requests_takes_a_hospital_past_its_lifetime_
 
     tmp_path = tmp_path_factory.mktemp("lifetime")
     node_configs, roster_path = write_operator_files(
-        tmp_path, "policy-federation", len(NODES), HospitalPolicy(target_epsilon=4.0))
+        tmp_path, "policy-federation", len(NODES),
+        HospitalPolicy(target_epsilon=4.0, min_noise_multiplier=0.5))
     roster = read_roster(roster_path)
     for k, ask in enumerate(requests):
         rc = {"dataset": "breast-cancer", "clients": 3, "out": str(tmp_path / f"out-{k}"),
@@ -179,6 +201,7 @@ def test_no_sequence_of_coordinator_requests_takes_a_hospital_past_its_lifetime_
         assert check_chain(chain, roster.keys[i + 1], client_id=cid).ok
         events = [e.event for e in chain]
         assert all(e.is_private for e in events)
+        assert all(e.noise_multiplier >= 0.5 for e in events if e.mechanism == "dp-sgd")
         assert epsilon_of(events, 1e-5, "prv") <= 4.0 * (1 + 1e-9)
         spent += len(chain)
     if must_spend:

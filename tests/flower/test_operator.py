@@ -167,18 +167,33 @@ def test_hospital_start_serves_exactly_what_init_made(tmp_path, capsys) -> None:
     assert identity_from_node_config(node_config).node == 1
 
 
-def test_a_configured_hospital_without_its_own_state_dir_refuses_to_train(tmp_path) -> None:
-    """A hospital with an identity (its operator configured it) keeps its budget on its
-    own disk: without state-dir its ledger would live under the coordinator's output and
-    a new run would start it empty, so it refuses, saying why."""
+@pytest.mark.parametrize("key", ["identity-key", "name", "data-path", "loader", "policy",
+                                 "dataset-id"])
+def test_a_configured_hospital_without_its_own_state_dir_refuses_to_train(tmp_path,
+                                                                          key) -> None:
+    """A hospital its operator configured (its node config names any key only an
+    operator sets: an identity, a name, its own data or loader, a policy, a dataset id)
+    keeps its budget on its own disk: without state-dir its ledger would live under the
+    coordinator's output (the run config's `out`) and a run into another `out` would
+    start it empty, so it refuses, saying why. A simulated hospital (partition only)
+    keeps its state under the run's output."""
     from bract import tasks
-    from bract.flower.app import hospital_setup
+    from bract.flower.app import OPERATOR_KEYS, hospital_setup
 
+    assert key in OPERATOR_KEYS
     (d,) = _init_three(tmp_path)[:1]
+    value = {"identity-key": str(d / "identity.key"), "name": "st-mary",
+             "data-path": str(tmp_path / "own.npz"), "loader": "mymodule:load",
+             "policy": str(d / "policy.json"), "dataset-id": "st-mary-2026"}[key]
     ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={}, node_config={
-        "partition-id": 0, "num-partitions": 3, "identity-key": str(d / "identity.key")})
-    with pytest.raises(ValueError, match="no state-dir"):
+        "partition-id": 0, "num-partitions": 3, key: value})
+    with pytest.raises(ValueError, match=f"names {key} but no state-dir"):
         hospital_setup(tasks.TaskConfig(dataset="breast-cancer"), ctx, tmp_path / "coordinator")
+    simulated = Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
+                        node_config={"partition-id": 0, "num-partitions": 3})
+    setup = hospital_setup(tasks.TaskConfig(dataset="breast-cancer"), simulated,
+                           tmp_path / "coordinator")
+    assert setup.state_dir == tmp_path / "coordinator" / "hospital-0"
 
 
 def test_a_configured_hospital_reads_no_data_file_the_coordinator_names(tmp_path) -> None:

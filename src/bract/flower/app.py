@@ -58,6 +58,12 @@ def policy_from_run_config(rc: Mapping[str, Any]) -> PrivacyPolicy:
     return FederationConfig.from_run_config(rc).policy()
 
 
+#: Node-config keys only a hospital's operator sets: a SuperNode with any of them is a
+#: configured hospital, which must keep its state in its own ``state-dir``. (Flower's
+#: simulation engine gives its SuperNodes ``partition-id`` and ``num-partitions`` only.)
+OPERATOR_KEYS = ("identity-key", "name", "data-path", "loader", "policy", "dataset-id")
+
+
 def hospital_setup(
     task: tasks.TaskConfig, ctx: Context, state_root: Path | None = None
 ) -> HospitalSetup:
@@ -69,8 +75,9 @@ def hospital_setup(
     Without one it trains on partition ``partition-id`` of the task's shared data
     (simulation). Its client id is the node config's ``name``, else
     ``hospital-<partition-id>``. It keeps its state in the node config's
-    ``state-dir`` (required of a hospital its operator configured, i.e. one with an
-    ``identity-key``), else (a simulated hospital) in ``state_root/<client id>``; its privacy budget
+    ``state-dir`` (required of a hospital its operator configured, i.e. one whose node
+    config names any of :data:`OPERATOR_KEYS`), else (a simulated hospital: partition
+    only) in ``state_root/<client id>``; its privacy budget
     is keyed by the data it protects: the node config's ``dataset-id`` when its
     operator names one, else the data's source (:func:`dataset_source`).
     """
@@ -89,6 +96,15 @@ def hospital_setup(
     else:
         raise ValueError("this SuperNode's node config names neither the hospital "
                          "('name') nor its partition ('partition-id')")
+    state_dir = nc.get("state-dir")
+    configured = sorted(k for k in OPERATOR_KEYS if k in nc)
+    if not state_dir and configured:
+        # A hospital its operator configured keeps its budget on its own disk: under the
+        # coordinator's output (the run config's `out`) it would start from an empty
+        # ledger whenever the coordinator names another one.
+        raise ValueError(f"this hospital's node config names {', '.join(configured)} but no "
+                         "state-dir: its spent privacy budget must live in a directory its "
+                         "operator owns (bract hospital init makes DIR/state)")
     if task.data_path and "identity-key" in nc and not (own_path or loader):
         # The file would be the coordinator's choice, and so would the budget's key: a
         # copy of the same patients under another name would spend from a fresh one.
@@ -114,13 +130,6 @@ def hospital_setup(
     else:
         source = dataset_source(task)
         train_loader = tasks.hospital_loader(task, int(nc["partition-id"]))
-    state_dir = nc.get("state-dir")
-    if not state_dir and "identity-key" in nc:
-        # A hospital its operator configured keeps its budget on its own disk: under the
-        # coordinator's output it would start from an empty ledger with every new run.
-        raise ValueError("this hospital's node config names its identity-key but no "
-                         "state-dir: its spent privacy budget must live in a directory its "
-                         "operator owns (bract hospital init makes DIR/state)")
     own_policy = hospital_policy_of(nc)
     if own_policy.privacy_unit == "patient":
         if patient_ids is None:

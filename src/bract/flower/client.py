@@ -178,6 +178,9 @@ class PrivacyPolicy:
     #: multiplier of the Gaussian release and the bound each record's loss is clipped to.
     metrics_noise_multiplier: float = DEFAULT_METRICS_NOISE
     metrics_loss_bound: float = DEFAULT_LOSS_BOUND
+    #: The least noise multiplier the hospital trains with (its own policy's floor):
+    #: a calibrated multiplier below it is raised to it, which only lowers epsilon.
+    min_noise_multiplier: float = 0.0
 
     def metrics_release(self) -> MetricsRelease:
         """The Gaussian mechanism this policy releases metrics with (when they leave)."""
@@ -201,7 +204,8 @@ def _noise_multiplier(
     ``per_round`` it releases besides its DP-SGD (its metrics release), so the run
     lands on the lifetime target; when too little budget is left for that, it
     calibrates as for a fresh plan and the budget check refuses the round that
-    would pass it.
+    would pass it. A calibrated multiplier below the policy's ``min_noise_multiplier``
+    is raised to that floor (the run then ends below its target).
     """
     if policy.noise_multiplier is not None:
         return float(policy.noise_multiplier)
@@ -221,9 +225,10 @@ def _noise_multiplier(
             raise
         cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant,
                         alongside=alongside)
-    state["noise-multiplier"] = cal.noise_multiplier
+    sigma = max(cal.noise_multiplier, float(policy.min_noise_multiplier))
+    state["noise-multiplier"] = sigma
     state["calibrated-run"] = run_id
-    return cal.noise_multiplier
+    return sigma
 
 
 PolicyLike = PrivacyPolicy | Callable[[Context], PrivacyPolicy]

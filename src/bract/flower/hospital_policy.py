@@ -60,7 +60,8 @@ class HospitalPolicy:
 
     Guarantee: :meth:`admit` returns a training policy no looser than these limits
     (epsilon at most ``target_epsilon``, delta at most ``delta``, the hospital's own
-    accountant, noise at least ``min_noise_multiplier``, never non-private unless
+    accountant, noise at least ``min_noise_multiplier`` whether the coordinator names
+    the noise or asks for it calibrated, never non-private unless
     ``allow_non_private``) or raises :class:`PolicyRefusal` naming the first request
     that exceeds them.
     """
@@ -152,6 +153,8 @@ class HospitalPolicy:
                 f"hospital's policy allows at most {self.delta:g}"
             )
         return replace(requested, accountant=self.accountant,
+                       min_noise_multiplier=max(requested.min_noise_multiplier,
+                                                self.min_noise_multiplier),
                        allow_non_private=requested.allow_non_private and self.allow_non_private,
                        metrics_noise_multiplier=max(requested.metrics_noise_multiplier,
                                                     self.metrics_noise_multiplier),
