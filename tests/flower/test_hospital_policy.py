@@ -126,6 +126,25 @@ def test_the_noise_floor_holds_when_the_coordinator_asks_for_calibrated_noise(
     assert 0 < row["epsilon"] < 8.0
 
 
+def test_a_hospital_with_an_identity_refuses_to_send_its_update_in_clear(tmp_path) -> None:
+    """Leaving secure aggregation out of the training request is no way around it: a
+    hospital its operator gave an identity refuses a plain FedAvg round before it
+    trains, with its reason, and nothing of its update or count leaves; its policy's
+    allow_plain_aggregation lets it take part."""
+    (tmp_path / "strict").mkdir()
+    (tmp_path / "lax").mkdir()
+    report, grid = _run(tmp_path / "strict", {"secagg": False}, HospitalPolicy())
+    (row,) = report["rounds"]
+    assert row["trained"] == []
+    assert all("without secure aggregation" in why for why in row["failed"].values())
+    assert len(row["failed"]) == 3
+    _nothing_private_left(grid)
+    report, _ = _run(tmp_path / "lax", {"secagg": False},
+                     HospitalPolicy(allow_plain_aggregation=True))
+    assert sorted(report["rounds"][0]["trained"]) == ["hospital-0", "hospital-1",
+                                                      "hospital-2"]
+
+
 def test_policy_files_round_trip_and_bad_ones_are_named(tmp_path) -> None:
     own = HospitalPolicy(target_epsilon=2.5, secagg_colluders=1)
     own.write(tmp_path / "p.json")
@@ -179,7 +198,8 @@ def test_no_sequence_of_coordinator_requests_takes_a_hospital_past_its_lifetime_
     tmp_path = tmp_path_factory.mktemp("lifetime")
     node_configs, roster_path = write_operator_files(
         tmp_path, "policy-federation", len(NODES),
-        HospitalPolicy(target_epsilon=4.0, min_noise_multiplier=0.5))
+        HospitalPolicy(target_epsilon=4.0, min_noise_multiplier=0.5,
+                       allow_plain_aggregation=True))
     roster = read_roster(roster_path)
     for k, ask in enumerate(requests):
         rc = {"dataset": "breast-cancer", "clients": 3, "out": str(tmp_path / f"out-{k}"),

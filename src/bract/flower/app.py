@@ -290,12 +290,20 @@ def _release_from_context(ctx: Context) -> str:
     return hospital_policy_of(ctx.node_config).admit_release(requested)
 
 
+def _plain_allowed(ctx: Context) -> bool:
+    """Whether this hospital takes part in plain FedAvg: one its operator gave a
+    secure-aggregation identity only when its policy says ``allow_plain_aggregation``;
+    a simulated one (no identity in its node config) whenever the run is plain."""
+    nc = ctx.node_config
+    return "identity-key" not in nc or hospital_policy_of(nc).allow_plain_aggregation
+
+
 #: The hospitals of ``flwr run`` and ``bract deploy``: each reads what its operator
 #: configured in its node config, and admits only what its own policy allows.
 CONFIGURED_HOSPITALS = Hospitals(
     setup=_setup_from_context, policy=_policy_from_context,
     release_metrics=_release_from_context, secagg=_identity_from_context,
-    identity=_signer_from_context,
+    identity=_signer_from_context, allow_plain_aggregation=_plain_allowed,
 )
 client_app = apps.client_app(CONFIGURED_HOSPITALS)
 server_app = ServerApp()

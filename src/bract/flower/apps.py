@@ -52,7 +52,9 @@ class Hospitals:
     trains under (already admitted by its own limits); ``release_metrics``: what
     its training metrics may leave as; ``secagg``: its secure-aggregation identity
     (``None``: plain FedAvg only); ``identity``: who signs its ledger entries;
-    ``mods``: wrap every handler (e.g. simulated faults).
+    ``mods``: wrap every handler (e.g. simulated faults);
+    ``allow_plain_aggregation``: whether a hospital with a secure-aggregation identity
+    takes part in a plain FedAvg round (its update in clear) when asked.
     """
 
     setup: Callable[[Context], HospitalSetup]
@@ -61,6 +63,7 @@ class Hospitals:
     secagg: IdentityLike | None
     identity: SignerLike | None
     mods: Sequence[Callable] = ()
+    allow_plain_aggregation: bool | Callable[[Context], bool] = False
 
 
 def client_app(hospitals: Hospitals) -> ClientApp:
@@ -70,6 +73,7 @@ def client_app(hospitals: Hospitals) -> ClientApp:
         hospitals.setup, hospitals.policy, secagg=hospitals.secagg,
         release_metrics=hospitals.release_metrics, mods=list(hospitals.mods),
         identity=hospitals.identity,
+        allow_plain_aggregation=hospitals.allow_plain_aggregation,
     )
 
 

@@ -557,19 +557,24 @@ def make_client_app(
     release_metrics: str | Callable[[Context], str] = "none",
     mods: Sequence[Callable] = (),
     identity: SignerLike | None = None,
+    allow_plain_aggregation: bool | Callable[[Context], bool] = False,
 ) -> ClientApp:
     """A Flower ``ClientApp`` for a hospital: DP-SGD, and secure aggregation if given.
 
     ``secagg`` is the hospital's identity for secure aggregation (or a function of
     the Context returning it); with it, the update and example count leave the
-    hospital only inside masked vectors. ``identity`` signs the hospital's ledger
+    hospital only inside masked vectors: a ``train`` message without a
+    secure-aggregation record is refused before training unless
+    ``allow_plain_aggregation`` (or a function of the Context) lets it take part in
+    plain FedAvg. ``identity`` signs the hospital's ledger
     entries (default: the ``secagg`` identity; give it to sign plain runs too).
     ``mods`` wrap every handler, inside the metrics guard (e.g. fault injection).
     """
     app = ClientApp()
     train_mods = [contain_errors_mod, metrics_guard_mod(release_metrics), *mods]
     if secagg is not None:
-        train_mods.append(secagg_mod(secagg, release_metrics=release_metrics))
+        train_mods.append(secagg_mod(secagg, release_metrics=release_metrics,
+                                     allow_plain=allow_plain_aggregation))
         register_secagg(app, secagg, mods=[contain_errors_mod, *mods])
     signer = identity if identity is not None else secagg
     app.train(mods=train_mods)(dp_train_handler(setup_fn, policy, signer, release_metrics))

@@ -364,7 +364,9 @@ class LocalFederation:
             d = self._secagg_dir(i)
             write_roster(d / "roster.json", doc)
             (d / "state").mkdir(mode=0o700, exist_ok=True)
-            (self.hospital_policy or HospitalPolicy()).write(d / "policy.json")
+            own = self.hospital_policy or HospitalPolicy(
+                allow_plain_aggregation=not self.secagg)
+            own.write(d / "policy.json")
 
     def _resumed_federation_id(self, keys: Mapping[int, bytes], names: Mapping[int, str]
                                ) -> str:

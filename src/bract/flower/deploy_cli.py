@@ -119,6 +119,7 @@ def run_deploy(args: argparse.Namespace) -> int:
         own = HospitalPolicy(
             target_epsilon=fed.target_epsilon, delta=fed.delta, accountant=fed.accountant,
             release_metrics=fed.release_metrics, secagg_colluders=fed.secagg_colluders,
+            allow_plain_aggregation=not fed.secagg,
         )
         from bract.flower.interrupt import interruptible, resume_hint
 

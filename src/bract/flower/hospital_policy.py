@@ -14,7 +14,12 @@ File format (JSON, every field optional)::
      "min_noise_multiplier": 0.0, "allow_non_private": false,
      "release_metrics": "none", "secagg_colluders": null, "secagg_min_honest": 2,
      "public_dataset_size": null, "privacy_unit": "record",
-     "metrics_noise_multiplier": 10.0, "metrics_loss_bound": 4.0}
+     "metrics_noise_multiplier": 10.0, "metrics_loss_bound": 4.0,
+     "allow_plain_aggregation": false}
+
+``allow_plain_aggregation``: a hospital its operator gave a secure-aggregation
+identity sends its update (and example count) only inside a masked sum; a training
+request without secure aggregation is refused before it trains unless this is true.
 
 ``public_dataset_size``: a number of records the hospital declares public, at least
 its true count (e.g. its count rounded up to a round number). Its sample rate,
@@ -78,8 +83,11 @@ class HospitalPolicy:
     privacy_unit: str = "record"
     metrics_noise_multiplier: float = DEFAULT_METRICS_NOISE
     metrics_loss_bound: float = DEFAULT_LOSS_BOUND
+    allow_plain_aggregation: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.allow_plain_aggregation, bool):
+            raise ValueError("hospital policy: allow_plain_aggregation must be true or false")
         for name in ("metrics_noise_multiplier", "metrics_loss_bound"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (

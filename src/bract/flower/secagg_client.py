@@ -139,6 +139,10 @@ def flatten_delta(local: dict[str, np.ndarray], global_: dict[str, np.ndarray]) 
     return out
 
 
+class PlainAggregationRefused(ValueError):  # noqa: N818 (a refusal, the reply's error)
+    """A hospital that does secure aggregation was asked for its update in clear."""
+
+
 def _identity(identity: IdentityLike, ctx: Context) -> SecAggIdentity:
     return identity(ctx) if callable(identity) else identity
 
@@ -164,20 +168,30 @@ def _reply(msg: Message, payload: RecordDict | None = None) -> Message:
 
 
 def secagg_mod(
-    identity: IdentityLike, release_metrics: str | Callable[[Context], str] = "none"
+    identity: IdentityLike, release_metrics: str | Callable[[Context], str] = "none",
+    allow_plain: bool | Callable[[Context], bool] = False,
 ) -> Callable:
     """A Flower mod for the ``train`` stage: update out of the reply, shares (or, in a
     pipelined round, the masked update) in.
 
-    Only acts on messages that carry a secagg round config or mask request; plain
-    ``train`` messages pass through unchanged. ``release_metrics="aggregate"`` (or a function
-    of the Context returning it) lets the hospital's metrics release (noised sums,
-    already accounted) travel *inside* the masked vector (the server learns only
-    their total over the hospitals); otherwise they are dropped here.
+    Acts on messages that carry a secagg round config or mask request. A plain
+    ``train`` message (no secure-aggregation record: the coordinator asks for the
+    update in clear) is refused before training unless ``allow_plain`` (or a function
+    of the Context returning it) lets the hospital take part in plain FedAvg: leaving
+    the record out must not be a way around the masking.
+    ``release_metrics="aggregate"`` (or a function of the Context returning it) lets
+    the hospital's metrics release (noised sums, already accounted) travel *inside*
+    the masked vector (the server learns only their total over the hospitals);
+    otherwise they are dropped here.
     """
 
     def mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]):
         if SECAGG not in msg.content.config_records:
+            if not (allow_plain(ctx) if callable(allow_plain) else allow_plain):
+                raise PlainAggregationRefused(
+                    "refused: the coordinator asks for this hospital's update without "
+                    "secure aggregation; it sends its update only inside a masked sum "
+                    "(its policy's allow_plain_aggregation is false)")
             return call_next(msg, ctx)
         cfg = secagg_from_record(msg.content.config_records[SECAGG])
         if not isinstance(cfg, RoundConfig | MaskRequest):
