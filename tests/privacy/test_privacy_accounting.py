@@ -26,7 +26,7 @@ from bract.privacy import (
     calibrate,
     epsilon_of,
 )
-from bract.privacy.accounting import EXACT_EPSILON_CAP
+from bract.privacy.accounting import EXACT_EPSILON_CAP, MIN_ACCOUNTED_NOISE
 from tests.privacy.helpers import pld_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
@@ -82,6 +82,21 @@ def test_epsilon_of_no_steps_is_zero_and_of_noise_free_steps_is_infinite() -> No
     noiseless = DpSgdEvent(0.0, 0.1, 1, 1.0, 1e-5)
     for accountant in ACCOUNTANTS:
         assert epsilon_of([noiseless], 1e-5, accountant) == math.inf
+
+
+@pytest.mark.parametrize("sigma", [1e-160, 1e-155, 1e-154, 1e-3, 0.0099, 5e-324])
+def test_a_vanishing_noise_multiplier_is_infinite_epsilon_at_once(sigma: float) -> None:
+    """Noise multipliers down to the smallest float are accounted as epsilon = inf (an
+    upper bound) without calling an accountant: Opacus's RDP series never ends near
+    1e-154 (a hospital's budget check hung there, holding its dataset's lock), and a
+    denormal divided by zero. The budget check refuses such a round, quickly."""
+    event = DpSgdEvent(sigma, 0.5, 10, 1.0, 1e-5)
+    for accountant in ACCOUNTANTS:
+        assert epsilon_of([event], 1e-5, accountant) == math.inf
+    decision = PrivacyBudget(epsilon=8.0, delta=1e-5).check(PrivacyLedger("h"), event)
+    assert decision.allowed is False
+    assert epsilon_of([DpSgdEvent(MIN_ACCOUNTED_NOISE, 0.5, 10, 1.0, 1e-5)], 1e-5,
+                      "rdp") < math.inf
 
 
 def test_more_noise_gives_smaller_epsilon() -> None:

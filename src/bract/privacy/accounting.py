@@ -68,6 +68,11 @@ MIN_TARGET_EPSILON = 0.05
 #: Above this epsilon (by RDP's bound) the reported figure is RDP's: PRV and PLD would
 #: need GBs, and no budget bract accepts comes near it.
 EXACT_EPSILON_CAP = 1000.0
+#: A noise multiplier below this is accounted as epsilon = inf (an upper bound, always
+#: true): its epsilon exceeds every budget bract accepts at any sample rate (RDP's
+#: bound at sigma 0.0099 is about 5500 for one step even at q = 1e-9), and Opacus's
+#: RDP series never ends for sigma near 1e-154 (1/sigma^2 overflows).
+MIN_ACCOUNTED_NOISE = 0.01
 
 
 def _check_epsilon(epsilon: float) -> None:
@@ -377,7 +382,8 @@ def epsilon_of(
     Guarantee: an upper bound on the (epsilon, delta)-DP of releasing every
     model trained by those events (add/remove-one neighbours, Poisson sampling),
     under the assumption that the noise was Gaussian as recorded. Returns
-    ``math.inf`` if any event with steps added no noise, ``0.0`` for no steps.
+    ``math.inf`` if any event with steps added no noise or noise below
+    :data:`MIN_ACCOUNTED_NOISE` times its clipping norm, ``0.0`` for no steps.
     """
     if accountant not in ACCOUNTANTS:
         raise PrivacyError(
@@ -386,7 +392,8 @@ def epsilon_of(
         )
     _check_delta(delta)
     events = list(events)
-    if any(e.steps > 0 and not e.is_private for e in events):
+    if any(e.steps > 0 and (not e.is_private or e.noise_multiplier < MIN_ACCOUNTED_NOISE)
+           for e in events):
         return math.inf
     history = compress(events)
     if not history:
