@@ -208,6 +208,33 @@ def test_a_deleted_line_fails(run, capsys, line, needle) -> None:
         assert "missing event: report.json says hospital-0 trained in round 3" in out
 
 
+def _erase(obj, cid: str):
+    """``obj`` (report.json's content) with every mention of ``cid`` taken out."""
+    if isinstance(obj, dict):
+        return {k: _erase(v, cid) for k, v in obj.items() if k != cid}
+    if isinstance(obj, list):
+        return [_erase(v, cid) for v in obj if v != cid]
+    return obj
+
+
+def test_a_hospital_the_server_leaves_out_of_ledger_and_report_fails(run, capsys) -> None:
+    """The server writes both the ledger and report.json: a hospital it leaves out of
+    both would leave the audit's epsilon without it. A roster member with no record
+    fails the audit, named; its own copy (with the same server files) shows the
+    missing entries."""
+    _rewrite(run / "out" / "ledger.jsonl",
+             lambda lines: [x for x in lines if json.loads(x)["client_id"] != "hospital-1"])
+    report = run / "out" / "report.json"
+    report.write_text(json.dumps(_erase(json.loads(report.read_text()), "hospital-1")))
+    assert "hospital-1" not in report.read_text()
+    assert _verify(run, copies=False) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "hospital-1 is in the roster but has no entry in the server's ledger" in out
+    assert _verify(run) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "is in hospital-1's copy but missing from the server's" in out
+
+
 def test_a_wrong_roster_key_fails(run, capsys) -> None:
     doc = json.loads((run / "roster.json").read_text())
     doc["members"][1]["public_key"] = SigningKey.generate().public_bytes().hex()
