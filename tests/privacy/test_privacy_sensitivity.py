@@ -223,6 +223,36 @@ def test_a_buffer_that_training_changes_is_refused_unless_declared_public() -> N
     assert torch.equal(model.seen_mean, torch.zeros(4))  # the probe ran on a copy
 
 
+class SwitchedMixing(nn.Module):
+    """Mixes examples only when its buffer says so: a flag the global weights carry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        self.register_buffer("centre", torch.zeros(()))
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h - self.centre * h.mean(0, keepdim=True))
+
+
+def test_global_weights_that_change_a_buffer_are_probed_again_before_any_step() -> None:
+    """The probe's verdict holds for the buffers it saw: global weights that switch a
+    buffer (here, on: the forward then mixes examples) are probed again before the
+    round, which is refused with nothing recorded; weights that leave the buffers as
+    they were train."""
+    model = SwitchedMixing()
+    trainer = _trainer(model, grad_sample_mode="hooks")
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert trainer.train_round(1, global_weights=weights).trained
+    switched = {**weights, "centre": torch.ones(())}
+    before = trainer.ledger
+    with pytest.raises(PrivacyError, match=r"influence each other"):
+        trainer.train_round(2, global_weights=switched)
+    assert trainer.ledger == before
+
+
 def test_dropout_and_per_example_models_pass_the_probe() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.GroupNorm(2, 8), nn.Linear(8, 3))
     assert _trainer(model).grad_sample_mode == "bk"
