@@ -301,8 +301,13 @@ def check_fits_model(cfg: TaskConfig, ds: FederatedDataset, source: str) -> Fede
     if kind == "classification":
         top = max(int(ds.y_train.max(initial=0)), int(ds.y_test.max(initial=0)))
         if top >= num_classes:
-            raise ValueError(f"{source}: label {top} is beyond the federation's model's "
+            exc = ValueError(f"{source}: label {top} is beyond the federation's model's "
                              f"{num_classes} classes")
+            # A rare class is a fact about the hospital's patients: the reply says less.
+            exc.public_reason = (f"the hospital's data holds a label beyond the "
+                                 f"federation's model's {num_classes} classes (details "
+                                 "in its own log)")
+            raise exc
     return ds
 
 

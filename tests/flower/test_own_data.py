@@ -140,6 +140,37 @@ def test_a_hospital_file_that_does_not_fit_the_declared_model_is_refused_with_th
         tasks.TaskConfig(dataset="medmnist", num_classes=2)
 
 
+def test_a_refusal_that_names_a_figure_of_the_data_leaves_without_it(tmp_path) -> None:
+    """An error reply reaches the coordinator: a refusal whose message holds a fact
+    about the hospital's patients (a label only a rare record has, the exact number of
+    records) leaves with a reason that does not, and the whole message stays local."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bract.flower.client import failure_reason
+    from bract.privacy import PrivacyError, PrivateTrainer
+
+    path = _npz(tmp_path / "bloodmnist.npz", 10, 2, 4, seed=0)
+    data = dict(np.load(path))
+    data["train_labels"] = data["train_labels"].copy()
+    data["train_labels"][0] = 7  # one record of a rare class
+    np.savez(path, **data)
+    task = tasks.TaskConfig(dataset="medmnist", num_classes=2, in_channels=1)
+    with pytest.raises(ValueError, match="label 7 is beyond") as refused:
+        tasks.own_data(task, str(path))
+    reason = failure_reason(refused.value)
+    assert "beyond the federation's model's 2 classes" in reason
+    assert "7" not in reason and str(path) not in reason
+    x, y = torch.randn(64, 4), torch.arange(64) % 3
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(PrivacyError, match=r"number of records \(64\)") as refused:
+        PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                       DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=1.0,
+                       max_grad_norm=1.0, delta=1e-5, public_size=10)
+    reason = failure_reason(refused.value)
+    assert "public size bound" in reason and "64" not in reason
+
+
 LOADER_MODULE = '''
 import numpy as np
 from bract.data import FederatedDataset

@@ -517,7 +517,12 @@ _EXPLAINED = (PrivacyError, LedgerError, ValueError, OSError)
 
 def failure_reason(exc: BaseException) -> str:
     """One line that says why a hospital's handler failed: the message of an error
-    bract raises for the operator, or the exception's type and message otherwise."""
+    bract raises for the operator, or the exception's type and message otherwise. An
+    error whose message holds a figure of the hospital's data (its exact count, a
+    label it holds) carries a ``public_reason`` without it, and only that leaves."""
+    public = getattr(exc, "public_reason", None)
+    if isinstance(public, str) and public.strip():
+        return " ".join(public.split())
     text = " ".join(str(exc).split()) or type(exc).__name__
     if len(text) > 300:
         text = text[:297] + "..."
@@ -543,7 +548,10 @@ def contain_errors_mod(msg: Message, ctx: Context,
     except Exception as exc:  # every failure becomes this hospital's reply
         reason = failure_reason(exc)
         logger = logging.getLogger("bract")
-        logger.warning("hospital failed: %s", reason)
+        # The hospital's own log has the whole message, the reply only its reason.
+        whole = " ".join(str(exc).split())
+        logger.warning("hospital failed: %s", whole if getattr(exc, "public_reason", None)
+                       else reason)
         logger.debug("hospital failure", exc_info=True)
         return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                        reply_to=msg)

@@ -352,10 +352,15 @@ class PrivateTrainer:
         unit = "record" if self.patients is None else "patient"
         if public_size is not None and (isinstance(public_size, bool) or not isinstance(
                 public_size, int) or public_size < units):
-            raise PrivacyError(
+            exc = PrivacyError(
                 f"the public size bound ({public_size!r}) must be an integer at least the "
                 f"hospital's number of {unit}s ({units}): it replaces that count in "
                 "everything released")
+            # What leaves the hospital (its reply's error) must not give the count.
+            exc.public_reason = (f"the public size bound is not an integer at least the "
+                                 f"hospital's number of {unit}s (the count stays in its "
+                                 "own log)")
+            raise exc
         self.public_size = public_size
         self.privacy_unit = unit
         # Sample rate, steps (and so the calibrated noise) come from the public bound
