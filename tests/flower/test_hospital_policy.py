@@ -145,6 +145,56 @@ def test_a_hospital_with_an_identity_refuses_to_send_its_update_in_clear(tmp_pat
                                                       "hospital-2"]
 
 
+def test_an_app_of_its_own_is_held_to_the_operators_policy_and_state_dir(tmp_path) -> None:
+    """A hospital's own ClientApp (make_client_app, the policy read from the run config
+    as docs/integrate.md's simulation example does) deployed on a SuperNode whose node
+    config names a policy file: it refuses to train without a state directory, refuses
+    a target looser than its policy, and its budget carries from run to run."""
+    from bract import tasks
+    from bract.flower.client import HospitalSetup, make_client_app
+    from bract.flower.server import ServerConfig, run_federation
+    from bract.privacy import weights_of
+
+    task = tasks.TaskConfig(dataset="breast-cancer", clients=2, batch_size=32, lr=0.2)
+    own = tmp_path / "policy.json"
+    HospitalPolicy(target_epsilon=4.0).write(own)
+    state = {"state_dir": None}
+
+    def setup(ctx):
+        model = tasks.build_model(task)
+        pid = int(ctx.node_config["partition-id"])
+        return HospitalSetup(model, tasks.make_optimizer(task, model),
+                             tasks.hospital_loader(task, pid), client_id=f"hospital-{pid}",
+                             state_dir=state["state_dir"] and state["state_dir"] / str(pid))
+
+    def ask(ctx):
+        return PrivacyPolicy(target_epsilon=float(ctx.run_config["target-epsilon"]),
+                             delta=1e-5, rounds=1)
+
+    def run(k: int, target: float) -> dict:
+        grid = FakeGrid({1: make_client_app(setup, ask), 2: make_client_app(setup, ask)},
+                        run_config={"target-epsilon": target})
+        for ctx in grid.contexts.values():
+            ctx.node_config.update({"policy": str(own), "name": "x"})
+        cfg = ServerConfig(rounds=1, num_clients=2, delta=1e-5, out_dir=tmp_path / f"out-{k}",
+                           node_wait_seconds=1, show_progress=False)
+        return run_federation(grid, weights_of(tasks.build_model(task)), lambda w: {}, cfg)
+
+    (row,) = run(0, 3.0)["rounds"]
+    assert row["trained"] == [] and len(row["failed"]) == 2
+    assert all("no state_dir" in why for why in row["failed"].values())
+    state["state_dir"] = tmp_path / "state"
+    (row,) = run(1, 50.0)["rounds"]
+    assert row["trained"] == []
+    assert len(row["failed"]) == 2
+    assert all("allows at most 4" in why for why in row["failed"].values())
+    (row,) = run(2, 3.0)["rounds"]
+    assert len(row["trained"]) == 2 and row["epsilon"] <= 3.0
+    (row,) = run(3, 3.0)["rounds"]  # a new run: the budget spent in run 2 carries on
+    assert row["trained"] == []
+    assert all("budget" in v.get("reason", "") for v in row["per_client"].values())
+
+
 def test_policy_files_round_trip_and_bad_ones_are_named(tmp_path) -> None:
     own = HospitalPolicy(target_epsilon=2.5, secagg_colluders=1)
     own.write(tmp_path / "p.json")

@@ -13,7 +13,9 @@ from custom_app.task import hospital_loader, make_model
 
 
 def policy(ctx: Context) -> PrivacyPolicy:
-    """The budget over the whole run: epsilon at delta 1e-5, noise calibrated to it."""
+    """The budget over the whole run: epsilon at delta 1e-5, noise calibrated to it.
+    Deployed on a SuperNode whose node config names a policy file, this is only an ask:
+    bract admits it through the operator's policy (docs/integrate.md)."""
     return PrivacyPolicy(target_epsilon=float(ctx.run_config["target-epsilon"]), delta=1e-5,
                          rounds=int(ctx.run_config["num-server-rounds"]))
 
@@ -22,8 +24,11 @@ def setup(ctx: Context) -> HospitalSetup:
     """What this hospital brings: its model, optimizer and data."""
     pid, hospitals = int(ctx.node_config["partition-id"]), int(ctx.node_config["num-partitions"])
     model = make_model()
+    # Deployed, the hospital's spent budget lives in its operator's state-dir.
+    state_dir = ctx.node_config.get("state-dir")
     return HospitalSetup(model, torch.optim.SGD(model.parameters(), lr=0.2),
-                         hospital_loader(pid, hospitals), client_id=f"hospital-{pid}")
+                         hospital_loader(pid, hospitals), client_id=f"hospital-{pid}",
+                         state_dir=Path(str(state_dir)) if state_dir else None)
 
 
 def identity(ctx: Context):

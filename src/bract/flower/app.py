@@ -15,7 +15,6 @@ one) and refuses any request looser than them, before it trains.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from bract.flower import apps
 from bract.flower.apps import Hospitals
 from bract.flower.client import HospitalSetup, PrivacyPolicy
 from bract.flower.config import FederationConfig
-from bract.flower.hospital_policy import HospitalPolicy
+from bract.flower.hospital_policy import OPERATOR_KEYS, hospital_policy_of
 from bract.flower.run_dir import set_aside_previous_run
 from bract.flower.secagg_client import SecAggIdentity, read_identity_key
 from bract.flower.server import run_federation
@@ -56,12 +55,6 @@ def task_from_run_config(rc: Mapping[str, Any]) -> tasks.TaskConfig:
 def policy_from_run_config(rc: Mapping[str, Any]) -> PrivacyPolicy:
     """The privacy policy a run config asks every hospital to train under."""
     return FederationConfig.from_run_config(rc).policy()
-
-
-#: Node-config keys only a hospital's operator sets: a SuperNode with any of them is a
-#: configured hospital, which must keep its state in its own ``state-dir``. (Flower's
-#: simulation engine gives its SuperNodes ``partition-id`` and ``num-partitions`` only.)
-OPERATOR_KEYS = ("identity-key", "name", "data-path", "loader", "policy", "dataset-id")
 
 
 def hospital_setup(
@@ -198,27 +191,6 @@ def _setup_from_context(ctx: Context) -> HospitalSetup:
     torch.set_num_threads(1)
     fed = FederationConfig.from_run_config(ctx.run_config)
     return hospital_setup(fed.task(), ctx, fed.out / HOSPITALS_DIR)
-
-
-def hospital_policy_of(node_config: Mapping[str, Any]) -> HospitalPolicy:
-    """The hospital's own limits: the policy file its node config names (``policy``),
-    or :class:`HospitalPolicy`'s defaults (epsilon <= 8 at delta <= 1e-5, never
-    non-private, training metrics stay home)."""
-    path = node_config.get("policy")
-    if not path:
-        return HospitalPolicy()
-    try:
-        stat = Path(str(path)).stat()
-    except OSError:
-        return HospitalPolicy.read(Path(str(path)))  # names the problem
-    return _read_policy(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _read_policy(path: str, mtime_ns: int, size: int) -> HospitalPolicy:
-    """The policy file, read once per version of it (a message reads it three times:
-    the budget, the metric release, the secure-aggregation bound)."""
-    return HospitalPolicy.read(Path(path))
 
 
 def _policy_from_context(ctx: Context) -> PrivacyPolicy:

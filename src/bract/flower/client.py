@@ -332,7 +332,12 @@ def dp_train_handler(
 
     Guarantee: the ledger in ``ctx.state`` advances only after a round's DP-SGD
     steps completed, and a round that would exceed the policy's budget is refused
-    before any training (the reply says why). Each trained round appends one
+    before any training (the reply says why). On a SuperNode whose node config names a
+    ``policy`` file, the policy is first admitted by the operator's
+    :class:`~bract.flower.hospital_policy.HospitalPolicy` (a looser one is refused);
+    one whose node config names any operator-only key
+    (:data:`~bract.flower.hospital_policy.OPERATOR_KEYS`) refuses to train without a
+    ``HospitalSetup.state_dir``. Each trained round appends one
     signed entry to the hospital's chain, kept in ``ctx.state`` and in the
     dataset's privacy directory (:meth:`HospitalSetup.privacy_dir`:
     ``ledger.jsonl``, its head in ``privacy-state.json``), which every later run
@@ -344,8 +349,23 @@ def dp_train_handler(
     """
 
     def handle(msg: Message, ctx: Context) -> Message:
+        from bract.flower.hospital_policy import OPERATOR_KEYS, hospital_policy_of
+
         policy_now = policy(ctx) if callable(policy) else policy
+        nc = ctx.node_config
+        if nc.get("policy"):
+            # The operator's own limits hold for any app built on this handler: what the
+            # app asks (often the coordinator's run config) is only admitted within them.
+            policy_now = hospital_policy_of(nc).admit(policy_now)
         setup = setup_fn(ctx)
+        configured = sorted(k for k in OPERATOR_KEYS if k in nc)
+        if setup.state_dir is None and configured:
+            # Without a state directory the ledger lives in this run's Context only, so
+            # a new run would start the hospital's budget from nothing.
+            raise ValueError(f"this hospital's node config names {', '.join(configured)} "
+                             "but its HospitalSetup has no state_dir: its spent privacy "
+                             "budget must live in a directory its operator owns (node "
+                             "config state-dir)")
         # The accountant's recent results travel in the Context: in deployment every
         # message runs in its own process, which would otherwise recompute them.
         carried = ctx.state.config_records.get(STATE_EPSILONS, ConfigRecord())

@@ -39,8 +39,10 @@ budget as training (bract.privacy.metrics_release).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,13 @@ from bract.flower.client import METRICS_RELEASE, PrivacyPolicy
 from bract.privacy.accounting import ACCOUNTANTS
 from bract.privacy.metrics_release import DEFAULT_LOSS_BOUND, DEFAULT_METRICS_NOISE
 
-__all__ = ["HospitalPolicy", "PolicyRefusal"]
+__all__ = ["OPERATOR_KEYS", "HospitalPolicy", "PolicyRefusal", "hospital_policy_of"]
+
+#: Node-config keys only a hospital's operator sets: a SuperNode with any of them is a
+#: configured hospital, which must keep its state in its own ``state-dir`` (or its
+#: ``HospitalSetup.state_dir``). Flower's simulation engine gives its SuperNodes
+#: ``partition-id`` and ``num-partitions`` only.
+OPERATOR_KEYS = ("identity-key", "name", "data-path", "loader", "policy", "dataset-id")
 
 #: How much each metric release lets out (a request above the hospital's is refused).
 _RELEASE_ORDER = {"none": 0, "aggregate": 1, "clear": 2}
@@ -182,3 +190,24 @@ class HospitalPolicy:
     def to_plain(self) -> dict[str, Any]:
         """Plain dict (the file's content)."""
         return asdict(self)
+
+
+def hospital_policy_of(node_config: Mapping[str, Any]) -> HospitalPolicy:
+    """The hospital's own limits: the policy file its node config names (``policy``),
+    or :class:`HospitalPolicy`'s defaults (epsilon <= 8 at delta <= 1e-5, never
+    non-private, training metrics stay home)."""
+    path = node_config.get("policy")
+    if not path:
+        return HospitalPolicy()
+    try:
+        stat = Path(str(path)).stat()
+    except OSError:
+        return HospitalPolicy.read(Path(str(path)))  # names the problem
+    return _read_policy(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_policy(path: str, mtime_ns: int, size: int) -> HospitalPolicy:
+    """The policy file, read once per version of it (a message reads it three times:
+    the budget, the metric release, the secure-aggregation bound)."""
+    return HospitalPolicy.read(Path(path))
