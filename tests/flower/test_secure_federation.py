@@ -211,6 +211,30 @@ def test_a_round_its_policy_refuses_costs_a_hospital_no_budget(tmp_path) -> None
         assert "policy is c = 1" in r["failed"]["node-1001"]
 
 
+def test_an_update_computed_from_another_global_model_is_in_no_sum(tmp_path) -> None:
+    """Each hospital signs the digest of the global model it received with its masked
+    update. In round 2, hospital-0 receives a different model (what a server that
+    singles a hospital out would send); its update is refused by the server, which
+    knows the model it sent, and the round sums the other four."""
+    from bract.flower.records import GLOBAL_WEIGHTS, record_to_weights, weights_to_record
+
+    def other_model(msg, ctx, call_next):
+        if (int(ctx.node_config["partition-id"]) == 0 and int(msg.metadata.group_id) == 2
+                and GLOBAL_WEIGHTS in msg.content.array_records):
+            w = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
+            msg.content.array_records[GLOBAL_WEIGHTS] = weights_to_record(
+                {k: v * 0 for k, v in w.items()})
+        return call_next(msg, ctx)
+
+    policy = dataclasses.replace(NON_PRIVATE, rounds=3)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3, extra_mods=[other_model])
+    r1, r2, r3 = (r["secagg"] for r in report["rounds"])
+    assert r1["aborted"] is None and len(r1["alive"]) == 5
+    assert r2["aborted"] is None and "hospital-0" not in r2["alive"]
+    assert len(r2["alive"]) == 4
+    assert r3["aborted"] is None and "hospital-0" in r3["alive"]
+
+
 def test_a_report_no_ring_can_carry_does_not_abort_the_rounds(tmp_path) -> None:
     """hospital-0 reports a weight bound of 2^60 (a forged report: no ring carries five
     such weights). The server caps the round's max weight at what the 64-bit ring

@@ -123,7 +123,10 @@ def declarations(draw):
 def test_a_round_on_the_chosen_graph_survives_its_tolerance_and_no_more(decl, data) -> None:
     """Dropouts are placed after the graph is drawn, all inside one alive victim's
     neighbourhood (the worst place): ``tolerated`` of them, at any stages, leave the
-    round exact; one more, dropping before it sends its masked input, aborts it."""
+    round exact; one more, dropping before it sends its masked input, leaves the
+    victim's neighbourhood below the threshold, so the round either aborts or goes on
+    without the victim (on a sparse graph the others' neighbourhoods may still reach
+    it); it never completes with the victim's input in the sum."""
     n, c, h, dropouts = decl
     shape = round_parameters(n, "auto", None, c, h, dropouts)
     inputs = random_inputs(n, 3, max_weight=1000)
@@ -134,8 +137,11 @@ def test_a_round_on_the_chosen_graph_survives_its_tolerance_and_no_more(decl, da
     stages = data.draw(st.lists(stage, min_size=count, max_size=count), label="stages")
     pick = data.draw(st.randoms(use_true_random=False), label="placement")
 
+    chosen: list[int] = []
+
     def worst(nbhd):
         victim = pick.choice(sorted(nbhd))
+        chosen.append(victim)
         near = [v for v in nbhd[victim] if v != victim]
         return dict(zip(pick.sample(near, min(count, len(near))), stages, strict=False))
 
@@ -148,8 +154,11 @@ def test_a_round_on_the_chosen_graph_survives_its_tolerance_and_no_more(decl, da
     except RoundAborted:
         assert extra, "a round aborted with no more dropouts than it reports tolerating"
         return
-    assert not extra, "a round survived more dropouts than its reported tolerance"
     assert (cfg.graph_kind, cfg.degree) == (shape.kind, shape.degree)
+    if extra:
+        assert chosen[0] not in res.alive, \
+            "a round kept the victim with more dropouts in its neighbourhood than tolerated"
+        return
     alive = [u for u in range(n) if drops.get(u) not in ("config", "mask")]
     assert sorted(res.alive) == alive
     ref = sum(inputs[u][1] * inputs[u][0].astype(np.float64) for u in alive)

@@ -40,7 +40,9 @@ from bract.secagg.protocol import (
     ClientPolicy,
     ClientSession,
     ServerSession,
+    _config_digest,
     advertisement_statement,
+    consistency_statement,
 )
 
 D = 3
@@ -156,6 +158,17 @@ def _to_masked(n, colluders, *, policy=None, graph="complete", colluders_bound=N
     return f, cfg, inputs, reqs, masked, adv
 
 
+def _creq(server, fed, rnd, sharers, alive) -> ConsistencyRequest:
+    """A consistency request for ``alive``, with each alive client's input digest and
+    signature from the masked input the server received (what any server holds; a
+    client it never received one from gets none that verifies)."""
+    alive = sorted(alive)
+    got = server._round.inputs if server._round is not None else {}
+    return ConsistencyRequest(fed, rnd, list(sharers), alive,
+                              [got.get(v, (b"", b""))[0] for v in alive],
+                              [got.get(v, (b"", bytes(64)))[1] for v in alive])
+
+
 def _sign(f, clients, creq):
     sigs = {}
     for v in clients:
@@ -183,8 +196,6 @@ def _unmask(f, cfg, clients, alive, sharers, sigs, adv):
 
 
 def _colluder_sig(f, c, cfg, sharers, alive):
-    from bract.secagg.protocol import _config_digest, consistency_statement
-
     return f.keys[c].sign(consistency_statement(f.fed, cfg.round, _config_digest(cfg),
                                                 sharers, alive))
 
@@ -215,8 +226,8 @@ def test_split_views_yield_no_sum_smaller_than_h(n, data) -> None:
     f, cfg, _, _, _, adv = _to_masked(n, colluders)
     everyone = list(range(n))
     without = [v for v in everyone if v != victim]
-    sigs_a = _sign(f, group_a, ConsistencyRequest(f.fed, 1, everyone, everyone))
-    sigs_b = _sign(f, set(honest) - group_a, ConsistencyRequest(f.fed, 1, everyone, without))
+    sigs_a = _sign(f, group_a, _creq(f.server, f.fed, 1, everyone, everyone))
+    sigs_b = _sign(f, set(honest) - group_a, _creq(f.server, f.fed, 1, everyone, without))
     for col in colluders:
         sigs_a[col] = _colluder_sig(f, col, cfg, everyone, everyone)
         sigs_b[col] = _colluder_sig(f, col, cfg, everyone, without)
@@ -238,7 +249,7 @@ def test_shrinking_the_alive_set_yields_no_sum_smaller_than_h(n, data) -> None:
     f, cfg, _, _, _, adv = _to_masked(n, colluders)
     adv.masked = set(alive) | adv.masked  # the server keeps every input it received
     everyone = list(range(n))
-    sigs = _sign(f, keep, ConsistencyRequest(f.fed, 1, everyone, alive))
+    sigs = _sign(f, keep, _creq(f.server, f.fed, 1, everyone, alive))
     for col in colluders:
         sigs[col] = _colluder_sig(f, col, cfg, everyone, alive)
     _unmask(f, cfg, keep, alive, everyone, sigs, adv)
@@ -299,11 +310,91 @@ def test_a_smaller_round_keeps_the_federations_collusion_bound(r, data) -> None:
     adv.add_colluder_state(f.clients)
     alive = sorted((keep | colluders) & adv.masked)
     sharers = sorted(shares)
-    sigs = _sign(f, keep & adv.masked, ConsistencyRequest(f.fed, 1, sharers, alive))
+    sigs = _sign(f, keep & adv.masked, _creq(rogue, f.fed, 1, sharers, alive))
     for col in colluders & adv.masked:
         sigs[col] = _colluder_sig(f, col, cfg, sharers, alive)
     _unmask(f, cfg, [v for v in parts if v not in colluders], alive, sharers, sigs, adv)
     assert_no_small_sum(adv, 2)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(4, 9), st.data())
+def test_no_unmasked_sum_mixes_inputs_computed_from_different_models(n, data) -> None:
+    """The server sends some hospitals another global model (one whose gradients are
+    zero on chosen coordinates, so that a sum over the victim and them shows the
+    victim's update there: Pasquini et al. 2022) and then keeps any alive set, with
+    up to c colluders signing anything. Honest clients sign only alive sets whose
+    members all signed the digest of the model they masked with, so every sum of
+    honest updates the adversary can compute holds updates of one model, and at
+    least h of them."""
+    colluders, honest, victim, _ = _draw_roles(n, data)
+    other = set(data.draw(st.lists(st.sampled_from([v for v in honest if v != victim]),
+                                   unique=True), label="sent the other model"))
+    models = {v: (b"B" * 32 if v in other else b"A" * 32) for v in range(n)}
+    f = make_federation(n)
+    advertise_all(f)
+    inputs = random_inputs(n, D)
+    cfg = f.server.start_round(1, range(n), D)
+    shares = {v: f.clients[v].handle_round_config(cfg) for v in range(n)}
+    for msg in shares.values():
+        f.server.receive_shares(msg)
+    adv = Adversary(f, cfg, colluders)
+    adv.add_shares(shares)
+    for v, req in f.server.mask_requests().items():
+        f.server.receive_masked_input(
+            f.clients[v].handle_mask_request(req, *inputs[v], input_digest=models[v]))
+        adv.masked.add(v)
+    adv.add_colluder_state(f.clients)
+    everyone = list(range(n))
+    kept = set(data.draw(st.lists(st.sampled_from(honest), unique=True), label="kept"))
+    alive = sorted(kept | colluders | {victim})
+    sigs = _sign(f, set(honest) & set(alive), _creq(f.server, f.fed, 1, everyone, alive))
+    for v in set(honest) & set(alive):
+        if v in sigs:  # it signed: every alive member declared its model
+            assert {models[u] for u in alive if u not in colluders} == {models[v]}
+    for col in colluders:
+        sigs[col] = f.keys[col].sign(consistency_statement(
+            f.fed, 1, _config_digest(cfg), everyone, alive, b"A" * 32))
+    _unmask(f, cfg, honest, alive, everyone, sigs, adv)
+    for group in adv.isolable_honest_sums():
+        assert len({models[u] for u in group}) == 1, \
+            f"the sum of {sorted(group)} mixes inputs computed from different models"
+    assert_no_small_sum(adv, 2)
+
+
+def test_the_server_leaves_out_an_input_computed_from_another_model() -> None:
+    """An honest server that says which model it sent refuses a masked input declaring
+    another (that hospital is then not alive), and a signature that does not cover
+    the declared digest is refused outright."""
+    from dataclasses import replace
+
+    n = 5
+    f = make_federation(n)
+    advertise_all(f)
+    inputs = random_inputs(n, D)
+    cfg = f.server.start_round(1, range(n), D)
+    for v in range(n):
+        f.server.receive_shares(f.clients[v].handle_round_config(cfg))
+    f.server.expect_input_digest(b"A" * 32)
+    for v, req in f.server.mask_requests().items():
+        masked = f.clients[v].handle_mask_request(req, *inputs[v],
+                                                  input_digest=b"B" * 32 if v == 4 else b"A" * 32)
+        if v == 4:
+            with pytest.raises(ProtocolViolation, match="another global model"):
+                f.server.receive_masked_input(masked)
+            with pytest.raises(AuthenticationError, match="input signature of node 4"):
+                f.server.receive_masked_input(replace(masked, input_digest=b"A" * 32))
+            continue
+        f.server.receive_masked_input(masked)
+    creq = f.server.consistency_request()
+    assert creq.alive == [0, 1, 2, 3]
+    for v in creq.alive:
+        f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))
+    ureq = f.server.unmask_request()
+    for v in ureq.signers:
+        f.server.receive_unmask_reply(f.clients[v].handle_unmask_request(ureq))
+    res = f.server.finish()
+    assert res.total_weight == sum(inputs[v][1] for v in range(4))
 
 
 def test_a_round_too_small_for_the_rosters_bound_is_refused_by_server_and_clients() -> None:
@@ -328,7 +419,7 @@ def test_alive_set_of_the_victim_and_colluders_is_refused() -> None:
     for v in (0, 1):
         with pytest.raises(ProtocolViolation):
             f.clients[v].handle_consistency_request(
-                ConsistencyRequest(f.fed, 1, list(range(n)), [0, 5, 6]))
+                _creq(f.server, f.fed, 1, list(range(n)), [0, 5, 6]))
 
 
 def test_an_alive_set_that_reaches_t_but_not_c_plus_h_is_refused() -> None:
@@ -346,7 +437,7 @@ def test_an_alive_set_that_reaches_t_but_not_c_plus_h_is_refused() -> None:
         f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v]))
     with pytest.raises(ThresholdPolicyError, match="alive set refused"):
         f.clients[0].handle_consistency_request(
-            ConsistencyRequest(f.fed, 1, list(range(n)), [0, 1, 2, 3, 4]))
+            _creq(f.server, f.fed, 1, list(range(n)), [0, 1, 2, 3, 4]))
 
 
 def test_sharer_list_manipulation_breaks_the_quorum() -> None:
@@ -358,10 +449,10 @@ def test_sharer_list_manipulation_breaks_the_quorum() -> None:
     everyone = list(range(n))
     without4 = [v for v in everyone if v != 4]
     with pytest.raises(ConsistencyError, match="sharer list differs"):
-        f.clients[0].handle_consistency_request(ConsistencyRequest(f.fed, 1, without4,
+        f.clients[0].handle_consistency_request(_creq(f.server, f.fed, 1, without4,
                                                                    without4))
     # signatures over (everyone, alive) do not verify as signatures over another list
-    sigs = _sign(f, everyone, ConsistencyRequest(f.fed, 1, everyone, everyone))
+    sigs = _sign(f, everyone, _creq(f.server, f.fed, 1, everyone, everyone))
     assert len(sigs) == n
     req = UnmaskRequest(f.fed, 1, without4, [], sorted(sigs), [sigs[s] for s in sorted(sigs)])
     for v in everyone:
@@ -662,8 +753,8 @@ def test_harary_split_views_with_one_declared_colluder() -> None:
         without = [v for v in everyone if v != victim]
         a = {victim, *honest_nb[:k]}
         b = set(everyone) - a - {col}
-        sigs_a = _sign(g, a, ConsistencyRequest(g.fed, 1, everyone, everyone))
-        sigs_b = _sign(g, b, ConsistencyRequest(g.fed, 1, everyone, without))
+        sigs_a = _sign(g, a, _creq(g.server, g.fed, 1, everyone, everyone))
+        sigs_b = _sign(g, b, _creq(g.server, g.fed, 1, everyone, without))
         sigs_a[col] = _colluder_sig(g, col, cfg, everyone, everyone)
         sigs_b[col] = _colluder_sig(g, col, cfg, everyone, without)
         _unmask(g, cfg, a, everyone, everyone, sigs_a, adv)

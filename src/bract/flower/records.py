@@ -68,6 +68,22 @@ def weights_to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
     return record
 
 
+def weights_digest(weights: Mapping[str, np.ndarray]) -> bytes:
+    """SHA-256 over the weights' names, dtypes, shapes and bytes, in order: the digest a
+    hospital signs with its masked update (the global model it trained from), so that
+    no secure sum mixes updates computed from different global models."""
+    import hashlib
+
+    h = hashlib.sha256(b"bract/global-model/v1")
+    for name, arr in weights.items():
+        a = np.ascontiguousarray(arr)
+        head = f"{name}\0{a.dtype.str}\0{list(a.shape)}\0".encode()
+        h.update(len(head).to_bytes(8, "big") + head)
+        h.update(a.nbytes.to_bytes(8, "big"))
+        h.update(memoryview(a).cast("B") if a.nbytes else b"")
+    return h.digest()
+
+
 def record_to_weights(record: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> named numpy arrays."""
     return {name: arr.numpy() for name, arr in record.items()}

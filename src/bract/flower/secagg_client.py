@@ -53,6 +53,7 @@ from bract.flower.records import (
     record_to_weights,
     secagg_from_record,
     secagg_to_record,
+    weights_digest,
 )
 from bract.secagg import (
     ClientPolicy,
@@ -225,6 +226,9 @@ def secagg_mod(
             return reply  # refused (budget) or nothing to send: no shares, a clean dropout
         global_ = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
         vector = flatten_delta(record_to_weights(local_rec), global_)
+        # The update is bound to the model it was computed from: no sum this hospital
+        # helps unmask mixes it with updates computed from another global model.
+        model = weights_digest(global_)
         release = release_metrics(ctx) if callable(release_metrics) else release_metrics
         if release == "aggregate":
             if metrics is None or any(k not in metrics for k in AGGREGATED_METRICS):
@@ -237,7 +241,7 @@ def secagg_mod(
             vector = np.concatenate([vector, np.asarray(extra, np.float64)])
         weight = int(info["num-examples"])
         if isinstance(cfg, MaskRequest):  # pipelined: this round's shares are all in
-            out = session.handle_mask_request(cfg, vector, weight)
+            out = session.handle_mask_request(cfg, vector, weight, input_digest=model)
             if STATE_PENDING in ctx.state.config_records:  # left by an aborted round
                 del ctx.state.config_records[STATE_PENDING]
         else:
@@ -245,7 +249,7 @@ def secagg_mod(
             ctx.state.config_records[STATE_PENDING] = ConfigRecord(
                 # float32, like the weights it came from: half the bytes in ctx.state.
                 {"round": cfg.round, "vector": vector.astype(np.float32).tobytes(),
-                 "weight": weight}
+                 "weight": weight, "model": model}
             )
         _save(ctx, session)
         content.config_records[SECAGG] = secagg_to_record(out)
@@ -268,7 +272,8 @@ def _stage_handler(identity: IdentityLike, expected: type) -> Callable[[Message,
                                  "update for that round")
             # float32 as stored: encode() widens it block by block, exactly.
             vector = np.frombuffer(bytes(pending["vector"]), dtype=np.float32)
-            out = session.handle_mask_request(req, vector, int(pending["weight"]))
+            out = session.handle_mask_request(req, vector, int(pending["weight"]),
+                                              input_digest=bytes(pending["model"]))
             # The update is now inside the masked vector; do not keep it around.
             del ctx.state.config_records[STATE_PENDING]
         elif isinstance(req, ConsistencyRequest):

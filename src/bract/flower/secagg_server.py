@@ -241,6 +241,10 @@ class RoundHooks(Protocol):
     def next_nodes(self) -> Sequence[int] | None:
         """The hospitals the next round will ask (``None``: no next round)."""
 
+    def input_digest(self) -> bytes:
+        """The digest of the global model this round sends
+        (:func:`bract.flower.records.weights_digest`)."""
+
 
 class SecureAggregator:
     """Runs bract's secure aggregation for the server over a Flower Grid.
@@ -462,6 +466,9 @@ class SecureAggregator:
             number = self.protocol_round(rnd, attempt=1)
         cfg = self.session.start_round(number, [self.sid_of[n] for n in ready], dim,
                                        encoding=self.round_encoding(ready))
+        # A hospital whose update comes from another model is not alive (instead of
+        # every honest hospital refusing the round's alive set).
+        self.session.expect_input_digest(hooks.input_digest())
         self._last_config = cfg
         info.stages += 1
         self._train_exchange(rnd, dict.fromkeys(ready, cfg), self.session.receive_shares,
@@ -473,6 +480,7 @@ class SecureAggregator:
         """Pipelined path: every share of the round is in, so each sharer's mask
         request travels with its training instruction; hospitals train and answer
         with their masked update."""
+        self.session.expect_input_digest(hooks.input_digest())
         requests = {self.node_of[sid]: req for sid, req in self.session.mask_requests().items()}
         info.stages += 1
         for node in ready:

@@ -56,6 +56,7 @@ from bract.flower.records import (
     read_privacy_report,
     record_to_weights,
     reply_sources,
+    weights_digest,
     weights_to_record,
 )
 from bract.flower.secagg_server import SecAggSettings, SecureAggregator
@@ -569,6 +570,9 @@ class _SecureRoundHooks:
 
     def train_content(self, node: int, content: RecordDict) -> None:
         self.fed._round_content(self.rnd, self.arrays, content)
+
+    def input_digest(self) -> bytes:
+        return weights_digest(self.fed.global_weights)
 
     def on_train_reply(self, node: int, reply: Message) -> bool:
         cid = self.fed._read_train_reply(self.rnd, node, reply, self.display)

@@ -441,31 +441,46 @@ class MaskRequest(Message):
 
 @dataclass(frozen=True)
 class MaskedInput(Message):
-    """Stage 2, client -> server: ``y = enc(x, w) + PRG(b) + sum(+-PRG(s_uv))``, raw ring bytes."""
+    """Stage 2, client -> server: ``y = enc(x, w) + PRG(b) + sum(+-PRG(s_uv))``, raw ring
+    bytes, with the digest of the public data the input was computed from (in a
+    federation, the global model it received) and the client's Ed25519 signature over
+    (federation, round, config digest, node, that digest)."""
 
-    KIND: ClassVar[str] = "secagg.v2.masked_input"
+    KIND: ClassVar[str] = "secagg.v3.masked_input"
     SPEC: ClassVar[dict[str, str]] = {
         "federation_id": "str", "round": "int", "node_id": "int", "ring_bits": "int",
-        "data": "bytes",
+        "data": "bytes", "input_digest": "bytes", "signature": "bytes",
     }
     federation_id: str
     round: int
     node_id: int
     ring_bits: int
     data: bytes
+    input_digest: bytes
+    signature: bytes
 
 
 @dataclass(frozen=True)
 class ConsistencyRequest(Message):
-    """Stage 3, server -> alive clients: the sharers U1 and the alive set U2."""
+    """Stage 3, server -> alive clients: the sharers U1, the alive set U2 and, for each
+    alive client in order, the input digest it signed with its masked input and that
+    signature."""
 
-    KIND: ClassVar[str] = "secagg.v2.consistency_request"
+    KIND: ClassVar[str] = "secagg.v3.consistency_request"
     SPEC: ClassVar[dict[str, str]] = {"federation_id": "str", "round": "int",
-                                      "sharers": "list[int]", "alive": "list[int]"}
+                                      "sharers": "list[int]", "alive": "list[int]",
+                                      "input_digests": "list[bytes]",
+                                      "input_signatures": "list[bytes]"}
     federation_id: str
     round: int
     sharers: list[int]
     alive: list[int]
+    input_digests: list[bytes]
+    input_signatures: list[bytes]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _list_lengths(self, "alive", "input_digests", "input_signatures")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Client and server state machines of bract's hardened secure aggregation (protocol v2).
+"""Client and server state machines of bract's hardened secure aggregation (protocol v3).
 
 Protocol: Bonawitz et al. 2017 double masking (active-security variant, with the
 consistency check), on a complete graph or the SecAgg+ sparse graph of Bell et
@@ -21,7 +21,14 @@ shares with (so two disjoint quorums of signers cannot both exist, Bonawitz 2017
 for an active server), and, before it signs or reveals anything, every alive
 client has at least ``c + h - 1`` alive neighbours (on the complete graph:
 ``|alive| >= c + h``), so that removing any ``c`` colluders leaves every honest
-alive client masked together with at least ``h - 1`` honest others.
+alive client masked together with at least ``h - 1`` honest others. Each honest
+client signs only an alive set whose members in its neighbourhood all signed the
+input digest it signed (the global model its input was computed from): on the
+complete graph no unmaskable sum mixes inputs of different models, and on a sparse
+graph a sum holding a client's input holds at least ``t - c - 1`` other honest
+inputs of its model (the signers that revealed its seed), so a server that sends
+some clients another model (to zero their contributions on chosen coordinates)
+cannot read one client's input from a sum of the others'.
 
 Setup, once per share-channel key epoch (first round, or when an operator rotates)::
 
@@ -53,16 +60,24 @@ Per round, four message stages (three with share-stage pipelining)::
                                   (AD binds federation, round, config, sender,
                                   receiver), each share against its commitment
                 client -> server  MaskedInput y_u = enc(x_u, w_u) + PRG(b_u)
-                                  + sum_{v in U1&N(u)} +-PRG(KDF(X25519(s_u, s_v)))
-    3 check     server -> U2      ConsistencyRequest (U1, alive set U2)
+                                  + sum_{v in U1&N(u)} +-PRG(KDF(X25519(s_u, s_v))),
+                                  the digest D_u of the public data x_u was computed
+                                  from (the global model) and an Ed25519 signature
+                                  over (config digest, u, D_u)
+                server checks     size, ring, the signature (and D_u against the model
+                                  it sent, when it says which)
+    3 check     server -> U2      ConsistencyRequest (U1, alive set U2, each alive
+                                  client's D_v and its signature)
                 client checks     U1 is its own, U2 within U1, |U2| >= t, every alive
-                                  client keeps c + h - 1 alive neighbours
+                                  client keeps c + h - 1 alive neighbours, every
+                                  alive neighbour signed D_v = its own D_u
                 client -> server  Ed25519 signature over (federation, round, config
-                                  digest, U1, U2); a client signs one view per round
+                                  digest, U1, U2, D_u); a client signs one view per
+                                  round
     4 unmask    server -> U3      UnmaskRequest (alive U2, dropped U1 - U2, signatures)
                 client checks     U2 is the set it signed, dropped is exactly U1 - U2,
                                   for every peer v it answers for: >= t valid
-                                  signatures from N[v] over the same (U1, U2)
+                                  signatures from N[v] over the same (U1, U2, D_u)
                 client -> server  shares (with salts) of b_v for alive v, of s_v for
                                   dropped v, never both for one peer
                 server checks     every share against its dealer's signed commitment:
@@ -163,7 +178,7 @@ __all__ = [
     "validate_roster",
 ]
 
-PROTOCOL = "bract/secagg/v2"
+PROTOCOL = "bract/secagg/v3"
 _MAX_NODE_ID = 2**64 - 1
 SALT_BYTES = 32
 
@@ -254,9 +269,21 @@ def share_statement(fed: str, rnd: int, digest: bytes, node: int, holders: Seque
 
 
 def consistency_statement(fed: str, rnd: int, digest: bytes, sharers: Iterable[int],
-                          alive: Iterable[int]) -> bytes:
-    """Bytes signed in the consistency check: the config digest, the sharers and the alive set."""
-    return _info("consistency", fed, rnd, digest, sorted(sharers), sorted(alive))
+                          alive: Iterable[int], input_digest: bytes = b"") -> bytes:
+    """Bytes signed in the consistency check: the config digest, the sharers, the alive
+    set and the digest of the public data the signer's input was computed from."""
+    return _info("consistency", fed, rnd, digest, sorted(sharers), sorted(alive),
+                 input_digest)
+
+
+def input_statement(fed: str, rnd: int, digest: bytes, node: int, input_digest: bytes) -> bytes:
+    """Bytes a client signs with its masked input: the digest of the public data (the
+    global model) its input was computed from."""
+    return _info("input", fed, rnd, digest, node, input_digest)
+
+
+#: The most bytes an input digest may have (a SHA-256 or SHA-512 digest, or none).
+MAX_INPUT_DIGEST_BYTES = 64
 
 
 def share_commitment(fed: str, rnd: int, dealer: int, holder: int, kind: str, share: bytes,
@@ -556,6 +583,7 @@ class _ClientRound:
     # peer -> (seed share, seed salt, key share, key salt), all raw bytes
     received: dict[int, tuple[bytes, bytes, bytes, bytes]] = field(default_factory=dict)
     signed_alive: tuple[int, ...] = ()
+    input_digest: bytes = b""
 
 
 # --------------------------------------------------------------------------- client
@@ -808,14 +836,22 @@ class ClientSession:
 
     # ---- stage 2
 
-    def handle_mask_request(self, req: MaskRequest, vector: np.ndarray, weight: int) -> MaskedInput:
+    def handle_mask_request(self, req: MaskRequest, vector: np.ndarray, weight: int, *,
+                            input_digest: bytes = b"") -> MaskedInput:
         """Stage 2: check every sharing neighbour's signed header and decrypt the shares
         addressed to us (each against its commitment), then return the masked input.
 
         ``vector`` (float, length ``dim``) and ``weight`` (example count) never
-        leave the client except inside the masked vector.
+        leave the client except inside the masked vector. ``input_digest`` names the
+        public data the input was computed from (in a federation, a digest of the
+        global model received with this request); it is signed with the masked input,
+        and this client later signs and reveals only for an alive set whose every
+        member in its neighbourhood signed the same digest, so no sum it helps unmask
+        mixes its input with inputs computed from another model.
         """
         _expect(req, MaskRequest)
+        if not isinstance(input_digest, bytes) or len(input_digest) > MAX_INPUT_DIGEST_BYTES:
+            raise EncodingError(f"input_digest must be at most {MAX_INPUT_DIGEST_BYTES} bytes")
         rnd = self._current(req, "shared")
         cfg = rnd.config
         fed, r, me = self.federation_id, cfg.round, self.node_id
@@ -897,8 +933,10 @@ class ClientSession:
                 acc.subtract(key)
         rnd.received = received
         rnd.sharers = tuple(sorted(sharers))
+        rnd.input_digest = input_digest
         rnd.stage = "masked"
-        return MaskedInput(fed, r, me, cfg.ring_bits, y.tobytes())
+        sig = self._signing_key.sign(input_statement(fed, r, rnd.digest, me, input_digest))
+        return MaskedInput(fed, r, me, cfg.ring_bits, y.tobytes(), input_digest, sig)
 
     # ---- stage 3
 
@@ -918,6 +956,24 @@ class ClientSession:
         if why:
             raise ThresholdPolicyError(f"alive set refused: {why}")
 
+    def _check_inputs(self, rnd: _ClientRound, req: ConsistencyRequest) -> None:
+        """Every alive neighbour signed, with its masked input, the input digest this
+        client's input was computed from: a server that gave some clients another global
+        model gets no signature for an alive set that mixes them."""
+        declared = {v: (d, sig) for v, d, sig in
+                    zip(req.alive, req.input_digests, req.input_signatures, strict=True)}
+        fed, r = self.federation_id, rnd.config.round
+        for v in rnd.nbhd[self.node_id]:
+            if v == self.node_id or v not in declared:
+                continue
+            d, sig = declared[v]
+            verify_signature(self.roster[v], sig, input_statement(fed, r, rnd.digest, v, d),
+                             f"input signature of node {v}")
+            if d != rnd.input_digest:
+                raise ConsistencyError(
+                    f"alive node {v} computed its input from other public data (another "
+                    "global model) than this client: no sum mixing them is signed")
+
     def handle_consistency_request(self, req: ConsistencyRequest) -> ConsistencySignature:
         """Stage 3: sign (sharers, alive set); a client signs at most one view per round,
         and only one under which no sum of fewer than ``h`` honest updates can be unmasked."""
@@ -932,8 +988,9 @@ class ClientSession:
         else:
             rnd = self._current(req, "masked")
         self._check_view(rnd, req.sharers, req.alive)
+        self._check_inputs(rnd, req)
         stmt = consistency_statement(self.federation_id, rnd.config.round, rnd.digest,
-                                     rnd.sharers, req.alive)
+                                     rnd.sharers, req.alive, rnd.input_digest)
         sig = self._signing_key.sign(stmt)
         rnd.signed_alive = tuple(sorted(req.alive))
         rnd.stage = "signed"
@@ -961,7 +1018,7 @@ class ClientSession:
         peers = [v for v in mine if v == self.node_id or v in rnd.received]
         relevant = set().union(*(rnd.nbhd[v] for v in peers))
         stmt = consistency_statement(self.federation_id, cfg.round, rnd.digest, rnd.sharers,
-                                     alive)
+                                     alive, rnd.input_digest)
         valid: set[int] = set()
         short = {v: cfg.threshold for v in peers}  # signatures still needed per peer
         for s, sig in zip(req.signers, req.signatures, strict=True):
@@ -1031,9 +1088,9 @@ class ClientSession:
             got = sorted(r.received)
             rnd = [r.config.to_bytes(), r.seed, r.mask_private, list(r.own_shares), r.colluders,
                    r.min_honest, r.stage, list(r.sharers), got,
-                   [list(r.received[v]) for v in got], list(r.signed_alive)]
+                   [list(r.received[v]) for v in got], list(r.signed_alive), r.input_digest]
         return canonical_encode({
-            "v": 2, "node": self.node_id, "fed": self.federation_id, "keys": keys,
+            "v": 3, "node": self.node_id, "fed": self.federation_id, "keys": keys,
             "last_round": self._last_round + 1,
             "known": [[v, e] for v, e in sorted(self._known_epoch.items())], "round": rnd,
         })
@@ -1051,8 +1108,8 @@ class ClientSession:
 
         try:
             d = canonical_decode(state)
-            if d["v"] != 2:
-                raise ValueError(f"state of protocol version {d['v']}, expected 2")
+            if d["v"] != 3:
+                raise ValueError(f"state of protocol version {d['v']}, expected 3")
             self = cls(d["node"], d["fed"], signing_key, roster, policy)
             if d["keys"]:
                 self._keys = _ChannelKeys(*d["keys"])
@@ -1060,7 +1117,7 @@ class ClientSession:
             self._known_epoch = {v: e for v, e in d["known"]}
             if d["round"]:
                 (cfg_b, seed, s_sk, own, c, h, stage, sharers, got, shares,
-                 signed) = d["round"]
+                 signed, input_digest) = d["round"]
                 cfg = message_from_bytes(cfg_b)
                 assert isinstance(cfg, RoundConfig)
                 nbhd = closed_neighbourhoods(cfg.participants, cfg.graph_kind, cfg.degree,
@@ -1072,6 +1129,7 @@ class ClientSession:
                                  x25519_public(s_sk), tuple(own), c, h, stage, tuple(sharers))
                 r.received = {v: tuple(s) for v, s in zip(got, shares, strict=True)}
                 r.signed_alive = tuple(signed)
+                r.input_digest = input_digest
                 self._round = r
         except (KeyError, TypeError, ValueError, AssertionError, AuthenticationError) as exc:
             raise MalformedMessage(f"client state is malformed: {exc}") from exc
@@ -1114,6 +1172,9 @@ class _ServerRound:
     acc: np.ndarray | None = None
     alive: set[int] = field(default_factory=set)
     signatures: dict[int, bytes] = field(default_factory=dict)
+    # alive node -> (input digest, its signature), from its masked input
+    inputs: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    expected_input: bytes | None = None
     responders: set[int] = field(default_factory=set)
     excluded: set[int] = field(default_factory=set)
     seed_points: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
@@ -1391,6 +1452,15 @@ class ServerSession:
         return {u: MaskRequest(f, r, u, list(rnd.sharers), s, h, c)
                 for u, (s, h, c) in inbox.items()}
 
+    def expect_input_digest(self, input_digest: bytes) -> None:
+        """From now on in the current round, refuse a masked input computed from other
+        public data than ``input_digest`` (the global model this server sent): that
+        client is then not alive, instead of every honest client refusing an alive
+        set that mixes models."""
+        if self._round is None:
+            raise ProtocolViolation("no round is open")
+        self._round.expected_input = bytes(input_digest)
+
     def receive_masked_input(self, msg: MaskedInput) -> None:
         """Stage 2 reply: add ``y_u`` to the running sum at once (nothing per client is kept)."""
         _expect(msg, MaskedInput)
@@ -1407,8 +1477,17 @@ class ServerSession:
         if len(msg.data) != rnd.acc.nbytes:
             raise MalformedMessage(f"masked input of node {u} has {len(msg.data)} bytes, "
                                    f"expected {rnd.acc.nbytes}")
+        if len(msg.input_digest) > MAX_INPUT_DIGEST_BYTES:
+            raise MalformedMessage(f"node {u}: input digest of {len(msg.input_digest)} bytes")
+        verify_signature(self.roster[u], msg.signature,
+                         input_statement(self.federation_id, rnd.config.round, rnd.digest, u,
+                                         msg.input_digest), f"input signature of node {u}")
+        if rnd.expected_input is not None and msg.input_digest != rnd.expected_input:
+            raise ProtocolViolation(f"node {u} computed its input from other public data "
+                                    "than the round's (another global model)")
         np.add(rnd.acc, np.frombuffer(msg.data, dtype=rnd.acc.dtype), out=rnd.acc)
         rnd.alive.add(u)
+        rnd.inputs[u] = (msg.input_digest, msg.signature)
 
     # ---- stage 3
 
@@ -1421,8 +1500,10 @@ class ServerSession:
         if why:
             raise self._abort(f"round {rnd.config.round} aborted before unmasking: {why}")
         rnd.stage = "consistency"
+        alive = sorted(rnd.alive)
         return ConsistencyRequest(self.federation_id, rnd.config.round, list(rnd.sharers),
-                                  sorted(rnd.alive))
+                                  alive, [rnd.inputs[v][0] for v in alive],
+                                  [rnd.inputs[v][1] for v in alive])
 
     def receive_consistency_signature(self, msg: ConsistencySignature) -> None:
         """Stage 3 reply: verify and keep an alive client's signature over (U1, U2)."""
@@ -1434,7 +1515,7 @@ class ServerSession:
         if u in rnd.signatures:
             raise ProtocolViolation(f"node {u} already signed")
         stmt = consistency_statement(self.federation_id, rnd.config.round, rnd.digest,
-                                     rnd.sharers, rnd.alive)
+                                     rnd.sharers, rnd.alive, rnd.inputs[u][0])
         verify_signature(self.roster[u], msg.signature, stmt, f"consistency signature of node {u}")
         rnd.signatures[u] = msg.signature
 

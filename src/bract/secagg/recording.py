@@ -66,10 +66,18 @@ _V1_KINDS = ("secagg.advertise", "secagg.round_config", "secagg.share_keys",
              "secagg.consistency_signature", "secagg.unmask_request", "secagg.unmask_reply")
 
 
+#: Kinds protocol v3 replaced (inputs now carry the signed digest of their model).
+_V2_ONLY_KINDS = ("secagg.v2.masked_input", "secagg.v2.consistency_request")
+
+
 def _message_from_raw(raw: bytes) -> Message | LegacyMessage:
     d = canonical_decode(raw)
     if isinstance(d, dict) and d.get("kind") in _V1_KINDS:
         return LegacyMessage(d["kind"], {k: v for k, v in d.items() if k != "kind"})
+    if isinstance(d, dict) and d.get("kind") in _V2_ONLY_KINDS:
+        raise ValueError("this view was recorded with secure-aggregation protocol v2 (before "
+                         "masked inputs carried the signed digest of their global model); "
+                         "this audit reads views of protocol v3: record the run again")
     return message_from_dict(d)
 
 
