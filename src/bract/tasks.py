@@ -285,7 +285,10 @@ def own_data(cfg: TaskConfig, data_path: str) -> FederatedDataset:
     if cfg.dataset not in FILE_DATASETS:
         raise ValueError(f"a hospital's own data-path is read for {' and '.join(FILE_DATASETS)}"
                          f"; dataset {cfg.dataset} is bundled")
-    ds = dataset_for(replace(cfg, data_path=data_path, num_classes=None, in_channels=None))
+    # The coordinator's `samples` never sizes a hospital's own file: it would subsample
+    # the hospital's data, and a count beyond the file's would be refused naming it.
+    ds = dataset_for(replace(cfg, data_path=data_path, num_classes=None, in_channels=None,
+                             n_samples=None))
     return check_fits_model(cfg, ds, data_path)
 
 

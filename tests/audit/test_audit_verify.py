@@ -230,6 +230,14 @@ def test_a_hospital_the_server_leaves_out_of_ledger_and_report_fails(run, capsys
     assert _verify(run, copies=False) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "hospital-1 is in the roster but has no entry in the server's ledger" in out
+    # Naming it in the report as a hospital that did not answer covers nothing.
+    doc = json.loads(report.read_text())
+    for row in doc["rounds"]:
+        row.setdefault("failed", {})["hospital-1"] = "did not answer"
+    report.write_text(json.dumps(doc))
+    assert _verify(run, copies=False) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "hospital-1 is in the roster but has no entry in the server's ledger" in out
     assert _verify(run) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "is in hospital-1's copy but missing from the server's" in out

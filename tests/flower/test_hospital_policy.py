@@ -8,6 +8,7 @@ coordinator's report, and nothing of the hospital's update or metrics leaves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -193,6 +194,23 @@ def test_an_app_of_its_own_is_held_to_the_operators_policy_and_state_dir(tmp_pat
     (row,) = run(3, 3.0)["rounds"]  # a new run: the budget spent in run 2 carries on
     assert row["trained"] == []
     assert all("budget" in v.get("reason", "") for v in row["per_client"].values())
+
+
+def test_the_noise_floor_holds_for_a_calibration_cached_in_the_run_and_for_fixed_noise(
+        ) -> None:
+    """A calibration is kept for the run it was made in; the floor holds when the
+    coordinator names that run again after the operator raised it, and for fixed
+    noise an app asks below it."""
+    from bract.flower.client import _noise_multiplier
+    from bract.privacy import PrivacyLedger
+
+    ask = PrivacyPolicy(target_epsilon=8.0, delta=1e-5, rounds=1)
+    state = {"noise-multiplier": 0.6, "calibrated-run": "run-7"}
+    floored = dataclasses.replace(ask, min_noise_multiplier=1.5)
+    assert _noise_multiplier(floored, None, state, PrivacyLedger("h"), "run-7", 1) == 1.5
+    assert _noise_multiplier(ask, None, state, PrivacyLedger("h"), "run-7", 1) == 0.6
+    fixed = dataclasses.replace(floored, noise_multiplier=0.8)
+    assert _noise_multiplier(fixed, None, {}, PrivacyLedger("h"), "run-8", 1) == 1.5
 
 
 def test_policy_files_round_trip_and_bad_ones_are_named(tmp_path) -> None:

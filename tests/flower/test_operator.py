@@ -212,3 +212,33 @@ def test_a_configured_hospital_reads_no_data_file_the_coordinator_names(tmp_path
     task = tasks.TaskConfig(dataset="medmnist", data_path=str(path))
     with pytest.raises(ValueError, match="reads only data its operator names"):
         hospital_setup(task, ctx)
+
+
+def test_a_configured_hospital_never_takes_keys_the_coordinator_wrote(tmp_path) -> None:
+    """In Flower's simulation engine a hospital (partition-id only) takes the identity
+    its ServerApp wrote under the run's output. A SuperNode its operator configured
+    (any operator-only key: here a name, a policy and a state-dir, but no identity-key)
+    never does, even when such files exist at the coordinator's `out`, and takes part
+    in plain FedAvg only if its own policy allows it."""
+    from bract.flower import app
+    from bract.flower.simulated_operators import simulated_identities
+
+    out = tmp_path / "out"
+    simulated_identities(out, 3)
+    policy = tmp_path / "policy.json"
+    HospitalPolicy().write(policy)
+    rc = {"out": str(out), "clients": 3}
+    simulated = Context(run_id=1, node_id=5, state=RecordDict(), run_config=rc,
+                        node_config={"partition-id": 0, "num-partitions": 3})
+    assert app._simulated_identity(simulated) is not None
+    assert app._plain_allowed(simulated)
+    configured = Context(run_id=1, node_id=5, state=RecordDict(), run_config=rc,
+                         node_config={"partition-id": 0, "num-partitions": 3, "name": "x",
+                                      "policy": str(policy), "state-dir": str(tmp_path)})
+    assert app._simulated_identity(configured) is None
+    assert app._signer_from_context(configured) is None
+    with pytest.raises(ValueError, match="secure aggregation needs node config"):
+        app._identity_from_context(configured)
+    assert not app._plain_allowed(configured)
+    HospitalPolicy(allow_plain_aggregation=True).write(policy)
+    assert app._plain_allowed(configured)

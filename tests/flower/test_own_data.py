@@ -8,6 +8,7 @@ the coordinator learns only the pooled totals, inside secure aggregation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -169,6 +170,13 @@ def test_a_refusal_that_names_a_figure_of_the_data_leaves_without_it(tmp_path) -
                        max_grad_norm=1.0, delta=1e-5, public_size=10)
     reason = failure_reason(refused.value)
     assert "public size bound" in reason and "64" not in reason
+    # The coordinator's `samples` does not size a hospital's own file: neither a count
+    # beyond the file's (refused naming it) nor one below (a subsample, and with it a
+    # yes/no answer about the count).
+    fits = _npz(tmp_path / "fits.npz", 10, 2, 4, seed=1)
+    for samples in (10**9, 3):
+        ds = tasks.own_data(dataclasses.replace(task, n_samples=samples), str(fits))
+        assert len(ds.y_train) == 12  # training and validation splits, whole
 
 
 LOADER_MODULE = '''
@@ -208,7 +216,7 @@ def test_a_hospitals_own_python_loader_serves_its_data_and_metrics_leave_only_by
     grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
     for i, ctx in enumerate(grid.contexts.values()):
         policy = tmp_path / f"policy-{i}.json"
-        HospitalPolicy(release_metrics="clear").write(policy)
+        HospitalPolicy(release_metrics="clear", allow_plain_aggregation=True).write(policy)
         ctx.node_config.clear()
         ctx.node_config.update({"name": f"hospital-{i}", "site": i, "policy": str(policy),
                                 "loader": "site_records:load",
@@ -270,7 +278,7 @@ def test_a_hospital_whose_policy_protects_patients_spends_epsilon_per_patient(
     grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
     for i, ctx in enumerate(grid.contexts.values()):
         policy = tmp_path / f"policy-{i}.json"
-        HospitalPolicy(privacy_unit="patient").write(policy)
+        HospitalPolicy(privacy_unit="patient", allow_plain_aggregation=True).write(policy)
         ctx.node_config.clear()
         ctx.node_config.update({"name": f"hospital-{i}", "site": i, "policy": str(policy),
                                 "loader": "site_patients:load",

@@ -211,6 +211,42 @@ def test_a_round_its_policy_refuses_costs_a_hospital_no_budget(tmp_path) -> None
         assert "policy is c = 1" in r["failed"]["node-1001"]
 
 
+def test_a_pipelined_mask_request_it_refuses_costs_a_hospital_no_budget(tmp_path) -> None:
+    """Round 2 is pipelined: its mask request travels with the training instruction.
+    hospital-0's arrives tampered (a share ciphertext flipped on the way); it refuses
+    the request before it trains, so round 2 costs it nothing, and rounds go on."""
+    from dataclasses import replace as dc_replace
+
+    from bract.flower.records import secagg_from_record, secagg_to_record
+    from bract.secagg.messages import MaskRequest
+
+    set_up: list[tuple[int, int]] = []
+    now = {"round": 0}
+
+    def tamper(msg, ctx, call_next):
+        now["round"] = int(msg.metadata.group_id)
+        rec = msg.content.config_records.get(SECAGG)
+        if rec is not None and int(ctx.node_config["partition-id"]) == 0 and now["round"] == 2:
+            req = secagg_from_record(rec)
+            if isinstance(req, MaskRequest):
+                ct = bytearray(req.ciphertexts[0])
+                ct[-1] ^= 1
+                msg.content.config_records[SECAGG] = secagg_to_record(
+                    dc_replace(req, ciphertexts=[bytes(ct), *req.ciphertexts[1:]]))
+        return call_next(msg, ctx)
+
+    def setup(ctx):
+        set_up.append((int(ctx.node_config["partition-id"]), now["round"]))
+        return _setup(ctx)
+
+    policy = dataclasses.replace(NON_PRIVATE, rounds=3)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3, extra_mods=[tamper],
+                        setup=setup)
+    assert report["rounds"][1]["secagg"]["stages"] == 3  # pipelined
+    assert (0, 2) not in set_up and (1, 2) in set_up and (0, 1) in set_up
+    assert "hospital-0" not in report["rounds"][1]["secagg"]["alive"]
+
+
 def test_an_update_computed_from_another_global_model_is_in_no_sum(tmp_path) -> None:
     """Each hospital signs the digest of the global model it received with its masked
     update. In round 2, hospital-0 receives a different model (what a server that
@@ -233,6 +269,30 @@ def test_an_update_computed_from_another_global_model_is_in_no_sum(tmp_path) -> 
     assert r2["aborted"] is None and "hospital-0" not in r2["alive"]
     assert len(r2["alive"]) == 4
     assert r3["aborted"] is None and "hospital-0" in r3["alive"]
+
+
+def test_updates_trained_under_other_settings_are_in_no_common_sum(tmp_path) -> None:
+    """The same global model with a vanishing learning rate gives an update of zeros: a
+    coordinator that runs its own SuperLink could give it to every hospital but one.
+    Each hospital also signs the digest of the training settings it received (run
+    config and round config), so in round 2, where hospital-0 alone is told another
+    learning rate, no hospital signs an alive set that mixes them: the round ends with
+    nothing unmasked, and round 3 (same settings again) completes."""
+
+    def other_settings(msg, ctx, call_next):
+        if int(ctx.node_config["partition-id"]) == 0 and int(msg.metadata.group_id) == 2:
+            ctx.run_config["lr"] = 1e-30
+        else:
+            ctx.run_config.pop("lr", None)
+        return call_next(msg, ctx)
+
+    policy = dataclasses.replace(NON_PRIVATE, rounds=3)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3,
+                        extra_mods=[other_settings])
+    r1, r2, r3 = (r["secagg"] for r in report["rounds"])
+    assert r1["aborted"] is None and len(r1["alive"]) == 5
+    assert r2["aborted"] is not None
+    assert r3["aborted"] is None and len(r3["alive"]) == 5
 
 
 def test_a_report_no_ring_can_carry_does_not_abort_the_rounds(tmp_path) -> None:

@@ -26,7 +26,7 @@ from bract.privacy import (
     calibrate,
     epsilon_of,
 )
-from bract.privacy.accounting import EXACT_EPSILON_CAP, MIN_ACCOUNTED_NOISE
+from bract.privacy.accounting import EXACT_EPSILON_CAP, MAX_ACCOUNTED_NOISE, MIN_ACCOUNTED_NOISE
 from tests.privacy.helpers import pld_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
@@ -97,6 +97,15 @@ def test_a_vanishing_noise_multiplier_is_infinite_epsilon_at_once(sigma: float) 
     assert decision.allowed is False
     assert epsilon_of([DpSgdEvent(MIN_ACCOUNTED_NOISE, 0.5, 10, 1.0, 1e-5)], 1e-5,
                       "rdp") < math.inf
+
+
+@pytest.mark.parametrize("sigma", [1e5, 1e300, 1.7e308])
+def test_a_huge_noise_multiplier_is_accounted_as_the_cap_an_upper_bound(sigma) -> None:
+    event = DpSgdEvent(sigma, 0.5, 10, 1.0, 1e-5)
+    capped = DpSgdEvent(MAX_ACCOUNTED_NOISE, 0.5, 10, 1.0, 1e-5)
+    for accountant in ACCOUNTANTS:
+        eps = epsilon_of([event], 1e-5, accountant)
+        assert eps == epsilon_of([capped], 1e-5, accountant) < 0.2
 
 
 def test_more_noise_gives_smaller_epsilon() -> None:

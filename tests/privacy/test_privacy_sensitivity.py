@@ -237,12 +237,23 @@ class SwitchedMixing(nn.Module):
         return self.head(h - self.centre * h.mean(0, keepdim=True))
 
 
-def test_global_weights_that_change_a_buffer_are_probed_again_before_any_step() -> None:
-    """The probe's verdict holds for the buffers it saw: global weights that switch a
-    buffer (here, on: the forward then mixes examples) are probed again before the
-    round, which is refused with nothing recorded; weights that leave the buffers as
-    they were train."""
-    model = SwitchedMixing()
+class GatedMixing(SwitchedMixing):
+    """The same switch as a parameter that starts at zero (a ReZero-style gate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.centre
+        self.centre = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+
+@pytest.mark.parametrize("model_cls", [SwitchedMixing, GatedMixing])
+def test_global_weights_that_switch_on_mixing_are_probed_again_before_any_step(
+        model_cls) -> None:
+    """The probe's verdict holds for the weights it saw: global weights that switch a
+    buffer or a frozen gate parameter on (the forward then mixes examples) are probed
+    again before the round, which is refused with nothing recorded; weights that mix
+    nothing train."""
+    model = model_cls()
     trainer = _trainer(model, grad_sample_mode="hooks")
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     assert trainer.train_round(1, global_weights=weights).trained

@@ -205,6 +205,51 @@ def test_checking_a_round_config_decides_as_handling_it_and_changes_nothing(
     assert (checked is not None) == refused
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(3, 7), st.sampled_from(["none", "round", "node", "sharers", "sender",
+                                            "ciphertext", "header"]))
+def test_checking_a_mask_request_decides_as_handling_it_and_changes_nothing(
+        n: int, edit: str) -> None:
+    """``check_mask_request`` (what a hospital runs before it trains for a pipelined
+    round) refuses exactly the requests ``handle_mask_request`` refuses, with the same
+    error, and leaves the session as it was."""
+    from dataclasses import replace
+
+    from secagg_helpers import advertise_all
+
+    from bract.secagg.errors import SecAggError
+
+    f = make_federation(n, encoding=ENC)
+    advertise_all(f)
+    cfg = f.server.start_round(1, range(n), 2)
+    for v in range(n):
+        f.server.receive_shares(f.clients[v].handle_round_config(cfg))
+    req = f.server.mask_requests()[0]
+    ct = bytearray(req.ciphertexts[0])
+    ct[-1] ^= 1
+    req = {"none": req, "round": replace(req, round=2), "node": replace(req, node_id=1),
+           "sharers": replace(req, sharers=[0]),
+           "sender": replace(req, senders=[*req.senders[:-1], 99]),
+           "ciphertext": replace(req, ciphertexts=[bytes(ct), *req.ciphertexts[1:]]),
+           "header": replace(req, headers=[req.headers[1], req.headers[0],
+                                           *req.headers[2:]])}[edit]
+    client = f.clients[0]
+    before = client.export_state()
+    try:
+        client.check_mask_request(req)
+        checked: type | None = None
+    except SecAggError as exc:
+        checked = type(exc)
+    assert client.export_state() == before
+    try:
+        client.handle_mask_request(req, np.zeros(2, np.float32), 1)
+        handled: type | None = None
+    except SecAggError as exc:
+        handled = type(exc)
+    assert checked is handled
+    assert (checked is not None) == (edit != "none")
+
+
 def test_a_policy_with_a_malformed_minimum_is_refused() -> None:
     from bract.secagg.errors import ConfigurationError
 

@@ -329,7 +329,7 @@ def verify_federation(
     """Audit a federation's ledger (and optionally its report and hospitals' copies).
 
     Guarantee: the result passes only if every hospital of the roster is accounted
-    for (an entry in the ledger, a row in the report, or its own copy), every
+    for (an entry in the server's ledger, or its own copy), every
     hospital's chain verifies against the roster, every reported epsilon (ledger and
     report.json) is within ``tolerance`` of dp_accounting's PLD recomputation from the
     recorded events, no round a hospital trained in lacks its entry, every given hospital copy
@@ -360,16 +360,14 @@ def verify_federation(
     last_seen = report.last_per_client() if report is not None else {}
     names = sorted(set(chains) | set(copies) | set(last_seen))
     # 0. coverage: the server writes the ledger and the report, so a hospital it leaves
-    # out of both would leave the audit's largest epsilon without it.
-    mentioned = set(names)
-    if report is not None:
-        mentioned |= {c for row in report.rounds
-                      for c in (*row.per_client, *row.failed, *row.trained)}
-    for cid in sorted(set(roster.keys) - mentioned):
+    # out of the ledger (whatever the report says of it: "did not answer", "never
+    # trained") would leave the audit's largest epsilon without it. Only the hospital's
+    # own copy vouches for a hospital with no entry.
+    for cid in sorted(set(roster.keys) - set(chains) - set(copies)):
         fail(cid, "coverage", f"{cid} is in the roster but has no entry in the server's "
-                              "ledger, no row in report.json and no copy was given: what it "
-                              "spent cannot be audited (give its own copy with "
-                              "--hospital-copy, which is empty if it never trained)")
+                              "ledger and no copy of its own was given: what it spent cannot "
+                              "be audited (give its own copy with --hospital-copy, which is "
+                              "empty if it never trained)")
     total = sum(len(c) for c in chains.values())
     done = 0
 

@@ -98,7 +98,7 @@ def hospital_setup(
         raise ValueError(f"this hospital's node config names {', '.join(configured)} but no "
                          "state-dir: its spent privacy budget must live in a directory its "
                          "operator owns (bract hospital init makes DIR/state)")
-    if task.data_path and "identity-key" in nc and not (own_path or loader):
+    if task.data_path and configured and not (own_path or loader):
         # The file would be the coordinator's choice, and so would the budget's key: a
         # copy of the same patients under another name would spend from a fresh one.
         raise ValueError("the coordinator's run config names the data file "
@@ -237,8 +237,8 @@ def _simulated_identity(ctx: Context) -> SecAggIdentity | None:
     ``bract simulate`` does, under the run's output (the simulation plays every
     operator). ``None`` when there is none (then the node config must name one)."""
     nc = ctx.node_config
-    if "identity-key" in nc or "partition-id" not in nc:
-        return None
+    if _configured(nc) or "partition-id" not in nc:
+        return None  # a hospital its operator configured never takes coordinator keys
     fed = FederationConfig.from_run_config(ctx.run_config)
     if not identity_file(fed.out, int(nc["partition-id"])).exists():
         return None
@@ -253,7 +253,7 @@ def _signer_from_context(ctx: Context) -> SecAggIdentity | None:
     """The identity that signs this hospital's ledger: its node config's, when it has one
     (or, in Flower's simulation engine, the one its ServerApp made for it)."""
     if "identity-key" not in ctx.node_config:
-        return _simulated_identity(ctx)
+        return _simulated_identity(ctx)  # None for a configured node without a key
     return identity_from_node_config(ctx.node_config)
 
 
@@ -263,11 +263,17 @@ def _release_from_context(ctx: Context) -> str:
 
 
 def _plain_allowed(ctx: Context) -> bool:
-    """Whether this hospital takes part in plain FedAvg: one its operator gave a
-    secure-aggregation identity only when its policy says ``allow_plain_aggregation``;
-    a simulated one (no identity in its node config) whenever the run is plain."""
+    """Whether this hospital takes part in plain FedAvg: one its operator configured
+    (any of :data:`OPERATOR_KEYS` in its node config) only when its policy says
+    ``allow_plain_aggregation``; a simulated one whenever the run is plain."""
     nc = ctx.node_config
-    return "identity-key" not in nc or hospital_policy_of(nc).allow_plain_aggregation
+    return not _configured(nc) or hospital_policy_of(nc).allow_plain_aggregation
+
+
+def _configured(nc: Mapping[str, Any]) -> bool:
+    """Whether a hospital's operator configured this SuperNode (its node config names a
+    key only an operator sets) rather than Flower's simulation engine."""
+    return any(k in nc for k in OPERATOR_KEYS)
 
 
 #: The hospitals of ``flwr run`` and ``bract deploy``: each reads what its operator

@@ -207,10 +207,13 @@ def _noise_multiplier(
     would pass it. A calibrated multiplier below the policy's ``min_noise_multiplier``
     is raised to that floor (the run then ends below its target).
     """
+    floor = float(policy.min_noise_multiplier)
     if policy.noise_multiplier is not None:
-        return float(policy.noise_multiplier)
+        # (a hospital's own policy refuses a fixed noise below its floor before this)
+        return max(float(policy.noise_multiplier), floor) if policy.noise_multiplier else 0.0
     if "noise-multiplier" in state and state.get("calibrated-run", "") == run_id:
-        return float(state["noise-multiplier"])
+        # The floor may have risen since this run calibrated: it holds either way.
+        return max(float(state["noise-multiplier"]), floor)
     loader = setup.train_loader
     plan = TrainingPlan(
         max(1, policy.rounds - server_round + 1), policy.local_epochs,

@@ -84,6 +84,22 @@ def weights_digest(weights: Mapping[str, np.ndarray]) -> bytes:
     return h.digest()
 
 
+def settings_digest(run_config: Mapping[str, Any], round_config: Mapping[str, Any]) -> bytes:
+    """SHA-256 over the training settings a hospital took from the coordinator: the run
+    config and the message's round config (canonical JSON, keys sorted). With
+    :func:`weights_digest` it is what a hospital signs with its masked update: the same
+    model trained under other settings (a vanishing learning rate, say) is another
+    update, and no secure sum mixes them."""
+    import hashlib
+
+    def plain(value: Any) -> Any:
+        return value.hex() if isinstance(value, bytes) else repr(value)
+
+    text = json.dumps({"run": dict(run_config), "round": dict(round_config)},
+                      sort_keys=True, separators=(",", ":"), default=plain)
+    return hashlib.sha256(b"bract/training-settings/v1" + text.encode()).digest()
+
+
 def record_to_weights(record: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> named numpy arrays."""
     return {name: arr.numpy() for name, arr in record.items()}

@@ -53,6 +53,7 @@ from bract.flower.records import (
     record_to_weights,
     secagg_from_record,
     secagg_to_record,
+    settings_digest,
     weights_digest,
 )
 from bract.secagg import (
@@ -202,10 +203,12 @@ def secagg_mod(
         # One session for the whole message: the train handler in between never
         # touches the secure-aggregation state.
         session = _session(_identity(identity, ctx), ctx)
+        # A round config or mask request this hospital would refuse is refused before
+        # it trains, so it spends no privacy budget on an update that could not be sent.
         if isinstance(cfg, RoundConfig):
-            # A round this hospital's policy refuses is refused before it trains, so it
-            # spends no privacy budget on an update that could not be sent.
             session.check_round_config(cfg)
+        else:
+            session.check_mask_request(cfg)
         limit = session.max_weight_for(cfg)
         if limit is not None and ROUND_CONFIG in msg.content.config_records:
             # The train handler refuses a weight the ring cannot carry before it trains.
@@ -226,9 +229,11 @@ def secagg_mod(
             return reply  # refused (budget) or nothing to send: no shares, a clean dropout
         global_ = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
         vector = flatten_delta(record_to_weights(local_rec), global_)
-        # The update is bound to the model it was computed from: no sum this hospital
-        # helps unmask mixes it with updates computed from another global model.
-        model = weights_digest(global_)
+        # The update is bound to the model and the settings it was computed from: no sum
+        # this hospital helps unmask mixes it with updates of another global model or
+        # trained under other settings (the server checks the model's half).
+        model = weights_digest(global_) + settings_digest(
+            ctx.run_config, msg.content.config_records.get(ROUND_CONFIG, {}))
         release = release_metrics(ctx) if callable(release_metrics) else release_metrics
         if release == "aggregate":
             if metrics is None or any(k not in metrics for k in AGGREGATED_METRICS):

@@ -73,6 +73,10 @@ EXACT_EPSILON_CAP = 1000.0
 #: bound at sigma 0.0099 is about 5500 for one step even at q = 1e-9), and Opacus's
 #: RDP series never ends for sigma near 1e-154 (1/sigma^2 overflows).
 MIN_ACCOUNTED_NOISE = 0.01
+#: A noise multiplier above this is accounted as this one: epsilon only falls as the
+#: noise grows, so the result is an upper bound (3e-4 for 10 steps at q = 0.5 and
+#: delta 1e-5), and the accountants overflow near 1e300.
+MAX_ACCOUNTED_NOISE = 1e4
 
 
 def _check_epsilon(epsilon: float) -> None:
@@ -286,7 +290,8 @@ def compress(events: Iterable[DpSgdEvent]) -> list[tuple[float, float, int]]:
     merged: dict[tuple[float, float], int] = {}
     for e in events:
         if e.steps:
-            key = (float(e.noise_multiplier), float(e.sample_rate))
+            # (capped: an upper bound, see MAX_ACCOUNTED_NOISE)
+            key = (min(float(e.noise_multiplier), MAX_ACCOUNTED_NOISE), float(e.sample_rate))
             merged[key] = merged.get(key, 0) + e.steps
     return [(s, q, n) for (s, q), n in merged.items()]
 

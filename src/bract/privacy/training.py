@@ -430,26 +430,16 @@ class PrivateTrainer:
         probe(self.model, x, y, self.criterion, mode=self.grad_sample_mode,
               public_buffers=self.public_buffers)
         self._probe_batch = (x, y)
-        self._probed_buffers = self._buffers()
 
-    def _buffers(self) -> dict[str, torch.Tensor]:
-        """The model's buffers as the probe saw them (copies)."""
-        return {name: b.detach().clone() for name, b in self.model.named_buffers()}
-
-    def _probe_again_if_buffers_changed(self) -> None:
-        """Global weights carry buffers too, and a buffer can switch how a forward pass
-        treats a batch (a flag, running statistics): the probe's verdict holds for the
-        buffers it saw, so new ones are probed again before any step (a refusal raises
-        :class:`PrivacyError`, before the budget check records anything)."""
-        now = self._buffers()
-        same = now.keys() == self._probed_buffers.keys() and all(
-            torch.equal(now[k], self._probed_buffers[k]) for k in now)
-        if same:
-            return
+    def _probe_loaded_weights(self) -> None:
+        """Global weights can switch how a forward pass treats a batch (a buffer flag, a
+        gate parameter that starts at zero): the probe's verdict holds for the weights
+        it saw, so the model is probed again with the weights a round loads, before any
+        step (a refusal raises :class:`PrivacyError`, before the budget check records
+        anything)."""
         x, y = self._probe_batch
         probe(self.model, x, y, self.criterion, mode=self.grad_sample_mode,
               public_buffers=self.public_buffers)
-        self._probed_buffers = now
 
     # ------------------------------------------------------------------ accounting
     def planned_event(self, round: int) -> DpSgdEvent:
@@ -508,7 +498,7 @@ class PrivateTrainer:
         start = time.perf_counter()
         if global_weights is not None:
             load_weights(self.model, global_weights)
-            self._probe_again_if_buffers_changed()
+            self._probe_loaded_weights()
         also = tuple(also)
         if any(e.client_id != self.client_id for e in also):
             raise PrivacyError("an event released with this round belongs to another hospital")

@@ -836,22 +836,20 @@ class ClientSession:
 
     # ---- stage 2
 
-    def handle_mask_request(self, req: MaskRequest, vector: np.ndarray, weight: int, *,
-                            input_digest: bytes = b"") -> MaskedInput:
-        """Stage 2: check every sharing neighbour's signed header and decrypt the shares
-        addressed to us (each against its commitment), then return the masked input.
-
-        ``vector`` (float, length ``dim``) and ``weight`` (example count) never
-        leave the client except inside the masked vector. ``input_digest`` names the
-        public data the input was computed from (in a federation, a digest of the
-        global model received with this request); it is signed with the masked input,
-        and this client later signs and reveals only for an alive set whose every
-        member in its neighbourhood signed the same digest, so no sum it helps unmask
-        mixes its input with inputs computed from another model.
-        """
+    def check_mask_request(self, req: MaskRequest) -> None:
+        """Every check :meth:`handle_mask_request` makes of the request (round and stage,
+        sharers, every header, ciphertext and share against its commitment), and
+        nothing else: the session is left as it was. A deployment calls it before the
+        hospital trains for a pipelined round, so that a request it would refuse costs
+        no privacy budget. Raises what :meth:`handle_mask_request` would."""
         _expect(req, MaskRequest)
-        if not isinstance(input_digest, bytes) or len(input_digest) > MAX_INPUT_DIGEST_BYTES:
-            raise EncodingError(f"input_digest must be at most {MAX_INPUT_DIGEST_BYTES} bytes")
+        self._checked_mask_request(req)
+
+    def _checked_mask_request(self, req: MaskRequest) -> tuple[
+            _ClientRound, set[int], set[int], dict[int, tuple[bytes, bytes, bytes, bytes]],
+            dict[int, bytes]]:
+        """The checks of stage 2: ``(round, sharers, sharing neighbours, their decrypted
+        shares, their round mask keys)``; changes nothing."""
         rnd = self._current(req, "shared")
         cfg = rnd.config
         fed, r, me = self.federation_id, cfg.round, self.node_id
@@ -918,6 +916,27 @@ class ClientSession:
                 )
             received[v] = (sb, s_salt, kb, k_salt)
             publics[v] = header.mask_public
+        return rnd, sharers, expected, received, publics
+
+    def handle_mask_request(self, req: MaskRequest, vector: np.ndarray, weight: int, *,
+                            input_digest: bytes = b"") -> MaskedInput:
+        """Stage 2: check every sharing neighbour's signed header and decrypt the shares
+        addressed to us (each against its commitment), then return the masked input.
+
+        ``vector`` (float, length ``dim``) and ``weight`` (example count) never
+        leave the client except inside the masked vector. ``input_digest`` names the
+        public data the input was computed from (in a federation, a digest of the
+        global model received with this request); it is signed with the masked input,
+        and this client later signs and reveals only for an alive set whose every
+        member in its neighbourhood signed the same digest, so no sum it helps unmask
+        mixes its input with inputs computed from another model.
+        """
+        _expect(req, MaskRequest)
+        if not isinstance(input_digest, bytes) or len(input_digest) > MAX_INPUT_DIGEST_BYTES:
+            raise EncodingError(f"input_digest must be at most {MAX_INPUT_DIGEST_BYTES} bytes")
+        rnd, sharers, expected, received, publics = self._checked_mask_request(req)
+        cfg = rnd.config
+        fed, r, me = self.federation_id, cfg.round, self.node_id
         enc = EncodingConfig(cfg.clip, cfg.frac_bits, cfg.max_weight, cfg.ring_bits)
         y = encode(vector, weight, enc, cfg.ring_bits, dim=cfg.dim,
                    clip_out_of_range=self.policy.clip_out_of_range)
@@ -1453,10 +1472,10 @@ class ServerSession:
                 for u, (s, h, c) in inbox.items()}
 
     def expect_input_digest(self, input_digest: bytes) -> None:
-        """From now on in the current round, refuse a masked input computed from other
-        public data than ``input_digest`` (the global model this server sent): that
-        client is then not alive, instead of every honest client refusing an alive
-        set that mixes models."""
+        """From now on in the current round, refuse a masked input whose digest does not
+        begin with ``input_digest`` (the digest of the global model this server sent;
+        clients may append one of their training settings): that client is then not
+        alive, instead of every honest client refusing an alive set that mixes models."""
         if self._round is None:
             raise ProtocolViolation("no round is open")
         self._round.expected_input = bytes(input_digest)
@@ -1482,7 +1501,8 @@ class ServerSession:
         verify_signature(self.roster[u], msg.signature,
                          input_statement(self.federation_id, rnd.config.round, rnd.digest, u,
                                          msg.input_digest), f"input signature of node {u}")
-        if rnd.expected_input is not None and msg.input_digest != rnd.expected_input:
+        if rnd.expected_input is not None and \
+                msg.input_digest[:len(rnd.expected_input)] != rnd.expected_input:
             raise ProtocolViolation(f"node {u} computed its input from other public data "
                                     "than the round's (another global model)")
         np.add(rnd.acc, np.frombuffer(msg.data, dtype=rnd.acc.dtype), out=rnd.acc)
