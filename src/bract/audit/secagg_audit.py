@@ -462,7 +462,7 @@ def _test_vector(vec: np.ndarray, cfg: RoundConfig, alpha: float,
 
 def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResult]:
     """Run the four per-round statistical checks (module docstring) on one round's view
-    of protocol v2 (the cross-round check is :func:`knowledge_across_rounds`)."""
+    of protocol v2 or later (the cross-round check is :func:`knowledge_across_rounds`)."""
     cfg = view.config
     publics = {u: m.mask_public for u, m in view.shares.items()}
     ureq = view.unmask_request
