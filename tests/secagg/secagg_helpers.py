@@ -102,3 +102,26 @@ def run_to_unmask_request(f: Federation, rnd: int, inputs, dim: int, drop_mask=(
         f.server.receive_consistency_signature(st.sigs[v])
     st.ureq = f.server.unmask_request()
     return st
+
+
+def unmask_and_finish(f: Federation):
+    """Stages 3 and 4, every alive client honest and answering: the round's result."""
+    creq = f.server.consistency_request()
+    for v in creq.alive:
+        f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))
+    ureq = f.server.unmask_request()
+    for v in ureq.signers:
+        f.server.receive_unmask_reply(f.clients[v].handle_unmask_request(ureq))
+    return f.server.finish()
+
+
+def to_shared(n: int, dim: int, **kwargs):
+    """A federation of ``n`` (``make_federation``'s keyword arguments) whose round 1 is
+    past stage 1, every client having shared: ``(federation, config, inputs)``."""
+    f = make_federation(n, **kwargs)
+    advertise_all(f)
+    inputs = random_inputs(n, dim)
+    cfg = f.server.start_round(1, range(n), dim)
+    for v in range(n):
+        f.server.receive_shares(f.clients[v].handle_round_config(cfg))
+    return f, cfg, inputs

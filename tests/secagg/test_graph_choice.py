@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from secagg_helpers import make_federation, random_inputs
+from secagg_helpers import make_federation, random_inputs, unmask_and_finish
 
 from bract.secagg.encoding import EncodingConfig
 from bract.secagg.errors import ConfigurationError, RoundAborted
@@ -209,12 +209,6 @@ def test_a_round_too_small_for_the_declaration_runs_on_the_complete_graph() -> N
         f.server.receive_shares(f.clients[v].handle_round_config(cfg))
     for v, req in f.server.mask_requests().items():
         f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v]))
-    creq = f.server.consistency_request()
-    for v in creq.alive:
-        f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))
-    ureq = f.server.unmask_request()
-    for v in ureq.signers:
-        f.server.receive_unmask_reply(f.clients[v].handle_unmask_request(ureq))
-    res = f.server.finish()
+    res = unmask_and_finish(f)
     assert sorted(res.alive) == list(range(6))
     assert round_parameters(6, "auto", None, 1, 2, 3).tolerated == 2

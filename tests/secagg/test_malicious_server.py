@@ -21,7 +21,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from secagg_helpers import advertise_all, make_federation, random_inputs
+from secagg_helpers import (
+    advertise_all,
+    make_federation,
+    random_inputs,
+    to_shared,
+    unmask_and_finish,
+)
 
 from bract.secagg import shamir
 from bract.secagg.crypto import SigningKey, x25519_public
@@ -135,7 +141,7 @@ def assert_no_small_sum(adv: Adversary, h: int) -> None:
 
 
 def _to_masked(n, colluders, *, policy=None, graph="complete", colluders_bound=None,
-               drop_mask=()):
+               drop_mask=(), digests=None):
     f = make_federation(n, graph=graph, colluders=colluders_bound,
                         policy=policy or ClientPolicy(colluders=colluders_bound))
     advertise_all(f)
@@ -149,7 +155,8 @@ def _to_masked(n, colluders, *, policy=None, graph="complete", colluders_bound=N
     for v, req in reqs.items():
         if v in drop_mask:
             continue
-        masked[v] = f.clients[v].handle_mask_request(req, *inputs[v])
+        masked[v] = f.clients[v].handle_mask_request(
+            req, *inputs[v], input_digest=(digests or {}).get(v, b""))
         f.server.receive_masked_input(masked[v])
     adv = Adversary(f, cfg, colluders)
     adv.add_shares(shares)
@@ -331,20 +338,7 @@ def test_no_unmasked_sum_mixes_inputs_computed_from_different_models(n, data) ->
     other = set(data.draw(st.lists(st.sampled_from([v for v in honest if v != victim]),
                                    unique=True), label="sent the other model"))
     models = {v: (b"B" * 32 if v in other else b"A" * 32) for v in range(n)}
-    f = make_federation(n)
-    advertise_all(f)
-    inputs = random_inputs(n, D)
-    cfg = f.server.start_round(1, range(n), D)
-    shares = {v: f.clients[v].handle_round_config(cfg) for v in range(n)}
-    for msg in shares.values():
-        f.server.receive_shares(msg)
-    adv = Adversary(f, cfg, colluders)
-    adv.add_shares(shares)
-    for v, req in f.server.mask_requests().items():
-        f.server.receive_masked_input(
-            f.clients[v].handle_mask_request(req, *inputs[v], input_digest=models[v]))
-        adv.masked.add(v)
-    adv.add_colluder_state(f.clients)
+    f, cfg, _, _, _, adv = _to_masked(n, colluders, digests=models)
     everyone = list(range(n))
     kept = set(data.draw(st.lists(st.sampled_from(honest), unique=True), label="kept"))
     alive = sorted(kept | colluders | {victim})
@@ -368,13 +362,7 @@ def test_the_server_leaves_out_an_input_computed_from_another_model() -> None:
     the declared digest is refused outright."""
     from dataclasses import replace
 
-    n = 5
-    f = make_federation(n)
-    advertise_all(f)
-    inputs = random_inputs(n, D)
-    cfg = f.server.start_round(1, range(n), D)
-    for v in range(n):
-        f.server.receive_shares(f.clients[v].handle_round_config(cfg))
+    f, _, inputs = to_shared(5, D)
     f.server.expect_input_digest(b"A" * 32)
     for v, req in f.server.mask_requests().items():
         masked = f.clients[v].handle_mask_request(req, *inputs[v],
@@ -386,14 +374,8 @@ def test_the_server_leaves_out_an_input_computed_from_another_model() -> None:
                 f.server.receive_masked_input(replace(masked, input_digest=b"A" * 32))
             continue
         f.server.receive_masked_input(masked)
-    creq = f.server.consistency_request()
-    assert creq.alive == [0, 1, 2, 3]
-    for v in creq.alive:
-        f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))
-    ureq = f.server.unmask_request()
-    for v in ureq.signers:
-        f.server.receive_unmask_reply(f.clients[v].handle_unmask_request(ureq))
-    res = f.server.finish()
+    res = unmask_and_finish(f)
+    assert list(res.alive) == [0, 1, 2, 3]
     assert res.total_weight == sum(inputs[v][1] for v in range(4))
 
 
@@ -766,13 +748,7 @@ def test_a_client_whose_input_breaks_the_encoding_makes_the_round_abort_cleanly(
     """A malicious client masks a vector whose weight field is 'negative' in the ring:
     the unmasked sum does not decode, and finish() aborts the round (RoundAborted),
     never an exception of another kind, never a wrong sum."""
-    n = 4
-    f = make_federation(n)
-    advertise_all(f)
-    inputs = random_inputs(n, D)
-    cfg = f.server.start_round(1, range(n), D)
-    for v in range(n):
-        f.server.receive_shares(f.clients[v].handle_round_config(cfg))
+    f, _, inputs = to_shared(4, D)
     for v, req in f.server.mask_requests().items():
         msg = f.clients[v].handle_mask_request(req, *inputs[v])
         if v == 0:  # add 2^63 to its weight coordinate (the last ring element)
@@ -780,14 +756,8 @@ def test_a_client_whose_input_breaks_the_encoding_makes_the_round_abort_cleanly(
             y[-1:] += np.uint64(1 << 63)  # array arithmetic wraps silently
             msg = replace(msg, data=y.tobytes())
         f.server.receive_masked_input(msg)
-    creq = f.server.consistency_request()
-    for v in range(n):
-        f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))
-    ureq = f.server.unmask_request()
-    for v in range(n):
-        f.server.receive_unmask_reply(f.clients[v].handle_unmask_request(ureq))
     with pytest.raises(RoundAborted, match="does not decode"):
-        f.server.finish()
+        unmask_and_finish(f)
     assert f.server.stage is None
 
 

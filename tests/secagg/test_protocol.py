@@ -164,6 +164,26 @@ def test_policy_collusion_bound_is_enforced_whatever_the_server_declares() -> No
         f.clients[0].handle_round_config(replace(cfg, colluders=2))
 
 
+def _decides_as_handling(client: ClientSession, check, handle) -> type | None:
+    """Run ``check`` then ``handle`` on ``client``: the check must leave the session as
+    it was and refuse (with the same error type) exactly when the handler does. The
+    error type, or None when both accept."""
+    from bract.secagg.errors import SecAggError
+
+    def outcome(fn) -> type | None:
+        try:
+            fn(client)
+        except SecAggError as exc:
+            return type(exc)
+        return None
+
+    before = client.export_state()
+    checked = outcome(check)
+    assert client.export_state() == before
+    assert outcome(handle) is checked
+    return checked
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(3, 8), st.sampled_from(["none", "colluders", "threshold", "federation",
                                             "participants", "min_honest"]))
@@ -176,7 +196,6 @@ def test_checking_a_round_config_decides_as_handling_it_and_changes_nothing(
 
     from secagg_helpers import advertise_all
 
-    from bract.secagg.errors import SecAggError
 
     f = make_federation(n, encoding=ENC)
     advertise_all(f)
@@ -186,20 +205,8 @@ def test_checking_a_round_config_decides_as_handling_it_and_changes_nothing(
            "federation": replace(cfg, federation_id="another-federation"),
            "participants": replace(cfg, participants=[*cfg.participants[:-1], 99]),
            "min_honest": replace(cfg, min_honest=1)}[edit]
-    client = f.clients[0]
-    before = client.export_state()
-    try:
-        client.check_round_config(cfg)
-        checked: type | None = None
-    except SecAggError as exc:
-        checked = type(exc)
-    assert client.export_state() == before
-    try:
-        client.handle_round_config(cfg)
-        handled: type | None = None
-    except SecAggError as exc:
-        handled = type(exc)
-    assert checked is handled
+    checked = _decides_as_handling(f.clients[0], lambda c: c.check_round_config(cfg),
+                                   lambda c: c.handle_round_config(cfg))
     # (with fewer than 4 clients the default bound is already c = 0)
     refused = edit != "none" and not (edit == "colluders" and (n - 1) // 3 == 0)
     assert (checked is not None) == refused
@@ -217,7 +224,6 @@ def test_checking_a_mask_request_decides_as_handling_it_and_changes_nothing(
 
     from secagg_helpers import advertise_all
 
-    from bract.secagg.errors import SecAggError
 
     f = make_federation(n, encoding=ENC)
     advertise_all(f)
@@ -233,20 +239,9 @@ def test_checking_a_mask_request_decides_as_handling_it_and_changes_nothing(
            "ciphertext": replace(req, ciphertexts=[bytes(ct), *req.ciphertexts[1:]]),
            "header": replace(req, headers=[req.headers[1], req.headers[0],
                                            *req.headers[2:]])}[edit]
-    client = f.clients[0]
-    before = client.export_state()
-    try:
-        client.check_mask_request(req)
-        checked: type | None = None
-    except SecAggError as exc:
-        checked = type(exc)
-    assert client.export_state() == before
-    try:
-        client.handle_mask_request(req, np.zeros(2, np.float32), 1)
-        handled: type | None = None
-    except SecAggError as exc:
-        handled = type(exc)
-    assert checked is handled
+    checked = _decides_as_handling(
+        f.clients[0], lambda c: c.check_mask_request(req),
+        lambda c: c.handle_mask_request(req, np.zeros(2, np.float32), 1))
     assert (checked is not None) == (edit != "none")
 
 
