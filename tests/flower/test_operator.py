@@ -178,7 +178,8 @@ def test_a_configured_hospital_without_its_own_state_dir_refuses_to_train(tmp_pa
     start it empty, so it refuses, saying why. A simulated hospital (partition only)
     keeps its state under the run's output."""
     from bract import tasks
-    from bract.flower.app import OPERATOR_KEYS, hospital_setup
+    from bract.flower.app import hospital_setup
+    from bract.flower.hospital_policy import OPERATOR_KEYS
 
     assert key in OPERATOR_KEYS
     (d,) = _init_three(tmp_path)[:1]

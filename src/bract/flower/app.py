@@ -27,7 +27,7 @@ from bract.flower import apps
 from bract.flower.apps import Hospitals
 from bract.flower.client import HospitalSetup, PrivacyPolicy
 from bract.flower.config import FederationConfig
-from bract.flower.hospital_policy import OPERATOR_KEYS, hospital_policy_of
+from bract.flower.hospital_policy import hospital_policy_of, operator_keys_in
 from bract.flower.run_dir import set_aside_previous_run
 from bract.flower.secagg_client import SecAggIdentity, read_identity_key
 from bract.flower.server import run_federation
@@ -69,8 +69,8 @@ def hospital_setup(
     (simulation). Its client id is the node config's ``name``, else
     ``hospital-<partition-id>``. It keeps its state in the node config's
     ``state-dir`` (required of a hospital its operator configured, i.e. one whose node
-    config names any of :data:`OPERATOR_KEYS`), else (a simulated hospital: partition
-    only) in ``state_root/<client id>``; its privacy budget
+    config names any of :data:`~bract.flower.hospital_policy.OPERATOR_KEYS`), else (a
+    simulated hospital: partition only) in ``state_root/<client id>``; its privacy budget
     is keyed by the data it protects: the node config's ``dataset-id`` when its
     operator names one, else the data's source (:func:`dataset_source`).
     """
@@ -90,7 +90,7 @@ def hospital_setup(
         raise ValueError("this SuperNode's node config names neither the hospital "
                          "('name') nor its partition ('partition-id')")
     state_dir = nc.get("state-dir")
-    configured = sorted(k for k in OPERATOR_KEYS if k in nc)
+    configured = operator_keys_in(nc)
     if not state_dir and configured:
         # A hospital its operator configured keeps its budget on its own disk: under the
         # coordinator's output (the run config's `out`) it would start from an empty
@@ -237,7 +237,7 @@ def _simulated_identity(ctx: Context) -> SecAggIdentity | None:
     ``bract simulate`` does, under the run's output (the simulation plays every
     operator). ``None`` when there is none (then the node config must name one)."""
     nc = ctx.node_config
-    if _configured(nc) or "partition-id" not in nc:
+    if operator_keys_in(nc) or "partition-id" not in nc:
         return None  # a hospital its operator configured never takes coordinator keys
     fed = FederationConfig.from_run_config(ctx.run_config)
     if not identity_file(fed.out, int(nc["partition-id"])).exists():
@@ -264,16 +264,10 @@ def _release_from_context(ctx: Context) -> str:
 
 def _plain_allowed(ctx: Context) -> bool:
     """Whether this hospital takes part in plain FedAvg: one its operator configured
-    (any of :data:`OPERATOR_KEYS` in its node config) only when its policy says
+    (:func:`~bract.flower.hospital_policy.operator_keys_in`) only when its policy says
     ``allow_plain_aggregation``; a simulated one whenever the run is plain."""
     nc = ctx.node_config
-    return not _configured(nc) or hospital_policy_of(nc).allow_plain_aggregation
-
-
-def _configured(nc: Mapping[str, Any]) -> bool:
-    """Whether a hospital's operator configured this SuperNode (its node config names a
-    key only an operator sets) rather than Flower's simulation engine."""
-    return any(k in nc for k in OPERATOR_KEYS)
+    return not operator_keys_in(nc) or hospital_policy_of(nc).allow_plain_aggregation
 
 
 #: The hospitals of ``flwr run`` and ``bract deploy``: each reads what its operator

@@ -228,7 +228,7 @@ def _noise_multiplier(
             raise
         cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant,
                         alongside=alongside)
-    sigma = max(cal.noise_multiplier, float(policy.min_noise_multiplier))
+    sigma = max(cal.noise_multiplier, floor)
     state["noise-multiplier"] = sigma
     state["calibrated-run"] = run_id
     return sigma
@@ -352,7 +352,7 @@ def dp_train_handler(
     """
 
     def handle(msg: Message, ctx: Context) -> Message:
-        from bract.flower.hospital_policy import OPERATOR_KEYS, hospital_policy_of
+        from bract.flower.hospital_policy import hospital_policy_of, operator_keys_in
 
         policy_now = policy(ctx) if callable(policy) else policy
         nc = ctx.node_config
@@ -361,7 +361,7 @@ def dp_train_handler(
             # app asks (often the coordinator's run config) is only admitted within them.
             policy_now = hospital_policy_of(nc).admit(policy_now)
         setup = setup_fn(ctx)
-        configured = sorted(k for k in OPERATOR_KEYS if k in nc)
+        configured = operator_keys_in(nc)
         if setup.state_dir is None and configured:
             # Without a state directory the ledger lives in this run's Context only, so
             # a new run would start the hospital's budget from nothing.

@@ -51,13 +51,20 @@ from bract.flower.client import METRICS_RELEASE, PrivacyPolicy
 from bract.privacy.accounting import ACCOUNTANTS
 from bract.privacy.metrics_release import DEFAULT_LOSS_BOUND, DEFAULT_METRICS_NOISE
 
-__all__ = ["OPERATOR_KEYS", "HospitalPolicy", "PolicyRefusal", "hospital_policy_of"]
+__all__ = ["OPERATOR_KEYS", "HospitalPolicy", "PolicyRefusal", "hospital_policy_of",
+           "operator_keys_in"]
 
 #: Node-config keys only a hospital's operator sets: a SuperNode with any of them is a
 #: configured hospital, which must keep its state in its own ``state-dir`` (or its
 #: ``HospitalSetup.state_dir``). Flower's simulation engine gives its SuperNodes
 #: ``partition-id`` and ``num-partitions`` only.
 OPERATOR_KEYS = ("identity-key", "name", "data-path", "loader", "policy", "dataset-id")
+
+
+def operator_keys_in(node_config: Mapping[str, Any]) -> list[str]:
+    """The :data:`OPERATOR_KEYS` a node config names, sorted: empty for a SuperNode of
+    Flower's simulation engine, not for one a hospital's operator configured."""
+    return sorted(k for k in OPERATOR_KEYS if k in node_config)
 
 #: How much each metric release lets out (a request above the hospital's is refused).
 _RELEASE_ORDER = {"none": 0, "aggregate": 1, "clear": 2}
