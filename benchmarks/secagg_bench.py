@@ -49,6 +49,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from bract.secagg.crypto import KeystreamAccumulator, SigningKey, hkdf
+from bract.secagg.driver import SHARED_INPUT_DIGEST
 from bract.secagg.encoding import EncodingConfig, encode
 from bract.secagg.protocol import ClientPolicy, ClientSession, ServerSession, round_parameters
 
@@ -119,7 +120,7 @@ def run_round_timed(server, clients, vectors, weights, dim: int, drop: set[int],
         if v in drop:
             continue
         pending.append(clients[v].handle_mask_request(req, vectors[v % len(vectors)],
-                                                      weights[v]))
+                                                      weights[v], input_digest=SHARED_INPUT_DIGEST))
     if measure_memory:
         tracemalloc.start()
         tracemalloc.reset_peak()
@@ -228,7 +229,7 @@ def bench_client(d: int, k: int, out: dict[str, Any]) -> None:
         server.receive_shares(c.handle_round_config(cfg))
     req = server.mask_requests()[0]
     t = time.perf_counter()
-    clients[0].handle_mask_request(req, x, 100)
+    clients[0].handle_mask_request(req, x, 100, input_digest=SHARED_INPUT_DIGEST)
     t_stage = time.perf_counter() - t
 
     out.update(client_mask_seconds=t_mask, keystream_limit_seconds=t_limit,
@@ -348,7 +349,7 @@ def bench_graph_choice(n: int, d: int, rounds: int, out: dict[str, Any]) -> None
                 server.receive_shares(clients[v].handle_round_config(cfg))
             req = server.mask_requests()[0]
             t = time.perf_counter()
-            clients[0].handle_mask_request(req, x, 100)
+            clients[0].handle_mask_request(req, x, 100, input_digest=SHARED_INPUT_DIGEST)
             s2.append(time.perf_counter() - t)
             server.abort_round("benchmark: one client timed")
             for cl in clients.values():

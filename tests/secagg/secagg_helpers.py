@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bract.secagg.crypto import SigningKey
+from bract.secagg.driver import SHARED_INPUT_DIGEST
 from bract.secagg.encoding import EncodingConfig
 from bract.secagg.messages import Message
 from bract.secagg.protocol import ClientPolicy, ClientSession, ServerSession
@@ -89,7 +90,8 @@ def run_to_masked(f: Federation, rnd: int, inputs, dim: int, drop_mask=()) -> St
         if v in drop_mask:
             continue
         vec, w = inputs[v]
-        st.masked[v] = f.clients[v].handle_mask_request(req, vec, w)
+        st.masked[v] = f.clients[v].handle_mask_request(req, vec, w,
+                                                        input_digest=SHARED_INPUT_DIGEST)
         f.server.receive_masked_input(st.masked[v])
     return st
 

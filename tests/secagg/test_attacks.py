@@ -20,6 +20,7 @@ from secagg_helpers import (
 )
 
 from bract.secagg.crypto import SigningKey, x25519_generate
+from bract.secagg.driver import SHARED_INPUT_DIGEST
 from bract.secagg.errors import (
     AuthenticationError,
     ConsistencyError,
@@ -186,16 +187,18 @@ def test_d_replays_from_another_round_or_federation() -> None:
     new = st2.mask_requests[0]
     assert old.senders == new.senders
     with pytest.raises(AuthenticationError, match="AES-GCM authentication failed"):
-        f.clients[0].handle_mask_request(replace(new, ciphertexts=old.ciphertexts), *inputs[0])
+        f.clients[0].handle_mask_request(replace(new, ciphertexts=old.ciphertexts), *inputs[0],
+                                         input_digest=SHARED_INPUT_DIGEST)
     # a whole message of round 1 is refused as a replay
     with pytest.raises(ReplayError, match="round 1"):
-        f.clients[0].handle_mask_request(old, *inputs[0])
+        f.clients[0].handle_mask_request(old, *inputs[0], input_digest=SHARED_INPUT_DIGEST)
     # a message for the wrong stage
     with pytest.raises(ProtocolViolation, match="stage"):
         f.clients[0].handle_consistency_request(replace(st1.creq, round=2))
     for v in range(n):
         f.server.receive_masked_input(f.clients[v].handle_mask_request(st2.mask_requests[v],
-                                                                       *inputs[v]))
+                                                                       *inputs[v],
+                                                                       input_digest=SHARED_INPUT_DIGEST))
     creq = f.server.consistency_request()
     for v in creq.alive:
         f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))
@@ -223,13 +226,15 @@ def test_e_tampered_ciphertexts() -> None:
     flipped[20] ^= 1
     with pytest.raises(AuthenticationError, match=f"shares from node {req.senders[1]}"):
         f.clients[0].handle_mask_request(replace(req, ciphertexts=[*cts[:1], bytes(flipped),
-                                                                    *cts[2:]]), *inputs[0])
+                                                                    *cts[2:]]), *inputs[0],
+                                         input_digest=SHARED_INPUT_DIGEST)
     swapped = [cts[1], cts[0], *cts[2:]]
     with pytest.raises(AuthenticationError):
-        f.clients[0].handle_mask_request(replace(req, ciphertexts=swapped), *inputs[0])
+        f.clients[0].handle_mask_request(replace(req, ciphertexts=swapped), *inputs[0],
+                                         input_digest=SHARED_INPUT_DIGEST)
     with pytest.raises(MalformedMessage, match="wrong length"):
         f.clients[0].handle_mask_request(replace(req, ciphertexts=[b"x" * 10, *cts[1:]]),
-                                         *inputs[0])
+                                         *inputs[0], input_digest=SHARED_INPUT_DIGEST)
     # a ciphertext addressed to another client, forwarded to this one
     other = st.mask_requests[1]
     j = other.senders.index(2)
@@ -237,11 +242,13 @@ def test_e_tampered_ciphertexts() -> None:
     redirected = list(cts)
     redirected[k] = other.ciphertexts[j]
     with pytest.raises(AuthenticationError):
-        f.clients[0].handle_mask_request(replace(req, ciphertexts=redirected), *inputs[0])
+        f.clients[0].handle_mask_request(replace(req, ciphertexts=redirected), *inputs[0],
+                                         input_digest=SHARED_INPUT_DIGEST)
     # nothing changed: the genuine request goes through and the round completes
     for v in range(n):
         f.server.receive_masked_input(f.clients[v].handle_mask_request(st.mask_requests[v],
-                                                                       *inputs[v]))
+                                                                       *inputs[v],
+                                                                       input_digest=SHARED_INPUT_DIGEST))
 
 
 # (f) -------------------------------------------------------------- inconsistent alive sets

@@ -9,7 +9,7 @@ import pytest
 from secagg_helpers import advertise_all, make_federation, random_inputs, run_to_masked
 
 from bract.secagg.crypto import SigningKey
-from bract.secagg.driver import run_round
+from bract.secagg.driver import SHARED_INPUT_DIGEST, run_round
 from bract.secagg.encoding import EncodingConfig
 from bract.secagg.errors import (
     ConfigurationError,
@@ -41,12 +41,33 @@ def test_bad_vectors_refused_and_state_kept(vector, weight, match) -> None:
     inputs = random_inputs(n, D, max_weight=1000)
     st = run_to_masked(f, 1, inputs, D, drop_mask={0})
     with pytest.raises(EncodingError, match=match):
-        f.clients[0].handle_mask_request(st.mask_requests[0], vector, weight)
+        f.clients[0].handle_mask_request(st.mask_requests[0], vector, weight,
+                                         input_digest=SHARED_INPUT_DIGEST)
     # the refused call left no partial state: the same request now works
     f.server.receive_masked_input(f.clients[0].handle_mask_request(st.mask_requests[0],
-                                                                   *inputs[0]))
+                                                                   *inputs[0],
+                                                                   input_digest=SHARED_INPUT_DIGEST))
     creq = f.server.consistency_request()
     assert creq.alive == list(range(n))
+
+
+@pytest.mark.parametrize("digest", [b"", bytes(65), "sha256", None])
+def test_an_input_without_a_digest_of_its_public_data_is_refused(digest) -> None:
+    """The model binding (T37) cannot be switched off by leaving the digest out: every
+    client must name the public data its input was computed from, and a refusal
+    leaves the round as it was."""
+    n = 4
+    f = make_federation(n, encoding=ENC)
+    inputs = random_inputs(n, D, max_weight=1000)
+    st = run_to_masked(f, 1, inputs, D, drop_mask={0})
+    req = st.mask_requests[0]
+    with pytest.raises(EncodingError, match="input_digest must name the public data"):
+        f.clients[0].handle_mask_request(req, *inputs[0], input_digest=digest)
+    with pytest.raises(EncodingError, match="needs the input vector and its input_digest"):
+        f.clients[0].handle(req, *inputs[0])
+    masked = f.clients[0].handle(req, *inputs[0], input_digest=SHARED_INPUT_DIGEST)
+    f.server.receive_masked_input(masked)
+    assert f.server.consistency_request().alive == list(range(n))
 
 
 def test_roster_problems() -> None:
@@ -96,7 +117,8 @@ def test_server_refuses_bad_client_messages() -> None:
     f = make_federation(n, encoding=ENC)
     inputs = random_inputs(n, D, max_weight=1000)
     st = run_to_masked(f, 1, inputs, D, drop_mask={3})
-    good = f.clients[3].handle_mask_request(st.mask_requests[3], *inputs[3])
+    good = f.clients[3].handle_mask_request(st.mask_requests[3], *inputs[3],
+                                            input_digest=SHARED_INPUT_DIGEST)
     with pytest.raises(MalformedMessage, match="bytes, expected"):
         f.server.receive_masked_input(replace(good, data=good.data[:-1]))
     with pytest.raises(ProtocolViolation, match="ring"):
@@ -141,7 +163,8 @@ def test_state_survives_export_between_every_stage() -> None:
         reload(v)
         f.server.receive_shares(replies[v])
     for v, req in f.server.mask_requests().items():
-        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v]))
+        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v],
+                                                                       input_digest=SHARED_INPUT_DIGEST))
         reload(v)
     creq = f.server.consistency_request()
     for v in creq.alive:

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from secagg_helpers import make_federation, random_inputs, unmask_and_finish
 
+from bract.secagg.driver import SHARED_INPUT_DIGEST
 from bract.secagg.encoding import EncodingConfig
 from bract.secagg.errors import ConfigurationError, RoundAborted
 from bract.secagg.graph import closed_neighbourhoods, default_degree
@@ -96,7 +97,8 @@ def _round(f, inputs, drops: dict[int, str], victim_of=None):
     reqs = f.server.mask_requests()
     for v, req in reqs.items():
         if drops.get(v) not in ("config", "mask"):
-            f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v]))
+            f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v],
+                                                                           input_digest=SHARED_INPUT_DIGEST))
     creq = f.server.consistency_request()
     for v in creq.alive:
         if drops.get(v) not in ("consistency", "unmask"):
@@ -208,7 +210,8 @@ def test_a_round_too_small_for_the_declaration_runs_on_the_complete_graph() -> N
     for v in range(6):
         f.server.receive_shares(f.clients[v].handle_round_config(cfg))
     for v, req in f.server.mask_requests().items():
-        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v]))
+        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v],
+                                                                       input_digest=SHARED_INPUT_DIGEST))
     res = unmask_and_finish(f)
     assert sorted(res.alive) == list(range(6))
     assert round_parameters(6, "auto", None, 1, 2, 3).tolerated == 2

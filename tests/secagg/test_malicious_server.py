@@ -31,6 +31,7 @@ from secagg_helpers import (
 
 from bract.secagg import shamir
 from bract.secagg.crypto import SigningKey, x25519_public
+from bract.secagg.driver import SHARED_INPUT_DIGEST
 from bract.secagg.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -156,7 +157,7 @@ def _to_masked(n, colluders, *, policy=None, graph="complete", colluders_bound=N
         if v in drop_mask:
             continue
         masked[v] = f.clients[v].handle_mask_request(
-            req, *inputs[v], input_digest=(digests or {}).get(v, b""))
+            req, *inputs[v], input_digest=(digests or {}).get(v, SHARED_INPUT_DIGEST))
         f.server.receive_masked_input(masked[v])
     adv = Adversary(f, cfg, colluders)
     adv.add_shares(shares)
@@ -204,7 +205,7 @@ def _unmask(f, cfg, clients, alive, sharers, sigs, adv):
 
 def _colluder_sig(f, c, cfg, sharers, alive):
     return f.keys[c].sign(consistency_statement(f.fed, cfg.round, _config_digest(cfg),
-                                                sharers, alive))
+                                                sharers, alive, SHARED_INPUT_DIGEST))
 
 
 # ------------------------------------------------------------------------- attacks
@@ -309,7 +310,8 @@ def test_a_smaller_round_keeps_the_federations_collusion_bound(r, data) -> None:
         reqs = {}  # too few shared: the round ends before anyone masks
     for v, req in reqs.items():
         try:
-            masked = f.clients[v].handle_mask_request(req, *inputs[v])
+            masked = f.clients[v].handle_mask_request(req, *inputs[v],
+                                                      input_digest=SHARED_INPUT_DIGEST)
         except SecAggError:
             continue
         rogue.receive_masked_input(masked)
@@ -416,7 +418,8 @@ def test_an_alive_set_that_reaches_t_but_not_c_plus_h_is_refused() -> None:
     for v in range(n):
         f.server.receive_shares(f.clients[v].handle_round_config(cfg))
     for v, req in f.server.mask_requests().items():
-        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v]))
+        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v],
+                                                                       input_digest=SHARED_INPUT_DIGEST))
     with pytest.raises(ThresholdPolicyError, match="alive set refused"):
         f.clients[0].handle_consistency_request(
             _creq(f.server, f.fed, 1, list(range(n)), [0, 1, 2, 3, 4]))
@@ -445,8 +448,10 @@ def test_sharer_list_manipulation_breaks_the_quorum() -> None:
     with pytest.raises(ProtocolViolation, match="missing"):
         g.clients[0].handle_mask_request(
             replace(bad, senders=bad.senders[1:], headers=bad.headers[1:],
-                    ciphertexts=bad.ciphertexts[1:]), *inputs[0])
-    g.clients[0].handle_mask_request(bad, *inputs[0])  # state untouched by the refusal
+                    ciphertexts=bad.ciphertexts[1:]), *inputs[0],
+            input_digest=SHARED_INPUT_DIGEST)
+    # state untouched by the refusal:
+    g.clients[0].handle_mask_request(bad, *inputs[0], input_digest=SHARED_INPUT_DIGEST)
 
 
 # ---------------------------------------------------------------- replays of keys
@@ -493,11 +498,13 @@ def test_a_share_header_of_another_round_or_sender_is_refused() -> None:
         f.server.receive_shares(f.clients[v].handle_round_config(cfg2))
     new, old = f.server.mask_requests()[0], reqs1[0]
     with pytest.raises(AuthenticationError, match="shares of node"):
-        f.clients[0].handle_mask_request(replace(new, headers=old.headers), *inputs[0])
+        f.clients[0].handle_mask_request(replace(new, headers=old.headers), *inputs[0],
+                                         input_digest=SHARED_INPUT_DIGEST)
     swapped = [new.headers[1], new.headers[0], *new.headers[2:]]
     with pytest.raises(SecAggError):
-        f.clients[0].handle_mask_request(replace(new, headers=swapped), *inputs[0])
-    f.clients[0].handle_mask_request(new, *inputs[0])
+        f.clients[0].handle_mask_request(replace(new, headers=swapped), *inputs[0],
+                                         input_digest=SHARED_INPUT_DIGEST)
+    f.clients[0].handle_mask_request(new, *inputs[0], input_digest=SHARED_INPUT_DIGEST)
 
 
 def test_the_server_refuses_forged_oversized_or_replayed_share_messages() -> None:
@@ -677,7 +684,8 @@ def test_a_dealer_whose_shares_do_not_open_its_commitments_is_named() -> None:
     for v, msg in shares.items():
         f.server.receive_shares(replace(msg, ciphertexts=cts) if v == 2 else msg)
     with pytest.raises(AuthenticationError, match="from node 2 do not match its signed"):
-        f.clients[0].handle_mask_request(f.server.mask_requests()[0], *random_inputs(n, D)[0])
+        f.clients[0].handle_mask_request(f.server.mask_requests()[0], *random_inputs(n, D)[0],
+                                         input_digest=SHARED_INPUT_DIGEST)
 
 
 def test_keys_and_seeds_never_repeat_across_rounds() -> None:
@@ -750,7 +758,7 @@ def test_a_client_whose_input_breaks_the_encoding_makes_the_round_abort_cleanly(
     never an exception of another kind, never a wrong sum."""
     f, _, inputs = to_shared(4, D)
     for v, req in f.server.mask_requests().items():
-        msg = f.clients[v].handle_mask_request(req, *inputs[v])
+        msg = f.clients[v].handle_mask_request(req, *inputs[v], input_digest=SHARED_INPUT_DIGEST)
         if v == 0:  # add 2^63 to its weight coordinate (the last ring element)
             y = np.frombuffer(msg.data, dtype=np.uint64).copy()
             y[-1:] += np.uint64(1 << 63)  # array arithmetic wraps silently
@@ -773,5 +781,6 @@ def test_commitments_of_another_holder_are_not_under_this_holders_path() -> None
     foreign = f.server._round.shares[sender].holder_headers()[other_holder]
     headers = [foreign, *req.headers[1:]]
     with pytest.raises(AuthenticationError, match="not under the signed root"):
-        f.clients[0].handle_mask_request(replace(req, headers=headers), *inputs[0])
-    f.clients[0].handle_mask_request(req, *inputs[0])
+        f.clients[0].handle_mask_request(replace(req, headers=headers), *inputs[0],
+                                         input_digest=SHARED_INPUT_DIGEST)
+    f.clients[0].handle_mask_request(req, *inputs[0], input_digest=SHARED_INPUT_DIGEST)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from secagg_helpers import signing_key
 
 from bract.audit.secagg_audit import knowledge_across_rounds
+from bract.secagg.driver import SHARED_INPUT_DIGEST
 from bract.secagg.encoding import EncodingConfig
 from bract.secagg.errors import RoundAborted, SecAggError
 from bract.secagg.graph import default_degree
@@ -111,7 +112,8 @@ def test_accumulated_knowledge_never_isolates_an_update(schedule, seed) -> None:
             reqs = server.mask_requests()
             for v, req in reqs.items():
                 if drop.get(v) not in ("config", "mask"):
-                    server.receive_masked_input(clients[v].handle_mask_request(req, *inputs[v]))
+                    server.receive_masked_input(clients[v].handle_mask_request(req, *inputs[v],
+                                                                               input_digest=SHARED_INPUT_DIGEST))
             creq = server.consistency_request()
             for v in creq.alive:
                 if drop.get(v) not in ("consistency", "unmask"):
@@ -131,7 +133,8 @@ def test_accumulated_knowledge_never_isolates_an_update(schedule, seed) -> None:
                 if nxt is not None and drops[r].get(v) != "config":
                     server.receive_shares(clients[v].handle_round_config(nxt))
             # dropped after sharing: the curious server gets their masked input late
-            late[cfg.round] = [clients[v].handle_mask_request(reqs[v], *inputs[v])
+            late[cfg.round] = [clients[v].handle_mask_request(reqs[v], *inputs[v],
+                                                              input_digest=SHARED_INPUT_DIGEST)
                                for v in ureq.dropped if v in reqs]
             results[cfg.round] = server.finish()
             cfg = nxt

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from secagg_helpers import advertise_all, make_federation, random_inputs
 
+from bract.secagg.driver import SHARED_INPUT_DIGEST
 from bract.secagg.encoding import EncodingConfig
 from bract.secagg.errors import ConfigurationError, ProtocolViolation, RoundAborted
 from bract.secagg.protocol import default_colluders, required_threshold
@@ -44,7 +45,8 @@ def _pipelined(f, inputs, dim, rounds, drops):
             for v, req in f.server.mask_requests().items():
                 if not silent(r, v, "mask"):
                     vec, w = inputs[v]
-                    f.server.receive_masked_input(f.clients[v].handle_mask_request(req, vec, w))
+                    f.server.receive_masked_input(f.clients[v].handle_mask_request(req, vec, w,
+                                                                                   input_digest=SHARED_INPUT_DIGEST))
             creq = f.server.consistency_request()
             for v in creq.alive:
                 if not silent(r, v, "consistency"):
@@ -136,7 +138,8 @@ def test_the_next_round_opens_only_during_unmasking() -> None:
         f.server.receive_shares(f.clients[v].handle_round_config(cfg))
     inputs = random_inputs(4, 3)
     for v, req in f.server.mask_requests().items():
-        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v]))
+        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v],
+                                                                       input_digest=SHARED_INPUT_DIGEST))
     creq = f.server.consistency_request()
     for v in range(4):
         f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))
@@ -181,7 +184,8 @@ def test_an_abandoned_next_round_leaves_nothing_to_rekey() -> None:
         assert again.seed_commitment != first[v].seed_commitment
         f.server.receive_shares(again)
     for v, req in f.server.mask_requests().items():
-        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v]))
+        f.server.receive_masked_input(f.clients[v].handle_mask_request(req, *inputs[v],
+                                                                       input_digest=SHARED_INPUT_DIGEST))
     creq = f.server.consistency_request()
     for v in range(4):
         f.server.receive_consistency_signature(f.clients[v].handle_consistency_request(creq))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from secagg_helpers import make_federation, random_inputs
 
-from bract.secagg.driver import STAGES, run_round
+from bract.secagg.driver import SHARED_INPUT_DIGEST, STAGES, run_round
 from bract.secagg.encoding import EncodingConfig
 from bract.secagg.errors import RoundAborted
 from bract.secagg.protocol import ClientPolicy, ClientSession
@@ -135,8 +135,8 @@ def test_weights_stay_inside_the_mask() -> None:
     seen: list[bytes] = []
 
     class Spy(ClientSession):
-        def handle_mask_request(self, req, vector, weight):
-            out = super().handle_mask_request(req, vector, weight)
+        def handle_mask_request(self, req, vector, weight, *, input_digest):
+            out = super().handle_mask_request(req, vector, weight, input_digest=input_digest)
             seen.append(out.to_bytes())
             return out
 
@@ -241,7 +241,8 @@ def test_checking_a_mask_request_decides_as_handling_it_and_changes_nothing(
                                            *req.headers[2:]])}[edit]
     checked = _decides_as_handling(
         f.clients[0], lambda c: c.check_mask_request(req),
-        lambda c: c.handle_mask_request(req, np.zeros(2, np.float32), 1))
+        lambda c: c.handle_mask_request(req, np.zeros(2, np.float32), 1,
+                                        input_digest=SHARED_INPUT_DIGEST))
     assert (checked is not None) == (edit != "none")
 
 

@@ -77,7 +77,7 @@ from bract.secagg.crypto import (
     x25519_public,
     x25519_shared,
 )
-from bract.secagg.driver import STAGES, run_round
+from bract.secagg.driver import SHARED_INPUT_DIGEST, STAGES, run_round
 from bract.secagg.encoding import RING_DTYPES, EncodingConfig, decode_sum
 from bract.secagg.errors import (
     AuthenticationError,
@@ -202,7 +202,8 @@ def record_rounds(config: SecAggAuditConfig) -> list[ServerView]:
         for v in result.dropped:
             if v in requests:
                 vec, w = inputs[v]
-                log.append(("late", clients[v].handle_mask_request(requests[v], vec, w)))
+                log.append(("late", clients[v].handle_mask_request(
+                    requests[v], vec, w, input_digest=SHARED_INPUT_DIGEST)))
                 clients[v].abort_round()
         views.append(_view_from(rnd, log, result, inputs))
     return views

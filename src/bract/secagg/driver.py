@@ -9,6 +9,7 @@ server or network on server -> client messages.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -17,13 +18,17 @@ from .errors import ConfigurationError
 from .messages import Message, message_from_bytes
 from .protocol import AggregateResult, ClientSession, ServerSession
 
-__all__ = ["STAGES", "Tamper", "run_round"]
+__all__ = ["SHARED_INPUT_DIGEST", "STAGES", "Tamper", "run_round"]
 
 #: Stages a client can drop out at (it answers none of this stage's or later messages).
 STAGES = ("config", "mask", "consistency", "unmask")
 
 #: ``tamper(stage, receiver, message) -> message``: rewrite a server -> client message.
 Tamper = Callable[[str, int, Message], Message]
+
+#: The input digest every driven client declares unless told otherwise: the driver
+#: plays a federation whose inputs are all computed from the same public data.
+SHARED_INPUT_DIGEST = hashlib.sha256(b"bract.secagg.driver: one public model").digest()
 
 
 def _wire(msg: Message, enabled: bool, raw: bytes | None = None) -> Message:
@@ -42,6 +47,7 @@ def run_round(
     dropouts: Mapping[int, str] | None = None,
     tamper: Tamper | None = None,
     wire: bool = True,
+    input_digest: bytes = SHARED_INPUT_DIGEST,
 ) -> AggregateResult:
     """Run one round (plus the key-advertisement setup stage where needed).
 
@@ -54,6 +60,8 @@ def run_round(
         dropouts: node id -> stage name in :data:`STAGES` from which it is silent.
         tamper: hook to rewrite server -> client messages (attack simulations).
         wire: pass every message through its canonical byte form.
+        input_digest: the digest of the public data every input was computed from;
+            the server expects it and each client signs it with its masked input.
 
     Returns the :class:`AggregateResult`; raises :class:`RoundAborted` if too few
     clients remain, or whatever error a client or the server raised on a bad message.
@@ -83,6 +91,7 @@ def run_round(
         server.receive_advertisement(_wire(clients[v].advertise_keys(), wire), origin=v)
 
     cfg = server.start_round(round_number, parts, dim)
+    server.expect_input_digest(input_digest)
     raw = cfg.to_bytes()  # one broadcast: encoded once, parsed by each client
     for v in parts:
         if alive_at(v, "config"):
@@ -92,7 +101,8 @@ def run_round(
     for v, req in server.mask_requests().items():
         if alive_at(v, "mask"):
             vec, w = inputs[v]
-            reply = clients[v].handle_mask_request(send("mask", v, req), vec, w)
+            reply = clients[v].handle_mask_request(send("mask", v, req), vec, w,
+                                                   input_digest=input_digest)
             server.receive_masked_input(_wire(reply, wire))
 
     creq = server.consistency_request()

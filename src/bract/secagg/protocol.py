@@ -269,7 +269,7 @@ def share_statement(fed: str, rnd: int, digest: bytes, node: int, holders: Seque
 
 
 def consistency_statement(fed: str, rnd: int, digest: bytes, sharers: Iterable[int],
-                          alive: Iterable[int], input_digest: bytes = b"") -> bytes:
+                          alive: Iterable[int], input_digest: bytes) -> bytes:
     """Bytes signed in the consistency check: the config digest, the sharers, the alive
     set and the digest of the public data the signer's input was computed from."""
     return _info("consistency", fed, rnd, digest, sorted(sharers), sorted(alive),
@@ -282,7 +282,8 @@ def input_statement(fed: str, rnd: int, digest: bytes, node: int, input_digest: 
     return _info("input", fed, rnd, digest, node, input_digest)
 
 
-#: The most bytes an input digest may have (a SHA-256 or SHA-512 digest, or none).
+#: The most bytes an input digest may have (a SHA-256 or SHA-512 digest); a client's
+#: own digest has at least one byte.
 MAX_INPUT_DIGEST_BYTES = 64
 
 
@@ -919,7 +920,7 @@ class ClientSession:
         return rnd, sharers, expected, received, publics
 
     def handle_mask_request(self, req: MaskRequest, vector: np.ndarray, weight: int, *,
-                            input_digest: bytes = b"") -> MaskedInput:
+                            input_digest: bytes) -> MaskedInput:
         """Stage 2: check every sharing neighbour's signed header and decrypt the shares
         addressed to us (each against its commitment), then return the masked input.
 
@@ -932,8 +933,13 @@ class ClientSession:
         mixes its input with inputs computed from another model.
         """
         _expect(req, MaskRequest)
-        if not isinstance(input_digest, bytes) or len(input_digest) > MAX_INPUT_DIGEST_BYTES:
-            raise EncodingError(f"input_digest must be at most {MAX_INPUT_DIGEST_BYTES} bytes")
+        if (not isinstance(input_digest, bytes)
+                or not 1 <= len(input_digest) <= MAX_INPUT_DIGEST_BYTES):
+            raise EncodingError(
+                "input_digest must name the public data the input was computed from "
+                f"(1 to {MAX_INPUT_DIGEST_BYTES} bytes, e.g. the SHA-256 of the global model); "
+                f"got {type(input_digest).__name__}"
+                + (f" of {len(input_digest)} bytes" if isinstance(input_digest, bytes) else ""))
         rnd, sharers, expected, received, publics = self._checked_mask_request(req)
         cfg = rnd.config
         fed, r, me = self.federation_id, cfg.round, self.node_id
@@ -1080,14 +1086,16 @@ class ClientSession:
         """Forget the round in progress (its secrets are wiped; they served it alone)."""
         self._round = None
 
-    def handle(self, msg: Message, vector: np.ndarray | None = None, weight: int = 0) -> Message:
-        """Dispatch any server message to its handler (``vector``/``weight`` for stage 2)."""
+    def handle(self, msg: Message, vector: np.ndarray | None = None, weight: int = 0, *,
+               input_digest: bytes | None = None) -> Message:
+        """Dispatch any server message to its handler (``vector``, ``weight`` and
+        ``input_digest`` for stage 2)."""
         if isinstance(msg, RoundConfig):
             return self.handle_round_config(msg)
         if isinstance(msg, MaskRequest):
-            if vector is None:
-                raise EncodingError("stage 2 needs the input vector")
-            return self.handle_mask_request(msg, vector, weight)
+            if vector is None or input_digest is None:
+                raise EncodingError("stage 2 needs the input vector and its input_digest")
+            return self.handle_mask_request(msg, vector, weight, input_digest=input_digest)
         if isinstance(msg, ConsistencyRequest):
             return self.handle_consistency_request(msg)
         if isinstance(msg, UnmaskRequest):
