@@ -188,6 +188,35 @@ def test_a_hospital_whose_weight_outgrew_the_ring_is_refused_before_training(
     assert others["ledger_entries"] == 4
 
 
+def test_a_train_message_without_its_round_config_is_still_held_to_the_ring(
+        tmp_path) -> None:
+    """The server leaves the round config record out of every train message. The ring
+    still bounds the weight before training: hospital-0, whose weight outgrew round 2's
+    ring, refuses it before training: nothing spent, and no error after training."""
+    from bract.flower.records import ROUND_CONFIG
+
+    now = {"round": 0}
+
+    def strip(msg, ctx, call_next):
+        now["round"] = int(msg.metadata.group_id)
+        msg.content.config_records.pop(ROUND_CONFIG, None)
+        return call_next(msg, ctx)
+
+    def setup(ctx):
+        s = _setup(ctx)
+        if int(ctx.node_config["partition-id"]) == 0 and now["round"] >= 2:
+            s = dataclasses.replace(s, public_size=4096)
+        return s
+
+    policy = dataclasses.replace(NON_PRIVATE, rounds=3)
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3, extra_mods=[strip],
+                        setup=setup)
+    r2 = report["rounds"][1]
+    assert r2["secagg"]["aborted"] is None and "hospital-0" not in r2["secagg"]["alive"]
+    assert "max weight 96: refused before training" in r2["failed"]["hospital-0"]
+    assert report["rounds"][2]["per_client"]["hospital-0"]["ledger_entries"] == 2
+
+
 def test_a_round_its_policy_refuses_costs_a_hospital_no_budget(tmp_path) -> None:
     """hospital-0 tolerates c = 1 colluder; the server sets rounds up for c = 0. The
     round config comes with the training instruction (non-pipelined rounds: a hospital

@@ -6,6 +6,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from secagg_helpers import advertise_all, make_federation, random_inputs, run_to_masked
 
 from bract.secagg.crypto import SigningKey
@@ -49,6 +51,31 @@ def test_bad_vectors_refused_and_state_kept(vector, weight, match) -> None:
                                                                    input_digest=SHARED_INPUT_DIGEST))
     creq = f.server.consistency_request()
     assert creq.alive == list(range(n))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 10**6), st.integers(1, 5), st.floats(1.5, 1e6), st.booleans())
+def test_an_encoding_refusal_sends_no_figure_of_the_private_input(
+        weight, n_out, peak, by_weight) -> None:
+    """What leaves a hospital when its input cannot be encoded (its public reason, the
+    text bract's error replies carry) names the round's public bounds only: never the
+    weight, how many values are out of range, or how large they are."""
+    from bract.flower.client import failure_reason
+    from bract.secagg.encoding import encode
+
+    enc = EncodingConfig(clip=1.0, frac_bits=16, max_weight=1)
+    x = np.zeros(D, np.float64)
+    x[:n_out] = peak
+    with pytest.raises(EncodingError) as refused:
+        if by_weight:
+            encode(np.zeros(D), weight, enc, 64)
+        else:
+            encode(x, 1, enc, 64)
+    sent = failure_reason(refused.value)
+    assert sent == refused.value.public_reason
+    private = {str(weight)} if by_weight else {f"{n_out} value", f"{peak:.6g}"}
+    assert not any(p in sent for p in private), sent
+    assert any(p in str(refused.value) for p in private)  # the hospital's log has it
 
 
 @pytest.mark.parametrize("digest", [b"", bytes(65), "sha256", None])

@@ -210,8 +210,11 @@ def secagg_mod(
         else:
             session.check_mask_request(cfg)
         limit = session.max_weight_for(cfg)
-        if limit is not None and ROUND_CONFIG in msg.content.config_records:
-            # The train handler refuses a weight the ring cannot carry before it trains.
+        if limit is not None:
+            # The train handler refuses a weight the ring cannot carry before it trains,
+            # whether or not the server sent a round config record.
+            if ROUND_CONFIG not in msg.content.config_records:
+                msg.content.config_records[ROUND_CONFIG] = ConfigRecord()
             msg.content.config_records[ROUND_CONFIG][SECAGG_MAX_WEIGHT] = int(limit)
         reply = call_next(msg, ctx)
         if reply.has_error():

@@ -130,7 +130,8 @@ def _peak(x: np.ndarray) -> float:
     hi, lo = float(x.max()), float(x.min())
     if not (math.isfinite(hi) and math.isfinite(lo)):
         bad = int(np.count_nonzero(~np.isfinite(x)))
-        raise EncodingError(f"input has {bad} NaN/Inf value(s)")
+        raise EncodingError(f"input has {bad} NaN/Inf value(s)",
+                            public_reason="the input holds NaN/Inf values")
     return max(hi, -lo)
 
 
@@ -159,14 +160,18 @@ def encode(
         raise EncodingError(f"weight must be an int, got {type(weight).__name__}")
     weight = int(weight)
     if not 0 <= weight <= config.max_weight:
-        raise EncodingError(f"weight {weight} outside [0, max_weight={config.max_weight}]")
+        raise EncodingError(f"weight {weight} outside [0, max_weight={config.max_weight}]",
+                            public_reason=f"the weight is outside [0, max_weight="
+                                          f"{config.max_weight}] of the round")
     peak = _peak(x)
     if peak > config.clip:
         if not clip_out_of_range:
             n_out = int(np.count_nonzero(np.abs(x) > config.clip))
             raise EncodingError(
                 f"{n_out} value(s) beyond the clipping range [-{config.clip}, {config.clip}] "
-                f"(max |x| = {peak:.6g}); clip the update first or enable clipping"
+                f"(max |x| = {peak:.6g}); clip the update first or enable clipping",
+                public_reason=f"the input has values beyond the clipping range "
+                              f"[-{config.clip}, {config.clip}] of the round",
             )
     out = np.empty(x.size + 1, dtype=RING_DTYPES[ring_bits])
     out[-1] = weight

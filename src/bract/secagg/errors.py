@@ -36,7 +36,16 @@ class MalformedMessage(SecAggError):  # noqa: N818 (names fixed by the issue)
 
 
 class EncodingError(SecAggError):
-    """An input vector or weight cannot be encoded (length, dtype, NaN/Inf, clipping, headroom)."""
+    """An input vector or weight cannot be encoded (length, dtype, NaN/Inf, clipping, headroom).
+
+    When the message names a figure of the private input (the weight, how many values
+    are out of range, their size), ``public_reason`` is the same refusal without it:
+    the only text an integration may send to the server.
+    """
+
+    def __init__(self, message: str, *, public_reason: str | None = None) -> None:
+        super().__init__(message)
+        self.public_reason = public_reason
 
 
 class AuthenticationError(SecAggError):
