@@ -14,7 +14,7 @@ from hypothesis.extra.numpy import arrays
 from bract import tasks
 from bract.flower.app import hospital_setup
 from bract.flower.client import PrivacyPolicy, make_client_app
-from bract.flower.records import STATE_PRIVACY
+from bract.flower.records import LOCAL_WEIGHTS, STATE_PRIVACY, TRAIN_INFO
 from bract.flower.server import ServerConfig, fedavg, run_federation
 from bract.privacy import (
     PrivacyLedger,
@@ -153,6 +153,61 @@ def test_failing_and_silent_hospitals_do_not_stop_the_federation(tmp_path) -> No
     # Before its first reply the server knows a hospital only by its node id.
     assert report["rounds"][0]["failed"] == {f"node-{NODES[0]}": "failed: injected failure"}
     assert report["rounds"][1]["failed"] == {"hospital-1": "did not answer"}
+    assert math.isfinite(report["final"]["loss"])
+
+
+def _tamper_nan(reply) -> None:
+    from flwr.app import Array, ArrayRecord
+
+    rec = reply.content.array_records[LOCAL_WEIGHTS]
+    reply.content.array_records[LOCAL_WEIGHTS] = ArrayRecord(
+        {k: Array(np.full_like(v.numpy(), np.nan)) for k, v in rec.items()})
+
+
+def _tamper_count(value):
+    def tamper(reply) -> None:
+        if value is None:
+            del reply.content.metric_records[TRAIN_INFO]
+        else:
+            reply.content.metric_records[TRAIN_INFO]["num-examples"] = value
+    return tamper
+
+
+@pytest.mark.parametrize("tamper,why", [
+    (_tamper_nan, "non-finite"), (_tamper_count(None), "no example count"),
+    (_tamper_count(-10**6), "not an integer in"), (_tamper_count(2.5), "not an integer in"),
+    (_tamper_count(float("inf")), "not an integer in"), (_tamper_count(0), "not an integer in"),
+])
+def test_a_faulty_plain_update_is_left_out_and_the_run_goes_on(tmp_path, tamper, why) -> None:
+    """Plain FedAvg: hospital-0's reply carries NaN weights or an example count that is
+    missing, not positive or not an integer. It is left out with one line naming why;
+    the other hospitals' rounds go on and the global model stays finite."""
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if int(ctx.node_config["partition-id"]) == 0 and not reply.has_error():
+            tamper(reply)
+        return reply
+
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=2)
+    apps = {node: make_client_app(_setup, policy, mods=[mod]) for node in NODES}
+    ds = tasks.dataset_for(TASK)
+    eval_model = tasks.build_model(TASK)
+
+    def evaluate(w):
+        load_weights(eval_model, w)
+        return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
+
+    cfg = ServerConfig(rounds=2, num_clients=len(NODES), delta=policy.delta,
+                       out_dir=tmp_path, node_wait_seconds=1, show_progress=False,
+                       save_model=tmp_path / "model.npz")
+    report = run_federation(FakeGrid(apps), weights_of(tasks.build_model(TASK)), evaluate,
+                            cfg)
+    for r in report["rounds"]:
+        assert r["trained"] == ["hospital-1", "hospital-2"]
+        assert r["failed"]["hospital-0"].startswith("unusable update: ")
+        assert why in r["failed"]["hospital-0"]
+    saved = np.load(tmp_path / "model.npz")
+    assert all(np.isfinite(saved[k]).all() for k in saved.files)
     assert math.isfinite(report["final"]["loss"])
 
 

@@ -101,6 +101,35 @@ class ServerConfig:
     reply_poll: float = REPLY_POLL_MAX
 
 
+#: The largest example count a plain FedAvg reply may declare (float64 stays exact).
+MAX_DECLARED_EXAMPLES = 2**53
+
+
+def plain_update_problem(local: Weights, info: Mapping[str, object] | None,
+                         global_weights: Weights) -> str | None:
+    """Why a plain FedAvg update cannot enter the average, or ``None`` when it can.
+
+    Guarantee: an update that passes has the global model's names and shapes, only
+    finite values, and a positive integral example count, so one hospital's faulty
+    reply can neither stop the round nor make the global model non-finite (what a
+    well-formed update says is the hospital's to answer for: poisoning is not
+    covered, docs/secagg.md)."""
+    if local.keys() != global_weights.keys() or any(
+            np.shape(local[k]) != np.shape(global_weights[k]) for k in local):
+        return "weights of the wrong shape"
+    for name, values in local.items():
+        arr = np.asarray(values)
+        if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+            return f"non-finite or non-numeric values in {name!r}"
+    count = None if info is None else info.get("num-examples")
+    if isinstance(count, bool) or not isinstance(count, int | float | np.integer | np.floating):
+        return "no example count"
+    if not (math.isfinite(float(count)) and float(count) == int(count)
+            and 1 <= int(count) <= MAX_DECLARED_EXAMPLES):
+        return f"example count {count!r} is not an integer in [1, 2^53]"
+    return None
+
+
 def fedavg(updates: list[tuple[Weights, int]]) -> Weights:
     """Example-weighted average of named weight arrays (FedAvg)."""
     if not updates:
@@ -386,10 +415,11 @@ class Federation:
                 display.note(f"round {rnd}: {cid} trained but sent no weights; ignored")
                 continue
             local = record_to_weights(reply.content.array_records[LOCAL_WEIGHTS])
-            if local.keys() != self.global_weights.keys() or any(
-                local[k].shape != self.global_weights[k].shape for k in local
-            ):
-                display.note(f"round {rnd}: {cid} sent weights of the wrong shape; ignored")
+            problem = plain_update_problem(local, reply.content.metric_records.get(TRAIN_INFO),
+                                           self.global_weights)
+            if problem is not None:
+                self.failed[self._label(node)] = f"unusable update: {problem}"
+                display.note(f"round {rnd}: {cid} sent an unusable update ({problem}); ignored")
                 continue
             updates.append((local, int(reply.content.metric_records[TRAIN_INFO]["num-examples"])))
             trained.append(cid)
@@ -402,7 +432,7 @@ class Federation:
             if node not in answered:
                 self.failed[self._label(node)] = "did not answer"
                 display.note(f"round {rnd}: {self._label(node)} did not answer")
-        if updates:
+        if updates:  # finite updates: their weighted mean is finite too
             self.global_weights = fedavg(updates)
         if not released_by:
             return trained, RoundExtras()
