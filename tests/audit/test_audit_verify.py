@@ -308,6 +308,45 @@ def test_a_passed_budget_fails(tmp_path) -> None:
     assert [f.topic for f in over.failures] == ["budget"]
 
 
+def _signed_chain(tmp_path, events, reported) -> None:
+    key = SigningKey.generate()
+    chain: tuple[LedgerEntry, ...] = ()
+    for event, eps in zip(events, reported, strict=True):
+        chain = append_entry(chain, event, epsilon=eps, delta=1e-5, accountant="prv",
+                             federation_id=FED, client_id="hospital-0", signing_key=key)
+    write_ledger(tmp_path / "ledger.jsonl", chain)
+    write_roster(tmp_path / "roster.json", Roster(FED, {1: key.public_bytes()}, {1: "hospital-0"}))
+
+
+def test_a_recomputation_past_the_budget_fails_though_the_report_is_within_it(
+        tmp_path) -> None:
+    """A hospital's accountant reports 1% low (within the reporting tolerance) and so
+    stays just under the budget, while the recorded events give more than the budget
+    by more than PRV's designed gap to PLD: the budget check fails."""
+    event = DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=1, client_id="hospital-0")
+    eps = epsilon_of([event], 1e-5, "pld")
+    _signed_chain(tmp_path, [event], [eps * 0.99])
+    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
+                               budget=eps * 0.992)
+    assert [f.topic for f in result.failures] == ["budget"]
+    assert verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
+                             budget=eps * 0.999).passed
+
+
+def test_a_ledger_that_mixes_privacy_units_fails(tmp_path) -> None:
+    """Record-level events then patient-level ones on one hospital's ledger (each entry
+    honestly signed): no epsilon holds for both units, so the audit fails naming it."""
+    events = [DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=1, client_id="hospital-0"),
+              DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=2, client_id="hospital-0",
+                         unit="patient")]
+    reported = [epsilon_of(events[:1], 1e-5, "pld"),
+                epsilon_of([events[0], events[0]], 1e-5, "pld")]
+    _signed_chain(tmp_path, events, reported)
+    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json")
+    assert [f.topic for f in result.failures] == ["unit"]
+    assert "mixes privacy units (patient, record)" in result.failures[0].message
+
+
 def test_a_non_private_ledger_fails_its_budget_and_reports_infinity(tmp_path) -> None:
     _hand_built(tmp_path, "prv", math.inf, sigma=0.0)
     result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json", budget=8.0,

@@ -299,3 +299,47 @@ def test_a_hospital_whose_policy_protects_patients_spends_epsilon_per_patient(
 
     with pytest.raises(ValueError, match="names no patient per record"):
         hospital_setup(tasks.TaskConfig(dataset="breast-cancer"), ctx)
+
+
+def test_a_dataset_keeps_the_privacy_unit_its_ledger_started_with(tmp_path, monkeypatch) -> None:
+    """A hospital trains its data per record, then its operator switches the policy to
+    per patient (same data, same state dir). The ledger's record-level events say
+    nothing per patient of three records, so the patient-level run refuses before it
+    trains, naming the mix, and the ledger stays as it was; back under the record unit
+    it trains again."""
+    from bract.flower.hospital_policy import HospitalPolicy
+
+    (tmp_path / "site_patients.py").write_text(PATIENT_LOADER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def run(out: str, unit: str, target: float) -> dict:
+        rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": target,
+              "secagg": False, "batch-size": 8, "out": str(tmp_path / out)}
+        grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
+        for i, ctx in enumerate(grid.contexts.values()):
+            policy = tmp_path / f"policy-{out}-{i}.json"
+            HospitalPolicy(target_epsilon=8.0, privacy_unit=unit,
+                           allow_plain_aggregation=True).write(policy)
+            ctx.node_config.clear()
+            ctx.node_config.update({"name": f"hospital-{i}", "site": i, "policy": str(policy),
+                                    "loader": "site_patients:load",
+                                    "state-dir": str(tmp_path / f"state-{i}")})
+        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                 run_config=rc))
+        return json.loads((tmp_path / out / "report.json").read_text())["rounds"][-1]
+
+    def ledger() -> list:
+        return read_ledger(privacy_dir(tmp_path / "state-0", "loader:site_patients:load")
+                           / "ledger.jsonl")
+
+    first = run("record", "record", 2.0)
+    assert "hospital-0" in first["trained"]
+    assert [e.event.unit for e in ledger()] == ["record"]
+    switched = run("patient", "patient", 4.0)
+    assert switched["trained"] == []
+    assert all("holds record-level events and this run protects each patient" in why
+               for why in switched["failed"].values()), switched["failed"]
+    assert [e.event.unit for e in ledger()] == ["record"]
+    again = run("record-again", "record", 4.0)
+    assert "hospital-0" in again["trained"], again
+    assert [e.event.unit for e in ledger()] == ["record", "record"]

@@ -503,3 +503,46 @@ def test_the_memoised_rdp_gives_opacus_s_exact_epsilons(q: float, sigma: float, 
     assert fast == plain
     memoise_opacus_rdp()  # idempotent
     assert rdp._compute_rdp is memo
+
+
+# ----------------------------------------------------------------- privacy units
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.sampled_from(["record", "patient"]), min_size=1, max_size=6))
+def test_events_of_two_privacy_units_never_compose(units) -> None:
+    """An epsilon holds for one privacy unit: every accountant refuses a history that
+    holds record- and patient-level events, and composes one that holds either."""
+    events = [DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, round=r, unit=u)
+              for r, u in enumerate(units, 1)]
+    for accountant in ACCOUNTANTS:
+        if len(set(units)) > 1:
+            with pytest.raises(PrivacyError, match="mixes privacy units"):
+                epsilon_of(events, 1e-5, accountant)
+        else:
+            assert 0 < epsilon_of(events, 1e-5, accountant) < math.inf
+
+
+def test_a_plan_for_another_unit_than_the_datas_ledger_is_refused() -> None:
+    prior = [DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, round=1)]
+    plan = TrainingPlan(2, 1, 100, 10, unit="patient")
+    with pytest.raises(PrivacyError, match="holds record-level events and this run protects"):
+        calibrate(4.0, 1e-5, plan, prior=prior)
+    cal = calibrate(4.0, 1e-5, plan, prior=[DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5,
+                                                       unit="patient")])
+    assert cal.epsilon <= 4.0
+    assert plan.round_event(cal.noise_multiplier, max_grad_norm=1.0,
+                            delta=1e-5).unit == "patient"
+
+
+def test_a_record_level_event_keeps_its_plain_form_and_a_patient_one_round_trips() -> None:
+    """Ledgers written before the unit field existed hash as they did: a record-level
+    event's plain form has no ``unit`` (and reads back as record-level)."""
+    record = DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, round=1, client_id="h")
+    assert "unit" not in record.to_plain()
+    assert DpSgdEvent.from_plain(record.to_plain()) == record
+    patient = DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, round=1, client_id="h", unit="patient")
+    assert patient.to_plain()["unit"] == "patient"
+    assert DpSgdEvent.from_plain(patient.to_plain()) == patient
+    with pytest.raises(PrivacyError, match="privacy unit 'visit'"):
+        DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, unit="visit")

@@ -117,6 +117,12 @@ class HospitalSetup:
             if self.held_out is not None:
                 self.held_out = PairDataset(self.held_out, *keys)
 
+    @property
+    def privacy_unit(self) -> str:
+        """What the hospital's epsilon is per: ``"patient"`` when it names each record's
+        patient, ``"record"`` otherwise."""
+        return "record" if self.patient_ids is None else "patient"
+
     def privacy_units(self) -> int:
         """How many privacy units (patients, or records) the hospital's data holds."""
         if self.patient_ids is not None:
@@ -218,6 +224,7 @@ def _noise_multiplier(
     plan = TrainingPlan(
         max(1, policy.rounds - server_round + 1), policy.local_epochs,
         setup.public_size or setup.privacy_units(), int(loader.batch_size or 0),
+        unit=setup.privacy_unit,
     )
     alongside = [e for _ in range(plan.rounds) for e in per_round]
     try:
@@ -390,7 +397,8 @@ def dp_train_handler(
             release_now = release_metrics(ctx) if callable(release_metrics) else release_metrics
             metrics = policy_now.metrics_release() if release_now != "none" else None
             also = (() if metrics is None
-                    else (metrics.event(server_round, policy_now.delta, setup.client_id),))
+                    else (metrics.event(server_round, policy_now.delta, setup.client_id,
+                                        setup.privacy_unit),))
             sigma = _noise_multiplier(policy_now, setup, state, ledger,
                                       str(round_cfg.get("run-id", "")), server_round, also)
             from bract.privacy.training import PrivateTrainer  # torch, only where training runs

@@ -179,7 +179,7 @@ def validate(cfg: SimulationConfig) -> None:
                            f"records ({largest}): the public bound must be at least each "
                            "hospital's count")
     plan = TrainingPlan(cfg.policy.rounds, cfg.policy.local_epochs,
-                        cfg.public_size or smallest, cfg.task.batch_size)
+                        cfg.public_size or smallest, cfg.task.batch_size, unit=cfg.privacy_unit)
     cfg.policy.budget()
     if cfg.policy.noise_multiplier == 0 and not cfg.policy.allow_non_private:
         raise PrivacyError("noise multiplier 0 is non-private; allow it explicitly.")
@@ -189,7 +189,8 @@ def validate(cfg: SimulationConfig) -> None:
         release = cfg.policy.metrics_release() if cfg.federation.release_metrics != "none" \
             else None
         alongside = [] if release is None else [
-            release.event(r, cfg.policy.delta, "") for r in range(1, plan.rounds + 1)]
+            release.event(r, cfg.policy.delta, "", cfg.privacy_unit)
+            for r in range(1, plan.rounds + 1)]
         calibrate(cfg.policy.target_epsilon, cfg.policy.delta, plan,
                   accountant=cfg.policy.accountant, alongside=alongside)
     if cfg.resume:

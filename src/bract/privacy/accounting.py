@@ -39,6 +39,9 @@ SAMPLING_KINDS = ("poisson",)
 #: What an event records: a call of local DP-SGD, or one Gaussian release of a
 #: hospital's metrics (each privacy unit's metric vector clipped, noise added once).
 MECHANISMS = ("dp-sgd", "metrics")
+#: What one neighbouring dataset adds or removes: one training record, or one patient
+#: with all of their records. Events of different units never compose into one epsilon.
+PRIVACY_UNITS = ("record", "patient")
 PLD_DISCRETIZATION = 1e-4
 #: Relative epsilon error the PRV accountant is run with (its result is an upper bound).
 PRV_RELATIVE_ERROR = 0.002
@@ -101,6 +104,11 @@ class DpSgdEvent:
     (``sample_rate`` 1, ``steps`` 1: every privacy unit's metric vector clipped to
     ``max_grad_norm``, noise of standard deviation ``noise_multiplier *
     max_grad_norm`` added once). Accountants compose both kinds alike.
+
+    ``unit`` is what the sampling and clipping protected: one ``"record"`` or one
+    ``"patient"`` (all of a patient's records). An epsilon holds for one unit only:
+    events of different units are never composed (:func:`compress` refuses), since a
+    per-record event says nothing per patient of several records, and the reverse.
     """
 
     noise_multiplier: float
@@ -112,6 +120,7 @@ class DpSgdEvent:
     round: int = 0
     client_id: str = ""
     mechanism: str = "dp-sgd"
+    unit: str = "record"
 
     def __post_init__(self) -> None:
         if not (
@@ -136,6 +145,8 @@ class DpSgdEvent:
             )
         if self.mechanism not in MECHANISMS:
             raise PrivacyError(f"mechanism {self.mechanism!r} is not one of {MECHANISMS}.")
+        if self.unit not in PRIVACY_UNITS:
+            raise PrivacyError(f"privacy unit {self.unit!r} is not one of {PRIVACY_UNITS}.")
         if self.mechanism == "metrics" and (self.sample_rate != 1.0 or self.steps != 1):
             raise PrivacyError("a metrics release is one Gaussian release of every unit: "
                                f"sample_rate 1 and steps 1 (got {self.sample_rate!r}, "
@@ -154,11 +165,15 @@ class DpSgdEvent:
     def to_plain(self) -> dict[str, Any]:
         """Plain JSON-able dict (for Flower records, JSONL files, auditors).
 
-        A DP-SGD event leaves ``mechanism`` out, so that ledgers written before
-        metrics releases existed hash and verify exactly as they did."""
+        A DP-SGD event leaves ``mechanism`` out, and a record-level one ``unit``, so
+        that ledgers written before either field existed hash and verify exactly as they
+        did (such a ledger reads as record-level: a patient-level run refuses to compose
+        with it, never under-counts)."""
         plain = asdict(self)
         if self.mechanism == "dp-sgd":
             del plain["mechanism"]
+        if self.unit == "record":
+            del plain["unit"]
         return plain
 
     @classmethod
@@ -180,7 +195,7 @@ class DpSgdEvent:
                 values[key] = _as_int(key, values[key])
         for key in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta"):
             values[key] = _as_float(key, values[key])
-        for key in ("sampling", "client_id", "mechanism"):
+        for key in ("sampling", "client_id", "mechanism", "unit"):
             if key in values and not isinstance(values[key], str):
                 raise PrivacyError(
                     f"ledger event field {key!r} must be a string (got {values[key]!r})"
@@ -281,12 +296,48 @@ def read_jsonl(path: str | Path) -> list[DpSgdEvent]:
     return out
 
 
+def privacy_unit_of(events: Iterable[DpSgdEvent], default: str = "record") -> str:
+    """The one privacy unit ``events`` protect (``default`` for no events).
+
+    Raises :class:`PrivacyError` when they hold more than one: an epsilon composed
+    over record-level and patient-level events bounds neither a record nor a patient
+    (a patient with k records can cost up to k record-level steps' worth; a record
+    removed from a patient's clipped sum can cost a replacement, not an addition)."""
+    counts: dict[str, int] = {}
+    for e in events:
+        counts[e.unit] = counts.get(e.unit, 0) + 1
+    if len(counts) > 1:
+        held = ", ".join(f"{n} {u}-level" for u, n in sorted(counts.items()))
+        raise PrivacyError(
+            f"this data's privacy ledger mixes privacy units ({held} events): an epsilon "
+            "per patient does not cover record-level events of a patient with several "
+            "records, nor the reverse. Keep training this data under the unit its ledger "
+            "started with.")
+    return next(iter(counts), default)
+
+
+def check_unit(prior: Iterable[DpSgdEvent], unit: str) -> None:
+    """Refuse to spend more on data whose ``prior`` events protect another unit than
+    ``unit`` (:class:`PrivacyError`, naming both): the two do not compose into one
+    epsilon (:func:`privacy_unit_of`)."""
+    held = privacy_unit_of(prior, unit)
+    if held != unit:
+        raise PrivacyError(
+            f"this data's privacy ledger holds {held}-level events and this run protects "
+            f"each {unit}: the two do not compose into one epsilon (an epsilon per patient "
+            "does not cover record-level events of a patient with several records, nor "
+            f"the reverse). Keep training this data per {held}.")
+
+
 def compress(events: Iterable[DpSgdEvent]) -> list[tuple[float, float, int]]:
     """Merge events into ``(noise_multiplier, sample_rate, steps)`` runs.
 
     Composition is commutative, so events with equal (sigma, q) are merged
     wherever they occur; the result is Opacus's accountant-history format.
+    Events of more than one privacy unit are refused (:func:`privacy_unit_of`).
     """
+    events = list(events)
+    privacy_unit_of(events)
     merged: dict[tuple[float, float], int] = {}
     for e in events:
         if e.steps:
@@ -490,8 +541,12 @@ class TrainingPlan:
     local_epochs: int
     dataset_size: int
     batch_size: int
+    #: what ``dataset_size`` counts and each step samples: records or patients
+    unit: str = "record"
 
     def __post_init__(self) -> None:
+        if self.unit not in PRIVACY_UNITS:
+            raise PrivacyError(f"privacy unit {self.unit!r} is not one of {PRIVACY_UNITS}.")
         for name in ("rounds", "local_epochs", "dataset_size", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -553,6 +608,7 @@ class TrainingPlan:
             delta=float(delta),
             round=round,
             client_id=client_id,
+            unit=self.unit,
         )
 
 
@@ -622,6 +678,8 @@ def calibrate(
     if not (0.0 < tolerance < 0.5):
         raise PrivacyError(f"tolerance must lie in (0, 0.5) (got {tolerance!r}).")
     q, steps = plan.sample_rate, plan.total_steps
+    check_unit(prior, plan.unit)
+    check_unit(alongside, plan.unit)
     # Merged by (noise, rate): a lifetime of runs composes as one group per run.
     before = list(compress(prior))
     if any(e.steps > 0 and not e.is_private for e in prior):
@@ -677,7 +735,8 @@ def calibrate(
         eps_pld = _pld_epsilon([*before, (sigma, q, steps)], delta, PLD_DISCRETIZATION)
         eps_rep = eps_pld
         if accountant != "pld":
-            eps_rep = epsilon_of([*prior, *alongside, DpSgdEvent(sigma, q, steps, 1.0, delta)],
+            eps_rep = epsilon_of([*prior, *alongside,
+                                  DpSgdEvent(sigma, q, steps, 1.0, delta, unit=plan.unit)],
                                  delta, accountant)
         worst = max(eps_rep, eps_pld)
         if worst <= target_epsilon and eps_pld >= target_epsilon * (1.0 - tolerance):

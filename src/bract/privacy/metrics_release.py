@@ -75,10 +75,12 @@ class MetricsRelease:
                 raise PrivacyError(f"metrics release: {name} must be a finite number > 0 "
                                    f"(got {value!r}); to release nothing, keep metrics home")
 
-    def event(self, round: int, delta: float, client_id: str) -> DpSgdEvent:
-        """The ledger event one release spends."""
+    def event(self, round: int, delta: float, client_id: str,
+              unit: str = "record") -> DpSgdEvent:
+        """The ledger event one release spends (``unit``: what each clipped metric
+        vector belongs to, a record or a patient)."""
         return DpSgdEvent(float(self.noise_multiplier), 1.0, 1, UNIT_CLIP, delta, round=round,
-                          client_id=client_id, mechanism="metrics")
+                          client_id=client_id, mechanism="metrics", unit=unit)
 
     def release(
         self, model: Any, criterion: Any, train: Any, held_out: Any = None, *,

@@ -49,6 +49,7 @@ from bract.privacy.accounting import (
     PrivacyError,
     PrivacyLedger,
     TrainingPlan,
+    check_unit,
     compress,
 )
 from bract.privacy.batch_parts import BatchParts, check_batch_parts, default_batch_parts
@@ -365,7 +366,8 @@ class PrivateTrainer:
         self.privacy_unit = unit
         # Sample rate, steps (and so the calibrated noise) come from the public bound
         # when there is one: then nothing released is a function of the exact count.
-        self.plan_per_round = TrainingPlan(1, local_epochs, public_size or units, batch_size)
+        self.plan_per_round = TrainingPlan(1, local_epochs, public_size or units, batch_size,
+                                           unit=unit)
         if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise PrivacyError(f"max_grad_norm must be > 0 (got {max_grad_norm!r}).")
         # Validates noise multiplier and delta with clear messages.
@@ -454,7 +456,10 @@ class PrivateTrainer:
 
     def check_budget(self, round: int, also: Sequence[DpSgdEvent] = ()) -> BudgetDecision:
         """Would the next round (its DP-SGD and the events ``also`` released with it, e.g.
-        a metrics release) stay within budget? Never trains, never raises for a refusal."""
+        a metrics release) stay within budget? Never trains, never raises for a refusal;
+        raises :class:`PrivacyError` when the ledger protects another privacy unit than
+        this trainer (they do not compose into one epsilon)."""
+        check_unit((*self.ledger.events, *also), self.privacy_unit)
         planned = self.planned_event(round)
         if self.budget is not None:
             return self.budget.check(self.ledger, (*also, planned))
@@ -521,6 +526,7 @@ class PrivateTrainer:
             delta=planned.delta,
             round=round,
             client_id=self.client_id,
+            unit=planned.unit,
         )
         for extra in also:
             self.ledger = self.ledger.append(extra)
