@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from bract.data import DataError, find_images, load_image_folder, read_image
+from bract.data import DataError, find_images, held_out_mask, load_image_folder, read_image
 from bract.data.image_arrays import LUMA_WEIGHTS
+from bract.data.imagefolder import patient_units
 
 HAS_PYDICOM = importlib.util.find_spec("pydicom") is not None
 needs_pydicom = pytest.mark.skipif(
@@ -40,24 +44,13 @@ def test_classes_from_sorted_folders_and_images_as_unit_floats(tmp_path) -> None
     assert ds.num_classes == 3 and ds.name == "xrays"
     assert ds.input_shape == (1, 8, 8)
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int64
-    assert ds.n_test == 6 and ds.n_train == 24  # ceil(0.2 * 30) test images
-    assert np.bincount(ds.y_test).tolist() == [2, 2, 2]  # stratified
+    assert ds.n_train + ds.n_test == 30 and ds.n_train and ds.n_test
+    expected = held_out_mask(
+        [f"file:{c}/img{k:03d}.png" for c in ds.class_names for k in range(10)], 0.2)
+    assert ds.n_test == int(expected.sum())  # each image decided by its own path
     # every image carries its class's grey level: labels follow the folders
     for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test)):
         np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), (40 + 60 * y) / 255.0, atol=1e-5)
-
-
-def test_split_is_deterministic_by_seed(tmp_path) -> None:
-    root = _folder(tmp_path / "r", {"a": 12, "b": 12})
-    files, labels, _ = find_images(root)
-    for k, f in enumerate(files):  # make every image distinct
-        _png(f, k)
-    a = load_image_folder(root, 4, seed=5)
-    b = load_image_folder(root, 4, seed=5)
-    c = load_image_folder(root, 4, seed=6)
-    np.testing.assert_array_equal(a.x_train, b.x_train)
-    assert not np.array_equal(a.x_train, c.x_train)
-    assert len(labels) == 24
 
 
 def test_jpeg_rgb_grey_by_default_and_rgb_on_request(tmp_path) -> None:
@@ -233,25 +226,14 @@ def test_each_image_names_its_patient_by_sub_folder_or_as_its_own(tmp_path) -> N
             for study in range(2):
                 _png(root / cls / f"patient{p}" / f"study{study}" / "a.png", level + p)
         _png(root / cls / "loose.png", level)
-    ds = load_image_folder(root, image_size=8, test_fraction=0.1, seed=0)
-    ids = list(ds.train_columns["patient_id"])
-    assert len(ids) == ds.n_train
-    folders = {i for i in ids if i.startswith("folder:")}
-    assert folders <= {"folder:patient0", "folder:patient1", "folder:patient2"}
-    assert {i for i in ids if i.startswith("file:")} <= {"file:covid/loose.png",
-                                                         "file:normal/loose.png"}
-    assert ids.count("folder:patient0") >= 3  # 4 images, at most one held out
-
-
-@needs_pydicom
-def test_a_dicom_patient_id_names_the_patient_across_folders(tmp_path) -> None:
-    root = tmp_path / "ct"
-    for cls, level in (("lesion", 3000), ("normal", 500)):
-        for k in range(4):
-            _dicom(root / cls / f"export{k}" / "x.dcm", np.full((8, 8), level + k, np.uint16),
-                   patient=f"P{k % 2}")
-    ds = load_image_folder(root, 4, test_fraction=0.1)
-    assert set(ds.train_columns["patient_id"]) <= {"dicom:P0", "dicom:P1"}
+    ds = load_image_folder(root, image_size=8, test_fraction=0.5)
+    train, held = list(ds.train_columns["patient_id"]), list(ds.test_columns["patient_id"])
+    assert len(train) == ds.n_train and len(held) == ds.n_test
+    assert set(train) | set(held) == {"folder:patient0", "folder:patient1", "folder:patient2",
+                                      "file:covid/loose.png", "file:normal/loose.png"}
+    assert not set(train) & set(held)  # a patient's 4 images never straddle the split
+    for p in range(3):
+        assert (train + held).count(f"folder:patient{p}") == 4
 
 
 def test_unreadable_files_are_skipped_and_counted_in_one_line(tmp_path, caplog) -> None:
@@ -294,3 +276,179 @@ def test_a_multi_frame_dicom_is_skipped_not_fatal(tmp_path, caplog) -> None:
         ds = load_image_folder(root, 4)
     assert ds.n_train + ds.n_test == 6
     assert "15 frames" in caplog.text
+
+
+# --- the held-out split: each image (patient) decided by its own identity -------------
+
+_record = st.tuples(st.sampled_from(("a", "b", "c")),
+                    st.one_of(st.none(), st.sampled_from(("p0", "p1", "p2", "p3"))),
+                    st.integers(0, 30))
+
+
+def _path(record: tuple[str, str | None, int]) -> str:
+    cls, patient, k = record
+    return f"{cls}/{patient}/img{k}.png" if patient else f"{cls}/img{k}.png"
+
+
+def _write_folder(root: Path, paths: list[str]) -> None:
+    """One 4x4 PNG per path whose first pixels encode its index (the record's tag)."""
+    for i, rel in enumerate(paths):
+        px = np.zeros((4, 4), np.uint8)
+        px[0, 0], px[0, 1] = (i + 1) % 256, (i + 1) // 256
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(px, mode="L").save(root / rel)
+
+
+def _sides(root: Path, paths: list[str], seed: int, fraction: float) -> dict[str, bool]:
+    """Each path's side (True: held out) when root is loaded with this seed."""
+    ds = load_image_folder(root, 4, seed=seed, test_fraction=fraction)
+    out = {}
+    for x, held in ((ds.x_train, False), (ds.x_test, True)):
+        tags = np.rint(x[:, 0, 0, 0] * 255).astype(int) + 256 * np.rint(x[:, 0, 0, 1] * 255)
+        for tag in tags.astype(int):
+            out[paths[tag - 1]] = held
+    assert len(out) == len(paths)
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(records=st.lists(_record, min_size=6, max_size=20, unique_by=_path), extra=_record,
+       seeds=st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1)),
+       fraction=st.sampled_from((0.2, 0.5)))
+def test_adding_one_image_moves_no_other_image_and_the_seed_moves_none(
+        records, extra, seeds, fraction) -> None:
+    """Property (the per-record epsilon of a hospital's own folder rests on it): for a
+    random folder D and a random extra image x, every image of D is on the same side
+    (training or held-out) in D and in D + x, whatever seed each load is given; and
+    the images of one patient folder are never separated."""
+    paths = [_path(r) for r in records]
+    assume(_path(extra) not in paths and len({r[0] for r in records}) >= 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        d, dx = Path(tmp) / "D", Path(tmp) / "Dx"
+        _write_folder(d, paths)
+        _write_folder(dx, [*paths, _path(extra)])
+        try:
+            before = _sides(d, paths, seeds[0], fraction)
+            again = _sides(d, paths, seeds[1], fraction)
+            after = _sides(dx, [*paths, _path(extra)], seeds[1], fraction)
+        except DataError as exc:  # a tiny folder whose images all fell on one side
+            assume("split is empty" not in str(exc))
+            raise
+    assert again == before
+    assert {p: after[p] for p in paths} == before
+    for patient in ("p0", "p1", "p2", "p3"):
+        assert len({held for p, held in after.items() if f"/{patient}/" in p}) <= 1
+
+
+def test_a_hospitals_own_folder_is_split_the_same_whatever_the_coordinators_seed(
+        tmp_path) -> None:
+    """What a configured hospital runs (tasks.own_data under the run config's seed):
+    the coordinator's seed does not move any image between training and held-out."""
+    from bract import tasks
+    from bract.flower.config import FederationConfig
+
+    root = tmp_path / "xrays"
+    _write_folder(root, [f"{c}/img{k}.png" for c in ("covid", "normal") for k in range(40)])
+    got = []
+    for seed in (0, 1, 7):
+        task = FederationConfig.from_run_config({"dataset": "imagefolder", "num-classes": 2,
+                                                 "in-channels": 1, "image-size": 4,
+                                                 "seed": seed}).task()
+        own = tasks.own_data(task, str(root))
+        got.append((own.x_train, own.x_test))
+    for x_train, x_test in got[1:]:
+        np.testing.assert_array_equal(x_train, got[0][0])
+        np.testing.assert_array_equal(x_test, got[0][1])
+
+
+def test_a_split_with_an_empty_side_is_refused_without_figures_leaving(tmp_path) -> None:
+    from bract.flower.client import failure_reason
+
+    root = tmp_path / "r"
+    _write_folder(root, ["a/img0.png", "b/img0.png"])
+    units = ["file:a/img0.png", "file:b/img0.png"]
+    for fraction, side in ((0.001, "held-out"), (0.999, "training")):
+        assert held_out_mask(units, fraction).tolist() == [side == "training"] * 2
+        with pytest.raises(DataError, match=rf"the {side} split is empty") as err:
+            load_image_folder(root, 4, test_fraction=fraction)
+        assert "\n" not in str(err.value) and "2 patient(s)" in str(err.value)
+        assert failure_reason(err.value) == (  # what leaves the hospital: no count
+            f"the hospital's image folder has too few patients for a {side} split "
+            "(details in its own log)")
+
+
+# --- one patient, one privacy unit ---------------------------------------------------
+
+@needs_pydicom
+def test_one_patient_folder_is_one_unit_whatever_its_files_hold(tmp_path) -> None:
+    """A DICOM with a PatientID, one without, and a PNG export in one patient folder
+    (and the same folder name under another class) are all one patient."""
+    root = tmp_path / "xrays"
+    study = root / "covid" / "patient7" / "study1"
+    _dicom(study / "a.dcm", np.full((8, 8), 900, np.uint16), patient="MRN-0042")
+    _dicom(study / "b.dcm", np.full((8, 8), 800, np.uint16))
+    _png(study / "c.png", 30, size=(8, 8))
+    _dicom(root / "normal" / "patient7" / "d.dcm", np.full((8, 8), 700, np.uint16),
+           patient="MRN-0042")
+    for k in range(12):
+        _png(root / "normal" / f"other{k}" / "x.png", k, size=(8, 8))
+    files, _, _ = find_images(root)
+    units = patient_units(files, root)
+    assert [u for f, u in zip(files, units, strict=True) if "patient7" in str(f)] == [
+        "folder:patient7"] * 4
+    ds = load_image_folder(root, 4, test_fraction=0.5)
+    train, held = set(ds.train_columns["patient_id"]), set(ds.test_columns["patient_id"])
+    assert "folder:patient7" in train ^ held and not train & held
+
+
+@needs_pydicom
+def test_a_patient_folder_holding_two_patient_ids_is_refused(tmp_path) -> None:
+    from bract.flower.client import failure_reason
+
+    root = tmp_path / "xrays"
+    _dicom(root / "covid" / "patient7" / "a.dcm", np.ones((8, 8)), patient="MRN-0042")
+    _dicom(root / "covid" / "patient7" / "s2" / "b.dcm", np.ones((8, 8)), patient="MRN-0099")
+    _png(root / "normal" / "n.png", 3)
+    with pytest.raises(DataError, match=r"patient folder 'patient7' holds DICOM files of 2 "
+                                        r"different PatientIDs") as err:
+        load_image_folder(root, 4)
+    assert "\n" not in str(err.value) and "a.dcm" in str(err.value)
+    reason = failure_reason(err.value)  # what leaves the hospital: no id, no folder name
+    assert "MRN" not in reason and "patient7" not in reason and "two patients" in reason
+
+
+@needs_pydicom
+@pytest.mark.parametrize("second", ["covid/patient9/b.dcm", "normal/patient9/b.dcm",
+                                    "normal/b.dcm"])
+def test_one_patient_id_in_two_places_is_refused(tmp_path, second) -> None:
+    """One PatientID in two patient folders (any classes), or in a patient folder and
+    directly in a class folder, would be two units for one person: refused, naming
+    both files."""
+    from bract.flower.client import failure_reason
+
+    root = tmp_path / "xrays"
+    _dicom(root / "covid" / "patient7" / "a.dcm", np.ones((8, 8)), patient="MRN-0042")
+    _dicom(root / second, np.ones((8, 8)), patient="MRN-0042")
+    _png(root / "normal" / "n.png", 3)
+    with pytest.raises(DataError, match=r"carry the same DICOM PatientID") as err:
+        load_image_folder(root, 4)
+    text = str(err.value)
+    assert "\n" not in text and "a.dcm" in text and str(root / second) in text
+    assert "patient folder 'patient7'" in text
+    assert "MRN" not in failure_reason(err.value)
+
+
+@needs_pydicom
+def test_dicoms_directly_in_class_folders_are_patients_by_their_id(tmp_path) -> None:
+    """Without patient folders, DICOM files with one PatientID (in any class) are one
+    patient, a DICOM without one and a PNG are patients of their own."""
+    root = tmp_path / "ct"
+    for cls, level in (("lesion", 3000), ("normal", 500)):
+        for k in range(4):
+            _dicom(root / cls / f"{k}.dcm", np.full((8, 8), level + k, np.uint16),
+                   patient=f"P{k % 2}")
+    _dicom(root / "normal" / "anon.dcm", np.full((8, 8), 5, np.uint16))
+    _png(root / "normal" / "n.png", 3)
+    files, _, _ = find_images(root)
+    assert sorted(set(patient_units(files, root))) == [
+        "dicom:P0", "dicom:P1", "file:normal/anon.dcm", "file:normal/n.png"]

@@ -204,3 +204,21 @@ def test_bad_arguments(tmp_path) -> None:
     path = _write(tmp_path / "a.npz")
     with pytest.raises(DataError, match=r"channels"):
         load_medmnist(path, channels=2)
+
+
+def test_a_hospitals_own_file_is_split_as_the_file_ships_it_whatever_the_seed(tmp_path) -> None:
+    """What a configured hospital runs (tasks.own_data under the run config's seed):
+    training is the file's train + val, held-out its test split, image for image,
+    for every seed; so no record's side depends on the seed or on the other records."""
+    from bract import tasks
+    from bract.flower.config import FederationConfig
+
+    path = _write(tmp_path / "pneumoniamnist.npz")
+    raw = np.load(path)
+    train = np.concatenate([raw["train_images"], raw["val_images"]]) / 255.0
+    for seed in (0, 3, 11):
+        task = FederationConfig.from_run_config({"dataset": "medmnist", "num-classes": 2,
+                                                 "in-channels": 1, "seed": seed}).task()
+        own = tasks.own_data(task, str(path))
+        np.testing.assert_allclose(own.x_train[:, 0], train, atol=1e-6)
+        np.testing.assert_allclose(own.x_test[:, 0], raw["test_images"] / 255.0, atol=1e-6)

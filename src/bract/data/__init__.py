@@ -1,7 +1,9 @@
 """Data for bract federations: bundled datasets, MedMNIST files, image folders,
-synthetic X-rays, and IID / non-IID partitions between hospitals."""
+synthetic X-rays, held-out splits by record identity, and IID / non-IID partitions
+between hospitals."""
 
 from bract.data.errors import DataError
+from bract.data.holdout import held_out_mask, split_by_identity
 from bract.data.imagefolder import find_images, load_image_folder, read_image
 from bract.data.medmnist import MEDMNIST_KEYS, load_medmnist, medmnist_labels
 from bract.data.partition import (
@@ -29,6 +31,7 @@ __all__ = [
     "dataset_partitions",
     "dirichlet_partition",
     "find_images",
+    "held_out_mask",
     "iid_partition",
     "load_dataset",
     "load_image_folder",
@@ -39,5 +42,6 @@ __all__ = [
     "quantity_skew_partition",
     "read_image",
     "resolve_column",
+    "split_by_identity",
     "synthetic_chest_xray",
 ]

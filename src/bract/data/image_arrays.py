@@ -1,5 +1,5 @@
 """Array helpers shared by the image loaders: pixel scaling, channels, resizing,
-and a deterministic stratified train/test split.
+and a deterministic stratified subset.
 
 Every image a loader returns is ``float32`` ``[C, H, W]`` with values in ``[0, 1]``.
 """
@@ -15,7 +15,6 @@ __all__ = [
     "LUMA_WEIGHTS",
     "check_image_size",
     "resize_images",
-    "stratified_split",
     "subset_indices",
     "to_channels",
     "to_unit_float",
@@ -109,36 +108,6 @@ def resize_images(images: np.ndarray, image_size: int) -> np.ndarray:
         antialias=True,
     )
     return np.ascontiguousarray(out.clamp_(0.0, 1.0).numpy().astype(np.float32))
-
-
-def stratified_split(
-    n_samples: int, labels: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train/test index split, stratified by label when possible.
-
-    ``ceil(test_fraction * n)`` indices go to the test split (scikit-learn's rule).
-    Stratification needs every class to have at least 2 samples and room for every
-    class in both splits; otherwise the split is plain random (still seeded).
-    Both returned index arrays are sorted ``int64``.
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    n_test = int(np.ceil(test_fraction * n_samples))
-    if n_samples < 2 or n_test >= n_samples:
-        raise DataError(
-            f"{n_samples} samples cannot be split into a non-empty training and test set "
-            f"with test_fraction={test_fraction}; give more data"
-        )
-    _, counts = np.unique(labels, return_counts=True)
-    strat = (
-        labels
-        if counts.min() >= 2 and len(counts) <= min(n_test, n_samples - n_test)
-        else None
-    )
-    tr, te = train_test_split(
-        np.arange(n_samples), test_size=test_fraction, random_state=seed, stratify=strat
-    )
-    return np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64)
 
 
 def subset_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -1,9 +1,11 @@
 """An image folder (one sub-folder per class) as a
 :class:`~bract.data.tabular.FederatedDataset`.
 
-Layout: ``root/<class name>/<any sub-folders>/<image>``. Class names are the
-sorted names of ``root``'s sub-folders (hidden ones, starting with ``.``, are
-skipped); label ``i`` is the ``i``-th name. Images are PNG or JPEG (read with
+Layout: ``root/<class name>/[<patient>/<any sub-folders>/]<image>``. Class names
+are the sorted names of ``root``'s sub-folders (hidden ones, starting with ``.``,
+are skipped); label ``i`` is the ``i``-th name. The first folder below a class
+folder is a patient (:func:`patient_units`), and each patient is held out or not
+by its own id (:mod:`bract.data.holdout`). Images are PNG or JPEG (read with
 Pillow) or DICOM ``.dcm`` (read with pydicom, the optional extra
 ``pip install 'bract[dicom]'``). Other files (``Thumbs.db``, ``.DS_Store``,
 notes) are ignored.
@@ -18,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from bract.data.errors import DataError
+from bract.data.holdout import check_test_fraction, split_by_identity
 from bract.data.image_arrays import (
     check_image_size,
     resize_images,
-    stratified_split,
     subset_indices,
     to_channels,
     to_unit_float,
@@ -33,6 +35,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "find_images",
     "load_image_folder",
+    "patient_units",
     "read_dicom",
     "read_image",
 ]
@@ -88,25 +91,86 @@ def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ..
     return files, np.asarray(labels, dtype=np.int64), tuple(classes)
 
 
-def patient_of(path: Path, root: Path) -> str:
-    """The patient an image belongs to: the DICOM header's ``PatientID`` when the file
-    is DICOM and has one, else the first folder below the class folder
-    (``root/class/patient7/study1/c.dcm`` -> ``patient7``: the same folder name under
-    two classes is one patient), else the file itself (a patient of its own)."""
-    if path.suffix.lower() in DICOM_EXTENSIONS:
-        try:
-            import pydicom
+def patient_units(files: Sequence[Path], root: str | Path) -> list[str]:
+    """The privacy unit (patient) of each image file under ``root``.
 
-            header = pydicom.dcmread(str(path), stop_before_pixels=True)
-            pid = str(getattr(header, "PatientID", "") or "").strip()
-            if pid:
-                return f"dicom:{pid}"
-        except Exception:  # no pydicom or no header: the folder names the patient
-            pass
-    parts = path.relative_to(root).parts  # (class, [patient, ...,] file)
-    if len(parts) > 2:
-        return f"folder:{parts[1]}"
-    return f"file:{'/'.join(parts)}"
+    * A file in a **patient folder** (the first folder below its class folder:
+      ``root/covid/patient7/study1/c.dcm``) belongs to ``folder:patient7``, whatever
+      the file is (PNG, JPEG, DICOM with or without a ``PatientID``); the same folder
+      name under two classes is one patient.
+    * A DICOM file directly in its class folder belongs to ``dicom:<PatientID>`` (all
+      such files with one ``PatientID``, in any class, are one patient), or is a
+      patient of its own when its header has no ``PatientID``.
+    * Any other file directly in its class folder is a patient of its own
+      (``file:<class>/<name>``).
+
+    Guarantee: one person is one unit wherever the DICOM headers can tell, and a
+    file's unit is a function of its own path and header only (adding or removing
+    another file never changes it; it can only make the folder refused). Raises
+    :class:`DataError`, naming two of the files, when the headers contradict the
+    layout: a patient folder whose DICOM files carry two different ``PatientID``s, or
+    one ``PatientID`` in two patient folders or in a patient folder and a file
+    directly in a class folder.
+    """
+    top = Path(root).expanduser()
+    units: list[str] = []
+    ids_in_unit: dict[str, dict[str, Path]] = {}  # unit -> PatientID -> first file
+    units_of_id: dict[str, dict[str, Path]] = {}  # PatientID -> unit -> first file
+    for path in files:
+        parts = path.relative_to(top).parts  # (class, [patient, ...,] file)
+        pid = _dicom_patient_id(path) if path.suffix.lower() in DICOM_EXTENSIONS else ""
+        if len(parts) > 2:
+            unit = f"folder:{parts[1]}"
+        elif pid:
+            unit = f"dicom:{pid}"
+        else:
+            unit = f"file:{'/'.join(parts)}"
+        units.append(unit)
+        if pid:
+            ids_in_unit.setdefault(unit, {}).setdefault(pid, path)
+            units_of_id.setdefault(pid, {}).setdefault(unit, path)
+    for unit, ids in ids_in_unit.items():
+        if len(ids) > 1:
+            first, second = list(ids.values())[:2]
+            raise DataError(
+                f"patient folder {unit.removeprefix('folder:')!r} holds DICOM files of "
+                f"{len(ids)} different PatientIDs ({first} and {second}); a patient folder "
+                "holds one patient: move each patient's files to a folder of their own",
+                public_reason="the hospital's image folder holds two patients in one patient "
+                              "folder (details in its own log)")
+    for places in units_of_id.values():
+        if len(places) > 1:
+            (a, first), (b, second) = list(places.items())[:2]
+            raise DataError(
+                f"{first} and {second} carry the same DICOM PatientID but lie in "
+                f"{_where(a)} and {_where(b)}, which would count one patient twice; put "
+                "each patient's files in one patient folder",
+                public_reason="the hospital's image folder holds one patient in two places "
+                              "(details in its own log)")
+    return units
+
+
+def _where(unit: str) -> str:
+    """A unit of :func:`patient_units`, in words for an error message."""
+    if unit.startswith("folder:"):
+        return f"patient folder {unit.removeprefix('folder:')!r}"
+    return "a class folder (no patient folder)"
+
+
+def _dicom_patient_id(path: Path) -> str:
+    """The ``PatientID`` in ``path``'s DICOM header, stripped ("" when it has none)."""
+    try:
+        import pydicom
+    except ImportError:
+        raise DataError(
+            f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}"
+        ) from None
+    try:
+        header = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types for bad files
+        raise DataError(f"cannot read the DICOM header of {path} ({type(exc).__name__}: "
+                        f"{exc}); replace or remove the file") from None
+    return str(getattr(header, "PatientID", "") or "").strip()
 
 
 def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
@@ -207,6 +271,7 @@ def load_image_folder(
     progress: bool = False,
     name: str | None = None,
     strict: bool = False,
+    split_key: bytes | str = b"",
 ) -> FederatedDataset:
     """Load an image folder (one sub-folder per class) and split it into training
     and central test sets.
@@ -215,10 +280,18 @@ def load_image_folder(
     for RGB), resized to ``image_size`` x ``image_size`` (bilinear, antialiased;
     the aspect ratio is not kept) and returned as ``float32`` ``[C, H, W]`` in
     ``[0, 1]``. ``image_size`` must be a multiple of 4 (bract's CNN pools twice
-    by 2). The train/test split is stratified by class when possible and
-    deterministic given ``seed`` (``ceil(test_fraction * n)`` test images);
-    ``n_samples`` first draws that many files (stratified, seeded). ``progress``
-    shows a rich progress bar while reading.
+    by 2). ``n_samples`` (a simulation's subset; never applied to a hospital's own
+    folder) first draws that many files (stratified, seeded by ``seed``, the only use
+    of ``seed``). ``progress`` shows a rich progress bar while reading.
+
+    The held-out split: each image's patient (:func:`patient_units`) is held out or
+    not by :func:`bract.data.holdout.held_out_mask` of its id, ``test_fraction`` and
+    the hospital's own ``split_key`` (optional), so all of a patient's images lie on
+    one side, a file directly in its class folder is decided by its own path
+    relative to ``root``, and adding or removing one image (one patient) moves no
+    other image between training and held-out; neither ``seed`` nor anything else
+    a coordinator sets enters it. Each class's held-out share is ``test_fraction``
+    in expectation. A split that leaves either side empty is an error (add images).
 
     A file that cannot be read as one image (corrupt, an unsupported DICOM such as a
     multi-frame RT dose, no pixel data) is skipped, and one warning line counts the
@@ -226,17 +299,19 @@ def load_image_folder(
     first one instead. DICOM without pydicom is always an error (it would skip them
     all).
 
-    Each training image's patient (:func:`patient_of`) is in ``train_columns
-    ["patient_id"]``, for patient-level DP.
+    Each image's patient is in ``train_columns["patient_id"]`` (and
+    ``test_columns``), for patient-level DP.
 
     Guarantees: nothing is downloaded; the result depends only on the folder's
     contents and the arguments. Raises :class:`DataError` (a ``ValueError``)
     naming the problem and the file for a missing folder, missing classes, an
-    empty class folder, an unreadable image or DICOM without pydicom.
+    empty class folder, an unreadable image, DICOM without pydicom, DICOM
+    ``PatientID``s that contradict the patient folders, or an empty split.
     """
     check_image_size(image_size)
     if channels not in (1, 3):
         raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    check_test_fraction(test_fraction)
     files, labels, classes = find_images(root)
     if n_samples is not None:
         if n_samples < 2:
@@ -255,9 +330,17 @@ def load_image_folder(
         if missing or len(files) < 2:
             raise DataError(f"{root}: after skipping the unreadable files, class folder(s) "
                             f"{missing or list(classes)} hold too few readable images")
-    train_idx, test_idx = stratified_split(len(files), labels, test_fraction, seed)
     top = Path(root).expanduser()
-    patients = np.asarray([patient_of(f, top) for f in files], dtype=object)
+    patients = np.asarray(patient_units(files, top), dtype=object)
+    train_idx, test_idx = split_by_identity(list(patients), test_fraction, key=split_key)
+    for side, idx in (("training", train_idx), ("held-out", test_idx)):
+        if not len(idx):
+            raise DataError(
+                f"{root}: the {side} split is empty: each of its {len(set(patients))} "
+                f"patient(s) is held out with probability {test_fraction} by a hash of its "
+                "own id, and none fell on that side; add images (patients)",
+                public_reason=f"the hospital's image folder has too few patients for a "
+                              f"{side} split (details in its own log)")
     return FederatedDataset(
         name=name or Path(root).expanduser().name or "imagefolder",
         x_train=np.ascontiguousarray(images[train_idx]),

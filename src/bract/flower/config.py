@@ -190,8 +190,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("local_epochs", int, 1, "local epochs per round", low=1),
     Option("max_grad_norm", float, 1.0, "per-example clip norm of DP-SGD", low=0,
            open_low=True),
-    Option("seed", int, 0, "seed of the data, split and model initialisation (never of the "
-           "noise or the sampling)", low=0),
+    Option("seed", int, 0, "seed of the synthetic data, the bundled sets' test split, the "
+           "--samples subset, the partition between simulated hospitals and the model "
+           "initialisation (never of the noise or the sampling, nor of an image folder's or "
+           "MedMNIST file's held-out split)", low=0),
     Option("target_epsilon", float, 8.0, "the epsilon each hospital is asked to meet over "
            "the whole run (a hospital's own policy may allow less; at most 50, bract's "
            "ceiling; at least 0.05, its floor)", low=0.05, high=50),

@@ -14,8 +14,10 @@ bract's CSPRNG. That is a Gaussian mechanism of noise multiplier
 ``noise_multiplier`` under add/remove of one unit; :meth:`MetricsRelease.event`
 describes it as a ledger event (``mechanism="metrics"``, sample rate 1, one
 step), which the hospital's budget check, calibration and ledger compose with its
-DP-SGD. The split of records into training and held-out is taken as given, as the
-training data is for DP-SGD.
+DP-SGD. Like DP-SGD's, the guarantee holds for neighbouring datasets whose other
+units keep their side of the training / held-out split: bract's loaders decide each
+unit's side by its own identity (:mod:`bract.data.holdout`), and a hospital's own
+loader must do the same.
 """
 
 from __future__ import annotations
