@@ -150,6 +150,78 @@ def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeyp
     assert zygote.poll() is not None
 
 
+def _any_spec(task_type, **fields):
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    base = {"runtime_api_address": "127.0.0.1:9094", "token": "tok", "insecure": False,
+            "root_certificates_path": None, "runtime_dependency_install": False,
+            "parent_pid": None, "suppress_output": True, "task_id": 7}
+    return ExecutionSpec(task_type=task_type, **{**base, **fields})
+
+
+def test_the_fallback_starts_this_interpreter_s_flower_whatever_path_holds(
+        tmp_path, monkeypatch) -> None:
+    """A SuperNode started by its full path (no venv on PATH: systemd, ``/opt/venv/bin/
+    bract hospital start``) still starts ``flwr-clientapp`` when its zygote is not ready:
+    the one beside this interpreter, else its entry point through this interpreter;
+    with Flower's own arguments for every task type."""
+    import subprocess
+
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+    beside = Path(sys.executable).parent / "flwr-clientapp"
+    assert warm_executor.flower_task_command(TaskType.CLIENT_APP) == [str(beside)]
+    by_entry_point = warm_executor.flower_task_command(TaskType.CLIENT_APP,
+                                                       scripts_dir=tmp_path)
+    assert by_entry_point[:2] == [sys.executable, "-c"]
+    no_venv = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for command in ([str(beside)], by_entry_point):
+        usage = subprocess.run([*command, "--help"], env=no_venv, capture_output=True,
+                               text=True, timeout=120)
+        assert usage.returncode == 0, usage.stderr
+        assert usage.stdout.startswith("usage: flwr-clientapp ")
+    # Flower's SubprocessExecutor's arguments, with the command resolved.
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, *a, **k: started.append(args))
+    ours = warm_executor.SubprocessFallback()
+    variants = [{}, {"insecure": True}, {"root_certificates_path": "/ca.crt"},
+                {"parent_pid": 42, "runtime_dependency_install": True}]
+    for task_type in TASK_TYPE_TO_COMMAND:
+        for fields in variants:
+            spec = _any_spec(task_type, **fields)
+            assert SubprocessExecutor().launch(spec).status == "accepted"
+            assert ours.launch(spec).status == "accepted"
+            flower, bract = started[-2:]
+            assert bract == warm_executor.flower_task_args(
+                spec, [str(Path(sys.executable).parent / flower[0])])
+            assert bract[1:] == flower[1:]
+
+
+class _BrokenFallback:
+    def launch(self, spec):
+        raise FileNotFoundError(2, "No such file or directory", "flwr-clientapp")
+
+
+def test_a_launch_never_raises_it_reports_a_failed_launch(tmp_path, monkeypatch) -> None:
+    """Flower 1.42's SuperExec loop catches nothing an executor raises: a launch that
+    cannot start its task returns ``LaunchResult.failed`` with the reason instead."""
+    from flwr.supercore.constant import TaskType
+
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
+    (tmp_path / "slow_preload.py").write_text("import time\ntime.sleep(60)\n")
+    executor = warm_executor.ForkingExecutor(preload=("slow_preload",), target="json:dumps",
+                                             fallback=_BrokenFallback())
+    try:
+        for spec in (_spec("not-ready-yet"), _any_spec(TaskType.SERVER_APP),
+                     types.SimpleNamespace(task_id=3)):
+            result = executor.launch(spec)
+            assert result.status == "failed"
+            assert "FileNotFoundError" in result.message or "AttributeError" in result.message
+    finally:
+        executor.close()
+
+
 # ------------------------------------------------------------------ the SuperNode's polls
 def test_the_supernode_patch_shortens_only_the_idle_sleep_and_swaps_the_superexec(
         monkeypatch) -> None:

@@ -42,10 +42,12 @@ import threading
 import time
 import types
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["FLOWER_VERSIONS", "PRELOAD", "WAKE_FD_ENV", "ForkingExecutor", "WakeableSleep",
-           "check_flower_version", "rebound", "superexec_main"]
+__all__ = ["FLOWER_VERSIONS", "PRELOAD", "WAKE_FD_ENV", "ForkingExecutor", "SubprocessFallback",
+           "WakeableSleep", "check_flower_version", "flower_task_args", "flower_task_command",
+           "rebound", "superexec_main"]
 
 #: Flower releases whose SuperExec executor protocol, ``run_superexec.get_executor``
 #: and ``run_clientapp`` signature this module was written against and tested with.
@@ -204,6 +206,78 @@ def zygote_main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------- the executor
+def flower_task_command(task_type: Any, python: str = sys.executable,
+                        scripts_dir: Path | None = None) -> list[str]:
+    """The command that starts Flower's process for ``task_type`` (``flwr-clientapp``
+    for a ClientApp) from *this* interpreter's installation, never from ``PATH``: the
+    script in ``scripts_dir`` (default: the folder of ``python``, where a venv keeps
+    its scripts), else ``python -c`` running that script's entry point.
+
+    A SuperNode started by its full path (``/opt/venv/bin/bract hospital start``, a
+    systemd unit) has no venv on ``PATH``, where Flower's own executor would look.
+    ``LookupError`` if this installation has no such command."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
+    name = TASK_TYPE_TO_COMMAND[task_type]
+    folder = Path(python).parent if scripts_dir is None else Path(scripts_dir)
+    beside = folder / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="console_scripts", name=name))
+    if not found:
+        raise LookupError(f"Flower's {name} is neither in {folder} nor an entry point of "
+                          f"{python}'s packages")
+    entry = found[0]
+    code = (f"import importlib, sys\nsys.argv[0] = {name!r}\n"
+            f"main = importlib.import_module({entry.module!r})\n"
+            f"for part in {entry.attr.split('.')!r}:\n    main = getattr(main, part)\n"
+            "sys.exit(main())\n")
+    return [python, "-c", code]
+
+
+def flower_task_args(spec: Any, command: Sequence[str]) -> list[str]:
+    """The argument list Flower 1.42's ``SubprocessExecutor.launch`` starts for ``spec``,
+    with ``command`` in place of the bare command name it looks up on ``PATH`` (a test
+    checks the two agree for the pinned Flower)."""
+    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG
+
+    args = [*command, TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+            spec.runtime_api_address, "--token", spec.token]
+    if spec.insecure:
+        args.append("--insecure")
+    elif spec.root_certificates_path is not None:
+        args.extend(["--root-certificates", spec.root_certificates_path])
+    if spec.parent_pid is not None:
+        args.extend(["--parent-pid", str(spec.parent_pid)])
+    if spec.runtime_dependency_install:
+        args.append("--allow-runtime-dependency-installation")
+    return args
+
+
+class SubprocessFallback:
+    """What runs a task the zygote does not: Flower's ``SubprocessExecutor`` (one new
+    process per task, the same arguments), with the command from this interpreter's
+    installation (:func:`flower_task_command`) instead of ``PATH``."""
+
+    def __init__(self, python: str = sys.executable, scripts_dir: Path | None = None) -> None:
+        self.python, self.scripts_dir = python, scripts_dir
+
+    def launch(self, spec: Any) -> Any:
+        """Start ``spec``'s process; ``LaunchResult.accepted()`` once it is started (an
+        exception if it cannot be: :meth:`ForkingExecutor.launch` reports it)."""
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        args = flower_task_args(spec, flower_task_command(spec.task_type, self.python,
+                                                          self.scripts_dir))
+        if spec.suppress_output:
+            subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            subprocess.Popen(args)
+        return LaunchResult.accepted()
+
+
 class ForkingExecutor:
     """Flower's ``Executor`` protocol: ClientApp tasks run in a child forked from a warm
     zygote; any other task type, or a ClientApp task while no zygote is ready, runs
@@ -213,10 +287,9 @@ class ForkingExecutor:
     process; that process shares no state with another task's (see the module text)."""
 
     def __init__(self, preload: Sequence[str] = PRELOAD, target: str = RUN_CLIENTAPP,
-                 ready_timeout: float = 120.0) -> None:
-        from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
-
-        self._fallback = SubprocessExecutor()
+                 ready_timeout: float = 120.0, *, fallback: Any = None) -> None:
+        #: What runs a task the zygote does not (``launch(spec)``, Flower's protocol).
+        self._fallback = fallback if fallback is not None else SubprocessFallback()
         self._preload = ",".join(preload)
         self._target = target
         self._ready_timeout = ready_timeout
@@ -264,12 +337,36 @@ class ForkingExecutor:
 
     def launch(self, spec: Any) -> Any:
         """Start the task's process: forked from the zygote for a ClientApp task when the
-        zygote is ready, otherwise as Flower's subprocess executor does."""
+        zygote is ready, otherwise as Flower's subprocess executor does
+        (:class:`SubprocessFallback`).
+
+        Guarantee: never raises (Flower 1.42's SuperExec loop does not catch an
+        executor's exception: it would end the SuperExec); whatever goes wrong is a
+        ``LaunchResult.failed`` naming it, which Flower logs and leaves to its task
+        expiry."""
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        try:
+            return self._launch(spec)
+        except Exception as exc:  # any failure is this launch's result
+            return LaunchResult.failed(f"bract's warm executor could not start task "
+                                       f"{getattr(spec, 'task_id', '?')}: {exc!r}")
+
+    def _launch_fallback(self, spec: Any) -> Any:
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        try:
+            return self._fallback.launch(spec)
+        except Exception as exc:
+            return LaunchResult.failed(f"could not start task {spec.task_id} as Flower's "
+                                       f"subprocess executor would: {exc!r}")
+
+    def _launch(self, spec: Any) -> Any:
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor.types import LaunchResult
 
         if spec.task_type != TaskType.CLIENT_APP:
-            return self._fallback.launch(spec)
+            return self._launch_fallback(spec)
         request = {
             "runtime_api_address": spec.runtime_api_address, "token": spec.token,
             "insecure": spec.insecure, "root_certificates_path": spec.root_certificates_path,
@@ -279,13 +376,13 @@ class ForkingExecutor:
         with self._lock:
             zygote = self._zygote
             if zygote is None or zygote.poll() is not None or not self._ready.is_set():
-                return self._fallback.launch(spec)
+                return self._launch_fallback(spec)
             try:
                 assert zygote.stdin is not None
                 zygote.stdin.write(json.dumps(request) + "\n")
                 zygote.stdin.flush()
             except (OSError, ValueError):
-                return self._fallback.launch(spec)
+                return self._launch_fallback(spec)
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
