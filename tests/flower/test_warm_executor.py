@@ -76,7 +76,7 @@ def run(runtime_api_address, token, insecure, certificates, parent_pid,
     key = X25519PrivateKey.generate().public_key().public_bytes_raw().hex()
     out = {"pid": os.getpid(), "ppid": os.getppid(), "touched_before": TOUCHED,
            "preloaded": "fractions" in sys.modules, "address": runtime_api_address,
-           "key": key, "urandom": os.urandom(16).hex()}
+           "key": key, "urandom": os.urandom(16).hex(), "token_seen": token}
     TOUCHED = True
     with open(os.path.join(os.environ["WARM_TEST_DIR"], token + ".json"), "w") as f:
         json.dump(out, f)
@@ -123,8 +123,8 @@ def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeyp
                                              target="warm_target:run")
     try:
         assert executor.wait_ready(120)
-        zygote = executor._zygote
-        assert zygote is not None
+        assert executor._zygote is not None
+        zygote = executor._zygote.proc
         seen = []
         for token in ("first", "crash-1", "exit-1", "second"):
             assert executor.launch(_spec(token)).status == "accepted"
@@ -142,9 +142,9 @@ def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeyp
         zygote.kill()
         zygote.wait()
         executor.reconcile()
-        assert executor._zygote is not zygote and executor.wait_ready(120)
+        assert executor._zygote.proc is not zygote and executor.wait_ready(120)
         assert executor.launch(_spec("after-restart")).status == "accepted"
-        assert _wait_for(tmp_path / "after-restart.json")["ppid"] == executor._zygote.pid
+        assert _wait_for(tmp_path / "after-restart.json")["ppid"] == executor._zygote.proc.pid
     finally:
         executor.close()
     assert zygote.poll() is not None
@@ -218,6 +218,124 @@ def test_a_launch_never_raises_it_reports_a_failed_launch(tmp_path, monkeypatch)
             result = executor.launch(spec)
             assert result.status == "failed"
             assert "FileNotFoundError" in result.message or "AttributeError" in result.message
+    finally:
+        executor.close()
+
+
+SCAN_TARGET = '''
+import hashlib, json, os, re
+
+def run(runtime_api_address, token, insecure, certificates, parent_pid,
+        runtime_dependency_install):
+    open_fds = []
+    for fd in range(3, 4096):  # before this child opens anything itself
+        try:
+            os.fstat(fd)
+            open_fds.append(fd)
+        except OSError:
+            pass
+    stdin = os.readlink("/proc/self/fd/0")
+    from_stdin = os.read(0, 4096).decode()
+    pattern = re.compile(rb"secret-[0-9a-f]{32}")
+    seen = set()
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+        for line in maps.read().splitlines():
+            span, perms = line.split()[:2]
+            if "r" not in perms or line.endswith(("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                seen.update(m.decode() for m in pattern.findall(mem.read(end - start)))
+            except (OSError, ValueError, OverflowError):
+                pass
+    # Named by a hash: a file named by the token would put the token in the directory
+    # listings later children's imports read.
+    name = hashlib.sha256(token.encode()).hexdigest() + ".json"
+    with open(os.path.join(os.environ["SCAN_OUT"], name), "w") as f:
+        json.dump({"open_fds": open_fds, "stdin": stdin, "from_stdin": from_stdin,
+                   "tokens_in_memory": sorted(seen)}, f)
+'''
+
+
+def test_a_child_holds_only_its_own_token_and_none_of_the_zygote_s_descriptors(
+        tmp_path, monkeypatch) -> None:
+    """A child's fd 0 is /dev/null (not the zygote's request pipe, where the next
+    messages' tokens arrive), it holds no descriptor above 2 (the zygote had one at
+    1000), and its whole memory holds its own token and no other message's: neither
+    of a request sent right behind it nor of one the zygote handled before."""
+    import hashlib
+    import secrets
+
+    (tmp_path / "scan_target.py").write_text(SCAN_TARGET)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "fd_prelude.py").write_text(
+        "import os\nos.dup2(os.open(os.devnull, os.O_RDONLY), 1000)\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
+    monkeypatch.setenv("SCAN_OUT", str(out))
+    executor = warm_executor.ForkingExecutor(preload=("json", "re", "fd_prelude"),
+                                             target="scan_target:run")
+    tokens = [f"secret-{secrets.token_hex(16)}" for _ in range(3)]
+    files = [out / (hashlib.sha256(t.encode()).hexdigest() + ".json") for t in tokens]
+    try:
+        assert executor.wait_ready(120)
+        # Two messages back to back, then one after both have run.
+        assert executor.launch(_spec(tokens[0])).status == "accepted"
+        assert executor.launch(_spec(tokens[1])).status == "accepted"
+        seen = [_wait_for(f) for f in files[:2]]
+        assert executor.launch(_spec(tokens[2])).status == "accepted"
+        seen.append(_wait_for(files[2]))
+    finally:
+        executor.close()
+    for token, child in zip(tokens, seen, strict=True):
+        assert child["open_fds"] == []
+        assert child["stdin"] == "/dev/null" and child["from_stdin"] == ""
+        assert child["tokens_in_memory"] == [token]
+
+
+class _RecordingFallback:
+    def __init__(self) -> None:
+        self.specs: list = []
+
+    def launch(self, spec):
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        self.specs.append(spec)
+        return LaunchResult.accepted()
+
+
+def test_a_fork_that_fails_leaves_the_zygote_serving_and_runs_its_task_on_the_fallback(
+        tmp_path, monkeypatch) -> None:
+    """``os.fork`` failing (EAGAIN, ENOMEM) for one message neither kills the zygote nor
+    loses the messages after it: that one message starts on Flower's executor at the
+    next reconcile, the others are forked."""
+    (tmp_path / "warm_target.py").write_text(TARGET)
+    (tmp_path / "fork_fails_once.py").write_text(
+        "import errno, os\n_fork, calls = os.fork, [0]\n"
+        "def fork():\n    calls[0] += 1\n"
+        "    if calls[0] == 2:\n"
+        "        raise OSError(errno.EAGAIN, 'Resource temporarily unavailable')\n"
+        "    return _fork()\nos.fork = fork\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
+    monkeypatch.setenv("WARM_TEST_DIR", str(tmp_path))
+    fallback = _RecordingFallback()
+    executor = warm_executor.ForkingExecutor(preload=("warm_target", "fork_fails_once"),
+                                             target="warm_target:run", fallback=fallback)
+    try:
+        assert executor.wait_ready(120)
+        for token in ("c", "d", "e"):
+            assert executor.launch(_spec(token)).status == "accepted"
+        assert {_wait_for(tmp_path / f"{t}.json")["token_seen"] for t in ("c", "e")} \
+            == {"c", "e"}
+        deadline = time.monotonic() + 30
+        while not fallback.specs and time.monotonic() < deadline:
+            executor.reconcile()
+            time.sleep(0.02)
+        assert [s.token for s in fallback.specs] == ["d"]
+        assert not (tmp_path / "d.json").exists()
+        assert executor._zygote is not None and executor._zygote.proc.poll() is None
+        assert executor.forked == 2
     finally:
         executor.close()
 

@@ -16,10 +16,28 @@ What it keeps of Flower's semantics, by construction:
   modules and never ran an app; so each message starts from the same state a fresh
   interpreter would have after those imports (module caches empty), and whatever
   one message's process does dies with it.
+* **No message's token reaches another message's process through the zygote.** The
+  zygote never parses a request: it reads each one's bytes, exactly, into a buffer it
+  zeroes right after the fork (the child parses its own copy). Before any app code
+  runs, a child's fd 0 is ``/dev/null`` (it was the zygote's request pipe, where the
+  next messages' tokens arrive), its fd 1 is its log (fd 2), and every other
+  descriptor it inherited is closed. What remains: a child's own token stays in its
+  memory as Python strings, which cannot be wiped reliably, until it exits; requests
+  the zygote has not read yet wait in the kernel's pipe buffer. This keeps messages
+  apart; it is not a sandbox: every ClientApp runs as the SuperNode's OS user (as
+  with Flower's own executor), and code running as that user can reach that user's
+  other processes (the SuperNode and the SuperExec hold every task's token) through
+  ``/proc`` as far as the kernel's ptrace rules allow.
 * **Each message's failure stays contained.** A ClientApp that raises, exits or is
   killed ends its own process; Flower's Runtime API reports it as it does for
-  ``flwr-clientapp``. If the zygote itself dies, the next message runs as Flower's
-  default (a fresh ``flwr-clientapp``) while a new zygote starts.
+  ``flwr-clientapp``. A fork that fails (``EAGAIN``, ``ENOMEM``) costs only that
+  message its warm start: the zygote says so and goes on, and the message starts on
+  Flower's executor at the next task poll. If the zygote itself dies, the next message
+  runs as Flower's default (a fresh ``flwr-clientapp``, this interpreter's own, not
+  one found on ``PATH``) while a new zygote starts; a message it had been handed but
+  not answered for is not started again (it may have forked it), so Flower's task
+  expiry applies to it. ``launch`` never raises: what cannot be started is a failed
+  launch, which Flower logs.
 * **The app code is the hospital's installed bract**, as with Flower's default
   executor for this app (bract is imported from the environment, not from the FAB).
 
@@ -32,7 +50,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import json
+import logging
 import os
 import select
 import signal
@@ -161,11 +181,82 @@ def _child(request: dict[str, Any], target: str) -> int:
     return 0
 
 
+#: A request's header on the zygote's stdin: its id and its body's length in bytes, as
+#: ``b"%010d %010d\n"``; the body (the JSON request, with the task's token) follows.
+HEADER_SIZE = 22
+#: The longest request body the zygote accepts (a request is about 250 bytes).
+MAX_REQUEST = 1 << 16
+
+
+def encode_request(request_id: int, body: bytes) -> bytes:
+    """One request as the zygote reads it: the fixed-size header, then ``body``."""
+    if not 0 <= request_id < 10**10 or len(body) > MAX_REQUEST:
+        raise ValueError(f"request {request_id} of {len(body)} bytes cannot be sent")
+    return b"%010d %010d\n" % (request_id, len(body)) + body
+
+
+def _read_into(fd: int, buffer: bytearray) -> bool:
+    """Fill ``buffer`` from ``fd`` exactly (no byte past it is read, and none goes
+    through an intermediate ``bytes``); False at end of file."""
+    view, got = memoryview(buffer), 0
+    while got < len(buffer):
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+def _wipe(buffer: bytearray) -> None:
+    buffer[:] = bytes(len(buffer))
+
+
+def _open_fd_limit() -> int:
+    try:
+        limit = os.sysconf("SC_OPEN_MAX")
+    except (ValueError, OSError):
+        limit = -1
+    return limit if limit > 0 else 65536
+
+
+def _isolate_fds() -> None:
+    """In a new child: fd 0 becomes ``/dev/null`` (it was the zygote's request pipe,
+    where the next messages' tokens arrive), fd 1 the log (fd 2; it was the zygote's
+    answer pipe), and every other descriptor the zygote held is closed. The child needs
+    none: Flower's ``run_clientapp`` opens its own connections."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(2, 1)
+    os.closerange(3, _open_fd_limit())  # ``null`` included
+
+
+def _run_child(body: bytearray, target: str) -> int:
+    """Everything a new child does before and around its ClientApp: isolate its file
+    descriptors, parse its own request (then zero the buffer it came in), run it."""
+    _isolate_fds()
+    try:
+        request = json.loads(body.decode("utf-8"))
+    finally:
+        _wipe(body)
+    return _child(request, target)
+
+
+def _say(line: str) -> None:
+    print(" ".join(line.split()), flush=True)  # one line, whatever the text held
+
+
 def zygote_main(argv: Sequence[str] | None = None) -> int:
-    """The warm parent: import :data:`PRELOAD` (or ``--preload``), then for each JSON
-    request line on stdin fork one child that runs ``--target`` with it. Single-
-    threaded by construction (it starts no thread), so forking it is safe. It exits
-    when stdin closes (its executor is gone)."""
+    """The warm parent: import :data:`PRELOAD` (or ``--preload``), answer ``ready``,
+    then for each request on stdin (:func:`encode_request`) fork one child that runs
+    ``--target`` with it, answering ``forked ID PID``, or ``failed ID REASON`` when the
+    fork fails (the zygote goes on). It exits when stdin closes (its executor is gone),
+    with ``error REASON`` and status 3 when an import fails, or ``error REASON`` and
+    status 2 on a malformed header.
+
+    Guarantee: the zygote never parses a request: it reads each body, byte-exact, into
+    a buffer it zeroes right after the fork, so a child inherits no other message's
+    token from it (its own request is parsed in the child); and each child holds only
+    fds 0-2 (fd 0 ``/dev/null``) once it runs any code of its own."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bract.flower.warm_executor")
@@ -173,7 +264,11 @@ def zygote_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", default=RUN_CLIENTAPP)
     args = parser.parse_args(argv)
     for module in filter(None, args.preload.split(",")):
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            _say(f"error importing {module} failed: {type(exc).__name__}: {exc}")
+            return 3
     if args.target == RUN_CLIENTAPP:
         # Every child pulls its message from the SuperNode: retry soon if it is not all
         # there yet (bract.flower.object_pulls).
@@ -182,26 +277,34 @@ def zygote_main(argv: Sequence[str] | None = None) -> int:
         shorten_object_pull_backoff()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the executor decides when it stops
-    print("ready", flush=True)
-    for line in sys.stdin:
+    _say("ready")
+    header = bytearray(HEADER_SIZE)
+    while _read_into(0, header):
+        fields = header.decode("ascii", "replace").split()
+        if (len(fields) != 2 or not all(f.isdigit() for f in fields)
+                or int(fields[1]) > MAX_REQUEST):
+            _say(f"error malformed request header {bytes(header)!r}")
+            return 2
+        request_id, body = int(fields[0]), bytearray(int(fields[1]))
+        if not _read_into(0, body):
+            break
         try:
-            request = json.loads(line)
-        except ValueError:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN, ENOMEM: this request runs elsewhere, we go on
+            _wipe(body)
+            _say(f"failed {request_id} fork: {exc}")
             continue
-        pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                sys.stdin.close()
-                os.dup2(2, 1)  # the child's output goes to the log, not the protocol pipe
-                os.closerange(3, 256)
-                code = _child(request, args.target)
+                code = _run_child(body, args.target)
             finally:
                 with contextlib.suppress(Exception):
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(code)
-        print(f"forked {pid}", flush=True)
+        _wipe(body)
+        _say(f"forked {request_id} {pid}")
     return 0
 
 
@@ -278,13 +381,29 @@ class SubprocessFallback:
         return LaunchResult.accepted()
 
 
+class _Zygote:
+    """One zygote process and what its executor knows of it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.ready = threading.Event()
+        #: Requests written to it and not answered yet: request id -> ExecutionSpec.
+        self.sent: dict[int, Any] = {}
+        #: The reason it gave for exiting (its ``error`` line), if any.
+        self.error = ""
+        self.reader: threading.Thread | None = None
+
+
 class ForkingExecutor:
     """Flower's ``Executor`` protocol: ClientApp tasks run in a child forked from a warm
     zygote; any other task type, or a ClientApp task while no zygote is ready, runs
-    as Flower's :class:`SubprocessExecutor` would run it.
+    as Flower's ``SubprocessExecutor`` would run it (:class:`SubprocessFallback`).
 
-    Guarantee: a launch never waits for a zygote; every launched task gets exactly one
-    process; that process shares no state with another task's (see the module text)."""
+    Guarantee: a launch never waits for a zygote and never raises; every launched task
+    gets one process, or, when neither the zygote nor the fallback can start one, a
+    failure Flower logs (a fork the zygote could not make is started by the fallback at
+    the next :meth:`reconcile`); that process shares no state with another task's (see
+    the module text)."""
 
     def __init__(self, preload: Sequence[str] = PRELOAD, target: str = RUN_CLIENTAPP,
                  ready_timeout: float = 120.0, *, fallback: Any = None) -> None:
@@ -294,32 +413,50 @@ class ForkingExecutor:
         self._target = target
         self._ready_timeout = ready_timeout
         self._lock = threading.Lock()
-        self._zygote: subprocess.Popen[str] | None = None
-        self._ready = threading.Event()
+        self._zygote: _Zygote | None = None
+        self._ids = itertools.count(1)
+        #: Tasks whose fork failed in the zygote, to start on the fallback.
+        self._refused: list[tuple[Any, str]] = []
+        self._closed = False
         #: How many ClientApp processes the zygotes forked (for logs and tests).
         self.forked = 0
-        self._start_zygote()
+        with self._lock:
+            self._start_zygote()
 
     def _start_zygote(self) -> None:
-        self._ready.clear()
-        self._zygote = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "bract.flower.warm_executor", "--preload", self._preload,
              "--target", self._target],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
-        threading.Thread(target=self._read_zygote, args=(self._zygote,), daemon=True).start()
+        zygote = _Zygote(proc)
+        zygote.reader = threading.Thread(target=self._read_zygote, args=(zygote,),
+                                         name="bract-zygote-reader", daemon=True)
+        zygote.reader.start()
+        self._zygote = zygote
 
-    def _read_zygote(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.strip() == "ready":
-                self._ready.set()
-            elif line.startswith("forked "):
-                self.forked += 1
+    def _read_zygote(self, zygote: _Zygote) -> None:
+        assert zygote.proc.stdout is not None
+        for raw in zygote.proc.stdout:
+            word, _, rest = raw.decode("utf-8", "replace").strip().partition(" ")
+            if word == "ready":
+                zygote.ready.set()
+            elif word in ("forked", "failed"):
+                request, _, detail = rest.partition(" ")
+                with self._lock:
+                    spec = zygote.sent.pop(int(request), None) if request.isdigit() else None
+                    if word == "forked":
+                        self.forked += 1
+                    elif spec is not None:
+                        self._refused.append((spec, detail))
+            elif word == "error":
+                zygote.error = rest
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Whether the zygote finished its imports within ``timeout`` seconds."""
-        return self._ready.wait(self._ready_timeout if timeout is None else timeout)
+        zygote = self._zygote
+        return zygote is not None and zygote.ready.wait(
+            self._ready_timeout if timeout is None else timeout)
 
     # Flower's Executor protocol ----------------------------------------------------
     def get_eligible_capacity(self, supported_task_types: set[Any], *, insecure: bool = False,
@@ -367,43 +504,78 @@ class ForkingExecutor:
 
         if spec.task_type != TaskType.CLIENT_APP:
             return self._launch_fallback(spec)
-        request = {
+        body = json.dumps({
             "runtime_api_address": spec.runtime_api_address, "token": spec.token,
             "insecure": spec.insecure, "root_certificates_path": spec.root_certificates_path,
             "parent_pid": spec.parent_pid,
             "runtime_dependency_install": spec.runtime_dependency_install,
-        }
+        }).encode("utf-8")
         with self._lock:
             zygote = self._zygote
-            if zygote is None or zygote.poll() is not None or not self._ready.is_set():
-                return self._launch_fallback(spec)
-            try:
-                assert zygote.stdin is not None
-                zygote.stdin.write(json.dumps(request) + "\n")
-                zygote.stdin.flush()
-            except (OSError, ValueError):
-                return self._launch_fallback(spec)
-        return LaunchResult.accepted()
+            sent = False
+            if zygote is not None and zygote.ready.is_set() and zygote.proc.poll() is None:
+                request_id = next(self._ids)
+                zygote.sent[request_id] = spec  # before the write: the answer may be quick
+                try:
+                    assert zygote.proc.stdin is not None
+                    zygote.proc.stdin.write(encode_request(request_id, body))
+                    zygote.proc.stdin.flush()
+                    sent = True
+                except (OSError, ValueError):
+                    zygote.sent.pop(request_id, None)
+        return LaunchResult.accepted() if sent else self._launch_fallback(spec)
 
     def reconcile(self) -> None:
-        """Between task polls: start a new zygote if the last one died."""
+        """Between task polls: start on the fallback every task whose fork failed in the
+        zygote, and start a new zygote if the last one died."""
+        from flwr.common.logger import log
+
+        zygote = self._zygote
+        if zygote is not None and zygote.proc.poll() is not None and zygote.reader:
+            zygote.reader.join(timeout=2.0)  # its last answers (it has exited: EOF soon)
         with self._lock:
-            if self._zygote is not None and self._zygote.poll() is not None:
+            refused, self._refused = self._refused, []
+            if not self._closed and zygote is not None and zygote is self._zygote \
+                    and zygote.proc.poll() is not None:
+                self._zygote = None
+                self._zygote_exited(zygote)
                 self._start_zygote()
+        for spec, reason in refused:
+            result = self._launch_fallback(spec)
+            log(logging.WARNING if result.status == "accepted" else logging.ERROR,
+                "bract warm executor: could not fork task %s's ClientApp (%s); %s", spec.task_id,
+                reason, "started it on Flower's executor" if result.status == "accepted"
+                else f"nor start it on Flower's executor ({result.message}); Flower's task "
+                     "expiry applies")
+
+    def _zygote_exited(self, zygote: _Zygote) -> None:
+        from flwr.common.logger import log
+
+        if zygote.sent:
+            # It may have forked them without saying so: starting them again could run
+            # one message twice.
+            log(logging.ERROR, "bract warm executor: the zygote exited before it answered "
+                "for task(s) %s: whether their ClientApp started is unknown, so they are not "
+                "started again (Flower's task expiry applies)",
+                ", ".join(str(s.task_id) for s in zygote.sent.values()))
+            zygote.sent.clear()
 
     def close(self) -> None:
         """Stop the zygote (children already forked finish their own task)."""
         with self._lock:
+            self._closed = True
             zygote, self._zygote = self._zygote, None
         if zygote is None:
             return
         with contextlib.suppress(OSError, ValueError):
-            assert zygote.stdin is not None
-            zygote.stdin.close()
+            assert zygote.proc.stdin is not None
+            zygote.proc.stdin.close()
         try:
-            zygote.wait(timeout=5)
+            # A ready zygote exits at once; one still importing has forked nothing.
+            zygote.proc.wait(timeout=5 if zygote.ready.is_set() else 0.1)
         except subprocess.TimeoutExpired:
-            zygote.kill()
+            zygote.proc.kill()
+            zygote.proc.wait()
 
 
 def superexec_main() -> None:
