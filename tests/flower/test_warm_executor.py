@@ -340,6 +340,52 @@ def test_a_fork_that_fails_leaves_the_zygote_serving_and_runs_its_task_on_the_fa
         executor.close()
 
 
+def test_a_zygote_that_cannot_start_is_retried_with_growing_pauses_then_given_up(
+        tmp_path, monkeypatch, caplog) -> None:
+    """A preload that fails to import (a broken optional dependency) does not restart
+    the zygote at every task poll: the pauses between tries double, and after
+    ``max_failures`` tries one line says the warm path is off and why; from then on no
+    zygote starts and every message runs on Flower's executor."""
+    import logging
+
+    (tmp_path / "broken_preload.py").write_text(
+        "raise ImportError('libcuda.so.1: cannot open shared object file')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
+    starts: list[float] = []
+    real_start = warm_executor.ForkingExecutor._start_zygote
+
+    def counting_start(self) -> None:
+        starts.append(time.monotonic())
+        real_start(self)
+
+    monkeypatch.setattr(warm_executor.ForkingExecutor, "_start_zygote", counting_start)
+    fallback = _RecordingFallback()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        executor = warm_executor.ForkingExecutor(
+            preload=("json", "broken_preload"), target="json:dumps", fallback=fallback,
+            max_failures=3, backoff=0.2)
+        try:
+            deadline = time.monotonic() + 60
+            while executor.disabled is None and time.monotonic() < deadline:
+                executor.reconcile()  # as Flower's task loop does between polls
+                time.sleep(0.02)
+            for _ in range(20):  # disabled: no further zygote, however often it is asked
+                executor.reconcile()
+                time.sleep(0.02)
+            assert executor.launch(_spec("after")).status == "accepted"
+        finally:
+            executor.close()
+    reason = ("importing broken_preload failed: ImportError: libcuda.so.1: cannot open "
+              "shared object file")
+    assert executor.disabled == reason
+    assert len(starts) == 3
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4
+    off = [r.getMessage() for r in caplog.records if "disabled" in r.getMessage()]
+    assert off == [f"warm executor disabled: {reason}; messages run on Flower's executor"]
+    assert [s.token for s in fallback.specs] == ["after"]
+
+
 # ------------------------------------------------------------------ the SuperNode's polls
 def test_the_supernode_patch_shortens_only_the_idle_sleep_and_swaps_the_superexec(
         monkeypatch) -> None:

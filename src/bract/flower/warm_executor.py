@@ -36,8 +36,11 @@ What it keeps of Flower's semantics, by construction:
   runs as Flower's default (a fresh ``flwr-clientapp``, this interpreter's own, not
   one found on ``PATH``) while a new zygote starts; a message it had been handed but
   not answered for is not started again (it may have forked it), so Flower's task
-  expiry applies to it. ``launch`` never raises: what cannot be started is a failed
-  launch, which Flower logs.
+  expiry applies to it. A zygote that exits before it is ready (a preload that fails
+  to import) is retried after 1 s, 2 s, 4 s; after :data:`MAX_ZYGOTE_FAILURES` in a
+  row the executor logs ``warm executor disabled: REASON; messages run on Flower's
+  executor`` once and starts no more. ``launch`` never raises: what cannot be
+  started is a failed launch, which Flower logs.
 * **The app code is the hospital's installed bract**, as with Flower's default
   executor for this app (bract is imported from the environment, not from the FAB).
 
@@ -89,6 +92,11 @@ RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp:run_clientapp"
 #: The environment variable through which ``bract-supernode`` gives its SuperExec the
 #: read end of the pipe it writes a byte to whenever it stored a message.
 WAKE_FD_ENV = "BRACT_SUPEREXEC_WAKE_FD"
+#: Zygotes in a row that may exit before they are ready (e.g. a preload that fails to
+#: import) before the executor stops starting them and leaves every message to Flower's.
+MAX_ZYGOTE_FAILURES = 4
+#: Seconds before the first new zygote after one failed; doubled after each failure.
+ZYGOTE_BACKOFF = 1.0
 
 
 def rebound(module: types.ModuleType, **replacements: Any) -> types.SimpleNamespace:
@@ -406,9 +414,20 @@ class ForkingExecutor:
     the module text)."""
 
     def __init__(self, preload: Sequence[str] = PRELOAD, target: str = RUN_CLIENTAPP,
-                 ready_timeout: float = 120.0, *, fallback: Any = None) -> None:
+                 ready_timeout: float = 120.0, *, fallback: Any = None,
+                 max_failures: int = MAX_ZYGOTE_FAILURES, backoff: float = ZYGOTE_BACKOFF
+                 ) -> None:
+        if max_failures < 1 or not backoff > 0:
+            raise ValueError("max_failures must be at least 1 and backoff above 0 s")
         #: What runs a task the zygote does not (``launch(spec)``, Flower's protocol).
         self._fallback = fallback if fallback is not None else SubprocessFallback()
+        self._max_failures, self._backoff = max_failures, backoff
+        #: Zygotes in a row that exited before they were ready.
+        self._failures = 0
+        #: When the next zygote may start (after a failure: a growing pause).
+        self._restart_at = 0.0
+        #: Why the warm path is off for good (``None`` while it is on).
+        self.disabled: str | None = None
         self._preload = ",".join(preload)
         self._target = target
         self._ready_timeout = ready_timeout
@@ -421,7 +440,7 @@ class ForkingExecutor:
         #: How many ClientApp processes the zygotes forked (for logs and tests).
         self.forked = 0
         with self._lock:
-            self._start_zygote()
+            self._maybe_start(time.monotonic())
 
     def _start_zygote(self) -> None:
         proc = subprocess.Popen(
@@ -527,7 +546,11 @@ class ForkingExecutor:
 
     def reconcile(self) -> None:
         """Between task polls: start on the fallback every task whose fork failed in the
-        zygote, and start a new zygote if the last one died."""
+        zygote, and replace a zygote that died: at once if it had become ready; if it
+        had not (a preload that fails to import), after a pause that doubles each time
+        (``backoff`` s, then twice that...), and after ``max_failures`` such zygotes in
+        a row never again: one log line, ``warm executor disabled: REASON; messages run
+        on Flower's executor``, and every later message runs on the fallback."""
         from flwr.common.logger import log
 
         zygote = self._zygote
@@ -535,11 +558,12 @@ class ForkingExecutor:
             zygote.reader.join(timeout=2.0)  # its last answers (it has exited: EOF soon)
         with self._lock:
             refused, self._refused = self._refused, []
+            now = time.monotonic()
             if not self._closed and zygote is not None and zygote is self._zygote \
                     and zygote.proc.poll() is not None:
                 self._zygote = None
-                self._zygote_exited(zygote)
-                self._start_zygote()
+                self._zygote_exited(zygote, now)
+            self._maybe_start(now)
         for spec, reason in refused:
             result = self._launch_fallback(spec)
             log(logging.WARNING if result.status == "accepted" else logging.ERROR,
@@ -548,7 +572,33 @@ class ForkingExecutor:
                 else f"nor start it on Flower's executor ({result.message}); Flower's task "
                      "expiry applies")
 
-    def _zygote_exited(self, zygote: _Zygote) -> None:
+    def _maybe_start(self, now: float) -> None:
+        """Start a zygote if there is none, the warm path is on and its pause is over."""
+        if self._closed or self.disabled is not None or self._zygote is not None \
+                or now < self._restart_at:
+            return
+        try:
+            self._start_zygote()
+        except OSError as exc:
+            self._failed(f"could not start its zygote: {exc}", now)
+
+    def _failed(self, reason: str, now: float) -> None:
+        """A zygote that never became ready: wait longer before the next, and after
+        ``max_failures`` in a row stop trying (one log line says so)."""
+        from flwr.common.logger import log
+
+        self._failures += 1
+        if self._failures >= self._max_failures:
+            self.disabled = reason
+            log(logging.ERROR, "warm executor disabled: %s; messages run on Flower's "
+                "executor", reason)
+            return
+        pause = min(60.0, self._backoff * 2 ** (self._failures - 1))
+        self._restart_at = now + pause
+        log(logging.WARNING, "bract warm executor: %s; next try in %g s (messages run on "
+            "Flower's executor meanwhile)", reason, pause)
+
+    def _zygote_exited(self, zygote: _Zygote, now: float) -> None:
         from flwr.common.logger import log
 
         if zygote.sent:
@@ -559,6 +609,14 @@ class ForkingExecutor:
                 "started again (Flower's task expiry applies)",
                 ", ".join(str(s.task_id) for s in zygote.sent.values()))
             zygote.sent.clear()
+        status = zygote.proc.returncode
+        if zygote.ready.is_set():  # it served: a new one at once, the count starts over
+            self._failures, self._restart_at = 0, now
+            log(logging.WARNING, "bract warm executor: its zygote exited (status %s); a new "
+                "one starts (messages run on Flower's executor until it is ready)", status)
+        else:
+            self._failed(zygote.error or f"its zygote exited (status {status}) before it "
+                         "was ready", now)
 
     def close(self) -> None:
         """Stop the zygote (children already forked finish their own task)."""
