@@ -77,6 +77,9 @@ def run(runtime_api_address, token, insecure, certificates, parent_pid,
     out = {"pid": os.getpid(), "ppid": os.getppid(), "touched_before": TOUCHED,
            "preloaded": "fractions" in sys.modules, "address": runtime_api_address,
            "key": key, "urandom": os.urandom(16).hex(), "token_seen": token}
+    if "torch" in sys.modules:  # preloaded by the zygote: draw from the global RNGs
+        out["np_rand"] = float(sys.modules["numpy"].random.rand())
+        out["torch_rand"] = float(sys.modules["torch"].rand(1))
     TOUCHED = True
     with open(os.path.join(os.environ["WARM_TEST_DIR"], token + ".json"), "w") as f:
         json.dump(out, f)
@@ -109,14 +112,16 @@ def _wait_for(path: Path, seconds: float = 60.0) -> dict:
 def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeypatch) -> None:
     """Every ClientApp task gets its own process forked from the zygote: it sees the
     zygote's imports, never what an earlier message's process did, and draws its own
-    randomness (keys differ although the zygote's OpenSSL was used before the fork); a
-    message that raises or exits ends only its own process; a dead zygote is replaced."""
+    randomness (keys differ although the zygote's OpenSSL was used before the fork, and
+    so do numpy's and torch's global draws, whose state the zygote holds); a message
+    that raises or exits ends only its own process; a dead zygote is replaced."""
     (tmp_path / "warm_target.py").write_text(TARGET)
-    # The zygote's OpenSSL has already drawn randomness before it forks (the worst
-    # case): each child must still get its own keys.
+    # The zygote's OpenSSL, numpy and torch have already drawn randomness before it
+    # forks (the worst case): each child must still get its own keys and draws.
     (tmp_path / "warm_prelude.py").write_text(
         "from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey\n"
-        "X25519PrivateKey.generate()\n")
+        "import numpy, torch\n"
+        "X25519PrivateKey.generate(); numpy.random.rand(); torch.rand(1)\n")
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
     monkeypatch.setenv("WARM_TEST_DIR", str(tmp_path))
     executor = warm_executor.ForkingExecutor(preload=("fractions", "warm_prelude", "warm_target"),
@@ -134,6 +139,7 @@ def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeyp
         assert not any(s["touched_before"] for s in seen)  # no state between messages
         assert all(s["preloaded"] for s in seen)
         assert len({s["key"] for s in seen}) == len({s["urandom"] for s in seen}) == 4
+        assert len({s["np_rand"] for s in seen}) == len({s["torch_rand"] for s in seen}) == 4
         deadline = time.monotonic() + 30
         while executor.forked < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -621,16 +627,28 @@ def test_the_accountants_results_travel_in_the_context(tmp_path, monkeypatch) ->
 
 def test_the_zygote_starts_no_python_thread_before_it_forks() -> None:
     """Forking copies only the forking thread: a Python thread alive in the zygote could
-    hold a lock (logging, imports) that the child then never sees released. Native
-    thread pools (BLAS, torch) register their own at-fork handlers."""
+    hold a lock (logging, imports) that the child then never sees released. The zygote
+    starts none. Native libraries it imports do start threads (numpy's and scipy's
+    OpenBLAS pools, one thread fewer than the CPUs each); OpenBLAS stops its pools
+    before a fork (its at-fork handler), so a child starts with its one thread, and so
+    does the zygote after its first fork (it never runs BLAS work again)."""
     import subprocess
 
-    code = ("import importlib, threading; from bract.flower.warm_executor import PRELOAD; "
-            "[importlib.import_module(m) for m in PRELOAD]; "
-            "print(threading.active_count(), [t.name for t in threading.enumerate()])")
+    code = ("import importlib, os, threading\n"
+            "from bract.flower.warm_executor import PRELOAD\n"
+            "[importlib.import_module(m) for m in PRELOAD]\n"
+            "python = (threading.active_count(), [t.name for t in threading.enumerate()])\n"
+            "tasks = lambda: len(os.listdir('/proc/self/task'))\n"
+            "read, write = os.pipe()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    os.write(write, str(tasks()).encode())\n"
+            "    os._exit(0)\n"
+            "os.waitpid(pid, 0)\n"
+            "print(python, int(os.read(read, 16)), tasks())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=300).stdout.strip()
-    assert out == "1 ['MainThread']"
+    assert out == "(1, ['MainThread']) 1 1"
 
 
 def test_a_child_imports_nothing_on_its_way_to_its_first_request(tmp_path) -> None:

@@ -12,10 +12,18 @@ own lifecycle in ``flwr.supernode.runtime.run_clientapp``) is Flower's.
 What it keeps of Flower's semantics, by construction:
 
 * **No state between messages except the Context.** Every ClientApp runs in a new
-  process forked from the *zygote*, a single-threaded process that only imported
-  modules and never ran an app; so each message starts from the same state a fresh
-  interpreter would have after those imports (module caches empty), and whatever
-  one message's process does dies with it.
+  process forked from the *zygote*, a process that only imported modules and never
+  ran an app; so each message starts from the same state a fresh interpreter would
+  have after those imports (module caches empty), and whatever one message's process
+  does dies with it. Randomness is each child's own: Python's ``random`` reseeds
+  itself at fork, the child reseeds numpy's and torch's global generators from
+  ``os.urandom``, and OpenSSL and ``os.urandom`` draw from the kernel.
+* **Threads.** The zygote starts no Python thread (a fork copies only the forking
+  thread, so a Python thread could leave a lock held in the child). Native libraries
+  it imports start their own worker threads: numpy's and scipy's OpenBLAS pools.
+  OpenBLAS stops its pools before every fork (its at-fork handler), so each child
+  starts with one thread and starts its own pools when it first needs them, and the
+  zygote, which never runs BLAS work, has one thread after its first fork.
 * **No message's token reaches another message's process through the zygote.** The
   zygote never parses a request: it reads each one's bytes, exactly, into a buffer it
   zeroes right after the fork (the child parses its own copy). Before any app code
@@ -238,14 +246,29 @@ def _isolate_fds() -> None:
     os.closerange(3, _open_fd_limit())  # ``null`` included
 
 
+def _reseed() -> None:
+    """In a new child: fresh seeds from ``os.urandom`` for the global generators of
+    numpy and torch, if the zygote imported them (a fork copies their state, so every
+    child would draw the same numbers). Python's ``random`` reseeds itself at fork;
+    OpenSSL and ``os.urandom`` draw from the kernel."""
+    np = sys.modules.get("numpy")
+    if np is not None and hasattr(np, "random"):
+        np.random.seed(np.frombuffer(os.urandom(16), dtype=np.uint32))
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "manual_seed"):
+        torch.manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
 def _run_child(body: bytearray, target: str) -> int:
     """Everything a new child does before and around its ClientApp: isolate its file
-    descriptors, parse its own request (then zero the buffer it came in), run it."""
+    descriptors, parse its own request (then zero the buffer it came in), reseed the
+    global random generators it inherited, run it."""
     _isolate_fds()
     try:
         request = json.loads(body.decode("utf-8"))
     finally:
         _wipe(body)
+    _reseed()
     return _child(request, target)
 
 
@@ -259,7 +282,8 @@ def zygote_main(argv: Sequence[str] | None = None) -> int:
     ``--target`` with it, answering ``forked ID PID``, or ``failed ID REASON`` when the
     fork fails (the zygote goes on). It exits when stdin closes (its executor is gone),
     with ``error REASON`` and status 3 when an import fails, or ``error REASON`` and
-    status 2 on a malformed header.
+    status 2 on a malformed header. It starts no Python thread (see the module text for
+    the native ones).
 
     Guarantee: the zygote never parses a request: it reads each body, byte-exact, into
     a buffer it zeroes right after the fork, so a child inherits no other message's
