@@ -76,9 +76,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FLOWER_VERSIONS", "PRELOAD", "WAKE_FD_ENV", "ForkingExecutor", "SubprocessFallback",
-           "WakeableSleep", "check_flower_version", "flower_task_args", "flower_task_command",
-           "rebound", "superexec_main"]
+__all__ = ["FLOWER_VERSIONS", "HEADER_SIZE", "MAX_REQUEST", "MAX_ZYGOTE_FAILURES", "PRELOAD",
+           "WAKE_FD_ENV", "ZYGOTE_BACKOFF", "ForkingExecutor", "SubprocessFallback",
+           "WakeableSleep", "check_flower_version", "encode_request", "flower_task_args",
+           "flower_task_command", "rebound", "superexec_main", "zygote_main"]
 
 #: Flower releases whose SuperExec executor protocol, ``run_superexec.get_executor``
 #: and ``run_clientapp`` signature this module was written against and tested with.
