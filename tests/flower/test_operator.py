@@ -167,6 +167,45 @@ def test_hospital_start_serves_exactly_what_init_made(tmp_path, capsys) -> None:
     assert identity_from_node_config(node_config).node == 1
 
 
+def test_hospital_start_refuses_an_identity_key_its_public_file_does_not_name(
+        tmp_path, capsys) -> None:
+    """``hospital start`` loads the identity key and checks its public half against
+    ``public.json``: an empty, cut or foreign key is refused in one line (the SuperNode
+    would otherwise start and fail every secure round), and ``hospital init`` says how
+    to recover from a damaged key instead of only that it exists."""
+    dirs = _init_three(tmp_path)
+    roster = tmp_path / "roster.json"
+    roster_add(roster, [_public(d) for d in dirs])
+    (dirs[0] / "roster.json").write_text(roster.read_text())
+    argv = ["hospital", "start", str(dirs[0]), "--superlink", "link.example:9092",
+            "--root-certificates", str(tmp_path / "ca.crt"), "--dry-run"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    capsys.readouterr()
+    key = dirs[0].resolve() / "identity.key"
+    good = key.read_bytes()
+    foreign = (SigningKey.generate().to_bytes().hex() + "\n").encode()
+    for content, reason in ((b"", f"{key} holds no valid identity key (empty)"),
+                            (good[:20] + b"\n", f"{key} holds no valid identity key (10 "
+                                                f"bytes, not 32)"),
+                            (b"zz", f"{key} holds no valid identity key (not hex)"),
+                            (foreign, f"{key} is not the key {key.parent / 'public.json'} "
+                                      "names: the identity and its public file must come "
+                                      "from the same init")):
+        key.write_bytes(content)
+        assert main(argv) == 2
+        assert capsys.readouterr().out == f"error: {reason}\n"
+    key.write_bytes(b"")
+    assert main(["hospital", "init", str(dirs[0]), "--id", "1", "--name", "hospital-0",
+                 "--federation", FED]) == 2
+    assert capsys.readouterr().out == (
+        f"error: {dirs[0] / 'identity.key'} holds no valid identity key (empty): if this "
+        "hospital never ran with it, delete it and run init again; if it did, restore it "
+        "from a backup (its signed ledger depends on it)\n")
+    key.write_bytes(good)
+    assert main(argv) == 0
+
+
 @pytest.mark.parametrize("key", ["identity-key", "name", "data-path", "loader", "policy",
                                  "dataset-id"])
 def test_a_configured_hospital_without_its_own_state_dir_refuses_to_train(tmp_path,

@@ -76,7 +76,10 @@ def run(runtime_api_address, token, insecure, certificates, parent_pid,
     key = X25519PrivateKey.generate().public_key().public_bytes_raw().hex()
     out = {"pid": os.getpid(), "ppid": os.getppid(), "touched_before": TOUCHED,
            "preloaded": "fractions" in sys.modules, "address": runtime_api_address,
-           "key": key, "urandom": os.urandom(16).hex()}
+           "key": key, "urandom": os.urandom(16).hex(), "token_seen": token}
+    if "torch" in sys.modules:  # preloaded by the zygote: draw from the global RNGs
+        out["np_rand"] = float(sys.modules["numpy"].random.rand())
+        out["torch_rand"] = float(sys.modules["torch"].rand(1))
     TOUCHED = True
     with open(os.path.join(os.environ["WARM_TEST_DIR"], token + ".json"), "w") as f:
         json.dump(out, f)
@@ -109,22 +112,24 @@ def _wait_for(path: Path, seconds: float = 60.0) -> dict:
 def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeypatch) -> None:
     """Every ClientApp task gets its own process forked from the zygote: it sees the
     zygote's imports, never what an earlier message's process did, and draws its own
-    randomness (keys differ although the zygote's OpenSSL was used before the fork); a
-    message that raises or exits ends only its own process; a dead zygote is replaced."""
+    randomness (keys differ although the zygote's OpenSSL was used before the fork, and
+    so do numpy's and torch's global draws, whose state the zygote holds); a message
+    that raises or exits ends only its own process; a dead zygote is replaced."""
     (tmp_path / "warm_target.py").write_text(TARGET)
-    # The zygote's OpenSSL has already drawn randomness before it forks (the worst
-    # case): each child must still get its own keys.
+    # The zygote's OpenSSL, numpy and torch have already drawn randomness before it
+    # forks (the worst case): each child must still get its own keys and draws.
     (tmp_path / "warm_prelude.py").write_text(
         "from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey\n"
-        "X25519PrivateKey.generate()\n")
+        "import numpy, torch\n"
+        "X25519PrivateKey.generate(); numpy.random.rand(); torch.rand(1)\n")
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
     monkeypatch.setenv("WARM_TEST_DIR", str(tmp_path))
     executor = warm_executor.ForkingExecutor(preload=("fractions", "warm_prelude", "warm_target"),
                                              target="warm_target:run")
     try:
         assert executor.wait_ready(120)
-        zygote = executor._zygote
-        assert zygote is not None
+        assert executor._zygote is not None
+        zygote = executor._zygote.proc
         seen = []
         for token in ("first", "crash-1", "exit-1", "second"):
             assert executor.launch(_spec(token)).status == "accepted"
@@ -134,6 +139,7 @@ def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeyp
         assert not any(s["touched_before"] for s in seen)  # no state between messages
         assert all(s["preloaded"] for s in seen)
         assert len({s["key"] for s in seen}) == len({s["urandom"] for s in seen}) == 4
+        assert len({s["np_rand"] for s in seen}) == len({s["torch_rand"] for s in seen}) == 4
         deadline = time.monotonic() + 30
         while executor.forked < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -142,12 +148,248 @@ def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeyp
         zygote.kill()
         zygote.wait()
         executor.reconcile()
-        assert executor._zygote is not zygote and executor.wait_ready(120)
+        assert executor._zygote.proc is not zygote and executor.wait_ready(120)
         assert executor.launch(_spec("after-restart")).status == "accepted"
-        assert _wait_for(tmp_path / "after-restart.json")["ppid"] == executor._zygote.pid
+        assert _wait_for(tmp_path / "after-restart.json")["ppid"] == executor._zygote.proc.pid
     finally:
         executor.close()
     assert zygote.poll() is not None
+
+
+def _any_spec(task_type, **fields):
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    base = {"runtime_api_address": "127.0.0.1:9094", "token": "tok", "insecure": False,
+            "root_certificates_path": None, "runtime_dependency_install": False,
+            "parent_pid": None, "suppress_output": True, "task_id": 7}
+    return ExecutionSpec(task_type=task_type, **{**base, **fields})
+
+
+def test_the_fallback_starts_this_interpreter_s_flower_whatever_path_holds(
+        tmp_path, monkeypatch) -> None:
+    """A SuperNode started by its full path (no venv on PATH: systemd, ``/opt/venv/bin/
+    bract hospital start``) still starts ``flwr-clientapp`` when its zygote is not ready:
+    the one beside this interpreter, else its entry point through this interpreter;
+    with Flower's own arguments for every task type."""
+    import subprocess
+
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+    beside = Path(sys.executable).parent / "flwr-clientapp"
+    assert warm_executor.flower_task_command(TaskType.CLIENT_APP) == [str(beside)]
+    by_entry_point = warm_executor.flower_task_command(TaskType.CLIENT_APP,
+                                                       scripts_dir=tmp_path)
+    assert by_entry_point[:2] == [sys.executable, "-c"]
+    no_venv = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for command in ([str(beside)], by_entry_point):
+        usage = subprocess.run([*command, "--help"], env=no_venv, capture_output=True,
+                               text=True, timeout=120)
+        assert usage.returncode == 0, usage.stderr
+        assert usage.stdout.startswith("usage: flwr-clientapp ")
+    # Flower's SubprocessExecutor's arguments, with the command resolved.
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, *a, **k: started.append(args))
+    ours = warm_executor.SubprocessFallback()
+    variants = [{}, {"insecure": True}, {"root_certificates_path": "/ca.crt"},
+                {"parent_pid": 42, "runtime_dependency_install": True}]
+    for task_type in TASK_TYPE_TO_COMMAND:
+        for fields in variants:
+            spec = _any_spec(task_type, **fields)
+            assert SubprocessExecutor().launch(spec).status == "accepted"
+            assert ours.launch(spec).status == "accepted"
+            flower, bract = started[-2:]
+            assert bract == warm_executor.flower_task_args(
+                spec, [str(Path(sys.executable).parent / flower[0])])
+            assert bract[1:] == flower[1:]
+
+
+class _BrokenFallback:
+    def launch(self, spec):
+        raise FileNotFoundError(2, "No such file or directory", "flwr-clientapp")
+
+
+def test_a_launch_never_raises_it_reports_a_failed_launch(tmp_path, monkeypatch) -> None:
+    """Flower 1.42's SuperExec loop catches nothing an executor raises: a launch that
+    cannot start its task returns ``LaunchResult.failed`` with the reason instead."""
+    from flwr.supercore.constant import TaskType
+
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
+    (tmp_path / "slow_preload.py").write_text("import time\ntime.sleep(60)\n")
+    executor = warm_executor.ForkingExecutor(preload=("slow_preload",), target="json:dumps",
+                                             fallback=_BrokenFallback())
+    try:
+        for spec in (_spec("not-ready-yet"), _any_spec(TaskType.SERVER_APP),
+                     types.SimpleNamespace(task_id=3)):
+            result = executor.launch(spec)
+            assert result.status == "failed"
+            assert "FileNotFoundError" in result.message or "AttributeError" in result.message
+    finally:
+        executor.close()
+
+
+SCAN_TARGET = '''
+import hashlib, json, os, re
+
+def run(runtime_api_address, token, insecure, certificates, parent_pid,
+        runtime_dependency_install):
+    open_fds = []
+    for fd in range(3, 4096):  # before this child opens anything itself
+        try:
+            os.fstat(fd)
+            open_fds.append(fd)
+        except OSError:
+            pass
+    stdin = os.readlink("/proc/self/fd/0")
+    from_stdin = os.read(0, 4096).decode()
+    pattern = re.compile(rb"secret-[0-9a-f]{32}")
+    seen = set()
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+        for line in maps.read().splitlines():
+            span, perms = line.split()[:2]
+            if "r" not in perms or line.endswith(("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                seen.update(m.decode() for m in pattern.findall(mem.read(end - start)))
+            except (OSError, ValueError, OverflowError):
+                pass
+    # Named by a hash: a file named by the token would put the token in the directory
+    # listings later children's imports read.
+    name = hashlib.sha256(token.encode()).hexdigest() + ".json"
+    with open(os.path.join(os.environ["SCAN_OUT"], name), "w") as f:
+        json.dump({"open_fds": open_fds, "stdin": stdin, "from_stdin": from_stdin,
+                   "tokens_in_memory": sorted(seen)}, f)
+'''
+
+
+def test_a_child_holds_only_its_own_token_and_none_of_the_zygote_s_descriptors(
+        tmp_path, monkeypatch) -> None:
+    """A child's fd 0 is /dev/null (not the zygote's request pipe, where the next
+    messages' tokens arrive), it holds no descriptor above 2 (the zygote had one at
+    1000), and its whole memory holds its own token and no other message's: neither
+    of a request sent right behind it nor of one the zygote handled before."""
+    import hashlib
+    import secrets
+
+    (tmp_path / "scan_target.py").write_text(SCAN_TARGET)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "fd_prelude.py").write_text(
+        "import os\nos.dup2(os.open(os.devnull, os.O_RDONLY), 1000)\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
+    monkeypatch.setenv("SCAN_OUT", str(out))
+    executor = warm_executor.ForkingExecutor(preload=("json", "re", "fd_prelude"),
+                                             target="scan_target:run")
+    tokens = [f"secret-{secrets.token_hex(16)}" for _ in range(3)]
+    files = [out / (hashlib.sha256(t.encode()).hexdigest() + ".json") for t in tokens]
+    try:
+        assert executor.wait_ready(120)
+        # Two messages back to back, then one after both have run.
+        assert executor.launch(_spec(tokens[0])).status == "accepted"
+        assert executor.launch(_spec(tokens[1])).status == "accepted"
+        seen = [_wait_for(f) for f in files[:2]]
+        assert executor.launch(_spec(tokens[2])).status == "accepted"
+        seen.append(_wait_for(files[2]))
+    finally:
+        executor.close()
+    for token, child in zip(tokens, seen, strict=True):
+        assert child["open_fds"] == []
+        assert child["stdin"] == "/dev/null" and child["from_stdin"] == ""
+        assert child["tokens_in_memory"] == [token]
+
+
+class _RecordingFallback:
+    def __init__(self) -> None:
+        self.specs: list = []
+
+    def launch(self, spec):
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        self.specs.append(spec)
+        return LaunchResult.accepted()
+
+
+def test_a_fork_that_fails_leaves_the_zygote_serving_and_runs_its_task_on_the_fallback(
+        tmp_path, monkeypatch) -> None:
+    """``os.fork`` failing (EAGAIN, ENOMEM) for one message neither kills the zygote nor
+    loses the messages after it: that one message starts on Flower's executor at the
+    next reconcile, the others are forked."""
+    (tmp_path / "warm_target.py").write_text(TARGET)
+    (tmp_path / "fork_fails_once.py").write_text(
+        "import errno, os\n_fork, calls = os.fork, [0]\n"
+        "def fork():\n    calls[0] += 1\n"
+        "    if calls[0] == 2:\n"
+        "        raise OSError(errno.EAGAIN, 'Resource temporarily unavailable')\n"
+        "    return _fork()\nos.fork = fork\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
+    monkeypatch.setenv("WARM_TEST_DIR", str(tmp_path))
+    fallback = _RecordingFallback()
+    executor = warm_executor.ForkingExecutor(preload=("warm_target", "fork_fails_once"),
+                                             target="warm_target:run", fallback=fallback)
+    try:
+        assert executor.wait_ready(120)
+        for token in ("c", "d", "e"):
+            assert executor.launch(_spec(token)).status == "accepted"
+        assert {_wait_for(tmp_path / f"{t}.json")["token_seen"] for t in ("c", "e")} \
+            == {"c", "e"}
+        deadline = time.monotonic() + 30
+        while not fallback.specs and time.monotonic() < deadline:
+            executor.reconcile()
+            time.sleep(0.02)
+        assert [s.token for s in fallback.specs] == ["d"]
+        assert not (tmp_path / "d.json").exists()
+        assert executor._zygote is not None and executor._zygote.proc.poll() is None
+        assert executor.forked == 2
+    finally:
+        executor.close()
+
+
+def test_a_zygote_that_cannot_start_is_retried_with_growing_pauses_then_given_up(
+        tmp_path, monkeypatch, caplog) -> None:
+    """A preload that fails to import (a broken optional dependency) does not restart
+    the zygote at every task poll: the pauses between tries double, and after
+    ``max_failures`` tries one line says the warm path is off and why; from then on no
+    zygote starts and every message runs on Flower's executor."""
+    import logging
+
+    (tmp_path / "broken_preload.py").write_text(
+        "raise ImportError('libcuda.so.1: cannot open shared object file')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
+    starts: list[float] = []
+    real_start = warm_executor.ForkingExecutor._start_zygote
+
+    def counting_start(self) -> None:
+        starts.append(time.monotonic())
+        real_start(self)
+
+    monkeypatch.setattr(warm_executor.ForkingExecutor, "_start_zygote", counting_start)
+    fallback = _RecordingFallback()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        executor = warm_executor.ForkingExecutor(
+            preload=("json", "broken_preload"), target="json:dumps", fallback=fallback,
+            max_failures=3, backoff=0.2)
+        try:
+            deadline = time.monotonic() + 60
+            while executor.disabled is None and time.monotonic() < deadline:
+                executor.reconcile()  # as Flower's task loop does between polls
+                time.sleep(0.02)
+            for _ in range(20):  # disabled: no further zygote, however often it is asked
+                executor.reconcile()
+                time.sleep(0.02)
+            assert executor.launch(_spec("after")).status == "accepted"
+        finally:
+            executor.close()
+    reason = ("importing broken_preload failed: ImportError: libcuda.so.1: cannot open "
+              "shared object file")
+    assert executor.disabled == reason
+    assert len(starts) == 3
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4
+    off = [r.getMessage() for r in caplog.records if "disabled" in r.getMessage()]
+    assert off == [f"warm executor disabled: {reason}; messages run on Flower's executor"]
+    assert [s.token for s in fallback.specs] == ["after"]
 
 
 # ------------------------------------------------------------------ the SuperNode's polls
@@ -385,16 +627,28 @@ def test_the_accountants_results_travel_in_the_context(tmp_path, monkeypatch) ->
 
 def test_the_zygote_starts_no_python_thread_before_it_forks() -> None:
     """Forking copies only the forking thread: a Python thread alive in the zygote could
-    hold a lock (logging, imports) that the child then never sees released. Native
-    thread pools (BLAS, torch) register their own at-fork handlers."""
+    hold a lock (logging, imports) that the child then never sees released. The zygote
+    starts none. Native libraries it imports do start threads (numpy's and scipy's
+    OpenBLAS pools, one thread fewer than the CPUs each); OpenBLAS stops its pools
+    before a fork (its at-fork handler), so a child starts with its one thread, and so
+    does the zygote after its first fork (it never runs BLAS work again)."""
     import subprocess
 
-    code = ("import importlib, threading; from bract.flower.warm_executor import PRELOAD; "
-            "[importlib.import_module(m) for m in PRELOAD]; "
-            "print(threading.active_count(), [t.name for t in threading.enumerate()])")
+    code = ("import importlib, os, threading\n"
+            "from bract.flower.warm_executor import PRELOAD\n"
+            "[importlib.import_module(m) for m in PRELOAD]\n"
+            "python = (threading.active_count(), [t.name for t in threading.enumerate()])\n"
+            "tasks = lambda: len(os.listdir('/proc/self/task'))\n"
+            "read, write = os.pipe()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    os.write(write, str(tasks()).encode())\n"
+            "    os._exit(0)\n"
+            "os.waitpid(pid, 0)\n"
+            "print(python, int(os.read(read, 16)), tasks())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=300).stdout.strip()
-    assert out == "1 ['MainThread']"
+    assert out == "(1, ['MainThread']) 1 1"
 
 
 def test_a_child_imports_nothing_on_its_way_to_its_first_request(tmp_path) -> None:

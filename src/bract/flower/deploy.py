@@ -152,12 +152,14 @@ class LocalFederation:
             result = fed.run({"rounds": 2, "dataset": "breast-cancer", "out": "/abs/out"})
 
     Steps on start: dev certificates (:func:`generate_dev_certificates`), one
-    authentication key per hospital (:func:`generate_supernode_key`), a private
-    Flower CLI configuration, ``flower-superlink --enable-supernode-auth`` with
-    TLS, registration of every hospital's public key with ``flwr supernode
-    register``, then one ``flower-supernode`` per hospital with its private key,
-    ``--root-certificates`` and ``--node-config 'partition-id=i num-partitions=N'``,
-    and a wait until the SuperLink lists every node as online.
+    authentication key per hospital (:func:`generate_supernode_key`), every
+    hospital's identity key, roster copy, policy and state directory
+    (``workdir/secagg/hospital-i``), a private Flower CLI configuration,
+    ``flower-superlink --enable-supernode-auth`` with TLS, registration of every
+    hospital's public key with ``flwr supernode register``, then one
+    ``bract-supernode`` per hospital with its private key, ``--root-certificates``
+    and the node config :meth:`node_config` returns, and a wait until the SuperLink
+    lists every node as online (the exact commands: docs/deployment.md).
 
     Each SuperNode is ``bract-supernode`` (:mod:`bract.flower.supernode`): Flower's
     ``flower-supernode`` with ``--isolation subprocess``, pulling every

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import threading
@@ -63,15 +64,38 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_private_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by the owner only (mode 0600 from creation).
+    """Write ``data`` to ``path`` readable by the owner only, atomically and durably.
 
-    An existing file is removed first, so a key never inherits the wider mode of a
-    file it replaces.
+    Guarantee: at every moment, a crash or power loss included, ``path`` is either
+    absent, the file it was, or the complete new one; never empty or partial. The bytes
+    go to a temporary file created with mode 0600 in the same directory (so a key
+    never inherits the wider mode of a file it replaces), which is fsynced, renamed
+    over ``path`` (``os.replace``), and the directory is fsynced so the rename lasts.
+    A failure removes the temporary file and leaves ``path`` as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush ``directory``'s entries (a rename into it) to disk; a file system that
+    cannot fsync a directory (``EINVAL``) is left as it is."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)

@@ -20,7 +20,8 @@ existing identity (a new key would orphan the hospital's signed ledger).
 [--auth-key KEY] [--node-config EXTRA]`` starts the hospital's ``bract-supernode``
 with everything ``DIR`` holds (identity, SuperNode key ``DIR/supernode-auth`` unless
 ``--auth-key`` names another, roster copy ``DIR/roster.json``, policy, state) in its
-node config; ``--dry-run`` prints the command instead.
+node config, after checking that the identity key is valid and is the one
+``public.json`` names; ``--dry-run`` prints the command instead.
 
 ``bract roster add ROSTER PUBLIC.json...`` builds the roster from hospitals' public
 files (creating it if missing), writes each SuperNode key they carry to
@@ -47,10 +48,10 @@ from typing import Any
 from bract.argtypes import nonnegative_int, positive_float
 from bract.flower.certificates import generate_supernode_key
 from bract.flower.hospital_policy import HospitalPolicy
-from bract.flower.secagg_client import write_identity_key
+from bract.flower.secagg_client import read_identity_key, write_identity_key
 from bract.flower.supernode import DEFAULT_PULL_INTERVAL
 from bract.records.roster import Roster, read_roster, write_roster
-from bract.secagg.crypto import SigningKey
+from bract.secagg.crypto import KEY_BYTES, SigningKey
 
 __all__ = ["add_operator_parsers", "hospital_init", "roster_add", "roster_verify",
            "supernode_command"]
@@ -71,6 +72,13 @@ def hospital_init(directory: Path, node: int, name: str, federation_id: str,
     directory = Path(directory)
     key_path = directory / "identity.key"
     if key_path.exists():
+        try:
+            identity_public_key(key_path)
+        except ValueError as exc:
+            raise FileExistsError(
+                f"{exc}: if this hospital never ran with it, delete it and run init "
+                "again; if it did, restore it from a backup (its signed ledger depends on "
+                "it)") from None
         raise FileExistsError(f"{key_path} exists: a hospital keeps its identity (its signed "
                               "ledger depends on it); use another directory to start anew")
     if not federation_id:
@@ -90,6 +98,22 @@ def hospital_init(directory: Path, node: int, name: str, federation_id: str,
     return public
 
 
+def identity_public_key(path: Path) -> bytes:
+    """The Ed25519 public key of the identity key file at ``path``; ``ValueError`` in
+    one line when the file is unreadable or holds no valid key (empty, cut short,
+    not hex)."""
+    try:
+        raw = read_identity_key(path)
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except ValueError:
+        raise ValueError(f"{path} holds no valid identity key (not hex)") from None
+    if len(raw) != KEY_BYTES:
+        raise ValueError(f"{path} holds no valid identity key ("
+                         + (f"{len(raw)} bytes, not {KEY_BYTES})" if raw else "empty)"))
+    return SigningKey.from_bytes(raw).public_bytes()
+
+
 def supernode_command(directory: Path, superlink: str, root_certificates: Path,
                       auth_key: Path | None = None, extra_node_config: str = "",
                       port: int = 9094, executor: str = "warm",
@@ -101,6 +125,10 @@ def supernode_command(directory: Path, superlink: str, root_certificates: Path,
     Its node config names the hospital's identity, roster copy, policy and state
     directory (checked to exist, with the roster listing this hospital's key), then
     ``extra_node_config`` (e.g. its data's keys); the Runtime API stays on loopback.
+
+    Guarantee: ``ValueError``, in one line, unless the folder is complete, its
+    ``identity.key`` holds a valid Ed25519 key whose public half is the one
+    ``public.json`` names, its roster copy lists that key, and its policy parses.
     """
     d = Path(directory).resolve()
     public = _read_public(d / PUBLIC_FILE)
@@ -112,6 +140,9 @@ def supernode_command(directory: Path, superlink: str, root_certificates: Path,
         if not (d / need).exists():
             raise ValueError(f"{d / need} is missing (bract hospital init makes it; the "
                              "roster comes from the coordinator)")
+    if identity_public_key(d / "identity.key") != public["public_key"]:
+        raise ValueError(f"{d / 'identity.key'} is not the key {d / PUBLIC_FILE} names: the "
+                         "identity and its public file must come from the same init")
     problems = roster_verify(read_roster(d / "roster.json"), [public])
     if problems:
         raise ValueError(f"{d / 'roster.json'}: " + "; ".join(problems))
