@@ -26,6 +26,8 @@ The last line is one JSON object.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 
@@ -36,6 +38,8 @@ from bract.secagg.encoding import EncodingConfig
 from bract.secagg.protocol import ClientSession, ServerSession
 
 D = 1000
+#: What every client's update was computed from (the digest each signs, protocol v3).
+MODEL = hashlib.sha256(b"secagg_stages_bench: one global model").digest()
 
 
 def one_round(n: int, rnd: int, server, clients) -> dict[str, float]:
@@ -57,6 +61,7 @@ def one_round(n: int, rnd: int, server, clients) -> dict[str, float]:
         return out
 
     cfg = ts(1, server.start_round, rnd, list(range(n)), D)
+    server.expect_input_digest(MODEL)
     for v in range(n):
         msg = tc(1, clients[v].handle_round_config, cfg)
         size["bytes_share_message"] = len(msg.to_bytes())
@@ -64,7 +69,8 @@ def one_round(n: int, rnd: int, server, clients) -> dict[str, float]:
     reqs = ts(2, server.mask_requests)
     size["bytes_mask_request"] = len(reqs[0].to_bytes())
     for v, req in reqs.items():
-        ts(2, server.receive_masked_input, tc(2, clients[v].handle_mask_request, req, x, 10))
+        mask = functools.partial(clients[v].handle_mask_request, input_digest=MODEL)
+        ts(2, server.receive_masked_input, tc(2, mask, req, x, 10))
     creq = ts(3, server.consistency_request)
     for v in creq.alive:
         ts(3, server.receive_consistency_signature,

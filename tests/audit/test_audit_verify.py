@@ -333,6 +333,31 @@ def test_a_recomputation_past_the_budget_fails_though_the_report_is_within_it(
                              budget=eps * 0.999).passed
 
 
+def test_a_coarse_grid_past_the_budget_is_checked_again_at_the_reference_grid(
+        tmp_path, monkeypatch) -> None:
+    """A coarser PLD grid is more pessimistic: where it puts a hospital past the budget,
+    the audit recomputes at 1e-4 before it fails the budget (here the coarse grid is
+    made 2% pessimistic, the reference grid is exact)."""
+    import bract.audit.verify as verify
+
+    event = DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=1, client_id="hospital-0")
+    eps = epsilon_of([event], 1e-5, "pld")
+    _signed_chain(tmp_path, [event], [eps])
+    exact = verify.recompute_epsilons
+
+    def pessimistic(entries, discretization=verify.PLD_DISCRETIZATION, on_entry=None):
+        out = exact(entries, verify.PLD_DISCRETIZATION, on_entry)
+        return out if discretization == verify.PLD_DISCRETIZATION else [e * 1.02 for e in out]
+
+    monkeypatch.setattr(verify, "recompute_epsilons", pessimistic)
+    near = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
+                             budget=eps * 1.001, pld_discretization=1e-3)
+    assert near.passed, [f.message for f in near.findings]
+    past = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
+                             budget=eps * 0.99, pld_discretization=1e-3)
+    assert "budget" in [f.topic for f in past.failures]
+
+
 def test_a_ledger_that_mixes_privacy_units_fails(tmp_path) -> None:
     """Record-level events then patient-level ones on one hospital's ledger (each entry
     honestly signed): no epsilon holds for both units, so the audit fails naming it."""

@@ -164,6 +164,16 @@ def _tamper_nan(reply) -> None:
         {k: Array(np.full_like(v.numpy(), np.nan)) for k, v in rec.items()})
 
 
+def _tamper_wide(reply) -> None:
+    """Finite float64 values beyond float32's range: cast into the float32 global model
+    they would be infinite."""
+    from flwr.app import Array, ArrayRecord
+
+    rec = reply.content.array_records[LOCAL_WEIGHTS]
+    reply.content.array_records[LOCAL_WEIGHTS] = ArrayRecord(
+        {k: Array(np.full(v.numpy().shape, 1e39, np.float64)) for k, v in rec.items()})
+
+
 def _tamper_count(value):
     def tamper(reply) -> None:
         if value is None:
@@ -174,7 +184,8 @@ def _tamper_count(value):
 
 
 @pytest.mark.parametrize("tamper,why", [
-    (_tamper_nan, "non-finite"), (_tamper_count(None), "no example count"),
+    (_tamper_nan, "non-finite"), (_tamper_wide, "is float64, the global model's is float32"),
+    (_tamper_count(None), "no example count"),
     (_tamper_count(-10**6), "not an integer in"), (_tamper_count(2.5), "not an integer in"),
     (_tamper_count(float("inf")), "not an integer in"), (_tamper_count(0), "not an integer in"),
 ])

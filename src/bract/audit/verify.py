@@ -54,7 +54,7 @@ from bract.records.report import ReportError, RunReport, number, read_report
 DEFAULT_TOLERANCE = 0.02
 #: How far the recomputed epsilon may pass the budget before the audit fails it. A
 #: hospital stops on its PRV figure, which is at least 0.995 x PLD(1e-4) (the lower
-#: end of the range above), so a recomputation above budget / 0.995 means the
+#: end of the range above), so a recomputation above budget / (1 - 0.005) means the
 #: hospital's own accountant passed the budget too; any reported figure past the
 #: budget fails outright.
 BUDGET_TOLERANCE = 0.005
@@ -443,10 +443,11 @@ def verify_federation(
         # 5. budget
         if budget is not None and math.isfinite(budget) and recomputed:
             top = max(recomputed)
-            if top > budget * (1 + BUDGET_TOLERANCE) and pld_discretization > PLD_DISCRETIZATION:
+            limit = budget / (1 - BUDGET_TOLERANCE)  # PRV >= 0.995 PLD: PRV > budget
+            if top > limit and pld_discretization > PLD_DISCRETIZATION:
                 # A coarser grid is more pessimistic: confirm at the reference grid.
                 top = max(recompute_epsilons(chain, PLD_DISCRETIZATION))
-            if top > budget * (1 + BUDGET_TOLERANCE) or max(e.epsilon for e in chain) > budget:
+            if top > limit or max(e.epsilon for e in chain) > budget:
                 fail(cid, "budget", f"{cid} reached ε={_fmt(top)}, past the budget of "
                                     f"{budget:g}" + (" (no DP noise: NON-PRIVATE)"
                                                      if math.isinf(top) else ""))

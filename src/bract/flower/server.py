@@ -111,7 +111,8 @@ def plain_update_problem(local: Weights, info: Mapping[str, object] | None,
 
     Guarantee: an update that passes has the global model's names and shapes, only
     finite values, and a positive integral example count, so one hospital's faulty
-    reply can neither stop the round nor make the global model non-finite (what a
+    reply can neither stop the round nor make the global model non-finite (a finite
+    weighted mean of arrays of the global model's own dtype stays finite in it; what a
     well-formed update says is the hospital's to answer for: poisoning is not
     covered, docs/secagg.md)."""
     if local.keys() != global_weights.keys() or any(
@@ -119,8 +120,11 @@ def plain_update_problem(local: Weights, info: Mapping[str, object] | None,
         return "weights of the wrong shape"
     for name, values in local.items():
         arr = np.asarray(values)
-        if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
-            return f"non-finite or non-numeric values in {name!r}"
+        if arr.dtype != np.asarray(global_weights[name]).dtype:
+            return (f"{name!r} is {arr.dtype}, the global model's is "
+                    f"{np.asarray(global_weights[name]).dtype}")
+        if not np.isfinite(arr).all():
+            return f"non-finite values in {name!r}"
     count = None if info is None else info.get("num-examples")
     if isinstance(count, bool) or not isinstance(count, int | float | np.integer | np.floating):
         return "no example count"
