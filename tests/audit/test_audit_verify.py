@@ -372,6 +372,21 @@ def test_a_ledger_that_mixes_privacy_units_fails(tmp_path) -> None:
     assert "mixes privacy units (patient, record)" in result.failures[0].message
 
 
+def test_entries_from_before_units_then_stated_ones_pass_with_a_note(tmp_path) -> None:
+    """Entries written before events recorded their unit, then record-level ones: the
+    ledger cannot show the earlier ones' unit (the hospital states it), so the audit
+    notes it and passes."""
+    events = [DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=1, client_id="hospital-0",
+                         unit="unstated"),
+              DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=2, client_id="hospital-0")]
+    reported = [epsilon_of(events[:1], 1e-5, "pld"), epsilon_of(events, 1e-5, "pld")]
+    _signed_chain(tmp_path, events, reported)
+    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json")
+    assert result.passed
+    assert [(f.severity, f.topic) for f in result.findings] == [(NOTE, "unit")]
+    assert "1 of hospital-0's entries were written before" in result.findings[0].message
+
+
 def test_a_non_private_ledger_fails_its_budget_and_reports_infinity(tmp_path) -> None:
     _hand_built(tmp_path, "prv", math.inf, sigma=0.0)
     result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json", budget=8.0,

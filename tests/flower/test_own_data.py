@@ -301,36 +301,84 @@ def test_a_hospital_whose_policy_protects_patients_spends_epsilon_per_patient(
         hospital_setup(tasks.TaskConfig(dataset="breast-cancer"), ctx)
 
 
+def _unit_run(tmp_path, out: str, unit: str, target: float, legacy: str | None = None) -> dict:
+    """One round of three configured hospitals (PATIENT_LOADER, own state dirs) whose
+    policies protect ``unit`` (and state ``legacy`` as legacy_ledger_unit)."""
+    from bract.flower.hospital_policy import HospitalPolicy
+
+    rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": target,
+          "secagg": False, "batch-size": 8, "out": str(tmp_path / out)}
+    grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
+    for i, ctx in enumerate(grid.contexts.values()):
+        policy = tmp_path / f"policy-{out}-{i}.json"
+        HospitalPolicy(target_epsilon=8.0, privacy_unit=unit, legacy_ledger_unit=legacy,
+                       allow_plain_aggregation=True).write(policy)
+        ctx.node_config.clear()
+        ctx.node_config.update({"name": f"hospital-{i}", "site": i, "policy": str(policy),
+                                "loader": "site_patients:load",
+                                "state-dir": str(tmp_path / f"state-{i}")})
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=rc))
+    return json.loads((tmp_path / out / "report.json").read_text())["rounds"][-1]
+
+
+def _own_ledger(tmp_path, i: int = 0) -> list:
+    return read_ledger(privacy_dir(tmp_path / f"state-{i}", "loader:site_patients:load")
+                       / "ledger.jsonl")
+
+
+def test_a_ledger_from_before_units_is_spent_from_only_once_the_hospital_states_its_unit(
+        tmp_path, monkeypatch) -> None:
+    """A hospital's ledger written before events recorded their unit (rewritten here as
+    the earlier code wrote it: unsigned entries, no unit) is refused until its policy
+    states the unit those runs protected; then it trains, and its later entries state
+    theirs."""
+    import dataclasses as dc
+
+    from bract.flower.client import LEDGER_FILE, STATE_FILE
+    from bract.privacy import PrivacyLedger
+    from bract.records.ledger import append_entry, dumps_jsonl
+
+    (tmp_path / "site_patients.py").write_text(PATIENT_LOADER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "hospital-0" in _unit_run(tmp_path, "before", "record", 2.0)["trained"]
+    home = privacy_dir(tmp_path / "state-0", "loader:site_patients:load")
+    chain: tuple = ()
+    for entry in read_ledger(home / LEDGER_FILE):
+        chain = append_entry(chain, dc.replace(entry.event, unit="unstated"),
+                             epsilon=entry.epsilon, delta=entry.delta,
+                             accountant=entry.accountant, federation_id=entry.federation_id,
+                             client_id=entry.client_id, signing_key=None)
+    assert "unit" not in json.loads(dumps_jsonl(chain).splitlines()[0])["event"]
+    state = json.loads((home / STATE_FILE).read_text())
+    old = PrivacyLedger.from_json(state["ledger"])
+    state["ledger"] = PrivacyLedger(old.client_id, tuple(e.event for e in chain)).to_json()
+    state["chain-head"] = chain[-1].hash()
+    (home / LEDGER_FILE).write_text(dumps_jsonl(chain))
+    (home / STATE_FILE).write_text(json.dumps(state))
+
+    refused = _unit_run(tmp_path, "unstated", "record", 4.0)
+    assert "hospital-0" not in refused["trained"]
+    assert any("legacy_ledger_unit" in why for why in refused["failed"].values())
+    stated = _unit_run(tmp_path, "stated", "record", 4.0, legacy="record")
+    assert "hospital-0" in stated["trained"]
+    assert [e.event.unit for e in _own_ledger(tmp_path)] == ["unstated", "record"]
+
+
 def test_a_dataset_keeps_the_privacy_unit_its_ledger_started_with(tmp_path, monkeypatch) -> None:
     """A hospital trains its data per record, then its operator switches the policy to
     per patient (same data, same state dir). The ledger's record-level events say
     nothing per patient of three records, so the patient-level run refuses before it
     trains, naming the mix, and the ledger stays as it was; back under the record unit
     it trains again."""
-    from bract.flower.hospital_policy import HospitalPolicy
-
     (tmp_path / "site_patients.py").write_text(PATIENT_LOADER)
     monkeypatch.syspath_prepend(str(tmp_path))
 
     def run(out: str, unit: str, target: float) -> dict:
-        rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": target,
-              "secagg": False, "batch-size": 8, "out": str(tmp_path / out)}
-        grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
-        for i, ctx in enumerate(grid.contexts.values()):
-            policy = tmp_path / f"policy-{out}-{i}.json"
-            HospitalPolicy(target_epsilon=8.0, privacy_unit=unit,
-                           allow_plain_aggregation=True).write(policy)
-            ctx.node_config.clear()
-            ctx.node_config.update({"name": f"hospital-{i}", "site": i, "policy": str(policy),
-                                    "loader": "site_patients:load",
-                                    "state-dir": str(tmp_path / f"state-{i}")})
-        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                 run_config=rc))
-        return json.loads((tmp_path / out / "report.json").read_text())["rounds"][-1]
+        return _unit_run(tmp_path, out, unit, target)
 
     def ledger() -> list:
-        return read_ledger(privacy_dir(tmp_path / "state-0", "loader:site_patients:load")
-                           / "ledger.jsonl")
+        return _own_ledger(tmp_path)
 
     first = run("record", "record", 2.0)
     assert "hospital-0" in first["trained"]

@@ -26,7 +26,13 @@ from bract.privacy import (
     calibrate,
     epsilon_of,
 )
-from bract.privacy.accounting import EXACT_EPSILON_CAP, MAX_ACCOUNTED_NOISE, MIN_ACCOUNTED_NOISE
+from bract.privacy.accounting import (
+    EXACT_EPSILON_CAP,
+    LEGACY_UNIT,
+    MAX_ACCOUNTED_NOISE,
+    MIN_ACCOUNTED_NOISE,
+    check_unit,
+)
 from tests.privacy.helpers import pld_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
@@ -535,14 +541,38 @@ def test_a_plan_for_another_unit_than_the_datas_ledger_is_refused() -> None:
                             delta=1e-5).unit == "patient"
 
 
-def test_a_record_level_event_keeps_its_plain_form_and_a_patient_one_round_trips() -> None:
-    """Ledgers written before the unit field existed hash as they did: a record-level
-    event's plain form has no ``unit`` (and reads back as record-level)."""
-    record = DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, round=1, client_id="h")
-    assert "unit" not in record.to_plain()
-    assert DpSgdEvent.from_plain(record.to_plain()) == record
-    patient = DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, round=1, client_id="h", unit="patient")
-    assert patient.to_plain()["unit"] == "patient"
-    assert DpSgdEvent.from_plain(patient.to_plain()) == patient
+def test_an_event_written_before_units_keeps_its_plain_form_and_new_ones_state_theirs(
+) -> None:
+    """Ledgers written before events recorded their unit hash as they did: such an
+    event reads as ``unstated`` and writes back without a unit; a new event states its
+    unit, record or patient, and round-trips."""
+    old = {"noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 10, "max_grad_norm": 1.0,
+           "delta": 1e-5, "sampling": "poisson", "round": 1, "client_id": "h"}
+    legacy = DpSgdEvent.from_plain(old)
+    assert legacy.unit == LEGACY_UNIT and legacy.to_plain() == old
+    for unit in ("record", "patient"):
+        event = DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, round=1, client_id="h", unit=unit)
+        assert event.to_plain()["unit"] == unit
+        assert DpSgdEvent.from_plain(event.to_plain()) == event
     with pytest.raises(PrivacyError, match="privacy unit 'visit'"):
         DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, unit="visit")
+
+
+@pytest.mark.parametrize("run", ["record", "patient"])
+def test_a_ledger_from_before_units_is_spent_from_only_under_the_stated_unit(run) -> None:
+    """Events without a unit count as the unit the hospital states (legacy_ledger_unit);
+    with no statement, or a statement of the other unit, a run is refused, since
+    guessing could compose patient-level events per record or the reverse."""
+    other = "patient" if run == "record" else "record"
+    legacy = [DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, round=1, unit=LEGACY_UNIT)]
+    plan = TrainingPlan(2, 1, 100, 10, unit=run)
+    with pytest.raises(PrivacyError, match="legacy_ledger_unit"):
+        check_unit(legacy, run)
+    with pytest.raises(PrivacyError, match=f"holds {other}-level events"):
+        check_unit(legacy, run, other)
+    with pytest.raises(PrivacyError, match=f"holds {other}-level events"):
+        calibrate(4.0, 1e-5, plan, prior=legacy, legacy_unit=other)
+    check_unit([*legacy, DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, unit=run)], run, run)
+    assert calibrate(4.0, 1e-5, plan, prior=legacy, legacy_unit=run).epsilon <= 4.0
+    # accountants compose unit-less events with either unit (the gate is check_unit)
+    assert epsilon_of([*legacy, DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, unit=run)], 1e-5) > 0

@@ -414,10 +414,17 @@ def verify_federation(
                                        "recorded (its hash differs)")
         # One privacy unit per chain: an epsilon composed over record- and patient-level
         # events bounds neither (docs/privacy.md, "The privacy unit").
-        units = sorted({entry.event.unit for entry in chain})
+        units = sorted({entry.event.unit for entry in chain} - {"unstated"})
+        unstated = sum(entry.event.unit == "unstated" for entry in chain)
         if len(units) > 1:
             fail(cid, "unit", f"{cid}'s ledger mixes privacy units ({', '.join(units)}): "
                               "its epsilon holds for neither a record nor a patient")
+        elif units and unstated:
+            findings.append(Finding(NOTE, cid, "unit", (
+                f"{unstated} of {cid}'s entries were written before events recorded their "
+                f"privacy unit; the later ones are {units[0]}-level, and the hospital "
+                "states the earlier ones' unit (policy legacy_ledger_unit): the ledger "
+                "cannot show it")))
         # 2. epsilon after every entry
         recomputed = recompute_epsilons(chain, pld_discretization, tick)
         carried = min(seen.ledger_carried, len(chain)) if seen is not None else 0

@@ -147,6 +147,7 @@ def hospital_setup(
         client_id=client_id,
         held_out=held_out,
         held_out_patient_ids=held_out_ids,
+        legacy_ledger_unit=own_policy.legacy_ledger_unit,
         state_dir=Path(str(state_dir)) if state_dir else (
             state_root / client_id if state_root is not None else None
         ),

@@ -103,6 +103,10 @@ class HospitalSetup:
     #: The patient of each held-out record, under patient-level privacy (a patient's
     #: records in both splits are one unit of the metrics release).
     held_out_patient_ids: Sequence[Hashable] | None = None
+    #: The privacy unit the runs that wrote this data's ledger before events recorded
+    #: their unit protected (``"record"`` or ``"patient"``; the operator's statement,
+    #: policy ``legacy_ledger_unit``). ``None``: such a ledger is refused, saying so.
+    legacy_ledger_unit: str | None = None
     #: For datasets whose items are dicts (Flower Datasets): the keys of the inputs and
     #: the labels, e.g. ``("img", "label")``; the training and held-out data are then
     #: read as ``(inputs, labels)`` pairs (bract.privacy.batches).
@@ -229,7 +233,8 @@ def _noise_multiplier(
     alongside = [e for _ in range(plan.rounds) for e in per_round]
     try:
         cal = calibrate(policy.target_epsilon, policy.delta, plan, accountant=policy.accountant,
-                        prior=ledger.events, alongside=alongside)
+                        prior=ledger.events, alongside=alongside,
+                        legacy_unit=setup.legacy_ledger_unit)
     except PrivacyError:
         if not ledger.events:
             raise
@@ -421,6 +426,7 @@ def dp_train_handler(
                 grad_sample_mode=policy_now.grad_sample_mode,
                 device=policy_now.device,
                 sampling_seed=policy_now.sampling_seed,
+                legacy_ledger_unit=setup.legacy_ledger_unit,
             )
             limit = round_cfg.get(SECAGG_MAX_WEIGHT)
             if limit is not None and ring_refuses(trainer.plan_per_round, int(limit)):

@@ -13,7 +13,7 @@ File format (JSON, every field optional)::
     {"target_epsilon": 8.0, "delta": 1e-5, "accountant": "prv",
      "min_noise_multiplier": 0.0, "allow_non_private": false,
      "release_metrics": "none", "secagg_colluders": null, "secagg_min_honest": 2,
-     "public_dataset_size": null, "privacy_unit": "record",
+     "public_dataset_size": null, "privacy_unit": "record", "legacy_ledger_unit": null,
      "metrics_noise_multiplier": 10.0, "metrics_loss_bound": 4.0,
      "allow_plain_aggregation": false}
 
@@ -30,6 +30,12 @@ releases reveals its exact count (see docs/privacy.md, "What leaves a hospital")
 sampling over patients, each patient's summed gradient clipped, epsilon per patient;
 it needs a patient id per training record from the hospital's own loader
 (``FederatedDataset(train_columns={"patient_id": ...})``).
+
+``legacy_ledger_unit``: ``"record"`` or ``"patient"``, the unit the hospital's runs
+protected before bract recorded each ledger event's unit. A ledger holding such
+events is refused until it is stated (record- and patient-level events never compose
+into one epsilon, and a guess could under-count); every run before patient-level DP
+existed protected records.
 
 ``metrics_noise_multiplier`` / ``metrics_loss_bound``: when ``release_metrics`` lets
 metrics leave, they leave as a Gaussian release with at least this noise multiplier,
@@ -96,6 +102,7 @@ class HospitalPolicy:
     secagg_min_honest: int = 2
     public_dataset_size: int | None = None
     privacy_unit: str = "record"
+    legacy_ledger_unit: str | None = None
     metrics_noise_multiplier: float = DEFAULT_METRICS_NOISE
     metrics_loss_bound: float = DEFAULT_LOSS_BOUND
     allow_plain_aggregation: bool = False
@@ -111,6 +118,9 @@ class HospitalPolicy:
         if self.privacy_unit not in ("record", "patient"):
             raise ValueError(f"hospital policy: privacy_unit must be 'record' or 'patient', "
                              f"got {self.privacy_unit!r}")
+        if self.legacy_ledger_unit not in (None, "record", "patient"):
+            raise ValueError(f"hospital policy: legacy_ledger_unit must be 'record', "
+                             f"'patient' or null, got {self.legacy_ledger_unit!r}")
         size = self.public_dataset_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int)
                                  or size < 1):

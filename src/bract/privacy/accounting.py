@@ -42,6 +42,9 @@ MECHANISMS = ("dp-sgd", "metrics")
 #: What one neighbouring dataset adds or removes: one training record, or one patient
 #: with all of their records. Events of different units never compose into one epsilon.
 PRIVACY_UNITS = ("record", "patient")
+#: The unit of an event read from a ledger written before events recorded theirs: the
+#: hospital states it (``check_unit``'s ``legacy``); accountants compose it with either.
+LEGACY_UNIT = "unstated"
 PLD_DISCRETIZATION = 1e-4
 #: Relative epsilon error the PRV accountant is run with (its result is an upper bound).
 PRV_RELATIVE_ERROR = 0.002
@@ -145,7 +148,7 @@ class DpSgdEvent:
             )
         if self.mechanism not in MECHANISMS:
             raise PrivacyError(f"mechanism {self.mechanism!r} is not one of {MECHANISMS}.")
-        if self.unit not in PRIVACY_UNITS:
+        if self.unit not in (*PRIVACY_UNITS, LEGACY_UNIT):
             raise PrivacyError(f"privacy unit {self.unit!r} is not one of {PRIVACY_UNITS}.")
         if self.mechanism == "metrics" and (self.sample_rate != 1.0 or self.steps != 1):
             raise PrivacyError("a metrics release is one Gaussian release of every unit: "
@@ -165,14 +168,13 @@ class DpSgdEvent:
     def to_plain(self) -> dict[str, Any]:
         """Plain JSON-able dict (for Flower records, JSONL files, auditors).
 
-        A DP-SGD event leaves ``mechanism`` out, and a record-level one ``unit``, so
-        that ledgers written before either field existed hash and verify exactly as they
-        did (such a ledger reads as record-level: a patient-level run refuses to compose
-        with it, never under-counts)."""
+        A DP-SGD event leaves ``mechanism`` out, and an event read without a unit
+        (:data:`LEGACY_UNIT`) leaves ``unit`` out, so that ledgers written before either
+        field existed hash and verify exactly as they did."""
         plain = asdict(self)
         if self.mechanism == "dp-sgd":
             del plain["mechanism"]
-        if self.unit == "record":
+        if self.unit == LEGACY_UNIT:
             del plain["unit"]
         return plain
 
@@ -190,6 +192,7 @@ class DpSgdEvent:
         if missing:
             raise PrivacyError(f"ledger event is missing field(s): {sorted(missing)}")
         values = dict(data)
+        values.setdefault("unit", LEGACY_UNIT)  # written before events recorded their unit
         for key in ("steps", "round"):
             if key in values:
                 values[key] = _as_int(key, values[key])
@@ -297,15 +300,22 @@ def read_jsonl(path: str | Path) -> list[DpSgdEvent]:
 
 
 def privacy_unit_of(events: Iterable[DpSgdEvent], default: str = "record") -> str:
-    """The one privacy unit ``events`` protect (``default`` for no events).
+    """The one privacy unit ``events`` protect (``default`` for no events;
+    :data:`LEGACY_UNIT` when none states its unit; events without one count as either).
 
     Raises :class:`PrivacyError` when they hold more than one: an epsilon composed
     over record-level and patient-level events bounds neither a record nor a patient
     (a patient with k records can cost up to k record-level steps' worth; a record
     removed from a patient's clipped sum can cost a replacement, not an addition)."""
     counts: dict[str, int] = {}
+    legacy = False
     for e in events:
-        counts[e.unit] = counts.get(e.unit, 0) + 1
+        if e.unit == LEGACY_UNIT:
+            legacy = True
+        else:
+            counts[e.unit] = counts.get(e.unit, 0) + 1
+    if not counts and legacy:
+        return LEGACY_UNIT
     if len(counts) > 1:
         held = ", ".join(f"{n} {u}-level" for u, n in sorted(counts.items()))
         raise PrivacyError(
@@ -316,17 +326,30 @@ def privacy_unit_of(events: Iterable[DpSgdEvent], default: str = "record") -> st
     return next(iter(counts), default)
 
 
-def check_unit(prior: Iterable[DpSgdEvent], unit: str) -> None:
+def check_unit(prior: Iterable[DpSgdEvent], unit: str, legacy: str | None = None) -> None:
     """Refuse to spend more on data whose ``prior`` events protect another unit than
     ``unit`` (:class:`PrivacyError`, naming both): the two do not compose into one
-    epsilon (:func:`privacy_unit_of`)."""
-    held = privacy_unit_of(prior, unit)
-    if held != unit:
+    epsilon (:func:`privacy_unit_of`). Events written before events recorded their
+    unit count as ``legacy``, the unit the hospital states those runs protected; with
+    such events and no statement it refuses, saying so (a guess could under-count)."""
+    prior = list(prior)
+    stated = privacy_unit_of([e for e in prior if e.unit != LEGACY_UNIT], unit)
+    unstated = sum(e.unit == LEGACY_UNIT for e in prior)
+    if unstated and legacy is None:
         raise PrivacyError(
-            f"this data's privacy ledger holds {held}-level events and this run protects "
-            f"each {unit}: the two do not compose into one epsilon (an epsilon per patient "
-            "does not cover record-level events of a patient with several records, nor "
-            f"the reverse). Keep training this data per {held}.")
+            f"this data's privacy ledger holds {unstated} event(s) written before bract "
+            "recorded each event's privacy unit, so it cannot tell whether they protected "
+            "records or patients: state it in the hospital's policy (legacy_ledger_unit: "
+            "'record' or 'patient'; every run before patient-level DP existed was 'record')")
+    if unstated and legacy not in PRIVACY_UNITS:
+        raise PrivacyError(f"legacy_ledger_unit must be one of {PRIVACY_UNITS}, got {legacy!r}")
+    for held in (stated, legacy if unstated else stated):
+        if held != unit:
+            raise PrivacyError(
+                f"this data's privacy ledger holds {held}-level events and this run "
+                f"protects each {unit}: the two do not compose into one epsilon (an epsilon "
+                "per patient does not cover record-level events of a patient with several "
+                f"records, nor the reverse). Keep training this data per {held}.")
 
 
 def compress(events: Iterable[DpSgdEvent]) -> list[tuple[float, float, int]]:
@@ -643,6 +666,7 @@ def calibrate(
     tolerance: float = 0.01,
     prior: Sequence[DpSgdEvent] = (),
     alongside: Sequence[DpSgdEvent] = (),
+    legacy_unit: str | None = None,
 ) -> Calibration:
     """One noise multiplier for the whole plan that lands on the target.
 
@@ -654,7 +678,9 @@ def calibrate(
     needlessly large. ``alongside`` are events the plan runs besides its DP-SGD
     steps (its rounds' metrics releases); they are composed in as well. When the
     prior events, or they and ``alongside``, leave no room for the plan it raises
-    :class:`PrivacyError` saying how much they spend.
+    :class:`PrivacyError` saying how much they spend. ``prior`` must protect the
+    plan's unit (``legacy_unit``: the unit of prior events written without one;
+    :func:`check_unit`).
 
     The search runs on PLD with a coarse discretization (fast, and itself an upper
     bound), then checks the result with the reported accountant and fine PLD.
@@ -678,7 +704,7 @@ def calibrate(
     if not (0.0 < tolerance < 0.5):
         raise PrivacyError(f"tolerance must lie in (0, 0.5) (got {tolerance!r}).")
     q, steps = plan.sample_rate, plan.total_steps
-    check_unit(prior, plan.unit)
+    check_unit(prior, plan.unit, legacy_unit)
     check_unit(alongside, plan.unit)
     # Merged by (noise, rate): a lifetime of runs composes as one group per run.
     before = list(compress(prior))

@@ -286,6 +286,7 @@ class PrivateTrainer:
         public_size: int | None = None,
         patient_ids: Sequence[Hashable] | None = None,
         batch_keys: tuple[str, str] | None = None,
+        legacy_ledger_unit: str | None = None,
     ) -> None:
         reduction = getattr(criterion, "reduction", "mean") if criterion is not None else "mean"
         if reduction not in ("mean", "sum"):
@@ -364,6 +365,9 @@ class PrivateTrainer:
             raise exc
         self.public_size = public_size
         self.privacy_unit = unit
+        #: The unit the ledger's events written without one protected (the hospital's
+        #: statement; ``None``: such events are refused, see ``check_unit``).
+        self.legacy_ledger_unit = legacy_ledger_unit
         # Sample rate, steps (and so the calibrated noise) come from the public bound
         # when there is one: then nothing released is a function of the exact count.
         self.plan_per_round = TrainingPlan(1, local_epochs, public_size or units, batch_size,
@@ -459,7 +463,8 @@ class PrivateTrainer:
         a metrics release) stay within budget? Never trains, never raises for a refusal;
         raises :class:`PrivacyError` when the ledger protects another privacy unit than
         this trainer (they do not compose into one epsilon)."""
-        check_unit((*self.ledger.events, *also), self.privacy_unit)
+        check_unit(self.ledger.events, self.privacy_unit, self.legacy_ledger_unit)
+        check_unit(also, self.privacy_unit)
         planned = self.planned_event(round)
         if self.budget is not None:
             return self.budget.check(self.ledger, (*also, planned))
