@@ -159,7 +159,8 @@ def test_a_release_without_noise_is_refused(bad) -> None:
 
 def test_the_event_is_the_gaussian_mechanism_for_every_accountant() -> None:
     """One release = the Gaussian mechanism of its noise multiplier, per dp_accounting."""
-    event = MetricsRelease(noise_multiplier=4.0).event(round=2, delta=1e-5, client_id="h")
+    event = MetricsRelease(noise_multiplier=4.0).event(round=2, delta=1e-5, client_id="h",
+                                                       unit="record")
     assert (event.mechanism, event.sample_rate, event.steps) == ("metrics", 1.0, 1)
     assert event.max_grad_norm == UNIT_CLIP and not event.is_training
     acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-4)
@@ -199,7 +200,7 @@ def test_calibration_composes_the_planned_releases_and_lands_on_the_target() -> 
 def test_the_budget_check_covers_the_release_and_the_ledger_records_it_first() -> None:
     model, data = _task(40)
     loader = DataLoader(data, batch_size=10)
-    release = MetricsRelease(2.0).event(1, 1e-5, "h")
+    release = MetricsRelease(2.0).event(1, 1e-5, "h", "record")
     trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
                              noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5,
                              client_id="h", grad_sample_mode="hooks")

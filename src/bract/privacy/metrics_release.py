@@ -77,8 +77,7 @@ class MetricsRelease:
                 raise PrivacyError(f"metrics release: {name} must be a finite number > 0 "
                                    f"(got {value!r}); to release nothing, keep metrics home")
 
-    def event(self, round: int, delta: float, client_id: str,
-              unit: str = "record") -> DpSgdEvent:
+    def event(self, round: int, delta: float, client_id: str, unit: str) -> DpSgdEvent:
         """The ledger event one release spends (``unit``: what each clipped metric
         vector belongs to, a record or a patient)."""
         return DpSgdEvent(float(self.noise_multiplier), 1.0, 1, UNIT_CLIP, delta, round=round,
