@@ -184,7 +184,7 @@ def test_a_dpsgd_event_serializes_as_before_metrics_releases_existed() -> None:
 
 def test_calibration_composes_the_planned_releases_and_lands_on_the_target() -> None:
     plan = TrainingPlan(rounds=3, local_epochs=1, dataset_size=500, batch_size=50)
-    releases = [MetricsRelease(10.0).event(r, 1e-5, "") for r in (1, 2, 3)]
+    releases = [MetricsRelease(10.0).event(r, 1e-5, "", "record") for r in (1, 2, 3)]
     cal = calibrate(4.0, 1e-5, plan, accountant="pld", alongside=releases)
     plain = calibrate(4.0, 1e-5, plan, accountant="pld")
     assert cal.noise_multiplier > plain.noise_multiplier  # the releases cost budget
