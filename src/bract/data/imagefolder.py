@@ -3,12 +3,13 @@
 
 Layout: ``root/<class name>/[<patient>/<any sub-folders>/]<image>``. Class names
 are the sorted names of ``root``'s sub-folders (hidden ones, starting with ``.``,
-are skipped); label ``i`` is the ``i``-th name. The first folder below a class
-folder is a patient (:func:`patient_units`), and each patient is held out or not
-by its own id (:mod:`bract.data.holdout`). Images are PNG or JPEG (read with
-Pillow) or DICOM ``.dcm`` (read with pydicom, the optional extra
-``pip install 'bract[dicom]'``). Other files (``Thumbs.db``, ``.DS_Store``,
-notes) are ignored.
+are skipped); label ``i`` is the ``i``-th name. Each image's patient is its DICOM
+``PatientID`` where its header has one, else the first folder below its class folder
+(or the file itself, directly in its class folder): :func:`patient_units`. Each
+patient is held out or not by its own id (:mod:`bract.data.holdout`). Images are PNG
+or JPEG (read with Pillow) or DICOM ``.dcm`` (read with pydicom, the optional extra
+``pip install 'bract[dicom]'``). Other files (``Thumbs.db``, ``.DS_Store``, notes)
+are ignored.
 """
 
 from __future__ import annotations
@@ -94,67 +95,53 @@ def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ..
 def patient_units(files: Sequence[Path], root: str | Path) -> list[str]:
     """The privacy unit (patient) of each image file under ``root``.
 
-    * A file in a **patient folder** (the first folder below its class folder:
-      ``root/covid/patient7/study1/c.dcm``) belongs to ``folder:patient7``, whatever
-      the file is (PNG, JPEG, DICOM with or without a ``PatientID``); the same folder
-      name under two classes is one patient.
-    * A DICOM file directly in its class folder belongs to ``dicom:<PatientID>`` (all
-      such files with one ``PatientID``, in any class, are one patient), or is a
-      patient of its own when its header has no ``PatientID``.
+    * A DICOM file whose header has a ``PatientID`` belongs to ``dicom:<PatientID>``,
+      wherever it lies: one patient's studies in several folders
+      (``root/covid/<study>/<series>/*.dcm``, a PACS export), or under several
+      classes, are one unit.
+    * Any other file (PNG, JPEG, DICOM without a ``PatientID``) in a sub-folder of its
+      class folder belongs to its **patient folder**, the first folder below the class
+      folder (``root/covid/patient7/study1/c.png``: ``folder:patient7``); the same
+      folder name under two classes is one patient.
     * Any other file directly in its class folder is a patient of its own
       (``file:<class>/<name>``).
 
-    Guarantee: one person is one unit wherever the DICOM headers can tell, and a
-    file's unit is a function of its own path and header only (adding or removing
-    another file never changes it; it can only make the folder refused). Raises
-    :class:`DataError`, naming two of the files, when the headers contradict the
-    layout: a patient folder whose DICOM files carry two different ``PatientID``s, or
-    one ``PatientID`` in two patient folders or in a patient folder and a file
-    directly in a class folder.
+    Guarantee: a file's unit is a function of its own path and header only (adding or
+    removing another file never changes it; it can only make the folder refused).
+    Raises :class:`DataError`, naming two of the files, only where one person could
+    become two units: a patient folder name (under any class) that holds both DICOM
+    files with a ``PatientID`` and files without one (the first would be
+    ``dicom:<PatientID>``, the others ``folder:<name>``).
     """
     top = Path(root).expanduser()
     units: list[str] = []
-    ids_in_unit: dict[str, dict[str, Path]] = {}  # unit -> PatientID -> first file
-    units_of_id: dict[str, dict[str, Path]] = {}  # PatientID -> unit -> first file
+    with_id: dict[str, Path] = {}  # patient folder name -> its first DICOM with a PatientID
+    without_id: dict[str, Path] = {}  # patient folder name -> its first other file
     for path in files:
-        parts = path.relative_to(top).parts  # (class, [patient, ...,] file)
+        parts = path.relative_to(top).parts  # (class, [patient folder, ...,] file)
         pid = _dicom_patient_id(path) if path.suffix.lower() in DICOM_EXTENSIONS else ""
-        if len(parts) > 2:
-            unit = f"folder:{parts[1]}"
-        elif pid:
+        folder = parts[1] if len(parts) > 2 else None
+        if pid:
             unit = f"dicom:{pid}"
+        elif folder is not None:
+            unit = f"folder:{folder}"
         else:
             unit = f"file:{'/'.join(parts)}"
         units.append(unit)
-        if pid:
-            ids_in_unit.setdefault(unit, {}).setdefault(pid, path)
-            units_of_id.setdefault(pid, {}).setdefault(unit, path)
-    for unit, ids in ids_in_unit.items():
-        if len(ids) > 1:
-            first, second = list(ids.values())[:2]
+        if folder is not None:
+            (with_id if pid else without_id).setdefault(folder, path)
+    for folder, dicom in with_id.items():
+        if folder in without_id:
             raise DataError(
-                f"patient folder {unit.removeprefix('folder:')!r} holds DICOM files of "
-                f"{len(ids)} different PatientIDs ({first} and {second}); a patient folder "
-                "holds one patient: move each patient's files to a folder of their own",
-                public_reason="the hospital's image folder holds two patients in one patient "
-                              "folder (details in its own log)")
-    for places in units_of_id.values():
-        if len(places) > 1:
-            (a, first), (b, second) = list(places.items())[:2]
-            raise DataError(
-                f"{first} and {second} carry the same DICOM PatientID but lie in "
-                f"{_where(a)} and {_where(b)}, which would count one patient twice; put "
-                "each patient's files in one patient folder",
-                public_reason="the hospital's image folder holds one patient in two places "
+                f"{dicom} carries a DICOM PatientID and {without_id[folder]} does not, but "
+                f"both lie in patient folder {folder!r}, so one person could count as two "
+                f"patients (the PatientID's and folder:{folder}); write the PatientID into "
+                "the files without one, remove them, or move them to a folder of their own "
+                "if they are another person's",
+                public_reason="the hospital's image folder mixes DICOM files with a "
+                              "PatientID and files without one in one patient folder "
                               "(details in its own log)")
     return units
-
-
-def _where(unit: str) -> str:
-    """A unit of :func:`patient_units`, in words for an error message."""
-    if unit.startswith("folder:"):
-        return f"patient folder {unit.removeprefix('folder:')!r}"
-    return "a class folder (no patient folder)"
 
 
 def _dicom_patient_id(path: Path) -> str:
@@ -305,8 +292,9 @@ def load_image_folder(
     Guarantees: nothing is downloaded; the result depends only on the folder's
     contents and the arguments. Raises :class:`DataError` (a ``ValueError``)
     naming the problem and the file for a missing folder, missing classes, an
-    empty class folder, an unreadable image, DICOM without pydicom, DICOM
-    ``PatientID``s that contradict the patient folders, or an empty split.
+    empty class folder, an unreadable image, DICOM without pydicom, a patient folder
+    that mixes DICOM files with a ``PatientID`` and files without one, or an empty
+    split.
     """
     check_image_size(image_size)
     if channels not in (1, 3):
