@@ -549,3 +549,74 @@ def test_dicoms_directly_in_class_folders_are_patients_by_their_id(tmp_path) -> 
     files, _, _ = find_images(root)
     assert sorted(set(patient_units(files, root))) == [
         "dicom:P0", "dicom:P1", "file:normal/anon.dcm", "file:normal/n.png"]
+
+
+# --- what a hospital's failure reply carries ------------------------------------------
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _fails(case: str, root: Path, monkeypatch) -> tuple[DataError, Path]:
+    """Make the image folder at root fail as ``case`` says: the error, and the deepest
+    path its message names (a file or folder at or under root)."""
+    for cls in ("covid", "normal"):
+        for k in range(3):
+            _png(root / cls / f"Pat_{cls}_{k}" / "x.png", 40 * k, size=(8, 8))
+    patient = root / "covid" / "Jane_Doe_MRN0000"
+    named = patient / "bad.dcm"
+    if case == "corrupt png":
+        named = _write_bytes(patient / "bad.png", b"not a png")
+    elif case in ("corrupt dicom", "dicom header"):
+        _write_bytes(named, b"DICM? no")
+    elif case == "multi-frame dicom":
+        _dicom(named, np.zeros((2, 4, 4)), frames=2, patient="MRN0000")
+    elif case == "dicom without pydicom":
+        _write_bytes(named, b"\x00" * 200)
+        monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
+    elif case == "missing folder":
+        named = root = root / "Jane_Doe_MRN0000"
+    elif case == "a file, not a folder":
+        named = root = _png(patient / "scan.png", 3)
+    elif case == "one class":
+        root = root.parent / "single"  # one class folder, named after a patient
+        named = _png(root / "Jane_Doe_MRN0000" / "x.png", 3).parent
+    elif case == "empty class":
+        named = root / "Jane_Doe_MRN0000"
+        named.mkdir()
+        (named / "notes.txt").write_text("none")
+    elif case == "no readable image in a class":
+        named = root / "Jane_Doe_MRN0000"
+        _write_bytes(named / "MRN0000" / "bad.png", b"junk")
+    with pytest.raises(DataError) as err:
+        if case == "dicom header":
+            patient_units([named], root)
+        else:
+            load_image_folder(root, 4, strict=case != "no readable image in a class")
+    return err.value, named
+
+
+_FAILURES = ("corrupt png", "corrupt dicom", "dicom header", "multi-frame dicom",
+             "dicom without pydicom", "missing folder", "a file, not a folder", "one class",
+             "empty class", "no readable image in a class")
+
+
+@pytest.mark.parametrize("case", _FAILURES)
+def test_a_failure_reply_names_no_part_of_the_hospitals_data_root(
+        tmp_path, monkeypatch, case) -> None:
+    """A hospital's image folder that cannot be loaded: the message (its own log) names
+    the file or folder, the reply (failure_reason, what reaches the coordinator) names
+    no component of its path, neither the folders nor the patient's name."""
+    from bract.flower.client import failure_reason
+
+    if "dicom" in case and case != "dicom without pydicom" and not HAS_PYDICOM:
+        pytest.skip("pydicom is not installed (pip install 'bract[dicom]')")
+    root = tmp_path / "St_Elsewhere" / "xrays"
+    exc, named = _fails(case, root, monkeypatch)
+    assert str(named) in str(exc) or repr(named.name) in str(exc)
+    reason = failure_reason(exc)
+    assert reason == exc.public_reason and "details in its own log" in reason
+    for part in named.parts[1:]:
+        assert part not in reason, (part, reason)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bract.data.errors import DataError
+from bract.data.errors import DataError, private_details
 from bract.data.holdout import check_test_fraction, split_by_identity
 from bract.data.image_arrays import (
     check_image_size,
@@ -48,6 +48,13 @@ DICOM_EXTENSIONS: tuple[str, ...] = (".dcm", ".dicom")
 
 _DICOM_HINT = "pip install 'bract[dicom]'"
 
+# What leaves a hospital instead of a message that names its files, folders or counts
+# (DataError.public_reason): the whole message stays in the hospital's own log.
+_PUBLIC_UNREADABLE = ("an image in the hospital's image folder cannot be read "
+                      "(details in its own log)")
+_PUBLIC_NO_PYDICOM = (f"the hospital's image folder holds DICOM files, and reading them needs "
+                      f"pydicom: {_DICOM_HINT} (details in its own log)")
+
 
 def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
     """The image files under ``root``, their int64 labels and the class names.
@@ -61,15 +68,20 @@ def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ..
     if not root.exists():
         raise DataError(
             f"image folder not found: {root}. Give a folder with one sub-folder per class "
-            "(e.g. root/normal/*.png, root/pneumonia/*.png); bract never downloads data."
+            "(e.g. root/normal/*.png, root/pneumonia/*.png); bract never downloads data.",
+            public_reason="the hospital's image folder was not found (details in its own log)",
         )
     if not root.is_dir():
-        raise DataError(f"{root} is a file; give a folder with one sub-folder per class")
+        raise DataError(f"{root} is a file; give a folder with one sub-folder per class",
+                        public_reason="the hospital's image folder is a file, not a folder "
+                                      "(details in its own log)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise DataError(
             f"{root} has {len(classes)} class sub-folder(s) ({classes}); an image folder needs "
-            "one sub-folder per class and at least 2 classes"
+            "one sub-folder per class and at least 2 classes",
+            public_reason="the hospital's image folder has fewer than 2 class sub-folders "
+                          "(details in its own log)",
         )
     suffixes = IMAGE_EXTENSIONS + DICOM_EXTENSIONS
     files: list[Path] = []
@@ -85,7 +97,9 @@ def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ..
         if not found:
             raise DataError(
                 f"class folder {root / name} holds no image ({', '.join(suffixes)}); put its "
-                "images there or remove the folder"
+                "images there or remove the folder",
+                public_reason="a class folder of the hospital's image folder holds no image "
+                              "(details in its own log)",
             )
         files.extend(found)
         labels.extend([label] * len(found))
@@ -150,13 +164,15 @@ def _dicom_patient_id(path: Path) -> str:
         import pydicom
     except ImportError:
         raise DataError(
-            f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}"
+            f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}",
+            public_reason=_PUBLIC_NO_PYDICOM,
         ) from None
     try:
         header = pydicom.dcmread(str(path), stop_before_pixels=True)
     except Exception as exc:  # pydicom raises many types for bad files
         raise DataError(f"cannot read the DICOM header of {path} ({type(exc).__name__}: "
-                        f"{exc}); replace or remove the file") from None
+                        f"{exc}); replace or remove the file",
+                        public_reason=_PUBLIC_UNREADABLE) from None
     return str(getattr(header, "PatientID", "") or "").strip()
 
 
@@ -185,10 +201,12 @@ def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
                 pixels = np.asarray(img.convert("RGB" if channels == 3 else "L"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(
-            f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or remove the file"
+            f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or remove the file",
+            public_reason=_PUBLIC_UNREADABLE,
         ) from None
-    unit = to_unit_float(pixels, where=str(path))
-    return to_channels(unit[None], channels, where=str(path))[0]
+    with private_details(_PUBLIC_UNREADABLE):  # their messages name the file
+        unit = to_unit_float(pixels, where=str(path))
+        return to_channels(unit[None], channels, where=str(path))[0]
 
 
 def read_dicom(path: str | Path, channels: int = 1) -> np.ndarray:
@@ -206,7 +224,8 @@ def read_dicom(path: str | Path, channels: int = 1) -> np.ndarray:
         import pydicom
     except ImportError:
         raise DataError(
-            f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}"
+            f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}",
+            public_reason=_PUBLIC_NO_PYDICOM,
         ) from None
     try:
         from pydicom.pixels import apply_modality_lut
@@ -217,7 +236,8 @@ def read_dicom(path: str | Path, channels: int = 1) -> np.ndarray:
         if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
             raise DataError(
                 f"{path} holds {ds.NumberOfFrames} frames; bract reads single-frame DICOM "
-                "images only (export one frame per file)"
+                "images only (export one frame per file)",
+                public_reason=_PUBLIC_UNREADABLE,
             )
         pixels = ds.pixel_array
         samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
@@ -229,22 +249,26 @@ def read_dicom(path: str | Path, channels: int = 1) -> np.ndarray:
     except Exception as exc:  # pydicom raises many types for bad or unsupported files
         raise DataError(
             f"cannot read DICOM image {path} ({type(exc).__name__}: {exc}); it may lack pixel "
-            "data or use a compression pydicom cannot decode here; replace or remove the file"
+            "data or use a compression pydicom cannot decode here; replace or remove the file",
+            public_reason=_PUBLIC_UNREADABLE,
         ) from None
     pixels = np.asarray(pixels)
     if pixels.ndim != (2 if samples == 1 else 3):
-        raise DataError(f"{path}: expected a 2-D image, got pixel data of shape {pixels.shape}")
-    if samples == 1:
-        if not np.isfinite(pixels).all():
-            raise DataError(f"{path}: pixels contain NaN or infinity")
-        lo, hi = float(pixels.min()), float(pixels.max())
-        span = hi - lo if hi > lo else 1.0
-        unit = ((pixels - lo) / span).astype(np.float32)
-    else:
-        unit = to_unit_float(pixels, where=str(path))
-    if photometric == "MONOCHROME1":
-        unit = 1.0 - unit
-    return to_channels(unit[None], channels, where=str(path))[0]
+        raise DataError(f"{path}: expected a 2-D image, got pixel data of shape {pixels.shape}",
+                        public_reason=_PUBLIC_UNREADABLE)
+    with private_details(_PUBLIC_UNREADABLE):  # the helpers' messages name the file
+        if samples == 1:
+            if not np.isfinite(pixels).all():
+                raise DataError(f"{path}: pixels contain NaN or infinity",
+                                public_reason=_PUBLIC_UNREADABLE)
+            lo, hi = float(pixels.min()), float(pixels.max())
+            span = hi - lo if hi > lo else 1.0
+            unit = ((pixels - lo) / span).astype(np.float32)
+        else:
+            unit = to_unit_float(pixels, where=str(path))
+        if photometric == "MONOCHROME1":
+            unit = 1.0 - unit
+        return to_channels(unit[None], channels, where=str(path))[0]
 
 
 def load_image_folder(
@@ -294,7 +318,8 @@ def load_image_folder(
     naming the problem and the file for a missing folder, missing classes, an
     empty class folder, an unreadable image, DICOM without pydicom, a patient folder
     that mixes DICOM files with a ``PatientID`` and files without one, or an empty
-    split.
+    split. Each of those whose message names a path, a folder, a patient or a count
+    carries a ``public_reason`` without it (what a hospital's failure reply sends).
     """
     check_image_size(image_size)
     if channels not in (1, 3):
@@ -306,7 +331,9 @@ def load_image_folder(
             raise DataError(f"n_samples must be >= 2 (one train, one test), got {n_samples}")
         if n_samples > len(files):
             raise DataError(
-                f"{root} holds {len(files)} images; n_samples={n_samples} is too many"
+                f"{root} holds {len(files)} images; n_samples={n_samples} is too many",
+                public_reason="the image folder holds fewer images than n_samples asks for "
+                              "(details in its own log)",
             )
         keep = subset_indices(labels, n_samples, seed)
         files, labels = [files[i] for i in keep], labels[keep]
@@ -317,7 +344,9 @@ def load_image_folder(
         missing = [c for i, c in enumerate(classes) if not (labels == i).any()]
         if missing or len(files) < 2:
             raise DataError(f"{root}: after skipping the unreadable files, class folder(s) "
-                            f"{missing or list(classes)} hold too few readable images")
+                            f"{missing or list(classes)} hold too few readable images",
+                            public_reason="a class folder of the hospital's image folder holds "
+                                          "too few readable images (details in its own log)")
     top = Path(root).expanduser()
     patients = np.asarray(patient_units(files, top), dtype=object)
     train_idx, test_idx = split_by_identity(list(patients), test_fraction, key=split_key)
