@@ -297,10 +297,18 @@ def check_fits_model(cfg: TaskConfig, ds: FederatedDataset, source: str) -> Fede
     mismatch (input shape, task kind, or a label beyond the model's classes)."""
     input_shape, num_classes, kind = model_spec(cfg)
     if ds.input_shape != tuple(input_shape):
-        raise ValueError(f"{source}: its examples have shape {ds.input_shape}, the "
+        exc = ValueError(f"{source}: its examples have shape {ds.input_shape}, the "
                          f"federation's model takes {tuple(input_shape)}")
+        # source is the hospital's own path: the reply names the mismatch without it.
+        exc.public_reason = (f"the hospital's examples have shape {ds.input_shape}, the "
+                             f"federation's model takes {tuple(input_shape)} (details in "
+                             "its own log)")
+        raise exc
     if ds.task != kind:
-        raise ValueError(f"{source}: a {ds.task} dataset, the federation trains {kind}")
+        exc = ValueError(f"{source}: a {ds.task} dataset, the federation trains {kind}")
+        exc.public_reason = (f"the hospital's data is a {ds.task} dataset, the federation "
+                             f"trains {kind} (details in its own log)")
+        raise exc
     if kind == "classification":
         top = max(int(ds.y_train.max(initial=0)), int(ds.y_test.max(initial=0)))
         if top >= num_classes:

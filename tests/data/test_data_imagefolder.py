@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -280,23 +280,42 @@ def test_a_multi_frame_dicom_is_skipped_not_fatal(tmp_path, caplog) -> None:
 
 # --- the held-out split: each image (patient) decided by its own identity -------------
 
-_record = st.tuples(st.sampled_from(("a", "b", "c")),
-                    st.one_of(st.none(), st.sampled_from(("p0", "p1", "p2", "p3"))),
-                    st.integers(0, 30))
+#: A record: (class, patient folder or None, index, PatientID): None writes a PNG, ""
+#: a DICOM without a PatientID, "P0".. a DICOM with that PatientID.
+_ID_KINDS = (None, "", "P0", "P1", "P2") if HAS_PYDICOM else (None,)
+_CLASSES = st.sampled_from(("a", "b", "c"))
+#: Folders p0, p1 hold files without a PatientID; s2, s3 (studies) DICOMs with one, so
+#: a random folder is never refused for mixing them; the extra image may be anything.
+_record = st.one_of(
+    st.tuples(_CLASSES, st.sampled_from(("p0", "p1")), st.integers(0, 30),
+              st.sampled_from(_ID_KINDS[:2])),
+    st.tuples(_CLASSES, st.sampled_from(("s2", "s3")), st.integers(0, 30),
+              st.sampled_from(_ID_KINDS[2:] or _ID_KINDS)),
+    st.tuples(_CLASSES, st.none(), st.integers(0, 30), st.sampled_from(_ID_KINDS)))
+_any_record = st.tuples(_CLASSES, st.sampled_from((None, "p0", "p1", "s2", "s3")),
+                        st.integers(0, 30), st.sampled_from(_ID_KINDS))
 
 
-def _path(record: tuple[str, str | None, int]) -> str:
-    cls, patient, k = record
-    return f"{cls}/{patient}/img{k}.png" if patient else f"{cls}/img{k}.png"
+def _path(record: tuple[str, str | None, int, str | None]) -> str:
+    cls, folder, k, pid = record
+    name = f"img{k}.{'png' if pid is None else 'dcm'}"
+    return f"{cls}/{folder}/ser{k % 2}/{name}" if folder else f"{cls}/{name}"
 
 
-def _write_folder(root: Path, paths: list[str]) -> None:
-    """One 4x4 PNG per path whose first pixels encode its index (the record's tag)."""
+def _write_folder(root: Path, paths: list[str],
+                  ids: list[str | None] | None = None) -> None:
+    """One 4x4 image per path whose first pixels encode its index (the record's tag):
+    a PNG, or a DICOM (with ids[i] as its PatientID when not empty) whose pixels span
+    0..255, so that its min-max scaling reads like the PNG's division by 255."""
     for i, rel in enumerate(paths):
         px = np.zeros((4, 4), np.uint8)
         px[0, 0], px[0, 1] = (i + 1) % 256, (i + 1) // 256
+        px[3, 2] = 255
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(px, mode="L").save(root / rel)
+        if rel.endswith(".dcm"):
+            _dicom(root / rel, px, patient=(ids[i] if ids else "") or "")
+        else:
+            Image.fromarray(px, mode="L").save(root / rel)
 
 
 def _sides(root: Path, paths: list[str], seed: int, fraction: float) -> dict[str, bool]:
@@ -312,32 +331,51 @@ def _sides(root: Path, paths: list[str], seed: int, fraction: float) -> dict[str
 
 
 @settings(max_examples=25, deadline=None)
-@given(records=st.lists(_record, min_size=6, max_size=20, unique_by=_path), extra=_record,
+@given(records=st.lists(_record, min_size=6, max_size=20, unique_by=_path), extra=_any_record,
        seeds=st.tuples(st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1)),
        fraction=st.sampled_from((0.2, 0.5)))
 def test_adding_one_image_moves_no_other_image_and_the_seed_moves_none(
         records, extra, seeds, fraction) -> None:
     """Property (the per-record epsilon of a hospital's own folder rests on it): for a
-    random folder D and a random extra image x, every image of D is on the same side
-    (training or held-out) in D and in D + x, whatever seed each load is given; and
-    the images of one patient folder are never separated."""
+    random folder D (PNGs and DICOMs, with and without a PatientID, loose or in patient
+    and study folders) and a random extra image x, every image of D is on the same side
+    (training or held-out) in D and in D + x, whatever seed each load is given, or
+    D + x is refused because x mixes a PatientID and none in one folder; the images of
+    one patient (folder, or PatientID) are never separated."""
     paths = [_path(r) for r in records]
     assume(_path(extra) not in paths and len({r[0] for r in records}) >= 2)
+    all_records = [*records, extra]
+    all_paths = [*paths, _path(extra)]
+    ids = [r[3] for r in all_records]
     with tempfile.TemporaryDirectory() as tmp:
         d, dx = Path(tmp) / "D", Path(tmp) / "Dx"
-        _write_folder(d, paths)
-        _write_folder(dx, [*paths, _path(extra)])
+        _write_folder(d, paths, ids)
+        _write_folder(dx, all_paths, ids)
         try:
             before = _sides(d, paths, seeds[0], fraction)
             again = _sides(d, paths, seeds[1], fraction)
-            after = _sides(dx, [*paths, _path(extra)], seeds[1], fraction)
         except DataError as exc:  # a tiny folder whose images all fell on one side
             assume("split is empty" not in str(exc))
             raise
+        try:
+            after = _sides(dx, all_paths, seeds[1], fraction)
+        except DataError as exc:
+            assume("split is empty" not in str(exc))
+            # Only x can make the folder refused, naming x (D itself loads).
+            assert "carries a DICOM PatientID and" in str(exc)
+            assert str(dx / _path(extra)) in str(exc)
+            event("D + x refused: x mixes a PatientID and none in one folder")
+            after = None
     assert again == before
-    assert {p: after[p] for p in paths} == before
-    for patient in ("p0", "p1", "p2", "p3"):
-        assert len({held for p, held in after.items() if f"/{patient}/" in p}) <= 1
+    if after is not None:
+        assert {p: after[p] for p in paths} == before
+    sides = after if after is not None else before
+    units: dict[str, set[bool]] = {}
+    for r, p in zip(all_records, all_paths, strict=True):
+        if p in sides:
+            unit = f"id:{r[3]}" if r[3] else (f"folder:{r[1]}" if r[1] else f"file:{p}")
+            units.setdefault(unit, set()).add(sides[p])
+    assert all(len(unit_sides) == 1 for unit_sides in units.values())
 
 
 def test_a_hospitals_own_folder_is_split_the_same_whatever_the_coordinators_seed(
@@ -379,63 +417,122 @@ def test_a_split_with_an_empty_side_is_refused_without_figures_leaving(tmp_path)
 
 # --- one patient, one privacy unit ---------------------------------------------------
 
+def _units_of(root: Path) -> dict[str, str]:
+    """Each image's unit, by its path relative to root."""
+    files, _, _ = find_images(root)
+    return {f.relative_to(root).as_posix(): u
+            for f, u in zip(files, patient_units(files, root), strict=True)}
+
+
 @needs_pydicom
-def test_one_patient_folder_is_one_unit_whatever_its_files_hold(tmp_path) -> None:
-    """A DICOM with a PatientID, one without, and a PNG export in one patient folder
-    (and the same folder name under another class) are all one patient."""
+def test_a_pacs_export_with_one_patients_studies_in_several_folders_is_one_unit(
+        tmp_path) -> None:
+    """The usual PACS export, class/<study>/<series>/*.dcm: one PatientID across two
+    study folders (and their series sub-folders, and another class) is one patient,
+    loaded and held out together; another PatientID in the same study folder is
+    another patient."""
+    root = tmp_path / "ct"
+    for study, series, k in (("study-A", "s1", 0), ("study-A", "s2", 1), ("study-B", "s1", 2),
+                             ("study-B", "s3/echo2", 3)):
+        _dicom(root / "lesion" / study / series / f"{k}.dcm",
+               np.full((8, 8), 900 + k, np.uint16), patient="MRN-0042")
+    _dicom(root / "normal" / "study-C" / "s1" / "4.dcm", np.full((8, 8), 50, np.uint16),
+           patient="MRN-0042")
+    _dicom(root / "lesion" / "study-A" / "s1" / "other.dcm", np.full((8, 8), 7, np.uint16),
+           patient="MRN-0099")
+    for k in range(12):
+        _dicom(root / "normal" / f"study{k}" / "s1" / "x.dcm", np.full((8, 8), k, np.uint16),
+               patient=f"MRN-1{k:03d}")
+    units = _units_of(root)
+    assert {rel for rel, u in units.items() if u == "dicom:MRN-0042"} == {
+        "lesion/study-A/s1/0.dcm", "lesion/study-A/s2/1.dcm", "lesion/study-B/s1/2.dcm",
+        "lesion/study-B/s3/echo2/3.dcm", "normal/study-C/s1/4.dcm"}
+    assert units["lesion/study-A/s1/other.dcm"] == "dicom:MRN-0099"
+    ds = load_image_folder(root, 4, test_fraction=0.5)
+    train, held = list(ds.train_columns["patient_id"]), list(ds.test_columns["patient_id"])
+    assert (train + held).count("dicom:MRN-0042") == 5
+    assert ("dicom:MRN-0042" in train) != ("dicom:MRN-0042" in held)  # all 5 on one side
+    assert not set(train) & set(held)
+
+
+@needs_pydicom
+def test_files_without_a_patient_id_belong_to_their_patient_folder(tmp_path) -> None:
+    """A PNG export and a DICOM without a PatientID in one patient folder (at any
+    depth, and the same folder name under another class) are one patient."""
     root = tmp_path / "xrays"
     study = root / "covid" / "patient7" / "study1"
-    _dicom(study / "a.dcm", np.full((8, 8), 900, np.uint16), patient="MRN-0042")
-    _dicom(study / "b.dcm", np.full((8, 8), 800, np.uint16))
+    _dicom(study / "anon.dcm", np.full((8, 8), 800, np.uint16))
     _png(study / "c.png", 30, size=(8, 8))
-    _dicom(root / "normal" / "patient7" / "d.dcm", np.full((8, 8), 700, np.uint16),
-           patient="MRN-0042")
+    _png(root / "normal" / "patient7" / "d.png", 70, size=(8, 8))
     for k in range(12):
         _png(root / "normal" / f"other{k}" / "x.png", k, size=(8, 8))
-    files, _, _ = find_images(root)
-    units = patient_units(files, root)
-    assert [u for f, u in zip(files, units, strict=True) if "patient7" in str(f)] == [
-        "folder:patient7"] * 4
+    units = _units_of(root)
+    assert [u for rel, u in units.items() if "patient7" in rel] == ["folder:patient7"] * 3
     ds = load_image_folder(root, 4, test_fraction=0.5)
     train, held = set(ds.train_columns["patient_id"]), set(ds.test_columns["patient_id"])
     assert "folder:patient7" in train ^ held and not train & held
 
 
 @needs_pydicom
-def test_a_patient_folder_holding_two_patient_ids_is_refused(tmp_path) -> None:
-    from bract.flower.client import failure_reason
-
+def test_two_patient_ids_in_one_folder_are_two_patients(tmp_path) -> None:
     root = tmp_path / "xrays"
-    _dicom(root / "covid" / "patient7" / "a.dcm", np.ones((8, 8)), patient="MRN-0042")
-    _dicom(root / "covid" / "patient7" / "s2" / "b.dcm", np.ones((8, 8)), patient="MRN-0099")
+    _dicom(root / "covid" / "study1" / "a.dcm", np.ones((8, 8)), patient="MRN-0042")
+    _dicom(root / "covid" / "study1" / "s2" / "b.dcm", np.ones((8, 8)), patient="MRN-0099")
     _png(root / "normal" / "n.png", 3)
-    with pytest.raises(DataError, match=r"patient folder 'patient7' holds DICOM files of 2 "
-                                        r"different PatientIDs") as err:
-        load_image_folder(root, 4)
-    assert "\n" not in str(err.value) and "a.dcm" in str(err.value)
-    reason = failure_reason(err.value)  # what leaves the hospital: no id, no folder name
-    assert "MRN" not in reason and "patient7" not in reason and "two patients" in reason
+    assert _units_of(root) == {"covid/study1/a.dcm": "dicom:MRN-0042",
+                               "covid/study1/s2/b.dcm": "dicom:MRN-0099",
+                               "normal/n.png": "file:normal/n.png"}
 
 
 @needs_pydicom
 @pytest.mark.parametrize("second", ["covid/patient9/b.dcm", "normal/patient9/b.dcm",
                                     "normal/b.dcm"])
-def test_one_patient_id_in_two_places_is_refused(tmp_path, second) -> None:
-    """One PatientID in two patient folders (any classes), or in a patient folder and
-    directly in a class folder, would be two units for one person: refused, naming
-    both files."""
-    from bract.flower.client import failure_reason
-
+def test_one_patient_id_in_several_places_is_one_patient(tmp_path, second) -> None:
+    """One PatientID in two folders (of any classes), or in a folder and directly in
+    a class folder, is one patient."""
     root = tmp_path / "xrays"
     _dicom(root / "covid" / "patient7" / "a.dcm", np.ones((8, 8)), patient="MRN-0042")
     _dicom(root / second, np.ones((8, 8)), patient="MRN-0042")
     _png(root / "normal" / "n.png", 3)
-    with pytest.raises(DataError, match=r"carry the same DICOM PatientID") as err:
+    units = _units_of(root)
+    assert units["covid/patient7/a.dcm"] == units[second] == "dicom:MRN-0042"
+
+
+def _path_parts(path: Path, under: Path) -> list[str]:
+    """The names a reply must not carry: every component of path below ``under``."""
+    return [part for part in path.relative_to(under).parts if part]
+
+
+@needs_pydicom
+@pytest.mark.parametrize("other", ["covid/Jane_Doe_MRN0000/study1/export.png",
+                                   "covid/Jane_Doe_MRN0000/anon.dcm",
+                                   "normal/Jane_Doe_MRN0000/export.png"])
+def test_a_patient_folder_mixing_dicoms_with_and_without_a_patient_id_is_refused(
+        tmp_path, other) -> None:
+    """A DICOM with a PatientID and a file without one under one patient folder name
+    would make one person two units (dicom:<id> and folder:<name>): refused in one line
+    naming both files; the reply names no file, folder or id."""
+    from bract.flower.client import failure_reason
+
+    root = tmp_path / "St_Elsewhere" / "xrays"
+    dicom = _dicom(root / "covid" / "Jane_Doe_MRN0000" / "study1" / "a.dcm", np.ones((8, 8)),
+                   patient="MRN-0042")
+    if other.endswith(".png"):
+        _png(root / other, 3)
+    else:
+        _dicom(root / other, np.ones((8, 8)))
+    _png(root / "normal" / "n.png", 3)
+    with pytest.raises(DataError, match=r"carries a DICOM PatientID and .* does not") as err:
         load_image_folder(root, 4)
     text = str(err.value)
-    assert "\n" not in text and "a.dcm" in text and str(root / second) in text
-    assert "patient folder 'patient7'" in text
-    assert "MRN" not in failure_reason(err.value)
+    assert "\n" not in text and str(dicom) in text and str(root / other) in text
+    reason = failure_reason(err.value)
+    assert "mixes DICOM files with a PatientID and files without one" in reason
+    for name in ["MRN-0042", *_path_parts(root / other, tmp_path), "a.dcm"]:
+        assert name not in reason
+    # Without the file lacking a PatientID, the folder loads.
+    (root / other).unlink()
+    assert _units_of(root)["covid/Jane_Doe_MRN0000/study1/a.dcm"] == "dicom:MRN-0042"
 
 
 @needs_pydicom
@@ -452,3 +549,74 @@ def test_dicoms_directly_in_class_folders_are_patients_by_their_id(tmp_path) -> 
     files, _, _ = find_images(root)
     assert sorted(set(patient_units(files, root))) == [
         "dicom:P0", "dicom:P1", "file:normal/anon.dcm", "file:normal/n.png"]
+
+
+# --- what a hospital's failure reply carries ------------------------------------------
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _fails(case: str, root: Path, monkeypatch) -> tuple[DataError, Path]:
+    """Make the image folder at root fail as ``case`` says: the error, and the deepest
+    path its message names (a file or folder at or under root)."""
+    for cls in ("covid", "normal"):
+        for k in range(3):
+            _png(root / cls / f"Pat_{cls}_{k}" / "x.png", 40 * k, size=(8, 8))
+    patient = root / "covid" / "Jane_Doe_MRN0000"
+    named = patient / "bad.dcm"
+    if case == "corrupt png":
+        named = _write_bytes(patient / "bad.png", b"not a png")
+    elif case in ("corrupt dicom", "dicom header"):
+        _write_bytes(named, b"DICM? no")
+    elif case == "multi-frame dicom":
+        _dicom(named, np.zeros((2, 4, 4)), frames=2, patient="MRN0000")
+    elif case == "dicom without pydicom":
+        _write_bytes(named, b"\x00" * 200)
+        monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ImportError
+    elif case == "missing folder":
+        named = root = root / "Jane_Doe_MRN0000"
+    elif case == "a file, not a folder":
+        named = root = _png(patient / "scan.png", 3)
+    elif case == "one class":
+        root = root.parent / "single"  # one class folder, named after a patient
+        named = _png(root / "Jane_Doe_MRN0000" / "x.png", 3).parent
+    elif case == "empty class":
+        named = root / "Jane_Doe_MRN0000"
+        named.mkdir()
+        (named / "notes.txt").write_text("none")
+    elif case == "no readable image in a class":
+        named = root / "Jane_Doe_MRN0000"
+        _write_bytes(named / "MRN0000" / "bad.png", b"junk")
+    with pytest.raises(DataError) as err:
+        if case == "dicom header":
+            patient_units([named], root)
+        else:
+            load_image_folder(root, 4, strict=case != "no readable image in a class")
+    return err.value, named
+
+
+_FAILURES = ("corrupt png", "corrupt dicom", "dicom header", "multi-frame dicom",
+             "dicom without pydicom", "missing folder", "a file, not a folder", "one class",
+             "empty class", "no readable image in a class")
+
+
+@pytest.mark.parametrize("case", _FAILURES)
+def test_a_failure_reply_names_no_part_of_the_hospitals_data_root(
+        tmp_path, monkeypatch, case) -> None:
+    """A hospital's image folder that cannot be loaded: the message (its own log) names
+    the file or folder, the reply (failure_reason, what reaches the coordinator) names
+    no component of its path, neither the folders nor the patient's name."""
+    from bract.flower.client import failure_reason
+
+    if "dicom" in case and case != "dicom without pydicom" and not HAS_PYDICOM:
+        pytest.skip("pydicom is not installed (pip install 'bract[dicom]')")
+    root = tmp_path / "St_Elsewhere" / "xrays"
+    exc, named = _fails(case, root, monkeypatch)
+    assert str(named) in str(exc) or repr(named.name) in str(exc)
+    reason = failure_reason(exc)
+    assert reason == exc.public_reason and "details in its own log" in reason
+    for part in named.parts[1:]:
+        assert part not in reason, (part, reason)

@@ -222,3 +222,53 @@ def test_a_hospitals_own_file_is_split_as_the_file_ships_it_whatever_the_seed(tm
         own = tasks.own_data(task, str(path))
         np.testing.assert_allclose(own.x_train[:, 0], train, atol=1e-6)
         np.testing.assert_allclose(own.x_test[:, 0], raw["test_images"] / 255.0, atol=1e-6)
+
+
+_NAN_IMAGES = np.full((30, 28, 28), np.nan, np.float32)
+#: A MedMNIST file the hospital cannot use: how to write it, and load_medmnist's kwargs.
+_BAD_FILES = {
+    "missing file": (None, {}),
+    "a folder": ("dir", {}),
+    "not a zip": ("junk", {}),
+    "missing key": ({"drop": ("test_labels",)}, {}),
+    "half of val": ({"drop": ("val_labels",)}, {}),
+    "images and labels of different lengths": (
+        {"train_labels": np.zeros((29, 1), np.uint8)}, {}),
+    "two-channel images": ({"train_images": np.zeros((30, 28, 28, 2), np.uint8)}, {}),
+    "negative labels": ({"train_labels": np.full((30, 1), -1, np.int64)}, {}),
+    "splits of different shapes": ({"test_images": np.zeros((12, 32, 32), np.uint8)}, {}),
+    "empty test split": ({"n": (30, 6, 0)}, {}),
+    "not square": ({"train_images": np.zeros((30, 28, 32), np.uint8),
+                    "val_images": np.zeros((6, 28, 32), np.uint8),
+                    "test_images": np.zeros((12, 28, 32), np.uint8)}, {}),
+    "side not a multiple of 4": ({"side": 30}, {}),
+    "n_samples too many": ({}, {"n_samples": 1000}),
+    "NaN pixels": ({"train_images": _NAN_IMAGES}, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_FILES))
+def test_a_failure_reply_names_no_part_of_the_hospitals_file_path(tmp_path, case) -> None:
+    """A hospital's MedMNIST file that cannot be loaded: the message (its own log)
+    names the file, the reply (failure_reason, what reaches the coordinator) names no
+    component of its path, nor its counts."""
+    from bract.flower.client import failure_reason
+
+    path = tmp_path / "St_Elsewhere" / "Jane_Doe_MRN0000" / "pneumoniamnist.npz"
+    path.parent.mkdir(parents=True)
+    how, kwargs = _BAD_FILES[case]
+    if how == "dir":
+        path.mkdir()
+    elif how == "junk":
+        path.write_bytes(b"this is not a zip archive")
+    elif how is not None:
+        _write(path, **how)
+    with pytest.raises(DataError) as err:
+        load_medmnist(path, **kwargs)
+    assert str(path) in str(err.value)
+    reason = failure_reason(err.value)
+    assert reason == err.value.public_reason and "details in its own log" in reason
+    for part in path.parts[1:]:
+        assert part not in reason, (part, reason)
+    for figure in ("29", "30", "1000"):
+        assert figure not in reason

@@ -131,10 +131,25 @@ def test_each_hospital_trains_and_evaluates_on_its_own_file_and_the_coordinator_
 
 def test_a_hospital_file_that_does_not_fit_the_declared_model_is_refused_with_the_reason(
         tmp_path) -> None:
-    path = _npz(tmp_path / "bloodmnist.npz", 10, 2, 4, seed=0)
+    from bract.flower.client import failure_reason
+
+    (tmp_path / "Jane_Doe_MRN0000").mkdir()
+    path = _npz(tmp_path / "Jane_Doe_MRN0000" / "bloodmnist.npz", 10, 2, 4, seed=0)
     task = tasks.TaskConfig(dataset="medmnist", num_classes=2, in_channels=3)
-    with pytest.raises(ValueError, match=r"shape \(1, 28, 28\).*takes \(3, 28, 28\)"):
+    with pytest.raises(ValueError, match=r"shape \(1, 28, 28\).*takes \(3, 28, 28\)") as err:
         tasks.own_data(task, str(path))
+    assert str(path) in str(err.value)  # the hospital's own log
+    reason = failure_reason(err.value)  # its reply: the mismatch, not the path
+    assert "shape (1, 28, 28)" in reason and "takes (3, 28, 28)" in reason
+    assert not [part for part in path.parts[1:] if part in reason]
+    grey = tasks.TaskConfig(dataset="medmnist", num_classes=2, in_channels=1)
+    own = tasks.own_data(grey, str(path))
+    with pytest.raises(ValueError, match=r"a regression dataset, the federation trains "
+                                         r"classification") as err:
+        tasks.check_fits_model(grey, dataclasses.replace(own, task="regression"), str(path))
+    reason = failure_reason(err.value)
+    assert "a regression dataset" in reason and str(path.parent) in str(err.value)
+    assert not [part for part in path.parts[1:] if part in reason]
     with pytest.raises(ValueError, match="bundled"):
         tasks.TaskConfig(dataset="breast-cancer", num_classes=2, in_channels=1)
     with pytest.raises(ValueError, match="both num-classes and in-channels"):

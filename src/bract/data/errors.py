@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["DataError"]
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["DataError", "private_details"]
 
 
 class DataError(ValueError):
@@ -12,11 +15,23 @@ class DataError(ValueError):
     The message names the problem and the fix. It is a ``ValueError``, so callers
     that already report ``ValueError`` cleanly (the ``bract`` command) report it too.
     ``public_reason``, when given, is what may leave a hospital instead of the message
-    (one without its patients' ids, folder names or counts): a hospital's failure
-    reply carries only that, and its own log the whole message.
+    (one without its files' paths, its folder names, its patients' ids or counts): a
+    hospital's failure reply carries only that, and its own log the whole message.
     """
 
     def __init__(self, message: str, *, public_reason: str | None = None) -> None:
         super().__init__(message)
         if public_reason is not None:
             self.public_reason = public_reason
+
+
+@contextmanager
+def private_details(public_reason: str) -> Iterator[None]:
+    """Inside, a :class:`DataError` raised without a ``public_reason`` gets this one
+    (for shared helpers whose message names a hospital's file through ``where``)."""
+    try:
+        yield
+    except DataError as exc:
+        if getattr(exc, "public_reason", None) is None:
+            exc.public_reason = public_reason
+        raise

@@ -3,12 +3,13 @@
 
 Layout: ``root/<class name>/[<patient>/<any sub-folders>/]<image>``. Class names
 are the sorted names of ``root``'s sub-folders (hidden ones, starting with ``.``,
-are skipped); label ``i`` is the ``i``-th name. The first folder below a class
-folder is a patient (:func:`patient_units`), and each patient is held out or not
-by its own id (:mod:`bract.data.holdout`). Images are PNG or JPEG (read with
-Pillow) or DICOM ``.dcm`` (read with pydicom, the optional extra
-``pip install 'bract[dicom]'``). Other files (``Thumbs.db``, ``.DS_Store``,
-notes) are ignored.
+are skipped); label ``i`` is the ``i``-th name. Each image's patient is its DICOM
+``PatientID`` where its header has one, else the first folder below its class folder
+(or the file itself, directly in its class folder): :func:`patient_units`. Each
+patient is held out or not by its own id (:mod:`bract.data.holdout`). Images are PNG
+or JPEG (read with Pillow) or DICOM ``.dcm`` (read with pydicom, the optional extra
+``pip install 'bract[dicom]'``). Other files (``Thumbs.db``, ``.DS_Store``, notes)
+are ignored.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bract.data.errors import DataError
+from bract.data.errors import DataError, private_details
 from bract.data.holdout import check_test_fraction, split_by_identity
 from bract.data.image_arrays import (
     check_image_size,
@@ -47,6 +48,13 @@ DICOM_EXTENSIONS: tuple[str, ...] = (".dcm", ".dicom")
 
 _DICOM_HINT = "pip install 'bract[dicom]'"
 
+# What leaves a hospital instead of a message that names its files, folders or counts
+# (DataError.public_reason): the whole message stays in the hospital's own log.
+_PUBLIC_UNREADABLE = ("an image in the hospital's image folder cannot be read "
+                      "(details in its own log)")
+_PUBLIC_NO_PYDICOM = (f"the hospital's image folder holds DICOM files, and reading them needs "
+                      f"pydicom: {_DICOM_HINT} (details in its own log)")
+
 
 def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
     """The image files under ``root``, their int64 labels and the class names.
@@ -60,15 +68,20 @@ def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ..
     if not root.exists():
         raise DataError(
             f"image folder not found: {root}. Give a folder with one sub-folder per class "
-            "(e.g. root/normal/*.png, root/pneumonia/*.png); bract never downloads data."
+            "(e.g. root/normal/*.png, root/pneumonia/*.png); bract never downloads data.",
+            public_reason="the hospital's image folder was not found (details in its own log)",
         )
     if not root.is_dir():
-        raise DataError(f"{root} is a file; give a folder with one sub-folder per class")
+        raise DataError(f"{root} is a file; give a folder with one sub-folder per class",
+                        public_reason="the hospital's image folder is a file, not a folder "
+                                      "(details in its own log)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise DataError(
             f"{root} has {len(classes)} class sub-folder(s) ({classes}); an image folder needs "
-            "one sub-folder per class and at least 2 classes"
+            "one sub-folder per class and at least 2 classes",
+            public_reason="the hospital's image folder has fewer than 2 class sub-folders "
+                          "(details in its own log)",
         )
     suffixes = IMAGE_EXTENSIONS + DICOM_EXTENSIONS
     files: list[Path] = []
@@ -84,7 +97,9 @@ def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ..
         if not found:
             raise DataError(
                 f"class folder {root / name} holds no image ({', '.join(suffixes)}); put its "
-                "images there or remove the folder"
+                "images there or remove the folder",
+                public_reason="a class folder of the hospital's image folder holds no image "
+                              "(details in its own log)",
             )
         files.extend(found)
         labels.extend([label] * len(found))
@@ -94,67 +109,53 @@ def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ..
 def patient_units(files: Sequence[Path], root: str | Path) -> list[str]:
     """The privacy unit (patient) of each image file under ``root``.
 
-    * A file in a **patient folder** (the first folder below its class folder:
-      ``root/covid/patient7/study1/c.dcm``) belongs to ``folder:patient7``, whatever
-      the file is (PNG, JPEG, DICOM with or without a ``PatientID``); the same folder
-      name under two classes is one patient.
-    * A DICOM file directly in its class folder belongs to ``dicom:<PatientID>`` (all
-      such files with one ``PatientID``, in any class, are one patient), or is a
-      patient of its own when its header has no ``PatientID``.
+    * A DICOM file whose header has a ``PatientID`` belongs to ``dicom:<PatientID>``,
+      wherever it lies: one patient's studies in several folders
+      (``root/covid/<study>/<series>/*.dcm``, a PACS export), or under several
+      classes, are one unit.
+    * Any other file (PNG, JPEG, DICOM without a ``PatientID``) in a sub-folder of its
+      class folder belongs to its **patient folder**, the first folder below the class
+      folder (``root/covid/patient7/study1/c.png``: ``folder:patient7``); the same
+      folder name under two classes is one patient.
     * Any other file directly in its class folder is a patient of its own
       (``file:<class>/<name>``).
 
-    Guarantee: one person is one unit wherever the DICOM headers can tell, and a
-    file's unit is a function of its own path and header only (adding or removing
-    another file never changes it; it can only make the folder refused). Raises
-    :class:`DataError`, naming two of the files, when the headers contradict the
-    layout: a patient folder whose DICOM files carry two different ``PatientID``s, or
-    one ``PatientID`` in two patient folders or in a patient folder and a file
-    directly in a class folder.
+    Guarantee: a file's unit is a function of its own path and header only (adding or
+    removing another file never changes it; it can only make the folder refused).
+    Raises :class:`DataError`, naming two of the files, only where one person could
+    become two units: a patient folder name (under any class) that holds both DICOM
+    files with a ``PatientID`` and files without one (the first would be
+    ``dicom:<PatientID>``, the others ``folder:<name>``).
     """
     top = Path(root).expanduser()
     units: list[str] = []
-    ids_in_unit: dict[str, dict[str, Path]] = {}  # unit -> PatientID -> first file
-    units_of_id: dict[str, dict[str, Path]] = {}  # PatientID -> unit -> first file
+    with_id: dict[str, Path] = {}  # patient folder name -> its first DICOM with a PatientID
+    without_id: dict[str, Path] = {}  # patient folder name -> its first other file
     for path in files:
-        parts = path.relative_to(top).parts  # (class, [patient, ...,] file)
+        parts = path.relative_to(top).parts  # (class, [patient folder, ...,] file)
         pid = _dicom_patient_id(path) if path.suffix.lower() in DICOM_EXTENSIONS else ""
-        if len(parts) > 2:
-            unit = f"folder:{parts[1]}"
-        elif pid:
+        folder = parts[1] if len(parts) > 2 else None
+        if pid:
             unit = f"dicom:{pid}"
+        elif folder is not None:
+            unit = f"folder:{folder}"
         else:
             unit = f"file:{'/'.join(parts)}"
         units.append(unit)
-        if pid:
-            ids_in_unit.setdefault(unit, {}).setdefault(pid, path)
-            units_of_id.setdefault(pid, {}).setdefault(unit, path)
-    for unit, ids in ids_in_unit.items():
-        if len(ids) > 1:
-            first, second = list(ids.values())[:2]
+        if folder is not None:
+            (with_id if pid else without_id).setdefault(folder, path)
+    for folder, dicom in with_id.items():
+        if folder in without_id:
             raise DataError(
-                f"patient folder {unit.removeprefix('folder:')!r} holds DICOM files of "
-                f"{len(ids)} different PatientIDs ({first} and {second}); a patient folder "
-                "holds one patient: move each patient's files to a folder of their own",
-                public_reason="the hospital's image folder holds two patients in one patient "
-                              "folder (details in its own log)")
-    for places in units_of_id.values():
-        if len(places) > 1:
-            (a, first), (b, second) = list(places.items())[:2]
-            raise DataError(
-                f"{first} and {second} carry the same DICOM PatientID but lie in "
-                f"{_where(a)} and {_where(b)}, which would count one patient twice; put "
-                "each patient's files in one patient folder",
-                public_reason="the hospital's image folder holds one patient in two places "
+                f"{dicom} carries a DICOM PatientID and {without_id[folder]} does not, but "
+                f"both lie in patient folder {folder!r}, so one person could count as two "
+                f"patients (the PatientID's and folder:{folder}); write the PatientID into "
+                "the files without one, remove them, or move them to a folder of their own "
+                "if they are another person's",
+                public_reason="the hospital's image folder mixes DICOM files with a "
+                              "PatientID and files without one in one patient folder "
                               "(details in its own log)")
     return units
-
-
-def _where(unit: str) -> str:
-    """A unit of :func:`patient_units`, in words for an error message."""
-    if unit.startswith("folder:"):
-        return f"patient folder {unit.removeprefix('folder:')!r}"
-    return "a class folder (no patient folder)"
 
 
 def _dicom_patient_id(path: Path) -> str:
@@ -163,13 +164,15 @@ def _dicom_patient_id(path: Path) -> str:
         import pydicom
     except ImportError:
         raise DataError(
-            f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}"
+            f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}",
+            public_reason=_PUBLIC_NO_PYDICOM,
         ) from None
     try:
         header = pydicom.dcmread(str(path), stop_before_pixels=True)
     except Exception as exc:  # pydicom raises many types for bad files
         raise DataError(f"cannot read the DICOM header of {path} ({type(exc).__name__}: "
-                        f"{exc}); replace or remove the file") from None
+                        f"{exc}); replace or remove the file",
+                        public_reason=_PUBLIC_UNREADABLE) from None
     return str(getattr(header, "PatientID", "") or "").strip()
 
 
@@ -198,10 +201,12 @@ def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
                 pixels = np.asarray(img.convert("RGB" if channels == 3 else "L"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(
-            f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or remove the file"
+            f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or remove the file",
+            public_reason=_PUBLIC_UNREADABLE,
         ) from None
-    unit = to_unit_float(pixels, where=str(path))
-    return to_channels(unit[None], channels, where=str(path))[0]
+    with private_details(_PUBLIC_UNREADABLE):  # their messages name the file
+        unit = to_unit_float(pixels, where=str(path))
+        return to_channels(unit[None], channels, where=str(path))[0]
 
 
 def read_dicom(path: str | Path, channels: int = 1) -> np.ndarray:
@@ -219,7 +224,8 @@ def read_dicom(path: str | Path, channels: int = 1) -> np.ndarray:
         import pydicom
     except ImportError:
         raise DataError(
-            f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}"
+            f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}",
+            public_reason=_PUBLIC_NO_PYDICOM,
         ) from None
     try:
         from pydicom.pixels import apply_modality_lut
@@ -230,7 +236,8 @@ def read_dicom(path: str | Path, channels: int = 1) -> np.ndarray:
         if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
             raise DataError(
                 f"{path} holds {ds.NumberOfFrames} frames; bract reads single-frame DICOM "
-                "images only (export one frame per file)"
+                "images only (export one frame per file)",
+                public_reason=_PUBLIC_UNREADABLE,
             )
         pixels = ds.pixel_array
         samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
@@ -242,22 +249,26 @@ def read_dicom(path: str | Path, channels: int = 1) -> np.ndarray:
     except Exception as exc:  # pydicom raises many types for bad or unsupported files
         raise DataError(
             f"cannot read DICOM image {path} ({type(exc).__name__}: {exc}); it may lack pixel "
-            "data or use a compression pydicom cannot decode here; replace or remove the file"
+            "data or use a compression pydicom cannot decode here; replace or remove the file",
+            public_reason=_PUBLIC_UNREADABLE,
         ) from None
     pixels = np.asarray(pixels)
     if pixels.ndim != (2 if samples == 1 else 3):
-        raise DataError(f"{path}: expected a 2-D image, got pixel data of shape {pixels.shape}")
-    if samples == 1:
-        if not np.isfinite(pixels).all():
-            raise DataError(f"{path}: pixels contain NaN or infinity")
-        lo, hi = float(pixels.min()), float(pixels.max())
-        span = hi - lo if hi > lo else 1.0
-        unit = ((pixels - lo) / span).astype(np.float32)
-    else:
-        unit = to_unit_float(pixels, where=str(path))
-    if photometric == "MONOCHROME1":
-        unit = 1.0 - unit
-    return to_channels(unit[None], channels, where=str(path))[0]
+        raise DataError(f"{path}: expected a 2-D image, got pixel data of shape {pixels.shape}",
+                        public_reason=_PUBLIC_UNREADABLE)
+    with private_details(_PUBLIC_UNREADABLE):  # the helpers' messages name the file
+        if samples == 1:
+            if not np.isfinite(pixels).all():
+                raise DataError(f"{path}: pixels contain NaN or infinity",
+                                public_reason=_PUBLIC_UNREADABLE)
+            lo, hi = float(pixels.min()), float(pixels.max())
+            span = hi - lo if hi > lo else 1.0
+            unit = ((pixels - lo) / span).astype(np.float32)
+        else:
+            unit = to_unit_float(pixels, where=str(path))
+        if photometric == "MONOCHROME1":
+            unit = 1.0 - unit
+        return to_channels(unit[None], channels, where=str(path))[0]
 
 
 def load_image_folder(
@@ -305,8 +316,10 @@ def load_image_folder(
     Guarantees: nothing is downloaded; the result depends only on the folder's
     contents and the arguments. Raises :class:`DataError` (a ``ValueError``)
     naming the problem and the file for a missing folder, missing classes, an
-    empty class folder, an unreadable image, DICOM without pydicom, DICOM
-    ``PatientID``s that contradict the patient folders, or an empty split.
+    empty class folder, an unreadable image, DICOM without pydicom, a patient folder
+    that mixes DICOM files with a ``PatientID`` and files without one, or an empty
+    split. Each of those whose message names a path, a folder, a patient or a count
+    carries a ``public_reason`` without it (what a hospital's failure reply sends).
     """
     check_image_size(image_size)
     if channels not in (1, 3):
@@ -318,7 +331,9 @@ def load_image_folder(
             raise DataError(f"n_samples must be >= 2 (one train, one test), got {n_samples}")
         if n_samples > len(files):
             raise DataError(
-                f"{root} holds {len(files)} images; n_samples={n_samples} is too many"
+                f"{root} holds {len(files)} images; n_samples={n_samples} is too many",
+                public_reason="the image folder holds fewer images than n_samples asks for "
+                              "(details in its own log)",
             )
         keep = subset_indices(labels, n_samples, seed)
         files, labels = [files[i] for i in keep], labels[keep]
@@ -329,7 +344,9 @@ def load_image_folder(
         missing = [c for i, c in enumerate(classes) if not (labels == i).any()]
         if missing or len(files) < 2:
             raise DataError(f"{root}: after skipping the unreadable files, class folder(s) "
-                            f"{missing or list(classes)} hold too few readable images")
+                            f"{missing or list(classes)} hold too few readable images",
+                            public_reason="a class folder of the hospital's image folder holds "
+                                          "too few readable images (details in its own log)")
     top = Path(root).expanduser()
     patients = np.asarray(patient_units(files, top), dtype=object)
     train_idx, test_idx = split_by_identity(list(patients), test_fraction, key=split_key)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bract.data.errors import DataError
+from bract.data.errors import DataError, private_details
 from bract.data.image_arrays import (
     check_image_size,
     resize_images,
@@ -40,6 +40,16 @@ MEDMNIST_KEYS: tuple[str, ...] = (
     "test_labels",
 )
 _REQUIRED = ("train_images", "train_labels", "test_images", "test_labels")
+
+# What leaves a hospital instead of a message that names its file or counts its images
+# (DataError.public_reason): the whole message stays in the hospital's own log.
+_PUBLIC_BAD_FILE = ("the hospital's data file is not a MedMNIST file bract can use "
+                    "(details in its own log)")
+
+
+def _public(what: str) -> str:
+    return f"the hospital's data file {what} (details in its own log)"
+
 
 #: Class names of the binary "any finding" policy for multi-label files.
 ANY_FINDING_NAMES: tuple[str, str] = ("no finding", "any finding")
@@ -101,10 +111,12 @@ def _read_npz(path: Path) -> Mapping[str, np.ndarray]:
     if not path.exists():
         raise DataError(
             f"MedMNIST file not found: {path}. Give the path of a MedMNIST .npz file "
-            "(e.g. pneumoniamnist.npz); bract never downloads data."
+            "(e.g. pneumoniamnist.npz); bract never downloads data.",
+            public_reason=_public("was not found"),
         )
     if path.is_dir():
-        raise DataError(f"{path} is a directory; give the path of a MedMNIST .npz file")
+        raise DataError(f"{path} is a directory; give the path of a MedMNIST .npz file",
+                        public_reason=_public("is a folder, not a .npz file"))
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = list(npz.files)
@@ -112,17 +124,20 @@ def _read_npz(path: Path) -> Mapping[str, np.ndarray]:
             if missing:
                 raise DataError(
                     f"{path} is missing the key(s) {missing}; a MedMNIST file holds "
-                    f"{list(MEDMNIST_KEYS)} (found {sorted(keys)})"
+                    f"{list(MEDMNIST_KEYS)} (found {sorted(keys)})",
+                    public_reason=_PUBLIC_BAD_FILE,
                 )
             if ("val_images" in keys) != ("val_labels" in keys):
-                raise DataError(f"{path} has only one of val_images / val_labels; give both")
+                raise DataError(f"{path} has only one of val_images / val_labels; give both",
+                                public_reason=_PUBLIC_BAD_FILE)
             return {k: npz[k] for k in MEDMNIST_KEYS if k in keys}
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(
             f"cannot read {path} as a .npz file ({type(exc).__name__}: {exc}); is it a "
-            "MedMNIST file, and complete?"
+            "MedMNIST file, and complete?",
+            public_reason=_public("cannot be read as a .npz file"),
         ) from None
 
 
@@ -133,13 +148,16 @@ def _split_arrays(
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise DataError(
             f"{path}: {split}_images must be [N, H, W] (grey) or [N, H, W, 3] (RGB), got "
-            f"{list(images.shape)}"
+            f"{list(images.shape)}",
+            public_reason=_PUBLIC_BAD_FILE,
         )
-    y = medmnist_labels(labels, label, where=f"{path}: {split}_labels")
+    with private_details(_public("holds labels bract cannot use")):  # where names the file
+        y = medmnist_labels(labels, label, where=f"{path}: {split}_labels")
     if len(y) != len(images):
         raise DataError(
             f"{path}: {split}_images has {len(images)} images but {split}_labels has "
-            f"{len(y)} labels; they must match one to one"
+            f"{len(y)} labels; they must match one to one",
+            public_reason=_public("holds images and labels that do not match one to one"),
         )
     return images, y
 
@@ -176,7 +194,8 @@ def load_medmnist(
     the arguments. Raises :class:`DataError` (a ``ValueError``) naming the
     problem for a missing or unreadable file, a missing key, images and labels
     that do not match, a bad label policy or an image size that is not a
-    multiple of 4.
+    multiple of 4; each of those whose message names the file or counts its images
+    carries a ``public_reason`` without them (what a hospital's failure reply sends).
     """
     path = Path(path).expanduser()
     if channels is not None and channels not in (1, 3):
@@ -191,28 +210,34 @@ def load_medmnist(
         if x_va.shape[1:] != x_tr.shape[1:]:
             raise DataError(
                 f"{path}: val_images are {list(x_va.shape[1:])} but train_images are "
-                f"{list(x_tr.shape[1:])}; every split must hold images of one shape"
+                f"{list(x_tr.shape[1:])}; every split must hold images of one shape",
+                public_reason=_public("holds splits of different image shapes"),
             )
         x_tr, y_tr = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])
     if x_te.shape[1:] != x_tr.shape[1:]:
         raise DataError(
             f"{path}: test_images are {list(x_te.shape[1:])} but train_images are "
-            f"{list(x_tr.shape[1:])}; every split must hold images of one shape"
+            f"{list(x_tr.shape[1:])}; every split must hold images of one shape",
+            public_reason=_public("holds splits of different image shapes"),
         )
     if len(y_tr) == 0 or len(y_te) == 0:
-        raise DataError(f"{path}: the training and test splits must both hold images")
+        raise DataError(f"{path}: the training and test splits must both hold images",
+                        public_reason=_public("has an empty training or test split"))
     height, width = x_tr.shape[1:3]
     if image_size is None:
         if height != width:
             raise DataError(
-                f"{path}: images are {height}x{width}, not square; give image_size to resize"
+                f"{path}: images are {height}x{width}, not square; give image_size to resize",
+                public_reason=_public("holds images that are not square (give image-size)"),
             )
         try:
             check_image_size(int(height))
         except DataError:
             raise DataError(
                 f"{path}: images are {height}x{width}; bract's CNN needs a side that is a "
-                f"multiple of 4: give image_size (e.g. {max(4, height // 4 * 4)}) to resize"
+                f"multiple of 4: give image_size (e.g. {max(4, height // 4 * 4)}) to resize",
+                public_reason=_public("holds images whose side is not a multiple of 4 (give "
+                                      "image-size)"),
             ) from None
         image_size = int(height)
 
@@ -221,7 +246,8 @@ def load_medmnist(
         if n_samples < 2:
             raise DataError(f"n_samples must be >= 2 (one train, one test), got {n_samples}")
         if n_samples > n_all:
-            raise DataError(f"{path} holds {n_all} images; n_samples={n_samples} is too many")
+            raise DataError(f"{path} holds {n_all} images; n_samples={n_samples} is too many",
+                            public_reason=_public("holds fewer images than n_samples asks for"))
         n_te = min(max(1, round(n_samples * len(y_te) / n_all)), n_samples - 1)
         keep_tr = subset_indices(y_tr, n_samples - n_te, seed)
         keep_te = subset_indices(y_te, n_te, seed)
@@ -231,8 +257,10 @@ def load_medmnist(
     want = native_channels if channels is None else channels
 
     def convert(images: np.ndarray, split: str) -> np.ndarray:
-        unit = to_unit_float(images, where=f"{path}: {split}_images")
-        return resize_images(to_channels(unit, want, where=f"{path}: {split}"), image_size)
+        with private_details(_public("holds images bract cannot read")):  # where names it
+            unit = to_unit_float(images, where=f"{path}: {split}_images")
+            unit = to_channels(unit, want, where=f"{path}: {split}")
+        return resize_images(unit, image_size)
 
     multi_label = raw["train_labels"].ndim == 2 and raw["train_labels"].shape[1] > 1
     num_classes = max(2, int(max(y_tr.max(), y_te.max())) + 1)
