@@ -192,7 +192,7 @@ def test_calibration_composes_the_planned_releases_and_lands_on_the_target() -> 
                                     plan.total_steps, 1.0, 1e-5)]
     eps = epsilon_of(events, 1e-5, "pld")
     assert 4.0 * 0.99 <= eps <= 4.0
-    too_costly = [MetricsRelease(0.5).event(r, 1e-5, "") for r in (1, 2, 3)]
+    too_costly = [MetricsRelease(0.5).event(r, 1e-5, "", "record") for r in (1, 2, 3)]
     with pytest.raises(PrivacyError, match="metrics releases spend epsilon"):
         calibrate(4.0, 1e-5, plan, alongside=too_costly)
 
