@@ -153,11 +153,9 @@ def test_a_declared_dropout_tolerance_lets_auto_mask_with_fewer_hospitals(tmp_pa
         [sorted(v.unmask_request.alive)] for v in views]
 
 
-def test_a_hospital_whose_weight_outgrew_the_ring_is_refused_before_training(
-        tmp_path) -> None:
-    """Round 2's ring is sized from round 1's reports; hospital-0 then declares a far
-    larger dataset (a public size of 4096). It refuses round 2 before training, spending
-    nothing; round 3 is sized for the default weight again, and it rejoins."""
+def _outgrown_from_round_2():
+    """A mod that tracks the round, and a setup in which hospital-0 declares a public
+    size of 4096 from round 2 on (far above what round 1's reports size the ring for)."""
     now = {"round": 0}
 
     def track(msg, ctx, call_next):
@@ -170,6 +168,15 @@ def test_a_hospital_whose_weight_outgrew_the_ring_is_refused_before_training(
             s = dataclasses.replace(s, public_size=4096)
         return s
 
+    return track, setup
+
+
+def test_a_hospital_whose_weight_outgrew_the_ring_is_refused_before_training(
+        tmp_path) -> None:
+    """Round 2's ring is sized from round 1's reports; hospital-0 then declares a far
+    larger dataset (a public size of 4096). It refuses round 2 before training, spending
+    nothing; round 3 is sized for the default weight again, and it rejoins."""
+    track, setup = _outgrown_from_round_2()
     policy = dataclasses.replace(NON_PRIVATE, rounds=4)
     report, _, _ = _run(tmp_path, policy, secure=True, rounds=4, extra_mods=[track],
                         setup=setup)
@@ -195,21 +202,14 @@ def test_a_train_message_without_its_round_config_is_still_held_to_the_ring(
     ring, refuses it before training: nothing spent, and no error after training."""
     from bract.flower.records import ROUND_CONFIG
 
-    now = {"round": 0}
+    track, setup = _outgrown_from_round_2()
 
     def strip(msg, ctx, call_next):
-        now["round"] = int(msg.metadata.group_id)
         msg.content.config_records.pop(ROUND_CONFIG, None)
         return call_next(msg, ctx)
 
-    def setup(ctx):
-        s = _setup(ctx)
-        if int(ctx.node_config["partition-id"]) == 0 and now["round"] >= 2:
-            s = dataclasses.replace(s, public_size=4096)
-        return s
-
     policy = dataclasses.replace(NON_PRIVATE, rounds=3)
-    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3, extra_mods=[strip],
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3, extra_mods=[track, strip],
                         setup=setup)
     r2 = report["rounds"][1]
     assert r2["secagg"]["aborted"] is None and "hospital-0" not in r2["secagg"]["alive"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -158,8 +159,8 @@ def patient_units(files: Sequence[Path], root: str | Path) -> list[str]:
     return units
 
 
-def _dicom_patient_id(path: Path) -> str:
-    """The ``PatientID`` in ``path``'s DICOM header, stripped ("" when it has none)."""
+def _pydicom(path: Path) -> Any:
+    """pydicom, or a :class:`DataError` naming the DICOM file that needs it."""
     try:
         import pydicom
     except ImportError:
@@ -167,6 +168,12 @@ def _dicom_patient_id(path: Path) -> str:
             f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}",
             public_reason=_PUBLIC_NO_PYDICOM,
         ) from None
+    return pydicom
+
+
+def _dicom_patient_id(path: Path) -> str:
+    """The ``PatientID`` in ``path``'s DICOM header, stripped ("" when it has none)."""
+    pydicom = _pydicom(path)
     try:
         header = pydicom.dcmread(str(path), stop_before_pixels=True)
     except Exception as exc:  # pydicom raises many types for bad files
@@ -220,13 +227,7 @@ def read_dicom(path: str | Path, channels: int = 1) -> np.ndarray:
     'bract[dicom]'``. Multi-frame files and files without pixel data are errors.
     """
     path = Path(path)
-    try:
-        import pydicom
-    except ImportError:
-        raise DataError(
-            f"{path} is a DICOM file and reading DICOM needs pydicom: {_DICOM_HINT}",
-            public_reason=_PUBLIC_NO_PYDICOM,
-        ) from None
+    pydicom = _pydicom(path)
     try:
         from pydicom.pixels import apply_modality_lut
     except ImportError:  # pydicom 2.x
