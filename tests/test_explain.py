@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own convention)
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -108,6 +108,7 @@ class GapNet(nn.Module):
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(0, 3))
+@example(6071, 3)
 def test_grad_cam_equals_the_class_activation_map_of_a_gap_network(seed, cls):
     torch.manual_seed(seed)
     model = GapNet()
@@ -121,7 +122,17 @@ def test_grad_cam_equals_the_class_activation_map_of_a_gap_network(seed, cls):
         low = ref.amin(dim=(1, 2), keepdim=True)
         span = ref.amax(dim=(1, 2), keepdim=True) - low
         ref = torch.where(span > 0, (ref - low) / span.clamp_min(1e-12), torch.zeros_like(ref))
-    np.testing.assert_allclose(cam.heatmaps, ref.numpy(), atol=1e-5)
+        # the largest size of the terms one position sums (weights times activations,
+        # which can cancel)
+        terms = torch.einsum("k,bkhw->bhw", model.fc.weight[cls].abs(), act.abs())
+        terms = terms.amax(dim=(1, 2), keepdim=True)
+    # float32 both ways, summed in different orders: the rounding is a small part of the
+    # terms' size, and the min-max scaling divides it by the map's span, so a map that
+    # nearly cancels out is compared at a looser tolerance (hypothesis: seed 6071, class
+    # 3); a flat map must be all zeros.
+    tol = torch.where(span > 0, 1e-5 * torch.clamp(terms / span.clamp_min(1e-12), min=1.0),
+                      torch.zeros_like(span))
+    assert (torch.from_numpy(cam.heatmaps) - ref).abs().le(tol).all()
     assert cam.classes.tolist() == [cls] * 3
 
 
