@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -213,6 +214,22 @@ def load(node_config):
 '''
 
 
+def _configured_federation(tmp_path, rc: dict, policy, loader: str, tag: str = ""):
+    """Three hospitals an operator configured (name, site, ``policy``, ``loader``, own
+    state dirs ``state-<i>``) run one federation of ``rc`` through bract's own apps;
+    the grid (for its contexts) and the report."""
+    grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
+    for i, ctx in enumerate(grid.contexts.values()):
+        path = tmp_path / f"policy-{tag}{i}.json"
+        policy.write(path)
+        ctx.node_config.clear()
+        ctx.node_config.update({"name": f"hospital-{i}", "site": i, "policy": str(path),
+                                "loader": loader, "state-dir": str(tmp_path / f"state-{i}")})
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=rc))
+    return grid, json.loads((pathlib.Path(rc["out"]) / "report.json").read_text())
+
+
 def test_a_hospitals_own_python_loader_serves_its_data_and_metrics_leave_only_by_policy(
         tmp_path, monkeypatch) -> None:
     """Node config ``loader = "module:function"``: the hospital's own code loads its
@@ -228,17 +245,9 @@ def test_a_hospitals_own_python_loader_serves_its_data_and_metrics_leave_only_by
     monkeypatch.syspath_prepend(str(tmp_path))
     rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 4.0,
           "secagg": False, "release-metrics": "clear", "out": str(tmp_path / "out")}
-    grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
-    for i, ctx in enumerate(grid.contexts.values()):
-        policy = tmp_path / f"policy-{i}.json"
-        HospitalPolicy(release_metrics="clear", allow_plain_aggregation=True).write(policy)
-        ctx.node_config.clear()
-        ctx.node_config.update({"name": f"hospital-{i}", "site": i, "policy": str(policy),
-                                "loader": "site_records:load",
-                                "state-dir": str(tmp_path / f"state-{i}")})
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                             run_config=rc))
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    grid, report = _configured_federation(
+        tmp_path, rc, HospitalPolicy(release_metrics="clear", allow_plain_aggregation=True),
+        "site_records:load")
     (row,) = report["rounds"]
     assert sorted(row["trained"]) == ["hospital-0", "hospital-1", "hospital-2"]
     full = load_dataset("breast-cancer", seed=0)
@@ -290,17 +299,10 @@ def test_a_hospital_whose_policy_protects_patients_spends_epsilon_per_patient(
     monkeypatch.syspath_prepend(str(tmp_path))
     rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 4.0,
           "secagg": False, "batch-size": 8, "out": str(tmp_path / "out")}
-    grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
-    for i, ctx in enumerate(grid.contexts.values()):
-        policy = tmp_path / f"policy-{i}.json"
-        HospitalPolicy(privacy_unit="patient", allow_plain_aggregation=True).write(policy)
-        ctx.node_config.clear()
-        ctx.node_config.update({"name": f"hospital-{i}", "site": i, "policy": str(policy),
-                                "loader": "site_patients:load",
-                                "state-dir": str(tmp_path / f"state-{i}")})
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                             run_config=rc))
-    (row,) = json.loads((tmp_path / "out" / "report.json").read_text())["rounds"]
+    grid, report = _configured_federation(
+        tmp_path, rc, HospitalPolicy(privacy_unit="patient", allow_plain_aggregation=True),
+        "site_patients:load")
+    (row,) = report["rounds"]
     assert sorted(row["trained"]) == ["hospital-0", "hospital-1", "hospital-2"]
     for cid, line in row["per_client"].items():
         records = len(range(int(cid[-1]), 455, 3))
@@ -323,18 +325,10 @@ def _unit_run(tmp_path, out: str, unit: str, target: float, legacy: str | None =
 
     rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": target,
           "secagg": False, "batch-size": 8, "out": str(tmp_path / out)}
-    grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
-    for i, ctx in enumerate(grid.contexts.values()):
-        policy = tmp_path / f"policy-{out}-{i}.json"
-        HospitalPolicy(target_epsilon=8.0, privacy_unit=unit, legacy_ledger_unit=legacy,
-                       allow_plain_aggregation=True).write(policy)
-        ctx.node_config.clear()
-        ctx.node_config.update({"name": f"hospital-{i}", "site": i, "policy": str(policy),
-                                "loader": "site_patients:load",
-                                "state-dir": str(tmp_path / f"state-{i}")})
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                             run_config=rc))
-    return json.loads((tmp_path / out / "report.json").read_text())["rounds"][-1]
+    policy = HospitalPolicy(target_epsilon=8.0, privacy_unit=unit, legacy_ledger_unit=legacy,
+                            allow_plain_aggregation=True)
+    _, report = _configured_federation(tmp_path, rc, policy, "site_patients:load", f"{out}-")
+    return report["rounds"][-1]
 
 
 def _own_ledger(tmp_path, i: int = 0) -> list:
