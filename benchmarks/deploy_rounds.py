@@ -24,7 +24,7 @@ figure is the seconds per round the server records (report.json ``seconds``: fro
 sending the round's first message to having averaged and evaluated), median over
 rounds 2..R of every repeat (round 1 holds the key advertisement and the first
 imports). Printed: plain and secure medians, their ratio, and the cost of each extra
-stage ((secure - plain) / 2).
+stage ((secure - plain) / 2), and the same figures as one JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -91,9 +91,12 @@ def main() -> int:
             for mode in ("plain", "secure"):
                 # A federation per run: the hospitals' lifetime budgets start unspent.
                 with tempfile.TemporaryDirectory(prefix=f"deploy-{name}-") as tmp:
+                    # A plain run's hospitals allow plain aggregation in their own
+                    # policies (they refuse it by default).
                     with LocalFederation(Path(tmp) / "work", 3, executor=s["executor"],
                                          pull_interval=s["pull_interval"],
-                                         task_poll_interval=s["task_poll_interval"]) as fed:
+                                         task_poll_interval=s["task_poll_interval"],
+                                         secagg=mode == "secure") as fed:
                         got = _rounds(fed, Path(tmp) / mode, args.rounds, mode == "secure",
                                       s["reply-poll"])
                 per[mode].extend(got)
@@ -104,10 +107,18 @@ def main() -> int:
         plain, secure = statistics.median(per["plain"]), statistics.median(per["secure"])
         print(f"{name:6s}  {plain:7.2f}  {secure:8.2f}  {secure / plain:12.2f}  "
               f"{(secure - plain) / 2:17.2f}")
+    figures: dict[str, float] = {}
+    for name, per in results.items():
+        plain, secure = statistics.median(per["plain"]), statistics.median(per["secure"])
+        figures.update({f"{name}_plain_s": plain, f"{name}_secure_s": secure,
+                        f"{name}_secure_over_plain": secure / plain,
+                        f"{name}_per_extra_stage_s": (secure - plain) / 2})
     if {"flower", "bract"} <= results.keys():
         f = statistics.median(results["flower"]["secure"])
         b = statistics.median(results["bract"]["secure"])
         print(f"\nsecure round, flower defaults / bract: {f / b:.2f}x")
+        figures["secure_flower_over_bract"] = f / b
+    print(json.dumps({k: round(v, 3) for k, v in figures.items()}))
     return 0
 
 

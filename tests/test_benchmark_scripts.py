@@ -28,6 +28,8 @@ SMOKE_RUNS = [
     (["audit_table.py", "--repeats", "1"], None),
     (["secagg_bench.py", "--quick"], None),
     (["dp_cuda_bench.py", "--device", "cpu", "--quick"], None),
+    (["deploy_rounds.py", "--rounds", "2", "--setups", "bract"],
+     {"bract_plain_s", "bract_secure_s", "bract_per_extra_stage_s"}),
 ]
 
 
