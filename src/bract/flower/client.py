@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from bract.flower.files import atomic_write_text
+from bract.flower.files import atomic_write_text, make_directory
 from bract.flower.records import (
     GLOBAL_WEIGHTS,
     LOCAL_METRICS,
@@ -291,6 +291,11 @@ def _read_own_chain(state_dir: Path, on_disk: dict) -> tuple[LedgerEntry, ...]:
 
 
 def _save_state(ctx: Context, setup: HospitalSetup, state: ConfigRecord) -> None:
+    """Commit the hospital's privacy state: into ``ctx.state``, and, with a privacy
+    directory, durably to disk (:func:`~bract.flower.files.atomic_write_text`: fsynced
+    before and after its rename). The train handler calls it before it builds its
+    reply, so an update never leaves the hospital before the privacy it spends is on
+    disk: a crash or power loss right after cannot let the hospital spend it again."""
     ctx.state.config_records[STATE_PRIVACY] = state
     home = setup.privacy_dir()
     if home is None:
@@ -313,7 +318,7 @@ def exclusive(home: Path | None) -> Iterator[None]:
         return
     import fcntl
 
-    Path(home).mkdir(parents=True, exist_ok=True)
+    make_directory(Path(home))
     with open(Path(home) / ".lock", "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
@@ -356,7 +361,9 @@ def dp_train_handler(
     signed entry to the hospital's chain, kept in ``ctx.state`` and in the
     dataset's privacy directory (:meth:`HospitalSetup.privacy_dir`:
     ``ledger.jsonl``, its head in ``privacy-state.json``), which every later run
-    and federation on the same dataset continues. The reply
+    and federation on the same dataset continues; both files are written durably
+    (fsynced) before the reply is built, so no update leaves the hospital before the
+    record of the privacy it spent would survive a crash or power loss. The reply
     carries the updated weights, the number of examples, and accounting data only;
     when ``release_metrics`` (or its value for the Context) is not ``"none"``, also
     the round's metrics release (:class:`bract.privacy.MetricsRelease`), covered by

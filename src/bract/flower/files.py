@@ -1,4 +1,5 @@
-"""Atomic file writes for the records a federation must never leave half-written."""
+"""Atomic, durable file writes for the records a federation must never leave half-written
+or lose: a hospital's privacy state and signed ledger, a run's report and checkpoints."""
 
 from __future__ import annotations
 
@@ -47,20 +48,30 @@ def freeze_records(wait: float) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never
-    a partial one (write to a temporary file in the same directory, then rename).
-    Nothing is written once :func:`freeze_records` has run in this process."""
+    """Write ``text`` to ``path`` atomically and durably.
+
+    Guarantee: at every moment, a crash or power loss included, ``path`` is either the
+    file it was (or absent) or the complete new one; never empty or partial, and once
+    this returns the new file survives a power loss. The text goes to a temporary file
+    in the same directory, which is fsynced, renamed over ``path`` (``os.replace``),
+    and the directory is fsynced so the rename lasts; directories it creates are made
+    durable too (:func:`make_directory`). A failure removes the temporary file and
+    leaves ``path`` as it was. Nothing is written once :func:`freeze_records` has run
+    in this process."""
     path = Path(path)
     with committing():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        fsync_directory(path.parent)
 
 
 def write_private_bytes(path: Path, data: bytes) -> None:
@@ -70,11 +81,12 @@ def write_private_bytes(path: Path, data: bytes) -> None:
     absent, the file it was, or the complete new one; never empty or partial. The bytes
     go to a temporary file created with mode 0600 in the same directory (so a key
     never inherits the wider mode of a file it replaces), which is fsynced, renamed
-    over ``path`` (``os.replace``), and the directory is fsynced so the rename lasts.
+    over ``path`` (``os.replace``), and the directory is fsynced so the rename lasts;
+    directories it creates are made durable too (:func:`make_directory`).
     A failure removes the temporary file and leaves ``path`` as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -86,6 +98,23 @@ def write_private_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def make_directory(directory: Path) -> None:
+    """Create ``directory`` and its missing parents (as ``mkdir -p``), durably: the
+    parent of each directory it creates is fsynced, so a file later fsynced into it is
+    not lost with a directory entry a power loss dropped."""
+    directory = Path(directory)
+    created: list[Path] = []
+    d = directory
+    while not d.is_dir() and d.parent != d:
+        created.append(d)
+        d = d.parent
+    if not created:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in reversed(created):
+        fsync_directory(d.parent)
 
 
 def fsync_directory(directory: Path) -> None:
