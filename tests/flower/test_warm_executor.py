@@ -124,8 +124,9 @@ def test_each_message_runs_in_a_fresh_child_of_the_warm_parent(tmp_path, monkeyp
         "X25519PrivateKey.generate(); numpy.random.rand(); torch.rand(1)\n")
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
     monkeypatch.setenv("WARM_TEST_DIR", str(tmp_path))
+    # min_service=0: the zygote killed below has served, so it is replaced at once.
     executor = warm_executor.ForkingExecutor(preload=("fractions", "warm_prelude", "warm_target"),
-                                             target="warm_target:run")
+                                             target="warm_target:run", min_service=0.0)
     try:
         assert executor.wait_ready(120)
         assert executor._zygote is not None
@@ -391,6 +392,126 @@ def test_a_zygote_that_cannot_start_is_retried_with_growing_pauses_then_given_up
     assert off == [f"warm executor disabled: {reason}; messages run on Flower's executor"]
     assert [s.token for s in fallback.specs] == ["after"]
 
+
+
+class _NoThread(warm_executor.threading.Thread):
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+
+@pytest.mark.parametrize("cause", ["a preload Popen refuses", "no thread for its reader"])
+def test_a_zygote_that_cannot_be_started_for_any_reason_is_a_failure_never_an_exception(
+        monkeypatch, caplog, cause) -> None:
+    """Not only an OSError: whatever starting a zygote raises (``ValueError`` from
+    ``subprocess`` for a preload with a NUL byte, ``RuntimeError`` when no thread can
+    be started for its reader) counts as a failed zygote, with the same pauses and the
+    same end, and never reaches Flower's SuperExec loop; a zygote process that was
+    started without its reader is killed, not left behind."""
+    import logging
+    import subprocess
+
+    procs: list[subprocess.Popen] = []
+
+    def popen(*args, **kwargs):
+        procs.append(subprocess.Popen(*args, **kwargs))
+        return procs[-1]
+
+    monkeypatch.setattr(warm_executor, "subprocess", warm_executor.rebound(subprocess,
+                                                                           Popen=popen))
+    preload: tuple[str, ...] = ("json",)
+    if cause == "a preload Popen refuses":
+        preload, why = ("json\x00os",), "ValueError: embedded null byte"
+    else:
+        monkeypatch.setattr(warm_executor, "threading", warm_executor.rebound(
+            warm_executor.threading, Thread=_NoThread))
+        why = "RuntimeError: can't start new thread"
+    fallback = _RecordingFallback()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        executor = warm_executor.ForkingExecutor(preload=preload, target="json:dumps",
+                                                 fallback=fallback, max_failures=2,
+                                                 backoff=0.05)
+        try:
+            deadline = time.monotonic() + 30
+            while executor.disabled is None and time.monotonic() < deadline:
+                executor.reconcile()
+                time.sleep(0.01)
+            assert executor.launch(_spec("after")).status == "accepted"
+        finally:
+            executor.close()
+    assert executor.disabled == f"could not start its zygote: {why}"
+    assert [s.token for s in fallback.specs] == ["after"]
+    assert all(proc.poll() is not None for proc in procs)
+    off = [r.getMessage() for r in caplog.records if "disabled" in r.getMessage()]
+    assert off == [f"warm executor disabled: {executor.disabled}; messages run on Flower's "
+                   "executor"]
+
+
+DIES_WHEN_READY = """
+import os, signal
+signal.setitimer(signal.ITIMER_REAL, float(os.environ["ZYGOTE_LIFETIME"]))  # SIGALRM kills it
+"""
+
+
+def test_a_zygote_that_dies_soon_after_it_is_ready_backs_off_then_is_given_up(
+        tmp_path, monkeypatch) -> None:
+    """A zygote that becomes ready and then crashes, every time, is not restarted at
+    every task poll: one that served less than ``min_service`` seconds is a failure
+    (pauses that double, then the warm path is off), as one that never became ready."""
+    (tmp_path / "dies_when_ready.py").write_text(DIES_WHEN_READY)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
+    monkeypatch.setenv("ZYGOTE_LIFETIME", "0.2")
+    starts: list[float] = []
+    zygotes: list = []
+    real_start = warm_executor.ForkingExecutor._start_zygote
+
+    def counting_start(self) -> None:
+        starts.append(time.monotonic())
+        real_start(self)
+        zygotes.append(self._zygote)
+
+    monkeypatch.setattr(warm_executor.ForkingExecutor, "_start_zygote", counting_start)
+    executor = warm_executor.ForkingExecutor(
+        preload=("json", "dies_when_ready"), target="json:dumps",
+        fallback=_RecordingFallback(), max_failures=3, backoff=0.2)
+    try:
+        deadline = time.monotonic() + 60
+        while executor.disabled is None and time.monotonic() < deadline:
+            executor.reconcile()
+            time.sleep(0.02)
+        for _ in range(20):
+            executor.reconcile()
+            time.sleep(0.02)
+    finally:
+        executor.close()
+    assert len(starts) == 3
+    assert all(z.ready_at is not None for z in zygotes)  # each of them had become ready
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4
+    assert executor.disabled is not None
+    assert executor.disabled.startswith("its zygote exited (status -14) ")
+    assert executor.disabled.endswith(" s after it was ready")
+
+
+def test_a_zygote_that_served_is_replaced_at_once_and_its_failures_forgotten(
+        tmp_path, monkeypatch) -> None:
+    """A zygote that exits after serving ``min_service`` seconds or more is replaced at
+    the next reconcile, with no pause, and the failure count starts over."""
+    (tmp_path / "dies_when_ready.py").write_text(DIES_WHEN_READY)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT / 'src'}")
+    monkeypatch.setenv("ZYGOTE_LIFETIME", "1.5")
+    executor = warm_executor.ForkingExecutor(
+        preload=("json", "dies_when_ready"), target="json:dumps",
+        fallback=_RecordingFallback(), max_failures=2, backoff=30.0, min_service=0.3)
+    try:
+        first = executor._zygote
+        assert first is not None and executor.wait_ready(120)
+        executor._failures = 1  # as if a zygote before it had failed
+        first.proc.wait(timeout=60)
+        executor.reconcile()
+        assert executor.disabled is None and executor._failures == 0
+        assert executor._zygote is not None and executor._zygote is not first
+    finally:
+        executor.close()
 
 # ------------------------------------------------------------------ the SuperNode's polls
 def test_the_supernode_patch_shortens_only_the_idle_sleep_and_swaps_the_superexec(

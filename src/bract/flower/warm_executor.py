@@ -44,11 +44,14 @@ What it keeps of Flower's semantics, by construction:
   runs as Flower's default (a fresh ``flwr-clientapp``, this interpreter's own, not
   one found on ``PATH``) while a new zygote starts; a message it had been handed but
   not answered for is not started again (it may have forked it), so Flower's task
-  expiry applies to it. A zygote that exits before it is ready (a preload that fails
-  to import) is retried after 1 s, 2 s, 4 s; after :data:`MAX_ZYGOTE_FAILURES` in a
-  row the executor logs ``warm executor disabled: REASON; messages run on Flower's
-  executor`` once and starts no more. ``launch`` never raises: what cannot be
-  started is a failed launch, which Flower logs.
+  expiry applies to it. A zygote that served for :data:`MIN_ZYGOTE_SERVICE` seconds
+  or more is replaced at once. One that fails (it cannot be started, exits before it
+  is ready, e.g. a preload that fails to import, or exits less than
+  :data:`MIN_ZYGOTE_SERVICE` seconds after it became ready) is retried after 1 s, 2 s,
+  4 s; after :data:`MAX_ZYGOTE_FAILURES` failures in a row the executor logs ``warm
+  executor disabled: REASON; messages run on Flower's executor`` once and starts no
+  more. ``launch`` and ``reconcile`` never raise: what cannot be started is a failed
+  launch, which Flower logs, or a failed zygote.
 * **The app code is the hospital's installed bract**, as with Flower's default
   executor for this app (bract is imported from the environment, not from the FAB).
 
@@ -76,10 +79,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FLOWER_VERSIONS", "HEADER_SIZE", "MAX_REQUEST", "MAX_ZYGOTE_FAILURES", "PRELOAD",
-           "WAKE_FD_ENV", "ZYGOTE_BACKOFF", "ForkingExecutor", "SubprocessFallback",
-           "WakeableSleep", "check_flower_version", "encode_request", "flower_task_args",
-           "flower_task_command", "rebound", "superexec_main", "zygote_main"]
+__all__ = ["FLOWER_VERSIONS", "HEADER_SIZE", "MAX_REQUEST", "MAX_ZYGOTE_FAILURES",
+           "MIN_ZYGOTE_SERVICE", "PRELOAD", "WAKE_FD_ENV", "ZYGOTE_BACKOFF",
+           "ForkingExecutor", "SubprocessFallback", "WakeableSleep", "check_flower_version",
+           "encode_request", "flower_task_args", "flower_task_command", "rebound",
+           "superexec_main", "zygote_main"]
 
 #: Flower releases whose SuperExec executor protocol, ``run_superexec.get_executor``
 #: and ``run_clientapp`` signature this module was written against and tested with.
@@ -101,9 +105,14 @@ RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp:run_clientapp"
 #: The environment variable through which ``bract-supernode`` gives its SuperExec the
 #: read end of the pipe it writes a byte to whenever it stored a message.
 WAKE_FD_ENV = "BRACT_SUPEREXEC_WAKE_FD"
-#: Zygotes in a row that may exit before they are ready (e.g. a preload that fails to
-#: import) before the executor stops starting them and leaves every message to Flower's.
+#: Zygotes in a row that may fail (not start, exit before they are ready, e.g. a preload
+#: that fails to import, or exit within :data:`MIN_ZYGOTE_SERVICE` seconds of becoming
+#: ready) before the executor stops starting them and leaves every message to Flower's.
 MAX_ZYGOTE_FAILURES = 4
+#: Seconds a zygote must have served (from its ``ready`` to its exit) for its exit to
+#: restart it at once with the failure count reset; one that exits sooner counts as a
+#: failure, so a zygote that crashes whenever it is ready is not restarted at every poll.
+MIN_ZYGOTE_SERVICE = 30.0
 #: Seconds before the first new zygote after one failed; doubled after each failure.
 ZYGOTE_BACKOFF = 1.0
 
@@ -425,6 +434,10 @@ class _Zygote:
         #: The reason it gave for exiting (its ``error`` line), if any.
         self.error = ""
         self.reader: threading.Thread | None = None
+        #: When (``time.monotonic``) it said ``ready``, and when its output ended (it
+        #: exited): how long it served.
+        self.ready_at: float | None = None
+        self.ended_at: float | None = None
 
 
 class ForkingExecutor:
@@ -440,14 +453,16 @@ class ForkingExecutor:
 
     def __init__(self, preload: Sequence[str] = PRELOAD, target: str = RUN_CLIENTAPP,
                  ready_timeout: float = 120.0, *, fallback: Any = None,
-                 max_failures: int = MAX_ZYGOTE_FAILURES, backoff: float = ZYGOTE_BACKOFF
-                 ) -> None:
-        if max_failures < 1 or not backoff > 0:
-            raise ValueError("max_failures must be at least 1 and backoff above 0 s")
+                 max_failures: int = MAX_ZYGOTE_FAILURES, backoff: float = ZYGOTE_BACKOFF,
+                 min_service: float = MIN_ZYGOTE_SERVICE) -> None:
+        if max_failures < 1 or not backoff > 0 or not min_service >= 0:
+            raise ValueError("max_failures must be at least 1, backoff above 0 s and "
+                             "min_service at least 0 s")
         #: What runs a task the zygote does not (``launch(spec)``, Flower's protocol).
         self._fallback = fallback if fallback is not None else SubprocessFallback()
         self._max_failures, self._backoff = max_failures, backoff
-        #: Zygotes in a row that exited before they were ready.
+        self._min_service = min_service
+        #: Zygotes in a row that failed (see :meth:`reconcile`).
         self._failures = 0
         #: When the next zygote may start (after a failure: a growing pause).
         self._restart_at = 0.0
@@ -474,9 +489,15 @@ class ForkingExecutor:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
         zygote = _Zygote(proc)
-        zygote.reader = threading.Thread(target=self._read_zygote, args=(zygote,),
-                                         name="bract-zygote-reader", daemon=True)
-        zygote.reader.start()
+        try:
+            zygote.reader = threading.Thread(target=self._read_zygote, args=(zygote,),
+                                             name="bract-zygote-reader", daemon=True)
+            zygote.reader.start()
+        except BaseException:
+            # No reader, no zygote: one nobody listens to must not outlive this try.
+            proc.kill()
+            proc.wait()
+            raise
         self._zygote = zygote
 
     def _read_zygote(self, zygote: _Zygote) -> None:
@@ -484,6 +505,7 @@ class ForkingExecutor:
         for raw in zygote.proc.stdout:
             word, _, rest = raw.decode("utf-8", "replace").strip().partition(" ")
             if word == "ready":
+                zygote.ready_at = time.monotonic()
                 zygote.ready.set()
             elif word in ("forked", "failed"):
                 request, _, detail = rest.partition(" ")
@@ -495,6 +517,7 @@ class ForkingExecutor:
                         self._refused.append((spec, detail))
             elif word == "error":
                 zygote.error = rest
+        zygote.ended_at = time.monotonic()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Whether the zygote finished its imports within ``timeout`` seconds."""
@@ -571,11 +594,18 @@ class ForkingExecutor:
 
     def reconcile(self) -> None:
         """Between task polls: start on the fallback every task whose fork failed in the
-        zygote, and replace a zygote that died: at once if it had become ready; if it
-        had not (a preload that fails to import), after a pause that doubles each time
-        (``backoff`` s, then twice that...), and after ``max_failures`` such zygotes in
-        a row never again: one log line, ``warm executor disabled: REASON; messages run
-        on Flower's executor``, and every later message runs on the fallback."""
+        zygote, and replace a zygote that died: at once, with the failure count reset,
+        if it had served ``min_service`` seconds or more since it became ready. A zygote
+        that failed (it could not be started, whatever the exception; it exited before
+        it was ready, e.g. a preload that fails to import; or it exited less than
+        ``min_service`` seconds after it became ready) is replaced after a pause that
+        doubles each time (``backoff`` s, then twice that...), and after
+        ``max_failures`` failures in a row never again: one log line, ``warm executor
+        disabled: REASON; messages run on Flower's executor``, and every later message
+        runs on the fallback.
+
+        Guarantee: never raises (Flower's SuperExec loop calls it unguarded); a zygote
+        that crashes whenever it is ready is started at most ``max_failures`` times."""
         from flwr.common.logger import log
 
         zygote = self._zygote
@@ -604,12 +634,13 @@ class ForkingExecutor:
             return
         try:
             self._start_zygote()
-        except OSError as exc:
-            self._failed(f"could not start its zygote: {exc}", now)
+        except Exception as exc:  # any failure to start is a failed zygote, never raised
+            detail = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            self._failed(f"could not start its zygote: {detail}", now)
 
     def _failed(self, reason: str, now: float) -> None:
-        """A zygote that never became ready: wait longer before the next, and after
-        ``max_failures`` in a row stop trying (one log line says so)."""
+        """A zygote that failed (see :meth:`reconcile`): wait longer before the next, and
+        after ``max_failures`` in a row stop trying (one log line says so)."""
         from flwr.common.logger import log
 
         self._failures += 1
@@ -635,7 +666,13 @@ class ForkingExecutor:
                 ", ".join(str(s.task_id) for s in zygote.sent.values()))
             zygote.sent.clear()
         status = zygote.proc.returncode
-        if zygote.ready.is_set():  # it served: a new one at once, the count starts over
+        if zygote.ready_at is not None:
+            served = (zygote.ended_at if zygote.ended_at is not None else now) - zygote.ready_at
+            if served < self._min_service:  # it crashes once it is ready: back off
+                self._failed(zygote.error or f"its zygote exited (status {status}) "
+                             f"{served:.1f} s after it was ready", now)
+                return
+            # It served: a new one at once, the count starts over.
             self._failures, self._restart_at = 0, now
             log(logging.WARNING, "bract warm executor: its zygote exited (status %s); a new "
                 "one starts (messages run on Flower's executor until it is ready)", status)
