@@ -254,6 +254,42 @@ def test_a_configured_hospital_reads_no_data_file_the_coordinator_names(tmp_path
         hospital_setup(task, ctx)
 
 
+
+def test_a_configured_hospital_that_names_no_data_is_refused_in_one_line(tmp_path) -> None:
+    """A configured hospital with neither data-path nor loader trains on its partition of
+    the bundled dataset, so its node config needs partition-id: without one it is refused
+    with one line naming the three settings (no KeyError), and that line is all its error
+    reply carries (nothing of its own, such as its state-dir)."""
+    from flwr.app import ConfigRecord, Message
+
+    from bract import tasks
+    from bract.flower.app import hospital_setup
+    from bract.flower.client import PrivacyPolicy, make_client_app
+    from bract.flower.records import ROUND_CONFIG
+
+    state = tmp_path / "St_Mary" / "state"
+    task = tasks.TaskConfig(dataset="breast-cancer")
+    reason = ("this SuperNode's node config names no data to train on: set data-path (the "
+              "hospital's own file) or loader (its own Python loader), or partition-id (its "
+              "partition of the run's bundled dataset)")
+    ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
+                  node_config={"name": "st-mary", "state-dir": str(state)})
+    with pytest.raises(ValueError) as refused:
+        hospital_setup(task, ctx)
+    assert str(refused.value) == reason
+    app = make_client_app(lambda c: hospital_setup(task, c),
+                          PrivacyPolicy(target_epsilon=4.0, delta=1e-5, rounds=1))
+    content = RecordDict()
+    content.config_records[ROUND_CONFIG] = ConfigRecord({"round": 1})
+    reply = app(Message(content, dst_node_id=5, message_type="train"), ctx)
+    assert reply.has_error() and reply.error.reason == reason
+    for bad in ("first", -1, 1.5):
+        ctx.node_config["partition-id"] = bad
+        with pytest.raises(ValueError, match="partition-id must be a whole number"):
+            hospital_setup(task, ctx)
+    ctx.node_config["partition-id"] = 1
+    assert hospital_setup(task, ctx).client_id == "st-mary"
+
 def test_a_configured_hospital_never_takes_keys_the_coordinator_wrote(tmp_path) -> None:
     """In Flower's simulation engine a hospital (partition-id only) takes the identity
     its ServerApp wrote under the run's output. A SuperNode its operator configured

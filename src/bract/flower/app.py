@@ -85,7 +85,7 @@ def hospital_setup(
     if "name" in nc:
         client_id = str(nc["name"])
     elif "partition-id" in nc:
-        client_id = f"hospital-{int(nc['partition-id'])}"
+        client_id = f"hospital-{partition_id(nc)}"
     else:
         raise ValueError("this SuperNode's node config names neither the hospital "
                          "('name') nor its partition ('partition-id')")
@@ -122,7 +122,7 @@ def hospital_setup(
         held_out = tasks.loader_of(task, own.x_test, own.y_test).dataset
     else:
         source = dataset_source(task)
-        train_loader = tasks.hospital_loader(task, int(nc["partition-id"]))
+        train_loader = tasks.hospital_loader(task, partition_id(nc))
     own_policy = hospital_policy_of(nc)
     if own_policy.privacy_unit == "patient":
         if patient_ids is None:
@@ -152,6 +152,31 @@ def hospital_setup(
             state_root / client_id if state_root is not None else None
         ),
     )
+
+
+def partition_id(node_config: Mapping[str, Any]) -> int:
+    """The node config's ``partition-id``: the partition of the run's bundled dataset a
+    hospital without data of its own (no ``data-path``, no ``loader``) trains on.
+
+    Raises ``ValueError`` in one line naming the settings when it is missing (the node
+    config then names no data at all) or not a whole number; the message holds nothing
+    of the hospital's but the value its operator wrote."""
+    if "partition-id" not in node_config:
+        raise ValueError("this SuperNode's node config names no data to train on: set "
+                         "data-path (the hospital's own file) or loader (its own Python "
+                         "loader), or partition-id (its partition of the run's bundled "
+                         "dataset)")
+    value = node_config["partition-id"]
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ValueError(f"this SuperNode's node config partition-id must be a whole number "
+                         f"(0, 1, ...), got {str(value)[:40]!r}")
+    return number
 
 
 def load_with(loader: str, node_config: Mapping[str, Any]) -> Any:
