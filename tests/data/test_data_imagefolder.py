@@ -620,3 +620,78 @@ def test_a_failure_reply_names_no_part_of_the_hospitals_data_root(
     assert reason == exc.public_reason and "details in its own log" in reason
     for part in named.parts[1:]:
         assert part not in reason, (part, reason)
+
+
+def _deny(monkeypatch, how: str, target: Path) -> None:
+    """Make the operating system refuse bract ``target`` (tests run as root, whom
+    ``chmod`` does not stop): listing it, examining it, or listing it while walking."""
+    import os
+
+    def refused() -> PermissionError:
+        return PermissionError(13, "Permission denied", str(target))
+
+    if how == "list the folder":
+        real_iterdir = Path.iterdir
+
+        def iterdir(self):
+            if self == target:
+                raise refused()
+            return real_iterdir(self)
+
+        monkeypatch.setattr(Path, "iterdir", iterdir)
+    elif how == "walk into a folder":
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if Path(path) == target:
+                raise refused()
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    else:  # "examine it"
+        real_stat = Path.stat
+
+        def stat(self, *args, **kwargs):
+            if self == target:
+                raise refused()
+            return real_stat(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "stat", stat)
+
+
+@pytest.mark.parametrize(("how", "where"), [
+    ("list the folder", ""),
+    ("examine it", ""),
+    ("walk into a folder", "covid"),
+    ("walk into a folder", "covid/Jane_Doe_MRN0000"),
+    ("walk into a folder", "covid/Jane_Doe_MRN0000/study1"),
+    ("examine it", "covid/Jane_Doe_MRN0000/x.png"),
+])
+def test_a_folder_or_file_bract_may_not_read_is_refused_never_skipped(
+        tmp_path, monkeypatch, how, where) -> None:
+    """The operating system refusing bract a folder or a file of the image folder
+    (permission denied) stops the load with a DataError in one line naming the path
+    and the refusal, never a PermissionError whose text (the path) would reach the
+    coordinator, and never a folder skipped (one patient's images missing without a
+    word): the reply says why in the OS's words and names no part of the path."""
+    from bract.flower.client import failure_reason
+
+    root = tmp_path / "St_Elsewhere" / "xrays"
+    for cls in ("covid", "normal"):
+        for k in range(3):
+            _png(root / cls / f"Pat_{cls}_{k}" / "x.png", 40 * k, size=(8, 8))
+    _png(root / "covid" / "Jane_Doe_MRN0000" / "x.png", 3, size=(8, 8))
+    _png(root / "covid" / "Jane_Doe_MRN0000" / "study1" / "y.png", 3, size=(8, 8))
+    assert len(find_images(root)[0]) == 8
+    target = root / where if where else root
+    _deny(monkeypatch, how, target)
+    with pytest.raises(DataError) as err:
+        load_image_folder(root, 4)
+    text = str(err.value)
+    assert "\n" not in text and str(root) in text and "Permission denied" in text
+    reason = failure_reason(err.value)
+    assert reason == err.value.public_reason == (
+        "the hospital's image folder cannot be read (Permission denied; details in its own "
+        "log)")
+    for part in target.parts[1:]:
+        assert part not in reason, (part, reason)

@@ -272,3 +272,50 @@ def test_a_failure_reply_names_no_part_of_the_hospitals_file_path(tmp_path, case
         assert part not in reason, (part, reason)
     for figure in ("29", "30", "1000"):
         assert figure not in reason
+
+
+@pytest.mark.parametrize("refused", ["examine the file", "open the file"])
+def test_a_file_bract_may_not_read_is_refused_without_its_path(tmp_path, monkeypatch,
+                                                              refused) -> None:
+    """The operating system refusing bract the file (permission denied, on the file or a
+    folder on its path) is a DataError in one line naming the file and the refusal, never
+    a PermissionError whose text (the path) would reach the coordinator; the reply says
+    why in the OS's words and names no part of the path."""
+    import builtins
+
+    from bract.flower.client import failure_reason
+
+    path = tmp_path / "St_Elsewhere" / "Jane_Doe_MRN0000" / "pneumoniamnist.npz"
+    path.parent.mkdir(parents=True)
+    _write(path)
+
+    def denied() -> PermissionError:  # tests run as root, whom chmod does not stop
+        return PermissionError(13, "Permission denied", str(path))
+
+    if refused == "examine the file":
+        real_stat = Path.stat
+
+        def stat(self, *args, **kwargs):
+            if self == path:
+                raise denied()
+            return real_stat(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "stat", stat)
+    else:
+        real_open = builtins.open
+
+        def opener(file, *args, **kwargs):
+            if str(file) == str(path):
+                raise denied()
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", opener)
+    with pytest.raises(DataError) as err:
+        load_medmnist(path)
+    text = str(err.value)
+    assert "\n" not in text and str(path) in text and "Permission denied" in text
+    reason = failure_reason(err.value)
+    assert reason == err.value.public_reason == (
+        "the hospital's data file cannot be read (Permission denied) (details in its own log)")
+    for part in path.parts[1:]:
+        assert part not in reason, (part, reason)

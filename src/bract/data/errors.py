@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["DataError", "private_details"]
+__all__ = ["DataError", "os_error_words", "private_details"]
 
 
 class DataError(ValueError):
@@ -35,3 +36,12 @@ def private_details(public_reason: str) -> Iterator[None]:
         if getattr(exc, "public_reason", None) is None:
             exc.public_reason = public_reason
         raise
+
+
+def os_error_words(exc: OSError) -> str:
+    """What went wrong in ``exc``, in the operating system's words for its error number
+    (e.g. ``Permission denied``), or its type's name without one: never the file names
+    an ``OSError``'s own text carries, so it may go into a ``public_reason``."""
+    if isinstance(exc.errno, int):
+        return os.strerror(exc.errno)
+    return type(exc).__name__

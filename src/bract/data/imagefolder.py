@@ -15,13 +15,14 @@ are ignored.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bract.data.errors import DataError, private_details
+from bract.data.errors import DataError, os_error_words, private_details
 from bract.data.holdout import check_test_fraction, split_by_identity
 from bract.data.image_arrays import (
     check_image_size,
@@ -63,9 +64,37 @@ def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ..
     Files are listed in a fixed order (by class, then by path), so the result
     depends only on the folder's contents. Raises :class:`DataError` when
     ``root`` does not exist or is not a folder, has fewer than 2 class
-    sub-folders, or a class folder holds no image.
+    sub-folders, or a class folder holds no image; and when the folder, or any folder
+    or file in it, cannot be listed or examined (permission denied, an I/O error): a
+    folder it cannot read is never skipped, so no patient's images go missing
+    silently. Each error carries a ``public_reason`` without a path.
     """
     root = Path(root).expanduser()
+    try:
+        return _find_images(root)
+    except OSError as exc:
+        raise DataError(
+            f"cannot read the image folder {root}: {exc}; let the user bract runs as list "
+            "and read every folder and image in it",
+            public_reason=f"the hospital's image folder cannot be read ({os_error_words(exc)}; "
+                          "details in its own log)",
+        ) from None
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder`` (directory symlinks are not followed, hidden folders
+    are not entered: their files are ignored anyway). A folder that cannot be listed
+    raises its ``OSError``; it is never skipped."""
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for parent, folders, names in os.walk(folder, onerror=fail):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        for name in names:
+            yield Path(parent) / name
+
+
+def _find_images(root: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
     if not root.exists():
         raise DataError(
             f"image folder not found: {root}. Give a folder with one sub-folder per class "
@@ -90,10 +119,10 @@ def find_images(root: str | Path) -> tuple[list[Path], np.ndarray, tuple[str, ..
     for label, name in enumerate(classes):
         found = sorted(
             p
-            for p in (root / name).rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in suffixes
+            for p in _files_under(root / name)
+            if p.suffix.lower() in suffixes
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            and p.is_file()
         )
         if not found:
             raise DataError(
@@ -317,7 +346,8 @@ def load_image_folder(
     Guarantees: nothing is downloaded; the result depends only on the folder's
     contents and the arguments. Raises :class:`DataError` (a ``ValueError``)
     naming the problem and the file for a missing folder, missing classes, an
-    empty class folder, an unreadable image, DICOM without pydicom, a patient folder
+    empty class folder, a folder or file it may not list or examine (any ``OSError``:
+    no folder is skipped), an unreadable image, DICOM without pydicom, a patient folder
     that mixes DICOM files with a ``PatientID`` and files without one, or an empty
     split. Each of those whose message names a path, a folder, a patient or a count
     carries a ``public_reason`` without it (what a hospital's failure reply sends).

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bract.data.errors import DataError, private_details
+from bract.data.errors import DataError, os_error_words, private_details
 from bract.data.image_arrays import (
     check_image_size,
     resize_images,
@@ -107,14 +107,30 @@ def medmnist_labels(
     )
 
 
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    """The error for a file the operating system would not let bract open or examine."""
+    return DataError(
+        f"cannot read {path}: {exc}; let the user bract runs as read the file (and list "
+        "its folders)",
+        public_reason=_public(f"cannot be read ({os_error_words(exc)})"),
+    )
+
+
 def _read_npz(path: Path) -> Mapping[str, np.ndarray]:
-    if not path.exists():
+    """The file's arrays; :class:`DataError` with a ``public_reason`` without the path
+    for any file that is missing, a folder, unreadable (any ``OSError``) or not a
+    MedMNIST ``.npz``."""
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:  # e.g. a folder on its path it may not search
+        raise _unreadable(path, exc) from None
+    if not exists:
         raise DataError(
             f"MedMNIST file not found: {path}. Give the path of a MedMNIST .npz file "
             "(e.g. pneumoniamnist.npz); bract never downloads data.",
             public_reason=_public("was not found"),
         )
-    if path.is_dir():
+    if is_dir:
         raise DataError(f"{path} is a directory; give the path of a MedMNIST .npz file",
                         public_reason=_public("is a folder, not a .npz file"))
     try:
@@ -133,12 +149,20 @@ def _read_npz(path: Path) -> Mapping[str, np.ndarray]:
             return {k: npz[k] for k in MEDMNIST_KEYS if k in keys}
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(
-            f"cannot read {path} as a .npz file ({type(exc).__name__}: {exc}); is it a "
-            "MedMNIST file, and complete?",
-            public_reason=_public("cannot be read as a .npz file"),
-        ) from None
+    except OSError as exc:
+        if exc.errno is not None:  # the operating system's error (access, I/O), not the bytes'
+            raise _unreadable(path, exc) from None
+        raise _not_npz(path, exc) from None
+    except (ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise _not_npz(path, exc) from None
+
+
+def _not_npz(path: Path, exc: Exception) -> DataError:
+    return DataError(
+        f"cannot read {path} as a .npz file ({type(exc).__name__}: {exc}); is it a "
+        "MedMNIST file, and complete?",
+        public_reason=_public("cannot be read as a .npz file"),
+    )
 
 
 def _split_arrays(
