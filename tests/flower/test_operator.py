@@ -3,6 +3,7 @@ the files they make are exactly what a hospital's SuperNode and the coordinator 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 
@@ -13,7 +14,7 @@ from bract.cli import main
 from bract.flower.app import client_app, identity_from_node_config, server_app
 from bract.flower.client import privacy_dir
 from bract.flower.hospital_policy import HospitalPolicy
-from bract.flower.operator import hospital_init, roster_add, roster_verify
+from bract.flower.operator import hospital_init, key_fingerprint, roster_add, roster_verify
 from bract.flower.secagg_client import read_identity_key
 from bract.records.roster import read_roster
 from bract.secagg.crypto import SigningKey
@@ -71,7 +72,14 @@ def test_roster_built_from_public_files_verifies_and_refuses_conflicts(tmp_path,
     assert doc.federation_id == FED and sorted(doc.keys) == [1, 2, 3]
     assert main(["roster", "verify", str(roster), "--public",
                  *(str(d / "public.json") for d in dirs)]) == 0
-    assert "sound" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sound" in out
+    # each member's fingerprint is printed, the one its own public file gives
+    for d in dirs:
+        pub = _public(d)
+        assert f"member {pub['id']} {pub['name']!r}: key fingerprint " \
+               f"{key_fingerprint(pub['public_key'])}" in out
+    assert f"roster file SHA-256 {hashlib.sha256(roster.read_bytes()).hexdigest()}" in out
     with pytest.raises(ValueError, match="already"):
         roster_add(roster, [_public(dirs[0])])
     other = tmp_path / "other"

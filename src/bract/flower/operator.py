@@ -28,8 +28,11 @@ files (creating it if missing), writes each SuperNode key they carry to
 ``ROSTER_DIR/supernode-auth/<name>.pub`` and prints the ``flwr supernode register``
 command for it; ``bract roster verify ROSTER [--public FILE...]``
 checks a roster file: its format, distinct ids, names and keys, one federation id,
-and that each given hospital's public file is listed unchanged. Every hospital gets
-the same roster file out of band.
+and that each given hospital's public file is listed unchanged, and prints every
+member's key fingerprint and the file's SHA-256. Every hospital gets the same roster
+file out of band, and confirms with each member it lists, over a second channel, that
+the fingerprint is that hospital's: the roster decides who counts as a hospital, so a
+member nobody vouches for may be an identity the coordinator holds.
 
 Roster format (JSON): ``{"federation_id": str, "members": [{"id": int, "name": str,
 "public_key": hex of the raw 32-byte Ed25519 key}, ...]}``.
@@ -38,6 +41,7 @@ Roster format (JSON): ``{"federation_id": str, "members": [{"id": int, "name": s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -53,8 +57,8 @@ from bract.flower.supernode import DEFAULT_PULL_INTERVAL
 from bract.records.roster import Roster, read_roster, write_roster
 from bract.secagg.crypto import KEY_BYTES, SigningKey
 
-__all__ = ["add_operator_parsers", "hospital_init", "roster_add", "roster_verify",
-           "supernode_command"]
+__all__ = ["add_operator_parsers", "hospital_init", "key_fingerprint", "roster_add",
+           "roster_verify", "supernode_command"]
 
 PUBLIC_FILE = "public.json"
 #: The SuperNode's Flower authentication key pair in a hospital's directory.
@@ -313,9 +317,23 @@ def _roster_verify_cmd(args: argparse.Namespace) -> int:
     problems = roster_verify(roster, publics)
     for p in problems:
         print(f"problem: {p}")
+    for member_id in sorted(roster.keys):
+        print(f"member {member_id} {roster.names.get(member_id, '')!r}: key fingerprint "
+              f"{key_fingerprint(roster.keys[member_id])}")
+    digest = hashlib.sha256(Path(args.roster).read_bytes()).hexdigest()
+    print(f"roster file SHA-256 {digest}")
     print(f"{args.roster}: {len(roster.keys)} member(s) of {roster.federation_id}: "
           + ("NOT sound" if problems else "sound"))
     return 1 if problems else 0
+
+
+def key_fingerprint(public_key: bytes) -> str:
+    """What two operators read to each other over a second channel to confirm a roster
+    member is the hospital it names: the first 128 bits of SHA-256 of its raw Ed25519
+    public key, in groups of four hex digits (finding another key with the same
+    fingerprint takes about 2^128 work)."""
+    digest = hashlib.sha256(bytes(public_key)).hexdigest()[:32]
+    return ":".join(digest[i:i + 4] for i in range(0, 32, 4))
 
 
 def add_operator_parsers(sub: Any) -> None:
