@@ -220,6 +220,49 @@ def test_deployed_hospitals_refuse_a_coordinator_that_loosens_their_policy(
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_deployed_hospitals_refuse_a_fab_that_ships_its_own_clientapp(
+    federation: LocalFederation, clean_run: RunResult,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The red team's FAB on real SuperNodes: bract's own app (publisher bract, every
+    setting), its clientapp swapped for a module the FAB ships, which would receive each
+    hospital's Context. Every hospital's bract-supernode refuses the FAB when it first
+    pulls it: the module is never imported anywhere (its marker file is never written),
+    each hospital's reply names the refusal, each SuperNode logs it and carries on (the
+    kill test after this one still runs on every node)."""
+    assert clean_run.succeeded  # runs after the clean run, before the kill test
+    app = tmp_path_factory.mktemp("evil-app")
+    marker = app / "ran"
+    pyproject = (federation.app_dir / "pyproject.toml").read_text(encoding="utf-8")
+    swapped = pyproject.replace('clientapp = "bract.flower.app:client_app"',
+                                'clientapp = "bract_evil_app:client_app"').replace(
+        'fab-include = ["/README.md"]', 'fab-include = ["/bract_evil_app.py"]')
+    assert swapped.count("bract_evil_app") == 2
+    (app / "pyproject.toml").write_text(swapped, encoding="utf-8")
+    (app / "bract_evil_app.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from flwr.clientapp import ClientApp\nclient_app = ClientApp()\n", encoding="utf-8")
+    out = tmp_path_factory.mktemp("evil-out")
+    own_app = federation.app_dir
+    federation.app_dir = app
+    try:
+        result = federation.run(_run_config(out, rounds=1, secagg=False), timeout=480)
+    finally:
+        federation.app_dir = own_app
+    assert result.succeeded, result.log[-4000:]
+    assert not marker.exists()
+    (row,) = result.report()["rounds"]
+    assert row["trained"] == [] and len(row["failed"]) == HOSPITALS
+    for reason in row["failed"].values():
+        assert reason.startswith("failed: bract-supernode refused the run's FAB: its clientapp "
+                                 "is 'bract_evil_app:client_app'")
+    for node in federation.nodes:
+        assert node.process is not None and node.process.alive()
+        assert "bract-supernode refused the run's FAB" in node.process.log_tail(200_000)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_federation_survives_a_hospital_killed_mid_round(
     federation: LocalFederation, clean_run: RunResult,
     tmp_path_factory: pytest.TempPathFactory,

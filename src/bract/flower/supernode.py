@@ -19,7 +19,16 @@
   message). Both use ``--isolation subprocess``: the SuperNode starts the SuperExec,
   which asks its SuperNode for work every :data:`TASK_POLL_INTERVAL` s (Flower: 1 s).
 
-Both are set by rebinding two names inside ``flwr.supernode.start_client_internal``
+It also decides **which code runs at the hospital**: every run's FAB is checked the
+moment the SuperNode pulls it (:mod:`bract.flower.fab_gate`): one that names another
+ClientApp than bract's own or carries any file but configuration is refused, with an
+error reply to the coordinator and one line in the hospital's log, before anything of
+it is stored, installed or imported, unless the hospital's operator allows that FAB
+by its SHA-256 (``--allow-fab HASH``, repeatable, or node config
+``allowed-fab-hashes``). ``--allow-runtime-dependency-installation`` (packages a FAB
+names, fetched at run time) is refused: the hospital installs what it runs.
+
+The settings are made by rebinding two names inside ``flwr.supernode.start_client_internal``
 (its ``time`` and ``subprocess``) before Flower's own ``flower_supernode()`` runs;
 the Flower release they were checked on is pinned
 (:data:`bract.flower.warm_executor.FLOWER_VERSIONS`) and a test checks the code they
@@ -40,8 +49,8 @@ from typing import Any
 
 from bract.flower.warm_executor import WAKE_FD_ENV, rebound
 
-__all__ = ["DEFAULT_PULL_INTERVAL", "FLOWER_IDLE_SLEEP", "MIN_PULL_PAUSE", "idle_pause", "main",
-           "patch_supernode"]
+__all__ = ["DEFAULT_PULL_INTERVAL", "FLOWER_IDLE_SLEEP", "MIN_PULL_PAUSE", "flower_settings",
+           "idle_pause", "main", "patch_supernode"]
 
 #: Seconds between a SuperNode's pulls while it has nothing to do (bract's default).
 DEFAULT_PULL_INTERVAL = 0.2
@@ -138,26 +147,60 @@ def patch_supernode(module: Any, pull_interval: float, executor: str) -> None:
         module.subprocess = rebound(subprocess, Popen=popen)
 
 
+def flower_settings(flower_argv: Sequence[str]) -> tuple[frozenset[str], bool]:
+    """What ``flower-supernode`` will read from ``flower_argv``, parsed by its own
+    parser: the FAB hashes its node config allows (:data:`~bract.flower.fab_gate.
+    NODE_CONFIG_KEY`) and whether it would install a FAB's dependencies at run time.
+    ``ValueError`` for a malformed hash; an argument list Flower itself rejects allows
+    nothing (Flower then stops with its own message)."""
+    from flwr.common.config import parse_config_args
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    from bract.flower.fab_gate import node_config_hashes
+
+    try:
+        args, _ = _parse_args_run_supernode().parse_known_args(list(flower_argv))
+        node_config = parse_config_args([args.node_config] if args.node_config else None)
+    except (SystemExit, Exception):  # Flower's own start reports the bad argument
+        return frozenset(), False
+    return node_config_hashes(node_config), bool(args.runtime_dependency_install)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``bract-supernode [--pull-interval S] [--executor warm|flower] FLOWER-SUPERNODE-
-    FLAGS...``: run Flower's SuperNode with these two settings."""
+    """``bract-supernode [--pull-interval S] [--executor warm|flower] [--allow-fab HASH]
+    FLOWER-SUPERNODE-FLAGS...``: run Flower's SuperNode with these settings, running
+    only bract's own ClientApp or a FAB its operator allowed by hash."""
     parser = argparse.ArgumentParser(
-        prog="bract-supernode", add_help=False,
+        prog="bract-supernode", add_help=False, allow_abbrev=False,
         description="Flower's flower-supernode (every flag of it is passed on) with a short "
                     "idle pull and bract's warm ClientApp executor")
     parser.add_argument("--pull-interval", type=float, default=DEFAULT_PULL_INTERVAL)
     parser.add_argument("--executor", choices=("warm", "flower"), default="warm")
+    parser.add_argument("--allow-fab", action="append", default=[], metavar="SHA256")
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, rest = parser.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
+    wants_help = "-h" in rest or "--help" in rest
+    if wants_help:
         print("bract-supernode [--pull-interval S (default 0.2)] [--executor {warm,flower} "
-              "(default warm)] + every flower-supernode flag:\n")
+              "(default warm)] [--allow-fab SHA256 (a FAB this hospital runs whatever it "
+              "holds; repeatable)] + every flower-supernode flag:\n")
+    from bract.flower.fab_gate import allowed_hashes, check_internals, guard_supernode
     from bract.flower.warm_executor import check_flower_version
 
     try:
         check_flower_version()
         import flwr.supernode.start_client_internal as internal
 
+        allowed = allowed_hashes(ours.allow_fab)
+        if not wants_help:
+            from_node_config, installs = flower_settings(rest)
+            if installs:
+                raise ValueError("--allow-runtime-dependency-installation would install "
+                                 "packages a run's FAB names; install what the hospital "
+                                 "runs into this environment instead")
+            allowed |= from_node_config
+        check_internals(internal)
+        guard_supernode(internal, allowed)
         patch_supernode(internal, ours.pull_interval, ours.executor)
         from bract.flower.object_pulls import shorten_object_pull_backoff
 
