@@ -282,7 +282,8 @@ def test_a_hospital_whose_code_raises_fails_with_one_line_and_the_run_says_so(tm
     """A hospital-side exception (here: a Flower Datasets dict reaching code that
     expects tensors) becomes that hospital's error reply with a one-line reason: no
     exception escapes the ClientApp, the round goes on with the others, and the
-    report's errors name the hospital, its rounds and the cause."""
+    report's errors name the hospital, its rounds and the cause's type (its message
+    stays in the hospital's log)."""
     from bract.records.report import RunReport
 
     def broken_setup(ctx):
@@ -304,12 +305,12 @@ def test_a_hospital_whose_code_raises_fails_with_one_line_and_the_run_says_so(tm
                        node_wait_seconds=1, show_progress=False, run_config={})
     report = RunReport.from_plain(run_federation(grid, weights_of(tasks.build_model(TASK)),
                                                  evaluate, cfg))
-    reason = "failed: AttributeError: 'str' object has no attribute 'to'"
+    reason = "failed: AttributeError (details in the hospital's log)"
     assert [dict(r.failed) for r in report.rounds] == [{f"node-{NODES[0]}": reason}] * 2
     assert [r.trained for r in report.rounds] == [("hospital-1", "hospital-2")] * 2
     errors = report.errors()
-    assert errors == [f"node-{NODES[0]} failed in rounds 1, 2: AttributeError: 'str' object "
-                      "has no attribute 'to'"]
+    assert errors == [f"node-{NODES[0]} failed in rounds 1, 2: AttributeError (details in "
+                      "the hospital's log)"]
     assert all("\n" not in r.error.reason for r in grid.replies if r.has_error())
 
 
@@ -317,6 +318,7 @@ def test_contain_errors_turns_any_exception_into_a_one_line_error_reply() -> Non
     from flwr.app import Context, Message, RecordDict
 
     from bract.flower.client import contain_errors_mod, failure_reason
+    from bract.flower.reasons import public
     from bract.privacy import PrivacyError
 
     msg = Message(RecordDict(), dst_node_id=1, message_type="train")
@@ -326,11 +328,11 @@ def test_contain_errors_turns_any_exception_into_a_one_line_error_reply() -> Non
         raise KeyError("label")
 
     reply = contain_errors_mod(msg, ctx, boom)
-    assert reply.has_error() and reply.error.reason == "KeyError: 'label'"
-    # bract's own errors are written for the operator: their message is the reason.
+    assert reply.has_error() and reply.error.reason == "KeyError (details in the hospital's log)"
+    # bract's refusals are written for the coordinator: their message is the reason.
     assert failure_reason(PrivacyError("target epsilon 0.01 is\nbelow the floor")) == (
         "target epsilon 0.01 is below the floor")
-    assert len(failure_reason(ValueError("x" * 1000))) == 300
+    assert len(failure_reason(public(ValueError("x" * 1000)))) == 300
     assert contain_errors_mod(msg, ctx, lambda m, c: m) is msg  # a success passes through
 
 

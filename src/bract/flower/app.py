@@ -28,6 +28,7 @@ from bract.flower.apps import Hospitals
 from bract.flower.client import HospitalSetup, PrivacyPolicy
 from bract.flower.config import FederationConfig
 from bract.flower.hospital_policy import hospital_policy_of, operator_keys_in
+from bract.flower.reasons import public
 from bract.flower.run_dir import set_aside_previous_run
 from bract.flower.secagg_client import SecAggIdentity, read_identity_key
 from bract.flower.server import run_federation
@@ -162,10 +163,10 @@ def partition_id(node_config: Mapping[str, Any]) -> int:
     config then names no data at all) or not a whole number; the message holds nothing
     of the hospital's but the value its operator wrote."""
     if "partition-id" not in node_config:
-        raise ValueError("this SuperNode's node config names no data to train on: set "
-                         "data-path (the hospital's own file) or loader (its own Python "
-                         "loader), or partition-id (its partition of the run's bundled "
-                         "dataset)")
+        raise public(ValueError("this SuperNode's node config names no data to train on: "
+                                "set data-path (the hospital's own file) or loader (its own "
+                                "Python loader), or partition-id (its partition of the run's "
+                                "bundled dataset)"))
     value = node_config["partition-id"]
     try:
         if isinstance(value, bool) or not isinstance(value, (int, str)):

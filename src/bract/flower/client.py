@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from bract.flower.files import atomic_write_text, make_directory
+from bract.flower.reasons import failure_reason, public
 from bract.flower.records import (
     GLOBAL_WEIGHTS,
     LOCAL_METRICS,
@@ -283,10 +284,11 @@ def _read_own_chain(state_dir: Path, on_disk: dict) -> tuple[LedgerEntry, ...]:
         entries, None, client_id=entries[0].client_id, expected_length=n,
     ) if entries else None
     if links is None or not links.ok or entries[-1].hash() != on_disk.get("chain-head"):
-        raise LedgerError(
+        raise public(LedgerError(
             f"{path} does not match the chain head in {STATE_FILE}: this hospital's own "
             "ledger was truncated or edited; restore both files from a backup"
-        )
+        ), f"this hospital's own ledger does not match the chain head in {STATE_FILE}: it "
+           "was truncated or edited (details in the hospital's log)")
     return tuple(entries)
 
 
@@ -384,10 +386,10 @@ def dp_train_handler(
         if setup.state_dir is None and configured:
             # Without a state directory the ledger lives in this run's Context only, so
             # a new run would start the hospital's budget from nothing.
-            raise ValueError(f"this hospital's node config names {', '.join(configured)} "
-                             "but its HospitalSetup has no state_dir: its spent privacy "
-                             "budget must live in a directory its operator owns (node "
-                             "config state-dir)")
+            raise public(ValueError(
+                f"this hospital's node config names {', '.join(configured)} but its "
+                "HospitalSetup has no state_dir: its spent privacy budget must live in a "
+                "directory its operator owns (node config state-dir)"))
         # The accountant's recent results travel in the Context: in deployment every
         # message runs in its own process, which would otherwise recompute them.
         carried = ctx.state.config_records.get(STATE_EPSILONS, ConfigRecord())
@@ -439,11 +441,11 @@ def dp_train_handler(
             if limit is not None and ring_refuses(trainer.plan_per_round, int(limit)):
                 # Before any training or release: nothing is spent on an update the
                 # round's ring could not carry. The next round is sized from the report.
-                raise ValueError(
+                raise public(ValueError(
                     f"this hospital's FedAvg weight exceeds the secure round's max weight "
                     f"{int(limit)}: refused before training, nothing spent; the server sizes "
                     "a later round for it"
-                )
+                ))
             global_weights = None
             if GLOBAL_WEIGHTS in msg.content.array_records:
                 global_weights = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
@@ -555,33 +557,15 @@ def metrics_guard_mod(release: str | Callable[[Context], str] = "none") -> Calla
     return mod
 
 
-#: Exceptions whose message is written for the operator (the reason is the message).
-_EXPLAINED = (PrivacyError, LedgerError, ValueError, OSError)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """One line that says why a hospital's handler failed: the message of an error
-    bract raises for the operator, or the exception's type and message otherwise. An
-    error whose message holds a figure of the hospital's data (its exact count, a
-    label it holds) carries a ``public_reason`` without it, and only that leaves."""
-    public = getattr(exc, "public_reason", None)
-    if isinstance(public, str) and public.strip():
-        return " ".join(public.split())
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if len(text) > 300:
-        text = text[:297] + "..."
-    if isinstance(exc, _EXPLAINED) and str(exc).strip():
-        return text
-    return f"{type(exc).__name__}: {text}" if str(exc).strip() else text
-
-
 def contain_errors_mod(msg: Message, ctx: Context,
                        call_next: Callable[[Message, Context], Message]) -> Message:
     """The outermost mod of every hospital handler: an exception in the hospital's
-    code becomes an error reply with a one-line reason (:func:`failure_reason`), so it
+    code becomes an error reply with a one-line reason (:func:`failure_reason`: only
+    bract's public reasons and refusals, otherwise the exception's type), so it
     reaches the coordinator's table and report as this hospital's failure, and no
-    traceback floods the console; the full traceback stays in the hospital's own log
-    (logger ``bract``, level DEBUG). Nothing else of the failed message leaves."""
+    traceback floods the console; the whole message stays in the hospital's own log
+    (logger ``bract``: the message at WARNING, the traceback at DEBUG). Nothing else
+    of the failed message leaves."""
     import logging
 
     from flwr.app import Error
@@ -594,8 +578,7 @@ def contain_errors_mod(msg: Message, ctx: Context,
         logger = logging.getLogger("bract")
         # The hospital's own log has the whole message, the reply only its reason.
         whole = " ".join(str(exc).split())
-        logger.warning("hospital failed: %s", whole if getattr(exc, "public_reason", None)
-                       else reason)
+        logger.warning("hospital failed: %s: %s", type(exc).__name__, whole)
         logger.debug("hospital failure", exc_info=True)
         return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                        reply_to=msg)

@@ -39,6 +39,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from bract.flower.files import write_private_bytes
+from bract.flower.reasons import failure_reason, public
 from bract.flower.records import (
     AGGREGATED_METRICS,
     GLOBAL_WEIGHTS,
@@ -197,9 +198,9 @@ def secagg_mod(
             return call_next(msg, ctx)
         cfg = secagg_from_record(msg.content.config_records[SECAGG])
         if not isinstance(cfg, RoundConfig | MaskRequest):
-            raise ValueError(
+            raise public(ValueError(
                 f"train stage expects a secagg round config or mask request, got {cfg.KIND}"
-            )
+            ))
         # One session for the whole message: the train handler in between never
         # touches the secure-aggregation state.
         session = _session(_identity(identity, ctx), ctx)
@@ -271,13 +272,13 @@ def _stage_handler(identity: IdentityLike, expected: type) -> Callable[[Message,
         ident = _identity(identity, ctx)
         req = secagg_from_record(msg.content.config_records[SECAGG])
         if not isinstance(req, expected):
-            raise ValueError(f"expected a {expected.KIND} message, got {req.KIND}")
+            raise public(ValueError(f"expected a {expected.KIND} message, got {req.KIND}"))
         session = _session(ident, ctx)
         if isinstance(req, MaskRequest):
             pending = ctx.state.config_records.get(STATE_PENDING)
             if pending is None or int(pending["round"]) != req.round:
-                raise ValueError(f"mask request for round {req.round} without a pending "
-                                 "update for that round")
+                raise public(ValueError(f"mask request for round {req.round} without a "
+                                        "pending update for that round"))
             # float32 as stored: encode() widens it block by block, exactly.
             vector = np.frombuffer(bytes(pending["vector"]), dtype=np.float32)
             out = session.handle_mask_request(req, vector, int(pending["weight"]),
@@ -306,10 +307,11 @@ def _share_for_next_round(session: ClientSession, record: ConfigRecord,
     try:
         cfg = secagg_from_record(record)
         if not isinstance(cfg, RoundConfig):
-            raise ValueError(f"expected the next round's config, got {cfg.KIND}")
+            raise public(ValueError(f"expected the next round's config, got {cfg.KIND}"))
         content.config_records[SECAGG_NEXT] = secagg_to_record(session.handle_round_config(cfg))
-    except (SecAggError, ValueError) as exc:
-        content.config_records[SECAGG_NEXT_REFUSED] = ConfigRecord({"reason": str(exc)})
+    except (SecAggError, ValueError) as exc:  # the reason leaves: bract's words only
+        content.config_records[SECAGG_NEXT_REFUSED] = ConfigRecord(
+            {"reason": str(exc) if isinstance(exc, SecAggError) else failure_reason(exc)})
 
 
 def advertise_handler(identity: IdentityLike) -> Callable[[Message, Context], Message]:
