@@ -115,7 +115,7 @@ def test_the_noise_floor_holds_when_the_coordinator_asks_for_calibrated_noise(
     (sample rate 1, which calibrates to about 0.6 at epsilon 8), the hospital trains
     with its floor of 2 (a lower epsilon than asked, never a higher one)."""
     own = HospitalPolicy(target_epsilon=8.0, min_noise_multiplier=2.0)
-    report, _ = _run(tmp_path, {"target-epsilon": 8.0, "batch-size": 100000}, own)
+    report, _ = _run(tmp_path, {"target-epsilon": 8.0, "batch-size": 4096}, own)
     (row,) = report["rounds"]
     assert sorted(row["trained"]) == ["hospital-0", "hospital-1", "hospital-2"]
     ledger = [json.loads(line) for line in
@@ -235,7 +235,7 @@ asks = st.fixed_dictionaries({
     "seed": st.integers(0, 3),
     "partition": st.sampled_from(["iid", "dirichlet"]),
     "noise-multiplier": st.sampled_from(["calibrate", 0.0, 0.6, 3.0]),
-    "batch-size": st.sampled_from([32, 100000]),
+    "batch-size": st.sampled_from([32, 4096]),
     "secagg": st.just(False),
 })
 
@@ -314,3 +314,128 @@ def test_a_public_size_bound_hides_each_hospitals_exact_count(tmp_path) -> None:
     # Refused, saying why, and the reason that reaches the coordinator gives no count.
     assert all("public size bound is not an integer at least the hospital's number of "
                "records" in why for why in report["rounds"][0]["failed"].values())
+
+
+# ------------------------------------------------------------------ the sizes it allocates
+def _size_request(tmp_path: Path, ask: dict, policy: HospitalPolicy | None = None) -> str:
+    """The reason a configured hospital whose data file does not exist refuses ``ask``
+    (a medmnist run whose model the coordinator declares)."""
+    from flwr.app import ConfigRecord, Message
+
+    from bract.flower.records import ROUND_CONFIG
+
+    policy_file = tmp_path / "policy.json"
+    (policy or HospitalPolicy(allow_plain_aggregation=True)).write(policy_file)
+    node_config = {"name": "st-mary", "state-dir": str(tmp_path / "state"),
+                   "policy": str(policy_file), "data-path": str(tmp_path / "never.npz")}
+    rc = {"dataset": "medmnist", "num-classes": 3, "in-channels": 1, "secagg": False,
+          "rounds": 1, **ask}
+    content = RecordDict()
+    content.config_records[ROUND_CONFIG] = ConfigRecord({"round": 1})
+    reply = client_app(Message(content, dst_node_id=5, message_type="train"),
+                       Context(run_id=1, node_id=5, node_config=node_config,
+                               state=RecordDict(), run_config=rc))
+    assert reply.has_error()
+    return reply.error.reason
+
+
+@pytest.mark.parametrize(("ask", "why"), [
+    ({"image-size": 8192}, "image-size 8192; this hospital's policy allows at most 512 "
+                           "(max_image_size)"),
+    ({"num-classes": 10**6}, "a model of 217343800 parameters; this hospital's policy allows "
+                             "at most 120000000 (max_model_parameters)"),
+    ({"in-channels": 10**6}, "(max_model_parameters)"),
+    ({"batch-size": 100000}, "batch-size 100000; this hospital's policy allows at most 4096 "
+                             "(max_batch_size)"),
+    ({"local-epochs": 1000}, "local-epochs 1000; this hospital's policy allows at most 10 "
+                             "(max_local_epochs)"),
+    ({"grad-sample-mode": "hooks", "image-size": 128, "batch-size": 1000},
+     "grad-sample-mode hooks with per-example gradients of 7083651000 values (batch-size x "
+     "parameters); this hospital's policy allows at most 2000000000 "
+     "(max_per_example_gradients)"),
+], ids=["image-size", "classes", "channels", "batch-size", "local-epochs", "hooks"])
+def test_a_run_config_past_a_size_limit_is_refused_before_the_model_or_the_data(
+        tmp_path, monkeypatch, ask, why) -> None:
+    """The coordinator's run config sizes what every hospital allocates (the model, each
+    image, each batch, per-example gradients) and computes (local epochs): each size
+    past the hospital's policy is refused, naming the setting and the policy's field,
+    before the model is built or the data read (its file here does not even exist)."""
+    import bract.flower.app as app
+    from bract import tasks
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built or the data read")
+
+    monkeypatch.setattr(app, "hospital_setup", never)
+    monkeypatch.setattr(tasks, "build_model", never)
+    monkeypatch.setattr(tasks, "dataset_for", never)
+    reason = _size_request(tmp_path, ask)
+    assert reason.startswith("PolicyRefusal: refused: the coordinator asks for ")
+    assert reason.endswith(why)
+
+
+def test_a_size_refusal_is_the_same_whatever_the_hospital_holds_and_its_limits_are_its_own(
+        tmp_path) -> None:
+    """The refusal is a function of the run config and the policy only: a hospital with a
+    data file and one without give the same reason; a hospital may raise its limits."""
+    import numpy as np
+
+    (tmp_path / "with").mkdir()
+    (tmp_path / "without").mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "with" / "never.npz",
+             train_images=rng.integers(0, 255, (40, 28, 28), dtype=np.uint8),
+             train_labels=rng.integers(0, 3, (40, 1)),
+             test_images=rng.integers(0, 255, (8, 28, 28), dtype=np.uint8),
+             test_labels=rng.integers(0, 3, (8, 1)))
+    ask = {"batch-size": 100000}
+    assert _size_request(tmp_path / "with", ask) == _size_request(tmp_path / "without", ask)
+    raised = HospitalPolicy(allow_plain_aggregation=True, max_batch_size=100000)
+    admitted = _size_request(tmp_path / "without", ask, raised)  # then: the missing file
+    assert admitted == "the hospital's data file was not found (details in its own log)"
+    with pytest.raises(PolicyRefusal, match=r"batch-size 64; .* at most 16 \(max_batch_size\)"):
+        HospitalPolicy(max_batch_size=16).admit_task(_task(), PrivacyPolicy(1.0, 1e-5, 1))
+    with pytest.raises(PolicyRefusal, match=r"local-epochs 3; .* \(max_local_epochs\)"):
+        HospitalPolicy(max_local_epochs=2).admit(PrivacyPolicy(1.0, 1e-5, 1, local_epochs=3))
+    for name in ("max_image_size", "max_model_parameters", "max_batch_size",
+                 "max_local_epochs", "max_per_example_gradients"):
+        for bad in (0, -1, 1.5, True, "512"):
+            with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+                HospitalPolicy(**{name: bad})
+
+
+def _task(**kw):
+    from bract import tasks
+
+    return tasks.TaskConfig.for_dataset("medmnist", num_classes=3, in_channels=1, **kw)
+
+
+def test_the_default_size_limits_admit_every_documented_run() -> None:
+    """Image sides up to 512 (docs/data.md names 28, 64, 128 and 224) at the default
+    batch sizes in any clipping mode (hooks, which holds a gradient per example, up to
+    224 px), the bundled tabular sets at a batch of every record, bract's run-config
+    defaults; the red team's sizes are refused."""
+    from bract.flower.config import RUN_CONFIG_DEFAULTS, FederationConfig
+    from bract.flower.hospital_policy import image_model_parameters
+
+    own = HospitalPolicy()
+    for side in (28, 64, 128, 224, 512):
+        for mode in ("auto", "bk", "ghost", "hooks"):
+            task = _task(image_size=side)
+            if mode == "hooks" and side > 224:
+                continue
+            own.admit_task(task, PrivacyPolicy(8.0, 1e-5, 3, local_epochs=3,
+                                               grad_sample_mode=mode))
+    assert image_model_parameters(_task(image_size=512)) == 113_251_971  # 3 classes
+    for dataset in ("breast-cancer", "diabetes"):
+        from bract import tasks
+
+        own.admit_task(tasks.TaskConfig.for_dataset(dataset, batch_size=4096),
+                       PrivacyPolicy(8.0, 1e-5, 3, grad_sample_mode="hooks"))
+    defaults = FederationConfig.from_run_config(RUN_CONFIG_DEFAULTS)
+    own.admit_task(defaults.task(), defaults.policy())
+    with pytest.raises(PolicyRefusal, match="max_per_example_gradients"):
+        own.admit_task(_task(image_size=128, batch_size=1000),
+                       PrivacyPolicy(8.0, 1e-5, 1, grad_sample_mode="hooks"))
+    with pytest.raises(PolicyRefusal, match="max_image_size"):
+        own.admit_task(_task(image_size=8192), PrivacyPolicy(8.0, 1e-5, 1))

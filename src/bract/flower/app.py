@@ -217,7 +217,11 @@ def _setup_from_context(ctx: Context) -> HospitalSetup:
 
     torch.set_num_threads(1)
     fed = FederationConfig.from_run_config(ctx.run_config)
-    return hospital_setup(fed.task(), ctx, fed.out / HOSPITALS_DIR)
+    task = fed.task()
+    # The sizes the coordinator asks for are held to the hospital's own limits before
+    # its model is built or its data read (the refusal depends on neither).
+    hospital_policy_of(ctx.node_config).admit_task(task, fed.policy())
+    return hospital_setup(task, ctx, fed.out / HOSPITALS_DIR)
 
 
 def _policy_from_context(ctx: Context) -> PrivacyPolicy:

@@ -15,7 +15,20 @@ File format (JSON, every field optional)::
      "release_metrics": "none", "secagg_colluders": null, "secagg_min_honest": 2,
      "public_dataset_size": null, "privacy_unit": "record", "legacy_ledger_unit": null,
      "metrics_noise_multiplier": 10.0, "metrics_loss_bound": 4.0,
-     "allow_plain_aggregation": false}
+     "allow_plain_aggregation": false, "max_image_size": 512,
+     "max_model_parameters": 120000000, "max_batch_size": 4096, "max_local_epochs": 10,
+     "max_per_example_gradients": 2000000000}
+
+``max_image_size``, ``max_model_parameters``, ``max_batch_size``, ``max_local_epochs``,
+``max_per_example_gradients``: the most the coordinator's run config may make the
+hospital allocate and compute: the image side (every image is resized to it, the image
+model's first dense layer grows with its square), the image model's parameters, the
+expected batch size of Poisson sampling, the local epochs of a round, and with
+``grad-sample-mode hooks`` (a gradient per example) the batch size times the
+parameters. A run config past one is refused before the model is built or any data
+read (:meth:`HospitalPolicy.admit_task`); the defaults admit every size bract's
+documentation uses (images up to 224 px, ChestCNN at 512 px has 113.3 million
+parameters).
 
 ``allow_plain_aggregation``: a hospital its operator gave a secure-aggregation
 identity sends its update (and example count) only inside a masked sum; a training
@@ -51,14 +64,17 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bract.flower.client import METRICS_RELEASE, PrivacyPolicy
 from bract.privacy.accounting import ACCOUNTANTS
 from bract.privacy.metrics_release import DEFAULT_LOSS_BOUND, DEFAULT_METRICS_NOISE
 
-__all__ = ["OPERATOR_KEYS", "HospitalPolicy", "PolicyRefusal", "hospital_policy_of",
-           "operator_keys_in"]
+if TYPE_CHECKING:
+    from bract.tasks import TaskConfig
+
+__all__ = ["IMAGE_DATASETS", "OPERATOR_KEYS", "HospitalPolicy", "PolicyRefusal",
+           "hospital_policy_of", "image_model_parameters", "operator_keys_in"]
 
 #: Node-config keys only a hospital's operator sets: a SuperNode with any of them is a
 #: configured hospital, which must keep its state in its own ``state-dir`` (or its
@@ -71,6 +87,12 @@ def operator_keys_in(node_config: Mapping[str, Any]) -> list[str]:
     """The :data:`OPERATOR_KEYS` a node config names, sorted: empty for a SuperNode of
     Flower's simulation engine, not for one a hospital's operator configured."""
     return sorted(k for k in OPERATOR_KEYS if k in node_config)
+
+#: The policy's limits on what a run config makes the hospital allocate and compute.
+_SIZE_LIMITS = ("max_image_size", "max_model_parameters", "max_batch_size",
+                "max_local_epochs", "max_per_example_gradients")
+#: The datasets whose model is bract's image model (ChestCNN).
+IMAGE_DATASETS = ("synthetic", "medmnist", "imagefolder")
 
 #: How much each metric release lets out (a request above the hospital's is refused).
 _RELEASE_ORDER = {"none": 0, "aggregate": 1, "clear": 2}
@@ -88,8 +110,9 @@ class HospitalPolicy:
     (epsilon at most ``target_epsilon``, delta at most ``delta``, the hospital's own
     accountant, noise at least ``min_noise_multiplier`` whether the coordinator names
     the noise or asks for it calibrated, never non-private unless
-    ``allow_non_private``) or raises :class:`PolicyRefusal` naming the first request
-    that exceeds them.
+    ``allow_non_private``, at most ``max_local_epochs`` local epochs) or raises
+    :class:`PolicyRefusal` naming the first request that exceeds them;
+    :meth:`admit_task` refuses a task past the size limits (``max_*``) the same way.
     """
 
     target_epsilon: float = 8.0
@@ -98,6 +121,11 @@ class HospitalPolicy:
     min_noise_multiplier: float = 0.0
     allow_non_private: bool = False
     release_metrics: str = "none"
+    max_image_size: int = 512
+    max_model_parameters: int = 120_000_000
+    max_batch_size: int = 4096
+    max_local_epochs: int = 10
+    max_per_example_gradients: int = 2_000_000_000
     secagg_colluders: int | None = None
     secagg_min_honest: int = 2
     public_dataset_size: int | None = None
@@ -108,6 +136,11 @@ class HospitalPolicy:
     allow_plain_aggregation: bool = False
 
     def __post_init__(self) -> None:
+        for name in _SIZE_LIMITS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"hospital policy: {name} must be an integer >= 1, got "
+                                 f"{value!r}")
         if not isinstance(self.allow_plain_aggregation, bool):
             raise ValueError("hospital policy: allow_plain_aggregation must be true or false")
         for name in ("metrics_noise_multiplier", "metrics_loss_bound"):
@@ -185,6 +218,7 @@ class HospitalPolicy:
                 f"refused: the coordinator asks for delta {requested.delta:g}; this "
                 f"hospital's policy allows at most {self.delta:g}"
             )
+        self._within("local-epochs", requested.local_epochs, "max_local_epochs")
         return replace(requested, accountant=self.accountant,
                        min_noise_multiplier=max(requested.min_noise_multiplier,
                                                 self.min_noise_multiplier),
@@ -204,9 +238,58 @@ class HospitalPolicy:
             )
         return requested
 
+    def admit_task(self, task: TaskConfig, requested: PrivacyPolicy) -> None:
+        """Refuse (:class:`PolicyRefusal`, naming the setting and the policy's field) a
+        task larger than this hospital's size limits; call it before the model is built
+        or any data is read.
+
+        Guarantee: whether it refuses depends only on ``task`` and ``requested`` (the
+        coordinator's run config) and on these limits, never on the hospital's data, so
+        a refusal tells the coordinator nothing it did not send. Checked: local epochs
+        (``max_local_epochs``), the expected batch size of Poisson sampling
+        (``max_batch_size``) and, for an image task, the image side
+        (``max_image_size``), the image model's parameters (``max_model_parameters``,
+        counted for the declared ``num-classes`` and ``in-channels``, or for 2 classes
+        and 1 channel where the hospital's data decides them) and, in
+        ``grad_sample_mode`` ``hooks`` (the mode that holds one gradient per example),
+        the expected batch size times those parameters (``max_per_example_gradients``).
+        The bundled tabular tasks' models are fixed by their public data (a few
+        thousand parameters)."""
+        self._within("local-epochs", requested.local_epochs, "max_local_epochs")
+        self._within("batch-size", task.batch_size, "max_batch_size")
+        if task.dataset not in IMAGE_DATASETS:
+            return
+        self._within("image-size", task.image_size, "max_image_size")
+        parameters = image_model_parameters(task)
+        self._within("a model of", parameters, "max_model_parameters", unit=" parameters")
+        if requested.grad_sample_mode == "hooks":
+            self._within("grad-sample-mode hooks with per-example gradients of",
+                         task.batch_size * parameters, "max_per_example_gradients",
+                         unit=" values (batch-size x parameters)")
+
+    def _within(self, setting: str, value: int, limit: str, unit: str = "") -> None:
+        if value > getattr(self, limit):
+            raise PolicyRefusal(
+                f"refused: the coordinator asks for {setting} {value}{unit}; this hospital's "
+                f"policy allows at most {getattr(self, limit)} ({limit})")
+
     def to_plain(self) -> dict[str, Any]:
         """Plain dict (the file's content)."""
         return asdict(self)
+
+
+def image_model_parameters(task: TaskConfig) -> int:
+    """The parameters of ``task``'s image model (bract's ChestCNN at its image size),
+    counted without allocating them (torch's ``meta`` device) and without reading any
+    data: for the declared classes and channels, else for 2 classes and 1 channel."""
+    import torch
+
+    from bract.models import ChestCNN
+
+    with torch.device("meta"):
+        model = ChestCNN(image_size=task.image_size, in_channels=task.in_channels or 1,
+                         num_classes=task.num_classes or 2)
+    return sum(p.numel() for p in model.parameters())
 
 
 def hospital_policy_of(node_config: Mapping[str, Any]) -> HospitalPolicy:
