@@ -12,15 +12,22 @@ import dataclasses
 import json
 
 import pytest
+from flwr.app import Context, RecordDict
 
 from bract import tasks
 from bract.flower.app import dataset_source, hospital_setup
-from bract.flower.client import LEDGER_FILE, PrivacyPolicy, make_client_app, privacy_dir
+from bract.flower.client import (
+    LEDGER_FILE,
+    PrivacyPolicy,
+    _load_state,
+    make_client_app,
+    privacy_dir,
+)
 from bract.flower.secagg_client import SecAggIdentity, make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
 from bract.privacy import epsilon_of, load_weights, weights_of
-from bract.records.ledger import SignerRoster, by_client, check_chain, read_ledger
+from bract.records.ledger import LedgerError, SignerRoster, by_client, check_chain, read_ledger
 from bract.records.roster import Roster
 from bract.secagg.crypto import SigningKey
 
@@ -192,6 +199,74 @@ def test_a_hospital_whose_own_ledger_file_was_tampered_with_refuses(tmp_path, ta
     # (a resumed server knows the hospital by its node id until it answers well)
     assert "does not match the chain head" in row["failed"][f"node-{NODES[0]}"]
 
+
+
+def test_a_hospital_whose_privacy_state_file_is_missing_refuses(tmp_path) -> None:
+    """A dataset directory whose ledger.jsonl holds entries but whose privacy-state.json
+    (the head that commits them) is gone fails closed: the hospital refuses, saying to
+    restore both from a backup, instead of starting the budget from nothing and
+    overwriting its ledger; the reason that leaves it names no path."""
+    from bract.flower.client import STATE_FILE
+
+    roster, idents = _identities()
+    hosp = tmp_path / "hosp"
+    with pytest.raises(RuntimeError, match="injected server crash"):
+        _run(tmp_path, FakeGrid(_apps(hosp, idents), crash_at_round=3), roster)
+    home = privacy_dir(hosp / "hospital-0", dataset_source(TASK))
+    kept = (home / LEDGER_FILE).read_text()
+    (home / STATE_FILE).unlink()
+    report = _run(tmp_path, FakeGrid(_apps(hosp, idents)), roster, resume=True)
+    row = report["rounds"][2]
+    assert row["trained"] == ["hospital-1"]
+    assert row["failed"][f"node-{NODES[0]}"].endswith(
+        f"this hospital's privacy state is incomplete ({STATE_FILE} is missing); its "
+        "operator must restore it from a backup (details in its own log)")
+    assert (home / LEDGER_FILE).read_text() == kept and not (home / STATE_FILE).exists()
+    setup = hospital_setup(TASK, Context(run_id=1, node_id=7, state=RecordDict(),
+                                         run_config={}, node_config={"partition-id": 0}),
+                           hosp)
+    with pytest.raises(LedgerError, match=f"{home} holds {LEDGER_FILE} but no {STATE_FILE}.*"
+                                          "restore both files from a backup"):
+        _load_state(Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                            node_config={}), setup)
+
+
+def test_a_ledger_at_the_top_of_the_state_directory_is_refused_until_it_is_moved(
+        tmp_path) -> None:
+    """A state directory with privacy-state.json and ledger.jsonl at its top (the layout
+    that kept one ledger per state directory) is refused, naming the dataset's
+    directory to move them into, rather than read as no spending; once moved, the
+    hospital continues that ledger."""
+    from bract.flower.client import STATE_FILE
+
+    roster, idents = _identities()
+    hosp = tmp_path / "hosp"
+    with pytest.raises(RuntimeError, match="injected server crash"):
+        _run(tmp_path, FakeGrid(_apps(hosp, idents), crash_at_round=2), roster)
+    top = hosp / "hospital-0"
+    home = privacy_dir(top, dataset_source(TASK))
+    for name in (STATE_FILE, LEDGER_FILE):
+        (home / name).rename(top / name)  # as the old layout kept them
+    grid = FakeGrid(_apps(hosp, idents), crash_at_round=3)
+    with pytest.raises(RuntimeError, match="injected server crash"):
+        _run(tmp_path, grid, roster, resume=True)
+    row = json.loads((tmp_path / "out" / "report.json").read_text())["rounds"][1]
+    assert row["trained"] == ["hospital-1"]
+    assert "holds a privacy ledger in a layout it does not read" in \
+        row["failed"][f"node-{NODES[0]}"]
+    assert str(tmp_path) not in row["failed"][f"node-{NODES[0]}"]
+    setup = hospital_setup(TASK, Context(run_id=1, node_id=7, state=RecordDict(),
+                                         run_config={}, node_config={"partition-id": 0}),
+                           hosp)
+    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config={})
+    with pytest.raises(LedgerError, match=f"move {STATE_FILE} and {LEDGER_FILE} into "
+                                          f"{home} "):
+        _load_state(ctx, setup)
+    for name in (STATE_FILE, LEDGER_FILE):
+        (top / name).rename(home / name)
+    report = _run(tmp_path, FakeGrid(_apps(hosp, idents)), roster, resume=True)
+    assert report["rounds"][2]["trained"] == ["hospital-0", "hospital-1"]
+    assert [e.round for e in read_ledger(home / LEDGER_FILE)] == [1, 3]
 
 
 def test_secure_rounds_leave_out_a_hospital_whose_ledger_does_not_verify(tmp_path) -> None:

@@ -85,9 +85,11 @@ class HospitalSetup:
     #: lives in ``state_dir/datasets/<dataset_id>``, so a restarted process, a resumed
     #: run, a new run or another federation on the same data never forgets spent budget.
     state_dir: Path | None = None
-    #: The dataset whose patients this budget protects (its operator's name for it, or
+    #: The dataset whose patients this budget protects: its operator's name for it, one
+    #: that stays the same when the data moves or is re-exported (a simulated hospital's:
     #: the data's source). Every run and federation that trains on it spends from one
-    #: lifetime budget; ``""`` keeps the state directly in ``state_dir``.
+    #: lifetime budget; ``""`` keeps the state directly in ``state_dir``, and with a
+    #: name a ledger directly in ``state_dir`` is refused (:func:`check_state_layout`).
     dataset_id: str = ""
     #: The hospital's own held-out records (a Dataset of ``(x, y)``), on which it
     #: evaluates the global model it receives. The figures leave only through the
@@ -255,14 +257,69 @@ STATE_FILE = "privacy-state.json"
 LEDGER_FILE = "ledger.jsonl"
 
 
+def _refusal(message: str, public_reason: str) -> LedgerError:
+    """A :class:`LedgerError` whose ``public_reason`` (what leaves the hospital in its
+    failure reply) names no path of the hospital's; its own log has ``message``."""
+    exc = LedgerError(message)
+    exc.public_reason = public_reason  # type: ignore[attr-defined]
+    return exc
+
+
+def check_state_layout(state_dir: Path, dataset_id: str) -> None:
+    """Refuse a state directory that holds a privacy state this hospital would not read.
+
+    A dataset's privacy state lives in :func:`privacy_dir` (``state_dir/datasets/<dir>``);
+    ``privacy-state.json`` or ``ledger.jsonl`` directly in ``state_dir`` (where bract
+    kept one ledger per state directory before it kept one per dataset) is a spent
+    budget no dataset's directory holds. Guarantee: with a ``dataset_id``, either file
+    at the top of ``state_dir`` raises :class:`LedgerError` naming the directory of
+    ``dataset_id`` to move them into (when they are that dataset's ledger), so an
+    upgrade never starts a spent budget from nothing; bract never moves them itself
+    (which dataset they protect is the operator's knowledge).
+    """
+    if not dataset_id:
+        return  # privacy_dir is state_dir itself: those files are the state
+    top = Path(state_dir)
+    found = [name for name in (STATE_FILE, LEDGER_FILE) if (top / name).exists()]
+    if found:
+        raise _refusal(
+            f"{top} holds {' and '.join(found)} at its top, a privacy ledger of the layout "
+            f"that kept one ledger per state directory, which this hospital does not read: "
+            f"if it is the ledger of dataset-id {dataset_id!r}, move {STATE_FILE} and "
+            f"{LEDGER_FILE} into {privacy_dir(top, dataset_id)} (if that holds a ledger "
+            "already, or they are another dataset's, move them into the directory of the "
+            "dataset they protect); until then this hospital refuses to train, so no "
+            "spent budget is forgotten",
+            "this hospital's state directory holds a privacy ledger in a layout it does "
+            "not read; its operator must move it into its dataset's directory (details in "
+            "its own log)")
+
+
 def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
-    """The hospital's privacy state: ``ctx.state``, or its own file when that knows more."""
+    """The hospital's privacy state: ``ctx.state``, or its own file when that knows more.
+
+    Guarantee: it fails closed. A state directory with a ledger outside any dataset's
+    directory (:func:`check_state_layout`), or a dataset directory whose
+    ``ledger.jsonl`` holds entries while its ``privacy-state.json`` (the head that
+    commits them) is missing, raises :class:`LedgerError` instead of starting the
+    dataset's budget from nothing.
+    """
     state = ctx.state.config_records.get(STATE_PRIVACY, ConfigRecord())
     home = setup.privacy_dir()
-    if home is None:
+    if home is None or setup.state_dir is None:
         return state
+    check_state_layout(setup.state_dir, setup.dataset_id)
     path = home / STATE_FILE
     if not path.exists():
+        ledger = home / LEDGER_FILE
+        if ledger.exists() and ledger.read_text(encoding="utf-8").strip():
+            raise _refusal(
+                f"{home} holds {LEDGER_FILE} but no {STATE_FILE} (the head that commits "
+                "it): this dataset's spent budget cannot be read, and the hospital refuses "
+                "to train rather than start it from nothing; restore both files from a "
+                "backup",
+                f"this hospital's privacy state is incomplete ({STATE_FILE} is missing); "
+                "its operator must restore it from a backup (details in its own log)")
         return state
     on_disk = json.loads(path.read_text(encoding="utf-8"))
     in_ctx = len(PrivacyLedger.from_json(str(state["ledger"])).events) if "ledger" in state else -1
@@ -486,6 +543,10 @@ def dp_train_handler(
             state["chain"] = dumps_jsonl(chain)
             state["chain-length"] = len(chain)
             state["chain-head"] = chain[-1].hash() if chain else ""
+            if setup.dataset_id:
+                # Which dataset this directory budgets, for its operator (the directory's
+                # name is a hash of it).
+                state["dataset-id"] = setup.dataset_id
             _save_state(ctx, setup, state)
         ctx.state.config_records[STATE_EPSILONS] = ConfigRecord(carried_epsilons())
 
