@@ -318,7 +318,8 @@ def test_deployed_hospitals_each_serve_their_own_data_and_the_coordinator_holds_
     fed = LocalFederation(workdir / "fed", HOSPITALS, startup_timeout=180.0,
                           hospital_policy=HospitalPolicy(release_metrics="aggregate",
                                                          metrics_noise_multiplier=3.0),
-                          hospital_data=files)
+                          hospital_data=files,
+                          hospital_dataset_ids=[f"hospital-{i}-xray" for i in range(HOSPITALS)])
     out = workdir / "out"
     with fed:
         result = fed.run({"clients": HOSPITALS, "rounds": ROUNDS, "dataset": "medmnist",

@@ -98,7 +98,8 @@ def test_the_documented_hospital_supernode_is_what_hospital_start_runs(tmp_path)
     roster_add(dirs[0] / "roster.json", [_read_public(d / "public.json") for d in dirs])
     argv = supernode_command(
         dirs[0], "superlink.federation.example.org:9443", Path("/etc/bract/tls/ca.crt"),
-        extra_node_config='name="hospital-a" data-path="/srv/imaging/pneumoniamnist.npz"')
+        extra_node_config='name="hospital-a" dataset-id="hospital-a-chest-xray" '
+                          'data-path="/srv/imaging/pneumoniamnist.npz"')
     text = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
     section = text[text.index("### Each hospital (SuperNode host)"):]
     start = section.index("```bash\nbract-supernode ")

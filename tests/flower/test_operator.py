@@ -146,7 +146,7 @@ def test_hospital_start_serves_exactly_what_init_made(tmp_path, capsys) -> None:
     roster = tmp_path / "roster.json"
     argv = ["hospital", "start", str(dirs[0]), "--superlink", "link.example:9092",
             "--root-certificates", str(tmp_path / "ca.crt"),
-            "--node-config", 'data-path="/data/a"', "--dry-run"]
+            "--node-config", 'data-path="/data/a" dataset-id="site-a-xray"', "--dry-run"]
     assert main(argv) == 2  # no roster copy yet
     assert "roster.json is missing" in " ".join(capsys.readouterr().out.split())
     roster_add(roster, [_public(d) for d in dirs[1:]])
@@ -171,8 +171,14 @@ def test_hospital_start_serves_exactly_what_init_made(tmp_path, capsys) -> None:
     d = dirs[0].resolve()
     assert node_config == {"secagg-id": "1", "identity-key": str(d / "identity.key"),
                            "roster": str(d / "roster.json"), "policy": str(d / "policy.json"),
-                           "state-dir": str(d / "state"), "data-path": "/data/a"}
+                           "state-dir": str(d / "state"), "data-path": "/data/a",
+                           "dataset-id": "site-a-xray"}
     assert identity_from_node_config(node_config).node == 1
+    # Its own data without the name its budget is kept under is refused before it starts.
+    for data in ('data-path="/data/a"', 'loader="site:load" dataset-id=" "'):
+        argv[argv.index("--node-config") + 1] = data
+        assert main(argv) == 2
+        assert "names the hospital's own data but no dataset-id" in capsys.readouterr().out
 
 
 def test_hospital_start_refuses_an_identity_key_its_public_file_does_not_name(
@@ -326,3 +332,27 @@ def test_a_configured_hospital_never_takes_keys_the_coordinator_wrote(tmp_path) 
     assert not app._plain_allowed(configured)
     HospitalPolicy(allow_plain_aggregation=True).write(policy)
     assert app._plain_allowed(configured)
+
+
+def test_hospital_init_prints_the_dataset_id_its_budget_is_kept_under(tmp_path,
+                                                                      capsys) -> None:
+    """The node config `hospital init` prints names the patients' dataset (``--dataset-id``,
+    default the hospital's name): the key its lifetime budget is kept under, which stays
+    the same when the data moves; a blank id is refused."""
+    from flwr.common.config import parse_config_args
+
+    assert main(["hospital", "init", str(tmp_path / "a"), "--id", "1", "--name", "st-mary",
+                 "--federation", FED]) == 0
+    line = capsys.readouterr().out.splitlines()[2]
+    assert parse_config_args([line.strip()])["dataset-id"] == "st-mary"
+    assert main(["hospital", "init", str(tmp_path / "b"), "--id", "2", "--name", "st-anne",
+                 "--federation", FED, "--dataset-id", "st-anne chest x-ray"]) == 0
+    out = capsys.readouterr().out
+    assert parse_config_args([out.splitlines()[2].strip()])["dataset-id"] == \
+        "st-anne chest x-ray"
+    assert "keep it when the data moves or is re-exported" in " ".join(out.split())
+    for bad in (" ", 'a"b'):
+        with pytest.raises(SystemExit):
+            main(["hospital", "init", str(tmp_path / "c"), "--id", "3", "--name", "x",
+                  "--federation", FED, "--dataset-id", bad])
+    assert not (tmp_path / "c").exists()

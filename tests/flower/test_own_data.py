@@ -19,7 +19,7 @@ from flwr.app import Context, RecordDict
 
 from bract import tasks
 from bract.cli import main
-from bract.flower.app import client_app, dataset_source, server_app
+from bract.flower.app import client_app, server_app
 from bract.flower.client import privacy_dir
 from bract.flower.operator import roster_add
 from bract.records.ledger import by_client, read_ledger
@@ -85,6 +85,7 @@ def test_each_hospital_trains_and_evaluates_on_its_own_file_and_the_coordinator_
         ctx.node_config.clear()  # no partition: each node config names only its own files
         ctx.node_config.update({
             "name": d.name, "secagg-id": int(d.name[-1]) + 1, "data-path": str(f),
+            "dataset-id": f"{d.name}-chest-xray",
             "identity-key": str(d / "identity.key"), "roster": str(d / "roster.json"),
             "policy": str(d / "policy.json"), "state-dir": str(d / "state"),
         })
@@ -96,11 +97,10 @@ def test_each_hospital_trains_and_evaluates_on_its_own_file_and_the_coordinator_
     rows = report["rounds"]
     assert [sorted(r["trained"]) for r in rows] == [["site-0", "site-1", "site-2"]] * 2
     assert all("accuracy" not in r and "loss" not in r for r in rows)  # no central test set
-    # Each hospital's ledger lives in its own state directory, keyed by its own file.
+    # Each hospital's ledger lives in its own state directory, under its dataset id.
     chains = by_client(read_ledger(tmp_path / "coordinator" / "out" / "ledger.jsonl"))
-    for d, f in zip(dirs, files, strict=True):
-        own = privacy_dir(d / "state", dataset_source(tasks.TaskConfig(
-            dataset="medmnist", data_path=str(f))))
+    for d in dirs:
+        own = privacy_dir(d / "state", f"{d.name}-chest-xray")
         # Per round: the metrics release (accounted), then the DP-SGD event.
         assert len(read_ledger(own / "ledger.jsonl")) == 4 == len(chains[d.name])
         assert [e.event.mechanism for e in chains[d.name]] == ["metrics", "dp-sgd"] * 2
@@ -215,16 +215,17 @@ def load(node_config):
 
 
 def _configured_federation(tmp_path, rc: dict, policy, loader: str, tag: str = ""):
-    """Three hospitals an operator configured (name, site, ``policy``, ``loader``, own
-    state dirs ``state-<i>``) run one federation of ``rc`` through bract's own apps;
-    the grid (for its contexts) and the report."""
+    """Three hospitals an operator configured (name, site, ``policy``, ``loader``,
+    dataset id ``site-<i>-records``, own state dirs ``state-<i>``) run one federation of
+    ``rc`` through bract's own apps; the grid (for its contexts) and the report."""
     grid = FakeGrid(dict.fromkeys((11, 22, 33), client_app), run_config=rc)
     for i, ctx in enumerate(grid.contexts.values()):
         path = tmp_path / f"policy-{tag}{i}.json"
         policy.write(path)
         ctx.node_config.clear()
         ctx.node_config.update({"name": f"hospital-{i}", "site": i, "policy": str(path),
-                                "loader": loader, "state-dir": str(tmp_path / f"state-{i}")})
+                                "loader": loader, "dataset-id": f"site-{i}-records",
+                                "state-dir": str(tmp_path / f"state-{i}")})
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                              run_config=rc))
     return grid, json.loads((pathlib.Path(rc["out"]) / "report.json").read_text())
@@ -235,7 +236,7 @@ def test_a_hospitals_own_python_loader_serves_its_data_and_metrics_leave_only_by
     """Node config ``loader = "module:function"``: the hospital's own code loads its
     data; with its policy releasing metrics in clear (plain FedAvg) the coordinator
     gets the pooled held-out evaluation, exactly the one computed on the three
-    held-out slices; the budget is keyed by the loader."""
+    held-out slices; the budget is kept under each hospital's dataset id."""
     from bract.data.tabular import load_dataset
 
     _release_noise_off(monkeypatch)
@@ -257,7 +258,7 @@ def test_a_hospitals_own_python_loader_serves_its_data_and_metrics_leave_only_by
     assert row["federated_eval"]["loss"] == pytest.approx(direct["loss"], rel=1e-5)
     assert row["federated_eval"]["accuracy"] == pytest.approx(direct["accuracy"], rel=1e-5)
     for i in range(3):
-        assert (privacy_dir(tmp_path / f"state-{i}", "loader:site_records:load")
+        assert (privacy_dir(tmp_path / f"state-{i}", f"site-{i}-records")
                 / "ledger.jsonl").exists()
     # A loader that is not importable is refused with a reason naming it.
     ctx = next(iter(grid.contexts.values()))
@@ -332,7 +333,7 @@ def _unit_run(tmp_path, out: str, unit: str, target: float, legacy: str | None =
 
 
 def _own_ledger(tmp_path, i: int = 0) -> list:
-    return read_ledger(privacy_dir(tmp_path / f"state-{i}", "loader:site_patients:load")
+    return read_ledger(privacy_dir(tmp_path / f"state-{i}", f"site-{i}-records")
                        / "ledger.jsonl")
 
 
@@ -351,7 +352,7 @@ def test_a_ledger_from_before_units_is_spent_from_only_once_the_hospital_states_
     (tmp_path / "site_patients.py").write_text(PATIENT_LOADER)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "hospital-0" in _unit_run(tmp_path, "before", "record", 2.0)["trained"]
-    home = privacy_dir(tmp_path / "state-0", "loader:site_patients:load")
+    home = privacy_dir(tmp_path / "state-0", "site-0-records")
     chain: tuple = ()
     for entry in read_ledger(home / LEDGER_FILE):
         chain = append_entry(chain, dc.replace(entry.event, unit="unstated"),
@@ -400,3 +401,151 @@ def test_a_dataset_keeps_the_privacy_unit_its_ledger_started_with(tmp_path, monk
     again = run("record-again", "record", 4.0)
     assert "hospital-0" in again["trained"], again
     assert [e.event.unit for e in ledger()] == ["record", "record"]
+
+
+def _train_once(nc: dict, rc: dict, rnd: int, run_id: str):
+    """One ``train`` message of round ``rnd`` of run ``run_id`` to bract's own hospital app
+    (a fresh Context: a new process, as a deployed SuperNode starts one per message):
+    the error reason, or the privacy report."""
+    from flwr.app import ConfigRecord, Message
+
+    from bract.flower.records import PRIVACY_REPORT, ROUND_CONFIG
+
+    content = RecordDict()
+    content.config_records[ROUND_CONFIG] = ConfigRecord({"round": rnd, "run-id": run_id})
+    ctx = Context(run_id=1, node_id=7, node_config=dict(nc), state=RecordDict(),
+                  run_config=rc)
+    reply = client_app(Message(content, dst_node_id=7, message_type="train",
+                               group_id=str(rnd)), ctx)
+    if reply.has_error():
+        return reply.error.reason
+    return dict(reply.content.config_records[PRIVACY_REPORT])
+
+
+#: A coordinator's request for a hospital's own 28x28 grey file: fixed noise, so four
+#: rounds spend the policy's budget of 3.
+OWN_FILE_RC = {"dataset": "medmnist", "num-classes": 2, "in-channels": 1, "image-size": 28,
+               "secagg": False, "rounds": 50, "noise-multiplier": 2.0, "batch-size": 10,
+               "target-epsilon": 3.0}
+
+
+def _own_file_hospital(tmp_path):
+    """A configured hospital (name, plain-FedAvg policy with epsilon 3, own state-dir)
+    and its file in export folder ``exports/2026-11``: its node config without data."""
+    from bract.flower.hospital_policy import HospitalPolicy
+
+    policy = tmp_path / "policy.json"
+    HospitalPolicy(target_epsilon=3.0, allow_plain_aggregation=True).write(policy)
+    (tmp_path / "exports" / "2026-11").mkdir(parents=True)
+    _npz(tmp_path / "exports" / "2026-11" / "chest.npz", 30, 0, 10, seed=3)
+    return {"name": "st-mary", "policy": str(policy), "state-dir": str(tmp_path / "state")}
+
+
+def _spend(nc: dict, rc: dict, run_id: str) -> tuple[int, float]:
+    """Train rounds until the hospital refuses: how many trained, and its epsilon."""
+    for rnd in range(1, 30):
+        report = _train_once(nc, rc, rnd, run_id)
+        assert isinstance(report, dict), report
+        if not report["trained"]:
+            return rnd - 1, float(report["epsilon"])
+    raise AssertionError("the hospital never refused")
+
+
+def test_a_hospital_on_its_own_data_keeps_one_budget_when_the_data_moves(
+        tmp_path, monkeypatch) -> None:
+    """A hospital on its own data names its patients' dataset (node config
+    ``dataset-id``): without one it refuses before reading any data, and the reason that
+    reaches the coordinator names no path. Its budget is kept under that name, so a
+    byte-identical re-export of the same patients in another folder, a move, or the
+    same records through a loader spend from the budget already spent."""
+    import shutil
+
+    nc = _own_file_hospital(tmp_path)
+    export = tmp_path / "exports" / "2026-11" / "chest.npz"
+    read: list[str] = []
+    real = tasks.dataset_for
+    monkeypatch.setattr(tasks, "dataset_for", lambda cfg: read.append(cfg.data_path) or real(cfg))
+    for data in ({"data-path": str(export)}, {"loader": "site_records:load"}):
+        reason = _train_once({**nc, **data}, OWN_FILE_RC, 1, "run-0")
+        assert reason == ("this hospital's node config names its own data but no dataset-id "
+                          "its privacy budget can be kept under; its operator must set one "
+                          "(details in its own log)")
+    assert read == []  # refused before any data was read
+    from bract.flower.app import hospital_setup
+
+    with pytest.raises(ValueError, match=r"names its own data \(data-path\) but no "
+                                         r"dataset-id: name its patients' dataset"):
+        hospital_setup(tasks.TaskConfig(dataset="medmnist", num_classes=2, in_channels=1),
+                       Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                               node_config={**nc, "data-path": str(export)}))
+    nc["dataset-id"] = "st-mary-chest-xray"
+    trained, spent = _spend({**nc, "data-path": str(export)}, OWN_FILE_RC, "run-a")
+    assert trained == 4 and spent <= 3.0
+    # The same patients re-exported to another folder (the old one then removed).
+    again = tmp_path / "exports" / "2026-12"
+    shutil.copytree(export.parent, again)
+    shutil.rmtree(export.parent)
+    assert _spend({**nc, "data-path": str(again / "chest.npz")}, OWN_FILE_RC, "run-b") == (
+        0, pytest.approx(spent))
+    datasets = list((tmp_path / "state" / "datasets").iterdir())
+    assert [d.name for d in datasets] == [privacy_dir(tmp_path / "state",
+                                                      "st-mary-chest-xray").name]
+    # The directory records which dataset it budgets, for its operator.
+    assert json.loads((datasets[0] / "privacy-state.json").read_text())["dataset-id"] == \
+        "st-mary-chest-xray"
+
+
+def test_a_ledger_kept_under_its_data_path_is_continued_by_the_dataset_id_named(
+        tmp_path) -> None:
+    """A state directory holding the ledger of a hospital's own file under its
+    path-derived key (``<dataset>:<resolved path>``, written for a node config without
+    ``dataset-id``): the refusal names the exact ``dataset-id`` that continues it, and
+    with it the hospital spends on from that ledger. A new name while that ledger
+    exists is refused too, until the operator sets that id or moves the files under
+    the new one."""
+    import re
+    import shutil
+
+    from bract.flower.client import LEDGER_FILE, STATE_FILE
+
+    nc = _own_file_hospital(tmp_path)
+    export = tmp_path / "exports" / "2026-11" / "chest.npz"
+    own = {**nc, "data-path": str(tmp_path / "exports" / ".." / "exports" / "2026-11"
+                                  / "chest.npz")}
+    old_key = f"medmnist:{export.resolve()}"
+    rc = {**OWN_FILE_RC, "rounds": 2}
+    first = _train_once({**own, "dataset-id": old_key}, rc, 1, "run-a")
+    assert first["trained"], first
+    from bract.flower.app import hospital_setup
+
+    task = tasks.TaskConfig(dataset="medmnist", num_classes=2, in_channels=1)
+
+    def refusal(node_config: dict) -> str:
+        with pytest.raises(ValueError) as refused:
+            hospital_setup(task, Context(run_id=1, node_id=7, state=RecordDict(),
+                                         run_config={}, node_config=node_config))
+        return " ".join(str(refused.value).split())
+
+    why = refusal(own)
+    assert f"holds this data-path's ledger under the key {old_key!r}" in why
+    (named,) = re.findall(r'set node config dataset-id="([^"]+)" to continue', why)
+    assert named == old_key
+    second = _train_once({**own, "dataset-id": named}, rc, 2, "run-a")
+    assert second["trained"], second
+    chain = read_ledger(privacy_dir(tmp_path / "state", old_key) / LEDGER_FILE)
+    assert [e.round for e in chain] == [1, 2]  # one ledger, continued
+    # A fresh name would start from nothing: refused, naming both ways on.
+    why = refusal({**own, "dataset-id": "st-mary-chest-xray"})
+    assert f"set dataset-id=\"{old_key}\" to continue that budget" in why
+    assert str(privacy_dir(tmp_path / "state", "st-mary-chest-xray")) in why
+    new_home = privacy_dir(tmp_path / "state", "st-mary-chest-xray")
+    new_home.mkdir(parents=True)
+    for name in (LEDGER_FILE, STATE_FILE):
+        shutil.move(privacy_dir(tmp_path / "state", old_key) / name, new_home / name)
+    third = _train_once({**own, "dataset-id": "st-mary-chest-xray"}, {**rc, "rounds": 3}, 3,
+                        "run-a")
+    assert third["trained"], third
+    assert [e.round for e in read_ledger(new_home / LEDGER_FILE)] == [1, 2, 3]
+    # Another dataset's ledger is listed by its recorded id when none matches this data.
+    other = {**nc, "data-path": str(tmp_path / "elsewhere.npz")}
+    assert "holds the ledgers of dataset-id 'st-mary-chest-xray'" in refusal(other)

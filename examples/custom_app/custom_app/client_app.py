@@ -24,11 +24,13 @@ def setup(ctx: Context) -> HospitalSetup:
     """What this hospital brings: its model, optimizer and data."""
     pid, hospitals = int(ctx.node_config["partition-id"]), int(ctx.node_config["num-partitions"])
     model = make_model()
-    # Deployed, the hospital's spent budget lives in its operator's state-dir.
+    # Deployed, the hospital's spent budget lives in its operator's state-dir, under the
+    # name its operator gives the patients' dataset (node config dataset-id).
     state_dir = ctx.node_config.get("state-dir")
     return HospitalSetup(model, torch.optim.SGD(model.parameters(), lr=0.2),
                          hospital_loader(pid, hospitals), client_id=f"hospital-{pid}",
-                         state_dir=Path(str(state_dir)) if state_dir else None)
+                         state_dir=Path(str(state_dir)) if state_dir else None,
+                         dataset_id=str(ctx.node_config.get("dataset-id", "")))
 
 
 def identity(ctx: Context):

@@ -15,8 +15,8 @@ one) and refuses any request looser than them, before it trains.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from bract.flower import apps
 from bract.flower.apps import Hospitals
-from bract.flower.client import HospitalSetup, PrivacyPolicy
+from bract.flower.client import (
+    DATASETS_DIR,
+    LEDGER_FILE,
+    STATE_FILE,
+    HospitalSetup,
+    PrivacyPolicy,
+    privacy_dir,
+)
 from bract.flower.config import FederationConfig
 from bract.flower.hospital_policy import hospital_policy_of, operator_keys_in
 from bract.flower.reasons import public
@@ -71,9 +78,12 @@ def hospital_setup(
     ``hospital-<partition-id>``. It keeps its state in the node config's
     ``state-dir`` (required of a hospital its operator configured, i.e. one whose node
     config names any of :data:`~bract.flower.hospital_policy.OPERATOR_KEYS`), else (a
-    simulated hospital: partition only) in ``state_root/<client id>``; its privacy budget
-    is keyed by the data it protects: the node config's ``dataset-id`` when its
-    operator names one, else the data's source (:func:`dataset_source`).
+    simulated hospital: partition only) in ``state_root/<client id>``. Its privacy budget
+    is keyed by the data it protects: a hospital on its own data (``data-path`` or
+    ``loader``) by its node config's ``dataset-id``, which it must name
+    (:func:`check_own_dataset_id` refuses before any data is read); a hospital on a
+    partition of the task's data by its ``dataset-id`` when its operator names one,
+    else by the data's source (:func:`dataset_source`).
     """
     from bract import tasks
 
@@ -103,8 +113,16 @@ def hospital_setup(
         # The file would be the coordinator's choice, and so would the budget's key: a
         # copy of the same patients under another name would spend from a fresh one.
         raise ValueError("the coordinator's run config names the data file "
-                         f"({task.data_path}); this hospital reads only data its operator "
-                         "names (node config data-path or loader)")
+                         f"({task.data_path}); this hospital (its node config names "
+                         f"{', '.join(configured)}) reads only data its operator names: "
+                         "node config data-path or loader, with the dataset-id of its "
+                         "patients")
+    dataset_id = str(nc.get("dataset-id", ""))
+    own_policy = hospital_policy_of(nc)
+    if own_path or loader:
+        # Before any data is read: the budget's key is the operator's name for the data.
+        check_own_dataset_id(task.dataset, own_path, loader, dataset_id,
+                             Path(str(state_dir)) if state_dir else None)
     model = tasks.build_model(task)
     held_out = None
     source = ""
@@ -112,11 +130,8 @@ def hospital_setup(
     if own_path or loader:
         if own_path:
             own = tasks.own_data(task, own_path)
-            source = dataset_source(replace(task, data_path=own_path, num_classes=None,
-                                            in_channels=None))
         else:
             own = tasks.check_fits_model(task, load_with(loader, nc), f"loader {loader}")
-            source = f"loader:{loader}"
         train_loader = tasks.loader_of(task, own.x_train, own.y_train)
         patient_ids = own.train_columns.get("patient_id")
         held_out_ids = own.test_columns.get("patient_id")
@@ -124,7 +139,6 @@ def hospital_setup(
     else:
         source = dataset_source(task)
         train_loader = tasks.hospital_loader(task, partition_id(nc))
-    own_policy = hospital_policy_of(nc)
     if own_policy.privacy_unit == "patient":
         if patient_ids is None:
             raise ValueError(
@@ -140,7 +154,7 @@ def hospital_setup(
     return HospitalSetup(
         public_size=own_policy.public_dataset_size,
         patient_ids=patient_ids,
-        dataset_id=str(nc.get("dataset-id", "")) or source,
+        dataset_id=dataset_id or source,
         model=model,
         optimizer=tasks.make_optimizer(task, model),
         train_loader=train_loader,
@@ -210,6 +224,90 @@ def dataset_source(task: tasks.TaskConfig) -> str:
     if not task.data_path:
         return task.dataset
     return f"{task.dataset}:{Path(task.data_path).expanduser().resolve()}"
+
+
+def path_derived_key(dataset: str, own_path: str, loader: str) -> str:
+    """The key a hospital's own data (node config ``data-path`` or ``loader``) has when
+    its source names it: ``<dataset>:<resolved data-path>`` or ``loader:<loader>``. A
+    state directory may hold such data's ledger under it (written for a node config
+    without a ``dataset-id``); ``dataset-id`` set to this very string keeps the budget
+    in the same directory (:func:`~bract.flower.client.privacy_dir` of the same key)."""
+    if own_path:
+        return f"{dataset}:{Path(own_path).expanduser().resolve()}"
+    return f"loader:{loader}"
+
+
+def _holds_ledger(directory: Path) -> bool:
+    return any((directory / name).exists() for name in (STATE_FILE, LEDGER_FILE))
+
+
+def _known_datasets(state_dir: Path) -> list[str]:
+    """The datasets whose ledgers ``state_dir`` holds: each one's recorded dataset id,
+    or its directory for a ledger that records none."""
+    root = Path(state_dir) / DATASETS_DIR
+    found = []
+    for d in sorted(root.iterdir()) if root.is_dir() else ():
+        if not _holds_ledger(d):
+            continue
+        try:
+            recorded = json.loads((d / STATE_FILE).read_text(encoding="utf-8"))["dataset-id"]
+            found.append(f"dataset-id {str(recorded)!r}")
+        except (OSError, ValueError, KeyError, TypeError):
+            found.append(f"directory {d}")
+    return found
+
+
+def check_own_dataset_id(dataset: str, own_path: str, loader: str, dataset_id: str,
+                         state_dir: Path | None) -> None:
+    """Refuse a hospital on its own data whose budget would have no stable name.
+
+    A hospital that serves its own data keeps its lifetime budget under its operator's
+    name for the patients' dataset (node config ``dataset-id``), a name that stays the
+    same when the data is moved, renamed, re-exported or read through a loader instead
+    of a file. Guarantee: raises ``DataError`` (before any data is read) when
+    ``dataset_id`` is empty, naming, when ``state_dir`` holds a ledger of this
+    ``data-path`` or ``loader`` under its :func:`path_derived_key`, the exact
+    ``dataset-id`` that continues it; and when ``dataset_id`` names a dataset with no
+    ledger yet while that path-derived ledger exists, so naming the data never starts
+    a spent budget from nothing. The reply's reason (``public_reason``) names no path.
+    """
+    from bract.data.errors import DataError
+
+    source = "data-path" if own_path else "loader"
+    old_key = path_derived_key(dataset, own_path, loader)
+    spent = (state_dir is not None and old_key != dataset_id
+             and _holds_ledger(privacy_dir(state_dir, old_key)))
+    public = ("this hospital's node config names its own data but no dataset-id its "
+              "privacy budget can be kept under; its operator must set one (details in its "
+              "own log)")
+    if not dataset_id.strip():
+        if spent:
+            raise DataError(
+                f"this hospital's node config names its own data ({source}) but no "
+                f"dataset-id, and its state directory holds this {source}'s ledger under "
+                f"the key {old_key!r}: set node config dataset-id=\"{old_key}\" to continue "
+                "that budget, and keep that value when the data is moved or re-exported",
+                public_reason=public)
+        known = _known_datasets(state_dir) if state_dir is not None else []
+        raise DataError(
+            f"this hospital's node config names its own data ({source}) but no dataset-id: "
+            "name its patients' dataset (node config dataset-id=\"<name>\", e.g. "
+            "dataset-id=\"st-mary-chest-xray\"), a name that stays the same when the data "
+            "is moved, renamed or re-exported; its lifetime privacy budget is kept under "
+            "that name" + (f" (its state directory holds the ledgers of {', '.join(known)}: "
+                           "if these patients are one of them, use that id)" if known else ""),
+            public_reason=public)
+    if spent and state_dir is not None and not _holds_ledger(privacy_dir(state_dir,
+                                                                          dataset_id)):
+        raise DataError(
+            f"this hospital's state directory holds this {source}'s ledger under the key "
+            f"{old_key!r} ({privacy_dir(state_dir, old_key)}) and none under dataset-id "
+            f"{dataset_id!r}: set dataset-id=\"{old_key}\" to continue that budget, or "
+            f"move that directory's files into {privacy_dir(state_dir, dataset_id)} to "
+            f"continue it under {dataset_id!r}",
+            public_reason="this hospital's state directory holds its data's ledger under "
+                          "another key than its dataset-id; its operator must choose which "
+                          "continues (details in its own log)")
 
 
 def _setup_from_context(ctx: Context) -> HospitalSetup:

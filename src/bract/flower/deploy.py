@@ -186,6 +186,9 @@ class LocalFederation:
     #: coordinator then holds none (the run config declares the model). Empty: the
     #: hospitals train on partitions of the run's dataset.
     hospital_data: Sequence[str] = ()
+    #: The dataset id of each file in ``hospital_data`` (node config ``dataset-id``: the
+    #: name its lifetime budget is kept under), by partition id; required with it.
+    hospital_dataset_ids: Sequence[str] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
     #: Continue the federation already in ``workdir``: the same hospitals' keys, roster
     #: (so the same federation id: their signed ledgers continue) and lifetime state.
@@ -209,6 +212,11 @@ class LocalFederation:
         if self.hospital_data and len(self.hospital_data) != self.num_nodes:
             raise ValueError(f"hospital_data names {len(self.hospital_data)} files for "
                              f"{self.num_nodes} hospitals: one each")
+        if len(self.hospital_dataset_ids) != len(self.hospital_data) or any(
+                not str(i).strip() or '"' in str(i) for i in self.hospital_dataset_ids):
+            raise ValueError("hospital_dataset_ids must name one dataset id (non-blank, no "
+                             "quotes) per file of hospital_data: the name each hospital's "
+                             "lifetime budget is kept under")
         self.workdir = Path(self.workdir).resolve()
         self.app_dir = Path(self.app_dir).resolve()
 
@@ -399,6 +407,7 @@ class LocalFederation:
         ]
         if self.hospital_data:
             parts.append(f'data-path="{Path(self.hospital_data[partition_id]).resolve()}"')
+            parts.append(f'dataset-id="{self.hospital_dataset_ids[partition_id]}"')
         return " ".join(parts)
 
     def _wait(self, ok: Any, deadline: float, what: str, proc: ManagedProcess | None,

@@ -13,15 +13,19 @@
 * ``DIR/state/``: its privacy state directory (mode 0700), where its signed ledger
   and budget live across runs;
 
-and prints the ``--node-config`` its SuperNode needs. It refuses to overwrite an
-existing identity (a new key would orphan the hospital's signed ledger).
+and prints the ``--node-config`` its SuperNode needs, with the ``dataset-id`` its
+lifetime privacy budget is kept under (``--dataset-id``, default the hospital's name:
+the operator's name for its patients' dataset, kept when the data moves or is
+re-exported). It refuses to overwrite an existing identity (a new key would orphan the
+hospital's signed ledger).
 
 ``bract hospital start DIR --superlink HOST:PORT --root-certificates CA
 [--auth-key KEY] [--node-config EXTRA]`` starts the hospital's ``bract-supernode``
 with everything ``DIR`` holds (identity, SuperNode key ``DIR/supernode-auth`` unless
 ``--auth-key`` names another, roster copy ``DIR/roster.json``, policy, state) in its
 node config, after checking that the identity key is valid and is the one
-``public.json`` names; ``--dry-run`` prints the command instead.
+``public.json`` names, and that a node config naming its own data (``data-path`` or
+``loader``) names its ``dataset-id`` too; ``--dry-run`` prints the command instead.
 
 ``bract roster add ROSTER PUBLIC.json...`` builds the roster from hospitals' public
 files (creating it if missing), writes each SuperNode key they carry to
@@ -48,6 +52,8 @@ import re
 import shlex
 from pathlib import Path
 from typing import Any
+
+from flwr.common.config import parse_config_args
 
 from bract.argtypes import nonnegative_int, positive_float
 from bract.flower.certificates import generate_supernode_key
@@ -132,9 +138,18 @@ def supernode_command(directory: Path, superlink: str, root_certificates: Path,
 
     Guarantee: ``ValueError``, in one line, unless the folder is complete, its
     ``identity.key`` holds a valid Ed25519 key whose public half is the one
-    ``public.json`` names, its roster copy lists that key, and its policy parses.
+    ``public.json`` names, its roster copy lists that key, its policy parses, and an
+    ``extra_node_config`` that names the hospital's own data (``data-path`` or
+    ``loader``) names the ``dataset-id`` its budget is kept under.
     """
     d = Path(directory).resolve()
+    extra = parse_config_args([extra_node_config]) if extra_node_config.strip() else {}
+    if ("data-path" in extra or "loader" in extra) and not str(
+            extra.get("dataset-id", "")).strip():
+        raise ValueError("--node-config names the hospital's own data but no dataset-id: add "
+                         "dataset-id=\"<name>\", the name of its patients' dataset that its "
+                         "lifetime privacy budget is kept under (bract hospital init printed "
+                         "one; keep it when the data moves or is re-exported)")
     public = _read_public(d / PUBLIC_FILE)
     auth_key = Path(auth_key) if auth_key is not None else d / AUTH_KEY
     if not auth_key.exists():
@@ -230,6 +245,15 @@ def roster_add(path: Path, publics: list[dict[str, Any]]) -> Roster:
     return out
 
 
+def _dataset_id(text: str) -> str:
+    """A ``--dataset-id``: any text but blank, or with a quote or a line break (it is
+    printed inside the double quotes of a node config)."""
+    if not text.strip() or any(c in text for c in '"\n\r'):
+        raise argparse.ArgumentTypeError("a dataset id must be non-blank, without quotes or "
+                                         "line breaks")
+    return text
+
+
 def _hospital_init_cmd(args: argparse.Namespace) -> int:
     policy = HospitalPolicy(target_epsilon=args.target_epsilon, delta=args.delta,
                             allow_non_private=False, release_metrics=args.release_metrics,
@@ -245,10 +269,15 @@ def _hospital_init_cmd(args: argparse.Namespace) -> int:
           f"{d / AUTH_KEY} (mode 0600, keep them here), public file {d / PUBLIC_FILE} (send "
           f"it to the coordinator: roster entry and SuperNode key), policy "
           f"{d / 'policy.json'}, state {d / 'state'}")
-    print("SuperNode node config (add your data's keys):")
+    dataset_id = args.dataset_id if args.dataset_id is not None else args.name
+    print("SuperNode node config (add your data's key: data-path or loader):")
     print(f"  secagg-id={args.id} identity-key=\"{d / 'identity.key'}\" "
           f"roster=\"{d / 'roster.json'}\" policy=\"{d / 'policy.json'}\" "
-          f"state-dir=\"{d / 'state'}\"")
+          f"state-dir=\"{d / 'state'}\" dataset-id=\"{dataset_id}\"")
+    print(f"dataset-id {dataset_id!r} names the patients' dataset whose lifetime privacy "
+          "budget this hospital keeps: keep it when the data moves or is re-exported, and "
+          "give each other dataset of other patients its own (bract hospital start "
+          "--node-config takes it with the data's key)")
     return 0
 
 
@@ -346,6 +375,10 @@ def add_operator_parsers(sub: Any) -> None:
     init.add_argument("--id", type=nonnegative_int, required=True, help="its id in the roster")
     init.add_argument("--name", required=True)
     init.add_argument("--federation", required=True, help="the federation id")
+    init.add_argument("--dataset-id", type=_dataset_id, default=None,
+                      help="the name of the patients' dataset this hospital serves, which "
+                           "its lifetime privacy budget is kept under; it stays the same "
+                           "when the data moves or is re-exported (default: --name)")
     init.add_argument("--target-epsilon", type=lambda t: positive_float(t, "epsilon"),
                       default=8.0, help="the most epsilon this hospital will spend (default 8)")
     init.add_argument("--delta", type=lambda t: positive_float(t, "delta"), default=1e-5)
