@@ -356,3 +356,35 @@ def test_hospital_init_prints_the_dataset_id_its_budget_is_kept_under(tmp_path,
             main(["hospital", "init", str(tmp_path / "c"), "--id", "3", "--name", "x",
                   "--federation", FED, "--dataset-id", bad])
     assert not (tmp_path / "c").exists()
+
+
+def test_a_node_config_with_only_a_state_dir_is_a_configured_hospital(tmp_path) -> None:
+    """A state directory is the operator's: a node config naming ``state-dir`` and a
+    partition (no other operator key) is a configured hospital, so it never reads a
+    data file the coordinator names (whose path would key its budget), never takes
+    the coordinator's keys and joins plain FedAvg only by its policy. Flower's
+    simulation engine names no state-dir: its hospitals keep theirs under the run."""
+    from bract import tasks
+    from bract.flower import app
+    from bract.flower.app import hospital_setup
+    from bract.flower.hospital_policy import OPERATOR_KEYS, operator_keys_in
+    from bract.flower.simulated_operators import simulated_identities
+
+    assert "state-dir" in OPERATOR_KEYS
+    nc = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "state")}
+    assert operator_keys_in(nc) == ["state-dir"]
+    path = tmp_path / "copy-of-pneumoniamnist.npz"
+    path.write_bytes(b"")
+    ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={}, node_config=nc)
+    with pytest.raises(ValueError, match=r"names state-dir\) reads only data its operator "
+                                         r"names: node config data-path or loader, with the "
+                                         r"dataset-id"):
+        hospital_setup(tasks.TaskConfig(dataset="medmnist", data_path=str(path)), ctx)
+    out = tmp_path / "out"
+    simulated_identities(out, 3)
+    rc = {"out": str(out), "clients": 3}
+    ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config=rc, node_config=nc)
+    assert app._simulated_identity(ctx) is None and not app._plain_allowed(ctx)
+    # On the run's bundled data it trains its partition, its budget in its own state-dir.
+    setup = hospital_setup(tasks.TaskConfig(dataset="breast-cancer"), ctx, out / "hospitals")
+    assert setup.state_dir == tmp_path / "state" and setup.dataset_id == "breast-cancer"

@@ -78,9 +78,11 @@ __all__ = ["IMAGE_DATASETS", "OPERATOR_KEYS", "HospitalPolicy", "PolicyRefusal",
 
 #: Node-config keys only a hospital's operator sets: a SuperNode with any of them is a
 #: configured hospital, which must keep its state in its own ``state-dir`` (or its
-#: ``HospitalSetup.state_dir``). Flower's simulation engine gives its SuperNodes
-#: ``partition-id`` and ``num-partitions`` only.
-OPERATOR_KEYS = ("identity-key", "name", "data-path", "loader", "policy", "dataset-id")
+#: ``HospitalSetup.state_dir``) and reads only data its operator names (never a file the
+#: coordinator's run config names, whose path would choose the budget's key). Flower's
+#: simulation engine gives its SuperNodes ``partition-id`` and ``num-partitions`` only.
+OPERATOR_KEYS = ("identity-key", "name", "data-path", "loader", "policy", "dataset-id",
+                 "state-dir")
 
 
 def operator_keys_in(node_config: Mapping[str, Any]) -> list[str]:
