@@ -349,12 +349,18 @@ def hospital_data(cfg: TaskConfig, partition_id: int) -> tuple[np.ndarray, np.nd
 def hospital_patients(cfg: TaskConfig, partition_id: int) -> list[str]:
     """The patient of each of hospital ``partition_id``'s training records, in order
     (``ValueError`` when the dataset names no patients: only image folders do, by
-    patient sub-folder or DICOM PatientID)."""
+    patient sub-folder or DICOM PatientID; ``DataError`` for an image folder with any
+    image whose patient is unknown, :func:`bract.data.imagefolder.check_patients_known`)."""
     ds = dataset_for(cfg)
     if "patient_id" not in ds.train_columns:
         raise ValueError(f"dataset {cfg.dataset} names no patient per record: the patient "
                          "privacy unit needs an image folder (patient sub-folders or DICOM "
                          "PatientID) or a hospital's own loader with a patient_id column")
+    if cfg.dataset == "imagefolder":
+        from bract.data.imagefolder import check_patients_known
+
+        check_patients_known([*ds.train_columns["patient_id"],
+                              *ds.test_columns.get("patient_id", ())], cfg.data_path)
     return [str(p) for p in np.asarray(ds.train_columns["patient_id"])[
         partitions(cfg)[partition_id]]]
 

@@ -551,6 +551,39 @@ def test_dicoms_directly_in_class_folders_are_patients_by_their_id(tmp_path) -> 
         "dicom:P0", "dicom:P1", "file:normal/anon.dcm", "file:normal/n.png"]
 
 
+@needs_pydicom
+def test_the_patient_unit_refuses_images_whose_patient_is_unknown(tmp_path) -> None:
+    """Under the patient privacy unit a file directly in its class folder with no DICOM
+    PatientID would count as a patient of its own (a patient with k such images then
+    protected only as k records): check_patients_known refuses it, counting and naming
+    such files in its message and neither in its public reason. Patient folders and
+    DICOM files with a PatientID directly in a class folder pass."""
+    from bract.data.imagefolder import check_patients_known
+
+    root = tmp_path / "xrays"
+    for cls in ("normal", "pneumonia"):
+        for p in range(2):
+            _png(root / cls / f"patient{p}" / "a.png", 40 + p)
+        _dicom(root / cls / "x.dcm", np.full((8, 8), 7, np.uint16), patient="P1")
+    files, _, _ = find_images(root)
+    check_patients_known(patient_units(files, root), root)  # every patient known
+    _png(root / "normal" / "loose.png", 3)
+    _dicom(root / "pneumonia" / "anon.dcm", np.full((8, 8), 5, np.uint16))
+    files, _, _ = find_images(root)
+    with pytest.raises(DataError) as refused:
+        check_patients_known(patient_units(files, root), root)
+    message = " ".join(str(refused.value).split())
+    assert message.startswith(f"{root}: 2 image(s) lie directly in their class folder with "
+                              "no DICOM PatientID (e.g. normal/loose.png)")
+    assert "put each patient's images in a sub-folder of their own" in message
+    assert "DICOM files with a PatientID" in message
+    public = refused.value.public_reason
+    assert "2" not in public and "loose" not in public and str(tmp_path) not in public
+    ds = load_image_folder(root, image_size=8, test_fraction=0.5)  # record level: unchanged
+    assert {"file:normal/loose.png", "file:pneumonia/anon.dcm"} <= (
+        set(ds.train_columns["patient_id"]) | set(ds.test_columns["patient_id"]))
+
+
 # --- what a hospital's failure reply carries ------------------------------------------
 
 def _write_bytes(path: Path, data: bytes) -> Path:

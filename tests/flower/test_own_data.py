@@ -549,3 +549,46 @@ def test_a_ledger_kept_under_its_data_path_is_continued_by_the_dataset_id_named(
     # Another dataset's ledger is listed by its recorded id when none matches this data.
     other = {**nc, "data-path": str(tmp_path / "elsewhere.npz")}
     assert "holds the ledgers of dataset-id 'st-mary-chest-xray'" in refusal(other)
+
+
+def test_a_hospital_protecting_patients_refuses_images_whose_patient_is_unknown(
+        tmp_path, capsys) -> None:
+    """Policy ``privacy_unit: patient`` on an image folder laid out flat (several images
+    per patient directly in each class folder): each image would count as a patient
+    and the epsilon per patient would be false, so the hospital refuses before it
+    trains; the reason it sends names neither its files nor their count. Under the
+    record unit the same folder trains as before; ``bract simulate --privacy-unit
+    patient`` refuses it too."""
+    from PIL import Image
+
+    from bract.flower.hospital_policy import HospitalPolicy
+
+    root = tmp_path / "xrays"
+    rng = np.random.default_rng(0)
+    for cls in ("normal", "pneumonia"):
+        (root / cls).mkdir(parents=True)
+        for p in range(6):
+            for view in range(3):
+                Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(
+                    root / cls / f"patient{p:03d}_view{view}.png")
+    rc = {"dataset": "imagefolder", "num-classes": 2, "in-channels": 1, "image-size": 8,
+          "secagg": False, "rounds": 3, "noise-multiplier": 1.0, "batch-size": 8}
+    for unit in ("patient", "record"):
+        policy = tmp_path / f"policy-{unit}.json"
+        HospitalPolicy(privacy_unit=unit, allow_plain_aggregation=True).write(policy)
+        nc = {"name": "st-mary", "policy": str(policy), "data-path": str(root),
+              "dataset-id": f"st-mary-xrays-{unit}", "state-dir": str(tmp_path / "state")}
+        outcome = _train_once(nc, rc, 1, "run-1")
+        if unit == "patient":
+            assert outcome == (
+                "the hospital's image folder holds images whose patient is unknown (directly "
+                "in their class folder, no DICOM PatientID), and its policy protects patients "
+                "(details in its own log)")
+            assert not (tmp_path / "state" / "datasets").exists()  # nothing spent
+        else:
+            assert outcome["trained"], outcome
+    code = main(["simulate", "--dataset", "imagefolder", "--data-path", str(root),
+                 "--image-size", "8", "--clients", "3", "--rounds", "1", "--privacy-unit",
+                 "patient", "--out", str(tmp_path / "sim"), "--no-progress"])
+    assert code != 0
+    assert "lie directly in their class folder" in " ".join(capsys.readouterr().out.split())

@@ -36,6 +36,8 @@ from bract.data.tabular import FederatedDataset
 __all__ = [
     "DICOM_EXTENSIONS",
     "IMAGE_EXTENSIONS",
+    "UNKNOWN_PATIENT_UNIT",
+    "check_patients_known",
     "find_images",
     "load_image_folder",
     "patient_units",
@@ -186,6 +188,37 @@ def patient_units(files: Sequence[Path], root: str | Path) -> list[str]:
                               "PatientID and files without one in one patient folder "
                               "(details in its own log)")
     return units
+
+
+#: The start of the unit of a file directly in its class folder with no DICOM
+#: ``PatientID`` (:func:`patient_units`): the file is its own unit, its patient unknown.
+UNKNOWN_PATIENT_UNIT = "file:"
+
+
+def check_patients_known(units: Sequence[object], root: str | Path) -> None:
+    """Refuse an image folder's units for patient-level privacy when any image's patient
+    is unknown.
+
+    A file directly in its class folder without a DICOM ``PatientID`` is a unit of its
+    own (:func:`patient_units`): under the patient privacy unit it would count as one
+    patient, and a patient with k such images would be protected only as k records
+    (about k times the reported epsilon). Guarantee: raises :class:`DataError` when any
+    of ``units`` (the ``patient_id`` column of :func:`load_image_folder` for ``root``)
+    is such a file; the message counts them, names one and says how to fix the folder;
+    its ``public_reason`` names no path and no count. Record-level privacy never needs
+    this check.
+    """
+    loose = sorted({str(u) for u in units if str(u).startswith(UNKNOWN_PATIENT_UNIT)})
+    if loose:
+        raise DataError(
+            f"{root}: {len(loose)} image(s) lie directly in their class folder with no "
+            f"DICOM PatientID (e.g. {loose[0][len(UNKNOWN_PATIENT_UNIT):]}), so their "
+            "patient is unknown and the patient privacy unit cannot protect their "
+            "patients: put each patient's images in a sub-folder of their own "
+            "(root/<class>/<patient>/<image>) or use DICOM files with a PatientID",
+            public_reason="the hospital's image folder holds images whose patient is "
+                          "unknown (directly in their class folder, no DICOM PatientID), "
+                          "and its policy protects patients (details in its own log)")
 
 
 def _pydicom(path: Path) -> Any:

@@ -83,7 +83,9 @@ def hospital_setup(
     ``loader``) by its node config's ``dataset-id``, which it must name
     (:func:`check_own_dataset_id` refuses before any data is read); a hospital on a
     partition of the task's data by its ``dataset-id`` when its operator names one,
-    else by the data's source (:func:`dataset_source`).
+    else by the data's source (:func:`dataset_source`). Under its policy's
+    ``privacy_unit: patient``, an own image folder with any image whose patient is
+    unknown is refused (:func:`bract.data.imagefolder.check_patients_known`).
     """
     from bract import tasks
 
@@ -130,6 +132,12 @@ def hospital_setup(
     if own_path or loader:
         if own_path:
             own = tasks.own_data(task, own_path)
+            if own_policy.privacy_unit == "patient" and task.dataset == "imagefolder":
+                from bract.data.imagefolder import check_patients_known
+
+                check_patients_known(
+                    [*own.train_columns.get("patient_id", ()),
+                     *own.test_columns.get("patient_id", ())], own_path)
         else:
             own = tasks.check_fits_model(task, load_with(loader, nc), f"loader {loader}")
         train_loader = tasks.loader_of(task, own.x_train, own.y_train)
