@@ -592,3 +592,45 @@ def test_a_hospital_protecting_patients_refuses_images_whose_patient_is_unknown(
                  "patient", "--out", str(tmp_path / "sim"), "--no-progress"])
     assert code != 0
     assert "lie directly in their class folder" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_declared_class_count_answers_the_coordinator_without_reading_labels(
+        tmp_path, monkeypatch) -> None:
+    """A coordinator that declares k classes would learn from a refusal whether any of a
+    hospital's patients has a label >= k. A hospital whose policy declares its data's
+    class count (``num_classes``) compares that with the model before reading any data:
+    two hospitals, one with a single patient of the rare class 2, answer every k alike
+    (refused unless k is the declared 3, then both train)."""
+    from bract.flower.hospital_policy import HospitalPolicy
+
+    read: list[str] = []
+    real = tasks.dataset_for
+    monkeypatch.setattr(tasks, "dataset_for", lambda cfg: read.append(cfg.data_path) or real(cfg))
+    answers: dict[tuple[bool, int], object] = {}
+    for rare in (False, True):
+        d = tmp_path / f"rare-{rare}"
+        d.mkdir()
+        path = _npz(d / "chest.npz", 30, 0, 10, seed=4)
+        if rare:
+            data = dict(np.load(path))
+            data["train_labels"] = data["train_labels"].copy()
+            data["train_labels"][7] = 2  # one patient with the rare diagnosis
+            np.savez(path, **data)
+        HospitalPolicy(num_classes=3, allow_plain_aggregation=True).write(d / "policy.json")
+        nc = {"name": "st-mary", "policy": str(d / "policy.json"), "data-path": str(path),
+              "dataset-id": "st-mary-chest-xray", "state-dir": str(d / "state")}
+        for k in (2, 4, 3):
+            read.clear()
+            rc = {**OWN_FILE_RC, "num-classes": k, "rounds": 2}
+            outcome = _train_once(nc, rc, 1, f"run-{k}")
+            answers[rare, k] = outcome if isinstance(outcome, str) else outcome["trained"]
+            if k != 3:
+                assert read == []  # refused before any data was read
+    for k in (2, 4):
+        assert answers[False, k] == answers[True, k]
+        assert answers[False, k].endswith(
+            f"refused: the coordinator's run config asks for a model of {k} classes; this "
+            "hospital's policy declares its data's 3 classes")
+    assert answers[False, 3] is True and answers[True, 3] is True
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1 or null"):
+        HospitalPolicy(num_classes=0)

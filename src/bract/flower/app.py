@@ -83,7 +83,9 @@ def hospital_setup(
     ``loader``) by its node config's ``dataset-id``, which it must name
     (:func:`check_own_dataset_id` refuses before any data is read); a hospital on a
     partition of the task's data by its ``dataset-id`` when its operator names one,
-    else by the data's source (:func:`dataset_source`). Under its policy's
+    else by the data's source (:func:`dataset_source`). A policy that declares its
+    data's ``num_classes`` refuses another model before any data is read
+    (:meth:`~bract.flower.hospital_policy.HospitalPolicy.admit_model`). Under its policy's
     ``privacy_unit: patient``, an own image folder with any image whose patient is
     unknown is refused (:func:`bract.data.imagefolder.check_patients_known`).
     """
@@ -122,9 +124,12 @@ def hospital_setup(
     dataset_id = str(nc.get("dataset-id", ""))
     own_policy = hospital_policy_of(nc)
     if own_path or loader:
-        # Before any data is read: the budget's key is the operator's name for the data.
+        # Before any data is read: the budget's key is the operator's name for the data,
+        # and a declared class count is compared with the model, not with the labels.
         check_own_dataset_id(task.dataset, own_path, loader, dataset_id,
                              Path(str(state_dir)) if state_dir else None)
+        _, num_classes, kind = tasks.model_spec(task)
+        own_policy.admit_model(kind, num_classes)
     model = tasks.build_model(task)
     held_out = None
     source = ""

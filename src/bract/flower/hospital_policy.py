@@ -17,7 +17,7 @@ File format (JSON, every field optional)::
      "metrics_noise_multiplier": 10.0, "metrics_loss_bound": 4.0,
      "allow_plain_aggregation": false, "max_image_size": 512,
      "max_model_parameters": 120000000, "max_batch_size": 4096, "max_local_epochs": 10,
-     "max_per_example_gradients": 2000000000}
+     "max_per_example_gradients": 2000000000, "num_classes": null}
 
 ``max_image_size``, ``max_model_parameters``, ``max_batch_size``, ``max_local_epochs``,
 ``max_per_example_gradients``: the most the coordinator's run config may make the
@@ -49,6 +49,13 @@ protected before bract recorded each ledger event's unit. A ledger holding such
 events is refused until it is stated (record- and patient-level events never compose
 into one epsilon, and a guess could under-count); every run before patient-level DP
 existed protected records.
+
+``num_classes``: the number of classes the hospital's own data is labelled with (an
+integer >= 1, or null). Declared, a hospital on its own data refuses a federation model
+with another number of classes before it reads any data, so whether it refuses depends
+on its policy alone; null, it reads its data and refuses a model with fewer classes than
+its largest label, which tells a coordinator that declares k classes whether any of its
+records has a label >= k (docs/privacy.md, "What leaves a hospital").
 
 ``metrics_noise_multiplier`` / ``metrics_loss_bound``: when ``release_metrics`` lets
 metrics leave, they leave as a Gaussian release with at least this noise multiplier,
@@ -136,6 +143,7 @@ class HospitalPolicy:
     metrics_noise_multiplier: float = DEFAULT_METRICS_NOISE
     metrics_loss_bound: float = DEFAULT_LOSS_BOUND
     allow_plain_aggregation: bool = False
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         for name in _SIZE_LIMITS:
@@ -156,6 +164,11 @@ class HospitalPolicy:
         if self.legacy_ledger_unit not in (None, "record", "patient"):
             raise ValueError(f"hospital policy: legacy_ledger_unit must be 'record', "
                              f"'patient' or null, got {self.legacy_ledger_unit!r}")
+        classes = self.num_classes
+        if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
+                                    or classes < 1):
+            raise ValueError(f"hospital policy: num_classes must be an integer >= 1 or null, "
+                             f"got {classes!r}")
         size = self.public_dataset_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int)
                                  or size < 1):
@@ -228,6 +241,23 @@ class HospitalPolicy:
                        metrics_noise_multiplier=max(requested.metrics_noise_multiplier,
                                                     self.metrics_noise_multiplier),
                        metrics_loss_bound=self.metrics_loss_bound)
+
+    def admit_model(self, kind: str, num_classes: int) -> None:
+        """Refuse a federation model the hospital's declared class count does not fit.
+
+        Guarantee: with ``num_classes`` declared, raises :class:`PolicyRefusal` unless the
+        coordinator's model is a classification with exactly that many classes; the
+        outcome depends on the policy and the coordinator's model only, never on the
+        hospital's data. Without it, nothing is checked here.
+        """
+        if self.num_classes is None:
+            return
+        if kind != "classification" or num_classes != self.num_classes:
+            what = (f"a {kind} model" if kind != "classification"
+                    else f"a model of {num_classes} classes")
+            raise PolicyRefusal(f"refused: the coordinator's run config asks for {what}; "
+                                f"this hospital's policy declares its data's "
+                                f"{self.num_classes} classes")
 
     def admit_release(self, requested: str) -> str:
         """The metric release for a coordinator's request, or :class:`PolicyRefusal`."""
