@@ -256,7 +256,7 @@ def _holds_ledger(directory: Path) -> bool:
 
 def _known_datasets(state_dir: Path) -> list[str]:
     """The datasets whose ledgers ``state_dir`` holds: each one's recorded dataset id,
-    or its directory for a ledger that records none."""
+    or, for a ledger that records none, its directory and how its id reads."""
     root = Path(state_dir) / DATASETS_DIR
     found = []
     for d in sorted(root.iterdir()) if root.is_dir() else ():
@@ -266,7 +266,8 @@ def _known_datasets(state_dir: Path) -> list[str]:
             recorded = json.loads((d / STATE_FILE).read_text(encoding="utf-8"))["dataset-id"]
             found.append(f"dataset-id {str(recorded)!r}")
         except (OSError, ValueError, KeyError, TypeError):
-            found.append(f"directory {d}")
+            found.append(f"directory {d} (its id is the '<dataset>:<resolved data-path>' or "
+                         "'loader:<loader>' it was written for, its name begins with it)")
     return found
 
 
