@@ -389,3 +389,21 @@ def test_a_resumed_local_federation_keeps_its_hospitals_and_federation_id(tmp_pa
     first.roster_path.unlink()
     with pytest.raises(DeploymentError, match="cannot resume: no readable roster"):
         LocalFederation(tmp_path, 3, resume=True)._write_secagg_identities()
+
+
+def test_a_local_federation_names_each_hospitals_own_data_with_its_dataset_id(
+        tmp_path) -> None:
+    """No process is started: a hospital given its own file (``hospital_data``) also gets
+    the dataset id its budget is kept under (``hospital_dataset_ids``) in its node
+    config; files without one id each are refused before anything starts."""
+    from flwr.common.config import parse_config_args
+
+    files = [str(tmp_path / f"h{i}.npz") for i in range(2)]
+    fed = LocalFederation(tmp_path, 2, hospital_data=files,
+                          hospital_dataset_ids=["st-mary-xray", "st-anne-xray"])
+    node = parse_config_args([fed.node_config(1)])
+    assert (node["data-path"], node["dataset-id"]) == (files[1], "st-anne-xray")
+    for ids in ((), ("st-mary-xray",), ("st-mary-xray", " "), ('a"b', "c")):
+        with pytest.raises(ValueError, match="hospital_dataset_ids must name one dataset id"):
+            LocalFederation(tmp_path, 2, hospital_data=files, hospital_dataset_ids=ids)
+    assert "dataset-id" not in parse_config_args([LocalFederation(tmp_path, 2).node_config(0)])
