@@ -327,7 +327,8 @@ def _size_request(tmp_path: Path, ask: dict, policy: HospitalPolicy | None = Non
     policy_file = tmp_path / "policy.json"
     (policy or HospitalPolicy(allow_plain_aggregation=True)).write(policy_file)
     node_config = {"name": "st-mary", "state-dir": str(tmp_path / "state"),
-                   "policy": str(policy_file), "data-path": str(tmp_path / "never.npz")}
+                   "policy": str(policy_file), "data-path": str(tmp_path / "never.npz"),
+                   "dataset-id": "st-mary-chest"}
     rc = {"dataset": "medmnist", "num-classes": 3, "in-channels": 1, "secagg": False,
           "rounds": 1, **ask}
     content = RecordDict()
