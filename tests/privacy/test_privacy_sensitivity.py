@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from bract.privacy import sensitivity
-from bract.privacy.accounting import PrivacyError
+from bract.privacy.accounting import PrivacyBudget, PrivacyError
 from bract.privacy.training import PrivateTrainer
 
 MODES = ("hooks", "ghost", "bk")
@@ -329,3 +329,131 @@ def test_a_forward_that_depends_on_the_batch_size_is_refused() -> None:
 
     with pytest.raises(PrivacyError, match="removing one example changes the others"):
         _trainer(PerBatchScale())
+
+
+# ---------------------------------------- the probe answers nothing about patient data
+FMAX = float(torch.finfo(torch.float32).max)
+
+
+class Recorded(torch.utils.data.Dataset):
+    """A hospital's records that note which items were read."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.read: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        self.read.append(int(i))
+        return self.x[i], self.y[i]
+
+
+def nan_iff_above(j: int, bound: float, sign: float) -> dict:
+    """The red team's question to an ``nn.Linear(4, 3)``: logit 0 is ``s (sign x_j -
+    bound) + FMAX``, which overflows (loss NaN) iff ``sign * x_j > bound``."""
+    s = 1e36
+    weight = torch.zeros(3, 4)
+    weight[0, j] = sign * s
+    bias = torch.tensor([FMAX - s * bound, 0.0, 0.0])
+    return {"weight": weight.numpy(), "bias": bias.numpy()}
+
+
+#: The questions: every feature, both signs, thresholds across the records' range.
+QUESTIONS = [(j, b, sign) for j in range(4) for sign in (1.0, -1.0)
+             for b in (0.0, 0.25, 0.5, 1.0, 2.0)]
+
+
+def answers(x: torch.Tensor, y: torch.Tensor, mode: str) -> list[str]:
+    """What a hospital holding (x, y), whose budget is spent, replies to each question:
+    an error (the probe's refusal), or the budget's refusal."""
+    model = nn.Linear(4, 3)
+    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             DataLoader(TensorDataset(x, y), batch_size=4),
+                             noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5,
+                             grad_sample_mode=mode, accountant="rdp",
+                             budget=PrivacyBudget(0.01, 1e-5, "rdp"))
+    out = []
+    for j, bound, sign in QUESTIONS:
+        try:
+            outcome = trainer.train_round(1, global_weights=nan_iff_above(j, bound, sign))
+            out.append(f"refused by the budget: {not outcome.trained}")
+        except Exception as exc:  # any error reaches the coordinator as the reply
+            out.append(f"error: {type(exc).__name__}: {exc}")
+    return out
+
+
+def test_the_probe_reads_no_patient_record() -> None:
+    """The probe runs on public synthetic inputs: building the trainer reads one record
+    for the data's format (shapes and dtypes, no value kept), and probing a round's
+    weights reads nothing."""
+    x, y = torch.randn(16, 4), torch.arange(16) % 3
+    data = Recorded(x, y)
+    model = nn.Linear(4, 3)
+    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             DataLoader(data, batch_size=4), noise_multiplier=1.0,
+                             max_grad_norm=1.0, delta=1e-5, accountant="rdp",
+                             budget=PrivacyBudget(0.01, 1e-5, "rdp"))
+    assert data.read == [0]
+    probe_x, _ = trainer._probe_batch
+    assert not any(torch.equal(row, record) for row in probe_x for record in x)
+    data.read.clear()
+    weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    assert not trainer.train_round(1, global_weights=weights).trained  # the budget's refusal
+    with pytest.raises(PrivacyError, match="NaN or infinite"):
+        trainer.train_round(1, global_weights=nan_iff_above(0, 0.0, 1.0))
+    assert data.read == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_crafted_weights_get_the_same_answer_from_neighbouring_datasets(mode) -> None:
+    """The red team's oracle: weights whose loss is NaN iff a record's feature passes a
+    threshold, sent after the budget is spent. Every answer (the probe's refusal, or the
+    budget's) is the same for datasets that differ in one record (changed, removed, or
+    turned into NaN): the probe's verdict depends on the weights alone."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=g), torch.arange(8) % 3
+    expected = answers(x, y, mode)
+    changed = x.clone()
+    changed[1] = torch.tensor([2.5, -2.5, 1.5, -0.7])
+    poisoned = x.clone()
+    poisoned[1] = torch.nan
+    keep = [i for i in range(8) if i != 1]
+    assert answers(changed, y, mode) == expected
+    assert answers(poisoned, y, mode) == expected
+    assert answers(x[keep], y[keep], mode) == expected
+    # The questions are answered (some refused, some not): by the public inputs.
+    assert len(set(expected)) > 1
+
+
+def test_a_non_finite_probe_is_a_refusal_with_its_reason() -> None:
+    """Outputs that overflow on the probe's public inputs are refused saying so (the
+    comparisons never fail on them); NaN and infinities compare as themselves."""
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.fill_(FMAX)
+    fmt = sensitivity.ProbeFormat((4,), torch.float32, (), torch.int64)
+    x, y = sensitivity.public_probe_batch(model, fmt)
+    with pytest.raises(PrivacyError, match="NaN or infinite with these weights"):
+        sensitivity.probe(model, x, y, nn.CrossEntropyLoss())
+    a = torch.tensor([float("nan"), float("inf"), 1.0])
+    assert sensitivity._close(a, a.clone())
+    assert not sensitivity._close(a, torch.tensor([float("nan"), float("inf"), 2.0]))
+
+
+def test_the_probe_batch_is_public_and_fits_the_model() -> None:
+    """The same synthetic batch for every dataset of one format; token ids below the
+    embedding's size, classes below the model's output width, float targets in [0, 1)."""
+    fmt = sensitivity.ProbeFormat((6,), torch.int64, (), torch.int64)
+    tokens = Tokens()
+    x, y = sensitivity.public_probe_batch(tokens, fmt)
+    again, _ = sensitivity.public_probe_batch(Tokens(), fmt)
+    assert torch.equal(x, again) and x.dtype == torch.int64
+    assert int(x.min()) >= 0 and int(x.max()) < 12
+    assert y.shape == (sensitivity.PROBE_EXAMPLES,) and int(y.max()) < 3
+    images = sensitivity.ProbeFormat((1, 5, 5), torch.float32, (), torch.float32)
+    xi, yi = sensitivity.public_probe_batch(nn.Sequential(nn.Flatten(), nn.Linear(25, 1)),
+                                            images)
+    assert xi.shape == (sensitivity.PROBE_EXAMPLES, 1, 5, 5) and bool(torch.isfinite(xi).all())
+    assert yi.dtype == torch.float32 and 0 <= float(yi.min()) and float(yi.max()) < 1

@@ -19,18 +19,33 @@ the clipped sum by at most C). A model can break either without an error:
   inputs): it leaves the hospital with the weights, unnoised.
 
 :func:`check_layers` refuses the first three from the model's structure, naming
-the layer and the fix; :func:`probe` runs the model on a few of the hospital's
-own examples before training and refuses the last two, naming the module or
-buffer. Neither is a proof about arbitrary code: the probe sees what a forward
-pass on those examples does (a model that mixes examples only for some inputs,
-or only in eval mode, can pass it). What they guarantee is that no model
-bract's tests know to break per-example clipping trains silently.
+the layer and the fix; :func:`probe` runs the model before training, and again
+with the global weights of every round, and refuses the last two, naming the
+module or buffer.
+
+The probe runs on **public synthetic inputs** (:func:`public_probe_batch`): values
+drawn from a fixed seed in the shape and dtype of the hospital's examples, labels in
+the model's own output range, never a patient record or a figure computed from one.
+Its verdict, and the refusal that reaches the coordinator, is then a function of
+the model and the weights alone: whatever weights the coordinator crafts, the
+probe answers nothing about the hospital's data.
+
+Neither check is a proof about arbitrary code. The probe sees what a forward pass
+on its synthetic inputs does: a model whose mixing is gated on input values those
+inputs do not reach (or that mixes only in eval mode) passes it. The guarantee
+assumes the model's layers are per-example except where the probe detects
+otherwise: bract's registered models (TabularMLP, ChestCNN, TargetScaled) are built
+only from per-example layers (Linear, Conv2d, GroupNorm, activations, pooling,
+dropout), so no weights make them mix examples; for a hospital's own architecture a
+mixing path gated on inputs is the residual. What the checks guarantee is that no
+model bract's tests know to break per-example clipping trains silently.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,11 +53,25 @@ from torch import nn
 
 from bract.privacy.accounting import PrivacyError
 
-__all__ = ["check_layers", "layer_obstacles", "probe", "reused_layers", "shared_parameters"]
+__all__ = [
+    "PROBE_EXAMPLES",
+    "ProbeFormat",
+    "check_layers",
+    "layer_obstacles",
+    "probe",
+    "public_probe_batch",
+    "reused_layers",
+    "shared_parameters",
+]
 
 #: Relative tolerance of the probe's comparisons (float rounding of batched kernels).
 PROBE_RTOL = 1e-4
 PROBE_ATOL = 1e-6
+#: Examples in the probe's public synthetic batch.
+PROBE_EXAMPLES = 4
+#: Seed of the probe's synthetic inputs: fixed and public, so that the verdict is the
+#: same for every hospital and every dataset, and anyone can recompute it.
+PROBE_SEED = 0x6272_6163_74
 
 _PADS = {"reflect": "Reflection", "replicate": "Replication", "circular": "Circular"}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -177,12 +206,25 @@ def reused_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to the probe's tolerance; NaN matches NaN and an infinity matches the
+    same infinity, and the absolute tolerance scales with the finite entries only (a
+    non-finite entry never makes the comparison itself fail)."""
     if a.shape != b.shape:
         return False
     if not torch.is_floating_point(a):
         return bool(torch.equal(a, b))
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    return bool(torch.allclose(a, b, rtol=PROBE_RTOL, atol=PROBE_ATOL * max(scale, 1.0)))
+    finite = b[torch.isfinite(b)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=PROBE_RTOL, atol=PROBE_ATOL * max(scale, 1.0),
+                               equal_nan=True))
+
+
+def _not_finite(what: str) -> PrivacyError:
+    return PrivacyError(
+        f"refused before training: the model's {what} on the sensitivity probe's public "
+        "synthetic inputs are NaN or infinite with these weights, so it cannot check that "
+        "examples do not influence each other (its inputs are fixed and public: this "
+        "depends on the model and its weights only)")
 
 
 def _first_mixing_module(full: Sequence[tuple[str, torch.Tensor]],
@@ -192,6 +234,80 @@ def _first_mixing_module(full: Sequence[tuple[str, torch.Tensor]],
         if not _close(a[keep], b):
             return name
     return "<model>"
+
+
+@dataclass(frozen=True)
+class ProbeFormat:
+    """What the probe's synthetic batch takes from the hospital's examples: the shape
+    and dtype of one example's inputs and of its label (never a value). For data
+    whose examples all have one shape (tabular rows, images of one size: the model's
+    input format) this is public; for examples of varying shape it is the shape of
+    the one example it was read from."""
+
+    x_shape: tuple[int, ...]
+    x_dtype: torch.dtype
+    y_shape: tuple[int, ...]
+    y_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, x: torch.Tensor, y: torch.Tensor) -> ProbeFormat:
+        """The format of a collated batch ``(x, y)`` (its first dimension the batch)."""
+        return cls(tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype)
+
+
+def _token_bound(model: nn.Module) -> int | None:
+    """The number of token ids every ``nn.Embedding`` of ``model`` accepts, if any."""
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return min(sizes) if sizes else None
+
+
+def _public_values(shape: tuple[int, ...], dtype: torch.dtype, count: int,
+                   generator: torch.Generator, integer_bound: int) -> torch.Tensor:
+    """``count`` synthetic values of one example's ``shape`` and ``dtype``: for floating
+    dtypes half standard normal, half uniform on [0, 1) (standardised features and
+    scaled pixels); integers uniform on ``[0, integer_bound)``; booleans fair coins."""
+    size = (count, *shape)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, size, generator=generator).bool()
+    if dtype.is_floating_point or dtype.is_complex:
+        normal = torch.randn(size, generator=generator, dtype=torch.float64)
+        uniform = torch.rand(size, generator=generator, dtype=torch.float64)
+        rows = (torch.arange(count) % 2 == 0).view(-1, *([1] * len(shape)))
+        return torch.where(rows, normal, uniform).to(dtype)
+    top = min(integer_bound, int(torch.iinfo(dtype).max) + 1)
+    return torch.randint(0, max(top, 1), size, generator=generator).to(dtype)
+
+
+def public_probe_batch(model: nn.Module, fmt: ProbeFormat, count: int = PROBE_EXAMPLES,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's public synthetic batch for ``model``: ``count`` examples in the format
+    ``fmt`` drawn from :data:`PROBE_SEED` (:func:`_public_values`; token ids below the
+    model's smallest ``nn.Embedding``, other integer inputs in [0, 256) for ``uint8``
+    pixels and [0, 2) otherwise), and labels from the model's public output range:
+    integer labels are classes below the size of the output's second dimension (2 for
+    a one-dimensional output), floating labels uniform on [0, 1) (a valid target for a
+    regression and for a binary cross-entropy alike).
+
+    Guarantee: a function of ``fmt`` and of the model's output shape only; no patient
+    record, and no figure computed from one, goes into it.
+    """
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    tokens = _token_bound(model)
+    bound = tokens if tokens is not None else (256 if fmt.x_dtype == torch.uint8 else 2)
+    x = _public_values(fmt.x_shape, fmt.x_dtype, count, generator, bound)
+    on = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if fmt.y_dtype.is_floating_point:
+        y = torch.rand((count, *fmt.y_shape), generator=generator,
+                       dtype=torch.float64).to(fmt.y_dtype)
+        return x.to(on), y.to(on)
+    if fmt.y_dtype == torch.bool or fmt.y_dtype.is_complex:
+        return x.to(on), _public_values(fmt.y_shape, fmt.y_dtype, count, generator, 2).to(on)
+    twin = copy.deepcopy(model).eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        out = twin(x.to(on))
+    classes = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() >= 2 else 2
+    y = _public_values(fmt.y_shape, fmt.y_dtype, count, generator, classes)
+    return x.to(on), y.to(on)
 
 
 def _perturbed(x: torch.Tensor) -> torch.Tensor:
@@ -213,11 +329,19 @@ def probe(
     mode: str = "hooks",
     public_buffers: Iterable[str] = (),
 ) -> None:
-    """Check on a few of the hospital's own examples, before the first DP-SGD step,
+    """Check on the batch ``x`` (with labels ``y``), before the first DP-SGD step,
     that examples do not influence each other and that training leaks no buffer.
+
+    :class:`~bract.privacy.training.PrivateTrainer` passes the public synthetic batch
+    of :func:`public_probe_batch`, never patient records: the verdict then depends on
+    the model and its weights only, so a refusal that reaches the coordinator tells
+    it nothing about the hospital's data, whatever weights it sent.
 
     Runs a copy of ``model`` (never the model itself) in training mode, with dropout
     off and the same random seed for every pass, on ``x`` and checks that
+
+    * the outputs (and the losses under ``criterion``) on ``x`` are finite: on NaN or
+      infinite values no comparison can show independence, so they are refused;
 
     * no buffer changes in a training forward pass unless named in ``public_buffers``
       (a buffer leaves with the weights, unnoised);
@@ -228,7 +352,7 @@ def probe(
       trainable layer runs twice in one forward pass.
 
     Raises :class:`PrivacyError` naming the buffer, or the first module whose output
-    mixes examples, and the fix.
+    mixes examples, and the fix; or saying that the outputs or losses are not finite.
     """
     batch = len(x)
     twin = copy.deepcopy(model).train()
@@ -238,6 +362,8 @@ def probe(
     before = {k: v.detach().clone() for k, v in twin.named_buffers()}
     seed = 0x6272
     out, full = _batch_outputs(twin, x, batch, seed)
+    if torch.is_floating_point(out) and not bool(torch.isfinite(out).all()):
+        raise _not_finite("outputs")
     twice = _twice(twin, full)
     if twice and mode in ("ghost", "bk"):
         raise PrivacyError(
@@ -288,6 +414,9 @@ def probe(
         with torch.no_grad():
             losses = per_example(out, y)
             rest_losses = per_example(rest_out, y[1:])
+        if losses.shape == (batch,) and torch.is_floating_point(losses) and not bool(
+                torch.isfinite(losses).all()):
+            raise _not_finite("losses")
         if losses.shape != (batch,) or not _close(losses[keep], rest_losses):
             raise PrivacyError(
                 "the loss is not one value per example that depends only on that example "

@@ -62,7 +62,13 @@ from bract.privacy.sampling import (
     key_from_seed,
     secure_poisson_loader,
 )
-from bract.privacy.sensitivity import check_layers, probe, reused_layers
+from bract.privacy.sensitivity import (
+    ProbeFormat,
+    check_layers,
+    probe,
+    public_probe_batch,
+    reused_layers,
+)
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "bk")
 DEFAULT_GRAD_SAMPLE_MODE = "auto"
@@ -71,8 +77,6 @@ GHOST_LINEAR_THRESHOLD = 1_000_000
 #: Per-sample gradients of Conv2d and GroupNorm layers: bract's rules (same gradients,
 #: less memory and time; :mod:`bract.privacy.grad_samplers`) or Opacus's own.
 GRAD_SAMPLER_SOURCES = ("bract", "opacus")
-#: Examples of the hospital's own data the sensitivity probe runs before training.
-PROBE_EXAMPLES = 4
 
 
 class _EmptyBatchNotice(logging.Filter):
@@ -148,13 +152,14 @@ def _check_per_example_loss(loss_per_example: torch.Tensor, batch: int) -> None:
         )
 
 
-def _probe_batch(data_loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first few of the hospital's examples, collated, for the sensitivity probe;
-    :class:`PrivacyError` when a batch is not an (inputs, labels) pair."""
+def _probe_format(data_loader: DataLoader) -> ProbeFormat:
+    """The format (shapes and dtypes, no value) of the hospital's examples, for the
+    sensitivity probe's public synthetic batch: read from its first example, collated
+    as the DataLoader collates a batch; :class:`PrivacyError` when a batch is not an
+    (inputs, labels) pair of tensors. The example's values are not kept."""
     dataset = data_loader.dataset
-    count = min(len(dataset), PROBE_EXAMPLES)  # type: ignore[arg-type]
     collate = data_loader.collate_fn or torch.utils.data.default_collate
-    batch = collate([dataset[i] for i in range(count)])
+    batch = collate([dataset[0]])
     if isinstance(batch, Mapping):
         keys = sorted(map(str, batch))
         raise PrivacyError(
@@ -166,7 +171,13 @@ def _probe_batch(data_loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
             f"a batch of this DataLoader is a {type(batch).__name__}, not an (inputs, "
             "labels) pair: wrap the dataset so that each item is (x, y), or name a dict's "
             "keys with batch_keys=(inputs, labels)")
-    return batch[0], batch[1]
+    x, y = batch
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise PrivacyError(
+            f"a batch of this DataLoader is a pair of {type(x).__name__} and "
+            f"{type(y).__name__}: DP-SGD needs the inputs and the labels each as one "
+            "tensor whose first dimension is the batch")
+    return ProbeFormat.of(x, y)
 
 
 def check_privatisable(model: nn.Module) -> None:
@@ -325,7 +336,7 @@ class PrivateTrainer:
             )
         if data_loader.drop_last:
             raise PrivacyError("use drop_last=False: Poisson sampling decides batch sizes.")
-        probe_batch = _probe_batch(data_loader)
+        probe_format = _probe_format(data_loader)
         requested_mode = grad_sample_mode
         self.patients = None if patient_ids is None else Patients.of(patient_ids, n)
         if self.patients is not None and grad_sample_mode == "ghost":
@@ -337,9 +348,11 @@ class PrivateTrainer:
         grad_sample_mode = choose_grad_sample_mode(model, grad_sample_mode, criterion)
         if self.patients is not None and grad_sample_mode == "ghost":
             grad_sample_mode = "hooks"  # what auto picks when book-keeping cannot clip
-        on = next((p.device for p in model.parameters()), torch.device("cpu"))
+        # The sensitivity probe's batch: public synthetic inputs in the data's format, so
+        # that nothing decided from it depends on a patient record.
+        probe_x, probe_y = public_probe_batch(model, probe_format)
         if requested_mode == "auto" and grad_sample_mode in ("ghost", "bk") and reused_layers(
-                model, probe_batch[0].to(on)):
+                model, probe_x):
             grad_sample_mode = "hooks"  # a layer runs twice: only hooks mode is exact
         if grad_sample_mode == "bk":
             from bract.privacy.bookkeeping import bookkeeping_obstacle
@@ -429,12 +442,12 @@ class PrivateTrainer:
         #: Set only by the white-box audit (:mod:`bract.audit.whitebox`): called with the
         #: DP optimizer before each round's first step, to insert gradient canaries.
         self._audit_hook: Callable[[Any], None] | None = None
-        x, y = (t.to(self.device) if isinstance(t, torch.Tensor) else t for t in probe_batch)
+        x, y = probe_x.to(self.device), probe_y.to(self.device)
         #: input elements of one example (what ``batch_parts=None`` weighs)
-        self._example_elements = int(x[0].numel()) if isinstance(x, torch.Tensor) and len(
-            x) else 0
+        self._example_elements = int(x[0].numel())
         probe(self.model, x, y, self.criterion, mode=self.grad_sample_mode,
               public_buffers=self.public_buffers)
+        #: the sensitivity probe's public synthetic batch (never patient records)
         self._probe_batch = (x, y)
 
     def _probe_loaded_weights(self) -> None:
@@ -442,7 +455,8 @@ class PrivateTrainer:
         gate parameter that starts at zero): the probe's verdict holds for the weights
         it saw, so the model is probed again with the weights a round loads, before any
         step (a refusal raises :class:`PrivacyError`, before the budget check records
-        anything)."""
+        anything). It runs on the public synthetic batch: its verdict depends on the
+        model and the weights only, never on the hospital's data."""
         x, y = self._probe_batch
         probe(self.model, x, y, self.criterion, mode=self.grad_sample_mode,
               public_buffers=self.public_buffers)
