@@ -1,7 +1,9 @@
 """Book-keeping per-example clipping: DP-SGD's clipped gradient sum in one backward pass.
 
 DP-SGD needs, every step, ``sum_i c_i * grad_i`` where ``grad_i`` is example i's
-gradient and ``c_i = min(1, C / (||grad_i|| + 1e-6))`` clips it to norm ``C``.
+gradient and ``c_i = min(1, C / (||grad_i|| + 1e-6))`` clips it to norm ``C`` (``c_i =
+0``, with the example's rows zeroed, when that norm is not finite:
+:mod:`bract.privacy.clipping`).
 Opacus offers two ways: hooks mode materialises every ``grad_i`` (for the 7 M-weight
 dense layer of the 128x128 ChestCNN at batch 64: 1.8 GB); ghost clipping computes
 the norms in a first backward pass and the clipped sum in a second one, keeping
@@ -36,9 +38,12 @@ other layers, the per-example gradients summed per patient. The clipped sum is t
 ``(c_{p(i)} * G)^T A`` as before, each record weighted by its patient's factor.
 
 Guarantee: the ``.grad`` this module leaves equals, to float rounding, the one
-Opacus's ghost clipping leaves for the same batch (tests compare both, and a
-per-example autograd reference); so clipping, noise, sampling and the epsilon
-accounted are those of Opacus's DP-SGD. Assumption, as for every per-example
+Opacus's ghost clipping leaves for the same batch of finite gradients (tests compare
+both, and a per-example autograd reference); so clipping, noise, sampling and the
+epsilon accounted are those of Opacus's DP-SGD. For any weights, an example (or
+patient) whose gradient norm is not finite adds exactly nothing and no other
+example's term depends on it, so the sum is finite and each term's norm is at most
+``C`` (:mod:`bract.privacy.clipping`). Assumption, as for every per-example
 method: examples do not interact in the forward pass (no BatchNorm, which
 :func:`~bract.privacy.training.check_privatisable` refuses) and no layer runs
 twice in one forward pass (weight tying is refused here with a clear error).
@@ -56,6 +61,7 @@ import torch
 from torch import nn
 
 from bract.privacy import grad_samplers as bract_samplers
+from bract.privacy.clipping import clip_factors, layer_clipped_sum
 from bract.privacy.threads import core_is_free
 
 __all__ = [
@@ -65,10 +71,6 @@ __all__ = [
     "supports_bookkeeping",
     "unsupported_layers",
 ]
-
-#: Opacus's ``1e-6`` in its clipping factor ``C / (norm + 1e-6)``.
-_EPS = 1e-6
-
 
 def _samplers() -> tuple[dict, dict]:
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
@@ -278,9 +280,10 @@ class BookKeepingClipper:
         ``groups`` (``[batch_size]`` integers ``0..P-1``, e.g. each record's patient in
         the batch): clip each group's summed gradient instead of each example's, so
         ``c_i`` is the factor of example i's group. Returns the clipping factors ``c``
-        (``[B]``). An empty batch (Poisson sampling) leaves zero gradients. Raises
-        ValueError for a loss that is not one value per example (clipping it would clip
-        the batch, not each example) or groups that do not name one group per example.
+        (``[B]``; 0 for an example, or group, whose gradient norm is not finite). An
+        empty batch (Poisson sampling) leaves zero gradients. Raises ValueError for a
+        loss that is not one value per example (clipping it would clip the batch, not
+        each example) or groups that do not name one group per example.
         """
         factors, sums = self.clipped_sums(loss_per_example, batch_size, groups)
         for p, total in sums:
@@ -337,11 +340,14 @@ class BookKeepingClipper:
                 raise ValueError(f"no gradient reached layer(s) {missing}")
             norms = torch.stack([n for _, layer_norms, _ in rules for n in layer_norms],
                                 dim=0).norm(2, dim=0)
-            factors = (self.max_grad_norm / (norms + _EPS)).clamp(max=1.0)
+            # A norm that is not finite (weights that overflow on this example) gives
+            # factor 0 and the example's rows are zeroed, not multiplied by 0.
+            factors, kept = clip_factors(norms, self.max_grad_norm)
             if st.groups is not None:
-                factors = factors[st.groups]  # each record takes its group's factor
-            return factors, [pair for module, _, kept in rules
-                             for pair in self._clipped_sum(module, kept, factors)]
+                # each record takes its group's factor
+                factors, kept = factors[st.groups], kept[st.groups]
+            return factors, [pair for module, _, kept_tensors in rules
+                             for pair in layer_clipped_sum(module, kept_tensors, factors, kept)]
         finally:
             # A pass that failed part-way may still have rules on the worker: let them
             # end before their inputs are dropped (what they raise is not the error).
@@ -357,24 +363,6 @@ class BookKeepingClipper:
             st.full_backward = False
             st.groups = None
             st.group_count = 0
-
-    @staticmethod
-    def _clipped_sum(module: nn.Module, kept: tuple, c: torch.Tensor
-                     ) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        if kept[0] == "linear":
-            _, a, g = kept
-            # Rows of every example (all its positions, for a sequence input) at once.
-            cg = (g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)).reshape(-1, g.shape[-1])
-            out = []
-            if module.weight.requires_grad:
-                out.append((module.weight, torch.mm(
-                    cg.t(), a.reshape(-1, a.shape[-1])).to(module.weight.dtype)))
-            if module.bias is not None and module.bias.requires_grad:
-                out.append((module.bias, cg.sum(0).to(module.bias.dtype)))
-            return out
-        # sum_i c_i grad_i as one vector-matrix product over the flattened gradients.
-        return [(p, torch.mv(gs.reshape(len(gs), -1).t(), c.to(gs.dtype)).view_as(p).to(p.dtype))
-                for p, gs in kept[1].items()]
 
     def _overlap_for(self, loss: torch.Tensor) -> bool:
         overlap = self.overlap
@@ -457,7 +445,10 @@ def _grouped_linear_norms(module: nn.Linear, a: torch.Tensor, g: torch.Tensor,
     row_group = groups.repeat_interleave(rows)
     if len(gr) <= _GRAM_ROWS:
         same = row_group[:, None] == row_group[None, :]
-        per_row = ((gr @ gr.t()) * (ar @ ar.t()) * same).sum(1)
+        # where, not a product with `same`: a non-finite row of another group must add
+        # nothing (0 * NaN is NaN) to this group's norm.
+        per_row = torch.where(same, (gr @ gr.t()) * (ar @ ar.t()),
+                              torch.zeros((), dtype=gr.dtype, device=gr.device)).sum(1)
         weight_sq = gr.new_zeros(count).index_add_(0, row_group, per_row)
     else:
         weight_sq = gr.new_zeros(count)

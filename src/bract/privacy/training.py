@@ -591,12 +591,18 @@ class PrivateTrainer:
                 grad_sample_mode=opacus_mode,
                 wrap_model=False,
             )
+        from bract.privacy.clipping import GhostClipping, clip_hooks_safely
+
         clipper = None
+        ghost: GhostClipping | None = None
         if self.grad_sample_mode in ("ghost", "bk"):
             hooks, dp_optimizer, criterion, dp_loader = made
         else:
             hooks, dp_optimizer, dp_loader = made
             criterion = self.criterion
+            # An example whose gradient is not finite (weights that overflow on it) adds
+            # nothing, instead of turning the sum NaN (bract.privacy.clipping).
+            clip_hooks_safely(dp_optimizer)
         if self._noise_source is not None:
             use_secure_noise(dp_optimizer, self._noise_source, prefetch=self.noise_prefetch)
         if self._audit_hook is not None:  # bract.audit.whitebox only
@@ -666,6 +672,10 @@ class PrivateTrainer:
                                 loss = criterion(out, yb)
                             _check_per_example_loss(loss.loss_per_sample, len(yb))
                             return loss.loss_per_sample
+                elif self.grad_sample_mode == "ghost":
+                    # Opacus's two passes, with each example's contribution bounded
+                    # whatever the weights (bract.privacy.clipping).
+                    ghost = GhostClipping(self.model, self.max_grad_norm)
                 for _epoch in range(self.local_epochs):
                     for x, y in dp_loader:
                         x, y = x.to(self.device), y.to(self.device)
@@ -687,6 +697,8 @@ class PrivateTrainer:
                                 _check_per_example_loss(loss.loss_per_sample, len(y))
                             if clipper is not None:
                                 clipper.backward(loss.loss_per_sample, len(y), groups=groups)
+                            elif ghost is not None:
+                                ghost.backward(loss)
                             else:
                                 loss.backward()
                                 if groups is not None:
@@ -710,6 +722,8 @@ class PrivateTrainer:
                 dp_optimizer.zero_grad(set_to_none=True)
                 if clipper is not None:
                     clipper.remove()
+                if ghost is not None:
+                    ghost.remove()
                 hooks.cleanup()
         return steps, (loss_sum / loss_batches if loss_batches else math.nan)
 
