@@ -294,7 +294,9 @@ def own_data(cfg: TaskConfig, data_path: str) -> FederatedDataset:
 
 def check_fits_model(cfg: TaskConfig, ds: FederatedDataset, source: str) -> FederatedDataset:
     """``ds`` if its examples fit the federation's model; ``ValueError`` naming the
-    mismatch (input shape, task kind, or a label beyond the model's classes)."""
+    mismatch (input shape, task kind, a label beyond the model's classes, or a NaN or
+    infinite input or target, which no training or evaluation can use: the operator
+    fixes or drops those records)."""
     input_shape, num_classes, kind = model_spec(cfg)
     if ds.input_shape != tuple(input_shape):
         exc = ValueError(f"{source}: its examples have shape {ds.input_shape}, the "
@@ -317,6 +319,22 @@ def check_fits_model(cfg: TaskConfig, ds: FederatedDataset, source: str) -> Fede
             # A rare class is a fact about the hospital's patients: the reply says less.
             exc.public_reason = (f"the hospital's data holds a label beyond the "
                                  f"federation's model's {num_classes} classes (details "
+                                 "in its own log)")
+            raise exc
+    arrays = [("training inputs", ds.x_train), ("held-out inputs", ds.x_test)]
+    if kind == "regression":
+        arrays += [("training targets", ds.y_train), ("held-out targets", ds.y_test)]
+    for what, values in arrays:
+        values = np.asarray(values)
+        if not np.issubdtype(values.dtype, np.inexact):
+            continue
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad = int(np.count_nonzero(~finite.reshape(len(values), -1).all(1)))
+            exc = ValueError(f"{source}: {bad} record(s) of its {what} hold NaN or infinite "
+                             "values; fix or drop them")
+            # Which records, and how many, are facts about the patients: they stay local.
+            exc.public_reason = ("the hospital's data holds NaN or infinite values (details "
                                  "in its own log)")
             raise exc
     return ds

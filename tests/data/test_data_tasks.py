@@ -190,3 +190,33 @@ def test_missing_file_dataset_is_a_clear_value_error(tmp_path) -> None:
     cfg = tasks.TaskConfig.for_dataset("medmnist", data_path=str(Path(tmp_path) / "none.npz"))
     with pytest.raises(ValueError, match="not found"):
         tasks.dataset_for(cfg)
+
+
+def test_a_hospitals_data_with_nan_or_infinite_values_is_refused_without_naming_them() -> None:
+    """Loading a hospital's own data refuses NaN or infinite inputs (or regression
+    targets): no training or evaluation can use them. The refusal is the operator's to
+    fix; the reply that leaves says only that, not which or how many records."""
+    import dataclasses
+
+    from bract.flower.client import failure_reason
+
+    task = tasks.TaskConfig.for_dataset("breast-cancer")
+    ds = tasks.dataset_for(task)
+    assert tasks.check_fits_model(task, ds, "loader site:load") is ds
+    for bad in (np.nan, np.inf, -np.inf):
+        x = ds.x_train.copy()
+        x[3, 1] = bad
+        with pytest.raises(ValueError, match=r"1 record\(s\) of its training inputs hold NaN "
+                                             r"or infinite") as refused:
+            tasks.check_fits_model(task, dataclasses.replace(ds, x_train=x), "loader site:load")
+        reason = failure_reason(refused.value)
+        assert reason == "the hospital's data holds NaN or infinite values (details in its own log)"
+    held = ds.x_test.copy()
+    held[:2] = np.nan
+    with pytest.raises(ValueError, match=r"2 record\(s\) of its held-out inputs"):
+        tasks.check_fits_model(task, dataclasses.replace(ds, x_test=held), "loader")
+    regression = tasks.dataset_for(DIABETES)
+    y = regression.y_train.copy()
+    y[0] = np.nan
+    with pytest.raises(ValueError, match="training targets hold NaN"):
+        tasks.check_fits_model(DIABETES, dataclasses.replace(regression, y_train=y), "loader")

@@ -389,3 +389,38 @@ def test_a_hospital_setup_reads_dict_items_for_training_and_its_held_out_split()
     released = MetricsRelease().release(model, None, setup.train_loader.dataset,
                                          setup.held_out)
     assert set(released) >= {"train-examples", "eval-examples"}
+
+
+# ------------------------------------------- global weights that are not finite
+
+
+def test_non_finite_global_weights_are_refused_before_the_data_is_read() -> None:
+    """Global weights holding NaN or an infinity are refused naming them, before the
+    probe, the budget check or any record: the refusal is a function of the
+    coordinator's message alone. Nothing is recorded."""
+
+    class Recorded(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.x, self.y = torch.randn(16, 4), torch.arange(16) % 3
+            self.read: list[int] = []
+
+        def __len__(self) -> int:
+            return 16
+
+        def __getitem__(self, i: int):
+            self.read.append(int(i))
+            return self.x[i], self.y[i]
+
+    data = Recorded()
+    model = nn.Linear(4, 3)
+    trainer = _trainer(model, DataLoader(data, batch_size=4))
+    data.read.clear()
+    weights = weights_of(model)
+    for bad in (np.nan, np.inf):
+        crafted = {**weights, "bias": np.array([0.0, bad, 0.0], np.float32)}
+        with pytest.raises(PrivacyError, match=r"global weights \['bias'\] hold NaN or "
+                                               "infinite values"):
+            trainer.train_round(1, global_weights=crafted)
+    assert data.read == []
+    assert trainer.ledger.events == ()
+    assert trainer.train_round(1, global_weights=weights).trained

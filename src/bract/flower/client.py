@@ -470,9 +470,19 @@ def dp_train_handler(
             also = (() if metrics is None
                     else (metrics.event(server_round, policy_now.delta, setup.client_id,
                                         setup.privacy_unit),))
+            from bract.privacy.training import (  # torch, only where training runs
+                PrivateTrainer,
+                check_finite_weights,
+            )
+
+            global_weights = None
+            if GLOBAL_WEIGHTS in msg.content.array_records:
+                global_weights = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
+                # Refused before anything touches the data: the refusal is a function of
+                # the coordinator's message alone.
+                check_finite_weights(global_weights)
             sigma = _noise_multiplier(policy_now, setup, state, ledger,
                                       str(round_cfg.get("run-id", "")), server_round, also)
-            from bract.privacy.training import PrivateTrainer  # torch, only where training runs
 
             trainer = PrivateTrainer(
                 setup.model,
@@ -503,9 +513,6 @@ def dp_train_handler(
                     f"{int(limit)}: refused before training, nothing spent; the server sizes "
                     "a later round for it"
                 ))
-            global_weights = None
-            if GLOBAL_WEIGHTS in msg.content.array_records:
-                global_weights = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
             released: dict[str, float] | None = None
             if (metrics is not None and global_weights is not None
                     and trainer.check_budget(server_round, also).allowed):

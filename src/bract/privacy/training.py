@@ -180,6 +180,22 @@ def _probe_format(data_loader: DataLoader) -> ProbeFormat:
     return ProbeFormat.of(x, y)
 
 
+def check_finite_weights(weights: Mapping[str, np.ndarray]) -> None:
+    """Raise :class:`PrivacyError` naming the weights that hold NaN or infinite values.
+
+    Received global weights are checked before anything is computed on the hospital's
+    data: the refusal depends on the coordinator's message alone, so it tells the
+    coordinator nothing about the data. (Finite weights can still overflow on some
+    records; per-example clipping bounds those, :mod:`bract.privacy.clipping`.)"""
+    bad = [k for k, v in weights.items()
+           if np.issubdtype(np.asarray(v).dtype, np.inexact)
+           and not bool(np.isfinite(np.asarray(v)).all())]
+    if bad:
+        raise PrivacyError(
+            f"the global weights {sorted(bad)[:5]} hold NaN or infinite values: refused "
+            "before any computation on this hospital's data")
+
+
 def check_privatisable(model: nn.Module) -> None:
     """Raise :class:`PrivacyError` naming the fix if Opacus cannot privatise ``model``.
 
@@ -521,6 +537,7 @@ class PrivateTrainer:
         """
         start = time.perf_counter()
         if global_weights is not None:
+            check_finite_weights(global_weights)
             load_weights(self.model, global_weights)
             self._probe_loaded_weights()
         also = tuple(also)
