@@ -35,9 +35,9 @@ on its synthetic inputs does: a model whose mixing is gated on input values thos
 inputs do not reach (or that mixes only in eval mode) passes it. The guarantee
 assumes the model's layers are per-example except where the probe detects
 otherwise: bract's registered models (TabularMLP, ChestCNN, TargetScaled) are built
-only from per-example layers (Linear, Conv2d, GroupNorm, activations, pooling,
-dropout), so no weights make them mix examples; for a hospital's own architecture a
-mixing path gated on inputs is the residual. What the checks guarantee is that no
+only from per-example layers (Linear, Conv2d, GroupNorm, ReLU, max pooling), so no
+weights make them mix examples; for a hospital's own architecture a mixing path
+gated on inputs is the residual. What the checks guarantee is that no
 model bract's tests know to break per-example clipping trains silently.
 """
 
