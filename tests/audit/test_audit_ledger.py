@@ -276,7 +276,7 @@ def test_files_round_trip_and_merged_ledgers_split_per_hospital(tmp_path) -> Non
         (lambda d: json.dumps({**d, "seq": "2"}), "'seq' must be an integer"),
         (lambda d: json.dumps({**d, "prev_hash": "xyz"}), "64 hex digits"),
         (lambda d: json.dumps({**d, "signature": "ab"}), "128 hex digits"),
-        (lambda d: json.dumps({**d, "epsilon": "lots"}), "'epsilon' must be a number"),
+        (lambda d: json.dumps({**d, "epsilon": "lots"}), "'epsilon' must be a finite number"),
         (lambda d: json.dumps({**d, "event": {"steps": 1}}), "event: ledger event is missing"),
     ],
 )
@@ -287,6 +287,60 @@ def test_malformed_lines_are_named_with_file_and_line(tmp_path, mutate, match) -
     with pytest.raises(LedgerError, match=match) as info:
         read_ledger(path)
     assert f"{path}:2" in str(info.value)
+
+
+NUMERIC_FIELDS = ("seq", "round", "epsilon", "delta", "event.noise_multiplier",
+                  "event.sample_rate", "event.steps", "event.max_grad_norm", "event.delta",
+                  "event.round")
+
+
+def _with(plain: dict, path: str, value) -> dict:
+    """``plain`` (an entry's plain form) with the field at ``path`` set to ``value``."""
+    out = json.loads(json.dumps(plain))
+    where = out
+    *parents, last = path.split(".")
+    for key in parents:
+        where = where[key]
+    where[last] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [("delta", math.nan), ("delta", math.inf), ("delta", -math.inf), ("delta", 0.0),
+     ("delta", 2.0), ("delta", -1e-5), ("epsilon", math.nan), ("epsilon", math.inf),
+     ("epsilon", -5.0), ("event.max_grad_norm", math.inf), ("event.max_grad_norm", math.nan),
+     ("event.noise_multiplier", math.nan), ("event.noise_multiplier", math.inf),
+     ("event.sample_rate", math.nan), ("event.delta", math.inf), ("event.steps", 1e300),
+     ("seq", 0), ("seq", 2**60), ("round", -1), ("event.round", 2**60)],
+)
+def test_a_non_finite_or_out_of_range_number_is_refused_naming_its_field(path, value) -> None:
+    """NaN, infinities (JSON's ``NaN``/``Infinity``) and numbers outside a field's range
+    are refused when the line is read, as a LedgerError naming the field: no entry
+    whose canonical bytes cannot be computed, or whose figures no accountant takes,
+    gets as far as a chain check or an audit."""
+    line = json.dumps(_with(build(1)[0].to_plain(), path, value))  # NaN, Infinity as Python
+    field = path.split(".")[-1]
+    with pytest.raises(LedgerError, match=rf"\b{field}\b"):
+        loads_jsonl(line, "hostile")
+
+
+@settings(max_examples=200, deadline=None)
+@given(path=st.sampled_from(NUMERIC_FIELDS),
+       value=st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
+                       st.integers(-(2**70), 2**70)))
+def test_any_number_in_any_field_parses_in_range_or_is_refused(path, value) -> None:
+    """Whatever number a hostile line puts in any numeric field: the line is refused
+    with a LedgerError, or it parses into an entry whose canonical line, hash and
+    chain check all compute."""
+    line = json.dumps(_with(build(1)[0].to_plain(), path, value))
+    try:
+        (entry,) = loads_jsonl(line, "hostile")
+    except LedgerError:
+        return
+    assert entry.to_line() and entry.hash()
+    assert math.isfinite(entry.delta) and 0 < entry.delta < 1
+    check_chain([entry], KEY.public_bytes(), client_id=CID)  # a verdict, never a raise
 
 
 def test_a_missing_ledger_file_is_named(tmp_path) -> None:

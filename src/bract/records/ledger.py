@@ -52,6 +52,11 @@ _FIELDS = (
 )
 
 
+#: The largest sequence number, round or step count an entry may hold: JSON's exact
+#: integer range. No run comes near it; a larger one is a corrupt or hostile line.
+MAX_COUNT = 2**53
+
+
 class LedgerError(ValueError):
     """A ledger is malformed or its chain does not verify; the message says where."""
 
@@ -128,7 +133,14 @@ class LedgerEntry:
 
     @classmethod
     def from_plain(cls, data: Any) -> LedgerEntry:
-        """Parse one entry; raises :class:`LedgerError` naming the bad or missing field."""
+        """Parse one entry; raises :class:`LedgerError` naming the bad or missing field.
+
+        Guarantee: every number of a returned entry is finite and in range (``seq`` in
+        [1, 2**53], rounds and steps in [0, 2**53], ``delta`` in (0, 1), ``epsilon`` a
+        finite number >= 0 or ``"inf"``, the event's noise multiplier >= 0, its sample
+        rate in (0, 1] and its clipping norm > 0), so its canonical bytes, hash and
+        signature check can always be computed; anything else, NaN and infinities
+        included, is refused here, naming the field."""
         if not isinstance(data, dict):
             raise LedgerError(f"a ledger entry must be a JSON object, got {type(data).__name__}")
         unknown = sorted(set(data) - set(_FIELDS))
@@ -144,9 +156,13 @@ class LedgerEntry:
         for key in ("federation_id", "client_id", "accountant", "prev_hash", "signature"):
             if not isinstance(data[key], str):
                 raise LedgerError(f"ledger entry field {key!r} must be a string")
-        for key in ("seq", "round"):
-            if isinstance(data[key], bool) or not isinstance(data[key], int):
+        for key, low in (("seq", 1), ("round", 0)):
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise LedgerError(f"ledger entry field {key!r} must be an integer")
+            if not low <= value <= MAX_COUNT:
+                raise LedgerError(f"ledger entry field {key!r} must lie in [{low}, 2**53] "
+                                  f"(got {_shown(value)})")
         if not _is_hex(data["prev_hash"], 64):
             raise LedgerError("ledger entry field 'prev_hash' must be 64 hex digits")
         if data["signature"] and not _is_hex(data["signature"], 128):
@@ -154,19 +170,46 @@ class LedgerEntry:
         eps = data["epsilon"]
         if eps == "inf":
             eps = math.inf
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps):
-            raise LedgerError("ledger entry field 'epsilon' must be a number or 'inf'")
+        elif not (_is_number(eps) and math.isfinite(eps) and eps >= 0):
+            raise LedgerError("ledger entry field 'epsilon' must be a finite number >= 0, or "
+                              f"the string 'inf' (got {_shown(eps)})")
         delta = data["delta"]
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)):
-            raise LedgerError("ledger entry field 'delta' must be a number")
+        if not (_is_number(delta) and 0 < delta < 1):
+            raise LedgerError("ledger entry field 'delta' must be a number strictly between "
+                              f"0 and 1 (got {_shown(delta)})")
         try:
             event = DpSgdEvent.from_plain(data["event"])
         except PrivacyError as exc:
             raise LedgerError(f"ledger entry event: {exc}") from None
+        _check_event_ranges(event)
         return cls(
             data["federation_id"], data["client_id"], data["seq"], data["round"], event,
             float(eps), float(delta), data["accountant"], data["prev_hash"], data["signature"],
         )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A parsed value as an error message shows it: short, whatever a file held."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_event_ranges(event: DpSgdEvent) -> None:
+    """What :class:`DpSgdEvent` leaves open and an accountant or a canonical line
+    cannot take: an infinite clipping norm, a count beyond 2**53."""
+    if not math.isfinite(event.max_grad_norm):
+        raise LedgerError("ledger entry event field 'max_grad_norm' must be a finite number "
+                          f"> 0 (got {_shown(event.max_grad_norm)})")
+    for key, value in (("steps", event.steps), ("round", event.round)):
+        if not 0 <= value <= MAX_COUNT:
+            raise LedgerError(f"ledger entry event field {key!r} must lie in [0, 2**53] "
+                              f"(got {_shown(value)})")
 
 
 def _is_hex(text: str, length: int) -> bool:
@@ -308,7 +351,10 @@ def dumps_jsonl(entries: Iterable[LedgerEntry]) -> str:
 
 
 def loads_jsonl(text: str, source: str = "ledger") -> list[LedgerEntry]:
-    """Parse JSONL text; a malformed line raises :class:`LedgerError` naming it."""
+    """Parse JSONL text; a malformed line raises :class:`LedgerError` naming it.
+
+    Guarantee: whatever the text holds, the only exception is :class:`LedgerError`,
+    and every entry returned meets :meth:`LedgerEntry.from_plain`'s ranges."""
     out: list[LedgerEntry] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -319,6 +365,9 @@ def loads_jsonl(text: str, source: str = "ledger") -> list[LedgerEntry]:
             raise LedgerError(f"{source}:{lineno}: not JSON ({exc.msg})") from None
         except LedgerError as exc:
             raise LedgerError(f"{source}:{lineno}: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # an integer too long, nesting too deep
+            raise LedgerError(f"{source}:{lineno}: not a usable JSON line "
+                              f"({type(exc).__name__})") from None
     return out
 
 
