@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 from flwr.app import Context, RecordDict
@@ -47,14 +48,15 @@ def _identities(forge: int | None = None):
     return SignerRoster.from_json(roster.to_json()), idents
 
 
-def _apps(state_root, idents, policy=POLICY):
+def _apps(state_root, idents, policy=POLICY, mods=()):
     def setup(ctx):
         return hospital_setup(TASK, ctx, state_root)
 
     def identity(ctx):
         return idents[int(ctx.node_config["partition-id"])]
 
-    return {node: make_client_app(setup, policy, identity=identity) for node in NODES}
+    return {node: make_client_app(setup, policy, identity=identity, mods=mods)
+            for node in NODES}
 
 
 def _run(tmp_path, grid, roster, resume=False, policy=POLICY):
@@ -152,6 +154,74 @@ def test_a_reply_whose_ledger_does_not_verify_is_treated_as_failed(tmp_path) -> 
         assert "hospital-0" not in row["per_client"]
     chains = by_client(read_ledger(tmp_path / "out" / "ledger.jsonl"))
     assert list(chains) == ["hospital-1"] and len(chains["hospital-1"]) == 3
+
+
+def _hostile_last_entry(path: str, value: float):
+    """A ClientApp mod: hospital-0's reply carries its signed ledger with the field at
+    ``path`` of its newest entry set to ``value`` (NaN, Infinity: JSON as Python writes
+    it)."""
+    from bract.flower.records import PRIVACY_REPORT
+
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if int(ctx.node_config["partition-id"]) == 0 and not reply.has_error():
+            rec = reply.content.config_records[PRIVACY_REPORT]
+            lines = str(rec["signed-ledger"]).splitlines()
+            entry = json.loads(lines[-1])
+            where = entry
+            *parents, last = path.split(".")
+            for key in parents:
+                where = where[key]
+            where[last] = value
+            lines[-1] = json.dumps(entry)
+            rec["signed-ledger"] = "".join(line + "\n" for line in lines)
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize(("path", "value"), [("delta", math.nan), ("delta", math.inf),
+                                             ("event.max_grad_norm", math.inf)])
+def test_a_reply_whose_ledger_holds_a_non_finite_number_is_a_failed_hospital(
+        tmp_path, path, value) -> None:
+    """A hostile hospital's reply whose signed ledger carries ``"delta": NaN`` (or an
+    infinity): the server names that hospital failed with the field, every round goes
+    on with the others, and nothing of the reply reaches the server's ledger."""
+    roster, idents = _identities()
+    apps = _apps(tmp_path / "hosp", idents, mods=[_hostile_last_entry(path, value)])
+    report = _run(tmp_path, FakeGrid(apps), roster)
+    assert [row["round"] for row in report["rounds"]] == [1, 2, 3]
+    field = path.split(".")[-1]
+    for row in report["rounds"]:
+        assert row["trained"] == ["hospital-1"]
+        (reason,) = row["failed"].values()
+        assert "signed ledger" in reason and f"{field}" in reason
+    chains = by_client(read_ledger(tmp_path / "out" / "ledger.jsonl"))
+    assert list(chains) == ["hospital-1"] and len(chains["hospital-1"]) == 3
+
+
+def test_a_chain_check_that_raises_a_plain_error_fails_only_that_reply(
+        tmp_path, monkeypatch) -> None:
+    """Whatever a reply's ledger makes the chain check raise (a ValueError or TypeError
+    rather than a LedgerError) fails that hospital's reply, named with the reason;
+    the federation goes on."""
+    import bract.flower.server as server
+
+    real = server.verify_chain
+
+    def fragile(chain, key, *, client_id, **kw):
+        if client_id == "hospital-0":
+            raise ValueError("Out of range float values are not JSON compliant")
+        return real(chain, key, client_id=client_id, **kw)
+
+    monkeypatch.setattr(server, "verify_chain", fragile)
+    roster, idents = _identities()
+    report = _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp", idents)), roster)
+    assert [row["round"] for row in report["rounds"]] == [1, 2, 3]
+    for row in report["rounds"]:
+        assert row["trained"] == ["hospital-1"]
+        assert row["failed"]["hospital-0"] == ("invalid ledger: Out of range float values "
+                                               "are not JSON compliant")
 
 
 def test_a_hospital_that_rewrites_its_history_is_refused(tmp_path) -> None:

@@ -341,7 +341,7 @@ class Federation:
         self.names[node] = cid
         try:
             chain = self._accept_chain(cid, rep)
-        except LedgerError as exc:
+        except (LedgerError, ValueError, TypeError) as exc:  # a hostile chain: this reply fails
             self.failed[self._label(node)] = f"invalid ledger: {exc}"
             display.note(f"round {rnd}: {cid}'s ledger does not verify, reply ignored: {exc}")
             return None
