@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bract import tasks
@@ -208,6 +208,66 @@ def test_a_deleted_line_fails(run, capsys, line, needle) -> None:
         assert "missing event: report.json says hospital-0 trained in round 3" in out
 
 
+def _drop_last_entry_of(run: Path, cid: str) -> None:
+    def edit(lines):
+        last = max(i for i, x in enumerate(lines) if json.loads(x)["client_id"] == cid)
+        return lines[:last] + lines[last + 1:]
+
+    _rewrite(run / "out" / "ledger.jsonl", edit)
+
+
+def test_without_a_length_reference_completeness_is_not_checked_and_the_audit_fails(
+        run, capsys) -> None:
+    """Without report.json and without the hospitals' own copies nothing shows whether
+    entries were cut from the end of a chain (a prefix is a valid chain): the audit
+    fails, the verdict line saying completeness was NOT checked and why, for the
+    untouched ledger and the truncated one alike. With the copies, the untouched ledger
+    passes, naming what its length was checked against, and the truncated one fails."""
+    for truncated in (False, True):
+        if truncated:
+            _drop_last_entry_of(run, "hospital-0")
+        assert _verify(run, copies=False, report=False) == 1
+        out = " ".join(capsys.readouterr().out.split())
+        assert "PASS" not in out and "authentic, complete" not in out
+        assert out.startswith("FAIL — ")
+        assert ("completeness NOT checked: no report.json and no own copy given "
+                "(hospital-0, hospital-1)") in out
+        assert "--hospital-copy hospital-0=PATH" in out
+        verdict = _md(run).splitlines()[2]
+        assert verdict.startswith("**FAIL") and "completeness NOT checked" in verdict
+        if not truncated:
+            assert _verify(run, report=False) == 0
+            out = " ".join(capsys.readouterr().out.split())
+            assert "PASS" in out and "complete (length checked against its own copy)" in out
+    assert _verify(run, report=False) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "entry seq 3 (round 3) is in hospital-0's copy but missing from the server's" in out
+
+
+def test_an_unfinished_runs_report_is_named_and_vouches_for_no_length(run, capsys) -> None:
+    """report.json without its final summary is an interrupted run's: the audit names it
+    as an unfinished run, and since a round trained after its last row shows nowhere in
+    it, it is no length reference: without the hospitals' copies the audit fails saying
+    completeness was NOT checked because the run is unfinished; with them it passes,
+    the verdict still naming the unfinished run."""
+    path = run / "out" / "report.json"
+    report = json.loads(path.read_text())
+    report["final"] = {}
+    path.write_text(json.dumps(report))
+    assert _verify(run, copies=False) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "PASS" not in out
+    assert ("completeness NOT checked: report.json is of an unfinished run (no final summary) "
+            "and no own copy given (hospital-0, hospital-1)") in out
+    md = _md(run)
+    assert "report.json is of an unfinished run: it has no final summary (its last recorded " \
+           "round is 3)" in md
+    assert _verify(run) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("PASS — ")
+    assert "report.json is of an unfinished run (it has no final summary)." in out
+
+
 def _erase(obj, cid: str):
     """``obj`` (report.json's content) with every mention of ``cid`` taken out."""
     if isinstance(obj, dict):
@@ -253,6 +313,14 @@ def test_a_wrong_roster_key_fails(run, capsys) -> None:
     assert "signature does not verify" in out and "hospital-0:" not in out
 
 
+def _audit(tmp_path, **kwargs):
+    """``verify_federation`` of a hand-built ledger, given as the hospital's own copy
+    too: that copy is the length reference every audited chain needs."""
+    return verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
+                             hospital_copies={"hospital-0": tmp_path / "ledger.jsonl"},
+                             **kwargs)
+
+
 def test_an_under_reported_epsilon_signed_by_the_hospital_itself_fails(tmp_path) -> None:
     """Signatures prove who wrote an entry, not that it is true: the recomputation
     catches a hospital (or its compromised software) signing a low epsilon."""
@@ -267,8 +335,7 @@ def test_an_under_reported_epsilon_signed_by_the_hospital_itself_fails(tmp_path)
                              client_id="hospital-0", signing_key=key)
     write_ledger(tmp_path / "ledger.jsonl", chain)
     write_roster(tmp_path / "roster.json", Roster(FED, {1: key.public_bytes()}, {1: "hospital-0"}))
-    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
-                               pld_discretization=1e-3)
+    result = _audit(tmp_path, pld_discretization=1e-3)
     assert not result.passed and result.hospitals["hospital-0"].chain_ok
     (finding,) = result.failures
     assert finding.topic == "epsilon" and "entry 2 (round 2)" in finding.message
@@ -288,23 +355,19 @@ def _hand_built(tmp_path, accountant: str, factor: float, sigma: float = 1.0):
 
 def test_an_rdp_over_report_is_a_note_but_a_prv_one_fails(tmp_path) -> None:
     _hand_built(tmp_path, "rdp", 1.2)
-    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
-                               pld_discretization=1e-3)
+    result = _audit(tmp_path, pld_discretization=1e-3)
     assert result.passed and [f.severity for f in result.findings] == [NOTE]
     _hand_built(tmp_path, "prv", 1.2)
-    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
-                               pld_discretization=1e-3)
+    result = _audit(tmp_path, pld_discretization=1e-3)
     assert [f.severity for f in result.findings] == [FAIL] and "over-reported" in \
         result.findings[0].message
 
 
 def test_a_passed_budget_fails(tmp_path) -> None:
     eps = _hand_built(tmp_path, "pld", 1.0)
-    ok = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
-                           budget=eps * 1.05, pld_discretization=1e-3)
+    ok = _audit(tmp_path, budget=eps * 1.05, pld_discretization=1e-3)
     assert ok.passed
-    over = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
-                             budget=eps * 0.9, pld_discretization=1e-3)
+    over = _audit(tmp_path, budget=eps * 0.9, pld_discretization=1e-3)
     assert [f.topic for f in over.failures] == ["budget"]
 
 
@@ -326,11 +389,9 @@ def test_a_recomputation_past_the_budget_fails_though_the_report_is_within_it(
     event = DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=1, client_id="hospital-0")
     eps = epsilon_of([event], 1e-5, "pld")
     _signed_chain(tmp_path, [event], [eps * 0.99])
-    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
-                               budget=eps * 0.992)
+    result = _audit(tmp_path, budget=eps * 0.992)
     assert [f.topic for f in result.failures] == ["budget"]
-    assert verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
-                             budget=eps * 0.999).passed
+    assert _audit(tmp_path, budget=eps * 0.999).passed
 
 
 def test_a_coarse_grid_past_the_budget_is_checked_again_at_the_reference_grid(
@@ -350,11 +411,9 @@ def test_a_coarse_grid_past_the_budget_is_checked_again_at_the_reference_grid(
         return out if discretization == verify.PLD_DISCRETIZATION else [e * 1.02 for e in out]
 
     monkeypatch.setattr(verify, "recompute_epsilons", pessimistic)
-    near = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
-                             budget=eps * 1.001, pld_discretization=1e-3)
+    near = _audit(tmp_path, budget=eps * 1.001, pld_discretization=1e-3)
     assert near.passed, [f.message for f in near.findings]
-    past = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json",
-                             budget=eps * 0.99, pld_discretization=1e-3)
+    past = _audit(tmp_path, budget=eps * 0.99, pld_discretization=1e-3)
     assert "budget" in [f.topic for f in past.failures]
 
 
@@ -367,7 +426,7 @@ def test_a_ledger_that_mixes_privacy_units_fails(tmp_path) -> None:
     reported = [epsilon_of(events[:1], 1e-5, "pld"),
                 epsilon_of([events[0], events[0]], 1e-5, "pld")]
     _signed_chain(tmp_path, events, reported)
-    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json")
+    result = _audit(tmp_path)
     assert [f.topic for f in result.failures] == ["unit"]
     assert "mixes privacy units (patient, record)" in result.failures[0].message
 
@@ -381,20 +440,189 @@ def test_entries_from_before_units_then_stated_ones_pass_with_a_note(tmp_path) -
               DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=2, client_id="hospital-0")]
     reported = [epsilon_of(events[:1], 1e-5, "pld"), epsilon_of(events, 1e-5, "pld")]
     _signed_chain(tmp_path, events, reported)
-    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json")
+    result = _audit(tmp_path)
     assert result.passed
     assert [(f.severity, f.topic) for f in result.findings] == [(NOTE, "unit")]
     assert "1 of hospital-0's entries were written before" in result.findings[0].message
 
 
-def test_a_non_private_ledger_fails_its_budget_and_reports_infinity(tmp_path) -> None:
+def test_a_non_private_ledger_fails_with_or_without_a_budget_naming_the_hospital(
+        tmp_path, capsys) -> None:
+    """Steps without noise (σ = 0) give ε = ∞: the audit fails, naming the hospital and
+    the entry, whether a budget was given or not (none was given: the verdict must not
+    be PASS for a run that protects nothing)."""
+    from bract.audit.report import verdict_line
+
     _hand_built(tmp_path, "prv", math.inf, sigma=0.0)
-    result = verify_federation(tmp_path / "ledger.jsonl", tmp_path / "roster.json", budget=8.0,
-                               pld_discretization=1e-3)
-    (h,) = result.hospitals.values()
-    assert h.final_recomputed == math.inf and h.final_reported == math.inf
-    assert [f.topic for f in result.failures] == ["budget"]
-    assert "NON-PRIVATE" in result.failures[0].message
+    for budget in (8.0, None):
+        result = _audit(tmp_path, budget=budget, pld_discretization=1e-3)
+        (h,) = result.hospitals.values()
+        assert h.final_recomputed == math.inf and h.final_reported == math.inf
+        (finding,) = result.failures
+        assert finding.topic == "non-private" and finding.hospital == "hospital-0"
+        assert "ε=∞ from entry 1 (round 1)" in finding.message
+        assert "added no noise (σ = 0): NON-PRIVATE" in finding.message
+        assert ("no budget holds (budget 8)" in finding.message) == (budget is not None)
+        line = verdict_line(result)
+        assert line.startswith("FAIL") and "NON-PRIVATE (ε = ∞): hospital-0" in line
+    ledger = str(tmp_path / "ledger.jsonl")
+    assert main(["audit", "verify", ledger, "--roster", str(tmp_path / "roster.json"),
+                 "--hospital-copy", f"hospital-0={ledger}", "--out", str(tmp_path / "a"),
+                 *FAST]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "PASS" not in out and "NON-PRIVATE" in out and "hospital-0" in out
+
+
+@pytest.mark.parametrize(
+    ("sigma", "q", "topic", "needle"),
+    [(1e-170, 0.05, "non-private", "σ=1e-170 is too small for any finite bound"),
+     (1e-300, 0.05, "non-private", "σ=1e-300 is too small for any finite bound"),
+     (0.65, 1e-320, "epsilon", "entry 1 (round 1) records an event dp_accounting cannot "
+                               "account"),
+     (1e-100, 0.05, "epsilon", "dp_accounting's RDP bound")],
+)
+def test_an_event_no_accountant_can_bound_fails_naming_the_entry(
+        tmp_path, sigma, q, topic, needle) -> None:
+    """Entries signed by the hospital itself claiming almost no noise (a square that
+    underflows: ε = ∞), or a subnormal sample rate dp_accounting refuses (no figure at
+    all): the audit fails, naming the entry, and never raises."""
+    key = SigningKey.generate()
+    event = DpSgdEvent(sigma, q, 20, 1.0, 1e-5, round=1, client_id="hospital-0")
+    chain = append_entry((), event, epsilon=1.0, delta=1e-5, accountant="prv",
+                         federation_id=FED, client_id="hospital-0", signing_key=key)
+    write_ledger(tmp_path / "ledger.jsonl", chain)
+    write_roster(tmp_path / "roster.json", Roster(FED, {1: key.public_bytes()}, {1: "hospital-0"}))
+    result = _audit(tmp_path, pld_discretization=1e-3)
+    assert not result.passed and result.hospitals["hospital-0"].chain_ok
+    assert any(f.topic == topic and needle in f.message and f.hospital == "hospital-0"
+               for f in result.failures), [f.message for f in result.failures]
+
+
+def test_a_forged_event_with_a_tiny_sample_rate_and_noise_stays_in_bounded_memory() -> None:
+    """σ = 0.01 with q = 1e-300: RDP puts it far below the cap, and its exact PLD grid
+    at 1e-4 would hold 5e7 points (hours, gigabytes). The recomputation moves to the
+    coarser grid that fits ``MAX_PLD_POINTS`` and gives a finite upper bound, within 2 GB
+    of address space."""
+    import subprocess
+    import sys
+
+    script = ("import resource, math\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+              "from bract.audit.verify import recompute_epsilons\n"
+              "from bract.privacy import DpSgdEvent\n"
+              "from bract.records.ledger import LedgerEntry\n"
+              "ev = DpSgdEvent(0.01, 1e-300, 1, 1.0, 1e-5, round=1, client_id='h')\n"
+              "(eps,) = recompute_epsilons([LedgerEntry('f', 'h', 1, 1, ev, 0.0, 1e-5, 'prv', "
+              "'0' * 64)], 1e-4)\n"
+              "assert math.isfinite(eps) and eps >= 0, eps\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+HOSTILE_KEY = SigningKey.generate()
+NUMERIC_FIELDS = ("seq", "round", "epsilon", "delta", "event.noise_multiplier",
+                  "event.sample_rate", "event.steps", "event.max_grad_norm", "event.delta",
+                  "event.round")
+
+
+def _hostile_line(path: str, value) -> str:
+    """A one-entry ledger line of hospital-0 with ``value`` at ``path``: signed by the
+    hospital's own key where the line still parses (a hostile hospital), as written
+    (NaN, Infinity and all) where it does not."""
+    import dataclasses
+
+    event = DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=1, client_id="hospital-0")
+    (entry,) = append_entry((), event, epsilon=1.6, delta=1e-5, accountant="prv",
+                            federation_id=FED, client_id="hospital-0",
+                            signing_key=HOSTILE_KEY)
+    plain = entry.to_plain()
+    where = plain
+    *parents, last = path.split(".")
+    for key in parents:
+        where = where[key]
+    where[last] = value
+    try:
+        edited = LedgerEntry.from_plain(plain)
+    except ValueError:
+        return json.dumps(plain)
+    signature = HOSTILE_KEY.sign(edited.signing_bytes()).hex()
+    return dataclasses.replace(edited, signature=signature).to_line()
+
+
+@settings(max_examples=80, deadline=None)
+@given(path=st.sampled_from(NUMERIC_FIELDS),
+       value=st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
+                       st.integers(-(2**64), 2**64)))
+def test_any_number_in_any_ledger_field_gets_a_verdict_never_a_traceback(path, value) -> None:
+    """Whatever float (subnormal, infinite, NaN, negative, huge) or integer a hostile
+    hospital puts in any numeric field of its signed entry, ``bract audit verify`` ends
+    with exit code 0, 1 or 2 and no exception; exit 2 prints one ``error:`` line, and
+    0 only where the recomputation confirmed the entry."""
+    import contextlib
+    import io
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ledger = root / "ledger.jsonl"
+        ledger.write_text(_hostile_line(path, value) + "\n")
+        write_roster(root / "roster.json",
+                     Roster(FED, {1: HOSTILE_KEY.public_bytes()}, {1: "hospital-0"}))
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = main(["audit", "verify", str(ledger), "--roster", str(root / "roster.json"),
+                         "--hospital-copy", f"hospital-0={ledger}", "--out",
+                         str(root / "audit"), *FAST])
+    out = buffer.getvalue()
+    assert code in (0, 1, 2), out
+    assert "Traceback" not in out
+    if code == 2:
+        (line,) = [x for x in out.splitlines() if x.strip()][:1]
+        assert line.startswith("error: ") and "ledger.jsonl:1:" in out
+    if code == 0:
+        assert out.lstrip().startswith("PASS — ")
+
+
+def test_hostile_names_in_a_ledger_are_printed_as_text(tmp_path, capsys) -> None:
+    """A client id or field holding console markup (``[/red]``) is printed literally in
+    every finding and error line, never interpreted (which would raise)."""
+    event = DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=1, client_id="[/red]h[bold]")
+    chain = append_entry((), event, epsilon=1.6, delta=1e-5, accountant="prv",
+                         federation_id=FED, client_id="[/red]h[bold]",
+                         signing_key=HOSTILE_KEY)
+    write_ledger(tmp_path / "ledger.jsonl", chain)
+    write_roster(tmp_path / "roster.json",
+                 Roster(FED, {1: HOSTILE_KEY.public_bytes()}, {1: "hospital-0"}))
+    argv = ["audit", "verify", str(tmp_path / "ledger.jsonl"), "--roster",
+            str(tmp_path / "roster.json"), "--out", str(tmp_path / "a"), *FAST]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "[/red]h[bold] is not in the roster" in out
+    (tmp_path / "ledger.jsonl").write_text(json.dumps({**chain[0].to_plain(),
+                                                       "format": "[/bold]"}) + "\n")
+    assert main(argv) == 2
+    assert "ledger entry format '[/bold]'" in capsys.readouterr().out
+
+
+def test_an_unusable_out_is_refused_before_any_epsilon_is_recomputed(
+        run, tmp_path, capsys, monkeypatch) -> None:
+    """``--out`` naming an existing file (or a place that cannot be written) is refused
+    in one line, exit 2, before the slow recomputation starts."""
+    import bract.audit.verify as verify
+
+    def never(*args, **kwargs):
+        raise AssertionError("an epsilon was recomputed before --out was checked")
+
+    monkeypatch.setattr(verify, "recompute_epsilons", never)
+    (tmp_path / "afile").write_text("x")
+    argv = ["audit", "verify", str(run / "out" / "ledger.jsonl"), "--roster",
+            str(run / "roster.json")]
+    assert main([*argv, "--out", str(tmp_path / "afile")]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("error: --out") and "is an existing file" in out
+    assert main([*argv, "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert "cannot be written" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_hospital_copy_that_differs_is_named_line_by_line(run, capsys) -> None:
@@ -429,19 +657,30 @@ sigmas = st.one_of(st.floats(0.3, 5.0), st.floats(0.001, 0.3))
 
 def _reference_bounds(entries, discretization: float) -> list[float]:
     """Per prefix, written independently of bract: dp_accounting's RDP bound past the
-    cap; below it, dp_accounting's PLD (where the PLD's arithmetic gives an infinite
-    epsilon for noised steps, the same at the finer grid of 1e-4, and the chain going
-    on at that grid); then, from the last entry back, the smaller of each bound and the
-    next prefix's (a bound on a longer prefix bounds a shorter one)."""
+    cap; below it, dp_accounting's PLD (on the given grid, or the coarser one on which
+    each event's own PLD fits MAX_PLD_POINTS points; where the PLD's arithmetic gives
+    an infinite epsilon for noised steps, the same at the finer grid of 1e-4 or that
+    limit, and the chain going on at that grid); then, from the last entry back, the
+    smaller of each bound and the next prefix's (a bound on a longer prefix bounds a
+    shorter one)."""
     import dp_accounting as dpa
+    from dp_accounting.pld import privacy_loss_mechanism as plm
 
-    from bract.audit.verify import PLD_EPSILON_CAP
+    from bract.audit.verify import MAX_PLD_POINTS, PLD_EPSILON_CAP
 
     def sampled(e):
         return dpa.PoissonSampledDpEvent(e.sample_rate, dpa.GaussianDpEvent(e.noise_multiplier))
 
+    def finest_grid(e) -> float:
+        widths = []
+        for adjacency in (plm.AdjacencyType.REMOVE, plm.AdjacencyType.ADD):
+            b = plm.GaussianPrivacyLoss(e.noise_multiplier, sampling_prob=e.sample_rate,
+                                        adjacency_type=adjacency).connect_dots_bounds()
+            widths.append(b.epsilon_upper - b.epsilon_lower)
+        return max(widths) / MAX_PLD_POINTS
+
     bounds: list[float] = []
-    rdp, capped, grid = dpa.rdp.RdpAccountant(), False, discretization
+    rdp, capped, grid, floor = dpa.rdp.RdpAccountant(), False, discretization, 0.0
     for k, entry in enumerate(entries):
         prefix = [x.event for x in entries[:k + 1] if x.event.steps]
         if not prefix:
@@ -453,7 +692,9 @@ def _reference_bounds(entries, discretization: float) -> list[float]:
         if capped:
             bounds.append(rdp.get_epsilon(1e-5))
             continue
-        for attempt in (grid, min(grid, 1e-4)):
+        if entry.event.steps:
+            floor = max(floor, finest_grid(entry.event))
+        for attempt in (max(grid, floor), max(min(grid, 1e-4), floor)):
             pld = dpa.pld.PLDAccountant(value_discretization_interval=attempt)
             for e in prefix:
                 pld.compose(sampled(e), e.steps)
@@ -469,6 +710,7 @@ def _reference_bounds(entries, discretization: float) -> list[float]:
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(sigmas, st.floats(0.001, 1.0), st.integers(0, 10**6)),
                 min_size=1, max_size=4))
+@example(history=[(0.025, 1.0, 1), (1.0, 0.05, 40)])  # its PLD needs a coarser grid
 def test_recomputed_epsilons_are_bounded_monotone_and_capped_by_rdp(history) -> None:
     """Whatever the entries claim: epsilon never decreases along the chain; past the
     cap it is dp_accounting's RDP bound of the whole prefix (the exact PLD, which

@@ -68,7 +68,9 @@ def add_verify_parser(audit_sub: Any) -> argparse.ArgumentParser:
             "recompute epsilon after every entry with dp_accounting's PLD accountant, and "
             "compare it with what the entries and report.json claim. Writes audit.md, "
             "audit.html and epsilon_per_round.png. Exit code 0: everything passed; 1: a "
-            "check failed; 2: an input is missing or unusable."
+            "check failed (a chain whose length nothing vouches for — no finished run's "
+            "report.json, no own copy — fails: its completeness is not checked); 2: an "
+            "input is missing or unusable."
         ),
     )
     p.add_argument("ledger", type=Path, metavar="LEDGER",
@@ -98,8 +100,10 @@ def add_verify_parser(audit_sub: Any) -> argparse.ArgumentParser:
 def run_verify(args: argparse.Namespace) -> int:
     """Run ``bract audit verify``; returns the exit code (0 pass, 1 fail, 2 bad input)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from bract.argtypes import output_dir_problem
     from bract.audit.report import verdict_line, write_reports
     from bract.audit.verify import AuditInputError, verify_federation
 
@@ -107,6 +111,11 @@ def run_verify(args: argparse.Namespace) -> int:
     copies = dict(args.hospital_copy)
     if len(copies) != len(args.hospital_copy):
         console.print("[red]error:[/red] --hospital-copy names the same hospital twice")
+        return 2
+    out = args.out if args.out is not None else args.ledger.parent / "audit"
+    problem = output_dir_problem(out)  # before any epsilon is recomputed
+    if problem is not None:
+        console.print(f"[red]error:[/red] {escape(problem)}", highlight=False)
         return 2
     progress = Progress(
         TextColumn("[bold]recomputing ε"), BarColumn(), MofNCompleteColumn(),
@@ -122,18 +131,21 @@ def run_verify(args: argparse.Namespace) -> int:
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
     except AuditInputError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return 2
-    out = args.out if args.out is not None else args.ledger.parent / "audit"
     try:
         paths = write_reports(result, out)
     except OSError as exc:
-        console.print(f"[red]error:[/red] cannot write the report to {out}: {exc}")
+        console.print(f"[red]error:[/red] cannot write the report to {escape(str(out))}: "
+                      f"{escape(str(exc))}", highlight=False)
         return 2
     colour = "green" if result.passed else "red"
-    console.print(f"[bold {colour}]{verdict_line(result)}[/bold {colour}]")
+    console.print(f"[bold {colour}]{escape(verdict_line(result))}[/bold {colour}]",
+                  highlight=False)
     for f in result.failures:
         who = f"{f.hospital}: " if f.hospital else ""
-        console.print(f"  [red]FAIL[/red] ({f.topic}) {who}{f.message}", highlight=False)
-    console.print(f"wrote {paths['markdown']}, {paths['html']} and {paths['plot']}")
+        console.print(f"  [red]FAIL[/red] ({escape(f.topic)}) {escape(who + f.message)}",
+                      highlight=False)
+    console.print(escape(f"wrote {paths['markdown']}, {paths['html']} and {paths['plot']}"),
+                  highlight=False)
     return 0 if result.passed else 1

@@ -26,20 +26,43 @@ def _eps(x: float | None) -> str:
 
 
 def verdict_line(result: AuditResult) -> str:
-    """One sentence: PASS or FAIL and why."""
+    """One sentence: PASS or FAIL and why.
+
+    Guarantee: the line says PASS only when every check passed, and then names what
+    each chain's length (completeness) was checked against; when any hospital's
+    completeness could not be checked, the line says FAIL and "completeness NOT
+    checked", with why and for whom. A report.json of an unfinished run is named as
+    such in either case."""
     n = len(result.hospitals)
+    unfinished = (" report.json is of an unfinished run (it has no final summary)."
+                  if result.unfinished_run else "")
     if result.passed:
+        refs = sorted({h.length_checked_by for h in result.hospitals.values()
+                       if h.length_checked_by})
+        against = "; ".join(refs) if refs else "a reference"
         return (
-            f"PASS — the ledgers of all {n} hospitals are authentic, complete and in order, "
-            f"and every reported epsilon agrees with an independent recomputation within "
-            f"{result.tolerance:.0%}."
+            f"PASS — the ledgers of all {n} hospitals are authentic, complete (length "
+            f"checked against {against}) and in order, and every reported epsilon agrees "
+            f"with an independent recomputation within {result.tolerance:.0%}." + unfinished
         )
     k = len(result.failures)
     who = sorted({f.hospital for f in result.failures if f.hospital})
+    unchecked = result.completeness_unchecked
+    by_reason: dict[str, list[str]] = {}
+    for cid, reason in unchecked.items():
+        by_reason.setdefault(reason, []).append(cid)
+    completeness = "".join(
+        f"; completeness NOT checked: {reason} ({', '.join(cids)})"
+        for reason, cids in sorted(by_reason.items())
+    )
+    open_ended = sorted({f.hospital for f in result.failures if f.topic == "non-private"})
     return (
         f"FAIL — {k} problem{'s' if k != 1 else ''} found"
         + (f" (hospitals: {', '.join(who)})" if who else "")
+        + (f"; NON-PRIVATE (ε = ∞): {', '.join(open_ended)}" if open_ended else "")
+        + completeness
         + "; see Findings. Do not rely on this federation's privacy claims until resolved."
+        + ("" if "unfinished run" in completeness else unfinished)
     )
 
 
@@ -103,6 +126,11 @@ def _method_lines(result: AuditResult) -> list[str]:
         f"Tolerance: a reported epsilon may differ from the recomputation by at most "
         f"{result.tolerance:.1%} (plus 0.001 absolute). bract reports Opacus's PRV upper "
         "bound, which lies within 0.5% below to 1% above the PLD value by design.",
+        "Completeness: a chain cut at its end is itself a valid chain, so each chain's "
+        "length is checked against the hospital's own copy or a finished run's report.json; "
+        "a hospital with neither fails. "
+        + "; ".join(f"{cid}: " + (h.length_checked_by or f"NOT checked ({h.length_unchecked})")
+                    for cid, h in sorted(result.hospitals.items())) + ".",
         f"Budget: {budget}.",
         "Trusted: the roster's public keys (obtain the roster from the hospitals, not from the "
         "server audited), the dp_accounting library and the cryptography library. report.json "

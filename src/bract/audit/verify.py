@@ -9,11 +9,16 @@ What is checked, per hospital:
    also as long as the server last recorded (a truncated tail). A chain is the
    hospital's lifetime record on its data: entries spent in earlier runs or
    federations (``ledger_carried`` in ``report.json``) count toward its epsilon.
+   Its length must be checked against a reference — the hospital's own copy, or
+   a finished run's ``report.json`` — or the hospital fails: a chain cut at its
+   end is itself a valid chain.
 2. **Epsilon** — after every entry, epsilon is recomputed from the recorded
    mechanism events with dp_accounting's PLD accountant, called directly here
    (not through bract's own accounting code), and compared with the epsilon the
    entry reports and with ``report.json``'s per-round figure, within
-   :data:`DEFAULT_TOLERANCE`.
+   :data:`DEFAULT_TOLERANCE`. An infinite recomputed epsilon (steps without
+   noise: a non-private run) fails, budget or not; so does an event
+   dp_accounting cannot account (the figure is NaN).
 3. **Completeness** — every round in which ``report.json`` says a hospital
    trained has an entry for that round; the steps it reports match the ledger.
 4. **Copies** — a hospital's own copy of its ledger equals the server's line by
@@ -46,7 +51,7 @@ from bract.records.ledger import (
     check_chain,
     read_ledger,
 )
-from bract.records.report import ReportError, RunReport, number, read_report
+from bract.records.report import HospitalRound, ReportError, RunReport, number, read_report
 
 #: Relative tolerance between a reported epsilon and the PLD recomputation. bract
 #: reports Opacus's PRV upper bound, within [0.995, 1.01] x PLD(1e-4) by design
@@ -68,6 +73,13 @@ PLD_DISCRETIZATION = 1e-4
 #: comes near it. The same cap as the hospitals' accountant
 #: (``bract.privacy.accounting.EXACT_EPSILON_CAP``), which reports RDP's figure there.
 PLD_EPSILON_CAP = 1000.0
+#: The most points one event's privacy-loss distribution may take on the PLD grid.
+#: An event that needs more on the grid in use (a noise multiplier below about 0.1
+#: that RDP does not put past :data:`PLD_EPSILON_CAP`, e.g. with a tiny sample rate)
+#: moves the chain's recomputation to the coarser grid that fits it: still an upper
+#: bound (a coarser grid is more pessimistic), in bounded memory and time (a forged
+#: entry claiming sigma 0.01 and q 1e-300 would otherwise need 5e7 points and hours).
+MAX_PLD_POINTS = 2_000_000
 #: At most this many line differences are listed per hospital copy.
 MAX_COPY_DIFFERENCES = 5
 
@@ -114,6 +126,11 @@ class HospitalAudit:
     reported_by_round: dict[int, float] = field(default_factory=dict)
     #: recomputed epsilon after the entries up to each round.
     recomputed_by_round: dict[int, float] = field(default_factory=dict)
+    #: What the chain's length was checked against ("its own copy", "report.json"),
+    #: or None when nothing was: a chain cut at its end is itself a valid chain.
+    length_checked_by: str | None = None
+    #: Why the length was not checked (None when it was).
+    length_unchecked: str | None = None
 
     @property
     def chain_ok(self) -> bool:
@@ -153,6 +170,14 @@ class AuditResult:
     hospitals: dict[str, HospitalAudit]
     findings: list[Finding]
     rounds: list[int]
+    #: report.json was given but has no final summary: the run did not finish.
+    unfinished_run: bool = False
+
+    @property
+    def completeness_unchecked(self) -> dict[str, str]:
+        """Hospitals of the roster whose ledger length nothing vouched for, with why."""
+        return {cid: h.length_unchecked for cid, h in sorted(self.hospitals.items())
+                if h.in_roster and h.length_unchecked is not None}
 
     @property
     def failures(self) -> list[Finding]:
@@ -160,7 +185,8 @@ class AuditResult:
 
     @property
     def passed(self) -> bool:
-        """True only when no check failed."""
+        """True only when no check failed; a hospital whose completeness could not be
+        checked (no length to compare with) is a failed check."""
         return not self.failures
 
 
@@ -174,7 +200,8 @@ def accountant_description(discretization: float = PLD_DISCRETIZATION) -> str:
     except PackageNotFoundError:  # pragma: no cover - dp_accounting is a dependency
         ver = "unknown version"
     return (
-        f"dp_accounting {ver} PLDAccountant (value_discretization_interval={discretization:g}), "
+        f"dp_accounting {ver} PLDAccountant (value_discretization_interval={discretization:g}, "
+        f"coarser from an event whose PLD would exceed {MAX_PLD_POINTS:,} points), "
         "composing PoissonSampledDpEvent(q, GaussianDpEvent(σ)) steps times per event; "
         "add-or-remove-one neighbours"
     )
@@ -189,63 +216,93 @@ def recompute_epsilons(
 
     Guarantee: each value is an upper bound on the (epsilon, entry.delta)-DP of the
     Poisson-subsampled Gaussian steps recorded up to that entry (infinite once an
-    event with steps added no noise): dp_accounting's PLD bound of that prefix, except
+    event with steps added no noise, or a noise multiplier whose square underflows to
+    0, below about 1e-162): dp_accounting's PLD bound of that prefix, except
     past :data:`PLD_EPSILON_CAP`, where it is dp_accounting's RDP bound (see
-    :func:`beyond_pld_cap`). Where the PLD's own arithmetic fails at the given
-    ``discretization`` (an infinite epsilon for noised steps: a privacy loss past its
-    float range, near the cap) it is computed again at the finer of the given grid and
-    :data:`PLD_DISCRETIZATION`, and the chain goes on at that grid. The values never
-    decrease along the chain: where a prefix's bound comes out above a longer prefix's
-    at the same delta (numerical error), the longer prefix's bound is given, which
-    bounds the shorter one too (composition never lowers epsilon). Memory stays
-    bounded whatever the entries claim, forged ones included. Calls dp_accounting
-    directly.
+    :func:`beyond_pld_cap`). The PLD grid is ``discretization``, or the coarser grid
+    on which every event's distribution fits :data:`MAX_PLD_POINTS` points, from the
+    first event that needs it on. Where the PLD's own arithmetic fails (an infinite
+    epsilon for noised steps: a privacy loss past its float range, near the cap) it
+    is computed again at the finer of the grid and :data:`PLD_DISCRETIZATION` (never
+    finer than the point limit allows), and the chain goes on at that grid. The values
+    never decrease along the chain: where a prefix's bound comes out above a longer
+    prefix's at the same delta (numerical error), the longer prefix's bound is given,
+    which bounds the shorter one too (composition never lowers epsilon). Where
+    dp_accounting cannot account an event at all (it raises, or gives NaN: e.g. a
+    subnormal sample rate) the value is NaN from that entry on: no bound is
+    established there, never a number. Whatever the entries claim, forged ones
+    included, nothing but a list of floats comes out, in bounded memory. Calls
+    dp_accounting directly.
     """
     import dp_accounting as dpa
 
-    acc = dpa.pld.PLDAccountant(value_discretization_interval=discretization)
     finest = min(discretization, PLD_DISCRETIZATION)
+    floor = 0.0  # the finest grid on which every event so far fits MAX_PLD_POINTS
+    acc = dpa.pld.PLDAccountant(value_discretization_interval=discretization)
     history: list[tuple[float, float, int]] = []
     rdp = None  # dp_accounting's RDP of the history, once the cheap screen fails
     capped = False
     non_private = False
+    failed = False  # dp_accounting could not account an event: no bound from there on
     out: list[float] = []
+
+    def rebuilt(grid: float) -> object:
+        fresh = dpa.pld.PLDAccountant(value_discretization_interval=grid)
+        for sigma, q, steps in history:
+            fresh.compose(_sampled_gaussian(sigma, q), steps)
+        return fresh
+
     for entry in entries:
         e = entry.event
-        if e.steps > 0 and e.noise_multiplier == 0:
-            non_private = True
-        elif e.steps > 0 and not non_private:
-            history.append((e.noise_multiplier, e.sample_rate, e.steps))
-            if rdp is None and not _clearly_moderate(history):
-                rdp = dpa.rdp.RdpAccountant()
-                for sigma, q, steps in history[:-1]:
-                    rdp.compose(_sampled_gaussian(sigma, q), steps)
-            event = _sampled_gaussian(e.noise_multiplier, e.sample_rate)
-            if rdp is not None:
-                rdp.compose(event, e.steps)
-                capped = capped or float(rdp.get_epsilon(entry.delta)) > PLD_EPSILON_CAP
-            if not capped:
-                acc.compose(event, e.steps)
+        if e.steps > 0 and e.noise_multiplier * e.noise_multiplier == 0:
+            non_private = True  # no noise, or so little its square underflows: no bound
+        elif e.steps > 0 and not non_private and not failed:
+            try:
+                history.append((e.noise_multiplier, e.sample_rate, e.steps))
+                if rdp is None and not _clearly_moderate(history):
+                    rdp = dpa.rdp.RdpAccountant()
+                    for sigma, q, steps in history[:-1]:
+                        rdp.compose(_sampled_gaussian(sigma, q), steps)
+                event = _sampled_gaussian(e.noise_multiplier, e.sample_rate)
+                if rdp is not None:
+                    rdp.compose(event, e.steps)
+                    capped = capped or not float(rdp.get_epsilon(entry.delta)) <= PLD_EPSILON_CAP
+                if not capped:
+                    need = _pld_points(e.noise_multiplier, e.sample_rate) / MAX_PLD_POINTS
+                    floor = max(floor, need)
+                    if discretization < floor:  # this event would not fit: a coarser grid
+                        discretization = floor
+                        acc = rebuilt(discretization)
+                    else:
+                        acc.compose(event, e.steps)
+            except Exception:  # dp_accounting refused the event: no bound from it on
+                failed = True
         if non_private:
             out.append(math.inf)
+        elif failed:
+            out.append(math.nan)
         elif not history:
             out.append(0.0)
-        elif capped:
-            assert rdp is not None
-            out.append(float(rdp.get_epsilon(entry.delta)))
         else:
-            eps = float(acc.get_epsilon(entry.delta))
-            if not math.isfinite(eps) and discretization > finest:
-                discretization = finest
-                acc = dpa.pld.PLDAccountant(value_discretization_interval=discretization)
-                for sigma, q, steps in history:
-                    acc.compose(_sampled_gaussian(sigma, q), steps)
-                eps = float(acc.get_epsilon(entry.delta))
+            try:
+                if capped:
+                    assert rdp is not None
+                    eps = float(rdp.get_epsilon(entry.delta))
+                else:
+                    eps = float(acc.get_epsilon(entry.delta))
+                    retry = max(finest, floor)
+                    if not math.isfinite(eps) and discretization > retry:
+                        discretization = retry
+                        acc = rebuilt(discretization)
+                        eps = float(acc.get_epsilon(entry.delta))
+            except Exception:  # dp_accounting refused the history
+                eps = math.nan
+            failed = math.isnan(eps)
             out.append(eps)
         if on_entry is not None:
             on_entry()
     for i in range(len(out) - 2, -1, -1):  # a longer prefix's bound bounds a shorter one
-        if entries[i].delta == entries[i + 1].delta:
+        if entries[i].delta == entries[i + 1].delta and not math.isnan(out[i + 1]):
             out[i] = min(out[i], out[i + 1])
     return out
 
@@ -256,13 +313,32 @@ def _sampled_gaussian(sigma: float, q: float) -> object:
     return dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma))
 
 
+def _pld_points(sigma: float, q: float) -> float:
+    """The width, in privacy-loss units, of the grid dp_accounting's PLD lays out for one
+    Poisson-subsampled Gaussian step (its connect-the-dots bounds, both adjacencies);
+    divided by the discretization interval, the number of points it takes."""
+    from dp_accounting.pld import privacy_loss_mechanism as plm
+
+    width = 0.0
+    for adjacency in (plm.AdjacencyType.REMOVE, plm.AdjacencyType.ADD):
+        bounds = plm.GaussianPrivacyLoss(
+            sigma, sensitivity=1, pessimistic_estimate=True, sampling_prob=q,
+            adjacency_type=adjacency,
+        ).connect_dots_bounds()
+        width = max(width, bounds.epsilon_upper - bounds.epsilon_lower)
+    if not math.isfinite(width):
+        raise ValueError(f"no finite privacy-loss range for sigma={sigma!r}, q={q!r}")
+    return width
+
+
 def _clearly_moderate(history: list[tuple[float, float, int]]) -> bool:
     # The composition's Gaussian-DP parameter by the central limit theorem (Bu et al.),
     # mu^2 = sum T q^2 (e^(1/sigma^2) - 1), at most 10: epsilon in the tens at most, so
-    # the PLD grid stays small and no RDP screen is needed.
+    # the PLD grid stays small and no RDP screen is needed. 700 * sigma^2 < 1 rather
+    # than 1 / sigma^2 > 700: a sigma whose square underflows is not moderate.
     mu2 = 0.0
     for sigma, q, steps in history:
-        if 1.0 / sigma**2 > 700:
+        if 700.0 * sigma * sigma < 1.0:
             return False
         mu2 += steps * q * q * math.expm1(1.0 / sigma**2)
     return mu2 <= 100.0
@@ -279,7 +355,12 @@ def disagreement(reported: float, recomputed: float, tolerance: float) -> str | 
 
     Past :data:`PLD_EPSILON_CAP` both figures are upper bounds by different RDP
     implementations, not exact ones: a reported figure past the cap agrees, one below
-    it disagrees (bract's accountant reports the RDP bound there too)."""
+    it disagrees (bract's accountant reports the RDP bound there too). A NaN on either
+    side (no computable or no readable figure) always disagrees."""
+    if math.isnan(recomputed):
+        return "the recorded events give no epsilon dp_accounting can compute"
+    if math.isnan(reported):
+        return "no readable epsilon is reported"
     if beyond_pld_cap(recomputed) and not math.isinf(reported):
         if reported > PLD_EPSILON_CAP:
             return None
@@ -340,11 +421,16 @@ def verify_federation(
 
     Guarantee: the result passes only if every hospital of the roster is accounted
     for (an entry in the server's ledger, or its own copy), every
-    hospital's chain verifies against the roster, every reported epsilon (ledger and
-    report.json) is within ``tolerance`` of dp_accounting's PLD recomputation from the
-    recorded events, no round a hospital trained in lacks its entry, every given hospital copy
-    equals the server's, and no epsilon passes the budget. Raises
-    :class:`AuditInputError` when an input is missing or unreadable.
+    hospital's chain verifies against the roster, every hospital's chain length was
+    checked against a reference (its own copy, or a finished run's report.json), every
+    recomputed epsilon is finite (an infinite one is a non-private run, a NaN one an
+    event dp_accounting cannot account: each fails, naming the hospital), every
+    reported epsilon (ledger and report.json) is within ``tolerance`` of
+    dp_accounting's PLD recomputation from the recorded events, no round a hospital
+    trained in lacks its entry, every given hospital copy equals the server's, and no
+    epsilon passes the budget. Whatever numbers the files hold, the outcome is a
+    result or :class:`AuditInputError` (an input missing, unreadable or unparseable),
+    never another exception.
     """
     if not (0.0 < tolerance < 0.5):
         raise AuditInputError(f"tolerance must lie in (0, 0.5) (got {tolerance})")
@@ -425,12 +511,18 @@ def verify_federation(
                 f"privacy unit; the later ones are {units[0]}-level, and the hospital "
                 "states the earlier ones' unit (policy legacy_ledger_unit): the ledger "
                 "cannot show it")))
+        # 1b. completeness: the chain's length against a reference
+        _check_length(h, cid in copies, seen, report, fail)
         # 2. epsilon after every entry
         recomputed = recompute_epsilons(chain, pld_discretization, tick)
+        _check_finite(h, chain, recomputed, budget, fail)
         carried = min(seen.ledger_carried, len(chain)) if seen is not None else 0
         for entry, eps in zip(chain[carried:], recomputed[carried:], strict=True):
             h.recomputed_by_round[entry.round] = eps  # report.json's rounds refine this
         for entry, eps in zip(chain, recomputed, strict=True):
+            if math.isnan(eps):  # named once by _check_finite
+                h.entries.append(EntryAudit(entry.seq, entry.round, entry.epsilon, eps, False))
+                continue
             why = disagreement(entry.epsilon, eps, tolerance)
             lenient = why is not None and why.startswith("over") and entry.accountant == "rdp"
             h.entries.append(EntryAudit(entry.seq, entry.round, entry.epsilon, eps,
@@ -447,13 +539,15 @@ def verify_federation(
                                         "upper bound: conservative, not a misreport)"))
             else:
                 fail(cid, "epsilon", message)
-        # 5. budget
-        if budget is not None and math.isfinite(budget) and recomputed:
-            top = max(recomputed)
+        # 5. budget (an infinite recomputation is named by _check_finite, budget included)
+        known = [x for x in recomputed if not math.isnan(x)]
+        if budget is not None and math.isfinite(budget) and known and math.isfinite(max(known)):
+            top = max(known)
             limit = budget / (1 - BUDGET_TOLERANCE)  # PRV >= 0.995 PLD: PRV > budget
             if top > limit and pld_discretization > PLD_DISCRETIZATION:
                 # A coarser grid is more pessimistic: confirm at the reference grid.
-                top = max(recompute_epsilons(chain, PLD_DISCRETIZATION))
+                top = max((x for x in recompute_epsilons(chain, PLD_DISCRETIZATION)
+                           if not math.isnan(x)), default=top)
             if top > limit or max(e.epsilon for e in chain) > budget:
                 fail(cid, "budget", f"{cid} reached ε={_fmt(top)}, past the budget of "
                                     f"{budget:g}" + (" (no DP noise: NON-PRIVATE)"
@@ -470,11 +564,84 @@ def verify_federation(
     )
     if not chains:
         fail("", "integrity", "the ledger holds no entries at all")
+    unfinished = report is not None and report.final is None
+    if unfinished:
+        assert report is not None
+        last = max((r.round for r in report.rounds), default=0)
+        findings.append(Finding(NOTE, "", "report", (
+            f"report.json is of an unfinished run: it has no final summary (its last "
+            f"recorded round is {last}), so there is no final ε to check, and the ledger "
+            "lengths it records are as of that round: a round the hospitals trained in "
+            "after it is in their own copies only")))
     return AuditResult(
         str(ledger_path), str(roster_path), str(report_path) if report_path else None,
         roster.federation_id, tolerance, budget, accountant_description(pld_discretization),
-        hospitals, findings, rounds,
+        hospitals, findings, rounds, unfinished,
     )
+
+
+def _check_length(
+    h: HospitalAudit, has_copy: bool, seen: HospitalRound | None, report: RunReport | None,
+    fail: Callable[[str, str, str], None],
+) -> None:
+    """Whether anything vouches for the chain's length; a FAIL naming why not.
+
+    A prefix of a valid chain is itself valid, so only a reference shows that no entry
+    was cut from the end: the hospital's own copy (compared entry by entry) or a
+    finished run's report.json (the length and head the server last recorded). An
+    unfinished run's report is no reference: a round trained after its last row shows
+    nowhere in it."""
+    cid = h.client_id
+    refs = (["its own copy"] if has_copy else []) + (
+        ["report.json"] if report is not None and report.final is not None
+        and seen is not None and seen.ledger_entries is not None else [])
+    if refs:
+        h.length_checked_by = " and ".join(refs)
+        return
+    if report is None:
+        h.length_unchecked = "no report.json and no own copy given"
+    elif report.final is None:
+        h.length_unchecked = ("report.json is of an unfinished run (no final summary) and "
+                              "no own copy given")
+    else:
+        h.length_unchecked = "report.json records no ledger length for it and no own copy given"
+    if h.in_roster:
+        fail(cid, "completeness", (
+            f"completeness of {cid}'s ledger NOT checked: {h.length_unchecked}. Entries cut "
+            "from the end of a chain leave a valid chain, so without a length to compare "
+            "with a truncated ledger looks whole: give --report with a finished run's "
+            f"report.json, or --hospital-copy {cid}=PATH"))
+
+
+def _check_finite(
+    h: HospitalAudit, chain: list[LedgerEntry], recomputed: list[float], budget: float | None,
+    fail: Callable[[str, str, str], None],
+) -> None:
+    """An infinite recomputed epsilon (no noise: a non-private run) or a NaN one (an
+    event dp_accounting cannot account) fails, naming the hospital and the entry,
+    whatever the budget and whatever was reported."""
+    cid = h.client_id
+    nan_at = next((i for i, x in enumerate(recomputed) if math.isnan(x)), None)
+    inf_at = next((i for i, x in enumerate(recomputed) if math.isinf(x)), None)
+    if nan_at is not None:
+        e = chain[nan_at]
+        ev = e.event
+        fail(cid, "epsilon", (
+            f"entry {e.seq} (round {e.round}) records an event dp_accounting cannot account "
+            f"(σ={ev.noise_multiplier:g}, q={ev.sample_rate:g}, {ev.steps} steps, "
+            f"δ={e.delta:g}): no epsilon can be recomputed for {cid} from this entry on, so "
+            "none of its figures from there is confirmed"))
+    if inf_at is not None and (nan_at is None or inf_at < nan_at):
+        e = chain[inf_at]
+        sigma = e.event.noise_multiplier
+        why = ("its DP-SGD steps added no noise (σ = 0)" if e.event.steps and sigma == 0
+               else f"its noise multiplier σ={sigma:g} is too small for any finite bound"
+               if e.event.steps and sigma * sigma == 0
+               else "a privacy loss beyond what dp_accounting can represent")
+        past = f"; no budget holds (budget {budget:g})" if budget is not None else ""
+        fail(cid, "non-private", (
+            f"{cid}'s recorded events give ε=∞ from entry {e.seq} (round {e.round}) on: "
+            f"{why}: NON-PRIVATE{past}"))
 
 
 def _check_report_rows(
@@ -496,7 +663,7 @@ def _check_report_rows(
         reported = v.epsilon
         h.reported_by_round[r] = reported
         why = disagreement(reported, eps, tolerance) if not math.isnan(reported) else "unreadable"
-        if why is not None:
+        if why is not None and not math.isnan(eps):  # a NaN recomputation is named once
             fail(cid, "report", f"report.json round {r} gives {cid} ε={_fmt(reported)} but its "
                                 f"ledger up to round {r} gives ε={_fmt(eps)}: {why}")
         steps = v.steps
@@ -514,9 +681,10 @@ def _check_final(
     report: RunReport, hospitals: dict[str, HospitalAudit], tolerance: float,
     fail: Callable[[str, str, str], None],
 ) -> None:
-    if report.final is None:  # the run did not finish: no final claim to check
+    if report.final is None:  # an unfinished run: verify_federation notes it
         return
-    finals = [h.final_recomputed for h in hospitals.values() if h.final_recomputed is not None]
+    finals = [h.final_recomputed for h in hospitals.values()
+              if h.final_recomputed is not None and not math.isnan(h.final_recomputed)]
     if not finals:
         return
     claimed = report.final_epsilon
