@@ -117,3 +117,19 @@ def test_the_command_and_the_config_share_their_defaults() -> None:
     assert (args.canaries, args.samples, args.dataset, args.epochs, args.confidence,
             args.delta) == (config.canaries, config.samples, config.dataset, config.epochs,
                             config.confidence, config.delta)
+
+
+@pytest.mark.parametrize("flag", ["--samples", "--batch-size"])
+def test_a_count_of_zero_or_less_is_refused_in_one_line(tmp_path, capsys, flag) -> None:
+    """``--samples 0`` (or ``--batch-size 0``) is refused, exit 2, with one ``error:``
+    line naming it: it never silently means the default. A negative one is refused by
+    the argument parser."""
+    assert main(["audit", "whitebox", flag, "0", "--out", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    name = flag.removeprefix("--").replace("-", "_")
+    (line,) = out.strip().splitlines()
+    assert line.startswith("error: ") and f"{name} must be >= 1 (got 0)" in line
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", "whitebox", flag, "-3", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and f"argument {flag}: must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "whitebox.json").exists()

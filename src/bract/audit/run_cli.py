@@ -219,10 +219,10 @@ def run_whitebox_command(args: argparse.Namespace) -> int:
         target = 2.0
     try:
         config = GradientCanaryAuditConfig(
-            dataset=args.dataset, samples=args.samples or None, canaries=args.canaries,
+            dataset=args.dataset, samples=args.samples, canaries=args.canaries,
             target_epsilon=target, noise_multiplier=args.noise_multiplier,
             noise_scale=args.noise_scale, delta=args.delta, epochs=args.epochs,
-            batch_size=args.batch_size or None, confidence=args.confidence,
+            batch_size=args.batch_size, confidence=args.confidence,
         )
         with console.status("training with gradient canaries"):
             report = run_gradient_canary_audit(config)

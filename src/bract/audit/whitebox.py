@@ -98,6 +98,11 @@ class GradientCanaryAuditConfig:
             raise ValueError("give exactly one of target_epsilon and noise_multiplier")
         if self.canaries < 10:
             raise ValueError(f"canaries must be >= 10 (got {self.canaries})")
+        for name in ("samples", "batch_size"):  # None: the default; never 0 for it
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (got {value}); leave it out for the "
+                                 "default")
         if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
             raise ValueError(f"noise_scale must be a finite number > 0 (got "
                              f"{self.noise_scale!r})")
