@@ -368,6 +368,33 @@ def test_knowledge_audit_fails_on_the_v1_fixture_naming_the_exposed_update(capsy
     assert "EXPOSED" in capsys.readouterr().out
 
 
+def test_a_view_with_a_round_missing_fails_naming_it(tmp_path, capsys) -> None:
+    """The v1 fixture with round 1 removed passes every other check (round 2 alone
+    exposes nobody), but the round whose shares the audit never saw is not counted:
+    the view fails ``rounds-recorded`` and the verdict line names the missing round.
+    A repeated round fails the same way; a complete view passes naming its rounds."""
+    import shutil
+
+    view = tmp_path / "view"
+    shutil.copytree(FIXTURE_V1, view)
+    shutil.rmtree(view / "round-1")
+    report = audit_views(read_view(view))
+    assert not report.passed and report.gap == "round 1 missing from the view"
+    (gap,) = [c for c in report.checks if not c.passed]
+    assert gap.name == sa.ROUNDS_RECORDED and gap.round == 1
+    assert all(c.passed for c in report.checks if c.name != sa.ROUNDS_RECORDED)
+    assert main(["audit", "secagg", "--view", str(view), "--out", str(tmp_path / "o")]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "verdict: FAIL — round 1 missing from the view" in out
+    md = (tmp_path / "o" / "secagg_audit.md").read_text()
+    assert md.splitlines()[2].startswith("**Verdict: FAIL** (round 1 missing from the view)")
+    twice = read_view(FIXTURE_V1)
+    assert audit_views([*twice, twice[1]]).gap == "round 2 recorded more than once"
+    assert main(["audit", "secagg", "--view", str(FIXTURE_V1), "--out",
+                 str(tmp_path / "p")]) == 1  # the fixture's own finding, no gap
+    assert "verdict: FAIL (rounds 1 to 2)" in capsys.readouterr().out
+
+
 def test_protocol_v2_runs_with_a_dropout_after_sharing_every_round_expose_nobody() -> None:
     """The same schedule as the fixture, and harsher, on today's protocol: a different
     client drops after sharing in each of four rounds; every isolable sum holds all the

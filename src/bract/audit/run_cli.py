@@ -292,6 +292,7 @@ def run_secagg_command(args: argparse.Namespace) -> int:
         table.add_row(str(check.round), check.name, mark, check.detail)
     console.print(table)
     style = "green" if report.passed else "bold red"
-    console.print(f"verdict: [{style}]{'pass' if report.passed else 'FAIL'}[/{style}]")
+    gap = f" — {report.gap}" if report.gap else f" (rounds 1 to {report.rounds})"
+    console.print(f"verdict: [{style}]{'pass' if report.passed else 'FAIL'}[/{style}]{gap}")
     console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if report.passed else 1

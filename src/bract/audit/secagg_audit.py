@@ -109,6 +109,9 @@ from bract.secagg.recording import (
 CHECKS = ("knowledge-across-rounds", "masked-inputs-uniform", "survivors-hidden",
           "dropped-late-hidden", "aggregate-exact")
 ROUND_CHECKS = CHECKS[1:]
+#: The check a view fails when its rounds do not run 1, 2, ..., N, each once (only
+#: listed when it fails).
+ROUNDS_RECORDED = "rounds-recorded"
 
 
 @dataclass(frozen=True)
@@ -590,6 +593,14 @@ class SecAggAuditReport:
         """True when every check of every round passed."""
         return all(c.passed for c in self.checks)
 
+    @property
+    def gap(self) -> str | None:
+        """What is wrong with the set of recorded rounds (missing, repeated), or None."""
+        for c in self.checks:
+            if c.name == ROUNDS_RECORDED and not c.passed:
+                return str(c.statistics[0]["summary"])
+        return None
+
     def to_plain(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
         return {"passed": self.passed, "alpha": self.alpha, "rounds": self.rounds,
@@ -602,12 +613,53 @@ def audit_views(views: Sequence[ServerView], alpha: float = DEFAULT_ALPHA) -> Se
         raise ValueError("no recorded rounds to audit.")
     knowledge = {c.round: c for c in knowledge_across_rounds(views)}
     checks = []
+    gap = rounds_recorded(views)
+    if gap is not None:
+        checks.append(gap)
     for v in views:
         if v.round in knowledge:
             checks.append(knowledge[v.round])
         if not v.legacy and not v.aborted and _reached_unmasking(v):
             checks += audit_view(v, alpha)
     return SecAggAuditReport(checks, alpha, len(views))
+
+
+def rounds_recorded(views: Sequence[ServerView]) -> CheckResult | None:
+    """A failed ``rounds-recorded`` check when the views' rounds are not 1, 2, ..., N,
+    each once; None when they are.
+
+    The server records every round in which it sent a round configuration
+    (``round-N``, N counting from 1), so a missing round is one whose shares the
+    knowledge check never saw: what the server learned there is not counted, and a
+    pass over the rounds shown says nothing about them. (A round that never opened,
+    with fewer than 3 hospitals holding keys, records nothing: compare with the run's
+    report.json before deciding it was removed.) A view cut after its last round
+    cannot be told from a shorter run here."""
+    numbers = [v.round for v in views]
+    top = max(numbers)
+    missing = sorted(set(range(1, top + 1)) - set(numbers))
+    repeated = sorted({r for r in numbers if numbers.count(r) > 1})
+    invalid = sorted({r for r in numbers if r < 1})
+    if not (missing or repeated or invalid):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"round{'s' if len(missing) > 1 else ''} "
+                     f"{', '.join(map(str, missing))} missing from the view")
+    if repeated:
+        parts.append(f"round{'s' if len(repeated) > 1 else ''} "
+                     f"{', '.join(map(str, repeated))} recorded more than once")
+    if invalid:
+        parts.append(f"round number{'s' if len(invalid) > 1 else ''} "
+                     f"{', '.join(map(str, invalid))} below 1")
+    summary = "; ".join(parts)
+    detail = (f"the view holds rounds {sorted(numbers)}: {summary}. The shares the server "
+              "received in a round not shown are not counted, so no round's result here "
+              "rules out what they reveal (a round that never opened records nothing: "
+              "check the run's report.json)")
+    return CheckResult(missing[0] if missing else min(numbers), ROUNDS_RECORDED, False,
+                       detail, [{"recorded": sorted(numbers), "missing": missing,
+                                 "repeated": repeated, "summary": summary}])
 
 
 def _reached_unmasking(view: ServerView) -> bool:
@@ -628,7 +680,9 @@ def report_markdown(report: SecAggAuditReport) -> str:
     lines = [
         "# Secure-aggregation audit",
         "",
-        f"**Verdict: {'pass' if report.passed else 'FAIL'}** — {report.rounds} round(s), "
+        f"**Verdict: {'pass' if report.passed else 'FAIL'}**"
+        + (f" ({report.gap})" if report.gap else "")
+        + f" — {report.rounds} round(s), "
         f"{len(report.checks)} checks, per-vector significance {report.alpha:g}.",
         "",
         "| round | check | result | detail |",
