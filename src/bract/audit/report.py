@@ -29,7 +29,8 @@ def verdict_line(result: AuditResult) -> str:
     """One sentence: PASS or FAIL and why.
 
     Guarantee: the line says PASS only when every check passed, and then names what
-    each chain's length (completeness) was checked against; when any hospital's
+    each chain's length (completeness) was checked against and the budget checked (or
+    that none was); when any hospital's
     completeness could not be checked, the line says FAIL and "completeness NOT
     checked", with why and for whom. A report.json of an unfinished run is named as
     such in either case."""
@@ -40,10 +41,15 @@ def verdict_line(result: AuditResult) -> str:
         refs = sorted({h.length_checked_by for h in result.hospitals.values()
                        if h.length_checked_by})
         against = "; ".join(refs) if refs else "a reference"
+        budget = (f" Every epsilon is within the budget of {result.budget:g}."
+                  if result.budget is not None
+                  else " No budget was checked: none was given (--budget, or a report.json "
+                       "with a target_epsilon).")
         return (
             f"PASS — the ledgers of all {n} hospitals are authentic, complete (length "
             f"checked against {against}) and in order, and every reported epsilon agrees "
-            f"with an independent recomputation within {result.tolerance:.0%}." + unfinished
+            f"with an independent recomputation within {result.tolerance:.0%}."
+            + budget + unfinished
         )
     k = len(result.failures)
     who = sorted({f.hospital for f in result.failures if f.hospital})

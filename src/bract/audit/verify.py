@@ -550,8 +550,7 @@ def verify_federation(
                            if not math.isnan(x)), default=top)
             if top > limit or max(e.epsilon for e in chain) > budget:
                 fail(cid, "budget", f"{cid} reached ε={_fmt(top)}, past the budget of "
-                                    f"{budget:g}" + (" (no DP noise: NON-PRIVATE)"
-                                                     if math.isinf(top) else ""))
+                                    f"{budget:g}")
         # 4. the hospital's own copy
         if cid in copies:
             _compare_copy(h, chain, copies[cid], roster, fail)
