@@ -332,8 +332,9 @@ def task_from_report(report: Mapping[str, Any]) -> Any:
 def load_model_weights(model: nn.Module, path: Path) -> None:
     """Load an ``.npz`` of state_dict arrays (``--save-model``) into ``model``.
 
-    Raises ValueError when the file is missing or unreadable, or when its names or
-    shapes do not fit the model (e.g. saved at another image size).
+    Raises ValueError with one line naming the file when it is missing or unreadable
+    (whatever its bytes), or when its names or shapes do not fit the model (e.g. saved
+    at another image size).
     """
     from bract.privacy.training import load_weights
 
@@ -341,11 +342,13 @@ def load_model_weights(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise ValueError(f"model file {path} does not exist; write one with "
                          "bract simulate --save-model PATH.npz")
+    from bract.flower.files import read_npz
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            weights = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable .npz of model weights ({exc})") from None
+        weights = read_npz(path)
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}; pass the .npz written by "
+                         "bract simulate --save-model") from None
     try:
         load_weights(model, weights)
     except ValueError as exc:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bract.flower.files import atomic_write_text, committing
+from bract.flower.files import atomic_write_text, committing, read_npz
 
 Weights = dict[str, np.ndarray]
 
@@ -31,20 +31,45 @@ class CheckpointError(RuntimeError):
 _RESUME_IGNORES = frozenset({"out", "resume", "reply-poll", "save_model", "show_progress"})
 
 
+def _state_problem(state: Any) -> str | None:
+    """What makes ``state`` (parsed ``state.json``) unusable, or None if it is usable."""
+    if not isinstance(state, dict):
+        kind = {list: "an array", type(None): "null", str: "a string", bool: "a boolean",
+                int: "a number", float: "a number"}.get(type(state), type(state).__name__)
+        return f"expected a JSON object, found {kind}"
+    missing = [k for k in ("config", "model", "completed_rounds") if k not in state]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    if not isinstance(state["config"], dict):
+        return "its config is not a JSON object"
+    model = state["model"]
+    if not (isinstance(model, str) and model.startswith("global-round-")
+            and model.endswith(".npz") and Path(model).name == model):
+        return f"its model entry {model!r} is not a global-round-N.npz file name"
+    rounds = state["completed_rounds"]
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        return f"its completed_rounds {rounds!r} is not a round count"
+    return None
+
+
 def load_checkpoint_state(out_dir: Path, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint state in ``out_dir``, if it was made with the same configuration.
 
-    Raises :class:`CheckpointError` naming the problem: no checkpoint, an unreadable
-    one, or settings that differ (only the output options may change on resume).
+    Raises :class:`CheckpointError` naming the file and the problem: no checkpoint, an
+    unreadable or damaged one (any bytes, any JSON value), or settings that differ
+    (only the output options may change on resume).
     """
     path = Path(out_dir) / CHECKPOINT_DIR / "state.json"
     if not path.exists():
         raise CheckpointError(f"no checkpoint to resume from in {path.parent}")
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-        old = {k: v for k, v in state["config"].items() if k not in _RESUME_IGNORES}
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
+    problem = _state_problem(state)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+    old = {k: v for k, v in state["config"].items() if k not in _RESUME_IGNORES}
     new = {k: v for k, v in run_config.items() if k not in _RESUME_IGNORES}
     if old != new:
         diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
@@ -84,16 +109,24 @@ class Checkpointer:
                     old.unlink()
 
     def restore(self, model_keys: Any) -> tuple[dict[str, Any], Weights]:
-        """The saved state and global model; :class:`CheckpointError` naming the problem
-        (none, unreadable, another configuration, another model)."""
+        """The saved state and global model; :class:`CheckpointError` naming the file and
+        the problem (none, unreadable or damaged state or model file whatever its bytes,
+        another configuration, another model)."""
         state = load_checkpoint_state(self.dir.parent, self.run_config)
+        for key in ("report", "chains", "latest", "stopped", "metrics"):
+            if not isinstance(state.get(key), dict):
+                raise CheckpointError(f"checkpoint {self.dir / 'state.json'} is damaged: "
+                                      f"its {key} is missing or not a JSON object")
+        if not all(isinstance(text, str) for text in state["chains"].values()):
+            raise CheckpointError(f"checkpoint {self.dir / 'state.json'} is damaged: "
+                                  "its chains are not ledger texts")
+        if not all(isinstance(line, dict) for line in state["latest"].values()):
+            raise CheckpointError(f"checkpoint {self.dir / 'state.json'} is damaged: "
+                                  "its latest entries are not JSON objects")
         try:
-            with np.load(self.dir / state["model"]) as data:
-                weights = {k: data[k] for k in data.files}
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(
-                f"checkpointed model in {self.dir} is unreadable: {exc}"
-            ) from None
+            weights = read_npz(self.dir / state["model"])
+        except ValueError as exc:
+            raise CheckpointError(f"checkpointed model unreadable: {exc}") from None
         if weights.keys() != set(model_keys):
             raise CheckpointError("the checkpointed model does not match this run's model")
         return state, weights

@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 # One step's records (a round's report row and its checkpoint) are written under this
 # lock; once the process is stopping, no thread writes a record again.
 _commit = threading.RLock()
@@ -128,3 +130,26 @@ def fsync_directory(directory: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` archive at ``path``, read in full.
+
+    Guarantee: any file content at all either yields a name-to-array mapping of
+    non-object arrays or raises ValueError with one line naming ``path`` and what is
+    wrong with it (missing, not a zip archive, truncated, a damaged member, pickled
+    objects); no other exception escapes for a bad file.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("it is a single .npy array, not an .npz archive")
+            return {name: np.asarray(data[name]) for name in data.files}
+    except MemoryError:
+        raise ValueError(f"{path} is not a readable .npz archive "
+                         "(it declares arrays too large to read)") from None
+    except Exception as exc:  # zipfile, zlib and numpy raise many types for damage
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path} is not a readable .npz archive "
+                         f"({type(exc).__name__}: {detail})") from None
