@@ -388,3 +388,72 @@ def test_a_node_config_with_only_a_state_dir_is_a_configured_hospital(tmp_path) 
     # On the run's bundled data it trains its partition, its budget in its own state-dir.
     setup = hospital_setup(tasks.TaskConfig(dataset="breast-cancer"), ctx, out / "hospitals")
     assert setup.state_dir == tmp_path / "state" and setup.dataset_id == "breast-cancer"
+
+
+def _tree(root) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--delta", "5"], "delta must lie in (0, 1)"),
+        (["--target-epsilon", "0.01"], "--target-epsilon must lie in [0.05, 50]"),
+        (["--target-epsilon", "51"], "--target-epsilon must lie in [0.05, 50]"),
+        (["--name", ""], "hospital name '' is not a plain file name"),
+        (["--name", "bad name"], "hospital name 'bad name' is not a plain file name"),
+        (["--name", "../x"], "is not a plain file name"),
+        (["--dir", "afile/sub"], "afile is not a directory"),
+        (["--dir", "afile"], "afile is not a directory"),
+    ],
+)
+def test_hospital_init_refuses_bad_input_in_one_line_and_writes_nothing(
+    argv, needle, tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    opts = {"--name": "h5", "--dir": "h5"}
+    rest = []
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        if flag in opts:
+            opts[flag] = value
+        else:
+            rest += [flag, value]
+    before = _tree(tmp_path)
+    code = main(["hospital", "init", opts["--dir"], "--id", "5", "--name", opts["--name"],
+                 "--federation", FED, *rest])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert out.startswith("error: ") and out.count("\n") == 1 and needle in out, out
+    assert _tree(tmp_path) == before
+
+
+def test_roster_add_refuses_bad_paths_and_names_and_writes_nothing(tmp_path, capsys,
+                                                                   monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _init_three(tmp_path)
+    capsys.readouterr()
+    # A public file whose name is not a plain file name (made by hand or by an older init).
+    bad = json.loads((tmp_path / "h2" / "public.json").read_text())
+    bad["name"] = ""
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["rr/roster.json", "h0/public.json"], "rr is not an existing directory"),
+        (["adir", "h0/public.json"], "adir is a directory"),
+        (["r6.json", "h0/public.json", "bad.json"], "hospital name '' is not a plain file"),
+    ]
+    for argv, needle in cases:
+        before = _tree(tmp_path)
+        assert main(["roster", "add", *argv]) == 2
+        out = capsys.readouterr().out
+        assert out.startswith("error: ") and out.count("\n") == 1 and needle in out, out
+        assert _tree(tmp_path) == before
+    # The same files, well named, make a roster whose members all have names.
+    assert main(["roster", "add", "r6.json", "h0/public.json", "h1/public.json"]) == 0
+    assert sorted(read_roster(tmp_path / "r6.json").names.values()) == [
+        "hospital-0", "hospital-1"]
+    assert sorted(p.name for p in (tmp_path / "supernode-auth").iterdir()) == [
+        "hospital-0.pub", "hospital-1.pub"]

@@ -17,7 +17,9 @@ and prints the ``--node-config`` its SuperNode needs, with the ``dataset-id`` it
 lifetime privacy budget is kept under (``--dataset-id``, default the hospital's name:
 the operator's name for its patients' dataset, kept when the data moves or is
 re-exported). It refuses to overwrite an existing identity (a new key would orphan the
-hospital's signed ledger).
+hospital's signed ledger), and refuses, in one ``error:`` line (exit 2) before writing
+anything, a name that is not a plain file name, a target epsilon outside bract's
+[0.05, 50], a delta outside (0, 1), or a directory path through a file.
 
 ``bract hospital start DIR --superlink HOST:PORT --root-certificates CA
 [--auth-key KEY] [--node-config EXTRA]`` starts the hospital's ``bract-supernode``
@@ -30,8 +32,9 @@ node config, after checking that the identity key is valid and is the one
 ``bract roster add ROSTER PUBLIC.json...`` builds the roster from hospitals' public
 files (creating it if missing), writes each SuperNode key they carry to
 ``ROSTER_DIR/supernode-auth/<name>.pub`` and prints the ``flwr supernode register``
-command for it; ``bract roster verify ROSTER [--public FILE...]``
-checks a roster file: its format, distinct ids, names and keys, one federation id,
+command for it (it checks every file, name and path first and writes nothing when it
+refuses; the roster is replaced atomically, after the keys);
+``bract roster verify ROSTER [--public FILE...]`` checks a roster file: its format, distinct ids, names and keys, one federation id,
 and that each given hospital's public file is listed unchanged, and prints every
 member's key fingerprint and the file's SHA-256. Every hospital gets the same roster
 file out of band, and confirms with each member it lists, over a second channel, that
@@ -57,18 +60,40 @@ from flwr.common.config import parse_config_args
 
 from bract.argtypes import nonnegative_int, positive_float
 from bract.flower.certificates import generate_supernode_key
+from bract.flower.files import atomic_write_text
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.secagg_client import read_identity_key, write_identity_key
 from bract.flower.supernode import DEFAULT_PULL_INTERVAL
-from bract.records.roster import Roster, read_roster, write_roster
+from bract.privacy.accounting import MAX_TARGET_EPSILON, MIN_TARGET_EPSILON
+from bract.records.roster import Roster, read_roster
 from bract.secagg.crypto import KEY_BYTES, SigningKey
 
 __all__ = ["add_operator_parsers", "hospital_init", "key_fingerprint", "roster_add",
            "roster_verify", "supernode_command"]
 
 PUBLIC_FILE = "public.json"
+#: A hospital's name: it names the file its SuperNode key is kept in on the coordinator's
+#: side (``supernode-auth/<name>.pub``), so it is a plain, non-empty file name.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 #: The SuperNode's Flower authentication key pair in a hospital's directory.
 AUTH_KEY = "supernode-auth"
+
+
+def check_hospital_name(name: str) -> None:
+    """ValueError in one line unless ``name`` is a plain file name (letters, digits,
+    ``_ . -``, not empty, not ``.`` or ``..``), the rule ``roster add`` applies."""
+    if not PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"hospital name {name!r} is not a plain file name: use letters, "
+                         "digits, '_', '.' and '-' only (it names the hospital's SuperNode "
+                         "key file on the coordinator's side)")
+
+
+def _directory_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot be (or become) a directory, or None."""
+    for part in (directory, *directory.parents):
+        if part.exists():
+            return None if part.is_dir() else f"{part} is not a directory"
+    return None
 
 
 def hospital_init(directory: Path, node: int, name: str, federation_id: str,
@@ -77,9 +102,15 @@ def hospital_init(directory: Path, node: int, name: str, federation_id: str,
     and state directory, in one step.
 
     Guarantee: both private keys are written owner-only and never printed; an existing
-    identity is never replaced (``FileExistsError``).
+    identity is never replaced (``FileExistsError``); a name that is not a plain file
+    name, an empty federation id, or a directory path through a file is refused
+    (``ValueError``) before anything is written.
     """
     directory = Path(directory)
+    check_hospital_name(name)
+    problem = _directory_problem(directory)
+    if problem:
+        raise ValueError(f"cannot make the hospital directory {directory}: {problem}")
     key_path = directory / "identity.key"
     if key_path.exists():
         try:
@@ -219,10 +250,34 @@ def roster_verify(roster: Roster, publics: list[dict[str, Any]] = ()) -> list[st
     return problems
 
 
-def roster_add(path: Path, publics: list[dict[str, Any]]) -> Roster:
+def roster_add(path: Path, publics: list[dict[str, Any]], *,
+               write_keys: bool = False) -> Roster:
     """Add hospitals' public entries to the roster at ``path`` (created if missing);
-    refuses a second federation id, a taken id or name, or a key listed twice."""
+    with ``write_keys``, also write each SuperNode key they carry to
+    ``ROSTER_DIR/supernode-auth/<name>.pub`` (:func:`write_supernode_keys`).
+
+    Guarantee: refuses (``ValueError`` in one line, nothing written) a second federation
+    id, a taken id or name, a key listed twice, a name that is not a plain file name, a
+    malformed SuperNode key, a roster path that is a directory or whose folder is
+    missing, or (``write_keys``) a ``supernode-auth`` there that is not a directory; the
+    roster file is replaced atomically, after the keys, so it never lists a hospital
+    whose key file was not written.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; name the roster file, e.g. "
+                         f"{path / 'roster.json'}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path.parent} is not an existing directory; create it first")
+    keys_dir = path.resolve().parent / AUTH_KEY
+    if write_keys and supernode_key_paths(path, publics) and keys_dir.exists() \
+            and not keys_dir.is_dir():
+        raise ValueError(f"{keys_dir} is not a directory: the SuperNode keys go there")
+    for p in publics:
+        check_hospital_name(p["name"])
+        text = p.get("supernode_auth_public_key", "")
+        if text and (not text.startswith("ecdsa-sha2-nistp") or "\n" in text):
+            raise ValueError(f"{p['name']}: its SuperNode key is not an OpenSSH EC public key")
     if path.exists():
         roster = read_roster(path)
     else:
@@ -241,7 +296,10 @@ def roster_add(path: Path, publics: list[dict[str, Any]]) -> Roster:
         keys[p["id"]] = p["public_key"]
         names[p["id"]] = p["name"]
     out = Roster(roster.federation_id, keys, names)
-    write_roster(path, out)
+    if write_keys:
+        write_supernode_keys(path, publics)
+    atomic_write_text(path, out.to_json() + "\n")
+    os.chmod(path, 0o644)  # public data, handed to every hospital
     return out
 
 
@@ -255,13 +313,17 @@ def _dataset_id(text: str) -> str:
 
 
 def _hospital_init_cmd(args: argparse.Namespace) -> int:
-    policy = HospitalPolicy(target_epsilon=args.target_epsilon, delta=args.delta,
-                            allow_non_private=False, release_metrics=args.release_metrics,
-                            secagg_colluders=args.colluders,
-                            metrics_noise_multiplier=args.metrics_noise)
     try:
+        if not MIN_TARGET_EPSILON <= args.target_epsilon <= MAX_TARGET_EPSILON:
+            raise ValueError(f"--target-epsilon must lie in [{MIN_TARGET_EPSILON:g}, "
+                             f"{MAX_TARGET_EPSILON:g}] (bract calibrates noise for no "
+                             f"other), got {args.target_epsilon:g}")
+        policy = HospitalPolicy(target_epsilon=args.target_epsilon, delta=args.delta,
+                                allow_non_private=False, release_metrics=args.release_metrics,
+                                secagg_colluders=args.colluders,
+                                metrics_noise_multiplier=args.metrics_noise)
         hospital_init(args.dir, args.id, args.name, args.federation, policy)
-    except (FileExistsError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
     d = Path(args.dir).resolve()
@@ -306,12 +368,12 @@ def _hospital_start_cmd(args: argparse.Namespace) -> int:
 def _roster_add_cmd(args: argparse.Namespace) -> int:
     try:
         publics = [_read_public(p) for p in args.public]
-        roster = roster_add(args.roster, publics)
-    except ValueError as exc:
+        roster = roster_add(args.roster, publics, write_keys=True)
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
     print(f"{args.roster}: {len(roster.keys)} member(s) of {roster.federation_id}")
-    for path in write_supernode_keys(args.roster, publics):
+    for path in supernode_key_paths(args.roster, publics):
         print(f"register its SuperNode: flwr supernode register {shlex.quote(str(path))} "
               "<federation>")
     return 0
@@ -319,21 +381,29 @@ def _roster_add_cmd(args: argparse.Namespace) -> int:
 
 def write_supernode_keys(roster_path: Path, publics: list[dict[str, Any]]) -> list[Path]:
     """Each hospital's SuperNode public key (from its public file) as
-    ``ROSTER_DIR/supernode-auth/<name>.pub``, for ``flwr supernode register``."""
-    out = []
+    ``ROSTER_DIR/supernode-auth/<name>.pub``, for ``flwr supernode register``; each file
+    is replaced atomically. ``ValueError`` for a name that is not a plain file name or a
+    key that is not an OpenSSH EC public key, checked for all before any is written."""
     for p in publics:
+        check_hospital_name(p["name"])
         text = p.get("supernode_auth_public_key", "")
-        if not text:
-            continue
-        if not text.startswith("ecdsa-sha2-nistp") or "\n" in text:
+        if text and (not text.startswith("ecdsa-sha2-nistp") or "\n" in text):
             raise ValueError(f"{p['name']}: its SuperNode key is not an OpenSSH EC public key")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", p["name"]):
-            raise ValueError(f"{p['name']!r} is not a plain file name")
-        path = Path(roster_path).resolve().parent / AUTH_KEY / f"{p['name']}.pub"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n", encoding="ascii")
-        out.append(path)
+    out = supernode_key_paths(roster_path, publics)
+    if out:
+        out[0].parent.mkdir(parents=True, exist_ok=True)
+    by_name = {p["name"]: p["supernode_auth_public_key"] for p in publics
+               if p.get("supernode_auth_public_key", "")}
+    for path in out:
+        atomic_write_text(path, by_name[path.stem] + "\n")
+        os.chmod(path, 0o644)  # a public key
     return out
+
+
+def supernode_key_paths(roster_path: Path, publics: list[dict[str, Any]]) -> list[Path]:
+    """Where :func:`write_supernode_keys` puts each SuperNode key the publics carry."""
+    return [Path(roster_path).resolve().parent / AUTH_KEY / f"{p['name']}.pub"
+            for p in publics if p.get("supernode_auth_public_key", "")]
 
 
 def _roster_verify_cmd(args: argparse.Namespace) -> int:
