@@ -35,11 +35,12 @@ files (creating it if missing), writes each SuperNode key they carry to
 command for it (it checks every file, name and path first and writes nothing when it
 refuses; the roster is replaced atomically, after the keys);
 ``bract roster verify ROSTER [--public FILE...]`` checks a roster file: its format,
-distinct ids, names and keys, one federation id, and that each given hospital's public file is listed unchanged, and prints every
-member's key fingerprint and the file's SHA-256. Every hospital gets the same roster
-file out of band, and confirms with each member it lists, over a second channel, that
-the fingerprint is that hospital's: the roster decides who counts as a hospital, so a
-member nobody vouches for may be an identity the coordinator holds.
+distinct ids, names and keys, one federation id, and that each given hospital's
+public file is listed unchanged, and prints every member's key fingerprint and the
+file's SHA-256. Every hospital gets the same roster file out of band, and confirms
+with each member it lists, over a second channel, that the fingerprint is that
+hospital's: the roster decides who counts as a hospital, so a member nobody vouches
+for may be an identity the coordinator holds.
 
 Roster format (JSON): ``{"federation_id": str, "members": [{"id": int, "name": str,
 "public_key": hex of the raw 32-byte Ed25519 key}, ...]}``.
