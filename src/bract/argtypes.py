@@ -53,9 +53,12 @@ def positive_float(text: str, what: str = "") -> float:
     return value
 
 
-def output_dir_problem(path: object, flag: str = "--out") -> str | None:
+def output_dir_problem(path: object, flag: str = "--out", *,
+                       create: bool = True) -> str | None:
     """Why ``path`` cannot be a run's output directory (an existing file, a place this
-    process cannot create or write), or ``None`` when it can. Creates the directory."""
+    process cannot create or write), or ``None`` when it can. Creates the directory
+    (and proves it writable) unless ``create`` is false; then it writes nothing and
+    checks that the nearest existing folder on the way is a writable directory."""
     import os
     import tempfile
     from pathlib import Path
@@ -63,6 +66,17 @@ def output_dir_problem(path: object, flag: str = "--out") -> str | None:
     out = Path(str(path)).expanduser()
     if out.exists() and not out.is_dir():
         return f"{flag} {out} is an existing file, not a directory: name a directory"
+    if not create:
+        for part in (out, *out.absolute().parents):
+            if part.exists():
+                if not part.is_dir():
+                    return (f"{flag} {out} cannot be made: {part} is a file, not a "
+                            "directory: name a directory")
+                if not os.access(part, os.W_OK | os.X_OK):
+                    return (f"{flag} {out} cannot be written ({part} is not writable): "
+                            "name a writable directory")
+                return None
+        return None
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".bract-write-check-")

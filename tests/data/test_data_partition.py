@@ -345,3 +345,13 @@ def test_resolve_column_errors_list_the_choices() -> None:
         resolve_column(images, "age")
     with pytest.raises(DataError, match="needs a column"):
         dataset_partitions(images, 2, 0, scheme="column")
+
+
+def test_too_few_samples_is_worded_for_the_command_line() -> None:
+    """The refusal names the CLI's flags, not a Python argument (bract's users meet it
+    through --clients and --samples)."""
+    with pytest.raises(DataError) as refused:
+        iid_partition(2, 3, 0)
+    text = str(refused.value)
+    assert "empty partition" in text and "--clients" in text and "--samples" in text
+    assert "min_size" not in text

@@ -70,6 +70,10 @@ def test_deploy_exits_1_with_one_line_when_nothing_was_trained(report, code, nee
     (["--clients", "2"], "needs at least 3 hospitals"),
     (["--noise-multiplier", "0"], "never allow a non-private run"),
     (["--max-grad-norm", "0"], "argument --max-grad-norm: must be a finite number > 0"),
+    (["--kill-node-at-round", "0"], "--kill-node-at-round must be between 1 and --rounds"),
+    (["--pull-interval", "5"], "--pull-interval must be at most 3"),
+    (["--resume"], "holds no checkpoint"),
+    (["--workdir", "afile/w"], "afile is a file, not a directory"),
 ])
 def test_deploy_refuses_bad_flags_before_starting_anything(argv, needle, tmp_path, monkeypatch,
                                                           capsys) -> None:
@@ -77,12 +81,15 @@ def test_deploy_refuses_bad_flags_before_starting_anything(argv, needle, tmp_pat
         raise AssertionError("a federation was started")
 
     monkeypatch.setattr(deploy_cli, "LocalFederation", never)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
     try:
-        code = main(["deploy", *argv, "--out", str(tmp_path)])
+        code = main(["deploy", *argv])
     except SystemExit as exc:  # argparse's own refusal
         code = exc.code
     assert code == 2
     assert needle in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]  # no runs/deploy left behind
 
 
 class RecordingFederation(FakeFederation):
@@ -194,3 +201,13 @@ def test_ctrl_c_stops_a_deployment_and_the_printed_command_resumes_it(tmp_path) 
     assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
                  str(out / "deployment" / "secagg" / "roster.json"), "--report", str(report),
                  "--out", str(tmp_path / "audit")]) == 0
+
+
+def test_deploy_help_lists_only_the_datasets_it_accepts(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["deploy", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--dataset {", text.index("options:"))
+    dataset = text[start:text.index("--partition {", start)]
+    assert "synthetic, breast-cancer, diabetes" in dataset
+    assert "medmnist" not in dataset and "imagefolder" not in dataset

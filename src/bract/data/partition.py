@@ -68,12 +68,13 @@ def _check_counts(n_samples: int, num_partitions: int, min_size: int) -> None:
     if min_size < 0:
         raise DataError(f"min_size must be >= 0, got {min_size}")
     if num_partitions * min_size > n_samples:
+        # Worded for the command line: bract's commands reach this with their
+        # --clients hospitals and the training samples of --samples or the data given.
         raise DataError(
-            f"{num_partitions} partitions of at least {min_size} sample(s) need "
-            f"{num_partitions * min_size} samples but there are {n_samples}: some hospital "
-            "would get an empty partition (or one below min_size). Use fewer hospitals or "
-            "more data"
-            + (" (or min_size=0 to allow empty partitions)." if min_size else ".")
+            f"{num_partitions} hospitals of at least {min_size} sample(s) each need "
+            f"{num_partitions * min_size} samples to train on but there are {n_samples}: "
+            "some hospital would get an empty partition. Use fewer hospitals (--clients) "
+            "or more data (a larger --samples, or a larger dataset)."
         )
 
 

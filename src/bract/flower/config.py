@@ -384,9 +384,12 @@ class FederationConfig:
         skip: Iterable[str] = (),
         defaults: Mapping[str, Any] | None = None,
         choices: Mapping[str, tuple[str, ...]] | None = None,
+        helps: Mapping[str, str] | None = None,
     ) -> None:
         """Add the flags of the options named in ``only`` (default: every option with a
-        flag), less ``skip``; ``defaults`` and ``choices`` narrow them for one command."""
+        flag), less ``skip``; ``defaults`` and ``choices`` narrow them for one command,
+        and ``helps`` replaces an option's help text where the narrowing changes it."""
+        helps = dict(helps or {})
         defaults = dict(defaults or {})
         choices = dict(choices or {})
         names = [o.name for o in OPTIONS if o.flag] if only is None else list(only)
@@ -398,7 +401,7 @@ class FederationConfig:
                 option = replace(option, choices=choices[name])
             default = option.check(defaults.get(name, option.default))
             shown = ("on" if default else "off") if option.kind is bool else default
-            text = option.help
+            text = helps.get(name, option.help)
             if shown not in ("", None) and "default:" not in text:
                 text = f"{text} (default: {shown})"
             if option.kind is bool:

@@ -43,6 +43,9 @@ def add_deploy_parser(subparsers: Any) -> None:
         p, skip=("data_path", "device", "strict_data"),
         defaults={"dataset": "breast-cancer", "round_timeout": 120.0},
         choices={"dataset": BUNDLED_DATASETS},
+        helps={"dataset": "a bundled dataset, split among the hospitals: "
+                          f"{', '.join(BUNDLED_DATASETS)} (diabetes is regression: MSE, "
+                          "R²); a hospital's own data is bract hospital start's"},
     )
     p.add_argument("--out", type=Path, default=Path("runs/deploy"),
                    help="the coordinator's output: report.json, ledger.jsonl, checkpoints "
@@ -73,13 +76,18 @@ def add_deploy_parser(subparsers: Any) -> None:
 
 
 def run_deploy(args: argparse.Namespace) -> int:
-    """``bract deploy``: run the federation and print where its record is; 0 on success."""
+    """``bract deploy``: run the federation and print where its record is; 0 on success.
+
+    Guarantee: a refused command (exit 2, one ``bract deploy: error:`` line) creates no
+    directory: every flag, the output folders and a previous run there are checked
+    before ``--out`` and ``--workdir`` are made.
+    """
     out = Path(args.out).resolve()
     workdir = Path(args.workdir).resolve() if args.workdir else out / "deployment"
     from bract.argtypes import output_dir_problem
 
     for where, flag in ((out, "--out"), (workdir, "--workdir")):
-        problem = output_dir_problem(where, flag)
+        problem = output_dir_problem(where, flag, create=False)
         if problem:
             print(f"bract deploy: error: {problem}", file=sys.stderr)
             return 2
@@ -105,6 +113,8 @@ def run_deploy(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     problem = _previous_run_problem(out, workdir, args)
+    for where, flag in ((out, "--out"), (workdir, "--workdir")):
+        problem = problem or output_dir_problem(where, flag)
     if problem:
         print(f"bract deploy: error: {problem}", file=sys.stderr)
         return 2
