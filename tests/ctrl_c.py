@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 
-def interrupt_after_rounds(argv: list[str], report: Path, rounds: int, start_within: float
+def interrupt_after_rounds(argv: list[str], report: Path, rounds: int, start_within: float,
+                           sig: int = signal.SIGINT,
                            ) -> tuple[subprocess.CompletedProcess, float, int]:
     """Run ``argv`` in its own session, wait (up to ``start_within`` s) until ``report``
-    lists ``rounds`` finished rounds, send SIGINT, and return how the command ended,
-    the seconds it took to exit after the signal and its pid (= its process group).
+    lists ``rounds`` finished rounds, send ``sig`` (default SIGINT), and return how the
+    command ended, the seconds it took to exit after the signal and its pid (= its process group).
     Fails if the command ended before it could be interrupted."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -24,7 +25,7 @@ def interrupt_after_rounds(argv: list[str], report: Path, rounds: int, start_wit
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be interrupted"
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, sig)
     t0 = time.monotonic()
     stdout, stderr = proc.communicate(timeout=60)
     seconds = time.monotonic() - t0

@@ -178,12 +178,22 @@ def _print_plots(report: RunReport, console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bract`` console script."""
-    args = build_parser().parse_args(argv)
-    console = Console()
-    if args.command == "simulate":
-        return _simulate(args, console)
-    return int(args.func(args))
+    """Entry point of the ``bract`` console script.
+
+    Guarantee: Ctrl-C before a run's own stop handler is installed (while the command
+    parses its flags or imports its libraries) ends the command with one line
+    ``interrupted: ...`` on stderr and exit 130, never a traceback; once a run is under
+    way, :func:`bract.flower.interrupt.interruptible` handles Ctrl-C and SIGTERM.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+        console = Console()
+        if args.command == "simulate":
+            return _simulate(args, console)
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted: bract stopped (Ctrl-C) before it finished", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

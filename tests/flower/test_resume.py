@@ -235,3 +235,46 @@ def test_ctrl_c_stops_a_simulation_in_seconds_and_the_printed_command_resumes_it
     assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
                  str(out / "roster.json"), "--report", str(report), "--out",
                  str(tmp_path / "audit")]) == 0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_simulation_under_ray_with_one_line_and_exit_143(tmp_path) -> None:
+    """SIGTERM during `bract simulate`, after Ray has started: bract's stop runs, not
+    Ray's own handler: exit 143 within seconds, no traceback, one `interrupted:` line
+    with the command that resumes, no process of the run left."""
+    import signal
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    bract = str(Path(sys.executable).parent / "bract")
+    argv = [bract, "simulate", "--dataset", "breast-cancer", "--clients", "2", "--rounds",
+            "12", "--no-secagg", "--out", str(out), "--no-progress"]
+    ended, seconds, pid = interrupt_after_rounds(argv, out / "report.json", 1,
+                                                 start_within=240, sig=signal.SIGTERM)
+    assert seconds < 10
+    assert ended.returncode == 143, ended.stderr[-3000:]
+    assert "Traceback" not in ended.stdout + ended.stderr
+    last = ended.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: the run stopped after round ")
+    assert last.endswith("--resume")
+    time.sleep(1)
+    assert _group_alive(pid) == []
+
+
+def test_ctrl_c_before_the_run_starts_is_one_line_and_exit_130(capsys, monkeypatch) -> None:
+    """Ctrl-C while `bract` still parses or imports (before a run's stop handler is
+    installed) ends with one `interrupted:` line and exit 130, not a traceback."""
+    from bract import cli
+
+    def pressed(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_simulate", pressed)
+    try:
+        code = cli.main(["simulate", "--dataset", "synthetic"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped bract's entry point")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted: ")

@@ -18,11 +18,13 @@ simulated federation (``"archive"``) starts hospitals afresh.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -229,6 +231,36 @@ def warnings_for(cfg: SimulationConfig) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def keep_sigterm_handler() -> Iterator[None]:
+    """Within the block, Ray's start-up (``ray.init`` and the head node it starts in
+    this process) leaves an installed SIGTERM handler in place instead of replacing it
+    with Ray's own (``sys.exit`` from a signal handler, which under Flower's simulation
+    ends in an abort and a page of Ray's output). So a SIGTERM to ``bract simulate``
+    reaches :func:`bract.flower.interrupt.interruptible`'s stop (every child stopped,
+    one ``interrupted:`` line, exit 143). Where no handler is installed (SIGTERM's
+    default), Ray installs its own as usual."""
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is None:
+        yield
+        return
+
+    def set_unless_installed(handler: Callable[..., Any]) -> None:
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            original(handler)
+
+    ray_utils.set_sigterm_handler = set_unless_installed
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+
+
 def run(cfg: SimulationConfig) -> dict[str, Any]:
     """Run the simulated federation; returns the report (also written to ``out_dir``).
 
@@ -275,7 +307,7 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
         "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / cfg.task.clients if use_gpu else 0.0},
         "init_args": {"log_to_driver": False, "include_dashboard": False},
     }
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), keep_sigterm_handler():
         warnings.simplefilter("ignore")
         run_simulation(
             server_app=server_app,
