@@ -312,3 +312,18 @@ def test_bract_explain_finds_a_relative_model_beside_the_report(tmp_path, monkey
     monkeypatch.chdir(elsewhere)
     assert main(["explain", "--report", str(report), "--count", "1"]) == 0
     assert _is_png(report.parent / "gradcam" / "gradcam_0.png")
+
+
+def test_bract_explain_refuses_the_model_of_a_run_that_averaged_no_update(tmp_path,
+                                                                          capsys) -> None:
+    """A run in which no round averaged an update names no trained model: explain says
+    so in one line instead of explaining the initial weights."""
+    report, _ = _run_dir(tmp_path)
+    data = json.loads(report.read_text())
+    data["final"] = {"rounds_completed": 0, "model_trained": False, "epsilon": 1.0,
+                     "delta": 1e-5}
+    report.write_text(json.dumps(data))
+    assert main(["explain", "--report", str(report), "--count", "1"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("error:") == 1 and "never trained" in out
+    assert not (report.parent / "gradcam").exists()

@@ -30,6 +30,7 @@ def _row(rnd: int, eps: dict[str, float | str], **metrics: float) -> dict:
                   "trained": True}
             for cid, v in eps.items()
         },
+        "trained": sorted(eps),
         **metrics,
         "seconds": 0.3,
     }
@@ -136,11 +137,52 @@ def test_non_private_epsilon_plot_is_flagged_in_red(tmp_path) -> None:
     assert plain_red > private_red + 2000
 
 
-def test_plot_run_draws_a_run_stopped_before_any_round(tmp_path) -> None:
-    report = {"config": {"dataset": "synthetic"}, "initial": {"loss": 1.1, "accuracy": 0.3},
-              "rounds": [], "final": {}}
-    for path in plot_run(report, tmp_path):
-        _png(path)
+def _untrained_report() -> dict:
+    """Two rounds in which no update was averaged (every hospital dropped after
+    training): epsilon spent, no model to show."""
+    report = classification_report()
+    report["rounds"] = report["rounds"][:2]
+    for row in report["rounds"]:
+        row["trained"] = []
+        for key in ("loss", "accuracy"):
+            row.pop(key)
+    report["final"] = {"rounds_completed": 0, "model_trained": False, "epsilon": 3.6,
+                       "delta": 1e-5, "non_private": False}
+    return report
+
+
+def _no_round_report() -> dict:
+    return {"config": {"dataset": "synthetic"}, "initial": {"loss": 1.1, "accuracy": 0.3},
+            "rounds": [], "final": {}}
+
+
+@pytest.mark.parametrize(("make", "needle"), [
+    (_no_round_report, "records no round"),
+    (_untrained_report, "no round of the report averaged an update"),
+])
+def test_plot_run_and_bract_plot_refuse_a_report_with_nothing_trained(
+        make, needle, tmp_path, capsys) -> None:
+    """No plot of a model that was never trained: plot_run raises, `bract plot` says so
+    in one line and exits non-zero, and no PNG is written."""
+    with pytest.raises(ValueError, match=needle):
+        plot_run(make(), tmp_path / "direct")
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(make()))
+    assert main(["plot", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert out.count("error:") == 1 and needle in " ".join(out.split())
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_a_round_that_averaged_nothing_is_no_point_on_the_metric_plot() -> None:
+    """Round 2 averaged nothing: its metric is a gap (even in a report that copied the
+    previous model's figures into it), while its epsilon (spent) is drawn."""
+    report = classification_report()
+    report["rounds"][1]["trained"] = []
+    m = metric_series(report)
+    assert m.primary[:2] == [0.33, 0.55] and math.isnan(m.primary[2]) and m.primary[3] == 0.78
+    _, series = epsilon_series(report)
+    assert series["max"][2] == 3.6
 
 
 @pytest.mark.parametrize("bad", [[], {"config": {}}, {"rounds": "three"}, {"rounds": [1, 2]}])

@@ -447,6 +447,9 @@ def explain_run(args: argparse.Namespace, console: Any) -> list[Path]:
         from bract.records.report import RunReport
 
         final = RunReport.from_plain(report, str(args.report)).final
+        if final is not None and not final.model_trained:
+            raise ValueError("no round of this run averaged an update: its model was never "
+                             "trained, so there is nothing to explain")
         saved = final.model if final is not None else None
         if not saved:
             raise ValueError("the report names no saved model; pass --model PATH.npz "

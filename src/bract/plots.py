@@ -10,7 +10,11 @@ deployed ``ServerApp``) and writes two PNGs:
   edge and the plot says NON-PRIVATE: an infinite epsilon is never hidden.
 * ``metric.png``: the global model's metric on the central test set, from the
   initial model (round 0) to the last round: accuracy and cross-entropy for
-  classification, R² and MSE for regression (detected from the rows' keys).
+  classification, R² and MSE for regression (detected from the rows' keys). A
+  round that averaged no update has no point (its model is the previous one).
+
+A report with no round, or none that averaged an update, is refused
+(ValueError): there is no trained model to draw.
 
 The plots only read the report; they add no privacy claim of their own (the
 audit re-derives epsilon from the ledger, see docs/audit.md). Drawing uses the
@@ -133,7 +137,8 @@ def metric_series(report: ReportLike) -> MetricSeries:
 
     ``"r2"`` anywhere means regression (R², with MSE as the secondary metric);
     otherwise classification (accuracy, with cross-entropy ``loss``). Round 0 is
-    the report's ``"initial"`` evaluation when present (``nan`` otherwise).
+    the report's ``"initial"`` evaluation when present (``nan`` otherwise); a round
+    that averaged no update is ``nan`` (no point: its model is the previous one).
     Without a central test set (no row carries a metric), the series is the
     hospitals' pooled held-out evaluation (``federated_eval``), placed at the round
     of the model it describes (``kind`` ``"held-out"``).
@@ -143,7 +148,8 @@ def metric_series(report: ReportLike) -> MetricSeries:
     if not typed.initial and not any(r.metrics for r in rows) and any(
             r.federated_eval is not None for r in rows):
         return _held_out_series(typed)
-    points: list[Mapping[str, float]] = [typed.initial, *(r.metrics for r in rows)]
+    points: list[Mapping[str, float]] = [
+        typed.initial, *(r.metrics if r.aggregated else {} for r in rows)]
     regression = any("r2" in p for p in points)
     if regression:
         primary_name, primary_key, secondary_name, secondary_key = "R²", "r2", "MSE", "mse"
@@ -309,9 +315,16 @@ def plot_run(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     """Write ``out_dir/epsilon.png`` and ``out_dir/metric.png`` for a run's report.
 
     Returns the two paths. Raises ValueError (naming the problem) when ``report``
-    is not a bract report. Reads the report only; never changes it.
+    is not a bract report, records no round, or records none that averaged an
+    update (no plot of a model that was never trained). Reads the report only;
+    never changes it.
     """
     typed = _typed(report)  # read once; both plots take the typed report as it is
+    if not typed.rounds:
+        raise ValueError("the report records no round: there is nothing to plot")
+    if not any(row.aggregated for row in typed.rounds):
+        raise ValueError("no round of the report averaged an update: the model was not "
+                         "trained, so there is nothing to plot")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return [plot_epsilon(typed, out_dir / EPSILON_PNG), plot_metric(typed, out_dir / METRIC_PNG)]

@@ -222,15 +222,73 @@ def test_a_faulty_plain_update_is_left_out_and_the_run_goes_on(tmp_path, tamper,
     assert math.isfinite(report["final"]["loss"])
 
 
-def test_no_update_leaves_global_model_unchanged(tmp_path) -> None:
+def test_a_run_that_averaged_no_update_reports_no_figure_of_a_model(tmp_path) -> None:
+    """Every hospital fails round 1: the global model stays the initial one (the
+    checkpoint holds it), the row carries no metric and says it aggregated nothing,
+    and the final summary says the model was not trained: no rounds completed, no
+    metrics, no model file, no plots."""
     policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=1)
     always = {n: (lambda r: True) for n in NODES}
     report, _, init = _federation(policy, tmp_path, rounds=1, fail=always)
-    saved = np.load(tmp_path / "model.npz")
+    kept = np.load(next((tmp_path / "checkpoint").glob("global-round-1.npz")))
     for k, v in init.items():
-        np.testing.assert_array_equal(saved[k], v)
-    assert report["rounds"][0]["trained"] == []
-    assert report["final"]["loss"] == pytest.approx(report["initial"]["loss"])
+        np.testing.assert_array_equal(kept[k], v)
+    (row,) = report["rounds"]
+    assert row["trained"] == [] and row["aggregated"] is False
+    assert not {"loss", "accuracy"} & set(row)
+    final = report["final"]
+    assert final["model_trained"] is False and final["rounds_completed"] == 0
+    assert not {"loss", "accuracy", "model", "plots", "federated_eval"} & set(final)
+    assert not (tmp_path / "model.npz").exists()
+    assert not list(tmp_path.glob("*.png"))
+    assert json.loads((tmp_path / "report.json").read_text())["final"] == final
+
+
+def test_only_rounds_that_averaged_an_update_count_and_carry_metrics(tmp_path) -> None:
+    """Round 1 trains, round 2 averages nothing: round 2's row has no metric, one
+    round completed, and the final figures are round 1's model (the final one)."""
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=2)
+    second = {n: (lambda r: r == 2) for n in NODES}
+    report, _, _ = _federation(policy, tmp_path, rounds=2, fail=second)
+    r1, r2 = report["rounds"]
+    assert r1["aggregated"] is True and r2["aggregated"] is False
+    assert "accuracy" in r1 and "accuracy" not in r2
+    final = report["final"]
+    assert final["model_trained"] is True and final["rounds_completed"] == 1
+    assert final["accuracy"] == r1["accuracy"] and final["loss"] == r1["loss"]
+    assert (tmp_path / "model.npz").exists() and len(final["plots"]) == 2
+
+
+def test_a_run_that_averaged_nothing_before_a_crash_resumes_and_trains(tmp_path) -> None:
+    """Round 1 averages nothing, the server dies in round 2; the resumed run trains
+    round 2 and only then reports a model."""
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=2)
+    ds = tasks.dataset_for(TASK)
+    eval_model = tasks.build_model(TASK)
+
+    def evaluate(w):
+        load_weights(eval_model, w)
+        return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
+
+    def run(grid, resume):
+        cfg = ServerConfig(rounds=2, num_clients=len(NODES), delta=policy.delta,
+                           out_dir=tmp_path, node_wait_seconds=1, show_progress=False,
+                           run_config={"test": True}, save_model=tmp_path / "model.npz",
+                           resume=resume)
+        return run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
+
+    def apps():
+        return {node: make_client_app(_setup, policy) for node in NODES}
+
+    first = {n: (lambda r: r == 1) for n in NODES}
+    with pytest.raises(RuntimeError, match="injected server crash"):
+        run(FakeGrid(apps(), fail=first, crash_at_round=2), resume=False)
+    assert not (tmp_path / "model.npz").exists()
+    report = run(FakeGrid(apps()), resume=True)
+    assert [r["aggregated"] for r in report["rounds"]] == [False, True]
+    assert report["final"]["model_trained"] is True
+    assert report["final"]["rounds_completed"] == 1
+    assert (tmp_path / "model.npz").exists() and "accuracy" in report["final"]
 
 
 def test_non_private_run_is_flagged(tmp_path) -> None:

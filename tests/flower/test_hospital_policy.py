@@ -69,7 +69,8 @@ def test_every_hospital_refuses_a_looser_request_with_its_reason(tmp_path, ask, 
     for reason in row["failed"].values():
         assert "PolicyRefusal" in reason and why in reason
     _nothing_private_left(grid)
-    assert report["final"]["rounds_completed"] == 1 and report["final"]["epsilon"] == 0.0
+    assert report["final"]["rounds_completed"] == 0 and report["final"]["epsilon"] == 0.0
+    assert report["final"]["model_trained"] is False and "accuracy" not in report["final"]
 
 
 def test_without_a_policy_file_the_defaults_refuse_non_private_training(tmp_path) -> None:

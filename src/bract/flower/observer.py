@@ -89,6 +89,9 @@ class LiveTable:
         loss_text = ((f"{loss:.1f}" if regression else f"{loss:.3f}") + suffix
                      if loss is not None else "-")
         metric_text = f"{metric:.3f}{suffix}" if metric is not None else "-"
+        if not row.aggregated:
+            # No update was averaged: the model is unchanged, so no figure of it is shown.
+            loss_text, metric_text = "-", "no update"
         cells = [str(row.round), loss_text, metric_text, max_eps,
                  f"{trained}/{len(present)}", f"{row.seconds:.1f}"]
         for cid in self.hospital_columns:
@@ -104,8 +107,10 @@ class LiveTable:
         self.progress.advance(self.task)
         if not self.enabled:
             names = ("MSE", "R²") if regression else ("loss", "accuracy")
+            quality = (f"{names[0]} {loss_text}, {names[1]} {metric_text}" if row.aggregated
+                       else "no update was averaged (global model unchanged)")
             self.console.print(
-                f"round {row.round}: {names[0]} {loss_text}, {names[1]} {metric_text}, "
+                f"round {row.round}: {quality}, "
                 f"max ε {max_eps}, trained {trained}/{len(present)}, "
                 f"{row.seconds:.1f} s", highlight=False)
 
@@ -135,11 +140,16 @@ class RunObserver(LiveTable):
 
 
 def summarize(report: RunReport | Mapping[str, Any]) -> str:
-    """One-line human summary of a finished report."""
+    """One-line human summary of a finished report: how many rounds averaged an update,
+    the final model's quality (none when no round did) and the final epsilon."""
     typed = report if isinstance(report, RunReport) else RunReport.from_plain(report)
     final = typed.final
     if final is None:
         return f"{len(typed.rounds)} rounds recorded; the run did not finish"
+    if not final.model_trained:
+        eps = f"{final.epsilon:.4f}" if math.isfinite(final.epsilon) else "inf"
+        return (f"no round averaged an update ({len(typed.rounds)} rounds run): the model "
+                f"was not trained; epsilon {eps} at delta {final.delta:g}")
     acc = final.metrics.get("accuracy")
     quality = f"final accuracy {acc:.3f}" if acc is not None else "final accuracy -"
     if "r2" in final.metrics:  # regression
@@ -151,7 +161,9 @@ def summarize(report: RunReport | Mapping[str, Any]) -> str:
         quality = (f"accuracy {held_out.accuracy:.3f} on the hospitals' pooled held-out "
                    f"splits (model of round {held_out.model_of_round})")
     eps = f"{final.epsilon:.4f}" if math.isfinite(final.epsilon) else "inf"
+    rounds = (f"{final.rounds_completed} rounds" if final.rounds_completed == len(typed.rounds)
+              else f"{final.rounds_completed} of {len(typed.rounds)} rounds averaged an update")
     return (
-        f"{final.rounds_completed} rounds, {quality}, epsilon {eps} at delta {final.delta:g}"
+        f"{rounds}, {quality}, epsilon {eps} at delta {final.delta:g}"
         + ("  [NON-PRIVATE: no DP noise]" if final.non_private else "")
     )

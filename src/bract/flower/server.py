@@ -504,7 +504,8 @@ class Federation:
             per_client=dict(sorted(self.latest.items())),
             trained=tuple(sorted(trained)),
             failed=dict(sorted(self.failed.items())),
-            metrics=dict(self.metrics),
+            # A round that averaged nothing has no new model, so no figure of one.
+            metrics=dict(self.metrics) if trained else {},
             train_loss=extra.train_loss,
             federated_eval=extra.federated_eval,
             secagg=extra.secagg,
@@ -564,14 +565,32 @@ class Federation:
         return self._finish()
 
     def _finish(self) -> dict[str, Any]:
+        """Write the run's final summary (report.json's ``final``).
+
+        Guarantee: a figure of the model (metrics, held-out evaluation, the saved
+        model file, the plots) is reported only when some round averaged an update;
+        ``rounds_completed`` counts those rounds. A run in which none did says so
+        (``model_trained`` false) and writes no model file and no plot; its epsilon
+        and stopped hospitals are still recorded, and its checkpoint still resumes."""
         final_eps = max((v.epsilon for v in self.latest.values()), default=0.0)
         rows = RunReport.from_plain(self.record.report, "the run's report").rounds
+        averaged = [r for r in rows if r.aggregated]
+        if not averaged:
+            self.record.finish(RunSummary(
+                rounds_completed=0,
+                epsilon=final_eps,
+                delta=self.cfg.delta,
+                non_private=not math.isfinite(final_eps),
+                stopped=dict(self.stopped),
+                model_trained=False,
+            ))
+            return self.record.report
         held_out = [r.federated_eval for r in rows if r.federated_eval is not None]
         if self.cfg.save_model is not None:
             self.cfg.save_model.parent.mkdir(parents=True, exist_ok=True)
             np.savez(self.cfg.save_model, **self.global_weights)
         self.record.finish(RunSummary(
-            rounds_completed=len(rows),
+            rounds_completed=len(averaged),
             epsilon=final_eps,
             delta=self.cfg.delta,
             non_private=not math.isfinite(final_eps),

@@ -129,14 +129,20 @@ class FederatedEval:
 
 @dataclass(frozen=True)
 class RoundRow:
-    """One round as the server recorded it."""
+    """One round as the server recorded it.
+
+    ``trained`` names the hospitals whose update the round averaged into the global
+    model; a round that averaged none (:attr:`aggregated` false) left the model
+    unchanged, and the server records no central-test metrics for it: there is no
+    new model to evaluate."""
 
     round: int
     epsilon: float
     per_client: dict[str, HospitalRound]
     trained: tuple[str, ...] = ()
     failed: dict[str, str] = field(default_factory=dict)
-    #: The global model on the central test set (absent without one).
+    #: The global model on the central test set (absent without one, and for a round
+    #: that averaged no update).
     metrics: dict[str, float] = field(default_factory=dict)
     train_loss: float | None = None
     federated_eval: FederatedEval | None = None
@@ -175,15 +181,23 @@ class RoundRow:
             seconds=number(data.get("seconds")),
         )
 
+    @property
+    def aggregated(self) -> bool:
+        """Whether the round averaged an update into the global model (some hospital's
+        update is in ``trained``)."""
+        return bool(self.trained)
+
     def to_plain(self) -> dict[str, Any]:
         """The row as report.json holds it (:meth:`from_plain` reads it back equal):
-        the global model's metrics at the top level, optional parts only when present."""
+        the global model's metrics at the top level, optional parts only when present;
+        ``aggregated`` states whether the round changed the global model."""
         out: dict[str, Any] = {
             "round": self.round,
             "epsilon": plain_number(self.epsilon),
             "delta": plain_number(self.delta),
             "per_client": {cid: h.to_plain() for cid, h in sorted(self.per_client.items())},
             "trained": sorted(self.trained),
+            "aggregated": self.aggregated,
             "failed": dict(sorted(self.failed.items())),
             **{k: plain_number(v) for k, v in self.metrics.items()},
         }
@@ -199,7 +213,12 @@ class RoundRow:
 
 @dataclass(frozen=True)
 class RunSummary:
-    """The end of a run (``report.json``'s ``final``): what the federation produced."""
+    """The end of a run (``report.json``'s ``final``): what the federation produced.
+
+    ``rounds_completed`` counts the rounds that averaged an update. When none did,
+    ``model_trained`` is false and the summary holds no figure of the model (no
+    metrics, no held-out evaluation, no saved model, no plots): the global model is
+    the initial one. The epsilon stays: what the hospitals spent is spent."""
 
     rounds_completed: int
     #: The largest epsilon any hospital reached (``inf``: a non-private run).
@@ -215,6 +234,8 @@ class RunSummary:
     #: Where the final global weights were saved (``bract simulate --save-model``).
     model: str | None = None
     plots: tuple[str, ...] = ()
+    #: Whether any round averaged an update (false: the model is the initial one).
+    model_trained: bool = True
 
     @classmethod
     def from_plain(cls, data: Any) -> RunSummary | None:
@@ -234,12 +255,14 @@ class RunSummary:
             federated_eval=FederatedEval.from_plain(data.get("federated_eval")),
             model=str(data["model"]) if data.get("model") else None,
             plots=tuple(str(p) for p in plots) if isinstance(plots, list) else (),
+            model_trained=data.get("model_trained") is not False,
         )
 
     def to_plain(self) -> dict[str, Any]:
         """As report.json holds it (:meth:`from_plain` reads it back equal)."""
         out: dict[str, Any] = {
             "rounds_completed": self.rounds_completed,
+            "model_trained": self.model_trained,
             "epsilon": plain_number(self.epsilon),
             "delta": plain_number(self.delta),
             "non_private": self.non_private,
