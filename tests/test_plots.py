@@ -185,6 +185,24 @@ def test_a_round_that_averaged_nothing_is_no_point_on_the_metric_plot() -> None:
     assert series["max"][2] == 3.6
 
 
+def test_the_epsilon_plot_starts_at_what_each_hospital_carried_into_the_run() -> None:
+    """A hospital whose data spent epsilon in earlier runs starts there, not at 0; one
+    that carried nothing starts at 0; one whose carried epsilon is unknown (carried at
+    another delta) starts with a gap, and so does the maximum."""
+    report = classification_report()
+    lines = report["rounds"][0]["per_client"]
+    lines["hospital-0"].update(ledger_carried=1, epsilon_carried=1.5)
+    lines["hospital-1"].update(ledger_carried=0, epsilon_carried=0.0)
+    _, series = epsilon_series(report)
+    assert series["hospital-0"][:2] == [1.5, 2.0]
+    assert series["hospital-1"][0] == 0.0
+    assert series["hospital-2"][0] == 0.0  # an older report: nothing carried, none recorded
+    assert series["max"][0] == 1.5
+    lines["hospital-2"].update(ledger_carried=2)  # carried, epsilon not known
+    _, series = epsilon_series(report)
+    assert math.isnan(series["hospital-2"][0]) and math.isnan(series["max"][0])
+
+
 @pytest.mark.parametrize("bad", [[], {"config": {}}, {"rounds": "three"}, {"rounds": [1, 2]}])
 def test_plot_run_rejects_what_is_not_a_report(bad, tmp_path) -> None:
     with pytest.raises(ValueError, match="report"):

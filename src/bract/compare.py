@@ -224,7 +224,8 @@ def summarize_run(report: Mapping[str, Any], variant: Variant) -> dict[str, Any]
     Holds the final metrics (accuracy and cross-entropy, or R² and MSE), the final
     epsilon (``"inf"`` when non-private), ``seconds_per_round`` (mean of rounds
     2..R, or round 1 when it is the only one: round 1 also holds Ray's start),
-    ``first_round_seconds``, and per-round series (round 0 = initial model).
+    ``first_round_seconds``, and per-round series (round 0 = initial model, and the
+    largest epsilon a hospital carried into the run).
     """
     typed = RunReport.from_plain(report, f"{variant.name}'s report")
     rows = typed.rounds
@@ -251,7 +252,8 @@ def summarize_run(report: Mapping[str, Any], variant: Variant) -> dict[str, Any]
         "first_round_seconds": _json_number(seconds[0]) if seconds else None,
         "series": {
             "round": [0, *[r.round for r in rows]],
-            "epsilon": [0.0, *[_json_number(r.epsilon) for r in rows]],
+            "epsilon": [_json_number(typed.starting_epsilon),
+                        *[_json_number(r.epsilon) for r in rows]],
             **series,
         },
         "stopped": dict(final.stopped),

@@ -4,8 +4,9 @@
 deployed ``ServerApp``) and writes two PNGs:
 
 * ``epsilon.png``: each hospital's cumulative epsilon after every round (its
-  accountant spans rounds), the maximum over hospitals (the figure the
-  federation reports), and the budget (``target_epsilon``) as a dashed line.
+  accountant spans rounds), starting at round 0 from what its data carried into
+  the run (0, or the epsilon earlier runs spent), the maximum over hospitals (the
+  figure the federation reports), and the budget (``target_epsilon``) as a dashed line.
   Non-private rounds (epsilon ``"inf"``) are drawn as red triangles at the top
   edge and the plot says NON-PRIVATE: an infinite epsilon is never hidden.
 * ``metric.png``: the global model's metric on the central test set, from the
@@ -87,14 +88,18 @@ def epsilon_series(report: ReportLike) -> tuple[list[int], dict[str, list[float]
 
     Series: one per hospital seen in any row's ``per_client`` (``nan`` where a row
     does not list it) and ``"max"``, the row's reported maximum. ``"inf"`` in the
-    report becomes ``math.inf``. Round 0 is 0 for every series (no mechanism ran).
+    report becomes ``math.inf``. Round 0 is each hospital's epsilon when the run
+    began (:meth:`~bract.records.report.RunReport.starting_epsilons`: 0, or what its
+    data carried from earlier runs; ``nan``, a gap, when unknown) and their maximum.
     Raises ValueError for something that is not a bract report.
     """
-    rows = _typed(report).rounds
+    typed = _typed(report)
+    rows = typed.rounds
     rounds = [0, *(row.round for row in rows)]
     hospitals = sorted({cid for row in rows for cid in row.per_client})
-    series: dict[str, list[float]] = {cid: [0.0] for cid in hospitals}
-    series["max"] = [0.0]
+    start = typed.starting_epsilons()
+    series: dict[str, list[float]] = {cid: [start.get(cid, 0.0)] for cid in hospitals}
+    series["max"] = [typed.starting_epsilon]
     for row in rows:
         for cid in hospitals:
             entry = row.per_client.get(cid)

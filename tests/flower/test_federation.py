@@ -426,3 +426,41 @@ def test_report_errors_name_failures_and_empty_rounds_but_not_dropouts_or_budget
                                       failed={"a": "failed: boom"}, metrics={}),))
     assert nothing.errors() == ["no hospital trained in any round, so the model was not "
                                 "trained (a: failed: boom)"]
+
+
+def test_each_hospital_records_the_epsilon_its_data_carried_into_the_run(tmp_path) -> None:
+    """A second run of the same hospitals (same state, as `--new-run`): each line records
+    the epsilon their data spent in the first run, and the epsilon plot starts there,
+    not at 0."""
+    from bract.plots import epsilon_series
+
+    def setup(ctx):
+        return hospital_setup(TASK, ctx, tmp_path / "hospitals")
+
+    ds = tasks.dataset_for(TASK)
+    eval_model = tasks.build_model(TASK)
+
+    def evaluate(w):
+        load_weights(eval_model, w)
+        return tasks.evaluate(eval_model, ds.x_test, ds.y_test)
+
+    def run(out, target):
+        policy = PrivacyPolicy(target_epsilon=target, delta=1e-5, rounds=1)
+        apps = {node: make_client_app(setup, policy) for node in NODES}
+        cfg = ServerConfig(rounds=1, num_clients=len(NODES), delta=1e-5, out_dir=out,
+                           node_wait_seconds=1, show_progress=False, run_config={})
+        return run_federation(FakeGrid(apps), weights_of(tasks.build_model(TASK)),
+                              evaluate, cfg)
+
+    first = run(tmp_path / "first", 3.0)["rounds"][0]["per_client"]
+    assert all(v["epsilon_carried"] == 0.0 for v in first.values())
+    second = run(tmp_path / "second", 6.0)
+    lines = second["rounds"][0]["per_client"]
+    for cid, v in lines.items():
+        assert v["ledger_carried"] == 1
+        assert v["epsilon_carried"] == pytest.approx(first[cid]["epsilon"])
+        assert v["epsilon"] > v["epsilon_carried"]
+    _, series = epsilon_series(second)
+    for cid, v in lines.items():
+        assert series[cid] == [pytest.approx(first[cid]["epsilon"]), v["epsilon"]]
+    assert series["max"][0] == pytest.approx(max(v["epsilon"] for v in first.values()))

@@ -32,7 +32,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -498,6 +498,7 @@ class Federation:
             self.metrics = self.evaluate(self.global_weights)
         else:
             display.note(f"round {rnd}: no update was aggregated; the global model is unchanged")
+        self._note_carried_epsilons()
         return RoundRow(
             round=rnd,
             epsilon=max((v.epsilon for v in self.latest.values()), default=0.0),
@@ -563,6 +564,21 @@ class Federation:
                     display.note(f"every hospital has stopped after round {rnd}; federation ends")
                     break
         return self._finish()
+
+    def _note_carried_epsilons(self) -> None:
+        """Give each hospital's line the epsilon its data carried into this run: 0 when
+        it carried no entry, else the epsilon it signed in its last carried entry when
+        that entry is at this run's delta (otherwise it stays unknown)."""
+        for cid, line in self.latest.items():
+            if line.epsilon_carried is not None:
+                continue
+            chain = self.record.chains.get(cid, ())
+            if line.ledger_carried == 0:
+                self.latest[cid] = replace(line, epsilon_carried=0.0)
+            elif len(chain) >= line.ledger_carried:
+                last = chain[line.ledger_carried - 1]
+                if last.delta == self.cfg.delta:
+                    self.latest[cid] = replace(line, epsilon_carried=float(last.epsilon))
 
     def _finish(self) -> dict[str, Any]:
         """Write the run's final summary (report.json's ``final``).

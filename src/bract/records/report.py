@@ -70,6 +70,10 @@ class HospitalRound:
     ledger_head: str = ""
     #: Entries its data spent before this run (earlier runs or federations).
     ledger_carried: int = 0
+    #: The epsilon those carried entries had spent at this run's delta, as the hospital
+    #: signed it in its last carried entry (``None``: not known, e.g. carried at
+    #: another delta).
+    epsilon_carried: float | None = None
 
     @classmethod
     def from_plain(cls, data: Any, where: str) -> HospitalRound:
@@ -77,6 +81,7 @@ class HospitalRound:
         if not isinstance(data, Mapping):
             raise ReportError(f"{where} is not an object")
         carried = _count(data.get("ledger_carried"))
+        before = data.get("epsilon_carried")
         return cls(
             epsilon=number(data.get("epsilon")),
             trained=data.get("trained") is True,
@@ -87,6 +92,7 @@ class HospitalRound:
             ledger_entries=_count(data.get("ledger_entries")),
             ledger_head=str(data.get("ledger_head", "")),
             ledger_carried=max(carried, 0) if carried is not None else 0,
+            epsilon_carried=number(before) if before is not None else None,
         )
 
     def to_plain(self) -> dict[str, Any]:
@@ -101,7 +107,17 @@ class HospitalRound:
             "ledger_entries": self.ledger_entries,
             "ledger_head": self.ledger_head,
             "ledger_carried": self.ledger_carried,
+            "epsilon_carried": (plain_number(self.epsilon_carried)
+                                if self.epsilon_carried is not None else None),
         }
+
+    @property
+    def starting_epsilon(self) -> float:
+        """The epsilon the hospital's data had spent when this run began: 0 with nothing
+        carried, the carried epsilon when known, else ``nan`` (unknown)."""
+        if self.epsilon_carried is not None:
+            return self.epsilon_carried
+        return 0.0 if self.ledger_carried == 0 else math.nan
 
 
 @dataclass(frozen=True)
@@ -319,6 +335,23 @@ class RunReport:
         if name in self.config:
             return self.config[name]
         return self.config.get(name.replace("_", "-"))
+
+    def starting_epsilons(self) -> dict[str, float]:
+        """Each hospital's epsilon when this run began (its first line's
+        :attr:`HospitalRound.starting_epsilon`): 0 for a hospital that carried nothing,
+        its carried epsilon from earlier runs, ``nan`` when unknown."""
+        out: dict[str, float] = {}
+        for row in self.rounds:
+            for cid, line in row.per_client.items():
+                out.setdefault(cid, line.starting_epsilon)
+        return out
+
+    @property
+    def starting_epsilon(self) -> float:
+        """The largest of :meth:`starting_epsilons` (0 with no hospital; ``nan`` when
+        one of them is unknown): round 0 of the reported maximum."""
+        start = self.starting_epsilons().values()
+        return math.nan if any(math.isnan(v) for v in start) else max(start, default=0.0)
 
     def last_per_client(self) -> dict[str, HospitalRound]:
         """Each hospital's latest line (the server's last word on it)."""
