@@ -1,5 +1,6 @@
 """What the operator sees: a round that averaged no update shows no figure of a model,
-and the summary line counts only rounds that averaged an update."""
+a failed hospital's cell is marked, and the summary line counts only rounds that
+averaged an update."""
 
 from __future__ import annotations
 
@@ -27,6 +28,24 @@ def test_a_round_that_averaged_nothing_shows_no_metric(capsys) -> None:
            "trained 0/3, 65.6 s" in out
     assert "loss" not in out and "accuracy" not in out
     assert _cells(display)[1:3] == ["-", "no update"]
+
+
+def test_a_failed_hospital_keeps_its_last_epsilon_with_a_marker(capsys) -> None:
+    """hospital-2 trained in round 1 and failed in round 2: its cell shows the epsilon of
+    its last report, marked failed; a silent one is marked no answer."""
+    display = LiveTable(rounds=2, enabled=False)
+    everyone = {f"hospital-{i}": _line(2.614) for i in range(3)}
+    display.row(RoundRow(round=1, epsilon=2.614, per_client=everyone,
+                         trained=tuple(everyone), metrics={"loss": 0.3, "accuracy": 0.9},
+                         seconds=1.0))
+    later = {**everyone, "hospital-0": _line(3.385), "hospital-1": _line(3.385)}
+    display.row(RoundRow(round=2, epsilon=3.385, per_client=later,
+                         trained=("hospital-0",),
+                         failed={"hospital-2": "failed: Node Unavailable",
+                                 "hospital-1": "did not answer"},
+                         metrics={"loss": 0.25, "accuracy": 0.92}, seconds=1.0))
+    assert _cells(display)[-3:] == ["3.385", "3.385 no answer", "2.614 failed"]
+    assert "loss 0.250, accuracy 0.920" in capsys.readouterr().out
 
 
 def test_the_summary_counts_rounds_that_averaged_an_update() -> None:

@@ -29,6 +29,20 @@ def _eps_text(x: float) -> str:
     return f"{x:.3f}" if math.isfinite(x) else "∞ NON-PRIVATE"
 
 
+def _hospital_cell(cid: str, row: RoundRow) -> str:
+    """A hospital's cell in a round's row: its latest epsilon (it covers every round so
+    far), marked ``stop`` when it stopped, and ``failed`` / ``no answer`` when it failed
+    or did not answer this round; a failed hospital's epsilon is its last report's."""
+    v = row.per_client.get(cid)
+    text = "" if v is None else _eps_text(v.epsilon)
+    if cid in row.failed:
+        mark = "no answer" if row.failed[cid] == "did not answer" else "failed"
+        return f"{text} {mark}".strip()
+    if v is None:
+        return "-"
+    return text + ("" if v.trained else " stop")
+
+
 class LiveTable:
     """Live per-round table with a progress bar (rich), or nothing when disabled."""
 
@@ -94,15 +108,7 @@ class LiveTable:
             loss_text, metric_text = "-", "no update"
         cells = [str(row.round), loss_text, metric_text, max_eps,
                  f"{trained}/{len(present)}", f"{row.seconds:.1f}"]
-        for cid in self.hospital_columns:
-            v = per_client.get(cid)
-            if cid in row.failed and (v is None or not v.trained):
-                text = "no answer" if row.failed[cid] == "did not answer" else "failed"
-            else:
-                text = "-" if v is None else _eps_text(v.epsilon)
-                if v is not None and not v.trained:
-                    text += " stop"
-            cells.append(text)
+        cells += [_hospital_cell(cid, row) for cid in self.hospital_columns]
         self.table.add_row(*cells)
         self.progress.advance(self.task)
         if not self.enabled:
