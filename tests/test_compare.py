@@ -69,7 +69,7 @@ def test_plan_with_only_a_secure_budget_needs_no_dp_list() -> None:
 def _report(epsilons, seconds, accuracy, non_private=False) -> dict:
     rows = [
         {"round": i + 1, "epsilon": e, "accuracy": a, "loss": 1 - a, "seconds": s,
-         "per_client": {}}
+         "per_client": {}, "trained": ["hospital-0"]}
         for i, (e, s, a) in enumerate(zip(epsilons, seconds, accuracy, strict=True))
     ]
     return {
@@ -203,3 +203,72 @@ def test_budgets_that_print_alike_still_get_their_own_arm() -> None:
     assert len(set(names)) == 2 and names[0] != names[1]
     assert [v.name for v in compare.plan_variants([1.0, 3.0], include={"dp"})] == [
         "dp-eps1", "dp-eps3"]
+
+
+def _arm_report(aggregated: bool, failed: dict[str, str] | None = None) -> dict:
+    """A finished arm's report: one round that averaged an update, or one in which every
+    hospital trained and then dropped (nothing averaged, as a mask-stage dropout)."""
+    line = {"epsilon": 7.98, "trained": True, "steps": 8, "ledger_carried": 0}
+    row = {"round": 1, "epsilon": 7.98, "delta": 1e-5, "seconds": 1.0,
+           "per_client": {f"hospital-{i}": line for i in range(3)},
+           "trained": [f"hospital-{i}" for i in range(3)] if aggregated else [],
+           "failed": failed or {}}
+    final = {"rounds_completed": 1 if aggregated else 0, "model_trained": aggregated,
+             "epsilon": 7.98, "delta": 1e-5, "non_private": False, "stopped": {}}
+    if aggregated:
+        row.update(loss=0.3, accuracy=0.92)
+        final.update(loss=0.3, accuracy=0.92)
+    return {"config": {}, "initial": {"loss": 0.67, "accuracy": 0.64}, "rounds": [row],
+            "final": final}
+
+
+def test_an_arm_that_averaged_nothing_fails_the_study_and_reports_no_figure(
+        tmp_path, monkeypatch, capsys) -> None:
+    """The secure arm's hospitals all drop after training: the study still writes its
+    files, but that arm's row says failed with the reason and no figure, the plots leave
+    it out, and `bract compare` ends with one error line naming it, exit 1."""
+    import bract.flower.simulation as simulation
+    from bract.cli import main
+
+    dropped = {f"hospital-{i}": "dropped from secure aggregation at the mask stage: "
+               "InjectedDropoutError" for i in range(3)}
+
+    def fake_run(cfg):
+        return _arm_report(not cfg.federation.secagg, None if not cfg.federation.secagg
+                           else dropped)
+
+    monkeypatch.setattr(simulation, "run", fake_run)
+    monkeypatch.setattr(simulation, "validate", lambda cfg: None)
+    out = tmp_path / "study"
+    code = main(["compare", "--dataset", "breast-cancer", "--clients", "3", "--rounds", "1",
+                 "--epsilons", "8", "--no-progress", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 1
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    said = " ".join(text[text.index("error:"):].split())
+    assert "arm FedAvg+DP+SecAgg ε=8 (dp-secagg-eps8) failed: no hospital trained in any " \
+           "round" in said
+    study = json.loads((out / compare.COMPARE_JSON).read_text())
+    secure = next(v for v in study["variants"] if v["kind"] == "dp-secagg")
+    assert secure["failed"].startswith("no hospital trained in any round")
+    assert not {"accuracy", "loss", "epsilon", "series"} & set(secure)
+    assert all("accuracy" in v for v in study["variants"] if v["kind"] != "dp-secagg")
+    md = (out / compare.COMPARE_MD).read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| FedAvg+DP+SecAgg"))
+    assert "| failed |" in row and "0.92" not in row and "7.98" not in row
+    assert "**The study failed.**" in md
+    assert all((out / name).is_file() for name in (
+        compare.METRIC_VS_ROUND_PNG, compare.EPSILON_VS_ROUND_PNG,
+        compare.UTILITY_VS_EPSILON_PNG))
+
+
+@pytest.mark.parametrize(("report", "needle"), [
+    (_arm_report(True), None),
+    (_arm_report(False), "no hospital trained in any round"),
+    (_arm_report(True, {"hospital-1": "failed: boom"}), "hospital-1 failed in round 1: boom"),
+    ({**_arm_report(True), "final": {}}, "the run did not finish"),
+])
+def test_arm_failure_names_why_an_arm_failed(report, needle) -> None:
+    why = compare.arm_failure(report)
+    assert why is None if needle is None else needle in why

@@ -22,6 +22,13 @@ accountants reported (the maximum over hospitals) and the time per round.
 
 The study adds no privacy claim of its own: each federated run's epsilon comes
 from its report and can be re-checked with ``bract audit verify`` on its ledger.
+
+An arm whose run failed (a hospital's failure, a round that averaged nothing while
+hospitals took part, no round that averaged an update, or a run that did not
+finish) is a failed arm: the study still runs the other arms and writes its files,
+but the failed arm's row holds only its reason (``failed``), no figure, and it is
+left out of the plots; :func:`run_comparison` then raises :class:`ComparisonError`
+naming it (``bract compare`` prints one ``error:`` line and exits 1).
 Times are wall-clock on whatever machine ran it (the first round holds Ray's
 start, so the per-round figure averages rounds 2..R). Drawing uses the Agg canvas.
 """
@@ -48,8 +55,10 @@ __all__ = [
     "METRIC_VS_ROUND_PNG",
     "UTILITY_VS_EPSILON_PNG",
     "VARIANT_KINDS",
+    "ComparisonError",
     "Variant",
     "add_compare_parser",
+    "arm_failure",
     "centralized_baseline",
     "comparison_markdown",
     "comparison_table",
@@ -73,6 +82,15 @@ _INF_COLOR = "#c62828"
 _CENTRAL_COLOR = "#424242"
 _FEDAVG_COLOR = "#1565c0"
 _SECAGG_COLOR = "#2e7d32"
+
+
+class ComparisonError(RuntimeError):
+    """The study ran, but an arm failed: its files are written with that arm marked
+    failed (no figure of it); ``result`` is the study as written to compare.json."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -218,6 +236,33 @@ def _json_number(value: float) -> float | str | None:
     return value
 
 
+def arm_failure(report: Mapping[str, Any] | RunReport, name: str = "the run") -> str | None:
+    """Why a federated arm's run failed, in one line, or ``None`` when it did what was
+    asked: it finished, some round averaged an update, and its report records no error
+    (:meth:`bract.records.report.RunReport.errors`; a hospital stopped by its budget
+    is not one)."""
+    typed = report if isinstance(report, RunReport) else RunReport.from_plain(
+        report, f"{name}'s report")
+    if typed.final is None:
+        return "the run did not finish"
+    errors = typed.errors()
+    if not any(row.aggregated for row in typed.rounds):
+        return errors[0] if errors else "no round averaged an update"
+    return "; ".join(errors) if errors else None
+
+
+def failed_row(variant: Variant, reason: str) -> dict[str, Any]:
+    """A failed arm's row of the study: who it is and why it failed, no figure."""
+    return {"name": variant.name, "label": variant.label, "kind": variant.kind,
+            "target_epsilon": variant.target_epsilon, "secagg": variant.secagg,
+            "failed": reason}
+
+
+def _reported(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The arms whose figures the study reports (every arm that did not fail)."""
+    return [v for v in result.get("variants", []) if not v.get("failed")]
+
+
 def summarize_run(report: Mapping[str, Any], variant: Variant) -> dict[str, Any]:
     """One federated variant's row of the study, read from its ``report.json``.
 
@@ -285,7 +330,11 @@ def run_comparison(
     (one :func:`summarize_run` row per federated run) and ``plots``.
 
     Raises ValueError naming the problem (and the fix) for bad settings before
-    any training starts; a federated run that fails raises its own error.
+    any training starts. A federated arm that fails (:func:`arm_failure`, or a run
+    that raises RuntimeError) does not stop the study: its row holds only
+    ``failed`` (the reason) and no figure, it is left out of the table's figures
+    and the plots, and once every file is written :class:`ComparisonError` names
+    every failed arm.
     """
     from rich.console import Console
 
@@ -350,8 +399,13 @@ def run_comparison(
                                      **centralized_baseline(ds)}
             row = result["centralized"]
         else:
-            report = run(configs[variant.name])
-            row = summarize_run(report, variant)
+            try:
+                report = run(configs[variant.name])
+                failure = arm_failure(report, variant.name)
+            except RuntimeError as exc:  # the run did not finish
+                failure = str(exc)
+            row = (summarize_run(report, variant) if failure is None
+                   else failed_row(variant, failure))
             row["wall_seconds"] = time.perf_counter() - t0
             row["out"] = str(out_dir / variant.name)
             result["variants"].append(row)
@@ -364,6 +418,12 @@ def run_comparison(
     console.print(comparison_table(result))
     console.print(f"wrote {out_dir / COMPARE_JSON}, {out_dir / COMPARE_MD} and "
                   + ", ".join(Path(p).name for p in result["plots"]))
+    failed = [v for v in result["variants"] if v.get("failed")]
+    if failed:
+        raise ComparisonError(
+            "; ".join(f"arm {v['label']} ({v['name']}) failed: {v['failed']}" for v in failed)
+            + "; its figures are left out of the study (each run's record is in "
+            + ", ".join(str(v["out"]) for v in failed) + ")", result)
     return result
 
 
@@ -372,6 +432,8 @@ def _write_json(result: Mapping[str, Any], out_dir: Path) -> None:
 
 
 def _metric_text(row: Mapping[str, Any], metric: str) -> str:
+    if row.get("failed"):
+        return f"failed: {row['failed']}"
     value = _number(row.get(metric))
     name = "R²" if metric == "r2" else metric
     return f"{name} {value:.3f}" if math.isfinite(value) else f"{name} -"
@@ -388,6 +450,9 @@ def _rows(result: Mapping[str, Any]) -> list[list[str]]:
         rows.append([central["label"], _fmt(central.get(metric)), _fmt(central.get(secondary)),
                      "n/a (not federated)", "n/a", f"{_number(central.get('seconds')):.2f}"])
     for v in result.get("variants", []):
+        if v.get("failed"):  # no figure of an arm that failed
+            rows.append([v["label"], "failed", "-", "-", "-", _fmt(v.get("wall_seconds"), 1)])
+            continue
         eps = _number(v.get("epsilon"))
         eps_text = "∞ (NON-PRIVATE)" if math.isinf(eps) else _fmt(eps, 3)
         if v.get("stopped"):
@@ -425,7 +490,7 @@ def comparison_table(result: Mapping[str, Any]) -> Any:
     for i, header in enumerate(_headers(result)):
         table.add_column(header, justify="left" if i == 0 else "right")
     for row in _rows(result):
-        style = "red" if "NON-PRIVATE" in row[3] else None
+        style = "red" if "NON-PRIVATE" in row[3] or row[1] == "failed" else None
         table.add_row(*row, style=style)
     return table
 
@@ -445,6 +510,11 @@ def comparison_markdown(result: Mapping[str, Any]) -> str:
         "| " + " | ".join(["---"] + ["---:"] * (len(_headers(result)) - 1)) + " |",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
+    failed = [v for v in result.get("variants", []) if v.get("failed")]
+    if failed:
+        lines += ["", "**The study failed.** Arms that failed report no figure and are not "
+                  "in the plots:", ""]
+        lines += [f"* {v['label']}: {v['failed']}" for v in failed]
     lines += [
         "",
         "Final ε: the largest epsilon any hospital's accountant reported after the last round "
@@ -501,7 +571,8 @@ def plot_comparison(result: Mapping[str, Any], out_dir: Path | str) -> list[Path
     """Write metric_vs_round.png, epsilon_vs_round.png and utility_vs_epsilon.png.
 
     Reads the study only. An infinite epsilon (FedAvg) is never drawn as a
-    number: it is a red marker on the top edge labelled ε = ∞.
+    number: it is a red marker on the top edge labelled ε = ∞. A failed arm (its row
+    holds ``failed``) is not drawn.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -524,7 +595,7 @@ def _values(values: Sequence[Any]) -> list[float]:
 
 def _plot_metric_vs_round(result: Mapping[str, Any], path: Path) -> Path:
     key, label, key2, label2 = _names(result)
-    variants = result.get("variants", [])
+    variants = _reported(result)
     styles = _variant_styles(variants)
     fig = _figure(11, 4.3)
     axes = fig.subplots(1, 2)
@@ -557,7 +628,7 @@ def _plot_metric_vs_round(result: Mapping[str, Any], path: Path) -> Path:
 
 
 def _plot_epsilon_vs_round(result: Mapping[str, Any], path: Path) -> Path:
-    variants = result.get("variants", [])
+    variants = _reported(result)
     styles = _variant_styles(variants)
     fig = _figure(7.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
@@ -596,7 +667,7 @@ def _plot_epsilon_vs_round(result: Mapping[str, Any], path: Path) -> Path:
 
 def _plot_utility_vs_epsilon(result: Mapping[str, Any], path: Path) -> Path:
     key, label, _, _ = _names(result)
-    variants = result.get("variants", [])
+    variants = _reported(result)
     fig = _figure(7.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     dp = sorted((v for v in variants if v["kind"] == "dp"), key=lambda v: _number(v["epsilon"]))
@@ -699,4 +770,7 @@ def _compare_command(args: argparse.Namespace) -> int:
     except (PrivacyError, ValueError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    except ComparisonError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
     return 0
