@@ -377,7 +377,30 @@ def test_rounds_survive_dropouts_at_every_stage_and_abort_cleanly_below_threshol
     # pipelined (train+mask, check, unmask).
     assert r2["secagg"]["stages"] == {"config": 1, "mask": 2, "consistency": 3,
                                       "unmask": 3}[stage]
-    assert r2["loss"] == pytest.approx(r1["loss"])  # global model unchanged by the abort
+    assert r2["aggregated"] is False and "loss" not in r2  # the model did not change
+    # The aborted round still names who failed (with the stage and reason), whose masked
+    # input had arrived, and which key sharers dropped before sending theirs.
+    names = {f"hospital-{i}" for i in (0, 1, 2)}
+    failed = r2["failed"]
+    assert len(failed) == 3
+    if stage == "config":  # the config travels with the train message
+        assert all(why.startswith("failed: InjectedDropoutError") for why in failed.values())
+    elif stage == "unmask":
+        # hospital-0 and -1 failed round 1's unmask, which carried round 2's config: they
+        # sit round 2 out; hospital-2 drops at round 2's unmask.
+        assert failed["hospital-0"] == failed["hospital-1"] == "did not answer"
+        assert "at the unmask stage: InjectedDropoutError" in failed["hospital-2"]
+    else:
+        at = {"mask": "mask", "consistency": "check"}[stage]
+        assert set(failed) == names
+        assert all(f"at the {at} stage: InjectedDropoutError" in why for why in failed.values())
+    alive = {"config": set(), "mask": everyone - names, "consistency": everyone,
+             "unmask": everyone - {"hospital-0", "hospital-1"}}[stage]
+    assert set(r2["secagg"]["alive"]) == alive
+    assert set(r2["secagg"]["dropped"]) == (names if stage == "mask" else set())
+    # Round 1 completed without hospital-0 and hospital-1: each is named with its reason
+    # (a hospital that never answered is known by its node here: no roster names it).
+    assert len(r1["failed"]) == 2
     assert r3["secagg"]["aborted"] is None and set(r3["secagg"]["alive"]) == everyone
     # Round mask keys serve one round: nobody re-keys after a dropout, whatever its stage.
     assert r2["secagg"]["advertised"] == [] and r3["secagg"]["advertised"] == []

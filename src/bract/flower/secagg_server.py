@@ -19,12 +19,16 @@ stages: ``train`` carrying each hospital's mask request (it trains and masks in
 one message), ``check`` and ``unmask``. After a failure or a resume, a round
 takes the four-stage path above.
 
-A hospital that errors or does not answer at any stage is a dropout; the round
-completes while at least the threshold remains, else it aborts and reveals
-nothing more (the global model is left unchanged). A hospital whose unmask reply
-holds a share that does not open its dealer's commitment is excluded from the
-round and named in its record; the round completes from the valid shares, or
-aborts. No protocol error leaves this module: an aborted round is a value.
+A hospital that errors or does not answer at any stage is a dropout, and the
+round loop hears of it with its reason (:meth:`RoundHooks.on_dropped`,
+:meth:`RoundHooks.on_missing`); the round completes while at least the threshold
+remains, else it aborts and reveals nothing more (the global model is left
+unchanged). Either way the round's record names who advertised, whose masked input
+arrived (``alive``) and which key sharers dropped before theirs did (``dropped``).
+A hospital whose unmask reply holds a share that does not open its dealer's
+commitment is excluded from the round and named in its record; the round
+completes from the valid shares, or aborts. No protocol error leaves this module:
+an aborted round is a value.
 """
 
 from __future__ import annotations
@@ -230,7 +234,11 @@ class RoundHooks(Protocol):
         """Read a ``train`` reply's privacy report; whether the hospital trained."""
 
     def on_missing(self, node: int) -> None:
-        """A hospital that did not answer its ``train`` message."""
+        """A hospital that did not answer a message of the round (any stage)."""
+
+    def on_dropped(self, node: int, reason: str) -> None:
+        """A hospital whose reply at a protocol stage failed or was refused, and why
+        (it is out of the round from that stage on)."""
 
     def label(self, node: int) -> str:
         """The hospital's name for the report."""
@@ -292,6 +300,10 @@ class SecureAggregator:
         #: Hospitals that answered a round config with "no key to use" (e.g. a hospital
         #: whose ctx.state was lost): asked for an advertisement before the next round.
         self._readvertise: set[int] = set()
+        #: The round in progress: its key sharers (secagg ids, once fixed) and the
+        #: senders of the masked inputs accepted so far.
+        self._round_sharers: list[int] = []
+        self._round_alive: set[int] = set()
 
     def protocol_round(self, fl_round: int, attempt: int = 0) -> int:
         """The protocol's (strictly increasing) round number for an FL round;
@@ -379,6 +391,8 @@ class SecureAggregator:
         t0 = time.perf_counter()
         info = SecureRoundInfo()
         advertised: list[int] | None = None
+        # What the round's record names even when it aborts.
+        self._round_sharers, self._round_alive = [], set()
         prepared = self._prepared(rnd, nodes)
         if prepared is None:
             advertised = self.ensure_keys(rnd, nodes, note)
@@ -408,19 +422,29 @@ class SecureAggregator:
                     self._unmask_stage(rnd, dim, hooks, info)
                     continue
                 request_fn, receive = {
-                    "mask": (self.session.mask_requests, self.session.receive_masked_input),
+                    "mask": (self.session.mask_requests, self._receive_masked_input),
                     "check": (self._check_requests, self.session.receive_consistency_signature),
                 }[stage]
-                requests = {self.node_of[sid]: req for sid, req in request_fn().items()}
+                by_sid = request_fn()
+                if stage == "mask":
+                    self._round_sharers = sorted(by_sid)
+                requests = {self.node_of[sid]: req for sid, req in by_sid.items()}
                 info.stages += 1
-                for node, reply in self._exchange(rnd, STAGE_TYPES[stage], requests).items():
-                    self._receive(rnd, node, reply, receive, note, label)
+                replies = self._exchange(rnd, STAGE_TYPES[stage], requests)
+                for node in requests:
+                    if node not in replies:
+                        hooks.on_missing(node)
+                for node, reply in replies.items():
+                    self._receive(rnd, node, reply, receive, hooks, stage)
             result = self.session.finish()
         except SecAggError as exc:
             # RoundAborted, or a round the server itself cannot set up (e.g. a graph
             # that cannot honour the collusion bound): the round ends, the run goes on.
             self.session.abort_round(str(exc))
             info.advertised = sorted(label(n) for n in advertised or [])
+            info.alive = sorted(label(self.node_of[s]) for s in self._round_alive)
+            info.dropped = sorted(label(self.node_of[s])
+                                  for s in set(self._round_sharers) - self._round_alive)
             info.excluded = sorted(label(self.node_of[s])
                                    for s in getattr(exc, "cheaters", ()) if s in self.node_of)
             info.aborted = self._public_reason(str(exc))
@@ -481,12 +505,14 @@ class SecureAggregator:
         request travels with its training instruction; hospitals train and answer
         with their masked update."""
         self.session.expect_input_digest(hooks.input_digest())
-        requests = {self.node_of[sid]: req for sid, req in self.session.mask_requests().items()}
+        by_sid = self.session.mask_requests()
+        self._round_sharers = sorted(by_sid)
+        requests = {self.node_of[sid]: req for sid, req in by_sid.items()}
         info.stages += 1
         for node in ready:
             if node not in requests:  # did not answer the config with last round's unmask
                 hooks.on_missing(node)
-        self._train_exchange(rnd, requests, self.session.receive_masked_input, hooks)
+        self._train_exchange(rnd, requests, self._receive_masked_input, hooks)
 
     def _train_exchange(
         self, rnd: int, requests: Mapping[int, SecAggMessage], receive: Callable[[Any], None],
@@ -504,7 +530,7 @@ class SecureAggregator:
             if reply.has_error() and KeyRotationRequired.__name__ in reply.error.reason:
                 self._readvertise.add(node)
             if hooks.on_train_reply(node, reply):
-                self._receive(rnd, node, reply, receive, hooks.note, hooks.label)
+                self._receive(rnd, node, reply, receive, hooks, "train")
 
     def _note_weight_bound(self, node: int, reply: Message) -> None:
         """Keep the weight bound a hospital's privacy report states; forget it when
@@ -541,10 +567,13 @@ class SecureAggregator:
                 content.config_records[SECAGG_NEXT] = secagg_to_record(next_cfg)
 
         requests = {self.node_of[s]: req for s in req.signers}
-        for node, reply in self._exchange(rnd, STAGE_TYPES["unmask"], requests,
-                                          with_next).items():
+        replies = self._exchange(rnd, STAGE_TYPES["unmask"], requests, with_next)
+        for node in requests:
+            if node not in replies:
+                hooks.on_missing(node)
+        for node, reply in replies.items():
             unmasked = self._receive(rnd, node, reply, self.session.receive_unmask_reply,
-                                     note, label)
+                                     hooks, "unmask")
             # A hospital whose unmask reply was refused must re-key: it sits the next
             # round out rather than have its shares abandon that round for everyone.
             if next_cfg is None or not unmasked:
@@ -626,16 +655,25 @@ class SecureAggregator:
         req = self.session.consistency_request()
         return dict.fromkeys(req.alive, req)
 
+    def _receive_masked_input(self, msg: Any) -> None:
+        """Hand a masked input to the session; once accepted, its sender is alive."""
+        self.session.receive_masked_input(msg)
+        self._round_alive.add(msg.node_id)
+
     def _receive(
         self, rnd: int, node: int, reply: Message, receive: Callable[[Any], None],
-        note: Notify, label: Callable[[int], str],
+        hooks: RoundHooks, stage: str,
     ) -> bool:
-        """Hand a reply's protocol message to the session; False if it was refused."""
+        """Hand a reply's protocol message to the session; False if it was refused (the
+        hospital then dropped out at ``stage``, and the round loop hears why)."""
         try:
             receive(self._payload(reply))
         except RoundAborted:
             raise
         except SecAggError as exc:
-            note(f"round {rnd}: {label(node)} dropped from secure aggregation: {exc}")
+            hooks.note(f"round {rnd}: {hooks.label(node)} dropped from secure aggregation "
+                       f"at the {stage} stage: {exc}")
+            hooks.on_dropped(node, f"dropped from secure aggregation at the {stage} stage: "
+                                   f"{exc}")
             return False
         return True

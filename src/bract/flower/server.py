@@ -653,6 +653,10 @@ class _SecureRoundHooks:
         self.fed.failed[self.fed._label(node)] = "did not answer"
         self.note(f"round {self.rnd}: {self.fed._label(node)} did not answer")
 
+    def on_dropped(self, node: int, reason: str) -> None:
+        # The stage's note has been shown; the row records the reason.
+        self.fed.failed[self.fed._label(node)] = reason
+
     def label(self, node: int) -> str:
         return self.fed._label(node)
 
