@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--drop-rate", type=finite_float, default=0.0,
                      help="share of hospitals that drop out each round (simulated faults)")
     sim.add_argument("--drop-stage", choices=("config", "mask", "consistency", "unmask"),
-                     default="mask", help="secure-aggregation stage at which they drop")
+                     default="mask", help="secure-aggregation stage at which they drop "
+                     "(with --no-secagg only config: they fail the round's train message)")
     sim.add_argument("--public-size", type=positive_int, default=None, metavar="N",
                      help="a number of records every hospital declares public (at least "
                           "its own count): sample rate, steps, noise and FedAvg weight come "

@@ -464,3 +464,20 @@ def test_each_hospital_records_the_epsilon_its_data_carried_into_the_run(tmp_pat
     for cid, v in lines.items():
         assert series[cid] == [pytest.approx(first[cid]["epsilon"]), v["epsilon"]]
     assert series["max"][0] == pytest.approx(max(v["epsilon"] for v in first.values()))
+
+
+def test_a_config_stage_dropout_fails_plain_train_messages(tmp_path) -> None:
+    """Without secure aggregation `--drop-rate P --drop-stage config` is not ignored: the
+    dropping hospitals fail the round's train message, and the report says so."""
+    from bract.flower.faults import dropout_mod
+
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=1)
+    apps = {node: make_client_app(_setup, policy, mods=[dropout_mod(1.0, "config", 0)])
+            for node in NODES}
+    cfg = ServerConfig(rounds=1, num_clients=len(NODES), delta=1e-5, out_dir=tmp_path,
+                       node_wait_seconds=1, show_progress=False, run_config={})
+    report = run_federation(FakeGrid(apps), weights_of(tasks.build_model(TASK)),
+                            lambda w: {}, cfg)
+    (row,) = report["rounds"]
+    assert row["trained"] == [] and len(row["failed"]) == len(NODES)
+    assert all("injected dropout at stage 'config'" in why for why in row["failed"].values())

@@ -1,9 +1,11 @@
 """Fault injection for simulations: hospitals that drop out at a chosen stage.
 
 Used by ``bract simulate --drop-rate P --drop-stage STAGE`` to show that rounds
-survive dropouts at any stage of secure aggregation. Which hospital drops in
-which round is a deterministic function of (seed, round, hospital), so a run can
-be repeated; it decides nothing an adversary must not predict.
+survive dropouts at any stage of secure aggregation. Without secure aggregation
+the only stage is ``config``: the hospital fails the round's plain ``train``
+message. Which hospital drops in which round is a deterministic function of
+(seed, round, hospital), so a run can be repeated; it decides nothing an adversary
+must not predict.
 """
 
 from __future__ import annotations
@@ -48,15 +50,19 @@ def message_stage(msg: Message) -> str | None:
 def inject_dropout(
     msg: Message, stage: str, fl_round: int, should_drop: Callable[[int], bool]
 ) -> None:
-    """Make the hospital fail ``stage`` of the secure round it is asked for.
+    """Make the hospital fail ``stage`` of the round it is asked for.
 
     ``should_drop(r)`` says whether it drops at ``stage`` in FL round ``r``. Raises
-    :class:`InjectedDropoutError` when ``msg`` carries that stage's request; a
-    next round's config carried by an unmask message (round ``fl_round + 1``) is
-    removed instead, so the hospital finishes this round and does not answer the
-    next round's config.
+    :class:`InjectedDropoutError` when ``msg`` carries that stage's request, or, at
+    stage ``config``, when it is a plain FedAvg ``train`` message (no secure
+    aggregation: the round's instruction is its config); a next round's config
+    carried by an unmask message (round ``fl_round + 1``) is removed instead, so the
+    hospital finishes this round and does not answer the next round's config.
     """
-    if message_stage(msg) == stage and should_drop(fl_round):
+    plain_train = (msg.metadata.message_type == "train"
+                   and SECAGG not in msg.content.config_records)
+    if (message_stage(msg) == stage or (stage == "config" and plain_train)) \
+            and should_drop(fl_round):
         raise InjectedDropoutError(f"injected dropout at stage {stage!r}")
     if (stage == "config" and SECAGG_NEXT in msg.content.config_records
             and should_drop(fl_round + 1)):
