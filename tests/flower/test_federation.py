@@ -481,3 +481,61 @@ def test_a_config_stage_dropout_fails_plain_train_messages(tmp_path) -> None:
     (row,) = report["rounds"]
     assert row["trained"] == [] and len(row["failed"]) == len(NODES)
     assert all("injected dropout at stage 'config'" in why for why in row["failed"].values())
+
+
+def test_a_plain_hospital_that_fails_before_naming_itself_is_named_by_its_signature(
+        tmp_path) -> None:
+    """Without secure aggregation, a hospital whose code fails in its first round is
+    still named in the report (not by its node id): the server asks it for its signed
+    key advertisement and checks it against the roster, as the secure path does."""
+    from bract.flower.apps import Hospitals, client_app
+    from bract.flower.secagg_client import make_identities
+    from bract.records.ledger import SignerRoster
+    from bract.records.report import RunReport
+    from bract.records.roster import Roster
+
+    keys, idents = make_identities(len(NODES), "plain-fed")
+    roster = SignerRoster.of(Roster("plain-fed", keys,
+                                    {i + 1: f"hospital-{i}" for i in range(len(NODES))}))
+
+    def broken_setup(ctx):
+        if int(ctx.node_config["partition-id"]) == 0:
+            raise RuntimeError("disk unplugged")
+        return _setup(ctx)
+
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=1)
+    app = client_app(Hospitals(
+        setup=broken_setup, policy=policy, release_metrics="none", secagg=None,
+        identity=lambda ctx: idents[int(ctx.node_config["partition-id"])]))
+    cfg = ServerConfig(rounds=1, num_clients=len(NODES), delta=1e-5, out_dir=tmp_path,
+                       node_wait_seconds=1, show_progress=False, run_config={}, roster=roster)
+    report = RunReport.from_plain(run_federation(
+        FakeGrid(dict.fromkeys(NODES, app)), weights_of(tasks.build_model(TASK)),
+        lambda w: {}, cfg))
+    (row,) = report.rounds
+    assert row.failed == {"hospital-0": "failed: RuntimeError: disk unplugged"}
+    assert report.errors() == ["hospital-0 failed in round 1: RuntimeError: disk unplugged"]
+
+
+def test_a_node_cannot_take_another_members_name() -> None:
+    """advertised_member names a node only from an advertisement of the roster's
+    federation, signed by that member's key and naming this node as its origin."""
+    from flwr.app import Context, Message, RecordDict
+
+    from bract.flower.secagg_client import advertise_handler, make_identities
+    from bract.flower.server import IDENTITY_QUERY, advertised_member
+    from bract.records.ledger import SignerRoster
+    from bract.records.roster import Roster
+
+    keys, idents = make_identities(2, "fed-a")
+    names = {1: "hospital-0", 2: "hospital-1"}
+    roster = SignerRoster.of(Roster("fed-a", keys, names))
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    reply = advertise_handler(idents[0])(
+        Message(RecordDict(), dst_node_id=7, message_type=IDENTITY_QUERY), ctx)
+    assert advertised_member(reply, 7, roster) == "hospital-0"
+    assert advertised_member(reply, 8, roster) is None  # replayed by another node
+    other_keys, _ = make_identities(2, "fed-a")
+    assert advertised_member(reply, 7, SignerRoster.of(Roster("fed-a", other_keys,
+                                                              names))) is None
+    assert advertised_member(reply, 7, SignerRoster.of(Roster("fed-b", keys, names))) is None

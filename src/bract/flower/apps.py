@@ -25,13 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from bract.flower.client import HospitalSetup, PolicyLike, SignerLike, make_client_app
+from bract.flower.client import (
+    HospitalSetup,
+    PolicyLike,
+    SignerLike,
+    contain_errors_mod,
+    make_client_app,
+)
 from bract.flower.config import FederationConfig
 from bract.flower.records import AGGREGATED_METRICS
-from bract.flower.secagg_client import IdentityLike
+from bract.flower.secagg_client import IdentityLike, SecAggIdentity, advertise_handler
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig
 from bract.records.ledger import SignerRoster
@@ -68,13 +74,34 @@ class Hospitals:
 
 def client_app(hospitals: Hospitals) -> ClientApp:
     """The hospitals' ClientApp: DP-SGD under each hospital's policy, its signed
-    ledger, and secure aggregation when it has an identity for it."""
-    return make_client_app(
+    ledger, and secure aggregation when it has an identity for it.
+
+    A hospital that signs its ledger answers the server's identity query (its signed
+    key advertisement, as in secure aggregation) in a plain FedAvg run too, so a
+    hospital that fails before the server has its name is still named in the report."""
+    app = make_client_app(
         hospitals.setup, hospitals.policy, secagg=hospitals.secagg,
         release_metrics=hospitals.release_metrics, mods=list(hospitals.mods),
         identity=hospitals.identity,
         allow_plain_aggregation=hospitals.allow_plain_aggregation,
     )
+    if hospitals.secagg is None and hospitals.identity is not None:
+        app.query("secagg_advertise", mods=[contain_errors_mod, *hospitals.mods])(
+            _identity_handler(hospitals.identity))
+    return app
+
+
+def _identity_handler(identity: SignerLike) -> Callable[[Message, Context], Message]:
+    """The signed key advertisement of a plain-FedAvg hospital with a signing identity;
+    a hospital without one (``identity(ctx)`` is ``None``) refuses in one line."""
+
+    def signer(ctx: Context) -> SecAggIdentity:
+        ident = identity(ctx) if callable(identity) else identity
+        if ident is None:
+            raise ValueError("this hospital has no identity key to prove its name with")
+        return ident
+
+    return advertise_handler(signer)
 
 
 def secagg_settings(fed: FederationConfig, roster: Roster,

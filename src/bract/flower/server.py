@@ -52,10 +52,12 @@ from bract.flower.records import (
     LOCAL_METRICS,
     LOCAL_WEIGHTS,
     ROUND_CONFIG,
+    SECAGG,
     TRAIN_INFO,
     read_privacy_report,
     record_to_weights,
     reply_sources,
+    secagg_from_record,
     weights_digest,
     weights_to_record,
 )
@@ -69,6 +71,9 @@ from bract.records.ledger import (
     verify_chain,
 )
 from bract.records.report import FederatedEval, HospitalRound, RoundRow, RunReport, RunSummary
+from bract.secagg import KeyAdvertisement, SecAggError
+from bract.secagg.crypto import verify_signature
+from bract.secagg.protocol import advertisement_statement
 
 Weights = dict[str, np.ndarray]
 EvaluateFn = Callable[[Weights], dict[str, float]]
@@ -131,6 +136,37 @@ def plain_update_problem(local: Weights, info: Mapping[str, object] | None,
     if not (math.isfinite(float(count)) and float(count) == int(count)
             and 1 <= int(count) <= MAX_DECLARED_EXAMPLES):
         return f"example count {count!r} is not an integer in [1, 2^53]"
+    return None
+
+
+#: The query a hospital answers with its signed key advertisement (its identity).
+IDENTITY_QUERY = "query.secagg_advertise"
+
+
+def advertised_member(reply: Message, node: int, roster: SignerRoster) -> str | None:
+    """The roster member that ``reply`` proves the Flower node ``node`` to be, or ``None``.
+
+    Guarantee: a name is returned only for a key advertisement of the roster's
+    federation that names ``node`` as its origin and carries a valid signature by
+    that member's key, so a node can neither claim another member's name nor
+    replay another node's advertisement."""
+    if reply.has_error() or SECAGG not in reply.content.config_records:
+        return None
+    try:
+        adv = secagg_from_record(reply.content.config_records[SECAGG])
+    except (SecAggError, ValueError, TypeError):
+        return None
+    if (not isinstance(adv, KeyAdvertisement) or adv.federation_id != roster.federation_id
+            or adv.origin != node):
+        return None
+    statement = advertisement_statement(adv.federation_id, adv.node_id, adv.origin,
+                                        adv.epoch, adv.cipher_public)
+    for name, key in sorted(roster.keys.items()):
+        try:
+            verify_signature(key, adv.signature, statement, "key advertisement")
+        except SecAggError:
+            continue
+        return name
     return None
 
 
@@ -436,6 +472,7 @@ class Federation:
             if node not in answered:
                 self.failed[self._label(node)] = "did not answer"
                 display.note(f"round {rnd}: {self._label(node)} did not answer")
+        self._name_failed_nodes(rnd, [node for node, _ in replies], display)
         if updates:  # finite updates: their weighted mean is finite too
             self.global_weights = fedavg(updates)
         if not released_by:
@@ -444,6 +481,27 @@ class Federation:
         return trained, RoundExtras(train_loss=released_train_loss(clear_totals, noise),
                                     federated_eval=federated_evaluation(rnd, clear_totals,
                                                                         noise))
+
+    def _name_failed_nodes(self, rnd: int, nodes: Sequence[int], display: RunObserver) -> None:
+        """Name the hospitals this round recorded only by node id (they failed before the
+        server had their name), from their signed key advertisement checked against the
+        roster (:func:`advertised_member`), as the secure path names them; a node that
+        cannot prove a name keeps its id. Without a roster nothing can be proved."""
+        roster = self.cfg.roster
+        unnamed = [n for n in nodes if n not in self.names and f"node-{n}" in self.failed]
+        if roster is None or not unnamed:
+            return
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=IDENTITY_QUERY,
+                            group_id=str(rnd)) for n in unnamed]
+        replies = send_and_receive(self.grid, messages, self.cfg.round_timeout,
+                                   max_poll=self.cfg.reply_poll)
+        for node, reply in reply_sources(messages, replies):
+            name = advertised_member(reply, node, roster)
+            if name is None or node not in unnamed:
+                continue
+            self.names[node] = name
+            self.failed[name] = self.failed.pop(f"node-{node}")
+            display.note(f"round {rnd}: node-{node} is {name} (its signed key advertisement)")
 
     def _secure_round(self, rnd: int, display: RunObserver) -> tuple[list[str], RoundExtras]:
         """Secure FedAvg: the server learns only the example-weighted mean update."""
