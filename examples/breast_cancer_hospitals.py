@@ -29,6 +29,7 @@ from bract.audit.verify import verify_federation
 from bract.flower.config import FederationConfig
 from bract.flower.observer import summarize
 from bract.flower.simulation import SimulationConfig, run
+from bract.records.report import RunReport
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,7 +60,12 @@ def main() -> int:
     except ValueError as exc:  # bad settings: bract's errors name the fix
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    console.print(summarize(report))
+    typed = RunReport.from_plain(report, str(args.out / "report.json"))
+    errors = typed.errors()
+    if errors:  # a run that failed says so, and reports no figure of an untrained model
+        console.print(f"[red]error:[/red] {'; '.join(errors)} (the record is in {args.out})")
+        return 1
+    console.print(summarize(typed))
 
     # The privacy officer's check: signatures, hash chains, every epsilon recomputed.
     audit = verify_federation(args.out / "ledger.jsonl", args.out / "roster.json",
