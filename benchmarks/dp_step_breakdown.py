@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bract.models.cnn import ChestCNN
-from bract.privacy import noise
+from bract.privacy import bookkeeping, noise
 from bract.privacy.bookkeeping import BookKeepingClipper
 
 Timings = dict[str, list[float]]
@@ -69,8 +69,8 @@ def instrument(timings: Timings, names: dict[nn.Module, str]) -> None:
     BookKeepingClipper._rule = staticmethod(_timed(
         timings, lambda module, *_: f"  per-example rule {names[module]} "
         f"({type(module).__name__})", BookKeepingClipper._rule))
-    BookKeepingClipper._clipped_sum = staticmethod(_timed(
-        timings, "  clipped sums", BookKeepingClipper._clipped_sum))
+    bookkeeping.layer_clipped_sum = _timed(timings, "  clipped sums",
+                                           bookkeeping.layer_clipped_sum)
     from opacus.optimizers.optimizer import DPOptimizer
     DPOptimizer.step = _timed(timings, "optimizer step (DP)", DPOptimizer.step)
     for cls in (noise.NoisePrefetcher, noise.SecureGaussian):
