@@ -120,3 +120,18 @@ def test_only_bracts_public_reasons_and_refusals_leave() -> None:
     assert failure_reason(ThresholdPolicyError("t = 2 < 3")) == (
         "ThresholdPolicyError: t = 2 < 3")
     assert len(failure_reason(PolicyRefusal("y" * 1000))) == 300
+
+
+def test_patient_grouping_refusals_leave_without_the_hospitals_counts() -> None:
+    from bract.privacy.sampling import Patients, group_grad_samples
+
+    with pytest.raises(PrivacyError) as mismatch:
+        Patients.of(["p1", "p2", "p3"], 1843)
+    layer = nn.Linear(2, 1)
+    layer.weight.grad_sample = torch.zeros(1843, 1, 2)
+    with pytest.raises(PrivacyError) as batch:
+        group_grad_samples(layer, torch.zeros(1841, dtype=torch.int64))
+    for refusal in (mismatch.value, batch.value):
+        assert "1843" in str(refusal)  # the hospital's own log keeps the figures
+        reason = failure_reason(refusal)
+        assert reason and not any(ch.isdigit() for ch in reason)

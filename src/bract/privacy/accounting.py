@@ -51,7 +51,16 @@ PRV_RELATIVE_ERROR = 0.002
 
 
 class PrivacyError(ValueError):
-    """A privacy parameter, plan or event is invalid; the message names the fix."""
+    """A privacy parameter, plan or event is invalid; the message names the fix.
+
+    ``public_reason``, when given, is what may leave a hospital in place of a message
+    that quotes a figure of its data (a record or patient count); see
+    :mod:`bract.flower.reasons`."""
+
+    def __init__(self, message: str, *, public_reason: str | None = None) -> None:
+        super().__init__(message)
+        if public_reason is not None:
+            self.public_reason = public_reason
 
 
 def _check_delta(delta: float) -> None:

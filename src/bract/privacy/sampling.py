@@ -97,8 +97,11 @@ class Patients:
     def of(cls, patient_ids: Sequence[Hashable], num_records: int) -> Patients:
         """Group records by patient id (one id per record, in dataset order)."""
         if len(patient_ids) != num_records:
-            raise PrivacyError(f"{len(patient_ids)} patient ids for {num_records} records: "
-                               "give every record its patient's id")
+            raise PrivacyError(
+                f"{len(patient_ids)} patient ids for {num_records} records: give every "
+                "record its patient's id",
+                public_reason="the data's patient ids do not match its records: give "
+                              "every record its patient's id")
         slot: dict[Hashable, int] = {}
         owner = np.fromiter((slot.setdefault(pid, len(slot)) for pid in patient_ids),
                             dtype=np.int64, count=num_records)
@@ -148,8 +151,10 @@ def group_grad_samples(model: nn.Module, groups: torch.Tensor) -> None:
         if sample is None:
             continue
         if len(sample) != len(groups):
-            raise PrivacyError(f"a parameter has {len(sample)} per-record gradients for a "
-                               f"batch of {len(groups)} records")
+            raise PrivacyError(
+                f"a parameter has {len(sample)} per-record gradients for a batch of "
+                f"{len(groups)} records",
+                public_reason="a parameter's per-record gradients do not match the batch")
         summed = sample.new_zeros((count, *sample.shape[1:]))
         summed.index_add_(0, groups.to(sample.device), sample)
         p.grad_sample = summed
