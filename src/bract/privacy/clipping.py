@@ -91,7 +91,8 @@ def layer_clipped_sum(module: nn.Module, kept_tensors: tuple, factors: torch.Ten
 
 def clip_hooks_safely(optimizer: Any) -> None:
     """Make Opacus's hooks-mode ``optimizer`` (a ``DPOptimizer``) clip with
-    :func:`clip_factors` and :func:`zero_rows`: the same clipped sum as Opacus's
+    :func:`clip_factors`, the NaN and infinities of an example not kept set to 0 in its
+    per-sample gradients (in place, which then hold nothing else): the same clipped sum as Opacus's
     ``clip_and_accumulate`` for finite per-sample gradients, and nothing from an
     example whose gradient is not finite (Opacus's own factor makes the sum NaN)."""
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -100,18 +101,21 @@ def clip_hooks_safely(optimizer: Any) -> None:
         samples = self.grad_samples
         if len(samples[0]) == 0:  # an empty Poisson batch
             factors = torch.zeros((0,), device=samples[0].device)
-            kept = torch.zeros((0,), dtype=torch.bool, device=samples[0].device)
         else:
             device = samples[0].device
             norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1).to(device)
                                  for g in samples], dim=1).norm(2, dim=1)
-            factors, kept = clip_factors(norms, self.max_grad_norm)
+            factors, _ = clip_factors(norms, self.max_grad_norm)
         for p in self.params:
             _check_processed_flag(p.grad_sample)
             # Gradients in the parameters' dtype (Opacus's rule for mixed precision).
             grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            # An example not kept has factor 0; its NaN and infinities become 0 in
+            # place, so it adds exactly 0, as zero_rows would make it, without a
+            # second per-example buffer (kept rows hold only finite values: unchanged).
+            grad_sample.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             grad = torch.einsum("i,i...", factors.to(grad_sample.device).to(p.dtype),
-                                zero_rows(grad_sample, kept))
+                                grad_sample)
             if p.summed_grad is not None:
                 p.summed_grad += grad
             else:
