@@ -576,3 +576,14 @@ def test_a_ledger_from_before_units_is_spent_from_only_under_the_stated_unit(run
     assert calibrate(4.0, 1e-5, plan, prior=legacy, legacy_unit=run).epsilon <= 4.0
     # accountants compose unit-less events with either unit (the gate is check_unit)
     assert epsilon_of([*legacy, DpSgdEvent(1.0, 0.05, 10, 1.0, 1e-5, unit=run)], 1e-5) > 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 200_000), batch=st.integers(1, 4096))
+def test_expected_batch_is_the_mean_poisson_batch_and_never_zero(n: int, batch: int) -> None:
+    from bract.privacy.accounting import TrainingPlan
+
+    plan = TrainingPlan(rounds=1, local_epochs=1, dataset_size=n, batch_size=batch)
+    expected = plan.expected_batch_size
+    assert 0 < expected <= batch
+    assert math.isclose(expected, n * plan.sample_rate, rel_tol=1e-12)

@@ -424,3 +424,16 @@ def test_non_finite_global_weights_are_refused_before_the_data_is_read() -> None
     assert data.read == []
     assert trainer.ledger.events == ()
     assert trainer.train_round(1, global_weights=weights).trained
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("n", "batch"), [(49, 1), (98, 2)])
+def test_sizes_whose_expected_batch_rounds_down_train_to_finite_weights(
+        mode: str, n: int, batch: int) -> None:
+    # 49 * (1/49) is 0.99999... in floating point: truncated, the step divided by 0.
+    trainer = _trainer(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)),
+                       DataLoader(TensorDataset(torch.randn(n, 4), torch.arange(n) % 2),
+                                  batch_size=batch), lr=0.01, grad_sample_mode=mode)
+    out = trainer.train_round(1)
+    assert out.event is not None and out.event.steps == n // batch
+    assert _finite(out.weights)

@@ -601,6 +601,14 @@ class TrainingPlan:
         return 1.0 / self.batches_per_epoch
 
     @property
+    def expected_batch_size(self) -> float:
+        """The expected size of a Poisson batch, ``dataset_size * sample_rate``, computed
+        as ``dataset_size / batches_per_epoch``: exact in integers up to one rounding,
+        so always positive and at most ``batch_size`` (the product in floating point
+        can fall just below an integer, and truncating it gave 0 at batch size 1)."""
+        return self.dataset_size / self.batches_per_epoch
+
+    @property
     def weight_bound(self) -> int:
         """The largest FedAvg weight (``dataset_size``) this plan's public figures allow:
         ``batch_size * ceil(dataset_size / batch_size)``, i.e. ``batch_size / sample_rate``.

@@ -640,7 +640,7 @@ class PrivateTrainer:
             dp_loader = secure_poisson_loader(dp_loader, batch_sampler=patient_sampler)
         # The step divides the noisy clipped sum by the expected batch size; take it
         # from the plan (the public bound, when there is one), never from the exact n.
-        dp_optimizer.expected_batch_size = int(plan.dataset_size * plan.sample_rate)
+        dp_optimizer.expected_batch_size = plan.expected_batch_size
         total = self.local_epochs * len(dp_loader)
         noise = getattr(dp_optimizer, "bract_noise", None)
         if isinstance(noise, NoisePrefetcher):
