@@ -161,3 +161,37 @@ def test_any_nan_or_inf_anywhere_is_refused(size, at, bad, dtype, clip) -> None:
     x[at % size] = bad
     with pytest.raises(EncodingError, match="1 NaN/Inf"):
         encode(x, 1, EncodingConfig(), 32, clip_out_of_range=clip)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 20), t=st.integers(1, 5), data=st.data())
+def test_totals_decode_as_plain_sums_within_the_stated_bound(n: int, t: int, data) -> None:
+    """Totals (summed without the weight) anywhere in [-clip * W, clip * W], the ends
+    included, from clients of any weight: the decoded sum is their plain sum within
+    ``sum_error_bound(W_total, n)``, in the smallest ring with headroom (no wrap)."""
+    cfg = EncodingConfig(clip=2.0, frac_bits=12, max_weight=50)
+    ring = cfg.ring_bits_for(n)
+    edge = cfg.totals_range
+    total = np.zeros(2 + t + 1, dtype=RING_DTYPES[ring])
+    ref = np.zeros(t)
+    weights = 0
+    for _ in range(n):
+        z = data.draw(hnp.arrays(np.float64, t, elements=st.one_of(
+            st.sampled_from([edge, -edge]), st.floats(-edge, edge))))
+        w = data.draw(st.integers(0, 50))
+        total += encode(np.full(2, 1.5), w, cfg, ring, dim=2 + t, totals=z)
+        ref += z
+        weights += w
+    s, wt = decode_sum(total, ring, cfg.frac_bits)
+    assert wt == weights
+    assert np.allclose(s[:2], 1.5 * weights, rtol=0, atol=cfg.sum_error_bound(weights))
+    assert np.all(np.abs(s[2:] - ref) <= cfg.sum_error_bound(weights, n))
+
+
+def test_a_total_beyond_the_range_is_refused_even_when_clipping_is_allowed() -> None:
+    cfg = EncodingConfig(clip=2.0, frac_bits=12, max_weight=50)
+    beyond = np.array([0.0, np.nextafter(100.0, 200.0)])
+    with pytest.raises(EncodingError, match="never clipped") as err:
+        encode(np.zeros(1), 3, cfg, 64, totals=beyond, clip_out_of_range=True)
+    assert "range [-100, 100]" in err.value.public_reason
+    encode(np.zeros(1), 3, cfg, 64, totals=np.array([100.0, -100.0]))  # the ends are in

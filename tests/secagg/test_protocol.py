@@ -21,7 +21,7 @@ def _check(res, inputs, enc=ENC) -> None:
     ref = sum(inputs[u][1] * np.clip(inputs[u][0].astype(np.float64), -enc.clip, enc.clip)
               for u in res.alive)
     assert res.total_weight == sum(inputs[u][1] for u in res.alive)
-    assert res.error_bound == enc.sum_error_bound(res.total_weight)
+    assert res.error_bound == enc.sum_error_bound(res.total_weight, len(res.alive))
     assert np.all(np.abs(res.weighted_sum - ref) <= res.error_bound)
 
 

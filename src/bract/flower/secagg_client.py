@@ -184,8 +184,13 @@ def secagg_mod(
     the record out must not be a way around the masking.
     ``release_metrics="aggregate"`` (or a function of the Context returning it) lets
     the hospital's metrics release (noised sums, already accounted) travel *inside*
-    the masked vector (the server learns only their total over the hospitals);
-    otherwise they are dropped here.
+    the masked vector as totals, summed without the weight (the server learns only
+    the sum of each over the hospitals, exact within the round's encoding error);
+    otherwise they are dropped here. A released sum beyond the round's range
+    ``clip * max_weight`` is never clipped: the hospital leaves the round (before it
+    sends shares, or at the mask stage of a pipelined round), with a reason that
+    names no figure. That refusal is a function of the released (noised, accounted)
+    sums and the public round config alone, so it releases nothing more.
     """
 
     def mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]):
@@ -239,32 +244,47 @@ def secagg_mod(
         model = weights_digest(global_) + settings_digest(
             ctx.run_config, msg.content.config_records.get(ROUND_CONFIG, {}))
         release = release_metrics(ctx) if callable(release_metrics) else release_metrics
+        totals: np.ndarray | None = None
         if release == "aggregate":
             if metrics is None or any(k not in metrics for k in AGGREGATED_METRICS):
                 raise ValueError(f"the metrics {list(AGGREGATED_METRICS)} to release in "
                                  "aggregate were not produced")
-            weight = int(info["num-examples"])
-            # The noised sums over the weight, so the weighted sum the server learns is
-            # their total over the hospitals.
-            extra = [float(metrics[k]) / max(weight, 1) for k in AGGREGATED_METRICS]
-            vector = np.concatenate([vector, np.asarray(extra, np.float64)])
+            # The noised sums themselves, as totals (summed without the weight): the
+            # server decodes their sum over the hospitals.
+            totals = np.asarray([float(metrics[k]) for k in AGGREGATED_METRICS], np.float64)
+            if isinstance(cfg, RoundConfig):
+                _check_totals(totals, cfg)
         weight = int(info["num-examples"])
         if isinstance(cfg, MaskRequest):  # pipelined: this round's shares are all in
-            out = session.handle_mask_request(cfg, vector, weight, input_digest=model)
+            out = session.handle_mask_request(cfg, vector, weight, input_digest=model,
+                                              totals=totals)
             if STATE_PENDING in ctx.state.config_records:  # left by an aborted round
                 del ctx.state.config_records[STATE_PENDING]
         else:
             out = session.handle_round_config(cfg)
-            ctx.state.config_records[STATE_PENDING] = ConfigRecord(
-                # float32, like the weights it came from: half the bytes in ctx.state.
-                {"round": cfg.round, "vector": vector.astype(np.float32).tobytes(),
-                 "weight": weight, "model": model}
-            )
+            pending = {"round": cfg.round, "vector": vector.astype(np.float32).tobytes(),
+                       "weight": weight, "model": model}
+            if totals is not None:  # float64: the released sums exactly
+                pending["totals"] = totals.tobytes()
+            # The update in float32, like the weights it came from: half the bytes.
+            ctx.state.config_records[STATE_PENDING] = ConfigRecord(pending)
         _save(ctx, session)
         content.config_records[SECAGG] = secagg_to_record(out)
         return reply
 
     return mod
+
+
+def _check_totals(totals: np.ndarray, cfg: RoundConfig) -> None:
+    """Refuse the round, before any share leaves, if a released sum lies beyond the
+    range its encoding carries unclipped (``clip * max_weight``); the reason names
+    the public range only."""
+    limit = float(cfg.clip) * int(cfg.max_weight)
+    if not np.all(np.isfinite(totals)) or float(np.max(np.abs(totals))) > limit:
+        raise public(ValueError(
+            f"a released metric sum lies beyond the secure round's range [-{limit:g}, "
+            f"{limit:g}] (clip x max_weight): this hospital leaves the round rather than "
+            "have the federation's total clipped"))
 
 
 def _stage_handler(identity: IdentityLike, expected: type) -> Callable[[Message, Context], Message]:
@@ -281,8 +301,11 @@ def _stage_handler(identity: IdentityLike, expected: type) -> Callable[[Message,
                                         "pending update for that round"))
             # float32 as stored: encode() widens it block by block, exactly.
             vector = np.frombuffer(bytes(pending["vector"]), dtype=np.float32)
+            totals = (np.frombuffer(bytes(pending["totals"]), dtype=np.float64)
+                      if "totals" in pending else None)
             out = session.handle_mask_request(req, vector, int(pending["weight"]),
-                                              input_digest=bytes(pending["model"]))
+                                              input_digest=bytes(pending["model"]),
+                                              totals=totals)
             # The update is now inside the masked vector; do not keep it around.
             del ctx.state.config_records[STATE_PENDING]
         elif isinstance(req, ConsistencyRequest):

@@ -33,6 +33,7 @@ an aborted round is a value.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -125,6 +126,15 @@ Notify = Callable[[str], None]
 #: 64-bit ring for any round of up to 2^23 hospitals).
 DEFAULT_MAX_WEIGHT = 2**20
 
+#: The range ``clip * max_weight`` a round whose hospitals release metrics in
+#: aggregate carries at least (when ``max_weight`` is sized automatically): each
+#: released sum travels unweighted and unclipped within ``[-2^20, 2^20]``. A released
+#: sum is at most ``L`` per record of its split (``L``: the loss bound, 4 by default)
+#: plus Gaussian noise of std ``sigma_m * sqrt(3) * L`` (69.3 at the defaults), so a
+#: hospital of up to 2^17 records in a split leaves the range only when its noise
+#: exceeds 7500 standard deviations; one that does leaves the round (never clipped).
+METRICS_RANGE = 2.0**20
+
 
 @dataclass(frozen=True)
 class SecAggSettings:
@@ -134,8 +144,12 @@ class SecAggSettings:
     weights) for the fixed-point encoding; ``frac_bits`` sets its resolution
     (2^-frac_bits). ``aggregate_metrics`` is the number of metric coordinates the
     hospitals append to the vector (0 unless their policy releases metrics in
-    aggregate). ``colluders`` (``None``: ``floor((R - 1) / 3)`` of the roster's R
-    hospitals, in every round whatever its size) and ``min_honest`` are the
+    aggregate): each carries a hospital's released sum unweighted, so the server
+    decodes the exact total over the hospitals (within the round's error bound), and
+    a sum beyond the round's ``clip * max_weight`` makes its hospital leave the round
+    instead of being clipped; with ``max_weight`` sized automatically that range is
+    at least :data:`METRICS_RANGE`. ``colluders`` (``None``: ``floor((R - 1) / 3)``
+    of the roster's R hospitals, in every round whatever its size) and ``min_honest`` are the
     collusion bound rounds are set up for; each hospital refuses a round weaker than
     its own policy. ``dropouts`` is how many
     hospitals every round must survive dropping out, wherever they fall (``None``: not
@@ -198,7 +212,9 @@ class SecAggSettings:
         ``weight_bounds`` (``None``: no report yet): ``max_weight`` when set, else the
         largest bound (:data:`DEFAULT_MAX_WEIGHT` standing in for a missing one, and
         for a round with no hospital named), capped at the largest weight the 64-bit
-        ring carries for that many hospitals. The cap keeps one report no ring can
+        ring carries for that many hospitals; with ``aggregate_metrics``, at least
+        ``METRICS_RANGE / clip`` (within that cap), so the released sums travel
+        unclipped (:data:`METRICS_RANGE`). The cap keeps one report no ring can
         carry (a mistake, or a hospital forging its report) from aborting every round:
         the round goes ahead, and an honest hospital whose bound exceeds it refuses
         before training (:func:`bract.flower.client.ring_refuses`)."""
@@ -208,7 +224,10 @@ class SecAggSettings:
             known = [DEFAULT_MAX_WEIGHT if b is None else int(b) for b in weight_bounds]
             carried = EncodingConfig(clip=self.clip, frac_bits=self.frac_bits).largest_weight(
                 len(known))
-            limit = max(1, min(max(known, default=DEFAULT_MAX_WEIGHT), carried))
+            want = max(known, default=DEFAULT_MAX_WEIGHT)
+            if self.aggregate_metrics:
+                want = max(want, math.ceil(METRICS_RANGE / self.clip))
+            limit = max(1, min(want, carried))
         return EncodingConfig(clip=self.clip, frac_bits=self.frac_bits, max_weight=limit)
 
     def to_plain(self) -> dict[str, Any]:

@@ -10,6 +10,13 @@ driven by an AES-CTR keystream under a fresh ``os.urandom`` key. The sum of all
 clients' encodings decodes to ``(sum_u w_u * x_u, sum_u w_u)``, so the server
 learns only these totals.
 
+A client may append ``t`` *totals* after its vector: values summed without the
+weight, each encoded as ``SR(z * 2^f)`` with ``|z| <= clip * W`` (``W`` the round's
+``max_weight``). Their levels stay within ``W * Q``, the bound on a weighted level,
+so the headroom below covers them; a total beyond ``clip * W`` is refused
+(:class:`EncodingError`), never clipped. The server decodes them as plain sums
+``sum_u z_u``, each within ``n * 2^-f`` (plus float64 conversion).
+
 Headroom: with ``n`` clients, ``|q| <= Q = ceil(clip * 2^f)`` and ``w <= W``, every
 partial sum lies in ``[-n W Q, n W Q]``. The ring is chosen so that
 ``n W Q < 2^(k-1)``: the signed sum never wraps and decoding is exact.
@@ -98,15 +105,24 @@ class EncodingConfig:
             f"clip*2^f {self.max_level} needs {need} bits > 64; lower frac_bits, clip or max_weight"
         )
 
-    def sum_error_bound(self, total_weight: int) -> float:
-        """Bound on ``|decoded weighted sum - sum_u w_u clip(x_u)|`` per coordinate.
+    @property
+    def totals_range(self) -> float:
+        """``clip * max_weight``: how far from 0 a total (a coordinate summed without
+        the weight, see :func:`encode`) may lie."""
+        return self.clip * self.max_weight
 
-        ``W_total * 2^-f`` from stochastic rounding (each client errs by < 1 level,
-        times its weight), plus float64 conversion (relative 2^-52 of the largest
-        possible magnitude).
+    def sum_error_bound(self, total_weight: int, n_clients: int = 0) -> float:
+        """Bound on ``|decoded sum - exact sum|`` per coordinate, for a weighted
+        coordinate (``sum_u w_u clip(x_u)``) and for a total of ``n_clients`` clients
+        (``sum_u z_u``) alike.
+
+        ``max(W_total, n) * 2^-f`` from stochastic rounding (each client errs by < 1
+        level, times its weight on a weighted coordinate), plus float64 conversion
+        (relative 2^-52 of the largest possible magnitude).
         """
-        rounding = total_weight * 2.0**-self.frac_bits
-        conversion = 2.0**-52 * total_weight * (self.clip + 2.0**-self.frac_bits)
+        rounding = max(total_weight, n_clients) * 2.0**-self.frac_bits
+        magnitude = max(total_weight, n_clients * self.max_weight)
+        conversion = 2.0**-52 * magnitude * (self.clip + 2.0**-self.frac_bits)
         return rounding + conversion
 
 
@@ -143,18 +159,27 @@ def encode(
     *,
     dim: int | None = None,
     clip_out_of_range: bool = False,
+    totals: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Encode ``vector`` with integer ``weight`` into ``d + 1`` elements of Z_(2^ring_bits).
+    """Encode ``vector`` with integer ``weight``, then ``totals`` unweighted, into
+    ``d + 1`` elements of Z_(2^ring_bits) (``d``: both lengths together).
 
-    Values outside ``[-clip, clip]`` raise :class:`EncodingError` unless
-    ``clip_out_of_range`` is set; ``dim``, when given, is the required length.
-    The rounding randomness is an AES-CTR keystream under a fresh CSPRNG key, so
-    rounding decisions are unpredictable.
+    Values of ``vector`` outside ``[-clip, clip]`` raise :class:`EncodingError`
+    unless ``clip_out_of_range`` is set; ``totals`` (summed without the weight) must
+    lie within ``[-clip * max_weight, clip * max_weight]`` and are never clipped:
+    one beyond raises :class:`EncodingError`, so the decoded sum of a total is the
+    exact sum of what the clients gave, within the encoding error. ``dim``, when
+    given, is the required length. The rounding randomness is an AES-CTR keystream
+    under a fresh CSPRNG key, so rounding decisions are unpredictable.
     """
     if ring_bits not in RING_DTYPES:
         raise EncodingError(f"ring_bits must be 32 or 64, got {ring_bits}")
+    t = _check_vector(totals, totals.shape[0] if isinstance(totals, np.ndarray) else -1) \
+        if totals is not None else np.zeros(0)
     if dim is None:
         dim = vector.shape[0] if isinstance(vector, np.ndarray) and vector.ndim == 1 else -1
+    else:
+        dim -= t.size
     x = _check_vector(vector, dim)
     if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)):
         raise EncodingError(f"weight must be an int, got {type(weight).__name__}")
@@ -173,9 +198,18 @@ def encode(
                 public_reason=f"the input has values beyond the clipping range "
                               f"[-{config.clip}, {config.clip}] of the round",
             )
-    out = np.empty(x.size + 1, dtype=RING_DTYPES[ring_bits])
+    if _peak(t) > config.totals_range:
+        raise EncodingError(
+            f"a total lies beyond the round's range [-{config.totals_range:g}, "
+            f"{config.totals_range:g}] (clip x max_weight); totals are never clipped",
+            public_reason=f"a total lies beyond the round's range "
+                          f"[-{config.totals_range:g}, {config.totals_range:g}]")
+    out = np.empty(x.size + t.size + 1, dtype=RING_DTYPES[ring_bits])
     out[-1] = weight
-    _round_into(out[:-1], x, weight, config, clip=peak > config.clip)
+    _round_into(out[:x.size], x, weight, config, clip=peak > config.clip)
+    if t.size:
+        # Weight 1, no clip: |z| <= clip * W gives a level within W * Q (headroom).
+        _round_into(out[x.size:-1], t, 1, config, clip=False)
     return out
 
 

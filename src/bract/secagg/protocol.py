@@ -920,7 +920,8 @@ class ClientSession:
         return rnd, sharers, expected, received, publics
 
     def handle_mask_request(self, req: MaskRequest, vector: np.ndarray, weight: int, *,
-                            input_digest: bytes) -> MaskedInput:
+                            input_digest: bytes,
+                            totals: np.ndarray | None = None) -> MaskedInput:
         """Stage 2: check every sharing neighbour's signed header and decrypt the shares
         addressed to us (each against its commitment), then return the masked input.
 
@@ -931,6 +932,11 @@ class ClientSession:
         and this client later signs and reveals only for an alive set whose every
         member in its neighbourhood signed the same digest, so no sum it helps unmask
         mixes its input with inputs computed from another model.
+
+        ``totals`` (optional) follow ``vector`` in the masked vector, summed without
+        the weight (:func:`bract.secagg.encoding.encode`): the server decodes the
+        plain sum of each over the alive clients; one beyond the round's
+        ``clip * max_weight`` raises :class:`EncodingError` (never clipped).
         """
         _expect(req, MaskRequest)
         if (not isinstance(input_digest, bytes)
@@ -945,7 +951,7 @@ class ClientSession:
         fed, r, me = self.federation_id, cfg.round, self.node_id
         enc = EncodingConfig(cfg.clip, cfg.frac_bits, cfg.max_weight, cfg.ring_bits)
         y = encode(vector, weight, enc, cfg.ring_bits, dim=cfg.dim,
-                   clip_out_of_range=self.policy.clip_out_of_range)
+                   clip_out_of_range=self.policy.clip_out_of_range, totals=totals)
         acc = KeystreamAccumulator(y)
         acc.add(_self_mask_key(rnd.seed, fed, r, me))
         sk = x25519_private(rnd.mask_private)
@@ -1169,7 +1175,9 @@ class ClientSession:
 @dataclass(frozen=True)
 class AggregateResult:
     """What the server learns: the weighted sum of the alive clients' clipped inputs and
-    the total weight. ``error_bound`` bounds every coordinate of ``weighted_sum``;
+    the total weight (the coordinates of any totals, see
+    :meth:`ClientSession.handle_mask_request`, hold their plain sums). ``error_bound``
+    bounds every coordinate of ``weighted_sum``;
     ``excluded`` names clients whose unmask reply held a share that did not open its
     dealer's commitment (their replies were discarded)."""
 
@@ -1687,7 +1695,8 @@ class ServerSession:
         enc = EncodingConfig(cfg.clip, cfg.frac_bits, cfg.max_weight, cfg.ring_bits)
         self._round, self._next = self._next, None
         return AggregateResult(cfg.round, weighted_sum, total_weight, tuple(sorted(rnd.alive)),
-                               tuple(dropped), enc.sum_error_bound(total_weight),
+                               tuple(dropped), enc.sum_error_bound(total_weight,
+                                                                   len(rnd.alive)),
                                tuple(sorted(rnd.excluded)))
 
     def abort_round(self, reason: str = "aborted by the operator") -> None:
