@@ -30,7 +30,7 @@ from secagg_helpers import (
 )
 
 from bract.secagg import shamir
-from bract.secagg.crypto import SigningKey, x25519_public
+from bract.secagg.crypto import SigningKey, sha256, x25519_public
 from bract.secagg.driver import SHARED_INPUT_DIGEST
 from bract.secagg.errors import (
     AuthenticationError,
@@ -71,6 +71,11 @@ class Adversary:
         self.masked: set[int] = set()
         self.sharers: set[int] = set()
         self.secrets_of: dict[int, tuple[bytes, bytes]] = {}
+        #: Each client's own sharer list, from the mask request it answered (a
+        #: dishonest server may give clients different ones): the peers whose pair
+        #: masks its masked input holds. A client missing here is taken to mask with
+        #: every sharer.
+        self.partners: dict[int, set[int]] = {}
 
     def add_shares(self, shares) -> None:
         for v, msg in shares.items():
@@ -108,8 +113,10 @@ class Adversary:
 
     def isolable_honest_sums(self) -> list[set[int]]:
         """Sums of honest updates the adversary can compute: connected groups of held
-        inputs with a known seed, joined by pair masks whose keys it does not know,
-        with no such mask to anything outside."""
+        inputs with a known seed, joined by pair masks whose keys it does not know
+        (and which both ends applied, so they cancel), with no such mask to anything
+        outside. A client's pair masks are those with the neighbours in its own
+        sharer list."""
         def key_ok(v, secret):
             return secret < 2**256 and x25519_public(secret.to_bytes(32, "big")) == \
                 self.publics.get(v)
@@ -119,11 +126,14 @@ class Adversary:
         usable = {u for u in self.masked if u in seeds and u not in self.colluders}
         groups = {u: {u} for u in usable}
         leaky = set()
+        def masks_with(u, v):
+            return v != u and v in self.partners.get(u, self.sharers)
+
         for u in usable:
             for v in self.nbhd[u]:
-                if v == u or v not in self.sharers or u in keys or v in keys:
+                if not masks_with(u, v) or u in keys or v in keys:
                     continue
-                if v in usable:
+                if v in usable and masks_with(v, u):
                     merged = groups[u] | groups[v]
                     for w in merged:
                         groups[w] = merged
@@ -750,6 +760,62 @@ def test_harary_split_views_with_one_declared_colluder() -> None:
         _unmask(g, cfg, a, everyone, everyone, sigs_a, adv)
         _unmask(g, cfg, b, without, everyone, sigs_b, adv)
         assert_no_small_sum(adv, 2)
+
+
+def test_harary_split_views_of_two_colluders_never_isolate_an_update() -> None:
+    """The attack an exhaustive integer-program search finds on H(6, 16) with c = 2 once
+    an answering client checks the quorum only of the peers it reveals (not of every
+    peer it holds shares of): colluders at ring positions 1 and 3 beside the victim at
+    0; the victim's mask request hides positions 13 and 14, so it masks with 1, 2, 3
+    and 15 only; view A (2, 10, 12, 13, 14 sign) keeps the victim alive and drops 15,
+    view B (4, 5, 6, 15 sign) drops 2. Under that relaxation A reveals the victim's
+    seed and 15's mask key, B reveals 2's: the victim's update alone. The real check
+    (every held peer needs t signatures on the view) refuses those replies, and no
+    sum of fewer than h = 2 honest updates is isolable."""
+    n, degree, c = 16, 6, 2
+    f = make_federation(n, graph="harary", degree=degree, colluders=c,
+                        policy=ClientPolicy(colluders=c, min_degree=degree))
+    advertise_all(f)
+    inputs = random_inputs(n, D)
+    cfg = f.server.start_round(1, range(n), D)
+    assert (cfg.graph_kind, cfg.degree, cfg.threshold) == ("harary", degree, 5)
+    # The Harary ring's order, from the config's seed (graph.closed_neighbourhoods).
+    order = sorted(range(n), key=lambda u: (sha256(cfg.graph_seed + u.to_bytes(8, "big")), u))
+
+    def at(*positions):
+        return {order[p % n] for p in positions}
+
+    (victim,), colluders, hidden = at(0), at(1, 3), at(13, 14)
+    shares = {v: f.clients[v].handle_round_config(cfg) for v in range(n)}
+    for msg in shares.values():
+        f.server.receive_shares(msg)
+    reqs = f.server.mask_requests()
+    req = reqs[victim]
+    keep = [i for i, v in enumerate(req.senders) if v not in hidden]
+    reqs[victim] = replace(req, sharers=[v for v in req.sharers if v not in hidden],
+                           senders=[req.senders[i] for i in keep],
+                           headers=[req.headers[i] for i in keep],
+                           ciphertexts=[req.ciphertexts[i] for i in keep])
+    adv = Adversary(f, cfg, colluders)
+    adv.add_shares(shares)
+    for v, r in reqs.items():
+        f.server.receive_masked_input(
+            f.clients[v].handle_mask_request(r, *inputs[v], input_digest=SHARED_INPUT_DIGEST))
+        adv.partners[v] = set(r.sharers)
+        adv.masked.add(v)
+    adv.add_colluder_state(f.clients)
+    everyone = list(range(n))
+    views = [(set(everyone) - at(8, 15), at(2, 10, 12, 13, 14)),
+             (set(everyone) - at(2, 7, 14), at(4, 5, 6, 15))]
+    answered = 0
+    for alive, signers in views:
+        sigs = _sign(f, signers, _creq(f.server, f.fed, 1, everyone, alive))
+        assert set(sigs) == signers  # each honest signer signs its one view
+        for col in colluders:
+            sigs[col] = _colluder_sig(f, col, cfg, everyone, alive)
+        answered += _unmask(f, cfg, signers, alive, everyone, sigs, adv)
+    assert_no_small_sum(adv, 2)
+    assert answered == 0  # every signer holds a share of a peer without a quorum
 
 
 def test_a_client_whose_input_breaks_the_encoding_makes_the_round_abort_cleanly() -> None:
