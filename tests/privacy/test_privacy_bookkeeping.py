@@ -377,19 +377,19 @@ def test_patient_groups_clip_each_patients_summed_gradient_in_one_pass(
     (the autograd reference above), for every layer kind, including a Linear over
     sequences whose cross-record terms within a patient count; both ways of forming
     a Linear's Gram sums (one matrix for the batch, or one per patient) are checked."""
-    from bract.privacy import bookkeeping
+    from bract.privacy import norm_bounds
 
     model, x, y = _model(kind, seed)
     _, groups = torch.unique(torch.tensor(owners), return_inverse=True)
     m = copy.deepcopy(model)
     clipper = BookKeepingClipper(m, clip)
-    saved = bookkeeping._GRAM_ROWS
-    bookkeeping._GRAM_ROWS = saved if whole_batch_gram else 0
+    saved = norm_bounds.GRAM_ROWS
+    norm_bounds.GRAM_ROWS = saved if whole_batch_gram else 0
     try:
         factors = clipper.backward(nn.CrossEntropyLoss(reduction="none")(m(x), y), len(x),
                                    groups=groups)
     finally:
-        bookkeeping._GRAM_ROWS = saved
+        norm_bounds.GRAM_ROWS = saved
         clipper.remove()
     reference = _patient_reference(model, x, y, groups, clip)
     assert factors.shape == (len(x),)

@@ -201,3 +201,125 @@ def test_an_update_stays_finite_when_every_sampled_gradient_overflows(mode) -> N
                                  size=6, sigma=1.0)
     assert torch.isfinite(noise_only).all()
     assert 0.3 < float(noise_only.std()) < 2.0  # sigma * C = 1, over 15 entries
+
+
+# ------------------------------------------- norms that cancel: Gram sums, crafted weights
+
+class Offset(nn.Module):
+    """The crafted weights of a cancelling Gram sum: a hidden Linear whose bias (the
+    common ``offset``) dwarfs the differences between records, so its outputs, the
+    head's inputs, are huge and nearly equal; the head's two rows are equal, so both
+    logits are equal and a record's output gradient is ``+-(1/2, -1/2)`` by label (by
+    position, for a sequence). A patient holding both labels, or a sequence, has a
+    summed head gradient far smaller than its rows: ``sum_{r,s}(g_r.g_s)(a_r.a_s)``
+    cancels."""
+
+    def __init__(self, offset: float, seed: int, d: int = 6, h: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Linear(d, h)
+        self.head = nn.Linear(h, 2)
+        with torch.no_grad():
+            self.body.weight.normal_(0.0, 30.0)
+            self.body.bias.fill_(offset)
+            self.head.weight[1] = self.head.weight[0]
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(torch.relu(self.body(x)))
+        if out.dim() == 2:
+            return out
+        # a sequence: positions taken with alternating signs, so the output gradients
+        # of one record's positions are opposite and its own Gram sum cancels
+        signs = (-1.0) ** torch.arange(out.shape[1], dtype=out.dtype)
+        return (out * signs[:, None]).sum(dim=1)
+
+
+def exact_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                units: torch.Tensor) -> torch.Tensor:
+    """Each unit's (record's or patient's) exact gradient norm, formed explicitly in
+    float64 from the float32 values the layers saw (inputs a_r, output gradients g_r):
+    sqrt(sum over Linear layers of ||sum_r g_r a_r^T||^2 + ||sum_r g_r||^2)."""
+    m = copy.deepcopy(model)
+    seen: dict[nn.Module, list] = {}
+
+    def keep(module, inputs, output):
+        seen[module] = [inputs[0].detach()]
+        output.register_hook(lambda g: seen[module].append(g.detach()))
+
+    handles = [layer.register_forward_hook(keep) for layer in (m.body, m.head)]
+    nn.CrossEntropyLoss(reduction="sum")(m(x), y).backward()
+    for h in handles:
+        h.remove()
+    count = int(units.max()) + 1
+    sq = torch.zeros(count, dtype=torch.float64)
+    for a, g in seen.values():
+        rows = g[0].numel() // g.shape[-1]
+        a64 = a.reshape(-1, a.shape[-1]).double()
+        g64 = g.reshape(-1, g.shape[-1]).double()
+        owner = units.repeat_interleave(rows)
+        for p in range(count):
+            mine = owner == p
+            w = g64[mine].t() @ a64[mine]
+            sq[p] += (w ** 2).sum() + (g64[mine].sum(0) ** 2).sum()
+    return sq.sqrt()
+
+
+@settings(max_examples=12, deadline=None)
+@given(offset=st.sampled_from([1e3, 3e5, 3e6, 1e8, 1e10]), seed=st.integers(0, 10_000),
+       sequence=st.booleans(), patients=st.booleans(),
+       clip=st.sampled_from([0.1, 1.0]), mode=st.sampled_from(["bk", "ghost"]))
+def test_a_gram_sum_that_cancels_still_clips_each_term_to_c(
+        offset, seed, sequence, patients, clip, mode) -> None:
+    """Property: for weights that make a Linear layer's Gram-sum norm cancel (huge,
+    nearly equal inputs; opposite output gradients within a patient or a sequence),
+    every unit's factor times its exact float64 gradient norm is at most
+    C * (1 + 1e-5), in book-keeping (records of sequences, patients of records or of
+    sequences) and ghost clipping (records of sequences; patients are refused there)."""
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+        GradSampleModuleFastGradientClipping,
+    )
+
+    from bract.privacy.clipping import GhostClipping
+
+    if mode == "ghost":
+        patients, sequence = False, True  # its only Gram sum: a Linear over a sequence
+    g = torch.Generator().manual_seed(seed)
+    n = 6
+    x = torch.randn((n, 4, 6) if sequence else (n, 6), generator=g)
+    y = torch.tensor([0, 1] * (n // 2))  # a patient (records 2k, 2k+1) holds both labels
+    units = torch.arange(n) // 2 if patients else torch.arange(n)
+    model = Offset(offset, seed)
+    exact = exact_terms(model, x, y, units)
+    m = copy.deepcopy(model)
+    if mode == "bk":
+        clipper = BookKeepingClipper(m, clip, overlap=False)
+        try:
+            factors = clipper.backward(nn.CrossEntropyLoss(reduction="none")(m(x), y), n,
+                                       groups=units if patients else None)
+        finally:
+            clipper.remove()
+    else:
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        hooks = GradSampleModuleFastGradientClipping(m, max_grad_norm=clip,
+                                                     use_ghost_clipping=True,
+                                                     loss_reduction="sum")
+        optimizer = torch.optim.SGD(hooks.parameters(), lr=1.0)
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+
+        dp_opt = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=0.0,
+                                                 max_grad_norm=clip, expected_batch_size=n,
+                                                 loss_reduction="sum")
+        ghost = GhostClipping(m, clip)  # its hooks see the forward pass
+        loss = DPLossFastGradientClipping(hooks, dp_opt, nn.CrossEntropyLoss(reduction="sum"),
+                                          "sum")(hooks(x), y)
+        try:
+            factors = ghost.backward(loss)
+        finally:
+            ghost.remove()
+            hooks.remove_hooks()
+    unit_factor = torch.zeros(len(exact), dtype=torch.float64)
+    unit_factor[units] = factors.double()
+    terms = unit_factor * exact
+    assert bool((terms <= clip * (1 + 1e-5)).all()), (terms, exact)

@@ -62,6 +62,7 @@ from torch import nn
 
 from bract.privacy import grad_samplers as bract_samplers
 from bract.privacy.clipping import clip_factors, layer_clipped_sum
+from bract.privacy.norm_bounds import linear_norm_bounds
 from bract.privacy.threads import core_is_free
 
 __all__ = [
@@ -240,21 +241,25 @@ class BookKeepingClipper:
         """One layer's per-example norms (one ``[B]`` tensor per parameter, or per group
         with ``groups``) and what its clipped sum needs: ``("linear", A, G)`` or
         ``("per-example", {param: grads [B, ...]})``."""
-        grad_samplers, norm_samplers = _samplers()
+        grad_samplers, _ = _samplers()
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
         with torch.no_grad():  # plain values: nothing here is differentiated
             if type(module) is nn.Linear:
                 x = x.to(g.dtype)
-                if groups is not None:
-                    norms = _grouped_linear_norms(module, x, g, groups, group_count)
-                elif g.dim() == 2:
+                if groups is not None or g.dim() > 2:
+                    # A sum over several rows (a patient's records, a sequence's
+                    # positions): its norm is a Gram sum that can cancel, so an upper
+                    # bound that holds for any values (bract.privacy.norm_bounds).
+                    weight, bias = linear_norm_bounds(
+                        x, g, groups, group_count if groups is not None else len(g),
+                        bias=module.bias is not None)
+                    norms = {module.weight: weight, module.bias: bias}
+                else:
                     # One example's weight gradient is the outer product g_i a_i^T: its
                     # norm is ||g_i|| * ||a_i||, its bias gradient's ||g_i|| (Opacus's rule).
                     g_norm = torch.linalg.vector_norm(g, dim=1)
                     norms = {module.weight: g_norm * torch.linalg.vector_norm(x, dim=1),
                              module.bias: g_norm}
-                else:
-                    norms = norm_samplers[nn.Linear](module, [x], g)
                 return module, [norms[p] for p in params], ("linear", x, g)
             if stats is not None and bract_samplers.installed():
                 per_example = bract_samplers.group_norm_grad_sample_from_stats(
@@ -263,12 +268,15 @@ class BookKeepingClipper:
                 per_example = grad_samplers[type(module)](module, [x], g)
             per_example = {p: per_example[p] for p in params}
             if groups is not None:
-                norms = [gs.new_zeros((group_count, *gs.shape[1:])).index_add_(0, groups, gs)
-                         .reshape(group_count, -1).norm(2, dim=1)
-                         for gs in per_example.values()]
-            else:
-                norms = [gs.reshape(len(gs), -1).norm(2, dim=1)
-                         for gs in per_example.values()]
+                # Each group's summed gradient, formed once: its norm is the norm of the
+                # very vector its clipped term is made from (c_p times it), so rounding
+                # in the sum cannot make the term larger than the norm says.
+                per_group = {p: gs.new_zeros((group_count, *gs.shape[1:])).index_add_(
+                    0, groups, gs) for p, gs in per_example.items()}
+                norms = [gs.reshape(group_count, -1).norm(2, dim=1)
+                         for gs in per_group.values()]
+                return module, norms, ("per-group", per_group)
+            norms = [gs.reshape(len(gs), -1).norm(2, dim=1) for gs in per_example.values()]
             return module, norms, ("per-example", per_example)
 
     # ------------------------------------------------------------------------ step
@@ -343,11 +351,18 @@ class BookKeepingClipper:
             # A norm that is not finite (weights that overflow on this example) gives
             # factor 0 and the example's rows are zeroed, not multiplied by 0.
             factors, kept = clip_factors(norms, self.max_grad_norm)
+            unit_factors, unit_kept = factors, kept
             if st.groups is not None:
                 # each record takes its group's factor
                 factors, kept = factors[st.groups], kept[st.groups]
-            return factors, [pair for module, _, kept_tensors in rules
-                             for pair in layer_clipped_sum(module, kept_tensors, factors, kept)]
+            sums = []
+            for module, _, kept_tensors in rules:
+                if kept_tensors[0] == "per-group":  # one row per group: its own factor
+                    sums += layer_clipped_sum(module, ("per-example", kept_tensors[1]),
+                                              unit_factors, unit_kept)
+                else:
+                    sums += layer_clipped_sum(module, kept_tensors, factors, kept)
+            return factors, sums
         finally:
             # A pass that failed part-way may still have rules on the worker: let them
             # end before their inputs are dropped (what they raise is not the error).
@@ -427,40 +442,6 @@ def _group_norm_stats(output: torch.Tensor, groups: int
             and tuple(mean.shape) == expected and tuple(rstd.shape) == expected):
         return None
     return mean.detach(), rstd.detach()
-
-
-#: Rows (records x positions) up to which a Linear's grouped norms use one Gram matrix
-#: of the whole batch (R^2 entries); beyond it, one Gram matrix per group.
-_GRAM_ROWS = 2048
-
-
-def _grouped_linear_norms(module: nn.Linear, a: torch.Tensor, g: torch.Tensor,
-                          groups: torch.Tensor, count: int) -> dict:
-    """Norms of each group's summed weight and bias gradients of ``module``, from its
-    inputs ``a`` and output gradients ``g`` (``[B, ..., d]``), without forming them:
-    ``||sum_{r in p} g_r a_r^T||^2 = sum_{r, s in p} (g_r . g_s)(a_r . a_s)``."""
-    rows = g[0].numel() // g.shape[-1] if len(g) else 1
-    gr = g.reshape(-1, g.shape[-1])
-    ar = a.reshape(-1, a.shape[-1])
-    row_group = groups.repeat_interleave(rows)
-    if len(gr) <= _GRAM_ROWS:
-        same = row_group[:, None] == row_group[None, :]
-        # where, not a product with `same`: a non-finite row of another group must add
-        # nothing (0 * NaN is NaN) to this group's norm.
-        per_row = torch.where(same, (gr @ gr.t()) * (ar @ ar.t()),
-                              torch.zeros((), dtype=gr.dtype, device=gr.device)).sum(1)
-        weight_sq = gr.new_zeros(count).index_add_(0, row_group, per_row)
-    else:
-        weight_sq = gr.new_zeros(count)
-        for p in range(count):
-            idx = (row_group == p).nonzero().squeeze(1)
-            gp, ap = gr[idx], ar[idx]
-            weight_sq[p] = ((gp @ gp.t()) * (ap @ ap.t())).sum()
-    norms = {module.weight: weight_sq.clamp(min=0).sqrt()}
-    if module.bias is not None:
-        norms[module.bias] = gr.new_zeros((count, gr.shape[1])).index_add_(
-            0, row_group, gr).norm(2, dim=1)
-    return norms
 
 
 def hand_over_clipped_sums(optimizer: Any) -> None:

@@ -147,6 +147,8 @@ class GhostClipping:
         self._names = {m: name or "<model>" for name, m in model.named_modules()}
         self._inputs: dict[nn.Module, torch.Tensor] = {}
         self._grads: dict[nn.Module, torch.Tensor] = {}
+        #: first-pass output gradients of the layers whose norms are bounded here
+        self._first_grads: dict[nn.Module, torch.Tensor] = {}
         #: outputs of the layers fed by no gradient-carrying input, with their version
         #: counters: the second pass stops there unless one changed in place
         self._entries: list[tuple[torch.Tensor, int]] = []
@@ -174,6 +176,31 @@ class GhostClipping:
     def _output_grad(self, module: nn.Module, grad: torch.Tensor) -> None:
         if self._armed:
             self._grads[module] = grad.detach()
+        elif type(module) is nn.Embedding or (
+                type(module) is nn.Linear and grad.dim() > 2):
+            # first pass: what this layer's norm bound needs (Opacus's norm here is a
+            # sum that can cancel)
+            self._first_grads[module] = grad.detach()
+
+    def _bound_cancelling_norms(self, scale: float) -> None:
+        """Replace Opacus's per-example norms of the layers whose norm formula can
+        cancel (a Linear over sequence inputs: a Gram sum, clamped at 0; an Embedding:
+        a float32 sum per token) by the upper bounds of :mod:`bract.privacy.norm_bounds`,
+        from the first pass's output gradients (times ``scale``, Opacus's undoing of a
+        mean reduction)."""
+        from bract.privacy.norm_bounds import embedding_norm_bounds, linear_norm_bounds
+
+        for module, g in self._first_grads.items():
+            x, g = self._inputs[module], g * scale
+            if type(module) is nn.Embedding:
+                bounds = {module.weight: embedding_norm_bounds(x, g, module.num_embeddings)}
+            else:
+                weight, bias = linear_norm_bounds(x.to(g.dtype), g, None, len(g),
+                                                  bias=module.bias is not None)
+                bounds = {module.weight: weight, module.bias: bias}
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    p._norm_sample = bounds[p].to(p._norm_sample.device)
 
     def backward(self, loss: Any) -> torch.Tensor:
         """The step's two backward passes; leaves ``sum_i c_i grad_i`` in each trainable
@@ -189,6 +216,8 @@ class GhostClipping:
                        else per_example.sum(dim=0))
             reduced.backward(retain_graph=True)  # Opacus's hooks: per-example norms
             loss.optimizer.zero_grad()
+            self._bound_cancelling_norms(
+                float(len(per_example)) if loss.loss_reduction == "mean" else 1.0)
             factors, kept = clip_factors(hooks.get_norm_sample(), self.max_grad_norm)
             hooks.disable_hooks()
             self._armed = True
@@ -231,6 +260,7 @@ class GhostClipping:
         finally:
             self._inputs.clear()
             self._grads.clear()
+            self._first_grads.clear()
             self._entries = []
             self._full_pass = False
 
