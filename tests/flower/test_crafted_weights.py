@@ -42,7 +42,7 @@ class Records(Dataset):
         return self.x[i], self.y[i]
 
 
-def _app(data: Records, mode: str = "bk"):
+def _app(data: Records, mode: str = "bk", release_metrics: str = "none"):
     def setup(_ctx: Context) -> HospitalSetup:
         torch.manual_seed(0)
         model = nn.Linear(4, 3)
@@ -52,7 +52,8 @@ def _app(data: Records, mode: str = "bk"):
 
     policy = PrivacyPolicy(target_epsilon=8.0, delta=1e-5, rounds=20, noise_multiplier=1.0,
                            grad_sample_mode=mode, accountant="rdp")
-    return make_client_app(setup, policy, allow_plain_aggregation=True)
+    return make_client_app(setup, policy, allow_plain_aggregation=True,
+                           release_metrics=release_metrics)
 
 
 def _ask(app, weights: dict[str, np.ndarray], rnd: int = 1) -> Message:
@@ -73,6 +74,22 @@ def test_a_global_model_holding_nan_is_refused_before_any_record_is_read() -> No
     app = _app(data)
     weights = {"weight": np.zeros((3, 4), np.float32),
                "bias": np.array([np.nan, 0.0, 0.0], np.float32)}
+    reply = _ask(app, weights)
+    assert reply.has_error()
+    assert "global weights ['bias'] hold NaN or infinite values" in reply.error.reason
+    assert data.read == []
+
+
+@pytest.mark.parametrize("release_metrics", ["none", "clear"])
+def test_weights_finite_only_in_float64_are_refused_before_any_record_is_read(
+        release_metrics) -> None:
+    """Float64 weights that are finite as sent but infinite in the model's float32
+    (1e300) are refused, naming them, before any record is read: by the metrics
+    release (which would run the model over every record) as by training."""
+    data = Records(_records())
+    app = _app(data, release_metrics=release_metrics)
+    weights = {"weight": np.zeros((3, 4), np.float64),
+               "bias": np.array([1e300, 0.0, 0.0], np.float64)}
     reply = _ask(app, weights)
     assert reply.has_error()
     assert "global weights ['bias'] hold NaN or infinite values" in reply.error.reason

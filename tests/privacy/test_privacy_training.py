@@ -437,3 +437,24 @@ def test_sizes_whose_expected_batch_rounds_down_train_to_finite_weights(
     out = trainer.train_round(1)
     assert out.event is not None and out.event.steps == n // batch
     assert _finite(out.weights)
+
+
+def test_weights_finite_in_float64_but_not_in_the_models_dtype_are_refused() -> None:
+    """A float64 weight that is finite as sent and infinite in the model's float32
+    (1e300) is refused like an infinite one, by the check and by load_weights, and
+    the model keeps its weights."""
+    from bract.privacy import PrivacyError, weights_of
+    from bract.privacy.training import check_finite_weights
+
+    model = nn.Linear(4, 3)
+    weights = {k: v.astype(np.float64) for k, v in weights_of(model).items()}
+    weights["bias"] = np.array([1e300, 0.0, 0.0])
+    check_finite_weights(weights)  # finite as sent
+    with pytest.raises(PrivacyError, match=r"global weights \['bias'\] hold NaN or "
+                                           "infinite values"):
+        check_finite_weights(weights, model)
+    before = model.bias.detach().clone()
+    with pytest.raises(PrivacyError, match=r"weight 'bias' holds values that are NaN or "
+                                           r"infinite in the model's torch.float32"):
+        load_weights(model, weights)
+    assert torch.equal(model.bias.detach(), before)

@@ -480,7 +480,7 @@ def dp_train_handler(
                 global_weights = record_to_weights(msg.content.array_records[GLOBAL_WEIGHTS])
                 # Refused before anything touches the data: the refusal is a function of
                 # the coordinator's message alone.
-                check_finite_weights(global_weights)
+                check_finite_weights(global_weights, setup.model)
             sigma = _noise_multiplier(policy_now, setup, state, ledger,
                                       str(round_cfg.get("run-id", "")), server_round, also)
 
@@ -521,6 +521,9 @@ def dp_train_handler(
                 from bract.privacy import load_weights
 
                 load_weights(setup.model, global_weights)
+                # The weights-only probe (public synthetic inputs) before any record is
+                # read: weights it refuses never reach the release.
+                trainer._probe_loaded_weights()
                 released = metrics.release(
                     setup.model, trainer.criterion, setup.train_loader.dataset,
                     setup.held_out, train_units=setup.patient_ids,

@@ -180,16 +180,30 @@ def _probe_format(data_loader: DataLoader) -> ProbeFormat:
     return ProbeFormat.of(x, y)
 
 
-def check_finite_weights(weights: Mapping[str, np.ndarray]) -> None:
-    """Raise :class:`PrivacyError` naming the weights that hold NaN or infinite values.
+def check_finite_weights(weights: Mapping[str, np.ndarray],
+                         model: nn.Module | None = None) -> None:
+    """Raise :class:`PrivacyError` naming the weights that hold NaN or infinite values,
+    as sent or, given the ``model`` they are for, once cast to the dtype of the model's
+    entry of that name (a float64 ``1e300`` is finite, and infinite in float32).
 
     Received global weights are checked before anything is computed on the hospital's
     data: the refusal depends on the coordinator's message alone, so it tells the
     coordinator nothing about the data. (Finite weights can still overflow on some
     records; per-example clipping bounds those, :mod:`bract.privacy.clipping`.)"""
-    bad = [k for k, v in weights.items()
-           if np.issubdtype(np.asarray(v).dtype, np.inexact)
-           and not bool(np.isfinite(np.asarray(v)).all())]
+    state = model.state_dict() if model is not None else {}
+
+    def finite(k: str, v: np.ndarray) -> bool:
+        arr = np.asarray(v)
+        if not np.issubdtype(arr.dtype, np.inexact):
+            return True
+        if not bool(np.isfinite(arr).all()):
+            return False
+        target = state.get(k)
+        if target is None or not (target.is_floating_point() or target.is_complex()):
+            return True
+        return bool(torch.isfinite(torch.as_tensor(arr, dtype=target.dtype)).all())
+
+    bad = [k for k, v in weights.items() if not finite(k, v)]
     if bad:
         raise PrivacyError(
             f"the global weights {sorted(bad)[:5]} hold NaN or infinite values: refused "
@@ -227,7 +241,9 @@ def weights_of(model: nn.Module) -> Weights:
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
-    """Load named arrays into ``model``; names and shapes must match exactly."""
+    """Load named arrays into ``model``; names and shapes must match exactly, and a
+    floating-point entry must be finite in the model's dtype (:class:`PrivacyError`
+    otherwise, before the model changes)."""
     state = model.state_dict()
     missing = set(state) - set(weights)
     unexpected = set(weights) - set(state)
@@ -244,6 +260,11 @@ def load_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
                 f"weight {k!r} has shape {arr.shape}, the model expects {tuple(v.shape)}"
             )
         new_state[k] = torch.as_tensor(arr, dtype=v.dtype)
+        if ((v.is_floating_point() or v.is_complex())
+                and not bool(torch.isfinite(new_state[k]).all())):
+            raise PrivacyError(
+                f"weight {k!r} holds values that are NaN or infinite in the model's "
+                f"{v.dtype}: refused before any computation on this hospital's data")
     model.load_state_dict(new_state, strict=True)
 
 
@@ -537,7 +558,7 @@ class PrivateTrainer:
         """
         start = time.perf_counter()
         if global_weights is not None:
-            check_finite_weights(global_weights)
+            check_finite_weights(global_weights, self.model)
             load_weights(self.model, global_weights)
             self._probe_loaded_weights()
         also = tuple(also)
