@@ -33,18 +33,26 @@ and Opacus's accountant counts the step, exactly as after ghost clipping.
 With patient groups (``backward(..., groups=)``, patient-level DP) the unit clipped
 is each patient's summed gradient ``G_p = sum_{i in p} grad_i``: for ``nn.Linear``
 its squared norm is ``sum_{r, s in p} (g_r . g_s)(a_r . a_s)`` over the patient's
-rows (every position of every record), a Gram-matrix sum within the patient; for the
-other layers, the per-example gradients summed per patient. The clipped sum is then
-``(c_{p(i)} * G)^T A`` as before, each record weighted by its patient's factor.
+rows (every position of every record), a Gram-matrix sum within the patient, which
+crafted weights can make cancel in floating point: the factor divides by a guaranteed
+upper bound of it instead (:func:`~bract.privacy.norm_bounds.linear_norm_bounds`, also
+used for a Linear over sequence inputs, whose per-example norm is the same sum over
+positions). The clipped sum is then ``(c_{p(i)} * G)^T A`` as before, each record
+weighted by its patient's factor. For the other layers the per-example gradients are
+summed per patient once, and the clipped term is ``c_p`` times that very sum (its norm
+is the one the factor came from).
 
-Guarantee: the ``.grad`` this module leaves equals, to float rounding, the one
-Opacus's ghost clipping leaves for the same batch of finite gradients (tests compare
-both, and a per-example autograd reference); so clipping, noise, sampling and the
-epsilon accounted are those of Opacus's DP-SGD. For any weights, an example (or
-patient) whose gradient norm is not finite adds exactly nothing and no other
-example's term depends on it, so the sum is finite and each term's norm is at most
-``C`` (:mod:`bract.privacy.clipping`). Assumption, as for every per-example
-method: examples do not interact in the forward pass (no BatchNorm, which
+Guarantee: for a batch of finite gradients the ``.grad`` this module leaves equals,
+to float rounding, the one Opacus's ghost clipping leaves (tests compare both, and a
+per-example autograd reference), except that where a norm is an upper bound (patient
+groups, sequence inputs) the factor can be smaller by that bound's relative margin
+(about ``1e-5`` for ordinary gradients, more only where the sum cancels); so clipping,
+noise, sampling and the epsilon accounted are those of Opacus's DP-SGD. For any
+weights and inputs, an example (or patient) whose gradient norm is not finite adds
+exactly nothing and no other example's term depends on it, so the sum is finite, and
+each term's norm (its exact gradient's, times its factor) is at most ``C``
+(:mod:`bract.privacy.clipping`, :mod:`bract.privacy.norm_bounds`). Assumption, as
+for every per-example method: examples do not interact in the forward pass (no BatchNorm, which
 :func:`~bract.privacy.training.check_privatisable` refuses) and no layer runs
 twice in one forward pass (weight tying is refused here with a clear error).
 """

@@ -16,11 +16,19 @@ NaN) before anything is summed. A finite norm implies finite entries (each entry
 square is at most the squared norm, and a product of norms is finite only when both
 are), so every other example's rows are finite.
 
+A norm computed as a sum that can cancel (a Linear layer's Gram sum over a patient's
+records or a sequence's positions, its bias sum, an Embedding row's sum) is replaced by
+a guaranteed upper bound (:mod:`bract.privacy.norm_bounds`); in ghost clipping that
+replaces Opacus's own norms for those layers (:meth:`GhostClipping.backward`).
+
 Guarantee: in every mode bract trains with (book-keeping, Opacus's hooks mode, ghost
 clipping) and for any weights and inputs, each example's (patient's) term of the
-clipped sum is zero or has norm at most ``C`` (to float rounding), no example's
-values reach another's term, and the sum is finite; so adding or removing one
-example moves it by at most ``C``, as the accountant assumes.
+clipped sum is zero or has norm at most ``C``: in hooks mode and for per-example
+gradients that are formed, the norm of the very vector scaled; where the norm is a
+bound, the exact gradient's norm plus its share of the float rounding of the clipped
+sum formed from it. No example's values reach another's term, and the sum is finite;
+so adding or removing one example moves it by at most ``C`` (to float rounding), as
+the accountant assumes.
 """
 
 from __future__ import annotations
