@@ -244,6 +244,9 @@ def test_weight_tying_and_unknown_layers_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"no per-example rule for: 1 \(_Scale\)"):
         BookKeepingClipper(odd, 1.0)
     assert choose_grad_sample_mode(odd) == "hooks"
+    # Never ghost clipping, whose second pass recomputes the output gradients, even
+    # for a large Linear layer (1.1M weights) next to a layer book-keeping cannot clip.
+    assert choose_grad_sample_mode(nn.Sequential(nn.Linear(1100, 1000), _Scale())) == "hooks"
 
 
 def test_a_loss_that_is_not_per_example_is_refused() -> None:

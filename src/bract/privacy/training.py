@@ -72,8 +72,6 @@ from bract.privacy.sensitivity import (
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "bk")
 DEFAULT_GRAD_SAMPLE_MODE = "auto"
-#: "auto" picks ghost clipping when a Linear layer has more weights than this.
-GHOST_LINEAR_THRESHOLD = 1_000_000
 #: Per-sample gradients of Conv2d and GroupNorm layers: bract's rules (same gradients,
 #: less memory and time; :mod:`bract.privacy.grad_samplers`) or Opacus's own.
 GRAD_SAMPLER_SOURCES = ("bract", "opacus")
@@ -106,17 +104,19 @@ def choose_grad_sample_mode(
     model: nn.Module, mode: str = DEFAULT_GRAD_SAMPLE_MODE, criterion: nn.Module | None = None
 ) -> str:
     """Resolve ``"auto"``: book-keeping clipping where every trainable layer supports
-    it, else ghost clipping for models with a large Linear layer, else hooks. A
-    ``criterion`` without a ``reduction`` attribute (so without a known way to give
-    one loss per example, which book-keeping and ghost clipping need) gets hooks.
+    it, else hooks. A ``criterion`` without a ``reduction`` attribute (so without a
+    known way to give one loss per example, which book-keeping needs) gets hooks.
 
-    All modes clip every example's gradient to the same norm and add the same noise,
-    so they give the same DP guarantee; they differ in time and memory. Book-keeping
-    (:mod:`bract.privacy.bookkeeping`) needs one backward pass and never forms a
-    Linear layer's per-example gradients: measured fastest and leanest here (see
-    docs/benchmarks.md). Hooks mode materialises one gradient per example (memory
-    batch x params); ghost clipping avoids that for Linear layers at the price of a
-    second backward pass over a retained graph.
+    Guarantee: ``"auto"`` resolves only to a mode whose every term of the clipped sum
+    is its example's (patient's) gradient, exactly as used for its norm, times a
+    factor that bounds it by the clipping norm for any weights (book-keeping: the
+    norm bound of :mod:`bract.privacy.norm_bounds`; hooks: the norm of the very vector
+    it adds). Ghost clipping is never picked: its second backward pass recomputes each
+    layer's output gradient, which for crafted weights can differ from the first
+    pass's (whose norm set the factor) by more than rounding. Book-keeping needs one
+    backward pass and never forms a Linear layer's per-example gradients: measured
+    fastest and leanest here (see docs/benchmarks.md); hooks mode materialises one
+    gradient per example (memory batch x params).
     """
     if mode not in GRAD_SAMPLE_MODES:
         raise PrivacyError(
@@ -132,12 +132,7 @@ def choose_grad_sample_mode(
     if shared_parameters(model) is not None:
         return "hooks"  # the one mode whose per-example gradient of a shared weight is exact
 
-    if supports_bookkeeping(model):
-        return "bk"
-    largest = max(
-        (m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)), default=0
-    )
-    return "ghost" if largest > GHOST_LINEAR_THRESHOLD else "hooks"
+    return "bk" if supports_bookkeeping(model) else "hooks"
 
 
 def _check_per_example_loss(loss_per_example: torch.Tensor, batch: int) -> None:
