@@ -150,8 +150,9 @@ def test_a_hospital_with_an_identity_refuses_to_send_its_update_in_clear(tmp_pat
 def test_an_app_of_its_own_is_held_to_the_operators_policy_and_state_dir(tmp_path) -> None:
     """A hospital's own ClientApp (make_client_app, the policy read from the run config
     as docs/integrate.md's simulation example does) deployed on a SuperNode whose node
-    config names a policy file: it refuses to train without a state directory, refuses
-    a target looser than its policy, and its budget carries from run to run."""
+    config names a policy file (one that lets its update leave in plain FedAvg): it
+    refuses to train without a state directory, refuses a target looser than its
+    policy, and its budget carries from run to run."""
     from bract import tasks
     from bract.flower.client import HospitalSetup, make_client_app
     from bract.flower.server import ServerConfig, run_federation
@@ -159,7 +160,7 @@ def test_an_app_of_its_own_is_held_to_the_operators_policy_and_state_dir(tmp_pat
 
     task = tasks.TaskConfig(dataset="breast-cancer", clients=2, batch_size=32, lr=0.2)
     own = tmp_path / "policy.json"
-    HospitalPolicy(target_epsilon=4.0).write(own)
+    HospitalPolicy(target_epsilon=4.0, allow_plain_aggregation=True).write(own)
     state = {"state_dir": None}
 
     def setup(ctx):
@@ -441,3 +442,143 @@ def test_the_default_size_limits_admit_every_documented_run() -> None:
                        PrivacyPolicy(8.0, 1e-5, 1, grad_sample_mode="hooks"))
     with pytest.raises(PolicyRefusal, match="max_image_size"):
         own.admit_task(_task(image_size=8192), PrivacyPolicy(8.0, 1e-5, 1))
+
+
+def _own_app_hospital(tmp_path: Path, calls: list[str]):
+    """A hospital's own setup (a small model on 64 records) that notes each call."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bract.flower.client import HospitalSetup
+
+    def setup(ctx: Context) -> HospitalSetup:
+        calls.append("setup")
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        data = TensorDataset(torch.randn(64, 4), torch.arange(64) % 2)
+        return HospitalSetup(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             DataLoader(data, batch_size=16), client_id="hospital-0",
+                             state_dir=tmp_path / "state", dataset_id="st-mary",
+                             held_out=data)
+
+    return setup
+
+
+def _train_message():
+    """A plain train message (no secure-aggregation record) with a global model."""
+    import torch
+    from flwr.app import ConfigRecord, Message
+
+    from bract.flower.records import GLOBAL_WEIGHTS, ROUND_CONFIG, weights_to_record
+    from bract.privacy import weights_of
+
+    content = RecordDict()
+    content.config_records[ROUND_CONFIG] = ConfigRecord({"round": 1, "run-id": "r1"})
+    torch.manual_seed(0)
+    content.array_records[GLOBAL_WEIGHTS] = weights_to_record(weights_of(torch.nn.Linear(4, 2)))
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+@pytest.mark.parametrize(
+    ("ask", "why"),
+    [
+        ({"target_epsilon": 50.0}, "asks for epsilon 50; this hospital's policy allows at most 8"),
+        ({"delta": 1e-2}, "asks for delta 0.01; this hospital's policy allows at most 1e-05"),
+        ({"noise_multiplier": 0.0, "allow_non_private": True},
+         "training without noise (non-private); this hospital's policy never allows it"),
+    ],
+    ids=["epsilon-50", "delta-0.01", "noise-0"],
+)
+def test_an_app_of_its_own_on_a_hospital_without_a_policy_file_is_held_to_the_defaults(
+        tmp_path, ask, why) -> None:
+    """Property: a make_client_app app on a configured hospital (its node config names an
+    operator-only key) whose node config names no policy file admits only what the
+    default HospitalPolicy allows (epsilon <= 8 at delta <= 1e-5, never non-private):
+    whatever the app asks beyond that is refused, with its reason, before the app's
+    setup runs, so no data is read and nothing is spent or written. A simulated
+    hospital (partition only) running the same app trains under what it asks."""
+    from bract.flower.client import make_client_app
+
+    calls: list[str] = []
+    asked = PrivacyPolicy(**{"target_epsilon": 8.0, "delta": 1e-5, "rounds": 1, **ask})
+    app = make_client_app(_own_app_hospital(tmp_path, calls), lambda ctx: asked)
+    configured = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                         node_config={"name": "st-mary", "state-dir": str(tmp_path / "state")})
+    reply = app(_train_message(), configured)
+    assert reply.has_error() and why in reply.error.reason
+    assert calls == [] and not (tmp_path / "state").exists()
+    if "target_epsilon" in ask:
+        simulated = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                            node_config={"partition-id": 0, "num-partitions": 1})
+        reply = app(_train_message(), simulated)
+        assert not reply.has_error() and calls == ["setup"]
+
+
+@pytest.mark.parametrize(
+    ("own", "ask"),
+    [(HospitalPolicy(release_metrics="none", allow_plain_aggregation=True), "clear"),
+     (HospitalPolicy(release_metrics="aggregate", allow_plain_aggregation=True), "clear"),
+     (None, "aggregate")],
+    ids=["file-none-asks-clear", "file-aggregate-asks-clear", "defaults-ask-aggregate"],
+)
+def test_an_app_of_its_own_releases_metrics_only_as_its_hospitals_policy_allows(
+        tmp_path, own, ask) -> None:
+    """Property: on a configured hospital, a make_client_app app whose release_metrics
+    (here read from the coordinator's run config) asks for more than the hospital's
+    policy's release_metrics (its file's, else "none") is refused before its setup
+    runs, and no metric leaves; the same app on a hospital whose policy allows the
+    release sends them."""
+    from bract.flower.client import make_client_app
+    from bract.flower.records import LOCAL_METRICS
+
+    calls: list[str] = []
+    app = make_client_app(_own_app_hospital(tmp_path, calls),
+                          PrivacyPolicy(target_epsilon=8.0, delta=1e-5, rounds=1),
+                          release_metrics=lambda ctx: ctx.run_config["release"])
+    nc = {"name": "st-mary", "state-dir": str(tmp_path / "state")}
+    if own is not None:
+        own.write(tmp_path / "policy.json")
+        nc["policy"] = str(tmp_path / "policy.json")
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config={"release": ask},
+                  node_config=nc)
+    reply = app(_train_message(), ctx)
+    assert reply.has_error()
+    assert f"asks to release training metrics {ask!r}; this hospital's policy allows" in \
+        reply.error.reason
+    assert calls == []
+    if ask == "clear":
+        HospitalPolicy(release_metrics="clear", allow_plain_aggregation=True).write(
+            tmp_path / "policy.json")
+        nc["policy"] = str(tmp_path / "policy.json")
+        reply = app(_train_message(), ctx)
+        assert not reply.has_error() and LOCAL_METRICS in reply.content.metric_records
+
+
+@pytest.mark.parametrize("app_has_secagg", [True, False], ids=["secagg-app", "plain-app"])
+def test_an_app_of_its_own_sends_its_update_in_clear_only_if_its_hospitals_policy_allows(
+        tmp_path, app_has_secagg) -> None:
+    """Property: on a configured hospital whose policy (its file's, else the defaults)
+    does not allow plain aggregation, a train message without secure aggregation is
+    refused before the app's setup runs, whatever the app's own
+    allow_plain_aggregation says and whether or not it does secure aggregation at all;
+    nothing of its update leaves."""
+    from bract.flower.client import make_client_app
+    from bract.flower.secagg_client import make_identities
+
+    calls: list[str] = []
+    _, identities = make_identities(3, "own-app")
+    app = make_client_app(_own_app_hospital(tmp_path, calls),
+                          PrivacyPolicy(target_epsilon=8.0, delta=1e-5, rounds=1),
+                          secagg=identities[0] if app_has_secagg else None,
+                          allow_plain_aggregation=True)
+    for own in (None, HospitalPolicy(allow_plain_aggregation=False)):
+        nc = {"name": "st-mary", "state-dir": str(tmp_path / "state")}
+        if own is not None:
+            own.write(tmp_path / "policy.json")
+            nc["policy"] = str(tmp_path / "policy.json")
+        ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config={}, node_config=nc)
+        reply = app(_train_message(), ctx)
+        assert reply.has_error()
+        assert "update without secure aggregation" in reply.error.reason
+        assert "allow_plain_aggregation is false" in reply.error.reason
+        assert calls == []

@@ -282,12 +282,16 @@ def test_a_configured_hospital_that_names_no_data_is_refused_in_one_line(tmp_pat
     from bract.flower.records import ROUND_CONFIG
 
     state = tmp_path / "St_Mary" / "state"
+    plain = tmp_path / "St_Mary" / "policy.json"  # its update may leave in plain FedAvg
+    plain.parent.mkdir()
+    HospitalPolicy(allow_plain_aggregation=True).write(plain)
     task = tasks.TaskConfig(dataset="breast-cancer")
     reason = ("this SuperNode's node config names no data to train on: set data-path (the "
               "hospital's own file) or loader (its own Python loader), or partition-id (its "
               "partition of the run's bundled dataset)")
     ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
-                  node_config={"name": "st-mary", "state-dir": str(state)})
+                  node_config={"name": "st-mary", "state-dir": str(state),
+                               "policy": str(plain)})
     with pytest.raises(ValueError) as refused:
         hospital_setup(task, ctx)
     assert str(refused.value) == reason

@@ -29,6 +29,7 @@ from bract.flower.records import (
     LOCAL_WEIGHTS,
     PRIVACY_REPORT,
     ROUND_CONFIG,
+    SECAGG,
     SECAGG_MAX_WEIGHT,
     STATE_EPSILONS,
     STATE_PRIVACY,
@@ -38,7 +39,9 @@ from bract.flower.records import (
     weights_to_record,
 )
 from bract.flower.secagg_client import (
+    PLAIN_REFUSED,
     IdentityLike,
+    PlainAggregationRefused,
     SecAggIdentity,
     register_secagg,
     secagg_mod,
@@ -411,12 +414,18 @@ def dp_train_handler(
 
     Guarantee: the ledger in ``ctx.state`` advances only after a round's DP-SGD
     steps completed, and a round that would exceed the policy's budget is refused
-    before any training (the reply says why). On a SuperNode whose node config names a
-    ``policy`` file, the policy is first admitted by the operator's
-    :class:`~bract.flower.hospital_policy.HospitalPolicy` (a looser one is refused);
-    one whose node config names any operator-only key
-    (:data:`~bract.flower.hospital_policy.OPERATOR_KEYS`) refuses to train without a
-    ``HospitalSetup.state_dir``. Each trained round appends one
+    before any training (the reply says why). On a configured hospital (a SuperNode
+    whose node config names any operator-only key,
+    :data:`~bract.flower.hospital_policy.OPERATOR_KEYS`), what the app asks is held to
+    the operator's :class:`~bract.flower.hospital_policy.HospitalPolicy` (its
+    ``policy`` file, else the defaults: epsilon <= 8 at delta <= 1e-5, never
+    non-private, metrics stay home, no plain aggregation) before its setup runs: a
+    looser budget or noise (:meth:`~bract.flower.hospital_policy.HospitalPolicy.admit`),
+    a looser metric release (:func:`admitted_release`) or a ``train`` message without
+    secure aggregation the policy does not allow
+    (:class:`~bract.flower.secagg_client.PlainAggregationRefused`) is refused, and it
+    refuses to train without a ``HospitalSetup.state_dir``. A simulated hospital (no
+    operator-only key) trains under what the app asks. Each trained round appends one
     signed entry to the hospital's chain, kept in ``ctx.state`` and in the
     dataset's privacy directory (:meth:`HospitalSetup.privacy_dir`:
     ``ledger.jsonl``, its head in ``privacy-state.json``), which every later run
@@ -434,12 +443,17 @@ def dp_train_handler(
 
         policy_now = policy(ctx) if callable(policy) else policy
         nc = ctx.node_config
-        if nc.get("policy"):
-            # The operator's own limits hold for any app built on this handler: what the
-            # app asks (often the coordinator's run config) is only admitted within them.
-            policy_now = hospital_policy_of(nc).admit(policy_now)
-        setup = setup_fn(ctx)
         configured = operator_keys_in(nc)
+        if configured:
+            # The operator's own limits (its policy file, else the defaults) hold for any
+            # app built on this handler: what the app asks (often the coordinator's run
+            # config) is only admitted within them, before its setup reads any data.
+            own = hospital_policy_of(nc)
+            policy_now = own.admit(policy_now)
+            if SECAGG not in msg.content.config_records and not own.allow_plain_aggregation:
+                raise PlainAggregationRefused(PLAIN_REFUSED)
+        release_now = admitted_release(release_metrics, ctx)
+        setup = setup_fn(ctx)
         if setup.state_dir is None and configured:
             # Without a state directory the ledger lives in this run's Context only, so
             # a new run would start the hospital's budget from nothing.
@@ -465,7 +479,6 @@ def dp_train_handler(
             federation_id = signer.federation_id if signer is not None else ""
             round_cfg = msg.content.config_records.get(ROUND_CONFIG, ConfigRecord())
             server_round = int(round_cfg.get("round", 1))
-            release_now = release_metrics(ctx) if callable(release_metrics) else release_metrics
             metrics = policy_now.metrics_release() if release_now != "none" else None
             also = (() if metrics is None
                     else (metrics.event(server_round, policy_now.delta, setup.client_id,
@@ -600,6 +613,26 @@ def ring_refuses(plan: TrainingPlan, max_weight: int) -> bool:
     return plan.weight_bound > max_weight
 
 
+def admitted_release(release: str | Callable[[Context], str], ctx: Context) -> str:
+    """The metric release ``release`` (or its value for ``ctx``) asks for, as this
+    hospital lets it leave.
+
+    Guarantee: the value is one of :data:`METRICS_RELEASE` (else ``ValueError`` naming
+    it); on a configured hospital (any operator-only node-config key,
+    :func:`~bract.flower.hospital_policy.operator_keys_in`) it is also no looser than
+    its policy's ``release_metrics`` (the policy file's, else ``"none"``), else
+    :class:`~bract.flower.hospital_policy.PolicyRefusal` naming both.
+    """
+    from bract.flower.hospital_policy import hospital_policy_of, operator_keys_in
+
+    value = release(ctx) if callable(release) else release
+    if value not in METRICS_RELEASE:
+        raise ValueError(f"metrics release {value!r} must be one of {METRICS_RELEASE}")
+    if ctx is not None and operator_keys_in(ctx.node_config):
+        hospital_policy_of(ctx.node_config).admit_release(value)
+    return value
+
+
 def metrics_guard_mod(release: str | Callable[[Context], str] = "none") -> Callable:
     """A mod that lets metrics on the hospital's private data leave only by policy.
 
@@ -607,19 +640,15 @@ def metrics_guard_mod(release: str | Callable[[Context], str] = "none") -> Calla
     as a metric record; ``"aggregate"``: they leave only inside the masked vector
     of secure aggregation (the secagg mod, inside this one, puts them there), so
     the server learns only their example-weighted average. The privacy report
-    (epsilon and accounting events) always leaves: the server needs it.
+    (epsilon and accounting events) always leaves: the server needs it. On a configured
+    hospital a release looser than its policy's is refused before the handler runs
+    (:func:`admitted_release`).
     """
-    def resolve(ctx: Context) -> str:
-        value = release(ctx) if callable(release) else release
-        if value not in METRICS_RELEASE:
-            raise ValueError(f"metrics release {value!r} must be one of {METRICS_RELEASE}")
-        return value
-
     if not callable(release):
-        resolve(None)  # type: ignore[arg-type]  # validate a fixed policy up front
+        admitted_release(release, None)  # type: ignore[arg-type]  # a fixed one, up front
 
     def mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]):
-        policy = resolve(ctx)
+        policy = admitted_release(release, ctx)
         reply = call_next(msg, ctx)
         if not reply.has_error() and policy != "clear":
             reply.content.metric_records.pop(LOCAL_METRICS, None)

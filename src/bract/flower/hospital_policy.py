@@ -30,9 +30,10 @@ read (:meth:`HospitalPolicy.admit_task`); the defaults admit every size bract's
 documentation uses (images up to 224 px, ChestCNN at 512 px has 113.3 million
 parameters).
 
-``allow_plain_aggregation``: a hospital its operator gave a secure-aggregation
-identity sends its update (and example count) only inside a masked sum; a training
-request without secure aggregation is refused before it trains unless this is true.
+``allow_plain_aggregation``: a hospital its operator configured sends its update (and
+example count) only inside a masked sum; a training request without secure aggregation
+is refused before it trains unless this is true, in bract's own app and in every app
+built with :func:`~bract.flower.client.make_client_app`.
 
 ``public_dataset_size``: a number of records the hospital declares public, at least
 its true count (e.g. its count rounded up to a round number). Its sample rate,

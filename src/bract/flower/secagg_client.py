@@ -146,6 +146,12 @@ class PlainAggregationRefused(ValueError):  # noqa: N818 (a refusal, the reply's
     """A hospital that does secure aggregation was asked for its update in clear."""
 
 
+#: Why a hospital refuses a ``train`` message without secure aggregation.
+PLAIN_REFUSED = ("refused: the coordinator asks for this hospital's update without "
+                 "secure aggregation; it sends its update only inside a masked sum "
+                 "(its policy's allow_plain_aggregation is false)")
+
+
 def _identity(identity: IdentityLike, ctx: Context) -> SecAggIdentity:
     return identity(ctx) if callable(identity) else identity
 
@@ -196,10 +202,7 @@ def secagg_mod(
     def mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]):
         if SECAGG not in msg.content.config_records:
             if not (allow_plain(ctx) if callable(allow_plain) else allow_plain):
-                raise PlainAggregationRefused(
-                    "refused: the coordinator asks for this hospital's update without "
-                    "secure aggregation; it sends its update only inside a masked sum "
-                    "(its policy's allow_plain_aggregation is false)")
+                raise PlainAggregationRefused(PLAIN_REFUSED)
             return call_next(msg, ctx)
         cfg = secagg_from_record(msg.content.config_records[SECAGG])
         if not isinstance(cfg, RoundConfig | MaskRequest):
