@@ -135,3 +135,90 @@ def test_a_rounds_privacy_state_is_on_disk_before_its_update_leaves(tmp_path,
         assert events[renamed - 1][0] == "fsync file"  # its data, before the rename
         assert events[renamed + 1] == ("fsync dir", str(home))  # the rename, after
         assert renamed + 1 < reply_at
+
+
+def _train(setup, run_id: str, round_: int = 1):
+    """One train message to a fresh process (an empty ctx.state): its reply (an error
+    reply, as a ClientApp sends it, when the handler raises)."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from bract.flower.records import GLOBAL_WEIGHTS, ROUND_CONFIG, weights_to_record
+    from bract.privacy import weights_of
+
+    policy = client.PrivacyPolicy(target_epsilon=50.0, delta=1e-5, rounds=8,
+                                  noise_multiplier=1.0)
+    content = RecordDict()
+    content.config_records[ROUND_CONFIG] = ConfigRecord({"round": round_, "run-id": run_id})
+    content.array_records[GLOBAL_WEIGHTS] = weights_to_record(weights_of(setup.model))
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    return client.contain_errors_mod(Message(content, dst_node_id=1, message_type="train"),
+                                     ctx, client.dp_train_handler(lambda c: setup, policy))
+
+
+def test_a_privacy_state_older_than_its_ledger_is_refused_and_the_ledger_kept(
+        tmp_path) -> None:
+    """Property: a privacy-state.json that commits fewer entries than the ledger beside
+    it holds, past the one round a crash between the two writes leaves, is refused
+    (naming both files and to restore both from the same backup), whether it is an
+    older backup restored alone or a hand-written state of no entries; the ledger file
+    is left byte for byte, and no update leaves."""
+    from flwr.app import Context, RecordDict
+
+
+    setup = _hospital(tmp_path)
+    home = setup.privacy_dir()
+    assert home is not None
+    assert not _train(setup, "run-1").has_error()
+    backup = (home / client.STATE_FILE).read_text()
+    for run in ("run-2", "run-3"):
+        assert not _train(setup, run).has_error()
+    ledger = (home / client.LEDGER_FILE).read_bytes()
+    empty = json.dumps({"ledger": client.PrivacyLedger("hospital-0").to_json(),
+                        "chain-length": 0})
+    for stale in (backup, empty):
+        (home / client.STATE_FILE).write_text(stale)
+        reply = _train(setup, "run-4")
+        assert reply.has_error()
+        assert reply.error.reason.endswith(
+            "this hospital's privacy state is older than its own ledger: its operator must "
+            "restore both from the same backup (details in the hospital's log)")
+        assert (home / client.LEDGER_FILE).read_bytes() == ledger
+        assert not reply.has_content()  # an error reply: nothing of an update
+    with pytest.raises(client.LedgerError, match=(
+            f"{home / client.LEDGER_FILE} holds 3 entries, {client.STATE_FILE} commits 0.*"
+            "restore both from the same backup")):
+        client._load_state(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                                   run_config={}), setup)
+
+
+def test_a_crash_between_the_ledger_and_the_state_counts_that_round_as_spent(
+        tmp_path, monkeypatch) -> None:
+    """The train handler writes the ledger, then the state naming its head. A crash
+    between the two leaves the round's entries past the committed head; the next
+    message counts that round as spent (its DP-SGD ran) and keeps its entries, so
+    restoring only an older state file can never make a spent round unspent."""
+    from bract.records.ledger import read_ledger
+
+    setup = _hospital(tmp_path)
+    home = setup.privacy_dir()
+    assert home is not None
+    assert not _train(setup, "run-1").has_error()
+    real = client.atomic_write_text
+
+    def crash_on_state(path, text):
+        if Path(path).name == client.STATE_FILE:
+            raise OSError(5, "Input/output error (simulated crash)")
+        real(path, text)
+
+    monkeypatch.setattr(client, "atomic_write_text", crash_on_state)
+    assert _train(setup, "run-2").has_error()
+    monkeypatch.setattr(client, "atomic_write_text", real)
+    written = read_ledger(home / client.LEDGER_FILE)
+    assert len(written) == 2 and json.loads(
+        (home / client.STATE_FILE).read_text())["chain-length"] == 1
+    assert not _train(setup, "run-2").has_error()  # the same run, asked again
+    after = read_ledger(home / client.LEDGER_FILE)
+    assert after[:2] == written and len(after) == 3
+    state = json.loads((home / client.STATE_FILE).read_text())
+    assert state["chain-length"] == 3 and state["chain-head"] == after[-1].hash()
+    assert len(client.PrivacyLedger.from_json(state["ledger"]).events) == 3

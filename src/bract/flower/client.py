@@ -302,10 +302,11 @@ def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
     """The hospital's privacy state: ``ctx.state``, or its own file when that knows more.
 
     Guarantee: it fails closed. A state directory with a ledger outside any dataset's
-    directory (:func:`check_state_layout`), or a dataset directory whose
+    directory (:func:`check_state_layout`), a dataset directory whose
     ``ledger.jsonl`` holds entries while its ``privacy-state.json`` (the head that
-    commits them) is missing, raises :class:`LedgerError` instead of starting the
-    dataset's budget from nothing.
+    commits them) is missing, or a ledger that does not match that head
+    (:func:`_read_own_chain`) raises :class:`LedgerError` instead of starting the
+    dataset's budget from nothing or from less than it spent.
     """
     state = ctx.state.config_records.get(STATE_PRIVACY, ConfigRecord())
     home = setup.privacy_dir()
@@ -326,29 +327,67 @@ def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
         return state
     on_disk = json.loads(path.read_text(encoding="utf-8"))
     in_ctx = len(PrivacyLedger.from_json(str(state["ledger"])).events) if "ledger" in state else -1
+    committed = PrivacyLedger.from_json(on_disk["ledger"])
+    chain = _read_own_chain(path.parent, on_disk)
+    if len(chain) > len(committed.events):
+        # The round whose entries were written just before a crash took its state: its
+        # DP-SGD ran, so it counts as spent (never dropped, and its entries stay).
+        on_disk["ledger"] = PrivacyLedger(
+            committed.client_id,
+            committed.events + tuple(e.event for e in chain[len(committed.events):]),
+        ).to_json()
+        on_disk["chain-length"] = len(chain)
+        on_disk["chain-head"] = chain[-1].hash()
     if len(PrivacyLedger.from_json(on_disk["ledger"]).events) > in_ctx:
-        chain = _read_own_chain(path.parent, on_disk)
         return ConfigRecord({**on_disk, "chain": dumps_jsonl(chain)})
     return state
 
 
-def _read_own_chain(state_dir: Path, on_disk: dict) -> tuple[LedgerEntry, ...]:
-    """The hospital's own signed ledger file, checked against the head its state names."""
+def _one_rounds_entries(tail: Sequence[LedgerEntry]) -> bool:
+    """Whether ``tail`` is what one trained round appends: its metrics releases, then
+    its one DP-SGD event, all of the same round."""
+    return (bool(tail) and tail[-1].event.is_training
+            and not any(e.event.is_training for e in tail[:-1])
+            and len({e.round for e in tail}) == 1)
+
+
+def _read_own_chain(home: Path, on_disk: dict) -> tuple[LedgerEntry, ...]:
+    """The hospital's own signed ledger file, checked against the head its state names.
+
+    Guarantee: it returns the whole file, never fewer entries than it holds, or raises
+    :class:`LedgerError` naming both files. The file's first ``chain-length`` entries
+    must link up to the state's ``chain-head``. Past them it tolerates exactly what the
+    commit order (:func:`_save_state`: the ledger, then the state naming its head) leaves
+    after a crash between the two writes: one round's entries (its metrics releases and
+    its one DP-SGD event, of one round) linked onto that head, which the caller counts
+    as spent. Anything else (entries missing or edited, more than one round past the
+    head, a state of fewer entries restored over a longer ledger, a state of no entries
+    next to a ledger of several rounds) is refused.
+    """
     n = int(on_disk.get("chain-length", 0))
-    if n == 0:
+    path = home / LEDGER_FILE
+    entries = read_ledger(path) if path.exists() else []
+    if not entries and n == 0:
         return ()
-    path = state_dir / LEDGER_FILE
-    # Entries past the head were signed for a round whose state was never committed.
-    entries = read_ledger(path)[:n]
     links = check_chain(
-        entries, None, client_id=entries[0].client_id, expected_length=n,
-    ) if entries else None
-    if links is None or not links.ok or entries[-1].hash() != on_disk.get("chain-head"):
+        entries, None, client_id=entries[0].client_id, expected_length=len(entries),
+    ) if len(entries) >= n else None
+    head = "" if n == 0 else (entries[n - 1].hash() if links is not None else None)
+    if links is None or not links.ok or head != on_disk.get("chain-head", ""):
         raise public(LedgerError(
             f"{path} does not match the chain head in {STATE_FILE}: this hospital's own "
-            "ledger was truncated or edited; restore both files from a backup"
+            "ledger was truncated or edited; restore both files from the same backup"
         ), f"this hospital's own ledger does not match the chain head in {STATE_FILE}: it "
            "was truncated or edited (details in the hospital's log)")
+    if len(entries) > n and not _one_rounds_entries(entries[n:]):
+        raise public(LedgerError(
+            f"{path} holds {len(entries)} entries, {STATE_FILE} commits {n}: the state is "
+            "older than the ledger (restored from another backup, or rewritten), and "
+            "reading it would forget the budget the later entries spent; this hospital "
+            "refuses to train and leaves both files as they are; restore both from the "
+            "same backup"
+        ), "this hospital's privacy state is older than its own ledger: its operator must "
+           "restore both from the same backup (details in the hospital's log)")
     return tuple(entries)
 
 
