@@ -55,8 +55,9 @@ def _nothing_private_left(grid: FakeGrid) -> None:
         ({"target-epsilon": 20.0}, "asks for epsilon 20; this hospital's policy allows at most 8"),
         ({"target-epsilon": 4.0, "delta": 1e-3}, "asks for delta 0.001"),
         ({"secagg": False, "release-metrics": "clear"}, "release training metrics 'clear'"),
+        ({"grad-sample-mode": "ghost"}, "asks for grad-sample-mode ghost"),
     ],
-    ids=["non-private", "looser-epsilon", "looser-delta", "metrics-in-clear"],
+    ids=["non-private", "looser-epsilon", "looser-delta", "metrics-in-clear", "ghost"],
 )
 def test_every_hospital_refuses_a_looser_request_with_its_reason(tmp_path, ask, why) -> None:
     """The coordinator asks for more than the hospitals allow (their policy files say

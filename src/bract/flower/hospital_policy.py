@@ -234,6 +234,12 @@ class HospitalPolicy:
                 f"refused: the coordinator asks for delta {requested.delta:g}; this "
                 f"hospital's policy allows at most {self.delta:g}"
             )
+        if requested.grad_sample_mode == "ghost":
+            raise PolicyRefusal(
+                "refused: the coordinator asks for grad-sample-mode ghost, whose clipped "
+                "terms come from a second backward pass that crafted weights can move "
+                "past the clipping norm; this hospital clips with auto, bk or hooks"
+            )
         self._within("local-epochs", requested.local_epochs, "max_local_epochs")
         return replace(requested, accountant=self.accountant,
                        min_noise_multiplier=max(requested.min_noise_multiplier,
