@@ -55,9 +55,8 @@ def _nothing_private_left(grid: FakeGrid) -> None:
         ({"target-epsilon": 20.0}, "asks for epsilon 20; this hospital's policy allows at most 8"),
         ({"target-epsilon": 4.0, "delta": 1e-3}, "asks for delta 0.001"),
         ({"secagg": False, "release-metrics": "clear"}, "release training metrics 'clear'"),
-        ({"grad-sample-mode": "ghost"}, "asks for grad-sample-mode ghost"),
     ],
-    ids=["non-private", "looser-epsilon", "looser-delta", "metrics-in-clear", "ghost"],
+    ids=["non-private", "looser-epsilon", "looser-delta", "metrics-in-clear"],
 )
 def test_every_hospital_refuses_a_looser_request_with_its_reason(tmp_path, ask, why) -> None:
     """The coordinator asks for more than the hospitals allow (their policy files say
@@ -583,3 +582,18 @@ def test_an_app_of_its_own_sends_its_update_in_clear_only_if_its_hospitals_polic
         assert "update without secure aggregation" in reply.error.reason
         assert "allow_plain_aggregation is false" in reply.error.reason
         assert calls == []
+
+
+def test_ghost_clipping_is_refused_by_every_hospital_and_by_bracts_run_config() -> None:
+    """Ghost clipping's terms come from a second backward pass that crafted weights can
+    move past the clipping norm: a hospital's policy (the defaults, or any file) refuses
+    a request for it, whichever app asks, and bract's run config does not offer it."""
+    from bract.flower.config import RUN_CONFIG_DEFAULTS, FederationConfig
+
+    for own in (HospitalPolicy(), HospitalPolicy(target_epsilon=50.0, delta=1e-3)):
+        with pytest.raises(PolicyRefusal, match="asks for grad-sample-mode ghost"):
+            own.admit(PrivacyPolicy(4.0, 1e-5, 3, grad_sample_mode="ghost"))
+        for mode in ("auto", "bk", "hooks"):
+            own.admit(PrivacyPolicy(4.0, 1e-5, 3, grad_sample_mode=mode))
+    with pytest.raises(ValueError, match="grad-sample-mode='ghost': must be one of"):
+        FederationConfig.from_run_config({**RUN_CONFIG_DEFAULTS, "grad-sample-mode": "ghost"})

@@ -203,8 +203,9 @@ OPTIONS: tuple[Option, ...] = (
            "target; 0 is NO noise, flagged NON-PRIVATE everywhere", unset="calibrate", low=0),
     Option("accountant", str, "prv", "privacy accountant", choices=("prv", "pld", "rdp")),
     Option("grad_sample_mode", str, "auto", "per-example clipping: bk (book-keeping, one "
-           "backward pass; what auto picks when the model allows), ghost or hooks (Opacus)",
-           choices=("auto", "hooks", "ghost", "bk")),
+           "backward pass; what auto picks when the model allows) or hooks (Opacus); "
+           "hospitals refuse Opacus's ghost clipping",
+           choices=("auto", "hooks", "bk")),
     Option("device", str, None, "cpu or cuda (default: cuda if available)", run_config=False),
     Option("secagg", bool, True, "secure aggregation (--no-secagg: plain FedAvg, updates "
            "in clear)"),

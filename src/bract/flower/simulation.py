@@ -173,9 +173,6 @@ def validate(cfg: SimulationConfig) -> None:
         patients = [len(set(tasks.hospital_patients(cfg.task, i)))
                     for i in range(cfg.task.clients)]
         smallest, largest = min(patients), max(patients)
-        if cfg.policy.grad_sample_mode == "ghost":
-            raise ValueError("the patient privacy unit is exact in --grad-sample-mode bk "
-                             "(auto picks it) and hooks; ghost computes norms per record")
     if cfg.public_size is not None and cfg.public_size < largest:
         raise PrivacyError(f"--public-size {cfg.public_size} is below a hospital's number of "
                            f"records ({largest}): the public bound must be at least each "
