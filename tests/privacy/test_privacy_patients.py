@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bract.privacy.accounting import PrivacyError
 from bract.privacy.sampling import PatientPoissonSampler, Patients
 from bract.privacy.training import PrivateTrainer
+from tests.privacy.test_privacy_clipping import Offset
 
 
 def _model() -> nn.Module:
@@ -183,3 +184,23 @@ def test_bract_simulate_protects_patients_of_an_image_folder(tmp_path, capsys) -
         patients = len(set(hospital_patients(task, int(cid.split("-")[1]))))
         assert line["sample_rate"] == pytest.approx(1 / math.ceil(patients / 4))
         assert 0.98 * 4 <= line["epsilon"] <= 4.0
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 99), offset=st.sampled_from([3e5, 3e6, 1e8]),
+       mode=st.sampled_from(["auto", "bk", "hooks"]))
+def test_a_whole_step_under_cancelling_weights_adds_at_most_c_per_patient(
+        seed: int, offset: float, mode: str) -> None:
+    """Through the trainer (what a hospital runs), for the coordinator's crafted weights
+    whose per-patient Gram sums cancel (tests/privacy/test_privacy_clipping.py's
+    ``Offset``: huge, nearly equal head inputs, opposite labels within each patient),
+    the applied clipped sum over P patients has norm at most P C."""
+    gen = torch.Generator().manual_seed(seed)
+    patients, visits, clip = 4, 2, 1.0
+    x = torch.randn(patients * visits, 6, generator=gen)
+    y = torch.arange(patients * visits) % 2  # each patient holds both labels
+    ids = [f"patient-{i // visits}" for i in range(patients * visits)]
+    got = _step(Offset(offset, seed), x, y, ids, clip,
+                **({} if mode == "auto" else {"grad_sample_mode": mode}))
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in got.values()))
+    assert norm <= patients * clip * (1 + 1e-4)
