@@ -92,9 +92,12 @@ def test_a_broken_structure_is_refused_naming_the_place(broken, needle) -> None:
         RunReport.from_plain(broken, "report.json")
 
 
-def test_a_broken_value_reads_as_nan_and_files_are_checked(tmp_path) -> None:
-    h = HospitalRound.from_plain({"epsilon": "lots", "steps": "12", "trained": "yes"}, "x")
-    assert math.isnan(h.epsilon) and h.steps is None and h.trained is False
+def test_a_broken_value_reads_as_nan_a_broken_count_is_refused_and_files_are_checked(
+        tmp_path) -> None:
+    h = HospitalRound.from_plain({"epsilon": "lots", "steps": 12, "trained": "yes"}, "x")
+    assert math.isnan(h.epsilon) and h.steps == 12 and h.trained is False
+    with pytest.raises(ReportError, match="x: 'steps' is \"12\", not a whole number"):
+        HospitalRound.from_plain({"epsilon": 1.0, "steps": "12"}, "x")
     with pytest.raises(ReportError, match="does not exist"):
         read_report(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{")

@@ -8,9 +8,14 @@ so each field is named and converted in one place, both ways.
 
 Structure is checked strictly (a report without a ``rounds`` list, a round without
 its number or per-hospital table, a per-hospital entry that is not an object:
-:class:`ReportError` naming it); *values* are read leniently: a number that is
-missing or unreadable becomes ``nan`` (``"inf"`` becomes ``inf``), so a reader that
-checks values (the audit) can say which one is wrong instead of failing to read.
+:class:`ReportError` naming it), and so are counts: a round number, ``steps``,
+``ledger_entries``, ``ledger_carried``, ``rounds_completed`` and a held-out
+evaluation's ``model_of_round`` and ``examples`` are absent (or ``null``) or a whole
+number from 0 to 2**53 (the ledger's range), anything else is a :class:`ReportError`
+naming the field and where it is. Other *values* are read leniently: a number that
+is missing or unreadable becomes ``nan`` (``"inf"``, or an integer too large for a
+float, becomes ``inf``), so a reader that checks values (the audit) can say which
+one is wrong instead of failing to read.
 Pure: imports neither flwr nor torch.
 """
 
@@ -28,6 +33,9 @@ __all__ = ["FederatedEval", "HospitalRound", "ReportError", "RoundRow", "RunRepo
 
 #: The global model's metrics a round row may carry (central test set).
 METRIC_KEYS = ("loss", "accuracy", "mse", "r2")
+#: The largest count (round number, steps, ledger length) a report may hold: the
+#: range the ledger reads its own counts in (``bract.records.ledger.MAX_COUNT``).
+MAX_COUNT = 2**53
 
 
 class ReportError(ValueError):
@@ -40,6 +48,8 @@ def number(value: Any) -> float:
         return math.nan
     try:
         return float(value)
+    except OverflowError:  # an integer beyond any float (JSON allows 10**400)
+        return math.inf if value > 0 else -math.inf
     except (TypeError, ValueError):
         return math.nan
 
@@ -51,8 +61,26 @@ def plain_number(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)
 
 
-def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _shown(value: Any) -> str:
+    """A hostile value, short enough for one line."""
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _count(data: Mapping[str, Any], key: str, where: str) -> int | None:
+    """The count ``data[key]``: ``None`` when absent or ``null``, else a whole number
+    from 0 to :data:`MAX_COUNT`; anything else (``5.5``, ``"5"``, ``true``, ``-1``,
+    ``10**30``) is a :class:`ReportError` naming ``where`` and the field."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise ReportError(f"{where}: {key!r} is {_shown(value)}, not a whole number from 0 "
+                          "to 2**53")
+    return value
 
 
 @dataclass(frozen=True)
@@ -77,21 +105,22 @@ class HospitalRound:
 
     @classmethod
     def from_plain(cls, data: Any, where: str) -> HospitalRound:
-        """Parse one per-hospital entry; :class:`ReportError` if it is not an object."""
+        """Parse one per-hospital entry; :class:`ReportError` if it is not an object or
+        a count in it is not a whole number in range."""
         if not isinstance(data, Mapping):
             raise ReportError(f"{where} is not an object")
-        carried = _count(data.get("ledger_carried"))
+        carried = _count(data, "ledger_carried", where)
         before = data.get("epsilon_carried")
         return cls(
             epsilon=number(data.get("epsilon")),
             trained=data.get("trained") is True,
             reason=str(data.get("reason", "")),
-            steps=_count(data.get("steps")),
+            steps=_count(data, "steps", where),
             noise_multiplier=number(data.get("noise_multiplier")),
             sample_rate=number(data.get("sample_rate")),
-            ledger_entries=_count(data.get("ledger_entries")),
+            ledger_entries=_count(data, "ledger_entries", where),
             ledger_head=str(data.get("ledger_head", "")),
-            ledger_carried=max(carried, 0) if carried is not None else 0,
+            ledger_carried=carried if carried is not None else 0,
             epsilon_carried=number(before) if before is not None else None,
         )
 
@@ -130,11 +159,13 @@ class FederatedEval:
     accuracy: float
 
     @classmethod
-    def from_plain(cls, data: Any) -> FederatedEval | None:
-        """Parse it, or ``None`` when absent or not an object."""
+    def from_plain(cls, data: Any, where: str = "federated_eval") -> FederatedEval | None:
+        """Parse it, or ``None`` when absent or not an object; :class:`ReportError` for a
+        count out of range."""
         if not isinstance(data, Mapping):
             return None
-        return cls(_count(data.get("model_of_round")) or 0, _count(data.get("examples")) or 0,
+        return cls(_count(data, "model_of_round", where) or 0,
+                   _count(data, "examples", where) or 0,
                    number(data.get("loss")), number(data.get("accuracy")))
 
     def to_plain(self) -> dict[str, Any]:
@@ -173,7 +204,7 @@ class RoundRow:
         """Parse a round row; :class:`ReportError` naming a broken structure."""
         if not isinstance(data, Mapping):
             raise ReportError(f"{where} is not an object")
-        rnd = _count(data.get("round"))
+        rnd = _count(data, "round", where)
         if rnd is None:
             raise ReportError(f"{where} lacks its round number")
         per_client = data.get("per_client")
@@ -191,7 +222,8 @@ class RoundRow:
             if isinstance(failed, Mapping) else {},
             metrics={k: number(data[k]) for k in METRIC_KEYS if k in data},
             train_loss=number(data["train_loss"]) if "train_loss" in data else None,
-            federated_eval=FederatedEval.from_plain(data.get("federated_eval")),
+            federated_eval=FederatedEval.from_plain(data.get("federated_eval"),
+                                                    f"round {rnd}'s federated_eval"),
             secagg=dict(data["secagg"]) if isinstance(data.get("secagg"), Mapping) else None,
             delta=number(data.get("delta")),
             seconds=number(data.get("seconds")),
@@ -261,14 +293,15 @@ class RunSummary:
         stopped = data.get("stopped", {})
         plots = data.get("plots", [])
         return cls(
-            rounds_completed=_count(data.get("rounds_completed")) or 0,
+            rounds_completed=_count(data, "rounds_completed", "final") or 0,
             epsilon=number(data.get("epsilon")),
             delta=number(data.get("delta")),
             non_private=data.get("non_private") is True,
             stopped={str(k): str(v) for k, v in stopped.items()}
             if isinstance(stopped, Mapping) else {},
             metrics={k: number(data[k]) for k in METRIC_KEYS if k in data},
-            federated_eval=FederatedEval.from_plain(data.get("federated_eval")),
+            federated_eval=FederatedEval.from_plain(data.get("federated_eval"),
+                                                    "final's federated_eval"),
             model=str(data["model"]) if data.get("model") else None,
             plots=tuple(str(p) for p in plots) if isinstance(plots, list) else (),
             model_trained=data.get("model_trained") is not False,
@@ -315,16 +348,16 @@ class RunReport:
         try:
             rounds = tuple(RoundRow.from_plain(r, f"round row {i + 1}")
                            for i, r in enumerate(data["rounds"]))
+            final = RunSummary.from_plain(data.get("final"))
         except ReportError as exc:
             raise ReportError(f"{source}: {exc}") from None
         config = data.get("config")
-        final = data.get("final")
         initial = data.get("initial")
         stopped = data.get("stopped_early")
         return cls(
             config=dict(config) if isinstance(config, Mapping) else {},
             rounds=rounds,
-            final=RunSummary.from_plain(final),
+            final=final,
             initial={k: number(v) for k, v in initial.items()}
             if isinstance(initial, Mapping) else {},
             stopped_early=str(stopped) if stopped is not None else None,
@@ -422,6 +455,6 @@ def read_report(path: str | Path) -> RunReport:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ReportError(f"report file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # bad JSON, 5000-digit ints, deep nesting
         raise ReportError(f"report file {path} is not readable JSON: {exc}") from None
     return RunReport.from_plain(data, str(path))
