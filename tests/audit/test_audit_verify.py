@@ -776,3 +776,174 @@ def test_unusable_input_exits_2_with_a_clear_error(run, tmp_path, capsys) -> Non
             main(["audit", "verify", ledger, "--roster", roster, *bad])
         assert exc.value.code == 2
     assert "CLIENT=PATH" in capsys.readouterr().err
+
+
+#: Fields of report.json a hostile coordinator can write, as paths (``*``: every round,
+#: or every hospital of a round).
+REPORT_FIELDS = ("config.target_epsilon", "config.delta", "rounds.*.round",
+                 "rounds.*.epsilon", "rounds.*.delta", "rounds.*.per_client.*.epsilon",
+                 "rounds.*.per_client.*.steps", "rounds.*.per_client.*.ledger_entries",
+                 "rounds.*.per_client.*.ledger_carried",
+                 "rounds.*.per_client.*.epsilon_carried", "rounds.*.per_client.*.trained",
+                 "rounds.*.per_client.*.ledger_head", "final.epsilon", "final.delta",
+                 "final.rounds_completed")
+
+
+def _set_everywhere(obj, path: list[str], value) -> None:
+    key, *rest = path
+    targets = (list(obj.values()) if isinstance(obj, dict) else obj) if key == "*" else [obj[key]]
+    if not rest:
+        if key == "*":
+            raise ValueError("a path ends in a field name")
+        obj[key] = value
+        return
+    for t in targets:
+        _set_everywhere(t, rest, value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(path=st.sampled_from(REPORT_FIELDS),
+       value=st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
+                       st.integers(-(2**64), 2**64), st.integers(-(10**40), 10**40),
+                       st.text(max_size=8), st.booleans(), st.none()))
+@example(path="rounds.*.round", value=10**30)
+@example(path="config.target_epsilon", value=math.nan)
+@example(path="config.target_epsilon", value=math.inf)
+@example(path="rounds.*.per_client.*.steps", value=5.5)
+@example(path="rounds.*.per_client.*.steps", value="5")
+def test_any_value_in_any_report_field_gets_a_verdict_never_a_traceback(
+        federation, path, value) -> None:
+    """Property: whatever JSON value a hostile report.json holds in any field (in every
+    round and every hospital's line), ``bract audit verify`` ends with exit code 0, 1
+    or 2, never an exception or a traceback; 2 prints one ``error:`` line naming the
+    report; 0 says PASS and happens only when the budget it checked is a finite number
+    > 0 and every hospital's cumulative steps are the ones the report first held."""
+    import contextlib
+    import io
+    import tempfile
+
+    original = json.loads((federation / "out" / "report.json").read_text())
+    data = json.loads(json.dumps(original))
+    _set_everywhere(data, path.split("."), value)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        report.write_text(json.dumps(data, allow_nan=True))
+        argv = ["audit", "verify", str(federation / "out" / "ledger.jsonl"), "--roster",
+                str(federation / "roster.json"), "--report", str(report),
+                "--out", str(Path(tmp) / "audit"), *FAST]
+        for cid in ("hospital-0", "hospital-1"):
+            own = privacy_dir(federation / "hospitals" / cid, dataset_source(TASK))
+            argv += ["--hospital-copy", f"{cid}={own / LEDGER_FILE}"]
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = main(argv)
+    out = buffer.getvalue()
+    assert code in (0, 1, 2), out
+    assert "Traceback" not in out
+    if code == 2:
+        lines = [x for x in out.splitlines() if x.strip()]
+        assert lines[0].startswith("error: ") and "report.json" in lines[0]
+    if code == 0:
+        assert out.lstrip().startswith("PASS — ")
+        if path == "config.target_epsilon":
+            assert isinstance(value, int | float) and math.isfinite(value) and value > 0
+        if path.endswith(".steps"):
+            assert type(value) is int and all(
+                line["steps"] == value for row in original["rounds"]
+                for line in row["per_client"].values())
+
+
+@pytest.mark.parametrize("target", [math.nan, math.inf, -1.0, 0, "many"])
+def test_a_report_target_that_is_no_budget_fails_naming_it(run, capsys, target) -> None:
+    """A target_epsilon in report.json that is not a finite number > 0 checks nothing:
+    the audit fails naming it (never "within the budget of nan"), and says to give
+    --budget; with --budget the report's target is not used and the audit passes."""
+    report = run / "out" / "report.json"
+    data = json.loads(report.read_text())
+    data["config"]["target_epsilon"] = target
+    report.write_text(json.dumps(data, allow_nan=True))
+    assert _verify(run) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("FAIL — ") and "within the budget" not in out
+    assert "report.json's target_epsilon is" in out and "not a finite number > 0" in out
+    assert "give --budget" in out
+    assert _verify(run, "--budget", "3") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "within the budget of 3 (given with --budget)" in out
+
+
+def test_the_verdict_says_where_the_budget_came_from(run, capsys) -> None:
+    """A PASS names the budget checked and its source: report.json's target_epsilon is
+    the coordinator's claim (the verdict says so and points to --budget), --budget the
+    officer's own; the report's method section says the same."""
+    assert _verify(run) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("Every epsilon is within the budget of 3 (report.json's target_epsilon: the "
+            "coordinator's claim, not the hospitals' policies; give --budget to check "
+            "against those).") in out
+    assert "Budget: 3, report.json's target_epsilon" in _md(run)
+    assert _verify(run, "--budget", "4") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Every epsilon is within the budget of 4 (given with --budget)." in out
+    assert "Budget: 4, given with --budget" in _md(run)
+
+
+def test_a_budget_that_is_not_finite_and_positive_is_refused_by_the_api(run) -> None:
+    from bract.audit.verify import AuditInputError
+
+    for budget in (math.nan, math.inf, 0.0, -2.0):
+        with pytest.raises(AuditInputError, match="finite number > 0"):
+            verify_federation(run / "out" / "ledger.jsonl", run / "roster.json",
+                              budget=budget, pld_discretization=1e-3)
+
+
+def test_a_plot_that_cannot_be_drawn_leaves_the_verdict_and_the_reports(
+        run, capsys, monkeypatch) -> None:
+    """Whatever the plotting library does with the figures (it raised on a round of
+    10**30), the verdict stands: the exit code is the verdict's, audit.md and
+    audit.html are written and say the plot could not be drawn and why, no partial
+    PNG is left, and nothing prints a traceback."""
+    import bract.audit.report as audit_report
+
+    def broken(result, path):
+        path.write_bytes(b"partial")
+        raise TypeError("loop of ufunc does not support argument 0")
+
+    monkeypatch.setattr(audit_report, "plot_epsilon", broken)
+    assert _verify(run) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("PASS — ") and "Traceback" not in out
+    assert "the plot could not be drawn (TypeError: loop of ufunc" in out
+    md = _md(run)
+    assert "The plot could not be drawn: TypeError" in md and f"]({PLOT})" not in md
+    html = (run / "audit" / HTML).read_text()
+    assert "The plot could not be drawn" in html and f"src='{PLOT}'" not in html
+    assert not (run / "audit" / PLOT).exists()
+
+
+def test_a_hospitals_own_copy_longer_than_the_servers_chain_gives_its_final_epsilon(
+        run, capsys) -> None:
+    """When the server's ledger lost one of a hospital's entries and the hospital's own
+    (verifying) copy is given, the table's final recomputed epsilon is the larger, the
+    own copy's (what the hospital spent), with the server chain's beside it; a budget
+    the own copy passes fails, though the server's shorter chain is within it."""
+    full = verify_federation(run / "out" / "ledger.jsonl", run / "roster.json",
+                             pld_discretization=1e-3)
+    spent = full.hospitals["hospital-1"].final_recomputed
+    assert spent is not None
+    lines = (run / "out" / "ledger.jsonl").read_text().splitlines()
+    cut = next(i for i, x in enumerate(lines)
+               if json.loads(x)["client_id"] == "hospital-1" and json.loads(x)["seq"] == 2)
+    _rewrite(run / "out" / "ledger.jsonl", lambda ls: ls[:cut] + ls[cut + 1:])
+    assert _verify(run) == 1
+    capsys.readouterr()
+    row = next(x for x in _md(run).splitlines() if x.startswith("| hospital-1 |"))
+    server = recompute_epsilons(
+        [e for e in read_ledger(run / "out" / "ledger.jsonl") if e.client_id == "hospital-1"],
+        1e-3)[-1]
+    assert server < spent * 0.95  # one event fewer
+    assert (f"| {spent:.4f} (own copy {spent:.4f}; server's ledger {server:.4f}) |") in row
+    budget = (server + spent) / 2
+    assert _verify(run, "--budget", f"{budget:.4f}") == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"hospital-1's own copy reaches ε={spent:.4f}, past the budget of {budget:.4g}" in out

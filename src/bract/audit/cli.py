@@ -134,7 +134,7 @@ def run_verify(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return 2
     try:
-        paths = write_reports(result, out)
+        paths, plot_problem = write_reports(result, out)
     except OSError as exc:
         console.print(f"[red]error:[/red] cannot write the report to {escape(str(out))}: "
                       f"{escape(str(exc))}", highlight=False)
@@ -146,6 +146,10 @@ def run_verify(args: argparse.Namespace) -> int:
         who = f"{f.hospital}: " if f.hospital else ""
         console.print(f"  [red]FAIL[/red] ({escape(f.topic)}) {escape(who + f.message)}",
                       highlight=False)
-    console.print(escape(f"wrote {paths['markdown']}, {paths['html']} and {paths['plot']}"),
-                  highlight=False)
+    if plot_problem is None:
+        console.print(escape(f"wrote {paths['markdown']}, {paths['html']} and {paths['plot']}"),
+                      highlight=False)
+    else:
+        console.print(escape(f"wrote {paths['markdown']} and {paths['html']}; the plot could "
+                             f"not be drawn ({plot_problem})"), highlight=False)
     return 0 if result.passed else 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import sys
 from pathlib import Path
 
 from bract.audit.verify import FAIL, AuditResult, HospitalAudit
@@ -29,8 +30,9 @@ def verdict_line(result: AuditResult) -> str:
     """One sentence: PASS or FAIL and why.
 
     Guarantee: the line says PASS only when every check passed, and then names what
-    each chain's length (completeness) was checked against and the budget checked (or
-    that none was); when any hospital's
+    each chain's length (completeness) was checked against and the finite budget
+    checked, with where it came from (the officer's ``--budget`` or report.json's
+    ``target_epsilon``, the coordinator's claim), or that none was; when any hospital's
     completeness could not be checked, the line says FAIL and "completeness NOT
     checked", with why and for whom. A report.json of an unfinished run is named as
     such in either case."""
@@ -41,8 +43,9 @@ def verdict_line(result: AuditResult) -> str:
         refs = sorted({h.length_checked_by for h in result.hospitals.values()
                        if h.length_checked_by})
         against = "; ".join(refs) if refs else "a reference"
-        budget = (f" Every epsilon is within the budget of {result.budget:g}."
-                  if result.budget is not None
+        budget = (f" Every epsilon is within the budget of {result.budget:g} "
+                  f"({_budget_source(result)})."
+                  if result.budget is not None and math.isfinite(result.budget)
                   else " No budget was checked: none was given (--budget, or a report.json "
                        "with a target_epsilon).")
         return (
@@ -72,6 +75,22 @@ def verdict_line(result: AuditResult) -> str:
     )
 
 
+def _budget_source(result: AuditResult) -> str:
+    if result.budget_source == "--budget":
+        return "given with --budget"
+    return ("report.json's target_epsilon: the coordinator's claim, not the hospitals' "
+            "policies; give --budget to check against those")
+
+
+def _final_recomputed(h: HospitalAudit) -> str:
+    """The final recomputed epsilon; both figures when the hospital's own copy gives
+    another than the server's chain (the larger is what it spent)."""
+    own, server = h.own_copy_recomputed, h.final_recomputed
+    if own is None or _eps(own) == _eps(server):
+        return _eps(server)
+    return f"{_eps(h.final_spent)} (own copy {_eps(own)}; server's ledger {_eps(server)})"
+
+
 def _hospital_rows(result: AuditResult) -> list[list[str]]:
     rows = []
     for cid, h in sorted(result.hospitals.items()):
@@ -81,7 +100,7 @@ def _hospital_rows(result: AuditResult) -> list[list[str]]:
             str(len(h.entries)),
             _chain_text(h),
             _eps(h.final_reported),
-            _eps(h.final_recomputed),
+            _final_recomputed(h),
             f"{100 * h.largest_difference:.2f}%",
             h.copy_status,
             "FAIL" if failed else "pass",
@@ -119,7 +138,8 @@ def _round_table(result: AuditResult) -> tuple[list[str], list[list[str]]]:
 
 
 def _method_lines(result: AuditResult) -> list[str]:
-    budget = f"{result.budget:g}" if result.budget is not None else "not given"
+    budget = (f"{result.budget:g}, {_budget_source(result)}" if result.budget is not None
+              else "none checked")
     return [
         f"Server's ledger: `{result.ledger_path}`; roster: `{result.roster_path}` "
         f"(federation `{result.federation_id}`); report: "
@@ -144,8 +164,13 @@ def _method_lines(result: AuditResult) -> list[str]:
     ]
 
 
-def render_markdown(result: AuditResult) -> str:
-    """The report as Markdown."""
+def _plot_text(plot_problem: str | None) -> str:
+    return f"The plot could not be drawn: {plot_problem}" if plot_problem else ""
+
+
+def render_markdown(result: AuditResult, plot_problem: str | None = None) -> str:
+    """The report as Markdown (without the plot, and saying why, when it could not be
+    drawn)."""
     out = ["# Privacy audit of a bract federation", "", f"**{verdict_line(result)}**", ""]
     out += ["## Hospitals", "", _md_table(HEADERS, _hospital_rows(result)), ""]
     out += ["## Findings", ""]
@@ -156,7 +181,8 @@ def render_markdown(result: AuditResult) -> str:
             out.append(f"{i}. **{tag}** ({f.topic}) {who}{f.message}")
     else:
         out.append("No problems found.")
-    out += ["", "## Epsilon per round", "", f"![epsilon per round]({PLOT})", ""]
+    figure = _plot_text(plot_problem) or f"![epsilon per round]({PLOT})"
+    out += ["", "## Epsilon per round", "", figure, ""]
     head, rows = _round_table(result)
     out += [_md_table(head, rows), "", "## How this was checked", ""]
     out += [f"- {line}" for line in _method_lines(result)]
@@ -170,7 +196,7 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(head), line(["---"] * len(head)), *(line(r) for r in rows)])
 
 
-def render_html(result: AuditResult) -> str:
+def render_html(result: AuditResult, plot_problem: str | None = None) -> str:
     """The report as a standalone HTML page (the plot beside it as a PNG)."""
     e = html.escape
     colour = "#1b7f3b" if result.passed else "#b3261e"
@@ -203,6 +229,7 @@ def render_html(result: AuditResult) -> str:
     head, rows = _round_table(result)
     parts += [
         "<h2>Epsilon per round</h2>",
+        f"<p>{e(_plot_text(plot_problem))}</p>" if plot_problem else
         f"<img src='{PLOT}' alt='epsilon per round for each hospital, with the budget' "
         "style='max-width:100%'>",
         _html_table(head, rows),
@@ -265,12 +292,27 @@ def plot_epsilon(result: AuditResult, path: Path) -> None:
     plt.close(fig)
 
 
-def write_reports(result: AuditResult, out_dir: str | Path) -> dict[str, Path]:
-    """Write audit.md, audit.html and epsilon_per_round.png into ``out_dir``."""
+def write_reports(result: AuditResult, out_dir: str | Path) -> tuple[dict[str, Path],
+                                                                     str | None]:
+    """Write audit.md, audit.html and epsilon_per_round.png into ``out_dir``; returns the
+    paths written and, when the plot could not be drawn, why (then there is no
+    ``plot`` path and both reports say so). Only :class:`OSError` (a file that cannot be
+    written) is raised: the plot is the report's illustration, so whatever the figures
+    do to the plotting library, the verdict and the reports still stand."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / MARKDOWN, "html": out / HTML, "plot": out / PLOT}
-    plot_epsilon(result, paths["plot"])
-    paths["markdown"].write_text(render_markdown(result), encoding="utf-8")
-    paths["html"].write_text(render_html(result), encoding="utf-8")
-    return paths
+    plot_problem: str | None = None
+    try:
+        plot_epsilon(result, paths["plot"])
+    except OSError:
+        raise
+    except Exception as exc:  # any plotting failure: no plot, and the reports say why
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None:
+            plt.close("all")
+        paths.pop("plot").unlink(missing_ok=True)
+        plot_problem = f"{type(exc).__name__}: {exc}"[:200]
+    paths["markdown"].write_text(render_markdown(result, plot_problem), encoding="utf-8")
+    paths["html"].write_text(render_html(result, plot_problem), encoding="utf-8")
+    return paths, plot_problem

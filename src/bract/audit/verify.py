@@ -25,7 +25,8 @@ What is checked, per hospital:
    line.
 5. **Budget** — no epsilon passes the budget (``--budget`` or the run's
    ``target_epsilon``): a reported one not at all, a recomputed one not beyond
-   :data:`BUDGET_TOLERANCE`.
+   :data:`BUDGET_TOLERANCE`. A ``target_epsilon`` that is not a finite number > 0
+   is no budget: it fails, naming it.
 
 Also checked: every entry's delta equals the run's declared delta, and each ledger
 holds events of one privacy unit (record or patient).
@@ -131,6 +132,12 @@ class HospitalAudit:
     length_checked_by: str | None = None
     #: Why the length was not checked (None when it was).
     length_unchecked: str | None = None
+    #: The final epsilon recomputed from the hospital's own copy, when one was given,
+    #: verifies on its own and differs from the server's chain (None otherwise).
+    own_copy_recomputed: float | None = None
+    #: Whether the server's chain verified (links, signatures, length): only then is
+    #: its recomputation a figure of what the hospital signed, entry for entry.
+    server_chain_verified: bool = False
 
     @property
     def chain_ok(self) -> bool:
@@ -143,7 +150,21 @@ class HospitalAudit:
 
     @property
     def final_recomputed(self) -> float | None:
+        """The final epsilon recomputed from the server's chain."""
         return self.entries[-1].recomputed if self.entries else None
+
+    @property
+    def final_spent(self) -> float | None:
+        """The epsilon the hospital spent as far as the audit can establish it: the
+        larger of the final recomputations from the server's chain and from its own
+        copy (when that verifies and differs). A chain that lost entries composes fewer
+        events, so the longer record's figure is the one that bounds the spending."""
+        figures = [x for x in (self.final_recomputed, self.own_copy_recomputed)
+                   if x is not None]
+        known = [x for x in figures if not math.isnan(x)]
+        if known:
+            return max(known)
+        return figures[0] if figures else None
 
     @property
     def largest_difference(self) -> float:
@@ -172,6 +193,9 @@ class AuditResult:
     rounds: list[int]
     #: report.json was given but has no final summary: the run did not finish.
     unfinished_run: bool = False
+    #: Where ``budget`` came from: "--budget" (the officer's), "report.json" (the
+    #: run's target_epsilon, written by the coordinator), or None (no budget).
+    budget_source: str | None = None
 
     @property
     def completeness_unchecked(self) -> dict[str, str]:
@@ -434,6 +458,8 @@ def verify_federation(
     """
     if not (0.0 < tolerance < 0.5):
         raise AuditInputError(f"tolerance must lie in (0, 0.5) (got {tolerance})")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise AuditInputError(f"the budget must be a finite number > 0 (got {budget})")
     try:
         roster = SignerRoster.read(roster_path)
     except LedgerError as exc:
@@ -444,14 +470,22 @@ def verify_federation(
         cid: _ledger(Path(p), f"{cid}'s own copy") for cid, p in (hospital_copies or {}).items()
     }
     config = report.config if report is not None else {}
-    if budget is None and report is not None:
-        raw = report.config_value("target_epsilon")
-        budget = _number(raw) if raw is not None else None
     findings: list[Finding] = []
     hospitals: dict[str, HospitalAudit] = {}
 
     def fail(cid: str, topic: str, message: str) -> None:
         findings.append(Finding(FAIL, cid, topic, message))
+
+    budget_source = "--budget" if budget is not None else None
+    if budget is None and report is not None:
+        raw = report.config_value("target_epsilon")
+        target = _number(raw) if raw is not None else None
+        if target is not None and math.isfinite(target) and target > 0:
+            budget, budget_source = target, "report.json"
+        elif raw is not None:
+            fail("", "budget", (
+                f"report.json's target_epsilon is {_shown(raw)}, not a finite number > 0: "
+                "no budget could be checked (give --budget from the hospitals' policies)"))
 
     last_seen = report.last_per_client() if report is not None else {}
     names = sorted(set(chains) | set(copies) | set(last_seen))
@@ -477,6 +511,7 @@ def verify_federation(
         chain = chains.get(cid, [])
         h = HospitalAudit(cid)
         hospitals[cid] = h
+        report_budget = budget_source == "report.json"
         # 1. integrity
         key = roster.keys.get(cid)
         if key is None:
@@ -491,6 +526,7 @@ def verify_federation(
         if check is not None:
             h.verified = check.verified
             h.chain_problem = check.problem
+            h.server_chain_verified = check.ok
             if check.problem:
                 fail(cid, "integrity", f"{cid}'s ledger fails verification: {check.problem}")
             head = seen.ledger_head if seen is not None else ""
@@ -540,20 +576,19 @@ def verify_federation(
             else:
                 fail(cid, "epsilon", message)
         # 5. budget (an infinite recomputation is named by _check_finite, budget included)
-        known = [x for x in recomputed if not math.isnan(x)]
-        if budget is not None and math.isfinite(budget) and known and math.isfinite(max(known)):
-            top = max(known)
-            limit = budget / (1 - BUDGET_TOLERANCE)  # PRV >= 0.995 PLD: PRV > budget
-            if top > limit and pld_discretization > PLD_DISCRETIZATION:
-                # A coarser grid is more pessimistic: confirm at the reference grid.
-                top = max((x for x in recompute_epsilons(chain, PLD_DISCRETIZATION)
-                           if not math.isnan(x)), default=top)
-            if top > limit or max(e.epsilon for e in chain) > budget:
-                fail(cid, "budget", f"{cid} reached ε={_fmt(top)}, past the budget of "
-                                    f"{budget:g}")
+        if budget is not None:
+            _check_budget(cid, chain, recomputed, budget, pld_discretization, fail,
+                          f"{cid} reached", report_budget)
         # 4. the hospital's own copy
         if cid in copies:
-            _compare_copy(h, chain, copies[cid], roster, fail)
+            own = copies[cid]
+            if _compare_copy(h, chain, own, roster, fail):
+                # It verifies and differs from the server's: what it composes counts too.
+                own_eps = recompute_epsilons(own, pld_discretization)
+                h.own_copy_recomputed = own_eps[-1] if own_eps else None
+                if budget is not None:
+                    _check_budget(cid, own, own_eps, budget, pld_discretization, fail,
+                                  f"{cid}'s own copy reaches", report_budget)
         if report is not None:
             _check_report_rows(h, chain, recomputed, report, carried, tolerance, fail)
     if report is not None:
@@ -575,8 +610,36 @@ def verify_federation(
     return AuditResult(
         str(ledger_path), str(roster_path), str(report_path) if report_path else None,
         roster.federation_id, tolerance, budget, accountant_description(pld_discretization),
-        hospitals, findings, rounds, unfinished,
+        hospitals, findings, rounds, unfinished, budget_source,
     )
+
+
+def _check_budget(
+    cid: str, chain: list[LedgerEntry], recomputed: list[float], budget: float,
+    pld_discretization: float, fail: Callable[[str, str, str], None], who: str,
+    report_budget: bool,
+) -> None:
+    """No reported epsilon of ``chain`` past ``budget``, no recomputed one past it by more
+    than :data:`BUDGET_TOLERANCE` (an infinite or NaN recomputation is named by
+    :func:`_check_finite`)."""
+    known = [x for x in recomputed if not math.isnan(x)]
+    if not (known and math.isfinite(max(known))):
+        return
+    top = max(known)
+    limit = budget / (1 - BUDGET_TOLERANCE)  # PRV >= 0.995 PLD: PRV > budget
+    if top > limit and pld_discretization > PLD_DISCRETIZATION:
+        # A coarser grid is more pessimistic: confirm at the reference grid.
+        top = max((x for x in recompute_epsilons(chain, PLD_DISCRETIZATION)
+                   if not math.isnan(x)), default=top)
+    if top > limit or max(e.epsilon for e in chain) > budget:
+        source = " (report.json's target_epsilon)" if report_budget else ""
+        fail(cid, "budget", f"{who} ε={_fmt(top)}, past the budget of {budget:g}{source}")
+
+
+def _shown(value: object) -> str:
+    """A value from a hostile file, short enough for one line."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_length(
@@ -682,8 +745,8 @@ def _check_final(
 ) -> None:
     if report.final is None:  # an unfinished run: verify_federation notes it
         return
-    finals = [h.final_recomputed for h in hospitals.values()
-              if h.final_recomputed is not None and not math.isnan(h.final_recomputed)]
+    finals = [h.final_spent for h in hospitals.values()
+              if h.final_spent is not None and not math.isnan(h.final_spent)]
     if not finals:
         return
     claimed = report.final_epsilon
@@ -696,12 +759,16 @@ def _check_final(
 def _compare_copy(
     h: HospitalAudit, server: list[LedgerEntry], own: list[LedgerEntry],
     roster: SignerRoster, fail: Callable[[str, str, str], None],
-) -> None:
-    """The hospital's own copy against the server's, line by line."""
+) -> bool:
+    """The hospital's own copy against the server's, line by line; returns whether the
+    copy verifies on its own and differs from the server's chain (then its epsilon is a
+    figure of its own)."""
     cid = h.client_id
     key = roster.keys.get(cid)
+    own_ok = False
     if key is not None:
         own_check = check_chain(own, key, client_id=cid)
+        own_ok = own_check.ok
         if not own_check.ok:
             fail(cid, "copy", f"{cid}'s own copy fails verification: {own_check.problem}")
     differences: list[str] = []
@@ -731,5 +798,6 @@ def _compare_copy(
             fail(cid, "copy", f"{cid}'s own copy and the server's differ: {d}")
         if len(differences) > MAX_COPY_DIFFERENCES:
             fail(cid, "copy", f"... and {len(differences) - MAX_COPY_DIFFERENCES} more lines")
-    else:
-        h.copy_status = f"identical ({len(own)} lines)"
+        return own_ok
+    h.copy_status = f"identical ({len(own)} lines)"
+    return False
