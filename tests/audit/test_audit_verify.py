@@ -846,7 +846,8 @@ def test_any_value_in_any_report_field_gets_a_verdict_never_a_traceback(
     if code == 0:
         assert out.lstrip().startswith("PASS — ")
         if path == "config.target_epsilon":
-            assert isinstance(value, int | float) and math.isfinite(value) and value > 0
+            assert (isinstance(value, int | float) and math.isfinite(value) and value > 0) or (
+                value is None and "No budget was checked" in out), out
         if path.endswith(".steps"):
             assert type(value) is int and all(
                 line["steps"] == value for row in original["rounds"]

@@ -730,7 +730,10 @@ def _check_report_rows(
                                 f"ledger up to round {r} gives ε={_fmt(eps)}: {why}")
         steps = v.steps
         ledger_steps = sum(chain[i].event.steps for i in upto)
-        if steps is not None and steps != ledger_steps:
+        if steps is None:
+            fail(cid, "report", f"report.json round {r} gives {cid} no step count, so the "
+                                "DP-SGD steps it reports cannot be checked against its ledger")
+        elif steps != ledger_steps:
             fail(cid, "report", f"report.json round {r} says {cid} ran {steps} DP-SGD steps in "
                                 f"all, its ledger records {ledger_steps}")
         trained = cid in row.trained or v.trained
