@@ -23,10 +23,12 @@ from bract.audit.secagg_audit import (
 )
 from bract.audit.uniformity import independence_test, uniformity_test
 from bract.cli import main
-from bract.secagg.crypto import KeystreamAccumulator, keystream, x25519_shared
+from bract.secagg.crypto import KeystreamAccumulator, SigningKey, keystream, x25519_shared
+from bract.secagg.driver import SHARED_INPUT_DIGEST
 from bract.secagg.encoding import EncodingConfig, encode
-from bract.secagg.messages import MaskedInput
-from bract.secagg.recording import ServerView, read_view, write_view
+from bract.secagg.messages import MaskedInput, MaskRequest, UnmaskReply, UnmaskRequest
+from bract.secagg.protocol import ClientPolicy, ClientSession, ServerSession
+from bract.secagg.recording import RecordingServerSession, ServerView, read_view, write_view
 
 SMALL = SecAggAuditConfig(clients=6, dim=4000, dropouts=2)
 
@@ -405,3 +407,89 @@ def test_protocol_v2_runs_with_a_dropout_after_sharing_every_round_expose_nobody
     assert all(c.passed for c in checks), [c.detail for c in checks]
     for v, c in zip(views, checks, strict=True):
         assert c.statistics[0]["isolable_sums"] == [sorted(v.unmask_request.alive)]
+
+
+# ------------------------------------- each client's own sharer list (dishonest server)
+
+
+class _HidePeers(ServerSession):
+    """A dishonest server: the mask request of each node in ``hide`` leaves out the
+    given peers (their names, headers and share ciphertexts), so that node masks
+    with fewer peers than the others believe it does."""
+
+    hide: dict[int, set[int]]  # node -> the peers left out of its request
+
+    def mask_requests(self) -> dict[int, MaskRequest]:
+        reqs = super().mask_requests()
+        for u, peers in self.hide.items():
+            r = reqs[u]
+            keep = [i for i, v in enumerate(r.senders) if v not in peers]
+            reqs[u] = dataclasses.replace(
+                r, sharers=[v for v in r.sharers if v not in peers],
+                senders=[r.senders[i] for i in keep], headers=[r.headers[i] for i in keep],
+                ciphertexts=[r.ciphertexts[i] for i in keep])
+        return reqs
+
+
+class _RecordedHidePeers(RecordingServerSession, _HidePeers):
+    """The recording server logs the requests the dishonest one actually sends."""
+
+
+def _relaxed_reply(client: ClientSession, alive: set[int]) -> UnmaskReply:
+    """The reply ``client`` would send for ``alive`` if it skipped the quorum check
+    (seed shares of its alive peers, key shares of the rest, one per peer)."""
+    rnd, me = client._round, client.node_id
+    peers = [v for v in rnd.nbhd[me] if v == me or v in rnd.received]
+    held = {v: rnd.own_shares if v == me else rnd.received[v] for v in peers}
+    seed, key = [v for v in peers if v in alive], [v for v in peers if v not in alive]
+    return UnmaskReply(rnd.config.federation_id, rnd.config.round, me,
+                       seed, [held[v][0] for v in seed], [held[v][1] for v in seed],
+                       key, [held[v][2] for v in key], [held[v][3] for v in key])
+
+
+def test_a_victim_whose_sharer_list_hides_peers_is_exposed_and_the_audit_names_it(
+        tmp_path, capsys) -> None:
+    """Five hospitals, c = 0, t = 3. The recorded server leaves peers 3 and 4 out of
+    victim 0's mask request only, so 0 masks with 1 and 2 alone while 3 and 4 mask
+    with 0. Split views, answered by clients that skip the quorum check: 3 and 4 see
+    (alive {0, 3, 4}, dropped {1, 2}), 0 sees (alive {0}, dropped {1, 2}). The server
+    reconstructs 0's seed and the mask keys of 1 and 2: every mask of 0's input, so
+    its update alone. An audit that took every client to mask with the union of the
+    lists (so 0 with 3 and 4, whose keys stay hidden) passed this view; the audit
+    reads each client's own list and fails, naming node 0."""
+    n, victim, hidden = 5, 0, {3, 4}
+    keys = {i: SigningKey.generate() for i in range(n)}
+    roster = {i: k.public_bytes() for i, k in keys.items()}
+    server = _RecordedHidePeers("fed-split", roster, colluders=0)
+    server.hide = {victim: hidden}
+    clients = {i: ClientSession(i, "fed-split", keys[i], roster, ClientPolicy(colluders=0))
+               for i in range(n)}
+    for v, c in clients.items():
+        server.receive_advertisement(c.advertise_keys(), origin=v)
+    cfg = server.start_round(1, range(n), 100)
+    assert (cfg.threshold, cfg.min_honest) == (3, 2)
+    for v in range(n):
+        server.receive_shares(clients[v].handle_round_config(cfg))
+    rng = np.random.default_rng(0)  # test data only
+    inputs = {v: (rng.uniform(-1, 1, 100).astype(np.float32), 10 + v) for v in range(n)}
+    for v, req in server.mask_requests().items():
+        server.receive_masked_input(clients[v].handle_mask_request(
+            req, *inputs[v], input_digest=SHARED_INPUT_DIGEST))
+    views = [({0, 3, 4}, {1, 2}, [3, 4]), ({victim}, {1, 2}, [victim])]
+    for alive, dropped, answering in views:
+        server.log.append(("out", UnmaskRequest("fed-split", 1, sorted(alive), sorted(dropped),
+                                                [], [])))
+        server.log += [("in", _relaxed_reply(clients[v], alive)) for v in answering]
+    view = ServerView(1, list(server.log), np.zeros(100), 0, inputs, aborted=True)
+    assert view.sharer_lists[victim] == {0, 1, 2}
+    assert all(view.sharer_lists[v] == set(range(n)) for v in range(1, n))
+
+    report = audit_views([view])
+    (knowledge,) = report.checks
+    assert not report.passed and knowledge.name == "knowledge-across-rounds"
+    assert "EXPOSED" in knowledge.detail and "node 0" in knowledge.detail
+    assert knowledge.statistics[0]["isolable_sums"] == [[victim]]
+    write_view(view, tmp_path / "v")
+    assert main(["audit", "secagg", "--view", str(tmp_path / "v"),
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "node 0" in capsys.readouterr().out

@@ -12,9 +12,13 @@ secrets let it remove, and checks what is left.
     key reconstructed in any round removes, in *every* round, each pair mask made
     with it. Then, per round, a masked input helps the server only if its self
     mask is removable; pair masks that no known key removes cancel only between
-    two such inputs. The sums the server can isolate are therefore the sums over
-    the connected components (by unremovable pair masks) of the inputs with a
-    known seed that have no unremovable mask to an input outside. The check fails
+    two such inputs. A client's pair masks are those with the neighbours in the
+    sharer list of *its own* mask request (a dishonest server may send clients
+    different lists), so the mask of ``{u, v}`` cancels only when each of the two
+    listed the other; one only ``u`` applied masks ``u``'s input for good. The sums
+    the server can isolate are therefore the sums over the connected components
+    (by unremovable pair masks both ends applied) of the inputs with a known seed
+    that hold no unremovable mask without its partner among them. The check fails
     if any such component holds fewer than ``h`` clients (``min_honest`` of the
     round's config; 2 for views of protocol v1, which had no such field): that
     client's (or those few clients') update, weight included, is recoverable.
@@ -103,6 +107,7 @@ from bract.secagg.recording import (
     LegacyMessage,
     RecordingServerSession,
     ServerView,
+    own_sharer_lists,
     write_view,
 )
 
@@ -320,7 +325,9 @@ class _RoundFacts:
     threshold: int
     min_honest: int
     nbhd: dict[int, tuple[int, ...]]
-    sharers: set[int]
+    #: node -> the sharer list of the mask request the server sent it (the
+    #: intersection, if it sent it several: the masks it surely applied).
+    partners: dict[int, set[int]]
     mask_public: dict[int, bytes]  # node -> the X25519 mask public key it masked with
     held: set[int]  # nodes whose masked input the server holds (on time or late)
     seed_points: dict[int, list[tuple[int, int]]]
@@ -337,15 +344,13 @@ def _facts(view: ServerView) -> _RoundFacts | None:
         cfg = cfgs[0]
         parts = cfg["participants"]
         nbhd = closed_neighbourhoods(parts, cfg["graph_kind"], cfg["degree"], cfg["graph_seed"])
-        sharers: set[int] = set()
-        for d, m in msgs:
-            if d == "out" and m.kind == "secagg.mask_request":
-                sharers |= set(m.fields["sharers"])
+        partners = own_sharer_lists((m.fields["node_id"], m.fields["sharers"]) for d, m in msgs
+                                    if d == "out" and m.kind == "secagg.mask_request")
         held = {m.fields["node_id"] for d, m in msgs if m.kind == "secagg.masked_input"
                 and d in ("in", "late")}
         replies = [m for d, m in msgs if d == "in" and m.kind == "secagg.unmask_reply"]
         seed_pts, key_pts = _points(replies)
-        return _RoundFacts(view.round, cfg["threshold"], 2, nbhd, sharers,
+        return _RoundFacts(view.round, cfg["threshold"], 2, nbhd, partners,
                            dict(zip(parts, cfg["mask_publics"], strict=True)), held, seed_pts,
                            key_pts)
     try:
@@ -353,12 +358,10 @@ def _facts(view: ServerView) -> _RoundFacts | None:
     except ValueError:
         return None
     nbhd = closed_neighbourhoods(cfg.participants, cfg.graph_kind, cfg.degree, cfg.graph_seed)
-    sharers = set()
-    for m in view._of("out", MaskRequest):
-        sharers |= set(m.sharers)
+    partners = view.sharer_lists
     held = set(view.masked) | set(view.late)
     seed_pts, key_pts = _points(view.unmask_replies)
-    return _RoundFacts(view.round, cfg.threshold, cfg.min_honest, nbhd, sharers,
+    return _RoundFacts(view.round, cfg.threshold, cfg.min_honest, nbhd, partners,
                        {u: m.mask_public for u, m in view.shares.items()}, held, seed_pts,
                        key_pts)
 
@@ -377,13 +380,19 @@ def _reconstructed(points: Mapping[int, list[tuple[int, int]]], t: int) -> dict[
 def _isolable_sums(f: _RoundFacts, usable: set[int], known_keys: set[bytes]) -> list[set[int]]:
     """The groups of clients whose summed update the server can compute in round ``f``.
 
-    ``usable``: inputs the server holds with a removable self mask. Two of them are
-    joined by a pair mask no known key removes (it cancels only in their sum); a
-    group with such a mask to any input outside ``usable`` stays masked.
+    ``usable``: inputs the server holds with a removable self mask. ``u`` applied the
+    pair mask of ``{u, v}`` when ``v`` is a neighbour in ``u``'s own sharer list (a
+    held input whose mask request the view lacks is taken to hold none). Two usable
+    inputs are joined by a pair mask no known key removes that both applied (it
+    cancels only in their sum); a group holding such a mask whose other end did not
+    apply it, or is outside ``usable``, stays masked.
     """
     def hidden(u: int, v: int) -> bool:
         return (f.mask_public.get(u) not in known_keys
                 and f.mask_public.get(v) not in known_keys)
+
+    def masks_with(u: int, v: int) -> bool:
+        return v != u and v in f.nbhd.get(u, ()) and v in f.partners.get(u, ())
 
     parent = {u: u for u in usable}
 
@@ -396,9 +405,9 @@ def _isolable_sums(f: _RoundFacts, usable: set[int], known_keys: set[bytes]) -> 
     leaky: set[int] = set()
     for u in usable:
         for v in f.nbhd.get(u, ()):
-            if v == u or v not in f.sharers or not hidden(u, v):
+            if not masks_with(u, v) or not hidden(u, v):
                 continue
-            if v in usable:
+            if v in usable and masks_with(v, u):
                 parent[root(u)] = root(v)
             else:
                 leaky.add(u)
@@ -477,6 +486,7 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
         raise ValueError(f"the view lacks the masked inputs of alive nodes {missing}.")
     secrets_ = _reconstruct(view)
     nbhd = closed_neighbourhoods(cfg.participants, cfg.graph_kind, cfg.degree, cfg.graph_seed)
+    own = view.sharer_lists  # the pair masks each client applied: its own list's
     truth = view.inputs
     rnd = view.round
     results = []
@@ -502,7 +512,7 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
             raise ValueError(f"no shares of survivor {u}'s self-mask seed in the view.")
         r = _ring(masked[u], cfg) - _stream(secrets_.self_keys[u], cfg)
         for v in dropped:
-            if v in nbhd[u] and v in secrets_.mask_private:
+            if v in nbhd[u] and v in own.get(u, ()) and v in secrets_.mask_private:
                 r = r - _pair_mask(cfg, publics, secrets_.mask_private[v], v, u, applier=u)
         residuals[u] = r
         ok, s = _test_vector(r, cfg, alpha, truth.get(u))
@@ -535,13 +545,12 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
     # 3. late masked inputs of dropped clients, all pair masks removed
     late = view.late
     stats, bad = [], []
-    sharers = set(view.sharers)
     for v, msg in sorted(late.items()):
         if v not in secrets_.mask_private:
             continue  # its mask key was not reconstructed: even more hidden
         r = _ring(msg, cfg)
         for u in nbhd[v]:
-            if u != v and u in sharers:
+            if u != v and u in own.get(v, ()):
                 r = r - _pair_mask(cfg, publics, secrets_.mask_private[v], v, u, applier=v)
         ok, s = _test_vector(r, cfg, alpha, truth.get(v))
         stats.append({"node": v, **s})

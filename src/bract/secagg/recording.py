@@ -20,7 +20,7 @@ Pure: imports neither flwr nor torch.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,19 @@ def _message_from_raw(raw: bytes) -> Message | LegacyMessage:
                          "masked inputs carried the signed digest of their global model); "
                          "this audit reads views of protocol v3: record the run again")
     return message_from_dict(d)
+
+
+def own_sharer_lists(requests: Iterable[tuple[int, Sequence[int]]]) -> dict[int, set[int]]:
+    """Each addressee's sharer list, from ``(node_id, sharers)`` of the mask requests sent.
+
+    A node sent several requests (it answers one) gets their intersection: the peers
+    it masked with whichever it answered. Assuming fewer pair masks than a client
+    applied never hides an isolable sum from an audit; assuming one it never applied
+    could."""
+    out: dict[int, set[int]] = {}
+    for node, sharers in requests:
+        out[node] = out[node] & set(sharers) if node in out else set(sharers)
+    return out
 
 
 @dataclass
@@ -148,9 +161,18 @@ class ServerView:
 
     @property
     def sharers(self) -> tuple[int, ...]:
-        """Clients that shared keys in stage 1 (from the server's mask requests)."""
+        """Clients that shared keys in stage 1, as the first mask request lists them (an
+        honest server sends every client the same list; see :attr:`sharer_lists`)."""
         reqs = self._of("out", MaskRequest)
         return tuple(reqs[0].sharers) if reqs else ()
+
+    @property
+    def sharer_lists(self) -> dict[int, set[int]]:
+        """Each client's own sharer list, from the mask request the server sent it: the
+        peers (within its neighbourhood) whose pair masks its masked input holds. A
+        client sent several requests (a dishonest server) gets their intersection,
+        the peers it masked with whichever one it answered."""
+        return own_sharer_lists((m.node_id, m.sharers) for m in self._of("out", MaskRequest))
 
 
 class RecordingServerSession(ServerSession):
