@@ -818,6 +818,79 @@ def test_harary_split_views_of_two_colluders_never_isolate_an_update() -> None:
     assert answered == 0  # every signer holds a share of a peer without a quorum
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(4, 7), st.data())
+def test_the_secagg_audit_isolates_exactly_the_sums_the_oracle_does(n, data) -> None:
+    """Property: for any sharer list per client (each its own, at least t of them, as a
+    dishonest server may send), any set of masked inputs reaching the server and any
+    unmask replies from any clients (each revealing, of every peer whose shares it
+    holds, the seed share, the key share, both or neither, as drawn per peer: no
+    quorum check), ``bract audit secagg``'s knowledge check on the recorded view finds
+    exactly the isolable honest sums this oracle finds, and fails exactly when one
+    holds fewer than h clients."""
+    from bract.audit.secagg_audit import knowledge_across_rounds
+    from bract.secagg.recording import ServerView
+
+    f = make_federation(n)
+    advertise_all(f)
+    inputs = random_inputs(n, D)
+    cfg = f.server.start_round(1, range(n), D)
+    shares = {v: f.clients[v].handle_round_config(cfg) for v in range(n)}
+    for msg in shares.values():
+        f.server.receive_shares(msg)
+    reqs = f.server.mask_requests()
+    t, everyone = cfg.threshold, list(range(n))
+
+    def subset(label, p):
+        """Each client in with probability (p - 1) / p."""
+        picks = data.draw(st.lists(st.integers(0, p - 1), min_size=n, max_size=n),
+                          label=label)
+        return {v for v, k in zip(everyone, picks, strict=True) if k < p - 1}
+
+    lists = {}
+    for v in everyone:
+        others = data.draw(st.permutations([u for u in everyone if u != v]))
+        lists[v] = {v, *others[:data.draw(st.integers(t - 1, n - 1), label=f"|list of {v}|")]}
+        r = reqs[v]
+        keep = [i for i, u in enumerate(r.senders) if u in lists[v]]
+        reqs[v] = replace(r, sharers=sorted(lists[v]), senders=[r.senders[i] for i in keep],
+                          headers=[r.headers[i] for i in keep],
+                          ciphertexts=[r.ciphertexts[i] for i in keep])
+    masked = {v: f.clients[v].handle_mask_request(reqs[v], *inputs[v],
+                                                  input_digest=SHARED_INPUT_DIGEST)
+              for v in everyone}
+    held = subset("held", p=4)
+    revealed = {v: data.draw(st.sampled_from(("seed", "key", "both", "neither")),
+                             label=f"shares of {v} revealed") for v in everyone}
+    replies = []
+    for v in sorted(subset("replying", p=4)):
+        rnd = f.clients[v]._round
+        peers = [u for u in rnd.nbhd[v] if u == v or u in rnd.received]
+        got = {u: rnd.own_shares if u == v else rnd.received[u] for u in peers}
+        seed = [u for u in peers if revealed[u] in ("seed", "both")]
+        key = [u for u in peers if revealed[u] in ("key", "both")]
+        replies.append(UnmaskReply(f.fed, 1, v, seed, [got[u][0] for u in seed],
+                                   [got[u][1] for u in seed], key, [got[u][2] for u in key],
+                                   [got[u][3] for u in key]))
+
+    adv = Adversary(f, cfg, set())
+    adv.add_shares(shares)
+    adv.partners = lists
+    adv.masked = held
+    for r in replies:
+        adv.add_reply(r)
+    expected = sorted(sorted(g) for g in adv.isolable_honest_sums())
+
+    log = [("out", cfg), *(("in", shares[v]) for v in everyone),
+           *(("out", reqs[v]) for v in everyone), *(("in", masked[v]) for v in sorted(held)),
+           *(("in", r) for r in replies)]
+    view = ServerView(1, log, np.zeros(D), 0, aborted=True)
+    assert {v: view.sharer_lists[v] for v in everyone} == lists
+    (check,) = knowledge_across_rounds([view])
+    assert sorted(check.statistics[0]["isolable_sums"]) == expected
+    assert check.passed == all(len(g) >= cfg.min_honest for g in expected)
+
+
 def test_a_client_whose_input_breaks_the_encoding_makes_the_round_abort_cleanly() -> None:
     """A malicious client masks a vector whose weight field is 'negative' in the ring:
     the unmasked sum does not decode, and finish() aborts the round (RoundAborted),
