@@ -33,6 +33,58 @@ def test_argument_errors_name_the_problem(argv, needle, capsys) -> None:
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["simulate", "compare"])
+@pytest.mark.parametrize(("device", "cuda", "needle"), [
+    ("tpu", 0, "argument --device: must be cpu, cuda or cuda:N, got 'tpu'"),
+    ("cuda:x", 1, "argument --device: must be cpu, cuda or cuda:N, got 'cuda:x'"),
+    ("cuda", 0, "argument --device: cuda was asked for but torch sees no CUDA device"),
+    ("cuda:0", 0, "argument --device: cuda:0 was asked for but torch sees no CUDA device"),
+    ("cuda:1", 1, "argument --device: cuda:1 was asked for but this machine has 1 CUDA"),
+])
+def test_a_device_this_machine_cannot_train_on_is_refused_while_parsing(
+        command, device, cuda, needle, capsys, monkeypatch) -> None:
+    """--device is checked where it is parsed (exit 2, naming the flag), before Ray
+    starts: a name torch does not know, or CUDA where torch sees none (or fewer)."""
+    import torch
+
+    from bract.cli import build_parser
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([command, "--device", device])
+    assert exc.value.code == 2
+    assert needle in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_device_this_machine_has_is_taken(monkeypatch) -> None:
+    import torch
+
+    from bract.cli import build_parser
+    from bract.flower.config import FederationConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert build_parser().parse_args(["simulate", "--device", device]).device == device
+    with pytest.raises(ValueError, match=r"device='tpu': must be cpu, cuda or cuda:N"):
+        FederationConfig(device="tpu")
+
+
+def test_a_library_run_on_missing_cuda_is_refused_before_ray_starts(tmp_path,
+                                                                      monkeypatch) -> None:
+    import torch
+
+    from bract.flower.config import FederationConfig
+    from bract.flower.simulation import SimulationConfig, validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = SimulationConfig(FederationConfig(dataset="breast-cancer", device="cuda",
+                                            out=tmp_path))
+    with pytest.raises(ValueError, match="device cuda was asked for but torch sees no CUDA"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

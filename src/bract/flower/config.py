@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,9 +32,54 @@ if TYPE_CHECKING:
     from bract.flower.client import PrivacyPolicy
     from bract.tasks import TaskConfig
 
-__all__ = ["OPTIONS", "RUN_CONFIG_DEFAULTS", "FederationConfig", "Option"]
+__all__ = ["OPTIONS", "RUN_CONFIG_DEFAULTS", "FederationConfig", "Option", "check_device",
+           "device_arg", "device_problem"]
 
 _DATASETS = ("synthetic", "breast-cancer", "diabetes", "medmnist", "imagefolder")
+
+#: What ``device`` takes (anything else, e.g. ``tpu`` or ``cuda:x``, is refused by name).
+DEVICES_TEXT = "cpu, cuda or cuda:N"
+
+
+def check_device(value: str) -> str:
+    """``value`` if it names a device bract trains on (cpu, cuda, cuda:N), else
+    ``ValueError`` saying what it takes."""
+    if value in ("cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", value):
+        return value
+    raise ValueError(f"must be {DEVICES_TEXT}")
+
+
+def device_problem(device: str | None) -> str | None:
+    """Why this machine cannot train on ``device`` (CUDA asked for where torch sees
+    none, or a CUDA index past the last one), or ``None`` when it can. ``None`` (CUDA
+    when available, else the CPU) and ``cpu`` always can; torch is imported only for
+    a CUDA device."""
+    if device in (None, "auto", "cpu"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return (f"{device} was asked for but torch sees no CUDA device on this machine: "
+                "use cpu, or leave the device out (CUDA when available, else the CPU)")
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        return (f"{device} was asked for but this machine has {count} CUDA device(s): "
+                f"cuda:0 to cuda:{count - 1}")
+    return None
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type`` of a local ``--device``: cpu, cuda or cuda:N, and a CUDA device
+    only where this machine has it (``ArgumentTypeError`` naming what it takes)."""
+    try:
+        value = check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, got {text!r}") from None
+    problem = device_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 @dataclass(frozen=True)
@@ -43,7 +89,9 @@ class Option:
     ``unset`` is the run-config word for "not set" (``None`` in Python); an option
     without one always has a value. ``low``/``high`` bound numbers (``open_low``:
     the low bound itself is excluded). ``flag``: offered on the command line;
-    ``run_config``: travels in Flower's run config.
+    ``run_config``: travels in Flower's run config. ``form`` checks a text value's
+    form (``ValueError``), ``accepts`` then says what it takes, and ``argtype``, when
+    given, is the flag's argparse ``type`` (a check only the parsing machine can make).
     """
 
     name: str
@@ -58,6 +106,9 @@ class Option:
     open_high: bool = False
     flag: bool = True
     run_config: bool = True
+    form: Callable[[str], str] | None = None
+    accepts: str = ""
+    argtype: Callable[[str], Any] | None = None
 
     @property
     def key(self) -> str:
@@ -73,7 +124,9 @@ class Option:
         return " and ".join(parts)
 
     def _accepts(self) -> str:
-        if self.choices:
+        if self.accepts:
+            what = self.accepts
+        elif self.choices:
             what = "one of " + ", ".join(self.choices)
         elif self.kind is int:
             what = f"an integer {self._bounds_text()}".strip()
@@ -112,6 +165,11 @@ class Option:
             raise ValueError(f"must be {self._accepts()}")
         if self.choices and value not in self.choices:
             raise ValueError(f"must be {self._accepts()}")
+        if self.form is not None:
+            try:
+                return self.form(value)
+            except ValueError:
+                raise ValueError(f"must be {self._accepts()}") from None
         return value
 
     def _within(self, value: float) -> bool:
@@ -206,7 +264,9 @@ OPTIONS: tuple[Option, ...] = (
            "backward pass; what auto picks when the model allows) or hooks (Opacus); "
            "hospitals refuse Opacus's ghost clipping",
            choices=("auto", "hooks", "bk")),
-    Option("device", str, None, "cpu or cuda (default: cuda if available)", run_config=False),
+    Option("device", str, None, "cpu, cuda or cuda:N; a CUDA device only where torch sees "
+           "it (default: cuda if available)", run_config=False, form=check_device,
+           accepts=DEVICES_TEXT, argtype=device_arg),
     Option("secagg", bool, True, "secure aggregation (--no-secagg: plain FedAvg, updates "
            "in clear)"),
     Option("secagg_clip", float, 8.0, "bound on each update coordinate for the fixed-point "
@@ -411,8 +471,8 @@ class FederationConfig:
                 continue
             parser.add_argument(
                 f"--{option.key}", dest=name, default=default, help=text,
-                type=option.from_text, metavar=option.key.upper().replace("-", "_")
-                if not option.choices else None,
+                type=option.argtype or option.from_text,
+                metavar=option.key.upper().replace("-", "_") if not option.choices else None,
                 choices=[*option.choices] if option.choices else None,
             )
 

@@ -158,6 +158,11 @@ def _identities(cfg: SimulationConfig) -> tuple[Roster, list[SecAggIdentity]]:
 
 def validate(cfg: SimulationConfig) -> None:
     """Fail fast, before Ray starts, on a configuration no hospital could run."""
+    from bract.flower.config import device_problem
+
+    problem = device_problem(cfg.policy.device)
+    if problem:  # every hospital here would fail its first round on it
+        raise ValueError(f"device {problem}")
     ds = tasks.dataset_for(cfg.task)
     if cfg.task.clients > ds.n_train:
         raise PrivacyError(
@@ -298,7 +303,8 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
     client_app = apps.client_app(hospitals)
     from flwr.simulation import run_simulation
 
-    use_gpu = torch.cuda.is_available() and cfg.policy.device in (None, "auto", "cuda")
+    device = cfg.policy.device
+    use_gpu = torch.cuda.is_available() and (device in (None, "auto") or device.startswith("cuda"))
     backend_config = {
         # On a GPU machine the hospitals share the GPU; Ray hides it when num_gpus is 0.
         "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / cfg.task.clients if use_gpu else 0.0},
