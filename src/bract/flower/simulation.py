@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -240,9 +241,14 @@ def keep_sigterm_handler() -> Iterator[None]:
     with Ray's own (``sys.exit`` from a signal handler, which under Flower's simulation
     ends in an abort and a page of Ray's output). So a SIGTERM to ``bract simulate``
     reaches :func:`bract.flower.interrupt.interruptible`'s stop (every child stopped,
-    one ``interrupted:`` line, exit 143). Where no handler is installed (SIGTERM's
-    default), Ray installs its own as usual."""
+    one ``interrupted:`` line, exit 143). Ray's driver also installs a C++ failure
+    handler for SIGTERM in ``ray.init`` (it prints ``*** SIGTERM received ...`` and a
+    stack address before calling the previous handler); an installed Python handler
+    is put back in its place right after ``ray.init``, so a SIGTERM prints only
+    bract's line. Where no handler is installed (SIGTERM's default), Ray installs its
+    own as usual."""
     try:
+        import ray
         import ray._private.utils as ray_utils
     except ImportError:
         yield
@@ -251,16 +257,28 @@ def keep_sigterm_handler() -> Iterator[None]:
     if original is None:
         yield
         return
+    ray_init = ray.init
 
     def set_unless_installed(handler: Callable[..., Any]) -> None:
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
             original(handler)
 
+    def init_keeping_handler(*args: Any, **kwargs: Any) -> Any:
+        installed = signal.getsignal(signal.SIGTERM)
+        try:
+            return ray_init(*args, **kwargs)
+        finally:
+            if (callable(installed) and threading.current_thread() is threading.main_thread()
+                    and signal.getsignal(signal.SIGTERM) is installed):
+                signal.signal(signal.SIGTERM, installed)  # over Ray's C++ handler
+
     ray_utils.set_sigterm_handler = set_unless_installed
+    ray.init = init_keeping_handler
     try:
         yield
     finally:
         ray_utils.set_sigterm_handler = original
+        ray.init = ray_init
 
 
 def run(cfg: SimulationConfig) -> dict[str, Any]:
