@@ -96,6 +96,38 @@ def _run_app(rc: dict, node_configs: list[dict] | None = None) -> dict:
     return json.loads((Path(rc["out"]) / "report.json").read_text())
 
 
+@pytest.mark.parametrize(("rc", "needle"), [
+    ({"target-epsilon": 100}, "run config target-epsilon=100: must be a finite number"),
+    ({"clients": 3, "secagg": False}, "asks for clients=3 but Flower's simulation started 2"),
+])
+def test_a_refused_run_is_one_line_in_flowers_log_not_a_traceback(tmp_path, monkeypatch, rc,
+                                                                   needle) -> None:
+    """`flwr run` with a bad run config: the ServerApp still raises (Flower marks the
+    run failed), and Flower's own log of that exception is one line naming the cause."""
+    import io
+    import logging
+
+    from flwr.common.logger import log
+
+    import bract.flower.app as app
+
+    monkeypatch.setattr(app, "_in_simulation", lambda grid: True)
+    with pytest.raises(ValueError, match=re.escape(needle)) as refused:
+        _run_app({"dataset": "breast-cancer", "rounds": 1, "out": str(tmp_path), **rc})
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    try:  # what Flower's simulation and flwr-serverapp do with a ServerApp's exception
+        log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=refused.value)
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
+    assert text.startswith("bract refused the run: ") and needle in text
+    assert not (tmp_path / "report.json").exists()
+
+
 def test_module_level_apps_run_a_plain_round(tmp_path) -> None:
     rc = {"dataset": "breast-cancer", "clients": 2, "rounds": 1, "target-epsilon": 2.0,
           "out": str(tmp_path), "secagg": False}

@@ -16,6 +16,7 @@ one) and refuses any request looser than them, before it trains.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -424,6 +425,29 @@ client_app = apps.client_app(CONFIGURED_HOSPITALS)
 server_app = ServerApp()
 
 
+class RunRefusedError(ValueError):
+    """The ServerApp refused its run before any round: a run-config value out of range,
+    a SuperNode count other than ``clients``, an ``out`` that holds a run, data no
+    hospital could train on. Raised (Flower then marks the run failed), and logged by
+    Flower as one line that names the cause, not a traceback."""
+
+
+class _OneLineRefusal(logging.Filter):
+    """Flower logs an exception out of a ServerApp with its traceback; a
+    :class:`RunRefusedError` is the run's settings, not a fault in code, so its record
+    becomes one line: ``bract refused the run: <why>``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, RunRefusedError):
+            record.msg, record.args = "bract refused the run: %s", (str(exc),)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("flwr").addFilter(_OneLineRefusal())
+
+
 def _in_simulation(grid: Grid) -> bool:
     """Whether the ServerApp runs in Flower's simulation engine (its in-memory Grid)."""
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -437,26 +461,29 @@ def _main(grid: Grid, context: Context) -> None:
 
     shorten_object_pull_backoff()  # replies are pulled as soon as they are all there
     rc = dict(context.run_config)
-    fed = FederationConfig.from_run_config(rc)
-    task = fed.task()
-    roster = read_roster(Path(fed.roster)) if fed.roster else None
-    simulated = _in_simulation(grid)
-    if simulated:
-        nodes = len(grid.get_node_ids())
-        if nodes != fed.clients:
-            raise ValueError(
-                f"the run config asks for clients={fed.clients} but Flower's simulation "
-                f"started {nodes} SuperNodes: run flwr run . --federation-config "
-                f"\"num-supernodes={fed.clients}\" (or --run-config clients={nodes})")
-    if not fed.resume:
-        # A run never overwrites an earlier one's ledger, checkpoint or hospitals' state.
-        set_aside_previous_run(fed.out, "refuse", choices=(
-            "--run-config resume=true continues it; another out (--run-config "
-            "out=DIR) starts a new run"))
-    if simulated and fed.secagg and roster is None:
-        # Flower's simulation engine (flwr run locally): every hospital runs here, so
-        # this process plays their operators, as bract simulate does.
-        roster, _ = simulated_identities(fed.out, fed.clients, resume=fed.resume)
-    cfg = apps.server_config(fed, roster, run_config={**task.to_plain(), **rc},
-                             resume=fed.resume)
+    try:
+        fed = FederationConfig.from_run_config(rc)
+        task = fed.task()
+        roster = read_roster(Path(fed.roster)) if fed.roster else None
+        simulated = _in_simulation(grid)
+        if simulated:
+            nodes = len(grid.get_node_ids())
+            if nodes != fed.clients:
+                raise ValueError(
+                    f"the run config asks for clients={fed.clients} but Flower's simulation "
+                    f"started {nodes} SuperNodes: run flwr run . --federation-config "
+                    f"\"num-supernodes={fed.clients}\" (or --run-config clients={nodes})")
+        if not fed.resume:
+            # A run never overwrites an earlier one's ledger, checkpoint or hospitals' state.
+            set_aside_previous_run(fed.out, "refuse", choices=(
+                "--run-config resume=true continues it; another out (--run-config "
+                "out=DIR) starts a new run"))
+        if simulated and fed.secagg and roster is None:
+            # Flower's simulation engine (flwr run locally): every hospital runs here, so
+            # this process plays their operators, as bract simulate does.
+            roster, _ = simulated_identities(fed.out, fed.clients, resume=fed.resume)
+        cfg = apps.server_config(fed, roster, run_config={**task.to_plain(), **rc},
+                                 resume=fed.resume)
+    except (ValueError, OSError) as exc:  # the run's settings or files: one line, no trace
+        raise RunRefusedError(str(exc)) from None
     run_federation(grid, apps.initial_weights(task), apps.central_evaluation(task), cfg)
