@@ -185,6 +185,38 @@ def test_bad_study_settings_fail_before_any_training(tmp_path) -> None:
     assert not (tmp_path / compare.COMPARE_JSON).exists()
 
 
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--epsilons", "3", "3"], "listed twice"),
+    (["--clients", "500"], "empty partition"),
+    (["--dataset", "medmnist", "--data-path", "missing.npz"], "MedMNIST file not found"),
+])
+def test_cli_refused_settings_write_nothing_not_even_out(tmp_path, monkeypatch, capsys, argv,
+                                                         needle) -> None:
+    """Refused settings (exit 2, one error line) leave no --out behind, not even an
+    empty folder: it is made only once every arm's settings are checked."""
+    from bract.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "study" / "here"
+    assert main(["compare", *argv, "--out", str(out), "--no-progress"]) == 2
+    assert needle in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "study").exists()
+
+
+def test_one_round_has_no_time_per_round_and_the_table_says_n_a() -> None:
+    """s/round averages rounds 2..R (round 1 also starts Ray): with one round there is
+    none, so compare.json holds null and the table n/a, never round 1's time."""
+    variant = Variant("dp-eps3", "FedAvg+DP ε=3", "dp", 3.0)
+    row = compare.summarize_run(_report([2.9], [41.0], [0.8]), variant)
+    assert row["seconds_per_round"] is None and row["first_round_seconds"] == 41.0
+    json.dumps(row, allow_nan=False)
+    study = _study()
+    study["variants"] = [{**row, "wall_seconds": 45.0}]
+    line = next(line for line in compare.comparison_markdown(study).splitlines()
+                if line.startswith("| FedAvg+DP ε=3"))
+    assert "| n/a |" in line and "41" not in line
+
+
 def test_cli_rejects_a_non_positive_budget_with_a_clear_message() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bract.cli", "compare", "--epsilons", "0"],

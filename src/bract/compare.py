@@ -30,7 +30,8 @@ but the failed arm's row holds only its reason (``failed``), no figure, and it i
 left out of the plots; :func:`run_comparison` then raises :class:`ComparisonError`
 naming it (``bract compare`` prints one ``error:`` line and exits 1).
 Times are wall-clock on whatever machine ran it (the first round holds Ray's
-start, so the per-round figure averages rounds 2..R). Drawing uses the Agg canvas.
+start, so the per-round figure averages rounds 2..R, and a one-round study has none:
+n/a). Drawing uses the Agg canvas.
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ def summarize_run(report: Mapping[str, Any], variant: Variant) -> dict[str, Any]
 
     Holds the final metrics (accuracy and cross-entropy, or R² and MSE), the final
     epsilon (``"inf"`` when non-private), ``seconds_per_round`` (mean of rounds
-    2..R, or round 1 when it is the only one: round 1 also holds Ray's start),
+    2..R; ``None`` for a one-round run, whose only round also holds Ray's start),
     ``first_round_seconds``, and per-round series (round 0 = initial model, and the
     largest epsilon a hospital carried into the run).
     """
@@ -278,8 +279,7 @@ def summarize_run(report: Mapping[str, Any], variant: Variant) -> dict[str, Any]
     if final is None:
         raise ValueError(f"{variant.name}'s report has no final summary: the run did not finish")
     seconds = [r.seconds for r in rows]
-    later = seconds[1:] if len(seconds) > 1 else seconds
-    finite = [s for s in later if math.isfinite(s)]
+    finite = [s for s in seconds[1:] if math.isfinite(s)]  # round 1 also starts Ray
     points = [typed.initial, *(r.metrics for r in rows)]
     keys = ("accuracy", "loss", "r2", "mse")
     series = {k: [_json_number(_number(p.get(k))) for p in points] for k in keys
@@ -458,7 +458,8 @@ def _rows(result: Mapping[str, Any]) -> list[list[str]]:
         if v.get("stopped"):
             eps_text += f" (stopped: {', '.join(sorted(v['stopped']))})"
         rows.append([v["label"], _fmt(v.get(metric)), _fmt(v.get(secondary)), eps_text,
-                     _fmt(v.get("seconds_per_round"), 2), _fmt(v.get("wall_seconds"), 1)])
+                     _fmt(v.get("seconds_per_round"), 2, missing="n/a"),
+                     _fmt(v.get("wall_seconds"), 1)])
     return rows
 
 
@@ -468,11 +469,11 @@ def _headers(result: Mapping[str, Any]) -> list[str]:
             "final ε", "s/round", "total s"]
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    """``digits`` decimals (one for values >= 1000, e.g. an MSE); ``-`` when missing."""
+def _fmt(value: Any, digits: int = 4, missing: str = "-") -> str:
+    """``digits`` decimals (one for values >= 1000, e.g. an MSE); ``missing`` when missing."""
     x = _number(value)
     if math.isnan(x):
-        return "-"
+        return missing
     if math.isinf(x):
         return "∞"
     return f"{x:.1f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
@@ -519,8 +520,8 @@ def comparison_markdown(result: Mapping[str, Any]) -> str:
         "",
         "Final ε: the largest epsilon any hospital's accountant reported after the last round "
         f"(at δ = {cfg['delta']:g}); ∞: no noise. s/round: mean wall time of rounds 2..R "
-        "(round 1 also starts Ray); total s: the whole run (calibration and start included; "
-        "for the centralized model, fit and scoring).",
+        "(round 1 also starts Ray; n/a with one round); total s: the whole run (calibration "
+        "and start included; for the centralized model, fit and scoring).",
         "",
     ]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in result.get("plots", [])]
@@ -756,7 +757,8 @@ def _compare_command(args: argparse.Namespace) -> int:
     from bract.privacy import PrivacyError
 
     console = Console()
-    problem = output_dir_problem(args.out)
+    # Nothing is written yet: run_comparison makes --out once every setting is checked.
+    problem = output_dir_problem(args.out, create=False)
     if problem:
         console.print(f"[red]error:[/red] {problem}", highlight=False)
         return 2
