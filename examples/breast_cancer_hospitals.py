@@ -60,6 +60,9 @@ def main() -> int:
     except ValueError as exc:  # bad settings: bract's errors name the fix
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    except RuntimeError as exc:  # the federation did not finish: say why, once
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
     typed = RunReport.from_plain(report, str(args.out / "report.json"))
     errors = typed.errors()
     if errors:  # a run that failed says so, and reports no figure of an untrained model

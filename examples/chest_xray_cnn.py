@@ -24,9 +24,14 @@ from pathlib import Path
 from rich.console import Console
 
 from bract.cli import main as bract_command
-from bract.flower.config import FederationConfig
+from bract.flower.config import FederationConfig, device_arg
 from bract.flower.observer import summarize
 from bract.flower.simulation import SimulationConfig, run
+from bract.records.report import RunReport
+
+#: What a finished run leaves in --out, in the order the last line names them.
+OUTPUTS = ("report.json", "ledger.jsonl", "roster.json", "epsilon.png", "metric.png",
+           "global_model.npz", "gradcam")
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,7 +48,8 @@ def parse_args() -> argparse.Namespace:
                    help="Dirichlet label skew between hospitals (small: more skew)")
     p.add_argument("--epsilon", type=float, default=8.0, help="each hospital's budget")
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--out", type=Path, default=Path("runs/chest_xray"))
     p.add_argument("--no-progress", action="store_true", help="plain output, no live table")
     return p.parse_args()
@@ -57,13 +63,25 @@ def main() -> int:
     except ValueError as exc:  # bad settings or data: bract's errors name the fix
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    console.print(summarize(report))
+    except RuntimeError as exc:  # the federation did not finish: say why, once
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
+    typed = RunReport.from_plain(report, str(args.out / "report.json"))
+    errors = typed.errors()
+    if errors:  # a run that failed says so, and explains no model it did not train
+        console.print(f"[red]error:[/red] {'; '.join(errors)} (the record is in {args.out})",
+                      highlight=False)
+        return 1
+    console.print(summarize(typed))
     # Grad-CAM of the final global model on the first eight central test images.
     status = bract_command(["explain", "--report", str(args.out / "report.json"),
                             "--count", "8", "--out", str(args.out / "gradcam")])
-    console.print(f"outputs in {args.out}: report.json, ledger.jsonl, epsilon.png, "
-                  "metric.png, global_model.npz, gradcam/")
-    return status
+    if status != 0:  # explain has printed its one error line
+        return status
+    written = [f"{name}/" if (args.out / name).is_dir() else name for name in OUTPUTS
+               if (args.out / name).exists()]
+    console.print(f"outputs in {args.out}: {', '.join(written)}", highlight=False)
+    return 0
 
 
 def train(args: argparse.Namespace) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bract.compare import run_comparison
+from bract.compare import ComparisonError, run_comparison
 from bract.flower.config import FederationConfig
 
 
@@ -61,10 +61,19 @@ def main() -> int:
     except ValueError as exc:  # bad settings: bract's errors name the fix
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    except ComparisonError as exc:  # an arm failed: the study's files mark it, no figure
+        study, failure = exc.result, exc
+    else:
+        failure = None
     central = study["centralized"]["r2"]
     for arm in study["variants"]:
+        if arm.get("failed"):  # a failed arm has no R² to compare
+            continue
         console.print(f"{arm['label']}: R² {arm['r2']:.3f}; centralized {central:.3f} "
                       f"(gap, centralized − federated: {central - arm['r2']:+.3f})")
+    if failure is not None:
+        console.print(f"[red]error:[/red] {failure}", highlight=False)
+        return 1
     return 0
 
 

@@ -100,6 +100,131 @@ def test_chest_xray_example_names_a_missing_medmnist_file(tmp_path) -> None:
     assert "missing.npz" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
 
 
+def _example_module(name: str, monkeypatch: pytest.MonkeyPatch):
+    """An example loaded as a module (not run), so a test can stand in for its calls;
+    its console is wide enough that rich never wraps a line the tests look for."""
+    import importlib.util
+
+    monkeypatch.setenv("COLUMNS", WIDE["COLUMNS"])
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _chest_report(trained: list[str], failed: dict[str, str]) -> dict:
+    done = bool(trained)
+    metrics = {"accuracy": 0.8, "loss": 0.5} if done else {}
+    return {
+        "rounds": [{"round": 1, "epsilon": 2.0 if done else 0.0, "delta": 1e-5,
+                    "per_client": {}, "trained": trained, "failed": failed, "seconds": 3.0,
+                    **metrics}],
+        "final": {"rounds_completed": int(done), "model_trained": done,
+                  "epsilon": 2.0 if done else 0.0, "delta": 1e-5, "non_private": False,
+                  "stopped": {}, **metrics},
+        "initial": {"loss": 1.1, "accuracy": 0.3},
+    }
+
+
+@pytest.mark.parametrize(("trained", "needle"), [
+    ([], "no hospital trained in any round"),  # e.g. every hospital failed on its device
+    (["hospital-0", "hospital-1"], "hospital-2 failed in round 1: ValueError: bad pixels"),
+])
+def test_chest_xray_example_that_failed_says_so_once_and_explains_nothing(
+        tmp_path, monkeypatch, capsys, trained, needle) -> None:
+    """A failed (or partly failed) federation: exit 1, one error line naming the cause;
+    no Grad-CAM is attempted and no list of outputs is printed."""
+    example = _example_module("chest_xray_cnn.py", monkeypatch)
+    failed = {"hospital-2": "failed: ValueError: bad pixels"} if trained else {
+        f"hospital-{i}": "failed: RuntimeError (details in the hospital's log)"
+        for i in range(3)}
+    monkeypatch.setattr(example, "run", lambda cfg: _chest_report(trained, failed))
+    monkeypatch.setattr(example, "bract_command", lambda argv: pytest.fail("explain ran"))
+    monkeypatch.setattr(sys, "argv", ["chest_xray_cnn.py", "--out", str(tmp_path / "out"),
+                                      "--no-progress", "--device", "cpu"])
+    assert example.main() == 1
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out
+    assert "outputs in" not in out
+
+
+@pytest.mark.parametrize("name", ["chest_xray_cnn.py", "breast_cancer_hospitals.py"])
+def test_an_example_whose_federation_did_not_finish_says_so_in_one_line(
+        name, tmp_path, monkeypatch, capsys) -> None:
+    example = _example_module(name, monkeypatch)
+
+    def unfinished(cfg):
+        raise RuntimeError("the federation did not finish; see the messages above")
+
+    monkeypatch.setattr(example, "run", unfinished)
+    monkeypatch.setattr(sys, "argv", [name, "--out", str(tmp_path / "out"), "--no-progress"])
+    assert example.main() == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines == ["error: the federation did not finish; see the messages above"]
+
+
+def test_chest_xray_example_lists_only_the_outputs_it_wrote(tmp_path, monkeypatch,
+                                                            capsys) -> None:
+    example = _example_module("chest_xray_cnn.py", monkeypatch)
+    out = tmp_path / "out"
+
+    def run(cfg):
+        out.mkdir()
+        for name in ("report.json", "ledger.jsonl", "roster.json"):
+            (out / name).write_text("{}")  # no plots, no saved model in this stand-in
+        return _chest_report(["hospital-0", "hospital-1", "hospital-2"], {})
+
+    def explain(argv):
+        (out / "gradcam").mkdir()
+        return 0
+
+    monkeypatch.setattr(example, "run", run)
+    monkeypatch.setattr(example, "bract_command", explain)
+    monkeypatch.setattr(sys, "argv", ["chest_xray_cnn.py", "--out", str(out), "--no-progress"])
+    assert example.main() == 0
+    said = capsys.readouterr().out
+    assert f"outputs in {out}: report.json, ledger.jsonl, roster.json, gradcam/" in said
+
+
+def test_the_chest_xray_example_refuses_a_device_while_parsing(capsys, monkeypatch) -> None:
+    example = _example_module("chest_xray_cnn.py", monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["chest_xray_cnn.py", "--device", "tpu"])
+    with pytest.raises(SystemExit) as exc:
+        example.parse_args()
+    assert exc.value.code == 2
+    assert "argument --device: must be cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_diabetes_example_with_a_failed_arm_says_so_once_and_reports_the_others(
+        tmp_path, monkeypatch, capsys) -> None:
+    """An arm whose run failed (bract.compare's ComparisonError): no traceback, no R² of
+    the failed arm, the other arms' gaps, one error line, exit 1."""
+    from bract.compare import ComparisonError
+
+    example = _example_module("diabetes_vs_centralized.py", monkeypatch)
+    study = {
+        "centralized": {"r2": 0.33},
+        "variants": [
+            {"label": "FedAvg (non-private)", "r2": 0.07},
+            {"label": "FedAvg+DP ε=3", "name": "dp-eps3", "failed": "the run did not finish"},
+        ],
+    }
+
+    def fails(*args, **kwargs):
+        raise ComparisonError("arm FedAvg+DP ε=3 (dp-eps3) failed: the run did not finish",
+                              study)
+
+    monkeypatch.setattr(example, "run_comparison", fails)
+    monkeypatch.setattr(sys, "argv", ["diabetes_vs_centralized.py", "--out",
+                                      str(tmp_path / "out"), "--no-progress"])
+    assert example.main() == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines[0].startswith("FedAvg (non-private): R² 0.070; centralized 0.330")
+    assert lines[1:] == ["error: arm FedAvg+DP ε=3 (dp-eps3) failed: the run did not finish"]
+
+
 @pytest.mark.slow
 def test_breast_cancer_example_passes_its_own_audit(tmp_path) -> None:
     proc = _run_example("breast_cancer_hospitals.py", tmp_path, "--rounds", "2", "--out", "out")
