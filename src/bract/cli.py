@@ -151,6 +151,9 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     except (PrivacyError, ValueError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    except RuntimeError as exc:  # the federation did not finish: one line, no traceback
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
     typed = RunReport.from_plain(report, str(args.out / "report.json"))
     errors = typed.errors()
     if not any(row.trained for row in typed.rounds):

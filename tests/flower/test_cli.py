@@ -105,6 +105,20 @@ def test_bad_values_fail_fast_with_a_clear_message(argv, needle, capsys, tmp_pat
     assert "Traceback" not in out
 
 
+def test_a_simulation_that_did_not_finish_is_one_error_line_and_exit_1(
+        tmp_path, capsys, monkeypatch) -> None:
+    import bract.flower.simulation as simulation
+
+    def unfinished(cfg):
+        raise RuntimeError("the federation did not finish; see the messages above")
+
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setattr(simulation, "run", unfinished)
+    assert main(["simulate", "--out", str(tmp_path), "--no-progress"]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "error: the federation did not finish; see the messages above"
+
+
 @pytest.mark.slow
 def test_simulate_end_to_end_on_flower(tmp_path, capsys) -> None:
     """A real Flower simulation (Ray backend): report, ledger and model on disk."""
