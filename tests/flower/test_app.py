@@ -128,6 +128,22 @@ def test_a_refused_run_is_one_line_in_flowers_log_not_a_traceback(tmp_path, monk
     assert not (tmp_path / "report.json").exists()
 
 
+def test_progress_false_prints_one_plain_line_per_round_and_deploy_asks_for_it(
+        tmp_path, capsys, monkeypatch) -> None:
+    """Run config progress=false (bract deploy --no-progress): the ServerApp prints one
+    plain line per round, as bract simulate --no-progress does, not the live table."""
+    from bract.cli import build_parser
+
+    assert build_parser().parse_args(["deploy", "--no-progress"]).no_progress is True
+    monkeypatch.setenv("COLUMNS", "400")
+    rc = {"dataset": "breast-cancer", "clients": 2, "rounds": 1, "target-epsilon": 2.0,
+          "out": str(tmp_path), "secagg": False, "progress": False}
+    _run_app(rc)
+    out = capsys.readouterr().out
+    assert any(line.startswith("round 1: loss ") for line in out.splitlines()), out
+    assert "┏" not in out
+
+
 def test_module_level_apps_run_a_plain_round(tmp_path) -> None:
     rc = {"dataset": "breast-cancer", "clients": 2, "rounds": 1, "target-epsilon": 2.0,
           "out": str(tmp_path), "secagg": False}

@@ -483,7 +483,7 @@ def _main(grid: Grid, context: Context) -> None:
             # this process plays their operators, as bract simulate does.
             roster, _ = simulated_identities(fed.out, fed.clients, resume=fed.resume)
         cfg = apps.server_config(fed, roster, run_config={**task.to_plain(), **rc},
-                                 resume=fed.resume)
+                                 resume=fed.resume, show_progress=fed.progress)
     except (ValueError, OSError) as exc:  # the run's settings or files: one line, no trace
         raise RunRefusedError(str(exc)) from None
     run_federation(grid, apps.initial_weights(task), apps.central_evaluation(task), cfg)

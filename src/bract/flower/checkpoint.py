@@ -28,7 +28,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or belongs to a different run configuration."""
 
 
-_RESUME_IGNORES = frozenset({"out", "resume", "reply-poll", "save_model", "show_progress"})
+_RESUME_IGNORES = frozenset({"out", "resume", "reply-poll", "save_model", "show_progress",
+                             "progress"})
 
 
 def _state_problem(state: Any) -> str | None:

@@ -299,6 +299,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("resume", bool, False, "continue the run in out after its last completed round "
            "(its checkpoint must have the same settings); off: an out that holds a run is "
            "refused", flag=False),
+    Option("progress", bool, True, "the ServerApp's live table and progress bar; false: one "
+           "plain line per round (bract deploy --no-progress)", flag=False),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -350,6 +352,7 @@ class FederationConfig:
     roster: str = ""
     reply_poll: float = 0.1
     resume: bool = False
+    progress: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):

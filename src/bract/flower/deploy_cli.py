@@ -63,6 +63,8 @@ def add_deploy_parser(subparsers: Any) -> None:
                         f"(default: {DEFAULT_PULL_INTERVAL})")
     p.add_argument("--timeout", type=positive_float, default=1800.0,
                    help="seconds the whole run may take before it is stopped (default: 1800)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="one plain line per round instead of the live table and progress bar")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the run in --out after its last completed round, with "
@@ -121,6 +123,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     # The roster is the federation's own (LocalFederation writes it).
     run_config = {k: v for k, v in fed.to_run_config().items() if k != "roster"}
     run_config["resume"] = bool(args.resume)
+    run_config["progress"] = not args.no_progress
     print(f"bract deploy: {args.clients} SuperNodes + 1 SuperLink on {LOOPBACK} "
           f"(TLS, SuperNode auth); work dir {workdir}", flush=True)
     try:
