@@ -948,3 +948,19 @@ def test_a_hospitals_own_copy_longer_than_the_servers_chain_gives_its_final_epsi
     assert _verify(run, "--budget", f"{budget:.4f}") == 1
     out = " ".join(capsys.readouterr().out.split())
     assert f"hospital-1's own copy reaches ε={spent:.4f}, past the budget of {budget:.4g}" in out
+
+
+@pytest.mark.parametrize("headline", [0.5, -1.0, 0.0])
+def test_a_round_whose_headline_epsilon_understates_its_hospitals_fails(
+        run, capsys, headline) -> None:
+    """A round's ε in report.json (the largest a hospital had reached) below a figure
+    one of its hospitals reported that round fails, naming the round."""
+    report = run / "out" / "report.json"
+    data = json.loads(report.read_text())
+    last = data["rounds"][-1]
+    assert max(v["epsilon"] for v in last["per_client"].values()) > 0.5
+    last["epsilon"] = headline
+    report.write_text(json.dumps(data))
+    assert _verify(run) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"report.json round {last['round']} gives ε=" in out

@@ -597,3 +597,21 @@ def test_ghost_clipping_is_refused_by_every_hospital_and_by_bracts_run_config() 
             own.admit(PrivacyPolicy(4.0, 1e-5, 3, grad_sample_mode=mode))
     with pytest.raises(ValueError, match="grad-sample-mode='ghost': must be one of"):
         FederationConfig.from_run_config({**RUN_CONFIG_DEFAULTS, "grad-sample-mode": "ghost"})
+
+
+@pytest.mark.parametrize("field", ["target_epsilon", "delta", "noise_multiplier",
+                                   "local_epochs", "max_grad_norm",
+                                   "metrics_noise_multiplier", "metrics_loss_bound"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_request_holding_nan_or_infinity_is_refused(field: str, value: float) -> None:
+    """Every limit is written so that NaN (which compares False with anything) and
+    infinity are refused, not admitted: an app's policy may come from the run config."""
+    from dataclasses import replace
+
+    asked = replace(PrivacyPolicy(4.0, 1e-5, 3), **{field: value})
+    if field == "noise_multiplier" and value == math.inf:
+        # infinite noise is more private than any minimum: admitted (and trains nothing)
+        HospitalPolicy().admit(asked)
+        return
+    with pytest.raises(PolicyRefusal, match="refused: the coordinator asks for"):
+        HospitalPolicy().admit(asked)

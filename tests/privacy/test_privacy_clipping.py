@@ -323,3 +323,36 @@ def test_a_gram_sum_that_cancels_still_clips_each_term_to_c(
     unit_factor[units] = factors.double()
     terms = unit_factor * exact
     assert bool((terms <= clip * (1 + 1e-5)).all()), (terms, exact)
+
+
+def test_the_matmul_roundoff_is_never_below_what_torchs_settings_allow(monkeypatch) -> None:
+    """The rounding margin of the clipped sum takes the coarsest precision torch may use
+    for float32 products: TF32 or bfloat16 passes under the legacy or the per-backend
+    setting, TF32 forced in cuBLAS by the environment, and the coarsest whenever the
+    settings cannot be read (torch refuses to mix its legacy and newer APIs)."""
+    from types import SimpleNamespace
+
+    from bract.privacy import norm_bounds
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    exact = torch.finfo(torch.float32).eps / 2
+    assert norm_bounds.matmul_unit_roundoff(torch.float64, cpu) == torch.finfo(
+        torch.float64).eps / 2
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert norm_bounds.matmul_unit_roundoff(torch.float32, cpu) == exact
+    for setting, want in (("bf16", 2.0 ** -8), ("tf32", 2.0 ** -11)):
+        monkeypatch.setattr(torch.backends.mkldnn, "matmul",
+                            SimpleNamespace(fp32_precision=setting))
+        assert norm_bounds.matmul_unit_roundoff(torch.float32, cpu) == want
+    monkeypatch.setattr(torch.backends.mkldnn, "matmul", SimpleNamespace(fp32_precision="ieee"))
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    assert norm_bounds.matmul_unit_roundoff(torch.float32, cuda) == 2.0 ** -11
+    assert norm_bounds.matmul_unit_roundoff(torch.float32, cpu) == exact
+    monkeypatch.delenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
+
+    def mixed() -> str:
+        raise RuntimeError("PyTorch is checking the matmul precision without a specific "
+                           "backend name")
+
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", mixed)
+    assert norm_bounds.matmul_unit_roundoff(torch.float32, cpu) == 2.0 ** -8

@@ -458,3 +458,15 @@ def test_weights_finite_in_float64_but_not_in_the_models_dtype_are_refused() -> 
                                            r"infinite in the model's torch.float32"):
         load_weights(model, weights)
     assert torch.equal(model.bias.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_in_half_precision_is_refused_naming_the_fix(dtype: torch.dtype) -> None:
+    """In float16 or bfloat16 the per-example norms and factors round by up to a percent
+    (a red team measured terms of 1.013 C in bfloat16), so bract refuses such a model
+    before any step instead of recording a clipping norm it does not keep."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).to(dtype)
+    loader = DataLoader(TensorDataset(torch.randn(8, 4, dtype=dtype), torch.arange(8) % 2),
+                        batch_size=4)
+    with pytest.raises(PrivacyError, match=r"trainable parameters in .*16.*model\.float\(\)"):
+        _trainer(model, loader)

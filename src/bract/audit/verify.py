@@ -746,6 +746,19 @@ def _check_final(
     report: RunReport, hospitals: dict[str, HospitalAudit], tolerance: float,
     fail: Callable[[str, str, str], None],
 ) -> None:
+    # A round's headline ε (the largest any hospital had reached) must not be below any
+    # figure a hospital reported in that round, each of which is checked against the
+    # ledger above.
+    for row in report.rounds:
+        answered = [v.epsilon for cid, v in row.per_client.items()
+                    if cid not in row.failed and not math.isnan(v.epsilon)]
+        if not answered or row.epsilon >= max(answered):
+            continue
+        why = disagreement(row.epsilon, max(answered), tolerance)
+        if why is not None:
+            fail("", "report", f"report.json round {row.round} gives ε={_fmt(row.epsilon)}, "
+                               f"below the ε={_fmt(max(answered))} one of its hospitals "
+                               f"reported that round: {why}")
     if report.final is None:  # an unfinished run: verify_federation notes it
         return
     finals = [h.final_spent for h in hospitals.values()

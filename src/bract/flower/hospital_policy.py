@@ -218,22 +218,28 @@ class HospitalPolicy:
                     "this hospital's policy never allows it"
                 )
         elif (requested.noise_multiplier is not None
-              and requested.noise_multiplier < self.min_noise_multiplier):
+              and not requested.noise_multiplier >= self.min_noise_multiplier):  # NaN too
             raise PolicyRefusal(
                 f"refused: the coordinator asks for noise multiplier "
                 f"{requested.noise_multiplier:g}; this hospital's policy requires at least "
                 f"{self.min_noise_multiplier:g}"
             )
-        if requested.target_epsilon > self.target_epsilon:
+        # Written so that NaN (which compares False with anything) is refused too.
+        if not requested.target_epsilon <= self.target_epsilon:
             raise PolicyRefusal(
                 f"refused: the coordinator asks for epsilon {requested.target_epsilon:g}; "
                 f"this hospital's policy allows at most {self.target_epsilon:g}"
             )
-        if requested.delta > self.delta:
+        if not requested.delta <= self.delta:
             raise PolicyRefusal(
                 f"refused: the coordinator asks for delta {requested.delta:g}; this "
                 f"hospital's policy allows at most {self.delta:g}"
             )
+        for name in ("max_grad_norm", "metrics_noise_multiplier", "metrics_loss_bound"):
+            value = getattr(requested, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise PolicyRefusal(f"refused: the coordinator asks for {name} {value!r}; "
+                                    "this hospital needs a finite number > 0")
         if requested.grad_sample_mode == "ghost":
             raise PolicyRefusal(
                 "refused: the coordinator asks for grad-sample-mode ghost, whose clipped "
@@ -307,7 +313,7 @@ class HospitalPolicy:
                          unit=" values (batch-size x parameters)")
 
     def _within(self, setting: str, value: int, limit: str, unit: str = "") -> None:
-        if value > getattr(self, limit):
+        if not value <= getattr(self, limit):  # NaN too
             raise PolicyRefusal(
                 f"refused: the coordinator asks for {setting} {value}{unit}; this hospital's "
                 f"policy allows at most {getattr(self, limit)} ({limit})")

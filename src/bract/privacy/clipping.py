@@ -21,14 +21,16 @@ records or a sequence's positions, its bias sum, an Embedding row's sum) is repl
 a guaranteed upper bound (:mod:`bract.privacy.norm_bounds`); in ghost clipping that
 replaces Opacus's own norms for those layers (:meth:`GhostClipping.backward`).
 
-Guarantee: in every mode bract trains with (book-keeping, Opacus's hooks mode, ghost
-clipping) and for any weights and inputs, each example's (patient's) term of the
-clipped sum is zero or has norm at most ``C``: in hooks mode and for per-example
-gradients that are formed, the norm of the very vector scaled; where the norm is a
-bound, the exact gradient's norm plus its share of the float rounding of the clipped
-sum formed from it. No example's values reach another's term, and the sum is finite;
-so adding or removing one example moves it by at most ``C`` (to float rounding), as
-the accountant assumes.
+Guarantee: in book-keeping and Opacus's hooks mode (the modes bract trains with in a
+federation), for float32 or float64 parameters (``PrivateTrainer`` refuses others) and
+any weights and inputs, each example's (patient's) term of the clipped sum is zero or
+has norm at most ``C`` (ghost clipping: its factors come from bounded norms, but its
+terms from a second backward pass that recomputes them, which this does not bound): in
+hooks mode and for per-example gradients that are formed, the norm of the very vector
+scaled; where the norm is a bound, the exact gradient's norm plus its share of the float
+rounding of the clipped sum formed from it. No example's values reach another's term,
+and the sum is finite; so adding or removing one example moves it by at most ``C`` (to
+float rounding), as the accountant assumes.
 """
 
 from __future__ import annotations

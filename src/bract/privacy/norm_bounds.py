@@ -49,6 +49,7 @@ gradients the bound exceeds the norm by a relative ``~ 2 gamma_{N+2} S / ||v||``
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -75,19 +76,48 @@ def gamma(n: int, u: float) -> float:
     return math.inf if nu >= 0.5 else nu / (1.0 - nu)
 
 
+#: The unit roundoff of the coarsest float32 matrix product torch may run (bfloat16
+#: passes), taken whenever the precision in force cannot be read.
+_COARSEST = 2.0 ** -8
+
+
+def _reduced_float32_matmul(device: torch.device) -> float | None:
+    """The unit roundoff of float32 matrix products when torch may run them in reduced
+    precision on ``device``, else None; the coarsest when the setting cannot be read."""
+    if device.type == "cuda" and os.environ.get(
+            "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0").strip() not in ("", "0"):
+        return 2.0 ** -11  # TF32 forced in cuBLAS whatever torch's flags say
+    try:
+        precision = torch.get_float32_matmul_precision()
+        backends = [torch.backends.mkldnn.matmul]
+        if device.type == "cuda":
+            backends.append(torch.backends.cuda.matmul)
+        # torch's newer per-backend setting ("ieee", "tf32", "bf16", "none")
+        newer = [getattr(b, "fp32_precision", "ieee") for b in backends]
+        tf32 = device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+    except (RuntimeError, AttributeError):  # legacy and newer settings mixed
+        return _COARSEST
+    if precision == "medium" or "bf16" in newer:
+        return _COARSEST
+    if precision == "high" or tf32 or "tf32" in newer:
+        return 2.0 ** -11
+    if any(v not in ("ieee", "none") for v in newer):
+        return _COARSEST
+    return None
+
+
 def matmul_unit_roundoff(dtype: torch.dtype, device: torch.device) -> float:
     """The unit roundoff of a matrix product of ``dtype`` tensors on ``device``: the
     dtype's, or for float32 the reduced precision torch may use (TF32: ``2^-11``;
-    bfloat16 passes: ``2^-8``) when ``torch.get_float32_matmul_precision()`` or, on a
-    GPU, ``torch.backends.cuda.matmul.allow_tf32`` allows it."""
+    bfloat16 passes: ``2^-8``) when ``torch.get_float32_matmul_precision()``, the
+    per-backend ``fp32_precision``, ``torch.backends.cuda.matmul.allow_tf32`` or, on a
+    GPU, ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE`` allows it; the coarsest (``2^-8``) when
+    those settings cannot be read. Never below what the product can lose."""
     u = torch.finfo(dtype).eps / 2
     if dtype == torch.float32:
-        precision = torch.get_float32_matmul_precision()
-        if precision == "medium":
-            return 2.0 ** -8
-        if precision == "high" or (device.type == "cuda"
-                                   and torch.backends.cuda.matmul.allow_tf32):
-            return 2.0 ** -11
+        reduced = _reduced_float32_matmul(device)
+        if reduced is not None:
+            return reduced
     return u
 
 

@@ -228,6 +228,16 @@ def check_privatisable(model: nn.Module) -> None:
             "with GroupNorm (or call opacus.validators.ModuleValidator.fix(model)) before "
             "handing it to bract."
         )
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                  if p.requires_grad and p.dtype not in (torch.float32, torch.float64)})
+    if low:
+        # In float16 or bfloat16 the per-example norms and factors round by up to a
+        # percent, so a clipped term could pass the clipping norm the ledger records.
+        raise PrivacyError(
+            f"this model has trainable parameters in {', '.join(low)}: bract clips each "
+            "example's gradient to the recorded norm only in float32 or float64. Fix: "
+            "model.float() before handing it to bract."
+        )
 
 
 def weights_of(model: nn.Module) -> Weights:
