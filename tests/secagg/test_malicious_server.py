@@ -151,17 +151,24 @@ def assert_no_small_sum(adv: Adversary, h: int) -> None:
 # ------------------------------------------------------------------------- staging
 
 
-def _to_masked(n, colluders, *, policy=None, graph="complete", colluders_bound=None,
-               drop_mask=(), digests=None):
-    f = make_federation(n, graph=graph, colluders=colluders_bound,
-                        policy=policy or ClientPolicy(colluders=colluders_bound))
+def _to_mask_requests(n, **federation):
+    """Round 1 of a federation of ``n`` (``make_federation``'s keyword arguments) up to
+    the server's mask requests: ``(federation, config, inputs, shares, requests)``."""
+    f = make_federation(n, **federation)
     advertise_all(f)
     inputs = random_inputs(n, D)
     cfg = f.server.start_round(1, range(n), D)
     shares = {v: f.clients[v].handle_round_config(cfg) for v in range(n)}
     for msg in shares.values():
         f.server.receive_shares(msg)
-    reqs = f.server.mask_requests()
+    return f, cfg, inputs, shares, f.server.mask_requests()
+
+
+def _to_masked(n, colluders, *, policy=None, graph="complete", colluders_bound=None,
+               drop_mask=(), digests=None):
+    f, cfg, inputs, shares, reqs = _to_mask_requests(
+        n, graph=graph, colluders=colluders_bound,
+        policy=policy or ClientPolicy(colluders=colluders_bound))
     masked = {}
     for v, req in reqs.items():
         if v in drop_mask:
@@ -831,14 +838,7 @@ def test_the_secagg_audit_isolates_exactly_the_sums_the_oracle_does(n, data) -> 
     from bract.audit.secagg_audit import knowledge_across_rounds
     from bract.secagg.recording import ServerView
 
-    f = make_federation(n)
-    advertise_all(f)
-    inputs = random_inputs(n, D)
-    cfg = f.server.start_round(1, range(n), D)
-    shares = {v: f.clients[v].handle_round_config(cfg) for v in range(n)}
-    for msg in shares.values():
-        f.server.receive_shares(msg)
-    reqs = f.server.mask_requests()
+    f, cfg, inputs, shares, reqs = _to_mask_requests(n)
     t, everyone = cfg.threshold, list(range(n))
 
     def subset(label, p):
