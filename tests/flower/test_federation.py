@@ -13,8 +13,8 @@ from hypothesis.extra.numpy import arrays
 
 from bract import tasks
 from bract.flower.app import hospital_setup
-from bract.flower.client import PrivacyPolicy, make_client_app
-from bract.flower.records import LOCAL_WEIGHTS, STATE_PRIVACY, TRAIN_INFO
+from bract.flower.client import PrivacyPolicy, make_client_app, privacy_state_key
+from bract.flower.records import LOCAL_WEIGHTS, TRAIN_INFO
 from bract.flower.server import ServerConfig, fedavg, run_federation
 from bract.privacy import (
     PrivacyLedger,
@@ -101,7 +101,8 @@ def test_epsilon_covers_all_rounds_and_meets_target(calibrated_run) -> None:
 def test_ledger_lives_in_ctx_state(calibrated_run) -> None:
     _, grid, _, _, _ = calibrated_run
     for node in NODES:
-        state = grid.contexts[node].state.config_records[STATE_PRIVACY]
+        # One record per dataset (the task's dataset names it, having no dataset-id).
+        state = grid.contexts[node].state.config_records[privacy_state_key(TASK.dataset)]
         ledger = PrivacyLedger.from_json(str(state["ledger"]))
         assert [e.round for e in ledger.events] == [1, 2, 3]
         assert float(state["noise-multiplier"]) == ledger.events[0].noise_multiplier

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -561,7 +561,9 @@ def test_an_app_of_its_own_sends_its_update_in_clear_only_if_its_hospitals_polic
     does not allow plain aggregation, a train message without secure aggregation is
     refused before the app's setup runs, whatever the app's own
     allow_plain_aggregation says and whether or not it does secure aggregation at all;
-    nothing of its update leaves."""
+    nothing of its update leaves. An app without secure aggregation refuses even a
+    message that carries a secure-aggregation record: it has nothing that would mask
+    its update."""
     from bract.flower.client import make_client_app
     from bract.flower.secagg_client import make_identities
 
@@ -582,6 +584,15 @@ def test_an_app_of_its_own_sends_its_update_in_clear_only_if_its_hospitals_polic
         assert "update without secure aggregation" in reply.error.reason
         assert "allow_plain_aggregation is false" in reply.error.reason
         assert calls == []
+        if not app_has_secagg:  # a record named like secure aggregation masks nothing
+            msg = _train_message()
+            msg.content.config_records[SECAGG] = ConfigRecord({"kind": "anything"})
+            ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                          node_config=nc)
+            reply = app(msg, ctx)
+            assert reply.has_error() and "allow_plain_aggregation is false" in \
+                reply.error.reason
+            assert calls == []
 
 
 def test_ghost_clipping_is_refused_by_every_hospital_and_by_bracts_run_config() -> None:
@@ -615,3 +626,61 @@ def test_a_request_holding_nan_or_infinity_is_refused(field: str, value: float) 
         return
     with pytest.raises(PolicyRefusal, match="refused: the coordinator asks for"):
         HospitalPolicy().admit(asked)
+
+
+def test_runs_of_one_flower_run_series_never_read_one_datasets_ledger_as_anothers(
+        tmp_path) -> None:
+    """Flower hands every run of one run series (which the coordinator names) the same
+    ``ctx.state``. Property: a dataset's spent budget is read only from that dataset's
+    own privacy state, so a run on another dataset in the same series neither carries
+    that dataset's events into this one's ledger nor lets this one's spent budget be
+    spent again, and each dataset's own ledger keeps exactly its own entries."""
+    import torch
+    from flwr.app import Message
+
+    from bract import tasks
+    from bract.flower.client import LEDGER_FILE, privacy_dir
+    from bract.flower.config import FederationConfig
+    from bract.flower.records import (
+        GLOBAL_WEIGHTS,
+        PRIVACY_REPORT,
+        ROUND_CONFIG,
+        weights_to_record,
+    )
+    from bract.privacy import weights_of
+    from bract.records.ledger import read_ledger
+
+    HospitalPolicy(target_epsilon=8.0, allow_plain_aggregation=True).write(
+        tmp_path / "policy.json")
+    nc = {"name": "st-mary", "state-dir": str(tmp_path / "state"),
+          "policy": str(tmp_path / "policy.json"), "partition-id": 0}
+
+    def train(run_id: int, dataset: str, epsilon: float, state: RecordDict) -> bool:
+        fed = FederationConfig(dataset=dataset, rounds=1, clients=3, secagg=False,
+                               target_epsilon=epsilon, out=tmp_path / "out")
+        ctx = Context(run_id=run_id, node_id=1, state=state, run_config=fed.to_run_config(),
+                      node_config=dict(nc))
+        content = RecordDict()
+        content.config_records[ROUND_CONFIG] = ConfigRecord({"round": 1,
+                                                             "run-id": f"run-{run_id}"})
+        torch.manual_seed(0)
+        content.array_records[GLOBAL_WEIGHTS] = weights_to_record(
+            weights_of(tasks.build_model(fed.task())))
+        reply = client_app(Message(content, dst_node_id=1, message_type="train"), ctx)
+        assert not reply.has_error(), reply.error.reason
+        return bool(reply.content.config_records[PRIVACY_REPORT]["trained"])
+
+    def ledger(dataset: str) -> list:
+        path = privacy_dir(tmp_path / "state", dataset) / LEDGER_FILE
+        return read_ledger(path) if path.exists() else []
+
+    assert train(1, "diabetes", 8.0, RecordDict())  # spends diabetes's whole budget
+    spent = ledger("diabetes")
+    assert len(spent) == 1
+    assert not train(2, "diabetes", 8.0, RecordDict())  # a new series: refused
+    series = RecordDict()  # one Context for the runs of one series
+    assert train(3, "breast-cancer", 0.05, series)
+    assert len(ledger("breast-cancer")) == 1  # its own round only
+    assert not train(4, "diabetes", 8.0, series)  # still spent
+    assert ledger("diabetes") == spent
+    assert len(ledger("breast-cancer")) == 1

@@ -590,9 +590,9 @@ def _forget_keys(hospital: int, fl_round: int):
 
     def mod(msg, ctx, call_next):
         if (int(ctx.node_config["partition-id"]) == hospital
-                and int(msg.metadata.group_id) == fl_round
-                and STATE_SESSION in ctx.state.config_records):
-            del ctx.state.config_records[STATE_SESSION]
+                and int(msg.metadata.group_id) == fl_round):
+            for name in [n for n in ctx.state.config_records if n.startswith(STATE_SESSION)]:
+                del ctx.state.config_records[name]
         return call_next(msg, ctx)
 
     return mod
@@ -716,3 +716,24 @@ def test_the_flattened_update_is_the_exact_float64_difference() -> None:
         flatten_delta({"a": np.zeros(2)}, {"b": np.zeros(2)})
     with pytest.raises(ValueError, match="different shapes"):
         flatten_delta({"a": np.zeros(2)}, {"a": np.zeros(3)})
+
+
+def test_one_context_keeps_each_federations_session_apart() -> None:
+    """Flower hands every run of one run series (which the coordinator names) the same
+    ``ctx.state``: a hospital's secure-aggregation session of one federation is never
+    restored as its session of another, and each federation's session survives the
+    other's being saved beside it."""
+    from flwr.app import Context, RecordDict
+
+    from bract.flower.secagg_client import _save, _session
+
+    _, fed_a = make_identities(3, "federation-a")
+    _, fed_b = make_identities(3, "federation-b")
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    session_a = _session(fed_a[0], ctx)
+    _save(ctx, session_a)
+    session_b = _session(fed_b[0], ctx)
+    assert session_b.federation_id == "federation-b"
+    _save(ctx, session_b)
+    assert _session(fed_a[0], ctx).export_state() == session_a.export_state()
+    assert _session(fed_b[0], ctx).export_state() == session_b.export_state()

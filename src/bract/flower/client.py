@@ -298,20 +298,31 @@ def check_state_layout(state_dir: Path, dataset_id: str) -> None:
             "its own log)")
 
 
-def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
-    """The hospital's privacy state: ``ctx.state``, or its own file when that knows more.
+def privacy_state_key(dataset_id: str) -> str:
+    """The ``ctx.state`` record that holds the in-memory privacy state of ``dataset_id``
+    (one per dataset, so one dataset's ledger is never read as another's)."""
+    return STATE_PRIVACY if not dataset_id else f"{STATE_PRIVACY}.{dataset_dir_name(dataset_id)}"
 
-    Guarantee: it fails closed. A state directory with a ledger outside any dataset's
+
+def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
+    """The privacy state of the hospital's dataset: its own files when it has a privacy
+    directory, else this dataset's record in ``ctx.state``.
+
+    Guarantee: a dataset's spent budget is read only from what was written for that
+    dataset. With a privacy directory the files are the only source: ``ctx.state`` is
+    never consulted, because Flower hands every run of one run series (which the
+    coordinator names) the same Context, so it may hold a ledger another dataset's runs
+    wrote. It fails closed. A state directory with a ledger outside any dataset's
     directory (:func:`check_state_layout`), a dataset directory whose
     ``ledger.jsonl`` holds entries while its ``privacy-state.json`` (the head that
     commits them) is missing, or a ledger that does not match that head
     (:func:`_read_own_chain`) raises :class:`LedgerError` instead of starting the
     dataset's budget from nothing or from less than it spent.
     """
-    state = ctx.state.config_records.get(STATE_PRIVACY, ConfigRecord())
     home = setup.privacy_dir()
     if home is None or setup.state_dir is None:
-        return state
+        return ctx.state.config_records.get(privacy_state_key(setup.dataset_id),
+                                            ConfigRecord())
     check_state_layout(setup.state_dir, setup.dataset_id)
     path = home / STATE_FILE
     if not path.exists():
@@ -324,9 +335,8 @@ def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
                 "backup",
                 f"this hospital's privacy state is incomplete ({STATE_FILE} is missing); "
                 "its operator must restore it from a backup (details in its own log)")
-        return state
+        return ConfigRecord()  # this dataset has spent nothing yet
     on_disk = json.loads(path.read_text(encoding="utf-8"))
-    in_ctx = len(PrivacyLedger.from_json(str(state["ledger"])).events) if "ledger" in state else -1
     committed = PrivacyLedger.from_json(on_disk["ledger"])
     chain = _read_own_chain(path.parent, on_disk)
     if len(chain) > len(committed.events):
@@ -338,9 +348,7 @@ def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
         ).to_json()
         on_disk["chain-length"] = len(chain)
         on_disk["chain-head"] = chain[-1].hash()
-    if len(PrivacyLedger.from_json(on_disk["ledger"]).events) > in_ctx:
-        return ConfigRecord({**on_disk, "chain": dumps_jsonl(chain)})
-    return state
+    return ConfigRecord({**on_disk, "chain": dumps_jsonl(chain)})
 
 
 def _one_rounds_entries(tail: Sequence[LedgerEntry]) -> bool:
@@ -396,10 +404,11 @@ def _save_state(ctx: Context, setup: HospitalSetup, state: ConfigRecord) -> None
     directory, durably to disk (:func:`~bract.flower.files.atomic_write_text`: fsynced
     before and after its rename). The train handler calls it before it builds its
     reply, so an update never leaves the hospital before the privacy it spends is on
-    disk: a crash or power loss right after cannot let the hospital spend it again."""
-    ctx.state.config_records[STATE_PRIVACY] = state
+    disk: a crash or power loss right after cannot let the hospital spend it again.
+    With a privacy directory the files alone hold it (:func:`_load_state`)."""
     home = setup.privacy_dir()
     if home is None:
+        ctx.state.config_records[privacy_state_key(setup.dataset_id)] = state
         return
     # The entries first, then the state naming their head (the commit point).
     atomic_write_text(home / LEDGER_FILE, str(state.get("chain", "")))
@@ -444,8 +453,17 @@ def dp_train_handler(
     policy: PolicyLike,
     identity: SignerLike | None = None,
     release_metrics: str | Callable[[Context], str] = "none",
+    *,
+    masked: bool = False,
 ) -> Callable[[Message, Context], Message]:
     """A ``train`` handler: DP-SGD on the hospital's data, ledger kept in ``ctx.state``.
+
+    ``masked`` says the app passes every train message through
+    :func:`~bract.flower.secagg_client.secagg_mod`, which masks the update when the
+    message carries a secure-aggregation record (:func:`make_client_app` sets it when
+    given ``secagg``). Without it no update is ever masked, so a configured hospital
+    whose policy does not allow plain aggregation refuses every train message,
+    whatever records the message carries.
 
     ``policy`` may be a function of the Context (e.g. reading ``ctx.run_config``
     in a deployed Flower app); so may ``identity``, whose Ed25519 key signs each
@@ -489,7 +507,8 @@ def dp_train_handler(
             # config) is only admitted within them, before its setup reads any data.
             own = hospital_policy_of(nc)
             policy_now = own.admit(policy_now)
-            if SECAGG not in msg.content.config_records and not own.allow_plain_aggregation:
+            in_clear = not masked or SECAGG not in msg.content.config_records
+            if in_clear and not own.allow_plain_aggregation:
                 raise PlainAggregationRefused(PLAIN_REFUSED)
         release_now = admitted_release(release_metrics, ctx)
         setup = setup_fn(ctx)
@@ -751,5 +770,6 @@ def make_client_app(
                                      allow_plain=allow_plain_aggregation))
         register_secagg(app, secagg, mods=[contain_errors_mod, *mods])
     signer = identity if identity is not None else secagg
-    app.train(mods=train_mods)(dp_train_handler(setup_fn, policy, signer, release_metrics))
+    app.train(mods=train_mods)(dp_train_handler(setup_fn, policy, signer, release_metrics,
+                                                masked=secagg is not None))
     return app

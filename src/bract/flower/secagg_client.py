@@ -156,9 +156,19 @@ def _identity(identity: IdentityLike, ctx: Context) -> SecAggIdentity:
     return identity(ctx) if callable(identity) else identity
 
 
+def _session_key(node: int, federation_id: str) -> str:
+    """The ``ctx.state`` record of one node's session in one federation: Flower hands
+    every run of one run series (which the coordinator names) the same Context, so
+    several federations' sessions may live in it side by side, none read as another's."""
+    import hashlib
+
+    ident = hashlib.sha256(f"{node}\x00{federation_id}".encode()).hexdigest()[:32]
+    return f"{STATE_SESSION}.{ident}"
+
+
 def _session(identity: SecAggIdentity, ctx: Context) -> ClientSession:
     key = SigningKey.from_bytes(identity.signing_key)
-    rec = ctx.state.config_records.get(STATE_SESSION)
+    rec = ctx.state.config_records.get(_session_key(identity.node, identity.federation_id))
     if rec is not None and "state" in rec:
         return ClientSession.from_state(
             bytes(rec["state"]), key, identity.roster, identity.policy
@@ -169,7 +179,8 @@ def _session(identity: SecAggIdentity, ctx: Context) -> ClientSession:
 
 
 def _save(ctx: Context, session: ClientSession) -> None:
-    ctx.state.config_records[STATE_SESSION] = ConfigRecord({"state": session.export_state()})
+    ctx.state.config_records[_session_key(session.node_id, session.federation_id)] = \
+        ConfigRecord({"state": session.export_state()})
 
 
 def _reply(msg: Message, payload: RecordDict | None = None) -> Message:
