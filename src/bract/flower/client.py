@@ -3,9 +3,10 @@
 A hospital developer supplies what they already have — a function that builds
 their model, optimizer and DataLoader — and a :class:`PrivacyPolicy`; bract
 does the rest: loads the global model, checks the budget before training,
-trains with Opacus DP-SGD, records the mechanism events in a ledger that lives
-in ``ctx.state`` across rounds, signs each event into its hash-chained ledger
-(:mod:`bract.records.ledger`) with its identity key, and replies with the update
+trains with Opacus DP-SGD, records the mechanism events in its dataset's ledger
+(on disk in its state directory, else in ``ctx.state``) across rounds, signs each
+event into its hash-chained ledger (:mod:`bract.records.ledger`) with its identity
+key, and replies with the update
 and its privacy report. A refusal (budget spent) is a normal reply, not an error.
 """
 
@@ -456,7 +457,7 @@ def dp_train_handler(
     *,
     masked: bool = False,
 ) -> Callable[[Message, Context], Message]:
-    """A ``train`` handler: DP-SGD on the hospital's data, ledger kept in ``ctx.state``.
+    """A ``train`` handler: DP-SGD on the hospital's data, ledger kept per dataset.
 
     ``masked`` says the app passes every train message through
     :func:`~bract.flower.secagg_client.secagg_mod`, which masks the update when the
@@ -469,7 +470,7 @@ def dp_train_handler(
     in a deployed Flower app); so may ``identity``, whose Ed25519 key signs each
     new ledger entry (``None``: entries are hash-chained but unsigned).
 
-    Guarantee: the ledger in ``ctx.state`` advances only after a round's DP-SGD
+    Guarantee: the dataset's ledger advances only after a round's DP-SGD
     steps completed, and a round that would exceed the policy's budget is refused
     before any training (the reply says why). On a configured hospital (a SuperNode
     whose node config names any operator-only key,
@@ -483,10 +484,11 @@ def dp_train_handler(
     (:class:`~bract.flower.secagg_client.PlainAggregationRefused`) is refused, and it
     refuses to train without a ``HospitalSetup.state_dir``. A simulated hospital (no
     operator-only key) trains under what the app asks. Each trained round appends one
-    signed entry to the hospital's chain, kept in ``ctx.state`` and in the
-    dataset's privacy directory (:meth:`HospitalSetup.privacy_dir`:
-    ``ledger.jsonl``, its head in ``privacy-state.json``), which every later run
-    and federation on the same dataset continues; both files are written durably
+    signed entry to the dataset's chain, kept in the dataset's privacy directory,
+    the only copy read when there is one (:meth:`HospitalSetup.privacy_dir`:
+    ``ledger.jsonl``, its head in ``privacy-state.json``; else in ``ctx.state``, one
+    record per dataset), which every later run and federation on the same dataset
+    continues; both files are written durably
     (fsynced) before the reply is built, so no update leaves the hospital before the
     record of the privacy it spent would survive a crash or power loss. The reply
     carries the updated weights, the number of examples, and accounting data only;

@@ -54,7 +54,8 @@ SECAGG_NEXT = "bract.secagg.next"
 #: hospital -> server, instead of SECAGG_NEXT: why it will not share for the next round.
 SECAGG_NEXT_REFUSED = "bract.secagg.next-refused"
 
-#: kept in ctx.state on the hospital: ledger and calibration, across rounds.
+#: kept in ctx.state on a hospital without a state directory: ledger and calibration,
+#: across rounds (the prefix of one record per dataset, ``client.privacy_state_key``).
 STATE_PRIVACY = "bract.privacy.state"
 #: kept in ctx.state on the hospital: the accountant's recent results (digest -> epsilon).
 STATE_EPSILONS = "bract.privacy.epsilons"
