@@ -143,3 +143,90 @@ def test_a_report_json_cannot_parse_is_refused_naming_it(text, tmp_path) -> None
     file.write_text(text)
     with pytest.raises(ReportError, match="is not readable JSON"):
         read_report(file)
+
+
+def _loads(path: str, value) -> RunReport:
+    """The report with ``value`` at ``path``, through JSON, read strictly."""
+    return RunReport.from_plain(json.loads(json.dumps(_with(path, value), allow_nan=True)),
+                                "report.json", strict=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=st.sampled_from(COUNT_FIELDS + NUMBER_FIELDS + ("rounds.0.per_client.hospital-0"
+                                                            ".trained", "rounds.0.trained")),
+       value=st.one_of(json_values, st.floats().map(str), st.integers().map(str),
+                       st.lists(st.sampled_from(["hospital-0", "hospital-1", 3]), max_size=3)))
+@example(path="rounds.0.per_client.hospital-0.epsilon", value="2.5")
+@example(path="final.epsilon", value="inf")
+@example(path="rounds.0.per_client.hospital-0.trained", value=1)
+def test_read_strictly_a_value_of_the_wrong_type_is_refused_naming_its_field(
+        path, value) -> None:
+    """Property (the audit's reading): a number that is a JSON number, null, or one of
+    the texts the writer uses for non-finite numbers reads as that float; any other
+    value in a number field (text such as "2.5", a boolean, a list) is refused with one
+    ReportError naming the round and the field, never coerced; a hospital's
+    ``trained`` must be a boolean and a round's ``trained`` a list of distinct names."""
+    field = path.split(".")[-1]
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if path.endswith("hospital-0.trained"):
+        fits = isinstance(value, bool)
+    elif path == "rounds.0.trained":
+        fits = (isinstance(value, list) and all(isinstance(c, str) for c in value)
+                and len(set(value)) == len(value))
+    elif path in COUNT_FIELDS:
+        fits = value is None or (type(value) is int and 0 <= value <= MAX_COUNT)
+    else:
+        fits = value is None or numeric or value in ("inf", "-inf", "nan")
+    try:
+        report = _loads(path, value)
+    except ReportError as exc:
+        message = str(exc)
+        assert not fits, message
+        assert f"'{field}' " in message and "\n" not in message
+        assert message.startswith("report.json: ")
+        if path.startswith("rounds.0."):  # the row's own number is named by its place
+            assert ("round row 1" if path == "rounds.0.round" else "round 1") in message
+        return
+    assert fits, value
+    if path in NUMBER_FIELDS and value is not None:
+        row = report.rounds[0]
+        line = row.per_client["hospital-0"]
+        got = {"rounds.0.epsilon": row.epsilon, "rounds.0.delta": row.delta,
+               "rounds.0.seconds": row.seconds, "rounds.0.loss": row.metrics.get("loss"),
+               "rounds.0.per_client.hospital-0.epsilon": line.epsilon,
+               "rounds.0.per_client.hospital-0.noise_multiplier": line.noise_multiplier,
+               "rounds.0.per_client.hospital-0.sample_rate": line.sample_rate,
+               "rounds.0.per_client.hospital-0.epsilon_carried": line.epsilon_carried,
+               "rounds.0.federated_eval.loss": row.federated_eval.loss,
+               "final.epsilon": report.final.epsilon, "final.delta": report.final.delta}[path]
+        try:
+            want = float(value)
+        except OverflowError:  # an integer beyond any float: infinite
+            want = math.inf if value > 0 else -math.inf
+        assert got == want or (math.isnan(got) and math.isnan(want))
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('{"rounds": [ROW, ROW]}', "round 1 has two rows (rows 1 and 2)"),
+    ('{"rounds": [ROW2, ROW]}', "round row 2 is round 1, after round 2"),
+    ('{"rounds": [{"round": 1, "per_client": {"h": LINE, "h": LINE}}]}',
+     "'h' appears twice in round 1's 'per_client'"),
+    ('{"rounds": [{"round": 1, "epsilon": 1.0, "epsilon": 2.0, "per_client": {}}]}',
+     "'epsilon' appears twice in round 1"),
+    ('{"rounds": [{"round": 1, "per_client": {}, "failed": ["h"]}]}',
+     "round 1: 'failed' is [\"h\"], not an object"),
+])
+def test_read_strictly_a_round_or_hospital_given_twice_is_refused_naming_the_round(
+        text, needle, tmp_path) -> None:
+    """Two rows for one round, rows out of order, one hospital's line twice in a round
+    (a key JSON readers silently keep one of), any key twice: refused when read
+    strictly, naming the round; read leniently (plots, summaries) as before."""
+    line = json.dumps({"epsilon": 1.0, "trained": True})
+    text = (text.replace("ROW2", '{"round": 2, "per_client": {}}')
+            .replace("ROW", '{"round": 1, "per_client": {}}').replace("LINE", line))
+    file = tmp_path / "report.json"
+    file.write_text(text)
+    with pytest.raises(ReportError) as info:
+        read_report(file, strict=True)
+    assert needle in str(info.value) and str(file) in str(info.value)
+    read_report(file)  # the lenient reading is unchanged

@@ -16,11 +16,23 @@ naming the field and where it is. Other *values* are read leniently: a number th
 is missing or unreadable becomes ``nan`` (``"inf"``, or an integer too large for a
 float, becomes ``inf``), so a reader that checks values (the audit) can say which
 one is wrong instead of failing to read.
+
+A *strict* reading (``strict=True``; ``bract audit verify`` reads report.json so)
+takes nothing on trust and coerces nothing: every other number must be a JSON
+number (not a boolean), ``null``/absent, or one of the texts :func:`plain_number`
+writes for numbers JSON has not (``"inf"``, ``"-inf"``, ``"nan"``), so ``"2.5"`` is
+refused, not read as 2.5; a hospital's ``trained`` must be ``true`` or ``false``;
+a round's ``trained`` a list of distinct hospital names and its ``failed`` an object
+of reasons; no object may hold a key twice (JSON readers keep one of them silently:
+two lines for one hospital in a round), and the rows must run in increasing round
+order, each round once. Anything else is a :class:`ReportError` naming the round
+and the field.
 Pure: imports neither flwr nor torch.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -54,6 +66,10 @@ def number(value: Any) -> float:
         return math.nan
 
 
+#: The texts report.json holds for the numbers JSON has not (:func:`plain_number`).
+NON_FINITE_TEXTS: dict[str, float] = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
 def plain_number(x: float) -> float | str:
     """A float as report.json holds it: finite as is, ``"inf"``/``"-inf"``/``"nan"``
     as text (JSON has no such numbers)."""
@@ -83,6 +99,34 @@ def _count(data: Mapping[str, Any], key: str, where: str) -> int | None:
     return value
 
 
+def _real(data: Mapping[str, Any], key: str, where: str, strict: bool) -> float:
+    """The number ``data[key]`` as a float (absent or ``null``: ``nan``).
+
+    Lenient (``strict`` false): :func:`number`, which reads text such as ``"2.5"``.
+    Strict: a JSON number (an integer too large for a float is infinite) or one of
+    :data:`NON_FINITE_TEXTS`; anything else (other text, a boolean, a list, an
+    object) is a :class:`ReportError` naming ``where`` and the field."""
+    value = data.get(key)
+    if not strict or value is None:
+        return number(value)
+    if isinstance(value, str) and value in NON_FINITE_TEXTS:
+        return NON_FINITE_TEXTS[value]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ReportError(f"{where}: {key!r} is {_shown(value)}, not a number (a JSON "
+                          "number, or \"inf\", \"-inf\" or \"nan\")")
+    return number(value)
+
+
+def _flag(data: Mapping[str, Any], key: str, where: str, strict: bool) -> bool:
+    """``data[key]`` as a boolean: lenient, true only for JSON ``true``; strict, it
+    must be ``true`` or ``false`` (absent, ``1``, ``"yes"``: a :class:`ReportError`)."""
+    value = data.get(key)
+    if strict and not isinstance(value, bool):
+        what = "is missing" if key not in data else f"is {_shown(value)}"
+        raise ReportError(f"{where}: {key!r} {what}, not true or false")
+    return value is True
+
+
 @dataclass(frozen=True)
 class HospitalRound:
     """One hospital's line in a round row: what it reported after that round."""
@@ -104,24 +148,26 @@ class HospitalRound:
     epsilon_carried: float | None = None
 
     @classmethod
-    def from_plain(cls, data: Any, where: str) -> HospitalRound:
+    def from_plain(cls, data: Any, where: str, *, strict: bool = False) -> HospitalRound:
         """Parse one per-hospital entry; :class:`ReportError` if it is not an object or
-        a count in it is not a whole number in range."""
+        a count in it is not a whole number in range (strict: also a number that is
+        not a JSON number, or ``trained`` not a boolean; see the module docstring)."""
         if not isinstance(data, Mapping):
             raise ReportError(f"{where} is not an object")
         carried = _count(data, "ledger_carried", where)
         before = data.get("epsilon_carried")
         return cls(
-            epsilon=number(data.get("epsilon")),
-            trained=data.get("trained") is True,
+            epsilon=_real(data, "epsilon", where, strict),
+            trained=_flag(data, "trained", where, strict),
             reason=str(data.get("reason", "")),
             steps=_count(data, "steps", where),
-            noise_multiplier=number(data.get("noise_multiplier")),
-            sample_rate=number(data.get("sample_rate")),
+            noise_multiplier=_real(data, "noise_multiplier", where, strict),
+            sample_rate=_real(data, "sample_rate", where, strict),
             ledger_entries=_count(data, "ledger_entries", where),
             ledger_head=str(data.get("ledger_head", "")),
             ledger_carried=carried if carried is not None else 0,
-            epsilon_carried=number(before) if before is not None else None,
+            epsilon_carried=(_real(data, "epsilon_carried", where, strict)
+                             if before is not None else None),
         )
 
     def to_plain(self) -> dict[str, Any]:
@@ -159,14 +205,15 @@ class FederatedEval:
     accuracy: float
 
     @classmethod
-    def from_plain(cls, data: Any, where: str = "federated_eval") -> FederatedEval | None:
+    def from_plain(cls, data: Any, where: str = "federated_eval", *,
+                   strict: bool = False) -> FederatedEval | None:
         """Parse it, or ``None`` when absent or not an object; :class:`ReportError` for a
-        count out of range."""
+        count out of range (strict: also for a number that is not a JSON number)."""
         if not isinstance(data, Mapping):
             return None
         return cls(_count(data, "model_of_round", where) or 0,
                    _count(data, "examples", where) or 0,
-                   number(data.get("loss")), number(data.get("accuracy")))
+                   _real(data, "loss", where, strict), _real(data, "accuracy", where, strict))
 
     def to_plain(self) -> dict[str, Any]:
         """As report.json holds it."""
@@ -200,33 +247,44 @@ class RoundRow:
     seconds: float = math.nan
 
     @classmethod
-    def from_plain(cls, data: Any, where: str) -> RoundRow:
-        """Parse a round row; :class:`ReportError` naming a broken structure."""
+    def from_plain(cls, data: Any, where: str, *, strict: bool = False) -> RoundRow:
+        """Parse a round row; :class:`ReportError` naming a broken structure (strict:
+        also a value of the wrong type, a ``trained`` list that is not one of distinct
+        names, a ``failed`` that is not an object; see the module docstring)."""
         if not isinstance(data, Mapping):
             raise ReportError(f"{where} is not an object")
         rnd = _count(data, "round", where)
         if rnd is None:
             raise ReportError(f"{where} lacks its round number")
+        here = f"round {rnd}"
         per_client = data.get("per_client")
         if not isinstance(per_client, Mapping):
             raise ReportError(f"round {rnd} lacks its per-hospital table ('per_client')")
         trained = data.get("trained", [])
         failed = data.get("failed", {})
+        if strict:
+            _check_names(trained, here)
+            if not isinstance(failed, Mapping) or not all(
+                    isinstance(v, str) for v in failed.values()):
+                raise ReportError(f"{here}: 'failed' is {_shown(failed)}, not an object of "
+                                  "reasons (hospital: text)")
         return cls(
             round=rnd,
-            epsilon=number(data.get("epsilon")),
-            per_client={str(cid): HospitalRound.from_plain(v, f"round {rnd}'s entry of {cid}")
+            epsilon=_real(data, "epsilon", here, strict),
+            per_client={str(cid): HospitalRound.from_plain(v, f"round {rnd}'s entry of {cid}",
+                                                           strict=strict)
                         for cid, v in per_client.items()},
             trained=tuple(str(c) for c in trained) if isinstance(trained, list) else (),
             failed={str(k): str(v) for k, v in failed.items()}
             if isinstance(failed, Mapping) else {},
-            metrics={k: number(data[k]) for k in METRIC_KEYS if k in data},
-            train_loss=number(data["train_loss"]) if "train_loss" in data else None,
+            metrics={k: _real(data, k, here, strict) for k in METRIC_KEYS if k in data},
+            train_loss=_real(data, "train_loss", here, strict) if "train_loss" in data else None,
             federated_eval=FederatedEval.from_plain(data.get("federated_eval"),
-                                                    f"round {rnd}'s federated_eval"),
+                                                    f"round {rnd}'s federated_eval",
+                                                    strict=strict),
             secagg=dict(data["secagg"]) if isinstance(data.get("secagg"), Mapping) else None,
-            delta=number(data.get("delta")),
-            seconds=number(data.get("seconds")),
+            delta=_real(data, "delta", here, strict),
+            seconds=_real(data, "seconds", here, strict),
         )
 
     @property
@@ -286,22 +344,24 @@ class RunSummary:
     model_trained: bool = True
 
     @classmethod
-    def from_plain(cls, data: Any) -> RunSummary | None:
-        """Parse ``final``; ``None`` while the run has not finished (none, or empty)."""
+    def from_plain(cls, data: Any, *, strict: bool = False) -> RunSummary | None:
+        """Parse ``final``; ``None`` while the run has not finished (none, or empty);
+        :class:`ReportError` for a count out of range (strict: also for a number that
+        is not a JSON number)."""
         if not isinstance(data, Mapping) or not data:
             return None
         stopped = data.get("stopped", {})
         plots = data.get("plots", [])
         return cls(
             rounds_completed=_count(data, "rounds_completed", "final") or 0,
-            epsilon=number(data.get("epsilon")),
-            delta=number(data.get("delta")),
+            epsilon=_real(data, "epsilon", "final", strict),
+            delta=_real(data, "delta", "final", strict),
             non_private=data.get("non_private") is True,
             stopped={str(k): str(v) for k, v in stopped.items()}
             if isinstance(stopped, Mapping) else {},
-            metrics={k: number(data[k]) for k in METRIC_KEYS if k in data},
+            metrics={k: _real(data, k, "final", strict) for k in METRIC_KEYS if k in data},
             federated_eval=FederatedEval.from_plain(data.get("federated_eval"),
-                                                    "final's federated_eval"),
+                                                    "final's federated_eval", strict=strict),
             model=str(data["model"]) if data.get("model") else None,
             plots=tuple(str(p) for p in plots) if isinstance(plots, list) else (),
             model_trained=data.get("model_trained") is not False,
@@ -340,15 +400,23 @@ class RunReport:
     stopped_early: str | None = None
 
     @classmethod
-    def from_plain(cls, data: Any, source: str = "report") -> RunReport:
+    def from_plain(cls, data: Any, source: str = "report", *, strict: bool = False) -> RunReport:
         """Parse a report; :class:`ReportError` when it is not one or its structure is
-        broken (the message names ``source`` and the place)."""
+        broken (the message names ``source`` and the place). ``strict``: every value
+        must have its type, no key may appear twice in an object, and the rows must
+        run in increasing round order, each round once (the module docstring)."""
         if not isinstance(data, Mapping) or not isinstance(data.get("rounds"), list):
             raise ReportError(f"{source} is not a bract report.json (no 'rounds' list)")
         try:
-            rounds = tuple(RoundRow.from_plain(r, f"round row {i + 1}")
+            if strict:
+                twice = _key_twice(data)
+                if twice is not None:
+                    raise ReportError(twice)
+            rounds = tuple(RoundRow.from_plain(r, f"round row {i + 1}", strict=strict)
                            for i, r in enumerate(data["rounds"]))
-            final = RunSummary.from_plain(data.get("final"))
+            if strict:
+                _check_round_order(rounds)
+            final = RunSummary.from_plain(data.get("final"), strict=strict)
         except ReportError as exc:
             raise ReportError(f"{source}: {exc}") from None
         config = data.get("config")
@@ -447,14 +515,84 @@ class RunReport:
         return out
 
 
-def read_report(path: str | Path) -> RunReport:
+class _Keys(dict[str, Any]):
+    """A JSON object as read, remembering the keys it held more than once (a plain
+    ``dict`` keeps the last value of a repeated key and forgets the others)."""
+
+    twice: tuple[str, ...] = ()
+
+
+def _keys_of(pairs: list[tuple[str, Any]]) -> _Keys:
+    out = _Keys(pairs)
+    if len(out) != len(pairs):
+        keys = [k for k, _ in pairs]
+        out.twice = tuple(sorted({k for k in keys if keys.count(k) > 1}))
+    return out
+
+
+def _key_twice(data: Any, where: str = "") -> str | None:
+    """Where an object read by :func:`read_report` held a key twice, as a message naming
+    the round (and the key), or None. A round row is named by its round number."""
+    if isinstance(data, _Keys) and data.twice:
+        inside = f" in {where}" if where else " at the top level"
+        return f"{data.twice[0]!r} appears twice{inside}"
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            if key == "rounds" and not where and isinstance(value, list):
+                for i, row in enumerate(value):
+                    rnd = row.get("round") if isinstance(row, Mapping) else None
+                    name = (f"round {rnd}" if isinstance(rnd, int) and not isinstance(rnd, bool)
+                            else f"round row {i + 1}")
+                    found = _key_twice(row, name)
+                    if found is not None:
+                        return found
+                continue
+            found = _key_twice(value, f"{where}'s {key!r}" if where else repr(key))
+            if found is not None:
+                return found
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found = _key_twice(value, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _check_names(trained: Any, where: str) -> None:
+    """A round's ``trained``: a list of distinct hospital names, else a
+    :class:`ReportError` naming ``where``."""
+    if not isinstance(trained, list) or not all(isinstance(c, str) for c in trained):
+        raise ReportError(f"{where}: 'trained' is {_shown(trained)}, not a list of hospital "
+                          "names")
+    twice = sorted({c for c in trained if trained.count(c) > 1})
+    if twice:
+        raise ReportError(f"{where}: 'trained' lists {_shown(twice[0])} twice")
+
+
+def _check_round_order(rounds: tuple[RoundRow, ...]) -> None:
+    """Rows in increasing round order, each round once, else a :class:`ReportError`
+    naming the round."""
+    first: dict[int, int] = {}
+    for i, row in enumerate(rounds, start=1):
+        if row.round in first:
+            raise ReportError(f"round {row.round} has two rows (rows {first[row.round]} and "
+                              f"{i})")
+        first[row.round] = i
+    for i, (before, row) in enumerate(itertools.pairwise(rounds), start=2):
+        if row.round < before.round:
+            raise ReportError(f"round row {i} is round {row.round}, after round "
+                              f"{before.round}: rows must run in increasing round order")
+
+
+def read_report(path: str | Path, *, strict: bool = False) -> RunReport:
     """Read ``report.json``; :class:`ReportError` naming a missing, unreadable or
-    broken file."""
+    broken file (``strict``: see :meth:`RunReport.from_plain`)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"),
+                          object_pairs_hook=_keys_of if strict else None)
     except FileNotFoundError:
         raise ReportError(f"report file {path} does not exist") from None
     except (OSError, ValueError, RecursionError) as exc:  # bad JSON, 5000-digit ints, deep nesting
         raise ReportError(f"report file {path} is not readable JSON: {exc}") from None
-    return RunReport.from_plain(data, str(path))
+    return RunReport.from_plain(data, str(path), strict=strict)
