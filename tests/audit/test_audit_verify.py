@@ -778,15 +778,22 @@ def test_unusable_input_exits_2_with_a_clear_error(run, tmp_path, capsys) -> Non
     assert "CLIENT=PATH" in capsys.readouterr().err
 
 
-#: Fields of report.json a hostile coordinator can write, as paths (``*``: every round,
-#: or every hospital of a round).
-REPORT_FIELDS = ("config.target_epsilon", "config.delta", "rounds.*.round",
-                 "rounds.*.epsilon", "rounds.*.delta", "rounds.*.per_client.*.epsilon",
-                 "rounds.*.per_client.*.steps", "rounds.*.per_client.*.ledger_entries",
-                 "rounds.*.per_client.*.ledger_carried",
-                 "rounds.*.per_client.*.epsilon_carried", "rounds.*.per_client.*.trained",
-                 "rounds.*.per_client.*.ledger_head", "final.epsilon", "final.delta",
+#: Numbers of report.json (other than counts and the run's configuration), as paths
+#: (``*``: every round, or every hospital of a round).
+REPORT_NUMBERS = ("rounds.*.epsilon", "rounds.*.delta", "rounds.*.seconds",
+                  "rounds.*.per_client.*.epsilon", "rounds.*.per_client.*.noise_multiplier",
+                  "rounds.*.per_client.*.sample_rate", "rounds.*.per_client.*.epsilon_carried",
+                  "final.epsilon", "final.delta")
+#: Counts of report.json: whole numbers from 0 to 2**53.
+REPORT_COUNTS = ("rounds.*.round", "rounds.*.per_client.*.steps",
+                 "rounds.*.per_client.*.ledger_entries", "rounds.*.per_client.*.ledger_carried",
                  "final.rounds_completed")
+#: Fields of report.json a hostile coordinator can write.
+REPORT_FIELDS = ("config.target_epsilon", "config.delta", *REPORT_NUMBERS, *REPORT_COUNTS,
+                 "rounds.*.per_client.*.trained", "rounds.*.trained",
+                 "rounds.*.per_client.*.ledger_head")
+#: The texts report.json writes for numbers JSON has not.
+NON_FINITE_TEXTS = ("inf", "-inf", "nan")
 
 
 def _set_everywhere(obj, path: list[str], value) -> None:
@@ -801,33 +808,17 @@ def _set_everywhere(obj, path: list[str], value) -> None:
         _set_everywhere(t, rest, value)
 
 
-@settings(max_examples=40, deadline=None)
-@given(path=st.sampled_from(REPORT_FIELDS),
-       value=st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
-                       st.integers(-(2**64), 2**64), st.integers(-(10**40), 10**40),
-                       st.text(max_size=8), st.booleans(), st.none()))
-@example(path="rounds.*.round", value=10**30)
-@example(path="config.target_epsilon", value=math.nan)
-@example(path="config.target_epsilon", value=math.inf)
-@example(path="rounds.*.per_client.*.steps", value=5.5)
-@example(path="rounds.*.per_client.*.steps", value="5")
-def test_any_value_in_any_report_field_gets_a_verdict_never_a_traceback(
-        federation, path, value) -> None:
-    """Property: whatever JSON value a hostile report.json holds in any field (in every
-    round and every hospital's line), ``bract audit verify`` ends with exit code 0, 1
-    or 2, never an exception or a traceback; 2 prints one ``error:`` line naming the
-    report; 0 says PASS and happens only when the budget it checked is a finite number
-    > 0 and every hospital's cumulative steps are the ones the report first held."""
+def _verify_text(federation: Path, text: str) -> tuple[int, str, str]:
+    """``bract audit verify`` of the fixture federation with ``text`` as its report.json
+    (and both hospitals' own copies): the exit code, everything printed, and audit.md
+    (empty when none was written)."""
     import contextlib
     import io
     import tempfile
 
-    original = json.loads((federation / "out" / "report.json").read_text())
-    data = json.loads(json.dumps(original))
-    _set_everywhere(data, path.split("."), value)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        report.write_text(json.dumps(data, allow_nan=True))
+        report.write_text(text)
         argv = ["audit", "verify", str(federation / "out" / "ledger.jsonl"), "--roster",
                 str(federation / "roster.json"), "--report", str(report),
                 "--out", str(Path(tmp) / "audit"), *FAST]
@@ -837,21 +828,179 @@ def test_any_value_in_any_report_field_gets_a_verdict_never_a_traceback(
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
             code = main(argv)
-    out = buffer.getvalue()
+        md = Path(tmp) / "audit" / MARKDOWN
+        return code, buffer.getvalue(), md.read_text() if md.exists() else ""
+
+
+def _is_json_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@settings(max_examples=60, deadline=None)
+@given(path=st.sampled_from(REPORT_FIELDS),
+       value=st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
+                       st.integers(-(2**64), 2**64), st.integers(-(10**40), 10**40),
+                       st.text(max_size=8), st.booleans(), st.none(),
+                       # numbers written as text: what a coercing reader would accept
+                       st.floats(allow_nan=True, allow_infinity=True).map(str),
+                       st.integers(-(10**6), 10**6).map(str),
+                       st.lists(st.sampled_from(["hospital-0", "hospital-1", "x"]),
+                                max_size=3)))
+@example(path="rounds.*.round", value=10**30)
+@example(path="config.target_epsilon", value=math.nan)
+@example(path="config.target_epsilon", value=math.inf)
+@example(path="config.target_epsilon", value="3.0")
+@example(path="config.delta", value="1e-05")
+@example(path="rounds.*.per_client.*.steps", value=5.5)
+@example(path="rounds.*.per_client.*.steps", value="5")
+@example(path="rounds.*.per_client.*.steps", value=True)
+@example(path="rounds.*.per_client.*.epsilon", value="2.5")
+@example(path="rounds.*.per_client.*.epsilon", value=True)
+@example(path="rounds.*.per_client.*.trained", value=1)
+@example(path="rounds.*.per_client.*.trained", value="true")
+@example(path="rounds.*.per_client.*.trained", value=False)
+@example(path="rounds.*.trained", value=["hospital-0", "hospital-0"])
+@example(path="rounds.*.trained", value="hospital-0")
+def test_any_value_in_any_report_field_gets_a_verdict_never_a_traceback(
+        federation, path, value) -> None:
+    """Property: whatever JSON value a hostile report.json holds in any field (in every
+    round and every hospital's line), ``bract audit verify`` ends with exit code 0, 1
+    or 2, never an exception or a traceback; 2 prints one ``error:`` line naming the
+    report. Nothing is coerced: a report number (or count) given as text or as a
+    boolean, a hospital's ``trained`` that is not a boolean, a round's ``trained`` that
+    is not a list of distinct names, is refused with exit 2 naming the field. 0 says
+    PASS and happens only when the budget it checked is a finite JSON number > 0, every
+    hospital's cumulative steps are the ones the report first held, a report number is
+    a JSON number (or null, or a text the writer uses for a non-finite one), and every
+    hospital's ``trained`` is still true (every one trained in every round, and its
+    ledger shows it)."""
+    original = json.loads((federation / "out" / "report.json").read_text())
+    data = json.loads(json.dumps(original))
+    _set_everywhere(data, path.split("."), value)
+    code, out, _ = _verify_text(federation, json.dumps(data, allow_nan=True))
     assert code in (0, 1, 2), out
     assert "Traceback" not in out
+    field = path.split(".")[-1]
+    flat = " ".join(out.split())  # the console wraps long lines
     if code == 2:
         lines = [x for x in out.splitlines() if x.strip()]
         assert lines[0].startswith("error: ") and "report.json" in lines[0]
+    textual = isinstance(value, str) and value not in NON_FINITE_TEXTS
+    if path in REPORT_NUMBERS + REPORT_COUNTS and (textual or isinstance(value, bool)):
+        assert code == 2 and f"'{field}' is " in flat, out
+    if path.endswith("per_client.*.trained") and not isinstance(value, bool):
+        assert code == 2 and "'trained' " in flat and "not true or false" in flat, out
+    if path == "rounds.*.trained" and not (isinstance(value, list) and
+                                           len(set(value)) == len(value)):
+        assert code == 2 and "'trained' " in flat, out
     if code == 0:
         assert out.lstrip().startswith("PASS — ")
         if path == "config.target_epsilon":
-            assert (isinstance(value, int | float) and math.isfinite(value) and value > 0) or (
+            assert (_is_json_number(value) and math.isfinite(value) and value > 0) or (
                 value is None and "No budget was checked" in out), out
+        if path == "config.delta":
+            assert value is None or _is_json_number(value), out
+        if path in REPORT_NUMBERS:
+            assert value is None or _is_json_number(value) or value in NON_FINITE_TEXTS
         if path.endswith(".steps"):
             assert type(value) is int and all(
                 line["steps"] == value for row in original["rounds"]
                 for line in row["per_client"].values())
+        if path.endswith("per_client.*.trained"):
+            assert value is True
+
+
+def _report_text(data: dict, *, twice: tuple[int, str] | None = None) -> str:
+    """report.json's text for ``data``; ``twice=(i, cid)`` writes the line of ``cid`` in
+    the ``i``-th row's ``per_client`` a second time (JSON allows the text; a reader
+    keeps one of the two)."""
+    if twice is None:
+        return json.dumps(data)
+    i, cid = twice
+    table = data["rounds"][i]["per_client"]
+    data = json.loads(json.dumps(data))
+    data["rounds"][i]["per_client"] = "@TABLE@"
+    items = [*table.items(), (cid, table[cid])]
+    text = "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in items) + "}"
+    return json.dumps(data).replace('"@TABLE@"', text)
+
+
+MUTATIONS = ("row twice", "hospital twice", "trained lists it twice", "line says not trained",
+             "not averaged", "averaged but a stranger", "failed after training",
+             "left out of the round")
+
+
+@settings(max_examples=24, deadline=None)
+@given(mutation=st.sampled_from(MUTATIONS), index=st.integers(0, 2),
+       cid=st.sampled_from(["hospital-0", "hospital-1"]), where=st.integers(0, 3))
+@example(mutation="row twice", index=0, cid="hospital-0", where=0)
+@example(mutation="hospital twice", index=1, cid="hospital-1", where=1)
+@example(mutation="trained lists it twice", index=2, cid="hospital-0", where=2)
+@example(mutation="line says not trained", index=0, cid="hospital-1", where=3)
+@example(mutation="not averaged", index=1, cid="hospital-0", where=0)
+@example(mutation="averaged but a stranger", index=2, cid="hospital-1", where=1)
+@example(mutation="failed after training", index=0, cid="hospital-0", where=2)
+@example(mutation="left out of the round", index=1, cid="hospital-1", where=3)
+def test_a_reports_account_of_rounds_and_who_trained_is_checked_against_the_ledger(
+        federation, mutation, index, cid, where) -> None:
+    """Property: report.json's rows and its account of who trained, edited in any round
+    for any hospital, get exactly the verdict the ledger calls for, one line or a
+    finding naming the round, never a traceback. A round given two rows, a hospital
+    given two lines in a round (the same key twice in ``per_client``) or listed twice
+    in a round's ``trained`` is unusable input (exit 2). A line saying the hospital did
+    not train in a round its ledger has an entry for, a round averaging a hospital it
+    has no line for, or one leaving out a hospital its ledger shows training there,
+    fail (exit 1). A hospital that trained but was not averaged, or that the round
+    records as failed after training (a dropout), is consistent with the ledger: PASS,
+    the dropout noted."""
+    original = json.loads((federation / "out" / "report.json").read_text())
+    data = json.loads(json.dumps(original))
+    row = data["rounds"][index]
+    r = row["round"]
+    twice = None
+    if mutation == "row twice":
+        data["rounds"].insert(min(where, 3), json.loads(json.dumps(row)))
+    elif mutation == "hospital twice":
+        twice = (index, cid)
+    elif mutation == "trained lists it twice":
+        row["trained"].append(cid)
+    elif mutation == "line says not trained":
+        row["per_client"][cid]["trained"] = False
+        row["trained"].remove(cid)
+    elif mutation == "not averaged":
+        row["trained"].remove(cid)
+    elif mutation == "averaged but a stranger":
+        row["trained"].append("hospital-9")
+    elif mutation == "failed after training":
+        row["trained"].remove(cid)
+        row["failed"][cid] = "dropped at unmasking"
+    elif mutation == "left out of the round":
+        del row["per_client"][cid]
+        row["trained"].remove(cid)
+    code, out, md = _verify_text(federation, _report_text(data, twice=twice))
+    assert "Traceback" not in out
+    flat = " ".join(out.split())
+    if mutation in ("row twice", "hospital twice", "trained lists it twice"):
+        assert code == 2 and flat.startswith("error: ") and f"round {r}" in flat, out
+        assert "FAIL" not in flat and "PASS" not in flat  # one error, nothing after it
+        assert {"row twice": f"round {r} has two rows",
+                "hospital twice": f"{cid!r} appears twice in round {r}'s 'per_client'",
+                "trained lists it twice": f"round {r}: 'trained' lists \"{cid}\" twice",
+                }[mutation] in flat, out
+    elif mutation == "line says not trained":
+        assert code == 1 and (f"report.json round {r} says {cid} did not train, but its "
+                              f"ledger has 1 entry for round {r}") in flat, out
+    elif mutation == "averaged but a stranger":
+        assert code == 1 and (f"report.json round {r} lists hospital-9 among the hospitals "
+                              "it averaged, but has no line for hospital-9") in flat, out
+    elif mutation == "left out of the round":
+        assert code == 1 and (f"{cid}'s ledger has an entry for round {r}, but report.json's "
+                              f"round {r} does not mention {cid}") in flat, out
+    else:
+        assert code == 0 and out.lstrip().startswith("PASS — "), out
+        dropout = (f"{cid}'s ledger has an entry for round {r}, in which report.json records "
+                   "it as failed (dropped at unmasking)")
+        assert (dropout in " ".join(md.split())) == (mutation == "failed after training")
 
 
 @pytest.mark.parametrize("target", [math.nan, math.inf, -1.0, 0, "many"])

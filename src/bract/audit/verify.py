@@ -19,8 +19,12 @@ What is checked, per hospital:
    :data:`DEFAULT_TOLERANCE`. An infinite recomputed epsilon (steps without
    noise: a non-private run) fails, budget or not; so does an event
    dp_accounting cannot account (the figure is NaN).
-3. **Completeness** — every round in which ``report.json`` says a hospital
-   trained has an entry for that round; the steps it reports match the ledger.
+3. **Completeness** — ``report.json``'s account of who trained agrees with the
+   ledger, round by round, both ways: a hospital whose line says it trained (or
+   that the round lists among those it averaged) has an entry for that round, and
+   a hospital with an entry for a round is said to have trained in it (or to have
+   failed in it after training: a dropout, noted); the steps it reports match the
+   ledger.
 4. **Copies** — a hospital's own copy of its ledger equals the server's line by
    line.
 5. **Budget** — no epsilon passes the budget (``--budget`` or the run's
@@ -33,7 +37,11 @@ holds events of one privacy unit (record or patient).
 
 Trusted: the roster's public keys (they must come from the hospitals' operators,
 not from the server being audited), dp_accounting, and the ``cryptography``
-library. ``report.json`` is *not* trusted: it is compared, never believed.
+library. ``report.json`` is *not* trusted: it is compared, never believed, and read
+strictly (:func:`bract.records.report.read_report` with ``strict=True``): a number
+written as text (``"2.5"``) or as a boolean, a ``trained`` that is not ``true`` or
+``false``, a round with two rows, a hospital listed twice in a round, is unusable
+input (exit 2, one line naming the round and the field), never coerced.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from bract.records.ledger import (
     check_chain,
     read_ledger,
 )
-from bract.records.report import HospitalRound, ReportError, RunReport, number, read_report
+from bract.records.report import HospitalRound, ReportError, RunReport, read_report
 
 #: Relative tolerance between a reported epsilon and the PLD recomputation. bract
 #: reports Opacus's PRV upper bound, within [0.995, 1.01] x PLD(1e-4) by design
@@ -407,13 +415,23 @@ def disagreement(reported: float, recomputed: float, tolerance: float) -> str | 
 
 
 def _read_report(path: Path) -> RunReport:
+    """report.json read strictly (nothing coerced); :class:`AuditInputError` naming
+    what is wrong and where."""
     try:
-        return read_report(path)
+        return read_report(path, strict=True)
     except ReportError as exc:
         raise AuditInputError(str(exc)) from None
 
 
-_number = number
+def _config_number(value: object) -> float | None:
+    """A configuration value of report.json as a float when it is a JSON number (a
+    boolean or a text such as ``"2.5"`` is not: None, never coerced)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float
+        return math.inf if value > 0 else -math.inf
 
 
 def _ledger(path: Path, what: str) -> list[LedgerEntry]:
@@ -479,7 +497,7 @@ def verify_federation(
     budget_source = "--budget" if budget is not None else None
     if budget is None and report is not None:
         raw = report.config_value("target_epsilon")
-        target = _number(raw) if raw is not None else None
+        target = _config_number(raw)
         if target is not None and math.isfinite(target) and target > 0:
             budget, budget_source = target, "report.json"
         elif raw is not None:
@@ -487,6 +505,12 @@ def verify_federation(
                 f"report.json's target_epsilon is {_shown(raw)}, not a finite number > 0: "
                 "no budget could be checked (give --budget from the hospitals' policies)"))
 
+    declared_delta = None
+    if config.get("delta") is not None:
+        declared_delta = _config_number(config["delta"])
+        if declared_delta is None:
+            fail("", "delta", (f"report.json's delta is {_shown(config['delta'])}, not a "
+                               "number: the entries' δ cannot be checked against the run's"))
     last_seen = report.last_per_client() if report is not None else {}
     names = sorted(set(chains) | set(copies) | set(last_seen))
     # 0. coverage: the server writes the ledger and the report, so a hospital it leaves
@@ -563,9 +587,9 @@ def verify_federation(
             lenient = why is not None and why.startswith("over") and entry.accountant == "rdp"
             h.entries.append(EntryAudit(entry.seq, entry.round, entry.epsilon, eps,
                                         why is None or lenient))
-            if config.get("delta") is not None and entry.delta != _number(config["delta"]):
+            if declared_delta is not None and entry.delta != declared_delta:
                 fail(cid, "delta", f"entry {entry.seq} uses δ={entry.delta:g}, the run "
-                                   f"declared δ={_number(config['delta']):g}")
+                                   f"declared δ={declared_delta:g}")
             if why is None:
                 continue
             message = (f"entry {entry.seq} (round {entry.round}) reports ε={_fmt(entry.epsilon)}"
@@ -590,8 +614,10 @@ def verify_federation(
                     _check_budget(cid, own, own_eps, budget, pld_discretization, fail,
                                   f"{cid}'s own copy reaches", report_budget)
         if report is not None:
-            _check_report_rows(h, chain, recomputed, report, carried, tolerance, fail)
+            _check_report_rows(h, chain, recomputed, report, carried, tolerance, fail,
+                               findings.append)
     if report is not None:
+        _check_averaged(report, fail)
         _check_final(report, hospitals, tolerance, fail)
     rounds = sorted({r.round for r in report.rounds}) if report is not None else sorted(
         {e.round for c in chains.values() for e in c}
@@ -709,19 +735,59 @@ def _check_finite(
 def _check_report_rows(
     h: HospitalAudit, chain: list[LedgerEntry], recomputed: list[float],
     report: RunReport, carried: int, tolerance: float, fail: Callable[[str, str, str], None],
+    note: Callable[[Finding], None],
 ) -> None:
-    """report.json's per-round epsilon and steps against the ledger; missing entries.
-    The first ``carried`` entries were spent before this run and count from round 1."""
+    """report.json's per-round epsilon and steps against the ledger, and its account of
+    who trained against the ledger's entries, both ways. The first ``carried`` entries
+    were spent before this run and count from round 1; the others are this run's.
+
+    Per round, for a hospital that answered it (a line, not among ``failed``): its line
+    says it trained, or the round lists it among those it averaged, exactly when its
+    ledger has an entry for that round; else a FAIL naming the round. A hospital with
+    an entry for a round in which report.json records it as failed trained and then
+    dropped (its reply, or a later stage, did not reach the server): a note, since its
+    epsilon counts the entry (so is one for a round whose failed hospitals include one
+    the server could not name, ``node-N``). An entry for a round report.json does not mention the
+    hospital in, or for a round report.json has no row for, fails (but for rounds past
+    the last row of an unfinished run, which the audit notes as such)."""
     cid = h.client_id
+    this_run = chain[carried:]
+    rows = {row.round for row in report.rounds}
+    last = max(rows, default=0)
+    for r in sorted({e.round for e in this_run} - rows):
+        if report.final is None and r > last:
+            continue  # after the unfinished run's last row: noted once for the run
+        fail(cid, "report", f"{cid}'s ledger has an entry for round {r}, but report.json has "
+                            f"no row for round {r}: a round it trained in is not reported")
     for row in report.rounds:
         r = row.round
         # Entries spent before this run (earlier runs or federations) count from round 1.
         upto = [i for i, e in enumerate(chain) if i < carried or e.round <= r]
         eps = recomputed[upto[-1]] if upto else 0.0
         h.recomputed_by_round[r] = eps
+        entries = sum(e.round == r for e in this_run)
         v = row.per_client.get(cid)
         if v is None or cid in row.failed:
-            continue  # the hospital did not answer this round: nothing was reported
+            # The hospital did not answer this round: nothing was reported (a line here
+            # is its earlier one, carried forward).
+            unnamed = sorted(k for k in row.failed
+                             if k.startswith("node-") and k not in row.per_client)
+            if entries and cid in row.failed:
+                note(Finding(NOTE, cid, "report", (
+                    f"{cid}'s ledger has an entry for round {r}, in which report.json records "
+                    f"it as failed ({row.failed[cid]}): it trained, and its update did not "
+                    "reach the average; its ε counts the entry")))
+            elif entries and unnamed:
+                note(Finding(NOTE, cid, "report", (
+                    f"{cid}'s ledger has an entry for round {r}; report.json's round {r} "
+                    f"does not name {cid} but records {', '.join(unnamed)} as failed before "
+                    "the server learned its name: it trained, and its update did not reach "
+                    "the average; its ε counts the entry")))
+            elif entries:
+                fail(cid, "report", f"{cid}'s ledger has an entry for round {r}, but "
+                                    f"report.json's round {r} does not mention {cid}: a round "
+                                    "it trained in is not reported")
+            continue
         reported = v.epsilon
         h.reported_by_round[r] = reported
         why = disagreement(reported, eps, tolerance) if not math.isnan(reported) else "unreadable"
@@ -736,10 +802,33 @@ def _check_report_rows(
         elif steps != ledger_steps:
             fail(cid, "report", f"report.json round {r} says {cid} ran {steps} DP-SGD steps in "
                                 f"all, its ledger records {ledger_steps}")
-        trained = cid in row.trained or v.trained
-        if trained and not any(e.round == r for e in chain[carried:]):
+        averaged = cid in row.trained
+        if (v.trained or averaged) and not entries:
             fail(cid, "missing", f"missing event: report.json says {cid} trained in round {r}, "
                                  f"but its ledger has no entry for round {r}")
+        if entries and not v.trained:
+            fail(cid, "report", (
+                f"report.json round {r} says {cid} did not train"
+                + (f" ({v.reason})" if v.reason else "")
+                + f", but its ledger has {entries} entr{'y' if entries == 1 else 'ies'} for "
+                f"round {r}: it trained there"))
+        if averaged and not v.trained:
+            fail(cid, "report", f"report.json round {r} lists {cid} among the hospitals it "
+                                "averaged, but its line says it did not train")
+
+
+def _check_averaged(report: RunReport, fail: Callable[[str, str, str], None]) -> None:
+    """Every hospital a round lists among those it averaged answered that round: it has
+    a line in it and is not among its failed (whose updates were not averaged)."""
+    for row in report.rounds:
+        for cid in row.trained:
+            if cid not in row.per_client:
+                fail(cid, "report", f"report.json round {row.round} lists {cid} among the "
+                                    f"hospitals it averaged, but has no line for {cid}")
+            elif cid in row.failed:
+                fail(cid, "report", f"report.json round {row.round} lists {cid} among the "
+                                    "hospitals it averaged, and also as failed "
+                                    f"({row.failed[cid]})")
 
 
 def _check_final(
