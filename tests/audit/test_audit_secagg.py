@@ -382,9 +382,10 @@ def test_a_view_with_a_round_missing_fails_naming_it(tmp_path, capsys) -> None:
     shutil.rmtree(view / "round-1")
     report = audit_views(read_view(view))
     assert not report.passed and report.gap == "round 1 missing from the view"
-    (gap,) = [c for c in report.checks if not c.passed]
+    (gap,) = report.failed
     assert gap.name == sa.ROUNDS_RECORDED and gap.round == 1
-    assert all(c.passed for c in report.checks if c.name != sa.ROUNDS_RECORDED)
+    # a v1 view: its per-round checks are listed as not run, not left out
+    assert {c.name for c in report.skipped} == set(ROUND_CHECKS)
     assert main(["audit", "secagg", "--view", str(view), "--out", str(tmp_path / "o")]) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "verdict: FAIL — round 1 missing from the view" in out
@@ -485,11 +486,132 @@ def test_a_victim_whose_sharer_list_hides_peers_is_exposed_and_the_audit_names_i
     assert all(view.sharer_lists[v] == set(range(n)) for v in range(1, n))
 
     report = audit_views([view])
-    (knowledge,) = report.checks
+    (knowledge,) = report.failed
     assert not report.passed and knowledge.name == "knowledge-across-rounds"
+    # unmasked twice: the checks that remove one unmasking's masks are listed as not run
+    status = {c.name: c.status for c in report.checks}
+    assert status == {"knowledge-across-rounds": "FAIL", "masked-inputs-uniform": "pass",
+                      "survivors-hidden": "skipped", "dropped-late-hidden": "skipped",
+                      "aggregate-exact": "n/a"}
     assert "EXPOSED" in knowledge.detail and "node 0" in knowledge.detail
     assert knowledge.statistics[0]["isolable_sums"] == [[victim]]
     write_view(view, tmp_path / "v")
     assert main(["audit", "secagg", "--view", str(tmp_path / "v"),
                  "--out", str(tmp_path / "o")]) == 1
     assert "node 0" in capsys.readouterr().out
+
+
+# ------------------------------------------- rounds the audit cannot fully check
+
+
+def _unmasked_twice(view: ServerView) -> ServerView:
+    """``view`` with a second unmask request (a server that showed some clients another
+    alive set: the first survivor dropped), as a dishonest server's view holds it."""
+    ureq = view.unmask_request
+    again = UnmaskRequest(ureq.federation_id, ureq.round, ureq.alive[1:],
+                          sorted([*ureq.dropped, ureq.alive[0]]), [], [])
+    return dataclasses.replace(view, messages=[*view.messages, ("out", again)])
+
+
+def _status(report) -> dict[tuple[int, str], str]:
+    return {(c.round, c.name): c.status for c in report.checks}
+
+
+def test_a_round_unmasked_twice_is_reported_incomplete_never_pass(view, tmp_path,
+                                                                  capsys) -> None:
+    """A round the server unmasked twice: the checks that remove one unmasking's masks
+    cannot run. Each round still lists every check: those that ran (knowledge across
+    rounds, the masked inputs' uniformity) with their result, the three others as
+    skipped with the reason. The verdict is INCOMPLETE, not pass (exit 1), and the
+    verdict line, audit.md's first paragraph and the JSON name the skipped checks and
+    their round; the audit used to run none of them and print "pass"."""
+    twice = _unmasked_twice(view)
+    report = audit_views([twice])
+    assert not report.passed  # it used to pass, having run none of the three
+    assert _status(report) == {
+        (1, "knowledge-across-rounds"): "pass", (1, "masked-inputs-uniform"): "pass",
+        (1, "survivors-hidden"): "skipped", (1, "dropped-late-hidden"): "skipped",
+        (1, "aggregate-exact"): "skipped"}
+    for c in report.skipped:
+        assert c.detail.startswith("NOT RUN: the server unmasked this round 2 times")
+        assert not c.passed
+    assert report.verdict == "INCOMPLETE" and not report.passed and not report.failed
+    summary = "3 checks NOT RUN: round 1: survivors-hidden, dropped-late-hidden, aggregate-exact"
+    assert report.skipped_summary == summary
+    plain = report.to_plain()
+    assert plain["verdict"] == "INCOMPLETE" and plain["passed"] is False
+    assert plain["skipped"] == summary
+    assert [c["status"] for c in plain["checks"]].count("skipped") == 3
+    md = sa.report_markdown(report).splitlines()[2]
+    assert md.startswith("**Verdict: INCOMPLETE** — no check failed, but the view was not "
+                         "fully checked") and summary in md
+    write_view(twice, tmp_path / "v")
+    assert main(["audit", "secagg", "--view", str(tmp_path / "v"),
+                 "--out", str(tmp_path / "o")]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"verdict: INCOMPLETE (rounds 1 to 1); {summary}" in out
+    assert "verdict: pass" not in out
+
+
+def test_the_checks_that_can_run_on_a_round_unmasked_twice_still_fail_it(view) -> None:
+    """A survivor's input sent in clear in a round unmasked twice: the masked inputs'
+    uniformity still runs there, and fails; the verdict is FAIL and still names the
+    checks not run."""
+    u = view.unmask_request.alive[0]
+    report = audit_views([_unmasked_twice(_replace_masked(view, u, _encoding(view, u)))])
+    assert not report.passed  # it used to pass, having run no per-round check
+    (bad,) = report.failed
+    assert bad.name == "masked-inputs-uniform" and f"nodes [{u}]" in bad.detail
+    assert report.verdict == "FAIL" and len(report.skipped) == 3
+    assert sa.report_markdown(report).splitlines()[2].startswith(
+        "**Verdict: FAIL** — 3 checks NOT RUN: round 1")
+
+
+def _cut_before_unmasking(view: ServerView) -> ServerView:
+    """``view`` as a round that aborted before unmasking: no unmask request or reply,
+    no late input, no aggregate."""
+    kept = [(d, m) for d, m in view.messages if d != "late"
+            and not isinstance(m, UnmaskRequest | UnmaskReply)]
+    return dataclasses.replace(view, messages=kept, weighted_sum=np.zeros_like(
+        view.weighted_sum), total_weight=0, aborted=True)
+
+
+def test_an_aborted_round_is_checked_for_what_it_holds(view) -> None:
+    """An aborted round is checked, not passed over: its masked inputs are tested (an
+    input sent in clear fails, where the audit used to check nothing in an aborted
+    round); with no unmask reply the server removed no mask, so the survivor checks
+    have nothing to test (n/a, no qualification of the verdict), and neither has
+    aggregate-exact (no aggregate). Aborted after its unmask replies, each survivor
+    whose seed they reveal, and each dropped client whose key they reveal, is tested
+    as in a completed round."""
+    u = view.unmask_request.alive[0]
+    clear = audit_views([_cut_before_unmasking(_replace_masked(view, u, _encoding(view, u)))])
+    assert not clear.passed and clear.verdict == "FAIL"  # it used to pass
+    before = audit_views([_cut_before_unmasking(view)])
+    assert _status(before) == {
+        (1, "knowledge-across-rounds"): "pass", (1, "masked-inputs-uniform"): "pass",
+        (1, "survivors-hidden"): "n/a", (1, "dropped-late-hidden"): "n/a",
+        (1, "aggregate-exact"): "n/a"}
+    assert before.verdict == "pass" and before.passed
+    after = audit_views([dataclasses.replace(view, weighted_sum=np.zeros_like(
+        view.weighted_sum), total_weight=0, aborted=True)])
+    assert _status(after) == {
+        (1, "knowledge-across-rounds"): "pass", (1, "masked-inputs-uniform"): "pass",
+        (1, "survivors-hidden"): "pass", (1, "dropped-late-hidden"): "pass",
+        (1, "aggregate-exact"): "n/a"}
+    hidden = next(c for c in after.checks if c.name == "survivors-hidden")
+    assert len(hidden.statistics) == len(view.unmask_request.alive)
+    assert after.passed
+
+
+def test_every_round_lists_every_check_whatever_the_view_holds(view) -> None:
+    """Whatever a round's view holds (complete, unmasked twice, aborted before or after
+    unmasking, a protocol-v1 view), its result lists each of the five checks exactly
+    once, and the verdict is pass only when none is skipped or failed."""
+    views = [view, _unmasked_twice(view), _cut_before_unmasking(view),
+             dataclasses.replace(view, aborted=True), *read_view(FIXTURE_V1)]
+    for v in views:
+        report = audit_views([dataclasses.replace(v, round=1)])
+        names = [c.name for c in report.checks if c.name != sa.ROUNDS_RECORDED]
+        assert sorted(names) == sorted(CHECKS)
+        assert report.passed == (not report.failed and not report.skipped)

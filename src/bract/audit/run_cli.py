@@ -4,7 +4,8 @@
 (:mod:`bract.audit.empirical`); ``secagg`` runs (or reads a recording of) secure
 aggregation rounds and checks that the server's view hides every update
 (:mod:`bract.audit.secagg_audit`). Both exit 0 when every check passes, 1 when
-one fails, 2 on unusable input. Heavy imports (torch, scipy) happen only when a
+one fails (or, for ``secagg``, when a check could not be run on a round: verdict
+INCOMPLETE, never a pass), 2 on unusable input. Heavy imports (torch, scipy) happen only when a
 command runs, so ``bract --help`` stays fast.
 """
 
@@ -258,6 +259,8 @@ def run_whitebox_command(args: argparse.Namespace) -> int:
 
 def run_secagg_command(args: argparse.Namespace) -> int:
     """``bract audit secagg``: record (or read) the server's view, check it, write OUT."""
+    from rich.markup import escape
+
     from bract.audit.secagg_audit import (
         SecAggAuditConfig,
         audit_views,
@@ -287,12 +290,16 @@ def run_secagg_command(args: argparse.Namespace) -> int:
     for col in ("round", "check", "result"):
         table.add_column(col)
     table.add_column("detail", overflow="fold")
+    marks = {"pass": "[green]pass[/green]", "FAIL": "[bold red]FAIL[/bold red]",
+             "skipped": "[bold yellow]skipped[/bold yellow]", "n/a": "n/a"}
     for check in report.checks:
-        mark = "[green]pass[/green]" if check.passed else "[bold red]FAIL[/bold red]"
-        table.add_row(str(check.round), check.name, mark, check.detail)
+        table.add_row(str(check.round), check.name, marks[check.status], escape(check.detail))
     console.print(table)
-    style = "green" if report.passed else "bold red"
+    style = {"pass": "green", "INCOMPLETE": "bold yellow"}.get(report.verdict, "bold red")
     gap = f" — {report.gap}" if report.gap else f" (rounds 1 to {report.rounds})"
-    console.print(f"verdict: [{style}]{'pass' if report.passed else 'FAIL'}[/{style}]{gap}")
+    skipped = report.skipped_summary
+    more = (f"; {skipped}: not shown to hide the updates (see the table)" if skipped else "")
+    console.print(f"verdict: [{style}]{report.verdict}[/{style}]{escape(gap + more)}",
+                  highlight=False)
     console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if report.passed else 1

@@ -47,10 +47,28 @@ Significance of the statistical checks: each vector's test has family-wise
 false-alarm probability ``alpha`` (default 1e-6), so a correct protocol fails an
 audit of a few hundred vectors with probability below 1e-3.
 
-Views recorded with protocol v1 (one mask key per key epoch; commit 72e210b and
-before) are read too: for them only ``knowledge-across-rounds`` runs, which is
-the check that fails on them when a client dropped after sharing in a later
-round of the same key epoch.
+Every round lists every check with its status: ``pass``, ``FAIL``, ``skipped``
+(there was something to check and the audit did not: the reason says why) or
+``n/a`` (nothing there to check: no mask was removable, no aggregate exists).
+The verdict is ``pass`` only when no check failed and none was skipped;
+``INCOMPLETE`` (exit 1, never read as a pass) when none failed but some were
+skipped; ``FAIL`` when one failed. Skipped:
+
+* every per-round check of a view recorded with protocol v1 (one mask key per
+  key epoch; commit 72e210b and before): for them only ``knowledge-across-rounds``
+  runs, the check that fails on them when a client dropped after sharing in a
+  later round of the same key epoch;
+* ``survivors-hidden``, ``dropped-late-hidden`` and ``aggregate-exact`` of a round
+  the server unmasked more than once (several unmask requests: a server that
+  showed clients different alive sets). They remove the masks one unmasking
+  reveals; the secrets all the replies reveal together are counted by
+  ``knowledge-across-rounds``, which still runs;
+* the checks of a view without its one round configuration (the ring is unknown).
+
+A round that aborted is checked for what it holds: its masked inputs, and, when
+unmask replies reached the server, each survivor whose seed they reveal and each
+dropped client whose key they reveal (there is no aggregate to compare with:
+``aggregate-exact`` is ``n/a``).
 
 What the audit cannot show: that masks are *unpredictable* (an AES keystream
 under a key the server knows passes every statistical test; that rests on the
@@ -95,6 +113,7 @@ from bract.secagg.messages import (
     MaskRequest,
     Message,
     RoundConfig,
+    UnmaskRequest,
 )
 from bract.secagg.protocol import (
     AggregateResult,
@@ -226,20 +245,48 @@ def _view_from(rnd: int, log: list[tuple[str, Message]], result: AggregateResult
 # ----------------------------------------------------------------------- the checks
 
 
+PASSED, FAILED, SKIPPED, NOT_APPLICABLE = "pass", "FAIL", "skipped", "n/a"
+STATUSES = (PASSED, FAILED, SKIPPED, NOT_APPLICABLE)
+
+
 @dataclass(frozen=True)
 class CheckResult:
-    """One check of one round: pass/fail, a plain-language detail, and statistics."""
+    """One check of one round: its status, a plain-language detail, and statistics.
+
+    ``status`` is ``pass`` or ``FAIL`` for a check that ran (``passed`` says which),
+    ``skipped`` for one the audit could not run on this round although there was
+    something to check (``passed`` is false: nothing was shown; ``detail`` says
+    why), ``n/a`` for one with nothing to check (``passed`` is true)."""
 
     round: int
     name: str
     passed: bool
     detail: str
     statistics: list[dict[str, Any]] = field(default_factory=list)
+    status: str = ""
+
+    def __post_init__(self) -> None:
+        status = self.status or (PASSED if self.passed else FAILED)
+        if status not in STATUSES:
+            raise ValueError(f"a check's status is one of {STATUSES} (got {status!r})")
+        if self.passed != (status in (PASSED, NOT_APPLICABLE)):
+            raise ValueError(f"a {status} check cannot have passed={self.passed}")
+        object.__setattr__(self, "status", status)
+
+    @classmethod
+    def skipped(cls, rnd: int, name: str, why: str) -> CheckResult:
+        """``name`` not run on round ``rnd``, for the reason ``why``."""
+        return cls(rnd, name, False, f"NOT RUN: {why}", status=SKIPPED)
+
+    @classmethod
+    def not_applicable(cls, rnd: int, name: str, why: str) -> CheckResult:
+        """``name`` has nothing to check in round ``rnd``: ``why``."""
+        return cls(rnd, name, True, f"nothing to check: {why}", status=NOT_APPLICABLE)
 
     def to_plain(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
-        return {"round": self.round, "name": self.name, "passed": self.passed,
-                "detail": self.detail, "statistics": self.statistics}
+        return {"round": self.round, "name": self.name, "status": self.status,
+                "passed": self.passed, "detail": self.detail, "statistics": self.statistics}
 
 
 def _ring(msg: MaskedInput, cfg: RoundConfig) -> np.ndarray:
@@ -265,10 +312,15 @@ class _ServerSecrets:
     mask_private: dict[int, bytes]  # dropped client -> its round's X25519 mask private key
 
 
-def _reconstruct(view: ServerView) -> _ServerSecrets:
+def _reconstruct(view: ServerView, partial: bool = False) -> _ServerSecrets:
+    """The secrets the view's unmask replies reveal. ``partial`` (an aborted round):
+    only those with at least ``t`` shares; the others stay hidden from the server."""
     cfg = view.config
     publics = {u: m.mask_public for u, m in view.shares.items()}
     seed_pts, key_pts = _points(view.unmask_replies)
+    if partial:
+        seed_pts = {u: p for u, p in seed_pts.items() if len(p) >= cfg.threshold}
+        key_pts = {v: p for v, p in key_pts.items() if len(p) >= cfg.threshold}
     self_keys = {}
     for u, pts in seed_pts.items():
         seed = shamir.reconstruct(pts, cfg.threshold).to_bytes(32, "big")
@@ -474,9 +526,80 @@ def _test_vector(vec: np.ndarray, cfg: RoundConfig, alpha: float,
 
 
 def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResult]:
-    """Run the four per-round statistical checks (module docstring) on one round's view
-    of protocol v2 or later (the cross-round check is :func:`knowledge_across_rounds`)."""
-    cfg = view.config
+    """The four per-round checks of one round's view (the cross-round check is
+    :func:`knowledge_across_rounds`): always one result per name of
+    :data:`ROUND_CHECKS`, in that order, each run, ``skipped`` with the reason, or
+    ``n/a`` (module docstring). A check reported ``pass`` ran on everything the view
+    holds for it; none is left out silently."""
+    rnd = view.round
+    if view.legacy:
+        why = ("a protocol-v1 view (recorded before per-round mask keys): only "
+               "knowledge-across-rounds applies to it")
+        return [CheckResult.skipped(rnd, name, why) for name in ROUND_CHECKS]
+    try:
+        cfg = view.config
+    except ValueError as exc:
+        why = f"{exc} The ring its inputs were masked in is unknown"
+        return [CheckResult.skipped(rnd, name, why) for name in ROUND_CHECKS]
+    results = [_masked_inputs_uniform(view, cfg, alpha)]
+    later = ROUND_CHECKS[1:]
+    requests = [m for d, m in view.messages if d == "out" and isinstance(m, UnmaskRequest)]
+    replies = view.unmask_replies
+    no_aggregate = "the round aborted, so the server holds no aggregate"
+
+    def aggregate_or(why: str) -> CheckResult:
+        if view.aborted:
+            return CheckResult.not_applicable(rnd, later[2], no_aggregate)
+        return CheckResult.skipped(rnd, later[2], why)
+
+    if len(requests) > 1:
+        sets = "; ".join(str(sorted(r.alive)) for r in requests)
+        why = (f"the server unmasked this round {len(requests)} times (alive sets {sets}); "
+               "together its replies may reveal a client's self-mask seed and its mask "
+               "key, and this check removes the masks of one unmasking. "
+               "knowledge-across-rounds counts every secret the replies reveal")
+        return [*results, CheckResult.skipped(rnd, later[0], why),
+                CheckResult.skipped(rnd, later[1], why), aggregate_or(why)]
+    if not replies:
+        none = "no unmask reply reached the server, so it could remove no mask"
+        return [*results, CheckResult.not_applicable(rnd, later[0], none),
+                CheckResult.not_applicable(rnd, later[1], none),
+                aggregate_or("the view records an aggregate but no unmask reply: the masks "
+                             "the server removed are not in it")]
+    if not requests:
+        why = ("the view holds unmask replies but no unmask request: which clients were "
+               "alive and which dropped is not recorded")
+        return [*results, CheckResult.skipped(rnd, later[0], why),
+                CheckResult.skipped(rnd, later[1], why), aggregate_or(why)]
+    return results + _unmasked_checks(view, cfg, alpha)
+
+
+def _masked_inputs_uniform(view: ServerView, cfg: RoundConfig, alpha: float) -> CheckResult:
+    """``masked-inputs-uniform``: every masked input the server received is uniform
+    (``n/a`` when none reached it)."""
+    masked = view.masked
+    rnd = view.round
+    if not masked:
+        return CheckResult.not_applicable(rnd, ROUND_CHECKS[0],
+                                          "no masked input reached the server")
+    stats, bad = [], []
+    for u, msg in sorted(masked.items()):
+        ok, s = _test_vector(_ring(msg, cfg), cfg, alpha, None)
+        stats.append({"node": u, **s})
+        if not ok:
+            bad.append(u)
+    return CheckResult(
+        rnd, ROUND_CHECKS[0], not bad,
+        f"{len(masked)} masked inputs; " + (f"NOT uniform: nodes {bad}" if bad
+                                            else f"all uniform over Z_2^{cfg.ring_bits}"),
+        stats)
+
+
+def _unmasked_checks(view: ServerView, cfg: RoundConfig, alpha: float) -> list[CheckResult]:
+    """``survivors-hidden``, ``dropped-late-hidden`` and ``aggregate-exact`` of a round
+    unmasked once. In an aborted round only the secrets with ``t`` shares are
+    removed (the others stay hidden from the server too), the survivors whose seed
+    the replies do not reveal are still self-masked, and there is no aggregate."""
     publics = {u: m.mask_public for u, m in view.shares.items()}
     ureq = view.unmask_request
     alive, dropped = sorted(ureq.alive), sorted(ureq.dropped)
@@ -484,31 +607,23 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
     missing = [u for u in alive if u not in masked]
     if missing:
         raise ValueError(f"the view lacks the masked inputs of alive nodes {missing}.")
-    secrets_ = _reconstruct(view)
+    aborted = view.aborted
+    secrets_ = _reconstruct(view, partial=aborted)
     nbhd = closed_neighbourhoods(cfg.participants, cfg.graph_kind, cfg.degree, cfg.graph_seed)
     own = view.sharer_lists  # the pair masks each client applied: its own list's
     truth = view.inputs
     rnd = view.round
     results = []
 
-    # 1. every masked input looks uniform
-    stats, bad = [], []
-    for u, msg in sorted(masked.items()):
-        ok, s = _test_vector(_ring(msg, cfg), cfg, alpha, None)
-        stats.append({"node": u, **s})
-        if not ok:
-            bad.append(u)
-    results.append(CheckResult(
-        rnd, ROUND_CHECKS[0], not bad,
-        f"{len(masked)} masked inputs; " + (f"NOT uniform: nodes {bad}" if bad
-                                            else f"all uniform over Z_2^{cfg.ring_bits}"),
-        stats))
-
     # 2. survivors after removing their self masks and the dropped clients' pair masks
     residuals: dict[int, np.ndarray] = {}
     stats, bad = [], []
+    still_masked = []  # aborted round: survivors whose seed the replies do not reveal
     for u in alive:
         if u not in secrets_.self_keys:
+            if aborted:
+                still_masked.append(u)
+                continue
             raise ValueError(f"no shares of survivor {u}'s self-mask seed in the view.")
         r = _ring(masked[u], cfg) - _stream(secrets_.self_keys[u], cfg)
         for v in dropped:
@@ -521,22 +636,29 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
             bad.append(u)
     # Do the remainders add up to what the server aggregated? Only then did the audit
     # remove the masks the server removes (and check 2 tested the real remainders).
-    total = np.zeros(cfg.dim + 1, dtype=RING_DTYPES[cfg.ring_bits])
-    for r in residuals.values():
-        total = total + r
-    try:
-        wsum, wtot = decode_sum(total, cfg.ring_bits, cfg.frac_bits)
-        same = bool(np.array_equal(wsum, view.weighted_sum) and wtot == view.total_weight)
-    except EncodingError:  # the remainders do not even decode (negative total weight)
-        same = False
+    same = False
+    if not aborted:
+        total = np.zeros(cfg.dim + 1, dtype=RING_DTYPES[cfg.ring_bits])
+        for r in residuals.values():
+            total = total + r
+        try:
+            wsum, wtot = decode_sum(total, cfg.ring_bits, cfg.frac_bits)
+            same = bool(np.array_equal(wsum, view.weighted_sum) and wtot == view.total_weight)
+        except EncodingError:  # the remainders do not even decode (negative total weight)
+            same = False
     others = min((len([w for w in nbhd[u] if w in alive and w != u]) for u in alive),
                  default=0)
     verdict = (f"EXPOSED: nodes {bad}" if bad else "all uniform and unrelated to their inputs")
-    if not same:
+    if aborted:
+        verdict += ("; the round aborted: no aggregate shows these are the masks the server "
+                    "would have removed" + (f"; the replies reveal no seed of survivors "
+                                            f"{still_masked}: still self-masked"
+                                            if still_masked else ""))
+    elif not same:
         verdict += ("; NOT ASSESSED: the masks the audit removed are not those the server "
                     "removed (see aggregate-exact)")
     results.append(CheckResult(
-        rnd, ROUND_CHECKS[1], not bad and same,
+        rnd, ROUND_CHECKS[1], not bad and (same or aborted),
         f"{len(alive)} survivors, {len(dropped)} dropped; after removing every self mask and "
         f"the dropped clients' pair masks each survivor is still masked by pair masks with "
         f"at least {others} other survivor(s); {verdict}",
@@ -565,6 +687,10 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
     results.append(CheckResult(rnd, ROUND_CHECKS[2], not bad, detail, stats))
 
     # 4. non-vacuity: the remainders sum to the server's aggregate, which is the true sum
+    if aborted:
+        results.append(CheckResult.not_applicable(
+            rnd, ROUND_CHECKS[3], "the round aborted, so the server holds no aggregate"))
+        return results
     detail = ("survivors' remainders sum exactly to the server's aggregate" if same else
               "survivors' remainders do NOT sum to the server's aggregate: the masks the "
               "audit removed are not the ones the server removed")
@@ -598,9 +724,41 @@ class SecAggAuditReport:
     rounds: int
 
     @property
+    def failed(self) -> list[CheckResult]:
+        """The checks that ran and failed."""
+        return [c for c in self.checks if c.status == FAILED]
+
+    @property
+    def skipped(self) -> list[CheckResult]:
+        """The checks the audit could not run on a round that had something to check."""
+        return [c for c in self.checks if c.status == SKIPPED]
+
+    @property
+    def verdict(self) -> str:
+        """``FAIL`` when a check failed; else ``INCOMPLETE`` when one was skipped (the
+        view was not fully checked: no pass); else ``pass``."""
+        if self.failed:
+            return FAILED
+        return "INCOMPLETE" if self.skipped else PASSED
+
+    @property
     def passed(self) -> bool:
-        """True when every check of every round passed."""
-        return all(c.passed for c in self.checks)
+        """True only when every check of every round ran (or had nothing to check) and
+        passed: a skipped check is no pass."""
+        return self.verdict == PASSED
+
+    @property
+    def skipped_summary(self) -> str | None:
+        """The skipped checks, per round, in one line (None when none was)."""
+        by_round: dict[int, list[str]] = {}
+        for c in self.skipped:
+            by_round.setdefault(c.round, []).append(c.name)
+        if not by_round:
+            return None
+        n = len(self.skipped)
+        return (f"{n} check{'s' if n > 1 else ''} NOT RUN: "
+                + "; ".join(f"round {r}: {', '.join(names)}"
+                            for r, names in sorted(by_round.items())))
 
     @property
     def gap(self) -> str | None:
@@ -612,12 +770,17 @@ class SecAggAuditReport:
 
     def to_plain(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
-        return {"passed": self.passed, "alpha": self.alpha, "rounds": self.rounds,
+        return {"verdict": self.verdict, "passed": self.passed, "alpha": self.alpha,
+                "rounds": self.rounds, "skipped": self.skipped_summary,
                 "checks": [c.to_plain() for c in self.checks]}
 
 
 def audit_views(views: Sequence[ServerView], alpha: float = DEFAULT_ALPHA) -> SecAggAuditReport:
-    """Audit every round's view; see the module docstring for what passing means."""
+    """Audit every round's view; see the module docstring for what passing means.
+
+    Guarantee: every round's result lists all of :data:`CHECKS`, each ``pass``,
+    ``FAIL``, ``skipped`` (with why) or ``n/a``; the report passes only when none
+    failed and none was skipped."""
     if not views:
         raise ValueError("no recorded rounds to audit.")
     knowledge = {c.round: c for c in knowledge_across_rounds(views)}
@@ -628,8 +791,11 @@ def audit_views(views: Sequence[ServerView], alpha: float = DEFAULT_ALPHA) -> Se
     for v in views:
         if v.round in knowledge:
             checks.append(knowledge[v.round])
-        if not v.legacy and not v.aborted and _reached_unmasking(v):
-            checks += audit_view(v, alpha)
+        else:
+            checks.append(CheckResult.skipped(
+                v.round, CHECKS[0], "the view holds no single round configuration, so the "
+                "shares it received cannot be read"))
+        checks += audit_view(v, alpha)
     return SecAggAuditReport(checks, alpha, len(views))
 
 
@@ -671,14 +837,6 @@ def rounds_recorded(views: Sequence[ServerView]) -> CheckResult | None:
                                  "repeated": repeated, "summary": summary}])
 
 
-def _reached_unmasking(view: ServerView) -> bool:
-    try:
-        view.unmask_request  # noqa: B018
-    except ValueError:
-        return False
-    return bool(view.unmask_replies)
-
-
 def run_secagg_audit(config: SecAggAuditConfig) -> SecAggAuditReport:
     """Record ``config.rounds`` rounds and audit them."""
     return audit_views(record_rounds(config), config.alpha)
@@ -686,18 +844,25 @@ def run_secagg_audit(config: SecAggAuditConfig) -> SecAggAuditReport:
 
 def report_markdown(report: SecAggAuditReport) -> str:
     """Verdict first, then one line per check, then what the audit can and cannot show."""
+    skipped = report.skipped_summary
+    ran = sum(c.status in (PASSED, FAILED) for c in report.checks)
     lines = [
         "# Secure-aggregation audit",
         "",
-        f"**Verdict: {'pass' if report.passed else 'FAIL'}**"
+        f"**Verdict: {report.verdict}**"
         + (f" ({report.gap})" if report.gap else "")
-        + f" — {report.rounds} round(s), "
-        f"{len(report.checks)} checks, per-vector significance {report.alpha:g}.",
+        + (" — no check failed, but the view was not fully checked" if
+           report.verdict == "INCOMPLETE" else "")
+        + (f" — {skipped} (see the table for why)" if skipped else "")
+        + f" — {report.rounds} round(s), {ran} checks run, per-vector significance "
+        f"{report.alpha:g}.",
         "",
         "| round | check | result | detail |",
         "| --- | --- | --- | --- |",
     ]
-    lines += [f"| {c.round} | {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.detail} |"
+    shown = {PASSED: "pass", FAILED: "**FAIL**", SKIPPED: "**skipped**",
+             NOT_APPLICABLE: "n/a"}
+    lines += [f"| {c.round} | {c.name} | {shown[c.status]} | {c.detail} |"
               for c in report.checks]
     lines += [
         "",
