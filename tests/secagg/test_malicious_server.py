@@ -42,7 +42,7 @@ from bract.secagg.errors import (
     SecAggError,
     ThresholdPolicyError,
 )
-from bract.secagg.messages import ConsistencyRequest, UnmaskReply, UnmaskRequest
+from bract.secagg.messages import ConsistencyRequest, RoundConfig, UnmaskReply, UnmaskRequest
 from bract.secagg.protocol import (
     ClientPolicy,
     ClientSession,
@@ -825,32 +825,54 @@ def test_harary_split_views_of_two_colluders_never_isolate_an_update() -> None:
     assert answered == 0  # every signer holds a share of a peer without a quorum
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(4, 7), st.data())
-def test_the_secagg_audit_isolates_exactly_the_sums_the_oracle_does(n, data) -> None:
-    """Property: for any sharer list per client (each its own, at least t of them, as a
-    dishonest server may send), any set of masked inputs reaching the server and any
-    unmask replies from any clients (each revealing, of every peer whose shares it
-    holds, the seed share, the key share, both or neither, as drawn per peer: no
-    quorum check), ``bract audit secagg``'s knowledge check on the recorded view finds
-    exactly the isolable honest sums this oracle finds, and fails exactly when one
-    holds fewer than h clients."""
+def _audit_agrees_with_the_oracle(data, n: int, dropped: frozenset[int] | set[int] = frozenset(),
+                                  **federation) -> RoundConfig:
+    """One round of a federation of ``n`` (``make_federation``'s keyword arguments) in
+    which the clients in ``dropped`` never share keys, driven by a dishonest server
+    drawn from ``data``: each remaining sharer's own sharer list (itself, at least
+    ``t - 1`` of its neighbours that shared, any others), the masked inputs that reach
+    the server, and unmask replies from any clients, each revealing, of every peer
+    whose shares it holds, the seed share, the key share, both or neither (no quorum
+    check). Asserts that the audit's knowledge check on the recorded view finds exactly
+    the isolable honest sums the oracle finds, and fails exactly when one holds fewer
+    than h clients; returns the round's config. A round the server aborts before its
+    mask requests (too few sharers left) is rejected."""
+    from hypothesis import event, reject
+
     from bract.audit.secagg_audit import knowledge_across_rounds
     from bract.secagg.recording import ServerView
 
-    f, cfg, inputs, shares, reqs = _to_mask_requests(n)
-    t, everyone = cfg.threshold, list(range(n))
+    f = make_federation(n, **federation)
+    advertise_all(f)
+    inputs = random_inputs(n, D)
+    cfg = f.server.start_round(1, range(n), D)
+    shares = {v: f.clients[v].handle_round_config(cfg) for v in range(n) if v not in dropped}
+    for msg in shares.values():
+        f.server.receive_shares(msg)
+    try:
+        reqs = f.server.mask_requests()
+    except RoundAborted:
+        reject()
+    t, sharers, nbhd = cfg.threshold, sorted(reqs), f.server._round.nbhd
 
+    # Every draw has a shape independent of the graph (its ordering comes from the
+    # server's random seed): fixed-length lists indexed by node.
     def subset(label, p):
-        """Each client in with probability (p - 1) / p."""
+        """Each sharer in with probability (p - 1) / p."""
         picks = data.draw(st.lists(st.integers(0, p - 1), min_size=n, max_size=n),
                           label=label)
-        return {v for v, k in zip(everyone, picks, strict=True) if k < p - 1}
+        return {v for v in sharers if picks[v] < p - 1}
 
     lists = {}
-    for v in everyone:
-        others = data.draw(st.permutations([u for u in everyone if u != v]))
-        lists[v] = {v, *others[:data.draw(st.integers(t - 1, n - 1), label=f"|list of {v}|")]}
+    for v in sharers:
+        rank = data.draw(st.permutations(range(n)), label=f"order of {v}'s peers")
+        near = sorted((u for u in nbhd[v] if u != v and u in sharers), key=rank.index)
+        k = t - 1 + data.draw(st.integers(0, n), label=f"extra neighbours in {v}'s list") \
+            % (len(near) - t + 2)
+        far = data.draw(st.lists(st.booleans(), min_size=n, max_size=n),
+                        label=f"non-neighbours in {v}'s list")
+        others = [u for u in sharers if u not in nbhd[v] and far[u]]
+        lists[v] = {v, *near[:k], *others}
         r = reqs[v]
         keep = [i for i, u in enumerate(r.senders) if u in lists[v]]
         reqs[v] = replace(r, sharers=sorted(lists[v]), senders=[r.senders[i] for i in keep],
@@ -858,10 +880,10 @@ def test_the_secagg_audit_isolates_exactly_the_sums_the_oracle_does(n, data) -> 
                           ciphertexts=[r.ciphertexts[i] for i in keep])
     masked = {v: f.clients[v].handle_mask_request(reqs[v], *inputs[v],
                                                   input_digest=SHARED_INPUT_DIGEST)
-              for v in everyone}
+              for v in sharers}
     held = subset("held", p=4)
     revealed = {v: data.draw(st.sampled_from(("seed", "key", "both", "neither")),
-                             label=f"shares of {v} revealed") for v in everyone}
+                             label=f"shares of {v} revealed") for v in range(n)}
     replies = []
     for v in sorted(subset("replying", p=4)):
         rnd = f.clients[v]._round
@@ -881,14 +903,64 @@ def test_the_secagg_audit_isolates_exactly_the_sums_the_oracle_does(n, data) -> 
         adv.add_reply(r)
     expected = sorted(sorted(g) for g in adv.isolable_honest_sums())
 
-    log = [("out", cfg), *(("in", shares[v]) for v in everyone),
-           *(("out", reqs[v]) for v in everyone), *(("in", masked[v]) for v in sorted(held)),
+    log = [("out", cfg), *(("in", shares[v]) for v in sorted(shares)),
+           *(("out", reqs[v]) for v in sharers), *(("in", masked[v]) for v in sorted(held)),
            *(("in", r) for r in replies)]
     view = ServerView(1, log, np.zeros(D), 0, aborted=True)
-    assert {v: view.sharer_lists[v] for v in everyone} == lists
+    assert {v: view.sharer_lists[v] for v in sharers} == lists
     (check,) = knowledge_across_rounds([view])
     assert sorted(check.statistics[0]["isolable_sums"]) == expected
     assert check.passed == all(len(g) >= cfg.min_honest for g in expected)
+    event("the audit fails (a sum of fewer than h)" if not check.passed
+          else "the audit passes")
+    return cfg
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(4, 7), st.data())
+def test_the_secagg_audit_isolates_exactly_the_sums_the_oracle_does(n, data) -> None:
+    """Property: for any sharer list per client (each its own, at least t of them, as a
+    dishonest server may send), any set of masked inputs reaching the server and any
+    unmask replies from any clients (each revealing, of every peer whose shares it
+    holds, the seed share, the key share, both or neither, as drawn per peer: no
+    quorum check), ``bract audit secagg``'s knowledge check on the recorded view finds
+    exactly the isolable honest sums this oracle finds, and fails exactly when one
+    holds fewer than h clients (complete graph)."""
+    cfg = _audit_agrees_with_the_oracle(data, n)
+    assert cfg.graph_kind == "complete"
+
+
+#: Sparse Harary rounds: what ``auto`` picks once dropouts are declared (n, declared
+#: dropouts), and thinner ones of degree 4 with one tolerated colluder.
+SPARSE = st.one_of(
+    st.tuples(st.sampled_from([8, 10, 11, 12]), st.just("auto"), st.integers(1, 2)),
+    st.tuples(st.integers(6, 10), st.just("harary"), st.just(4)))
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(SPARSE, st.data())
+def test_the_secagg_audit_isolates_exactly_the_sums_the_oracle_does_on_sparse_graphs(
+        shape, data) -> None:
+    """Property: the same agreement on the sparse Harary graphs ``graph.py`` builds —
+    the one ``auto`` picks for a federation of 8 to 12 declaring 1 or 2 dropouts (each
+    client masks with 6 or 8 neighbours, not all), and degree 4 with one colluder —
+    with dropouts at every stage the server sees: up to two clients never share keys
+    (the server leaves out, in turn, any sharer whose neighbourhood then falls below t),
+    a drawn subset's masked inputs never arrive, and any subset replies. The audit,
+    reading each client's own sharer list and its neighbourhood in the round's graph,
+    finds exactly the oracle's isolable sums and fails exactly when one holds fewer
+    than h clients."""
+    n, graph, extra = shape
+    dropped = set(data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=2),
+                            label="never share keys"))
+    if graph == "auto":
+        cfg = _audit_agrees_with_the_oracle(data, n, dropped, graph="auto", dropouts=extra)
+    else:
+        cfg = _audit_agrees_with_the_oracle(
+            data, n, dropped, graph="harary", degree=extra, colluders=1,
+            policy=ClientPolicy(colluders=1, min_degree=extra))
+    assert cfg.graph_kind == "harary" and cfg.degree < n - 1  # sparse: not everyone
 
 
 def test_a_client_whose_input_breaks_the_encoding_makes_the_round_abort_cleanly() -> None:
