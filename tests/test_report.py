@@ -83,7 +83,7 @@ def test_every_field_the_server_writes_reads_back_under_its_name(report) -> None
     ([], "no 'rounds' list"),
     ({"rounds": {}}, "no 'rounds' list"),
     ({"rounds": [3]}, "round row 1 is not an object"),
-    ({"rounds": [{"per_client": {}}]}, "round row 1 lacks its round number"),
+    ({"rounds": [{"per_client": {}}]}, "round row 1 lacks its 'round'"),
     ({"rounds": [{"round": 2}]}, "round 2 lacks its per-hospital table"),
     ({"rounds": [{"round": 1, "per_client": {"h": "x"}}]}, "round 1's entry of h"),
 ])

@@ -159,6 +159,7 @@ def _loads(path: str, value) -> RunReport:
 @example(path="rounds.0.per_client.hospital-0.epsilon", value="2.5")
 @example(path="final.epsilon", value="inf")
 @example(path="rounds.0.per_client.hospital-0.trained", value=1)
+@example(path="rounds.0.round", value=None)
 def test_read_strictly_a_value_of_the_wrong_type_is_refused_naming_its_field(
         path, value) -> None:
     """Property (the audit's reading): a number that is a JSON number, null, or one of
@@ -173,8 +174,9 @@ def test_read_strictly_a_value_of_the_wrong_type_is_refused_naming_its_field(
     elif path == "rounds.0.trained":
         fits = (isinstance(value, list) and all(isinstance(c, str) for c in value)
                 and len(set(value)) == len(value))
-    elif path in COUNT_FIELDS:
-        fits = value is None or (type(value) is int and 0 <= value <= MAX_COUNT)
+    elif path in COUNT_FIELDS:  # a row's own round number may not be missing
+        fits = ((value is None and path != "rounds.0.round")
+                or (type(value) is int and 0 <= value <= MAX_COUNT))
     else:
         fits = value is None or numeric or value in ("inf", "-inf", "nan")
     try:

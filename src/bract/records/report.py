@@ -255,7 +255,7 @@ class RoundRow:
             raise ReportError(f"{where} is not an object")
         rnd = _count(data, "round", where)
         if rnd is None:
-            raise ReportError(f"{where} lacks its round number")
+            raise ReportError(f"{where} lacks its 'round' (the row's round number)")
         here = f"round {rnd}"
         per_client = data.get("per_client")
         if not isinstance(per_client, Mapping):
