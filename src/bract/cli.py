@@ -103,9 +103,6 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     from bract.privacy import PrivacyError
     from bract.records.report import RunReport
 
-    if args.save_model is not None and args.save_model.suffix != ".npz":
-        console.print(f"[red]error:[/red] --save-model must end in .npz (got {args.save_model})")
-        return 2
     if args.resume + args.new_run + args.new_federation > 1:
         console.print("[red]error:[/red] --resume continues a run, --new-run starts another "
                       "of the same hospitals, --new-federation one of new hospitals: choose one")
@@ -114,7 +111,8 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     args.out = Path(DEFAULT_OUT) if default_out else args.out
     from bract.argtypes import output_dir_problem
 
-    problem = output_dir_problem(args.out)
+    # Reading only: run() creates or moves nothing under --out until every setting passed.
+    problem = output_dir_problem(args.out, create=False)
     if problem:
         console.print(f"[red]error:[/red] {problem}", highlight=False)
         return 2

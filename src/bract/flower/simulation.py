@@ -183,6 +183,7 @@ def validate(cfg: SimulationConfig) -> None:
         raise PrivacyError(f"--public-size {cfg.public_size} is below a hospital's number of "
                            f"records ({largest}): the public bound must be at least each "
                            "hospital's count")
+    tasks.build_model(cfg.task)  # a model the task cannot build (e.g. an image side) is refused
     plan = TrainingPlan(cfg.policy.rounds, cfg.policy.local_epochs,
                         cfg.public_size or smallest, cfg.task.batch_size, unit=cfg.privacy_unit)
     cfg.policy.budget()
@@ -210,6 +211,61 @@ def validate(cfg: SimulationConfig) -> None:
         raise ValueError(f"previous_run must be one of {PREVIOUS_RUN}, got {cfg.previous_run!r}")
     if cfg.record_secagg and not cfg.federation.secagg:
         raise ValueError("--record-secagg records secure rounds: it needs --secagg")
+
+
+def check_output(cfg: SimulationConfig) -> None:
+    """Refuse (``ValueError`` or ``CheckpointError`` naming the problem) a run whose
+    files could not be written or whose output could not take it, reading only.
+
+    Guarantee: it creates, moves and writes nothing, so a run it refuses leaves the
+    filesystem as it was. It checks the output directory (not a file, creatable and
+    writable), ``save_model`` (a ``.npz`` file name whose folder can be made and
+    written), and an earlier run in the output: refused with ``previous_run="refuse"``,
+    its hospitals' identity keys readable for ``"new-run"`` (they join the new run
+    after its records are moved aside) and the run's roster and keys readable on
+    ``resume``. :func:`run` calls it after :func:`validate` and before it moves an
+    earlier run aside or creates anything."""
+    from bract.argtypes import output_dir_problem
+    from bract.flower.run_dir import holds_run
+    from bract.flower.secagg_client import read_identity_key
+    from bract.flower.simulated_operators import identity_file
+    from bract.secagg.crypto import SigningKey
+
+    problem = output_dir_problem(cfg.out_dir, create=False)
+    if problem:
+        raise ValueError(problem)
+    model = cfg.save_model
+    if model is not None:
+        if model.suffix != ".npz":
+            raise ValueError(f"--save-model must end in .npz (got {model})")
+        if model.is_dir():
+            raise ValueError(f"--save-model {model} is an existing directory: name a .npz "
+                             "file")
+        problem = output_dir_problem(model.parent, "--save-model's folder", create=False)
+        if problem:
+            raise ValueError(problem)
+        if model.exists() and not os.access(model, os.W_OK):
+            raise ValueError(f"--save-model {model} cannot be written (not writable): name "
+                             "a writable file")
+    if cfg.resume:
+        _identities(cfg)  # reads the roster and keys (CheckpointError naming them)
+        return
+    if not holds_run(cfg.out_dir):
+        return
+    if cfg.previous_run == "refuse":
+        set_aside_previous_run(cfg.out_dir, "refuse")  # raises ValueError naming the choices
+    if cfg.previous_run == "new-run":
+        for i in range(cfg.task.clients):
+            key = identity_file(cfg.out_dir, i)
+            if not key.exists():
+                continue
+            try:
+                SigningKey.from_bytes(read_identity_key(key))
+            except (OSError, ValueError) as exc:
+                raise ValueError(
+                    f"--new-run: hospital-{i}'s identity key {key} is unreadable ({exc}); "
+                    "its ledger entries are signed with it: restore it, or start new "
+                    "hospitals with --new-federation") from None
 
 
 #: Below this many records (or patients) per hospital a run gets a warning.
@@ -287,10 +343,21 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
     A run never deletes an earlier one: ``resume=True`` continues the run in
     ``out_dir``; otherwise an ``out_dir`` that holds a run is refused, or moved aside
     whole with ``previous_run="archive"``.
+
+    Guarantee: every setting and the output are checked (:func:`validate`,
+    :func:`check_output`) before anything under ``out_dir`` is moved or created, so a
+    refused run (``ValueError``, ``CheckpointError``) leaves the filesystem as it
+    was.
     """
     validate(cfg)
+    check_output(cfg)
     if not cfg.resume:
         set_aside_previous_run(cfg.out_dir, cfg.previous_run)
+    from bract.argtypes import output_dir_problem
+
+    problem = output_dir_problem(cfg.out_dir)  # makes it, and proves it writable
+    if problem:
+        raise ValueError(problem)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
