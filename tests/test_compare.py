@@ -203,6 +203,43 @@ def test_cli_refused_settings_write_nothing_not_even_out(tmp_path, monkeypatch, 
     assert not (tmp_path / "study").exists()
 
 
+def test_a_refused_study_leaves_an_earlier_one_where_it_was(tmp_path, monkeypatch,
+                                                           capsys) -> None:
+    """A model the task cannot build (an image side the CNN cannot pool) is refused
+    with every other setting, before an earlier study in --out is moved aside or a
+    new compare.json written: the folder is left exactly as it was."""
+    import os
+    from pathlib import Path
+
+    import flwr.simulation
+
+    from bract.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("an arm started: the study was not refused up front")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", started)
+    out = tmp_path / "study"
+    (out / "dp-eps1").mkdir(parents=True)
+    (out / compare.COMPARE_JSON).write_text("{}")
+    (out / "dp-eps1" / "ledger.jsonl").write_text("{}\n")
+
+    def snapshot() -> dict[str, tuple[int, bytes]]:
+        seen = {}
+        for dirpath, dirnames, filenames in os.walk(tmp_path):
+            for name in (*dirnames, *filenames):
+                path = Path(dirpath) / name
+                seen[str(path.relative_to(tmp_path))] = (
+                    path.stat().st_mtime_ns, b"" if path.is_dir() else path.read_bytes())
+        return seen
+
+    before = snapshot()
+    assert main(["compare", "--dataset", "synthetic", "--image-size", "30", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert "multiple of 4" in " ".join(capsys.readouterr().out.split())
+    assert snapshot() == before
+
+
 def test_one_round_has_no_time_per_round_and_the_table_says_n_a() -> None:
     """s/round averages rounds 2..R (round 1 also starts Ray): with one round there is
     none, so compare.json holds null and the table n/a, never round 1's time."""
