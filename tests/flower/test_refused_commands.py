@@ -96,12 +96,14 @@ def test_an_out_that_holds_a_run_is_refused_without_touching_it(
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("key", ["not a key", "abcd"])
 def test_new_run_with_an_unreadable_hospital_key_moves_nothing_aside(
-        tmp_path, capsys, no_federation) -> None:
+        key, tmp_path, capsys, no_federation) -> None:
     """--new-run would move the records aside and have the hospitals sign with their
-    keys: a key that cannot be read refuses the command before anything moves."""
+    keys: a key that cannot be read (not hex, or not 32 bytes) refuses the command
+    before anything moves."""
     out = tmp_path / "run"
-    _earlier_run(out, key="not a key")
+    _earlier_run(out, key=key)
     before = _snapshot(tmp_path)
     assert main(["simulate", "--dataset", "breast-cancer", "--out", str(out), "--new-run",
                  "--no-progress"]) == 2

@@ -229,6 +229,7 @@ def check_output(cfg: SimulationConfig) -> None:
     from bract.flower.run_dir import holds_run
     from bract.flower.secagg_client import read_identity_key
     from bract.flower.simulated_operators import identity_file
+    from bract.secagg import SecAggError
     from bract.secagg.crypto import SigningKey
 
     problem = output_dir_problem(cfg.out_dir, create=False)
@@ -261,7 +262,7 @@ def check_output(cfg: SimulationConfig) -> None:
                 continue
             try:
                 SigningKey.from_bytes(read_identity_key(key))
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, SecAggError) as exc:
                 raise ValueError(
                     f"--new-run: hospital-{i}'s identity key {key} is unreadable ({exc}); "
                     "its ledger entries are signed with it: restore it, or start new "
