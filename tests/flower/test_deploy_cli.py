@@ -107,13 +107,18 @@ class RecordingFederation(FakeFederation):
 
 
 def _earlier_run(out: Path) -> dict[str, bytes]:
-    """An --out that holds a finished deployment: its records and the hospitals' state."""
-    files = {"report.json": b"{}", "ledger.jsonl": b"{}\n",
-             "checkpoint/state.json": b"{}", "deployment/secagg/hospital-0/identity.key": b"k"}
+    """An --out that holds a finished deployment of 3 hospitals: its records and the
+    hospitals' state (their identity keys and the federation's roster)."""
+    from bract.flower.deploy import LocalFederation
+
+    LocalFederation(out / "deployment", 3)._write_secagg_identities()
+    files = {"report.json": b"{}", "ledger.jsonl": b"{}\n", "checkpoint/state.json": b"{}"}
     for name, data in files.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(data)
-    return files
+    secagg = out / "deployment" / "secagg"
+    return {**files, **{str(p.relative_to(out)): p.read_bytes()
+                        for p in sorted(secagg.rglob("*")) if p.is_file()}}
 
 
 def test_deploy_refuses_an_out_that_holds_a_run_before_starting_anything(
@@ -159,6 +164,42 @@ def test_deploy_resume_continues_the_run_with_the_same_hospitals(tmp_path, monke
     made = RecordingFederation.made[-1]
     assert made["workdir"] == (out / "deployment").resolve()
     assert made["resume"] is True and made["run_config"]["resume"] is True
+
+
+def test_deploy_resume_without_the_hospitals_keys_is_refused_creating_nothing(
+        tmp_path, monkeypatch, capsys) -> None:
+    """--resume needs the hospitals' identities and roster in --workdir: a work dir
+    without them (another --workdir) or with other hospitals (another --clients) is
+    refused (exit 2, one line) before any folder, certificate or key is made."""
+    import os
+
+    from bract.flower.deploy import LocalFederation
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(LocalFederation, "_spawn", never)
+    out = tmp_path / "out"
+    _earlier_run(out)
+
+    def snapshot() -> dict[str, tuple[int, bytes]]:
+        seen = {}
+        for dirpath, dirnames, filenames in os.walk(tmp_path):
+            for name in (*dirnames, *filenames):
+                path = Path(dirpath) / name
+                seen[str(path.relative_to(tmp_path))] = (
+                    path.stat().st_mtime_ns, b"" if path.is_dir() else path.read_bytes())
+        return seen
+
+    before = snapshot()
+    for argv, needle in (
+            (["--workdir", str(tmp_path / "elsewhere")], "hospital-0 has no identity"),
+            (["--clients", "4"], "hospital-3 has no identity"),
+            (["--clients", "2", "--no-secagg"], "lists other hospitals than the 2")):
+        assert main(["deploy", "--out", str(out), "--resume", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot resume: " in err[0] and needle in err[0]
+        assert snapshot() == before
 
 
 @pytest.mark.slow

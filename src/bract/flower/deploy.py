@@ -74,6 +74,7 @@ from bract.flower.supernode import (
     TASK_POLL_INTERVAL,
 )
 from bract.records.roster import Roster, read_roster, write_roster
+from bract.secagg import SecAggError
 from bract.secagg.crypto import SigningKey
 
 #: Repository root: the Flower app directory (its pyproject.toml has ``[tool.flwr.app]``).
@@ -82,6 +83,36 @@ APP_DIR = Path(__file__).resolve().parents[3]
 #: Name of the SuperLink connection written into the private Flower configuration.
 CONNECTION_NAME = "bract-local"
 
+
+
+def resume_problem(workdir: Path, num_nodes: int) -> str | None:
+    """Why a local federation of ``num_nodes`` hospitals cannot resume from ``workdir``
+    (a hospital without a readable identity key, or a roster that is unreadable or
+    lists other hospitals or keys), or ``None`` when it can.
+
+    Guarantee: it only reads, so ``bract deploy --resume`` and
+    :meth:`LocalFederation.start` refuse such a resume before anything is created."""
+    secagg = Path(workdir) / "secagg"
+    keys: dict[int, bytes] = {}
+    for i in range(num_nodes):
+        path = secagg / f"hospital-{i}" / "identity.key"
+        if not path.exists():
+            return (f"cannot resume: hospital-{i} has no identity in {path.parent} (was the "
+                    "federation run with this --workdir?)")
+        try:
+            keys[i + 1] = SigningKey.from_bytes(read_identity_key(path)).public_bytes()
+        except (OSError, ValueError, SecAggError) as exc:
+            return f"cannot resume: hospital-{i}'s identity key {path} is unreadable ({exc})"
+    roster_path = secagg / "roster.json"
+    try:
+        earlier = read_roster(roster_path)
+    except (OSError, ValueError) as exc:
+        return f"cannot resume: no readable roster in {roster_path} ({exc})"
+    names = {i + 1: f"hospital-{i}" for i in range(num_nodes)}
+    if dict(earlier.keys) != keys or dict(earlier.names) != names:
+        return (f"cannot resume: the roster in {roster_path} lists other hospitals than the "
+                f"{num_nodes} in {secagg} (another --clients?)")
+    return None
 
 
 def write_flower_config(flwr_home: Path, address: str, root_certificates: Path) -> Path:
@@ -302,7 +333,14 @@ class LocalFederation:
             raise DeploymentError(f"flwr {' '.join(args)} did not finish in {timeout}s") from exc
 
     def start(self) -> None:
-        """Start the SuperLink, register the hospitals' keys, start their SuperNodes."""
+        """Start the SuperLink, register the hospitals' keys, start their SuperNodes.
+
+        A resume its work dir cannot take (:func:`resume_problem`) is refused with
+        :class:`DeploymentError` before anything is created."""
+        if self.resume:
+            problem = resume_problem(self.workdir, self.num_nodes)
+            if problem:
+                raise DeploymentError(problem)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = generate_dev_certificates(self.workdir / "certs")
         keys_dir = self.workdir / "keys"
@@ -351,22 +389,24 @@ class LocalFederation:
         real deployment the operators exchange public keys out of band); the
         server gets a copy for early checks but no hospital ever reads it.
         """
+        if self.resume:  # every key and the roster it continues must be there, unchanged
+            problem = resume_problem(self.workdir, self.num_nodes)
+            if problem:
+                raise DeploymentError(problem)
         federation_id = f"bract-local-{uuid.uuid4().hex[:12]}"
         keys: dict[int, bytes] = {}
         for i in range(self.num_nodes):
             d = self._secagg_dir(i)
             d.mkdir(parents=True, exist_ok=True)
             path = d / "identity.key"
-            # A hospital keeps its key (its lifetime ledger in d/state is signed with it).
+            # A hospital keeps its key (its lifetime ledger in d/state is signed with it);
+            # on resume every key is there (checked above).
             if not path.exists():
-                if self.resume:
-                    raise DeploymentError(f"cannot resume: hospital-{i} has no identity in "
-                                          f"{d} (was the federation run with this --workdir?)")
                 write_identity_key(path, SigningKey.generate().to_bytes())
             keys[i + 1] = SigningKey.from_bytes(read_identity_key(path)).public_bytes()
         names = {i + 1: f"hospital-{i}" for i in range(self.num_nodes)}
-        if self.resume:
-            federation_id = self._resumed_federation_id(keys, names)
+        if self.resume:  # the roster it continues (resume_problem checked its members)
+            federation_id = read_roster(self.roster_path).federation_id
         doc = Roster(federation_id, keys, names)
         self.roster_path.parent.mkdir(parents=True, exist_ok=True)
         write_roster(self.roster_path, doc)
@@ -377,21 +417,6 @@ class LocalFederation:
             own = self.hospital_policy or HospitalPolicy(
                 allow_plain_aggregation=not self.secagg)
             own.write(d / "policy.json")
-
-    def _resumed_federation_id(self, keys: Mapping[int, bytes], names: Mapping[int, str]
-                               ) -> str:
-        """The federation id of the roster a resumed federation continues (its members
-        must be exactly these hospitals and keys)."""
-        try:
-            earlier = read_roster(self.roster_path)
-        except (OSError, ValueError) as exc:
-            raise DeploymentError(f"cannot resume: no readable roster in {self.roster_path} "
-                                  f"({exc})") from None
-        if dict(earlier.keys) != dict(keys) or dict(earlier.names) != dict(names):
-            raise DeploymentError(
-                f"cannot resume: the roster in {self.roster_path} lists other hospitals than "
-                f"the {self.num_nodes} in {self.workdir / 'secagg'} (another --clients?)")
-        return earlier.federation_id
 
     def node_config(self, partition_id: int) -> str:
         """The ``--node-config`` string of hospital ``partition_id``'s SuperNode."""

@@ -13,7 +13,7 @@ from typing import Any
 from bract.argtypes import positive_float
 from bract.flower.certificates import LOOPBACK
 from bract.flower.config import FederationConfig
-from bract.flower.deploy import DeploymentError, LocalFederation
+from bract.flower.deploy import DeploymentError, LocalFederation, resume_problem
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.supernode import DEFAULT_PULL_INTERVAL
 from bract.records.report import read_report
@@ -174,9 +174,9 @@ def run_deploy(args: argparse.Namespace) -> int:
 
 def _previous_run_problem(out: Path, workdir: Path, args: argparse.Namespace) -> str:
     """Why ``--out`` cannot take this run ("" when it can): ``--resume`` needs a
-    checkpoint there; otherwise an ``--out`` holding a run is refused, or with
-    ``--new-run`` its records are moved aside (the hospitals' keys and lifetime
-    budgets under ``--workdir`` stay)."""
+    checkpoint there and the hospitals' keys and roster in ``--workdir``; otherwise
+    an ``--out`` holding a run is refused, or with ``--new-run`` its records are
+    moved aside (the hospitals' keys and lifetime budgets under ``--workdir`` stay)."""
     from bract.flower.checkpoint import CHECKPOINT_DIR
     from bract.flower.run_dir import set_aside_previous_run
 
@@ -184,7 +184,7 @@ def _previous_run_problem(out: Path, workdir: Path, args: argparse.Namespace) ->
         if not (out / CHECKPOINT_DIR / "state.json").exists():
             return (f"cannot resume: {out} holds no checkpoint (no round of a run there "
                     "finished); run without --resume")
-        return ""
+        return resume_problem(workdir, args.clients) or ""
     keep = [workdir.name] if workdir.parent == out else []
     try:
         set_aside_previous_run(out, "new-run" if args.new_run else "refuse", keep=keep,
