@@ -138,3 +138,80 @@ def test_crafted_weights_get_the_same_reply_from_neighbouring_datasets(mode) -> 
     with_target = [_reply(_app(Records(target), mode), w) for w in questions]
     assert with_target == ordinary
     assert ordinary[-1] == ("no error", True)  # the canary's round trains, finite
+
+
+def _probe_counts(monkeypatch, refuse: bool = False) -> list[int]:
+    """Counts the weights-only probes of loaded global weights (one entry per call);
+    with ``refuse`` each probe refuses the weights, as it would weights that mix."""
+    from bract.privacy import PrivacyError
+    from bract.privacy.training import PrivateTrainer
+
+    calls: list[int] = []
+    real = PrivateTrainer._probe_loaded_weights
+
+    def counted(self) -> None:
+        calls.append(1)
+        if refuse:
+            raise PrivacyError("the probe refuses these weights")
+        real(self)
+
+    monkeypatch.setattr(PrivateTrainer, "_probe_loaded_weights", counted)
+    return calls
+
+
+@pytest.mark.parametrize("release_metrics", ["none", "clear"])
+def test_the_received_model_is_probed_once_a_round(release_metrics, monkeypatch) -> None:
+    """With or without a metrics release, each round probes the global model it
+    receives exactly once (the release and the training share the verdict), and the
+    round still trains and, when asked, releases its metrics."""
+    from bract.flower.records import LOCAL_METRICS
+
+    calls = _probe_counts(monkeypatch)
+    app = _app(Records(_records()), release_metrics=release_metrics)
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    weights = {"weight": np.zeros((3, 4), np.float32), "bias": np.zeros(3, np.float32)}
+    for rnd in (1, 2, 3):
+        content = RecordDict()
+        content.config_records[ROUND_CONFIG] = ConfigRecord({"round": rnd, "run-id": "r"})
+        content.array_records[GLOBAL_WEIGHTS] = weights_to_record(weights)
+        before = len(calls)
+        reply = app(Message(content, dst_node_id=7, message_type="train",
+                            group_id=str(rnd)), ctx)
+        assert not reply.has_error(), reply.error.reason
+        assert len(calls) - before == 1
+        assert reply.content.config_records[PRIVACY_REPORT]["trained"]
+        assert (LOCAL_METRICS in reply.content.metric_records) == (release_metrics != "none")
+        weights = record_to_weights(reply.content.array_records[LOCAL_WEIGHTS])
+
+
+@pytest.mark.parametrize("release_metrics", ["none", "clear"])
+def test_a_probe_refusal_comes_before_the_release_and_the_training(
+        release_metrics, monkeypatch) -> None:
+    """Weights the probe refuses are refused before any record is read: neither the
+    metrics release nor the training runs on them."""
+    calls = _probe_counts(monkeypatch, refuse=True)
+    data = Records(_records())
+    reply = _ask(_app(data, release_metrics=release_metrics),
+                 {"weight": np.zeros((3, 4), np.float32), "bias": np.zeros(3, np.float32)})
+    assert reply.has_error() and "the probe refuses these weights" in reply.error.reason
+    # Only record 0 was read, for its format (shape, dtype), when the trainer was built.
+    assert calls == [1] and data.read == [0]
+
+
+def test_a_trainer_probes_other_weights_than_those_it_loaded() -> None:
+    """train_round reuses load_global_weights's verdict only for the very same weights:
+    weights that differ in one value are checked (and refused) anew."""
+    from bract.privacy import PrivacyError
+    from bract.privacy.training import PrivateTrainer
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             DataLoader(Records(_records()), batch_size=8),
+                             noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5,
+                             accountant="rdp")
+    good = {"weight": np.zeros((3, 4), np.float32), "bias": np.zeros(3, np.float32)}
+    trainer.load_global_weights(good)
+    bad = {"weight": good["weight"], "bias": np.array([np.inf, 0.0, 0.0], np.float32)}
+    with pytest.raises(PrivacyError, match="hold NaN or infinite values"):
+        trainer.train_round(1, bad)

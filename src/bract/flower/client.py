@@ -591,12 +591,10 @@ def dp_train_handler(
                     and trainer.check_budget(server_round, also).allowed):
                 # The global model as received, on the hospital's training records and
                 # its own held-out split; noised, and spent only if the round trains.
-                from bract.privacy import load_weights
-
-                load_weights(setup.model, global_weights)
-                # The weights-only probe (public synthetic inputs) before any record is
-                # read: weights it refuses never reach the release.
-                trainer._probe_loaded_weights()
+                # Loaded with the weights-only probe (public synthetic inputs) before any
+                # record is read: weights it refuses never reach the release, and
+                # train_round below reuses its verdict for these same weights.
+                trainer.load_global_weights(global_weights)
                 released = metrics.release(
                     setup.model, trainer.criterion, setup.train_loader.dataset,
                     setup.held_out, train_units=setup.patient_ids,

@@ -240,6 +240,18 @@ def check_privatisable(model: nn.Module) -> None:
         )
 
 
+def _weights_digest(weights: Mapping[str, np.ndarray]) -> bytes:
+    """A digest of named arrays: their names, order, dtypes, shapes and bytes."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=32)
+    for k, v in weights.items():
+        arr = np.ascontiguousarray(v)
+        h.update(f"{k}\0{arr.dtype.str}\0{arr.shape}\0".encode())
+        h.update(arr.view(np.uint8).reshape(-1) if arr.size else b"")
+    return h.digest()
+
+
 def weights_of(model: nn.Module) -> Weights:
     """The model's state as named numpy arrays (CPU copies), in state_dict order."""
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
@@ -491,6 +503,23 @@ class PrivateTrainer:
               public_buffers=self.public_buffers)
         #: the sensitivity probe's public synthetic batch (never patient records)
         self._probe_batch = (x, y)
+        #: digest of the global weights :meth:`load_global_weights` checked and probed
+        #: (``None`` once a round used them, or before any)
+        self._probed_digest: bytes | None = None
+
+    def load_global_weights(self, global_weights: Mapping[str, np.ndarray]) -> None:
+        """Check ``global_weights`` (finite in the model's dtypes), load them into the
+        model and probe the model with them (:meth:`_probe_loaded_weights`); a refusal
+        raises :class:`PrivacyError` before any record is read.
+
+        Guarantee: a later :meth:`train_round` given the same weights (equal names,
+        dtypes, shapes and bytes) loads them again, restoring exactly the state probed
+        here, and neither checks nor probes them a second time; any other weights are
+        checked and probed there as usual."""
+        check_finite_weights(global_weights, self.model)
+        load_weights(self.model, global_weights)
+        self._probe_loaded_weights()
+        self._probed_digest = _weights_digest(global_weights)
 
     def _probe_loaded_weights(self) -> None:
         """Global weights can switch how a forward pass treats a batch (a buffer flag, a
@@ -563,9 +592,15 @@ class PrivateTrainer:
         """
         start = time.perf_counter()
         if global_weights is not None:
-            check_finite_weights(global_weights, self.model)
-            load_weights(self.model, global_weights)
-            self._probe_loaded_weights()
+            if _weights_digest(global_weights) == self._probed_digest:
+                # load_global_weights checked and probed these very weights this round
+                # (the probe runs on a copy, so loading them restores what it saw).
+                load_weights(self.model, global_weights)
+            else:
+                check_finite_weights(global_weights, self.model)
+                load_weights(self.model, global_weights)
+                self._probe_loaded_weights()
+        self._probed_digest = None  # a probe's verdict serves one round
         also = tuple(also)
         if any(e.client_id != self.client_id for e in also):
             raise PrivacyError("an event released with this round belongs to another hospital")
