@@ -22,7 +22,13 @@ bound to its Flower node id (each round's mask key is made fresh with its shares
 
 Guarantee (under the protocol's threat model, see docs/secagg.md): no update,
 example count or aggregated metric of a hospital leaves it except inside a
-masked vector, and the session's secrets never leave ``ctx.state``. A
+masked vector, and the session's secrets never leave ``ctx.state``. The
+pending update (stage 1's, kept for stage 2) stays in ``ctx.state`` only until the
+hospital's next secure-aggregation message of a train stage, whichever it is and
+whatever happens to it: the mask request of its round uses it, and every other
+(another round's config or mask request, a consistency or unmask request after a
+missed mask stage, a refused or failing one) takes it out unused (one that never
+hears from the server again keeps it in its run's context until the run ends). A
 protocol error (a forged key, a replay, a lowered threshold, ...) raises, so
 Flower answers the server with an error naming it, and the round goes on
 without this hospital.
@@ -211,6 +217,9 @@ def secagg_mod(
     """
 
     def mod(msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]):
+        # A new train stage: an update still pending belongs to a round that ended
+        # without this hospital's mask stage (aborted, or it dropped); it goes now.
+        _drop_pending(ctx)
         if SECAGG not in msg.content.config_records:
             if not (allow_plain(ctx) if callable(allow_plain) else allow_plain):
                 raise PlainAggregationRefused(PLAIN_REFUSED)
@@ -272,8 +281,6 @@ def secagg_mod(
         if isinstance(cfg, MaskRequest):  # pipelined: this round's shares are all in
             out = session.handle_mask_request(cfg, vector, weight, input_digest=model,
                                               totals=totals)
-            if STATE_PENDING in ctx.state.config_records:  # left by an aborted round
-                del ctx.state.config_records[STATE_PENDING]
         else:
             out = session.handle_round_config(cfg)
             pending = {"round": cfg.round, "vector": vector.astype(np.float32).tobytes(),
@@ -287,6 +294,14 @@ def secagg_mod(
         return reply
 
     return mod
+
+
+def _drop_pending(ctx: Context) -> ConfigRecord | None:
+    """Take the pending update (if any) out of ``ctx.state`` and return it."""
+    pending = ctx.state.config_records.get(STATE_PENDING)
+    if pending is not None:
+        del ctx.state.config_records[STATE_PENDING]
+    return pending
 
 
 def _check_totals(totals: np.ndarray, cfg: RoundConfig) -> None:
@@ -307,9 +322,12 @@ def _stage_handler(identity: IdentityLike, expected: type) -> Callable[[Message,
         req = secagg_from_record(msg.content.config_records[SECAGG])
         if not isinstance(req, expected):
             raise public(ValueError(f"expected a {expected.KIND} message, got {req.KIND}"))
+        # The pending update serves only the mask request right after its train stage:
+        # taken out of ctx.state by every later stage message, used or not (a request
+        # for another round, a refusal, a mask stage this hospital missed).
+        pending = _drop_pending(ctx)
         session = _session(ident, ctx)
         if isinstance(req, MaskRequest):
-            pending = ctx.state.config_records.get(STATE_PENDING)
             if pending is None or int(pending["round"]) != req.round:
                 raise public(ValueError(f"mask request for round {req.round} without a "
                                         "pending update for that round"))
@@ -320,8 +338,6 @@ def _stage_handler(identity: IdentityLike, expected: type) -> Callable[[Message,
             out = session.handle_mask_request(req, vector, int(pending["weight"]),
                                               input_digest=bytes(pending["model"]),
                                               totals=totals)
-            # The update is now inside the masked vector; do not keep it around.
-            del ctx.state.config_records[STATE_PENDING]
         elif isinstance(req, ConsistencyRequest):
             out = session.handle_consistency_request(req)
         else:
