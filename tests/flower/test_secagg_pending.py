@@ -45,6 +45,8 @@ def _request(kind: str, rnd: int, fail: bool):
 class FakeSession:
     """The protocol session: accepts or refuses (SecAggError) as each message says."""
 
+    node_id, federation_id = 1, "fed"
+
     def check_round_config(self, cfg) -> None:
         if cfg.fail:
             raise SecAggError("refused round config")
