@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from bract.audit.secagg_audit import (
 )
 from bract.audit.uniformity import independence_test, uniformity_test
 from bract.cli import main
+from bract.secagg import shamir
 from bract.secagg.crypto import KeystreamAccumulator, SigningKey, keystream, x25519_shared
 from bract.secagg.driver import SHARED_INPUT_DIGEST
 from bract.secagg.encoding import EncodingConfig, encode
+from bract.secagg.errors import AuthenticationError
 from bract.secagg.messages import MaskedInput, MaskRequest, UnmaskReply, UnmaskRequest
 from bract.secagg.protocol import ClientPolicy, ClientSession, ServerSession
 from bract.secagg.recording import RecordingServerSession, ServerView, read_view, write_view
@@ -322,10 +325,15 @@ def _v1_recover_round1_update_of_node_2(views) -> tuple[np.ndarray, int]:
     r1, r2 = views
     cfg1 = next(m.fields for d, m in r1.messages if m.kind == "secagg.round_config")
     fed, t = cfg1["federation_id"], cfg1["threshold"]
-    seeds, _ = sa._points([m for d, m in r1.messages if m.kind == "secagg.unmask_reply"])
-    _, keys = sa._points([m for d, m in r2.messages if m.kind == "secagg.unmask_reply"])
-    seed = shamir.reconstruct(seeds[2], t).to_bytes(32, "big")
-    s_sk = shamir.reconstruct(keys[2], t).to_bytes(32, "big")
+
+    def points(view, kind):  # node 2's shares of the given kind, from view's replies
+        return [(shamir.x_coordinate(m.fields["node_id"]), shamir.bytes_to_share(b))
+                for d, m in view.messages if m.kind == "secagg.unmask_reply"
+                for v, b in zip(m.fields[f"{kind}_owners"], m.fields[f"{kind}_shares"],
+                                strict=True) if v == 2]
+
+    seed = shamir.reconstruct(points(r1, "seed"), t).to_bytes(32, "big")
+    s_sk = shamir.reconstruct(points(r2, "key"), t).to_bytes(32, "big")
     dtype = np.uint32 if cfg1["ring_bits"] == 32 else np.uint64
     y = np.frombuffer(next(m.fields["data"] for d, m in r1.messages
                            if m.kind == "secagg.masked_input" and m.fields["node_id"] == 2),
@@ -448,16 +456,10 @@ def _relaxed_reply(client: ClientSession, alive: set[int]) -> UnmaskReply:
                        key, [held[v][2] for v in key], [held[v][3] for v in key])
 
 
-def test_a_victim_whose_sharer_list_hides_peers_is_exposed_and_the_audit_names_it(
-        tmp_path, capsys) -> None:
-    """Five hospitals, c = 0, t = 3. The recorded server leaves peers 3 and 4 out of
-    victim 0's mask request only, so 0 masks with 1 and 2 alone while 3 and 4 mask
-    with 0. Split views, answered by clients that skip the quorum check: 3 and 4 see
-    (alive {0, 3, 4}, dropped {1, 2}), 0 sees (alive {0}, dropped {1, 2}). The server
-    reconstructs 0's seed and the mask keys of 1 and 2: every mask of 0's input, so
-    its update alone. An audit that took every client to mask with the union of the
-    lists (so 0 with 3 and 4, whose keys stay hidden) passed this view; the audit
-    reads each client's own list and fails, naming node 0."""
+@functools.cache
+def _hidden_peers_view() -> ServerView:
+    """The exposing view of the test below (victim 0, t = 3, split unmask views), built
+    once: see its docstring."""
     n, victim, hidden = 5, 0, {3, 4}
     keys = {i: SigningKey.generate() for i in range(n)}
     roster = {i: k.public_bytes() for i, k in keys.items()}
@@ -481,7 +483,21 @@ def test_a_victim_whose_sharer_list_hides_peers_is_exposed_and_the_audit_names_i
         server.log.append(("out", UnmaskRequest("fed-split", 1, sorted(alive), sorted(dropped),
                                                 [], [])))
         server.log += [("in", _relaxed_reply(clients[v], alive)) for v in answering]
-    view = ServerView(1, list(server.log), np.zeros(100), 0, inputs, aborted=True)
+    return ServerView(1, list(server.log), np.zeros(100), 0, inputs, aborted=True)
+
+
+def test_a_victim_whose_sharer_list_hides_peers_is_exposed_and_the_audit_names_it(
+        tmp_path, capsys) -> None:
+    """Five hospitals, c = 0, t = 3. The recorded server leaves peers 3 and 4 out of
+    victim 0's mask request only, so 0 masks with 1 and 2 alone while 3 and 4 mask
+    with 0. Split views, answered by clients that skip the quorum check: 3 and 4 see
+    (alive {0, 3, 4}, dropped {1, 2}), 0 sees (alive {0}, dropped {1, 2}). The server
+    reconstructs 0's seed and the mask keys of 1 and 2: every mask of 0's input, so
+    its update alone. An audit that took every client to mask with the union of the
+    lists (so 0 with 3 and 4, whose keys stay hidden) passed this view; the audit
+    reads each client's own list and fails, naming node 0."""
+    view, victim = _hidden_peers_view(), 0
+    n = 5
     assert view.sharer_lists[victim] == {0, 1, 2}
     assert all(view.sharer_lists[v] == set(range(n)) for v in range(1, n))
 
@@ -615,3 +631,345 @@ def test_every_round_lists_every_check_whatever_the_view_holds(view) -> None:
         names = [c.name for c in report.checks if c.name != sa.ROUNDS_RECORDED]
         assert sorted(names) == sorted(CHECKS)
         assert report.passed == (not report.failed and not report.skipped)
+
+
+# ------------------------------------- wrong shares: counted exactly as the server could
+
+
+def _with(view: ServerView, *extra: tuple[str, object]) -> ServerView:
+    """A copy of ``view`` with ``extra`` messages recorded after its own."""
+    return dataclasses.replace(view, messages=[*view.messages, *extra])
+
+
+def _replies(view: ServerView) -> list[UnmaskReply]:
+    return view.unmask_replies
+
+
+@settings(max_examples=60, deadline=None)
+@given(sender=st.integers(0, 4), target=st.sampled_from([("key", 1), ("key", 2), ("seed", 0)]),
+       delta=st.integers(1, shamir.PRIME - 1), junk=st.binary(max_size=80),
+       as_junk=st.booleans(), salt=st.sampled_from(["real", "random"]))
+def test_a_reply_with_a_wrong_share_never_hides_what_the_valid_shares_reveal(
+        sender, target, delta, junk, as_junk, salt) -> None:
+    """Property: one more unmask reply recorded in the exposing view of the hidden-peers
+    test, from any node, carrying one wrong share (the right one shifted by any
+    non-zero field element, or any bytes at all) of any secret with its real salt or
+    another, leaves the audit's finding unchanged: node 0's update, alone, is EXPOSED,
+    and the wrong share is named with its sender and round. The audit used to
+    interpolate the first t points it saw, and one bogus point hid a mask key the
+    server holds from its valid shares: the view passed (or the audit crashed)."""
+    base = _hidden_peers_view()
+    kind, owner = target
+    real = next(r for r in _replies(base) if owner in getattr(r, f"{kind}_owners"))
+    i = getattr(real, f"{kind}_owners").index(owner)
+    y = shamir.bytes_to_share(getattr(real, f"{kind}_shares")[i])
+    share = junk if as_junk else shamir.share_to_bytes((y + delta) % shamir.PRIME)
+    the_salt = getattr(real, f"{kind}_salts")[i] if salt == "real" else bytes(32)
+    fields = {"seed_owners": [], "seed_shares": [], "seed_salts": [], "key_owners": [],
+              "key_shares": [], "key_salts": []}
+    fields.update({f"{kind}_owners": [owner], f"{kind}_shares": [share],
+                   f"{kind}_salts": [the_salt]})
+    bogus = UnmaskReply("fed-split", 1, sender, **fields)
+    if share == getattr(real, f"{kind}_shares")[i] and sender == real.node_id:
+        return  # not a wrong share: the very one the view already holds
+    report = audit_views([_with(base, ("in", bogus))])
+    knowledge = report.checks[0]
+    assert knowledge.name == CHECKS[0] and knowledge.status == "FAIL", knowledge.detail
+    assert knowledge.statistics[0]["isolable_sums"] == [[0]]
+    assert "EXPOSED" in knowledge.detail and "node 0" in knowledge.detail
+    assert report.verdict == "FAIL"
+    assert any(f"round 1: node {sender} sent a {kind} share of node {owner}" in w
+               for w in report.wrong_shares), report.wrong_shares
+
+
+def test_the_reviewers_blinding_reply_is_named_and_the_update_still_exposed(tmp_path,
+                                                                           capsys) -> None:
+    """The reviewer's case: node 1 sends a wrong share of node 2's mask key (x = 2 sorts
+    among the first t points). The view is still EXPOSED, exit 1, and the CLI names
+    node 1's wrong share."""
+    base = _hidden_peers_view()
+    good = next(r for r in _replies(base) if 2 in r.key_owners)
+    bogus = dataclasses.replace(good, node_id=1, seed_owners=[], seed_shares=[],
+                                seed_salts=[], key_owners=[2],
+                                key_shares=[bytes(65) + b"\x07"],
+                                key_salts=[good.key_salts[good.key_owners.index(2)]])
+    view = _with(base, ("in", bogus))
+    knowledge = audit_views([view]).checks[0]
+    assert not knowledge.passed and knowledge.statistics[0]["isolable_sums"] == [[0]]
+    write_view(view, tmp_path / "v")
+    assert main(["audit", "secagg", "--view", str(tmp_path / "v"),
+                 "--out", str(tmp_path / "o")]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("wrong share: round 1: node 1 sent a key share of node 2 that does not open "
+            "node 2's signed commitment") in out
+    data = json.loads((tmp_path / "o" / "secagg_audit.json").read_text())
+    assert data["verdict"] == "FAIL" and len(data["wrong_shares"]) == 1
+    assert "node 1 sent a key share of node 2" in (tmp_path / "o" / "secagg_audit.md").read_text()
+
+
+@settings(max_examples=20, deadline=None)
+@given(which=st.integers(0, 100), salt=st.binary(min_size=32, max_size=32))
+def test_a_right_share_with_a_wrong_salt_still_counts(which, salt) -> None:
+    """A share whose salt does not open its commitment but whose value is right is
+    still a point a curious server can use (it checks the secret it interpolates
+    against the dealer's public key or seed commitment): replacing the salt of any
+    one share in the exposing view leaves it EXPOSED, and names that share."""
+    base = _hidden_peers_view()
+    slots = [(j, kind, i) for j, r in enumerate(_replies(base)) for kind in ("seed", "key")
+             for i in range(len(getattr(r, f"{kind}_owners")))]
+    j, kind, i = slots[which % len(slots)]
+    reply = _replies(base)[j]
+    salts = list(getattr(reply, f"{kind}_salts"))
+    if salts[i] == salt:
+        return
+    salts[i] = salt
+    changed = dataclasses.replace(reply, **{f"{kind}_salts": salts})
+    view = dataclasses.replace(base, messages=[(d, changed if m is reply else m)
+                                               for d, m in base.messages])
+    report = audit_views([view])
+    knowledge = report.checks[0]
+    assert knowledge.statistics[0]["isolable_sums"] == [[0]] and not knowledge.passed
+    owner = getattr(reply, f"{kind}_owners")[i]
+    assert report.wrong_shares == [f"round 1: node {reply.node_id} sent a {kind} share of "
+                                   f"node {owner} that does not open node {owner}'s signed "
+                                   "commitment"]
+
+
+CHEATS = ("value", "salt", "not-a-field-element")
+
+
+def _round_with_a_cheater(cheater: int, kind: str, how: str):
+    """A real round recorded by an honest :class:`RecordingServerSession` (n = 6, c = 1,
+    t = 4; node 5 drops after sharing) in which ``cheater`` returns one wrong ``kind``
+    share (threat model T31): the server excludes it and completes the round from the
+    valid shares. Returns the view and the round's result."""
+    n, dim, fed = 6, 200, "fed-cheat"
+    keys = _cheat_keys()
+    roster = {i: k.public_bytes() for i, k in keys.items()}
+    server = RecordingServerSession(fed, roster, encoding=EncodingConfig(1.0, 16, 1000))
+    clients = {i: ClientSession(i, fed, keys[i], roster, ClientPolicy()) for i in range(n)}
+    for v, c in clients.items():
+        server.receive_advertisement(c.advertise_keys(), origin=v)
+    rng = np.random.default_rng(cheater)  # test data only
+    inputs = {v: (rng.uniform(-1, 1, dim).astype(np.float32), int(rng.integers(1, 1000)))
+              for v in range(n)}
+    cfg = server.start_round(1, range(n), dim)
+    assert (cfg.threshold, cfg.colluders) == (4, 1)
+    for v in range(n):
+        server.receive_shares(clients[v].handle_round_config(cfg))
+    dropped = 5
+    for v, req in server.mask_requests().items():
+        if v != dropped:
+            server.receive_masked_input(clients[v].handle_mask_request(
+                req, *inputs[v], input_digest=SHARED_INPUT_DIGEST))
+    creq = server.consistency_request()
+    for v in creq.alive:
+        server.receive_consistency_signature(clients[v].handle_consistency_request(creq))
+    ureq = server.unmask_request()
+    excluded = []
+    for v in ureq.signers:
+        reply = clients[v].handle_unmask_request(ureq)
+        if v == cheater:
+            owners = getattr(reply, f"{kind}_owners")
+            i = owners.index(dropped if kind == "key" else (cheater + 1) % 5)
+            shares, salts = list(getattr(reply, f"{kind}_shares")), list(
+                getattr(reply, f"{kind}_salts"))
+            if how == "value":
+                y = shamir.bytes_to_share(shares[i])
+                shares[i] = shamir.share_to_bytes((y + 1) % shamir.PRIME)
+            elif how == "salt":
+                salts[i] = bytes(a ^ 0xFF for a in salts[i])
+            else:
+                shares[i] = b"\xff" * shamir.SHARE_BYTES
+            reply = dataclasses.replace(reply, **{f"{kind}_shares": shares,
+                                                  f"{kind}_salts": salts})
+        try:
+            server.receive_unmask_reply(reply)
+        except AuthenticationError:
+            excluded.append(v)
+    assert excluded == [cheater]
+    res = server.finish()
+    assert res.excluded == (cheater,) and res.dropped == (dropped,)
+    view = ServerView(1, list(server.log), res.weighted_sum, res.total_weight, inputs)
+    return view, res
+
+
+@functools.cache
+def _cheat_keys() -> dict[int, SigningKey]:
+    return {i: SigningKey.generate() for i in range(6)}
+
+
+@settings(max_examples=15, deadline=None)
+@given(cheater=st.integers(0, 4), kind=st.sampled_from(["seed", "key"]),
+       how=st.sampled_from(CHEATS))
+def test_an_honest_run_with_a_cheater_the_server_excluded_audits_to_pass_naming_it(
+        cheater, kind, how) -> None:
+    """Property (threat model T31): in a real recorded round where any one hospital
+    returns any kind of wrong share (a shifted value, a wrong salt, not a field
+    element) and the server excludes it, the audit passes every check, names the
+    cheater's wrong share, and reports exactly the sum the server really isolates:
+    that of the round's alive clients. The recording holds the cheater's reply (the
+    server logs before it checks), and the audit used to interpolate its bogus point:
+    a wrong knowledge (the dropped client's key counted as unknown) and a crash of the
+    per-round checks ("the recorded view is inconsistent", exit 2)."""
+    view, res = _round_with_a_cheater(cheater, kind, how)
+    report = audit_views([view])
+    assert report.passed, [c.detail for c in report.checks if not c.passed]
+    knowledge = report.checks[0]
+    assert knowledge.statistics[0]["isolable_sums"] == [sorted(res.alive)]
+    assert knowledge.statistics[0]["keys_reconstructed"] == 1
+    assert len(report.wrong_shares) == 1
+    assert report.wrong_shares[0].startswith(f"round 1: node {cheater} sent a {kind} share")
+
+
+def test_the_cli_audits_a_run_with_an_excluded_cheater_to_pass(tmp_path, capsys) -> None:
+    view, _ = _round_with_a_cheater(0, "key", "value")
+    write_view(view, tmp_path / "v" / "round-1")
+    assert main(["audit", "secagg", "--view", str(tmp_path / "v"),
+                 "--out", str(tmp_path / "o")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "verdict: pass" in out
+    assert "wrong share: round 1: node 0 sent a key share of node 5" in out
+
+
+# ------------------------------------- views the audit cannot read are never a pass
+
+
+def test_a_round_whose_shares_cannot_be_read_leaves_no_other_round_passing(tmp_path,
+                                                                            capsys) -> None:
+    """The v1 fixture exposes round 1 only through the mask key round 2's shares
+    reveal. With round 2's configuration recorded twice, its shares cannot be read;
+    round 1's knowledge check, which used to read "pass" (its exposure unseen), is
+    skipped naming round 2, and the verdict is not pass. Missing configuration: the
+    same."""
+    r1, r2 = read_view(FIXTURE_V1)
+    cfg = next(m for d, m in r2.messages if d == "out" and m.kind == "secagg.round_config")
+    for broken in (_with(r2, ("out", cfg)),
+                   dataclasses.replace(r2, messages=[(d, m) for d, m in r2.messages
+                                                     if m is not cfg])):
+        report = audit_views([r1, broken])
+        assert _status(report)[(1, "knowledge-across-rounds")] == "skipped"
+        assert _status(report)[(2, "knowledge-across-rounds")] == "skipped"
+        assert report.verdict == "INCOMPLETE" and not report.passed
+        first = report.checks[0]
+        assert "round 2's shares cannot be read" in first.detail
+        assert "round configurations, not one" in first.detail
+    write_view(r1, tmp_path / "v" / "round-1")
+    write_view(_with(r2, ("out", cfg)), tmp_path / "v" / "round-2")
+    assert main(["audit", "secagg", "--view", str(tmp_path / "v"),
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "verdict: INCOMPLETE" in capsys.readouterr().out
+
+
+def test_a_current_view_with_its_config_twice_or_missing_is_not_a_pass(view) -> None:
+    cfg = view.config
+    twice = _with(view, ("out", cfg))
+    none = dataclasses.replace(view, messages=[(d, m) for d, m in view.messages
+                                               if m is not cfg])
+    for v in (twice, none):
+        report = audit_views([v])
+        assert report.verdict == "INCOMPLETE" and not report.passed
+        assert all(c.status == "skipped" for c in report.checks)
+
+
+def test_a_report_with_no_check_run_is_not_a_pass() -> None:
+    """No check ran (no views, or every check n/a): the verdict is INCOMPLETE, never pass;
+    ``audit_views`` refuses an empty set of views in one line."""
+    assert sa.SecAggAuditReport([], 1e-6, 0).verdict == "INCOMPLETE"
+    only_na = [sa.CheckResult.not_applicable(1, name, "nothing") for name in ROUND_CHECKS]
+    assert not sa.SecAggAuditReport(only_na, 1e-6, 1).passed
+    with pytest.raises(ValueError, match="no recorded rounds"):
+        audit_views([])
+
+
+# ------------------------------------------------- malformed views: never a traceback
+
+
+@functools.cache
+def _dropout_view() -> ServerView:
+    (v,) = record_rounds(SecAggAuditConfig(clients=5, dim=200, dropouts=1))
+    return v
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_corrupted_share_bytes_never_raise_a_traceback(data) -> None:
+    """Property: a recorded view in which any shares of any unmask replies are replaced
+    by any bytes (any length, any value, a field element or not) is audited by the
+    CLI to a verdict (exit 0 or 1, each replaced share that is not the original named)
+    or refused in one ``error:`` line (exit 2), never a traceback. The audit used to
+    raise ``OverflowError`` on a secret wider than 256 bits."""
+    import tempfile
+
+    base = _dropout_view()
+    replies = _replies(base)
+    changed, named = {}, set()
+    for _ in range(data.draw(st.integers(1, 3), label="shares replaced")):
+        j = data.draw(st.integers(0, len(replies) - 1), label="reply")
+        reply = changed.get(j, replies[j])
+        kinds = [k for k in ("seed", "key") if getattr(reply, f"{k}_owners")]
+        kind = data.draw(st.sampled_from(kinds), label="kind")
+        shares = list(getattr(reply, f"{kind}_shares"))
+        i = data.draw(st.integers(0, len(shares) - 1), label="share")
+        new = data.draw(st.one_of(
+            st.binary(max_size=80),
+            st.integers(0, 2**528 - 1).map(lambda y: y.to_bytes(66, "big"))), label="bytes")
+        shares[i] = new
+        changed[j] = dataclasses.replace(reply, **{f"{kind}_shares": shares})
+    for j, reply in changed.items():
+        for kind in ("seed", "key"):
+            owners = getattr(reply, f"{kind}_owners")
+            named |= {(reply.node_id, kind, owners[i])
+                      for i, (a, b) in enumerate(zip(getattr(reply, f"{kind}_shares"),
+                                                     getattr(replies[j], f"{kind}_shares"),
+                                                     strict=True)) if a != b}
+    swap = {id(replies[j]): r for j, r in changed.items()}
+    view = dataclasses.replace(base, messages=[(d, swap.get(id(m), m))
+                                               for d, m in base.messages])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_view(view, Path(tmp) / "v")
+        import contextlib
+        import io
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["audit", "secagg", "--view", str(Path(tmp) / "v"),
+                         "--out", str(Path(tmp) / "o")])
+        text = " ".join(out.getvalue().split())
+        assert code in (0, 1, 2)
+        if code == 2:
+            assert "error:" in text
+        else:
+            for sender, kind, owner in named:
+                assert f"node {sender} sent a {kind} share of node {owner}" in text, text
+
+
+def test_a_view_missing_a_survivors_share_message_is_refused_in_one_line(view, tmp_path,
+                                                                        capsys) -> None:
+    """A view without the share message (round mask key) of an alive node cannot be the
+    record of its round: the CLI says so in one line and exits 2 (it used to end in a
+    KeyError traceback)."""
+    from bract.secagg.messages import ShareKeys
+
+    u = view.unmask_request.alive[0]
+    cut = dataclasses.replace(view, messages=[
+        (d, m) for d, m in view.messages if not (isinstance(m, ShareKeys) and m.node_id == u)])
+    write_view(cut, tmp_path / "v")
+    assert main(["audit", "secagg", "--view", str(tmp_path / "v"),
+                 "--out", str(tmp_path / "o")]) == 2
+    out = capsys.readouterr().out
+    assert "error:" in out and f"lacks the share messages (round mask keys) of nodes [{u}]" in \
+        " ".join(out.split())
+
+
+def test_any_other_inconsistency_of_a_read_view_is_one_line_exit_2(view, tmp_path, capsys,
+                                                                   monkeypatch) -> None:
+    write_view(view, tmp_path / "v")
+
+    def broken(views, alpha=None):
+        raise KeyError(7)
+
+    monkeypatch.setattr("bract.audit.secagg_audit.audit_views", broken)
+    assert main(["audit", "secagg", "--view", str(tmp_path / "v"),
+                 "--out", str(tmp_path / "o")]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "is inconsistent and cannot be audited (KeyError: 7)" in out

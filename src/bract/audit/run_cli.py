@@ -283,7 +283,14 @@ def run_secagg_command(args: argparse.Namespace) -> int:
                 views = record_rounds(config)
         report = audit_views(views)
     except (ValueError, SecAggError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        return 2
+    except (KeyError, IndexError, TypeError, ArithmeticError) as exc:
+        if args.view is None:
+            raise  # a view this command recorded itself: a bug, not bad input
+        console.print(f"[red]error:[/red] the recorded view at {escape(str(args.view))} is "
+                      f"inconsistent and cannot be audited ({type(exc).__name__}: "
+                      f"{escape(str(exc))})", highlight=False)
         return 2
     paths = write_secagg_report(report, args.out, views if args.view is None else ())
     table = Table(title="bract audit secagg")
@@ -299,6 +306,9 @@ def run_secagg_command(args: argparse.Namespace) -> int:
     gap = f" — {report.gap}" if report.gap else f" (rounds 1 to {report.rounds})"
     skipped = report.skipped_summary
     more = (f"; {skipped}: not shown to hide the updates (see the table)" if skipped else "")
+    for wrong in report.wrong_shares:
+        console.print(f"wrong share: {escape(wrong)} (not counted as a valid point)",
+                      highlight=False)
     console.print(f"verdict: [{style}]{report.verdict}[/{style}]{escape(gap + more)}",
                   highlight=False)
     console.print("wrote " + ", ".join(str(p) for p in paths))

@@ -7,8 +7,16 @@ round, reconstructs every secret those shares allow, removes every mask the
 secrets let it remove, and checks what is left.
 
 ``knowledge-across-rounds`` (the decisive check, algebraic, over all recorded rounds)
-    From every round's unmask replies the server reconstructs each secret with
-    at least ``t`` shares: self-mask seeds and X25519 mask private keys. A mask
+    From every round's unmask replies the server reconstructs each secret the
+    shares determine: self-mask seeds and X25519 mask private keys. A share is a
+    valid point when it opens its dealer's signed share commitment with the salt
+    the reply carries (the server's own check); ``t`` valid points reveal the
+    secret, whatever else the replies hold. A share that does not open its
+    commitment, or is no field element, is named in the round's detail (its sender
+    sent a wrong share: the server excludes it, threat model T31) and is never
+    interpolated blindly; it still counts when, with the valid points, it
+    interpolates to the very secret the dealer committed to (the seed commitment,
+    the round mask public key), as a curious server can check. A mask
     key reconstructed in any round removes, in *every* round, each pair mask made
     with it. Then, per round, a masked input helps the server only if its self
     mask is removable; pair masks that no known key removes cancel only between
@@ -63,7 +71,17 @@ skipped; ``FAIL`` when one failed. Skipped:
   showed clients different alive sets). They remove the masks one unmasking
   reveals; the secrets all the replies reveal together are counted by
   ``knowledge-across-rounds``, which still runs;
-* the checks of a view without its one round configuration (the ring is unknown).
+* the checks of a view without its one round configuration (none or several: the
+  ring and the threshold are unknown, so its shares cannot be read);
+* ``knowledge-across-rounds`` of *every* round that would pass while some round's
+  shares cannot be read (or a secret has more than :data:`SEARCH_LIMIT` share
+  combinations to try): a key those shares hold would apply to it. A round that
+  fails still fails.
+
+No check run at all is no pass either (``INCOMPLETE``). A view whose content
+contradicts itself (an alive node without its masked input or its share message,
+a completed round whose valid shares do not reveal a survivor's seed) is refused
+with one line naming what is wrong (``bract audit secagg`` exits 2).
 
 A round that aborted is checked for what it holds: its masked inputs, and, when
 unmask replies reached the server, each survivor whose seed they reveal and each
@@ -83,7 +101,9 @@ Pure: imports neither flwr nor torch.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +126,7 @@ from bract.secagg.errors import (
     EncodingError,
     ProtocolViolation,
     RoundAborted,
+    SecAggError,
 )
 from bract.secagg.graph import GRAPH_KINDS, closed_neighbourhoods
 from bract.secagg.messages import (
@@ -113,6 +134,7 @@ from bract.secagg.messages import (
     MaskRequest,
     Message,
     RoundConfig,
+    ShareKeys,
     UnmaskRequest,
 )
 from bract.secagg.protocol import (
@@ -121,6 +143,8 @@ from bract.secagg.protocol import (
     ClientSession,
     _self_mask_key,
     pair_mask_key,
+    seed_commitment,
+    share_commitment,
 )
 from bract.secagg.recording import (
     LegacyMessage,
@@ -304,50 +328,205 @@ def _stream(key: bytes, cfg: RoundConfig) -> np.ndarray:
     return np.frombuffer(keystream(key, nbytes), dtype=dtype)
 
 
+#: The most candidate share combinations the audit tries for one secret (see
+#: :func:`_solve`); a secret needing more is reported undecided, never taken as hidden.
+SEARCH_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class WrongShare:
+    """A share in an unmask reply that the audit did not count as a valid point: it
+    does not open its dealer's signed commitment, is not a field element, or names a
+    dealer or holder the round does not have. The server excludes a hospital that
+    sends one (threat model T31); the audit names it, and uses the reply's valid
+    shares as a curious server would."""
+
+    round: int
+    sender: int
+    owner: int
+    kind: str  # "seed" or "key"
+    why: str
+
+    def describe(self) -> str:
+        """One line: who sent which wrong share, and why it is wrong."""
+        return (f"round {self.round}: node {self.sender} sent a {self.kind} share of node "
+                f"{self.owner} that {self.why}")
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        return {"round": self.round, "sender": self.sender, "owner": self.owner,
+                "kind": self.kind, "why": self.why}
+
+
 @dataclass
 class _ServerSecrets:
-    """What the server can reconstruct from one round's unmask replies."""
+    """What the server can reconstruct from one round's unmask replies.
 
-    self_keys: dict[int, bytes]  # survivor -> self-mask key
-    mask_private: dict[int, bytes]  # dropped client -> its round's X25519 mask private key
+    ``self_keys``/``seeds`` and ``mask_private`` hold exactly the secrets whose
+    reconstruction opens their dealer's public commitment (the seed commitment, the
+    round mask public key): each from ``t`` points that open their signed share
+    commitments, or, failing those, from a combination that adds shares whose
+    commitment did not open and still yields the committed secret (a curious server
+    can try that too)."""
 
-
-def _reconstruct(view: ServerView, partial: bool = False) -> _ServerSecrets:
-    """The secrets the view's unmask replies reveal. ``partial`` (an aborted round):
-    only those with at least ``t`` shares; the others stay hidden from the server."""
-    cfg = view.config
-    publics = {u: m.mask_public for u, m in view.shares.items()}
-    seed_pts, key_pts = _points(view.unmask_replies)
-    if partial:
-        seed_pts = {u: p for u, p in seed_pts.items() if len(p) >= cfg.threshold}
-        key_pts = {v: p for v, p in key_pts.items() if len(p) >= cfg.threshold}
-    self_keys = {}
-    for u, pts in seed_pts.items():
-        seed = shamir.reconstruct(pts, cfg.threshold).to_bytes(32, "big")
-        self_keys[u] = _self_mask_key(seed, cfg.federation_id, cfg.round, u)
-    mask_private = {}
-    for v, pts in key_pts.items():
-        secret = shamir.reconstruct(pts, cfg.threshold).to_bytes(32, "big")
-        if x25519_public(secret) != publics.get(v):
-            raise ValueError(f"the reconstructed mask key of node {v} does not match its "
-                             "round mask key: the recorded view is inconsistent.")
-        mask_private[v] = secret
-    return _ServerSecrets(self_keys, mask_private)
+    seeds: dict[int, int]  # node -> its reconstructed self-mask seed (a field element)
+    self_keys: dict[int, bytes]  # node -> its self-mask key (current protocol only)
+    mask_private: dict[int, bytes]  # node -> its round's X25519 mask private key
+    wrong: list[WrongShare] = field(default_factory=list)
+    #: Secrets with too many candidate share combinations to try (:data:`SEARCH_LIMIT`).
+    undecided: list[str] = field(default_factory=list)
 
 
-def _points(replies: Sequence[Any]) -> tuple[dict[int, list[tuple[int, int]]],
-                                             dict[int, list[tuple[int, int]]]]:
-    """Shamir points per owner, of seeds and of mask keys, from unmask replies (v1 or v2)."""
-    seed_pts: dict[int, list[tuple[int, int]]] = {}
-    key_pts: dict[int, list[tuple[int, int]]] = {}
+class _UndecidedError(Exception):
+    """More than :data:`SEARCH_LIMIT` candidate combinations for one secret."""
+
+
+def _solve(valid: Sequence[tuple[int, int]], other: Sequence[tuple[int, int]], t: int,
+           opens: Any) -> int | None:
+    """The secret the points reveal, or None: the interpolation of ``t`` of the
+    ``valid`` points (each opened its signed share commitment) when there are ``t``
+    and it ``opens`` the dealer's commitment; else the first combination of all the
+    valid points and ``other`` ones (well-formed shares whose commitment did not open)
+    that interpolates to a value that ``opens`` it. Raises :class:`_UndecidedError` when that
+    takes more than :data:`SEARCH_LIMIT` combinations."""
+    valid = sorted(set(valid))
+    if len(valid) >= t:
+        value = shamir.reconstruct(valid, t)
+        return value if opens(value) else None
+    have = {x for x, _ in valid}
+    cands = sorted({p for p in other if p[0] not in have})
+    need = t - len(valid)
+    if len({x for x, _ in cands}) < need:
+        return None
+    if math.comb(len(cands), need) > SEARCH_LIMIT:
+        raise _UndecidedError
+    for combo in itertools.combinations(cands, need):
+        if len({x for x, _ in combo}) < need:
+            continue
+        value = shamir.reconstruct([*valid, *combo], t)
+        if opens(value):
+            return value
+    return None
+
+
+def _as_secret(value: int) -> bytes | None:
+    """``value`` as the 32 bytes of a seed or X25519 private key; None when it is wider."""
+    return value.to_bytes(32, "big") if 0 <= value < 2**256 else None
+
+
+def _key_opens(public: bytes | None) -> Any:
+    def opens(value: int) -> bool:
+        secret = _as_secret(value)
+        if secret is None or public is None:
+            return False
+        try:
+            return x25519_public(secret) == public
+        except AuthenticationError:  # a low-order or otherwise refused private key
+            return False
+    return opens
+
+
+def _secrets(replies: Sequence[Any], label: int, t: int, fed: str, rnd: int,
+             dealers: Mapping[int, ShareKeys] | None,
+             publics: Mapping[int, bytes]) -> _ServerSecrets:
+    """Every secret the unmask ``replies`` of one round reveal, and every share the
+    audit could not use (:class:`WrongShare`).
+
+    ``dealers`` (the round's share messages, current protocol): a share counts as a
+    valid point only if it opens its dealer's signed share commitment with the salt
+    the reply carries, the check :meth:`~bract.secagg.protocol.ServerSession.receive_unmask_reply`
+    makes. ``None`` (protocol v1, which committed to no share): every well-formed
+    share is a candidate, a mask key is known when candidates reconstruct the key
+    ``publics`` lists, a seed when ``t`` of them exist. Never raises on the replies'
+    content."""
+    valid: dict[tuple[str, int], set[tuple[int, int]]] = {}
+    other: dict[tuple[str, int], set[tuple[int, int]]] = {}
+    wrong: list[WrongShare] = []
     for reply in replies:
         get = reply.fields.get if isinstance(reply, LegacyMessage) else reply.__dict__.get
-        x = shamir.x_coordinate(get("node_id"))
-        for v, b in zip(get("seed_owners"), get("seed_shares"), strict=True):
-            seed_pts.setdefault(v, []).append((x, shamir.bytes_to_share(b)))
-        for v, b in zip(get("key_owners"), get("key_shares"), strict=True):
-            key_pts.setdefault(v, []).append((x, shamir.bytes_to_share(b)))
-    return seed_pts, key_pts
+        sender = get("node_id")
+        if not isinstance(sender, int) or isinstance(sender, bool) or sender < 0:
+            continue  # no evaluation point: nothing in it can be a share
+        x = shamir.x_coordinate(sender)
+        for kind in ("seed", "key"):
+            owners, shares = get(f"{kind}_owners") or [], get(f"{kind}_shares") or []
+            salts = get(f"{kind}_salts") if dealers is not None else [None] * len(owners)
+            salts = salts or []
+            if not len(owners) == len(shares) == len(salts):
+                wrong.append(WrongShare(label, sender, -1, kind,
+                                        "is one of lists of different lengths (owners, "
+                                        "shares, salts): none of them is used"))
+                continue
+            for v, raw, salt in zip(owners, shares, salts, strict=True):
+                if not isinstance(v, int) or v < 0:
+                    continue
+                try:
+                    y = shamir.bytes_to_share(raw)
+                except ProtocolViolation as exc:
+                    wrong.append(WrongShare(label, sender, v, kind, f"is malformed ({exc})"))
+                    continue
+                if dealers is None:
+                    other.setdefault((kind, v), set()).add((x, y))
+                    continue
+                dealer = dealers.get(v)
+                if dealer is None:
+                    wrong.append(WrongShare(label, sender, v, kind,
+                                            f"did not deal shares in round {rnd}"))
+                    continue
+                if sender not in dealer.holders:
+                    wrong.append(WrongShare(label, sender, v, kind,
+                                            f"node {v} never dealt to node {sender}"))
+                    continue
+                seed_c, key_c = dealer.commitments(dealer.holders.index(sender))
+                if not isinstance(salt, bytes) or share_commitment(
+                        fed, rnd, v, sender, kind, raw, salt) != (
+                            seed_c if kind == "seed" else key_c):
+                    wrong.append(WrongShare(label, sender, v, kind,
+                                            f"does not open node {v}'s signed commitment"))
+                    other.setdefault((kind, v), set()).add((x, y))
+                    continue
+                valid.setdefault((kind, v), set()).add((x, y))
+
+    def seed_opens(v: int) -> Any:
+        if dealers is None:
+            return lambda value: _as_secret(value) is not None
+        commit = dealers[v].seed_commitment if v in dealers else None
+        return lambda value: (_as_secret(value) is not None and seed_commitment(
+            fed, rnd, v, _as_secret(value)) == commit)
+
+    seeds: dict[int, int] = {}
+    self_keys: dict[int, bytes] = {}
+    keys: dict[int, bytes] = {}
+    undecided: list[str] = []
+    for kind, v in sorted({*valid, *other}):
+        opens = seed_opens(v) if kind == "seed" else _key_opens(publics.get(v))
+        try:
+            value = _solve(list(valid.get((kind, v), ())), list(other.get((kind, v), ())), t,
+                           opens)
+        except _UndecidedError:
+            undecided.append(f"node {v}'s {kind} in round {label} (more than {SEARCH_LIMIT} "
+                             "combinations of its shares to try)")
+            continue
+        if value is None:
+            continue
+        secret = _as_secret(value)
+        assert secret is not None  # opens() accepted it
+        if kind == "seed":
+            seeds[v] = value
+            if dealers is not None:
+                self_keys[v] = _self_mask_key(secret, fed, rnd, v)
+        else:
+            keys[v] = secret
+    return _ServerSecrets(seeds, self_keys, keys, wrong, undecided)
+
+
+def _reconstruct(view: ServerView) -> _ServerSecrets:
+    """The secrets one round's unmask replies reveal (current protocol), with the shares
+    the audit could not use (:func:`_secrets`)."""
+    cfg = view.config
+    dealers = view.shares
+    return _secrets(view.unmask_replies, view.round, cfg.threshold, cfg.federation_id,
+                    cfg.round, dealers, {u: m.mask_public for u, m in dealers.items()})
 
 
 def _pair_mask(cfg: RoundConfig, publics: Mapping[int, bytes], private: bytes, owner: int,
@@ -374,7 +553,6 @@ class _RoundFacts:
     """What one recorded round tells the server, in protocol-neutral terms."""
 
     label: int
-    threshold: int
     min_honest: int
     nbhd: dict[int, tuple[int, ...]]
     #: node -> the sharer list of the mask request the server sent it (the
@@ -382,51 +560,45 @@ class _RoundFacts:
     partners: dict[int, set[int]]
     mask_public: dict[int, bytes]  # node -> the X25519 mask public key it masked with
     held: set[int]  # nodes whose masked input the server holds (on time or late)
-    seed_points: dict[int, list[tuple[int, int]]]
-    key_points: dict[int, list[tuple[int, int]]]
+    secrets: _ServerSecrets  # what this round's unmask replies reveal
 
 
-def _facts(view: ServerView) -> _RoundFacts | None:
-    """The round's facts, or ``None`` for a view without a round config."""
-    if view.legacy:  # protocol v1: epoch mask keys listed in the config
-        msgs = [(d, m) for d, m in view.messages if isinstance(m, LegacyMessage)]
-        cfgs = [m.fields for d, m in msgs if d == "out" and m.kind == "secagg.round_config"]
-        if len(cfgs) != 1:
-            return None
-        cfg = cfgs[0]
-        parts = cfg["participants"]
-        nbhd = closed_neighbourhoods(parts, cfg["graph_kind"], cfg["degree"], cfg["graph_seed"])
-        partners = own_sharer_lists((m.fields["node_id"], m.fields["sharers"]) for d, m in msgs
-                                    if d == "out" and m.kind == "secagg.mask_request")
-        held = {m.fields["node_id"] for d, m in msgs if m.kind == "secagg.masked_input"
-                and d in ("in", "late")}
-        replies = [m for d, m in msgs if d == "in" and m.kind == "secagg.unmask_reply"]
-        seed_pts, key_pts = _points(replies)
-        return _RoundFacts(view.round, cfg["threshold"], 2, nbhd, partners,
-                           dict(zip(parts, cfg["mask_publics"], strict=True)), held, seed_pts,
-                           key_pts)
+def _facts(view: ServerView) -> _RoundFacts | str:
+    """The round's facts, or why the view's shares cannot be read (no single round
+    configuration, or one whose graph cannot be built)."""
     try:
-        cfg = view.config
-    except ValueError:
-        return None
-    nbhd = closed_neighbourhoods(cfg.participants, cfg.graph_kind, cfg.degree, cfg.graph_seed)
-    partners = view.sharer_lists
-    held = set(view.masked) | set(view.late)
-    seed_pts, key_pts = _points(view.unmask_replies)
-    return _RoundFacts(view.round, cfg.threshold, cfg.min_honest, nbhd, partners,
-                       {u: m.mask_public for u, m in view.shares.items()}, held, seed_pts,
-                       key_pts)
-
-
-def _reconstructed(points: Mapping[int, list[tuple[int, int]]], t: int) -> dict[int, int]:
-    out = {}
-    for v, pts in points.items():
-        if len(pts) >= t:
-            try:
-                out[v] = shamir.reconstruct(pts, t)
-            except (ProtocolViolation, ValueError):
-                continue
-    return out
+        if view.legacy:  # protocol v1: epoch mask keys listed in the config
+            msgs = [(d, m) for d, m in view.messages if isinstance(m, LegacyMessage)]
+            cfgs = [m.fields for d, m in msgs if d == "out" and m.kind == "secagg.round_config"]
+            if len(cfgs) != 1:
+                return (f"the view holds {len(cfgs)} round configurations, not one, so the "
+                        "shares it received cannot be read")
+            cfg = cfgs[0]
+            parts = cfg["participants"]
+            nbhd = closed_neighbourhoods(parts, cfg["graph_kind"], cfg["degree"],
+                                         cfg["graph_seed"])
+            partners = own_sharer_lists((m.fields["node_id"], m.fields["sharers"])
+                                        for d, m in msgs
+                                        if d == "out" and m.kind == "secagg.mask_request")
+            held = {m.fields["node_id"] for d, m in msgs if m.kind == "secagg.masked_input"
+                    and d in ("in", "late")}
+            replies = [m for d, m in msgs if d == "in" and m.kind == "secagg.unmask_reply"]
+            publics = dict(zip(parts, cfg["mask_publics"], strict=True))
+            secrets_ = _secrets(replies, view.round, cfg["threshold"], cfg["federation_id"],
+                                cfg["round"], None, publics)
+            return _RoundFacts(view.round, 2, nbhd, partners, publics, held, secrets_)
+        cfgs = [m for d, m in view.messages if d == "out" and isinstance(m, RoundConfig)]
+        if len(cfgs) != 1:
+            return (f"the view holds {len(cfgs)} round configurations, not one, so the "
+                    "shares it received cannot be read")
+        cfg = cfgs[0]
+        nbhd = closed_neighbourhoods(cfg.participants, cfg.graph_kind, cfg.degree,
+                                     cfg.graph_seed)
+    except (KeyError, TypeError, ValueError, SecAggError) as exc:
+        return f"its round configuration is unusable ({exc})"
+    return _RoundFacts(view.round, cfg.min_honest, nbhd, view.sharer_lists,
+                       {u: m.mask_public for u, m in view.shares.items()},
+                       set(view.masked) | set(view.late), _reconstruct(view))
 
 
 def _isolable_sums(f: _RoundFacts, usable: set[int], known_keys: set[bytes]) -> list[set[int]]:
@@ -470,25 +642,33 @@ def _isolable_sums(f: _RoundFacts, usable: set[int], known_keys: set[bytes]) -> 
 
 
 def knowledge_across_rounds(views: Sequence[ServerView]) -> list[CheckResult]:
-    """The ``knowledge-across-rounds`` check, one result per round (module docstring).
+    """The ``knowledge-across-rounds`` check, one result per view, in order (module
+    docstring).
 
     Secrets reconstructed in any round are applied to every round: a mask private
-    key is known from the first reconstruction on, whichever round it came from.
-    """
-    facts = [f for f in (_facts(v) for v in views) if f is not None]
+    key is known from the first reconstruction on, whichever round it came from. A
+    secret is known exactly when the shares the server received determine it
+    (:func:`_secrets`): shares that do not open their dealer's commitment never hide
+    one that the valid shares reveal, and are named in the round's detail. A round
+    whose shares cannot be read, or a secret with too many share combinations to
+    decide, makes every round that would pass ``skipped`` (the unread shares may hold
+    a key that exposes it); a round that fails still fails (more keys only split the
+    sums the server can isolate into smaller ones)."""
+    facts = [_facts(v) for v in views]
+    read = [f for f in facts if isinstance(f, _RoundFacts)]
+    unknown = [f"round {v.round}'s shares cannot be read ({f})"
+               for v, f in zip(views, facts, strict=True) if isinstance(f, str)]
+    unknown += [f"it is undecided whether the server knows {u}"
+                for f in read for u in f.secrets.undecided]
     known_keys: set[bytes] = set()  # mask public keys whose private key the server has
-    seeds: dict[int, set[int]] = {}
-    for f in facts:
-        seeds[f.label] = set(_reconstructed(f.seed_points, f.threshold))
-        for secret in _reconstructed(f.key_points, f.threshold).values():
-            if secret < 2**256:
-                try:
-                    known_keys.add(x25519_public(secret.to_bytes(32, "big")))
-                except AuthenticationError:
-                    continue
+    for f in read:
+        known_keys.update(x25519_public(secret) for secret in f.secrets.mask_private.values())
     results = []
-    for f in facts:
-        usable = {u for u in f.held if u in seeds[f.label]}
+    for v, f in zip(views, facts, strict=True):
+        if isinstance(f, str):
+            results.append(CheckResult.skipped(v.round, CHECKS[0], f))
+            continue
+        usable = {u for u in f.held if u in f.secrets.seeds}
         closed = _isolable_sums(f, usable, known_keys)
         small = sorted((sorted(g) for g in closed if len(g) < f.min_honest), key=len)
         smallest = min((len(g) for g in closed), default=0)
@@ -504,10 +684,21 @@ def knowledge_across_rounds(views: Sequence[ServerView]) -> list[CheckResult]:
                        f"(h = {f.min_honest})")
         else:
             detail += "the server can isolate no sum of this round"
-        results.append(CheckResult(
-            f.label, CHECKS[0], not small, detail,
-            [{"isolable_sums": [sorted(g) for g in closed], "min_honest": f.min_honest,
-              "keys_reconstructed": len(known_keys)}]))
+        wrong = f.secrets.wrong
+        if wrong:
+            detail += ("; WRONG SHARES, not counted as valid points (the server excludes a "
+                       "hospital that sends one): "
+                       + "; ".join(w.describe() for w in wrong))
+        stats = [{"isolable_sums": [sorted(g) for g in closed], "min_honest": f.min_honest,
+                  "keys_reconstructed": len(known_keys),
+                  "wrong_shares": [w.to_plain() for w in wrong]}]
+        if not small and unknown:
+            results.append(CheckResult(
+                f.label, CHECKS[0], False,
+                "NOT RUN to the end: " + "; ".join(unknown) + ", and what it would reveal "
+                "applies here. With the rest: " + detail, stats, status=SKIPPED))
+            continue
+        results.append(CheckResult(f.label, CHECKS[0], not small, detail, stats))
     return results
 
 
@@ -597,9 +788,11 @@ def _masked_inputs_uniform(view: ServerView, cfg: RoundConfig, alpha: float) -> 
 
 def _unmasked_checks(view: ServerView, cfg: RoundConfig, alpha: float) -> list[CheckResult]:
     """``survivors-hidden``, ``dropped-late-hidden`` and ``aggregate-exact`` of a round
-    unmasked once. In an aborted round only the secrets with ``t`` shares are
-    removed (the others stay hidden from the server too), the survivors whose seed
-    the replies do not reveal are still self-masked, and there is no aggregate."""
+    unmasked once. Only the secrets the replies' valid shares reveal are removed
+    (:func:`_secrets`; the others stay hidden from the server too); in an aborted
+    round the survivors whose seed they do not reveal are still self-masked, and
+    there is no aggregate. Raises ``ValueError`` naming what is missing when the view
+    cannot be the record of such a round."""
     publics = {u: m.mask_public for u, m in view.shares.items()}
     ureq = view.unmask_request
     alive, dropped = sorted(ureq.alive), sorted(ureq.dropped)
@@ -607,9 +800,18 @@ def _unmasked_checks(view: ServerView, cfg: RoundConfig, alpha: float) -> list[C
     missing = [u for u in alive if u not in masked]
     if missing:
         raise ValueError(f"the view lacks the masked inputs of alive nodes {missing}.")
-    aborted = view.aborted
-    secrets_ = _reconstruct(view, partial=aborted)
     nbhd = closed_neighbourhoods(cfg.participants, cfg.graph_kind, cfg.degree, cfg.graph_seed)
+    listed = sorted({*alive, *dropped, *view.late})
+    outside = [u for u in listed if u not in nbhd]
+    if outside:
+        raise ValueError(f"the view lists nodes {outside} as alive, dropped or late, but the "
+                         "round's configuration does not name them as participants.")
+    no_key = [u for u in listed if u not in publics]
+    if no_key:
+        raise ValueError(f"the view lacks the share messages (round mask keys) of nodes "
+                         f"{no_key}, which it lists as alive, dropped or late.")
+    aborted = view.aborted
+    secrets_ = _reconstruct(view)
     own = view.sharer_lists  # the pair masks each client applied: its own list's
     truth = view.inputs
     rnd = view.round
@@ -624,7 +826,8 @@ def _unmasked_checks(view: ServerView, cfg: RoundConfig, alpha: float) -> list[C
             if aborted:
                 still_masked.append(u)
                 continue
-            raise ValueError(f"no shares of survivor {u}'s self-mask seed in the view.")
+            raise ValueError(f"the view's valid shares do not reveal survivor {u}'s "
+                             "self-mask seed, yet the round completed.")
         r = _ring(masked[u], cfg) - _stream(secrets_.self_keys[u], cfg)
         for v in dropped:
             if v in nbhd[u] and v in own.get(u, ()) and v in secrets_.mask_private:
@@ -734,12 +937,25 @@ class SecAggAuditReport:
         return [c for c in self.checks if c.status == SKIPPED]
 
     @property
+    def ran(self) -> int:
+        """How many checks ran (``pass`` or ``FAIL``)."""
+        return sum(c.status in (PASSED, FAILED) for c in self.checks)
+
+    @property
     def verdict(self) -> str:
-        """``FAIL`` when a check failed; else ``INCOMPLETE`` when one was skipped (the
-        view was not fully checked: no pass); else ``pass``."""
+        """``FAIL`` when a check failed; else ``INCOMPLETE`` when one was skipped or none
+        ran at all (the view was not fully checked: no pass); else ``pass``."""
         if self.failed:
             return FAILED
-        return "INCOMPLETE" if self.skipped else PASSED
+        return "INCOMPLETE" if self.skipped or not self.ran else PASSED
+
+    @property
+    def wrong_shares(self) -> list[str]:
+        """Every share in an unmask reply that did not open its dealer's commitment (or
+        was malformed), one line each naming round, sender and dealer: the audit did not
+        count it as a valid point; the server excludes its sender (T31)."""
+        return [WrongShare(**w).describe() for c in self.checks if c.name == CHECKS[0]
+                for s in c.statistics for w in s.get("wrong_shares", ())]
 
     @property
     def passed(self) -> bool:
@@ -772,6 +988,7 @@ class SecAggAuditReport:
         """Plain JSON-able dict."""
         return {"verdict": self.verdict, "passed": self.passed, "alpha": self.alpha,
                 "rounds": self.rounds, "skipped": self.skipped_summary,
+                "wrong_shares": self.wrong_shares,
                 "checks": [c.to_plain() for c in self.checks]}
 
 
@@ -783,18 +1000,12 @@ def audit_views(views: Sequence[ServerView], alpha: float = DEFAULT_ALPHA) -> Se
     failed and none was skipped."""
     if not views:
         raise ValueError("no recorded rounds to audit.")
-    knowledge = {c.round: c for c in knowledge_across_rounds(views)}
     checks = []
     gap = rounds_recorded(views)
     if gap is not None:
         checks.append(gap)
-    for v in views:
-        if v.round in knowledge:
-            checks.append(knowledge[v.round])
-        else:
-            checks.append(CheckResult.skipped(
-                v.round, CHECKS[0], "the view holds no single round configuration, so the "
-                "shares it received cannot be read"))
+    for v, knowledge in zip(views, knowledge_across_rounds(views), strict=True):
+        checks.append(knowledge)
         checks += audit_view(v, alpha)
     return SecAggAuditReport(checks, alpha, len(views))
 
@@ -845,7 +1056,7 @@ def run_secagg_audit(config: SecAggAuditConfig) -> SecAggAuditReport:
 def report_markdown(report: SecAggAuditReport) -> str:
     """Verdict first, then one line per check, then what the audit can and cannot show."""
     skipped = report.skipped_summary
-    ran = sum(c.status in (PASSED, FAILED) for c in report.checks)
+    ran = report.ran
     lines = [
         "# Secure-aggregation audit",
         "",
@@ -864,6 +1075,10 @@ def report_markdown(report: SecAggAuditReport) -> str:
              NOT_APPLICABLE: "n/a"}
     lines += [f"| {c.round} | {c.name} | {shown[c.status]} | {c.detail} |"
               for c in report.checks]
+    if report.wrong_shares:
+        lines += ["", "Wrong shares (not counted as valid points; the server excludes a "
+                  "hospital that sends one, threat model T31):", ""]
+        lines += [f"- {w}" for w in report.wrong_shares]
     lines += [
         "",
         "What passing shows: with every secret the recorded shares reveal, from any round, "
