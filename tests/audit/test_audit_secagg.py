@@ -973,3 +973,25 @@ def test_any_other_inconsistency_of_a_read_view_is_one_line_exit_2(view, tmp_pat
                  "--out", str(tmp_path / "o")]) == 2
     out = " ".join(capsys.readouterr().out.split())
     assert "is inconsistent and cannot be audited (KeyError: 7)" in out
+
+
+def test_a_v1_reply_whose_lists_differ_in_length_is_named_not_a_crash() -> None:
+    """A protocol-v1 reply carries owners and shares as two lists; one cut short pairs
+    no share with a dealer. The audit names it and reads the rest of the view (the
+    fixture's finding stands) instead of stopping on the view."""
+    from bract.secagg.recording import LegacyMessage
+
+    r1, r2 = read_view(FIXTURE_V1)
+    reply = next(m for d, m in r1.messages if m.kind == "secagg.unmask_reply"
+                 and len(m.fields["seed_owners"]) > 1)
+    cut = LegacyMessage(reply.kind, {**reply.fields,
+                                     "seed_shares": reply.fields["seed_shares"][:-1]})
+    r1 = dataclasses.replace(r1, messages=[(d, cut if m is reply else m)
+                                           for d, m in r1.messages])
+    report = audit_views([r1, r2])
+    assert report.wrong_shares == [
+        f"round 1: node {reply.fields['node_id']} sent seed shares: their lists of owners, "
+        "shares and salts differ in length, so none is used"]
+    assert report.verdict == "FAIL"  # node 2 of round 1: still EXPOSED by the other shares
+    (bad,) = report.failed
+    assert bad.round == 1 and [2] in bad.statistics[0]["isolable_sums"]

@@ -349,6 +349,8 @@ class WrongShare:
 
     def describe(self) -> str:
         """One line: who sent which wrong share, and why it is wrong."""
+        if self.owner < 0:  # the reply's lists do not even pair shares with dealers
+            return f"round {self.round}: node {self.sender} sent {self.kind} shares: {self.why}"
         return (f"round {self.round}: node {self.sender} sent a {self.kind} share of node "
                 f"{self.owner} that {self.why}")
 
@@ -454,8 +456,8 @@ def _secrets(replies: Sequence[Any], label: int, t: int, fed: str, rnd: int,
             salts = salts or []
             if not len(owners) == len(shares) == len(salts):
                 wrong.append(WrongShare(label, sender, -1, kind,
-                                        "is one of lists of different lengths (owners, "
-                                        "shares, salts): none of them is used"))
+                                        "their lists of owners, shares and salts differ in "
+                                        "length, so none is used"))
                 continue
             for v, raw, salt in zip(owners, shares, salts, strict=True):
                 if not isinstance(v, int) or v < 0:
