@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from bract import compare, tasks
 from bract.compare import Variant
 from bract.flower.config import FederationConfig
+from tests.tree import tree_snapshot
 
 budgets = st.lists(
     st.floats(min_value=0.01, max_value=100, allow_nan=False, allow_infinity=False),
@@ -208,8 +209,6 @@ def test_a_refused_study_leaves_an_earlier_one_where_it_was(tmp_path, monkeypatc
     """A model the task cannot build (an image side the CNN cannot pool) is refused
     with every other setting, before an earlier study in --out is moved aside or a
     new compare.json written: the folder is left exactly as it was."""
-    import os
-    from pathlib import Path
 
     import flwr.simulation
 
@@ -224,20 +223,11 @@ def test_a_refused_study_leaves_an_earlier_one_where_it_was(tmp_path, monkeypatc
     (out / compare.COMPARE_JSON).write_text("{}")
     (out / "dp-eps1" / "ledger.jsonl").write_text("{}\n")
 
-    def snapshot() -> dict[str, tuple[int, bytes]]:
-        seen = {}
-        for dirpath, dirnames, filenames in os.walk(tmp_path):
-            for name in (*dirnames, *filenames):
-                path = Path(dirpath) / name
-                seen[str(path.relative_to(tmp_path))] = (
-                    path.stat().st_mtime_ns, b"" if path.is_dir() else path.read_bytes())
-        return seen
-
-    before = snapshot()
+    before = tree_snapshot(tmp_path)
     assert main(["compare", "--dataset", "synthetic", "--image-size", "30", "--out", str(out),
                  "--no-progress"]) == 2
     assert "multiple of 4" in " ".join(capsys.readouterr().out.split())
-    assert snapshot() == before
+    assert tree_snapshot(tmp_path) == before
 
 
 def test_one_round_has_no_time_per_round_and_the_table_says_n_a() -> None:

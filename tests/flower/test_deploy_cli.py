@@ -14,6 +14,7 @@ from bract.cli import main
 from bract.flower import deploy_cli
 from bract.flower.deploy import RunResult
 from tests.ctrl_c import interrupt_after_rounds
+from tests.tree import tree_snapshot
 
 
 class FakeFederation:
@@ -171,7 +172,6 @@ def test_deploy_resume_without_the_hospitals_keys_is_refused_creating_nothing(
     """--resume needs the hospitals' identities and roster in --workdir: a work dir
     without them (another --workdir) or with other hospitals (another --clients) is
     refused (exit 2, one line) before any folder, certificate or key is made."""
-    import os
 
     from bract.flower.deploy import LocalFederation
 
@@ -182,16 +182,7 @@ def test_deploy_resume_without_the_hospitals_keys_is_refused_creating_nothing(
     out = tmp_path / "out"
     _earlier_run(out)
 
-    def snapshot() -> dict[str, tuple[int, bytes]]:
-        seen = {}
-        for dirpath, dirnames, filenames in os.walk(tmp_path):
-            for name in (*dirnames, *filenames):
-                path = Path(dirpath) / name
-                seen[str(path.relative_to(tmp_path))] = (
-                    path.stat().st_mtime_ns, b"" if path.is_dir() else path.read_bytes())
-        return seen
-
-    before = snapshot()
+    before = tree_snapshot(tmp_path)
     for argv, needle in (
             (["--workdir", str(tmp_path / "elsewhere")], "hospital-0 has no identity"),
             (["--clients", "4"], "hospital-3 has no identity"),
@@ -199,7 +190,7 @@ def test_deploy_resume_without_the_hospitals_keys_is_refused_creating_nothing(
         assert main(["deploy", "--out", str(out), "--resume", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "cannot resume: " in err[0] and needle in err[0]
-        assert snapshot() == before
+        assert tree_snapshot(tmp_path) == before
 
 
 @pytest.mark.slow

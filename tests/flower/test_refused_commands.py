@@ -4,24 +4,12 @@ anything under ``--out`` is created or moved (exit 2, one error line)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from bract.cli import main
-
-
-def _snapshot(root: Path) -> dict[str, tuple[bool, int, bytes]]:
-    """Every entry under ``root`` (and ``root`` itself): kind, mtime and bytes."""
-    seen = {".": (True, root.stat().st_mtime_ns, b"")}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in (*dirnames, *filenames):
-            path = Path(dirpath) / name
-            is_dir = path.is_dir()
-            seen[str(path.relative_to(root))] = (
-                is_dir, path.stat().st_mtime_ns, b"" if is_dir else path.read_bytes())
-    return seen
+from tests.tree import tree_snapshot
 
 
 def _earlier_run(out: Path, key: str = "ab" * 32) -> None:
@@ -76,11 +64,11 @@ def test_a_refused_simulate_leaves_the_filesystem_as_it_was(
     else:
         _earlier_run(tmp_path / "runs" / "latest")
         extra = []
-    before = _snapshot(tmp_path)
+    before = tree_snapshot(tmp_path)
     assert main(["simulate", *argv, *extra, "--no-progress"]) == 2
     said = capsys.readouterr().out
     assert needle in " ".join(said.split()) and "Traceback" not in said
-    assert _snapshot(tmp_path) == before
+    assert tree_snapshot(tmp_path) == before
 
 
 def test_an_out_that_holds_a_run_is_refused_without_touching_it(
@@ -89,11 +77,11 @@ def test_an_out_that_holds_a_run_is_refused_without_touching_it(
     --new-federation moves it aside)."""
     out = tmp_path / "run"
     _earlier_run(out)
-    before = _snapshot(tmp_path)
+    before = tree_snapshot(tmp_path)
     assert main(["simulate", "--dataset", "breast-cancer", "--out", str(out),
                  "--no-progress"]) == 2
     assert "already holds a run" in " ".join(capsys.readouterr().out.split())
-    assert _snapshot(tmp_path) == before
+    assert tree_snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("key", ["not a key", "abcd"])
@@ -104,12 +92,12 @@ def test_new_run_with_an_unreadable_hospital_key_moves_nothing_aside(
     before anything moves."""
     out = tmp_path / "run"
     _earlier_run(out, key=key)
-    before = _snapshot(tmp_path)
+    before = tree_snapshot(tmp_path)
     assert main(["simulate", "--dataset", "breast-cancer", "--out", str(out), "--new-run",
                  "--no-progress"]) == 2
     said = " ".join(capsys.readouterr().out.split())
     assert "hospital-0's identity key" in said and "unreadable" in said
-    assert _snapshot(tmp_path) == before
+    assert tree_snapshot(tmp_path) == before
 
 
 def test_a_library_run_refused_by_its_output_creates_nothing(tmp_path, no_federation) -> None:
