@@ -684,3 +684,50 @@ def test_runs_of_one_flower_run_series_never_read_one_datasets_ledger_as_another
     assert not train(4, "diabetes", 8.0, series)  # still spent
     assert ledger("diabetes") == spent
     assert len(ledger("breast-cancer")) == 1
+
+
+def test_an_app_composed_by_hand_from_the_lower_level_parts_trains_in_secure_rounds(
+        tmp_path) -> None:
+    """docs/integrate.md's lower level: an app that registers ``secagg_mod`` and
+    ``dp_train_handler`` itself, on configured hospitals whose policy refuses plain
+    aggregation, trains in secure rounds (its update leaves only inside the masked
+    sum) exactly as ``make_client_app``'s app does; the same app without
+    ``secagg_mod`` is refused, even for a message that carries a secure-aggregation
+    record, since nothing in it masks the update."""
+    from flwr.clientapp import ClientApp
+
+    import bract.flower.app as bract_app
+    from bract.flower.client import contain_errors_mod, dp_train_handler, metrics_guard_mod
+    from bract.flower.secagg_client import register_secagg, secagg_mod
+
+    hospitals = bract_app.CONFIGURED_HOSPITALS
+
+    def composed(with_secagg: bool) -> ClientApp:
+        app = ClientApp()
+        mods = [contain_errors_mod, metrics_guard_mod(hospitals.release_metrics)]
+        if with_secagg:
+            mods.append(secagg_mod(hospitals.secagg, hospitals.release_metrics))
+        register_secagg(app, hospitals.secagg, mods=[contain_errors_mod])
+        app.train(mods=mods)(dp_train_handler(hospitals.setup, hospitals.policy,
+                                              hospitals.secagg, hospitals.release_metrics))
+        return app
+
+    for with_secagg in (True, False):
+        out = tmp_path / f"secagg-{with_secagg}"
+        out.mkdir()
+        node_configs, roster = write_operator_files(out, "composed", len(NODES))
+        rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 2.0,
+              "out": str(out / "out"), "roster": str(roster)}
+        grid = FakeGrid(dict.fromkeys(NODES, composed(with_secagg)), run_config=rc)
+        for ctx, extra in zip(grid.contexts.values(), node_configs, strict=True):
+            ctx.node_config.update(extra)
+        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                 run_config=rc))
+        row = json.loads((out / "out" / "report.json").read_text())["rounds"][0]
+        assert_no_update_in_clear(grid.replies)
+        if with_secagg:
+            assert sorted(row["trained"]) == [f"hospital-{i}" for i in range(3)], row["failed"]
+        else:
+            assert row["trained"] == []
+            assert all("allow_plain_aggregation is false" in why
+                       for why in row["failed"].values()), row["failed"]

@@ -30,7 +30,6 @@ from bract.flower.records import (
     LOCAL_WEIGHTS,
     PRIVACY_REPORT,
     ROUND_CONFIG,
-    SECAGG,
     SECAGG_MAX_WEIGHT,
     STATE_EPSILONS,
     STATE_PRIVACY,
@@ -44,6 +43,7 @@ from bract.flower.secagg_client import (
     IdentityLike,
     PlainAggregationRefused,
     SecAggIdentity,
+    masks_this_reply,
     register_secagg,
     secagg_mod,
 )
@@ -454,17 +454,8 @@ def dp_train_handler(
     policy: PolicyLike,
     identity: SignerLike | None = None,
     release_metrics: str | Callable[[Context], str] = "none",
-    *,
-    masked: bool = False,
 ) -> Callable[[Message, Context], Message]:
     """A ``train`` handler: DP-SGD on the hospital's data, ledger kept per dataset.
-
-    ``masked`` says the app passes every train message through
-    :func:`~bract.flower.secagg_client.secagg_mod`, which masks the update when the
-    message carries a secure-aggregation record (:func:`make_client_app` sets it when
-    given ``secagg``). Without it no update is ever masked, so a configured hospital
-    whose policy does not allow plain aggregation refuses every train message,
-    whatever records the message carries.
 
     ``policy`` may be a function of the Context (e.g. reading ``ctx.run_config``
     in a deployed Flower app); so may ``identity``, whose Ed25519 key signs each
@@ -509,8 +500,10 @@ def dp_train_handler(
             # config) is only admitted within them, before its setup reads any data.
             own = hospital_policy_of(nc)
             policy_now = own.admit(policy_now)
-            in_clear = not masked or SECAGG not in msg.content.config_records
-            if in_clear and not own.allow_plain_aggregation:
+            # Masked only when secagg_mod (in the app's mods, however the app was
+            # built) is handling this message's secure-aggregation record; a record in
+            # a message no mod masks changes nothing.
+            if not masks_this_reply() and not own.allow_plain_aggregation:
                 raise PlainAggregationRefused(PLAIN_REFUSED)
         release_now = admitted_release(release_metrics, ctx)
         setup = setup_fn(ctx)
@@ -770,6 +763,5 @@ def make_client_app(
                                      allow_plain=allow_plain_aggregation))
         register_secagg(app, secagg, mods=[contain_errors_mod, *mods])
     signer = identity if identity is not None else secagg
-    app.train(mods=train_mods)(dp_train_handler(setup_fn, policy, signer, release_metrics,
-                                                masked=secagg is not None))
+    app.train(mods=train_mods)(dp_train_handler(setup_fn, policy, signer, release_metrics))
     return app

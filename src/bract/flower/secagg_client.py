@@ -37,6 +37,7 @@ without this hospital.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,18 @@ from bract.secagg import (
 #: ``ctx.state`` keys: the protocol session (holds secrets) and the pending update.
 STATE_SESSION = "bract.secagg.session"
 STATE_PENDING = "bract.secagg.pending"
+
+#: True only while :func:`secagg_mod` runs the rest of a ``train`` message's chain for a
+#: secure-aggregation record it parsed, i.e. while the reply being built will have its
+#: update masked. Set by code alone: no message can set it.
+_MASKING: ContextVar[bool] = ContextVar("bract_secagg_masking", default=False)
+
+
+def masks_this_reply() -> bool:
+    """Whether the ``train`` reply being built will leave only inside a masked sum:
+    :func:`secagg_mod` is handling this message's secure-aggregation round config or
+    mask request (and takes the update out of the reply)."""
+    return _MASKING.get()
 
 ADVERTISE = "query.secagg_advertise"
 MASK = "train.secagg_mask"
@@ -245,7 +258,11 @@ def secagg_mod(
             if ROUND_CONFIG not in msg.content.config_records:
                 msg.content.config_records[ROUND_CONFIG] = ConfigRecord()
             msg.content.config_records[ROUND_CONFIG][SECAGG_MAX_WEIGHT] = int(limit)
-        reply = call_next(msg, ctx)
+        token = _MASKING.set(True)
+        try:
+            reply = call_next(msg, ctx)
+        finally:
+            _MASKING.reset(token)
         if reply.has_error():
             return reply
         content = reply.content
