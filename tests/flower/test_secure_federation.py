@@ -737,3 +737,25 @@ def test_one_context_keeps_each_federations_session_apart() -> None:
     _save(ctx, session_b)
     assert _session(fed_a[0], ctx).export_state() == session_a.export_state()
     assert _session(fed_b[0], ctx).export_state() == session_b.export_state()
+
+
+def test_one_context_keeps_the_most_recently_used_sessions_only() -> None:
+    """However many federations a Context sees, it holds at most ``MAX_SESSIONS``
+    secure-aggregation sessions (secrets inside): the most recently saved ones."""
+    from flwr.app import Context, RecordDict
+
+    from bract.flower.secagg_client import MAX_SESSIONS, STATE_SESSION, _save, _session
+
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    first = make_identities(3, "federation-0")[1][0]
+    _save(ctx, _session(first, ctx))
+    for k in range(1, 3 * MAX_SESSIONS):
+        _save(ctx, _session(make_identities(3, f"federation-{k}")[1][0], ctx))
+        if k % 2 == 0:  # federation-0 keeps being used: it stays
+            _save(ctx, _session(first, ctx))
+    kept = [n for n in ctx.state.config_records if n.startswith(STATE_SESSION)]
+    assert len(kept) == MAX_SESSIONS
+    from bract.flower.secagg_client import _session_key
+
+    assert _session_key(first.node, "federation-0") in kept
+    assert _session_key(first.node, f"federation-{3 * MAX_SESSIONS - 1}") in kept

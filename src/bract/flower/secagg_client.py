@@ -197,9 +197,21 @@ def _session(identity: SecAggIdentity, ctx: Context) -> ClientSession:
     )
 
 
+#: The most sessions (federations) one Context keeps: the one just saved and the most
+#: recently saved others; an older one is dropped (its hospital re-advertises its keys
+#: if that federation comes back, as after a lost state).
+MAX_SESSIONS = 8
+
+
 def _save(ctx: Context, session: ClientSession) -> None:
-    ctx.state.config_records[_session_key(session.node_id, session.federation_id)] = \
-        ConfigRecord({"state": session.export_state()})
+    records = ctx.state.config_records
+    key = _session_key(session.node_id, session.federation_id)
+    if key in records:
+        del records[key]  # re-inserted last: the most recently used
+    records[key] = ConfigRecord({"state": session.export_state()})
+    sessions = [name for name in records if name.startswith(f"{STATE_SESSION}.")]
+    for name in sessions[:-MAX_SESSIONS]:
+        del records[name]
 
 
 def _reply(msg: Message, payload: RecordDict | None = None) -> Message:
