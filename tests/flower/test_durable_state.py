@@ -222,3 +222,46 @@ def test_a_crash_between_the_ledger_and_the_state_counts_that_round_as_spent(
     state = json.loads((home / client.STATE_FILE).read_text())
     assert state["chain-length"] == 3 and state["chain-head"] == after[-1].hash()
     assert len(client.PrivacyLedger.from_json(state["ledger"]).events) == 3
+
+
+@pytest.mark.parametrize("failures", [1, 2, 3])
+@pytest.mark.parametrize("what_fails", ["each-rounds-own-state-write", "every-state-write"])
+def test_failed_state_writes_count_their_rounds_and_never_lock_the_hospital_out(
+        tmp_path, monkeypatch, failures, what_fails) -> None:
+    """Property: however many messages in a row fail to write ``privacy-state.json``
+    (a full disk, a crash), from the dataset's first round on, the next message that
+    can write trains, and the dataset's state then commits every round whose DP-SGD
+    ran: nothing spent is forgotten, and nobody must restore a backup that cannot
+    exist. A round left past the head is committed before the next one trains, so a
+    message that cannot commit it trains nothing."""
+    from bract.records.ledger import read_ledger
+
+    setup = _hospital(tmp_path)
+    home = setup.privacy_dir()
+    assert home is not None
+    real = client.atomic_write_text
+    written: list[str] = []
+
+    def failing(path, text):
+        name = Path(path).name
+        if name == client.STATE_FILE and (what_fails == "every-state-write"
+                                          or written[-1:] == [client.LEDGER_FILE]):
+            raise OSError(28, "No space left on device (simulated)")
+        written.append(name)
+        real(path, text)
+
+    for k in range(failures):
+        written.clear()
+        monkeypatch.setattr(client, "atomic_write_text", failing)
+        assert _train(setup, f"run-{k}").has_error()
+        monkeypatch.setattr(client, "atomic_write_text", real)
+        spent = 1 if what_fails == "every-state-write" else k + 1
+        assert len(read_ledger(home / client.LEDGER_FILE)) == spent
+        if k > 0 and what_fails == "each-rounds-own-state-write":  # its elder committed
+            assert json.loads((home / client.STATE_FILE).read_text())["chain-length"] == k
+    assert not _train(setup, "run-ok").has_error()
+    entries = read_ledger(home / client.LEDGER_FILE)
+    assert len(entries) == spent + 1
+    state = json.loads((home / client.STATE_FILE).read_text())
+    assert state["chain-length"] == spent + 1 and state["chain-head"] == entries[-1].hash()
+    assert len(client.PrivacyLedger.from_json(state["ledger"]).events) == spent + 1

@@ -315,10 +315,13 @@ def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
     coordinator names) the same Context, so it may hold a ledger another dataset's runs
     wrote. It fails closed. A state directory with a ledger outside any dataset's
     directory (:func:`check_state_layout`), a dataset directory whose
-    ``ledger.jsonl`` holds entries while its ``privacy-state.json`` (the head that
-    commits them) is missing, or a ledger that does not match that head
-    (:func:`_read_own_chain`) raises :class:`LedgerError` instead of starting the
-    dataset's budget from nothing or from less than it spent.
+    ``ledger.jsonl`` holds more than one round's entries while its
+    ``privacy-state.json`` (the head that commits them) is missing, or a ledger that
+    does not match that head (:func:`_read_own_chain`) raises :class:`LedgerError`
+    instead of starting the dataset's budget from nothing or from less than it spent.
+    The one round a crash between the two writes can leave past the head (or, on the
+    dataset's first round, without a state file) counts as spent and is committed
+    before the caller trains, so failed writes never lock an honest hospital out.
     """
     home = setup.privacy_dir()
     if home is None or setup.state_dir is None:
@@ -328,7 +331,10 @@ def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
     path = home / STATE_FILE
     if not path.exists():
         ledger = home / LEDGER_FILE
-        if ledger.exists() and ledger.read_text(encoding="utf-8").strip():
+        if not (ledger.exists() and ledger.read_text(encoding="utf-8").strip()):
+            return ConfigRecord()  # this dataset has spent nothing yet
+        chain = _first_round_without_its_state(home)
+        if chain is None:
             raise _refusal(
                 f"{home} holds {LEDGER_FILE} but no {STATE_FILE} (the head that commits "
                 "it): this dataset's spent budget cannot be read, and the hospital refuses "
@@ -336,20 +342,40 @@ def _load_state(ctx: Context, setup: HospitalSetup) -> ConfigRecord:
                 "backup",
                 f"this hospital's privacy state is incomplete ({STATE_FILE} is missing); "
                 "its operator must restore it from a backup (details in its own log)")
-        return ConfigRecord()  # this dataset has spent nothing yet
-    on_disk = json.loads(path.read_text(encoding="utf-8"))
-    committed = PrivacyLedger.from_json(on_disk["ledger"])
-    chain = _read_own_chain(path.parent, on_disk)
-    if len(chain) > len(committed.events):
-        # The round whose entries were written just before a crash took its state: its
-        # DP-SGD ran, so it counts as spent (never dropped, and its entries stay).
-        on_disk["ledger"] = PrivacyLedger(
-            committed.client_id,
-            committed.events + tuple(e.event for e in chain[len(committed.events):]),
-        ).to_json()
+        # The dataset's first round crashed between its two writes: counted as spent.
+        on_disk = {"ledger": PrivacyLedger(chain[0].client_id,
+                                           tuple(e.event for e in chain)).to_json()}
+        committed_length = 0
+    else:
+        on_disk = json.loads(path.read_text(encoding="utf-8"))
+        chain = _read_own_chain(path.parent, on_disk)
+        committed = PrivacyLedger.from_json(on_disk["ledger"])
+        committed_length = len(committed.events)
+        if len(chain) > committed_length:
+            # The round whose entries were written just before a crash took its state:
+            # its DP-SGD ran, so it counts as spent (never dropped, and its entries stay).
+            on_disk["ledger"] = PrivacyLedger(
+                committed.client_id,
+                committed.events + tuple(e.event for e in chain[committed_length:]),
+            ).to_json()
+    if len(chain) > committed_length:
+        # Commit that round now, before this one trains: a second failed write in a row
+        # then still leaves a single round past the head, never a state refused for good.
         on_disk["chain-length"] = len(chain)
         on_disk["chain-head"] = chain[-1].hash()
+        atomic_write_text(path, json.dumps(on_disk))
     return ConfigRecord({**on_disk, "chain": dumps_jsonl(chain)})
+
+
+def _first_round_without_its_state(home: Path) -> tuple[LedgerEntry, ...] | None:
+    """The ledger of a dataset without ``privacy-state.json`` when it is what a crash
+    between the two writes of the dataset's first round leaves (one round's entries,
+    linked from the start), else ``None`` (refused by the caller: more than that was
+    written, so a committed state existed and is gone)."""
+    try:
+        return _read_own_chain(home, {"chain-length": 0, "chain-head": ""}) or None
+    except (LedgerError, ValueError):
+        return None
 
 
 def _one_rounds_entries(tail: Sequence[LedgerEntry]) -> bool:
