@@ -64,7 +64,7 @@ def _encoding(view: ServerView, node: int) -> np.ndarray:
 
 
 def _publics(view: ServerView) -> dict[int, bytes]:
-    return {u: m.mask_public for u, m in view.shares.items()}
+    return {u: m.mask_public for u, (m,) in view.share_messages.items()}
 
 
 # ------------------------------------------------------------------- real rounds
@@ -965,7 +965,7 @@ def test_any_other_inconsistency_of_a_read_view_is_one_line_exit_2(view, tmp_pat
                                                                    monkeypatch) -> None:
     write_view(view, tmp_path / "v")
 
-    def broken(views, alpha=None):
+    def broken(views, alpha=None, roster=None):
         raise KeyError(7)
 
     monkeypatch.setattr("bract.audit.secagg_audit.audit_views", broken)
@@ -995,3 +995,353 @@ def test_a_v1_reply_whose_lists_differ_in_length_is_named_not_a_crash() -> None:
     assert report.verdict == "FAIL"  # node 2 of round 1: still EXPOSED by the other shares
     (bad,) = report.failed
     assert bad.round == 1 and [2] in bad.statistics[0]["isolable_sums"]
+
+
+# ------------------------- several share messages for one node (forged, refused ones)
+
+
+def _share_messages(view: ServerView) -> dict[int, list]:
+    """Every distinct share message recorded in ``view``, by the node it names (read
+    from the log itself, not from the code under test)."""
+    from bract.secagg.messages import ShareKeys
+
+    out: dict[int, list] = {}
+    for d, m in view.messages:
+        if d == "in" and isinstance(m, ShareKeys) and m.to_bytes() not in {
+                x.to_bytes() for x in out.get(m.node_id, ())}:
+            out.setdefault(m.node_id, []).append(m)
+    return out
+
+
+def _forged_share_keys(real, data):
+    """A share message that names ``real``'s node but is not ``real``: any of its round
+    key, seed commitment, share commitments, holders or signature replaced by anything
+    (another node's round key included), as another hospital or a replay could send it."""
+    from bract.secagg.messages import ShareKeys
+
+    changes: dict[str, object] = {}
+    what = data.draw(st.sets(st.sampled_from(
+        ["mask_public", "seed_commitment", "commitments", "holders", "signature"]),
+        min_size=1), label="fields replaced")
+    if "mask_public" in what:
+        changes["mask_public"] = data.draw(st.one_of(
+            st.binary(min_size=32, max_size=32), st.binary(max_size=40),
+            st.sampled_from([m.mask_public for (m,) in
+                             _share_messages(_hidden_peers_view()).values()])), label="key")
+    if "seed_commitment" in what:
+        changes["seed_commitment"] = data.draw(st.binary(min_size=32, max_size=32),
+                                               label="seed commitment")
+    holders = list(real.holders)
+    if "holders" in what:
+        holders = data.draw(st.lists(st.integers(0, 6), unique=True, max_size=6).map(sorted),
+                            label="holders")
+        changes["holders"] = holders
+        changes["ciphertexts"] = [b""] * len(holders)
+    if "commitments" in what or "holders" in what:
+        for name in ("seed_share_commitments", "key_share_commitments"):
+            changes[name] = data.draw(st.binary(min_size=32 * len(holders),
+                                                max_size=32 * len(holders)), label=name)
+    if "signature" in what:
+        changes["signature"] = data.draw(st.binary(min_size=64, max_size=64), label="sig")
+    forged = dataclasses.replace(real, **changes)
+    assert isinstance(forged, ShareKeys)
+    return forged
+
+
+def _insert_share_keys(view: ServerView, forged, where: str, data=None) -> ServerView:
+    """``view`` with ``forged`` share messages recorded just before (``where="before"``)
+    or after (``"after"``: at the end of the log, or at any later point with ``data``)
+    the real share message of the node they name."""
+    from bract.secagg.messages import ShareKeys
+
+    node = forged[0].node_id
+    at = next(i for i, (d, m) in enumerate(view.messages)
+              if d == "in" and isinstance(m, ShareKeys) and m.node_id == node)
+    if where == "after":
+        at = (len(view.messages) if data is None else
+              data.draw(st.integers(at + 1, len(view.messages)), label="logged at"))
+    return dataclasses.replace(view, messages=[*view.messages[:at],
+                                               *(("in", f) for f in forged),
+                                               *view.messages[at:]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(dealer=st.integers(0, 4), where=st.sampled_from(["before", "after"]),
+       copies=st.integers(1, 2), data=st.data())
+def test_a_forged_share_message_never_hides_an_exposed_update(dealer, where, copies,
+                                                              data) -> None:
+    """Property: in the exposing view of the hidden-peers test (node 0's update alone is
+    isolable), one or two extra share messages naming any node, with any of their
+    fields replaced by anything and recorded before or after its real one, leave the
+    finding standing: node 0's update is EXPOSED, and the audit names the node's
+    several share messages. The recording keeps a refused message too; the audit used
+    to keep the last message per node only, and one logged after the real one made
+    that node's honest shares look wrong, its secrets unknown and the view pass."""
+    base = _hidden_peers_view()
+    (real,) = _share_messages(base)[dealer]
+    forged = [_forged_share_keys(real, data) for _ in range(copies)]
+    distinct = {real.to_bytes(), *(f.to_bytes() for f in forged)}
+    if len(distinct) == 1:
+        return  # nothing forged: the very message the view holds
+    report = audit_views([_insert_share_keys(base, forged, where, data)])
+    knowledge = report.checks[0]
+    assert knowledge.name == CHECKS[0] and knowledge.status == "FAIL", knowledge.detail
+    assert [0] in knowledge.statistics[0]["isolable_sums"]
+    assert "EXPOSED: the server can isolate the update(s) of node 0" in knowledge.detail
+    assert report.verdict == "FAIL"
+    line = (f"round 1: node {dealer} has {len(distinct)} share messages in the view; the "
+            "audit counts what any of them opens")
+    assert report.several_share_messages == [line]
+    assert line in knowledge.detail
+    assert report.to_plain()["several_share_messages"] == [line]
+
+
+@pytest.mark.parametrize("dealer", [0, 1, 2])
+def test_a_share_message_forged_after_the_real_one_is_named_and_the_update_exposed(
+        dealer, tmp_path, capsys) -> None:
+    """The case that passed before: a forged share message of the victim (its seed) or
+    of a dropped node whose key exposes it, recorded after the real one. The CLI
+    exits 1, and the CLI line, the JSON and the markdown name the two messages."""
+    from bract.secagg.crypto import x25519_public as public_of
+
+    base = _hidden_peers_view()
+    (real,) = _share_messages(base)[dealer]
+    forged = dataclasses.replace(real, mask_public=public_of(bytes(31) + b"\x09"),
+                                 seed_commitment=bytes(32), signature=bytes(64))
+    view = _insert_share_keys(base, [forged], "after")
+    report = audit_views([view])
+    assert report.checks[0].status == "FAIL"
+    assert report.checks[0].statistics[0]["isolable_sums"] == [[0]]
+    write_view(view, tmp_path / "v")
+    assert main(["audit", "secagg", "--view", str(tmp_path / "v"),
+                 "--out", str(tmp_path / "o")]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    line = (f"round 1: node {dealer} has 2 share messages in the view; the audit counts "
+            "what any of them opens")
+    assert f"several share messages: {line}" in out and "verdict: FAIL" in out
+    data = json.loads((tmp_path / "o" / "secagg_audit.json").read_text())
+    assert data["verdict"] == "FAIL" and data["several_share_messages"] == [line]
+    assert line in (tmp_path / "o" / "secagg_audit.md").read_text()
+
+
+def _round_with_a_forger(forger: int, victim: int, before: bool):
+    """A real round recorded by an honest :class:`RecordingServerSession` (n = 6, c = 1,
+    t = 4; node 5 drops after sharing) in which hospital ``forger`` sends a share
+    message naming ``victim`` (a fresh round key, random commitments, ciphertexts of
+    the right size, signed with the forger's own key), ``before`` or after the
+    victim's real one. The server refuses it (a signature that does not verify, or a
+    second message) and completes the round. Returns the view, the round's result,
+    the forged message and the roster."""
+    import os
+
+    from bract.secagg.crypto import x25519_public as public_of
+    from bract.secagg.errors import SecAggError
+    from bract.secagg.merkle import merkle_root
+    from bract.secagg.messages import ShareKeys
+    from bract.secagg.protocol import (
+        _config_digest,
+        share_ciphertext_bytes,
+        share_statement,
+    )
+
+    n, dim, fed = 6, 200, "fed-forge"
+    keys = _cheat_keys()
+    roster = {i: k.public_bytes() for i, k in keys.items()}
+    server = RecordingServerSession(fed, roster, encoding=EncodingConfig(1.0, 16, 1000))
+    clients = {i: ClientSession(i, fed, keys[i], roster, ClientPolicy()) for i in range(n)}
+    for v, c in clients.items():
+        server.receive_advertisement(c.advertise_keys(), origin=v)
+    rng = np.random.default_rng(forger * 7 + victim)  # test data only
+    inputs = {v: (rng.uniform(-1, 1, dim).astype(np.float32), int(rng.integers(1, 1000)))
+              for v in range(n)}
+    cfg = server.start_round(1, range(n), dim)
+    real = {v: clients[v].handle_round_config(cfg) for v in range(n)}
+    holders = list(real[victim].holders)
+    mask_public, seed_c = public_of(os.urandom(32)), os.urandom(32)
+    commits = [os.urandom(32) for _ in range(2 * len(holders))]
+    seed_cs, key_cs = b"".join(commits[::2]), b"".join(commits[1::2])
+    root = merkle_root([seed_cs[32 * i:32 * i + 32] + key_cs[32 * i:32 * i + 32]
+                        for i in range(len(holders))])
+    forged = ShareKeys(fed, 1, victim, mask_public, seed_c, holders, seed_cs, key_cs,
+                       [b"" if h == victim else os.urandom(share_ciphertext_bytes(
+                           fed, 1, victim, h)) for h in holders],
+                       keys[forger].sign(share_statement(fed, 1, _config_digest(cfg), victim,
+                                                         holders, mask_public, seed_c, root)))
+    assert forged.commitment_root() == root
+    order = [(victim, forged)] if before else []
+    order += [(v, real[v]) for v in range(n)]
+    order += [] if before else [(victim, forged)]
+    refused = []
+    for _, msg in order:
+        try:
+            server.receive_shares(msg)
+        except SecAggError as exc:
+            refused.append((msg, exc))
+    assert [m for m, _ in refused] == [forged], refused
+    dropped = 5
+    for v, req in server.mask_requests().items():
+        if v != dropped:
+            server.receive_masked_input(clients[v].handle_mask_request(
+                req, *inputs[v], input_digest=SHARED_INPUT_DIGEST))
+    creq = server.consistency_request()
+    for v in creq.alive:
+        server.receive_consistency_signature(clients[v].handle_consistency_request(creq))
+    ureq = server.unmask_request()
+    for v in ureq.signers:
+        server.receive_unmask_reply(clients[v].handle_unmask_request(ureq))
+    res = server.finish()
+    assert res.dropped == (dropped,) and not res.excluded
+    view = ServerView(1, list(server.log), res.weighted_sum, res.total_weight, inputs)
+    return view, res, forged, roster
+
+
+@settings(max_examples=12, deadline=None)
+@given(forger=st.integers(0, 5), victim=st.integers(0, 5), before=st.booleans())
+def test_an_honest_run_with_a_refused_forged_share_message_reports_the_real_knowledge(
+        forger, victim, before) -> None:
+    """Property: in a real recorded round where any hospital sends a share message
+    naming any other node (its own fresh round key and commitments, signed with its own
+    key), before or after that node's real one, and the server refuses it, the audit
+    reports exactly the sums the server really isolates (the alive clients' sum: the
+    knowledge of the view without the refused message). Without a roster it names the
+    two messages and cannot say which masks the server removed (the three checks that
+    remove them are skipped: INCOMPLETE, never a pass); with the federation's roster it
+    sets the forged one aside, names it, and passes. The audit used to take the last
+    message: a forgery after the real one made the victim's secrets look unknown (a
+    wrong knowledge, or a survivor "without a seed": exit 2)."""
+    if forger == victim:
+        victim = (victim + 1) % 6
+    view, res, forged, roster = _round_with_a_forger(forger, victim, before)
+    honest = dataclasses.replace(view, messages=[(d, m) for d, m in view.messages
+                                                 if m is not forged])
+    truth = audit_views([honest])
+    assert truth.passed, [c.detail for c in truth.checks if not c.passed]
+    real_sums = truth.checks[0].statistics[0]["isolable_sums"]
+    assert real_sums == [sorted(res.alive)]
+
+    report = audit_views([view])
+    knowledge = report.checks[0]
+    assert knowledge.status == "pass", knowledge.detail
+    assert knowledge.statistics[0]["isolable_sums"] == real_sums
+    assert knowledge.statistics[0]["keys_reconstructed"] == 1
+    assert report.several_share_messages == [
+        f"round 1: node {victim} has 2 share messages in the view; the audit counts what "
+        "any of them opens"]
+    assert report.wrong_shares == []
+    assert _status(report) == {(1, "knowledge-across-rounds"): "pass",
+                               (1, "masked-inputs-uniform"): "pass",
+                               (1, "survivors-hidden"): "skipped",
+                               (1, "dropped-late-hidden"): "skipped",
+                               (1, "aggregate-exact"): "skipped"}
+    assert report.verdict == "INCOMPLETE"
+    assert f"several share messages of node {victim} (2)" in report.checks[2].detail
+
+    signed = audit_views([view], roster=roster)
+    assert signed.passed, [c.detail for c in signed.checks if not c.passed]
+    assert signed.checks[0].statistics[0]["isolable_sums"] == real_sums
+    assert signed.several_share_messages == []
+    assert signed.set_aside_share_messages == [
+        f"round 1: 1 share message for node {victim} whose signature does not verify "
+        "against the roster, set aside (the server refuses such a message)"]
+
+
+@functools.cache
+def _forged_round() -> tuple[ServerView, dict[int, bytes]]:
+    view, _, _, roster = _round_with_a_forger(1, 3, before=False)
+    return view, roster
+
+
+def _roster_file(path: Path, roster: dict[int, bytes], federation: str) -> Path:
+    from bract.records.roster import Roster, write_roster
+
+    write_roster(path, Roster(federation, dict(roster), {i: f"h{i}" for i in roster}))
+    return path
+
+
+def test_the_cli_audits_a_run_with_a_refused_forgery_incomplete_and_with_the_roster_pass(
+        tmp_path, capsys) -> None:
+    view, _, _, roster = _round_with_a_forger(2, 5, before=False)
+    write_view(view, tmp_path / "v" / "round-1")
+    args = ["audit", "secagg", "--view", str(tmp_path / "v"), "--out", str(tmp_path / "o")]
+    assert main(args) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "verdict: INCOMPLETE" in out
+    assert ("several share messages: round 1: node 5 has 2 share messages in the view; the "
+            "audit counts what any of them opens") in out
+    assert main([*args, "--roster", str(_roster_file(tmp_path / "r.json", roster,
+                                                     "fed-forge"))]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "verdict: pass" in out
+    assert "set aside: round 1: 1 share message for node 5 whose signature" in out
+    data = json.loads((tmp_path / "o" / "secagg_audit.json").read_text())
+    assert data["passed"] and len(data["set_aside_share_messages"]) == 1
+    assert "set aside by the roster check" in (tmp_path / "o" / "secagg_audit.md").read_text()
+
+
+def test_a_roster_of_another_federation_or_that_verifies_nothing_is_one_line_exit_2(
+        tmp_path, capsys) -> None:
+    view, _, _, roster = _round_with_a_forger(2, 5, before=True)
+    write_view(view, tmp_path / "v")
+    args = ["audit", "secagg", "--view", str(tmp_path / "v"), "--out", str(tmp_path / "o")]
+    other = {i: SigningKey.generate().public_bytes() for i in roster}
+    cases = [(_roster_file(tmp_path / "a.json", roster, "fed-other"),
+              "is the roster of federation 'fed-other'"),
+             (_roster_file(tmp_path / "b.json", other, "fed-forge"),
+              "none of round 1's 7 share messages verifies against the roster"),
+             (tmp_path / "missing.json", "missing.json")]
+    (tmp_path / "c.json").write_text("{not json")
+    cases.append((tmp_path / "c.json", "malformed roster"))
+    for path, match in cases:
+        assert main([*args, "--roster", str(path)]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert "error:" in out and match in out and "Traceback" not in out
+    assert main(["audit", "secagg", "--roster", str(tmp_path / "a.json"), "--dim", "500",
+                 "--out", str(tmp_path / "p")]) == 2
+    assert "--roster checks a recorded view" in capsys.readouterr().out
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_any_duplicate_or_forged_share_messages_never_raise_a_traceback(data) -> None:
+    """Property: a recorded view (a completed round with a dropout, or one with a
+    refused forgery, audited with or without its roster) with any number of extra
+    share messages recorded anywhere, each a copy of a real one or one with any fields
+    replaced, naming any node (a participant or not), is audited by the CLI to a
+    verdict (exit 0 or 1) or refused in one ``error:`` line (exit 2), never a
+    traceback; without a roster a node with several distinct messages is named and
+    the view does not pass."""
+    import contextlib
+    import io
+    import tempfile
+
+    which = data.draw(st.sampled_from(["dropout", "forged", "forged+roster"]), label="base")
+    base, roster = (_dropout_view(), None) if which == "dropout" else _forged_round()
+    shares = {u: m[0] for u, m in _share_messages(base).items()}
+    messages = list(base.messages)
+    for _ in range(data.draw(st.integers(1, 4), label="extra messages")):
+        real = shares[data.draw(st.sampled_from(sorted(shares)), label="copied from")]
+        msg = (real if data.draw(st.booleans(), label="exact copy")
+               else _forged_share_keys(real, data))
+        node = data.draw(st.one_of(st.just(real.node_id), st.integers(0, 9)), label="names")
+        msg = dataclasses.replace(msg, node_id=node)
+        messages.insert(data.draw(st.integers(0, len(messages)), label="at"), ("in", msg))
+    view = dataclasses.replace(base, messages=messages)
+    several = {u: len(m) for u, m in _share_messages(view).items() if len(m) > 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_view(view, Path(tmp) / "v")
+        extra = []
+        if which == "forged+roster":
+            extra = ["--roster", str(_roster_file(Path(tmp) / "r.json", roster, "fed-forge"))]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = main(["audit", "secagg", "--view", str(Path(tmp) / "v"),
+                         "--out", str(Path(tmp) / "o"), *extra])
+        text = " ".join(out.getvalue().split())
+    assert code in (0, 1, 2), text
+    assert "Traceback" not in text
+    if code == 2:
+        assert "error:" in text
+    elif not extra:
+        for u, n in several.items():
+            assert f"node {u} has {n} share messages" in text
+        assert code == 1 or not several  # several messages: never a plain pass

@@ -129,6 +129,13 @@ def add_run_audit_parsers(audit_sub: Any) -> None:
     sec.add_argument("--view", type=Path, default=None,
                      help="check a recorded server view instead of running rounds (a "
                           "directory written by this command: OUT/secagg_view)")
+    sec.add_argument("--roster", type=Path, default=None,
+                     help="with --view: the federation's roster.json (the hospitals' public "
+                          "keys; take it from the hospitals, not from the server): share "
+                          "messages whose signature does not verify are set aside. Without "
+                          "it, a node with several share messages in the view (a forged or "
+                          "refused one among them) has its shares counted against any of "
+                          "them")
     sec.add_argument("--out", type=Path, default=DEFAULT_SECAGG_OUT,
                      help=f"output directory (default {DEFAULT_SECAGG_OUT})")
     sec.set_defaults(func=run_secagg_command)
@@ -267,11 +274,19 @@ def run_secagg_command(args: argparse.Namespace) -> int:
         record_rounds,
         write_secagg_report,
     )
+    from bract.records.roster import read_roster
     from bract.secagg import SecAggError
     from bract.secagg.recording import read_view
 
     console = Console()
     try:
+        roster = None
+        if args.roster is not None:
+            if args.view is None:
+                raise ValueError("--roster checks a recorded view: give --view too (the "
+                                 "rounds this command runs itself have no forged messages)")
+            members = read_roster(args.roster)
+            roster = members.keys
         if args.view is not None:
             views = read_view(args.view)
         else:
@@ -281,7 +296,9 @@ def run_secagg_command(args: argparse.Namespace) -> int:
             with console.status("running secure-aggregation rounds and recording the "
                                 "server's view"):
                 views = record_rounds(config)
-        report = audit_views(views)
+        if roster is not None:
+            _same_federation(views, members.federation_id, args.roster)
+        report = audit_views(views, roster=roster)
     except (ValueError, SecAggError, OSError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return 2
@@ -309,7 +326,23 @@ def run_secagg_command(args: argparse.Namespace) -> int:
     for wrong in report.wrong_shares:
         console.print(f"wrong share: {escape(wrong)} (not counted as a valid point)",
                       highlight=False)
+    for line in report.several_share_messages:
+        console.print(f"several share messages: {escape(line)}", highlight=False)
+    for line in report.set_aside_share_messages:
+        console.print(f"set aside: {escape(line)}", highlight=False)
     console.print(f"verdict: [{style}]{report.verdict}[/{style}]{escape(gap + more)}",
                   highlight=False)
     console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if report.passed else 1
+
+
+def _same_federation(views: list, federation_id: str, path: Path) -> None:
+    """Refuse a roster of another federation than the view's rounds were run in."""
+    from bract.secagg.messages import RoundConfig
+
+    for view in views:
+        for d, m in view.messages:
+            if d == "out" and isinstance(m, RoundConfig) and m.federation_id != federation_id:
+                raise ValueError(f"{path} is the roster of federation {federation_id!r}, but "
+                                 f"round {view.round} of the view was run in "
+                                 f"{m.federation_id!r}.")

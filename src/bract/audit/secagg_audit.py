@@ -16,7 +16,15 @@ secrets let it remove, and checks what is left.
     sent a wrong share: the server excludes it, threat model T31) and is never
     interpolated blindly; it still counts when, with the valid points, it
     interpolates to the very secret the dealer committed to (the seed commitment,
-    the round mask public key), as a curious server can check. A mask
+    the round mask public key), as a curious server can check. The recording logs a
+    message before the server checks it, so a node may have several share messages
+    in a round (its own and a forged or refused one): its shares are counted against
+    each of them, a secret is known when it opens the commitment or key of any of
+    them, and a pair mask is removable when any of its ends' keys is known. An extra
+    message can thus only add to what the server is taken to know (a possible false
+    EXPOSED, which an officer sees), never hide an isolable sum; each such node is
+    named. Given the federation's roster, only share messages whose signature
+    verifies count, as on the server. A mask
     key reconstructed in any round removes, in *every* round, each pair mask made
     with it. Then, per round, a masked input helps the server only if its self
     mask is removable; pair masks that no known key removes cancel only between
@@ -67,6 +75,10 @@ skipped; ``FAIL`` when one failed. Skipped:
   runs, the check that fails on them when a client dropped after sharing in a
   later round of the same key epoch;
 * ``survivors-hidden``, ``dropped-late-hidden`` and ``aggregate-exact`` of a round
+  in which a node has several share messages counted (without a roster, or with
+  several that verify): which round key the server used is not determined, so the
+  masks it removed are not either; ``knowledge-across-rounds`` still runs;
+* ``survivors-hidden``, ``dropped-late-hidden`` and ``aggregate-exact`` of a round
   the server unmasked more than once (several unmask requests: a server that
   showed clients different alive sets). They remove the masks one unmasking
   reveals; the secrets all the replies reveal together are counted by
@@ -104,7 +116,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +153,9 @@ from bract.secagg.protocol import (
     AggregateResult,
     ClientPolicy,
     ClientSession,
+    _config_digest,
     _self_mask_key,
+    _verify_shares_signature,
     pair_mask_key,
     seed_commitment,
     share_commitment,
@@ -377,6 +391,9 @@ class _ServerSecrets:
     wrong: list[WrongShare] = field(default_factory=list)
     #: Secrets with too many candidate share combinations to try (:data:`SEARCH_LIMIT`).
     undecided: list[str] = field(default_factory=list)
+    #: Every mask private key revealed (a node with several share messages may have
+    #: several; ``mask_private`` holds one of them).
+    revealed: list[bytes] = field(default_factory=list)
 
 
 class _UndecidedError(Exception):
@@ -416,33 +433,42 @@ def _as_secret(value: int) -> bytes | None:
     return value.to_bytes(32, "big") if 0 <= value < 2**256 else None
 
 
-def _key_opens(public: bytes | None) -> Any:
+def _key_opens(publics: Collection[bytes]) -> Any:
+    """A test of whether a value is the private key of any of ``publics``."""
     def opens(value: int) -> bool:
         secret = _as_secret(value)
-        if secret is None or public is None:
+        if secret is None or not publics:
             return False
         try:
-            return x25519_public(secret) == public
+            return x25519_public(secret) in publics
         except AuthenticationError:  # a low-order or otherwise refused private key
             return False
     return opens
 
 
 def _secrets(replies: Sequence[Any], label: int, t: int, fed: str, rnd: int,
-             dealers: Mapping[int, ShareKeys] | None,
-             publics: Mapping[int, bytes]) -> _ServerSecrets:
+             dealers: Mapping[int, Sequence[ShareKeys]] | None,
+             publics: Mapping[int, Collection[bytes]]) -> _ServerSecrets:
     """Every secret the unmask ``replies`` of one round reveal, and every share the
     audit could not use (:class:`WrongShare`).
 
-    ``dealers`` (the round's share messages, current protocol): a share counts as a
-    valid point only if it opens its dealer's signed share commitment with the salt
-    the reply carries, the check :meth:`~bract.secagg.protocol.ServerSession.receive_unmask_reply`
-    makes. ``None`` (protocol v1, which committed to no share): every well-formed
-    share is a candidate, a mask key is known when candidates reconstruct the key
+    ``dealers`` (the round's share messages, current protocol; a node may have
+    several, its own and forged or refused ones the recording kept): a share counts
+    as a valid point of a dealing only if it opens that share message's signed share
+    commitment with the salt the reply carries, the check
+    :meth:`~bract.secagg.protocol.ServerSession.receive_unmask_reply` makes. Each of a
+    node's share messages is tried in turn with its own valid points, and a secret is
+    known when one of them yields a value that opens the seed commitment (mask public
+    key) of *any* of the node's share messages. Guarantee: a secret the shares reveal
+    with the node's real share message among ``dealers`` is counted whatever else
+    ``dealers`` holds; a wrong extra message can only add secrets, never hide one.
+    ``None`` (protocol v1, which committed to no share): every well-formed
+    share is a candidate, a mask key is known when candidates reconstruct a key
     ``publics`` lists, a seed when ``t`` of them exist. Never raises on the replies'
     content."""
-    valid: dict[tuple[str, int], set[tuple[int, int]]] = {}
-    other: dict[tuple[str, int], set[tuple[int, int]]] = {}
+    points: dict[tuple[str, int], set[tuple[int, int]]] = {}  # every usable point
+    # (kind, node, index of the node's share message) -> the points that open it
+    valid: dict[tuple[str, int, int], set[tuple[int, int]]] = {}
     wrong: list[WrongShare] = []
     for reply in replies:
         get = reply.fields.get if isinstance(reply, LegacyMessage) else reply.__dict__.get
@@ -468,67 +494,122 @@ def _secrets(replies: Sequence[Any], label: int, t: int, fed: str, rnd: int,
                     wrong.append(WrongShare(label, sender, v, kind, f"is malformed ({exc})"))
                     continue
                 if dealers is None:
-                    other.setdefault((kind, v), set()).add((x, y))
+                    points.setdefault((kind, v), set()).add((x, y))
                     continue
-                dealer = dealers.get(v)
-                if dealer is None:
+                deals = dealers.get(v, ())
+                if not deals:
                     wrong.append(WrongShare(label, sender, v, kind,
                                             f"did not deal shares in round {rnd}"))
                     continue
-                if sender not in dealer.holders:
+                dealt = [i for i, d in enumerate(deals) if sender in d.holders]
+                if not dealt:
                     wrong.append(WrongShare(label, sender, v, kind,
                                             f"node {v} never dealt to node {sender}"))
                     continue
-                seed_c, key_c = dealer.commitments(dealer.holders.index(sender))
-                if not isinstance(salt, bytes) or share_commitment(
-                        fed, rnd, v, sender, kind, raw, salt) != (
-                            seed_c if kind == "seed" else key_c):
-                    wrong.append(WrongShare(label, sender, v, kind,
-                                            f"does not open node {v}'s signed commitment"))
-                    other.setdefault((kind, v), set()).add((x, y))
-                    continue
-                valid.setdefault((kind, v), set()).add((x, y))
+                points.setdefault((kind, v), set()).add((x, y))
+                opened = [i for i in dealt if isinstance(salt, bytes) and share_commitment(
+                    fed, rnd, v, sender, kind, raw, salt) == deals[i].commitments(
+                        deals[i].holders.index(sender))[0 if kind == "seed" else 1]]
+                for i in opened:
+                    valid.setdefault((kind, v, i), set()).add((x, y))
+                if not opened:
+                    whose = (f"node {v}'s signed commitment" if len(deals) == 1 else
+                             f"the signed commitment of any of node {v}'s {len(deals)} "
+                             "share messages")
+                    wrong.append(WrongShare(label, sender, v, kind, f"does not open {whose}"))
 
     def seed_opens(v: int) -> Any:
         if dealers is None:
             return lambda value: _as_secret(value) is not None
-        commit = dealers[v].seed_commitment if v in dealers else None
-        return lambda value: (_as_secret(value) is not None and seed_commitment(
-            fed, rnd, v, _as_secret(value)) == commit)
+        commits = {d.seed_commitment for d in dealers.get(v, ())}
+
+        def opens(value: int) -> bool:
+            secret = _as_secret(value)
+            return secret is not None and seed_commitment(fed, rnd, v, secret) in commits
+        return opens
 
     seeds: dict[int, int] = {}
     self_keys: dict[int, bytes] = {}
     keys: dict[int, bytes] = {}
+    revealed: list[bytes] = []
     undecided: list[str] = []
-    for kind, v in sorted({*valid, *other}):
-        opens = seed_opens(v) if kind == "seed" else _key_opens(publics.get(v))
-        try:
-            value = _solve(list(valid.get((kind, v), ())), list(other.get((kind, v), ())), t,
-                           opens)
-        except _UndecidedError:
+    for kind, v in sorted(points):
+        opens = seed_opens(v) if kind == "seed" else _key_opens(set(publics.get(v, ())))
+        found: list[int] = []
+        stuck = False
+        # one attempt per share message of v (protocol v1: one, with no valid point)
+        for i in range(len(dealers.get(v, ())) if dealers is not None else 1):
+            ok = valid.get((kind, v, i), set())
+            try:
+                value = _solve(list(ok), list(points[(kind, v)] - ok), t, opens)
+            except _UndecidedError:
+                stuck = True
+                continue
+            if value is not None and value not in found:
+                found.append(value)
+        if stuck and not (kind == "seed" and found):
             undecided.append(f"node {v}'s {kind} in round {label} (more than {SEARCH_LIMIT} "
                              "combinations of its shares to try)")
+        if not found:
             continue
-        if value is None:
-            continue
-        secret = _as_secret(value)
+        secret = _as_secret(found[0])
         assert secret is not None  # opens() accepted it
         if kind == "seed":
-            seeds[v] = value
+            seeds[v] = found[0]
             if dealers is not None:
                 self_keys[v] = _self_mask_key(secret, fed, rnd, v)
         else:
             keys[v] = secret
-    return _ServerSecrets(seeds, self_keys, keys, wrong, undecided)
+            revealed += [s for s in map(_as_secret, found) if s is not None]
+    return _ServerSecrets(seeds, self_keys, keys, wrong, undecided, revealed)
 
 
-def _reconstruct(view: ServerView) -> _ServerSecrets:
-    """The secrets one round's unmask replies reveal (current protocol), with the shares
-    the audit could not use (:func:`_secrets`)."""
+def _dealings(view: ServerView, roster: Mapping[int, bytes] | None
+              ) -> tuple[dict[int, list[ShareKeys]], dict[int, int]]:
+    """The round's share messages the audit counts, by node, and how many were set aside
+    by node.
+
+    Without a ``roster`` every distinct recorded one counts (:attr:`ServerView.share_messages`).
+    With the federation's roster (node -> Ed25519 key) only those whose signature
+    verifies for this round's configuration count, by the server's own check
+    (:func:`~bract.secagg.protocol._verify_shares_signature`); the rest, which the
+    server refuses, are set aside and counted."""
+    every = view.share_messages
+    if roster is None:
+        return every, {}
     cfg = view.config
-    dealers = view.shares
+    digest = _config_digest(cfg)
+    kept: dict[int, list[ShareKeys]] = {}
+    aside: dict[int, int] = {}
+    for u, msgs in every.items():
+        for m in msgs:
+            try:
+                if u not in roster:
+                    raise ProtocolViolation(f"node {u} is not in the roster")
+                _verify_shares_signature(cfg.federation_id, cfg.round, digest, u, m.holders,
+                                         m.mask_public, m.seed_commitment,
+                                         m.commitment_root(), m.signature, roster)
+            except (SecAggError, ValueError):  # ValueError: no holder, so no Merkle root
+                aside[u] = aside.get(u, 0) + 1
+                continue
+            kept.setdefault(u, []).append(m)
+    return kept, aside
+
+
+def _reconstruct(view: ServerView, roster: Mapping[int, bytes] | None = None
+                 ) -> _ServerSecrets:
+    """The secrets one round's unmask replies reveal (current protocol), with the shares
+    the audit could not use (:func:`_secrets`), counting the share messages
+    :func:`_dealings` keeps."""
+    cfg = view.config
+    dealers, _ = _dealings(view, roster)
     return _secrets(view.unmask_replies, view.round, cfg.threshold, cfg.federation_id,
-                    cfg.round, dealers, {u: m.mask_public for u, m in dealers.items()})
+                    cfg.round, dealers, _publics_of(dealers))
+
+
+def _publics_of(dealers: Mapping[int, Sequence[ShareKeys]]) -> dict[int, set[bytes]]:
+    """Each node's round mask public keys, one per share message counted."""
+    return {u: {m.mask_public for m in msgs} for u, msgs in dealers.items()}
 
 
 def _pair_mask(cfg: RoundConfig, publics: Mapping[int, bytes], private: bytes, owner: int,
@@ -560,14 +641,21 @@ class _RoundFacts:
     #: node -> the sharer list of the mask request the server sent it (the
     #: intersection, if it sent it several: the masks it surely applied).
     partners: dict[int, set[int]]
-    mask_public: dict[int, bytes]  # node -> the X25519 mask public key it masked with
+    #: node -> the X25519 mask public key(s) it may have masked with: one per share
+    #: message counted (a forged or refused one among them only adds keys)
+    mask_public: dict[int, set[bytes]]
     held: set[int]  # nodes whose masked input the server holds (on time or late)
     secrets: _ServerSecrets  # what this round's unmask replies reveal
+    #: node -> how many share messages of it the audit counts, when more than one
+    several: dict[int, int] = field(default_factory=dict)
+    #: node -> how many of its share messages a roster check set aside
+    set_aside: dict[int, int] = field(default_factory=dict)
 
 
-def _facts(view: ServerView) -> _RoundFacts | str:
+def _facts(view: ServerView, roster: Mapping[int, bytes] | None = None) -> _RoundFacts | str:
     """The round's facts, or why the view's shares cannot be read (no single round
-    configuration, or one whose graph cannot be built)."""
+    configuration, or one whose graph cannot be built). ``roster``: see
+    :func:`_dealings`."""
     try:
         if view.legacy:  # protocol v1: epoch mask keys listed in the config
             msgs = [(d, m) for d, m in view.messages if isinstance(m, LegacyMessage)]
@@ -585,7 +673,7 @@ def _facts(view: ServerView) -> _RoundFacts | str:
             held = {m.fields["node_id"] for d, m in msgs if m.kind == "secagg.masked_input"
                     and d in ("in", "late")}
             replies = [m for d, m in msgs if d == "in" and m.kind == "secagg.unmask_reply"]
-            publics = dict(zip(parts, cfg["mask_publics"], strict=True))
+            publics = {u: {k} for u, k in zip(parts, cfg["mask_publics"], strict=True)}
             secrets_ = _secrets(replies, view.round, cfg["threshold"], cfg["federation_id"],
                                 cfg["round"], None, publics)
             return _RoundFacts(view.round, 2, nbhd, partners, publics, held, secrets_)
@@ -598,9 +686,11 @@ def _facts(view: ServerView) -> _RoundFacts | str:
                                      cfg.graph_seed)
     except (KeyError, TypeError, ValueError, SecAggError) as exc:
         return f"its round configuration is unusable ({exc})"
+    dealers, aside = _dealings(view, roster)
     return _RoundFacts(view.round, cfg.min_honest, nbhd, view.sharer_lists,
-                       {u: m.mask_public for u, m in view.shares.items()},
-                       set(view.masked) | set(view.late), _reconstruct(view))
+                       _publics_of(dealers), set(view.masked) | set(view.late),
+                       _reconstruct(view, roster),
+                       {u: len(m) for u, m in dealers.items() if len(m) > 1}, aside)
 
 
 def _isolable_sums(f: _RoundFacts, usable: set[int], known_keys: set[bytes]) -> list[set[int]]:
@@ -614,8 +704,9 @@ def _isolable_sums(f: _RoundFacts, usable: set[int], known_keys: set[bytes]) -> 
     apply it, or is outside ``usable``, stays masked.
     """
     def hidden(u: int, v: int) -> bool:
-        return (f.mask_public.get(u) not in known_keys
-                and f.mask_public.get(v) not in known_keys)
+        # removable when any key u or v may have masked with is known: a wrong guess
+        # only isolates more, never hides a sum the server can compute
+        return not (f.mask_public.get(u, set()) | f.mask_public.get(v, set())) & known_keys
 
     def masks_with(u: int, v: int) -> bool:
         return v != u and v in f.nbhd.get(u, ()) and v in f.partners.get(u, ())
@@ -643,7 +734,21 @@ def _isolable_sums(f: _RoundFacts, usable: set[int], known_keys: set[bytes]) -> 
     return [g for g in groups.values() if not g & leaky]
 
 
-def knowledge_across_rounds(views: Sequence[ServerView]) -> list[CheckResult]:
+def several_line(rnd: int, node: int, count: int) -> str:
+    """One line: ``node`` has ``count`` share messages counted in round ``rnd``."""
+    return (f"round {rnd}: node {node} has {count} share messages in the view; the audit "
+            "counts what any of them opens")
+
+
+def set_aside_line(rnd: int, node: int, count: int) -> str:
+    """One line: ``count`` share messages for ``node`` failed the roster check."""
+    return (f"round {rnd}: {count} share message{'s' if count > 1 else ''} for node {node} "
+            "whose signature does not verify against the roster, set aside (the server "
+            "refuses such a message)")
+
+
+def knowledge_across_rounds(views: Sequence[ServerView],
+                            roster: Mapping[int, bytes] | None = None) -> list[CheckResult]:
     """The ``knowledge-across-rounds`` check, one result per view, in order (module
     docstring).
 
@@ -655,8 +760,16 @@ def knowledge_across_rounds(views: Sequence[ServerView]) -> list[CheckResult]:
     whose shares cannot be read, or a secret with too many share combinations to
     decide, makes every round that would pass ``skipped`` (the unread shares may hold
     a key that exposes it); a round that fails still fails (more keys only split the
-    sums the server can isolate into smaller ones)."""
-    facts = [_facts(v) for v in views]
+    sums the server can isolate into smaller ones).
+
+    A node with several share messages in a round (the recording keeps forged and
+    refused ones too) has its shares counted against every one of them (or, with
+    the federation's ``roster``, against those whose signature verifies): a secret is
+    known when it opens any of them and a pair mask removable when any of its keys is
+    known, so an extra message can only add what the server is taken to know (a
+    possible false EXPOSED), never hide an isolable sum. Such nodes are named in
+    the detail and the statistics (``share_messages``, ``set_aside``)."""
+    facts = [_facts(v, roster) for v in views]
     read = [f for f in facts if isinstance(f, _RoundFacts)]
     unknown = [f"round {v.round}'s shares cannot be read ({f})"
                for v, f in zip(views, facts, strict=True) if isinstance(f, str)]
@@ -664,7 +777,7 @@ def knowledge_across_rounds(views: Sequence[ServerView]) -> list[CheckResult]:
                 for f in read for u in f.secrets.undecided]
     known_keys: set[bytes] = set()  # mask public keys whose private key the server has
     for f in read:
-        known_keys.update(x25519_public(secret) for secret in f.secrets.mask_private.values())
+        known_keys.update(x25519_public(secret) for secret in f.secrets.revealed)
     results = []
     for v, f in zip(views, facts, strict=True):
         if isinstance(f, str):
@@ -691,9 +804,19 @@ def knowledge_across_rounds(views: Sequence[ServerView]) -> list[CheckResult]:
             detail += ("; WRONG SHARES, not counted as valid points (the server excludes a "
                        "hospital that sends one): "
                        + "; ".join(w.describe() for w in wrong))
+        if f.several:
+            detail += "; SEVERAL SHARE MESSAGES: " + "; ".join(
+                several_line(f.label, u, n) for u, n in sorted(f.several.items()))
+        if f.set_aside:
+            detail += "; " + "; ".join(
+                set_aside_line(f.label, u, n) for u, n in sorted(f.set_aside.items()))
         stats = [{"isolable_sums": [sorted(g) for g in closed], "min_honest": f.min_honest,
                   "keys_reconstructed": len(known_keys),
-                  "wrong_shares": [w.to_plain() for w in wrong]}]
+                  "wrong_shares": [w.to_plain() for w in wrong],
+                  "share_messages": [{"node": u, "count": n}
+                                     for u, n in sorted(f.several.items())],
+                  "set_aside": [{"node": u, "count": n}
+                                for u, n in sorted(f.set_aside.items())]}]
         if not small and unknown:
             results.append(CheckResult(
                 f.label, CHECKS[0], False,
@@ -718,12 +841,16 @@ def _test_vector(vec: np.ndarray, cfg: RoundConfig, alpha: float,
     return ok, stats
 
 
-def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResult]:
+def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA,
+               roster: Mapping[int, bytes] | None = None) -> list[CheckResult]:
     """The four per-round checks of one round's view (the cross-round check is
     :func:`knowledge_across_rounds`): always one result per name of
     :data:`ROUND_CHECKS`, in that order, each run, ``skipped`` with the reason, or
     ``n/a`` (module docstring). A check reported ``pass`` ran on everything the view
-    holds for it; none is left out silently."""
+    holds for it; none is left out silently. A node with several share messages
+    counted (:func:`_dealings`; ``roster`` narrows them to those that verify) leaves
+    the masks the server removed undetermined: the checks that remove them are
+    skipped."""
     rnd = view.round
     if view.legacy:
         why = ("a protocol-v1 view (recorded before per-round mask keys): only "
@@ -764,7 +891,19 @@ def audit_view(view: ServerView, alpha: float = DEFAULT_ALPHA) -> list[CheckResu
                "alive and which dropped is not recorded")
         return [*results, CheckResult.skipped(rnd, later[0], why),
                 CheckResult.skipped(rnd, later[1], why), aggregate_or(why)]
-    return results + _unmasked_checks(view, cfg, alpha)
+    dealers, _ = _dealings(view, roster)
+    several = {u: len(m) for u, m in sorted(dealers.items()) if len(m) > 1}
+    if several:
+        nodes = ", ".join(f"node {u} ({n})" for u, n in several.items())
+        why = (f"the view holds several share messages of {nodes}"
+               + (" whose signatures all verify against the roster" if roster is not None
+                  else ", and without the federation's roster (--roster) the audit cannot "
+                  "tell which one the server accepted")
+               + ": the masks the server removed are not determined. "
+               "knowledge-across-rounds counts what any of them opens")
+        return [*results, CheckResult.skipped(rnd, later[0], why),
+                CheckResult.skipped(rnd, later[1], why), aggregate_or(why)]
+    return results + _unmasked_checks(view, cfg, alpha, dealers, roster)
 
 
 def _masked_inputs_uniform(view: ServerView, cfg: RoundConfig, alpha: float) -> CheckResult:
@@ -788,14 +927,17 @@ def _masked_inputs_uniform(view: ServerView, cfg: RoundConfig, alpha: float) -> 
         stats)
 
 
-def _unmasked_checks(view: ServerView, cfg: RoundConfig, alpha: float) -> list[CheckResult]:
+def _unmasked_checks(view: ServerView, cfg: RoundConfig, alpha: float,
+                     dealers: Mapping[int, Sequence[ShareKeys]],
+                     roster: Mapping[int, bytes] | None) -> list[CheckResult]:
     """``survivors-hidden``, ``dropped-late-hidden`` and ``aggregate-exact`` of a round
     unmasked once. Only the secrets the replies' valid shares reveal are removed
     (:func:`_secrets`; the others stay hidden from the server too); in an aborted
     round the survivors whose seed they do not reveal are still self-masked, and
     there is no aggregate. Raises ``ValueError`` naming what is missing when the view
-    cannot be the record of such a round."""
-    publics = {u: m.mask_public for u, m in view.shares.items()}
+    cannot be the record of such a round. ``dealers``: at most one share message per
+    node (:func:`audit_view` skips these checks otherwise)."""
+    publics = {u: msgs[0].mask_public for u, msgs in dealers.items()}
     ureq = view.unmask_request
     alive, dropped = sorted(ureq.alive), sorted(ureq.dropped)
     masked = view.masked
@@ -811,9 +953,11 @@ def _unmasked_checks(view: ServerView, cfg: RoundConfig, alpha: float) -> list[C
     no_key = [u for u in listed if u not in publics]
     if no_key:
         raise ValueError(f"the view lacks the share messages (round mask keys) of nodes "
-                         f"{no_key}, which it lists as alive, dropped or late.")
+                         f"{no_key}"
+                         + (" that verify against the roster" if roster is not None else "")
+                         + ", which it lists as alive, dropped or late.")
     aborted = view.aborted
-    secrets_ = _reconstruct(view)
+    secrets_ = _reconstruct(view, roster)
     own = view.sharer_lists  # the pair masks each client applied: its own list's
     truth = view.inputs
     rnd = view.round
@@ -960,6 +1104,21 @@ class SecAggAuditReport:
                 for s in c.statistics for w in s.get("wrong_shares", ())]
 
     @property
+    def several_share_messages(self) -> list[str]:
+        """Each node with several share messages counted in a round, one line each
+        (:func:`several_line`): the audit counted what any of them opens, so a forged or
+        refused one can only make it report more, never less."""
+        return [several_line(c.round, s["node"], s["count"]) for c in self.checks
+                if c.name == CHECKS[0] for st in c.statistics
+                for s in st.get("share_messages", ())]
+
+    @property
+    def set_aside_share_messages(self) -> list[str]:
+        """Share messages a roster check set aside, per round and node, one line each."""
+        return [set_aside_line(c.round, s["node"], s["count"]) for c in self.checks
+                if c.name == CHECKS[0] for st in c.statistics for s in st.get("set_aside", ())]
+
+    @property
     def passed(self) -> bool:
         """True only when every check of every round ran (or had nothing to check) and
         passed: a skipped check is no pass."""
@@ -991,25 +1150,52 @@ class SecAggAuditReport:
         return {"verdict": self.verdict, "passed": self.passed, "alpha": self.alpha,
                 "rounds": self.rounds, "skipped": self.skipped_summary,
                 "wrong_shares": self.wrong_shares,
+                "several_share_messages": self.several_share_messages,
+                "set_aside_share_messages": self.set_aside_share_messages,
                 "checks": [c.to_plain() for c in self.checks]}
 
 
-def audit_views(views: Sequence[ServerView], alpha: float = DEFAULT_ALPHA) -> SecAggAuditReport:
+def audit_views(views: Sequence[ServerView], alpha: float = DEFAULT_ALPHA,
+                roster: Mapping[int, bytes] | None = None) -> SecAggAuditReport:
     """Audit every round's view; see the module docstring for what passing means.
 
     Guarantee: every round's result lists all of :data:`CHECKS`, each ``pass``,
     ``FAIL``, ``skipped`` (with why) or ``n/a``; the report passes only when none
-    failed and none was skipped."""
+    failed and none was skipped. ``roster`` (the federation's secure-aggregation id
+    -> Ed25519 public key) narrows each node's share messages to those whose
+    signature verifies, as the server's own check does; without it every recorded
+    one counts (:func:`knowledge_across_rounds`). A roster that verifies none of a
+    round's share messages is not this federation's: ``ValueError``."""
     if not views:
         raise ValueError("no recorded rounds to audit.")
+    if roster is not None:
+        _check_roster(views, roster)
     checks = []
     gap = rounds_recorded(views)
     if gap is not None:
         checks.append(gap)
-    for v, knowledge in zip(views, knowledge_across_rounds(views), strict=True):
+    for v, knowledge in zip(views, knowledge_across_rounds(views, roster), strict=True):
         checks.append(knowledge)
-        checks += audit_view(v, alpha)
+        checks += audit_view(v, alpha, roster)
     return SecAggAuditReport(checks, alpha, len(views))
+
+
+def _check_roster(views: Sequence[ServerView], roster: Mapping[int, bytes]) -> None:
+    """Refuse a ``roster`` under which some round's share messages all fail to verify."""
+    for v in views:
+        if v.legacy:
+            continue
+        try:
+            every = v.share_messages
+            kept, _ = _dealings(v, roster)
+        except ValueError:
+            continue  # no single round configuration: its shares cannot be read (the
+            # checks say so)
+        if every and not kept:
+            n = sum(len(m) for m in every.values())
+            raise ValueError(f"none of round {v.round}'s {n} share messages verifies against "
+                             "the roster: it is not the roster of the federation this view "
+                             "was recorded in.")
 
 
 def rounds_recorded(views: Sequence[ServerView]) -> CheckResult | None:
@@ -1081,6 +1267,14 @@ def report_markdown(report: SecAggAuditReport) -> str:
         lines += ["", "Wrong shares (not counted as valid points; the server excludes a "
                   "hospital that sends one, threat model T31):", ""]
         lines += [f"- {w}" for w in report.wrong_shares]
+    if report.several_share_messages:
+        lines += ["", "Several share messages for one node (the recording keeps forged and "
+                  "refused ones too; the audit counts what any of them opens, so it can only "
+                  "over-count what the server knows):", ""]
+        lines += [f"- {w}" for w in report.several_share_messages]
+    if report.set_aside_share_messages:
+        lines += ["", "Share messages set aside by the roster check:", ""]
+        lines += [f"- {w}" for w in report.set_aside_share_messages]
     lines += [
         "",
         "What passing shows: with every secret the recorded shares reveal, from any round, "

@@ -130,10 +130,25 @@ class ServerView:
         return cfgs[0]
 
     @property
-    def shares(self) -> dict[int, ShareKeys]:
-        """The round's share messages the server received (round mask keys), by node."""
+    def share_messages(self) -> dict[int, list[ShareKeys]]:
+        """Every distinct share message (round mask key, commitments) for this round the
+        server received, by the node it names, in recorded order.
+
+        The recording logs a message before the server checks it, so a node may have
+        several: its own and a forged or replayed one the server refused (a bad
+        signature, a second message). Which one the server accepted is not in the view
+        (the roster is not); an audit either checks signatures against the roster or
+        counts what any of them opens. Never only the last or the first: either can be
+        the refused one."""
         rnd = self.config.round
-        return {m.node_id: m for m in self._of("in", ShareKeys) if m.round == rnd}
+        out: dict[int, list[ShareKeys]] = {}
+        seen: set[bytes] = set()
+        for m in self._of("in", ShareKeys):
+            raw = m.to_bytes()
+            if m.round == rnd and raw not in seen:
+                seen.add(raw)
+                out.setdefault(m.node_id, []).append(m)
+        return out
 
     @property
     def masked(self) -> dict[int, MaskedInput]:
