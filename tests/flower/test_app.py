@@ -262,3 +262,22 @@ def test_the_server_app_never_overwrites_an_earlier_run_and_resumes_it_on_reques
     resumed = _run_app({**rc, "resume": True})
     assert [r["round"] for r in resumed["rounds"]] == [r["round"] for r in first["rounds"]]
     assert (tmp_path / "ledger.jsonl").read_bytes() == kept["ledger.jsonl"]
+
+
+def test_every_client_app_pickles_as_flowers_ray_engine_needs() -> None:
+    """Flower's simulation engine sends the ClientApp to its Ray actors with
+    cloudpickle: bract's own app and any make_client_app app (with secure aggregation
+    and a metrics release) pickle and unpickle (a ContextVar in a mod's globals did
+    not, and every simulation failed)."""
+    import cloudpickle
+
+    from bract.flower.app import client_app as bract_client_app
+    from bract.flower.client import PrivacyPolicy, make_client_app
+    from bract.flower.secagg_client import make_identities
+
+    _, identities = make_identities(3, "pickled")
+    custom = make_client_app(lambda ctx: None, PrivacyPolicy(8.0, 1e-5, 1),
+                             secagg=identities[0], release_metrics="aggregate")
+    for app in (bract_client_app, custom):
+        copy = cloudpickle.loads(cloudpickle.dumps(app))
+        assert type(copy) is type(app)

@@ -91,6 +91,18 @@ def masks_this_reply() -> bool:
     mask request (and takes the update out of the reply)."""
     return _MASKING.get()
 
+
+def _call_masking(call_next: Callable[[Message, Context], Message], msg: Message,
+                  ctx: Context) -> Message:
+    """``call_next(msg, ctx)`` with :func:`masks_this_reply` true inside it. (A module
+    function, so the mods that call it pickle by reference: Flower's Ray engine
+    pickles the ClientApp, and a ContextVar cannot be pickled.)"""
+    token = _MASKING.set(True)
+    try:
+        return call_next(msg, ctx)
+    finally:
+        _MASKING.reset(token)
+
 ADVERTISE = "query.secagg_advertise"
 MASK = "train.secagg_mask"
 CHECK = "train.secagg_check"
@@ -270,11 +282,7 @@ def secagg_mod(
             if ROUND_CONFIG not in msg.content.config_records:
                 msg.content.config_records[ROUND_CONFIG] = ConfigRecord()
             msg.content.config_records[ROUND_CONFIG][SECAGG_MAX_WEIGHT] = int(limit)
-        token = _MASKING.set(True)
-        try:
-            reply = call_next(msg, ctx)
-        finally:
-            _MASKING.reset(token)
+        reply = _call_masking(call_next, msg, ctx)
         if reply.has_error():
             return reply
         content = reply.content
