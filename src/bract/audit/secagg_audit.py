@@ -1174,10 +1174,28 @@ def audit_views(views: Sequence[ServerView], alpha: float = DEFAULT_ALPHA,
     gap = rounds_recorded(views)
     if gap is not None:
         checks.append(gap)
-    for v, knowledge in zip(views, knowledge_across_rounds(views, roster), strict=True):
-        checks.append(knowledge)
-        checks += audit_view(v, alpha, roster)
+    closed = [v for v in views if _never_opened(v)]
+    views_opened = [v for v in views if not _never_opened(v)]
+    by_round: list[CheckResult] = [c for v in closed for c in _never_opened_checks(v)]
+    for v, knowledge in zip(views_opened, knowledge_across_rounds(views_opened, roster),
+                            strict=True):
+        by_round.append(knowledge)
+        by_round += audit_view(v, alpha, roster)
+    checks += sorted(by_round, key=lambda c: c.round)  # stable: each round's checks in order
     return SecAggAuditReport(checks, alpha, len(views))
+
+
+def _never_opened(view: ServerView) -> bool:
+    """Whether ``view`` is the marker of a round that never opened: marked so, and
+    holding no message (a marked view with any message is audited as any other)."""
+    return bool(view.never_opened) and not view.messages
+
+
+def _never_opened_checks(view: ServerView) -> list[CheckResult]:
+    """Every check n/a for a round that never opened, with the server's reason."""
+    why = (f"the round never opened ({view.never_opened}): the server sent no round "
+           "configuration and received no share, masked input or unmask reply in it")
+    return [CheckResult.not_applicable(view.round, name, why) for name in CHECKS]
 
 
 def _check_roster(views: Sequence[ServerView], roster: Mapping[int, bytes]) -> None:
@@ -1206,9 +1224,9 @@ def rounds_recorded(views: Sequence[ServerView]) -> CheckResult | None:
     (``round-N``, N counting from 1), so a missing round is one whose shares the
     knowledge check never saw: what the server learned there is not counted, and a
     pass over the rounds shown says nothing about them. (A round that never opened,
-    with fewer than 3 hospitals holding keys, records nothing: compare with the run's
-    report.json before deciding it was removed.) A view cut after its last round
-    cannot be told from a shorter run here."""
+    e.g. with fewer than 3 hospitals holding keys, is recorded by a marker holding no
+    message: it counts as recorded, and its checks are n/a.) A view cut after its last
+    round cannot be told from a shorter run here."""
     numbers = [v.round for v in views]
     top = max(numbers)
     missing = sorted(set(range(1, top + 1)) - set(numbers))
@@ -1229,8 +1247,8 @@ def rounds_recorded(views: Sequence[ServerView]) -> CheckResult | None:
     summary = "; ".join(parts)
     detail = (f"the view holds rounds {sorted(numbers)}: {summary}. The shares the server "
               "received in a round not shown are not counted, so no round's result here "
-              "rules out what they reveal (a round that never opened records nothing: "
-              "check the run's report.json)")
+              "rules out what they reveal (a round that never opened is recorded by a "
+              "marker, so a missing round is one whose record was lost or removed)")
     return CheckResult(missing[0] if missing else min(numbers), ROUNDS_RECORDED, False,
                        detail, [{"recorded": sorted(numbers), "missing": missing,
                                  "repeated": repeated, "summary": summary}])

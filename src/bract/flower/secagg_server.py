@@ -24,7 +24,9 @@ round loop hears of it with its reason (:meth:`RoundHooks.on_dropped`,
 :meth:`RoundHooks.on_missing`); the round completes while at least the threshold
 remains, else it aborts and reveals nothing more (the global model is left
 unchanged). Either way the round's record names who advertised, whose masked input
-arrived (``alive``) and which key sharers dropped before theirs did (``dropped``).
+arrived (``alive``) and which key sharers dropped before theirs did (``dropped``); a
+completed round also names the hospitals whose masked input is in its sum but that
+failed at the check or unmask stage after sending it (``failed_after_input``).
 A hospital whose unmask reply holds a share that does not open its dealer's
 commitment is excluded from the round and named in its record; the round
 completes from the valid shares, or aborts. No protocol error leaves this module:
@@ -92,6 +94,11 @@ class SecureRoundInfo:
     #: Hospitals caught cheating in the unmask stage (a share that does not open its
     #: dealer's commitment, or shares that do not open their own), excluded this round.
     excluded: list[str] = field(default_factory=list)
+    #: Hospitals of a completed round whose masked input is in its sum (they are in
+    #: ``alive``) but that failed at the check or unmask stage after sending it (did
+    #: not answer, or a reply was refused): the round's sum holds their update, so the
+    #: round averaged it although they are among the round's failed.
+    failed_after_input: list[str] = field(default_factory=list)
     threshold: int = 0
     colluders: int = 0
     min_honest: int = 0
@@ -112,6 +119,7 @@ class SecureRoundInfo:
             "alive": self.alive, "dropped": self.dropped,
             "stages": self.stages, "seconds": self.seconds, "aborted": self.aborted,
             "error_bound": self.error_bound, "excluded": self.excluded,
+            "failed_after_input": self.failed_after_input,
             "threshold": self.threshold, "colluders": self.colluders,
             "min_honest": self.min_honest, "ring_bits": self.ring_bits,
             "max_weight": self.max_weight, "graph": self.graph, "degree": self.degree,
@@ -323,6 +331,9 @@ class SecureAggregator:
         #: senders of the masked inputs accepted so far.
         self._round_sharers: list[int] = []
         self._round_alive: set[int] = set()
+        #: Flower nodes that did not answer, or whose reply was refused, at the check or
+        #: unmask stage of the round in progress.
+        self._round_failed_late: set[int] = set()
 
     def protocol_round(self, fl_round: int, attempt: int = 0) -> int:
         """The protocol's (strictly increasing) round number for an FL round;
@@ -412,6 +423,7 @@ class SecureAggregator:
         advertised: list[int] | None = None
         # What the round's record names even when it aborts.
         self._round_sharers, self._round_alive = [], set()
+        self._round_failed_late = set()
         prepared = self._prepared(rnd, nodes)
         if prepared is None:
             advertised = self.ensure_keys(rnd, nodes, note)
@@ -423,6 +435,8 @@ class SecureAggregator:
         info.clients = len(ready)
         if len(ready) < 3:
             info.aborted = f"only {len(ready)} hospitals with valid keys; need at least 3"
+            if self.record_dir is not None:
+                self._record_never_opened(rnd, info.aborted, note)
             info.seconds = time.perf_counter() - t0
             return None, info
         log_start = len(getattr(self.session, "log", ()))
@@ -453,8 +467,10 @@ class SecureAggregator:
                 for node in requests:
                     if node not in replies:
                         hooks.on_missing(node)
+                        self._late_failure(stage, node)
                 for node, reply in replies.items():
-                    self._receive(rnd, node, reply, receive, hooks, stage)
+                    if not self._receive(rnd, node, reply, receive, hooks, stage):
+                        self._late_failure(stage, node)
             result = self.session.finish()
         except SecAggError as exc:
             # RoundAborted, or a round the server itself cannot set up (e.g. a graph
@@ -469,7 +485,7 @@ class SecureAggregator:
             info.aborted = self._public_reason(str(exc))
             self._describe(info)
             if self.record_dir is not None:
-                self._record_aborted(rnd, log_start, note)
+                self._record_aborted(rnd, log_start, note, info.aborted)
             info.seconds = time.perf_counter() - t0
             return None, info
         # Labels after the train stage: the hospitals' names are known from their reports.
@@ -478,6 +494,8 @@ class SecureAggregator:
         info.dropped = sorted(label(self.node_of[s]) for s in result.dropped)
         info.error_bound = float(result.error_bound)
         info.excluded = sorted(label(self.node_of[s]) for s in result.excluded)
+        info.failed_after_input = sorted(label(self.node_of[s]) for s in result.alive
+                                         if self.node_of[s] in self._round_failed_late)
         self._describe(info)
         if self.record_dir is not None:
             self._record(rnd, log_start, result, note)
@@ -590,9 +608,12 @@ class SecureAggregator:
         for node in requests:
             if node not in replies:
                 hooks.on_missing(node)
+                self._late_failure("unmask", node)
         for node, reply in replies.items():
             unmasked = self._receive(rnd, node, reply, self.session.receive_unmask_reply,
                                      hooks, "unmask")
+            if not unmasked:
+                self._late_failure("unmask", node)
             # A hospital whose unmask reply was refused must re-key: it sits the next
             # round out rather than have its shares abandon that round for everyone.
             if next_cfg is None or not unmasked:
@@ -630,11 +651,13 @@ class SecureAggregator:
             note(f"round {rnd}: could not record the server's view: {exc}")
         log[:] = [e for e in log if getattr(e[1], "round", -1) > number]
 
-    def _record_aborted(self, rnd: int, log_start: int, note: Notify) -> None:
+    def _record_aborted(self, rnd: int, log_start: int, note: Notify, why: str) -> None:
         """Write what the server saw of an aborted round: shares it received before the
-        abort count towards what it knows (``bract audit secagg`` accumulates them)."""
+        abort count towards what it knows (``bract audit secagg`` accumulates them). A
+        round that aborted before its configuration went out never opened: its marker."""
         assert isinstance(self.session, RecordingServerSession) and self.record_dir is not None
         if self._last_config is None:
+            self._record_never_opened(rnd, why, note)
             return
         number = self._last_config.round
         log = self.session.log
@@ -647,6 +670,17 @@ class SecureAggregator:
         except OSError as exc:
             note(f"round {rnd}: could not record the server's view: {exc}")
         log[:] = [e for e in log if getattr(e[1], "round", -1) > number]
+
+    def _record_never_opened(self, rnd: int, why: str, note: Notify) -> None:
+        """Write the marker of a round that never opened (no configuration sent, nothing
+        received): ``bract audit secagg`` shows the round as n/a, with ``why``, where a
+        round missing from the view fails."""
+        assert self.record_dir is not None
+        view = ServerView(rnd, [], np.zeros(0), 0, aborted=True, never_opened=why)
+        try:
+            write_view(view, self.record_dir / f"round-{rnd}")
+        except OSError as exc:
+            note(f"round {rnd}: could not record the server's view: {exc}")
 
     def _describe(self, info: SecureRoundInfo) -> None:
         """The threshold and collusion bound the round was set up with."""
@@ -673,6 +707,12 @@ class SecureAggregator:
     def _check_requests(self) -> dict[int, Any]:
         req = self.session.consistency_request()
         return dict.fromkeys(req.alive, req)
+
+    def _late_failure(self, stage: str, node: int) -> None:
+        """Note a hospital that failed at the check or unmask stage (its masked input,
+        if the server accepted one, stays in the round's sum)."""
+        if stage in ("check", "unmask"):
+            self._round_failed_late.add(node)
 
     def _receive_masked_input(self, msg: Any) -> None:
         """Hand a masked input to the session; once accepted, its sender is alive."""

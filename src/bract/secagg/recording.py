@@ -11,7 +11,8 @@ protocol v1 (commit 72e210b and before) are read as :class:`LegacyMessage` recor
 File format of one round (``DIR/round-N/``): ``messages.bin`` is a sequence of
 records, each one direction byte (``I`` in, ``O`` out, ``L`` late), a 4-byte
 big-endian length and the message's canonical bytes; ``aggregate.npz`` holds the
-round, the decoded weighted sum, the total weight and an ``aborted`` flag;
+round, the decoded weighted sum, the total weight, an ``aborted`` flag and, for a
+round that never opened, why (``never_opened``; its ``messages.bin`` is empty);
 ``inputs.npz``, when present, the auditor's ground truth.
 
 Pure: imports neither flwr nor torch.
@@ -112,6 +113,10 @@ class ServerView:
     inputs: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
     #: The round aborted: no aggregate, but what the server received still counts.
     aborted: bool = False
+    #: Why the round never opened (the server sent no round configuration: e.g. fewer
+    #: than 3 hospitals held keys), or ``""``. A view so marked holds no message: it
+    #: records that the round existed and that the server received nothing in it.
+    never_opened: str = ""
 
     def _of(self, direction: str, cls: type[Message]) -> list[Any]:
         return [m for d, m in self.messages if d == direction and isinstance(m, cls)]
@@ -264,7 +269,7 @@ def write_view(view: ServerView, directory: Path) -> Path:
             f.write(_DIRECTIONS[d] + struct.pack(">I", len(raw)) + raw)
     np.savez(directory / "aggregate.npz", round=np.int64(view.round),
              weighted_sum=view.weighted_sum, total_weight=np.int64(view.total_weight),
-             aborted=np.bool_(view.aborted))
+             aborted=np.bool_(view.aborted), never_opened=np.str_(view.never_opened))
     if view.inputs:
         nodes = sorted(view.inputs)
         np.savez(directory / "inputs.npz", nodes=np.array(nodes, dtype=np.int64),
@@ -288,7 +293,9 @@ def _read_one(directory: Path) -> ServerView:
     with np.load(directory / "aggregate.npz", allow_pickle=False) as agg:
         view = ServerView(int(agg["round"]), messages, np.asarray(agg["weighted_sum"]),
                           int(agg["total_weight"]),
-                          aborted=bool(agg["aborted"]) if "aborted" in agg else False)
+                          aborted=bool(agg["aborted"]) if "aborted" in agg else False,
+                          never_opened=(str(agg["never_opened"]) if "never_opened" in agg
+                                        else ""))
     truth = directory / "inputs.npz"
     if truth.exists():
         with np.load(truth, allow_pickle=False) as t:
