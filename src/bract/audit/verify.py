@@ -47,6 +47,7 @@ input (exit 2, one line naming the round and the field), never coerced.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -60,7 +61,7 @@ from bract.records.ledger import (
     check_chain,
     read_ledger,
 )
-from bract.records.report import HospitalRound, ReportError, RunReport, read_report
+from bract.records.report import HospitalRound, ReportError, RoundRow, RunReport, read_report
 
 #: Relative tolerance between a reported epsilon and the PLD recomputation. bract
 #: reports Opacus's PRV upper bound, within [0.995, 1.01] x PLD(1e-4) by design
@@ -146,6 +147,8 @@ class HospitalAudit:
     #: Whether the server's chain verified (links, signatures, length): only then is
     #: its recomputation a figure of what the hospital signed, entry for entry.
     server_chain_verified: bool = False
+    #: How many of its first entries report.json says were spent before this run.
+    carried: int = 0
 
     @property
     def chain_ok(self) -> bool:
@@ -577,6 +580,8 @@ def verify_federation(
         recomputed = recompute_epsilons(chain, pld_discretization, tick)
         _check_finite(h, chain, recomputed, budget, fail)
         carried = min(seen.ledger_carried, len(chain)) if seen is not None else 0
+        h.carried = carried
+        _check_carried(cid, chain, carried, fail)
         for entry, eps in zip(chain[carried:], recomputed[carried:], strict=True):
             h.recomputed_by_round[entry.round] = eps  # report.json's rounds refine this
         for entry, eps in zip(chain, recomputed, strict=True):
@@ -617,7 +622,8 @@ def verify_federation(
             _check_report_rows(h, chain, recomputed, report, carried, tolerance, fail,
                                findings.append)
     if report is not None:
-        _check_averaged(report, fail)
+        _check_averaged(report, fail, findings.append)
+        _check_unnamed(report, chains, hospitals, roster, fail)
         _check_final(report, hospitals, tolerance, fail)
     rounds = sorted({r.round for r in report.rounds}) if report is not None else sorted(
         {e.round for c in chains.values() for e in c}
@@ -741,15 +747,21 @@ def _check_report_rows(
     who trained against the ledger's entries, both ways. The first ``carried`` entries
     were spent before this run and count from round 1; the others are this run's.
 
-    Per round, for a hospital that answered it (a line, not among ``failed``): its line
-    says it trained, or the round lists it among those it averaged, exactly when its
-    ledger has an entry for that round; else a FAIL naming the round. A hospital with
-    an entry for a round in which report.json records it as failed trained and then
-    dropped (its reply, or a later stage, did not reach the server): a note, since its
-    epsilon counts the entry (so is one for a round whose failed hospitals include one
-    the server could not name, ``node-N``). An entry for a round report.json does not mention the
-    hospital in, or for a round report.json has no row for, fails (but for rounds past
-    the last row of an unfinished run, which the audit notes as such)."""
+    Per round, for a hospital that answered it (a line of that round, not among
+    ``failed``): its line says it trained, or the round lists it among those it
+    averaged, exactly when its ledger has an entry for that round; else a FAIL naming
+    the round. The one exception: entries the line records as spent in the interrupted
+    attempt of a resumed round (``ledger_interrupted``), a note, checked against the
+    chain (:func:`_interrupted_entries`). A line carried from an earlier round (its
+    ``of_round`` is another round: the hospital was not asked or did not answer) says
+    nothing of this round. A hospital with an entry for a round in which report.json
+    records it as failed trained and then dropped (its reply, or a later stage, did not
+    reach the server): a note, since its epsilon counts the entry (so is one for a
+    round whose failed hospitals include one the server could not name, ``node-N``:
+    which hospital that node was is the server's word). An entry for a round
+    report.json does not mention the hospital in (no line of that round, not among its
+    failed), or for a round report.json has no row for, fails (but for rounds past the
+    last row of an unfinished run, which the audit notes as such)."""
     cid = h.client_id
     this_run = chain[carried:]
     rows = {row.round for row in report.rounds}
@@ -759,6 +771,7 @@ def _check_report_rows(
             continue  # after the unfinished run's last row: noted once for the run
         fail(cid, "report", f"{cid}'s ledger has an entry for round {r}, but report.json has "
                             f"no row for round {r}: a round it trained in is not reported")
+    before: HospitalRound | None = None  # its latest line of an earlier round
     for row in report.rounds:
         r = row.round
         # Entries spent before this run (earlier runs or federations) count from round 1.
@@ -767,11 +780,15 @@ def _check_report_rows(
         h.recomputed_by_round[r] = eps
         entries = sum(e.round == r for e in this_run)
         v = row.per_client.get(cid)
-        if v is None or cid in row.failed:
+        of = v.of_round if v is not None and v.of_round is not None else r
+        if v is not None and of > r:
+            fail(cid, "report", f"report.json round {r} holds a line of {cid} from round "
+                                f"{of}, a later round")
+            continue
+        if v is None or of != r or cid in row.failed:
             # The hospital did not answer this round: nothing was reported (a line here
             # is its earlier one, carried forward).
-            unnamed = sorted(k for k in row.failed
-                             if k.startswith("node-") and k not in row.per_client)
+            unnamed = _unnamed(row)
             if entries and cid in row.failed:
                 note(Finding(NOTE, cid, "report", (
                     f"{cid}'s ledger has an entry for round {r}, in which report.json records "
@@ -782,11 +799,15 @@ def _check_report_rows(
                     f"{cid}'s ledger has an entry for round {r}; report.json's round {r} "
                     f"does not name {cid} but records {', '.join(unnamed)} as failed before "
                     "the server learned its name: it trained, and its update did not reach "
-                    "the average; its ε counts the entry")))
+                    "the average; its ε counts the entry. Which hospital that node was is "
+                    "the server's word: the ledger cannot show it")))
             elif entries:
+                held = ("" if v is None else
+                        f" (it holds only {cid}'s line of round {of}, carried forward)")
                 fail(cid, "report", f"{cid}'s ledger has an entry for round {r}, but "
-                                    f"report.json's round {r} does not mention {cid}: a round "
-                                    "it trained in is not reported")
+                                    f"report.json's round {r} does not mention {cid}{held}: "
+                                    "a round it trained in is not reported")
+            before = v if v is not None else before
             continue
         reported = v.epsilon
         h.reported_by_round[r] = reported
@@ -802,11 +823,14 @@ def _check_report_rows(
         elif steps != ledger_steps:
             fail(cid, "report", f"report.json round {r} says {cid} ran {steps} DP-SGD steps in "
                                 f"all, its ledger records {ledger_steps}")
+        lost = _interrupted_entries(h, chain, carried, row, v, before, fail, note)
+        before = v
         averaged = cid in row.trained
-        if (v.trained or averaged) and not entries:
+        if (v.trained or averaged) and not entries - lost:
             fail(cid, "missing", f"missing event: report.json says {cid} trained in round {r}, "
-                                 f"but its ledger has no entry for round {r}")
-        if entries and not v.trained:
+                                 f"but its ledger has no entry for round {r}"
+                                 + (" besides those of its interrupted attempt" if lost else ""))
+        if entries - lost and not v.trained:
             fail(cid, "report", (
                 f"report.json round {r} says {cid} did not train"
                 + (f" ({v.reason})" if v.reason else "")
@@ -817,18 +841,150 @@ def _check_report_rows(
                                 "averaged, but its line says it did not train")
 
 
-def _check_averaged(report: RunReport, fail: Callable[[str, str, str], None]) -> None:
-    """Every hospital a round lists among those it averaged answered that round: it has
-    a line in it and is not among its failed (whose updates were not averaged)."""
+def _interrupted_entries(
+    h: HospitalAudit, chain: list[LedgerEntry], carried: int, row: RoundRow,
+    line: HospitalRound, before: HospitalRound | None, fail: Callable[[str, str, str], None],
+    note: Callable[[Finding], None],
+) -> int:
+    """How many of the hospital's entries for ``row``'s round its ``line`` shows spent in
+    the interrupted attempt of that round (``ledger_interrupted``), once checked; a FAIL
+    and 0 when the claim does not hold.
+
+    Which attempt an entry came from is not in the signed chain: it is the server's
+    word. The claim is held to what the chain shows: the round is the first of a
+    resumed run (``resumed``), the entries are that many of this run's entries for the
+    round, the first ones, each after the chain the server held at the hospital's
+    previous line (``before``) and within the chain it held at this line: spent between
+    the server's last record before the interruption and the re-run's reply."""
+    k = line.ledger_interrupted
+    if not k:
+        return 0
+    cid, r = h.client_id, row.round
+    mine = [e for e in chain[carried:] if e.round == r][:k]
+    low = before.ledger_entries if before is not None and before.ledger_entries else 0
+    high = line.ledger_entries if line.ledger_entries is not None else len(chain)
+    claim = (f"report.json round {r} says {k} of {cid}'s entries were spent in an "
+             f"interrupted attempt of round {r}")
+    if not row.resumed:
+        fail(cid, "report", f"{claim}, but round {r} is not the first round of a resumed run")
+    elif len(mine) < k:
+        fail(cid, "report", f"{claim}; its ledger has {len(mine)} entr"
+                            f"{'y' if len(mine) == 1 else 'ies'} of this run for round {r}")
+    elif not all(low < e.seq <= high for e in mine):
+        fail(cid, "report", f"{claim}, but they are not between the entries the server held "
+                            f"before the run was resumed ({low}) and at the re-run's reply "
+                            f"({high})")
+    else:
+        seqs = ", ".join(str(e.seq) for e in mine)
+        note(Finding(NOTE, cid, "report", (
+            f"{cid}'s entr{'y' if k == 1 else 'ies'} {seqs} (round {r}) "
+            f"{'was' if k == 1 else 'were'} spent in the "
+            f"interrupted attempt of round {r}, before the run was resumed; its ε counts "
+            f"{'it' if k == 1 else 'them'}. That they came from the lost attempt, not from an "
+            "update of the re-run, is the server's word (report.json's ledger_interrupted): "
+            "the chain shows only that they come after the server's last record before "
+            "the resume and before the re-run's reply")))
+        return k
+    return 0
+
+
+def _unnamed(row: RoundRow) -> list[str]:
+    """The round's failed nodes the server could not name (``node-N``, N a number)."""
+    return sorted(k for k in row.failed if re.fullmatch(r"node-[0-9]+", k)
+                  and k not in row.per_client)
+
+
+def _check_carried(cid: str, chain: list[LedgerEntry], carried: int,
+                   fail: Callable[[str, str, str], None]) -> None:
+    """report.json's ``ledger_carried`` (entries spent before this run) held to the chain:
+    a run numbers its rounds from 1, so where a new run begins the chain's round numbers
+    start again (or its federation changes). Carried entries followed by this run's
+    whose round goes on counting, in the same federation, may be this run's own: FAIL.
+    (Which run an entry came from is not signed; this is what the chain can show.)"""
+    if not 0 < carried < len(chain):
+        return
+    a, b = chain[carried - 1], chain[carried]
+    if b.round <= a.round or a.federation_id != b.federation_id:
+        return
+    fail(cid, "report", (
+        f"report.json says {cid}'s first {carried} entr{'y was' if carried == 1 else 'ies were'}"
+        f" spent before this run (ledger_carried), but its chain shows no new run beginning "
+        f"after entry {a.seq}: entry {a.seq} is round {a.round}, entry {b.seq} round {b.round} "
+        "of the same federation, and a run's rounds start again from 1; the entries it calls "
+        "carried may be this run's, and this run's account of who trained cannot be checked "
+        "for them"))
+
+
+def _check_unnamed(
+    report: RunReport, chains: Mapping[str, list[LedgerEntry]],
+    hospitals: Mapping[str, HospitalAudit], roster: SignerRoster,
+    fail: Callable[[str, str, str], None],
+) -> None:
+    """Each failed node a round could not name (``node-N``) stands for at most one
+    hospital of the roster that the round does not otherwise name: per round, no more
+    hospitals with an entry for it go unnamed than it has such nodes, and its named
+    hospitals and unnamed nodes together are no more than the roster's members."""
     for row in report.rounds:
+        unnamed = _unnamed(row)
+        if not unnamed:
+            continue
+        r = row.round
+        named = ({c for c, v in row.per_client.items() if v.of_round in (None, r)}
+                 | (set(row.failed) - set(unnamed))) & set(roster.keys)
+        if len(named) + len(unnamed) > len(roster.keys):
+            fail("", "report", (
+                f"report.json round {r} names {len(named)} of the roster's "
+                f"{len(roster.keys)} hospitals and records {len(unnamed)} unnamed failed "
+                f"node(s) ({', '.join(unnamed)}): more hospitals than the roster holds"))
+            continue
+        silent = sorted(
+            c for c in roster.keys if c not in named and c in hospitals
+            and any(e.round == r for e in chains.get(c, [])[hospitals[c].carried:]))
+        if len(silent) > len(unnamed):
+            fail("", "report", (
+                f"report.json round {r} records {len(unnamed)} unnamed failed node(s) "
+                f"({', '.join(unnamed)}) but does not name {len(silent)} hospitals with an "
+                f"entry for round {r} ({', '.join(silent)}): each node is one hospital"))
+
+
+def _check_averaged(report: RunReport, fail: Callable[[str, str, str], None],
+                    note: Callable[[Finding], None]) -> None:
+    """Every hospital a round lists among those it averaged answered that round: it has
+    a line of that round in it, and is not among its failed (whose updates were not
+    averaged), except a hospital the round's secure-aggregation record names in
+    ``failed_after_input`` (its masked input is in the completed round's sum, and it
+    failed at the check or unmask stage after sending it): a note."""
+    for row in report.rounds:
+        after_input = _failed_after_input(row)
         for cid in row.trained:
-            if cid not in row.per_client:
+            line = row.per_client.get(cid)
+            if line is None:
                 fail(cid, "report", f"report.json round {row.round} lists {cid} among the "
                                     f"hospitals it averaged, but has no line for {cid}")
+            elif line.of_round is not None and line.of_round != row.round:
+                fail(cid, "report", f"report.json round {row.round} lists {cid} among the "
+                                    f"hospitals it averaged, but its line there is of round "
+                                    f"{line.of_round}: it did not answer round {row.round}")
+            elif cid in row.failed and cid in after_input:
+                note(Finding(NOTE, cid, "report", (
+                    f"{cid} failed in round {row.round} after its masked input reached the "
+                    f"server ({row.failed[cid]}): the round's sum holds its update, so it "
+                    "is among the hospitals the round averaged; its ε counts the entry")))
             elif cid in row.failed:
                 fail(cid, "report", f"report.json round {row.round} lists {cid} among the "
                                     "hospitals it averaged, and also as failed "
                                     f"({row.failed[cid]})")
+
+
+def _failed_after_input(row: RoundRow) -> set[str]:
+    """The hospitals a completed secure round's record names as failed after their
+    masked input reached the server (empty for a plain round, an aborted one, or a
+    record without the list)."""
+    record = row.secagg or {}
+    names = record.get("failed_after_input")
+    if record.get("aborted") is not None or not isinstance(names, list):
+        return set()
+    return {n for n in names if isinstance(n, str)}
 
 
 def _check_final(

@@ -381,11 +381,18 @@ class Federation:
             self.failed[self._label(node)] = f"invalid ledger: {exc}"
             display.note(f"round {rnd}: {cid}'s ledger does not verify, reply ignored: {exc}")
             return None
+        held = self.record.chains.get(cid, ())
         self.record.chains[cid] = chain
         # Entries the hospital's data spent before this run (earlier runs, federations).
         prior = self.latest.get(cid)
         appended = max(0, min(int(rep["appended"]), len(chain)))
         carried = prior.ledger_carried if prior is not None else len(chain) - appended
+        # Entries of this round spent before this reply's own, that the server never
+        # received: an earlier attempt of the round, lost when the run was interrupted
+        # in it (this run's entries from the server's last record on: a hospital with a
+        # line of this run).
+        interrupted = (sum(e.round == rnd for e in chain[len(held):len(chain) - appended])
+                       if prior is not None else 0)
         # The noise on this round's metrics release, if it made one: the server shows
         # released figures only when they stand out of the noise.
         for entry in chain[len(chain) - appended:]:
@@ -402,6 +409,8 @@ class Federation:
             ledger_entries=len(chain),
             ledger_head=chain[-1].hash() if chain else "",
             ledger_carried=int(carried),
+            of_round=rnd,
+            ledger_interrupted=interrupted,
         )
         if not rep["trained"]:
             self.stopped[cid] = rep["reason"]
@@ -602,7 +611,8 @@ class Federation:
             # Secure aggregation needs at least three hospitals: a sum of one is its
             # input, and each of two learns the other's update from the sum.
             needed = max(self.cfg.min_clients, 3 if self.secure is not None else 1)
-            for rnd in range(self.completed + 1, self.cfg.rounds + 1):
+            first = self.completed + 1
+            for rnd in range(first, self.cfg.rounds + 1):
                 if len(self.active) < needed:
                     display.note(
                         f"stopping before round {rnd}: {len(self.active)} hospitals remain, "
@@ -613,6 +623,8 @@ class Federation:
                     )
                     break
                 row = self.run_round(rnd, display)
+                if resume and rnd == first:  # the round the interrupted run was in
+                    row = replace(row, resumed=True)
                 with committing():  # an interrupt stops before this or after both
                     self.completed = rnd
                     self.record.add_round(row)

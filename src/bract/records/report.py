@@ -9,7 +9,8 @@ so each field is named and converted in one place, both ways.
 Structure is checked strictly (a report without a ``rounds`` list, a round without
 its number or per-hospital table, a per-hospital entry that is not an object:
 :class:`ReportError` naming it), and so are counts: a round number, ``steps``,
-``ledger_entries``, ``ledger_carried``, ``rounds_completed`` and a held-out
+``ledger_entries``, ``ledger_carried``, ``of_round``, ``ledger_interrupted``,
+``rounds_completed`` and a held-out
 evaluation's ``model_of_round`` and ``examples`` are absent (or ``null``) or a whole
 number from 0 to 2**53 (the ledger's range), anything else is a :class:`ReportError`
 naming the field and where it is. Other *values* are read leniently: a number that
@@ -146,6 +147,15 @@ class HospitalRound:
     #: signed it in its last carried entry (``None``: not known, e.g. carried at
     #: another delta).
     epsilon_carried: float | None = None
+    #: The round whose reply this line records. A round row holds every hospital's
+    #: latest line, so a hospital that was not asked or did not answer in a round keeps
+    #: an earlier round's line there, marked with that round (``None``: a report
+    #: written before lines were marked; read as the row's own round).
+    of_round: int | None = None
+    #: Entries of this line's round that the hospital spent in an earlier attempt of
+    #: the round whose reply the server never recorded (a run interrupted in that round
+    #: and resumed): they come before this reply's own entries in its chain.
+    ledger_interrupted: int = 0
 
     @classmethod
     def from_plain(cls, data: Any, where: str, *, strict: bool = False) -> HospitalRound:
@@ -168,6 +178,8 @@ class HospitalRound:
             ledger_carried=carried if carried is not None else 0,
             epsilon_carried=(_real(data, "epsilon_carried", where, strict)
                              if before is not None else None),
+            of_round=_count(data, "of_round", where),
+            ledger_interrupted=_count(data, "ledger_interrupted", where) or 0,
         )
 
     def to_plain(self) -> dict[str, Any]:
@@ -184,6 +196,8 @@ class HospitalRound:
             "ledger_carried": self.ledger_carried,
             "epsilon_carried": (plain_number(self.epsilon_carried)
                                 if self.epsilon_carried is not None else None),
+            "of_round": self.of_round,
+            "ledger_interrupted": self.ledger_interrupted,
         }
 
     @property
@@ -245,6 +259,9 @@ class RoundRow:
     secagg: dict[str, Any] | None = None
     delta: float = math.nan
     seconds: float = math.nan
+    #: The first round of a run resumed from its checkpoint: the round the interrupted
+    #: run was in, run again.
+    resumed: bool = False
 
     @classmethod
     def from_plain(cls, data: Any, where: str, *, strict: bool = False) -> RoundRow:
@@ -285,6 +302,7 @@ class RoundRow:
             secagg=dict(data["secagg"]) if isinstance(data.get("secagg"), Mapping) else None,
             delta=_real(data, "delta", here, strict),
             seconds=_real(data, "seconds", here, strict),
+            resumed=(_flag(data, "resumed", here, strict) if "resumed" in data else False),
         )
 
     @property
@@ -313,6 +331,8 @@ class RoundRow:
             out["federated_eval"] = self.federated_eval.to_plain()
         if self.secagg is not None:
             out["secagg"] = self.secagg
+        if self.resumed:
+            out["resumed"] = True
         out["seconds"] = plain_number(self.seconds)
         return out
 
