@@ -1113,3 +1113,93 @@ def test_a_round_whose_headline_epsilon_understates_its_hospitals_fails(
     assert _verify(run) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert f"report.json round {last['round']} gives ε=" in out
+
+
+REPORT_CASES = ("failed after its masked input", "failed and averaged",
+                "failed after input, round aborted", "aborted round, lines carried",
+                "carried line says trained", "line of a later round",
+                "averaged on a carried line", "carried entry relabelled",
+                "unnamed node, one hospital", "unnamed node, two hospitals",
+                "unnamed node, roster full")
+
+
+@settings(max_examples=22, deadline=None)
+@given(case=st.sampled_from(REPORT_CASES), index=st.integers(0, 2),
+       cid=st.sampled_from(["hospital-0", "hospital-1"]))
+def test_what_a_round_says_of_late_failures_carried_lines_and_unnamed_nodes_is_checked(
+        federation, case, index, cid) -> None:
+    """Property: honest accounts of a round PASS and doctored ones FAIL, whichever round
+    and hospital. A hospital listed both among the hospitals a secure round averaged and
+    among its failed passes, noted, exactly when the completed round's record names it
+    in ``failed_after_input`` (its masked input is in the sum); otherwise, or in an
+    aborted round, it fails. A round that asked nobody to train, whose lines are all
+    carried from the round before (``of_round``), passes; a carried line still cannot
+    account for an entry of its row's round, nor stand for a hospital the round
+    averaged, and a line of a later round fails. A report that calls a hospital's first
+    entry carried from an earlier run (``ledger_carried``) where its chain's rounds go
+    on counting fails. One unnamed failed node (``node-N``) can stand for one hospital
+    the round does not name (a note saying the server's word is taken), not two, and
+    not when the round already names every member of the roster."""
+    original = json.loads((federation / "out" / "report.json").read_text())
+    data = json.loads(json.dumps(original))
+    rows = data["rounds"]
+    row = rows[index]
+    r = row["round"]
+    other = "hospital-1" if cid == "hospital-0" else "hospital-0"
+    expect_pass = False
+    needle = ""
+    if case == "failed after its masked input":
+        row["failed"][cid] = "did not answer"
+        row["secagg"] = {"aborted": None, "failed_after_input": [cid]}
+        expect_pass, needle = True, f"{cid} failed in round {r} after its masked input"
+    elif case == "failed and averaged":
+        row["failed"][cid] = "did not answer"
+        row["secagg"] = {"aborted": None, "failed_after_input": [other]}
+        needle = "among the hospitals it averaged, and also as failed"
+    elif case == "failed after input, round aborted":
+        row["failed"][cid] = "did not answer"
+        row["secagg"] = {"aborted": "too few", "failed_after_input": [cid]}
+        needle = "among the hospitals it averaged, and also as failed"
+    elif case == "aborted round, lines carried":
+        # A round 4 that aborted before anyone trained: every line is round 3's.
+        extra = json.loads(json.dumps(rows[-1]))
+        extra["round"], extra["trained"], extra["failed"] = 4, [], {}
+        extra["secagg"] = {"aborted": "only 2 hospitals with valid keys; need at least 3"}
+        for line in extra["per_client"].values():
+            line["of_round"] = 3
+        rows.append(extra)
+        expect_pass = True
+    elif case == "carried line says trained":
+        row["per_client"][cid]["of_round"] = r - 1 if r > 1 else 0
+        row["trained"].remove(cid)
+        needle = f"does not mention {cid} (it holds only {cid}'s line of round"
+    elif case == "line of a later round":
+        row["per_client"][cid]["of_round"] = r + 1
+        needle = f"holds a line of {cid} from round {r + 1}, a later round"
+    elif case == "averaged on a carried line":
+        row["per_client"][cid]["of_round"] = r - 1 if r > 1 else 0
+        needle = "hospitals it averaged, but its line there is of round"
+    elif case == "carried entry relabelled":
+        for line in (x["per_client"][cid] for x in rows):
+            line["ledger_carried"] = 1
+        rows[0]["per_client"][cid]["trained"] = False
+        rows[0]["trained"].remove(cid)
+        needle = f"{cid}'s first 1 entry was spent before this run (ledger_carried)"
+    elif case.startswith("unnamed node"):
+        del row["per_client"][cid]
+        row["trained"].remove(cid)
+        row["failed"]["node-999"] = "did not answer"
+        if case == "unnamed node, one hospital":
+            expect_pass, needle = True, "Which hospital that node was is the server's word"
+        elif case == "unnamed node, two hospitals":
+            del row["per_client"][other]
+            row["trained"].remove(other)
+            needle = "records 1 unnamed failed node(s) (node-999) but does not name 2"
+        else:
+            row["failed"][cid] = "did not answer"
+            needle = "more hospitals than the roster holds"
+    code, out, md = _verify_text(federation, _report_text(data))
+    assert "Traceback" not in out
+    flat = " ".join(md.split())
+    assert code == (0 if expect_pass else 1), (case, out)
+    assert needle in flat, (case, flat[:3000])

@@ -280,3 +280,105 @@ def test_ctrl_c_before_the_run_starts_is_one_line_and_exit_130(capsys, monkeypat
     assert code == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("interrupted: ")
+
+
+def _signed_apps(state_root, identities):
+    def setup(ctx):
+        return hospital_setup(TASK, ctx, state_root)
+
+    def identity(ctx):
+        return identities[int(ctx.node_config["partition-id"])]
+
+    return {node: make_client_app(setup, POLICY, identity=identity) for node in (7, 8)}
+
+
+def _signed_run(tmp_path, crash_evaluating_round: int) -> tuple[dict, Path]:
+    """A signed 2-hospital run that crashes while evaluating ``crash_evaluating_round``
+    (after the hospitals released that round's updates), then resumes to its end; the
+    roster at ``tmp_path / "roster.json"``."""
+    from bract.records.ledger import SignerRoster
+    from bract.records.roster import Roster, write_roster
+
+    keys, identities = make_identities(2, "fed-resume-audit")
+    roster = tmp_path / "roster.json"
+    write_roster(roster, Roster("fed-resume-audit", keys, {1: "hospital-0", 2: "hospital-1"}))
+    signed = SignerRoster.read(roster)
+    config = {"task": "breast-cancer", "target_epsilon": POLICY.target_epsilon,
+              "delta": POLICY.delta}
+
+    def run(resume: bool, crash: int | None) -> dict:
+        ds = tasks.dataset_for(TASK)
+        model = tasks.build_model(TASK)
+        calls = []
+
+        def evaluate(w):
+            calls.append(1)
+            if len(calls) - 1 == crash:
+                raise RuntimeError("injected crash while evaluating")
+            load_weights(model, w)
+            return tasks.evaluate(model, ds.x_test, ds.y_test)
+
+        cfg = ServerConfig(
+            rounds=POLICY.rounds, num_clients=2, delta=POLICY.delta, out_dir=tmp_path / "out",
+            node_wait_seconds=1, show_progress=False, resume=resume, run_config=config,
+            roster=signed,
+        )
+        grid = FakeGrid(_signed_apps(tmp_path / "hosp", identities))
+        return run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
+
+    with pytest.raises(RuntimeError, match="injected crash while evaluating"):
+        run(False, crash_evaluating_round)
+    return run(True, None), roster
+
+
+def _audit(tmp_path, roster) -> tuple[int, str]:
+    from bract.cli import main
+
+    out = tmp_path / "out"
+    code = main(["audit", "verify", str(out / "ledger.jsonl"), "--roster", str(roster),
+                 "--report", str(out / "report.json"), "--pld-discretization", "1e-3",
+                 "--out", str(tmp_path / "audit")])
+    return code, " ".join((tmp_path / "audit" / "audit.md").read_text().split())
+
+
+@pytest.mark.parametrize("crash", [3, 4])
+def test_entries_of_an_interrupted_attempt_are_recorded_and_audited_as_such(
+        tmp_path, crash) -> None:
+    """The server dies after the hospitals released round ``crash``'s updates, before it
+    recorded the round; the resumed run re-runs it. In the last round (4) the lost
+    attempt spent the budget: the re-run is refused, and the hospitals' lines say they
+    did not train in a round their ledgers have an entry for. report.json marks the
+    round as resumed and records, per hospital, the entries of the interrupted attempt
+    (its chain shows them after the server's last record and before the re-run's
+    reply), and ``bract audit verify`` passes, noting them. The same report with the
+    record removed, or the round not marked resumed, fails."""
+    report, roster = _signed_run(tmp_path, crash)
+    row = report["rounds"][crash - 1]
+    assert row["resumed"] is True
+    assert not any(r.get("resumed") for r in report["rounds"] if r["round"] != crash)
+    for cid in ("hospital-0", "hospital-1"):
+        line = row["per_client"][cid]
+        assert line["ledger_interrupted"] == 1 and line["of_round"] == crash
+        assert line["trained"] is (crash < POLICY.rounds)
+    code, md = _audit(tmp_path, roster)
+    assert code == 0, md
+    for cid in ("hospital-0", "hospital-1"):
+        assert (f"{cid}'s entry {crash} (round {crash}) was spent in the interrupted attempt "
+                f"of round {crash}") in md
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    for edit in ("no record", "not resumed"):
+        doctored = json.loads(json.dumps(data))
+        last = doctored["rounds"][crash - 1]
+        if edit == "no record":
+            for line in last["per_client"].values():
+                line["ledger_interrupted"] = 0
+        else:
+            del last["resumed"]
+        (tmp_path / "out" / "report.json").write_text(json.dumps(doctored))
+        code, md = _audit(tmp_path, roster)
+        if crash == POLICY.rounds or edit == "not resumed":
+            assert code == 1, (edit, md)
+        if edit == "not resumed":
+            assert f"but round {crash} is not the first round of a resumed run" in md
+        elif crash == POLICY.rounds:
+            assert f"report.json round {crash} says hospital-0 did not train" in md

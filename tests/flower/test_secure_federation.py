@@ -370,8 +370,12 @@ def test_rounds_survive_dropouts_at_every_stage_and_abort_cleanly_below_threshol
         # with the survivors' shares.
         assert set(r1["secagg"]["alive"]) == everyone
     assert r1["trained"] == sorted(r1["secagg"]["alive"])
+    # Failed after their masked input (check or unmask stage): named as such, in the sum.
+    assert r1["secagg"]["failed_after_input"] == (
+        ["hospital-0", "hospital-1"] if stage in ("consistency", "unmask") else [])
     assert r2["secagg"]["aborted"]
     assert r2["trained"] == []
+    assert r2["secagg"]["failed_after_input"] == []  # an aborted round has no sum
     # Stages counted are those whose messages went out before the abort: train, mask,
     # check, unmask; after round 1's unmask dropouts, which had signed, round 2 is
     # pipelined (train+mask, check, unmask).
@@ -759,3 +763,93 @@ def test_one_context_keeps_the_most_recently_used_sessions_only() -> None:
 
     assert _session_key(first.node, "federation-0") in kept
     assert _session_key(first.node, f"federation-{3 * MAX_SESSIONS - 1}") in kept
+
+
+def test_a_round_that_never_opened_is_recorded_and_audited_as_not_applicable(
+        tmp_path) -> None:
+    """Three of five hospitals are unreachable when round 1 asks for key advertisements:
+    round 1 has two keyed hospitals and never opens (no configuration sent, nothing
+    received); they join in round 2. The server records a marker for round 1 with its
+    reason, and ``bract audit secagg`` on the honest recording passes, round 1's checks
+    n/a. Without the marker (round 1 simply missing) the audit fails; a marked view that
+    holds messages is audited as any other round, never waved through."""
+    import shutil
+
+    from bract.audit.secagg_audit import CHECKS, NOT_APPLICABLE, audit_views
+    from bract.secagg.recording import ServerView, read_view, write_view
+
+    def late_starters(msg, ctx, call_next):
+        if (msg.metadata.message_type.startswith("query") and int(msg.metadata.group_id) == 1
+                and int(ctx.node_config["partition-id"]) in (2, 3, 4)):
+            raise ConnectionError("hospital not up yet")
+        return call_next(msg, ctx)
+
+    views = tmp_path / "views"
+    policy = dataclasses.replace(NON_PRIVATE, rounds=3)
+    report, _, _ = _run(tmp_path / "run", policy, secure=True, rounds=3, record_dir=views,
+                        extra_mods=[late_starters])
+    assert "need at least 3" in report["rounds"][0]["secagg"]["aborted"]
+    recorded = read_view(views)
+    assert [(v.round, bool(v.never_opened)) for v in recorded] == [
+        (1, True), (2, False), (3, False)]
+    audit = audit_views(recorded)
+    assert audit.passed, [c.detail for c in audit.checks if not c.passed]
+    first = [c for c in audit.checks if c.round == 1]
+    assert [c.name for c in first] == list(CHECKS)
+    assert all(c.status == NOT_APPLICABLE and "never opened" in c.detail
+               and "need at least 3" in c.detail for c in first)
+    # Round 1 simply missing: the audit fails.
+    shutil.rmtree(views / "round-1")
+    gap = audit_views(read_view(views))
+    assert not gap.passed and "round 1 missing from the view" in (gap.gap or "")
+    # A marker that holds messages is no marker: round 2's messages marked "never opened"
+    # are audited as round 2's view.
+    two = recorded[1]
+    marked = ServerView(1, two.messages, two.weighted_sum, two.total_weight,
+                        never_opened="forged")
+    write_view(marked, views / "round-1")
+    forged = audit_views(read_view(views))
+    assert not any(c.status == NOT_APPLICABLE and "never opened" in c.detail
+                   for c in forged.checks)
+
+
+@pytest.mark.parametrize("plan", [{(1, "unmask"): {0}}, {(1, "consistency"): {0}},
+                                  {(2, "config"): {0, 1, 2}}])
+def test_honest_dropouts_and_rounds_that_train_nobody_pass_bract_audit_verify(
+        tmp_path, monkeypatch, plan) -> None:
+    """An honest private secure run where a hospital drops at the check or unmask stage
+    after its masked input (in the sum: the round lists it both as averaged and as
+    failed, and its record names it in ``failed_after_input``), or where round 2 aborts
+    before anyone trains (every round-2 line is carried from round 1, marked
+    ``of_round``), passes ``bract audit verify``."""
+    import tests.flower.test_secure_federation as me
+    from bract.cli import main
+    from bract.records.roster import Roster, write_roster
+
+    made = {}
+    original = me.make_identities
+
+    def identities(n, fid):
+        roster, ids = original(n, fid)
+        made["roster"] = Roster(fid, roster, {i: f"hospital-{i - 1}" for i in roster})
+        return roster, ids
+
+    monkeypatch.setattr(me, "make_identities", identities)
+    policy = PrivacyPolicy(target_epsilon=8.0, delta=1e-5, rounds=3)
+    report, _, _ = _run(tmp_path / "run", policy, secure=True, rounds=3, drop_plan=plan)
+    r1, r2 = report["rounds"][:2]
+    if (2, "config") in plan:
+        assert r2["secagg"]["aborted"] and r2["trained"] == []
+        assert {line["of_round"] for line in r2["per_client"].values()} == {1}
+    else:
+        assert "hospital-0" in r1["trained"] and "hospital-0" in r1["failed"]
+        assert r1["secagg"]["failed_after_input"] == ["hospital-0"]
+    write_roster(tmp_path / "roster.json", made["roster"])
+    run = tmp_path / "run"
+    code = main(["audit", "verify", str(run / "ledger.jsonl"), "--roster",
+                 str(tmp_path / "roster.json"), "--report", str(run / "report.json"),
+                 "--pld-discretization", "1e-3", "--out", str(tmp_path / "audit")])
+    md = " ".join((tmp_path / "audit" / "audit.md").read_text().split())
+    assert code == 0, md
+    if (2, "config") not in plan:
+        assert "hospital-0 failed in round 1 after its masked input reached the server" in md
