@@ -995,3 +995,83 @@ def test_commitments_of_another_holder_are_not_under_this_holders_path() -> None
         f.clients[0].handle_mask_request(replace(req, headers=headers), *inputs[0],
                                          input_digest=SHARED_INPUT_DIGEST)
     f.clients[0].handle_mask_request(req, *inputs[0], input_digest=SHARED_INPUT_DIGEST)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(("shares", "masked", "signature", "unmask")), st.data())
+def test_a_message_naming_another_node_than_its_sender_is_refused_and_changes_nothing(
+        stage, data) -> None:
+    """Property: at every stage, a message whose node_id is not the node its sender
+    advertised from (a genuine message relayed by another client, or at the unmask
+    stage a forged reply with a wrong share, which would get its named node excluded)
+    is refused with AuthenticationError before it changes anything: the round then
+    completes exactly, with every client's own messages, and excludes nobody."""
+    n = 5
+    f = make_federation(n)
+    advertise_all(f)
+    inputs = random_inputs(n, D)
+    owner = data.draw(st.integers(0, n - 1), label="owner")
+    sender = data.draw(st.integers(0, n - 1).filter(lambda s: s != owner), label="sender")
+
+    def forged(msg):
+        with pytest.raises(AuthenticationError, match=f"names node {owner} but came from"):
+            deliver(msg, sender)
+
+    def deliver(msg, frm):
+        receive = {"shares": f.server.receive_shares, "masked": f.server.receive_masked_input,
+                   "signature": f.server.receive_consistency_signature,
+                   "unmask": f.server.receive_unmask_reply}[kind[type(msg).__name__]]
+        receive(msg, sender=frm)
+
+    kind = {"ShareKeys": "shares", "MaskedInput": "masked",
+            "ConsistencySignature": "signature", "UnmaskReply": "unmask"}
+    cfg = f.server.start_round(1, range(n), D)
+    shares = {v: f.clients[v].handle_round_config(cfg) for v in range(n)}
+    if stage == "shares":
+        forged(shares[owner])
+    for v in range(n):
+        deliver(shares[v], v)
+    masked = {v: f.clients[v].handle_mask_request(req, *inputs[v],
+                                                  input_digest=SHARED_INPUT_DIGEST)
+              for v, req in f.server.mask_requests().items()}
+    if stage == "masked":
+        forged(masked[owner])
+    for v in range(n):
+        deliver(masked[v], v)
+    creq = f.server.consistency_request()
+    sigs = {v: f.clients[v].handle_consistency_request(creq) for v in creq.alive}
+    if stage == "signature":
+        forged(sigs[owner])
+    for v in creq.alive:
+        deliver(sigs[v], v)
+    ureq = f.server.unmask_request()
+    replies = {v: f.clients[v].handle_unmask_request(ureq) for v in ureq.signers}
+    if stage == "unmask":
+        other = next(v for v in replies[owner].seed_owners if v != owner)
+        forged(_tamper_share(replies[owner], owner=other))
+        forged(replies[owner])
+    for v in ureq.signers:
+        deliver(replies[v], v)
+    res = f.server.finish()
+    assert res.excluded == ()
+    assert res.alive == tuple(range(n))
+    _exact(res, inputs)
+
+
+def test_a_sum_whose_total_weight_is_zero_aborts_cleanly() -> None:
+    """A malicious client that knows the others' weights offsets its own weight
+    coordinate so that the unmasked total weight is 0 (its data is not covered by its
+    signature): the sum has no average, and finish() aborts the round (RoundAborted)
+    instead of returning a result whose mean() raises."""
+    f, _, inputs = to_shared(4, D)
+    total = sum(w for _, w in inputs.values())
+    for v, req in f.server.mask_requests().items():
+        msg = f.clients[v].handle_mask_request(req, *inputs[v], input_digest=SHARED_INPUT_DIGEST)
+        if v == 0:
+            y = np.frombuffer(msg.data, dtype=np.uint64).copy()
+            y[-1:] -= np.uint64(total)  # ring arithmetic: the total weight becomes 0
+            msg = replace(msg, data=y.tobytes())
+        f.server.receive_masked_input(msg)
+    with pytest.raises(RoundAborted, match="total weight is 0, not positive"):
+        unmask_and_finish(f)
+    assert f.server.stage is None

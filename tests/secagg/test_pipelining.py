@@ -98,7 +98,8 @@ def schedules(draw):
 @given(schedules())
 def test_pipelined_rounds_are_each_exact_or_abort_cleanly_with_the_next(schedule) -> None:
     """Property: in a run of pipelined rounds under any dropout schedule, every round
-    whose sharers stay at least t by the unmask stage completes with exactly the
+    whose sharers stay at least t by the unmask stage, and whose arrived weights sum to
+    more than 0, completes with exactly the
     weighted sum of the sharers whose masked input arrived; a round that cannot
     completes nothing, and the next round opened with it is abandoned (the server is
     left with no round open). Every round is held to the roster's collusion bound, so
@@ -113,8 +114,9 @@ def test_pipelined_rounds_are_each_exact_or_abort_cleanly_with_the_next(schedule
         here = drops.get(r, {})
         arrived = [v for v in sharers if here.get(v) != "mask"]
         unmaskers = [v for v in arrived if here.get(v) not in ("consistency", "unmask")]
-        if res is None:
-            assert len(sharers) < t or len(arrived) < max(t, c + 2) or len(unmaskers) < t
+        if res is None:  # too few left, or a sum with no average (total weight 0)
+            assert (len(sharers) < t or len(arrived) < max(t, c + 2) or len(unmaskers) < t
+                    or sum(inputs[v][1] for v in arrived) == 0)
             assert f.server.stage is None  # neither this round nor the next is open
             assert r == len(history)
             continue

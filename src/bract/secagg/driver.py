@@ -96,26 +96,26 @@ def run_round(
     for v in parts:
         if alive_at(v, "config"):
             reply = clients[v].handle_round_config(send("config", v, cfg, raw))
-            server.receive_shares(_wire(reply, wire))
+            server.receive_shares(_wire(reply, wire), sender=v)
 
     for v, req in server.mask_requests().items():
         if alive_at(v, "mask"):
             vec, w = inputs[v]
             reply = clients[v].handle_mask_request(send("mask", v, req), vec, w,
                                                    input_digest=input_digest)
-            server.receive_masked_input(_wire(reply, wire))
+            server.receive_masked_input(_wire(reply, wire), sender=v)
 
     creq = server.consistency_request()
     raw = creq.to_bytes()
     for v in creq.alive:
         if alive_at(v, "consistency"):
             reply = clients[v].handle_consistency_request(send("consistency", v, creq, raw))
-            server.receive_consistency_signature(_wire(reply, wire))
+            server.receive_consistency_signature(_wire(reply, wire), sender=v)
 
     ureq = server.unmask_request()
     raw = ureq.to_bytes()
     for v in ureq.signers:
         if alive_at(v, "unmask"):
             reply = clients[v].handle_unmask_request(send("unmask", v, ureq, raw))
-            server.receive_unmask_reply(_wire(reply, wire))
+            server.receive_unmask_reply(_wire(reply, wire), sender=v)
     return server.finish()

@@ -1404,11 +1404,35 @@ class ServerSession:
         self._round = self._next = None
         return RoundAborted(why, cheaters=tuple(sorted(cheaters)))
 
-    def receive_shares(self, msg: ShareKeys) -> None:
+    def _check_sender(self, msg: Message, sender: int | None) -> None:
+        """Refuse ``msg`` unless it came from the transport identity that holds its
+        ``node_id``: the origin of that node's accepted key advertisement.
+
+        ``sender`` is the transport identity the message arrived from (the Flower node
+        id; the in-memory driver passes the node id it advertised under). ``None``
+        skips the check: only a caller that routes every message itself (a test
+        playing each client in turn) may omit it. Raises before any state changes, so
+        a refused message leaves the round as it was."""
+        if sender is None:
+            return
+        u = getattr(msg, "node_id", None)
+        adv = self._adverts.get(u) if isinstance(u, int) else None
+        if adv is None or adv.origin != sender:
+            holder = next((v for v, a in sorted(self._adverts.items()) if a.origin == sender),
+                          None)
+            who = "no node" if holder is None else f"node {holder}"
+            raise AuthenticationError(
+                f"{type(msg).__name__} names node {u} but came from {sender}, which holds "
+                f"{who}'s keys: a client answers only for itself"
+            )
+
+    def receive_shares(self, msg: ShareKeys, *, sender: int | None = None) -> None:
         """Stage 1 reply: a client's signed round mask key, commitments and one
         ciphertext per neighbour, each of the exact size the round fixes (for the
-        current round, or for the next one opened by :meth:`start_next_round`)."""
+        current round, or for the next one opened by :meth:`start_next_round`).
+        ``sender``: the transport identity it came from (:meth:`_check_sender`)."""
         _expect(msg, ShareKeys)
+        self._check_sender(msg, sender)
         nxt = self._next
         if nxt is not None and getattr(msg, "round", None) == nxt.config.round:
             rnd = self._current(msg, "config", nxt)
@@ -1496,9 +1520,11 @@ class ServerSession:
             raise ProtocolViolation("no round is open")
         self._round.expected_input = bytes(input_digest)
 
-    def receive_masked_input(self, msg: MaskedInput) -> None:
-        """Stage 2 reply: add ``y_u`` to the running sum at once (nothing per client is kept)."""
+    def receive_masked_input(self, msg: MaskedInput, *, sender: int | None = None) -> None:
+        """Stage 2 reply: add ``y_u`` to the running sum at once (nothing per client is kept).
+        ``sender``: the transport identity it came from (:meth:`_check_sender`)."""
         _expect(msg, MaskedInput)
+        self._check_sender(msg, sender)
         rnd = self._current(msg, "mask")
         u = msg.node_id
         if u not in rnd.sharers:
@@ -1541,9 +1567,12 @@ class ServerSession:
                                   alive, [rnd.inputs[v][0] for v in alive],
                                   [rnd.inputs[v][1] for v in alive])
 
-    def receive_consistency_signature(self, msg: ConsistencySignature) -> None:
-        """Stage 3 reply: verify and keep an alive client's signature over (U1, U2)."""
+    def receive_consistency_signature(self, msg: ConsistencySignature, *,
+                                      sender: int | None = None) -> None:
+        """Stage 3 reply: verify and keep an alive client's signature over (U1, U2).
+        ``sender``: the transport identity it came from (:meth:`_check_sender`)."""
         _expect(msg, ConsistencySignature)
+        self._check_sender(msg, sender)
         rnd = self._current(msg, "consistency")
         u = msg.node_id
         if u not in rnd.alive:
@@ -1571,16 +1600,21 @@ class ServerSession:
                              sorted(set(rnd.sharers) - rnd.alive), signers,
                              [rnd.signatures[s] for s in signers])
 
-    def receive_unmask_reply(self, msg: UnmaskReply) -> None:
+    def receive_unmask_reply(self, msg: UnmaskReply, *, sender: int | None = None) -> None:
         """Stage 4 reply: check every share against its dealer's signed commitment and
         collect it (seed shares of alive owners, key shares of dropped ones).
 
         A reply holding a share that does not open its commitment is discarded whole
         and its sender is excluded from the round and named in the result
         (:class:`AuthenticationError` is raised and the exclusion is kept: the one
-        state change a refused message makes).
+        state change a refused message makes). The reply is unsigned, so the
+        exclusion binds its sender only through ``sender`` (:meth:`_check_sender`): a
+        caller that knows the transport identity must pass it, or any client could
+        answer in another's name and have that one excluded; a reply naming another
+        node than its sender's is refused before it changes anything.
         """
         _expect(msg, UnmaskReply)
+        self._check_sender(msg, sender)
         rnd = self._current(msg, "unmask")
         u = msg.node_id
         if u not in rnd.signatures:
@@ -1627,7 +1661,10 @@ class ServerSession:
         against its dealer's commitment), strip the masks, decode the sum.
 
         Raises only :class:`RoundAborted` (naming any client caught cheating) when the
-        remaining valid shares cannot remove every mask; never returns a wrong sum.
+        remaining valid shares cannot remove every mask, or when the unmasked sum does
+        not decode or its total weight is not positive (a client broke its encoding);
+        never returns a wrong sum. A returned result's ``total_weight`` is positive, so
+        its :meth:`AggregateResult.mean` never raises.
         """
         rnd = self._round
         if rnd is None or rnd.stage != "unmask":
@@ -1692,6 +1729,10 @@ class ServerSession:
             raise self._abort(f"round {cfg.round} aborted: the unmasked sum does not decode "
                               f"({exc}); a client sent a vector outside its encoding",
                               rnd.excluded) from None
+        if total_weight <= 0:  # honest weights are >= 1 each: some client offset its own
+            raise self._abort(f"round {cfg.round} aborted: the unmasked total weight is "
+                              f"{total_weight}, not positive, so there is no average; a "
+                              "client sent a vector outside its encoding", rnd.excluded)
         enc = EncodingConfig(cfg.clip, cfg.frac_bits, cfg.max_weight, cfg.ring_bits)
         self._round, self._next = self._next, None
         return AggregateResult(cfg.round, weighted_sum, total_weight, tuple(sorted(rnd.alive)),

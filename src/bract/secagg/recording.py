@@ -222,36 +222,36 @@ class RecordingServerSession(ServerSession):
         self.log.append(("out", cfg))
         return cfg
 
-    def receive_shares(self, msg: Any) -> None:
+    def receive_shares(self, msg: Any, *, sender: int | None = None) -> None:
         self.log.append(("in", msg))
-        super().receive_shares(msg)
+        super().receive_shares(msg, sender=sender)
 
     def mask_requests(self) -> dict[int, MaskRequest]:
         reqs = super().mask_requests()
         self.log.extend(("out", r) for _, r in sorted(reqs.items()))
         return reqs
 
-    def receive_masked_input(self, msg: MaskedInput) -> None:
+    def receive_masked_input(self, msg: MaskedInput, *, sender: int | None = None) -> None:
         self.log.append(("in", msg))
-        super().receive_masked_input(msg)
+        super().receive_masked_input(msg, sender=sender)
 
     def consistency_request(self) -> Any:
         req = super().consistency_request()
         self.log.append(("out", req))
         return req
 
-    def receive_consistency_signature(self, msg: Any) -> None:
+    def receive_consistency_signature(self, msg: Any, *, sender: int | None = None) -> None:
         self.log.append(("in", msg))
-        super().receive_consistency_signature(msg)
+        super().receive_consistency_signature(msg, sender=sender)
 
     def unmask_request(self) -> UnmaskRequest:
         req = super().unmask_request()
         self.log.append(("out", req))
         return req
 
-    def receive_unmask_reply(self, msg: UnmaskReply) -> None:
+    def receive_unmask_reply(self, msg: UnmaskReply, *, sender: int | None = None) -> None:
         self.log.append(("in", msg))
-        super().receive_unmask_reply(msg)
+        super().receive_unmask_reply(msg, sender=sender)
 
 
 def write_view(view: ServerView, directory: Path) -> Path:
