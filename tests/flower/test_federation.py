@@ -542,3 +542,62 @@ def test_a_node_cannot_take_another_members_name() -> None:
     assert advertised_member(reply, 7, SignerRoster.of(Roster("fed-a", other_keys,
                                                               names))) is None
     assert advertised_member(reply, 7, SignerRoster.of(Roster("fed-b", keys, names))) is None
+
+
+def _naming_federation(roster=None):
+    """A Federation for naming checks only (nothing is run or written)."""
+    import tempfile
+    from pathlib import Path
+
+    from bract.flower.server import Federation
+
+    cfg = ServerConfig(rounds=1, num_clients=2, delta=1e-5,
+                       out_dir=Path(tempfile.gettempdir()) / "bract-naming-unused",
+                       show_progress=False, roster=roster)
+    return Federation(FakeGrid({}), lambda w: {}, cfg)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=20), st.sampled_from([7, 8]))
+def test_with_a_roster_a_reply_is_named_only_by_the_member_its_node_proved(
+        claimed, node) -> None:
+    """Property: with a roster, a report whose client id is not (empty or) the member
+    its node proved it is, is refused naming both and binds nothing; one that is, is
+    recorded under the proven member."""
+    from bract.flower.secagg_client import make_identities
+    from bract.records.ledger import SignerRoster
+    from bract.records.roster import Roster
+
+    keys, _ = make_identities(2, "fed-a")
+    fed = _naming_federation(SignerRoster.of(Roster("fed-a", keys, {1: "h-0", 2: "h-1"})))
+    fed.proven = {7: "h-0", 8: "h-1"}
+    proven = fed.proven[node]
+    name, problem = fed._bind_name(node, claimed)
+    assert name == proven
+    if claimed in ("", proven):
+        assert problem is None and fed.names == {node: proven}
+    else:
+        assert f"names it {claimed!r}" in problem and f"proves it is {proven!r}" in problem
+        assert fed.names == {}
+    # a node that proved nothing is refused whatever it claims
+    name, problem = fed._bind_name(9, claimed)
+    assert problem is not None and "has not proved" in problem and 9 not in fed.names
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.sampled_from(["a", "b", "c", ""])),
+                max_size=12))
+def test_without_a_roster_one_name_is_held_by_one_node_first_binding_wins(claims) -> None:
+    """Property: without a roster (names are the hospitals' own word), any sequence of
+    claims leaves each name held by at most one node and each node under one name: a
+    claim is accepted exactly when neither its name nor its node is bound to another."""
+    fed = _naming_federation()
+    for node, claimed in claims:
+        name = claimed or fed.names.get(node, f"node-{node}")  # empty: keeps its name
+        before = dict(fed.names)
+        free = all(v != name for n, v in before.items() if n != node) and \
+            before.get(node, name) == name
+        _, problem = fed._bind_name(node, claimed)
+        assert (problem is None) == free
+        assert fed.names == ({**before, node: name} if free else before)
+        assert len(set(fed.names.values())) == len(fed.names)

@@ -145,12 +145,14 @@ def names_to_id(names: dict[int, str], cid: str) -> int:
 
 
 def test_a_reply_whose_ledger_does_not_verify_is_treated_as_failed(tmp_path) -> None:
+    """Hospital-0 signs with a key the roster does not list: it cannot prove which
+    member it is, so its reply is refused under its node id before its ledger is read
+    (a ledger signed by the wrong key under a proven name: the secure test below)."""
     roster, idents = _identities(forge=0)
     report = _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp", idents)), roster)
     for row in report["rounds"]:
         assert row["trained"] == ["hospital-1"]
-        assert "invalid ledger" in row["failed"]["hospital-0"]
-        assert "signature does not verify" in row["failed"]["hospital-0"]
+        assert "has not proved which roster member it is" in row["failed"][f"node-{NODES[0]}"]
         assert "hospital-0" not in row["per_client"]
     chains = by_client(read_ledger(tmp_path / "out" / "ledger.jsonl"))
     assert list(chains) == ["hospital-1"] and len(chains["hospital-1"]) == 3
@@ -266,8 +268,8 @@ def test_a_hospital_whose_own_ledger_file_was_tampered_with_refuses(tmp_path, ta
     report = _run(tmp_path, grid, roster, resume=True)
     row = report["rounds"][2]
     assert row["trained"] == ["hospital-1"]
-    # (a resumed server knows the hospital by its node id until it answers well)
-    assert "does not match the chain head" in row["failed"][f"node-{NODES[0]}"]
+    # named by the member its signed key advertisement proves it is
+    assert "does not match the chain head" in row["failed"]["hospital-0"]
 
 
 
@@ -288,7 +290,7 @@ def test_a_hospital_whose_privacy_state_file_is_missing_refuses(tmp_path) -> Non
     report = _run(tmp_path, FakeGrid(_apps(hosp, idents)), roster, resume=True)
     row = report["rounds"][2]
     assert row["trained"] == ["hospital-1"]
-    assert row["failed"][f"node-{NODES[0]}"].endswith(
+    assert row["failed"]["hospital-0"].endswith(
         f"this hospital's privacy state is incomplete ({STATE_FILE} is missing); its "
         "operator must restore it from a backup (details in its own log)")
     assert (home / LEDGER_FILE).read_text() == kept and not (home / STATE_FILE).exists()
@@ -323,8 +325,8 @@ def test_a_ledger_at_the_top_of_the_state_directory_is_refused_until_it_is_moved
     row = json.loads((tmp_path / "out" / "report.json").read_text())["rounds"][1]
     assert row["trained"] == ["hospital-1"]
     assert "holds a privacy ledger in a layout it does not read" in \
-        row["failed"][f"node-{NODES[0]}"]
-    assert str(tmp_path) not in row["failed"][f"node-{NODES[0]}"]
+        row["failed"]["hospital-0"]
+    assert str(tmp_path) not in row["failed"]["hospital-0"]
     setup = hospital_setup(TASK, Context(run_id=1, node_id=7, state=RecordDict(),
                                          run_config={}, node_config={"partition-id": 0}),
                            hosp)
@@ -425,3 +427,90 @@ def test_two_federations_training_the_same_data_at_once_lose_no_spent_round(
                            expected_length=sum(trained.values())).ok
         assert [e.federation_id for e in own].count("fed-A") == trained["fed-A"]
         assert epsilon_of([e.event for e in own], POLICY.delta) <= POLICY.target_epsilon
+
+
+def _claim_to_be(name: str):
+    """A mod: hospital-0's train replies name it ``name`` with an empty chain, saying in
+    round 1 that its budget is spent and in round 2 that it trained (review F3)."""
+    from bract.flower.records import PRIVACY_REPORT
+
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if (int(ctx.node_config["partition-id"]) != 0 or msg.metadata.message_type != "train"
+                or reply.has_error() or PRIVACY_REPORT not in reply.content.config_records):
+            return reply
+        rec = reply.content.config_records[PRIVACY_REPORT]
+        rec["client-id"] = name
+        rec["ledger"] = json.dumps({"client_id": name, "events": []})
+        rec["signed-ledger"] = ""
+        rec["appended"] = 0
+        if msg.metadata.group_id == "1":
+            rec["trained"] = False
+            rec["reason"] = "privacy budget exhausted (said by hospital-0)"
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
+def test_a_hospital_cannot_report_in_another_members_name(tmp_path, secure) -> None:
+    """Regression (review F3): with a roster, hospital-0 sends privacy reports naming it
+    hospital-1 (an empty chain, a forged stop in round 1). The server names each node by
+    the member its signed key advertisement proves it is, so the reports are refused as
+    hospital-0's failure saying why; hospital-1 is never stopped, never failed, and
+    trains every round once, and nobody is listed twice."""
+    task = tasks.TaskConfig(dataset="breast-cancer", clients=3, batch_size=32, lr=0.2)
+    keys, idents = make_identities(3, FED)
+    roster = SignerRoster.from_json(
+        Roster(FED, keys, {i + 1: f"hospital-{i}" for i in range(3)}).to_json())
+
+    def setup(ctx):
+        return hospital_setup(task, ctx)
+
+    def pick(ctx):
+        return idents[int(ctx.node_config["partition-id"])]
+
+    policy = dataclasses.replace(POLICY, rounds=2)
+    apps = {node: make_client_app(setup, policy, secagg=pick if secure else None,
+                                  identity=pick, mods=[_claim_to_be("hospital-1")])
+            for node in (11, 12, 13)}
+    cfg = ServerConfig(
+        rounds=2, num_clients=3, delta=policy.delta, out_dir=tmp_path, node_wait_seconds=1,
+        show_progress=False, roster=roster,
+        secagg=SecAggSettings(FED, keys, clip=8.0, colluders=0) if secure else None,
+    )
+    report = run_federation(FakeGrid(apps), weights_of(tasks.build_model(task)),
+                            lambda w: {}, cfg)
+    for row in report["rounds"]:
+        assert row["trained"] == ["hospital-1", "hospital-2"]
+        assert list(row["failed"]) == ["hospital-0"]
+        assert ("its report names it 'hospital-1', but its signed key advertisement proves "
+                "it is 'hospital-0'") in row["failed"]["hospital-0"]
+        assert row["per_client"]["hospital-1"]["trained"]
+    assert report["final"]["stopped"] == {}
+    assert sorted(by_client(read_ledger(tmp_path / "ledger.jsonl"))) == ["hospital-1",
+                                                                          "hospital-2"]
+
+
+def test_a_node_that_proves_no_roster_membership_is_refused(tmp_path) -> None:
+    """Plain FedAvg with a roster: a hospital that answers the identity query with a
+    key advertisement that proves nothing here (one of another federation) is refused
+    under its node id; its report is never read, so it is in no round's trained list
+    and the server's ledger holds nothing of it."""
+    from bract.flower.client import identity_handler
+
+    roster, idents = _identities()
+    _, foreign = make_identities(len(NODES), "another-federation")
+
+    def foreign_proof(msg, ctx, call_next):
+        if (int(ctx.node_config["partition-id"]) == 0
+                and msg.metadata.message_type == "query.secagg_advertise"):
+            return identity_handler(foreign[0])(msg, ctx)
+        return call_next(msg, ctx)
+
+    report = _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp", idents, mods=[foreign_proof])),
+                  roster)
+    for row in report["rounds"]:
+        assert row["trained"] == ["hospital-1"]
+        assert "has not proved which roster member it is" in row["failed"][f"node-{NODES[0]}"]
+    assert sorted(by_client(read_ledger(tmp_path / "out" / "ledger.jsonl"))) == ["hospital-1"]

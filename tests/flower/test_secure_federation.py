@@ -91,7 +91,8 @@ def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="n
         secagg=settings,
     )
     report = run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
-    final = dict(np.load(tmp_path / "m.npz"))
+    # no model file when no round averaged an update
+    final = dict(np.load(tmp_path / "m.npz")) if (tmp_path / "m.npz").exists() else None
     return report, grid, final
 
 
@@ -853,3 +854,125 @@ def test_honest_dropouts_and_rounds_that_train_nobody_pass_bract_audit_verify(
     assert code == 0, md
     if (2, "config") not in plan:
         assert "hospital-0 failed in round 1 after its masked input reached the server" in md
+
+
+def _masked_input_mod(hospital: int, rewrite):
+    """Hospital ``hospital`` (partition id) sends ``rewrite(masked input, ring)``'s
+    result instead of its masked input (a malicious hospital's own vector)."""
+    from bract.flower.records import secagg_from_record, secagg_to_record
+    from bract.secagg.encoding import RING_DTYPES
+    from bract.secagg.messages import MaskedInput
+
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if (int(ctx.node_config["partition-id"]) != hospital or reply.has_error()
+                or SECAGG not in reply.content.config_records):
+            return reply
+        m = secagg_from_record(reply.content.config_records[SECAGG])
+        if isinstance(m, MaskedInput):
+            y = np.frombuffer(m.data, dtype=RING_DTYPES[m.ring_bits]).copy()
+            if rewrite(m, y):
+                reply.content.config_records[SECAGG] = secagg_to_record(
+                    dataclasses.replace(m, data=y.tobytes()))
+        return reply
+
+    return mod
+
+
+def test_a_hospital_cannot_frame_another_at_the_unmask_stage(tmp_path) -> None:
+    """Regression (review F4): hospital-0 answers its unmask request with an unmask
+    reply in hospital-1's secure-aggregation name holding a wrong share. The server
+    refuses it because it names another hospital than its sender (hospital-0's failure,
+    saying so) before the protocol sees it: nobody is excluded, hospital-1's own reply
+    is taken, and with one colluder declared (t = 4 of 5) the round still completes."""
+    import os
+
+    from bract.flower.records import secagg_from_record, secagg_to_record
+    from bract.secagg.messages import UnmaskReply, UnmaskRequest
+
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        req = msg.content.config_records.get(SECAGG)
+        if (int(ctx.node_config["partition-id"]) != 0 or req is None or reply.has_error()
+                or secagg_from_record(req).KIND != UnmaskRequest.KIND):
+            return reply
+        req = secagg_from_record(req)
+        owner = next(v for v in req.alive if v != 2)
+        forged = UnmaskReply(req.federation_id, req.round, 2, [owner],
+                             [os.urandom(1) + bytes(65)], [os.urandom(32)], [], [], [])
+        reply.content.config_records[SECAGG] = secagg_to_record(forged)
+        return reply
+
+    report, _, _ = _run(tmp_path, NON_PRIVATE, secure=True, rounds=1, colluders=1,
+                        extra_mods=[mod])
+    (row,) = report["rounds"]
+    assert row["secagg"]["aborted"] is None and row["secagg"]["excluded"] == []
+    assert row["trained"] == [f"hospital-{i}" for i in range(5)]  # its input was summed
+    assert list(row["failed"]) == ["hospital-0"]
+    assert "names secure-aggregation id 2, but the node holds id 1" in row["failed"]["hospital-0"]
+
+
+def test_a_total_weight_of_zero_aborts_the_round_cleanly_and_the_run_goes_on(
+        tmp_path, monkeypatch) -> None:
+    """Regression (review F5): in round 1 one hospital, knowing the others' weights,
+    offsets its weight coordinate so that the unmasked total weight is 0. The round
+    aborts (no average; the global model unchanged) instead of the federation crashing,
+    and round 2 completes."""
+    from bract.secagg import protocol
+
+    weights: dict[tuple[int, int], int] = {}
+    honest = protocol.ClientSession.handle_mask_request
+
+    def spy(self, req, vector, weight, **kw):  # the attacker's knowledge of the weights
+        weights[(req.round, self.node_id)] = int(weight)
+        return honest(self, req, vector, weight, **kw)
+
+    monkeypatch.setattr(protocol.ClientSession, "handle_mask_request", spy)
+
+    def zero_total(m, y):
+        if m.round >> 20 != 1:
+            return False
+        y[-1] -= np.array(sum(w for (r, _), w in weights.items() if r == m.round),
+                          dtype=y.dtype)
+        return True
+
+    report, _, final = _run(tmp_path, NON_PRIVATE, secure=True, rounds=2,
+                            extra_mods=[_masked_input_mod(4, zero_total)])
+    r1, r2 = report["rounds"]
+    assert "total weight is 0, not positive" in r1["secagg"]["aborted"]
+    assert r1["trained"] == [] and r1["aggregated"] is False
+    assert r2["secagg"]["aborted"] is None and len(r2["trained"]) == 5
+    assert final is not None
+
+
+def test_consecutive_rounds_aborted_after_training_stop_the_federation(tmp_path) -> None:
+    """Regression (review F8): one hospital flips the top bit of its masked weight every
+    round, so every round aborts after its hospitals trained (each spent budget for no
+    model). After abort_limit (2 by default) such rounds in a row the federation stops,
+    report.json's stopped_early says why in one line, and the report counts as failed
+    (what makes the CLI exit non-zero)."""
+    from bract.records.report import RunReport
+
+    def flip(m, y):
+        y[-1] += np.array(1 << (m.ring_bits - 1), dtype=y.dtype)
+        return True
+
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=4)
+    report, _, final = _run(tmp_path, policy, secure=True, rounds=4,
+                            extra_mods=[_masked_input_mod(4, flip)])
+    assert [r["round"] for r in report["rounds"]] == [1, 2]  # rounds 3 and 4 never ran
+    assert all("does not decode" in r["secagg"]["aborted"] for r in report["rounds"])
+    why = report["stopped_early"]
+    assert why.startswith("after round 2: 2 consecutive secure rounds aborted after their "
+                          "hospitals had trained") and "abort_limit 2" in why
+    assert "\n" not in why and final is None
+    assert report["final"]["model_trained"] is False
+    assert RunReport.from_plain(report).errors()
+
+
+def test_the_abort_limit_is_an_int_of_at_least_one_or_none() -> None:
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="abort_limit"):
+            SecAggSettings("f", {}, abort_limit=bad)
+    assert SecAggSettings("f", {}).abort_limit == 2
+    assert SecAggSettings("f", {}, abort_limit=None).to_plain()["abort_limit"] is None

@@ -25,19 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context, Message
+from flwr.app import Context
 from flwr.clientapp import ClientApp
 
 from bract.flower.client import (
     HospitalSetup,
     PolicyLike,
     SignerLike,
-    contain_errors_mod,
     make_client_app,
 )
 from bract.flower.config import FederationConfig
 from bract.flower.records import AGGREGATED_METRICS
-from bract.flower.secagg_client import IdentityLike, SecAggIdentity, advertise_handler
+from bract.flower.secagg_client import IdentityLike
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig
 from bract.records.ledger import SignerRoster
@@ -85,23 +84,7 @@ def client_app(hospitals: Hospitals) -> ClientApp:
         identity=hospitals.identity,
         allow_plain_aggregation=hospitals.allow_plain_aggregation,
     )
-    if hospitals.secagg is None and hospitals.identity is not None:
-        app.query("secagg_advertise", mods=[contain_errors_mod, *hospitals.mods])(
-            _identity_handler(hospitals.identity))
     return app
-
-
-def _identity_handler(identity: SignerLike) -> Callable[[Message, Context], Message]:
-    """The signed key advertisement of a plain-FedAvg hospital with a signing identity;
-    a hospital without one (``identity(ctx)`` is ``None``) refuses in one line."""
-
-    def signer(ctx: Context) -> SecAggIdentity:
-        ident = identity(ctx) if callable(identity) else identity
-        if ident is None:
-            raise ValueError("this hospital has no identity key to prove its name with")
-        return ident
-
-    return advertise_handler(signer)
 
 
 def secagg_settings(fed: FederationConfig, roster: Roster,

@@ -43,6 +43,7 @@ from bract.flower.secagg_client import (
     IdentityLike,
     PlainAggregationRefused,
     SecAggIdentity,
+    advertise_handler,
     masks_this_reply,
     register_secagg,
     secagg_mod,
@@ -779,7 +780,10 @@ def make_client_app(
     secure-aggregation record is refused before training unless
     ``allow_plain_aggregation`` (or a function of the Context) lets it take part in
     plain FedAvg. ``identity`` signs the hospital's ledger
-    entries (default: the ``secagg`` identity; give it to sign plain runs too).
+    entries (default: the ``secagg`` identity; give it to sign plain runs too); a
+    hospital with an ``identity`` and no ``secagg`` answers the server's identity
+    query (``query.secagg_advertise``) with its signed key advertisement, so a server
+    with a roster can tell which member it is.
     ``mods`` wrap every handler, inside the metrics guard (e.g. fault injection).
     """
     app = ClientApp()
@@ -790,4 +794,22 @@ def make_client_app(
         register_secagg(app, secagg, mods=[contain_errors_mod, *mods])
     signer = identity if identity is not None else secagg
     app.train(mods=train_mods)(dp_train_handler(setup_fn, policy, signer, release_metrics))
+    if secagg is None and identity is not None:
+        # A server with a roster names a plain-FedAvg hospital only by this proof.
+        app.query("secagg_advertise", mods=[contain_errors_mod, *mods])(
+            identity_handler(identity))
     return app
+
+
+def identity_handler(identity: SignerLike) -> Callable[[Message, Context], Message]:
+    """The signed key advertisement of a plain-FedAvg hospital with a signing identity
+    (the proof of which roster member it is: :func:`bract.flower.server.advertised_member`);
+    a hospital without one (``identity(ctx)`` is ``None``) refuses in one line."""
+
+    def signer(ctx: Context) -> SecAggIdentity:
+        ident = identity(ctx) if callable(identity) else identity
+        if ident is None:
+            raise ValueError("this hospital has no identity key to prove its name with")
+        return ident
+
+    return advertise_handler(signer)

@@ -60,6 +60,7 @@ from bract.flower.records import (
 )
 from bract.secagg import (
     AggregateResult,
+    AuthenticationError,
     EncodingConfig,
     KeyAdvertisement,
     KeyRotationRequired,
@@ -186,6 +187,11 @@ class SecAggSettings:
     #: and sent, and the aggregate) is written to ``record_dir/round-N`` for
     #: ``bract audit secagg --view`` to check that no single update can be recovered.
     record_dir: str | None = None
+    #: Stop the federation after this many consecutive secure rounds that aborted after
+    #: their hospitals trained (each spent its privacy budget on a round that produced
+    #: no model; one malicious hospital can make every round abort, see
+    #: docs/secagg.md); ``None`` never stops for this.
+    abort_limit: int | None = 2
 
     def __post_init__(self) -> None:
         if self.max_weight is not None:
@@ -207,6 +213,11 @@ class SecAggSettings:
             except SecAggError as exc:
                 raise ValueError(f"{exc} (for the {len(self.roster)} hospitals of the "
                                  "roster)") from None
+        if self.abort_limit is not None and (
+                not isinstance(self.abort_limit, int) or isinstance(self.abort_limit, bool)
+                or self.abort_limit < 1):
+            raise ValueError(f"abort_limit must be an int >= 1 or None, got "
+                             f"{self.abort_limit!r}")
         if self.aggregate_metrics not in (0, len(AGGREGATED_METRICS)):
             raise ValueError(
                 f"aggregate_metrics must be 0 (no metric leaves) or "
@@ -247,7 +258,7 @@ class SecAggSettings:
             "max_weight": "auto" if self.max_weight is None else self.max_weight,
             "graph": self.graph, "colluders": self.colluders, "min_honest": self.min_honest,
             "dropouts": self.dropouts, "aggregate_metrics": self.aggregate_metrics,
-            "record_dir": self.record_dir,
+            "record_dir": self.record_dir, "abort_limit": self.abort_limit,
         }
 
 
@@ -552,7 +563,7 @@ class SecureAggregator:
         self._train_exchange(rnd, requests, self._receive_masked_input, hooks)
 
     def _train_exchange(
-        self, rnd: int, requests: Mapping[int, SecAggMessage], receive: Callable[[Any], None],
+        self, rnd: int, requests: Mapping[int, SecAggMessage], receive: Callable[..., None],
         hooks: RoundHooks,
     ) -> None:
         """The ``train`` stage: each request with the training instruction; the protocol
@@ -625,7 +636,8 @@ class SecureAggregator:
                 note(f"round {rnd}: {label(node)} did not share keys for round {rnd + 1}{why}")
                 continue
             try:
-                self.session.receive_shares(secagg_from_record(shares))
+                self.session.receive_shares(self._own(node, secagg_from_record(shares)),
+                                            sender=node)
             except SecAggError as exc:
                 note(f"round {rnd}: {label(node)}'s shares for round {rnd + 1} refused: {exc}")
 
@@ -714,19 +726,40 @@ class SecureAggregator:
         if stage in ("check", "unmask"):
             self._round_failed_late.add(node)
 
-    def _receive_masked_input(self, msg: Any) -> None:
+    def _receive_masked_input(self, msg: Any, *, sender: int) -> None:
         """Hand a masked input to the session; once accepted, its sender is alive."""
-        self.session.receive_masked_input(msg)
+        self.session.receive_masked_input(msg, sender=sender)
         self._round_alive.add(msg.node_id)
 
+    def _own(self, node: int, msg: SecAggMessage) -> SecAggMessage:
+        """``msg`` if it speaks for the Flower node ``node`` it came from: its
+        ``node_id`` is the secure-aggregation id ``node`` proved with its signed
+        advertisement (:meth:`ensure_keys`); else :class:`AuthenticationError`.
+
+        Guarantee: every protocol message a hospital sends reaches the session (and
+        the server's recorded view) only through this check, so no hospital can
+        answer, sign, share or be excluded in another's name; the session checks
+        the same binding again (its ``sender`` argument)."""
+        sid = self.sid_of.get(node)
+        claimed = getattr(msg, "node_id", None)
+        if sid is None or claimed != sid:
+            held = "no secure-aggregation id" if sid is None else f"id {sid}"
+            raise AuthenticationError(
+                f"its {type(msg).__name__} names secure-aggregation id {claimed}, but the "
+                f"node holds {held}: a hospital answers only for itself"
+            )
+        return msg
+
     def _receive(
-        self, rnd: int, node: int, reply: Message, receive: Callable[[Any], None],
+        self, rnd: int, node: int, reply: Message, receive: Callable[..., None],
         hooks: RoundHooks, stage: str,
     ) -> bool:
         """Hand a reply's protocol message to the session; False if it was refused (the
-        hospital then dropped out at ``stage``, and the round loop hears why)."""
+        hospital then dropped out at ``stage``, and the round loop hears why). A message
+        that names another hospital than the node it came from is refused here, before
+        the session sees it (:meth:`_own`), and counts as its sender's failure."""
         try:
-            receive(self._payload(reply))
+            receive(self._own(node, self._payload(reply)), sender=node)
         except RoundAborted:
             raise
         except SecAggError as exc:

@@ -287,7 +287,12 @@ class Federation:
         self.cfg = cfg
         self.record = FederationRecord(cfg.out_dir, cfg.run_config)
         self.checkpointer = Checkpointer(cfg.out_dir, cfg.run_config)
+        #: The name each Flower node's replies are recorded under (bound on its first
+        #: read reply; one node per name: :meth:`_bind_name`).
         self.names: dict[int, str] = {}
+        #: Plain FedAvg with a roster: the member each node proved it is, by its signed
+        #: key advertisement (:meth:`_prove_members`).
+        self.proven: dict[int, str] = {}
         self.latest: dict[str, HospitalRound] = {}
         self.stopped: dict[str, str] = {}
         self.active: list[int] = []
@@ -303,6 +308,9 @@ class Federation:
         self.failed: dict[str, str] = {}
         #: This round's per-coordinate noise std of each hospital's metrics release.
         self.release_noise: dict[str, float] = {}
+        #: Consecutive secure rounds (this run) that aborted after hospitals trained in
+        #: them: each spent budget for no model (SecAggSettings.abort_limit).
+        self.spent_aborts = 0
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -348,16 +356,77 @@ class Federation:
         )
 
     def _label(self, node: int) -> str:
-        """The hospital's name: from its privacy report, else (secure aggregation) the
-        roster member whose key signed the node's advertisement, else the node id."""
+        """The hospital's name: the one its replies are recorded under, else the roster
+        member it proved it is (:meth:`_proven_member`), else the node id."""
         if node in self.names:
             return self.names[node]
-        if self.secure is not None and self.cfg.roster is not None and self.cfg.secagg:
+        return self._proven_member(node) or f"node-{node}"
+
+    def _proven_member(self, node: int) -> str | None:
+        """The roster member the Flower node ``node`` proved it is, or ``None``: under
+        secure aggregation the member whose key signed the advertisement the node's
+        keys came from (origin-bound, :meth:`SecureAggregator.ensure_keys`); in plain
+        FedAvg the member its answer to the identity query proved (:func:`advertised_member`).
+        Without a roster nothing is proved."""
+        if self.cfg.roster is None:
+            return None
+        if node in self.proven:
+            return self.proven[node]
+        if self.secure is not None and self.cfg.secagg:
             key = self.cfg.secagg.roster.get(self.secure.sid_of.get(node, -1))
-            for name, known in self.cfg.roster.keys.items():
+            for name, known in sorted(self.cfg.roster.keys.items()):
                 if key is not None and known == key:
                     return name
-        return f"node-{node}"
+        return None
+
+    def _prove_members(self, rnd: int, nodes: Sequence[int]) -> None:
+        """Plain FedAvg with a roster: ask each node that has not yet proved which member
+        it is for its signed key advertisement (:data:`IDENTITY_QUERY`), and keep the
+        member each valid one proves (:func:`advertised_member`)."""
+        roster = self.cfg.roster
+        ask = [n for n in nodes if n not in self.proven]
+        if roster is None or not ask:
+            return
+        messages = [Message(RecordDict(), dst_node_id=n, message_type=IDENTITY_QUERY,
+                            group_id=str(rnd)) for n in ask]
+        replies = send_and_receive(self.grid, messages, self.cfg.round_timeout,
+                                   max_poll=self.cfg.reply_poll)
+        for node, reply in reply_sources(messages, replies):
+            name = advertised_member(reply, node, roster) if node in ask else None
+            if name is not None:
+                self.proven[node] = name
+
+    def _bind_name(self, node: int, claimed: str) -> tuple[str, str | None]:
+        """The name ``node``'s reply is recorded under, and why the reply must be refused
+        (``None``: it may be read; the node is then bound to that name).
+
+        Guarantee: with a roster, the name is the member the node proved it is
+        (:meth:`_proven_member`); a reply whose ``client-id`` names anyone else, or
+        that comes from a node that proved nothing, is refused. With or without a
+        roster, a name is bound to one node (the first whose reply was read) and a
+        node to one name for the whole run, so no reply is ever recorded under a name
+        another node holds. Without a roster the names themselves are the
+        hospitals' own word: a node may take any name not yet bound."""
+        if self.cfg.roster is not None:
+            proven = self._proven_member(node)
+            if proven is None:
+                return self._label(node), ("it has not proved which roster member it is "
+                                           "(no valid signed key advertisement from its node)")
+            if claimed and claimed != proven:
+                return proven, (f"its report names it {claimed!r}, but its signed key "
+                                f"advertisement proves it is {proven!r}")
+            name = proven
+        else:
+            name = claimed or self._label(node)
+        bound = self.names.get(node)
+        if bound is not None and bound != name:
+            return bound, f"its report names it {name!r}, but its node reported as {bound!r}"
+        holder = next((n for n, v in self.names.items() if v == name and n != node), None)
+        if holder is not None:
+            return self._label(node), (f"its report names it {name!r}, a name node-{holder} "
+                                       "already holds")
+        self.names[node] = name
+        return name, None
 
     def _read_train_reply(
         self, rnd: int, node: int, reply: Message, display: RunObserver
@@ -373,8 +442,11 @@ class Federation:
             self.failed[self._label(node)] = f"malformed reply: {exc}"
             display.note(f"round {rnd}: {self._label(node)} sent a malformed reply: {exc}")
             return None
-        cid = rep["client_id"] or self._label(node)
-        self.names[node] = cid
+        cid, problem = self._bind_name(node, str(rep["client_id"] or ""))
+        if problem is not None:  # a reply in another hospital's name changes nothing
+            self.failed[cid] = f"refused: {problem}"
+            display.note(f"round {rnd}: {cid}'s reply refused: {problem}")
+            return None
         try:
             chain = self._accept_chain(cid, rep)
         except (LedgerError, ValueError, TypeError) as exc:  # a hostile chain: this reply fails
@@ -440,6 +512,7 @@ class Federation:
     def _plain_round(self, rnd: int, display: RunObserver) -> tuple[list[str], RoundExtras]:
         """Plain FedAvg: updates and example counts travel in clear (--no-secagg)."""
         arrays = weights_to_record(self.global_weights)
+        self._prove_members(rnd, self.active)
         messages = []
         for node in self.active:
             content = RecordDict()
@@ -520,11 +593,20 @@ class Federation:
 
         hooks = _SecureRoundHooks(self, rnd, arrays, trained, display)
         result, info = self.secure.run_round(rnd, list(self.active), self._secure_dim(), hooks)
-        if result is None:
+        mean = None
+        if result is not None:
+            try:  # finish() returns a positive total weight; a sum without a mean aborts
+                mean = result.mean()
+            except SecAggError as exc:
+                info.aborted = f"the unmasked sum has no average: {exc}"
+        if mean is None:
             display.note(f"round {rnd}: secure aggregation aborted ({info.aborted}); "
                          "nothing was revealed and the global model is unchanged")
+            # The hospitals that trained spent budget on this round all the same.
+            self.spent_aborts = self.spent_aborts + 1 if trained else self.spent_aborts
             return [], RoundExtras(secagg=info.to_plain())
-        mean = result.mean()
+        assert result is not None
+        self.spent_aborts = 0
         offset = 0
         updated: Weights = {}
         for name, value in self.global_weights.items():
@@ -630,10 +712,33 @@ class Federation:
                     self.record.add_round(row)
                     self.checkpoint()
                 display.row(row)
+                if self._abort_limit_reached(rnd, row, display):
+                    break
                 if not self.active:
                     display.note(f"every hospital has stopped after round {rnd}; federation ends")
                     break
         return self._finish()
+
+    def _abort_limit_reached(self, rnd: int, row: RoundRow, display: RunObserver) -> bool:
+        """Whether the federation stops because its last ``abort_limit`` secure rounds
+        (:class:`SecAggSettings`) each aborted after hospitals trained in them.
+
+        Guarantee: no run spends the hospitals' budgets on more than ``abort_limit``
+        consecutive aborted rounds; when it stops, report.json's ``stopped_early`` says
+        so in one line naming the last abort's reason (the rounds themselves are
+        recorded as rounds that trained no hospital, which the CLI reports as an error
+        and exits non-zero for)."""
+        limit = self.cfg.secagg.abort_limit if self.cfg.secagg is not None else None
+        if limit is None or self.spent_aborts < limit:
+            return False
+        last = (row.secagg or {}).get("aborted")
+        why = (f"after round {rnd}: {self.spent_aborts} consecutive secure rounds aborted after "
+               f"their hospitals had trained (each spent privacy budget and produced no "
+               f"model; abort_limit {limit}); last: {last}")
+        display.note(f"stopping: {why}")
+        self.record.report["stopped_early"] = why
+        self.record.write()
+        return True
 
     def _note_carried_epsilons(self) -> None:
         """Give each hospital's line the epsilon its data carried into this run: 0 when
