@@ -17,10 +17,12 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bract.records.report import RoundRow, RunReport
+from bract.records.text import one_line
 
 log = logging.getLogger("bract.server")
 
@@ -79,7 +81,8 @@ class LiveTable:
             # One ε column per hospital when they fit; otherwise the max says it all.
             self.hospital_columns = present
             for cid in self.hospital_columns:
-                self.table.add_column(f"ε {cid.replace('hospital-', 'h')}", justify="right")
+                name = escape(one_line(cid.replace("hospital-", "h"), 40))
+                self.table.add_column(f"ε {name}", justify="right")
         # Updates in this round's aggregate (per_client keeps each hospital's last report).
         trained = len(row.trained)
         # No epsilon figure for a round no hospital reported on (never a 0 for a failure).
@@ -121,8 +124,15 @@ class LiveTable:
                 f"{row.seconds:.1f} s", highlight=False)
 
     def note(self, text: str) -> None:
+        """Tell the operator ``text`` (which may quote a hospital's words).
+
+        Guarantee: what is shown is :func:`~bract.records.text.one_line` of it (no
+        control character or escape sequence reaches the terminal or the log, at most
+        2000 characters), and on the live table its ``[`` are escaped, so no text can
+        end the run with a markup error or restyle the table."""
+        text = one_line(text, 2000)
         if self.enabled:
-            self.console.print(f"[yellow]{text}[/yellow]")
+            self.console.print(f"[yellow]{escape(text)}[/yellow]")
         else:
             log.warning(text)
 
