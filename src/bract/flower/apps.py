@@ -129,6 +129,7 @@ def server_config(
         secagg=secagg_settings(fed, roster, record_dir) if fed.secagg and roster else None,
         roster=SignerRoster.of(roster) if roster is not None else None,
         reply_poll=fed.reply_poll,
+        release_metrics=fed.release_metrics,
     )
 
 

@@ -14,9 +14,21 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from bract.flower.replies import (
+    MAX_DECISION_TEXT,
+    MAX_LEDGER_TEXT,
+    ReplyError,
+    count_field,
+    json_field,
+    name_field,
+    real_field,
+    text_field,
+)
 from bract.privacy import BudgetDecision, PrivacyLedger
 from bract.privacy.metrics_release import RELEASED_METRICS
-from bract.records.ledger import LedgerEntry, dumps_jsonl, loads_jsonl
+from bract.records.ledger import LedgerEntry, LedgerError, dumps_jsonl, loads_jsonl
+from bract.records.report import is_count
+from bract.records.text import one_line
 from bract.secagg import Message as SecAggMessage
 from bract.secagg import message_from_dict
 
@@ -110,11 +122,6 @@ def _finite_or_str(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)
 
 
-def parse_float(value: Any) -> float:
-    """Inverse of the encoding used for non-finite floats in records ('inf')."""
-    return float(value)
-
-
 def privacy_report_record(
     ledger: PrivacyLedger,
     decision: BudgetDecision,
@@ -158,26 +165,64 @@ def privacy_report_record(
 
 
 def read_privacy_report(content: RecordDict) -> dict[str, Any]:
-    """Parse a hospital's privacy report; raises ValueError naming what is missing."""
+    """Parse a hospital's privacy report, field by field (:mod:`bract.flower.replies`).
+
+    Guarantee: the only exception is :class:`~bract.flower.replies.ReplyError` (a
+    ``ValueError``) naming the field, whatever the record holds; every value returned
+    is in the range the run's report is read back in: ``client_id`` a printable name
+    of at most 128 characters (empty: none given); ``trained`` a ``bool``;
+    ``epsilon`` a number >= 0 or ``inf`` (never NaN); ``noise_multiplier`` finite and
+    >= 0 and ``sample_rate`` in [0, 1] (``nan`` when absent: unknown); ``steps``,
+    ``appended`` counts in [0, 2**53] and ``steps`` equal to the reported ledger's
+    DP-SGD steps (absent: that total); ``weight_bound`` an ``int`` >= 1 or ``None``;
+    ``decision`` a JSON object; ``reason`` one line of printable text of at most
+    :data:`~bract.records.text.MAX_TEXT` characters (:func:`~bract.records.text.one_line`);
+    the ledger and the signed chain parsed and range-checked by their own readers, their
+    texts at most :data:`~bract.flower.replies.MAX_LEDGER_TEXT` characters."""
     if PRIVACY_REPORT not in content.config_records:
-        raise ValueError(f"reply carries no {PRIVACY_REPORT!r} record")
+        raise ReplyError(f"reply carries no {PRIVACY_REPORT!r} record")
     rec = content.config_records[PRIVACY_REPORT]
     for key in ("client-id", "trained", "ledger", "epsilon", "reason"):
         if key not in rec:
-            raise ValueError(f"privacy report lacks {key!r}")
+            raise ReplyError(f"privacy report lacks {key!r}")
+    trained = rec["trained"]
+    if not isinstance(trained, bool):
+        raise ReplyError(f"'trained' is {one_line(repr(trained), 40)}, not true or false")
+    try:
+        ledger = PrivacyLedger.from_json(text_field(rec, "ledger", max_chars=MAX_LEDGER_TEXT))
+    except ReplyError:
+        raise
+    except ValueError as exc:  # PrivacyError
+        raise ReplyError(f"'ledger': {one_line(str(exc), 200)}") from None
+    try:
+        chain = loads_jsonl(text_field(rec, "signed-ledger", max_chars=MAX_LEDGER_TEXT,
+                                       default=""), "signed ledger")
+    except ReplyError:
+        raise
+    except LedgerError as exc:
+        raise ReplyError(f"'signed-ledger': {one_line(str(exc), 200)}") from None
+    total = ledger.total_steps
+    steps = count_field(rec, "steps", default=total if is_count(total) else 0)
+    if steps != total:
+        raise ReplyError(f"'steps' is {steps}, but its ledger records {total} DP-SGD steps")
+    decision = json_field(rec, "decision", max_chars=MAX_DECISION_TEXT, default="{}")
+    if not isinstance(decision, dict):
+        raise ReplyError("'decision' is not a JSON object")
+    # Only sizes the secure-aggregation ring, which caps it at what the ring carries.
+    bound = count_field(rec, "weight-bound", low=1, bounded=False, default=None)
     return {
-        "client_id": str(rec["client-id"]),
-        "trained": bool(rec["trained"]),
-        "ledger": PrivacyLedger.from_json(str(rec["ledger"])),
-        "epsilon": parse_float(rec["epsilon"]),
-        "noise_multiplier": float(rec.get("noise-multiplier", math.nan)),
-        "sample_rate": float(rec.get("sample-rate", math.nan)),
-        "steps": int(rec.get("steps", 0)),
-        "decision": json.loads(str(rec.get("decision", "{}"))),
-        "reason": str(rec["reason"]),
-        "chain": loads_jsonl(str(rec.get("signed-ledger", "")), "signed ledger"),
-        "appended": int(rec.get("appended", 1 if bool(rec["trained"]) else 0)),
-        "weight_bound": int(rec["weight-bound"]) if "weight-bound" in rec else None,
+        "client_id": name_field(rec, "client-id"),
+        "trained": trained,
+        "ledger": ledger,
+        "epsilon": real_field(rec, "epsilon", allow_inf=True),
+        "noise_multiplier": real_field(rec, "noise-multiplier", default=math.nan),
+        "sample_rate": real_field(rec, "sample-rate", high=1.0, default=math.nan),
+        "steps": steps,
+        "decision": decision,
+        "reason": one_line(text_field(rec, "reason", max_chars=2**31)),
+        "chain": chain,
+        "appended": count_field(rec, "appended", default=1 if trained else 0),
+        "weight_bound": bound,
     }
 
 

@@ -7,9 +7,14 @@ central test set, and records every hospital's epsilon (which covers all rounds
 so far) and its ledger of mechanism events.
 
 Robustness: a hospital that errors or does not answer is left out of that
-round's average and the round goes on; a hospital that refuses because its
-budget is spent is stopped, with its reason logged; a round in which nobody
-trained leaves the global model unchanged. The report and ledger files are
+round's average and the round goes on; so is one whose reply holds any value out of
+the range report.json is read back in (every field is read strictly,
+:mod:`bract.flower.replies`), and reading each reply is contained: whatever it raises
+fails that hospital for the round, with a one-line reason, never the run
+(:meth:`Federation._contained`). A hospital's own text is recorded and shown only as
+one bounded line of printable characters (:func:`bract.records.text.one_line`). A
+hospital that refuses because its budget is spent is stopped, with its reason logged;
+a round in which nobody trained leaves the global model unchanged. The report and ledger files are
 rewritten atomically after every round, so an interrupted run leaves a
 consistent record of the rounds it completed.
 
@@ -31,6 +36,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,12 +61,12 @@ from bract.flower.records import (
     SECAGG,
     TRAIN_INFO,
     read_privacy_report,
-    record_to_weights,
     reply_sources,
     secagg_from_record,
     weights_digest,
     weights_to_record,
 )
+from bract.flower.replies import ReplyError, read_clear_metrics, read_update, signed_epsilon
 from bract.flower.secagg_server import SecAggSettings, SecureAggregator
 from bract.records.ledger import (
     LedgerEntry,
@@ -70,7 +76,15 @@ from bract.records.ledger import (
     loads_jsonl,
     verify_chain,
 )
-from bract.records.report import FederatedEval, HospitalRound, RoundRow, RunReport, RunSummary
+from bract.records.report import (
+    MAX_COUNT,
+    FederatedEval,
+    HospitalRound,
+    RoundRow,
+    RunReport,
+    RunSummary,
+)
+from bract.records.text import one_line
 from bract.secagg import KeyAdvertisement, SecAggError
 from bract.secagg.crypto import verify_signature
 from bract.secagg.protocol import advertisement_statement
@@ -104,6 +118,9 @@ class ServerConfig:
     #: The longest pause (s) between two pulls while the server waits for replies
     #: (bract.flower.exchange): short, so a quick stage is not charged a fixed poll.
     reply_poll: float = REPLY_POLL_MAX
+    #: How the run releases the hospitals' metrics (``"none"``, ``"aggregate"``,
+    #: ``"clear"``): a plain reply's metrics in clear are read only under ``"clear"``.
+    release_metrics: str = "none"
 
 
 #: The largest example count a plain FedAvg reply may declare (float64 stays exact).
@@ -237,15 +254,21 @@ def federated_evaluation(rnd: int, totals: Mapping[str, float],
     round ``rnd`` (the result of round ``rnd - 1``) on their pooled held-out splits,
     from the totals of their released (noised) evaluation sums; ``None`` when the
     noised count of held-out examples is below one, or below
-    :data:`RELEASE_MIN_SIGMAS` times ``count_noise`` (the std of the noise on it)."""
+    :data:`RELEASE_MIN_SIGMAS` times ``count_noise`` (the std of the noise on it).
+
+    Guarantee: a row it returns reads back from report.json (its count a whole number
+    up to 2**53, loss and accuracy finite); totals that could not give one (a count
+    beyond 2**53, a non-finite sum) give ``None``."""
     n = float(totals.get("eval-examples", 0.0))
-    if n < max(1.0, RELEASE_MIN_SIGMAS * count_noise):
+    sums = (float(totals.get("eval-loss-sum", 0.0)), float(totals.get("eval-correct", 0.0)))
+    if (not n >= max(1.0, RELEASE_MIN_SIGMAS * count_noise) or n > MAX_COUNT
+            or not all(math.isfinite(v) for v in sums)):
         return None
     return FederatedEval(
         model_of_round=rnd - 1,
         examples=round(n),
-        loss=max(float(totals.get("eval-loss-sum", 0.0)) / n, 0.0),
-        accuracy=min(max(float(totals.get("eval-correct", 0.0)) / n, 0.0), 1.0),
+        loss=max(sums[0] / n, 0.0),
+        accuracy=min(max(sums[1] / n, 0.0), 1.0),
     )
 
 
@@ -253,11 +276,13 @@ def released_train_loss(totals: Mapping[str, float],
                         count_noise: float = 0.0) -> float | None:
     """The hospitals' pooled training loss of the global model they received, from their
     released (noised) sums; ``None`` when the noised count of records is below one, or
-    below :data:`RELEASE_MIN_SIGMAS` times ``count_noise``."""
+    below :data:`RELEASE_MIN_SIGMAS` times ``count_noise``, or a sum is not finite."""
     n = float(totals.get("train-examples", 0.0))
-    if n < max(1.0, RELEASE_MIN_SIGMAS * count_noise):
-        return None
-    return max(float(totals.get("train-loss-sum", 0.0)) / n, 0.0)
+    loss_sum = float(totals.get("train-loss-sum", 0.0))
+    if not (n >= max(1.0, RELEASE_MIN_SIGMAS * count_noise) and math.isfinite(n)
+            and math.isfinite(loss_sum)):
+        return None  # also NaN or infinite sums: no figure
+    return max(loss_sum / n, 0.0)
 
 
 @dataclass(frozen=True)
@@ -433,13 +458,15 @@ class Federation:
     ) -> str | None:
         """Record a training reply's privacy report; the hospital's id if it trained."""
         if reply.has_error():
-            self.failed[self._label(node)] = f"failed: {reply.error.reason}"
-            display.note(f"round {rnd}: {self._label(node)} failed: {reply.error.reason}")
+            # The hospital's text: one bounded line of printable characters.
+            why = one_line(reply.error.reason) or "(no reason given)"
+            self.failed[self._label(node)] = f"failed: {why}"
+            display.note(f"round {rnd}: {self._label(node)} failed: {why}")
             return None
         try:
             rep = read_privacy_report(reply.content)
         except ValueError as exc:
-            self.failed[self._label(node)] = f"malformed reply: {exc}"
+            self.failed[self._label(node)] = f"malformed reply: {one_line(str(exc))}"
             display.note(f"round {rnd}: {self._label(node)} sent a malformed reply: {exc}")
             return None
         cid, problem = self._bind_name(node, str(rep["client_id"] or ""))
@@ -450,10 +477,13 @@ class Federation:
         try:
             chain = self._accept_chain(cid, rep)
         except (LedgerError, ValueError, TypeError) as exc:  # a hostile chain: this reply fails
-            self.failed[self._label(node)] = f"invalid ledger: {exc}"
+            self.failed[self._label(node)] = f"invalid ledger: {one_line(str(exc))}"
             display.note(f"round {rnd}: {cid}'s ledger does not verify, reply ignored: {exc}")
             return None
         held = self.record.chains.get(cid, ())
+        # The epsilon its signed chain carries, not the unsigned figure beside it (a
+        # ReplyError when they disagree: _contained records this reply as malformed).
+        epsilon = signed_epsilon(chain, rep["trained"], rep["epsilon"], self.cfg.delta)
         self.record.chains[cid] = chain
         # Entries the hospital's data spent before this run (earlier runs, federations).
         prior = self.latest.get(cid)
@@ -472,7 +502,7 @@ class Federation:
                 self.release_noise[cid] = (entry.event.noise_multiplier
                                            * entry.event.max_grad_norm)
         self.latest[cid] = HospitalRound(
-            epsilon=float(rep["epsilon"]),
+            epsilon=epsilon,
             trained=bool(rep["trained"]),
             reason=str(rep["reason"]),
             steps=int(rep["steps"]),
@@ -530,26 +560,17 @@ class Federation:
         released_by: list[str] = []
         answered = {node for node, _ in replies}
         for node, reply in replies:
-            cid = self._read_train_reply(rnd, node, reply, display)
-            if cid is None:
+            taken = self._contained(rnd, node, display, self._plain_reply, rnd, node, reply,
+                                    display)
+            if taken is None:
                 continue
-            if LOCAL_WEIGHTS not in reply.content.array_records:
-                display.note(f"round {rnd}: {cid} trained but sent no weights; ignored")
-                continue
-            local = record_to_weights(reply.content.array_records[LOCAL_WEIGHTS])
-            problem = plain_update_problem(local, reply.content.metric_records.get(TRAIN_INFO),
-                                           self.global_weights)
-            if problem is not None:
-                self.failed[self._label(node)] = f"unusable update: {problem}"
-                display.note(f"round {rnd}: {cid} sent an unusable update ({problem}); ignored")
-                continue
-            updates.append((local, int(reply.content.metric_records[TRAIN_INFO]["num-examples"])))
+            cid, local, count, released = taken
+            updates.append((local, count))
             trained.append(cid)
-            released = reply.content.metric_records.get(LOCAL_METRICS)
             if released is not None:  # the hospital's policy releases its metrics in clear
                 released_by.append(cid)
-                for k in AGGREGATED_METRICS:
-                    clear_totals[k] = clear_totals.get(k, 0.0) + float(released.get(k, 0.0))
+                for k, v in released.items():
+                    clear_totals[k] = clear_totals.get(k, 0.0) + v
         for node in self.active:
             if node not in answered:
                 self.failed[self._label(node)] = "did not answer"
@@ -563,6 +584,68 @@ class Federation:
         return trained, RoundExtras(train_loss=released_train_loss(clear_totals, noise),
                                     federated_eval=federated_evaluation(rnd, clear_totals,
                                                                         noise))
+
+    def _plain_reply(
+        self, rnd: int, node: int, reply: Message, display: RunObserver
+    ) -> tuple[str, Weights, int, dict[str, float] | None] | None:
+        """One plain FedAvg reply: its privacy report recorded (:meth:`_read_train_reply`),
+        then its update, example count and (only in a run that releases metrics in clear)
+        its released metrics read (:mod:`bract.flower.replies`). ``None`` when it brings
+        no update to average; a value it holds that cannot be accepted raises
+        :class:`~bract.flower.replies.ReplyError` (:meth:`_contained` records it)."""
+        cid = self._read_train_reply(rnd, node, reply, display)
+        if cid is None:
+            return None
+        content = reply.content
+        if LOCAL_WEIGHTS not in content.array_records:
+            display.note(f"round {rnd}: {cid} trained but sent no weights; ignored")
+            return None
+        info = content.metric_records.get(TRAIN_INFO)
+        try:
+            local = read_update(content.array_records[LOCAL_WEIGHTS], self.global_weights)
+            problem = plain_update_problem(local, info, self.global_weights)
+        except ReplyError as exc:
+            problem = str(exc)
+        if problem is not None:
+            self.failed[self._label(node)] = f"unusable update: {problem}"
+            display.note(f"round {rnd}: {cid} sent an unusable update ({problem}); ignored")
+            return None
+        released = content.metric_records.get(LOCAL_METRICS)
+        if released is not None and self.cfg.release_metrics != "clear":
+            display.note(f"round {rnd}: {cid} sent metrics in clear, which this run does not "
+                         "release; they are not used")
+            released = None
+        metrics = (read_clear_metrics(released, AGGREGATED_METRICS) if released is not None
+                   else None)
+        assert info is not None  # plain_update_problem found its example count
+        return cid, local, int(info["num-examples"]), metrics
+
+    def _contained(self, rnd: int, node: int, display: RunObserver,
+                   read: Callable[..., Any], *args: Any) -> Any:
+        """``read(*args)``: the reading of one hospital's reply, behind a boundary.
+
+        Guarantee: no exception (``Exception``) leaves it, so one hospital's reply never
+        ends the federation. When ``read`` raises, the hospital is recorded as failed
+        this round with a one-line reason: ``malformed reply: ...`` naming the field of a
+        :class:`~bract.flower.replies.ReplyError`, else ``unreadable reply (<type>;
+        details in the server's log)``, its traceback logged (control characters
+        removed) for the operator; it returns ``None`` then, as for a reply without an
+        update. What ``read`` recorded before it raised (a verified ledger) stays."""
+        try:
+            return read(*args)
+        except Exception as exc:
+            label = self._label(node)
+            if isinstance(exc, ReplyError):
+                why = f"malformed reply: {one_line(str(exc))}"
+            else:
+                trace = traceback.format_exception(exc)
+                log.error("round %d: reading %s's reply failed:\n%s", rnd, label,
+                          "\n".join(one_line(line, 2000) for line in
+                                    "".join(trace).splitlines()))
+                why = f"unreadable reply ({type(exc).__name__}; details in the server's log)"
+            self.failed[label] = why
+            display.note(f"round {rnd}: {label}'s reply is not used: {why}")
+            return None
 
     def _name_failed_nodes(self, rnd: int, nodes: Sequence[int], display: RunObserver) -> None:
         """Name the hospitals this round recorded only by node id (they failed before the
@@ -819,7 +902,8 @@ class _SecureRoundHooks:
         return weights_digest(self.fed.global_weights)
 
     def on_train_reply(self, node: int, reply: Message) -> bool:
-        cid = self.fed._read_train_reply(self.rnd, node, reply, self.display)
+        cid = self.fed._contained(self.rnd, node, self.display, self.fed._read_train_reply,
+                                  self.rnd, node, reply, self.display)
         if cid is not None:
             self.trained.append(cid)
         return cid is not None
@@ -829,8 +913,9 @@ class _SecureRoundHooks:
         self.note(f"round {self.rnd}: {self.fed._label(node)} did not answer")
 
     def on_dropped(self, node: int, reason: str) -> None:
-        # The stage's note has been shown; the row records the reason.
-        self.fed.failed[self.fed._label(node)] = reason
+        # The stage's note has been shown; the row records the reason (it may quote the
+        # hospital's own error text: one bounded line).
+        self.fed.failed[self.fed._label(node)] = one_line(reason)
 
     def label(self, node: int) -> str:
         return self.fed._label(node)

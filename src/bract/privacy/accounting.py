@@ -279,11 +279,17 @@ class PrivacyLedger:
 
     @classmethod
     def from_json(cls, text: str) -> PrivacyLedger:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json`.
+
+        Guarantee: whatever ``text`` holds, the only exception is :class:`PrivacyError`
+        (malformed JSON, nesting too deep for the parser, an integer too long to read,
+        or a ledger :meth:`from_plain` refuses)."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PrivacyError(f"ledger JSON is malformed: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # an integer too long, nesting too deep
+            raise PrivacyError(f"ledger JSON is not usable ({type(exc).__name__})") from None
         return cls.from_plain(data)
 
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FederatedEval", "HospitalRound", "ReportError", "RoundRow", "RunReport",
-           "RunSummary", "number", "plain_number", "read_report"]
+__all__ = ["MAX_COUNT", "FederatedEval", "HospitalRound", "ReportError", "RoundRow",
+           "RunReport", "RunSummary", "is_count", "number", "plain_number", "read_report"]
 
 #: The global model's metrics a round row may carry (central test set).
 METRIC_KEYS = ("loss", "accuracy", "mse", "r2")
@@ -87,6 +87,14 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def is_count(value: Any) -> bool:
+    """Whether ``value`` is a count a report may hold: an ``int`` (not a ``bool``) from
+    0 to :data:`MAX_COUNT`. The one check the report's reader and the server (reading a
+    hospital's reply, ``bract.flower.replies``) share, so that nothing the server
+    accepts is refused when its report is read back."""
+    return not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= MAX_COUNT
+
+
 def _count(data: Mapping[str, Any], key: str, where: str) -> int | None:
     """The count ``data[key]``: ``None`` when absent or ``null``, else a whole number
     from 0 to :data:`MAX_COUNT`; anything else (``5.5``, ``"5"``, ``true``, ``-1``,
@@ -94,7 +102,7 @@ def _count(data: Mapping[str, Any], key: str, where: str) -> int | None:
     value = data.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+    if not is_count(value):
         raise ReportError(f"{where}: {key!r} is {_shown(value)}, not a whole number from 0 "
                           "to 2**53")
     return value
