@@ -444,6 +444,8 @@ def _claim_to_be(name: str):
         rec["ledger"] = json.dumps({"client_id": name, "events": []})
         rec["signed-ledger"] = ""
         rec["appended"] = 0
+        rec["steps"] = 0  # consistent with the empty chain: only the name is forged
+        rec["epsilon"] = 0.0
         if msg.metadata.group_id == "1":
             rec["trained"] = False
             rec["reason"] = "privacy budget exhausted (said by hospital-0)"
