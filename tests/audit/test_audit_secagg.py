@@ -738,6 +738,20 @@ def test_a_right_share_with_a_wrong_salt_still_counts(which, salt) -> None:
 CHEATS = ("value", "salt", "not-a-field-element")
 
 
+def _mask_and_sign(server, clients, inputs, dropped: int):
+    """Run a shared round's mask stage (``dropped`` sends nothing) and consistency
+    stage between ``server`` and ``clients``; the server's unmask request."""
+    for v, req in server.mask_requests().items():
+        if v != dropped:
+            server.receive_masked_input(clients[v].handle_mask_request(
+                req, *inputs[v], input_digest=SHARED_INPUT_DIGEST))
+    creq = server.consistency_request()
+    for v in creq.alive:
+        server.receive_consistency_signature(clients[v].handle_consistency_request(creq))
+    return server.unmask_request()
+
+
+
 def _round_with_a_cheater(cheater: int, kind: str, how: str):
     """A real round recorded by an honest :class:`RecordingServerSession` (n = 6, c = 1,
     t = 4; node 5 drops after sharing) in which ``cheater`` returns one wrong ``kind``
@@ -758,14 +772,7 @@ def _round_with_a_cheater(cheater: int, kind: str, how: str):
     for v in range(n):
         server.receive_shares(clients[v].handle_round_config(cfg))
     dropped = 5
-    for v, req in server.mask_requests().items():
-        if v != dropped:
-            server.receive_masked_input(clients[v].handle_mask_request(
-                req, *inputs[v], input_digest=SHARED_INPUT_DIGEST))
-    creq = server.consistency_request()
-    for v in creq.alive:
-        server.receive_consistency_signature(clients[v].handle_consistency_request(creq))
-    ureq = server.unmask_request()
+    ureq = _mask_and_sign(server, clients, inputs, dropped)
     excluded = []
     for v in ureq.signers:
         reply = clients[v].handle_unmask_request(ureq)
@@ -1179,14 +1186,7 @@ def _round_with_a_forger(forger: int, victim: int, before: bool):
             refused.append((msg, exc))
     assert [m for m, _ in refused] == [forged], refused
     dropped = 5
-    for v, req in server.mask_requests().items():
-        if v != dropped:
-            server.receive_masked_input(clients[v].handle_mask_request(
-                req, *inputs[v], input_digest=SHARED_INPUT_DIGEST))
-    creq = server.consistency_request()
-    for v in creq.alive:
-        server.receive_consistency_signature(clients[v].handle_consistency_request(creq))
-    ureq = server.unmask_request()
+    ureq = _mask_and_sign(server, clients, inputs, dropped)
     for v in ureq.signers:
         server.receive_unmask_reply(clients[v].handle_unmask_request(ureq))
     res = server.finish()
