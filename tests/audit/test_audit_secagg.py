@@ -752,21 +752,29 @@ def _mask_and_sign(server, clients, inputs, dropped: int):
 
 
 
-def _round_with_a_cheater(cheater: int, kind: str, how: str):
-    """A real round recorded by an honest :class:`RecordingServerSession` (n = 6, c = 1,
-    t = 4; node 5 drops after sharing) in which ``cheater`` returns one wrong ``kind``
-    share (threat model T31): the server excludes it and completes the round from the
-    valid shares. Returns the view and the round's result."""
-    n, dim, fed = 6, 200, "fed-cheat"
+def _keyed_round(fed: str, n: int, dim: int, seed: int):
+    """The fixed test keys and their roster, a recording server holding the key
+    advertisements of ``n`` clients, the clients, and each one's random test input
+    and weight."""
     keys = _cheat_keys()
     roster = {i: k.public_bytes() for i, k in keys.items()}
     server = RecordingServerSession(fed, roster, encoding=EncodingConfig(1.0, 16, 1000))
     clients = {i: ClientSession(i, fed, keys[i], roster, ClientPolicy()) for i in range(n)}
     for v, c in clients.items():
         server.receive_advertisement(c.advertise_keys(), origin=v)
-    rng = np.random.default_rng(cheater)  # test data only
+    rng = np.random.default_rng(seed)  # test data only
     inputs = {v: (rng.uniform(-1, 1, dim).astype(np.float32), int(rng.integers(1, 1000)))
               for v in range(n)}
+    return keys, roster, server, clients, inputs
+
+
+def _round_with_a_cheater(cheater: int, kind: str, how: str):
+    """A real round recorded by an honest :class:`RecordingServerSession` (n = 6, c = 1,
+    t = 4; node 5 drops after sharing) in which ``cheater`` returns one wrong ``kind``
+    share (threat model T31): the server excludes it and completes the round from the
+    valid shares. Returns the view and the round's result."""
+    n, dim, fed = 6, 200, "fed-cheat"
+    _, _, server, clients, inputs = _keyed_round(fed, n, dim, cheater)
     cfg = server.start_round(1, range(n), dim)
     assert (cfg.threshold, cfg.colluders) == (4, 1)
     for v in range(n):
@@ -1152,15 +1160,7 @@ def _round_with_a_forger(forger: int, victim: int, before: bool):
     )
 
     n, dim, fed = 6, 200, "fed-forge"
-    keys = _cheat_keys()
-    roster = {i: k.public_bytes() for i, k in keys.items()}
-    server = RecordingServerSession(fed, roster, encoding=EncodingConfig(1.0, 16, 1000))
-    clients = {i: ClientSession(i, fed, keys[i], roster, ClientPolicy()) for i in range(n)}
-    for v, c in clients.items():
-        server.receive_advertisement(c.advertise_keys(), origin=v)
-    rng = np.random.default_rng(forger * 7 + victim)  # test data only
-    inputs = {v: (rng.uniform(-1, 1, dim).astype(np.float32), int(rng.integers(1, 1000)))
-              for v in range(n)}
+    keys, roster, server, clients, inputs = _keyed_round(fed, n, dim, forger * 7 + victim)
     cfg = server.start_round(1, range(n), dim)
     real = {v: clients[v].handle_round_config(cfg) for v in range(n)}
     holders = list(real[victim].holders)
