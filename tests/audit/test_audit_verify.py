@@ -277,11 +277,14 @@ def _erase(obj, cid: str):
     return obj
 
 
-def test_a_hospital_the_server_leaves_out_of_ledger_and_report_fails(run, capsys) -> None:
+def test_a_hospital_left_out_of_ledger_and_report_fails_its_lost_replies_count(
+        run, capsys) -> None:
     """The server writes both the ledger and report.json: a hospital it leaves out of
     both would leave the audit's epsilon without it. A roster member with no record
     fails the audit, named; its own copy (with the same server files) shows the
-    missing entries."""
+    missing entries: a missing event while the report names it nowhere, and, where
+    the report records it as failed in each of their rounds (replies the server never
+    received), entries the audit notes and counts: its ε is its own copy's."""
     _rewrite(run / "out" / "ledger.jsonl",
              lambda lines: [x for x in lines if json.loads(x)["client_id"] != "hospital-1"])
     report = run / "out" / "report.json"
@@ -298,6 +301,17 @@ def test_a_hospital_the_server_leaves_out_of_ledger_and_report_fails(run, capsys
     assert _verify(run, copies=False) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "hospital-1 is in the roster but has no entry in the server's ledger" in out
+    _verify(run)
+    md = " ".join(_md(run).split())
+    own = privacy_dir(run / "hospitals" / "hospital-1", dataset_source(TASK)) / LEDGER_FILE
+    spent = recompute_epsilons(read_ledger(own), 1e-3)[-1]
+    for r in (1, 2, 3):
+        assert (f"entry seq {r} (round {r}) is in hospital-1's own copy only: the server "
+                "never received it, and report.json records hospital-1 as failed in round "
+                f"{r} (did not answer)") in md
+    row = next(x for x in _md(run).splitlines() if x.startswith("| hospital-1 |"))
+    assert f"{spent:.4f} (own copy {spent:.4f}" in row
+    report.write_text(json.dumps(_erase(json.loads(report.read_text()), "hospital-1")))
     assert _verify(run) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "is in hospital-1's copy but missing from the server's" in out
@@ -808,10 +822,12 @@ def _set_everywhere(obj, path: list[str], value) -> None:
         _set_everywhere(t, rest, value)
 
 
-def _verify_text(federation: Path, text: str) -> tuple[int, str, str]:
+def _verify_text(federation: Path, text: str, *, lost: tuple[str, int] | None = None,
+                 ) -> tuple[int, str, str]:
     """``bract audit verify`` of the fixture federation with ``text`` as its report.json
     (and both hospitals' own copies): the exit code, everything printed, and audit.md
-    (empty when none was written)."""
+    (empty when none was written). ``lost=(cid, r)`` leaves ``cid``'s entry of round
+    ``r`` out of the server's ledger (a reply the server never received)."""
     import contextlib
     import io
     import tempfile
@@ -819,7 +835,14 @@ def _verify_text(federation: Path, text: str) -> tuple[int, str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         report.write_text(text)
-        argv = ["audit", "verify", str(federation / "out" / "ledger.jsonl"), "--roster",
+        ledger = federation / "out" / "ledger.jsonl"
+        if lost is not None:
+            kept = [e for e in read_ledger(ledger)
+                    if (e.client_id, e.round) != lost]
+            assert len(kept) == len(read_ledger(ledger)) - 1
+            ledger = Path(tmp) / "ledger.jsonl"
+            ledger.write_text("".join(e.to_line() + "\n" for e in kept))
+        argv = ["audit", "verify", str(ledger), "--roster",
                 str(federation / "roster.json"), "--report", str(report),
                 "--out", str(Path(tmp) / "audit"), *FAST]
         for cid in ("hospital-0", "hospital-1"):
@@ -1120,12 +1143,13 @@ REPORT_CASES = ("failed after its masked input", "failed and averaged",
                 "carried line says trained", "line of a later round",
                 "averaged on a carried line", "carried entry relabelled",
                 "unnamed node, one hospital", "unnamed node, two hospitals",
-                "unnamed node, roster full")
+                "unnamed node, roster full", "failed, reply lost")
 
 
-@settings(max_examples=22, deadline=None)
-@given(case=st.sampled_from(REPORT_CASES), index=st.integers(0, 2),
-       cid=st.sampled_from(["hospital-0", "hospital-1"]))
+# Every case, round and hospital (72 audits): the whole finite space, not a sample of it.
+@pytest.mark.parametrize("case", REPORT_CASES)
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("cid", ["hospital-0", "hospital-1"])
 def test_what_a_round_says_of_late_failures_carried_lines_and_unnamed_nodes_is_checked(
         federation, case, index, cid) -> None:
     """Property: honest accounts of a round PASS and doctored ones FAIL, whichever round
@@ -1139,7 +1163,9 @@ def test_what_a_round_says_of_late_failures_carried_lines_and_unnamed_nodes_is_c
     entry carried from an earlier run (``ledger_carried``) where its chain's rounds go
     on counting fails. One unnamed failed node (``node-N``) can stand for one hospital
     the round does not name (a note saying the server's word is taken), not two, and
-    not when the round already names every member of the roster."""
+    not when the round already names every member of the roster. In the last round the
+    server's ledger lacks such a hospital's entry (its reply was lost, and no later
+    reply carried it): its own copy's extra entry is noted, and counted."""
     original = json.loads((federation / "out" / "report.json").read_text())
     data = json.loads(json.dumps(original))
     rows = data["rounds"]
@@ -1148,7 +1174,19 @@ def test_what_a_round_says_of_late_failures_carried_lines_and_unnamed_nodes_is_c
     other = "hospital-1" if cid == "hospital-0" else "hospital-0"
     expect_pass = False
     needle = ""
-    if case == "failed after its masked input":
+    last = index == len(rows) - 1
+    lost = None
+    if case == "failed, reply lost":
+        # It trained and its reply never arrived; a later reply carries the entry.
+        del row["per_client"][cid]
+        row["trained"].remove(cid)
+        row["failed"][cid] = "did not answer"
+        lost = (cid, r) if last else None
+        expect_pass = True
+        needle = (f"entry seq {r} (round {r}) is in {cid}'s own copy only" if last else
+                  f"{cid}'s ledger has an entry for round {r}, in which report.json records "
+                  "it as failed")
+    elif case == "failed after its masked input":
         row["failed"][cid] = "did not answer"
         row["secagg"] = {"aborted": None, "failed_after_input": [cid]}
         expect_pass, needle = True, f"{cid} failed in round {r} after its masked input"
@@ -1189,8 +1227,11 @@ def test_what_a_round_says_of_late_failures_carried_lines_and_unnamed_nodes_is_c
         del row["per_client"][cid]
         row["trained"].remove(cid)
         row["failed"]["node-999"] = "did not answer"
+        lost = (cid, r) if last else None
         if case == "unnamed node, one hospital":
-            expect_pass, needle = True, "Which hospital that node was is the server's word"
+            expect_pass, needle = True, ("which hospital that node was is the server's word"
+                                         if last else
+                                         "Which hospital that node was is the server's word")
         elif case == "unnamed node, two hospitals":
             del row["per_client"][other]
             row["trained"].remove(other)
@@ -1198,7 +1239,7 @@ def test_what_a_round_says_of_late_failures_carried_lines_and_unnamed_nodes_is_c
         else:
             row["failed"][cid] = "did not answer"
             needle = "more hospitals than the roster holds"
-    code, out, md = _verify_text(federation, _report_text(data))
+    code, out, md = _verify_text(federation, _report_text(data), lost=lost)
     assert "Traceback" not in out
     flat = " ".join(md.split())
     assert code == (0 if expect_pass else 1), (case, out)

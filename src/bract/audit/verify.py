@@ -149,6 +149,9 @@ class HospitalAudit:
     server_chain_verified: bool = False
     #: How many of its first entries report.json says were spent before this run.
     carried: int = 0
+    #: Rounds of the entries at the end of its own copy that the server never received,
+    #: each in a round report.json records it as failed (its reply was lost).
+    lost_rounds: set[int] = field(default_factory=set)
 
     @property
     def chain_ok(self) -> bool:
@@ -611,7 +614,8 @@ def verify_federation(
         # 4. the hospital's own copy
         if cid in copies:
             own = copies[cid]
-            if _compare_copy(h, chain, own, roster, fail):
+            if _compare_copy(h, chain, own, roster, fail, findings.append,
+                             lambda e, cid=cid: _lost_reply(report, roster.federation_id, cid, e)):
                 # It verifies and differs from the server's: what it composes counts too.
                 own_eps = recompute_epsilons(own, pld_discretization)
                 h.own_copy_recomputed = own_eps[-1] if own_eps else None
@@ -624,7 +628,7 @@ def verify_federation(
     if report is not None:
         _check_averaged(report, fail, findings.append)
         _check_unnamed(report, chains, hospitals, roster, fail)
-        _check_final(report, hospitals, tolerance, fail)
+        _check_final(report, hospitals, tolerance, fail, findings.append)
     rounds = sorted({r.round for r in report.rounds}) if report is not None else sorted(
         {e.round for c in chains.values() for e in c}
     )
@@ -939,7 +943,8 @@ def _check_unnamed(
             continue
         silent = sorted(
             c for c in roster.keys if c not in named and c in hospitals
-            and any(e.round == r for e in chains.get(c, [])[hospitals[c].carried:]))
+            and (r in hospitals[c].lost_rounds
+                 or any(e.round == r for e in chains.get(c, [])[hospitals[c].carried:])))
         if len(silent) > len(unnamed):
             fail("", "report", (
                 f"report.json round {r} records {len(unnamed)} unnamed failed node(s) "
@@ -989,7 +994,7 @@ def _failed_after_input(row: RoundRow) -> set[str]:
 
 def _check_final(
     report: RunReport, hospitals: dict[str, HospitalAudit], tolerance: float,
-    fail: Callable[[str, str, str], None],
+    fail: Callable[[str, str, str], None], note: Callable[[Finding], None],
 ) -> None:
     # A round's headline ε (the largest any hospital had reached) must not be below any
     # figure a hospital reported in that round, each of which is checked against the
@@ -1006,8 +1011,10 @@ def _check_final(
                                f"reported that round: {why}")
     if report.final is None:  # an unfinished run: verify_federation notes it
         return
-    finals = [h.final_spent for h in hospitals.values()
-              if h.final_spent is not None and not math.isnan(h.final_spent)]
+    # The final ε is the server's: entries it never received (noted) cannot be in it.
+    known = {cid: h.final_recomputed if h.lost_rounds else h.final_spent
+             for cid, h in hospitals.items()}
+    finals = [x for x in known.values() if x is not None and not math.isnan(x)]
     if not finals:
         return
     claimed = report.final_epsilon
@@ -1015,15 +1022,57 @@ def _check_final(
     if why is not None:
         fail("", "report", f"report.json's final ε={_fmt(claimed)} disagrees with the largest "
                            f"recomputed final ε={_fmt(max(finals))}: {why}")
+        return
+    for cid, h in sorted(hospitals.items()):
+        own = h.own_copy_recomputed
+        if h.lost_rounds and own is not None and not math.isnan(own) and own > claimed \
+                and disagreement(claimed, own, tolerance) is not None:
+            note(Finding(NOTE, cid, "report", (
+                f"{cid}'s own copy reaches ε={_fmt(own)}, above report.json's final "
+                f"ε={_fmt(claimed)}: the entries the server never received are in the "
+                "former only; the hospital spent them")))
+
+
+def _lost_reply(report: RunReport | None, federation_id: str, cid: str,
+                entry: LedgerEntry) -> str | None:
+    """Why ``entry``, in ``cid``'s own copy but not in the server's ledger, can be one the
+    server never received (``None``: nothing in report.json explains it). Its round's row
+    records the hospital as failed (it trained, and its reply was lost or refused), or
+    does not name it but records a failed node the server could not name; or the round
+    is past the last row of an unfinished run. An entry of another federation is never
+    explained by this one's report."""
+    if report is None or entry.federation_id != federation_id:
+        return None
+    r = entry.round
+    row = next((x for x in report.rounds if x.round == r), None)
+    if row is None:
+        last = max((x.round for x in report.rounds), default=0)
+        return (f"round {r} is after the unfinished run's last row" if report.final is None
+                and r > last else None)
+    if cid in row.failed:
+        return f"report.json records {cid} as failed in round {r} ({row.failed[cid]})"
+    line = row.per_client.get(cid)
+    answered = line is not None and line.of_round in (None, r)
+    if not answered and _unnamed(row):
+        return (f"report.json's round {r} does not name {cid} but records "
+                f"{', '.join(_unnamed(row))} as failed before the server learned its name "
+                "(which hospital that node was is the server's word)")
+    return None
 
 
 def _compare_copy(
     h: HospitalAudit, server: list[LedgerEntry], own: list[LedgerEntry],
     roster: SignerRoster, fail: Callable[[str, str, str], None],
+    note: Callable[[Finding], None], lost: Callable[[LedgerEntry], str | None],
 ) -> bool:
     """The hospital's own copy against the server's, line by line; returns whether the
     copy verifies on its own and differs from the server's chain (then its epsilon is a
-    figure of its own)."""
+    figure of its own).
+
+    Entries at the end of the own copy that the server never received are noted, not
+    failed, when the server's chain is exactly the copy's beginning and ``lost`` explains
+    each of them from report.json (a reply lost in a round the server records the
+    hospital as failed in): the hospital spent them, and its epsilon counts them."""
     cid = h.client_id
     key = roster.keys.get(cid)
     own_ok = False
@@ -1052,6 +1101,22 @@ def _compare_copy(
             pa, pb = a.to_plain(), b.to_plain()
             fields = sorted(k for k in pa if pa[k] != pb[k])
             differences.append(f"entry seq {q} differs in {fields}")
+    server_seqs = [e.seq for e in server]
+    tail = [e for e in own if e.seq not in on_server]
+    is_prefix = (own_ok and not [d for d in differences if "missing from the server" not in d]
+                 and [e.to_line() for e in own[:len(server)]] == [e.to_line() for e in server]
+                 and all(e.seq > max(server_seqs, default=0) for e in tail))
+    reasons = [lost(e) for e in tail] if is_prefix else []
+    if tail and reasons and all(reasons):
+        for e, why in zip(tail, reasons, strict=True):
+            h.lost_rounds.add(e.round)
+            note(Finding(NOTE, cid, "copy", (
+                f"entry seq {e.seq} (round {e.round}) is in {cid}'s own copy only: the "
+                f"server never received it, and {why}: it trained, and its reply did not "
+                "reach the server; the audit counts the entry (ε from its own copy)")))
+        n = len(tail)
+        h.copy_status = f"{n} more entr{'y' if n == 1 else 'ies'} (replies the server lost)"
+        return own_ok
     if differences:
         n = len(differences)
         h.copy_status = f"differs ({n} entr{'y' if n == 1 else 'ies'})"
