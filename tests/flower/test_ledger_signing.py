@@ -159,14 +159,15 @@ def test_a_reply_whose_ledger_does_not_verify_is_treated_as_failed(tmp_path) -> 
 
 
 def _hostile_last_entry(path: str, value: float):
-    """A ClientApp mod: hospital-0's reply carries its signed ledger with the field at
-    ``path`` of its newest entry set to ``value`` (NaN, Infinity: JSON as Python writes
-    it)."""
+    """A ClientApp mod: hospital-0's training reply carries its signed ledger with the
+    field at ``path`` of its newest entry set to ``value`` (NaN, Infinity: JSON as
+    Python writes it)."""
     from bract.flower.records import PRIVACY_REPORT
 
     def mod(msg, ctx, call_next):
         reply = call_next(msg, ctx)
-        if int(ctx.node_config["partition-id"]) == 0 and not reply.has_error():
+        if (int(ctx.node_config["partition-id"]) == 0 and not reply.has_error()
+                and msg.metadata.message_type == "train"):
             rec = reply.content.config_records[PRIVACY_REPORT]
             lines = str(rec["signed-ledger"]).splitlines()
             entry = json.loads(lines[-1])
@@ -497,22 +498,28 @@ def test_a_hospital_cannot_report_in_another_members_name(tmp_path, secure) -> N
 def test_a_node_that_proves_no_roster_membership_is_refused(tmp_path) -> None:
     """Plain FedAvg with a roster: a hospital that answers the identity query with a
     key advertisement that proves nothing here (one of another federation) is refused
-    under its node id; its report is never read, so it is in no round's trained list
-    and the server's ledger holds nothing of it."""
+    under its node id and never asked to train (it would spend its budget on a reply
+    the server must refuse), so it is in no round's trained list and the server's
+    ledger holds nothing of it."""
     from bract.flower.client import identity_handler
 
     roster, idents = _identities()
     _, foreign = make_identities(len(NODES), "another-federation")
+    asked_to_train: list[int] = []
 
     def foreign_proof(msg, ctx, call_next):
-        if (int(ctx.node_config["partition-id"]) == 0
-                and msg.metadata.message_type == "query.secagg_advertise"):
-            return identity_handler(foreign[0])(msg, ctx)
+        if int(ctx.node_config["partition-id"]) == 0:
+            if msg.metadata.message_type == "query.secagg_advertise":
+                return identity_handler(foreign[0])(msg, ctx)
+            if msg.metadata.message_type == "train":
+                asked_to_train.append(msg.metadata.dst_node_id)
         return call_next(msg, ctx)
 
     report = _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp", idents, mods=[foreign_proof])),
                   roster)
     for row in report["rounds"]:
         assert row["trained"] == ["hospital-1"]
-        assert "has not proved which roster member it is" in row["failed"][f"node-{NODES[0]}"]
+        assert "not asked to train: it has not proved which roster member it is" in (
+            row["failed"][f"node-{NODES[0]}"])
     assert sorted(by_client(read_ledger(tmp_path / "out" / "ledger.jsonl"))) == ["hospital-1"]
+    assert asked_to_train == []

@@ -543,8 +543,18 @@ class Federation:
         """Plain FedAvg: updates and example counts travel in clear (--no-secagg)."""
         arrays = weights_to_record(self.global_weights)
         self._prove_members(rnd, self.active)
-        messages = []
+        # With a roster, a node that proved no membership would train (spending its
+        # hospital's budget) only to have its reply refused: it is not asked.
+        asked = [n for n in self.active
+                 if self.cfg.roster is None or self._proven_member(n) is not None]
         for node in self.active:
+            if node not in asked:
+                why = ("not asked to train: it has not proved which roster member it is "
+                       "(no valid signed key advertisement from its node)")
+                self.failed[self._label(node)] = why
+                display.note(f"round {rnd}: {self._label(node)} {why}")
+        messages = []
+        for node in asked:
             content = RecordDict()
             self._round_content(rnd, arrays, content)
             messages.append(
@@ -571,7 +581,7 @@ class Federation:
                 released_by.append(cid)
                 for k, v in released.items():
                     clear_totals[k] = clear_totals.get(k, 0.0) + v
-        for node in self.active:
+        for node in asked:
             if node not in answered:
                 self.failed[self._label(node)] = "did not answer"
                 display.note(f"round {rnd}: {self._label(node)} did not answer")
