@@ -26,8 +26,14 @@ refused, not read as 2.5; a hospital's ``trained`` must be ``true`` or ``false``
 a round's ``trained`` a list of distinct hospital names and its ``failed`` an object
 of reasons; no object may hold a key twice (JSON readers keep one of them silently:
 two lines for one hospital in a round), and the rows must run in increasing round
-order, each round once. Anything else is a :class:`ReportError` naming the round
-and the field.
+order, each round once; every hospital name must be one line of printable text.
+Anything else is a :class:`ReportError` naming the round and the field.
+
+Reasons (a hospital line's ``reason``, a round's ``failed``, ``final.stopped``,
+``stopped_early``) are free text
+from the server's file, read as one bounded line of printable text
+(:func:`~bract.records.text.one_line`) in either reading, so no reader shows a line
+break or control character a hostile file put there.
 Pure: imports neither flwr nor torch.
 """
 
@@ -40,6 +46,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bract.records.text import one_line
 
 __all__ = ["MAX_COUNT", "FederatedEval", "HospitalRound", "ReportError", "RoundRow",
            "RunReport", "RunSummary", "is_count", "number", "plain_number", "read_report"]
@@ -177,7 +185,7 @@ class HospitalRound:
         return cls(
             epsilon=_real(data, "epsilon", where, strict),
             trained=_flag(data, "trained", where, strict),
-            reason=str(data.get("reason", "")),
+            reason=one_line(data.get("reason", "")),
             steps=_count(data, "steps", where),
             noise_multiplier=_real(data, "noise_multiplier", where, strict),
             sample_rate=_real(data, "sample_rate", where, strict),
@@ -293,6 +301,8 @@ class RoundRow:
                     isinstance(v, str) for v in failed.values()):
                 raise ReportError(f"{here}: 'failed' is {_shown(failed)}, not an object of "
                                   "reasons (hospital: text)")
+            for name in itertools.chain(per_client, failed):
+                _check_name(name, here)
         return cls(
             round=rnd,
             epsilon=_real(data, "epsilon", here, strict),
@@ -300,7 +310,7 @@ class RoundRow:
                                                            strict=strict)
                         for cid, v in per_client.items()},
             trained=tuple(str(c) for c in trained) if isinstance(trained, list) else (),
-            failed={str(k): str(v) for k, v in failed.items()}
+            failed={str(k): one_line(v) for k, v in failed.items()}
             if isinstance(failed, Mapping) else {},
             metrics={k: _real(data, k, here, strict) for k in METRIC_KEYS if k in data},
             train_loss=_real(data, "train_loss", here, strict) if "train_loss" in data else None,
@@ -379,13 +389,16 @@ class RunSummary:
         if not isinstance(data, Mapping) or not data:
             return None
         stopped = data.get("stopped", {})
+        if strict and isinstance(stopped, Mapping):
+            for name in stopped:
+                _check_name(str(name), "final")
         plots = data.get("plots", [])
         return cls(
             rounds_completed=_count(data, "rounds_completed", "final") or 0,
             epsilon=_real(data, "epsilon", "final", strict),
             delta=_real(data, "delta", "final", strict),
             non_private=data.get("non_private") is True,
-            stopped={str(k): str(v) for k, v in stopped.items()}
+            stopped={str(k): one_line(v) for k, v in stopped.items()}
             if isinstance(stopped, Mapping) else {},
             metrics={k: _real(data, k, "final", strict) for k in METRIC_KEYS if k in data},
             federated_eval=FederatedEval.from_plain(data.get("federated_eval"),
@@ -456,7 +469,7 @@ class RunReport:
             final=final,
             initial={k: number(v) for k, v in initial.items()}
             if isinstance(initial, Mapping) else {},
-            stopped_early=str(stopped) if stopped is not None else None,
+            stopped_early=one_line(stopped) if stopped is not None else None,
         )
 
     def config_value(self, name: str) -> Any:
@@ -595,6 +608,17 @@ def _check_names(trained: Any, where: str) -> None:
     twice = sorted({c for c in trained if trained.count(c) > 1})
     if twice:
         raise ReportError(f"{where}: 'trained' lists {_shown(twice[0])} twice")
+    for name in trained:
+        _check_name(name, where)
+
+
+def _check_name(name: str, where: str) -> None:
+    """A hospital name as the server writes it (one printable line,
+    :func:`~bract.records.text.one_line`), else a :class:`ReportError`: a name holding
+    a line break or a control character would rewrite what the audit shows."""
+    if name != one_line(name):
+        raise ReportError(f"{where}: the hospital name {_shown(name)} is not one line of "
+                          "printable text")
 
 
 def _check_round_order(rounds: tuple[RoundRow, ...]) -> None:
