@@ -56,6 +56,9 @@ def federation(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fed")
     keys, idents = make_identities(2, FED)
     write_roster(root / "roster.json", Roster(FED, keys, {1: "hospital-0", 2: "hospital-1"}))
+    # The hospitals' signing keys, for tests that sign entries as a hospital would.
+    (root / "keys.json").write_text(json.dumps(
+        {f"hospital-{i}": idents[i].signing_key.hex() for i in range(2)}))
 
     def setup(ctx):
         return hospital_setup(TASK, ctx, root / "hospitals")
@@ -1244,3 +1247,175 @@ def test_what_a_round_says_of_late_failures_carried_lines_and_unnamed_nodes_is_c
     flat = " ".join(md.split())
     assert code == (0 if expect_pass else 1), (case, out)
     assert needle in flat, (case, flat[:3000])
+
+
+# ---------------------------------------------------------------------------
+# Replies the server never received: entries only a hospital's own copy holds.
+
+def _sign(federation: Path, chain: list, cid: str, rnd: int, *,
+          epsilon: float | None = None, fed: str = FED, **changes) -> list:
+    """``chain`` with one more entry, signed with ``cid``'s key as its hospital would:
+    the event of its round-``rnd`` entry in the fixture run, with ``changes``
+    (``noise_multiplier``, ``delta``, ``unit``, ``steps``); its ε the recomputation
+    unless ``epsilon`` is given."""
+    import dataclasses
+
+    key = bytes.fromhex(json.loads((federation / "keys.json").read_text())[cid])
+    base = next(e for e in _own(federation, cid) if e.round == rnd)
+    event = dataclasses.replace(base.event, **changes)
+
+    def signed(eps: float) -> list:
+        return list(append_entry(chain, event, epsilon=eps, delta=event.delta,
+                                 accountant=base.accountant, federation_id=fed,
+                                 client_id=cid, signing_key=key))
+
+    if epsilon is None:
+        epsilon = recompute_epsilons(signed(0.0), 1e-3)[-1]
+    return signed(epsilon)
+
+
+def _lose(doc: dict, cid: str, rounds) -> dict:
+    """report.json as the honest server writes it when ``cid``'s replies of ``rounds``
+    never arrived: its earlier line carried forward, failed ("did not answer"), not
+    averaged, and every headline ε the largest of the lines it holds."""
+    rows = doc["rounds"]
+    for i, row in enumerate(rows):
+        if row["round"] not in rounds:
+            continue
+        earlier = rows[i - 1]["per_client"].get(cid) if i else None
+        row["per_client"].pop(cid, None)
+        if earlier is not None:
+            row["per_client"][cid] = dict(earlier)
+        if cid in row["trained"]:
+            row["trained"].remove(cid)
+        row["failed"][cid] = "did not answer"
+        row["epsilon"] = max((v["epsilon"] for v in row["per_client"].values()), default=0.0)
+    doc["final"]["epsilon"] = rows[-1]["epsilon"]
+    return doc
+
+
+def _audit_files(federation: Path, tmp: Path, chains: dict, doc: dict, copies: dict):
+    """``verify_federation`` over these server chains, report and own copies."""
+    (tmp / "ledger.jsonl").write_text("".join(
+        e.to_line() + "\n" for cid in sorted(chains) for e in chains[cid]))
+    (tmp / "report.json").write_text(json.dumps(doc))
+    paths = {}
+    for cid, entries in copies.items():
+        paths[cid] = tmp / f"{cid}.jsonl"
+        paths[cid].write_text("".join(e.to_line() + "\n" for e in entries))
+    return verify_federation(tmp / "ledger.jsonl", federation / "roster.json",
+                             report_path=tmp / "report.json", hospital_copies=paths,
+                             pld_discretization=1e-3)
+
+
+def _own(federation: Path, cid: str) -> list:
+    return read_ledger(privacy_dir(federation / "hospitals" / cid, dataset_source(TASK))
+                       / LEDGER_FILE)
+
+
+HOSTILE_ENTRIES = {
+    "no noise": ({"noise_multiplier": 0.0, "epsilon": math.inf}, "non-private"),
+    "another delta": ({"delta": 1e-2}, "delta"),
+    "patient-level": ({"unit": "patient"}, "unit"),
+    "epsilon under-reported": ({"epsilon": 1.0}, "epsilon"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_ENTRIES))
+@pytest.mark.parametrize("received", [True, False])
+def test_an_entry_the_server_never_received_meets_every_check_a_received_one_does(
+        federation, tmp_path, kind, received) -> None:
+    """Property over what an entry may hide: an entry that fails a check on the
+    server's chain (no noise, another δ, another privacy unit, an under-reported ε)
+    fails the same check when it is in the hospital's own copy only, the server
+    having recorded that reply as lost; the note that counts a lost reply never
+    launders it."""
+    kw, topic = HOSTILE_ENTRIES[kind]
+    chains = {c: _own(federation, c) for c in ("hospital-0", "hospital-1")}
+    full = _sign(federation, chains["hospital-1"][:2], "hospital-1", 3, **kw)
+    doc = json.loads((federation / "out" / "report.json").read_text())
+    if received:
+        chains["hospital-1"] = full
+    else:
+        chains["hospital-1"] = full[:2]
+        doc = _lose(doc, "hospital-1", {3})
+    result = _audit_files(federation, tmp_path, chains, doc,
+                          {"hospital-0": _own(federation, "hospital-0"), "hospital-1": full})
+    assert not result.passed
+    assert topic in {f.topic for f in result.failures if f.hospital == "hospital-1"}
+
+
+@pytest.mark.parametrize("lost", [{3}, {2, 3}, {1, 2, 3}])
+@pytest.mark.parametrize("carried", [0, 1])
+@pytest.mark.parametrize("both", [False, True])
+def test_replies_the_server_never_received_pass_noted_and_counted(
+        federation, tmp_path, lost, carried, both) -> None:
+    """An honest run whose last replies (of one hospital or both) never reached the
+    server, however many rounds, with or without an entry carried in from another
+    federation: the audit passes; each entry the server lacks is noted; the hospital's
+    ε is its own copy's; and the verdict line names the hospitals whose copies go
+    beyond the server's record. (A run of which no reply reached the server at all
+    leaves an empty ledger, and fails as such.)"""
+    doc = json.loads((federation / "out" / "report.json").read_text())
+    chains, copies = {}, {}
+    names = ("hospital-0", "hospital-1") if both else ("hospital-1",)
+    for cid in ("hospital-0", "hospital-1"):
+        own = _own(federation, cid)
+        if cid in names:
+            if carried:
+                own = _sign(federation, [], cid, 1, fed="fed-old", noise_multiplier=30.0,
+                            steps=1)
+                for r in (1, 2, 3):
+                    own = _sign(federation, own, cid, r)
+            doc = _lose(doc, cid, lost)
+            chains[cid] = own[:carried + 3 - len(lost)] if len(lost) < 3 else []
+        else:
+            chains[cid] = own
+        copies[cid] = own
+    for row in doc["rounds"]:  # what the server recorded of the entries it held
+        for cid in names:
+            line = row["per_client"].get(cid)
+            if line is not None:
+                line["ledger_carried"] = carried
+                line["steps"] += carried  # the carried entry's one step
+                line["ledger_entries"] = carried + line.get("ledger_entries", 0)
+                line["ledger_head"] = chains[cid][line["ledger_entries"] - 1].hash()
+    result = _audit_files(federation, tmp_path, chains, doc, copies)
+    if both and len(lost) == 3:  # nothing reached the server: no run to vouch for
+        assert [f.message for f in result.failures] == ["the ledger holds no entries at all"]
+        return
+    assert result.passed, [f.message for f in result.failures]
+    notes = [f.message for f in result.findings if f.topic == "copy"]
+    for cid in names:
+        assert sum(m.startswith("entry seq") and f"{cid}'s own copy only" in m
+                   for m in notes) == len(lost) + carried * (len(lost) == 3)
+        spent = recompute_epsilons(copies[cid], 1e-3)[-1]
+        assert result.hospitals[cid].final_spent == pytest.approx(spent)
+    from bract.audit.report import verdict_line
+
+    line = verdict_line(result)
+    assert f"The server never received the last replies of {', '.join(names)}" in line
+
+
+def test_a_hospital_the_round_averaged_needs_its_entry_on_the_server(
+        federation, tmp_path) -> None:
+    """A hospital a round lists among those it averaged (its masked input in the sum:
+    ``failed_after_input``) sent its chain with its update: a report that averages it
+    while the server's ledger has no entry of that round fails as a missing event, with
+    or without its own copy, and the lost-reply note never explains it."""
+    chains = {c: _own(federation, c) for c in ("hospital-0", "hospital-1")}
+    own = chains["hospital-1"]
+    chains["hospital-1"] = own[:2]
+    doc = json.loads((federation / "out" / "report.json").read_text())
+    row = doc["rounds"][-1]
+    row["failed"]["hospital-1"] = "dropped from secure aggregation at the unmask stage"
+    row["secagg"] = {"aborted": None, "failed_after_input": ["hospital-1"]}
+    line = row["per_client"]["hospital-1"]
+    line["ledger_entries"], line["ledger_head"] = 2, own[1].hash()
+    for copies in ({"hospital-0": chains["hospital-0"], "hospital-1": own},
+                   {"hospital-0": chains["hospital-0"]}):
+        result = _audit_files(federation, tmp_path, chains, doc, copies)
+        assert not result.passed
+        assert any(f.topic == "missing" and "among the hospitals it averaged" in f.message
+                   for f in result.failures)
+        assert not any("own copy only" in f.message for f in result.findings)

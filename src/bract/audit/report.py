@@ -32,7 +32,9 @@ def verdict_line(result: AuditResult) -> str:
     Guarantee: the line says PASS only when every check passed, and then names what
     each chain's length (completeness) was checked against and the finite budget
     checked, with where it came from (the officer's ``--budget`` or report.json's
-    ``target_epsilon``, the coordinator's claim), or that none was; when any hospital's
+    ``target_epsilon``, the coordinator's claim), or that none was, and names every
+    hospital whose own copy holds entries the server never received (its ε is then
+    beyond what report.json says of it); when any hospital's
     completeness could not be checked, the line says FAIL and "completeness NOT
     checked", with why and for whom. A report.json of an unfinished run is named as
     such in either case."""
@@ -48,11 +50,15 @@ def verdict_line(result: AuditResult) -> str:
                   if result.budget is not None and math.isfinite(result.budget)
                   else " No budget was checked: none was given (--budget, or a report.json "
                        "with a target_epsilon).")
+        lost = sorted(cid for cid, h in result.hospitals.items() if h.lost_rounds)
+        beyond = (f" The server never received the last replies of {', '.join(lost)}: "
+                  "their own copies hold entries its ledger and report.json lack, and their "
+                  "ε here is their own copies' (see Findings)." if lost else "")
         return (
             f"PASS — the ledgers of all {n} hospitals are authentic, complete (length "
             f"checked against {against}) and in order, and every reported epsilon agrees "
             f"with an independent recomputation within {result.tolerance:.0%}."
-            + budget + unfinished
+            + beyond + budget + unfinished
         )
     k = len(result.failures)
     who = sorted({f.hospital for f in result.failures if f.hospital})

@@ -62,6 +62,7 @@ from bract.records.ledger import (
     read_ledger,
 )
 from bract.records.report import HospitalRound, ReportError, RoundRow, RunReport, read_report
+from bract.records.text import one_line
 
 #: Relative tolerance between a reported epsilon and the PLD recomputation. bract
 #: reports Opacus's PRV upper bound, within [0.995, 1.01] x PLD(1e-4) by design
@@ -619,6 +620,8 @@ def verify_federation(
                 # It verifies and differs from the server's: what it composes counts too.
                 own_eps = recompute_epsilons(own, pld_discretization)
                 h.own_copy_recomputed = own_eps[-1] if own_eps else None
+                _check_own_entries(h, chain, own, own_eps, declared_delta, tolerance,
+                                   budget, fail, findings.append)
                 if budget is not None:
                     _check_budget(cid, own, own_eps, budget, pld_discretization, fail,
                                   f"{cid}'s own copy reaches", report_budget)
@@ -791,7 +794,12 @@ def _check_report_rows(
             continue
         if v is None or of != r or cid in row.failed:
             # The hospital did not answer this round: nothing was reported (a line here
-            # is its earlier one, carried forward).
+            # is its earlier one, carried forward). One the round averaged (its masked
+            # input in the sum: failed_after_input) sent its chain first.
+            if cid in row.trained and not entries:
+                fail(cid, "missing", f"missing event: report.json round {r} lists {cid} "
+                                     "among the hospitals it averaged, but its ledger has no "
+                                     f"entry for round {r}")
             unnamed = _unnamed(row)
             if entries and cid in row.failed:
                 note(Finding(NOTE, cid, "report", (
@@ -1033,6 +1041,47 @@ def _check_final(
                 "former only; the hospital spent them")))
 
 
+def _check_own_entries(
+    h: HospitalAudit, server: list[LedgerEntry], own: list[LedgerEntry],
+    own_eps: list[float], declared_delta: float | None, tolerance: float,
+    budget: float | None, fail: Callable[[str, str, str], None],
+    note: Callable[[Finding], None],
+) -> None:
+    """The entries of a hospital's own copy that the server's chain lacks, held to every
+    check the server's entries meet: an infinite or unaccountable recomputation
+    (NON-PRIVATE), the run's δ, one privacy unit over the whole copy, and each entry's
+    reported ε against the recomputation. A figure the audit counts is never one these
+    checks skipped."""
+    cid = h.client_id
+    held = {e.seq for e in server}
+    bad = next((i for i, x in enumerate(own_eps) if math.isnan(x) or math.isinf(x)), None)
+    if bad is not None and own[bad].seq not in held:
+        _check_finite(h, own, own_eps, budget, fail)
+    units = {e.event.unit for e in own} - {"unstated"}
+    if len(units) > 1 and len({e.event.unit for e in server} - {"unstated"}) <= 1:
+        fail(cid, "unit", f"{cid}'s own copy mixes privacy units ({', '.join(sorted(units))}):"
+                          " its epsilon holds for neither a record nor a patient")
+    for entry, eps in zip(own, own_eps, strict=True):
+        if entry.seq in held:
+            continue
+        if declared_delta is not None and entry.delta != declared_delta:
+            fail(cid, "delta", f"entry {entry.seq} of {cid}'s own copy uses δ={entry.delta:g}, "
+                               f"the run declared δ={declared_delta:g}")
+        if math.isnan(eps):
+            continue  # named by _check_finite
+        why = disagreement(entry.epsilon, eps, tolerance)
+        if why is None:
+            continue
+        message = (f"entry {entry.seq} (round {entry.round}) of {cid}'s own copy reports "
+                   f"ε={_fmt(entry.epsilon)} ({entry.accountant}) but the recorded events "
+                   f"give ε={_fmt(eps)}: {why}")
+        if why.startswith("over") and entry.accountant == "rdp":
+            note(Finding(NOTE, cid, "epsilon", message + " (RDP is a looser upper bound: "
+                                                "conservative, not a misreport)"))
+        else:
+            fail(cid, "epsilon", message)
+
+
 def _lost_reply(report: RunReport | None, federation_id: str, cid: str,
                 entry: LedgerEntry) -> str | None:
     """Why ``entry``, in ``cid``'s own copy but not in the server's ledger, can be one the
@@ -1049,14 +1098,18 @@ def _lost_reply(report: RunReport | None, federation_id: str, cid: str,
         last = max((x.round for x in report.rounds), default=0)
         return (f"round {r} is after the unfinished run's last row" if report.final is None
                 and r > last else None)
-    if cid in row.failed:
-        return f"report.json records {cid} as failed in round {r} ({row.failed[cid]})"
     line = row.per_client.get(cid)
     answered = line is not None and line.of_round in (None, r)
+    if cid in row.trained or (answered and line is not None and line.trained):
+        return None  # its update (or its line) reached the server: so did its chain
+    lost = "it trained, and its reply did not reach the server"
+    if cid in row.failed:
+        return (f"report.json records {cid} as failed in round {r} ({row.failed[cid]}): "
+                f"{lost}")
     if not answered and _unnamed(row):
         return (f"report.json's round {r} does not name {cid} but records "
                 f"{', '.join(_unnamed(row))} as failed before the server learned its name "
-                "(which hospital that node was is the server's word)")
+                f"(which hospital that node was is the server's word): {lost}")
     return None
 
 
@@ -1106,14 +1159,22 @@ def _compare_copy(
     is_prefix = (own_ok and not [d for d in differences if "missing from the server" not in d]
                  and [e.to_line() for e in own[:len(server)]] == [e.to_line() for e in server]
                  and all(e.seq > max(server_seqs, default=0) for e in tail))
-    reasons = [lost(e) for e in tail] if is_prefix else []
+    reasons: list[str | None] = [lost(e) for e in tail] if is_prefix else []
+    # Entries of another federation before them: spent before this run (carried in).
+    here = {e.federation_id for e, why in zip(tail, reasons, strict=False) if why is not None}
+    for k, e in enumerate(tail if is_prefix else []):
+        if reasons[k] is not None or e.federation_id in here or not any(reasons[k + 1:]):
+            break
+        reasons[k] = (f"it was spent in federation {one_line(e.federation_id, 80)!r} before "
+                      "this run (the hospital's data carried it in)")
     if tail and reasons and all(reasons):
         for e, why in zip(tail, reasons, strict=True):
-            h.lost_rounds.add(e.round)
+            if e.federation_id in here:
+                h.lost_rounds.add(e.round)
             note(Finding(NOTE, cid, "copy", (
                 f"entry seq {e.seq} (round {e.round}) is in {cid}'s own copy only: the "
-                f"server never received it, and {why}: it trained, and its reply did not "
-                "reach the server; the audit counts the entry (ε from its own copy)")))
+                f"server never received it; {why}; the audit counts the entry (ε from its "
+                "own copy)")))
         n = len(tail)
         h.copy_status = f"{n} more entr{'y' if n == 1 else 'ies'} (replies the server lost)"
         return own_ok
