@@ -5,6 +5,7 @@ each refuses the same bad values."""
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bract.flower.config import OPTIONS, RUN_CONFIG_DEFAULTS, FederationConfig, Option
+from bract.records.roster import Roster
 
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -147,3 +149,54 @@ def test_task_and_policy_follow_the_federation(tmp_path: Path) -> None:
     assert policy.allow_non_private and policy.noise_multiplier == 0.0
     assert policy.sampling_seed == 4  # a non-private run is made reproducible
     assert FederationConfig().policy().sampling_seed is None  # never for a private one
+
+
+# ----------------------------------------------------------- secure aggregation's abort limit
+_ROSTER = Roster("f", {i: bytes(32) for i in (1, 2, 3)}, {})
+_ABORT_LIMIT_TAKES = "must be an integer >= 1, or 0 for no limit"
+
+
+@settings(max_examples=60, deadline=None)
+@given(limit=st.integers(0, 10_000), command=st.sampled_from(["simulate", "deploy"]))
+def test_the_abort_limit_of_the_run_config_and_the_flags_reaches_secure_aggregation(
+        limit: int, command: str) -> None:
+    """``secagg-abort-limit`` (run config) and ``--secagg-abort-limit`` (bract simulate,
+    bract deploy) set the server's SecAggSettings.abort_limit, 0 meaning no limit, and
+    the value is what the report's config and the run config record."""
+    from bract.cli import build_parser
+    from bract.flower.apps import secagg_settings
+    from bract.flower.simulation import SimulationConfig
+
+    via_run_config = FederationConfig.from_run_config({"secagg-abort-limit": limit})
+    args = build_parser().parse_args([command, "--secagg-abort-limit", str(limit)])
+    via_flag = FederationConfig.from_args(args)
+    for fed in (via_run_config, via_flag):
+        assert fed.secagg_abort_limit == limit
+        assert secagg_settings(fed, _ROSTER).abort_limit == (limit if limit else None)
+        assert fed.to_run_config()["secagg-abort-limit"] == limit
+        assert SimulationConfig(fed).to_plain()["secagg_abort_limit"] == limit
+    assert secagg_settings(FederationConfig(), _ROSTER).abort_limit == 2  # the default
+
+
+@pytest.mark.parametrize("bad", [-1, -7, 1.5, True, False, "2", "none", "", None])
+def test_a_bad_abort_limit_is_refused_naming_the_setting(bad) -> None:
+    with pytest.raises(ValueError, match=re.escape(
+            f"run config secagg-abort-limit={bad!r}: {_ABORT_LIMIT_TAKES}")):
+        FederationConfig.from_run_config({"secagg-abort-limit": bad})
+    with pytest.raises(ValueError, match=re.escape(
+            f"secagg-abort-limit={bad!r}: {_ABORT_LIMIT_TAKES}")):
+        FederationConfig(secagg_abort_limit=bad)
+
+
+@pytest.mark.parametrize("command", ["simulate", "deploy"])
+@pytest.mark.parametrize("bad", ["-1", "1.5", "two", "true", "none", ""])
+def test_a_bad_abort_limit_flag_is_one_error_line_naming_the_flag(command, bad,
+                                                                   capsys) -> None:
+    from bract.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--secagg-abort-limit", bad])
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [f"bract {command}: error: argument --secagg-abort-limit: "
+                      f"{_ABORT_LIMIT_TAKES}, got {bad!r}"]

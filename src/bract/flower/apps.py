@@ -96,6 +96,7 @@ def secagg_settings(fed: FederationConfig, roster: Roster,
         colluders=fed.secagg_colluders, dropouts=fed.secagg_dropouts,
         aggregate_metrics=len(AGGREGATED_METRICS) if fed.release_metrics == "aggregate" else 0,
         record_dir=str(record_dir) if record_dir is not None else None,
+        abort_limit=fed.secagg_abort_limit or None,  # 0: no limit
     )
 
 

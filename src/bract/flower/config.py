@@ -282,6 +282,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("secagg_dropouts", int, None, "hospitals every secure round must survive dropping "
            "out, wherever they fall; refused if the graph cannot, and lets auto pick a sparse "
            "graph (default: not declared)", unset="none", low=0),
+    Option("secagg_abort_limit", int, 2, "stop the federation after this many consecutive "
+           "secure rounds that aborted after their hospitals trained (each spent privacy "
+           "budget and produced no model); 0: no limit", low=0,
+           accepts="an integer >= 1, or 0 for no limit"),
     Option("release_metrics", str, "none", "hospitals' metrics (the received model's loss on "
            "their records, their held-out evaluation), noised and counted in their epsilon: "
            "stay home (none), leave only inside the masked sum (aggregate), or in clear "
@@ -345,6 +349,7 @@ class FederationConfig:
     secagg_graph: str = "auto"
     secagg_colluders: int | None = None
     secagg_dropouts: int | None = None
+    secagg_abort_limit: int = 2
     release_metrics: str = "none"
     metrics_noise: float = 10.0
     round_timeout: float | None = None

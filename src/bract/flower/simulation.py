@@ -113,6 +113,7 @@ class SimulationConfig:
             "secagg_graph": fed.secagg_graph,
             "secagg_colluders": fed.secagg_colluders,
             "secagg_dropouts": fed.secagg_dropouts,
+            "secagg_abort_limit": fed.secagg_abort_limit,
             "drop_rate": self.drop_rate,
             "drop_stage": self.drop_stage,
             "release_metrics": fed.release_metrics,
