@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -382,3 +383,61 @@ def test_entries_of_an_interrupted_attempt_are_recorded_and_audited_as_such(
             assert f"but round {crash} is not the first round of a resumed run" in md
         elif crash == POLICY.rounds:
             assert f"report.json round {crash} says hospital-0 did not train" in md
+
+
+def _federation(out: Path, run_config: dict, resume: bool = False):
+    from bract.flower.server import Federation
+
+    cfg = ServerConfig(rounds=4, num_clients=3, delta=1e-5, out_dir=out, show_progress=False,
+                       resume=resume, run_config=run_config)
+    fed = Federation(FakeGrid({}), lambda w: {}, cfg)
+    fed.global_weights = {"w": np.zeros(3, dtype=np.float32)}
+    return fed
+
+
+def _state(out: Path) -> dict:
+    return json.loads((out / "checkpoint" / "state.json").read_text())
+
+
+def test_the_checkpoint_carries_the_count_of_consecutive_aborted_rounds(tmp_path) -> None:
+    """The count survives a resume; a checkpoint written before it was kept (no
+    ``spent_aborts``) resumes with none counted; a damaged count is refused by name."""
+    saved = _federation(tmp_path, {"eps": 4.0})
+    saved.completed, saved.spent_aborts = 2, 2
+    saved.checkpoint()
+    assert _state(tmp_path)["spent_aborts"] == 2
+    restored = _federation(tmp_path, {"eps": 4.0}, resume=True)
+    restored.restore()
+    assert (restored.completed, restored.spent_aborts) == (2, 2)
+
+    state = _state(tmp_path)
+    del state["spent_aborts"]
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps(state))
+    older = _federation(tmp_path, {"eps": 4.0}, resume=True)
+    older.restore()
+    assert (older.completed, older.spent_aborts) == (2, 0)
+
+    for bad in (-1, True, 1.5, "2", None):
+        (tmp_path / "checkpoint" / "state.json").write_text(
+            json.dumps({**state, "spent_aborts": bad}))
+        with pytest.raises(CheckpointError, match=f"its spent_aborts {bad!r} is not a round"):
+            _federation(tmp_path, {"eps": 4.0}, resume=True).restore()
+
+
+@pytest.mark.parametrize("key", ["secagg-abort-limit", "secagg_abort_limit"])
+def test_a_resume_with_another_abort_limit_is_refused(tmp_path, key) -> None:
+    """Like every other setting, the abort limit may not change on resume (run-config
+    and report.json spellings alike); a checkpoint made before the setting existed ran
+    with the limit 2, so it resumes with 2 and refuses any other."""
+    saved = _federation(tmp_path, {"eps": 4.0, key: 3})
+    saved.checkpoint()
+    _federation(tmp_path, {"eps": 4.0, key: 3}, resume=True).restore()
+    for other in (0, 2, 4):
+        with pytest.raises(CheckpointError, match=re.escape(f"differs in ['{key}']")):
+            _federation(tmp_path, {"eps": 4.0, key: other}, resume=True).restore()
+
+    older = _federation(tmp_path / "older", {"eps": 4.0})
+    older.checkpoint()
+    _federation(tmp_path / "older", {"eps": 4.0, key: 2}, resume=True).restore()
+    with pytest.raises(CheckpointError, match=re.escape(f"differs in ['{key}']")):
+        _federation(tmp_path / "older", {"eps": 4.0, key: 0}, resume=True).restore()

@@ -4,6 +4,7 @@ and nothing of a hospital's update in clear on the wire."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -49,12 +50,15 @@ def _drop_mod(plan: dict[tuple[int, str], set[int]]):
 def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="none",
          record_dir=None, extra_mods=(), colluders: int | None = 0, setup=_setup,
          nodes=NODES, dropouts: int | None = None,
-         hospital_policies: dict[int, ClientPolicy] | None = None):
+         hospital_policies: dict[int, ClientPolicy] | None = None,
+         abort_limit: int | None = 2, resume=False, crash_at_round=None):
     """A federation of the five NODES (or ``nodes``, with ``setup`` for as many).
     Secure runs declare ``colluders`` (0 by default: t = 3 of 5, so these tests can
     drop two hospitals; the collusion bound itself is exercised in tests/secagg) on
     the server and in every hospital's policy (``hospital_policies``: partition id ->
-    a hospital's own policy instead), and ``dropouts`` on the server."""
+    a hospital's own policy instead), and ``dropouts`` and ``abort_limit`` on the
+    server. ``resume``: continue the run checkpointed in ``tmp_path``;
+    ``crash_at_round``: the server crashes when it opens that round."""
     settings = None
     identities = []
     if secure:
@@ -65,7 +69,7 @@ def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="n
         settings = SecAggSettings(
             "test-federation", roster, clip=8.0, colluders=colluders, dropouts=dropouts,
             aggregate_metrics=len(AGGREGATED_METRICS) if release == "aggregate" else 0,
-            record_dir=str(record_dir) if record_dir else None,
+            record_dir=str(record_dir) if record_dir else None, abort_limit=abort_limit,
         )
     mods = ([_drop_mod(drop_plan)] if drop_plan else []) + list(extra_mods)
     apps = {
@@ -77,7 +81,7 @@ def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="n
         )
         for node in nodes
     }
-    grid = FakeGrid(apps)
+    grid = FakeGrid(apps, crash_at_round=crash_at_round)
     ds = tasks.dataset_for(TASK)
     model = tasks.build_model(TASK)
 
@@ -88,7 +92,7 @@ def _run(tmp_path, policy, *, secure: bool, rounds=2, drop_plan=None, release="n
     cfg = ServerConfig(
         rounds=rounds, num_clients=len(nodes), delta=policy.delta, out_dir=tmp_path,
         node_wait_seconds=1, show_progress=False, save_model=tmp_path / "m.npz",
-        secagg=settings,
+        secagg=settings, resume=resume,
     )
     report = run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
     # no model file when no round averaged an update
@@ -968,6 +972,49 @@ def test_consecutive_rounds_aborted_after_training_stop_the_federation(tmp_path)
     assert "\n" not in why and final is None
     assert report["final"]["model_trained"] is False
     assert RunReport.from_plain(report).errors()
+
+
+def _flip_from_round_2(m, y):
+    """A malicious hospital's masked weight from round 2 on (any resume): the sum of
+    every such round fails to decode, after all hospitals trained."""
+    if (m.round >> 20) & (2**20 - 1) < 2:
+        return False
+    y[-1] += np.array(1 << (m.ring_bits - 1), dtype=y.dtype)
+    return True
+
+
+def test_a_resumed_run_stops_at_the_round_an_uninterrupted_one_stops_at(tmp_path) -> None:
+    """Round 1 averages; from round 2 on one hospital makes every round abort after
+    training. With abort_limit 3 an uninterrupted run stops after round 4. A run whose
+    server crashes when it opens round 4 (after two consecutive aborted rounds) and is
+    resumed (fresh hospital processes, same state directories) stops after round 4
+    too: the count of consecutive aborts is in the checkpoint, so the resumed run
+    spends no more rounds' budget than the limit allows."""
+    policy = PrivacyPolicy(target_epsilon=3.0, delta=1e-5, rounds=6)
+    mods = [_masked_input_mod(4, _flip_from_round_2)]
+
+    def run(out, **kw):
+        def setup(ctx):
+            return hospital_setup(TASK, ctx, out / "hospitals")
+
+        return _run(out, policy, secure=True, rounds=6, abort_limit=3, extra_mods=mods,
+                    setup=setup, **kw)[0]
+
+    whole = run(tmp_path / "whole")
+    assert [r["round"] for r in whole["rounds"]] == [1, 2, 3, 4]
+    assert [r["aggregated"] for r in whole["rounds"]] == [True, False, False, False]
+    assert whole["stopped_early"].startswith("after round 4: 3 consecutive secure rounds")
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(RuntimeError, match="injected server crash"):
+        run(out, crash_at_round=4)
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert (state["completed_rounds"], state["spent_aborts"]) == (3, 2)
+    resumed = run(out, resume=True)
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
+    assert [r["aggregated"] for r in resumed["rounds"]] == [True, False, False, False]
+    assert resumed["rounds"][-1]["trained"] == [] and resumed["rounds"][-1]["resumed"]
+    assert resumed["stopped_early"].startswith("after round 4: 3 consecutive secure rounds")
 
 
 def test_the_abort_limit_is_an_int_of_at_least_one_or_none() -> None:

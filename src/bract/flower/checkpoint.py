@@ -31,6 +31,11 @@ class CheckpointError(RuntimeError):
 _RESUME_IGNORES = frozenset({"out", "resume", "reply-poll", "save_model", "show_progress",
                              "progress"})
 
+#: Settings added after checkpoints were first written, with the value every run made
+#: before them had (run-config and report.json spellings): a checkpoint whose config
+#: lacks one resumes as if it held that value, so only another value differs.
+_ADDED_SETTINGS = {"secagg-abort-limit": 2, "secagg_abort_limit": 2}
+
 
 def _state_problem(state: Any) -> str | None:
     """What makes ``state`` (parsed ``state.json``) unusable, or None if it is usable."""
@@ -70,7 +75,9 @@ def load_checkpoint_state(out_dir: Path, run_config: Mapping[str, Any]) -> dict[
     problem = _state_problem(state)
     if problem:
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
-    old = {k: v for k, v in state["config"].items() if k not in _RESUME_IGNORES}
+    saved = {**{k: v for k, v in _ADDED_SETTINGS.items() if k in run_config},
+             **state["config"]}
+    old = {k: v for k, v in saved.items() if k not in _RESUME_IGNORES}
     new = {k: v for k, v in run_config.items() if k not in _RESUME_IGNORES}
     if old != new:
         diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
@@ -124,6 +131,10 @@ class Checkpointer:
         if not all(isinstance(line, dict) for line in state["latest"].values()):
             raise CheckpointError(f"checkpoint {self.dir / 'state.json'} is damaged: "
                                   "its latest entries are not JSON objects")
+        aborts = state.get("spent_aborts", 0)  # a checkpoint older than the count lacks it
+        if isinstance(aborts, bool) or not isinstance(aborts, int) or aborts < 0:
+            raise CheckpointError(f"checkpoint {self.dir / 'state.json'} is damaged: "
+                                  f"its spent_aborts {aborts!r} is not a round count")
         try:
             weights = read_npz(self.dir / state["model"])
         except ValueError as exc:

@@ -333,8 +333,9 @@ class Federation:
         self.failed: dict[str, str] = {}
         #: This round's per-coordinate noise std of each hospital's metrics release.
         self.release_noise: dict[str, float] = {}
-        #: Consecutive secure rounds (this run) that aborted after hospitals trained in
-        #: them: each spent budget for no model (SecAggSettings.abort_limit).
+        #: Consecutive secure rounds that aborted after hospitals trained in them: each
+        #: spent budget for no model (SecAggSettings.abort_limit). Checkpointed, so a
+        #: resumed run stops where an uninterrupted one would.
         self.spent_aborts = 0
 
     # ---------------------------------------------------------------- checkpoints
@@ -352,6 +353,7 @@ class Federation:
             "metrics": self.metrics,
             "resumes": self.resumes,
             "run_id": self.run_id,
+            "spent_aborts": self.spent_aborts,
         }
         self.checkpointer.save(self.completed, self.global_weights, state)
 
@@ -372,6 +374,7 @@ class Federation:
         self.metrics = dict(state["metrics"])
         self.resumes = int(state.get("resumes", 0)) + 1
         self.run_id = str(state.get("run_id", self.run_id))
+        self.spent_aborts = int(state.get("spent_aborts", 0))  # older checkpoints lack it
 
     # ---------------------------------------------------------------------- rounds
     def _round_content(self, rnd: int, arrays: ArrayRecord, content: RecordDict) -> None:
