@@ -25,7 +25,9 @@ class FakeGrid:
 
     ``fail`` maps a node id to a predicate on the round: when true, the node
     answers with an error (as Flower does when a ClientApp raises); ``silent``
-    nodes never answer in the rounds their predicate selects.
+    nodes never answer in the rounds their predicate selects; ``lost`` nodes run
+    their ``train`` message in the rounds their predicate selects (they train and
+    spend) but their reply never reaches the server.
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class FakeGrid:
         silent: dict[int, Callable[[int], bool]] | None = None,
         run_config: dict | None = None,
         crash_at_round: int | None = None,
+        lost: dict[int, Callable[[int], bool]] | None = None,
     ) -> None:
         self.apps = apps
         self.contexts = {
@@ -49,6 +52,7 @@ class FakeGrid:
         }
         self.fail = fail or {}
         self.silent = silent or {}
+        self.lost = lost or {}
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self.crash_at_round = crash_at_round
@@ -73,9 +77,12 @@ class FakeGrid:
                 replies.append(Message(Error(code=1, reason="injected failure"), reply_to=msg))
                 continue
             try:
-                replies.append(self.apps[node](msg, self.contexts[node]))
+                reply = self.apps[node](msg, self.contexts[node])
             except Exception as exc:  # mirror Flower: an error becomes an error reply
-                replies.append(Message(Error(code=2, reason=repr(exc)), reply_to=msg))
+                reply = Message(Error(code=2, reason=repr(exc)), reply_to=msg)
+            if msg.metadata.message_type == "train" and self.lost.get(node, lambda r: False)(rnd):
+                continue  # it ran; its reply never arrives
+            replies.append(reply)
         self.replies.extend(replies)
         return replies
 
