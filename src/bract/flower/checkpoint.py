@@ -135,6 +135,13 @@ class Checkpointer:
         if isinstance(aborts, bool) or not isinstance(aborts, int) or aborts < 0:
             raise CheckpointError(f"checkpoint {self.dir / 'state.json'} is damaged: "
                                   f"its spent_aborts {aborts!r} is not a round count")
+        asked = state.get("unanswered", {})  # absent from a checkpoint that did not keep it
+        if not isinstance(asked, dict) or not all(
+                isinstance(rounds, list) and all(isinstance(r, int) and not isinstance(r, bool)
+                                                 for r in rounds)
+                for rounds in asked.values()):
+            raise CheckpointError(f"checkpoint {self.dir / 'state.json'} is damaged: "
+                                  "its unanswered rounds are not lists of round numbers")
         try:
             weights = read_npz(self.dir / state["model"])
         except ValueError as exc:

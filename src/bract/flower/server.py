@@ -337,6 +337,14 @@ class Federation:
         #: spent budget for no model (SecAggSettings.abort_limit). Checkpointed, so a
         #: resumed run stops where an uninterrupted one would.
         self.spent_aborts = 0
+        #: The rounds in which this process asked each Flower node to train; and, kept
+        #: across resumes by the hospital's label, those of hospitals the server has no
+        #: line of yet. A hospital's first read reply sorts its chain by them
+        #: (:meth:`_run_start`).
+        self.asked: dict[int, list[int]] = {}
+        self.asked_earlier: dict[str, list[int]] = {}
+        #: The round this process resumed the run at (``None``: not a resumed run).
+        self.resumed_round: int | None = None
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -354,8 +362,18 @@ class Federation:
             "resumes": self.resumes,
             "run_id": self.run_id,
             "spent_aborts": self.spent_aborts,
+            "unanswered": self._unanswered(),
         }
         self.checkpointer.save(self.completed, self.global_weights, state)
+
+    def _unanswered(self) -> dict[str, list[int]]:
+        """The rounds this run asked each hospital the server has no line of yet to
+        train in, by its label (its name, else ``node-N``)."""
+        out = {label: set(rounds) for label, rounds in self.asked_earlier.items()}
+        for node, rounds in self.asked.items():
+            out.setdefault(self._label(node), set()).update(rounds)
+        return {label: sorted(rounds) for label, rounds in sorted(out.items())
+                if label not in self.latest}
 
     def restore(self) -> None:
         """Continue from the checkpoint in ``out_dir``; refuses a different configuration."""
@@ -375,9 +393,27 @@ class Federation:
         self.resumes = int(state.get("resumes", 0)) + 1
         self.run_id = str(state.get("run_id", self.run_id))
         self.spent_aborts = int(state.get("spent_aborts", 0))  # older checkpoints lack it
+        if "unanswered" in state:
+            self.asked_earlier = {str(label): [int(r) for r in rounds]
+                                  for label, rounds in state["unanswered"].items()}
+        else:  # a checkpoint that did not keep them: the rounds its rows record it failed
+            self.asked_earlier = {}
+            for rnd, row in self._rows():
+                for label in row.get("failed") or {}:
+                    if label not in self.latest:
+                        self.asked_earlier.setdefault(str(label), []).append(rnd)
+
+    def _rows(self) -> list[tuple[int, dict[str, Any]]]:
+        """The report's rows so far, with their round numbers (as the server wrote them)."""
+        rows = self.record.report.get("rounds", [])
+        return [(row["round"], row) for row in rows if isinstance(row, dict)
+                and isinstance(row.get("round"), int) and not isinstance(row["round"], bool)]
 
     # ---------------------------------------------------------------------- rounds
-    def _round_content(self, rnd: int, arrays: ArrayRecord, content: RecordDict) -> None:
+    def _round_content(self, rnd: int, arrays: ArrayRecord, content: RecordDict,
+                       node: int) -> None:
+        """The ``train`` instruction of round ``rnd`` to ``node`` (noted as asked)."""
+        self.asked.setdefault(node, []).append(rnd)
         content.array_records[GLOBAL_WEIGHTS] = arrays
         content.config_records[ROUND_CONFIG] = ConfigRecord(
             {"round": rnd, "num-rounds": self.cfg.rounds, "run-id": self.run_id}
@@ -488,16 +524,17 @@ class Federation:
         # ReplyError when they disagree: _contained records this reply as malformed).
         epsilon = signed_epsilon(chain, rep["trained"], rep["epsilon"], self.cfg.delta)
         self.record.chains[cid] = chain
-        # Entries the hospital's data spent before this run (earlier runs, federations).
+        # Entries the hospital's data spent before this run (earlier runs, federations),
+        # and entries of this round spent before this reply's own, that the server never
+        # received: an earlier attempt of the round, lost when the run was interrupted
+        # in it (with a line of this run: its entries from the server's last record on).
         prior = self.latest.get(cid)
         appended = max(0, min(int(rep["appended"]), len(chain)))
-        carried = prior.ledger_carried if prior is not None else len(chain) - appended
-        # Entries of this round spent before this reply's own, that the server never
-        # received: an earlier attempt of the round, lost when the run was interrupted
-        # in it (this run's entries from the server's last record on: a hospital with a
-        # line of this run).
-        interrupted = (sum(e.round == rnd for e in chain[len(held):len(chain) - appended])
-                       if prior is not None else 0)
+        if prior is None:
+            carried, interrupted = self._run_start(node, cid, rnd, chain, appended)
+        else:
+            carried = prior.ledger_carried
+            interrupted = sum(e.round == rnd for e in chain[len(held):len(chain) - appended])
         # The noise on this round's metrics release, if it made one: the server shows
         # released figures only when they stand out of the noise.
         for entry in chain[len(chain) - appended:]:
@@ -524,6 +561,51 @@ class Federation:
             display.note(f"round {rnd}: {cid} stopped — {rep['reason']}")
             return None
         return cid
+
+    def _run_start(self, node: int, cid: str, rnd: int, chain: Sequence[LedgerEntry],
+                   appended: int) -> tuple[int, int]:
+        """At a hospital's first read reply (round ``rnd``, from ``node``): how many of
+        its chain's entries its data spent before this run (``ledger_carried``), and how
+        many of this round's it spent in an interrupted attempt of it
+        (``ledger_interrupted``).
+
+        The entries before the reply's own (its last ``appended``) end with those this
+        run spent whose reply the server never read: in the rounds it asked the hospital
+        to train in (:attr:`asked`, kept across resumes), in round order, each round
+        asked once (at most one entry of each mechanism; a round a resume re-ran, any
+        number), then, when ``rnd`` is the round this process resumed the run at, those
+        of its interrupted attempt. Each is an entry of this federation (the roster's;
+        without one, that of the reply's own entries). Walking back from the reply's own
+        entries over entries that fit, the ones before are carried. An earlier run's
+        entries pass for this run's only where they fit all of this (an earlier run of
+        this federation that ended in a round this run asked the hospital in and read no
+        reply of, and no entry of this run's attempt at that round followed): the chain
+        does not say which run an entry came from."""
+        roster = self.cfg.roster
+        fed = (roster.federation_id if roster is not None
+               else chain[-1].federation_id if appended else None)
+        i = len(chain) - appended
+        interrupted = 0
+        if rnd == self.resumed_round:
+            while i and chain[i - 1].round == rnd and fed in (None, chain[i - 1].federation_id):
+                fed = chain[i - 1].federation_id
+                i, interrupted = i - 1, interrupted + 1
+        asked = {r for r in (*self.asked.get(node, ()), *self.asked_earlier.get(cid, ()),
+                             *self.asked_earlier.get(f"node-{node}", ())) if r < rnd}
+        rerun = {r for r, row in self._rows() if row.get("resumed") is True}
+        seen: set[tuple[int, str]] = set()
+        upto = rnd
+        while i:
+            entry = chain[i - 1]
+            key = (entry.round, entry.event.mechanism)
+            if (entry.round not in asked or entry.round > upto
+                    or fed not in (None, entry.federation_id)
+                    or (key in seen and entry.round not in rerun)):
+                break
+            fed, upto = entry.federation_id, entry.round
+            seen.add(key)
+            i -= 1
+        return i, interrupted
 
     def _accept_chain(self, cid: str, rep: dict[str, Any]) -> tuple[LedgerEntry, ...]:
         """The hospital's signed ledger from its report, if it verifies and extends ours."""
@@ -559,7 +641,7 @@ class Federation:
         messages = []
         for node in asked:
             content = RecordDict()
-            self._round_content(rnd, arrays, content)
+            self._round_content(rnd, arrays, content, node)
             messages.append(
                 Message(content, dst_node_id=node, message_type="train", group_id=str(rnd))
             )
@@ -790,6 +872,7 @@ class Federation:
             # input, and each of two learns the other's update from the sum.
             needed = max(self.cfg.min_clients, 3 if self.secure is not None else 1)
             first = self.completed + 1
+            self.resumed_round = first if resume else None
             for rnd in range(first, self.cfg.rounds + 1):
                 if len(self.active) < needed:
                     display.note(
@@ -909,7 +992,7 @@ class _SecureRoundHooks:
         self.display = display
 
     def train_content(self, node: int, content: RecordDict) -> None:
-        self.fed._round_content(self.rnd, self.arrays, content)
+        self.fed._round_content(self.rnd, self.arrays, content, node)
 
     def input_digest(self) -> bytes:
         return weights_digest(self.fed.global_weights)
