@@ -50,6 +50,18 @@ def test_state_json_of_the_wrong_shape_is_a_checkpoint_error(text: str) -> None:
             ckpt.restore(WEIGHTS.keys())
 
 
+@pytest.mark.parametrize("value", [[1], {"hospital-1": 1}, {"hospital-1": ["1"]},
+                                   {"hospital-1": [True]}, {"hospital-1": [1.5]}])
+def test_unanswered_rounds_that_are_not_round_lists_are_a_checkpoint_error(value) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Checkpointer(Path(tmp), CONFIG)
+        ckpt.save(2, WEIGHTS, {**STATE, "unanswered": value})
+        with pytest.raises(CheckpointError, match="unanswered rounds"):
+            ckpt.restore(WEIGHTS.keys())
+        ckpt.save(2, WEIGHTS, {**STATE, "unanswered": {"hospital-1": [1, 2]}})
+        assert ckpt.restore(WEIGHTS.keys())[0]["unanswered"] == {"hospital-1": [1, 2]}
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=json_values, keep_config=st.booleans())
 def test_any_json_value_in_state_json_restores_or_is_a_checkpoint_error(
