@@ -310,8 +310,9 @@ def test_a_hospital_left_out_of_ledger_and_report_fails_its_lost_replies_count(
     spent = recompute_epsilons(read_ledger(own), 1e-3)[-1]
     for r in (1, 2, 3):
         assert (f"entry seq {r} (round {r}) is in hospital-1's own copy only: the server "
-                "never received it, and report.json records hospital-1 as failed in round "
-                f"{r} (did not answer)") in md
+                "never received it; report.json records hospital-1 as failed in round "
+                f"{r} (did not answer): it trained, and its reply did not reach the "
+                "server") in md
     row = next(x for x in _md(run).splitlines() if x.startswith("| hospital-1 |"))
     assert f"{spent:.4f} (own copy {spent:.4f}" in row
     report.write_text(json.dumps(_erase(json.loads(report.read_text()), "hospital-1")))
