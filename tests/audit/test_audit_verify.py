@@ -52,8 +52,13 @@ FAST = ["--pld-discretization", "1e-3"]  # 50 ms per epsilon instead of 0.5 s
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory) -> Path:
     """A real 2-hospital, 3-round DP federation with signed ledgers, on disk."""
+    return _federation(tmp_path_factory.mktemp("fed"))
+
+
+def _federation(root: Path, *, rounds: int = 3, release_metrics: str = "none") -> Path:
+    """Run a real 2-hospital DP federation (plain FedAvg, signed ledgers, a roster)
+    into ``root``; ``release_metrics`` as both the hospitals and the server take it."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    root = tmp_path_factory.mktemp("fed")
     keys, idents = make_identities(2, FED)
     write_roster(root / "roster.json", Roster(FED, keys, {1: "hospital-0", 2: "hospital-1"}))
     # The hospitals' signing keys, for tests that sign entries as a hospital would.
@@ -66,7 +71,8 @@ def federation(tmp_path_factory) -> Path:
     def identity(ctx) -> SecAggIdentity:
         return idents[int(ctx.node_config["partition-id"])]
 
-    grid = FakeGrid({n: make_client_app(setup, POLICY, identity=identity) for n in (7, 8)})
+    grid = FakeGrid({n: make_client_app(setup, POLICY, identity=identity,
+                                        release_metrics=release_metrics) for n in (7, 8)})
     ds = tasks.dataset_for(TASK)
     model = tasks.build_model(TASK)
 
@@ -77,9 +83,10 @@ def federation(tmp_path_factory) -> Path:
     from bract.records.ledger import SignerRoster
 
     cfg = ServerConfig(
-        rounds=3, num_clients=2, delta=POLICY.delta, out_dir=root / "out", node_wait_seconds=1,
-        show_progress=False, run_config={"target_epsilon": 3.0, "delta": POLICY.delta},
-        roster=SignerRoster.read(root / "roster.json"),
+        rounds=rounds, num_clients=2, delta=POLICY.delta, out_dir=root / "out",
+        node_wait_seconds=1, show_progress=False,
+        run_config={"target_epsilon": 3.0, "delta": POLICY.delta},
+        roster=SignerRoster.read(root / "roster.json"), release_metrics=release_metrics,
     )
     run_federation(grid, weights_of(tasks.build_model(TASK)), evaluate, cfg)
     return root
@@ -126,6 +133,17 @@ def test_verify_passes_on_a_real_federation_and_writes_the_report(run, capsys) -
     assert "<p class='verdict'>PASS" in html and f"src='{PLOT}'" in html
     png = (run / "audit" / PLOT).read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_a_run_that_releases_metrics_in_clear_passes_the_audit(tmp_path, capsys) -> None:
+    """A hospital's metrics release is a ledger event of its own (one Gaussian release,
+    ``mechanism: "metrics"``, counted in its ε), not DP-SGD steps: an honest run that
+    releases metrics passes, its ε and step counts checked against the ledger."""
+    run = _federation(tmp_path, rounds=2, release_metrics="clear")
+    chain = read_ledger(run / "out" / "ledger.jsonl")
+    assert {e.event.mechanism for e in chain} == {"dp-sgd", "metrics"}
+    assert _verify(run) == 0, capsys.readouterr().out
+    assert "PASS" in capsys.readouterr().out
 
 
 def test_recomputed_epsilon_agrees_with_reported_and_with_bracts_pld(run) -> None:

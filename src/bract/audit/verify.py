@@ -828,7 +828,7 @@ def _check_report_rows(
             fail(cid, "report", f"report.json round {r} gives {cid} ε={_fmt(reported)} but its "
                                 f"ledger up to round {r} gives ε={_fmt(eps)}: {why}")
         steps = v.steps
-        ledger_steps = sum(chain[i].event.steps for i in upto)
+        ledger_steps = sum(chain[i].event.steps for i in upto if chain[i].event.is_training)
         if steps is None:
             fail(cid, "report", f"report.json round {r} gives {cid} no step count, so the "
                                 "DP-SGD steps it reports cannot be checked against its ledger")
