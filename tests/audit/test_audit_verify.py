@@ -1274,14 +1274,16 @@ def test_what_a_round_says_of_late_failures_carried_lines_and_unnamed_nodes_is_c
 def _sign(federation: Path, chain: list, cid: str, rnd: int, *,
           epsilon: float | None = None, fed: str = FED, **changes) -> list:
     """``chain`` with one more entry, signed with ``cid``'s key as its hospital would:
-    the event of its round-``rnd`` entry in the fixture run, with ``changes``
+    the event of its round-``rnd`` entry in the fixture run (its last for a later
+    round), for round ``rnd``, with ``changes``
     (``noise_multiplier``, ``delta``, ``unit``, ``steps``); its ε the recomputation
     unless ``epsilon`` is given."""
     import dataclasses
 
     key = bytes.fromhex(json.loads((federation / "keys.json").read_text())[cid])
-    base = next(e for e in _own(federation, cid) if e.round == rnd)
-    event = dataclasses.replace(base.event, **changes)
+    fixture = _own(federation, cid)
+    base = next((e for e in fixture if e.round == rnd), fixture[-1])
+    event = dataclasses.replace(base.event, round=rnd, **changes)
 
     def signed(eps: float) -> list:
         return list(append_entry(chain, event, epsilon=eps, delta=event.delta,
@@ -1438,3 +1440,35 @@ def test_a_hospital_the_round_averaged_needs_its_entry_on_the_server(
         assert any(f.topic == "missing" and "among the hospitals it averaged" in f.message
                    for f in result.failures)
         assert not any("own copy only" in f.message for f in result.findings)
+
+
+@pytest.mark.parametrize(("rounds", "fed", "set_aside"), [
+    ((1, 2), FED, True),          # a later run of this federation: rounds start again
+    ((1,), "fed-later", True),    # a later federation
+    ((3,), "fed-later", True),
+    ((3,), FED, False),           # round 3 again: no visible new run (a missing event)
+    ((4,), FED, False),           # a round 4 this run never had: a missing event
+])
+def test_a_lifetime_copy_audits_an_earlier_run_without_its_later_entries(
+        federation, tmp_path, rounds, fed, set_aside) -> None:
+    """A hospital's own copy is its lifetime file: auditing an earlier run with it, the
+    entries of a later run (past the server's chain, where the rounds go back or the
+    federation changes) are noted and left out of that run's ε and budget; an entry
+    where the chain shows no new run is still a missing event."""
+    chains = {c: _own(federation, c) for c in ("hospital-0", "hospital-1")}
+    own = list(chains["hospital-1"])
+    for r in rounds:
+        own = _sign(federation, own, "hospital-1", r, fed=fed)
+    doc = json.loads((federation / "out" / "report.json").read_text())
+    result = _audit_files(federation, tmp_path, chains, doc,
+                          {"hospital-0": chains["hospital-0"], "hospital-1": own})
+    h = result.hospitals["hospital-1"]
+    if set_aside:
+        assert result.passed, [f.message for f in result.failures]
+        assert any(f.topic == "copy" and f"after this run's, from entry seq 4 (round "
+                   f"{rounds[0]}" in f.message for f in result.findings)
+        assert h.final_spent == pytest.approx(recompute_epsilons(chains["hospital-1"],
+                                                                 1e-3)[-1])
+    else:
+        assert not result.passed
+        assert any("missing from the server's" in f.message for f in result.failures)

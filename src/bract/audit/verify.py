@@ -614,7 +614,7 @@ def verify_federation(
                           f"{cid} reached", report_budget)
         # 4. the hospital's own copy
         if cid in copies:
-            own = copies[cid]
+            own = _this_runs_part(h, chain, copies[cid], findings.append)
             if _compare_copy(h, chain, own, roster, fail, findings.append,
                              lambda e, cid=cid: _lost_reply(report, roster.federation_id, cid, e)):
                 # It verifies and differs from the server's: what it composes counts too.
@@ -1039,6 +1039,36 @@ def _check_final(
                 f"{cid}'s own copy reaches ε={_fmt(own)}, above report.json's final "
                 f"ε={_fmt(claimed)}: the entries the server never received are in the "
                 "former only; the hospital spent them")))
+
+
+def _this_runs_part(h: HospitalAudit, server: list[LedgerEntry], own: list[LedgerEntry],
+                    note: Callable[[Finding], None]) -> list[LedgerEntry]:
+    """The part of a hospital's own copy this run can account for: its whole lifetime
+    file, less the entries of later runs (a note names them).
+
+    A later run shows in the chain where, past everything the server holds (the
+    server's chain being exactly the copy's beginning), an entry's round is lower than
+    the one before it or its federation differs: within one run rounds never go back
+    (a resumed run re-runs the same round), so no entry of the audited run is ever
+    set aside. Such entries are spent after this run; the audit of that run counts
+    them."""
+    cid = h.client_id
+    n = len(server)
+    if not n or len(own) <= n or [e.to_line() for e in own[:n]] != [e.to_line() for e in server]:
+        return own
+    for k in range(n, len(own)):
+        a, b = own[k - 1], own[k]
+        if b.round < a.round or b.federation_id != a.federation_id:
+            later = len(own) - k
+            how = (f"its rounds start again after round {a.round}"
+                   if b.federation_id == a.federation_id else "in another federation")
+            note(Finding(NOTE, cid, "copy", (
+                f"{cid}'s own copy holds {later} entr{'y' if later == 1 else 'ies'} after this "
+                f"run's, from entry seq {b.seq} (round {b.round}, federation "
+                f"{one_line(b.federation_id, 80)!r}) on: a later run ({how}); they are not "
+                "this run's, and are left out of its ε and budget")))
+            return own[:k]
+    return own
 
 
 def _check_own_entries(
