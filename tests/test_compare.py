@@ -306,11 +306,11 @@ def test_an_arm_that_averaged_nothing_fails_the_study_and_reports_no_figure(
     errors = [line for line in text.splitlines() if "error:" in line]
     assert len(errors) == 1
     said = " ".join(text[text.index("error:"):].split())
-    assert "arm FedAvg+DP+SecAgg ε=8 (dp-secagg-eps8) failed: no hospital trained in any " \
-           "round" in said
+    assert "arm FedAvg+DP+SecAgg ε=8 (dp-secagg-eps8) failed: no hospital's update was " \
+           "averaged in any round" in said
     study = json.loads((out / compare.COMPARE_JSON).read_text())
     secure = next(v for v in study["variants"] if v["kind"] == "dp-secagg")
-    assert secure["failed"].startswith("no hospital trained in any round")
+    assert secure["failed"].startswith("no hospital's update was averaged in any round")
     assert not {"accuracy", "loss", "epsilon", "series"} & set(secure)
     assert all("accuracy" in v for v in study["variants"] if v["kind"] != "dp-secagg")
     md = (out / compare.COMPARE_MD).read_text()
@@ -324,7 +324,7 @@ def test_an_arm_that_averaged_nothing_fails_the_study_and_reports_no_figure(
 
 @pytest.mark.parametrize(("report", "needle"), [
     (_arm_report(True), None),
-    (_arm_report(False), "no hospital trained in any round"),
+    (_arm_report(False), "no hospital's update was averaged in any round"),
     (_arm_report(True, {"hospital-1": "failed: boom"}), "hospital-1 failed in round 1: boom"),
     ({**_arm_report(True), "final": {}}, "the run did not finish"),
 ])

@@ -224,7 +224,7 @@ def test_a_new_run_into_the_same_output_continues_the_hospitals_budgets(tmp_path
     capsys.readouterr()
     assert main([*common, "--target-epsilon", "4", "--new-run"]) == 1
     said = " ".join(capsys.readouterr().out.split())
-    assert "no hospital trained in any round" in said and "refused" in said
+    assert "no hospital's update was averaged in any round" in said and "refused" in said
     assert "final accuracy" not in said
 
 

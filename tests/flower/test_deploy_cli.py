@@ -51,7 +51,8 @@ def _row(trained: bool) -> dict:
 @pytest.mark.parametrize(("report", "code", "needle"), [
     ({"config": {}, "rounds": [_row(False)], "final": {"epsilon": 4.0, "stopped": {
         "hospital-0": "refused: budget spent"}}}, 1,
-     "no hospital trained in any round, so the model was not trained (hospital-0: refused"),
+     "no hospital's update was averaged in any round, so the model was not trained "
+     "(hospital-0: refused"),
     (None, 1, "wrote no"),
     ({"config": {}, "rounds": [_row(True)], "final": {"epsilon": 1.0}}, 0, ""),
 ])

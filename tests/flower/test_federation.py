@@ -421,12 +421,18 @@ def test_report_errors_name_failures_and_empty_rounds_but_not_dropouts_or_budget
                  failed={"b": "failed: boom"}, metrics={}),
     ))
     assert aborted.errors() == ["b failed in round 2: boom",
-                                "round 2 trained no hospital; the global model was not "
+                                "round 2 averaged no hospital's update; the global model was not "
                                 "updated"]
     nothing = RunReport({}, (RoundRow(round=1, epsilon=0.0, per_client={}, trained=(),
                                       failed={"a": "failed: boom"}, metrics={}),))
-    assert nothing.errors() == ["no hospital trained in any round, so the model was not "
-                                "trained (a: failed: boom)"]
+    assert nothing.errors() == ["no hospital's update was averaged in any round, so the "
+                                "model was not trained (a: failed: boom)"]
+    # Stopped by the abort limit: the one error line says why the federation stopped.
+    limited = RunReport({}, nothing.rounds, stopped_early="after round 1: 1 consecutive "
+                        "secure rounds aborted")
+    assert limited.errors() == ["no hospital's update was averaged in any round, so the model "
+                                "was not trained (a: failed: boom); stopped after round 1: 1 "
+                                "consecutive secure rounds aborted"]
 
 
 def test_each_hospital_records_the_epsilon_its_data_carried_into_the_run(tmp_path) -> None:

@@ -905,7 +905,7 @@ class Federation:
         Guarantee: no run spends the hospitals' budgets on more than ``abort_limit``
         consecutive aborted rounds; when it stops, report.json's ``stopped_early`` says
         so in one line naming the last abort's reason (the rounds themselves are
-        recorded as rounds that trained no hospital, which the CLI reports as an error
+        recorded as rounds that averaged no update, which the CLI reports as an error
         and exits non-zero for)."""
         limit = self.cfg.secagg.abort_limit if self.cfg.secagg is not None else None
         if limit is None or self.spent_aborts < limit:

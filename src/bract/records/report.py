@@ -524,8 +524,10 @@ class RunReport:
             failed = {cid: why for row in self.rounds for cid, why in row.failed.items()}
             why = "; ".join(f"{cid}: {reason}" for cid, reason in
                             sorted({**failed, **stopped}.items()))
-            return ["no hospital trained in any round, so the model was not trained"
-                    + (f" ({why})" if why else "")]
+            return ["no hospital's update was averaged in any round, so the model was not "
+                    "trained"
+                    + (f" ({why})" if why else "")
+                    + (f"; stopped {self.stopped_early}" if self.stopped_early else "")]
         by_cause: dict[tuple[str, str], list[int]] = {}
         for row in self.rounds:
             for cid, why in row.failed.items():
@@ -540,8 +542,8 @@ class RunReport:
             # which every hospital stopped on its budget is the run's normal end).
             if not row.trained and (row.failed or any(
                     v.trained for v in row.per_client.values())):
-                out.append(f"round {row.round} trained no hospital; the global model was not "
-                           "updated")
+                out.append(f"round {row.round} averaged no hospital's update; the global "
+                           "model was not updated")
         return out
 
     def to_plain(self) -> dict[str, Any]:
