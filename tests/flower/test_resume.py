@@ -161,6 +161,96 @@ def test_a_secure_run_resumes_after_a_crash_with_the_next_round_already_opened(
         assert last["epsilon"] <= POLICY.target_epsilon
 
 
+class _CtrlCGrid(FakeGrid):
+    """Ctrl-C when the server first sends a message of round ``at``: with pipelining,
+    round ``at``'s configuration went out with round ``at - 1``'s unmask stage and
+    the hospitals' shares for it came back. ``freeze``: as ``bract simulate``'s stop
+    does, the process freezes its records (:func:`bract.flower.files.freeze_records`)
+    before the interrupt reaches the round loop."""
+
+    def __init__(self, apps, at: int, freeze: bool) -> None:
+        super().__init__(apps)
+        self.at, self.freeze = at, freeze
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and int(messages[0].metadata.group_id or 0) == self.at:
+            if self.freeze:
+                from bract.flower import files
+
+                files.freeze_records(0.1)
+            raise KeyboardInterrupt
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("freeze", [False, True], ids=["exception", "stop-handler"])
+def test_a_secure_round_open_when_the_run_is_interrupted_is_recorded_and_audited(
+    tmp_path, monkeypatch, capsys, freeze,
+) -> None:
+    """Ctrl-C in round 3, after its configuration went out with round 2's unmask stage
+    and the hospitals answered with their round-3 shares: the recorded view holds
+    round 3 as the server saw it, marked interrupted (aborted), and the audit covers
+    rounds 1 to 3 (it never claims only 1 to 2). The resumed run's re-run of round 3
+    is recorded beside it, not over it, and the audit over both passes."""
+    import threading
+
+    from bract.audit.secagg_audit import audit_views
+    from bract.flower import files
+    from bract.secagg.messages import RoundConfig, ShareKeys
+    from bract.secagg.recording import read_view
+
+    # A frozen process never writes a record again: a fresh freeze for this test only.
+    monkeypatch.setattr(files, "_frozen", threading.Event())
+    roster, identities = make_identities(3, "interrupted-view")
+    views = tmp_path / "secagg_view"
+    settings = SecAggSettings("interrupted-view", roster, clip=8.0, record_dir=str(views))
+    task3 = dataclasses.replace(TASK, clients=3)
+
+    def apps(state_root):
+        def setup(ctx):
+            return hospital_setup(task3, ctx, state_root)
+
+        def identity(ctx):
+            return identities[int(ctx.node_config["partition-id"])]
+
+        return {node: make_client_app(setup, POLICY, secagg=identity) for node in (7, 8, 9)}
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, _CtrlCGrid(apps(tmp_path / "hosp"), 3, freeze), secagg=settings)
+    monkeypatch.setattr(files, "_frozen", threading.Event())
+    recorded = read_view(views)
+    assert [v.round for v in recorded] == [1, 2, 3]  # round 3's shares are in the view
+    assert [(v.round, bool(v.interrupted)) for v in recorded] == [
+        (1, False), (2, False), (3, True)]
+    cut = recorded[-1]
+    assert cut.aborted and "interrupted" in cut.interrupted
+    configs = [m for d, m in cut.messages if d == "out" and isinstance(m, RoundConfig)]
+    assert len(configs) == 1 and (configs[0].round >> 20) == 3
+    assert sorted(m.node_id for d, m in cut.messages
+                  if d == "in" and isinstance(m, ShareKeys)) == [1, 2, 3]
+    report = audit_views(recorded, roster=roster)
+    assert report.gap is None and report.rounds == 3 and report.interrupted == [3]
+    assert report.verdict == "pass", [c.detail for c in report.failed + report.skipped]
+    assert all("interrupted attempt" in c.detail for c in report.checks if c.round == 3)
+    from bract.cli import main
+
+    capsys.readouterr()
+    assert main(["audit", "secagg", "--view", str(views), "--out", str(tmp_path / "a")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "verdict: pass (rounds 1 to 3); interrupted in round 3 (audited as aborted)" in said
+
+    _run(tmp_path, FakeGrid(apps(tmp_path / "hosp")), resume=True, secagg=settings)
+    assert sorted(p.name for p in views.iterdir()) == [
+        "round-1", "round-2", "round-3", "round-3-attempt-2", "round-4"]
+    after = read_view(views)
+    assert [(v.round, bool(v.interrupted)) for v in after] == [
+        (1, False), (2, False), (3, True), (3, False), (4, False)]
+    assert after[2].messages == cut.messages  # the interrupted attempt, untouched
+    report = audit_views(after, roster=roster)
+    assert report.gap is None and report.rounds == 4 and report.interrupted == [3]
+    assert report.verdict == "pass", [c.detail for c in report.failed + report.skipped]
+
+
 def _group_alive(pgid: int) -> list[str]:
     import subprocess
 

@@ -593,6 +593,43 @@ def test_the_servers_recorded_view_of_real_rounds_passes_the_secagg_audit(tmp_pa
                  str(tmp_path / "audit")]) == 0
 
 
+def test_a_pipelined_round_abandoned_for_a_restart_is_recorded_beside_it(
+    tmp_path, monkeypatch,
+) -> None:
+    """Round 2 opens with round 1's unmask stage (its configuration goes out, its
+    shares come in), then loses a hospital before it starts: the server abandons it
+    and restarts the round on the four-stage path. The recording keeps what it saw of
+    the abandoned attempt (round-2, aborted) and the restart beside it
+    (round-2-attempt-2); the audit covers both and passes."""
+    from bract.audit.secagg_audit import audit_views
+    from bract.flower.server import Federation
+    from bract.secagg.messages import ShareKeys
+    from bract.secagg.recording import read_view
+
+    secure_round = Federation._secure_round
+
+    def leave_after_round_1(self, rnd, display):
+        out = secure_round(self, rnd, display)
+        if rnd == 1:
+            self.active.remove(self.active[-1])
+        return out
+
+    monkeypatch.setattr(Federation, "_secure_round", leave_after_round_1)
+    views = tmp_path / "views"
+    policy = dataclasses.replace(NON_PRIVATE, rounds=3)
+    report, _, _ = _run(tmp_path / "run", policy, secure=True, rounds=3, record_dir=views)
+    assert [r["secagg"]["stages"] for r in report["rounds"]] == [5, 4, 3]
+    recorded = read_view(views)
+    assert [(v.round, v.aborted) for v in recorded] == [
+        (1, False), (2, True), (2, False), (3, False)]
+    abandoned = recorded[1]
+    assert len([m for d, m in abandoned.messages if d == "in" and isinstance(m, ShareKeys)]) == 5
+    assert sorted(p.name for p in views.iterdir()) == [
+        "round-1", "round-2", "round-2-attempt-2", "round-3"]
+    audit = audit_views(recorded)
+    assert audit.gap is None and audit.rounds == 3 and audit.verdict == "pass"
+
+
 def _forget_keys(hospital: int, fl_round: int):
     """``hospital`` loses its ctx.state (its secure-aggregation keys) at ``fl_round``."""
     from bract.flower.secagg_client import STATE_SESSION

@@ -321,6 +321,10 @@ def run_secagg_command(args: argparse.Namespace) -> int:
     console.print(table)
     style = {"pass": "green", "INCOMPLETE": "bold yellow"}.get(report.verdict, "bold red")
     gap = f" — {report.gap}" if report.gap else f" (rounds 1 to {report.rounds})"
+    if report.interrupted:
+        cut = sorted(set(report.interrupted))
+        gap += (f"; interrupted in round{'s' if len(cut) > 1 else ''} "
+                f"{', '.join(map(str, cut))} (audited as aborted)")
     skipped = report.skipped_summary
     more = (f"; {skipped}: not shown to hide the updates (see the table)" if skipped else "")
     for wrong in report.wrong_shares:

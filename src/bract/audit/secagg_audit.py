@@ -117,7 +117,7 @@ import itertools
 import json
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1070,7 +1070,11 @@ class SecAggAuditReport:
 
     checks: list[CheckResult]
     alpha: float
+    #: How many distinct rounds the view holds (attempts of one round count once).
     rounds: int
+    #: The rounds of which the view holds an attempt the run stopped in (recorded
+    #: when it was interrupted; audited as aborted), in view order.
+    interrupted: list[int] = field(default_factory=list)
 
     @property
     def failed(self) -> list[CheckResult]:
@@ -1148,7 +1152,8 @@ class SecAggAuditReport:
     def to_plain(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
         return {"verdict": self.verdict, "passed": self.passed, "alpha": self.alpha,
-                "rounds": self.rounds, "skipped": self.skipped_summary,
+                "rounds": self.rounds, "interrupted": self.interrupted,
+                "skipped": self.skipped_summary,
                 "wrong_shares": self.wrong_shares,
                 "several_share_messages": self.several_share_messages,
                 "set_aside_share_messages": self.set_aside_share_messages,
@@ -1176,13 +1181,25 @@ def audit_views(views: Sequence[ServerView], alpha: float = DEFAULT_ALPHA,
         checks.append(gap)
     closed = [v for v in views if _never_opened(v)]
     views_opened = [v for v in views if not _never_opened(v)]
-    by_round: list[CheckResult] = [c for v in closed for c in _never_opened_checks(v)]
+    by_round: list[CheckResult] = [c for v in closed
+                                   for c in _interrupted_checks(v, _never_opened_checks(v))]
     for v, knowledge in zip(views_opened, knowledge_across_rounds(views_opened, roster),
                             strict=True):
-        by_round.append(knowledge)
-        by_round += audit_view(v, alpha, roster)
+        by_round += _interrupted_checks(v, [knowledge, *audit_view(v, alpha, roster)])
     checks += sorted(by_round, key=lambda c: c.round)  # stable: each round's checks in order
-    return SecAggAuditReport(checks, alpha, len(views))
+    return SecAggAuditReport(checks, alpha, len({v.round for v in views}),
+                             [v.round for v in views if v.interrupted])
+
+
+def _interrupted_checks(view: ServerView, checks: list[CheckResult]) -> list[CheckResult]:
+    """The checks of a round the run stopped in (``view.interrupted``), each naming
+    that: the view holds what the server had seen of that attempt when the run
+    stopped, audited as an aborted round (a resumed run's re-run is another view)."""
+    if not view.interrupted:
+        return checks
+    note = (f" [round {view.round}, interrupted attempt: {view.interrupted}; audited as "
+            "an aborted round, with what the server had seen of it]")
+    return [replace(c, detail=c.detail + note) for c in checks]
 
 
 def _never_opened(view: ServerView) -> bool:
@@ -1216,9 +1233,23 @@ def _check_roster(views: Sequence[ServerView], roster: Mapping[int, bytes]) -> N
                              "was recorded in.")
 
 
+def _attempt_key(view: ServerView) -> object:
+    """What tells one recorded attempt of a round from another: its protocol round
+    number (a resumed run's re-run has its own), or, without a single round
+    configuration, the view's content."""
+    try:
+        return ("protocol round", view.config.round)
+    except (ValueError, AttributeError):
+        return ("content", view.never_opened, view.interrupted,
+                tuple((d, m.to_bytes()) for d, m in view.messages))
+
+
 def rounds_recorded(views: Sequence[ServerView]) -> CheckResult | None:
     """A failed ``rounds-recorded`` check when the views' rounds are not 1, 2, ..., N,
-    each once; None when they are.
+    each once; None when they are. Several attempts of one round (the attempt a run
+    was interrupted in, then a resumed run's re-run; a pipelined attempt abandoned,
+    then the restart) are distinct protocol rounds and count as that round once;
+    the same protocol round recorded twice is a repeat.
 
     The server records every round in which it sent a round configuration
     (``round-N``, N counting from 1), so a missing round is one whose shares the
@@ -1230,7 +1261,10 @@ def rounds_recorded(views: Sequence[ServerView]) -> CheckResult | None:
     numbers = [v.round for v in views]
     top = max(numbers)
     missing = sorted(set(range(1, top + 1)) - set(numbers))
-    repeated = sorted({r for r in numbers if numbers.count(r) > 1})
+    # Attempts of one round (a run interrupted in it, then resumed) are distinct
+    # protocol rounds; the same protocol round recorded twice is a repeat.
+    keys = [(v.round, _attempt_key(v)) for v in views]
+    repeated = sorted({r for r, k in keys if keys.count((r, k)) > 1})
     invalid = sorted({r for r in numbers if r < 1})
     if not (missing or repeated or invalid):
         return None

@@ -9,7 +9,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,22 @@ import numpy as np
 # lock; once the process is stopping, no thread writes a record again.
 _commit = threading.RLock()
 _frozen = threading.Event()
+#: What runs when the process freezes its records (:func:`on_freeze`), in order.
+_on_freeze: list[Callable[[], None]] = []
+
+
+def on_freeze(callback: Callable[[], None]) -> Callable[[], None]:
+    """Run ``callback`` when :func:`freeze_records` stops this process (an interrupt),
+    before any child process is stopped; returns the function that unregisters it.
+    For a record of what was under way (a secure round's recorded view) that must be
+    written as it stands rather than lost. An error it raises is ignored."""
+    _on_freeze.append(callback)
+
+    def remove() -> None:
+        with contextlib.suppress(ValueError):
+            _on_freeze.remove(callback)
+
+    return remove
 
 
 def _park_if_frozen() -> None:
@@ -47,6 +63,9 @@ def freeze_records(wait: float) -> None:
     _frozen.set()
     if got:
         _commit.release()
+    for callback in list(_on_freeze):
+        with contextlib.suppress(Exception):
+            callback()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -35,8 +35,10 @@ an aborted round is a value.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,7 +73,12 @@ from bract.secagg import (
 )
 from bract.secagg import Message as SecAggMessage
 from bract.secagg.protocol import check_dropouts, dropout_tolerance
-from bract.secagg.recording import RecordingServerSession, ServerView, write_view
+from bract.secagg.recording import (
+    RecordingServerSession,
+    ServerView,
+    view_directory,
+    write_view,
+)
 
 STAGE_TYPES = {
     "mask": "train.secagg_mask",
@@ -345,6 +352,10 @@ class SecureAggregator:
         #: Flower nodes that did not answer, or whose reply was refused, at the check or
         #: unmask stage of the round in progress.
         self._round_failed_late: set[int] = set()
+        #: Recording: one view written at a time; once the run has stopped
+        #: (:meth:`record_interrupted`), nothing more is written.
+        self._record_lock = threading.RLock()
+        self._stopped = False
 
     def protocol_round(self, fl_round: int, attempt: int = 0) -> int:
         """The protocol's (strictly increasing) round number for an FL round;
@@ -525,6 +536,8 @@ class SecureAggregator:
                 and list(open_config.participants) == wanted):
             return [self.node_of[sid] for sid in open_config.participants]
         self.session.abort_round("the pipelined round's hospitals are not this round's")
+        if self.record_dir is not None:
+            self._record_abandoned(open_config.round)
         return None
 
     def _config_and_train(
@@ -658,7 +671,7 @@ class SecureAggregator:
         view = ServerView(rnd, mine, np.asarray(result.weighted_sum, dtype=np.float64),
                           int(result.total_weight))
         try:
-            write_view(view, self.record_dir / f"round-{rnd}")
+            self._write_view(view)
         except OSError as exc:  # the round itself succeeded; only the recording is lost
             note(f"round {rnd}: could not record the server's view: {exc}")
         log[:] = [e for e in log if getattr(e[1], "round", -1) > number]
@@ -678,10 +691,66 @@ class SecureAggregator:
                 or (i >= log_start and not hasattr(e[1], "round"))]
         view = ServerView(rnd, mine, np.zeros(0), 0, aborted=True)
         try:
-            write_view(view, self.record_dir / f"round-{rnd}")
+            self._write_view(view)
         except OSError as exc:
             note(f"round {rnd}: could not record the server's view: {exc}")
         log[:] = [e for e in log if getattr(e[1], "round", -1) > number]
+
+    def _record_abandoned(self, number: int) -> None:
+        """Write what the server saw of protocol round ``number``, opened with the
+        previous round's unmask stage and abandoned before its own (its configuration
+        went out and shares came in): an aborted view of its FL round, which the
+        round's restart (attempt 1) is then recorded beside."""
+        assert isinstance(self.session, RecordingServerSession) and self.record_dir is not None
+        log = self.session.log
+        mine = [e for e in log if getattr(e[1], "round", None) == number]
+        view = ServerView((number >> 20) & (2**20 - 1), mine, np.zeros(0), 0, aborted=True)
+        with contextlib.suppress(OSError):
+            self._write_view(view)
+        log[:] = [e for e in log if getattr(e[1], "round", None) != number]
+
+    def _write_view(self, view: ServerView) -> None:
+        """Write ``view`` beside any earlier attempt of its round (never over it), unless
+        the run has stopped: its open rounds were then written as they stood."""
+        assert self.record_dir is not None
+        with self._record_lock:
+            if not self._stopped:
+                write_view(view, view_directory(self.record_dir, view.round))
+
+    def record_interrupted(self, why: str) -> list[int]:
+        """The run stops (an interrupt, or an error that ends it): write every round
+        whose configuration was sent and whose view is not written yet, as the server
+        saw it so far, marked aborted and ``interrupted`` with ``why``; then write
+        nothing more. Returns the FL rounds written.
+
+        A round's configuration may have gone out with the previous round's unmask
+        stage (pipelining): the round the run was about to start is then written too.
+        Messages of no round (key advertisements received since the round in progress
+        began) go with the earliest open round. A no-op without ``record_dir``, or when
+        the run already stopped."""
+        if self.record_dir is None or not isinstance(self.session, RecordingServerSession):
+            return []
+        got = self._record_lock.acquire(timeout=2.0)
+        try:
+            if self._stopped:
+                return []
+            self._stopped = True
+            log = list(self.session.log)
+            opened = sorted({m.round for d, m in log
+                             if d == "out" and isinstance(m, RoundConfig)})
+            written = []
+            for i, number in enumerate(opened):
+                mine = [e for e in log if getattr(e[1], "round", None) == number
+                        or (i == 0 and not hasattr(e[1], "round"))]
+                fl = (number >> 20) & (2**20 - 1)
+                view = ServerView(fl, mine, np.zeros(0), 0, aborted=True, interrupted=why)
+                with contextlib.suppress(OSError):
+                    write_view(view, view_directory(self.record_dir, fl))
+                    written.append(fl)
+            return written
+        finally:
+            if got:
+                self._record_lock.release()
 
     def _record_never_opened(self, rnd: int, why: str, note: Notify) -> None:
         """Write the marker of a round that never opened (no configuration sent, nothing
@@ -690,7 +759,7 @@ class SecureAggregator:
         assert self.record_dir is not None
         view = ServerView(rnd, [], np.zeros(0), 0, aborted=True, never_opened=why)
         try:
-            write_view(view, self.record_dir / f"round-{rnd}")
+            self._write_view(view)
         except OSError as exc:
             note(f"round {rnd}: could not record the server's view: {exc}")
 

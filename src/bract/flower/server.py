@@ -50,7 +50,7 @@ from bract.flower.checkpoint import (
     Checkpointer,
 )
 from bract.flower.exchange import REPLY_POLL_MAX, send_and_receive
-from bract.flower.files import atomic_write_text, committing
+from bract.flower.files import atomic_write_text, committing, on_freeze
 from bract.flower.observer import RunObserver
 from bract.flower.records import (
     AGGREGATED_METRICS,
@@ -865,6 +865,24 @@ class Federation:
                 round_offset=self.resumes, poll=self.cfg.reply_poll,
             )
         todo = self.cfg.rounds - self.completed
+        secure = self.secure
+        # A run that stops with a secure round open (its configuration sent, perhaps
+        # with the previous round's unmask stage) records that round as it stands.
+        unhook = (on_freeze(lambda: secure.record_interrupted("the run was interrupted"))
+                  if secure is not None else lambda: None)
+        try:
+            return self._rounds(resume, todo)
+        except BaseException as exc:
+            if secure is not None:
+                secure.record_interrupted(
+                    "the run was interrupted" if isinstance(exc, KeyboardInterrupt)
+                    else f"the run ended with an error ({type(exc).__name__})")
+            raise
+        finally:
+            unhook()
+
+    def _rounds(self, resume: bool, todo: int) -> dict[str, Any]:
+        """The round loop of :meth:`run`, then its end (:meth:`_finish`)."""
         with RunObserver(todo, self.cfg.show_progress) as display:
             if resume:
                 display.note(f"resuming after round {self.completed} from {self.checkpoint_dir}")

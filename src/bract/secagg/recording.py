@@ -12,7 +12,9 @@ File format of one round (``DIR/round-N/``): ``messages.bin`` is a sequence of
 records, each one direction byte (``I`` in, ``O`` out, ``L`` late), a 4-byte
 big-endian length and the message's canonical bytes; ``aggregate.npz`` holds the
 round, the decoded weighted sum, the total weight, an ``aborted`` flag and, for a
-round that never opened, why (``never_opened``; its ``messages.bin`` is empty);
+round that never opened, why (``never_opened``; its ``messages.bin`` is empty), and,
+for a round open when the run stopped, why (``interrupted``); a later attempt of a
+round (a resumed run's re-run) is recorded beside it in ``DIR/round-N-attempt-K/``;
 ``inputs.npz``, when present, the auditor's ground truth.
 
 Pure: imports neither flwr nor torch.
@@ -20,6 +22,7 @@ Pure: imports neither flwr nor torch.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +47,8 @@ from .messages import (
 )
 from .protocol import ServerSession
 
-__all__ = ["LegacyMessage", "RecordingServerSession", "ServerView", "read_view", "write_view"]
+__all__ = ["LegacyMessage", "RecordingServerSession", "ServerView", "read_view", "view_directory",
+           "write_view"]
 
 _DIRECTIONS = {"in": b"I", "out": b"O", "late": b"L"}
 _DIRECTION_OF = {v: k for k, v in _DIRECTIONS.items()}
@@ -117,6 +121,11 @@ class ServerView:
     #: than 3 hospitals held keys), or ``""``. A view so marked holds no message: it
     #: records that the round existed and that the server received nothing in it.
     never_opened: str = ""
+    #: Why the run stopped while this round was open (an interrupt, or an error that
+    #: ended the run), or ``""``. Such a view is also ``aborted``: it holds what the
+    #: server had seen of the round when the run stopped. A resumed run that re-runs
+    #: the round records the re-run beside it (``round-N-attempt-K``).
+    interrupted: str = ""
 
     def _of(self, direction: str, cls: type[Message]) -> list[Any]:
         return [m for d, m in self.messages if d == direction and isinstance(m, cls)]
@@ -269,7 +278,8 @@ def write_view(view: ServerView, directory: Path) -> Path:
             f.write(_DIRECTIONS[d] + struct.pack(">I", len(raw)) + raw)
     np.savez(directory / "aggregate.npz", round=np.int64(view.round),
              weighted_sum=view.weighted_sum, total_weight=np.int64(view.total_weight),
-             aborted=np.bool_(view.aborted), never_opened=np.str_(view.never_opened))
+             aborted=np.bool_(view.aborted), never_opened=np.str_(view.never_opened),
+             interrupted=np.str_(view.interrupted))
     if view.inputs:
         nodes = sorted(view.inputs)
         np.savez(directory / "inputs.npz", nodes=np.array(nodes, dtype=np.int64),
@@ -295,7 +305,9 @@ def _read_one(directory: Path) -> ServerView:
                           int(agg["total_weight"]),
                           aborted=bool(agg["aborted"]) if "aborted" in agg else False,
                           never_opened=(str(agg["never_opened"]) if "never_opened" in agg
-                                        else ""))
+                                        else ""),
+                          interrupted=(str(agg["interrupted"]) if "interrupted" in agg
+                                       else ""))
     truth = directory / "inputs.npz"
     if truth.exists():
         with np.load(truth, allow_pickle=False) as t:
@@ -305,15 +317,43 @@ def _read_one(directory: Path) -> ServerView:
     return view
 
 
+_VIEW_NAME = re.compile(r"round-(\d+)(?:-attempt-(\d+))?")
+
+
+def _view_order(path: Path) -> tuple[int, int, str]:
+    """``round-N`` and its later attempts ``round-N-attempt-K`` in the order they were
+    recorded (round, then attempt); any other name after them, by name."""
+    m = _VIEW_NAME.fullmatch(path.name)
+    if m is None:
+        return (2**62, 0, path.name)
+    return (int(m[1]), int(m[2] or 1), path.name)
+
+
+def view_directory(root: Path, rnd: int) -> Path:
+    """Where a server records FL round ``rnd``'s view under ``root``: ``round-N``, or,
+    when an earlier attempt of the round (an interrupted run's, before a resume) is
+    there already, ``round-N-attempt-K`` with the next free K >= 2. An earlier record
+    is never overwritten."""
+    first = Path(root) / f"round-{rnd}"
+    if not first.exists():
+        return first
+    k = 2
+    while (Path(root) / f"round-{rnd}-attempt-{k}").exists():
+        k += 1
+    return Path(root) / f"round-{rnd}-attempt-{k}"
+
+
 def read_view(directory: Path) -> list[ServerView]:
-    """Read the view(s) in ``directory``: one round, or ``round-*`` subdirectories."""
+    """Read the view(s) in ``directory``: one round, or ``round-*`` subdirectories
+    (``round-N`` before its later attempts ``round-N-attempt-K``)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"no recorded view at {directory} (expected a directory written by "
                          "write_view or bract audit secagg --out).")
     if (directory / "messages.bin").exists():
         return [_read_one(directory)]
-    rounds = sorted(p for p in directory.glob("round-*") if (p / "messages.bin").exists())
+    rounds = sorted((p for p in directory.glob("round-*") if (p / "messages.bin").exists()),
+                    key=_view_order)
     if not rounds:
         raise ValueError(f"{directory} holds no messages.bin and no round-*/messages.bin.")
     return [_read_one(p) for p in rounds]
