@@ -120,6 +120,22 @@ def test_resume_refuses_other_settings_or_missing_checkpoint(tmp_path) -> None:
              run_config={"task": "breast-cancer", "eps": 5.0})
 
 
+
+
+def _secure_apps(state_root: Path, identities) -> dict:
+    """Three hospitals' ClientApps with secure-aggregation identities (secure
+    aggregation needs 3), on FakeGrid nodes 7, 8 and 9, their state under
+    ``state_root``."""
+    task3 = dataclasses.replace(TASK, clients=3)
+
+    def setup(ctx):
+        return hospital_setup(task3, ctx, state_root)
+
+    def identity(ctx):
+        return identities[int(ctx.node_config["partition-id"])]
+
+    return {node: make_client_app(setup, POLICY, secagg=identity) for node in (7, 8, 9)}
+
 def test_a_secure_run_resumes_after_a_crash_with_the_next_round_already_opened(
     tmp_path,
 ) -> None:
@@ -133,21 +149,12 @@ def test_a_secure_run_resumes_after_a_crash_with_the_next_round_already_opened(
     roster, identities = make_identities(3, "resume-federation")
     settings = SecAggSettings("resume-federation", roster, clip=8.0)
 
-    task3 = dataclasses.replace(TASK, clients=3)  # secure aggregation needs 3 hospitals
-
-    def apps(state_root):
-        def setup(ctx):
-            return hospital_setup(task3, ctx, state_root)
-
-        def identity(ctx):
-            return identities[int(ctx.node_config["partition-id"])]
-
-        return {node: make_client_app(setup, POLICY, secagg=identity) for node in (7, 8, 9)}
 
     with pytest.raises(RuntimeError, match="injected crash while evaluating"):
-        _run(tmp_path, FakeGrid(apps(tmp_path / "hosp")), crash_evaluating_round=2,
-             secagg=settings)
-    report = _run(tmp_path, FakeGrid(apps(tmp_path / "hosp")), resume=True, secagg=settings)
+        _run(tmp_path, FakeGrid(_secure_apps(tmp_path / "hosp", identities)),
+             crash_evaluating_round=2, secagg=settings)
+    report = _run(tmp_path, FakeGrid(_secure_apps(tmp_path / "hosp", identities)),
+                  resume=True, secagg=settings)
     rounds = report["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert [r["secagg"]["stages"] for r in rounds[:3]] == [5, 5, 3]
@@ -204,19 +211,10 @@ def test_a_secure_round_open_when_the_run_is_interrupted_is_recorded_and_audited
     roster, identities = make_identities(3, "interrupted-view")
     views = tmp_path / "secagg_view"
     settings = SecAggSettings("interrupted-view", roster, clip=8.0, record_dir=str(views))
-    task3 = dataclasses.replace(TASK, clients=3)
-
-    def apps(state_root):
-        def setup(ctx):
-            return hospital_setup(task3, ctx, state_root)
-
-        def identity(ctx):
-            return identities[int(ctx.node_config["partition-id"])]
-
-        return {node: make_client_app(setup, POLICY, secagg=identity) for node in (7, 8, 9)}
 
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, _CtrlCGrid(apps(tmp_path / "hosp"), 3, freeze), secagg=settings)
+        _run(tmp_path, _CtrlCGrid(_secure_apps(tmp_path / "hosp", identities), 3, freeze),
+             secagg=settings)
     monkeypatch.setattr(files, "_frozen", threading.Event())
     recorded = read_view(views)
     assert [v.round for v in recorded] == [1, 2, 3]  # round 3's shares are in the view
@@ -239,7 +237,8 @@ def test_a_secure_round_open_when_the_run_is_interrupted_is_recorded_and_audited
     said = " ".join(capsys.readouterr().out.split())
     assert "verdict: pass (rounds 1 to 3); interrupted in round 3 (audited as aborted)" in said
 
-    _run(tmp_path, FakeGrid(apps(tmp_path / "hosp")), resume=True, secagg=settings)
+    _run(tmp_path, FakeGrid(_secure_apps(tmp_path / "hosp", identities)), resume=True,
+         secagg=settings)
     assert sorted(p.name for p in views.iterdir()) == [
         "round-1", "round-2", "round-3", "round-3-attempt-2", "round-4"]
     after = read_view(views)
