@@ -1041,6 +1041,12 @@ def _check_final(
                 "former only; the hospital spent them")))
 
 
+def _extends(server: list[LedgerEntry], own: list[LedgerEntry]) -> bool:
+    """Whether ``own`` is the server's chain, line for line, with entries after it."""
+    n = len(server)
+    return len(own) > n and [e.to_line() for e in own[:n]] == [e.to_line() for e in server]
+
+
 def _this_runs_part(h: HospitalAudit, server: list[LedgerEntry], own: list[LedgerEntry],
                     note: Callable[[Finding], None]) -> list[LedgerEntry]:
     """The part of a hospital's own copy this run can account for: its whole lifetime
@@ -1054,7 +1060,7 @@ def _this_runs_part(h: HospitalAudit, server: list[LedgerEntry], own: list[Ledge
     them."""
     cid = h.client_id
     n = len(server)
-    if not n or len(own) <= n or [e.to_line() for e in own[:n]] != [e.to_line() for e in server]:
+    if not n or not _extends(server, own):
         return own
     for k in range(n, len(own)):
         a, b = own[k - 1], own[k]
@@ -1184,20 +1190,18 @@ def _compare_copy(
             pa, pb = a.to_plain(), b.to_plain()
             fields = sorted(k for k in pa if pa[k] != pb[k])
             differences.append(f"entry seq {q} differs in {fields}")
-    server_seqs = [e.seq for e in server]
-    tail = [e for e in own if e.seq not in on_server]
-    is_prefix = (own_ok and not [d for d in differences if "missing from the server" not in d]
-                 and [e.to_line() for e in own[:len(server)]] == [e.to_line() for e in server]
-                 and all(e.seq > max(server_seqs, default=0) for e in tail))
-    reasons: list[str | None] = [lost(e) for e in tail] if is_prefix else []
+    # A verified copy that extends the server's chain differs only by its tail.
+    is_prefix = own_ok and _extends(server, own)
+    tail = own[len(server):] if is_prefix else []
+    reasons: list[str | None] = [lost(e) for e in tail]
     # Entries of another federation before them: spent before this run (carried in).
-    here = {e.federation_id for e, why in zip(tail, reasons, strict=False) if why is not None}
-    for k, e in enumerate(tail if is_prefix else []):
+    here = {e.federation_id for e, why in zip(tail, reasons, strict=True) if why is not None}
+    for k, e in enumerate(tail):
         if reasons[k] is not None or e.federation_id in here or not any(reasons[k + 1:]):
             break
         reasons[k] = (f"it was spent in federation {one_line(e.federation_id, 80)!r} before "
                       "this run (the hospital's data carried it in)")
-    if tail and reasons and all(reasons):
+    if tail and all(reasons):
         for e, why in zip(tail, reasons, strict=True):
             if e.federation_id in here:
                 h.lost_rounds.add(e.round)
