@@ -146,13 +146,15 @@ def names_to_id(names: dict[int, str], cid: str) -> int:
 
 def test_a_reply_whose_ledger_does_not_verify_is_treated_as_failed(tmp_path) -> None:
     """Hospital-0 signs with a key the roster does not list: it cannot prove which
-    member it is, so its reply is refused under its node id before its ledger is read
-    (a ledger signed by the wrong key under a proven name: the secure test below)."""
+    member it is (its own identity answer says why), so it is recorded failed under
+    its node id and never asked to train, and nothing of its ledger is read (a ledger
+    signed by the wrong key under a proven name: the secure test below)."""
     roster, idents = _identities(forge=0)
     report = _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp", idents)), roster)
     for row in report["rounds"]:
         assert row["trained"] == ["hospital-1"]
-        assert "has not proved which roster member it is" in row["failed"][f"node-{NODES[0]}"]
+        assert row["failed"][f"node-{NODES[0]}"] == (
+            "failed: ConfigurationError: roster key of node 1 is not this client's key")
         assert "hospital-0" not in row["per_client"]
     chains = by_client(read_ledger(tmp_path / "out" / "ledger.jsonl"))
     assert list(chains) == ["hospital-1"] and len(chains["hospital-1"]) == 3
@@ -522,4 +524,28 @@ def test_a_node_that_proves_no_roster_membership_is_refused(tmp_path) -> None:
         assert "not asked to train: it has not proved which roster member it is" in (
             row["failed"][f"node-{NODES[0]}"])
     assert sorted(by_client(read_ledger(tmp_path / "out" / "ledger.jsonl"))) == ["hospital-1"]
+    assert asked_to_train == []
+
+
+def test_a_node_whose_identity_answer_fails_is_recorded_with_its_own_reason(tmp_path) -> None:
+    """Plain FedAvg with a roster: a hospital whose answer to the identity query is an
+    error (its SuperNode refused the run, say) is not asked to train, and its row
+    records the reason it gave, not only that it proved no membership."""
+    roster, idents = _identities()
+    asked_to_train: list[int] = []
+
+    def refusing(msg, ctx, call_next):
+        if int(ctx.node_config["partition-id"]) == 0:
+            if msg.metadata.message_type == "query.secagg_advertise":
+                raise RuntimeError("bract-supernode refused the run's FAB")
+            if msg.metadata.message_type == "train":
+                asked_to_train.append(msg.metadata.dst_node_id)
+        return call_next(msg, ctx)
+
+    report = _run(tmp_path, FakeGrid(_apps(tmp_path / "hosp", idents, mods=[refusing])), roster)
+    for row in report["rounds"]:
+        assert row["trained"] == ["hospital-1"]
+        (reason,) = row["failed"].values()
+        # The hospital's ClientApp names an unexpected error by its type only.
+        assert reason == "failed: RuntimeError (details in the hospital's log)", reason
     assert asked_to_train == []

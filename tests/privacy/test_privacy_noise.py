@@ -58,8 +58,10 @@ def test_third_and_fourth_moments_are_gaussian(samples: np.ndarray) -> None:
 def test_kolmogorov_smirnov_against_standard_normal(samples: np.ndarray) -> None:
     # Fixed alpha = 1e-4: a correct sampler fails once in 10,000 runs.
     assert stats.kstest(samples, "norm").pvalue > 1e-4
-    # ...and the test has power: a 1% scale error is rejected outright.
-    assert stats.kstest(samples * 1.01, "norm").pvalue < 1e-4
+    # ...and the test has power: a 2% scale error is rejected outright (at this N a 1%
+    # one is rejected only about 97% of the time, too weak for a check that must not
+    # flake).
+    assert stats.kstest(samples * 1.02, "norm").pvalue < 1e-4
 
 
 def test_tails_have_gaussian_mass(samples: np.ndarray) -> None:

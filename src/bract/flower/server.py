@@ -318,6 +318,9 @@ class Federation:
         #: Plain FedAvg with a roster: the member each node proved it is, by its signed
         #: key advertisement (:meth:`_prove_members`).
         self.proven: dict[int, str] = {}
+        #: This round's identity-query replies that were errors, by node: the reason
+        #: the hospital gave (e.g. its SuperNode refused the run's FAB).
+        self.identity_errors: dict[int, str] = {}
         self.latest: dict[str, HospitalRound] = {}
         self.stopped: dict[str, str] = {}
         self.active: list[int] = []
@@ -449,6 +452,8 @@ class Federation:
         member each valid one proves (:func:`advertised_member`)."""
         roster = self.cfg.roster
         ask = [n for n in nodes if n not in self.proven]
+        for node in ask:
+            self.identity_errors.pop(node, None)
         if roster is None or not ask:
             return
         messages = [Message(RecordDict(), dst_node_id=n, message_type=IDENTITY_QUERY,
@@ -456,6 +461,9 @@ class Federation:
         replies = send_and_receive(self.grid, messages, self.cfg.round_timeout,
                                    max_poll=self.cfg.reply_poll)
         for node, reply in reply_sources(messages, replies):
+            if node in ask and reply.has_error():  # the hospital's own reason (its text)
+                self.identity_errors[node] = one_line(reply.error.reason) or "(no reason given)"
+                continue
             name = advertised_member(reply, node, roster) if node in ask else None
             if name is not None:
                 self.proven[node] = name
@@ -634,8 +642,9 @@ class Federation:
                  if self.cfg.roster is None or self._proven_member(n) is not None]
         for node in self.active:
             if node not in asked:
-                why = ("not asked to train: it has not proved which roster member it is "
-                       "(no valid signed key advertisement from its node)")
+                why = (f"failed: {self.identity_errors[node]}" if node in self.identity_errors
+                       else "not asked to train: it has not proved which roster member it "
+                            "is (no valid signed key advertisement from its node)")
                 self.failed[self._label(node)] = why
                 display.note(f"round {rnd}: {self._label(node)} {why}")
         messages = []
