@@ -589,25 +589,9 @@ def verify_federation(
         for entry, eps in zip(chain[carried:], recomputed[carried:], strict=True):
             h.recomputed_by_round[entry.round] = eps  # report.json's rounds refine this
         for entry, eps in zip(chain, recomputed, strict=True):
-            if math.isnan(eps):  # named once by _check_finite
-                h.entries.append(EntryAudit(entry.seq, entry.round, entry.epsilon, eps, False))
-                continue
-            why = disagreement(entry.epsilon, eps, tolerance)
-            lenient = why is not None and why.startswith("over") and entry.accountant == "rdp"
-            h.entries.append(EntryAudit(entry.seq, entry.round, entry.epsilon, eps,
-                                        why is None or lenient))
-            if declared_delta is not None and entry.delta != declared_delta:
-                fail(cid, "delta", f"entry {entry.seq} uses δ={entry.delta:g}, the run "
-                                   f"declared δ={declared_delta:g}")
-            if why is None:
-                continue
-            message = (f"entry {entry.seq} (round {entry.round}) reports ε={_fmt(entry.epsilon)}"
-                       f" ({entry.accountant}) but the recorded events give ε={_fmt(eps)}: {why}")
-            if lenient:
-                findings.append(Finding(NOTE, cid, "epsilon", message + " (RDP is a looser "
-                                        "upper bound: conservative, not a misreport)"))
-            else:
-                fail(cid, "epsilon", message)
+            agrees = _check_entry(cid, entry, eps, "", declared_delta, tolerance, fail,
+                                  findings.append)
+            h.entries.append(EntryAudit(entry.seq, entry.round, entry.epsilon, eps, agrees))
         # 5. budget (an infinite recomputation is named by _check_finite, budget included)
         if budget is not None:
             _check_budget(cid, chain, recomputed, budget, pld_discretization, fail,
@@ -1098,24 +1082,38 @@ def _check_own_entries(
         fail(cid, "unit", f"{cid}'s own copy mixes privacy units ({', '.join(sorted(units))}):"
                           " its epsilon holds for neither a record nor a patient")
     for entry, eps in zip(own, own_eps, strict=True):
-        if entry.seq in held:
-            continue
-        if declared_delta is not None and entry.delta != declared_delta:
-            fail(cid, "delta", f"entry {entry.seq} of {cid}'s own copy uses δ={entry.delta:g}, "
-                               f"the run declared δ={declared_delta:g}")
-        if math.isnan(eps):
-            continue  # named by _check_finite
-        why = disagreement(entry.epsilon, eps, tolerance)
-        if why is None:
-            continue
-        message = (f"entry {entry.seq} (round {entry.round}) of {cid}'s own copy reports "
-                   f"ε={_fmt(entry.epsilon)} ({entry.accountant}) but the recorded events "
-                   f"give ε={_fmt(eps)}: {why}")
-        if why.startswith("over") and entry.accountant == "rdp":
-            note(Finding(NOTE, cid, "epsilon", message + " (RDP is a looser upper bound: "
-                                                "conservative, not a misreport)"))
-        else:
-            fail(cid, "epsilon", message)
+        if entry.seq not in held:
+            _check_entry(cid, entry, eps, f" of {cid}'s own copy", declared_delta, tolerance,
+                         fail, note)
+
+
+def _check_entry(
+    cid: str, entry: LedgerEntry, eps: float, where: str, declared_delta: float | None,
+    tolerance: float, fail: Callable[[str, str, str], None],
+    note: Callable[[Finding], None],
+) -> bool:
+    """One ledger entry against the run: its δ is the run's declared δ, and the ε it
+    reports agrees with ``eps``, the ε its chain's events give (an RDP figure over the
+    recomputation is a looser bound, noted; any other disagreement fails). Returns
+    whether the reported ε stands (agrees, or is conservative); a NaN recomputation is
+    named by ``_check_finite`` and does not stand."""
+    if declared_delta is not None and entry.delta != declared_delta:
+        fail(cid, "delta", f"entry {entry.seq}{where} uses δ={entry.delta:g}, the run "
+                           f"declared δ={declared_delta:g}")
+    if math.isnan(eps):
+        return False
+    why = disagreement(entry.epsilon, eps, tolerance)
+    if why is None:
+        return True
+    message = (f"entry {entry.seq} (round {entry.round}){where} reports "
+               f"ε={_fmt(entry.epsilon)} ({entry.accountant}) but the recorded events give "
+               f"ε={_fmt(eps)}: {why}")
+    if why.startswith("over") and entry.accountant == "rdp":
+        note(Finding(NOTE, cid, "epsilon", message + " (RDP is a looser upper bound: "
+                                            "conservative, not a misreport)"))
+        return True
+    fail(cid, "epsilon", message)
+    return False
 
 
 def _lost_reply(report: RunReport | None, federation_id: str, cid: str,

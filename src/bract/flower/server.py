@@ -160,6 +160,13 @@ def plain_update_problem(local: Weights, info: Mapping[str, object] | None,
 IDENTITY_QUERY = "query.secagg_advertise"
 
 
+def error_reason(reply: Message) -> str:
+    """The reason an error reply gives, as the hospital wrote it but made safe to show
+    and record: one bounded line of printable characters (an empty reason reads
+    "(no reason given)")."""
+    return one_line(reply.error.reason) or "(no reason given)"
+
+
 def advertised_member(reply: Message, node: int, roster: SignerRoster) -> str | None:
     """The roster member that ``reply`` proves the Flower node ``node`` to be, or ``None``.
 
@@ -462,7 +469,7 @@ class Federation:
                                    max_poll=self.cfg.reply_poll)
         for node, reply in reply_sources(messages, replies):
             if node in ask and reply.has_error():  # the hospital's own reason (its text)
-                self.identity_errors[node] = one_line(reply.error.reason) or "(no reason given)"
+                self.identity_errors[node] = error_reason(reply)
                 continue
             name = advertised_member(reply, node, roster) if node in ask else None
             if name is not None:
@@ -505,8 +512,7 @@ class Federation:
     ) -> str | None:
         """Record a training reply's privacy report; the hospital's id if it trained."""
         if reply.has_error():
-            # The hospital's text: one bounded line of printable characters.
-            why = one_line(reply.error.reason) or "(no reason given)"
+            why = error_reason(reply)
             self.failed[self._label(node)] = f"failed: {why}"
             display.note(f"round {rnd}: {self._label(node)} failed: {why}")
             return None
