@@ -13,7 +13,7 @@ from bract import tasks
 from bract.flower.app import hospital_setup
 from bract.flower.client import PrivacyPolicy, make_client_app
 from bract.flower.faults import DROP_STAGES, inject_dropout, message_stage
-from bract.flower.records import AGGREGATED_METRICS, LOCAL_METRICS, SECAGG
+from bract.flower.records import AGGREGATED_METRICS, LOCAL_METRICS, SECAGG, SECAGG_NEXT
 from bract.flower.secagg_client import make_identities
 from bract.flower.secagg_server import SecAggSettings
 from bract.flower.server import ServerConfig, run_federation
@@ -397,7 +397,8 @@ def test_rounds_survive_dropouts_at_every_stage_and_abort_cleanly_below_threshol
     elif stage == "unmask":
         # hospital-0 and -1 failed round 1's unmask, which carried round 2's config: they
         # sit round 2 out; hospital-2 drops at round 2's unmask.
-        assert failed["hospital-0"] == failed["hospital-1"] == "did not answer"
+        assert failed["hospital-0"] == failed["hospital-1"] == (
+            "did not share usable keys for round 2 with round 1's unmask; not asked to train")
         assert "at the unmask stage: InjectedDropoutError" in failed["hospital-2"]
     else:
         at = {"mask": "mask", "consistency": "check"}[stage]
@@ -501,6 +502,51 @@ def test_a_refused_unmask_reply_keeps_its_sender_out_of_the_pipelined_round(
     assert "hospital-0" in r2["failed"]
     assert r3["secagg"]["advertised"] == []
     assert set(r3["secagg"]["alive"]) == everyone
+
+
+def _lose_next_shares(hospitals: set[int], fl_round: int):
+    """A mod: ``hospitals``' unmask replies of ``fl_round`` arrive without their shares
+    for the next round (lost on the way; the reply itself is fine)."""
+
+    def mod(msg, ctx, call_next):
+        reply = call_next(msg, ctx)
+        if (int(ctx.node_config["partition-id"]) in hospitals
+                and int(msg.metadata.group_id) == fl_round
+                and message_stage(msg) == "unmask" and not reply.has_error()):
+            del reply.content.config_records[SECAGG_NEXT]
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize("lost", [{0, 1, 2}, {0, 1, 2, 3, 4}])
+def test_a_round_opened_early_with_too_few_shares_opens_again_with_training(
+    tmp_path, lost
+) -> None:
+    # Round 2's shares travel with round 1's unmask replies; those of ``lost`` never
+    # arrive, leaving fewer than t = 3 of 5. Round 2 is not thrown away: it opens again
+    # with its training instruction (four stages), every hospital answers it, and it
+    # averages all five. Its view records the abandoned early opening beside it.
+    policy = dataclasses.replace(NON_PRIVATE, rounds=3)
+    views = tmp_path / "views"
+    report, _, _ = _run(tmp_path, policy, secure=True, rounds=3, record_dir=views,
+                        extra_mods=[_lose_next_shares(lost, 1)])
+    r1, r2, r3 = report["rounds"]
+    everyone = {f"hospital-{i}" for i in range(5)}
+    for row in (r1, r2, r3):
+        assert row["secagg"]["aborted"] is None and set(row["secagg"]["alive"]) == everyone
+        assert row["failed"] == {} and row["aggregated"] is True
+    assert r2["secagg"]["stages"] == 4
+    assert r2["loss"] != pytest.approx(r1["loss"])
+    assert sorted(p.name for p in views.iterdir() if p.name.startswith("round-2")) == [
+        "round-2", "round-2-attempt-2"]
+    from bract.audit.secagg_audit import audit_views
+    from bract.secagg.recording import read_view
+
+    recorded = read_view(views)
+    assert [(v.round, v.aborted) for v in recorded] == [(1, False), (2, True), (2, False),
+                                                        (3, False)]
+    assert audit_views(recorded).passed
 
 
 def test_nothing_of_an_update_leaves_in_clear(tmp_path) -> None:
@@ -861,9 +907,11 @@ def test_honest_dropouts_and_rounds_that_train_nobody_pass_bract_audit_verify(
         tmp_path, monkeypatch, plan) -> None:
     """An honest private secure run where a hospital drops at the check or unmask stage
     after its masked input (in the sum: the round lists it both as averaged and as
-    failed, and its record names it in ``failed_after_input``), or where round 2 aborts
-    before anyone trains (every round-2 line is carried from round 1, marked
-    ``of_round``), passes ``bract audit verify``."""
+    failed, and its record names it in ``failed_after_input``), or where round 2 averages
+    nobody (three hospitals fail its configuration, both the one sent early and the one
+    it opens again with: their round-2 lines are carried from round 1, marked
+    ``of_round``; the two that trained spent budget for nothing), passes ``bract audit
+    verify``."""
     import tests.flower.test_secure_federation as me
     from bract.cli import main
     from bract.records.roster import Roster, write_roster
@@ -882,7 +930,9 @@ def test_honest_dropouts_and_rounds_that_train_nobody_pass_bract_audit_verify(
     r1, r2 = report["rounds"][:2]
     if (2, "config") in plan:
         assert r2["secagg"]["aborted"] and r2["trained"] == []
-        assert {line["of_round"] for line in r2["per_client"].values()} == {1}
+        assert {name: line["of_round"] for name, line in r2["per_client"].items()} == {
+            "hospital-0": 1, "hospital-1": 1, "hospital-2": 1, "hospital-3": 2,
+            "hospital-4": 2}
     else:
         assert "hospital-0" in r1["trained"] and "hospital-0" in r1["failed"]
         assert r1["secagg"]["failed_after_input"] == ["hospital-0"]

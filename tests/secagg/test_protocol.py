@@ -282,3 +282,30 @@ def test_required_threshold_is_the_smallest_that_splits_no_view(size: int, c: in
     assert 2 * (t - cc) > honest
     if t > 2:
         assert 2 * (t - 1 - cc) <= honest
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(3, 9), graph=st.sampled_from(["complete", "harary"]),
+       data=st.data())
+def test_the_shares_shortfall_says_exactly_whether_the_mask_stage_can_open(
+    n: int, graph: str, data
+) -> None:
+    # Whatever subset of a round's participants shared keys, shares_shortfall() is None
+    # exactly when mask_requests() opens the mask stage, and asking it changes nothing.
+    from bract.secagg.errors import SecAggError
+
+    f = make_federation(n, graph=graph, colluders=0, policy=ClientPolicy(colluders=0))
+    for v in f.server.needs_advertisement(range(n)):
+        f.server.receive_advertisement(f.clients[v].advertise_keys(), origin=v)
+    cfg = f.server.start_round(1, list(range(n)), 4)
+    sharers = data.draw(st.sets(st.sampled_from(range(n))), label="sharers")
+    for v in sorted(sharers):
+        f.server.receive_shares(f.clients[v].handle_round_config(cfg))
+    short = f.server.shares_shortfall()
+    assert f.server.shares_shortfall() == short and f.server.stage == "config"
+    if short is None:
+        assert set(f.server.mask_requests()) <= sharers
+    else:
+        assert f"{len(sharers)} of {n} clients shared keys" in short
+        with pytest.raises(SecAggError, match="clients shared keys"):
+            f.server.mask_requests()

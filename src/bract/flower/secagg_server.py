@@ -446,7 +446,7 @@ class SecureAggregator:
         # What the round's record names even when it aborts.
         self._round_sharers, self._round_alive = [], set()
         self._round_failed_late = set()
-        prepared = self._prepared(rnd, nodes)
+        prepared = self._prepared(rnd, nodes, note)
         if prepared is None:
             advertised = self.ensure_keys(rnd, nodes, note)
             if advertised is not None:
@@ -524,18 +524,27 @@ class SecureAggregator:
         info.seconds = time.perf_counter() - t0
         return result, info
 
-    def _prepared(self, rnd: int, nodes: Sequence[int]) -> list[int] | None:
+    def _prepared(self, rnd: int, nodes: Sequence[int], note: Notify) -> list[int] | None:
         """The hospitals of FL round ``rnd`` if it was opened with the previous round's
-        unmask stage for exactly ``nodes``; otherwise abandon any open round (its
-        sharers re-key at the advertise stage) and return ``None``."""
+        unmask stage for exactly ``nodes`` and enough of them shared keys for it to go
+        on; otherwise abandon any open round (nothing of it was revealed; its sharers
+        re-key at the advertise stage) and return ``None``: the round then opens afresh
+        with its training instruction, and asks every hospital again."""
         open_config = self.session.open_config()
         if open_config is None:
             return None
         wanted = sorted(self.sid_of.get(n, -1) for n in nodes)
         if (self.session.stage == "config" and open_config.round == self.protocol_round(rnd)
                 and list(open_config.participants) == wanted):
-            return [self.node_of[sid] for sid in open_config.participants]
-        self.session.abort_round("the pipelined round's hospitals are not this round's")
+            short = self.session.shares_shortfall()
+            if short is None:
+                return [self.node_of[sid] for sid in open_config.participants]
+            why = f"too few hospitals shared keys with round {rnd - 1}'s unmask ({short})"
+            note(f"round {rnd}: the round opened early is abandoned, {why}; it opens "
+                 "again with the training instruction")
+        else:
+            why = "the pipelined round's hospitals are not this round's"
+        self.session.abort_round(why)
         if self.record_dir is not None:
             self._record_abandoned(open_config.round)
         return None
@@ -571,8 +580,9 @@ class SecureAggregator:
         requests = {self.node_of[sid]: req for sid, req in by_sid.items()}
         info.stages += 1
         for node in ready:
-            if node not in requests:  # did not answer the config with last round's unmask
-                hooks.on_missing(node)
+            if node not in requests:  # no usable shares with last round's unmask
+                hooks.on_dropped(node, f"did not share usable keys for round {rnd} with "
+                                       f"round {rnd - 1}'s unmask; not asked to train")
         self._train_exchange(rnd, requests, self._receive_masked_input, hooks)
 
     def _train_exchange(

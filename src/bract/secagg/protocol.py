@@ -1216,6 +1216,31 @@ class _ServerRound:
     key_points: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
 
+def _usable_sharers(rnd: _ServerRound) -> tuple[set[int], str | None]:
+    """The sharers a round's mask stage can use, and why they do not suffice (``None``:
+    they do). A sharer is usable while at least ``t`` of its neighbours (itself
+    included) are usable and, besides itself, enough of them to honour the collusion
+    bound; the round needs ``max(t, c + min_honest)`` usable sharers."""
+    cfg = rnd.config
+    t = cfg.threshold
+    need = cfg.colluders + cfg.min_honest - 1
+    u1 = set(rnd.shares)
+    changed = True
+    while changed:  # drop sharers whose neighbourhood cannot reach t or the bound
+        changed = False
+        for u in sorted(u1):
+            near = len(u1 & set(rnd.nbhd[u]))
+            if near < t or near - 1 < need:
+                u1.discard(u)
+                changed = True
+    least = max(t, cfg.colluders + cfg.min_honest)
+    if len(u1) >= least:
+        return u1, None
+    usable = "" if len(u1) == len(rnd.shares) else f" ({len(u1)} with enough sharing neighbours)"
+    return u1, (f"{len(rnd.shares)} of {len(rnd.nbhd)} clients shared keys{usable}, "
+                f"at least {least} needed (threshold {t})")
+
+
 class ServerSession:
     """The (honest) server's side: relays, checks and sums masked inputs as they arrive.
 
@@ -1480,20 +1505,9 @@ class ServerSession:
         if rnd is None or rnd.stage != "config":
             raise ProtocolViolation("no round waiting for shares")
         cfg = rnd.config
-        t = cfg.threshold
-        need = cfg.colluders + cfg.min_honest - 1
-        u1 = set(rnd.shares)
-        changed = True
-        while changed:  # drop sharers whose neighbourhood cannot reach t or the bound
-            changed = False
-            for u in sorted(u1):
-                near = len(u1 & set(rnd.nbhd[u]))
-                if near < t or near - 1 < need:
-                    u1.discard(u)
-                    changed = True
-        if len(u1) < max(t, cfg.colluders + cfg.min_honest):
-            raise self._abort(f"round {cfg.round}: {len(u1)} clients shared keys, "
-                              f"threshold {t}")
+        u1, shortfall = _usable_sharers(rnd)
+        if shortfall is not None:
+            raise self._abort(f"round {cfg.round}: {shortfall}")
         rnd.sharers = tuple(sorted(u1))
         headers = {v: rnd.shares[v].holder_headers() for v in rnd.sharers}
         inbox: dict[int, tuple[list[int], list[bytes], list[bytes]]] = {
@@ -1739,6 +1753,15 @@ class ServerSession:
                                tuple(dropped), enc.sum_error_bound(total_weight,
                                                                    len(rnd.alive)),
                                tuple(sorted(rnd.excluded)))
+
+    def shares_shortfall(self) -> str | None:
+        """Why the round waiting for shares cannot go on to its mask stage with the
+        shares received so far (``None``: it can). Changes nothing: the server may then
+        abandon the round and open a fresh one instead of letting it abort."""
+        rnd = self._round
+        if rnd is None or rnd.stage != "config":
+            raise ProtocolViolation("no round waiting for shares")
+        return _usable_sharers(rnd)[1]
 
     def abort_round(self, reason: str = "aborted by the operator") -> None:
         """Abandon the current round and any next round opened with it (nothing more
