@@ -33,7 +33,8 @@ CASES = [
     (["simulate", "--release-metrics", "clear"], "never in clear"),
     (["simulate", "--dataset", "medmnist"], "needs --data-path"),
     (["simulate", "--dataset", "imagefolder"], "needs --data-path"),
-    (["simulate", "--dataset", "breast-cancer", "--clients", "500"], "500 samples"),
+    (["simulate", "--dataset", "breast-cancer", "--clients", "500"],
+     "500 hospitals but only 455 training examples"),
     (["simulate", "--dataset", "breast-cancer", "--public-size", "10"], "--public-size 10"),
     (["simulate", "--dataset", "breast-cancer", "--privacy-unit", "patient"],
      "names no patient"),
@@ -42,6 +43,12 @@ CASES = [
     (["simulate", "--save-model", "model.pt"], "must end in .npz"),
     (["simulate", "--out", "{file}"], "is an existing file"),
     (["simulate", "--out", "{run}"], "holds a run"),
+    (["simulate", "--no-secagg", "--secagg-colluders", "2"], "which --no-secagg turns off"),
+    (["simulate", "--no-secagg", "--secagg-abort-limit", "5", "--secagg-graph", "complete"],
+     "--secagg-graph complete, --secagg-abort-limit 5 set up secure aggregation"),
+    (["simulate", "--no-secagg", "--drop-rate", "0.3", "--drop-stage", "mask"],
+     "the only drop stage is 'config'"),
+    (["deploy", "--no-secagg", "--secagg-dropouts", "1"], "which --no-secagg turns off"),
     (["deploy", "--dataset", "medmnist"], "--dataset: must be one of"),
     (["deploy", "--noise-multiplier", "0"], "never allow a non-private run"),
     (["deploy", "--out", "{file}"], "is an existing file"),
@@ -85,6 +92,7 @@ def test_a_bad_input_ends_with_one_error_line_and_touches_nothing(
     assert "Traceback" not in text
     lines = [line for line in text.splitlines() if "error:" in line]
     assert len(lines) == 1, text
+    assert "output in" not in text, text  # a refused run is not announced as starting
     assert names in " ".join(text.split()), text  # rich may wrap the line
     assert a_file.read_text() == "the user's file"
     assert _snapshot(finished_run) == before

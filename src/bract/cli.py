@@ -128,24 +128,26 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
                 else "archive" if default_out or args.new_federation else "refuse"
             ),
         )
-        non_private = fed.non_private
-        if non_private:
-            console.print(
-                "[bold red]NON-PRIVATE RUN:[/bold red] --noise-multiplier 0 adds no noise; "
-                "no differential-privacy guarantee holds for this federation."
-            )
-        console.print(
-            f"bract: {args.clients} hospitals, {args.rounds} rounds, dataset {args.dataset}, "
-            f"target ε={args.target_epsilon} at δ={args.delta}, output in {args.out}"
-        )
         from bract.flower.simulation import warnings_for
 
-        for warning in warnings_for(cfg):
-            console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        def announce() -> None:  # once the settings passed: a refused run prints only why
+            if fed.non_private:
+                console.print(
+                    "[bold red]NON-PRIVATE RUN:[/bold red] --noise-multiplier 0 adds no "
+                    "noise; no differential-privacy guarantee holds for this federation."
+                )
+            console.print(
+                f"bract: {args.clients} hospitals, {args.rounds} rounds, dataset "
+                f"{args.dataset}, target ε={args.target_epsilon} at δ={args.delta}, "
+                f"output in {args.out}"
+            )
+            for warning in warnings_for(cfg):
+                console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+
         from bract.flower.interrupt import interruptible, resume_hint
 
         with interruptible(lambda: resume_hint(args.out, sys.argv[1:])):
-            report = run(cfg)
+            report = run(cfg, on_checked=announce)
     except (PrivacyError, ValueError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

@@ -219,6 +219,18 @@ def test_a_new_run_into_the_same_output_continues_the_hospitals_budgets(tmp_path
     assert main(["audit", "verify", str(out / "ledger.jsonl"), "--roster",
                  str(out / "roster.json"), "--report", str(out / "report.json"),
                  "--pld-discretization", "1e-3", "--out", str(tmp_path / "verify")]) == 0
+    # A new run that re-splits the data is refused before anything moves: hospitals
+    # 3-5 would hold records hospitals 0-2 spent their budgets on (or a new seed would
+    # move records between them), and no hospital's ε would bound those records'.
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    for change, named in ((["--clients", "6"], "clients 6 (was 3)"),
+                          (["--seed", "1"], "seed 1 (was 0)")):
+        assert main([*common, "--target-epsilon", "8", "--new-run", *change]) == 2
+        said = " ".join(capsys.readouterr().out.split())
+        assert "splits the data differently" in said and named in said, said
+        assert said.count("error:") == 1 and "--new-federation" in said
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
     # A third run asking for the same lifetime 4: nothing is left, every hospital
     # refuses, and the run fails saying so (no accuracy for a model nobody trained).
     capsys.readouterr()

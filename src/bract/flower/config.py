@@ -258,7 +258,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("delta", float, 1e-5, "delta of the privacy budget", low=0, open_low=True, high=1,
            open_high=True),
     Option("noise_multiplier", float, None, "fixed noise instead of calibrating it to the "
-           "target; 0 is NO noise, flagged NON-PRIVATE everywhere", unset="calibrate", low=0),
+           "target; 0 is NO noise, flagged NON-PRIVATE everywhere", unset="calibrate", low=0,
+           high=1e4),
     Option("accountant", str, "prv", "privacy accountant", choices=("prv", "pld", "rdp")),
     Option("grad_sample_mode", str, "auto", "per-example clipping: bk (book-keeping, one "
            "backward pass; what auto picks when the model allows) or hooks (Opacus); "
@@ -494,7 +495,18 @@ class FederationConfig:
             if isinstance(value, list):  # argparse drops a bare "--" given as a value
                 raise ValueError(f"--{_BY_NAME[name].key}: no value: '--' marks the end of "
                                  "the options and cannot be a value")
-        return cls(**{**values, **overrides})
+        config = cls(**{**values, **overrides})
+        if not config.secagg:
+            # A secure-aggregation flag with --no-secagg is a mistake, never a setting.
+            given = [f"--{o.key} {values[o.name]}" for o in OPTIONS
+                     if o.name.startswith("secagg_") and o.name in values
+                     and values[o.name] != o.default]
+            if given:
+                raise ValueError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} up "
+                                 "secure aggregation, which --no-secagg turns off: leave "
+                                 f"{'it' if len(given) == 1 else 'them'} out, or drop "
+                                 "--no-secagg")
+        return config
 
 
 #: Flower's run config with every key at its default (``pyproject.toml``'s

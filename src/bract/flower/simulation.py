@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -30,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Context
 
@@ -257,6 +260,9 @@ def check_output(cfg: SimulationConfig) -> None:
     if cfg.previous_run == "refuse":
         set_aside_previous_run(cfg.out_dir, "refuse")  # raises ValueError naming the choices
     if cfg.previous_run == "new-run":
+        change = split_change(cfg)
+        if change:
+            raise ValueError(change)
         for i in range(cfg.task.clients):
             key = identity_file(cfg.out_dir, i)
             if not key.exists():
@@ -268,6 +274,64 @@ def check_output(cfg: SimulationConfig) -> None:
                     f"--new-run: hospital-{i}'s identity key {key} is unreadable ({exc}); "
                     "its ledger entries are signed with it: restore it, or start new "
                     "hospitals with --new-federation") from None
+
+
+#: The split the simulated hospitals' budgets were spent on, in ``OUT/hospitals``.
+SPLIT_FILE = "split.json"
+#: The settings that decide which records each hospital holds (named when they change).
+_SPLIT_SETTINGS = ("dataset", "data_path", "n_samples", "image_size", "clients", "partition",
+                   "alpha", "partition_column", "seed")
+
+
+def split_record(task: tasks.TaskConfig) -> dict[str, Any]:
+    """Which records each simulated hospital holds: a SHA-256 digest of each hospital's
+    training inputs and labels, with the settings that decided them."""
+    ds = tasks.dataset_for(task)
+    digests = []
+    for idx in tasks.partitions(task):
+        h = hashlib.sha256()
+        for array in (ds.x_train[idx], ds.y_train[idx]):
+            h.update(np.ascontiguousarray(array).tobytes())
+        digests.append(h.hexdigest())
+    return {"settings": {k: getattr(task, k) for k in _SPLIT_SETTINGS}, "hospitals": digests}
+
+
+def split_change(cfg: SimulationConfig) -> str | None:
+    """Why a new run of the hospitals in ``cfg.out_dir`` (``previous_run="new-run"``)
+    must be refused: its split gives some hospital other records than those its budget
+    was spent on (``None``: every hospital holds what it held, or nothing recorded it).
+
+    Guarantee: a refused new run keeps each record's privacy loss bounded by one
+    hospital's lifetime budget. Otherwise a record could be trained on under two
+    hospitals' budgets (one before and one after the re-split), and no reported ε would
+    bound it."""
+    path = cfg.out_dir / HOSPITALS_DIR / SPLIT_FILE
+    if not path.exists():
+        return None
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+        old_settings, old_digests = before["settings"], before["hospitals"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"the hospitals' record of their data split ({path}) is unreadable ({exc})"
+    now = split_record(cfg.task)
+    if now["hospitals"] == old_digests:
+        return None
+    changed = [f"{k} {now['settings'][k]!r} (was {old_settings.get(k)!r})"
+               for k in _SPLIT_SETTINGS if old_settings.get(k) != now["settings"][k]]
+    what = ", ".join(changed) if changed else "the data itself changed"
+    return (f"--new-run keeps the hospitals and their spent budgets, but this run splits the "
+            f"data differently ({what}): a record would be trained on under two hospitals' "
+            "budgets and no reported ε would bound it. Keep the split settings, or start "
+            "new hospitals with --new-federation")
+
+
+def write_split(cfg: SimulationConfig) -> None:
+    """Record which records each simulated hospital holds (:func:`split_change`)."""
+    from bract.flower.files import atomic_write_text
+
+    folder = cfg.out_dir / HOSPITALS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / SPLIT_FILE, json.dumps(split_record(cfg.task), indent=1))
 
 
 #: Below this many records (or patients) per hospital a run gets a warning.
@@ -339,8 +403,10 @@ def keep_sigterm_handler() -> Iterator[None]:
         ray.init = ray_init
 
 
-def run(cfg: SimulationConfig) -> dict[str, Any]:
+def run(cfg: SimulationConfig, on_checked: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run the simulated federation; returns the report (also written to ``out_dir``).
+    ``on_checked`` is called once every setting and the output passed their checks,
+    before anything starts (e.g. to announce the run: a refused run announces none).
 
     A run never deletes an earlier one: ``resume=True`` continues the run in
     ``out_dir``; otherwise an ``out_dir`` that holds a run is refused, or moved aside
@@ -353,6 +419,8 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
     """
     validate(cfg)
     check_output(cfg)
+    if on_checked is not None:
+        on_checked()
     if not cfg.resume:
         set_aside_previous_run(cfg.out_dir, cfg.previous_run)
     from bract.argtypes import output_dir_problem
@@ -360,6 +428,8 @@ def run(cfg: SimulationConfig) -> dict[str, Any]:
     problem = output_dir_problem(cfg.out_dir)  # makes it, and proves it writable
     if problem:
         raise ValueError(problem)
+    if not cfg.resume or not (cfg.out_dir / HOSPITALS_DIR / SPLIT_FILE).exists():
+        write_split(cfg)  # a resumed run has its first run's split (the settings are checked)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
