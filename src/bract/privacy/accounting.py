@@ -27,11 +27,14 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ACCOUNTANTS = ("prv", "pld", "rdp")
 DEFAULT_ACCOUNTANT = "prv"
@@ -63,8 +66,16 @@ class PrivacyError(ValueError):
             self.public_reason = public_reason
 
 
+def _is_number(value: object) -> bool:
+    """A real number (Python's or numpy's), never a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_delta(delta: float) -> None:
-    if not isinstance(delta, (int, float)) or not (0.0 < float(delta) < 1.0):
+    if not _is_number(delta):
+        raise PrivacyError(f"delta must be a number (got {delta!r} of type "
+                           f"{type(delta).__name__}).")
+    if not (0.0 < float(delta) < 1.0):
         raise PrivacyError(
             f"delta must be a number strictly between 0 and 1 (got {delta!r}); "
             "a common choice is 1e-5 or less than 1/(number of patients)."
@@ -96,7 +107,7 @@ MAX_ACCOUNTED_NOISE = 1e4
 
 def _check_epsilon(epsilon: float) -> None:
     if (
-        not isinstance(epsilon, (int, float))
+        not _is_number(epsilon)
         or not math.isfinite(float(epsilon))
         or float(epsilon) <= 0.0
     ):
@@ -147,9 +158,13 @@ class DpSgdEvent:
             raise PrivacyError(f"sample_rate must lie in (0, 1] (got {self.sample_rate!r}).")
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
             raise PrivacyError(f"steps must be an integer >= 0 (got {self.steps!r}).")
-        if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
-            raise PrivacyError(f"max_grad_norm must be > 0 (got {self.max_grad_norm!r}).")
+        if not (isinstance(self.max_grad_norm, (int, float))
+                and math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise PrivacyError(
+                f"max_grad_norm must be a finite number > 0 (got {self.max_grad_norm!r}): "
+                "an infinite clip bounds nothing, so no noise makes the step private.")
         _check_delta(self.delta)
+        object.__setattr__(self, "delta", float(self.delta))  # a numpy δ is recorded as JSON's
         if self.sampling not in SAMPLING_KINDS:
             raise PrivacyError(
                 f"sampling {self.sampling!r} is not supported by the accountants; "
@@ -878,6 +893,8 @@ class PrivacyBudget:
     def __post_init__(self) -> None:
         _check_epsilon(self.epsilon)
         _check_delta(self.delta)
+        object.__setattr__(self, "epsilon", float(self.epsilon))  # numpy's read as Python's
+        object.__setattr__(self, "delta", float(self.delta))
         if self.accountant not in ACCOUNTANTS:
             raise PrivacyError(
                 f"unknown accountant {self.accountant!r}; choose one of {ACCOUNTANTS}."

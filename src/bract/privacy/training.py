@@ -26,6 +26,7 @@ the models for which per-example clipping is known not to hold.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -43,6 +44,7 @@ from torch.utils.data import DataLoader
 from bract.privacy.accounting import (
     ACCOUNTANTS,
     DEFAULT_ACCOUNTANT,
+    MAX_ACCOUNTED_NOISE,
     BudgetDecision,
     DpSgdEvent,
     PrivacyBudget,
@@ -145,6 +147,32 @@ def _check_per_example_loss(loss_per_example: torch.Tensor, batch: int) -> None:
             "per example. Make the criterion honour its `reduction` attribute (as torch's "
             "losses do), or use grad_sample_mode='hooks'."
         )
+
+
+def _check_sampling_source(data_loader: DataLoader) -> None:
+    """Refuse a loader whose records DP-SGD could not sample as it says (``PrivacyError``
+    naming the fix). DP-SGD draws every record of ``data_loader.dataset`` with the
+    plan's rate (Poisson sampling); the loader's own sampler is replaced. So a sampler
+    that reads only part of the dataset (a validation split held out by indices) would
+    silently be trained on in full, and a dataset without a length has no rate."""
+    from torch.utils.data import IterableDataset, RandomSampler, SequentialSampler
+
+    dataset = data_loader.dataset
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise PrivacyError(
+            f"the DataLoader's dataset ({type(dataset).__name__}) has no length: DP-SGD "
+            "samples each record with a known rate, so it needs a map-style Dataset "
+            "(with __len__ and __getitem__)")
+    sampler = data_loader.sampler
+    whole = isinstance(sampler, SequentialSampler) or (
+        isinstance(sampler, RandomSampler) and not sampler.replacement
+        and sampler.num_samples == len(dataset))
+    if not whole:
+        raise PrivacyError(
+            f"the DataLoader's sampler ({type(sampler).__name__}) would be replaced: "
+            "DP-SGD samples from the whole dataset (Poisson sampling), so records the "
+            "sampler leaves out would be trained on. Pass only the training records "
+            "(torch.utils.data.Subset(dataset, indices)) with the default sampler")
 
 
 def _probe_format(data_loader: DataLoader) -> ProbeFormat:
@@ -364,6 +392,7 @@ class PrivateTrainer:
             raise PrivacyError(
                 f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}"
             )
+        _check_sampling_source(data_loader)
         keys = check_batch_keys(batch_keys)
         if keys is not None:  # dict items (Flower Datasets): read as (inputs, labels)
             data_loader = pairs_of(data_loader, *keys)
@@ -439,8 +468,16 @@ class PrivateTrainer:
         # when there is one: then nothing released is a function of the exact count.
         self.plan_per_round = TrainingPlan(1, local_epochs, public_size or units, batch_size,
                                            unit=unit)
-        if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise PrivacyError(f"max_grad_norm must be > 0 (got {max_grad_norm!r}).")
+        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
+                and max_grad_norm > 0):
+            raise PrivacyError(f"max_grad_norm must be a finite number > 0 (got "
+                               f"{max_grad_norm!r}): an infinite clip bounds nothing.")
+        limit = MAX_ACCOUNTED_NOISE
+        if isinstance(noise_multiplier, (int, float)) and noise_multiplier > limit:
+            raise PrivacyError(
+                f"noise_multiplier {noise_multiplier!r} is above {limit:g}: noise that large "
+                "drowns every update (and overflows the float32 step), and the accountants "
+                "credit nothing above it")
         # Validates noise multiplier and delta with clear messages.
         self.plan_per_round.round_event(noise_multiplier, max_grad_norm=max_grad_norm, delta=delta)
         check_privatisable(model)
@@ -586,9 +623,13 @@ class PrivateTrainer:
         ``also``: events released with this round's update (its metrics release);
         the budget check covers them with the DP-SGD event and they are recorded
         before it. A refusal returns ``trained=False`` with the reason in
-        ``decision`` and leaves the ledger and weights untouched. On any error
-        during training the ledger is not advanced past what was actually run:
-        the events are recorded only after the round's steps completed.
+        ``decision`` and leaves the ledger and weights untouched.
+
+        Guarantee: the ledger covers every DP-SGD step that changed the model. A round
+        that stops part-way (an error, a failing ``on_step``, Ctrl-C) records the steps
+        that reached the optimizer (a step that failed inside it counts) as its event,
+        and the error propagates: the weights it leaves are then accounted for, and
+        ``also`` (released only with a finished round's update) is not recorded.
         """
         start = time.perf_counter()
         if global_weights is not None:
@@ -613,18 +654,16 @@ class PrivateTrainer:
                 False, decision, None, 0, None, spent, math.nan,
                 time.perf_counter() - start,
             )
-        steps, loss = self._run_dp_sgd(on_step)
         planned = self.planned_event(round)
-        event = DpSgdEvent(
-            noise_multiplier=planned.noise_multiplier,
-            sample_rate=planned.sample_rate,
-            steps=steps,
-            max_grad_norm=planned.max_grad_norm,
-            delta=planned.delta,
-            round=round,
-            client_id=self.client_id,
-            unit=planned.unit,
-        )
+        self._steps_taken = 0
+        try:
+            steps, loss = self._run_dp_sgd(on_step)
+        except BaseException:
+            if self._steps_taken:  # the model moved: what moved it is on the ledger
+                self.ledger = self.ledger.append(
+                    dataclasses.replace(planned, steps=self._steps_taken))
+            raise
+        event = dataclasses.replace(planned, steps=steps)
         for extra in also:
             self.ledger = self.ledger.append(extra)
         self.ledger = self.ledger.append(event)
@@ -782,6 +821,7 @@ class PrivateTrainer:
                                 if groups is not None:
                                     group_grad_samples(self.model, groups)
                             loss_value = loss.detach()
+                        self._steps_taken = steps + 1  # counted even if the step fails
                         dp_optimizer.step()
                         steps += 1
                         if len(y) > 0:
