@@ -587,3 +587,33 @@ def test_expected_batch_is_the_mean_poisson_batch_and_never_zero(n: int, batch: 
     expected = plan.expected_batch_size
     assert 0 < expected <= batch
     assert math.isclose(expected, n * plan.sample_rate, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("epsilon", [True, False, "1", None])
+def test_a_budget_that_is_not_a_number_is_refused(epsilon) -> None:
+    with pytest.raises(PrivacyError, match="epsilon must be a finite number"):
+        PrivacyBudget(epsilon, 1e-5)
+
+
+@pytest.mark.parametrize("delta", [True, "1e-5", None])
+def test_a_delta_that_is_not_a_number_is_refused_naming_its_type(delta) -> None:
+    with pytest.raises(PrivacyError, match=f"delta must be a number .*{type(delta).__name__}"):
+        PrivacyBudget(1.0, delta)
+
+
+def test_numpy_numbers_are_read_as_the_numbers_they_are() -> None:
+    import json
+
+    import numpy as np
+
+    budget = PrivacyBudget(np.float64(2.0), np.float32(1e-5))
+    assert type(budget.epsilon) is float and type(budget.delta) is float
+    event = DpSgdEvent(1.0, 0.1, 10, 1.0, np.float32(1e-5))
+    assert type(event.delta) is float
+    json.dumps(event.__dict__)  # a numpy delta would not serialise
+
+
+@pytest.mark.parametrize("clip", [math.inf, math.nan, 0.0, -1.0])
+def test_an_event_whose_clip_bounds_nothing_is_refused(clip: float) -> None:
+    with pytest.raises(PrivacyError, match="max_grad_norm must be a finite number > 0"):
+        DpSgdEvent(1.0, 0.1, 10, clip, 1e-5)

@@ -7,6 +7,7 @@ Where the accounting figure does not matter the trainers use the RDP accountant
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -470,3 +471,103 @@ def test_a_model_in_half_precision_is_refused_naming_the_fix(dtype: torch.dtype)
                         batch_size=4)
     with pytest.raises(PrivacyError, match=r"trainable parameters in .*16.*model\.float\(\)"):
         _trainer(model, loader)
+
+
+# ------------------------------------------------ a round that stops part-way is accounted
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stop_at", [1, 3, 7])
+def test_a_round_that_stops_part_way_records_every_step_that_moved_the_model(
+        mode: str, stop_at: int) -> None:
+    # Whatever step a round stops at (here on_step raises after it), the ledger holds
+    # exactly the steps taken, the weights the trainer keeps are the ones those steps
+    # made, and a later round continuing from them composes on top: the ε reported after
+    # it is the one for every step that shaped the released model.
+    model = nn.Linear(6, 2)
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(80, 6), torch.randint(0, 2, (80,)))
+    trainer = _trainer(model, DataLoader(data, batch_size=8), grad_sample_mode=mode)
+    full = trainer.plan_per_round.batches_per_epoch  # one local epoch
+    assert stop_at < full
+    before = weights_of(model)
+
+    def stop(step: int, _total: int) -> None:
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_round(1, on_step=stop)
+    (partial,) = trainer.ledger.events
+    assert partial.steps == stop_at and partial.round == 1
+    assert any(not np.array_equal(v, before[k]) for k, v in weights_of(model).items())
+    out = trainer.train_round(2)  # continues from the partly trained model
+    assert [e.steps for e in trainer.ledger.events] == [stop_at, full]
+    reference = PrivacyLedger().append(partial).append(out.event)
+    assert out.epsilon == pytest.approx(reference.epsilon(1e-5, "rdp"))
+
+
+def test_a_round_that_fails_before_any_step_records_nothing() -> None:
+    class Broken(TensorDataset):
+        gone = False
+
+        def __getitem__(self, i):
+            if self.gone:
+                raise OSError("the disk went away")
+            return super().__getitem__(i)
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 2)
+    before = weights_of(model)
+    data = Broken(torch.randn(40, 6), torch.randint(0, 2, (40,)))
+    trainer = _trainer(model, DataLoader(data, batch_size=8), grad_sample_mode="hooks")
+    data.gone = True
+    with pytest.raises(OSError, match="disk went away"):
+        trainer.train_round(1)
+    assert trainer.ledger.events == ()
+    for k, v in weights_of(model).items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+# ------------------------------------------------ what DP-SGD cannot sample as it says
+
+
+@pytest.mark.parametrize("sampler", ["subset", "with-replacement", "fewer"])
+def test_a_loader_whose_sampler_reads_part_of_the_data_is_refused(sampler: str) -> None:
+    # Poisson sampling replaces the loader's sampler and reads the whole dataset: a
+    # sampler that holds records out would have them trained on without a word.
+    from torch.utils.data import RandomSampler, SubsetRandomSampler
+
+    data = TensorDataset(torch.randn(100, 6), torch.randint(0, 2, (100,)))
+    made = {"subset": lambda: SubsetRandomSampler(range(50)),
+            "with-replacement": lambda: RandomSampler(data, replacement=True),
+            "fewer": lambda: RandomSampler(data, num_samples=50)}[sampler]()
+    with pytest.raises(PrivacyError, match=r"sampler .* would be replaced.*Subset"):
+        _trainer(nn.Linear(6, 2), DataLoader(data, batch_size=10, sampler=made))
+    for fine in (DataLoader(data, batch_size=10), DataLoader(data, batch_size=10,
+                                                             shuffle=True)):
+        _trainer(nn.Linear(6, 2), fine)
+
+
+def test_a_dataset_without_a_length_is_refused_by_name() -> None:
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from ((torch.randn(6), torch.tensor(i % 2)) for i in range(20))
+
+    with pytest.raises(PrivacyError, match=r"dataset \(Stream\) has no length"):
+        _trainer(nn.Linear(6, 2), DataLoader(Stream(), batch_size=5))
+
+
+@pytest.mark.parametrize(("option", "value", "named"), [
+    ("max_grad_norm", math.inf, "max_grad_norm must be a finite number"),
+    ("max_grad_norm", math.nan, "max_grad_norm must be a finite number"),
+    ("noise_multiplier", 1e300, "noise_multiplier 1e+300 is above 10000"),
+    ("noise_multiplier", 1e5, "noise_multiplier 100000.0 is above 10000"),
+])
+def test_a_clip_that_bounds_nothing_or_noise_that_overflows_is_refused(
+        option: str, value: float, named: str) -> None:
+    data = TensorDataset(torch.randn(40, 6), torch.randint(0, 2, (40,)))
+    with pytest.raises(PrivacyError, match=re.escape(named)):
+        _trainer(nn.Linear(6, 2), DataLoader(data, batch_size=8), **{option: value})
