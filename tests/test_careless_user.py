@@ -43,6 +43,9 @@ CASES = [
     (["simulate", "--save-model", "model.pt"], "must end in .npz"),
     (["simulate", "--out", "{file}"], "is an existing file"),
     (["simulate", "--out", "{run}"], "holds a run"),
+    (["simulate", "--dataset", "breast-cancer", "--rounds", "4", "--noise-multiplier", "0.8",
+      "--target-epsilon", "5"], "spends ε=5.83 in round 1 alone"),
+    (["simulate", "--noise-multiplier", "1e300"], "--noise-multiplier: must be a finite"),
     (["simulate", "--no-secagg", "--secagg-colluders", "2"], "which --no-secagg turns off"),
     (["simulate", "--no-secagg", "--secagg-abort-limit", "5", "--secagg-graph", "complete"],
      "--secagg-graph complete, --secagg-abort-limit 5 set up secure aggregation"),
@@ -143,3 +146,36 @@ def test_a_finished_run_reports_its_failures_in_its_exit_status(tmp_path, monkey
     assert code == 1
     assert "hospital-1 failed in rounds 1, 2: boom" in " ".join(out.split())
     assert len([line for line in out.splitlines() if "error:" in line]) == 1
+
+
+def test_a_fixed_noise_that_fits_only_some_rounds_is_warned_of() -> None:
+    """A fixed noise level with which the hospitals with the least data can train some
+    rounds but not all: allowed (each refuses the rounds that would pass its budget),
+    and said before the run starts; noise that fits every round gets no warning."""
+    from bract.flower.config import FederationConfig
+    from bract.flower.simulation import SimulationConfig, fixed_noise_epsilon, warnings_for
+    from bract.privacy import TrainingPlan
+
+    def cfg(sigma: float) -> SimulationConfig:
+        return SimulationConfig(federation=FederationConfig(
+            dataset="breast-cancer", rounds=4, clients=3, noise_multiplier=sigma,
+            target_epsilon=5.0))
+
+    (said,) = [w for w in warnings_for(cfg(1.0)) if "--noise-multiplier" in w]
+    assert "spends ε=6.63 over 4 rounds" in said and "past --target-epsilon 5" in said
+    assert not [w for w in warnings_for(cfg(1.2)) if "--noise-multiplier" in w]
+    plan = TrainingPlan(4, 1, 151, 32)
+    assert fixed_noise_epsilon(cfg(1.0), plan, 1) < 5.0 < fixed_noise_epsilon(cfg(1.0), plan, 4)
+
+
+def test_a_delta_not_below_one_over_n_is_warned_of() -> None:
+    from bract.flower.config import FederationConfig
+    from bract.flower.simulation import SimulationConfig, warnings_for
+
+    def said(delta: float) -> list[str]:
+        return [w for w in warnings_for(SimulationConfig(federation=FederationConfig(
+            dataset="breast-cancer", clients=3, delta=delta))) if w.startswith("δ=")]
+
+    (line,) = said(1 / 151)
+    assert "not below 1/n" in line and "151 records" in line
+    assert said(0.5) and not said(1 / 152) and not said(1e-5)

@@ -766,6 +766,11 @@ def test_a_hospital_cannot_answer_with_another_hospitals_advertisement(tmp_path)
     assert r1["secagg"]["advertised"] == honest and r1["secagg"]["clients"] == 4
     assert r1["secagg"]["aborted"] is None and r1["secagg"]["alive"] == honest
     assert r2["secagg"]["advertised"] == [] and r2["secagg"]["alive"] == honest
+    # The refused hospital is out of both rounds before they began, and each row says
+    # so, with why (it never proved a name: its node stands for it).
+    for row in (r1, r2):
+        (who, why), = row["failed"].items()
+        assert who not in honest and why.startswith("key advertisement refused: ")
 
 
 def test_a_metric_count_the_hospitals_do_not_send_is_refused_up_front() -> None:

@@ -597,7 +597,8 @@ def test_a_budget_that_is_not_a_number_is_refused(epsilon) -> None:
 
 @pytest.mark.parametrize("delta", [True, "1e-5", None])
 def test_a_delta_that_is_not_a_number_is_refused_naming_its_type(delta) -> None:
-    with pytest.raises(PrivacyError, match=f"delta must be a number .*{type(delta).__name__}"):
+    named = f"delta must be a number strictly between 0 and 1 .*{type(delta).__name__}"
+    with pytest.raises(PrivacyError, match=named):
         PrivacyBudget(1.0, delta)
 
 
@@ -615,5 +616,5 @@ def test_numpy_numbers_are_read_as_the_numbers_they_are() -> None:
 
 @pytest.mark.parametrize("clip", [math.inf, math.nan, 0.0, -1.0])
 def test_an_event_whose_clip_bounds_nothing_is_refused(clip: float) -> None:
-    with pytest.raises(PrivacyError, match="max_grad_norm must be a finite number > 0"):
+    with pytest.raises(PrivacyError, match="max_grad_norm must be > 0 and finite"):
         DpSgdEvent(1.0, 0.1, 10, clip, 1e-5)

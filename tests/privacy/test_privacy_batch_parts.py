@@ -310,7 +310,8 @@ def test_a_round_in_parts_that_fails_leaves_no_thread_and_torchs_threads_as_they
         ) -> None:
     """A forward pass that raises in the middle of a round in parts fails the round with
     that error; no part's thread is left, torch's thread count is the one before the
-    round and the ledger records nothing."""
+    round and the ledger records the one step taken before it (its two parts' forward
+    passes were the first two)."""
     trainer = _trainer(batch_parts=2)
     calls = []
 
@@ -327,7 +328,7 @@ def test_a_round_in_parts_that_fails_leaves_no_thread_and_torchs_threads_as_they
     assert not any(t.name.startswith(("bract-batch-part", "bract-noise-lane"))
                    for t in threading.enumerate())
     assert trainer._noise_source.threads == 1
-    assert not trainer.ledger.events
+    assert [e.steps for e in trainer.ledger.events] == [1]
 
 
 def test_bad_batch_parts_are_refused_before_training() -> None:

@@ -561,8 +561,8 @@ def test_a_dataset_without_a_length_is_refused_by_name() -> None:
 
 
 @pytest.mark.parametrize(("option", "value", "named"), [
-    ("max_grad_norm", math.inf, "max_grad_norm must be a finite number"),
-    ("max_grad_norm", math.nan, "max_grad_norm must be a finite number"),
+    ("max_grad_norm", math.inf, "max_grad_norm must be > 0 and finite"),
+    ("max_grad_norm", math.nan, "max_grad_norm must be > 0 and finite"),
     ("noise_multiplier", 1e300, "noise_multiplier 1e+300 is above 10000"),
     ("noise_multiplier", 1e5, "noise_multiplier 100000.0 is above 10000"),
 ])

@@ -393,13 +393,15 @@ class SecureAggregator:
             raise SecAggError("reply carries no secure-aggregation record")
         return secagg_from_record(reply.content.config_records[SECAGG])
 
-    def ensure_keys(self, rnd: int, nodes: Sequence[int], note: Notify) -> list[int] | None:
+    def ensure_keys(self, rnd: int, nodes: Sequence[int], note: Notify,
+                    refused: dict[int, str] | None = None) -> list[int] | None:
         """Stage 0: collect advertisements from nodes the server cannot use yet.
 
         Each advertisement must name the Flower node it comes from (its signed
         origin), so a hospital cannot answer with another's and take its identity.
         Returns the nodes whose keys were accepted, or ``None`` when the stage was
-        skipped (every key known).
+        skipped (every key known); ``refused`` receives each node whose answer was
+        refused (an error reply, an invalid advertisement) with why.
         """
         ask = [n for n in nodes if n not in self.sid_of or n in self._readvertise]
         if not ask:
@@ -419,6 +421,8 @@ class SecureAggregator:
                 self.session.receive_advertisement(adv, origin=node)
             except SecAggError as exc:
                 note(f"round {rnd}: node {node} key advertisement refused: {exc}")
+                if refused is not None:
+                    refused[node] = f"key advertisement refused: {exc}"
                 continue
             self.node_of[adv.node_id] = node
             self.sid_of[node] = adv.node_id
@@ -448,10 +452,16 @@ class SecureAggregator:
         self._round_failed_late = set()
         prepared = self._prepared(rnd, nodes, note)
         if prepared is None:
-            advertised = self.ensure_keys(rnd, nodes, note)
+            refused: dict[int, str] = {}
+            advertised = self.ensure_keys(rnd, nodes, note, refused)
             if advertised is not None:
                 info.stages += 1
             ready = [n for n in nodes if n in self.sid_of]
+            for node in set(nodes) - set(ready):  # out before the round began: named
+                if node in refused:
+                    hooks.on_dropped(node, refused[node])
+                else:
+                    hooks.on_missing(node)
         else:
             ready = prepared
         info.clients = len(ready)

@@ -161,6 +161,24 @@ def _identities(cfg: SimulationConfig) -> tuple[Roster, list[SecAggIdentity]]:
     return simulated_identities(cfg.out_dir, cfg.task.clients, resume=cfg.resume)
 
 
+def fixed_noise_epsilon(cfg: SimulationConfig, plan: TrainingPlan, rounds: int) -> float:
+    """The ε a hospital with ``plan`` has spent after ``rounds`` rounds at the run's fixed
+    noise multiplier, each with its metrics release when metrics leave (the policy's
+    accountant and δ)."""
+    from bract.privacy import PrivacyLedger
+
+    policy = cfg.policy
+    release = policy.metrics_release() if cfg.federation.release_metrics != "none" else None
+    ledger = PrivacyLedger()
+    for r in range(1, rounds + 1):
+        if release is not None:
+            ledger = ledger.append(release.event(r, policy.delta, "", cfg.privacy_unit))
+        ledger = ledger.append(plan.round_event(policy.noise_multiplier,
+                                                max_grad_norm=policy.max_grad_norm,
+                                                delta=policy.delta, round=r))
+    return ledger.epsilon(policy.delta, policy.accountant)
+
+
 def validate(cfg: SimulationConfig) -> None:
     """Fail fast, before Ray starts, on a configuration no hospital could run."""
     from bract.flower.config import device_problem
@@ -203,6 +221,20 @@ def validate(cfg: SimulationConfig) -> None:
             for r in range(1, plan.rounds + 1)]
         calibrate(cfg.policy.target_epsilon, cfg.policy.delta, plan,
                   accountant=cfg.policy.accountant, alongside=alongside)
+    sigma = cfg.policy.noise_multiplier
+    if sigma and not cfg.resume and cfg.previous_run != "new-run":
+        # A fixed noise level every hospital would refuse from round 1 on (even the one
+        # with the most data, whose rounds cost least): nothing could train.
+        most = TrainingPlan(plan.rounds, cfg.policy.local_epochs, cfg.public_size or largest,
+                            cfg.task.batch_size, unit=cfg.privacy_unit)
+        first = fixed_noise_epsilon(cfg, most, 1)
+        if first > cfg.policy.target_epsilon:
+            raise PrivacyError(
+                f"--noise-multiplier {sigma:g} spends ε={first:.3g} in round 1 alone (at "
+                f"δ={cfg.policy.delta:g}, for the hospital with the most data), past "
+                f"--target-epsilon {cfg.policy.target_epsilon:g}: every hospital would "
+                "refuse every round. Raise the noise or the target, or let bract "
+                "calibrate the noise (leave out --noise-multiplier)")
     if cfg.resume:
         load_checkpoint_state(cfg.out_dir, cfg.to_plain())
     if cfg.drop_stage not in DROP_STAGES:
@@ -348,6 +380,24 @@ def warnings_for(cfg: SimulationConfig) -> list[str]:
         out.append(f"the smallest of the {cfg.task.clients} hospitals holds {smallest} "
                    "records: DP noise calibrated for so few swamps what they can learn "
                    "(fewer hospitals, or more samples)")
+    if cfg.policy.delta * smallest >= 1:
+        out.append(f"δ={cfg.policy.delta:g} is not below 1/n for the hospital with the least "
+                   f"data ({smallest} records): a release that publishes one record in full "
+                   "meets (ε, δ) with such a δ. Choose δ well below 1/n (e.g. 1e-5)")
+    sigma = cfg.policy.noise_multiplier
+    if sigma and not cfg.resume and cfg.previous_run != "new-run":
+        units = smallest if cfg.privacy_unit == "record" else min(
+            len(set(tasks.hospital_patients(cfg.task, i))) for i in range(cfg.task.clients))
+        least = TrainingPlan(cfg.policy.rounds, cfg.policy.local_epochs,
+                             cfg.public_size or units, cfg.task.batch_size,
+                             unit=cfg.privacy_unit)
+        spent = fixed_noise_epsilon(cfg, least, cfg.policy.rounds)
+        if spent > cfg.policy.target_epsilon:
+            out.append(f"--noise-multiplier {sigma:g} spends ε={spent:.3g} over "
+                       f"{cfg.policy.rounds} rounds for the hospital with the least data, "
+                       f"past --target-epsilon {cfg.policy.target_epsilon:g}: such hospitals "
+                       "refuse the rounds that would pass it (leave out --noise-multiplier "
+                       "to calibrate the noise for every round)")
     batch = cfg.task.batch_size or 0
     if batch >= smallest:
         out.append(f"--batch-size {batch} is at least a hospital's whole data ({smallest} "

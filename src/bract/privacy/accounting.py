@@ -73,8 +73,8 @@ def _is_number(value: object) -> bool:
 
 def _check_delta(delta: float) -> None:
     if not _is_number(delta):
-        raise PrivacyError(f"delta must be a number (got {delta!r} of type "
-                           f"{type(delta).__name__}).")
+        raise PrivacyError(f"delta must be a number strictly between 0 and 1 (got {delta!r}, "
+                           f"of type {type(delta).__name__}).")
     if not (0.0 < float(delta) < 1.0):
         raise PrivacyError(
             f"delta must be a number strictly between 0 and 1 (got {delta!r}); "
@@ -161,8 +161,8 @@ class DpSgdEvent:
         if not (isinstance(self.max_grad_norm, (int, float))
                 and math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise PrivacyError(
-                f"max_grad_norm must be a finite number > 0 (got {self.max_grad_norm!r}): "
-                "an infinite clip bounds nothing, so no noise makes the step private.")
+                f"max_grad_norm must be > 0 and finite (got {self.max_grad_norm!r}): the "
+                "noise is scaled to the clip, so only a finite clip bounds a step.")
         _check_delta(self.delta)
         object.__setattr__(self, "delta", float(self.delta))  # a numpy δ is recorded as JSON's
         if self.sampling not in SAMPLING_KINDS:

@@ -470,8 +470,9 @@ class PrivateTrainer:
                                            unit=unit)
         if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
                 and max_grad_norm > 0):
-            raise PrivacyError(f"max_grad_norm must be a finite number > 0 (got "
-                               f"{max_grad_norm!r}): an infinite clip bounds nothing.")
+            raise PrivacyError(f"max_grad_norm must be > 0 and finite (got "
+                               f"{max_grad_norm!r}): the noise is scaled to the clip, so only "
+                               "a finite clip bounds a step.")
         limit = MAX_ACCOUNTED_NOISE
         if isinstance(noise_multiplier, (int, float)) and noise_multiplier > limit:
             raise PrivacyError(
