@@ -50,8 +50,8 @@ def test_defaults_are_the_cli_defaults() -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "needle"), [
-    ("noise-multiplier", -1.0, "a finite number >= 0, or 'calibrate'"),
-    ("noise-multiplier", "auto", "a finite number >= 0, or 'calibrate'"),
+    ("noise-multiplier", -1.0, "a finite number >= 0 and <= 10000, or 'calibrate'"),
+    ("noise-multiplier", "auto", "a finite number >= 0 and <= 10000, or 'calibrate'"),
     ("batch-size", 0.5, "an integer >= 1, or 'dataset-default'"),
     ("batch-size", -1, "an integer >= 1, or 'dataset-default'"),
     ("secagg-colluders", "lots", "an integer >= 0, or 'one-third'"),

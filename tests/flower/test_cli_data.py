@@ -47,7 +47,7 @@ def test_bad_data_flags_fail_fast_with_a_clear_message(argv, needle, capsys, tmp
     ("--target-epsilon", "nan", "must be a finite number >= 0.05 and <= 50"),
     ("--target-epsilon", "1e9", "must be a finite number >= 0.05 and <= 50"),
     ("--delta", "1", "must be a finite number > 0 and < 1"),
-    ("--noise-multiplier", "-1", "must be a finite number >= 0, or 'calibrate'"),
+    ("--noise-multiplier", "-1", "must be a finite number >= 0 and <= 10000, or 'calibrate'"),
     ("--batch-size", "0", "must be an integer >= 1, or 'dataset-default'"),
     ("--lr", "0", "must be a finite number > 0, or 'dataset-default'"),
     ("--momentum", "1", "must be a finite number >= 0 and < 1, or 'dataset-default'"),

@@ -25,7 +25,7 @@ def test_a_round_that_averaged_nothing_shows_no_metric(capsys) -> None:
                          failed=failed, metrics={}, seconds=65.6))
     out = " ".join(capsys.readouterr().out.split())
     assert "round 1: no update was averaged (global model unchanged), max ε 7.980, " \
-           "trained 0/3, 65.6 s" in out
+           "averaged 0/3, 65.6 s" in out
     assert "loss" not in out and "accuracy" not in out
     assert _cells(display)[1:3] == ["-", "no update"]
 

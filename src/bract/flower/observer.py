@@ -52,7 +52,7 @@ class LiveTable:
         self.enabled = enabled
         self.console = Console()
         self.table = Table(title="bract federation: global model on the central test set")
-        for col in ("round", "loss", "acc", "max ε", "trained", "s"):
+        for col in ("round", "loss", "acc", "max ε", "averaged", "s"):
             self.table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
         self.hospital_columns: list[str] = []
         self.progress = Progress(
@@ -120,7 +120,7 @@ class LiveTable:
                        else "no update was averaged (global model unchanged)")
             self.console.print(
                 f"round {row.round}: {quality}, "
-                f"max ε {max_eps}, trained {trained}/{len(present)}, "
+                f"max ε {max_eps}, averaged {trained}/{len(present)}, "
                 f"{row.seconds:.1f} s", highlight=False)
 
     def note(self, text: str) -> None:
