@@ -22,7 +22,9 @@ Pure: imports neither flwr nor torch.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -269,8 +271,34 @@ def write_view(view: ServerView, directory: Path) -> Path:
     ``messages.bin`` is a sequence of records: one direction byte (``I`` in,
     ``O`` out, ``L`` late), a 4-byte big-endian length, and the message's
     canonical bytes (:meth:`bract.secagg.messages.Message.to_bytes`).
+
+    Guarantee: a ``directory`` that does not exist yet (how a server records each
+    round, :func:`view_directory`) appears whole or not at all: the files are written
+    and synced in a hidden sibling directory that is then renamed into place, so a
+    stop or crash mid-write never leaves a partial round for the audit to misread. An
+    existing directory is written into in place.
     """
     directory = Path(directory)
+    if directory.exists():
+        return _write_view_files(view, directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    partial = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)  # a leftover of a crashed earlier write
+    partial.mkdir()
+    _write_view_files(view, partial)
+    for name in os.listdir(partial):
+        with open(partial / name, "rb") as f:
+            os.fsync(f.fileno())
+    os.rename(partial, directory)
+    fd = os.open(directory.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return directory
+
+
+def _write_view_files(view: ServerView, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "messages.bin", "wb") as f:
         for d, msg in view.messages:
