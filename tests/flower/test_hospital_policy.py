@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from bract.flower.app import client_app, hospital_policy_of, server_app
 from bract.flower.client import PrivacyPolicy
-from bract.flower.hospital_policy import HospitalPolicy, PolicyRefusal
+from bract.flower.hospital_policy import HospitalPolicy, PolicyFieldError, PolicyRefusal
 from bract.flower.records import SECAGG
 
 from .conftest import FakeGrid, assert_no_update_in_clear, write_operator_files
@@ -225,7 +226,7 @@ def test_policy_files_round_trip_and_bad_ones_are_named(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown field"):
         HospitalPolicy.read(tmp_path / "bad.json")
     (tmp_path / "neg.json").write_text('{"target_epsilon": -1}')
-    with pytest.raises(ValueError, match="target_epsilon must be > 0"):
+    with pytest.raises(ValueError, match=r"target_epsilon must be a number in \[0.05, 50\]"):
         HospitalPolicy.read(tmp_path / "neg.json")
     with pytest.raises(ValueError, match="unreadable"):
         HospitalPolicy.read(tmp_path / "missing.json")
@@ -403,7 +404,7 @@ def test_a_size_refusal_is_the_same_whatever_the_hospital_holds_and_its_limits_a
     for name in ("max_image_size", "max_model_parameters", "max_batch_size",
                  "max_local_epochs", "max_per_example_gradients"):
         for bad in (0, -1, 1.5, True, "512"):
-            with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            with pytest.raises(ValueError, match=f"{name} must be an integer"):
                 HospitalPolicy(**{name: bad})
 
 
@@ -731,3 +732,106 @@ def test_an_app_composed_by_hand_from_the_lower_level_parts_trains_in_secure_rou
             assert row["trained"] == []
             assert all("allow_plain_aggregation is false" in why
                        for why in row["failed"].values()), row["failed"]
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(HospitalPolicy)}
+#: Values of the wrong JSON type for each declared type (null is wrong unless optional).
+_WRONG = {"bool": ["false", "true", 0, 1, 1.0, None, [], {}],
+          "int": ["2", 2.0, 2.5, True, False, None, [2], {}],
+          "float": ["4", "nan", True, False, None, [4.0], {}],
+          "str": [1, True, None, ["prv"], {}]}
+
+
+def _wrong_values(declared: str) -> list:
+    base = declared.removesuffix(" | None")
+    return [v for v in _WRONG[base] if not (v is None and declared.endswith("| None"))]
+
+
+@pytest.mark.parametrize(("field", "bad"), [
+    (name, bad) for name, declared in _FIELD_TYPES.items() for bad in _wrong_values(declared)])
+def test_every_policy_field_of_the_wrong_json_type_is_refused_naming_file_and_field(
+        tmp_path, field: str, bad) -> None:
+    """Every field (found from the dataclass, so none is forgotten) refuses a value of
+    the wrong JSON type with a one-line ValueError naming the file, the field and the
+    value; in particular no boolean field takes the string "false" (which is truthy)."""
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({field: bad}))
+    with pytest.raises(PolicyFieldError) as info:
+        HospitalPolicy.read(path)
+    message = str(info.value)
+    assert info.value.field == field
+    assert message.startswith(f"hospital policy {path}: {field} must be ")
+    assert message.endswith(f"got {json.dumps(bad)}")
+    assert "\n" not in message
+    with pytest.raises(PolicyFieldError, match=f"hospital policy: {field} must be "):
+        HospitalPolicy(**{field: bad})
+
+
+@pytest.mark.parametrize("text", ['"false"', '"False"', '"no"', "0", "1", '""'])
+def test_a_policy_saying_non_private_false_in_any_non_boolean_way_is_refused(
+        tmp_path, text: str) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text('{"allow_non_private": ' + text + "}")
+    with pytest.raises(PolicyFieldError, match="allow_non_private must be true or false"):
+        hospital_policy_of({"policy": str(path)})
+    own = HospitalPolicy()
+    with pytest.raises(PolicyRefusal, match="never allows it"):
+        own.admit(PrivacyPolicy(8.0, 1e-5, 3, noise_multiplier=0.0, allow_non_private=True))
+
+
+@pytest.mark.parametrize(("field", "value", "ok"), [
+    ("target_epsilon", 0.05, True), ("target_epsilon", 50, True),
+    ("target_epsilon", 0.049, False), ("target_epsilon", 50.5, False),
+    ("target_epsilon", 1e308, False), ("target_epsilon", 0, False),
+    ("delta", 0, False), ("delta", 1, False), ("delta", 0.5, True),
+    ("min_noise_multiplier", -0.1, False), ("min_noise_multiplier", 1e4, True),
+    ("min_noise_multiplier", 1e5, False), ("metrics_loss_bound", 0, False),
+    ("accountant", "rdp", True), ("accountant", "gdp", False),
+    ("release_metrics", "all", False), ("privacy_unit", "person", False)])
+def test_policy_values_out_of_range_are_refused_as_the_cli_refuses_them(
+        tmp_path, field: str, value, ok: bool) -> None:
+    """The epsilon bounds are bract's own (MIN/MAX_TARGET_EPSILON, what `hospital init`
+    takes), the noise floor at most what bract accounts (1e4)."""
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({field: value}))
+    if ok:
+        assert getattr(HospitalPolicy.read(path), field) == value
+    else:
+        where = re.escape(str(path))
+        with pytest.raises(PolicyFieldError, match=f"{where}: {field} must be .*, got "):
+            HospitalPolicy.read(path)
+
+
+def test_a_policy_file_naming_a_field_twice_is_refused_naming_the_field(tmp_path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text('{"target_epsilon": 1, "delta": 1e-6, "target_epsilon": 40}')
+    where = re.escape(str(path))
+    with pytest.raises(ValueError, match=f"hospital policy {where} names the field "
+                                         "'target_epsilon' twice"):
+        HospitalPolicy.read(path)
+
+
+@pytest.mark.parametrize("value", [-2, -1, 0, 1, 2, 3, 7])
+@pytest.mark.parametrize(("field", "key"), [("secagg_colluders", "colluders"),
+                                            ("secagg_min_honest", "min_honest")])
+def test_secagg_policy_fields_follow_secure_aggregations_own_rules_when_read(
+        tmp_path, field: str, key: str, value: int) -> None:
+    """A policy's secagg bound is accepted when read exactly when secure aggregation's
+    ClientPolicy accepts it, so a bad one never reaches a secure round."""
+    from bract.secagg.errors import ConfigurationError
+    from bract.secagg.protocol import ClientPolicy
+
+    try:
+        ClientPolicy(**{key: value})
+        accepted = True
+    except ConfigurationError:
+        accepted = False
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({field: value}))
+    if accepted:
+        assert getattr(HospitalPolicy.read(path), field) == value
+    else:
+        where = re.escape(str(path))
+        with pytest.raises(PolicyFieldError, match=f"{where}: {field} must be valid for "
+                                                   "secure aggregation"):
+            HospitalPolicy.read(path)

@@ -403,7 +403,7 @@ def _tree(root) -> dict[str, bytes | None]:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--delta", "5"], "delta must lie in (0, 1)"),
+        (["--delta", "5"], "delta must be a number in (0, 1), got 5"),
         (["--target-epsilon", "0.01"], "--target-epsilon must lie in [0.05, 50]"),
         (["--target-epsilon", "51"], "--target-epsilon must lie in [0.05, 50]"),
         (["--name", ""], "hospital name '' is not a plain file name"),

@@ -69,19 +69,29 @@ from __future__ import annotations
 import functools
 import json
 import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bract.flower.client import METRICS_RELEASE, PrivacyPolicy
-from bract.privacy.accounting import ACCOUNTANTS
+from bract.privacy.accounting import (
+    ACCOUNTANTS,
+    MAX_ACCOUNTED_NOISE,
+    MAX_TARGET_EPSILON,
+    MIN_TARGET_EPSILON,
+)
 from bract.privacy.metrics_release import DEFAULT_LOSS_BOUND, DEFAULT_METRICS_NOISE
+from bract.secagg.errors import ConfigurationError
+from bract.secagg.protocol import ClientPolicy
 
 if TYPE_CHECKING:
     from bract.tasks import TaskConfig
 
-__all__ = ["IMAGE_DATASETS", "OPERATOR_KEYS", "HospitalPolicy", "PolicyRefusal",
+__all__ = ["IMAGE_DATASETS", "OPERATOR_KEYS", "HospitalPolicy", "PolicyFieldError",
+           "PolicyRefusal",
            "hospital_policy_of", "image_model_parameters", "operator_keys_in"]
 
 #: Node-config keys only a hospital's operator sets: a SuperNode with any of them is a
@@ -106,6 +116,78 @@ IMAGE_DATASETS = ("synthetic", "medmnist", "imagefolder")
 
 #: How much each metric release lets out (a request above the hospital's is refused).
 _RELEASE_ORDER = {"none": 0, "aggregate": 1, "clear": 2}
+
+
+class PolicyFieldError(ValueError):
+    """A policy field holds a value of the wrong type or out of range; the message names
+    the policy file (when read from one), the field, its value and what it must be."""
+
+    def __init__(self, field: str, value: Any, expected: str, path: Path | None = None
+                 ) -> None:
+        self.field, self.value, self.expected, self.path = field, value, expected, path
+        where = "hospital policy" + (f" {path}" if path is not None else "")
+        shown = json.dumps(value) if _json_plain(value) else repr(value)
+        super().__init__(f"{where}: {field} must be {expected}, got {shown}")
+
+
+def _json_plain(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook``: a key named twice raises
+    :class:`_DuplicateKeyError` (the standard reader would silently keep the last one)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Each :class:`HospitalPolicy` field's declared type, resolved."""
+    return typing.get_type_hints(HospitalPolicy)
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    """Whether ``value`` is of the declared type ``expected`` as JSON would give it:
+    ``bool`` only a bool, ``int`` an int but not a bool, ``float`` a finite int or float
+    but not a bool, ``str`` a str, ``X | None`` also None."""
+    options = typing.get_args(expected) if typing.get_origin(expected) in (
+        types.UnionType, typing.Union) else (expected,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if option is bool and isinstance(value, bool):
+            return True
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option is float and isinstance(value, (int, float)) and not isinstance(
+                value, bool) and math.isfinite(value):
+            return True
+        if option is str and isinstance(value, str):
+            return True
+    return False
+
+
+def _type_words(expected: Any) -> str:
+    """What :func:`_has_type` accepts for ``expected``, in words."""
+    options = typing.get_args(expected) if typing.get_origin(expected) in (
+        types.UnionType, typing.Union) else (expected,)
+    words = {bool: "true or false (a JSON boolean, not a string or a number)",
+             int: "an integer", float: "a finite number", str: "a string",
+             type(None): "null"}
+    return " or ".join(words[o] for o in options)
 
 
 class PolicyRefusal(RuntimeError):  # noqa: N818 (a refusal, reported as the reply's error)
@@ -147,54 +229,75 @@ class HospitalPolicy:
     num_classes: int | None = None
 
     def __post_init__(self) -> None:
+        problem = self._first_problem()
+        if problem is not None:
+            raise PolicyFieldError(*problem)
+
+    def _first_problem(self) -> tuple[str, Any, str] | None:
+        """The first field (its name, its value, what it must be) that breaks a rule, or
+        None. Every field is first checked against its declared type, so no field can be
+        left unchecked: a ``bool`` field takes only ``true``/``false`` (never ``"false"``
+        or ``0``), an ``int`` field only an integer (never ``2.0``, ``"2"`` or ``true``),
+        a ``float`` field only a finite number (never a string or ``true``), a ``str``
+        field only a string, and only an optional field (``... | None``) takes null."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = _field_types()[f.name]
+            if not _has_type(value, expected):
+                return f.name, value, _type_words(expected)
         for name in _SIZE_LIMITS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"hospital policy: {name} must be an integer >= 1, got "
-                                 f"{value!r}")
-        if not isinstance(self.allow_plain_aggregation, bool):
-            raise ValueError("hospital policy: allow_plain_aggregation must be true or false")
+            if getattr(self, name) < 1:
+                return name, getattr(self, name), "an integer >= 1"
         for name in ("metrics_noise_multiplier", "metrics_loss_bound"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    math.isfinite(value) and value > 0):
-                raise ValueError(f"hospital policy: {name} must be a number > 0, got {value!r}")
+            if not getattr(self, name) > 0:
+                return name, getattr(self, name), "a finite number > 0"
         if self.privacy_unit not in ("record", "patient"):
-            raise ValueError(f"hospital policy: privacy_unit must be 'record' or 'patient', "
-                             f"got {self.privacy_unit!r}")
+            return "privacy_unit", self.privacy_unit, "'record' or 'patient'"
         if self.legacy_ledger_unit not in (None, "record", "patient"):
-            raise ValueError(f"hospital policy: legacy_ledger_unit must be 'record', "
-                             f"'patient' or null, got {self.legacy_ledger_unit!r}")
-        classes = self.num_classes
-        if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
-                                    or classes < 1):
-            raise ValueError(f"hospital policy: num_classes must be an integer >= 1 or null, "
-                             f"got {classes!r}")
-        size = self.public_dataset_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int)
-                                 or size < 1):
-            raise ValueError(f"hospital policy: public_dataset_size must be an integer >= 1 "
-                             f"or null, got {size!r}")
-        if not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
-            raise ValueError(f"hospital policy: target_epsilon must be > 0, got "
-                             f"{self.target_epsilon!r}")
+            return "legacy_ledger_unit", self.legacy_ledger_unit, "'record', 'patient' or null"
+        if self.num_classes is not None and self.num_classes < 1:
+            return "num_classes", self.num_classes, "an integer >= 1 or null"
+        if self.public_dataset_size is not None and self.public_dataset_size < 1:
+            return "public_dataset_size", self.public_dataset_size, "an integer >= 1 or null"
+        if not MIN_TARGET_EPSILON <= self.target_epsilon <= MAX_TARGET_EPSILON:
+            return ("target_epsilon", self.target_epsilon,
+                    f"a number in [{MIN_TARGET_EPSILON:g}, {MAX_TARGET_EPSILON:g}] (bract "
+                    "calibrates noise for no other epsilon)")
         if not 0 < self.delta < 1:
-            raise ValueError(f"hospital policy: delta must lie in (0, 1), got {self.delta!r}")
+            return "delta", self.delta, "a number in (0, 1)"
         if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"hospital policy: accountant must be one of {ACCOUNTANTS}, got "
-                             f"{self.accountant!r}")
-        if not (math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0):
-            raise ValueError("hospital policy: min_noise_multiplier must be >= 0")
+            return "accountant", self.accountant, f"one of {list(ACCOUNTANTS)}"
+        if not 0 <= self.min_noise_multiplier <= MAX_ACCOUNTED_NOISE:
+            return ("min_noise_multiplier", self.min_noise_multiplier,
+                    f"a number in [0, {MAX_ACCOUNTED_NOISE:g}]")
         if self.release_metrics not in METRICS_RELEASE:
-            raise ValueError(f"hospital policy: release_metrics must be one of "
-                             f"{METRICS_RELEASE}, got {self.release_metrics!r}")
+            return "release_metrics", self.release_metrics, f"one of {list(METRICS_RELEASE)}"
+        # Secure aggregation's own rules (ClientPolicy), applied here so that a bad bound
+        # is refused when the policy is read, not inside a secure round.
+        for name, key in (("secagg_colluders", "colluders"), ("secagg_min_honest",
+                                                               "min_honest")):
+            try:
+                ClientPolicy(**{key: getattr(self, name)})
+            except ConfigurationError as exc:
+                return name, getattr(self, name), f"valid for secure aggregation ({exc})"
+        return None
 
     @classmethod
     def read(cls, path: Path) -> HospitalPolicy:
-        """Read a policy file; a malformed one raises ``ValueError`` naming the problem."""
+        """Read a policy file.
+
+        Guarantee: a file that is unreadable, not JSON, not one JSON object, names a
+        field twice or a field :class:`HospitalPolicy` does not have, or holds a value
+        of the wrong type or out of range raises ``ValueError`` (a
+        :class:`PolicyFieldError` for a field's value) in one line naming the file, and
+        the field, its value and what it must be; never another exception."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            data = json.loads(Path(path).read_text(encoding="utf-8"),
+                              object_pairs_hook=_refuse_duplicate_keys)
+        except _DuplicateKeyError as exc:
+            raise ValueError(f"hospital policy {path} names the field {exc.args[0]!r} twice: "
+                             "which one holds is ambiguous; keep one") from None
+        except (OSError, ValueError, RecursionError) as exc:
             raise ValueError(f"hospital policy {path} is unreadable: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"hospital policy {path} must hold a JSON object")
@@ -203,7 +306,10 @@ class HospitalPolicy:
         if unknown:
             raise ValueError(f"hospital policy {path}: unknown field(s) {unknown}; "
                              f"known: {sorted(known)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except PolicyFieldError as exc:
+            raise PolicyFieldError(exc.field, exc.value, exc.expected, path) from None
 
     def write(self, path: Path) -> None:
         """Write the policy as JSON (the operator's file; not secret)."""
