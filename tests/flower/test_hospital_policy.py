@@ -835,3 +835,21 @@ def test_secagg_policy_fields_follow_secure_aggregations_own_rules_when_read(
         with pytest.raises(PolicyFieldError, match=f"{where}: {field} must be valid for "
                                                    "secure aggregation"):
             HospitalPolicy.read(path)
+
+
+def test_a_bad_policy_field_reaches_the_coordinator_named_without_the_file_or_value(
+        tmp_path) -> None:
+    """A hospital whose policy file is invalid fails every message with a reason that
+    names the field and what it must be (so the coordinator can tell its operator),
+    never the policy file's path."""
+    from bract.flower.reasons import failure_reason
+
+    path = tmp_path / "secret-folder" / "policy.json"
+    path.parent.mkdir()
+    path.write_text('{"secagg_min_honest": 1}')
+    with pytest.raises(PolicyFieldError) as info:
+        hospital_policy_of({"policy": str(path)})
+    reason = failure_reason(info.value)
+    assert reason.startswith("this hospital's policy file is invalid: secagg_min_honest "
+                             "must be valid for secure aggregation")
+    assert "secret-folder" not in reason

@@ -120,7 +120,9 @@ _RELEASE_ORDER = {"none": 0, "aggregate": 1, "clear": 2}
 
 class PolicyFieldError(ValueError):
     """A policy field holds a value of the wrong type or out of range; the message names
-    the policy file (when read from one), the field, its value and what it must be."""
+    the policy file (when read from one), the field, its value and what it must be. Its
+    ``public_reason`` (what a hospital's failure reply carries to the coordinator) names
+    the field and what it must be, not the file's path nor the value."""
 
     def __init__(self, field: str, value: Any, expected: str, path: Path | None = None
                  ) -> None:
@@ -128,6 +130,9 @@ class PolicyFieldError(ValueError):
         where = "hospital policy" + (f" {path}" if path is not None else "")
         shown = json.dumps(value) if _json_plain(value) else repr(value)
         super().__init__(f"{where}: {field} must be {expected}, got {shown}")
+        self.public_reason = (f"this hospital's policy file is invalid: {field} must be "
+                              f"{expected}; its operator must correct it (details in its "
+                              "own log)")
 
 
 def _json_plain(value: Any) -> bool:
