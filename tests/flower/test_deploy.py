@@ -406,4 +406,9 @@ def test_a_local_federation_names_each_hospitals_own_data_with_its_dataset_id(
     for ids in ((), ("st-mary-xray",), ("st-mary-xray", " "), ('a"b', "c")):
         with pytest.raises(ValueError, match="hospital_dataset_ids must name one dataset id"):
             LocalFederation(tmp_path, 2, hospital_data=files, hospital_dataset_ids=ids)
+    for ids in (("st-mary-xray ", "st-anne-xray"), ("st-mary-xray", "\tst-anne-xray"),
+                ("st-mary-xray", "st-anne\u200b-xray")):
+        with pytest.raises(ValueError, match=r"hospital_dataset_ids: dataset-id .* (begins "
+                                             r"or ends with whitespace|holds control)"):
+            LocalFederation(tmp_path, 2, hospital_data=files, hospital_dataset_ids=ids)
     assert "dataset-id" not in parse_config_args([LocalFederation(tmp_path, 2).node_config(0)])

@@ -634,3 +634,43 @@ def test_a_declared_class_count_answers_the_coordinator_without_reading_labels(
     assert answers[False, 3] is True and answers[True, 3] is True
     with pytest.raises(ValueError, match="num_classes must be an integer >= 1 or null"):
         HospitalPolicy(num_classes=0)
+
+
+@pytest.mark.parametrize("dataset_id", ["st-mary-chest-xray ", " st-mary-chest-xray",
+                                        "st-mary-chest-xray\t", "st-mary\u200b-chest-xray",
+                                        "st-mary\x00-chest-xray", "st-mary-chest-xray\u2028"])
+def test_a_dataset_id_that_reads_like_another_is_refused_before_any_data_is_read(
+        tmp_path, monkeypatch, dataset_id: str) -> None:
+    """A dataset-id with whitespace at either end or an invisible character would keep a
+    fresh budget apart from the one it reads the same as (the same patients spent
+    twice): it is refused, never stripped, before any data is read, whether the
+    hospital serves its own data or a partition; the reply's reason names no id."""
+    from bract.flower.app import hospital_setup
+
+    nc = _own_file_hospital(tmp_path)
+    export = tmp_path / "exports" / "2026-11" / "chest.npz"
+    read: list[str] = []
+    real = tasks.dataset_for
+    monkeypatch.setattr(tasks, "dataset_for", lambda cfg: read.append(cfg.data_path) or real(cfg))
+    # The clean id has spent budget already: the look-alike must not start a fresh one.
+    assert isinstance(_train_once({**nc, "data-path": str(export),
+                                   "dataset-id": "st-mary-chest-xray"}, OWN_FILE_RC, 1,
+                                  "run-a"), dict)
+    read.clear()
+    reason = _train_once({**nc, "data-path": str(export), "dataset-id": dataset_id},
+                         OWN_FILE_RC, 1, "run-b")
+    assert reason == ("this hospital's node config names a dataset-id its privacy budget "
+                      "cannot be kept under (blank, whitespace at an end, or an invisible "
+                      "character); its operator must correct it")
+    assert read == []
+    assert [d.name for d in (tmp_path / "state" / "datasets").iterdir()] == [
+        privacy_dir(tmp_path / "state", "st-mary-chest-xray").name]
+    for data in ({"data-path": str(export)}, {"loader": "site_records:load"},
+                 {"partition-id": 0, "num-partitions": 3}):
+        with pytest.raises(ValueError, match=r"dataset-id .* (begins or ends with whitespace"
+                                             r"|holds control or invisible character)"):
+            hospital_setup(tasks.TaskConfig(dataset="medmnist", num_classes=2,
+                                            in_channels=1, image_size=28),
+                           Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                                   node_config={**nc, **data, "dataset-id": dataset_id}))
+    assert read == []

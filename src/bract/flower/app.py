@@ -32,6 +32,7 @@ from bract.flower.client import (
     STATE_FILE,
     HospitalSetup,
     PrivacyPolicy,
+    dataset_id_problem,
     privacy_dir,
 )
 from bract.flower.config import FederationConfig
@@ -84,7 +85,9 @@ def hospital_setup(
     ``loader``) by its node config's ``dataset-id``, which it must name
     (:func:`check_own_dataset_id` refuses before any data is read); a hospital on a
     partition of the task's data by its ``dataset-id`` when its operator names one,
-    else by the data's source (:func:`dataset_source`). A policy that declares its
+    else by the data's source (:func:`dataset_source`); a ``dataset-id`` that is blank,
+    begins or ends with whitespace or holds an invisible character is refused
+    (:func:`check_dataset_id`), never stripped. A policy that declares its
     data's ``num_classes`` refuses another model before any data is read
     (:meth:`~bract.flower.hospital_policy.HospitalPolicy.admit_model`). Under its policy's
     ``privacy_unit: patient``, an own image folder with any image whose patient is
@@ -131,6 +134,8 @@ def hospital_setup(
                              Path(str(state_dir)) if state_dir else None)
         _, num_classes, kind = tasks.model_spec(task)
         own_policy.admit_model(kind, num_classes)
+    elif dataset_id:
+        check_dataset_id(dataset_id)
     model = tasks.build_model(task)
     held_out = None
     source = ""
@@ -272,6 +277,22 @@ def _known_datasets(state_dir: Path) -> list[str]:
     return found
 
 
+def check_dataset_id(dataset_id: str) -> None:
+    """Refuse (``DataError``, before any data is read) a node config ``dataset-id`` that
+    :func:`~bract.flower.client.dataset_id_problem` refuses: blank, with whitespace at
+    either end, or with a control or invisible character, each of which would keep a
+    second budget for the same patients under a text that reads the same."""
+    from bract.data.errors import DataError
+
+    problem = dataset_id_problem(dataset_id)
+    if problem:
+        raise DataError(f"this hospital's node config: {problem}",
+                        public_reason="this hospital's node config names a dataset-id "
+                                      "its privacy budget cannot be kept under (blank, "
+                                      "whitespace at an end, or an invisible character); "
+                                      "its operator must correct it")
+
+
 def check_own_dataset_id(dataset: str, own_path: str, loader: str, dataset_id: str,
                          state_dir: Path | None) -> None:
     """Refuse a hospital on its own data whose budget would have no stable name.
@@ -284,7 +305,9 @@ def check_own_dataset_id(dataset: str, own_path: str, loader: str, dataset_id: s
     ``data-path`` or ``loader`` under its :func:`path_derived_key`, the exact
     ``dataset-id`` that continues it; and when ``dataset_id`` names a dataset with no
     ledger yet while that path-derived ledger exists, so naming the data never starts
-    a spent budget from nothing. The reply's reason (``public_reason``) names no path.
+    a spent budget from nothing; and (:func:`check_dataset_id`) when ``dataset_id``
+    begins or ends with whitespace or holds a control or invisible character. The
+    reply's reason (``public_reason``) names no path.
     """
     from bract.data.errors import DataError
 
@@ -312,6 +335,7 @@ def check_own_dataset_id(dataset: str, own_path: str, loader: str, dataset_id: s
             "that name" + (f" (its state directory holds the ledgers of {', '.join(known)}: "
                            "if these patients are one of them, use that id)" if known else ""),
             public_reason=public)
+    check_dataset_id(dataset_id)
     if spent and state_dir is not None and not _holds_ledger(privacy_dir(state_dir,
                                                                           dataset_id)):
         raise DataError(

@@ -158,6 +158,32 @@ def privacy_dir(state_dir: Path, dataset_id: str) -> Path:
     return Path(state_dir) / DATASETS_DIR / dataset_dir_name(dataset_id)
 
 
+def dataset_id_problem(dataset_id: str) -> str | None:
+    """Why ``dataset_id`` cannot name a dataset's lifetime privacy budget, or None.
+
+    The budget is kept under the exact text, so two texts that read the same would keep
+    two budgets for the same patients: refused are a blank id, one that begins or ends
+    with whitespace (``"site-2 "`` is not ``"site-2"``), and one holding a control,
+    invisible-format or line/paragraph-separator character. Nothing is stripped: an id
+    is used exactly as written or refused."""
+    import unicodedata
+
+    if not dataset_id.strip():
+        return "a dataset-id must not be blank"
+    if dataset_id != dataset_id.strip():
+        return (f"dataset-id {dataset_id!r} begins or ends with whitespace: the privacy "
+                "budget is kept under the exact text, so it would keep a budget apart from "
+                f"dataset-id {dataset_id.strip()!r} (the same patients spent twice); write "
+                "it without that whitespace")
+    bad = sorted({c for c in dataset_id if unicodedata.category(c) in ("Cc", "Cf", "Zl",
+                                                                      "Zp")})
+    if bad:
+        return (f"dataset-id {dataset_id!r} holds control or invisible character(s) "
+                f"{', '.join(f'U+{ord(c):04X}' for c in bad)}: it would read the same as "
+                "another dataset-id with a budget of its own; use visible characters only")
+    return None
+
+
 def dataset_dir_name(dataset_id: str) -> str:
     """A file-system-safe, collision-resistant directory name for ``dataset_id``."""
     import hashlib

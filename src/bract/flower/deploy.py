@@ -56,6 +56,7 @@ from bract.flower.certificates import (
     generate_dev_certificates,
     generate_supernode_key,
 )
+from bract.flower.client import dataset_id_problem
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.processes import (
     MARKER_ENV,
@@ -248,6 +249,10 @@ class LocalFederation:
             raise ValueError("hospital_dataset_ids must name one dataset id (non-blank, no "
                              "quotes) per file of hospital_data: the name each hospital's "
                              "lifetime budget is kept under")
+        for dataset_id in self.hospital_dataset_ids:
+            problem = dataset_id_problem(str(dataset_id))
+            if problem:
+                raise ValueError(f"hospital_dataset_ids: {problem}")
         self.workdir = Path(self.workdir).resolve()
         self.app_dir = Path(self.app_dir).resolve()
 
