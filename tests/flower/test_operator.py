@@ -461,3 +461,101 @@ def test_roster_add_refuses_bad_paths_and_names_and_writes_nothing(tmp_path, cap
         "hospital-0", "hospital-1"]
     assert sorted(p.name for p in (tmp_path / "supernode-auth").iterdir()) == [
         "hospital-0.pub", "hospital-1.pub"]
+
+
+def _started_hospital(tmp_path):
+    """Three hospitals from ``hospital init``, the first with its roster copy, and the
+    ``hospital start --dry-run`` argv of the first (which succeeds as made)."""
+    dirs = _init_three(tmp_path)
+    roster = tmp_path / "roster.json"
+    roster_add(roster, [_public(d) for d in dirs])
+    (dirs[0] / "roster.json").write_text(roster.read_text())
+    argv = ["hospital", "start", str(dirs[0]), "--superlink", "link.example:9092",
+            "--root-certificates", str(tmp_path / "ca.crt"), "--dry-run"]
+    return dirs[0], argv
+
+
+#: Policy files an operator may write by mistake, and the field each error names.
+_BAD_POLICIES = [
+    ('{"allow_non_private": "false"}', "allow_non_private"),
+    ('{"allow_non_private": 0}', "allow_non_private"),
+    ('{"allow_plain_aggregation": "true"}', "allow_plain_aggregation"),
+    ('{"target_epsilon": "4"}', "target_epsilon"),
+    ('{"target_epsilon": true}', "target_epsilon"),
+    ('{"target_epsilon": 1e308}', "target_epsilon"),
+    ('{"target_epsilon": NaN}', "target_epsilon"),
+    ('{"delta": null}', "delta"),
+    ('{"delta": "1e-5"}', "delta"),
+    ('{"min_noise_multiplier": "0.5"}', "min_noise_multiplier"),
+    ('{"accountant": ["prv"]}', "accountant"),
+    ('{"max_image_size": 512.0}', "max_image_size"),
+    ('{"num_classes": 2.0}', "num_classes"),
+    ('{"secagg_min_honest": 0}', "secagg_min_honest"),
+    ('{"secagg_min_honest": "2"}', "secagg_min_honest"),
+    ('{"secagg_colluders": "1"}', "secagg_colluders"),
+    ('{"secagg_colluders": -1}', "secagg_colluders"),
+    ('{"target_epsilon": 1, "target_epsilon": 40}', "target_epsilon"),
+]
+
+
+def test_hospital_start_refuses_every_bad_policy_in_one_line_naming_file_and_field(
+        tmp_path, capsys) -> None:
+    """``hospital start --dry-run`` reads the policy as the SuperNode will: a value of
+    the wrong type, out of range, refused by secure aggregation's rules, or a field
+    named twice is one ``error:`` line (exit 2) naming the file and the field, never a
+    traceback, and never a SuperNode that fails only in its first round."""
+    d, argv = _started_hospital(tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 0
+    policy = d.resolve() / "policy.json"
+    for text, field in _BAD_POLICIES:
+        capsys.readouterr()
+        policy.write_text(text)
+        assert main(argv) == 2, text
+        out = capsys.readouterr().out
+        assert out.startswith(f"error: hospital policy {policy}") and out.count("\n") == 1, out
+        assert f" {field} " in out or f"'{field}'" in out, out
+    policy.write_text("{}")
+    assert main(argv) == 0
+
+
+@pytest.mark.parametrize(("missing", "hint"), [
+    ("identity.key", "the hospital's identity, made by bract hospital init"),
+    ("roster.json", "the federation's roster, which comes from the coordinator"),
+    ("policy.json", "the hospital's privacy policy, made by bract hospital init"),
+    ("state", "the hospital's privacy state directory, made by bract hospital init: if "
+              "this hospital ever ran, restore it from a backup"),
+])
+def test_hospital_start_says_what_makes_each_missing_file(tmp_path, capsys, missing,
+                                                          hint) -> None:
+    import shutil
+
+    d, argv = _started_hospital(tmp_path)
+    target = d.resolve() / missing
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    capsys.readouterr()
+    assert main(argv) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith(f"error: {target} is missing: {hint}"), out
+    if missing != "roster.json":
+        assert "roster" not in out, out
+
+
+@pytest.mark.parametrize("dataset_id", ["site-a ", " site-a", "site-a\t", "site\u200ba"])
+def test_a_dataset_id_with_edge_whitespace_or_an_invisible_character_is_refused(
+        tmp_path, capsys, dataset_id) -> None:
+    """Neither ``hospital init --dataset-id`` nor ``hospital start --node-config`` takes
+    a dataset-id that would keep a budget apart from the one it reads the same as."""
+    _, argv = _started_hospital(tmp_path)
+    capsys.readouterr()
+    argv += ["--node-config", f'loader="site:load" dataset-id="{dataset_id}"']
+    assert main(argv) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"error: --node-config: dataset-id {dataset_id!r} ")
+    assert out.count("\n") == 1
+    with pytest.raises(SystemExit) as info:
+        main(["hospital", "init", str(tmp_path / "h9"), "--id", "9", "--name", "h9",
+              "--federation", FED, "--dataset-id", dataset_id])
+    assert info.value.code == 2
+    assert f"dataset-id {dataset_id!r} " in capsys.readouterr().err
+    assert not (tmp_path / "h9").exists()

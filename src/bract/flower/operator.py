@@ -61,6 +61,7 @@ from flwr.common.config import parse_config_args
 
 from bract.argtypes import nonnegative_int, positive_float
 from bract.flower.certificates import generate_supernode_key
+from bract.flower.client import dataset_id_problem
 from bract.flower.files import atomic_write_text
 from bract.flower.hospital_policy import HospitalPolicy
 from bract.flower.secagg_client import read_identity_key, write_identity_key
@@ -156,6 +157,23 @@ def identity_public_key(path: Path) -> bytes:
     return SigningKey.from_bytes(raw).public_bytes()
 
 
+#: What to do when a file ``hospital start`` needs is missing from the hospital's folder.
+_MISSING_HINTS = {
+    "identity.key": "the hospital's identity, made by bract hospital init; if this "
+                    "hospital ever ran, restore it from a backup (its signed ledger depends "
+                    "on it), else run init in a new directory",
+    "roster.json": "the federation's roster, which comes from the coordinator: copy the "
+                   "file every hospital gets there and check it with bract roster verify",
+    "policy.json": "the hospital's privacy policy, made by bract hospital init: restore it, "
+                   "or write one (a JSON object of HospitalPolicy fields; {} keeps the "
+                   "defaults)",
+    "state": "the hospital's privacy state directory, made by bract hospital init: if "
+             "this hospital ever ran, restore it from a backup (its spent privacy budget "
+             "lives there; an empty one would start that budget from nothing), else create "
+             "it (mkdir -m 700)",
+}
+
+
 def supernode_command(directory: Path, superlink: str, root_certificates: Path,
                       auth_key: Path | None = None, extra_node_config: str = "",
                       port: int = 9094, executor: str = "warm",
@@ -170,12 +188,19 @@ def supernode_command(directory: Path, superlink: str, root_certificates: Path,
 
     Guarantee: ``ValueError``, in one line, unless the folder is complete, its
     ``identity.key`` holds a valid Ed25519 key whose public half is the one
-    ``public.json`` names, its roster copy lists that key, its policy parses, and an
+    ``public.json`` names, its roster copy lists that key, its policy parses with every
+    field of its type and in range (:meth:`HospitalPolicy.read`), and an
     ``extra_node_config`` that names the hospital's own data (``data-path`` or
-    ``loader``) names the ``dataset-id`` its budget is kept under.
+    ``loader``) names the ``dataset-id`` its budget is kept under, one without whitespace
+    at either end or an invisible character. A missing file's message says what makes
+    it (``hospital init``, the coordinator's roster, a backup).
     """
     d = Path(directory).resolve()
     extra = parse_config_args([extra_node_config]) if extra_node_config.strip() else {}
+    if "dataset-id" in extra and str(extra["dataset-id"]).strip():
+        problem = dataset_id_problem(str(extra["dataset-id"]))
+        if problem:
+            raise ValueError(f"--node-config: {problem}")
     if ("data-path" in extra or "loader" in extra) and not str(
             extra.get("dataset-id", "")).strip():
         raise ValueError("--node-config names the hospital's own data but no dataset-id: add "
@@ -187,10 +212,9 @@ def supernode_command(directory: Path, superlink: str, root_certificates: Path,
     if not auth_key.exists():
         raise ValueError(f"{auth_key} is missing: the SuperNode's authentication key "
                          "(bract hospital init makes DIR/supernode-auth)")
-    for need in ("identity.key", "roster.json", "policy.json", "state"):
+    for need, hint in _MISSING_HINTS.items():
         if not (d / need).exists():
-            raise ValueError(f"{d / need} is missing (bract hospital init makes it; the "
-                             "roster comes from the coordinator)")
+            raise ValueError(f"{d / need} is missing: {hint}")
     if identity_public_key(d / "identity.key") != public["public_key"]:
         raise ValueError(f"{d / 'identity.key'} is not the key {d / PUBLIC_FILE} names: the "
                          "identity and its public file must come from the same init")
@@ -306,10 +330,15 @@ def roster_add(path: Path, publics: list[dict[str, Any]], *,
 
 def _dataset_id(text: str) -> str:
     """A ``--dataset-id``: any text but blank, or with a quote or a line break (it is
-    printed inside the double quotes of a node config)."""
+    printed inside the double quotes of a node config), or one
+    :func:`~bract.flower.client.dataset_id_problem` refuses (whitespace at either end,
+    an invisible character)."""
     if not text.strip() or any(c in text for c in '"\n\r'):
         raise argparse.ArgumentTypeError("a dataset id must be non-blank, without quotes or "
                                          "line breaks")
+    problem = dataset_id_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
