@@ -19,6 +19,13 @@ File format (JSON, every field optional)::
      "max_model_parameters": 120000000, "max_batch_size": 4096, "max_local_epochs": 10,
      "max_per_example_gradients": 2000000000, "num_classes": null}
 
+Every field holds a value of its declared JSON type (a boolean only ``true``/``false``,
+an integer never ``2.0``, a number never a string or ``true``; ``null`` only where the
+default is ``null``), within range (``target_epsilon`` in bract's [0.05, 50],
+``min_noise_multiplier`` in [0, 1e4], the ``secagg_*`` bounds by secure aggregation's
+own :class:`~bract.secagg.protocol.ClientPolicy`); a field named twice is refused.
+:meth:`HospitalPolicy.read` raises ``ValueError`` naming the file and the field.
+
 ``max_image_size``, ``max_model_parameters``, ``max_batch_size``, ``max_local_epochs``,
 ``max_per_example_gradients``: the most the coordinator's run config may make the
 hospital allocate and compute: the image side (every image is resized to it, the image
