@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -144,3 +145,135 @@ def test_dataset_checks_class_names_and_columns() -> None:
     with pytest.raises(ValueError, match="train column 'site'"):
         FederatedDataset("x", ds.x_train, ds.y_train, ds.x_test, ds.y_test, 2, (30,),
                          train_columns={"site": np.zeros(3)})
+
+
+def _small() -> dict:
+    """A tiny classification dataset's arguments in bract's own types (12 training,
+    4 held-out records of 3 features, 3 classes)."""
+    rng = np.random.default_rng(0)
+    return {"name": "tiny", "x_train": rng.normal(size=(12, 3)).astype(np.float32),
+            "y_train": np.arange(12, dtype=np.int64) % 3,
+            "x_test": rng.normal(size=(4, 3)).astype(np.float32),
+            "y_test": np.arange(4, dtype=np.int64) % 3, "num_classes": 3, "input_shape": (3,)}
+
+
+#: What a hospital's own loader may hand over as pandas or numpy gave it, and converts.
+CONVERTED = {
+    "float64 inputs": lambda a: {"x_train": a["x_train"].astype(np.float64)},
+    "integer inputs": lambda a: {"x_train": (a["x_train"] * 10).astype(np.int64),
+                                 "x_test": (a["x_test"] * 10).astype(np.int16)},
+    "boolean inputs": lambda a: {"x_train": a["x_train"] > 0},
+    "float16 inputs": lambda a: {"x_train": a["x_train"].astype(np.float16)},
+    "big-endian inputs": lambda a: {"x_train": a["x_train"].astype(">f4")},
+    "reversed-stride inputs": lambda a: {"x_train": a["x_train"][::-1]},
+    "a list of rows": lambda a: {"x_train": a["x_train"].tolist()},
+    "int32 labels": lambda a: {"y_train": a["y_train"].astype(np.int32)},
+    "uint8 labels": lambda a: {"y_train": a["y_train"].astype(np.uint8)},
+    "whole float labels": lambda a: {"y_train": a["y_train"].astype(np.float32),
+                                     "y_test": a["y_test"].astype(np.float64)},
+    "N x 1 labels": lambda a: {"y_train": a["y_train"].reshape(-1, 1),
+                               "y_test": a["y_test"].reshape(-1, 1)},
+    "a list input_shape": lambda a: {"input_shape": [3]},
+}
+
+
+@pytest.mark.parametrize("variant", CONVERTED)
+def test_a_dataset_converts_what_keeps_its_values_to_bracts_types(variant: str) -> None:
+    """Features of any number type become float32 (rounded to the nearest float32),
+    labels of any integer type, whole floats or one column become int64 ``[N]``: what
+    torch trains on, with the same values."""
+    args = _small()
+    given = CONVERTED[variant](args)
+    ds = FederatedDataset(**{**args, **given})
+    for split in ("x_train", "x_test"):
+        x = getattr(ds, split)
+        assert x.dtype == np.dtype(np.float32) and x.flags.c_contiguous
+        np.testing.assert_array_equal(x, np.asarray(given.get(split, args[split]),
+                                                    dtype=np.float32))
+    for split in ("y_train", "y_test"):
+        y = getattr(ds, split)
+        assert y.dtype == np.dtype(np.int64) and y.ndim == 1
+        np.testing.assert_array_equal(y, args[split])
+    assert ds.input_shape == (3,)
+    import torch
+    torch.nn.functional.cross_entropy(torch.nn.Linear(3, 3)(torch.from_numpy(ds.x_train)),
+                                      torch.from_numpy(ds.y_train))
+
+
+def _with(split: str, make):
+    return lambda a: {split: make(a[split])}
+
+
+#: Arrays no conversion can keep the meaning of: (variant, the message's words, the
+#: array named, the public reason's words).
+REFUSED = {
+    "text inputs": (_with("x_train", lambda x: x.astype(str)), "x_train: training inputs of "
+                    "type <U", "x_train (training inputs) holds text, not numbers"),
+    "object inputs": (_with("x_test", lambda x: x.astype(object)), "x_test: held-out inputs of "
+                      "type object are not numbers", "x_test (held-out inputs) holds Python "
+                      "objects, not numbers"),
+    "complex inputs": (_with("x_train", lambda x: x.astype(np.complex64)), "are not numbers",
+                       "x_train (training inputs) holds complex numbers"),
+    "float64 beyond float32": (_with("x_train", lambda x: x.astype(np.float64) * 1e300),
+                               r"x_train: \d+ of the training inputs are beyond float32's range",
+                               "x_train (training inputs) holds values beyond float32's range"),
+    "ragged rows": (_with("x_train", lambda x: [[1.0], [1.0, 2.0]] * 6),
+                    "x_train: the training inputs cannot be read as one array",
+                    "x_train cannot be read as one array"),
+    "a negative label": (_with("y_train", lambda y: np.where(np.arange(12) == 5, -1, y)),
+                         "y_train: training labels must be >= 0, found -1",
+                         "y_train (training labels) holds a negative label"),
+    "a label beyond num_classes": (_with("y_test", lambda y: y + 7),
+                                   "y_test: held-out labels must be below num_classes=3, "
+                                   "found 9", "y_test (held-out labels) holds a label not below"),
+    "fractional labels": (_with("y_train", lambda y: y + 0.5),
+                          r"y_train: training labels must be whole numbers .*; 12 are not",
+                          "y_train (training labels) holds values that are not whole numbers"),
+    "a NaN label": (_with("y_train", lambda y: np.where(np.arange(12) == 0, np.nan, y)),
+                    "y_train: training labels must be whole numbers",
+                    "holds values that are not whole numbers"),
+    "text labels": (_with("y_train", lambda y: y.astype(str)), "y_train: training labels of "
+                    "type <U", "y_train (training labels) holds text, not numbers"),
+    "two label columns": (_with("y_train", lambda y: np.stack([y, y], 1)),
+                          r"y_train: training labels must be one per sample, shaped \[N\] or "
+                          r"\[N, 1\]; got shape \[12, 2\]",
+                          "y_train (training labels) is not one per sample"),
+    "fewer labels than inputs": (_with("y_test", lambda y: y[:3]),
+                                 "x_test has 4 samples but y_test has 3",
+                                 "x_test and y_test hold different numbers of samples"),
+}
+
+
+@pytest.mark.parametrize("variant", REFUSED)
+def test_a_dataset_refuses_what_it_cannot_convert_naming_the_array_not_the_values(
+        variant: str) -> None:
+    """Text, objects, complex numbers, floats beyond float32, negative, fractional or
+    out-of-range labels, several label columns: a one-line :class:`DataError` naming
+    the array and the problem (never a torch error at training); its public reason
+    names the same without a value, count or shape of the records."""
+    from bract.data import DataError
+
+    make, message, reason = REFUSED[variant]
+    args = _small()
+    with pytest.raises(DataError, match=message) as refused:
+        FederatedDataset(**{**args, **make(args)})
+    assert "\n" not in str(refused.value)
+    public = refused.value.public_reason
+    assert reason in public and public.startswith("the hospital's dataset: ")
+    assert not re.search(r"\b\d", public), public  # no value, count or shape
+
+
+def test_regression_targets_convert_to_float32_and_refuse_what_overflows() -> None:
+    from bract.data import DataError
+
+    ds = load_dataset("diabetes", seed=0)
+    args = {"name": "d", "x_train": ds.x_train.astype(np.float64),
+            "y_train": ds.y_train.astype(np.float64).reshape(-1, 1),
+            "x_test": ds.x_test, "y_test": ds.y_test.astype(np.int64), "num_classes": 1,
+            "input_shape": ds.input_shape, "task": "regression"}
+    own = FederatedDataset(**args)
+    assert own.y_train.dtype == np.float32 and own.y_train.shape == ds.y_train.shape
+    assert own.y_test.dtype == np.float32
+    with pytest.raises(DataError, match="y_train: .* training targets are beyond float32") as e:
+        FederatedDataset(**{**args, "y_train": ds.y_train.astype(np.float64) * 1e300})
+    assert "y_train (training targets) holds values beyond float32" in e.value.public_reason

@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.datasets import load_breast_cancer, load_diabetes
 from sklearn.model_selection import train_test_split
 
+from bract.data.errors import DataError
 from bract.data.synthetic import CLASS_NAMES, synthetic_chest_xray
 
 __all__ = ["DATASET_NAMES", "FederatedDataset", "load_dataset"]
@@ -29,10 +30,31 @@ class FederatedDataset:
     """A dataset with a training split (to be partitioned between hospitals)
     and a held-out central test split.
 
-    For classification, ``y_*`` are int64 labels in ``[0, num_classes)``. For
-    regression, ``y_*`` are float32 targets and ``num_classes`` is 1 (the width
-    of the model's output). ``input_shape`` is the shape of one sample
-    (``x_train.shape[1:]``). Construction checks these invariants.
+    For classification, ``y_*`` are int64 labels ``[N]`` in ``[0, num_classes)``.
+    For regression, ``y_*`` are float32 targets ``[N]`` and ``num_classes`` is 1
+    (the width of the model's output). ``x_*`` are float32. ``input_shape`` is the
+    shape of one sample (``x_train.shape[1:]``).
+
+    Construction checks these invariants, converting only what converts without
+    changing a value's meaning (so a hospital's own loader may hand over what pandas
+    or numpy gave it):
+
+    * inputs (and regression targets) of any integer, boolean or float type become
+      float32, rounded to the nearest float32; a finite value beyond float32's range
+      (about ±3.4e38) is refused, not turned into infinity. NaN and infinity are kept
+      as they are (a hospital refuses them before training:
+      :func:`bract.tasks.check_fits_model`);
+    * class labels of any integer or boolean type, or floats that are all whole
+      numbers, become int64; labels shaped ``[N, 1]`` (one column) become ``[N]``
+      (so do regression targets);
+    * refused: arrays of text, Python objects, dates or complex numbers; labels that
+      are not whole numbers (or NaN), negative, or not below ``num_classes``; labels
+      of several columns; splits whose inputs and labels differ in length.
+
+    A refusal is a :class:`~bract.data.DataError` (a ``ValueError``) in one line
+    naming the array (``x_train``, ``y_test``, ...) and the problem; its
+    ``public_reason`` (what a hospital's failure reply carries) names the same without
+    any value, count or shape of the hospital's records.
     """
 
     name: str
@@ -56,37 +78,54 @@ class FederatedDataset:
 
     def __post_init__(self) -> None:
         if self.task not in _TASKS:
-            raise ValueError(f"task must be one of {_TASKS}, got {self.task!r}")
-        if len(self.x_train) != len(self.y_train):
-            raise ValueError(
-                f"x_train has {len(self.x_train)} samples but y_train has {len(self.y_train)}"
-            )
-        if len(self.x_test) != len(self.y_test):
-            raise ValueError(
-                f"x_test has {len(self.x_test)} samples but y_test has {len(self.y_test)}"
-            )
+            raise public_error(f"task must be one of {_TASKS}, got {self.task!r}")
+        if isinstance(self.num_classes, bool) or not isinstance(
+                self.num_classes, (int, np.integer)) or self.num_classes < 1:
+            raise public_error(f"num_classes must be a whole number >= 1, got "
+                               f"{str(self.num_classes)[:40]}")
+        try:
+            shape = tuple(int(d) for d in self.input_shape)
+        except (TypeError, ValueError):
+            raise public_error("input_shape must be a tuple of whole numbers (the shape of "
+                               f"one sample), got {str(self.input_shape)[:40]}") from None
+        object.__setattr__(self, "input_shape", shape)
+        for split in ("x_train", "x_test"):
+            object.__setattr__(self, split, _as_float32(split, getattr(self, split)))
+        for split in ("y_train", "y_test"):
+            y = getattr(self, split)
+            y = (_class_labels(split, y, int(self.num_classes))
+                 if self.task == "classification" else _targets(split, y))
+            object.__setattr__(self, split, y)
+        for x_name, y_name in (("x_train", "y_train"), ("x_test", "y_test")):
+            x, y = getattr(self, x_name), getattr(self, y_name)
+            if len(x) != len(y):
+                raise DataError(f"{x_name} has {len(x)} samples but {y_name} has {len(y)}",
+                                public_reason=_public(f"{x_name} and {y_name} hold different "
+                                                      "numbers of samples"))
         for split, x in (("x_train", self.x_train), ("x_test", self.x_test)):
-            if tuple(x.shape[1:]) != tuple(self.input_shape):
-                raise ValueError(
-                    f"{split} sample shape {tuple(x.shape[1:])} != input_shape {self.input_shape}"
+            if tuple(x.shape[1:]) != shape:
+                raise DataError(
+                    f"{split} sample shape {tuple(x.shape[1:])} != input_shape {shape}",
+                    public_reason=_public(f"{split} samples are not of its input_shape {shape}"),
                 )
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.class_names and len(self.class_names) != self.num_classes:
-            raise ValueError(
+            raise public_error(
                 f"{len(self.class_names)} class names for {self.num_classes} classes"
             )
         for col, values in self.test_columns.items():
             if len(values) != len(self.y_test):
-                raise ValueError(
+                raise DataError(
                     f"test column {col!r} has {len(values)} values but the held-out split "
-                    f"has {len(self.y_test)} samples")
+                    f"has {len(self.y_test)} samples",
+                    public_reason=_public("test columns are not one value per held-out "
+                                          "sample"))
         for col, values in self.train_columns.items():
             if len(values) != len(self.y_train):
-                raise ValueError(
+                raise DataError(
                     f"train column {col!r} has {len(values)} values but the training split "
-                    f"has {len(self.y_train)} samples"
-                )
+                    f"has {len(self.y_train)} samples",
+                    public_reason=_public("train columns are not one value per training "
+                                          "sample"))
 
     @property
     def n_train(self) -> int:
@@ -115,6 +154,123 @@ class FederatedDataset:
             ).tolist()
             out["test_class_counts"] = np.bincount(self.y_test, minlength=self.num_classes).tolist()
         return out
+
+
+#: What each array holds, in the words of a refusal.
+_WHAT = {"x_train": "training inputs", "x_test": "held-out inputs",
+         "y_train": "training labels", "y_test": "held-out labels"}
+#: numpy's kinds of arrays that hold no numbers, in words.
+_NOT_NUMBERS = {"U": "text", "S": "bytes", "O": "Python objects", "M": "dates",
+                "m": "durations", "c": "complex numbers", "V": "raw records"}
+
+
+def _public(what: str) -> str:
+    """A refusal's ``public_reason``: what is wrong, none of the records' values."""
+    return f"the hospital's dataset: {what} (details in its own log)"
+
+
+def public_error(message: str) -> DataError:
+    """A refusal whose message holds only what the loader's code declared (no value of
+    a record): the message itself is its ``public_reason``."""
+    return DataError(message, public_reason=_public(message))
+
+
+def _what(split: str, task: str = "classification") -> str:
+    words = _WHAT[split]
+    return words.replace("labels", "targets") if task == "regression" else words
+
+
+def _numbers(split: str, values: Any, task: str = "classification") -> np.ndarray:
+    """``values`` as a numpy array of integers, booleans or floats, one entry per sample;
+    :class:`DataError` naming ``split`` for anything else."""
+    what = _what(split, task)
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError) as exc:  # e.g. rows of different lengths
+        raise DataError(f"{split}: the {what} cannot be read as one array ({exc})",
+                        public_reason=_public(f"{split} cannot be read as one array")) from None
+    if arr.ndim == 0:
+        raise DataError(f"{split}: the {what} must be an array with one entry per sample, "
+                        f"got a single {type(values).__name__}",
+                        public_reason=_public(f"{split} is not an array"))
+    if arr.dtype.kind not in "biuf":
+        words = _NOT_NUMBERS.get(arr.dtype.kind, f"of type {arr.dtype.kind}")
+        raise DataError(f"{split}: {what} of type {arr.dtype} are not numbers; convert them "
+                        "to numbers (e.g. encode categories) before building the "
+                        "FederatedDataset",
+                        public_reason=_public(f"{split} ({what}) holds {words}, not numbers"))
+    return arr
+
+
+def _as_float32(split: str, values: Any, task: str = "classification") -> np.ndarray:
+    """``values`` as a C-contiguous float32 array (no copy when it is one already);
+    :class:`DataError` for non-numbers or a finite value beyond float32's range."""
+    arr = _numbers(split, values, task)
+    if arr.dtype == np.float32:  # native byte order too
+        return np.ascontiguousarray(arr)
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.dtype.kind == "f":
+        beyond = int(np.count_nonzero(np.isinf(out) & np.isfinite(arr)))
+        if beyond:
+            what = _what(split, task)
+            raise DataError(
+                f"{split}: {beyond} of the {what} are beyond float32's range (about "
+                "±3.4e38), which bract trains in; rescale them (e.g. standardise)",
+                public_reason=_public(f"{split} ({what}) holds values beyond float32's "
+                                      "range"))
+    return out
+
+
+def _one_column(split: str, arr: np.ndarray, task: str) -> np.ndarray:
+    """``[N]`` or ``[N, 1]`` as ``[N]``; :class:`DataError` for any other shape."""
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        what = _what(split, task)
+        raise DataError(f"{split}: {what} must be one per sample, shaped [N] or [N, 1]; "
+                        f"got shape {list(arr.shape)}",
+                        public_reason=_public(f"{split} ({what}) is not one per sample, "
+                                              "in one column"))
+    return arr
+
+
+def _figure(value: Any) -> str:
+    number = float(value)
+    return str(int(value)) if abs(number) < 2**53 else f"{number:g}"
+
+
+def _class_labels(split: str, values: Any, num_classes: int) -> np.ndarray:
+    """``values`` as int64 class labels ``[N]`` in ``[0, num_classes)``; integer and
+    boolean labels, and floats that are all whole numbers, convert; anything else is a
+    :class:`DataError` naming ``split`` and the problem."""
+    what = _what(split)
+    arr = _one_column(split, _numbers(split, values), "classification")
+    if arr.dtype.kind == "f":
+        whole = np.isfinite(arr) & (arr == np.round(arr))
+        if not whole.all():
+            raise DataError(
+                f"{split}: {what} must be whole numbers (class indices 0..{num_classes - 1}); "
+                f"{int(np.count_nonzero(~whole))} are not",
+                public_reason=_public(f"{split} ({what}) holds values that are not whole "
+                                      "numbers (class indices)"))
+    if arr.size:
+        low, high = arr.min(), arr.max()
+        if low < 0:
+            raise DataError(f"{split}: {what} must be >= 0, found {_figure(low)}",
+                            public_reason=_public(f"{split} ({what}) holds a negative label "
+                                                  "(class indices start at zero)"))
+        if high >= num_classes:
+            raise DataError(f"{split}: {what} must be below num_classes={num_classes}, found "
+                            f"{_figure(high)}",
+                            public_reason=_public(f"{split} ({what}) holds a label not below "
+                                                  "its num_classes"))
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _targets(split: str, values: Any) -> np.ndarray:
+    """``values`` as float32 regression targets ``[N]`` (see :func:`_as_float32`)."""
+    return _one_column(split, _as_float32(split, values, "regression"), "regression")
 
 
 def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

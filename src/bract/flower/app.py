@@ -216,22 +216,36 @@ def partition_id(node_config: Mapping[str, Any]) -> int:
 def load_with(loader: str, node_config: Mapping[str, Any]) -> Any:
     """Call the hospital's own Python loader ``"package.module:function"`` (node config
     ``loader``) with its node config; it returns a :class:`bract.data.FederatedDataset`
-    (its training split, and its held-out split for evaluation, possibly empty)."""
+    (its training split, and its held-out split for evaluation, possibly empty), whose
+    construction checked (and converted) its arrays' types, shapes and labels.
+
+    Raises ``ValueError`` in one line for a malformed or unimportable ``loader`` or a
+    loader that returns anything else; each carries a ``public_reason`` naming the
+    problem without the loader's name (which the hospital's operator chose). An
+    exception the loader itself raises leaves the hospital as its type's name only."""
     import importlib
 
     from bract.data import FederatedDataset
 
     module_name, _, function = loader.partition(":")
     if not module_name or not function:
-        raise ValueError(f"node config loader {loader!r} must read 'package.module:function'")
+        raise public(ValueError(f"node config loader {loader!r} must read "
+                                "'package.module:function'"),
+                     "the hospital's node config loader must read 'package.module:function' "
+                     "(details in its own log)")
     try:
         fn = getattr(importlib.import_module(module_name), function)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"node config loader {loader!r} cannot be imported: {exc}") from None
+        raise public(ValueError(f"node config loader {loader!r} cannot be imported: {exc}"),
+                     "the hospital's node config loader cannot be imported (details in its "
+                     "own log)") from None
     data = fn(dict(node_config))
     if not isinstance(data, FederatedDataset):
-        raise ValueError(f"loader {loader!r} returned {type(data).__name__}, not a "
-                         "bract.data.FederatedDataset")
+        returned = type(data).__name__
+        raise public(ValueError(f"loader {loader!r} returned {returned}, not a "
+                                "bract.data.FederatedDataset"),
+                     f"the hospital's loader returned {returned}, not a "
+                     "bract.data.FederatedDataset (details in its own log)")
     return data
 
 
