@@ -274,6 +274,6 @@ def test_regression_targets_convert_to_float32_and_refuse_what_overflows() -> No
     own = FederatedDataset(**args)
     assert own.y_train.dtype == np.float32 and own.y_train.shape == ds.y_train.shape
     assert own.y_test.dtype == np.float32
-    with pytest.raises(DataError, match="y_train: .* training targets are beyond float32") as e:
+    with pytest.raises(DataError, match=r"y_train: .* training targets are beyond float32") as e:
         FederatedDataset(**{**args, "y_train": ds.y_train.astype(np.float64) * 1e300})
     assert "y_train (training targets) holds values beyond float32" in e.value.public_reason

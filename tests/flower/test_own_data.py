@@ -269,6 +269,89 @@ def test_a_hospitals_own_python_loader_serves_its_data_and_metrics_leave_only_by
         hospital_setup(tasks.TaskConfig(dataset="breast-cancer"), ctx)
 
 
+#: A hospital's loader handing over its third site's records as pandas or a careless
+#: script might (environment BRACT_TEST_VARIANT picks how).
+SLOPPY_LOADER = '''
+import os
+
+import numpy as np
+from bract.data import FederatedDataset
+from bract.data.tabular import load_dataset
+
+
+def load(node_config):
+    full = load_dataset("breast-cancer", seed=0)
+    site = int(node_config["site"])
+    rows, test = np.arange(len(full.x_train))[site::3], np.arange(len(full.x_test))[site::3]
+    xtr, ytr, xte, yte = full.x_train[rows], full.y_train[rows].copy(), full.x_test[test], \\
+        full.y_test[test]
+    variant = os.environ["BRACT_TEST_VARIANT"] if site == 2 else ""
+    if variant == "float64 inputs":
+        xtr, xte = xtr.astype(np.float64), xte.astype(np.float64)
+    elif variant == "integer inputs":
+        xtr, xte = (xtr * 10).astype(np.int64), (xte * 10).astype(np.int64)
+    elif variant == "float labels":
+        ytr, yte = ytr.astype(np.float32), yte.astype(np.float64)
+    elif variant == "int32 labels":
+        ytr, yte = ytr.astype(np.int32), yte.astype(np.int32)
+    elif variant == "N x 1 labels":
+        ytr, yte = ytr.reshape(-1, 1), yte.reshape(-1, 1)
+    elif variant == "a negative label":
+        ytr[0] = -1
+    elif variant == "fractional labels":
+        ytr = ytr.astype(np.float32)
+        ytr[0] = 0.5
+    elif variant == "text inputs":
+        xtr, xte = xtr.astype(str), xte.astype(str)
+    elif variant == "float64 beyond float32":
+        xtr = xtr.astype(np.float64) * 1e300
+    elif variant == "None":
+        return None
+    return FederatedDataset(f"site-{site}", xtr, ytr, xte, yte, full.num_classes,
+                            full.input_shape)
+'''
+
+
+@pytest.mark.parametrize(("variant", "reason"), [
+    ("float64 inputs", None), ("integer inputs", None), ("float labels", None),
+    ("int32 labels", None), ("N x 1 labels", None),
+    ("a negative label", "the hospital's dataset: y_train (training labels) holds a "
+                         "negative label (class indices start at zero)"),
+    ("fractional labels", "the hospital's dataset: y_train (training labels) holds values "
+                          "that are not whole numbers (class indices)"),
+    ("text inputs", "the hospital's dataset: x_train (training inputs) holds text, not "
+                    "numbers"),
+    ("float64 beyond float32", "the hospital's dataset: x_train (training inputs) holds "
+                               "values beyond float32's range"),
+    ("None", "the hospital's loader returned NoneType, not a bract.data.FederatedDataset"),
+])
+def test_a_hospitals_loader_in_other_types_trains_or_is_refused_with_the_named_reason(
+        tmp_path, monkeypatch, variant: str, reason: str | None) -> None:
+    """What a hospital's own loader hands over in other number types (float64 or
+    integer features, float, int32 or N x 1 labels) is converted and trains with the
+    others; what cannot be converted without changing its meaning is refused before
+    training, and the coordinator sees the array and the problem (not an exception's
+    type from deep inside torch), with no value of the records."""
+    from bract.flower.hospital_policy import HospitalPolicy
+
+    (tmp_path / "site_sloppy.py").write_text(SLOPPY_LOADER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("BRACT_TEST_VARIANT", variant)
+    rc = {"dataset": "breast-cancer", "clients": 3, "rounds": 1, "target-epsilon": 4.0,
+          "secagg": False, "out": str(tmp_path / "out")}
+    _, report = _configured_federation(
+        tmp_path, rc, HospitalPolicy(allow_plain_aggregation=True), "site_sloppy:load")
+    (row,) = report["rounds"]
+    if reason is None:
+        assert sorted(row["trained"]) == ["hospital-0", "hospital-1", "hospital-2"]
+        assert not row.get("failed")
+        return
+    assert sorted(row["trained"]) == ["hospital-0", "hospital-1"]
+    (failed,) = row["failed"].values()
+    assert failed == f"failed: {reason} (details in its own log)"
+    assert "-1" not in failed and "0.5" not in failed and "site_sloppy" not in failed
+
+
 PATIENT_LOADER = '''
 import numpy as np
 from bract.data import FederatedDataset
