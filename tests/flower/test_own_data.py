@@ -352,6 +352,25 @@ def test_a_hospitals_loader_in_other_types_trains_or_is_refused_with_the_named_r
     assert "-1" not in failed and "0.5" not in failed and "site_sloppy" not in failed
 
 
+@pytest.mark.parametrize(("loader", "reason"), [
+    ("site_secret_name", "the hospital's node config loader must read "
+                         "'package.module:function'"),
+    ("site_secret_name:load", "the hospital's node config loader cannot be imported"),
+    ("json:dumps", "the hospital's loader returned str, not a bract.data.FederatedDataset"),
+])
+def test_a_loader_that_gives_no_dataset_is_refused_with_a_reason_without_its_name(
+        loader: str, reason: str) -> None:
+    """A malformed or unimportable node config ``loader``, or one returning anything but a
+    FederatedDataset: the hospital's log names the loader, the coordinator's reason the
+    problem only."""
+    from bract.flower.app import load_with
+    from bract.flower.client import failure_reason
+
+    with pytest.raises(ValueError, match=loader) as refused:
+        load_with(loader, {"obj": 1} if loader == "json:dumps" else {})
+    assert failure_reason(refused.value) == f"{reason} (details in its own log)"
+
+
 PATIENT_LOADER = '''
 import numpy as np
 from bract.data import FederatedDataset
