@@ -187,12 +187,8 @@ def test_hospital_start_refuses_an_identity_key_its_public_file_does_not_name(
     ``public.json``: an empty, cut or foreign key is refused in one line (the SuperNode
     would otherwise start and fail every secure round), and ``hospital init`` says how
     to recover from a damaged key instead of only that it exists."""
-    dirs = _init_three(tmp_path)
-    roster = tmp_path / "roster.json"
-    roster_add(roster, [_public(d) for d in dirs])
-    (dirs[0] / "roster.json").write_text(roster.read_text())
-    argv = ["hospital", "start", str(dirs[0]), "--superlink", "link.example:9092",
-            "--root-certificates", str(tmp_path / "ca.crt"), "--dry-run"]
+    hospital, argv = _started_hospital(tmp_path)
+    dirs = [hospital]
     capsys.readouterr()
     assert main(argv) == 0
     capsys.readouterr()
