@@ -128,7 +128,7 @@ def test_a_finished_run_reports_its_failures_in_its_exit_status(tmp_path, monkey
     summary, and then one error line naming the hospital; exit 1."""
     import bract.flower.simulation as simulation
 
-    def run(cfg):
+    def run(cfg, on_checked=None):
         rows = [{"round": r, "epsilon": 1.0, "delta": 1e-5, "per_client": {},
                  "trained": ["hospital-0"], "failed": {"hospital-1": "failed: boom"},
                  "loss": 0.5, "accuracy": 0.8} for r in (1, 2)]

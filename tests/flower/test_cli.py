@@ -109,7 +109,7 @@ def test_a_simulation_that_did_not_finish_is_one_error_line_and_exit_1(
         tmp_path, capsys, monkeypatch) -> None:
     import bract.flower.simulation as simulation
 
-    def unfinished(cfg):
+    def unfinished(cfg, on_checked=None):
         raise RuntimeError("the federation did not finish; see the messages above")
 
     monkeypatch.setenv("COLUMNS", "400")

@@ -85,7 +85,16 @@ def _argv(fed: FederationConfig) -> list[str]:
 def test_the_flags_describe_the_same_federation(fed: FederationConfig) -> None:
     parser = argparse.ArgumentParser()
     FederationConfig.add_arguments(parser)
-    parsed = FederationConfig.from_args(parser.parse_args(_argv(fed)))
+    args = parser.parse_args(_argv(fed))
+    secagg_set = [o.key for o in OPTIONS if o.name.startswith("secagg_") and o.flag
+                  and getattr(fed, o.name) != o.default]
+    if not fed.secagg and secagg_set:
+        # A secure-aggregation flag with --no-secagg is refused, naming each one.
+        with pytest.raises(ValueError, match="which --no-secagg turns off") as refused:
+            FederationConfig.from_args(args)
+        assert all(f"--{key} " in str(refused.value) for key in secagg_set)
+        return
+    parsed = FederationConfig.from_args(args)
     # Options without a flag (out, roster, reply-poll, resume) keep their defaults.
     assert parsed == replace(fed, **{o.name: getattr(parsed, o.name) for o in OPTIONS
                                      if not o.flag})
