@@ -77,7 +77,7 @@ def _typed(report: ReportLike) -> RunReport:
     if isinstance(report, RunReport):
         return report
     try:
-        return RunReport.from_plain(report, "this")
+        return RunReport.from_plain(report, "the report")
     except ReportError as exc:
         raise ValueError(f"{exc}; pass the report.json that bract simulate or the ServerApp "
                          "wrote") from None

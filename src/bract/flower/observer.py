@@ -177,8 +177,10 @@ def summarize(report: RunReport | Mapping[str, Any]) -> str:
         quality = (f"accuracy {held_out.accuracy:.3f} on the hospitals' pooled held-out "
                    f"splits (model of round {held_out.model_of_round})")
     eps = f"{final.epsilon:.4f}" if math.isfinite(final.epsilon) else "inf"
-    rounds = (f"{final.rounds_completed} rounds" if final.rounds_completed == len(typed.rounds)
-              else f"{final.rounds_completed} of {len(typed.rounds)} rounds averaged an update")
+    n = len(typed.rounds)
+    rounds = (f"{n} round{'' if n == 1 else 's'}" if final.rounds_completed == n
+              else f"{final.rounds_completed} of {n} round{'' if n == 1 else 's'} averaged "
+                   "an update")
     return (
         f"{rounds}, {quality}, epsilon {eps} at delta {final.delta:g}"
         + ("  [NON-PRIVATE: no DP noise]" if final.non_private else "")

@@ -378,8 +378,8 @@ def warnings_for(cfg: SimulationConfig) -> list[str]:
     out = []
     if smallest < FEW_RECORDS:
         out.append(f"the smallest of the {cfg.task.clients} hospitals holds {smallest} "
-                   "records: DP noise calibrated for so few swamps what they can learn "
-                   "(fewer hospitals, or more samples)")
+                   f"record{'' if smallest == 1 else 's'}: DP noise calibrated for so few "
+                   "swamps what they can learn (fewer hospitals, or more samples)")
     if cfg.policy.delta * smallest >= 1:
         out.append(f"δ={cfg.policy.delta:g} is not below 1/n for the hospital with the least "
                    f"data ({smallest} records): a release that publishes one record in full "
