@@ -278,7 +278,7 @@ def test_a_plotting_failure_only_warns_and_keeps_the_report(tmp_path, monkeypatc
 def test_simulate_prints_the_plot_paths(tmp_path, monkeypatch, capsys) -> None:
     import bract.flower.simulation as simulation
 
-    def fake_run(cfg):
+    def fake_run(cfg, on_checked=None):
         return {"rounds": [{**_row(1, {"hospital-0": 1.0}, loss=0.5, accuracy=0.8),
                             "trained": ["hospital-0"]}],
                 "final": {"rounds_completed": 1, "epsilon": 1.0, "delta": 1e-5,
