@@ -417,17 +417,20 @@ def _signed_chain(tmp_path, events, reported) -> None:
     write_roster(tmp_path / "roster.json", Roster(FED, {1: key.public_bytes()}, {1: "hospital-0"}))
 
 
-def test_a_recomputation_past_the_budget_fails_though_the_report_is_within_it(
+def test_a_report_within_the_gap_agrees_and_the_budget_holds_it_to_the_events(
         tmp_path) -> None:
-    """A hospital's accountant reports 1% low (within the reporting tolerance) and so
-    stays just under the budget, while the recorded events give more than the budget
-    by more than PRV's designed gap to PLD: the budget check fails."""
+    """A hospital's accountant reports 0.4% low (within PRV's designed gap to PLD):
+    the report agrees, and a budget the recorded events pass by more than that gap
+    fails. Reporting 1% low is an under-report itself, whatever the budget, so no
+    figure within the tolerance can hide a budget the events pass."""
     event = DpSgdEvent(1.0, 0.05, 40, 1.0, 1e-5, round=1, client_id="hospital-0")
     eps = epsilon_of([event], 1e-5, "pld")
-    _signed_chain(tmp_path, [event], [eps * 0.99])
-    result = _audit(tmp_path, budget=eps * 0.992)
+    _signed_chain(tmp_path, [event], [eps * 0.996])
+    result = _audit(tmp_path, budget=eps * 0.994)
     assert [f.topic for f in result.failures] == ["budget"]
     assert _audit(tmp_path, budget=eps * 0.999).passed
+    _signed_chain(tmp_path, [event], [eps * 0.99])
+    assert [f.topic for f in _audit(tmp_path, budget=eps * 1.1).failures] == ["epsilon"]
 
 
 def test_a_coarse_grid_past_the_budget_is_checked_again_at_the_reference_grid(
@@ -779,7 +782,9 @@ def test_a_pld_that_overflows_is_computed_again_and_the_chain_stays_monotone() -
 @pytest.mark.parametrize(
     ("reported", "recomputed", "expected"),
     [
-        (1.0, 1.0, None), (1.015, 1.0, None), (0.985, 1.0, None),
+        (1.0, 1.0, None), (1.015, 1.0, None), (0.996, 1.0, None),
+        # Below the recomputation, only PRV's designed 0.5% gap is allowed.
+        (9.94, 10.0, "under-reported"), (0.985, 1.0, "under-reported"),
         # Past the cap both are RDP bounds (different implementations): a reported figure
         # past it agrees, one below it does not.
         (1035.9, 1104.2, None), (400.0, 1104.2, "RDP bound"),
