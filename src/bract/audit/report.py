@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from bract.audit.verify import FAIL, AuditResult, HospitalAudit
+from bract.audit.verify import FAIL, UNDER_TOLERANCE, AuditResult, HospitalAudit
 
 MARKDOWN = "audit.md"
 HTML = "audit.html"
@@ -54,10 +54,12 @@ def verdict_line(result: AuditResult) -> str:
         beyond = (f" The server never received the last replies of {', '.join(lost)}: "
                   "their own copies hold entries its ledger and report.json lack, and their "
                   "ε here is their own copies' (see Findings)." if lost else "")
+        under = min(result.tolerance, UNDER_TOLERANCE)
         return (
             f"PASS — the ledgers of all {n} hospitals are authentic, complete (length "
             f"checked against {against}) and in order, and every reported epsilon agrees "
-            f"with an independent recomputation within {result.tolerance:.0%}."
+            f"with an independent recomputation (at most {under:.1%} below it, "
+            f"{result.tolerance:.0%} above)."
             + beyond + budget + unfinished
         )
     k = len(result.failures)
