@@ -454,6 +454,12 @@ def test_a_coarse_grid_past_the_budget_is_checked_again_at_the_reference_grid(
     assert near.passed, [f.message for f in near.findings]
     past = _audit(tmp_path, budget=eps * 0.99, pld_discretization=1e-3)
     assert "budget" in [f.topic for f in past.failures]
+    # The same for an under-report: the coarse grid's 2% gap is confirmed away at 1e-4
+    # (above: the honest figure passed), a figure 1% under the exact one still fails.
+    _signed_chain(tmp_path, [event], [eps * 0.99])
+    low = _audit(tmp_path, budget=eps * 1.1, pld_discretization=1e-3)
+    assert [f.topic for f in low.failures] == ["epsilon"]
+    assert "under-reported by 1.00%" in low.failures[0].message
 
 
 def test_a_ledger_that_mixes_privacy_units_fails(tmp_path) -> None:
