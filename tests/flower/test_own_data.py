@@ -740,7 +740,8 @@ def test_a_declared_class_count_answers_the_coordinator_without_reading_labels(
 
 @pytest.mark.parametrize("dataset_id", ["st-mary-chest-xray ", " st-mary-chest-xray",
                                         "st-mary-chest-xray\t", "st-mary\u200b-chest-xray",
-                                        "st-mary\x00-chest-xray", "st-mary-chest-xray\u2028"])
+                                        "st-mary\x00-chest-xray", "st-mary-chest-xray\u2028",
+                                        "st-mary\xa0chest-xray", "st-mary-che\u0301st-xray"])
 def test_a_dataset_id_that_reads_like_another_is_refused_before_any_data_is_read(
         tmp_path, monkeypatch, dataset_id: str) -> None:
     """A dataset-id with whitespace at either end or an invisible character would keep a
@@ -762,17 +763,37 @@ def test_a_dataset_id_that_reads_like_another_is_refused_before_any_data_is_read
     reason = _train_once({**nc, "data-path": str(export), "dataset-id": dataset_id},
                          OWN_FILE_RC, 1, "run-b")
     assert reason == ("this hospital's node config names a dataset-id its privacy budget "
-                      "cannot be kept under (blank, whitespace at an end, or an invisible "
-                      "character); its operator must correct it")
+                      "cannot be kept under (blank, whitespace at an end, an invisible "
+                      "character or a look-alike Unicode form); its operator must correct "
+                      "it")
     assert read == []
     assert [d.name for d in (tmp_path / "state" / "datasets").iterdir()] == [
         privacy_dir(tmp_path / "state", "st-mary-chest-xray").name]
     for data in ({"data-path": str(export)}, {"loader": "site_records:load"},
                  {"partition-id": 0, "num-partitions": 3}):
         with pytest.raises(ValueError, match=r"dataset-id .* (begins or ends with whitespace"
-                                             r"|holds control or invisible character)"):
+                                             r"|holds control or invisible character"
+                                             r"|is not in its plain Unicode form)"):
             hospital_setup(tasks.TaskConfig(dataset="medmnist", num_classes=2,
                                             in_channels=1, image_size=28),
                            Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
                                    node_config={**nc, **data, "dataset-id": dataset_id}))
     assert read == []
+
+
+def test_a_dataset_id_whose_budget_already_exists_keeps_it(tmp_path) -> None:
+    """An id written before the look-alike rules (here with a trailing space) whose
+    budget the state directory holds is kept as it is: refusing it would send its
+    operator to a fresh, empty budget for the same patients. A look-alike id without a
+    budget is still refused."""
+    from bract.flower.client import LEDGER_FILE, dataset_id_problem
+
+    state = tmp_path / "state"
+    old = "st-mary-chest-xray "
+    assert dataset_id_problem(old, state) is not None
+    spent = privacy_dir(state, old)
+    spent.mkdir(parents=True)
+    (spent / LEDGER_FILE).write_text("")
+    assert dataset_id_problem(old, state) is None
+    assert dataset_id_problem(" st-mary-chest-xray", state) is not None
+    assert dataset_id_problem(old) is not None  # no state directory: nothing to keep

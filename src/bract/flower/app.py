@@ -135,7 +135,7 @@ def hospital_setup(
         _, num_classes, kind = tasks.model_spec(task)
         own_policy.admit_model(kind, num_classes)
     elif dataset_id:
-        check_dataset_id(dataset_id)
+        check_dataset_id(dataset_id, Path(str(state_dir)) if state_dir else None)
     model = tasks.build_model(task)
     held_out = None
     source = ""
@@ -291,20 +291,21 @@ def _known_datasets(state_dir: Path) -> list[str]:
     return found
 
 
-def check_dataset_id(dataset_id: str) -> None:
+def check_dataset_id(dataset_id: str, state_dir: Path | None = None) -> None:
     """Refuse (``DataError``, before any data is read) a node config ``dataset-id`` that
     :func:`~bract.flower.client.dataset_id_problem` refuses: blank, with whitespace at
     either end, or with a control or invisible character, each of which would keep a
     second budget for the same patients under a text that reads the same."""
     from bract.data.errors import DataError
 
-    problem = dataset_id_problem(dataset_id)
+    problem = dataset_id_problem(dataset_id, state_dir)
     if problem:
         raise DataError(f"this hospital's node config: {problem}",
                         public_reason="this hospital's node config names a dataset-id "
                                       "its privacy budget cannot be kept under (blank, "
-                                      "whitespace at an end, or an invisible character); "
-                                      "its operator must correct it")
+                                      "whitespace at an end, an invisible character or a "
+                                      "look-alike Unicode form); its operator must correct "
+                                      "it")
 
 
 def check_own_dataset_id(dataset: str, own_path: str, loader: str, dataset_id: str,
@@ -349,7 +350,7 @@ def check_own_dataset_id(dataset: str, own_path: str, loader: str, dataset_id: s
             "that name" + (f" (its state directory holds the ledgers of {', '.join(known)}: "
                            "if these patients are one of them, use that id)" if known else ""),
             public_reason=public)
-    check_dataset_id(dataset_id)
+    check_dataset_id(dataset_id, state_dir)
     if spent and state_dir is not None and not _holds_ledger(privacy_dir(state_dir,
                                                                           dataset_id)):
         raise DataError(

@@ -158,18 +158,24 @@ def privacy_dir(state_dir: Path, dataset_id: str) -> Path:
     return Path(state_dir) / DATASETS_DIR / dataset_dir_name(dataset_id)
 
 
-def dataset_id_problem(dataset_id: str) -> str | None:
+def dataset_id_problem(dataset_id: str, state_dir: Path | None = None) -> str | None:
     """Why ``dataset_id`` cannot name a dataset's lifetime privacy budget, or None.
 
     The budget is kept under the exact text, so two texts that read the same would keep
     two budgets for the same patients: refused are a blank id, one that begins or ends
-    with whitespace (``"site-2 "`` is not ``"site-2"``), and one holding a control,
-    invisible-format or line/paragraph-separator character. Nothing is stripped: an id
-    is used exactly as written or refused."""
+    with whitespace (``"site-2 "`` is not ``"site-2"``), one holding a control,
+    invisible-format or line/paragraph-separator character, and one not in its plain
+    Unicode form (NFKC: a non-breaking space, a decomposed accent). Nothing is
+    stripped: an id is used exactly as written or refused. An id whose budget
+    ``state_dir`` already holds (written before these rules) is kept as it is:
+    refusing it would send its operator to a fresh, empty budget for the same
+    patients."""
     import unicodedata
 
     if not dataset_id.strip():
         return "a dataset-id must not be blank"
+    if state_dir is not None and (privacy_dir(state_dir, dataset_id) / LEDGER_FILE).exists():
+        return None
     if dataset_id != dataset_id.strip():
         return (f"dataset-id {dataset_id!r} begins or ends with whitespace: the privacy "
                 "budget is kept under the exact text, so it would keep a budget apart from "
@@ -181,6 +187,11 @@ def dataset_id_problem(dataset_id: str) -> str | None:
         return (f"dataset-id {dataset_id!r} holds control or invisible character(s) "
                 f"{', '.join(f'U+{ord(c):04X}' for c in bad)}: it would read the same as "
                 "another dataset-id with a budget of its own; use visible characters only")
+    if unicodedata.normalize("NFKC", dataset_id) != dataset_id:
+        return (f"dataset-id {dataset_id!r} is not in its plain Unicode form (NFKC: e.g. a "
+                "non-breaking space or a decomposed accent): it would read the same as "
+                f"dataset-id {unicodedata.normalize('NFKC', dataset_id)!r}, with a budget "
+                "of its own; write it in plain characters")
     return None
 
 

@@ -198,7 +198,7 @@ def supernode_command(directory: Path, superlink: str, root_certificates: Path,
     d = Path(directory).resolve()
     extra = parse_config_args([extra_node_config]) if extra_node_config.strip() else {}
     if "dataset-id" in extra and str(extra["dataset-id"]).strip():
-        problem = dataset_id_problem(str(extra["dataset-id"]))
+        problem = dataset_id_problem(str(extra["dataset-id"]), d / "state")
         if problem:
             raise ValueError(f"--node-config: {problem}")
     if ("data-path" in extra or "loader" in extra) and not str(
