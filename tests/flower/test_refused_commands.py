@@ -100,6 +100,29 @@ def test_new_run_with_an_unreadable_hospital_key_moves_nothing_aside(
     assert tree_snapshot(tmp_path) == before
 
 
+def test_new_run_over_spent_budgets_with_no_recorded_split_moves_nothing_aside(
+        tmp_path, capsys, no_federation) -> None:
+    """Hospitals whose budgets were spent on a split bract did not record (an output of
+    an older bract, or split.json deleted): --new-run cannot tell whether each would
+    hold the records its budget was spent on, so it is refused before anything moves;
+    an output whose hospitals spent nothing is not refused for it."""
+    from bract.flower.simulation import SPLIT_FILE
+
+    out = tmp_path / "run"
+    _earlier_run(out)
+    argv = ["simulate", "--dataset", "breast-cancer", "--out", str(out), "--new-run",
+            "--no-progress"]
+    spent = out / "hospitals" / "hospital-0" / "datasets" / "breast-cancer-0" / "ledger.jsonl"
+    spent.parent.mkdir(parents=True)
+    spent.write_text("")
+    before = tree_snapshot(tmp_path)
+    assert main(argv) == 2
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"no record of which records each holds ({SPLIT_FILE}" in said
+    assert "--new-federation" in said and said.count("error:") == 1
+    assert tree_snapshot(tmp_path) == before
+
+
 def test_a_library_run_refused_by_its_output_creates_nothing(tmp_path, no_federation) -> None:
     """bract.flower.simulation.run checks the output before it creates it."""
     from bract.flower.config import FederationConfig

@@ -292,9 +292,6 @@ def check_output(cfg: SimulationConfig) -> None:
     if cfg.previous_run == "refuse":
         set_aside_previous_run(cfg.out_dir, "refuse")  # raises ValueError naming the choices
     if cfg.previous_run == "new-run":
-        change = split_change(cfg)
-        if change:
-            raise ValueError(change)
         for i in range(cfg.task.clients):
             key = identity_file(cfg.out_dir, i)
             if not key.exists():
@@ -306,6 +303,9 @@ def check_output(cfg: SimulationConfig) -> None:
                     f"--new-run: hospital-{i}'s identity key {key} is unreadable ({exc}); "
                     "its ledger entries are signed with it: restore it, or start new "
                     "hospitals with --new-federation") from None
+        change = split_change(cfg)
+        if change:
+            raise ValueError(change)
 
 
 #: The split the simulated hospitals' budgets were spent on, in ``OUT/hospitals``.
@@ -331,7 +331,8 @@ def split_record(task: tasks.TaskConfig) -> dict[str, Any]:
 def split_change(cfg: SimulationConfig) -> str | None:
     """Why a new run of the hospitals in ``cfg.out_dir`` (``previous_run="new-run"``)
     must be refused: its split gives some hospital other records than those its budget
-    was spent on (``None``: every hospital holds what it held, or nothing recorded it).
+    was spent on, or the hospitals spent budgets on a split nobody recorded (``None``:
+    every hospital holds what it held, or no budget was spent).
 
     Guarantee: a refused new run keeps each record's privacy loss bounded by one
     hospital's lifetime budget. Otherwise a record could be trained on under two
@@ -339,7 +340,12 @@ def split_change(cfg: SimulationConfig) -> str | None:
     bound it."""
     path = cfg.out_dir / HOSPITALS_DIR / SPLIT_FILE
     if not path.exists():
-        return None
+        if not any((cfg.out_dir / HOSPITALS_DIR).glob("*/datasets/*/ledger.jsonl")):
+            return None  # no budget spent yet: nothing to keep apart
+        return (f"{cfg.out_dir / HOSPITALS_DIR} holds the hospitals' spent budgets but no "
+                f"record of which records each holds ({SPLIT_FILE}: written by every run "
+                "since bract checks it, or deleted): a new run could give a hospital records "
+                "another's budget was spent on. Start new hospitals with --new-federation")
     try:
         before = json.loads(path.read_text(encoding="utf-8"))
         old_settings, old_digests = before["settings"], before["hospitals"]
