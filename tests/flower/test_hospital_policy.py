@@ -226,7 +226,7 @@ def test_policy_files_round_trip_and_bad_ones_are_named(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown field"):
         HospitalPolicy.read(tmp_path / "bad.json")
     (tmp_path / "neg.json").write_text('{"target_epsilon": -1}')
-    with pytest.raises(ValueError, match=r"target_epsilon must be a number in \[0.05, 50\]"):
+    with pytest.raises(ValueError, match="target_epsilon must be a finite number > 0"):
         HospitalPolicy.read(tmp_path / "neg.json")
     with pytest.raises(ValueError, match="unreadable"):
         HospitalPolicy.read(tmp_path / "missing.json")
@@ -781,17 +781,20 @@ def test_a_policy_saying_non_private_false_in_any_non_boolean_way_is_refused(
 
 @pytest.mark.parametrize(("field", "value", "ok"), [
     ("target_epsilon", 0.05, True), ("target_epsilon", 50, True),
-    ("target_epsilon", 0.049, False), ("target_epsilon", 50.5, False),
-    ("target_epsilon", 1e308, False), ("target_epsilon", 0, False),
+    ("target_epsilon", 0.049, True), ("target_epsilon", 100, True),
+    ("target_epsilon", 1e308, True), ("target_epsilon", 0, False),
+    ("target_epsilon", -1, False),
     ("delta", 0, False), ("delta", 1, False), ("delta", 0.5, True),
     ("min_noise_multiplier", -0.1, False), ("min_noise_multiplier", 1e4, True),
-    ("min_noise_multiplier", 1e5, False), ("metrics_loss_bound", 0, False),
+    ("min_noise_multiplier", 1e5, True), ("metrics_loss_bound", 0, False),
     ("accountant", "rdp", True), ("accountant", "gdp", False),
     ("release_metrics", "all", False), ("privacy_unit", "person", False)])
-def test_policy_values_out_of_range_are_refused_as_the_cli_refuses_them(
+def test_policy_values_out_of_range_are_refused(
         tmp_path, field: str, value, ok: bool) -> None:
-    """The epsilon bounds are bract's own (MIN/MAX_TARGET_EPSILON, what `hospital init`
-    takes), the noise floor at most what bract accounts (1e4)."""
+    """A policy's epsilon and noise floor are caps on what a run may ask (epsilon at
+    most, noise at least): any finite epsilon > 0 and noise floor >= 0 reads (a policy
+    written as "anything bract allows", e.g. 100, keeps working); the rest is refused
+    naming the field."""
     path = tmp_path / "policy.json"
     path.write_text(json.dumps({field: value}))
     if ok:

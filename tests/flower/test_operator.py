@@ -478,7 +478,7 @@ _BAD_POLICIES = [
     ('{"allow_plain_aggregation": "true"}', "allow_plain_aggregation"),
     ('{"target_epsilon": "4"}', "target_epsilon"),
     ('{"target_epsilon": true}', "target_epsilon"),
-    ('{"target_epsilon": 1e308}', "target_epsilon"),
+    ('{"target_epsilon": -1}', "target_epsilon"),
     ('{"target_epsilon": NaN}', "target_epsilon"),
     ('{"delta": null}', "delta"),
     ('{"delta": "1e-5"}', "delta"),
