@@ -618,3 +618,12 @@ def test_numpy_numbers_are_read_as_the_numbers_they_are() -> None:
 def test_an_event_whose_clip_bounds_nothing_is_refused(clip: float) -> None:
     with pytest.raises(PrivacyError, match="max_grad_norm must be > 0 and finite"):
         DpSgdEvent(1.0, 0.1, 10, clip, 1e-5)
+
+
+def test_a_numpy_float32_delta_is_recorded_as_the_delta_it_reads_as() -> None:
+    # float32(1e-5) is 9.99999974738e-06 in binary: recorded as that, the audit's exact
+    # δ check would fail it against a run that declared 1e-5.
+    import numpy as np
+
+    assert PrivacyBudget(1.0, np.float32(1e-5)).delta == 1e-5
+    assert DpSgdEvent(1.0, 0.1, 10, 1.0, np.float32(1e-5)).delta == 1e-5

@@ -571,3 +571,16 @@ def test_a_clip_that_bounds_nothing_or_noise_that_overflows_is_refused(
     data = TensorDataset(torch.randn(40, 6), torch.randint(0, 2, (40,)))
     with pytest.raises(PrivacyError, match=re.escape(named)):
         _trainer(nn.Linear(6, 2), DataLoader(data, batch_size=8), **{option: value})
+
+
+def test_numpy_numbers_meet_the_same_bounds_and_delta() -> None:
+    data = TensorDataset(torch.randn(40, 6), torch.randint(0, 2, (40,)))
+    with pytest.raises(PrivacyError, match="is above 10000"):
+        _trainer(nn.Linear(6, 2), DataLoader(data, batch_size=8),
+                 noise_multiplier=np.float32(1e5))
+    with pytest.raises(PrivacyError, match="max_grad_norm must be > 0 and finite"):
+        _trainer(nn.Linear(6, 2), DataLoader(data, batch_size=8),
+                 max_grad_norm=np.float32("inf"))
+    trainer = _trainer(nn.Linear(6, 2), DataLoader(data, batch_size=8),
+                       delta=np.float32(1e-5))
+    assert trainer.delta == 1e-5 and trainer.planned_event(1).delta == 1e-5

@@ -386,14 +386,15 @@ def warnings_for(cfg: SimulationConfig) -> list[str]:
         out.append(f"the smallest of the {cfg.task.clients} hospitals holds {smallest} "
                    f"record{'' if smallest == 1 else 's'}: DP noise calibrated for so few "
                    "swamps what they can learn (fewer hospitals, or more samples)")
-    if cfg.policy.delta * smallest >= 1:
+    unit = cfg.privacy_unit
+    units = smallest if unit == "record" else min(
+        len(set(tasks.hospital_patients(cfg.task, i))) for i in range(cfg.task.clients))
+    if cfg.policy.delta * units >= 1:
         out.append(f"δ={cfg.policy.delta:g} is not below 1/n for the hospital with the least "
-                   f"data ({smallest} records): a release that publishes one record in full "
+                   f"data ({units} {unit}s): a release that publishes one {unit} in full "
                    "meets (ε, δ) with such a δ. Choose δ well below 1/n (e.g. 1e-5)")
     sigma = cfg.policy.noise_multiplier
     if sigma and not cfg.resume and cfg.previous_run != "new-run":
-        units = smallest if cfg.privacy_unit == "record" else min(
-            len(set(tasks.hospital_patients(cfg.task, i))) for i in range(cfg.task.clients))
         least = TrainingPlan(cfg.policy.rounds, cfg.policy.local_epochs,
                              cfg.public_size or units, cfg.task.batch_size,
                              unit=cfg.privacy_unit)

@@ -71,6 +71,15 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def as_python_float(value: float) -> float:
+    """``value`` as the Python float it reads as: a numpy float32 ``1e-5`` is ``1e-05``
+    (its shortest repr), never the float32's exact binary value ``9.99999974738e-06``,
+    so a δ recorded from one compares equal to the δ a run declares."""
+    if isinstance(value, np.floating) and not isinstance(value, np.float64):
+        return float(str(value))
+    return float(value)
+
+
 def _check_delta(delta: float) -> None:
     if not _is_number(delta):
         raise PrivacyError(f"delta must be a number strictly between 0 and 1 (got {delta!r}, "
@@ -164,7 +173,7 @@ class DpSgdEvent:
                 f"max_grad_norm must be > 0 and finite (got {self.max_grad_norm!r}): the "
                 "noise is scaled to the clip, so only a finite clip bounds a step.")
         _check_delta(self.delta)
-        object.__setattr__(self, "delta", float(self.delta))  # a numpy δ is recorded as JSON's
+        object.__setattr__(self, "delta", as_python_float(self.delta))
         if self.sampling not in SAMPLING_KINDS:
             raise PrivacyError(
                 f"sampling {self.sampling!r} is not supported by the accountants; "
@@ -893,8 +902,8 @@ class PrivacyBudget:
     def __post_init__(self) -> None:
         _check_epsilon(self.epsilon)
         _check_delta(self.delta)
-        object.__setattr__(self, "epsilon", float(self.epsilon))  # numpy's read as Python's
-        object.__setattr__(self, "delta", float(self.delta))
+        object.__setattr__(self, "epsilon", as_python_float(self.epsilon))
+        object.__setattr__(self, "delta", as_python_float(self.delta))
         if self.accountant not in ACCOUNTANTS:
             raise PrivacyError(
                 f"unknown accountant {self.accountant!r}; choose one of {ACCOUNTANTS}."

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import threading
 import time
 import warnings
@@ -51,6 +52,7 @@ from bract.privacy.accounting import (
     PrivacyError,
     PrivacyLedger,
     TrainingPlan,
+    as_python_float,
     check_unit,
     compress,
 )
@@ -468,13 +470,13 @@ class PrivateTrainer:
         # when there is one: then nothing released is a function of the exact count.
         self.plan_per_round = TrainingPlan(1, local_epochs, public_size or units, batch_size,
                                            unit=unit)
-        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
+        if not (isinstance(max_grad_norm, numbers.Real) and math.isfinite(max_grad_norm)
                 and max_grad_norm > 0):
             raise PrivacyError(f"max_grad_norm must be > 0 and finite (got "
                                f"{max_grad_norm!r}): the noise is scaled to the clip, so only "
                                "a finite clip bounds a step.")
         limit = MAX_ACCOUNTED_NOISE
-        if isinstance(noise_multiplier, (int, float)) and noise_multiplier > limit:
+        if isinstance(noise_multiplier, numbers.Real) and noise_multiplier > limit:
             raise PrivacyError(
                 f"noise_multiplier {noise_multiplier!r} is above {limit:g}: noise that large "
                 "drowns every update (and overflows the float32 step), and the accountants "
@@ -493,7 +495,7 @@ class PrivateTrainer:
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
-        self.delta = float(delta)
+        self.delta = as_python_float(delta)
         self.local_epochs = int(local_epochs)
         self.budget = budget
         self.accountant = accountant
